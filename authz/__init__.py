@@ -1,0 +1,1 @@
+"""tokenbooth's adapters and processes: Envoy servicers, server, stores, CLI, simulator."""

@@ -1,0 +1,238 @@
+"""One request's life in ext_proc: the decisions per Envoy message, and its record.
+
+Message pattern (processing modes are set per request):
+  request_headers  → continue; switch on the response headers phase
+                     (GET /v1/models is answered right here)
+  request_body     → validate, check the model allow-list, pick the backend,
+                     rewrite the body, set the cluster header, clear the route cache
+  response_headers → STREAMED body for SSE, BUFFERED for JSON
+  response_body    → meter usage (SSE: strip the usage chunk the client did not ask for)
+The record is written once: at the response's end, or when the stream ends early.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import datetime
+
+import orjson
+
+from authz import protos
+from authz.ext_authz import KEY_ID_HEADER
+from authz.recorder import Recorder
+from authz.snapshot import Runtime, Snapshot
+from policy.endpoints import Endpoint, Kind, lookup
+from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
+from policy.keys import Principal, principal_of
+from policy.request import InferenceRequest, models_list, parse_request, upstream_body
+from policy.routing import CLUSTER_HEADER, Route
+from policy.stream_usage import StreamMeter
+from policy.usage import Usage, make_record, usage_from_obj
+
+log = logging.getLogger("tokenbooth.ext_proc")
+
+ep = protos.ep
+_MODE = protos.ProcessingMode
+# mode_override replaces every mode: always restate request_body_mode.
+_RESPONSE_HEADERS_ON = _MODE(
+    request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
+    response_body_mode=_MODE.NONE,
+)
+_SSE_MODE = _MODE(
+    request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
+    response_body_mode=_MODE.STREAMED,
+)
+_JSON_MODE = _MODE(
+    request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
+    response_body_mode=_MODE.BUFFERED,
+)
+CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
+
+
+class Exchange:
+    __slots__ = (
+        "_json_body", "_meter", "_rec", "_rt", "_snap", "_started", "_t0", "endpoint",
+        "finished", "principal", "req", "request_id", "route", "status",
+    )
+
+    def __init__(self, runtime: Runtime, recorder: Recorder) -> None:
+        self._rt = runtime
+        self._rec = recorder
+        self._snap: Snapshot = runtime.snapshot
+        self._t0 = time.monotonic()
+        self._started: datetime = runtime.clock()
+        self._meter: StreamMeter | None = None
+        self._json_body = b""
+        self.endpoint: Endpoint | None = None
+        self.principal: Principal | None = None
+        self.req: InferenceRequest | None = None
+        self.route: Route | None = None
+        self.request_id = ""
+        self.status = 0
+        self.finished = False
+
+    @property
+    def admitted(self) -> bool:
+        return self.route is not None
+
+    def handle(self, msg: protos.Msg) -> protos.Msg:
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers":
+            return self._request_headers(msg.request_headers)
+        if kind == "request_body":
+            return self._request_body(msg.request_body)
+        if kind == "response_headers":
+            return self._response_headers(msg.response_headers)
+        if kind == "response_body":
+            return self._response_body(msg.response_body)
+        if kind == "request_trailers":
+            return protos.ProcessingResponse(request_trailers=ep.TrailersResponse())
+        return protos.ProcessingResponse(response_trailers=ep.TrailersResponse())
+
+    # -- request side ---------------------------------------------------------
+
+    def _request_headers(self, headers: protos.Msg) -> protos.Msg:
+        h = protos.header_map(headers)
+        self.request_id = h.get("x-request-id") or uuid.uuid4().hex
+        path = h.get(":path", "")
+        endpoint = lookup(h.get(":method", ""), path)
+        if endpoint is None:
+            raise not_found(path)
+        key = self._snap.keys_by_id.get(h.get(KEY_ID_HEADER, ""))
+        if key is None:
+            # Only reachable when ext_authz did not run first: refuse, never guess.
+            raise invalid_api_key("No authenticated API key on this request.")
+        self.endpoint = endpoint
+        self.principal = principal_of(key)
+        if endpoint.kind is Kind.MODELS:
+            aliases = [a for a in self._snap.aliases if self.principal.may_use(a)]
+            return protos.immediate(200, models_list(aliases, int(self._started.timestamp())))
+        if headers.end_of_stream:
+            raise invalid_request("This endpoint needs a JSON request body.")
+        return protos.ProcessingResponse(
+            request_headers=ep.HeadersResponse(), mode_override=_RESPONSE_HEADERS_ON
+        )
+
+    def _request_body(self, body: protos.Msg) -> protos.Msg:
+        assert self.endpoint is not None and self.principal is not None
+        req = parse_request(body.body, self.endpoint, self._snap.config)
+        if not self.principal.may_use(req.alias):
+            raise model_not_allowed(req.alias)
+        route = self._snap.router.route(req.alias)
+        assert route is not None  # parse_request checked the alias
+        new_body = upstream_body(req)
+        self.req, self.route = req, route
+        return protos.ProcessingResponse(
+            request_body=ep.BodyResponse(
+                response=ep.CommonResponse(
+                    header_mutation=ep.HeaderMutation(
+                        set_headers=[
+                            protos.set_header(CLUSTER_HEADER, route.cluster),
+                            protos.set_header("content-length", str(len(new_body))),
+                        ]
+                    ),
+                    body_mutation=ep.BodyMutation(body=new_body),
+                    clear_route_cache=True,
+                )
+            )
+        )
+
+    # -- response side --------------------------------------------------------
+
+    def _response_headers(self, headers: protos.Msg) -> protos.Msg:
+        h = protos.header_map(headers)
+        try:
+            self.status = int(h.get(":status", "0"))
+        except ValueError:
+            self.status = 0
+        if not self.admitted:
+            return protos.ProcessingResponse(response_headers=ep.HeadersResponse())
+        if headers.end_of_stream:
+            self.finish()
+            return protos.ProcessingResponse(response_headers=ep.HeadersResponse())
+        if h.get("content-type", "").startswith("text/event-stream"):
+            assert self.req is not None
+            self._meter = StreamMeter(strip_usage=not self.req.client_wants_usage)
+            mutation = ep.HeaderMutation(remove_headers=["content-length"])
+            return protos.ProcessingResponse(
+                response_headers=ep.HeadersResponse(
+                    response=ep.CommonResponse(header_mutation=mutation)
+                ),
+                mode_override=_SSE_MODE,
+            )
+        return protos.ProcessingResponse(
+            response_headers=ep.HeadersResponse(), mode_override=_JSON_MODE
+        )
+
+    def _response_body(self, body: protos.Msg) -> protos.Msg:
+        out: bytes | None = None
+        meter = self._meter
+        if meter is not None:
+            out = meter.feed(body.body)
+            if body.end_of_stream:
+                tail = meter.finish()
+                if tail is not None:
+                    out = (out or b"") + tail
+        else:
+            self._json_body += body.body
+        if body.end_of_stream:
+            self.finish()
+        common = ep.CommonResponse()
+        if out is not None:
+            common.body_mutation.body = out
+        return protos.ProcessingResponse(response_body=ep.BodyResponse(response=common))
+
+    # -- the end --------------------------------------------------------------
+
+    def finish(self, aborted: bool = False) -> None:
+        """Write the one usage record of an admitted request (idempotent)."""
+        if self.finished or not self.admitted:
+            return
+        self.finished = True
+        req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
+        assert req and route and principal and endpoint
+        usage, estimated = self._usage(req)
+        status = self.status or CLIENT_CLOSED
+        if aborted and (self._meter is None or not self._meter.done):
+            status = CLIENT_CLOSED
+        self._rec.record(
+            make_record(
+                request_id=self.request_id,
+                key_id=principal.key_id,
+                org=principal.org,
+                model=req.alias,
+                upstream_model=route.upstream_model,
+                backend=route.backend.url,
+                usage=usage,
+                price=req.model.price_per_1k_tokens,
+                status=status,
+                stream=req.stream,
+                estimated=estimated,
+                started_at=self._started,
+                duration_ms=(time.monotonic() - self._t0) * 1000,
+                endpoint=endpoint.name,
+            )
+        )
+
+    def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
+        """The upstream's own count when it gave one; else an estimate from what was seen."""
+        if self._meter is not None:
+            if self._meter.usage is not None:
+                return self._meter.usage, False
+            return Usage(req.prompt_estimate, self._meter.content_chunks), True
+        if self._json_body:
+            try:
+                usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))
+            except (orjson.JSONDecodeError, AttributeError):
+                usage = None
+            if usage is not None:
+                return usage, False
+        if self.status >= 400:
+            return Usage(), False  # the backend refused: nothing was generated
+        return Usage(req.prompt_estimate, 0), True
+
+
+def error_response(err: ApiError) -> protos.Msg:
+    return protos.immediate_error(err)

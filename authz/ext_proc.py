@@ -1,0 +1,54 @@
+"""ext_proc: the servicer loop. One gRPC stream per HTTP request; `Exchange` decides."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from authz import protos
+from authz.exchange import Exchange
+from authz.metrics import Metrics
+from authz.recorder import Recorder
+from authz.snapshot import Runtime
+from policy.errors import ApiError
+
+log = logging.getLogger("tokenbooth.ext_proc")
+
+_INTERNAL = ApiError(500, "internal_error", "The gateway failed to process this request.")
+
+
+class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime, recorder: Recorder, metrics: Metrics) -> None:
+        self._rt = runtime
+        self._recorder = recorder
+        self._metrics = metrics
+        self._seconds = metrics.decision_seconds.labels("ext_proc")
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[protos.Msg],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[protos.Msg]:
+        ex = Exchange(self._rt, self._recorder)
+        try:
+            async for msg in request_iterator:
+                t0 = time.perf_counter()
+                try:
+                    resp = ex.handle(msg)
+                except ApiError as err:
+                    self._metrics.decisions.labels("ext_proc", "deny", err.code).inc()
+                    resp = protos.immediate_error(err)
+                except Exception:
+                    log.exception("ext_proc failed", extra={"request_id": ex.request_id})
+                    resp = protos.immediate_error(_INTERNAL)
+                self._seconds.observe(time.perf_counter() - t0)
+                yield resp
+                if resp.HasField("immediate_response"):
+                    return
+        finally:
+            # The stream ended: normally after the response, else the client or
+            # Envoy went away mid-request. Either way, exactly one record.
+            ex.finish(aborted=not ex.finished)

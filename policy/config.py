@@ -1,0 +1,225 @@
+"""The policy file (YAML): models, backends, prices, static keys, gateway ports.
+
+`load_config(path)` validates a file and raises `ConfigError` whose message
+names the file, the path inside it and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SCOPES = ("inference:read", "inference:write")
+_HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+
+
+class ConfigError(ValueError):
+    """A config file is unreadable or invalid; the message is meant for users."""
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split `host:port`; raise ValueError on anything else."""
+    m = _HOSTPORT.match(value)
+    if not m or not 0 <= int(m["port"]) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return m["host"].strip("[]"), int(m["port"])
+
+
+def _check_hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_hostport)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Backend(_Strict):
+    """One upstream server (a vLLM pod or Service) that serves a model."""
+
+    url: str
+    weight: int = Field(default=1, ge=1, le=10_000)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected http(s)://host[:port], got {v!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"a backend URL has no path, query or fragment: {v!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError(f"bad port in {v!r}") from e
+        return v.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "https"
+
+
+class Price(_Strict):
+    """USD per 1,000 tokens. Decimal: money is never a float here."""
+
+    input: Decimal = Field(default=Decimal(0), ge=0)
+    output: Decimal = Field(default=Decimal(0), ge=0)
+
+
+class Model(_Strict):
+    """An alias that clients send as `model`, and where it goes."""
+
+    upstream_model: str = Field(min_length=1)
+    backends: list[Backend] = Field(min_length=1)
+    price_per_1k_tokens: Price = Price()
+    max_tokens: int = Field(default=1024, ge=1)
+
+
+class StaticKey(_Strict):
+    """An API key declared in the policy file, by fingerprint only."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    org: str = Field(min_length=1, max_length=128)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = ""
+    scopes: tuple[str, ...] = SCOPES
+    models: tuple[str, ...] = ()  # empty: every alias
+    status: Literal["active", "revoked"] = "active"
+    expires_at: datetime | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _known_scopes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - set(SCOPES))
+        if unknown:
+            raise ValueError(f"unknown scope(s) {unknown}; known: {list(SCOPES)}")
+        return v
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("expires_at needs a timezone, e.g. 2027-01-01T00:00:00Z")
+        return v
+
+
+class Tls(_Strict):
+    cert: Path
+    key: Path
+
+
+class Services(_Strict):
+    """Where the tokenbooth gRPC services and the HTTP side port listen."""
+
+    grpc_listen: HostPort = "127.0.0.1:9001"
+    http_listen: HostPort = "127.0.0.1:9090"
+
+
+class EnvoySettings(_Strict):
+    admin_listen: HostPort = "127.0.0.1:9901"
+    route_timeout_s: float = Field(default=120.0, gt=0)
+    # How long Envoy waits for one ext_authz / ext_proc answer.
+    decision_timeout_ms: int = Field(default=2000, ge=10)
+
+
+class Config(_Strict):
+    listen: HostPort = "127.0.0.1:8080"
+    tls: Tls | None = None
+    state: str = "memory"
+    data_dir: Path = Path(".tokenbooth")
+    max_request_body_bytes: int = Field(default=1 << 20, ge=1024)
+    services: Services = Services()
+    envoy: EnvoySettings = EnvoySettings()
+    models: dict[str, Model] = Field(min_length=1)
+    keys: list[StaticKey] = []
+
+    @field_validator("state")
+    @classmethod
+    def _state(cls, v: str) -> str:
+        if v != "memory" and not re.match(r"^rediss?://", v):
+            raise ValueError("expected 'memory' or a redis://host:port/db URL")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        ids = [k.id for k in self.keys]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate key id(s): {dupes}")
+        for key in self.keys:
+            unknown = sorted(set(key.models) - set(self.models))
+            if unknown:
+                raise ValueError(f"key {key.id!r} allows unknown model(s) {unknown}")
+        return self
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML; relative paths resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {_location(first['loc'])}: {msg}{more}") from None
+    if base_dir is not None:
+        cfg = _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    tls = cfg.tls
+    if tls is not None:
+        tls = Tls(cert=base / tls.cert, key=base / tls.key)
+    return cfg.model_copy(update={"data_dir": base / cfg.data_dir, "tls": tls})
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a YAML policy file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML") from None
+    return parse_config(data, str(path), path.parent.resolve())

@@ -1,0 +1,94 @@
+"""API keys: secrets, fingerprints, and the authentication decision.
+
+A secret is never stored: only its SHA-256 fingerprint. Lookups hash first
+and then index by the digest, so no comparison branches on secret bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from policy.config import StaticKey
+from policy.errors import ApiError, insufficient_scope, invalid_api_key
+
+KEY_PREFIX = "sk-tb-"
+
+
+def new_secret() -> str:
+    """A fresh API key: `sk-tb-` + 32 bytes from the OS CSPRNG, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def fingerprint(secret: str) -> str:
+    """The stored form of a key: lowercase hex SHA-256 of its UTF-8 bytes."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request acts for, once its key is accepted."""
+
+    key_id: str
+    org: str
+    scopes: frozenset[str]
+    models: frozenset[str]  # empty: every alias
+
+    def may_use(self, alias: str) -> bool:
+        return not self.models or alias in self.models
+
+    def require_scope(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise insufficient_scope(scope)
+
+
+def principal_of(key: StaticKey) -> Principal:
+    return Principal(key.id, key.org, frozenset(key.scopes), frozenset(key.models))
+
+
+def extract_secret(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key a client sent: `Authorization: Bearer <key>` first, then `X-API-Key`."""
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    return None
+
+
+def authenticate(
+    secret: str | None, keys_by_fingerprint: Mapping[str, StaticKey], now: datetime
+) -> Principal:
+    """Accept a key or raise a 401 `ApiError` saying why."""
+    if secret is None:
+        raise invalid_api_key(
+            "No API key provided. Send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+        )
+    key = keys_by_fingerprint.get(fingerprint(secret))
+    if key is None:
+        raise invalid_api_key("Incorrect API key provided.")
+    if key.status == "revoked":
+        raise invalid_api_key("This API key has been revoked.")
+    if key.expires_at is not None and now >= key.expires_at:
+        raise invalid_api_key("This API key has expired.")
+    return principal_of(key)
+
+
+def index_keys(keys: list[StaticKey]) -> dict[str, StaticKey]:
+    return {k.sha256: k for k in keys}
+
+
+__all__ = [
+    "KEY_PREFIX",
+    "ApiError",
+    "Principal",
+    "authenticate",
+    "extract_secret",
+    "fingerprint",
+    "index_keys",
+    "new_secret",
+]

@@ -1,0 +1,85 @@
+"""Metering an OpenAI SSE response: find the usage chunk, count what was generated.
+
+`StreamMeter` is fed the response body chunk by chunk, as Envoy delivers it
+(one chunk per socket read: events arrive split or merged). With
+`strip_usage` it also removes the usage-only chunk that the gateway asked
+for on the client's behalf, passing every other byte through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from policy.sse import Event, SSEParser
+from policy.usage import Usage, usage_from_obj
+
+DONE = b"[DONE]"
+
+
+class StreamMeter:
+    __slots__ = ("_parser", "content_chunks", "done", "strip_usage", "usage")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self._parser = SSEParser()
+        self.strip_usage = strip_usage
+        self.usage: Usage | None = None
+        self.content_chunks = 0  # chunks that carried generated text (≈ tokens for vLLM)
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Observe a chunk; return what the client should get instead, or None for 'as is'."""
+        events = self._parser.feed(chunk)
+        return self._after(events, b"")
+
+    def finish(self) -> bytes | None:
+        """End of the response body: the bytes still owed to the client (or None)."""
+        events, tail = self._parser.finish()
+        return self._after(events, tail)
+
+    def _after(self, events: list[Event], tail: bytes) -> bytes | None:
+        keep: list[bytes] = []
+        for ev in events:
+            if self._observe(ev) and self.strip_usage:
+                continue
+            keep.append(ev.raw)
+        if not self.strip_usage:
+            return None
+        keep.append(tail)
+        return b"".join(keep)
+
+    def _observe(self, ev: Event) -> bool:
+        """Account for one event; True when it is the usage-only chunk."""
+        data = ev.data
+        if data is None:
+            return False
+        if data == DONE:
+            self.done = True
+            return False
+        try:
+            obj: Any = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(obj, dict):
+            return False
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if _has_text(choice):
+                    self.content_chunks += 1
+                    break
+        usage = usage_from_obj(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            return choices == []
+        return False
+
+
+def _has_text(choice: Any) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return bool(delta.get("content")) or bool(delta.get("reasoning_content"))
+    return bool(choice.get("text"))

@@ -1,0 +1,100 @@
+"""Token usage, its cost, and the usage record every admitted request leaves."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from policy.config import Price
+
+_PER_1K = Decimal(1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def cost_usd(usage: Usage, price: Price) -> Decimal:
+    """Exact cost in USD: tokens times the price per 1k tokens, in Decimal."""
+    return (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / _PER_1K
+
+
+def usage_from_obj(obj: Any) -> Usage | None:
+    """Read an OpenAI `usage` block; None when absent or malformed."""
+    if not isinstance(obj, dict):
+        return None
+    p = obj.get("prompt_tokens")
+    c = obj.get("completion_tokens", 0)
+    if type(p) is not int or type(c) is not int or p < 0 or c < 0:
+        return None
+    return Usage(p, c)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One per admitted request (contract §5). `cost_usd` is an exact decimal string."""
+
+    request_id: str
+    key_id: str
+    org: str
+    model: str
+    upstream_model: str
+    backend: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: str
+    status: int
+    stream: bool
+    estimated: bool
+    started_at: str
+    duration_ms: float
+    endpoint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_record(
+    *,
+    request_id: str,
+    key_id: str,
+    org: str,
+    model: str,
+    upstream_model: str,
+    backend: str,
+    usage: Usage,
+    price: Price,
+    status: int,
+    stream: bool,
+    estimated: bool,
+    started_at: datetime,
+    duration_ms: float,
+    endpoint: str,
+) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        key_id=key_id,
+        org=org,
+        model=model,
+        upstream_model=upstream_model,
+        backend=backend,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cost_usd=format(cost_usd(usage, price).normalize(), "f"),
+        status=status,
+        stream=stream,
+        estimated=estimated,
+        started_at=started_at.isoformat().replace("+00:00", "Z"),
+        duration_ms=round(duration_ms, 3),
+        endpoint=endpoint,
+    )

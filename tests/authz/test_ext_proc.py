@@ -1,0 +1,260 @@
+"""ext_proc Process streams over a real gRPC socket, message by message, as Envoy sends them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+
+from authz.records import USAGE_FILE, read_records
+from authz.server import Services
+from policy.routing import CLUSTER_HEADER
+from tests.authz.conftest import Running
+
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello there"}]}
+CLUSTER = "backend_http_127_0_0_1_8000"
+
+
+def headers_msg(pairs: dict[str, str], end: bool = False, response: bool = False) -> Any:
+    hh = ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+        ),
+        end_of_stream=end,
+    )
+    return ep.ProcessingRequest(response_headers=hh) if response else ep.ProcessingRequest(
+        request_headers=hh)
+
+
+def body_msg(data: bytes, end: bool = True, response: bool = False) -> Any:
+    b = ep.HttpBody(body=data, end_of_stream=end)
+    return ep.ProcessingRequest(response_body=b) if response else ep.ProcessingRequest(
+        request_body=b)
+
+
+def req_headers(path: str = "/v1/chat/completions", method: str = "POST",
+                key_id: str = "k-main", rid: str = "rid-1") -> Any:
+    return headers_msg({":method": method, ":path": path, "x-request-id": rid,
+                        "x-tokenbooth-key-id": key_id, "x-tokenbooth-org": "acme"})
+
+
+class Stream:
+    def __init__(self, running: Running) -> None:
+        stub = external_processor_pb2_grpc.ExternalProcessorStub(running.channel)
+        self.call = stub.Process()
+
+    async def send(self, msg: Any) -> Any:
+        await self.call.write(msg)
+        return await asyncio.wait_for(self.call.read(), 5)
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+
+
+def immediate(resp: Any) -> tuple[int, dict[str, Any]]:
+    ir = resp.immediate_response
+    return ir.status.code, json.loads(ir.body)
+
+
+def set_headers(common: Any) -> dict[str, str]:
+    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+
+
+async def records(running: Running, n: int) -> list[dict[str, Any]]:
+    path = running.data_dir / USAGE_FILE
+    for _ in range(100):
+        got = list(read_records(path))
+        if len(got) >= n:
+            return got
+        await asyncio.sleep(0.02)
+    return list(read_records(path))
+
+
+async def admit(s: Stream, body: dict[str, Any]) -> Any:
+    r = await s.send(req_headers())
+    assert r.HasField("request_headers")
+    assert r.mode_override.response_header_mode == r.mode_override.SEND
+    assert r.mode_override.request_body_mode == r.mode_override.BUFFERED
+    return await s.send(body_msg(json.dumps(body).encode()))
+
+
+async def test_models_answered_from_policy_for_the_key(running: Running) -> None:
+    s = Stream(running)
+    status, body = immediate(await s.send(req_headers("/v1/models", "GET", "k-limited")))
+    assert status == 200
+    assert [m["id"] for m in body["data"]] == ["demo"]
+    assert body["object"] == "list"
+
+
+async def test_body_rewrite_routes_and_sets_content_length(running: Running) -> None:
+    s = Stream(running)
+    r = await admit(s, {**CHAT, "stream": True})
+    common = r.request_body.response
+    assert common.clear_route_cache
+    hdrs = set_headers(common)
+    assert hdrs[CLUSTER_HEADER] == CLUSTER
+    new_body = json.loads(common.body_mutation.body)
+    assert int(hdrs["content-length"]) == len(common.body_mutation.body)
+    assert new_body["model"] == "tiny-llama"
+    assert new_body["stream_options"] == {"include_usage": True}
+    assert all(h.header.raw_value and not h.header.value for h in
+               common.header_mutation.set_headers)
+    await s.close()
+
+
+async def test_json_response_usage_is_recorded_once(running: Running) -> None:
+    s = Stream(running)
+    await admit(s, {**CHAT, "max_tokens": 5})
+    r = await s.send(headers_msg({":status": "200", "content-type": "application/json"},
+                                 response=True))
+    assert r.mode_override.response_body_mode == r.mode_override.BUFFERED
+    upstream = {"id": "x", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5,
+                                                   "total_tokens": 16}}
+    r = await s.send(body_msg(json.dumps(upstream).encode(), response=True))
+    assert not r.response_body.response.HasField("body_mutation")
+    await s.close()
+    [rec] = await records(running, 1)
+    assert rec["request_id"] == "rid-1"
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["total_tokens"]) == (11, 5, 16)
+    assert rec["cost_usd"] == "0.013"  # 11 * 0.50/1k + 5 * 1.50/1k
+    assert rec["estimated"] is False and rec["status"] == 200 and rec["stream"] is False
+    assert (rec["key_id"], rec["org"], rec["model"], rec["upstream_model"]) == (
+        "k-main", "acme", "demo", "tiny-llama")
+
+
+def sse(*objs: Any) -> bytes:
+    return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs) + \
+        b"data: [DONE]\n\n"
+
+
+STREAM = sse(
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+    {"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+    {"choices": [{"index": 0, "delta": {"content": " you"}, "finish_reason": "length"}]},
+    {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}},
+)
+
+
+async def stream_through(running: Running, body: dict[str, Any], split: int) -> bytes:
+    s = Stream(running)
+    await admit(s, body)
+    r = await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"},
+                                 response=True))
+    assert r.mode_override.response_body_mode == r.mode_override.STREAMED
+    out = b""
+    for i in range(0, len(STREAM), split):
+        chunk = STREAM[i:i + split]
+        r = await s.send(body_msg(chunk, end=i + split >= len(STREAM), response=True))
+        common = r.response_body.response
+        out += common.body_mutation.body if common.HasField("body_mutation") else chunk
+    await s.close()
+    return out
+
+
+async def test_sse_usage_chunk_stripped_when_client_did_not_ask(running: Running) -> None:
+    out = await stream_through(running, {**CHAT, "stream": True}, split=13)
+    assert b"usage" not in out
+    assert out.endswith(b"data: [DONE]\n\n")
+    assert out == STREAM.replace(
+        b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, '
+        b'"total_tokens": 9}}\n\n', b"")
+    [rec] = await records(running, 1)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (7, 2, False)
+    assert rec["stream"] is True
+
+
+async def test_sse_passes_through_untouched_when_client_asked_for_usage(
+    running: Running,
+) -> None:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    assert await stream_through(running, body, split=7) == STREAM
+
+
+async def test_cut_stream_leaves_one_estimated_record(running: Running) -> None:
+    s = Stream(running)
+    await admit(s, {**CHAT, "stream": True})
+    await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"},
+                             response=True))
+    await s.send(body_msg(STREAM[:150], end=False, response=True))
+    s.call.cancel()  # Envoy drops the stream: the client or the upstream went away
+    [rec] = await records(running, 1)
+    assert rec["estimated"] is True
+    assert rec["completion_tokens"] == 1  # one content chunk seen before the cut
+    assert rec["status"] == 499
+
+
+async def test_validation_errors_are_openai_shaped_and_leave_no_record(
+    running: Running,
+) -> None:
+    cases: list[tuple[bytes, int, str, str | None]] = [
+        (b"not json", 400, "invalid_request", None),
+        (b"[1]", 400, "invalid_request", None),
+        (b'{"messages": []}', 400, "invalid_request", "model"),
+        (b'{"model": "nope", "messages": [{"role": "user"}]}', 404, "model_not_found", "model"),
+        (json.dumps({**CHAT, "max_tokens": 0}).encode(), 400, "invalid_request", "max_tokens"),
+        (json.dumps({**CHAT, "max_tokens": 257}).encode(), 400, "invalid_request", "max_tokens"),
+        (json.dumps({**CHAT, "stream": "yes"}).encode(), 400, "invalid_request", "stream"),
+        (json.dumps({"model": "demo", "messages": "hi"}).encode(), 400, "invalid_request",
+         "messages"),
+    ]
+    for raw, status, code, param in cases:
+        s = Stream(running)
+        await s.send(req_headers())
+        got_status, body = immediate(await s.send(body_msg(raw)))
+        assert (got_status, body["error"]["code"], body["error"]["param"]) == (
+            status, code, param), raw
+    assert await records(running, 0) == []
+
+
+async def test_model_allow_list(running: Running) -> None:
+    s = Stream(running)
+    await s.send(req_headers(key_id="k-limited"))
+    status, body = immediate(await s.send(body_msg(
+        json.dumps({**CHAT, "model": "other"}).encode())))
+    assert (status, body["error"]["code"]) == (403, "model_not_allowed")
+
+
+async def test_without_ext_authz_identity_the_request_is_refused(running: Running) -> None:
+    s = Stream(running)
+    status, body = immediate(await s.send(req_headers(key_id="")))
+    assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+
+
+async def test_health_service_reports_serving(running: Running) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(running.channel)
+    for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_stop_lets_an_inflight_stream_finish(running: Running) -> None:
+    s = Stream(running)
+    await admit(s, {**CHAT, "max_tokens": 5})
+    services: Services = running.services
+    stopping = asyncio.create_task(services.stop())
+    await asyncio.sleep(0.1)
+    assert not services.ready()
+    # The in-flight stream still gets answers during the grace period.
+    r = await s.send(headers_msg({":status": "200", "content-type": "application/json"},
+                                 response=True))
+    assert r.HasField("response_headers")
+    await s.send(body_msg(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}}',
+                          response=True))
+    await s.close()
+    await stopping
+    [rec] = list(read_records(running.data_dir / USAGE_FILE))
+    assert rec["estimated"] is False
+    # New streams are refused once stopped.
+    try:
+        await Stream(running).send(req_headers())
+    except grpc.aio.AioRpcError:
+        pass
+    else:
+        raise AssertionError("a stopped server accepted a new stream")
