@@ -33,7 +33,7 @@ keys:
   - id: demo
     org: demo-org
     name: demo key written by tokenbooth up
-    sha256: {sha256}   # only the fingerprint: the secret is in {demo_key_file}
+    sha256: "{sha256}"   # only the fingerprint: the secret is in {demo_key_file}
 """
 
 

@@ -1,0 +1,40 @@
+# tokenbooth — the two commands users need: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help install run test lint unit e2e clean
+
+help:
+	@echo "make run    - install into .venv and start Envoy + tokenbooth + simulator on :8080"
+	@echo "              (UPSTREAM=http://host:8000 to use a real vLLM instead)"
+	@echo "make test   - install and run lint, type checks and every test tier"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/tokenbooth up $(if $(UPSTREAM),--upstream $(UPSTREAM))
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest tests/policy tests/authz tests/sim $(PYTEST_ARGS)
+
+e2e: install
+	$(BIN)/python -m pytest tests/e2e tests/envoy $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

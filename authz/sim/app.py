@@ -1,0 +1,273 @@
+"""The aiohttp application of the vLLM-compatible upstream simulator.
+
+Routes (as vLLM's OpenAI server): ``GET /health``, ``GET /v1/models``,
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /metrics``; plus the test
+hooks ``GET``/``DELETE /_sim/requests`` and the request headers ``x-sim-status`` and
+``x-sim-cut-after`` (see ``Simulator.generate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from authz.sim.metrics import CONTENT_TYPE_LATEST, ModelMetrics, SimMetrics
+from authz.sim.protocol import SimError, parse_body, parse_chat, parse_completion
+from authz.sim.recorder import RequestLog
+from authz.sim.responses import Kind, chat_response, completion_response
+from authz.sim.streaming import stream_generation
+from authz.sim.tokens import output_text
+
+DEFAULT_MODEL: Final = "tiny-llama"
+DEFAULT_MAX_MODEL_LEN: Final = 32768
+# vLLM accepts large prompts; aiohttp's default limit is 1 MiB.
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+
+STATUS_HEADER: Final = "x-sim-status"
+CUT_HEADER: Final = "x-sim-cut-after"
+
+# Paths served by a real route; anything else under another method is a 405, like FastAPI.
+_KNOWN_PATHS: Final = frozenset(
+    {
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/_sim/requests",
+    }
+)
+_NOT_FOUND: Final = orjson.dumps({"detail": "Not Found"})
+_NOT_ALLOWED: Final = orjson.dumps({"detail": "Method Not Allowed"})
+
+log = logging.getLogger(__name__)
+
+
+class Simulator:
+    """State and handlers of one simulator app."""
+
+    def __init__(
+        self,
+        models: Sequence[str],
+        ttft_ms: float,
+        tpot_ms: float,
+        default_max_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        if default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be at least 1")
+        if ttft_ms < 0 or tpot_ms < 0:
+            raise ValueError("delays must not be negative")
+        self.model_names = tuple(dict.fromkeys(models or (DEFAULT_MODEL,)))
+        self.ttft_s = ttft_ms / 1000.0
+        self.tpot_s = tpot_ms / 1000.0
+        self.default_max_tokens = default_max_tokens
+        self.max_model_len = max_model_len
+        self.metrics = SimMetrics(self.model_names)
+        self.models: dict[str, ModelMetrics] = self.metrics.by_model
+        self.requests = RequestLog()
+
+    def _record(self, request: web.Request, body: bytes) -> None:
+        self.requests.add(request.method, request.path, request.query_string, request.headers, body)
+
+    # -- vLLM endpoints ----------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        self._record(request, b"")
+        return web.Response()
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        self._record(request, b"")
+        hooked = _status_hook(request)
+        if hooked is not None:
+            return _error_response(hooked)
+        return _json(
+            orjson.dumps(
+                {"object": "list", "data": [self._model_card(name) for name in self.model_names]}
+            )
+        )
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        created = int(time.time())
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [
+                {
+                    "id": "modelperm-" + os.urandom(16).hex(),
+                    "object": "model_permission",
+                    "created": created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
+        }
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.generate(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.generate(request, "completion")
+
+    async def generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        """Answer a (chat) completion request.
+
+        ``x-sim-status: NNN`` (400-599) answers that status with a vLLM error body instead;
+        ``x-sim-cut-after: N`` drops the connection after N token events of a stream.
+        """
+        body = await request.read()
+        self._record(request, body)
+        try:
+            hooked = _status_hook(request)
+            if hooked is not None:
+                raise hooked
+            cut_after = _cut_hook(request)
+            payload = parse_body(body)
+            parse = parse_chat if kind == "chat" else parse_completion
+            gen = parse(payload, self.models, self.default_max_tokens, self.max_model_len)
+        except SimError as err:
+            return _error_response(err)
+
+        metrics = self.models[gen.model]
+        metrics.prompt_tokens.inc(gen.prompt_tokens)
+        metrics.running.inc()
+        try:
+            if gen.stream:
+                return await stream_generation(
+                    request, gen, kind, metrics, self.ttft_s, self.tpot_s, cut_after
+                )
+            n = gen.max_tokens
+            delay = self.ttft_s + self.tpot_s * (n - 1)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            metrics.generation_tokens.inc(n)
+            build = chat_response if kind == "chat" else completion_response
+            return _json(build(gen.model, output_text(n), gen.prompt_tokens, n))
+        finally:
+            metrics.running.dec()
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self._record(request, b"")
+        resp = web.Response(body=self.metrics.render())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    # -- test hooks --------------------------------------------------------------------
+
+    async def get_requests(self, request: web.Request) -> web.Response:
+        return _json(orjson.dumps(self.requests.snapshot()))
+
+    async def delete_requests(self, request: web.Request) -> web.Response:
+        self.requests.clear()
+        return web.Response(status=204)
+
+    async def fallback(self, request: web.Request) -> web.Response:
+        self._record(request, await request.read())
+        if request.path in _KNOWN_PATHS:
+            return _json(_NOT_ALLOWED, status=405)
+        return _json(_NOT_FOUND, status=404)
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _error_response(err: SimError) -> web.Response:
+    return _json(err.body(), status=err.status)
+
+
+def _status_hook(request: web.Request) -> SimError | None:
+    raw = request.headers.get(STATUS_HEADER)
+    if raw is None:
+        return None
+    try:
+        status = int(raw)
+    except ValueError:
+        status = 0
+    if not 400 <= status <= 599:
+        return SimError(400, f"{STATUS_HEADER} must be an HTTP error status (400-599), got {raw!r}")
+    return SimError(status, f"Simulated error ({STATUS_HEADER}: {status}).")
+
+
+def _cut_hook(request: web.Request) -> int | None:
+    raw = request.headers.get(CUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        cut = int(raw)
+    except ValueError:
+        cut = -1
+    if cut < 0:
+        raise SimError(400, f"{CUT_HEADER} must be a non-negative integer, got {raw!r}")
+    return cut
+
+
+SIMULATOR_KEY: Final = web.AppKey("tokenbooth_simulator", Simulator)
+
+
+def make_app(
+    models: Sequence[str],
+    ttft_ms: float = 0.0,
+    tpot_ms: float = 0.0,
+    default_max_tokens: int = 16,
+    *,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+) -> web.Application:
+    """Build the simulator app serving ``models`` (``["tiny-llama"]`` when empty).
+
+    ``app[SIMULATOR_KEY]`` is the ``Simulator`` (metrics, request log) for in-process tests.
+    """
+    sim = Simulator(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len)
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[SIMULATOR_KEY] = sim
+    router = app.router
+    router.add_get("/health", sim.health)
+    router.add_get("/v1/models", sim.list_models)
+    router.add_post("/v1/chat/completions", sim.chat_completions)
+    router.add_post("/v1/completions", sim.completions)
+    router.add_get("/metrics", sim.prometheus)
+    router.add_get("/_sim/requests", sim.get_requests)
+    router.add_delete("/_sim/requests", sim.delete_requests)
+    router.add_route("*", "/{tail:.*}", sim.fallback)
+    return app
+
+
+async def run_sim(
+    host: str,
+    port: int,
+    models: Sequence[str],
+    ttft_ms: float = 0.0,
+    tpot_ms: float = 0.0,
+) -> None:
+    """Serve the simulator on ``host:port`` until cancelled, then clean up the runner."""
+    app = make_app(models, ttft_ms, tpot_ms)
+    # No access log: the simulator serves benchmark load.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        names = ", ".join(app[SIMULATOR_KEY].model_names)
+        log.info("tokenbooth sim listening on http://%s:%d serving %s", host, port, names)
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        await runner.cleanup()

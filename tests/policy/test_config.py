@@ -1,0 +1,59 @@
+"""Config errors name the file, the path inside it and what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from policy.config import ConfigError, load_config, parse_hostport
+from tests.helpers import write_policy
+
+
+def test_valid_file_and_relative_paths(tmp_path: Path) -> None:
+    cfg = load_config(write_policy(tmp_path, "http://127.0.0.1:8000"))
+    assert cfg.data_dir == tmp_path / "data"
+    assert cfg.models["demo"].price_per_1k_tokens.input == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("models: {}", "models: "),
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'ftp://h'}]\n",
+         "models.m.backends[0].url: expected http(s)"),
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "    max_tokens: 0\n", "models.m.max_tokens"),
+        ("listen: nowhere\nmodels: {}\n", "listen: expected HOST:PORT"),
+        ("state: mysql://x\nmodels: {}\n", "state: expected 'memory'"),
+        ("bogus: 1\nmodels:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n",
+         "bogus: Extra inputs"),
+        ("models: [\n", "line"),
+        ("- a\n", "expected a mapping"),
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "keys:\n  - {id: a, org: o, sha256: " + "a" * 64 + ", models: [zz]}\n",
+         "unknown model(s) ['zz']"),
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "keys:\n  - {id: a, org: o, sha256: " + "a" * 64 + ", scopes: [admin]}\n",
+         "keys[0].scopes: unknown scope"),
+    ],
+)
+def test_errors_name_file_and_path(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(str(path))
+    assert expected in str(e.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_hostport() -> None:
+    assert parse_hostport("[::1]:80") == ("::1", 80)
+    for bad in ("x", "x:99999", ":80", "a b:1"):
+        with pytest.raises(ValueError):
+            parse_hostport(bad)

@@ -1,0 +1,324 @@
+"""The simulator's OpenAI endpoints: shapes, exact usage, streaming and errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from authz.sim.tokens import output_text
+
+from .conftest import Sim
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+# "Hello, world!" is 4 tokens; one message: 4 + 3 + 3 = 10 prompt tokens.
+MESSAGES = [{"role": "user", "content": "Hello, world!"}]
+CHAT_PROMPT_TOKENS = 10
+
+
+async def post(sim: Sim, path: str, body: Any, **headers: str) -> tuple[int, Any]:
+    async with sim.http.post(sim.url + path, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def stream_events(sim: Sim, path: str, body: Any) -> list[str]:
+    """POST a streaming request; return the raw ``data:`` payloads in order."""
+    async with sim.http.post(sim.url + path, json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        text = await resp.text()
+    assert text.endswith("\n\n")
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events)
+    return [e.removeprefix("data: ") for e in events]
+
+
+def parse(events: list[str]) -> list[dict[str, Any]]:
+    assert events[-1] == "[DONE]"
+    assert "[DONE]" not in events[:-1]
+    return [json.loads(e) for e in events[:-1]]
+
+
+async def test_health(sim: Sim) -> None:
+    async with sim.http.get(sim.url + "/health") as resp:
+        assert resp.status == 200
+        assert await resp.read() == b""
+
+
+async def test_models_list(sim: Sim) -> None:
+    async with sim.http.get(sim.url + "/v1/models") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny-llama", "other-model"]
+    card = body["data"][0]
+    assert card["object"] == "model"
+    assert card["owned_by"] == "vllm"
+    assert card["root"] == "tiny-llama"
+    assert card["parent"] is None
+    assert isinstance(card["created"], int)
+    assert isinstance(card["max_model_len"], int)
+    assert card["permission"][0]["object"] == "model_permission"
+
+
+async def test_chat_non_stream_exact_usage(sim: Sim) -> None:
+    status, body = await post(
+        sim, CHAT, {"model": "other-model", "messages": MESSAGES, "max_tokens": 7}
+    )
+    assert status == 200
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == "other-model"
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == output_text(7)
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {
+        "prompt_tokens": CHAT_PROMPT_TOKENS,
+        "total_tokens": CHAT_PROMPT_TOKENS + 7,
+        "completion_tokens": 7,
+    }
+
+
+async def test_chat_max_completion_tokens_and_default(sim: Sim) -> None:
+    base = {"model": "tiny-llama", "messages": MESSAGES}
+    _, body = await post(sim, CHAT, {**base, "max_tokens": 9, "max_completion_tokens": 2})
+    assert body["usage"]["completion_tokens"] == 2
+    _, body = await post(sim, CHAT, base)
+    assert body["usage"]["completion_tokens"] == 16  # default_max_tokens
+
+
+async def test_completions_non_stream_exact_usage(sim: Sim) -> None:
+    status, body = await post(
+        sim, COMPLETIONS, {"model": "tiny-llama", "prompt": "Say: a, b.", "max_tokens": 3}
+    )
+    assert status == 200
+    assert body["object"] == "text_completion"
+    assert body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"] == output_text(3)
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 6, "total_tokens": 9, "completion_tokens": 3}
+    _, body = await post(sim, COMPLETIONS, {"model": "tiny-llama", "prompt": [5, 6, 7]})
+    assert body["usage"]["prompt_tokens"] == 3
+
+
+async def test_chat_stream_with_usage(sim: Sim) -> None:
+    n = 5
+    events = await stream_events(
+        sim,
+        CHAT,
+        {
+            "model": "tiny-llama",
+            "messages": MESSAGES,
+            "max_tokens": n,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    chunks = parse(events)
+    assert len(chunks) == 1 + n + 1  # role, tokens, usage
+    first = chunks[0]
+    assert first["id"].startswith("chatcmpl-")
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk"
+        assert (chunk["id"], chunk["created"], chunk["model"]) == (
+            first["id"],
+            first["created"],
+            "tiny-llama",
+        )
+    assert first["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
+    tokens = chunks[1:-1]
+    for chunk in tokens[:-1]:
+        (choice,) = chunk["choices"]
+        assert choice["finish_reason"] is None
+        assert choice["logprobs"] is None
+        assert "usage" not in chunk
+    assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["delta"]["content"] for c in tokens) == output_text(n)
+    # The usage chunk, exactly as vLLM sends it.
+    assert chunks[-1] == {
+        "id": first["id"],
+        "object": "chat.completion.chunk",
+        "created": first["created"],
+        "model": "tiny-llama",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": CHAT_PROMPT_TOKENS,
+            "total_tokens": CHAT_PROMPT_TOKENS + n,
+            "completion_tokens": n,
+        },
+    }
+
+
+async def test_completions_stream_with_usage(sim: Sim) -> None:
+    events = await stream_events(
+        sim,
+        COMPLETIONS,
+        {
+            "model": "tiny-llama",
+            "prompt": "one two three",
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    chunks = parse(events)
+    assert len(chunks) == 4 + 1
+    for chunk in chunks:
+        assert chunk["object"] == "text_completion"
+        assert chunk["id"] == chunks[0]["id"]
+        assert chunk["id"].startswith("cmpl-")
+    texts = [c["choices"][0] for c in chunks[:-1]]
+    assert [t["finish_reason"] for t in texts] == [None, None, None, "length"]
+    assert all(t["index"] == 0 and t["logprobs"] is None for t in texts)
+    assert "".join(t["text"] for t in texts) == output_text(4)
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4}
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+async def test_stream_without_include_usage_has_no_usage(sim: Sim, path: str) -> None:
+    body: dict[str, Any] = {"model": "tiny-llama", "max_tokens": 3, "stream": True}
+    body |= {"messages": MESSAGES} if path == CHAT else {"prompt": "x"}
+    events = await stream_events(sim, path, body)
+    chunks = parse(events)
+    assert len(chunks) == (4 if path == CHAT else 3)
+    assert not any("usage" in c for c in chunks)
+    assert all(c["choices"] for c in chunks)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        (CHAT, {"model": "nope", "messages": MESSAGES}, 404, "The model `nope` does not exist."),
+        (CHAT, {"messages": MESSAGES}, 400, "Field required"),
+        (CHAT, {"model": "tiny-llama"}, 400, "messages"),
+        (CHAT, {"model": "tiny-llama", "messages": "hi"}, 400, "valid list"),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 0}, 400,
+         "max_tokens must be at least 1, got 0."),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": "7"}, 400,
+         "valid integer"),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "stream": "yes"}, 400,
+         "valid boolean"),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES,
+                "stream_options": {"include_usage": True}}, 400,
+         "Stream options can only be defined when `stream=True`."),
+        (CHAT, [1, 2], 400, "valid dictionary"),
+        (COMPLETIONS, {"model": "tiny-llama"}, 400, "prompt"),
+        (COMPLETIONS, {"model": "tiny-llama", "prompt": 5}, 400, "prompt"),
+        (COMPLETIONS, {"model": "tiny-llama", "prompt": "x", "max_tokens": -1}, 400,
+         "max_tokens must be at least 1, got -1."),
+        (COMPLETIONS, {"model": "tiny-llama", "prompt": "x", "max_tokens": 10**6}, 400,
+         "maximum context length"),
+        (COMPLETIONS, {"model": 3, "prompt": "x"}, 400, "valid string"),
+    ],
+)  # fmt: skip
+async def test_request_errors(sim: Sim, path: str, body: Any, status: int, needle: str) -> None:
+    got_status, got = await post(sim, path, body)
+    assert got_status == status
+    assert got["object"] == "error"
+    assert got["code"] == status
+    assert got["param"] is None
+    assert got["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+    assert needle in got["message"]
+
+
+async def test_invalid_json(sim: Sim) -> None:
+    async with sim.http.post(
+        sim.url + CHAT, data=b'{"model": "tiny-', headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["type"] == "BadRequestError"
+    assert body["code"] == 400
+    assert "JSON decode error" in body["message"]
+
+
+async def test_unknown_path_and_method(sim: Sim) -> None:
+    async with sim.http.get(sim.url + "/v1/embeddings") as resp:
+        assert resp.status == 404
+    async with sim.http.get(sim.url + CHAT) as resp:
+        assert resp.status == 405
+
+
+@pytest.mark.parametrize(
+    ("status", "err_type"),
+    [(503, "ServiceUnavailableError"), (429, "TooManyRequestsError"), (500, "InternalServerError")],
+)
+async def test_sim_status_hook(sim: Sim, status: int, err_type: str) -> None:
+    body = {"model": "tiny-llama", "messages": MESSAGES, "stream": True}
+    got_status, got = await post(sim, CHAT, body, **{"x-sim-status": str(status)})
+    assert got_status == status
+    assert got == {
+        "object": "error",
+        "message": f"Simulated error (x-sim-status: {status}).",
+        "type": err_type,
+        "param": None,
+        "code": status,
+    }
+
+
+async def test_sim_status_hook_rejects_non_errors(sim: Sim) -> None:
+    got_status, got = await post(sim, CHAT, {}, **{"x-sim-status": "200"})
+    assert got_status == 400
+    assert "x-sim-status" in got["message"]
+
+
+@pytest.mark.parametrize(("path", "role_chunks"), [(CHAT, 1), (COMPLETIONS, 0)])
+async def test_sim_cut_after_breaks_stream(sim: Sim, path: str, role_chunks: int) -> None:
+    body: dict[str, Any] = {
+        "model": "tiny-llama",
+        "max_tokens": 10,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body |= {"messages": MESSAGES} if path == CHAT else {"prompt": "x"}
+    received = b""
+    async with sim.http.post(sim.url + path, json=body, headers={"x-sim-cut-after": "3"}) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async for data in resp.content.iter_any():
+                received += data
+    events = [e for e in received.decode().split("\n\n") if e]
+    assert len(events) == role_chunks + 3
+    assert b"[DONE]" not in received
+    assert b'"usage"' not in received
+    labels = {"model_name": "tiny-llama"}
+    registry = sim.state.metrics.registry
+    assert registry.get_sample_value("vllm:generation_tokens_total", labels) == 3
+    assert registry.get_sample_value("vllm:num_requests_running", labels) == 0
+
+
+async def test_requests_are_recorded(sim: Sim) -> None:
+    async with sim.http.delete(sim.url + "/_sim/requests") as resp:
+        assert resp.status == 204
+    body = {"model": "tiny-llama", "prompt": "recorded", "max_tokens": 1}
+    await post(sim, COMPLETIONS + "?a=1", body, **{"X-Tenant-Id": "acme"})
+    async with sim.http.get(sim.url + "/v1/missing") as resp:
+        assert resp.status == 404
+    async with sim.http.get(sim.url + "/_sim/requests") as resp:
+        log = await resp.json()
+    assert [(r["method"], r["path"]) for r in log] == [
+        ("POST", COMPLETIONS),
+        ("GET", "/v1/missing"),
+    ]
+    first = log[0]
+    assert first["query"] == "a=1"
+    assert first["headers"]["x-tenant-id"] == "acme"
+    assert first["headers"]["content-type"] == "application/json"
+    assert all(name == name.lower() for name in first["headers"])
+    assert json.loads(first["body"]) == body
+    async with sim.http.delete(sim.url + "/_sim/requests") as resp:
+        assert resp.status == 204
+    async with sim.http.get(sim.url + "/_sim/requests") as resp:
+        assert await resp.json() == []
