@@ -55,7 +55,7 @@ def test_crlf_cr_multiline_comments_and_fields() -> None:
 
 
 def test_unterminated_event_is_returned_as_tail_not_event() -> None:
-    events, raw, tail = parse_split(b"data: a\n\ndata: partial", [3])
+    events, _raw, tail = parse_split(b"data: a\n\ndata: partial", [3])
     assert events == [b"a"] and tail == b"data: partial"
 
 
