@@ -32,6 +32,7 @@ MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 
 STATUS_HEADER: Final = "x-sim-status"
 CUT_HEADER: Final = "x-sim-cut-after"
+TPOT_HEADER: Final = "x-sim-tpot-ms"  # per-request time per output token
 
 # Paths served by a real route; anything else under another method is a 405, like FastAPI.
 _KNOWN_PATHS: Final = frozenset(
@@ -132,7 +133,8 @@ class Simulator:
         """Answer a (chat) completion request.
 
         ``x-sim-status: NNN`` (400-599) answers that status with a vLLM error body instead;
-        ``x-sim-cut-after: N`` drops the connection after N token events of a stream.
+        ``x-sim-cut-after: N`` drops the connection after N token events of a stream;
+        ``x-sim-tpot-ms: N`` sets this request's time per output token.
         """
         body = await request.read()
         self._record(request, body)
@@ -140,7 +142,9 @@ class Simulator:
             hooked = _status_hook(request)
             if hooked is not None:
                 raise hooked
-            cut_after = _cut_hook(request)
+            cut_after = _int_hook(request, CUT_HEADER)
+            tpot_ms = _int_hook(request, TPOT_HEADER)
+            tpot_s = self.tpot_s if tpot_ms is None else tpot_ms / 1000.0
             payload = parse_body(body)
             parse = parse_chat if kind == "chat" else parse_completion
             gen = parse(payload, self.models, self.default_max_tokens, self.max_model_len)
@@ -153,10 +157,10 @@ class Simulator:
         try:
             if gen.stream:
                 return await stream_generation(
-                    request, gen, kind, metrics, self.ttft_s, self.tpot_s, cut_after
+                    request, gen, kind, metrics, self.ttft_s, tpot_s, cut_after
                 )
             n = gen.max_tokens
-            delay = self.ttft_s + self.tpot_s * (n - 1)
+            delay = self.ttft_s + tpot_s * (n - 1)
             if delay > 0:
                 await asyncio.sleep(delay)
             metrics.generation_tokens.inc(n)
@@ -208,17 +212,18 @@ def _status_hook(request: web.Request) -> SimError | None:
     return SimError(status, f"Simulated error ({STATUS_HEADER}: {status}).")
 
 
-def _cut_hook(request: web.Request) -> int | None:
-    raw = request.headers.get(CUT_HEADER)
+def _int_hook(request: web.Request, header: str) -> int | None:
+    """A non-negative integer test hook header (`x-sim-cut-after`, `x-sim-tpot-ms`)."""
+    raw = request.headers.get(header)
     if raw is None:
         return None
     try:
-        cut = int(raw)
+        value = int(raw)
     except ValueError:
-        cut = -1
-    if cut < 0:
-        raise SimError(400, f"{CUT_HEADER} must be a non-negative integer, got {raw!r}")
-    return cut
+        value = -1
+    if value < 0:
+        raise SimError(400, f"{header} must be a non-negative integer, got {raw!r}")
+    return value
 
 
 SIMULATOR_KEY: Final = web.AppKey("tokenbooth_simulator", Simulator)

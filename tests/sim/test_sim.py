@@ -322,3 +322,23 @@ async def test_requests_are_recorded(sim: Sim) -> None:
         assert resp.status == 204
     async with sim.http.get(sim.url + "/_sim/requests") as resp:
         assert await resp.json() == []
+
+
+async def test_tpot_header_slows_one_request(sim: Sim) -> None:
+    import time
+
+    t0 = time.monotonic()
+    async with sim.http.post(
+        f"{sim.url}/v1/completions",
+        json={"model": "tiny-llama", "prompt": "x", "max_tokens": 4},
+        headers={"x-sim-tpot-ms": "60"},
+    ) as r:
+        assert r.status == 200
+        await r.read()
+    assert time.monotonic() - t0 >= 0.18  # 3 gaps of 60 ms
+    async with sim.http.post(
+        f"{sim.url}/v1/completions",
+        json={"model": "tiny-llama", "prompt": "x"},
+        headers={"x-sim-tpot-ms": "soon"},
+    ) as r:
+        assert r.status == 400
