@@ -129,7 +129,11 @@ def _grpc_host(host: str) -> str:
 async def serve_forever(runtime: Runtime) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     services = Services(runtime)
-    await services.start()
+    try:
+        await services.start()
+    except BaseException:
+        await services.stop()  # whatever did start (e.g. gRPC when the side port is busy)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
