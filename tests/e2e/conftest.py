@@ -1,0 +1,112 @@
+"""End-to-end tier: real Envoy + `tokenbooth serve` + `tokenbooth sim`, on free ports.
+
+One gateway per test session. Tests drive it with the official `openai` SDK
+and look at what the simulator (the upstream) received.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from authz.bootstrap import render_yaml
+from authz.envoy_bin import envoy_path
+from authz.procs import free_port, http_ok, spawn, stop, wait_until
+from policy.config import load_config
+from tests.helpers import SECRET, write_policy
+
+
+@dataclass
+class Gateway:
+    base_url: str
+    sim_url: str
+    side_url: str
+    config_path: Path
+    data_dir: Path
+    logs: Path
+    _clients: dict[str, openai.OpenAI] = field(default_factory=dict)
+
+    def client(self, key: str = SECRET) -> openai.OpenAI:
+        """One SDK client per key for the session (closed at the end)."""
+        if key not in self._clients:
+            self._clients[key] = openai.OpenAI(
+                base_url=f"{self.base_url}/v1", api_key=key, max_retries=0)
+        return self._clients[key]
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.sim_url}/_sim/requests", timeout=5) as r:
+            data: list[dict[str, Any]] = json.loads(r.read())
+        return data
+
+    def clear_upstream(self) -> None:
+        req = urllib.request.Request(f"{self.sim_url}/_sim/requests", method="DELETE")
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    root = tmp_path_factory.mktemp("gateway")
+    logs = root / "logs"
+    logs.mkdir()
+    sim_port = free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    listen = f"127.0.0.1:{free_port()}"
+    path = write_policy(
+        root, sim_url, listen=listen,
+        services={"grpc_listen": f"127.0.0.1:{free_port()}",
+                  "http_listen": f"127.0.0.1:{free_port()}"},
+        envoy={"admin_listen": f"127.0.0.1:{free_port()}"},
+    )
+    cfg = load_config(path)
+    (root / "envoy.yaml").write_text(render_yaml(cfg))
+    py = [sys.executable, "-m", "authz.cli"]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, argv: list[str]) -> None:
+        # The child keeps its own copy of the log's descriptor.
+        with (logs / f"{name}.log").open("wb") as log:
+            procs.append(spawn(argv, stdout=log, stderr=subprocess.STDOUT))
+
+    try:
+        start("sim", [*py, "sim", "--listen", f"127.0.0.1:{sim_port}", "--model",
+                      "tiny-llama", "--model", "tiny-llama-2"])
+        start("serve", [*py, "serve", "--config", str(path)])
+        start("envoy", [str(envoy_path()), "-c", str(root / "envoy.yaml"),
+                        "--log-level", "warn", "--use-dynamic-base-id"])
+        side = f"http://{cfg.services.http_listen}"
+        wait_until(lambda: http_ok(f"{sim_url}/health"), "sim", alive=procs)
+        wait_until(lambda: http_ok(f"{side}/readyz"), "serve", alive=procs)
+        wait_until(lambda: http_ok(f"http://{cfg.envoy.admin_listen}/ready"), "envoy",
+                   timeout=60, alive=procs)
+        # The backend cluster turns healthy after its first active health check.
+        wait_until(lambda: _backend_healthy(f"http://{cfg.envoy.admin_listen}"),
+                   "backend health", timeout=30, alive=procs)
+        gw = Gateway(f"http://{listen}", sim_url, side, path, cfg.data_dir, logs)
+        yield gw
+        gw.close()
+    finally:
+        stop(procs)
+
+
+def _backend_healthy(admin: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{admin}/clusters", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return False
+    return any("backend_" in line and "health_flags::healthy" in line
+               for line in text.splitlines())

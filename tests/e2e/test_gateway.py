@@ -1,0 +1,202 @@
+"""Through the real Envoy, with the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+
+from authz.records import USAGE_FILE, read_records
+from authz.sim.tokens import prompt_tokens_chat, prompt_tokens_completion
+from tests.e2e.conftest import Gateway
+from tests.helpers import LIMITED_SECRET, SECRET
+
+pytestmark = pytest.mark.e2e
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello to the gateway, please."}]
+
+
+def records_for(gw: Gateway, request_id: str) -> list[dict[str, Any]]:
+    """The records of one request, waiting briefly for the end-of-request write."""
+    deadline = time.monotonic() + 5
+    while True:
+        got = [r for r in read_records(gw.data_dir / USAGE_FILE)
+               if r["request_id"] == request_id]
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+
+
+def last_upstream(gw: Gateway) -> dict[str, Any]:
+    reqs = gw.upstream_requests()
+    assert reqs, "the upstream received nothing"
+    return reqs[-1]
+
+
+def test_chat_non_streaming_exact_usage_and_one_record(gateway: Gateway) -> None:
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=MESSAGES, max_tokens=7)
+    resp = raw.parse()
+    expected_prompt = prompt_tokens_chat(MESSAGES)
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (expected_prompt, 7)
+    assert resp.choices[0].message.content
+    rid = raw.headers["x-request-id"]
+    [rec] = records_for(gateway, rid)
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (expected_prompt, 7)
+    assert rec["estimated"] is False and rec["stream"] is False and rec["status"] == 200
+    assert (rec["key_id"], rec["org"], rec["model"], rec["upstream_model"]) == (
+        "k-main", "acme", "demo", "tiny-llama")
+    assert rec["backend"] == gateway.sim_url
+
+
+def test_chat_streaming_hides_the_usage_chunk_it_added(gateway: Gateway) -> None:
+    stream = gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=MESSAGES, max_tokens=12, stream=True)
+    rid = stream.headers["x-request-id"]
+    chunks = list(stream.parse())
+    assert all(c.usage is None for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 12
+    # The upstream was asked for usage even though the client was not.
+    sent = json.loads(last_upstream(gateway)["body"])
+    assert sent["stream_options"]["include_usage"] is True
+    [rec] = records_for(gateway, rid)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
+        prompt_tokens_chat(MESSAGES), 12, False)
+    assert rec["stream"] is True
+
+
+def test_chat_streaming_with_usage_requested(gateway: Gateway) -> None:
+    chunks = list(gateway.client().chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=5, stream=True,
+        stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens_chat(MESSAGES), 5)
+
+
+def test_completions_json_and_stream(gateway: Gateway) -> None:
+    client = gateway.client()
+    prompt = "Once upon a time,"
+    resp = client.completions.create(model="demo", prompt=prompt, max_tokens=4)
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (
+        prompt_tokens_completion(prompt), 4)
+    raw = client.completions.with_raw_response.create(
+        model="demo", prompt=prompt, max_tokens=6, stream=True)
+    rid = raw.headers["x-request-id"]
+    chunks = list(raw.parse())
+    assert "".join(c.choices[0].text for c in chunks if c.choices).count(" ") == 5
+    [rec] = records_for(gateway, rid)
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (
+        prompt_tokens_completion(prompt), 6)
+    assert rec["endpoint"] == "completions"
+
+
+def test_models_lists_the_aliases_of_the_key(gateway: Gateway) -> None:
+    assert sorted(m.id for m in gateway.client().models.list()) == ["demo", "other"]
+    assert [m.id for m in gateway.client(LIMITED_SECRET).models.list()] == ["demo"]
+
+
+def test_no_key_and_wrong_key_are_openai_401s(gateway: Gateway) -> None:
+    with pytest.raises(openai.AuthenticationError) as e:
+        gateway.client("sk-tb-wrong").chat.completions.create(model="demo", messages=MESSAGES)
+    assert e.value.status_code == 401
+    assert e.value.code == "invalid_api_key"
+    # The SDK will not send an empty key; a bare HTTP client can.
+    status, body = post(gateway, "/v1/chat/completions", b"{}", {})
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert "No API key" in json.loads(body)["error"]["message"]
+
+
+def test_model_errors(gateway: Gateway) -> None:
+    with pytest.raises(openai.NotFoundError) as nf:
+        gateway.client().chat.completions.create(model="nope", messages=MESSAGES)
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.PermissionDeniedError) as pd:
+        gateway.client(LIMITED_SECRET).chat.completions.create(model="other", messages=MESSAGES)
+    assert pd.value.code == "model_not_allowed"
+    with pytest.raises(openai.BadRequestError) as br:
+        gateway.client().chat.completions.create(model="demo", messages=MESSAGES,
+                                                 max_tokens=100000)
+    assert br.value.code == "invalid_request"
+    assert br.value.param == "max_tokens"
+
+
+def post(gw: Gateway, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"{gw.base_url}{path}", data=body, method="POST",
+                                 headers={"content-type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_upstream_never_sees_the_key_and_internal_headers_are_trusted(gateway: Gateway) -> None:
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
+    status, _ = post(gateway, "/v1/chat/completions", body, {
+        "x-api-key": SECRET,
+        "x-tokenbooth-org": "spoofed-org",
+        "x-tokenbooth-key-id": "spoofed-key",
+        "x-tokenbooth-cluster": "tokenbooth_services",
+        "x-tokenbooth-anything": "spoofed",
+    })
+    assert status == 200
+    up = last_upstream(gateway)
+    headers = up["headers"]
+    assert "x-api-key" not in headers and "authorization" not in headers
+    assert headers["x-tokenbooth-org"] == "acme"
+    assert headers["x-tokenbooth-key-id"] == "k-main"
+    assert "x-tokenbooth-anything" not in headers and "x-tokenbooth-cluster" not in headers
+    assert SECRET not in json.dumps(up)
+    assert json.loads(up["body"])["model"] == "tiny-llama"
+
+
+def test_bad_json_is_a_400_and_leaves_no_record(gateway: Gateway) -> None:
+    before = len(list(read_records(gateway.data_dir / USAGE_FILE)))
+    status, body = post(gateway, "/v1/chat/completions", b"{nope",
+                        {"authorization": f"Bearer {SECRET}"})
+    assert status == 400
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    time.sleep(0.2)
+    assert len(list(read_records(gateway.data_dir / USAGE_FILE))) == before
+
+
+def test_upstream_error_is_passed_through_and_recorded(gateway: Gateway) -> None:
+    with pytest.raises(openai.InternalServerError):
+        gateway.client().chat.completions.create(
+            model="demo", messages=MESSAGES, extra_headers={"x-sim-status": "500"})
+
+
+def test_cut_stream_is_recorded_as_estimated(gateway: Gateway) -> None:
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=MESSAGES, max_tokens=50, stream=True,
+        # Slow enough that the client has the headers before the backend dies.
+        extra_headers={"x-sim-cut-after": "3", "x-sim-tpot-ms": "50"})
+    rid = raw.headers["x-request-id"]
+    with pytest.raises(openai.APIError):
+        list(raw.parse())
+    [rec] = records_for(gateway, rid)
+    assert rec["estimated"] is True
+    assert rec["completion_tokens"] == 3
+    assert rec["prompt_tokens"] > 0
+
+
+def test_secret_never_in_logs_or_records(gateway: Gateway) -> None:
+    gateway.client().chat.completions.create(model="demo", messages=MESSAGES, max_tokens=1)
+    for f in [*gateway.logs.iterdir(), gateway.data_dir / USAGE_FILE]:
+        assert SECRET not in f.read_text(errors="replace"), f
+
+
+def test_metrics_side_port(gateway: Gateway) -> None:
+    with urllib.request.urlopen(f"{gateway.side_url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'inference_requests_total{endpoint="chat",model="demo",status="200"}' in text
+    assert "tokenbooth_decision_seconds_bucket" in text
