@@ -115,11 +115,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps({"records": rows, "totals": totals}).decode() + "\n")
         return 0
-    fmt = "{:<34} {:<16} {:<12} {:<14} {:>7} {:>7} {:>12} {:>6}"
+    fmt = "{:<36} {:<16} {:<12} {:<14} {:>7} {:>7} {:>12} {:>6}"
     print(fmt.format("request_id", "key_id", "org", "model", "prompt", "compl", "cost_usd",
                      "status"))
     for r in rows:
-        print(fmt.format(r["request_id"][:34], r["key_id"][:16], r["org"][:12], r["model"][:14],
+        print(fmt.format(r["request_id"][:36], r["key_id"][:16], r["org"][:12], r["model"][:14],
                          r["prompt_tokens"], r["completion_tokens"], r["cost_usd"], r["status"]))
     print(f"total: {totals['requests']} request(s), {totals['prompt_tokens']} prompt + "
           f"{totals['completion_tokens']} completion tokens, ${totals['cost_usd']}")
