@@ -28,6 +28,8 @@ from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
     ProcessingMode,
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
@@ -138,6 +140,10 @@ def ext_proc(cfg: Config) -> Any:
         ),
         allow_mode_override=True,
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        # The principal ext_authz decided on travels as its dynamic metadata.
+        metadata_options=MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ])
+        ),
     )
 
 

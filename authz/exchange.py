@@ -20,12 +20,12 @@ from datetime import datetime
 import orjson
 
 from authz import protos
-from authz.ext_authz import KEY_ID_HEADER
+from authz.ext_authz import METADATA_NAMESPACE
 from authz.recorder import Recorder
 from authz.snapshot import Runtime, Snapshot
 from policy.endpoints import Endpoint, Kind, lookup
 from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
-from policy.keys import Principal, principal_of
+from policy.keys import Principal
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
 from policy.routing import CLUSTER_HEADER, Route
 from policy.stream_usage import StreamMeter
@@ -80,7 +80,7 @@ class Exchange:
     def handle(self, msg: protos.Msg) -> protos.Msg:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":
-            return self._request_headers(msg.request_headers)
+            return self._request_headers(msg)
         if kind == "request_body":
             return self._request_body(msg.request_body)
         if kind == "response_headers":
@@ -93,19 +93,20 @@ class Exchange:
 
     # -- request side ---------------------------------------------------------
 
-    def _request_headers(self, headers: protos.Msg) -> protos.Msg:
+    def _request_headers(self, msg: protos.Msg) -> protos.Msg:
+        headers = msg.request_headers
         h = protos.header_map(headers)
         self.request_id = h.get("x-request-id") or uuid.uuid4().hex
         path = h.get(":path", "")
         endpoint = lookup(h.get(":method", ""), path)
         if endpoint is None:
             raise not_found(path)
-        key = self._snap.keys_by_id.get(h.get(KEY_ID_HEADER, ""))
-        if key is None:
+        principal = principal_from_metadata(msg)
+        if principal is None:
             # Only reachable when ext_authz did not run first: refuse, never guess.
             raise invalid_api_key("No authenticated API key on this request.")
         self.endpoint = endpoint
-        self.principal = principal_of(key)
+        self.principal = principal
         if endpoint.kind is Kind.MODELS:
             aliases = [a for a in self._snap.aliases if self.principal.may_use(a)]
             return protos.immediate(200, models_list(aliases, int(self._started.timestamp())))
@@ -232,6 +233,24 @@ class Exchange:
         if self.status >= 400:
             return Usage(), False  # the backend refused: nothing was generated
         return Usage(req.prompt_estimate, 0), True
+
+
+def principal_from_metadata(msg: protos.Msg) -> Principal | None:
+    """The principal ext_authz attached to this request (Envoy forwards its metadata)."""
+    md = msg.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+    if md is None:
+        return None
+    fields = md.fields
+    key_id = fields["key_id"].string_value if "key_id" in fields else ""
+    if not key_id:
+        return None
+    models = fields["models"].list_value.values if "models" in fields else ()
+    return Principal(
+        key_id=key_id,
+        org=fields["org"].string_value if "org" in fields else "",
+        scopes=frozenset(),  # ext_authz checked them
+        models=frozenset(v.string_value for v in models),
+    )
 
 
 def error_response(err: ApiError) -> protos.Msg:

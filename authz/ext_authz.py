@@ -14,11 +14,11 @@ import time
 import grpc
 
 from authz import protos
+from authz.keyauth import KeyAuthority
 from authz.metrics import Metrics
-from authz.snapshot import Runtime
 from policy.endpoints import lookup, path_known
 from policy.errors import ApiError, not_found
-from policy.keys import authenticate, extract_secret
+from policy.keys import Principal, extract_secret
 
 log = logging.getLogger("tokenbooth.ext_authz")
 
@@ -27,11 +27,14 @@ ORG_HEADER = "x-tokenbooth-org"
 KEY_ID_HEADER = "x-tokenbooth-key-id"
 _SET_BY_US = frozenset({ORG_HEADER, KEY_ID_HEADER})
 _KEY_HEADERS = ("authorization", "x-api-key")
+# ext_proc reads the principal from here (Envoy forwards this metadata namespace to it),
+# so the two services need not share a replica or a cache.
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
 
 class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
-        self._rt = runtime
+    def __init__(self, keys: KeyAuthority, metrics: Metrics) -> None:
+        self._keys = keys
         self._metrics = metrics
         self._seconds = metrics.decision_seconds.labels("ext_authz")
 
@@ -40,19 +43,16 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
     ) -> protos.Msg:
         t0 = time.perf_counter()
         try:
-            return self._check(request)
+            return await self._check(request)
         finally:
             self._seconds.observe(time.perf_counter() - t0)
 
-    def _check(self, request: protos.Msg) -> protos.Msg:
+    async def _check(self, request: protos.Msg) -> protos.Msg:
         http = request.attributes.request.http
         headers = http.headers
-        snap = self._rt.snapshot
         try:
-            principal = authenticate(
-                extract_secret(headers.get("authorization"), headers.get("x-api-key")),
-                snap.keys_by_fingerprint,
-                self._rt.clock(),
+            principal = await self._keys.authenticate(
+                extract_secret(headers.get("authorization"), headers.get("x-api-key"))
             )
             endpoint = lookup(http.method, http.path)
             if endpoint is None:
@@ -77,7 +77,14 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
                 ],
                 headers_to_remove=remove,
             ),
+            dynamic_metadata=principal_metadata(principal),
         )
+
+
+def principal_metadata(p: Principal) -> protos.Msg:
+    md = protos.Struct()
+    md.update({"key_id": p.key_id, "org": p.org, "models": sorted(p.models)})
+    return md
 
 
 def _overwrite(key: str, value: str) -> protos.Msg:

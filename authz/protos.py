@@ -13,6 +13,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from policy.errors import ApiError
@@ -21,6 +22,7 @@ from policy.errors import ApiError
 Msg: TypeAlias = Any
 
 HeaderValue = base_pb2.HeaderValue
+Struct = struct_pb2.Struct
 HeaderValueOption = base_pb2.HeaderValueOption
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -87,7 +89,7 @@ def header_map(headers: Msg) -> dict[str, str]:
 __all__ = [
     "JSON_CT", "OK_STATUS", "AuthorizationServicer", "CheckRequest", "CheckResponse",
     "ExternalProcessorServicer", "HeaderValue", "HeaderValueOption", "Msg", "ProcessingMode",
-    "ProcessingRequest", "ProcessingResponse", "add_AuthorizationServicer_to_server",
+    "ProcessingRequest", "ProcessingResponse", "Struct", "add_AuthorizationServicer_to_server",
     "add_ExternalProcessorServicer_to_server", "authz_denial", "ep", "external_auth_pb2",
     "header_map", "immediate", "immediate_error", "set_header",
 ]

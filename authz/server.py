@@ -16,6 +16,9 @@ from authz import protos
 from authz.ext_authz import AuthorizationService
 from authz.ext_proc import ExternalProcessorService
 from authz.httpside import make_side_app
+from authz.keyauth import KeyAuthority
+from authz.keystores.base import KeyStore
+from authz.keystores.factory import make_store
 from authz.metrics import Metrics
 from authz.recorder import Recorder
 from authz.records import JsonlUsageLog, UsageSink
@@ -37,6 +40,7 @@ class Services:
 
     runtime: Runtime
     sink: UsageSink | None = None
+    store: KeyStore | None = None
     grace_s: float = 10.0
     metrics: Metrics = field(default_factory=Metrics)
     grpc_port: int = 0
@@ -52,11 +56,9 @@ class Services:
 
     async def start(self) -> None:
         cfg = self.runtime.snapshot.config
-        if cfg.state != "memory":
-            raise RuntimeError(
-                f"state {cfg.state!r}: only the embedded 'memory' state is available in this "
-                "version"
-            )
+        if self.store is None:
+            self.store = make_store(cfg)
+        await self.store.start()
         if self.sink is None:
             self.sink = JsonlUsageLog(cfg.data_dir)
         recorder = Recorder(self.sink, self.metrics)
@@ -68,7 +70,7 @@ class Services:
             ]
         )
         protos.add_AuthorizationServicer_to_server(
-            AuthorizationService(self.runtime, self.metrics), server
+            AuthorizationService(KeyAuthority(self.runtime, self.store), self.metrics), server
         )
         protos.add_ExternalProcessorServicer_to_server(
             ExternalProcessorService(self.runtime, recorder, self.metrics), server
@@ -119,6 +121,8 @@ class Services:
             await self._side.cleanup()
         if self.sink is not None:
             self.sink.close()
+        if self.store is not None:
+            await self.store.close()
         log.info("tokenbooth services stopped")
 
 

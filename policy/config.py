@@ -7,10 +7,9 @@ names the file, the path inside it and what is wrong.
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -24,7 +23,10 @@ from pydantic import (
     model_validator,
 )
 
-SCOPES = ("inference:read", "inference:write")
+from policy.keyrecord import SCOPES, KeyRecord
+
+__all__ = ["SCOPES", "Config", "ConfigError", "KeyRecord", "load_config", "parse_hostport"]
+
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -102,34 +104,6 @@ class Model(_Strict):
     max_tokens: int = Field(default=1024, ge=1)
 
 
-class StaticKey(_Strict):
-    """An API key declared in the policy file, by fingerprint only."""
-
-    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
-    org: str = Field(min_length=1, max_length=128)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    name: str = ""
-    scopes: tuple[str, ...] = SCOPES
-    models: tuple[str, ...] = ()  # empty: every alias
-    status: Literal["active", "revoked"] = "active"
-    expires_at: datetime | None = None
-
-    @field_validator("scopes")
-    @classmethod
-    def _known_scopes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(v) - set(SCOPES))
-        if unknown:
-            raise ValueError(f"unknown scope(s) {unknown}; known: {list(SCOPES)}")
-        return v
-
-    @field_validator("expires_at")
-    @classmethod
-    def _aware(cls, v: datetime | None) -> datetime | None:
-        if v is not None and v.tzinfo is None:
-            raise ValueError("expires_at needs a timezone, e.g. 2027-01-01T00:00:00Z")
-        return v
-
-
 class Tls(_Strict):
     cert: Path
     key: Path
@@ -149,6 +123,26 @@ class EnvoySettings(_Strict):
     decision_timeout_ms: int = Field(default=2000, ge=10)
 
 
+class KeyStoreSettings(_Strict):
+    """Where keys beyond the static `keys:` list come from, and how they are cached."""
+
+    # Set to use an external validation service (the user-org-service protocol)
+    # instead of tokenbooth's own keyring / Redis keys.
+    validation_url: str | None = None
+    positive_ttl_s: float = Field(default=1.0, gt=0)
+    negative_ttl_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=0.5, gt=0, le=10)
+    # How long keys checked before a store outage keep working during it.
+    grace_s: float = Field(default=300.0, ge=0)
+
+    @field_validator("validation_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError(f"expected an http(s):// URL, got {v!r}")
+        return v.rstrip("/") if v else v
+
+
 class Config(_Strict):
     listen: HostPort = "127.0.0.1:8080"
     tls: Tls | None = None
@@ -158,7 +152,8 @@ class Config(_Strict):
     services: Services = Services()
     envoy: EnvoySettings = EnvoySettings()
     models: dict[str, Model] = Field(min_length=1)
-    keys: list[StaticKey] = []
+    keys: list[KeyRecord] = []
+    key_store: KeyStoreSettings = KeyStoreSettings()
 
     @field_validator("state")
     @classmethod

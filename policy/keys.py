@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from policy.config import StaticKey
 from policy.errors import ApiError, insufficient_scope, invalid_api_key
+from policy.keyrecord import KeyRecord
 
 KEY_PREFIX = "sk-tb-"
 
@@ -36,6 +36,7 @@ class Principal:
     org: str
     scopes: frozenset[str]
     models: frozenset[str]  # empty: every alias
+    record: KeyRecord | None = None  # limits and budget live here
 
     def may_use(self, alias: str) -> bool:
         return not self.models or alias in self.models
@@ -45,8 +46,13 @@ class Principal:
             raise insufficient_scope(scope)
 
 
-def principal_of(key: StaticKey) -> Principal:
-    return Principal(key.id, key.org, frozenset(key.scopes), frozenset(key.models))
+def principal_of(key: KeyRecord) -> Principal:
+    return Principal(key.id, key.org, frozenset(key.scopes), frozenset(key.models), key)
+
+
+def display_prefix(secret: str) -> str:
+    """The non-secret part people see in listings: `sk-tb-` and four characters."""
+    return secret[: len(KEY_PREFIX) + 4]
 
 
 def extract_secret(authorization: str | None, x_api_key: str | None) -> str | None:
@@ -60,15 +66,20 @@ def extract_secret(authorization: str | None, x_api_key: str | None) -> str | No
     return None
 
 
+NO_KEY = "No API key provided. Send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+
+
 def authenticate(
-    secret: str | None, keys_by_fingerprint: Mapping[str, StaticKey], now: datetime
+    secret: str | None, keys_by_fingerprint: Mapping[str, KeyRecord], now: datetime
 ) -> Principal:
-    """Accept a key or raise a 401 `ApiError` saying why."""
+    """Accept a key found in a local index, or raise a 401 `ApiError` saying why."""
     if secret is None:
-        raise invalid_api_key(
-            "No API key provided. Send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
-        )
-    key = keys_by_fingerprint.get(fingerprint(secret))
+        raise invalid_api_key(NO_KEY)
+    return check_record(keys_by_fingerprint.get(fingerprint(secret)), now)
+
+
+def check_record(key: KeyRecord | None, now: datetime) -> Principal:
+    """The decision on a looked-up key: a Principal, or a 401 saying why not."""
     if key is None:
         raise invalid_api_key("Incorrect API key provided.")
     if key.status == "revoked":
@@ -78,7 +89,7 @@ def authenticate(
     return principal_of(key)
 
 
-def index_keys(keys: list[StaticKey]) -> dict[str, StaticKey]:
+def index_keys(keys: list[KeyRecord]) -> dict[str, KeyRecord]:
     return {k.sha256: k for k in keys}
 
 
@@ -87,6 +98,8 @@ __all__ = [
     "ApiError",
     "Principal",
     "authenticate",
+    "check_record",
+    "display_prefix",
     "extract_secret",
     "fingerprint",
     "index_keys",

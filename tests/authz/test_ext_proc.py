@@ -37,10 +37,19 @@ def body_msg(data: bytes, end: bool = True, response: bool = False) -> Any:
         request_body=b)
 
 
+PRINCIPALS = {"k-main": ("acme", []), "k-limited": ("beta", ["demo"])}
+
+
 def req_headers(path: str = "/v1/chat/completions", method: str = "POST",
                 key_id: str = "k-main", rid: str = "rid-1") -> Any:
-    return headers_msg({":method": method, ":path": path, "x-request-id": rid,
-                        "x-tokenbooth-key-id": key_id, "x-tokenbooth-org": "acme"})
+    """Request headers as Envoy sends them, with ext_authz's metadata forwarded."""
+    msg = headers_msg({":method": method, ":path": path, "x-request-id": rid,
+                       "x-tokenbooth-key-id": key_id, "x-tokenbooth-org": "acme"})
+    if key_id:
+        org, models = PRINCIPALS[key_id]
+        md = msg.metadata_context.filter_metadata["envoy.filters.http.ext_authz"]
+        md.update({"key_id": key_id, "org": org, "models": models})
+    return msg
 
 
 class Stream:

@@ -1,0 +1,49 @@
+"""The stored form of an API key: identity, permissions, limits — and no secret."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCOPES = ("inference:read", "inference:write")
+BudgetPeriod = Literal["day", "month", "total"]
+
+
+class KeyRecord(BaseModel):
+    """One API key as every store keeps it. `sha256` is the fingerprint of the secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    org: str = Field(min_length=1, max_length=128)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    prefix: str = ""  # the first characters of the secret, for people to recognise it
+    name: str = ""
+    scopes: tuple[str, ...] = SCOPES
+    models: tuple[str, ...] = ()  # empty: every alias
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    budget_usd: Decimal | None = Field(default=None, ge=0)
+    budget_period: BudgetPeriod = "month"
+    status: Literal["active", "revoked"] = "active"
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _known_scopes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - set(SCOPES))
+        if unknown:
+            raise ValueError(f"unknown scope(s) {unknown}; known: {list(SCOPES)}")
+        return v
+
+    @field_validator("expires_at", "created_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("a time needs a timezone, e.g. 2027-01-01T00:00:00Z")
+        return v
