@@ -11,17 +11,18 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
 from authz.defaults import DEFAULT_CONFIG
+from authz.keystores.base import KeyExists, ReadOnlyStore, StoreUnavailable
 from policy.config import ConfigError, load_config, parse_hostport
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _config_path(args: argparse.Namespace) -> tuple[Path, bool]:
+def config_path(args: argparse.Namespace) -> tuple[Path, bool]:
     """The config to use and whether it is the default (which `up` may create)."""
     given = args.config or os.environ.get("TOKENBOOTH_CONFIG")
     return (Path(given), False) if given else (DEFAULT_CONFIG, True)
@@ -43,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from authz.snapshot import Runtime
 
     setup_logging(args.log_level)
-    path, _ = _config_path(args)
+    path, _ = config_path(args)
     runtime = Runtime.from_file(path, Overrides(args.listen, args.upstream))
     _run_async(serve_forever(runtime))
     return 0
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from authz.supervisor import run_up
 
-    path, is_default = _config_path(args)
+    path, is_default = config_path(args)
     return run_up(path, args.listen, args.upstream, create=is_default)
 
 
@@ -70,7 +71,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from authz.bootstrap import render_yaml
     from authz.overrides import Overrides
 
-    path, _ = _config_path(args)
+    path, _ = config_path(args)
     cfg = Overrides(args.listen, args.upstream).apply(load_config(path))
     sys.stdout.write(render_yaml(cfg))
     return 0
@@ -93,7 +94,7 @@ def _parse_since(value: str) -> datetime:
 def cmd_usage(args: argparse.Namespace) -> int:
     from authz.records import USAGE_FILE, read_records
 
-    path, _ = _config_path(args)
+    path, _ = config_path(args)
     cfg = load_config(path)
     since = _parse_since(args.since) if args.since else None
     rows: list[dict[str, Any]] = []
@@ -126,6 +127,13 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line (with a pointer to --help), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="policy file (default: $TOKENBOOTH_CONFIG or "
@@ -134,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     overrides.add_argument("--listen", help="HOST:PORT for Envoy's listener")
     overrides.add_argument("--upstream", help="send every model to this backend URL")
 
-    p = argparse.ArgumentParser(prog="tokenbooth", description=__doc__)
+    p = _Parser(prog="tokenbooth", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("up", parents=[common, overrides], help="run Envoy + services (+ sim)")
@@ -156,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-config", parents=[common], help="validate a config file")
     s.add_argument("file")
     s.set_defaults(func=cmd_check)
+    from authz.keys_cli import add_parsers as add_keys_parsers
+
+    add_keys_parsers(sub, common)
     s = sub.add_parser("usage", parents=[common], help="usage records and totals")
     s.add_argument("--org")
     s.add_argument("--key", help="key id")
@@ -170,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Handler = args.func
     try:
         return func(args)
-    except (ConfigError, ValueError, OSError, RuntimeError, TimeoutError) as e:
+    except (ConfigError, ValueError, LookupError, OSError, RuntimeError, TimeoutError,
+            ReadOnlyStore, KeyExists, StoreUnavailable) as e:
         print(f"tokenbooth: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError | ValueError) else 1
     except KeyboardInterrupt:

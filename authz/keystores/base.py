@@ -36,7 +36,7 @@ class KeyStore(Protocol):
 
 
 @runtime_checkable
-class KeyAdmin(Protocol):
+class KeyAdmin(KeyStore, Protocol):
     """Stores that tokenbooth itself writes to (`tokenbooth keys ...`)."""
 
     async def create(self, record: KeyRecord) -> None:

@@ -125,6 +125,7 @@ class RedisKeyStore:
         ))
         if not ok:
             raise KeyExists(f"a key with id {record.id!r} already exists")
+        self._cache.pop(record.sha256, None)  # this replica need not wait for the poll
 
     async def get(self, key_id: str) -> KeyRecord | None:
         fp = await self._call(self._redis.get(ID + key_id))
@@ -149,6 +150,7 @@ class RedisKeyStore:
         revoked = rec.model_copy(update={"status": "revoked"})
         await self._call(self._replace(keys=[FP + rec.sha256, VERSION],
                                        args=[revoked.model_dump_json()]))
+        self._cache.pop(rec.sha256, None)
         return revoked
 
     # -- plumbing -----------------------------------------------------------------

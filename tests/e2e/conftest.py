@@ -6,6 +6,7 @@ and look at what the simulator (the upstream) received.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from authz.envoy_bin import envoy_path
 from authz.procs import free_port, http_ok, spawn, stop, wait_until
 from policy.config import load_config
 from tests.helpers import SECRET, write_policy
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -57,9 +59,9 @@ class Gateway:
             pass
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    root = tmp_path_factory.mktemp("gateway")
+@contextlib.contextmanager
+def run_gateway(root: Path, **policy: Any) -> Iterator[Gateway]:
+    """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit."""
     logs = root / "logs"
     logs.mkdir()
     sim_port = free_port()
@@ -70,6 +72,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         services={"grpc_listen": f"127.0.0.1:{free_port()}",
                   "http_listen": f"127.0.0.1:{free_port()}"},
         envoy={"admin_listen": f"127.0.0.1:{free_port()}"},
+        **policy,
     )
     cfg = load_config(path)
     (root / "envoy.yaml").write_text(render_yaml(cfg))
@@ -96,10 +99,31 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         wait_until(lambda: _backend_healthy(f"http://{cfg.envoy.admin_listen}"),
                    "backend health", timeout=30, alive=procs)
         gw = Gateway(f"http://{listen}", sim_url, side, path, cfg.data_dir, logs)
-        yield gw
-        gw.close()
+        try:
+            yield gw
+        finally:
+            gw.close()
     finally:
         stop(procs)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The embedded state backend."""
+    with run_gateway(tmp_path_factory.mktemp("gateway")) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="session")
+def redis_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The Redis state backend, with a redis-server of its own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        with run_gateway(tmp_path_factory.mktemp("gateway-redis"), state=server.url) as gw:
+            yield gw
+    finally:
+        server.stop()
 
 
 def _backend_healthy(admin: str) -> bool:
