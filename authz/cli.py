@@ -135,10 +135,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", help="policy file (default: $TOKENBOOTH_CONFIG or "
                         f"{DEFAULT_CONFIG})")
-    overrides = argparse.ArgumentParser(add_help=False)
+    overrides = _Parser(add_help=False)
     overrides.add_argument("--listen", help="HOST:PORT for Envoy's listener")
     overrides.add_argument("--upstream", help="send every model to this backend URL")
 

@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from authz.overrides import Overrides
-from policy.config import Config, ConfigError, StaticKey, load_config
+from policy.config import Config, ConfigError, load_config
+from policy.keyrecord import KeyRecord
 from policy.keys import index_keys
 from policy.routing import Router
 
@@ -28,8 +29,8 @@ def utc_now() -> datetime:
 @dataclass(frozen=True)
 class Snapshot:
     config: Config
-    keys_by_fingerprint: dict[str, StaticKey]
-    keys_by_id: dict[str, StaticKey]
+    keys_by_fingerprint: dict[str, KeyRecord]
+    keys_by_id: dict[str, KeyRecord]
     router: Router
     aliases: tuple[str, ...]
 
