@@ -189,10 +189,28 @@ def test_cut_stream_is_recorded_as_estimated(gateway: Gateway) -> None:
     assert rec["prompt_tokens"] > 0
 
 
-def test_secret_never_in_logs_or_records(gateway: Gateway) -> None:
-    gateway.client().chat.completions.create(model="demo", messages=MESSAGES, max_tokens=1)
-    for f in [*gateway.logs.iterdir(), gateway.data_dir / USAGE_FILE]:
-        assert SECRET not in f.read_text(errors="replace"), f
+def test_secret_never_leaks_anywhere(gateway: Gateway) -> None:
+    """Logs, usage records, metrics and what the upstream received: no secret, ever."""
+    client = gateway.client()
+    client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=1)
+    list(client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2,
+                                        stream=True))
+    post(gateway, "/v1/completions", b"{bad", {"x-api-key": SECRET})
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    with urllib.request.urlopen(f"{gateway.side_url}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    places = {
+        "metrics": metrics,
+        "upstream": json.dumps(gateway.upstream_requests()),
+        "records": (gateway.data_dir / USAGE_FILE).read_text(),
+        "keyring": "".join(p.read_text() for p in gateway.data_dir.glob("keys*")),
+    }
+    places.update({f.name: f.read_text(errors="replace") for f in gateway.logs.iterdir()})
+    assert places["records"] and places["upstream"] != "[]"
+    for where, text in places.items():
+        assert SECRET not in text, f"the secret leaked into {where}"
+        assert SECRET[6:] not in text, f"the secret's body leaked into {where}"
 
 
 def test_metrics_side_port(gateway: Gateway) -> None:

@@ -61,3 +61,37 @@ def test_create_then_revoke_takes_effect_within_2s(
     with pytest.raises(openai.AuthenticationError) as e:
         gw.client(key).chat.completions.create(model="demo", messages=MESSAGES)
     assert "revoked" in str(e.value)
+
+
+def test_redis_outage_through_envoy(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.e2e.conftest import run_gateway
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis-outage"))
+    server.start()
+    try:
+        with run_gateway(tmp_path_factory.mktemp("gw-outage"), state=server.url) as gw:
+            created = json.loads(tb(gw, "keys", "create", "--org", "o", "--json"))
+            known = created["key"]
+            t0 = time.monotonic()
+            while not works(gw, known):
+                assert time.monotonic() - t0 < 2.0
+                time.sleep(0.05)
+            server.stop()
+            time.sleep(0.6)  # the store's version poll notices
+            assert works(gw, known), "a cached key must survive the outage (grace period)"
+            t0 = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as e:
+                gw.client("sk-tb-never-seen-before-0123456789abcdef").chat.completions.create(
+                    model="demo", messages=MESSAGES)
+            assert time.monotonic() - t0 < 2.0, "fail closed, but fast"
+            assert e.value.status_code == 503
+            assert e.value.code == "service_unavailable"
+            server.start()
+            fresh = json.loads(tb(gw, "keys", "create", "--org", "o", "--json"))["key"]
+            t0 = time.monotonic()
+            while not works(gw, fresh):
+                assert time.monotonic() - t0 < 5.0, "no recovery after Redis returned"
+                time.sleep(0.1)
+    finally:
+        server.stop()
