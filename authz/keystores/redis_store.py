@@ -116,6 +116,10 @@ class RedisKeyStore:
             self._cache.popitem(last=False)
         return record
 
+    def invalidate(self) -> None:
+        """Forget every cached lookup (the next find of each key asks Redis)."""
+        self._cache.clear()
+
     # -- KeyAdmin ---------------------------------------------------------------
 
     async def create(self, record: KeyRecord) -> None:
