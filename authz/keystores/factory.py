@@ -8,8 +8,18 @@ from policy.config import Config
 
 
 def make_store(cfg: Config) -> Any:
-    """Redis for `state: redis://`, else the embedded keyring."""
+    """The validation service if configured, else Redis for `state: redis://`, else the keyring."""
     ks = cfg.key_store
+    if ks.validation_url:
+        from authz.keystores.http import HttpValidationStore
+
+        return HttpValidationStore(
+            ks.validation_url,
+            positive_ttl_s=ks.positive_ttl_s,
+            negative_ttl_s=ks.negative_ttl_s,
+            timeout_s=ks.timeout_s,
+            grace_s=ks.grace_s,
+        )
     if cfg.state.startswith(("redis://", "rediss://")):
         from authz.keystores.redis_store import RedisKeyStore
 

@@ -4,10 +4,12 @@ Layout (one hash slot, `{tb-keys}`, so Lua scripts work on Redis Cluster):
   tb:{tb-keys}:fp:<sha256>  JSON record     tb:{tb-keys}:id:<id>  its sha256
   tb:{tb-keys}:ids          set of ids      tb:{tb-keys}:version  bumped on every change
 
-Each replica caches lookups (hits and misses) and polls the version key every
-0.5 s: any change clears the cache, so creation and revocation reach every
-replica within a second. A cached key check is a dictionary read. When Redis
-is unreachable, keys verified within `grace_s` keep working; others fail closed.
+Each replica caches lookups (hits and misses), each stamped with the version
+read in the same round trip, and polls the version key every 0.5 s: entries
+older than the current version are looked up again, so creation and
+revocation reach every replica within a second. A fresh cached check is a
+dictionary read. When Redis is unreachable, cached keys keep working for
+`grace_s` after the last successful contact; others fail closed.
 """
 
 from __future__ import annotations
@@ -82,11 +84,13 @@ class RedisKeyStore:
         self._poll_s = poll_s
         self._max = max_entries
         self._clock = clock
-        self._cache: OrderedDict[str, KeyRecord | None] = OrderedDict()
+        # fingerprint -> (version it was read at, record or None for "no such key")
+        self._cache: OrderedDict[str, tuple[bytes | None, KeyRecord | None]] = OrderedDict()
         self._version: bytes | None = None
         self._last_ok = clock()
         self._healthy = True
         self._watch: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._create = self._redis.register_script(_CREATE)
         self._replace = self._redis.register_script(_REPLACE)
 
@@ -98,23 +102,47 @@ class RedisKeyStore:
         self._watch = asyncio.create_task(self._watch_loop())
 
     async def close(self) -> None:
+        # Stop the poller by an event: a cancel that lands inside a redis-py call can
+        # be swallowed by its timeout handling, and the loop would poll forever.
+        self._stopping.set()
         if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            try:
+                await asyncio.wait_for(asyncio.shield(self._watch), 2.0)
+            except TimeoutError:
+                self._watch.cancel()
         await self._redis.aclose()
 
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
-        if fingerprint in self._cache:
-            if self._healthy or self._clock() - self._last_ok < self._grace_s:
-                return self._cache[fingerprint]
+        entry = self._cache.get(fingerprint)
+        if entry is not None and entry[0] == self._version:
+            if self._healthy or self._within_grace():
+                self._cache.move_to_end(fingerprint)
+                return entry[1]
             raise StoreUnavailable(f"redis key store unreachable for over {self._grace_s:.0f}s")
-        raw = await self._call(self._redis.get(FP + fingerprint))
+        try:
+            version, raw = await self._call(self._fetch(fingerprint))
+        except StoreUnavailable:
+            if entry is not None and self._within_grace():
+                return entry[1]  # stale, but the best answer while Redis is away
+            raise
         record = KeyRecord.model_validate_json(raw) if raw is not None else None
-        self._cache[fingerprint] = record
+        self._version = version
+        self._cache[fingerprint] = (version, record)
+        self._cache.move_to_end(fingerprint)
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)
         return record
+
+    async def _fetch(self, fingerprint: str) -> tuple[bytes | None, bytes | None]:
+        """The version and the record, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(VERSION)
+            pipe.get(FP + fingerprint)
+            version, raw = await pipe.execute()
+        return version, raw
+
+    def _within_grace(self) -> bool:
+        return self._clock() - self._last_ok < self._grace_s
 
     def invalidate(self) -> None:
         """Forget every cached lookup (the next find of each key asks Redis)."""
@@ -176,19 +204,20 @@ class RedisKeyStore:
     def _mark_up(self) -> None:
         if not self._healthy:
             log.info("redis key store reachable again")
-            self._cache.clear()  # changes may have been missed while down
+            # Redis may have lost data and restarted its version count: trust no stamp.
+            self._cache.clear()
         self._healthy = True
         self._last_ok = self._clock()
 
     async def _check_version(self) -> None:
-        version = await self._call(self._redis.get(VERSION))
-        if version != self._version:
-            self._version = version
-            self._cache.clear()
+        # Entries stamped with an older version become stale (looked up again on use).
+        self._version = await self._call(self._redis.get(VERSION))
 
     async def _watch_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_s)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._poll_s)
+                return
             with contextlib.suppress(StoreUnavailable):
                 await self._check_version()
 
