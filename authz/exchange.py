@@ -20,12 +20,14 @@ from datetime import datetime
 import orjson
 
 from authz import protos
+from authz.admission import Admission
 from authz.ext_authz import METADATA_NAMESPACE
 from authz.recorder import Recorder
 from authz.snapshot import Runtime, Snapshot
 from policy.endpoints import Endpoint, Kind, lookup
 from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
 from policy.keys import Principal
+from policy.limits import Ask, Decision, Limits, cost_nano, period_id, rate_headers
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
 from policy.routing import CLUSTER_HEADER, Route
 from policy.stream_usage import StreamMeter
@@ -53,13 +55,18 @@ CLIENT_CLOSED = 499  # nginx's convention: the client went away before the respo
 
 class Exchange:
     __slots__ = (
-        "_json_body", "_meter", "_rec", "_rt", "_snap", "_started", "_t0", "endpoint",
-        "finished", "principal", "req", "request_id", "route", "status",
+        "_admission", "_ask", "_decision", "_json_body", "_meter", "_rec", "_rt", "_settle",
+        "_snap", "_started", "_t0", "endpoint", "finished", "principal", "req", "request_id",
+        "route", "status",
     )
 
-    def __init__(self, runtime: Runtime, recorder: Recorder) -> None:
+    def __init__(self, runtime: Runtime, recorder: Recorder, admission: Admission) -> None:
         self._rt = runtime
         self._rec = recorder
+        self._admission = admission
+        self._ask: Ask | None = None
+        self._decision: Decision | None = None
+        self._settle: tuple[int, int] | None = None  # (used tokens, cost nano) once ended
         self._snap: Snapshot = runtime.snapshot
         self._t0 = time.monotonic()
         self._started: datetime = runtime.clock()
@@ -77,12 +84,12 @@ class Exchange:
     def admitted(self) -> bool:
         return self.route is not None
 
-    def handle(self, msg: protos.Msg) -> protos.Msg:
+    async def handle(self, msg: protos.Msg) -> protos.Msg:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":
-            return self._request_headers(msg)
+            return await self._request_headers(msg)
         if kind == "request_body":
-            return self._request_body(msg.request_body)
+            return await self._request_body(msg.request_body)
         if kind == "response_headers":
             return self._response_headers(msg.response_headers)
         if kind == "response_body":
@@ -93,7 +100,7 @@ class Exchange:
 
     # -- request side ---------------------------------------------------------
 
-    def _request_headers(self, msg: protos.Msg) -> protos.Msg:
+    async def _request_headers(self, msg: protos.Msg) -> protos.Msg:
         headers = msg.request_headers
         h = protos.header_map(headers)
         self.request_id = h.get("x-request-id") or uuid.uuid4().hex
@@ -108,21 +115,45 @@ class Exchange:
         self.endpoint = endpoint
         self.principal = principal
         if endpoint.kind is Kind.MODELS:
-            aliases = [a for a in self._snap.aliases if self.principal.may_use(a)]
-            return protos.immediate(200, models_list(aliases, int(self._started.timestamp())))
+            # Counts as a request for the rate limit; reserves no tokens or money.
+            lim = principal.limits
+            ask = self._make_ask(0, 0)
+            decision = await self._admission.admit(lim, ask, self._started)
+            await self._admission.settle(lim, ask, 0, 0, self._rt.clock())
+            aliases = [a for a in self._snap.aliases if principal.may_use(a)]
+            return protos.immediate(200, models_list(aliases, int(self._started.timestamp())),
+                                    tuple(rate_headers(decision)))
         if headers.end_of_stream:
             raise invalid_request("This endpoint needs a JSON request body.")
         return protos.ProcessingResponse(
             request_headers=ep.HeadersResponse(), mode_override=_RESPONSE_HEADERS_ON
         )
 
-    def _request_body(self, body: protos.Msg) -> protos.Msg:
+    def _make_ask(self, tokens: int, cost: int) -> Ask:
+        assert self.principal is not None
+        lim = self.principal.limits
+        return Ask(
+            request_id=self.request_id,
+            key_id=self.principal.key_id,
+            org=self.principal.org,
+            tokens=tokens,
+            cost_nano=cost,
+            period=period_id(lim.budget_period, self._started),
+            lease_s=self._snap.config.envoy.route_timeout_s + 30,
+        )
+
+    async def _request_body(self, body: protos.Msg) -> protos.Msg:
         assert self.endpoint is not None and self.principal is not None
         req = parse_request(body.body, self.endpoint, self._snap.config)
         if not self.principal.may_use(req.alias):
             raise model_not_allowed(req.alias)
         route = self._snap.router.route(req.alias)
         assert route is not None  # parse_request checked the alias
+        price = req.model.price_per_1k_tokens
+        ask = self._make_ask(req.prompt_estimate + req.max_tokens,
+                             cost_nano(req.prompt_bound, req.max_tokens, price))
+        self._decision = await self._admission.admit(self.principal.limits, ask, self._started)
+        self._ask = ask
         new_body = upstream_body(req)
         self.req, self.route = req, route
         return protos.ProcessingResponse(
@@ -150,22 +181,18 @@ class Exchange:
             self.status = 0
         if not self.admitted:
             return protos.ProcessingResponse(response_headers=ep.HeadersResponse())
+        limit_headers = [protos.set_header(k, v) for k, v in
+                         rate_headers(self._decision or Decision(True))]
         if headers.end_of_stream:
             self.finish()
-            return protos.ProcessingResponse(response_headers=ep.HeadersResponse())
+            return _headers_reply(ep.HeaderMutation(set_headers=limit_headers), None)
         if h.get("content-type", "").startswith("text/event-stream"):
             assert self.req is not None
             self._meter = StreamMeter(strip_usage=not self.req.client_wants_usage)
-            mutation = ep.HeaderMutation(remove_headers=["content-length"])
-            return protos.ProcessingResponse(
-                response_headers=ep.HeadersResponse(
-                    response=ep.CommonResponse(header_mutation=mutation)
-                ),
-                mode_override=_SSE_MODE,
-            )
-        return protos.ProcessingResponse(
-            response_headers=ep.HeadersResponse(), mode_override=_JSON_MODE
-        )
+            mutation = ep.HeaderMutation(set_headers=limit_headers,
+                                         remove_headers=["content-length"])
+            return _headers_reply(mutation, _SSE_MODE)
+        return _headers_reply(ep.HeaderMutation(set_headers=limit_headers), _JSON_MODE)
 
     def _response_body(self, body: protos.Msg) -> protos.Msg:
         out: bytes | None = None
@@ -195,6 +222,9 @@ class Exchange:
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
         usage, estimated = self._usage(req)
+        self._settle = (usage.total_tokens,
+                        cost_nano(usage.prompt_tokens, usage.completion_tokens,
+                                  req.model.price_per_1k_tokens))
         status = self.status or CLIENT_CLOSED
         if aborted and (self._meter is None or not self._meter.done):
             status = CLIENT_CLOSED
@@ -217,6 +247,14 @@ class Exchange:
             )
         )
 
+    async def settle(self) -> None:
+        """Settle the reservation once the record is written (driven by the same end)."""
+        pending, self._settle = self._settle, None
+        if pending is None or self._ask is None or self.principal is None:
+            return
+        await self._admission.settle(self.principal.limits, self._ask, pending[0], pending[1],
+                                     self._rt.clock())
+
     def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
         """The upstream's own count when it gave one; else an estimate from what was seen."""
         if self._meter is not None:
@@ -235,6 +273,15 @@ class Exchange:
         return Usage(req.prompt_estimate, 0), True
 
 
+def _headers_reply(mutation: protos.Msg, mode: protos.Msg | None) -> protos.Msg:
+    resp = protos.ProcessingResponse(
+        response_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=mutation))
+    )
+    if mode is not None:
+        resp.mode_override.CopyFrom(mode)
+    return resp
+
+
 def principal_from_metadata(msg: protos.Msg) -> Principal | None:
     """The principal ext_authz attached to this request (Envoy forwards its metadata)."""
     md = msg.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
@@ -245,11 +292,24 @@ def principal_from_metadata(msg: protos.Msg) -> Principal | None:
     if not key_id:
         return None
     models = fields["models"].list_value.values if "models" in fields else ()
+
+    def opt_int(name: str) -> int | None:
+        raw = fields[name].string_value if name in fields else ""
+        return int(raw) if raw else None
+
     return Principal(
         key_id=key_id,
         org=fields["org"].string_value if "org" in fields else "",
         scopes=frozenset(),  # ext_authz checked them
         models=frozenset(v.string_value for v in models),
+        limits=Limits(
+            rpm=opt_int("rpm"),
+            tpm=opt_int("tpm"),
+            max_concurrent=opt_int("max_concurrent"),
+            budget_nano=opt_int("budget_nano"),
+            budget_period=(fields["budget_period"].string_value
+                           if "budget_period" in fields else "month"),
+        ),
     )
 
 

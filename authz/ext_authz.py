@@ -82,9 +82,25 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
 
 
 def principal_metadata(p: Principal) -> protos.Msg:
+    """Who, which models, which limits: everything ext_proc needs, so it looks nothing up.
+    Integers travel as strings (Struct numbers are doubles; nano-USD must stay exact)."""
+    lim = p.limits
     md = protos.Struct()
-    md.update({"key_id": p.key_id, "org": p.org, "models": sorted(p.models)})
+    md.update({
+        "key_id": p.key_id,
+        "org": p.org,
+        "models": sorted(p.models),
+        "rpm": _opt(lim.rpm),
+        "tpm": _opt(lim.tpm),
+        "max_concurrent": _opt(lim.max_concurrent),
+        "budget_nano": _opt(lim.budget_nano),
+        "budget_period": lim.budget_period,
+    })
     return md
+
+
+def _opt(v: int | None) -> str:
+    return "" if v is None else str(v)
 
 
 def _overwrite(key: str, value: str) -> protos.Msg:

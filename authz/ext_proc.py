@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -9,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from authz import protos
+from authz.admission import Admission
 from authz.exchange import Exchange
 from authz.metrics import Metrics
 from authz.recorder import Recorder
@@ -21,9 +24,12 @@ _INTERNAL = ApiError(500, "internal_error", "The gateway failed to process this 
 
 
 class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, runtime: Runtime, recorder: Recorder, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, recorder: Recorder, metrics: Metrics,
+                 admission: Admission) -> None:
         self._rt = runtime
         self._recorder = recorder
+        self._admission = admission
+        self._settling: set[asyncio.Future[None]] = set()
         self._metrics = metrics
         self._seconds = metrics.decision_seconds.labels("ext_proc")
 
@@ -32,12 +38,12 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         request_iterator: AsyncIterator[protos.Msg],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[protos.Msg]:
-        ex = Exchange(self._rt, self._recorder)
+        ex = Exchange(self._rt, self._recorder, self._admission)
         try:
             async for msg in request_iterator:
                 t0 = time.perf_counter()
                 try:
-                    resp = ex.handle(msg)
+                    resp = await ex.handle(msg)
                 except ApiError as err:
                     self._metrics.decisions.labels("ext_proc", "deny", err.code).inc()
                     resp = protos.immediate_error(err)
@@ -46,9 +52,16 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                     resp = protos.immediate_error(_INTERNAL)
                 self._seconds.observe(time.perf_counter() - t0)
                 yield resp
+                await ex.settle()
                 if resp.HasField("immediate_response"):
                     return
         finally:
             # The stream ended: normally after the response, else the client or
             # Envoy went away mid-request. Either way, exactly one record.
             ex.finish(aborted=not ex.finished)
+            # A cancelled stream (client gone) must still settle: run it as its own task.
+            task = asyncio.ensure_future(ex.settle())
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)

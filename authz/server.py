@@ -13,12 +13,15 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz import protos
+from authz.admission import Admission
 from authz.ext_authz import AuthorizationService
 from authz.ext_proc import ExternalProcessorService
 from authz.httpside import make_side_app
 from authz.keyauth import KeyAuthority
 from authz.keystores.base import KeyStore
 from authz.keystores.factory import make_store
+from authz.limits.base import LimitStore
+from authz.limits.factory import make_limit_store
 from authz.metrics import Metrics
 from authz.recorder import Recorder
 from authz.records import JsonlUsageLog, UsageSink
@@ -41,6 +44,7 @@ class Services:
     runtime: Runtime
     sink: UsageSink | None = None
     store: KeyStore | None = None
+    limits: LimitStore | None = None
     grace_s: float = 10.0
     metrics: Metrics = field(default_factory=Metrics)
     grpc_port: int = 0
@@ -59,6 +63,9 @@ class Services:
         if self.store is None:
             self.store = make_store(cfg)
         await self.store.start()
+        if self.limits is None:
+            self.limits = make_limit_store(cfg)
+        await self.limits.start()
         if self.sink is None:
             self.sink = JsonlUsageLog(cfg.data_dir)
         recorder = Recorder(self.sink, self.metrics)
@@ -73,7 +80,9 @@ class Services:
             AuthorizationService(KeyAuthority(self.runtime, self.store), self.metrics), server
         )
         protos.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorService(self.runtime, recorder, self.metrics), server
+            ExternalProcessorService(self.runtime, recorder, self.metrics,
+                                     Admission(self.limits)),
+            server,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -123,6 +132,8 @@ class Services:
             self.sink.close()
         if self.store is not None:
             await self.store.close()
+        if self.limits is not None:
+            await self.limits.close()
         log.info("tokenbooth services stopped")
 
 

@@ -14,8 +14,10 @@ from datetime import datetime
 
 from policy.errors import ApiError, insufficient_scope, invalid_api_key
 from policy.keyrecord import KeyRecord
+from policy.limits import Limits, usd_to_nano
 
 KEY_PREFIX = "sk-tb-"
+NO_LIMITS = Limits()
 
 
 def new_secret() -> str:
@@ -36,7 +38,7 @@ class Principal:
     org: str
     scopes: frozenset[str]
     models: frozenset[str]  # empty: every alias
-    record: KeyRecord | None = None  # limits and budget live here
+    limits: Limits = NO_LIMITS
 
     def may_use(self, alias: str) -> bool:
         return not self.models or alias in self.models
@@ -46,8 +48,19 @@ class Principal:
             raise insufficient_scope(scope)
 
 
+def limits_of(key: KeyRecord) -> Limits:
+    return Limits(
+        rpm=key.rpm,
+        tpm=key.tpm,
+        max_concurrent=key.max_concurrent,
+        budget_nano=usd_to_nano(key.budget_usd) if key.budget_usd is not None else None,
+        budget_period=key.budget_period,
+    )
+
+
 def principal_of(key: KeyRecord) -> Principal:
-    return Principal(key.id, key.org, frozenset(key.scopes), frozenset(key.models), key)
+    return Principal(key.id, key.org, frozenset(key.scopes), frozenset(key.models),
+                     limits_of(key))
 
 
 def display_prefix(secret: str) -> str:

@@ -26,7 +26,8 @@ class InferenceRequest:
     client_wants_usage: bool
     # The completion-token ceiling: the request's max_tokens, else the model's cap.
     max_tokens: int
-    prompt_estimate: int
+    prompt_estimate: int  # typical count: the TPM reservation
+    prompt_bound: int  # never undercounts: the worst-case cost for the budget
     body: dict[str, Any]
 
 
@@ -59,7 +60,7 @@ def _content_text(content: Any, param: str) -> str:
     raise invalid_request("'content' must be a string, an array of parts, or null.", param)
 
 
-def _chat_prompt(body: dict[str, Any]) -> int:
+def _chat_prompt(body: dict[str, Any]) -> tuple[int, int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_request("'messages' must be a non-empty array.", "messages")
@@ -69,20 +70,22 @@ def _chat_prompt(body: dict[str, Any]) -> int:
             raise invalid_request("Each message must be an object with a string 'role'.",
                                   f"messages[{i}]")
         texts.append(_content_text(m.get("content"), f"messages[{i}].content"))
-    return tokens.chat_estimate(texts)
+    return tokens.chat_estimate(texts), tokens.chat_upper_bound(texts)
 
 
-def _completion_prompt(body: dict[str, Any]) -> int:
+def _completion_prompt(body: dict[str, Any]) -> tuple[int, int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return tokens.estimate(prompt)
+        return tokens.estimate(prompt), tokens.upper_bound(prompt) + 1
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return sum(tokens.estimate(p) for p in prompt)
+            return (sum(tokens.estimate(p) for p in prompt),
+                    sum(tokens.upper_bound(p) + 1 for p in prompt))
         if all(type(p) is int for p in prompt):
-            return len(prompt)
+            return len(prompt), len(prompt)
         if all(isinstance(p, list) and all(type(t) is int for t in p) for p in prompt):
-            return sum(len(p) for p in prompt)
+            n = sum(len(p) for p in prompt)
+            return n, n
     raise invalid_request(
         "'prompt' must be a string, an array of strings, or an array of token ids.", "prompt"
     )
@@ -128,9 +131,9 @@ def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceReque
     if endpoint.kind is Kind.CHAT:
         mct = _int_field(body, "max_completion_tokens", cap)
         max_tokens = mct if mct is not None else max_tokens
-        prompt = _chat_prompt(body)
+        prompt, bound = _chat_prompt(body)
     else:
-        prompt = _completion_prompt(body)
+        prompt, bound = _completion_prompt(body)
     return InferenceRequest(
         alias=alias,
         model=model,
@@ -138,6 +141,7 @@ def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceReque
         client_wants_usage=wants_usage,
         max_tokens=max_tokens if max_tokens is not None else cap,
         prompt_estimate=prompt,
+        prompt_bound=bound,
         body=body,
     )
 

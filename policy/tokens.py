@@ -30,3 +30,13 @@ def chat_estimate(contents: Iterable[str]) -> int:
         n += estimate(c)
         count += 1
     return n + 3 * count + 3
+
+
+def chat_upper_bound(contents: Iterable[str]) -> int:
+    """Never fewer than a byte-level BPE tokenizer with a chat template would count."""
+    n = 0
+    count = 0
+    for c in contents:
+        n += upper_bound(c)
+        count += 1
+    return n + CHAT_PER_MESSAGE * count + CHAT_PER_CONVERSATION

@@ -47,7 +47,9 @@ async def test_valid_bearer_key_is_allowed_and_key_headers_removed(running: Runn
     assert set_headers == {"x-tokenbooth-org": "acme", "x-tokenbooth-key-id": "k-main"}
     assert set(ok.headers_to_remove) == {"authorization", "x-api-key"}
     md = resp.dynamic_metadata  # type: ignore[attr-defined]
-    assert dict(md) == {"key_id": "k-main", "org": "acme", "models": []}
+    assert dict(md) == {"key_id": "k-main", "org": "acme", "models": [], "rpm": "",
+                        "tpm": "", "max_concurrent": "", "budget_nano": "",
+                        "budget_period": "month"}
 
 
 async def test_x_api_key_is_accepted(running: Running) -> None:

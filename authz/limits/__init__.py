@@ -1,0 +1,1 @@
+"""Limit and budget state: the in-memory store and the Redis store, one protocol."""

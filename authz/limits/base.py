@@ -1,0 +1,38 @@
+"""The limit-store protocol. Every store applies policy/limits.py's arithmetic atomically."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from policy.limits import Ask, Decision, Limits
+
+
+class LimitStoreUnavailable(Exception):
+    """The store could not answer within its time limit."""
+
+
+@runtime_checkable
+class LimitStore(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
+        """Check every limit of the key and, only if all pass, reserve for all of them, as
+        one atomic step. Checks in this order, reporting the first that fails:
+        requests (GCRA, `limits.rpm`), concurrency (live leases < `max_concurrent`),
+        tokens (bucket of `tpm` must hold `ask.tokens`; `tokens_too_large` if
+        ask.tokens > tpm), budget (spent + reserved + ask.cost_nano <= budget_nano in
+        `ask.period`). A denial changes nothing. The Decision always carries the header
+        material (limit/remaining/reset for requests and tokens) for the limits that are
+        set. Raises LimitStoreUnavailable."""
+
+    async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
+                     now: float) -> None:
+        """End of the request: release its concurrency lease, give back unused tokens,
+        charge min(cost_nano, ask.cost_nano) to the budget and drop its reservation.
+        Idempotent by ask.request_id (a second call is a no-op). Raises
+        LimitStoreUnavailable."""
+
+    async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
+        """(spent, reserved) nano-USD of a key in a period (expired reservations dropped)."""

@@ -1,0 +1,203 @@
+"""Rate limits and budgets as pure arithmetic on an injected clock.
+
+- Requests per minute: GCRA (a burst of N, then continuous refill at N/min; no
+  fixed-window edges that admit 2N).
+- Tokens per minute: a token bucket of capacity N refilling at N/min. Admission
+  takes the request's ceiling (prompt bound + max_tokens); the end of the
+  request gives back what it did not use.
+- Budgets: integer nano-USD (exact; Redis and Lua keep integers exact to 2^53).
+  Admission reserves the worst-case cost; settlement charges the real cost, at
+  most the reservation, so the ledger never passes the budget.
+Every store (memory, Redis/Lua) implements exactly these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
+
+from policy.config import Price
+
+NANO_PER_USD = 10**9
+WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A key's limits; None means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    budget_nano: int | None = None
+    budget_period: str = "month"
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.rpm, self.tpm, self.max_concurrent,
+                                           self.budget_nano))
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What one request asks to reserve at admission."""
+
+    request_id: str
+    key_id: str
+    org: str
+    tokens: int  # TPM reservation: prompt bound + completion ceiling
+    cost_nano: int  # worst-case cost
+    period: str  # budget period id, see period_id()
+    lease_s: float  # after this, an unsettled reservation (a lost replica) expires
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str = ""  # requests | tokens | tokens_too_large | concurrency | budget
+    retry_after_s: float | None = None
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float = 0.0
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float = 0.0
+
+
+# -- requests: GCRA --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GcraResult:
+    allowed: bool
+    tat: float  # the new theoretical arrival time (unchanged when denied)
+    remaining: int
+    reset_s: float  # until the full burst is available again
+    retry_after_s: float
+
+
+def gcra(tat: float, now: float, limit: int, window_s: float = WINDOW_S) -> GcraResult:
+    interval = window_s / limit
+    tat = max(tat, now)
+    new_tat = tat + interval
+    allow_at = new_tat - window_s  # a burst of `limit` fits in one window
+    if now < allow_at:
+        return GcraResult(False, tat, 0, tat - now, allow_at - now)
+    remaining = int((now - allow_at) // interval)
+    return GcraResult(True, new_tat, min(remaining, limit - 1), new_tat - now, 0.0)
+
+
+# -- tokens: a bucket with reservations --------------------------------------------
+
+
+def bucket_level(level: float, ts: float, now: float, capacity: int,
+                 window_s: float = WINDOW_S) -> float:
+    """The bucket's content at `now`, refilled continuously, at most `capacity`."""
+    return min(float(capacity), level + max(0.0, now - ts) * capacity / window_s)
+
+
+def bucket_take(level: float, want: int, capacity: int,
+                window_s: float = WINDOW_S) -> tuple[bool, float, float]:
+    """(allowed, new level, retry_after_s) for taking `want` tokens from `level`."""
+    if want <= level:
+        return True, level - want, 0.0
+    return False, level, (want - level) * window_s / capacity
+
+
+def bucket_reset_s(level: float, capacity: int, window_s: float = WINDOW_S) -> float:
+    return max(0.0, (capacity - level) * window_s / capacity)
+
+
+def bucket_refund(level: float, reserved: int, used: int, capacity: int) -> float:
+    """Settle a reservation: give back what was not used (or take the overrun)."""
+    return min(float(capacity), level + reserved - used)
+
+
+# -- budgets ------------------------------------------------------------------------
+
+
+def cost_nano(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
+    """Cost in nano-USD, rounded up to the next nano-dollar (never undercharged)."""
+    usd = (prompt_tokens * price.input + completion_tokens * price.output) / 1000
+    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+
+
+def usd_to_nano(usd: Decimal) -> int:
+    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+
+
+def nano_to_usd(nano: int) -> Decimal:
+    return Decimal(nano) / NANO_PER_USD
+
+
+def budget_admits(spent: int, reserved: int, ask: int, budget: int) -> bool:
+    return spent + reserved + ask <= budget
+
+
+def budget_charge(reserved_cost: int, actual_cost: int) -> int:
+    """What settlement adds to the ledger: the real cost, never past the reservation."""
+    return min(actual_cost, reserved_cost)
+
+
+def period_id(period: str, now: datetime) -> str:
+    """The budget period a moment falls in: calendar days and months in UTC."""
+    now = now.astimezone(UTC)
+    if period == "day":
+        return f"day:{now:%Y-%m-%d}"
+    if period == "month":
+        return f"month:{now:%Y-%m}"
+    return "total"
+
+
+def period_reset_s(period: str, now: datetime) -> float | None:
+    """Seconds until the period ends (None for `total`: it never resets)."""
+    now = now.astimezone(UTC)
+    if period == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        nxt = datetime.fromtimestamp(start.timestamp() + 86400, UTC)
+    elif period == "month":
+        y, m = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+        nxt = datetime(y, m, 1, tzinfo=UTC)
+    else:
+        return None
+    return (nxt - now).total_seconds()
+
+
+# -- OpenAI's headers -----------------------------------------------------------------
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's duration style: `20ms`, `1s`, `6m0s`, `1h2m3s`."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    s = math.ceil(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    return f"{sec}s"
+
+
+def rate_headers(d: Decision) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    if d.limit_requests is not None:
+        out += [
+            ("x-ratelimit-limit-requests", str(d.limit_requests)),
+            ("x-ratelimit-remaining-requests", str(max(0, d.remaining_requests or 0))),
+            ("x-ratelimit-reset-requests", format_reset(d.reset_requests_s)),
+        ]
+    if d.limit_tokens is not None:
+        out += [
+            ("x-ratelimit-limit-tokens", str(d.limit_tokens)),
+            ("x-ratelimit-remaining-tokens", str(max(0, d.remaining_tokens or 0))),
+            ("x-ratelimit-reset-tokens", format_reset(d.reset_tokens_s)),
+        ]
+    return out
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))

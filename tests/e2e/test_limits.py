@@ -1,0 +1,204 @@
+"""Limits and budgets through the real Envoy, with the openai SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import openai
+import pytest
+
+from tests.e2e.conftest import Gateway
+
+pytestmark = pytest.mark.e2e
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def new_key(gw: Gateway, *flags: str) -> tuple[str, str]:
+    r = subprocess.run([sys.executable, "-m", "authz.cli", "keys", "create", "--org", "lim",
+                        "--json", "--config", str(gw.config_path), *flags],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    key = out["key"]
+    deadline = time.monotonic() + 3
+    while True:  # wait until the gateway knows it
+        try:
+            gw.client(key).models.list()
+            return key, out["id"]
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        except openai.RateLimitError:
+            return key, out["id"]
+
+
+def usage_of(gw: Gateway, key_id: str) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-m", "authz.cli", "usage", "--key", key_id, "--json",
+                        "--config", str(gw.config_path)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def chat(gw: Gateway, key: str, messages: Any = MESSAGES, **kw: Any) -> Any:
+    return gw.client(key).chat.completions.with_raw_response.create(
+        model="demo", messages=messages, **{"max_tokens": 2, **kw})
+
+
+@pytest.mark.parametrize("backend", ["gateway", "redis_gateway"])
+def test_rpm_burst_then_429_with_headers(backend: str, request: pytest.FixtureRequest) -> None:
+    gw: Gateway = request.getfixturevalue(backend)
+    key, _ = new_key(gw, "--rpm", "10")
+    # new_key's models.list() counted as one request.
+    remaining = []
+    for _ in range(9):
+        raw = chat(gw, key)
+        assert raw.headers["x-ratelimit-limit-requests"] == "10"
+        remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+        assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert remaining == sorted(remaining, reverse=True) and remaining[-1] == 0
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(gw, key)
+    assert e.value.code == "rate_limit_exceeded"
+    assert 1 <= int(e.value.response.headers["retry-after"]) <= 6
+    assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_tpm_reserves_then_settles_to_real_usage(gateway: Gateway) -> None:
+    key, _ = new_key(gateway, "--tpm", "1000")
+    raw = chat(gateway, key, max_tokens=200)
+    assert raw.headers["x-ratelimit-limit-tokens"] == "1000"
+    # At admission ~200 + the prompt estimate were reserved...
+    first = int(raw.headers["x-ratelimit-remaining-tokens"])
+    assert 780 <= first <= 800
+    usage = raw.parse().usage
+    # ...and settled to the real use: the next admission sees the refund.
+    raw2 = chat(gateway, key, max_tokens=200)
+    second = int(raw2.headers["x-ratelimit-remaining-tokens"])
+    reserved = 1000 - first
+    assert second >= first - reserved + (reserved - usage.total_tokens) - 2  # refill only adds
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(gateway, key, max_tokens=256, messages=[{"role": "user", "content": "x" * 4000}])
+    assert e.value.code == "rate_limit_exceeded"
+
+
+def test_concurrency_slots_are_released_on_every_ending(gateway: Gateway) -> None:
+    key, _ = new_key(gateway, "--max-concurrent", "1")
+    started = threading.Event()
+    done: list[Any] = []
+
+    def slow() -> None:
+        stream = gateway.client(key).chat.completions.create(
+            model="demo", messages=MESSAGES, max_tokens=8, stream=True,
+            extra_headers={"x-sim-tpot-ms": "100"})
+        for _ in stream:
+            started.set()
+        done.append(True)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    assert started.wait(10)
+    with pytest.raises(openai.RateLimitError):
+        chat(gateway, key)
+    t.join(20)
+    assert done
+    chat(gateway, key)  # the slot came back when the stream ended
+    # A cut stream releases its slot too.
+    with pytest.raises(openai.APIError):
+        list(gateway.client(key).chat.completions.create(
+            model="demo", messages=MESSAGES, max_tokens=50, stream=True,
+            extra_headers={"x-sim-cut-after": "2", "x-sim-tpot-ms": "30"}))
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            chat(gateway, key)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "a cut stream kept its concurrency slot"
+            time.sleep(0.05)
+    # A client that goes away mid-stream releases it as well.
+    stream = gateway.client(key).chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=50, stream=True,
+        extra_headers={"x-sim-tpot-ms": "50"})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            chat(gateway, key)
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "a departed client kept its concurrency slot"
+            time.sleep(0.05)
+
+
+def test_budget_is_never_exceeded_and_429_insufficient_quota(gateway: Gateway) -> None:
+    # Worst case per request ~$0.04 (20 output tokens at $1.50/1k + the prompt bound).
+    key, key_id = new_key(gateway, "--budget", "0.2", "--budget-period", "total")
+    refused = None
+    for _ in range(200):
+        try:
+            chat(gateway, key, max_tokens=20)
+        except openai.RateLimitError as e:
+            refused = e
+            break
+    assert refused is not None and refused.code == "insufficient_quota"
+    assert "retry-after" not in refused.response.headers  # a total budget never resets
+    spent = Decimal(usage_of(gateway, key_id)["totals"]["cost_usd"])
+    assert Decimal("0.1") < spent <= Decimal("0.2")
+
+
+def test_64_concurrent_streams_over_two_replicas_never_overspend(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Two `tokenbooth serve` replicas (each behind its own Envoy) share one real Redis."""
+    from tests.e2e.conftest import run_gateway
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis-budget"))
+    server.start()
+    try:
+        with run_gateway(tmp_path_factory.mktemp("gw-a"), state=server.url) as a, \
+                run_gateway(tmp_path_factory.mktemp("gw-b"), state=server.url) as b:
+            budget = Decimal("0.3")  # ~10 requests of ~$0.03; 64 try at once
+            key, key_id = new_key(a, "--budget", str(budget), "--budget-period", "day")
+            new_key_seen = time.monotonic() + 3
+            while True:  # replica b sees the key through Redis
+                try:
+                    b.client(key).models.list()
+                    break
+                except openai.AuthenticationError:
+                    assert time.monotonic() < new_key_seen
+                    time.sleep(0.05)
+
+            def one(i: int) -> str:
+                gw = a if i % 2 else b
+                try:
+                    stream = gw.client(key).chat.completions.create(
+                        model="demo", messages=MESSAGES, max_tokens=16, stream=True,
+                        extra_headers={"x-sim-tpot-ms": "5"})
+                    for _ in stream:
+                        pass
+                    return "ok"
+                except openai.RateLimitError as e:
+                    return str(e.code)
+
+            with ThreadPoolExecutor(64) as pool:
+                outcomes = list(pool.map(one, range(64)))
+            assert "ok" in outcomes and "insufficient_quota" in outcomes
+            assert set(outcomes) <= {"ok", "insufficient_quota"}
+            time.sleep(0.5)
+            costs = [Decimal(usage_of(gw, key_id)["totals"]["cost_usd"]) for gw in (a, b)]
+            assert sum(costs) <= budget, f"recorded spend {sum(costs)} over budget {budget}"
+            assert outcomes.count("ok") == (usage_of(a, key_id)["totals"]["requests"]
+                                            + usage_of(b, key_id)["totals"]["requests"])
+    finally:
+        server.stop()
