@@ -14,8 +14,11 @@ budget).
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from policy.limits import (
     WINDOW_S,
@@ -57,6 +60,21 @@ class _Reservation:
     exp: float  # lease expiry
 
 
+def _expired(heap: list[tuple[float, str]], live: dict[str, Any], now: float,
+             exp_of: Callable[[Any], float]) -> list[str]:
+    """Pop the ids whose expiry has passed, in O(log n) each (lazy deletion: an id that
+    was settled, or re-added with another expiry, is skipped)."""
+    out = []
+    while heap and heap[0][0] <= now:
+        exp, rid = heapq.heappop(heap)
+        if rid in live and exp_of(live[rid]) == exp:
+            out.append(rid)
+    if len(heap) > 4 * len(live) + 64:  # settled entries pile up: compact, amortised O(1)
+        heap[:] = [(e, r) for e, r in heap if r in live and exp_of(live[r]) == e]
+        heapq.heapify(heap)
+    return out
+
+
 @dataclass(slots=True)
 class _KeyState:
     tat: float | None = None  # GCRA theoretical arrival time
@@ -64,6 +82,8 @@ class _KeyState:
     ts: float = 0.0
     leases: dict[str, float] = field(default_factory=dict)  # request_id -> expiry
     res: dict[str, _Reservation] = field(default_factory=dict)
+    lease_heap: list[tuple[float, str]] = field(default_factory=list)
+    res_heap: list[tuple[float, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -71,9 +91,10 @@ class _Ledger:
     spent: int = 0
     reserved: int = 0  # always the sum of `holds` costs
     holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # rid -> (cost, exp)
+    heap: list[tuple[float, str]] = field(default_factory=list)
 
     def purge(self, now: float) -> None:
-        for rid in [r for r, (_, exp) in self.holds.items() if exp <= now]:
+        for rid in _expired(self.heap, self.holds, now, lambda h: h[1]):
             self.reserved -= self.holds.pop(rid)[0]
 
 
@@ -96,9 +117,9 @@ class MemoryLimitStore:
         w, rid = self._window, ask.request_id
         st = self._keys.setdefault(ask.key_id, _KeyState())
         # Expired leases and reservations are dropped first (invisible: they no longer count).
-        for r in [r for r, exp in st.leases.items() if exp <= now]:
+        for r in _expired(st.lease_heap, st.leases, now, lambda e: e):
             del st.leases[r]
-        for r in [r for r, res in st.res.items() if res.exp <= now]:
+        for r in _expired(st.res_heap, st.res, now, lambda r: r.exp):
             del st.res[r]
 
         reason, retry = "", None
@@ -152,11 +173,14 @@ class MemoryLimitStore:
             st.level, st.ts = after, now
         if limits.max_concurrent is not None:
             st.leases[rid] = exp
+            heapq.heappush(st.lease_heap, (exp, rid))
         if ledger is not None:
             ledger.reserved += ask.cost_nano
             ledger.holds[rid] = (ask.cost_nano, exp)
+            heapq.heappush(ledger.heap, (exp, rid))
         if tracked:
             st.res[rid] = _Reservation(ask.tokens if limits.tpm is not None else None, exp)
+            heapq.heappush(st.res_heap, (exp, rid))
         return _decision(limits, True, "", None, g, st.tat, now, after, w)
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,

@@ -218,3 +218,17 @@ def test_metrics_side_port(gateway: Gateway) -> None:
         text = r.read().decode()
     assert 'inference_requests_total{endpoint="chat",model="demo",status="200"}' in text
     assert "tokenbooth_decision_seconds_bucket" in text
+
+
+def test_clients_cannot_choose_the_request_id(gateway: Gateway) -> None:
+    """Records and limit holds are keyed by x-request-id: Envoy, at the edge, makes its own."""
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 1}).encode()
+    ids = set()
+    for _ in range(2):
+        req = urllib.request.Request(
+            f"{gateway.base_url}/v1/chat/completions", data=body, method="POST",
+            headers={"content-type": "application/json", "authorization": f"Bearer {SECRET}",
+                     "x-request-id": "chosen-by-client"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            ids.add(r.headers["x-request-id"])
+    assert "chosen-by-client" not in ids and len(ids) == 2
