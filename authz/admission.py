@@ -6,6 +6,8 @@ import logging
 from datetime import datetime
 
 from authz.limits.base import LimitStore, LimitStoreUnavailable
+from authz.limits.memory import MemoryLimitStore
+from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import (
     Ask,
@@ -28,20 +30,43 @@ _MESSAGES = {
 
 
 class Admission:
-    def __init__(self, store: LimitStore) -> None:
+    """Admits against the shared store; in an outage, per the config's policy, either
+    refuses fast (503) or admits under a local per-replica limiter."""
+
+    def __init__(self, store: LimitStore, on_error: OnStoreError | None = None) -> None:
         self._store = store
+        self._on_error = on_error or OnStoreError()
+        self._local = MemoryLimitStore()
+        self._local_ids: set[str] = set()  # admitted locally: settle locally too
+
+    def _may_fail_open(self, limits: Limits) -> bool:
+        pol = self._on_error
+        return limits.budget_nano is None and all(
+            policy == "fail_open" for value, policy in (
+                (limits.rpm, pol.requests),
+                (limits.tpm, pol.tokens),
+                (limits.max_concurrent, pol.concurrency),
+            ) if value is not None
+        )
 
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
-        """A Decision that allowed the request, or an ApiError (429 or fail-closed 503)."""
+        """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""
         if not limits.any:
             return Decision(True)
         try:
             decision = await self._store.admit(limits, ask, now.timestamp())
         except LimitStoreUnavailable as e:
-            log.error("admission failed closed: %s", e, extra={"request_id": ask.request_id})
-            raise service_unavailable(
-                "Rate limits cannot be checked right now; retry shortly."
-            ) from None
+            if not self._may_fail_open(limits):
+                log.error("admission failed closed: %s", e,
+                          extra={"request_id": ask.request_id})
+                raise service_unavailable(
+                    "Rate limits cannot be checked right now; retry shortly."
+                ) from None
+            log.warning("limit store unavailable, admitting under the local limiter: %s", e,
+                        extra={"request_id": ask.request_id})
+            decision = await self._local.admit(limits, ask, now.timestamp())
+            if decision.allowed:
+                self._local_ids.add(ask.request_id)
         if decision.allowed:
             return decision
         raise refusal(decision, limits, now)
@@ -49,6 +74,10 @@ class Admission:
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: datetime) -> None:
         if not limits.any:
+            return
+        if ask.request_id in self._local_ids:
+            self._local_ids.discard(ask.request_id)
+            await self._local.settle(limits, ask, used_tokens, cost_nano, now.timestamp())
             return
         try:
             await self._store.settle(limits, ask, used_tokens, cost_nano, now.timestamp())

@@ -81,7 +81,7 @@ class Services:
         )
         protos.add_ExternalProcessorServicer_to_server(
             ExternalProcessorService(self.runtime, recorder, self.metrics,
-                                     Admission(self.limits)),
+                                     Admission(self.limits, cfg.limits.on_store_error)),
             server,
         )
         self._health = health.aio.HealthServicer()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -143,6 +143,26 @@ class KeyStoreSettings(_Strict):
         return v.rstrip("/") if v else v
 
 
+OnError = Literal["fail_closed", "fail_open"]
+
+
+class OnStoreError(_Strict):
+    """What a limit does while its shared store (Redis) is unreachable.
+
+    fail_closed: a fast 503. fail_open: admit under a local per-replica limiter
+    with the same numbers. Budgets always fail closed: admitting unmetered spend
+    would let the recorded spend pass the budget.
+    """
+
+    requests: OnError = "fail_closed"
+    tokens: OnError = "fail_closed"
+    concurrency: OnError = "fail_closed"
+
+
+class LimitSettings(_Strict):
+    on_store_error: OnStoreError = OnStoreError()
+
+
 class Config(_Strict):
     listen: HostPort = "127.0.0.1:8080"
     tls: Tls | None = None
@@ -154,6 +174,7 @@ class Config(_Strict):
     models: dict[str, Model] = Field(min_length=1)
     keys: list[KeyRecord] = []
     key_store: KeyStoreSettings = KeyStoreSettings()
+    limits: LimitSettings = LimitSettings()
 
     @field_validator("state")
     @classmethod
