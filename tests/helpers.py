@@ -13,6 +13,7 @@ READ_ONLY_SECRET = "sk-tb-test-readonly-0123456789abcdefghijklmnop"
 LIMITED_SECRET = "sk-tb-test-limited-0123456789abcdefghijklmnopq"
 REVOKED_SECRET = "sk-tb-test-revoked-0123456789abcdefghijklmnopq"
 EXPIRED_SECRET = "sk-tb-test-expired-0123456789abcdefghijklmnopq"
+METERED_SECRET = "sk-tb-test-metered-0123456789abcdefghijklmnopq"
 
 
 def policy_dict(backend: str, **extra: object) -> dict[str, object]:
@@ -42,6 +43,8 @@ def policy_dict(backend: str, **extra: object) -> dict[str, object]:
              "status": "revoked"},
             {"id": "k-expired", "org": "acme", "sha256": fingerprint(EXPIRED_SECRET),
              "expires_at": "2020-01-01T00:00:00Z"},
+            {"id": "k-metered", "org": "acme", "sha256": fingerprint(METERED_SECRET),
+             "tpm": 1000, "max_concurrent": 1, "budget_usd": "10", "budget_period": "total"},
         ],
     }
     d.update(extra)

@@ -37,7 +37,10 @@ def body_msg(data: bytes, end: bool = True, response: bool = False) -> Any:
         request_body=b)
 
 
-PRINCIPALS = {"k-main": ("acme", []), "k-limited": ("beta", ["demo"])}
+PRINCIPALS = {"k-main": ("acme", []), "k-limited": ("beta", ["demo"]),
+              "k-metered": ("acme", [])}
+METERED = {"tpm": "1000", "max_concurrent": "1", "budget_nano": str(10 * 10**9),
+           "budget_period": "total"}
 
 
 def req_headers(path: str = "/v1/chat/completions", method: str = "POST",
@@ -48,7 +51,8 @@ def req_headers(path: str = "/v1/chat/completions", method: str = "POST",
     if key_id:
         org, models = PRINCIPALS[key_id]
         md = msg.metadata_context.filter_metadata["envoy.filters.http.ext_authz"]
-        md.update({"key_id": key_id, "org": org, "models": models})
+        md.update({"key_id": key_id, "org": org, "models": models,
+                   **(METERED if key_id == "k-metered" else {})})
     return msg
 
 
@@ -267,3 +271,41 @@ async def test_stop_lets_an_inflight_stream_finish(running: Running) -> None:
         pass
     else:
         raise AssertionError("a stopped server accepted a new stream")
+
+
+async def test_a_killed_stream_settles_every_counter_to_what_was_used(
+    running: Running,
+) -> None:
+    """TPM, concurrency and budget return to exactly the usage seen before the cut."""
+    from datetime import UTC, datetime
+
+    from policy.limits import Ask, Limits, cost_nano
+
+    fixed = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    running.services.runtime.clock = lambda: fixed  # no refill between the steps
+    store = running.services.limits
+    assert store is not None
+    s = Stream(running)
+    await s.send(req_headers(key_id="k-metered", rid="cut-1"))
+    r = await s.send(body_msg(json.dumps({**CHAT, "stream": True, "max_tokens": 100}).encode()))
+    assert r.HasField("request_body")
+    await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"},
+                             response=True))
+    await s.send(body_msg(STREAM[:150], end=False, response=True))  # one content chunk
+    s.call.cancel()
+    [rec] = await records(running, 1)
+    assert rec["estimated"] is True and rec["completion_tokens"] == 1
+    for _ in range(100):  # settlement runs right after the record
+        spent, reserved = await store.budget("k-metered", "acme", "total", fixed.timestamp())
+        if reserved == 0:
+            break
+        await asyncio.sleep(0.02)
+    price = running.services.runtime.snapshot.config.models["demo"].price_per_1k_tokens
+    assert (spent, reserved) == (cost_nano(rec["prompt_tokens"], 1, price), 0)
+    # The concurrency slot is free and the bucket holds exactly 1000 - used.
+    limits = Limits(tpm=1000, max_concurrent=1, budget_nano=10 * 10**9, budget_period="total")
+    probe = Ask(request_id="probe", key_id="k-metered", org="acme", tokens=1, cost_nano=0,
+                period="total", lease_s=60)
+    d = await store.admit(limits, probe, fixed.timestamp())
+    assert d.allowed
+    assert d.remaining_tokens == 1000 - rec["total_tokens"] - 1
