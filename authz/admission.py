@@ -49,6 +49,19 @@ class Admission:
             ) if value is not None
         )
 
+    async def admit_all(self, org: tuple[Limits, Ask] | None, limits: Limits, ask: Ask,
+                        now: datetime) -> Decision:
+        """The org's limits first, then the key's; if the key refuses, the org's hold is
+        given back (its request-rate slot stays spent: a request did arrive)."""
+        if org is not None:
+            await self.admit(*org, now)
+        try:
+            return await self.admit(limits, ask, now)
+        except ApiError:
+            if org is not None:
+                await self.settle(*org, 0, 0, now)
+            raise
+
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""
         if not limits.any:

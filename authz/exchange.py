@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime
 
 import orjson
@@ -27,7 +28,15 @@ from authz.snapshot import Runtime, Snapshot
 from policy.endpoints import Endpoint, Kind, lookup
 from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
 from policy.keys import Principal
-from policy.limits import Ask, Decision, Limits, cost_nano, period_id, rate_headers
+from policy.limits import (
+    Ask,
+    Decision,
+    Limits,
+    cost_nano,
+    period_id,
+    rate_headers,
+    usd_to_nano,
+)
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
 from policy.routing import CLUSTER_HEADER, Route
 from policy.stream_usage import StreamMeter
@@ -55,9 +64,25 @@ CLIENT_CLOSED = 499  # nginx's convention: the client went away before the respo
 
 class Exchange:
     __slots__ = (
-        "_admission", "_ask", "_decision", "_json_body", "_meter", "_rec", "_rt", "_settle",
-        "_snap", "_started", "_t0", "endpoint", "finished", "principal", "req", "request_id",
-        "route", "status",
+        "_admission",
+        "_ask",
+        "_decision",
+        "_json_body",
+        "_meter",
+        "_org",
+        "_rec",
+        "_rt",
+        "_settle",
+        "_snap",
+        "_started",
+        "_t0",
+        "endpoint",
+        "finished",
+        "principal",
+        "req",
+        "request_id",
+        "route",
+        "status",
     )
 
     def __init__(self, runtime: Runtime, recorder: Recorder, admission: Admission) -> None:
@@ -65,6 +90,7 @@ class Exchange:
         self._rec = recorder
         self._admission = admission
         self._ask: Ask | None = None
+        self._org: tuple[Limits, Ask] | None = None  # the org's limits and hold, if any
         self._decision: Decision | None = None
         self._settle: tuple[int, int] | None = None  # (used tokens, cost nano) once ended
         self._snap: Snapshot = runtime.snapshot
@@ -118,8 +144,11 @@ class Exchange:
             # Counts as a request for the rate limit; reserves no tokens or money.
             lim = principal.limits
             ask = self._make_ask(0, 0)
-            decision = await self._admission.admit(lim, ask, self._started)
+            org = self._org_hold(ask)
+            decision = await self._admission.admit_all(org, lim, ask, self._started)
             await self._admission.settle(lim, ask, 0, 0, self._rt.clock())
+            if org is not None:
+                await self._admission.settle(*org, 0, 0, self._rt.clock())
             aliases = [a for a in self._snap.aliases if principal.may_use(a)]
             return protos.immediate(200, models_list(aliases, int(self._started.timestamp())),
                                     tuple(rate_headers(decision)))
@@ -142,6 +171,20 @@ class Exchange:
             lease_s=self._snap.config.envoy.route_timeout_s + 30,
         )
 
+    def _org_hold(self, ask: Ask) -> tuple[Limits, Ask] | None:
+        """The org's limits and a hold under the pseudo-key `org:<name>`, if configured."""
+        ol = self._snap.config.orgs.get(ask.org)
+        if ol is None:
+            return None
+        limits = Limits(
+            rpm=ol.rpm, tpm=ol.tpm, max_concurrent=ol.max_concurrent,
+            budget_nano=usd_to_nano(ol.budget_usd) if ol.budget_usd is not None else None,
+            budget_period=ol.budget_period,
+        )
+        org_ask = replace(ask, key_id=f"org:{ask.org}",
+                          period=period_id(ol.budget_period, self._started))
+        return limits, org_ask
+
     async def _request_body(self, body: protos.Msg) -> protos.Msg:
         assert self.endpoint is not None and self.principal is not None
         req = parse_request(body.body, self.endpoint, self._snap.config)
@@ -152,8 +195,10 @@ class Exchange:
         price = req.model.price_per_1k_tokens
         ask = self._make_ask(req.prompt_estimate + req.max_tokens,
                              cost_nano(req.prompt_bound, req.max_tokens, price))
-        self._decision = await self._admission.admit(self.principal.limits, ask, self._started)
-        self._ask = ask
+        org = self._org_hold(ask)
+        self._decision = await self._admission.admit_all(org, self.principal.limits, ask,
+                                                         self._started)
+        self._ask, self._org = ask, org
         new_body = upstream_body(req)
         self.req, self.route = req, route
         return protos.ProcessingResponse(
@@ -252,8 +297,11 @@ class Exchange:
         pending, self._settle = self._settle, None
         if pending is None or self._ask is None or self.principal is None:
             return
+        now = self._rt.clock()
         await self._admission.settle(self.principal.limits, self._ask, pending[0], pending[1],
-                                     self._rt.clock())
+                                     now)
+        if self._org is not None:
+            await self._admission.settle(*self._org, pending[0], pending[1], now)
 
     def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
         """The upstream's own count when it gave one; else an estimate from what was seen."""

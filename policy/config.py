@@ -159,6 +159,16 @@ class OnStoreError(_Strict):
     concurrency: OnError = "fail_closed"
 
 
+class OrgLimits(_Strict):
+    """Limits shared by every key of one org (checked before the key's own)."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    budget_usd: Decimal | None = Field(default=None, ge=0)
+    budget_period: Literal["day", "month", "total"] = "month"
+
+
 class LimitSettings(_Strict):
     on_store_error: OnStoreError = OnStoreError()
 
@@ -175,6 +185,7 @@ class Config(_Strict):
     keys: list[KeyRecord] = []
     key_store: KeyStoreSettings = KeyStoreSettings()
     limits: LimitSettings = LimitSettings()
+    orgs: dict[str, OrgLimits] = {}
 
     @field_validator("state")
     @classmethod
