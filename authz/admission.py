@@ -38,6 +38,8 @@ class Admission:
         self._on_error = on_error or OnStoreError()
         self._local = MemoryLimitStore()
         self._local_ids: set[str] = set()  # admitted locally: settle locally too
+        # Usage admitted locally, to count into the shared store once it answers again.
+        self._unsynced: list[tuple[Limits, str, int, int]] = []
 
     def _may_fail_open(self, limits: Limits) -> bool:
         pol = self._on_error
@@ -68,6 +70,8 @@ class Admission:
             return Decision(True)
         try:
             decision = await self._store.admit(limits, ask, now.timestamp())
+            if self._unsynced:
+                await self._reconcile(now)
         except LimitStoreUnavailable as e:
             if not self._may_fail_open(limits):
                 log.error("admission failed closed: %s", e,
@@ -84,6 +88,24 @@ class Admission:
             return decision
         raise refusal(decision, limits, now)
 
+    async def _reconcile(self, now: datetime) -> None:
+        """The store is back: count what the local limiter admitted meanwhile."""
+        pending, self._unsynced = self._unsynced, []
+        merged: dict[tuple[str, Limits], list[int]] = {}
+        for limits, key_id, n, tokens in pending:
+            acc = merged.setdefault((key_id, limits), [0, 0])
+            acc[0] += n
+            acc[1] += tokens
+        for i, ((key_id, limits), (n, tokens)) in enumerate(merged.items()):
+            try:
+                await self._store.consume(limits, key_id, n, tokens, now.timestamp())
+            except LimitStoreUnavailable:
+                rest = list(merged.items())[i:]
+                self._unsynced += [(lim, kid, nn, tt) for (kid, lim), (nn, tt) in rest]
+                return
+        log.info("reconciled usage admitted during the limit store outage",
+                 extra={"keys": len(merged)})
+
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: datetime) -> None:
         if not limits.any:
@@ -91,12 +113,17 @@ class Admission:
         if ask.request_id in self._local_ids:
             self._local_ids.discard(ask.request_id)
             await self._local.settle(limits, ask, used_tokens, cost_nano, now.timestamp())
+            if len(self._unsynced) < MAX_UNSYNCED:
+                self._unsynced.append((limits, ask.key_id, 1, used_tokens))
             return
         try:
             await self._store.settle(limits, ask, used_tokens, cost_nano, now.timestamp())
         except LimitStoreUnavailable as e:
             # The reservation expires with its lease; the usage record is still written.
             log.error("settlement failed: %s", e, extra={"request_id": ask.request_id})
+
+
+MAX_UNSYNCED = 100_000  # bounded: an outage must not grow memory without end
 
 
 def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:

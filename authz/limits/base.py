@@ -34,5 +34,11 @@ class LimitStore(Protocol):
         Idempotent by ask.request_id (a second call is a no-op). Raises
         LimitStoreUnavailable."""
 
+    async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
+                      now: float) -> None:
+        """Count usage admitted elsewhere (by a local limiter while this store was away):
+        `requests` arrivals against the GCRA and `tokens` out of the bucket, which may go
+        below zero. Never refuses. Raises LimitStoreUnavailable."""
+
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         """(spent, reserved) nano-USD of a key in a period (expired reservations dropped)."""

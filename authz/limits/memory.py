@@ -204,6 +204,17 @@ class MemoryLimitStore:
                                                                      self._window)
             st.level, st.ts = bucket_refund(level, res.tokens, used_tokens, cap), now
 
+    async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
+                      now: float) -> None:
+        st = self._keys.setdefault(key_id, _KeyState())
+        w = self._window
+        if limits.rpm is not None and requests > 0:
+            st.tat = max(now if st.tat is None else st.tat, now) + requests * w / limits.rpm
+        if limits.tpm is not None and tokens > 0:
+            cap = limits.tpm
+            level = float(cap) if st.level is None else bucket_level(st.level, st.ts, now, cap, w)
+            st.level, st.ts = level - tokens, now
+
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         ledger = self._ledgers.get((key_id, period))
         if ledger is None:

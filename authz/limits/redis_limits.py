@@ -186,6 +186,23 @@ return 1
 """
 
 # KEYS: budget, resv. ARGV: now. Returns {spent, reserved} as text.
+# Usage admitted elsewhere (a local limiter during an outage), counted on return:
+# `n` arrivals against the GCRA and `t` tokens out of the bucket (it may go negative).
+# KEYS: gcra, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
+_CONSUME = _LIB + """
+local now_s = ARGV[1]
+local now, rpm, tpm, w = tonumber(now_s), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
+local n, t = tonumber(ARGV[4]), tonumber(ARGV[5])
+if rpm and n > 0 then
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now_s), now) + n * w / rpm
+  redis.call('SET', KEYS[1], f(tat), 'PX', int(math.ceil((tat - now) * 1000 + w * 1000)))
+end
+if tpm and t > 0 then
+  save_bucket(KEYS[2], bucket(KEYS[2], now, tpm, w) - t, now_s, tpm, w)
+end
+return 1
+"""
+
 _BUDGET = _LIB + """
 purge(KEYS[1], KEYS[2], ARGV[1])
 local b = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
@@ -208,6 +225,7 @@ class RedisLimitStore:
         self._admit = self._redis.register_script(_ADMIT)
         self._settle = self._redis.register_script(_SETTLE)
         self._budget = self._redis.register_script(_BUDGET)
+        self._consume = self._redis.register_script(_CONSUME)
 
     async def start(self) -> None:
         return None
@@ -250,6 +268,14 @@ class RedisLimitStore:
         args = [repr(float(now)), ask.request_id, _opt(limits.tpm), str(used_tokens),
                 str(cost_nano), repr(float(self._window))]
         await self._call(self._settle(keys=keys, args=args))
+
+    async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
+                      now: float) -> None:
+        ns = self._ns(key_id)
+        await self._call(self._consume(
+            keys=[ns + "gcra", ns + "tpm"],
+            args=[repr(float(now)), _opt(limits.rpm), _opt(limits.tpm), str(requests),
+                  str(tokens), repr(float(self._window))]))
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         ns = self._ns(key_id)

@@ -70,6 +70,11 @@ async def test_fail_open_enforces_locally_then_redis_takes_over(
     with pytest.raises(ApiError) as e:
         await adm.admit(Limits(tpm=1000), ask(5, "t"), NOW)
     assert e.value.status == 503
-    redis_server.start()  # same port, empty: Redis counts afresh
+    redis_server.start()  # same port, empty
     assert (await adm.admit(limits, ask(6), NOW)).allowed
+    # ...and that admission reconciled the 3 requests admitted locally during the outage,
+    # so Redis now counts 4 in this minute: the next one is over the limit of 3.
+    with pytest.raises(ApiError) as e:
+        await adm.admit(limits, ask(7), NOW)
+    assert (e.value.status, e.value.code) == (429, "rate_limit_exceeded")
     await store.close()

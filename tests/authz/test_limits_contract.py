@@ -296,3 +296,18 @@ async def test_header_arithmetic_is_policy_limits_exactly(store: Any) -> None:
                 assert d.reset_tokens_s == bucket_reset_s(after, 7 * n)
             elif not g.allowed:
                 assert (d.remaining_requests, d.retry_after_s) == (0, g.retry_after_s)
+
+
+async def test_consume_counts_usage_admitted_elsewhere(store: Any) -> None:
+    """Reconciliation after an outage: requests and tokens admitted by a local limiter."""
+    lim = Limits(rpm=3, tpm=1000)
+    await store.consume(lim, "k1", 2, 600, 1000.0)
+    d = await store.admit(lim, ask(tokens=100), 1000.0)
+    assert d.allowed and d.remaining_requests == 0 and d.remaining_tokens == 300
+    d = await store.admit(lim, ask(tokens=1), 1000.0)
+    assert not d.allowed and d.reason == "requests"
+    # Tokens may go below zero: the bucket owes them and refills from there.
+    await store.consume(Limits(tpm=1000), "k2", 0, 1500, 1000.0)
+    d = await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 30.0)
+    assert not d.allowed and d.reason == "tokens"
+    assert (await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 31.0)).allowed
