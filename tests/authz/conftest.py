@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +15,7 @@ from authz.overrides import Overrides
 from authz.server import Services
 from authz.snapshot import Runtime
 from tests.helpers import write_policy
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -23,11 +26,12 @@ class Running:
     data_dir: Path
 
 
-@pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[Running]:
+@contextlib.asynccontextmanager
+async def serve_policy(tmp_path: Path, **policy: Any) -> AsyncIterator[Running]:
+    """The services on free ports for a test policy (see tests/helpers.py), and a channel."""
     path = write_policy(
         tmp_path, "http://127.0.0.1:8000",
-        services={"grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"},
+        services={"grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"}, **policy,
     )
     services = Services(Runtime.from_file(path, Overrides()), grace_s=1.0)
     await services.start()
@@ -37,3 +41,18 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     finally:
         await channel.close()
         await services.stop()
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    async with serve_policy(tmp_path) as r:
+        yield r
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone, which the test may stop and restart."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

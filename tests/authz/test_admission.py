@@ -4,9 +4,7 @@ per-replica limiter; budgets always fail closed; Redis returning takes over agai
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -20,25 +18,17 @@ from tests.redis_server import RedisServer
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 def ask(i: int, key: str = "k") -> Ask:
     return Ask(request_id=f"r{i}", key_id=key, org="o", tokens=10, cost_nano=1000,
                period="day:2026-11-23", lease_s=150)
 
 
-async def test_fail_closed_is_a_fast_503(redis_server: RedisServer) -> None:
-    store = RedisLimitStore(redis_server.url, timeout_s=0.2)
+async def test_fail_closed_is_a_fast_503(own_redis: RedisServer) -> None:
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
     adm = Admission(store)
     await store.start()
     assert (await adm.admit(Limits(rpm=5), ask(0), NOW)).allowed
-    redis_server.stop()
+    own_redis.stop()
     t0 = time.monotonic()
     with pytest.raises(ApiError) as e:
         await adm.admit(Limits(rpm=5), ask(1), NOW)
@@ -48,13 +38,13 @@ async def test_fail_closed_is_a_fast_503(redis_server: RedisServer) -> None:
 
 
 async def test_fail_open_enforces_locally_then_redis_takes_over(
-    redis_server: RedisServer,
+    own_redis: RedisServer,
 ) -> None:
-    store = RedisLimitStore(redis_server.url, timeout_s=0.2)
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
     adm = Admission(store, OnStoreError(requests="fail_open", concurrency="fail_open"))
     await store.start()
     limits = Limits(rpm=3, max_concurrent=10)
-    redis_server.stop()
+    own_redis.stop()
     for i in range(3):
         d = await adm.admit(limits, ask(i), NOW)
         assert d.allowed and d.limit_requests == 3
@@ -70,7 +60,7 @@ async def test_fail_open_enforces_locally_then_redis_takes_over(
     with pytest.raises(ApiError) as e:
         await adm.admit(Limits(tpm=1000), ask(5, "t"), NOW)
     assert e.value.status == 503
-    redis_server.start()  # same port, empty
+    own_redis.start()  # same port, empty
     assert (await adm.admit(limits, ask(6), NOW)).allowed
     # ...and that admission reconciled the 3 requests admitted locally during the outage,
     # so Redis now counts 4 in this minute: the next one is over the limit of 3.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from policy.keys import fingerprint, new_secret
 from tests.redis_server import RedisServer
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -33,9 +24,9 @@ class FakeClock:
         return self.now
 
 
-async def test_outage_grace_fail_closed_and_recovery(redis_server: RedisServer) -> None:
+async def test_outage_grace_fail_closed_and_recovery(own_redis: RedisServer) -> None:
     clock = FakeClock()
-    store = RedisKeyStore(redis_server.url, timeout_s=0.3, grace_s=60, poll_s=0.1, clock=clock)
+    store = RedisKeyStore(own_redis.url, timeout_s=0.3, grace_s=60, poll_s=0.1, clock=clock)
     await store.start()
     try:
         known, unknown = new_secret(), new_secret()
@@ -43,7 +34,7 @@ async def test_outage_grace_fail_closed_and_recovery(redis_server: RedisServer) 
         await store.create(rec)
         assert await store.find(rec.sha256, known) == rec  # now cached
 
-        redis_server.stop()
+        own_redis.stop()
         await asyncio.sleep(0.3)  # the version poll notices
         # Cached: still served, no round trip.
         assert await store.find(rec.sha256, known) == rec
@@ -57,7 +48,7 @@ async def test_outage_grace_fail_closed_and_recovery(redis_server: RedisServer) 
         with pytest.raises(StoreUnavailable):
             await store.find(rec.sha256, known)
 
-        redis_server.start()  # same port
+        own_redis.start()  # same port
         deadline = time.monotonic() + 5
         while True:
             try:

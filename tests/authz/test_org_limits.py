@@ -6,33 +6,20 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 
-from authz.overrides import Overrides
-from authz.server import Services
-from authz.snapshot import Runtime
-from tests.authz.conftest import Running
+from tests.authz.conftest import Running, serve_policy
 from tests.authz.test_ext_proc import CHAT, Stream, body_msg, immediate, req_headers
-from tests.helpers import write_policy
 
 
 @pytest.fixture
 async def org_running(tmp_path: Path) -> AsyncIterator[Running]:
-    path = write_policy(
-        tmp_path, "http://127.0.0.1:8000",
-        services={"grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"},
+    async with serve_policy(
+        tmp_path,
         orgs={"acme": {"rpm": 3, "max_concurrent": 2},
               "beta": {"budget_usd": "0.001", "budget_period": "day"}},
-    )
-    services = Services(Runtime.from_file(path, Overrides()), grace_s=1.0)
-    await services.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{services.grpc_port}")
-    try:
-        yield Running(services, channel, path, tmp_path / "data")
-    finally:
-        await channel.close()
-        await services.stop()
+    ) as r:
+        yield r
 
 
 async def send(running: Running, key_id: str, rid: str) -> object:
