@@ -83,6 +83,7 @@ class Exchange:
         "request_id",
         "route",
         "status",
+        "traceparent",
     )
 
     def __init__(self, runtime: Runtime, recorder: Recorder, admission: Admission) -> None:
@@ -103,6 +104,7 @@ class Exchange:
         self.req: InferenceRequest | None = None
         self.route: Route | None = None
         self.request_id = ""
+        self.traceparent: str | None = None
         self.status = 0
         self.finished = False
 
@@ -130,6 +132,7 @@ class Exchange:
         headers = msg.request_headers
         h = protos.header_map(headers)
         self.request_id = h.get("x-request-id") or uuid.uuid4().hex
+        self.traceparent = h.get("traceparent")
         path = h.get(":path", "")
         endpoint = lookup(h.get(":method", ""), path)
         if endpoint is None:

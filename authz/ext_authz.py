@@ -12,10 +12,12 @@ import logging
 import time
 
 import grpc
+from opentelemetry.trace import SpanKind, Tracer
 
 from authz import protos
 from authz.keyauth import KeyAuthority
 from authz.metrics import Metrics
+from authz.tracing import parent_context
 from policy.endpoints import lookup, path_known
 from policy.errors import ApiError, not_found
 from policy.keys import Principal, extract_secret
@@ -33,9 +35,11 @@ METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
 
 class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, keys: KeyAuthority, metrics: Metrics) -> None:
+    def __init__(self, keys: KeyAuthority, metrics: Metrics, tracer: Tracer | None = None
+                 ) -> None:
         self._keys = keys
         self._metrics = metrics
+        self._tracer = tracer
         self._seconds = metrics.decision_seconds.labels("ext_authz")
 
     async def Check(
@@ -43,7 +47,20 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
     ) -> protos.Msg:
         t0 = time.perf_counter()
         try:
-            return await self._check(request)
+            if self._tracer is None:
+                return await self._check(request)
+            headers = request.attributes.request.http.headers
+            with self._tracer.start_as_current_span(
+                "ext_authz.check", context=parent_context(headers), kind=SpanKind.SERVER
+            ) as span:
+                resp = await self._check(request)
+                allowed = resp.status.code == 0
+                span.set_attribute("tokenbooth.decision", "allow" if allowed else "deny")
+                if allowed:
+                    md = resp.dynamic_metadata.fields
+                    span.set_attribute("tokenbooth.key_id", md["key_id"].string_value)
+                    span.set_attribute("tokenbooth.org", md["org"].string_value)
+                return resp
         finally:
             self._seconds.observe(time.perf_counter() - t0)
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry.trace import Span, SpanKind, Tracer
 
 from authz import protos
 from authz.admission import Admission
@@ -16,6 +17,7 @@ from authz.exchange import Exchange
 from authz.metrics import Metrics
 from authz.recorder import Recorder
 from authz.snapshot import Runtime
+from authz.tracing import parent_context
 from policy.errors import ApiError
 
 log = logging.getLogger("tokenbooth.ext_proc")
@@ -25,7 +27,8 @@ _INTERNAL = ApiError(500, "internal_error", "The gateway failed to process this 
 
 class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime, recorder: Recorder, metrics: Metrics,
-                 admission: Admission) -> None:
+                 admission: Admission, tracer: Tracer | None = None) -> None:
+        self._tracer = tracer
         self._rt = runtime
         self._recorder = recorder
         self._admission = admission
@@ -39,6 +42,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[protos.Msg]:
         ex = Exchange(self._rt, self._recorder, self._admission)
+        span: Span | None = None
+        start_ns = time.time_ns()
         try:
             async for msg in request_iterator:
                 t0 = time.perf_counter()
@@ -51,6 +56,12 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                     log.exception("ext_proc failed", extra={"request_id": ex.request_id})
                     resp = protos.immediate_error(_INTERNAL)
                 self._seconds.observe(time.perf_counter() - t0)
+                if span is None and self._tracer is not None:
+                    span = self._tracer.start_span(
+                        "ext_proc", kind=SpanKind.SERVER, start_time=start_ns,
+                        context=parent_context(
+                            {"traceparent": ex.traceparent} if ex.traceparent else {}),
+                    )
                 yield resp
                 await ex.settle()
                 if resp.HasField("immediate_response"):
@@ -65,3 +76,17 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             task.add_done_callback(self._settling.discard)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(task)
+            if span is not None:
+                _end_span(span, ex)
+
+
+def _end_span(span: Span, ex: Exchange) -> None:
+    span.set_attribute("tokenbooth.request_id", ex.request_id)
+    if ex.principal is not None:
+        span.set_attribute("tokenbooth.key_id", ex.principal.key_id)
+        span.set_attribute("tokenbooth.org", ex.principal.org)
+    if ex.req is not None:
+        span.set_attribute("tokenbooth.model", ex.req.alias)
+    if ex.status:
+        span.set_attribute("http.response.status_code", ex.status)
+    span.end()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from authz import protos
 from authz.admission import Admission
@@ -26,6 +27,7 @@ from authz.metrics import Metrics
 from authz.recorder import Recorder
 from authz.records import JsonlUsageLog, UsageSink
 from authz.snapshot import Runtime
+from authz.tracing import make_provider, tracer_of
 from policy.config import parse_hostport
 
 log = logging.getLogger("tokenbooth.server")
@@ -45,6 +47,8 @@ class Services:
     sink: UsageSink | None = None
     store: KeyStore | None = None
     limits: LimitStore | None = None
+    # Traces: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (or a provider given by tests).
+    tracer_provider: TracerProvider | None = None
     grace_s: float = 10.0
     metrics: Metrics = field(default_factory=Metrics)
     grpc_port: int = 0
@@ -69,6 +73,9 @@ class Services:
         if self.sink is None:
             self.sink = JsonlUsageLog(cfg.data_dir)
         recorder = Recorder(self.sink, self.metrics)
+        if self.tracer_provider is None:
+            self.tracer_provider = make_provider()  # never connects here
+        tracer = tracer_of(self.tracer_provider)
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -77,11 +84,13 @@ class Services:
             ]
         )
         protos.add_AuthorizationServicer_to_server(
-            AuthorizationService(KeyAuthority(self.runtime, self.store), self.metrics), server
+            AuthorizationService(KeyAuthority(self.runtime, self.store), self.metrics, tracer),
+            server
         )
         protos.add_ExternalProcessorServicer_to_server(
             ExternalProcessorService(self.runtime, recorder, self.metrics,
-                                     Admission(self.limits, cfg.limits.on_store_error)),
+                                     Admission(self.limits, cfg.limits.on_store_error),
+                                     tracer),
             server,
         )
         self._health = health.aio.HealthServicer()
@@ -134,6 +143,9 @@ class Services:
             await self.store.close()
         if self.limits is not None:
             await self.limits.close()
+        if self.tracer_provider is not None:
+            # Bounded: an unreachable collector costs at most the export timeout.
+            await asyncio.to_thread(self.tracer_provider.shutdown)
         log.info("tokenbooth services stopped")
 
 
