@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
@@ -23,18 +22,18 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     HttpProtocolOptions,
     TransportSocket,
+    UpstreamHttpProtocolOptions,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,
+    EndpointHealthCheckConfig,
     LbEndpoint,
     LocalityLbEndpoints,
 )
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
-    SubjectAltNameMatcher,
-    SubjectAltNameMatcherSanType,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -43,7 +42,6 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import Percent
 
 from authz.bootstrap_common import (
@@ -55,8 +53,8 @@ from authz.bootstrap_common import (
     pack,
     seconds,
 )
-from policy.config import Backend, Config, parse_hostport
-from policy.routing import all_backends, cluster_name
+from policy.config import Config, Model, parse_hostport
+from policy.routing import authority, model_cluster_name
 
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Where https backends' server certificates are verified against (Debian/Ubuntu path,
@@ -69,7 +67,8 @@ _BACKEND_IDLE_TIMEOUT_S = 4
 
 def clusters(cfg: Config) -> list[Any]:
     """The services cluster first, then the backends in first-seen order."""
-    return [services_cluster(cfg), *(backend_cluster(b) for b in all_backends(cfg))]
+    return [services_cluster(cfg),
+            *(model_cluster(alias, m) for alias, m in sorted(cfg.models.items()))]
 
 
 def _circuit_breakers() -> Any:
@@ -120,33 +119,39 @@ def services_cluster(cfg: Config) -> Any:
     )
 
 
-def _upstream_tls(backend: Backend) -> Any:
-    """TLS to an https backend: SNI = host, certificate checked against the system CAs."""
-    san_type = (
-        SubjectAltNameMatcherSanType.IP_ADDRESS if is_ip(backend.host)
-        else SubjectAltNameMatcherSanType.DNS
-    )
-    validation = CertificateValidationContext(
-        trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE),
-        match_typed_subject_alt_names=[
-            SubjectAltNameMatcher(san_type=san_type, matcher=StringMatcher(exact=backend.host))
-        ],
-    )
-    ctx = UpstreamTlsContext(
-        sni=backend.host,
-        common_tls_context=CommonTlsContext(validation_context=validation),
-    )
+def _upstream_tls() -> Any:
+    """TLS to https backends: SNI from each endpoint's hostname (auto_sni, set with the
+    protocol options), certificate checked against the system CAs and that name."""
+    validation = CertificateValidationContext(trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE))
+    ctx = UpstreamTlsContext(common_tls_context=CommonTlsContext(validation_context=validation))
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def backend_cluster(backend: Backend) -> Any:
-    """One vLLM server (or Service): Envoy balances, health-checks and ejects within it."""
-    name = cluster_name(backend)
-    kind, family = _discovery(backend.host)
-    # The Host header the backend expects (host[:port] as written in its URL): sent on
-    # health checks, and on requests through the route's auto_host_rewrite. Matters
-    # for https backends behind a shared ingress; vLLM itself ignores it.
-    authority = urlsplit(backend.url).netloc
+def _endpoints(name: str, model: Model) -> Any:
+    """Every backend of the alias, weighted; each endpoint's hostname is its URL's
+    host[:port], sent as Host on requests (auto_host_rewrite) and health checks."""
+    eps = [
+        LbEndpoint(
+            endpoint=Endpoint(
+                address=address(b.host, b.port),
+                hostname=authority(b),
+                health_check_config=EndpointHealthCheckConfig(hostname=authority(b)),
+            ),
+            load_balancing_weight=b.weight,
+        )
+        for b in model.backends
+    ]
+    return ClusterLoadAssignment(cluster_name=name,
+                                 endpoints=[LocalityLbEndpoints(lb_endpoints=eps)])
+
+
+def model_cluster(alias: str, model: Model) -> Any:
+    """An alias's backends: Envoy balances by weight (least request), health-checks and
+    ejects among them, so a failing backend is taken out while others serve."""
+    name = model_cluster_name(alias)
+    tls = model.backends[0].tls
+    hosts = [b.host for b in model.backends]
+    kind, family = _discovery(next((h for h in hosts if not is_ip(h)), hosts[0]))
     # vLLM serves HTTP/1.1.
     h1 = UpstreamHttpOptions(
         common_http_protocol_options=HttpProtocolOptions(
@@ -154,6 +159,10 @@ def backend_cluster(backend: Backend) -> Any:
         ),
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http_protocol_options=Http1ProtocolOptions()
+        ),
+        upstream_http_protocol_options=(
+            UpstreamHttpProtocolOptions(auto_sni=True, auto_san_validation=True)
+            if tls else None
         ),
     )
     health = HealthCheck(
@@ -163,7 +172,7 @@ def backend_cluster(backend: Backend) -> Any:
         healthy_threshold=1,
         # Keep probing clusters that get no traffic, so they are known healthy when needed.
         no_traffic_interval=seconds(5),
-        http_health_check=HealthCheckHttpHealthCheck(host=authority, path="/health"),
+        http_health_check=HealthCheckHttpHealthCheck(path="/health"),
     )
     outlier = OutlierDetection(
         consecutive_5xx=5,
@@ -180,7 +189,7 @@ def backend_cluster(backend: Backend) -> Any:
         dns_lookup_family=family,
         connect_timeout=seconds(2),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-        load_assignment=_load_assignment(name, backend.host, backend.port, authority),
+        load_assignment=_endpoints(name, model),
         health_checks=[health],
         outlier_detection=outlier,
         circuit_breakers=_circuit_breakers(),
@@ -188,5 +197,5 @@ def backend_cluster(backend: Backend) -> Any:
         # would, turning "no healthy backend" 503s into slow connect failures).
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0)),
         typed_extension_protocol_options={_HTTP_OPTIONS: pack(h1)},
-        transport_socket=_upstream_tls(backend) if backend.tls else None,
+        transport_socket=_upstream_tls() if tls else None,
     )

@@ -11,6 +11,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
     SubstitutionFormatString,
 )
 from envoy_data_plane.envoy.config.route.v3 import (
@@ -50,7 +53,7 @@ from envoy_data_plane.google.protobuf import Struct, Value
 from authz.bootstrap_common import SERVICES_CLUSTER, ms, pack, seconds
 from authz.bootstrap_replies import local_reply_config
 from policy.config import Config
-from policy.routing import CLUSTER_HEADER
+from policy.routing import CLUSTER_HEADER, UPSTREAM_HEADER
 
 BUFFER = "envoy.filters.http.buffer"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
@@ -179,6 +182,13 @@ def route_config(cfg: Config) -> Any:
             auto_host_rewrite=True,
         ),
         request_headers_to_remove=[CLUSTER_HEADER],
+        # Which backend served: ext_proc reads it for the usage record and removes it.
+        response_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key=UPSTREAM_HEADER, value="%UPSTREAM_HOST_NAME%"),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
         # Buffering for ext_proc and for retries may reach the body limit (the listener's
         # 1 MiB default would be too small for larger limits).
         request_body_buffer_limit=cfg.max_request_body_bytes,

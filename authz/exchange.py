@@ -38,7 +38,7 @@ from policy.limits import (
     usd_to_nano,
 )
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
-from policy.routing import CLUSTER_HEADER, Route
+from policy.routing import CLUSTER_HEADER, UPSTREAM_HEADER, Route, backend_url_of
 from policy.stream_usage import StreamMeter
 from policy.usage import Usage, make_record, usage_from_obj
 
@@ -66,6 +66,7 @@ class Exchange:
     __slots__ = (
         "_admission",
         "_ask",
+        "_backend",
         "_decision",
         "_json_body",
         "_meter",
@@ -91,6 +92,7 @@ class Exchange:
         self._rec = recorder
         self._admission = admission
         self._ask: Ask | None = None
+        self._backend = ""  # the backend URL Envoy chose (from its response header)
         self._org: tuple[Limits, Ask] | None = None  # the org's limits and hold, if any
         self._decision: Decision | None = None
         self._settle: tuple[int, int] | None = None  # (used tokens, cost nano) once ended
@@ -229,18 +231,23 @@ class Exchange:
             self.status = 0
         if not self.admitted:
             return protos.ProcessingResponse(response_headers=ep.HeadersResponse())
+        assert self.req is not None
+        upstream = h.get(UPSTREAM_HEADER, "")
+        self._backend = backend_url_of(upstream, self.req.model) if upstream else ""
         limit_headers = [protos.set_header(k, v) for k, v in
                          rate_headers(self._decision or Decision(True))]
         if headers.end_of_stream:
             self.finish()
-            return _headers_reply(ep.HeaderMutation(set_headers=limit_headers), None)
+            return _headers_reply(ep.HeaderMutation(set_headers=limit_headers,
+                                                    remove_headers=[UPSTREAM_HEADER]), None)
         if h.get("content-type", "").startswith("text/event-stream"):
             assert self.req is not None
             self._meter = StreamMeter(strip_usage=not self.req.client_wants_usage)
             mutation = ep.HeaderMutation(set_headers=limit_headers,
-                                         remove_headers=["content-length"])
+                                         remove_headers=["content-length", UPSTREAM_HEADER])
             return _headers_reply(mutation, _SSE_MODE)
-        return _headers_reply(ep.HeaderMutation(set_headers=limit_headers), _JSON_MODE)
+        return _headers_reply(ep.HeaderMutation(set_headers=limit_headers,
+                                                remove_headers=[UPSTREAM_HEADER]), _JSON_MODE)
 
     def _response_body(self, body: protos.Msg) -> protos.Msg:
         out: bytes | None = None
@@ -283,7 +290,7 @@ class Exchange:
                 org=principal.org,
                 model=req.alias,
                 upstream_model=route.upstream_model,
-                backend=route.backend.url,
+                backend=self._backend,
                 usage=usage,
                 price=req.model.price_per_1k_tokens,
                 status=status,

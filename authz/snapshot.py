@@ -7,7 +7,6 @@ snapshot atomically, so a request never sees half of two configs.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,12 +34,12 @@ class Snapshot:
     aliases: tuple[str, ...]
 
     @classmethod
-    def build(cls, cfg: Config, rand: Callable[[], float]) -> Snapshot:
+    def build(cls, cfg: Config) -> Snapshot:
         return cls(
             config=cfg,
             keys_by_fingerprint=index_keys(cfg.keys),
             keys_by_id={k.id: k for k in cfg.keys},
-            router=Router(cfg, rand),
+            router=Router(cfg),
             aliases=tuple(sorted(cfg.models)),
         )
 
@@ -52,7 +51,6 @@ class Runtime:
     snapshot: Snapshot
     config_path: Path | None = None
     clock: Callable[[], datetime] = utc_now
-    rand: Callable[[], float] = field(default_factory=lambda: random.Random().random)
     overrides: Overrides = field(default_factory=Overrides)
     _mtime: float = 0.0
 
@@ -60,8 +58,7 @@ class Runtime:
     def from_file(cls, path: Path, overrides: Overrides | None = None) -> Runtime:
         overrides = overrides or Overrides()
         cfg = overrides.apply(load_config(path))
-        rand = random.Random().random
-        rt = cls(Snapshot.build(cfg, rand), config_path=path, rand=rand, overrides=overrides)
+        rt = cls(Snapshot.build(cfg), config_path=path, overrides=overrides)
         rt._mtime = _mtime(path)
         return rt
 
@@ -78,7 +75,7 @@ class Runtime:
         except ConfigError as e:
             log.error("config reload refused, keeping the last good config: %s", e)
             return False
-        self.snapshot = Snapshot.build(cfg, self.rand)
+        self.snapshot = Snapshot.build(cfg)
         log.info("config reloaded from %s", self.config_path)
         return True
 

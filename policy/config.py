@@ -103,6 +103,17 @@ class Model(_Strict):
     price_per_1k_tokens: Price = Price()
     max_tokens: int = Field(default=1024, ge=1)
 
+    @field_validator("backends")
+    @classmethod
+    def _one_scheme(cls, v: list[Backend]) -> list[Backend]:
+        # The backends form one Envoy cluster: TLS or not, for all of them.
+        if len({b.tls for b in v}) > 1:
+            raise ValueError("all backends of a model use http://, or all use https://")
+        urls = [b.url for b in v]
+        if len(set(urls)) != len(urls):
+            raise ValueError("a backend is listed twice; use its weight instead")
+        return v
+
 
 class Tls(_Strict):
     cert: Path

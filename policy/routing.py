@@ -1,82 +1,59 @@
-"""Model alias → backend: which Envoy cluster serves a request.
+"""Model alias → Envoy cluster: one cluster per alias, its backends as weighted endpoints.
 
-Envoy owns balancing *within* a backend (least request, health checks,
-outlier detection); tokenbooth picks *which* backend by weight and names its
-cluster in a request header, then asks Envoy to re-route.
+Envoy balances among an alias's backends by their weights (least request),
+and its health checks and outlier detection take failing ones out, so a dead
+backend never receives a request while another can serve it. tokenbooth only
+names the alias's cluster in a request header and asks Envoy to re-route.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from policy.config import Backend, Config, Model
 
 CLUSTER_HEADER = "x-tokenbooth-cluster"
+# Envoy adds the endpoint that served the response here (read by ext_proc, then removed).
+UPSTREAM_HEADER = "x-tokenbooth-upstream"
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 
 
-def cluster_name(backend: Backend) -> str:
-    """A stable Envoy cluster name for a backend URL (shared by every alias that uses it)."""
-    scheme = "https" if backend.tls else "http"
-    return f"backend_{scheme}_{_UNSAFE.sub('_', backend.host.lower())}_{backend.port}"
+def model_cluster_name(alias: str) -> str:
+    """A stable, Envoy-safe cluster name for an alias (a short hash keeps it unique)."""
+    digest = hashlib.sha256(alias.encode()).hexdigest()[:8]
+    return f"model_{_UNSAFE.sub('_', alias.lower())[:40]}_{digest}"
 
 
-def all_backends(cfg: Config) -> list[Backend]:
-    """Every distinct backend in the config, in first-seen order (one cluster each)."""
-    seen: dict[str, Backend] = {}
-    for model in cfg.models.values():
-        for b in model.backends:
-            seen.setdefault(cluster_name(b), b)
-    return list(seen.values())
+def backend_url_of(upstream_host_name: str, model: Model) -> str:
+    """The configured backend URL for the endpoint Envoy reports (`host:port`)."""
+    for b in model.backends:
+        if authority(b) == upstream_host_name:
+            return b.url
+    return upstream_host_name
+
+
+def authority(backend: Backend) -> str:
+    """host[:port] as written in the backend's URL: the endpoint's hostname in Envoy."""
+    return backend.url.split("://", 1)[1]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     alias: str
     upstream_model: str
-    backend: Backend
     cluster: str
-
-
-class WeightedPicker:
-    """Weighted choice among a model's backends; `rand` returns a float in [0, 1)."""
-
-    __slots__ = ("_backends", "_cum", "_total")
-
-    def __init__(self, backends: Iterable[Backend]) -> None:
-        self._backends = list(backends)
-        self._cum: list[int] = []
-        total = 0
-        for b in self._backends:
-            total += b.weight
-            self._cum.append(total)
-        self._total = total
-
-    def pick(self, rand: Callable[[], float]) -> Backend:
-        if len(self._backends) == 1:
-            return self._backends[0]
-        target = rand() * self._total
-        for b, edge in zip(self._backends, self._cum, strict=True):
-            if target < edge:
-                return b
-        return self._backends[-1]
 
 
 class Router:
     """Resolves aliases for one config generation."""
 
-    def __init__(self, cfg: Config, rand: Callable[[], float]) -> None:
-        self._models: dict[str, tuple[Model, WeightedPicker]] = {
-            alias: (m, WeightedPicker(m.backends)) for alias, m in cfg.models.items()
+    def __init__(self, cfg: Config) -> None:
+        self._routes = {
+            alias: Route(alias, m.upstream_model, model_cluster_name(alias))
+            for alias, m in cfg.models.items()
         }
-        self._rand = rand
 
     def route(self, alias: str) -> Route | None:
-        entry = self._models.get(alias)
-        if entry is None:
-            return None
-        model, picker = entry
-        backend = picker.pick(self._rand)
-        return Route(alias, model.upstream_model, backend, cluster_name(backend))
+        return self._routes.get(alias)

@@ -13,11 +13,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from authz.records import USAGE_FILE, read_records
 from authz.server import Services
-from policy.routing import CLUSTER_HEADER
+from policy.routing import CLUSTER_HEADER, model_cluster_name
 from tests.authz.conftest import Running
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello there"}]}
-CLUSTER = "backend_http_127_0_0_1_8000"
+CLUSTER = model_cluster_name("demo")
 
 
 def headers_msg(pairs: dict[str, str], end: bool = False, response: bool = False) -> Any:

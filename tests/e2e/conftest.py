@@ -18,6 +18,7 @@ from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from authz.bootstrap import render_yaml
 from authz.envoy_bin import envoy_path
@@ -60,8 +61,10 @@ class Gateway:
 
 
 @contextlib.contextmanager
-def run_gateway(root: Path, **policy: Any) -> Iterator[Gateway]:
-    """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit."""
+def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
+                sim_weight: int = 1, **policy: Any) -> Iterator[Gateway]:
+    """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit.
+    `extra_backends` join the sim as weighted backends of the `demo` alias."""
     logs = root / "logs"
     logs.mkdir()
     sim_port = free_port()
@@ -74,6 +77,11 @@ def run_gateway(root: Path, **policy: Any) -> Iterator[Gateway]:
         envoy={"admin_listen": f"127.0.0.1:{free_port()}"},
         **policy,
     )
+    if extra_backends:
+        data = yaml.safe_load(path.read_text())
+        data["models"]["demo"]["backends"] = [{"url": sim_url, "weight": sim_weight},
+                                              *extra_backends]
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
     cfg = load_config(path)
     (root / "envoy.yaml").write_text(render_yaml(cfg))
     py = [sys.executable, "-m", "authz.cli"]
@@ -132,5 +140,5 @@ def _backend_healthy(admin: str) -> bool:
             text = r.read().decode()
     except OSError:
         return False
-    return any("backend_" in line and "health_flags::healthy" in line
+    return any(line.startswith("model_") and "health_flags::healthy" in line
                for line in text.splitlines())

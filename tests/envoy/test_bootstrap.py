@@ -26,7 +26,7 @@ import yaml
 from authz.bootstrap import render_dict, render_yaml
 from authz.envoy_bin import envoy_path
 from policy.config import Config, ConfigError, Tls, parse_config
-from policy.routing import CLUSTER_HEADER, all_backends, cluster_name
+from policy.routing import CLUSTER_HEADER, model_cluster_name
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures"
@@ -150,13 +150,18 @@ def test_filter_order(name: str) -> None:
     ]
 
 
-def test_one_cluster_per_distinct_backend() -> None:
+def test_one_cluster_per_alias_with_weighted_endpoints() -> None:
     cfg = load_fixture("tls_multi")
     got = clusters(render_dict(cfg))
-    backends = [cluster_name(b) for b in all_backends(cfg)]
-    # Two aliases share vllm-small: still one cluster.
-    assert len(backends) == 4
-    assert sorted(got) == sorted(["tokenbooth_services", *backends])
+    assert sorted(got) == sorted(["tokenbooth_services",
+                                  *(model_cluster_name(a) for a in cfg.models)])
+    small = got[model_cluster_name("llama-small")]
+    eps = small["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [(e["endpoint"]["hostname"], e.get("load_balancing_weight")) for e in eps] == [
+        ("10.0.0.11:8000", 3), ("vllm-small.inference.svc.cluster.local:8000", 1)]
+    assert small["type"] == "STRICT_DNS"  # one DNS name among the hosts
+    large = got[model_cluster_name("llama-large")]
+    assert large["transport_socket"]["name"] == "envoy.transport_sockets.tls"
 
 
 def test_backend_clusters() -> None:
@@ -168,15 +173,17 @@ def test_backend_clusters() -> None:
         (hc,) = c["health_checks"]
         assert hc["http_health_check"]["path"] == "/health"
         assert c["outlier_detection"]["consecutive_5xx"] == 5
-    assert got["backend_http_10_0_0_11_8000"]["type"] == "STATIC"
-    assert got["backend_http_fd00_20_8000"]["type"] == "STATIC"
-    dns = got["backend_http_vllm_small_inference_svc_cluster_local_8000"]
+    dns = got[model_cluster_name("llama-small-batch")]
     assert dns["type"] == "STRICT_DNS"
-    https = got["backend_https_vllm_large_example_com_443"]
+    assert "transport_socket" not in dns
+    https = got[model_cluster_name("llama-large")]
     tls = https["transport_socket"]["typed_config"]
     assert tls["@type"].endswith("UpstreamTlsContext")
-    assert tls["sni"] == "vllm-large.example.com"
-    assert "transport_socket" not in dns
+    opts = https["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    # SNI and the certificate check follow each endpoint's own host name.
+    assert opts["upstream_http_protocol_options"] == {"auto_sni": True,
+                                                      "auto_san_validation": True}
 
 
 def test_services_cluster_is_http2_and_reached_via_loopback() -> None:

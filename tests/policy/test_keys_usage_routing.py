@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policy.config import Backend, Price, parse_config
+from policy.config import Price, parse_config
 from policy.errors import ApiError
 from policy.keys import authenticate, extract_secret, fingerprint, index_keys, new_secret
-from policy.routing import Router, WeightedPicker, all_backends, cluster_name
+from policy.routing import Router, backend_url_of, model_cluster_name
 from policy.usage import Usage, cost_usd, usage_from_obj
 from tests.helpers import EXPIRED_SECRET, SECRET, policy_dict
 
@@ -60,21 +60,14 @@ def test_cost_is_additive(p: int, c: int) -> None:
         Usage(0, c), price)
 
 
-def test_shared_backends_get_one_cluster() -> None:
-    assert len(all_backends(CFG)) == 1
-    assert cluster_name(Backend(url="https://vllm.svc.local:8443")) == (
-        "backend_https_vllm_svc_local_8443")
-
-
-def test_weighted_picker_follows_weights() -> None:
-    b1, b2 = Backend(url="http://a:1", weight=1), Backend(url="http://b:1", weight=3)
-    picker = WeightedPicker([b1, b2])
-    picks = [picker.pick(lambda i=i: i / 1000) for i in range(1000)]
-    assert picks.count(b2) == 750
-
-
-def test_router_unknown_alias() -> None:
-    r = Router(CFG, lambda: 0.5)
-    assert r.route("nope") is None
-    route = r.route("demo")
-    assert route is not None and route.upstream_model == "tiny-llama"
+def test_one_cluster_per_alias_and_backend_urls() -> None:
+    r = Router(CFG)
+    demo, other = r.route("demo"), r.route("other")
+    assert demo is not None and other is not None and r.route("nope") is None
+    assert demo.cluster != other.cluster and demo.upstream_model == "tiny-llama"
+    assert demo.cluster == model_cluster_name("demo")
+    assert model_cluster_name("Llama 3.1/70B").startswith("model_llama_3_1_70b_")
+    assert model_cluster_name("a/b") != model_cluster_name("a_b")
+    model = CFG.models["demo"]
+    assert backend_url_of("127.0.0.1:8000", model) == "http://127.0.0.1:8000"
+    assert backend_url_of("10.0.0.9:1", model) == "10.0.0.9:1"
