@@ -92,13 +92,13 @@ def _parse_since(value: str) -> datetime:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from authz.records import USAGE_FILE, read_records
+    from authz.records import load_records
 
     path, _ = config_path(args)
     cfg = load_config(path)
     since = _parse_since(args.since) if args.since else None
     rows: list[dict[str, Any]] = []
-    for rec in read_records(cfg.data_dir / USAGE_FILE):
+    for rec in load_records(cfg):
         if args.org and rec.get("org") != args.org:
             continue
         if args.key and rec.get("key_id") != args.key:

@@ -14,11 +14,14 @@ from typing import Any, Protocol
 
 import orjson
 
+from policy.config import Config
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.records")
 
 USAGE_FILE = "usage.jsonl"
+# Hash-tagged so the stream and its dedup keys share one Redis Cluster slot.
+USAGE_STREAM = "tb:{usage}"
 
 
 class UsageSink(Protocol):
@@ -63,3 +66,38 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             seen.add(rid)
             yield rec
+
+
+def make_sink(cfg: Config) -> UsageSink:
+    """Redis Stream (spooled on disk through outages) for `state: redis://`, else the
+    local JSON-lines log."""
+    if cfg.state.startswith(("redis://", "rediss://")):
+        from authz.records_redis import RedisUsageSink
+
+        return RedisUsageSink(cfg.state, cfg.data_dir / "spool", stream=USAGE_STREAM,
+                              timeout_s=cfg.key_store.timeout_s)
+    return JsonlUsageLog(cfg.data_dir)
+
+
+def load_records(cfg: Config) -> list[dict[str, Any]]:
+    """Every usage record of the configured state backend, deduplicated by request_id."""
+    if cfg.state.startswith(("redis://", "rediss://")):
+        import asyncio
+
+        from redis.exceptions import RedisError
+
+        from authz.records_redis import read_stream
+
+        try:
+            stream = asyncio.run(read_stream(cfg.state, USAGE_STREAM))
+        except (RedisError, OSError) as e:
+            raise OSError(f"cannot read usage records from {cfg.state}: {e}") from None
+        seen: set[str] = set()
+        out = []
+        for rec in stream:
+            rid = rec.get("request_id")
+            if isinstance(rid, str) and rid not in seen:
+                seen.add(rid)
+                out.append(rec)
+        return out
+    return list(read_records(cfg.data_dir / USAGE_FILE))

@@ -25,7 +25,8 @@ from authz.limits.base import LimitStore
 from authz.limits.factory import make_limit_store
 from authz.metrics import Metrics
 from authz.recorder import Recorder
-from authz.records import JsonlUsageLog, UsageSink
+from authz.records import UsageSink, make_sink
+from authz.records_redis import RedisUsageSink
 from authz.snapshot import Runtime
 from authz.tracing import make_provider, tracer_of
 from policy.config import parse_hostport
@@ -71,7 +72,9 @@ class Services:
             self.limits = make_limit_store(cfg)
         await self.limits.start()
         if self.sink is None:
-            self.sink = JsonlUsageLog(cfg.data_dir)
+            self.sink = make_sink(cfg)
+        if isinstance(self.sink, RedisUsageSink):
+            await self.sink.start()
         recorder = Recorder(self.sink, self.metrics)
         if self.tracer_provider is None:
             self.tracer_provider = make_provider()  # never connects here
@@ -137,7 +140,9 @@ class Services:
             await self._server.stop(self.grace_s)
         if self._side is not None:
             await self._side.cleanup()
-        if self.sink is not None:
+        if isinstance(self.sink, RedisUsageSink):
+            await self.sink.aclose()  # delivers what it can in ~2 s; the spool keeps the rest
+        elif self.sink is not None:
             self.sink.close()
         if self.store is not None:
             await self.store.close()
