@@ -23,16 +23,23 @@ _PR_SET_PDEATHSIG = 1
 _PORT_RANGE = (20000, 32000)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port outside the ephemeral range that was free a moment ago."""
+    """A port outside the ephemeral range that was free a moment ago, and never one this
+    process handed out before (callers pick several before any of them binds)."""
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise OSError("no free port found")
 
