@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# xds-protos ships an older copy of opentelemetry/proto/ that, depending on install
+	@# order, overwrites opentelemetry-proto's (the OTLP exporter then fails to import).
+	@# Put the newer one (a superset) back last.
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	$(BIN)/python -c "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter"
 	@touch $(STAMP)
 
 install: $(STAMP)

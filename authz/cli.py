@@ -31,10 +31,10 @@ def config_path(args: argparse.Namespace) -> tuple[Path, bool]:
 def _run_async(coro: Any) -> None:
     try:
         import uvloop
-
-        uvloop.run(coro)
     except ImportError:
         asyncio.run(coro)
+        return
+    uvloop.run(coro)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

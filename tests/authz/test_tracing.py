@@ -92,7 +92,12 @@ def test_an_unreachable_collector_blocks_neither_start_nor_stop(tmp_path: Path) 
         env={**__import__("os").environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: http_ok(f"http://{http}/readyz"), "serve", timeout=10, alive=[proc])
+        try:
+            wait_until(lambda: http_ok(f"http://{http}/readyz"), "serve", timeout=10,
+                       alive=[proc])
+        except (RuntimeError, TimeoutError):
+            proc.kill()
+            raise AssertionError(proc.communicate()[1]) from None
         assert time.monotonic() - t0 < 10
         # Requests make spans; their export goes nowhere, and requests do not wait for it.
         from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -116,5 +121,5 @@ def test_an_unreachable_collector_blocks_neither_start_nor_stop(tmp_path: Path) 
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()
         blackhole.close()
