@@ -27,6 +27,7 @@ from authz.bootstrap import render_dict, render_yaml
 from authz.envoy_bin import envoy_path
 from policy.config import Config, ConfigError, Tls, parse_config
 from policy.routing import CLUSTER_HEADER, model_cluster_name
+from tests.tls import make_test_ca
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures"
@@ -51,19 +52,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     """A throwaway CA and a localhost certificate it signed (openssl CLI)."""
-    d = tmp_path_factory.mktemp("tls")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-            "/CN=tokenbooth test CA", "-keyout", "ca.key", "-out", "ca.crt")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-            "-keyout", "tls.key", "-out", "tls.csr")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "tls.crt")
-    return Tls(cert=d / "tls.crt", key=d / "tls.key")
+    _, cert, key = make_test_ca(tmp_path_factory.mktemp("tls"))
+    return Tls(cert=cert, key=key)
 
 
 def with_tls(cfg: Config, tls: Tls) -> Config:
