@@ -53,6 +53,18 @@ def chat(gw: Gateway, key: str, messages: Any = MESSAGES, **kw: Any) -> Any:
         model="demo", messages=messages, **{"max_tokens": 2, **kw})
 
 
+def admitted_within(gw: Gateway, key: str, seconds: float, why: str) -> None:
+    """Retry a small request until it is admitted; fail with `why` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            chat(gw, key)
+            return
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, why
+            time.sleep(0.05)
+
+
 @pytest.mark.parametrize("backend", ["gateway", "redis_gateway"])
 def test_rpm_burst_then_429_with_headers(backend: str, request: pytest.FixtureRequest) -> None:
     gw: Gateway = request.getfixturevalue(backend)
@@ -116,28 +128,14 @@ def test_concurrency_slots_are_released_on_every_ending(gateway: Gateway) -> Non
         list(gateway.client(key).chat.completions.create(
             model="demo", messages=MESSAGES, max_tokens=50, stream=True,
             extra_headers={"x-sim-cut-after": "2", "x-sim-tpot-ms": "30"}))
-    deadline = time.monotonic() + 3
-    while True:
-        try:
-            chat(gateway, key)
-            break
-        except openai.RateLimitError:
-            assert time.monotonic() < deadline, "a cut stream kept its concurrency slot"
-            time.sleep(0.05)
+    admitted_within(gateway, key, 3.0, "a cut stream kept its concurrency slot")
     # A client that goes away mid-stream releases it as well.
     stream = gateway.client(key).chat.completions.create(
         model="demo", messages=MESSAGES, max_tokens=50, stream=True,
         extra_headers={"x-sim-tpot-ms": "50"})
     next(iter(stream))
     stream.close()
-    deadline = time.monotonic() + 3
-    while True:
-        try:
-            chat(gateway, key)
-            break
-        except openai.RateLimitError:
-            assert time.monotonic() < deadline, "a departed client kept its concurrency slot"
-            time.sleep(0.05)
+    admitted_within(gateway, key, 3.0, "a departed client kept its concurrency slot")
 
 
 def test_budget_is_never_exceeded_and_429_insufficient_quota(gateway: Gateway) -> None:
