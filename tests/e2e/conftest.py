@@ -62,13 +62,15 @@ class Gateway:
 
 @contextlib.contextmanager
 def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
-                sim_weight: int = 1, **policy: Any) -> Iterator[Gateway]:
+                sim_weight: int = 1, upstream: str | None = None,
+                **policy: Any) -> Iterator[Gateway]:
     """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit.
-    `extra_backends` join the sim as weighted backends of the `demo` alias."""
+    `extra_backends` join the sim as weighted backends of the `demo` alias; with
+    `upstream` (a running vLLM, say) no sim is started and every alias routes there."""
     logs = root / "logs"
     logs.mkdir()
     sim_port = free_port()
-    sim_url = f"http://127.0.0.1:{sim_port}"
+    sim_url = upstream or f"http://127.0.0.1:{sim_port}"
     listen = f"127.0.0.1:{free_port()}"
     path = write_policy(
         root, sim_url, listen=listen,
@@ -93,8 +95,9 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
             procs.append(spawn(argv, stdout=log, stderr=subprocess.STDOUT))
 
     try:
-        start("sim", [*py, "sim", "--listen", f"127.0.0.1:{sim_port}", "--model",
-                      "tiny-llama", "--model", "tiny-llama-2"])
+        if upstream is None:
+            start("sim", [*py, "sim", "--listen", f"127.0.0.1:{sim_port}", "--model",
+                          "tiny-llama", "--model", "tiny-llama-2"])
         start("serve", [*py, "serve", "--config", str(path)])
         start("envoy", [str(envoy_path()), "-c", str(root / "envoy.yaml"),
                         "--log-level", "warn", "--use-dynamic-base-id"])

@@ -1,0 +1,82 @@
+"""Recorded real vLLM 0.32 streams (tests/vllm rewrites them with
+TOKENBOOTH_RECORD_VLLM_FIXTURES=1), metered at every split and at random multi-splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy.sse import SSEParser
+from policy.stream_usage import StreamMeter
+
+FIXTURES = Path(__file__).with_name("fixtures")
+STREAMS = {p.stem: p.read_bytes() for p in sorted(FIXTURES.glob("vllm_*_stream.sse"))}
+
+
+def usage_event(stream: bytes) -> tuple[bytes, dict[str, int]]:
+    """The usage-only event (raw bytes) and its usage, found without the code under test."""
+    for block in stream.split(b"\n\n"):
+        if block.startswith(b"data: {") and b'"choices":[]' in block:
+            return block + b"\n\n", json.loads(block[6:])["usage"]
+    raise AssertionError("no usage chunk in the recording")
+
+
+def meter(stream: bytes, cuts: list[int], strip: bool) -> tuple[StreamMeter, bytes]:
+    m = StreamMeter(strip_usage=strip)
+    out = b""
+    prev = 0
+    for c in [*sorted(cuts), len(stream)]:
+        got = m.feed(stream[prev:c])
+        out += stream[prev:c] if got is None else got
+        prev = c
+    got = m.finish()
+    return m, out + (b"" if got is None else got)
+
+
+def test_recordings_are_present() -> None:
+    assert set(STREAMS) == {"vllm_chat_stream", "vllm_completion_stream"}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_every_split_meters_vllm_usage_and_strips_only_its_chunk(name: str) -> None:
+    stream = STREAMS[name]
+    event, usage = usage_event(stream)
+    want = (usage["prompt_tokens"], usage["completion_tokens"])
+    for i in range(len(stream) + 1):
+        for strip in (False, True):
+            m, out = meter(stream, [i], strip)
+            assert m.usage is not None and m.done, (i, strip)
+            assert (m.usage.prompt_tokens, m.usage.completion_tokens) == want, (i, strip)
+            assert out == (stream.replace(event, b"") if strip else stream), (i, strip)
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_any_multi_split_gives_the_same_events(name: str, data: st.DataObject) -> None:
+    stream = STREAMS[name]
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
+    whole = SSEParser().feed(stream)
+    p = SSEParser()
+    got = []
+    prev = 0
+    for c in [*sorted(cuts), len(stream)]:
+        got += p.feed(stream[prev:c])
+        prev = c
+    rest, tail = p.finish()
+    assert [e.raw for e in got + rest] == [e.raw for e in whole] and tail == b""
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_without_the_usage_chunk_content_chunks_estimate_the_tokens(name: str) -> None:
+    """What an estimate sees when an upstream sends no usage: one content chunk per token
+    (these recordings have no token that decodes to empty text)."""
+    stream = STREAMS[name]
+    event, usage = usage_event(stream)
+    m, _ = meter(stream.replace(event, b""), [len(stream) // 3], strip=False)
+    assert m.usage is None and m.done
+    assert m.content_chunks == usage["completion_tokens"]

@@ -1,0 +1,101 @@
+"""Real-vLLM tier: one CPU vLLM server per session (random weights), behind Envoy + tokenbooth.
+
+vLLM lives in its own venv (`make vllm-venv` builds `.venv-vllm`; TOKENBOOTH_VLLM_PYTHON
+points elsewhere). Without it these tests are skipped, unless TOKENBOOTH_REQUIRE_VLLM=1
+(set by `make test`), which turns the absence into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz.procs import free_port, http_ok, spawn, stop, wait_until
+from tests.e2e.conftest import Gateway, run_gateway
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny-llama"
+# vLLM's own token counters; their sums over all label sets are compared with the records.
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+
+
+def vllm_python() -> Path | None:
+    env = os.environ.get("TOKENBOOTH_VLLM_PYTHON")
+    path = Path(env) if env else ROOT / ".venv-vllm" / "bin" / "python"
+    return path if path.exists() else None
+
+
+@dataclass
+class VllmServer:
+    url: str
+    log: Path
+
+    def counters(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {name: _metric_sum(text, name) for name in COUNTERS}
+
+    def post(self, path: str, body: dict[str, Any]) -> bytes:
+        """A request straight to vLLM, bypassing the gateway: vLLM's own answer."""
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            data: bytes = r.read()
+        return data
+
+
+def _metric_sum(text: str, name: str) -> float:
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", re.MULTILINE)
+    return sum(float(m.group(1)) for m in pattern.finditer(text))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    python = vllm_python()
+    if python is None:
+        msg = "no vLLM venv: run `make vllm-venv` (or set TOKENBOOTH_VLLM_PYTHON)"
+        if os.environ.get("TOKENBOOTH_REQUIRE_VLLM") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    root = tmp_path_factory.mktemp("vllm")
+    model = root / "model"
+    subprocess.run([str(python), str(Path(__file__).with_name("make_model.py")), str(model)],
+                   check=True, timeout=120)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}
+    log = root / "vllm.log"
+    with log.open("wb") as out:
+        proc = spawn([str(python), "-m", "vllm.entrypoints.openai.api_server",
+                      "--model", str(model), "--served-model-name", MODEL, "tiny-llama-2",
+                      "--load-format", "dummy", "--max-model-len", "512",
+                      "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "8",
+                      "--host", "127.0.0.1", "--port", str(port)],
+                     env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_until(lambda: http_ok(f"{url}/health"), "vLLM", timeout=420, alive=[proc])
+        except Exception:
+            print(log.read_text(errors="replace")[-4000:])
+            raise
+        yield VllmServer(url, log)
+    finally:
+        stop([proc])
+
+
+@pytest.fixture(scope="session")
+def vllm_gateway(vllm_server: VllmServer,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Envoy + tokenbooth serve, every alias routed to the real vLLM."""
+    with run_gateway(tmp_path_factory.mktemp("gateway-vllm"), upstream=vllm_server.url) as gw:
+        yield gw

@@ -1,0 +1,210 @@
+"""A real vLLM behind Envoy + tokenbooth: records equal vLLM's own usage and its counters.
+
+vLLM runs on CPU with random weights; `ignore_eos` makes it produce exactly
+`max_tokens` tokens, so every expectation below is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz.records import USAGE_FILE, read_records
+from policy.stream_usage import StreamMeter
+from tests.e2e.conftest import Gateway
+from tests.e2e.test_gateway import records_for
+from tests.helpers import SECRET
+from tests.vllm.conftest import MODEL, VllmServer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Tell me about the gateway in front of you."}]
+PROMPT = "Once upon a time, in a data centre far away,"
+EXACT: dict[str, Any] = {"ignore_eos": True, "temperature": 0}
+FIXTURES = Path(__file__).resolve().parents[1] / "policy" / "fixtures"
+# Rewrites the recorded streams that tests/policy/test_vllm_streams.py replays.
+RECORD = os.environ.get("TOKENBOOTH_RECORD_VLLM_FIXTURES") == "1"
+
+
+def vllm_usage(vllm: VllmServer, path: str, body: dict[str, Any]) -> tuple[int, int]:
+    """(prompt, completion) tokens that vLLM itself reports for this request body."""
+    usage = json.loads(vllm.post(path, {**body, "stream": False}))["usage"]
+    return usage["prompt_tokens"], usage["completion_tokens"]
+
+
+def raw_stream(url: str, body: dict[str, Any], key: str | None = None) -> tuple[bytes, str]:
+    """POST a streaming request and return the whole SSE body as bytes, plus x-request-id."""
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return r.read(), r.headers.get("x-request-id", "")
+
+
+def sse_data(stream: bytes) -> list[bytes]:
+    return [line[6:] for line in stream.split(b"\n") if line.startswith(b"data: ")]
+
+
+def test_chat_non_streaming_record_equals_vllm_usage(vllm_gateway: Gateway,
+                                                     vllm_server: VllmServer) -> None:
+    raw = vllm_gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=MESSAGES, max_tokens=16, extra_body=EXACT)
+    resp = raw.parse()
+    assert resp.usage is not None and resp.usage.completion_tokens == 16
+    assert resp.model == MODEL  # the alias was rewritten to the upstream model
+    [rec] = records_for(vllm_gateway, raw.headers["x-request-id"])
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (
+        resp.usage.prompt_tokens, resp.usage.completion_tokens)
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == vllm_usage(
+        vllm_server, "/v1/chat/completions",
+        {"model": MODEL, "messages": MESSAGES, "max_tokens": 16, **EXACT})
+    assert rec["estimated"] is False and rec["backend"] == vllm_server.url
+    # price 0.50 / 1.50 per 1k tokens, exact decimal
+    cost = (rec["prompt_tokens"] * 50 + rec["completion_tokens"] * 150) / 100_000
+    assert float(rec["cost_usd"]) == pytest.approx(cost, abs=1e-12)
+
+
+def test_chat_stream_hides_the_usage_chunk_and_records_vllm_usage(
+        vllm_gateway: Gateway, vllm_server: VllmServer) -> None:
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 12, "stream": True, **EXACT}
+    stream, rid = raw_stream(f"{vllm_gateway.base_url}/v1/chat/completions", body, SECRET)
+    events = sse_data(stream)
+    assert events[-1] == b"[DONE]" and stream.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in c or c["usage"] is None for c in chunks)
+    assert all(c["choices"] for c in chunks)  # no usage-only chunk reached the client
+    [rec] = records_for(vllm_gateway, rid)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
+        *vllm_usage(vllm_server, "/v1/chat/completions",
+                    {**body, "model": MODEL, "stream": False}), False)
+    assert rec["completion_tokens"] == 12 and rec["stream"] is True
+
+
+def test_chat_stream_with_usage_requested_matches_the_record(vllm_gateway: Gateway) -> None:
+    raw = vllm_gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=MESSAGES, max_tokens=9, stream=True,
+        stream_options={"include_usage": True}, extra_body=EXACT)
+    chunks = list(raw.parse())
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == [] and usage.completion_tokens == 9
+    [rec] = records_for(vllm_gateway, raw.headers["x-request-id"])
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (
+        usage.prompt_tokens, usage.completion_tokens)
+
+
+def test_completions_json_and_stream(vllm_gateway: Gateway, vllm_server: VllmServer) -> None:
+    client = vllm_gateway.client()
+    expected = vllm_usage(vllm_server, "/v1/completions",
+                          {"model": MODEL, "prompt": PROMPT, "max_tokens": 7, **EXACT})
+    raw = client.completions.with_raw_response.create(
+        model="demo", prompt=PROMPT, max_tokens=7, extra_body=EXACT)
+    resp = raw.parse()
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == expected
+    [rec] = records_for(vllm_gateway, raw.headers["x-request-id"])
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == expected
+    sraw = client.completions.with_raw_response.create(
+        model="demo", prompt=PROMPT, max_tokens=7, stream=True, extra_body=EXACT)
+    text = "".join(c.choices[0].text for c in sraw.parse() if c.choices)
+    assert text == resp.choices[0].text  # temperature 0: the same tokens either way
+    [srec] = records_for(vllm_gateway, sraw.headers["x-request-id"])
+    assert (srec["prompt_tokens"], srec["completion_tokens"], srec["estimated"]) == (
+        *expected, False)
+    assert srec["endpoint"] == "completions"
+
+
+def test_record_sums_equal_vllm_counter_deltas(vllm_gateway: Gateway,
+                                               vllm_server: VllmServer) -> None:
+    """Everything vLLM counted, the records hold; nothing more, nothing less."""
+    client = vllm_gateway.client()
+    before = vllm_server.counters()
+    ids: list[str] = []
+    for i, n in enumerate((3, 8, 5, 11)):
+        msgs = [{"role": "user", "content": f"Request {i}: count {n} things."}]
+        ids.append(client.chat.completions.with_raw_response.create(
+            model="demo", messages=msgs, max_tokens=n, extra_body=EXACT,
+            stream=bool(i % 2)).headers["x-request-id"])
+        ids.append(client.completions.with_raw_response.create(
+            model="other", prompt=f"{PROMPT} {i}", max_tokens=n, extra_body=EXACT,
+            stream=not i % 2).headers["x-request-id"])
+    # The streamed ones were read to the end by the SDK only if iterated; be explicit.
+    recs = [r for rid in ids for r in records_for(vllm_gateway, rid)]
+    assert len(recs) == len(ids)
+    assert not any(r["estimated"] for r in recs)
+    want = {"vllm:prompt_tokens_total": sum(r["prompt_tokens"] for r in recs),
+            "vllm:generation_tokens_total": sum(r["completion_tokens"] for r in recs)}
+    deadline = time.monotonic() + 10
+    while True:  # vLLM updates its counters just after the response ends
+        delta = {k: v - before[k] for k, v in vllm_server.counters().items()}
+        if delta == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert delta == want
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_client_gone_mid_stream_gives_an_estimated_record(vllm_gateway: Gateway,
+                                                          attempt: int) -> None:
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 250, "stream": True, **EXACT}
+    req = urllib.request.Request(
+        f"{vllm_gateway.base_url}/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {SECRET}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        rid = r.headers["x-request-id"]
+        seen = 0
+        while seen < 5:
+            line = r.readline()
+            if line.startswith(b"data: {"):
+                seen += 1
+    # The connection is closed here, long before 250 tokens.
+    deadline = time.monotonic() + 30
+    recs: list[dict[str, Any]] = []
+    while not recs and time.monotonic() < deadline:
+        recs = [x for x in read_records(vllm_gateway.data_dir / USAGE_FILE)
+                if x["request_id"] == rid]
+        time.sleep(0.1)
+    [rec] = recs
+    assert rec["estimated"] is True and rec["status"] == 499, rec
+    # Counted from the content chunks the gateway saw (the first one carries only the role).
+    assert 4 <= rec["completion_tokens"] < 250, rec
+    assert rec["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize(("name", "path", "body"), [
+    ("chat", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 24}),
+    ("completion", "/v1/completions", {"prompt": PROMPT, "max_tokens": 24}),
+])
+def test_real_streams_meter_exactly_at_every_split(vllm_server: VllmServer, name: str,
+                                                   path: str, body: dict[str, Any]) -> None:
+    """A stream straight from vLLM, split at every byte offset, gives vLLM's usage."""
+    body = {**body, "model": MODEL, "stream": True,
+            "stream_options": {"include_usage": True}, **EXACT}
+    stream, _ = raw_stream(f"{vllm_server.url}{path}", body)
+    *chunks, done = sse_data(stream)
+    assert done == b"[DONE]"
+    usage = json.loads(chunks[-1])["usage"]
+    usage_event = b"data: " + chunks[-1] + b"\n\n"
+    assert usage_event in stream
+    for i in range(len(stream) + 1):
+        meter = StreamMeter(strip_usage=True)
+        out = [meter.feed(stream[:i]), meter.feed(stream[i:]), meter.finish()]
+        assert b"".join(o or b"" for o in out) == stream.replace(usage_event, b""), i
+        assert meter.usage is not None and meter.done, i
+        assert (meter.usage.prompt_tokens, meter.usage.completion_tokens) == (
+            usage["prompt_tokens"], usage["completion_tokens"]), i
+    fixture = FIXTURES / f"vllm_{name}_stream.sse"
+    if RECORD:
+        fixture.parent.mkdir(exist_ok=True)
+        fixture.write_bytes(stream)
+    # The recorded stream still has the shape vLLM sends today (same chunk fields).
+    recorded = [json.loads(d) for d in sse_data(fixture.read_bytes())[:-1]]
+    live = [json.loads(d) for d in chunks]
+    assert {tuple(sorted(c)) for c in recorded} == {tuple(sorted(c)) for c in live}
