@@ -99,8 +99,9 @@ def _load_assignment(name: str, host: str, port: int, hostname: str = "") -> Any
 
 
 def services_cluster(cfg: Config) -> Any:
-    """gRPC needs HTTP/2 upstream; every in-flight request holds a stream here."""
-    host, port = parse_hostport(cfg.services.grpc_listen)
+    """gRPC needs HTTP/2 upstream; every in-flight request holds a stream here. A DNS
+    name (a headless Service) gives one endpoint per address, balanced per stream."""
+    host, port = parse_hostport(cfg.envoy.services_address or cfg.services.grpc_listen)
     host = connect_host(host)
     kind, family = _discovery(host)
     h2 = UpstreamHttpOptions(

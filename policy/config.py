@@ -6,11 +6,13 @@ names the file, the path inside it and what is wrong.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -25,8 +27,11 @@ from pydantic import (
 
 from policy.keyrecord import SCOPES, KeyRecord
 
-__all__ = ["SCOPES", "Config", "ConfigError", "KeyRecord", "load_config", "parse_hostport"]
+__all__ = ["REDIS_PASSWORD_ENV", "SCOPES", "Config", "ConfigError", "KeyRecord", "load_config",
+           "parse_hostport"]
 
+# The Redis password, kept out of the file (a Kubernetes Secret as an env var).
+REDIS_PASSWORD_ENV = "TOKENBOOTH_REDIS_PASSWORD"  # noqa: S105 - a variable name
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -129,6 +134,9 @@ class Services(_Strict):
 
 class EnvoySettings(_Strict):
     admin_listen: HostPort = "127.0.0.1:9901"
+    # Where Envoy reaches the services when that is not services.grpc_listen (wildcards
+    # through loopback), e.g. a headless Kubernetes Service in front of several replicas.
+    services_address: HostPort | None = None
     route_timeout_s: float = Field(default=120.0, gt=0)
     # How long Envoy waits for one ext_authz / ext_proc answer.
     decision_timeout_ms: int = Field(default=2000, ge=10)
@@ -248,8 +256,20 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return cfg.model_copy(update={"data_dir": base / cfg.data_dir, "tls": tls})
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a YAML policy file."""
+def with_redis_password(state: str, password: str) -> str:
+    """A Redis `state` URL with its password set; user name, host, port and db kept."""
+    parts = urlsplit(state)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML policy file.
+
+    `TOKENBOOTH_REDIS_PASSWORD` in `env` (default: the process environment), when set,
+    is the password of a Redis `state`, so the file never holds it."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -260,4 +280,8 @@ def load_config(path: Path) -> Config:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where}: not valid YAML") from None
-    return parse_config(data, str(path), path.parent.resolve())
+    cfg = parse_config(data, str(path), path.parent.resolve())
+    password = (os.environ if env is None else env).get(REDIS_PASSWORD_ENV)
+    if password and cfg.state != "memory":
+        cfg = cfg.model_copy(update={"state": with_redis_password(cfg.state, password)})
+    return cfg

@@ -186,6 +186,19 @@ def test_services_cluster_is_http2_and_reached_via_loopback() -> None:
     assert svc["circuit_breakers"]["thresholds"][0]["max_requests"] >= 100_000
 
 
+def test_services_address_reaches_replicas_through_dns() -> None:
+    """In Kubernetes the services listen on 0.0.0.0 in their own pods; Envoy reaches them
+    through a headless Service, one endpoint per ready pod."""
+    base = load_fixture("tls_multi")
+    cfg = base.model_copy(update={"envoy": base.envoy.model_copy(
+        update={"services_address": "tokenbooth.tb.svc.cluster.local:9101"})})
+    svc = clusters(render_dict(cfg))["tokenbooth_services"]
+    addr = svc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert addr["socket_address"] == {"address": "tokenbooth.tb.svc.cluster.local",
+                                      "port_value": 9101}
+    assert svc["type"] == "STRICT_DNS"
+
+
 def test_route() -> None:
     d = render_dict(load_fixture("basic"))
     r = route(d)

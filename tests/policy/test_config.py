@@ -57,3 +57,25 @@ def test_hostport() -> None:
     for bad in ("x", "x:99999", ":80", "a b:1"):
         with pytest.raises(ValueError):
             parse_hostport(bad)
+
+
+@pytest.mark.parametrize(
+    ("state", "password", "expected"),
+    [
+        ("redis://redis:6379/0", "s3cret", "redis://:s3cret@redis:6379/0"),
+        ("rediss://tb@redis.example:6380/2", "p@ss:w/rd",
+         "rediss://tb:p%40ss%3Aw%2Frd@redis.example:6380/2"),
+        ("redis://tb:old@redis:6379/0", "new", "redis://tb:new@redis:6379/0"),
+    ],
+)
+def test_redis_password_from_env(tmp_path: Path, state: str, password: str,
+                                 expected: str) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000", state=state)
+    cfg = load_config(path, env={"TOKENBOOTH_REDIS_PASSWORD": password})
+    assert cfg.state == expected
+    assert load_config(path, env={}).state == state  # the file itself never holds it
+
+
+def test_redis_password_leaves_memory_state_alone(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    assert load_config(path, env={"TOKENBOOTH_REDIS_PASSWORD": "x"}).state == "memory"
