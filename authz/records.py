@@ -41,7 +41,8 @@ class JsonlUsageLog:
 
     def write(self, record: UsageRecord) -> None:
         # One write() of one whole line: O_APPEND keeps lines intact across processes.
-        self._file.write(orjson.dumps(record.to_dict(), option=orjson.OPT_APPEND_NEWLINE))
+        # orjson serialises the (flat) dataclass itself, without a dict in between.
+        self._file.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
     def close(self) -> None:
         self._file.close()
