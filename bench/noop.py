@@ -1,0 +1,157 @@
+"""Configuration F: ext_authz and ext_proc servicers that do no work.
+
+The floor of Python gRPC plumbing with tokenbooth's message pattern: Envoy runs the exact
+bootstrap `tokenbooth envoy render` produces, and these servicers answer every message at
+once with the empty response of its kind. Only what keeps the message pattern identical to
+tokenbooth's is set, as constant messages built once:
+
+- Check → OK;
+- request_headers → switch the response headers phase on (`mode_override`), as tokenbooth
+  does for every admitted request;
+- request_body → name the backend cluster and clear the route cache (the rendered route
+  picks its cluster from that header; without it Envoy has nowhere to send the request);
+- response_headers → response body STREAMED for `text/event-stream`, else BUFFERED, as
+  tokenbooth decides;
+- response_body and trailers → empty.
+
+The same grpc.aio server options and uvloop as `authz/server.py`, the official xds-protos
+stubs. It counts messages by kind and serves the counts as JSON on a side port (`/counts`).
+
+Run: `python -m bench.noop --grpc 127.0.0.1:P --side 127.0.0.1:Q --cluster NAME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import orjson
+from aiohttp import web
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from google.rpc import code_pb2, status_pb2
+
+from policy.routing import CLUSTER_HEADER
+
+_MODE = processing_mode_pb2.ProcessingMode
+# The modes tokenbooth's ext_proc switches to (mode_override replaces every mode).
+_RESPONSE_HEADERS_ON = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
+                             response_body_mode=_MODE.NONE)
+_SSE = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
+             response_body_mode=_MODE.STREAMED)
+_JSON = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
+              response_body_mode=_MODE.BUFFERED)
+_SSE_TYPE = b"text/event-stream"
+
+
+def replies(cluster: str) -> dict[str, Any]:
+    """The constant answer to each kind of ProcessingRequest."""
+    route = ep.CommonResponse(
+        header_mutation=ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=CLUSTER_HEADER, raw_value=cluster.encode()),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]),
+        clear_route_cache=True,
+    )
+    return {
+        "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse(),
+                                                 mode_override=_RESPONSE_HEADERS_ON),
+        "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse(response=route)),
+        "response_headers:sse": ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
+                                                      mode_override=_SSE),
+        "response_headers:json": ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
+                                                       mode_override=_JSON),
+        "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+        "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
+        "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+    }
+
+
+class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, counts: Counter[str]) -> None:
+        self._counts = counts
+        self._ok = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._counts["check"] += 1
+        return self._ok
+
+
+class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, counts: Counter[str], cluster: str) -> None:
+        self._counts = counts
+        self._replies = replies(cluster)
+
+    async def Process(self, request_iterator: AsyncIterator[Any],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        counts, answers = self._counts, self._replies
+        counts["streams"] += 1
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("request")
+            counts[kind] += 1
+            if kind == "response_headers":
+                sse = any(h.key == "content-type" and h.raw_value.startswith(_SSE_TYPE)
+                          for h in msg.response_headers.headers.headers)
+                yield answers["response_headers:sse" if sse else "response_headers:json"]
+            else:
+                yield answers[kind]
+
+
+async def serve(grpc_listen: str, side_listen: str, cluster: str) -> None:
+    counts: Counter[str] = Counter()
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", (1 << 20) + (64 << 10)),
+        ("grpc.max_send_message_length", (1 << 20) + (64 << 10)),
+    ])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(counts), server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        NoopProcessor(counts, cluster), server)
+    if server.add_insecure_port(grpc_listen) == 0:
+        raise OSError(f"cannot listen on {grpc_listen}")
+    await server.start()
+
+    async def get_counts(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(dict(counts)), content_type="application/json")
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/counts", get_counts)
+    app.router.add_get("/readyz", ready)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = side_listen.rpartition(":")
+    await web.TCPSite(runner, host, int(port)).start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+    await runner.cleanup()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grpc", required=True, help="HOST:PORT of the gRPC services")
+    ap.add_argument("--side", required=True, help="HOST:PORT of /counts and /readyz")
+    ap.add_argument("--cluster", required=True, help="the Envoy cluster of the backend")
+    args = ap.parse_args()
+    import uvloop
+
+    uvloop.run(serve(args.grpc, args.side, args.cluster))
+
+
+if __name__ == "__main__":
+    main()
