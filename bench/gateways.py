@@ -106,14 +106,23 @@ def render(config: Path) -> dict[str, Any]:
 
 
 def bare(bootstrap: dict[str, Any]) -> dict[str, Any]:
-    """A from the rendered bootstrap: only the router filter; the route names the cluster."""
+    """A from the rendered bootstrap: only the router filter; the routes that take their
+    cluster from a header (which the services would set) name the backend's instead."""
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     conf = hcm["typed_config"]
     conf["http_filters"] = [f for f in conf["http_filters"]
                             if f["name"] == "envoy.filters.http.router"]
-    action = conf["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-    action.pop("cluster_header")
-    action["cluster"] = model_cluster_name(ALIAS)
+    rewired = 0
+    for vhost in conf["route_config"]["virtual_hosts"]:
+        for route in vhost["routes"]:
+            route.pop("typed_per_filter_config", None)  # for filters that are gone
+            action = route.get("route", {})
+            if "cluster_header" in action:
+                del action["cluster_header"]
+                action["cluster"] = model_cluster_name(ALIAS)
+                rewired += 1
+    if not rewired:
+        raise RuntimeError("bench: no route with cluster_header in the rendered bootstrap")
     return bootstrap
 
 

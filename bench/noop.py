@@ -8,14 +8,18 @@ tokenbooth's is set, as constant messages built once:
 - Check → OK;
 - request_headers → switch the response headers phase on (`mode_override`), as tokenbooth
   does for every admitted request;
-- request_body → name the backend cluster and clear the route cache (the rendered route
-  picks its cluster from that header; without it Envoy has nowhere to send the request);
+- request_body → name the backend cluster and clear the route cache, both ways tokenbooth
+  has done it: in the cluster header, and in ext_proc's dynamic metadata (from which the
+  bootstrap may copy it into that header); without it Envoy has nowhere to send the request;
 - response_headers → response body STREAMED for `text/event-stream`, else BUFFERED, as
   tokenbooth decides;
 - response_body and trailers → empty.
 
-The same grpc.aio server options and uvloop as `authz/server.py`, the official xds-protos
-stubs. It counts messages by kind and serves the counts as JSON on a side port (`/counts`).
+The servicers answer whatever Envoy sends, so when tokenbooth's bootstrap asks for other
+phases (or none), F follows. A `mode_override` is ignored by an Envoy whose bootstrap does
+not allow it. The same grpc.aio server options and uvloop as `authz/server.py`, the
+official xds-protos stubs. It counts messages by kind and serves the counts as JSON on a
+side port (`/counts`).
 
 Run: `python -m bench.noop --grpc 127.0.0.1:P --side 127.0.0.1:Q --cluster NAME`.
 """
@@ -37,9 +41,14 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from policy.routing import CLUSTER_HEADER
+from policy import routing
+
+EXT_PROC = "envoy.filters.http.ext_proc"  # the filter's name: its metadata namespace
+# The metadata key tokenbooth names the cluster under, where it routes that way.
+CLUSTER_KEY: str = getattr(routing, "CLUSTER_KEY", "cluster")
 
 _MODE = processing_mode_pb2.ProcessingMode
 # The modes tokenbooth's ext_proc switches to (mode_override replaces every mode).
@@ -56,14 +65,17 @@ def replies(cluster: str) -> dict[str, Any]:
     """The constant answer to each kind of ProcessingRequest."""
     route = ep.CommonResponse(
         header_mutation=ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=CLUSTER_HEADER, raw_value=cluster.encode()),
+            header=base_pb2.HeaderValue(key=routing.CLUSTER_HEADER, raw_value=cluster.encode()),
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]),
         clear_route_cache=True,
     )
+    metadata = struct_pb2.Struct()
+    metadata.update({EXT_PROC: {CLUSTER_KEY: cluster}})
     return {
         "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse(),
                                                  mode_override=_RESPONSE_HEADERS_ON),
-        "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse(response=route)),
+        "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse(response=route),
+                                              dynamic_metadata=metadata),
         "response_headers:sse": ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
                                                       mode_override=_SSE),
         "response_headers:json": ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
