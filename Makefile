@@ -17,6 +17,8 @@ help:
 	@echo "make test   - install and run lint, type checks and every test tier"
 	@echo "              (the top tier runs a real vLLM on CPU from its own venv, .venv-vllm)"
 	@echo "make vllm   - only the real-vLLM tier (pytest -m vllm)"
+	@echo "make bench  - end-to-end benchmark through Envoy: bare, no-op servicers, tokenbooth,"
+	@echo "              LiteLLM (BENCH_ARGS='--reps 3 --duration 5'; results in bench/results/)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,22 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP)
 
+# LiteLLM's proxy for `make bench` (configuration C), in a venv of its own, never .venv.
+# Pinned: the newest release whose dependencies resolve from the registry here (1.109.1
+# needs a certifi release it does not have).
+LITELLM_VENV  := bench/.venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.installed-stamp
+LITELLM_PIN   := litellm[proxy]==1.106.2
+
+$(LITELLM_STAMP):
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LITELLM_VENV)/bin/python -m pip install --quiet '$(LITELLM_PIN)'
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(LITELLM_VENV)/bin/litellm --version
+	@touch $(LITELLM_STAMP)
+
+bench-litellm-venv: $(LITELLM_STAMP)
+
 run: install
 	$(BIN)/tokenbooth up $(if $(UPSTREAM),--upstream $(UPSTREAM))
 
@@ -59,6 +77,11 @@ unit: install
 
 e2e: install
 	$(BIN)/python -m pytest tests/e2e tests/envoy $(PYTEST_ARGS)
+
+.PHONY: bench bench-litellm-venv
+# Numbers from one run on this machine, never pass/fail (`make test` runs only a smoke).
+bench: install bench-litellm-venv
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 vllm: install vllm-venv
 	TOKENBOOTH_REQUIRE_VLLM=1 $(BIN)/python -m pytest -m vllm $(PYTEST_ARGS)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from bench import litellm_proxy
 
 
 def test_check_path_bench_runs() -> None:
@@ -19,3 +25,26 @@ def test_limit_path_bench_runs() -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "redis (one Lua round trip each)" in r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_end_to_end_bench_runs(tmp_path: Path) -> None:
+    """`make bench` in miniature: A, F and B-memory (C too where its venv exists), one
+    concurrency, half a second, one repetition; every request must have succeeded."""
+    r = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    rows = result["summary"]
+    configs = {row["config"] for row in rows}
+    assert {"A", "F", "B-memory"} <= configs
+    if not litellm_proxy.available():
+        assert "skipping C (LiteLLM)" in r.stdout
+    for row in rows:
+        assert row["failed"] == 0 and row["rps"] > 0, row
+        if row["config"] in ("F", "B-memory"):
+            # ext_authz Check + request headers, body, response headers, response body.
+            assert row["msgs"]["total"] >= 4.5, row
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| B-memory | 4 |" in markdown
+    assert "#### B against A, F and C" in markdown
