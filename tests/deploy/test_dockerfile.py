@@ -136,7 +136,9 @@ def test_base_image_is_pinned_and_meets_requires_python() -> None:
     (image,) = images
     name, _, tag = image.partition(":")
     assert name == "python" and tag and tag != "latest"
-    version = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", tag).groups())  # type: ignore[union-attr]
+    m = re.match(r"(\d+)\.(\d+)", tag)
+    assert m, tag
+    version = (int(m[1]), int(m[2]))
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     minimum = tuple(int(x) for x in requires.removeprefix(">=").split("."))
     assert version >= minimum
