@@ -21,6 +21,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     HttpProtocolOptions,
+    Metadata,
     TransportSocket,
     UpstreamHttpProtocolOptions,
 )
@@ -43,6 +44,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.google.protobuf import Struct, Value
 
 from authz.bootstrap_common import (
     CIRCUIT_BREAKER_MAX,
@@ -54,7 +56,7 @@ from authz.bootstrap_common import (
     seconds,
 )
 from policy.config import Config, Model, parse_hostport
-from policy.routing import authority, model_cluster_name
+from policy.routing import BACKEND_METADATA, authority, model_cluster_name
 
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Where https backends' server certificates are verified against (Debian/Ubuntu path,
@@ -130,7 +132,9 @@ def _upstream_tls() -> Any:
 
 def _endpoints(name: str, model: Model) -> Any:
     """Every backend of the alias, weighted; each endpoint's hostname is its URL's
-    host[:port], sent as Host on requests (auto_host_rewrite) and health checks."""
+    host[:port], sent as Host on requests (auto_host_rewrite) and health checks. Its
+    metadata names the configured URL: ext_proc reads it (as the response attribute
+    `xds.upstream_host_metadata`) for the usage record's `backend`."""
     eps = [
         LbEndpoint(
             endpoint=Endpoint(
@@ -139,6 +143,8 @@ def _endpoints(name: str, model: Model) -> Any:
                 health_check_config=EndpointHealthCheckConfig(hostname=authority(b)),
             ),
             load_balancing_weight=b.weight,
+            metadata=Metadata(filter_metadata={
+                BACKEND_METADATA: Struct(fields={"backend": Value(string_value=b.url)})}),
         )
         for b in model.backends
     ]

@@ -1,14 +1,17 @@
-"""The HTTP connection manager: filters (buffer → ext_authz → ext_proc → router), the
-route, the access log."""
+"""The HTTP connection manager: filters (buffer → ext_authz → ext_proc → buffer →
+header_mutation → router), the routes, the access log."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
-from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRules
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as MutationRulesHeaderMutation,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
@@ -17,6 +20,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     SubstitutionFormatString,
 )
 from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
     RetryPolicy,
     RetryPolicyRetryBackOff,
     RetryPolicyRetryHostPredicate,
@@ -31,11 +35,19 @@ from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
     ProcessingMode,
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    HeaderMutation as HeaderMutationFilter,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    Mutations as HeaderMutations,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -46,19 +58,26 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 )
 from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
-from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Struct, Value
 
 from authz.bootstrap_common import SERVICES_CLUSTER, ms, pack, seconds
-from authz.bootstrap_replies import local_reply_config
+from authz.bootstrap_replies import PROC_DOWN, local_reply_config
+from authz.names import EXT_AUTHZ, EXT_PROC
 from policy.config import Config
-from policy.routing import CLUSTER_HEADER, UPSTREAM_HEADER
+from policy.limits import RATE_HEADER_NAMES
+from policy.routing import CLUSTER_HEADER, CLUSTER_KEY
 
 BUFFER = "envoy.filters.http.buffer"
-EXT_AUTHZ = "envoy.filters.http.ext_authz"
-EXT_PROC = "envoy.filters.http.ext_proc"
 ROUTER = "envoy.filters.http.router"
+HOLD = "tokenbooth.hold_for_routing"  # a second buffer filter (names must be unique)
+SET_CLUSTER = "envoy.filters.http.header_mutation"
+MODELS_PATH = "/v1/models"
+# What ext_proc reads from the request headers and the response, as attributes.
+REQUEST_ATTRIBUTES = ("request.path", "request.method", "request.id",
+                      "request.headers['traceparent']")
+RESPONSE_ATTRIBUTES = ("response.code", "xds.upstream_host_metadata")
 
 # What the access log records: never the authorization / x-api-key headers.
 _ACCESS_LOG_FIELDS = {
@@ -117,42 +136,96 @@ def ext_authz(cfg: Config) -> Any:
 
 
 def ext_proc(cfg: Config) -> Any:
-    """Body checks, routing, reservation, usage. The response side is off here and
-    switched on per request by the processor's `mode_override` (local replies such as
-    ext_authz denials then never reach the processor)."""
+    """Body checks, routing, reservation, usage, in the fewest messages (each costs the
+    service ~100 µs of CPU): no header messages at all. The request body arrives with
+    what the service needs from the headers as attributes (and ext_authz's principal as
+    metadata); the response arrives as body chunks, the first with the status and the
+    serving endpoint as attributes. Routing and rate-limit headers go back as dynamic
+    metadata (see `hold_for_routing` and the route)."""
     mode = ProcessingMode(
-        request_header_mode=ProcessingModeHeaderSendMode.SEND,
+        request_header_mode=ProcessingModeHeaderSendMode.SKIP,
         request_body_mode=ProcessingModeBodySendMode.BUFFERED,
         response_header_mode=ProcessingModeHeaderSendMode.SKIP,
-        response_body_mode=ProcessingModeBodySendMode.NONE,
+        response_body_mode=ProcessingModeBodySendMode.STREAMED,
         request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
         response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
     )
     return ExternalProcessor(
         # No deadline on the stream itself: it lives as long as the response it meters.
         grpc_service=_grpc(),
-        failure_mode_allow=False,
+        # Fails open, yet no request reaches a backend without ext_proc's answer: only
+        # that answer names the cluster (`cluster_from_metadata`), and without one the
+        # request ends in a 503 (bootstrap_replies). Failing closed would instead cut
+        # Envoy's own replies: with the response body STREAMED for every request, those
+        # (ext_authz's 503 when the services are down, say) pass through ext_proc too.
+        failure_mode_allow=True,
         processing_mode=mode,
         # Each answer must come within the decision timeout.
         message_timeout=ms(cfg.envoy.decision_timeout_ms),
-        # Defaults allow these already (only host, :authority, :scheme, :method and
-        # x-envoy-* are off limits); stated so a tightening never blocks the body rewrite
-        # (needs content-length) or the routing header.
-        mutation_rules=HeaderMutationRules(
-            allow_expression=RegexMatcher(regex="^(content-length|x-tokenbooth-.+)$")
-        ),
-        allow_mode_override=True,
+        request_attributes=list(REQUEST_ATTRIBUTES),
+        response_attributes=list(RESPONSE_ATTRIBUTES),
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
-        # The principal ext_authz decided on travels as its dynamic metadata.
         metadata_options=MetadataOptions(
-            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ])
+            # The principal ext_authz decided on travels as its dynamic metadata...
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ]),
+            # ...and the route and rate-limit headers come back as ext_proc's.
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_PROC]),
         ),
     )
 
 
+def hold_for_routing(cfg: Config) -> Any:
+    """With request headers skipped, ext_proc lets them on at once; this second buffer
+    holds them (and so the router's choice of cluster) until ext_proc has answered the
+    body. It also sets content-length for the rewritten body."""
+    return Buffer(max_request_bytes=cfg.max_request_body_bytes)
+
+
+def cluster_from_metadata() -> Any:
+    """CLUSTER_HEADER := the cluster ext_proc chose (absent when ext_proc saw no body)."""
+    return HeaderMutationFilter(mutations=HeaderMutations(request_mutations=[
+        MutationRulesHeaderMutation(append=HeaderValueOption(
+            header=HeaderValue(key=CLUSTER_HEADER, value=_proc_metadata(CLUSTER_KEY)),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            keep_empty_value=False,
+        ))
+    ]))
+
+
+def _proc_metadata(key: str) -> str:
+    return f"%DYNAMIC_METADATA({EXT_PROC}:{key})%"
+
+
+def _models_route() -> Any:
+    """GET /v1/models has no body: ext_proc takes its headers here and answers at once."""
+    headers_only = ProcessingMode(
+        request_header_mode=ProcessingModeHeaderSendMode.SEND,
+        request_body_mode=ProcessingModeBodySendMode.NONE,
+        response_header_mode=ProcessingModeHeaderSendMode.SKIP,
+        response_body_mode=ProcessingModeBodySendMode.NONE,
+        request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+    )
+    per_route = ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=headers_only))
+    return Route(
+        name="models",
+        match=RouteMatch(path=MODELS_PATH),
+        # Reached only when ext_proc failed (it fails open): the same 503 as elsewhere.
+        direct_response=DirectResponseAction(
+            status=PROC_DOWN.status,
+            body=DataSource(inline_string=PROC_DOWN.body().decode())),
+        response_headers_to_add=[HeaderValueOption(
+            header=HeaderValue(key="content-type", value="application/json"),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )],
+        typed_per_filter_config={EXT_PROC: pack(per_route)},
+    )
+
+
 def route_config(cfg: Config) -> Any:
-    """One route: the ext_proc service names the cluster in CLUSTER_HEADER and clears
-    the route cache; the header never reaches the backend."""
+    """GET /v1/models, then the inference route: ext_proc names the cluster in its
+    metadata and clears the route cache; `cluster_from_metadata` turns it into
+    CLUSTER_HEADER, which never reaches the backend."""
     retry = RetryPolicy(
         # Only failures before the backend saw the request (or, for 503, before it
         # started generating): a retry never duplicates tokens already sent.
@@ -172,6 +245,7 @@ def route_config(cfg: Config) -> Any:
         host_selection_retry_max_attempts=3,
     )
     route = Route(
+        name="inference",
         match=RouteMatch(prefix="/"),
         route=RouteAction(
             cluster_header=CLUSTER_HEADER,
@@ -182,12 +256,15 @@ def route_config(cfg: Config) -> Any:
             auto_host_rewrite=True,
         ),
         request_headers_to_remove=[CLUSTER_HEADER],
-        # Which backend served: ext_proc reads it for the usage record and removes it.
+        # The admission's rate-limit headers, from ext_proc's metadata; absent ones are
+        # left out (keys without limits, and refusals, which carry their own).
         response_headers_to_add=[
             HeaderValueOption(
-                header=HeaderValue(key=UPSTREAM_HEADER, value="%UPSTREAM_HOST_NAME%"),
+                header=HeaderValue(key=name, value=_proc_metadata(name)),
                 append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                keep_empty_value=False,
             )
+            for name in RATE_HEADER_NAMES
         ],
         # Buffering for ext_proc and for retries may reach the body limit (the listener's
         # 1 MiB default would be too small for larger limits).
@@ -195,7 +272,8 @@ def route_config(cfg: Config) -> Any:
     )
     return RouteConfiguration(
         name="tokenbooth",
-        virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"], routes=[route])],
+        virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"],
+                                   routes=[_models_route(), route])],
     )
 
 
@@ -212,6 +290,8 @@ def http_connection_manager(cfg: Config) -> Any:
         HttpFilter(name=BUFFER, typed_config=pack(body_limit(cfg))),
         HttpFilter(name=EXT_AUTHZ, typed_config=pack(ext_authz(cfg))),
         HttpFilter(name=EXT_PROC, typed_config=pack(ext_proc(cfg))),
+        HttpFilter(name=HOLD, typed_config=pack(hold_for_routing(cfg))),
+        HttpFilter(name=SET_CLUSTER, typed_config=pack(cluster_from_metadata())),
         HttpFilter(name=ROUTER, typed_config=pack(Router())),
     ]
     return HttpConnectionManager(

@@ -14,7 +14,9 @@ Seen with Envoy 1.40 (the real binary, access log `%RESPONSE_FLAGS%` and
   `ext_proc_error_per-message_timeout_exceeded`.
 - ext_proc ImmediateResponse: its own status, no flag, its own `details`.
 - backend unhealthy / ejected: 503, UH, `no_healthy_upstream`.
-- routing header missing or naming no cluster: 503, NC, `cluster_not_found`.
+- routing header missing or naming no cluster: 503, NC, `cluster_not_found`. Only
+  ext_proc's answer names a cluster: without one, either the request had no body
+  (ext_proc is sent nothing) or ext_proc failed.
 - backend timed out (route timeout): 504, UT, `response_timeout`.
 - backend closed the connection before answering: 503, UC,
   `upstream_reset_before_response_started{connection_termination}`; UF (connect
@@ -40,14 +42,16 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.google.protobuf import NullValue, Struct, Value
 
 from authz.bootstrap_common import pack
+from authz.names import EXT_PROC
 from policy.config import Config
-from policy.errors import ApiError, request_too_large, service_unavailable
+from policy.errors import ApiError, invalid_request, request_too_large, service_unavailable
 
 AUTHZ_DOWN = service_unavailable("The authorization service is unavailable; try again.")
 PROC_DOWN = service_unavailable("The request processing service is unavailable; try again.")
 NO_BACKEND = service_unavailable("No healthy backend is available for this model.")
 BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
+NO_BODY = invalid_request("This endpoint needs a JSON request body.")
 
 # Flags of upstream failures that happen before any response byte (else no local reply).
 _NO_BACKEND_FLAGS = ("UH", "NC", "UO")
@@ -96,6 +100,13 @@ def local_reply_config(cfg: Config) -> Any:
             _mapper(_cel("response.code_details == 'ext_authz_error'"), AUTHZ_DOWN),
             # Also turns ext_proc's 504 on a message timeout into a 503.
             _mapper(_cel("response.code_details.startsWith('ext_proc_error')"), PROC_DOWN),
+            # No cluster: ext_proc never named one. It is sent nothing for a request
+            # without a body (the client's 400); else it failed or timed out (it fails
+            # open, see bootstrap_http.ext_proc, so this is how its outage shows).
+            _mapper(_cel("response.code_details == 'cluster_not_found' && "
+                         "request.size == 0"), NO_BODY),
+            _mapper(_cel("response.code_details == 'cluster_not_found' && "
+                         f"!('{EXT_PROC}' in metadata.filter_metadata)"), PROC_DOWN),
             _mapper(_flags(_NO_BACKEND_FLAGS), NO_BACKEND),
             _mapper(_flags(_TIMEOUT_FLAGS), BACKEND_TIMEOUT),
             _mapper(_flags(_FAILED_FLAGS), BACKEND_FAILED),

@@ -1,12 +1,15 @@
 """One request's life in ext_proc: the decisions per Envoy message, and its record.
 
-Message pattern (processing modes are set per request):
-  request_headers  → continue; switch on the response headers phase
-                     (GET /v1/models is answered right here)
-  request_body     → validate, check the model allow-list, pick the backend,
-                     rewrite the body, set the cluster header, clear the route cache
-  response_headers → STREAMED body for SSE, BUFFERED for JSON
-  response_body    → meter usage (SSE: strip the usage chunk the client did not ask for)
+Message pattern (see authz/bootstrap_http.py; every message costs ~100 µs, so no
+header messages on the inference path):
+  request_body     → the path, method, request id and traceparent come as attributes,
+                     the principal as ext_authz's metadata: validate, check the model
+                     allow-list, admit, rewrite the body; the cluster and the
+                     rate-limit headers go back as metadata, and the route cache is cleared
+  response_body    → chunks as they arrive; the first carries the status and the serving
+                     endpoint as attributes. Meter usage (SSE: strip the usage chunk the
+                     client did not ask for; JSON: read `usage` at the end)
+  request_headers  → only GET /v1/models (its own route): answered right here
 The record is written once: at the response's end, or when the stream ends early.
 """
 
@@ -23,6 +26,7 @@ import orjson
 from authz import protos
 from authz.admission import Admission
 from authz.ext_authz import METADATA_NAMESPACE
+from authz.names import EXT_PROC
 from authz.recorder import Recorder
 from authz.snapshot import Runtime, Snapshot
 from policy.endpoints import Endpoint, Kind, lookup
@@ -38,27 +42,19 @@ from policy.limits import (
     usd_to_nano,
 )
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
-from policy.routing import CLUSTER_HEADER, UPSTREAM_HEADER, Route, backend_url_of
+from policy.routing import CLUSTER_KEY, Route, backend_from_host_metadata
 from policy.stream_usage import StreamMeter
 from policy.usage import Usage, make_record, usage_from_obj
 
 log = logging.getLogger("tokenbooth.ext_proc")
 
 ep = protos.ep
-_MODE = protos.ProcessingMode
-# mode_override replaces every mode: always restate request_body_mode.
-_RESPONSE_HEADERS_ON = _MODE(
-    request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
-    response_body_mode=_MODE.NONE,
-)
-_SSE_MODE = _MODE(
-    request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
-    response_body_mode=_MODE.STREAMED,
-)
-_JSON_MODE = _MODE(
-    request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
-    response_body_mode=_MODE.BUFFERED,
-)
+# Answers that carry nothing: built once.
+_BODY_AS_IS = protos.ProcessingResponse(response_body=ep.BodyResponse())
+_HEADERS_AS_IS = protos.ProcessingResponse(response_headers=ep.HeadersResponse())
+# A JSON response is kept to read its `usage`, up to this size (past it: estimated).
+JSON_KEEP_BYTES = 64 << 20
+_TRACEPARENT = "request.headers['traceparent']"
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
 
 
@@ -72,6 +68,7 @@ class Exchange:
         "_meter",
         "_org",
         "_rec",
+        "_responded",
         "_rt",
         "_settle",
         "_snap",
@@ -100,7 +97,8 @@ class Exchange:
         self._t0 = time.monotonic()
         self._started: datetime = runtime.clock()
         self._meter: StreamMeter | None = None
-        self._json_body = b""
+        self._json_body = bytearray()
+        self._responded = False  # the first response message was seen
         self.endpoint: Endpoint | None = None
         self.principal: Principal | None = None
         self.req: InferenceRequest | None = None
@@ -116,14 +114,15 @@ class Exchange:
 
     async def handle(self, msg: protos.Msg) -> protos.Msg:
         kind = msg.WhichOneof("request")
+        if kind == "response_body":
+            return self._response_body(msg)
+        if kind == "request_body":
+            return await self._request_body(msg)
         if kind == "request_headers":
             return await self._request_headers(msg)
-        if kind == "request_body":
-            return await self._request_body(msg.request_body)
+        # Not configured to be sent; answered so a changed configuration cannot stall.
         if kind == "response_headers":
-            return self._response_headers(msg.response_headers)
-        if kind == "response_body":
-            return self._response_body(msg.response_body)
+            return _HEADERS_AS_IS
         if kind == "request_trailers":
             return protos.ProcessingResponse(request_trailers=ep.TrailersResponse())
         return protos.ProcessingResponse(response_trailers=ep.TrailersResponse())
@@ -131,37 +130,41 @@ class Exchange:
     # -- request side ---------------------------------------------------------
 
     async def _request_headers(self, msg: protos.Msg) -> protos.Msg:
-        headers = msg.request_headers
-        h = protos.header_map(headers)
-        self.request_id = h.get("x-request-id") or uuid.uuid4().hex
-        self.traceparent = h.get("traceparent")
-        path = h.get(":path", "")
-        endpoint = lookup(h.get(":method", ""), path)
+        """GET /v1/models (the only route that sends request headers)."""
+        h = protos.header_map(msg.request_headers)
+        self._identify(msg, h.get(":method", ""), h.get(":path", ""),
+                       h.get("x-request-id", ""), h.get("traceparent"))
+        assert self.endpoint is not None and self.principal is not None
+        if self.endpoint.kind is not Kind.MODELS:
+            if msg.request_headers.end_of_stream:
+                raise invalid_request("This endpoint needs a JSON request body.")
+            return protos.ProcessingResponse(request_headers=ep.HeadersResponse())
+        principal = self.principal
+        # Counts as a request for the rate limit; reserves no tokens or money.
+        lim = principal.limits
+        ask = self._make_ask(0, 0)
+        org = self._org_hold(ask)
+        decision = await self._admission.admit_all(org, lim, ask, self._started)
+        await self._admission.settle(lim, ask, 0, 0, self._rt.clock())
+        if org is not None:
+            await self._admission.settle(*org, 0, 0, self._rt.clock())
+        aliases = [a for a in self._snap.aliases if principal.may_use(a)]
+        return protos.immediate(200, models_list(aliases, int(self._started.timestamp())),
+                                tuple(rate_headers(decision)))
+
+    def _identify(self, msg: protos.Msg, method: str, path: str, request_id: str,
+                  traceparent: str | None) -> None:
+        """Which endpoint, which request, whose key (once per request)."""
+        self.request_id = request_id or uuid.uuid4().hex
+        self.traceparent = traceparent or None
+        endpoint = lookup(method, path)
         if endpoint is None:
             raise not_found(path)
         principal = principal_from_metadata(msg)
         if principal is None:
             # Only reachable when ext_authz did not run first: refuse, never guess.
             raise invalid_api_key("No authenticated API key on this request.")
-        self.endpoint = endpoint
-        self.principal = principal
-        if endpoint.kind is Kind.MODELS:
-            # Counts as a request for the rate limit; reserves no tokens or money.
-            lim = principal.limits
-            ask = self._make_ask(0, 0)
-            org = self._org_hold(ask)
-            decision = await self._admission.admit_all(org, lim, ask, self._started)
-            await self._admission.settle(lim, ask, 0, 0, self._rt.clock())
-            if org is not None:
-                await self._admission.settle(*org, 0, 0, self._rt.clock())
-            aliases = [a for a in self._snap.aliases if principal.may_use(a)]
-            return protos.immediate(200, models_list(aliases, int(self._started.timestamp())),
-                                    tuple(rate_headers(decision)))
-        if headers.end_of_stream:
-            raise invalid_request("This endpoint needs a JSON request body.")
-        return protos.ProcessingResponse(
-            request_headers=ep.HeadersResponse(), mode_override=_RESPONSE_HEADERS_ON
-        )
+        self.endpoint, self.principal = endpoint, principal
 
     def _make_ask(self, tokens: int, cost: int) -> Ask:
         assert self.principal is not None
@@ -190,9 +193,17 @@ class Exchange:
                           period=period_id(ol.budget_period, self._started))
         return limits, org_ask
 
-    async def _request_body(self, body: protos.Msg) -> protos.Msg:
+    async def _request_body(self, msg: protos.Msg) -> protos.Msg:
+        if self.endpoint is None:
+            attrs = msg.attributes[EXT_PROC].fields if EXT_PROC in msg.attributes else {}
+
+            def attr(name: str) -> str:
+                return attrs[name].string_value if name in attrs else ""
+
+            self._identify(msg, attr("request.method"), attr("request.path"),
+                           attr("request.id"), attr(_TRACEPARENT))
         assert self.endpoint is not None and self.principal is not None
-        req = parse_request(body.body, self.endpoint, self._snap.config)
+        req = parse_request(msg.request_body.body, self.endpoint, self._snap.config)
         if not self.principal.may_use(req.alias):
             raise model_not_allowed(req.alias)
         route = self._snap.router.route(req.alias)
@@ -201,55 +212,32 @@ class Exchange:
         ask = self._make_ask(req.prompt_estimate + req.max_tokens,
                              cost_nano(req.prompt_bound, req.max_tokens, price))
         org = self._org_hold(ask)
-        self._decision = await self._admission.admit_all(org, self.principal.limits, ask,
-                                                         self._started)
-        self._ask, self._org = ask, org
+        decision = await self._admission.admit_all(org, self.principal.limits, ask,
+                                                   self._started)
+        self._decision, self._ask, self._org = decision, ask, org
         new_body = upstream_body(req)
         self.req, self.route = req, route
-        return protos.ProcessingResponse(
-            request_body=ep.BodyResponse(
-                response=ep.CommonResponse(
-                    header_mutation=ep.HeaderMutation(
-                        set_headers=[
-                            protos.set_header(CLUSTER_HEADER, route.cluster),
-                            protos.set_header("content-length", str(len(new_body))),
-                        ]
-                    ),
-                    body_mutation=ep.BodyMutation(body=new_body),
-                    clear_route_cache=True,
-                )
-            )
-        )
+        common = ep.CommonResponse(body_mutation=ep.BodyMutation(body=new_body),
+                                   clear_route_cache=True)
+        # Envoy ignores clear_route_cache in a body answer without a header mutation.
+        common.header_mutation.SetInParent()
+        resp = protos.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+        # The route's cluster, and the rate-limit headers the route adds to the response.
+        md = resp.dynamic_metadata.fields[EXT_PROC].struct_value.fields
+        md[CLUSTER_KEY].string_value = route.cluster
+        for name, value in rate_headers(decision):
+            md[name].string_value = value
+        return resp
 
     # -- response side --------------------------------------------------------
 
-    def _response_headers(self, headers: protos.Msg) -> protos.Msg:
-        h = protos.header_map(headers)
-        try:
-            self.status = int(h.get(":status", "0"))
-        except ValueError:
-            self.status = 0
+    def _response_body(self, msg: protos.Msg) -> protos.Msg:
+        body = msg.response_body
+        if not self._responded:
+            self._responded = True
+            self._first_response(msg)
         if not self.admitted:
-            return protos.ProcessingResponse(response_headers=ep.HeadersResponse())
-        assert self.req is not None
-        upstream = h.get(UPSTREAM_HEADER, "")
-        self._backend = backend_url_of(upstream, self.req.model) if upstream else ""
-        limit_headers = [protos.set_header(k, v) for k, v in
-                         rate_headers(self._decision or Decision(True))]
-        if headers.end_of_stream:
-            self.finish()
-            return _headers_reply(ep.HeaderMutation(set_headers=limit_headers,
-                                                    remove_headers=[UPSTREAM_HEADER]), None)
-        if h.get("content-type", "").startswith("text/event-stream"):
-            assert self.req is not None
-            self._meter = StreamMeter(strip_usage=not self.req.client_wants_usage)
-            mutation = ep.HeaderMutation(set_headers=limit_headers,
-                                         remove_headers=["content-length", UPSTREAM_HEADER])
-            return _headers_reply(mutation, _SSE_MODE)
-        return _headers_reply(ep.HeaderMutation(set_headers=limit_headers,
-                                                remove_headers=[UPSTREAM_HEADER]), _JSON_MODE)
-
-    def _response_body(self, body: protos.Msg) -> protos.Msg:
+            return _BODY_AS_IS  # a local reply (a refusal): nothing to meter
         out: bytes | None = None
         meter = self._meter
         if meter is not None:
@@ -258,14 +246,28 @@ class Exchange:
                 tail = meter.finish()
                 if tail is not None:
                     out = (out or b"") + tail
-        else:
+        elif len(self._json_body) < JSON_KEEP_BYTES:
             self._json_body += body.body
         if body.end_of_stream:
             self.finish()
-        common = ep.CommonResponse()
-        if out is not None:
-            common.body_mutation.body = out
-        return protos.ProcessingResponse(response_body=ep.BodyResponse(response=common))
+        if out is None:
+            return _BODY_AS_IS
+        resp = protos.ProcessingResponse(response_body=ep.BodyResponse())
+        resp.response_body.response.body_mutation.body = out
+        return resp
+
+    def _first_response(self, msg: protos.Msg) -> None:
+        """Status and serving backend (attributes of the first response message); an SSE
+        meter for a stream the backend accepted (an error answer is JSON)."""
+        attrs = msg.attributes[EXT_PROC].fields if EXT_PROC in msg.attributes else {}
+        if "response.code" in attrs:
+            self.status = int(attrs["response.code"].number_value)
+        if "xds.upstream_host_metadata" in attrs:
+            self._backend = backend_from_host_metadata(
+                attrs["xds.upstream_host_metadata"].string_value)
+        req = self.req
+        if req is not None and req.stream and 0 < self.status < 400:
+            self._meter = StreamMeter(strip_usage=not req.client_wants_usage)
 
     # -- the end --------------------------------------------------------------
 
@@ -329,15 +331,6 @@ class Exchange:
         if self.status >= 400:
             return Usage(), False  # the backend refused: nothing was generated
         return Usage(req.prompt_estimate, 0), True
-
-
-def _headers_reply(mutation: protos.Msg, mode: protos.Msg | None) -> protos.Msg:
-    resp = protos.ProcessingResponse(
-        response_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=mutation))
-    )
-    if mode is not None:
-        resp.mode_override.CopyFrom(mode)
-    return resp
 
 
 def principal_from_metadata(msg: protos.Msg) -> Principal | None:

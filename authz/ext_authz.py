@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from authz import protos
 from authz.keyauth import KeyAuthority
 from authz.metrics import Metrics
+from authz.names import EXT_AUTHZ
 from authz.tracing import parent_context
 from policy.endpoints import lookup, path_known
 from policy.errors import ApiError, not_found
@@ -31,7 +32,7 @@ _SET_BY_US = frozenset({ORG_HEADER, KEY_ID_HEADER})
 _KEY_HEADERS = ("authorization", "x-api-key")
 # ext_proc reads the principal from here (Envoy forwards this metadata namespace to it),
 # so the two services need not share a replica or a cache.
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+METADATA_NAMESPACE = EXT_AUTHZ  # ext_proc reads the principal from here
 
 
 class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]

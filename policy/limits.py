@@ -182,7 +182,14 @@ def format_reset(seconds: float) -> str:
     return f"{sec}s"
 
 
+RATE_HEADER_NAMES = (
+    "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+)
+
+
 def rate_headers(d: Decision) -> list[tuple[str, str]]:
+    """OpenAI's rate-limit headers (names in RATE_HEADER_NAMES) for the limits a key has."""
     out: list[tuple[str, str]] = []
     if d.limit_requests is not None:
         out += [

@@ -12,11 +12,16 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from policy.config import Backend, Config, Model
+from policy.config import Backend, Config
 
 CLUSTER_HEADER = "x-tokenbooth-cluster"
 # Envoy adds the endpoint that served the response here (read by ext_proc, then removed).
-UPSTREAM_HEADER = "x-tokenbooth-upstream"
+# ext_proc's dynamic metadata key for the chosen cluster (Envoy copies it into CLUSTER_HEADER).
+CLUSTER_KEY = "cluster"
+# Endpoint metadata namespace that names each backend's configured URL.
+BACKEND_METADATA = "tokenbooth"
+# How Envoy renders that metadata in the `xds.upstream_host_metadata` attribute (text proto).
+_BACKEND_IN_METADATA = re.compile(r'key: "backend" value \{ string_value: "((?:[^"\\]|\\.)*)" \}')
 _UNSAFE = re.compile(r"[^a-z0-9]+")
 
 
@@ -26,12 +31,10 @@ def model_cluster_name(alias: str) -> str:
     return f"model_{_UNSAFE.sub('_', alias.lower())[:40]}_{digest}"
 
 
-def backend_url_of(upstream_host_name: str, model: Model) -> str:
-    """The configured backend URL for the endpoint Envoy reports (`host:port`)."""
-    for b in model.backends:
-        if authority(b) == upstream_host_name:
-            return b.url
-    return upstream_host_name
+def backend_from_host_metadata(text: str) -> str:
+    """The backend URL from Envoy's text rendering of the serving endpoint's metadata."""
+    m = _BACKEND_IN_METADATA.search(text)
+    return m.group(1) if m else ""
 
 
 def authority(backend: Backend) -> str:

@@ -1,4 +1,9 @@
-"""ext_proc Process streams over a real gRPC socket, message by message, as Envoy sends them."""
+"""ext_proc Process streams over a real gRPC socket, message by message, as Envoy sends them.
+
+The inference path sends no header messages (authz/bootstrap_http.py): the request body
+comes with the request's attributes and ext_authz's metadata; the response comes as body
+chunks, the first with the status and the serving endpoint as attributes.
+"""
 
 from __future__ import annotations
 
@@ -11,48 +16,63 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from authz.names import EXT_AUTHZ, EXT_PROC
 from authz.records import USAGE_FILE, read_records
 from authz.server import Services
-from policy.routing import CLUSTER_HEADER, model_cluster_name
+from policy.limits import RATE_HEADER_NAMES
+from policy.routing import CLUSTER_KEY, model_cluster_name
 from tests.authz.conftest import Running
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello there"}]}
 CLUSTER = model_cluster_name("demo")
 
 
-def headers_msg(pairs: dict[str, str], end: bool = False, response: bool = False) -> Any:
-    hh = ep.HttpHeaders(
-        headers=base_pb2.HeaderMap(
-            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
-        ),
-        end_of_stream=end,
-    )
-    return ep.ProcessingRequest(response_headers=hh) if response else ep.ProcessingRequest(
-        request_headers=hh)
-
-
-def body_msg(data: bytes, end: bool = True, response: bool = False) -> Any:
-    b = ep.HttpBody(body=data, end_of_stream=end)
-    return ep.ProcessingRequest(response_body=b) if response else ep.ProcessingRequest(
-        request_body=b)
-
-
 PRINCIPALS = {"k-main": ("acme", []), "k-limited": ("beta", ["demo"]),
               "k-metered": ("acme", [])}
 METERED = {"tpm": "1000", "max_concurrent": "1", "budget_nano": str(10 * 10**9),
            "budget_period": "total"}
+BACKEND = "http://127.0.0.1:8000"
+# Envoy's text rendering of the serving endpoint's metadata (the bootstrap sets it).
+HOST_METADATA = ('filter_metadata { key: "tokenbooth" value { fields { key: "backend" '
+                 f'value {{ string_value: "{BACKEND}" }} }} }} }}')
 
 
-def req_headers(path: str = "/v1/chat/completions", method: str = "POST",
-                key_id: str = "k-main", rid: str = "rid-1") -> Any:
-    """Request headers as Envoy sends them, with ext_authz's metadata forwarded."""
-    msg = headers_msg({":method": method, ":path": path, "x-request-id": rid,
-                       "x-tokenbooth-key-id": key_id, "x-tokenbooth-org": "acme"})
+def _principal(msg: Any, key_id: str) -> None:
+    """ext_authz's metadata, as Envoy forwards it."""
     if key_id:
         org, models = PRINCIPALS[key_id]
-        md = msg.metadata_context.filter_metadata["envoy.filters.http.ext_authz"]
-        md.update({"key_id": key_id, "org": org, "models": models,
-                   **(METERED if key_id == "k-metered" else {})})
+        msg.metadata_context.filter_metadata[EXT_AUTHZ].update(
+            {"key_id": key_id, "org": org, "models": models,
+             **(METERED if key_id == "k-metered" else {})})
+
+
+def req_body(data: bytes, key_id: str = "k-main", rid: str = "rid-1",
+             path: str = "/v1/chat/completions") -> Any:
+    """The one request-side message of the inference path."""
+    msg = ep.ProcessingRequest(request_body=ep.HttpBody(body=data, end_of_stream=True))
+    msg.attributes[EXT_PROC].update({"request.path": path, "request.method": "POST",
+                                     "request.id": rid})
+    _principal(msg, key_id)
+    return msg
+
+
+def models_headers(key_id: str = "k-main") -> Any:
+    """GET /v1/models: its route sends the request headers."""
+    hh = ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode())
+        for k, v in {":method": "GET", ":path": "/v1/models", "x-request-id": "m-1"}.items()
+    ]), end_of_stream=True)
+    msg = ep.ProcessingRequest(request_headers=hh)
+    _principal(msg, key_id)
+    return msg
+
+
+def resp_body(data: bytes, end: bool = True, status: int | None = 200) -> Any:
+    """A response chunk; pass `status` on the first (it carries the attributes)."""
+    msg = ep.ProcessingRequest(response_body=ep.HttpBody(body=data, end_of_stream=end))
+    if status is not None:
+        msg.attributes[EXT_PROC].update({"response.code": status,
+                                         "xds.upstream_host_metadata": HOST_METADATA})
     return msg
 
 
@@ -74,8 +94,10 @@ def immediate(resp: Any) -> tuple[int, dict[str, Any]]:
     return ir.status.code, json.loads(ir.body)
 
 
-def set_headers(common: Any) -> dict[str, str]:
-    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+def proc_metadata(resp: Any) -> dict[str, Any]:
+    """What the answer hands Envoy as ext_proc's dynamic metadata."""
+    md = resp.dynamic_metadata.fields[EXT_PROC].struct_value.fields
+    return {k: v.string_value for k, v in md.items()}
 
 
 async def records(running: Running, n: int) -> list[dict[str, Any]]:
@@ -88,47 +110,55 @@ async def records(running: Running, n: int) -> list[dict[str, Any]]:
     return list(read_records(path))
 
 
-async def admit(s: Stream, body: dict[str, Any]) -> Any:
-    r = await s.send(req_headers())
-    assert r.HasField("request_headers")
-    assert r.mode_override.response_header_mode == r.mode_override.SEND
-    assert r.mode_override.request_body_mode == r.mode_override.BUFFERED
-    return await s.send(body_msg(json.dumps(body).encode()))
+async def admit(s: Stream, body: dict[str, Any], key_id: str = "k-main",
+                rid: str = "rid-1") -> Any:
+    r = await s.send(req_body(json.dumps(body).encode(), key_id, rid))
+    assert r.HasField("request_body")
+    return r
 
 
 async def test_models_answered_from_policy_for_the_key(running: Running) -> None:
     s = Stream(running)
-    status, body = immediate(await s.send(req_headers("/v1/models", "GET", "k-limited")))
+    status, body = immediate(await s.send(models_headers("k-limited")))
     assert status == 200
     assert [m["id"] for m in body["data"]] == ["demo"]
     assert body["object"] == "list"
 
 
-async def test_body_rewrite_routes_and_sets_content_length(running: Running) -> None:
+async def test_body_rewrite_routes_by_metadata(running: Running) -> None:
     s = Stream(running)
     r = await admit(s, {**CHAT, "stream": True})
     common = r.request_body.response
-    assert common.clear_route_cache
-    hdrs = set_headers(common)
-    assert hdrs[CLUSTER_HEADER] == CLUSTER
+    # Envoy honours clear_route_cache in a body answer only with a header mutation.
+    assert common.clear_route_cache and common.HasField("header_mutation")
+    md = proc_metadata(r)
+    assert md[CLUSTER_KEY] == CLUSTER
+    assert set(md) - {CLUSTER_KEY} <= set(RATE_HEADER_NAMES)
     new_body = json.loads(common.body_mutation.body)
-    assert int(hdrs["content-length"]) == len(common.body_mutation.body)
     assert new_body["model"] == "tiny-llama"
     assert new_body["stream_options"] == {"include_usage": True}
-    assert all(h.header.raw_value and not h.header.value for h in
-               common.header_mutation.set_headers)
+    await s.close()
+
+
+async def test_rate_limit_headers_travel_as_metadata(running: Running) -> None:
+    s = Stream(running)
+    md = proc_metadata(await admit(s, CHAT, key_id="k-metered"))
+    assert md["x-ratelimit-limit-tokens"] == "1000"
+    assert int(md["x-ratelimit-remaining-tokens"]) < 1000
+    assert "x-ratelimit-limit-requests" not in md  # this key has no RPM limit
     await s.close()
 
 
 async def test_json_response_usage_is_recorded_once(running: Running) -> None:
     s = Stream(running)
     await admit(s, {**CHAT, "max_tokens": 5})
-    r = await s.send(headers_msg({":status": "200", "content-type": "application/json"},
-                                 response=True))
-    assert r.mode_override.response_body_mode == r.mode_override.BUFFERED
-    upstream = {"id": "x", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5,
-                                                   "total_tokens": 16}}
-    r = await s.send(body_msg(json.dumps(upstream).encode(), response=True))
+    upstream = json.dumps({"id": "x", "choices": [], "usage": {
+        "prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}}).encode()
+    # JSON arrives streamed like any body, in whatever pieces Envoy read it.
+    r = await s.send(resp_body(upstream[:20], end=False))
+    assert not r.response_body.response.HasField("body_mutation")
+    r = await s.send(resp_body(upstream[20:], end=False, status=None))
+    r = await s.send(resp_body(b"", end=True, status=None))
     assert not r.response_body.response.HasField("body_mutation")
     await s.close()
     [rec] = await records(running, 1)
@@ -138,6 +168,27 @@ async def test_json_response_usage_is_recorded_once(running: Running) -> None:
     assert rec["estimated"] is False and rec["status"] == 200 and rec["stream"] is False
     assert (rec["key_id"], rec["org"], rec["model"], rec["upstream_model"]) == (
         "k-main", "acme", "demo", "tiny-llama")
+    assert rec["backend"] == BACKEND
+
+
+async def test_backend_error_is_passed_through_and_records_no_tokens(running: Running) -> None:
+    s = Stream(running)
+    await admit(s, {**CHAT, "stream": True})
+    error = b'{"error": {"message": "boom", "type": "server_error"}}'
+    r = await s.send(resp_body(error, status=500))
+    assert not r.response_body.response.HasField("body_mutation")  # not metered as SSE
+    await s.close()
+    [rec] = await records(running, 1)
+    assert (rec["status"], rec["total_tokens"], rec["estimated"]) == (500, 0, False)
+
+
+async def test_local_reply_without_admission_is_passed_at_once(running: Running) -> None:
+    """Envoy's own replies (an ext_authz refusal, say) pass through ext_proc too."""
+    s = Stream(running)
+    r = await s.send(resp_body(b'{"error": {}}', status=401))
+    assert r.HasField("response_body")
+    await s.close()
+    assert await records(running, 0) == []
 
 
 def sse(*objs: Any) -> bytes:
@@ -156,13 +207,11 @@ STREAM = sse(
 async def stream_through(running: Running, body: dict[str, Any], split: int) -> bytes:
     s = Stream(running)
     await admit(s, body)
-    r = await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"},
-                                 response=True))
-    assert r.mode_override.response_body_mode == r.mode_override.STREAMED
     out = b""
     for i in range(0, len(STREAM), split):
         chunk = STREAM[i:i + split]
-        r = await s.send(body_msg(chunk, end=i + split >= len(STREAM), response=True))
+        r = await s.send(resp_body(chunk, end=i + split >= len(STREAM),
+                                   status=200 if i == 0 else None))
         common = r.response_body.response
         out += common.body_mutation.body if common.HasField("body_mutation") else chunk
     await s.close()
@@ -191,9 +240,7 @@ async def test_sse_passes_through_untouched_when_client_asked_for_usage(
 async def test_cut_stream_leaves_one_estimated_record(running: Running) -> None:
     s = Stream(running)
     await admit(s, {**CHAT, "stream": True})
-    await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"},
-                             response=True))
-    await s.send(body_msg(STREAM[:150], end=False, response=True))
+    await s.send(resp_body(STREAM[:150], end=False))
     s.call.cancel()  # Envoy drops the stream: the client or the upstream went away
     [rec] = await records(running, 1)
     assert rec["estimated"] is True
@@ -217,8 +264,7 @@ async def test_validation_errors_are_openai_shaped_and_leave_no_record(
     ]
     for raw, status, code, param in cases:
         s = Stream(running)
-        await s.send(req_headers())
-        got_status, body = immediate(await s.send(body_msg(raw)))
+        got_status, body = immediate(await s.send(req_body(raw)))
         assert (got_status, body["error"]["code"], body["error"]["param"]) == (
             status, code, param), raw
     assert await records(running, 0) == []
@@ -226,15 +272,14 @@ async def test_validation_errors_are_openai_shaped_and_leave_no_record(
 
 async def test_model_allow_list(running: Running) -> None:
     s = Stream(running)
-    await s.send(req_headers(key_id="k-limited"))
-    status, body = immediate(await s.send(body_msg(
-        json.dumps({**CHAT, "model": "other"}).encode())))
+    status, body = immediate(await s.send(req_body(
+        json.dumps({**CHAT, "model": "other"}).encode(), key_id="k-limited")))
     assert (status, body["error"]["code"]) == (403, "model_not_allowed")
 
 
 async def test_without_ext_authz_identity_the_request_is_refused(running: Running) -> None:
     s = Stream(running)
-    status, body = immediate(await s.send(req_headers(key_id="")))
+    status, body = immediate(await s.send(req_body(json.dumps(CHAT).encode(), key_id="")))
     assert (status, body["error"]["code"]) == (401, "invalid_api_key")
 
 
@@ -255,18 +300,15 @@ async def test_stop_lets_an_inflight_stream_finish(running: Running) -> None:
     await asyncio.sleep(0.1)
     assert not services.ready()
     # The in-flight stream still gets answers during the grace period.
-    r = await s.send(headers_msg({":status": "200", "content-type": "application/json"},
-                                 response=True))
-    assert r.HasField("response_headers")
-    await s.send(body_msg(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}}',
-                          response=True))
+    r = await s.send(resp_body(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}}'))
+    assert r.HasField("response_body")
     await s.close()
     await stopping
     [rec] = list(read_records(running.data_dir / USAGE_FILE))
     assert rec["estimated"] is False
     # New streams are refused once stopped.
     try:
-        await Stream(running).send(req_headers())
+        await Stream(running).send(req_body(json.dumps(CHAT).encode()))
     except grpc.aio.AioRpcError:
         pass
     else:
@@ -286,12 +328,8 @@ async def test_a_killed_stream_settles_every_counter_to_what_was_used(
     store = running.services.limits
     assert store is not None
     s = Stream(running)
-    await s.send(req_headers(key_id="k-metered", rid="cut-1"))
-    r = await s.send(body_msg(json.dumps({**CHAT, "stream": True, "max_tokens": 100}).encode()))
-    assert r.HasField("request_body")
-    await s.send(headers_msg({":status": "200", "content-type": "text/event-stream"},
-                             response=True))
-    await s.send(body_msg(STREAM[:150], end=False, response=True))  # one content chunk
+    await admit(s, {**CHAT, "stream": True, "max_tokens": 100}, key_id="k-metered", rid="cut-1")
+    await s.send(resp_body(STREAM[:150], end=False))  # one content chunk
     s.call.cancel()
     [rec] = await records(running, 1)
     assert rec["estimated"] is True and rec["completion_tokens"] == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.authz.conftest import Running, serve_policy
-from tests.authz.test_ext_proc import CHAT, Stream, body_msg, immediate, req_headers
+from tests.authz.test_ext_proc import CHAT, Stream, immediate, req_body
 
 
 @pytest.fixture
@@ -24,8 +24,7 @@ async def org_running(tmp_path: Path) -> AsyncIterator[Running]:
 
 async def send(running: Running, key_id: str, rid: str) -> object:
     s = Stream(running)
-    await s.send(req_headers(key_id=key_id, rid=rid))
-    return await s.send(body_msg(json.dumps({**CHAT, "max_tokens": 5}).encode()))
+    return await s.send(req_body(json.dumps({**CHAT, "max_tokens": 5}).encode(), key_id, rid))
 
 
 async def test_org_limits_are_shared_by_its_keys(org_running: Running) -> None:
@@ -40,8 +39,9 @@ async def test_org_limits_are_shared_by_its_keys(org_running: Running) -> None:
 async def test_org_rpm_counts_every_key(org_running: Running) -> None:
     for rid in ("r1", "r2", "r3"):  # each stream ends at once: only the rate counts
         s = Stream(org_running)
-        await s.send(req_headers(key_id="k-main" if rid != "r2" else "k-metered", rid=rid))
-        assert (await s.send(body_msg(json.dumps(CHAT).encode()))).HasField("request_body")
+        key_id = "k-main" if rid != "r2" else "k-metered"
+        assert (await s.send(req_body(json.dumps(CHAT).encode(), key_id, rid))).HasField(
+            "request_body")
         s.call.cancel()
     status, body = immediate(await send(org_running, "k-main", "r4"))
     assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded")

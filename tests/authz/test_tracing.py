@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from authz.names import EXT_PROC
 from authz.overrides import Overrides
 from authz.procs import free_port, http_ok, wait_until
 from authz.server import Services
@@ -23,7 +25,7 @@ from authz.snapshot import Runtime
 from authz.tracing import make_provider
 from tests.authz.conftest import Running
 from tests.authz.test_ext_authz import check
-from tests.authz.test_ext_proc import Stream, headers_msg
+from tests.authz.test_ext_proc import CHAT, Stream, req_body
 from tests.helpers import SECRET, write_policy
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -54,11 +56,10 @@ async def test_spans_are_children_of_the_request_trace(
     await check(running, "GET", "/v1/models", authorization=f"Bearer {SECRET}",
                 traceparent=TRACEPARENT)
     s = Stream(running)
-    msg = headers_msg({":method": "GET", ":path": "/v1/models", "x-request-id": "t-1",
-                       "traceparent": TRACEPARENT})
-    md = msg.metadata_context.filter_metadata["envoy.filters.http.ext_authz"]
-    md.update({"key_id": "k-main", "org": "acme", "models": []})
-    await s.send(msg)
+    # The traceparent reaches ext_proc as a request attribute.
+    msg = req_body(json.dumps(CHAT).encode(), rid="t-1")
+    msg.attributes[EXT_PROC].update({"request.headers['traceparent']": TRACEPARENT})
+    assert (await s.send(msg)).HasField("request_body")
     await s.close()
     for _ in range(100):
         if len(exporter.get_finished_spans()) >= 2:

@@ -232,3 +232,15 @@ def test_clients_cannot_choose_the_request_id(gateway: Gateway) -> None:
         with urllib.request.urlopen(req, timeout=10) as r:
             ids.add(r.headers["x-request-id"])
     assert "chosen-by-client" not in ids and len(ids) == 2
+
+
+def test_post_without_a_body_is_an_openai_400(gateway: Gateway) -> None:
+    """ext_proc is sent nothing for a bodiless request; Envoy's reply says why."""
+    req = urllib.request.Request(f"{gateway.base_url}/v1/chat/completions", data=b"",
+                                 method="POST", headers={"authorization": f"Bearer {SECRET}"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 400
+    assert err.value.headers["content-type"] == "application/json"
+    body = json.loads(err.value.read())["error"]
+    assert body["code"] == "invalid_request" and "request body" in body["message"]

@@ -26,6 +26,7 @@ import yaml
 from authz.bootstrap import render_dict, render_yaml
 from authz.envoy_bin import envoy_path
 from policy.config import Config, ConfigError, Tls, parse_config
+from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_HEADER, model_cluster_name
 from tests.tls import make_test_ca
 
@@ -76,7 +77,8 @@ def http_filter(d: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def route(d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = hcm(d)["route_config"]["virtual_hosts"][0]["routes"][0]
+    """The inference route (after GET /v1/models's own)."""
+    out: dict[str, Any] = hcm(d)["route_config"]["virtual_hosts"][0]["routes"][-1]
     return out
 
 
@@ -141,6 +143,10 @@ def test_filter_order(name: str) -> None:
         "envoy.filters.http.buffer",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.ext_proc",
+        # Holds the headers until ext_proc has answered the body (it is sent no headers),
+        # then names the cluster from ext_proc's metadata.
+        "tokenbooth.hold_for_routing",
+        "envoy.filters.http.header_mutation",
         "envoy.filters.http.router",
     ]
 
@@ -213,6 +219,27 @@ def test_route() -> None:
     assert r["request_headers_to_remove"] == [CLUSTER_HEADER]
     assert "connect-failure" in r["route"]["retry_policy"]["retry_on"]
     assert r["request_body_buffer_limit"] == 1 << 20
+    # Rate-limit headers from ext_proc's metadata, left out when absent.
+    added = {h["header"]["key"]: h for h in r["response_headers_to_add"]}
+    assert set(added) == set(RATE_HEADER_NAMES)
+    assert all(h["header"]["value"] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_proc:{k})%"
+               and not h.get("keep_empty_value", False) for k, h in added.items())
+    # The cluster header is only ever ext_proc's choice.
+    mutation = http_filter(d, "envoy.filters.http.header_mutation")
+    [set_cluster] = mutation["mutations"]["request_mutations"]
+    assert set_cluster["append"]["header"] == {
+        "key": CLUSTER_HEADER, "value": "%DYNAMIC_METADATA(envoy.filters.http.ext_proc:cluster)%"}
+
+
+def test_models_route_sends_ext_proc_its_headers() -> None:
+    [models, _] = hcm(render_dict(load_fixture("basic")))["route_config"]["virtual_hosts"][0][
+        "routes"]
+    assert models["match"] == {"path": "/v1/models"}
+    mode = models["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"][
+        "processing_mode"]
+    assert mode["request_header_mode"] == "SEND"
+    assert "request_body_mode" not in mode and "response_body_mode" not in mode  # NONE
+    assert models["direct_response"]["status"] == 503  # only if ext_proc failed open
 
 
 def test_ext_authz_fails_closed_with_503() -> None:
@@ -226,10 +253,20 @@ def test_ext_authz_fails_closed_with_503() -> None:
 
 
 def test_ext_proc_modes() -> None:
+    """No header messages on the inference path: what the service reads from headers
+    comes as attributes; what it decides goes back as metadata."""
     proc = http_filter(render_dict(load_fixture("tls_multi")), "envoy.filters.http.ext_proc")
-    assert proc["processing_mode"]["request_body_mode"] == "BUFFERED"
-    assert proc["processing_mode"]["response_header_mode"] == "SKIP"
-    assert proc["allow_mode_override"] is True
+    assert proc["processing_mode"] == {
+        "request_header_mode": "SKIP", "response_header_mode": "SKIP",
+        "request_body_mode": "BUFFERED", "response_body_mode": "STREAMED",
+        "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
+    assert "request.id" in proc["request_attributes"]
+    assert "response.code" in proc["response_attributes"]
+    assert proc["metadata_options"] == {
+        "forwarding_namespaces": {"untyped": ["envoy.filters.http.ext_authz"]},
+        "receiving_namespaces": {"untyped": ["envoy.filters.http.ext_proc"]}}
+    # Fails open: tests/envoy/test_ext_proc_outage.py shows nothing passes without it.
+    assert proc["failure_mode_allow"] is True
     assert proc["message_timeout"] == "0.250s"
 
 

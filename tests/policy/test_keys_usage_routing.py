@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from policy.config import Price, parse_config
 from policy.errors import ApiError
 from policy.keys import authenticate, extract_secret, fingerprint, index_keys, new_secret
-from policy.routing import Router, backend_url_of, model_cluster_name
+from policy.routing import Router, backend_from_host_metadata, model_cluster_name
 from policy.usage import Usage, cost_usd, usage_from_obj
 from tests.helpers import EXPIRED_SECRET, SECRET, policy_dict
 
@@ -68,6 +68,12 @@ def test_one_cluster_per_alias_and_backend_urls() -> None:
     assert demo.cluster == model_cluster_name("demo")
     assert model_cluster_name("Llama 3.1/70B").startswith("model_llama_3_1_70b_")
     assert model_cluster_name("a/b") != model_cluster_name("a_b")
-    model = CFG.models["demo"]
-    assert backend_url_of("127.0.0.1:8000", model) == "http://127.0.0.1:8000"
-    assert backend_url_of("10.0.0.9:1", model) == "10.0.0.9:1"
+
+
+def test_backend_url_from_envoys_rendering_of_endpoint_metadata() -> None:
+    # As Envoy 1.40 sends the `xds.upstream_host_metadata` attribute.
+    text = ('filter_metadata { key: "tokenbooth" value { fields { key: "backend" value '
+            '{ string_value: "http://vllm-a.svc:8000" } } } }')
+    assert backend_from_host_metadata(text) == "http://vllm-a.svc:8000"
+    assert backend_from_host_metadata("") == ""
+    assert backend_from_host_metadata('filter_metadata { key: "other" }') == ""
