@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from policy.config import Config
+from policy.config import Config, redacted
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.records")
@@ -92,7 +92,7 @@ def load_records(cfg: Config) -> list[dict[str, Any]]:
         try:
             stream = asyncio.run(read_stream(cfg.state, USAGE_STREAM))
         except (RedisError, OSError) as e:
-            raise OSError(f"cannot read usage records from {cfg.state}: {e}") from None
+            raise OSError(f"cannot read usage records from {redacted(cfg.state)}: {e}") from None
         seen: set[str] = set()
         out = []
         for rec in stream:

@@ -256,6 +256,16 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return cfg.model_copy(update={"data_dir": base / cfg.data_dir, "tls": tls})
 
 
+def redacted(url: str) -> str:
+    """A URL fit for messages and logs: any password replaced by `***`."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
 def with_redis_password(state: str, password: str) -> str:
     """A Redis `state` URL with its password set; user name, host, port and db kept."""
     parts = urlsplit(state)

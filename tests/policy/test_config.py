@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from policy.config import ConfigError, load_config, parse_hostport
+from policy.config import ConfigError, load_config, parse_hostport, redacted
 from tests.helpers import write_policy
 
 
@@ -79,3 +79,13 @@ def test_redis_password_from_env(tmp_path: Path, state: str, password: str,
 def test_redis_password_leaves_memory_state_alone(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     assert load_config(path, env={"TOKENBOOTH_REDIS_PASSWORD": "x"}).state == "memory"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("rediss://app:p%40ss@[::1]:6380", "rediss://app:***@[::1]:6380"),
+    ("redis://redis:6379", "redis://redis:6379"),
+    ("redis://app@redis", "redis://app@redis"),
+])
+def test_redacted_urls_never_show_a_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown
