@@ -1,8 +1,14 @@
-"""From measurements to the report: medians over repetitions, ratios, Markdown and JSON."""
+"""From measurements to the report: medians over repetitions, ratios, Markdown and JSON.
+
+`python -m bench.report bench/results/latest.json` renders a saved run again (the summary
+is recomputed from its measurements).
+"""
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -49,6 +55,7 @@ def summarize(measurements: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "config": config, "mode": mode, "connections": conc, "reps": len(ms),
             "rps": _median(m["rps"] for m in ms),
+            "rps_range": [min(m["rps"] for m in ms), max(m["rps"] for m in ms)],
             "p50_ms": _median(m["lat_ms"]["p50"] for m in ms),
             "p99_ms": _median(m["lat_ms"]["p99"] for m in ms),
             "ttfb_p50_ms": _median(m["ttfb_ms"]["p50"] for m in ms),
@@ -121,7 +128,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"Machine: {result['machine']['summary']}. "
            f"{s['reps']} repetitions, configurations interleaved (order rotated each round), "
            f"{s['duration_s']:g} s measured after {s['warmup_s']:g} s of warm-up per cell; "
-           "medians over the repetitions.", ""]
+           "medians over the repetitions (req/s: median, then the lowest and highest)."
+           + (f" LiteLLM {s['litellm']}." if s.get("litellm") else ""), ""]
     for mode in s["modes"]:
         sel = _order([r for r in rows if r["mode"] == mode], configs)
         if not sel:
@@ -133,7 +141,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines = []
         for r in sel:
             cpu = r["cpu_us"]
-            cells = [r["config"], str(r["connections"]), _f(r["rps"]), _f(r["p50_ms"], 2),
+            lo, hi = r["rps_range"]
+            rps = _f(r["rps"]) + (f" ({_f(lo)}-{_f(hi)})" if r["reps"] > 1 else "")
+            cells = [r["config"], str(r["connections"]), rps, _f(r["p50_ms"], 2),
                      _f(r["p99_ms"], 2)]
             cells += [_f(r["ttfb_p50_ms"], 2)] if mode == "sse" else []
             cells += [_f(r.get("added_p50_ms_over_A"), 2), _f(cpu["envoy"]), _f(cpu["python"]),
@@ -194,3 +204,14 @@ def _messages_section(rows: list[dict[str, Any]], configs: Sequence[str],
             "concurrency and repetition.", "",
             *_table(["config", "mode", "ext_authz", "ext_proc", "req hdrs / req body / "
                      "resp hdrs / resp body", "total", "Envoy's count"], lines), ""]
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        result: dict[str, Any] = json.load(f)
+    result["summary"] = summarize(result["measurements"])
+    sys.stdout.write(markdown(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
