@@ -43,8 +43,10 @@ def test_end_to_end_bench_runs(tmp_path: Path) -> None:
     for row in rows:
         assert row["failed"] == 0 and row["rps"] > 0, row
         if row["config"] in ("F", "B-memory"):
-            # ext_authz Check + request headers, body, response headers, response body.
-            assert row["msgs"]["total"] >= 4.5, row
+            # At least the Check and one ext_proc message (the pattern itself may change),
+            # and the servicers' count agrees with Envoy's.
+            assert row["msgs"]["total"] >= 2, row
+            assert abs(row["msgs"]["total"] - row["envoy_msgs"]) < 0.5, row
     markdown = (tmp_path / "latest.md").read_text()
     assert "| B-memory | 4 |" in markdown
     assert "#### B against A, F and C" in markdown
