@@ -129,7 +129,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"{s['reps']} repetitions, configurations interleaved (order rotated each round), "
            f"{s['duration_s']:g} s measured after {s['warmup_s']:g} s of warm-up per cell; "
            "medians over the repetitions (req/s: median, then the lowest and highest)."
-           + (f" LiteLLM {s['litellm']}." if s.get("litellm") else ""), ""]
+           + (f" LiteLLM {s['litellm']}." if s.get("litellm") else "")
+           + (f" tokenbooth at {s['commit']}." if s.get("commit") else ""), ""]
     for mode in s["modes"]:
         sel = _order([r for r in rows if r["mode"] == mode], configs)
         if not sel:

@@ -51,6 +51,15 @@ def request_body(mode: str) -> bytes:
     return json.dumps(body).encode()
 
 
+def commit() -> str:
+    """The tokenbooth commit measured (`+dirty` with uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def machine() -> dict[str, Any]:
     model = "unknown CPU"
     try:
@@ -207,6 +216,7 @@ class Bench:
             "machine": info,
             "settings": {"configs": a.configs, "modes": a.modes, "concurrency": a.concurrency,
                          "reps": a.reps, "duration_s": a.duration, "warmup_s": a.warmup,
+                         "commit": commit(),
                          "litellm": litellm_proxy.version() if "C" in a.configs else None},
             "summary": report.summarize(self.measurements),
             "measurements": self.measurements,
