@@ -304,6 +304,10 @@ class Exchange:
             )
         )
 
+    @property
+    def settle_pending(self) -> bool:
+        return self._settle is not None
+
     async def settle(self) -> None:
         """Settle the reservation once the record is written (driven by the same end)."""
         pending, self._settle = self._settle, None

@@ -73,12 +73,14 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             # The stream ended: normally after the response, else the client or
             # Envoy went away mid-request. Either way, exactly one record.
             ex.finish(aborted=not ex.finished)
-            # A cancelled stream (client gone) must still settle: run it as its own task.
-            task = asyncio.ensure_future(ex.settle())
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+            # A cancelled stream (client gone) must still settle: run it as its own task
+            # (normally the loop above has settled already and there is nothing to do).
+            if ex.settle_pending:
+                task = asyncio.ensure_future(ex.settle())
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
             if span is not None:
                 _end_span(span, ex)
 
