@@ -23,9 +23,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from authz.keystores.redis_store import connect
 from authz.limits.base import LimitStoreUnavailable
 from authz.limits.memory import check_ask, check_usage
+from authz.resp import RespClient
 from policy.limits import WINDOW_S, Ask, Decision, Limits
 
 # Shared helpers: exact float text, integer text, Python's float floor division,
@@ -220,12 +220,9 @@ class RedisLimitStore:
     def __init__(self, url: str, *, timeout_s: float = 0.25, window_s: float = WINDOW_S
                  ) -> None:
         # No I/O here or in start(): the first call connects (and loads the scripts).
-        self._redis = connect(url, timeout_s)
+        # The lean pipelined client: admission and settlement run twice per request.
+        self._redis = RespClient(url, timeout_s)
         self._window = window_s
-        self._admit = self._redis.register_script(_ADMIT)
-        self._settle = self._redis.register_script(_SETTLE)
-        self._budget = self._redis.register_script(_BUDGET)
-        self._consume = self._redis.register_script(_CONSUME)
 
     async def start(self) -> None:
         return None
@@ -246,7 +243,7 @@ class RedisLimitStore:
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
                 str(ask.cost_nano), repr(float(ask.lease_s)), repr(float(self._window)),
                 ask.period]
-        out = await self._call(self._admit(keys=keys, args=args))
+        out = await self._call(self._redis.evalsha(_ADMIT, keys, args))
         ok, reason, retry, rem_r, reset_r, rem_t, reset_t = (
             v.decode() if isinstance(v, bytes) else v for v in out)
         return Decision(
@@ -267,20 +264,20 @@ class RedisLimitStore:
                 ns + "budget:" + ask.period, ns + "resv:" + ask.period]
         args = [repr(float(now)), ask.request_id, _opt(limits.tpm), str(used_tokens),
                 str(cost_nano), repr(float(self._window))]
-        await self._call(self._settle(keys=keys, args=args))
+        await self._call(self._redis.evalsha(_SETTLE, keys, args))
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
                       now: float) -> None:
         ns = self._ns(key_id)
-        await self._call(self._consume(
-            keys=[ns + "gcra", ns + "tpm"],
-            args=[repr(float(now)), _opt(limits.rpm), _opt(limits.tpm), str(requests),
-                  str(tokens), repr(float(self._window))]))
+        await self._call(self._redis.evalsha(
+            _CONSUME, [ns + "gcra", ns + "tpm"],
+            [repr(float(now)), _opt(limits.rpm), _opt(limits.tpm), str(requests),
+             str(tokens), repr(float(self._window))]))
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         ns = self._ns(key_id)
-        spent, reserved = await self._call(self._budget(
-            keys=[ns + "budget:" + period, ns + "resv:" + period], args=[repr(float(now))]))
+        spent, reserved = await self._call(self._redis.evalsha(
+            _BUDGET, [ns + "budget:" + period, ns + "resv:" + period], [repr(float(now))]))
         return int(spent), int(reserved)
 
     async def _call(self, awaitable: Any) -> Any:
