@@ -142,14 +142,8 @@ def ext_proc(cfg: Config) -> Any:
     metadata); the response arrives as body chunks, the first with the status and the
     serving endpoint as attributes. Routing and rate-limit headers go back as dynamic
     metadata (see `hold_for_routing` and the route)."""
-    mode = ProcessingMode(
-        request_header_mode=ProcessingModeHeaderSendMode.SKIP,
-        request_body_mode=ProcessingModeBodySendMode.BUFFERED,
-        response_header_mode=ProcessingModeHeaderSendMode.SKIP,
-        response_body_mode=ProcessingModeBodySendMode.STREAMED,
-        request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-        response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-    )
+    mode = _mode(request_headers=False, request_body=ProcessingModeBodySendMode.BUFFERED,
+                 response_body=ProcessingModeBodySendMode.STREAMED)
     return ExternalProcessor(
         # No deadline on the stream itself: it lives as long as the response it meters.
         grpc_service=_grpc(),
@@ -171,6 +165,19 @@ def ext_proc(cfg: Config) -> Any:
             # ...and the route and rate-limit headers come back as ext_proc's.
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_PROC]),
         ),
+    )
+
+
+def _mode(request_headers: bool, request_body: Any, response_body: Any) -> Any:
+    """An ext_proc processing mode; response headers and trailers are never sent."""
+    skip, send = ProcessingModeHeaderSendMode.SKIP, ProcessingModeHeaderSendMode.SEND
+    return ProcessingMode(
+        request_header_mode=send if request_headers else skip,
+        request_body_mode=request_body,
+        response_header_mode=skip,
+        response_body_mode=response_body,
+        request_trailer_mode=skip,
+        response_trailer_mode=skip,
     )
 
 
@@ -198,14 +205,8 @@ def _proc_metadata(key: str) -> str:
 
 def _models_route() -> Any:
     """GET /v1/models has no body: ext_proc takes its headers here and answers at once."""
-    headers_only = ProcessingMode(
-        request_header_mode=ProcessingModeHeaderSendMode.SEND,
-        request_body_mode=ProcessingModeBodySendMode.NONE,
-        response_header_mode=ProcessingModeHeaderSendMode.SKIP,
-        response_body_mode=ProcessingModeBodySendMode.NONE,
-        request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-        response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-    )
+    headers_only = _mode(request_headers=True, request_body=ProcessingModeBodySendMode.NONE,
+                         response_body=ProcessingModeBodySendMode.NONE)
     per_route = ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=headers_only))
     return Route(
         name="models",

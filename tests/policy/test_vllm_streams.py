@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.sse import SSEParser
 from policy.stream_usage import StreamMeter
+from tests.policy.test_sse import parse_split
 
 FIXTURES = Path(__file__).with_name("fixtures")
 STREAMS = {p.stem: p.read_bytes() for p in sorted(FIXTURES.glob("vllm_*_stream.sse"))}
@@ -60,15 +60,9 @@ def test_every_split_meters_vllm_usage_and_strips_only_its_chunk(name: str) -> N
 def test_any_multi_split_gives_the_same_events(name: str, data: st.DataObject) -> None:
     stream = STREAMS[name]
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
-    whole = SSEParser().feed(stream)
-    p = SSEParser()
-    got = []
-    prev = 0
-    for c in [*sorted(cuts), len(stream)]:
-        got += p.feed(stream[prev:c])
-        prev = c
-    rest, tail = p.finish()
-    assert [e.raw for e in got + rest] == [e.raw for e in whole] and tail == b""
+    events, raw, tail = parse_split(stream, cuts)
+    assert (events, raw, tail) == parse_split(stream, [])
+    assert raw == stream and tail == b"" and events[-1] == b"[DONE]"
 
 
 @pytest.mark.parametrize("name", sorted(STREAMS))
