@@ -21,9 +21,11 @@ import pytest
 
 from authz.procs import free_port, http_ok, spawn, stop, wait_until
 from tests.e2e.conftest import Gateway, run_gateway
+from tests.helpers import policy_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
+LONG_TOKENS = 480
 # vLLM's own token counters; their sums over all label sets are compared with the records.
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
@@ -96,6 +98,10 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
 @pytest.fixture(scope="session")
 def vllm_gateway(vllm_server: VllmServer,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """Envoy + tokenbooth serve, every alias routed to the real vLLM."""
-    with run_gateway(tmp_path_factory.mktemp("gateway-vllm"), upstream=vllm_server.url) as gw:
+    """Envoy + tokenbooth serve, every alias routed to the real vLLM; `long` allows
+    generations near the model's 512-token context (slow enough to be cut mid-way)."""
+    models: Any = policy_dict(vllm_server.url)["models"]
+    models["long"] = {**models["demo"], "max_tokens": LONG_TOKENS}
+    with run_gateway(tmp_path_factory.mktemp("gateway-vllm"), upstream=vllm_server.url,
+                     models=models) as gw:
         yield gw

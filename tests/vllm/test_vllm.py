@@ -20,7 +20,7 @@ from policy.stream_usage import StreamMeter
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import records_for
 from tests.helpers import SECRET
-from tests.vllm.conftest import MODEL, VllmServer
+from tests.vllm.conftest import LONG_TOKENS, MODEL, VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -150,32 +150,43 @@ def test_record_sums_equal_vllm_counter_deltas(vllm_gateway: Gateway,
     assert delta == want
 
 
-@pytest.mark.parametrize("attempt", range(3))
-def test_client_gone_mid_stream_gives_an_estimated_record(vllm_gateway: Gateway,
-                                                          attempt: int) -> None:
-    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 250, "stream": True, **EXACT}
+def _read_a_few_chunks_and_leave(gw: Gateway) -> dict[str, Any]:
+    """Start a long stream, read five chunks, close the connection; the request's record."""
+    body = {"model": "long", "messages": MESSAGES, "max_tokens": LONG_TOKENS, "stream": True,
+            **EXACT}
     req = urllib.request.Request(
-        f"{vllm_gateway.base_url}/v1/chat/completions", data=json.dumps(body).encode(),
+        f"{gw.base_url}/v1/chat/completions", data=json.dumps(body).encode(),
         headers={"content-type": "application/json", "authorization": f"Bearer {SECRET}"})
     with urllib.request.urlopen(req, timeout=120) as r:
         rid = r.headers["x-request-id"]
         seen = 0
         while seen < 5:
-            line = r.readline()
-            if line.startswith(b"data: {"):
+            if r.readline().startswith(b"data: {"):
                 seen += 1
-    # The connection is closed here, long before 250 tokens.
     deadline = time.monotonic() + 30
     recs: list[dict[str, Any]] = []
     while not recs and time.monotonic() < deadline:
-        recs = [x for x in read_records(vllm_gateway.data_dir / USAGE_FILE)
-                if x["request_id"] == rid]
+        recs = [x for x in read_records(gw.data_dir / USAGE_FILE) if x["request_id"] == rid]
         time.sleep(0.1)
     [rec] = recs
-    assert rec["estimated"] is True and rec["status"] == 499, rec
-    # Counted from the content chunks the gateway saw (the first one carries only the role).
-    assert 4 <= rec["completion_tokens"] < 250, rec
-    assert rec["prompt_tokens"] > 0
+    return rec
+
+
+def test_client_gone_mid_stream_gives_an_estimated_record(vllm_gateway: Gateway) -> None:
+    """vLLM on CPU is quick: now and then it finishes all 480 tokens before Envoy sees the
+    client leave, and that record is (rightly) exact. Every record must be one of the two;
+    a few tries give a real cut."""
+    for _ in range(5):
+        rec = _read_a_few_chunks_and_leave(vllm_gateway)
+        assert rec["prompt_tokens"] > 0
+        if not rec["estimated"]:
+            assert (rec["status"], rec["completion_tokens"]) == (200, LONG_TOKENS), rec
+            continue
+        assert rec["status"] == 499, rec
+        # Counted from the content chunks the gateway saw (the first carries only the role).
+        assert 4 <= rec["completion_tokens"] < LONG_TOKENS, rec
+        return
+    raise AssertionError("five streams in a row outran the client's disconnect")
 
 
 @pytest.mark.parametrize(("name", "path", "body"), [
