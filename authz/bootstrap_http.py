@@ -74,6 +74,8 @@ ROUTER = "envoy.filters.http.router"
 HOLD = "tokenbooth.hold_for_routing"  # a second buffer filter (names must be unique)
 SET_CLUSTER = "envoy.filters.http.header_mutation"
 MODELS_PATH = "/v1/models"
+# What ext_proc's body rewrite may add: a model name (config-bound) and stream_options.
+REWRITE_SLACK = 64 << 10
 # What ext_proc reads from the request headers and the response, as attributes.
 REQUEST_ATTRIBUTES = ("request.path", "request.method", "request.id",
                       "request.headers['traceparent']")
@@ -184,8 +186,14 @@ def _mode(request_headers: bool, request_body: Any, response_body: Any) -> Any:
 def hold_for_routing(cfg: Config) -> Any:
     """With request headers skipped, ext_proc lets them on at once; this second buffer
     holds them (and so the router's choice of cluster) until ext_proc has answered the
-    body. It also sets content-length for the rewritten body."""
-    return Buffer(max_request_bytes=cfg.max_request_body_bytes)
+    body. It also sets content-length for the rewritten body, which may be a little
+    longer than the client's (the upstream model name, `stream_options`): hence the slack,
+    so a body at the limit is not refused after it was admitted."""
+    return Buffer(max_request_bytes=rewritten_body_limit(cfg))
+
+
+def rewritten_body_limit(cfg: Config) -> int:
+    return cfg.max_request_body_bytes + REWRITE_SLACK
 
 
 def cluster_from_metadata() -> Any:
@@ -269,7 +277,7 @@ def route_config(cfg: Config) -> Any:
         ],
         # Buffering for ext_proc and for retries may reach the body limit (the listener's
         # 1 MiB default would be too small for larger limits).
-        request_body_buffer_limit=cfg.max_request_body_bytes,
+        request_body_buffer_limit=rewritten_body_limit(cfg),
     )
     return RouteConfiguration(
         name="tokenbooth",

@@ -103,7 +103,7 @@ class Price(_Strict):
 class Model(_Strict):
     """An alias that clients send as `model`, and where it goes."""
 
-    upstream_model: str = Field(min_length=1)
+    upstream_model: str = Field(min_length=1, max_length=512)
     backends: list[Backend] = Field(min_length=1)
     price_per_1k_tokens: Price = Price()
     max_tokens: int = Field(default=1024, ge=1)

@@ -13,6 +13,7 @@ import pytest
 
 from authz.records import USAGE_FILE, read_records
 from authz.sim.tokens import prompt_tokens_chat, prompt_tokens_completion
+from policy.config import load_config
 from tests.e2e.conftest import Gateway
 from tests.helpers import LIMITED_SECRET, SECRET
 
@@ -244,3 +245,23 @@ def test_post_without_a_body_is_an_openai_400(gateway: Gateway) -> None:
     assert err.value.headers["content-type"] == "application/json"
     body = json.loads(err.value.read())["error"]
     assert body["code"] == "invalid_request" and "request body" in body["message"]
+
+
+def test_a_body_at_the_size_limit_is_served(gateway: Gateway) -> None:
+    """The rewrite lengthens the body a little (stream_options, the upstream model name);
+    a body the client sent within the limit must not be refused after admission."""
+    limit = load_config(gateway.config_path).max_request_body_bytes
+    base = {"model": "demo", "max_tokens": 1, "stream": True,
+            "messages": [{"role": "user", "content": ""}]}
+    pad = limit - len(json.dumps(base).encode())
+    base["messages"][0]["content"] = "a" * pad  # one long word: a few tokens for the sim
+    body = json.dumps(base).encode()
+    assert len(body) == limit
+    req = urllib.request.Request(f"{gateway.base_url}/v1/chat/completions", data=body,
+                                 headers={"authorization": f"Bearer {SECRET}",
+                                          "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+        assert r.read().endswith(b"data: [DONE]\n\n")
+    sent = json.loads(last_upstream(gateway)["body"])
+    assert sent["stream_options"] == {"include_usage": True}  # longer than what was sent
