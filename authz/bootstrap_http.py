@@ -58,7 +58,13 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 )
 from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
-from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    ListStringMatcher,
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    StringMatcher,
+    ValueMatcher,
+)
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Struct, Value
 
@@ -74,6 +80,7 @@ ROUTER = "envoy.filters.http.router"
 HOLD = "tokenbooth.hold_for_routing"  # a second buffer filter (names must be unique)
 SET_CLUSTER = "envoy.filters.http.header_mutation"
 MODELS_PATH = "/v1/models"
+NO_CLUSTER = "tokenbooth_unrouted"  # never defined
 # What ext_proc's body rewrite may add: a model name (config-bound) and stream_options.
 REWRITE_SLACK = 64 << 10
 # What ext_proc reads from the request headers and the response, as attributes.
@@ -255,7 +262,12 @@ def route_config(cfg: Config) -> Any:
     )
     route = Route(
         name="inference",
-        match=RouteMatch(prefix="/"),
+        # Only once ext_proc has answered (its metadata names the cluster): until then,
+        # and for good if it failed open, the request is on `_unrouted` and reaches no
+        # backend, whatever headers it carries.
+        match=RouteMatch(prefix="/", dynamic_metadata=[MetadataMatcher(
+            filter=EXT_PROC, path=[MetadataMatcherPathSegment(key=CLUSTER_KEY)],
+            value=ValueMatcher(present_match=True))]),
         route=RouteAction(
             cluster_header=CLUSTER_HEADER,
             # Generations are long: Envoy's default 15 s would cut them.
@@ -281,8 +293,22 @@ def route_config(cfg: Config) -> Any:
     )
     return RouteConfiguration(
         name="tokenbooth",
+        # `_unrouted` names a cluster that must not exist.
+        validate_clusters=False,
         virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"],
-                                   routes=[_models_route(), route])],
+                                   routes=[_models_route(), route, _unrouted(cfg)])],
+    )
+
+
+def _unrouted(cfg: Config) -> Any:
+    """Every request until ext_proc has named its cluster. If the router still sees this
+    route, ext_proc saw no body or failed: a cluster that does not exist gives Envoy's
+    `cluster_not_found`, which the local replies turn into a 400 or a 503."""
+    return Route(
+        name="unrouted",
+        match=RouteMatch(prefix="/"),
+        route=RouteAction(cluster=NO_CLUSTER),
+        request_body_buffer_limit=rewritten_body_limit(cfg),
     )
 
 

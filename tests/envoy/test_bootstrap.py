@@ -76,10 +76,10 @@ def http_filter(d: dict[str, Any], name: str) -> dict[str, Any]:
     return out
 
 
-def route(d: dict[str, Any]) -> dict[str, Any]:
-    """The inference route (after GET /v1/models's own)."""
-    out: dict[str, Any] = hcm(d)["route_config"]["virtual_hosts"][0]["routes"][-1]
-    return out
+def route(d: dict[str, Any], name: str = "inference") -> dict[str, Any]:
+    routes = hcm(d)["route_config"]["virtual_hosts"][0]["routes"]
+    [out] = [r for r in routes if r["name"] == name]
+    return out  # type: ignore[no-any-return]
 
 
 def clusters(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -213,7 +213,14 @@ def test_services_address_reaches_replicas_through_dns() -> None:
 def test_route() -> None:
     d = render_dict(load_fixture("basic"))
     r = route(d)
-    assert r["match"] == {"prefix": "/"}
+    # Matched only once ext_proc's answer named the cluster; until then `unrouted`.
+    assert r["match"] == {"prefix": "/", "dynamic_metadata": [{
+        "filter": "envoy.filters.http.ext_proc", "path": [{"key": "cluster"}],
+        "value": {"present_match": True}}]}
+    unrouted = route(d, "unrouted")
+    assert unrouted["match"] == {"prefix": "/"} and "cluster_header" not in unrouted["route"]
+    assert hcm(d)["route_config"]["validate_clusters"] is False  # its cluster never exists
+    assert unrouted["route"]["cluster"] not in clusters(d)
     assert r["route"]["cluster_header"] == CLUSTER_HEADER
     assert r["route"]["timeout"] == "120s"
     assert r["request_headers_to_remove"] == [CLUSTER_HEADER]
@@ -233,8 +240,8 @@ def test_route() -> None:
 
 
 def test_models_route_sends_ext_proc_its_headers() -> None:
-    [models, _] = hcm(render_dict(load_fixture("basic")))["route_config"]["virtual_hosts"][0][
-        "routes"]
+    [models, _, _] = hcm(render_dict(load_fixture("basic")))["route_config"]["virtual_hosts"][
+        0]["routes"]
     assert models["match"] == {"path": "/v1/models"}
     mode = models["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"][
         "processing_mode"]

@@ -22,6 +22,7 @@ import pytest
 from authz import protos
 from authz.procs import free_port
 from policy.config import Config, load_config
+from policy.routing import CLUSTER_HEADER, model_cluster_name
 from tests.envoy.test_bootstrap import run_envoy
 from tests.helpers import write_policy
 
@@ -78,9 +79,10 @@ def no_ext_proc(tmp_path: Path) -> Iterator[Config]:
         backend.server_close()
 
 
-def _call(cfg: Config, method: str, path: str, body: bytes | None) -> tuple[int, dict[str, Any]]:
+def _call(cfg: Config, method: str, path: str, body: bytes | None,
+          **headers: str) -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(f"http://{cfg.listen}{path}", data=body, method=method,
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", **headers})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read())
@@ -98,7 +100,11 @@ def test_without_ext_proc_no_request_reaches_the_backend(no_ext_proc: Config,
         down = _call(cfg, "POST", "/v1/chat/completions", chat.encode())
         models = _call(cfg, "GET", "/v1/models", None)
         empty = _call(cfg, "POST", "/v1/chat/completions", b"")
-    for status, body in (down, models):
+        # This ext_authz strips nothing: a client naming the cluster itself still fails,
+        # because the inference route matches only once ext_proc has named it.
+        spoofed = _call(cfg, "POST", "/v1/chat/completions", chat.encode(),
+                        **{CLUSTER_HEADER: model_cluster_name("demo")})
+    for status, body in (down, models, spoofed):
         assert (status, body["error"]["code"]) == (503, "service_unavailable"), body
     # Without a body ext_proc is not asked at all: that is the client's error.
     assert (empty[0], empty[1]["error"]["code"]) == (400, "invalid_request")
