@@ -116,6 +116,8 @@ def bare(bootstrap: dict[str, Any]) -> dict[str, Any]:
     for vhost in conf["route_config"]["virtual_hosts"]:
         for route in vhost["routes"]:
             route.pop("typed_per_filter_config", None)  # for filters that are gone
+            # No ext_proc, so no metadata for a route to wait for.
+            route.get("match", {}).pop("dynamic_metadata", None)
             action = route.get("route", {})
             if "cluster_header" in action:
                 del action["cluster_header"]
