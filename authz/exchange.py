@@ -34,7 +34,6 @@ from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_
 from policy.keys import Principal
 from policy.limits import (
     Ask,
-    Decision,
     Limits,
     cost_nano,
     period_id,
@@ -63,7 +62,6 @@ class Exchange:
         "_admission",
         "_ask",
         "_backend",
-        "_decision",
         "_json_body",
         "_meter",
         "_org",
@@ -91,7 +89,6 @@ class Exchange:
         self._ask: Ask | None = None
         self._backend = ""  # the backend URL Envoy chose (from its response header)
         self._org: tuple[Limits, Ask] | None = None  # the org's limits and hold, if any
-        self._decision: Decision | None = None
         self._settle: tuple[int, int] | None = None  # (used tokens, cost nano) once ended
         self._snap: Snapshot = runtime.snapshot
         self._t0 = time.monotonic()
@@ -214,7 +211,7 @@ class Exchange:
         org = self._org_hold(ask)
         decision = await self._admission.admit_all(org, self.principal.limits, ask,
                                                    self._started)
-        self._decision, self._ask, self._org = decision, ask, org
+        self._ask, self._org = ask, org
         new_body = upstream_body(req)
         self.req, self.route = req, route
         common = ep.CommonResponse(body_mutation=ep.BodyMutation(body=new_body),
