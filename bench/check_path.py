@@ -20,14 +20,14 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from authz.ext_authz import AuthorizationService
-from authz.keyauth import KeyAuthority
-from authz.keystores.keyring import KeyringStore
-from authz.keystores.redis_store import RedisKeyStore
-from authz.metrics import Metrics
-from authz.overrides import Overrides
-from authz.server import Services
-from authz.snapshot import Runtime
+from authz.runtime.metrics import Metrics
+from authz.runtime.overrides import Overrides
+from authz.runtime.server import Services
+from authz.runtime.snapshot import Runtime
+from authz.services.ext_authz import AuthorizationService
+from authz.services.keyauth import KeyAuthority
+from authz.state.keys.keyring import KeyringStore
+from authz.state.keys.redis_store import RedisKeyStore
 from policy.keyrecord import KeyRecord
 from policy.keys import fingerprint, new_secret
 from tests.helpers import SECRET, write_policy

@@ -25,8 +25,8 @@ from typing import Any
 import orjson
 import yaml
 
-from authz.envoy_bin import envoy_path
-from authz.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.envoy_config.binary import envoy_path
+from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
 from policy.keys import fingerprint
 from policy.routing import model_cluster_name
 

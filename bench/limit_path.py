@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from authz.limits.memory import MemoryLimitStore
-from authz.limits.redis_limits import RedisLimitStore
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import RedisLimitStore
 from policy.limits import Ask, Limits
 from tests.redis_server import RedisServer
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from authz.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
 from bench.gateways import ALIAS, KEY_LIMITS, SECRET, UPSTREAM_MODEL, Gateway
 
 VENV = Path(__file__).resolve().parent / ".venv-litellm"

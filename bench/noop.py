@@ -17,7 +17,7 @@ tokenbooth's is set, as constant messages built once:
 
 The servicers answer whatever Envoy sends, so when tokenbooth's bootstrap asks for other
 phases (or none), F follows. A `mode_override` is ignored by an Envoy whose bootstrap does
-not allow it. The same grpc.aio server options and uvloop as `authz/server.py`, the
+not allow it. The same grpc.aio server options and uvloop as `authz/runtime/server.py`, the
 official xds-protos stubs. It counts messages by kind and serves the counts as JSON on a
 side port (`/counts`).
 

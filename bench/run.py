@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from authz.envoy_bin import envoy_path
-from authz.procs import stop
+from authz.envoy_config.binary import envoy_path
+from authz.runtime.procs import stop
 from bench import gateways, litellm_proxy, procstat, report
 from bench.gateways import ALIAS, Gateway
 from bench.loadgen import good_body

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from authz.procs import free_port
+from authz.runtime.procs import free_port
 
 
 class RedisServer:

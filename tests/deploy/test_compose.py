@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authz.cli import main as tokenbooth
+from authz.cli.main import main as tokenbooth
 from policy.config import Config, load_config, parse_hostport
 from tests.deploy.tools import DEPLOY, ROOT
 

@@ -15,7 +15,7 @@ import pytest
 
 from policy.config import Config
 from tests.deploy.tools import DEPLOY
-from tests.envoy.test_bootstrap import run_envoy, running_config
+from tests.envoy_config.test_bootstrap import run_envoy, running_config
 
 HOOK = DEPLOY / "docker" / "envoy-drain"
 

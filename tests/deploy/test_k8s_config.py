@@ -12,13 +12,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from authz.bootstrap import render_dict
-from authz.cli import main as tokenbooth
+from authz.cli.main import main as tokenbooth
+from authz.envoy_config.bootstrap import render_dict
 from policy.config import REDIS_PASSWORD_ENV, Config, load_config, parse_hostport
 from policy.routing import model_cluster_name
 from tests.deploy.kube import Build, Doc, Pod, container_port
 from tests.deploy.tools import K8S
-from tests.envoy.test_bootstrap import envoy_validate
+from tests.envoy_config.test_bootstrap import envoy_validate
 from tests.tls import make_test_ca
 
 PATTERNS = ("ingress", "sidecar")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from authz.cli import main as tokenbooth
-from authz.procs import free_port
+from authz.cli.main import main as tokenbooth
+from authz.runtime.procs import free_port
 from policy.config import REDIS_PASSWORD_ENV
 from tests.helpers import write_policy
 

@@ -20,9 +20,9 @@ import openai
 import pytest
 import yaml
 
-from authz.bootstrap import render_yaml
-from authz.envoy_bin import envoy_path
-from authz.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.envoy_config.binary import envoy_path
+from authz.envoy_config.bootstrap import render_yaml
+from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
 from policy.config import load_config
 from tests.helpers import SECRET, write_policy
 from tests.redis_server import RedisServer

@@ -11,8 +11,8 @@ from typing import Any
 import openai
 import pytest
 
-from authz.records import USAGE_FILE, read_records
 from authz.sim.tokens import prompt_tokens_chat, prompt_tokens_completion
+from authz.state.usage.records import USAGE_FILE, read_records
 from policy.config import load_config
 from tests.e2e.conftest import Gateway
 from tests.helpers import LIMITED_SECRET, SECRET

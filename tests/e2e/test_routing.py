@@ -12,8 +12,8 @@ import urllib.request
 import openai
 import pytest
 
-from authz.procs import free_port, http_ok, spawn, stop, wait_until
-from authz.records import USAGE_FILE, read_records
+from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.state.usage.records import USAGE_FILE, read_records
 from tests.e2e.conftest import run_gateway
 
 pytestmark = pytest.mark.e2e

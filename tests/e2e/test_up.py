@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz.defaults import DEFAULT_CONFIG, read_demo_key, write_default_config
-from authz.procs import free_port
+from authz.runtime.defaults import DEFAULT_CONFIG, read_demo_key, write_default_config
+from authz.runtime.procs import free_port
 from policy.config import load_config
 from policy.keys import fingerprint
 

@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.authz.validation_server import ValidationServer
 from tests.e2e.conftest import Gateway, run_gateway
+from tests.state.validation_server import ValidationServer
 
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "user", "content": "hi"}]

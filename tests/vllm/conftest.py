@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from authz.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
 from tests.e2e.conftest import Gateway, run_gateway
 from tests.helpers import policy_dict
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from authz.records import USAGE_FILE, read_records
+from authz.state.usage.records import USAGE_FILE, read_records
 from policy.stream_usage import StreamMeter
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import records_for

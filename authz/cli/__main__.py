@@ -1,0 +1,3 @@
+from authz.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""`tokenbooth keys create|list|show|revoke`: the secret is printed once, at creation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+import orjson
+
+from authz.state.keys.base import KeyAdmin, ReadOnlyStore
+from authz.state.keys.factory import make_store
+from policy.config import Config, load_config
+from policy.keyrecord import SCOPES, KeyRecord
+from policy.keys import display_prefix, fingerprint, new_secret
+
+T = TypeVar("T")
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    keys = sub.add_parser("keys", help="create, list, show and revoke API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    c = ksub.add_parser("create", parents=[common], help="create a key; prints its secret once")
+    c.add_argument("--org", required=True)
+    c.add_argument("--name", default="")
+    c.add_argument("--scope", action="append", choices=SCOPES,
+                   help="repeatable; default: all scopes")
+    c.add_argument("--model", action="append", help="allowed alias (repeatable); default: all")
+    c.add_argument("--rpm", type=_positive, help="requests per minute")
+    c.add_argument("--tpm", type=_positive, help="tokens per minute")
+    c.add_argument("--max-concurrent", type=_positive, help="in-flight requests")
+    c.add_argument("--budget", type=_usd, help="USD per budget period")
+    c.add_argument("--budget-period", choices=["day", "month", "total"], default="month")
+    c.add_argument("--expires", type=_when, help="ISO 8601 time, e.g. 2027-01-01T00:00:00Z")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_create)
+    ls = ksub.add_parser("list", parents=[common], help="list keys (never their secrets)")
+    ls.add_argument("--org")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    sh = ksub.add_parser("show", parents=[common], help="one key's record")
+    sh.add_argument("id")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_show)
+    rv = ksub.add_parser("revoke", parents=[common], help="revoke a key (within 2 s everywhere)")
+    rv.add_argument("id")
+    rv.set_defaults(func=cmd_revoke)
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+def _usd(v: str) -> Decimal:
+    try:
+        d = Decimal(v)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"expected an amount in USD, got {v!r}") from None
+    if not d.is_finite() or d < 0:
+        raise argparse.ArgumentTypeError(f"expected an amount in USD, got {v!r}")
+    return d
+
+
+def _when(v: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {v!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
+    store = make_store(cfg)
+    if not isinstance(store, KeyAdmin):
+        raise ReadOnlyStore(
+            f"keys are managed by the validation service at {cfg.key_store.validation_url}"
+        )
+
+    async def run() -> T:
+        await store.start()
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from authz.cli.main import config_path
+
+    return load_config(config_path(args)[0])
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    unknown = sorted(set(args.model or ()) - set(cfg.models))
+    if unknown:
+        raise ValueError(f"--model: unknown alias(es) {unknown}; known: {sorted(cfg.models)}")
+    secret = new_secret()
+    record = KeyRecord(
+        id="key_" + secrets.token_hex(6),
+        org=args.org,
+        sha256=fingerprint(secret),
+        prefix=display_prefix(secret),
+        name=args.name,
+        scopes=tuple(args.scope or SCOPES),
+        models=tuple(args.model or ()),
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_concurrent=args.max_concurrent,
+        budget_usd=args.budget,
+        budget_period=args.budget_period,
+        created_at=datetime.now(UTC),
+        expires_at=args.expires,
+    )
+    if any(k.id == record.id for k in cfg.keys):
+        raise ValueError("key id collision with the config file; run the command again")
+    _with_store(cfg, lambda s: s.create(record))
+    if args.json:
+        print(orjson.dumps({**_public(record), "key": secret}).decode())
+    else:
+        print(f"created key {record.id} for org {record.org}")
+        print(f"  secret (shown once, store it now): {secret}")
+    return 0
+
+
+def _public(rec: KeyRecord, source: str = "store") -> dict[str, Any]:
+    d: dict[str, Any] = rec.model_dump(mode="json")
+    d["source"] = source
+    return d
+
+
+def _all_keys(cfg: Config, org: str | None) -> list[dict[str, Any]]:
+    static = [_public(k, "config") for k in cfg.keys if org is None or k.org == org]
+    stored = _with_store(cfg, lambda s: s.list_keys(org))
+    return static + [_public(k) for k in stored]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = _all_keys(_config(args), args.org)
+    if args.json:
+        print(orjson.dumps(rows).decode())
+        return 0
+    fmt = "{:<18} {:<14} {:<16} {:<11} {:<8} {:<7} {}"
+    print(fmt.format("id", "org", "name", "prefix", "status", "source", "expires_at"))
+    for r in rows:
+        print(fmt.format(r["id"], r["org"][:14], r["name"][:16], r["prefix"] or "-",
+                         r["status"], r["source"], r["expires_at"] or "-"))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    found = [r for r in _all_keys(cfg, None) if r["id"] == args.id]
+    if not found:
+        raise LookupError(f"no key with id {args.id!r}")
+    if args.json:
+        print(orjson.dumps(found[0]).decode())
+    else:
+        for k, v in found[0].items():
+            print(f"{k}: {v if v not in (None, '', []) else '-'}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if any(k.id == args.id for k in cfg.keys):
+        raise ValueError(f"key {args.id!r} is declared in {args.config or 'the config file'}; "
+                         "set its status to revoked there")
+    revoked = _with_store(cfg, lambda s: s.revoke(args.id))
+    if revoked is None:
+        raise LookupError(f"no key with id {args.id!r}")
+    print(f"revoked key {revoked.id} (org {revoked.org})")
+    return 0
+
+
+__all__ = ["add_parsers"]

@@ -1,0 +1,352 @@
+"""The HTTP connection manager: filters (buffer → ext_authz → ext_proc → buffer →
+header_mutation → router), the routes, the access log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as MutationRulesHeaderMutation,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    ApiVersion,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    SubstitutionFormatString,
+)
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    RetryPolicy,
+    RetryPolicyRetryBackOff,
+    RetryPolicyRetryHostPredicate,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    HeaderMutation as HeaderMutationFilter,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    Mutations as HeaderMutations,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpFilter,
+    RequestIdExtension,
+)
+from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    ListStringMatcher,
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    StringMatcher,
+    ValueMatcher,
+)
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.google.protobuf import Struct, Value
+
+from authz.envoy_config.common import SERVICES_CLUSTER, ms, pack, seconds
+from authz.envoy_config.local_replies import PROC_DOWN, local_reply_config
+from authz.envoy_config.names import EXT_AUTHZ, EXT_PROC
+from policy.config import Config
+from policy.limits import RATE_HEADER_NAMES
+from policy.routing import CLUSTER_HEADER, CLUSTER_KEY
+
+BUFFER = "envoy.filters.http.buffer"
+ROUTER = "envoy.filters.http.router"
+HOLD = "tokenbooth.hold_for_routing"  # a second buffer filter (names must be unique)
+SET_CLUSTER = "envoy.filters.http.header_mutation"
+MODELS_PATH = "/v1/models"
+NO_CLUSTER = "tokenbooth_unrouted"  # never defined
+# What ext_proc's body rewrite may add: a model name (config-bound) and stream_options.
+REWRITE_SLACK = 64 << 10
+# What ext_proc reads from the request headers and the response, as attributes.
+REQUEST_ATTRIBUTES = ("request.path", "request.method", "request.id",
+                      "request.headers['traceparent']")
+RESPONSE_ATTRIBUTES = ("response.code", "xds.upstream_host_metadata")
+
+# What the access log records: never the authorization / x-api-key headers.
+_ACCESS_LOG_FIELDS = {
+    "start_time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "user_agent": "%REQ(USER-AGENT)%",
+}
+
+
+def body_limit(cfg: Config) -> Any:
+    """The request-size limit, enforced first. Measured with Envoy 1.40: body bytes that
+    arrive while ext_authz or ext_proc is waiting are held under flow control, not counted
+    against the limit, so without this filter in front an oversized body is sometimes
+    accepted and sometimes stalls until the idle timeout. In front, the limit is exact:
+    413 past `max_request_body_bytes`, and ext_proc always gets the whole body at once."""
+    return Buffer(max_request_bytes=cfg.max_request_body_bytes)
+
+
+def _grpc(timeout_ms: int | None = None) -> Any:
+    return GrpcService(
+        envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SERVICES_CLUSTER),
+        timeout=ms(timeout_ms) if timeout_ms is not None else None,
+    )
+
+
+def ext_authz(cfg: Config) -> Any:
+    """Keys, scopes, rate limits, budget admission; fails closed with a 503."""
+    allowed = [
+        *(StringMatcher(exact=h) for h in ("authorization", "x-api-key", "traceparent",
+                                             "x-request-id")),
+        # Sent so the service sees (and removes) spoofed internal headers.
+        StringMatcher(prefix="x-tokenbooth-"),
+    ]
+    return ExtAuthz(
+        # One unary Check per request: its deadline is the decision timeout.
+        grpc_service=_grpc(cfg.envoy.decision_timeout_ms),
+        transport_api_version=ApiVersion.V3,
+        failure_mode_allow=False,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        # A route picked from a header the service has just removed must not stick.
+        clear_route_cache=True,
+        allowed_headers=ListStringMatcher(patterns=allowed),
+    )
+
+
+def ext_proc(cfg: Config) -> Any:
+    """Body checks, routing, reservation, usage, in the fewest messages (each costs the
+    service ~100 µs of CPU): no header messages at all. The request body arrives with
+    what the service needs from the headers as attributes (and ext_authz's principal as
+    metadata); the response arrives as body chunks, the first with the status and the
+    serving endpoint as attributes. Routing and rate-limit headers go back as dynamic
+    metadata (see `hold_for_routing` and the route)."""
+    mode = _mode(request_headers=False, request_body=ProcessingModeBodySendMode.BUFFERED,
+                 response_body=ProcessingModeBodySendMode.STREAMED)
+    return ExternalProcessor(
+        # No deadline on the stream itself: it lives as long as the response it meters.
+        grpc_service=_grpc(),
+        # Fails open, yet no request reaches a backend without ext_proc's answer: only
+        # that answer names the cluster (`cluster_from_metadata`), and without one the
+        # request ends in a 503 (bootstrap_replies). Failing closed would instead cut
+        # Envoy's own replies: with the response body STREAMED for every request, those
+        # (ext_authz's 503 when the services are down, say) pass through ext_proc too.
+        failure_mode_allow=True,
+        processing_mode=mode,
+        # Each answer must come within the decision timeout.
+        message_timeout=ms(cfg.envoy.decision_timeout_ms),
+        request_attributes=list(REQUEST_ATTRIBUTES),
+        response_attributes=list(RESPONSE_ATTRIBUTES),
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        metadata_options=MetadataOptions(
+            # The principal ext_authz decided on travels as its dynamic metadata...
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ]),
+            # ...and the route and rate-limit headers come back as ext_proc's.
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_PROC]),
+        ),
+    )
+
+
+def _mode(request_headers: bool, request_body: Any, response_body: Any) -> Any:
+    """An ext_proc processing mode; response headers and trailers are never sent."""
+    skip, send = ProcessingModeHeaderSendMode.SKIP, ProcessingModeHeaderSendMode.SEND
+    return ProcessingMode(
+        request_header_mode=send if request_headers else skip,
+        request_body_mode=request_body,
+        response_header_mode=skip,
+        response_body_mode=response_body,
+        request_trailer_mode=skip,
+        response_trailer_mode=skip,
+    )
+
+
+def hold_for_routing(cfg: Config) -> Any:
+    """With request headers skipped, ext_proc lets them on at once; this second buffer
+    holds them (and so the router's choice of cluster) until ext_proc has answered the
+    body. It also sets content-length for the rewritten body, which may be a little
+    longer than the client's (the upstream model name, `stream_options`): hence the slack,
+    so a body at the limit is not refused after it was admitted."""
+    return Buffer(max_request_bytes=rewritten_body_limit(cfg))
+
+
+def rewritten_body_limit(cfg: Config) -> int:
+    return cfg.max_request_body_bytes + REWRITE_SLACK
+
+
+def cluster_from_metadata() -> Any:
+    """CLUSTER_HEADER := the cluster ext_proc chose (absent when ext_proc saw no body)."""
+    return HeaderMutationFilter(mutations=HeaderMutations(request_mutations=[
+        MutationRulesHeaderMutation(append=HeaderValueOption(
+            header=HeaderValue(key=CLUSTER_HEADER, value=_proc_metadata(CLUSTER_KEY)),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            keep_empty_value=False,
+        ))
+    ]))
+
+
+def _proc_metadata(key: str) -> str:
+    return f"%DYNAMIC_METADATA({EXT_PROC}:{key})%"
+
+
+def _models_route() -> Any:
+    """GET /v1/models has no body: ext_proc takes its headers here and answers at once."""
+    headers_only = _mode(request_headers=True, request_body=ProcessingModeBodySendMode.NONE,
+                         response_body=ProcessingModeBodySendMode.NONE)
+    per_route = ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=headers_only))
+    return Route(
+        name="models",
+        match=RouteMatch(path=MODELS_PATH),
+        # Reached only when ext_proc failed (it fails open): the same 503 as elsewhere.
+        direct_response=DirectResponseAction(
+            status=PROC_DOWN.status,
+            body=DataSource(inline_string=PROC_DOWN.body().decode())),
+        response_headers_to_add=[HeaderValueOption(
+            header=HeaderValue(key="content-type", value="application/json"),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )],
+        typed_per_filter_config={EXT_PROC: pack(per_route)},
+    )
+
+
+def route_config(cfg: Config) -> Any:
+    """GET /v1/models, then the inference route: ext_proc names the cluster in its
+    metadata and clears the route cache; `cluster_from_metadata` turns it into
+    CLUSTER_HEADER, which never reaches the backend."""
+    retry = RetryPolicy(
+        # Only failures before the backend saw the request (or, for 503, before it
+        # started generating): a retry never duplicates tokens already sent.
+        retry_on="connect-failure,refused-stream,reset-before-request,retriable-status-codes",
+        retriable_status_codes=[503],
+        num_retries=2,
+        retry_back_off=RetryPolicyRetryBackOff(
+            base_interval=ms(250), max_interval=seconds(2)
+        ),
+        # Retry on another host of the backend where there is one (STRICT_DNS may give several).
+        retry_host_predicate=[
+            RetryPolicyRetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=pack(PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=3,
+    )
+    route = Route(
+        name="inference",
+        # Only once ext_proc has answered (its metadata names the cluster): until then,
+        # and for good if it failed open, the request is on `_unrouted` and reaches no
+        # backend, whatever headers it carries.
+        match=RouteMatch(prefix="/", dynamic_metadata=[MetadataMatcher(
+            filter=EXT_PROC, path=[MetadataMatcherPathSegment(key=CLUSTER_KEY)],
+            value=ValueMatcher(present_match=True))]),
+        route=RouteAction(
+            cluster_header=CLUSTER_HEADER,
+            # Generations are long: Envoy's default 15 s would cut them.
+            timeout=seconds(cfg.envoy.route_timeout_s),
+            retry_policy=retry,
+            # Host = the chosen backend's authority (its endpoint hostname), not ours.
+            auto_host_rewrite=True,
+        ),
+        request_headers_to_remove=[CLUSTER_HEADER],
+        # The admission's rate-limit headers, from ext_proc's metadata; absent ones are
+        # left out (keys without limits, and refusals, which carry their own).
+        response_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key=name, value=_proc_metadata(name)),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                keep_empty_value=False,
+            )
+            for name in RATE_HEADER_NAMES
+        ],
+        # Buffering for ext_proc and for retries may reach the body limit (the listener's
+        # 1 MiB default would be too small for larger limits).
+        request_body_buffer_limit=rewritten_body_limit(cfg),
+    )
+    return RouteConfiguration(
+        name="tokenbooth",
+        # `_unrouted` names a cluster that must not exist.
+        validate_clusters=False,
+        virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"],
+                                   routes=[_models_route(), route, _unrouted(cfg)])],
+    )
+
+
+def _unrouted(cfg: Config) -> Any:
+    """Every request until ext_proc has named its cluster. If the router still sees this
+    route, ext_proc saw no body or failed: a cluster that does not exist gives Envoy's
+    `cluster_not_found`, which the local replies turn into a 400 or a 503."""
+    return Route(
+        name="unrouted",
+        match=RouteMatch(prefix="/"),
+        route=RouteAction(cluster=NO_CLUSTER),
+        request_body_buffer_limit=rewritten_body_limit(cfg),
+    )
+
+
+def _access_log() -> Any:
+    fields = {k: Value(string_value=v) for k, v in _ACCESS_LOG_FIELDS.items()}
+    fmt = SubstitutionFormatString(json_format=Struct(fields=fields))
+    return AccessLog(
+        name="envoy.access_loggers.stdout", typed_config=pack(StdoutAccessLog(log_format=fmt))
+    )
+
+
+def http_connection_manager(cfg: Config) -> Any:
+    filters = [
+        HttpFilter(name=BUFFER, typed_config=pack(body_limit(cfg))),
+        HttpFilter(name=EXT_AUTHZ, typed_config=pack(ext_authz(cfg))),
+        HttpFilter(name=EXT_PROC, typed_config=pack(ext_proc(cfg))),
+        HttpFilter(name=HOLD, typed_config=pack(hold_for_routing(cfg))),
+        HttpFilter(name=SET_CLUSTER, typed_config=pack(cluster_from_metadata())),
+        HttpFilter(name=ROUTER, typed_config=pack(Router())),
+    ]
+    return HttpConnectionManager(
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        stat_prefix="ingress",
+        route_config=route_config(cfg),
+        http_filters=filters,
+        # Clients connect directly: their address is the real one, and x-forwarded-for
+        # from them is not trusted.
+        use_remote_address=True,
+        request_id_extension=RequestIdExtension(typed_config=pack(UuidRequestIdConfig())),
+        # Clients see the id their usage record carries.
+        always_set_request_id_in_response=True,
+        # A stream may sit idle between SSE chunks; the route timeout is the real bound.
+        stream_idle_timeout=seconds(300),
+        request_timeout=seconds(0),
+        # ext_authz decides scopes on the path: /v1/./models and //v1/models must not
+        # slip past it.
+        normalize_path=True,
+        merge_slashes=True,
+        access_log=[_access_log()],
+        local_reply_config=local_reply_config(cfg),
+    )

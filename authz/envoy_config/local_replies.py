@@ -1,0 +1,118 @@
+"""Envoy's own error replies, rewritten as OpenAI-shaped JSON (`local_reply_config`).
+
+Every local reply passes through these mappers, including the deliberate denials of
+our ext_authz service and ext_proc's ImmediateResponses (which carry their own JSON).
+So each mapper matches only replies Envoy makes on its own, by response flag or by
+response-code details; anything unmatched is left as it is.
+
+Seen with Envoy 1.40 (the real binary, access log `%RESPONSE_FLAGS%` and
+`%RESPONSE_CODE_DETAILS%`):
+- gRPC services down or timed out at ext_authz: 503, UAEX, `ext_authz_error`
+  (a denial is UAEX too, but `ext_authz_denied`: flags alone cannot tell them apart).
+- ext_proc stream failed: `status_on_error` (503), no flag,
+  `ext_proc_error_gRPC_error_<code>{...}`; message timeout: 504, no flag,
+  `ext_proc_error_per-message_timeout_exceeded`.
+- ext_proc ImmediateResponse: its own status, no flag, its own `details`.
+- backend unhealthy / ejected: 503, UH, `no_healthy_upstream`.
+- routing header missing or naming no cluster: 503, NC, `cluster_not_found`. Only
+  ext_proc's answer names a cluster: without one, either the request had no body
+  (ext_proc is sent nothing) or ext_proc failed.
+- backend timed out (route timeout): 504, UT, `response_timeout`.
+- backend closed the connection before answering: 503, UC,
+  `upstream_reset_before_response_started{connection_termination}`; UF (connect
+  failure), UR (remote reset) and URX (retries exhausted) come the same way.
+- body over the limit (buffer filter): 413, no flag, `request_payload_too_large`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLogFilter,
+    ExtensionFilter,
+    ResponseFlagFilter,
+)
+from envoy_data_plane.envoy.config.core.v3 import SubstitutionFormatString
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    LocalReplyConfig,
+    ResponseMapper,
+)
+from envoy_data_plane.google.protobuf import NullValue, Struct, Value
+
+from authz.envoy_config.common import pack
+from authz.envoy_config.names import EXT_PROC
+from policy.config import Config
+from policy.errors import ApiError, invalid_request, request_too_large, service_unavailable
+
+AUTHZ_DOWN = service_unavailable("The authorization service is unavailable; try again.")
+PROC_DOWN = service_unavailable("The request processing service is unavailable; try again.")
+NO_BACKEND = service_unavailable("No healthy backend is available for this model.")
+BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
+BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
+NO_BODY = invalid_request("This endpoint needs a JSON request body.")
+
+# Flags of upstream failures that happen before any response byte (else no local reply).
+_NO_BACKEND_FLAGS = ("UH", "NC", "UO")
+_TIMEOUT_FLAGS = ("UT",)
+_FAILED_FLAGS = ("UF", "UC", "UR", "URX", "UPE", "DF")
+
+
+def _cel(expression: str) -> Any:
+    """Match on Envoy attributes (here `response.code_details`), as flags cannot."""
+    return AccessLogFilter(
+        extension_filter=ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=pack(ExpressionFilter(expression=expression)),
+        )
+    )
+
+
+def _flags(flags: tuple[str, ...]) -> Any:
+    return AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=list(flags)))
+
+
+def _body(err: ApiError) -> Any:
+    """The same JSON as `ApiError.body()`, as a fixed Envoy JSON format."""
+    error = Struct(
+        fields={
+            "message": Value(string_value=err.message),
+            "type": Value(string_value=err.error_type),
+            "param": Value(null_value=NullValue.NULL_VALUE),
+            "code": Value(string_value=err.code),
+        }
+    )
+    return SubstitutionFormatString(
+        json_format=Struct(fields={"error": Value(struct_value=error)}),
+        content_type="application/json",
+    )
+
+
+def _mapper(match: Any, err: ApiError) -> Any:
+    return ResponseMapper(filter=match, status_code=err.status, body_format_override=_body(err))
+
+
+def local_reply_config(cfg: Config) -> Any:
+    """First matching mapper wins; denials and ImmediateResponses match none."""
+    return LocalReplyConfig(
+        mappers=[
+            _mapper(_cel("response.code_details == 'ext_authz_error'"), AUTHZ_DOWN),
+            # Also turns ext_proc's 504 on a message timeout into a 503.
+            _mapper(_cel("response.code_details.startsWith('ext_proc_error')"), PROC_DOWN),
+            # No cluster: ext_proc never named one. It is sent nothing for a request
+            # without a body (the client's 400); else it failed or timed out (it fails
+            # open, see bootstrap_http.ext_proc, so this is how its outage shows).
+            _mapper(_cel("response.code_details == 'cluster_not_found' && "
+                         "request.size == 0"), NO_BODY),
+            _mapper(_cel("response.code_details == 'cluster_not_found' && "
+                         f"!('{EXT_PROC}' in metadata.filter_metadata)"), PROC_DOWN),
+            _mapper(_flags(_NO_BACKEND_FLAGS), NO_BACKEND),
+            _mapper(_flags(_TIMEOUT_FLAGS), BACKEND_TIMEOUT),
+            _mapper(_flags(_FAILED_FLAGS), BACKEND_FAILED),
+            _mapper(
+                _cel("response.code_details == 'request_payload_too_large'"),
+                request_too_large(cfg.max_request_body_bytes),
+            ),
+        ]
+    )

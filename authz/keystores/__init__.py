@@ -1,1 +1,0 @@
-"""Where API keys live: the embedded keyring file, Redis, or an HTTP validation service."""

@@ -1,1 +1,0 @@
-"""Limit and budget state: the in-memory store and the Redis store, one protocol."""

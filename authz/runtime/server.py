@@ -1,0 +1,175 @@
+"""`tokenbooth serve`: one grpc.aio server (ext_authz + ext_proc + health) and the side port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from authz.runtime.metrics import Metrics
+from authz.runtime.recorder import Recorder
+from authz.runtime.side_port import make_side_app
+from authz.runtime.snapshot import Runtime
+from authz.runtime.tracing import make_provider, tracer_of
+from authz.services import protos
+from authz.services.ext_authz import AuthorizationService
+from authz.services.ext_proc import ExternalProcessorService
+from authz.services.keyauth import KeyAuthority
+from authz.state.keys.base import KeyStore
+from authz.state.keys.factory import make_store
+from authz.state.limits.admission import Admission
+from authz.state.limits.base import LimitStore
+from authz.state.limits.factory import make_limit_store
+from authz.state.usage.records import UsageSink, make_sink
+from authz.state.usage.redis_sink import RedisUsageSink
+from policy.config import parse_hostport
+
+log = logging.getLogger("tokenbooth.server")
+
+SERVICE_NAMES = (
+    "envoy.service.auth.v3.Authorization",
+    "envoy.service.ext_proc.v3.ExternalProcessor",
+)
+RELOAD_INTERVAL_S = 1.0
+
+
+@dataclass
+class Services:
+    """The running services of one process; `start()` then `stop()`."""
+
+    runtime: Runtime
+    sink: UsageSink | None = None
+    store: KeyStore | None = None
+    limits: LimitStore | None = None
+    # Traces: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (or a provider given by tests).
+    tracer_provider: TracerProvider | None = None
+    grace_s: float = 10.0
+    metrics: Metrics = field(default_factory=Metrics)
+    grpc_port: int = 0
+    http_port: int = 0
+    _server: grpc.aio.Server | None = None
+    _side: web.AppRunner | None = None
+    _health: health.aio.HealthServicer | None = None
+    _reload: asyncio.Task[None] | None = None
+    _ready: bool = False
+
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        cfg = self.runtime.snapshot.config
+        if self.store is None:
+            self.store = make_store(cfg)
+        await self.store.start()
+        if self.limits is None:
+            self.limits = make_limit_store(cfg)
+        await self.limits.start()
+        if self.sink is None:
+            self.sink = make_sink(cfg)
+        if isinstance(self.sink, RedisUsageSink):
+            await self.sink.start()
+        recorder = Recorder(self.sink, self.metrics)
+        if self.tracer_provider is None:
+            self.tracer_provider = make_provider()  # never connects here
+        tracer = tracer_of(self.tracer_provider)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", cfg.max_request_body_bytes + (64 << 10)),
+                ("grpc.max_send_message_length", cfg.max_request_body_bytes + (64 << 10)),
+            ]
+        )
+        protos.add_AuthorizationServicer_to_server(
+            AuthorizationService(KeyAuthority(self.runtime, self.store), self.metrics, tracer),
+            server
+        )
+        protos.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorService(self.runtime, recorder, self.metrics,
+                                     Admission(self.limits, cfg.limits.on_store_error),
+                                     tracer),
+            server,
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        host, port = parse_hostport(cfg.services.grpc_listen)
+        bound = server.add_insecure_port(f"{_grpc_host(host)}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot listen on {cfg.services.grpc_listen} (gRPC)")
+        self.grpc_port = bound
+        await server.start()
+        self._server = server
+
+        hhost, hport = parse_hostport(cfg.services.http_listen)
+        self._side = web.AppRunner(make_side_app(self.metrics, self.ready), access_log=None)
+        await self._side.setup()
+        site = web.TCPSite(self._side, hhost, hport)
+        await site.start()
+        self.http_port = self._side.addresses[0][1]
+
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reload = asyncio.create_task(self._reload_loop())
+        self._ready = True
+        log.info(
+            "tokenbooth services ready",
+            extra={"grpc": f"{host}:{self.grpc_port}", "http": f"{hhost}:{self.http_port}"},
+        )
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+            self.runtime.reload_if_changed()
+
+    async def stop(self) -> None:
+        """Stop taking new streams; let in-flight ones finish within the grace period."""
+        self._ready = False
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._reload is not None:
+            self._reload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reload
+        if self._server is not None:
+            await self._server.stop(self.grace_s)
+        if self._side is not None:
+            await self._side.cleanup()
+        if isinstance(self.sink, RedisUsageSink):
+            await self.sink.aclose()  # delivers what it can in ~2 s; the spool keeps the rest
+        elif self.sink is not None:
+            self.sink.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.limits is not None:
+            await self.limits.close()
+        if self.tracer_provider is not None:
+            # Bounded: an unreachable collector costs at most the export timeout.
+            await asyncio.to_thread(self.tracer_provider.shutdown)
+        log.info("tokenbooth services stopped")
+
+
+def _grpc_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve_forever(runtime: Runtime) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    services = Services(runtime)
+    try:
+        await services.start()
+    except BaseException:
+        await services.stop()  # whatever did start (e.g. gRPC when the side port is busy)
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await services.stop()

@@ -1,0 +1,87 @@
+"""One generation of policy: the config plus the indexes derived from it.
+
+Servicers read `Runtime.snapshot` once per request; a reload swaps in a new
+snapshot atomically, so a request never sees half of two configs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from authz.runtime.overrides import Overrides
+from policy.config import Config, ConfigError, load_config
+from policy.keyrecord import KeyRecord
+from policy.keys import index_keys
+from policy.routing import Router
+
+log = logging.getLogger("tokenbooth.config")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config
+    keys_by_fingerprint: dict[str, KeyRecord]
+    keys_by_id: dict[str, KeyRecord]
+    router: Router
+    aliases: tuple[str, ...]
+
+    @classmethod
+    def build(cls, cfg: Config) -> Snapshot:
+        return cls(
+            config=cfg,
+            keys_by_fingerprint=index_keys(cfg.keys),
+            keys_by_id={k.id: k for k in cfg.keys},
+            router=Router(cfg),
+            aliases=tuple(sorted(cfg.models)),
+        )
+
+
+@dataclass
+class Runtime:
+    """What the servicers share: the current snapshot, the clock, and readiness."""
+
+    snapshot: Snapshot
+    config_path: Path | None = None
+    clock: Callable[[], datetime] = utc_now
+    overrides: Overrides = field(default_factory=Overrides)
+    _mtime: float = 0.0
+
+    @classmethod
+    def from_file(cls, path: Path, overrides: Overrides | None = None) -> Runtime:
+        overrides = overrides or Overrides()
+        cfg = overrides.apply(load_config(path))
+        rt = cls(Snapshot.build(cfg), config_path=path, overrides=overrides)
+        rt._mtime = _mtime(path)
+        return rt
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the config file when it changed; keep the last good one on error."""
+        if self.config_path is None:
+            return False
+        mtime = _mtime(self.config_path)
+        if mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        try:
+            cfg = self.overrides.apply(load_config(self.config_path))
+        except ConfigError as e:
+            log.error("config reload refused, keeping the last good config: %s", e)
+            return False
+        self.snapshot = Snapshot.build(cfg)
+        log.info("config reloaded from %s", self.config_path)
+        return True
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

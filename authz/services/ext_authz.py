@@ -1,0 +1,128 @@
+"""ext_authz: who is calling, and may they call this endpoint?
+
+Envoy sends only the key headers, `x-request-id`, `traceparent` and any
+`x-tokenbooth-*` header (see the rendered bootstrap). The answer removes the
+client's key and every spoofed internal header, and sets the trusted
+`x-tokenbooth-org` / `x-tokenbooth-key-id` for ext_proc and the upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from opentelemetry.trace import SpanKind, Tracer
+
+from authz.envoy_config.names import EXT_AUTHZ
+from authz.runtime.metrics import Metrics
+from authz.runtime.tracing import parent_context
+from authz.services import protos
+from authz.services.keyauth import KeyAuthority
+from policy.endpoints import lookup, path_known
+from policy.errors import ApiError, not_found
+from policy.keys import Principal, extract_secret
+
+log = logging.getLogger("tokenbooth.ext_authz")
+
+INTERNAL_PREFIX = "x-tokenbooth-"
+ORG_HEADER = "x-tokenbooth-org"
+KEY_ID_HEADER = "x-tokenbooth-key-id"
+_SET_BY_US = frozenset({ORG_HEADER, KEY_ID_HEADER})
+_KEY_HEADERS = ("authorization", "x-api-key")
+# ext_proc reads the principal from here (Envoy forwards this metadata namespace to it),
+# so the two services need not share a replica or a cache.
+METADATA_NAMESPACE = EXT_AUTHZ  # ext_proc reads the principal from here
+
+
+class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, keys: KeyAuthority, metrics: Metrics, tracer: Tracer | None = None
+                 ) -> None:
+        self._keys = keys
+        self._metrics = metrics
+        self._tracer = tracer
+        self._seconds = metrics.decision_seconds.labels("ext_authz")
+
+    async def Check(
+        self, request: protos.Msg, context: grpc.aio.ServicerContext
+    ) -> protos.Msg:
+        t0 = time.perf_counter()
+        try:
+            if self._tracer is None:
+                return await self._check(request)
+            headers = request.attributes.request.http.headers
+            with self._tracer.start_as_current_span(
+                "ext_authz.check", context=parent_context(headers), kind=SpanKind.SERVER
+            ) as span:
+                resp = await self._check(request)
+                allowed = resp.status.code == 0
+                span.set_attribute("tokenbooth.decision", "allow" if allowed else "deny")
+                if allowed:
+                    md = resp.dynamic_metadata.fields
+                    span.set_attribute("tokenbooth.key_id", md["key_id"].string_value)
+                    span.set_attribute("tokenbooth.org", md["org"].string_value)
+                return resp
+        finally:
+            self._seconds.observe(time.perf_counter() - t0)
+
+    async def _check(self, request: protos.Msg) -> protos.Msg:
+        http = request.attributes.request.http
+        headers = http.headers
+        try:
+            principal = await self._keys.authenticate(
+                extract_secret(headers.get("authorization"), headers.get("x-api-key"))
+            )
+            endpoint = lookup(http.method, http.path)
+            if endpoint is None:
+                if path_known(http.path):
+                    raise ApiError(405, "method_not_allowed",
+                                   f"{http.method} is not allowed on {http.path}.")
+                raise not_found(http.path)
+            principal.require_scope(endpoint.scope)
+        except ApiError as err:
+            self._metrics.decisions.labels("ext_authz", "deny", err.code).inc()
+            return protos.authz_denial(err)
+
+        self._metrics.decisions.labels("ext_authz", "allow", "ok").inc()
+        remove = [h for h in _KEY_HEADERS if h in headers]
+        remove += [h for h in headers if h.startswith(INTERNAL_PREFIX) and h not in _SET_BY_US]
+        return protos.CheckResponse(
+            status=protos.OK_STATUS,
+            ok_response=protos.external_auth_pb2.OkHttpResponse(
+                headers=[
+                    _overwrite(ORG_HEADER, principal.org),
+                    _overwrite(KEY_ID_HEADER, principal.key_id),
+                ],
+                headers_to_remove=remove,
+            ),
+            dynamic_metadata=principal_metadata(principal),
+        )
+
+
+def principal_metadata(p: Principal) -> protos.Msg:
+    """Who, which models, which limits: everything ext_proc needs, so it looks nothing up.
+    Integers travel as strings (Struct numbers are doubles; nano-USD must stay exact)."""
+    lim = p.limits
+    md = protos.Struct()
+    md.update({
+        "key_id": p.key_id,
+        "org": p.org,
+        "models": sorted(p.models),
+        "rpm": _opt(lim.rpm),
+        "tpm": _opt(lim.tpm),
+        "max_concurrent": _opt(lim.max_concurrent),
+        "budget_nano": _opt(lim.budget_nano),
+        "budget_period": lim.budget_period,
+    })
+    return md
+
+
+def _opt(v: int | None) -> str:
+    return "" if v is None else str(v)
+
+
+def _overwrite(key: str, value: str) -> protos.Msg:
+    return protos.HeaderValueOption(
+        header=protos.HeaderValue(key=key, value=value),
+        append_action=protos.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )

@@ -1,0 +1,34 @@
+"""Authentication: static keys from the policy file first, then the key store."""
+
+from __future__ import annotations
+
+import logging
+
+from authz.runtime.snapshot import Runtime
+from authz.state.keys.base import KeyStore, StoreUnavailable
+from policy.errors import invalid_api_key, service_unavailable
+from policy.keys import NO_KEY, Principal, check_record, fingerprint
+
+log = logging.getLogger("tokenbooth.keys")
+
+
+class KeyAuthority:
+    def __init__(self, runtime: Runtime, store: KeyStore | None) -> None:
+        self._rt = runtime
+        self._store = store
+
+    async def authenticate(self, secret: str | None) -> Principal:
+        """A Principal, or an ApiError: 401 saying why, 503 when the store cannot answer."""
+        if secret is None:
+            raise invalid_api_key(NO_KEY)
+        fp = fingerprint(secret)  # hash first: nothing below branches on secret bytes
+        record = self._rt.snapshot.keys_by_fingerprint.get(fp)
+        if record is None and self._store is not None:
+            try:
+                record = await self._store.find(fp, secret)
+            except StoreUnavailable as e:
+                log.warning("key check failed closed: %s", e, extra={"key_fp": fp[:8]})
+                raise service_unavailable(
+                    "The API key store is unavailable; retry shortly."
+                ) from None
+        return check_record(record, self._rt.clock())

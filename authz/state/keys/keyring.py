@@ -1,0 +1,133 @@
+"""The embedded key store: `<data_dir>/keys.json`, fingerprints only.
+
+`tokenbooth keys ...` rewrites the file atomically (temp file + rename) under
+an exclusive lock; a running server re-reads it when it changes (polled every
+0.5 s), so a created or revoked key takes effect within a second, with no
+restart. Lookups are dictionary reads: no I/O on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from authz.state.keys.base import KeyExists
+from policy.keyrecord import KeyRecord
+
+log = logging.getLogger("tokenbooth.keys")
+
+KEYRING_FILE = "keys.json"
+POLL_S = 0.5
+_RECORDS = TypeAdapter(list[KeyRecord])
+
+
+class KeyringStore:
+    def __init__(self, data_dir: Path, poll_s: float = POLL_S) -> None:
+        self.path = data_dir / KEYRING_FILE
+        self._lock_path = data_dir / "keys.lock"
+        self._poll_s = poll_s
+        self._by_fp: dict[str, KeyRecord] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    # -- KeyStore ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._reload()
+        self._watch = asyncio.create_task(self._watch_loop())
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
+        return self._by_fp.get(fingerprint)
+
+    # -- KeyAdmin ---------------------------------------------------------------
+
+    async def create(self, record: KeyRecord) -> None:
+        with self._locked() as records:
+            if any(r.id == record.id or r.sha256 == record.sha256 for r in records):
+                raise KeyExists(f"a key with id {record.id!r} already exists")
+            records.append(record)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        return next((r for r in self._read() if r.id == key_id), None)
+
+    async def list_keys(self, org: str | None = None) -> list[KeyRecord]:
+        return [r for r in self._read() if org is None or r.org == org]
+
+    async def revoke(self, key_id: str) -> KeyRecord | None:
+        with self._locked() as records:
+            for i, r in enumerate(records):
+                if r.id == key_id:
+                    records[i] = r.model_copy(update={"status": "revoked"})
+                    return records[i]
+        return None
+
+    # -- file handling ------------------------------------------------------------
+
+    def _read(self) -> list[KeyRecord]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        try:
+            return _RECORDS.validate_python(orjson.loads(raw).get("keys", []))
+        except (orjson.JSONDecodeError, ValidationError, AttributeError) as e:
+            raise ValueError(f"{self.path}: damaged keyring: {str(e).splitlines()[0]}") from None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[list[KeyRecord]]:
+        """Read-modify-write under an exclusive lock; the new file replaces the old at once."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            records = self._read()
+            yield records
+            data = orjson.dumps(
+                {"keys": [r.model_dump(mode="json") for r in records]},
+                option=orjson.OPT_INDENT_2,
+            )
+            tmp = self.path.with_suffix(".tmp")
+            tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(tfd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            os.close(fd)
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        if stamp == self._stamp:
+            return
+        try:
+            records = self._read()
+        except ValueError as e:
+            log.error("keyring not reloaded, keeping the last good one: %s", e)
+            return
+        self._stamp = stamp
+        self._by_fp = {r.sha256: r for r in records}
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            self._reload()

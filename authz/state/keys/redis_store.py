@@ -1,0 +1,226 @@
+"""Keys in Redis, shared by every replica.
+
+Layout (one hash slot, `{tb-keys}`, so Lua scripts work on Redis Cluster):
+  tb:{tb-keys}:fp:<sha256>  JSON record     tb:{tb-keys}:id:<id>  its sha256
+  tb:{tb-keys}:ids          set of ids      tb:{tb-keys}:version  bumped on every change
+
+Each replica caches lookups (hits and misses), each stamped with the version
+read in the same round trip, and polls the version key every 0.5 s: entries
+older than the current version are looked up again, so creation and
+revocation reach every replica within a second. A fresh cached check is a
+dictionary read. When Redis is unreachable, cached keys keep working for
+`grace_s` after the last successful contact; others fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from authz.state.keys.base import KeyExists, StoreUnavailable
+from policy.keyrecord import KeyRecord
+
+log = logging.getLogger("tokenbooth.keys")
+
+_NS = "tb:{tb-keys}"
+FP, ID, IDS, VERSION = f"{_NS}:fp:", f"{_NS}:id:", f"{_NS}:ids", f"{_NS}:version"
+
+# KEYS: fp key, id key, ids set, version. ARGV: record JSON, id, sha256.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('INCR', KEYS[4])
+return 1
+"""
+# KEYS: fp key, version. ARGV: the revoked record JSON.
+_REPLACE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
+
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client whose every call is bounded: short timeouts, no silent retries."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    return client
+
+
+class RedisKeyStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.5,
+        grace_s: float = 300.0,
+        poll_s: float = 0.5,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = url
+        self._redis = connect(url, timeout_s)
+        self._grace_s = grace_s
+        self._poll_s = poll_s
+        self._max = max_entries
+        self._clock = clock
+        # fingerprint -> (version it was read at, record or None for "no such key")
+        self._cache: OrderedDict[str, tuple[bytes | None, KeyRecord | None]] = OrderedDict()
+        self._version: bytes | None = None
+        self._last_ok = clock()
+        self._healthy = True
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._create = self._redis.register_script(_CREATE)
+        self._replace = self._redis.register_script(_REPLACE)
+
+    # -- KeyStore ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._check_version()
+        self._watch = asyncio.create_task(self._watch_loop())
+
+    async def close(self) -> None:
+        # Stop the poller by an event: a cancel that lands inside a redis-py call can
+        # be swallowed by its timeout handling, and the loop would poll forever.
+        self._stopping.set()
+        if self._watch is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._watch), 2.0)
+            except TimeoutError:
+                self._watch.cancel()
+        await self._redis.aclose()
+
+    async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
+        entry = self._cache.get(fingerprint)
+        if entry is not None and entry[0] == self._version:
+            if self._healthy or self._within_grace():
+                self._cache.move_to_end(fingerprint)
+                return entry[1]
+            raise StoreUnavailable(f"redis key store unreachable for over {self._grace_s:.0f}s")
+        try:
+            version, raw = await self._call(self._fetch(fingerprint))
+        except StoreUnavailable:
+            if entry is not None and self._within_grace():
+                return entry[1]  # stale, but the best answer while Redis is away
+            raise
+        record = KeyRecord.model_validate_json(raw) if raw is not None else None
+        self._version = version
+        self._cache[fingerprint] = (version, record)
+        self._cache.move_to_end(fingerprint)
+        if len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        return record
+
+    async def _fetch(self, fingerprint: str) -> tuple[bytes | None, bytes | None]:
+        """The version and the record, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(VERSION)
+            pipe.get(FP + fingerprint)
+            version, raw = await pipe.execute()
+        return version, raw
+
+    def _within_grace(self) -> bool:
+        return self._clock() - self._last_ok < self._grace_s
+
+    def invalidate(self) -> None:
+        """Forget every cached lookup (the next find of each key asks Redis)."""
+        self._cache.clear()
+
+    # -- KeyAdmin ---------------------------------------------------------------
+
+    async def create(self, record: KeyRecord) -> None:
+        ok = await self._call(self._create(
+            keys=[FP + record.sha256, ID + record.id, IDS, VERSION],
+            args=[record.model_dump_json(), record.id, record.sha256],
+        ))
+        if not ok:
+            raise KeyExists(f"a key with id {record.id!r} already exists")
+        self._cache.pop(record.sha256, None)  # this replica need not wait for the poll
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        fp = await self._call(self._redis.get(ID + key_id))
+        if fp is None:
+            return None
+        raw = await self._call(self._redis.get(FP + fp.decode()))
+        return KeyRecord.model_validate_json(raw) if raw is not None else None
+
+    async def list_keys(self, org: str | None = None) -> list[KeyRecord]:
+        ids = sorted(i.decode() for i in await self._call(self._redis.smembers(IDS)))
+        out = []
+        for key_id in ids:
+            rec = await self.get(key_id)
+            if rec is not None and (org is None or rec.org == org):
+                out.append(rec)
+        return out
+
+    async def revoke(self, key_id: str) -> KeyRecord | None:
+        rec = await self.get(key_id)
+        if rec is None:
+            return None
+        revoked = rec.model_copy(update={"status": "revoked"})
+        await self._call(self._replace(keys=[FP + rec.sha256, VERSION],
+                                       args=[revoked.model_dump_json()]))
+        self._cache.pop(rec.sha256, None)
+        return revoked
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            result = await awaitable
+        except (RedisError, OSError) as e:
+            self._mark_down(e)
+            raise StoreUnavailable(f"redis key store unavailable: {type(e).__name__}") from None
+        self._mark_up()
+        return result
+
+    def _mark_down(self, err: Exception) -> None:
+        if self._healthy:
+            log.error("redis key store unreachable: %s", err)
+        self._healthy = False
+
+    def _mark_up(self) -> None:
+        if not self._healthy:
+            log.info("redis key store reachable again")
+            # Redis may have lost data and restarted its version count: trust no stamp.
+            self._cache.clear()
+        self._healthy = True
+        self._last_ok = self._clock()
+
+    async def _check_version(self) -> None:
+        # Entries stamped with an older version become stale (looked up again on use).
+        self._version = await self._call(self._redis.get(VERSION))
+
+    async def _watch_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._poll_s)
+                return
+            with contextlib.suppress(StoreUnavailable):
+                await self._check_version()
+
+
+
+

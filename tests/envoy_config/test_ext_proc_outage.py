@@ -1,0 +1,112 @@
+"""ext_proc fails open in Envoy's configuration, yet nothing reaches a backend without it.
+
+Real Envoy, a real backend that counts what it receives, and a gRPC server that allows
+every request at ext_authz but does not serve ext_proc at all (UNIMPLEMENTED).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from authz.runtime.procs import free_port
+from authz.services import protos
+from policy.config import Config, load_config
+from policy.routing import CLUSTER_HEADER, model_cluster_name
+from tests.envoy_config.test_bootstrap import run_envoy
+from tests.helpers import write_policy
+
+pytestmark = pytest.mark.e2e
+
+
+class _Backend(BaseHTTPRequestHandler):
+    posts: list[str] = []
+
+    def do_GET(self) -> None:  # Envoy's health checks
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        type(self).posts.append(self.path)
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _AllowAll(protos.AuthorizationServicer):  # type: ignore[misc]
+    def Check(self, request: Any, context: Any) -> Any:
+        resp = protos.CheckResponse(status=protos.OK_STATUS)
+        resp.dynamic_metadata.update({"key_id": "k-main", "org": "acme", "models": []})
+        return resp
+
+
+@pytest.fixture
+def no_ext_proc(tmp_path: Path) -> Iterator[Config]:
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    protos.add_AuthorizationServicer_to_server(_AllowAll(), server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    path = write_policy(
+        tmp_path, f"http://127.0.0.1:{backend.server_address[1]}",
+        listen=f"127.0.0.1:{free_port()}",
+        services={"grpc_listen": f"127.0.0.1:{grpc_port}",
+                  "http_listen": f"127.0.0.1:{free_port()}"},
+        envoy={"admin_listen": f"127.0.0.1:{free_port()}", "decision_timeout_ms": 2000},
+    )
+    try:
+        yield load_config(path)
+    finally:
+        server.stop(0)
+        backend.shutdown()
+        backend.server_close()
+
+
+def _call(cfg: Config, method: str, path: str, body: bytes | None,
+          **headers: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(f"http://{cfg.listen}{path}", data=body, method=method,
+                                 headers={"content-type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        assert e.headers["content-type"] == "application/json"
+        return e.code, json.loads(e.read())
+
+
+def test_without_ext_proc_no_request_reaches_the_backend(no_ext_proc: Config,
+                                                         tmp_path: Path) -> None:
+    cfg = no_ext_proc
+    _Backend.posts.clear()
+    chat = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}]})
+    with run_envoy(cfg, tmp_path):
+        down = _call(cfg, "POST", "/v1/chat/completions", chat.encode())
+        models = _call(cfg, "GET", "/v1/models", None)
+        empty = _call(cfg, "POST", "/v1/chat/completions", b"")
+        # This ext_authz strips nothing: a client naming the cluster itself still fails,
+        # because the inference route matches only once ext_proc has named it.
+        spoofed = _call(cfg, "POST", "/v1/chat/completions", chat.encode(),
+                        **{CLUSTER_HEADER: model_cluster_name("demo")})
+    for status, body in (down, models, spoofed):
+        assert (status, body["error"]["code"]) == (503, "service_unavailable"), body
+    # Without a body ext_proc is not asked at all: that is the client's error.
+    assert (empty[0], empty[1]["error"]["code"]) == (400, "invalid_request")
+    assert "request body" in empty[1]["error"]["message"]
+    assert _Backend.posts == []

@@ -1,0 +1,114 @@
+"""The process around the servicers: side port, readiness, reload, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from authz.runtime.procs import free_port, http_ok, wait_until
+from policy.keys import fingerprint
+from tests.grpc_harness import Running
+from tests.helpers import SECRET, write_policy
+from tests.services.test_ext_authz import check, denial
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+async def test_side_port_health_ready_and_metrics(running: Running) -> None:
+    base = f"http://127.0.0.1:{running.services.http_port}"
+    assert (await asyncio.to_thread(get, f"{base}/healthz"))[0] == 200
+    assert (await asyncio.to_thread(get, f"{base}/readyz"))[0] == 200
+    await check(running, "GET", "/v1/models", authorization="Bearer sk-tb-unknown")
+    status, text = await asyncio.to_thread(get, f"{base}/metrics")
+    assert status == 200
+    assert ('tokenbooth_decisions_total{decision="deny",reason="invalid_api_key",'
+            'service="ext_authz"} 1.0') in text
+    assert "tokenbooth_decision_seconds_bucket" in text
+
+
+async def test_config_reload_applies_good_files_and_refuses_bad_ones(running: Running) -> None:
+    new_secret = "sk-tb-test-new-key-0123456789abcdefghijklmnopqrstu"
+    path = running.config_path
+    data = yaml.safe_load(path.read_text())
+    data["keys"].append({"id": "k-new", "org": "acme", "sha256": fingerprint(new_secret)})
+    path.write_text(yaml.safe_dump(data))
+    deadline = time.monotonic() + 3
+    while True:  # the contract: usable within 2 seconds
+        resp = await check(running, "GET", "/v1/models", authorization=f"Bearer {new_secret}")
+        if resp.status.code == 0:  # type: ignore[attr-defined]
+            break
+        assert time.monotonic() < deadline, "the new key never became valid"
+        await asyncio.sleep(0.1)
+    path.write_text("models: [broken\n")
+    await asyncio.sleep(1.5)
+    # The last good config stays in force.
+    resp = await check(running, "GET", "/v1/models", authorization=f"Bearer {new_secret}")
+    assert resp.status.code == 0  # type: ignore[attr-defined]
+    data["keys"] = [k for k in data["keys"] if k["id"] != "k-new"]
+    path.write_text(yaml.safe_dump(data))
+    deadline = time.monotonic() + 3
+    while True:
+        resp = await check(running, "GET", "/v1/models", authorization=f"Bearer {new_secret}")
+        if resp.status.code != 0:  # type: ignore[attr-defined]
+            break
+        assert time.monotonic() < deadline, "the removed key stayed valid"
+        await asyncio.sleep(0.1)
+    assert denial(resp)[0] == 401
+    resp = await check(running, "GET", "/v1/models", authorization=f"Bearer {SECRET}")
+    assert resp.status.code == 0  # type: ignore[attr-defined]
+
+
+def test_serve_process_is_ready_then_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    http = f"127.0.0.1:{free_port()}"
+    path = write_policy(tmp_path, "http://127.0.0.1:8000",
+                        services={"grpc_listen": f"127.0.0.1:{free_port()}",
+                                  "http_listen": http})
+    proc = subprocess.Popen([sys.executable, "-m", "authz.cli", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: http_ok(f"http://{http}/readyz"), "serve", alive=[proc])
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "tokenbooth services stopped" in err
+    assert "Traceback" not in err
+    # Every log line is one JSON object.
+    import json
+
+    for line in err.strip().splitlines():
+        json.loads(line)
+
+
+def test_serve_refuses_a_busy_port_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        path = write_policy(tmp_path, "http://127.0.0.1:8000",
+                            services={"grpc_listen": f"127.0.0.1:{free_port()}",
+                                      "http_listen": f"127.0.0.1:{busy}"})
+        r = subprocess.run([sys.executable, "-m", "authz.cli", "serve", "--config", str(path)],
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("tokenbooth: error:")

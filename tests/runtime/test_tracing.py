@@ -1,0 +1,126 @@
+"""Traces: spans are children of the request's trace; a dead collector blocks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from authz.envoy_config.names import EXT_PROC
+from authz.runtime.overrides import Overrides
+from authz.runtime.procs import free_port, http_ok, wait_until
+from authz.runtime.server import Services
+from authz.runtime.snapshot import Runtime
+from authz.runtime.tracing import make_provider
+from tests.grpc_harness import Running
+from tests.helpers import SECRET, write_policy
+from tests.services.test_ext_authz import check
+from tests.services.test_ext_proc import CHAT, Stream, req_body
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+@pytest.fixture
+async def traced(tmp_path: Path) -> AsyncIterator[tuple[Running, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    path = write_policy(tmp_path, "http://127.0.0.1:8000",
+                        services={"grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"})
+    services = Services(Runtime.from_file(path, Overrides()), grace_s=1.0,
+                        tracer_provider=make_provider(SimpleSpanProcessor(exporter)))
+    await services.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{services.grpc_port}")
+    try:
+        yield Running(services, channel, path, tmp_path / "data"), exporter
+    finally:
+        await channel.close()
+        await services.stop()
+
+
+async def test_spans_are_children_of_the_request_trace(
+    traced: tuple[Running, InMemorySpanExporter],
+) -> None:
+    running, exporter = traced
+    await check(running, "GET", "/v1/models", authorization=f"Bearer {SECRET}",
+                traceparent=TRACEPARENT)
+    s = Stream(running)
+    # The traceparent reaches ext_proc as a request attribute.
+    msg = req_body(json.dumps(CHAT).encode(), rid="t-1")
+    msg.attributes[EXT_PROC].update({"request.headers['traceparent']": TRACEPARENT})
+    assert (await s.send(msg)).HasField("request_body")
+    await s.close()
+    for _ in range(100):
+        if len(exporter.get_finished_spans()) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    spans = {sp.name: sp for sp in exporter.get_finished_spans()}
+    assert set(spans) == {"ext_authz.check", "ext_proc"}
+    for sp in spans.values():
+        assert sp.parent is not None
+        assert format(sp.context.trace_id, "032x") == TRACE_ID
+        assert format(sp.parent.span_id, "016x") == PARENT_ID
+    assert spans["ext_authz.check"].attributes["tokenbooth.key_id"] == "k-main"
+    assert spans["ext_proc"].attributes["tokenbooth.request_id"] == "t-1"
+    # The secret is in no span.
+    assert SECRET not in repr([dict(sp.attributes or {}) for sp in spans.values()])
+
+
+def test_an_unreachable_collector_blocks_neither_start_nor_stop(tmp_path: Path) -> None:
+    # A collector that accepts connections and never answers: the worst kind.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(16)
+    endpoint = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
+    http = f"127.0.0.1:{free_port()}"
+    grpc_listen = f"127.0.0.1:{free_port()}"
+    path = write_policy(tmp_path, "http://127.0.0.1:8000",
+                        services={"grpc_listen": grpc_listen, "http_listen": http})
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authz.cli", "serve", "--config", str(path)],
+        env={**__import__("os").environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        try:
+            wait_until(lambda: http_ok(f"http://{http}/readyz"), "serve", timeout=10,
+                       alive=[proc])
+        except (RuntimeError, TimeoutError):
+            proc.kill()
+            raise AssertionError(proc.communicate()[1]) from None
+        assert time.monotonic() - t0 < 10
+        # Requests make spans; their export goes nowhere, and requests do not wait for it.
+        from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+        from tests.services.test_ext_authz import check_request
+
+        with grpc.insecure_channel(grpc_listen) as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            for _ in range(20):
+                t1 = time.monotonic()
+                stub.Check(check_request("GET", "/v1/models", {
+                    "authorization": f"Bearer {SECRET}", "traceparent": TRACEPARENT}),
+                    timeout=5)
+                assert time.monotonic() - t1 < 1.0
+        time.sleep(1.2)  # let the batch exporter try
+        t2 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t2 < 8, "shutdown waited on the collector"
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        blackhole.close()

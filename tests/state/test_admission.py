@@ -1,0 +1,70 @@
+"""The outage policy: with Redis stopped, limits fail closed fast or open under a local
+per-replica limiter; budgets always fail closed; Redis returning takes over again."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from authz.state.limits.admission import Admission
+from authz.state.limits.redis_limits import RedisLimitStore
+from policy.config import OnStoreError
+from policy.errors import ApiError
+from policy.limits import Ask, Limits
+from tests.redis_server import RedisServer
+
+NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
+
+
+def ask(i: int, key: str = "k") -> Ask:
+    return Ask(request_id=f"r{i}", key_id=key, org="o", tokens=10, cost_nano=1000,
+               period="day:2026-11-23", lease_s=150)
+
+
+async def test_fail_closed_is_a_fast_503(own_redis: RedisServer) -> None:
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store)
+    await store.start()
+    assert (await adm.admit(Limits(rpm=5), ask(0), NOW)).allowed
+    own_redis.stop()
+    t0 = time.monotonic()
+    with pytest.raises(ApiError) as e:
+        await adm.admit(Limits(rpm=5), ask(1), NOW)
+    assert (e.value.status, e.value.code) == (503, "service_unavailable")
+    assert time.monotonic() - t0 < 1.0
+    await store.close()
+
+
+async def test_fail_open_enforces_locally_then_redis_takes_over(
+    own_redis: RedisServer,
+) -> None:
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, OnStoreError(requests="fail_open", concurrency="fail_open"))
+    await store.start()
+    limits = Limits(rpm=3, max_concurrent=10)
+    own_redis.stop()
+    for i in range(3):
+        d = await adm.admit(limits, ask(i), NOW)
+        assert d.allowed and d.limit_requests == 3
+        await adm.settle(limits, ask(i), 0, 0, NOW)
+    with pytest.raises(ApiError) as e:  # the local limiter holds the same numbers
+        await adm.admit(limits, ask(3), NOW)
+    assert (e.value.status, e.value.code) == (429, "rate_limit_exceeded")
+    # A key with a budget never fails open.
+    with pytest.raises(ApiError) as e:
+        await adm.admit(Limits(rpm=3, budget_nano=10**9), ask(4, "b"), NOW)
+    assert e.value.status == 503
+    # A limit whose own policy is fail_closed still refuses.
+    with pytest.raises(ApiError) as e:
+        await adm.admit(Limits(tpm=1000), ask(5, "t"), NOW)
+    assert e.value.status == 503
+    own_redis.start()  # same port, empty
+    assert (await adm.admit(limits, ask(6), NOW)).allowed
+    # ...and that admission reconciled the 3 requests admitted locally during the outage,
+    # so Redis now counts 4 in this minute: the next one is over the limit of 3.
+    with pytest.raises(ApiError) as e:
+        await adm.admit(limits, ask(7), NOW)
+    assert (e.value.status, e.value.code) == (429, "rate_limit_exceeded")
+    await store.close()

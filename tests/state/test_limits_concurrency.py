@@ -1,0 +1,361 @@
+"""The limits hold under concurrency, under random histories, and through a Redis outage.
+
+- Many concurrent admit -> settle tasks over two Redis replicas never pass the budget.
+- A hypothesis state machine checks MemoryLimitStore against a naive reference model.
+- The same random history gives identical Decisions from memory and Redis.
+- Redis stopped or frozen mid-run: calls fail fast with LimitStoreUnavailable, and the
+  same store works again once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import signal
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from authz.state.limits.base import LimitStoreUnavailable
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import RedisLimitStore
+from policy.limits import (
+    Ask,
+    Limits,
+    bucket_level,
+    bucket_refund,
+    bucket_take,
+    budget_charge,
+    gcra,
+)
+from tests.redis_server import RedisServer
+
+T0 = 1_700_000_000.0
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("limits-redis-conc"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def fresh_url(server: RedisServer) -> str:
+    with redis.Redis.from_url(server.url) as r:
+        r.flushdb()
+    return server.url
+
+
+# -- the budget never passes, with two replicas racing -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_budget_never_exceeded_under_concurrency(kind: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    if kind == "memory":
+        mem = MemoryLimitStore()
+        replicas: list[Any] = [mem, mem]
+    else:
+        url = fresh_url(request.getfixturevalue("shared_redis"))
+        replicas = [RedisLimitStore(url, timeout_s=2.0), RedisLimitStore(url, timeout_s=2.0)]
+    budget, max_conc, p = 20_000, 12, "day:2025-01-01"
+    lim = Limits(max_concurrent=max_conc, budget_nano=budget)
+    rng = random.Random(7)
+    charges: list[int] = []
+    in_flight = peak = 0
+    denied: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        nonlocal in_flight, peak
+        worst = rng.randint(1, 2_000)
+        actual = rng.choice([0, worst, rng.randint(0, worst), worst + 500])  # an overrun too
+        a = Ask(f"r{i}", "k1", "acme", 0, worst, p, 60.0)
+        store = replicas[i % 2]
+        await asyncio.sleep(rng.random() * 0.3)  # arrivals spread over 300 ms
+        d = await store.admit(lim, a, time.time())
+        if not d.allowed:
+            denied[d.reason] = denied.get(d.reason, 0) + 1
+            return
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(rng.random() * 0.01)
+        in_flight -= 1
+        charges.append(budget_charge(worst, actual))
+        await store.settle(lim, a, 0, actual, time.time())
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(200)))
+        spent, reserved = await replicas[0].budget("k1", "acme", p, time.time())
+        assert (spent, reserved) == (sum(charges), 0)
+        assert spent <= budget
+        assert peak <= max_conc
+        assert charges and denied.get("budget", 0) > 0  # it was actually contended
+    finally:
+        for s in {id(s): s for s in replicas}.values():
+            await s.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_concurrency_cap_holds_across_replicas(kind: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    if kind == "memory":
+        mem = MemoryLimitStore()
+        replicas: list[Any] = [mem, mem]
+    else:
+        url = fresh_url(request.getfixturevalue("shared_redis"))
+        replicas = [RedisLimitStore(url, timeout_s=2.0), RedisLimitStore(url, timeout_s=2.0)]
+    lim, cap = Limits(max_concurrent=5), 5
+    in_flight = peak = admitted = refused = 0
+
+    async def one(i: int) -> None:
+        nonlocal in_flight, peak, admitted, refused
+        a, store = Ask(f"c{i}", "k1", "acme", 0, 0, "total", 60.0), replicas[i % 2]
+        for _ in range(20):  # retry until admitted, like a patient client
+            if (await store.admit(lim, a, time.time())).allowed:
+                break
+            refused += 1
+            await asyncio.sleep(0.005)
+        else:
+            return
+        admitted += 1
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        await store.settle(lim, a, 0, 0, time.time())
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(60)))
+        assert peak <= cap and admitted > 2 * cap and refused > 0  # contended, never over
+        # Every lease was released: a full set fits again at once.
+        rs = [await replicas[0].admit(lim, Ask(f"z{i}", "k1", "acme", 0, 0, "total", 60.0),
+                                      time.time()) for i in range(cap + 1)]
+        assert [d.allowed for d in rs] == [True] * cap + [False]
+    finally:
+        for s in {id(s): s for s in replicas}.values():
+            await s.close()
+
+
+# -- MemoryLimitStore against a naive reference model -------------------------------------
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a memory-store call to completion; it must never await (that is its atomicity)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise AssertionError("MemoryLimitStore awaited inside a call")
+
+
+@dataclass
+class Held:
+    ask: Ask
+    exp: float
+    tokens: int
+
+
+class MemoryVsModel(RuleBasedStateMachine):
+    """The model keeps every reservation in a list and recomputes sums from scratch."""
+
+    LIM = Limits(rpm=6, tpm=500, max_concurrent=3, budget_nano=10_000)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = MemoryLimitStore()
+        self.now = T0
+        self.period = "p0"
+        self.n = 0
+        self.tat = T0
+        self.level, self.ts = 500.0, T0
+        self.held: list[Held] = []  # admitted, unsettled (expired ones linger until settled)
+        self.spent: dict[str, int] = {}
+        self.last_spent: dict[str, int] = {}
+        self.settled: list[Ask] = []
+
+    def live(self) -> list[Held]:
+        return [h for h in self.held if h.exp > self.now]
+
+    def reserved(self, period: str) -> int:
+        return sum(h.ask.cost_nano for h in self.live() if h.ask.period == period)
+
+    @rule(dt=st.sampled_from([0.0, 0.001, 0.5, 1.0, 3.3, 5.0, 10.0, 29.9, 61.0]))
+    def advance(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def new_period(self) -> None:
+        self.period = f"p{int(self.period[1:]) + 1}"
+
+    @rule(tokens=st.integers(0, 600), cost=st.integers(0, 6_000),
+          lease=st.sampled_from([1.0, 5.0, 40.0]))
+    def admit(self, tokens: int, cost: int, lease: float) -> None:
+        self.n += 1
+        a = Ask(f"r{self.n}", "k", "o", tokens, cost, self.period, lease)
+        d = run_sync(self.store.admit(self.LIM, a, self.now))
+        # The reference decision, checks in the protocol's order.
+        g = gcra(self.tat, self.now, 6)
+        level = bucket_level(self.level, self.ts, self.now, 500)
+        ok_t, after, _ = bucket_take(level, tokens, 500)
+        spent = self.spent.get(self.period, 0)
+        expect = ("requests" if not g.allowed
+                  else "concurrency" if len(self.live()) >= 3
+                  else "tokens_too_large" if tokens > 500
+                  else "tokens" if not ok_t
+                  else "budget" if spent + self.reserved(self.period) + cost > 10_000
+                  else "")
+        assert (d.allowed, d.reason) == (expect == "", expect)
+        assert d.remaining_tokens == math.floor(after if d.allowed else level)
+        if d.allowed:
+            self.tat, self.level, self.ts = g.tat, after, self.now
+            self.held.append(Held(a, self.now + lease, tokens))
+
+    @precondition(lambda self: bool(self.held))
+    @rule(data=st.data(), frac=st.floats(0, 1.5), cost_frac=st.floats(0, 1.5))
+    def settle(self, data: st.DataObject, frac: float, cost_frac: float) -> None:
+        h = data.draw(st.sampled_from(self.held))
+        used, cost = int(h.tokens * frac), int(h.ask.cost_nano * cost_frac)
+        run_sync(self.store.settle(self.LIM, h.ask, used, cost, self.now))
+        self.held.remove(h)
+        self.settled.append(h.ask)
+        if h.exp > self.now:  # a live hold is charged and its tokens refunded
+            p = h.ask.period
+            self.spent[p] = self.spent.get(p, 0) + budget_charge(h.ask.cost_nano, cost)
+            level = bucket_level(self.level, self.ts, self.now, 500)
+            self.level, self.ts = bucket_refund(level, h.tokens, used, 500), self.now
+
+    @precondition(lambda self: bool(self.settled))
+    @rule(data=st.data())
+    def settle_again(self, data: st.DataObject) -> None:
+        a = data.draw(st.sampled_from(self.settled))
+        run_sync(self.store.settle(self.LIM, a, 0, a.cost_nano, self.now))  # a no-op
+
+    @invariant()
+    def ledger_matches_and_never_passes_the_budget(self) -> None:
+        spent, reserved = run_sync(self.store.budget("k", "o", self.period, self.now))
+        assert (spent, reserved) == (self.spent.get(self.period, 0), self.reserved(self.period))
+        assert reserved >= 0 and spent + reserved <= 10_000
+        assert spent >= self.last_spent.get(self.period, 0)  # spent never decreases
+        self.last_spent[self.period] = spent
+
+    @invariant()
+    def tokens_and_leases_within_limits(self) -> None:
+        assert bucket_level(self.level, self.ts, self.now, 500) <= 500
+        assert len(self.live()) <= 3
+
+
+MemoryVsModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                           deadline=None)
+TestMemoryVsModel = MemoryVsModel.TestCase
+
+
+# -- memory and Redis agree, decision for decision ------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_memory_and_redis_agree(seed: int, shared_redis: RedisServer) -> None:
+    mem, red = MemoryLimitStore(), RedisLimitStore(fresh_url(shared_redis), timeout_s=2.0)
+    rng = random.Random(seed)
+    limit_sets = [Limits(rpm=7, tpm=900, max_concurrent=4, budget_nano=25_000),
+                  Limits(rpm=3), Limits(tpm=333), Limits(max_concurrent=2, budget_nano=5_000)]
+    now, admitted = T0 + rng.random(), 0
+    open_asks: list[tuple[Limits, Ask]] = []
+    try:
+        for i in range(600):
+            now += rng.choice([0.0, 0.0, 0.013, 0.77, 1.0 / 3.0, 4.9, 17.0])
+            op = rng.random()
+            if op < 0.6 or not open_asks:
+                key = rng.randrange(len(limit_sets))
+                lim = limit_sets[key]
+                a = Ask(f"r{i}", f"k{key}", "o", rng.randint(0, 400), rng.randint(0, 7_000),
+                        rng.choice(["day:a", "day:b"]), rng.choice([2.5, 20.0]))
+                dm, dr = await mem.admit(lim, a, now), await red.admit(lim, a, now)
+                assert dm == dr, (i, a)
+                admitted += dm.allowed
+                if dm.allowed:
+                    open_asks.append((lim, a))
+            else:
+                lim, a = open_asks.pop(rng.randrange(len(open_asks)))
+                used, cost = rng.randint(0, a.tokens + 50), rng.randint(0, a.cost_nano + 99)
+                for s in (mem, red):
+                    await s.settle(lim, a, used, cost, now)
+            if i % 50 == 0:
+                for k, p in [("k0", "day:a"), ("k3", "day:b")]:
+                    assert await mem.budget(k, "o", p, now) == await red.budget(k, "o", p, now)
+        assert admitted > 100
+    finally:
+        await red.close()
+
+
+# -- Redis goes away mid-run ------------------------------------------------------------------
+
+
+async def test_redis_outage_fails_fast_and_recovers(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    timeout = 0.2
+    store = RedisLimitStore(server.url, timeout_s=timeout)
+    lim, p = Limits(rpm=100, budget_nano=1_000), "total"
+    try:
+        a = Ask("a", "k", "o", 0, 100, p, 60.0)
+        assert (await store.admit(lim, a, T0)).allowed
+
+        async def fails_fast(coro: Coroutine[Any, Any, Any]) -> None:
+            t0 = time.monotonic()
+            with pytest.raises(LimitStoreUnavailable):
+                await coro
+            assert time.monotonic() - t0 < timeout + 0.3
+
+        # Frozen (a hung server): every call is bounded by the socket timeout.
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            await fails_fast(store.admit(lim, Ask("b", "k", "o", 0, 1, p, 60.0), T0))
+            await fails_fast(store.settle(lim, a, 0, 50, T0))
+            await fails_fast(store.budget("k", "o", p, T0))
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        # Stopped: refused at once.
+        server.stop()
+        await fails_fast(store.admit(lim, Ask("c", "k", "o", 0, 1, p, 60.0), T0))
+        await fails_fast(store.settle(lim, a, 0, 50, T0))
+
+        server.start()  # the same port, an empty database
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                d = await store.admit(lim, Ask("d", "k", "o", 0, 1_000, p, 60.0), T0)
+                break
+            except LimitStoreUnavailable:
+                assert time.monotonic() < deadline, "never recovered"
+                await asyncio.sleep(0.05)
+        assert d.allowed  # this Redis kept nothing: the old hold is gone
+        assert await store.budget("k", "o", p, T0) == (0, 1_000)
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_redis_down_at_start_does_not_block(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # never started
+    store = RedisLimitStore(server.url, timeout_s=0.2)
+    t0 = time.monotonic()
+    await store.start()
+    assert time.monotonic() - t0 < 0.1
+    try:
+        with pytest.raises(LimitStoreUnavailable):
+            await store.admit(Limits(rpm=1), Ask("a", "k", "o", 0, 0, "total", 1.0), T0)
+    finally:
+        await store.close()

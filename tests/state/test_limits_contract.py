@@ -1,0 +1,313 @@
+"""One contract, every limit store: the in-memory store and Redis/Lua against a real Redis.
+
+The clock is injected: every call gets its `now`, so nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from authz.state.limits.base import LimitStore
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import RedisLimitStore
+from policy.limits import (
+    Ask,
+    Decision,
+    Limits,
+    bucket_level,
+    bucket_refund,
+    bucket_reset_s,
+    bucket_take,
+    gcra,
+)
+from tests.redis_server import RedisServer
+
+T0 = 1_700_000_000.25  # an epoch-sized clock, so float rounding is exercised
+
+
+@pytest.fixture(scope="session")
+def limits_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("limits-redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    s: Any
+    if request.param == "memory":
+        s = MemoryLimitStore()
+    else:
+        server: RedisServer = request.getfixturevalue("limits_redis")
+        with redis.Redis.from_url(server.url) as r:
+            r.flushdb()
+        s = RedisLimitStore(server.url, timeout_s=1.0)
+    await s.start()
+    yield s
+    await s.close()
+
+
+_n = 0
+
+
+def ask(key: str = "k1", *, tokens: int = 0, cost: int = 0, period: str = "month:2025-01",
+        lease_s: float = 30.0, rid: str | None = None) -> Ask:
+    global _n
+    _n += 1
+    return Ask(rid or f"req-{_n}", key, "acme", tokens, cost, period, lease_s)
+
+
+async def test_implements_the_protocol(store: Any) -> None:
+    assert isinstance(store, LimitStore)
+
+
+async def test_rpm_burst_then_denied_with_retry_after(store: Any) -> None:
+    lim = Limits(rpm=5)
+    for i in range(5):
+        d = await store.admit(lim, ask(), T0)
+        assert d.allowed and d.limit_requests == 5
+        assert d.remaining_requests == 4 - i
+        assert d.reset_requests_s == pytest.approx(12.0 * (i + 1))
+        assert d.limit_tokens is None and d.remaining_tokens is None
+    d = await store.admit(lim, ask(), T0)
+    assert not d.allowed and d.reason == "requests"
+    assert d.retry_after_s == pytest.approx(12.0)
+    assert d.remaining_requests == 0 and d.reset_requests_s == pytest.approx(60.0)
+    # The denial took nothing: 1 ms short of the refill is still refused, at the refill one fits.
+    assert (await store.admit(lim, ask(), T0 + 11.999)).reason == "requests"
+    d = await store.admit(lim, ask(), T0 + 12.0)
+    assert d.allowed and d.remaining_requests == 0
+    assert not (await store.admit(lim, ask(), T0 + 12.0)).allowed
+    # Continuous refill: one more every 60/N s, not a whole window's worth at an edge.
+    assert (await store.admit(lim, ask(), T0 + 24.0)).allowed
+    assert not (await store.admit(lim, ask(), T0 + 24.0)).allowed
+    # After a full idle window the whole burst is back.
+    later = T0 + 24.0 + 60.0
+    assert [(await store.admit(lim, ask(), later)).allowed for _ in range(6)] == [True] * 5 + [
+        False]
+
+
+async def test_rpm_never_2n_in_any_window(store: Any) -> None:
+    n = 7
+    lim, rng = Limits(rpm=n), random.Random(42)
+    now, admitted = T0, []
+    for _ in range(1500):
+        now += rng.choice([0.0, 0.0, 0.3, 1.1, 2.9, 8.57, 0.01])
+        if (await store.admit(lim, ask(), now)).allowed:
+            admitted.append(now)
+    interval = 60.0 / n
+    assert len(admitted) > 100
+    for i, t in enumerate(admitted):
+        in_window = [u for u in admitted[i:] if u < t + 60.0]
+        assert len(in_window) <= 2 * n - 1  # a burst, then the refill: never 2N
+        for k, u in enumerate(in_window, start=1):  # GCRA's bound: N + elapsed / interval
+            assert k <= n + (u - t) / interval + 1e-6
+
+
+async def test_tpm_reservation_and_too_large(store: Any) -> None:
+    lim = Limits(tpm=1000)
+    d = await store.admit(lim, ask(tokens=600), T0)
+    assert d.allowed and d.limit_tokens == 1000 and d.remaining_tokens == 400
+    assert d.reset_tokens_s == pytest.approx(36.0)
+    assert d.limit_requests is None and d.remaining_requests is None
+    d = await store.admit(lim, ask(tokens=500), T0)
+    assert not d.allowed and d.reason == "tokens"
+    assert d.retry_after_s == pytest.approx(6.0)  # 100 tokens at 1000/min
+    assert d.remaining_tokens == 400
+    d = await store.admit(lim, ask(tokens=1001), T0)
+    assert not d.allowed and d.reason == "tokens_too_large" and d.retry_after_s is None
+    assert (await store.admit(lim, ask(tokens=400), T0)).remaining_tokens == 0
+    assert not (await store.admit(lim, ask(tokens=1), T0)).allowed
+    # Refill is continuous: 6 s later, exactly 100 tokens are back.
+    d = await store.admit(lim, ask(tokens=100), T0 + 6.0)
+    assert d.allowed and d.remaining_tokens == 0
+
+
+async def test_settle_refunds_unused_tokens_exactly_and_once(store: Any) -> None:
+    lim = Limits(tpm=1000)
+    a = ask(tokens=600)
+    assert (await store.admit(lim, a, T0)).allowed
+    await store.settle(lim, a, 250, 0, T0 + 3.0)
+    expected = bucket_refund(bucket_level(400.0, T0, T0 + 3.0, 1000), 600, 250, 1000)
+    probe = await store.admit(lim, ask(tokens=0), T0 + 3.0)
+    assert probe.remaining_tokens == math.floor(expected)
+    assert probe.reset_tokens_s == bucket_reset_s(expected, 1000)
+    await store.settle(lim, a, 0, 0, T0 + 3.0)  # a second settle changes nothing
+    again = await store.admit(lim, ask(tokens=0), T0 + 3.0)
+    assert again.remaining_tokens == probe.remaining_tokens
+    assert again.reset_tokens_s == probe.reset_tokens_s
+    # An overrun is taken from the bucket; a refund never fills past capacity.
+    b = ask(tokens=100)
+    assert (await store.admit(lim, b, T0 + 3.0)).allowed
+    await store.settle(lim, b, 300, 0, T0 + 3.0)
+    assert (await store.admit(lim, ask(), T0 + 3.0)).remaining_tokens == math.floor(
+        expected - 300)
+    c = ask(tokens=10)
+    assert (await store.admit(lim, c, T0 + 100.0)).remaining_tokens == 990
+    await store.settle(lim, c, 0, 0, T0 + 100.0)
+    assert (await store.admit(lim, ask(), T0 + 100.0)).remaining_tokens == 1000
+
+
+async def test_concurrency_leases(store: Any) -> None:
+    lim = Limits(max_concurrent=2)
+    a, b = ask(lease_s=10.0), ask(lease_s=10.0)
+    assert (await store.admit(lim, a, T0)).allowed
+    assert (await store.admit(lim, b, T0)).allowed
+    d = await store.admit(lim, ask(), T0 + 1)
+    assert not d.allowed and d.reason == "concurrency"
+    await store.settle(lim, a, 0, 0, T0 + 1)
+    c = ask(lease_s=100.0)
+    assert (await store.admit(lim, c, T0 + 1)).allowed
+    assert (await store.admit(lim, ask(), T0 + 9.999)).reason == "concurrency"
+    # b was never settled (a lost replica): its lease expires after lease_s.
+    assert (await store.admit(lim, ask(lease_s=100.0), T0 + 10.0)).allowed
+    assert (await store.admit(lim, ask(), T0 + 10.0)).reason == "concurrency"
+    await store.settle(lim, b, 0, 0, T0 + 10.0)  # late: nothing left to release
+    assert (await store.admit(lim, ask(), T0 + 10.0)).reason == "concurrency"
+
+
+async def test_budget_reserve_charge_and_expire(store: Any) -> None:
+    lim, p = Limits(budget_nano=1000), "month:2025-01"
+    a = ask(cost=600, period=p)
+    assert (await store.admit(lim, a, T0)).allowed
+    assert await store.budget("k1", "acme", p, T0) == (0, 600)
+    d = await store.admit(lim, ask(cost=401, period=p), T0)
+    assert not d.allowed and d.reason == "budget"
+    assert (await store.admit(lim, ask(cost=400, period=p, lease_s=10.0), T0)).allowed
+    assert await store.budget("k1", "acme", p, T0) == (0, 1000)
+    assert (await store.admit(lim, ask(cost=0, period=p), T0)).allowed  # exactly full
+    assert (await store.admit(lim, ask(cost=1, period=p), T0)).reason == "budget"
+    # Settlement charges min(actual, reserved): an overrun is never billed past the hold.
+    await store.settle(lim, a, 0, 900, T0 + 1)
+    assert await store.budget("k1", "acme", p, T0 + 1) == (600, 400)
+    await store.settle(lim, a, 0, 900, T0 + 1)  # idempotent
+    assert await store.budget("k1", "acme", p, T0 + 1) == (600, 400)
+    # The 400 hold was never settled: it stops counting when its lease ends.
+    assert await store.budget("k1", "acme", p, T0 + 9.9) == (600, 400)
+    assert await store.budget("k1", "acme", p, T0 + 10.0) == (600, 0)
+    b = ask(cost=400, period=p)
+    assert (await store.admit(lim, b, T0 + 10.0)).allowed
+    await store.settle(lim, b, 0, 150, T0 + 11)
+    assert await store.budget("k1", "acme", p, T0 + 11) == (750, 0)
+    # Periods are independent: a new one starts at zero.
+    q = "month:2025-02"
+    assert await store.budget("k1", "acme", q, T0 + 11) == (0, 0)
+    assert (await store.admit(lim, ask(cost=1000, period=q), T0 + 11)).allowed
+    assert await store.budget("k1", "acme", q, T0 + 11) == (0, 1000)
+    assert await store.budget("k1", "acme", p, T0 + 11) == (750, 0)
+    # Keys are independent too.
+    assert await store.budget("k2", "acme", p, T0 + 11) == (0, 0)
+
+
+async def test_late_settle_charges_nothing(store: Any) -> None:
+    lim, p = Limits(budget_nano=1000, tpm=100), "total"
+    a = ask(cost=700, tokens=50, period=p, lease_s=5.0)
+    assert (await store.admit(lim, a, T0)).allowed
+    await store.settle(lim, a, 10, 700, T0 + 5.0)  # the lease is over: the hold was released
+    assert await store.budget("k1", "acme", p, T0 + 5.0) == (0, 0)
+    level = bucket_level(50.0, T0, T0 + 5.0, 100)
+    assert (await store.admit(lim, ask(period=p), T0 + 5.0)).remaining_tokens == math.floor(
+        level)
+
+
+async def test_a_denial_changes_nothing(store: Any) -> None:
+    lim = Limits(rpm=2, tpm=100, max_concurrent=2, budget_nano=50)
+    for _ in range(3):
+        d = await store.admit(lim, ask(tokens=10, cost=51), T0)
+        assert not d.allowed and d.reason == "budget" and d.retry_after_s is None
+        assert d.remaining_requests == 2 and d.reset_requests_s == 0.0
+        assert d.remaining_tokens == 100 and d.reset_tokens_s == 0.0
+    d = await store.admit(lim, ask(tokens=101), T0)
+    assert d.reason == "tokens_too_large" and d.remaining_requests == 2
+    # Nothing was consumed: the full RPM, TPM, concurrency and budget are still there.
+    first = await store.admit(lim, ask(tokens=50, cost=25), T0)
+    assert first.allowed and first.remaining_requests == 1 and first.remaining_tokens == 50
+    d = await store.admit(lim, ask(tokens=51, cost=25), T0)
+    assert d.reason == "tokens" and d.remaining_requests == 1
+    assert d.reset_requests_s == pytest.approx(30.0)
+    assert (await store.admit(lim, ask(tokens=50, cost=25), T0)).allowed
+    assert await store.budget("k1", "acme", "month:2025-01", T0) == (0, 50)
+    d = await store.admit(lim, ask(), T0)
+    assert d.reason == "requests" and d.remaining_tokens == 0
+
+
+async def test_check_order_requests_before_everything(store: Any) -> None:
+    lim = Limits(rpm=1, max_concurrent=1, tpm=10, budget_nano=5)
+    assert (await store.admit(lim, ask(tokens=10, cost=5, lease_s=100), T0)).allowed
+    assert (await store.admit(lim, ask(tokens=10, cost=5), T0)).reason == "requests"
+    assert (await store.admit(lim, ask(tokens=10, cost=5), T0 + 60)).reason == "concurrency"
+
+
+async def test_duplicate_request_id_is_refused_while_in_flight(store: Any) -> None:
+    lim, p = Limits(budget_nano=100), "total"
+    a = ask(cost=60, period=p, rid="same", lease_s=10.0)
+    assert (await store.admit(lim, a, T0)).allowed
+    assert (await store.admit(lim, a, T0 + 1)).reason == "duplicate"
+    assert await store.budget("k1", "acme", p, T0 + 1) == (0, 60)
+    await store.settle(lim, a, 0, 10, T0 + 2)
+    assert (await store.admit(lim, a, T0 + 2)).allowed  # settled: the id may be reused
+    assert (await store.admit(lim, a, T0 + 12)).allowed  # expired: likewise
+    assert await store.budget("k1", "acme", p, T0 + 12) == (10, 60)
+
+
+async def test_settle_of_unknown_request_is_a_no_op(store: Any) -> None:
+    lim = Limits(tpm=100, budget_nano=10, max_concurrent=1)
+    await store.settle(lim, ask(cost=5), 3, 5, T0)
+    assert await store.budget("k1", "acme", "month:2025-01", T0) == (0, 0)
+    assert (await store.admit(lim, ask(), T0)).remaining_tokens == 100
+
+
+async def test_decisions_are_plain_values(store: Any) -> None:
+    d = await store.admit(Limits(rpm=3, tpm=30), ask(tokens=3), T0)
+    assert d == Decision(True, "", None, 3, 2, 20.0, 30, 27, 6.0)
+
+
+@pytest.mark.parametrize("bad", [dict(tokens=-1), dict(cost=-1), dict(cost=2**53),
+                                 dict(lease_s=0.0)])
+async def test_bad_asks_are_refused(store: Any, bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        await store.admit(Limits(rpm=1), ask(**bad), T0)
+
+
+async def test_header_arithmetic_is_policy_limits_exactly(store: Any) -> None:
+    """Bit-for-bit the pure functions, including Python's float `//` in GCRA (small clock
+    values make `x // i` and `floor(x / i)` differ for many limits)."""
+    for n in range(1, 40):
+        lim, tat, now = Limits(rpm=n, tpm=7 * n), 12.5, 12.5
+        level, ts = float(7 * n), now
+        for k in range(n + 1):
+            now += (k % 3) / 7.0
+            d = await store.admit(lim, ask(f"rpm{n}", tokens=k), now)
+            g = gcra(tat, now, n)
+            lvl = bucket_level(level, ts, now, 7 * n)
+            ok, after, _ = bucket_take(lvl, k, 7 * n)
+            assert d.allowed == (g.allowed and ok)
+            if d.allowed:
+                tat, level, ts = g.tat, after, now
+                assert (d.remaining_requests, d.reset_requests_s) == (g.remaining, g.reset_s)
+                assert d.remaining_tokens == math.floor(after)
+                assert d.reset_tokens_s == bucket_reset_s(after, 7 * n)
+            elif not g.allowed:
+                assert (d.remaining_requests, d.retry_after_s) == (0, g.retry_after_s)
+
+
+async def test_consume_counts_usage_admitted_elsewhere(store: Any) -> None:
+    """Reconciliation after an outage: requests and tokens admitted by a local limiter."""
+    lim = Limits(rpm=3, tpm=1000)
+    await store.consume(lim, "k1", 2, 600, 1000.0)
+    d = await store.admit(lim, ask(tokens=100), 1000.0)
+    assert d.allowed and d.remaining_requests == 0 and d.remaining_tokens == 300
+    d = await store.admit(lim, ask(tokens=1), 1000.0)
+    assert not d.allowed and d.reason == "requests"
+    # Tokens may go below zero: the bucket owes them and refills from there.
+    await store.consume(Limits(tpm=1000), "k2", 0, 1500, 1000.0)
+    d = await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 30.0)
+    assert not d.allowed and d.reason == "tokens"
+    assert (await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 31.0)).allowed
