@@ -6,9 +6,11 @@
   takes the request's ceiling (prompt bound + max_tokens); the end of the
   request gives back what it did not use.
 - Budgets: integer nano-USD (exact; Redis and Lua keep integers exact to 2^53).
-  Admission reserves the worst-case cost; settlement charges the real cost, at
-  most the reservation, so the ledger never passes the budget.
-Every store (memory, Redis/Lua) implements exactly these functions.
+  Admission reserves the worst-case cost; settlement charges the real cost (an
+  overrun past the hold too), and a spent budget admits nothing more.
+- Periods and OpenAI's `x-ratelimit-*` headers.
+policy/admission.py applies these to a key's state; every store (memory, Redis/Lua)
+performs exactly that arithmetic.
 """
 
 from __future__ import annotations
@@ -133,12 +135,8 @@ def nano_to_usd(nano: int) -> Decimal:
 
 
 def budget_admits(spent: int, reserved: int, ask: int, budget: int) -> bool:
+    """Whether the worst case fits beside what is spent and held (never once spent > budget)."""
     return spent + reserved + ask <= budget
-
-
-def budget_charge(reserved_cost: int, actual_cost: int) -> int:
-    """What settlement adds to the ledger: the real cost, never past the reservation."""
-    return min(actual_cost, reserved_cost)
 
 
 def period_id(period: str, now: datetime) -> str:

@@ -1,15 +1,19 @@
 """The outage policy: with Redis stopped, limits fail closed fast or open under a local
-per-replica limiter; budgets always fail closed; Redis returning takes over again."""
+per-replica limiter; budgets always fail closed; Redis returning takes over again.
+Settlement returns what it did and logs a hold whose cost was not the worst case."""
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 
 import pytest
 
 from authz.state.limits.admission import Admission
+from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
+from policy.admission import Settled
 from policy.config import OnStoreError
 from policy.errors import ApiError
 from policy.limits import Ask, Limits
@@ -34,6 +38,8 @@ async def test_fail_closed_is_a_fast_503(own_redis: RedisServer) -> None:
         await adm.admit(Limits(rpm=5), ask(1), NOW)
     assert (e.value.status, e.value.code) == (503, "service_unavailable")
     assert time.monotonic() - t0 < 1.0
+    # A settlement that cannot reach the store says so (nothing applied) and raises nothing.
+    assert await adm.settle(Limits(tpm=100), ask(0), 10, 1500, NOW) == Settled(False, 500)
     await store.close()
 
 
@@ -68,3 +74,36 @@ async def test_fail_open_enforces_locally_then_redis_takes_over(
         await adm.admit(limits, ask(7), NOW)
     assert (e.value.status, e.value.code) == (429, "rate_limit_exceeded")
     await store.close()
+
+
+def violations(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "hold bound violated"]
+
+
+async def test_settle_reports_and_logs_a_bound_violation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    adm = Admission(MemoryLimitStore())
+    lim = Limits(tpm=100, budget_nano=2000, budget_period="day")
+    caplog.set_level(logging.WARNING, logger="tokenbooth.limits")
+    assert (await adm.admit(lim, ask(1), NOW)).allowed
+    assert await adm.settle(lim, ask(1), 12, 1000, NOW) == Settled(True, 0, 2)
+    assert violations(caplog) == []  # tokens past the TPM estimate are no violation
+    assert (await adm.admit(lim, ask(2), NOW)).allowed
+    assert await adm.settle(lim, ask(2), 10, 1600, NOW) == Settled(True, 600, 0)
+    [rec] = violations(caplog)
+    assert (rec.request_id, rec.key_id, rec.overrun_nano, rec.applied) == ("r2", "k", 600, True)
+    # Charged in full: 2600 spent of 2000, so the key is refused from now on.
+    with pytest.raises(ApiError) as e:
+        await adm.admit(lim, ask(3), NOW)
+    assert e.value.code == "insufficient_quota"
+
+
+async def test_a_key_that_holds_nothing_still_reports_its_overrun(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    adm = Admission(MemoryLimitStore())
+    caplog.set_level(logging.WARNING, logger="tokenbooth.limits")
+    for lim in (Limits(), Limits(rpm=5)):
+        assert await adm.settle(lim, ask(1), 10, 1001, NOW) == Settled(False, 1, 0)
+    assert len(violations(caplog)) == 2

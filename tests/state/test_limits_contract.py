@@ -16,6 +16,7 @@ import redis
 from authz.state.limits.base import LimitStore
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
+from policy.admission import Settled
 from policy.limits import (
     Ask,
     Decision,
@@ -184,17 +185,17 @@ async def test_budget_reserve_charge_and_expire(store: Any) -> None:
     assert await store.budget("k1", "acme", p, T0) == (0, 1000)
     assert (await store.admit(lim, ask(cost=0, period=p), T0)).allowed  # exactly full
     assert (await store.admit(lim, ask(cost=1, period=p), T0)).reason == "budget"
-    # Settlement charges min(actual, reserved): an overrun is never billed past the hold.
-    await store.settle(lim, a, 0, 900, T0 + 1)
-    assert await store.budget("k1", "acme", p, T0 + 1) == (600, 400)
-    await store.settle(lim, a, 0, 900, T0 + 1)  # idempotent
-    assert await store.budget("k1", "acme", p, T0 + 1) == (600, 400)
+    # Settlement charges the real cost and drops the hold.
+    assert await store.settle(lim, a, 0, 500, T0 + 1) == Settled(applied=True)
+    assert await store.budget("k1", "acme", p, T0 + 1) == (500, 400)
+    assert await store.settle(lim, a, 0, 500, T0 + 1) == Settled(applied=False)  # idempotent
+    assert await store.budget("k1", "acme", p, T0 + 1) == (500, 400)
     # The 400 hold was never settled: it stops counting when its lease ends.
-    assert await store.budget("k1", "acme", p, T0 + 9.9) == (600, 400)
-    assert await store.budget("k1", "acme", p, T0 + 10.0) == (600, 0)
+    assert await store.budget("k1", "acme", p, T0 + 9.9) == (500, 400)
+    assert await store.budget("k1", "acme", p, T0 + 10.0) == (500, 0)
     b = ask(cost=400, period=p)
     assert (await store.admit(lim, b, T0 + 10.0)).allowed
-    await store.settle(lim, b, 0, 150, T0 + 11)
+    await store.settle(lim, b, 0, 250, T0 + 11)
     assert await store.budget("k1", "acme", p, T0 + 11) == (750, 0)
     # Periods are independent: a new one starts at zero.
     q = "month:2025-02"
@@ -206,11 +207,41 @@ async def test_budget_reserve_charge_and_expire(store: Any) -> None:
     assert await store.budget("k2", "acme", p, T0 + 11) == (0, 0)
 
 
+async def test_an_overrun_is_charged_in_full_and_reported(store: Any) -> None:
+    """A hold that was not the worst case: the ledger gets the real cost (it agrees with
+    the usage records), the result reports the overrun, and the spent budget then
+    refuses everything."""
+    lim, p = Limits(budget_nano=1000, tpm=1000), "day:2025-01-01"
+    a = ask(cost=600, tokens=100, period=p)
+    assert (await store.admit(lim, a, T0)).allowed
+    assert await store.settle(lim, a, 130, 1_250, T0 + 1) == Settled(True, 650, 30)
+    assert await store.budget("k1", "acme", p, T0 + 1) == (1_250, 0)
+    assert await store.settle(lim, a, 130, 1_250, T0 + 1) == Settled(False, 650, 30)
+    assert await store.budget("k1", "acme", p, T0 + 1) == (1_250, 0)
+    # The 30 tokens past the reservation were taken from the bucket too.
+    level = bucket_refund(bucket_level(900.0, T0, T0 + 1, 1000), 100, 130, 1000)
+    probe = await store.admit(lim, ask(period="day:2025-01-02"), T0 + 1)
+    assert probe.allowed and probe.remaining_tokens == math.floor(level) == 886
+    for cost in (0, 1, 600):
+        d = await store.admit(lim, ask(cost=cost, period=p), T0 + 2)
+        assert not d.allowed and d.reason == "budget"
+
+
+async def test_exactly_spent_refuses_any_cost(store: Any) -> None:
+    lim, p = Limits(budget_nano=1000), "total"
+    a = ask(cost=1000, period=p)
+    assert (await store.admit(lim, a, T0)).allowed
+    assert await store.settle(lim, a, 0, 1000, T0) == Settled(applied=True)
+    assert (await store.admit(lim, ask(cost=1, period=p), T0)).reason == "budget"
+    assert await store.budget("k1", "acme", p, T0) == (1000, 0)
+
+
 async def test_late_settle_charges_nothing(store: Any) -> None:
     lim, p = Limits(budget_nano=1000, tpm=100), "total"
     a = ask(cost=700, tokens=50, period=p, lease_s=5.0)
     assert (await store.admit(lim, a, T0)).allowed
-    await store.settle(lim, a, 10, 700, T0 + 5.0)  # the lease is over: the hold was released
+    # The lease is over: the hold was released, so nothing is charged.
+    assert await store.settle(lim, a, 10, 900, T0 + 5.0) == Settled(False, 200, 0)
     assert await store.budget("k1", "acme", p, T0 + 5.0) == (0, 0)
     level = bucket_level(50.0, T0, T0 + 5.0, 100)
     assert (await store.admit(lim, ask(period=p), T0 + 5.0)).remaining_tokens == math.floor(
@@ -259,7 +290,7 @@ async def test_duplicate_request_id_is_refused_while_in_flight(store: Any) -> No
 
 async def test_settle_of_unknown_request_is_a_no_op(store: Any) -> None:
     lim = Limits(tpm=100, budget_nano=10, max_concurrent=1)
-    await store.settle(lim, ask(cost=5), 3, 5, T0)
+    assert await store.settle(lim, ask(cost=5), 3, 50, T0) == Settled(False, 45, 3)
     assert await store.budget("k1", "acme", "month:2025-01", T0) == (0, 0)
     assert (await store.admit(lim, ask(), T0)).remaining_tokens == 100
 

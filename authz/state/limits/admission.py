@@ -1,4 +1,7 @@
-"""Admission and settlement against the limit store, and their OpenAI-shaped refusals."""
+"""The outage policy around the limit store: admit and settle against it and, when it
+cannot answer, fail closed (503) or admit under a local per-replica limiter whose usage
+is counted into the store once it is back. The decisions (what is admitted, the 429 a
+denial becomes) are policy/admission.py's."""
 
 from __future__ import annotations
 
@@ -7,26 +10,12 @@ from datetime import datetime
 
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.limits.memory import MemoryLimitStore
+from policy.admission import Settled, refusal, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
-from policy.limits import (
-    Ask,
-    Decision,
-    Limits,
-    period_reset_s,
-    rate_headers,
-    retry_after_header,
-)
+from policy.limits import Ask, Decision, Limits
 
 log = logging.getLogger("tokenbooth.limits")
-
-_MESSAGES = {
-    "requests": "Rate limit reached for requests per minute. Retry after the time given.",
-    "tokens": "Rate limit reached for tokens per minute. Retry after the time given.",
-    "tokens_too_large": "This request reserves more tokens than the per-minute limit allows; "
-                        "lower max_tokens or the prompt.",
-    "concurrency": "Too many requests in flight for this API key.",
-}
 
 
 class Admission:
@@ -107,39 +96,36 @@ class Admission:
                  extra={"keys": len(merged)})
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
-                     now: datetime) -> None:
-        if not limits.any:
-            return
+                     now: datetime) -> Settled:
+        """Settle `ask` with its real usage. The result says whether a live hold was
+        charged and by how much the usage passed the hold; a cost overrun (the hold was
+        not the worst case) is logged as a bound violation."""
+        result = await self._settle(limits, ask, used_tokens, cost_nano, now)
+        if result.bound_violated:
+            log.warning("hold bound violated", extra={
+                "request_id": ask.request_id, "key_id": ask.key_id,
+                "overrun_nano": result.overrun_nano, "overrun_tokens": result.overrun_tokens,
+                "applied": result.applied})
+        return result
+
+    async def _settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
+                      now: datetime) -> Settled:
         if ask.request_id in self._local_ids:
             self._local_ids.discard(ask.request_id)
-            await self._local.settle(limits, ask, used_tokens, cost_nano, now.timestamp())
+            done = await self._local.settle(limits, ask, used_tokens, cost_nano,
+                                            now.timestamp())
             if len(self._unsynced) < MAX_UNSYNCED:
                 self._unsynced.append((limits, ask.key_id, 1, used_tokens))
-            return
+            return done
+        if not tracked(limits):  # nothing held in the store: no round trip
+            return settled(ask, used_tokens, cost_nano, applied=False)
         try:
-            await self._store.settle(limits, ask, used_tokens, cost_nano, now.timestamp())
+            return await self._store.settle(limits, ask, used_tokens, cost_nano,
+                                            now.timestamp())
         except LimitStoreUnavailable as e:
             # The reservation expires with its lease; the usage record is still written.
             log.error("settlement failed: %s", e, extra={"request_id": ask.request_id})
+            return settled(ask, used_tokens, cost_nano, applied=False)
 
 
 MAX_UNSYNCED = 100_000  # bounded: an outage must not grow memory without end
-
-
-def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:
-    headers = rate_headers(d)
-    if d.reason == "budget":
-        reset = period_reset_s(limits.budget_period, now)
-        if reset is not None:
-            headers.append(("retry-after", retry_after_header(reset)))
-        return ApiError(
-            429, "insufficient_quota",
-            "This API key's budget for the period is exhausted."
-            + ("" if reset is not None else " It does not reset."),
-            type="insufficient_quota", headers=tuple(headers),
-        )
-    if d.retry_after_s is not None and d.reason != "tokens_too_large":
-        headers.append(("retry-after", retry_after_header(d.retry_after_s)))
-    return ApiError(429, "rate_limit_exceeded", _MESSAGES.get(d.reason, "Rate limit reached."),
-                    type=d.reason if d.reason in ("requests", "tokens") else None,
-                    headers=tuple(headers))

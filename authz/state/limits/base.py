@@ -1,9 +1,11 @@
-"""The limit-store protocol. Every store applies policy/limits.py's arithmetic atomically."""
+"""The limit-store protocol. Every store performs policy/admission.py's transitions
+atomically, on state it keeps (memory: dictionaries; Redis: keys and Lua)."""
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from policy.admission import Settled
 from policy.limits import Ask, Decision, Limits
 
 
@@ -18,27 +20,29 @@ class LimitStore(Protocol):
     async def close(self) -> None: ...
 
     async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
-        """Check every limit of the key and, only if all pass, reserve for all of them, as
-        one atomic step. Checks in this order, reporting the first that fails:
-        requests (GCRA, `limits.rpm`), concurrency (live leases < `max_concurrent`),
-        tokens (bucket of `tpm` must hold `ask.tokens`; `tokens_too_large` if
-        ask.tokens > tpm), budget (spent + reserved + ask.cost_nano <= budget_nano in
-        `ask.period`). A denial changes nothing. The Decision always carries the header
-        material (limit/remaining/reset for requests and tokens) for the limits that are
-        set. Raises LimitStoreUnavailable."""
+        """`policy.admission.admit` as one atomic step: check every limit of the key and,
+        only if all pass, reserve for all of them. Checks in this order, reporting the
+        first that fails: a duplicate request_id still held, requests (GCRA,
+        `limits.rpm`), concurrency (live leases < `max_concurrent`), tokens (bucket of
+        `tpm` must hold `ask.tokens`; `tokens_too_large` if ask.tokens > tpm), budget
+        (spent + reserved + ask.cost_nano <= budget_nano in `ask.period`). A denial
+        changes nothing. The Decision always carries the header material
+        (limit/remaining/reset for requests and tokens) for the limits that are set.
+        Raises LimitStoreUnavailable."""
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
-                     now: float) -> None:
-        """End of the request: release its concurrency lease, give back unused tokens,
-        charge min(cost_nano, ask.cost_nano) to the budget and drop its reservation.
-        Idempotent by ask.request_id (a second call is a no-op). Raises
-        LimitStoreUnavailable."""
+                     now: float) -> Settled:
+        """`policy.admission.settle`: end of the request. Releases its lease and hold;
+        while the hold is live, charges the real `cost_nano` (past the hold too: the
+        overrun is reported in the result) and gives back unused tokens. Idempotent by
+        ask.request_id (a second call is a no-op). Raises LimitStoreUnavailable."""
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
                       now: float) -> None:
-        """Count usage admitted elsewhere (by a local limiter while this store was away):
-        `requests` arrivals against the GCRA and `tokens` out of the bucket, which may go
-        below zero. Never refuses. Raises LimitStoreUnavailable."""
+        """`policy.admission.consume`: count usage admitted elsewhere (by a local limiter
+        while this store was away): `requests` arrivals against the GCRA and `tokens` out
+        of the bucket, which may go below zero. Never refuses. Raises
+        LimitStoreUnavailable."""
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         """(spent, reserved) nano-USD of a key in a period (expired reservations dropped)."""

@@ -10,11 +10,13 @@ Layout: all of a key's state shares the hash tag `{k:<key_id>}`, one Cluster slo
 Each hold's cost sits in the ledger hash (`r:<rid>`), not only in its `res` hash, so
 purging an expired hold never depends on a TTL that may already have fired.
 
-Exactness: `now` and every float cross as 17-significant-digit text (exact for
-doubles both ways), the Lua does the same IEEE operations, in the same order, as
-policy/limits.py (Python's float `//` is ported as-is), and money is integers
-(HINCRBY; compared as `cost <= budget - spent - reserved`, exact below 2**53).
-TTLs only clean up; liveness is always decided against the caller's `now`.
+The scripts perform policy/admission.py's transitions (each block names the function
+it mirrors) with policy/limits.py's arithmetic. Exactness: `now` and every float cross
+as 17-significant-digit text (exact for doubles both ways), the Lua does the same IEEE
+operations, in the same order (Python's float `//` is ported as-is), and money is
+integers (HINCRBY; compared as `cost <= budget - spent - reserved`, exact below 2**53).
+TTLs only clean up; liveness is always decided against the caller's `now`
+(`admission.hold_live`: live while now < exp).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from authz.state.limits.base import LimitStoreUnavailable
-from authz.state.limits.memory import check_ask, check_usage
 from authz.state.resp import RespClient
+from policy.admission import Settled, check_ask, check_usage, settled
 from policy.limits import WINDOW_S, Ask, Decision, Limits
 
 # Shared helpers: exact float text, integer text, Python's float floor division,
-# bucket_level, and the purge of expired budget holds (KEYS budget, resv).
+# bucket (admission.bucket_now), save_bucket, and purge (Ledger.expire: drop the budget
+# holds whose lease ended; KEYS budget, resv).
 _LIB = """
 local function f(x) return string.format('%.17g', x) end
 local function int(x) return string.format('%d', x) end
@@ -68,7 +71,7 @@ end
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
 #       lease_s, window_s, period.
 # Returns {allowed, reason, retry_after, remaining_req, reset_req, remaining_tok, reset_tok}
-# as text ('' = none). Mirrors MemoryLimitStore.admit.
+# as text ('' = none). Mirrors admission.admit: check, decision, then reserve.
 _ADMIT = _LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
 local now = tonumber(now_s)
@@ -77,12 +80,13 @@ local maxc, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local tokens, cost, lease, w = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
                                tonumber(ARGV[10])
 local reason, retry = nil, nil
+-- admission.check: a duplicate (admission.tracked, and the request_id's hold is live)
 local tracked = tpm or maxc or budget
 if tracked then
   local old = redis.call('HGET', KEYS[4], 'exp')
   if old and tonumber(old) > now then reason = 'duplicate' end
 end
--- requests: GCRA (policy.limits.gcra)
+-- admission.check: requests, GCRA (policy.limits.gcra)
 local tat, new_tat, gcra_ok, rem = nil, nil, true, 0
 if rpm then
   local interval = w / rpm
@@ -96,12 +100,12 @@ if rpm then
     rem = math.min(floordiv(now - allow_at, interval), rpm - 1)
   end
 end
--- concurrency: live leases
+-- admission.expire (the leases whose expiry passed), then admission.check: concurrency
 if maxc then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_s)
   if not reason and redis.call('ZCARD', KEYS[3]) >= maxc then reason = 'concurrency' end
 end
--- tokens: the bucket must hold the whole reservation (bucket_take)
+-- admission._check_tokens: the bucket must hold the whole reservation (bucket_take)
 local level, after = 0, 0
 if tpm then
   level = bucket(KEYS[2], now, tpm, w)
@@ -114,13 +118,13 @@ if tpm then
     reason, retry = 'tokens', (tokens - level) * w / tpm
   end
 end
--- budget: spent + live holds + this worst case (exact integers)
+-- admission.check: budget, after Ledger.expire (policy.limits.budget_admits, exact integers)
 if budget and not reason then
   purge(KEYS[5], KEYS[6], now_s)
   local b = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
   if cost > budget - tonumber(b[1] or 0) - tonumber(b[2] or 0) then reason = 'budget' end
 end
--- header material: the state after this decision (a denial consumed nothing)
+-- admission.decision: header material, the state after this decision (a denial took nothing)
 local function reply(ok, lvl)
   local rem_r, reset_r, rem_t, reset_t = '', '', '', ''
   if rpm then
@@ -132,7 +136,7 @@ local function reply(ok, lvl)
   return {ok, reason or '', retry and f(retry) or '', rem_r, reset_r, rem_t, reset_t}
 end
 if reason then return reply(0, level) end
--- admitted: reserve everything
+-- admission.reserve: admitted, take everything
 local exp = now + lease
 local slack = w * 1000
 if rpm then
@@ -159,7 +163,8 @@ return reply(1, after)
 """
 
 # KEYS: tpm, conc, res, budget, resv. ARGV: now, rid, tpm ('' = none), used, cost, window_s.
-# Mirrors MemoryLimitStore.settle; returns 1 if it settled something, 0 for a no-op.
+# Mirrors admission.settle. Returns 1 if it charged a live hold, 0 if it charged nothing
+# (unknown, already settled, or past its lease: then it only cleans up).
 _SETTLE = _LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
 local now, tpm, w = tonumber(now_s), tonumber(ARGV[3]), tonumber(ARGV[6])
@@ -167,27 +172,28 @@ local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp')
 if not res[2] then return 0 end
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[2], rid)
+-- admission.settle_charges: only a live hold is charged and refunded
 local live = now < tonumber(res[2])
 local hold = redis.call('HGET', KEYS[4], 'r:' .. rid)
 if hold then
   redis.call('HDEL', KEYS[4], 'r:' .. rid)
   redis.call('ZREM', KEYS[5], rid)
   redis.call('HINCRBY', KEYS[4], 'reserved', int(-tonumber(hold)))
-  if live then
-    redis.call('HINCRBY', KEYS[4], 'spent', int(math.min(tonumber(ARGV[5]), tonumber(hold))))
-  end
+  -- the real cost, past the hold too (an overrun is charged, never dropped)
+  if live then redis.call('HINCRBY', KEYS[4], 'spent', ARGV[5]) end
 end
 if live and res[1] and tpm then
   local level = bucket(KEYS[1], now, tpm, w)
   save_bucket(KEYS[1], math.min(tpm, level + tonumber(res[1]) - tonumber(ARGV[4])), now_s,
               tpm, w)
 end
-return 1
+if live then return 1 end
+return 0
 """
 
-# KEYS: budget, resv. ARGV: now. Returns {spent, reserved} as text.
-# Usage admitted elsewhere (a local limiter during an outage), counted on return:
-# `n` arrivals against the GCRA and `t` tokens out of the bucket (it may go negative).
+# Mirrors admission.consume: usage admitted elsewhere (a local limiter during an outage),
+# counted on return: `n` arrivals against the GCRA and `t` tokens out of the bucket (it
+# may go negative).
 # KEYS: gcra, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
 _CONSUME = _LIB + """
 local now_s = ARGV[1]
@@ -203,6 +209,7 @@ end
 return 1
 """
 
+# Mirrors Ledger.balance. KEYS: budget, resv. ARGV: now. Returns {spent, reserved} as text.
 _BUDGET = _LIB + """
 purge(KEYS[1], KEYS[2], ARGV[1])
 local b = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
@@ -257,14 +264,15 @@ class RedisLimitStore:
         )
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
-                     now: float) -> None:
+                     now: float) -> Settled:
         check_usage(used_tokens, cost_nano)
         ns = self._ns(ask.key_id)
         keys = [ns + "tpm", ns + "conc", ns + "res:" + ask.request_id,
                 ns + "budget:" + ask.period, ns + "resv:" + ask.period]
         args = [repr(float(now)), ask.request_id, _opt(limits.tpm), str(used_tokens),
                 str(cost_nano), repr(float(self._window))]
-        await self._call(self._redis.evalsha(_SETTLE, keys, args))
+        done = await self._call(self._redis.evalsha(_SETTLE, keys, args))
+        return settled(ask, used_tokens, cost_nano, applied=done == 1)
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
                       now: float) -> None:

@@ -1,0 +1,397 @@
+"""Admission: what a key's limits admit, what they hold, and what settlement charges.
+
+The state is plain data, kept by a store: `KeyState` per key (the GCRA TAT, the TPM
+bucket, the live holds and concurrency leases) and `Ledger` per key and budget period
+(spent, reserved, the budget holds). The transitions take that state, the key's
+`Limits` and `now` (the clock is always an argument) and do no I/O:
+
+- `admit`: checks duplicate request_id, then requests (GCRA), concurrency, tokens and
+  budget; the first that fails is the Decision's reason and changes nothing. If all
+  pass, one step takes the GCRA slot, the tokens, a lease and a budget hold.
+- `settle`: releases the hold; while it is live (`settle_charges`) charges the real
+  cost to the ledger and gives back unused tokens. Returns `Settled`, with any overrun
+  past the hold (a bound violation: charged all the same, reported to the caller).
+- `consume`: counts usage admitted elsewhere (a local limiter during an outage).
+- `expire` / `Ledger.expire`: holds whose lease ended stop counting.
+
+The memory store calls these on its dictionaries; the Redis store's Lua performs the
+same steps (each block names its function here) and one contract suite holds the two
+to identical results. Org limits (`org_hold`) and the 429 a denial becomes (`refusal`)
+are decisions too, so they live here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol, TypeVar
+
+from policy.config import OrgLimits
+from policy.errors import ApiError
+from policy.limits import (
+    WINDOW_S,
+    Ask,
+    Decision,
+    GcraResult,
+    Limits,
+    bucket_level,
+    bucket_refund,
+    bucket_reset_s,
+    bucket_take,
+    budget_admits,
+    gcra,
+    period_id,
+    period_reset_s,
+    rate_headers,
+    retry_after_header,
+    usd_to_nano,
+)
+
+# Lua numbers are doubles: integers are exact below 2**53 (about 9 million USD in nano).
+MAX_EXACT = 2**53 - 1
+
+
+def check_ask(limits: Limits, ask: Ask) -> None:
+    """Refuse inputs the arithmetic cannot keep exact (a caller's bug, not a denial)."""
+    if ask.tokens < 0 or not 0 <= ask.cost_nano <= MAX_EXACT:
+        raise ValueError("ask.tokens and ask.cost_nano must be >= 0 (cost below 2**53)")
+    if not ask.lease_s > 0:
+        raise ValueError("ask.lease_s must be > 0")
+    if limits.budget_nano is not None and not 0 <= limits.budget_nano <= MAX_EXACT:
+        raise ValueError("budget_nano must be in [0, 2**53)")
+
+
+def check_usage(used_tokens: int, cost_nano: int) -> None:
+    if used_tokens < 0 or not 0 <= cost_nano <= MAX_EXACT:
+        raise ValueError("used_tokens and cost_nano must be >= 0 (cost below 2**53)")
+
+
+def tracked(limits: Limits) -> bool:
+    """Whether an admitted request holds something until it settles (only RPM does not)."""
+    return (limits.tpm is not None or limits.max_concurrent is not None
+            or limits.budget_nano is not None)
+
+
+# -- liveness ---------------------------------------------------------------------------
+
+
+def hold_live(exp: float, now: float) -> bool:
+    """A hold (lease, tokens, budget hold) counts while `now < exp`, exp = admitted + lease."""
+    return now < exp
+
+
+def settle_charges(exp: float, now: float) -> bool:
+    """The rule for late settlements: a settle charges the ledger and refunds the bucket
+    only while its hold is live. After the lease the hold was already released (a lost
+    replica, presumably), so the settle only cleans up and charges nothing."""
+    return hold_live(exp, now)
+
+
+# -- state ------------------------------------------------------------------------------
+
+V = TypeVar("V")
+
+
+def _pop_expired(heap: list[tuple[float, str]], live: dict[str, V], now: float,
+                 exp_of: Callable[[V], float]) -> list[str]:
+    """Pop the ids whose expiry has passed, O(log n) each. Lazy deletion: a heap entry
+    whose id was settled, or re-admitted with another expiry, is skipped."""
+    out = []
+    while heap and not hold_live(heap[0][0], now):
+        exp, rid = heapq.heappop(heap)
+        if rid in live and exp_of(live[rid]) == exp:
+            out.append(rid)
+    if len(heap) > 4 * len(live) + 64:  # settled entries pile up: compact, amortised O(1)
+        heap[:] = [(e, r) for e, r in heap if r in live and exp_of(live[r]) == e]
+        heapq.heapify(heap)
+    return out
+
+
+@dataclass(slots=True)
+class Hold:
+    """What an admitted, unsettled request holds of its key."""
+
+    tokens: int | None  # taken from the TPM bucket; None when the key had no tpm
+    exp: float  # lease expiry
+
+
+@dataclass(slots=True)
+class KeyState:
+    """One key's limit state (a store keeps one per key_id)."""
+
+    tat: float | None = None  # GCRA theoretical arrival time (None: never used)
+    level: float | None = None  # TPM bucket content at `ts` (None: full)
+    ts: float = 0.0
+    holds: dict[str, Hold] = field(default_factory=dict)  # request_id -> hold
+    leased: set[str] = field(default_factory=set)  # holds that take a concurrency slot
+    heap: list[tuple[float, str]] = field(default_factory=list)  # (exp, request_id)
+
+
+@dataclass(slots=True)
+class Ledger:
+    """One key's budget in one period (a store keeps one per (key_id, period))."""
+
+    spent: int = 0  # nano-USD charged by settlements; may pass the budget by an overrun
+    reserved: int = 0  # always the sum of the live holds' costs
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # rid -> (cost, exp)
+    heap: list[tuple[float, str]] = field(default_factory=list)
+
+    def expire(self, now: float) -> None:
+        """Drop the holds whose lease ended."""
+        for rid in _pop_expired(self.heap, self.holds, now, lambda h: h[1]):
+            self.reserved -= self.holds.pop(rid)[0]
+
+    def balance(self, now: float) -> tuple[int, int]:
+        """(spent, reserved) at `now`."""
+        self.expire(now)
+        return self.spent, self.reserved
+
+
+def expire(key: KeyState, now: float) -> None:
+    """Drop the key's holds (and their leases) whose lease ended."""
+    for rid in _pop_expired(key.heap, key.holds, now, lambda h: h.exp):
+        del key.holds[rid]
+        key.leased.discard(rid)
+
+
+def bucket_now(key: KeyState, capacity: int, now: float, window_s: float) -> float:
+    """The key's TPM bucket content at `now` (a bucket never used is full)."""
+    if key.level is None:
+        return float(capacity)
+    return bucket_level(key.level, key.ts, now, capacity, window_s)
+
+
+# -- admission --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The checks' outcome, before anything is taken."""
+
+    reason: str  # "" when every check passed
+    retry_after_s: float | None
+    gcra: GcraResult | None  # None without an rpm limit
+    level: float  # the bucket before this request (0 without a tpm limit)
+    after: float  # the bucket if it is admitted
+
+
+def _check_tokens(limits: Limits, ask: Ask, key: KeyState, now: float,
+                  w: float) -> tuple[float, float, str, float | None]:
+    """(level, level after taking, failure reason or "", retry_after_s) for the bucket."""
+    if limits.tpm is None:
+        return 0.0, 0.0, "", None
+    cap = limits.tpm
+    level = bucket_now(key, cap, now, w)
+    if ask.tokens > cap:
+        return level, level, "tokens_too_large", None
+    ok, after, wait = bucket_take(level, ask.tokens, cap, w)
+    return level, after, "" if ok else "tokens", None if ok else wait
+
+
+def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: float,
+          w: float = WINDOW_S) -> Verdict:
+    """Every check, in order; the first failure is the reason. Reads only (the ledger's
+    expired holds are dropped, which nothing can observe)."""
+    duplicate = tracked(limits) and ask.request_id in key.holds
+    reason, retry = ("duplicate" if duplicate else ""), None
+    g = None
+    if limits.rpm is not None:
+        g = gcra(now if key.tat is None else key.tat, now, limits.rpm, w)
+        if not g.allowed and not reason:
+            reason, retry = "requests", g.retry_after_s
+    if (not reason and limits.max_concurrent is not None
+            and len(key.leased) >= limits.max_concurrent):
+        reason = "concurrency"
+    level, after, why, wait = _check_tokens(limits, ask, key, now, w)
+    if why and not reason:
+        reason, retry = why, wait
+    if not reason and limits.budget_nano is not None and ledger is not None:
+        ledger.expire(now)
+        if not budget_admits(ledger.spent, ledger.reserved, ask.cost_nano, limits.budget_nano):
+            reason = "budget"
+    return Verdict(reason, retry, g, level, after)
+
+
+def decision(limits: Limits, v: Verdict, tat: float | None, now: float,
+             w: float = WINDOW_S) -> Decision:
+    """The Decision and its header material: the state after it (a denial took nothing).
+    `tat` is the key's TAT before this request."""
+    allowed = not v.reason
+    rem_r: int | None = None
+    reset_r = 0.0
+    g = v.gcra
+    if limits.rpm is not None and g is not None:
+        if not g.allowed:
+            rem_r, reset_r = 0, g.reset_s
+        elif allowed:
+            rem_r, reset_r = g.remaining, g.reset_s
+        else:  # admissible by GCRA but denied by a later check: nothing was taken
+            rem_r = min(g.remaining + 1, limits.rpm)
+            reset_r = max(now if tat is None else tat, now) - now
+    rem_t: int | None = None
+    reset_t = 0.0
+    if limits.tpm is not None:
+        level = v.after if allowed else v.level
+        rem_t, reset_t = math.floor(level), bucket_reset_s(level, limits.tpm, w)
+    return Decision(allowed, v.reason, v.retry_after_s, limits.rpm, rem_r, reset_r,
+                    limits.tpm, rem_t, reset_t)
+
+
+def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: Verdict,
+            now: float) -> None:
+    """Take what an admitted request holds, for every limit the key has."""
+    exp, rid = now + ask.lease_s, ask.request_id
+    if v.gcra is not None:
+        key.tat = v.gcra.tat
+    if limits.tpm is not None:
+        key.level, key.ts = v.after, now
+    if limits.max_concurrent is not None:
+        key.leased.add(rid)
+    if limits.budget_nano is not None and ledger is not None:
+        ledger.reserved += ask.cost_nano
+        ledger.holds[rid] = (ask.cost_nano, exp)
+        heapq.heappush(ledger.heap, (exp, rid))
+    if tracked(limits):
+        key.holds[rid] = Hold(ask.tokens if limits.tpm is not None else None, exp)
+        heapq.heappush(key.heap, (exp, rid))
+
+
+def admit(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: float,
+          w: float = WINDOW_S) -> Decision:
+    """Check every limit and, only if all pass, reserve for all of them. `ledger` is the
+    key's ledger for `ask.period` (None when the key has no budget)."""
+    check_ask(limits, ask)
+    expire(key, now)
+    v = check(limits, ask, key, ledger, now, w)
+    d = decision(limits, v, key.tat, now, w)
+    if d.allowed:
+        reserve(limits, ask, key, ledger, v, now)
+    return d
+
+
+# -- settlement -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a settlement did, and how the real usage compares with the request's hold.
+
+    `applied`: this call found the request's hold live and charged it (False for a
+    repeat, an unknown request, or one whose lease had ended). The overruns describe
+    the request whatever `applied` says, so count them where a request is settled once.
+    """
+
+    applied: bool
+    overrun_nano: int = 0  # real cost past the worst case held (charged when applied)
+    overrun_tokens: int = 0  # real tokens past the TPM reservation (a typical estimate)
+
+    @property
+    def bound_violated(self) -> bool:
+        """The cost held at admission was not the worst case after all."""
+        return self.overrun_nano > 0
+
+
+def settled(ask: Ask, used_tokens: int, cost_nano: int, *, applied: bool) -> Settled:
+    """A settlement's result for `ask` and its real usage."""
+    return Settled(applied, max(0, cost_nano - ask.cost_nano),
+                   max(0, used_tokens - ask.tokens))
+
+
+def settle(limits: Limits, ask: Ask, used_tokens: int, cost_nano: int, key: KeyState | None,
+           ledger: Ledger | None, now: float, w: float = WINDOW_S) -> Settled:
+    """End of the request: release its hold and lease; while live, charge the real cost
+    (even past the hold) and give back the tokens it did not use (or take the overrun).
+    Idempotent by request_id: a second call, or one for an unknown id, changes nothing."""
+    check_usage(used_tokens, cost_nano)
+    hold = key.holds.pop(ask.request_id, None) if key is not None else None
+    if key is None or hold is None:
+        return settled(ask, used_tokens, cost_nano, applied=False)
+    key.leased.discard(ask.request_id)
+    live = settle_charges(hold.exp, now)
+    budget_hold = ledger.holds.pop(ask.request_id, None) if ledger is not None else None
+    if ledger is not None and budget_hold is not None:
+        ledger.reserved -= budget_hold[0]
+        if live:
+            ledger.spent += cost_nano
+    if live and hold.tokens is not None and limits.tpm is not None:
+        level = bucket_now(key, limits.tpm, now, w)
+        key.level, key.ts = bucket_refund(level, hold.tokens, used_tokens, limits.tpm), now
+    return settled(ask, used_tokens, cost_nano, applied=live)
+
+
+def consume(limits: Limits, key: KeyState, requests: int, tokens: int, now: float,
+            w: float = WINDOW_S) -> None:
+    """Count usage admitted elsewhere: `requests` arrivals against the GCRA and `tokens`
+    out of the bucket, which may go below zero (it owes them). Never refuses."""
+    if limits.rpm is not None and requests > 0:
+        key.tat = max(now if key.tat is None else key.tat, now) + requests * w / limits.rpm
+    if limits.tpm is not None and tokens > 0:
+        key.level, key.ts = bucket_now(key, limits.tpm, now, w) - tokens, now
+
+
+# -- org limits -------------------------------------------------------------------------
+
+
+class LimitFields(Protocol):
+    """A key record or an org entry of the policy file: the fields limits are built from."""
+
+    @property
+    def rpm(self) -> int | None: ...
+    @property
+    def tpm(self) -> int | None: ...
+    @property
+    def max_concurrent(self) -> int | None: ...
+    @property
+    def budget_usd(self) -> Decimal | None: ...
+    @property
+    def budget_period(self) -> str: ...
+
+
+def limits_from(src: LimitFields) -> Limits:
+    """The enforceable limits of a key record or an org (budget in exact nano-USD)."""
+    budget = None if src.budget_usd is None else usd_to_nano(src.budget_usd)
+    return Limits(src.rpm, src.tpm, src.max_concurrent, budget, src.budget_period)
+
+
+def org_hold(org: OrgLimits, ask: Ask, started: datetime) -> tuple[Limits, Ask]:
+    """The org's limits and the hold its key's request takes of them: the same request
+    under the pseudo-key `org:<name>`, in the org's own budget period."""
+    org_ask = replace(ask, key_id=f"org:{ask.org}",
+                      period=period_id(org.budget_period, started))
+    return limits_from(org), org_ask
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+_MESSAGES = {
+    "requests": "Rate limit reached for requests per minute. Retry after the time given.",
+    "tokens": "Rate limit reached for tokens per minute. Retry after the time given.",
+    "tokens_too_large": "This request reserves more tokens than the per-minute limit allows; "
+                        "lower max_tokens or the prompt.",
+    "concurrency": "Too many requests in flight for this API key.",
+}
+
+
+def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:
+    """The OpenAI-shaped 429 for a denied Decision, with its rate-limit headers and a
+    retry-after when waiting helps (a budget: only if its period resets)."""
+    headers = rate_headers(d)
+    if d.reason == "budget":
+        reset = period_reset_s(limits.budget_period, now)
+        if reset is not None:
+            headers.append(("retry-after", retry_after_header(reset)))
+        return ApiError(
+            429, "insufficient_quota",
+            "This API key's budget for the period is exhausted."
+            + ("" if reset is not None else " It does not reset."),
+            type="insufficient_quota", headers=tuple(headers),
+        )
+    if d.retry_after_s is not None and d.reason != "tokens_too_large":
+        headers.append(("retry-after", retry_after_header(d.retry_after_s)))
+    return ApiError(429, "rate_limit_exceeded", _MESSAGES.get(d.reason, "Rate limit reached."),
+                    type=d.reason if d.reason in ("requests", "tokens") else None,
+                    headers=tuple(headers))

@@ -1,0 +1,292 @@
+"""policy/admission.py: the transitions on a key's state with a fixed clock (every `now`
+is an argument), org limits, and the 429 a denial becomes."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from policy.admission import (
+    Hold,
+    KeyState,
+    Ledger,
+    Settled,
+    admit,
+    consume,
+    expire,
+    hold_live,
+    limits_from,
+    org_hold,
+    refusal,
+    settle,
+    settle_charges,
+)
+from policy.config import OrgLimits
+from policy.keyrecord import KeyRecord
+from policy.keys import limits_of
+from policy.limits import Ask, Decision, Limits
+
+T0 = 1_000.0
+
+
+def ask(rid: str = "r1", *, tokens: int = 0, cost: int = 0, lease: float = 30.0,
+        period: str = "day:2026-11-23") -> Ask:
+    return Ask(rid, "k1", "acme", tokens, cost, period, lease)
+
+
+# -- each denial, with its exact header material ----------------------------------------
+
+
+def test_requests() -> None:
+    key, lim = KeyState(), Limits(rpm=2)
+    assert admit(lim, ask("a"), key, None, T0) == Decision(True, "", None, 2, 1, 30.0)
+    assert admit(lim, ask("b"), key, None, T0) == Decision(True, "", None, 2, 0, 60.0)
+    assert admit(lim, ask("c"), key, None, T0) == Decision(False, "requests", 30.0, 2, 0, 60.0)
+    assert key.tat == T0 + 60.0
+
+
+def test_concurrency() -> None:
+    key, lim = KeyState(), Limits(rpm=2, max_concurrent=1)
+    assert admit(lim, ask("a"), key, None, T0).allowed
+    # Admissible by the GCRA, refused by concurrency: the request slot was not taken.
+    assert admit(lim, ask("b"), key, None, T0) == Decision(False, "concurrency", None, 2, 1,
+                                                           30.0)
+    assert key.leased == {"a"}
+
+
+def test_tokens_and_tokens_too_large() -> None:
+    key, lim = KeyState(), Limits(tpm=600)
+    assert admit(lim, ask("a", tokens=500), key, None, T0) == Decision(
+        True, "", None, None, None, 0.0, 600, 100, 50.0)
+    assert admit(lim, ask("b", tokens=200), key, None, T0) == Decision(
+        False, "tokens", 10.0, None, None, 0.0, 600, 100, 50.0)  # 100 short at 600/min
+    assert admit(lim, ask("c", tokens=601), key, None, T0 + 60) == Decision(
+        False, "tokens_too_large", None, None, None, 0.0, 600, 600, 0.0)
+
+
+def test_budget() -> None:
+    key, ledger, lim = KeyState(), Ledger(), Limits(budget_nano=1000)
+    assert admit(lim, ask("a", cost=600), key, ledger, T0).allowed
+    assert admit(lim, ask("b", cost=401), key, ledger, T0) == Decision(False, "budget")
+    assert admit(lim, ask("c", cost=400), key, ledger, T0).allowed  # exactly full
+    assert (ledger.spent, ledger.reserved) == (0, 1000)
+
+
+def test_duplicate_request_id() -> None:
+    key, ledger, lim = KeyState(), Ledger(), Limits(budget_nano=100)
+    a = ask("same", cost=60, lease=10.0)
+    assert admit(lim, a, key, ledger, T0).allowed
+    assert admit(lim, a, key, ledger, T0 + 1) == Decision(False, "duplicate")
+    assert settle(lim, a, 0, 10, key, ledger, T0 + 2) == Settled(True)
+    assert admit(lim, a, key, ledger, T0 + 2).allowed  # settled: the id may be reused
+    assert admit(lim, a, key, ledger, T0 + 12).allowed  # expired: likewise
+    assert ledger.balance(T0 + 12) == (10, 60)
+    # A key with only an RPM limit holds nothing, so it keeps no ids.
+    rpm_only = KeyState()
+    assert admit(Limits(rpm=5), a, rpm_only, None, T0).allowed
+    assert admit(Limits(rpm=5), a, rpm_only, None, T0).allowed
+
+
+# -- check order, and a denial changes nothing --------------------------------------------
+
+
+def everything_spent() -> tuple[KeyState, Ledger]:
+    """A key over every limit at T0: the RPM slot taken, one lease, an empty bucket, a
+    spent budget."""
+    key = KeyState(tat=T0 + 60.0, level=0.0, ts=T0, holds={"x": Hold(0, T0 + 100)},
+                   leased={"x"}, heap=[(T0 + 100, "x")])
+    return key, Ledger(spent=5)
+
+
+@pytest.mark.parametrize(("lim", "reason"), [
+    (Limits(rpm=1, max_concurrent=1, tpm=10, budget_nano=5), "requests"),
+    (Limits(max_concurrent=1, tpm=10, budget_nano=5), "concurrency"),
+    (Limits(tpm=10, budget_nano=5), "tokens"),
+    (Limits(tpm=1, budget_nano=5), "tokens_too_large"),
+    (Limits(budget_nano=5), "budget"),
+])
+def test_check_order_and_a_denial_changes_nothing(lim: Limits, reason: str) -> None:
+    key, ledger = everything_spent()
+    before = copy.deepcopy((key, ledger))
+    d = admit(lim, ask("new", tokens=2, cost=1), key, ledger, T0)
+    assert (d.allowed, d.reason) == (False, reason)
+    assert (key, ledger) == before
+
+
+# -- settlement ---------------------------------------------------------------------------
+
+LIM = Limits(tpm=1000, max_concurrent=1, budget_nano=10_000)
+
+
+def admitted(a: Ask) -> tuple[KeyState, Ledger]:
+    key, ledger = KeyState(), Ledger()
+    assert admit(LIM, a, key, ledger, T0).allowed
+    assert (key.level, ledger.reserved) == (1000.0 - a.tokens, a.cost_nano)
+    assert key.leased == {a.request_id}
+    return key, ledger
+
+
+def test_settle_charges_the_real_cost_and_refunds_unused_tokens() -> None:
+    a = ask(tokens=600, cost=4_000)
+    key, ledger = admitted(a)
+    assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 3) == Settled(True, 0, 0)
+    assert (ledger.spent, ledger.reserved, ledger.holds) == (1_500, 0, {})
+    assert (key.level, key.ts) == (400.0 + 50.0 + 500.0, T0 + 3)  # refill 50, refund 500
+    assert (key.holds, key.leased) == ({}, set())
+    assert admit(LIM, ask("r2"), key, ledger, T0 + 3).allowed  # the lease is free again
+
+
+def test_an_overrun_is_charged_reported_and_then_refuses() -> None:
+    a = ask(tokens=600, cost=4_000)
+    key, ledger = admitted(a)
+    assert settle(LIM, a, 700, 10_600, key, ledger, T0 + 3) == Settled(True, 6_600, 100)
+    assert Settled(True, 6_600, 100).bound_violated
+    assert not Settled(True, 0, 100).bound_violated  # tokens past the TPM estimate only
+    assert (ledger.spent, ledger.reserved) == (10_600, 0)  # past the budget: the real cost
+    assert key.level == 450.0 - 100.0
+    for cost in (0, 1):
+        assert admit(LIM, ask(f"c{cost}", cost=cost), key, ledger, T0 + 4).reason == "budget"
+
+
+def test_a_second_settle_changes_nothing() -> None:
+    a = ask(tokens=600, cost=4_000)
+    key, ledger = admitted(a)
+    settle(LIM, a, 100, 1_500, key, ledger, T0 + 3)
+    before = copy.deepcopy((key, ledger))
+    assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 3) == Settled(False)
+    assert (key, ledger) == before
+    assert settle(LIM, ask("unknown", cost=5), 3, 50, key, ledger, T0) == Settled(False, 45, 3)
+    assert settle(LIM, a, 0, 0, None, None, T0) == Settled(False)
+
+
+def test_bad_usage_is_refused() -> None:
+    with pytest.raises(ValueError):
+        settle(LIM, ask(), -1, 0, KeyState(), None, T0)
+    with pytest.raises(ValueError):
+        admit(LIM, ask(cost=2**53), KeyState(), Ledger(), T0)
+
+
+# -- expiry -------------------------------------------------------------------------------
+
+
+def test_the_liveness_rule() -> None:
+    assert hold_live(10.0, 9.999) and not hold_live(10.0, 10.0)
+    assert settle_charges(10.0, 9.999) and not settle_charges(10.0, 10.0)
+
+
+def test_an_expired_hold_stops_counting_and_a_late_settle_charges_nothing() -> None:
+    a = ask("lost", tokens=600, cost=4_000, lease=10.0)
+    key, ledger = admitted(a)
+    assert admit(LIM, ask("b"), key, ledger, T0 + 9.999).reason == "concurrency"
+    assert ledger.balance(T0 + 9.999) == (0, 4_000)
+    assert ledger.balance(T0 + 10) == (0, 0)
+    expire(key, T0 + 10)
+    assert (key.holds, key.leased) == ({}, set())
+    level = key.level
+    assert settle(LIM, a, 100, 5_000, key, ledger, T0 + 10) == Settled(False, 1_000, 0)
+    assert (ledger.spent, key.level) == (0, level)
+
+
+def test_a_late_settle_before_the_purge_only_cleans_up() -> None:
+    a = ask("late", tokens=600, cost=4_000, lease=10.0)
+    key, ledger = admitted(a)
+    assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 10) == Settled(False)
+    assert (ledger.spent, ledger.reserved, key.level, key.holds) == (0, 0, 400.0, {})
+
+
+# -- usage admitted elsewhere -------------------------------------------------------------
+
+
+def test_consume() -> None:
+    key = KeyState()
+    consume(Limits(rpm=3, tpm=1000), key, 2, 1_500, T0)
+    assert (key.tat, key.level, key.ts) == (T0 + 40.0, -500.0, T0)
+    d = admit(Limits(rpm=3, tpm=1000), ask(tokens=1), key, None, T0)
+    assert (d.reason, d.retry_after_s, d.remaining_tokens) == ("tokens", 30.06, -500)
+    consume(Limits(), key, 5, 5, T0)  # no limits: nothing to count
+    assert (key.tat, key.level) == (T0 + 40.0, -500.0)
+
+
+# -- org limits ---------------------------------------------------------------------------
+
+STARTED = datetime(2026, 11, 23, 12, tzinfo=UTC)
+
+
+def test_org_hold() -> None:
+    org = OrgLimits(rpm=10, tpm=5000, max_concurrent=3, budget_usd=Decimal("2.5"),
+                    budget_period="day")
+    a = Ask("r1", "k1", "acme", 100, 5, "month:2026-11", 150.0)
+    limits, held = org_hold(org, a, STARTED)
+    assert limits == Limits(10, 5000, 3, 2_500_000_000, "day")
+    assert held == Ask("r1", "org:acme", "acme", 100, 5, "day:2026-11-23", 150.0)
+
+
+def test_org_hold_defaults() -> None:
+    a = Ask("r1", "k1", "acme", 0, 0, "total", 1.0)
+    assert org_hold(OrgLimits(), a, STARTED) == (
+        Limits(budget_period="month"), Ask("r1", "org:acme", "acme", 0, 0, "month:2026-11", 1.0))
+    assert org_hold(OrgLimits(budget_period="total"), a, STARTED)[1].period == "total"
+
+
+def test_limits_from_a_key_record_is_the_keys_limits() -> None:
+    rec = KeyRecord(id="k1", org="acme", sha256="0" * 64, rpm=5, tpm=7, max_concurrent=2,
+                    budget_usd=Decimal("0.0000000011"), budget_period="total")
+    assert limits_from(rec) == limits_of(rec) == Limits(5, 7, 2, 2, "total")
+
+
+# -- the 429 a denial becomes -------------------------------------------------------------
+
+
+def denied(reason: str, retry: float | None = None) -> Decision:
+    """A denial for a key with 60 RPM and 1000 TPM, neither touched."""
+    return Decision(False, reason, retry, 60, 60, 0.0, 1000, 1000, 0.0)
+
+
+RATE = [("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "60"),
+        ("x-ratelimit-reset-requests", "0ms"), ("x-ratelimit-limit-tokens", "1000"),
+        ("x-ratelimit-remaining-tokens", "1000"), ("x-ratelimit-reset-tokens", "0ms")]
+
+
+def test_budget_refusal_retries_when_the_period_resets() -> None:
+    e = refusal(denied("budget"), Limits(budget_nano=1, budget_period="month"), STARTED)
+    assert (e.status, e.code, e.type) == (429, "insufficient_quota", "insufficient_quota")
+    assert e.message == "This API key's budget for the period is exhausted."
+    assert list(e.headers) == [*RATE, ("retry-after", "648000")]  # 7.5 days to December
+    late = datetime(2026, 11, 23, 23, 59, 59, 200_000, UTC)
+    e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="day"), late)
+    assert list(e.headers) == [("retry-after", "1")]
+
+
+def test_a_total_budget_refusal_says_it_never_resets() -> None:
+    e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="total"),
+                STARTED)
+    assert e.message == "This API key's budget for the period is exhausted. It does not reset."
+    assert e.headers == ()
+
+
+@pytest.mark.parametrize(("reason", "retry", "type_", "message", "retry_after"), [
+    ("requests", 12.3, "requests",
+     "Rate limit reached for requests per minute. Retry after the time given.", "13"),
+    ("tokens", 0.2, "tokens",
+     "Rate limit reached for tokens per minute. Retry after the time given.", "1"),
+    ("tokens_too_large", None, None,
+     "This request reserves more tokens than the per-minute limit allows; "
+     "lower max_tokens or the prompt.", None),
+    ("concurrency", None, None, "Too many requests in flight for this API key.", None),
+    ("duplicate", None, None, "Rate limit reached.", None),
+])
+def test_rate_refusals(reason: str, retry: float | None, type_: str | None, message: str,
+                       retry_after: str | None) -> None:
+    e = refusal(denied(reason, retry), Limits(rpm=60, tpm=1000), STARTED)
+    assert (e.status, e.code, e.type, e.message) == (429, "rate_limit_exceeded", type_,
+                                                     message)
+    assert list(e.headers) == RATE + ([("retry-after", retry_after)] if retry_after else [])
+    assert all(name != "x-should-retry" for name, _ in e.headers)
+
+
+def test_a_too_large_request_gets_no_retry_after_even_behind_the_rate_limit() -> None:
+    d = Decision(False, "tokens_too_large", 5.0)
+    assert refusal(d, Limits(tpm=10), STARTED).headers == ()
