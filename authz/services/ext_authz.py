@@ -14,14 +14,14 @@ import time
 import grpc
 from opentelemetry.trace import SpanKind, Tracer
 
-from authz.envoy_config.names import EXT_AUTHZ
 from authz.runtime.metrics import Metrics
 from authz.runtime.tracing import parent_context
 from authz.services import protos
 from authz.services.keyauth import KeyAuthority
+from authz.services.principal_md import principal_metadata
 from policy.endpoints import lookup, path_known
 from policy.errors import ApiError, not_found
-from policy.keys import Principal, extract_secret
+from policy.keys import extract_secret
 
 log = logging.getLogger("tokenbooth.ext_authz")
 
@@ -30,9 +30,6 @@ ORG_HEADER = "x-tokenbooth-org"
 KEY_ID_HEADER = "x-tokenbooth-key-id"
 _SET_BY_US = frozenset({ORG_HEADER, KEY_ID_HEADER})
 _KEY_HEADERS = ("authorization", "x-api-key")
-# ext_proc reads the principal from here (Envoy forwards this metadata namespace to it),
-# so the two services need not share a replica or a cache.
-METADATA_NAMESPACE = EXT_AUTHZ  # ext_proc reads the principal from here
 
 
 class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
@@ -97,28 +94,6 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
             ),
             dynamic_metadata=principal_metadata(principal),
         )
-
-
-def principal_metadata(p: Principal) -> protos.Msg:
-    """Who, which models, which limits: everything ext_proc needs, so it looks nothing up.
-    Integers travel as strings (Struct numbers are doubles; nano-USD must stay exact)."""
-    lim = p.limits
-    md = protos.Struct()
-    md.update({
-        "key_id": p.key_id,
-        "org": p.org,
-        "models": sorted(p.models),
-        "rpm": _opt(lim.rpm),
-        "tpm": _opt(lim.tpm),
-        "max_concurrent": _opt(lim.max_concurrent),
-        "budget_nano": _opt(lim.budget_nano),
-        "budget_period": lim.budget_period,
-    })
-    return md
-
-
-def _opt(v: int | None) -> str:
-    return "" if v is None else str(v)
 
 
 def _overwrite(key: str, value: str) -> protos.Msg:

@@ -1,4 +1,5 @@
-"""ext_proc: the servicer loop. One gRPC stream per HTTP request; `Exchange` decides."""
+"""ext_proc: the servicer loop. One gRPC stream per HTTP request: `exchange` translates
+each message, a `Lifecycle` decides; refusals become ImmediateResponses here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import parent_context
 from authz.services import protos
-from authz.services.exchange import Exchange
+from authz.services.exchange import handle
+from authz.services.lifecycle import Lifecycle
 from authz.state.limits.admission import Admission
 from policy.errors import ApiError
 
@@ -43,7 +45,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
     ) -> None:
         # context.read()/write() rather than iterating and yielding: measured ~10% less
         # CPU per message with grpc.aio (and each message is most of the cost).
-        ex = Exchange(self._rt, self._recorder, self._admission)
+        life = Lifecycle(self._rt, self._recorder, self._admission)
         span: Span | None = None
         start_ns = time.time_ns()
         read, write, eof = context.read, context.write, grpc.aio.EOF
@@ -51,47 +53,55 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             while (msg := await read()) is not eof:
                 t0 = time.perf_counter()
                 try:
-                    resp = await ex.handle(msg)
-                except ApiError as err:
-                    self._metrics.decisions.labels("ext_proc", "deny", err.code).inc()
-                    resp = protos.immediate_error(err)
-                except Exception:
-                    log.exception("ext_proc failed", extra={"request_id": ex.request_id})
-                    resp = protos.immediate_error(_INTERNAL)
+                    resp = await handle(life, msg)
+                except Exception as e:  # every error ends in one answer
+                    resp = self._error_answer(life, e)
                 self._seconds.observe(time.perf_counter() - t0)
                 if span is None and self._tracer is not None:
                     span = self._tracer.start_span(
                         "ext_proc", kind=SpanKind.SERVER, start_time=start_ns,
                         context=parent_context(
-                            {"traceparent": ex.traceparent} if ex.traceparent else {}),
+                            {"traceparent": life.traceparent} if life.traceparent else {}),
                     )
                 await write(resp)
-                await ex.settle()
+                await life.settle()
                 if resp.HasField("immediate_response"):
                     return
         finally:
             # The stream ended: normally after the response, else the client or
             # Envoy went away mid-request. Either way, exactly one record.
-            ex.finish(aborted=not ex.finished)
+            life.finish(aborted=not life.finished)
             # A cancelled stream (client gone) must still settle: run it as its own task
             # (normally the loop above has settled already and there is nothing to do).
-            if ex.settle_pending:
-                task = asyncio.ensure_future(ex.settle())
+            if life.settle_pending:
+                task = asyncio.ensure_future(life.settle())
                 self._settling.add(task)
                 task.add_done_callback(self._settling.discard)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(task)
             if span is not None:
-                _end_span(span, ex)
+                _end_span(span, life)
+
+    def _error_answer(self, life: Lifecycle, e: Exception) -> protos.Msg:
+        """The one place an error becomes ext_proc's answer: an OpenAI-shaped
+        ImmediateResponse (a refusal as it is; anything else as a 500)."""
+        if isinstance(e, ApiError):
+            self._metrics.decisions.labels("ext_proc", "deny", e.code).inc()
+            err = e
+        else:
+            log.exception("ext_proc failed", extra={"request_id": life.request_id})
+            err = _INTERNAL
+        life.answered_locally(err.status)
+        return protos.immediate_error(err)
 
 
-def _end_span(span: Span, ex: Exchange) -> None:
-    span.set_attribute("tokenbooth.request_id", ex.request_id)
-    if ex.principal is not None:
-        span.set_attribute("tokenbooth.key_id", ex.principal.key_id)
-        span.set_attribute("tokenbooth.org", ex.principal.org)
-    if ex.req is not None:
-        span.set_attribute("tokenbooth.model", ex.req.alias)
-    if ex.status:
-        span.set_attribute("http.response.status_code", ex.status)
+def _end_span(span: Span, life: Lifecycle) -> None:
+    span.set_attribute("tokenbooth.request_id", life.request_id)
+    if life.principal is not None:
+        span.set_attribute("tokenbooth.key_id", life.principal.key_id)
+        span.set_attribute("tokenbooth.org", life.principal.org)
+    if life.req is not None:
+        span.set_attribute("tokenbooth.model", life.req.alias)
+    if life.status:
+        span.set_attribute("http.response.status_code", life.status)
     span.end()

@@ -1,0 +1,328 @@
+"""One request's life in domain terms: what is decided at each step, and its record.
+
+No protobuf here: `exchange.py` turns Envoy's messages into these calls and their
+results back into answers. The steps, in the order the messages drive them:
+  identify        → which endpoint, which request, whose key (once per request)
+  request_headers → GET /v1/models: counted as a request, answered at once
+  request_body    → validate, check the model allow-list, build the body the backend
+                    gets, admit; returns that body, the cluster and the rate-limit headers
+  response_start  → the status and the serving backend (the first response chunk)
+  response_chunk  → meter usage; returns a chunk to send instead, or None for as is
+  finish, settle  → the one usage record, then the one settlement
+Settlement: once admission has begun, the store may hold something for this request, so
+the request owes exactly one `settle()` (settling what the store does not hold is a
+no-op). Anything that can refuse a request runs before admission.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+from datetime import datetime
+from typing import NamedTuple
+
+import orjson
+
+from authz.runtime.recorder import Recorder
+from authz.runtime.snapshot import Runtime, Snapshot
+from authz.state.limits.admission import Admission
+from policy.config import Config
+from policy.endpoints import Endpoint, Kind, lookup
+from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
+from policy.keys import Principal
+from policy.limits import Ask, Decision, Limits, cost_nano, period_id, rate_headers, usd_to_nano
+from policy.request import InferenceRequest, models_list, parse_request, upstream_body
+from policy.routing import Route
+from policy.stream_usage import StreamMeter
+from policy.usage import Usage, make_record, usage_from_obj
+
+Headers = tuple[tuple[str, str], ...]
+# A JSON response is kept to read its `usage`, up to this size (past it: estimated).
+JSON_KEEP_BYTES = 64 << 20
+CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
+# What the rewrite may add to a body: Envoy's hold buffer takes max_request_body_bytes plus
+# this. Equal to REWRITE_SLACK in authz/envoy_config/http_filters.py (a test holds them
+# equal), not imported from there: the servicers stay free of the Envoy config builders.
+REWRITE_SLACK = 64 << 10
+
+
+class Forward(NamedTuple):
+    """An admitted request: the body the backend gets, its cluster, the rate-limit headers."""
+
+    body: bytes
+    cluster: str
+    rate_headers: list[tuple[str, str]]
+
+
+def forwarded_body(req: InferenceRequest, cfg: Config) -> bytes:
+    """The body the backend gets, or a 400 when it cannot be forwarded: nested deeper than
+    the encoder allows, holding a value it cannot encode, or larger once rewritten than
+    Envoy's buffer takes (numbers in exponent form, say, grow when re-encoded)."""
+    try:
+        body = upstream_body(req)
+    except (TypeError, RecursionError):  # orjson.JSONEncodeError is a TypeError
+        raise invalid_request(
+            "The request body cannot be forwarded: it is nested too deeply or holds a value "
+            "that cannot be encoded as JSON."
+        ) from None
+    limit = cfg.max_request_body_bytes + REWRITE_SLACK
+    if len(body) > limit:
+        raise invalid_request(
+            f"The request body is too large once rewritten for the backend ({len(body)} "
+            f"bytes; the limit is {limit})."
+        )
+    return body
+
+
+class Lifecycle:
+    __slots__ = (
+        "_admission",
+        "_ask",
+        "_backend",
+        "_json_body",
+        "_meter",
+        "_org",
+        "_rec",
+        "_rt",
+        "_settle",
+        "_snap",
+        "_started",
+        "_t0",
+        "endpoint",
+        "finished",
+        "principal",
+        "req",
+        "request_id",
+        "responded",
+        "route",
+        "status",
+        "traceparent",
+    )
+
+    def __init__(self, runtime: Runtime, recorder: Recorder, admission: Admission) -> None:
+        self._rt = runtime
+        self._rec = recorder
+        self._admission = admission
+        self._ask: Ask | None = None  # set once admission begins
+        self._backend = ""  # the backend URL Envoy chose
+        self._org: tuple[Limits, Ask] | None = None  # the org's limits and hold, if any
+        self._settle: tuple[int, int] | None = None  # (used tokens, cost nano) owed
+        self._snap: Snapshot = runtime.snapshot
+        self._t0 = time.monotonic()
+        self._started: datetime = runtime.clock()
+        self._meter: StreamMeter | None = None
+        self._json_body = bytearray()
+        self.responded = False  # the response has begun (response_start was called)
+        self.endpoint: Endpoint | None = None
+        self.principal: Principal | None = None
+        self.req: InferenceRequest | None = None
+        self.route: Route | None = None  # set once admitted: a record is owed
+        self.request_id = ""
+        self.traceparent: str | None = None
+        self.status = 0
+        self.finished = False
+
+    @property
+    def admitted(self) -> bool:
+        return self.route is not None
+
+    # -- request side ---------------------------------------------------------
+
+    def identify(self, method: str, path: str, request_id: str, traceparent: str | None,
+                 principal: Principal | None) -> None:
+        """Which endpoint, which request, whose key (`principal`: ext_authz's decision)."""
+        self.request_id = request_id or uuid.uuid4().hex
+        self.traceparent = traceparent or None
+        endpoint = lookup(method, path)
+        if endpoint is None:
+            raise not_found(path)
+        if principal is None:
+            # Only reachable when ext_authz did not run first: refuse, never guess.
+            raise invalid_api_key("No authenticated API key on this request.")
+        self.endpoint, self.principal = endpoint, principal
+
+    async def request_headers(self, end_of_stream: bool) -> tuple[bytes, Headers] | None:
+        """GET /v1/models (the only route that sends request headers): its body and
+        rate-limit headers. None: another endpoint, whose body follows."""
+        assert self.endpoint is not None and self.principal is not None
+        if self.endpoint.kind is not Kind.MODELS:
+            if end_of_stream:
+                raise invalid_request("This endpoint needs a JSON request body.")
+            return None
+        principal = self.principal
+        # Counts as a request for the rate limit; reserves no tokens or money.
+        decision = await self._admit(self._make_ask(0, 0))
+        self._settle = (0, 0)
+        aliases = [a for a in self._snap.aliases if principal.may_use(a)]
+        return (models_list(aliases, int(self._started.timestamp())),
+                tuple(rate_headers(decision)))
+
+    async def request_body(self, raw: bytes) -> Forward:
+        """Validate, check the allow-list, build the forwarded body, then admit: every
+        refusal comes before anything is held."""
+        assert self.endpoint is not None and self.principal is not None
+        cfg = self._snap.config
+        req = parse_request(raw, self.endpoint, cfg)
+        if not self.principal.may_use(req.alias):
+            raise model_not_allowed(req.alias)
+        route = self._snap.router.route(req.alias)
+        assert route is not None  # parse_request checked the alias
+        body = forwarded_body(req, cfg)
+        price = req.model.price_per_1k_tokens
+        decision = await self._admit(self._make_ask(
+            req.prompt_estimate + req.max_tokens,
+            cost_nano(req.prompt_bound, req.max_tokens, price)))
+        self.req, self.route = req, route  # admitted: from here a record is owed
+        return Forward(body, route.cluster, rate_headers(decision))
+
+    def _make_ask(self, tokens: int, cost: int) -> Ask:
+        assert self.principal is not None
+        lim = self.principal.limits
+        return Ask(
+            request_id=self.request_id,
+            key_id=self.principal.key_id,
+            org=self.principal.org,
+            tokens=tokens,
+            cost_nano=cost,
+            period=period_id(lim.budget_period, self._started),
+            lease_s=self._snap.config.envoy.route_timeout_s + 30,
+        )
+
+    def _org_hold(self, ask: Ask) -> tuple[Limits, Ask] | None:
+        """The org's limits and a hold under the pseudo-key `org:<name>`, if configured."""
+        ol = self._snap.config.orgs.get(ask.org)
+        if ol is None:
+            return None
+        limits = Limits(
+            rpm=ol.rpm, tpm=ol.tpm, max_concurrent=ol.max_concurrent,
+            budget_nano=usd_to_nano(ol.budget_usd) if ol.budget_usd is not None else None,
+            budget_period=ol.budget_period,
+        )
+        org_ask = replace(ask, key_id=f"org:{ask.org}",
+                          period=period_id(ol.budget_period, self._started))
+        return limits, org_ask
+
+    async def _admit(self, ask: Ask) -> Decision:
+        """Admit under the org's limits, then the key's (a refusal holds nothing). If
+        admission fails any other way (cancelled: the stream went away; the store broke
+        mid-call), the store may hold it anyway: a settlement at zero is owed."""
+        assert self.principal is not None
+        org = self._org_hold(ask)
+        self._ask, self._org = ask, org
+        try:
+            return await self._admission.admit_all(org, self.principal.limits, ask,
+                                                   self._started)
+        except ApiError:
+            raise
+        except BaseException:
+            self._settle = (0, 0)
+            raise
+
+    # -- response side --------------------------------------------------------
+
+    def response_start(self, status: int, backend: str) -> None:
+        """The response's status and serving backend (0 and "" when unknown); an SSE
+        meter for a stream the backend accepted (an error answer is JSON)."""
+        self.responded = True
+        if status:
+            self.status = status
+        if backend:
+            self._backend = backend
+        req = self.req
+        if req is not None and req.stream and 0 < self.status < 400:
+            self._meter = StreamMeter(strip_usage=not req.client_wants_usage)
+
+    def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
+        """Meter one chunk; the bytes the client gets instead, or None for as is. Not
+        admitted (a local reply, a refusal): nothing to meter. At the end, the record."""
+        if self.route is None:
+            return None
+        out: bytes | None = None
+        meter = self._meter
+        if meter is not None:
+            out = meter.feed(chunk)
+            if end:
+                tail = meter.finish()
+                if tail is not None:
+                    out = (out or b"") + tail
+        elif len(self._json_body) < JSON_KEEP_BYTES:
+            self._json_body += chunk
+        if end:
+            self.finish()
+        return out
+
+    # -- the end --------------------------------------------------------------
+
+    def answered_locally(self, status: int) -> None:
+        """The gateway answered with an error and the stream ends here. An admitted
+        request's record says so: the status, and nothing generated (before the response
+        began; after, what was seen, as for a cut stream)."""
+        if not self.responded:
+            self.status = status
+        self.finish(aborted=self.responded)
+
+    def finish(self, aborted: bool = False) -> None:
+        """Write the one usage record of an admitted request (idempotent)."""
+        if self.finished or not self.admitted:
+            return
+        self.finished = True
+        req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
+        assert req and route and principal and endpoint
+        usage, estimated = self._usage(req)
+        self._settle = (usage.total_tokens,
+                        cost_nano(usage.prompt_tokens, usage.completion_tokens,
+                                  req.model.price_per_1k_tokens))
+        status = self.status or CLIENT_CLOSED
+        if aborted and (self._meter is None or not self._meter.done):
+            status = CLIENT_CLOSED
+        self._rec.record(
+            make_record(
+                request_id=self.request_id,
+                key_id=principal.key_id,
+                org=principal.org,
+                model=req.alias,
+                upstream_model=route.upstream_model,
+                backend=self._backend,
+                usage=usage,
+                price=req.model.price_per_1k_tokens,
+                status=status,
+                stream=req.stream,
+                estimated=estimated,
+                started_at=self._started,
+                duration_ms=(time.monotonic() - self._t0) * 1000,
+                endpoint=endpoint.name,
+            )
+        )
+
+    @property
+    def settle_pending(self) -> bool:
+        return self._settle is not None
+
+    async def settle(self) -> None:
+        """Settle what admission holds, once owed (after the record, or at zero)."""
+        pending, self._settle = self._settle, None
+        if pending is None or self._ask is None or self.principal is None:
+            return
+        now = self._rt.clock()
+        await self._admission.settle(self.principal.limits, self._ask, pending[0], pending[1],
+                                     now)
+        if self._org is not None:
+            await self._admission.settle(*self._org, pending[0], pending[1], now)
+
+    def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
+        """The upstream's own count when it gave one; else an estimate from what was seen."""
+        if self._meter is not None:
+            if self._meter.usage is not None:
+                return self._meter.usage, False
+            return Usage(req.prompt_estimate, self._meter.content_chunks), True
+        if self._json_body:
+            try:
+                usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))
+            except (orjson.JSONDecodeError, AttributeError):
+                usage = None
+            if usage is not None:
+                return usage, False
+        if self.status >= 400:
+            return Usage(), False  # the backend refused: nothing was generated
+        return Usage(req.prompt_estimate, 0), True
