@@ -73,10 +73,10 @@ test: lint vllm-venv
 	TOKENBOOTH_REQUIRE_VLLM=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
-	$(BIN)/python -m pytest tests/policy tests/authz tests/sim $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/policy tests/services tests/state tests/runtime tests/cli tests/sim $(PYTEST_ARGS)
 
 e2e: install
-	$(BIN)/python -m pytest tests/e2e tests/envoy $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/e2e tests/envoy_config $(PYTEST_ARGS)
 
 .PHONY: bench bench-litellm-venv
 # Numbers from one run on this machine, never pass/fail (`make test` runs only a smoke).

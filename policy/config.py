@@ -6,7 +6,6 @@ names the file, the path inside it and what is wrong.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -101,12 +100,45 @@ class Price(_Strict):
 
 
 class Model(_Strict):
-    """An alias that clients send as `model`, and where it goes."""
+    """An alias that clients send as `model`, and where it goes.
+
+    The fields after `max_tokens` shape the budget hold, a true upper bound of what one
+    request can use (the formula is in `policy.tokens`); their defaults are safe for the
+    chat templates of common open models.
+    """
 
     upstream_model: str = Field(min_length=1, max_length=512)
     backends: list[Backend] = Field(min_length=1)
     price_per_1k_tokens: Price = Price()
+    # Completion tokens per sequence: the most a client may ask for, and what is written
+    # into the upstream body when the client asks for no limit.
     max_tokens: int = Field(default=1024, ge=1)
+    # The most sequences one request may ask for (`n`, `best_of`); more is a 400.
+    max_n: int = Field(default=16, ge=1, le=128)
+    # The backend's context length (vLLM's --max-model-len), when known: vLLM refuses
+    # longer prompts, so it caps each prompt's bound. Never set it below the backend's.
+    max_model_len: int | None = Field(default=None, ge=1)
+    # Tokens a chat template adds per message (role header, end of turn) and once per
+    # request (BOS, a default system prompt, a tool-use preamble, the generation prompt).
+    chat_template_tokens_per_message: int = Field(default=16, ge=0)
+    chat_template_tokens_per_request: int = Field(default=512, ge=0)
+    # The widest indent the template renders JSON with (`tools | tojson(indent=4)` in
+    # Llama 3.1's); JSON-valued fields are bounded by their rendering at that indent.
+    chat_template_json_indent: int = Field(default=4, ge=0, le=16)
+    # Special tokens the backend adds to each /v1/completions prompt (BOS, EOS, the
+    # fill-in-the-middle markers of `suffix`).
+    special_tokens_per_prompt: int = Field(default=8, ge=0)
+    # Prompt tokens one image / audio clip / video adds, placeholders included. Their
+    # bytes do not bound their tokens: a part of a kind with no setting is a 400.
+    tokens_per_image: int | None = Field(default=None, ge=1)
+    tokens_per_audio: int | None = Field(default=None, ge=1)
+    tokens_per_video: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _cap_fits_context(self) -> Model:
+        if self.max_model_len is not None and self.max_tokens >= self.max_model_len:
+            raise ValueError("max_tokens must be below max_model_len")
+        return self
 
     @field_validator("backends")
     @classmethod
@@ -213,6 +245,11 @@ class Config(_Strict):
             raise ValueError("expected 'memory' or a redis://host:port/db URL")
         return v
 
+    @property
+    def state_is_redis(self) -> bool:
+        """True for `state: redis://…` or `rediss://…`; else memory and local files."""
+        return self.state.startswith(("redis://", "rediss://"))
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         ids = [k.id for k in self.keys]
@@ -278,8 +315,9 @@ def with_redis_password(state: str, password: str) -> str:
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML policy file.
 
-    `TOKENBOOTH_REDIS_PASSWORD` in `env` (default: the process environment), when set,
-    is the password of a Redis `state`, so the file never holds it."""
+    `TOKENBOOTH_REDIS_PASSWORD` in `env`, when set, is the password of a Redis `state`,
+    so the file never holds it. `env` is what the process settings pass on (see
+    `authz.runtime.settings`); this module never reads the process environment."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -291,7 +329,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where}: not valid YAML") from None
     cfg = parse_config(data, str(path), path.parent.resolve())
-    password = (os.environ if env is None else env).get(REDIS_PASSWORD_ENV)
-    if password and cfg.state != "memory":
+    password = (env or {}).get(REDIS_PASSWORD_ENV)
+    if password and cfg.state_is_redis:
         cfg = cfg.model_copy(update={"state": with_redis_password(cfg.state, password)})
     return cfg

@@ -21,10 +21,6 @@ class Endpoint:
     # Metric label; also the record's `endpoint`.
     name: str
 
-    @property
-    def has_body(self) -> bool:
-        return self.kind is not Kind.MODELS
-
 
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     (e.method, e.path): e

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -79,16 +78,9 @@ def extract_secret(authorization: str | None, x_api_key: str | None) -> str | No
     return None
 
 
+# The 401 for a request without a key (raised by authz/services/keyauth.py, which does
+# the lookups; `check_record` decides on what they find).
 NO_KEY = "No API key provided. Send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
-
-
-def authenticate(
-    secret: str | None, keys_by_fingerprint: Mapping[str, KeyRecord], now: datetime
-) -> Principal:
-    """Accept a key found in a local index, or raise a 401 `ApiError` saying why."""
-    if secret is None:
-        raise invalid_api_key(NO_KEY)
-    return check_record(keys_by_fingerprint.get(fingerprint(secret)), now)
 
 
 def check_record(key: KeyRecord | None, now: datetime) -> Principal:
@@ -110,7 +102,6 @@ __all__ = [
     "KEY_PREFIX",
     "ApiError",
     "Principal",
-    "authenticate",
     "check_record",
     "display_prefix",
     "extract_secret",

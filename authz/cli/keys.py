@@ -12,16 +12,19 @@ from typing import Any, TypeVar
 
 import orjson
 
+from authz.cli.common import Parents, Subparsers, load, parse_time
+from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
-from policy.config import Config, load_config
+from policy.config import Config
 from policy.keyrecord import SCOPES, KeyRecord
 from policy.keys import display_prefix, fingerprint, new_secret
 
 T = TypeVar("T")
 
 
-def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_parsers(sub: Subparsers, parents: Parents) -> None:
+    common = parents.config
     keys = sub.add_parser("keys", help="create, list, show and revoke API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     c = ksub.add_parser("create", parents=[common], help="create a key; prints its secret once")
@@ -73,10 +76,9 @@ def _usd(v: str) -> Decimal:
 
 def _when(v: str) -> datetime:
     try:
-        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {v!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+        return parse_time(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
@@ -96,19 +98,26 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-def _config(args: argparse.Namespace) -> Config:
-    from authz.cli.main import config_path
-
-    return load_config(config_path(args)[0])
-
-
-def cmd_create(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = load(args, settings)
     unknown = sorted(set(args.model or ()) - set(cfg.models))
     if unknown:
         raise ValueError(f"--model: unknown alias(es) {unknown}; known: {sorted(cfg.models)}")
     secret = new_secret()
-    record = KeyRecord(
+    record = _new_record(args, secret)
+    if any(k.id == record.id for k in cfg.keys):
+        raise ValueError("key id collision with the config file; run the command again")
+    _with_store(cfg, lambda s: s.create(record))
+    if args.json:
+        print(orjson.dumps({**_public(record), "key": secret}).decode())
+    else:
+        print(f"created key {record.id} for org {record.org}")
+        print(f"  secret (shown once, store it now): {secret}")
+    return 0
+
+
+def _new_record(args: argparse.Namespace, secret: str) -> KeyRecord:
+    return KeyRecord(
         id="key_" + secrets.token_hex(6),
         org=args.org,
         sha256=fingerprint(secret),
@@ -124,15 +133,6 @@ def cmd_create(args: argparse.Namespace) -> int:
         created_at=datetime.now(UTC),
         expires_at=args.expires,
     )
-    if any(k.id == record.id for k in cfg.keys):
-        raise ValueError("key id collision with the config file; run the command again")
-    _with_store(cfg, lambda s: s.create(record))
-    if args.json:
-        print(orjson.dumps({**_public(record), "key": secret}).decode())
-    else:
-        print(f"created key {record.id} for org {record.org}")
-        print(f"  secret (shown once, store it now): {secret}")
-    return 0
 
 
 def _public(rec: KeyRecord, source: str = "store") -> dict[str, Any]:
@@ -147,8 +147,8 @@ def _all_keys(cfg: Config, org: str | None) -> list[dict[str, Any]]:
     return static + [_public(k) for k in stored]
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    rows = _all_keys(_config(args), args.org)
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    rows = _all_keys(load(args, settings), args.org)
     if args.json:
         print(orjson.dumps(rows).decode())
         return 0
@@ -160,8 +160,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = load(args, settings)
     found = [r for r in _all_keys(cfg, None) if r["id"] == args.id]
     if not found:
         raise LookupError(f"no key with id {args.id!r}")
@@ -173,8 +173,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_revoke(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = load(args, settings)
     if any(k.id == args.id for k in cfg.keys):
         raise ValueError(f"key {args.id!r} is declared in {args.config or 'the config file'}; "
                          "set its status to revoked there")

@@ -37,7 +37,7 @@ LISTENER_NAME = "tokenbooth_ingress"
 _HEADER = "# Envoy bootstrap rendered by `tokenbooth envoy render`; edit the policy, not this.\n"
 
 
-def _downstream_tls(tls: Tls) -> Any:
+def _downstream_tls(tls: Tls) -> TransportSocket:
     """Envoy terminates TLS; ALPN offers HTTP/2 and HTTP/1.1 (the codec is AUTO)."""
     cert = TlsCertificate(
         certificate_chain=DataSource(filename=str(tls.cert)),
@@ -51,7 +51,7 @@ def _downstream_tls(tls: Tls) -> Any:
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def _listener(cfg: Config) -> Any:
+def _listener(cfg: Config) -> Listener:
     hcm = Filter(
         name="envoy.filters.network.http_connection_manager",
         typed_config=pack(http_connection_manager(cfg)),
@@ -67,7 +67,7 @@ def _listener(cfg: Config) -> Any:
     )
 
 
-def _overload_manager() -> Any:
+def _overload_manager() -> OverloadManager:
     """A cap on downstream connections (Envoy warns at start-up without one)."""
     cap = DownstreamConnectionsConfig(max_active_downstream_connections=CIRCUIT_BREAKER_MAX)
     return OverloadManager(
@@ -99,7 +99,7 @@ def _proto_name(name: str) -> str:
 
 
 def render_dict(cfg: Config) -> dict[str, Any]:
-    """The bootstrap as plain data, ready for YAML or JSON."""
+    """The bootstrap as plain data, ready for YAML or JSON (values of every JSON type)."""
     out: dict[str, Any] = build_bootstrap(cfg).to_dict(casing=_proto_name)
     return out
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
@@ -67,13 +65,13 @@ SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _BACKEND_IDLE_TIMEOUT_S = 4
 
 
-def clusters(cfg: Config) -> list[Any]:
+def clusters(cfg: Config) -> list[Cluster]:
     """The services cluster first, then the backends in first-seen order."""
     return [services_cluster(cfg),
             *(model_cluster(alias, m) for alias, m in sorted(cfg.models.items()))]
 
 
-def _circuit_breakers() -> Any:
+def _circuit_breakers() -> CircuitBreakers:
     return CircuitBreakers(
         thresholds=[
             CircuitBreakersThresholds(
@@ -85,7 +83,7 @@ def _circuit_breakers() -> Any:
     )
 
 
-def _discovery(host: str) -> tuple[Any, Any]:
+def _discovery(host: str) -> tuple[ClusterDiscoveryType, ClusterDnsLookupFamily]:
     """STATIC for an IP literal, else STRICT_DNS (IPv4 first: `localhost` may resolve to ::1
     while vLLM listens on 127.0.0.1 only)."""
     if is_ip(host):
@@ -93,14 +91,15 @@ def _discovery(host: str) -> tuple[Any, Any]:
     return ClusterDiscoveryType.STRICT_DNS, ClusterDnsLookupFamily.V4_PREFERRED
 
 
-def _load_assignment(name: str, host: str, port: int, hostname: str = "") -> Any:
+def _load_assignment(name: str, host: str, port: int,
+                     hostname: str = "") -> ClusterLoadAssignment:
     endpoint = LbEndpoint(endpoint=Endpoint(address=address(host, port), hostname=hostname))
     return ClusterLoadAssignment(
         cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]
     )
 
 
-def services_cluster(cfg: Config) -> Any:
+def services_cluster(cfg: Config) -> Cluster:
     """gRPC needs HTTP/2 upstream; every in-flight request holds a stream here. A DNS
     name (a headless Service) gives one endpoint per address, balanced per stream."""
     host, port = parse_hostport(cfg.envoy.services_address or cfg.services.grpc_listen)
@@ -122,7 +121,7 @@ def services_cluster(cfg: Config) -> Any:
     )
 
 
-def _upstream_tls() -> Any:
+def _upstream_tls() -> TransportSocket:
     """TLS to https backends: SNI from each endpoint's hostname (auto_sni, set with the
     protocol options), certificate checked against the system CAs and that name."""
     validation = CertificateValidationContext(trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE))
@@ -130,7 +129,7 @@ def _upstream_tls() -> Any:
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def _endpoints(name: str, model: Model) -> Any:
+def _endpoints(name: str, model: Model) -> ClusterLoadAssignment:
     """Every backend of the alias, weighted; each endpoint's hostname is its URL's
     host[:port], sent as Host on requests (auto_host_rewrite) and health checks. Its
     metadata names the configured URL: ext_proc reads it (as the response attribute
@@ -152,7 +151,7 @@ def _endpoints(name: str, model: Model) -> Any:
                                  endpoints=[LocalityLbEndpoints(lb_endpoints=eps)])
 
 
-def model_cluster(alias: str, model: Model) -> Any:
+def model_cluster(alias: str, model: Model) -> Cluster:
     """An alias's backends: Envoy balances by weight (least request), health-checks and
     ejects among them, so a failing backend is taken out while others serve."""
     name = model_cluster_name(alias)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 from datetime import timedelta
-from typing import Any
 
+from betterproto2 import Message
 from envoy_data_plane.envoy.config.core.v3 import Address, SocketAddress
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
@@ -18,7 +18,7 @@ SERVICES_CLUSTER = "tokenbooth_services"
 CIRCUIT_BREAKER_MAX = 100_000
 
 
-def pack(message: Any) -> Any:
+def pack(message: Message) -> AnyProto:
     """`google.protobuf.Any` around a typed message (rendered with its "@type")."""
     return AnyProto.pack(message)
 
@@ -39,11 +39,11 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def address(host: str, port: int) -> Any:
+def address(host: str, port: int) -> Address:
     return Address(socket_address=SocketAddress(address=host, port_value=port))
 
 
-def listen_address(hostport: str, what: str) -> Any:
+def listen_address(hostport: str, what: str) -> Address:
     """An address Envoy binds: it must be an IP literal."""
     host, port = parse_hostport(hostport)
     if host == "localhost":

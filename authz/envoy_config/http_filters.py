@@ -3,8 +3,6 @@ header_mutation → router), the routes, the access log."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as MutationRulesHeaderMutation,
@@ -108,7 +106,7 @@ _ACCESS_LOG_FIELDS = {
 }
 
 
-def body_limit(cfg: Config) -> Any:
+def body_limit(cfg: Config) -> Buffer:
     """The request-size limit, enforced first. Measured with Envoy 1.40: body bytes that
     arrive while ext_authz or ext_proc is waiting are held under flow control, not counted
     against the limit, so without this filter in front an oversized body is sometimes
@@ -117,14 +115,14 @@ def body_limit(cfg: Config) -> Any:
     return Buffer(max_request_bytes=cfg.max_request_body_bytes)
 
 
-def _grpc(timeout_ms: int | None = None) -> Any:
+def _grpc(timeout_ms: int | None = None) -> GrpcService:
     return GrpcService(
         envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SERVICES_CLUSTER),
         timeout=ms(timeout_ms) if timeout_ms is not None else None,
     )
 
 
-def ext_authz(cfg: Config) -> Any:
+def ext_authz(cfg: Config) -> ExtAuthz:
     """Keys, scopes, rate limits, budget admission; fails closed with a 503."""
     allowed = [
         *(StringMatcher(exact=h) for h in ("authorization", "x-api-key", "traceparent",
@@ -144,7 +142,7 @@ def ext_authz(cfg: Config) -> Any:
     )
 
 
-def ext_proc(cfg: Config) -> Any:
+def ext_proc(cfg: Config) -> ExternalProcessor:
     """Body checks, routing, reservation, usage, in the fewest messages (each costs the
     service ~100 µs of CPU): no header messages at all. The request body arrives with
     what the service needs from the headers as attributes (and ext_authz's principal as
@@ -158,7 +156,7 @@ def ext_proc(cfg: Config) -> Any:
         grpc_service=_grpc(),
         # Fails open, yet no request reaches a backend without ext_proc's answer: only
         # that answer names the cluster (`cluster_from_metadata`), and without one the
-        # request ends in a 503 (bootstrap_replies). Failing closed would instead cut
+        # request ends in a 503 (local_replies). Failing closed would instead cut
         # Envoy's own replies: with the response body STREAMED for every request, those
         # (ext_authz's 503 when the services are down, say) pass through ext_proc too.
         failure_mode_allow=True,
@@ -177,7 +175,8 @@ def ext_proc(cfg: Config) -> Any:
     )
 
 
-def _mode(request_headers: bool, request_body: Any, response_body: Any) -> Any:
+def _mode(request_headers: bool, request_body: ProcessingModeBodySendMode,
+          response_body: ProcessingModeBodySendMode) -> ProcessingMode:
     """An ext_proc processing mode; response headers and trailers are never sent."""
     skip, send = ProcessingModeHeaderSendMode.SKIP, ProcessingModeHeaderSendMode.SEND
     return ProcessingMode(
@@ -190,7 +189,7 @@ def _mode(request_headers: bool, request_body: Any, response_body: Any) -> Any:
     )
 
 
-def hold_for_routing(cfg: Config) -> Any:
+def hold_for_routing(cfg: Config) -> Buffer:
     """With request headers skipped, ext_proc lets them on at once; this second buffer
     holds them (and so the router's choice of cluster) until ext_proc has answered the
     body. It also sets content-length for the rewritten body, which may be a little
@@ -203,7 +202,7 @@ def rewritten_body_limit(cfg: Config) -> int:
     return cfg.max_request_body_bytes + REWRITE_SLACK
 
 
-def cluster_from_metadata() -> Any:
+def cluster_from_metadata() -> HeaderMutationFilter:
     """CLUSTER_HEADER := the cluster ext_proc chose (absent when ext_proc saw no body)."""
     return HeaderMutationFilter(mutations=HeaderMutations(request_mutations=[
         MutationRulesHeaderMutation(append=HeaderValueOption(
@@ -218,7 +217,7 @@ def _proc_metadata(key: str) -> str:
     return f"%DYNAMIC_METADATA({EXT_PROC}:{key})%"
 
 
-def _models_route() -> Any:
+def _models_route() -> Route:
     """GET /v1/models has no body: ext_proc takes its headers here and answers at once."""
     headers_only = _mode(request_headers=True, request_body=ProcessingModeBodySendMode.NONE,
                          response_body=ProcessingModeBodySendMode.NONE)
@@ -238,7 +237,7 @@ def _models_route() -> Any:
     )
 
 
-def route_config(cfg: Config) -> Any:
+def route_config(cfg: Config) -> RouteConfiguration:
     """GET /v1/models, then the inference route: ext_proc names the cluster in its
     metadata and clears the route cache; `cluster_from_metadata` turns it into
     CLUSTER_HEADER, which never reaches the backend."""
@@ -300,7 +299,7 @@ def route_config(cfg: Config) -> Any:
     )
 
 
-def _unrouted(cfg: Config) -> Any:
+def _unrouted(cfg: Config) -> Route:
     """Every request until ext_proc has named its cluster. If the router still sees this
     route, ext_proc saw no body or failed: a cluster that does not exist gives Envoy's
     `cluster_not_found`, which the local replies turn into a 400 or a 503."""
@@ -312,7 +311,7 @@ def _unrouted(cfg: Config) -> Any:
     )
 
 
-def _access_log() -> Any:
+def _access_log() -> AccessLog:
     fields = {k: Value(string_value=v) for k, v in _ACCESS_LOG_FIELDS.items()}
     fmt = SubstitutionFormatString(json_format=Struct(fields=fields))
     return AccessLog(
@@ -320,7 +319,7 @@ def _access_log() -> Any:
     )
 
 
-def http_connection_manager(cfg: Config) -> Any:
+def http_connection_manager(cfg: Config) -> HttpConnectionManager:
     filters = [
         HttpFilter(name=BUFFER, typed_config=pack(body_limit(cfg))),
         HttpFilter(name=EXT_AUTHZ, typed_config=pack(ext_authz(cfg))),

@@ -26,8 +26,6 @@ Seen with Envoy 1.40 (the real binary, access log `%RESPONSE_FLAGS%` and
 
 from __future__ import annotations
 
-from typing import Any
-
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLogFilter,
     ExtensionFilter,
@@ -59,7 +57,7 @@ _TIMEOUT_FLAGS = ("UT",)
 _FAILED_FLAGS = ("UF", "UC", "UR", "URX", "UPE", "DF")
 
 
-def _cel(expression: str) -> Any:
+def _cel(expression: str) -> AccessLogFilter:
     """Match on Envoy attributes (here `response.code_details`), as flags cannot."""
     return AccessLogFilter(
         extension_filter=ExtensionFilter(
@@ -69,11 +67,11 @@ def _cel(expression: str) -> Any:
     )
 
 
-def _flags(flags: tuple[str, ...]) -> Any:
+def _flags(flags: tuple[str, ...]) -> AccessLogFilter:
     return AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=list(flags)))
 
 
-def _body(err: ApiError) -> Any:
+def _body(err: ApiError) -> SubstitutionFormatString:
     """The same JSON as `ApiError.body()`, as a fixed Envoy JSON format."""
     error = Struct(
         fields={
@@ -89,11 +87,11 @@ def _body(err: ApiError) -> Any:
     )
 
 
-def _mapper(match: Any, err: ApiError) -> Any:
+def _mapper(match: AccessLogFilter, err: ApiError) -> ResponseMapper:
     return ResponseMapper(filter=match, status_code=err.status, body_format_override=_body(err))
 
 
-def local_reply_config(cfg: Config) -> Any:
+def local_reply_config(cfg: Config) -> LocalReplyConfig:
     """First matching mapper wins; denials and ImmediateResponses match none."""
     return LocalReplyConfig(
         mappers=[
@@ -102,7 +100,7 @@ def local_reply_config(cfg: Config) -> Any:
             _mapper(_cel("response.code_details.startsWith('ext_proc_error')"), PROC_DOWN),
             # No cluster: ext_proc never named one. It is sent nothing for a request
             # without a body (the client's 400); else it failed or timed out (it fails
-            # open, see bootstrap_http.ext_proc, so this is how its outage shows).
+            # open, see http_filters.ext_proc, so this is how its outage shows).
             _mapper(_cel("response.code_details == 'cluster_not_found' && "
                          "request.size == 0"), NO_BODY),
             _mapper(_cel("response.code_details == 'cluster_not_found' && "

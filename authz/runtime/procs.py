@@ -1,10 +1,10 @@
-"""Child processes and readiness polling, shared by `tokenbooth up` and the tests."""
+"""Child processes, free ports and readiness polling, shared by `tokenbooth up` and the
+tests. No module state: a `PortAllocator` remembers the ports it handed out."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import random
 import signal
 import socket
@@ -12,7 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 _PR_SET_PDEATHSIG = 1
@@ -23,25 +23,37 @@ _PR_SET_PDEATHSIG = 1
 _PORT_RANGE = (20000, 32000)
 
 
-_HANDED_OUT: set[int] = set()
+class PortAllocator:
+    """Hands out ports outside the ephemeral range that were free a moment ago, never the
+    same one twice: callers pick several before any of them binds. Share one instance
+    among everything that picks ports for processes started together."""
+
+    def __init__(self) -> None:
+        self._handed_out: set[int] = set()
+        self._rng = random.SystemRandom()
+
+    def free_port(self, host: str = "127.0.0.1") -> int:
+        for _ in range(200):
+            port = self._rng.randrange(*_PORT_RANGE)
+            if port not in self._handed_out and _bindable(host, port):
+                self._handed_out.add(port)
+                return port
+        raise OSError("no free port found")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port outside the ephemeral range that was free a moment ago, and never one this
-    process handed out before (callers pick several before any of them binds)."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(*_PORT_RANGE)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            _HANDED_OUT.add(port)
-            return port
-    raise OSError("no free port found")
+    """One free port, for a caller that picks a single one: it remembers nothing, so
+    several picks before binding may repeat; use one `PortAllocator` for those."""
+    return PortAllocator().free_port(host)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _die_with_parent() -> None:
@@ -54,14 +66,15 @@ def _die_with_parent() -> None:
 def spawn(
     argv: Sequence[str],
     *,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a child in its own session (Ctrl-C reaches only the supervisor)."""
+    """Start a child in its own session (Ctrl-C reaches only the supervisor). `env` is the
+    child's whole environment; None: it inherits this process's."""
     return subprocess.Popen(
         list(argv),
-        env={**os.environ, **(env or {})},
+        env=dict(env) if env is not None else None,
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,

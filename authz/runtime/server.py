@@ -17,7 +17,7 @@ from authz.runtime.metrics import Metrics
 from authz.runtime.recorder import Recorder
 from authz.runtime.side_port import make_side_app
 from authz.runtime.snapshot import Runtime
-from authz.runtime.tracing import make_provider, tracer_of
+from authz.runtime.tracing import otlp_provider, tracer_of
 from authz.services import protos
 from authz.services.ext_authz import AuthorizationService
 from authz.services.ext_proc import ExternalProcessorService
@@ -48,7 +48,7 @@ class Services:
     sink: UsageSink | None = None
     store: KeyStore | None = None
     limits: LimitStore | None = None
-    # Traces: OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (or a provider given by tests).
+    # Traces: OTLP when the settings name a collector (or a provider given by tests).
     tracer_provider: TracerProvider | None = None
     grace_s: float = 10.0
     metrics: Metrics = field(default_factory=Metrics)
@@ -77,7 +77,9 @@ class Services:
             await self.sink.start()
         recorder = Recorder(self.sink, self.metrics)
         if self.tracer_provider is None:
-            self.tracer_provider = make_provider()  # never connects here
+            settings = self.runtime.settings
+            # Never connects here.
+            self.tracer_provider = otlp_provider(settings.otlp_endpoint, settings.service_name)
         tracer = tracer_of(self.tracer_provider)
         server = grpc.aio.server(
             options=[

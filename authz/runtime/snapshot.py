@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from authz.runtime.overrides import Overrides
-from policy.config import Config, ConfigError, load_config
+from authz.runtime.settings import Settings
+from policy.config import Config, ConfigError
 from policy.keyrecord import KeyRecord
 from policy.keys import index_keys
 from policy.routing import Router
@@ -29,7 +30,6 @@ def utc_now() -> datetime:
 class Snapshot:
     config: Config
     keys_by_fingerprint: dict[str, KeyRecord]
-    keys_by_id: dict[str, KeyRecord]
     router: Router
     aliases: tuple[str, ...]
 
@@ -38,7 +38,6 @@ class Snapshot:
         return cls(
             config=cfg,
             keys_by_fingerprint=index_keys(cfg.keys),
-            keys_by_id={k.id: k for k in cfg.keys},
             router=Router(cfg),
             aliases=tuple(sorted(cfg.models)),
         )
@@ -46,19 +45,22 @@ class Snapshot:
 
 @dataclass
 class Runtime:
-    """What the servicers share: the current snapshot, the clock, and readiness."""
+    """What the servicers share: the current snapshot, the clock, the process settings."""
 
     snapshot: Snapshot
     config_path: Path | None = None
     clock: Callable[[], datetime] = utc_now
     overrides: Overrides = field(default_factory=Overrides)
+    settings: Settings = field(default_factory=Settings)
     _mtime: float = 0.0
 
     @classmethod
-    def from_file(cls, path: Path, overrides: Overrides | None = None) -> Runtime:
+    def from_file(cls, path: Path, overrides: Overrides | None = None,
+                  settings: Settings | None = None) -> Runtime:
         overrides = overrides or Overrides()
-        cfg = overrides.apply(load_config(path))
-        rt = cls(Snapshot.build(cfg), config_path=path, overrides=overrides)
+        settings = settings or Settings()
+        cfg = overrides.apply(settings.load_config(path))
+        rt = cls(Snapshot.build(cfg), config_path=path, overrides=overrides, settings=settings)
         rt._mtime = _mtime(path)
         return rt
 
@@ -71,7 +73,7 @@ class Runtime:
             return False
         self._mtime = mtime
         try:
-            cfg = self.overrides.apply(load_config(self.config_path))
+            cfg = self.overrides.apply(self.settings.load_config(self.config_path))
         except ConfigError as e:
             log.error("config reload refused, keeping the last good config: %s", e)
             return False

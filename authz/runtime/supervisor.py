@@ -17,8 +17,9 @@ from authz.envoy_config.binary import envoy_path
 from authz.envoy_config.bootstrap import render_yaml
 from authz.runtime.defaults import read_demo_key, write_default_config
 from authz.runtime.overrides import Overrides
-from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
-from policy.config import Config, load_config
+from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
+from authz.runtime.settings import Settings
+from policy.config import Config
 from policy.keys import fingerprint
 
 
@@ -34,14 +35,17 @@ def _self(*args: str) -> list[str]:
     return [sys.executable, "-m", "authz.cli", *args]
 
 
-def run_up(config_path: Path, listen: str | None, upstream: str | None, create: bool) -> int:
+def run_up(config_path: Path, listen: str | None, upstream: str | None, create: bool,
+           settings: Settings) -> int:
+    """Start the simulator (without `upstream`), the services and Envoy; run until a
+    signal or until one of them exits. Children inherit this process's environment."""
     fresh_secret = None
     if not config_path.exists():
         if not create:
             raise FileNotFoundError(f"{config_path}: no such config file")
         fresh_secret = write_default_config(config_path)
         print(f"wrote a default config to {config_path}", flush=True)
-    cfg = load_config(config_path)
+    cfg = settings.load_config(config_path)
     run_dir = cfg.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -50,30 +54,10 @@ def run_up(config_path: Path, listen: str | None, upstream: str | None, create: 
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if upstream is None:
-            port = free_port()
-            upstream = f"http://127.0.0.1:{port}"
-            models = sorted({m.upstream_model for m in cfg.models.values()})
-            sim_args = ["sim", "--listen", f"127.0.0.1:{port}"]
-            for m in models:
-                sim_args += ["--model", m]
-            procs.append(spawn(_self(*sim_args)))
-            wait_until(lambda: http_ok(f"{upstream}/health"), "simulator", alive=procs)
+            upstream = _start_sim(cfg, PortAllocator(), procs)
         eff = Overrides(listen, upstream).apply(cfg)
-        serve_args = ["serve", "--config", str(config_path), "--upstream", upstream]
-        if listen:
-            serve_args += ["--listen", listen]
-        procs.append(spawn(_self(*serve_args)))
-        side = f"http://{eff.services.http_listen}"
-        wait_until(lambda: http_ok(f"{side}/readyz"), "tokenbooth services", alive=procs)
-
-        envoy_yaml = run_dir / "envoy.yaml"
-        envoy_yaml.write_text(render_yaml(eff))
-        procs.append(
-            spawn([str(envoy_path()), "-c", str(envoy_yaml), "--log-level", "warn",
-                   "--use-dynamic-base-id"])
-        )
-        admin = f"http://{eff.envoy.admin_listen}"
-        wait_until(lambda: http_ok(f"{admin}/ready"), "envoy", timeout=60, alive=procs)
+        _start_services(eff, config_path, listen, upstream, procs)
+        _start_envoy(eff, run_dir / "envoy.yaml", procs)
         _banner(eff, config_path, fresh_secret, upstream)
         while all(p.poll() is None for p in procs):
             time.sleep(0.2)
@@ -88,6 +72,38 @@ def run_up(config_path: Path, listen: str | None, upstream: str | None, create: 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop(procs)
+
+
+def _start_sim(cfg: Config, ports: PortAllocator, procs: list[subprocess.Popen[bytes]]) -> str:
+    """The simulator serving every upstream model of the config; returns its URL."""
+    port = ports.free_port()
+    url = f"http://127.0.0.1:{port}"
+    sim_args = ["sim", "--listen", f"127.0.0.1:{port}"]
+    for m in sorted({m.upstream_model for m in cfg.models.values()}):
+        sim_args += ["--model", m]
+    procs.append(spawn(_self(*sim_args)))
+    wait_until(lambda: http_ok(f"{url}/health"), "simulator", alive=procs)
+    return url
+
+
+def _start_services(eff: Config, config_path: Path, listen: str | None, upstream: str,
+                    procs: list[subprocess.Popen[bytes]]) -> None:
+    serve_args = ["serve", "--config", str(config_path), "--upstream", upstream]
+    if listen:
+        serve_args += ["--listen", listen]
+    procs.append(spawn(_self(*serve_args)))
+    side = f"http://{eff.services.http_listen}"
+    wait_until(lambda: http_ok(f"{side}/readyz"), "tokenbooth services", alive=procs)
+
+
+def _start_envoy(eff: Config, envoy_yaml: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    envoy_yaml.write_text(render_yaml(eff))
+    procs.append(
+        spawn([str(envoy_path()), "-c", str(envoy_yaml), "--log-level", "warn",
+               "--use-dynamic-base-id"])
+    )
+    admin = f"http://{eff.envoy.admin_listen}"
+    wait_until(lambda: http_ok(f"{admin}/ready"), "envoy", timeout=60, alive=procs)
 
 
 def _banner(cfg: Config, config_path: Path, secret: str | None, upstream: str) -> None:

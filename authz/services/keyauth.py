@@ -1,4 +1,5 @@
-"""Authentication: static keys from the policy file first, then the key store."""
+"""The key check's lookups: static keys from the policy file first, then the key store.
+The decisions (no key, unknown, revoked, expired) are `policy.keys`'s."""
 
 from __future__ import annotations
 

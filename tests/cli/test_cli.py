@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
+import importlib
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import pytest
+
+from authz.cli import check
+from authz.cli.main import main
+from authz.runtime.settings import Settings
 from tests.helpers import write_policy
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tb(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -64,3 +75,72 @@ def test_usage_totals(tmp_path: Path) -> None:
     assert "total: 2 request(s)" in r.stdout
     r = tb("usage", "--config", str(path), "--since", "yesterday")
     assert r.returncode == 2 and "--since" in r.stderr
+
+
+def test_the_entry_point_and_python_m_reach_the_same_main() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["tokenbooth"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is main
+    r = tb("--help")
+    assert r.returncode == 0
+    for command in ("up", "serve", "sim", "envoy", "check-config", "keys", "usage"):
+        assert f"    {command}" in r.stdout
+
+
+def cli_imports(path: Path) -> set[str]:
+    """The authz.cli modules a module imports (at any depth of its body)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "authz.cli":
+            out |= {f"authz.cli.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("authz.cli."):
+            out.add(str(node.module))
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("authz.cli.")}
+    return out
+
+
+def test_one_module_per_command_group_and_no_import_cycle() -> None:
+    cli = ROOT / "authz" / "cli"
+    graph = {f"authz.cli.{p.stem}": cli_imports(p) for p in cli.glob("*.py")
+             if p.stem != "__init__"}
+    groups = {"check", "envoy", "keys", "serve", "sim", "usage"}
+    assert set(graph) == {"authz.cli.main", "authz.cli.common", "authz.cli.__main__"} | {
+        f"authz.cli.{g}" for g in groups}
+    assert graph["authz.cli.main"] == {"authz.cli.common"} | {f"authz.cli.{g}" for g in groups}
+    assert graph["authz.cli.common"] == set()
+    for g in groups:  # a command module needs only the shared helpers
+        assert graph[f"authz.cli.{g}"] <= {"authz.cli.common"}, g
+
+
+def test_tokenbooth_config_names_the_default_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    assert main(["envoy", "render"], env={"TOKENBOOTH_CONFIG": str(path)}) == 0
+    assert "tokenbooth_ingress" in capsys.readouterr().out
+    # --config wins over the variable.
+    assert main(["envoy", "render", "--config", str(tmp_path / "none.yaml")],
+                env={"TOKENBOOTH_CONFIG": str(path)}) == 2
+    assert "none.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_an_internal_error_is_one_line_unless_tokenbooth_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    def broken(args: argparse.Namespace, settings: Settings) -> int:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(check, "cmd_check", broken)
+    assert main(["check-config", "x.yaml"], env={}) == 1
+    assert capsys.readouterr().err == "tokenbooth: internal error: ZeroDivisionError: boom\n"
+    with pytest.raises(ZeroDivisionError):
+        main(["check-config", "x.yaml"], env={"TOKENBOOTH_DEBUG": "1"})
+
+
+def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    for flag, value in (("--expires", "soon"), ("--rpm", "0"), ("--budget", "-1")):
+        r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)
+        assert r.returncode == 2, (flag, r.stderr)
+        assert r.stderr.count("\n") == 1 and flag in r.stderr and "Traceback" not in r.stderr

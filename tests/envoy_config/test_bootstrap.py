@@ -1,7 +1,7 @@
 """The rendered Envoy bootstrap: goldens, `envoy --mode validate`, shape, and a real run.
 
 Regenerate the goldens after an intended change:
-    TOKENBOOTH_REGEN_GOLDEN=1 .venv/bin/pytest tests/envoy -q
+    TOKENBOOTH_REGEN_GOLDEN=1 .venv/bin/pytest tests/envoy_config -q
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import yaml
 
 from authz.envoy_config.binary import envoy_path
 from authz.envoy_config.bootstrap import render_dict, render_yaml
+from authz.runtime.procs import PortAllocator
 from policy.config import Config, ConfigError, Tls, parse_config
 from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_HEADER, model_cluster_name
@@ -41,13 +42,6 @@ def load_fixture(name: str) -> Config:
     """Paths stay as written (no resolving against the fixture dir): goldens are portable."""
     path = FIXTURES / f"{name}.yaml"
     return parse_config(yaml.safe_load(path.read_text()), str(path))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +97,7 @@ def test_golden(name: str) -> None:
         ))
         pytest.fail(
             f"rendered bootstrap differs from {golden}; if intended, regenerate with\n"
-            f"  TOKENBOOTH_REGEN_GOLDEN=1 .venv/bin/pytest tests/envoy -q\n{diff}"
+            f"  TOKENBOOTH_REGEN_GOLDEN=1 .venv/bin/pytest tests/envoy_config -q\n{diff}"
         )
 
 
@@ -305,12 +299,14 @@ def test_listen_must_be_an_ip() -> None:
 def running_config(tls: Tls | None) -> Config:
     """Free ports; nothing listens on the gRPC port nor on the backend's."""
     base = load_fixture("basic")
+    ports = PortAllocator()
     return base.model_copy(update={
-        "listen": f"127.0.0.1:{free_port()}",
+        "listen": f"127.0.0.1:{ports.free_port()}",
         "tls": tls,
         "services": base.services.model_copy(
-            update={"grpc_listen": f"127.0.0.1:{free_port()}"}),
-        "envoy": base.envoy.model_copy(update={"admin_listen": f"127.0.0.1:{free_port()}"}),
+            update={"grpc_listen": f"127.0.0.1:{ports.free_port()}"}),
+        "envoy": base.envoy.model_copy(
+            update={"admin_listen": f"127.0.0.1:{ports.free_port()}"}),
     })
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from authz.runtime.procs import free_port
+from authz.runtime.procs import PortAllocator
 from authz.services import protos
 from policy.config import Config, load_config
 from policy.routing import CLUSTER_HEADER, model_cluster_name
@@ -64,12 +64,13 @@ def no_ext_proc(tmp_path: Path) -> Iterator[Config]:
     protos.add_AuthorizationServicer_to_server(_AllowAll(), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    ports = PortAllocator()
     path = write_policy(
         tmp_path, f"http://127.0.0.1:{backend.server_address[1]}",
-        listen=f"127.0.0.1:{free_port()}",
+        listen=f"127.0.0.1:{ports.free_port()}",
         services={"grpc_listen": f"127.0.0.1:{grpc_port}",
-                  "http_listen": f"127.0.0.1:{free_port()}"},
-        envoy={"admin_listen": f"127.0.0.1:{free_port()}", "decision_timeout_ms": 2000},
+                  "http_listen": f"127.0.0.1:{ports.free_port()}"},
+        envoy={"admin_listen": f"127.0.0.1:{ports.free_port()}", "decision_timeout_ms": 2000},
     )
     try:
         yield load_config(path)

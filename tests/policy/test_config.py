@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from policy.config import ConfigError, load_config, parse_hostport, redacted
-from tests.helpers import write_policy
+from policy.config import ConfigError, load_config, parse_config, parse_hostport, redacted
+from tests.helpers import policy_dict, write_policy
 
 
 def test_valid_file_and_relative_paths(tmp_path: Path) -> None:
@@ -79,6 +79,22 @@ def test_redis_password_from_env(tmp_path: Path, state: str, password: str,
 def test_redis_password_leaves_memory_state_alone(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     assert load_config(path, env={"TOKENBOOTH_REDIS_PASSWORD": "x"}).state == "memory"
+
+
+def test_the_process_environment_is_never_read(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI reads it into Settings and passes the password on; load_config does not look.
+    monkeypatch.setenv("TOKENBOOTH_REDIS_PASSWORD", "from-the-environment")
+    path = write_policy(tmp_path, "http://127.0.0.1:8000", state="redis://redis:6379/0")
+    assert load_config(path).state == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize(("state", "is_redis"), [
+    ("memory", False), ("redis://r:6379/0", True), ("rediss://r:6380", True),
+])
+def test_state_is_redis(state: str, is_redis: bool) -> None:
+    cfg = parse_config(policy_dict("http://127.0.0.1:8000", state=state))
+    assert cfg.state_is_redis is is_redis
 
 
 @pytest.mark.parametrize(("url", "shown"), [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from authz.runtime.procs import free_port, http_ok, wait_until
+from authz.runtime.procs import PortAllocator, free_port, http_ok, wait_until
 from policy.keys import fingerprint
 from tests.grpc_harness import Running
 from tests.helpers import SECRET, write_policy
@@ -73,9 +73,10 @@ async def test_config_reload_applies_good_files_and_refuses_bad_ones(running: Ru
 
 
 def test_serve_process_is_ready_then_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
-    http = f"127.0.0.1:{free_port()}"
+    ports = PortAllocator()
+    http = f"127.0.0.1:{ports.free_port()}"
     path = write_policy(tmp_path, "http://127.0.0.1:8000",
-                        services={"grpc_listen": f"127.0.0.1:{free_port()}",
+                        services={"grpc_listen": f"127.0.0.1:{ports.free_port()}",
                                   "http_listen": http})
     proc = subprocess.Popen([sys.executable, "-m", "authz.cli", "serve", "--config", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from authz.state.keys.base import KeyAdmin, KeyStore, StoreUnavailable
+from authz.state.keys.cache import RemoteOptions
 from authz.state.keys.http import NO_MODEL, HttpValidationStore
 from policy.errors import ApiError
 from policy.keyrecord import KeyRecord
@@ -52,9 +53,11 @@ async def make_store(server: ValidationServer, clock: Clock) -> AsyncIterator[Ma
     stores: list[HttpValidationStore] = []
 
     async def make(**kw: Any) -> HttpValidationStore:
+        """RemoteOptions fields (timeout_s, grace_s, max_entries) or the store's TTLs."""
         kw.setdefault("clock", clock)
         kw.setdefault("timeout_s", 0.5)
-        store = HttpValidationStore(server.base_url, **kw)
+        opts = {k: kw.pop(k) for k in ("timeout_s", "grace_s", "max_entries", "clock") if k in kw}
+        store = HttpValidationStore(server.base_url, RemoteOptions(**opts), **kw)
         await store.start()
         stores.append(store)
         return store

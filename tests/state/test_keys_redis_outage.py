@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from authz.state.keys.base import StoreUnavailable
+from authz.state.keys.cache import RemoteOptions
 from authz.state.keys.redis_store import RedisKeyStore
 from policy.keyrecord import KeyRecord
 from policy.keys import fingerprint, new_secret
@@ -26,7 +27,8 @@ class FakeClock:
 
 async def test_outage_grace_fail_closed_and_recovery(own_redis: RedisServer) -> None:
     clock = FakeClock()
-    store = RedisKeyStore(own_redis.url, timeout_s=0.3, grace_s=60, poll_s=0.1, clock=clock)
+    store = RedisKeyStore(own_redis.url, RemoteOptions(timeout_s=0.3, grace_s=60, clock=clock),
+                          poll_s=0.1)
     await store.start()
     try:
         known, unknown = new_secret(), new_secret()
@@ -67,7 +69,7 @@ async def test_outage_grace_fail_closed_and_recovery(own_redis: RedisServer) -> 
 
 async def test_redis_down_at_start_does_not_block_start(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # never started
-    store = RedisKeyStore(server.url, timeout_s=0.2, poll_s=0.1)
+    store = RedisKeyStore(server.url, RemoteOptions(timeout_s=0.2), poll_s=0.1)
     t0 = time.monotonic()
     await store.start()
     try:

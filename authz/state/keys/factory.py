@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from authz.state.keys.base import KeyStore
+from authz.state.keys.cache import RemoteOptions
 from policy.config import Config
 
 
-def make_store(cfg: Config) -> Any:
+def make_store(cfg: Config) -> KeyStore:
     """The validation service if configured, else Redis for `state: redis://`, else the keyring."""
     ks = cfg.key_store
     if ks.validation_url:
@@ -15,15 +15,14 @@ def make_store(cfg: Config) -> Any:
 
         return HttpValidationStore(
             ks.validation_url,
+            RemoteOptions(timeout_s=ks.timeout_s, grace_s=ks.grace_s),
             positive_ttl_s=ks.positive_ttl_s,
             negative_ttl_s=ks.negative_ttl_s,
-            timeout_s=ks.timeout_s,
-            grace_s=ks.grace_s,
         )
-    if cfg.state.startswith(("redis://", "rediss://")):
+    if cfg.state_is_redis:
         from authz.state.keys.redis_store import RedisKeyStore
 
-        return RedisKeyStore(cfg.state, timeout_s=ks.timeout_s, grace_s=ks.grace_s)
+        return RedisKeyStore(cfg.state, RemoteOptions(timeout_s=ks.timeout_s, grace_s=ks.grace_s))
     from authz.state.keys.keyring import KeyringStore
 
     return KeyringStore(cfg.data_dir)

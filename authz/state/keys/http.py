@@ -18,9 +18,6 @@ import asyncio
 import logging
 import math
 import re
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -31,6 +28,7 @@ import orjson
 from yarl import URL
 
 from authz.state.keys.base import StoreUnavailable
+from authz.state.keys.cache import LruCache, RemoteOptions
 from policy.keyrecord import SCOPES, KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -59,33 +57,22 @@ class _Entry:
 class HttpValidationStore:
     """A read-only `KeyStore` backed by the validation service at `base_url`."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        positive_ttl_s: float = 1.0,
-        negative_ttl_s: float = 1.0,
-        timeout_s: float = 1.0,
-        grace_s: float = 300.0,
-        max_entries: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, base_url: str, options: RemoteOptions | None = None, *,
+                 positive_ttl_s: float = 1.0, negative_ttl_s: float = 1.0) -> None:
         url = URL(base_url.rstrip("/") + PATH)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"validation service URL must be http(s)://host[:port]: {base_url!r}")
-        if min(positive_ttl_s, negative_ttl_s, grace_s) < 0 or timeout_s <= 0:
-            raise ValueError("TTLs and grace must be >= 0 and timeout_s > 0")
-        if max_entries < 1:
-            raise ValueError("max_entries must be >= 1")
+        if min(positive_ttl_s, negative_ttl_s) < 0:
+            raise ValueError("TTLs must be >= 0")
+        options = options or RemoteOptions(timeout_s=1.0)
         self._url = str(url)
         self.url = str(url.with_user(None))  # for messages: no credentials
         self._pos_ttl = positive_ttl_s
         self._neg_ttl = negative_ttl_s
-        self._timeout_s = timeout_s
-        self._grace = grace_s
-        self._max = max_entries
-        self._clock = clock
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._timeout_s = options.timeout_s
+        self._grace = options.grace_s
+        self._clock = options.clock
+        self._cache: LruCache[_Entry] = LruCache(options.max_entries)
         self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -115,7 +102,6 @@ class HttpValidationStore:
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
         entry = self._cache.get(fingerprint)
         if entry is not None:
-            self._cache.move_to_end(fingerprint)  # LRU: hot keys survive a spray of misses
             age = self._clock() - entry.at
             record = entry.record
             if record is None:
@@ -168,10 +154,7 @@ class HttpValidationStore:
                 return entry.record
             log.warning("key validation via %s failed for key %s…: %s", self.url, fp[:8], exc)
             raise StoreUnavailable(f"key validation service {self.url} failed: {exc}") from None
-        self._cache[fp] = _Entry(record, self._clock())
-        self._cache.move_to_end(fp)
-        while len(self._cache) > self._max:
-            self._cache.popitem(last=False)
+        self._cache.put(fp, _Entry(record, self._clock()))
         return record
 
     async def _call(self, fp: str, secret: str) -> KeyRecord | None:

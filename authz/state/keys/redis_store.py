@@ -17,9 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from authz.state.keys.base import KeyExists, StoreUnavailable
+from authz.state.keys.cache import LruCache, RemoteOptions
 from policy.keyrecord import KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -68,26 +66,19 @@ def connect(url: str, timeout_s: float) -> aioredis.Redis:
 
 
 class RedisKeyStore:
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout_s: float = 0.5,
-        grace_s: float = 300.0,
-        poll_s: float = 0.5,
-        max_entries: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, url: str, options: RemoteOptions | None = None, *,
+                 poll_s: float = 0.5) -> None:
+        options = options or RemoteOptions()
         self._url = url
-        self._redis = connect(url, timeout_s)
-        self._grace_s = grace_s
+        self._redis = connect(url, options.timeout_s)
+        self._grace_s = options.grace_s
         self._poll_s = poll_s
-        self._max = max_entries
-        self._clock = clock
+        self._clock = options.clock
         # fingerprint -> (version it was read at, record or None for "no such key")
-        self._cache: OrderedDict[str, tuple[bytes | None, KeyRecord | None]] = OrderedDict()
+        self._cache: LruCache[tuple[bytes | None, KeyRecord | None]] = LruCache(
+            options.max_entries)
         self._version: bytes | None = None
-        self._last_ok = clock()
+        self._last_ok = self._clock()
         self._healthy = True
         self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -116,7 +107,6 @@ class RedisKeyStore:
         entry = self._cache.get(fingerprint)
         if entry is not None and entry[0] == self._version:
             if self._healthy or self._within_grace():
-                self._cache.move_to_end(fingerprint)
                 return entry[1]
             raise StoreUnavailable(f"redis key store unreachable for over {self._grace_s:.0f}s")
         try:
@@ -127,10 +117,7 @@ class RedisKeyStore:
             raise
         record = KeyRecord.model_validate_json(raw) if raw is not None else None
         self._version = version
-        self._cache[fingerprint] = (version, record)
-        self._cache.move_to_end(fingerprint)
-        if len(self._cache) > self._max:
-            self._cache.popitem(last=False)
+        self._cache.put(fingerprint, (version, record))
         return record
 
     async def _fetch(self, fingerprint: str) -> tuple[bytes | None, bytes | None]:
@@ -157,7 +144,7 @@ class RedisKeyStore:
         ))
         if not ok:
             raise KeyExists(f"a key with id {record.id!r} already exists")
-        self._cache.pop(record.sha256, None)  # this replica need not wait for the poll
+        self._cache.pop(record.sha256)  # this replica need not wait for the poll
 
     async def get(self, key_id: str) -> KeyRecord | None:
         fp = await self._call(self._redis.get(ID + key_id))
@@ -182,7 +169,7 @@ class RedisKeyStore:
         revoked = rec.model_copy(update={"status": "revoked"})
         await self._call(self._replace(keys=[FP + rec.sha256, VERSION],
                                        args=[revoked.model_dump_json()]))
-        self._cache.pop(rec.sha256, None)
+        self._cache.pop(rec.sha256)
         return revoked
 
     # -- plumbing -----------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,11 +48,23 @@ class JsonlUsageLog:
         self._file.close()
 
 
+def first_per_request(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The first record of each `request_id` (a record may be delivered twice)."""
+    seen: set[str] = set()
+    for rec in records:
+        rid = rec.get("request_id")
+        if isinstance(rid, str) and rid not in seen:
+            seen.add(rid)
+            yield rec
+
+
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Every record in a usage log, first occurrence of each `request_id` only."""
-    if not path.exists():
-        return
-    seen: set[str] = set()
+    if path.exists():
+        yield from first_per_request(_lines(path))
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -60,19 +72,17 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 rec = orjson.loads(line)
             except orjson.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict):
                 log.warning("%s:%d: skipping a damaged usage line", path, n)
                 continue
-            rid = rec.get("request_id")
-            if not isinstance(rid, str) or rid in seen:
-                continue
-            seen.add(rid)
             yield rec
 
 
 def make_sink(cfg: Config) -> UsageSink:
     """Redis Stream (spooled on disk through outages) for `state: redis://`, else the
     local JSON-lines log."""
-    if cfg.state.startswith(("redis://", "rediss://")):
+    if cfg.state_is_redis:
         from authz.state.usage.redis_sink import RedisUsageSink
 
         return RedisUsageSink(cfg.state, cfg.data_dir / "spool", stream=USAGE_STREAM,
@@ -82,7 +92,7 @@ def make_sink(cfg: Config) -> UsageSink:
 
 def load_records(cfg: Config) -> list[dict[str, Any]]:
     """Every usage record of the configured state backend, deduplicated by request_id."""
-    if cfg.state.startswith(("redis://", "rediss://")):
+    if cfg.state_is_redis:
         import asyncio
 
         from redis.exceptions import RedisError
@@ -93,12 +103,5 @@ def load_records(cfg: Config) -> list[dict[str, Any]]:
             stream = asyncio.run(read_stream(cfg.state, USAGE_STREAM))
         except (RedisError, OSError) as e:
             raise OSError(f"cannot read usage records from {redacted(cfg.state)}: {e}") from None
-        seen: set[str] = set()
-        out = []
-        for rec in stream:
-            rid = rec.get("request_id")
-            if isinstance(rid, str) and rid not in seen:
-                seen.add(rid)
-                out.append(rec)
-        return out
+        return list(first_per_request(stream))
     return list(read_records(cfg.data_dir / USAGE_FILE))

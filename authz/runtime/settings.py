@@ -1,0 +1,55 @@
+"""Process settings: what the environment says, read once by the CLI and passed down.
+
+Only `authz.cli` calls `Settings.from_env(os.environ)`; everything below takes a
+`Settings` (or one of its values) as an argument, so no module reads the environment
+itself and a test can state every setting. The policy itself (models, keys, limits)
+is in the YAML file, not here.
+
+The OpenTelemetry SDK reads its own further `OTEL_*` variables (headers, TLS, resource
+attributes) when the exporter is built; tokenbooth reads only the two below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policy.config import REDIS_PASSWORD_ENV, Config, load_config
+
+CONFIG_ENV = "TOKENBOOTH_CONFIG"
+DEBUG_ENV = "TOKENBOOTH_DEBUG"
+OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
+DEFAULT_SERVICE_NAME = "tokenbooth"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything tokenbooth takes from its environment; the defaults are an empty one."""
+
+    # The policy file when `--config` is not given.
+    config: Path | None = None
+    # Let an unexpected error's traceback through instead of one line.
+    debug: bool = False
+    # The password of a Redis `state` (kept out of the policy file, and out of repr()).
+    redis_password: str | None = field(default=None, repr=False)
+    # Traces go by OTLP to this collector; none: no tracer at all.
+    otlp_endpoint: str | None = None
+    service_name: str = DEFAULT_SERVICE_NAME
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read the variables above; an empty value counts as unset."""
+        return cls(
+            config=Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None,
+            debug=bool(env.get(DEBUG_ENV)),
+            redis_password=env.get(REDIS_PASSWORD_ENV) or None,
+            otlp_endpoint=env.get(OTLP_ENDPOINT_ENV) or None,
+            service_name=env.get(SERVICE_NAME_ENV) or DEFAULT_SERVICE_NAME,
+        )
+
+    def load_config(self, path: Path) -> Config:
+        """The policy file at `path`, with these settings' Redis password applied."""
+        env = {REDIS_PASSWORD_ENV: self.redis_password} if self.redis_password else {}
+        return load_config(path, env=env)

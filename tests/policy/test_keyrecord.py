@@ -1,0 +1,62 @@
+"""policy/keyrecord.py: the stored form of a key, validated."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from policy.keyrecord import SCOPES, KeyRecord
+
+FP = "0123456789abcdef" * 4
+
+
+def test_defaults() -> None:
+    rec = KeyRecord(id="k-1", org="acme", sha256=FP)
+    assert rec.scopes == SCOPES == ("inference:read", "inference:write")
+    assert (rec.prefix, rec.name, rec.models, rec.status, rec.budget_period) == (
+        "", "", (), "active", "month")
+    assert (rec.rpm, rec.tpm, rec.max_concurrent, rec.budget_usd) == (None, None, None, None)
+    assert (rec.created_at, rec.expires_at) == (None, None)
+
+
+def test_round_trips_through_json() -> None:
+    rec = KeyRecord(id="k.1_x-y", org="acme", sha256=FP, scopes=("inference:read",),
+                    models=("demo",), rpm=5, budget_usd=Decimal("1.25"), status="revoked",
+                    expires_at=datetime(2027, 1, 1, tzinfo=UTC))
+    assert KeyRecord.model_validate_json(rec.model_dump_json()) == rec
+    assert rec.model_dump(mode="json")["budget_usd"] == "1.25"
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("id", "", "should match pattern"),
+    ("id", "has space", "should match pattern"),
+    ("id", "x" * 65, "should match pattern"),
+    ("org", "", "at least 1 character"),
+    ("sha256", FP.upper(), "should match pattern"),
+    ("sha256", FP[:-1], "should match pattern"),
+    ("scopes", ("inference:read", "admin"), "unknown scope(s) ['admin']"),
+    ("rpm", 0, "greater than or equal to 1"),
+    ("budget_usd", Decimal(-1), "greater than or equal to 0"),
+    ("budget_period", "week", "'day', 'month' or 'total'"),
+    ("status", "paused", "'active' or 'revoked'"),
+    ("expires_at", datetime(2027, 1, 1), "a time needs a timezone"),
+    ("created_at", datetime(2027, 1, 1), "a time needs a timezone"),
+    ("secret", "sk-tb-x", "Extra inputs are not permitted"),
+])
+def test_invalid_fields_are_refused(field: str, value: Any, message: str) -> None:
+    data: dict[str, Any] = {"id": "k", "org": "o", "sha256": FP, field: value}
+    with pytest.raises(ValidationError) as err:
+        KeyRecord.model_validate(data)
+    assert err.value.errors()[0]["loc"] == (field,)
+    assert message in str(err.value)
+
+
+def test_is_frozen() -> None:
+    rec = KeyRecord(id="k", org="o", sha256=FP)
+    with pytest.raises(ValidationError):
+        rec.org = "other"  # type: ignore[misc]
+    assert rec.model_copy(update={"status": "revoked"}).status == "revoked"

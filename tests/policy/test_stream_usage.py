@@ -1,0 +1,86 @@
+"""policy/stream_usage.py: `StreamMeter` reads the usage chunk, counts content chunks and,
+when asked, strips exactly the usage-only chunk, passing every other byte through."""
+
+from __future__ import annotations
+
+from policy.stream_usage import StreamMeter
+from policy.usage import Usage
+
+
+def chunk(body: str) -> bytes:
+    return f"data: {body}\n\n".encode()
+
+
+ROLE = chunk('{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}')
+TEXT = chunk('{"choices":[{"index":0,"delta":{"content":"Hi"}}]}')
+THINK = chunk('{"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}')
+COMPLETION = chunk('{"choices":[{"index":0,"text":"Hi"}]}')
+USAGE = chunk('{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}')
+DONE = b"data: [DONE]\n\n"
+
+
+def meter(strip: bool, *chunks: bytes) -> tuple[StreamMeter, bytes | None]:
+    """Feed whole chunks, then finish; the bytes the client gets (None: as sent)."""
+    m = StreamMeter(strip_usage=strip)
+    outs = [m.feed(c) for c in chunks] + [m.finish()]
+    if all(o is None for o in outs):
+        return m, None
+    assert None not in outs  # stripping answers for every chunk
+    return m, b"".join(o for o in outs if o is not None)
+
+
+def test_reads_usage_counts_content_and_sees_done() -> None:
+    m, out = meter(False, ROLE, TEXT, THINK, TEXT, USAGE, DONE)
+    assert out is None  # without strip_usage, nothing is rewritten
+    assert m.usage == Usage(7, 3)
+    assert m.content_chunks == 3  # the empty role chunk carries no text
+    assert m.done
+
+
+def test_legacy_completions_text_counts() -> None:
+    m, _ = meter(False, COMPLETION, COMPLETION, DONE)
+    assert (m.content_chunks, m.usage, m.done) == (2, None, True)
+
+
+def test_strips_only_the_usage_only_chunk() -> None:
+    m, out = meter(True, ROLE, TEXT, USAGE, DONE)
+    assert out == ROLE + TEXT + DONE
+    assert m.usage == Usage(7, 3)
+
+
+def test_usage_inside_a_chunk_with_choices_is_kept() -> None:
+    both = chunk('{"choices":[{"index":0,"delta":{"content":"x"}}],'
+                 '"usage":{"prompt_tokens":1,"completion_tokens":1}}')
+    m, out = meter(True, both, DONE)
+    assert out == both + DONE
+    assert (m.usage, m.content_chunks) == (Usage(1, 1), 1)
+
+
+def test_split_chunks_hold_back_partial_events_when_stripping() -> None:
+    m = StreamMeter(strip_usage=True)
+    assert m.feed(TEXT[:5]) == b""  # nothing complete yet
+    assert m.feed(TEXT[5:] + USAGE[:10]) == TEXT
+    assert m.feed(USAGE[10:]) == b""  # the usage chunk, complete and dropped
+    assert m.finish() == b""
+    assert m.usage == Usage(7, 3)
+
+
+def test_a_cut_stream_keeps_its_tail_and_has_no_usage() -> None:
+    m, out = meter(True, TEXT, b'data: {"choices":[{"index":0,"delta":{"content":"pa')
+    assert out == TEXT + b'data: {"choices":[{"index":0,"delta":{"content":"pa'
+    assert (m.usage, m.done, m.content_chunks) == (None, False, 1)
+
+
+def test_junk_is_passed_through_and_not_counted() -> None:
+    junk = [b": keep-alive\n\n", chunk("not json"), chunk("[1,2]"), chunk('"s"'),
+            chunk('{"choices":"x"}'), chunk('{"choices":[1]}'),
+            chunk('{"choices":[],"usage":{"prompt_tokens":-1}}'), b"event: ping\n\n"]
+    m, out = meter(True, *junk)
+    assert out == b"".join(junk)
+    assert (m.usage, m.content_chunks, m.done) == (None, 0, False)
+
+
+def test_the_last_usage_chunk_wins() -> None:
+    second = chunk('{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5}}')
+    m, out = meter(True, USAGE, second, DONE)
+    assert out == DONE and m.usage == Usage(7, 5)

@@ -1,0 +1,57 @@
+"""authz/runtime/settings.py: the environment, read once into one frozen object."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from authz.runtime.settings import Settings
+from authz.runtime.snapshot import Runtime
+from tests.helpers import write_policy
+
+
+def test_an_empty_environment_gives_the_defaults() -> None:
+    assert Settings.from_env({}) == Settings() == Settings(
+        config=None, debug=False, redis_password=None, otlp_endpoint=None,
+        service_name="tokenbooth")
+
+
+def test_every_variable() -> None:
+    s = Settings.from_env({
+        "TOKENBOOTH_CONFIG": "/etc/tb.yaml",
+        "TOKENBOOTH_DEBUG": "1",
+        "TOKENBOOTH_REDIS_PASSWORD": "s3cret",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4317",
+        "OTEL_SERVICE_NAME": "gateway-eu",
+        "PATH": "/usr/bin",  # anything else is ignored
+    })
+    assert s == Settings(config=Path("/etc/tb.yaml"), debug=True, redis_password="s3cret",
+                         otlp_endpoint="http://otel:4317", service_name="gateway-eu")
+
+
+def test_empty_values_count_as_unset() -> None:
+    env = {k: "" for k in ("TOKENBOOTH_CONFIG", "TOKENBOOTH_DEBUG", "TOKENBOOTH_REDIS_PASSWORD",
+                           "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME")}
+    assert Settings.from_env(env) == Settings()
+
+
+def test_frozen_and_the_password_is_not_in_repr() -> None:
+    s = Settings(redis_password="s3cret")
+    assert "s3cret" not in repr(s)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.debug = True  # type: ignore[misc]
+
+
+def test_the_password_reaches_the_config_and_survives_a_reload(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000", state="redis://redis:6379/0")
+    settings = Settings(redis_password="p@ss")
+    assert settings.load_config(path).state == "redis://:p%40ss@redis:6379/0"
+    assert Settings().load_config(path).state == "redis://redis:6379/0"
+    rt = Runtime.from_file(path, settings=settings)
+    assert rt.snapshot.config.state == "redis://:p%40ss@redis:6379/0"
+    path.write_text(path.read_text().replace("redis:6379/0", "redis:6379/1"))
+    rt._mtime = 0.0  # as if the file's mtime had moved on
+    assert rt.reload_if_changed()
+    assert rt.snapshot.config.state == "redis://:p%40ss@redis:6379/1"
