@@ -26,7 +26,7 @@ import orjson
 import yaml
 
 from authz.envoy_config.binary import envoy_path
-from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
 from policy.keys import fingerprint
 from policy.routing import model_cluster_name
 
@@ -40,6 +40,8 @@ KEY_LIMITS: dict[str, Any] = {
 }
 _PY = [sys.executable, "-m", "authz.cli"]
 Counters = Callable[[], dict[str, float]]
+
+_PORTS = PortAllocator()  # one allocator: ports picked together never repeat
 
 
 @dataclass
@@ -63,7 +65,7 @@ def get(url: str, timeout: float = 5.0) -> bytes:
 
 def start_sim(logs: Path) -> tuple[str, subprocess.Popen[bytes]]:
     """The upstream: `tokenbooth sim`, zero time to first token and per output token."""
-    port = free_port()
+    port = _PORTS.free_port()
     url = f"http://127.0.0.1:{port}"
     with (logs / "sim.log").open("wb") as log:
         proc = spawn([*_PY, "sim", "--listen", f"127.0.0.1:{port}", "--model", UPSTREAM_MODEL,
@@ -77,12 +79,12 @@ def write_policy(directory: Path, sim_url: str, state: str = "memory") -> Path:
     """A tokenbooth config on free ports: one alias on the sim, one key with limits."""
     directory.mkdir(parents=True, exist_ok=True)
     policy = {
-        "listen": f"127.0.0.1:{free_port()}",
+        "listen": f"127.0.0.1:{_PORTS.free_port()}",
         "state": state,
         "data_dir": str(directory / "data"),
-        "services": {"grpc_listen": f"127.0.0.1:{free_port()}",
-                     "http_listen": f"127.0.0.1:{free_port()}"},
-        "envoy": {"admin_listen": f"127.0.0.1:{free_port()}"},
+        "services": {"grpc_listen": f"127.0.0.1:{_PORTS.free_port()}",
+                     "http_listen": f"127.0.0.1:{_PORTS.free_port()}"},
+        "envoy": {"admin_listen": f"127.0.0.1:{_PORTS.free_port()}"},
         "models": {ALIAS: {
             "upstream_model": UPSTREAM_MODEL,
             "backends": [{"url": sim_url}],

@@ -16,6 +16,7 @@ never installed into tokenbooth's `.venv`. The proxy gets:
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,11 +24,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
 from bench.gateways import ALIAS, KEY_LIMITS, SECRET, UPSTREAM_MODEL, Gateway
 
 VENV = Path(__file__).resolve().parent / ".venv-litellm"
 MASTER_KEY = "sk-bench-litellm-master-0123456789"
+
+_PORTS = PortAllocator()  # one allocator: ports picked together never repeat
 
 
 def available() -> bool:
@@ -72,8 +75,9 @@ def start_litellm(run_dir: Path, sim_url: str, redis_url: str, workers: int) -> 
     workdir = run_dir / "C"
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(workdir, sim_url, redis_url)
-    port = free_port()
+    port = _PORTS.free_port()
     env = {
+        **os.environ,  # spawn(env=...) is the whole environment
         "BENCH_KEY_SHA256": hashlib.sha256(SECRET.encode()).hexdigest(),
         "BENCH_KEY_RPM": str(KEY_LIMITS["rpm"]),
         "BENCH_KEY_TPM": str(KEY_LIMITS["tpm"]),

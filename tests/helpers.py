@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from authz.runtime.procs import PortAllocator
 from policy.keys import fingerprint
 
 SECRET = "sk-tb-test-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -56,3 +57,12 @@ def write_policy(directory: Path, backend: str, **extra: object) -> Path:
     path = directory / "tokenbooth.yaml"
     path.write_text(yaml.safe_dump(policy_dict(backend, **extra), sort_keys=False))
     return path
+
+
+# One allocator for the whole test session: ports picked for processes started together
+# never repeat, even before any of them binds.
+PORTS = PortAllocator()
+
+
+def free_port() -> int:
+    return PORTS.free_port()

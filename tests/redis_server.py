@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from authz.runtime.procs import free_port
+from tests.helpers import free_port
 
 
 class RedisServer:

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from authz.cli.main import main as tokenbooth
-from authz.runtime.procs import free_port
 from policy.config import REDIS_PASSWORD_ENV
-from tests.helpers import write_policy
+from tests.helpers import free_port, write_policy
 
 PASSWORD = "0f3c-not-a-url-safe:@/password"
 

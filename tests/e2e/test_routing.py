@@ -12,9 +12,10 @@ import urllib.request
 import openai
 import pytest
 
-from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from authz.state.usage.records import USAGE_FILE, read_records
 from tests.e2e.conftest import run_gateway
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "user", "content": "hi"}]

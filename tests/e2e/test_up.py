@@ -1,5 +1,4 @@
 """`tokenbooth up`: starts everything, prints a working key and curl line, stops it all."""
-
 from __future__ import annotations
 
 import json
@@ -18,9 +17,9 @@ import pytest
 import yaml
 
 from authz.runtime.defaults import DEFAULT_CONFIG, read_demo_key, write_default_config
-from authz.runtime.procs import free_port
 from policy.config import load_config
 from policy.keys import fingerprint
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from authz.runtime.procs import PortAllocator, free_port, http_ok, wait_until
+from authz.runtime.procs import PortAllocator, http_ok, wait_until
 from policy.keys import fingerprint
 from tests.grpc_harness import Running
-from tests.helpers import SECRET, write_policy
+from tests.helpers import SECRET, free_port, write_policy
 from tests.services.test_ext_authz import check, denial
 
 

@@ -1,5 +1,4 @@
 """The lean pipelined Redis client, against real redis-server processes."""
-
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +11,8 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ResponseError
 
-from authz.runtime.procs import free_port
 from authz.state.resp import RespClient
+from tests.helpers import free_port
 from tests.redis_server import RedisServer
 
 SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
