@@ -1,13 +1,15 @@
-"""OpenAI request bodies: validate, read what the gateway needs, rewrite for the backend.
+"""OpenAI request bodies: validate, bound what they can use, rewrite for the backend.
 
-Pure functions over bytes: `parse_request` returns an `InferenceRequest` or
-raises an `ApiError` (400/404/413) naming the offending field in `param`.
+Pure functions over bytes: `parse_request` returns an `InferenceRequest` or raises an
+`ApiError` (400/404/413) naming the offending field in `param`. Every body it accepts
+has a true upper bound of its usage (`prompt_bound`, `completion_bound`): the body sent
+upstream carries a `max_tokens`, and fields whose tokens cannot be bounded are refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import orjson
 
@@ -15,6 +17,13 @@ from policy import tokens
 from policy.config import Config, Model
 from policy.endpoints import Endpoint, Kind
 from policy.errors import ApiError, invalid_request, model_not_found, request_too_large
+from policy.limits import cost_nano
+
+# Fields whose prompt tokens no byte count bounds: a client's own chat template (Jinja
+# can loop), prompt embeddings (a tensor's bytes do not bound its rows), and media
+# options (they change how many tokens one media item becomes).
+UNBOUNDED_FIELDS: Final = ("chat_template", "prompt_embeds", "mm_processor_kwargs",
+                           "media_io_kwargs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +33,31 @@ class InferenceRequest:
     stream: bool
     # The client asked for the usage chunk itself (stream_options.include_usage).
     client_wants_usage: bool
-    # The completion-token ceiling: the request's max_tokens, else the model's cap.
+    # Completion tokens per sequence: the client's max_tokens (chat: max_completion_tokens
+    # first), else the model's cap, which the upstream body then carries.
     max_tokens: int
-    prompt_estimate: int  # typical count: the TPM reservation
-    prompt_bound: int  # never undercounts: the worst-case cost for the budget
-    body: dict[str, Any]
+    # Sequences generated per prompt (the larger of `n` and `best_of`), and prompts in
+    # the request (a batched /v1/completions prompt has several).
+    sequences: int
+    prompts: int
+    prompt_estimate: int  # typical prompt tokens, all prompts together
+    prompt_bound: int  # prompt tokens the backend can count, at most
+    completion_bound: int  # max_tokens * sequences * prompts
+    body: dict[str, Any] = field(repr=False)
+    upstream: bytes = field(repr=False)  # what `upstream_body` returns
+
+    @property
+    def hold_tokens(self) -> int:
+        """The TPM reservation: the prompt estimate plus the completion bound.
+
+        A rate, not money: settlement corrects it to the real use, and reserving the
+        byte bound (~4 times a typical prompt) would refuse requests that fit."""
+        return self.prompt_estimate + self.completion_bound
+
+    def hold_cost_nano(self) -> int:
+        """The budget hold: the worst-case cost of this body at the model's prices."""
+        return cost_nano(self.prompt_bound, self.completion_bound,
+                         self.model.price_per_1k_tokens)
 
 
 def _int_field(body: dict[str, Any], name: str, cap: int) -> int | None:
@@ -44,55 +73,8 @@ def _int_field(body: dict[str, Any], name: str, cap: int) -> int | None:
     return v
 
 
-def _content_text(content: Any, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise invalid_request("Each content part must be an object with a 'type'.",
-                                      f"{param}[{i}]")
-            text = part.get("text")
-            if isinstance(text, str):
-                parts.append(text)
-        return " ".join(parts)
-    raise invalid_request("'content' must be a string, an array of parts, or null.", param)
-
-
-def _chat_prompt(body: dict[str, Any]) -> tuple[int, int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid_request("'messages' must be a non-empty array.", "messages")
-    texts = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise invalid_request("Each message must be an object with a string 'role'.",
-                                  f"messages[{i}]")
-        texts.append(_content_text(m.get("content"), f"messages[{i}].content"))
-    return tokens.chat_estimate(texts), tokens.chat_upper_bound(texts)
-
-
-def _completion_prompt(body: dict[str, Any]) -> tuple[int, int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return tokens.estimate(prompt), tokens.upper_bound(prompt) + 1
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return (sum(tokens.estimate(p) for p in prompt),
-                    sum(tokens.upper_bound(p) + 1 for p in prompt))
-        if all(type(p) is int for p in prompt):
-            return len(prompt), len(prompt)
-        if all(isinstance(p, list) and all(type(t) is int for t in p) for p in prompt):
-            n = sum(len(p) for p in prompt)
-            return n, n
-    raise invalid_request(
-        "'prompt' must be a string, an array of strings, or an array of token ids.", "prompt"
-    )
-
-
-def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceRequest:
-    """Validate a chat/completions body against the policy config."""
+def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
+    """The decoded body, its model alias and the model."""
     if len(raw) > cfg.max_request_body_bytes:
         raise request_too_large(cfg.max_request_body_bytes)
     try:
@@ -109,52 +91,102 @@ def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceReque
     model = cfg.models.get(alias)
     if model is None:
         raise model_not_found(alias)
+    for name in UNBOUNDED_FIELDS:
+        if body.get(name):  # null and empty are as good as absent
+            raise invalid_request(
+                f"'{name}' is not accepted here: its prompt tokens cannot be bounded.", name)
+    return body, alias, model
 
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, the client wants the usage chunk)."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise invalid_request("'stream' must be a boolean.", "stream")
     opts = body.get("stream_options")
-    wants_usage = False
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise invalid_request("'stream_options' must be an object.", "stream_options")
-        iu = opts.get("include_usage", False)
-        if not isinstance(iu, bool):
-            raise invalid_request("'include_usage' must be a boolean.",
-                                  "stream_options.include_usage")
-        wants_usage = iu
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise invalid_request("'stream_options' must be an object.", "stream_options")
+    wants_usage = opts.get("include_usage", False)
+    if not isinstance(wants_usage, bool):
+        raise invalid_request("'include_usage' must be a boolean.",
+                              "stream_options.include_usage")
+    return stream, wants_usage
 
-    cap = model.max_tokens
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+
+
+def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
+    """Completion tokens per sequence, and whether the upstream body must be given them."""
     max_tokens = _int_field(body, "max_tokens", cap)
-    if endpoint.kind is Kind.CHAT:
+    if kind is Kind.CHAT:
         mct = _int_field(body, "max_completion_tokens", cap)
-        max_tokens = mct if mct is not None else max_tokens
-        prompt, bound = _chat_prompt(body)
+        if mct is not None:  # vLLM prefers it to the deprecated max_tokens
+            return mct, False
+    if max_tokens is not None:
+        return max_tokens, False
+    # Written upstream, so the backend cannot exceed the hold: chat gets the model's cap;
+    # completions keep OpenAI's and vLLM's default of 16.
+    return (cap if kind is Kind.CHAT else min(COMPLETIONS_DEFAULT_MAX_TOKENS, cap)), True
+
+
+def _sequences(body: dict[str, Any], max_n: int) -> int:
+    """Sequences generated per prompt: `n`, or `best_of` (at least `n`) when sent."""
+    n = _int_field(body, "n", max_n) or 1
+    best_of = _int_field(body, "best_of", max_n)
+    if best_of is None:
+        return n
+    if best_of < n:
+        raise invalid_request(f"'best_of' must be at least 'n' ({n}), got {best_of}.",
+                              "best_of")
+    return best_of
+
+
+def _upstream(body: dict[str, Any], model: Model, stream: bool,
+              max_tokens: int | None) -> bytes:
+    """The body the backend gets: `model` → upstream name; streams always report usage;
+    `max_tokens` written when the client set no limit."""
+    out = dict(body)
+    out["model"] = model.upstream_model
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    if stream:
+        opts = dict(body.get("stream_options") or {})
+        opts["include_usage"] = True
+        out["stream_options"] = opts
+    try:
+        return orjson.dumps(out)
+    except orjson.JSONEncodeError:  # orjson reads deeper nesting than it writes
+        raise invalid_request("The request body is nested too deeply.") from None
+
+
+def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceRequest:
+    """Validate a chat/completions body against the policy config and bound its usage."""
+    body, alias, model = _load(raw, cfg)
+    stream, wants_usage = _stream_flags(body)
+    max_tokens, write = _max_tokens(body, endpoint.kind, model.max_tokens)
+    sequences = _sequences(body, model.max_n)
+    # Encoded first: the bound's measurements encode parts of it, which then cannot fail.
+    upstream = _upstream(body, model, stream, max_tokens if write else None)
+    if endpoint.kind is Kind.CHAT:
+        prompts = 1
+        estimate, bound = tokens.chat_prompt(body, model)
     else:
-        prompt, bound = _completion_prompt(body)
+        estimate, bound, prompts = tokens.completion_prompt(body, model)
     return InferenceRequest(
-        alias=alias,
-        model=model,
-        stream=stream,
-        client_wants_usage=wants_usage,
-        max_tokens=max_tokens if max_tokens is not None else cap,
-        prompt_estimate=prompt,
-        prompt_bound=bound,
-        body=body,
-    )
+        alias=alias, model=model, stream=stream, client_wants_usage=wants_usage,
+        max_tokens=max_tokens, sequences=sequences, prompts=prompts,
+        prompt_estimate=estimate, prompt_bound=bound,
+        completion_bound=max_tokens * sequences * prompts, body=body, upstream=upstream)
 
 
 def upstream_body(req: InferenceRequest) -> bytes:
-    """The body the backend gets: `model` → upstream name; streams always report usage."""
-    body = dict(req.body)
-    body["model"] = req.model.upstream_model
-    if req.stream:
-        opts = dict(body.get("stream_options") or {})
-        opts["include_usage"] = True
-        body["stream_options"] = opts
-    return orjson.dumps(body)
+    """The body the backend gets (encoded by `parse_request`, so it cannot fail here)."""
+    return req.upstream
 
 
 def models_list(aliases: list[str], created: int) -> bytes:

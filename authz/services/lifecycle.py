@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
 from datetime import datetime
 from typing import NamedTuple
 
@@ -27,11 +26,12 @@ import orjson
 from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
 from authz.state.limits.admission import Admission
+from policy.admission import org_hold
 from policy.config import Config
 from policy.endpoints import Endpoint, Kind, lookup
 from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
 from policy.keys import Principal
-from policy.limits import Ask, Decision, Limits, cost_nano, period_id, rate_headers, usd_to_nano
+from policy.limits import Ask, Decision, Limits, cost_nano, period_id, rate_headers
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
 from policy.routing import Route
 from policy.stream_usage import StreamMeter
@@ -169,10 +169,8 @@ class Lifecycle:
         route = self._snap.router.route(req.alias)
         assert route is not None  # parse_request checked the alias
         body = forwarded_body(req, cfg)
-        price = req.model.price_per_1k_tokens
-        decision = await self._admit(self._make_ask(
-            req.prompt_estimate + req.max_tokens,
-            cost_nano(req.prompt_bound, req.max_tokens, price)))
+        # The hold: every multiplier and prompt-bearing field (policy/request.py).
+        decision = await self._admit(self._make_ask(req.hold_tokens, req.hold_cost_nano()))
         self.req, self.route = req, route  # admitted: from here a record is owed
         return Forward(body, route.cluster, rate_headers(decision))
 
@@ -192,16 +190,7 @@ class Lifecycle:
     def _org_hold(self, ask: Ask) -> tuple[Limits, Ask] | None:
         """The org's limits and a hold under the pseudo-key `org:<name>`, if configured."""
         ol = self._snap.config.orgs.get(ask.org)
-        if ol is None:
-            return None
-        limits = Limits(
-            rpm=ol.rpm, tpm=ol.tpm, max_concurrent=ol.max_concurrent,
-            budget_nano=usd_to_nano(ol.budget_usd) if ol.budget_usd is not None else None,
-            budget_period=ol.budget_period,
-        )
-        org_ask = replace(ask, key_id=f"org:{ask.org}",
-                          period=period_id(ol.budget_period, self._started))
-        return limits, org_ask
+        return None if ol is None else org_hold(ol, ask, self._started)
 
     async def _admit(self, ask: Ask) -> Decision:
         """Admit under the org's limits, then the key's (a refusal holds nothing). If

@@ -21,7 +21,7 @@ from aiohttp import web
 from authz.sim.metrics import CONTENT_TYPE_LATEST, ModelMetrics, SimMetrics
 from authz.sim.protocol import SimError, parse_body, parse_chat, parse_completion
 from authz.sim.recorder import RequestLog
-from authz.sim.responses import Kind, chat_response, completion_response
+from authz.sim.responses import Kind, response
 from authz.sim.streaming import stream_generation
 from authz.sim.tokens import output_text
 
@@ -59,10 +59,10 @@ class Simulator:
         models: Sequence[str],
         ttft_ms: float,
         tpot_ms: float,
-        default_max_tokens: int,
+        default_max_tokens: int | None,
         max_model_len: int,
     ) -> None:
-        if default_max_tokens < 1:
+        if default_max_tokens is not None and default_max_tokens < 1:
             raise ValueError("default_max_tokens must be at least 1")
         if ttft_ms < 0 or tpot_ms < 0:
             raise ValueError("delays must not be negative")
@@ -163,9 +163,9 @@ class Simulator:
             delay = self.ttft_s + tpot_s * (n - 1)
             if delay > 0:
                 await asyncio.sleep(delay)
-            metrics.generation_tokens.inc(n)
-            build = chat_response if kind == "chat" else completion_response
-            return _json(build(gen.model, output_text(n), gen.prompt_tokens, n))
+            metrics.generation_tokens.inc(gen.completion_tokens)
+            return _json(response(kind, gen.model, output_text(n), gen.prompt_tokens,
+                                  gen.completion_tokens, gen.choices))
         finally:
             metrics.running.dec()
 
@@ -199,14 +199,22 @@ def _error_response(err: SimError) -> web.Response:
     return _json(err.body(), status=err.status)
 
 
-def _status_hook(request: web.Request) -> SimError | None:
-    raw = request.headers.get(STATUS_HEADER)
+def _header_int(request: web.Request, header: str) -> tuple[str, int] | None:
+    """A test hook header: (its text, its integer value or -1 when not an integer)."""
+    raw = request.headers.get(header)
     if raw is None:
         return None
     try:
-        status = int(raw)
+        return raw, int(raw)
     except ValueError:
-        status = 0
+        return raw, -1
+
+
+def _status_hook(request: web.Request) -> SimError | None:
+    hook = _header_int(request, STATUS_HEADER)
+    if hook is None:
+        return None
+    raw, status = hook
     if not 400 <= status <= 599:
         return SimError(400, f"{STATUS_HEADER} must be an HTTP error status (400-599), got {raw!r}")
     return SimError(status, f"Simulated error ({STATUS_HEADER}: {status}).")
@@ -214,13 +222,10 @@ def _status_hook(request: web.Request) -> SimError | None:
 
 def _int_hook(request: web.Request, header: str) -> int | None:
     """A non-negative integer test hook header (`x-sim-cut-after`, `x-sim-tpot-ms`)."""
-    raw = request.headers.get(header)
-    if raw is None:
+    hook = _header_int(request, header)
+    if hook is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
+    raw, value = hook
     if value < 0:
         raise SimError(400, f"{header} must be a non-negative integer, got {raw!r}")
     return value
@@ -233,12 +238,15 @@ def make_app(
     models: Sequence[str],
     ttft_ms: float = 0.0,
     tpot_ms: float = 0.0,
-    default_max_tokens: int = 16,
+    default_max_tokens: int | None = None,
     *,
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
 ) -> web.Application:
     """Build the simulator app serving ``models`` (``["tiny-llama"]`` when empty).
 
+    ``max_model_len`` is the context length (vLLM's ``--max-model-len``); a chat request
+    without ``max_tokens`` generates ``default_max_tokens`` (vLLM's generation-config
+    default) or, when None, up to the context length, as vLLM does.
     ``app[SIMULATOR_KEY]`` is the ``Simulator`` (metrics, request log) for in-process tests.
     """
     sim = Simulator(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len)
@@ -262,9 +270,12 @@ async def run_sim(
     models: Sequence[str],
     ttft_ms: float = 0.0,
     tpot_ms: float = 0.0,
+    *,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    default_max_tokens: int | None = None,
 ) -> None:
     """Serve the simulator on ``host:port`` until cancelled, then clean up the runner."""
-    app = make_app(models, ttft_ms, tpot_ms)
+    app = make_app(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len=max_model_len)
     # No access log: the simulator serves benchmark load.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

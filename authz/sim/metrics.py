@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "ModelMetrics", "SimMetrics"]
+
+_M = TypeVar("_M", Gauge, Counter)
 
 
 class ModelMetrics:
@@ -31,33 +34,20 @@ class SimMetrics:
 
     def __init__(self, models: Sequence[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name"]
-        self.running = Gauge(
-            "vllm:num_requests_running",
-            "Number of requests currently running.",
-            labels,
-            registry=self.registry,
-        )
-        self.waiting = Gauge(
-            "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            labels,
-            registry=self.registry,
-        )
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens",
-            "Number of prefill tokens processed.",
-            labels,
-            registry=self.registry,
-        )
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens",
-            "Number of generation tokens processed.",
-            labels,
-            registry=self.registry,
-        )
+        self.running = self._metric(Gauge, "vllm:num_requests_running",
+                                    "Number of requests currently running.")
+        self.waiting = self._metric(Gauge, "vllm:num_requests_waiting",
+                                    "Number of requests waiting to be processed.")
+        self.prompt_tokens = self._metric(Counter, "vllm:prompt_tokens",
+                                          "Number of prefill tokens processed.")
+        self.generation_tokens = self._metric(Counter, "vllm:generation_tokens",
+                                              "Number of generation tokens processed.")
         # Creating the children up front also makes every model appear with zero values.
         self.by_model = {model: ModelMetrics(self, model) for model in models}
+
+    def _metric(self, kind: type[_M], name: str, doc: str) -> _M:
+        """A metric labelled by ``model_name`` in this app's registry."""
+        return kind(name, doc, ["model_name"], registry=self.registry)
 
     def render(self) -> bytes:
         """Prometheus text exposition of this registry."""

@@ -1,8 +1,13 @@
 """Request parsing and validation for the simulator, with vLLM-style error responses.
 
-Only the fields that change the simulated output are checked; everything else a real
-request may carry (temperature, stop, tools, ...) is accepted and ignored, as vLLM would
-accept it.
+Only the fields that change the simulated output or its usage are checked; everything
+else a real request may carry (temperature, stop, ...) is accepted and ignored, as vLLM
+would accept it. As vLLM does: ``n`` choices per prompt; one prompt per entry of a batched
+completions ``prompt``; no ``max_tokens`` means up to the context length for chat (or the
+server's ``default_max_tokens``, vLLM's generation config) and 16 for completions.
+``best_of`` is honoured as vLLM's V0 engine did (``best_of`` sequences generated, the
+best ``n`` returned, refused when streaming), and all generated tokens are reported in
+usage: the costliest reading of a field that vLLM 0.32 ignores.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from authz.sim.tokens import prompt_tokens_chat, prompt_tokens_completion
+from authz.sim.tokens import prompt_token_counts, prompt_tokens_chat
 
 
 class SimError(Exception):
@@ -57,10 +62,22 @@ class GenRequest:
     """What the simulator needs to know to answer a completion request."""
 
     model: str
-    prompt_tokens: int
-    max_tokens: int
+    prompt_tokens: int  # all prompts together
+    max_tokens: int  # per sequence
     stream: bool
     include_usage: bool
+    n: int = 1  # choices returned per prompt
+    best_of: int = 1  # sequences generated per prompt (at least n)
+    prompts: int = 1
+
+    @property
+    def choices(self) -> int:
+        return self.n * self.prompts
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated in all: what usage and the metrics report."""
+        return self.max_tokens * self.best_of * self.prompts
 
 
 def _invalid(field: str, msg: str, kind: str, value: Any) -> SimError:
@@ -99,8 +116,17 @@ def _opt_bool(body: Mapping[str, Any], field: str) -> bool:
     return value
 
 
-def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> tuple[str, bool, bool]:
-    """Validate model, stream and stream_options; returns (model, stream, include_usage)."""
+@dataclass(frozen=True, slots=True)
+class _Common:
+    model: str
+    stream: bool
+    include_usage: bool
+    n: int
+    best_of: int
+
+
+def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
+    """Validate model, stream, stream_options, n and best_of."""
     model = body.get("model")
     if model is None:
         raise _invalid("model", "Field required", "missing", None)
@@ -119,33 +145,57 @@ def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> tuple[str, bo
         if not stream:
             raise SimError(400, "Stream options can only be defined when `stream=True`.")
         include_usage = _opt_bool(options, "include_usage")
+    n, best_of = _n_best_of(body, stream)
+    return _Common(model, stream, include_usage, n, best_of)
+
+
+def _n_best_of(body: Mapping[str, Any], stream: bool) -> tuple[int, int]:
     n = _opt_int(body, "n")
-    if n is not None and n != 1:
-        raise SimError(400, f"n must be 1 in the tokenbooth simulator, got {n}.")
-    return model, stream, include_usage
+    n = 1 if n is None else n
+    if n < 1:
+        raise SimError(400, f"n must be at least 1, got {n}.")
+    best_of = _opt_int(body, "best_of")
+    best_of = n if best_of is None else best_of
+    if best_of < n:
+        raise SimError(
+            400, f"best_of must be greater than or equal to n, got n={n} and best_of={best_of}."
+        )
+    if stream and best_of > n:
+        raise SimError(400, "best_of must equal n when streaming.")
+    return n, best_of
 
 
-def _max_tokens(value: int | None, default: int, prompt_tokens: int, max_model_len: int) -> int:
+def _gen(
+    common: _Common,
+    requested: int | None,
+    default: int | None,
+    prompt_counts: list[int],
+    max_model_len: int,
+) -> GenRequest:
+    """The generation: ``requested`` tokens per sequence, else ``default``, else what the
+    context leaves (vLLM's rule); a 400 when a prompt and its output do not fit."""
+    longest = max(prompt_counts)
+    if requested is not None and requested < 1:
+        raise SimError(400, f"max_tokens must be at least 1, got {requested}.")
+    value = requested if requested is not None else default
     if value is None:
-        value = default
-    elif value < 1:
-        raise SimError(400, f"max_tokens must be at least 1, got {value}.")
-    if prompt_tokens + value > max_model_len:
+        value = max(1, max_model_len - longest)
+    if longest + value > max_model_len:
         raise SimError(
             400,
             f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + value} tokens ({prompt_tokens} in the messages, "
+            f"requested {longest + value} tokens ({longest} in the messages, "
             f"{value} in the completion). Please reduce the length of the messages or "
             "completion.",
         )
-    return value
+    return GenRequest(common.model, sum(prompt_counts), value, common.stream,
+                      common.include_usage, common.n, common.best_of, len(prompt_counts))
 
 
-def parse_chat(
-    body: Mapping[str, Any], models: Mapping[str, Any], default_max_tokens: int, max_model_len: int
-) -> GenRequest:
+def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],
+               default_max_tokens: int | None, max_model_len: int) -> GenRequest:
     """Validate a ``/v1/chat/completions`` body."""
-    model, stream, include_usage = _common(body, models)
+    common = _common(body, models)
     messages = body.get("messages")
     if messages is None:
         raise _invalid("messages", "Field required", "missing", None)
@@ -159,13 +209,12 @@ def parse_chat(
             raise _invalid(
                 "messages", "content should be a string or a list of parts", "value_error", content
             )
-    prompt_tokens = prompt_tokens_chat(messages)
+    prompt_tokens = prompt_tokens_chat(messages, body)
     # vLLM prefers max_completion_tokens over the deprecated max_tokens.
     requested = _opt_int(body, "max_completion_tokens")
     if requested is None:
         requested = _opt_int(body, "max_tokens")
-    max_tokens = _max_tokens(requested, default_max_tokens, prompt_tokens, max_model_len)
-    return GenRequest(model, prompt_tokens, max_tokens, stream, include_usage)
+    return _gen(common, requested, default_max_tokens, [prompt_tokens], max_model_len)
 
 
 def _valid_prompt(prompt: Any) -> bool:
@@ -183,11 +232,15 @@ def _valid_prompt(prompt: Any) -> bool:
     )
 
 
-def parse_completion(
-    body: Mapping[str, Any], models: Mapping[str, Any], default_max_tokens: int, max_model_len: int
-) -> GenRequest:
-    """Validate a ``/v1/completions`` body."""
-    model, stream, include_usage = _common(body, models)
+# vLLM's CompletionRequest default for max_tokens (OpenAI's too).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
+                     default_max_tokens: int | None, max_model_len: int) -> GenRequest:
+    """Validate a ``/v1/completions`` body (``default_max_tokens`` is for chat only, as in
+    vLLM, where a completions request always carries one)."""
+    common = _common(body, models)
     prompt = body.get("prompt")
     if prompt is None:
         raise _invalid("prompt", "Field required", "missing", None)
@@ -198,7 +251,11 @@ def parse_completion(
             "union_type",
             prompt,
         )
-    prompt_tokens = prompt_tokens_completion(prompt)
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise _invalid("suffix", "Input should be a valid string", "string_type", suffix)
+    counts = prompt_token_counts(prompt, suffix)
     requested = _opt_int(body, "max_tokens")
-    max_tokens = _max_tokens(requested, default_max_tokens, prompt_tokens, max_model_len)
-    return GenRequest(model, prompt_tokens, max_tokens, stream, include_usage)
+    if requested is None:
+        requested = COMPLETIONS_DEFAULT_MAX_TOKENS
+    return _gen(common, requested, None, counts, max_model_len)

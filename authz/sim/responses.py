@@ -46,50 +46,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_response(model: str, text: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-    """A non-streaming ``chat.completion`` body."""
-    return orjson.dumps(
-        {
-            "id": request_id("chat"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "tool_calls": []},
-                    "logprobs": None,
-                    "finish_reason": "length",
-                    "stop_reason": None,
-                }
-            ],
-            "usage": usage(prompt_tokens, completion_tokens),
-            "prompt_logprobs": None,
-        }
-    )
+_OBJECT: Final = {"chat": "chat.completion", "completion": "text_completion"}
 
 
-def completion_response(model: str, text: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-    """A non-streaming ``text_completion`` body."""
-    return orjson.dumps(
-        {
-            "id": request_id("completion"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": "length",
-                    "stop_reason": None,
-                    "prompt_logprobs": None,
-                }
-            ],
-            "usage": usage(prompt_tokens, completion_tokens),
-        }
-    )
+def _choice(kind: Kind, index: int, text: str) -> dict[str, Any]:
+    if kind == "chat":
+        message = {"role": "assistant", "content": text, "tool_calls": []}
+        return {"index": index, "message": message, "logprobs": None,
+                "finish_reason": "length", "stop_reason": None}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": "length",
+            "stop_reason": None, "prompt_logprobs": None}
+
+
+def response(
+    kind: Kind, model: str, text: str, prompt_tokens: int, completion_tokens: int,
+    choices: int = 1,
+) -> bytes:
+    """A non-streaming ``chat.completion`` / ``text_completion`` body: ``choices`` equal
+    choices indexed from 0 (vLLM's order: prompt by prompt, ``n`` each)."""
+    body: dict[str, Any] = {
+        "id": request_id(kind),
+        "object": _OBJECT[kind],
+        "created": int(time.time()),
+        "model": model,
+        "choices": [_choice(kind, i, text) for i in range(choices)],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+    if kind == "chat":
+        body["prompt_logprobs"] = None
+    return orjson.dumps(body)
 
 
 def _event(payload: dict[str, Any]) -> bytes:
@@ -103,11 +88,14 @@ def _split(payload: dict[str, Any]) -> tuple[bytes, bytes]:
 
 
 class StreamEvents:
-    """SSE events of one streamed response (one id, created and model for every chunk)."""
+    """SSE events of one streamed response (one id, created and model for every chunk).
 
-    __slots__ = ("_base", "_head", "_last_tail", "_mid_tail", "kind", "role")
+    Each chunk carries one choice; ``choices`` templates are cut, one per choice index.
+    """
 
-    def __init__(self, kind: Kind, model: str) -> None:
+    __slots__ = ("_base", "_heads", "_last_tails", "_mid_tails", "kind", "roles")
+
+    def __init__(self, kind: Kind, model: str, choices: int = 1) -> None:
         self.kind = kind
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._base: dict[str, Any] = {
@@ -118,19 +106,30 @@ class StreamEvents:
         }
         # A token chunk is head + token_json(i) + mid_tail (or last_tail for the final one).
         # As in vLLM, chat chunks carry stop_reason only on the final one; completion chunks
-        # carry it on every chunk.
-        self.role = b""
-        if kind == "chat":
-            self.role = _event(self._chat({"role": "assistant", "content": ""}, None, False))
-            self._head, self._mid_tail = _split(self._chat({"content": _SENTINEL}, None, False))
-            _, self._last_tail = _split(self._chat({"content": _SENTINEL}, "length", True))
-        else:
-            self._head, self._mid_tail = _split(self._completion(None))
-            _, self._last_tail = _split(self._completion("length"))
+        # carry it on every chunk. Chat streams open with one role chunk per choice.
+        self.roles: list[bytes] = []
+        self._heads: list[bytes] = []
+        self._mid_tails: list[bytes] = []
+        self._last_tails: list[bytes] = []
+        for c in range(choices):
+            if kind == "chat":
+                self.roles.append(
+                    _event(self._chat(c, {"role": "assistant", "content": ""}, None, False))
+                )
+                head, mid = _split(self._chat(c, {"content": _SENTINEL}, None, False))
+                _, last = _split(self._chat(c, {"content": _SENTINEL}, "length", True))
+            else:
+                head, mid = _split(self._completion(c, None))
+                _, last = _split(self._completion(c, "length"))
+            self._heads.append(head)
+            self._mid_tails.append(mid)
+            self._last_tails.append(last)
 
-    def _chat(self, delta: dict[str, str], finish: str | None, stop: bool) -> dict[str, Any]:
+    def _chat(
+        self, index: int, delta: dict[str, str], finish: str | None, stop: bool
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": None,
             "finish_reason": finish,
@@ -139,9 +138,9 @@ class StreamEvents:
             choice["stop_reason"] = None
         return {**self._base, "choices": [choice]}
 
-    def _completion(self, finish: str | None) -> dict[str, Any]:
+    def _completion(self, index: int, finish: str | None) -> dict[str, Any]:
         choice = {
-            "index": 0,
+            "index": index,
             "text": _SENTINEL,
             "logprobs": None,
             "finish_reason": finish,
@@ -149,9 +148,11 @@ class StreamEvents:
         }
         return {**self._base, "choices": [choice]}
 
-    def token(self, i: int, last: bool) -> bytes:
-        """The event carrying generated token ``i``; ``last`` adds finish_reason "length"."""
-        return self._head + token_json(i) + (self._last_tail if last else self._mid_tail)
+    def token(self, i: int, last: bool, choice: int = 0) -> bytes:
+        """The event carrying generated token ``i`` of ``choice``; ``last`` adds
+        finish_reason "length"."""
+        tail = self._last_tails[choice] if last else self._mid_tails[choice]
+        return self._heads[choice] + token_json(i) + tail
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """vLLM's final usage-only chunk (``stream_options.include_usage``)."""

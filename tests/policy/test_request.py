@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
-from policy.config import parse_config
-from policy.endpoints import ENDPOINTS, Kind, lookup
+from policy.config import Config, parse_config
+from policy.endpoints import ENDPOINTS, Endpoint, Kind, lookup
 from policy.errors import ApiError
-from policy.request import models_list, parse_request, upstream_body
+from policy.limits import cost_nano
+from policy.request import InferenceRequest, models_list, parse_request, upstream_body
 from tests.helpers import policy_dict
 
 CFG = parse_config(policy_dict("http://127.0.0.1:8000"))
@@ -65,8 +67,8 @@ def test_bad_chat_bodies(body: object, status: int, param: str) -> None:
 def test_completion_prompt_shapes() -> None:
     for prompt in ("hi", ["a", "b"], [1, 2, 3], [[1, 2], [3]]):
         parse({"model": "demo", "prompt": prompt}, COMP_EP)
-    for prompt in (None, 5, [], [1, "a"], {"x": 1}):
-        assert error_of({"model": "demo", "prompt": prompt}, COMP_EP).param == "prompt"
+    for bad in (None, 5, [], [1, "a"], {"x": 1}):
+        assert error_of({"model": "demo", "prompt": bad}, COMP_EP).param == "prompt"
 
 
 def test_body_limits() -> None:
@@ -104,3 +106,106 @@ def test_models_list_shape() -> None:
     assert body == {"object": "list", "data": [
         {"id": "a", "object": "model", "created": 5, "owned_by": "tokenbooth"},
         {"id": "b", "object": "model", "created": 5, "owned_by": "tokenbooth"}]}
+
+
+# -- the hold: a true upper bound ------------------------------------------------------
+
+def parsed(body: dict[str, Any], ep: Endpoint = CHAT_EP, cfg: Config = CFG) -> InferenceRequest:
+    return parse_request(json.dumps(body).encode(), ep, cfg)
+
+
+def test_every_multiplier_is_in_the_completion_bound() -> None:
+    r = parsed({"model": "demo", "messages": MSG, "max_tokens": 10, "n": 3})
+    assert (r.max_tokens, r.sequences, r.prompts, r.completion_bound) == (10, 3, 1, 30)
+    r = parsed({"model": "demo", "prompt": ["a", "b", "c"], "max_tokens": 5, "n": 2,
+                "best_of": 4}, COMP_EP)
+    assert (r.sequences, r.prompts, r.completion_bound) == (4, 3, 60)
+    r = parsed({"model": "demo", "prompt": [[1, 2], [3]], "n": None}, COMP_EP)
+    assert (r.max_tokens, r.sequences, r.prompts, r.completion_bound) == (16, 1, 2, 32)
+
+
+def test_hold_tokens_and_cost() -> None:
+    r = parsed({"model": "demo", "messages": MSG, "max_tokens": 100, "n": 2})
+    assert r.hold_tokens == r.prompt_estimate + 200
+    # demo: $0.50 / $1.50 per 1k tokens, in nano-USD, rounded up.
+    assert r.hold_cost_nano() == cost_nano(r.prompt_bound, 200, CFG.models["demo"]
+                                           .price_per_1k_tokens)
+    assert r.hold_cost_nano() == r.prompt_bound * 500_000 + 200 * 1_500_000
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "needle"),
+    [
+        ({"n": 0}, "n", "at least 1"),
+        ({"n": 1.5}, "n", "integer"),
+        ({"n": 17}, "n", "at most 16"),
+        ({"best_of": True}, "best_of", "integer"),
+        ({"n": 3, "best_of": 2}, "best_of", "at least 'n' (3)"),
+        ({"best_of": 99}, "best_of", "at most 16"),
+        ({"chat_template": "{% for i in range(9**9) %}x{% endfor %}"}, "chat_template",
+         "cannot be bounded"),
+        ({"prompt_embeds": "AAAA"}, "prompt_embeds", "cannot be bounded"),
+        ({"mm_processor_kwargs": {"max_pixels": 10**9}}, "mm_processor_kwargs", "bounded"),
+        ({"media_io_kwargs": {"video": {"num_frames": 10**6}}}, "media_io_kwargs", "bounded"),
+    ],
+)
+def test_multipliers_and_unbounded_fields_are_validated(
+    extra: dict[str, Any], param: str, needle: str
+) -> None:
+    for ep, body in ((CHAT_EP, {"model": "demo", "messages": MSG}),
+                     (COMP_EP, {"model": "demo", "prompt": "x"})):
+        e = error_of({**body, **extra}, ep)
+        assert (e.status, e.code, e.param) == (400, "invalid_request", param)
+        assert needle in e.message
+
+
+def test_empty_unbounded_fields_are_as_good_as_absent() -> None:
+    parsed({"model": "demo", "messages": MSG, "chat_template": None, "mm_processor_kwargs": {}})
+
+
+def test_no_limit_writes_the_cap_upstream() -> None:
+    # Chat: the model's cap; completions: vLLM's and OpenAI's default of 16.
+    for ep, body, want in ((CHAT_EP, {"model": "demo", "messages": MSG, "max_tokens": None},
+                            256),
+                           (COMP_EP, {"model": "demo", "prompt": "x"}, 16)):
+        r = parsed(body, ep)
+        assert r.max_tokens == want
+        assert json.loads(upstream_body(r))["max_tokens"] == want
+    # A client's own limit is forwarded untouched.
+    r = parsed({"model": "demo", "messages": MSG, "max_completion_tokens": 7})
+    sent = json.loads(upstream_body(r))
+    assert "max_tokens" not in sent and sent["max_completion_tokens"] == 7
+    r = parsed({"model": "demo", "prompt": "x", "max_tokens": 9}, COMP_EP)
+    assert json.loads(upstream_body(r))["max_tokens"] == 9
+
+
+def test_prompt_bound_counts_tools_and_is_at_least_the_bytes() -> None:
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": "d" * 200,
+        "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}}
+        for i in range(60)]
+    plain = parsed({"model": "demo", "messages": MSG})
+    r = parsed({"model": "demo", "messages": MSG, "tools": tools})
+    assert len(json.dumps(tools)) > 15_000
+    assert r.prompt_bound - plain.prompt_bound >= len(json.dumps(tools, indent=4))
+    assert r.prompt_estimate - plain.prompt_estimate >= len(json.dumps(tools)) // 4
+
+
+def test_image_parts_need_a_model_setting() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}
+    body = {"model": "demo", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]}
+    e = error_of(body)
+    assert (e.status, e.param) == (400, "messages[0].content[1]")
+    demo = CFG.models["demo"].model_copy(update={"tokens_per_image": 1500})
+    cfg = CFG.model_copy(update={"models": {**CFG.models, "demo": demo}})
+    assert parsed(body, cfg=cfg).prompt_bound > 1500
+
+
+def test_a_body_too_deep_to_forward_is_a_400_not_a_crash() -> None:
+    raw = b'{"model": "demo", "messages": [{"role": "user", "content": "x"}], "x": ' + (
+        b"[" * 600 + b"]" * 600 + b"}")
+    with pytest.raises(ApiError) as e:
+        parse_request(raw, CHAT_EP, CFG)
+    assert (e.value.status, e.value.code) == (400, "invalid_request")
+    assert "nested too deeply" in e.value.message

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from authz.sim.app import DEFAULT_MAX_MODEL_LEN
 from authz.sim.tokens import output_text
 
 from .conftest import Sim
@@ -87,8 +88,9 @@ async def test_chat_max_completion_tokens_and_default(sim: Sim) -> None:
     base = {"model": "tiny-llama", "messages": MESSAGES}
     _, body = await post(sim, CHAT, {**base, "max_tokens": 9, "max_completion_tokens": 2})
     assert body["usage"]["completion_tokens"] == 2
+    # No limit: up to the context length, as vLLM (no hidden cap).
     _, body = await post(sim, CHAT, base)
-    assert body["usage"]["completion_tokens"] == 16  # default_max_tokens
+    assert body["usage"]["completion_tokens"] == DEFAULT_MAX_MODEL_LEN - CHAT_PROMPT_TOKENS
 
 
 async def test_completions_non_stream_exact_usage(sim: Sim) -> None:

@@ -1,0 +1,175 @@
+"""policy/tokens.py: byte measures and the prompt bounds, with exact values."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from policy.config import Model
+from policy.errors import ApiError
+from policy.tokens import (
+    capped,
+    chat_prompt,
+    completion_prompt,
+    estimate_bytes,
+    json_factor,
+    json_indent2_len,
+    json_len,
+    utf8_len,
+)
+
+
+def model(**extra: Any) -> Model:
+    return Model.model_validate(
+        {"upstream_model": "m", "backends": [{"url": "http://127.0.0.1:8000"}], **extra})
+
+
+M = model()  # defaults: 16 per message, 512 per request, indent 4, 8 per prompt
+FRAME = 16 + 512
+
+
+def test_byte_measures() -> None:
+    assert [utf8_len(s) for s in ("", "abc", "héllo", "中", "😀", "\ud800")] == [0, 3, 6, 3, 4, 3]
+    assert json_len("a\nb") == 6  # quotes and the escape: never below the UTF-8 bytes
+    assert json_len({"a": [1, "é"]}) == len('{"a":[1,"é"]}'.encode())
+    assert json_indent2_len({"a": [1]}) == len('{\n  "a": [\n    1\n  ]\n}')
+    # Integers past 64 bits (orjson refuses them) go through the stdlib encoder.
+    assert json_indent2_len({"a": 2**70}) == len(json.dumps({"a": 2**70}, indent=2))
+    assert [json_factor(i) for i in range(6)] == [1, 1, 1, 2, 2, 3]
+    assert [estimate_bytes(n) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+    assert (capped(10, None), capped(10, 4), capped(3, 4)) == (10, 4, 3)
+
+
+def chat(body: dict[str, Any], m: Model = M) -> tuple[int, int]:
+    return chat_prompt(body, m)
+
+
+def test_chat_plain_messages_are_their_json_bytes_plus_the_template() -> None:
+    msg = {"role": "user", "content": "hi"}
+    n = len(b'{"role":"user","content":"hi"}')  # 30
+    assert chat({"messages": [msg]}) == ((n + 3) // 4 + 3, n + FRAME)
+    assert chat({"messages": [msg, msg]})[1] == 2 * n + 2 * 16 + 512
+    tight = model(chat_template_tokens_per_message=1, chat_template_tokens_per_request=2)
+    assert chat({"messages": [msg]}, tight)[1] == n + 1 + 2
+    assert chat({"messages": [msg]}, model(max_tokens=10, max_model_len=100))[1] == 100
+
+
+def test_chat_json_fields_count_at_the_template_indent() -> None:
+    msg = {"role": "user", "content": "hi"}
+    base = chat({"messages": [msg]})[1]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"a": [1]}}}]
+    t = json_indent2_len(tools)
+    assert chat({"messages": [msg], "tools": tools})[1] == base + 2 * t  # indent 4: 2x
+    assert chat({"messages": [msg], "tools": tools},
+                model(chat_template_json_indent=0))[1] == chat({"messages": [msg]})[1] + t
+    # Strings are text; every listed field counts; unknown top-level fields do not.
+    extra = {"tool_choice": "auto", "reasoning_effort": "low", "temperature": 1}
+    assert chat({"messages": [msg], **extra})[1] == base + len(b'"auto""low"')
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    for name in ("response_format", "functions", "documents", "chat_template_kwargs"):
+        assert chat({"messages": [msg], name: fmt})[1] == base + 2 * json_indent2_len(fmt)
+
+
+def test_tool_calls_count_as_sent_and_with_their_arguments_parsed() -> None:
+    call = {"id": "c", "type": "function",
+            "function": {"name": "f", "arguments": '{"x":[1,2]}'}}
+    msg = {"role": "assistant", "content": None, "tool_calls": [call], "name": "bot"}
+    scalars = len(b'{"role":"assistant","content":null,"name":"bot"}')
+    expected = scalars + 2 * (json_indent2_len([call]) + json_indent2_len({"x": [1, 2]}))
+    assert chat({"messages": [msg]})[1] == expected + FRAME
+    # Arguments that are not JSON are rendered as {} by vLLM: only the string counts.
+    bad = {**call, "function": {"name": "f", "arguments": "{oops"}}
+    assert chat({"messages": [{**msg, "tool_calls": [bad]}]})[1] == (
+        scalars + 2 * json_indent2_len([bad]) + FRAME)
+
+
+def test_deep_arguments_count_their_full_rendering() -> None:
+    deep: Any = 1
+    for _ in range(200):
+        deep = [deep]
+    call = {"function": {"name": "f", "arguments": json.dumps(deep)}}
+    _, bound = chat({"messages": [{"role": "assistant", "tool_calls": [call]}]})
+    rendered = len(json.dumps(deep, indent=4))  # ~80 KB from 400 bytes of arguments
+    assert bound > rendered
+
+
+def parts_msg(*parts: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": list(parts)}]}
+
+
+TEXT = {"type": "text", "text": "hé"}
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 5000}}
+
+
+def test_media_parts_are_bounded_by_the_model_or_refused() -> None:
+    framing = len(b'{"role":"user"}') + FRAME
+    with_image = model(tokens_per_image=300, tokens_per_audio=50, tokens_per_video=900)
+    assert chat(parts_msg(TEXT, IMAGE), with_image)[1] == framing + json_len(TEXT) + 300
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    video = {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}
+    assert chat(parts_msg(audio, video), with_image)[1] == framing + 50 + 900
+    # A media key in a part of another type counts as that media, at the worst kind.
+    sneaky = {"type": "text", "text": "", "video_url": {"url": "http://x"}}
+    assert chat(parts_msg(sneaky), with_image)[1] == framing + 900
+    assert chat(parts_msg(TEXT, IMAGE), with_image)[0] == (
+        estimate_bytes(len(b'{"role":"user"}') + json_len(TEXT)) + 300 + 3)
+
+
+@pytest.mark.parametrize(
+    ("part", "needle"),
+    [
+        (IMAGE, "tokens_per_image"),
+        ({"type": "input_audio", "input_audio": {"data": ""}}, "tokens_per_audio"),
+        ({"type": "video_url", "video_url": {"url": "x"}}, "tokens_per_video"),
+        ({"type": "image_embeds", "image_embeds": "AAAA"}, "Embeddings parts"),
+        ({"type": "file", "file": {"file_id": "f"}}, "File parts"),
+        ({"type": "hologram"}, "Unsupported content part type 'hologram'"),
+        ({"text": "no type"}, "must be an object with a 'type'"),
+    ],
+)
+def test_unboundable_parts_are_a_400_naming_the_part(part: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ApiError) as e:
+        chat(parts_msg(TEXT, part))
+    assert (e.value.status, e.value.param) == (400, "messages[0].content[1]")
+    assert needle in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [(None, "messages"), ([], "messages"), ([{"content": "x"}], "messages[0]"),
+     ([{"role": "user", "content": 5}], "messages[0].content"),
+     ([{"role": "user", "content": {"text": "x"}}], "messages[0].content")],
+)
+def test_bad_messages(messages: Any, param: str) -> None:
+    with pytest.raises(ApiError) as e:
+        chat({"messages": messages})
+    assert e.value.param == param
+
+
+def test_completion_prompts_in_every_form() -> None:
+    # (estimate, bound, prompts); strings get 8 special tokens each, token ids none.
+    assert completion_prompt({"prompt": "hello"}, M) == (2, 5 + 8, 1)
+    assert completion_prompt({"prompt": ["ab", "cdé"]}, M) == (1 + 1, (2 + 8) + (4 + 8), 2)
+    assert completion_prompt({"prompt": [5, 6, 7]}, M) == (3, 3, 1)
+    assert completion_prompt({"prompt": [[1], [2, 3], []]}, M) == (3, 3, 3)
+    # A suffix joins every prompt, with its fill-in-the-middle markers.
+    assert completion_prompt({"prompt": ["a", "b"], "suffix": "xyz"}, M) == (
+        2, 2 * ((1 + 8) + (3 + 8)), 2)
+    assert completion_prompt({"prompt": [[1, 2]], "suffix": "xyz"}, M) == (3, 2 + 3 + 8, 1)
+    # The context length caps each prompt.
+    short = model(max_tokens=10, max_model_len=20)
+    assert completion_prompt({"prompt": ["a" * 50, "b"]}, short)[1] == 20 + 9
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": []}, "prompt"),
+     ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [True]}, "prompt"),
+     ({"prompt": [[1], ["a"]]}, "prompt"), ({"prompt": "x", "suffix": 3}, "suffix")],
+)
+def test_bad_completion_prompts(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as e:
+        completion_prompt(body, M)
+    assert (e.value.status, e.value.param) == (400, param)
