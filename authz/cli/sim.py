@@ -17,14 +17,32 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     s.add_argument("--model", action="append", help="model name to serve (repeatable)")
     s.add_argument("--ttft-ms", type=float, default=0.0)
     s.add_argument("--tpot-ms", type=float, default=0.0)
+    s.add_argument("--max-model-len", type=_positive, default=None,
+                   help="context length: a chat request without max_tokens may generate up "
+                        "to this less its prompt, as vLLM does (default 32768)")
+    s.add_argument("--default-max-tokens", type=_positive, default=None,
+                   help="generate at most this many tokens when a request names no limit")
     s.set_defaults(func=cmd_sim)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     from authz.sim import run_sim
+    from authz.sim.app import DEFAULT_MAX_MODEL_LEN
 
     host, port = parse_hostport(args.listen)
     models = args.model or ["tiny-llama"]
     with contextlib.suppress(KeyboardInterrupt):
-        run_async(run_sim(host, port, models, args.ttft_ms, args.tpot_ms))
+        run_async(run_sim(host, port, models, args.ttft_ms, args.tpot_ms,
+                          max_model_len=args.max_model_len or DEFAULT_MAX_MODEL_LEN,
+                          default_max_tokens=args.default_max_tokens))
     return 0
