@@ -1,18 +1,22 @@
 """Admission: what a key's limits admit, what they hold, and what settlement charges.
 
 The state is plain data, kept by a store: `KeyState` per key (the GCRA TAT, the TPM
-bucket, the live holds and concurrency leases) and `Ledger` per key and budget period
-(spent, reserved, the budget holds). The transitions take that state, the key's
-`Limits` and `now` (the clock is always an argument) and do no I/O:
+bucket, the unsettled holds and concurrency leases) and `Ledger` per key and budget
+period (spent, reserved, the budget holds, the lost charges). The transitions take that
+state, the key's `Limits` and `now` (the clock is always an argument) and do no I/O:
 
 - `admit`: checks duplicate request_id, then requests (GCRA), concurrency, tokens and
   budget; the first that fails is the Decision's reason and changes nothing. If all
   pass, one step takes the GCRA slot, the tokens, a lease and a budget hold.
-- `settle`: releases the hold; while it is live (`settle_charges`) charges the real
-  cost to the ledger and gives back unused tokens. Returns `Settled`, with any overrun
-  past the hold (a bound violation: charged all the same, reported to the caller).
+- `settle`: releases the hold and charges the real cost to the ledger (past the hold
+  too); while the hold is live it gives back unused tokens. After a lost charge it
+  corrects it to the real cost. Returns `Settled`, with any overrun past the hold.
 - `consume`: counts usage admitted elsewhere (a local limiter during an outage).
-- `expire` / `Ledger.expire`: holds whose lease ended stop counting.
+- Lost holds: a hold whose lease ends unsettled (its replica died, most likely; Envoy
+  served the tokens all the same) is charged in full. `expire` frees its concurrency
+  slot; `Ledger.expire` moves its cost from reserved to spent and remembers the charge
+  for LOST_TTL_S, so a late settlement can correct it exactly once; `sweep` claims it,
+  once, for its `lost` usage record (`lost_record`).
 
 The memory store calls these on its dictionaries; the Redis store's Lua performs the
 same steps (each block names its function here) and one contract suite holds the two
@@ -44,15 +48,19 @@ from policy.limits import (
     bucket_take,
     budget_admits,
     gcra,
+    nano_to_usd,
     period_id,
     period_reset_s,
     rate_headers,
     retry_after_header,
     usd_to_nano,
 )
+from policy.usage import LOST, UsageRecord
 
 # Lua numbers are doubles: integers are exact below 2**53 (about 9 million USD in nano).
 MAX_EXACT = 2**53 - 1
+# How long a lost charge stays correctable by a late settlement (after its lease ended).
+LOST_TTL_S = 7 * 86400.0
 
 
 def check_ask(limits: Limits, ask: Ask) -> None:
@@ -85,9 +93,9 @@ def hold_live(exp: float, now: float) -> bool:
 
 
 def settle_charges(exp: float, now: float) -> bool:
-    """The rule for late settlements: a settle charges the ledger and refunds the bucket
-    only while its hold is live. After the lease the hold was already released (a lost
-    replica, presumably), so the settle only cleans up and charges nothing."""
+    """Whether a settlement gives back the tokens its request did not use: only while
+    its hold is live. Money is charged either way: a hold whose lease ended was charged
+    in full (lost), and its late settlement corrects that to the real cost."""
     return hold_live(exp, now)
 
 
@@ -117,6 +125,7 @@ class Hold:
 
     tokens: int | None  # taken from the TPM bucket; None when the key had no tpm
     exp: float  # lease expiry
+    ask: Ask  # the request as admitted (its period, cost, and lost-record material)
 
 
 @dataclass(slots=True)
@@ -126,36 +135,79 @@ class KeyState:
     tat: float | None = None  # GCRA theoretical arrival time (None: never used)
     level: float | None = None  # TPM bucket content at `ts` (None: full)
     ts: float = 0.0
-    holds: dict[str, Hold] = field(default_factory=dict)  # request_id -> hold
+    holds: dict[str, Hold] = field(default_factory=dict)  # request_id -> live hold
     leased: set[str] = field(default_factory=set)  # holds that take a concurrency slot
     heap: list[tuple[float, str]] = field(default_factory=list)  # (exp, request_id)
+    # Holds whose lease ended unsettled: no slot, tokens stay taken; until `sweep`
+    # claims them (lost) or a late settlement, the request_id is still held.
+    ended: dict[str, Hold] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Ledger:
     """One key's budget in one period (a store keeps one per (key_id, period))."""
 
-    spent: int = 0  # nano-USD charged by settlements; may pass the budget by an overrun
+    spent: int = 0  # nano-USD charged: settlements (past the budget by an overrun) and lost holds
     reserved: int = 0  # always the sum of the live holds' costs
     holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # rid -> (cost, exp)
     heap: list[tuple[float, str]] = field(default_factory=list)
+    # Holds charged in full when their lease ended, until a late settlement corrects
+    # them or LOST_TTL_S passes: rid -> (cost, exp).
+    lost: dict[str, tuple[int, float]] = field(default_factory=dict)
+    lost_heap: list[tuple[float, str]] = field(default_factory=list)
 
     def expire(self, now: float) -> None:
-        """Drop the holds whose lease ended."""
+        """Charge the holds whose lease ended in full (lost), and forget lost charges
+        older than LOST_TTL_S."""
         for rid in _pop_expired(self.heap, self.holds, now, lambda h: h[1]):
-            self.reserved -= self.holds.pop(rid)[0]
+            cost, exp = self.holds.pop(rid)
+            self.reserved -= cost
+            self.spent += cost
+            self.lost[rid] = (cost, exp)
+            heapq.heappush(self.lost_heap, (exp, rid))
+        for rid in _pop_expired(self.lost_heap, self.lost, now - LOST_TTL_S, lambda h: h[1]):
+            del self.lost[rid]
 
     def balance(self, now: float) -> tuple[int, int]:
         """(spent, reserved) at `now`."""
         self.expire(now)
         return self.spent, self.reserved
 
+    def charge(self, request_id: str, cost_nano: int) -> int:
+        """Settle the request's budget hold at `cost_nano`: 1 if it was held, 2 if it had
+        been charged as lost (corrected to the real cost), 0 if neither (unknown,
+        already settled)."""
+        held = self.holds.pop(request_id, None)
+        if held is not None:
+            self.reserved -= held[0]
+            self.spent += cost_nano
+            return 1
+        lost = self.lost.pop(request_id, None)
+        if lost is not None:
+            self.spent += cost_nano - lost[0]
+            return 2
+        return 0
+
 
 def expire(key: KeyState, now: float) -> None:
-    """Drop the key's holds (and their leases) whose lease ended."""
+    """Holds whose lease ended free their concurrency slot and wait in `ended`."""
     for rid in _pop_expired(key.heap, key.holds, now, lambda h: h.exp):
-        del key.holds[rid]
+        key.ended[rid] = key.holds.pop(rid)
         key.leased.discard(rid)
+
+
+def sweep(key: KeyState, now: float) -> list[Hold]:
+    """Claim the key's holds whose lease ended unsettled: lost. Each is returned once;
+    the store then expires its ledger (which charges it) and writes its record."""
+    expire(key, now)
+    lost = list(key.ended.values())
+    key.ended.clear()
+    return lost
+
+
+def held(key: KeyState, request_id: str) -> bool:
+    """Whether the request still holds something (live, or ended and not yet claimed)."""
+    return request_id in key.holds or request_id in key.ended
 
 
 def bucket_now(key: KeyState, capacity: int, now: float, window_s: float) -> float:
@@ -196,7 +248,7 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
           w: float = WINDOW_S) -> Verdict:
     """Every check, in order; the first failure is the reason. Reads only (the ledger's
     expired holds are dropped, which nothing can observe)."""
-    duplicate = tracked(limits) and ask.request_id in key.holds
+    duplicate = tracked(limits) and held(key, ask.request_id)
     reason, retry = ("duplicate" if duplicate else ""), None
     g = None
     if limits.rpm is not None:
@@ -256,7 +308,7 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
         ledger.holds[rid] = (ask.cost_nano, exp)
         heapq.heappush(ledger.heap, (exp, rid))
     if tracked(limits):
-        key.holds[rid] = Hold(ask.tokens if limits.tpm is not None else None, exp)
+        key.holds[rid] = Hold(ask.tokens if limits.tpm is not None else None, exp, ask)
         heapq.heappush(key.heap, (exp, rid))
 
 
@@ -280,14 +332,16 @@ def admit(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
 class Settled:
     """What a settlement did, and how the real usage compares with the request's hold.
 
-    `applied`: this call found the request's hold live and charged it (False for a
-    repeat, an unknown request, or one whose lease had ended). The overruns describe
-    the request whatever `applied` says, so count them where a request is settled once.
+    `applied`: this call settled the request (False for a repeat or an unknown request).
+    `corrected`: its hold had been charged in full as lost; this corrected the charge.
+    The overruns describe the request whatever `applied` says, so count them where a
+    request is settled once.
     """
 
     applied: bool
     overrun_nano: int = 0  # real cost past the worst case held (charged when applied)
     overrun_tokens: int = 0  # real tokens past the TPM reservation (a typical estimate)
+    corrected: bool = False
 
     @property
     def bound_violated(self) -> bool:
@@ -295,32 +349,49 @@ class Settled:
         return self.overrun_nano > 0
 
 
-def settled(ask: Ask, used_tokens: int, cost_nano: int, *, applied: bool) -> Settled:
+def settled(ask: Ask, used_tokens: int, cost_nano: int, *, applied: bool,
+            corrected: bool = False) -> Settled:
     """A settlement's result for `ask` and its real usage."""
     return Settled(applied, max(0, cost_nano - ask.cost_nano),
-                   max(0, used_tokens - ask.tokens))
+                   max(0, used_tokens - ask.tokens), corrected)
 
 
 def settle(limits: Limits, ask: Ask, used_tokens: int, cost_nano: int, key: KeyState | None,
            ledger: Ledger | None, now: float, w: float = WINDOW_S) -> Settled:
-    """End of the request: release its hold and lease; while live, charge the real cost
-    (even past the hold) and give back the tokens it did not use (or take the overrun).
-    Idempotent by request_id: a second call, or one for an unknown id, changes nothing."""
+    """End of the request: release its hold and lease and charge the real cost (even
+    past the hold); while the hold is live, give back the tokens it did not use (or take
+    the overrun). A hold charged as lost is corrected to the real cost. Idempotent by
+    request_id: a second call, or one for an unknown id, changes nothing."""
     check_usage(used_tokens, cost_nano)
-    hold = key.holds.pop(ask.request_id, None) if key is not None else None
-    if key is None or hold is None:
-        return settled(ask, used_tokens, cost_nano, applied=False)
-    key.leased.discard(ask.request_id)
-    live = settle_charges(hold.exp, now)
-    budget_hold = ledger.holds.pop(ask.request_id, None) if ledger is not None else None
-    if ledger is not None and budget_hold is not None:
-        ledger.reserved -= budget_hold[0]
-        if live:
-            ledger.spent += cost_nano
-    if live and hold.tokens is not None and limits.tpm is not None:
+    rid = ask.request_id
+    hold = None
+    if key is not None:
+        hold = key.holds.pop(rid, None) or key.ended.pop(rid, None)
+        key.leased.discard(rid)
+    charged = ledger.charge(rid, cost_nano) if ledger is not None else 0
+    if (key is not None and hold is not None and settle_charges(hold.exp, now)
+            and hold.tokens is not None and limits.tpm is not None):
         level = bucket_now(key, limits.tpm, now, w)
         key.level, key.ts = bucket_refund(level, hold.tokens, used_tokens, limits.tpm), now
-    return settled(ask, used_tokens, cost_nano, applied=live)
+    return settled(ask, used_tokens, cost_nano, applied=hold is not None or charged > 0,
+                   corrected=charged == 2)
+
+
+def lost_record(ask: Ask) -> UsageRecord | None:
+    """The usage record of a hold charged as lost: its full hold, `estimated`, status
+    LOST. None when the hold carries no record material (`Ask.record`)."""
+    rec = ask.record
+    if rec is None:
+        return None
+    return UsageRecord(
+        request_id=ask.request_id, key_id=rec.key_id or ask.key_id, org=ask.org,
+        model=rec.model, upstream_model=rec.upstream_model, backend="",
+        prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens,
+        total_tokens=rec.prompt_tokens + rec.completion_tokens,
+        cost_usd=format(nano_to_usd(ask.cost_nano).normalize(), "f"), status=LOST,
+        stream=rec.stream, estimated=True, started_at=rec.started_at,
+        duration_ms=ask.lease_s * 1000, endpoint=rec.endpoint,
+    )
 
 
 def consume(limits: Limits, key: KeyState, requests: int, tokens: int, now: float,

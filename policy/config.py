@@ -172,6 +172,9 @@ class EnvoySettings(_Strict):
     route_timeout_s: float = Field(default=120.0, gt=0)
     # How long Envoy waits for one ext_authz / ext_proc answer.
     decision_timeout_ms: int = Field(default=2000, ge=10)
+    # When ext_proc (the metering) goes away mid-response: `serve` the rest unmetered, or
+    # `cut` the stream. Either way the lost-hold sweep writes the request's record.
+    on_metering_loss: Literal["serve", "cut"] = "serve"
 
 
 class KeyStoreSettings(_Strict):

@@ -43,6 +43,21 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldRecord:
+    """What the usage record of a lost hold says about its request (see
+    policy.admission.lost_record): the request as admitted, with its worst case."""
+
+    model: str  # the alias the client asked for
+    upstream_model: str
+    endpoint: str
+    stream: bool
+    prompt_tokens: int  # the prompt bound
+    completion_tokens: int  # the completion bound (max_tokens x every multiplier)
+    started_at: str  # as UsageRecord.started_at (ISO 8601, UTC, "Z")
+    key_id: str = ""  # the requesting key, when the hold is its org's ("": Ask.key_id)
+
+
+@dataclass(frozen=True, slots=True)
 class Ask:
     """What one request asks to reserve at admission."""
 
@@ -52,7 +67,10 @@ class Ask:
     tokens: int  # TPM reservation: prompt bound + completion ceiling
     cost_nano: int  # worst-case cost
     period: str  # budget period id, see period_id()
-    lease_s: float  # after this, an unsettled reservation (a lost replica) expires
+    lease_s: float  # after this, an unsettled hold (a lost replica) is charged in full
+    # The material of the `lost` usage record written if the hold is never settled;
+    # None: this hold writes none (an org's hold whose key holds too, GET /v1/models).
+    record: HoldRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)

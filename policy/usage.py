@@ -38,9 +38,15 @@ def usage_from_obj(obj: Any) -> Usage | None:
     return Usage(p, c)
 
 
+# The status of a record written for a hold whose request never settled (its replica
+# died): charged at its full hold, `estimated`. A later real record supersedes it.
+LOST = "lost"
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One per admitted request (contract §5). `cost_usd` is an exact decimal string."""
+    """One per admitted request (contract §5). `cost_usd` is an exact decimal string.
+    `status` is the HTTP status (499: the client went away), or LOST."""
 
     request_id: str
     key_id: str
@@ -52,7 +58,7 @@ class UsageRecord:
     completion_tokens: int
     total_tokens: int
     cost_usd: str
-    status: int
+    status: int | str
     stream: bool
     estimated: bool
     started_at: str
@@ -65,6 +71,11 @@ class UsageRecord:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(UsageRecord))
+
+
+def iso_z(moment: datetime) -> str:
+    """A record's time: ISO 8601 in UTC with a `Z`."""
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def make_record(
@@ -98,7 +109,7 @@ def make_record(
         status=status,
         stream=stream,
         estimated=estimated,
-        started_at=started_at.isoformat().replace("+00:00", "Z"),
+        started_at=iso_z(started_at),
         duration_ms=round(duration_ms, 3),
         endpoint=endpoint,
     )

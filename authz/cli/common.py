@@ -78,3 +78,14 @@ def run_async(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
         return
     uvloop.run(coro)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from authz.cli.common import Parents, Subparsers, load, parse_time
+from authz.cli.common import Parents, Subparsers, load, parse_time, positive_int
 from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
@@ -33,9 +33,9 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     c.add_argument("--scope", action="append", choices=SCOPES,
                    help="repeatable; default: all scopes")
     c.add_argument("--model", action="append", help="allowed alias (repeatable); default: all")
-    c.add_argument("--rpm", type=_positive, help="requests per minute")
-    c.add_argument("--tpm", type=_positive, help="tokens per minute")
-    c.add_argument("--max-concurrent", type=_positive, help="in-flight requests")
+    c.add_argument("--rpm", type=positive_int, help="requests per minute")
+    c.add_argument("--tpm", type=positive_int, help="tokens per minute")
+    c.add_argument("--max-concurrent", type=positive_int, help="in-flight requests")
     c.add_argument("--budget", type=_usd, help="USD per budget period")
     c.add_argument("--budget-period", choices=["day", "month", "total"], default="month")
     c.add_argument("--expires", type=_when, help="ISO 8601 time, e.g. 2027-01-01T00:00:00Z")
@@ -52,16 +52,6 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     rv = ksub.add_parser("revoke", parents=[common], help="revoke a key (within 2 s everywhere)")
     rv.add_argument("id")
     rv.set_defaults(func=cmd_revoke)
-
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return n
 
 
 def _usd(v: str) -> Decimal:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from authz.cli import check, envoy, keys, serve, sim, usage
+from authz.cli import audit, check, envoy, keys, serve, sim, usage
 from authz.cli.common import Handler, Parents, Parser
 from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyExists, ReadOnlyStore, StoreUnavailable
@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = Parents.build()
     # One module per command group, in the order `--help` lists them.
-    for group in (serve, sim, envoy, check, keys, usage):
+    for group in (serve, sim, envoy, check, keys, usage, audit):
         group.add_parsers(sub, parents)
     return p
 

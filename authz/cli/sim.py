@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from authz.cli.common import Parents, Subparsers, run_async
+from authz.cli.common import Parents, Subparsers, positive_int, run_async
 from authz.runtime.settings import Settings
 from policy.config import parse_hostport
 
@@ -17,22 +17,12 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     s.add_argument("--model", action="append", help="model name to serve (repeatable)")
     s.add_argument("--ttft-ms", type=float, default=0.0)
     s.add_argument("--tpot-ms", type=float, default=0.0)
-    s.add_argument("--max-model-len", type=_positive, default=None,
+    s.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context length: a chat request without max_tokens may generate up "
                         "to this less its prompt, as vLLM does (default 32768)")
-    s.add_argument("--default-max-tokens", type=_positive, default=None,
+    s.add_argument("--default-max-tokens", type=positive_int, default=None,
                    help="generate at most this many tokens when a request names no limit")
     s.set_defaults(func=cmd_sim)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:

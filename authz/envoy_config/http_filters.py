@@ -154,12 +154,13 @@ def ext_proc(cfg: Config) -> ExternalProcessor:
     return ExternalProcessor(
         # No deadline on the stream itself: it lives as long as the response it meters.
         grpc_service=_grpc(),
-        # Fails open, yet no request reaches a backend without ext_proc's answer: only
-        # that answer names the cluster (`cluster_from_metadata`), and without one the
-        # request ends in a 503 (local_replies). Failing closed would instead cut
-        # Envoy's own replies: with the response body STREAMED for every request, those
-        # (ext_authz's 503 when the services are down, say) pass through ext_proc too.
-        failure_mode_allow=True,
+        # `serve` fails open, yet no request reaches a backend without ext_proc's answer:
+        # only that answer names the cluster (`cluster_from_metadata`), and without one
+        # the request ends in a 503 (local_replies); a response in flight when the
+        # service dies is served to its end, unmetered. `cut` resets that response and,
+        # as every response body passes through ext_proc, the body of Envoy's own error
+        # replies (ext_authz's 503) while the service is down: status, then a reset.
+        failure_mode_allow=cfg.envoy.on_metering_loss == "serve",
         processing_mode=mode,
         # Each answer must come within the decision timeout.
         message_timeout=ms(cfg.envoy.decision_timeout_ms),

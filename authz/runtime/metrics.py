@@ -32,3 +32,19 @@ class Metrics:
             "tokenbooth_decision_seconds", "Time to answer one Envoy message",
             ("service",), buckets=_DECISION_BUCKETS, registry=r,
         )
+        # Money (issue 12): each should stay at zero; the audit explains a non-zero one.
+        self.hold_bound_violations = Counter(
+            "tokenbooth_hold_bound_violations",
+            "Settlements whose real cost passed the admission hold (charged all the same)",
+            ("model",), registry=r,
+        )
+        self.lost_holds = Counter(
+            "tokenbooth_lost_holds",
+            "Holds whose replica died, settled at the full hold with an estimated record",
+            registry=r,
+        )
+        self.settlements_spooled = Counter(
+            "tokenbooth_settlements_spooled",
+            "Settlements that could not reach the limit store and were spooled to disk",
+            registry=r,
+        )

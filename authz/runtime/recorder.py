@@ -16,6 +16,19 @@ class Recorder:
         self._sink = sink
         self._m = metrics
 
+    def bound_violation(self, model: str) -> None:
+        """A settlement passed its hold (charged all the same; logged by Admission)."""
+        self._m.hold_bound_violations.labels(model).inc()
+
+    def lost(self, rec: UsageRecord) -> None:
+        """The record of a hold whose replica died, settled at its full hold."""
+        self._m.lost_holds.inc()
+        self.record(rec)
+
+    def spooled(self) -> None:
+        """A settlement went to the disk spool: the limit store did not answer."""
+        self._m.settlements_spooled.inc()
+
     def record(self, rec: UsageRecord) -> None:
         try:
             self._sink.write(rec)

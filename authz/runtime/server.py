@@ -29,7 +29,7 @@ from authz.state.limits.base import LimitStore
 from authz.state.limits.factory import make_limit_store
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
-from policy.config import parse_hostport
+from policy.config import Config, parse_hostport
 
 log = logging.getLogger("tokenbooth.server")
 
@@ -59,23 +59,34 @@ class Services:
     _health: health.aio.HealthServicer | None = None
     _reload: asyncio.Task[None] | None = None
     _ready: bool = False
+    _admission: Admission | None = None
 
     def ready(self) -> bool:
         return self._ready
 
-    async def start(self) -> None:
-        cfg = self.runtime.snapshot.config
+    async def _start_state(self, cfg: Config) -> tuple[Recorder, Admission]:
+        """Keys, records, limits and admission, in the order their starts need."""
         if self.store is None:
             self.store = make_store(cfg)
         await self.store.start()
-        if self.limits is None:
-            self.limits = make_limit_store(cfg)
-        await self.limits.start()
+        # The sink first: the limit store's start may write the records of lost holds.
         if self.sink is None:
             self.sink = make_sink(cfg)
         if isinstance(self.sink, RedisUsageSink):
             await self.sink.start()
         recorder = Recorder(self.sink, self.metrics)
+        if self.limits is None:
+            self.limits = make_limit_store(cfg, on_lost=recorder.lost)
+        await self.limits.start()
+        self._admission = Admission(
+            self.limits, cfg.limits.on_store_error, spool_dir=cfg.data_dir / "settle-spool",
+            on_lost=recorder.lost, on_spooled=recorder.spooled)
+        await self._admission.start()
+        return recorder, self._admission
+
+    async def start(self) -> None:
+        cfg = self.runtime.snapshot.config
+        recorder, admission = await self._start_state(cfg)
         if self.tracer_provider is None:
             settings = self.runtime.settings
             # Never connects here.
@@ -94,8 +105,7 @@ class Services:
         )
         protos.add_ExternalProcessorServicer_to_server(
             ExternalProcessorService(self.runtime, recorder, self.metrics,
-                                     Admission(self.limits, cfg.limits.on_store_error),
-                                     tracer),
+                                     admission, tracer),
             server,
         )
         self._health = health.aio.HealthServicer()
@@ -142,6 +152,8 @@ class Services:
             await self._server.stop(self.grace_s)
         if self._side is not None:
             await self._side.cleanup()
+        if self._admission is not None:
+            await self._admission.close()  # after the streams: their settlements are in
         if isinstance(self.sink, RedisUsageSink):
             await self.sink.aclose()  # delivers what it can in ~2 s; the spool keeps the rest
         elif self.sink is not None:

@@ -31,11 +31,11 @@ from policy.config import Config
 from policy.endpoints import Endpoint, Kind, lookup
 from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
 from policy.keys import Principal
-from policy.limits import Ask, Decision, Limits, cost_nano, period_id, rate_headers
+from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
 from policy.routing import Route
 from policy.stream_usage import StreamMeter
-from policy.usage import Usage, make_record, usage_from_obj
+from policy.usage import Usage, iso_z, make_record, usage_from_obj
 
 Headers = tuple[tuple[str, str], ...]
 # A JSON response is kept to read its `usage`, up to this size (past it: estimated).
@@ -170,11 +170,17 @@ class Lifecycle:
         assert route is not None  # parse_request checked the alias
         body = forwarded_body(req, cfg)
         # The hold: every multiplier and prompt-bearing field (policy/request.py).
-        decision = await self._admit(self._make_ask(req.hold_tokens, req.hold_cost_nano()))
+        record = HoldRecord(
+            model=req.alias, upstream_model=route.upstream_model, endpoint=self.endpoint.name,
+            stream=req.stream, prompt_tokens=req.prompt_bound,
+            completion_tokens=req.completion_bound, started_at=iso_z(self._started))
+        decision = await self._admit(self._make_ask(req.hold_tokens, req.hold_cost_nano(),
+                                                    record))
         self.req, self.route = req, route  # admitted: from here a record is owed
         return Forward(body, route.cluster, rate_headers(decision))
 
-    def _make_ask(self, tokens: int, cost: int) -> Ask:
+    def _make_ask(self, tokens: int, cost: int, record: HoldRecord | None = None) -> Ask:
+        """What admission holds; `record` is what a lost hold's usage record says."""
         assert self.principal is not None
         lim = self.principal.limits
         return Ask(
@@ -185,6 +191,7 @@ class Lifecycle:
             cost_nano=cost,
             period=period_id(lim.budget_period, self._started),
             lease_s=self._snap.config.envoy.route_timeout_s + 30,
+            record=record,
         )
 
     def _org_hold(self, ask: Ask) -> tuple[Limits, Ask] | None:
@@ -294,8 +301,10 @@ class Lifecycle:
         if pending is None or self._ask is None or self.principal is None:
             return
         now = self._rt.clock()
-        await self._admission.settle(self.principal.limits, self._ask, pending[0], pending[1],
-                                     now)
+        done = await self._admission.settle(self.principal.limits, self._ask, pending[0],
+                                            pending[1], now)
+        if done.bound_violated and self.req is not None:
+            self._rec.bound_violation(self.req.alias)
         if self._org is not None:
             await self._admission.settle(*self._org, pending[0], pending[1], now)
 

@@ -83,7 +83,7 @@ def test_the_entry_point_and_python_m_reach_the_same_main() -> None:
     assert getattr(importlib.import_module(module), attr) is main
     r = tb("--help")
     assert r.returncode == 0
-    for command in ("up", "serve", "sim", "envoy", "check-config", "keys", "usage"):
+    for command in ("up", "serve", "sim", "envoy", "check-config", "keys", "usage", "audit"):
         assert f"    {command}" in r.stdout
 
 
@@ -104,7 +104,7 @@ def test_one_module_per_command_group_and_no_import_cycle() -> None:
     cli = ROOT / "authz" / "cli"
     graph = {f"authz.cli.{p.stem}": cli_imports(p) for p in cli.glob("*.py")
              if p.stem != "__init__"}
-    groups = {"check", "envoy", "keys", "serve", "sim", "usage"}
+    groups = {"audit", "check", "envoy", "keys", "serve", "sim", "usage"}
     assert set(graph) == {"authz.cli.main", "authz.cli.common", "authz.cli.__main__"} | {
         f"authz.cli.{g}" for g in groups}
     assert graph["authz.cli.main"] == {"authz.cli.common"} | {f"authz.cli.{g}" for g in groups}

@@ -139,8 +139,9 @@ def test_concurrency_slots_are_released_on_every_ending(gateway: Gateway) -> Non
 
 
 def test_budget_is_never_exceeded_and_429_insufficient_quota(gateway: Gateway) -> None:
-    # Worst case per request ~$0.04 (20 output tokens at $1.50/1k + the prompt bound).
-    key, key_id = new_key(gateway, "--budget", "0.2", "--budget-period", "total")
+    # Worst case per request ~$0.29: 20 output tokens at $1.50/1k, and the prompt bound
+    # at $0.50/1k (its bytes + the chat template's allowance, 512 + 16 per message).
+    key, key_id = new_key(gateway, "--budget", "1.0", "--budget-period", "total")
     refused = None
     for _ in range(200):
         try:
@@ -151,7 +152,7 @@ def test_budget_is_never_exceeded_and_429_insufficient_quota(gateway: Gateway) -
     assert refused is not None and refused.code == "insufficient_quota"
     assert "retry-after" not in refused.response.headers  # a total budget never resets
     spent = Decimal(usage_of(gateway, key_id)["totals"]["cost_usd"])
-    assert Decimal("0.1") < spent <= Decimal("0.2")
+    assert Decimal("0.5") < spent <= Decimal("1.0")
 
 
 def test_64_concurrent_streams_over_two_replicas_never_overspend(
@@ -166,7 +167,7 @@ def test_64_concurrent_streams_over_two_replicas_never_overspend(
     try:
         with run_gateway(tmp_path_factory.mktemp("gw-a"), state=server.url) as a, \
                 run_gateway(tmp_path_factory.mktemp("gw-b"), state=server.url) as b:
-            budget = Decimal("0.3")  # ~10 requests of ~$0.03; 64 try at once
+            budget = Decimal("3")  # holds of ~$0.30 (the prompt bound): ~10 at once of 64
             key, key_id = new_key(a, "--budget", str(budget), "--budget-period", "day")
             new_key_seen = time.monotonic() + 3
             while True:  # replica b sees the key through Redis

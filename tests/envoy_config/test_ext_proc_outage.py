@@ -1,12 +1,18 @@
 """ext_proc fails open in Envoy's configuration, yet nothing reaches a backend without it.
 
 Real Envoy, a real backend that counts what it receives, and a gRPC server that allows
-every request at ext_authz but does not serve ext_proc at all (UNIMPLEMENTED).
+every request at ext_authz but does not serve ext_proc at all (UNIMPLEMENTED). Then the
+real services, SIGKILLed with a stream in flight: `envoy.on_metering_loss` decides
+whether Envoy serves the rest of it unmetered or cuts it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -19,12 +25,12 @@ from typing import Any
 import grpc
 import pytest
 
-from authz.runtime.procs import PortAllocator
+from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
 from authz.services import protos
 from policy.config import Config, load_config
 from policy.routing import CLUSTER_HEADER, model_cluster_name
 from tests.envoy_config.test_bootstrap import run_envoy
-from tests.helpers import write_policy
+from tests.helpers import SECRET, write_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +117,96 @@ def test_without_ext_proc_no_request_reaches_the_backend(no_ext_proc: Config,
     assert (empty[0], empty[1]["error"]["code"]) == (400, "invalid_request")
     assert "request body" in empty[1]["error"]["message"]
     assert _Backend.posts == []
+
+
+@pytest.fixture
+def services_and_sim(tmp_path: Path, request: pytest.FixtureRequest
+                     ) -> Iterator[tuple[Config, subprocess.Popen[bytes]]]:
+    """`tokenbooth sim` and `tokenbooth serve` (its process, to kill) on free ports, with
+    `envoy.on_metering_loss` set to the test's parameter."""
+    ports = PortAllocator()
+    sim = f"127.0.0.1:{ports.free_port()}"
+    path = write_policy(
+        tmp_path, f"http://{sim}", listen=f"127.0.0.1:{ports.free_port()}",
+        services={"grpc_listen": f"127.0.0.1:{ports.free_port()}",
+                  "http_listen": f"127.0.0.1:{ports.free_port()}"},
+        envoy={"admin_listen": f"127.0.0.1:{ports.free_port()}",
+               "on_metering_loss": request.param},
+    )
+    cfg = load_config(path)
+    py = [sys.executable, "-m", "authz.cli"]
+    with (tmp_path / "procs.log").open("wb") as log:
+        procs = [spawn([*py, "sim", "--listen", sim], stdout=log, stderr=log),
+                 spawn([*py, "serve", "--config", str(path)], stdout=log, stderr=log)]
+    try:
+        wait_until(lambda: http_ok(f"http://{sim}/health"), "sim", alive=procs)
+        wait_until(lambda: http_ok(f"http://{cfg.services.http_listen}/readyz"), "serve",
+                   alive=procs)
+        yield cfg, procs[1]
+    finally:
+        stop(procs)
+
+
+def _open_stream(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+    """A chat stream of 40 tokens, 50 ms apart (the simulator's per-request hook)."""
+    body = {"model": "demo", "stream": True, "max_tokens": 40,
+            "messages": [{"role": "user", "content": "hi"}]}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), headers={
+        "authorization": f"Bearer {SECRET}", "content-type": "application/json",
+        "x-sim-tpot-ms": "50"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    return resp
+
+
+def _read_rest(resp: http.client.HTTPResponse) -> tuple[bytes, bool]:
+    """What is left of the response, and whether it ended cleanly (not cut)."""
+    out = b""
+    try:
+        while chunk := resp.read1(65536):
+            out += chunk
+    except (http.client.IncompleteRead, ConnectionError):
+        return out, False
+    return out, True
+
+
+@pytest.mark.parametrize("services_and_sim", ["serve", "cut"], indirect=True)
+def test_a_stream_in_flight_when_the_metering_dies(
+        services_and_sim: tuple[Config, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    cfg, serve = services_and_sim
+    with run_envoy(cfg, tmp_path):
+        chat = json.dumps({"model": "demo", "max_tokens": 1,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        wait_until(lambda: _call(cfg, "POST", "/v1/chat/completions", chat,
+                                 authorization=f"Bearer {SECRET}")[0] == 200, "the backend")
+        host, port = cfg.listen.split(":")
+        with contextlib.closing(http.client.HTTPConnection(host, int(port), timeout=30)) as c:
+            resp = _open_stream(c)
+            assert resp.read1(65536).startswith(b"data: ")
+            serve.kill()
+            serve.wait()
+            rest, clean = _read_rest(resp)
+        # With the services gone a new request gets Envoy's 503. Under `cut` its body is
+        # cut too: the error reply passes through ext_proc, which can no longer answer.
+        after = _status_and_body(cfg)
+    if cfg.envoy.on_metering_loss == "serve":
+        assert clean and rest.rstrip().endswith(b"data: [DONE]"), rest
+        status, body = after
+        assert status == 503 and body is not None
+        assert json.loads(body)["error"]["code"] == "service_unavailable"
+    else:
+        assert not clean and b"[DONE]" not in rest, rest
+        assert after == (503, None)
+
+
+def _status_and_body(cfg: Config) -> tuple[int, bytes | None]:
+    """A chat request's status and body (None: the body was cut)."""
+    host, port = cfg.listen.split(":")
+    with contextlib.closing(http.client.HTTPConnection(host, int(port), timeout=10)) as c:
+        c.request("POST", "/v1/chat/completions", b'{"model": "demo"}', headers={
+            "authorization": f"Bearer {SECRET}", "content-type": "application/json"})
+        resp = c.getresponse()
+        try:
+            return resp.status, resp.read()
+        except (http.client.IncompleteRead, ConnectionError):
+            return resp.status, None

@@ -10,6 +10,7 @@ from decimal import Decimal
 import pytest
 
 from policy.admission import (
+    LOST_TTL_S,
     Hold,
     KeyState,
     Ledger,
@@ -19,15 +20,18 @@ from policy.admission import (
     expire,
     hold_live,
     limits_from,
+    lost_record,
     org_hold,
     refusal,
     settle,
     settle_charges,
+    sweep,
 )
 from policy.config import OrgLimits
 from policy.keyrecord import KeyRecord
 from policy.keys import limits_of
-from policy.limits import Ask, Decision, Limits
+from policy.limits import Ask, Decision, HoldRecord, Limits
+from policy.usage import LOST, UsageRecord
 
 T0 = 1_000.0
 
@@ -76,14 +80,17 @@ def test_budget() -> None:
 
 
 def test_duplicate_request_id() -> None:
-    key, ledger, lim = KeyState(), Ledger(), Limits(budget_nano=100)
+    key, ledger, lim = KeyState(), Ledger(), Limits(budget_nano=200)
     a = ask("same", cost=60, lease=10.0)
     assert admit(lim, a, key, ledger, T0).allowed
     assert admit(lim, a, key, ledger, T0 + 1) == Decision(False, "duplicate")
     assert settle(lim, a, 0, 10, key, ledger, T0 + 2) == Settled(True)
     assert admit(lim, a, key, ledger, T0 + 2).allowed  # settled: the id may be reused
-    assert admit(lim, a, key, ledger, T0 + 12).allowed  # expired: likewise
-    assert ledger.balance(T0 + 12) == (10, 60)
+    # Its lease ended unsettled: still held until the sweep claims it as lost.
+    assert admit(lim, a, key, ledger, T0 + 12).reason == "duplicate"
+    assert [h.ask for h in sweep(key, T0 + 12)] == [a]
+    assert admit(lim, a, key, ledger, T0 + 12).allowed  # claimed: likewise free again
+    assert ledger.balance(T0 + 12) == (10 + 60, 60)  # the lost hold was charged in full
     # A key with only an RPM limit holds nothing, so it keeps no ids.
     rpm_only = KeyState()
     assert admit(Limits(rpm=5), a, rpm_only, None, T0).allowed
@@ -96,8 +103,9 @@ def test_duplicate_request_id() -> None:
 def everything_spent() -> tuple[KeyState, Ledger]:
     """A key over every limit at T0: the RPM slot taken, one lease, an empty bucket, a
     spent budget."""
-    key = KeyState(tat=T0 + 60.0, level=0.0, ts=T0, holds={"x": Hold(0, T0 + 100)},
-                   leased={"x"}, heap=[(T0 + 100, "x")])
+    key = KeyState(tat=T0 + 60.0, level=0.0, ts=T0,
+                   holds={"x": Hold(0, T0 + 100, ask("x", lease=100))}, leased={"x"},
+                   heap=[(T0 + 100, "x")])
     return key, Ledger(spent=5)
 
 
@@ -177,24 +185,69 @@ def test_the_liveness_rule() -> None:
     assert settle_charges(10.0, 9.999) and not settle_charges(10.0, 10.0)
 
 
-def test_an_expired_hold_stops_counting_and_a_late_settle_charges_nothing() -> None:
+def test_a_lost_hold_is_charged_in_full_and_a_late_settle_corrects_it() -> None:
     a = ask("lost", tokens=600, cost=4_000, lease=10.0)
     key, ledger = admitted(a)
     assert admit(LIM, ask("b"), key, ledger, T0 + 9.999).reason == "concurrency"
     assert ledger.balance(T0 + 9.999) == (0, 4_000)
-    assert ledger.balance(T0 + 10) == (0, 0)
+    # The lease ended unsettled: spent + reserved does not move, the hold is spent.
+    assert ledger.balance(T0 + 10) == (4_000, 0)
+    assert ledger.lost == {"lost": (4_000, T0 + 10)}
     expire(key, T0 + 10)
-    assert (key.holds, key.leased) == ({}, set())
-    level = key.level
-    assert settle(LIM, a, 100, 5_000, key, ledger, T0 + 10) == Settled(False, 1_000, 0)
-    assert (ledger.spent, key.level) == (0, level)
+    assert (key.holds, key.leased, list(key.ended)) == ({}, set(), ["lost"])
+    assert [h.ask for h in sweep(key, T0 + 10)] == [a]
+    assert sweep(key, T0 + 11) == [] and key.ended == {}  # claimed once
+    level = key.level  # its tokens stay taken
+    # The settlement arrives late: the charge becomes the real cost, exactly once.
+    assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 20) == Settled(True, corrected=True)
+    assert (ledger.spent, ledger.reserved, ledger.lost, key.level) == (1_500, 0, {}, level)
+    assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 20) == Settled(False)
+    assert ledger.spent == 1_500
+    # An overrun corrects upwards, past the hold.
+    b = ask("lost2", cost=1_000, lease=10.0)
+    assert admit(LIM, b, key, ledger, T0 + 20).allowed
+    assert ledger.balance(T0 + 30) == (2_500, 0)
+    assert settle(LIM, b, 0, 1_200, key, ledger, T0 + 31) == Settled(True, 200, 0, True)
+    assert ledger.balance(T0 + 31) == (2_700, 0)
 
 
-def test_a_late_settle_before_the_purge_only_cleans_up() -> None:
+def test_a_late_settle_before_the_sweep_charges_the_real_cost_without_refund() -> None:
     a = ask("late", tokens=600, cost=4_000, lease=10.0)
     key, ledger = admitted(a)
-    assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 10) == Settled(False)
-    assert (ledger.spent, ledger.reserved, key.level, key.holds) == (0, 0, 400.0, {})
+    assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 10) == Settled(True)
+    assert (ledger.spent, ledger.reserved, key.level, key.holds) == (1_500, 0, 400.0, {})
+    assert sweep(key, T0 + 10) == []  # settled: nothing lost, no lost record
+    assert ledger.balance(T0 + 10) == (1_500, 0)
+
+
+def test_a_lost_charge_is_correctable_for_lost_ttl() -> None:
+    a, b = ask("a", cost=300, lease=10.0), ask("b", cost=200, lease=10.0)
+    key, ledger = admitted(a)
+    assert admit(Limits(budget_nano=10_000), b, key, ledger, T0).allowed
+    assert ledger.balance(T0 + 10) == (500, 0)
+    assert set(ledger.lost) == {"a", "b"} and len(sweep(key, T0 + 10)) == 2
+    assert settle(LIM, a, 0, 100, key, ledger, T0 + 10 + LOST_TTL_S - 1).applied
+    assert ledger.balance(T0 + 10 + LOST_TTL_S) == (300, 0)
+    assert ledger.lost == {} and ledger.lost_heap == []  # forgotten: a settle is a no-op
+    assert settle(LIM, b, 0, 1, key, ledger, T0 + 10 + LOST_TTL_S) == Settled(False)
+    assert ledger.spent == 300
+
+
+def test_the_lost_record_is_the_full_hold_estimated() -> None:
+    rec = HoldRecord(model="demo", upstream_model="tiny", endpoint="chat", stream=True,
+                     prompt_tokens=120, completion_tokens=380,
+                     started_at="2026-11-23T12:00:00Z")
+    a = Ask("r9", "k1", "acme", 500, 1_500_000, "day:2026-11-23", 150.0, rec)
+    assert lost_record(a) == UsageRecord(
+        request_id="r9", key_id="k1", org="acme", model="demo", upstream_model="tiny",
+        backend="", prompt_tokens=120, completion_tokens=380, total_tokens=500,
+        cost_usd="0.0015", status=LOST, stream=True, estimated=True,
+        started_at="2026-11-23T12:00:00Z", duration_ms=150_000.0, endpoint="chat")
+    org_hold_of_k1 = Ask("r9", "org:acme", "acme", 500, 0, "total", 150.0,
+                         HoldRecord("demo", "tiny", "chat", False, 1, 2, "", key_id="k1"))
+    lost = lost_record(org_hold_of_k1)
+    assert lost is not None and (lost.key_id, lost.cost_usd) == ("k1", "0")
+    assert lost_record(ask()) is None  # no material: this hold writes no record
 
 
 # -- usage admitted elsewhere -------------------------------------------------------------

@@ -16,10 +16,11 @@ import redis
 from authz.state.limits.base import LimitStore
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
-from policy.admission import Settled
+from policy.admission import LOST_TTL_S, Settled
 from policy.limits import (
     Ask,
     Decision,
+    HoldRecord,
     Limits,
     bucket_level,
     bucket_refund,
@@ -59,10 +60,11 @@ _n = 0
 
 
 def ask(key: str = "k1", *, tokens: int = 0, cost: int = 0, period: str = "month:2025-01",
-        lease_s: float = 30.0, rid: str | None = None) -> Ask:
+        lease_s: float = 30.0, rid: str | None = None, record: HoldRecord | None = None
+        ) -> Ask:
     global _n
     _n += 1
-    return Ask(rid or f"req-{_n}", key, "acme", tokens, cost, period, lease_s)
+    return Ask(rid or f"req-{_n}", key, "acme", tokens, cost, period, lease_s, record)
 
 
 async def test_implements_the_protocol(store: Any) -> None:
@@ -190,19 +192,20 @@ async def test_budget_reserve_charge_and_expire(store: Any) -> None:
     assert await store.budget("k1", "acme", p, T0 + 1) == (500, 400)
     assert await store.settle(lim, a, 0, 500, T0 + 1) == Settled(applied=False)  # idempotent
     assert await store.budget("k1", "acme", p, T0 + 1) == (500, 400)
-    # The 400 hold was never settled: it stops counting when its lease ends.
+    # The 400 hold was never settled: when its lease ends it is charged in full (lost).
     assert await store.budget("k1", "acme", p, T0 + 9.9) == (500, 400)
-    assert await store.budget("k1", "acme", p, T0 + 10.0) == (500, 0)
-    b = ask(cost=400, period=p)
+    assert await store.budget("k1", "acme", p, T0 + 10.0) == (900, 0)
+    assert (await store.admit(lim, ask(cost=101, period=p), T0 + 10.0)).reason == "budget"
+    b = ask(cost=100, period=p)
     assert (await store.admit(lim, b, T0 + 10.0)).allowed
-    await store.settle(lim, b, 0, 250, T0 + 11)
-    assert await store.budget("k1", "acme", p, T0 + 11) == (750, 0)
+    await store.settle(lim, b, 0, 50, T0 + 11)
+    assert await store.budget("k1", "acme", p, T0 + 11) == (950, 0)
     # Periods are independent: a new one starts at zero.
     q = "month:2025-02"
     assert await store.budget("k1", "acme", q, T0 + 11) == (0, 0)
     assert (await store.admit(lim, ask(cost=1000, period=q), T0 + 11)).allowed
     assert await store.budget("k1", "acme", q, T0 + 11) == (0, 1000)
-    assert await store.budget("k1", "acme", p, T0 + 11) == (750, 0)
+    assert await store.budget("k1", "acme", p, T0 + 11) == (950, 0)
     # Keys are independent too.
     assert await store.budget("k2", "acme", p, T0 + 11) == (0, 0)
 
@@ -236,16 +239,86 @@ async def test_exactly_spent_refuses_any_cost(store: Any) -> None:
     assert await store.budget("k1", "acme", p, T0) == (1000, 0)
 
 
-async def test_late_settle_charges_nothing(store: Any) -> None:
-    lim, p = Limits(budget_nano=1000, tpm=100), "total"
-    a = ask(cost=700, tokens=50, period=p, lease_s=5.0)
+REC = HoldRecord(model="demo", upstream_model="tiny-llama", endpoint="chat", stream=True,
+                 prompt_tokens=40, completion_tokens=10, started_at="2025-01-01T00:00:00Z")
+
+
+async def test_a_lost_hold_is_charged_in_full_swept_once_then_corrected(store: Any) -> None:
+    """A hold whose lease ends unsettled costs its whole hold, its tokens stay taken, the
+    sweep claims it once (with its record material), and a late settlement corrects the
+    charge to the real cost exactly once."""
+    lim, p = Limits(budget_nano=1000, tpm=100, max_concurrent=1), "total"
+    a = ask(cost=700, tokens=50, period=p, lease_s=5.0, record=REC)
     assert (await store.admit(lim, a, T0)).allowed
-    # The lease is over: the hold was released, so nothing is charged.
-    assert await store.settle(lim, a, 10, 900, T0 + 5.0) == Settled(False, 200, 0)
-    assert await store.budget("k1", "acme", p, T0 + 5.0) == (0, 0)
-    level = bucket_level(50.0, T0, T0 + 5.0, 100)
+    assert await store.sweep(T0 + 4.999) == []  # still live
+    assert await store.budget("k1", "acme", p, T0 + 5.0) == (700, 0)
+    # Its slot is free, its tokens are not; the id is held until claimed.
+    probe = ask(period=p)
+    d = await store.admit(lim, probe, T0 + 5.0)
+    assert d.allowed and d.remaining_tokens == math.floor(bucket_level(50.0, T0, T0 + 5, 100))
+    await store.settle(lim, probe, 0, 0, T0 + 5.0)
+    assert (await store.admit(lim, a, T0 + 5.0)).reason == "duplicate"
+    assert await store.sweep(T0 + 5.0) == [a]
+    assert await store.sweep(T0 + 6.0) == []  # claimed once
+    assert await store.budget("k1", "acme", p, T0 + 6.0) == (700, 0)
+    # The settlement arrives late (a spool drained after an outage, say): corrected.
+    assert await store.settle(lim, a, 10, 250, T0 + 7.0) == Settled(True, corrected=True)
+    assert await store.budget("k1", "acme", p, T0 + 7.0) == (250, 0)
+    assert await store.settle(lim, a, 10, 250, T0 + 8.0) == Settled(False)  # once
+    # Past the hold too: an overrun is charged, never dropped.
+    b = ask(cost=300, tokens=10, period=p, lease_s=5.0)
+    assert (await store.admit(lim, b, T0 + 10.0)).allowed
+    assert await store.sweep(T0 + 15.0) == [b]
+    assert await store.budget("k1", "acme", p, T0 + 15.0) == (550, 0)
+    assert await store.settle(lim, b, 20, 400, T0 + 16.0) == Settled(True, 100, 10, True)
+    assert await store.budget("k1", "acme", p, T0 + 16.0) == (650, 0)
+
+
+async def test_a_late_settle_before_the_sweep_charges_without_refund(store: Any) -> None:
+    lim, p = Limits(budget_nano=1000, tpm=100), "total"
+    a = ask(cost=700, tokens=50, period=p, lease_s=5.0, record=REC)
+    assert (await store.admit(lim, a, T0)).allowed
+    assert await store.settle(lim, a, 10, 300, T0 + 5.0) == Settled(True)
+    assert await store.budget("k1", "acme", p, T0 + 5.0) == (300, 0)
+    assert await store.sweep(T0 + 5.0) == []  # settled: not lost, no record
+    level = bucket_level(50.0, T0, T0 + 5.0, 100)  # no refund after the lease
     assert (await store.admit(lim, ask(period=p), T0 + 5.0)).remaining_tokens == math.floor(
         level)
+    # Charged as lost by a budget read first, then settled before the sweep: corrected.
+    b = ask(cost=600, period=p, lease_s=5.0)
+    assert (await store.admit(lim, b, T0 + 10.0)).allowed
+    assert await store.budget("k1", "acme", p, T0 + 15.0) == (900, 0)
+    assert await store.settle(lim, b, 0, 100, T0 + 15.0) == Settled(True, corrected=True)
+    assert await store.budget("k1", "acme", p, T0 + 15.0) == (400, 0)
+    assert await store.sweep(T0 + 15.0) == []
+
+
+async def test_a_lost_charge_is_forgotten_after_lost_ttl(store: Any) -> None:
+    lim, p = Limits(budget_nano=10_000), "total"
+    a, b = ask(cost=600, period=p, lease_s=5.0), ask(cost=400, period=p, lease_s=5.0)
+    for x in (a, b):
+        assert (await store.admit(lim, x, T0)).allowed
+    assert sorted(x.request_id for x in await store.sweep(T0 + 5.0)) == sorted(
+        [a.request_id, b.request_id])
+    assert (await store.settle(lim, a, 0, 100, T0 + 5.0 + LOST_TTL_S - 0.5)).corrected
+    assert await store.budget("k1", "acme", p, T0 + 5.0 + LOST_TTL_S) == (500, 0)
+    assert await store.settle(lim, b, 0, 100, T0 + 5.0 + LOST_TTL_S) == Settled(False)
+    assert await store.budget("k1", "acme", p, T0 + 5.0 + LOST_TTL_S) == (500, 0)
+
+
+async def test_the_sweep_claims_every_kind_of_hold_and_nothing_denied(store: Any) -> None:
+    keys = {"t": Limits(tpm=100), "c": Limits(max_concurrent=1), "b": Limits(budget_nano=50)}
+    held = []
+    for k, lim in keys.items():
+        a = ask(k, tokens=60, cost=50, lease_s=1.0, record=REC)
+        assert (await store.admit(lim, a, T0)).allowed
+        held.append(a)
+        assert not (await store.admit(lim, ask(k, tokens=60, cost=50, lease_s=1.0), T0)).allowed
+    assert (await store.admit(Limits(rpm=5), ask("r", lease_s=1.0), T0)).allowed  # holds nothing
+    lost = await store.sweep(T0 + 1.0)
+    assert sorted(lost, key=lambda x: x.key_id) == sorted(held, key=lambda x: x.key_id)
+    assert await store.sweep(T0 + 100.0) == []
+    assert await store.budget("b", "acme", "month:2025-01", T0 + 1) == (50, 0)
 
 
 async def test_a_denial_changes_nothing(store: Any) -> None:
@@ -284,8 +357,10 @@ async def test_duplicate_request_id_is_refused_while_in_flight(store: Any) -> No
     assert await store.budget("k1", "acme", p, T0 + 1) == (0, 60)
     await store.settle(lim, a, 0, 10, T0 + 2)
     assert (await store.admit(lim, a, T0 + 2)).allowed  # settled: the id may be reused
-    assert (await store.admit(lim, a, T0 + 12)).allowed  # expired: likewise
-    assert await store.budget("k1", "acme", p, T0 + 12) == (10, 60)
+    assert (await store.admit(lim, a, T0 + 12)).reason == "duplicate"  # ended, unclaimed
+    assert await store.sweep(T0 + 12) == [a]
+    assert await store.budget("k1", "acme", p, T0 + 12) == (70, 0)
+    assert (await store.admit(lim, ask(cost=30, period=p, rid="same"), T0 + 12)).allowed
 
 
 async def test_settle_of_unknown_request_is_a_no_op(store: Any) -> None:

@@ -59,6 +59,30 @@ async def test_records_arrive_once_in_order(sink: RedisUsageSink, own_redis: Red
     assert sink.pending == 0
 
 
+async def test_a_real_record_supersedes_a_lost_one_never_the_reverse(
+    sink: RedisUsageSink, own_redis: RedisServer
+) -> None:
+    """A hold charged as lost whose settlement came late: both reach the stream and
+    readers prefer the real one; a lost record after a real one is dropped."""
+    from dataclasses import replace
+
+    from authz.state.usage.records import one_per_request
+    from policy.usage import LOST
+
+    sink.write(replace(rec("late"), status=LOST, estimated=True))
+    sink.write(rec("late"))
+    sink.write(rec("done"))
+    sink.write(replace(rec("done"), status=LOST, estimated=True))
+    sink.write(rec("late"))  # a repeat of the real one: still one entry
+    await wait_for_count(own_redis.url, 3)
+    await asyncio.sleep(0.2)
+    stream = await read_stream(own_redis.url)
+    assert [(r["request_id"], r["status"]) for r in stream] == [
+        ("rlate", LOST), ("rlate", 200), ("rdone", 200)]
+    assert [(r["request_id"], r["status"]) for r in one_per_request(stream)] == [
+        ("rlate", 200), ("rdone", 200)]
+
+
 async def test_same_request_id_twice_is_one_entry(
     sink: RedisUsageSink, own_redis: RedisServer
 ) -> None:

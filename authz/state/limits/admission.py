@@ -1,34 +1,97 @@
 """The outage policy around the limit store: admit and settle against it and, when it
 cannot answer, fail closed (503) or admit under a local per-replica limiter whose usage
-is counted into the store once it is back. The decisions (what is admitted, the 429 a
-denial becomes) are policy/admission.py's."""
+is counted into the store once it is back. A settlement the store cannot take waits in
+an on-disk spool (settle_spool.py) and is applied once it answers. In the background
+(`start`), spooled settlements are replayed and the store is swept for lost holds, each
+of which gets its `lost` usage record. The decisions (what is admitted, the 429 a denial
+becomes, what a lost hold costs) are policy/admission.py's."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.limits.memory import MemoryLimitStore
-from policy.admission import Settled, refusal, settled, tracked
+from authz.state.limits.settle_spool import SettleSpool, Spooled
+from policy.admission import Settled, lost_record, refusal, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import Ask, Decision, Limits
+from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.limits")
+
+SWEEP_S = 1.0  # how often the background task sweeps and retries the spool
 
 
 class Admission:
     """Admits against the shared store; in an outage, per the config's policy, either
-    refuses fast (503) or admits under a local per-replica limiter."""
+    refuses fast (503) or admits under a local per-replica limiter.
 
-    def __init__(self, store: LimitStore, on_error: OnStoreError | None = None) -> None:
+    `spool_dir`: where settlements wait while the store is away (None: they are only
+    logged, and their holds are charged in full when the lease ends). `on_lost`:
+    receives the usage record of each lost hold this replica claims. `clock`: epoch
+    seconds, for the background work."""
+
+    def __init__(self, store: LimitStore, on_error: OnStoreError | None = None, *,
+                 spool_dir: Path | None = None,
+                 on_lost: Callable[[UsageRecord], None] | None = None,
+                 on_spooled: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time, sweep_s: float = SWEEP_S) -> None:
         self._store = store
         self._on_error = on_error or OnStoreError()
         self._local = MemoryLimitStore()
         self._local_ids: set[str] = set()  # admitted locally: settle locally too
         # Usage admitted locally, to count into the shared store once it answers again.
         self._unsynced: list[tuple[Limits, str, int, int]] = []
+        self._spool = SettleSpool(spool_dir) if spool_dir is not None else None
+        self._on_lost = on_lost
+        self._on_spooled = on_spooled
+        self._clock = clock
+        self._sweep_s = sweep_s
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._replaying = asyncio.Lock()  # one replay at a time: offsets only go forward
+        self.lost_records = 0  # lost holds this replica claimed and recorded (a metric)
+
+    @property
+    def spooled_bytes(self) -> int:
+        """Settlements waiting for the store, in bytes (a metric; 0 without a spool)."""
+        return 0 if self._spool is None else self._spool.pending_bytes
+
+    async def start(self) -> None:
+        """Replay what the spool holds, then sweep and retry every `sweep_s`."""
+        self._stop.clear()
+        self._task = asyncio.create_task(self._maintain(), name="limits-maintenance")
+
+    async def close(self) -> None:
+        """Stop the background work; the spool keeps what is not applied yet."""
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._spool is not None:
+            self._spool.close()
+
+    async def _maintain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.replay()
+                await self.sweep()
+            except Exception:  # the loop must outlive any one failure
+                log.exception("limits maintenance failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._sweep_s)
 
     def _may_fail_open(self, limits: Limits) -> bool:
         pol = self._on_error
@@ -45,6 +108,7 @@ class Admission:
         """The org's limits first, then the key's; if the key refuses, the org's hold is
         given back (its request-rate slot stays spent: a request did arrive)."""
         if org is not None:
+            org = one_record(org, limits, ask)
             await self.admit(*org, now)
         try:
             return await self.admit(limits, ask, now)
@@ -101,6 +165,9 @@ class Admission:
         charged and by how much the usage passed the hold; a cost overrun (the hold was
         not the worst case) is logged as a bound violation."""
         result = await self._settle(limits, ask, used_tokens, cost_nano, now)
+        if result.corrected:
+            log.info("late settlement corrected a lost hold", extra={
+                "request_id": ask.request_id, "key_id": ask.key_id, "cost_nano": cost_nano})
         if result.bound_violated:
             log.warning("hold bound violated", extra={
                 "request_id": ask.request_id, "key_id": ask.key_id,
@@ -123,9 +190,72 @@ class Admission:
             return await self._store.settle(limits, ask, used_tokens, cost_nano,
                                             now.timestamp())
         except LimitStoreUnavailable as e:
-            # The reservation expires with its lease; the usage record is still written.
-            log.error("settlement failed: %s", e, extra={"request_id": ask.request_id})
+            extra = {"request_id": ask.request_id, "key_id": ask.key_id}
+            if self._spool is None:
+                # The hold is charged in full when its lease ends (lost).
+                log.error("settlement failed: %s", e, extra=extra)
+            elif self._spool.append(Spooled(limits, ask, used_tokens, cost_nano)):
+                log.warning("settlement spooled until the limit store answers: %s", e,
+                            extra=extra)
+                if self._on_spooled is not None:
+                    self._on_spooled()
             return settled(ask, used_tokens, cost_nano, applied=False)
+
+    # -- background -------------------------------------------------------------------
+
+    async def replay(self) -> int:
+        """Apply the spooled settlements in order until the store fails; how many were
+        applied (a repeat is a no-op in the store, so one applied twice is harmless)."""
+        spool, n = self._spool, 0
+        if spool is None or not spool.pending_bytes:
+            return 0
+        async with self._replaying:
+            while spool.pending_bytes and (batch := spool.read()):
+                for end, s in batch:
+                    if s is not None:
+                        try:
+                            done = await self._store.settle(s.limits, s.ask, s.used_tokens,
+                                                            s.cost_nano, self._clock())
+                        except LimitStoreUnavailable:
+                            return n
+                        n += done.applied
+                    spool.commit(end)
+        log.info("applied spooled settlements", extra={"settlements": n})
+        return n
+
+    async def sweep(self) -> int:
+        """Claim the store's lost holds (lease ended, never settled): each was charged in
+        full; write each one's `lost` record. How many records were written."""
+        try:
+            lost = await self._store.sweep(self._clock())
+        except LimitStoreUnavailable:
+            return 0
+        n = 0
+        for ask in lost:
+            rec = lost_record(ask)
+            log.warning("hold lost: charged in full", extra={
+                "request_id": ask.request_id, "key_id": ask.key_id,
+                "cost_nano": ask.cost_nano, "recorded": rec is not None})
+            if rec is None:
+                continue
+            n += 1
+            if self._on_lost is not None:
+                try:
+                    self._on_lost(rec)
+                except Exception:  # never silently: the log line carries every field
+                    log.exception("lost record not stored", extra={"record": rec.to_dict()})
+        self.lost_records += n
+        return n
+
+
+def one_record(org: tuple[Limits, Ask], limits: Limits, ask: Ask) -> tuple[Limits, Ask]:
+    """A request leaves one lost record: its key's hold carries the material, its org's
+    only when the key holds nothing (and then says which key it was)."""
+    org_limits, org_ask = org
+    rec = org_ask.record
+    if rec is not None:
+        rec = None if tracked(limits) else replace(rec, key_id=ask.key_id)
+    return org_limits, replace(org_ask, record=rec)
 
 
 MAX_UNSYNCED = 100_000  # bounded: an outage must not grow memory without end

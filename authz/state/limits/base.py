@@ -32,10 +32,18 @@ class LimitStore(Protocol):
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: float) -> Settled:
-        """`policy.admission.settle`: end of the request. Releases its lease and hold;
-        while the hold is live, charges the real `cost_nano` (past the hold too: the
-        overrun is reported in the result) and gives back unused tokens. Idempotent by
-        ask.request_id (a second call is a no-op). Raises LimitStoreUnavailable."""
+        """`policy.admission.settle`: end of the request. Releases its lease and hold and
+        charges the real `cost_nano` (past the hold too: the overrun is reported in the
+        result); while the hold is live, gives back unused tokens. A hold already
+        charged as lost (its lease ended) is corrected to the real cost. Idempotent by
+        ask.request_id (a second call, or one for a request never held, is a no-op).
+        Raises LimitStoreUnavailable."""
+
+    async def sweep(self, now: float) -> list[Ask]:
+        """`policy.admission.sweep` for every key: claim the holds whose lease ended by
+        `now` unsettled (lost), charging each in full (`Ledger.expire`). Each is returned
+        once, to one caller across every replica sharing the store, which writes its
+        `lost` usage record. Raises LimitStoreUnavailable."""
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
                       now: float) -> None:

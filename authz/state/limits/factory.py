@@ -1,16 +1,34 @@
-"""Pick the limit store a config asks for: Redis for `state: redis://`, else memory."""
+"""Pick the limit store a config asks for: Redis for `state: redis://`, else the durable
+embedded store (memory, journaled in `data_dir`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from authz.state.limits.base import LimitStore
+from policy.admission import lost_record
 from policy.config import Config
+from policy.limits import Ask
+from policy.usage import UsageRecord
 
 
-def make_limit_store(cfg: Config) -> LimitStore:
-    if cfg.state.startswith(("redis://", "rediss://")):
+def make_limit_store(cfg: Config,
+                     on_lost: Callable[[UsageRecord], None] | None = None) -> LimitStore:
+    """`on_lost` receives the records of holds found lost when the embedded store starts
+    (in flight when the process died); without it they go straight to the usage log."""
+    if cfg.state_is_redis:
         from authz.state.limits.redis_limits import RedisLimitStore
 
         return RedisLimitStore(cfg.state, timeout_s=cfg.key_store.timeout_s)
-    from authz.state.limits.memory import MemoryLimitStore
+    from authz.state.limits.durable import make_durable_memory_store
 
-    return MemoryLimitStore()
+    if on_lost is None:
+        return make_durable_memory_store(cfg)
+    deliver = on_lost
+
+    def record_lost(ask: Ask) -> None:
+        rec = lost_record(ask)
+        if rec is not None:
+            deliver(rec)
+
+    return make_durable_memory_store(cfg, on_lost=record_lost)

@@ -1,224 +1,63 @@
-"""Limits shared by every replica, in Redis: one Lua script per operation, one round trip.
+"""Limits shared by every replica, in Redis: one Lua script per operation
+(redis_scripts.py, which describes the keys), one round trip each.
 
-Layout: all of a key's state shares the hash tag `{k:<key_id>}`, one Cluster slot.
-  tb:{k:<id>}:gcra             GCRA TAT (string)                      TTL: until stale + window
-  tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: until full + window
-  tb:{k:<id>}:conc             ZSET request_id -> lease expiry          TTL: longest lease + window
-  tb:{k:<id>}:res:<rid>        HASH tokens, cost, period, exp           TTL: lease + window
-  tb:{k:<id>}:budget:<period>  HASH spent, reserved, r:<rid> -> cost    no TTL (the ledger)
-  tb:{k:<id>}:resv:<period>    ZSET request_id -> lease expiry          no TTL (empties itself)
-Each hold's cost sits in the ledger hash (`r:<rid>`), not only in its `res` hash, so
-purging an expired hold never depends on a TTL that may already have fired.
+The index of holds, for the sweep: `tb:{holds}:due`, a ZSET of [key_id, period,
+request_id] by lease expiry (its own slot, so every script still touches one slot).
+Admission writes the entry just before its script, settlement removes it just after
+its own, each pipelined in the same round trip; so every hold has one and the index
+holds about the requests in flight (a denied request's entry is removed in the
+background; one left behind is dropped by the sweep). `sweep` claims due entries (one
+script on the index: they move a claim lease ahead, so a replica that dies mid-sweep
+leaves them to the next), settles each on its key's slot (SWEEP, atomic: exactly one
+caller gets the hold's Ask and writes its `lost` record), then removes them.
 
-The scripts perform policy/admission.py's transitions (each block names the function
-it mirrors) with policy/limits.py's arithmetic. Exactness: `now` and every float cross
-as 17-significant-digit text (exact for doubles both ways), the Lua does the same IEEE
-operations, in the same order (Python's float `//` is ported as-is), and money is
-integers (HINCRBY; compared as `cost <= budget - spent - reserved`, exact below 2**53).
-TTLs only clean up; liveness is always decided against the caller's `now`
-(`admission.hold_live`: live while now < exp).
+Exactness: `now` and every float cross as 17-significant-digit text (exact for doubles
+both ways); the scripts do the pure functions' IEEE operations in the same order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
 from typing import Any
 
+import orjson
 from redis.exceptions import RedisError
 
 from authz.state.limits.base import LimitStoreUnavailable
+from authz.state.limits.codec import ask_from, dumps
+from authz.state.limits.redis_scripts import ADMIT, BUDGET, CLAIM, CONSUME, SETTLE, SWEEP
 from authz.state.resp import RespClient
-from policy.admission import Settled, check_ask, check_usage, settled
+from policy.admission import Settled, check_ask, check_usage, settled, tracked
 from policy.limits import WINDOW_S, Ask, Decision, Limits
 
-# Shared helpers: exact float text, integer text, Python's float floor division,
-# bucket (admission.bucket_now), save_bucket, and purge (Ledger.expire: drop the budget
-# holds whose lease ended; KEYS budget, resv).
-_LIB = """
-local function f(x) return string.format('%.17g', x) end
-local function int(x) return string.format('%d', x) end
-local function floordiv(a, b)
-  local mod = math.fmod(a, b)
-  local div = (a - mod) / b
-  if div == 0 then return 0 end
-  local q = math.floor(div)
-  if div - q > 0.5 then q = q + 1 end
-  return q
-end
-local function bucket(key, now, cap, w)
-  local st = redis.call('HMGET', key, 'level', 'ts')
-  if not st[1] then return cap end
-  return math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * cap / w)
-end
-local function save_bucket(key, level, now_s, cap, w)
-  redis.call('HSET', key, 'level', f(level), 'ts', now_s)
-  local full = math.max(0, (cap - level) * w / cap)
-  redis.call('PEXPIRE', key, int(math.ceil((full + w) * 1000)))
-end
-local function purge(bkey, vkey, now_s)
-  local gone = redis.call('ZRANGEBYSCORE', vkey, '-inf', now_s)
-  for _, r in ipairs(gone) do
-    local c = redis.call('HGET', bkey, 'r:' .. r)
-    if c then
-      redis.call('HINCRBY', bkey, 'reserved', int(-tonumber(c)))
-      redis.call('HDEL', bkey, 'r:' .. r)
-    end
-  end
-  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', vkey, '-inf', now_s) end
-end
-"""
+log = logging.getLogger("tokenbooth.limits")
 
-# KEYS: gcra, tpm, conc, res, budget, resv.
-# ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
-#       lease_s, window_s, period.
-# Returns {allowed, reason, retry_after, remaining_req, reset_req, remaining_tok, reset_tok}
-# as text ('' = none). Mirrors admission.admit: check, decision, then reserve.
-_ADMIT = _LIB + """
-local now_s, rid = ARGV[1], ARGV[2]
-local now = tonumber(now_s)
-local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
-local maxc, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
-local tokens, cost, lease, w = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
-                               tonumber(ARGV[10])
-local reason, retry = nil, nil
--- admission.check: a duplicate (admission.tracked, and the request_id's hold is live)
-local tracked = tpm or maxc or budget
-if tracked then
-  local old = redis.call('HGET', KEYS[4], 'exp')
-  if old and tonumber(old) > now then reason = 'duplicate' end
-end
--- admission.check: requests, GCRA (policy.limits.gcra)
-local tat, new_tat, gcra_ok, rem = nil, nil, true, 0
-if rpm then
-  local interval = w / rpm
-  tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now_s), now)
-  new_tat = tat + interval
-  local allow_at = new_tat - w
-  if now < allow_at then
-    gcra_ok = false
-    if not reason then reason, retry = 'requests', allow_at - now end
-  else
-    rem = math.min(floordiv(now - allow_at, interval), rpm - 1)
-  end
-end
--- admission.expire (the leases whose expiry passed), then admission.check: concurrency
-if maxc then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_s)
-  if not reason and redis.call('ZCARD', KEYS[3]) >= maxc then reason = 'concurrency' end
-end
--- admission._check_tokens: the bucket must hold the whole reservation (bucket_take)
-local level, after = 0, 0
-if tpm then
-  level = bucket(KEYS[2], now, tpm, w)
-  after = level
-  if tokens > tpm then
-    reason = reason or 'tokens_too_large'
-  elseif tokens <= level then
-    after = level - tokens
-  elseif not reason then
-    reason, retry = 'tokens', (tokens - level) * w / tpm
-  end
-end
--- admission.check: budget, after Ledger.expire (policy.limits.budget_admits, exact integers)
-if budget and not reason then
-  purge(KEYS[5], KEYS[6], now_s)
-  local b = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
-  if cost > budget - tonumber(b[1] or 0) - tonumber(b[2] or 0) then reason = 'budget' end
-end
--- admission.decision: header material, the state after this decision (a denial took nothing)
-local function reply(ok, lvl)
-  local rem_r, reset_r, rem_t, reset_t = '', '', '', ''
-  if rpm then
-    if not gcra_ok then rem_r, reset_r = f(0), f(tat - now)
-    elseif ok == 1 then rem_r, reset_r = f(rem), f(new_tat - now)
-    else rem_r, reset_r = f(math.min(rem + 1, rpm)), f(tat - now) end
-  end
-  if tpm then rem_t, reset_t = f(math.floor(lvl)), f(math.max(0, (tpm - lvl) * w / tpm)) end
-  return {ok, reason or '', retry and f(retry) or '', rem_r, reset_r, rem_t, reset_t}
-end
-if reason then return reply(0, level) end
--- admission.reserve: admitted, take everything
-local exp = now + lease
-local slack = w * 1000
-if rpm then
-  redis.call('SET', KEYS[1], f(new_tat), 'PX', int(math.ceil((new_tat - now) * 1000 + slack)))
-end
-if tpm then save_bucket(KEYS[2], after, now_s, tpm, w) end
-if maxc then
-  redis.call('ZADD', KEYS[3], f(exp), rid)
-  local ttl = math.ceil(lease * 1000 + slack)
-  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], int(ttl)) end
-end
-if budget then
-  redis.call('HINCRBY', KEYS[5], 'reserved', ARGV[8])
-  redis.call('HSET', KEYS[5], 'r:' .. rid, ARGV[8])
-  redis.call('ZADD', KEYS[6], f(exp), rid)
-end
-if tracked then
-  redis.call('DEL', KEYS[4])
-  redis.call('HSET', KEYS[4], 'exp', f(exp), 'period', ARGV[11], 'cost', budget and ARGV[8] or '')
-  if tpm then redis.call('HSET', KEYS[4], 'tokens', ARGV[7]) end
-  redis.call('PEXPIRE', KEYS[4], int(math.ceil(lease * 1000 + slack)))
-end
-return reply(1, after)
-"""
-
-# KEYS: tpm, conc, res, budget, resv. ARGV: now, rid, tpm ('' = none), used, cost, window_s.
-# Mirrors admission.settle. Returns 1 if it charged a live hold, 0 if it charged nothing
-# (unknown, already settled, or past its lease: then it only cleans up).
-_SETTLE = _LIB + """
-local now_s, rid = ARGV[1], ARGV[2]
-local now, tpm, w = tonumber(now_s), tonumber(ARGV[3]), tonumber(ARGV[6])
-local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp')
-if not res[2] then return 0 end
-redis.call('DEL', KEYS[3])
-redis.call('ZREM', KEYS[2], rid)
--- admission.settle_charges: only a live hold is charged and refunded
-local live = now < tonumber(res[2])
-local hold = redis.call('HGET', KEYS[4], 'r:' .. rid)
-if hold then
-  redis.call('HDEL', KEYS[4], 'r:' .. rid)
-  redis.call('ZREM', KEYS[5], rid)
-  redis.call('HINCRBY', KEYS[4], 'reserved', int(-tonumber(hold)))
-  -- the real cost, past the hold too (an overrun is charged, never dropped)
-  if live then redis.call('HINCRBY', KEYS[4], 'spent', ARGV[5]) end
-end
-if live and res[1] and tpm then
-  local level = bucket(KEYS[1], now, tpm, w)
-  save_bucket(KEYS[1], math.min(tpm, level + tonumber(res[1]) - tonumber(ARGV[4])), now_s,
-              tpm, w)
-end
-if live then return 1 end
-return 0
-"""
-
-# Mirrors admission.consume: usage admitted elsewhere (a local limiter during an outage),
-# counted on return: `n` arrivals against the GCRA and `t` tokens out of the bucket (it
-# may go negative).
-# KEYS: gcra, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
-_CONSUME = _LIB + """
-local now_s = ARGV[1]
-local now, rpm, tpm, w = tonumber(now_s), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
-local n, t = tonumber(ARGV[4]), tonumber(ARGV[5])
-if rpm and n > 0 then
-  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now_s), now) + n * w / rpm
-  redis.call('SET', KEYS[1], f(tat), 'PX', int(math.ceil((tat - now) * 1000 + w * 1000)))
-end
-if tpm and t > 0 then
-  save_bucket(KEYS[2], bucket(KEYS[2], now, tpm, w) - t, now_s, tpm, w)
-end
-return 1
-"""
-
-# Mirrors Ledger.balance. KEYS: budget, resv. ARGV: now. Returns {spent, reserved} as text.
-_BUDGET = _LIB + """
-purge(KEYS[1], KEYS[2], ARGV[1])
-local b = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
-return {b[1] or '0', b[2] or '0'}
-"""
+DUE = "tb:{holds}:due"
+CLAIM_S = 30.0  # a claimed index entry returns to the sweep after this, if not removed
+SWEEP_BATCH = 256  # index entries per claim
+SWEEP_BATCHES = 16  # claims per sweep call, at most
 
 
 def _opt(v: int | None) -> str:
     return "" if v is None else str(v)
+
+
+def _member(ask: Ask) -> str:
+    """A hold's entry in the index: what names its keys (settle can rebuild it)."""
+    return dumps([ask.key_id, ask.period, ask.request_id]).decode()
+
+
+def _lost_ask(raw: bytes) -> Ask:
+    """The Ask a claimed hold was admitted with (a bare one if its JSON is damaged: the
+    hold was charged all the same, only its record lacks the material)."""
+    try:
+        return ask_from(orjson.loads(raw))
+    except ValueError:
+        log.error("hold index: a lost hold's ask is damaged", extra={"ask": raw[:200]})
+        return Ask("", "", "", 0, 0, "", 1.0)
 
 
 class RedisLimitStore:
@@ -230,27 +69,47 @@ class RedisLimitStore:
         # The lean pipelined client: admission and settlement run twice per request.
         self._redis = RespClient(url, timeout_s)
         self._window = window_s
+        self._background: set[asyncio.Task[None]] = set()  # index removals in flight
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._redis.aclose()
 
     @staticmethod
     def _ns(key_id: str) -> str:
         return f"tb:{{k:{key_id}}}:"
 
+    def _hold_keys(self, key_id: str, period: str, request_id: str) -> list[str]:
+        """conc, res, budget, resv, lost: what one hold touches."""
+        ns = self._ns(key_id)
+        return [ns + "conc", ns + "res:" + request_id, ns + "budget:" + period,
+                ns + "resv:" + period, ns + "lost:" + period]
+
     async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
         check_ask(limits, ask)
         ns = self._ns(ask.key_id)
-        keys = [ns + "gcra", ns + "tpm", ns + "conc", ns + "res:" + ask.request_id,
-                ns + "budget:" + ask.period, ns + "resv:" + ask.period]
+        conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
+                                                        ask.request_id)
+        keys = [ns + "gcra", ns + "tpm", conc, res, budget, resv, lost]
+        held = tracked(limits)
         args = [repr(float(now)), ask.request_id, _opt(limits.rpm), _opt(limits.tpm),
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
                 str(ask.cost_nano), repr(float(ask.lease_s)), repr(float(self._window)),
-                ask.period]
-        out = await self._call(self._redis.evalsha(_ADMIT, keys, args))
+                ask.period, dumps(ask).decode() if held else ""]
+        call = self._redis.evalsha(ADMIT, keys, args)
+        if not held:  # holds nothing: nothing to index
+            out = await self._call(call)
+        else:
+            member = _member(ask)
+            exp = repr(float(now) + float(ask.lease_s))  # the script's exp, bit for bit
+            # NX: a duplicate leaves the entry of the request it duplicates as it was.
+            _, out = await self._pipelined(
+                self._redis.execute("ZADD", DUE, "NX", exp, member), call)
+            if out[0] != 1 and out[1] != b"duplicate":
+                self._forget(member)
         ok, reason, retry, rem_r, reset_r, rem_t, reset_t = (
             v.decode() if isinstance(v, bytes) else v for v in out)
         return Decision(
@@ -263,30 +122,104 @@ class RedisLimitStore:
             reset_tokens_s=float(reset_t) if reset_t else 0.0,
         )
 
+    async def _pipelined(self, first: Coroutine[Any, Any, Any],
+                         then: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:
+        """Both calls' results, sent back to back in one round trip, `first` first: it
+        is written before this task yields, `then` (a task) only after."""
+        later = asyncio.ensure_future(then)
+        try:
+            result = await self._call(first)
+        except BaseException:
+            later.cancel()  # not sent yet, or failed with the same connection
+            await asyncio.gather(later, return_exceptions=True)
+            raise
+        return result, await self._call(later)
+
+    def _forget(self, member: str) -> None:
+        """Remove an index entry off the request's path (one left behind is dropped by
+        the sweep, which finds no hold for it)."""
+        task = asyncio.ensure_future(self._quietly(self._redis.execute("ZREM", DUE, member)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _quietly(call: Coroutine[Any, Any, Any]) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await call
+
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: float) -> Settled:
         check_usage(used_tokens, cost_nano)
-        ns = self._ns(ask.key_id)
-        keys = [ns + "tpm", ns + "conc", ns + "res:" + ask.request_id,
-                ns + "budget:" + ask.period, ns + "resv:" + ask.period]
+        conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
+                                                        ask.request_id)
+        keys = [self._ns(ask.key_id) + "tpm", conc, res, budget, resv, lost]
         args = [repr(float(now)), ask.request_id, _opt(limits.tpm), str(used_tokens),
                 str(cost_nano), repr(float(self._window))]
-        done = await self._call(self._redis.evalsha(_SETTLE, keys, args))
-        return settled(ask, used_tokens, cost_nano, applied=done == 1)
+        call = self._redis.evalsha(SETTLE, keys, args)
+        if tracked(limits):  # and its index entry goes too (a failure: the sweep drops it)
+            done, _ = await self._pipelined(call, self._quietly(
+                self._redis.execute("ZREM", DUE, _member(ask))))
+        else:
+            done = await self._call(call)
+        return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
                       now: float) -> None:
         ns = self._ns(key_id)
         await self._call(self._redis.evalsha(
-            _CONSUME, [ns + "gcra", ns + "tpm"],
+            CONSUME, [ns + "gcra", ns + "tpm"],
             [repr(float(now)), _opt(limits.rpm), _opt(limits.tpm), str(requests),
              str(tokens), repr(float(self._window))]))
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         ns = self._ns(key_id)
         spent, reserved = await self._call(self._redis.evalsha(
-            _BUDGET, [ns + "budget:" + period, ns + "resv:" + period], [repr(float(now))]))
+            BUDGET, [ns + "budget:" + period, ns + "resv:" + period, ns + "lost:" + period],
+            [repr(float(now))]))
         return int(spent), int(reserved)
+
+    async def sweep(self, now: float) -> list[Ask]:
+        """Claim the holds whose lease ended unsettled, from the index: each is charged
+        in full and returned to exactly one caller across every replica."""
+        lost: list[Ask] = []
+        for _ in range(SWEEP_BATCHES):
+            members = await self._call(self._redis.evalsha(
+                CLAIM, [DUE], [repr(float(now)), repr(float(now) + CLAIM_S),
+                                str(SWEEP_BATCH)]))
+            lost += await self._sweep_batch(members, now)
+            if len(members) < SWEEP_BATCH:
+                break
+        return lost
+
+    async def _sweep_batch(self, members: list[bytes], now: float) -> list[Ask]:
+        """Settle claimed entries on their keys (pipelined), then drop those answered. An
+        entry whose call failed stays claimed and returns after CLAIM_S."""
+        entries: list[tuple[bytes, list[str]]] = []
+        done: list[bytes] = []
+        for m in members:
+            ref = orjson.loads(m)
+            if isinstance(ref, list) and len(ref) == 3 and all(isinstance(x, str) for x in ref):
+                entries.append((m, ref))
+            else:
+                log.error("hold index: dropping a damaged entry", extra={"entry": m[:200]})
+                done.append(m)
+        results = await asyncio.gather(*(self._redis.evalsha(
+            SWEEP, self._hold_keys(key_id, period, rid), [repr(float(now)), rid])
+            for _, (key_id, period, rid) in entries), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("sweep: %d held requests stay claimed (redis: %s)", len(failed),
+                        failed[0])
+        done += [m for (m, _), r in zip(entries, results, strict=True)
+                 if not isinstance(r, BaseException | list)]
+        early = [x for (m, _), r in zip(entries, results, strict=True) if isinstance(r, list)
+                 for x in (r[0], m)]  # a live hold: its entry moves to its expiry
+        with contextlib.suppress(LimitStoreUnavailable):  # they return, and then find nothing
+            if done:
+                await self._call(self._redis.execute("ZREM", DUE, *done))
+            if early:
+                await self._call(self._redis.execute("ZADD", DUE, *early))
+        return [_lost_ask(r) for r in results if isinstance(r, bytes)]
 
     async def _call(self, awaitable: Any) -> Any:
         # Bounded by the client's socket timeouts, no retries. The caller (Admission) logs
@@ -295,3 +228,4 @@ class RedisLimitStore:
             return await awaitable
         except (RedisError, OSError) as e:  # TimeoutError is an OSError
             raise LimitStoreUnavailable(f"redis limit store: {type(e).__name__}: {e}") from None
+

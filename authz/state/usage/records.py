@@ -1,7 +1,8 @@
 """Usage records: the embedded store is an append-only JSON-lines file.
 
 One line per record, written and flushed when a request ends, so records
-survive a restart of the services. Readers deduplicate by `request_id`.
+survive a restart of the services. Readers deduplicate by `request_id`,
+preferring a real record over a `lost` one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import orjson
 
 from policy.config import Config, redacted
-from policy.usage import UsageRecord
+from policy.usage import LOST, UsageRecord
 
 log = logging.getLogger("tokenbooth.records")
 
@@ -48,20 +49,25 @@ class JsonlUsageLog:
         self._file.close()
 
 
-def first_per_request(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The first record of each `request_id` (a record may be delivered twice)."""
-    seen: set[str] = set()
+def one_per_request(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """One record per `request_id` (a record may be delivered twice), in the order of
+    first appearance: the first, except that a real record supersedes a `lost` one
+    (status LOST: a hold charged in full, then settled late), whichever came first."""
+    out: dict[str, dict[str, Any]] = {}
     for rec in records:
         rid = rec.get("request_id")
-        if isinstance(rid, str) and rid not in seen:
-            seen.add(rid)
-            yield rec
+        if not isinstance(rid, str):
+            continue
+        old = out.get(rid)
+        if old is None or (old.get("status") == LOST and rec.get("status") != LOST):
+            out[rid] = rec
+    yield from out.values()
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every record in a usage log, first occurrence of each `request_id` only."""
+    """Every record in a usage log, one per `request_id` (see one_per_request)."""
     if path.exists():
-        yield from first_per_request(_lines(path))
+        yield from one_per_request(_lines(path))
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -103,5 +109,5 @@ def load_records(cfg: Config) -> list[dict[str, Any]]:
             stream = asyncio.run(read_stream(cfg.state, USAGE_STREAM))
         except (RedisError, OSError) as e:
             raise OSError(f"cannot read usage records from {redacted(cfg.state)}: {e}") from None
-        return list(first_per_request(stream))
+        return list(one_per_request(stream))
     return list(read_records(cfg.data_dir / USAGE_FILE))

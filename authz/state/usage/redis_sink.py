@@ -12,8 +12,9 @@ Spool layout in `spool_dir` (one live sink per directory):
   usage.lock         flock'ed by the live sink
 
 A segment read to its end, other than the one being written, is deleted.
-Each record goes to Redis by one Lua call: `SET <stream>:seen:<request_id> 1
-NX EX 30d`, and only when newly set, `XADD <stream> * data <json>`. A batch
+Each record goes to Redis by one Lua call: the seen key `<stream>:seen:<request_id>`
+(30 days) and, only when it was unset, `XADD <stream> * data <json>`; a real record
+also passes a seen key that says `lost`. A batch
 redelivered after a crash (offset not yet saved) or a retry is thereby
 deduplicated. For Redis Cluster, give the stream a hash tag (`{tb:usage}`) so
 that both keys share a slot.
@@ -36,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from authz.state.keys.redis_store import connect
-from policy.usage import UsageRecord
+from policy.usage import LOST, UsageRecord
 
 log = logging.getLogger("tokenbooth.records")
 
@@ -52,9 +53,13 @@ _LINGER_S = 0.01
 # The read offset is saved at most this often (and on close). One that lags only
 # redelivers records, and those are deduplicated by request_id.
 _OFFSET_EVERY_S = 0.5
-# KEYS: seen key, stream. ARGV: record JSON, ttl seconds.
+# KEYS: seen key, stream. ARGV: record JSON, ttl seconds, kind ('lost' or '1').
+# The first record of a request_id is added; a real one is added after a `lost` one too
+# (a hold charged as lost whose late settlement came after all: readers prefer it).
 _DELIVER = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+local seen = redis.call('GET', KEYS[1])
+if seen == false or (seen == 'lost' and ARGV[3] ~= 'lost') then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
   redis.call('XADD', KEYS[2], '*', 'data', ARGV[1])
   return 1
 end
@@ -213,7 +218,7 @@ class RedisUsageSink:
             backoff = 0.2
             self._advance(end)
 
-    def _read_batch(self) -> tuple[list[tuple[str, bytes]], int]:
+    def _read_batch(self) -> tuple[list[tuple[str, str, bytes]], int]:
         """Complete lines from the read position: (request_id, JSON) pairs and their end."""
         while True:
             path = _segment(self.spool_dir, self._rseq)
@@ -231,27 +236,30 @@ class RedisUsageSink:
                 self._next_segment()
                 continue
             break
-        out: list[tuple[str, bytes]] = []
+        out: list[tuple[str, str, bytes]] = []
         pos = self._roff
         for line in data[:cut].split(b"\n")[:-1]:
             if len(out) == _BATCH:
                 break
             pos += len(line) + 1
             try:
-                rid = orjson.loads(line).get("request_id")
+                rec = orjson.loads(line)
+                rid, kind = rec.get("request_id"), ("lost" if rec.get("status") == LOST
+                                                    else "1")
             except (orjson.JSONDecodeError, AttributeError):
-                rid = None
-            if isinstance(rid, str) and rid:
-                out.append((rid, line))
+                rid = kind = None
+            if isinstance(rid, str) and rid and kind:
+                out.append((rid, kind, line))
             else:
                 log.warning("%s: skipping a damaged usage line at byte %d", path, pos)
         return out, pos
 
-    async def _deliver(self, batch: list[tuple[str, bytes]]) -> None:
+    async def _deliver(self, batch: list[tuple[str, str, bytes]]) -> None:
         for attempt in (0, 1):
             pipe = self._redis.pipeline(transaction=False)
-            for rid, data in batch:
-                pipe.evalsha(_DELIVER_SHA, 2, self._seen + rid, self.stream, data, SEEN_TTL_S)
+            for rid, kind, data in batch:
+                pipe.evalsha(_DELIVER_SHA, 2, self._seen + rid, self.stream, data, SEEN_TTL_S,
+                             kind)
             try:
                 await pipe.execute()
                 return

@@ -1,0 +1,532 @@
+"""The embedded limit store made durable: `state: memory` limits survive a restart.
+
+A `MemoryLimitStore` whose every state change is also appended to a write-ahead
+journal, `<data_dir>/limits.journal`: one line per allowed admission (a denial changes
+nothing), per settlement that settled something, per sweep that claimed lost holds and
+per `consume`, with the transition's inputs (limits, ask, now). Each line is one
+unbuffered write() to an O_APPEND descriptor, in the page cache before the caller sees
+the result: it survives the process being killed (not a power loss, which may lose the
+last seconds).
+
+Compaction keeps the journal small: past `compact_bytes` the journal is rotated, the
+state is serialised at once and written in a thread to `limits.snapshot` (temp file,
+fsync, rename), then the rotated journal is removed. Every line carries a sequence
+number and the snapshot the number of the last line it includes, so replay is
+idempotent.
+
+At start: load the snapshot, replay the journals through the same transitions (a torn
+or damaged line is skipped), so the state is what it was. The requests still held then
+were in flight when the process died; each is settled at the time of the last journal
+line: at its recorded usage if the usage log has its record (it ended, its settlement
+never reached the journal), else at its full hold, with one `lost` record (`on_lost`,
+for holds that carry record material). A sweep replayed from the journal whose lost
+records are missing from the usage log gets them too. Then a fresh snapshot, so a
+second restart repeats nothing; a crash between the records and the snapshot is caught
+by the same search of the usage log, so no record is written twice.
+`<data_dir>/limits.lock` keeps a second process off the same state.
+
+Measured with bench/durable_state.py on the 2-core dev VM (CPU µs per admit + settle,
+median of 5 rounds of 20,000, asks with record material): plain memory 11-16; this
+journal 20 (+4 to 9, compaction included); SQLite in WAL mode, the state in tables and
+one transaction per admit and per settle: synchronous=OFF 79-82, =NORMAL 99-111.
+Recovery replays ~70,000 lines a second (a full 8 MiB journal: ~0.4 s). A snapshot
+serialises the state on the event loop: ~15 ms for 1,000 busy keys. Rebuilding from
+the usage log alone would cost nothing per request, but cannot restore the holds in
+flight, the token buckets or the request rates. Chosen: the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import logging
+import os
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from authz.state.limits.codec import ask_from
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.usage.records import USAGE_FILE, JsonlUsageLog
+from policy.admission import KeyState, Ledger, Settled, lost_record
+from policy.config import Config
+from policy.limits import WINDOW_S, Ask, Decision, Limits, usd_to_nano
+from policy.usage import LOST
+
+log = logging.getLogger("tokenbooth.limits")
+
+JOURNAL_FILE = "limits.journal"
+SNAPSHOT_FILE = "limits.snapshot"
+LOCK_FILE = "limits.lock"
+COMPACT_BYTES = 8 << 20  # ~20k requests of journal between snapshots
+RETRY_S = 5.0  # after a failed write, how soon a snapshot is tried again
+READ_TRIES = 5  # a reader's attempts at a snapshot and journals that fit together
+RECORD_SLACK_S = 120.0  # how far before a hold's admission the usage log is searched
+ORG_PREFIX = "org:"  # an org's holds are kept under the pseudo-key `org:<name>`
+NO_LIMITS = Limits()  # settles a dead request without giving tokens back
+
+# Called with the Ask of each hold charged as lost at start that carries record
+# material (`Ask.record`); writes its usage record (`policy.admission.lost_record`).
+OnLost = Callable[[Ask], None]
+
+
+def _limits_row(limits: Limits) -> list[Any]:
+    return [limits.rpm, limits.tpm, limits.max_concurrent, limits.budget_nano,
+            limits.budget_period]
+
+
+def _settle_ask(key_id: str, request_id: str, period: str) -> Ask:
+    """A settlement's Ask on replay: settle reads only its ids and period."""
+    return Ask(request_id, key_id, "", 0, 0, period, 1.0)
+
+
+class DurableMemoryLimitStore:
+    """The memory store with a journal and snapshots in `data_dir` (see the module)."""
+
+    def __init__(self, data_dir: Path, *, on_lost: OnLost | None = None,
+                 window_s: float = WINDOW_S, compact_bytes: int = COMPACT_BYTES) -> None:
+        self._dir = data_dir
+        self._on_lost = on_lost
+        self._compact_bytes = compact_bytes
+        self._mem = MemoryLimitStore(window_s=window_s)
+        self._seq = 0  # the last sequence number given out
+        self._t = 0.0  # the latest `now` journaled
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._jbytes = 0
+        self._broken = False  # a journal write failed: snapshot as soon as possible
+        self._next_try = 0.0
+        self._compacting: asyncio.Future[None] | None = None
+
+    @property
+    def journal_path(self) -> Path:
+        return self._dir / JOURNAL_FILE
+
+    # -- the LimitStore protocol ---------------------------------------------------
+
+    async def start(self) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            swept = await self.load()
+            await self._settle_dead(swept)
+            self._compact_now()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._compacting is not None:
+            with contextlib.suppress(OSError):
+                await self._compacting
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self._compact_now()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
+        d = await self._mem.admit(limits, ask, now)
+        if d.allowed:
+            self._seq += 1
+            self._append(orjson.dumps([self._seq, "a", now, _limits_row(limits), ask],
+                                      option=orjson.OPT_APPEND_NEWLINE), now)
+        return d
+
+    async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
+                     now: float) -> Settled:
+        done = await self._mem.settle(limits, ask, used_tokens, cost_nano, now)
+        if done.applied:
+            self._seq += 1
+            self._append(orjson.dumps(
+                [self._seq, "s", now, _limits_row(limits), ask.key_id, ask.request_id,
+                 ask.period, used_tokens, cost_nano], option=orjson.OPT_APPEND_NEWLINE), now)
+        return done
+
+    async def sweep(self, now: float) -> list[Ask]:
+        lost = await self._mem.sweep(now)
+        if lost:
+            self._seq += 1
+            self._append(orjson.dumps([self._seq, "w", now], option=orjson.OPT_APPEND_NEWLINE),
+                         now)
+        return lost
+
+    async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
+                      now: float) -> None:
+        await self._mem.consume(limits, key_id, requests, tokens, now)
+        self._seq += 1
+        self._append(orjson.dumps([self._seq, "c", now, _limits_row(limits), key_id,
+                                   requests, tokens], option=orjson.OPT_APPEND_NEWLINE), now)
+
+    async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
+        return await self._mem.budget(key_id, org, period, now)
+
+    # -- the journal ---------------------------------------------------------------
+
+    def _append(self, line: bytes, now: float) -> None:
+        """One write() of one whole line; a failure is logged, never raised: the state
+        in memory is right, and the next snapshot makes it durable again."""
+        self._t = max(self._t, now)
+        if self._fd is None:
+            return
+        try:
+            if os.write(self._fd, line) != len(line):
+                raise OSError("short write")
+            self._jbytes += len(line)
+        except OSError as e:
+            if not self._broken:
+                log.error("limits journal write failed: %s", e,
+                          extra={"path": str(self.journal_path)})
+            self._broken = True
+        if self._jbytes >= self._compact_bytes or self._broken:
+            self._compact_soon()
+
+    def _open_journal(self) -> None:
+        self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._jbytes = 0
+
+    def _rotated(self) -> list[Path]:
+        """Journals rotated out by a snapshot that may not have completed, oldest first."""
+        out = []
+        for p in self._dir.glob(f"{JOURNAL_FILE}.*"):
+            suffix = p.name.rsplit(".", 1)[1]
+            if suffix.isdigit():
+                out.append((int(suffix), p))
+        return [p for _, p in sorted(out)]
+
+    # -- snapshots -----------------------------------------------------------------
+
+    def _snapshot_bytes(self) -> bytes:
+        """The whole state as one JSON document, as of sequence number `self._seq`."""
+        keys, ledgers = self._mem.state()
+        return encode({
+            "version": 1, "seq": self._seq, "t": self._t, "keys": keys,
+            "ledgers": [[k, p, ledger] for (k, p), ledger in ledgers.items()],
+        })
+
+    def _compact_soon(self) -> None:
+        """Rotate the journal and write the snapshot in a thread (one at a time)."""
+        loop = asyncio.get_running_loop()
+        if self._compacting is not None or loop.time() < self._next_try:
+            return
+        data, seq = self._snapshot_bytes(), self._seq
+        try:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+                os.replace(self.journal_path, self._dir / f"{JOURNAL_FILE}.{seq}")
+            self._open_journal()
+        except OSError as e:
+            log.error("limits journal rotation failed: %s", e)
+            self._next_try = loop.time() + RETRY_S
+            if self._fd is None:
+                with contextlib.suppress(OSError):
+                    self._open_journal()
+            return
+        self._broken = False
+        self._compacting = loop.run_in_executor(None, self._write_snapshot, data, seq)
+        self._compacting.add_done_callback(self._compacted)
+
+    def _compacted(self, fut: asyncio.Future[None]) -> None:
+        self._compacting = None
+        exc = fut.exception()
+        if exc is not None:
+            log.error("limits snapshot failed: %s", exc)
+            self._broken = True
+            self._next_try = asyncio.get_running_loop().time() + RETRY_S
+
+    def _write_snapshot(self, data: bytes, seq: int) -> None:
+        """Write the snapshot durably, then drop the journals it covers (any thread)."""
+        path = self._dir / SNAPSHOT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        for p in self._rotated():
+            if int(p.name.rsplit(".", 1)[1]) <= seq:
+                p.unlink(missing_ok=True)
+
+    def _compact_now(self) -> None:
+        """Snapshot synchronously and start an empty journal (at start and at close)."""
+        self._write_snapshot(self._snapshot_bytes(), self._seq)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.journal_path.unlink(missing_ok=True)
+        self._open_journal()
+        self._broken = False
+
+    # -- recovery ------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        fd = os.open(self._dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(f"{self._dir}: the limit state is in use by another tokenbooth "
+                          "process (state: memory serves one process; share Redis to run "
+                          "several)") from None
+        self._lock_fd = fd
+
+    async def load(self) -> list[tuple[Ask, float]]:
+        """Restore the snapshot and replay the journals after it. Writes nothing and
+        takes no lock, so a reader (an audit) may load the state of a running process.
+        Returns what replayed sweeps claimed, with the sweep's time."""
+        for _ in range(READ_TRIES):  # a snapshot may replace the journals as we read
+            snap, rows = _read_state(self._dir, self._rotated())
+            first = min((r[0] for r in rows if isinstance(r[0], int)), default=None)
+            if first is None or first <= (0 if snap is None else int(snap["seq"])) + 1:
+                break
+            await asyncio.sleep(0.05)
+        if snap is not None:
+            self._restore(snap)
+        swept: list[tuple[Ask, float]] = []
+        for row in rows:
+            try:
+                swept += await self._apply(row)
+            except (ValueError, TypeError, KeyError, IndexError):
+                log.warning("limits journal: skipped a damaged line", extra={"seq": row[:1]})
+        return swept
+
+    def ledgers(self) -> Mapping[tuple[str, str], Ledger]:
+        """Every budget ledger by (key id or `org:<name>`, period), as kept (read only)."""
+        return self._mem.state()[1]
+
+    def _restore(self, doc: dict[str, Any]) -> None:
+        keys = {k: decode(KeyState, v) for k, v in doc["keys"].items()}
+        ledgers = {(k, p): decode(Ledger, v) for k, p, v in doc["ledgers"]}
+        self._mem.restore(keys, ledgers)
+        self._seq, self._t = int(doc["seq"]), float(doc["t"])
+
+    async def _apply(self, row: list[Any]) -> list[tuple[Ask, float]]:
+        """Apply one journal line through the same transition (once: by its seq)."""
+        seq, op, now = int(row[0]), row[1], float(row[2])
+        if seq <= self._seq:
+            return []
+        swept: list[tuple[Ask, float]] = []
+        if op == "w":
+            swept = [(a, now) for a in await self._mem.sweep(now)]
+        elif op == "a":
+            await self._mem.admit(Limits(*row[3]), ask_from(row[4]), now)
+        elif op == "s":
+            await self._mem.settle(Limits(*row[3]), _settle_ask(row[4], row[5], row[6]),
+                                   int(row[7]), int(row[8]), now)
+        elif op == "c":
+            await self._mem.consume(Limits(*row[3]), row[4], int(row[5]), int(row[6]), now)
+        else:
+            raise ValueError(f"unknown journal op {op!r}")
+        self._seq, self._t = seq, max(self._t, now)
+        return swept
+
+    async def _settle_dead(self, swept: list[tuple[Ask, float]]) -> None:
+        """Settle the requests still held (in flight when the process died) at the time
+        of the last journal line: at their recorded usage, else at the full hold, with
+        one `lost` record each; and write the records replayed sweeps still owe."""
+        t = self._t
+        keys, _ = self._mem.state()
+        dead = sorted((h for ks in keys.values() for h in (*ks.holds.values(),
+                                                            *ks.ended.values())),
+                      key=lambda h: (h.exp, h.ask.key_id, h.ask.request_id))
+        if not dead and not swept:
+            return
+        since = min([h.exp - h.ask.lease_s for h in dead]
+                    + [at - a.lease_s for a, at in swept]) - RECORD_SLACK_S
+        records = recorded(self._dir / USAGE_FILE,
+                           {h.ask.request_id for h in dead} | {a.request_id for a, _ in swept},
+                           since)
+        owed = [a for a, _ in swept if a.request_id not in records and a.record is not None]
+        with_record = {h.ask.request_id for h in dead if h.ask.record is not None}
+        for h in dead:
+            ask = h.ask
+            usage = records.get(ask.request_id)
+            if (usage is None and ask.key_id.startswith(ORG_PREFIX)
+                    and ask.request_id not in with_record):
+                usage = (0, 0)  # an org's hold whose key's never came: nothing was served
+            await self.settle(NO_LIMITS, ask, *(usage or (ask.tokens, ask.cost_nano)), t)
+            if usage is None and ask.record is not None:
+                owed.append(ask)
+        log.warning("settled the requests in flight at the last stop", extra={
+            "settled": len(dead), "lost_records": len(owed), "recorded": len(records)})
+        for ask in owed:
+            if self._on_lost is not None:
+                self._on_lost(ask)
+
+
+def make_durable_memory_store(cfg: Config, on_lost: OnLost | None = None,
+                              ) -> DurableMemoryLimitStore:
+    """The limit store of `state: memory`, durable in `cfg.data_dir`. Without `on_lost`,
+    the lost records of a restart go straight to the usage log there."""
+    return DurableMemoryLimitStore(cfg.data_dir,
+                                   on_lost=on_lost or lost_record_writer(cfg.data_dir))
+
+
+def lost_record_writer(data_dir: Path) -> OnLost:
+    """Write a hold's `lost` usage record to `<data_dir>/usage.jsonl` (rare: opened per
+    record)."""
+    def write(ask: Ask) -> None:
+        rec = lost_record(ask)
+        if rec is not None:
+            sink = JsonlUsageLog(data_dir)
+            try:
+                sink.write(rec)
+            finally:
+                sink.close()
+    return write
+
+
+def _read_state(data_dir: Path, rotated: list[Path]) -> tuple[dict[str, Any] | None,
+                                                               list[list[Any]]]:
+    """The snapshot (None if there is none) and the journals' lines, oldest first. A
+    line that does not parse (torn: the process died mid-write) is skipped."""
+    snap = data_dir / SNAPSHOT_FILE
+    try:
+        doc = orjson.loads(snap.read_bytes())
+    except FileNotFoundError:
+        doc = None
+    except orjson.JSONDecodeError as e:
+        raise OSError(f"{snap}: damaged limit state ({e}); starting without it would "
+                      "forget every budget's spend") from None
+    rows: list[list[Any]] = []
+    for path in [*rotated, data_dir / JOURNAL_FILE]:
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:  # none yet, or removed by a snapshot as we read
+            continue
+        bad = 0
+        for line in lines:
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                row = None
+            if isinstance(row, list) and row:
+                rows.append(row)
+            else:
+                bad += 1
+        if bad:
+            log.warning("limits journal: skipped %d damaged line(s)", bad,
+                        extra={"path": str(path)})
+    return doc, rows
+
+
+# -- the usage log ----------------------------------------------------------------------
+
+
+def recorded(path: Path, rids: set[str], since: float) -> dict[str, tuple[int, int]]:
+    """(total_tokens, cost nano-USD) of each of `rids` that has a usage record in the
+    log: its real record, else its `lost` one. Reads backwards from the end of the log
+    until a record that ended before `since`."""
+    found: dict[str, tuple[int, int]] = {}
+    lost: set[str] = set()
+    for rec in _records_backwards(path):
+        rid = rec.get("request_id")
+        if rid in rids and (rid not in found or rid in lost):
+            try:
+                found[rid] = (int(rec["total_tokens"]), usd_to_nano(Decimal(rec["cost_usd"])))
+            except (KeyError, ValueError, TypeError, InvalidOperation):
+                log.warning("usage log: unreadable record", extra={"request_id": rid})
+                continue
+            if rec.get("status") == LOST:
+                lost.add(rid)
+            else:
+                lost.discard(rid)
+        ended = _ended(rec)
+        if ended is not None and ended < since:
+            break
+    return found
+
+
+def _ended(rec: dict[str, Any]) -> float | None:
+    try:
+        started = datetime.fromisoformat(str(rec["started_at"])).timestamp()
+        return started + float(rec.get("duration_ms") or 0) / 1000
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _records_backwards(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, last first (damaged lines skipped)."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        tail = b""
+        while pos > 0:
+            n = min(block, pos)
+            pos -= n
+            f.seek(pos)
+            lines = (f.read(n) + tail).split(b"\n")
+            tail = lines.pop(0) if pos > 0 else b""
+            for line in reversed(lines):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    rec = orjson.loads(line) if line.strip() else None
+                    if isinstance(rec, dict):
+                        yield rec
+
+
+# -- the snapshot's codec ---------------------------------------------------------------
+
+
+def encode(doc: Any) -> bytes:
+    """JSON for the state's dataclasses (sets as lists; orjson writes the rest)."""
+    return orjson.dumps(doc, default=_default)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, set | frozenset):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def decode(tp: Any, v: Any) -> Any:
+    """Rebuild a value of type `tp` from `encode`'s JSON, led by the type hints, so a
+    field the dataclasses gain needs no change here (a missing one takes its default)."""
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        hints = _hints(tp)
+        return tp(**{k: decode(hints[k], x) for k, x in v.items() if k in hints})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        arms = [a for a in args if a is not type(None)]
+        return None if v is None else decode(arms[0], v)
+    if origin is dict:
+        return {k: decode(args[1], x) for k, x in v.items()}
+    if origin in (set, frozenset):
+        return origin(decode(args[0], x) for x in v)
+    if origin is list:
+        return [decode(args[0], x) for x in v]
+    if origin is tuple:
+        return tuple(decode(a, x) for a, x in zip(args, v, strict=True))
+    if tp is float:
+        return float(v)
+    if tp is datetime:
+        return datetime.fromisoformat(v)
+    return v

@@ -1,0 +1,182 @@
+"""Lost holds: a request admitted and never settled (its replica died) is charged at its
+full hold and leaves exactly one `lost` usage record, written by whichever replica's
+sweep claims it; a late settlement corrects the charge, and readers then prefer its
+real record. Every test checks: spend within the budget, ledger = sum of the records'
+costs, one record per admitted request. The clock is injected; nothing sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import redis
+
+from authz.state.limits.admission import Admission
+from authz.state.limits.base import LimitStore
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import CLAIM_S, DUE, RedisLimitStore
+from authz.state.limits.redis_scripts import CLAIM
+from authz.state.usage.records import one_per_request
+from policy.limits import Ask, Limits
+from policy.usage import LOST
+from tests.redis_server import RedisServer
+from tests.state.money import T0, Clock, P, ask, ledger_is_the_records, real_record
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def two_replicas(request: pytest.FixtureRequest) -> AsyncIterator[list[LimitStore]]:
+    """Two replicas sharing one store (memory: one object, as a single process would)."""
+    if request.param == "memory":
+        mem = MemoryLimitStore()
+        yield [mem, mem]
+        return
+    url = request.getfixturevalue("own_redis").url
+    stores: list[LimitStore] = [RedisLimitStore(url, timeout_s=2.0) for _ in range(2)]
+    yield stores
+    for s in stores:
+        await s.close()
+
+
+async def test_each_lost_hold_is_claimed_once_with_one_record(
+    two_replicas: list[LimitStore],
+) -> None:
+    clock, records = Clock(), []  # both replicas write to one usage log
+    reps = [Admission(s, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
+            for s in two_replicas]
+    lim = Limits(budget_nano=10_000, max_concurrent=40)
+    asks = [ask(i) for i in range(30)]
+    for i, a in enumerate(asks):
+        assert (await reps[i % 2].admit(lim, a, clock.at())).allowed
+    for a in asks[:10]:  # these ended: record, then settlement
+        records.append(real_record(a, 120))
+        await reps[0].settle(lim, a, 25, 120, clock.at(1))
+    clock.t += 4.999
+    assert await asyncio.gather(*(r.sweep() for r in reps)) == [0, 0]  # still live
+    clock.t += 0.001  # the rest were on a replica that died: their leases end
+    assert sum(await asyncio.gather(*(r.sweep() for r in reps))) == 20
+    assert await asyncio.gather(*(r.sweep() for r in reps)) == [0, 0]
+    lost = [r for r in records if r["status"] == LOST]
+    assert sorted(r["request_id"] for r in lost) == sorted(a.request_id for a in asks[10:])
+    assert lost[0] | {"request_id": "x"} == {
+        "request_id": "x", "key_id": "k1", "org": "acme", "model": "demo",
+        "upstream_model": "tiny", "backend": "", "prompt_tokens": 20,
+        "completion_tokens": 10, "total_tokens": 30, "cost_usd": "0.0000003",
+        "status": LOST, "stream": True, "estimated": True,
+        "started_at": "2023-11-14T22:13:20Z", "duration_ms": 5000.0, "endpoint": "chat"}
+    assert reps[0].lost_records + reps[1].lost_records == 20
+    spent, reserved = await two_replicas[0].budget("k1", "acme", P, clock())
+    assert (spent, reserved) == (10 * 120 + 20 * 300, 0) and spent <= 10_000
+    ledger_is_the_records(spent, records, 30)
+    # One of them settles after all (a settlement spooled through an outage): the charge
+    # becomes its real cost, and its real record supersedes the lost one.
+    late = asks[29]
+    records.append(real_record(late, 80))
+    done = await reps[1].settle(lim, late, 25, 80, clock.at())
+    assert done.applied and done.corrected
+    spent, _ = await two_replicas[1].budget("k1", "acme", P, clock())
+    assert spent == 10 * 120 + 19 * 300 + 80
+    ledger_is_the_records(spent, records, 30)
+    assert not (await reps[0].settle(lim, late, 25, 80, clock.at())).applied  # once
+
+
+async def test_a_claim_left_by_a_dead_sweeper_returns(own_redis: RedisServer) -> None:
+    """A replica that claimed index entries and died before settling them: the entries
+    come back to the sweep after CLAIM_S, and are still claimed once."""
+    url = own_redis.url
+    dead, alive = RedisLimitStore(url, timeout_s=2.0), RedisLimitStore(url, timeout_s=2.0)
+    clock, records = Clock(), []
+    adm = Admission(alive, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
+    lim = Limits(tpm=1000)
+    for i in range(3):
+        assert (await adm.admit(lim, ask(i), clock.at())).allowed
+    clock.t += 5.0
+    claimed = await dead._call(dead._redis.evalsha(
+        CLAIM, [DUE], [repr(clock()), repr(clock() + CLAIM_S), "2"]))
+    assert len(claimed) == 2
+    assert await adm.sweep() == 1  # the one not claimed
+    clock.t += CLAIM_S
+    assert await adm.sweep() == 2 and await adm.sweep() == 0
+    assert sorted(r["request_id"] for r in records) == ["r0", "r1", "r2"]
+    with redis.Redis.from_url(url) as r:
+        assert r.zcard(DUE) == 0  # and the index is empty again
+    for s in (dead, alive):
+        await s.close()
+
+
+async def test_the_index_holds_only_requests_in_flight(own_redis: RedisServer) -> None:
+    url = own_redis.url
+    store = RedisLimitStore(url, timeout_s=2.0)
+    lim = Limits(budget_nano=500)
+    assert (await store.admit(lim, ask(1), T0)).allowed
+    for i in range(2, 6):
+        assert (await store.admit(lim, ask(i), T0)).reason == "budget"
+    await asyncio.sleep(0.05)  # the removals run in the background
+    with redis.Redis.from_url(url) as r:
+        assert r.zcard(DUE) == 1  # the index holds what is in flight, no more
+        assert (await store.settle(lim, ask(1), 0, 100, T0 + 1)).applied
+        assert r.zcard(DUE) == 0
+    assert await store.sweep(T0 + 100) == []
+    await store.close()
+
+
+async def test_an_early_index_entry_moves_to_its_holds_expiry(own_redis: RedisServer) -> None:
+    """An entry left by an earlier hold of the same request_id (a lost removal) must not
+    cost a live hold its entry: the sweep moves it to the hold's expiry."""
+    url = own_redis.url
+    store, a = RedisLimitStore(url, timeout_s=2.0), ask(1)
+    with redis.Redis.from_url(url) as r:
+        r.zadd(DUE, {orjson.dumps([a.key_id, a.period, a.request_id]).decode(): T0 - 1})
+        assert (await store.admit(Limits(tpm=100), a, T0)).allowed
+        assert await store.sweep(T0 + 1) == []
+        assert r.zrange(DUE, 0, -1, withscores=True) == [
+            (orjson.dumps([a.key_id, a.period, a.request_id]), T0 + 5)]
+    assert await store.sweep(T0 + 5) == [a]
+    await store.close()
+
+
+async def test_one_record_per_request_with_an_org_limit() -> None:
+    """The key's hold carries the record; its org's hold is charged too but writes none,
+    unless the key holds nothing, and then the record names the key."""
+    clock, records = Clock(), []
+    store = MemoryLimitStore()
+    adm = Admission(store, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
+    org_lim = Limits(budget_nano=5_000)
+    for i, key_lim in enumerate([Limits(budget_nano=1_000), Limits(rpm=10)]):
+        a = ask(i, key=f"k{i}")
+        org = (org_lim, Ask(a.request_id, "org:acme", "acme", a.tokens, a.cost_nano, P,
+                            a.lease_s, a.record))
+        assert (await adm.admit_all(org, key_lim, a, clock.at())).allowed
+    clock.t += 5.0
+    assert await adm.sweep() == 2
+    assert sorted((r["request_id"], r["key_id"]) for r in records) == [
+        ("r0", "k0"), ("r1", "k1")]
+    assert await store.budget("org:acme", "acme", P, clock()) == (600, 0)
+    assert await store.budget("k0", "acme", P, clock()) == (300, 0)
+    ledger_is_the_records(300, [r for r in records if r["key_id"] == "k0"], 1)
+
+
+async def test_the_background_task_sweeps() -> None:
+    clock, records = Clock(), []
+    adm = Admission(MemoryLimitStore(), on_lost=lambda r: records.append(r.to_dict()),
+                    clock=clock, sweep_s=0.01)
+    assert (await adm.admit(Limits(max_concurrent=1), ask(1), clock.at())).allowed
+    await adm.start()
+    clock.t += 5.0
+    for _ in range(200):
+        if records:
+            break
+        await asyncio.sleep(0.01)
+    await adm.close()
+    assert [r["request_id"] for r in records] == ["r1"] and adm.lost_records == 1
+
+
+def test_readers_prefer_a_real_record_over_a_lost_one() -> None:
+    lost = {"request_id": "a", "status": LOST, "cost_usd": "0.3"}
+    real = {"request_id": "a", "status": 200, "cost_usd": "0.1"}
+    other = {"request_id": "b", "status": 499, "cost_usd": "0"}
+    assert list(one_per_request([lost, other, real, lost])) == [real, other]
+    assert list(one_per_request([real, lost, other])) == [real, other]
+    assert list(one_per_request([lost, lost | {"cost_usd": "9"}])) == [lost]
+    assert list(one_per_request([real, real | {"cost_usd": "9"}])) == [real]
