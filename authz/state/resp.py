@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -95,7 +96,8 @@ class RespClient:
         self._timeout = timeout_s
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
-        self._shas: dict[str, str] = {}
+        self._shas: dict[str, str] = {}  # script -> sha
+        self._scripts: dict[str, str] = {}  # sha -> script
 
     async def execute(self, *args: str | bytes | int) -> Any:
         proto = self._proto
@@ -103,17 +105,41 @@ class RespClient:
             proto = await self._connect()
         return await self._send(proto, args)
 
-    async def evalsha(self, script: str, keys: list[str], args: list[str]) -> Any:
-        """EVALSHA, loading the script once if Redis does not know it (after a restart)."""
+    def script_call(self, script: str, keys: list[str], args: list[str]) -> _Args:
+        """The EVALSHA command for `script`, for `evalsha` or `batch`."""
         sha = self._shas.get(script)
         if sha is None:
             sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis' own script id
-        call: _Args = ("EVALSHA", sha, len(keys), *keys, *args)
+            self._scripts[sha] = script
+        return ("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def evalsha(self, script: str, keys: list[str], args: list[str]) -> Any:
+        """EVALSHA, loading the script once if Redis does not know it (after a restart)."""
+        call = self.script_call(script, keys, args)
         try:
             return await self.execute(*call)
         except NoScriptError:
-            await self.execute("SCRIPT", "LOAD", script)
-            return await self.execute(*call)
+            return await self._load_and_run(call)
+
+    async def batch(self, *calls: _Args) -> list[Any]:
+        """Several commands in one write, one round trip: each one's reply, or the
+        exception it raised, in order. A NOSCRIPT is run again alone after loading."""
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._connect()
+        out = list(await asyncio.gather(*self._send_many(proto, calls),
+                                        return_exceptions=True))
+        for i, reply in enumerate(out):
+            if isinstance(reply, NoScriptError):
+                try:
+                    out[i] = await self._load_and_run(calls[i])
+                except (ResponseError, OSError) as e:
+                    out[i] = e
+        return out
+
+    async def _load_and_run(self, call: _Args) -> Any:
+        await self.execute("SCRIPT", "LOAD", self._scripts[str(call[1])])
+        return await self.execute(*call)
 
     async def aclose(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
@@ -121,14 +147,20 @@ class RespClient:
         self._proto = None
 
     def _send(self, proto: _Protocol, args: _Args) -> asyncio.Future[Any]:
+        return self._send_many(proto, (args,))[0]
+
+    def _send_many(self, proto: _Protocol, calls: tuple[_Args, ...]) -> list[asyncio.Future[Any]]:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
         assert proto.transport is not None
-        proto.transport.write(_encode(args))
-        proto.pending.append(fut)
-        timer = loop.call_later(self._timeout, _expire, proto, fut, self._timeout)
-        fut.add_done_callback(lambda _f: timer.cancel())
-        return fut
+        proto.transport.write(b"".join(_encode(args) for args in calls))
+        futs = []
+        for _ in calls:
+            fut: asyncio.Future[Any] = loop.create_future()
+            proto.pending.append(fut)
+            timer = loop.call_later(self._timeout, _expire, proto, fut, self._timeout)
+            fut.add_done_callback(_cancel_timer(timer))
+            futs.append(fut)
+        return futs
 
     async def _connect(self) -> _Protocol:
         # Concurrent callers share one connection attempt.
@@ -155,6 +187,10 @@ class RespClient:
             await self._send(proto, ("SELECT", self._db))
         self._proto = proto
         return proto
+
+
+def _cancel_timer(timer: asyncio.TimerHandle) -> Callable[[asyncio.Future[Any]], None]:
+    return lambda _fut: timer.cancel()
 
 
 def _expire(proto: _Protocol, fut: asyncio.Future[Any], timeout_s: float) -> None:

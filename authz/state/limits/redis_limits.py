@@ -99,15 +99,16 @@ class RedisLimitStore:
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
                 str(ask.cost_nano), repr(float(ask.lease_s)), repr(float(self._window)),
                 ask.period, dumps(ask).decode() if held else ""]
-        call = self._redis.evalsha(ADMIT, keys, args)
         if not held:  # holds nothing: nothing to index
-            out = await self._call(call)
+            out = await self._call(self._redis.evalsha(ADMIT, keys, args))
         else:
             member = _member(ask)
             exp = repr(float(now) + float(ask.lease_s))  # the script's exp, bit for bit
             # NX: a duplicate leaves the entry of the request it duplicates as it was.
-            _, out = await self._pipelined(
-                self._redis.execute("ZADD", DUE, "NX", exp, member), call)
+            # Indexed first, in the same write: a hold is never unknown to the sweep.
+            _, out = await self._batch(("ZADD", DUE, "NX", exp, member),
+                                       self._redis.script_call(ADMIT, keys, args),
+                                       must=(0, 1))
             if out[0] != 1 and out[1] != b"duplicate":
                 self._forget(member)
         ok, reason, retry, rem_r, reset_r, rem_t, reset_t = (
@@ -122,18 +123,19 @@ class RedisLimitStore:
             reset_tokens_s=float(reset_t) if reset_t else 0.0,
         )
 
-    async def _pipelined(self, first: Coroutine[Any, Any, Any],
-                         then: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:
-        """Both calls' results, sent back to back in one round trip, `first` first: it
-        is written before this task yields, `then` (a task) only after."""
-        later = asyncio.ensure_future(then)
-        try:
-            result = await self._call(first)
-        except BaseException:
-            later.cancel()  # not sent yet, or failed with the same connection
-            await asyncio.gather(later, return_exceptions=True)
-            raise
-        return result, await self._call(later)
+    async def _batch(self, *calls: tuple[str | bytes | int, ...],
+                     must: tuple[int, ...]) -> list[Any]:
+        """The calls in one write (one round trip); a failure of a call in `must` fails
+        the whole (the others' failures are left to the sweep)."""
+        async def run() -> list[Any]:
+            out = await self._redis.batch(*calls)
+            for i in must:
+                if isinstance(out[i], BaseException):
+                    raise out[i]
+            return out
+
+        replies: list[Any] = await self._call(run())
+        return replies
 
     def _forget(self, member: str) -> None:
         """Remove an index entry off the request's path (one left behind is dropped by
@@ -155,12 +157,11 @@ class RedisLimitStore:
         keys = [self._ns(ask.key_id) + "tpm", conc, res, budget, resv, lost]
         args = [repr(float(now)), ask.request_id, _opt(limits.tpm), str(used_tokens),
                 str(cost_nano), repr(float(self._window))]
-        call = self._redis.evalsha(SETTLE, keys, args)
         if tracked(limits):  # and its index entry goes too (a failure: the sweep drops it)
-            done, _ = await self._pipelined(call, self._quietly(
-                self._redis.execute("ZREM", DUE, _member(ask))))
+            done, _ = await self._batch(self._redis.script_call(SETTLE, keys, args),
+                                        ("ZREM", DUE, _member(ask)), must=(0,))
         else:
-            done = await self._call(call)
+            done = await self._call(self._redis.evalsha(SETTLE, keys, args))
         return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
