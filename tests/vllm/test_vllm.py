@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -51,6 +53,41 @@ def raw_stream(url: str, body: dict[str, Any], key: str | None = None) -> tuple[
 
 def sse_data(stream: bytes) -> list[bytes]:
     return [line[6:] for line in stream.split(b"\n") if line.startswith(b"data: ")]
+
+
+def test_audit_finds_no_drift_against_vllm(vllm_gateway: Gateway,
+                                          vllm_server: VllmServer) -> None:
+    """First in the session, while every token vLLM counted came through the gateway:
+    `tokenbooth audit --vllm` finds the ledger equal to the records and the records
+    equal to vLLM's own counters (later tests also call vLLM directly)."""
+    from tests.e2e.test_limits import new_key
+
+    key, key_id = new_key(vllm_gateway, "--budget", "5", "--budget-period", "day")
+    client = vllm_gateway.client(key)
+    for i, n in enumerate((4, 9)):
+        client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=n,
+                                       extra_body=EXACT)
+        list(client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=n,
+                                            stream=True, extra_body=EXACT))
+        client.completions.create(model="other", prompt=f"{PROMPT} {i}", max_tokens=n,
+                                  extra_body=EXACT)
+    deadline = time.monotonic() + 15
+    while True:  # vLLM counts just after each response; the last settle lands too
+        r = subprocess.run([sys.executable, "-m", "authz.cli", "audit", "--json",
+                            "--config", str(vllm_gateway.config_path),
+                            "--vllm", vllm_server.url],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    [backend] = report["backends"]
+    assert backend["records"] >= 6 and backend["estimated"]["records"] == 0
+    assert (backend["vllm_prompt_tokens"], backend["vllm_generation_tokens"]) == (
+        backend["prompt_tokens"], backend["completion_tokens"])
+    [ledger] = [a for a in report["ledgers"] if a["owner"] == key_id]
+    assert ledger["records"] == 6 and ledger["spent_nano"] == ledger["records_nano"] > 0
 
 
 def test_chat_non_streaming_record_equals_vllm_usage(vllm_gateway: Gateway,
