@@ -29,13 +29,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from decimal import Decimal
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
-from policy.config import OrgLimits
-from policy.errors import ApiError
 from policy.limits import (
     WINDOW_S,
     Ask,
@@ -49,11 +45,6 @@ from policy.limits import (
     budget_admits,
     gcra,
     nano_to_usd,
-    period_id,
-    period_reset_s,
-    rate_headers,
-    retry_after_header,
-    usd_to_nano,
 )
 from policy.usage import LOST, UsageRecord
 
@@ -402,67 +393,3 @@ def consume(limits: Limits, key: KeyState, requests: int, tokens: int, now: floa
         key.tat = max(now if key.tat is None else key.tat, now) + requests * w / limits.rpm
     if limits.tpm is not None and tokens > 0:
         key.level, key.ts = bucket_now(key, limits.tpm, now, w) - tokens, now
-
-
-# -- org limits -------------------------------------------------------------------------
-
-
-class LimitFields(Protocol):
-    """A key record or an org entry of the policy file: the fields limits are built from."""
-
-    @property
-    def rpm(self) -> int | None: ...
-    @property
-    def tpm(self) -> int | None: ...
-    @property
-    def max_concurrent(self) -> int | None: ...
-    @property
-    def budget_usd(self) -> Decimal | None: ...
-    @property
-    def budget_period(self) -> str: ...
-
-
-def limits_from(src: LimitFields) -> Limits:
-    """The enforceable limits of a key record or an org (budget in exact nano-USD)."""
-    budget = None if src.budget_usd is None else usd_to_nano(src.budget_usd)
-    return Limits(src.rpm, src.tpm, src.max_concurrent, budget, src.budget_period)
-
-
-def org_hold(org: OrgLimits, ask: Ask, started: datetime) -> tuple[Limits, Ask]:
-    """The org's limits and the hold its key's request takes of them: the same request
-    under the pseudo-key `org:<name>`, in the org's own budget period."""
-    org_ask = replace(ask, key_id=f"org:{ask.org}",
-                      period=period_id(org.budget_period, started))
-    return limits_from(org), org_ask
-
-
-# -- refusals ---------------------------------------------------------------------------
-
-_MESSAGES = {
-    "requests": "Rate limit reached for requests per minute. Retry after the time given.",
-    "tokens": "Rate limit reached for tokens per minute. Retry after the time given.",
-    "tokens_too_large": "This request reserves more tokens than the per-minute limit allows; "
-                        "lower max_tokens or the prompt.",
-    "concurrency": "Too many requests in flight for this API key.",
-}
-
-
-def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:
-    """The OpenAI-shaped 429 for a denied Decision, with its rate-limit headers and a
-    retry-after when waiting helps (a budget: only if its period resets)."""
-    headers = rate_headers(d)
-    if d.reason == "budget":
-        reset = period_reset_s(limits.budget_period, now)
-        if reset is not None:
-            headers.append(("retry-after", retry_after_header(reset)))
-        return ApiError(
-            429, "insufficient_quota",
-            "This API key's budget for the period is exhausted."
-            + ("" if reset is not None else " It does not reset."),
-            type="insufficient_quota", headers=tuple(headers),
-        )
-    if d.retry_after_s is not None and d.reason != "tokens_too_large":
-        headers.append(("retry-after", retry_after_header(d.retry_after_s)))
-    return ApiError(429, "rate_limit_exceeded", _MESSAGES.get(d.reason, "Rate limit reached."),
-                    type=d.reason if d.reason in ("requests", "tokens") else None,
-                    headers=tuple(headers))

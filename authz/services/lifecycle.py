@@ -26,12 +26,12 @@ import orjson
 from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
 from authz.state.limits.admission import Admission
-from policy.admission import org_hold
 from policy.config import Config
 from policy.endpoints import Endpoint, Kind, lookup
 from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
 from policy.keys import Principal
 from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
+from policy.quota import org_hold
 from policy.request import InferenceRequest, models_list, parse_request, upstream_body
 from policy.routing import Route
 from policy.stream_usage import StreamMeter

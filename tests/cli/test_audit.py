@@ -26,9 +26,9 @@ from authz.state.limits.durable import DurableMemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
-from policy.admission import limits_from, org_hold
 from policy.config import Config, load_config
 from policy.limits import Ask, Limits, cost_nano, period_id
+from policy.quota import limits_from, org_hold
 from policy.usage import Usage, make_record
 from tests.helpers import write_policy
 from tests.redis_server import RedisServer

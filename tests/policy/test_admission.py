@@ -4,8 +4,6 @@ is an argument), org limits, and the 429 a denial becomes."""
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
-from decimal import Decimal
 
 import pytest
 
@@ -19,17 +17,11 @@ from policy.admission import (
     consume,
     expire,
     hold_live,
-    limits_from,
     lost_record,
-    org_hold,
-    refusal,
     settle,
     settle_charges,
     sweep,
 )
-from policy.config import OrgLimits
-from policy.keyrecord import KeyRecord
-from policy.keys import limits_of
 from policy.limits import Ask, Decision, HoldRecord, Limits
 from policy.usage import LOST, UsageRecord
 
@@ -261,85 +253,3 @@ def test_consume() -> None:
     assert (d.reason, d.retry_after_s, d.remaining_tokens) == ("tokens", 30.06, -500)
     consume(Limits(), key, 5, 5, T0)  # no limits: nothing to count
     assert (key.tat, key.level) == (T0 + 40.0, -500.0)
-
-
-# -- org limits ---------------------------------------------------------------------------
-
-STARTED = datetime(2026, 11, 23, 12, tzinfo=UTC)
-
-
-def test_org_hold() -> None:
-    org = OrgLimits(rpm=10, tpm=5000, max_concurrent=3, budget_usd=Decimal("2.5"),
-                    budget_period="day")
-    a = Ask("r1", "k1", "acme", 100, 5, "month:2026-11", 150.0)
-    limits, held = org_hold(org, a, STARTED)
-    assert limits == Limits(10, 5000, 3, 2_500_000_000, "day")
-    assert held == Ask("r1", "org:acme", "acme", 100, 5, "day:2026-11-23", 150.0)
-
-
-def test_org_hold_defaults() -> None:
-    a = Ask("r1", "k1", "acme", 0, 0, "total", 1.0)
-    assert org_hold(OrgLimits(), a, STARTED) == (
-        Limits(budget_period="month"), Ask("r1", "org:acme", "acme", 0, 0, "month:2026-11", 1.0))
-    assert org_hold(OrgLimits(budget_period="total"), a, STARTED)[1].period == "total"
-
-
-def test_limits_from_a_key_record_is_the_keys_limits() -> None:
-    rec = KeyRecord(id="k1", org="acme", sha256="0" * 64, rpm=5, tpm=7, max_concurrent=2,
-                    budget_usd=Decimal("0.0000000011"), budget_period="total")
-    assert limits_from(rec) == limits_of(rec) == Limits(5, 7, 2, 2, "total")
-
-
-# -- the 429 a denial becomes -------------------------------------------------------------
-
-
-def denied(reason: str, retry: float | None = None) -> Decision:
-    """A denial for a key with 60 RPM and 1000 TPM, neither touched."""
-    return Decision(False, reason, retry, 60, 60, 0.0, 1000, 1000, 0.0)
-
-
-RATE = [("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "60"),
-        ("x-ratelimit-reset-requests", "0ms"), ("x-ratelimit-limit-tokens", "1000"),
-        ("x-ratelimit-remaining-tokens", "1000"), ("x-ratelimit-reset-tokens", "0ms")]
-
-
-def test_budget_refusal_retries_when_the_period_resets() -> None:
-    e = refusal(denied("budget"), Limits(budget_nano=1, budget_period="month"), STARTED)
-    assert (e.status, e.code, e.type) == (429, "insufficient_quota", "insufficient_quota")
-    assert e.message == "This API key's budget for the period is exhausted."
-    assert list(e.headers) == [*RATE, ("retry-after", "648000")]  # 7.5 days to December
-    late = datetime(2026, 11, 23, 23, 59, 59, 200_000, UTC)
-    e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="day"), late)
-    assert list(e.headers) == [("retry-after", "1")]
-
-
-def test_a_total_budget_refusal_says_it_never_resets() -> None:
-    e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="total"),
-                STARTED)
-    assert e.message == "This API key's budget for the period is exhausted. It does not reset."
-    assert e.headers == ()
-
-
-@pytest.mark.parametrize(("reason", "retry", "type_", "message", "retry_after"), [
-    ("requests", 12.3, "requests",
-     "Rate limit reached for requests per minute. Retry after the time given.", "13"),
-    ("tokens", 0.2, "tokens",
-     "Rate limit reached for tokens per minute. Retry after the time given.", "1"),
-    ("tokens_too_large", None, None,
-     "This request reserves more tokens than the per-minute limit allows; "
-     "lower max_tokens or the prompt.", None),
-    ("concurrency", None, None, "Too many requests in flight for this API key.", None),
-    ("duplicate", None, None, "Rate limit reached.", None),
-])
-def test_rate_refusals(reason: str, retry: float | None, type_: str | None, message: str,
-                       retry_after: str | None) -> None:
-    e = refusal(denied(reason, retry), Limits(rpm=60, tpm=1000), STARTED)
-    assert (e.status, e.code, e.type, e.message) == (429, "rate_limit_exceeded", type_,
-                                                     message)
-    assert list(e.headers) == RATE + ([("retry-after", retry_after)] if retry_after else [])
-    assert all(name != "x-should-retry" for name, _ in e.headers)
-
-
-def test_a_too_large_request_gets_no_retry_after_even_behind_the_rate_limit() -> None:
-    d = Decision(False, "tokens_too_large", 5.0)
-    assert refusal(d, Limits(tpm=10), STARTED).headers == ()

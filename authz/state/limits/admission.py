@@ -20,10 +20,11 @@ from pathlib import Path
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
-from policy.admission import Settled, lost_record, refusal, settled, tracked
+from policy.admission import Settled, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import Ask, Decision, Limits
+from policy.quota import refusal
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.limits")

@@ -1,0 +1,95 @@
+"""A key's and an org's quota as the admission sees it: the limits built from a key
+record or an org entry, the hold an org takes of its key's request, and the 429 a denial
+becomes, with a retry hint that says whether retrying can help."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+from policy.config import OrgLimits
+from policy.errors import ApiError
+from policy.limits import (
+    Ask,
+    Decision,
+    Limits,
+    period_id,
+    period_reset_s,
+    rate_headers,
+    retry_after_header,
+    usd_to_nano,
+)
+
+# Sent when waiting cannot make the same request succeed; the openai SDKs then make no
+# automatic retry (they honour it over their status-based rule).
+NO_RETRY = ("x-should-retry", "false")
+
+
+# -- org limits -------------------------------------------------------------------------
+
+
+class LimitFields(Protocol):
+    """A key record or an org entry of the policy file: the fields limits are built from."""
+
+    @property
+    def rpm(self) -> int | None: ...
+    @property
+    def tpm(self) -> int | None: ...
+    @property
+    def max_concurrent(self) -> int | None: ...
+    @property
+    def budget_usd(self) -> Decimal | None: ...
+    @property
+    def budget_period(self) -> str: ...
+
+
+def limits_from(src: LimitFields) -> Limits:
+    """The enforceable limits of a key record or an org (budget in exact nano-USD)."""
+    budget = None if src.budget_usd is None else usd_to_nano(src.budget_usd)
+    return Limits(src.rpm, src.tpm, src.max_concurrent, budget, src.budget_period)
+
+
+def org_hold(org: OrgLimits, ask: Ask, started: datetime) -> tuple[Limits, Ask]:
+    """The org's limits and the hold its key's request takes of them: the same request
+    under the pseudo-key `org:<name>`, in the org's own budget period."""
+    org_ask = replace(ask, key_id=f"org:{ask.org}",
+                      period=period_id(org.budget_period, started))
+    return limits_from(org), org_ask
+
+
+# -- refusals ---------------------------------------------------------------------------
+
+_MESSAGES = {
+    "requests": "Rate limit reached for requests per minute. Retry after the time given.",
+    "tokens": "Rate limit reached for tokens per minute. Retry after the time given.",
+    "tokens_too_large": "This request reserves more tokens than the per-minute limit allows; "
+                        "lower max_tokens or the prompt.",
+    "concurrency": "Too many requests in flight for this API key.",
+}
+
+
+def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:
+    """The OpenAI-shaped 429 for a denied Decision, with its rate-limit headers, and a
+    retry-after when waiting helps (a budget: only if its period resets) or
+    `x-should-retry: false` when it cannot (a budget that never resets, a request larger
+    than the limit)."""
+    headers = rate_headers(d)
+    if d.reason == "budget":
+        reset = period_reset_s(limits.budget_period, now)
+        headers.append(("retry-after", retry_after_header(reset)) if reset is not None
+                       else NO_RETRY)
+        return ApiError(
+            429, "insufficient_quota",
+            "This API key's budget for the period is exhausted."
+            + ("" if reset is not None else " It does not reset."),
+            type="insufficient_quota", headers=tuple(headers),
+        )
+    if d.reason == "tokens_too_large":
+        headers.append(NO_RETRY)  # larger than the limit itself: never fits
+    elif d.retry_after_s is not None:
+        headers.append(("retry-after", retry_after_header(d.retry_after_s)))
+    return ApiError(429, "rate_limit_exceeded", _MESSAGES.get(d.reason, "Rate limit reached."),
+                    type=d.reason if d.reason in ("requests", "tokens") else None,
+                    headers=tuple(headers))
