@@ -15,7 +15,7 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 from authz.runtime.metrics import Metrics
 from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime
-from authz.runtime.tracing import parent_context
+from authz.runtime.tracing import parent_context, span_attributes
 from authz.services import protos
 from authz.services.exchange import handle
 from authz.services.lifecycle import Lifecycle
@@ -64,23 +64,30 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                             {"traceparent": life.traceparent} if life.traceparent else {}),
                     )
                 await write(resp)
-                await life.settle()
+                if life.settle_pending:
+                    await self._settle_apart(life)
                 if resp.HasField("immediate_response"):
                     return
         finally:
             # The stream ended: normally after the response, else the client or
             # Envoy went away mid-request. Either way, exactly one record.
             life.finish(aborted=not life.finished)
-            # A cancelled stream (client gone) must still settle: run it as its own task
-            # (normally the loop above has settled already and there is nothing to do).
+            # A cancelled stream (client gone) must still settle (normally the loop above
+            # has settled already and there is nothing to do).
             if life.settle_pending:
-                task = asyncio.ensure_future(life.settle())
-                self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(task)
+                    await self._settle_apart(life)
             if span is not None:
                 _end_span(span, life)
+
+    async def _settle_apart(self, life: Lifecycle) -> None:
+        """Settle as a task of its own: Envoy resets the stream right after the last
+        answer, and a cancelled settlement (waiting on Redis, a reconnect, a script
+        reload) would leave its hold to be charged in full when the lease ends."""
+        task = asyncio.ensure_future(life.settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
 
     def _error_answer(self, life: Lifecycle, e: Exception) -> protos.Msg:
         """The one place an error becomes ext_proc's answer: an OpenAI-shaped
@@ -104,4 +111,6 @@ def _end_span(span: Span, life: Lifecycle) -> None:
         span.set_attribute("tokenbooth.model", life.req.alias)
     if life.status:
         span.set_attribute("http.response.status_code", life.status)
+    if life.record is not None:
+        span.set_attributes(span_attributes(life.record))
     span.end()

@@ -63,10 +63,13 @@ class Gateway:
 @contextlib.contextmanager
 def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
                 sim_weight: int = 1, upstream: str | None = None,
+                envoy: dict[str, Any] | None = None,
                 **policy: Any) -> Iterator[Gateway]:
     """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit.
     `extra_backends` join the sim as weighted backends of the `demo` alias; with
-    `upstream` (a running vLLM, say) no sim is started and every alias routes there."""
+    `upstream` (a running vLLM, say) no sim is started and every alias routes there.
+    `envoy`: settings of the config's `envoy:` section (route_timeout_s, say) beside
+    the admin port chosen here."""
     logs = root / "logs"
     logs.mkdir()
     sim_port = free_port()
@@ -76,7 +79,7 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
         root, sim_url, listen=listen,
         services={"grpc_listen": f"127.0.0.1:{free_port()}",
                   "http_listen": f"127.0.0.1:{free_port()}"},
-        envoy={"admin_listen": f"127.0.0.1:{free_port()}"},
+        envoy={**(envoy or {}), "admin_listen": f"127.0.0.1:{free_port()}"},
         **policy,
     )
     if extra_backends:
