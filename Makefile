@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run    - install into .venv and start Envoy + tokenbooth + simulator on :8080"
-	@echo "              (UPSTREAM=http://host:8000 to use a real vLLM instead)"
+	@echo "              (UPSTREAM=http://host:8000 to use a real vLLM instead; LISTEN=,"
+	@echo "              GRPC_LISTEN=, HTTP_LISTEN=, ADMIN_LISTEN= HOST:PORT move the ports)"
 	@echo "make test   - install and run lint, type checks and every test tier"
 	@echo "              (the top tier runs a real vLLM on CPU from its own venv, .venv-vllm)"
 	@echo "make vllm   - only the real-vLLM tier (pytest -m vllm)"
@@ -62,8 +63,15 @@ $(LITELLM_STAMP):
 
 bench-litellm-venv: $(LITELLM_STAMP)
 
+# UPSTREAM=URL sends every model there; LISTEN, GRPC_LISTEN, HTTP_LISTEN, ADMIN_LISTEN
+# (HOST:PORT) move the four ports (as TOKENBOOTH_LISTEN, ... in the environment do).
+RUN_FLAGS = $(if $(UPSTREAM),--upstream $(UPSTREAM)) $(if $(LISTEN),--listen $(LISTEN)) \
+  $(if $(GRPC_LISTEN),--grpc-listen $(GRPC_LISTEN)) \
+  $(if $(HTTP_LISTEN),--http-listen $(HTTP_LISTEN)) \
+  $(if $(ADMIN_LISTEN),--admin-listen $(ADMIN_LISTEN))
+
 run: install
-	$(BIN)/tokenbooth up $(if $(UPSTREAM),--upstream $(UPSTREAM))
+	$(BIN)/tokenbooth up $(strip $(RUN_FLAGS))
 
 lint: install
 	$(BIN)/ruff check .

@@ -26,7 +26,9 @@ import orjson
 import yaml
 
 from authz.envoy_config.binary import envoy_path
+from authz.envoy_config.xds_resources import with_static_models
 from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
+from policy.config import load_config
 from policy.keys import fingerprint
 from policy.routing import model_cluster_name
 
@@ -107,6 +109,12 @@ def render(config: Path) -> dict[str, Any]:
     return data
 
 
+def render_static(config: Path) -> dict[str, Any]:
+    """The bootstrap with the model clusters static: for an Envoy without tokenbooth's
+    services, whose ADS would otherwise give it its clusters."""
+    return with_static_models(render(config), load_config(config))
+
+
 def bare(bootstrap: dict[str, Any]) -> dict[str, Any]:
     """A from the rendered bootstrap: only the router filter; the routes that take their
     cluster from a header (which the services would set) name the backend's instead."""
@@ -178,7 +186,7 @@ def envoy_counters(admin: str) -> dict[str, float]:
 
 def start_bare(run_dir: Path, sim_url: str) -> Gateway:
     workdir = run_dir / "A"
-    bootstrap = bare(render(write_policy(workdir, sim_url)))
+    bootstrap = bare(render_static(write_policy(workdir, sim_url)))
     envoy = start_envoy(bootstrap, workdir, "A", [])
     return Gateway("A", f"{_listener(bootstrap)}/v1/chat/completions",
                    [f"Authorization: Bearer {SECRET}"], [envoy], {"envoy": [envoy.pid]})
@@ -187,7 +195,7 @@ def start_bare(run_dir: Path, sim_url: str) -> Gateway:
 def start_noop(run_dir: Path, sim_url: str) -> Gateway:
     workdir = run_dir / "F"
     config = write_policy(workdir, sim_url)
-    bootstrap = render(config)
+    bootstrap = render_static(config)
     policy = yaml.safe_load(config.read_text())
     side = f"http://{policy['services']['http_listen']}"
     with (workdir / "noop.log").open("wb") as log:

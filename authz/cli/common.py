@@ -1,6 +1,6 @@
 """What every command module shares: the handler type, the parent parsers for
-`--config` and `--listen`/`--upstream`, the config lookup, time parsing and the event
-loop runner. Imports no command module."""
+`--config`, `--listen`/`--upstream` and the other ports, the config lookup, time parsing
+and the event loop runner. Imports no command module."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from authz.runtime.defaults import DEFAULT_CONFIG
-from authz.runtime.settings import Settings
-from policy.config import Config
+from pydantic import ValidationError
+
+from authz.runtime.defaults import DEFAULT_CONFIG, RunOverrides
+from authz.runtime.settings import PORT_ENV, Settings
+from policy.config import Backend, Config, parse_hostport
 
 # A command: its parsed arguments and the process settings in, an exit status out.
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -35,6 +37,7 @@ class Parents:
 
     config: argparse.ArgumentParser
     overrides: argparse.ArgumentParser
+    ports: argparse.ArgumentParser
 
     @classmethod
     def build(cls) -> Parents:
@@ -42,9 +45,37 @@ class Parents:
         config.add_argument("--config", help="policy file (default: $TOKENBOOTH_CONFIG or "
                             f"{DEFAULT_CONFIG})")
         overrides = Parser(add_help=False)
-        overrides.add_argument("--listen", help="HOST:PORT for Envoy's listener")
-        overrides.add_argument("--upstream", help="send every model to this backend URL")
-        return cls(config, overrides)
+        overrides.add_argument("--listen", type=hostport, metavar="HOST:PORT",
+                               help="Envoy's listener, replacing the config's (`up` and "
+                                    "`serve`: else $TOKENBOOTH_LISTEN)")
+        overrides.add_argument("--upstream", type=backend_url, metavar="URL",
+                               help="send every model to this backend URL")
+        ports = Parser(add_help=False)
+        for flag, what in (("grpc", "the services' gRPC port"),
+                           ("http", "the services' HTTP side port"),
+                           ("admin", "Envoy's admin port")):
+            ports.add_argument(f"--{flag}-listen", type=hostport, metavar="HOST:PORT",
+                               help=f"{what} (default: $TOKENBOOTH_{flag.upper()}_LISTEN or "
+                                    "the config's)")
+        return cls(config, overrides, ports)
+
+
+def run_overrides(args: argparse.Namespace, settings: Settings) -> RunOverrides:
+    """The ports and upstreams that replace the config's: a flag, else the environment."""
+    ports = {name: getattr(args, name) or _env_port(settings, name)
+             for name in ("listen", "grpc_listen", "http_listen", "admin_listen")}
+    return RunOverrides(upstream=args.upstream,
+                        default_upstream=getattr(args, "default_upstream", None), **ports)
+
+
+def _env_port(settings: Settings, name: str) -> str | None:
+    value: str | None = getattr(settings, name)
+    if value is not None:
+        try:
+            parse_hostport(value)
+        except ValueError as e:
+            raise ValueError(f"${PORT_ENV[name]}: {e}") from None
+    return value
 
 
 def config_path(args: argparse.Namespace, settings: Settings) -> tuple[Path, bool]:
@@ -78,6 +109,24 @@ def run_async(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
         return
     uvloop.run(coro)
+
+
+def hostport(text: str) -> str:
+    """An argparse type: HOST:PORT."""
+    try:
+        parse_hostport(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def backend_url(text: str) -> str:
+    """An argparse type: a backend's http(s)://host[:port]."""
+    try:
+        return Backend(url=text).url
+    except ValidationError as e:
+        msg = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def positive_int(text: str) -> int:

@@ -1,14 +1,15 @@
-"""`tokenbooth keys create|list|show|revoke`: the secret is printed once, at creation."""
+"""`tokenbooth keys create|list|show|update|revoke`: the secret is printed once, at
+creation."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -21,6 +22,15 @@ from policy.keyrecord import SCOPES, KeyRecord
 from policy.keys import display_prefix, fingerprint, new_secret
 
 T = TypeVar("T")
+# `keys update --rpm none` (and the other limits, --budget, --expires): remove it.
+CLEAR: Final = "none"
+# `keys update --model '*'`: every alias.
+EVERY_MODEL: Final = "*"
+# keys update's options and the record fields they set.
+_UPDATE_OPTIONS = (("name", "name"), ("scope", "scopes"), ("model", "models"), ("rpm", "rpm"),
+                   ("tpm", "tpm"), ("max_concurrent", "max_concurrent"),
+                   ("budget", "budget_usd"), ("budget_period", "budget_period"),
+                   ("expires", "expires_at"))
 
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
@@ -49,9 +59,41 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     sh.add_argument("id")
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=cmd_show)
+    _add_update(ksub, common)
     rv = ksub.add_parser("revoke", parents=[common], help="revoke a key (within 2 s everywhere)")
     rv.add_argument("id")
     rv.set_defaults(func=cmd_revoke)
+
+
+def _add_update(ksub: Subparsers, common: argparse.ArgumentParser) -> None:
+    u = ksub.add_parser(
+        "update", parents=[common],
+        help="change a key in place (within 2 s everywhere; no new secret, spend is kept)")
+    u.add_argument("id")
+    u.add_argument("--name")
+    u.add_argument("--scope", action="append", choices=SCOPES,
+                   help="replaces the key's scopes (repeatable)")
+    u.add_argument("--model", action="append",
+                   help=f"replaces the allowed aliases (repeatable); {EVERY_MODEL!r}: all")
+    for flag, kind, what in (("--rpm", positive_int, "requests per minute"),
+                             ("--tpm", positive_int, "tokens per minute"),
+                             ("--max-concurrent", positive_int, "in-flight requests"),
+                             ("--budget", _usd, "USD per budget period"),
+                             ("--expires", _when, "ISO 8601 time")):
+        u.add_argument(flag, type=_or_clear(kind), help=f"{what}; {CLEAR!r} removes it")
+    u.add_argument("--budget-period", choices=["day", "month", "total"],
+                   help="a new period counts spend in its own ledger")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(func=cmd_update)
+
+
+def _or_clear(parse: Callable[[str], T]) -> Callable[[str], T | str]:
+    """An argparse type that also takes CLEAR (kept as the string)."""
+    def parse_or_clear(v: str) -> T | str:
+        return CLEAR if v.lower() == CLEAR else parse(v)
+
+    parse_or_clear.__name__ = getattr(parse, "__name__", "value")  # argparse's messages
+    return parse_or_clear
 
 
 def _usd(v: str) -> Decimal:
@@ -88,11 +130,22 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    cfg = load(args, settings)
-    unknown = sorted(set(args.model or ()) - set(cfg.models))
+def _check_models(cfg: Config, models: Sequence[str]) -> None:
+    unknown = sorted(set(models) - set(cfg.models))
     if unknown:
         raise ValueError(f"--model: unknown alias(es) {unknown}; known: {sorted(cfg.models)}")
+
+
+def _not_in_config(cfg: Config, args: argparse.Namespace, what: str) -> None:
+    """Keys declared in the policy file are changed there, not in the store."""
+    if any(k.id == args.id for k in cfg.keys):
+        raise ValueError(f"key {args.id!r} is declared in {args.config or 'the config file'}; "
+                         f"{what} there")
+
+
+def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = load(args, settings)
+    _check_models(cfg, args.model or ())
     secret = new_secret()
     record = _new_record(args, secret)
     if any(k.id == record.id for k in cfg.keys):
@@ -163,11 +216,51 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The record fields `keys update` was asked to set (None: remove the limit)."""
+    out: dict[str, Any] = {}
+    for option, field in _UPDATE_OPTIONS:
+        value = getattr(args, option)
+        if value is not None:
+            out[field] = None if value == CLEAR else value
+    if "scopes" in out:
+        out["scopes"] = tuple(dict.fromkeys(out["scopes"]))
+    if "models" in out:
+        models = tuple(dict.fromkeys(out["models"]))
+        out["models"] = () if EVERY_MODEL in models else models
+    if not out:
+        raise ValueError("nothing to change: give at least one option (see keys update --help)")
+    return out
+
+
+def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = load(args, settings)
+    _not_in_config(cfg, args, "change it")
+    changes = _changes(args)
+    _check_models(cfg, changes.get("models", ()))
+    new = _with_store(cfg, lambda s: s.update(args.id, changes))
+    if new is None:
+        raise LookupError(f"no key with id {args.id!r}")
+    if args.json:
+        print(orjson.dumps(_public(new)).decode())
+        return 0
+    shown = _public(new)
+    print(f"updated key {new.id} (org {new.org}): "
+          + ", ".join(f"{f}={_shown(f, shown[f])}" for f in changes))
+    return 0
+
+
+def _shown(field: str, value: Any) -> str:
+    if field == "models" and not value:
+        return EVERY_MODEL
+    if isinstance(value, list):
+        return ",".join(value)
+    return CLEAR if value is None else str(value)
+
+
 def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
     cfg = load(args, settings)
-    if any(k.id == args.id for k in cfg.keys):
-        raise ValueError(f"key {args.id!r} is declared in {args.config or 'the config file'}; "
-                         "set its status to revoked there")
+    _not_in_config(cfg, args, "set its status to revoked")
     revoked = _with_store(cfg, lambda s: s.revoke(args.id))
     if revoked is None:
         raise LookupError(f"no key with id {args.id!r}")

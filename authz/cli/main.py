@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,8 +19,17 @@ _USER_ERRORS = (ConfigError, ValueError, LookupError, OSError, RuntimeError, Tim
                 ReadOnlyStore, KeyExists, StoreUnavailable)
 
 
+def version() -> str:
+    """The installed package's version."""
+    try:
+        return importlib.metadata.version("tokenbooth")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="tokenbooth", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = Parents.build()
     # One module per command group, in the order `--help` lists them.

@@ -1,5 +1,9 @@
 """The Envoy bootstrap that `tokenbooth up` runs, built from the policy config.
 
+Static: the admin, the listener (routes included) and the services cluster. The model
+clusters come from the services over ADS (`xds_resources.py`), so models and backends
+change without an Envoy restart.
+
 Built from envoy_data_plane's typed dataclasses (a wrong field name fails here, not in
 Envoy), then rendered as proto-JSON-shaped YAML: `Any` as {"@type": ..., fields},
 durations as "2s", enums by name, fields under their proto (snake_case) names, in
@@ -14,9 +18,23 @@ import yaml
 from envoy_data_plane.envoy.config.bootstrap.v3 import (
     Admin,
     Bootstrap,
+    BootstrapDynamicResources,
     BootstrapStaticResources,
 )
-from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
+from envoy_data_plane.envoy.config.core.v3 import (
+    AggregatedConfigSource,
+    ApiConfigSource,
+    ApiConfigSourceApiType,
+    ApiVersion,
+    BackoffStrategy,
+    ConfigSource,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    Node,
+    RetryPolicy,
+    TransportSocket,
+)
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
@@ -28,12 +46,24 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     TlsCertificate,
 )
 
-from authz.envoy_config.clusters import clusters
-from authz.envoy_config.common import CIRCUIT_BREAKER_MAX, listen_address, pack
+from authz.envoy_config.clusters import services_cluster
+from authz.envoy_config.common import (
+    CIRCUIT_BREAKER_MAX,
+    SERVICES_CLUSTER,
+    listen_address,
+    ms,
+    pack,
+    seconds,
+)
 from authz.envoy_config.http_filters import http_connection_manager
 from policy.config import Config, Tls
 
 LISTENER_NAME = "tokenbooth_ingress"
+NODE = Node(id="tokenbooth-envoy", cluster="tokenbooth")
+# How long Envoy's start waits for the model clusters before serving without them.
+# `up` starts the services first. Where they start later (a pod), ext_authz refuses
+# every request until they answer anyway, and the clusters follow within 2 s.
+ADS_INITIAL_FETCH_TIMEOUT_S = 5
 _HEADER = "# Envoy bootstrap rendered by `tokenbooth envoy render`; edit the policy, not this.\n"
 
 
@@ -80,18 +110,45 @@ def _overload_manager() -> OverloadManager:
     )
 
 
+def _dynamic_resources() -> BootstrapDynamicResources:
+    """Clusters (CDS) over one ADS stream to any replica of the services. The stream is
+    re-opened with backoff (at most 2 s apart) after a replica goes; meanwhile Envoy
+    keeps the clusters it has."""
+    ads = GrpcServiceEnvoyGrpc(
+        cluster_name=SERVICES_CLUSTER,
+        retry_policy=RetryPolicy(
+            retry_back_off=BackoffStrategy(base_interval=ms(250), max_interval=seconds(2))
+        ),
+    )
+    return BootstrapDynamicResources(
+        ads_config=ApiConfigSource(
+            api_type=ApiConfigSourceApiType.GRPC,
+            transport_api_version=ApiVersion.V3,
+            grpc_services=[GrpcService(envoy_grpc=ads)],
+            set_node_on_first_message_only=True,
+        ),
+        cds_config=ConfigSource(
+            ads=AggregatedConfigSource(),
+            resource_api_version=ApiVersion.V3,
+            initial_fetch_timeout=seconds(ADS_INITIAL_FETCH_TIMEOUT_S),
+        ),
+    )
+
+
 def build_bootstrap(cfg: Config) -> Bootstrap:
-    """The typed bootstrap: admin, one listener, the services and backend clusters."""
+    """The typed bootstrap: admin, one listener, the services cluster, ADS for the rest."""
     return Bootstrap(
+        node=NODE,
         admin=Admin(address=listen_address(cfg.envoy.admin_listen, "envoy.admin_listen")),
         static_resources=BootstrapStaticResources(
-            listeners=[_listener(cfg)], clusters=clusters(cfg)
+            listeners=[_listener(cfg)], clusters=[services_cluster(cfg)]
         ),
+        dynamic_resources=_dynamic_resources(),
         overload_manager=_overload_manager(),
     )
 
 
-def _proto_name(name: str) -> str:
+def proto_name(name: str) -> str:
     """Keep the dataclass field name, which is the proto field name (betterproto2 strips
     a trailing "_" itself). Its own Casing.SNAKE re-splits digits: consecutive_5xx would
     become consecutive_5_xx, which Envoy rejects."""
@@ -100,7 +157,7 @@ def _proto_name(name: str) -> str:
 
 def render_dict(cfg: Config) -> dict[str, Any]:
     """The bootstrap as plain data, ready for YAML or JSON (values of every JSON type)."""
-    out: dict[str, Any] = build_bootstrap(cfg).to_dict(casing=_proto_name)
+    out: dict[str, Any] = build_bootstrap(cfg).to_dict(casing=proto_name)
     return out
 
 

@@ -15,6 +15,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     HealthCheck,
+    HealthCheckGrpcHealthCheck,
     HealthCheckHttpHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
@@ -63,6 +64,15 @@ SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Below uvicorn's (vLLM's) 5 s keep-alive: Envoy drops an idle connection before the
 # backend does, so a request never races a server-side close.
 _BACKEND_IDLE_TIMEOUT_S = 4
+# The services: consecutive connect failures / resets that eject a replica, at most this
+# share of them at once (so the last one never is), and the gRPC health checks' pace.
+SERVICES_EJECT_AFTER = 2
+SERVICES_MAX_EJECTION_PERCENT = 50
+SERVICES_HC_INTERVAL_S = 1.0
+SERVICES_HC_TIMEOUT_S = 1.0
+# Backends: outlier detection never takes out more than half of an alias's backends (an
+# alias with one backend is never ejected: only its health checks take it out).
+BACKEND_MAX_EJECTION_PERCENT = 50
 
 
 def clusters(cfg: Config) -> list[Cluster]:
@@ -71,53 +81,111 @@ def clusters(cfg: Config) -> list[Cluster]:
             *(model_cluster(alias, m) for alias, m in sorted(cfg.models.items()))]
 
 
-def _circuit_breakers() -> CircuitBreakers:
+def _circuit_breakers(retries: bool = False) -> CircuitBreakers:
+    """`retries`: no cap on concurrent retries (Envoy's default, 3, would drop most of
+    the retries a replica's death causes under load)."""
     return CircuitBreakers(
         thresholds=[
             CircuitBreakersThresholds(
                 max_connections=CIRCUIT_BREAKER_MAX,
                 max_pending_requests=CIRCUIT_BREAKER_MAX,
                 max_requests=CIRCUIT_BREAKER_MAX,
+                max_retries=CIRCUIT_BREAKER_MAX if retries else None,
             )
         ]
     )
 
 
-def _discovery(host: str) -> tuple[ClusterDiscoveryType, ClusterDnsLookupFamily]:
-    """STATIC for an IP literal, else STRICT_DNS (IPv4 first: `localhost` may resolve to ::1
-    while vLLM listens on 127.0.0.1 only)."""
-    if is_ip(host):
+def _discovery(*hosts: str) -> tuple[ClusterDiscoveryType, ClusterDnsLookupFamily]:
+    """STATIC when every host is an IP literal, else STRICT_DNS (IPv4 first: `localhost`
+    may resolve to ::1 while vLLM listens on 127.0.0.1 only)."""
+    if all(is_ip(h) for h in hosts):
         return ClusterDiscoveryType.STATIC, ClusterDnsLookupFamily.AUTO
     return ClusterDiscoveryType.STRICT_DNS, ClusterDnsLookupFamily.V4_PREFERRED
 
 
-def _load_assignment(name: str, host: str, port: int,
-                     hostname: str = "") -> ClusterLoadAssignment:
-    endpoint = LbEndpoint(endpoint=Endpoint(address=address(host, port), hostname=hostname))
-    return ClusterLoadAssignment(
-        cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]
-    )
+def services_endpoints(cfg: Config) -> list[tuple[str, int]]:
+    """Where Envoy reaches the services: `envoy.services_addresses`, else
+    `envoy.services_address`, else `services.grpc_listen` (wildcards through loopback)."""
+    env = cfg.envoy
+    listed = env.services_addresses or (env.services_address or cfg.services.grpc_listen,)
+    out = []
+    for hostport in listed:
+        host, port = parse_hostport(hostport)
+        out.append((connect_host(host), port))
+    return out
 
 
 def services_cluster(cfg: Config) -> Cluster:
     """gRPC needs HTTP/2 upstream; every in-flight request holds a stream here. A DNS
-    name (a headless Service) gives one endpoint per address, balanced per stream."""
-    host, port = parse_hostport(cfg.envoy.services_address or cfg.services.grpc_listen)
-    host = connect_host(host)
-    kind, family = _discovery(host)
+    name (a headless Service) gives one endpoint per address, balanced per stream. A
+    replica that dies is taken out at once by its connect failures (outlier detection)
+    and kept out by gRPC health checks; calls that could not reach it are retried on
+    another (see http_filters._grpc)."""
+    endpoints = services_endpoints(cfg)
+    kind, family = _discovery(*(h for h, _ in endpoints))
     h2 = UpstreamHttpOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http2_protocol_options=Http2ProtocolOptions()
         )
     )
+    lb_endpoints = [LbEndpoint(endpoint=Endpoint(address=address(h, p))) for h, p in endpoints]
     return Cluster(
         name=SERVICES_CLUSTER,
         type=kind,
         dns_lookup_family=family,
         connect_timeout=seconds(1),
-        load_assignment=_load_assignment(SERVICES_CLUSTER, host, port),
-        circuit_breakers=_circuit_breakers(),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=SERVICES_CLUSTER,
+            endpoints=[LocalityLbEndpoints(lb_endpoints=lb_endpoints)]),
+        # grpc.health.v1 on the whole server (service ""): NOT_SERVING from the start of a
+        # replica's graceful shutdown, so Envoy opens no new streams to it.
+        health_checks=[_health_check(SERVICES_HC_INTERVAL_S, SERVICES_HC_TIMEOUT_S,
+                                     HealthCheckGrpcHealthCheck(service_name=""))],
+        outlier_detection=_local_origin_outliers(
+            failures=SERVICES_EJECT_AFTER, interval_s=1, ejection_s=5,
+            max_percent=SERVICES_MAX_EJECTION_PERCENT),
+        # Envoy's default panic threshold (50 %) stays: with every replica marked down
+        # (at start-up, say) Envoy still tries them rather than failing every request.
+        circuit_breakers=_circuit_breakers(retries=True),
         typed_extension_protocol_options={_HTTP_OPTIONS: pack(h2)},
+    )
+
+
+def _health_check(interval_s: float, timeout_s: float,
+                  check: HealthCheckHttpHealthCheck | HealthCheckGrpcHealthCheck) -> HealthCheck:
+    """Active checks: down after two failures, up after one success. Clusters that get
+    no traffic are probed at the same pace, so they are known healthy when needed."""
+    grpc = isinstance(check, HealthCheckGrpcHealthCheck)
+    return HealthCheck(
+        timeout=seconds(timeout_s),
+        interval=seconds(interval_s),
+        unhealthy_threshold=2,
+        healthy_threshold=1,
+        no_traffic_interval=seconds(interval_s),
+        http_health_check=None if grpc else check,
+        grpc_health_check=check if grpc else None,
+    )
+
+
+def _local_origin_outliers(failures: int, interval_s: float, ejection_s: float,
+                           max_percent: int) -> OutlierDetection:
+    """Eject on consecutive locally originated failures only (connect failures, resets,
+    timeouts), never on a status code an upstream answered: a tenant's own requests
+    cannot take a host out for everyone. `max_percent` caps how many are out at once."""
+    return OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=failures,
+        enforcing_consecutive_local_origin_failure=100,
+        # Answered errors (5xx, 502-504 from the backend) count but never eject.
+        consecutive_5xx=5,
+        enforcing_consecutive_5xx=0,
+        enforcing_consecutive_gateway_failure=0,
+        enforcing_success_rate=0,
+        enforcing_local_origin_success_rate=0,
+        interval=seconds(interval_s),
+        base_ejection_time=seconds(ejection_s),
+        max_ejection_percent=max_percent,
     )
 
 
@@ -155,9 +223,8 @@ def model_cluster(alias: str, model: Model) -> Cluster:
     """An alias's backends: Envoy balances by weight (least request), health-checks and
     ejects among them, so a failing backend is taken out while others serve."""
     name = model_cluster_name(alias)
-    tls = model.backends[0].tls
-    hosts = [b.host for b in model.backends]
-    kind, family = _discovery(next((h for h in hosts if not is_ip(h)), hosts[0]))
+    tls = any(b.tls for b in model.backends)
+    kind, family = _discovery(*(b.host for b in model.backends))
     # vLLM serves HTTP/1.1.
     h1 = UpstreamHttpOptions(
         common_http_protocol_options=HttpProtocolOptions(
@@ -171,24 +238,6 @@ def model_cluster(alias: str, model: Model) -> Cluster:
             if tls else None
         ),
     )
-    health = HealthCheck(
-        timeout=seconds(1),
-        interval=seconds(5),
-        unhealthy_threshold=2,
-        healthy_threshold=1,
-        # Keep probing clusters that get no traffic, so they are known healthy when needed.
-        no_traffic_interval=seconds(5),
-        http_health_check=HealthCheckHttpHealthCheck(path="/health"),
-    )
-    outlier = OutlierDetection(
-        consecutive_5xx=5,
-        consecutive_gateway_failure=3,
-        # Gateway-failure ejection is off unless enforced (its default is 0 %).
-        enforcing_consecutive_gateway_failure=100,
-        interval=seconds(5),
-        base_ejection_time=seconds(15),
-        max_ejection_percent=100,
-    )
     return Cluster(
         name=name,
         type=kind,
@@ -196,11 +245,14 @@ def model_cluster(alias: str, model: Model) -> Cluster:
         connect_timeout=seconds(2),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
         load_assignment=_endpoints(name, model),
-        health_checks=[health],
-        outlier_detection=outlier,
+        health_checks=[_health_check(5, 1, HealthCheckHttpHealthCheck(path="/health"))],
+        # Connection failures, resets and timeouts eject, never a tenant's error answers;
+        # at most half of the backends at once, so ejection alone never darkens an alias.
+        outlier_detection=_local_origin_outliers(
+            failures=3, interval_s=5, ejection_s=15, max_percent=BACKEND_MAX_EJECTION_PERCENT),
         circuit_breakers=_circuit_breakers(),
-        # Panic threshold 0 %: never send to hosts known to be down (Envoy's default 50 %
-        # would, turning "no healthy backend" 503s into slow connect failures).
+        # Panic threshold 0 %: never send to hosts the health checks know are down (Envoy's
+        # default 50 % would, turning "no healthy backend" 503s into slow connect failures).
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0)),
         typed_extension_protocol_options={_HTTP_OPTIONS: pack(h1)},
         transport_socket=_upstream_tls() if tls else None,

@@ -9,6 +9,7 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
+    BackoffStrategy,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
@@ -16,6 +17,10 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
     SubstitutionFormatString,
+)
+from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as GrpcRetryPolicy
+from envoy_data_plane.envoy.config.core.v3 import (
+    RetryPolicyRetryHostPredicate as GrpcRetryHostPredicate,
 )
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
@@ -30,7 +35,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz, ExtAuthzPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     ExtProcOverrides,
@@ -78,6 +83,8 @@ ROUTER = "envoy.filters.http.router"
 HOLD = "tokenbooth.hold_for_routing"  # a second buffer filter (names must be unique)
 SET_CLUSTER = "envoy.filters.http.header_mutation"
 MODELS_PATH = "/v1/models"
+# vLLM's liveness path: load balancers, routers and benchmark clients probe it first.
+HEALTH_PATH = "/health"
 NO_CLUSTER = "tokenbooth_unrouted"  # never defined
 # What ext_proc's body rewrite may add: a model name (config-bound) and stream_options.
 REWRITE_SLACK = 64 << 10
@@ -85,6 +92,15 @@ REWRITE_SLACK = 64 << 10
 REQUEST_ATTRIBUTES = ("request.path", "request.method", "request.id",
                       "request.headers['traceparent']")
 RESPONSE_ATTRIBUTES = ("response.code", "xds.upstream_host_metadata")
+# ext_proc's metadata key marking a streamed response (its own route and timeouts). Equal
+# to STREAM_KEY in authz/services/exchange.py (a test holds them equal).
+STREAM_KEY = "stream"
+# Calls to the services that could not reach a replica (it died, or is shutting down) go
+# to another one at once. A Check has no side effects, so it is retried after a reset
+# too; an ext_proc stream only when the replica never saw it.
+AUTHZ_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
+PROC_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
 
 # What the access log records: never the authorization / x-api-key headers.
 _ACCESS_LOG_FIELDS = {
@@ -115,10 +131,21 @@ def body_limit(cfg: Config) -> Buffer:
     return Buffer(max_request_bytes=cfg.max_request_body_bytes)
 
 
-def _grpc(timeout_ms: int | None = None) -> GrpcService:
+def _grpc(retry_on: str, timeout_ms: int | None = None) -> GrpcService:
+    """The services cluster, with retries on another replica (see clusters.services_cluster
+    for the health checks and ejection that keep a dead one out)."""
+    retry = GrpcRetryPolicy(
+        retry_on=retry_on,
+        num_retries=2,
+        retry_back_off=BackoffStrategy(base_interval=ms(25), max_interval=ms(250)),
+        retry_host_predicate=[GrpcRetryHostPredicate(
+            name=PREVIOUS_HOSTS, typed_config=pack(PreviousHostsPredicate()))],
+        host_selection_retry_max_attempts=3,
+    )
     return GrpcService(
         envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SERVICES_CLUSTER),
         timeout=ms(timeout_ms) if timeout_ms is not None else None,
+        retry_policy=retry,
     )
 
 
@@ -132,7 +159,7 @@ def ext_authz(cfg: Config) -> ExtAuthz:
     ]
     return ExtAuthz(
         # One unary Check per request: its deadline is the decision timeout.
-        grpc_service=_grpc(cfg.envoy.decision_timeout_ms),
+        grpc_service=_grpc(AUTHZ_RETRY_ON, cfg.envoy.decision_timeout_ms),
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=False,
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
@@ -153,7 +180,7 @@ def ext_proc(cfg: Config) -> ExternalProcessor:
                  response_body=ProcessingModeBodySendMode.STREAMED)
     return ExternalProcessor(
         # No deadline on the stream itself: it lives as long as the response it meters.
-        grpc_service=_grpc(),
+        grpc_service=_grpc(PROC_RETRY_ON),
         # `serve` fails open, yet no request reaches a backend without ext_proc's answer:
         # only that answer names the cluster (`cluster_from_metadata`), and without one
         # the request ends in a 503 (local_replies); a response in flight when the
@@ -218,14 +245,25 @@ def _proc_metadata(key: str) -> str:
     return f"%DYNAMIC_METADATA({EXT_PROC}:{key})%"
 
 
+def _health_route() -> Route:
+    """`/health`, answered by Envoy itself with 200 and no key (ext_authz and ext_proc
+    off): it says Envoy is up, not that any backend is."""
+    off = {EXT_AUTHZ: pack(ExtAuthzPerRoute(disabled=True)),
+           EXT_PROC: pack(ExtProcPerRoute(disabled=True))}
+    return Route(name="health", match=RouteMatch(path=HEALTH_PATH),
+                 direct_response=DirectResponseAction(status=200),
+                 typed_per_filter_config=off)
+
+
 def _models_route() -> Route:
-    """GET /v1/models has no body: ext_proc takes its headers here and answers at once."""
+    """GET /v1/models and /v1/models/{id} have no body: ext_proc takes their headers here
+    and answers at once."""
     headers_only = _mode(request_headers=True, request_body=ProcessingModeBodySendMode.NONE,
                          response_body=ProcessingModeBodySendMode.NONE)
     per_route = ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=headers_only))
     return Route(
         name="models",
-        match=RouteMatch(path=MODELS_PATH),
+        match=RouteMatch(path_separated_prefix=MODELS_PATH),
         # Reached only when ext_proc failed (it fails open): the same 503 as elsewhere.
         direct_response=DirectResponseAction(
             status=PROC_DOWN.status,
@@ -238,13 +276,10 @@ def _models_route() -> Route:
     )
 
 
-def route_config(cfg: Config) -> RouteConfiguration:
-    """GET /v1/models, then the inference route: ext_proc names the cluster in its
-    metadata and clears the route cache; `cluster_from_metadata` turns it into
-    CLUSTER_HEADER, which never reaches the backend."""
-    retry = RetryPolicy(
-        # Only failures before the backend saw the request (or, for 503, before it
-        # started generating): a retry never duplicates tokens already sent.
+def _backend_retry() -> RetryPolicy:
+    """Only failures before the backend saw the request (or, for 503, before it started
+    generating): a retry never duplicates tokens already sent."""
+    return RetryPolicy(
         retry_on="connect-failure,refused-stream,reset-before-request,retriable-status-codes",
         retriable_status_codes=[503],
         num_retries=2,
@@ -254,25 +289,39 @@ def route_config(cfg: Config) -> RouteConfiguration:
         # Retry on another host of the backend where there is one (STRICT_DNS may give several).
         retry_host_predicate=[
             RetryPolicyRetryHostPredicate(
-                name="envoy.retry_host_predicates.previous_hosts",
+                name=PREVIOUS_HOSTS,
                 typed_config=pack(PreviousHostsPredicate()),
             )
         ],
         host_selection_retry_max_attempts=3,
     )
-    route = Route(
-        name="inference",
-        # Only once ext_proc has answered (its metadata names the cluster): until then,
-        # and for good if it failed open, the request is on `_unrouted` and reaches no
-        # backend, whatever headers it carries.
-        match=RouteMatch(prefix="/", dynamic_metadata=[MetadataMatcher(
-            filter=EXT_PROC, path=[MetadataMatcherPathSegment(key=CLUSTER_KEY)],
-            value=ValueMatcher(present_match=True))]),
+
+
+def _proc_metadata_present(key: str) -> MetadataMatcher:
+    return MetadataMatcher(filter=EXT_PROC, path=[MetadataMatcherPathSegment(key=key)],
+                           value=ValueMatcher(present_match=True))
+
+
+def _inference_route(cfg: Config, stream: bool) -> Route:
+    """Matched only once ext_proc has answered (its metadata names the cluster): until
+    then, and for good if it failed open, the request is on `_unrouted` and reaches no
+    backend, whatever headers it carries. A stream (ext_proc's metadata says so) is cut
+    after `stream_idle_s` with no byte either way, or at `max_stream_duration_s`; any
+    other response must be whole within `route_timeout_s` (see EnvoySettings.idle_s)."""
+    env = cfg.envoy
+    match = [_proc_metadata_present(CLUSTER_KEY)]
+    if stream:
+        match.append(_proc_metadata_present(STREAM_KEY))
+    return Route(
+        name="inference_stream" if stream else "inference",
+        match=RouteMatch(prefix="/", dynamic_metadata=match),
         route=RouteAction(
             cluster_header=CLUSTER_HEADER,
-            # Generations are long: Envoy's default 15 s would cut them.
-            timeout=seconds(cfg.envoy.route_timeout_s),
-            retry_policy=retry,
+            # From the end of the request, retries included (Envoy's default 15 s would
+            # cut generations).
+            timeout=seconds(env.response_limit_s(stream)),
+            idle_timeout=seconds(env.idle_s(stream)),
+            retry_policy=_backend_retry(),
             # Host = the chosen backend's authority (its endpoint hostname), not ours.
             auto_host_rewrite=True,
         ),
@@ -291,12 +340,19 @@ def route_config(cfg: Config) -> RouteConfiguration:
         # 1 MiB default would be too small for larger limits).
         request_body_buffer_limit=rewritten_body_limit(cfg),
     )
+
+
+def route_config(cfg: Config) -> RouteConfiguration:
+    """GET /v1/models, then the inference routes (streams first): ext_proc names the
+    cluster in its metadata and clears the route cache; `cluster_from_metadata` turns it
+    into CLUSTER_HEADER, which never reaches the backend."""
+    inference = [_inference_route(cfg, stream=True), _inference_route(cfg, stream=False)]
     return RouteConfiguration(
         name="tokenbooth",
         # `_unrouted` names a cluster that must not exist.
         validate_clusters=False,
-        virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"],
-                                   routes=[_models_route(), route, _unrouted(cfg)])],
+        virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"], routes=[
+            _health_route(), _models_route(), *inference, _unrouted(cfg)])],
     )
 
 
@@ -340,7 +396,7 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         request_id_extension=RequestIdExtension(typed_config=pack(UuidRequestIdConfig())),
         # Clients see the id their usage record carries.
         always_set_request_id_in_response=True,
-        # A stream may sit idle between SSE chunks; the route timeout is the real bound.
+        # Until a route is chosen (the upload); the inference routes set their own.
         stream_idle_timeout=seconds(300),
         request_timeout=seconds(0),
         # ext_authz decides scopes on the path: /v1/./models and //v1/models must not

@@ -53,7 +53,7 @@ NO_BODY = invalid_request("This endpoint needs a JSON request body.")
 
 # Flags of upstream failures that happen before any response byte (else no local reply).
 _NO_BACKEND_FLAGS = ("UH", "NC", "UO")
-_TIMEOUT_FLAGS = ("UT",)
+_TIMEOUT_FLAGS = ("UT", "SI")  # upstream request timeout, stream idle timeout
 _FAILED_FLAGS = ("UF", "UC", "UR", "URX", "UPE", "DF")
 
 

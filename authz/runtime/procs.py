@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import json
 import random
 import signal
 import socket
@@ -13,7 +15,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO
+from email.message import Message
+from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -54,6 +57,27 @@ def _bindable(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port now (None: it could). SO_REUSEADDR as
+    servers set it: connections in TIME_WAIT do not count, another listener does."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as e:
+        return f"cannot be resolved ({e.strerror or e})"
+    problems = []
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return "is already in use"
+                problems.append(f"cannot be listened on ({e.strerror or e})")
+    return problems[0] if len(problems) == len(infos) else None
 
 
 def _die_with_parent() -> None:
@@ -97,12 +121,30 @@ def stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> Non
             p.wait()
 
 
-def http_ok(url: str, timeout: float = 1.0) -> bool:
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, Message, bytes] | None:
+    """Status, headers and body of a GET (error statuses included); None: no answer."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - local URL
-            return 200 <= int(r.status) < 300
+            return int(r.status), r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code, e.headers, b""
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return None
+
+
+def http_json(url: str, timeout: float = 2.0) -> Any:
+    """A GET's JSON body; None when there is no answer or it is not JSON."""
+    answer = http_get(url, timeout)
+    try:
+        return json.loads(answer[2]) if answer and answer[0] == 200 else None
+    except ValueError:
+        return None
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    answer = http_get(url, timeout)
+    return answer is not None and 200 <= answer[0] < 300
 
 
 def wait_until(

@@ -22,6 +22,14 @@ DEBUG_ENV = "TOKENBOOTH_DEBUG"
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
 DEFAULT_SERVICE_NAME = "tokenbooth"
+# HOST:PORT for the four listeners, replacing the config's (a command-line flag wins).
+LISTEN_ENV = "TOKENBOOTH_LISTEN"
+GRPC_LISTEN_ENV = "TOKENBOOTH_GRPC_LISTEN"
+HTTP_LISTEN_ENV = "TOKENBOOTH_HTTP_LISTEN"
+ADMIN_LISTEN_ENV = "TOKENBOOTH_ADMIN_LISTEN"
+# The setting each of those variables fills.
+PORT_ENV = {"listen": LISTEN_ENV, "grpc_listen": GRPC_LISTEN_ENV,
+            "http_listen": HTTP_LISTEN_ENV, "admin_listen": ADMIN_LISTEN_ENV}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +45,11 @@ class Settings:
     # Traces go by OTLP to this collector; none: no tracer at all.
     otlp_endpoint: str | None = None
     service_name: str = DEFAULT_SERVICE_NAME
+    # Envoy's listener, the services' gRPC and HTTP ports, Envoy's admin (`up`, `serve`).
+    listen: str | None = None
+    grpc_listen: str | None = None
+    http_listen: str | None = None
+    admin_listen: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -47,6 +60,7 @@ class Settings:
             redis_password=env.get(REDIS_PASSWORD_ENV) or None,
             otlp_endpoint=env.get(OTLP_ENDPOINT_ENV) or None,
             service_name=env.get(SERVICE_NAME_ENV) or DEFAULT_SERVICE_NAME,
+            **{name: env.get(var) or None for name, var in PORT_ENV.items()},
         )
 
     def load_config(self, path: Path) -> Config:

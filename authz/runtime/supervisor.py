@@ -1,26 +1,55 @@
-"""`tokenbooth up`: Envoy + tokenbooth services + (without --upstream) the simulator.
+"""`tokenbooth up`: Envoy + tokenbooth services + (where a model needs it) the simulator.
 
-Every child runs in its own session and dies with the supervisor; Ctrl-C or
-SIGTERM stops them all, and so does any one of them exiting.
+Models go to the config's backends; the simulator serves the models that have none
+(`backends: []`, as in the generated default config), or every model with `--sim`;
+`--upstream` sends every model to one URL. Every child runs in its own session and
+dies with the supervisor; Ctrl-C or SIGTERM stops them all, and so does any one of
+them exiting. Readiness counts only when the answering process is `up`'s own child
+(the services' PID on /readyz, a per-run nonce in Envoy's node metadata), so another
+instance on the same ports is reported as a busy port, never as "up".
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
 from authz.envoy_config.binary import envoy_path
 from authz.envoy_config.bootstrap import render_yaml
-from authz.runtime.defaults import read_demo_key, write_default_config
-from authz.runtime.overrides import Overrides
-from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
+from authz.runtime.defaults import (
+    RunOverrides,
+    migrate_default_config,
+    read_demo_key,
+    write_default_config,
+)
+from authz.runtime.procs import (
+    PortAllocator,
+    bind_problem,
+    http_get,
+    http_json,
+    http_ok,
+    spawn,
+    stop,
+    wait_until,
+)
 from authz.runtime.settings import Settings
-from policy.config import Config
+from authz.runtime.side_port import PID_HEADER
+from policy.config import Config, parse_hostport
 from policy.keys import fingerprint
+
+# Envoy's node metadata key for the run's nonce (shown by the admin's /server_info).
+RUN_METADATA_KEY = "tokenbooth_up_run"
+
+Procs = list[subprocess.Popen[bytes]]
 
 
 class _Stop(Exception):
@@ -35,30 +64,37 @@ def _self(*args: str) -> list[str]:
     return [sys.executable, "-m", "authz.cli", *args]
 
 
-def run_up(config_path: Path, listen: str | None, upstream: str | None, create: bool,
-           settings: Settings) -> int:
-    """Start the simulator (without `upstream`), the services and Envoy; run until a
+@dataclass(frozen=True)
+class UpOptions:
+    """What the command line says: the config (and whether `up` may create it), the
+    ports and upstream that replace the config's, and `--sim`."""
+
+    config_path: Path
+    create: bool = False
+    overrides: RunOverrides = field(default_factory=RunOverrides)
+    sim: bool = False
+
+
+def run_up(opts: UpOptions, settings: Settings) -> int:
+    """Start the simulator (if a model needs it), the services and Envoy; run until a
     signal or until one of them exits. Children inherit this process's environment."""
-    fresh_secret = None
-    if not config_path.exists():
-        if not create:
-            raise FileNotFoundError(f"{config_path}: no such config file")
-        fresh_secret = write_default_config(config_path)
-        print(f"wrote a default config to {config_path}", flush=True)
-    cfg = settings.load_config(config_path)
+    fresh_secret = _ensure_config(opts)
+    cfg = settings.load_config(opts.config_path)
+    _check_ports_free(opts.overrides.apply(cfg), _LISTENERS)
     run_dir = cfg.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: Procs = []
     try:
-        if upstream is None:
-            upstream = _start_sim(cfg, PortAllocator(), procs)
-        eff = Overrides(listen, upstream).apply(cfg)
-        _start_services(eff, config_path, listen, upstream, procs)
+        overrides, sim_url = _with_sim(cfg, opts, procs)
+        eff = overrides.apply(cfg)
+        _start_services(eff, opts.config_path, overrides, procs)
         _start_envoy(eff, run_dir / "envoy.yaml", procs)
-        _banner(eff, config_path, fresh_secret, upstream)
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a child process exited during start-up")
+        _banner(eff, opts.config_path, fresh_secret, sim_url)
         while all(p.poll() is None for p in procs):
             time.sleep(0.2)
         dead = next(p for p in procs if p.returncode is not None)
@@ -74,7 +110,69 @@ def run_up(config_path: Path, listen: str | None, upstream: str | None, create: 
         stop(procs)
 
 
-def _start_sim(cfg: Config, ports: PortAllocator, procs: list[subprocess.Popen[bytes]]) -> str:
+def _ensure_config(opts: UpOptions) -> str | None:
+    """Write the default config on first run; its demo secret, when it was written now."""
+    if opts.config_path.exists():
+        if opts.create and migrate_default_config(opts.config_path):
+            print(f"{opts.config_path}: demo now uses the simulator (`backends: []`)",
+                  flush=True)
+        return None
+    if not opts.create:
+        raise FileNotFoundError(f"{opts.config_path}: no such config file")
+    secret = write_default_config(opts.config_path)
+    print(f"wrote a default config to {opts.config_path}", flush=True)
+    return secret
+
+
+# The four listeners: where each is in the config, and which child binds it.
+_LISTENERS = (("listen", "envoy"), ("services.grpc_listen", "services"),
+              ("services.http_listen", "services"), ("envoy.admin_listen", "envoy"))
+
+
+def _hostport(cfg: Config, path: str) -> str:
+    section, _, name = path.rpartition(".")
+    value = getattr(getattr(cfg, section) if section else cfg, name)
+    return str(value)
+
+
+def _check_ports_free(cfg: Config, listeners: tuple[tuple[str, str], ...]) -> None:
+    """OSError naming the first of these listeners' ports that cannot be bound now."""
+    for path, _ in listeners:
+        hostport = _hostport(cfg, path)
+        host, port = parse_hostport(hostport)
+        problem = bind_problem(host, port) if port else None
+        if problem:
+            raise OSError(f"{hostport} ({path}) {problem}")
+
+
+def _busy(cfg: Config, path: str) -> OSError:
+    return OSError(f"{_hostport(cfg, path)} ({path}) is already in use")
+
+
+@contextlib.contextmanager
+def _starting(cfg: Config, child: str) -> Iterator[None]:
+    """Around a child's start: when it exits early, name the port it could not bind."""
+    try:
+        yield
+    except RuntimeError:
+        _check_ports_free(cfg, tuple(x for x in _LISTENERS if x[1] == child))
+        raise
+
+
+def _with_sim(cfg: Config, opts: UpOptions, procs: Procs) -> tuple[RunOverrides, str | None]:
+    """The overrides with the simulator in them, when `--sim` or a model without a
+    backend needs it (and no `--upstream`); its URL, or None when none was started."""
+    needed = opts.sim or (not opts.overrides.upstream
+                          and any(not m.backends for m in cfg.models.values()))
+    if not needed:
+        return opts.overrides, None
+    url = _start_sim(cfg, PortAllocator(), procs)
+    if opts.sim:
+        return replace(opts.overrides, upstream=url), url
+    return replace(opts.overrides, default_upstream=url), url
+
+
+def _start_sim(cfg: Config, ports: PortAllocator, procs: Procs) -> str:
     """The simulator serving every upstream model of the config; returns its URL."""
     port = ports.free_port()
     url = f"http://127.0.0.1:{port}"
@@ -86,33 +184,78 @@ def _start_sim(cfg: Config, ports: PortAllocator, procs: list[subprocess.Popen[b
     return url
 
 
-def _start_services(eff: Config, config_path: Path, listen: str | None, upstream: str,
-                    procs: list[subprocess.Popen[bytes]]) -> None:
-    serve_args = ["serve", "--config", str(config_path), "--upstream", upstream]
-    if listen:
-        serve_args += ["--listen", listen]
-    procs.append(spawn(_self(*serve_args)))
-    side = f"http://{eff.services.http_listen}"
-    wait_until(lambda: http_ok(f"{side}/readyz"), "tokenbooth services", alive=procs)
+def _serve_args(config_path: Path, o: RunOverrides) -> list[str]:
+    args = ["serve", "--config", str(config_path)]
+    for flag, value in (("--listen", o.listen), ("--grpc-listen", o.grpc_listen),
+                        ("--http-listen", o.http_listen), ("--admin-listen", o.admin_listen),
+                        ("--upstream", o.upstream), ("--default-upstream", o.default_upstream)):
+        args += [flag, value] if value else []
+    return args
 
 
-def _start_envoy(eff: Config, envoy_yaml: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+def _start_services(eff: Config, config_path: Path, overrides: RunOverrides,
+                    procs: Procs) -> None:
+    child = spawn(_self(*_serve_args(config_path, overrides)))
+    procs.append(child)
+    readyz = f"http://{eff.services.http_listen}/readyz"
+
+    def ready() -> bool:
+        answer = http_get(readyz)
+        if answer is None:
+            return False
+        if answer[1].get(PID_HEADER) != str(child.pid):
+            raise _busy(eff, "services.http_listen")  # another process answered
+        return answer[0] == 200
+
+    with _starting(eff, "services"):
+        wait_until(ready, "tokenbooth services", alive=procs)
+
+
+def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs) -> None:
     envoy_yaml.write_text(render_yaml(eff))
+    nonce = secrets.token_hex(8)
+    node = json.dumps({"node": {"metadata": {RUN_METADATA_KEY: nonce}}})
     procs.append(
-        spawn([str(envoy_path()), "-c", str(envoy_yaml), "--log-level", "warn",
-               "--use-dynamic-base-id"])
+        spawn([str(envoy_path()), "-c", str(envoy_yaml), "--config-yaml", node,
+               "--log-level", "warn", "--use-dynamic-base-id"])
     )
     admin = f"http://{eff.envoy.admin_listen}"
-    wait_until(lambda: http_ok(f"{admin}/ready"), "envoy", timeout=60, alive=procs)
+
+    def ready() -> bool:
+        if not http_ok(f"{admin}/ready"):
+            return False
+        info = http_json(f"{admin}/server_info") or {}
+        if info.get("node", {}).get("metadata", {}).get(RUN_METADATA_KEY) != nonce:
+            raise _busy(eff, "envoy.admin_listen")  # another Envoy answered
+        return True
+
+    with _starting(eff, "envoy"):
+        wait_until(ready, "envoy", timeout=60, alive=procs)
 
 
-def _banner(cfg: Config, config_path: Path, secret: str | None, upstream: str) -> None:
+def _backend_lines(cfg: Config, sim_url: str | None) -> list[str]:
+    """One line per alias: where its requests go."""
+    width = max(len(a) for a in cfg.models)
+    lines = []
+    for alias, m in sorted(cfg.models.items()):
+        urls = [b.url + (f" (weight {b.weight})" if len(m.backends) > 1 else "")
+                for b in m.backends]
+        where = ", ".join(urls)
+        if sim_url is not None and [b.url for b in m.backends] == [sim_url]:
+            where = f"simulator at {sim_url}"
+        lines.append(f"    {alias:<{width}} -> {where}  (model {m.upstream_model})")
+    return lines
+
+
+def _banner(cfg: Config, config_path: Path, secret: str | None, sim_url: str | None) -> None:
     scheme = "https" if cfg.tls else "http"
     base = f"{scheme}://{cfg.listen}"
     secret = secret or read_demo_key(config_path)
     known = {k.sha256 for k in cfg.keys if k.status == "active"}
     alias = sorted(cfg.models)[0]
-    print(f"\ntokenbooth is up on {base}  (upstream: {upstream})", flush=True)
+    print(f"\ntokenbooth is up on {base}", flush=True)
+    print("  models (alias -> backend):")
+    print("\n".join(_backend_lines(cfg, sim_url)))
     if secret and fingerprint(secret) in known:
         print(f"  demo API key: {secret}")
         print("  try:")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -31,7 +33,7 @@ def test_check_config_ok_and_errors(tmp_path: Path) -> None:
     r = tb("check-config", str(good))
     assert r.returncode == 0 and "ok" in r.stdout
     bad = tmp_path / "bad.yaml"
-    bad.write_text("models:\n  m:\n    upstream_model: x\n    backends: []\n")
+    bad.write_text("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'ftp://h'}]\n")
     r = tb("check-config", str(bad))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
@@ -42,6 +44,7 @@ def test_missing_config_and_bad_flags_are_one_line(tmp_path: Path) -> None:
     for args in (["check-config", str(tmp_path / "none.yaml")],
                  ["serve", "--config", str(tmp_path / "none.yaml")],
                  ["up", "--config", str(tmp_path / "none.yaml")],
+                 ["up", "--sim", "--upstream", "http://127.0.0.1:1"],
                  ["sim", "--listen", "nope"],
                  ["usage", "--config", str(tmp_path / "none.yaml")]):
         r = tb(*args)
@@ -144,3 +147,25 @@ def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
         r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)
         assert r.returncode == 2, (flag, r.stderr)
         assert r.stderr.count("\n") == 1 and flag in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version() -> None:
+    r = tb("--version")
+    assert r.returncode == 0
+    assert r.stdout == f"tokenbooth {importlib.metadata.version('tokenbooth')}\n"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_run_passes_the_four_ports_and_the_upstream() -> None:
+    def run_line(*assignments: str) -> str:
+        r = subprocess.run(["make", "-n", "run", *assignments], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60, check=True)
+        return r.stdout.strip().splitlines()[-1]
+
+    assert run_line() == ".venv/bin/tokenbooth up"
+    assert run_line("LISTEN=127.0.0.1:18080", "GRPC_LISTEN=127.0.0.1:18081",
+                    "HTTP_LISTEN=127.0.0.1:18082", "ADMIN_LISTEN=127.0.0.1:18083",
+                    "UPSTREAM=http://10.0.0.5:8000") == (
+        ".venv/bin/tokenbooth up --upstream http://10.0.0.5:8000 --listen 127.0.0.1:18080 "
+        "--grpc-listen 127.0.0.1:18081 --http-listen 127.0.0.1:18082 "
+        "--admin-listen 127.0.0.1:18083")

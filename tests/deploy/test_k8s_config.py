@@ -14,6 +14,7 @@ import yaml
 
 from authz.cli.main import main as tokenbooth
 from authz.envoy_config.bootstrap import render_dict
+from authz.envoy_config.xds_resources import model_cluster_dicts
 from policy.config import REDIS_PASSWORD_ENV, Config, load_config, parse_hostport
 from policy.routing import model_cluster_name
 from tests.deploy.kube import Build, Doc, Pod, container_port
@@ -220,7 +221,8 @@ def test_sidecar_addresses(builds: dict[str, Build],
 
 def _cluster_addresses(cfg: Config) -> dict[str, list[tuple[str, int]]]:
     out = {}
-    for c in render_dict(cfg)["static_resources"]["clusters"]:
+    # The services cluster is static; the model clusters come over ADS.
+    for c in [*render_dict(cfg)["static_resources"]["clusters"], *model_cluster_dicts(cfg)]:
         eps = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
         out[c["name"]] = [(e["endpoint"]["address"]["socket_address"]["address"],
                            e["endpoint"]["address"]["socket_address"]["port_value"])
@@ -246,7 +248,7 @@ def test_shutdown_lets_generations_finish(builds: dict[str, Build],
     b = builds[name]
     envoy_pod = b.pod_with_container("envoy")
     drain = _prestop_seconds(envoy_pod.container("envoy"))
-    assert drain >= cfg.envoy.route_timeout_s
+    assert drain >= max(cfg.envoy.route_timeout_s, cfg.envoy.max_stream_duration_s)
     for pod in {p.name: p for p in b.pods() if p.name != "StatefulSet/redis"}.values():
         grace = pod.spec["terminationGracePeriodSeconds"]
         for c in pod.spec["containers"]:

@@ -10,16 +10,30 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 import yaml
 
-from authz.runtime.defaults import DEFAULT_CONFIG, read_demo_key, write_default_config
-from policy.config import load_config
+from authz.runtime import supervisor
+from authz.runtime.defaults import (
+    DEFAULT_CONFIG,
+    RunOverrides,
+    migrate_default_config,
+    read_demo_key,
+    write_default_config,
+)
+from authz.runtime.procs import http_json, http_ok, spawn, stop, wait_until
+from policy.config import Config, load_config
 from policy.keys import fingerprint
-from tests.helpers import free_port
+from tests.helpers import SECRET, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -29,9 +43,38 @@ def test_default_config_is_valid_and_holds_only_the_fingerprint(tmp_path: Path) 
     secret = write_default_config(path)
     cfg = load_config(path)
     assert [k.sha256 for k in cfg.keys] == [fingerprint(secret)]
+    # No backend: `up` serves it from its simulator.
+    assert cfg.models["demo"].backends == []
     assert secret not in path.read_text()
     assert read_demo_key(path) == secret
     assert (path.parent / "demo.key").stat().st_mode & 0o777 == 0o600
+
+
+OLD_DEFAULT = """\
+# Written by `tokenbooth up` on first run. Edit freely: changes to models and
+# keys take effect without a restart. The reference is in the README.
+listen: 127.0.0.1:8080
+models:
+  demo:                          # the alias clients send as "model"
+    upstream_model: tiny-llama
+    backends:
+      - url: http://127.0.0.1:8000
+        weight: 1
+"""
+
+
+def test_a_default_config_from_an_earlier_version_moves_to_the_simulator(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(OLD_DEFAULT)
+    assert migrate_default_config(path)
+    assert load_config(path).models["demo"].backends == []
+    assert not migrate_default_config(path)
+    # A file whose backends were edited is left alone.
+    path.write_text(OLD_DEFAULT.replace("8000", "8001"))
+    assert not migrate_default_config(path)
+    assert path.read_text() == OLD_DEFAULT.replace("8000", "8001")
 
 
 def port_open(hostport: str) -> bool:
@@ -90,3 +133,164 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     for hostport in (listen, data["services"]["grpc_listen"], data["services"]["http_listen"],
                      data["envoy"]["admin_listen"]):
         assert not port_open(hostport), f"{hostport} still open after Ctrl-C"
+
+
+def free_ports_config(**models: dict[str, Any]) -> dict[str, Any]:
+    """A policy on free ports with `models` and one key (SECRET)."""
+    return {
+        "listen": f"127.0.0.1:{free_port()}",
+        "services": {"grpc_listen": f"127.0.0.1:{free_port()}",
+                     "http_listen": f"127.0.0.1:{free_port()}"},
+        "envoy": {"admin_listen": f"127.0.0.1:{free_port()}"},
+        "data_dir": "data",
+        "models": models,
+        "keys": [{"id": "k", "org": "o", "sha256": fingerprint(SECRET)}],
+    }
+
+
+def read_banner(up: subprocess.Popen[str], timeout: float = 90) -> list[str]:
+    """`up`'s output until the banner's last line (or until it exits)."""
+    assert up.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = up.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if "Ctrl-C stops everything" in line:
+            return lines
+    raise AssertionError("no banner:\n" + "\n".join(lines))
+
+
+def chat_until_served(client: openai.OpenAI, model: str) -> Any:
+    """The first answer once the backend's first health check has passed."""
+    for _ in range(150):
+        try:
+            return client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        except openai.APIStatusError as e:
+            if e.status_code != 503:
+                raise
+            time.sleep(0.2)
+    raise AssertionError(f"{model}: still 503")
+
+
+@contextmanager
+def users_vllm(model: str) -> Iterator[str]:
+    """`tokenbooth sim` with a distinctive model name, playing the user's own vLLM."""
+    url = f"http://127.0.0.1:{free_port()}"
+    procs = [spawn([sys.executable, "-m", "authz.cli", "sim", "--listen", url[7:],
+                    "--model", model], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_until(lambda: http_ok(f"{url}/health"), "the user's vLLM", alive=procs)
+        yield url
+    finally:
+        stop(procs)
+
+
+def chats(sim_url: str) -> list[dict[str, Any]]:
+    return [r for r in http_json(f"{sim_url}/_sim/requests")
+            if r["path"] == "/v1/chat/completions"]
+
+
+def test_up_sends_models_to_the_configs_backends(tmp_path: Path) -> None:
+    with users_vllm("users-vllm-7b") as vllm:
+        data = free_ports_config(
+            mine={"upstream_model": "users-vllm-7b", "backends": [{"url": vllm}]},
+            toy={"upstream_model": "tiny-llama", "backends": []})
+        path = tmp_path / "policy.yaml"
+        path.write_text(yaml.safe_dump(data))
+        up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up", "--config", str(path)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+        client = openai.OpenAI(base_url=f"http://{data['listen']}/v1", api_key=SECRET,
+                               max_retries=0)
+        try:
+            banner = read_banner(up)
+            assert f"    mine -> {vllm}  (model users-vllm-7b)" in banner, banner
+            assert any(re.fullmatch(r"    toy  -> simulator at http://127\.0\.0\.1:\d+  "
+                                    r"\(model tiny-llama\)", ln) for ln in banner), banner
+            assert chat_until_served(client, "mine").model == "users-vllm-7b"
+            [seen] = chats(vllm)
+            assert json.loads(seen["body"])["model"] == "users-vllm-7b"
+            # A model without a backend goes to `up`'s simulator, not to the user's vLLM.
+            assert chat_until_served(client, "toy").model == "tiny-llama"
+            assert len(chats(vllm)) == 1
+        finally:
+            client.close()
+            up.send_signal(signal.SIGINT)
+            rc = up.wait(30)
+            assert up.stdout is not None
+            up.stdout.close()
+        assert rc == 0
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_up_with_its_listen_port_taken_exits_with_one_line(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(free_ports_config(
+        demo={"upstream_model": "tiny-llama", "backends": []})))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}
+    args = [sys.executable, "-m", "authz.cli", "up", "--config", str(path)]
+    if how == "flag":
+        args += ["--listen", f"127.0.0.1:{port}"]
+    else:
+        env["TOKENBOOTH_LISTEN"] = f"127.0.0.1:{port}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode == 1
+    assert "is up" not in r.stdout
+    assert r.stderr == f"tokenbooth: error: 127.0.0.1:{port} (listen) is already in use\n"
+
+
+class _OtherInstance(BaseHTTPRequestHandler):
+    """Answers every readiness probe, as another running gateway would."""
+
+    def do_GET(self) -> None:
+        body = (json.dumps({"node": {"metadata": {supervisor.RUN_METADATA_KEY: "not-ours"}}})
+                if self.path == "/server_info" else "ready\n").encode()
+        self.send_response(200)
+        self.send_header("x-tokenbooth-pid", "1")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("child", ["services", "envoy"])
+def test_readiness_answered_by_another_process_is_a_busy_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, child: str,
+) -> None:
+    """The race the pre-check cannot see: the port was free, then another instance
+    answers the probe before `up`'s own child has bound it."""
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _OtherInstance)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = f"127.0.0.1:{server.server_port}"
+    cfg = Config.model_validate(free_ports_config(
+        demo={"upstream_model": "m", "backends": [{"url": "http://127.0.0.1:9"}]}))
+    ports = RunOverrides(http_listen=other) if child == "services" else RunOverrides(
+        admin_listen=other)
+    cfg = ports.apply(cfg)
+    # The child never answers: a process that only sleeps.
+    monkeypatch.setattr(supervisor, "spawn",
+                        lambda argv: spawn([sys.executable, "-c", "import time; time.sleep(60)"]))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with pytest.raises(OSError) as e:
+            if child == "services":
+                supervisor._start_services(cfg, tmp_path / "p.yaml", RunOverrides(), procs)
+            else:
+                supervisor._start_envoy(cfg, tmp_path / "envoy.yaml", procs)
+    finally:
+        stop(procs)
+        server.shutdown()
+        server.server_close()
+    where = "services.http_listen" if child == "services" else "envoy.admin_listen"
+    assert str(e.value) == f"{other} ({where}) is already in use"

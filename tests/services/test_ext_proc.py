@@ -133,7 +133,7 @@ async def test_body_rewrite_routes_by_metadata(running: Running) -> None:
     assert common.clear_route_cache and common.HasField("header_mutation")
     md = proc_metadata(r)
     assert md[CLUSTER_KEY] == CLUSTER
-    assert set(md) - {CLUSTER_KEY} <= set(RATE_HEADER_NAMES)
+    assert set(md) - {CLUSTER_KEY, "stream"} <= set(RATE_HEADER_NAMES)
     new_body = json.loads(common.body_mutation.body)
     assert new_body["model"] == "tiny-llama"
     assert new_body["stream_options"] == {"include_usage": True}

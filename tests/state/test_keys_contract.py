@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from authz.state.keys.base import KeyAdmin, KeyExists, KeyStore
+from authz.state.keys.base import UPDATABLE, KeyAdmin, KeyExists, KeyStore
 from authz.state.keys.keyring import KeyringStore
 from authz.state.keys.redis_store import RedisKeyStore
 from policy.keyrecord import KeyRecord
@@ -101,11 +103,21 @@ async def within(seconds: float, check: Callable[[], Any]) -> float:
     return time.monotonic() - t0
 
 
-async def test_another_replica_sees_create_and_revoke_within_2s(make: Factory) -> None:
+@contextlib.asynccontextmanager
+async def replicas(make: Factory) -> AsyncIterator[tuple[Any, Any]]:
+    """Two started stores over one backing store."""
     a, b = make(), make()
     await a.start()
     await b.start()
     try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_another_replica_sees_create_and_revoke_within_2s(make: Factory) -> None:
+    async with replicas(make) as (a, b):
         rec, secret = record()
         assert await b.find(rec.sha256, secret) is None  # cached as unknown on b
         await a.create(rec)
@@ -121,9 +133,6 @@ async def test_another_replica_sees_create_and_revoke_within_2s(make: Factory) -
             return found is not None and found.status == "revoked"
 
         await within(2, b_revoked)
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_no_secret_is_stored(store: Any, tmp_path: Path) -> None:
@@ -138,3 +147,76 @@ async def test_no_secret_is_stored(store: Any, tmp_path: Path) -> None:
         dump = b"".join(r.dump(k) or b"" for k in r.keys("*"))
     assert secret.encode() not in dump
     assert rec.sha256.encode() in dump or isinstance(store, RedisKeyStore)
+
+
+async def test_update_in_place(store: Any) -> None:
+    rec, secret = record(rpm=10, budget_usd=Decimal("5"), name="before")
+    await store.create(rec)
+    new = await store.update("k1", {"rpm": 20, "tpm": 1000, "budget_usd": Decimal("1.25"),
+                                    "budget_period": "day", "models": ("demo",),
+                                    "scopes": ("inference:read",), "name": "after",
+                                    "expires_at": datetime(2030, 1, 1, tzinfo=UTC)})
+    assert new is not None
+    # Same key, same secret: only the changed fields differ.
+    assert new.model_dump(exclude=set(UPDATABLE)) == rec.model_dump(exclude=set(UPDATABLE))
+    assert (new.rpm, new.tpm, new.budget_usd, new.budget_period) == (
+        20, 1000, Decimal("1.25"), "day")
+    assert (new.models, new.scopes, new.name) == (("demo",), ("inference:read",), "after")
+    assert await store.get("k1") == new
+    assert await store.find(rec.sha256, secret) == new
+    cleared = await store.update("k1", {"rpm": None, "budget_usd": None, "models": (),
+                                        "expires_at": None})
+    assert cleared is not None
+    assert (cleared.rpm, cleared.budget_usd, cleared.models, cleared.expires_at) == (
+        None, None, (), None)
+    assert cleared.tpm == 1000  # untouched
+    assert await store.update("nope", {"rpm": 1}) is None
+
+
+@pytest.mark.parametrize("changes", [{"org": "other"}, {"sha256": "0" * 64}, {"id": "k2"},
+                                     {"status": "active"}, {"rpm": 0},
+                                     {"budget_usd": Decimal(-1)}, {"scopes": ("admin",)}])
+async def test_update_refuses_identity_and_bad_values(store: Any, changes: dict[str, Any]
+                                                      ) -> None:
+    rec, _ = record(rpm=10)
+    await store.create(rec)
+    with pytest.raises(ValueError) as e:
+        await store.update("k1", changes)
+    assert "\n" not in str(e.value)
+    assert await store.get("k1") == rec  # nothing written
+
+
+async def test_update_keeps_a_revocation(store: Any) -> None:
+    rec, _ = record()
+    await store.create(rec)
+    await store.revoke("k1")
+    new = await store.update("k1", {"rpm": 5})
+    assert new is not None and new.status == "revoked" and new.rpm == 5
+
+
+async def test_concurrent_updates_both_land(make: Factory) -> None:
+    async with replicas(make) as (a, b):
+        rec, _ = record()
+        await a.create(rec)
+        for i in range(1, 6):
+            await asyncio.gather(a.update("k1", {"rpm": i}), b.update("k1", {"tpm": 10 * i}))
+            got = await a.get("k1")
+            assert got is not None and (got.rpm, got.tpm) == (i, 10 * i)
+
+
+async def test_another_replica_sees_an_update_within_2s(make: Factory) -> None:
+    async with replicas(make) as (a, b):
+        rec, secret = record(rpm=100)
+        await a.create(rec)
+
+        def b_sees(rpm: int | None) -> Callable[[], Any]:
+            async def check() -> bool:
+                found = await b.find(rec.sha256, secret)
+                return found is not None and found.rpm == rpm
+            return check
+
+        await within(2, b_sees(100))  # now cached on b
+        await a.update(rec.id, {"rpm": 1})
+        await within(2, b_sees(1))
+        await a.update(rec.id, {"rpm": None})
+        await within(2, b_sees(None))

@@ -7,16 +7,19 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from authz.cli.main import main
 from authz.state.keys.base import KeyAdmin, KeyStore, StoreUnavailable
 from authz.state.keys.cache import RemoteOptions
 from authz.state.keys.http import NO_MODEL, HttpValidationStore
 from policy.errors import ApiError
 from policy.keyrecord import KeyRecord
 from policy.keys import check_record, fingerprint, new_secret
+from tests.helpers import write_policy
 from tests.state.validation_server import ValidationServer
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -106,6 +109,17 @@ def test_is_a_read_only_keystore() -> None:
     store = HttpValidationStore("http://127.0.0.1:1")
     assert isinstance(store, KeyStore)
     assert not isinstance(store, KeyAdmin)
+
+
+@pytest.mark.parametrize("argv", [["keys", "update", "k1", "--rpm", "5"],
+                                  ["keys", "create", "--org", "o"]])
+def test_the_cli_refuses_to_write_its_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           argv: list[str]) -> None:
+    url = "http://127.0.0.1:1"
+    path = write_policy(tmp_path, url, key_store={"validation_url": url})
+    assert main([*argv, "--config", str(path)], env={}) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"keys are managed by the validation service at {url}" in err and "\n" not in err
 
 
 @pytest.mark.parametrize("url", ["ftp://host", "127.0.0.1:80", "http://"])

@@ -7,9 +7,17 @@ uses the secret (its service hashes it); the others look up the fingerprint.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
+from pydantic import ValidationError
+
 from policy.keyrecord import KeyRecord
+
+# What `keys update` may change. A key's id, org, fingerprint, prefix and creation time
+# are its identity; its status changes only by `revoke`.
+UPDATABLE = frozenset({"name", "scopes", "models", "rpm", "tpm", "max_concurrent",
+                       "budget_usd", "budget_period", "expires_at"})
 
 
 class StoreUnavailable(Exception):
@@ -48,3 +56,23 @@ class KeyAdmin(KeyStore, Protocol):
 
     async def revoke(self, key_id: str) -> KeyRecord | None:
         """Mark a key revoked; return the new record, or None if there is no such key."""
+
+    async def update(self, key_id: str, changes: Mapping[str, object]) -> KeyRecord | None:
+        """Change fields of a key in place (`updated`); return the new record, or None if
+        there is no such key. Every replica sees it as it sees a revocation. Raises
+        ValueError for a change that is not allowed."""
+
+
+def updated(record: KeyRecord, changes: Mapping[str, object]) -> KeyRecord:
+    """`record` with `changes` (field -> new value, None to clear) applied and
+    validated; ValueError, in one line, for a field `keys update` may not change or a
+    bad value."""
+    fixed = sorted(set(changes) - UPDATABLE)
+    if fixed:
+        raise ValueError(f"cannot change {', '.join(fixed)} of a key")
+    try:
+        return KeyRecord.model_validate({**record.model_dump(), **changes})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{where}: {err['msg']}") from None

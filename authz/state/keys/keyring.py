@@ -2,8 +2,8 @@
 
 `tokenbooth keys ...` rewrites the file atomically (temp file + rename) under
 an exclusive lock; a running server re-reads it when it changes (polled every
-0.5 s), so a created or revoked key takes effect within a second, with no
-restart. Lookups are dictionary reads: no I/O on the request path.
+0.5 s), so a created, updated or revoked key takes effect within a second, with
+no restart. Lookups are dictionary reads: no I/O on the request path.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from authz.state.keys.base import KeyExists
+from authz.state.keys.base import KeyExists, updated
 from policy.keyrecord import KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -68,10 +68,18 @@ class KeyringStore:
         return [r for r in self._read() if org is None or r.org == org]
 
     async def revoke(self, key_id: str) -> KeyRecord | None:
+        return self._modify(key_id, lambda r: r.model_copy(update={"status": "revoked"}))
+
+    async def update(self, key_id: str, changes: Mapping[str, object]) -> KeyRecord | None:
+        return self._modify(key_id, lambda r: updated(r, changes))
+
+    def _modify(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]
+                ) -> KeyRecord | None:
+        """Replace one record under the lock (nothing is written if `change` raises)."""
         with self._locked() as records:
             for i, r in enumerate(records):
                 if r.id == key_id:
-                    records[i] = r.model_copy(update={"status": "revoked"})
+                    records[i] = change(r)
                     return records[i]
         return None
 

@@ -6,7 +6,7 @@ Layout (one hash slot, `{tb-keys}`, so Lua scripts work on Redis Cluster):
 
 Each replica caches lookups (hits and misses), each stamped with the version
 read in the same round trip, and polls the version key every 0.5 s: entries
-older than the current version are looked up again, so creation and
+older than the current version are looked up again, so creation, updates and
 revocation reach every replica within a second. A fresh cached check is a
 dictionary read. When Redis is unreachable, cached keys keep working for
 `grace_s` after the last successful contact; others fail closed.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -24,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from authz.state.keys.base import KeyExists, StoreUnavailable
+from authz.state.keys.base import KeyExists, StoreUnavailable, updated
 from authz.state.keys.cache import LruCache, RemoteOptions
 from policy.keyrecord import KeyRecord
 
@@ -44,13 +45,18 @@ redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('INCR', KEYS[4])
 return 1
 """
-# KEYS: fp key, version. ARGV: the revoked record JSON.
-_REPLACE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+# Compare-and-set of one record. KEYS: fp key, version. ARGV: new JSON, the JSON it
+# replaces. 0: no such key; -1: changed meanwhile (read again); 1: done.
+_SWAP = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+if cur ~= ARGV[2] then return -1 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('INCR', KEYS[2])
 return 1
 """
+# Read-modify-write rounds before giving up under a storm of concurrent changes.
+_SWAP_ATTEMPTS = 8
 
 
 def connect(url: str, timeout_s: float) -> aioredis.Redis:
@@ -83,7 +89,7 @@ class RedisKeyStore:
         self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._create = self._redis.register_script(_CREATE)
-        self._replace = self._redis.register_script(_REPLACE)
+        self._swap = self._redis.register_script(_SWAP)
 
     # -- KeyStore ---------------------------------------------------------------
 
@@ -147,11 +153,16 @@ class RedisKeyStore:
         self._cache.pop(record.sha256)  # this replica need not wait for the poll
 
     async def get(self, key_id: str) -> KeyRecord | None:
+        raw = await self._raw(key_id)
+        return KeyRecord.model_validate_json(raw) if raw is not None else None
+
+    async def _raw(self, key_id: str) -> bytes | None:
+        """The stored JSON of a key, by id."""
         fp = await self._call(self._redis.get(ID + key_id))
         if fp is None:
             return None
-        raw = await self._call(self._redis.get(FP + fp.decode()))
-        return KeyRecord.model_validate_json(raw) if raw is not None else None
+        raw: bytes | None = await self._call(self._redis.get(FP + fp.decode()))
+        return raw
 
     async def list_keys(self, org: str | None = None) -> list[KeyRecord]:
         ids = sorted(i.decode() for i in await self._call(self._redis.smembers(IDS)))
@@ -163,14 +174,28 @@ class RedisKeyStore:
         return out
 
     async def revoke(self, key_id: str) -> KeyRecord | None:
-        rec = await self.get(key_id)
-        if rec is None:
-            return None
-        revoked = rec.model_copy(update={"status": "revoked"})
-        await self._call(self._replace(keys=[FP + rec.sha256, VERSION],
-                                       args=[revoked.model_dump_json()]))
-        self._cache.pop(rec.sha256)
-        return revoked
+        return await self._modify(key_id, lambda r: r.model_copy(update={"status": "revoked"}))
+
+    async def update(self, key_id: str, changes: Mapping[str, object]) -> KeyRecord | None:
+        return await self._modify(key_id, lambda r: updated(r, changes))
+
+    async def _modify(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]
+                      ) -> KeyRecord | None:
+        """Read, change, compare-and-set (again if another writer came between); the
+        version bump sends every replica to Redis for it."""
+        for _ in range(_SWAP_ATTEMPTS):
+            raw = await self._raw(key_id)
+            if raw is None:
+                return None
+            new = change(KeyRecord.model_validate_json(raw))
+            done = await self._call(self._swap(keys=[FP + new.sha256, VERSION],
+                                               args=[new.model_dump_json(), raw]))
+            if done == 0:
+                return None
+            if done == 1:
+                self._cache.pop(new.sha256)  # this replica need not wait for the poll
+                return new
+        raise StoreUnavailable(f"key {key_id!r} kept changing under concurrent writers")
 
     # -- plumbing -----------------------------------------------------------------
 

@@ -1,0 +1,81 @@
+"""What `tokenbooth serve` hands Envoy over ADS: one cluster per model alias (CDS).
+
+Each cluster carries its endpoints inline (`load_assignment`), as the static bootstrap
+did, rather than over EDS: backends may be DNS names (STRICT_DNS clusters resolve them
+in Envoy), which EDS cannot carry, and one resource type means one version and one
+ACK per change. Envoy compares each cluster's content, so an update re-creates only
+the clusters that changed; their connections drain, requests in flight finish.
+
+The clusters are the typed envoy-data-plane messages of `clusters.py`, serialized once
+per config change into the official `google.protobuf.Any` for the wire. Versions are a
+hash of those bytes: replicas with the same config serve the same versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from google.protobuf import any_pb2
+
+from authz.envoy_config.bootstrap import proto_name
+from authz.envoy_config.clusters import model_cluster
+from authz.envoy_config.common import pack
+from policy.config import Config
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+_VERSION_CHARS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TypedResources:
+    """One resource type as sent: name → packed resource (sorted by name), and a version
+    derived from their bytes."""
+
+    type_url: str
+    version: str
+    resources: Mapping[str, Any]  # name → google.protobuf.Any (official)
+
+
+def model_clusters(cfg: Config) -> list[Cluster]:
+    """The typed clusters, one per alias, sorted by alias."""
+    return [model_cluster(alias, m) for alias, m in sorted(cfg.models.items())]
+
+
+def resource_set(type_url: str, named: Mapping[str, bytes]) -> TypedResources:
+    """Packs serialized resources; the version hashes the type, names and bytes."""
+    digest = hashlib.sha256(type_url.encode())
+    packed: dict[str, Any] = {}
+    for name in sorted(named):
+        value = named[name]
+        digest.update(b"\0%d:%s\0" % (len(name), name.encode()))
+        digest.update(b"%d:" % len(value) + value)
+        packed[name] = any_pb2.Any(type_url=type_url, value=value)
+    return TypedResources(type_url, digest.hexdigest()[:_VERSION_CHARS], packed)
+
+
+def build_resources(cfg: Config) -> dict[str, TypedResources]:
+    """Every resource type tokenbooth serves over ADS, by type URL (CPU-bound: ~4 ms per
+    cluster, so callers on an event loop run it in a thread)."""
+    named: dict[str, bytes] = {}
+    for cluster in model_clusters(cfg):
+        named[cluster.name] = pack(cluster).value
+    return {CLUSTER_TYPE: resource_set(CLUSTER_TYPE, named)}
+
+
+def model_cluster_dicts(cfg: Config) -> list[dict[str, Any]]:
+    """The clusters in the bootstrap's proto-JSON form."""
+    return [c.to_dict(casing=proto_name) for c in model_clusters(cfg)]
+
+
+def with_static_models(bootstrap: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A rendered bootstrap (`bootstrap.render_dict`) with the model clusters made static
+    and no ADS: for an Envoy run without tokenbooth's services (benchmarks, checks)."""
+    out = {k: v for k, v in bootstrap.items() if k != "dynamic_resources"}
+    static = out["static_resources"]
+    out["static_resources"] = {**static,
+                               "clusters": [*static["clusters"], *model_cluster_dicts(cfg)]}
+    return out

@@ -1,0 +1,84 @@
+"""`tokenbooth check-config`: every problem, one line each, naming file and path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import tb
+
+KEY = "a" * 64
+
+
+def check(tmp_path: Path, text: str) -> tuple[int, list[str]]:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    r = tb("check-config", "policy.yaml", cwd=tmp_path)
+    assert "Traceback" not in r.stderr
+    return r.returncode, r.stderr.splitlines()
+
+
+def test_every_field_error_is_listed(tmp_path: Path) -> None:
+    rc, lines = check(tmp_path, (
+        "listen: nowhere\n"
+        "models:\n"
+        "  demo: {upstream_model: x, backends: [{url: 'ftp://h'}], max_tokens: 0}\n"
+        "  other: {backends: []}\n"))
+    assert rc == 2
+    assert lines == [
+        "policy.yaml: listen: expected HOST:PORT, got 'nowhere'",
+        "policy.yaml: models.demo.backends[0].url: expected http(s)://host[:port], "
+        "got 'ftp://h'",
+        "policy.yaml: models.demo.max_tokens: Input should be greater than or equal to 1",
+        "policy.yaml: models.other.upstream_model: Field required",
+    ]
+
+
+def test_every_cross_check_is_listed(tmp_path: Path) -> None:
+    rc, lines = check(tmp_path, (
+        "models:\n"
+        "  demo: {upstream_model: x, backends: [{url: 'http://h:1'}]}\n"
+        "keys:\n"
+        f"  - {{id: a, org: o, sha256: '{KEY}', models: [zz]}}\n"
+        f"  - {{id: a, org: o, sha256: '{'b' * 64}'}}\n"))
+    assert rc == 2
+    assert lines == [
+        "policy.yaml: keys[0].models: key 'a' allows unknown model(s) ['zz']",
+        "policy.yaml: keys[1].id: duplicate key id 'a'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ports", "expected"),
+    [
+        # One port on one host.
+        ("listen: 127.0.0.1:9001\n",
+         ["services.grpc_listen: 127.0.0.1:9001 clashes with listen (127.0.0.1:9001)"]),
+        # A wildcard overlaps every host, IPv4 or IPv6; localhost is loopback.
+        ("listen: 0.0.0.0:9090\nenvoy: {admin_listen: '[::]:9001'}\n",
+         ["services.http_listen: 127.0.0.1:9090 clashes with listen (0.0.0.0:9090)",
+          "envoy.admin_listen: [::]:9001 clashes with services.grpc_listen (127.0.0.1:9001)"]),
+        ("services: {grpc_listen: 'localhost:7000', http_listen: '[::1]:7000'}\n",
+         ["services.http_listen: [::1]:7000 clashes with services.grpc_listen "
+          "(localhost:7000)"]),
+    ],
+)
+def test_port_clashes(tmp_path: Path, ports: str, expected: list[str]) -> None:
+    rc, lines = check(tmp_path, ports + "models:\n  demo: {upstream_model: x, backends: []}\n")
+    assert rc == 2
+    assert lines == [f"policy.yaml: {e}" for e in expected]
+
+
+def test_distinct_hosts_and_port_zero_do_not_clash_and_no_backend_is_valid(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "listen: 127.0.0.2:9001\n"
+        "services: {grpc_listen: 127.0.0.1:9001, http_listen: 127.0.0.1:0}\n"
+        "envoy: {admin_listen: 127.0.0.1:0}\n"
+        "models:\n  demo: {upstream_model: x, backends: []}\n")
+    r = tb("check-config", "policy.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        0, "policy.yaml: ok (1 model(s), 0 key(s))\n", "")

@@ -1,0 +1,145 @@
+"""The resources served over ADS: one cluster per alias, the official wire form equal to
+the typed form, versions from content (stable across runs and replicas), Envoy's own
+validation, and the bootstrap that points Envoy at them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401  (Any types)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import json_format
+
+from authz.envoy_config.bootstrap import render_dict
+from authz.envoy_config.xds_resources import (
+    CLUSTER_TYPE,
+    build_resources,
+    model_cluster_dicts,
+    with_static_models,
+)
+from policy.config import Config
+from policy.routing import model_cluster_name
+from tests.envoy_config.test_bootstrap import envoy_validate, load_fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def version(cfg: Config) -> str:
+    return build_resources(cfg)[CLUSTER_TYPE].version
+
+
+def with_models(cfg: Config, **changes: dict[str, Any]) -> Config:
+    """`cfg` with models replaced (a dict) or removed (None), through validation."""
+    data = cfg.model_dump(mode="json")
+    for alias, model in changes.items():
+        if model is None:
+            del data["models"][alias]
+        else:
+            data["models"][alias] = model
+    return Config.model_validate(data)
+
+
+def by_name(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in model_cluster_dicts(cfg)}
+
+
+def test_one_cluster_per_alias_with_weighted_endpoints() -> None:
+    cfg = load_fixture("tls_multi")
+    got = by_name(cfg)
+    assert sorted(got) == sorted(model_cluster_name(a) for a in cfg.models)
+    assert list(build_resources(cfg)[CLUSTER_TYPE].resources) == sorted(got)
+    small = got[model_cluster_name("llama-small")]
+    eps = small["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [(e["endpoint"]["hostname"], e.get("load_balancing_weight")) for e in eps] == [
+        ("10.0.0.11:8000", 3), ("vllm-small.inference.svc.cluster.local:8000", 1)]
+    assert small["type"] == "STRICT_DNS"  # endpoints inline: EDS cannot carry DNS names
+    assert small["lb_policy"] == "LEAST_REQUEST"
+    assert small["health_checks"][0]["http_health_check"]["path"] == "/health"
+    assert "transport_socket" not in small
+    large = got[model_cluster_name("llama-large")]
+    assert large["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+
+
+@pytest.mark.parametrize("name", ["basic", "tls_multi"])
+def test_the_wire_form_is_the_typed_form(name: str) -> None:
+    """Each packed resource, parsed by the official protobuf, says what the typed
+    dataclasses (the same ones the bootstrap renders) say."""
+    cfg = load_fixture(name)
+    packed = build_resources(cfg)[CLUSTER_TYPE].resources
+    typed = by_name(cfg)
+    for cluster_name, any_msg in packed.items():
+        assert any_msg.type_url == CLUSTER_TYPE
+        cluster = cluster_pb2.Cluster()
+        assert any_msg.Unpack(cluster)
+        assert json_format.MessageToDict(cluster, preserving_proto_field_name=True) == \
+            typed[cluster_name]
+
+
+def test_versions_are_stable_across_builds_and_processes() -> None:
+    """Replicas are separate processes (own hash seeds): same config, same bytes."""
+    cfg = load_fixture("tls_multi")
+    here = version(cfg)
+    assert version(load_fixture("tls_multi")) == here
+    code = ("from tests.envoy_config.test_bootstrap import load_fixture\n"
+            "from tests.envoy_config.test_xds_resources import version\n"
+            "print(version(load_fixture('tls_multi')))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, check=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"})
+        assert out.stdout.strip() == here
+
+
+def test_versions_change_with_the_clusters_only() -> None:
+    cfg = load_fixture("tls_multi")
+    small = cfg.models["llama-small"].model_dump(mode="json")
+    backends = small["backends"]
+    reweighted = {**small, "backends": [{**backends[0], "weight": 1}, backends[1]]}
+    one_backend = {**small, "backends": backends[:1]}
+    variants = [
+        with_models(cfg, **{"llama-small": reweighted}),
+        with_models(cfg, **{"llama-small": one_backend}),
+        with_models(cfg, **{"llama-small": None}),
+        with_models(cfg, added=one_backend),
+    ]
+    versions = {version(c) for c in [cfg, *variants]}
+    assert len(versions) == 5
+    # Prices, token caps and keys are the services' business: Envoy's clusters stay.
+    priced = {**small, "price_per_1k_tokens": {"input": "9", "output": "9"},
+              "max_tokens": 7}
+    assert version(with_models(cfg, **{"llama-small": priced})) == version(cfg)
+    assert version(cfg.model_copy(update={"keys": []})) == version(cfg)
+
+
+@pytest.mark.parametrize("name", ["basic", "tls_multi"])
+def test_envoy_accepts_the_clusters(name: str, tmp_path: Path) -> None:
+    """`envoy --mode validate` on the bootstrap with the ADS clusters made static."""
+    cfg = load_fixture(name)
+    d = with_static_models(render_dict(cfg.model_copy(update={"tls": None})), cfg)
+    assert "dynamic_resources" not in d
+    assert len(d["static_resources"]["clusters"]) == 1 + len(cfg.models)
+    path = tmp_path / "static.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    r = envoy_validate(path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_bootstrap_takes_model_clusters_from_ads() -> None:
+    d = render_dict(load_fixture("tls_multi"))
+    assert [c["name"] for c in d["static_resources"]["clusters"]] == ["tokenbooth_services"]
+    dyn = d["dynamic_resources"]
+    assert dyn["cds_config"]["ads"] == {}
+    assert dyn["cds_config"]["initial_fetch_timeout"] == "5s"
+    assert "lds_config" not in dyn  # the listener and its routes stay static
+    ads = dyn["ads_config"]
+    assert (ads["api_type"], ads["transport_api_version"]) == ("GRPC", "V3")
+    [grpc] = ads["grpc_services"]
+    assert grpc["envoy_grpc"]["cluster_name"] == "tokenbooth_services"
+    assert "timeout" not in grpc  # a deadline would end the stream
+    assert d["node"]["id"] and d["node"]["cluster"]
