@@ -7,7 +7,7 @@ names the file, the path inside it and what is wrong.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,11 +23,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from policy.keyrecord import SCOPES, KeyRecord
 
 __all__ = ["REDIS_PASSWORD_ENV", "SCOPES", "Config", "ConfigError", "KeyRecord", "load_config",
-           "parse_hostport"]
+           "parse_hostport", "port_clashes"]
 
 # The Redis password, kept out of the file (a Kubernetes Secret as an env var).
 REDIS_PASSWORD_ENV = "TOKENBOOTH_REDIS_PASSWORD"  # noqa: S105 - a variable name
@@ -35,7 +36,13 @@ _HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\
 
 
 class ConfigError(ValueError):
-    """A config file is unreadable or invalid; the message is meant for users."""
+    """A config file is unreadable or invalid. `problems`: every error found, each one
+    line naming the file and the path inside it; the message is the first (one line)."""
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+        more = len(self.problems) - 1
+        super().__init__(self.problems[0] + (f" (and {more} more)" if more else ""))
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -108,7 +115,9 @@ class Model(_Strict):
     """
 
     upstream_model: str = Field(min_length=1, max_length=512)
-    backends: list[Backend] = Field(min_length=1)
+    # `[]`: no backend. `tokenbooth up` serves such a model from its simulator; anywhere
+    # else (no `--default-upstream`) its requests get 503 service_unavailable.
+    backends: list[Backend]
     price_per_1k_tokens: Price = Price()
     # Completion tokens per sequence: the most a client may ask for, and what is written
     # into the upstream body when the client asks for no limit.
@@ -164,17 +173,68 @@ class Services(_Strict):
     http_listen: HostPort = "127.0.0.1:9090"
 
 
+# What a hold's lease adds to the longest its response may last.
+HOLD_LEASE_SLACK_S = 30.0
+# Envoy's timers fire at or after their time; ext_proc sees the close a little later.
+CUT_TOLERANCE_S = 0.05
+
+
 class EnvoySettings(_Strict):
     admin_listen: HostPort = "127.0.0.1:9901"
     # Where Envoy reaches the services when that is not services.grpc_listen (wildcards
     # through loopback), e.g. a headless Kubernetes Service in front of several replicas.
     services_address: HostPort | None = None
+    # Or several replicas by address, one endpoint each (not both forms).
+    services_addresses: tuple[HostPort, ...] = ()
+    # A non-streaming response: the whole response, from the end of the request.
     route_timeout_s: float = Field(default=120.0, gt=0)
+    # A stream: cut after this long with no byte either way (default: route_timeout_s)...
+    stream_idle_timeout_s: float | None = Field(default=None, gt=0)
+    # ...or this long in all. Every hold's lease outlasts it, so it is always bounded.
+    max_stream_duration_s: float = Field(default=600.0, gt=0)
     # How long Envoy waits for one ext_authz / ext_proc answer.
     decision_timeout_ms: int = Field(default=2000, ge=10)
     # When ext_proc (the metering) goes away mid-response: `serve` the rest unmetered, or
     # `cut` the stream. Either way the lost-hold sweep writes the request's record.
     on_metering_loss: Literal["serve", "cut"] = "serve"
+
+    @model_validator(mode="after")
+    def _one_services_form(self) -> EnvoySettings:
+        if self.services_address is not None and self.services_addresses:
+            raise ValueError("set services_address or services_addresses, not both")
+        if len(set(self.services_addresses)) != len(self.services_addresses):
+            raise ValueError("services_addresses lists an address twice")
+        return self
+
+    @property
+    def stream_idle_s(self) -> float:
+        """A stream's idle timeout."""
+        return self.stream_idle_timeout_s or self.route_timeout_s
+
+    def idle_s(self, stream: bool) -> float:
+        """Envoy's idle timeout for a response. A non-streaming one is silent until it
+        is whole: its idle timer (running from the end of the request, before ext_proc's
+        answer) must not fire before its route timeout (from that answer), which gives
+        the OpenAI-shaped 504; it still bounds a client that stops reading."""
+        if stream:
+            return self.stream_idle_s
+        return self.route_timeout_s + self.decision_timeout_ms / 1000 + 1
+
+    def response_limit_s(self, stream: bool) -> float:
+        """The longest a response may last, from the end of its request."""
+        return self.max_stream_duration_s if stream else self.route_timeout_s
+
+    def hold_lease_s(self, stream: bool) -> float:
+        """A hold's lease: longer than its request can last (the slack covers the
+        request phase before Envoy's timers start, and the settlement)."""
+        return self.response_limit_s(stream) + HOLD_LEASE_SLACK_S
+
+    def ended_by_gateway(self, stream: bool, idle_s: float, elapsed_s: float) -> bool:
+        """Whether a response that ended early was cut by Envoy's timeouts, not by the
+        client: silent for its idle timeout, or as old as its limit. ext_proc sees the
+        same close either way; only the timings tell them apart."""
+        return (idle_s >= self.idle_s(stream) - CUT_TOLERANCE_S
+                or elapsed_s >= self.response_limit_s(stream) - CUT_TOLERANCE_S)
 
 
 class KeyStoreSettings(_Strict):
@@ -227,6 +287,12 @@ class LimitSettings(_Strict):
     on_store_error: OnStoreError = OnStoreError()
 
 
+class MetricsSettings(_Strict):
+    # Spend and tokens by key (tokenbooth_key_cost_usd_total{org,key_id}, …): one series
+    # per key, so off by default.
+    key_labels: bool = False
+
+
 class Config(_Strict):
     listen: HostPort = "127.0.0.1:8080"
     tls: Tls | None = None
@@ -240,6 +306,7 @@ class Config(_Strict):
     key_store: KeyStoreSettings = KeyStoreSettings()
     limits: LimitSettings = LimitSettings()
     orgs: dict[str, OrgLimits] = {}
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("state")
     @classmethod
@@ -255,15 +322,50 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        ids = [k.id for k in self.keys]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"duplicate key id(s): {dupes}")
-        for key in self.keys:
+        """Checks across sections, once every field is valid; all problems at once."""
+        problems: list[str] = []
+        seen: set[str] = set()
+        for i, key in enumerate(self.keys):
+            if key.id in seen:
+                problems.append(f"keys[{i}].id: duplicate key id {key.id!r}")
+            seen.add(key.id)
             unknown = sorted(set(key.models) - set(self.models))
             if unknown:
-                raise ValueError(f"key {key.id!r} allows unknown model(s) {unknown}")
+                problems.append(f"keys[{i}].models: key {key.id!r} allows unknown model(s) "
+                                f"{unknown}")
+        problems += port_clashes(self)
+        if problems:
+            raise PydanticCustomError("cross_check", "{summary}",
+                                      {"summary": "; ".join(problems), "problems": problems})
         return self
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Whether listeners on `a` and `b` with one port collide (a wildcard takes them all)."""
+    if a == b or a in _WILDCARD_HOSTS or b in _WILDCARD_HOSTS:
+        return True
+    return "localhost" in (a, b) and {a, b} <= _LOOPBACK_HOSTS
+
+
+def port_clashes(cfg: Config) -> list[str]:
+    """`path: message` for each of the four listeners that takes a port an earlier one
+    has on an overlapping host (port 0, any free port, never clashes)."""
+    named = [("listen", cfg.listen), ("services.grpc_listen", cfg.services.grpc_listen),
+             ("services.http_listen", cfg.services.http_listen),
+             ("envoy.admin_listen", cfg.envoy.admin_listen)]
+    problems = []
+    for i, (path, value) in enumerate(named):
+        host, port = parse_hostport(value)
+        for other_path, other in named[:i]:
+            other_host, other_port = parse_hostport(other)
+            if port and port == other_port and _hosts_overlap(host, other_host):
+                problems.append(f"{path}: {value} clashes with {other_path} ({other})")
+                break
+    return problems
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -273,6 +375,19 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _problems(e: ValidationError, source: str) -> list[str]:
+    """One `source: path: message` line per error (cross checks carry several)."""
+    out = []
+    for err in e.errors():
+        ctx = err.get("ctx") or {}
+        if err["type"] == "cross_check":
+            out += [f"{source}: {p}" for p in ctx["problems"]]
+            continue
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        out.append(f"{source}: {_location(err['loc'])}: {msg}")
+    return out
+
+
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate already-parsed YAML; relative paths resolve against `base_dir`."""
     if not isinstance(data, dict):
@@ -280,10 +395,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {_location(first['loc'])}: {msg}{more}") from None
+        raise ConfigError(_problems(e, source)) from None
     if base_dir is not None:
         cfg = _resolve_paths(cfg, base_dir)
     return cfg

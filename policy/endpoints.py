@@ -1,15 +1,38 @@
-"""The endpoint table: one row per OpenAI path; one generic handler reads it."""
+"""The endpoint table: one row per OpenAI / vLLM path; one generic handler reads it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from urllib.parse import unquote
 
 
 class Kind(Enum):
+    """What a request is: which parser reads its body, and how its usage is metered."""
+
     CHAT = "chat"
     COMPLETION = "completion"
-    MODELS = "models"
+    MODELS = "models"  # the list, answered by the gateway
+    MODEL = "model"  # one model, answered by the gateway
+    EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+    RERANK = "rerank"
+    SCORE = "score"
+    TOKENIZE = "tokenize"  # and detokenize: no usage, counted as requests only
+    MULTIPART = "multipart"  # refused: the gateway reads JSON bodies only
+
+    @property
+    def answered_here(self) -> bool:
+        """No body and no backend: the gateway answers from its config."""
+        return self in _ANSWERED_HERE
+
+    @property
+    def metered(self) -> bool:
+        """The backend reports token usage for it."""
+        return self is not Kind.TOKENIZE
+
+
+_ANSWERED_HERE = frozenset({Kind.MODELS, Kind.MODEL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,16 +43,33 @@ class Endpoint:
     scope: str
     # Metric label; also the record's `endpoint`.
     name: str
+    # `path` is a prefix followed by one more path part (GET /v1/models/{id}).
+    prefix: bool = False
 
 
+_R, _W = "inference:read", "inference:write"
+ROWS = (
+    Endpoint("POST", "/v1/chat/completions", Kind.CHAT, _W, "chat"),
+    Endpoint("POST", "/v1/completions", Kind.COMPLETION, _W, "completions"),
+    Endpoint("GET", "/v1/models", Kind.MODELS, _R, "models"),
+    Endpoint("GET", "/v1/models/", Kind.MODEL, _R, "model", prefix=True),
+    Endpoint("POST", "/v1/embeddings", Kind.EMBEDDINGS, _W, "embeddings"),
+    Endpoint("POST", "/v1/responses", Kind.RESPONSES, _W, "responses"),
+    # vLLM serves rerank and score at several paths.
+    Endpoint("POST", "/v1/rerank", Kind.RERANK, _W, "rerank"),
+    Endpoint("POST", "/rerank", Kind.RERANK, _W, "rerank"),
+    Endpoint("POST", "/v2/rerank", Kind.RERANK, _W, "rerank"),
+    Endpoint("POST", "/v1/score", Kind.SCORE, _W, "score"),
+    Endpoint("POST", "/score", Kind.SCORE, _W, "score"),
+    Endpoint("POST", "/tokenize", Kind.TOKENIZE, _W, "tokenize"),
+    Endpoint("POST", "/detokenize", Kind.TOKENIZE, _W, "detokenize"),
+    Endpoint("POST", "/v1/audio/transcriptions", Kind.MULTIPART, _W, "transcriptions"),
+    Endpoint("POST", "/v1/audio/translations", Kind.MULTIPART, _W, "translations"),
+)
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
-    (e.method, e.path): e
-    for e in (
-        Endpoint("POST", "/v1/chat/completions", Kind.CHAT, "inference:write", "chat"),
-        Endpoint("POST", "/v1/completions", Kind.COMPLETION, "inference:write", "completions"),
-        Endpoint("GET", "/v1/models", Kind.MODELS, "inference:read", "models"),
-    )
+    (e.method, e.path): e for e in ROWS if not e.prefix
 }
+_PREFIXED = tuple(e for e in ROWS if e.prefix)
 _PATHS = {path for _, path in ENDPOINTS}
 
 
@@ -37,11 +77,31 @@ def strip_query(path: str) -> str:
     return path.split("?", 1)[0]
 
 
+def _prefixed(path: str) -> Endpoint | None:
+    """The prefix row that `path` extends (by a non-empty rest: an id may hold `/`)."""
+    for e in _PREFIXED:
+        if len(path) > len(e.path) and path.startswith(e.path):
+            return e
+    return None
+
+
 def lookup(method: str, path: str) -> Endpoint | None:
     """The endpoint for a request line, ignoring any query string."""
-    return ENDPOINTS.get((method.upper(), strip_query(path)))
+    method, path = method.upper(), strip_query(path)
+    e = ENDPOINTS.get((method, path))
+    if e is None:
+        e = _prefixed(path)
+        if e is not None and e.method != method:
+            return None
+    return e
 
 
 def path_known(path: str) -> bool:
     """True when some method is served at `path` (so a wrong method is a 405, not a 404)."""
-    return strip_query(path) in _PATHS
+    path = strip_query(path)
+    return path in _PATHS or _prefixed(path) is not None
+
+
+def path_argument(endpoint: Endpoint, path: str) -> str:
+    """The part of `path` after a prefix row's prefix, percent-decoded (a model id)."""
+    return unquote(strip_query(path)[len(endpoint.path):])

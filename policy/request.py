@@ -1,13 +1,17 @@
-"""OpenAI request bodies: validate, bound what they can use, rewrite for the backend.
+"""OpenAI / vLLM request bodies: validate, bound what they can use, rewrite for the backend.
 
-Pure functions over bytes: `parse_request` returns an `InferenceRequest` or raises an
-`ApiError` (400/404/413) naming the offending field in `param`. Every body it accepts
-has a true upper bound of its usage (`prompt_bound`, `completion_bound`): the body sent
-upstream carries a `max_tokens`, and fields whose tokens cannot be bounded are refused.
+Pure functions over bytes: `parse_request`, the one entry point, reads the body the way
+the endpoint's kind says (`_PARSERS`, a table) and returns an `InferenceRequest` or
+raises an `ApiError` (400/404/413) naming the offending field in `param`. Every body it
+accepts has a true upper bound of its usage (`prompt_bound`, `completion_bound`): a
+generating body sent upstream carries its token limit, and fields whose tokens cannot
+be bounded are refused. The kinds' own rules: `policy.request_responses` (the Responses
+API), `policy.request_pooling` (embeddings, rerank, score).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -18,6 +22,8 @@ from policy.config import Config, Model
 from policy.endpoints import Endpoint, Kind
 from policy.errors import ApiError, invalid_request, model_not_found, request_too_large
 from policy.limits import cost_nano
+from policy.request_pooling import embeddings_input, scoring_pairs
+from policy.request_responses import responses_prompt
 
 # Fields whose prompt tokens no byte count bounds: a client's own chat template (Jinja
 # can loop), prompt embeddings (a tensor's bytes do not bound its rows), and media
@@ -30,21 +36,27 @@ UNBOUNDED_FIELDS: Final = ("chat_template", "prompt_embeds", "mm_processor_kwarg
 class InferenceRequest:
     alias: str
     model: Model
-    stream: bool
-    # The client asked for the usage chunk itself (stream_options.include_usage).
-    client_wants_usage: bool
-    # Completion tokens per sequence: the client's max_tokens (chat: max_completion_tokens
-    # first), else the model's cap, which the upstream body then carries.
-    max_tokens: int
-    # Sequences generated per prompt (the larger of `n` and `best_of`), and prompts in
-    # the request (a batched /v1/completions prompt has several).
-    sequences: int
-    prompts: int
     prompt_estimate: int  # typical prompt tokens, all prompts together
     prompt_bound: int  # prompt tokens the backend can count, at most
-    completion_bound: int  # max_tokens * sequences * prompts
     body: dict[str, Any] = field(repr=False)
     upstream: bytes = field(repr=False)  # what `upstream_body` returns
+    stream: bool = False
+    # The client asked for the usage chunk itself (stream_options.include_usage).
+    client_wants_usage: bool = False
+    # Completion tokens per sequence: the client's limit (chat: max_completion_tokens
+    # first; responses: max_output_tokens), else the model's cap, which the upstream
+    # body then carries. 0: the endpoint generates nothing (embeddings, score, ...).
+    max_tokens: int = 0
+    # Sequences generated per prompt (the larger of `n` and `best_of`), and prompts in
+    # the request (a batched /v1/completions prompt has several; embeddings: inputs,
+    # rerank / score: pairs).
+    sequences: int = 1
+    prompts: int = 1
+
+    @property
+    def completion_bound(self) -> int:
+        """Completion tokens the backend can count, at most."""
+        return self.max_tokens * self.sequences * self.prompts
 
     @property
     def hold_tokens(self) -> int:
@@ -98,13 +110,18 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
     return body, alias, model
 
 
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    """(stream, the client wants the usage chunk)."""
+def _stream(body: dict[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is None:
-        stream = False
+        return False
     if not isinstance(stream, bool):
         raise invalid_request("'stream' must be a boolean.", "stream")
+    return stream
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, the client wants the usage chunk)."""
+    stream = _stream(body)
     opts = body.get("stream_options")
     if opts is None:
         return stream, False
@@ -146,15 +163,16 @@ def _sequences(body: dict[str, Any], max_n: int) -> int:
     return best_of
 
 
-def _upstream(body: dict[str, Any], model: Model, stream: bool,
-              max_tokens: int | None) -> bytes:
-    """The body the backend gets: `model` → upstream name; streams always report usage;
-    `max_tokens` written when the client set no limit."""
+def _upstream(body: dict[str, Any], model: Model, limit: tuple[str, int] | None = None,
+              stream_usage: bool = False) -> bytes:
+    """The body the backend gets: `model` → upstream name; `limit` (a field and its
+    value) written when the client set no limit; streams of chat and completions always
+    report usage (`stream_usage`)."""
     out = dict(body)
     out["model"] = model.upstream_model
-    if max_tokens is not None:
-        out["max_tokens"] = max_tokens
-    if stream:
+    if limit is not None:
+        out[limit[0]] = limit[1]
+    if stream_usage:
         opts = dict(body.get("stream_options") or {})
         opts["include_usage"] = True
         out["stream_options"] = opts
@@ -164,24 +182,79 @@ def _upstream(body: dict[str, Any], model: Model, stream: bool,
         raise invalid_request("The request body is nested too deeply.") from None
 
 
-def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceRequest:
-    """Validate a chat/completions body against the policy config and bound its usage."""
-    body, alias, model = _load(raw, cfg)
+# Each parser: (body, alias, model, kind) -> InferenceRequest. Each encodes the upstream
+# body first: the bound's measurements encode parts of it, which then cannot fail.
+Parser = Callable[[dict[str, Any], str, Model, Kind], InferenceRequest]
+
+
+def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
+                ) -> InferenceRequest:
+    """/v1/chat/completions and /v1/completions."""
     stream, wants_usage = _stream_flags(body)
-    max_tokens, write = _max_tokens(body, endpoint.kind, model.max_tokens)
+    max_tokens, write = _max_tokens(body, kind, model.max_tokens)
     sequences = _sequences(body, model.max_n)
-    # Encoded first: the bound's measurements encode parts of it, which then cannot fail.
-    upstream = _upstream(body, model, stream, max_tokens if write else None)
-    if endpoint.kind is Kind.CHAT:
+    upstream = _upstream(body, model, ("max_tokens", max_tokens) if write else None, stream)
+    if kind is Kind.CHAT:
         prompts = 1
         estimate, bound = tokens.chat_prompt(body, model)
     else:
         estimate, bound, prompts = tokens.completion_prompt(body, model)
     return InferenceRequest(
-        alias=alias, model=model, stream=stream, client_wants_usage=wants_usage,
-        max_tokens=max_tokens, sequences=sequences, prompts=prompts,
-        prompt_estimate=estimate, prompt_bound=bound,
-        completion_bound=max_tokens * sequences * prompts, body=body, upstream=upstream)
+        alias, model, estimate, bound, body, upstream, stream=stream,
+        client_wants_usage=wants_usage, max_tokens=max_tokens, sequences=sequences,
+        prompts=prompts)
+
+
+def _responses(body: dict[str, Any], alias: str, model: Model, kind: Kind
+               ) -> InferenceRequest:
+    """/v1/responses: `max_output_tokens` is the limit; the usage is always in the
+    response (a stream's `response.completed` event), so nothing is added for it."""
+    stream = _stream(body)
+    limit = _int_field(body, "max_output_tokens", model.max_tokens)
+    upstream = _upstream(body, model, None if limit else ("max_output_tokens",
+                                                          model.max_tokens))
+    estimate, bound = responses_prompt(body, model)
+    return InferenceRequest(alias, model, estimate, bound, body, upstream, stream=stream,
+                            max_tokens=limit or model.max_tokens)
+
+
+def _pooling(body: dict[str, Any], alias: str, model: Model, kind: Kind
+             ) -> InferenceRequest:
+    """Embeddings, rerank and score: prompt tokens only, never streamed."""
+    if body.get("stream"):
+        raise invalid_request("This endpoint does not stream.", "stream")
+    upstream = _upstream(body, model)
+    if kind is Kind.EMBEDDINGS:
+        estimate, bound, n = embeddings_input(body, model)
+    else:
+        estimate, bound, n = scoring_pairs(body, model, rerank=kind is Kind.RERANK)
+    return InferenceRequest(alias, model, estimate, bound, body, upstream, prompts=n)
+
+
+def _tokenize(body: dict[str, Any], alias: str, model: Model, kind: Kind
+              ) -> InferenceRequest:
+    """/tokenize and /detokenize: no tokens are used; counted as requests only."""
+    return InferenceRequest(alias, model, 0, 0, body, _upstream(body, model))
+
+
+_PARSERS: dict[Kind, Parser] = {
+    Kind.CHAT: _generation, Kind.COMPLETION: _generation, Kind.RESPONSES: _responses,
+    Kind.EMBEDDINGS: _pooling, Kind.RERANK: _pooling, Kind.SCORE: _pooling,
+    Kind.TOKENIZE: _tokenize,
+}  # fmt: skip
+
+
+def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceRequest:
+    """Validate a body for `endpoint` against the policy config and bound its usage."""
+    parse = _PARSERS.get(endpoint.kind)
+    if parse is None:
+        if endpoint.kind is Kind.MULTIPART:
+            raise invalid_request(
+                "Multipart uploads (audio transcription and translation) are not "
+                "supported through the gateway.", "file")
+        raise invalid_request("This endpoint takes no request body.")
+    body, alias, model = _load(raw, cfg)
+    return parse(body, alias, model, endpoint.kind)
 
 
 def upstream_body(req: InferenceRequest) -> bytes:
@@ -189,17 +262,19 @@ def upstream_body(req: InferenceRequest) -> bytes:
     return req.upstream
 
 
+def _model_card(alias: str, created: int) -> dict[str, Any]:
+    return {"id": alias, "object": "model", "created": created, "owned_by": "tokenbooth"}
+
+
 def models_list(aliases: list[str], created: int) -> bytes:
     """GET /v1/models in OpenAI's list format."""
-    return orjson.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": a, "object": "model", "created": created, "owned_by": "tokenbooth"}
-                for a in aliases
-            ],
-        }
-    )
+    return orjson.dumps({"object": "list", "data": [_model_card(a, created) for a in aliases]})
 
 
-__all__ = ["ApiError", "InferenceRequest", "models_list", "parse_request", "upstream_body"]
+def model_object(alias: str, created: int) -> bytes:
+    """GET /v1/models/{id} in OpenAI's model format."""
+    return orjson.dumps(_model_card(alias, created))
+
+
+__all__ = ["ApiError", "InferenceRequest", "model_object", "models_list", "parse_request",
+           "upstream_body"]

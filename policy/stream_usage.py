@@ -1,9 +1,12 @@
-"""Metering an OpenAI SSE response: find the usage chunk, count what was generated.
+"""Metering an OpenAI SSE response: find the usage, count what was generated.
 
-`StreamMeter` is fed the response body chunk by chunk, as Envoy delivers it
-(one chunk per socket read: events arrive split or merged). With
-`strip_usage` it also removes the usage-only chunk that the gateway asked
-for on the client's behalf, passing every other byte through unchanged.
+A meter is fed the response body chunk by chunk, as Envoy delivers it (one
+chunk per socket read: events arrive split or merged). `StreamMeter` reads chat
+and completions streams: with `strip_usage` it also removes the usage-only
+chunk that the gateway asked for on the client's behalf, passing every other
+byte through unchanged. `ResponsesStreamMeter` reads the Responses API's typed
+events: the usage is in `response.completed`, which the client always gets.
+`meter_for` picks one by the endpoint's kind.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from typing import Any
 
 import orjson
 
+from policy.endpoints import Kind
 from policy.sse import Event, SSEParser
 from policy.usage import Usage, usage_from_obj
 
 DONE = b"[DONE]"
+# Responses API events that end a response; each carries it, usage included.
+RESPONSE_ENDS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 
 
 class StreamMeter:
@@ -83,3 +89,49 @@ def _has_text(choice: Any) -> bool:
     if isinstance(delta, dict):
         return bool(delta.get("content")) or bool(delta.get("reasoning_content"))
     return bool(choice.get("text"))
+
+
+class ResponsesStreamMeter(StreamMeter):
+    """The Responses API's SSE: `event: <type>` + `data: {"type": <type>, ...}`. Only the
+    final event is decoded (by its `event:` name; events without one are decoded to
+    find their type); `*.delta` events count as content."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(strip_usage=False)
+
+    def _observe(self, ev: Event) -> bool:
+        data = ev.data
+        if data is None:
+            return False
+        name = ev.event
+        obj: Any = None
+        if name is None:
+            obj = _json_object(data)
+            kind = obj.get("type") if obj is not None else None
+            name = kind.encode() if isinstance(kind, str) else b""
+        if name.endswith(b".delta"):
+            self.content_chunks += 1
+        elif name in RESPONSE_ENDS:
+            obj = obj or _json_object(data)
+            response = obj.get("response") if obj is not None else None
+            if isinstance(response, dict):
+                self.usage = usage_from_obj(response.get("usage"))
+            self.done = True
+        return False
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def meter_for(kind: Kind, client_wants_usage: bool) -> StreamMeter:
+    """The meter of a stream from an endpoint of `kind`."""
+    if kind is Kind.RESPONSES:
+        return ResponsesStreamMeter()
+    return StreamMeter(strip_usage=not client_wants_usage)

@@ -19,6 +19,11 @@ the tokens the chat template adds itself. A chat request's `Tally` adds up:
     /v1/completions, per prompt: min(max_model_len, prompt + suffix)
         prompt = UTF-8 bytes + special_tokens_per_prompt, or the count of token ids
         suffix = UTF-8 bytes + special_tokens_per_prompt, when one is sent
+    /v1/embeddings, per input: as a completions prompt without suffix
+    rerank / score, per pair: min(2·max_model_len + 1, text(query) + text(document) + 1
+                                  + chat_template_tokens_per_request + template kwargs)
+        text = min(max_model_len, UTF-8 bytes + special_tokens_per_prompt)
+    /v1/responses: as chat, each input item (and `instructions`) one message
 
 The estimates (~4 bytes a token) are the typical counts the TPM reservation uses.
 """
@@ -114,27 +119,29 @@ def chat_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
         raise invalid_request("'messages' must be a non-empty array.", "messages")
     tally = Tally(messages=len(messages))
     for i, message in enumerate(messages):
-        _message(message, i, model, tally)
+        message_tally(message, "messages", i, model, tally)
     for name in CHAT_PROMPT_FIELDS:
-        _field(body.get(name), tally)
+        field_tally(body.get(name), tally)
     return tally.estimate(), tally.bound(model)
 
 
-def _field(value: Any, tally: Tally) -> None:
+def field_tally(value: Any, tally: Tally) -> None:
+    """A top-level field the template renders: a string as text, else as JSON."""
     if isinstance(value, dict | list):
         tally.json += json_indent2_len(value)
     elif value is not None:
         tally.text += json_len(value)
 
 
-def _message(m: Any, i: int, model: Model, tally: Tally) -> None:
+def message_tally(m: Any, field: str, i: int, model: Model, tally: Tally) -> None:
+    """One chat message (`field[i]` names it in a 400); `tally.messages` is the caller's."""
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise invalid_request("Each message must be an object with a string 'role'.",
-                              f"messages[{i}]")
+                              f"{field}[{i}]")
     content = m.get("content")
     if content is not None and not isinstance(content, str | list):
         raise invalid_request("'content' must be a string, an array of parts, or null.",
-                              f"messages[{i}].content")
+                              f"{field}[{i}].content")
     nested = [k for k, v in m.items() if isinstance(v, dict | list)]
     if not nested:  # the common case: strings only, measured by one dump
         tally.text += json_len(m)
@@ -142,28 +149,29 @@ def _message(m: Any, i: int, model: Model, tally: Tally) -> None:
     tally.text += json_len({k: v for k, v in m.items() if k not in nested})
     for k in nested:
         if k == "content":
-            _parts(m[k], i, model, tally)
+            parts_tally(m[k], f"{field}[{i}].content", model, tally)
         elif k == "tool_calls":
-            _tool_calls(m[k], i, tally)
+            _tool_calls(m[k], f"{field}[{i}].tool_calls", tally)
         else:
             tally.json += json_indent2_len(m[k])
 
 
-def _parts(parts: list[Any], i: int, model: Model, tally: Tally) -> None:
+def parts_tally(parts: list[Any], param: str, model: Model, tally: Tally) -> None:
+    """Content parts: text as its JSON bytes, media at the model's per-item tokens."""
     for j, part in enumerate(parts):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise invalid_request("Each content part must be an object with a 'type'.",
-                                  f"messages[{i}].content[{j}]")
+                                  f"{param}[{j}]")
         kinds = {MEDIA_KINDS[k] for k in part.keys() & MEDIA_KINDS.keys()}
         if part["type"] in MEDIA_KINDS:
             kinds.add(MEDIA_KINDS[part["type"]])
         if kinds:
-            tally.exact += _media_tokens(kinds, model, f"messages[{i}].content[{j}]")
+            tally.exact += _media_tokens(kinds, model, f"{param}[{j}]")
         elif part["type"] in TEXT_PARTS:
             tally.text += json_len(part)
         else:
             raise invalid_request(f"Unsupported content part type {part['type']!r}.",
-                                  f"messages[{i}].content[{j}]")
+                                  f"{param}[{j}]")
 
 
 def _media_tokens(kinds: set[str], model: Model, param: str) -> int:
@@ -188,7 +196,7 @@ def _unbounded_part(kind: str, param: str) -> ApiError:
     return invalid_request(why[0].upper() + why[1:], param)
 
 
-def _tool_calls(calls: Any, i: int, tally: Tally) -> None:
+def _tool_calls(calls: Any, param: str, tally: Tally) -> None:
     """As sent, plus each string `arguments` parsed (vLLM renders it as an object)."""
     tally.json += json_indent2_len(calls)
     if not isinstance(calls, list):
@@ -196,26 +204,37 @@ def _tool_calls(calls: Any, i: int, tally: Tally) -> None:
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         args = fn.get("arguments") if isinstance(fn, dict) else None
-        if not isinstance(args, str) or not args:
-            continue
-        try:
-            parsed = json.loads(args)  # the stdlib, as vLLM: it takes NaN and big integers
-        except (ValueError, RecursionError):
-            continue  # vLLM renders `{}` in its place
-        try:
-            tally.json += json_indent2_len(parsed)
-        except (ValueError, RecursionError):
-            raise invalid_request(
-                "Tool call arguments are nested too deeply.",
-                f"messages[{i}].tool_calls[{j}].function.arguments") from None
+        if isinstance(args, str) and args:
+            tally.json += arguments_len(args, f"{param}[{j}].function.arguments")
+
+
+def arguments_len(args: str, param: str) -> int:
+    """Indent-2 bytes of a tool call's `arguments` string parsed as vLLM parses it (0 when
+    it is not JSON: vLLM renders `{}` in its place)."""
+    try:
+        parsed = json.loads(args)  # the stdlib, as vLLM: it takes NaN and big integers
+    except (ValueError, RecursionError):
+        return 0
+    try:
+        return json_indent2_len(parsed)
+    except (ValueError, RecursionError):
+        raise invalid_request("Tool call arguments are nested too deeply.", param) from None
 
 
 def completion_prompt(body: dict[str, Any], model: Model) -> tuple[int, int, int]:
     """(estimate, bound, number of prompts) of a /v1/completions request."""
-    prompts = _prompt_list(body.get("prompt"))
+    prompts = prompt_list(body.get("prompt"), "prompt")
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_request("'suffix' must be a string.", "suffix")
+    estimate, bound = batch_bound(prompts, model, suffix)
+    return estimate, bound, len(prompts)
+
+
+def batch_bound(prompts: list[str] | list[list[int]], model: Model,
+                suffix: str | None = None) -> tuple[int, int]:
+    """(estimate, bound) of a batch of prompts, each bounded on its own (see the module
+    docstring); /v1/embeddings inputs are bounded as completions prompts without suffix."""
     suffix_bytes = utf8_len(suffix) if suffix else 0
     suffix_bound = suffix_bytes + model.special_tokens_per_prompt if suffix else 0
     estimate = bound = 0
@@ -228,11 +247,12 @@ def completion_prompt(body: dict[str, Any], model: Model) -> tuple[int, int, int
             n = len(p)
             estimate += n + estimate_bytes(suffix_bytes)
         bound += capped(n + suffix_bound, model.max_model_len)
-    return estimate, bound, len(prompts)
+    return estimate, bound
 
 
-def _prompt_list(prompt: Any) -> list[str] | list[list[int]]:
-    """The prompts of a completions `prompt`: a string, strings, token ids, or lists of ids."""
+def prompt_list(prompt: Any, param: str) -> list[str] | list[list[int]]:
+    """The prompts of a completions `prompt` (or embeddings `input`): a string, strings,
+    token ids, or lists of ids."""
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt:
@@ -246,5 +266,26 @@ def _prompt_list(prompt: Any) -> list[str] | list[list[int]]:
         ):
             return prompt
     raise invalid_request(
-        "'prompt' must be a string, an array of strings, an array of token ids, or an "
-        "array of arrays of token ids.", "prompt")
+        f"'{param}' must be a string, an array of strings, an array of token ids, or an "
+        "array of arrays of token ids.", param)
+
+
+def text_bound(text: str, model: Model) -> int:
+    """Tokens one text input may become: its UTF-8 bytes plus the special tokens, capped."""
+    return capped(utf8_len(text) + model.special_tokens_per_prompt, model.max_model_len)
+
+
+def pairs_bound(queries: list[str], docs: list[str], model: Model,
+                per_pair: int) -> tuple[int, int]:
+    """(estimate, bound) of scoring `queries` against `docs` (one query for all, or one
+    each). Per pair, what vLLM counts: a bi-encoder both texts and a padding token; a
+    cross-encoder the pair in one prompt. `per_pair`: the template's tokens on top. Capped
+    at twice the context (each text of a bi-encoder pair may fill it) plus one."""
+    one = len(queries) == 1
+    cap = None if model.max_model_len is None else 2 * model.max_model_len + 1
+    estimate = bound = 0
+    for i, doc in enumerate(docs):
+        q = queries[0 if one else i]
+        estimate += estimate_bytes(utf8_len(q) + utf8_len(doc)) + 1
+        bound += capped(text_bound(q, model) + text_bound(doc, model) + 1 + per_pair, cap)
+    return estimate, bound

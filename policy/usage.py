@@ -28,11 +28,18 @@ def cost_usd(usage: Usage, price: Price) -> Decimal:
 
 
 def usage_from_obj(obj: Any) -> Usage | None:
-    """Read an OpenAI `usage` block; None when absent or malformed."""
+    """Read a `usage` block; None when absent or malformed. Chat, completions and the
+    pooling endpoints count `prompt_tokens` / `completion_tokens` (absent or null for
+    prompt-only ones); the Responses API `input_tokens` / `output_tokens`."""
     if not isinstance(obj, dict):
         return None
     p = obj.get("prompt_tokens")
-    c = obj.get("completion_tokens", 0)
+    if p is None:
+        p, c = obj.get("input_tokens"), obj.get("output_tokens")
+    else:
+        c = obj.get("completion_tokens")
+    if c is None:
+        c = 0
     if type(p) is not int or type(c) is not int or p < 0 or c < 0:
         return None
     return Usage(p, c)

@@ -4,8 +4,9 @@ Message pattern (see authz/envoy_config/http_filters.py; every message costs ~10
 header messages on the inference path):
   request_body     → the path, method, request id and traceparent come as attributes,
                      the principal as ext_authz's metadata; the answer carries the new
-                     body, clears the route cache, and hands back the cluster and the
-                     rate-limit headers as ext_proc's dynamic metadata
+                     body, clears the route cache, and hands back the cluster, whether
+                     the response is a stream, and the rate-limit headers as ext_proc's
+                     dynamic metadata
   response_body    → chunks as they arrive; the first carries the status and the serving
                      endpoint as attributes; a chunk the lifecycle rewrites goes back as a
                      body mutation
@@ -28,6 +29,9 @@ _BODY_AS_IS = protos.ProcessingResponse(response_body=ep.BodyResponse())
 _HEADERS_AS_IS = protos.ProcessingResponse(response_headers=ep.HeadersResponse())
 _REQUEST_HEADERS_AS_IS = protos.ProcessingResponse(request_headers=ep.HeadersResponse())
 _TRACEPARENT = "request.headers['traceparent']"
+# Marks a streamed response in ext_proc's metadata: it takes the stream route (idle and
+# duration timeouts). Equal to STREAM_KEY in authz/envoy_config/http_filters.py.
+STREAM_KEY = "stream"
 
 
 async def handle(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
@@ -84,6 +88,8 @@ async def _request_body(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
     # The route's cluster, and the rate-limit headers the route adds to the response.
     md = resp.dynamic_metadata.fields[EXT_PROC].struct_value.fields
     md[CLUSTER_KEY].string_value = fwd.cluster
+    if life.req is not None and life.req.stream:
+        md[STREAM_KEY].string_value = "1"
     for name, value in fwd.rate_headers:
         md[name].string_value = value
     return resp

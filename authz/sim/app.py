@@ -1,9 +1,11 @@
 """The aiohttp application of the vLLM-compatible upstream simulator.
 
 Routes (as vLLM's OpenAI server): ``GET /health``, ``GET /v1/models``,
-``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /metrics``; plus the test
-hooks ``GET``/``DELETE /_sim/requests`` and the request headers ``x-sim-status`` and
-``x-sim-cut-after`` (see ``Simulator.generate``).
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, the
+pooling and tokenizer endpoints of ``pooling.ANSWERS`` (embeddings, rerank, score,
+tokenize, detokenize), ``GET /metrics``; plus the test hooks ``GET``/``DELETE
+/_sim/requests`` and the request headers ``x-sim-status`` and ``x-sim-cut-after`` (see
+``Simulator.generate``).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
 
+from authz.sim import responses_api
 from authz.sim.metrics import CONTENT_TYPE_LATEST, ModelMetrics, SimMetrics
+from authz.sim.pooling import ANSWERS
 from authz.sim.protocol import SimError, parse_body, parse_chat, parse_completion
 from authz.sim.recorder import RequestLog
-from authz.sim.responses import Kind, response
-from authz.sim.streaming import stream_generation
+from authz.sim.responses import response
+from authz.sim.responses_api import parse_responses
+from authz.sim.streaming import Pacing, stream_generation, stream_response
 from authz.sim.tokens import output_text
 
 DEFAULT_MODEL: Final = "tiny-llama"
@@ -34,6 +39,9 @@ STATUS_HEADER: Final = "x-sim-status"
 CUT_HEADER: Final = "x-sim-cut-after"
 TPOT_HEADER: Final = "x-sim-tpot-ms"  # per-request time per output token
 
+Generation = Literal["chat", "completion", "responses"]
+_PARSERS: Final = {"chat": parse_chat, "completion": parse_completion,
+                   "responses": parse_responses}
 # Paths served by a real route; anything else under another method is a 405, like FastAPI.
 _KNOWN_PATHS: Final = frozenset(
     {
@@ -42,7 +50,9 @@ _KNOWN_PATHS: Final = frozenset(
         "/v1/models",
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/responses",
         "/_sim/requests",
+        *ANSWERS,
     }
 )
 _NOT_FOUND: Final = orjson.dumps({"detail": "Not Found"})
@@ -77,6 +87,12 @@ class Simulator:
 
     def _record(self, request: web.Request, body: bytes) -> None:
         self.requests.add(request.method, request.path, request.query_string, request.headers, body)
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request body, recorded in the request log."""
+        body = await request.read()
+        self._record(request, body)
+        return body
 
     # -- vLLM endpoints ----------------------------------------------------------------
 
@@ -129,45 +145,61 @@ class Simulator:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self.generate(request, "completion")
 
-    async def generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        """Answer a (chat) completion request.
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self.generate(request, "responses")
+
+    async def generate(self, request: web.Request, kind: Generation) -> web.StreamResponse:
+        """Answer a (chat) completion or Responses API request.
 
         ``x-sim-status: NNN`` (400-599) answers that status with a vLLM error body instead;
         ``x-sim-cut-after: N`` drops the connection after N token events of a stream;
         ``x-sim-tpot-ms: N`` sets this request's time per output token.
         """
-        body = await request.read()
-        self._record(request, body)
+        body = await self._body(request)
         try:
-            hooked = _status_hook(request)
-            if hooked is not None:
-                raise hooked
+            _raise_status_hook(request)
             cut_after = _int_hook(request, CUT_HEADER)
             tpot_ms = _int_hook(request, TPOT_HEADER)
             tpot_s = self.tpot_s if tpot_ms is None else tpot_ms / 1000.0
             payload = parse_body(body)
-            parse = parse_chat if kind == "chat" else parse_completion
-            gen = parse(payload, self.models, self.default_max_tokens, self.max_model_len)
+            gen = _PARSERS[kind](payload, self.models, self.default_max_tokens,
+                                 self.max_model_len)
         except SimError as err:
             return _error_response(err)
 
         metrics = self.models[gen.model]
         metrics.prompt_tokens.inc(gen.prompt_tokens)
         metrics.running.inc()
+        pace = Pacing(self.ttft_s, tpot_s, cut_after)
         try:
             if gen.stream:
-                return await stream_generation(
-                    request, gen, kind, metrics, self.ttft_s, tpot_s, cut_after
-                )
+                if kind == "responses":
+                    return await stream_response(request, payload, gen, metrics, pace)
+                return await stream_generation(request, gen, kind, metrics, pace)
             n = gen.max_tokens
             delay = self.ttft_s + tpot_s * (n - 1)
             if delay > 0:
                 await asyncio.sleep(delay)
             metrics.generation_tokens.inc(gen.completion_tokens)
+            if kind == "responses":
+                r = responses_api.ResponseBody(payload, gen)
+                return _json(orjson.dumps(r.response(output_text(n))))
             return _json(response(kind, gen.model, output_text(n), gen.prompt_tokens,
                                   gen.completion_tokens, gen.choices))
         finally:
             metrics.running.dec()
+
+    async def pooled(self, request: web.Request) -> web.Response:
+        """Embeddings, rerank, score, tokenize, detokenize (``pooling.ANSWERS``)."""
+        body = await self._body(request)
+        try:
+            _raise_status_hook(request)
+            out, model, tokens = ANSWERS[request.path](parse_body(body), self.models,
+                                                       self.max_model_len)
+        except SimError as err:
+            return _error_response(err)
+        self.models[model].prompt_tokens.inc(tokens)
+        return _json(out)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         self._record(request, b"")
@@ -220,6 +252,12 @@ def _status_hook(request: web.Request) -> SimError | None:
     return SimError(status, f"Simulated error ({STATUS_HEADER}: {status}).")
 
 
+def _raise_status_hook(request: web.Request) -> None:
+    hooked = _status_hook(request)
+    if hooked is not None:
+        raise hooked
+
+
 def _int_hook(request: web.Request, header: str) -> int | None:
     """A non-negative integer test hook header (`x-sim-cut-after`, `x-sim-tpot-ms`)."""
     hook = _header_int(request, header)
@@ -257,6 +295,9 @@ def make_app(
     router.add_get("/v1/models", sim.list_models)
     router.add_post("/v1/chat/completions", sim.chat_completions)
     router.add_post("/v1/completions", sim.completions)
+    router.add_post("/v1/responses", sim.responses)
+    for path in ANSWERS:
+        router.add_post(path, sim.pooled)
     router.add_get("/metrics", sim.prometheus)
     router.add_get("/_sim/requests", sim.get_requests)
     router.add_delete("/_sim/requests", sim.delete_requests)

@@ -80,7 +80,7 @@ class GenRequest:
         return self.max_tokens * self.best_of * self.prompts
 
 
-def _invalid(field: str, msg: str, kind: str, value: Any) -> SimError:
+def invalid_field(field: str, msg: str, kind: str, value: Any) -> SimError:
     # Shaped like the str() of FastAPI's RequestValidationError, which vLLM returns as message.
     detail = {"type": kind, "loc": ("body", field), "msg": msg, "input": value}
     return SimError(400, str([detail]))
@@ -94,25 +94,25 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         detail = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
         raise SimError(400, str([detail])) from None
     if not isinstance(body, dict):
-        raise _invalid("", "Input should be a valid dictionary", "model_attributes_type", body)
+        raise invalid_field("", "Input should be a valid dictionary", "model_attributes_type", body)
     return body
 
 
-def _opt_int(body: Mapping[str, Any], field: str) -> int | None:
+def opt_int(body: Mapping[str, Any], field: str) -> int | None:
     value = body.get(field)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(field, "Input should be a valid integer", "int_type", value)
+        raise invalid_field(field, "Input should be a valid integer", "int_type", value)
     return value
 
 
-def _opt_bool(body: Mapping[str, Any], field: str) -> bool:
+def opt_bool(body: Mapping[str, Any], field: str) -> bool:
     value = body.get(field)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _invalid(field, "Input should be a valid boolean", "bool_type", value)
+        raise invalid_field(field, "Input should be a valid boolean", "bool_type", value)
     return value
 
 
@@ -125,36 +125,42 @@ class _Common:
     best_of: int
 
 
-def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
-    """Validate model, stream, stream_options, n and best_of."""
+def model_of(body: Mapping[str, Any], models: Mapping[str, Any]) -> str:
+    """The body's served model name, or vLLM's 400 / 404."""
     model = body.get("model")
     if model is None:
-        raise _invalid("model", "Field required", "missing", None)
+        raise invalid_field("model", "Field required", "missing", None)
     if not isinstance(model, str):
-        raise _invalid("model", "Input should be a valid string", "string_type", model)
+        raise invalid_field("model", "Input should be a valid string", "string_type", model)
     if model not in models:
         raise SimError(404, f"The model `{model}` does not exist.", "NotFoundError")
-    stream = _opt_bool(body, "stream")
+    return model
+
+
+def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
+    """Validate model, stream, stream_options, n and best_of."""
+    model = model_of(body, models)
+    stream = opt_bool(body, "stream")
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
         if not isinstance(options, dict):
-            raise _invalid(
+            raise invalid_field(
                 "stream_options", "Input should be a valid dictionary", "dict_type", options
             )
         if not stream:
             raise SimError(400, "Stream options can only be defined when `stream=True`.")
-        include_usage = _opt_bool(options, "include_usage")
+        include_usage = opt_bool(options, "include_usage")
     n, best_of = _n_best_of(body, stream)
     return _Common(model, stream, include_usage, n, best_of)
 
 
 def _n_best_of(body: Mapping[str, Any], stream: bool) -> tuple[int, int]:
-    n = _opt_int(body, "n")
+    n = opt_int(body, "n")
     n = 1 if n is None else n
     if n < 1:
         raise SimError(400, f"n must be at least 1, got {n}.")
-    best_of = _opt_int(body, "best_of")
+    best_of = opt_int(body, "best_of")
     best_of = n if best_of is None else best_of
     if best_of < n:
         raise SimError(
@@ -198,26 +204,27 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],
     common = _common(body, models)
     messages = body.get("messages")
     if messages is None:
-        raise _invalid("messages", "Field required", "missing", None)
+        raise invalid_field("messages", "Field required", "missing", None)
     if not isinstance(messages, list):
-        raise _invalid("messages", "Input should be a valid list", "list_type", messages)
+        raise invalid_field("messages", "Input should be a valid list", "list_type", messages)
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _invalid("messages", "Each message needs a string role", "value_error", message)
+            raise invalid_field("messages", "Each message needs a string role", "value_error",
+                                message)
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
-            raise _invalid(
+            raise invalid_field(
                 "messages", "content should be a string or a list of parts", "value_error", content
             )
     prompt_tokens = prompt_tokens_chat(messages, body)
     # vLLM prefers max_completion_tokens over the deprecated max_tokens.
-    requested = _opt_int(body, "max_completion_tokens")
+    requested = opt_int(body, "max_completion_tokens")
     if requested is None:
-        requested = _opt_int(body, "max_tokens")
+        requested = opt_int(body, "max_tokens")
     return _gen(common, requested, default_max_tokens, [prompt_tokens], max_model_len)
 
 
-def _valid_prompt(prompt: Any) -> bool:
+def valid_prompt(prompt: Any) -> bool:
     if isinstance(prompt, str):
         return True
     if not isinstance(prompt, list) or not prompt:
@@ -243,9 +250,9 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
     common = _common(body, models)
     prompt = body.get("prompt")
     if prompt is None:
-        raise _invalid("prompt", "Field required", "missing", None)
-    if not _valid_prompt(prompt):
-        raise _invalid(
+        raise invalid_field("prompt", "Field required", "missing", None)
+    if not valid_prompt(prompt):
+        raise invalid_field(
             "prompt",
             "Input should be a string, a list of strings or token ids",
             "union_type",
@@ -253,9 +260,9 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
         )
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
-        raise _invalid("suffix", "Input should be a valid string", "string_type", suffix)
+        raise invalid_field("suffix", "Input should be a valid string", "string_type", suffix)
     counts = prompt_token_counts(prompt, suffix)
-    requested = _opt_int(body, "max_tokens")
+    requested = opt_int(body, "max_tokens")
     if requested is None:
         requested = COMPLETIONS_DEFAULT_MAX_TOKENS
     return _gen(common, requested, None, counts, max_model_len)

@@ -1,67 +1,65 @@
-"""Server-sent-event streaming of a simulated generation, as vLLM streams it."""
+"""Server-sent-event streaming of a simulated generation, as vLLM streams it: chat and
+completions chunks, or the Responses API's typed events."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 from aiohttp import web
 
+from authz.sim import responses_api as rapi
 from authz.sim.metrics import ModelMetrics
 from authz.sim.protocol import GenRequest
 from authz.sim.responses import DONE_EVENT, Kind, StreamEvents
+from authz.sim.tokens import output_text
 
 # Starlette's StreamingResponse(media_type="text/event-stream"), which vLLM uses, adds charset.
 SSE_CONTENT_TYPE: Final = "text/event-stream; charset=utf-8"
 
 
-async def stream_generation(
-    request: web.Request,
-    gen: GenRequest,
-    kind: Kind,
-    metrics: ModelMetrics,
-    ttft_s: float,
-    tpot_s: float,
-    cut_after: int | None,
-) -> web.StreamResponse:
-    """Stream ``gen.max_tokens`` token steps, then the usage chunk (if asked) and [DONE].
+class Pacing:
+    """When events go out: the first token after `ttft_s`, each later one `tpot_s` after
+    the previous; with `cut_after` set, the connection is closed right after that many
+    token events, with nothing after them: a backend dying mid-stream."""
 
-    Each step carries one token event per choice (``gen.choices``: ``n`` per prompt),
-    in choice order. Headers go out at once; the first step (and, for chat, one role
-    chunk per choice before it) after ``ttft_s``; each later step ``tpot_s`` after the
-    previous one. With ``cut_after`` set, the connection is closed right after that many
-    token events (at most all of them), with no terminating chunk, usage chunk or [DONE]:
-    a backend dying mid-stream.
-    """
+    __slots__ = ("cut_after", "tpot_s", "ttft_s")
+
+    def __init__(self, ttft_s: float, tpot_s: float, cut_after: int | None) -> None:
+        self.ttft_s, self.tpot_s, self.cut_after = ttft_s, tpot_s, cut_after
+
+
+async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
+                 head: Sequence[bytes], steps: int, per_step: int,
+                 token: Callable[[int, int], bytes],
+                 tail: Callable[[], Sequence[bytes]]) -> web.StreamResponse:
+    """Stream `head`, then `steps` steps of `per_step` token events (`token(step,
+    choice)`), then `tail()`. Headers go out at once, `head` with the first step."""
     resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
-    choices = gen.choices
-    events = StreamEvents(kind, gen.model, choices)
-    n = gen.max_tokens
-    total = n * choices
-    limit = total if cut_after is None else min(cut_after, total)
+    total = steps * per_step
+    limit = total if pace.cut_after is None else min(pace.cut_after, total)
     sent = 0
     try:
-        if ttft_s > 0:
-            await asyncio.sleep(ttft_s)
-        for role in events.roles:
-            await resp.write(role)
-        last = n - 1
-        for i in range(n):
+        if pace.ttft_s > 0:
+            await asyncio.sleep(pace.ttft_s)
+        for event in head:
+            await resp.write(event)
+        for i in range(steps):
             if sent >= limit:
                 break
-            if i and tpot_s > 0:
-                await asyncio.sleep(tpot_s)
-            for c in range(min(choices, limit - sent)):
-                await resp.write(events.token(i, i == last, c))
+            if i and pace.tpot_s > 0:
+                await asyncio.sleep(pace.tpot_s)
+            for c in range(min(per_step, limit - sent)):
+                await resp.write(token(i, c))
                 sent += 1
-        if cut_after is not None:
+        if pace.cut_after is not None:
             _drop_connection(request)
             return resp
-        if gen.include_usage:
-            await resp.write(events.usage(gen.prompt_tokens, gen.completion_tokens))
-        await resp.write(DONE_EVENT)
+        for event in tail():
+            await resp.write(event)
     except ConnectionError:
         # The client went away; nothing more to send. aiohttp's own write_eof after we
         # return fails the same way and is handled quietly as a client disconnect.
@@ -69,6 +67,41 @@ async def stream_generation(
     finally:
         metrics.generation_tokens.inc(sent)
     return resp
+
+
+async def stream_generation(request: web.Request, gen: GenRequest, kind: Kind,
+                            metrics: ModelMetrics, pace: Pacing) -> web.StreamResponse:
+    """Stream ``gen.max_tokens`` token steps, then the usage chunk (if asked) and [DONE].
+
+    Each step carries one token event per choice (``gen.choices``: ``n`` per prompt), in
+    choice order; a chat stream opens with one role chunk per choice.
+    """
+    events = StreamEvents(kind, gen.model, gen.choices)
+    last = gen.max_tokens - 1
+
+    def tail() -> list[bytes]:
+        usage = ([events.usage(gen.prompt_tokens, gen.completion_tokens)]
+                 if gen.include_usage else [])
+        return [*usage, DONE_EVENT]
+
+    return await _drive(request, metrics, pace, events.roles, gen.max_tokens, gen.choices,
+                        lambda i, c: events.token(i, i == last, c), tail)
+
+
+async def stream_response(request: web.Request, body: Mapping[str, Any], gen: GenRequest,
+                          metrics: ModelMetrics, pace: Pacing) -> web.StreamResponse:
+    """A Responses API stream: vLLM's typed events, one text delta per token."""
+    r = rapi.ResponseBody(body, gen)
+    head = [rapi.event(e, seq) for seq, e in enumerate(rapi.stream_head(r))]
+    n = gen.max_tokens
+    after = len(head) + n
+
+    def tail() -> list[bytes]:
+        return [rapi.event(e, after + k)
+                for k, e in enumerate(rapi.stream_tail(r, output_text(n)))]
+
+    return await _drive(request, metrics, pace, head, n, 1,
+                        lambda i, _c: rapi.event(rapi.delta(r, i), len(head) + i), tail)
 
 
 def _drop_connection(request: web.Request) -> None:

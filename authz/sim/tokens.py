@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
-_TOKEN_RE: Final = re.compile(r"\w+|[^\w\s]")
+TOKEN_RE: Final = re.compile(r"\w+|[^\w\s]")
 
 # Cycled to produce output; every entry is one \w+ run, so each token counts as exactly 1.
 WORDS: Final[tuple[str, ...]] = (
@@ -62,7 +62,7 @@ _PRECOMPUTED: Final = 4096
 
 def count_tokens(text: str) -> int:
     """Number of toy tokens in ``text`` (words and single punctuation characters)."""
-    return sum(1 for _ in _TOKEN_RE.finditer(text))
+    return sum(1 for _ in TOKEN_RE.finditer(text))
 
 
 def tojson(value: Any) -> str:

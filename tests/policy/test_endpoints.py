@@ -4,16 +4,45 @@ from __future__ import annotations
 
 import pytest
 
-from policy.endpoints import ENDPOINTS, Endpoint, Kind, lookup, path_known, strip_query
+from policy.endpoints import (
+    ENDPOINTS,
+    ROWS,
+    Endpoint,
+    Kind,
+    lookup,
+    path_argument,
+    path_known,
+    strip_query,
+)
+
+R, W = "inference:read", "inference:write"
 
 
 def test_the_table() -> None:
-    assert list(ENDPOINTS.values()) == [
-        Endpoint("POST", "/v1/chat/completions", Kind.CHAT, "inference:write", "chat"),
-        Endpoint("POST", "/v1/completions", Kind.COMPLETION, "inference:write", "completions"),
-        Endpoint("GET", "/v1/models", Kind.MODELS, "inference:read", "models"),
+    assert [(e.method, e.path, e.kind, e.scope, e.name, e.prefix) for e in ROWS] == [
+        ("POST", "/v1/chat/completions", Kind.CHAT, W, "chat", False),
+        ("POST", "/v1/completions", Kind.COMPLETION, W, "completions", False),
+        ("GET", "/v1/models", Kind.MODELS, R, "models", False),
+        ("GET", "/v1/models/", Kind.MODEL, R, "model", True),
+        ("POST", "/v1/embeddings", Kind.EMBEDDINGS, W, "embeddings", False),
+        ("POST", "/v1/responses", Kind.RESPONSES, W, "responses", False),
+        ("POST", "/v1/rerank", Kind.RERANK, W, "rerank", False),
+        ("POST", "/rerank", Kind.RERANK, W, "rerank", False),
+        ("POST", "/v2/rerank", Kind.RERANK, W, "rerank", False),
+        ("POST", "/v1/score", Kind.SCORE, W, "score", False),
+        ("POST", "/score", Kind.SCORE, W, "score", False),
+        ("POST", "/tokenize", Kind.TOKENIZE, W, "tokenize", False),
+        ("POST", "/detokenize", Kind.TOKENIZE, W, "detokenize", False),
+        ("POST", "/v1/audio/transcriptions", Kind.MULTIPART, W, "transcriptions", False),
+        ("POST", "/v1/audio/translations", Kind.MULTIPART, W, "translations", False),
     ]
     assert all(key == (e.method, e.path) for key, e in ENDPOINTS.items())
+    assert len(ENDPOINTS) == len(ROWS) - 1  # the prefix row is looked up on its own
+
+
+def test_kinds() -> None:
+    assert {k for k in Kind if k.answered_here} == {Kind.MODELS, Kind.MODEL}
+    assert {k for k in Kind if not k.metered} == {Kind.TOKENIZE}
 
 
 @pytest.mark.parametrize(("method", "path", "name"), [
@@ -21,6 +50,11 @@ def test_the_table() -> None:
     ("post", "/v1/chat/completions", "chat"),  # the method in any case
     ("POST", "/v1/completions?x=1", "completions"),  # the query string is ignored
     ("GET", "/v1/models?", "models"),
+    ("GET", "/v1/models/demo", "model"),
+    ("get", "/v1/models/org/name?x", "model"),  # an id may hold a slash
+    ("POST", "/v1/embeddings", "embeddings"),
+    ("POST", "/v2/rerank", "rerank"),
+    ("POST", "/detokenize", "detokenize"),
 ])
 def test_lookup_finds_the_row(method: str, path: str, name: str) -> None:
     e = lookup(method, path)
@@ -30,8 +64,11 @@ def test_lookup_finds_the_row(method: str, path: str, name: str) -> None:
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/v1/chat/completions"),  # a known path, the wrong method
     ("POST", "/v1/models"),
-    ("POST", "/v1/chat/completions/"),  # paths match exactly
-    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/models/demo"),
+    ("GET", "/v1/models/"),  # no id
+    ("GET", "/v1/modelsx"),
+    ("POST", "/v1/chat/completions/"),  # other paths match exactly
+    ("POST", "/v1/embeddings/x"),
     ("GET", "/"),
 ])
 def test_lookup_misses(method: str, path: str) -> None:
@@ -41,8 +78,19 @@ def test_lookup_misses(method: str, path: str) -> None:
 def test_path_known_tells_a_wrong_method_from_an_unknown_path() -> None:
     assert path_known("/v1/chat/completions")
     assert path_known("/v1/models?limit=3")
-    assert not path_known("/v1/embeddings")
+    assert path_known("/v1/models/demo")
+    assert path_known("/tokenize")
+    assert not path_known("/v1/embedding")
     assert not path_known("/v1/models/")
+
+
+def test_path_argument_is_the_decoded_rest() -> None:
+    e = ENDPOINTS.get(("GET", "/v1/models"))
+    assert e is not None
+    model = lookup("GET", "/v1/models/x")
+    assert isinstance(model, Endpoint)
+    assert path_argument(model, "/v1/models/meta-llama%2FLlama%203?q=1") == "meta-llama/Llama 3"
+    assert path_argument(model, "/v1/models/a/b") == "a/b"
 
 
 def test_strip_query() -> None:

@@ -18,7 +18,10 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from authz.sim import pooling
 from authz.sim.protocol import SimError, parse_chat, parse_completion
+from authz.sim.responses_api import messages as rapi_messages
+from authz.sim.responses_api import parse_responses, template_fields
 from authz.sim.tokens import MEDIA_TOKENS, template_tool_calls
 from policy.config import parse_config
 from policy.endpoints import ENDPOINTS
@@ -306,3 +309,132 @@ def test_tool_calls_against_the_rendering(args: list[str], name: str) -> None:
     body = {"model": "tight", "messages": [{"role": "assistant", "tool_calls": calls}]}
     req = parse_request(orjson.dumps(body), CHAT_EP, CFG)
     assert rendered_tokens(body) <= req.prompt_bound
+
+
+# -- the other endpoints: embeddings, the Responses API, rerank / score ------------------
+
+EMB_EP, RESP_EP = ENDPOINTS[("POST", "/v1/embeddings")], ENDPOINTS[("POST", "/v1/responses")]
+RERANK_EP, SCORE_EP = ENDPOINTS[("POST", "/v1/rerank")], ENDPOINTS[("POST", "/v1/score")]
+models = st.sampled_from(["free", "ctx", "tight"])
+
+
+def sim_answer(answer: Any, req: InferenceRequest) -> int | None:
+    """Prompt tokens the simulator reports for the upstream body (None: it refused)."""
+    try:
+        _body, _model, tokens = answer(orjson.loads(upstream_body(req)), SIM_CONTEXT,
+                                       SIM_CONTEXT[req.model.upstream_model])
+    except SimError:
+        return None
+    assert isinstance(tokens, int)
+    return tokens
+
+
+def check_prompt_only(req: InferenceRequest, used: int | None) -> None:
+    assert (req.completion_bound, req.max_tokens) == (0, 0)
+    assert req.hold_tokens == req.prompt_estimate
+    if used is not None:
+        assert used <= req.prompt_bound
+        assert cost_nano(used, 0, req.model.price_per_1k_tokens) <= req.hold_cost_nano()
+
+
+@PROPERTY
+@given(models, prompts, st.sampled_from([None, "float", "base64"]),
+       st.none() | st.integers(1, 64))
+def test_embeddings_usage_never_exceeds_the_hold(model: str, inputs: Any, fmt: str | None,
+                                                 dims: int | None) -> None:
+    body = {"model": model, "input": inputs, "encoding_format": fmt, "dimensions": dims}
+    req = parse_request(orjson.dumps(body), EMB_EP, CFG)
+    check_prompt_only(req, sim_answer(pooling.embeddings, req))
+    # Byte-level worst case: every byte a token, plus the special tokens, per input.
+    batch = [inputs] if isinstance(inputs, str) or type(inputs[0]) is int else inputs
+    special = req.model.special_tokens_per_prompt
+    worst = [len(p.encode()) + special if isinstance(p, str) else len(p) for p in batch]
+    cap = req.model.max_model_len
+    assert sum(worst if cap is None else [min(w, cap) for w in worst]) <= req.prompt_bound
+
+
+texts = st.lists(text, min_size=1, max_size=5)
+
+
+@PROPERTY
+@given(models, text, texts, st.booleans(), st.none() | text)
+def test_rerank_and_score_usage_never_exceeds_the_hold(
+        model: str, query: str, docs: list[str], rerank: bool, instruction: str | None
+) -> None:
+    body: dict[str, Any] = {"model": model, "documents": docs, "instruction": instruction}
+    body["query" if rerank else "queries"] = query
+    req = parse_request(orjson.dumps(body), RERANK_EP if rerank else SCORE_EP, CFG)
+    assert req.prompts == len(docs)
+    check_prompt_only(req, sim_answer(pooling.rerank if rerank else pooling.score, req))
+    # Byte-level worst case per pair: both texts, their special tokens, one padding token.
+    special = req.model.special_tokens_per_prompt
+    worst = sum(len(query.encode()) + len(d.encode()) + 2 * special + 1 for d in docs)
+    if req.model.max_model_len is None:
+        assert worst <= req.prompt_bound
+
+
+output_parts = st.lists(text_parts | media_parts, max_size=3)
+input_items = st.one_of(
+    messages(),
+    st.builds(lambda role, parts: {"type": "message", "role": role, "content": parts},
+              st.sampled_from(["user", "assistant", "system", "developer"]),
+              st.lists(text_parts | media_parts, max_size=3)),
+    st.builds(lambda c, n, a: {"type": "function_call", "call_id": c, "name": n,
+                               "arguments": a}, text, text, arguments),
+    st.builds(lambda c, n, i: {"type": "custom_tool_call", "call_id": c, "name": n,
+                               "input": i}, text, text, text),
+    st.builds(lambda c, o: {"type": "function_call_output", "call_id": c, "output": o},
+              text, text | output_parts),
+    st.builds(lambda t, s: {"type": "reasoning", "summary": [{"type": "summary_text",
+                                                              "text": s}],
+                            "content": [{"type": "reasoning_text", "text": t}]}, text, text),
+)
+response_tools = st.lists(st.fixed_dictionaries(
+    {"type": st.just("function"), "name": text},
+    optional={"description": text, "parameters": json_values, "strict": st.booleans()}),
+    min_size=1, max_size=3)
+RESPONSES_OPTIONAL = {
+    "instructions": text,
+    "tools": response_tools,
+    "tool_choice": st.sampled_from(["auto", "none", "required"]),
+    "reasoning": st.builds(lambda e: {"effort": e}, st.sampled_from(["low", "high"])),
+    "chat_template_kwargs": st.dictionaries(text, json_values, max_size=3),
+    "max_output_tokens": st.integers(1, 64),
+    "stream": st.booleans(),
+    "store": st.booleans(),
+}
+
+
+@st.composite
+def responses_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": draw(models)}
+    body["input"] = draw(text | st.lists(input_items, max_size=5))
+    for name in draw(st.sets(st.sampled_from(sorted(RESPONSES_OPTIONAL)))):
+        body[name] = draw(RESPONSES_OPTIONAL[name])
+    return body
+
+
+@PROPERTY
+@given(responses_bodies())
+def test_responses_usage_never_exceeds_the_hold(body: dict[str, Any]) -> None:
+    req = parse_request(orjson.dumps(body), RESP_EP, CFG)
+    up = orjson.loads(upstream_body(req))
+    assert up.get("max_output_tokens") == req.completion_bound == req.max_tokens
+    try:
+        gen = parse_responses(up, SIM_CONTEXT, None, SIM_CONTEXT[req.model.upstream_model])
+    except SimError:
+        gen = None
+    if gen is not None:
+        assert gen.prompt_tokens <= req.prompt_bound
+        assert gen.completion_tokens <= req.completion_bound
+        assert cost_nano(gen.prompt_tokens, gen.completion_tokens,
+                         req.model.price_per_1k_tokens) <= req.hold_cost_nano()
+    if req.model.max_model_len is None:
+        # The Llama-3.1-style rendering of the chat vLLM makes of this request.
+        fields = template_fields(body)
+        chat = {"messages": rapi_messages(body), "tools": fields["tools"],
+                "tool_choice": fields["tool_choice"] if fields["tools"] else None,
+                "chat_template_kwargs": fields["chat_template_kwargs"],
+                "reasoning_effort": fields["reasoning_effort"]}
+        assert rendered_tokens({k: v for k, v in chat.items() if v is not None}) <= (
+            req.prompt_bound)

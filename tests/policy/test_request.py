@@ -11,7 +11,13 @@ from policy.config import Config, parse_config
 from policy.endpoints import ENDPOINTS, Endpoint, Kind, lookup
 from policy.errors import ApiError
 from policy.limits import cost_nano
-from policy.request import InferenceRequest, models_list, parse_request, upstream_body
+from policy.request import (
+    InferenceRequest,
+    model_object,
+    models_list,
+    parse_request,
+    upstream_body,
+)
 from tests.helpers import policy_dict
 
 CFG = parse_config(policy_dict("http://127.0.0.1:8000"))
@@ -209,3 +215,109 @@ def test_a_body_too_deep_to_forward_is_a_400_not_a_crash() -> None:
         parse_request(raw, CHAT_EP, CFG)
     assert (e.value.status, e.value.code) == (400, "invalid_request")
     assert "nested too deeply" in e.value.message
+
+
+# -- the other endpoint kinds: one entry point, a parser per kind -----------------------
+
+def ep(path: str) -> Endpoint:
+    e = lookup("POST", path)
+    assert e is not None
+    return e
+
+
+EMB, RESP, RERANK, SCORE, TOK = (ep(p) for p in ("/v1/embeddings", "/v1/responses",
+                                                 "/v1/rerank", "/score", "/tokenize"))
+
+
+def test_embeddings_hold_prompt_tokens_only() -> None:
+    r = parsed({"model": "demo", "input": ["hello", "héllo"], "dimensions": 8,
+                "encoding_format": "base64", "user": "u"}, EMB)
+    # Per input: its UTF-8 bytes + 8 special tokens; nothing generated.
+    assert (r.prompt_bound, r.completion_bound, r.prompts, r.max_tokens) == (5 + 8 + 6 + 8,
+                                                                            0, 2, 0)
+    assert (r.prompt_estimate, r.hold_tokens, r.stream) == (2 + 2, 4, False)
+    assert r.hold_cost_nano() == 27 * 500_000  # the model's input price, per 1k tokens
+    sent = json.loads(upstream_body(r))
+    assert sent == {"model": "tiny-llama", "input": ["hello", "héllo"], "dimensions": 8,
+                    "encoding_format": "base64", "user": "u"}  # passed through, renamed
+
+
+def test_responses_limit_is_max_output_tokens() -> None:
+    r = parsed({"model": "demo", "input": "hi", "max_output_tokens": 9, "stream": True},
+               RESP)
+    assert (r.max_tokens, r.completion_bound, r.stream, r.client_wants_usage) == (
+        9, 9, True, False)
+    sent = json.loads(upstream_body(r))
+    assert sent == {"model": "tiny-llama", "input": "hi", "max_output_tokens": 9,
+                    "stream": True}  # no stream_options: usage is always in the stream
+    # No limit: the model's cap, written upstream.
+    r = parsed({"model": "demo", "input": "hi"}, RESP)
+    assert r.completion_bound == 256
+    assert json.loads(upstream_body(r))["max_output_tokens"] == 256
+    # "hi" as vLLM's user message (30 JSON bytes), + 16 for the message + 512 for the
+    # request.
+    assert r.prompt_bound == 30 + 16 + 512
+    assert r.hold_cost_nano() == cost_nano(30 + 16 + 512, 256,
+                                           CFG.models["demo"].price_per_1k_tokens)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": 257}, "max_output_tokens"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "hi", "background": True}, "background"),
+    ({"input": "hi", "stream": "yes"}, "stream"),
+    ({"input": 5}, "input"),
+])
+def test_bad_responses_bodies(body: dict[str, Any], param: str) -> None:
+    e = error_of({"model": "demo", **body}, RESP)
+    assert (e.status, e.code, e.param) == (400, "invalid_request", param)
+
+
+def test_rerank_and_score_hold_pairs() -> None:
+    text = 5 + 8  # "hello": 5 bytes + 8 special tokens
+    pair = 2 * text + 1 + 512
+    r = parsed({"model": "demo", "query": "hello", "documents": ["hello", "hello"],
+                "top_n": 1}, RERANK)
+    assert (r.prompt_bound, r.prompts, r.completion_bound) == (2 * pair, 2, 0)
+    assert json.loads(upstream_body(r))["model"] == "tiny-llama"
+    r = parsed({"model": "demo", "queries": ["hello"], "documents": "hello"}, SCORE)
+    assert (r.prompt_bound, r.prompts) == (pair, 1)
+
+
+def test_tokenize_holds_nothing_and_is_forwarded() -> None:
+    for path in ("/tokenize", "/detokenize"):
+        r = parsed({"model": "demo", "prompt": "x" * 1000, "tokens": [1]}, ep(path))
+        assert (r.prompt_bound, r.prompt_estimate, r.completion_bound) == (0, 0, 0)
+        assert r.hold_cost_nano() == 0 and r.hold_tokens == 0
+        assert json.loads(upstream_body(r))["model"] == "tiny-llama"
+    assert error_of({"model": "nope", "prompt": "x"}, TOK).status == 404
+    assert error_of({"prompt": "x"}, TOK).param == "model"
+
+
+def test_pooling_endpoints_do_not_stream() -> None:
+    for e, body in ((EMB, {"input": "x"}), (RERANK, {"query": "q", "documents": ["d"]})):
+        err = error_of({"model": "demo", "stream": True, **body}, e)
+        assert (err.status, err.param) == (400, "stream")
+
+
+def test_multipart_audio_is_refused_naming_the_file() -> None:
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+        with pytest.raises(ApiError) as e:
+            parse_request(b"--boundary\r\nContent-Disposition: form-data", ep(path), CFG)
+        assert (e.value.status, e.value.code, e.value.param) == (400, "invalid_request",
+                                                                 "file")
+        assert "not supported through the gateway" in e.value.message
+
+
+def test_endpoints_answered_by_the_gateway_take_no_body() -> None:
+    model_ep = lookup("GET", "/v1/models/demo")
+    assert model_ep is not None
+    with pytest.raises(ApiError) as e:
+        parse_request(b"{}", model_ep, CFG)
+    assert e.value.status == 400
+
+
+def test_model_object_shape() -> None:
+    assert json.loads(model_object("demo", 5)) == {
+        "id": "demo", "object": "model", "created": 5, "owned_by": "tokenbooth"}

@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policy.sse import SSEParser
-from policy.stream_usage import StreamMeter
+from policy.stream_usage import ResponsesStreamMeter, StreamMeter
+from policy.usage import Usage
 
 USAGE_EVENT = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
                b'"usage":{"prompt_tokens":12,"total_tokens":15,"completion_tokens":3}}\n\n')
@@ -103,3 +104,85 @@ def test_cut_stream_has_no_usage_and_keeps_its_tail() -> None:
     assert m.usage is None and not m.done
     assert out == cut  # nothing dropped, the partial event forwarded at the end
     assert m.content_chunks == 1
+
+
+# -- the Responses API's typed events ---------------------------------------------------
+
+def typed(kind: str, body: str) -> bytes:
+    return f"event: {kind}\ndata: {body}\n\n".encode()
+
+
+COMPLETED = typed("response.completed", '{"response":{"id":"r","status":"incomplete",'
+                  '"usage":{"input_tokens":28,"output_tokens":3,"total_tokens":31}},'
+                  '"sequence_number":6,"type":"response.completed"}')
+RESPONSES_STREAM = (
+    typed("response.created", '{"response":{"id":"r","usage":null},"sequence_number":0,'
+          '"type":"response.created"}')
+    + typed("response.output_item.added", '{"item":{"id":"m"},"output_index":0,'
+            '"sequence_number":1,"type":"response.output_item.added"}')
+    + typed("response.output_text.delta", '{"delta":"a","sequence_number":2,'
+            '"type":"response.output_text.delta"}')
+    + typed("response.output_text.delta", '{"delta":"\\u00e9b","sequence_number":3,'
+            '"type":"response.output_text.delta"}')
+    + typed("response.output_text.done", '{"text":"a\\u00e9b","sequence_number":4,'
+            '"type":"response.output_text.done"}')
+    + b": a comment between events\n\n"
+    + typed("response.output_item.done", '{"item":{"id":"m"},"sequence_number":5,'
+            '"type":"response.output_item.done"}')
+    + COMPLETED
+)
+
+
+def names_split(data: bytes, cuts: list[int]) -> list[bytes | None]:
+    p = SSEParser()
+    out = []
+    prev = 0
+    for c in [*sorted(cuts), len(data)]:
+        out += [e.event for e in p.feed(data[prev:c])]
+        prev = c
+    last, _tail = p.finish()
+    return out + [e.event for e in last]
+
+
+def test_event_names_survive_every_split() -> None:
+    whole = names_split(RESPONSES_STREAM, [])
+    assert whole[0] == b"response.created" and whole[-1] == b"response.completed"
+    assert whole[5] is None  # the comment
+    for i in range(len(RESPONSES_STREAM) + 1):
+        assert names_split(RESPONSES_STREAM, [i]) == whole, i
+    # The last `event:` line wins, `event:x` needs no space, and a name never leaks on.
+    assert names_split(b"event: a\nevent:b\ndata: 1\n\ndata: 2\n\n", []) == [b"b", None]
+
+
+def responses_split(data: bytes, cuts: list[int]) -> tuple[ResponsesStreamMeter, bytes]:
+    m = ResponsesStreamMeter()
+    out = b""
+    prev = 0
+    for c in [*sorted(cuts), len(data)]:
+        got = m.feed(data[prev:c])
+        assert got is None  # nothing is ever rewritten
+        out += data[prev:c]
+        prev = c
+    assert m.finish() is None
+    return m, out
+
+
+def test_responses_meter_reads_completed_at_every_split() -> None:
+    for i in range(len(RESPONSES_STREAM) + 1):
+        m, out = responses_split(RESPONSES_STREAM, [i])
+        assert out == RESPONSES_STREAM
+        assert m.usage == Usage(28, 3), i
+        assert m.content_chunks == 2 and m.done
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(RESPONSES_STREAM)), max_size=12))
+def test_responses_meter_any_multi_split(cuts: list[int]) -> None:
+    m, _ = responses_split(RESPONSES_STREAM, cuts)
+    assert (m.usage, m.content_chunks, m.done) == (Usage(28, 3), 2, True)
+
+
+def test_responses_cut_before_completed_has_no_usage() -> None:
+    cut = RESPONSES_STREAM[: RESPONSES_STREAM.index(COMPLETED) + 40]
+    for i in range(0, len(cut) + 1, 7):
+        m, _ = responses_split(cut, [i])
+        assert m.usage is None and not m.done and m.content_chunks == 2

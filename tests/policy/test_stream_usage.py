@@ -3,7 +3,8 @@ when asked, strips exactly the usage-only chunk, passing every other byte throug
 
 from __future__ import annotations
 
-from policy.stream_usage import StreamMeter
+from policy.endpoints import Kind
+from policy.stream_usage import ResponsesStreamMeter, StreamMeter, meter_for
 from policy.usage import Usage
 
 
@@ -84,3 +85,58 @@ def test_the_last_usage_chunk_wins() -> None:
     second = chunk('{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5}}')
     m, out = meter(True, USAGE, second, DONE)
     assert out == DONE and m.usage == Usage(7, 5)
+
+
+# -- the Responses API ------------------------------------------------------------------
+
+def typed(kind: str, body: str, name: bool = True) -> bytes:
+    head = f"event: {kind}\n" if name else ""
+    return f"{head}data: {body}\n\n".encode()
+
+
+def end(kind: str, usage: str = '{"input_tokens":9,"output_tokens":4,"total_tokens":13}'
+        ) -> bytes:
+    return typed(kind, f'{{"response":{{"usage":{usage}}},"type":"{kind}"}}')
+
+
+DELTA = typed("response.output_text.delta", '{"delta":"x","type":"response.output_text.delta"}')
+
+
+def responses(*chunks: bytes) -> ResponsesStreamMeter:
+    m = ResponsesStreamMeter()
+    assert all(m.feed(c) is None for c in chunks) and m.finish() is None
+    return m
+
+
+def test_responses_usage_comes_from_the_final_event() -> None:
+    for kind in ("response.completed", "response.incomplete", "response.failed"):
+        m = responses(DELTA, DELTA, end(kind))
+        assert (m.usage, m.content_chunks, m.done) == (Usage(9, 4), 2, True), kind
+
+
+def test_responses_events_without_a_name_are_read_by_their_type() -> None:
+    bare = typed("", '{"response":{"usage":{"input_tokens":2,"output_tokens":1}},'
+                 '"type":"response.completed"}', name=False)
+    delta = typed("", '{"delta":"x","type":"response.reasoning_text.delta"}', name=False)
+    m = responses(delta, bare)
+    assert (m.usage, m.content_chunks, m.done) == (Usage(2, 1), 1, True)
+
+
+def test_responses_junk_and_events_without_usage() -> None:
+    junk = [b": keep-alive\n\n", typed("response.output_text.delta", "not json"),
+            typed("", "[1]", name=False), typed("", '{"type":3}', name=False),
+            typed("response.created", '{"response":{"usage":null}}')]
+    m = responses(*junk)
+    assert (m.usage, m.content_chunks, m.done) == (None, 1, False)
+    # A final event whose usage is unreadable ends the stream without usage.
+    m = responses(end("response.completed", usage="null"))
+    assert (m.usage, m.done) == (None, True)
+    m = responses(typed("response.completed", "[]"))
+    assert (m.usage, m.done) == (None, True)
+
+
+def test_meter_for_picks_by_kind() -> None:
+    assert type(meter_for(Kind.RESPONSES, False)) is ResponsesStreamMeter
+    chat = meter_for(Kind.CHAT, False)
+    assert type(chat) is StreamMeter and chat.strip_usage
+    assert not meter_for(Kind.COMPLETION, True).strip_usage

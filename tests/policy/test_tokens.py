@@ -10,13 +10,21 @@ import pytest
 from policy.config import Model
 from policy.errors import ApiError
 from policy.tokens import (
+    Tally,
+    arguments_len,
+    batch_bound,
     capped,
     chat_prompt,
     completion_prompt,
     estimate_bytes,
+    field_tally,
     json_factor,
     json_indent2_len,
     json_len,
+    message_tally,
+    pairs_bound,
+    prompt_list,
+    text_bound,
     utf8_len,
 )
 
@@ -173,3 +181,37 @@ def test_bad_completion_prompts(body: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as e:
         completion_prompt(body, M)
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_batch_bound_and_prompt_list_name_their_field() -> None:
+    assert batch_bound(["ab", "cdé"], M) == (2, (2 + 8) + (4 + 8))
+    assert batch_bound([[1, 2, 3]], M) == (3, 3)
+    assert prompt_list([1, 2], "input") == [[1, 2]]
+    with pytest.raises(ApiError) as e:
+        prompt_list({"a": 1}, "input")
+    assert e.value.param == "input" and "'input' must be" in e.value.message
+
+
+def test_text_and_pair_bounds() -> None:
+    short = model(max_tokens=10, max_model_len=20)
+    assert (text_bound("héllo", M), text_bound("x" * 99, short)) == (6 + 8, 20)
+    # Per pair: both texts, one padding token and `per_pair`; one query for all, or one each.
+    assert pairs_bound(["ab"], ["c", "de"], M, 100) == (
+        2 * 2, (10 + 9 + 1 + 100) + (10 + 10 + 1 + 100))
+    assert pairs_bound(["a", "bb"], ["c", "d"], M, 0)[1] == (9 + 9 + 1) + (10 + 9 + 1)
+    # Each pair is capped at twice the context plus one.
+    assert pairs_bound(["x" * 99], ["y" * 99], short, 500)[1] == 41
+
+
+def test_chat_pieces_name_the_caller_field() -> None:
+    tally = Tally()
+    message_tally({"role": "user", "content": "hi"}, "input", 3, M, tally)
+    assert (tally.text, tally.messages) == (json_len({"role": "user", "content": "hi"}), 0)
+    with pytest.raises(ApiError) as e:
+        message_tally({"role": "user", "content": [{"type": "x"}]}, "input", 3, M, tally)
+    assert e.value.param == "input[3].content[0]"
+    field_tally("auto", tally)
+    field_tally({"a": 1}, tally)
+    assert tally.json == json_indent2_len({"a": 1})
+    assert arguments_len('{"a": 1}', "p") == json_indent2_len({"a": 1})
+    assert arguments_len("{oops", "p") == 0

@@ -37,6 +37,20 @@ def test_usage_from_obj_reads_only_well_formed_blocks() -> None:
         assert usage_from_obj(bad) is None, bad
 
 
+def test_usage_from_obj_reads_every_endpoint_shape() -> None:
+    # vLLM's pooling UsageInfo may carry a null completion count.
+    assert usage_from_obj({"prompt_tokens": 5, "total_tokens": 5,
+                           "completion_tokens": None}) == Usage(5, 0)
+    # The Responses API: input / output tokens, with details.
+    assert usage_from_obj({"input_tokens": 28, "input_tokens_details": {"cached_tokens": 0},
+                           "output_tokens": 3, "output_tokens_details": {},
+                           "total_tokens": 31}) == Usage(28, 3)
+    assert usage_from_obj({"input_tokens": 4}) == Usage(4, 0)
+    for bad in ({"input_tokens": "4"}, {"input_tokens": 4, "output_tokens": -1},
+                {"output_tokens": 3}):
+        assert usage_from_obj(bad) is None, bad
+
+
 def test_make_record_fills_every_field() -> None:
     rec = make_record(
         request_id="r-1", key_id="k", org="o", model="demo", upstream_model="tiny-llama",

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.stream_usage import StreamMeter
+from policy.stream_usage import ResponsesStreamMeter, StreamMeter
+from policy.usage import Usage
 from tests.policy.test_sse import parse_split
 
 FIXTURES = Path(__file__).with_name("fixtures")
@@ -74,3 +75,46 @@ def test_without_the_usage_chunk_content_chunks_estimate_the_tokens(name: str) -
     m, _ = meter(stream.replace(event, b""), [len(stream) // 3], strip=False)
     assert m.usage is None and m.done
     assert m.content_chunks == usage["completion_tokens"]
+
+
+# The Responses API stream (`event:` + `data:`, usage in `response.completed`), recorded
+# from the same vLLM by tests/vllm.
+RESPONSES = (FIXTURES / "vllm_responses.sse").read_bytes()
+
+
+def completed_usage(stream: bytes) -> dict[str, int]:
+    """The usage of the `response.completed` event, found without the code under test."""
+    for block in stream.split(b"\n\n"):
+        if block.startswith(b"event: response.completed\n"):
+            usage: dict[str, int] = json.loads(block.split(b"\ndata: ", 1)[1])["response"][
+                "usage"]
+            return usage
+    raise AssertionError("no response.completed event in the recording")
+
+
+def responses_meter(stream: bytes, cuts: list[int]) -> ResponsesStreamMeter:
+    m = ResponsesStreamMeter()
+    prev = 0
+    for c in [*sorted(cuts), len(stream)]:
+        assert m.feed(stream[prev:c]) is None
+        prev = c
+    assert m.finish() is None
+    return m
+
+
+def test_every_split_of_a_responses_stream_meters_vllm_usage() -> None:
+    usage = completed_usage(RESPONSES)
+    want = Usage(usage["input_tokens"], usage["output_tokens"])
+    deltas = RESPONSES.count(b"event: response.output_text.delta\n")
+    assert deltas > 1 and RESPONSES.count(b"event: ") > deltas + 5
+    for i in range(len(RESPONSES) + 1):
+        m = responses_meter(RESPONSES, [i])
+        assert (m.usage, m.done, m.content_chunks) == (want, True, deltas), i
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, len(RESPONSES)), max_size=40))
+def test_any_multi_split_of_a_responses_stream(cuts: list[int]) -> None:
+    usage = completed_usage(RESPONSES)
+    m = responses_meter(RESPONSES, cuts)
+    assert m.usage == Usage(usage["input_tokens"], usage["output_tokens"]) and m.done

@@ -247,10 +247,11 @@ async def test_invalid_json(sim: Sim) -> None:
 
 
 async def test_unknown_path_and_method(sim: Sim) -> None:
-    async with sim.http.get(sim.url + "/v1/embeddings") as resp:
+    async with sim.http.get(sim.url + "/v1/embedding") as resp:
         assert resp.status == 404
-    async with sim.http.get(sim.url + CHAT) as resp:
-        assert resp.status == 405
+    for path in (CHAT, "/v1/embeddings", "/tokenize"):
+        async with sim.http.get(sim.url + path) as resp:
+            assert resp.status == 405
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ points elsewhere). Without it these tests are skipped, unless TOKENBOOTH_REQUIRE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from tests.helpers import policy_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
+EMBED_MODEL = "tiny-embed"
 LONG_TOKENS = 480
 # vLLM's own token counters; their sums over all label sets are compared with the records.
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
@@ -60,15 +62,20 @@ def _metric_sum(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in pattern.finditer(text))
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def _require_python() -> Path:
     python = vllm_python()
     if python is None:
         msg = "no vLLM venv: run `make vllm-venv` (or set TOKENBOOTH_VLLM_PYTHON)"
         if os.environ.get("TOKENBOOTH_REQUIRE_VLLM") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
-    root = tmp_path_factory.mktemp("vllm")
+    return python
+
+
+@contextlib.contextmanager
+def serve_vllm(root: Path, served: list[str], *flags: str) -> Iterator[VllmServer]:
+    """A vLLM server of the tiny model made in `root`, serving it as `served`."""
+    python = _require_python()
     model = root / "model"
     subprocess.run([str(python), str(Path(__file__).with_name("make_model.py")), str(model)],
                    check=True, timeout=120)
@@ -78,7 +85,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     log = root / "vllm.log"
     with log.open("wb") as out:
         proc = spawn([str(python), "-m", "vllm.entrypoints.openai.api_server",
-                      "--model", str(model), "--served-model-name", MODEL, "tiny-llama-2",
+                      "--model", str(model), "--served-model-name", *served, *flags,
                       "--load-format", "dummy", "--max-model-len", "512",
                       "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "8",
                       "--host", "127.0.0.1", "--port", str(port)],
@@ -93,6 +100,36 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
         yield VllmServer(url, log)
     finally:
         stop([proc])
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    with serve_vllm(tmp_path_factory.mktemp("vllm"), [MODEL, "tiny-llama-2"]) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_embed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """The same tiny Llama as an embedding model (vLLM 0.32's pooling runner, last-token
+    pooling): embeddings, and score / rerank as a bi-encoder. Started only for the tests
+    that use it."""
+    with serve_vllm(tmp_path_factory.mktemp("vllm-embed"), [EMBED_MODEL],
+                    "--runner", "pooling", "--convert", "embed") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_embed_gateway(vllm_embed_server: VllmServer,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Envoy + tokenbooth serve in front of the embedding server: `demo` and `other`
+    serve EMBED_MODEL; `demo` knows the context length (the bound's cap)."""
+    models: Any = policy_dict(vllm_embed_server.url)["models"]
+    for alias in ("demo", "other"):
+        models[alias]["upstream_model"] = EMBED_MODEL
+    models["demo"]["max_model_len"] = 512
+    with run_gateway(tmp_path_factory.mktemp("gateway-vllm-embed"),
+                     upstream=vllm_embed_server.url, models=models) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="session")
