@@ -29,17 +29,15 @@ class Recorder:
         """A settlement went to the disk spool: the limit store did not answer."""
         self._m.settlements_spooled.inc()
 
-    def record(self, rec: UsageRecord) -> None:
+    def record(self, rec: UsageRecord, ttft_s: float | None = None) -> None:
+        """Store `rec`, update its metrics, log it. `ttft_s`: a stream's time to its
+        first content chunk, for the TTFT and per-output-token histograms."""
         try:
             self._sink.write(rec)
         except OSError as e:
             # Never lose silently: the log line below still carries every field.
             log.error("usage record not stored: %s", e, extra={"record": rec.to_dict()})
-        m = self._m
-        m.requests.labels(rec.model, rec.endpoint, str(rec.status)).inc()
-        m.latency.labels(rec.model, rec.endpoint).observe(rec.duration_ms / 1000)
-        m.tokens.labels(rec.model, "input").inc(rec.prompt_tokens)
-        m.tokens.labels(rec.model, "output").inc(rec.completion_tokens)
+        self._m.observe(rec, ttft_s)
         log.info(
             "request done",
             extra={

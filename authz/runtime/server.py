@@ -1,4 +1,5 @@
-"""`tokenbooth serve`: one grpc.aio server (ext_authz + ext_proc + health) and the side port."""
+"""`tokenbooth serve`: one grpc.aio server (ext_authz + ext_proc + ADS + health) and the
+side port."""
 
 from __future__ import annotations
 
@@ -11,17 +12,25 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.sdk.metrics.export import MetricExporter
 from opentelemetry.sdk.trace import TracerProvider
 
-from authz.runtime.metrics import Metrics
+from authz.envoy_config.xds_resources import build_resources
+from authz.runtime.metrics import BudgetWatch, Metrics, ObservedKeyStore
 from authz.runtime.recorder import Recorder
 from authz.runtime.side_port import make_side_app
 from authz.runtime.snapshot import Runtime
-from authz.runtime.tracing import otlp_provider, tracer_of
+from authz.runtime.tracing import (
+    RegistryExport,
+    otlp_metric_exporter,
+    otlp_provider,
+    tracer_of,
+)
 from authz.services import protos
 from authz.services.ext_authz import AuthorizationService
 from authz.services.ext_proc import ExternalProcessorService
 from authz.services.keyauth import KeyAuthority
+from authz.services.xds import AggregatedDiscoveryService, add_to_server
 from authz.state.keys.base import KeyStore
 from authz.state.keys.factory import make_store
 from authz.state.limits.admission import Admission
@@ -36,6 +45,7 @@ log = logging.getLogger("tokenbooth.server")
 SERVICE_NAMES = (
     "envoy.service.auth.v3.Authorization",
     "envoy.service.ext_proc.v3.ExternalProcessor",
+    "envoy.service.discovery.v3.AggregatedDiscoveryService",
 )
 RELOAD_INTERVAL_S = 1.0
 
@@ -50,6 +60,8 @@ class Services:
     limits: LimitStore | None = None
     # Traces: OTLP when the settings name a collector (or a provider given by tests).
     tracer_provider: TracerProvider | None = None
+    # The GenAI metrics by OTLP, likewise (Prometheus on the side port either way).
+    metric_exporter: MetricExporter | None = None
     grace_s: float = 10.0
     metrics: Metrics = field(default_factory=Metrics)
     grpc_port: int = 0
@@ -60,6 +72,9 @@ class Services:
     _reload: asyncio.Task[None] | None = None
     _ready: bool = False
     _admission: Admission | None = None
+    _xds: AggregatedDiscoveryService | None = None
+    _budgets: asyncio.Task[None] | None = None
+    _otlp_metrics: RegistryExport | None = None
 
     def ready(self) -> bool:
         return self._ready
@@ -80,13 +95,36 @@ class Services:
         await self.limits.start()
         self._admission = Admission(
             self.limits, cfg.limits.on_store_error, spool_dir=cfg.data_dir / "settle-spool",
-            on_lost=recorder.lost, on_spooled=recorder.spooled)
+            on_lost=recorder.lost, on_spooled=recorder.spooled,
+            on_hold=self.metrics.holds.update,
+            on_store=lambda ok: self.metrics.store_result("limits", ok))
         await self._admission.start()
         return recorder, self._admission
+
+    def _start_metrics(self, cfg: Config, admission: Admission) -> None:
+        """OTLP when configured (never connects here), the config's metric settings, the
+        spools' backlogs and the org budgets' poll."""
+        m, settings, sink = self.metrics, self.runtime.settings, self.sink
+        if self.metric_exporter is None:
+            self.metric_exporter = otlp_metric_exporter(settings.otlp_endpoint)
+        if self.metric_exporter is not None:
+            self._otlp_metrics = RegistryExport(m, self.metric_exporter,
+                                                settings.service_name)
+            self._otlp_metrics.start()
+        m.configure(cfg)
+        m.watch_spool("settlements", lambda: admission.spooled_bytes)
+        if isinstance(sink, RedisUsageSink):
+            m.watch_spool("usage", lambda: sink.pending)
+        assert self.limits is not None
+        watch = BudgetWatch(m, self.limits, lambda: self.runtime.snapshot.config,
+                            self.runtime.clock)
+        self._budgets = asyncio.create_task(watch.run(), name="budget-metrics")
 
     async def start(self) -> None:
         cfg = self.runtime.snapshot.config
         recorder, admission = await self._start_state(cfg)
+        self._start_metrics(cfg, admission)
+        assert self.store is not None
         if self.tracer_provider is None:
             settings = self.runtime.settings
             # Never connects here.
@@ -100,7 +138,9 @@ class Services:
             ]
         )
         protos.add_AuthorizationServicer_to_server(
-            AuthorizationService(KeyAuthority(self.runtime, self.store), self.metrics, tracer),
+            AuthorizationService(
+                KeyAuthority(self.runtime, ObservedKeyStore(self.store, self.metrics)),
+                self.metrics, tracer),
             server
         )
         protos.add_ExternalProcessorServicer_to_server(
@@ -108,6 +148,8 @@ class Services:
                                      admission, tracer),
             server,
         )
+        self._xds = AggregatedDiscoveryService(build_resources, cfg)
+        add_to_server(self._xds, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host, port = parse_hostport(cfg.services.grpc_listen)
@@ -137,17 +179,21 @@ class Services:
     async def _reload_loop(self) -> None:
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
-            self.runtime.reload_if_changed()
+            if self.runtime.reload_if_changed() and self._xds is not None:
+                await self._xds.update(self.runtime.snapshot.config)
 
     async def stop(self) -> None:
         """Stop taking new streams; let in-flight ones finish within the grace period."""
         self._ready = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self._reload is not None:
-            self._reload.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reload
+        for task in (self._reload, self._budgets):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._xds is not None:
+            self._xds.close()  # its streams never end on their own
         if self._server is not None:
             await self._server.stop(self.grace_s)
         if self._side is not None:
@@ -162,9 +208,10 @@ class Services:
             await self.store.close()
         if self.limits is not None:
             await self.limits.close()
-        if self.tracer_provider is not None:
-            # Bounded: an unreachable collector costs at most the export timeout.
-            await asyncio.to_thread(self.tracer_provider.shutdown)
+        # Bounded, side by side: an unreachable collector costs at most one export timeout.
+        shutdowns = [asyncio.to_thread(p.shutdown)
+                     for p in (self.tracer_provider, self._otlp_metrics) if p is not None]
+        await asyncio.gather(*shutdowns)
         log.info("tokenbooth services stopped")
 
 

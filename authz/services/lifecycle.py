@@ -3,7 +3,8 @@
 No protobuf here: `exchange.py` turns Envoy's messages into these calls and their
 results back into answers. The steps, in the order the messages drive them:
   identify        → which endpoint, which request, whose key (once per request)
-  request_headers → GET /v1/models: counted as a request, answered at once
+  request_headers → GET /v1/models and /v1/models/{id}: counted as a request, answered
+                    at once
   request_body    → validate, check the model allow-list, build the body the backend
                     gets, admit; returns that body, the cluster and the rate-limit headers
   response_start  → the status and the serving backend (the first response chunk)
@@ -27,20 +28,34 @@ from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
 from authz.state.limits.admission import Admission
 from policy.config import Config
-from policy.endpoints import Endpoint, Kind, lookup
-from policy.errors import ApiError, invalid_api_key, invalid_request, model_not_allowed, not_found
+from policy.endpoints import Endpoint, Kind, lookup, path_argument
+from policy.errors import (
+    ApiError,
+    invalid_api_key,
+    invalid_request,
+    model_not_allowed,
+    model_not_found,
+    not_found,
+)
 from policy.keys import Principal
 from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
 from policy.quota import org_hold
-from policy.request import InferenceRequest, models_list, parse_request, upstream_body
+from policy.request import (
+    InferenceRequest,
+    model_object,
+    models_list,
+    parse_request,
+    upstream_body,
+)
 from policy.routing import Route
-from policy.stream_usage import StreamMeter
-from policy.usage import Usage, iso_z, make_record, usage_from_obj
+from policy.stream_usage import StreamMeter, meter_for
+from policy.usage import Usage, UsageRecord, iso_z, make_record, usage_from_obj
 
 Headers = tuple[tuple[str, str], ...]
 # A JSON response is kept to read its `usage`, up to this size (past it: estimated).
 JSON_KEEP_BYTES = 64 << 20
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
+GATEWAY_TIMEOUT = 504  # Envoy cut the response (stream idle timeout, or its time limit)
 # What the rewrite may add to a body: Envoy's hold buffer takes max_request_body_bytes plus
 # this. Equal to REWRITE_SLACK in authz/envoy_config/http_filters.py (a test holds them
 # equal), not imported from there: the servicers stay free of the Envoy config builders.
@@ -81,7 +96,9 @@ class Lifecycle:
         "_ask",
         "_backend",
         "_json_body",
+        "_last_byte",
         "_meter",
+        "_model_id",
         "_org",
         "_rec",
         "_rt",
@@ -89,9 +106,11 @@ class Lifecycle:
         "_snap",
         "_started",
         "_t0",
+        "_t_first",
         "endpoint",
         "finished",
         "principal",
+        "record",
         "req",
         "request_id",
         "responded",
@@ -110,9 +129,13 @@ class Lifecycle:
         self._settle: tuple[int, int] | None = None  # (used tokens, cost nano) owed
         self._snap: Snapshot = runtime.snapshot
         self._t0 = time.monotonic()
+        self._last_byte = self._t0  # when the response last moved (why it ended early)
+        self._t_first = 0.0  # monotonic time of a stream's first content chunk (TTFT)
+        self.record: UsageRecord | None = None  # the usage record, once written
         self._started: datetime = runtime.clock()
         self._meter: StreamMeter | None = None
         self._json_body = bytearray()
+        self._model_id = ""  # GET /v1/models/{id}: the id
         self.responded = False  # the response has begun (response_start was called)
         self.endpoint: Endpoint | None = None
         self.principal: Principal | None = None
@@ -141,22 +164,33 @@ class Lifecycle:
             # Only reachable when ext_authz did not run first: refuse, never guess.
             raise invalid_api_key("No authenticated API key on this request.")
         self.endpoint, self.principal = endpoint, principal
+        if endpoint.prefix:
+            self._model_id = path_argument(endpoint, path)
 
     async def request_headers(self, end_of_stream: bool) -> tuple[bytes, Headers] | None:
-        """GET /v1/models (the only route that sends request headers): its body and
-        rate-limit headers. None: another endpoint, whose body follows."""
+        """GET /v1/models and /v1/models/{id} (the only routes that send request headers):
+        the body and rate-limit headers. None: another endpoint, whose body follows."""
         assert self.endpoint is not None and self.principal is not None
-        if self.endpoint.kind is not Kind.MODELS:
+        kind = self.endpoint.kind
+        if not kind.answered_here:
             if end_of_stream:
                 raise invalid_request("This endpoint needs a JSON request body.")
             return None
         principal = self.principal
+        created = int(self._started.timestamp())
+        if kind is Kind.MODEL:
+            alias = self._model_id
+            # A model the key may not use is as absent as one that does not exist.
+            if alias not in self._snap.config.models or not principal.may_use(alias):
+                raise model_not_found(alias)
+            body = model_object(alias, created)
+        else:
+            body = models_list([a for a in self._snap.aliases if principal.may_use(a)],
+                               created)
         # Counts as a request for the rate limit; reserves no tokens or money.
         decision = await self._admit(self._make_ask(0, 0))
         self._settle = (0, 0)
-        aliases = [a for a in self._snap.aliases if principal.may_use(a)]
-        return (models_list(aliases, int(self._started.timestamp())),
-                tuple(rate_headers(decision)))
+        return body, tuple(rate_headers(decision))
 
     async def request_body(self, raw: bytes) -> Forward:
         """Validate, check the allow-list, build the forwarded body, then admit: every
@@ -190,7 +224,7 @@ class Lifecycle:
             tokens=tokens,
             cost_nano=cost,
             period=period_id(lim.budget_period, self._started),
-            lease_s=self._snap.config.envoy.route_timeout_s + 30,
+            lease_s=self._snap.config.envoy.hold_lease_s(record is not None and record.stream),
             record=record,
         )
 
@@ -225,15 +259,16 @@ class Lifecycle:
             self.status = status
         if backend:
             self._backend = backend
-        req = self.req
-        if req is not None and req.stream and 0 < self.status < 400:
-            self._meter = StreamMeter(strip_usage=not req.client_wants_usage)
+        req, endpoint = self.req, self.endpoint
+        if req is not None and endpoint is not None and req.stream and 0 < self.status < 400:
+            self._meter = meter_for(endpoint.kind, req.client_wants_usage)
 
     def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
         """Meter one chunk; the bytes the client gets instead, or None for as is. Not
         admitted (a local reply, a refusal): nothing to meter. At the end, the record."""
         if self.route is None:
             return None
+        self._last_byte = time.monotonic()
         out: bytes | None = None
         meter = self._meter
         if meter is not None:
@@ -242,6 +277,8 @@ class Lifecycle:
                 tail = meter.finish()
                 if tail is not None:
                     out = (out or b"") + tail
+            if not self._t_first and meter.content_chunks:
+                self._t_first = time.monotonic()
         elif len(self._json_body) < JSON_KEEP_BYTES:
             self._json_body += chunk
         if end:
@@ -271,8 +308,8 @@ class Lifecycle:
                                   req.model.price_per_1k_tokens))
         status = self.status or CLIENT_CLOSED
         if aborted and (self._meter is None or not self._meter.done):
-            status = CLIENT_CLOSED
-        self._rec.record(
+            status = self._cut_status(req.stream)
+        self.record = rec = (
             make_record(
                 request_id=self.request_id,
                 key_id=principal.key_id,
@@ -290,6 +327,14 @@ class Lifecycle:
                 endpoint=endpoint.name,
             )
         )
+        self._rec.record(rec, self._t_first - self._t0 if self._t_first else None)
+
+    def _cut_status(self, stream: bool) -> int:
+        """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""
+        now = time.monotonic()
+        cut = self._snap.config.envoy.ended_by_gateway(stream, now - self._last_byte,
+                                                       now - self._t0)
+        return GATEWAY_TIMEOUT if cut else CLIENT_CLOSED
 
     @property
     def settle_pending(self) -> bool:
@@ -309,7 +354,10 @@ class Lifecycle:
             await self._admission.settle(*self._org, pending[0], pending[1], now)
 
     def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
-        """The upstream's own count when it gave one; else an estimate from what was seen."""
+        """The upstream's own count when it gave one; else an estimate from what was seen.
+        Endpoints that use no tokens (tokenize) count nothing."""
+        if self.endpoint is not None and not self.endpoint.kind.metered:
+            return Usage(), False
         if self._meter is not None:
             if self._meter.usage is not None:
                 return self._meter.usage, False

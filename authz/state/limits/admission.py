@@ -38,13 +38,17 @@ class Admission:
 
     `spool_dir`: where settlements wait while the store is away (None: they are only
     logged, and their holds are charged in full when the lease ends). `on_lost`:
-    receives the usage record of each lost hold this replica claims. `clock`: epoch
+    receives the usage record of each lost hold this replica claims. `on_hold(ask,
+    admitted)`: a request was admitted (True) or is settling (False; once per settle
+    call). `on_store(ok)`: whether the store answered the last sweep. `clock`: epoch
     seconds, for the background work."""
 
     def __init__(self, store: LimitStore, on_error: OnStoreError | None = None, *,
                  spool_dir: Path | None = None,
                  on_lost: Callable[[UsageRecord], None] | None = None,
                  on_spooled: Callable[[], None] | None = None,
+                 on_hold: Callable[[Ask, bool], None] | None = None,
+                 on_store: Callable[[bool], None] | None = None,
                  clock: Callable[[], float] = time.time, sweep_s: float = SWEEP_S) -> None:
         self._store = store
         self._on_error = on_error or OnStoreError()
@@ -55,6 +59,8 @@ class Admission:
         self._spool = SettleSpool(spool_dir) if spool_dir is not None else None
         self._on_lost = on_lost
         self._on_spooled = on_spooled
+        self._on_hold = on_hold
+        self._on_store = on_store
         self._clock = clock
         self._sweep_s = sweep_s
         self._stop = asyncio.Event()
@@ -112,11 +118,14 @@ class Admission:
             org = one_record(org, limits, ask)
             await self.admit(*org, now)
         try:
-            return await self.admit(limits, ask, now)
+            decision = await self.admit(limits, ask, now)
         except ApiError:
             if org is not None:
                 await self.settle(*org, 0, 0, now)
             raise
+        if self._on_hold is not None:
+            self._on_hold(ask, True)
+        return decision
 
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""
@@ -165,6 +174,8 @@ class Admission:
         """Settle `ask` with its real usage. The result says whether a live hold was
         charged and by how much the usage passed the hold; a cost overrun (the hold was
         not the worst case) is logged as a bound violation."""
+        if self._on_hold is not None:
+            self._on_hold(ask, False)
         result = await self._settle(limits, ask, used_tokens, cost_nano, now)
         if result.corrected:
             log.info("late settlement corrected a lost hold", extra={
@@ -230,7 +241,11 @@ class Admission:
         try:
             lost = await self._store.sweep(self._clock())
         except LimitStoreUnavailable:
+            if self._on_store is not None:
+                self._on_store(False)
             return 0
+        if self._on_store is not None:
+            self._on_store(True)
         n = 0
         for ask in lost:
             rec = lost_record(ask)
