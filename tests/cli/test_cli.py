@@ -7,6 +7,7 @@ import ast
 import importlib
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,8 +159,12 @@ def test_version() -> None:
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_run_passes_the_four_ports_and_the_upstream() -> None:
     def run_line(*assignments: str) -> str:
-        r = subprocess.run(["make", "-n", "run", *assignments], cwd=ROOT, capture_output=True,
-                           text=True, timeout=60, check=True)
+        # Under `make test` the outer make's flags would make this one print directories.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+        r = subprocess.run(["make", "--no-print-directory", "-n", "run", *assignments],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+                           env=env)
         return r.stdout.strip().splitlines()[-1]
 
     assert run_line() == ".venv/bin/tokenbooth up"
