@@ -70,6 +70,47 @@ class Backend(_Strict):
 
     url: str
     weight: int = Field(default=1, ge=1, le=10_000)
+    # The backend's API key (vLLM's --api-key), sent by Envoy as `Authorization: Bearer`:
+    # named here, never written here. Envoy reads it from its own environment or a file.
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"expected an environment variable's name, got {v!r}")
+        return v
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("/") and len(v) > 1):
+            raise ValueError(f"expected an absolute path, got {v!r}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError("a backend's key is never written in the config: name it with "
+                             "api_key_env (an environment variable) or api_key_file (a path)")
+        return data
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Backend:
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
+
+    @property
+    def credential(self) -> tuple[str, str] | None:
+        """Where the key comes from: ("env", NAME) or ("file", PATH); None without one."""
+        if self.api_key_env is not None:
+            return "env", self.api_key_env
+        if self.api_key_file is not None:
+            return "file", self.api_key_file
+        return None
 
     @field_validator("url")
     @classmethod
@@ -158,6 +199,10 @@ class Model(_Strict):
         urls = [b.url for b in v]
         if len(set(urls)) != len(urls):
             raise ValueError("a backend is listed twice; use its weight instead")
+        # Envoy injects the key per cluster (one per model): one key source for all.
+        if len({b.credential for b in v}) > 1:
+            raise ValueError("all backends of a model use the same api_key_env / "
+                             "api_key_file (or none)")
         return v
 
 
@@ -283,6 +328,22 @@ class OrgLimits(_Strict):
     budget_period: Literal["day", "month", "total"] = "month"
 
 
+class AdminToken(_Strict):
+    """One admin API token, stored as the SHA-256 fingerprint of its secret."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    role: Literal["read", "admin"] = "read"
+
+
+class AdminSettings(_Strict):
+    """The HTTP admin API (keys, orgs, spend, usage). It is served only when some token
+    is configured here or by $TOKENBOOTH_ADMIN_TOKEN; keep it off the public path."""
+
+    listen: HostPort = "127.0.0.1:9092"
+    tokens: tuple[AdminToken, ...] = ()
+
+
 class LimitSettings(_Strict):
     on_store_error: OnStoreError = OnStoreError()
 
@@ -291,6 +352,34 @@ class MetricsSettings(_Strict):
     # Spend and tokens by key (tokenbooth_key_cost_usd_total{org,key_id}, …): one series
     # per key, so off by default.
     key_labels: bool = False
+
+
+class AlertSettings(_Strict):
+    """Budget alerts: a webhook called once per threshold and budget period when a key's
+    or an org's spend reaches that fraction of its budget. The signing secret comes from
+    the environment (TOKENBOOTH_WEBHOOK_SECRET), never from this file."""
+
+    webhook_url: str | None = None  # None: no alerts
+    thresholds: tuple[Decimal, ...] = (Decimal("0.5"), Decimal("0.8"), Decimal("1"))
+    check_interval_s: float = Field(default=5.0, gt=0, le=3600)  # owners with new records
+    rescan_s: float = Field(default=60.0, gt=0, le=86400)  # every owner with a budget
+    timeout_s: float = Field(default=5.0, gt=0, le=60)  # one delivery attempt
+    max_attempts: int = Field(default=8, ge=1, le=100)  # with backoff 1 s, 2 s, … 60 s
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        parts = urlsplit(v) if v is not None else None
+        if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"expected an http(s):// URL, got {v!r}")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: tuple[Decimal, ...]) -> tuple[Decimal, ...]:
+        if not v or any(not Decimal(0) < t <= Decimal(1) for t in v):
+            raise ValueError("expected fractions of the budget, each above 0 and at most 1")
+        return tuple(sorted(set(v)))
 
 
 class Config(_Strict):
@@ -307,6 +396,8 @@ class Config(_Strict):
     limits: LimitSettings = LimitSettings()
     orgs: dict[str, OrgLimits] = {}
     metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
+    admin: AdminSettings = AdminSettings()
 
     @field_validator("state")
     @classmethod
@@ -352,11 +443,12 @@ def _hosts_overlap(a: str, b: str) -> bool:
 
 
 def port_clashes(cfg: Config) -> list[str]:
-    """`path: message` for each of the four listeners that takes a port an earlier one
+    """`path: message` for each of the five listeners that takes a port an earlier one
     has on an overlapping host (port 0, any free port, never clashes)."""
     named = [("listen", cfg.listen), ("services.grpc_listen", cfg.services.grpc_listen),
              ("services.http_listen", cfg.services.http_listen),
-             ("envoy.admin_listen", cfg.envoy.admin_listen)]
+             ("envoy.admin_listen", cfg.envoy.admin_listen),
+             ("admin.listen", cfg.admin.listen)]
     problems = []
     for i, (path, value) in enumerate(named):
         host, port = parse_hostport(value)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from authz.cli.common import Parents, Subparsers, load, parse_time
+from authz.cli.common import Parents, Subparsers, load, parse_since
 from authz.runtime.settings import Settings
 from policy.audit import (
     ORG_PREFIX,
@@ -53,8 +52,6 @@ state: memory, from the limit state the running process journals in data_dir.
 A key whose budget or budget period changed shows drift in the periods around the
 change. Exit status: 0 no drift, 1 drift, 2 bad input or a store that cannot be read."""
 
-_AGE = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 BUDGET_MATCH = "tb:{k:*}:budget:*"
 TIMEOUT_S = 5.0
 
@@ -78,18 +75,6 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
                    help="holds whose lease ended unsettled count as drift")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=cmd_audit)
-
-
-def parse_since(value: str, now: datetime) -> datetime:
-    """An ISO 8601 time, or an age before `now` (`30s`, `90m`, `12h`, `7d`, `2w`)."""
-    m = _AGE.match(value.strip())
-    if m:
-        return now - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
-    try:
-        return parse_time(value)
-    except ValueError:
-        raise ValueError(f"--since: expected an ISO 8601 time or an age such as 7d, "
-                         f"got {value!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,4 +306,4 @@ def _print_report(r: Report) -> None:
           f"no drift ({len(r.ledgers)} ledger(s), {len(r.backends)} backend(s))")
 
 
-__all__ = ["add_parsers", "parse_since"]
+__all__ = ["add_parsers"]

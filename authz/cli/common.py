@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,6 +23,9 @@ from policy.config import Backend, Config, parse_hostport
 Handler = Callable[[argparse.Namespace, Settings], int]
 # What `add_subparsers()` returns (argparse does not export the type).
 Subparsers = Any
+# `--since` as an age: a number and a unit.
+_AGE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,6 +105,19 @@ def parse_time(value: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def parse_since(value: str, now: datetime) -> datetime:
+    """`--since`: an ISO 8601 time, or an age before `now` (`30s`, `90m`, `12h`, `7d`,
+    `2w`). ValueError, naming the option, if neither."""
+    m = _AGE.match(value.strip())
+    if m:
+        return now - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise ValueError(f"--since: expected an ISO 8601 time or an age such as 7d, "
+                         f"got {value!r}") from None
+
+
 def run_async(coro: Coroutine[Any, Any, None]) -> None:
     """Run a server's main coroutine, on uvloop where it is installed."""
     try:
@@ -138,3 +155,12 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def admin_url_parser() -> argparse.ArgumentParser:
+    """`--admin-url URL`: act on a remote gateway through its admin API (the token from
+    TOKENBOOTH_ADMIN_TOKEN)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--admin-url", metavar="URL",
+                   help="a gateway's admin API (token: $TOKENBOOTH_ADMIN_TOKEN)")
+    return p

@@ -1,70 +1,190 @@
-"""`tokenbooth usage`: usage records and their totals, filtered by org, key and time."""
+"""`tokenbooth usage`: usage records and their totals, filtered by org, key and time, and
+grouped by key, org, model, day or hour. One pass over the records, streamed from the
+JSON-lines file or read from the Redis stream a page at a time (the arithmetic is
+policy/usage_report.py): memory does not grow with the records but for their ids."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
-from decimal import Decimal
-from typing import Any
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
 
 import orjson
 
-from authz.cli.common import Parents, Subparsers, load, parse_time
+from authz.cli import remote
+from authz.cli.common import Parents, Subparsers, admin_url_parser, load, parse_since
 from authz.runtime.settings import Settings
+from policy.config import Config, redacted
+from policy.usage_report import GROUPS, Selection, UsageReport, parse_group_by
+
+PAGE = 1000  # stream entries per XRANGE
+TIMEOUT_S = 5.0
 
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
-    s = sub.add_parser("usage", parents=[parents.config], help="usage records and totals")
+    s = sub.add_parser("usage", parents=[parents.config, admin_url_parser()],
+                       help="usage records and totals")
     s.add_argument("--org")
     s.add_argument("--key", help="key id")
-    s.add_argument("--since", help="ISO 8601 time")
+    s.add_argument("--since", help="ISO 8601 time, or an age such as 90m, 24h, 7d")
+    s.add_argument("--group-by", type=_group_by, metavar="G[,G]",
+                   help=f"totals per group instead of the records: {', '.join(GROUPS)} "
+                        "(day and hour in UTC); several, comma-separated, nest")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_usage)
 
 
-def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
-    from authz.state.usage.records import load_records
-
+def _group_by(text: str) -> tuple[str, ...]:
     try:
-        since = parse_time(args.since) if args.since else None
+        return parse_group_by(text)
     except ValueError as e:
-        raise ValueError(f"--since: {e}") from None
-    cfg = load(args, settings)
-    rows = [r for r in load_records(cfg) if _selected(r, args.org, args.key, since)]
-    totals = _totals(rows)
-    if args.json:
-        sys.stdout.write(orjson.dumps({"records": rows, "totals": totals}).decode() + "\n")
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
+    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    report = UsageReport(Selection(args.org, args.key, since), args.group_by or ())
+    out = sys.stdout
+    if args.admin_url:  # a remote gateway's records, through the same report
+        client = remote.AdminClient.from_settings(args.admin_url, settings)
+        found = remote.usage(client, args.org, args.key,
+                             since.isoformat() if since else None)["records"]
+        recs: Iterator[dict[str, Any]] = iter(found)
     else:
-        _print_table(rows, totals)
+        recs = records(load(args, settings))
+    if args.group_by:
+        for rec in recs:
+            report.feed(rec)
+        report.finish()
+        (_groups_json if args.json else _groups_table)(report, out)
+    elif args.json:
+        _records_json(report, recs, out)
+    else:
+        _records_table(report, recs, out)
+    if report.skipped:
+        print(f"tokenbooth: warning: {report.skipped} record(s) could not be counted "
+              "(a field missing or malformed)", file=sys.stderr)
     return 0
 
 
-def _selected(rec: dict[str, Any], org: str | None, key: str | None,
-              since: datetime | None) -> bool:
-    if org and rec.get("org") != org:
-        return False
-    if key and rec.get("key_id") != key:
-        return False
-    return not (since and parse_time(str(rec.get("started_at"))) < since)
+# -- reading: one record at a time ------------------------------------------------------
 
 
-def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "requests": len(rows),
-        "prompt_tokens": sum(int(r["prompt_tokens"]) for r in rows),
-        "completion_tokens": sum(int(r["completion_tokens"]) for r in rows),
-        "total_tokens": sum(int(r["total_tokens"]) for r in rows),
-        "cost_usd": format(sum((Decimal(r["cost_usd"]) for r in rows), Decimal(0)), "f"),
-    }
+def records(cfg: Config) -> Iterator[dict[str, Any]]:
+    """Every record of the configured state backend, in the order written, duplicates
+    included (the report drops them)."""
+    if cfg.state_is_redis:
+        from authz.state.usage.records import USAGE_STREAM
+
+        return stream_records(cfg.state, USAGE_STREAM)
+    from authz.state.usage.records import USAGE_FILE
+
+    return jsonl_records(cfg.data_dir / USAGE_FILE)
 
 
-def _print_table(rows: list[dict[str, Any]], totals: dict[str, Any]) -> None:
-    fmt = "{:<36} {:<16} {:<12} {:<14} {:>7} {:>7} {:>12} {:>6}"
-    print(fmt.format("request_id", "key_id", "org", "model", "prompt", "compl", "cost_usd",
-                     "status"))
-    for r in rows:
-        print(fmt.format(r["request_id"][:36], r["key_id"][:16], r["org"][:12], r["model"][:14],
-                         r["prompt_tokens"], r["completion_tokens"], r["cost_usd"], r["status"]))
-    print(f"total: {totals['requests']} request(s), {totals['prompt_tokens']} prompt + "
-          f"{totals['completion_tokens']} completion tokens, ${totals['cost_usd']}")
+def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The objects of a JSON-lines file, line by line (a damaged line is skipped)."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def stream_records(url: str, stream: str, page: int = PAGE) -> Iterator[dict[str, Any]]:
+    """The records of a Redis stream, `page` entries per XRANGE."""
+    import redis
+    from redis.exceptions import RedisError
+
+    client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S,
+                                  socket_connect_timeout=TIMEOUT_S)
+    start = "-"
+    try:
+        while True:
+            try:
+                entries: list[Any] = client.xrange(stream, start, "+", count=page) or []
+            except (RedisError, OSError) as e:
+                raise OSError(f"cannot read usage records from {redacted(url)}: {e}") from None
+            for _id, fields in entries:
+                rec = _loads(fields.get(b"data"))
+                if rec is not None:
+                    yield rec
+            if len(entries) < page:
+                return
+            start = "(" + entries[-1][0].decode()  # after the last (Redis 6.2+)
+    finally:
+        client.close()
+
+
+def _loads(raw: bytes | None) -> dict[str, Any] | None:
+    try:
+        rec = orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+# -- output -----------------------------------------------------------------------------
+
+_ROW = "{:<36} {:<16} {:<12} {:<14} {:>7} {:>7} {:>12} {:>6}"
+
+
+def _records_table(report: UsageReport, recs: Iterator[dict[str, Any]], out: IO[str]) -> None:
+    out.write(_ROW.format("request_id", "key_id", "org", "model", "prompt", "compl",
+                          "cost_usd", "status") + "\n")
+    for r in _counted(report, recs):
+        out.write(_ROW.format(*(str(r.get(f))[:w] for f, w in (
+            ("request_id", 36), ("key_id", 16), ("org", 12), ("model", 14))),
+            r["prompt_tokens"], r["completion_tokens"], r["cost_usd"], r["status"]) + "\n")
+    t = report.totals
+    out.write(f"total: {t.requests} request(s), {t.prompt_tokens} prompt + "
+              f"{t.completion_tokens} completion tokens, ${t.as_dict()['cost_usd']}\n")
+
+
+def _records_json(report: UsageReport, recs: Iterator[dict[str, Any]], out: IO[str]) -> None:
+    """{"records": [...], "totals": {...}}, written as the records come."""
+    out.write('{"records":[')
+    for i, r in enumerate(_counted(report, recs)):
+        out.write(("," if i else "") + orjson.dumps(r).decode())
+    out.write('],"totals":' + orjson.dumps(report.totals.as_dict()).decode() + "}\n")
+
+
+def _counted(report: UsageReport, recs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The records the report counts, as it counts them (`lost` ones last)."""
+    for raw in recs:
+        rec = report.feed(raw)
+        if rec is not None:
+            yield rec
+    yield from report.finish()
+
+
+def _groups_json(report: UsageReport, out: IO[str]) -> None:
+    groups = [dict(zip(report.group_by, g, strict=True)) | t.as_dict()
+              for g, t in report.groups()]
+    out.write(orjson.dumps({"group_by": list(report.group_by), "groups": groups,
+                            "totals": report.totals.as_dict()}).decode() + "\n")
+
+
+def _groups_table(report: UsageReport, out: IO[str]) -> None:
+    widths = [max([len(name), 5 if i == 0 else 0, *(len(g[i]) for g, _ in report.groups())])
+              for i, name in enumerate(report.group_by)]
+    head = "  ".join(n.ljust(w) for n, w in zip(report.group_by, widths, strict=True))
+    num = "{:>9} {:>12} {:>12} {:>14}"
+    out.write(head + "  " + num.format("requests", "prompt", "completion", "cost_usd") + "\n")
+    total = ("total", *("" for _ in widths[1:]))
+    rows = [*report.groups(), (total, report.totals)]
+    for g, t in rows:
+        d = t.as_dict()
+        out.write("  ".join(v.ljust(w) for v, w in zip(g, widths, strict=True)) + "  "
+                  + num.format(d["requests"], d["prompt_tokens"], d["completion_tokens"],
+                               d["cost_usd"]) + "\n")

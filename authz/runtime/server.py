@@ -16,6 +16,10 @@ from opentelemetry.sdk.metrics.export import MetricExporter
 from opentelemetry.sdk.trace import TracerProvider
 
 from authz.envoy_config.xds_resources import build_resources
+from authz.runtime.admin import start_admin
+from authz.runtime.admin_api import AdminContext
+from authz.runtime.admin_auth import AdminTokens
+from authz.runtime.budget_alerts import AlertFeed, AlertingSink, BudgetAlerts, make_marks
 from authz.runtime.metrics import BudgetWatch, Metrics, ObservedKeyStore
 from authz.runtime.recorder import Recorder
 from authz.runtime.side_port import make_side_app
@@ -36,6 +40,7 @@ from authz.state.keys.factory import make_store
 from authz.state.limits.admission import Admission
 from authz.state.limits.base import LimitStore
 from authz.state.limits.factory import make_limit_store
+from authz.state.orgs import OrgLimitsCache, make_org_store
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, parse_hostport
@@ -74,7 +79,12 @@ class Services:
     _admission: Admission | None = None
     _xds: AggregatedDiscoveryService | None = None
     _budgets: asyncio.Task[None] | None = None
+    _alerts: BudgetAlerts | None = None
     _otlp_metrics: RegistryExport | None = None
+    # Stored org limits (admin API), polled; the admin API's listener when served.
+    orgs: OrgLimitsCache | None = None
+    admin_port: int = 0
+    _admin: web.AppRunner | None = None
 
     def ready(self) -> bool:
         return self._ready
@@ -89,7 +99,8 @@ class Services:
             self.sink = make_sink(cfg)
         if isinstance(self.sink, RedisUsageSink):
             await self.sink.start()
-        recorder = Recorder(self.sink, self.metrics)
+        feed = AlertFeed()  # records mark the owners whose budget alerts to check
+        recorder = Recorder(AlertingSink(self.sink, feed), self.metrics)
         if self.limits is None:
             self.limits = make_limit_store(cfg, on_lost=recorder.lost)
         await self.limits.start()
@@ -99,6 +110,10 @@ class Services:
             on_hold=self.metrics.holds.update,
             on_store=lambda ok: self.metrics.store_result("limits", ok))
         await self._admission.start()
+        self._alerts = BudgetAlerts(lambda: self.runtime.snapshot.config, self.limits,
+                                    self.store, make_marks(cfg), feed,
+                                    self.runtime.settings.webhook_secret, self.runtime.clock)
+        await self._alerts.start()
         return recorder, self._admission
 
     def _start_metrics(self, cfg: Config, admission: Admission) -> None:
@@ -124,6 +139,7 @@ class Services:
         cfg = self.runtime.snapshot.config
         recorder, admission = await self._start_state(cfg)
         self._start_metrics(cfg, admission)
+        await self._start_admin(cfg)
         assert self.store is not None
         if self.tracer_provider is None:
             settings = self.runtime.settings
@@ -144,8 +160,8 @@ class Services:
             server
         )
         protos.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorService(self.runtime, recorder, self.metrics,
-                                     admission, tracer),
+            ExternalProcessorService(self.runtime, recorder, self.metrics, admission, tracer,
+                                     self.orgs.org_limits if self.orgs else None),
             server,
         )
         self._xds = AggregatedDiscoveryService(build_resources, cfg)
@@ -176,6 +192,21 @@ class Services:
             extra={"grpc": f"{host}:{self.grpc_port}", "http": f"{hhost}:{self.http_port}"},
         )
 
+    async def _start_admin(self, cfg: Config) -> None:
+        """The org limits cache, and the admin API when some admin token is configured."""
+        if self.orgs is None:
+            self.orgs = OrgLimitsCache(make_org_store(cfg))
+        await self.orgs.start()
+        tokens = AdminTokens(cfg.admin.tokens, self.runtime.settings.admin_token)
+        if not tokens:
+            return
+        assert self.store is not None and self.limits is not None
+        ctx = AdminContext(lambda: self.runtime.snapshot.config, self.store, self.limits,
+                           self.orgs, tokens, clock=self.runtime.clock)
+        self._admin, self.admin_port = await start_admin(ctx, parse_hostport(cfg.admin.listen))
+        log.info("admin API ready", extra={"admin_api": cfg.admin.listen,
+                                           "admin_port": self.admin_port})
+
     async def _reload_loop(self) -> None:
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
@@ -192,12 +223,18 @@ class Services:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._alerts is not None:
+            await self._alerts.close()
         if self._xds is not None:
             self._xds.close()  # its streams never end on their own
         if self._server is not None:
             await self._server.stop(self.grace_s)
         if self._side is not None:
             await self._side.cleanup()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        if self.orgs is not None:
+            await self.orgs.close()
         if self._admission is not None:
             await self._admission.close()  # after the streams: their settlements are in
         if isinstance(self.sink, RedisUsageSink):

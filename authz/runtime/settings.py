@@ -21,6 +21,8 @@ CONFIG_ENV = "TOKENBOOTH_CONFIG"
 DEBUG_ENV = "TOKENBOOTH_DEBUG"
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
+# The key that signs budget alert webhooks (HMAC-SHA256); see policy.config.AlertSettings.
+WEBHOOK_SECRET_ENV = "TOKENBOOTH_WEBHOOK_SECRET"  # noqa: S105 - a variable name
 DEFAULT_SERVICE_NAME = "tokenbooth"
 # HOST:PORT for the four listeners, replacing the config's (a command-line flag wins).
 LISTEN_ENV = "TOKENBOOTH_LISTEN"
@@ -28,6 +30,8 @@ GRPC_LISTEN_ENV = "TOKENBOOTH_GRPC_LISTEN"
 HTTP_LISTEN_ENV = "TOKENBOOTH_HTTP_LISTEN"
 ADMIN_LISTEN_ENV = "TOKENBOOTH_ADMIN_LISTEN"
 # The setting each of those variables fills.
+# A bearer token of the admin API with role `admin` (beside the config's `admin.tokens`).
+ADMIN_TOKEN_ENV = "TOKENBOOTH_ADMIN_TOKEN"  # noqa: S105 - a variable name
 PORT_ENV = {"listen": LISTEN_ENV, "grpc_listen": GRPC_LISTEN_ENV,
             "http_listen": HTTP_LISTEN_ENV, "admin_listen": ADMIN_LISTEN_ENV}
 
@@ -42,6 +46,8 @@ class Settings:
     debug: bool = False
     # The password of a Redis `state` (kept out of the policy file, and out of repr()).
     redis_password: str | None = field(default=None, repr=False)
+    # The budget alert webhook's signing key (likewise out of the file and of repr()).
+    webhook_secret: str | None = field(default=None, repr=False)
     # Traces go by OTLP to this collector; none: no tracer at all.
     otlp_endpoint: str | None = None
     service_name: str = DEFAULT_SERVICE_NAME
@@ -50,6 +56,8 @@ class Settings:
     grpc_listen: str | None = None
     http_listen: str | None = None
     admin_listen: str | None = None
+    # The admin API's extra `admin` token (kept out of repr()).
+    admin_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -58,8 +66,10 @@ class Settings:
             config=Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None,
             debug=bool(env.get(DEBUG_ENV)),
             redis_password=env.get(REDIS_PASSWORD_ENV) or None,
+            webhook_secret=env.get(WEBHOOK_SECRET_ENV) or None,
             otlp_endpoint=env.get(OTLP_ENDPOINT_ENV) or None,
             service_name=env.get(SERVICE_NAME_ENV) or DEFAULT_SERVICE_NAME,
+            admin_token=env.get(ADMIN_TOKEN_ENV) or None,
             **{name: env.get(var) or None for name, var in PORT_ENV.items()},
         )
 

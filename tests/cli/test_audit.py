@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from authz.cli.audit import parse_since
+from authz.cli.common import parse_since
 from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
 from authz.state.limits.base import LimitStore
 from authz.state.limits.durable import DurableMemoryLimitStore

@@ -315,6 +315,10 @@ class DurableMemoryLimitStore:
         """Every budget ledger by (key id or `org:<name>`, period), as kept (read only)."""
         return self._mem.state()[1]
 
+    def key_states(self) -> Mapping[str, KeyState]:
+        """Every key's rate and concurrency state by key id, as kept (read only)."""
+        return self._mem.state()[0]
+
     def _restore(self, doc: dict[str, Any]) -> None:
         keys = {k: decode(KeyState, v) for k, v in doc["keys"].items()}
         ledgers = {(k, p): decode(Ledger, v) for k, p, v in doc["ledgers"]}

@@ -1,0 +1,130 @@
+"""`--admin-url URL`: the keys and usage commands acting on a remote gateway through its
+admin API (token from $TOKENBOOTH_ADMIN_TOKEN). Each function returns what the local
+command prints (the same dictionaries), so the output is the same."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from authz.runtime.settings import ADMIN_TOKEN_ENV, Settings
+
+TIMEOUT_S = 30.0
+PAGE = 1000
+
+
+class RemoteError(ValueError):
+    """The admin API refused a call or could not be reached: one line."""
+
+
+class AdminClient:
+    def __init__(self, url: str, token: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise RemoteError(f"--admin-url: expected http(s)://host:port, got {url!r}")
+        self.base, self._token = url.rstrip("/"), token
+
+    @classmethod
+    def from_settings(cls, url: str, settings: Settings) -> AdminClient:
+        if not settings.admin_token:
+            raise RemoteError(f"--admin-url needs an admin token in ${ADMIN_TOKEN_ENV}")
+        return cls(url, settings.admin_token)
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None,
+             query: Mapping[str, object] | None = None) -> Any:
+        """One call; the decoded answer, or RemoteError / LookupError (404) in one line."""
+        q = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        url = self.base + path + ("?" + urllib.parse.urlencode(q) if q else "")
+        req = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
+            url, method=method, data=None if body is None else orjson.dumps(body),
+            headers={"Authorization": f"Bearer {self._token}",
+                     "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:  # noqa: S310
+                return orjson.loads(r.read())
+        except urllib.error.HTTPError as e:
+            message = _message(e.read()) or e.reason
+            if e.code == 404:
+                raise LookupError(message) from None
+            raise RemoteError(f"{self.base}: {e.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise RemoteError(f"{self.base}: cannot reach the admin API: "
+                              f"{getattr(e, 'reason', e)}") from None
+
+    def pages(self, path: str, query: Mapping[str, object]) -> list[dict[str, Any]]:
+        """Every item of a paged list, page by page."""
+        out: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = self.call("GET", path, query={**query, "limit": PAGE, "after": after})
+            out += page["data"]
+            if not page["has_more"]:
+                return out
+            after = page["last_id"]
+
+
+def _message(raw: bytes) -> str:
+    try:
+        return str(orjson.loads(raw)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return ""
+
+
+def _jsonable(changes: Mapping[str, Any]) -> dict[str, Any]:
+    return orjson.loads(orjson.dumps(dict(changes), default=str))  # type: ignore[no-any-return]
+
+
+# -- what the commands call -------------------------------------------------------------
+
+
+def create_key(client: AdminClient, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`keys create`: the new key's record with its secret (`key`), shown once."""
+    created: dict[str, Any] = client.call("POST", "/v1/keys", _jsonable(fields))
+    return created
+
+
+def list_keys(client: AdminClient, org: str | None) -> list[dict[str, Any]]:
+    """`keys list`: the config's keys and the store's, as `_all_keys` gives them."""
+    return client.pages("/v1/keys", {"org": org})
+
+
+def show_key(client: AdminClient, key_id: str) -> dict[str, Any]:
+    shown: dict[str, Any] = client.call("GET", f"/v1/keys/{_seg(key_id)}")
+    return shown
+
+
+def update_key(client: AdminClient, key_id: str, changes: Mapping[str, Any]
+               ) -> dict[str, Any]:
+    """`keys update`: `changes` as `_changes` builds them (None removes a limit)."""
+    new: dict[str, Any] = client.call("PATCH", f"/v1/keys/{_seg(key_id)}",
+                                      _jsonable(changes))
+    return new
+
+
+def key_spend(client: AdminClient, key_id: str) -> dict[str, Any]:
+    """`keys show`: the key's current-period spend, reserved and remaining."""
+    spend: dict[str, Any] = client.call("GET", f"/v1/keys/{_seg(key_id)}/spend")
+    return spend
+
+
+def revoke_key(client: AdminClient, key_id: str) -> dict[str, Any]:
+    revoked: dict[str, Any] = client.call("POST", f"/v1/keys/{_seg(key_id)}/revoke")
+    return revoked
+
+
+def usage(client: AdminClient, org: str | None, key: str | None, since: str | None
+          ) -> dict[str, Any]:
+    """`tokenbooth usage`: {"records": [...], "totals": {...}}, every page."""
+    query = {"org": org, "key": key, "since": since}
+    records = client.pages("/v1/usage", query)
+    totals = client.call("GET", "/v1/usage", query={**query, "limit": 1})["totals"]
+    return {"records": records, "totals": totals}
+
+
+def _seg(value: str) -> str:
+    return urllib.parse.quote(value, safe="")

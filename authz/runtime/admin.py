@@ -1,0 +1,138 @@
+"""The admin API's HTTP server (aiohttp): one generic handler reads the route table of
+policy/admin_schema.py, authenticates, checks the role, validates the query and body
+with the route's models, calls the endpoint (admin_api.py) and writes one audit line.
+
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from authz.runtime.admin_api import ENDPOINTS, AdminContext, AdminError, Call
+from authz.runtime.admin_auth import Caller
+from authz.state.keys.base import StoreUnavailable
+from authz.state.limits.base import LimitStoreUnavailable
+from policy.admin_schema import ROUTES, Route, openapi_document
+
+log = logging.getLogger("tokenbooth.admin")
+MAX_BODY = 64 << 10
+
+
+def error_response(err: AdminError) -> web.Response:
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param,
+                      "code": err.code}}
+    return web.Response(status=err.status, body=orjson.dumps(body),
+                        content_type="application/json", headers=err.headers)
+
+
+def _invalid(e: ValidationError, where: str) -> AdminError:
+    """A 400 naming the first bad field."""
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown {where} field {param!r}"
+    else:
+        msg = f"{param}: {str(err['msg']).removeprefix('Value error, ')}" if param else \
+            str(err["msg"])
+    return AdminError(400, msg, "invalid_request", param=param)
+
+
+async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
+                                                             BaseModel | None]:
+    query = None
+    try:
+        if route.query is not None:
+            query = route.query.model_validate(dict(request.query))
+        elif request.query:
+            raise AdminError(400, f"unknown query parameter {next(iter(request.query))!r}",
+                             "invalid_request", param=next(iter(request.query)))
+    except ValidationError as e:
+        raise _invalid(e, "query") from None
+    if route.body is None:
+        return query, None
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw or b"null")
+    except orjson.JSONDecodeError:
+        raise AdminError(400, "the body is not JSON", "invalid_request") from None
+    if not isinstance(data, dict):
+        raise AdminError(400, "the body must be a JSON object", "invalid_request")
+    try:
+        return query, route.body.model_validate(data)
+    except ValidationError as e:
+        raise _invalid(e, "body") from None
+
+
+def _authenticate(ctx: AdminContext, request: web.Request) -> Caller:
+    client = request.remote or "?"
+    wait = ctx.limiter.retry_after(client)
+    if wait is not None:
+        raise AdminError(429, "Too many failed authentications; retry later.",
+                         "rate_limit_exceeded", headers={"retry-after": str(math.ceil(wait))})
+    caller = ctx.tokens.caller(request.headers.get("Authorization"))
+    if caller is None:
+        ctx.limiter.failed(client)
+        raise AdminError(401, "Missing or unknown admin token (Authorization: Bearer).",
+                         "invalid_api_key", type="authentication_error")
+    return caller
+
+
+def _handler(ctx: AdminContext, route: Route) -> Callable[[web.Request], Any]:
+    endpoint = ENDPOINTS[route.name]
+
+    async def handle(request: web.Request) -> web.Response:
+        call = Call(params=dict(request.match_info))
+        audit: dict[str, object] = {"admin": None, "action": route.name,
+                                    "client": request.remote}
+        try:
+            caller = _authenticate(ctx, request)
+            audit["admin"] = caller.name
+            if not caller.may(route.role):
+                raise AdminError(403, f"a {caller.role!r} token cannot call {route.name}",
+                                 "insufficient_scope", type="permission_error")
+            call.query, call.body = await _parse(route, request)
+            out = await endpoint(ctx, call)
+            resp = web.Response(status=route.status, body=out.model_dump_json(),
+                                content_type="application/json")
+        except AdminError as e:
+            resp = error_response(e)
+        except (StoreUnavailable, LimitStoreUnavailable, RedisError, OSError, ValueError) as e:
+            log.warning("admin call failed: %s", type(e).__name__)
+            resp = error_response(AdminError(503, "the state store did not answer; retry",
+                                             "service_unavailable", type="server_error"))
+        audit.update(call.audit(), status=resp.status)
+        log.info("admin call", extra=audit)
+        return resp
+
+    return handle
+
+
+def make_admin_app(ctx: AdminContext, version: str = "0") -> web.Application:
+    """The admin API over `ctx`; `/openapi.json` needs no token (it holds no data)."""
+    app = web.Application(client_max_size=MAX_BODY)
+    doc = orjson.dumps(openapi_document(version))
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.Response(body=doc, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, _handler(ctx, route))
+    return app
+
+
+async def start_admin(ctx: AdminContext, listen: tuple[str, int], version: str = "0"
+                      ) -> tuple[web.AppRunner, int]:
+    """Serve the admin API; the runner (to clean up) and the bound port."""
+    runner = web.AppRunner(make_admin_app(ctx, version), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, *listen).start()
+    return runner, int(runner.addresses[0][1])

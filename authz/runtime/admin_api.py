@@ -1,0 +1,322 @@
+"""The admin API's endpoints, one coroutine per row of policy/admin_schema.py's ROUTES,
+over the running process's key store, limit store, org limits and usage records."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ValidationError
+
+from authz.runtime.admin_auth import AdminTokens, FailureLimiter
+from authz.state.keys.base import KeyAdmin, KeyExists, KeyStore
+from authz.state.limits.base import LimitStore
+from authz.state.orgs import OrgLimitsCache
+from authz.state.usage.records import USAGE_FILE, USAGE_STREAM, one_per_request, read_records
+from policy.admin_schema import (
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyOut,
+    KeyQuery,
+    KeyUpdate,
+    OrgOut,
+    Spend,
+    UsageGroup,
+    UsagePage,
+    UsageQuery,
+    UsageRecordOut,
+    UsageTotals,
+)
+from policy.audit import ORG_PREFIX
+from policy.config import Config, OrgLimits
+from policy.keyrecord import BudgetPeriod, KeyRecord
+from policy.keys import display_prefix, fingerprint, new_secret
+from policy.limits import nano_to_usd, period_id, usd_to_nano
+
+Records = list[dict[str, Any]]
+
+
+class AdminError(Exception):
+    """An OpenAI-shaped error answer."""
+
+    def __init__(self, status: int, message: str, code: str, *, param: str | None = None,
+                 type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.type, self.headers = type, headers or {}
+
+
+async def load_usage(cfg: Config) -> Records:
+    """Every usage record of the configured backend, one per request_id."""
+    if cfg.state_is_redis:
+        from authz.state.usage.redis_sink import read_stream
+
+        return list(one_per_request(await read_stream(cfg.state, USAGE_STREAM)))
+    return await asyncio.to_thread(lambda: list(read_records(cfg.data_dir / USAGE_FILE)))
+
+
+@dataclass
+class AdminContext:
+    """What the endpoints act on; `config` gives the current policy."""
+
+    config: Callable[[], Config]
+    keys: KeyStore
+    limits: LimitStore
+    orgs: OrgLimitsCache
+    tokens: AdminTokens
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    usage: Callable[[Config], Awaitable[Records]] = load_usage
+
+    def writable_keys(self) -> KeyAdmin:
+        if not isinstance(self.keys, KeyAdmin):
+            url = self.config().key_store.validation_url
+            raise AdminError(409, f"keys are managed by the validation service at {url}; "
+                             "key writes are refused here", "keys_read_only")
+        return self.keys
+
+
+@dataclass
+class Call:
+    """One request: path parameters, the validated query and body, what the audit line
+    names (a key id, an org; never a secret)."""
+
+    params: dict[str, str]
+    query: BaseModel | None = None
+    body: BaseModel | None = None
+    key_id: str | None = None
+    org: str | None = None
+
+    def audit(self) -> dict[str, object]:
+        key_id = self.key_id or self.params.get("key_id")
+        org = self.org or self.params.get("org")
+        return {k: v for k, v in (("key_id", key_id), ("org", org)) if v}
+
+
+def _check_models(cfg: Config, models: Iterable[str]) -> None:
+    unknown = sorted(set(models) - set(cfg.models))
+    if unknown:
+        raise AdminError(400, f"models: unknown alias(es) {unknown}; known: "
+                         f"{sorted(cfg.models)}", "invalid_request", param="models")
+
+
+def _out(rec: KeyRecord, source: str = "store") -> KeyOut:
+    return KeyOut.model_validate({**rec.model_dump(), "source": source})
+
+
+async def _find(ctx: AdminContext, key_id: str) -> KeyOut:
+    for k in ctx.config().keys:
+        if k.id == key_id:
+            return _out(k, "config")
+    rec = await ctx.keys.get(key_id) if isinstance(ctx.keys, KeyAdmin) else None
+    if rec is None:
+        raise AdminError(404, f"no key with id {key_id!r}", "key_not_found")
+    return _out(rec)
+
+
+def _not_in_config(cfg: Config, key_id: str) -> None:
+    if any(k.id == key_id for k in cfg.keys):
+        raise AdminError(409, f"key {key_id!r} is declared in the config file; change it "
+                         "there", "key_in_config")
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+async def create_key(ctx: AdminContext, call: Call) -> KeyCreated:
+    req = cast(KeyCreate, call.body)
+    store = ctx.writable_keys()
+    cfg = ctx.config()
+    _check_models(cfg, req.models)
+    secret = new_secret()
+    fields = req.model_dump()
+    record = KeyRecord(id="key_" + secrets.token_hex(6), sha256=fingerprint(secret),
+                       prefix=display_prefix(secret), created_at=ctx.clock(),
+                       **{**fields, "models": tuple(dict.fromkeys(req.models))})
+    if any(k.id == record.id for k in cfg.keys):
+        raise AdminError(409, "key id collision with the config file; try again",
+                         "key_exists")
+    try:
+        await store.create(record)
+    except KeyExists as e:
+        raise AdminError(409, str(e), "key_exists") from None
+    call.key_id, call.org = record.id, record.org
+    return KeyCreated.model_validate({**_out(record).model_dump(), "key": secret})
+
+
+async def list_keys(ctx: AdminContext, call: Call) -> KeyList:
+    q = cast(KeyQuery, call.query)
+    cfg = ctx.config()
+    rows = [_out(k, "config") for k in cfg.keys]
+    if isinstance(ctx.keys, KeyAdmin):
+        rows += [_out(k) for k in await ctx.keys.list_keys(q.org)]
+    rows = sorted((r for r in rows if (q.org is None or r.org == q.org)
+                   and (q.status is None or r.status == q.status)), key=lambda r: r.id)
+    if q.after is not None:
+        rows = [r for r in rows if r.id > q.after]
+    page = rows[:q.limit]
+    return KeyList(data=page, has_more=len(rows) > q.limit,
+                   last_id=page[-1].id if page else None)
+
+
+async def get_key(ctx: AdminContext, call: Call) -> KeyOut:
+    return await _find(ctx, call.params["key_id"])
+
+
+async def update_key(ctx: AdminContext, call: Call) -> KeyOut:
+    key_id = call.params["key_id"]
+    store = ctx.writable_keys()
+    cfg = ctx.config()
+    _not_in_config(cfg, key_id)
+    changes = cast(KeyUpdate, call.body).changes()
+    if not changes:
+        raise AdminError(400, "nothing to change: send at least one field",
+                         "invalid_request")
+    _check_models(cfg, changes.get("models", ()))
+    try:
+        new = await store.update(key_id, changes)
+    except ValueError as e:
+        param = str(e).partition(":")[0] if ":" in str(e) else None
+        raise AdminError(400, str(e), "invalid_request", param=param) from None
+    if new is None:
+        raise AdminError(404, f"no key with id {key_id!r}", "key_not_found")
+    call.org = new.org
+    return _out(new)
+
+
+async def revoke_key(ctx: AdminContext, call: Call) -> KeyOut:
+    key_id = call.params["key_id"]
+    store = ctx.writable_keys()
+    _not_in_config(ctx.config(), key_id)
+    new = await store.revoke(key_id)
+    if new is None:
+        raise AdminError(404, f"no key with id {key_id!r}", "key_not_found")
+    call.org = new.org
+    return _out(new)
+
+
+# -- spend and orgs ---------------------------------------------------------------------
+
+
+def _usd(nano: int) -> str:
+    return format(nano_to_usd(nano), "f")
+
+
+async def _spend(ctx: AdminContext, owner: Literal["key", "org"], ident: str, org: str,
+                 period: BudgetPeriod, budget: Decimal | None) -> Spend:
+    now = ctx.clock()
+    pid = period_id(period, now)
+    ledger = ident if owner == "key" else ORG_PREFIX + org
+    spent, reserved = await ctx.limits.budget(ledger, org, pid, now.timestamp())
+    total = None if budget is None else usd_to_nano(budget)
+    return Spend(owner=owner, id=ident, org=org, budget_period=period, period=pid,
+                 budget_usd=None if budget is None else format(budget, "f"),
+                 spent_usd=_usd(spent), reserved_usd=_usd(reserved),
+                 remaining_usd=None if total is None else _usd(max(total - spent - reserved,
+                                                                   0)))
+
+
+async def key_spend(ctx: AdminContext, call: Call) -> Spend:
+    key = await _find(ctx, call.params["key_id"])
+    call.org = key.org
+    return await _spend(ctx, "key", key.id, key.org, key.budget_period, key.budget_usd)
+
+
+def _org_out(ctx: AdminContext, org: str) -> OrgOut:
+    stored = ctx.orgs.stored(org)
+    if stored is not None:
+        return OrgOut(org=org, source="store", limits=stored)
+    default = ctx.config().orgs.get(org)
+    return OrgOut(org=org, source="none" if default is None else "config", limits=default)
+
+
+async def get_org(ctx: AdminContext, call: Call) -> OrgOut:
+    return _org_out(ctx, call.params["org"])
+
+
+async def set_org(ctx: AdminContext, call: Call) -> OrgOut:
+    await ctx.orgs.put(call.params["org"], cast(OrgLimits, call.body))
+    return _org_out(ctx, call.params["org"])
+
+
+async def delete_org(ctx: AdminContext, call: Call) -> OrgOut:
+    await ctx.orgs.put(call.params["org"], None)
+    return _org_out(ctx, call.params["org"])
+
+
+async def org_spend(ctx: AdminContext, call: Call) -> Spend:
+    org = call.params["org"]
+    limits = ctx.orgs.org_limits(ctx.config(), org) or OrgLimits()
+    return await _spend(ctx, "org", org, org, limits.budget_period, limits.budget_usd)
+
+
+# -- usage ------------------------------------------------------------------------------
+
+
+def _selected(rec: dict[str, Any], q: UsageQuery) -> bool:
+    if (q.org and rec.get("org") != q.org) or (q.key and rec.get("key_id") != q.key):
+        return False
+    if q.since is None:
+        return True
+    try:
+        started = datetime.fromisoformat(str(rec.get("started_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    since = q.since if q.since.tzinfo else q.since.replace(tzinfo=UTC)
+    return (started if started.tzinfo else started.replace(tzinfo=UTC)) >= since
+
+
+def _totals(rows: list[UsageRecordOut]) -> dict[str, Any]:
+    return {"requests": len(rows),
+            "prompt_tokens": sum(r.prompt_tokens for r in rows),
+            "completion_tokens": sum(r.completion_tokens for r in rows),
+            "total_tokens": sum(r.total_tokens for r in rows),
+            "cost_usd": format(sum((Decimal(r.cost_usd) for r in rows), Decimal(0)), "f")}
+
+
+def _groups(rows: list[UsageRecordOut], by: str) -> list[UsageGroup]:
+    attr = {"key": "key_id", "org": "org", "model": "model"}[by]
+    parts: dict[str, list[UsageRecordOut]] = {}
+    for r in rows:
+        parts.setdefault(getattr(r, attr), []).append(r)
+    return [UsageGroup(group=g, **_totals(rs)) for g, rs in sorted(parts.items())]
+
+
+def _records(raw: Iterable[dict[str, Any]]) -> list[UsageRecordOut]:
+    out = []
+    for r in raw:
+        try:
+            out.append(UsageRecordOut.model_validate(r))
+        except ValidationError:
+            continue  # a damaged record: `tokenbooth audit` reports those
+    return out
+
+
+async def usage(ctx: AdminContext, call: Call) -> UsagePage:
+    q = cast(UsageQuery, call.query)
+    rows = _records(r for r in await ctx.usage(ctx.config()) if _selected(r, q))
+    start = 0
+    if q.after is not None:
+        ids = [r.request_id for r in rows]
+        start = ids.index(q.after) + 1 if q.after in ids else len(rows)
+    page = rows[start:start + q.limit]
+    return UsagePage(data=page, totals=UsageTotals(**_totals(rows)),
+                     groups=_groups(rows, q.group_by) if q.group_by else None,
+                     has_more=start + q.limit < len(rows),
+                     last_id=page[-1].request_id if page else None)
+
+
+Endpoint = Callable[[AdminContext, Call], Awaitable[BaseModel]]
+ENDPOINTS: dict[str, Endpoint] = {
+    "create_key": create_key, "list_keys": list_keys, "get_key": get_key,
+    "update_key": update_key, "revoke_key": revoke_key, "key_spend": key_spend,
+    "get_org": get_org, "set_org": set_org, "delete_org": delete_org,
+    "org_spend": org_spend, "usage": usage,
+}

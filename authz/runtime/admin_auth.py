@@ -1,0 +1,78 @@
+"""Admin API authentication: bearer tokens checked by SHA-256 fingerprint, each with a
+role, and a per-address limit on failed attempts."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from policy.admin_schema import Role
+from policy.config import AdminToken
+from policy.keys import extract_secret, fingerprint
+
+# The name audit lines give the token of $TOKENBOOTH_ADMIN_TOKEN.
+ENV_TOKEN_NAME = "env"  # noqa: S105 - a name, not a token
+FAILURES_ALLOWED = 10
+FAILURE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    name: str
+    role: Role
+
+    def may(self, needed: Role) -> bool:
+        return needed == "read" or self.role == "admin"
+
+
+class AdminTokens:
+    """fingerprint -> the caller it authenticates; the secrets are never kept."""
+
+    def __init__(self, tokens: Iterable[AdminToken], env_token: str | None = None) -> None:
+        self._by_fp = {t.sha256: Caller(t.name, t.role) for t in tokens}
+        if env_token:
+            self._by_fp[fingerprint(env_token)] = Caller(ENV_TOKEN_NAME, "admin")
+
+    def __bool__(self) -> bool:
+        return bool(self._by_fp)
+
+    def caller(self, authorization: str | None) -> Caller | None:
+        """Who an `Authorization: Bearer <token>` header is, or None."""
+        token = extract_secret(authorization, None)
+        return None if token is None else self._by_fp.get(fingerprint(token))
+
+
+class FailureLimiter:
+    """At most `allowed` failed authentications per client address in a sliding window;
+    the table is bounded (oldest addresses dropped first)."""
+
+    def __init__(self, allowed: int = FAILURES_ALLOWED, window_s: float = FAILURE_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic, max_clients: int = 10_000
+                 ) -> None:
+        self._allowed, self._window, self._clock = allowed, window_s, clock
+        self._max = max_clients
+        self._fails: dict[str, deque[float]] = {}
+
+    def _recent(self, client: str) -> deque[float]:
+        q = self._fails.get(client, deque())
+        cutoff = self._clock() - self._window
+        while q and q[0] <= cutoff:
+            q.popleft()
+        return q
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds until `client` may try again, or None if it may now."""
+        q = self._recent(client)
+        if len(q) < self._allowed:
+            return None
+        return max(q[0] + self._window - self._clock(), 0.001)
+
+    def failed(self, client: str) -> None:
+        q = self._recent(client)
+        q.append(self._clock())
+        self._fails.pop(client, None)
+        self._fails[client] = q  # newest last
+        while len(self._fails) > self._max:
+            self._fails.pop(next(iter(self._fails)))

@@ -1,0 +1,171 @@
+"""Org limits set over the admin API, stored beside the keys; the config's `orgs:` stays
+the default for orgs with nothing stored.
+
+memory: `<data_dir>/orgs.json` (atomic rename under a lock). Redis: the hash
+`tb:{tb-orgs}:limits` (org -> JSON) and a version counter bumped on every change.
+`OrgLimitsCache` polls the version (0.5 s) so every replica sees a change within 2 s;
+`org_limits(cfg, org)` is a dictionary read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from authz.state.keys.redis_store import connect
+from policy.config import Config, OrgLimits
+
+log = logging.getLogger("tokenbooth.orgs")
+
+ORGS_FILE = "orgs.json"
+REDIS_LIMITS, REDIS_VERSION = "tb:{tb-orgs}:limits", "tb:{tb-orgs}:version"
+POLL_S = 0.5
+
+
+def _decode(raw: dict[str, object]) -> dict[str, OrgLimits]:
+    return {org: OrgLimits.model_validate(v) for org, v in raw.items()}
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class OrgStore(Protocol):
+    async def version(self) -> object:
+        """Changes whenever the stored limits change."""
+
+    async def read_all(self) -> dict[str, OrgLimits]: ...
+
+    async def put(self, org: str, limits: OrgLimits | None) -> None:
+        """Store an org's limits (None: drop them, the config's apply again)."""
+
+    async def close(self) -> None: ...
+
+
+class FileOrgStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / ORGS_FILE
+
+    async def version(self) -> object:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    async def read_all(self) -> dict[str, OrgLimits]:
+        try:
+            return _decode(orjson.loads(self.path.read_bytes()))
+        except FileNotFoundError:
+            return {}
+        except (orjson.JSONDecodeError, ValidationError, AttributeError) as e:
+            raise ValueError(f"{self.path}: damaged org limits: "
+                             f"{str(e).splitlines()[0]}") from None
+
+    async def put(self, org: str, limits: OrgLimits | None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = await self.read_all()
+            if limits is None:
+                current.pop(org, None)
+            else:
+                current[org] = limits
+            body = {k: v.model_dump(mode="json") for k, v in sorted(current.items())}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
+            tmp.chmod(0o600)
+            os.replace(tmp, self.path)
+        finally:
+            os.close(lock)
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisOrgStore:
+    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+        self._redis = connect(url, timeout_s)
+
+    async def version(self) -> object:
+        return await self._redis.get(REDIS_VERSION)
+
+    async def read_all(self) -> dict[str, OrgLimits]:
+        raw = await self._redis.hgetall(REDIS_LIMITS)
+        return _decode({_text(k): orjson.loads(v) for k, v in raw.items()})
+
+    async def put(self, org: str, limits: OrgLimits | None) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if limits is None:
+                pipe.hdel(REDIS_LIMITS, org)
+            else:
+                pipe.hset(REDIS_LIMITS, org, limits.model_dump_json())
+            pipe.incr(REDIS_VERSION)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def make_org_store(cfg: Config) -> OrgStore:
+    if cfg.state_is_redis:
+        return RedisOrgStore(cfg.state, cfg.key_store.timeout_s)
+    return FileOrgStore(cfg.data_dir)
+
+
+class OrgLimitsCache:
+    """The stored org limits, polled; what the lifecycle asks for each request."""
+
+    def __init__(self, store: OrgStore, poll_s: float = POLL_S) -> None:
+        self.store = store
+        self._poll_s = poll_s
+        self._stored: dict[str, OrgLimits] = {}
+        self._version: object = ()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="org-limits")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.store.close()
+
+    def org_limits(self, cfg: Config, org: str) -> OrgLimits | None:
+        """The org's stored limits, else the config's, else None."""
+        stored = self._stored.get(org)
+        return stored if stored is not None else cfg.orgs.get(org)
+
+    def stored(self, org: str) -> OrgLimits | None:
+        return self._stored.get(org)
+
+    async def put(self, org: str, limits: OrgLimits | None) -> None:
+        await self.store.put(org, limits)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Re-read the store if its version moved; a failure keeps the last good copy."""
+        try:
+            version = await self.store.version()
+            if version != self._version:
+                self._stored = await self.store.read_all()
+                self._version = version
+        except Exception as e:  # keep serving the last good limits
+            log.warning("org limits not refreshed: %s", e)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            await self.refresh()

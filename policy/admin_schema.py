@@ -1,0 +1,287 @@
+"""The admin API's contract: request and response models, the route table, and the
+OpenAPI 3.1 document generated from both (the HTTP server reads the same table)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from policy.config import OrgLimits
+from policy.keyrecord import BudgetPeriod, KeyRecord
+
+Role = Literal["read", "admin"]
+Scope = Literal["inference:read", "inference:write"]
+ALL_SCOPES: tuple[Scope, ...] = ("inference:read", "inference:write")
+REF = "#/components/schemas/{model}"
+MAX_PAGE = 1000
+
+
+class _In(BaseModel):
+    """Requests: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Limits(_In):
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    budget_usd: Decimal | None = Field(default=None, ge=0)
+    expires_at: datetime | None = None
+
+
+class KeyCreate(_Limits):
+    """POST /v1/keys (as `tokenbooth keys create`)."""
+
+    org: str = Field(min_length=1, max_length=128)
+    name: str = Field(default="", max_length=256)
+    scopes: tuple[Scope, ...] = ALL_SCOPES
+    models: tuple[str, ...] = ()  # empty: every alias
+    budget_period: BudgetPeriod = "month"
+
+
+class KeyUpdate(_Limits):
+    """PATCH /v1/keys/{key_id} (as `keys update`): only the fields sent change; null
+    removes a limit or the expiry; `models: []` allows every alias."""
+
+    name: str | None = Field(default=None, max_length=256)
+    scopes: tuple[Scope, ...] | None = None
+    models: tuple[str, ...] | None = None
+    budget_period: BudgetPeriod | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The record fields to set (those sent), in the form `keys update` gives."""
+        out = {f: getattr(self, f) for f in sorted(self.model_fields_set)}
+        for f in ("name", "scopes", "budget_period"):
+            if f in out and out[f] is None:
+                out.pop(f)  # not clearable: null leaves them as they are
+        if "scopes" in out:
+            out["scopes"] = tuple(dict.fromkeys(out["scopes"]))
+        if "models" in out:
+            out["models"] = tuple(dict.fromkeys(out["models"] or ()))
+        return out
+
+
+class KeyQuery(_In):
+    """GET /v1/keys query parameters."""
+
+    org: str | None = None
+    status: Literal["active", "revoked"] | None = None
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+    after: str | None = Field(default=None, description="the last id of the previous page")
+
+
+class UsageQuery(_In):
+    """GET /v1/usage query parameters (the filters of `tokenbooth usage`)."""
+
+    org: str | None = None
+    key: str | None = Field(default=None, description="a key id")
+    since: datetime | None = None
+    group_by: Literal["key", "org", "model"] | None = None
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+    after: str | None = Field(default=None, description="the last request_id of the "
+                                                        "previous page")
+
+
+class Empty(_In):
+    """A request without a body or query parameters."""
+
+
+class KeyOut(KeyRecord):
+    """A key as the API shows it: never its secret."""
+
+    source: Literal["store", "config"] = "store"
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the secret, returned only in this answer")
+
+
+class KeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[KeyOut]
+    has_more: bool
+    last_id: str | None = None
+
+
+class Spend(BaseModel):
+    """Current-period spend of a key or an org (USD)."""
+
+    owner: Literal["key", "org"]
+    id: str
+    org: str
+    budget_period: BudgetPeriod
+    period: str
+    # Exact decimal strings, as usage records' cost_usd.
+    budget_usd: str | None
+    spent_usd: str
+    reserved_usd: str
+    remaining_usd: str | None
+
+
+class OrgOut(BaseModel):
+    org: str
+    source: Literal["store", "config", "none"]
+    limits: OrgLimits | None
+
+
+class UsageRecordOut(BaseModel):
+    request_id: str
+    key_id: str
+    org: str
+    model: str
+    upstream_model: str = ""
+    backend: str = ""
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: str
+    status: int | str
+    stream: bool = False
+    estimated: bool = False
+    started_at: str
+    duration_ms: float = 0.0
+    endpoint: str = ""
+
+
+class UsageTotals(BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: str
+
+
+class UsageGroup(UsageTotals):
+    group: str
+
+
+class UsagePage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UsageRecordOut]
+    totals: UsageTotals
+    groups: list[UsageGroup] | None = None
+    has_more: bool
+    last_id: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One admin endpoint. `body` for a JSON request body, `query` for parameters."""
+
+    name: str
+    method: str
+    path: str
+    response: type[BaseModel]
+    role: Role = "read"
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    status: int = 200
+    summary: str = ""
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("create_key", "POST", "/v1/keys", KeyCreated, "admin", body=KeyCreate, status=201,
+          summary="Create a key; its secret is in this answer only"),
+    Route("list_keys", "GET", "/v1/keys", KeyList, query=KeyQuery,
+          summary="List keys (config and store), by id, paged"),
+    Route("get_key", "GET", "/v1/keys/{key_id}", KeyOut, summary="One key"),
+    Route("update_key", "PATCH", "/v1/keys/{key_id}", KeyOut, "admin", body=KeyUpdate,
+          summary="Change a key in place (no new secret; spend is kept)"),
+    Route("revoke_key", "POST", "/v1/keys/{key_id}/revoke", KeyOut, "admin",
+          summary="Revoke a key (refused everywhere within 2 s)"),
+    Route("key_spend", "GET", "/v1/keys/{key_id}/spend", Spend, summary="A key's spend"),
+    Route("get_org", "GET", "/v1/orgs/{org}", OrgOut,
+          summary="An org's limits: stored, else the config's"),
+    Route("set_org", "PUT", "/v1/orgs/{org}", OrgOut, "admin", body=OrgLimits,
+          summary="Store an org's limits and budget (replaces the config's)"),
+    Route("delete_org", "DELETE", "/v1/orgs/{org}", OrgOut, "admin",
+          summary="Drop the stored limits: the config's apply again"),
+    Route("org_spend", "GET", "/v1/orgs/{org}/spend", Spend, summary="An org's spend"),
+    Route("usage", "GET", "/v1/usage", UsagePage, query=UsageQuery,
+          summary="Usage records and totals (as `tokenbooth usage`), paged"),
+)
+
+# status -> (description, error code) shared by every route
+_ERRORS = {"400": "invalid request (param names the field)", "401": "no or unknown token",
+           "403": "a read token cannot write", "404": "no such key",
+           "409": "keys are read-only here (validation service, or a key of the config)",
+           "429": "too many failed authentications from this address",
+           "503": "the state store did not answer"}
+
+
+def _parameters(route: Route) -> list[dict[str, Any]]:
+    params: list[dict[str, Any]] = [
+        {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+        for seg in route.path.split("/") if seg.startswith("{")]
+    if route.query is not None:
+        props = route.query.model_json_schema()["properties"]
+        params += [{"name": n, "in": "query", "required": False, "schema": s}
+                   for n, s in props.items()]
+    return params
+
+
+Refs = Mapping[tuple[Any, Any], Any]
+
+
+def _json(schema: Any) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _operation(route: Route, refs: Refs) -> dict[str, Any]:
+    responses: dict[str, Any] = {str(route.status): {
+        "description": route.summary,
+        "content": _json(refs[route.response, "serialization"])}}
+    codes = ["400", "401", "429", "503"] + (["403", "409"] if route.role == "admin" else [])
+    if "{key_id}" in route.path:
+        codes.append("404")
+    for code in sorted(codes):
+        responses[code] = {"description": _ERRORS[code],
+                           "content": _json(refs[ErrorBody, "serialization"])}
+    op: dict[str, Any] = {"operationId": route.name, "summary": route.summary,
+                          "parameters": _parameters(route), "responses": responses,
+                          "x-role": route.role}
+    if route.body is not None:
+        op["requestBody"] = {"required": True,
+                             "content": _json(refs[route.body, "validation"])}
+    return op
+
+
+def openapi_document(version: str = "0") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ROUTES; schemas in `components` (JSON Schema 2020-12)."""
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (ErrorBody, "serialization")]
+    for r in ROUTES:
+        models.append((r.response, "serialization"))
+        if r.body is not None:
+            models.append((r.body, "validation"))
+    refs, defs = models_json_schema(list(dict.fromkeys(models)), ref_template=REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        paths.setdefault(r.path, {})[r.method.lower()] = _operation(r, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tokenbooth admin API", "version": version},
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

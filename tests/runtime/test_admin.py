@@ -1,0 +1,356 @@
+"""The admin API, hermetic: the aiohttp app over a real keyring in tmp (or a real
+redis-server), every answer checked against /openapi.json with jsonschema."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from jsonschema import Draft202012Validator
+
+from authz.runtime.admin import make_admin_app
+from authz.runtime.admin_api import AdminContext, Records, load_usage
+from authz.runtime.admin_auth import AdminTokens, FailureLimiter
+from authz.runtime.logs import JsonFormatter
+from authz.state.keys.keyring import KeyringStore
+from authz.state.keys.redis_store import RedisKeyStore
+from authz.state.limits.base import LimitStore
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import RedisLimitStore
+from authz.state.orgs import FileOrgStore, OrgLimitsCache, OrgStore, RedisOrgStore
+from authz.state.usage.records import USAGE_FILE
+from policy.config import AdminToken, Config, KeyRecord, parse_config
+from policy.keys import fingerprint
+from tests.helpers import policy_dict
+from tests.redis_server import RedisServer
+
+ADMIN, READER, ENV = "adm-secret-token-1", "read-secret-token-2", "env-secret-token-3"
+TOKENS = (AdminToken(name="ops", sha256=fingerprint(ADMIN), role="admin"),
+          AdminToken(name="viewer", sha256=fingerprint(READER), role="read"))
+RECORDS: Records = [
+    {"request_id": f"r{i}", "key_id": "k-main" if i % 2 else "k-metered",
+     "org": "acme" if i < 4 else "beta", "model": "demo", "upstream_model": "tiny-llama",
+     "backend": "b", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+     "cost_usd": "0.0125", "status": 200, "stream": False, "estimated": False,
+     "started_at": f"2026-01-0{i + 1}T00:00:00+00:00", "duration_ms": 3.0,
+     "endpoint": "chat"} for i in range(6)]
+
+
+class Api:
+    """A client that checks every answer against the OpenAPI document."""
+
+    def __init__(self, client: TestClient[Any, Any], doc: dict[str, Any]) -> None:
+        self.client, self.doc = client, doc
+
+    async def __call__(self, method: str, path: str, token: str | None = ADMIN,
+                       body: Any = None, raw: bytes | None = None
+                       ) -> tuple[int, dict[str, Any]]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else (None if body is None else orjson.dumps(body))
+        resp = await self.client.request(method, path, headers=headers, data=data)
+        out = orjson.loads(await resp.read())
+        self.validate(method, path.partition("?")[0], resp.status, out)
+        return resp.status, out
+
+    def validate(self, method: str, path: str, status: int, body: Any) -> None:
+        op = next(ops[method.lower()] for tpl, ops in self.doc["paths"].items()
+                  if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", tpl), path))
+        assert str(status) in op["responses"], f"{status} not documented for {method} {path}"
+        schema = op["responses"][str(status)]["content"]["application/json"]["schema"]
+        root = {**schema, "components": self.doc["components"]}
+        Draft202012Validator(root).validate(body)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _stores(kind: str, data: Path, url: str) -> tuple[Any, LimitStore, OrgStore]:
+    if kind == "memory":
+        return KeyringStore(data, poll_s=0.05), MemoryLimitStore(), FileOrgStore(data)
+    return RedisKeyStore(url), RedisLimitStore(url), RedisOrgStore(url)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AdminContext]:
+    kind = request.param
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    if url:
+        import redis.asyncio as aioredis
+
+        r = aioredis.Redis.from_url(url)
+        await r.flushall()
+        await r.aclose()
+    state = url or "memory"
+    cfg = parse_config({**policy_dict("http://127.0.0.1:1"), "state": state,
+                        "orgs": {"acme": {"rpm": 100}}}, base_dir=tmp_path)
+    keys, limits, org_store = _stores(kind, cfg.data_dir, url)
+    orgs = OrgLimitsCache(org_store, poll_s=0.05)
+    for part in (keys, limits, orgs):
+        await part.start()
+    usage = load_usage if kind == "memory" else _fixed_usage
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.data_dir / USAGE_FILE).write_bytes(
+        b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in RECORDS))
+    yield AdminContext(lambda: cfg, keys, limits, orgs, AdminTokens(TOKENS, ENV),
+                       usage=usage)
+    for part in (keys, limits, orgs):
+        await part.close()
+
+
+async def _fixed_usage(_: Config) -> Records:
+    return RECORDS
+
+
+@pytest.fixture
+async def api(ctx: AdminContext) -> AsyncIterator[Api]:
+    async with TestClient(TestServer(make_admin_app(ctx))) as client:
+        resp = await client.get("/openapi.json")
+        yield Api(client, orjson.loads(await resp.read()))
+
+
+# -- the document -----------------------------------------------------------------------
+
+
+async def test_openapi_document_is_served_without_a_token(api: Api) -> None:
+    assert api.doc["openapi"] == "3.1.0"
+    for schema in api.doc["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+    assert {"/v1/keys", "/v1/keys/{key_id}", "/v1/orgs/{org}", "/v1/usage"} <= set(
+        api.doc["paths"])
+
+
+# -- authentication and roles -----------------------------------------------------------
+
+
+async def test_tokens_and_roles(api: Api) -> None:
+    assert (await api("GET", "/v1/keys", token=None))[0] == 401
+    status, body = await api("GET", "/v1/keys", token="wrong")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert (await api("GET", "/v1/keys", token=READER))[0] == 200
+    status, body = await api("POST", "/v1/keys", token=READER, body={"org": "acme"})
+    assert status == 403 and body["error"]["code"] == "insufficient_scope"
+    assert (await api("PUT", "/v1/orgs/acme", token=READER, body={}))[0] == 403
+    assert (await api("POST", "/v1/keys", token=ENV, body={"org": "acme"}))[0] == 201
+
+
+async def test_failed_authentication_is_rate_limited(ctx: AdminContext, api: Api) -> None:
+    ctx.limiter = FailureLimiter(allowed=3, window_s=60)
+    for _ in range(3):
+        assert (await api("GET", "/v1/keys", token="wrong"))[0] == 401
+    resp = await api.client.get("/v1/keys", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert resp.status == 429 and int(resp.headers["retry-after"]) >= 1
+    api.validate("GET", "/v1/keys", 429, orjson.loads(await resp.read()))
+
+
+def test_failure_limiter_window() -> None:
+    now = [0.0]
+    lim = FailureLimiter(allowed=2, window_s=10, clock=lambda: now[0], max_clients=2)
+    lim.failed("a")
+    lim.failed("a")
+    assert lim.retry_after("a") == 10 and lim.retry_after("b") is None
+    now[0] = 10.5
+    assert lim.retry_after("a") is None
+    for c in ("b", "c", "d"):
+        lim.failed(c)
+    assert len(lim._fails) == 2  # bounded
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+async def test_key_lifecycle(ctx: AdminContext, api: Api) -> None:
+    status, created = await api("POST", "/v1/keys", body={
+        "org": "acme", "name": "portal", "models": ["demo"], "rpm": 5, "budget_usd": "2.5"})
+    assert status == 201 and created["key"].startswith("sk-tb-")
+    key_id, secret = created["id"], created["key"]
+    found = await ctx.keys.find(fingerprint(secret), secret)
+    assert found is not None and found.rpm == 5
+    status, got = await api("GET", f"/v1/keys/{key_id}")
+    assert status == 200 and "key" not in got and got["prefix"] == secret[:10]
+    status, upd = await api("PATCH", f"/v1/keys/{key_id}", body={"rpm": 9, "tpm": None,
+                                                                 "models": []})
+    assert status == 200 and upd["rpm"] == 9 and upd["models"] == []
+    await _eventually(lambda: _rpm(ctx, secret), 9)
+    status, spend = await api("GET", f"/v1/keys/{key_id}/spend")
+    assert status == 200 and spend["spent_usd"] == "0" and spend["remaining_usd"] == "2.5"
+    status, rev = await api("POST", f"/v1/keys/{key_id}/revoke")
+    assert status == 200 and rev["status"] == "revoked"
+    assert (await api("POST", "/v1/keys/nope/revoke"))[0] == 404
+    assert (await api("GET", "/v1/keys/nope"))[0] == 404
+    status, body = await api("PATCH", "/v1/keys/k-main", body={"rpm": 1})
+    assert status == 409 and body["error"]["code"] == "key_in_config"
+
+
+async def _rpm(ctx: AdminContext, secret: str) -> int | None:
+    rec = await ctx.keys.find(fingerprint(secret), secret)
+    return None if rec is None else rec.rpm
+
+
+async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (got := await probe()) != want:
+        assert time.monotonic() < deadline, f"still {got!r}, want {want!r}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("method", "path", "body", "param"), [
+    ("POST", "/v1/keys", {"org": "acme", "colour": "red"}, "colour"),
+    ("POST", "/v1/keys", {"org": "acme", "rpm": 0}, "rpm"),
+    ("POST", "/v1/keys", {"org": "acme", "scopes": ["root"]}, "scopes.0"),
+    ("POST", "/v1/keys", {"org": "acme", "models": ["nope"]}, "models"),
+    ("POST", "/v1/keys", {"name": "no org"}, "org"),
+    ("PATCH", "/v1/keys/k-x", {"sha256": "0" * 64}, "sha256"),
+    ("GET", "/v1/keys?limit=5000", None, "limit"),
+    ("GET", "/v1/keys?colour=red", None, "colour"),
+    ("GET", "/v1/usage?since=yesterday", None, "since"),
+    ("PUT", "/v1/orgs/acme", {"rpm": -1}, "rpm"),
+])
+async def test_bad_input_names_the_field(api: Api, method: str, path: str, body: Any,
+                                         param: str) -> None:
+    status, out = await api(method, path, body=body)
+    assert status == 400, out
+    assert out["error"]["param"] == param and param in out["error"]["message"]
+
+
+async def test_body_must_be_a_json_object(api: Api) -> None:
+    assert (await api("POST", "/v1/keys", raw=b"{nope"))[0] == 400
+    assert (await api("POST", "/v1/keys", raw=b"[1]"))[0] == 400
+    assert (await api("PATCH", "/v1/keys/k-x", body={}))[0] == 400
+
+
+async def test_list_filters_and_pages(api: Api) -> None:
+    for org in ("acme", "acme", "beta", "acme", "beta"):
+        assert (await api("POST", "/v1/keys", body={"org": org}))[0] == 201
+    seen: list[str] = []
+    after = ""
+    while True:
+        status, page = await api("GET", f"/v1/keys?org=acme&limit=2{after}")
+        assert status == 200 and len(page["data"]) <= 2
+        seen += [k["id"] for k in page["data"]]
+        if not page["has_more"]:
+            break
+        after = f"&after={page['last_id']}"
+    assert seen == sorted(seen) and len(seen) == len(set(seen))
+    # 3 created + the config's acme keys (k-main, k-read, k-revoked, k-expired, k-metered)
+    assert len(seen) == 8
+    status, page = await api("GET", "/v1/keys?status=revoked")
+    assert [k["id"] for k in page["data"]] == ["k-revoked"]
+
+
+class _ValidationOnly:
+    """A key store tokenbooth cannot write (as the HTTP validation service)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
+        return None
+
+
+async def test_validation_service_refuses_key_writes(ctx: AdminContext, api: Api) -> None:
+    ctx.keys = _ValidationOnly()
+    status, body = await api("POST", "/v1/keys", body={"org": "acme"})
+    assert status == 409 and body["error"]["code"] == "keys_read_only"
+    assert (await api("POST", "/v1/keys/k-x/revoke"))[0] == 409
+    assert (await api("GET", "/v1/keys"))[0] == 200  # the config's keys
+
+
+# -- orgs, spend, usage -----------------------------------------------------------------
+
+
+async def test_org_limits_are_stored_and_seen_by_every_replica(ctx: AdminContext,
+                                                               api: Api) -> None:
+    cfg = ctx.config()
+    status, org = await api("GET", "/v1/orgs/acme")
+    assert status == 200 and org["source"] == "config" and org["limits"]["rpm"] == 100
+    assert (await api("GET", "/v1/orgs/zeta"))[1]["source"] == "none"
+    # Another replica on the same state.
+    other = OrgLimitsCache(RedisOrgStore(cfg.state) if cfg.state_is_redis
+                           else FileOrgStore(cfg.data_dir))
+    await other.refresh()
+    status, org = await api("PUT", "/v1/orgs/acme", body={"rpm": 7, "budget_usd": "3",
+                                                          "budget_period": "day"})
+    assert status == 200 and org["source"] == "store" and org["limits"]["rpm"] == 7
+    assert ctx.orgs.org_limits(cfg, "acme") is not None
+    await other.refresh()
+    limits = other.org_limits(cfg, "acme")
+    assert limits is not None and limits.rpm == 7
+    status, spend = await api("GET", "/v1/orgs/acme/spend")
+    assert status == 200 and spend["budget_period"] == "day" and spend["remaining_usd"] == "3"
+    status, org = await api("DELETE", "/v1/orgs/acme")
+    assert org["source"] == "config"
+    await other.refresh()
+    assert other.org_limits(cfg, "acme") == cfg.orgs["acme"]
+    await other.store.close()
+
+
+async def test_usage_filters_groups_and_pages(api: Api) -> None:
+    status, page = await api("GET", "/v1/usage?org=acme&limit=3")
+    assert status == 200 and [r["request_id"] for r in page["data"]] == ["r0", "r1", "r2"]
+    assert page["has_more"] and page["totals"]["requests"] == 4
+    status, page = await api("GET", f"/v1/usage?org=acme&limit=3&after={page['last_id']}")
+    assert [r["request_id"] for r in page["data"]] == ["r3"] and not page["has_more"]
+    status, page = await api("GET", "/v1/usage?key=k-main&since=2026-01-03T00:00:00Z"
+                                    "&group_by=org")
+    assert [r["request_id"] for r in page["data"]] == ["r3", "r5"]
+    assert page["totals"]["cost_usd"] == "0.0250"
+    assert [(g["group"], g["requests"]) for g in page["groups"]] == [("acme", 1), ("beta", 1)]
+
+
+async def test_every_call_is_audited_without_secrets(api: Api,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tokenbooth.admin")
+    _, created = await api("POST", "/v1/keys", body={"org": "acme"})
+    await api("GET", "/v1/keys", token="wrong")
+    await api("POST", f"/v1/keys/{created['id']}/revoke", token=READER)
+    lines = [orjson.loads(JsonFormatter().format(r)) for r in caplog.records
+             if r.name == "tokenbooth.admin"]
+    assert [(x["admin"], x["action"], x.get("key_id"), x["status"]) for x in lines] == [
+        ("ops", "create_key", created["id"], 201), (None, "list_keys", None, 401),
+        ("viewer", "revoke_key", created["id"], 403)]
+    text = caplog.text + repr(lines)
+    for secret in (created["key"], ADMIN, READER):
+        assert secret not in text
+
+
+# -- the CLI's client (--admin-url) -----------------------------------------------------
+
+
+async def test_remote_client_does_what_the_commands_do(api: Api) -> None:
+    from authz.cli import remote
+
+    base = str(api.client.make_url("")).rstrip("/")
+    client = remote.AdminClient(base, ADMIN)
+
+    def run() -> None:
+        created = remote.create_key(client, {"org": "acme", "rpm": 3, "models": ["demo"]})
+        assert created["key"].startswith("sk-tb-")
+        assert created["id"] in {k["id"] for k in remote.list_keys(client, "acme")}
+        upd = remote.update_key(client, created["id"], {"rpm": None, "budget_usd": 1})
+        assert upd["rpm"] is None and upd["budget_usd"] == "1"
+        assert remote.show_key(client, created["id"])["rpm"] is None
+        assert remote.revoke_key(client, created["id"])["status"] == "revoked"
+        with pytest.raises(LookupError, match="no key"):
+            remote.show_key(client, "nope")
+        with pytest.raises(remote.RemoteError, match="403"):
+            remote.revoke_key(remote.AdminClient(base, READER), "k-x")
+        out = remote.usage(client, "acme", None, None)
+        assert len(out["records"]) == 4 and out["totals"]["requests"] == 4
+
+    await asyncio.to_thread(run)
