@@ -9,7 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
 from policy.config import OrgLimits
@@ -20,6 +20,7 @@ Scope = Literal["inference:read", "inference:write"]
 ALL_SCOPES: tuple[Scope, ...] = ("inference:read", "inference:write")
 REF = "#/components/schemas/{model}"
 MAX_PAGE = 1000
+NDJSON = "application/x-ndjson"
 
 
 class _In(BaseModel):
@@ -87,6 +88,9 @@ class UsageQuery(_In):
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)
     after: str | None = Field(default=None, description="the last request_id of the "
                                                         "previous page")
+    stream: bool = Field(default=False, description=(
+        f"every selected record, one JSON object a line ({NDJSON}, as with `Accept: "
+        f"{NDJSON}`), written as it is read; the totals last; no paging"))
 
 
 class Empty(_In):
@@ -171,6 +175,14 @@ class UsagePage(BaseModel):
     last_id: str | None = None
 
 
+class UsageStreamEnd(BaseModel):
+    """The last line of a streamed usage answer."""
+
+    object: Literal["usage.totals"] = "usage.totals"
+    totals: UsageTotals
+    groups: list[UsageGroup] | None = None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -180,6 +192,11 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class UsageStreamLine(RootModel[UsageRecordOut | UsageStreamEnd | ErrorBody]):
+    """One line of a streamed usage answer: a record; last, the totals (or, if reading
+    failed after the answer began, an error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +212,7 @@ class Route:
     query: type[BaseModel] | None = None
     status: int = 200
     summary: str = ""
+    stream: type[BaseModel] | None = None  # the line of an NDJSON answer, if offered
 
 
 ROUTES: tuple[Route, ...] = (
@@ -216,7 +234,8 @@ ROUTES: tuple[Route, ...] = (
           summary="Drop the stored limits: the config's apply again"),
     Route("org_spend", "GET", "/v1/orgs/{org}/spend", Spend, summary="An org's spend"),
     Route("usage", "GET", "/v1/usage", UsagePage, query=UsageQuery,
-          summary="Usage records and totals (as `tokenbooth usage`), paged"),
+          summary="Usage records and totals (as `tokenbooth usage`), paged, or streamed "
+                  "one record a line", stream=UsageStreamLine),
 )
 
 # status -> (description, error code) shared by every route
@@ -246,9 +265,11 @@ def _json(schema: Any) -> dict[str, Any]:
 
 
 def _operation(route: Route, refs: Refs) -> dict[str, Any]:
-    responses: dict[str, Any] = {str(route.status): {
-        "description": route.summary,
-        "content": _json(refs[route.response, "serialization"])}}
+    content = _json(refs[route.response, "serialization"])
+    if route.stream is not None:  # each line is one document of this schema
+        content[NDJSON] = {"schema": refs[route.stream, "serialization"]}
+    responses: dict[str, Any] = {str(route.status): {"description": route.summary,
+                                                     "content": content}}
     codes = ["400", "401", "429", "503"] + (["403", "409"] if route.role == "admin" else [])
     if "{key_id}" in route.path:
         codes.append("404")
@@ -270,6 +291,8 @@ def openapi_document(version: str = "0") -> dict[str, Any]:
         (ErrorBody, "serialization")]
     for r in ROUTES:
         models.append((r.response, "serialization"))
+        if r.stream is not None:
+            models.append((r.stream, "serialization"))
         if r.body is not None:
             models.append((r.body, "validation"))
     refs, defs = models_json_schema(list(dict.fromkeys(models)), ref_template=REF)

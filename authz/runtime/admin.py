@@ -1,14 +1,17 @@
 """The admin API's HTTP server (aiohttp): one generic handler reads the route table of
 policy/admin_schema.py, authenticates, checks the role, validates the query and body
 with the route's models, calls the endpoint (admin_api.py) and writes one audit line.
+An endpoint may answer with lines written as they are produced (`Streamed`, NDJSON).
 
-Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`."""
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`, also for
+an unknown path (404 not_found) or method (405 method_not_allowed, with `allow`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -16,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from authz.runtime.admin_api import ENDPOINTS, AdminContext, AdminError, Call
+from authz.runtime.admin_api import ENDPOINTS, AdminContext, AdminError, Call, Streamed
 from authz.runtime.admin_auth import Caller
 from authz.state.keys.base import StoreUnavailable
 from authz.state.limits.base import LimitStoreUnavailable
@@ -24,12 +27,22 @@ from policy.admin_schema import ROUTES, Route, openapi_document
 
 log = logging.getLogger("tokenbooth.admin")
 MAX_BODY = 64 << 10
+# What a failing state store raises: a 503, or the last line of a streamed answer.
+STORE_ERRORS = (StoreUnavailable, LimitStoreUnavailable, RedisError, OSError, ValueError)
+
+
+def _unavailable() -> AdminError:
+    return AdminError(503, "the state store did not answer; retry", "service_unavailable",
+                      type="server_error")
+
+
+def _error_json(err: AdminError) -> bytes:
+    return orjson.dumps({"error": {"message": err.message, "type": err.type,
+                                   "param": err.param, "code": err.code}})
 
 
 def error_response(err: AdminError) -> web.Response:
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param,
-                      "code": err.code}}
-    return web.Response(status=err.status, body=orjson.dumps(body),
+    return web.Response(status=err.status, body=_error_json(err),
                         content_type="application/json", headers=err.headers)
 
 
@@ -85,11 +98,35 @@ def _authenticate(ctx: AdminContext, request: web.Request) -> Caller:
     return caller
 
 
+async def _stream(request: web.Request, out: Streamed) -> web.StreamResponse:
+    """Write `out` line by line. The first line is produced before the answer starts,
+    so a failure then is an ordinary error answer; a later one ends the answer with an
+    error line. A client that leaves stops the reading."""
+    async with contextlib.aclosing(out.lines) as lines:
+        line = await anext(lines, None)
+        resp = web.StreamResponse(headers={"content-type": out.content_type})
+        try:
+            await resp.prepare(request)
+            while line is not None:
+                await resp.write(line)
+                try:
+                    line = await anext(lines, None)
+                except STORE_ERRORS as e:
+                    log.warning("admin stream cut short: %s", type(e).__name__)
+                    await resp.write(_error_json(_unavailable()) + b"\n")
+                    break
+            await resp.write_eof()
+        except ConnectionResetError:
+            log.info("admin stream: the client left")
+    return resp
+
+
 def _handler(ctx: AdminContext, route: Route) -> Callable[[web.Request], Any]:
     endpoint = ENDPOINTS[route.name]
 
-    async def handle(request: web.Request) -> web.Response:
-        call = Call(params=dict(request.match_info))
+    async def handle(request: web.Request) -> web.StreamResponse:
+        call = Call(params=dict(request.match_info),
+                    accept=request.headers.get("Accept", ""))
         audit: dict[str, object] = {"admin": None, "action": route.name,
                                     "client": request.remote}
         try:
@@ -100,14 +137,15 @@ def _handler(ctx: AdminContext, route: Route) -> Callable[[web.Request], Any]:
                                  "insufficient_scope", type="permission_error")
             call.query, call.body = await _parse(route, request)
             out = await endpoint(ctx, call)
-            resp = web.Response(status=route.status, body=out.model_dump_json(),
-                                content_type="application/json")
+            resp: web.StreamResponse = (
+                await _stream(request, out) if isinstance(out, Streamed) else
+                web.Response(status=route.status, body=out.model_dump_json(),
+                             content_type="application/json"))
         except AdminError as e:
             resp = error_response(e)
-        except (StoreUnavailable, LimitStoreUnavailable, RedisError, OSError, ValueError) as e:
+        except STORE_ERRORS as e:
             log.warning("admin call failed: %s", type(e).__name__)
-            resp = error_response(AdminError(503, "the state store did not answer; retry",
-                                             "service_unavailable", type="server_error"))
+            resp = error_response(_unavailable())
         audit.update(call.audit(), status=resp.status)
         log.info("admin call", extra=audit)
         return resp
@@ -115,9 +153,32 @@ def _handler(ctx: AdminContext, route: Route) -> Callable[[web.Request], Any]:
     return handle
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own error answers (no such path, method, a body too large) as JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as e:
+        allow = ", ".join(sorted(e.allowed_methods))
+        return error_response(AdminError(
+            405, f"{request.method} is not allowed here; allowed: {allow}",
+            "method_not_allowed", headers={"allow": allow}))
+    except web.HTTPNotFound:
+        return error_response(AdminError(404, "no such admin endpoint; see /openapi.json",
+                                         "not_found"))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = e.reason.lower().replace(" ", "_").replace("-", "_")
+        return error_response(AdminError(e.status, e.reason, code))
+
+
 def make_admin_app(ctx: AdminContext, version: str = "0") -> web.Application:
     """The admin API over `ctx`; `/openapi.json` needs no token (it holds no data)."""
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
     doc = orjson.dumps(openapi_document(version))
 
     async def openapi(_: web.Request) -> web.Response:

@@ -4,13 +4,15 @@ over the running process's key store, limit store, org limits and usage records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, cast
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from authz.runtime.admin_auth import AdminTokens, FailureLimiter
@@ -19,6 +21,7 @@ from authz.state.limits.base import LimitStore
 from authz.state.orgs import OrgLimitsCache
 from authz.state.usage.records import USAGE_FILE, USAGE_STREAM, one_per_request, read_records
 from policy.admin_schema import (
+    NDJSON,
     KeyCreate,
     KeyCreated,
     KeyList,
@@ -31,6 +34,7 @@ from policy.admin_schema import (
     UsagePage,
     UsageQuery,
     UsageRecordOut,
+    UsageStreamEnd,
     UsageTotals,
 )
 from policy.audit import ORG_PREFIX
@@ -38,8 +42,20 @@ from policy.config import Config, OrgLimits
 from policy.keyrecord import BudgetPeriod, KeyRecord
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
+from policy.usage_report import OnePerRequest, Totals
 
 Records = list[dict[str, Any]]
+READ_BATCH = 1000  # Redis stream entries per XRANGE
+READ_BYTES = 1 << 20  # JSON-lines read per thread hop
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """An answer written as it is produced: `lines`, each one JSON document and a
+    newline. An AdminError raised before the first line is an ordinary error answer."""
+
+    lines: AsyncGenerator[bytes, None]
+    content_type: str = NDJSON
 
 
 class AdminError(Exception):
@@ -62,6 +78,54 @@ async def load_usage(cfg: Config) -> Records:
     return await asyncio.to_thread(lambda: list(read_records(cfg.data_dir / USAGE_FILE)))
 
 
+def _loads(raw: bytes | None) -> dict[str, Any] | None:
+    try:
+        rec = orjson.loads(raw) if raw is not None and raw.strip() else None
+    except orjson.JSONDecodeError:
+        return None  # a damaged line: `tokenbooth audit` reports those
+    return rec if isinstance(rec, dict) else None
+
+
+async def stream_usage(cfg: Config) -> AsyncGenerator[dict[str, Any], None]:
+    """Every usage record as written (duplicates included), read a batch at a time: the
+    Redis stream by XRANGE pages, the JSON-lines file a megabyte per thread hop."""
+    if cfg.state_is_redis:
+        async with contextlib.aclosing(_stream_redis(cfg.state)) as records:
+            async for found in records:
+                yield found
+        return
+    try:
+        f = await asyncio.to_thread((cfg.data_dir / USAGE_FILE).open, "rb")
+    except FileNotFoundError:
+        return
+    try:
+        while lines := await asyncio.to_thread(f.readlines, READ_BYTES):
+            for line in lines:
+                if (rec := _loads(line)) is not None:
+                    yield rec
+    finally:
+        f.close()
+
+
+async def _stream_redis(url: str) -> AsyncGenerator[dict[str, Any], None]:
+    from authz.state.keys.redis_store import connect
+
+    client = connect(url, 5.0)
+    start = "-"
+    try:
+        while True:
+            entries: list[Any] = await client.xrange(USAGE_STREAM, start, "+",
+                                                     count=READ_BATCH) or []
+            for _id, fields in entries:
+                if (rec := _loads((fields or {}).get(b"data"))) is not None:
+                    yield rec
+            if len(entries) < READ_BATCH:
+                return
+            start = "(" + entries[-1][0].decode()  # after the last (Redis 6.2+)
+    finally:
+        await client.aclose()
+
+
 @dataclass
 class AdminContext:
     """What the endpoints act on; `config` gives the current policy."""
@@ -74,6 +138,8 @@ class AdminContext:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     usage: Callable[[Config], Awaitable[Records]] = load_usage
+    # The records as written, one at a time (streamed answers).
+    usage_stream: Callable[[Config], AsyncGenerator[dict[str, Any], None]] = stream_usage
 
     def writable_keys(self) -> KeyAdmin:
         if not isinstance(self.keys, KeyAdmin):
@@ -89,6 +155,7 @@ class Call:
     names (a key id, an org; never a secret)."""
 
     params: dict[str, str]
+    accept: str = ""
     query: BaseModel | None = None
     body: BaseModel | None = None
     key_id: str | None = None
@@ -273,6 +340,15 @@ def _selected(rec: dict[str, Any], q: UsageQuery) -> bool:
     return (started if started.tzinfo else started.replace(tzinfo=UTC)) >= since
 
 
+def _record(rec: dict[str, Any], q: UsageQuery) -> UsageRecordOut | None:
+    if not _selected(rec, q):
+        return None
+    try:
+        return UsageRecordOut.model_validate(rec)
+    except ValidationError:
+        return None  # a damaged record: `tokenbooth audit` reports those
+
+
 def _totals(rows: list[UsageRecordOut]) -> dict[str, Any]:
     return {"requests": len(rows),
             "prompt_tokens": sum(r.prompt_tokens for r in rows),
@@ -289,19 +365,60 @@ def _groups(rows: list[UsageRecordOut], by: str) -> list[UsageGroup]:
     return [UsageGroup(group=g, **_totals(rs)) for g, rs in sorted(parts.items())]
 
 
-def _records(raw: Iterable[dict[str, Any]]) -> list[UsageRecordOut]:
-    out = []
-    for r in raw:
-        try:
-            out.append(UsageRecordOut.model_validate(r))
-        except ValidationError:
-            continue  # a damaged record: `tokenbooth audit` reports those
-    return out
+@dataclass
+class _Tally:
+    """Totals (and groups) of the records a stream has written."""
+
+    group_by: str | None
+    totals: Totals = field(default_factory=Totals)
+    groups: dict[str, Totals] = field(default_factory=dict)
+
+    def line(self, rec: UsageRecordOut) -> bytes:
+        amounts = (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens,
+                   Decimal(rec.cost_usd))
+        self.totals.add(*amounts)
+        if self.group_by is not None:
+            group = getattr(rec, {"key": "key_id", "org": "org", "model": "model"}[
+                self.group_by])
+            self.groups.setdefault(group, Totals()).add(*amounts)
+        return rec.model_dump_json().encode() + b"\n"
+
+    def end(self) -> bytes:
+        groups = None if self.group_by is None else [
+            UsageGroup(group=g, **t.as_dict()) for g, t in sorted(self.groups.items())]
+        end = UsageStreamEnd(totals=UsageTotals(**self.totals.as_dict()), groups=groups)
+        return end.model_dump_json().encode() + b"\n"
 
 
-async def usage(ctx: AdminContext, call: Call) -> UsagePage:
+async def _usage_lines(ctx: AdminContext, q: UsageQuery) -> AsyncGenerator[bytes, None]:
+    """One line per selected record, deduplicated as they come (policy/usage_report.py:
+    a `lost` record waits for the end, in case a real one replaces it); totals last."""
+    dedup, tally = OnePerRequest(), _Tally(q.group_by)
+    async with contextlib.aclosing(ctx.usage_stream(ctx.config())) as records:
+        async for raw in records:
+            rec = dedup.feed(raw)
+            if rec is not None and (out := _record(rec, q)) is not None:
+                yield tally.line(out)
+    for rec in dedup.finish():
+        if (out := _record(rec, q)) is not None:
+            yield tally.line(out)
+    yield tally.end()
+
+
+def _stream_query(q: UsageQuery) -> None:
+    for name in ("limit", "after"):
+        if name in q.model_fields_set:
+            raise AdminError(400, f"{name}: a streamed answer has every record (no paging)",
+                             "invalid_request", param=name)
+
+
+async def usage(ctx: AdminContext, call: Call) -> UsagePage | Streamed:
     q = cast(UsageQuery, call.query)
-    rows = _records(r for r in await ctx.usage(ctx.config()) if _selected(r, q))
+    if q.stream or NDJSON in call.accept:
+        _stream_query(q)
+        return Streamed(_usage_lines(ctx, q))
+    rows = [r for rec in await ctx.usage(ctx.config())
+            if (r := _record(rec, q)) is not None]
     start = 0
     if q.after is not None:
         ids = [r.request_id for r in rows]
@@ -313,7 +430,7 @@ async def usage(ctx: AdminContext, call: Call) -> UsagePage:
                      last_id=page[-1].request_id if page else None)
 
 
-Endpoint = Callable[[AdminContext, Call], Awaitable[BaseModel]]
+Endpoint = Callable[[AdminContext, Call], Awaitable[BaseModel | Streamed]]
 ENDPOINTS: dict[str, Endpoint] = {
     "create_key": create_key, "list_keys": list_keys, "get_key": get_key,
     "update_key": update_key, "revoke_key": revoke_key, "key_spend": key_spend,

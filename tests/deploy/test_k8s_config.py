@@ -15,6 +15,7 @@ import yaml
 from authz.cli.main import main as tokenbooth
 from authz.envoy_config.bootstrap import render_dict
 from authz.envoy_config.xds_resources import model_cluster_dicts
+from authz.runtime.settings import ADMIN_TOKEN_ENV
 from policy.config import REDIS_PASSWORD_ENV, Config, load_config, parse_hostport
 from policy.routing import model_cluster_name
 from tests.deploy.kube import Build, Doc, Pod, container_port
@@ -146,7 +147,30 @@ def test_ports_agree_with_the_config(builds: dict[str, Build],
     assert drain[0] == "envoy-drain" and drain[drain.index("--admin") + 1] == admin
 
 
-def _redis_password_source(pod: Pod, container: str, var: str) -> Any:
+@pytest.mark.parametrize("name", PATTERNS)
+def test_admin_api_is_served_on_its_port(builds: dict[str, Build],
+                                         configs: dict[str, tuple[Path, Config]],
+                                         name: str) -> None:
+    """admin.listen is the container port `admin` behind the Service tokenbooth-admin,
+    on every interface of the pod (the NetworkPolicy closes it); the token comes from
+    the Secret tokenbooth-admin, never from the ConfigMap."""
+    _, cfg = configs[name]
+    b = builds[name]
+    pod = b.pod_with_container("tokenbooth")
+    services = pod.container("tokenbooth")
+    host, port = parse_hostport(cfg.admin.listen)
+    assert host == "0.0.0.0"
+    assert container_port(services, "admin") == port
+    svc = b.get("Service", "tokenbooth-admin")
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(port, "admin")]
+    assert cfg.admin.tokens == ()  # fingerprints only, when any; the token is the Secret
+    assert _secret_source(pod, "tokenbooth", ADMIN_TOKEN_ENV) == {
+        "name": "tokenbooth-admin", "key": "token"}
+    text = configmap(b, "tokenbooth-config")["data"]["config.yaml"]
+    assert ADMIN_TOKEN_ENV in text and "tokenbooth-admin" in text  # says where it is
+
+
+def _secret_source(pod: Pod, container: str, var: str) -> Any:
     (env,) = [e for e in pod.container(container)["env"] if e["name"] == var]
     return env["valueFrom"]["secretKeyRef"]
 
@@ -165,8 +189,8 @@ def test_state_is_the_redis_service(builds: dict[str, Build],
     assert url.port in [p["port"] for p in svc["spec"]["ports"]]
     redis = Pod(b.get("StatefulSet", "redis"))
     services = b.pod_with_container("tokenbooth")
-    assert (_redis_password_source(services, "tokenbooth", REDIS_PASSWORD_ENV)
-            == _redis_password_source(redis, "redis", "REDIS_PASSWORD"))
+    assert (_secret_source(services, "tokenbooth", REDIS_PASSWORD_ENV)
+            == _secret_source(redis, "redis", "REDIS_PASSWORD"))
     assert "$(REDIS_PASSWORD)" in redis.container("redis")["args"]
 
 
@@ -214,7 +238,8 @@ def test_sidecar_addresses(builds: dict[str, Build],
                                        model_cluster_name("gpt-oss-20b"): [vllm]}
     ports = [parse_hostport(a)[1] for a in (cfg.listen, cfg.envoy.admin_listen,
                                             cfg.services.grpc_listen,
-                                            cfg.services.http_listen)] + [vllm[1]]
+                                            cfg.services.http_listen,
+                                            cfg.admin.listen)] + [vllm[1]]
     assert len(set(ports)) == len(ports)
     assert not pod.has_port(vllm[1]) and not pod.has_port(grpc[1])  # not exposed
 
@@ -267,7 +292,8 @@ def test_certificate_extra_issues_the_tls_secret(builds: dict[str, Build]) -> No
         "Deployment", "envoy")["metadata"]["namespace"]
 
 
-@pytest.mark.parametrize("secret", ["tokenbooth-tls", "tokenbooth-redis"])
+@pytest.mark.parametrize("secret", ["tokenbooth-tls", "tokenbooth-redis",
+                                    "tokenbooth-admin"])
 def test_the_secrets_to_create_are_documented(secret: str) -> None:
     readme = (K8S.parent / "README.md").read_text()
     kind = "tls" if secret == "tokenbooth-tls" else "generic"

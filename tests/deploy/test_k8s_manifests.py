@@ -22,7 +22,12 @@ from tests.deploy.tools import DEPLOY, K8S, ROOT
 # (catches removed APIs).
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 # Secrets the operator creates (deploy/README.md says how), with the keys the pods read.
-USER_SECRETS = {"tokenbooth-tls": {"tls.crt", "tls.key"}, "tokenbooth-redis": {"password"}}
+USER_SECRETS = {"tokenbooth-tls": {"tls.crt", "tls.key"}, "tokenbooth-redis": {"password"},
+                "tokenbooth-admin": {"token"}}
+# The label the operator puts on their own pods (a portal, a billing job) that may reach
+# the admin API: no pod in the manifests carries it.
+ADMIN_CLIENT = {"tokenbooth/admin-client": "true"}
+ADMIN_PORT = 9092
 PATTERNS = ("ingress", "sidecar")
 
 
@@ -145,6 +150,8 @@ def test_network_policies_select_real_pods_and_ports(builds: dict[str, Build],
         for rule in spec.get("ingress", []):
             for peer in rule.get("from", []):
                 if "podSelector" in peer and "namespaceSelector" not in peer:
+                    if peer["podSelector"] == {"matchLabels": ADMIN_CLIENT}:
+                        continue  # the operator's own pods
                     assert b.pods_selected(peer["podSelector"], ns), (pol, peer)
             for port in rule.get("ports", []):
                 assert all(t.has_port(port["port"]) for t in targets), (pol, port)
@@ -203,6 +210,24 @@ def test_network_isolation_ingress(builds: dict[str, Build]) -> None:
     assert _admitted(b, src(services_pod), redis_pod, 6379)
     for other in (None, src(envoy_pod), monitoring):
         assert not _admitted(b, other, redis_pod, 6379), other
+    _check_admin_isolation(b, services_pod, others=[src(envoy_pod), src(services_pod)])
+
+
+def _check_admin_isolation(b: Build, target: Pod,
+                           others: list[tuple[str, dict[str, str]]]) -> None:
+    """Only pods labelled as admin clients, in the namespace, reach the admin port; the
+    label opens nothing else."""
+    client = (target.namespace, {"app.kubernetes.io/name": "portal", **ADMIN_CLIENT})
+    assert _admitted(b, client, target, ADMIN_PORT)
+    outsiders = [None, ("monitoring", {"app.kubernetes.io/name": "prometheus"}),
+                 ("default", client[1]),  # the label, in another namespace
+                 (target.namespace, {"app.kubernetes.io/name": "portal"}), *others]
+    for other in outsiders:
+        assert not _admitted(b, other, target, ADMIN_PORT), other
+    for port in (9001, 9090):
+        assert not _admitted(b, client, target, port), port
+    redis = Pod(b.get("StatefulSet", "redis"))
+    assert not _admitted(b, client, redis, 6379)
 
 
 def test_network_isolation_sidecar(builds: dict[str, Build]) -> None:
@@ -213,6 +238,35 @@ def test_network_isolation_sidecar(builds: dict[str, Build]) -> None:
     assert not _admitted(b, None, pod, 9090)
     assert _admitted(b, (pod.namespace, pod.labels), redis, 6379)
     assert not _admitted(b, None, redis, 6379)
+    _check_admin_isolation(b, pod, others=[])
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_admin_service(builds: dict[str, Build], name: str) -> None:
+    """The admin API has a ClusterIP Service of its own, on the tokenbooth container's
+    port `admin`, and a NetworkPolicy of its own."""
+    b = builds[name]
+    svc = b.get("Service", "tokenbooth-admin")
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert svc["spec"].get("clusterIP") != "None"
+    assert svc["spec"]["ports"] == [{"name": "admin", "port": ADMIN_PORT,
+                                     "targetPort": "admin"}]
+    pod = b.pod_with_container("tokenbooth")
+    assert selects({"matchLabels": svc["spec"]["selector"]}, pod.labels)
+    assert container_port(pod.container("tokenbooth"), "admin") == ADMIN_PORT
+    assert not any(container_port(c, ADMIN_PORT) for c in pod.containers
+                   if c["name"] != "tokenbooth")
+    pol = b.get("NetworkPolicy", "tokenbooth-admin")
+    assert selects(pol["spec"]["podSelector"], pod.labels)
+    assert pol["spec"]["ingress"] == [{
+        "from": [{"podSelector": {"matchLabels": ADMIN_CLIENT}}],
+        "ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}]
+    # No other policy opens the admin port.
+    for other in b.of_kind("NetworkPolicy"):
+        if other is not pol and selects(other["spec"]["podSelector"], pod.labels):
+            for rule in other["spec"].get("ingress", []):
+                assert "ports" in rule, other["metadata"]["name"]
+                assert ADMIN_PORT not in [p["port"] for p in rule["ports"]]
 
 
 def test_only_the_ingress_envoy_reaches_vllm(builds: dict[str, Build]) -> None:

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from policy.admin_schema import (
     ALL_SCOPES,
+    NDJSON,
     ROUTES,
     KeyCreate,
     KeyUpdate,
@@ -48,3 +49,29 @@ def test_document_covers_every_route_and_its_schemas_are_valid() -> None:
 def test_query_parameters_come_from_the_query_models() -> None:
     op = openapi_document()["paths"]["/v1/keys"]["get"]
     assert {p["name"] for p in op["parameters"]} == {"org", "status", "limit", "after"}
+
+
+def test_usage_may_be_streamed_as_ndjson() -> None:
+    """GET /v1/usage documents both answers: the page (JSON) and, with stream=true or
+    `Accept: application/x-ndjson`, one document a line: a record, the totals last."""
+    doc = openapi_document()
+    op = doc["paths"]["/v1/usage"]["get"]
+    assert "stream" in {p["name"] for p in op["parameters"]}
+    content = op["responses"]["200"]["content"]
+    assert set(content) == {"application/json", NDJSON}
+    line = {**content[NDJSON]["schema"], "components": doc["components"]}
+    validator = Draft202012Validator(line)
+    record = {"request_id": "r1", "key_id": "k", "org": "acme", "model": "m",
+              "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+              "cost_usd": "0.01", "status": 200, "started_at": "2026-01-01T00:00:00Z"}
+    totals = {"requests": 1, "prompt_tokens": 1, "completion_tokens": 2,
+              "total_tokens": 3, "cost_usd": "0.01"}
+    for ok in (record, {"object": "usage.totals", "totals": totals, "groups": None},
+               {"error": {"message": "m", "type": "server_error", "code": "x"}}):
+        validator.validate(ok)
+    assert not validator.is_valid({"object": "usage.totals"})
+    # Only routes that offer it document it.
+    others = [r for r in ROUTES if r.stream is None]
+    assert others and all(
+        NDJSON not in doc["paths"][r.path][r.method.lower()]["responses"][str(r.status)][
+            "content"] for r in others)

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
+from redis.exceptions import RedisError
 
 from authz.runtime.admin import make_admin_app
 from authz.runtime.admin_api import AdminContext, Records, load_usage
@@ -26,7 +27,7 @@ from authz.state.limits.base import LimitStore
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
 from authz.state.orgs import FileOrgStore, OrgLimitsCache, OrgStore, RedisOrgStore
-from authz.state.usage.records import USAGE_FILE
+from authz.state.usage.records import USAGE_FILE, USAGE_STREAM
 from policy.config import AdminToken, Config, KeyRecord, parse_config
 from policy.keys import fingerprint
 from tests.helpers import policy_dict
@@ -42,6 +43,9 @@ RECORDS: Records = [
      "cost_usd": "0.0125", "status": 200, "stream": False, "estimated": False,
      "started_at": f"2026-01-0{i + 1}T00:00:00+00:00", "duration_ms": 3.0,
      "endpoint": "chat"} for i in range(6)]
+# As written: a record may be delivered twice (the readers keep one).
+WRITTEN = [*RECORDS, RECORDS[1]]
+NDJSON = "application/x-ndjson"
 
 
 class Api:
@@ -60,13 +64,29 @@ class Api:
         self.validate(method, path.partition("?")[0], resp.status, out)
         return resp.status, out
 
-    def validate(self, method: str, path: str, status: int, body: Any) -> None:
+    async def lines(self, path: str, headers: dict[str, str] | None = None
+                    ) -> tuple[int, list[dict[str, Any]]]:
+        """A streamed answer: every line checked against the NDJSON schema."""
+        resp = await self.client.get(path, headers={"Authorization": f"Bearer {ADMIN}",
+                                                    **(headers or {})})
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == NDJSON and "content-length" not in resp.headers
+        text = await resp.read()
+        assert text.endswith(b"\n")
+        out = [orjson.loads(line) for line in text.splitlines()]
+        for line in out:
+            self.validate("GET", path.partition("?")[0], 200, line, NDJSON)
+        return resp.status, out
+
+    def validate(self, method: str, path: str, status: int, body: Any,
+                 content_type: str = "application/json") -> None:
         op = next(ops[method.lower()] for tpl, ops in self.doc["paths"].items()
                   if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", tpl), path))
         assert str(status) in op["responses"], f"{status} not documented for {method} {path}"
-        schema = op["responses"][str(status)]["content"]["application/json"]["schema"]
-        root = {**schema, "components": self.doc["components"]}
-        Draft202012Validator(root).validate(body)
+        self.check(op["responses"][str(status)]["content"][content_type]["schema"], body)
+
+    def check(self, schema: dict[str, Any], body: Any) -> None:
+        Draft202012Validator({**schema, "components": self.doc["components"]}).validate(body)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +114,8 @@ async def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
 
         r = aioredis.Redis.from_url(url)
         await r.flushall()
+        for rec in WRITTEN:
+            await r.xadd(USAGE_STREAM, {"data": orjson.dumps(rec)})
         await r.aclose()
     state = url or "memory"
     cfg = parse_config({**policy_dict("http://127.0.0.1:1"), "state": state,
@@ -105,7 +127,7 @@ async def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
     usage = load_usage if kind == "memory" else _fixed_usage
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     (cfg.data_dir / USAGE_FILE).write_bytes(
-        b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in RECORDS))
+        b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in WRITTEN))
     yield AdminContext(lambda: cfg, keys, limits, orgs, AdminTokens(TOKENS, ENV),
                        usage=usage)
     for part in (keys, limits, orgs):
@@ -354,3 +376,107 @@ async def test_remote_client_does_what_the_commands_do(api: Api) -> None:
         assert len(out["records"]) == 4 and out["totals"]["requests"] == 4
 
     await asyncio.to_thread(run)
+
+
+# -- streamed usage ---------------------------------------------------------------------
+
+
+async def test_usage_streamed_one_record_a_line(api: Api) -> None:
+    """From the real readers (the JSON-lines file; the Redis stream): the same records
+    and totals as the paged answer, deduplicated, the totals last."""
+    _, paged = await api("GET", "/v1/usage?org=acme&group_by=org")
+    for path, headers in (("/v1/usage?org=acme&group_by=org&stream=true", None),
+                          ("/v1/usage?org=acme&group_by=org", {"Accept": NDJSON})):
+        _, lines = await api.lines(path, headers)
+        *records, end = lines
+        assert [r["request_id"] for r in records] == ["r0", "r1", "r2", "r3"]
+        assert records == paged["data"]
+        assert end == {"object": "usage.totals", "totals": paged["totals"],
+                       "groups": paged["groups"]}
+    _, lines = await api.lines("/v1/usage?stream=true&key=k-main&since=2026-01-03T00:00:00Z")
+    assert [r.get("request_id") for r in lines] == ["r3", "r5", None]
+    assert lines[-1]["totals"]["cost_usd"] == "0.0250" and lines[-1]["groups"] is None
+
+
+@pytest.mark.parametrize("param", ["limit", "after"])
+async def test_streamed_usage_has_no_paging(api: Api, param: str) -> None:
+    status, out = await api("GET", f"/v1/usage?stream=true&{param}=5")
+    assert status == 400 and out["error"]["param"] == param
+
+
+def _source(*parts: Any) -> Any:
+    """A usage_stream: records, awaitables to wait on, exceptions to raise."""
+    async def records(_: Config) -> AsyncIterator[dict[str, Any]]:
+        for part in parts:
+            if isinstance(part, Exception):
+                raise part
+            if isinstance(part, dict):
+                yield part
+            else:
+                await part
+    return records
+
+
+async def test_streamed_usage_deduplicates_as_it_goes(ctx: AdminContext, api: Api) -> None:
+    lost = {**RECORDS[2], "request_id": "r9", "status": "lost", "cost_usd": "1"}
+    late = {**RECORDS[2], "request_id": "r9"}
+    never = {**RECORDS[3], "request_id": "r8", "status": "lost"}
+    damaged = {"request_id": "r7", "org": "acme"}
+    ctx.usage_stream = _source(RECORDS[0], lost, never, RECORDS[0], damaged, late)
+    _, lines = await api.lines("/v1/usage?stream=true")
+    assert [(r.get("request_id"), r.get("status")) for r in lines] == [
+        ("r0", 200), ("r9", 200), ("r8", "lost"), (None, None)]
+    assert lines[-1]["totals"]["requests"] == 3
+    assert lines[-1]["totals"]["cost_usd"] == "0.0375"
+
+
+async def test_streamed_usage_starts_before_every_record_is_read(ctx: AdminContext,
+                                                                 api: Api) -> None:
+    gate = asyncio.Event()
+    ctx.usage_stream = _source(RECORDS[0], gate.wait(), *RECORDS[1:])
+    resp = await api.client.get("/v1/usage?stream=true",
+                                headers={"Authorization": f"Bearer {ADMIN}"})
+    first = await asyncio.wait_for(resp.content.readline(), 5)
+    assert orjson.loads(first)["request_id"] == "r0"  # the rest is not read yet
+    gate.set()
+    rest = (await resp.read()).splitlines()
+    assert len(rest) == len(RECORDS)  # r1..r5 and the totals
+
+
+async def test_streamed_usage_when_the_store_fails(ctx: AdminContext, api: Api) -> None:
+    ctx.usage_stream = _source(RedisError("down"))
+    status, out = await api("GET", "/v1/usage?stream=true")  # before the answer: a 503
+    assert status == 503 and out["error"]["code"] == "service_unavailable"
+    ctx.usage_stream = _source(RECORDS[0], RedisError("down"))
+    _, lines = await api.lines("/v1/usage?stream=true")  # after: the last line says so
+    assert lines[0]["request_id"] == "r0"
+    assert lines[-1]["error"]["code"] == "service_unavailable" and len(lines) == 2
+
+
+# -- unknown paths and methods ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code", "allow"), [
+    ("GET", "/v1/nope", 404, "not_found", None),
+    ("GET", "/", 404, "not_found", None),
+    ("DELETE", "/v1/keys", 405, "method_not_allowed", "GET, POST"),
+    ("POST", "/v1/usage", 405, "method_not_allowed", "GET"),
+    ("PUT", "/v1/keys/k-x", 405, "method_not_allowed", "GET, PATCH"),
+])
+async def test_unknown_paths_and_methods_answer_json(api: Api, method: str, path: str,
+                                                     status: int, code: str,
+                                                     allow: str | None) -> None:
+    resp = await api.client.request(method, path,
+                                    headers={"Authorization": f"Bearer {ADMIN}"})
+    assert resp.status == status and resp.content_type == "application/json"
+    body = orjson.loads(await resp.read())
+    api.check({"$ref": "#/components/schemas/ErrorBody"}, body)
+    assert body["error"]["code"] == code
+    assert resp.headers.get("allow") == allow
+
+
+async def test_a_body_too_large_answers_json(api: Api) -> None:
+    resp = await api.client.post("/v1/keys", data=b"x" * (128 << 10),
+                                 headers={"Authorization": f"Bearer {ADMIN}"})
+    assert resp.status == 413 and resp.content_type == "application/json"
+    assert orjson.loads(await resp.read())["error"]["code"] == "request_entity_too_large"
