@@ -84,5 +84,63 @@ def request_too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"The request body exceeds {limit} bytes.")
 
 
-def service_unavailable(message: str) -> ApiError:
-    return ApiError(503, "service_unavailable", message)
+# A 429 or 503 says whether a retry can help: `retry-after` when the cause passes (a
+# store or service outage, backends restarting, a busy slot), else `x-should-retry:
+# false`, which the openai SDKs honour over their status-based rule.
+RETRY_AFTER_S = 1
+RETRY_LATER = ("retry-after", str(RETRY_AFTER_S))
+NO_RETRY = ("x-should-retry", "false")
+
+
+def service_unavailable(message: str, retry: bool | None = None) -> ApiError:
+    """`retry`: True, a retry-after; False, x-should-retry: false; None, no hint."""
+    hint = () if retry is None else (RETRY_LATER if retry else NO_RETRY,)
+    return ApiError(503, "service_unavailable", message, headers=hint)
+
+
+# -- a backend's own error answers --------------------------------------------------------
+
+UPSTREAM_MESSAGE_CHARS = 2000  # what a rewritten error keeps of the backend's message
+
+
+def upstream_error(status: int, body: bytes) -> ApiError:
+    """A backend's error answer, OpenAI-shaped. A 4xx keeps its status and the backend's
+    message, `param` and string `code` (else `upstream_error`); a 5xx becomes the
+    contract's 502 `upstream_error`, its message naming the backend's status. Bodies read:
+    vLLM's `{"object": "error", "message", ...}`, OpenAI's `{"error": {...}}`, vLLM's
+    `--api-key` refusal `{"error": "Unauthorized"}`, FastAPI's `{"detail": ...}`, text."""
+    fields = _error_fields(body)
+    message = fields.get("message")
+    if not isinstance(message, str) or not message.strip():
+        message = f"The backend answered HTTP {status} with no message."
+    message = message.strip()[:UPSTREAM_MESSAGE_CHARS]
+    if status >= 500:
+        return ApiError(502, "upstream_error", f"The backend failed (HTTP {status}): {message}")
+    code, param = fields.get("code"), fields.get("param")
+    return ApiError(status, code if isinstance(code, str) and code else "upstream_error",
+                    message, param if isinstance(param, str) else None,
+                    type=_TYPE_BY_STATUS.get(status, "invalid_request_error"))
+
+
+def _error_fields(body: bytes) -> dict[str, object]:
+    """`message`, `code`, `param` from an error body, as far as it has them."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            return {"message": body.decode()}
+        except UnicodeDecodeError as e:
+            # A character cut at the end (the body was held up to a size) is dropped;
+            # anything else is not text (compressed, say): no message to keep.
+            return {"message": body[:e.start].decode()} if e.start >= len(body) - 3 else {}
+    if not isinstance(obj, dict):
+        return {}
+    inner = obj.get("error")
+    if isinstance(inner, dict):  # OpenAI's shape (vLLM's newer one too)
+        return inner
+    if isinstance(inner, str):
+        return {"message": inner}
+    detail = obj.get("detail")
+    if detail is not None and "message" not in obj:  # FastAPI / pydantic validation
+        return {"message": detail if isinstance(detail, str) else orjson.dumps(detail).decode()}
+    return obj

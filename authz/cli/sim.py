@@ -22,6 +22,9 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
                         "to this less its prompt, as vLLM does (default 32768)")
     s.add_argument("--default-max-tokens", type=positive_int, default=None,
                    help="generate at most this many tokens when a request names no limit")
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 paths (401 without "
+                        "it), as vLLM's --api-key does")
     s.set_defaults(func=cmd_sim)
 
 
@@ -34,5 +37,6 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         run_async(run_sim(host, port, models, args.ttft_ms, args.tpot_ms,
                           max_model_len=args.max_model_len or DEFAULT_MAX_MODEL_LEN,
-                          default_max_tokens=args.default_max_tokens))
+                          default_max_tokens=args.default_max_tokens,
+                          api_key=args.api_key or None))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
@@ -13,6 +15,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
+    AggregatedConfigSource,
+    ApiVersion,
+    ConfigSource,
     DataSource,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
@@ -22,6 +27,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HttpProtocolOptions,
     Metadata,
     TransportSocket,
+    TypedExtensionConfig,
     UpstreamHttpProtocolOptions,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -31,9 +37,20 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
     LbEndpoint,
     LocalityLbEndpoints,
 )
+from envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3 import (
+    CredentialInjector,
+)
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3 import Generic
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
+    GenericSecret,
+    SdsSecretConfig,
+    Secret,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -54,10 +71,12 @@ from authz.envoy_config.common import (
     pack,
     seconds,
 )
-from policy.config import Config, Model, parse_hostport
+from policy.config import Backend, Config, Model, parse_hostport
 from policy.routing import BACKEND_METADATA, authority, model_cluster_name
 
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Cluster metadata (under BACKEND_METADATA) of a model configured with no backend.
+NO_BACKENDS = "no_backends"
 # Where https backends' server certificates are verified against (Debian/Ubuntu path,
 # also in the container image). Fixed, so the rendered file does not depend on the host.
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -219,9 +238,50 @@ def _endpoints(name: str, model: Model) -> ClusterLoadAssignment:
                                  endpoints=[LocalityLbEndpoints(lb_endpoints=eps)])
 
 
-def model_cluster(alias: str, model: Model) -> Cluster:
+def credential_secret_name(backend: Backend) -> str | None:
+    """The SDS secret holding a backend's key: named after where the key is read from
+    (never after the key), so backends sharing a source share one secret."""
+    source = backend.credential
+    if source is None:
+        return None
+    digest = hashlib.sha256(f"{source[0]}:{source[1]}".encode()).hexdigest()[:12]
+    return f"backend_key_{digest}"
+
+
+def credential_secret(backend: Backend) -> Secret | None:
+    """The secret as Envoy loads it: a reference to its own environment variable or to a
+    file on its own disk. The key itself is in no config, rendered or served."""
+    name, source = credential_secret_name(backend), backend.credential
+    if name is None or source is None:
+        return None
+    kind, where = source
+    data = (DataSource(environment_variable=where) if kind == "env"
+            else DataSource(filename=where))
+    return Secret(name=name, generic_secret=GenericSecret(secret=data))
+
+
+def _credential_filters(model: Model, static_secrets: bool) -> list[HttpFilter]:
+    """Upstream filters: `Authorization: Bearer <key>` on every request to a backend
+    with a key (overwriting any, though ext_authz already removed the client's), then
+    the codec. The secret comes over ADS, or from the bootstrap with `static_secrets`."""
+    name = credential_secret_name(model.backends[0]) if model.backends else None
+    if name is None:
+        return []
+    sds = SdsSecretConfig(name=name, sds_config=None if static_secrets else ConfigSource(
+        ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3))
+    generic = Generic(credential=sds, header="Authorization", header_value_prefix="Bearer ")
+    injector = CredentialInjector(overwrite=True, credential=TypedExtensionConfig(
+        name="envoy.http.injected_credentials.generic", typed_config=pack(generic)))
+    return [HttpFilter(name="envoy.filters.http.credential_injector",
+                       typed_config=pack(injector)),
+            HttpFilter(name="envoy.filters.http.upstream_codec",
+                       typed_config=pack(UpstreamCodec()))]
+
+
+def model_cluster(alias: str, model: Model, static_secrets: bool = False) -> Cluster:
     """An alias's backends: Envoy balances by weight (least request), health-checks and
-    ejects among them, so a failing backend is taken out while others serve."""
+    ejects among them, so a failing backend is taken out while others serve. A model
+    with no backend is marked in the cluster's metadata: its 503 is not worth a retry."""
     name = model_cluster_name(alias)
     tls = any(b.tls for b in model.backends)
     kind, family = _discovery(*(b.host for b in model.backends))
@@ -237,6 +297,7 @@ def model_cluster(alias: str, model: Model) -> Cluster:
             UpstreamHttpProtocolOptions(auto_sni=True, auto_san_validation=True)
             if tls else None
         ),
+        http_filters=_credential_filters(model, static_secrets),
     )
     return Cluster(
         name=name,
@@ -256,4 +317,6 @@ def model_cluster(alias: str, model: Model) -> Cluster:
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0)),
         typed_extension_protocol_options={_HTTP_OPTIONS: pack(h1)},
         transport_socket=_upstream_tls() if tls else None,
+        metadata=None if model.backends else Metadata(filter_metadata={
+            BACKEND_METADATA: Struct(fields={NO_BACKENDS: Value(bool_value=True)})}),
     )

@@ -13,7 +13,8 @@ Seen with Envoy 1.40 (the real binary, access log `%RESPONSE_FLAGS%` and
   `ext_proc_error_gRPC_error_<code>{...}`; message timeout: 504, no flag,
   `ext_proc_error_per-message_timeout_exceeded`.
 - ext_proc ImmediateResponse: its own status, no flag, its own `details`.
-- backend unhealthy / ejected: 503, UH, `no_healthy_upstream`.
+- backend unhealthy / ejected: 503, UH, `no_healthy_upstream`; the same for a model
+  configured with no backend (its cluster's metadata says so: `xds.cluster_metadata`).
 - routing header missing or naming no cluster: 503, NC, `cluster_not_found`. Only
   ext_proc's answer names a cluster: without one, either the request had no body
   (ext_proc is sent nothing) or ext_proc failed.
@@ -22,6 +23,8 @@ Seen with Envoy 1.40 (the real binary, access log `%RESPONSE_FLAGS%` and
   `upstream_reset_before_response_started{connection_termination}`; UF (connect
   failure), UR (remote reset) and URX (retries exhausted) come the same way.
 - body over the limit (buffer filter): 413, no flag, `request_payload_too_large`.
+- a backend's API key not loadable (its environment variable unset, its file missing:
+  Envoy rejects the secret): 401, no flag, `failed_to_inject_credential`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     ExtensionFilter,
     ResponseFlagFilter,
 )
-from envoy_data_plane.envoy.config.core.v3 import SubstitutionFormatString
+from envoy_data_plane.envoy.config.core.v3 import (
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    SubstitutionFormatString,
+)
 from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     LocalReplyConfig,
@@ -39,17 +47,27 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 )
 from envoy_data_plane.google.protobuf import NullValue, Struct, Value
 
+from authz.envoy_config.clusters import NO_BACKENDS
 from authz.envoy_config.common import pack
 from authz.envoy_config.names import EXT_PROC
 from policy.config import Config
 from policy.errors import ApiError, invalid_request, request_too_large, service_unavailable
+from policy.routing import BACKEND_METADATA
 
-AUTHZ_DOWN = service_unavailable("The authorization service is unavailable; try again.")
-PROC_DOWN = service_unavailable("The request processing service is unavailable; try again.")
-NO_BACKEND = service_unavailable("No healthy backend is available for this model.")
+AUTHZ_DOWN = service_unavailable("The authorization service is unavailable; try again.",
+                                 retry=True)
+PROC_DOWN = service_unavailable("The request processing service is unavailable; try again.",
+                                retry=True)
+NO_BACKEND = service_unavailable("No healthy backend is available for this model.",
+                                 retry=True)
+# A model with `backends: []` and no default upstream: waiting cannot help.
+UNSERVED = service_unavailable("This model has no backend configured.", retry=False)
 BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
 NO_BODY = invalid_request("This endpoint needs a JSON request body.")
+NO_BACKEND_KEY = service_unavailable(
+    "The gateway cannot load this model's backend API key; an operator must fix it.",
+    retry=False)
 
 # Flags of upstream failures that happen before any response byte (else no local reply).
 _NO_BACKEND_FLAGS = ("UH", "NC", "UO")
@@ -88,7 +106,13 @@ def _body(err: ApiError) -> SubstitutionFormatString:
 
 
 def _mapper(match: AccessLogFilter, err: ApiError) -> ResponseMapper:
-    return ResponseMapper(filter=match, status_code=err.status, body_format_override=_body(err))
+    """The error's status, body and headers (a 503's retry hint)."""
+    headers = [HeaderValueOption(
+        header=HeaderValue(key=k, value=v),
+        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD)
+        for k, v in err.headers]
+    return ResponseMapper(filter=match, status_code=err.status, body_format_override=_body(err),
+                          headers_to_add=headers)
 
 
 def local_reply_config(cfg: Config) -> LocalReplyConfig:
@@ -105,6 +129,9 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
                          "request.size == 0"), NO_BODY),
             _mapper(_cel("response.code_details == 'cluster_not_found' && "
                          f"!('{EXT_PROC}' in metadata.filter_metadata)"), PROC_DOWN),
+            _mapper(_cel("response.code_details == 'no_healthy_upstream' && xds.cluster_metadata"
+                         f".filter_metadata['{BACKEND_METADATA}']['{NO_BACKENDS}'] == true"),
+                    UNSERVED),
             _mapper(_flags(_NO_BACKEND_FLAGS), NO_BACKEND),
             _mapper(_flags(_TIMEOUT_FLAGS), BACKEND_TIMEOUT),
             _mapper(_flags(_FAILED_FLAGS), BACKEND_FAILED),
@@ -112,5 +139,7 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
                 _cel("response.code_details == 'request_payload_too_large'"),
                 request_too_large(cfg.max_request_body_bytes),
             ),
+            _mapper(_cel("response.code_details == 'failed_to_inject_credential'"),
+                    NO_BACKEND_KEY),
         ]
     )

@@ -1,4 +1,6 @@
-"""What `tokenbooth serve` hands Envoy over ADS: one cluster per model alias (CDS).
+"""What `tokenbooth serve` hands Envoy over ADS: one cluster per model alias (CDS), and
+the secrets of backends with an API key (SDS), each naming where Envoy reads the key (its
+environment, a file), never the key.
 
 Each cluster carries its endpoints inline (`load_assignment`), as the static bootstrap
 did, rather than over EDS: backends may be DNS names (STRICT_DNS clusters resolve them
@@ -19,14 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from google.protobuf import any_pb2
 
 from authz.envoy_config.bootstrap import proto_name
-from authz.envoy_config.clusters import model_cluster
+from authz.envoy_config.clusters import credential_secret, model_cluster
 from authz.envoy_config.common import pack
 from policy.config import Config
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105
 _VERSION_CHARS = 16
 
 
@@ -40,9 +44,16 @@ class TypedResources:
     resources: Mapping[str, Any]  # name → google.protobuf.Any (official)
 
 
-def model_clusters(cfg: Config) -> list[Cluster]:
+def model_clusters(cfg: Config, static_secrets: bool = False) -> list[Cluster]:
     """The typed clusters, one per alias, sorted by alias."""
-    return [model_cluster(alias, m) for alias, m in sorted(cfg.models.items())]
+    return [model_cluster(alias, m, static_secrets) for alias, m in sorted(cfg.models.items())]
+
+
+def backend_secrets(cfg: Config) -> list[Secret]:
+    """One secret per distinct key source of the backends, sorted by name."""
+    found = {s.name: s for m in cfg.models.values() for b in m.backends
+             if (s := credential_secret(b)) is not None}
+    return [found[n] for n in sorted(found)]
 
 
 def resource_set(type_url: str, named: Mapping[str, bytes]) -> TypedResources:
@@ -60,15 +71,15 @@ def resource_set(type_url: str, named: Mapping[str, bytes]) -> TypedResources:
 def build_resources(cfg: Config) -> dict[str, TypedResources]:
     """Every resource type tokenbooth serves over ADS, by type URL (CPU-bound: ~4 ms per
     cluster, so callers on an event loop run it in a thread)."""
-    named: dict[str, bytes] = {}
-    for cluster in model_clusters(cfg):
-        named[cluster.name] = pack(cluster).value
-    return {CLUSTER_TYPE: resource_set(CLUSTER_TYPE, named)}
+    clusters = {c.name: pack(c).value for c in model_clusters(cfg)}
+    secrets = {s.name: pack(s).value for s in backend_secrets(cfg)}
+    return {CLUSTER_TYPE: resource_set(CLUSTER_TYPE, clusters),
+            SECRET_TYPE: resource_set(SECRET_TYPE, secrets)}
 
 
 def model_cluster_dicts(cfg: Config) -> list[dict[str, Any]]:
-    """The clusters in the bootstrap's proto-JSON form."""
-    return [c.to_dict(casing=proto_name) for c in model_clusters(cfg)]
+    """The clusters in the bootstrap's proto-JSON form, their secrets static."""
+    return [c.to_dict(casing=proto_name) for c in model_clusters(cfg, static_secrets=True)]
 
 
 def with_static_models(bootstrap: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -76,6 +87,8 @@ def with_static_models(bootstrap: dict[str, Any], cfg: Config) -> dict[str, Any]
     and no ADS: for an Envoy run without tokenbooth's services (benchmarks, checks)."""
     out = {k: v for k, v in bootstrap.items() if k != "dynamic_resources"}
     static = out["static_resources"]
+    secrets = [s.to_dict(casing=proto_name) for s in backend_secrets(cfg)]
     out["static_resources"] = {**static,
-                               "clusters": [*static["clusters"], *model_cluster_dicts(cfg)]}
+                               "clusters": [*static["clusters"], *model_cluster_dicts(cfg)],
+                               **({"secrets": secrets} if secrets else {})}
     return out

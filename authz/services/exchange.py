@@ -8,15 +8,16 @@ header messages on the inference path):
                      the response is a stream, and the rate-limit headers as ext_proc's
                      dynamic metadata
   response_body    → chunks as they arrive; the first carries the status and the serving
-                     endpoint as attributes; a chunk the lifecycle rewrites goes back as a
-                     body mutation
+                     endpoint as attributes (and, for a backend's error answer, its own
+                     status as the upstream-errors filter's metadata); a chunk the
+                     lifecycle rewrites goes back as a body mutation
   request_headers  → only GET /v1/models (its own route): answered right here
 Errors are not turned into answers here: the servicer (ext_proc.py) does that.
 """
 
 from __future__ import annotations
 
-from authz.envoy_config.names import EXT_PROC
+from authz.envoy_config.names import EXT_PROC, UPSTREAM_ERRORS, UPSTREAM_STATUS_KEY
 from authz.services import protos
 from authz.services.lifecycle import Lifecycle
 from authz.services.principal_md import METADATA_NAMESPACE, principal_from_metadata
@@ -95,6 +96,18 @@ async def _request_body(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
     return resp
 
 
+def _upstream_error(msg: protos.Msg) -> int:
+    """The status of a backend's error answer (0: not one), as the upstream-errors filter
+    marked it (see authz/envoy_config/http_filters.upstream_errors)."""
+    md = msg.metadata_context.filter_metadata.get(UPSTREAM_ERRORS)
+    if md is None or UPSTREAM_STATUS_KEY not in md.fields:
+        return 0
+    try:
+        return int(md.fields[UPSTREAM_STATUS_KEY].string_value)
+    except ValueError:
+        return 0
+
+
 def _response_body(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
     if not life.responded:
         # The first chunk: the status and the serving endpoint come as attributes.
@@ -102,7 +115,8 @@ def _response_body(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
         life.response_start(
             int(attrs["response.code"].number_value) if "response.code" in attrs else 0,
             backend_from_host_metadata(attrs["xds.upstream_host_metadata"].string_value)
-            if "xds.upstream_host_metadata" in attrs else "")
+            if "xds.upstream_host_metadata" in attrs else "",
+            _upstream_error(msg))
     body = msg.response_body
     out = life.response_chunk(body.body, body.end_of_stream)
     if out is None:

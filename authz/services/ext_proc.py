@@ -18,7 +18,7 @@ from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import parent_context, span_attributes
 from authz.services import protos
 from authz.services.exchange import handle
-from authz.services.lifecycle import Lifecycle
+from authz.services.lifecycle import Lifecycle, OrgLimitsOf
 from authz.state.limits.admission import Admission
 from policy.errors import ApiError
 
@@ -29,8 +29,10 @@ _INTERNAL = ApiError(500, "internal_error", "The gateway failed to process this 
 
 class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime, recorder: Recorder, metrics: Metrics,
-                 admission: Admission, tracer: Tracer | None = None) -> None:
+                 admission: Admission, tracer: Tracer | None = None,
+                 org_limits: OrgLimitsOf | None = None) -> None:
         self._tracer = tracer
+        self._org_limits = org_limits
         self._rt = runtime
         self._recorder = recorder
         self._admission = admission
@@ -45,7 +47,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
     ) -> None:
         # context.read()/write() rather than iterating and yielding: measured ~10% less
         # CPU per message with grpc.aio (and each message is most of the cost).
-        life = Lifecycle(self._rt, self._recorder, self._admission)
+        life = Lifecycle(self._rt, self._recorder, self._admission, self._org_limits)
         span: Span | None = None
         start_ns = time.time_ns()
         read, write, eof = context.read, context.write, grpc.aio.EOF

@@ -30,6 +30,6 @@ class KeyAuthority:
             except StoreUnavailable as e:
                 log.warning("key check failed closed: %s", e, extra={"key_fp": fp[:8]})
                 raise service_unavailable(
-                    "The API key store is unavailable; retry shortly."
+                    "The API key store is unavailable; retry shortly.", retry=True
                 ) from None
         return check_record(record, self._rt.clock())

@@ -7,7 +7,8 @@ results back into answers. The steps, in the order the messages drive them:
                     at once
   request_body    → validate, check the model allow-list, build the body the backend
                     gets, admit; returns that body, the cluster and the rate-limit headers
-  response_start  → the status and the serving backend (the first response chunk)
+  response_start  → the status and the serving backend (the first response chunk); a
+                    backend's error answer is held to be rewritten OpenAI-shaped
   response_chunk  → meter usage; returns a chunk to send instead, or None for as is
   finish, settle  → the one usage record, then the one settlement
 Settlement: once admission has begun, the store may hold something for this request, so
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import NamedTuple
 
@@ -27,7 +29,7 @@ import orjson
 from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
 from authz.state.limits.admission import Admission
-from policy.config import Config
+from policy.config import Config, OrgLimits
 from policy.endpoints import Endpoint, Kind, lookup, path_argument
 from policy.errors import (
     ApiError,
@@ -36,6 +38,7 @@ from policy.errors import (
     model_not_allowed,
     model_not_found,
     not_found,
+    upstream_error,
 )
 from policy.keys import Principal
 from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
@@ -54,6 +57,8 @@ from policy.usage import Usage, UsageRecord, iso_z, make_record, usage_from_obj
 Headers = tuple[tuple[str, str], ...]
 # A JSON response is kept to read its `usage`, up to this size (past it: estimated).
 JSON_KEEP_BYTES = 64 << 20
+# A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
+ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
 GATEWAY_TIMEOUT = 504  # Envoy cut the response (stream idle timeout, or its time limit)
 # What the rewrite may add to a body: Envoy's hold buffer takes max_request_body_bytes plus
@@ -90,16 +95,26 @@ def forwarded_body(req: InferenceRequest, cfg: Config) -> bytes:
     return body
 
 
+# An org's limits: the admin API's stored ones over the config's (authz/state/orgs.py).
+OrgLimitsOf = Callable[[Config, str], OrgLimits | None]
+
+
+def config_org_limits(cfg: Config, org: str) -> OrgLimits | None:
+    return cfg.orgs.get(org)
+
+
 class Lifecycle:
     __slots__ = (
         "_admission",
         "_ask",
         "_backend",
+        "_error_body",
         "_json_body",
         "_last_byte",
         "_meter",
         "_model_id",
         "_org",
+        "_org_limits",
         "_rec",
         "_rt",
         "_settle",
@@ -119,10 +134,12 @@ class Lifecycle:
         "traceparent",
     )
 
-    def __init__(self, runtime: Runtime, recorder: Recorder, admission: Admission) -> None:
+    def __init__(self, runtime: Runtime, recorder: Recorder, admission: Admission,
+                 org_limits: OrgLimitsOf | None = None) -> None:
         self._rt = runtime
         self._rec = recorder
         self._admission = admission
+        self._org_limits = org_limits or config_org_limits
         self._ask: Ask | None = None  # set once admission begins
         self._backend = ""  # the backend URL Envoy chose
         self._org: tuple[Limits, Ask] | None = None  # the org's limits and hold, if any
@@ -135,6 +152,7 @@ class Lifecycle:
         self._started: datetime = runtime.clock()
         self._meter: StreamMeter | None = None
         self._json_body = bytearray()
+        self._error_body: bytearray | None = None  # a backend's error answer, being held
         self._model_id = ""  # GET /v1/models/{id}: the id
         self.responded = False  # the response has begun (response_start was called)
         self.endpoint: Endpoint | None = None
@@ -230,7 +248,7 @@ class Lifecycle:
 
     def _org_hold(self, ask: Ask) -> tuple[Limits, Ask] | None:
         """The org's limits and a hold under the pseudo-key `org:<name>`, if configured."""
-        ol = self._snap.config.orgs.get(ask.org)
+        ol = self._org_limits(self._snap.config, ask.org)
         return None if ol is None else org_hold(ol, ask, self._started)
 
     async def _admit(self, ask: Ask) -> Decision:
@@ -251,10 +269,14 @@ class Lifecycle:
 
     # -- response side --------------------------------------------------------
 
-    def response_start(self, status: int, backend: str) -> None:
+    def response_start(self, status: int, backend: str, upstream_error: int = 0) -> None:
         """The response's status and serving backend (0 and "" when unknown); an SSE
-        meter for a stream the backend accepted (an error answer is JSON)."""
+        meter for a stream the backend accepted (an error answer is JSON).
+        `upstream_error`: the backend's own status when it answered with an error (Envoy
+        already sends a 5xx on as 502): the record keeps it, the body is rewritten."""
         self.responded = True
+        if upstream_error and self.route is not None:
+            status, self._error_body = upstream_error, bytearray()
         if status:
             self.status = status
         if backend:
@@ -269,6 +291,13 @@ class Lifecycle:
         if self.route is None:
             return None
         self._last_byte = time.monotonic()
+        out = (self._meter_chunk(chunk, end) if self._error_body is None
+               else self._error_chunk(chunk, end))
+        if end:
+            self.finish()
+        return out
+
+    def _meter_chunk(self, chunk: bytes, end: bool) -> bytes | None:
         out: bytes | None = None
         meter = self._meter
         if meter is not None:
@@ -281,9 +310,16 @@ class Lifecycle:
                 self._t_first = time.monotonic()
         elif len(self._json_body) < JSON_KEEP_BYTES:
             self._json_body += chunk
-        if end:
-            self.finish()
         return out
+
+    def _error_chunk(self, chunk: bytes, end: bool) -> bytes:
+        """A backend's error answer: held (the client gets nothing yet), then sent whole
+        as OpenAI-shaped JSON. Envoy streams the response body to ext_proc with no
+        content-length (chunked), so the new length needs no header."""
+        held = self._error_body
+        assert held is not None
+        held += chunk[:max(0, ERROR_KEEP_BYTES - len(held))]
+        return upstream_error(self.status, bytes(held)).body() if end else b""
 
     # -- the end --------------------------------------------------------------
 

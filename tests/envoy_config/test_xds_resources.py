@@ -12,18 +12,24 @@ from typing import Any
 import pytest
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401  (Any types)
+from envoy.extensions.transport_sockets.tls.v3 import (
+    secret_pb2,
+    tls_pb2,  # noqa: F401  (Any types)
+)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster as TypedCluster
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret as TypedSecret
 from google.protobuf import json_format
 
-from authz.envoy_config.bootstrap import render_dict
+from authz.envoy_config.bootstrap import proto_name, render_dict, render_yaml
 from authz.envoy_config.xds_resources import (
     CLUSTER_TYPE,
+    SECRET_TYPE,
     build_resources,
     model_cluster_dicts,
     with_static_models,
 )
-from policy.config import Config
+from policy.config import Config, ConfigError, parse_config
 from policy.routing import model_cluster_name
 from tests.envoy_config.test_bootstrap import envoy_validate, load_fixture
 
@@ -143,3 +149,112 @@ def test_the_bootstrap_takes_model_clusters_from_ads() -> None:
     assert grpc["envoy_grpc"]["cluster_name"] == "tokenbooth_services"
     assert "timeout" not in grpc  # a deadline would end the stream
     assert d["node"]["id"] and d["node"]["cluster"]
+
+
+# -- backend API keys: named in the config, read by Envoy, written nowhere --------------
+
+BACKEND_KEY = "vllm-key-never-rendered-7f3a9c"
+KEY_VAR = "TB_TEST_VLLM_KEY"
+
+
+def keyed_config(tmp_path: Path) -> Config:
+    """`basic` plus a model whose key is in an env var, one whose key is in a file (both
+    holding BACKEND_KEY), and one with no backend."""
+    key_file = tmp_path / "vllm.key"
+    key_file.write_text(BACKEND_KEY + "\n")
+    base = load_fixture("basic")
+    demo = base.models["demo"].model_dump(mode="json")
+    url = demo["backends"][0]["url"]
+    return with_models(
+        base,
+        env_keyed={**demo, "backends": [{"url": url, "api_key_env": KEY_VAR}]},
+        file_keyed={**demo, "backends": [{"url": url, "api_key_file": str(key_file)},
+                                         {"url": "http://127.0.0.2:8000",
+                                          "api_key_file": str(key_file)}]},
+        unserved={**demo, "backends": []},
+    )
+
+
+def test_backend_keys_are_injected_from_secrets_served_by_name(tmp_path: Path) -> None:
+    cfg = keyed_config(tmp_path)
+    # Read back with the typed dataclasses (xds-protos predates `header_value_prefix`).
+    secrets = {n: TypedSecret.parse(a.value).to_dict(casing=proto_name)
+               for n, a in build_resources(cfg)[SECRET_TYPE].resources.items()}
+    # One secret per key source, naming where Envoy reads the key, never the key.
+    assert sorted(s["generic_secret"]["secret"].popitem() for s in secrets.values()) == [
+        ("environment_variable", KEY_VAR), ("filename", str(tmp_path / "vllm.key"))]
+    clusters = {n: TypedCluster.parse(a.value).to_dict(casing=proto_name)
+                for n, a in build_resources(cfg)[CLUSTER_TYPE].resources.items()}
+    env_keyed = clusters[model_cluster_name("env_keyed")]
+    opts = env_keyed["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    injector, codec = opts["http_filters"]
+    assert codec["name"] == "envoy.filters.http.upstream_codec"
+    generic = injector["typed_config"]["credential"]["typed_config"]
+    assert (generic["header"], generic["header_value_prefix"]) == ("Authorization", "Bearer ")
+    assert generic["credential"]["sds_config"]["ads"] == {}
+    assert generic["credential"]["name"] in secrets
+    assert injector["typed_config"]["overwrite"] is True
+    # No key, no filters; no backend, marked (its 503 says not to retry).
+    demo = clusters[model_cluster_name("demo")]
+    assert "http_filters" not in demo["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert clusters[model_cluster_name("unserved")]["metadata"] == {
+        "filter_metadata": {"tokenbooth": {"no_backends": True}}}
+
+
+def _unpack(any_msg: Any, into: Any) -> Any:
+    assert any_msg.Unpack(into)
+    return into
+
+
+def test_backend_key_is_in_no_rendered_or_served_text(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the key in the environment and in the file, nothing tokenbooth renders or
+    serves holds it: the bootstrap (`envoy render`), the static form (benchmarks), the
+    xDS resources as bytes and as text."""
+    monkeypatch.setenv(KEY_VAR, BACKEND_KEY)
+    cfg = keyed_config(tmp_path)
+    resources = build_resources(cfg)
+    texts = [render_yaml(cfg), yaml.safe_dump(with_static_models(render_dict(cfg), cfg)),
+             str(resources)]
+    for rs in resources.values():
+        texts += [a.value.decode("latin-1") for a in rs.resources.values()]
+        texts += [str(_unpack(a, secret_pb2.Secret() if rs.type_url == SECRET_TYPE
+                              else cluster_pb2.Cluster())) for a in rs.resources.values()]
+    for text in texts:
+        assert BACKEND_KEY not in text
+    assert any(KEY_VAR in t for t in texts)
+
+
+def test_envoy_accepts_backend_keys(tmp_path: Path) -> None:
+    """The static form (secrets in the bootstrap) with `envoy --mode validate`, which
+    reads the key from its environment and the file."""
+    cfg = keyed_config(tmp_path)
+    d = with_static_models(render_dict(cfg), cfg)
+    assert len(d["static_resources"]["secrets"]) == 2
+    path = tmp_path / "static.yaml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    r = envoy_validate(path, env={KEY_VAR: BACKEND_KEY})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(("backend", "problem"), [
+    ({"api_key": "sk-inline"}, "never written in the config"),
+    ({"api_key_env": "A", "api_key_file": "/k"}, "not both"),
+    ({"api_key_env": "1BAD"}, "api_key_env"),
+    ({"api_key_file": "relative/key"}, "api_key_file"),
+])
+def test_backend_key_settings_are_checked(backend: dict[str, str], problem: str) -> None:
+    data = {"models": {"m": {"upstream_model": "x",
+                             "backends": [{"url": "http://h:8000", **backend}]}}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "policy.yaml")
+    assert problem in str(e.value) and "models.m.backends[0]" in str(e.value)
+
+
+def test_one_key_source_per_model() -> None:
+    data = {"models": {"m": {"upstream_model": "x", "backends": [
+        {"url": "http://a:8000", "api_key_env": "A"}, {"url": "http://b:8000"}]}}}
+    with pytest.raises(ConfigError, match="same api_key_env"):
+        parse_config(data, "policy.yaml")

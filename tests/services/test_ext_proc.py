@@ -171,7 +171,9 @@ async def test_json_response_usage_is_recorded_once(running: Running) -> None:
     assert rec["backend"] == BACKEND
 
 
-async def test_backend_error_is_passed_through_and_records_no_tokens(running: Running) -> None:
+async def test_unmarked_error_is_passed_through_and_records_no_tokens(running: Running) -> None:
+    """An error answer Envoy did not mark as the backend's (its own local reply after
+    admission, already OpenAI-shaped) passes as is; a backend's: test_upstream_errors.py."""
     s = Stream(running)
     await admit(s, {**CHAT, "stream": True})
     error = b'{"error": {"message": "boom", "type": "server_error"}}'

@@ -140,7 +140,8 @@ class Admission:
                 log.error("admission failed closed: %s", e,
                           extra={"request_id": ask.request_id})
                 raise service_unavailable(
-                    "Rate limits cannot be checked right now; retry shortly."
+                    "The limit store is unavailable, so this request cannot be admitted "
+                    "now; retry shortly.", retry=True
                 ) from None
             log.warning("limit store unavailable, admitting under the local limiter: %s", e,
                         extra={"request_id": ask.request_id})
