@@ -90,6 +90,8 @@ def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:
         headers.append(NO_RETRY)  # larger than the limit itself: never fits
     elif d.retry_after_s is not None:
         headers.append(("retry-after", retry_after_header(d.retry_after_s)))
+    else:  # concurrency, a duplicate id: free again when a request in flight ends
+        headers.append(("retry-after", "1"))
     return ApiError(429, "rate_limit_exceeded", _MESSAGES.get(d.reason, "Rate limit reached."),
                     type=d.reason if d.reason in ("requests", "tokens") else None,
                     headers=tuple(headers))

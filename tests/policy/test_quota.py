@@ -80,8 +80,8 @@ def test_a_total_budget_refusal_says_it_never_resets() -> None:
     ("tokens_too_large", None, None,
      "This request reserves more tokens than the per-minute limit allows; "
      "lower max_tokens or the prompt.", None),
-    ("concurrency", None, None, "Too many requests in flight for this API key.", None),
-    ("duplicate", None, None, "Rate limit reached.", None),
+    ("concurrency", None, None, "Too many requests in flight for this API key.", "1"),
+    ("duplicate", None, None, "Rate limit reached.", "1"),
 ])
 def test_rate_refusals(reason: str, retry: float | None, type_: str | None, message: str,
                        retry_after: str | None) -> None:
