@@ -79,8 +79,8 @@ def embeddings(body: Mapping[str, Any], models: Mapping[str, Any],
     if encoding not in ("float", "base64"):
         raise SimError(400, f"encoding_format {encoding!r} is not supported by the simulator.")
     dims = opt_int(body, "dimensions") or EMBED_DIM
-    if dims < 1:
-        raise SimError(400, f"dimensions must be at least 1, got {dims}.")
+    if not 1 <= dims <= 65536:
+        raise SimError(400, f"dimensions must be from 1 to 65536, got {dims}.")
     if isinstance(inputs, str) or isinstance(inputs[0], int):
         inputs = [inputs]
     data = [{"index": i, "object": "embedding",
@@ -162,6 +162,9 @@ def tokenize(body: Mapping[str, Any], models: Mapping[str, Any],
     model = model_of(body, models)
     prompt, messages = body.get("prompt"), body.get("messages")
     if isinstance(messages, list):
+        if not all(isinstance(m, dict) for m in messages):
+            raise invalid_field("messages", "Input should be a valid dictionary", "dict_type",
+                                messages)
         n = prompt_tokens_chat(messages, body)
         ids = [zlib.crc32(str(i).encode()) % VOCAB for i in range(n)]
     elif isinstance(prompt, str):
