@@ -20,6 +20,9 @@ help:
 	@echo "make vllm   - only the real-vLLM tier (pytest -m vllm)"
 	@echo "make bench  - end-to-end benchmark through Envoy: bare, no-op servicers, tokenbooth,"
 	@echo "              LiteLLM (BENCH_ARGS='--reps 3 --duration 5'; results in bench/results/)"
+	@echo "make soak   - soak and chaos: 100 clients for 10 min through Envoy, two replicas, Redis,"
+	@echo "              killing Redis, a replica, the upstream; then 100,000 fuzzed requests"
+	@echo "              (SOAK_ARGS='--duration 600 --clients 100 --fuzz 100000'; not in make test)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +93,13 @@ e2e: install
 # Numbers from one run on this machine, never pass/fail (`make test` runs only a smoke).
 bench: install bench-litellm-venv
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The soak and chaos suite (tests/soak): exits 1 when a request was lost, recorded twice,
+# overspent or left held, or a fuzzed request got a 5xx or a non-OpenAI error.
+SOAK_ARGS ?= --duration 600 --clients 100 --fuzz 100000
+.PHONY: soak
+soak: install
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 vllm: install vllm-venv
 	TOKENBOOTH_REQUIRE_VLLM=1 $(BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
