@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,22 +192,29 @@ def start_bare(run_dir: Path, sim_url: str) -> Gateway:
                    [f"Authorization: Bearer {SECRET}"], [envoy], {"envoy": [envoy.pid]})
 
 
-def start_noop(run_dir: Path, sim_url: str) -> Gateway:
-    workdir = run_dir / "F"
+Patch = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def start_noop(run_dir: Path, sim_url: str, name: str = "F", patch: Patch | None = None,
+               noop_args: Sequence[str] = ()) -> Gateway:
+    """F; `patch` changes the bootstrap and `noop_args` the servicers (bench/levers.py)."""
+    workdir = run_dir / name
     config = write_policy(workdir, sim_url)
     bootstrap = render_static(config)
+    if patch is not None:
+        bootstrap = patch(bootstrap)
     policy = yaml.safe_load(config.read_text())
     side = f"http://{policy['services']['http_listen']}"
     with (workdir / "noop.log").open("wb") as log:
         noop = spawn([sys.executable, "-m", "bench.noop",
                       "--grpc", policy["services"]["grpc_listen"],
                       "--side", policy["services"]["http_listen"],
-                      "--cluster", model_cluster_name(ALIAS)],
+                      "--cluster", model_cluster_name(ALIAS), *noop_args],
                      stdout=log, stderr=subprocess.STDOUT)
     procs = [noop]
     try:
         wait_until(lambda: http_ok(f"{side}/readyz"), "no-op servicers", alive=procs)
-        procs.append(start_envoy(bootstrap, workdir, "F", procs))
+        procs.append(start_envoy(bootstrap, workdir, name, procs))
     except BaseException:
         stop(procs)
         raise
@@ -217,7 +224,7 @@ def start_noop(run_dir: Path, sim_url: str) -> Gateway:
         counts = orjson.loads(get(f"{side}/counts"))
         return {**envoy_counters(admin), **{f"grpc.{k}": float(v) for k, v in counts.items()}}
 
-    return Gateway("F", f"{_listener(bootstrap)}/v1/chat/completions",
+    return Gateway(name, f"{_listener(bootstrap)}/v1/chat/completions",
                    [f"Authorization: Bearer {SECRET}"], procs,
                    {"envoy": [procs[1].pid], "python": [noop.pid]}, counters)
 

@@ -97,26 +97,82 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
 
 
 class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, counts: Counter[str], cluster: str) -> None:
+    """Answers each message at once. Two variants for the levers the paced bench measures
+    (see bench/levers.py): a stream that opens with a response body is an observability-mode
+    filter's (Envoy ignores answers: none is sent); with `duplex`, response bodies come
+    FULL_DUPLEX_STREAMED and go back as streamed_response, the chunks read while the last
+    answer was being written coalesced into one."""
+
+    def __init__(self, counts: Counter[str], cluster: str, duplex: bool = False) -> None:
         self._counts = counts
         self._replies = replies(cluster)
+        self._duplex = duplex
 
     async def Process(self, request_iterator: AsyncIterator[Any],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                      context: grpc.aio.ServicerContext) -> None:
         counts, answers = self._counts, self._replies
         counts["streams"] += 1
-        async for msg in request_iterator:
+        read, write, eof = context.read, context.write, grpc.aio.EOF
+        first = True
+        while (msg := await read()) is not eof:
             kind = msg.WhichOneof("request")
             counts[kind] += 1
+            if kind == "response_body" and first:
+                counts["observed_streams"] += 1
+                while (msg := await read()) is not eof:
+                    counts["response_body"] += 1
+                return
+            first = False
+            if kind == "response_body" and self._duplex:
+                await _duplex(msg.response_body, read, write, counts)
+                return
             if kind == "response_headers":
                 sse = any(h.key == "content-type" and h.raw_value.startswith(_SSE_TYPE)
                           for h in msg.response_headers.headers.headers)
-                yield answers["response_headers:sse" if sse else "response_headers:json"]
+                await write(answers["response_headers:sse" if sse else "response_headers:json"])
             else:
-                yield answers[kind]
+                await write(answers[kind])
 
 
-async def serve(grpc_listen: str, side_listen: str, cluster: str) -> None:
+async def _duplex(first: Any, read: Any, write: Any, counts: Counter[str]) -> None:
+    """FULL_DUPLEX_STREAMED: every byte goes back (Envoy forwards only what it is sent),
+    chunks that queued up while an answer was being written go back as one."""
+    pending = [first.body]
+    ended = first.end_of_stream
+    wake = asyncio.Event()
+    wake.set()
+
+    async def reader() -> None:
+        nonlocal ended
+        while not ended and (msg := await read()) is not grpc.aio.EOF:
+            counts["response_body"] += 1
+            pending.append(msg.response_body.body)
+            ended = ended or msg.response_body.end_of_stream
+            wake.set()
+        wake.set()
+
+    task = asyncio.ensure_future(reader())
+    try:
+        while True:
+            await wake.wait()
+            wake.clear()
+            if not pending and task.done():
+                break  # Envoy closed the stream without an end of stream
+            done = ended
+            body = b"".join(pending)
+            pending.clear()
+            counts["duplex_answers"] += 1
+            await write(ep.ProcessingResponse(response_body=ep.BodyResponse(
+                response=ep.CommonResponse(body_mutation=ep.BodyMutation(
+                    streamed_response=ep.StreamedBodyResponse(body=body,
+                                                              end_of_stream=done))))))
+            if done:
+                break
+    finally:
+        task.cancel()
+
+
+async def serve(grpc_listen: str, side_listen: str, cluster: str, duplex: bool = False) -> None:
     counts: Counter[str] = Counter()
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 0),
@@ -125,7 +181,7 @@ async def serve(grpc_listen: str, side_listen: str, cluster: str) -> None:
     ])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(counts), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        NoopProcessor(counts, cluster), server)
+        NoopProcessor(counts, cluster, duplex), server)
     if server.add_insecure_port(grpc_listen) == 0:
         raise OSError(f"cannot listen on {grpc_listen}")
     await server.start()
@@ -159,10 +215,12 @@ def main() -> None:
     ap.add_argument("--grpc", required=True, help="HOST:PORT of the gRPC services")
     ap.add_argument("--side", required=True, help="HOST:PORT of /counts and /readyz")
     ap.add_argument("--cluster", required=True, help="the Envoy cluster of the backend")
+    ap.add_argument("--duplex", action="store_true",
+                    help="response bodies come FULL_DUPLEX_STREAMED: answer as streamed_response")
     args = ap.parse_args()
     import uvloop
 
-    uvloop.run(serve(args.grpc, args.side, args.cluster))
+    uvloop.run(serve(args.grpc, args.side, args.cluster, args.duplex))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from bench import paced
+
 MODES = {"json": "Non-streaming (JSON, 64 completion tokens)",
          "sse": "Streaming (SSE, 64 token chunks + usage chunk + [DONE])"}
 PHASES = ("request_headers", "request_body", "response_headers", "response_body")
@@ -155,6 +157,7 @@ def markdown(result: dict[str, Any]) -> str:
         out += [f"#### {MODES[mode]}", "", *_table(header, lines), ""]
     out += _ratio_section(rows, configs, s["modes"])
     out += _messages_section(rows, configs, s["modes"])
+    out += paced.markdown(result.get("paced", []), s.get("paced_configs", []))
     return "\n".join(out) + "\n"
 
 

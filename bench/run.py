@@ -8,7 +8,9 @@ In each repetition round every configuration is started once (the order rotates 
 round to round), measured at each concurrency, non-streaming and streaming, after a
 warm-up, then stopped. The upstream is one `tokenbooth sim` with zero think time for the
 whole run. Every response's status and body are checked; a cell with any failure is marked
-in the report and the run exits non-zero. Results: bench/results/latest.{md,json}.
+in the report and the run exits non-zero. Then the paced-stream section (bench/paced.py):
+the sim pacing tokens, gateway CPU per streamed token for A, F and B side by side
+(`--paced-only` runs only it, `--no-paced` skips it). Results: bench/results/latest.{md,json}.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from authz.envoy_config.binary import envoy_path
 from authz.runtime.procs import stop
-from bench import gateways, litellm_proxy, procstat, report
+from bench import gateways, levers, litellm_proxy, paced, procstat, report
 from bench.gateways import ALIAS, Gateway
 from bench.loadgen import good_body
 from tests.redis_server import RedisServer
@@ -96,12 +98,15 @@ class Bench:
         self.measurements: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
         self.cells = len(args.configs) * len(args.modes) * len(args.concurrency) * args.reps
+        self.paced_plan = paced.cells(args.paced_tpot, args.paced_tokens, args.paced_streams)
+        self.cells += len(self.paced_plan) * len(args.paced_configs)
+        self.paced: list[dict[str, Any]] = []
         self.sim_url = ""
         self.shared: dict[str, list[int]] = {}
         self.redis: RedisServer | None = None
 
     def progress(self, text: str) -> None:
-        done = len(self.measurements)
+        done = len(self.measurements) + len(self.paced)
         elapsed = time.monotonic() - self.t0
         eta = f", ~{elapsed / done * (self.cells - done) / 60:.1f} min left" if done else ""
         print(f"[{done}/{self.cells} {elapsed:5.0f}s{eta}] {text}", flush=True)
@@ -112,6 +117,8 @@ class Bench:
             return lambda: gateways.start_bare(run, sim)
         if config == "F":
             return lambda: gateways.start_noop(run, sim)
+        if config in levers.VARIANTS:
+            return levers.starter(config, run, sim)
         if config == "B-memory":
             return lambda: gateways.start_tokenbooth(run, sim, "memory", config)
         assert self.redis is not None
@@ -204,8 +211,13 @@ class Bench:
                 self.redis.start()
                 assert self.redis.proc is not None
                 self.shared["redis"] = [self.redis.proc.pid]
-            for rep in range(self.args.reps):
+            for rep in range(self.args.reps if self.args.configs else 0):
                 self.round(rep)
+            for config in self.args.paced_configs:
+                self.progress(f"paced streams: starting {config}")
+                self.paced += paced.run_config(self.starter(config), config, self.paced_plan,
+                                               self.args.paced_min_s, self.shared,
+                                               self.progress)
         finally:
             if self.redis is not None:
                 self.redis.stop()
@@ -216,10 +228,12 @@ class Bench:
             "machine": info,
             "settings": {"configs": a.configs, "modes": a.modes, "concurrency": a.concurrency,
                          "reps": a.reps, "duration_s": a.duration, "warmup_s": a.warmup,
-                         "commit": commit(),
+                         "commit": commit(), "paced_configs": a.paced_configs,
+                         "paced_min_s": a.paced_min_s,
                          "litellm": litellm_proxy.version() if "C" in a.configs else None},
             "summary": report.summarize(self.measurements),
             "measurements": self.measurements,
+            "paced": self.paced,
         }
 
 
@@ -237,14 +251,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
+    ap.add_argument("--paced-configs", default="A,F,B-memory",
+                    help="configurations of the paced-stream section")
+    ap.add_argument("--paced-tpot", default="2,20", help="ms per token")
+    ap.add_argument("--paced-tokens", default="64,512", help="tokens per stream")
+    ap.add_argument("--paced-streams", default="1,64", help="streams at once")
+    ap.add_argument("--paced-min-s", type=float, default=3.0,
+                    help="seconds each paced cell streams for (at least one stream each)")
+    ap.add_argument("--paced-only", action="store_true", help="only the paced section")
+    ap.add_argument("--no-paced", action="store_true", help="skip the paced section")
     args = ap.parse_args(argv)
     if args.smoke:
         args.configs, args.concurrency, args.reps = "A,F,B-memory,C", "4", 1
         args.duration, args.warmup = 0.5, 0.3
+        args.paced_tpot, args.paced_tokens, args.paced_streams = "2", "16", "1,4"
+        args.paced_min_s = 0.2
+    if args.paced_only:
+        args.configs = ""
+    if args.no_paced:
+        args.paced_configs = ""
+    args.paced_configs = [c for c in args.paced_configs.split(",") if c]
+    args.paced_tpot = [int(v) for v in args.paced_tpot.split(",")]
+    args.paced_tokens = [int(v) for v in args.paced_tokens.split(",")]
+    args.paced_streams = [int(v) for v in args.paced_streams.split(",")]
     args.configs = [c for c in args.configs.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    unknown = set(args.configs) - set(ALL_CONFIGS)
+    unknown = (set(args.configs) - set(ALL_CONFIGS)) | (
+        set(args.paced_configs) - set(ALL_CONFIGS) - set(levers.VARIANTS))
     if unknown or set(args.modes) - set(report.MODES):
         ap.error(f"unknown configuration or mode: {sorted(unknown) or args.modes}")
     if "C" in args.configs and not litellm_proxy.available():
@@ -272,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     failed = sum(r["failed"] for r in result["summary"])
+    failed += sum(m["failed"] + (m["completed_streams"] == 0) for m in result["paced"])
     if failed:
         print(f"bench: {failed} request(s) failed (non-2xx, bad body or connection error); "
               "the marked cells are not valid measurements", file=sys.stderr)

@@ -50,3 +50,14 @@ def test_end_to_end_bench_runs(tmp_path: Path) -> None:
     markdown = (tmp_path / "latest.md").read_text()
     assert "| B-memory | 4 |" in markdown
     assert "#### B against A, F and C" in markdown
+    # The paced-stream section: every cell of A, F and B streamed its tokens, each counted
+    # from the stream's own usage, and F and B sent ext_proc messages for them.
+    paced = result["paced"]
+    assert {(m["config"], m["streams"]) for m in paced} == {
+        (c, s) for c in ("A", "F", "B-memory") for s in (1, 4)}
+    for m in paced:
+        assert m["failed"] == 0 and m["completed_streams"] >= m["streams"], m
+        assert m["streamed_tokens"] == 16 * m["completed_streams"], m
+        if m["config"] != "A":
+            assert m["ext_proc_msgs_per_token"], m
+    assert "#### Paced streams: gateway CPU per streamed token" in markdown
