@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from policy.keyrecord import SCOPES, KeyRecord
+from policy.sse import MAX_EVENT_BYTES
 
 __all__ = ["REDIS_PASSWORD_ENV", "SCOPES", "Config", "ConfigError", "KeyRecord", "load_config",
            "parse_hostport", "port_clashes"]
@@ -242,6 +243,9 @@ class EnvoySettings(_Strict):
     # When ext_proc (the metering) goes away mid-response: `serve` the rest unmetered, or
     # `cut` the stream. Either way the lost-hold sweep writes the request's record.
     on_metering_loss: Literal["serve", "cut"] = "serve"
+    # A streamed event larger than this is passed through as it arrives, unread: counted
+    # (its bytes estimate the usage if the stream has no usage chunk), never buffered.
+    max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=4096)
 
     @model_validator(mode="after")
     def _one_services_form(self) -> EnvoySettings:

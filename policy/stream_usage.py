@@ -7,6 +7,11 @@ chunk that the gateway asked for on the client's behalf, passing every other
 byte through unchanged. `ResponsesStreamMeter` reads the Responses API's typed
 events: the usage is in `response.completed`, which the client always gets.
 `meter_for` picks one by the endpoint's kind.
+
+An event over the parser's size limit (policy/sse.py) is passed through as it arrives,
+never decoded and so never stripped; the meter counts it and its bytes
+(`oversize_events`, `oversize_bytes`): without a usage chunk, its bytes are estimated
+as generated text.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 import orjson
 
 from policy.endpoints import Kind
-from policy.sse import Event, SSEParser
+from policy.sse import MAX_EVENT_BYTES, Event, SSEParser
+from policy.tokens import estimate_bytes
 from policy.usage import Usage, usage_from_obj
 
 DONE = b"[DONE]"
@@ -25,14 +31,26 @@ RESPONSE_ENDS = frozenset({b"response.completed", b"response.incomplete", b"resp
 
 
 class StreamMeter:
-    __slots__ = ("_parser", "content_chunks", "done", "strip_usage", "usage")
+    __slots__ = ("_parser", "content_chunks", "done", "oversize_bytes", "strip_usage", "usage")
 
-    def __init__(self, strip_usage: bool) -> None:
-        self._parser = SSEParser()
+    def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._parser = SSEParser(max_event_bytes)
         self.strip_usage = strip_usage
         self.usage: Usage | None = None
         self.content_chunks = 0  # chunks that carried generated text (≈ tokens for vLLM)
+        self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
+
+    @property
+    def oversize_events(self) -> int:
+        """Events over the size limit: passed through unread."""
+        return self._parser.oversize_events
+
+    @property
+    def completion_estimate(self) -> int:
+        """Generated tokens by what was seen, for a stream without a usage chunk: a
+        token per content chunk, and ~4 bytes a token of any oversize event."""
+        return self.content_chunks + estimate_bytes(self.oversize_bytes)
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Observe a chunk; return what the client should get instead, or None for 'as is'."""
@@ -47,7 +65,9 @@ class StreamMeter:
     def _after(self, events: list[Event], tail: bytes) -> bytes | None:
         keep: list[bytes] = []
         for ev in events:
-            if self._observe(ev) and self.strip_usage:
+            if ev.oversize:  # never read, so never stripped
+                self.oversize_bytes += len(ev.raw)
+            elif self._observe(ev) and self.strip_usage:
                 continue
             keep.append(ev.raw)
         if not self.strip_usage:
@@ -98,8 +118,8 @@ class ResponsesStreamMeter(StreamMeter):
 
     __slots__ = ()
 
-    def __init__(self) -> None:
-        super().__init__(strip_usage=False)
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        super().__init__(strip_usage=False, max_event_bytes=max_event_bytes)
 
     def _observe(self, ev: Event) -> bool:
         data = ev.data
@@ -130,8 +150,9 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def meter_for(kind: Kind, client_wants_usage: bool) -> StreamMeter:
+def meter_for(kind: Kind, client_wants_usage: bool,
+              max_event_bytes: int = MAX_EVENT_BYTES) -> StreamMeter:
     """The meter of a stream from an endpoint of `kind`."""
     if kind is Kind.RESPONSES:
-        return ResponsesStreamMeter()
-    return StreamMeter(strip_usage=not client_wants_usage)
+        return ResponsesStreamMeter(max_event_bytes)
+    return StreamMeter(not client_wants_usage, max_event_bytes)

@@ -169,6 +169,12 @@ class Metrics:
             "Settlements that could not reach the limit store and were spooled to disk",
             registry=r,
         )
+        self.oversize_events = Counter(
+            "tokenbooth_sse_oversize_events",
+            "Streamed events over envoy.max_event_bytes: passed through unread, their "
+            "bytes estimated if the stream had no usage chunk",
+            ("model",), registry=r,
+        )
         self._add_genai(r)
         self._add_operations(r)
         self._series: dict[tuple[str, str, str, int | str], _Series] = {}
@@ -226,6 +232,7 @@ class Metrics:
         in `increase()` (a series born at 1 hides it)."""
         for model in cfg.models:
             self.hold_bound_violations.labels(model)
+            self.oversize_events.labels(model)
         for store in STORES:
             self.store_errors.labels(store)
         for service in ("ext_authz", "ext_proc"):

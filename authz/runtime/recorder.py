@@ -20,6 +20,10 @@ class Recorder:
         """A settlement passed its hold (charged all the same; logged by Admission)."""
         self._m.hold_bound_violations.labels(model).inc()
 
+    def oversize_events(self, model: str, n: int) -> None:
+        """A stream carried `n` events over the size limit (passed through unread)."""
+        self._m.oversize_events.labels(model).inc(n)
+
     def lost(self, rec: UsageRecord) -> None:
         """The record of a hold whose replica died, settled at its full hold."""
         self._m.lost_holds.inc()

@@ -16,6 +16,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter
 from opentelemetry.sdk.trace import TracerProvider
 
 from authz.envoy_config.xds_resources import build_resources
+from authz.runtime import memdebug
 from authz.runtime.admin import start_admin
 from authz.runtime.admin_api import AdminContext
 from authz.runtime.admin_auth import AdminTokens
@@ -264,6 +265,7 @@ async def serve_forever(runtime: Runtime) -> None:
     except BaseException:
         await services.stop()  # whatever did start (e.g. gRPC when the side port is busy)
         raise
+    memdebug.install(runtime.settings.tracemalloc, runtime.snapshot.config.data_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

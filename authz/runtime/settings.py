@@ -32,6 +32,8 @@ ADMIN_LISTEN_ENV = "TOKENBOOTH_ADMIN_LISTEN"
 # The setting each of those variables fills.
 # A bearer token of the admin API with role `admin` (beside the config's `admin.tokens`).
 ADMIN_TOKEN_ENV = "TOKENBOOTH_ADMIN_TOKEN"  # noqa: S105 - a variable name
+# Set (not "0"): `serve` traces allocations, dumped on SIGUSR1 (authz/runtime/memdebug.py).
+TRACEMALLOC_ENV = "TOKENBOOTH_TRACEMALLOC"
 PORT_ENV = {"listen": LISTEN_ENV, "grpc_listen": GRPC_LISTEN_ENV,
             "http_listen": HTTP_LISTEN_ENV, "admin_listen": ADMIN_LISTEN_ENV}
 
@@ -58,6 +60,8 @@ class Settings:
     admin_listen: str | None = None
     # The admin API's extra `admin` token (kept out of repr()).
     admin_token: str | None = field(default=None, repr=False)
+    # Trace allocations in `serve`, dumping what grew on SIGUSR1 (a debugging aid).
+    tracemalloc: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -70,6 +74,7 @@ class Settings:
             otlp_endpoint=env.get(OTLP_ENDPOINT_ENV) or None,
             service_name=env.get(SERVICE_NAME_ENV) or DEFAULT_SERVICE_NAME,
             admin_token=env.get(ADMIN_TOKEN_ENV) or None,
+            tracemalloc=env.get(TRACEMALLOC_ENV, "0") not in ("", "0"),
             **{name: env.get(var) or None for name, var in PORT_ENV.items()},
         )
 

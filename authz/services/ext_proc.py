@@ -68,7 +68,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 await write(resp)
                 if life.settle_pending:
                     await self._settle_apart(life)
-                if resp.HasField("immediate_response"):
+                if resp.HasField("immediate_response") or _last(msg):
                     return
         finally:
             # The stream ended: normally after the response, else the client or
@@ -102,6 +102,13 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             err = _INTERNAL
         life.answered_locally(err.status)
         return protos.immediate_error(err)
+
+
+def _last(msg: protos.Msg) -> bool:
+    """This answer is the stream's last (no response trailers are sent): end the stream
+    now, so its status goes out before Envoy resets it. A read still pending at the reset,
+    or a status sent after it, leaks native memory in grpc.aio (grpc/grpc#43360)."""
+    return msg.WhichOneof("request") == "response_body" and msg.response_body.end_of_stream
 
 
 def _end_span(span: Span, life: Lifecycle) -> None:

@@ -283,7 +283,8 @@ class Lifecycle:
             self._backend = backend
         req, endpoint = self.req, self.endpoint
         if req is not None and endpoint is not None and req.stream and 0 < self.status < 400:
-            self._meter = meter_for(endpoint.kind, req.client_wants_usage)
+            self._meter = meter_for(endpoint.kind, req.client_wants_usage,
+                                    self._snap.config.envoy.max_event_bytes)
 
     def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
         """Meter one chunk; the bytes the client gets instead, or None for as is. Not
@@ -364,6 +365,8 @@ class Lifecycle:
             )
         )
         self._rec.record(rec, self._t_first - self._t0 if self._t_first else None)
+        if self._meter is not None and self._meter.oversize_events:
+            self._rec.oversize_events(req.alias, self._meter.oversize_events)
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""
@@ -397,7 +400,9 @@ class Lifecycle:
         if self._meter is not None:
             if self._meter.usage is not None:
                 return self._meter.usage, False
-            return Usage(req.prompt_estimate, self._meter.content_chunks), True
+            # No more than the backend can count: an oversize event's bytes are not tokens.
+            return Usage(req.prompt_estimate,
+                         min(self._meter.completion_estimate, req.completion_bound)), True
         if self._json_body:
             try:
                 usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))

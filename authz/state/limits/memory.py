@@ -5,7 +5,9 @@ policy/admission.py's transitions. Every method runs to completion without an aw
 so on asyncio's single thread a check and its reservation are one atomic step; no
 locks. The contract tests hold this store and the Redis one to identical results.
 `sweep` finds the holds whose lease ended through one heap of (expiry, key_id), so it
-never walks every key.
+never walks every key. The heap holds one live entry per key with holds (its earliest
+lease end), not one per hold: a hold settled long before its lease ends leaves nothing
+behind, so memory follows the keys in use, not the request rate times the lease.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class MemoryLimitStore:
         self._window = window_s
         self._keys: dict[str, KeyState] = {}
         self._ledgers: dict[tuple[str, str], Ledger] = {}
-        self._due: list[tuple[float, str]] = []  # (lease expiry, key_id) of every hold
+        self._due: list[tuple[float, str]] = []  # (when to sweep, key_id)
+        self._next: dict[str, float] = {}  # key_id -> its live entry in `_due`
 
     async def start(self) -> None:
         return None
@@ -38,8 +41,19 @@ class MemoryLimitStore:
                   if limits.budget_nano is not None else None)
         d = admission.admit(limits, ask, key, ledger, now, self._window)
         if d.allowed and admission.tracked(limits):
-            heapq.heappush(self._due, (now + ask.lease_s, ask.key_id))
+            self._schedule(ask.key_id, now + ask.lease_s)
         return d
+
+    def _schedule(self, key_id: str, at: float) -> None:
+        """Sweep `key_id` at `at` unless it is due sooner already."""
+        due = self._next.get(key_id)
+        if due is not None and due <= at:
+            return
+        self._next[key_id] = at
+        heapq.heappush(self._due, (at, key_id))
+        if len(self._due) > 2 * len(self._next) + 64:  # superseded entries: compact
+            self._due = [(t, k) for k, t in self._next.items()]
+            heapq.heapify(self._due)
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: float) -> Settled:
@@ -60,15 +74,22 @@ class MemoryLimitStore:
         """Claim the holds whose lease ended unsettled, each once, charging them in full."""
         due: set[str] = set()
         while self._due and not admission.hold_live(self._due[0][0], now):
-            due.add(heapq.heappop(self._due)[1])
+            at, key_id = heapq.heappop(self._due)
+            if self._next.get(key_id) == at:  # else superseded by a sooner entry
+                del self._next[key_id]
+                due.add(key_id)
         lost: list[Ask] = []
         for key_id in due:
             key = self._keys.get(key_id)
-            for hold in admission.sweep(key, now) if key is not None else []:
+            if key is None:
+                continue
+            for hold in admission.sweep(key, now):
                 ledger = self._ledgers.get((key_id, hold.ask.period))
                 if ledger is not None:
                     ledger.expire(now)
                 lost.append(hold.ask)
+            if key.holds:  # the next lease to end (its heap may hold settled ones: sooner)
+                self._schedule(key_id, min(h.exp for h in key.holds.values()))
         return lost
 
     # -- for the durable store (durable.py): the state itself, to snapshot and restore --
@@ -81,6 +102,7 @@ class MemoryLimitStore:
                 ledgers: dict[tuple[str, str], Ledger]) -> None:
         """Replace the whole state (at start, from a snapshot)."""
         self._keys, self._ledgers = keys, ledgers
-        self._due = [(h.exp, k) for k, ks in keys.items()
-                     for h in [*ks.holds.values(), *ks.ended.values()]]
+        self._next = {k: min(h.exp for h in [*ks.holds.values(), *ks.ended.values()])
+                      for k, ks in keys.items() if ks.holds or ks.ended}
+        self._due = [(t, k) for k, t in self._next.items()]
         heapq.heapify(self._due)
