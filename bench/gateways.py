@@ -77,8 +77,10 @@ def start_sim(logs: Path) -> tuple[str, subprocess.Popen[bytes]]:
     return url, proc
 
 
-def write_policy(directory: Path, sim_url: str, state: str = "memory") -> Path:
-    """A tokenbooth config on free ports: one alias on the sim, one key with limits."""
+def write_policy(directory: Path, sim_url: str, state: str = "memory",
+                 model: dict[str, Any] | None = None) -> Path:
+    """A tokenbooth config on free ports: one alias on the sim (with `model`'s settings
+    added), one key with limits."""
     directory.mkdir(parents=True, exist_ok=True)
     policy = {
         "listen": f"127.0.0.1:{_PORTS.free_port()}",
@@ -92,6 +94,7 @@ def write_policy(directory: Path, sim_url: str, state: str = "memory") -> Path:
             "backends": [{"url": sim_url}],
             "price_per_1k_tokens": {"input": "0.50", "output": "1.50"},
             "max_tokens": 1024,
+            **(model or {}),
         }},
         "keys": [{"id": "bench", "org": "bench-org", "sha256": fingerprint(SECRET),
                   **KEY_LIMITS}],
@@ -239,9 +242,10 @@ def tokenbooth_counters(side: str) -> dict[str, float]:
     return {f"grpc.{m.group(1).decode()}": float(m.group(2)) for m in _DECISIONS.finditer(text)}
 
 
-def start_tokenbooth(run_dir: Path, sim_url: str, state: str, name: str) -> Gateway:
+def start_tokenbooth(run_dir: Path, sim_url: str, state: str, name: str,
+                     model: dict[str, Any] | None = None) -> Gateway:
     workdir = run_dir / name
-    config = write_policy(workdir, sim_url, state)
+    config = write_policy(workdir, sim_url, state, model)
     bootstrap = render(config)
     policy = yaml.safe_load(config.read_text())
     side = f"http://{policy['services']['http_listen']}"

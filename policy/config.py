@@ -184,6 +184,11 @@ class Model(_Strict):
     tokens_per_image: int | None = Field(default=None, ge=1)
     tokens_per_audio: int | None = Field(default=None, ge=1)
     tokens_per_video: int | None = Field(default=None, ge=1)
+    # vLLM's `stream_interval` (tokens per streamed chunk after the first): > 1 is written
+    # into chat and completions streams, and a client's own value is capped at it. The
+    # gateway's CPU per streamed token falls about N-fold; a stream cut short is charged
+    # N tokens a chunk. Leave 1 for backends that are not vLLM (they refuse the field).
+    stream_interval: int = Field(default=1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _cap_fits_context(self) -> Model:

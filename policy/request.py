@@ -52,6 +52,9 @@ class InferenceRequest:
     # rerank / score: pairs).
     sequences: int = 1
     prompts: int = 1
+    # Generated tokens per streamed chunk, at most (vLLM's `stream_interval` as sent
+    # upstream; the first chunk carries one): a stream cut short is estimated by it.
+    stream_interval: int = 1
 
     @property
     def completion_bound(self) -> int:
@@ -163,15 +166,26 @@ def _sequences(body: dict[str, Any], max_n: int) -> int:
     return best_of
 
 
+def _stream_interval(body: dict[str, Any], model: Model, stream: bool) -> int:
+    """Tokens per streamed chunk: the model's setting, or the client's own when smaller
+    (a larger one would let a client that leaves mid-stream hide what was generated)."""
+    asked = _int_field(body, "stream_interval", 1 << 31)
+    if not stream:
+        return 1
+    return min(asked, model.stream_interval) if asked else model.stream_interval
+
+
 def _upstream(body: dict[str, Any], model: Model, limit: tuple[str, int] | None = None,
-              stream_usage: bool = False) -> bytes:
+              stream_usage: bool = False, interval: int = 1) -> bytes:
     """The body the backend gets: `model` → upstream name; `limit` (a field and its
     value) written when the client set no limit; streams of chat and completions always
-    report usage (`stream_usage`)."""
+    report usage (`stream_usage`) and carry their `interval` when it is not vLLM's 1."""
     out = dict(body)
     out["model"] = model.upstream_model
     if limit is not None:
         out[limit[0]] = limit[1]
+    if interval > 1 or "stream_interval" in body:
+        out["stream_interval"] = interval
     if stream_usage:
         opts = dict(body.get("stream_options") or {})
         opts["include_usage"] = True
@@ -193,7 +207,9 @@ def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
     stream, wants_usage = _stream_flags(body)
     max_tokens, write = _max_tokens(body, kind, model.max_tokens)
     sequences = _sequences(body, model.max_n)
-    upstream = _upstream(body, model, ("max_tokens", max_tokens) if write else None, stream)
+    interval = _stream_interval(body, model, stream)
+    upstream = _upstream(body, model, ("max_tokens", max_tokens) if write else None, stream,
+                         interval)
     if kind is Kind.CHAT:
         prompts = 1
         estimate, bound = tokens.chat_prompt(body, model)
@@ -202,7 +218,7 @@ def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
     return InferenceRequest(
         alias, model, estimate, bound, body, upstream, stream=stream,
         client_wants_usage=wants_usage, max_tokens=max_tokens, sequences=sequences,
-        prompts=prompts)
+        prompts=prompts, stream_interval=interval)
 
 
 def _responses(body: dict[str, Any], alias: str, model: Model, kind: Kind

@@ -31,11 +31,15 @@ RESPONSE_ENDS = frozenset({b"response.completed", b"response.incomplete", b"resp
 
 
 class StreamMeter:
-    __slots__ = ("_parser", "content_chunks", "done", "oversize_bytes", "strip_usage", "usage")
+    __slots__ = ("_parser", "content_chunks", "done", "oversize_bytes", "strip_usage",
+                 "tokens_per_chunk", "usage")
 
-    def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+    def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
+                 tokens_per_chunk: int = 1) -> None:
         self._parser = SSEParser(max_event_bytes)
         self.strip_usage = strip_usage
+        # Generated tokens one content chunk may carry (vLLM's stream_interval).
+        self.tokens_per_chunk = tokens_per_chunk
         self.usage: Usage | None = None
         self.content_chunks = 0  # chunks that carried generated text (≈ tokens for vLLM)
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
@@ -48,9 +52,9 @@ class StreamMeter:
 
     @property
     def completion_estimate(self) -> int:
-        """Generated tokens by what was seen, for a stream without a usage chunk: a
-        token per content chunk, and ~4 bytes a token of any oversize event."""
-        return self.content_chunks + estimate_bytes(self.oversize_bytes)
+        """Generated tokens by what was seen, for a stream without a usage chunk: up to
+        `tokens_per_chunk` per content chunk, and ~4 bytes a token of any oversize event."""
+        return self.content_chunks * self.tokens_per_chunk + estimate_bytes(self.oversize_bytes)
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Observe a chunk; return what the client should get instead, or None for 'as is'."""
@@ -151,8 +155,8 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
 
 
 def meter_for(kind: Kind, client_wants_usage: bool,
-              max_event_bytes: int = MAX_EVENT_BYTES) -> StreamMeter:
+              max_event_bytes: int = MAX_EVENT_BYTES, tokens_per_chunk: int = 1) -> StreamMeter:
     """The meter of a stream from an endpoint of `kind`."""
     if kind is Kind.RESPONSES:
         return ResponsesStreamMeter(max_event_bytes)
-    return StreamMeter(not client_wants_usage, max_event_bytes)
+    return StreamMeter(not client_wants_usage, max_event_bytes, tokens_per_chunk)

@@ -284,7 +284,8 @@ class Lifecycle:
         req, endpoint = self.req, self.endpoint
         if req is not None and endpoint is not None and req.stream and 0 < self.status < 400:
             self._meter = meter_for(endpoint.kind, req.client_wants_usage,
-                                    self._snap.config.envoy.max_event_bytes)
+                                    self._snap.config.envoy.max_event_bytes,
+                                    req.stream_interval)
 
     def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
         """Meter one chunk; the bytes the client gets instead, or None for as is. Not

@@ -69,6 +69,8 @@ class GenRequest:
     n: int = 1  # choices returned per prompt
     best_of: int = 1  # sequences generated per prompt (at least n)
     prompts: int = 1
+    # vLLM's stream_interval: after the first token, one chunk per this many tokens.
+    stream_interval: int = 1
 
     @property
     def choices(self) -> int:
@@ -123,6 +125,7 @@ class _Common:
     include_usage: bool
     n: int
     best_of: int
+    stream_interval: int
 
 
 def model_of(body: Mapping[str, Any], models: Mapping[str, Any]) -> str:
@@ -152,7 +155,11 @@ def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
             raise SimError(400, "Stream options can only be defined when `stream=True`.")
         include_usage = opt_bool(options, "include_usage")
     n, best_of = _n_best_of(body, stream)
-    return _Common(model, stream, include_usage, n, best_of)
+    interval = opt_int(body, "stream_interval")
+    if interval is not None and interval < 1:
+        raise invalid_field("stream_interval", "Input should be greater than or equal to 1",
+                            "greater_than_equal", interval)
+    return _Common(model, stream, include_usage, n, best_of, interval or 1)
 
 
 def _n_best_of(body: Mapping[str, Any], stream: bool) -> tuple[int, int]:
@@ -195,7 +202,8 @@ def _gen(
             "completion.",
         )
     return GenRequest(common.model, sum(prompt_counts), value, common.stream,
-                      common.include_usage, common.n, common.best_of, len(prompt_counts))
+                      common.include_usage, common.n, common.best_of, len(prompt_counts),
+                      common.stream_interval)
 
 
 def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],

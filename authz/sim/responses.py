@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from authz.sim.tokens import WORDS
+from authz.sim.tokens import WORDS, token_text
 
 Kind = Literal["chat", "completion"]
 
@@ -153,6 +153,12 @@ class StreamEvents:
         finish_reason "length"."""
         tail = self._last_tails[choice] if last else self._mid_tails[choice]
         return self._heads[choice] + token_json(i) + tail
+
+    def tokens(self, start: int, end: int, last: bool, choice: int = 0) -> bytes:
+        """One event carrying generated tokens [start, end) of ``choice``."""
+        tail = self._last_tails[choice] if last else self._mid_tails[choice]
+        text = "".join(token_text(i) for i in range(start, end))
+        return self._heads[choice] + orjson.dumps(text) + tail
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """vLLM's final usage-only chunk (``stream_options.include_usage``)."""

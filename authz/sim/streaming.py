@@ -33,15 +33,17 @@ class Pacing:
 async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
                  head: Sequence[bytes], steps: int, per_step: int,
                  token: Callable[[int, int], bytes],
-                 tail: Callable[[], Sequence[bytes]]) -> web.StreamResponse:
+                 tail: Callable[[], Sequence[bytes]],
+                 weight: Callable[[int], int] = lambda _i: 1) -> web.StreamResponse:
     """Stream `head`, then `steps` steps of `per_step` token events (`token(step,
-    choice)`), then `tail()`. Headers go out at once, `head` with the first step."""
+    choice)`, each carrying `weight(step)` tokens), then `tail()`. Headers go out at
+    once, `head` with the first step; each later step waits `weight(step)` token times."""
     resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
     total = steps * per_step
     limit = total if pace.cut_after is None else min(pace.cut_after, total)
-    sent = 0
+    sent = tokens = 0
     try:
         if pace.ttft_s > 0:
             await asyncio.sleep(pace.ttft_s)
@@ -51,10 +53,11 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
             if sent >= limit:
                 break
             if i and pace.tpot_s > 0:
-                await asyncio.sleep(pace.tpot_s)
+                await asyncio.sleep(pace.tpot_s * weight(i))
             for c in range(min(per_step, limit - sent)):
                 await resp.write(token(i, c))
                 sent += 1
+                tokens += weight(i)
         if pace.cut_after is not None:
             _drop_connection(request)
             return resp
@@ -65,7 +68,7 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
         # return fails the same way and is handled quietly as a client disconnect.
         pass
     finally:
-        metrics.generation_tokens.inc(sent)
+        metrics.generation_tokens.inc(tokens)
     return resp
 
 
@@ -77,15 +80,27 @@ async def stream_generation(request: web.Request, gen: GenRequest, kind: Kind,
     choice order; a chat stream opens with one role chunk per choice.
     """
     events = StreamEvents(kind, gen.model, gen.choices)
-    last = gen.max_tokens - 1
 
     def tail() -> list[bytes]:
         usage = ([events.usage(gen.prompt_tokens, gen.completion_tokens)]
                  if gen.include_usage else [])
         return [*usage, DONE_EVENT]
 
+    if gen.stream_interval > 1:  # vLLM's stream_interval: token 0, then N at a time
+        spans = stream_spans(gen.max_tokens, gen.stream_interval)
+        return await _drive(
+            request, metrics, pace, events.roles, len(spans), gen.choices,
+            lambda i, c: events.tokens(*spans[i], spans[i][1] == gen.max_tokens, c), tail,
+            lambda i: spans[i][1] - spans[i][0])
+    last = gen.max_tokens - 1
     return await _drive(request, metrics, pace, events.roles, gen.max_tokens, gen.choices,
                         lambda i, c: events.token(i, i == last, c), tail)
+
+
+def stream_spans(n: int, interval: int) -> list[tuple[int, int]]:
+    """The [start, end) tokens of each chunk of an `n`-token stream: the first token on
+    its own, then `interval` at a time (vLLM's output processor)."""
+    return [(0, 1), *((s, min(s + interval, n)) for s in range(1, n, interval))]
 
 
 async def stream_response(request: web.Request, body: Mapping[str, Any], gen: GenRequest,

@@ -64,12 +64,13 @@ class Gateway:
 def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
                 sim_weight: int = 1, upstream: str | None = None,
                 envoy: dict[str, Any] | None = None,
+                demo: dict[str, Any] | None = None,
                 **policy: Any) -> Iterator[Gateway]:
     """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit.
     `extra_backends` join the sim as weighted backends of the `demo` alias; with
     `upstream` (a running vLLM, say) no sim is started and every alias routes there.
     `envoy`: settings of the config's `envoy:` section (route_timeout_s, say) beside
-    the admin port chosen here."""
+    the admin port chosen here. `demo`: settings added to the `demo` model."""
     logs = root / "logs"
     logs.mkdir()
     sim_port = free_port()
@@ -82,10 +83,12 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
         envoy={**(envoy or {}), "admin_listen": f"127.0.0.1:{free_port()}"},
         **policy,
     )
-    if extra_backends:
+    if extra_backends or demo:
         data = yaml.safe_load(path.read_text())
-        data["models"]["demo"]["backends"] = [{"url": sim_url, "weight": sim_weight},
-                                              *extra_backends]
+        if extra_backends:
+            data["models"]["demo"]["backends"] = [{"url": sim_url, "weight": sim_weight},
+                                                  *extra_backends]
+        data["models"]["demo"].update(demo or {})
         path.write_text(yaml.safe_dump(data, sort_keys=False))
     cfg = load_config(path)
     (root / "envoy.yaml").write_text(render_yaml(cfg))

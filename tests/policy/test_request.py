@@ -321,3 +321,40 @@ def test_endpoints_answered_by_the_gateway_take_no_body() -> None:
 def test_model_object_shape() -> None:
     assert json.loads(model_object("demo", 5)) == {
         "id": "demo", "object": "model", "created": 5, "owned_by": "tokenbooth"}
+
+
+# vLLM's stream_interval: a model's setting is written into its streams; a client's own
+# value is capped at it, since a client that leaves mid-stream is charged per chunk seen.
+INTERVAL_CFG = parse_config(policy_dict("http://127.0.0.1:8000", models={
+    "demo": {"upstream_model": "tiny-llama", "backends": [{"url": "http://127.0.0.1:8000"}],
+             "max_tokens": 256, "stream_interval": 8}}))
+
+
+def interval_of(body: dict[str, Any], cfg: Config = INTERVAL_CFG,
+                ep: Endpoint = CHAT_EP) -> tuple[int, object]:
+    r = parse_request(json.dumps(body).encode(), ep, cfg)
+    assert isinstance(r, InferenceRequest)
+    return r.stream_interval, json.loads(upstream_body(r)).get("stream_interval")
+
+
+@pytest.mark.parametrize("ep", [CHAT_EP, COMP_EP])
+def test_a_models_stream_interval_is_written_into_its_streams(ep: Endpoint) -> None:
+    body: dict[str, Any] = {"model": "demo", "stream": True,
+                            **({"messages": MSG} if ep is CHAT_EP else {"prompt": "hi"})}
+    assert interval_of(body, ep=ep) == (8, 8)
+    assert interval_of({**body, "stream_interval": 3}, ep=ep) == (3, 3)
+    assert interval_of({**body, "stream_interval": 1000}, ep=ep) == (8, 8)  # capped
+    assert interval_of({**body, "stream": False}, ep=ep) == (1, None)  # JSON: untouched
+
+
+def test_without_a_setting_nothing_is_written_and_a_clients_interval_is_capped_to_one() -> None:
+    body: dict[str, Any] = {"model": "demo", "stream": True, "messages": MSG}
+    assert interval_of(body, CFG) == (1, None)  # backends that are not vLLM never see it
+    assert interval_of({**body, "stream_interval": 50}, CFG) == (1, 1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "4", 2.5, True, [4]])
+def test_a_bad_stream_interval_is_a_400(bad: object) -> None:
+    body = {"model": "demo", "stream": True, "messages": MSG, "stream_interval": bad}
+    err = error_of(body)
+    assert err.status == 400 and err.param == "stream_interval"

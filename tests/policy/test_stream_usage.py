@@ -140,3 +140,14 @@ def test_meter_for_picks_by_kind() -> None:
     chat = meter_for(Kind.CHAT, False)
     assert type(chat) is StreamMeter and chat.strip_usage
     assert not meter_for(Kind.COMPLETION, True).strip_usage
+
+
+def test_a_cut_stream_is_estimated_at_tokens_per_chunk() -> None:
+    """With vLLM's stream_interval N a content chunk carries up to N tokens: a stream
+    that ends without its usage chunk is charged N a chunk (the backend's bound caps it)."""
+    m = meter_for(Kind.CHAT, client_wants_usage=False, tokens_per_chunk=8)
+    for c in (ROLE, TEXT, TEXT, TEXT):
+        m.feed(c)
+    m.finish()
+    assert m.usage is None and m.content_chunks == 3 and m.completion_estimate == 24
+    assert meter_for(Kind.CHAT, False).completion_estimate == 0

@@ -345,3 +345,32 @@ async def test_tpot_header_slows_one_request(sim: Sim) -> None:
         headers={"x-sim-tpot-ms": "soon"},
     ) as r:
         assert r.status == 400
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "content"),
+                                             ("/v1/completions", "text")])
+async def test_stream_interval_groups_tokens_as_vllm_does(sim: Sim, path: str,
+                                                          field: str) -> None:
+    """vLLM's `stream_interval`: the first token alone, then N tokens a chunk; the text
+    and the usage are those of the ungrouped stream."""
+    base: dict[str, Any] = {"model": "tiny-llama", "max_tokens": 13, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    base.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
+                else {"prompt": "hi"})
+
+    def texts(chunks: list[dict[str, Any]]) -> list[str]:
+        out = []
+        for c in chunks:
+            for ch in c["choices"]:
+                piece = ch["delta"].get("content") if field == "content" else ch["text"]
+                if piece:
+                    out.append(piece)
+        return out
+
+    one = parse(await stream_events(sim, path, base))
+    grouped = parse(await stream_events(sim, path, {**base, "stream_interval": 4}))
+    assert len(texts(one)) == 13 and len(texts(grouped)) == 4  # 1 + 4 + 4 + 4
+    assert "".join(texts(grouped)) == "".join(texts(one))
+    assert grouped[-1]["usage"] == one[-1]["usage"]
+    status, body = await post(sim, path, {**base, "stream_interval": 0})
+    assert status == 400 and "stream_interval" in body["message"]

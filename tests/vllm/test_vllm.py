@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from authz.sim.streaming import stream_spans
 from authz.state.usage.records import USAGE_FILE, read_records
 from policy.stream_usage import StreamMeter
 from tests.e2e.conftest import Gateway
@@ -256,3 +257,22 @@ def test_real_streams_meter_exactly_at_every_split(vllm_server: VllmServer, name
     recorded = [json.loads(d) for d in sse_data(fixture.read_bytes())[:-1]]
     live = [json.loads(d) for d in chunks]
     assert {tuple(sorted(c)) for c in recorded} == {tuple(sorted(c)) for c in live}
+
+
+def test_stream_interval_groups_tokens_as_the_simulator_assumes(
+        vllm_server: VllmServer) -> None:
+    """vLLM's per-request `stream_interval` (a model's `stream_interval` setting writes
+    it): the first token alone, then up to N tokens a chunk, with the usage unchanged."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 13, "stream": True,
+            "stream_interval": 4, "stream_options": {"include_usage": True}, **EXACT}
+    stream, _ = raw_stream(f"{vllm_server.url}/v1/chat/completions", body)
+    chunks = [json.loads(d) for d in sse_data(stream)[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 13
+    meter = StreamMeter(strip_usage=True, tokens_per_chunk=4)
+    meter.feed(stream)
+    meter.finish()
+    assert meter.usage is not None and meter.usage.completion_tokens == 13
+    # Really grouped, and never more chunks than the simulator sends (1 + 4 + 4 + 4): a
+    # stream cut after the last one would be charged at least what was generated.
+    assert 1 < meter.content_chunks <= len(stream_spans(13, 4)), chunks
+    assert meter.completion_estimate >= 13
