@@ -391,6 +391,51 @@ class AlertSettings(_Strict):
         return tuple(sorted(set(v)))
 
 
+class UsageSettings(_Strict):
+    """Where usage records go beyond the request path (README "Usage records at volume").
+
+    With `state: redis://`, the stream `tb:{usage}` is a delivery queue, trimmed by
+    `trim`: `acked` drops what every consumer group (the exporter's when `sink` is set,
+    and `consumer_groups`) has acknowledged; `retention` drops only by age. Either way
+    nothing older than `retention_s` stays (None: no age limit, only with `acked` and
+    a group). `sink`: a postgresql:// URL, the ledger of record, filled by
+    `tokenbooth usage export` (its password from $PGPASSWORD, not this file).
+    `state: memory` keeps the JSON-lines log, rotated at `local_max_bytes`."""
+
+    sink: str | None = None
+    trim: Literal["acked", "retention"] = "acked"
+    retention_s: float | None = Field(default=7 * 86400.0, gt=0)
+    consumer_groups: tuple[str, ...] = ()
+    # How long a delivered record's dedup key lives: the spool's redelivery horizon (a
+    # crashed replica redelivers its last half second when it restarts). A later
+    # duplicate is dropped by every reader (request_id), and by the sink's unique key.
+    dedup_ttl_s: float = Field(default=600.0, ge=0)
+    trim_every_s: float = Field(default=10.0, gt=0, le=3600)
+    local_max_bytes: int = Field(default=256 << 20, ge=1 << 16)
+
+    @field_validator("sink")
+    @classmethod
+    def _sink(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("postgres", "postgresql"):
+            raise ValueError("expected a postgresql://user@host:port/db URL")
+        return v
+
+    @field_validator("consumer_groups")
+    @classmethod
+    def _groups(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,64}", g) for g in v):
+            raise ValueError("expected group names of letters, digits and _.:-")
+        return tuple(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _bounded(self) -> UsageSettings:
+        if self.retention_s is None and (self.trim == "retention" or not (
+                self.sink or self.consumer_groups)):
+            raise ValueError("retention_s: null leaves the Redis stream unbounded; it "
+                             "needs trim: acked and a sink or consumer_groups")
+        return self
+
+
 class Config(_Strict):
     listen: HostPort = "127.0.0.1:8080"
     tls: Tls | None = None
@@ -407,6 +452,7 @@ class Config(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     alerts: AlertSettings = AlertSettings()
     admin: AdminSettings = AdminSettings()
+    usage: UsageSettings = UsageSettings()
 
     @field_validator("state")
     @classmethod

@@ -131,6 +131,13 @@ class Totals:
         self.total_tokens += total
         self.cost_usd += cost
 
+    def merge(self, other: Totals) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.total_tokens += other.total_tokens
+        self.cost_usd += other.cost_usd
+
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
@@ -189,6 +196,16 @@ class UsageReport:
     def finish(self) -> list[dict[str, Any]]:
         """Count the `lost` records nothing replaced; returns those counted."""
         return [r for r in self._dedup.finish() if self._count(r)]
+
+    def merge(self, group: tuple[str, ...], totals: Totals) -> None:
+        """Add totals computed elsewhere (a database's GROUP BY over records this report
+        is not fed): `group` has a value per `group_by`, () without."""
+        self.totals.merge(totals)
+        if self.group_by:
+            acc = self._groups.get(group)
+            if acc is None:
+                acc = self._groups[group] = Totals()
+            acc.merge(totals)
 
     def groups(self) -> list[tuple[tuple[str, ...], Totals]]:
         """Per group, sorted by its values (names alphabetically, times in order)."""

@@ -1,13 +1,17 @@
 """`tokenbooth usage`: usage records and their totals, filtered by org, key and time, and
 grouped by key, org, model, day or hour. One pass over the records, streamed from the
 JSON-lines file or read from the Redis stream a page at a time (the arithmetic is
-policy/usage_report.py): memory does not grow with the records but for their ids."""
+policy/usage_report.py): memory does not grow with the records but for their ids.
+With usage.sink (PostgreSQL): SQL aggregates over the archive plus the stream's tail.
+`tokenbooth usage export`: the exporter of the stream into the sink."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -15,7 +19,7 @@ from typing import IO, Any
 import orjson
 
 from authz.cli import remote
-from authz.cli.common import Parents, Subparsers, admin_url_parser, load, parse_since
+from authz.cli.common import Parents, Subparsers, admin_url_parser, load, parse_since, run_async
 from authz.runtime.settings import Settings
 from policy.config import Config, redacted
 from policy.usage_report import GROUPS, Selection, UsageReport, parse_group_by
@@ -26,7 +30,10 @@ TIMEOUT_S = 5.0
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
     s = sub.add_parser("usage", parents=[parents.config, admin_url_parser()],
-                       help="usage records and totals")
+                       help="usage records and totals; `usage export`: into usage.sink")
+    s.add_argument("action", nargs="?", choices=["export"],
+                   help="export: move records from the Redis stream into the PostgreSQL "
+                        "sink, until stopped (README: Usage records at volume)")
     s.add_argument("--org")
     s.add_argument("--key", help="key id")
     s.add_argument("--since", help="ISO 8601 time, or an age such as 90m, 24h, 7d")
@@ -34,6 +41,7 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
                    help=f"totals per group instead of the records: {', '.join(GROUPS)} "
                         "(day and hour in UTC); several, comma-separated, nest")
     s.add_argument("--json", action="store_true")
+    _export_arguments(s)
     s.set_defaults(func=cmd_usage)
 
 
@@ -45,6 +53,11 @@ def _group_by(text: str) -> tuple[str, ...]:
 
 
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "export":
+        return cmd_export(args, settings)
+    if args.until_idle or args.batch != 2000 or args.claim_idle != 60.0:
+        raise ValueError("--batch, --claim-idle and --until-idle are options of "
+                         "`tokenbooth usage export`")
     since = parse_since(args.since, datetime.now(UTC)) if args.since else None
     report = UsageReport(Selection(args.org, args.key, since), args.group_by or ())
     out = sys.stdout
@@ -54,7 +67,12 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
                              since.isoformat() if since else None)["records"]
         recs: Iterator[dict[str, Any]] = iter(found)
     else:
-        recs = records(load(args, settings))
+        cfg = load(args, settings)
+        if args.group_by and archived(cfg):  # SQL aggregates, then the stream's tail
+            sql_report(cfg, report)
+            recs = iter(())
+        else:
+            recs = records(cfg, report.selection)
     if args.group_by:
         for rec in recs:
             report.feed(rec)
@@ -70,12 +88,80 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- export: the stream into the PostgreSQL sink (authz/state/usage/exporter.py) -------
+
+
+def _export_arguments(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("usage export")
+    g.add_argument("--batch", type=int, default=2000, help="records per transaction")
+    g.add_argument("--claim-idle", type=float, default=60.0, metavar="SECONDS",
+                   help="take over the records a stopped exporter held this long")
+    g.add_argument("--until-idle", action="store_true",
+                   help="exit once the stream holds nothing more to export")
+    g.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+
+def check_config(cfg: Config) -> str:
+    """The sink's URL; ValueError when export cannot run with this config."""
+    if not cfg.state_is_redis:
+        raise ValueError("usage export reads the Redis stream: it needs state: redis://…")
+    if not cfg.usage.sink:
+        raise ValueError("usage export needs usage.sink: postgresql://… in the config")
+    return cfg.usage.sink
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from authz.runtime.logs import setup_logging
+
+    if args.batch < 1:
+        raise ValueError("--batch: expected a positive number")
+    cfg = load(args, settings)
+    sink = check_config(cfg)
+    setup_logging(args.log_level)
+    run_async(_export(cfg, sink, args))
+    return 0
+
+
+async def _export(cfg: Config, sink: str, args: argparse.Namespace) -> None:
+    import logging
+
+    from authz.state.usage.exporter import Exporter
+    from authz.state.usage.records import USAGE_STREAM
+    from authz.state.usage.trim import TrimPolicy
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    exporter = Exporter(cfg.state, sink, stream=USAGE_STREAM, batch=args.batch,
+                        claim_idle_s=args.claim_idle,
+                        trim_policy=TrimPolicy.from_config(cfg.usage),
+                        trim_every_s=cfg.usage.trim_every_s)
+    log = logging.getLogger("tokenbooth.records")
+    log.info("usage export started", extra={"sink": redacted(sink),
+                                            "consumer": exporter.consumer})
+    try:
+        await exporter.run(stop, until_idle=args.until_idle)
+    finally:
+        await exporter.aclose()
+        log.info("usage export stopped", extra={"exported": exporter.exported})
+
+
 # -- reading: one record at a time ------------------------------------------------------
 
 
-def records(cfg: Config) -> Iterator[dict[str, Any]]:
+def archived(cfg: Config) -> bool:
+    """Whether PostgreSQL holds the records (usage.sink, with a Redis state)."""
+    return cfg.state_is_redis and cfg.usage.sink is not None
+
+
+def records(cfg: Config, selection: Selection | None = None) -> Iterator[dict[str, Any]]:
     """Every record of the configured state backend, in the order written, duplicates
-    included (the report drops them)."""
+    included (the report drops them). With a sink: the archive's rows of `selection`
+    (in SQL), then the stream's unexported tail."""
+    if archived(cfg):
+        return archive_records(cfg, selection or Selection())
     if cfg.state_is_redis:
         from authz.state.usage.records import USAGE_STREAM
 
@@ -86,19 +172,81 @@ def records(cfg: Config) -> Iterator[dict[str, Any]]:
 
 
 def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The objects of a JSON-lines file, line by line (a damaged line is skipped)."""
+    """The objects of a JSON-lines log, its rotated files first, line by line (a damaged
+    line is skipped)."""
+    from authz.state.usage.records import usage_files
+
+    for p in usage_files(path):
+        try:
+            f = p.open("rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            for line in f:
+                try:
+                    rec = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict):
+                    yield rec
+
+
+def archive_records(cfg: Config, selection: Selection) -> Iterator[dict[str, Any]]:
+    """The records of the PostgreSQL sink and the stream's tail, a page at a time."""
+    from authz.state.usage.query import every_record
+
+    loop = asyncio.new_event_loop()
+    pages = every_record(cfg, selection)
     try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return
-    with f:
-        for line in f:
+        while True:
             try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                yield rec
+                page = loop.run_until_complete(_next(pages, cfg))
+            except StopAsyncIteration:
+                return
+            yield from page
+    finally:
+        loop.run_until_complete(pages.aclose())
+        loop.close()
+
+
+async def _next(pages: AsyncGenerator[list[dict[str, Any]], None], cfg: Config,
+                ) -> list[dict[str, Any]]:
+    try:
+        return await anext(pages)
+    except StopAsyncIteration:
+        raise
+    except Exception as e:  # asyncpg's and redis' errors: one line, the URL redacted
+        raise OSError(_sink_error(cfg, e)) from None
+
+
+def _sink_error(cfg: Config, e: Exception) -> str:
+    return (f"cannot read usage records from {redacted(cfg.usage.sink or '')} and "
+            f"{redacted(cfg.state)}: {type(e).__name__}: {e}")
+
+
+def sql_report(cfg: Config, report: UsageReport) -> None:
+    """Fills `report` with the archive's SQL aggregates and the stream's tail."""
+    try:
+        asyncio.run(_sql_report(cfg, report))
+    except Exception as e:
+        raise OSError(_sink_error(cfg, e)) from None
+
+
+async def _sql_report(cfg: Config, report: UsageReport) -> None:
+    from authz.state.usage import archive, query
+
+    assert cfg.usage.sink is not None
+    conn = await archive.connect(cfg.usage.sink)
+    try:
+        t = await query.tail(cfg, conn)
+        sel = report.selection
+        for group, totals in await query.aggregate(conn, sel, report.group_by, t.exclude):
+            report.merge(group, totals)
+    finally:
+        await conn.close()
+    for rec in t.records:
+        report.feed(rec)
+    report.finish()
 
 
 def stream_records(url: str, stream: str, page: int = PAGE) -> Iterator[dict[str, Any]]:

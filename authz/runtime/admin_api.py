@@ -3,7 +3,6 @@ over the running process's key store, limit store, org limits and usage records.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -12,14 +11,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, cast
 
-import orjson
 from pydantic import BaseModel, ValidationError
 
 from authz.runtime.admin_auth import AdminTokens, FailureLimiter
 from authz.state.keys.base import KeyAdmin, KeyExists, KeyStore
 from authz.state.limits.base import LimitStore
 from authz.state.orgs import OrgLimitsCache
-from authz.state.usage.records import USAGE_FILE, USAGE_STREAM, one_per_request, read_records
+from authz.state.usage.reading import Records, archived, load_usage, stream_usage
 from policy.admin_schema import (
     NDJSON,
     KeyCreate,
@@ -44,9 +42,7 @@ from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
 from policy.usage_report import OnePerRequest, Totals
 
-Records = list[dict[str, Any]]
-READ_BATCH = 1000  # Redis stream entries per XRANGE
-READ_BYTES = 1 << 20  # JSON-lines read per thread hop
+__all__ = ["ENDPOINTS", "AdminContext", "Records", "load_usage", "stream_usage"]
 
 
 @dataclass(frozen=True)
@@ -67,63 +63,6 @@ class AdminError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type, self.headers = type, headers or {}
-
-
-async def load_usage(cfg: Config) -> Records:
-    """Every usage record of the configured backend, one per request_id."""
-    if cfg.state_is_redis:
-        from authz.state.usage.redis_sink import read_stream
-
-        return list(one_per_request(await read_stream(cfg.state, USAGE_STREAM)))
-    return await asyncio.to_thread(lambda: list(read_records(cfg.data_dir / USAGE_FILE)))
-
-
-def _loads(raw: bytes | None) -> dict[str, Any] | None:
-    try:
-        rec = orjson.loads(raw) if raw is not None and raw.strip() else None
-    except orjson.JSONDecodeError:
-        return None  # a damaged line: `tokenbooth audit` reports those
-    return rec if isinstance(rec, dict) else None
-
-
-async def stream_usage(cfg: Config) -> AsyncGenerator[dict[str, Any], None]:
-    """Every usage record as written (duplicates included), read a batch at a time: the
-    Redis stream by XRANGE pages, the JSON-lines file a megabyte per thread hop."""
-    if cfg.state_is_redis:
-        async with contextlib.aclosing(_stream_redis(cfg.state)) as records:
-            async for found in records:
-                yield found
-        return
-    try:
-        f = await asyncio.to_thread((cfg.data_dir / USAGE_FILE).open, "rb")
-    except FileNotFoundError:
-        return
-    try:
-        while lines := await asyncio.to_thread(f.readlines, READ_BYTES):
-            for line in lines:
-                if (rec := _loads(line)) is not None:
-                    yield rec
-    finally:
-        f.close()
-
-
-async def _stream_redis(url: str) -> AsyncGenerator[dict[str, Any], None]:
-    from authz.state.keys.redis_store import connect
-
-    client = connect(url, 5.0)
-    start = "-"
-    try:
-        while True:
-            entries: list[Any] = await client.xrange(USAGE_STREAM, start, "+",
-                                                     count=READ_BATCH) or []
-            for _id, fields in entries:
-                if (rec := _loads((fields or {}).get(b"data"))) is not None:
-                    yield rec
-            if len(entries) < READ_BATCH:
-                return
-            start = "(" + entries[-1][0].decode()  # after the last (Redis 6.2+)
-    finally:
-        await client.aclose()
 
 
 @dataclass
@@ -417,6 +356,10 @@ async def usage(ctx: AdminContext, call: Call) -> UsagePage | Streamed:
     if q.stream or NDJSON in call.accept:
         _stream_query(q)
         return Streamed(_usage_lines(ctx, q))
+    if archived(cfg := ctx.config()) and ctx.usage is load_usage:
+        from authz.state.usage.page import sql_page
+
+        return await sql_page(cfg, q)  # SQL aggregates and keyset pages
     rows = [r for rec in await ctx.usage(ctx.config())
             if (r := _record(rec, q)) is not None]
     start = 0

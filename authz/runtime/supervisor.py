@@ -92,6 +92,7 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
         eff = overrides.apply(cfg)
         _start_services(eff, opts.config_path, overrides, procs)
         _start_envoy(eff, run_dir / "envoy.yaml", procs)
+        _start_exporter(eff, opts.config_path, procs)
         if any(p.poll() is not None for p in procs):
             raise RuntimeError("a child process exited during start-up")
         _banner(eff, opts.config_path, fresh_secret, sim_url)
@@ -209,6 +210,13 @@ def _start_services(eff: Config, config_path: Path, overrides: RunOverrides,
 
     with _starting(eff, "services"):
         wait_until(ready, "tokenbooth services", alive=procs)
+
+
+def _start_exporter(eff: Config, config_path: Path, procs: Procs) -> None:
+    """`tokenbooth usage export` (Redis stream -> PostgreSQL), only with a usage.sink and a
+    Redis state; nothing new otherwise."""
+    if eff.usage.sink and eff.state_is_redis:
+        procs.append(spawn(_self("usage", "export", "--config", str(config_path))))
 
 
 def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs) -> None:

@@ -56,7 +56,7 @@ import orjson
 
 from authz.state.limits.codec import ask_from
 from authz.state.limits.memory import MemoryLimitStore
-from authz.state.usage.records import USAGE_FILE, JsonlUsageLog
+from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, usage_files
 from policy.admission import KeyState, Ledger, Settled, lost_record
 from policy.config import Config
 from policy.limits import WINDOW_S, Ask, Decision, Limits, usd_to_nano
@@ -440,11 +440,12 @@ def _read_state(data_dir: Path, rotated: list[Path]) -> tuple[dict[str, Any] | N
 
 def recorded(path: Path, rids: set[str], since: float) -> dict[str, tuple[int, int]]:
     """(total_tokens, cost nano-USD) of each of `rids` that has a usage record in the
-    log: its real record, else its `lost` one. Reads backwards from the end of the log
-    until a record that ended before `since`."""
+    log: its real record, else its `lost` one. Reads backwards from the end of the log,
+    through its rotated files newest first, until a record that ended before `since`."""
     found: dict[str, tuple[int, int]] = {}
     lost: set[str] = set()
-    for rec in _records_backwards(path):
+    newest_first = (r for p in reversed(usage_files(path)) for r in _records_backwards(p))
+    for rec in newest_first:
         rid = rec.get("request_id")
         if rid in rids and (rid not in found or rid in lost):
             try:

@@ -3,10 +3,17 @@
 One line per record, written and flushed when a request ends, so records
 survive a restart of the services. Readers deduplicate by `request_id`,
 preferring a real record over a `lost` one.
+
+Rotation: once `usage.jsonl` reaches `max_bytes` (config: usage.local_max_bytes), the
+writer that notices renames it to `usage-<seq>.jsonl` (seq counting up, under a lock
+file) and every writer reopens `usage.jsonl`. Rotated files stay in the data dir until
+the operator moves them; every reader reads them, oldest first, then `usage.jsonl`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -21,6 +28,9 @@ from policy.usage import LOST, UsageRecord
 log = logging.getLogger("tokenbooth.records")
 
 USAGE_FILE = "usage.jsonl"
+ROTATE_LOCK = "usage.rotate.lock"
+DEFAULT_MAX_BYTES = 256 << 20
+_CHECK_BYTES = 64 << 10  # a writer checks the file's size after this many bytes
 # Hash-tagged so the stream and its dedup keys share one Redis Cluster slot.
 USAGE_STREAM = "tb:{usage}"
 
@@ -32,21 +42,82 @@ class UsageSink(Protocol):
 
 
 class JsonlUsageLog:
-    """Appends records to `<data_dir>/usage.jsonl` (0600)."""
+    """Appends records to `<data_dir>/usage.jsonl` (0600), rotated at `max_bytes`."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / USAGE_FILE
+        self.dir, self.path = data_dir, data_dir / USAGE_FILE
+        self._max = max_bytes
+        self._check_every = max(1, min(_CHECK_BYTES, max_bytes // 16))
+        self._unchecked = 0
+        self._file = self._open()
+
+    def _open(self) -> Any:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._file = os.fdopen(fd, "ab", buffering=0)
+        return os.fdopen(fd, "ab", buffering=0)
 
     def write(self, record: UsageRecord) -> None:
         # One write() of one whole line: O_APPEND keeps lines intact across processes.
         # orjson serialises the (flat) dataclass itself, without a dict in between.
-        self._file.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        self._file.write(line)
+        self._unchecked += len(line)
+        if self._unchecked >= self._check_every:
+            self._unchecked = 0
+            self._rotate_if_due()
+
+    def _rotate_if_due(self) -> None:
+        """Rotates a full file (one writer does, under the lock), and reopens ours if it
+        was rotated. Lines another writer appends to the old file before it notices land
+        in the rotated file, which every reader reads too."""
+        mine = os.fstat(self._file.fileno())
+        if _inode(self.path) == mine.st_ino and mine.st_size < self._max:
+            return
+        with _locked(self.dir / ROTATE_LOCK):
+            if _inode(self.path) == mine.st_ino:
+                seqs = [_seq(p) for p in rotated_files(self.dir)]
+                os.rename(self.path, self.dir / f"usage-{max(seqs, default=0) + 1:08d}.jsonl")
+        self._file.close()
+        self._file = self._open()
 
     def close(self) -> None:
         self._file.close()
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _seq(path: Path) -> int:
+    try:
+        return int(path.stem.removeprefix("usage-"))
+    except ValueError:
+        return -1
+
+
+def rotated_files(data_dir: Path) -> list[Path]:
+    """The rotated logs `usage-<seq>.jsonl`, oldest first."""
+    return sorted((p for p in data_dir.glob("usage-*.jsonl") if _seq(p) >= 0), key=_seq)
+
+
+def usage_files(path: Path) -> list[Path]:
+    """The files of the log at `path`: for `<dir>/usage.jsonl` the rotated ones first."""
+    if path.name != USAGE_FILE:
+        return [path]
+    return [*rotated_files(path.parent), path]
 
 
 def one_per_request(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -65,13 +136,24 @@ def one_per_request(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every record in a usage log, one per `request_id` (see one_per_request)."""
-    if path.exists():
-        yield from one_per_request(_lines(path))
+    """Every record in a usage log (its rotated files first), one per `request_id`
+    (see one_per_request)."""
+    yield from one_per_request(log_lines(path))
+
+
+def log_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of the log at `path` and its rotated files, line by line, as written
+    (a damaged line is skipped with a warning)."""
+    for p in usage_files(path):
+        yield from _lines(p)
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:  # none yet, or rotated as we looked
+        return
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -90,14 +172,23 @@ def make_sink(cfg: Config) -> UsageSink:
     local JSON-lines log."""
     if cfg.state_is_redis:
         from authz.state.usage.redis_sink import RedisUsageSink
+        from authz.state.usage.trim import TrimPolicy
 
         return RedisUsageSink(cfg.state, cfg.data_dir / "spool", stream=USAGE_STREAM,
-                              timeout_s=cfg.key_store.timeout_s)
-    return JsonlUsageLog(cfg.data_dir)
+                              timeout_s=cfg.key_store.timeout_s,
+                              seen_ttl_s=int(cfg.usage.dedup_ttl_s),
+                              trim=TrimPolicy.from_config(cfg.usage),
+                              trim_every_s=cfg.usage.trim_every_s)
+    return JsonlUsageLog(cfg.data_dir, max_bytes=cfg.usage.local_max_bytes)
 
 
 def load_records(cfg: Config) -> list[dict[str, Any]]:
-    """Every usage record of the configured state backend, deduplicated by request_id."""
+    """Every usage record of the configured state backend, deduplicated by request_id:
+    with usage.sink, the PostgreSQL archive and the stream's unexported tail."""
+    if cfg.state_is_redis and cfg.usage.sink:
+        import asyncio
+
+        return asyncio.run(_load_archived(cfg))
     if cfg.state_is_redis:
         import asyncio
 
@@ -111,3 +202,16 @@ def load_records(cfg: Config) -> list[dict[str, Any]]:
             raise OSError(f"cannot read usage records from {redacted(cfg.state)}: {e}") from None
         return list(one_per_request(stream))
     return list(read_records(cfg.data_dir / USAGE_FILE))
+
+
+async def _load_archived(cfg: Config) -> list[dict[str, Any]]:
+    from authz.state.usage.query import every_record
+
+    out: list[dict[str, Any]] = []
+    try:
+        async for page in every_record(cfg):
+            out += page
+    except Exception as e:  # asyncpg's and redis' errors: one line, URLs redacted
+        raise OSError(f"cannot read usage records from {redacted(cfg.usage.sink or '')}: "
+                      f"{type(e).__name__}: {e}") from None
+    return out

@@ -12,12 +12,14 @@ Spool layout in `spool_dir` (one live sink per directory):
   usage.lock         flock'ed by the live sink
 
 A segment read to its end, other than the one being written, is deleted.
-Each record goes to Redis by one Lua call: the seen key `<stream>:seen:<request_id>`
-(30 days) and, only when it was unset, `XADD <stream> * data <json>`; a real record
-also passes a seen key that says `lost`. A batch
-redelivered after a crash (offset not yet saved) or a retry is thereby
-deduplicated. For Redis Cluster, give the stream a hash tag (`{tb:usage}`) so
-that both keys share a slot.
+Each batch goes to Redis by one Lua call: per record, the seen key
+`<stream>:seen:<request_id>` (`seen_ttl_s`, the redelivery horizon) and, only when it
+was unset, `XADD <stream> * data <json>`; a real record also passes a seen key that
+says `lost`. A batch redelivered after a crash (offset not yet saved) or a retry is
+thereby deduplicated; a duplicate after the seen key expired is dropped by readers.
+After deliveries, at most every `trim_every_s`, the stream is trimmed (trim.py).
+For Redis Cluster, give the stream a hash tag (`tb:{usage}`) so that the stream and
+its seen keys share a slot.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from authz.state.keys.redis_store import connect
+from authz.state.usage.trim import TrimPolicy, ensure_groups, trim
 from policy.usage import LOST, UsageRecord
 
 log = logging.getLogger("tokenbooth.records")
 
-SEEN_TTL_S = 30 * 24 * 3600
+# A delivered record's seen key lives this long by default (config: usage.dedup_ttl_s):
+# the spool's redelivery horizon. Later duplicates are dropped by readers (request_id).
+SEEN_TTL_S = 600
 OFFSET_FILE = "usage.offset"
 LOCK_FILE = "usage.lock"
 _BATCH = 256  # records per pipeline round trip
@@ -53,17 +58,25 @@ _LINGER_S = 0.01
 # The read offset is saved at most this often (and on close). One that lags only
 # redelivers records, and those are deduplicated by request_id.
 _OFFSET_EVERY_S = 0.5
-# KEYS: seen key, stream. ARGV: record JSON, ttl seconds, kind ('lost' or '1').
+# KEYS: the stream, then one seen key per record. ARGV: the seen keys' ttl in seconds
+# (0: none kept, every record added), then per record its kind ('lost' or '1') and JSON.
 # The first record of a request_id is added; a real one is added after a `lost` one too
 # (a hold charged as lost whose late settlement came after all: readers prefer it).
+# One call per batch: a million records go in ~4,000 calls, not a million.
 _DELIVER = """
-local seen = redis.call('GET', KEYS[1])
-if seen == false or (seen == 'lost' and ARGV[3] ~= 'lost') then
-  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[2])
-  redis.call('XADD', KEYS[2], '*', 'data', ARGV[1])
-  return 1
+local ttl = tonumber(ARGV[1])
+local added = 0
+for i = 2, #KEYS do
+  local kind, data = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  local seen = false
+  if ttl > 0 then seen = redis.call('GET', KEYS[i]) end
+  if seen == false or (seen == 'lost' and kind ~= 'lost') then
+    if ttl > 0 then redis.call('SET', KEYS[i], kind, 'EX', ttl) end
+    redis.call('XADD', KEYS[1], '*', 'data', data)
+    added = added + 1
+  end
 end
-return 0
+return added
 """
 _DELIVER_SHA = hashlib.sha1(_DELIVER.encode()).hexdigest()  # noqa: S324 (Redis' script id)
 
@@ -91,6 +104,9 @@ class RedisUsageSink:
         timeout_s: float = 0.5,
         segment_bytes: int = 8 << 20,
         drain_s: float = 2.0,
+        seen_ttl_s: int = SEEN_TTL_S,
+        trim: TrimPolicy | None = None,
+        trim_every_s: float = 10.0,
     ) -> None:
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.spool_dir = spool_dir
@@ -103,6 +119,10 @@ class RedisUsageSink:
             raise RuntimeError(f"usage spool {spool_dir} is in use by another sink") from None
         self.stream = stream
         self._seen = f"{stream}:seen:"
+        self._seen_ttl_s = seen_ttl_s
+        self._trim, self._trim_every_s = trim, trim_every_s
+        self._trimmed_at = -trim_every_s  # monotonic time of the last trim
+        self._groups_made = False
         self._max = max_spool_bytes
         self._segment_bytes = segment_bytes
         self._timeout_s = timeout_s
@@ -217,6 +237,7 @@ class RedisUsageSink:
                 continue
             backoff = 0.2
             self._advance(end)
+            await self._maybe_trim()
 
     def _read_batch(self) -> tuple[list[tuple[str, str, bytes]], int]:
         """Complete lines from the read position: (request_id, JSON) pairs and their end."""
@@ -255,23 +276,21 @@ class RedisUsageSink:
         return out, pos
 
     async def _deliver(self, batch: list[tuple[str, str, bytes]]) -> None:
-        for attempt in (0, 1):
-            pipe = self._redis.pipeline(transaction=False)
-            for rid, kind, data in batch:
-                pipe.evalsha(_DELIVER_SHA, 2, self._seen + rid, self.stream, data, SEEN_TTL_S,
-                             kind)
-            try:
-                await pipe.execute()
-                return
-            except NoScriptError:
-                if attempt:
-                    raise
-            except ResponseError as e:  # a pipeline may report NOSCRIPT as a plain error
-                if attempt or "NOSCRIPT" not in str(e):
-                    raise
-            # After a Redis restart: load the script and send the batch again. Records
-            # already added are deduplicated by their seen key.
-            await self._redis.script_load(_DELIVER)
+        await deliver(self._redis, self.stream, batch, self._seen_ttl_s)
+
+    async def _maybe_trim(self) -> None:
+        """Every `trim_every_s`, after a delivery: the stream's trim (see trim.py). A
+        failure only delays it."""
+        if self._trim is None or time.monotonic() - self._trimmed_at < self._trim_every_s:
+            return
+        self._trimmed_at = time.monotonic()
+        try:
+            if not self._groups_made:  # before any trim, so no group misses a record
+                await ensure_groups(self._redis, self.stream, self._trim.groups)
+                self._groups_made = True
+            await trim(self._redis, self.stream, self._trim)
+        except (RedisError, OSError) as e:
+            log.warning("usage stream trim failed (%s); retrying later", e)
 
     def _advance(self, end: int) -> None:
         self.pending -= end - self._roff
@@ -309,6 +328,30 @@ class RedisUsageSink:
         tmp.write_text(f"{self._rseq} {self._roff}\n")
         os.replace(tmp, self.spool_dir / OFFSET_FILE)
         self._offset_saved_at = time.monotonic()
+
+
+async def deliver(client: aioredis.Redis, stream: str, batch: list[tuple[str, str, bytes]],
+                  seen_ttl_s: int = SEEN_TTL_S) -> int:
+    """Adds a batch of (request_id, kind, JSON) to the stream in one script call, each
+    unless its seen key says it is there already; the number added."""
+    seen = f"{stream}:seen:"
+    keys = [stream, *(seen + rid for rid, _, _ in batch)]
+    args: list[str | bytes | int] = [int(seen_ttl_s)]
+    for _, kind, data in batch:
+        args += [kind, data]
+    for attempt in (0, 1):
+        try:
+            return int(await client.evalsha(_DELIVER_SHA, len(keys), *keys, *args))
+        except NoScriptError:
+            if attempt:
+                raise
+        except ResponseError as e:  # NOSCRIPT may come as a plain error
+            if attempt or "NOSCRIPT" not in str(e):
+                raise
+        # After a Redis restart: load the script and send the batch again. Records
+        # already added are deduplicated by their seen key.
+        await client.script_load(_DELIVER)
+    return 0
 
 
 async def read_stream(url: str, stream: str = "tb:usage") -> list[dict[str, Any]]:

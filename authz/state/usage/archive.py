@@ -1,0 +1,195 @@
+"""PostgreSQL, the usage ledger of record (config: usage.sink).
+
+One row per request in `usage_records`, unique by `request_id`. A batch is written by
+one INSERT … ON CONFLICT: a record already there is kept, except that a real record
+replaces a `lost` one (a hold charged in full whose late settlement came after all);
+a `lost` record never replaces a real one. Rows keep the order they were exported in
+(`seq`), which readers page by. Records that cannot be stored (a field missing or of
+the wrong type) go whole to `usage_rejected`, in the same transaction.
+
+`migrate()` brings the schema to SCHEMA_VERSION on start (idempotent; several
+processes may run it at once: it holds an advisory lock).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]  # no stubs
+import orjson
+
+from policy.usage import LOST, iso_z
+
+log = logging.getLogger("tokenbooth.records")
+
+SCHEMA_VERSION = 1
+TABLE = "usage_records"
+_LOCK_ID = 0x7462_7573  # pg_advisory_xact_lock key of the migration ("tbus")
+
+_MIGRATIONS: dict[int, str] = {1: f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+  seq bigserial NOT NULL,
+  request_id text PRIMARY KEY,
+  key_id text NOT NULL,
+  org text NOT NULL,
+  model text NOT NULL,
+  upstream_model text NOT NULL,
+  backend text NOT NULL,
+  prompt_tokens bigint NOT NULL,
+  completion_tokens bigint NOT NULL,
+  total_tokens bigint NOT NULL,
+  cost_usd numeric NOT NULL,
+  status text NOT NULL,
+  stream boolean NOT NULL,
+  estimated boolean NOT NULL,
+  started_at timestamptz NOT NULL,
+  duration_ms double precision NOT NULL,
+  endpoint text NOT NULL,
+  exported_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_seq ON {TABLE} (seq);
+CREATE INDEX IF NOT EXISTS {TABLE}_org_started ON {TABLE} (org, started_at);
+CREATE INDEX IF NOT EXISTS {TABLE}_key_started ON {TABLE} (key_id, started_at);
+CREATE INDEX IF NOT EXISTS {TABLE}_model_started ON {TABLE} (model, started_at);
+CREATE INDEX IF NOT EXISTS {TABLE}_started ON {TABLE} (started_at);
+CREATE TABLE IF NOT EXISTS usage_rejected (
+  stream_id text PRIMARY KEY,
+  data text NOT NULL,
+  problem text NOT NULL,
+  rejected_at timestamptz NOT NULL DEFAULT now()
+);
+"""}
+
+_COLUMNS = ("request_id", "key_id", "org", "model", "upstream_model", "backend",
+            "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "status",
+            "stream", "estimated", "started_at", "duration_ms", "endpoint")
+_TYPES = ("text", "text", "text", "text", "text", "text", "bigint", "bigint", "bigint",
+          "numeric", "text", "boolean", "boolean", "timestamptz", "float8", "text")
+_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])
+SELECT_COLUMNS = ", ".join(_COLUMNS)
+# A batch is COPied (binary) into a temporary table, then moved by one INSERT … SELECT:
+# COPY encodes rows faster than a statement's array parameters. SQL here is built from
+# constants only; values always travel as parameters or COPY data.
+_STAGE = "usage_records_in"
+_CREATE_STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
+                 + ", ".join(f"{c} {t}" for c, t in zip(_COLUMNS, _TYPES, strict=True))
+                 + ") ON COMMIT DELETE ROWS")
+_INSERT = (
+    f"INSERT INTO {TABLE} ({SELECT_COLUMNS}) SELECT {SELECT_COLUMNS} FROM {_STAGE} "  # noqa: S608
+    f"ON CONFLICT (request_id) DO UPDATE SET {_SET}"
+    f" WHERE {TABLE}.status = '{LOST}' AND EXCLUDED.status <> '{LOST}'")
+
+
+async def connect(dsn: str, timeout_s: float = 10.0) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=60)
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Creates or upgrades the schema; the version it is at."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+        await conn.execute("CREATE TABLE IF NOT EXISTS tokenbooth_schema ("
+                           "component text PRIMARY KEY, version integer NOT NULL)")
+        found = await conn.fetchval(
+            "SELECT version FROM tokenbooth_schema WHERE component = 'usage'") or 0
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(f"usage schema is at version {found}, newer than this "
+                               f"tokenbooth ({SCHEMA_VERSION}): upgrade tokenbooth")
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            await conn.execute(_MIGRATIONS[version])
+        await conn.execute(
+            "INSERT INTO tokenbooth_schema VALUES ('usage', $1) ON CONFLICT (component) "
+            "DO UPDATE SET version = EXCLUDED.version", SCHEMA_VERSION)
+    return SCHEMA_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    stream_id: str
+    data: str
+    problem: str
+
+
+def row(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """A record's column values; ValueError naming what is wrong."""
+    try:
+        out = (
+            _str(rec, "request_id"), _str(rec, "key_id"), _str(rec, "org"),
+            _str(rec, "model"), str(rec.get("upstream_model") or ""),
+            str(rec.get("backend") or ""), _int(rec, "prompt_tokens"),
+            _int(rec, "completion_tokens"), _int(rec, "total_tokens"),
+            Decimal(str(rec["cost_usd"])), str(rec["status"]), bool(rec.get("stream")),
+            bool(rec.get("estimated")), _time(rec["started_at"]),
+            float(rec.get("duration_ms") or 0.0), str(rec.get("endpoint") or ""))
+    except (KeyError, TypeError, InvalidOperation) as e:
+        raise ValueError(f"bad or missing field {e}") from None
+    if not out[9].is_finite():
+        raise ValueError("cost_usd is not a number")
+    return out
+
+
+def _str(rec: dict[str, Any], name: str) -> str:
+    v = rec[name]
+    if not isinstance(v, str) or not v:
+        raise TypeError(name)
+    return v
+
+
+def _int(rec: dict[str, Any], name: str) -> int:
+    v = rec[name]
+    if type(v) is not int:
+        raise TypeError(name)
+    return v
+
+
+def _time(v: Any) -> datetime:
+    t = datetime.fromisoformat(str(v))
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def one_per_request(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """One row per request_id in a batch (ON CONFLICT cannot touch a row twice in one
+    statement): the first, except that a real record supersedes a `lost` one."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for r in rows:
+        old = out.get(r[0])
+        if old is None or (old[10] == LOST and r[10] != LOST):
+            out[r[0]] = r
+    return list(out.values())
+
+
+async def store(conn: asyncpg.Connection, rows: list[tuple[Any, ...]],
+                rejected: list[Rejected]) -> None:
+    """Writes a batch in one transaction (committed when this returns)."""
+    rows = one_per_request(rows)
+    async with conn.transaction():
+        if rows:
+            await conn.execute(_CREATE_STAGE)
+            await conn.copy_records_to_table(_STAGE, records=rows, columns=_COLUMNS)
+            await conn.execute(_INSERT)
+        if rejected:
+            await conn.executemany(
+                "INSERT INTO usage_rejected (stream_id, data, problem) VALUES ($1, $2, $3)"
+                " ON CONFLICT (stream_id) DO NOTHING",
+                [(r.stream_id, r.data, r.problem) for r in rejected])
+
+
+def record(r: asyncpg.Record | tuple[Any, ...]) -> dict[str, Any]:
+    """A row (SELECT_COLUMNS) as the usage record it was made from."""
+    out = dict(zip(_COLUMNS, tuple(r), strict=True))
+    status = out["status"]
+    out["status"] = int(status) if status.isdigit() else status
+    out["cost_usd"] = format(out["cost_usd"], "f")
+    out["started_at"] = iso_z(out["started_at"].astimezone(UTC))
+    return out
+
+
+def loads(raw: bytes) -> dict[str, Any]:
+    rec = orjson.loads(raw)
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    return rec

@@ -1,0 +1,168 @@
+"""Reading usage records when PostgreSQL is the ledger of record (usage.sink).
+
+The records are the archive (`usage_records`) and the stream's tail: the entries the
+export group has not acknowledged yet (not exported, or exported and not yet
+acknowledged). `tail()` reads the tail and checks its request ids against the archive:
+a tail record already stored is dropped, except a real one whose stored row is `lost`
+(it will replace that row): it is kept, and the row excluded from the archive's side.
+Totals and groups are SQL aggregates (GROUP BY) over the archive, merged with the
+tail's in policy/usage_report.py; records are read by keyset pages of `seq`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, cast
+
+import asyncpg  # type: ignore[import-untyped]  # no stubs
+import orjson
+
+from authz.state.keys.redis_store import connect as redis_connect
+from authz.state.usage import archive
+from authz.state.usage.records import USAGE_STREAM, one_per_request
+from authz.state.usage.trim import EXPORT_GROUP, acked_cut
+from policy.config import Config
+from policy.usage import LOST
+from policy.usage_report import Selection, Totals
+
+PAGE = 5000
+_GROUP_SQL = {
+    "key": "key_id", "org": "org", "model": "model",
+    "day": "to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "hour": "to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":00Z\"')",
+}
+
+
+@dataclass
+class Tail:
+    """The stream's records the archive does not hold (see the module)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)  # archive rows they replace
+
+
+async def tail(cfg: Config, conn: asyncpg.Connection) -> Tail:
+    client = redis_connect(cfg.state, 5.0)
+    try:
+        cut = await acked_cut(client, USAGE_STREAM, (EXPORT_GROUP,))
+        entries: list[dict[str, Any]] = []
+        start = f"{cut[0]}-{cut[1]}"
+        while page := cast(Any, await client.xrange(USAGE_STREAM, start, "+", count=PAGE)):
+            for _id, fields in page:
+                raw = (fields or {}).get(b"data")
+                rec = orjson.loads(raw) if raw else None
+                if isinstance(rec, dict):
+                    entries.append(rec)
+            if len(page) < PAGE:
+                break
+            start = "(" + page[-1][0].decode()
+    finally:
+        await client.aclose()
+    recs = list(one_per_request(entries))
+    stored = {r["request_id"]: r["status"] for r in await _fetch(
+        conn, f"SELECT request_id, status FROM {archive.TABLE} WHERE request_id = ANY($1)",  # noqa: S608
+        [r["request_id"] for r in recs])}
+    out = Tail()
+    for r in recs:
+        was = stored.get(r["request_id"])
+        if was is None:
+            out.records.append(r)
+        elif was == LOST and r.get("status") != LOST:
+            out.records.append(r)
+            out.exclude.append(r["request_id"])
+    return out
+
+
+async def _fetch(conn: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """Rows of a query; none while the exporter has not made the table yet."""
+    try:
+        return list(await conn.fetch(sql, *args))
+    except asyncpg.UndefinedTableError:
+        return []
+
+
+def where(sel: Selection, exclude: list[str]) -> tuple[str, list[Any]]:
+    """The WHERE clause of a selection (and the rows the tail replaces), its arguments."""
+    parts: list[str] = ["true"]
+    args: list[Any] = []
+    for column, value in (("org", sel.org), ("key_id", sel.key)):
+        if value is not None:
+            args.append(value)
+            parts.append(f"{column} = ${len(args)}")
+    if sel.since is not None:
+        args.append(since_utc(sel.since))
+        parts.append(f"started_at >= ${len(args)}")
+    if exclude:
+        args.append(exclude)
+        parts.append(f"NOT (request_id = ANY(${len(args)}))")
+    return " AND ".join(parts), args
+
+
+async def aggregate(conn: asyncpg.Connection, sel: Selection, group_by: tuple[str, ...],
+                    exclude: list[str]) -> list[tuple[tuple[str, ...], Totals]]:
+    """Totals per group of the archive's selected rows (one row, group (), without
+    group_by)."""
+    cond, args = where(sel, exclude)
+    groups = [_GROUP_SQL[g] for g in group_by]
+    sql = (f"SELECT {''.join(g + ', ' for g in groups)}count(*), sum(prompt_tokens), "  # noqa: S608
+           f"sum(completion_tokens), sum(total_tokens), sum(cost_usd) FROM {archive.TABLE} "
+           f"WHERE {cond}" + (f" GROUP BY {', '.join(groups)}" if groups else ""))
+    out = []
+    for r in await _fetch(conn, sql, *args):
+        values, (n, p, c, t, cost) = tuple(r)[:len(groups)], tuple(r)[len(groups):]
+        if n:
+            out.append((tuple(str(v) for v in values),
+                        Totals(Decimal(cost or 0), int(n), int(p or 0), int(c or 0),
+                               int(t or 0))))
+    return out
+
+
+async def pages(conn: asyncpg.Connection, sel: Selection, exclude: list[str],
+                after_seq: int = 0, limit: int | None = None,
+                ) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+    """The archive's selected rows in export order, a page at a time: (seq, record)."""
+    cond, args = where(sel, exclude)
+    left = limit
+    while left is None or left > 0:
+        n = PAGE if left is None else min(PAGE, left)
+        found = await _fetch(
+            conn, f"SELECT seq, {archive.SELECT_COLUMNS} FROM {archive.TABLE} WHERE {cond} "  # noqa: S608
+            f"AND seq > ${len(args) + 1} ORDER BY seq LIMIT {n}", *args, after_seq)
+        if not found:
+            return
+        yield [(r["seq"], archive.record(tuple(r)[1:])) for r in found]
+        after_seq = found[-1]["seq"]
+        if left is not None:
+            left -= len(found)
+        if len(found) < n:
+            return
+
+
+async def seq_of(conn: asyncpg.Connection, request_id: str) -> int | None:
+    found = await _fetch(conn, f"SELECT seq FROM {archive.TABLE} WHERE request_id = $1",  # noqa: S608
+                         request_id)
+    return int(found[0]["seq"]) if found else None
+
+
+async def every_record(cfg: Config, sel: Selection | None = None,
+                       ) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """Every record, archive then tail, a page at a time; each request once."""
+    assert cfg.usage.sink is not None
+    conn = await archive.connect(cfg.usage.sink)
+    try:
+        t = await tail(cfg, conn)
+        async for page in pages(conn, sel or Selection(), t.exclude):
+            yield [r for _, r in page]
+        yield t.records
+    finally:
+        await conn.close()
+
+
+def since_utc(t: datetime | None) -> datetime | None:
+    """A naive time is UTC (as policy/usage_report.started_at reads records)."""
+    from datetime import UTC
+
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t

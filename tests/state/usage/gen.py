@@ -1,0 +1,63 @@
+"""Usage records made up for the tests of the stream, its trim and the exporter, and a
+bulk path into the stream: the sink's own delivery script, a batch per call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from authz.state.usage.redis_sink import deliver
+from policy.usage import LOST
+
+ORGS, KEYS, MODELS, DAYS = 7, 50, 3, 5
+
+
+def record(i: int, status: int | str = 200) -> dict[str, Any]:
+    p, c = 100 + i % 900, i % 257
+    return {
+        "request_id": f"req-{i:09d}", "key_id": f"key-{i % KEYS:03d}", "org": f"org-{i % ORGS}",
+        "model": f"model-{i % MODELS}", "upstream_model": "up", "backend": "http://b:8000",
+        "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+        "cost_usd": f"0.{i % 1000:03d}5", "status": status, "stream": i % 2 == 0,
+        "estimated": status == LOST, "duration_ms": 12.5, "endpoint": "chat",
+        "started_at": f"2026-03-0{1 + i % DAYS}T{i % 24:02d}:{i % 60:02d}:00.123456Z",
+    }
+
+
+def batches(records: Iterator[dict[str, Any]], size: int = 1000,
+            ) -> Iterator[list[tuple[str, str, bytes]]]:
+    out: list[tuple[str, str, bytes]] = []
+    for r in records:
+        out.append((r["request_id"], "lost" if r.get("status") == LOST else "1", orjson.dumps(r)))
+        if len(out) == size:
+            yield out
+            out = []
+    if out:
+        yield out
+
+
+async def add(client: aioredis.Redis, stream: str, records: Iterator[dict[str, Any]],
+              seen_ttl_s: int = 600) -> int:
+    """Delivers records as the sink does, a thousand per script call; the number added."""
+    n = 0
+    for b in batches(records):
+        n += await deliver(client, stream, b, seen_ttl_s)
+    return n
+
+
+def reference(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the ledger must hold: one record per request_id, a real one over a lost one."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        old = out.get(r["request_id"])
+        if old is None or (old["status"] == LOST and r["status"] != LOST):
+            out[r["request_id"]] = r
+    return out
+
+
+def total_cost(records: Iterator[dict[str, Any]]) -> Decimal:
+    return sum((Decimal(r["cost_usd"]) for r in records), Decimal(0))

@@ -1,0 +1,223 @@
+"""The exporter (Redis stream -> PostgreSQL), against a real redis-server and a real
+PostgreSQL that the tests stop, restart, and whose exporter they SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError
+
+from authz.state.usage import archive
+from authz.state.usage.exporter import Exporter
+from authz.state.usage.trim import EXPORT_GROUP, TrimPolicy, parse_id
+from policy.usage import LOST
+from tests.helpers import write_policy
+from tests.postgres_harness import PostgresServer
+from tests.redis_server import RedisServer
+from tests.state.usage.gen import add, record, reference, total_cost
+
+STREAM = "tb:{usage}"
+LONG = os.environ.get("TOKENBOOTH_LONG_USAGE") == "1"
+
+
+@pytest.fixture
+async def client(own_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(own_redis.url)
+    yield c
+    await c.aclose()
+
+
+def exporter(redis_url: str, dsn: str, **kw: Any) -> Exporter:
+    kw.setdefault("trim_policy", TrimPolicy(groups=(EXPORT_GROUP,)))
+    kw.setdefault("trim_every_s", 0.0)
+    return Exporter(redis_url, dsn, stream=STREAM, **kw)
+
+
+async def rows(dsn: str) -> dict[str, dict[str, Any]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        found = await conn.fetch(f"SELECT {archive.SELECT_COLUMNS} FROM usage_records")
+    finally:
+        await conn.close()
+    return {r["request_id"]: archive.record(r) for r in found}
+
+
+async def count(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM usage_records"))
+    finally:
+        await conn.close()
+
+
+async def drained(client: aioredis.Redis) -> bool:
+    """Every entry delivered to the export group and acknowledged."""
+    try:
+        infos = await client.xinfo_groups(STREAM)
+    except BusyLoadingError:  # a restarted Redis reading its AOF
+        return False
+    [info] = [i for i in infos if i["name"] == EXPORT_GROUP.encode()]
+    # Not XINFO's `lag`: Redis 7.0 reports it unknown (nil) once entries were trimmed.
+    newest = await client.xrevrange(STREAM, "+", "-", count=1)
+    return int(info["pending"]) == 0 and (not newest or parse_id(newest[0][0]) <= parse_id(
+        info["last-delivered-id"]))
+
+
+async def until(cond: Any, within: float = 180.0) -> None:
+    deadline = time.monotonic() + within
+    while not await cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_exported_once_real_beats_lost(
+        own_redis: RedisServer, client: aioredis.Redis, pg_db: str) -> None:
+    recs = [record(i) for i in range(2500)]
+    recs += [record(5, LOST), record(7)]  # lost after real; a redelivery: both dropped
+    recs += [record(3000, LOST), record(3000), record(3001), record(3001, LOST)]
+    recs += [{"request_id": "broken", "org": "x"}]  # stored whole in usage_rejected
+    await add(client, STREAM, iter(recs), seen_ttl_s=0)  # no seen keys: all in the stream
+    ex = exporter(own_redis.url, pg_db, batch=700)
+    await ex.run(asyncio.Event(), until_idle=True)
+    await ex.aclose()
+    want = reference([r for r in recs if r["request_id"] != "broken"])
+    got = await rows(pg_db)
+    assert got == want
+    assert got["req-000003000"]["status"] == 200 and got["req-000003001"]["status"] == 200
+    assert await drained(client)
+    assert await client.xlen(STREAM) < 200  # trimmed once acknowledged (whole nodes)
+    conn = await asyncpg.connect(pg_db)
+    assert await conn.fetchval("SELECT count(*) FROM usage_rejected") == 1
+    assert await conn.fetchval("SELECT version FROM tokenbooth_schema") == 1
+    await conn.close()
+
+
+@pytest.mark.timeout(400)
+async def test_exactly_once_through_a_postgres_restart(
+        own_redis: RedisServer, client: aioredis.Redis, pg_db: str,
+        postgres: PostgresServer) -> None:
+    n = 30_000
+    await add(client, STREAM, (record(i) for i in range(n)))
+    stop = asyncio.Event()
+    ex = exporter(own_redis.url, pg_db, batch=500)
+    task = asyncio.create_task(ex.run(stop))
+    await until(lambda: _more_than(pg_db, 2000))
+    await asyncio.to_thread(postgres.stop, "fast")  # mid-export
+    await asyncio.sleep(1.0)
+    await add(client, STREAM, (record(i) for i in range(n, n + 1000)))  # still arriving
+    await asyncio.to_thread(postgres.start)
+    await until(lambda: drained(client))
+    stop.set()
+    await task
+    await ex.aclose()
+    assert await count(pg_db) == n + 1000
+    assert set(await rows(pg_db)) == {record(i)["request_id"] for i in range(n + 1000)}
+
+
+async def _more_than(dsn: str, n: int) -> bool:
+    try:
+        return await count(dsn) > n
+    except asyncpg.UndefinedTableError:
+        return False
+
+
+@pytest.mark.timeout(400)
+async def test_exactly_once_when_an_exporter_is_killed_mid_batch(
+        own_redis: RedisServer, client: aioredis.Redis, pg_db: str, tmp_path: Path) -> None:
+    n = 100_000
+    await add(client, STREAM, (record(i) for i in range(n)))
+    config = write_policy(tmp_path, "http://127.0.0.1:8000", state=own_redis.url,
+                          usage={"sink": pg_db})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "authz.cli", "usage", "export", "--config", str(config),
+        "--batch", "5000", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        await until(lambda: _more_than(pg_db, 20_000))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, err = await proc.communicate()
+    done = await count(pg_db)
+    assert 0 < done < n, err.decode()
+    [info] = await client.xinfo_groups(STREAM)
+    held = int(info["pending"])  # the dead exporter's batch: delivered, never acknowledged
+    ex = exporter(own_redis.url, pg_db, claim_idle_s=0.2, batch=5000)
+    stop = asyncio.Event()
+    task = asyncio.create_task(ex.run(stop))
+    await until(lambda: drained(client))
+    stop.set()
+    await task
+    await ex.aclose()
+    print(f"\nkilled with {done} rows committed and {held} records held; after a restart: "
+          f"{await count(pg_db)} rows")
+    assert held > 0
+    got = await rows(pg_db)
+    assert len(got) == n
+    assert set(got) == {record(i)["request_id"] for i in range(n)}
+    assert sum(int(r["total_tokens"]) for r in got.values()) == sum(
+        record(i)["total_tokens"] for i in range(n))
+
+
+@pytest.mark.timeout(900)
+async def test_export_rate(
+        own_redis: RedisServer, client: aioredis.Redis, pg_db: str) -> None:
+    """100k records (a million with TOKENBOOTH_LONG_USAGE=1) through one exporter: the
+    time is printed, not asserted (bench/usage_export.py measures it)."""
+    n = 1_000_000 if LONG else 100_000
+    t0 = time.perf_counter()
+    await add(client, STREAM, (record(i) for i in range(n)))
+    added = time.perf_counter() - t0
+    ex = exporter(own_redis.url, pg_db, batch=5000, trim_every_s=1.0)
+    t0 = time.perf_counter()
+    await ex.run(asyncio.Event(), until_idle=True)
+    took = time.perf_counter() - t0
+    await ex.aclose()
+    print(f"\n{n:,} records: into Redis in {added:.1f} s; exported in {took:.1f} s "
+          f"({n / took:,.0f} records/s)")
+    assert await count(pg_db) == n
+    conn = await asyncpg.connect(pg_db)
+    cost = await conn.fetchval("SELECT sum(cost_usd) FROM usage_records")
+    await conn.close()
+    assert cost == total_cost(record(i) for i in range(n))
+    assert await drained(client)
+
+
+@pytest.mark.timeout(400)
+async def test_exactly_once_through_a_redis_restart(pg_db: str, tmp_path: Path) -> None:
+    """Redis (AOF, fsync always) stopped mid-export and started again: batches committed
+    but not acknowledged come back, and the unique request_id keeps them single."""
+    server = RedisServer(tmp_path, persist=True)
+    server.start()
+    try:
+        c = aioredis.Redis.from_url(server.url)
+        n = 30_000
+        await add(c, STREAM, (record(i) for i in range(n)))
+        await c.aclose()
+        stop = asyncio.Event()
+        ex = exporter(server.url, pg_db, batch=500)
+        task = asyncio.create_task(ex.run(stop))
+        await until(lambda: _more_than(pg_db, 2000))
+        server.stop()
+        await asyncio.sleep(1.0)
+        server.start()
+        c = aioredis.Redis.from_url(server.url)
+        await until(lambda: drained(c))
+        stop.set()
+        await task
+        await ex.aclose()
+        await c.aclose()
+        got = await rows(pg_db)
+        assert set(got) == {record(i)["request_id"] for i in range(n)}
+        assert await count(pg_db) == n
+    finally:
+        server.stop()

@@ -1,0 +1,92 @@
+"""`state: memory`'s usage log, rotated by size: every record stays readable, in order,
+across the rotated files, with several processes writing at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from authz.cli.usage import jsonl_records
+from authz.state.limits.durable import recorded
+from authz.state.usage.records import (
+    USAGE_FILE,
+    JsonlUsageLog,
+    read_records,
+    rotated_files,
+)
+from policy.limits import usd_to_nano
+from policy.usage import LOST, UsageRecord
+from tests.state.usage.gen import record
+
+SMALL = 64 << 10  # the smallest rotation size the config allows
+
+
+def usage_record(i: int, status: int | str = 200) -> UsageRecord:
+    return UsageRecord(**record(i, status))
+
+
+def test_rotates_by_size_and_reads_every_file_in_order(tmp_path: Path) -> None:
+    log = JsonlUsageLog(tmp_path, max_bytes=SMALL)
+    for i in range(2000):  # ~800 KiB
+        log.write(usage_record(i))
+    log.close()
+    rotated = rotated_files(tmp_path)
+    assert len(rotated) >= 10
+    assert [p.name for p in rotated][:2] == ["usage-00000001.jsonl", "usage-00000002.jsonl"]
+    assert all(p.stat().st_size < SMALL + (SMALL // 16) + 1024 for p in rotated)
+    want = [record(i)["request_id"] for i in range(2000)]
+    assert [r["request_id"] for r in read_records(tmp_path / USAGE_FILE)] == want
+    assert [r["request_id"] for r in jsonl_records(tmp_path / USAGE_FILE)] == want
+
+
+def test_a_real_record_in_a_newer_file_supersedes_a_lost_one(tmp_path: Path) -> None:
+    log = JsonlUsageLog(tmp_path, max_bytes=SMALL)
+    log.write(usage_record(7, LOST))
+    for i in range(1000):
+        log.write(usage_record(1000 + i))
+    log.write(usage_record(7))
+    log.close()
+    assert rotated_files(tmp_path)
+    [seven] = [r for r in read_records(tmp_path / USAGE_FILE) if r["request_id"] == record(7)[
+        "request_id"]]
+    assert seven["status"] == 200
+    # Journal recovery reads back through the rotated files too.
+    rid = record(7)["request_id"]
+    found = recorded(tmp_path / USAGE_FILE, {rid}, since=0.0)
+    assert found == {rid: (record(7)["total_tokens"], usd_to_nano(Decimal(record(7)[
+        "cost_usd"])))}
+    old = recorded(tmp_path / USAGE_FILE, {record(1000)["request_id"]}, since=0.0)
+    assert old[record(1000)["request_id"]][0] == record(1000)["total_tokens"]
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from authz.state.usage.records import JsonlUsageLog
+from policy.usage import UsageRecord
+from tests.state.usage.gen import record
+first, n = int(sys.argv[2]), int(sys.argv[3])
+log = JsonlUsageLog(Path(sys.argv[1]), max_bytes=int(sys.argv[4]))
+for i in range(first, first + n):
+    log.write(UsageRecord(**record(i)))
+log.close()
+"""
+
+
+def test_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
+    n, procs = 4000, 3
+    t0 = time.monotonic()
+    running = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(k * n),
+                                 str(n), str(SMALL)], cwd=Path(__file__).parents[3])
+               for k in range(procs)]
+    assert [p.wait(60) for p in running] == [0] * procs
+    got = [r["request_id"] for r in jsonl_records(tmp_path / USAGE_FILE)]
+    print(f"\n{procs} writers, {n} records each, in {time.monotonic() - t0:.1f} s: "
+          f"{len(rotated_files(tmp_path))} rotated files")
+    assert sorted(got) == sorted(record(i)["request_id"] for i in range(procs * n))
+    for k in range(procs):  # each writer's records in its order
+        mine = [r for r in got if k * n <= int(r.removeprefix("req-")) < (k + 1) * n]
+        assert mine == sorted(mine)
