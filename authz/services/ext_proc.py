@@ -108,7 +108,8 @@ def _last(msg: protos.Msg) -> bool:
     """This answer is the stream's last (no response trailers are sent): end the stream
     now, so its status goes out before Envoy resets it. A read still pending at the reset,
     or a status sent after it, leaks native memory in grpc.aio (grpc/grpc#43360)."""
-    return msg.WhichOneof("request") == "response_body" and msg.response_body.end_of_stream
+    return msg.WhichOneof("request") == "response_body" and bool(
+        msg.response_body.end_of_stream)
 
 
 def _end_span(span: Span, life: Lifecycle) -> None:
