@@ -30,6 +30,19 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class _StatusAfterReset(logging.Filter):
+    """Drops grpc.aio's error (with a traceback) for a status it could not send because
+    the peer had already reset the stream: Envoy resets an ext_proc stream as soon as the
+    HTTP stream ends, often as the servicer returns after its last answer. The request
+    was answered and recorded; the line would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info
+        return not (exc is not None and exc[0] is not None
+                    and exc[0].__name__ == "ExecuteBatchError"
+                    and "SendStatusFromServerOperation" in str(exc[1]))
+
+
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -37,3 +50,4 @@ def setup_logging(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_StatusAfterReset())
