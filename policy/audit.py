@@ -61,6 +61,9 @@ class LedgerAudit:
     expired_holds: int  # lease ended, not yet settled (a replica died)
     expired_nano: int
     lost_charges: int  # holds charged in full as lost, still correctable
+    # Some of the period's records were trimmed with no archive to read them from
+    # (usage.retention_s without a usage.sink): its spend cannot be compared.
+    trimmed: bool = False
 
     @property
     def drift_nano(self) -> int:
@@ -70,7 +73,7 @@ class LedgerAudit:
     def problems(self, strict: bool = False) -> list[str]:
         """Why this ledger is drift; empty when it is not."""
         out = []
-        if self.drift_nano:
+        if self.drift_nano and not self.trimmed:
             out.append(f"spent {self.spent} nano-USD, records {self.records_nano}")
         if self.reserved != self.live_nano + self.expired_nano:
             out.append(f"reserved {self.reserved} nano-USD, holds "
@@ -170,6 +173,17 @@ def period_end(period: str) -> datetime | None:
     raise ValueError(f"not a budget period id: {period!r}")
 
 
+def period_start(period: str) -> datetime | None:
+    """When a period id begins (None: `total` has always run)."""
+    kind, _, start = period.partition(":")
+    if kind == "day":
+        return datetime.strptime(start, "%Y-%m-%d").replace(tzinfo=UTC)
+    if kind == "month":
+        return datetime.strptime(start, "%Y-%m").replace(tzinfo=UTC)
+    period_end(period)  # ValueError if not a period id
+    return None
+
+
 def in_window(period: str, since: datetime | None) -> bool:
     """Whether a period is audited: every period, or those that end after `since`."""
     if since is None:
@@ -204,10 +218,14 @@ def group_records(records: Iterable[Record], kinds: Mapping[str, str]
 
 
 def audit_ledger(owner: str, period: str, ledger: LedgerBalance | None,
-                 records: Sequence[Record], now: float) -> LedgerAudit:
+                 records: Sequence[Record], now: float,
+                 trimmed_before: datetime | None = None) -> LedgerAudit:
     """One ledger against its records. A request the ledger still holds is not charged
     yet: its record, if written, is left out (counted as settling). A hold is live while
-    now < its expiry."""
+    now < its expiry. Records before `trimmed_before` are gone: a period that began
+    earlier is marked `trimmed` (its holds are still checked, its spend cannot be)."""
+    start = period_start(period)
+    trimmed = trimmed_before is not None and (start is None or start < trimmed_before)
     holds = ledger.holds if ledger is not None else {}
     live = [cost for cost, exp in holds.values() if now < exp]
     expired = [cost for cost, exp in holds.values() if not now < exp]
@@ -221,22 +239,25 @@ def audit_ledger(owner: str, period: str, ledger: LedgerBalance | None,
         live_holds=len(live), live_nano=sum(live),
         expired_holds=len(expired), expired_nano=sum(expired),
         lost_charges=len(ledger.lost) if ledger is not None else 0,
+        trimmed=trimmed,
     )
 
 
 def audit_ledgers(ledgers: Iterable[LedgerBalance], records: Iterable[Record],
                   budget_periods: Mapping[str, str], now: datetime,
-                  since: datetime | None = None) -> list[LedgerAudit]:
+                  since: datetime | None = None,
+                  trimmed_before: datetime | None = None) -> list[LedgerAudit]:
     """Every (owner, period) that has a ledger or records of an owner with a budget,
     among the periods that end after `since`, sorted by owner and period.
-    `budget_periods`: owner (key id or `org:<name>`) -> its budget period kind."""
+    `budget_periods`: owner (key id or `org:<name>`) -> its budget period kind.
+    `trimmed_before`: records before it were trimmed, with no archive (see audit_ledger)."""
     ledgers = list(ledgers)
     by_entry = {(led.owner, led.period): led for led in ledgers}
     grouped = group_records(records, owner_kinds(budget_periods, ledgers))
     entries = sorted(e for e in set(by_entry) | set(grouped) if in_window(e[1], since))
     ts = now.timestamp()
-    return [audit_ledger(o, p, by_entry.get((o, p)), grouped.get((o, p), []), ts)
-            for o, p in entries]
+    return [audit_ledger(o, p, by_entry.get((o, p)), grouped.get((o, p), []), ts,
+                         trimmed_before) for o, p in entries]
 
 
 # -- backends ---------------------------------------------------------------------------

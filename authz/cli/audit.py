@@ -84,6 +84,8 @@ class Report:
     ledger_source: str  # what the ledgers were read from
     strict: bool
     since: datetime | None
+    # Records before this were trimmed with no archive (see policy.audit.audit_ledger).
+    trimmed_before: datetime | None = None
 
     def ledger_problems(self, a: LedgerAudit) -> list[str]:
         return a.problems(self.strict)
@@ -117,14 +119,16 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
 def _collect(cfg: Config, urls: list[str], since: datetime | None, strict: bool) -> Report:
     """Ledgers first, then records (see policy/audit.py), then the backends' counters."""
+    from authz.state.usage.reading import trimmed_before
     from authz.state.usage.records import load_records
 
     ledgers, source, budget_periods = asyncio.run(_ledgers_and_keys(cfg))
     read_at = datetime.now(UTC)
     records = valid_records(load_records(cfg))
-    audits = audit_ledgers(ledgers, records, budget_periods, read_at, since)
+    horizon = asyncio.run(trimmed_before(cfg))
+    audits = audit_ledgers(ledgers, records, budget_periods, read_at, since, horizon)
     backends = [audit_backend(scrape_vllm(url), records) for url in urls]
-    return Report(audits, backends, source, strict, since)
+    return Report(audits, backends, source, strict, since, horizon)
 
 
 # -- reading the state ------------------------------------------------------------------
@@ -251,7 +255,8 @@ def _ledger_json(a: LedgerAudit, problems: list[str]) -> dict[str, Any]:
         "settling": a.settling, "reserved_nano": a.reserved,
         "live_holds": a.live_holds, "live_nano": a.live_nano,
         "expired_holds": a.expired_holds, "expired_nano": a.expired_nano,
-        "lost_charges": a.lost_charges, "drift": bool(problems), "problems": problems,
+        "lost_charges": a.lost_charges, "trimmed": a.trimmed,
+        "drift": bool(problems), "problems": problems,
     }
 
 
@@ -276,6 +281,7 @@ def _as_json(r: Report) -> dict[str, Any]:
         "drift": r.drift, "strict": r.strict,
         "since": r.since.isoformat() if r.since else None,
         "ledger_source": r.ledger_source,
+        "records_trimmed_before": r.trimmed_before.isoformat() if r.trimmed_before else None,
         "ledgers": [_ledger_json(a, r.ledger_problems(a)) for a in r.ledgers],
         "backends": [_backend_json(b) for b in r.backends],
     }
@@ -292,7 +298,12 @@ def _print_report(r: Report) -> None:
         problems = r.ledger_problems(a)
         print(_ROW.format(a.owner[:24], a.period, _usd(a.spent), _usd(a.records_nano),
                           a.records, a.settling, _usd(a.reserved), a.expired_holds,
-                          "DRIFT: " + "; ".join(problems) if problems else "ok"))
+                          "DRIFT: " + "; ".join(problems) if problems else
+                          "ok (records trimmed)" if a.trimmed else "ok"))
+    if r.trimmed_before is not None:
+        print(f"records before {r.trimmed_before.isoformat()} were trimmed "
+              "(usage.retention_s, no usage.sink): the spend of periods that began "
+              "earlier is not compared")
     for b in r.backends:
         c = b.counters
         print(f"backend {c.url}: vLLM {c.prompt_tokens} prompt / {c.generation_tokens} "

@@ -53,3 +53,32 @@ async def test_audit_balances_from_the_archive_and_the_tail(
     mine = rows[KEY, period_id("day", now)]
     assert [mine[k] for k in ("records", "settling", "drift")] == [4, 1, False]
     assert rows["org:acme", period_id("month", now)]["records"] == 5
+
+
+async def test_audit_without_a_sink_leaves_trimmed_periods_uncompared(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """No archive: what the retention trims is gone, so the periods it reaches are not
+    compared (they would show as drift), and the report says from when records exist."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000", state=own_redis.url, keys=KEYS,
+                        orgs=ORGS)
+    cfg, now = load_config(path), datetime.now(UTC)
+    store, sink = RedisLimitStore(cfg.state, timeout_s=2.0), make_sink(cfg)
+    assert isinstance(sink, RedisUsageSink)
+    await sink.start()
+    await _traffic(Gateway(cfg, store, sink), now)
+    await asyncio.sleep(0.3)  # delivered
+    await sink.aclose()
+    await store.close()
+    rc, out, _ = await asyncio.to_thread(audit, path)
+    assert rc == 0 and out["records_trimmed_before"] is None, out
+    assert not any(r["trimmed"] for r in out["ledgers"])
+
+    client = aioredis.Redis.from_url(cfg.state)
+    [(oldest, _)] = await client.xrange(USAGE_STREAM, count=1)
+    await client.xdel(USAGE_STREAM, oldest)  # what a retention trim does to it
+    await client.aclose()
+    rc, out, err = await asyncio.to_thread(audit, path)
+    assert (rc, err) == (0, ""), out
+    assert out["records_trimmed_before"] is not None
+    assert all(r["trimmed"] and not r["drift"] for r in out["ledgers"]), out
+    assert any(r["spent_nano"] != r["records_nano"] for r in out["ledgers"]), out

@@ -177,3 +177,26 @@ def test_estimated_records_are_apart_and_bound_the_counters_from_below_only() ->
         2, 1, 7, 3)
     assert not a.drift
     assert audit_backend(VllmCounters("http://vllm:8000", 14, 40, start), records).drift
+
+
+def test_periods_begun_before_records_were_trimmed_are_not_compared() -> None:
+    """usage.retention_s with no usage.sink trims records for good: a ledger whose period
+    began before the trim cannot be balanced against what is left, and is not drift for
+    it (its holds still are); a later period is compared as ever."""
+    horizon = datetime(2026, 3, 14, 6, 0, tzinfo=UTC)
+    left = [rec("r2", "0.25", at="2026-03-15T10:00:00Z")]
+    ledgers = [LedgerBalance("k1", "total", 1_000_000_000, 0),  # $1, most of it trimmed
+               LedgerBalance("k2", "day:2026-03-14", 999, 0),  # began before the trim
+               LedgerBalance("k2", "day:2026-03-15", 999, 0)]  # after: still compared
+    audits = audit_ledgers(ledgers, valid_records(left), {"k1": "total", "k2": "day"}, NOW,
+                           trimmed_before=horizon)
+    got = {(a.owner, a.period): (a.trimmed, a.problems()) for a in audits}
+    assert got == {("k1", "total"): (True, []),
+                   ("k2", "day:2026-03-14"): (True, []),
+                   ("k2", "day:2026-03-15"): (False, ["spent 999 nano-USD, records 0"])}
+    held = LedgerBalance("k1", "total", 0, 11, {"x": (10, NOW.timestamp() + 5)})
+    [a] = audit_ledgers([held], [], {"k1": "total"}, NOW, trimmed_before=horizon)
+    assert a.problems() == ["reserved 11 nano-USD, holds 10"]
+    # Without a trim, the same total ledger is drift.
+    [a] = audit_ledgers(ledgers[:1], valid_records(left), {"k1": "total"}, NOW)
+    assert a.problems() == ["spent 1000000000 nano-USD, records 250000000"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -29,6 +30,29 @@ READ_BYTES = 1 << 20  # JSON-lines read per thread hop
 def archived(cfg: Config) -> bool:
     """Whether PostgreSQL holds the records (usage.sink, with a Redis state)."""
     return cfg.state_is_redis and cfg.usage.sink is not None
+
+
+async def trimmed_before(cfg: Config) -> datetime | None:
+    """When the records still readable begin, if some were trimmed away with no archive
+    (a Redis state without usage.sink, trimmed by retention): the time of the newest entry
+    XTRIM removed (XINFO STREAM's max-deleted-entry-id). None: nothing is missing."""
+    if not cfg.state_is_redis or archived(cfg):
+        return None
+    from redis.exceptions import ResponseError
+
+    from authz.state.keys.redis_store import connect
+
+    client = connect(cfg.state, 5.0)
+    try:
+        info: dict[Any, Any] = await client.xinfo_stream(USAGE_STREAM)
+    except ResponseError:  # no stream yet
+        return None
+    finally:
+        await client.aclose()
+    raw = info.get("max-deleted-entry-id", info.get(b"max-deleted-entry-id"))
+    text = raw.decode() if isinstance(raw, bytes) else str(raw or "0-0")
+    ms = int(text.partition("-")[0] or 0)
+    return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
 
 
 async def load_usage(cfg: Config) -> Records:
