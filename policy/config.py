@@ -480,6 +480,9 @@ class Config(_Strict):
                 problems.append(f"keys[{i}].models: key {key.id!r} allows unknown model(s) "
                                 f"{unknown}")
         problems += port_clashes(self)
+        if self.usage.sink and not self.state_is_redis:
+            problems.append("usage.sink: the exporter reads the Redis usage stream; it needs "
+                            "state: redis://… (state: memory keeps usage.jsonl in data_dir)")
         if problems:
             raise PydanticCustomError("cross_check", "{summary}",
                                       {"summary": "; ".join(problems), "problems": problems})

@@ -11,8 +11,8 @@ from policy.config import ConfigError, parse_config
 from tests.helpers import policy_dict
 
 
-def cfg(**usage: Any) -> Any:
-    return parse_config({**policy_dict("http://127.0.0.1:1"), "usage": usage})
+def cfg(state: str = "redis://127.0.0.1:1/0", **usage: Any) -> Any:
+    return parse_config({**policy_dict("http://127.0.0.1:1"), "state": state, "usage": usage})
 
 
 def test_defaults_keep_redis_bounded() -> None:
@@ -37,3 +37,11 @@ def test_a_sink_adds_the_export_group() -> None:
 def test_bad_sections_are_refused(usage: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         cfg(**usage)
+
+
+def test_a_sink_needs_the_redis_stream() -> None:
+    """The exporter reads the Redis stream: with state: memory a sink would silently get
+    nothing, so the config is refused."""
+    with pytest.raises(ConfigError, match=r"usage\.sink: the exporter reads the Redis"):
+        cfg(state="memory", sink="postgresql://tb@db:5432/billing")
+    assert cfg(state="memory").usage.sink is None
