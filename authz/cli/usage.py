@@ -238,10 +238,12 @@ async def _sql_report(cfg: Config, report: UsageReport) -> None:
     assert cfg.usage.sink is not None
     conn = await archive.connect(cfg.usage.sink)
     try:
-        t = await query.tail(cfg, conn)
-        sel = report.selection
-        for group, totals in await query.aggregate(conn, sel, report.group_by, t.exclude):
-            report.merge(group, totals)
+        async with query.snapshot(conn):
+            t = await query.tail(cfg, conn)
+            sel = report.selection
+            for group, totals in await query.aggregate(conn, sel, report.group_by,
+                                                       t.exclude):
+                report.merge(group, totals)
     finally:
         await conn.close()
     for rec in t.records:

@@ -80,7 +80,10 @@ _CREATE_STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
                  + ") ON COMMIT DELETE ROWS")
 _INSERT = (
     f"INSERT INTO {TABLE} ({SELECT_COLUMNS}) SELECT {SELECT_COLUMNS} FROM {_STAGE} "  # noqa: S608
-    f"ON CONFLICT (request_id) DO UPDATE SET {_SET}"
+    # A correction (a real record replacing a `lost` one) takes a new seq: readers that
+    # follow the table by seq (the admin API's `after`) see the changed cost.
+    f"ON CONFLICT (request_id) DO UPDATE SET {_SET}, "
+    f"seq = nextval(pg_get_serial_sequence('{TABLE}', 'seq'))"
     f" WHERE {TABLE}.status = '{LOST}' AND EXCLUDED.status <> '{LOST}'")
 
 

@@ -20,12 +20,14 @@ async def sql_page(cfg: Config, q: UsageQuery) -> UsagePage:
     report = UsageReport(sel, (q.group_by,) if q.group_by else ())
     conn = await archive.connect(cfg.usage.sink)
     try:
-        t = await query.tail(cfg, conn)
-        for group, totals in await query.aggregate(conn, sel, report.group_by, t.exclude):
-            report.merge(group, totals)
-        tail = [r for rec in t.records if (r := report.feed(rec)) is not None]
-        tail += report.finish()
-        rows = await _page(conn, q, sel, t.exclude, tail)
+        async with query.snapshot(conn):
+            t = await query.tail(cfg, conn)
+            for group, totals in await query.aggregate(conn, sel, report.group_by,
+                                                       t.exclude):
+                report.merge(group, totals)
+            tail = [r for rec in t.records if (r := report.feed(rec)) is not None]
+            tail += report.finish()
+            rows = await _page(conn, q, sel, t.exclude, tail)
     finally:
         await conn.close()
     data = [out for r in rows[:q.limit] if (out := _valid(r)) is not None]

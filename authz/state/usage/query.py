@@ -44,6 +44,14 @@ class Tail:
     exclude: list[str] = field(default_factory=list)  # archive rows they replace
 
 
+def snapshot(conn: asyncpg.Connection) -> Any:
+    """A read-only REPEATABLE READ transaction for the tail's archive check and every
+    archive read after it: one snapshot, so a record the exporter commits meanwhile is
+    either stored in it (dropped from the tail) or not (counted from the tail), never
+    both. Open it before `tail()`; the stream is read before its first query."""
+    return conn.transaction(isolation="repeatable_read", readonly=True)
+
+
 async def tail(cfg: Config, conn: asyncpg.Connection) -> Tail:
     client = redis_connect(cfg.state, 5.0)
     try:
@@ -79,7 +87,9 @@ async def tail(cfg: Config, conn: asyncpg.Connection) -> Tail:
 async def _fetch(conn: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record]:
     """Rows of a query; none while the exporter has not made the table yet."""
     try:
-        return list(await conn.fetch(sql, *args))
+        # A savepoint inside snapshot(): a missing table leaves the transaction usable.
+        async with conn.transaction():
+            return list(await conn.fetch(sql, *args))
     except asyncpg.UndefinedTableError:
         return []
 
@@ -153,9 +163,10 @@ async def every_record(cfg: Config, sel: Selection | None = None,
     assert cfg.usage.sink is not None
     conn = await archive.connect(cfg.usage.sink)
     try:
-        t = await tail(cfg, conn)
-        async for page in pages(conn, sel or Selection(), t.exclude):
-            yield [r for _, r in page]
+        async with snapshot(conn):
+            t = await tail(cfg, conn)
+            async for page in pages(conn, sel or Selection(), t.exclude):
+                yield [r for _, r in page]
         yield t.records
     finally:
         await conn.close()

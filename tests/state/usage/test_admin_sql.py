@@ -84,3 +84,19 @@ async def test_sql_pages_match_the_in_memory_path(
     assert got.totals == want.totals
     assert got.groups == want.groups
     assert got.totals.requests == len(want_ids) > 0
+
+
+async def test_before_the_exporter_made_its_table_the_stream_is_read(
+        own_redis: RedisServer, pg_db: str, tmp_path: Path) -> None:
+    """A sink whose table does not exist yet (no exporter has started): the archive is
+    empty, and the snapshot the reads share survives the missing table."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    await client.xgroup_create("tb:{usage}", EXPORT_GROUP, id="0", mkstream=True)
+    await add(client, "tb:{usage}", iter([record(i) for i in range(5)]), seen_ttl_s=0)
+    await client.aclose()
+    cfg = parse_config({**policy_dict("http://127.0.0.1:1"), "state": own_redis.url,
+                        "usage": {"sink": pg_db}}, base_dir=tmp_path)
+    from authz.state.usage.reading import load_usage
+
+    got = await load_usage(cfg)
+    assert sorted(r["request_id"] for r in got) == [f"req-{i:09d}" for i in range(5)]

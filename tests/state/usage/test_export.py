@@ -103,6 +103,39 @@ async def test_exported_once_real_beats_lost(
     await conn.close()
 
 
+async def test_a_late_real_record_replaces_a_lost_row_under_a_new_seq(
+        own_redis: RedisServer, client: aioredis.Redis, pg_db: str) -> None:
+    """The correction is a change in cost: it moves to the end of the table's order, so
+    a reader following it by seq (the admin API's `after`) sees it; a redelivery that
+    changes nothing keeps its place."""
+    async def seq_and_status(rid: str) -> tuple[int, Any]:
+        conn = await asyncpg.connect(pg_db)
+        try:
+            row = await conn.fetchrow("SELECT seq, status FROM usage_records "
+                                      "WHERE request_id = $1", rid)
+        finally:
+            await conn.close()
+        return int(row["seq"]), row["status"]
+
+    async def export(*recs: dict[str, Any]) -> None:
+        await add(client, STREAM, iter(recs), seen_ttl_s=0)
+        ex = exporter(own_redis.url, pg_db)
+        await ex.run(asyncio.Event(), until_idle=True)
+        await ex.aclose()
+
+    await export(record(1, LOST), record(2))
+    lost_seq, status = await seq_and_status("req-000000001")
+    assert status == LOST
+    await export(record(1), record(2))  # the late real one; a redelivery of 2
+    seq, status = await seq_and_status("req-000000001")
+    assert status != LOST and seq > lost_seq and seq > (await seq_and_status(
+        "req-000000002"))[0]
+    before = await seq_and_status("req-000000002")
+    await export(record(1, LOST), record(2))  # a lost one never replaces a real one
+    assert await seq_and_status("req-000000001") == (seq, status)
+    assert await seq_and_status("req-000000002") == before
+
+
 @pytest.mark.timeout(400)
 async def test_exactly_once_through_a_postgres_restart(
         own_redis: RedisServer, client: aioredis.Redis, pg_db: str,
