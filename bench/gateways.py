@@ -78,7 +78,8 @@ def start_sim(logs: Path) -> tuple[str, subprocess.Popen[bytes]]:
 
 
 def write_policy(directory: Path, sim_url: str, state: str = "memory",
-                 model: dict[str, Any] | None = None) -> Path:
+                 model: dict[str, Any] | None = None,
+                 envoy: dict[str, Any] | None = None) -> Path:
     """A tokenbooth config on free ports: one alias on the sim (with `model`'s settings
     added), one key with limits."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def write_policy(directory: Path, sim_url: str, state: str = "memory",
         "data_dir": str(directory / "data"),
         "services": {"grpc_listen": f"127.0.0.1:{_PORTS.free_port()}",
                      "http_listen": f"127.0.0.1:{_PORTS.free_port()}"},
-        "envoy": {"admin_listen": f"127.0.0.1:{_PORTS.free_port()}"},
+        "envoy": {"admin_listen": f"127.0.0.1:{_PORTS.free_port()}", **(envoy or {})},
         "models": {ALIAS: {
             "upstream_model": UPSTREAM_MODEL,
             "backends": [{"url": sim_url}],
@@ -243,9 +244,10 @@ def tokenbooth_counters(side: str) -> dict[str, float]:
 
 
 def start_tokenbooth(run_dir: Path, sim_url: str, state: str, name: str,
-                     model: dict[str, Any] | None = None) -> Gateway:
+                     model: dict[str, Any] | None = None,
+                     envoy: dict[str, Any] | None = None) -> Gateway:
     workdir = run_dir / name
-    config = write_policy(workdir, sim_url, state, model)
+    config = write_policy(workdir, sim_url, state, model, envoy)
     bootstrap = render(config)
     policy = yaml.safe_load(config.read_text())
     side = f"http://{policy['services']['http_listen']}"

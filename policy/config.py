@@ -251,6 +251,10 @@ class EnvoySettings(_Strict):
     # A streamed event larger than this is passed through as it arrives, unread: counted
     # (its bytes estimate the usage if the stream has no usage chunk), never buffered.
     max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=4096)
+    # Who reads a chat or completions stream: `ext_proc` (every chunk a message to the
+    # services) or `envoy` (a Lua meter in Envoy reads the chunks and strips the usage
+    # chunk; the services get one report per stream through Envoy's gRPC access log).
+    stream_metering: Literal["ext_proc", "envoy"] = "ext_proc"
 
     @model_validator(mode="after")
     def _one_services_form(self) -> EnvoySettings:
@@ -258,6 +262,13 @@ class EnvoySettings(_Strict):
             raise ValueError("set services_address or services_addresses, not both")
         if len(set(self.services_addresses)) != len(self.services_addresses):
             raise ValueError("services_addresses lists an address twice")
+        if self.stream_metering == "envoy" and (
+                self.services_address is not None or len(self.services_addresses) > 1):
+            # A stream's report (Envoy's access log) must reach the replica that waits
+            # for it: one services endpoint per Envoy (embedded, sidecar).
+            raise ValueError("stream_metering: envoy needs Envoy to reach one services "
+                             "replica (services.grpc_listen, or one services_addresses "
+                             "entry); with several, keep stream_metering: ext_proc")
         return self
 
     @property

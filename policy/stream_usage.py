@@ -56,6 +56,14 @@ class StreamMeter:
         `tokens_per_chunk` per content chunk, and ~4 bytes a token of any oversize event."""
         return self.content_chunks * self.tokens_per_chunk + estimate_bytes(self.oversize_bytes)
 
+    def restore(self, content_chunks: int, oversize_events: int, oversize_bytes: int,
+                done: bool) -> None:
+        """Take the counts a meter elsewhere (Envoy's, see policy/meter_report.py) made."""
+        self.content_chunks = content_chunks
+        self._parser.oversize_events = oversize_events
+        self.oversize_bytes = oversize_bytes
+        self.done = done
+
     def feed(self, chunk: bytes) -> bytes | None:
         """Observe a chunk; return what the client should get instead, or None for 'as is'."""
         events = self._parser.feed(chunk)

@@ -75,6 +75,7 @@ from envoy_data_plane.google.protobuf import Struct, Value
 from authz.envoy_config.common import SERVICES_CLUSTER, ms, pack, seconds
 from authz.envoy_config.local_replies import PROC_DOWN, local_reply_config
 from authz.envoy_config.names import EXT_AUTHZ, EXT_PROC, UPSTREAM_ERRORS, UPSTREAM_STATUS_KEY
+from authz.envoy_config.stream_meter import METER_KEY, meter_access_log, meter_lua
 from policy.config import Config
 from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_HEADER, CLUSTER_KEY
@@ -177,9 +178,14 @@ def ext_proc(cfg: Config) -> ExternalProcessor:
     metadata); the response arrives as body chunks, the first with the status and the
     serving endpoint as attributes. Routing and rate-limit headers go back as dynamic
     metadata (see `hold_for_routing` and the route)."""
+    envoy_meters = cfg.envoy.stream_metering == "envoy"
     mode = _mode(request_headers=False, request_body=ProcessingModeBodySendMode.BUFFERED,
-                 response_body=ProcessingModeBodySendMode.STREAMED)
+                 response_body=ProcessingModeBodySendMode.STREAMED,
+                 response_headers=envoy_meters)
     return ExternalProcessor(
+        # With Envoy metering streams, the response headers' answer hands a stream over
+        # to it (its body mode NONE): see authz/envoy_config/stream_meter.py.
+        allow_mode_override=envoy_meters,
         # No deadline on the stream itself: it lives as long as the response it meters.
         grpc_service=_grpc(PROC_RETRY_ON),
         # `serve` fails open, yet no request reaches a backend without ext_proc's answer:
@@ -207,13 +213,14 @@ def ext_proc(cfg: Config) -> ExternalProcessor:
 
 
 def _mode(request_headers: bool, request_body: ProcessingModeBodySendMode,
-          response_body: ProcessingModeBodySendMode) -> ProcessingMode:
-    """An ext_proc processing mode; response headers and trailers are never sent."""
+          response_body: ProcessingModeBodySendMode,
+          response_headers: bool = False) -> ProcessingMode:
+    """An ext_proc processing mode; trailers are never sent."""
     skip, send = ProcessingModeHeaderSendMode.SKIP, ProcessingModeHeaderSendMode.SEND
     return ProcessingMode(
         request_header_mode=send if request_headers else skip,
         request_body_mode=request_body,
-        response_header_mode=skip,
+        response_header_mode=send if response_headers else skip,
         response_body_mode=response_body,
         request_trailer_mode=skip,
         response_trailer_mode=skip,
@@ -254,7 +261,11 @@ _UPSTREAM_ERRORS_LUA = f"""\
 function envoy_on_response(h)
   local headers = h:headers()
   local status = headers:get(":status")
-  if status < "400" or headers:get("x-envoy-upstream-service-time") == nil then
+  if status < "400" then
+    METER(h)
+    return
+  end
+  if headers:get("x-envoy-upstream-service-time") == nil then
     return
   end
   h:streamInfo():dynamicMetadata():set("{UPSTREAM_ERRORS}", "{UPSTREAM_STATUS_KEY}", status)
@@ -267,10 +278,24 @@ end
 """
 
 
-def upstream_errors() -> Lua:
+# A success whose stream ext_proc asked Envoy to meter (its metadata's `meter`).
+_METER_CALL = f"""\
+local proc = h:streamInfo():dynamicMetadata():get("{EXT_PROC}")
+    local how = proc and proc["{METER_KEY}"]
+    if how then
+      meter(h, how == "strip")
+    end"""
+
+
+def upstream_errors(cfg: Config) -> Lua:
     """Marks backend error answers (see _UPSTREAM_ERRORS_LUA); placed after ext_proc, so
-    it sees the response first."""
-    return Lua(default_source_code=DataSource(inline_string=_UPSTREAM_ERRORS_LUA))
+    it sees the response first. With envoy.stream_metering: envoy, it also meters the
+    streams ext_proc hands over (authz/envoy_config/stream_meter.py)."""
+    if cfg.envoy.stream_metering == "envoy":
+        code = meter_lua(cfg) + _UPSTREAM_ERRORS_LUA.replace("METER(h)", _METER_CALL)
+    else:
+        code = _UPSTREAM_ERRORS_LUA.replace("    METER(h)\n", "")
+    return Lua(default_source_code=DataSource(inline_string=code))
 
 
 def _proc_metadata(key: str) -> str:
@@ -413,7 +438,7 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         HttpFilter(name=BUFFER, typed_config=pack(body_limit(cfg))),
         HttpFilter(name=EXT_AUTHZ, typed_config=pack(ext_authz(cfg))),
         HttpFilter(name=EXT_PROC, typed_config=pack(ext_proc(cfg))),
-        HttpFilter(name=UPSTREAM_ERRORS, typed_config=pack(upstream_errors())),
+        HttpFilter(name=UPSTREAM_ERRORS, typed_config=pack(upstream_errors(cfg))),
         HttpFilter(name=HOLD, typed_config=pack(hold_for_routing(cfg))),
         HttpFilter(name=SET_CLUSTER, typed_config=pack(cluster_from_metadata())),
         HttpFilter(name=ROUTER, typed_config=pack(Router())),
@@ -436,6 +461,7 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         # slip past it.
         normalize_path=True,
         merge_slashes=True,
-        access_log=[_access_log()],
+        access_log=[_access_log(),
+                    *([meter_access_log()] if cfg.envoy.stream_metering == "envoy" else [])],
         local_reply_config=local_reply_config(cfg),
     )

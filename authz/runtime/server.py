@@ -31,7 +31,7 @@ from authz.runtime.tracing import (
     otlp_provider,
     tracer_of,
 )
-from authz.services import protos
+from authz.services import meter_reports, protos
 from authz.services.ext_authz import AuthorizationService
 from authz.services.ext_proc import ExternalProcessorService
 from authz.services.keyauth import KeyAuthority
@@ -160,11 +160,14 @@ class Services:
                 self.metrics, tracer),
             server
         )
+        reports = meter_reports.MeterReports()
         protos.add_ExternalProcessorServicer_to_server(
             ExternalProcessorService(self.runtime, recorder, self.metrics, admission, tracer,
-                                     self.orgs.org_limits if self.orgs else None),
+                                     self.orgs.org_limits if self.orgs else None, reports),
             server,
         )
+        # Streams metered in Envoy report here at their end (envoy.stream_metering).
+        meter_reports.add_to_server(meter_reports.AccessLogReceiver(reports), server)
         self._xds = AggregatedDiscoveryService(build_resources, cfg)
         add_to_server(self._xds, server)
         self._health = health.aio.HealthServicer()

@@ -12,12 +12,17 @@ header messages on the inference path):
                      status as the upstream-errors filter's metadata); a chunk the
                      lifecycle rewrites goes back as a body mutation
   request_headers  → only GET /v1/models (its own route): answered right here
+  response_headers → only with envoy.stream_metering: envoy (each response's first
+                     message, with the attributes); a stream Envoy meters is handed over
+                     (its response body is not sent: mode_override), the rest go on as
+                     above
 Errors are not turned into answers here: the servicer (ext_proc.py) does that.
 """
 
 from __future__ import annotations
 
 from authz.envoy_config.names import EXT_PROC, UPSTREAM_ERRORS, UPSTREAM_STATUS_KEY
+from authz.envoy_config.stream_meter import METER_KEY
 from authz.services import protos
 from authz.services.lifecycle import Lifecycle
 from authz.services.principal_md import METADATA_NAMESPACE, principal_from_metadata
@@ -28,6 +33,15 @@ ep = protos.ep
 # Answers that carry nothing: built once.
 _BODY_AS_IS = protos.ProcessingResponse(response_body=ep.BodyResponse())
 _HEADERS_AS_IS = protos.ProcessingResponse(response_headers=ep.HeadersResponse())
+_MODE = protos.ProcessingMode
+# A stream handed over to Envoy's meter: nothing more of the response comes here. The
+# meter's rewrite of a chunk read before this answer sets a content-length (Envoy's Lua
+# setBytes does), which must not reach the client: removed here, before the headers go.
+_HAND_OVER = protos.ProcessingResponse(
+    response_headers=ep.HeadersResponse(response=ep.CommonResponse(
+        header_mutation=ep.HeaderMutation(remove_headers=["content-length"]))),
+    mode_override=_MODE(request_header_mode=_MODE.SKIP, response_header_mode=_MODE.SKIP,
+                        response_body_mode=_MODE.NONE, response_trailer_mode=_MODE.SKIP))
 _REQUEST_HEADERS_AS_IS = protos.ProcessingResponse(request_headers=ep.HeadersResponse())
 _TRACEPARENT = "request.headers['traceparent']"
 # Marks a streamed response in ext_proc's metadata: it takes the stream route (idle and
@@ -44,9 +58,8 @@ async def handle(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
         return await _request_body(life, msg)
     if kind == "request_headers":
         return await _request_headers(life, msg)
-    # Not configured to be sent; answered so a changed configuration cannot stall.
     if kind == "response_headers":
-        return _HEADERS_AS_IS
+        return _response_headers(life, msg)
     if kind == "request_trailers":
         return protos.ProcessingResponse(request_trailers=ep.TrailersResponse())
     return protos.ProcessingResponse(response_trailers=ep.TrailersResponse())
@@ -91,6 +104,8 @@ async def _request_body(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
     md[CLUSTER_KEY].string_value = fwd.cluster
     if life.req is not None and life.req.stream:
         md[STREAM_KEY].string_value = "1"
+    if fwd.envoy_meter is not None:
+        md[METER_KEY].string_value = fwd.envoy_meter
     for name, value in fwd.rate_headers:
         md[name].string_value = value
     return resp
@@ -108,15 +123,26 @@ def _upstream_error(msg: protos.Msg) -> int:
         return 0
 
 
+def _response_start(life: Lifecycle, msg: protos.Msg) -> None:
+    """The response's first message: the status and the serving endpoint as attributes."""
+    attrs = _attributes(msg)
+    life.response_start(
+        int(attrs["response.code"].number_value) if "response.code" in attrs else 0,
+        backend_from_host_metadata(attrs["xds.upstream_host_metadata"].string_value)
+        if "xds.upstream_host_metadata" in attrs else "",
+        _upstream_error(msg))
+
+
+def _response_headers(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
+    if life.responded:  # not expected twice; answered so a stream cannot stall
+        return _HEADERS_AS_IS
+    _response_start(life, msg)
+    return _HAND_OVER if life.hand_over() else _HEADERS_AS_IS
+
+
 def _response_body(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
     if not life.responded:
-        # The first chunk: the status and the serving endpoint come as attributes.
-        attrs = _attributes(msg)
-        life.response_start(
-            int(attrs["response.code"].number_value) if "response.code" in attrs else 0,
-            backend_from_host_metadata(attrs["xds.upstream_host_metadata"].string_value)
-            if "xds.upstream_host_metadata" in attrs else "",
-            _upstream_error(msg))
+        _response_start(life, msg)
     body = msg.response_body
     out = life.response_chunk(body.body, body.end_of_stream)
     if out is None:

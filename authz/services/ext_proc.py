@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 from opentelemetry.trace import Span, SpanKind, Tracer
@@ -19,7 +20,9 @@ from authz.runtime.tracing import parent_context, span_attributes
 from authz.services import protos
 from authz.services.exchange import handle
 from authz.services.lifecycle import Lifecycle, OrgLimitsOf
+from authz.services.meter_reports import MeterReports
 from authz.state.limits.admission import Admission
+from policy.config import HOLD_LEASE_SLACK_S
 from policy.errors import ApiError
 
 log = logging.getLogger("tokenbooth.ext_proc")
@@ -30,8 +33,10 @@ _INTERNAL = ApiError(500, "internal_error", "The gateway failed to process this 
 class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime, recorder: Recorder, metrics: Metrics,
                  admission: Admission, tracer: Tracer | None = None,
-                 org_limits: OrgLimitsOf | None = None) -> None:
+                 org_limits: OrgLimitsOf | None = None,
+                 reports: MeterReports | None = None) -> None:
         self._tracer = tracer
+        self._reports = reports or MeterReports()
         self._org_limits = org_limits
         self._rt = runtime
         self._recorder = recorder
@@ -47,7 +52,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
     ) -> None:
         # context.read()/write() rather than iterating and yielding: measured ~10% less
         # CPU per message with grpc.aio (and each message is most of the cost).
-        life = Lifecycle(self._rt, self._recorder, self._admission, self._org_limits)
+        life = Lifecycle(self._rt, self._recorder, self._admission, self._org_limits,
+                         self._reports)
         span: Span | None = None
         start_ns = time.time_ns()
         read, write, eof = context.read, context.write, grpc.aio.EOF
@@ -68,9 +74,13 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 await write(resp)
                 if life.settle_pending:
                     await self._settle_apart(life)
-                if resp.HasField("immediate_response") or _last(msg):
+                if resp.HasField("immediate_response") or _last(msg) or life.handed_over:
                     return
         finally:
+            if life.handed_over:
+                # Envoy meters the rest: the record and settlement wait for its report.
+                self._apart(self._after_report(life, span))
+                span = None
             # The stream ended: normally after the response, else the client or
             # Envoy went away mid-request. Either way, exactly one record.
             life.finish(aborted=not life.finished)
@@ -86,10 +96,30 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         """Settle as a task of its own: Envoy resets the stream right after the last
         answer, and a cancelled settlement (waiting on Redis, a reconnect, a script
         reload) would leave its hold to be charged in full when the lease ends."""
-        task = asyncio.ensure_future(life.settle())
+        await asyncio.shield(self._apart(life.settle()))
+
+    def _apart(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        await asyncio.shield(task)
+        return task
+
+    async def _after_report(self, life: Lifecycle, span: Span | None) -> None:
+        """A stream Envoy metered: its report (or none by the time the stream must have
+        ended), then the record and the settlement."""
+        try:
+            cfg = life.config.envoy
+            # Before the hold's lease ends (the sweep would charge it as lost).
+            timeout = cfg.response_limit_s(True) + HOLD_LEASE_SLACK_S / 2
+            report = await self._reports.wait(life.request_id, timeout)
+            if report is None:
+                log.error("no meter report for a stream Envoy metered: charged its hold "
+                          "in full", extra={"request_id": life.request_id})
+            life.take_report(report)
+            await life.settle()
+        finally:
+            if span is not None:
+                _end_span(span, life)
 
     def _error_answer(self, life: Lifecycle, e: Exception) -> protos.Msg:
         """The one place an error becomes ext_proc's answer: an OpenAI-shaped

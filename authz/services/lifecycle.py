@@ -10,6 +10,8 @@ results back into answers. The steps, in the order the messages drive them:
   response_start  → the status and the serving backend (the first response chunk); a
                     backend's error answer is held to be rewritten OpenAI-shaped
   response_chunk  → meter usage; returns a chunk to send instead, or None for as is
+  hand_over       → a stream Envoy meters (envoy.stream_metering): no chunks come here;
+  take_report       its report at the end (authz/services/meter_reports.py) instead
   finish, settle  → the one usage record, then the one settlement
 Settlement: once admission has begun, the store may hold something for this request, so
 the request owes exactly one `settle()` (settling what the store does not hold is a
@@ -22,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 
@@ -42,6 +44,7 @@ from policy.errors import (
 )
 from policy.keys import Principal
 from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
+from policy.meter_report import MeterReport, meter_from_report
 from policy.quota import org_hold
 from policy.request import (
     InferenceRequest,
@@ -68,11 +71,24 @@ REWRITE_SLACK = 64 << 10
 
 
 class Forward(NamedTuple):
-    """An admitted request: the body the backend gets, its cluster, the rate-limit headers."""
+    """An admitted request: the body the backend gets, its cluster, the rate-limit headers,
+    and for a stream Envoy meters, how (`strip` the usage chunk or `keep` it)."""
 
     body: bytes
     cluster: str
     rate_headers: list[tuple[str, str]]
+    envoy_meter: str | None = None
+
+class MeterReports(Protocol):
+    """Where a stream Envoy meters will report (authz/services/meter_reports.py)."""
+
+    def expect(self, request_id: str) -> bool: ...
+    def forget(self, request_id: str) -> None: ...
+
+
+# Streams Envoy can meter: their usage is in a chunk of their own (the Responses API's
+# final event echoes the request, so only the services read it).
+_ENVOY_METERED = frozenset({Kind.CHAT, Kind.COMPLETION})
 
 
 def forwarded_body(req: InferenceRequest, cfg: Config) -> bytes:
@@ -108,6 +124,7 @@ class Lifecycle:
         "_admission",
         "_ask",
         "_backend",
+        "_envoy_meter",
         "_error_body",
         "_json_body",
         "_last_byte",
@@ -116,6 +133,7 @@ class Lifecycle:
         "_org",
         "_org_limits",
         "_rec",
+        "_reports",
         "_rt",
         "_settle",
         "_snap",
@@ -124,6 +142,7 @@ class Lifecycle:
         "_t_first",
         "endpoint",
         "finished",
+        "handed_over",
         "principal",
         "record",
         "req",
@@ -135,8 +154,12 @@ class Lifecycle:
     )
 
     def __init__(self, runtime: Runtime, recorder: Recorder, admission: Admission,
-                 org_limits: OrgLimitsOf | None = None) -> None:
+                 org_limits: OrgLimitsOf | None = None,
+                 reports: MeterReports | None = None) -> None:
         self._rt = runtime
+        self._reports = reports
+        self._envoy_meter: str | None = None  # Envoy may meter this stream: strip / keep
+        self.handed_over = False  # Envoy meters the response: its report ends the request
         self._rec = recorder
         self._admission = admission
         self._org_limits = org_limits or config_org_limits
@@ -229,7 +252,11 @@ class Lifecycle:
         decision = await self._admit(self._make_ask(req.hold_tokens, req.hold_cost_nano(),
                                                     record))
         self.req, self.route = req, route  # admitted: from here a record is owed
-        return Forward(body, route.cluster, rate_headers(decision))
+        if (cfg.envoy.stream_metering == "envoy" and req.stream
+                and self.endpoint.kind in _ENVOY_METERED and self._reports is not None
+                and self._reports.expect(self.request_id)):
+            self._envoy_meter = "keep" if req.client_wants_usage else "strip"
+        return Forward(body, route.cluster, rate_headers(decision), self._envoy_meter)
 
     def _make_ask(self, tokens: int, cost: int, record: HoldRecord | None = None) -> Ask:
         """What admission holds; `record` is what a lost hold's usage record says."""
@@ -287,6 +314,35 @@ class Lifecycle:
                                     self._snap.config.envoy.max_event_bytes,
                                     req.stream_interval)
 
+    @property
+    def config(self) -> Config:
+        return self._snap.config
+
+    def hand_over(self) -> bool:
+        """Whether Envoy meters this response: a stream it was asked to meter, that the
+        backend accepted (Envoy's meter applies the same test: authz/envoy_config/
+        stream_meter.py). Then no chunk comes here, and the request ends with the report."""
+        self.handed_over = (self._envoy_meter is not None and self._error_body is None
+                            and 0 < self.status < 400)
+        return self.handed_over
+
+    def take_report(self, report: MeterReport | None) -> None:
+        """Envoy's report on a stream it metered, or None when none came: then the record
+        charges the hold whole (what the backend could have generated)."""
+        req, endpoint = self.req, self.endpoint
+        assert req is not None and endpoint is not None and self.handed_over
+        self.handed_over = False
+        if report is None:
+            self._meter = None
+            self.finish(aborted=True, unreported=True)
+            return
+        self._meter = meter_from_report(endpoint.kind, report,
+                                        self._snap.config.envoy.max_event_bytes,
+                                        req.stream_interval)
+        if report.ttft_s is not None:
+            self._t_first = self._t0 + report.ttft_s
+        self.finish(aborted=not report.ended, cut_by_gateway=report.cut_by_gateway)
+
     def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
         """Meter one chunk; the bytes the client gets instead, or None for as is. Not
         admitted (a local reply, a refusal): nothing to meter. At the end, the record."""
@@ -333,20 +389,30 @@ class Lifecycle:
             self.status = status
         self.finish(aborted=self.responded)
 
-    def finish(self, aborted: bool = False) -> None:
-        """Write the one usage record of an admitted request (idempotent)."""
-        if self.finished or not self.admitted:
+    def finish(self, aborted: bool = False, unreported: bool = False,
+               cut_by_gateway: bool | None = None) -> None:
+        """Write the one usage record of an admitted request (idempotent). A stream handed
+        over to Envoy's meter finishes with its report (`take_report`), not before.
+        `unreported`: handed over and no report came (charged whole); `cut_by_gateway`:
+        Envoy said whether its timeouts cut the stream (else the timings tell)."""
+        if self.finished or not self.admitted or self.handed_over:
             return
         self.finished = True
+        if self._envoy_meter is not None and self._reports is not None and not unreported:
+            self._reports.forget(self.request_id)
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
-        usage, estimated = self._usage(req)
+        if unreported:
+            usage, estimated = Usage(req.prompt_estimate, req.completion_bound), True
+        else:
+            usage, estimated = self._usage(req)
         self._settle = (usage.total_tokens,
                         cost_nano(usage.prompt_tokens, usage.completion_tokens,
                                   req.model.price_per_1k_tokens))
         status = self.status or CLIENT_CLOSED
         if aborted and (self._meter is None or not self._meter.done):
-            status = self._cut_status(req.stream)
+            status = (self._cut_status(req.stream) if cut_by_gateway is None
+                      else GATEWAY_TIMEOUT if cut_by_gateway else CLIENT_CLOSED)
         self.record = rec = (
             make_record(
                 request_id=self.request_id,

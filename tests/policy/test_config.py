@@ -105,3 +105,15 @@ def test_state_is_redis(state: str, is_redis: bool) -> None:
 ])
 def test_redacted_urls_never_show_a_password(url: str, shown: str) -> None:
     assert redacted(url) == shown
+
+
+def test_envoy_stream_metering_needs_one_services_replica() -> None:
+    """Each stream's report (Envoy's access log) must reach the replica waiting for it."""
+    from policy.config import EnvoySettings
+
+    assert EnvoySettings(stream_metering="envoy").stream_metering == "envoy"
+    assert EnvoySettings(stream_metering="envoy", services_addresses=("10.0.0.1:9001",))
+    for several in ({"services_address": "tokenbooth:9001"},
+                    {"services_addresses": ("10.0.0.1:9001", "10.0.0.2:9001")}):
+        with pytest.raises(ValueError, match="one services"):
+            EnvoySettings(stream_metering="envoy", **several)

@@ -132,3 +132,4 @@ def test_lifecycle_knows_no_protobuf() -> None:
     assert modules  # the test read the real module
     assert [m for m in modules if m.split(".")[0] in ("grpc", "google", "envoy")
             or m == "authz.services.protos" or m.startswith("authz.envoy_config")] == []
+

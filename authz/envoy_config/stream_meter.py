@@ -1,0 +1,178 @@
+"""Streams metered inside Envoy (`envoy.stream_metering: envoy`): a Lua meter reads the
+chunks of a chat or completions stream as they pass, strips the usage chunk the client
+did not ask for, and leaves what it read in dynamic metadata; Envoy's gRPC access log
+then carries that to the services once per stream (also for a stream cut short), where
+the record is written and the hold settled. No per-chunk message reaches the services.
+
+The meter sits in the upstream-errors Lua filter (after ext_proc in the chain, so it sees
+the response first). It meters only when ext_proc's answer to the request body asked for
+it (`meter`: `strip` or `keep` in ext_proc's metadata) and the response is not an error:
+the same predicate the services apply when they hand the response over (see
+authz/services/lifecycle.py, `hand_over`).
+
+Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
+  events         content events seen so far (kept current, so a cut stream has it)
+  oversize_bytes bytes of events over envoy.max_event_bytes (passed through unread)
+  oversize_events how many such events
+  usage          the last event whose JSON has a `"usage":{...}` object, raw: the services
+                 parse it with the same SSE and JSON code as ext_proc metering
+  done           1 once `data: [DONE]` passed
+  ended          1 once the body ended (absent: the stream was cut)
+"""
+
+from __future__ import annotations
+
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, MetadataFilter
+from envoy_data_plane.envoy.config.core.v3 import ApiVersion, GrpcService, GrpcServiceEnvoyGrpc
+from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
+    CommonGrpcAccessLogConfig,
+    HttpGrpcAccessLogConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    ValueMatcher,
+)
+
+from authz.envoy_config.common import SERVICES_CLUSTER, ms, pack
+from policy.config import Config
+
+METER_NS = "tokenbooth.meter"
+METER_KEY = "meter"  # in ext_proc's metadata: "strip" or "keep"
+ALS_NAME = "envoy.access_loggers.http_grpc"
+LOG_NAME = "tokenbooth.meter"
+# Envoy sends its buffered access-log entries this often (or when 16 KiB are waiting):
+# the delay between a stream's end and its settlement.
+FLUSH_MS = 50
+
+# The meter. `carry` holds the unfinished event as parts (joined once it ends: linear in
+# the bytes whatever the split); `tail` the bytes that may begin its end ("\r?\n\r?\n").
+# With `strip`, a chunk goes on as the complete events it finished, the usage-only event
+# left out, and the unfinished one waits for its end (an unfinished event at the end of
+# the body is not an SSE event: clients drop it too).
+_METER_LUA = """\
+local NS = "{ns}"
+local MAX_EVENT = {max_event}
+
+local function classify(ev, st)
+  if #ev < 32 and string.find(ev, "data: ?%[DONE%]") then
+    st.done = 1
+    return false
+  end
+  local has_usage = string.find(ev, '"usage":%s*{{') ~= nil
+  if string.find(ev, '"content":"[^"]') or string.find(ev, '"reasoning_content":"[^"]')
+      or string.find(ev, '"text":"[^"]') then
+    st.events = st.events + 1
+  end
+  if has_usage then
+    st.usage = ev
+    return string.find(ev, '"choices":%s*%[%s*%]') ~= nil
+  end
+  return false
+end
+
+-- The metadata object is fetched anew each time: Envoy's Lua wrappers do not outlive
+-- the step (a chunk) they were fetched in.
+local function set(h, key, value)
+  h:streamInfo():dynamicMetadata():set(NS, key, value)
+end
+
+local function meter(h, strip)
+  local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0}}
+  set(h, "events", 0)
+  local parts, size, skipping, tail = {{}}, 0, false, ""
+  for chunk in h:bodyChunks() do
+    local data = chunk:getBytes(0, chunk:length())
+    -- The chunk is rewritten only when its bytes are not the client's as they are:
+    -- held bytes of an earlier chunk go out in it, or some of its own are held or cut.
+    local out, changed = {{}}, size > 0
+    local before = st.events
+    local pos = 1
+    while pos <= #data do
+      -- Where the current event ends: its last bytes before this chunk (`tail`) are
+      -- searched with the new ones, as an end may straddle two chunks.
+      local hay = tail .. string.sub(data, pos)
+      local _, e = string.find(hay, "\\r?\\n\\r?\\n")
+      if e == nil then
+        local rest = string.sub(data, pos)
+        if not skipping and size + #rest > MAX_EVENT then
+          -- Over the limit: what was held goes out now, the rest as it comes, unread.
+          st.oversize_events = st.oversize_events + 1
+          for _, p in ipairs(parts) do
+            out[#out + 1] = p
+            st.oversize = st.oversize + #p
+          end
+          parts, size, skipping = {{}}, 0, true
+        end
+        if skipping then
+          st.oversize = st.oversize + #rest
+          out[#out + 1] = rest
+        else
+          parts[#parts + 1] = rest
+          size = size + #rest
+          changed = true
+        end
+        tail = string.sub(hay, math.max(1, #hay - 2))
+        break
+      end
+      local upto = pos + e - #tail - 1  -- the event's last byte, in `data`
+      local piece = string.sub(data, pos, upto)
+      if skipping then
+        st.oversize = st.oversize + #piece
+        out[#out + 1] = piece
+        skipping = false
+      else
+        parts[#parts + 1] = piece
+        local ev = table.concat(parts)
+        if #ev > MAX_EVENT then
+          st.oversize_events = st.oversize_events + 1
+          st.oversize = st.oversize + #ev
+          out[#out + 1] = ev
+        elseif classify(ev, st) and strip then
+          changed = true
+        else
+          out[#out + 1] = ev
+        end
+      end
+      parts, size, tail = {{}}, 0, ""
+      pos = upto + 1
+    end
+    if strip and changed then
+      chunk:setBytes(table.concat(out))
+    end
+    if st.events ~= before then
+      set(h, "events", st.events)
+    end
+    if st.oversize > 0 then
+      set(h, "oversize_bytes", st.oversize)
+      set(h, "oversize_events", st.oversize_events)
+    end
+  end
+  if st.usage ~= nil then
+    set(h, "usage", st.usage)
+  end
+  set(h, "done", st.done)
+  set(h, "ended", 1)
+end
+"""
+
+
+def meter_lua(cfg: Config) -> str:
+    """The meter's Lua functions (`meter(h, strip)`), for the upstream-errors filter."""
+    return _METER_LUA.format(ns=METER_NS, max_event=cfg.envoy.max_event_bytes)
+
+
+def meter_access_log() -> AccessLog:
+    """Envoy's gRPC access log to the services, for metered streams only (the meter
+    set METER_NS's `events` at their start): each stream's one report, at its end."""
+    only_metered = AccessLogFilter(metadata_filter=MetadataFilter(matcher=MetadataMatcher(
+        filter=METER_NS, path=[MetadataMatcherPathSegment(key="events")],
+        value=ValueMatcher(present_match=True))))
+    return AccessLog(name=ALS_NAME, filter=only_metered, typed_config=pack(
+        HttpGrpcAccessLogConfig(common_config=CommonGrpcAccessLogConfig(
+            log_name=LOG_NAME,
+            grpc_service=GrpcService(
+                envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=SERVICES_CLUSTER)),
+            transport_api_version=ApiVersion.V3,
+            buffer_flush_interval=ms(FLUSH_MS)))))
+

@@ -1,0 +1,36 @@
+"""What Envoy's stream meter reports at a stream's end (`envoy.stream_metering: envoy`),
+and how that becomes the same usage the services' own SSE meter would have found.
+
+The Lua meter (authz/envoy_config/stream_meter.py) splits the stream into events and
+counts them; it hands over the usage event raw, so the usage is read here by the same
+parser and JSON code as everywhere else (policy/sse.py, policy/stream_usage.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policy.endpoints import Kind
+from policy.stream_usage import StreamMeter, meter_for
+
+
+@dataclass(frozen=True, slots=True)
+class MeterReport:
+    events: int = 0  # content events the client was sent
+    oversize_events: int = 0  # events over envoy.max_event_bytes, passed through unread
+    oversize_bytes: int = 0
+    usage_event: bytes = b""  # the last event with a usage object, raw ("": none)
+    done: bool = False  # `data: [DONE]` passed
+    ended: bool = False  # the body ended (else the stream was cut)
+    cut_by_gateway: bool = False  # Envoy's idle or duration timeout cut it
+    ttft_s: float | None = None  # to the response's first byte from the backend
+
+
+def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,
+                      tokens_per_chunk: int) -> StreamMeter:
+    """A meter in the state the services' own would end in, had they read the stream."""
+    meter = meter_for(kind, True, max_event_bytes, tokens_per_chunk)
+    if report.usage_event:
+        meter.feed(report.usage_event)
+        meter.finish()
+    meter.restore(report.events, report.oversize_events, report.oversize_bytes, report.done)
+    return meter

@@ -1,0 +1,211 @@
+"""Streams metered inside Envoy (`envoy.stream_metering: envoy`): the Lua meter reads the
+chunks, strips the usage chunk the client did not ask for, and one access-log report per
+stream reaches the services. The same gateway tests as with ext_proc metering (imported
+below, run here against this gateway), then every chunk split of a vLLM-shaped stream
+from an upstream that cuts it where it is told."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.e2e.conftest import Gateway, free_port, run_gateway
+from tests.e2e.test_gateway import (  # noqa: F401  (run here against this gateway)
+    records_for,
+    test_chat_non_streaming_exact_usage_and_one_record,
+    test_chat_streaming_hides_the_usage_chunk_it_added,
+    test_chat_streaming_with_usage_requested,
+    test_completions_json_and_stream,
+    test_cut_stream_is_recorded_as_estimated,
+    test_secret_never_leaks_anywhere,
+    test_upstream_error_is_passed_through_and_recorded,
+)
+from tests.e2e.test_stream_interval import (  # noqa: F401
+    test_a_stream_left_early_is_charged_per_chunk_seen,
+    test_grouped_stream_is_metered_exactly_and_hides_the_usage_chunk,
+)
+from tests.helpers import SECRET
+
+pytestmark = pytest.mark.e2e
+ENVOY = {"stream_metering": "envoy"}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with run_gateway(tmp_path_factory.mktemp("gw-envoy-meter"), envoy=ENVOY) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The stream_interval tests' gateway, Envoy metering."""
+    with run_gateway(tmp_path_factory.mktemp("gw-envoy-interval"), envoy=ENVOY,
+                     demo={"stream_interval": 8}) as g:
+        yield g
+
+
+# -- every chunk split --------------------------------------------------------------------
+
+BIG = 6000  # one content event over the meter's event limit (4096 below)
+USAGE = {"prompt_tokens": 9, "completion_tokens": 23, "total_tokens": 32}
+
+
+def _event(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chunk(content: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1,
+            "model": "m", "choices": [{"index": 0, "delta": {"content": content},
+                                       "logprobs": None, "finish_reason": None}]}
+
+
+def stream_events() -> list[bytes]:
+    """A vLLM-shaped stream whose text tries to look like what the meter looks for."""
+    texts = ["Hello", ' "usage":{"prompt_tokens":0}', "data: [DONE]", '"choices":[]',
+             "\n\n", "x" * BIG, "\r\n\r\n", "é€😀", "end"]
+    first = _chunk("")
+    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    usage = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1,
+             "model": "m", "choices": [], "usage": USAGE}
+    return [_event(first), *(_event(_chunk(t)) for t in texts), _event(usage),
+            b"data: [DONE]\n\n"]
+
+
+class SplitUpstream:
+    """An upstream that sends the stream above cut at the byte offsets a request's
+    `x-split` header names, each piece its own write a few ms apart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/chat/completions", self._stream)
+        self._runner = runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    @staticmethod
+    async def _health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        body = b"".join(stream_events())
+        cuts = [int(c) for c in request.headers.get("x-split", "").split(",") if c]
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        start = 0
+        for cut in [*sorted(set(cuts)), len(body)]:
+            if start < cut <= len(body):
+                await resp.write(body[start:cut])
+                await asyncio.sleep(0.004)
+                start = cut
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture(scope="module")
+def split_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    upstream = SplitUpstream()
+    try:
+        with run_gateway(tmp_path_factory.mktemp("gw-envoy-split"),
+                         upstream=f"http://127.0.0.1:{upstream.port}",
+                         envoy={**ENVOY, "max_event_bytes": 4096}) as g:
+            yield g
+    finally:
+        upstream.stop()
+
+
+def _splits() -> list[list[int]]:
+    """Every byte around each event end (alone), then random multi-cut splits."""
+    body = b"".join(stream_events())
+    ends, at = [], 0
+    for ev in stream_events():
+        at += len(ev)
+        ends.append(at)
+    out = [[e + d] for e in ends[:-1] for d in (-3, -2, -1, 1)]
+    rng = random.Random(19)
+    out += [sorted(rng.sample(range(1, len(body)), rng.randint(2, 40))) for _ in range(12)]
+    out.append(list(range(1, len(body), 97)))  # every 97 bytes
+    return out
+
+
+def _post(gw: Gateway, split: list[int], wants_usage: bool) -> tuple[bytes, str]:
+    body: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 64, "stream": True}
+    if wants_usage:
+        body["stream_options"] = {"include_usage": True}
+    req = urllib.request.Request(
+        f"{gw.base_url}/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {SECRET}", "content-type": "application/json",
+                 "x-split": ",".join(map(str, split))})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read(), r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_every_split_is_metered_exactly_and_passed_byte_for_byte(
+        split_gw: Gateway, wants_usage: bool) -> None:
+    events = stream_events()
+    expected = b"".join(events if wants_usage else [*events[:-2], events[-1]])
+    for split in _splits():
+        got, rid = _post(split_gw, split, wants_usage)
+        assert got == expected, split
+        [rec] = records_for(split_gw, rid)
+        assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+                rec["status"]) == (9, 23, False, 200), (split, rec)
+
+
+def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:
+    """A handed-over stream costs ext_proc three messages (request body, response
+    headers), whatever its length."""
+    admin = f"http://{_admin(gateway)}"
+
+    def sent() -> int:
+        with urllib.request.urlopen(f"{admin}/stats?filter=ext_proc.stream_msgs_sent") as r:
+            return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines()
+                       if line.strip())
+
+    before = sent()
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=100,
+        stream=True, extra_headers={"x-sim-tpot-ms": "1"})
+    chunks = list(raw.parse())
+    assert len(chunks) > 100
+    [rec] = records_for(gateway, raw.headers["x-request-id"])
+    assert (rec["completion_tokens"], rec["estimated"]) == (100, False)
+    time.sleep(0.2)
+    assert sent() - before == 2
+
+
+def _admin(gw: Gateway) -> str:
+    import yaml
+    data = yaml.safe_load(gw.config_path.read_text())
+    return str(data["envoy"]["admin_listen"])

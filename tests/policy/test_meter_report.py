@@ -1,0 +1,39 @@
+"""Envoy's stream-meter report read as the services' own meter would have read the
+stream: the usage event through the same SSE and JSON code, the counts for estimates."""
+
+from __future__ import annotations
+
+from policy.endpoints import Kind
+from policy.meter_report import MeterReport, meter_from_report
+
+USAGE_EVENT = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+               b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n')
+
+
+def test_the_usage_event_gives_the_exact_usage() -> None:
+    meter = meter_from_report(Kind.CHAT, MeterReport(
+        events=5, usage_event=USAGE_EVENT, done=True, ended=True), 1 << 20, 1)
+    assert meter.usage is not None
+    assert (meter.usage.prompt_tokens, meter.usage.completion_tokens) == (3, 4)
+    assert meter.content_chunks == 5 and meter.done
+
+
+def test_a_crlf_usage_event_reads_the_same() -> None:
+    raw = USAGE_EVENT.replace(b"\n", b"\r\n")
+    meter = meter_from_report(Kind.COMPLETION, MeterReport(usage_event=raw), 1 << 20, 1)
+    assert meter.usage is not None and meter.usage.total_tokens == 7
+
+
+def test_a_cut_stream_is_estimated_from_the_counts() -> None:
+    cut = meter_from_report(Kind.CHAT, MeterReport(events=6, oversize_events=1,
+                                                   oversize_bytes=400), 1 << 20, 8)
+    assert cut.usage is None and not cut.done
+    assert cut.completion_estimate == 6 * 8 + 100  # 8 tokens a chunk, ~4 bytes a token
+    assert cut.oversize_events == 1
+
+
+def test_an_event_that_is_not_a_usage_object_gives_none() -> None:
+    for raw in (b'data: {"usage":"lots"}\n\n', b"data: not json\n\n", b"",
+                b'data: {"choices":[],"usage":{"prompt_tokens":-1}}\n\n'):
+        meter = meter_from_report(Kind.CHAT, MeterReport(usage_event=raw), 1 << 20, 1)
+        assert meter.usage is None, raw
