@@ -22,7 +22,7 @@ class MeterReport:
     done: bool = False  # `data: [DONE]` passed
     ended: bool = False  # the body ended (else the stream was cut)
     cut_by_gateway: bool = False  # Envoy's idle or duration timeout cut it
-    ttft_s: float | None = None  # to the response's first byte from the backend
+    ttft_s: float | None = None  # from the request's start to the first generated text
 
 
 def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,

@@ -16,6 +16,7 @@ Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
   oversize_events how many such events
   usage          the last event whose JSON has a `"usage":{...}` object, raw: the services
                  parse it with the same SSE and JSON code as ext_proc metering
+  first_us       when the first content event passed (µs since the epoch)
   done           1 once `data: [DONE]` passed
   ended          1 once the body ended (absent: the stream was cut)
 """
@@ -141,6 +142,15 @@ local function meter(h, strip)
       chunk:setBytes(table.concat(out))
     end
     if st.events ~= before then
+      if before == 0 then
+        -- When the first generated text passed: time to first token, in µs since epoch.
+        local ok, now = pcall(function()
+          return h:timestampString(EnvoyTimestampResolution.MICROSECOND)
+        end)
+        if ok then
+          set(h, "first_us", tonumber(now))
+        end
+      end
       set(h, "events", st.events)
     end
     if st.oversize > 0 then

@@ -75,8 +75,12 @@ def report_from_entry(entry: Any) -> MeterReport | None:
     def num(key: str) -> int:
         return int(f[key].number_value) if key in f else 0
 
-    flags = entry.common_properties.response_flags
-    first = entry.common_properties.time_to_first_upstream_rx_byte
+    common = entry.common_properties
+    flags = common.response_flags
+    ttft = None
+    if "first_us" in f and common.HasField("start_time"):
+        start_us = common.start_time.seconds * 1_000_000 + common.start_time.nanos // 1000
+        ttft = max(0.0, (f["first_us"].number_value - start_us) / 1e6)
     return MeterReport(
         events=num("events"),
         oversize_events=num("oversize_events"),
@@ -86,8 +90,7 @@ def report_from_entry(entry: Any) -> MeterReport | None:
         ended=num("ended") == 1,
         cut_by_gateway=bool(flags.stream_idle_timeout or flags.duration_timeout
                             or flags.upstream_request_timeout),
-        ttft_s=first.ToTimedelta().total_seconds()
-        if entry.common_properties.HasField("time_to_first_upstream_rx_byte") else None,
+        ttft_s=ttft,
     )
 
 

@@ -184,8 +184,8 @@ def test_every_split_is_metered_exactly_and_passed_byte_for_byte(
 
 
 def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:
-    """A handed-over stream costs ext_proc three messages (request body, response
-    headers), whatever its length."""
+    """A handed-over stream costs ext_proc two messages (request body, response
+    headers), whatever its length; the time to its first token is still measured."""
     admin = f"http://{_admin(gateway)}"
 
     def sent() -> int:
@@ -193,7 +193,12 @@ def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:
             return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines()
                        if line.strip())
 
-    before = sent()
+    def ttft_count() -> float:
+        with urllib.request.urlopen(f"{gateway.side_url}/metrics") as r:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                       if line.startswith("gen_ai_server_time_to_first_token_seconds_count"))
+
+    before, ttft_before = sent(), ttft_count()
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=100,
         stream=True, extra_headers={"x-sim-tpot-ms": "1"})
@@ -203,6 +208,7 @@ def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:
     assert (rec["completion_tokens"], rec["estimated"]) == (100, False)
     time.sleep(0.2)
     assert sent() - before == 2
+    assert ttft_count() == ttft_before + 1  # the meter timed the first token
 
 
 def _admin(gw: Gateway) -> str:

@@ -1,0 +1,121 @@
+"""Streams handed over to Envoy's meter (envoy.stream_metering: envoy), over real gRPC
+sockets: the response headers' answer hands the stream over, and the access-log report
+Envoy sends at its end (here sent as Envoy would) writes the record and settles it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from authz.envoy_config.names import EXT_PROC
+from authz.envoy_config.stream_meter import METER_KEY, METER_NS
+from authz.services import lifecycle
+from tests.grpc_harness import Running, serve_policy
+from tests.services.test_ext_proc import (
+    CHAT,
+    HOST_METADATA,
+    STREAM,
+    Stream,
+    admit,
+    proc_metadata,
+    records,
+    resp_body,
+)
+
+USAGE_EVENT = STREAM.split(b"\n\n")[3] + b"\n\n"  # prompt 7, completion 2
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    async with serve_policy(tmp_path, envoy={"stream_metering": "envoy",
+                                             "max_stream_duration_s": 1}) as r:
+        yield r
+
+
+def resp_headers(status: int = 200) -> Any:
+    msg = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=":status", raw_value=str(status).encode())])))
+    msg.attributes[EXT_PROC].update({"response.code": status,
+                                     "xds.upstream_host_metadata": HOST_METADATA})
+    return msg
+
+
+async def report(running: Running, rid: str, flags: dict[str, bool] | None = None,
+                 **meter: Any) -> None:
+    """One access-log entry, as Envoy's gRPC access logger sends it."""
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.request.request_id = rid
+    entry.common_properties.metadata.filter_metadata[METER_NS].update(meter)
+    for name, on in (flags or {}).items():
+        setattr(entry.common_properties.response_flags, name, on)
+    msg = als_pb2.StreamAccessLogsMessage(
+        http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[entry]))
+
+    async def one() -> AsyncIterator[Any]:
+        yield msg
+
+    await als_pb2_grpc.AccessLogServiceStub(running.channel).StreamAccessLogs(one())
+
+
+async def hand_over(running: Running, rid: str, body: dict[str, Any]) -> None:
+    s = Stream(running)
+    r = await admit(s, {**CHAT, "stream": True, "max_tokens": 50, **body}, rid=rid)
+    assert proc_metadata(r)[METER_KEY] == ("keep" if "stream_options" in body else "strip")
+    h = await s.send(resp_headers())
+    assert h.mode_override.response_body_mode == h.mode_override.NONE
+    assert list(h.response_headers.response.header_mutation.remove_headers) == [
+        "content-length"]
+
+
+async def test_the_report_gives_the_exact_usage(running: Running) -> None:
+    await hand_over(running, "r-1", {})
+    await asyncio.sleep(0.1)
+    assert await records(running, 0) == []  # the record waits for the report
+    await report(running, "r-1", events=2, usage=USAGE_EVENT.decode(), done=1, ended=1)
+    [rec] = await records(running, 1)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+            rec["status"]) == (7, 2, False, 200)
+
+
+@pytest.mark.parametrize(("flags", "status"), [({}, 499),
+                                               ({"stream_idle_timeout": True}, 504)])
+async def test_a_cut_stream_is_estimated_from_the_meters_counts(
+        running: Running, flags: dict[str, bool], status: int) -> None:
+    await hand_over(running, "r-2", {"stream_options": {"include_usage": True}})
+    await report(running, "r-2", flags, events=3)
+    [rec] = await records(running, 1)
+    assert (rec["completion_tokens"], rec["estimated"], rec["status"]) == (3, True, status)
+
+
+async def test_no_report_charges_the_hold_whole(running: Running,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """No report before the hold's lease would end (Envoy lost it): the record charges
+    what the backend could have generated, never the nothing a lost report leaves."""
+    lease = 1 + 30.0  # max_stream_duration_s + the lease's slack
+    monkeypatch.setattr(lifecycle, "REPORT_MARGIN_S", lease - 0.3)
+    await hand_over(running, "r-3", {})
+    [rec] = await records(running, 1)
+    assert (rec["completion_tokens"], rec["estimated"]) == (50, True)
+    await report(running, "r-3", events=1)  # too late: nobody waits, nothing changes
+    await asyncio.sleep(0.1)
+    assert len(await records(running, 1)) == 1
+
+
+async def test_an_error_answer_is_not_handed_over(running: Running) -> None:
+    s = Stream(running)
+    await admit(s, {**CHAT, "stream": True}, rid="r-4")
+    h = await s.send(resp_headers(400))
+    assert not h.HasField("mode_override")
+    await s.send(resp_body(json.dumps({"message": "bad", "object": "error"}).encode(),
+                           status=None))
+    [rec] = await records(running, 1)
+    assert rec["status"] == 400 and rec["completion_tokens"] == 0
