@@ -251,10 +251,12 @@ class EnvoySettings(_Strict):
     # A streamed event larger than this is passed through as it arrives, unread: counted
     # (its bytes estimate the usage if the stream has no usage chunk), never buffered.
     max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=4096)
-    # Who reads a chat or completions stream: `ext_proc` (every chunk a message to the
-    # services) or `envoy` (a Lua meter in Envoy reads the chunks and strips the usage
-    # chunk; the services get one report per stream through Envoy's gRPC access log).
-    stream_metering: Literal["ext_proc", "envoy"] = "ext_proc"
+    # Who reads a chat or completions stream: `envoy` (a Lua meter in Envoy reads the
+    # chunks and strips the usage chunk; the services get one report per stream through
+    # Envoy's gRPC access log), `ext_proc` (every chunk a message to the services), or
+    # `auto`: envoy where Envoy reaches one services replica (its report must reach the
+    # replica that waits for it) and on_metering_loss is `serve`, else ext_proc.
+    stream_metering: Literal["auto", "envoy", "ext_proc"] = "auto"
 
     @model_validator(mode="after")
     def _one_services_form(self) -> EnvoySettings:
@@ -262,14 +264,29 @@ class EnvoySettings(_Strict):
             raise ValueError("set services_address or services_addresses, not both")
         if len(set(self.services_addresses)) != len(self.services_addresses):
             raise ValueError("services_addresses lists an address twice")
-        if self.stream_metering == "envoy" and (
-                self.services_address is not None or len(self.services_addresses) > 1):
+        if self.stream_metering == "envoy" and self.on_metering_loss == "cut":
+            # `cut` ends a stream when the services go away mid-response: only a stream
+            # the services read to its end can be cut that way.
+            raise ValueError("on_metering_loss: cut needs stream_metering: ext_proc")
+        if self.stream_metering == "envoy" and self._several_replicas:
             # A stream's report (Envoy's access log) must reach the replica that waits
             # for it: one services endpoint per Envoy (embedded, sidecar).
             raise ValueError("stream_metering: envoy needs Envoy to reach one services "
                              "replica (services.grpc_listen, or one services_addresses "
                              "entry); with several, keep stream_metering: ext_proc")
         return self
+
+    @property
+    def _several_replicas(self) -> bool:
+        """Envoy may reach more than one replica (a DNS name may give several)."""
+        return self.services_address is not None or len(self.services_addresses) > 1
+
+    @property
+    def meters_streams(self) -> bool:
+        """Envoy meters chat and completions streams (see `stream_metering`)."""
+        return self.stream_metering == "envoy" or (
+            self.stream_metering == "auto" and not self._several_replicas
+            and self.on_metering_loss == "serve")
 
     @property
     def stream_idle_s(self) -> float:

@@ -178,7 +178,7 @@ def ext_proc(cfg: Config) -> ExternalProcessor:
     metadata); the response arrives as body chunks, the first with the status and the
     serving endpoint as attributes. Routing and rate-limit headers go back as dynamic
     metadata (see `hold_for_routing` and the route)."""
-    envoy_meters = cfg.envoy.stream_metering == "envoy"
+    envoy_meters = cfg.envoy.meters_streams
     mode = _mode(request_headers=False, request_body=ProcessingModeBodySendMode.BUFFERED,
                  response_body=ProcessingModeBodySendMode.STREAMED,
                  response_headers=envoy_meters)
@@ -291,7 +291,7 @@ def upstream_errors(cfg: Config) -> Lua:
     """Marks backend error answers (see _UPSTREAM_ERRORS_LUA); placed after ext_proc, so
     it sees the response first. With envoy.stream_metering: envoy, it also meters the
     streams ext_proc hands over (authz/envoy_config/stream_meter.py)."""
-    if cfg.envoy.stream_metering == "envoy":
+    if cfg.envoy.meters_streams:
         code = meter_lua(cfg) + _UPSTREAM_ERRORS_LUA.replace("METER(h)", _METER_CALL)
     else:
         code = _UPSTREAM_ERRORS_LUA.replace("    METER(h)\n", "")
@@ -462,6 +462,6 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         normalize_path=True,
         merge_slashes=True,
         access_log=[_access_log(),
-                    *([meter_access_log()] if cfg.envoy.stream_metering == "envoy" else [])],
+                    *([meter_access_log()] if cfg.envoy.meters_streams else [])],
         local_reply_config=local_reply_config(cfg),
     )

@@ -22,7 +22,6 @@ from authz.services.exchange import handle
 from authz.services.lifecycle import Lifecycle, OrgLimitsOf
 from authz.services.meter_reports import MeterReports
 from authz.state.limits.admission import Admission
-from policy.config import HOLD_LEASE_SLACK_S
 from policy.errors import ApiError
 
 log = logging.getLogger("tokenbooth.ext_proc")
@@ -108,10 +107,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         """A stream Envoy metered: its report (or none by the time the stream must have
         ended), then the record and the settlement."""
         try:
-            cfg = life.config.envoy
-            # Before the hold's lease ends (the sweep would charge it as lost).
-            timeout = cfg.response_limit_s(True) + HOLD_LEASE_SLACK_S / 2
-            report = await self._reports.wait(life.request_id, timeout)
+            report = await self._reports.wait(life.request_id, life.report_wait_s())
             if report is None:
                 log.error("no meter report for a stream Envoy metered: charged its hold "
                           "in full", extra={"request_id": life.request_id})

@@ -86,6 +86,9 @@ class MeterReports(Protocol):
     def forget(self, request_id: str) -> None: ...
 
 
+# A handed-over stream stops waiting for its report this long before its lease ends.
+REPORT_MARGIN_S = 5.0
+
 # Streams Envoy can meter: their usage is in a chunk of their own (the Responses API's
 # final event echoes the request, so only the services read it).
 _ENVOY_METERED = frozenset({Kind.CHAT, Kind.COMPLETION})
@@ -252,7 +255,7 @@ class Lifecycle:
         decision = await self._admit(self._make_ask(req.hold_tokens, req.hold_cost_nano(),
                                                     record))
         self.req, self.route = req, route  # admitted: from here a record is owed
-        if (cfg.envoy.stream_metering == "envoy" and req.stream
+        if (cfg.envoy.meters_streams and req.stream
                 and self.endpoint.kind in _ENVOY_METERED and self._reports is not None
                 and self._reports.expect(self.request_id)):
             self._envoy_meter = "keep" if req.client_wants_usage else "strip"
@@ -314,10 +317,6 @@ class Lifecycle:
                                     self._snap.config.envoy.max_event_bytes,
                                     req.stream_interval)
 
-    @property
-    def config(self) -> Config:
-        return self._snap.config
-
     def hand_over(self) -> bool:
         """Whether Envoy meters this response: a stream it was asked to meter, that the
         backend accepted (Envoy's meter applies the same test: authz/envoy_config/
@@ -325,6 +324,13 @@ class Lifecycle:
         self.handed_over = (self._envoy_meter is not None and self._error_body is None
                             and 0 < self.status < 400)
         return self.handed_over
+
+    def report_wait_s(self) -> float:
+        """How long a handed-over stream may wait for its report: until shortly before
+        its hold's lease ends (then the lost-hold sweep would write a second record). The
+        lease outlasts any stream Envoy lets run, so a report that comes at all is in time."""
+        assert self._ask is not None
+        return max(0.0, self._ask.lease_s - (time.monotonic() - self._t0) - REPORT_MARGIN_S)
 
     def take_report(self, report: MeterReport | None) -> None:
         """Envoy's report on a stream it metered, or None when none came: then the record

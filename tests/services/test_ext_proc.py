@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from authz.envoy_config.names import EXT_AUTHZ, EXT_PROC
+from authz.envoy_config.stream_meter import METER_KEY
 from authz.runtime.server import Services
 from authz.state.usage.records import USAGE_FILE, read_records
 from policy.limits import RATE_HEADER_NAMES
@@ -133,7 +134,10 @@ async def test_body_rewrite_routes_by_metadata(running: Running) -> None:
     assert common.clear_route_cache and common.HasField("header_mutation")
     md = proc_metadata(r)
     assert md[CLUSTER_KEY] == CLUSTER
-    assert set(md) - {CLUSTER_KEY, "stream"} <= set(RATE_HEADER_NAMES)
+    # One services endpoint: Envoy meters the stream, and strips the usage chunk the
+    # client did not ask for.
+    assert md[METER_KEY] == "strip"
+    assert set(md) - {CLUSTER_KEY, "stream", METER_KEY} <= set(RATE_HEADER_NAMES)
     new_body = json.loads(common.body_mutation.body)
     assert new_body["model"] == "tiny-llama"
     assert new_body["stream_options"] == {"include_usage": True}
