@@ -43,9 +43,10 @@ ALL_CONFIGS = ("A", "F", "B-memory", "B-redis", "C")
 # as vLLM does), so the per-chunk cost is paid once per 8 tokens. Paced section only.
 STREAM_INTERVAL = 8
 B_INTERVAL = f"B-interval{STREAM_INTERVAL}"
-# B-memory with streams metered by ext_proc, chunk by chunk (envoy.stream_metering:
-# ext_proc; B-memory's default, `auto`, meters them in Envoy with one replica).
-B_EXTPROC = "B-extproc"
+# B-memory with streams metered in Envoy (envoy.stream_metering: envoy), alone and with
+# the stream_interval above. Paced section only.
+B_ENVOY = "B-envoy"
+B_ENVOY_INTERVAL = f"B-envoy-interval{STREAM_INTERVAL}"
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -131,9 +132,10 @@ class Bench:
         if config == B_INTERVAL:  # the model's stream_interval: vLLM batches tokens
             return lambda: gateways.start_tokenbooth(
                 run, sim, "memory", config, {"stream_interval": STREAM_INTERVAL})
-        if config == B_EXTPROC:
+        if config in (B_ENVOY, B_ENVOY_INTERVAL):
+            model = {"stream_interval": STREAM_INTERVAL} if config == B_ENVOY_INTERVAL else {}
             return lambda: gateways.start_tokenbooth(
-                run, sim, "memory", config, None, {"stream_metering": "ext_proc"})
+                run, sim, "memory", config, model, {"stream_metering": "envoy"})
         assert self.redis is not None
         url = self.redis.url
         if config == "B-redis":
@@ -265,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     ap.add_argument("--paced-configs",
-                    default=f"A,F,{B_EXTPROC},B-memory,{B_INTERVAL}",
+                    default=f"A,F,B-memory,{B_INTERVAL},{B_ENVOY},{B_ENVOY_INTERVAL}",
                     help="configurations of the paced-stream section")
     ap.add_argument("--paced-tpot", default="2,20", help="ms per token")
     ap.add_argument("--paced-tokens", default="64,512", help="tokens per stream")
@@ -291,9 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = [c for c in args.configs.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    unknown = (set(args.configs) - set(ALL_CONFIGS) - {B_EXTPROC}) | (
+    unknown = (set(args.configs) - set(ALL_CONFIGS)) | (
         set(args.paced_configs) - set(ALL_CONFIGS) - set(levers.VARIANTS)
-        - {B_INTERVAL, B_EXTPROC})
+        - {B_INTERVAL, B_ENVOY, B_ENVOY_INTERVAL})
     if unknown or set(args.modes) - set(report.MODES):
         ap.error(f"unknown configuration or mode: {sorted(unknown) or args.modes}")
     if "C" in args.configs and not litellm_proxy.available():

@@ -251,12 +251,14 @@ class EnvoySettings(_Strict):
     # A streamed event larger than this is passed through as it arrives, unread: counted
     # (its bytes estimate the usage if the stream has no usage chunk), never buffered.
     max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=4096)
-    # Who reads a chat or completions stream: `envoy` (a Lua meter in Envoy reads the
-    # chunks and strips the usage chunk; the services get one report per stream through
-    # Envoy's gRPC access log), `ext_proc` (every chunk a message to the services), or
-    # `auto`: envoy where Envoy reaches one services replica (its report must reach the
-    # replica that waits for it) and on_metering_loss is `serve`, else ext_proc.
-    stream_metering: Literal["auto", "envoy", "ext_proc"] = "auto"
+    # Who reads a chat or completions stream: `ext_proc` (every chunk a message to the
+    # services, which settle before the client sees the stream end), `envoy` (a Lua meter
+    # in Envoy reads the chunks and strips the usage chunk; the services get one report
+    # per stream through Envoy's gRPC access log, after the stream ended: see the README,
+    # "Streams metered in Envoy"), or `auto`: envoy where Envoy reaches one services
+    # replica (the report must reach the replica that waits for it) and on_metering_loss
+    # is `serve`, else ext_proc.
+    stream_metering: Literal["auto", "envoy", "ext_proc"] = "ext_proc"
 
     @model_validator(mode="after")
     def _one_services_form(self) -> EnvoySettings:

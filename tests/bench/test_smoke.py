@@ -54,7 +54,8 @@ def test_end_to_end_bench_runs(tmp_path: Path) -> None:
     # from the stream's own usage, and F and B sent ext_proc messages for them.
     paced = result["paced"]
     assert {(m["config"], m["streams"]) for m in paced} == {
-        (c, s) for c in ("A", "F", "B-extproc", "B-memory", "B-interval8") for s in (1, 4)}
+        (c, s) for c in ("A", "F", "B-memory", "B-interval8", "B-envoy", "B-envoy-interval8")
+        for s in (1, 4)}
     for m in paced:
         assert m["failed"] == 0 and m["completed_streams"] >= m["streams"], m
         assert m["streamed_tokens"] == 16 * m["completed_streams"], m
@@ -62,9 +63,8 @@ def test_end_to_end_bench_runs(tmp_path: Path) -> None:
             assert m["ext_proc_msgs_per_token"], m
     # vLLM's stream_interval 8: 16 tokens come in 3 chunks (1 + 8 + 7), not 16.
     msgs = {m["config"]: m["ext_proc_msgs_per_token"] for m in paced if m["streams"] == 1}
-    # Metered in Envoy (B-memory's default): no ext_proc message per chunk (the request
-    # body and the response headers per stream, 2 for 16 tokens); by ext_proc, one per
-    # chunk, and vLLM's stream_interval 8 sends 16 tokens in 3 chunks (1 + 8 + 7).
-    assert msgs["B-memory"] <= 2 / 16 + 0.01, msgs
-    assert msgs["B-extproc"] >= 16 / 16, msgs
+    assert msgs["B-interval8"] < msgs["B-memory"] / 2, msgs
+    # Metered in Envoy: no ext_proc message per chunk (the request body and the response
+    # headers per stream, 2 for 16 tokens).
+    assert msgs["B-envoy"] <= 2 / 16 + 0.01, msgs
     assert "#### Paced streams: gateway CPU per streamed token" in markdown

@@ -215,3 +215,20 @@ def _admin(gw: Gateway) -> str:
     import yaml
     data = yaml.safe_load(gw.config_path.read_text())
     return str(data["envoy"]["admin_listen"])
+
+
+def test_a_concurrency_slot_comes_back_just_after_the_stream(gateway: Gateway) -> None:
+    """The settlement follows the report, which Envoy sends after the stream ended
+    (README, "Streams metered in Envoy"): the key's one slot comes back within the
+    access log's flush, and the stream's record is exact."""
+    from tests.e2e.test_limits import admitted_within, new_key
+
+    key, _ = new_key(gateway, "--max-concurrent", "1")
+    for _ in range(3):
+        raw = gateway.client(key).chat.completions.with_raw_response.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+            stream=True)
+        assert len(list(raw.parse())) >= 8
+        admitted_within(gateway, key, 2.0, "the slot did not come back after the stream")
+        [rec] = records_for(gateway, raw.headers["x-request-id"])
+        assert (rec["completion_tokens"], rec["estimated"]) == (8, False)

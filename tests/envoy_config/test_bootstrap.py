@@ -229,16 +229,16 @@ def test_ext_proc_modes() -> None:
     headers come only where Envoy meters streams (the answer hands a stream over)."""
     proc = http_filter(render_dict(load_fixture("tls_multi")), "envoy.filters.http.ext_proc")
     assert proc["processing_mode"] == {
-        "request_header_mode": "SKIP", "response_header_mode": "SEND",
+        "request_header_mode": "SKIP", "response_header_mode": "SKIP",
         "request_body_mode": "BUFFERED", "response_body_mode": "STREAMED",
         "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
-    assert proc["allow_mode_override"] is True
+    assert "allow_mode_override" not in proc
     cfg = load_fixture("tls_multi")
     cfg = cfg.model_copy(update={"envoy": cfg.envoy.model_copy(
-        update={"stream_metering": "ext_proc"})})
-    plain = http_filter(render_dict(cfg), "envoy.filters.http.ext_proc")
-    assert plain["processing_mode"]["response_header_mode"] == "SKIP"
-    assert "allow_mode_override" not in plain
+        update={"stream_metering": "auto"})})
+    metered = http_filter(render_dict(cfg), "envoy.filters.http.ext_proc")
+    assert metered["processing_mode"]["response_header_mode"] == "SEND"
+    assert metered["allow_mode_override"] is True
     assert "request.id" in proc["request_attributes"]
     assert "response.code" in proc["response_attributes"]
     assert proc["metadata_options"] == {

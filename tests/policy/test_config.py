@@ -122,10 +122,12 @@ def test_envoy_stream_metering_needs_one_services_replica() -> None:
 def test_auto_stream_metering_is_envoy_for_one_replica_only() -> None:
     from policy.config import EnvoySettings
 
-    assert EnvoySettings().meters_streams
-    assert EnvoySettings(services_addresses=("10.0.0.1:9001",)).meters_streams
-    assert not EnvoySettings(services_address="tokenbooth:9001").meters_streams
-    assert not EnvoySettings(stream_metering="ext_proc").meters_streams
-    assert not EnvoySettings(on_metering_loss="cut").meters_streams
+    assert not EnvoySettings().meters_streams  # the default: ext_proc
+    assert EnvoySettings(stream_metering="auto").meters_streams
+    assert EnvoySettings(stream_metering="auto",
+                         services_addresses=("10.0.0.1:9001",)).meters_streams
+    assert not EnvoySettings(stream_metering="auto",
+                             services_address="tokenbooth:9001").meters_streams
+    assert not EnvoySettings(stream_metering="auto", on_metering_loss="cut").meters_streams
     with pytest.raises(ValueError, match="cut needs"):
         EnvoySettings(stream_metering="envoy", on_metering_loss="cut")

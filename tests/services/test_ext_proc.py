@@ -134,10 +134,8 @@ async def test_body_rewrite_routes_by_metadata(running: Running) -> None:
     assert common.clear_route_cache and common.HasField("header_mutation")
     md = proc_metadata(r)
     assert md[CLUSTER_KEY] == CLUSTER
-    # One services endpoint: Envoy meters the stream, and strips the usage chunk the
-    # client did not ask for.
-    assert md[METER_KEY] == "strip"
-    assert set(md) - {CLUSTER_KEY, "stream", METER_KEY} <= set(RATE_HEADER_NAMES)
+    assert METER_KEY not in md  # ext_proc reads the stream (stream_metering's default)
+    assert set(md) - {CLUSTER_KEY, "stream"} <= set(RATE_HEADER_NAMES)
     new_body = json.loads(common.body_mutation.body)
     assert new_body["model"] == "tiny-llama"
     assert new_body["stream_options"] == {"include_usage": True}
