@@ -201,12 +201,15 @@ Patch = Callable[[dict[str, Any]], dict[str, Any]]
 
 def start_noop(run_dir: Path, sim_url: str, name: str = "F", patch: Patch | None = None,
                noop_args: Sequence[str] = ()) -> Gateway:
-    """F; `patch` changes the bootstrap and `noop_args` the servicers (bench/levers.py)."""
+    """F; `patch` changes the bootstrap and `noop_args` the servicers (bench/levers.py).
+    Unpatched, F hands streams over to Envoy's meter where tokenbooth would."""
     workdir = run_dir / name
     config = write_policy(workdir, sim_url)
     bootstrap = render_static(config)
     if patch is not None:
         bootstrap = patch(bootstrap)
+    elif load_config(config).envoy.meters_streams:
+        noop_args = [*noop_args, "--envoy-meters"]
     policy = yaml.safe_load(config.read_text())
     side = f"http://{policy['services']['http_listen']}"
     with (workdir / "noop.log").open("wb") as log:

@@ -6,14 +6,17 @@ once with the empty response of its kind. Only what keeps the message pattern id
 tokenbooth's is set, as constant messages built once:
 
 - Check → OK;
-- request_headers → switch the response headers phase on (`mode_override`), as tokenbooth
-  does for every admitted request;
+- request_headers → as is (tokenbooth's inference path sends none);
 - request_body → name the backend cluster and clear the route cache, both ways tokenbooth
   has done it: in the cluster header, and in ext_proc's dynamic metadata (from which the
-  bootstrap may copy it into that header); without it Envoy has nowhere to send the request;
-- response_headers → response body STREAMED for `text/event-stream`, else BUFFERED, as
-  tokenbooth decides;
-- response_body and trailers → empty.
+  bootstrap may copy it into that header); without it Envoy has nowhere to send the request.
+  With `--envoy-meters` (the rendered bootstrap meters streams in Envoy, tokenbooth's
+  default with one replica), a stream's answer also asks Envoy's Lua meter to read it,
+  keeping or stripping the usage chunk as the client asked;
+- response_headers → for such a stream, hand it over to the meter (no response body comes
+  here, as tokenbooth does); otherwise as is;
+- response_body and trailers → empty;
+- Envoy's gRPC access log (the meter's one report per stream) → counted, nothing else.
 
 The servicers answer whatever Envoy sends, so when tokenbooth's bootstrap asks for other
 phases (or none), F follows. A `mode_override` is ignored by an Envoy whose bootstrap does
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -38,12 +42,14 @@ import orjson
 from aiohttp import web
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from authz.envoy_config.stream_meter import METER_KEY
 from policy import routing
 
 EXT_PROC = "envoy.filters.http.ext_proc"  # the filter's name: its metadata namespace
@@ -51,14 +57,9 @@ EXT_PROC = "envoy.filters.http.ext_proc"  # the filter's name: its metadata name
 CLUSTER_KEY: str = getattr(routing, "CLUSTER_KEY", "cluster")
 
 _MODE = processing_mode_pb2.ProcessingMode
-# The modes tokenbooth's ext_proc switches to (mode_override replaces every mode).
-_RESPONSE_HEADERS_ON = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
-                             response_body_mode=_MODE.NONE)
-_SSE = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
-             response_body_mode=_MODE.STREAMED)
-_JSON = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
-              response_body_mode=_MODE.BUFFERED)
 _SSE_TYPE = b"text/event-stream"
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
+_INCLUDE_USAGE = re.compile(rb'"include_usage"\s*:\s*true')
 
 
 def replies(cluster: str) -> dict[str, Any]:
@@ -69,17 +70,28 @@ def replies(cluster: str) -> dict[str, Any]:
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]),
         clear_route_cache=True,
     )
-    metadata = struct_pb2.Struct()
-    metadata.update({EXT_PROC: {CLUSTER_KEY: cluster}})
+
+    def routed(**meter: str) -> Any:
+        metadata = struct_pb2.Struct()
+        metadata.update({EXT_PROC: {CLUSTER_KEY: cluster, **meter}})
+        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=route),
+                                     dynamic_metadata=metadata)
+
     return {
-        "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse(),
-                                                 mode_override=_RESPONSE_HEADERS_ON),
-        "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse(response=route),
-                                              dynamic_metadata=metadata),
-        "response_headers:sse": ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
-                                                      mode_override=_SSE),
-        "response_headers:json": ep.ProcessingResponse(response_headers=ep.HeadersResponse(),
-                                                       mode_override=_JSON),
+        "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse()),
+        "request_body": routed(),
+        # A stream Envoy's meter reads, keeping or stripping the usage chunk.
+        "request_body:keep": routed(**{METER_KEY: "keep"}),
+        "request_body:strip": routed(**{METER_KEY: "strip"}),
+        "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+        # tokenbooth's hand-over (authz/services/exchange.py): no response body comes here.
+        "response_headers:hand_over": ep.ProcessingResponse(
+            response_headers=ep.HeadersResponse(response=ep.CommonResponse(
+                header_mutation=ep.HeaderMutation(remove_headers=["content-length"]))),
+            mode_override=_MODE(request_header_mode=_MODE.SKIP,
+                                response_header_mode=_MODE.SKIP,
+                                response_body_mode=_MODE.NONE,
+                                response_trailer_mode=_MODE.SKIP)),
         "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
         "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
         "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
@@ -103,17 +115,19 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # t
     FULL_DUPLEX_STREAMED and go back as streamed_response, the chunks read while the last
     answer was being written coalesced into one."""
 
-    def __init__(self, counts: Counter[str], cluster: str, duplex: bool = False) -> None:
+    def __init__(self, counts: Counter[str], cluster: str, duplex: bool = False,
+                 envoy_meters: bool = False) -> None:
         self._counts = counts
         self._replies = replies(cluster)
         self._duplex = duplex
+        self._envoy_meters = envoy_meters
 
     async def Process(self, request_iterator: AsyncIterator[Any],
                       context: grpc.aio.ServicerContext) -> None:
         counts, answers = self._counts, self._replies
         counts["streams"] += 1
         read, write, eof = context.read, context.write, grpc.aio.EOF
-        first = True
+        first, metered = True, False
         while (msg := await read()) is not eof:
             kind = msg.WhichOneof("request")
             counts[kind] += 1
@@ -126,10 +140,17 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # t
             if kind == "response_body" and self._duplex:
                 await _duplex(msg.response_body, read, write, counts)
                 return
-            if kind == "response_headers":
-                sse = any(h.key == "content-type" and h.raw_value.startswith(_SSE_TYPE)
-                          for h in msg.response_headers.headers.headers)
-                await write(answers["response_headers:sse" if sse else "response_headers:json"])
+            if kind == "request_body" and self._envoy_meters and _STREAM.search(
+                    body := msg.request_body.body):
+                metered = True
+                await write(answers["request_body:keep" if _INCLUDE_USAGE.search(body)
+                                    else "request_body:strip"])
+            elif kind == "response_headers":
+                sse = metered and any(
+                    h.key == "content-type" and h.raw_value.startswith(_SSE_TYPE)
+                    for h in msg.response_headers.headers.headers)
+                await write(answers["response_headers:hand_over" if sse
+                                    else "response_headers"])
             else:
                 await write(answers[kind])
 
@@ -172,7 +193,22 @@ async def _duplex(first: Any, read: Any, write: Any, counts: Counter[str]) -> No
         task.cancel()
 
 
-async def serve(grpc_listen: str, side_listen: str, cluster: str, duplex: bool = False) -> None:
+class NoopAccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy's meter reports (one access-log entry per metered stream): counted."""
+
+    def __init__(self, counts: Counter[str]) -> None:
+        self._counts = counts
+
+    async def StreamAccessLogs(self, request_iterator: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext) -> Any:
+        async for msg in request_iterator:
+            self._counts["access_log_msgs"] += 1
+            self._counts["meter_reports"] += len(msg.http_logs.log_entry)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+async def serve(grpc_listen: str, side_listen: str, cluster: str, duplex: bool = False,
+                envoy_meters: bool = False) -> None:
     counts: Counter[str] = Counter()
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 0),
@@ -181,7 +217,8 @@ async def serve(grpc_listen: str, side_listen: str, cluster: str, duplex: bool =
     ])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(counts), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        NoopProcessor(counts, cluster, duplex), server)
+        NoopProcessor(counts, cluster, duplex, envoy_meters), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(NoopAccessLog(counts), server)
     if server.add_insecure_port(grpc_listen) == 0:
         raise OSError(f"cannot listen on {grpc_listen}")
     await server.start()
@@ -217,10 +254,12 @@ def main() -> None:
     ap.add_argument("--cluster", required=True, help="the Envoy cluster of the backend")
     ap.add_argument("--duplex", action="store_true",
                     help="response bodies come FULL_DUPLEX_STREAMED: answer as streamed_response")
+    ap.add_argument("--envoy-meters", action="store_true",
+                    help="the bootstrap meters streams in Envoy: hand streams over to it")
     args = ap.parse_args()
     import uvloop
 
-    uvloop.run(serve(args.grpc, args.side, args.cluster, args.duplex))
+    uvloop.run(serve(args.grpc, args.side, args.cluster, args.duplex, args.envoy_meters))
 
 
 if __name__ == "__main__":
