@@ -200,11 +200,11 @@ Patch = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def start_noop(run_dir: Path, sim_url: str, name: str = "F", patch: Patch | None = None,
-               noop_args: Sequence[str] = ()) -> Gateway:
+               noop_args: Sequence[str] = (), envoy: dict[str, Any] | None = None) -> Gateway:
     """F; `patch` changes the bootstrap and `noop_args` the servicers (bench/levers.py).
     Unpatched, F hands streams over to Envoy's meter where tokenbooth would."""
     workdir = run_dir / name
-    config = write_policy(workdir, sim_url)
+    config = write_policy(workdir, sim_url, envoy=envoy)
     bootstrap = render_static(config)
     if patch is not None:
         bootstrap = patch(bootstrap)

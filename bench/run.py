@@ -46,6 +46,7 @@ B_INTERVAL = f"B-interval{STREAM_INTERVAL}"
 # B-memory with streams metered in Envoy (envoy.stream_metering: envoy), alone and with
 # the stream_interval above. Paced section only.
 B_ENVOY = "B-envoy"
+F_ENVOY = "F-envoy"  # its floor: F with the same bootstrap, streams handed over
 B_ENVOY_INTERVAL = f"B-envoy-interval{STREAM_INTERVAL}"
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -125,6 +126,9 @@ class Bench:
             return lambda: gateways.start_bare(run, sim)
         if config == "F":
             return lambda: gateways.start_noop(run, sim)
+        if config == F_ENVOY:
+            return lambda: gateways.start_noop(run, sim, config,
+                                               envoy={"stream_metering": "envoy"})
         if config in levers.VARIANTS:
             return levers.starter(config, run, sim)
         if config == "B-memory":
@@ -267,7 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     ap.add_argument("--paced-configs",
-                    default=f"A,F,B-memory,{B_INTERVAL},{B_ENVOY},{B_ENVOY_INTERVAL}",
+                    default=f"A,F,B-memory,{B_INTERVAL},{F_ENVOY},{B_ENVOY},{B_ENVOY_INTERVAL}",
                     help="configurations of the paced-stream section")
     ap.add_argument("--paced-tpot", default="2,20", help="ms per token")
     ap.add_argument("--paced-tokens", default="64,512", help="tokens per stream")
@@ -295,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     unknown = (set(args.configs) - set(ALL_CONFIGS)) | (
         set(args.paced_configs) - set(ALL_CONFIGS) - set(levers.VARIANTS)
-        - {B_INTERVAL, B_ENVOY, B_ENVOY_INTERVAL})
+        - {B_INTERVAL, F_ENVOY, B_ENVOY, B_ENVOY_INTERVAL})
     if unknown or set(args.modes) - set(report.MODES):
         ap.error(f"unknown configuration or mode: {sorted(unknown) or args.modes}")
     if "C" in args.configs and not litellm_proxy.available():

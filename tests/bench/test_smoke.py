@@ -54,7 +54,8 @@ def test_end_to_end_bench_runs(tmp_path: Path) -> None:
     # from the stream's own usage, and F and B sent ext_proc messages for them.
     paced = result["paced"]
     assert {(m["config"], m["streams"]) for m in paced} == {
-        (c, s) for c in ("A", "F", "B-memory", "B-interval8", "B-envoy", "B-envoy-interval8")
+        (c, s) for c in ("A", "F", "B-memory", "B-interval8", "F-envoy", "B-envoy",
+                         "B-envoy-interval8")
         for s in (1, 4)}
     for m in paced:
         assert m["failed"] == 0 and m["completed_streams"] >= m["streams"], m
@@ -67,4 +68,5 @@ def test_end_to_end_bench_runs(tmp_path: Path) -> None:
     # Metered in Envoy: no ext_proc message per chunk (the request body and the response
     # headers per stream, 2 for 16 tokens).
     assert msgs["B-envoy"] <= 2 / 16 + 0.01, msgs
+    assert msgs["F-envoy"] <= 2 / 16 + 0.01, msgs  # its floor hands streams over too
     assert "#### Paced streams: gateway CPU per streamed token" in markdown
