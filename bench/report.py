@@ -66,6 +66,7 @@ def summarize(measurements: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                        for g in ("envoy", "python", "redis", "sim", "loadgen")},
             "gateway_cpu_us": _median(d["gateway_cpu_us"] for d in derived),
             "loadgen_cores": _median(d["loadgen_cores"] for d in derived),
+            "completed": sum(m["completed"] for m in ms),
             "failed": sum(m["completed"] - m["ok"] + m["bad_body"] + sum(m["errors"].values())
                           + (m["completed"] == 0) for m in ms),
         }

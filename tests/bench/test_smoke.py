@@ -44,9 +44,12 @@ def test_end_to_end_bench_runs(tmp_path: Path) -> None:
         assert row["failed"] == 0 and row["rps"] > 0, row
         if row["config"] in ("F", "B-memory"):
             # At least the Check and one ext_proc message (the pattern itself may change),
-            # and the servicers' count agrees with Envoy's.
+            # and the servicers' count agrees with Envoy's, but for the messages of the
+            # requests in flight when the two counters were read (a loaded machine
+            # completes few requests in the smoke's half second).
             assert row["msgs"]["total"] >= 2, row
-            assert abs(row["msgs"]["total"] - row["envoy_msgs"]) < 0.5, row
+            in_flight = 2 * 6 * row["connections"] / max(row["completed"], 1)
+            assert abs(row["msgs"]["total"] - row["envoy_msgs"]) < 0.5 + in_flight, row
     markdown = (tmp_path / "latest.md").read_text()
     assert "| B-memory | 4 |" in markdown
     assert "#### B against A, F and C" in markdown
