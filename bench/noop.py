@@ -149,8 +149,10 @@ class NoopProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # t
                 sse = metered and any(
                     h.key == "content-type" and h.raw_value.startswith(_SSE_TYPE)
                     for h in msg.response_headers.headers.headers)
-                await write(answers["response_headers:hand_over" if sse
-                                    else "response_headers"])
+                if sse:  # handed over: nothing more comes, the stream ends, as tokenbooth's
+                    await write(answers["response_headers:hand_over"])
+                    return
+                await write(answers["response_headers"])
             else:
                 await write(answers[kind])
 
