@@ -5,8 +5,10 @@ Settlement returns what it did and logs a hold whose cost was not the worst case
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +109,46 @@ async def test_a_key_that_holds_nothing_still_reports_its_overrun(
     for lim in (Limits(), Limits(rpm=5)):
         assert await adm.settle(lim, ask(1), 10, 1001, NOW) == Settled(False, 1, 0)
     assert len(violations(caplog)) == 2
+
+
+@pytest.mark.parametrize("on_error", ["fail_closed", "fail_open"])
+async def test_an_unanswered_admission_is_released_once_the_store_wakes(
+    own_redis: RedisServer, tmp_path: Path, on_error: str,
+) -> None:
+    """Redis frozen (SIGSTOP) mid-admission: the client times out and the request is
+    refused (or admitted locally), but the script runs when Redis wakes. Its hold must be
+    given back, not left to be charged as lost for a request Redis never served."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    policy = "fail_open" if on_error == "fail_open" else "fail_closed"
+    adm = Admission(store, OnStoreError(requests=policy, concurrency=policy),
+                    spool_dir=tmp_path / "spool")
+    await store.start()
+    limits = Limits(max_concurrent=1) if on_error == "fail_open" else Limits(
+        max_concurrent=1, budget_nano=10_000)
+    assert own_redis.proc is not None
+    try:
+        # A live connection (and the scripts loaded): the admission below is sent.
+        assert (await adm.admit(limits, ask(0), NOW)).allowed
+        await adm.settle(limits, ask(0), 0, 0, NOW)
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            if on_error == "fail_open":
+                assert (await adm.admit(limits, ask(1), NOW)).allowed
+                await adm.settle(limits, ask(1), 10, 0, NOW)  # settled locally
+            else:
+                with pytest.raises(ApiError) as e:
+                    await adm.admit(limits, ask(1), NOW)
+                assert e.value.status == 503
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        period, now = ask(1).period, NOW.timestamp()
+        if limits.budget_nano is not None:
+            # Redis ran the late admission: its hold stands until the release applies.
+            assert await store.budget("k", "o", period, now) == (0, ask(1).cost_nano)
+        assert await adm.replay() == 1
+        assert await store.budget("k", "o", period, now) == (0, 0)
+        # The concurrency slot is free again: the next request is admitted.
+        assert (await adm.admit(limits, ask(2), NOW)).allowed
+    finally:
+        await adm.close()
+        await store.close()

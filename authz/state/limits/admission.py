@@ -136,6 +136,9 @@ class Admission:
             if self._unsynced:
                 await self._reconcile(now)
         except LimitStoreUnavailable as e:
+            # Unanswered is not undone: a script sent to a stalled store runs when it
+            # wakes, and its hold would be charged as lost for a request never served.
+            self._release_later(limits, ask)
             if not self._may_fail_open(limits):
                 log.error("admission failed closed: %s", e,
                           extra={"request_id": ask.request_id})
@@ -151,6 +154,19 @@ class Admission:
         if decision.allowed:
             return decision
         raise refusal(decision, limits, now)
+
+    def _release_later(self, limits: Limits, ask: Ask) -> None:
+        """An admission the store did not answer may still take effect: queue a
+        settlement at zero behind it (in the spool, applied in order once the store
+        answers; settling what the store does not hold is a no-op)."""
+        if not tracked(limits):
+            return
+        if self._spool is not None and self._spool.append(Spooled(limits, ask, 0, 0)):
+            if self._on_spooled is not None:
+                self._on_spooled()
+            return
+        log.error("an unanswered admission cannot be released: if the store carries it "
+                  "out, its hold is charged as lost", extra={"request_id": ask.request_id})
 
     async def _reconcile(self, now: datetime) -> None:
         """The store is back: count what the local limiter admitted meanwhile."""
