@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
+from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
 from policy.config import OrgLimits
 from policy.keyrecord import BudgetPeriod, KeyRecord
 
@@ -30,10 +31,10 @@ class _In(BaseModel):
 
 
 class _Limits(_In):
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    budget_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
     expires_at: datetime | None = None
 
 

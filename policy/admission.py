@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from policy.bounds import MAX_EXACT
 from policy.limits import (
     WINDOW_S,
     Ask,
@@ -48,8 +49,6 @@ from policy.limits import (
 )
 from policy.usage import LOST, UsageRecord
 
-# Lua numbers are doubles: integers are exact below 2**53 (about 9 million USD in nano).
-MAX_EXACT = 2**53 - 1
 # How long a lost charge stays correctable by a late settlement (after its lease ended).
 LOST_TTL_S = 7 * 86400.0
 

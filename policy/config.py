@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
 from policy.keyrecord import SCOPES, KeyRecord
 from policy.sse import MAX_EVENT_BYTES
 
@@ -360,10 +361,10 @@ class OnStoreError(_Strict):
 class OrgLimits(_Strict):
     """Limits shared by every key of one org (checked before the key's own)."""
 
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    budget_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
     budget_period: Literal["day", "month", "total"] = "month"
 
 
@@ -617,6 +618,8 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

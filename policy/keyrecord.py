@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
+
 SCOPES = ("inference:read", "inference:write")
 BudgetPeriod = Literal["day", "month", "total"]
 
@@ -24,10 +26,10 @@ class KeyRecord(BaseModel):
     name: str = ""
     scopes: tuple[str, ...] = SCOPES
     models: tuple[str, ...] = ()  # empty: every alias
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    budget_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
     budget_period: BudgetPeriod = "month"
     status: Literal["active", "revoked"] = "active"
     created_at: datetime | None = None

@@ -110,7 +110,10 @@ def parse_since(value: str, now: datetime) -> datetime:
     `2w`). ValueError, naming the option, if neither."""
     m = _AGE.match(value.strip())
     if m:
-        return now - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
+        try:
+            return now - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
+        except OverflowError:
+            raise ValueError(f"--since: {value!r} reaches back past the year 1") from None
     try:
         return parse_time(value)
     except ValueError:

@@ -24,6 +24,7 @@ from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
 from policy.admission import hold_live
 from policy.audit import ORG_PREFIX
+from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, redacted
 from policy.keyrecord import SCOPES, KeyRecord
 from policy.keys import display_prefix, fingerprint, new_secret
@@ -57,14 +58,14 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     keys = sub.add_parser("keys", help="create, list, show and revoke API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     c = ksub.add_parser("create", parents=[common], help="create a key; prints its secret once")
-    c.add_argument("--org", required=True)
+    c.add_argument("--org", required=True, type=_org)
     c.add_argument("--name", default="")
     c.add_argument("--scope", action="append", choices=SCOPES,
                    help="repeatable; default: all scopes")
     c.add_argument("--model", action="append", help="allowed alias (repeatable); default: all")
-    c.add_argument("--rpm", type=positive_int, help="requests per minute")
-    c.add_argument("--tpm", type=positive_int, help="tokens per minute")
-    c.add_argument("--max-concurrent", type=positive_int, help="in-flight requests")
+    c.add_argument("--rpm", type=_count, help="requests per minute")
+    c.add_argument("--tpm", type=_count, help="tokens per minute")
+    c.add_argument("--max-concurrent", type=_count, help="in-flight requests")
     c.add_argument("--budget", type=_usd, help="USD per budget period")
     c.add_argument("--budget-period", choices=["day", "month", "total"], default="month")
     c.add_argument("--expires", type=_when, help="ISO 8601 time, e.g. 2027-01-01T00:00:00Z")
@@ -94,9 +95,9 @@ def _add_update(ksub: Subparsers, common: argparse.ArgumentParser) -> None:
                    help="replaces the key's scopes (repeatable)")
     u.add_argument("--model", action="append",
                    help=f"replaces the allowed aliases (repeatable); {EVERY_MODEL!r}: all")
-    for flag, kind, what in (("--rpm", positive_int, "requests per minute"),
-                             ("--tpm", positive_int, "tokens per minute"),
-                             ("--max-concurrent", positive_int, "in-flight requests"),
+    for flag, kind, what in (("--rpm", _count, "requests per minute"),
+                             ("--tpm", _count, "tokens per minute"),
+                             ("--max-concurrent", _count, "in-flight requests"),
                              ("--budget", _usd, "USD per budget period"),
                              ("--expires", _when, "ISO 8601 time")):
         u.add_argument(flag, type=_or_clear(kind), help=f"{what}; {CLEAR!r} removes it")
@@ -122,7 +123,23 @@ def _usd(v: str) -> Decimal:
         raise argparse.ArgumentTypeError(f"expected an amount in USD, got {v!r}") from None
     if not d.is_finite() or d < 0:
         raise argparse.ArgumentTypeError(f"expected an amount in USD, got {v!r}")
+    if d > MAX_BUDGET_USD:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BUDGET_USD} USD, got {v!r}")
     return d
+
+
+def _count(v: str) -> int:
+    """A limit: a positive integer the stores keep exact."""
+    n = positive_int(v)
+    if n > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_COUNT}, got {v!r}")
+    return n
+
+
+def _org(v: str) -> str:
+    if not 1 <= len(v) <= 128:
+        raise argparse.ArgumentTypeError(f"expected 1 to 128 characters, got {v!r}")
+    return v
 
 
 def _when(v: str) -> datetime:

@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from pydantic import ValidationError
+
 from authz.cli import audit, check, envoy, keys, serve, sim, usage
 from authz.cli.common import Handler, Parents, Parser
 from authz.runtime.settings import Settings
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         return func(args, settings)
     except _USER_ERRORS as e:
-        print(f"tokenbooth: error: {e}", file=sys.stderr)
+        print(f"tokenbooth: error: {_one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError | ValueError) else 1
     except KeyboardInterrupt:
         return 130
@@ -55,6 +57,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             raise
         print(f"tokenbooth: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _one_line(e: BaseException) -> str:
+    """A validation error as one line (pydantic's own text is a multi-line dump)."""
+    if isinstance(e, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'value'}: "
+            f"{str(err['msg']).removeprefix('Value error, ')}" for err in e.errors())
+    return str(e)
 
 
 if __name__ == "__main__":

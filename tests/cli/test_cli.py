@@ -177,3 +177,37 @@ def test_make_run_passes_the_four_ports_and_the_upstream() -> None:
         ".venv/bin/tokenbooth up --upstream http://10.0.0.5:8000 --listen 127.0.0.1:18080 "
         "--grpc-listen 127.0.0.1:18081 --http-listen 127.0.0.1:18082 "
         "--admin-listen 127.0.0.1:18083")
+
+
+def test_limits_past_what_the_stores_keep_exact_are_refused_where_written(
+    tmp_path: Path,
+) -> None:
+    """A budget of 2**53 nano-USD or more (or a count past 2**53) cannot be kept exact by
+    Redis's Lua: refused by `keys`, `check-config`, in one line each, naming the value;
+    never accepted and then a 500 on every request of the key."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    for flag, value in (("--budget", "9007199.254740992"), ("--budget", "1e400"),
+                        ("--tpm", "99999999999999999999999"), ("--org", "")):
+        args = ("--org", "o") if flag != "--org" else ()
+        r = tb("keys", "create", "--config", str(path), *args, flag, value)
+        assert r.returncode == 2, (flag, r.stderr)
+        assert r.stderr.count("\n") == 1 and flag in r.stderr and "Traceback" not in r.stderr
+    r = tb("keys", "create", "--config", str(path), "--org", "o", "--budget",
+           "9007199.254740991", "--json")
+    assert r.returncode == 0, r.stderr
+    big = write_policy(tmp_path / "big", "http://127.0.0.1:8000",
+                       orgs={"acme": {"budget_usd": "1e12"}})
+    r = tb("check-config", str(big))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert str(big) in r.stderr and "orgs.acme.budget_usd" in r.stderr
+
+
+def test_odd_input_is_one_line_naming_what_is_wrong(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    r = tb("usage", "--config", str(path), "--since", "99999999999d")
+    assert r.returncode == 2 and "--since" in r.stderr and r.stderr.count("\n") == 1
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    r = tb("check-config", str(binary))
+    assert r.returncode == 2 and str(binary) in r.stderr and "UTF-8" in r.stderr
+    assert r.stderr.count("\n") == 1

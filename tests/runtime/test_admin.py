@@ -241,6 +241,10 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     ("GET", "/v1/keys?colour=red", None, "colour"),
     ("GET", "/v1/usage?since=yesterday", None, "since"),
     ("PUT", "/v1/orgs/acme", {"rpm": -1}, "rpm"),
+    # Past 2**53 nano-USD (or requests): more than the stores keep exact.
+    ("PUT", "/v1/orgs/acme", {"budget_usd": "1e400"}, "budget_usd"),
+    ("POST", "/v1/keys", {"org": "acme", "budget_usd": "9007199.254740992"}, "budget_usd"),
+    ("POST", "/v1/keys", {"org": "acme", "tpm": 2**53}, "tpm"),
 ])
 async def test_bad_input_names_the_field(api: Api, method: str, path: str, body: Any,
                                          param: str) -> None:
