@@ -82,7 +82,9 @@ def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:
                        else NO_RETRY)
         return ApiError(
             429, "insufficient_quota",
-            "This API key's budget for the period is exhausted."
+            "This API key's budget for the period is exhausted, or too little is left for "
+            "this request's worst-case cost (its prompt and max_tokens at the model's "
+            "prices, held until it ends)."
             + ("" if reset is not None else " It does not reset."),
             type="insufficient_quota", headers=tuple(headers),
         )

@@ -31,7 +31,8 @@ def test_body_is_openais_error_shape() -> None:
 
 @pytest.mark.parametrize(("status", "error_type"), [
     (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
-    (404, "invalid_request_error"), (413, "invalid_request_error"), (429, "rate_limit_error"),
+    (404, "invalid_request_error"), (405, "invalid_request_error"),
+    (413, "invalid_request_error"), (429, "rate_limit_error"),
     (500, "server_error"), (502, "server_error"), (503, "server_error"), (504, "server_error"),
     (418, "server_error"),  # a status without its own type
 ])

@@ -58,7 +58,8 @@ RATE = [("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests",
 def test_budget_refusal_retries_when_the_period_resets() -> None:
     e = refusal(denied("budget"), Limits(budget_nano=1, budget_period="month"), STARTED)
     assert (e.status, e.code, e.type) == (429, "insufficient_quota", "insufficient_quota")
-    assert e.message == "This API key's budget for the period is exhausted."
+    assert e.message.startswith("This API key's budget for the period is exhausted, or too")
+    assert e.message.endswith("held until it ends).")
     assert list(e.headers) == [*RATE, ("retry-after", "648000")]  # 7.5 days to December
     late = datetime(2026, 11, 23, 23, 59, 59, 200_000, UTC)
     e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="day"), late)
@@ -68,7 +69,7 @@ def test_budget_refusal_retries_when_the_period_resets() -> None:
 def test_a_total_budget_refusal_says_it_never_resets() -> None:
     e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="total"),
                 STARTED)
-    assert e.message == "This API key's budget for the period is exhausted. It does not reset."
+    assert e.message.endswith("held until it ends). It does not reset.")
     assert e.headers == (("x-should-retry", "false"),)
 
 
