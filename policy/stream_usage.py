@@ -28,6 +28,8 @@ from policy.usage import Usage, usage_from_obj
 DONE = b"[DONE]"
 # Responses API events that end a response; each carries it, usage included.
 RESPONSE_ENDS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+# The Responses API event that opens an output item (a function call's carries its name).
+ITEM_ADDED = b"response.output_item.added"
 
 
 class StreamMeter:
@@ -115,18 +117,41 @@ class StreamMeter:
 
 
 def _has_text(choice: Any) -> bool:
+    """Whether a choice carries generated tokens: text, reasoning (vLLM 0.32 sends
+    `reasoning`, older releases `reasoning_content`), or a tool call's name or argument
+    fragment (vLLM streams tool calls as `delta.tool_calls[].function`). The
+    Lua meter (authz/envoy_config/stream_meter.py, `classify`) counts the same events."""
     if not isinstance(choice, dict):
         return False
     delta = choice.get("delta")
     if isinstance(delta, dict):
-        return bool(delta.get("content")) or bool(delta.get("reasoning_content"))
+        return (bool(delta.get("content")) or bool(delta.get("reasoning"))
+                or bool(delta.get("reasoning_content"))
+                or _has_tool_text(delta.get("tool_calls")))
     return bool(choice.get("text"))
+
+
+def _has_tool_text(calls: Any) -> bool:
+    if not isinstance(calls, list):
+        return False
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and (_nonempty_str(fn.get("arguments"))
+                                     or _nonempty_str(fn.get("name"))):
+            return True
+    return False
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
 
 
 class ResponsesStreamMeter(StreamMeter):
     """The Responses API's SSE: `event: <type>` + `data: {"type": <type>, ...}`. Only the
-    final event is decoded (by its `event:` name; events without one are decoded to
-    find their type); `*.delta` events count as content."""
+    final event and the rare `response.output_item.added` are decoded (by their `event:`
+    name; events without one are decoded to find their type); `*.delta` events count as
+    content (`response.function_call_arguments.delta` included), and so does a
+    function-call item's opening event, which carries the call's name."""
 
     __slots__ = ()
 
@@ -143,8 +168,16 @@ class ResponsesStreamMeter(StreamMeter):
             obj = _json_object(data)
             kind = obj.get("type") if obj is not None else None
             name = kind.encode() if isinstance(kind, str) else b""
-        if name.endswith(b".delta"):
+        if name.endswith(b".delta"):  # text, reasoning, function_call_arguments, ...
             self.content_chunks += 1
+        elif name == ITEM_ADDED:
+            # A function call's name comes whole in its item's first event (as in a chat
+            # stream's first tool-call delta, which counts): one more content event.
+            obj = obj or _json_object(data)
+            item = obj.get("item") if obj is not None else None
+            if (isinstance(item, dict) and item.get("type") == "function_call"
+                    and _nonempty_str(item.get("name"))):
+                self.content_chunks += 1
         elif name in RESPONSE_ENDS:
             obj = obj or _json_object(data)
             response = obj.get("response") if obj is not None else None

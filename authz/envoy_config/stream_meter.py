@@ -11,7 +11,9 @@ the same predicate the services apply when they hand the response over (see
 authz/services/lifecycle.py, `hand_over`).
 
 Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
-  events         content events seen so far (kept current, so a cut stream has it)
+  events         content events seen so far (kept current, so a cut stream has it): text,
+                 reasoning, or a tool call's name or arguments (policy/stream_usage.py's
+                 `_has_text` counts the same)
   oversize_bytes bytes of events over envoy.max_event_bytes (passed through unread)
   oversize_events how many such events
   usage          the last event whose JSON has a `"usage":{...}` object, raw: the services
@@ -61,8 +63,13 @@ local function classify(ev, st)
     return false
   end
   local has_usage = string.find(ev, '"usage":%s*{{') ~= nil
-  if string.find(ev, '"content":"[^"]') or string.find(ev, '"reasoning_content":"[^"]')
-      or string.find(ev, '"text":"[^"]') then
+  -- Generated tokens: text, reasoning (vLLM 0.32's `reasoning`, older `reasoning_content`),
+  -- or a tool call's name or argument fragment (a plain search for "tool_calls" first, so
+  -- other events pay one more find, no pattern).
+  if string.find(ev, '"content":"[^"]') or string.find(ev, '"reasoning":"[^"]')
+      or string.find(ev, '"reasoning_content":"[^"]') or string.find(ev, '"text":"[^"]')
+      or (string.find(ev, '"tool_calls":', 1, true)
+          and (string.find(ev, '"arguments":"[^"]') or string.find(ev, '"name":"[^"]'))) then
     st.events = st.events + 1
   end
   if has_usage then
