@@ -79,6 +79,7 @@ class Services:
     _ready: bool = False
     _admission: Admission | None = None
     _xds: AggregatedDiscoveryService | None = None
+    _ext_proc: ExternalProcessorService | None = None
     _budgets: asyncio.Task[None] | None = None
     _alerts: BudgetAlerts | None = None
     _otlp_metrics: RegistryExport | None = None
@@ -161,11 +162,10 @@ class Services:
             server
         )
         reports = meter_reports.MeterReports()
-        protos.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorService(self.runtime, recorder, self.metrics, admission, tracer,
-                                     self.orgs.org_limits if self.orgs else None, reports),
-            server,
-        )
+        self._ext_proc = ExternalProcessorService(
+            self.runtime, recorder, self.metrics, admission, tracer,
+            self.orgs.org_limits if self.orgs else None, reports)
+        protos.add_ExternalProcessorServicer_to_server(self._ext_proc, server)
         # Streams metered in Envoy report here at their end (envoy.stream_metering).
         meter_reports.add_to_server(meter_reports.AccessLogReceiver(reports), server)
         self._xds = AggregatedDiscoveryService(build_resources, cfg)
@@ -232,6 +232,10 @@ class Services:
         if self._xds is not None:
             self._xds.close()  # its streams never end on their own
         if self._server is not None:
+            if self._ext_proc is not None:
+                # Streams still open when the grace ends are cancelled: their records
+                # charge the whole hold (Envoy serves the rest unmetered).
+                self._ext_proc.stopping(self.grace_s)
             await self._server.stop(self.grace_s)
         if self._side is not None:
             await self._side.cleanup()

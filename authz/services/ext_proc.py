@@ -27,6 +27,8 @@ from policy.errors import ApiError
 log = logging.getLogger("tokenbooth.ext_proc")
 
 _INTERNAL = ApiError(500, "internal_error", "The gateway failed to process this request.")
+# A stream that ends this close to the end of the stop's grace period was cancelled by it.
+STOP_TOLERANCE_S = 0.05
 
 
 class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignore[misc]
@@ -43,6 +45,19 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         self._settling: set[asyncio.Future[None]] = set()
         self._metrics = metrics
         self._seconds = metrics.decision_seconds.labels("ext_proc")
+        self._cut_at: float | None = None  # when the stopping server cancels its streams
+
+    def stopping(self, grace_s: float) -> None:
+        """The server stops: the streams still open in `grace_s` it will cancel."""
+        self._cut_at = time.monotonic() + grace_s
+
+    def _cut_by_stop(self) -> bool:
+        """Whether a stream ends because the stopping server cancelled it (not because
+        Envoy or the client went away): with on_metering_loss: serve, Envoy then serves
+        the rest of its response unmetered."""
+        return (self._cut_at is not None
+                and time.monotonic() >= self._cut_at - STOP_TOLERANCE_S
+                and self._rt.snapshot.config.envoy.on_metering_loss == "serve")
 
     async def Process(
         self,
@@ -81,8 +96,11 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 self._apart(self._after_report(life, span))
                 span = None
             # The stream ended: normally after the response, else the client or
-            # Envoy went away mid-request. Either way, exactly one record.
-            life.finish(aborted=not life.finished)
+            # Envoy went away mid-request, or this server stopped with the stream open
+            # (the rest is served out of its sight: charged whole). Either way, exactly
+            # one record.
+            if not life.finished:
+                life.finish(aborted=True, out_of_sight=self._cut_by_stop())
             # A cancelled stream (client gone) must still settle (normally the loop above
             # has settled already and there is nothing to do).
             if life.settle_pending:

@@ -20,6 +20,9 @@ no-op). Anything that can refuse a request runs before admission.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -55,15 +58,26 @@ from policy.request import (
 )
 from policy.routing import Route
 from policy.stream_usage import StreamMeter, meter_for
-from policy.usage import Usage, UsageRecord, iso_z, make_record, usage_from_obj
+from policy.usage import LOST, Usage, UsageRecord, iso_z, make_record, usage_from_obj
 
 Headers = tuple[tuple[str, str], ...]
-# A JSON response is kept to read its `usage`, up to this size (past it: estimated).
+# A JSON response is kept whole to read its `usage`, up to this size; past it only its
+# last JSON_TAIL_BYTES are, where vLLM writes `usage` (the top-level object's end).
 JSON_KEEP_BYTES = 64 << 20
+JSON_TAIL_BYTES = 64 << 10
 # A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
 ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
 GATEWAY_TIMEOUT = 504  # Envoy cut the response (stream idle timeout, or its time limit)
+# Envoy's own answers (not a backend's: the upstream-errors filter marks those) after the
+# request went to a backend that may have begun on it: the backend failed or reset (502)
+# or Envoy's timeout cut it (504). Estimated like a client that left. Envoy's other
+# replies after admission (503: no healthy backend, a backend key not loadable) reach no
+# backend, and a backend's own error answer generated nothing: those record no tokens.
+GATEWAY_CUTS = frozenset({502, GATEWAY_TIMEOUT})
+# Envoy's response-code details of a 502 whose request never reached a backend (connect
+# failure, after its retries; a circuit breaker's overflow): nothing was generated.
+_UNREACHED = ("connection_failure", "overflow")
 # What the rewrite may add to a body: Envoy's hold buffer takes max_request_body_bytes plus
 # this. Equal to REWRITE_SLACK in authz/envoy_config/http_filters.py (a test holds them
 # equal), not imported from there: the servicers stay free of the Envoy config builders.
@@ -130,6 +144,8 @@ class Lifecycle:
         "_envoy_meter",
         "_error_body",
         "_json_body",
+        "_json_limit",
+        "_json_tail",
         "_last_byte",
         "_meter",
         "_model_id",
@@ -143,6 +159,7 @@ class Lifecycle:
         "_started",
         "_t0",
         "_t_first",
+        "_unreached",
         "endpoint",
         "finished",
         "handed_over",
@@ -178,6 +195,9 @@ class Lifecycle:
         self._started: datetime = runtime.clock()
         self._meter: StreamMeter | None = None
         self._json_body = bytearray()
+        self._unreached = False  # Envoy answered: the request never reached a backend
+        self._json_limit = JSON_KEEP_BYTES  # past it, _json_tail_only() trims the body
+        self._json_tail = False  # _json_body holds only the answer's last bytes
         self._error_body: bytearray | None = None  # a backend's error answer, being held
         self._model_id = ""  # GET /v1/models/{id}: the id
         self.responded = False  # the response has begun (response_start was called)
@@ -299,12 +319,15 @@ class Lifecycle:
 
     # -- response side --------------------------------------------------------
 
-    def response_start(self, status: int, backend: str, upstream_error: int = 0) -> None:
+    def response_start(self, status: int, backend: str, upstream_error: int = 0,
+                       details: str = "") -> None:
         """The response's status and serving backend (0 and "" when unknown); an SSE
         meter for a stream the backend accepted (an error answer is JSON).
         `upstream_error`: the backend's own status when it answered with an error (Envoy
-        already sends a 5xx on as 502): the record keeps it, the body is rewritten."""
+        already sends a 5xx on as 502): the record keeps it, the body is rewritten.
+        `details`: Envoy's response-code details (which of its own errors this is)."""
         self.responded = True
+        self._unreached = any(d in details for d in _UNREACHED)
         if upstream_error and self.route is not None:
             status, self._error_body = upstream_error, bytearray()
         if status:
@@ -340,7 +363,7 @@ class Lifecycle:
         self.handed_over = False
         if report is None:
             self._meter = None
-            self.finish(aborted=True, unreported=True)
+            self.finish(aborted=True, out_of_sight=True)
             return
         self._meter = meter_from_report(endpoint.kind, report,
                                         self._snap.config.envoy.max_event_bytes,
@@ -372,9 +395,18 @@ class Lifecycle:
                     out = (out or b"") + tail
             if not self._t_first and meter.content_chunks:
                 self._t_first = time.monotonic()
-        elif len(self._json_body) < JSON_KEEP_BYTES:
-            self._json_body += chunk
+        else:
+            body = self._json_body
+            body += chunk
+            if len(body) > self._json_limit:
+                self._json_tail_only()
         return out
+
+    def _json_tail_only(self) -> None:
+        """A JSON answer past JSON_KEEP_BYTES: from now on keep only its last bytes (at
+        most twice JSON_TAIL_BYTES between trims), where its top-level `usage` is."""
+        self._json_body = bytearray(memoryview(self._json_body)[-JSON_TAIL_BYTES:])
+        self._json_limit, self._json_tail = 2 * JSON_TAIL_BYTES, True
 
     def _error_chunk(self, chunk: bytes, end: bool) -> bytes:
         """A backend's error answer: held (the client gets nothing yet), then sent whole
@@ -395,31 +427,37 @@ class Lifecycle:
             self.status = status
         self.finish(aborted=self.responded)
 
-    def finish(self, aborted: bool = False, unreported: bool = False,
+    def finish(self, aborted: bool = False, out_of_sight: bool = False,
                cut_by_gateway: bool | None = None) -> None:
         """Write the one usage record of an admitted request (idempotent). A stream handed
         over to Envoy's meter finishes with its report (`take_report`), not before.
-        `unreported`: handed over and no report came (charged whole); `cut_by_gateway`:
-        Envoy said whether its timeouts cut the stream (else the timings tell)."""
+        `out_of_sight`: the response may go on where the services cannot see it (a
+        handed-over stream whose report never came; the services stopping with the
+        stream open, which Envoy then serves unmetered): unless its exact usage was
+        already seen, charged its whole hold, estimated, with the backend's status (LOST
+        if it had not answered). `cut_by_gateway`: Envoy said whether its timeouts cut
+        the stream (else the timings tell)."""
         if self.finished or not self.admitted or self.handed_over:
             return
         self.finished = True
-        if self._envoy_meter is not None and self._reports is not None and not unreported:
+        if self._envoy_meter is not None and self._reports is not None:
             self._reports.forget(self.request_id)
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
-        if unreported:
-            usage, estimated = Usage(req.prompt_estimate, req.completion_bound), True
-        else:
-            usage, estimated = self._usage(req)
+        usage, estimated = self._usage(req)
+        whole = out_of_sight and estimated and self.status < 400
+        if whole:  # what the backend could generate: the hold (as the lost-hold sweep)
+            usage = Usage(req.prompt_bound, req.completion_bound)
         self._settle = (usage.total_tokens,
                         cost_nano(usage.prompt_tokens, usage.completion_tokens,
                                   req.model.price_per_1k_tokens))
         status = self.status or CLIENT_CLOSED
-        if aborted and (self._meter is None or not self._meter.done):
+        if out_of_sight:
+            status = self.status  # nobody left, nothing timed out: the backend's (or LOST)
+        elif aborted and (self._meter is None or not self._meter.done):
             status = (self._cut_status(req.stream) if cut_by_gateway is None
                       else GATEWAY_TIMEOUT if cut_by_gateway else CLIENT_CLOSED)
-        self.record = rec = (
+        rec = (
             make_record(
                 request_id=self.request_id,
                 key_id=principal.key_id,
@@ -437,6 +475,9 @@ class Lifecycle:
                 endpoint=endpoint.name,
             )
         )
+        if not status:  # out of sight before the backend answered
+            rec = dataclasses.replace(rec, status=LOST)
+        self.record = rec
         self._rec.record(rec, self._t_first - self._t0 if self._t_first else None)
         if self._meter is not None and self._meter.oversize_events:
             self._rec.oversize_events(req.alias, self._meter.oversize_events)
@@ -477,12 +518,46 @@ class Lifecycle:
             return Usage(req.prompt_estimate,
                          min(self._meter.completion_estimate, req.completion_bound)), True
         if self._json_body:
-            try:
-                usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))
-            except (orjson.JSONDecodeError, AttributeError):
-                usage = None
+            if self._json_tail:
+                usage = tail_usage(self._json_body)
+            else:
+                try:
+                    usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))
+                except (orjson.JSONDecodeError, AttributeError):
+                    usage = None
             if usage is not None:
                 return usage, False
-        if self.status >= 400:
-            return Usage(), False  # the backend refused: nothing was generated
+        if self.status >= 400 and (self._error_body is not None or not self.responded
+                                   or self.status not in GATEWAY_CUTS or self._unreached):
+            return Usage(), False  # refused (the backend, or Envoy): nothing was generated
+        if self._json_tail and 200 <= self.status < 300:
+            # A whole answer, too large to read, whose end holds no usage: vLLM sends a
+            # JSON answer once generated, so the backend may have counted its hold.
+            return Usage(req.prompt_bound, req.completion_bound), True
         return Usage(req.prompt_estimate, 0), True
+
+
+# A `usage` key (the backslashes before it: an odd count escapes its quote, so the
+# text is inside a key that ends in `"usage`, not that key).
+_USAGE_KEY = re.compile(rb'(\\*)"usage"[ \t\r\n]*:[ \t\r\n]*')
+_DECODER = json.JSONDecoder()
+# A usage object is far shorter than this (its *_details included).
+_USAGE_OBJ_BYTES = 4096
+
+
+def tail_usage(tail: bytes | bytearray) -> Usage | None:
+    """The top-level `usage` of a JSON answer from its last bytes: the value after the
+    last `"usage":` key there (vLLM writes it after `choices`, near the end). A JSON
+    string cannot hold `"usage":` unescaped, so that text is always a key."""
+    for m in reversed(list(_USAGE_KEY.finditer(tail))):
+        if len(m.group(1)) % 2:
+            continue
+        text = bytes(tail[m.end():m.end() + _USAGE_OBJ_BYTES]).decode("utf-8", "replace")
+        try:
+            obj, _ = _DECODER.raw_decode(text)
+        except ValueError:
+            continue
+        usage = usage_from_obj(obj)
+        if usage is not None:
+            return usage
+    return None

@@ -1,0 +1,310 @@
+"""What a request is charged when its usage cannot be read the ordinary way, driven
+through `Lifecycle` directly (no sockets):
+
+- a JSON answer over JSON_KEEP_BYTES: its `usage` is read from its last bytes, else the
+  hold is charged;
+- an ending Envoy made itself after admission (its route timeout's 504, a backend reset's
+  502): estimated like a client that left, not recorded as a backend's refusal;
+- a response that goes on out of the services' sight (Envoy's meter report never came,
+  or the services stopped with the stream open): the whole hold, never a 504.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from authz.runtime.snapshot import Runtime
+from authz.services import lifecycle
+from authz.services.lifecycle import GATEWAY_TIMEOUT, JSON_KEEP_BYTES, Lifecycle
+from policy.keys import Principal
+from policy.limits import Decision, cost_nano
+from policy.usage import LOST, Usage, UsageRecord
+from tests.helpers import write_policy
+
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello there " * 20}],
+        "max_tokens": 50}
+COMPLETION = {"model": "demo", "prompt": "hi", "max_tokens": 200}
+BACKEND = "http://127.0.0.1:8000"
+
+
+@dataclass
+class Recorded:
+    """The recorder's part: the records written."""
+
+    got: list[UsageRecord] = field(default_factory=list)
+
+    def record(self, rec: UsageRecord, ttft_s: float | None = None) -> None:
+        self.got.append(rec)
+
+    def oversize_events(self, alias: str, n: int) -> None:
+        pass
+
+    def bound_violation(self, alias: str) -> None:
+        pass
+
+
+@dataclass
+class Holds:
+    """Admission's part: everything admitted; what each settlement charged, and the hold."""
+
+    settled: list[tuple[int, int, int]] = field(default_factory=list)
+
+    async def admit_all(self, *_: Any) -> Decision:
+        return Decision(True)
+
+    async def settle(self, _limits: Any, ask: Any, tokens: int, cost: int,
+                     _now: Any) -> Any:
+        self.settled.append((tokens, cost, ask.cost_nano))
+        return SimpleNamespace(bound_violated=False)
+
+
+class Reports:
+    """Where Envoy's meter reports would come: every stream is expected."""
+
+    def expect(self, request_id: str) -> bool:
+        return True
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+@dataclass
+class Harness:
+    runtime: Runtime
+    recorded: Recorded
+    holds: Holds
+
+    async def admitted(self, body: dict[str, Any], path: str = "/v1/chat/completions",
+                       reports: Reports | None = None) -> Lifecycle:
+        life = Lifecycle(self.runtime, self.recorded, self.holds,  # type: ignore[arg-type]
+                         reports=reports)
+        life.identify("POST", path, "rid-1", None,
+                      Principal("k-main", "acme", frozenset(), frozenset()))
+        await life.request_body(json.dumps(body).encode())
+        return life
+
+    async def record(self, life: Lifecycle) -> UsageRecord:
+        await life.settle()
+        [rec] = self.recorded.got
+        return rec
+
+
+def make_harness(tmp_path: Path, **policy: Any) -> Harness:
+    path = write_policy(tmp_path, BACKEND, **policy)
+    return Harness(Runtime.from_file(path), Recorded(), Holds())
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return make_harness(tmp_path)
+
+
+def counts(rec: UsageRecord) -> tuple[Any, int, int, bool]:
+    return rec.status, rec.prompt_tokens, rec.completion_tokens, rec.estimated
+
+
+def feed(life: Lifecycle, body: bytes, piece: int) -> None:
+    for i in range(0, len(body), piece):
+        life.response_chunk(body[i:i + piece], end=False)
+    life.response_chunk(b"", end=True)
+
+
+def completion_answer(text_bytes: int, usage: dict[str, Any] | None,
+                      after_usage: str = "") -> bytes:
+    """A vLLM completions answer whose text is `text_bytes` long, `usage` after it."""
+    head = b'{"id":"cmpl-1","object":"text_completion","model":"tiny-llama","choices":' \
+           b'[{"index":0,"text":"'
+    tail = b'","finish_reason":"length"}]'
+    if usage is not None:
+        tail += b',"usage":' + json.dumps(usage).encode()
+    return head + b"a" * text_bytes + tail + after_usage.encode() + b"}"
+
+
+# -- 1. A JSON answer larger than JSON_KEEP_BYTES ------------------------------------
+
+
+async def test_a_json_answer_past_the_keep_limit_is_charged_its_own_usage(h: Harness) -> None:
+    usage = {"prompt_tokens": 2, "completion_tokens": 200, "total_tokens": 202,
+             "prompt_tokens_details": None}
+    body = completion_answer(JSON_KEEP_BYTES + (8 << 20), usage,
+                             ',"prompt_logprobs":null,"kv_transfer_params":null')
+    life = await h.admitted(COMPLETION, "/v1/completions")
+    life.response_start(200, BACKEND)
+    feed(life, body, 1 << 20)
+    rec = await h.record(life)
+    assert counts(rec) == (200, 2, 200, False)
+    price = life.req.model.price_per_1k_tokens  # type: ignore[union-attr]
+    assert h.holds.settled[0][:2] == (202, cost_nano(2, 200, price))
+
+
+async def test_past_the_keep_limit_only_the_tail_is_kept(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 10)
+    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", 256)
+    life = await h.admitted(COMPLETION, "/v1/completions")
+    life.response_start(200, BACKEND)
+    body = completion_answer(100_000, {"prompt_tokens": 2, "completion_tokens": 7})
+    for i in range(0, len(body), 100):
+        life.response_chunk(body[i:i + 100], end=False)
+        assert len(life._json_body) <= 1 << 10  # never more than the limit
+    life.response_chunk(b"", end=True)
+    assert counts(await h.record(life)) == (200, 2, 7, False)
+
+
+async def test_a_json_answer_too_large_to_read_is_charged_its_hold(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole 2xx answer past the limit whose end holds no usage: the backend generated
+    it all (a JSON answer is sent once generated): the hold, never zero completion."""
+    monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 10)
+    life = await h.admitted(COMPLETION, "/v1/completions")
+    life.response_start(200, BACKEND)
+    feed(life, completion_answer(10_000, None), 500)
+    rec = await h.record(life)
+    req = life.req
+    assert req is not None
+    assert counts(rec) == (200, req.prompt_bound, req.completion_bound, True)
+    tokens, cost, hold = h.holds.settled[0]
+    assert (tokens, cost) == (req.prompt_bound + req.completion_bound, hold)
+
+
+async def test_the_ordinary_json_answer_is_unchanged(h: Harness) -> None:
+    life = await h.admitted(COMPLETION, "/v1/completions")
+    life.response_start(200, BACKEND)
+    feed(life, completion_answer(1000, {"prompt_tokens": 2, "completion_tokens": 9}), 300)
+    assert not life._json_tail
+    assert counts(await h.record(life)) == (200, 2, 9, False)
+
+
+def test_tail_usage_reads_only_a_usage_key() -> None:
+    from authz.services.lifecycle import tail_usage
+
+    good = b'"usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+    assert tail_usage(b'aaa"}]' + good) == Usage(3, 4)
+    # A cut-off start, whitespace, the fields after usage: still read.
+    assert tail_usage(b'ge":1},"usage" :\n{"prompt_tokens":3,"completion_tokens":4},'
+                      b'"kv_transfer_params":null}') == Usage(3, 4)
+    # The last usage key wins over one earlier (a nested object's).
+    assert tail_usage(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}],' + good) == \
+        Usage(3, 4)
+    # Inside a string, the key's quotes are escaped: not a key.
+    assert tail_usage(b'"text":"\\"usage\\": {\\"prompt_tokens\\": 9}"}') is None
+    # A key ending in an escaped quote and `usage`: not the usage key.
+    assert tail_usage(b'{"say \\"usage": {"prompt_tokens": 9, "completion_tokens": 9}}') \
+        is None
+    assert tail_usage(b'"usage": null}') is None
+    assert tail_usage(b'"usage": {"prompt_tokens": -1}}') is None
+    assert tail_usage(b'"usage": {"prompt_tok') is None  # cut: unreadable
+
+
+# -- 2. Envoy's own ending after admission --------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status", [GATEWAY_TIMEOUT, 502])
+async def test_an_ending_envoy_made_is_estimated(h: Harness, stream: bool,
+                                                 status: int) -> None:
+    """Envoy's route timeout (504) or a backend reset (502), with no backend answer:
+    the backend had the request and may have generated, as for a client that left."""
+    life = await h.admitted({**CHAT, "stream": stream})
+    life.response_start(status, "")
+    life.response_chunk(b'{"error":{"message":"The backend did not answer in time.",'
+                        b'"type":"upstream_error"}}', end=True)
+    rec = await h.record(life)
+    req = life.req
+    assert req is not None and req.prompt_estimate > 0
+    assert counts(rec) == (status, req.prompt_estimate, 0, True)
+
+
+@pytest.mark.parametrize("details", [
+    "upstream_reset_before_response_started{connection_failure}",
+    "upstream_reset_before_response_started{overflow}",
+])
+async def test_a_502_that_never_reached_a_backend_generated_nothing(
+    h: Harness, details: str,
+) -> None:
+    """Envoy could not connect (after its retries) or its circuit breaker refused: the
+    backend never had the request."""
+    life = await h.admitted(CHAT)
+    life.response_start(502, "", details=details)
+    life.response_chunk(b'{"error":{"message":"The backend failed before answering.",'
+                        b'"type":"upstream_error"}}', end=True)
+    assert counts(await h.record(life)) == (502, 0, 0, False)
+
+
+async def test_a_backends_own_error_answer_generated_nothing(h: Harness) -> None:
+    life = await h.admitted(CHAT)
+    life.response_start(502, BACKEND, upstream_error=GATEWAY_TIMEOUT)  # marked by Envoy
+    life.response_chunk(b'{"object":"error","message":"timed out"}', end=True)
+    assert counts(await h.record(life)) == (GATEWAY_TIMEOUT, 0, 0, False)
+
+
+async def test_envoys_503_reached_no_backend(h: Harness) -> None:
+    """No healthy backend (Envoy's 503 after admission): nothing was generated."""
+    life = await h.admitted(CHAT)
+    life.response_start(503, "")
+    life.response_chunk(b'{"error":{"message":"No healthy backend"}}', end=True)
+    assert counts(await h.record(life)) == (503, 0, 0, False)
+
+
+# -- 3, 4. The rest of the response out of the services' sight ----------------------
+
+
+async def test_a_lost_meter_report_charges_the_whole_hold(tmp_path: Path) -> None:
+    h = make_harness(tmp_path, envoy={"stream_metering": "envoy"})
+    life = await h.admitted({**CHAT, "stream": True}, reports=Reports())
+    life.response_start(200, BACKEND)
+    assert life.hand_over()
+    life.take_report(None)
+    rec = await h.record(life)
+    req = life.req
+    assert req is not None and req.prompt_bound > req.prompt_estimate
+    # The backend's status (nothing timed out), the hold's prompt bound, not its estimate.
+    assert counts(rec) == (200, req.prompt_bound, req.completion_bound, True)
+    tokens, cost, hold = h.holds.settled[0]
+    assert (tokens, cost) == (req.prompt_bound + req.completion_bound, hold)
+
+
+async def test_a_stream_left_to_envoy_mid_way_charges_the_whole_hold(h: Harness) -> None:
+    life = await h.admitted({**CHAT, "stream": True})
+    life.response_start(200, BACKEND)
+    life.response_chunk(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+                        end=False)
+    life.finish(aborted=True, out_of_sight=True)
+    rec = await h.record(life)
+    req = life.req
+    assert req is not None
+    assert counts(rec) == (200, req.prompt_bound, req.completion_bound, True)
+    tokens, cost, hold = h.holds.settled[0]
+    assert (tokens, cost) == (req.prompt_bound + req.completion_bound, hold)
+
+
+async def test_left_to_envoy_before_the_backend_answered_is_lost(h: Harness) -> None:
+    life = await h.admitted(CHAT)
+    life.finish(aborted=True, out_of_sight=True)
+    rec = await h.record(life)
+    req = life.req
+    assert req is not None
+    assert counts(rec) == (LOST, req.prompt_bound, req.completion_bound, True)
+
+
+async def test_left_to_envoy_once_usage_was_seen_charges_the_usage(h: Harness) -> None:
+    """The backend's count came (only the end of the body was still to pass): exact."""
+    life = await h.admitted(CHAT)
+    life.response_start(200, BACKEND)
+    life.response_chunk(b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6}}',
+                        end=False)
+    life.finish(aborted=True, out_of_sight=True)
+    assert counts(await h.record(life)) == (200, 5, 6, False)
+
+
+async def test_a_backend_error_left_to_envoy_generated_nothing(h: Harness) -> None:
+    life = await h.admitted(CHAT)
+    life.response_start(400, BACKEND, upstream_error=400)
+    life.finish(aborted=True, out_of_sight=True)
+    assert counts(await h.record(life)) == (400, 0, 0, False)

@@ -1,0 +1,75 @@
+"""The services stopping (SIGTERM of `serve`) with a stream open past the grace period,
+through the real servicer and server (grace 1 s here): the server cancels the stream and
+Envoy serves the rest unmetered (on_metering_loss: serve), so the record charges the
+whole hold with the backend's status, as the lost-hold sweep would. A client that leaves
+during the grace is still a 499 with what was seen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from authz.state.usage.records import USAGE_FILE, read_records
+from policy.endpoints import lookup
+from policy.request import parse_request
+from tests.grpc_harness import Running, serve_policy
+from tests.services.test_ext_proc import CHAT, STREAM, Stream, admit, records, resp_body
+
+BODY = {**CHAT, "stream": True, "max_tokens": 100}
+
+
+def bounds(running: Running) -> tuple[int, int]:
+    endpoint = lookup("POST", "/v1/chat/completions")
+    assert endpoint is not None
+    req = parse_request(json.dumps(BODY).encode(), endpoint,
+                        running.services.runtime.snapshot.config)
+    return req.prompt_bound, req.completion_bound
+
+
+async def test_a_stream_open_past_the_grace_is_charged_its_whole_hold(
+        running: Running) -> None:
+    s = Stream(running)
+    await admit(s, BODY, rid="open-1")
+    await s.send(resp_body(STREAM[:150], end=False))  # one content chunk seen
+    t0 = time.monotonic()
+    await running.services.stop()
+    assert time.monotonic() - t0 >= running.services.grace_s - 0.1
+    [rec] = list(read_records(running.data_dir / USAGE_FILE))
+    prompt, completion = bounds(running)
+    assert (rec["request_id"], rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+            rec["estimated"]) == ("open-1", 200, prompt, completion, True)
+
+
+@pytest.fixture
+async def cut_on_loss(tmp_path: Path) -> AsyncIterator[Running]:
+    async with serve_policy(tmp_path, envoy={"on_metering_loss": "cut"}) as r:
+        yield r
+
+
+async def test_with_on_metering_loss_cut_the_rest_is_not_served(
+        cut_on_loss: Running) -> None:
+    """Envoy resets the stream when the services go: what was seen, estimated."""
+    s = Stream(cut_on_loss)
+    await admit(s, BODY, rid="open-2")
+    await s.send(resp_body(STREAM[:150], end=False))
+    await cut_on_loss.services.stop()
+    [rec] = list(read_records(cut_on_loss.data_dir / USAGE_FILE))
+    assert (rec["completion_tokens"], rec["estimated"]) == (1, True)
+
+
+async def test_a_client_gone_during_the_grace_is_a_499(running: Running) -> None:
+    s = Stream(running)
+    await admit(s, BODY, rid="gone-1")
+    await s.send(resp_body(STREAM[:150], end=False))
+    stopping = asyncio.create_task(running.services.stop())
+    await asyncio.sleep(0.1)
+    s.call.cancel()  # Envoy drops the stream: its client went away
+    [rec] = await records(running, 1)
+    await stopping
+    assert (rec["request_id"], rec["status"], rec["completion_tokens"], rec["estimated"]) == (
+        "gone-1", 499, 1, True)
