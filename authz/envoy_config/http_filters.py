@@ -93,7 +93,9 @@ REWRITE_SLACK = 64 << 10
 # What ext_proc reads from the request headers and the response, as attributes.
 REQUEST_ATTRIBUTES = ("request.path", "request.method", "request.id",
                       "request.headers['traceparent']")
-RESPONSE_ATTRIBUTES = ("response.code", "xds.upstream_host_metadata")
+# `response.code_details` tells Envoy's own 502s apart: a backend never reached
+# (connect failure, circuit breaker) from one that failed with the request in hand.
+RESPONSE_ATTRIBUTES = ("response.code", "response.code_details", "xds.upstream_host_metadata")
 # ext_proc's metadata key marking a streamed response (its own route and timeouts). Equal
 # to STREAM_KEY in authz/services/exchange.py (a test holds them equal).
 STREAM_KEY = "stream"
@@ -103,6 +105,9 @@ STREAM_KEY = "stream"
 AUTHZ_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
 PROC_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
+# What the inference routes send backends as Accept-Encoding, in place of the client's.
+ACCEPT_ENCODING = "accept-encoding"
+IDENTITY = "identity"
 
 # What the access log records: never the authorization / x-api-key headers.
 _ACCESS_LOG_FIELDS = {
@@ -383,6 +388,14 @@ def _inference_route(cfg: Config, stream: bool) -> Route:
             auto_host_rewrite=True,
         ),
         request_headers_to_remove=[CLUSTER_HEADER],
+        # The answer must come uncompressed, whatever the client accepts: usage is read
+        # from its bytes (ext_proc, the stream meter), and a compressed one is unreadable
+        # (its record would be an estimate). `identity` rather than no header at all,
+        # which by RFC 9110 allows any coding.
+        request_headers_to_add=[HeaderValueOption(
+            header=HeaderValue(key=ACCEPT_ENCODING, value=IDENTITY),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )],
         # The admission's rate-limit headers, from ext_proc's metadata; absent ones are
         # left out (keys without limits, and refusals, which carry their own).
         response_headers_to_add=[

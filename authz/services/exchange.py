@@ -130,7 +130,9 @@ def _response_start(life: Lifecycle, msg: protos.Msg) -> None:
         int(attrs["response.code"].number_value) if "response.code" in attrs else 0,
         backend_from_host_metadata(attrs["xds.upstream_host_metadata"].string_value)
         if "xds.upstream_host_metadata" in attrs else "",
-        _upstream_error(msg))
+        _upstream_error(msg),
+        attrs["response.code_details"].string_value
+        if "response.code_details" in attrs else "")
 
 
 def _response_headers(life: Lifecycle, msg: protos.Msg) -> protos.Msg:

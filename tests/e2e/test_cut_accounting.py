@@ -1,0 +1,121 @@
+"""What a request that Envoy or the services' own stop cut short is charged, with the
+real processes (Envoy, `tokenbooth serve`, the simulator):
+
+- Envoy's route timeout ends a non-streaming request with its own 504: the backend had
+  the request, so the record estimates it (the prompt), never zero as for a backend's
+  refusal.
+- `serve` gets SIGTERM with a stream longer than its shutdown grace (10 s): the server
+  cancels the stream and Envoy serves the rest unmetered (on_metering_loss: serve), so
+  the record charges its whole hold with the backend's status, not a 499 of what was seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from policy.config import load_config
+from policy.endpoints import lookup
+from policy.request import InferenceRequest, parse_request
+from tests.e2e.conftest import Gateway, run_gateway
+from tests.e2e.test_money_faults import gone, jsonl_raw, poll, processes, serve_pid, sigkill
+from tests.helpers import SECRET
+
+HEADERS = {"authorization": f"Bearer {SECRET}", "content-type": "application/json"}
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Iterator[Gateway]:
+    with run_gateway(tmp_path, envoy={"route_timeout_s": 2}) as g:
+        yield g
+
+
+def parsed(gw: Gateway, body: dict[str, Any]) -> InferenceRequest:
+    endpoint = lookup("POST", "/v1/chat/completions")
+    assert endpoint is not None
+    return parse_request(json.dumps(body).encode(), endpoint, load_config(gw.config_path))
+
+
+def record_of(gw: Gateway, rid: str, timeout: float = 10) -> dict[str, Any]:
+    poll(lambda: any(r["request_id"] == rid for r in jsonl_raw(gw.data_dir)),
+         f"the record of {rid}", timeout)
+    [rec] = [r for r in jsonl_raw(gw.data_dir) if r["request_id"] == rid]
+    return rec
+
+
+def test_a_route_timeout_is_estimated_not_free(gw: Gateway) -> None:
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hello " * 50}],
+            "max_tokens": 60}
+    r = httpx.post(f"{gw.base_url}/v1/chat/completions", content=json.dumps(body),
+                   headers={**HEADERS, "x-sim-tpot-ms": "100"}, timeout=30)  # ~6 s > 2 s
+    assert r.status_code == 504, r.text
+    rec = record_of(gw, r.headers["x-request-id"])
+    req = parsed(gw, body)
+    assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+            rec["estimated"]) == (504, req.prompt_estimate, 0, True)
+    assert rec["prompt_tokens"] > 0
+
+
+def test_a_stream_past_the_shutdown_grace_is_charged_its_whole_hold(gw: Gateway) -> None:
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 60, "stream": True}
+    got: dict[str, Any] = {}
+    first = threading.Event()
+
+    def read() -> None:  # ~12 s at 200 ms a token: past the 10 s grace
+        with httpx.stream("POST", f"{gw.base_url}/v1/chat/completions",
+                          content=json.dumps(body), timeout=60,
+                          headers={**HEADERS, "x-sim-tpot-ms": "200"}) as r:
+            got["rid"] = r.headers["x-request-id"]
+            data = b""
+            for chunk in r.iter_bytes():
+                data += chunk
+                first.set()
+            got["data"] = data
+
+    t = threading.Thread(target=read)
+    t.start()
+    assert first.wait(10)
+    pid = serve_pid(gw.config_path)
+    os.kill(pid, signal.SIGTERM)
+    t.join(30)
+    assert not t.is_alive()
+    poll(lambda: gone(pid), "serve to exit", 20)
+    # Envoy served the stream to its end (unmetered past the grace) ...
+    assert got["data"].rstrip().endswith(b"data: [DONE]")
+    assert got["data"].count(b'"content"') >= 60
+    # ... and its one record charges the whole hold: nothing timed out, nobody left.
+    rec = record_of(gw, got["rid"], timeout=1)
+    req = parsed(gw, body)
+    assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+            rec["estimated"]) == (200, req.prompt_bound, req.completion_bound, True)
+
+
+def test_a_backend_never_reached_charges_nothing(tmp_path: Path) -> None:
+    """The backend dies (SIGKILL) and nothing listens at its address: Envoy's connect
+    fails (502 after its retries, or 503 once the backend is ejected). The backend never
+    had the request, so its record charges nothing, as the backend's own refusal does."""
+    with run_gateway(tmp_path) as g:
+        port = g.sim_url.rsplit(":", 1)[1]
+        [sim] = [pid for pid, _, argv in processes()
+                 if "sim" in argv and f"127.0.0.1:{port}" in argv]
+        sigkill(sim)
+        poll(lambda: gone(sim), "the sim gone", 10)
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hello " * 50}],
+                "max_tokens": 60}
+        for stream in (False, True):
+            r = httpx.post(f"{g.base_url}/v1/chat/completions",
+                           content=json.dumps({**body, "stream": stream}), headers=HEADERS,
+                           timeout=30)
+            assert r.status_code in (502, 503), r.text
+            rec = record_of(g, r.headers["x-request-id"])
+            assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+                    rec["cost_usd"], rec["estimated"]) == (r.status_code, 0, 0, "0", False)
