@@ -17,7 +17,8 @@ Seen with Envoy 1.40 (the real binary, access log `%RESPONSE_FLAGS%` and
   configured with no backend (its cluster's metadata says so: `xds.cluster_metadata`).
 - routing header missing or naming no cluster: 503, NC, `cluster_not_found`. Only
   ext_proc's answer names a cluster: without one, either the request had no body
-  (ext_proc is sent nothing) or ext_proc failed.
+  (ext_proc is sent nothing) or ext_proc failed; with one, Envoy does not have that
+  cluster (yet, or any more: a model added or removed moments ago): a 404.
 - backend timed out (route timeout): 504, UT, `response_timeout`.
 - backend closed the connection before answering: 503, UC,
   `upstream_reset_before_response_started{connection_termination}`; UF (connect
@@ -65,6 +66,12 @@ UNSERVED = service_unavailable("This model has no backend configured.", retry=Fa
 BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
 NO_BODY = invalid_request("This endpoint needs a JSON request body.")
+# ext_proc named a cluster Envoy does not have: the model was added or removed moments
+# ago and the replica that answered ext_proc saw the change before (or after) the one
+# feeding Envoy's xDS, or Envoy is still warming the new cluster.
+NOT_SERVED = ApiError(404, "model_not_found",
+                      "This model is not served here: it was added or removed moments ago. "
+                      "GET /v1/models lists the models this key can use now.")
 NO_BACKEND_KEY = service_unavailable(
     "The gateway cannot load this model's backend API key; an operator must fix it.",
     retry=False)
@@ -129,6 +136,7 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
                          "request.size == 0"), NO_BODY),
             _mapper(_cel("response.code_details == 'cluster_not_found' && "
                          f"!('{EXT_PROC}' in metadata.filter_metadata)"), PROC_DOWN),
+            _mapper(_cel("response.code_details == 'cluster_not_found'"), NOT_SERVED),
             _mapper(_cel("response.code_details == 'no_healthy_upstream' && xds.cluster_metadata"
                          f".filter_metadata['{BACKEND_METADATA}']['{NO_BACKENDS}'] == true"),
                     UNSERVED),
