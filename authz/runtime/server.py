@@ -237,6 +237,8 @@ class Services:
                 # charge the whole hold (Envoy serves the rest unmetered).
                 self._ext_proc.stopping(self.grace_s)
             await self._server.stop(self.grace_s)
+            if self._ext_proc is not None:
+                await self._ext_proc.stalls.close()
         if self._side is not None:
             await self._side.cleanup()
         if self._admin is not None:

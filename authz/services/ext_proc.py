@@ -21,6 +21,7 @@ from authz.services import protos
 from authz.services.exchange import handle
 from authz.services.lifecycle import Lifecycle, OrgLimitsOf
 from authz.services.meter_reports import MeterReports
+from authz.services.stalls import Stalls
 from authz.state.limits.admission import Admission
 from policy.errors import ApiError
 
@@ -46,18 +47,24 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         self._metrics = metrics
         self._seconds = metrics.decision_seconds.labels("ext_proc")
         self._cut_at: float | None = None  # when the stopping server cancels its streams
+        self.stalls = Stalls()
 
     def stopping(self, grace_s: float) -> None:
         """The server stops: the streams still open in `grace_s` it will cancel."""
         self._cut_at = time.monotonic() + grace_s
 
-    def _cut_by_stop(self) -> bool:
-        """Whether a stream ends because the stopping server cancelled it (not because
-        Envoy or the client went away): with on_metering_loss: serve, Envoy then serves
-        the rest of its response unmetered."""
-        return (self._cut_at is not None
-                and time.monotonic() >= self._cut_at - STOP_TOLERANCE_S
-                and self._rt.snapshot.config.envoy.on_metering_loss == "serve")
+    def _out_of_sight(self, life: Lifecycle, opened: float) -> bool:
+        """Whether a stream that ended early was served on out of the services' sight
+        (with on_metering_loss: serve, Envoy serves the rest of a response unmetered):
+        the stopping server cancelled it, or this process stood still past Envoy's
+        message timeout while the response ran (Envoy gave up on it). Else the client or
+        Envoy went away."""
+        envoy = self._rt.snapshot.config.envoy
+        if envoy.on_metering_loss != "serve":
+            return False
+        if self._cut_at is not None and time.monotonic() >= self._cut_at - STOP_TOLERANCE_S:
+            return True
+        return life.responded and self.stalls.since(opened, envoy.decision_timeout_ms / 1000)
 
     async def Process(
         self,
@@ -68,6 +75,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         # CPU per message with grpc.aio (and each message is most of the cost).
         life = Lifecycle(self._rt, self._recorder, self._admission, self._org_limits,
                          self._reports)
+        self.stalls.start()
+        opened = time.monotonic()
         span: Span | None = None
         start_ns = time.time_ns()
         read, write, eof = context.read, context.write, grpc.aio.EOF
@@ -96,11 +105,11 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 self._apart(self._after_report(life, span))
                 span = None
             # The stream ended: normally after the response, else the client or
-            # Envoy went away mid-request, or this server stopped with the stream open
-            # (the rest is served out of its sight: charged whole). Either way, exactly
-            # one record.
+            # Envoy went away mid-request, or the rest is served out of sight (this
+            # server stopped, or stood still, with the stream open: charged whole).
+            # Either way, exactly one record.
             if not life.finished:
-                life.finish(aborted=True, out_of_sight=self._cut_by_stop())
+                life.finish(aborted=True, out_of_sight=self._out_of_sight(life, opened))
             # A cancelled stream (client gone) must still settle (normally the loop above
             # has settled already and there is nothing to do).
             if life.settle_pending:

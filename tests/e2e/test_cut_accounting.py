@@ -119,3 +119,45 @@ def test_a_backend_never_reached_charges_nothing(tmp_path: Path) -> None:
             rec = record_of(g, r.headers["x-request-id"])
             assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
                     rec["cost_usd"], rec["estimated"]) == (r.status_code, 0, 0, "0", False)
+
+
+def test_a_stream_served_while_serve_stood_still_is_charged_its_whole_hold(
+    tmp_path: Path,
+) -> None:
+    """`serve` frozen (SIGSTOP) mid-stream past Envoy's message timeout: Envoy gives up on
+    ext_proc and, failing open, serves the rest unmetered. When serve wakes it finds the
+    stream cut; the client did not leave and got every token, so the record charges the
+    whole hold, not a 499 of the tokens seen before the freeze."""
+    with run_gateway(tmp_path, envoy={"decision_timeout_ms": 500}) as g:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 30, "stream": True}
+        got: dict[str, Any] = {}
+        first = threading.Event()
+
+        def read() -> None:  # ~3 s at 100 ms a token
+            with httpx.stream("POST", f"{g.base_url}/v1/chat/completions",
+                              content=json.dumps(body), timeout=60,
+                              headers={**HEADERS, "x-sim-tpot-ms": "100"}) as r:
+                got["rid"] = r.headers["x-request-id"]
+                data = b""
+                for chunk in r.iter_bytes():
+                    data += chunk
+                    first.set()
+                got["data"] = data
+
+        t = threading.Thread(target=read)
+        t.start()
+        assert first.wait(10)
+        pid = serve_pid(g.config_path)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t.join(20)  # the stream ends while serve stands still
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert not t.is_alive()
+        assert got["data"].rstrip().endswith(b"data: [DONE]")
+        assert got["data"].count(b'"content"') >= 30
+        rec = record_of(g, got["rid"])
+        req = parsed(g, body)
+        assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+                rec["estimated"]) == (200, req.prompt_bound, req.completion_bound, True)

@@ -1,0 +1,61 @@
+"""When this process stopped running: SIGSTOP, a frozen VM or container, an event loop
+blocked. Envoy's ext_proc gives up on a message after its message timeout and, failing
+open (`on_metering_loss: serve`), serves the rest of that response unmetered; a stream
+the services find cut after such a stall was served out of their sight, not left by its
+client. A ticker notes every gap between its ticks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+
+TICK_S = 0.1
+# Gaps shorter than this are ordinary scheduling noise, not kept.
+MIN_GAP_S = 0.5
+
+
+class Stalls:
+    def __init__(self, tick_s: float = TICK_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._tick_s = tick_s
+        self._clock = clock
+        self._last: float | None = None  # the last tick (None: not running)
+        self._gaps: deque[tuple[float, float]] = deque(maxlen=64)  # (start, end)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Tick on the running loop (idempotent)."""
+        if self._task is None:
+            self._last = self._clock()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="stalls")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task, self._last = None, None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            self.tick()
+
+    def tick(self) -> None:
+        now = self._clock()
+        if self._last is not None and now - self._last - self._tick_s >= MIN_GAP_S:
+            self._gaps.append((self._last, now))
+        self._last = now
+
+    def since(self, t0: float, min_s: float) -> bool:
+        """Whether the process stood still for `min_s` or more at some point after `t0`
+        (a gap still open counts: the ticker may not have run since it woke)."""
+        if self._last is None:
+            return False
+        now = self._clock()
+        if now - self._last - self._tick_s >= min_s:
+            return True
+        return any(end > t0 and end - max(start, t0) >= min_s for start, end in self._gaps)
