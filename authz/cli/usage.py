@@ -302,10 +302,15 @@ def _records_table(report: UsageReport, recs: Iterator[dict[str, Any]], out: IO[
 
 
 def _records_json(report: UsageReport, recs: Iterator[dict[str, Any]], out: IO[str]) -> None:
-    """{"records": [...], "totals": {...}}, written as the records come."""
+    """{"records": [...], "totals": {...}}, written as the records come, from the first
+    one on: a store that cannot be read leaves nothing half-written on stdout."""
+    counted = _counted(report, recs)
+    first = next(counted, None)
     out.write('{"records":[')
-    for i, r in enumerate(_counted(report, recs)):
-        out.write(("," if i else "") + orjson.dumps(r).decode())
+    if first is not None:
+        out.write(orjson.dumps(first).decode())
+    for r in counted:
+        out.write("," + orjson.dumps(r).decode())
     out.write('],"totals":' + orjson.dumps(report.totals.as_dict()).decode() + "}\n")
 
 

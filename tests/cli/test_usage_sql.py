@@ -88,3 +88,26 @@ async def test_sql_selection_and_records(filled: tuple[Path, list[dict[str, Any]
     assert {r["request_id"]: r for r in listed["records"]} == want
     assert len(listed["records"]) == len(want)
     assert listed["totals"] == expected(records, Selection(key="key-007"), "org")["totals"]
+
+
+def test_json_records_leave_nothing_on_stdout_when_the_store_fails() -> None:
+    """The ledger cannot be read (PostgreSQL down): the error goes to stderr and stdout
+    holds no half-written JSON document; records that do come are one valid document."""
+    import io
+
+    from authz.cli.usage import _records_json
+
+    def failing() -> Any:
+        raise OSError("connection refused")
+        yield  # a generator
+
+    out = io.StringIO()
+    with pytest.raises(OSError):
+        _records_json(UsageReport(Selection(), ()), failing(), out)
+    assert out.getvalue() == ""
+    for n in (0, 2):
+        out = io.StringIO()
+        recs = [record(i) for i in range(n)]
+        _records_json(UsageReport(Selection(), ()), iter(recs), out)
+        doc = orjson.loads(out.getvalue())
+        assert [r["request_id"] for r in doc["records"]] == [r["request_id"] for r in recs]
