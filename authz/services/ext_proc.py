@@ -95,6 +95,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                             {"traceparent": life.traceparent} if life.traceparent else {}),
                     )
                 await write(resp)
+                if life.admitted:
+                    life.delivered = True
                 if life.settle_pending:
                     await self._settle_apart(life)
                 if resp.HasField("immediate_response") or _last(msg) or life.handed_over:

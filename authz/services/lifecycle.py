@@ -69,6 +69,7 @@ JSON_TAIL_BYTES = 64 << 10
 ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
 GATEWAY_TIMEOUT = 504  # Envoy cut the response (stream idle timeout, or its time limit)
+SERVICE_UNAVAILABLE = 503  # Envoy's answer when ext_proc's came too late
 # Envoy's own answers (not a backend's: the upstream-errors filter marks those) after the
 # request went to a backend that may have begun on it: the backend failed or reset (502)
 # or Envoy's timeout cut it (504). Estimated like a client that left. Envoy's other
@@ -160,6 +161,7 @@ class Lifecycle:
         "_t0",
         "_t_first",
         "_unreached",
+        "delivered",
         "endpoint",
         "finished",
         "handed_over",
@@ -209,6 +211,9 @@ class Lifecycle:
         self.traceparent: str | None = None
         self.status = 0
         self.finished = False
+        # The admitted request's answer reached Envoy (the servicer wrote it): only then
+        # can it have gone to a backend (only that answer names the cluster).
+        self.delivered = False
 
     @property
     def admitted(self) -> bool:
@@ -452,7 +457,12 @@ class Lifecycle:
                         cost_nano(usage.prompt_tokens, usage.completion_tokens,
                                   req.model.price_per_1k_tokens))
         status = self.status or CLIENT_CLOSED
-        if out_of_sight:
+        if not (self.delivered or self.responded or self.status):
+            # Envoy gave up on the answer after its message timeout (it answered 503),
+            # or the client left first.
+            late = time.monotonic() - self._t0 >= self._snap.config.envoy.decision_timeout_ms / 1000
+            status = SERVICE_UNAVAILABLE if late else CLIENT_CLOSED
+        elif out_of_sight:
             status = self.status  # nobody left, nothing timed out: the backend's (or LOST)
         elif aborted and (self._meter is None or not self._meter.done):
             status = (self._cut_status(req.stream) if cut_by_gateway is None
@@ -508,7 +518,10 @@ class Lifecycle:
 
     def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
         """The upstream's own count when it gave one; else an estimate from what was seen.
-        Endpoints that use no tokens (tokenize) count nothing."""
+        Endpoints that use no tokens (tokenize) count nothing, nor does a request whose
+        admission never reached Envoy (it answered 503 or its client left first)."""
+        if not self.delivered and not self.responded:
+            return Usage(), False
         if self.endpoint is not None and not self.endpoint.kind.metered:
             return Usage(), False
         if self._meter is not None:

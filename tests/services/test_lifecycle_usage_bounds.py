@@ -87,6 +87,7 @@ class Harness:
         life.identify("POST", path, "rid-1", None,
                       Principal("k-main", "acme", frozenset(), frozenset()))
         await life.request_body(json.dumps(body).encode())
+        life.delivered = True  # the servicer wrote the answer: Envoy routed the request
         return life
 
     async def record(self, life: Lifecycle) -> UsageRecord:
@@ -308,3 +309,18 @@ async def test_a_backend_error_left_to_envoy_generated_nothing(h: Harness) -> No
     life.response_start(400, BACKEND, upstream_error=400)
     life.finish(aborted=True, out_of_sight=True)
     assert counts(await h.record(life)) == (400, 0, 0, False)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_admission_whose_answer_never_reached_envoy_charges_nothing(
+    h: Harness, stream: bool,
+) -> None:
+    """Admitted, but the stream was cut before the answer was written (Envoy gave up
+    after its message timeout and answered 503, or the client left): no backend had it."""
+    life = Lifecycle(h.runtime, h.recorded, h.holds)  # type: ignore[arg-type]
+    life.identify("POST", "/v1/chat/completions", "rid-2", None,
+                  Principal("k-main", "acme", frozenset(), frozenset()))
+    await life.request_body(json.dumps({**CHAT, "stream": stream}).encode())
+    life.finish(aborted=True)
+    rec = await h.record(life)
+    assert counts(rec) == (499, 0, 0, False)

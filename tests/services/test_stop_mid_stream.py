@@ -11,14 +11,24 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from authz.state.usage.records import USAGE_FILE, read_records
 from policy.endpoints import lookup
 from policy.request import parse_request
 from tests.grpc_harness import Running, serve_policy
-from tests.services.test_ext_proc import CHAT, STREAM, Stream, admit, records, resp_body
+from tests.services.test_ext_proc import (
+    CHAT,
+    STREAM,
+    Stream,
+    admit,
+    records,
+    req_body,
+    resp_body,
+)
 
 BODY = {**CHAT, "stream": True, "max_tokens": 100}
 
@@ -73,3 +83,33 @@ async def test_a_client_gone_during_the_grace_is_a_499(running: Running) -> None
     await stopping
     assert (rec["request_id"], rec["status"], rec["completion_tokens"], rec["estimated"]) == (
         "gone-1", 499, 1, True)
+
+
+class _Undeliverable:
+    """A stream whose answer cannot be written: Envoy reset it while the servicer admitted
+    (its message timeout passed, or its client left)."""
+
+    def __init__(self, msg: Any) -> None:
+        self._msgs = [msg]
+
+    async def read(self) -> Any:
+        return self._msgs.pop() if self._msgs else grpc.aio.EOF
+
+    async def write(self, _: Any) -> None:
+        raise asyncio.CancelledError
+
+
+async def test_an_admission_whose_answer_never_reached_envoy_charges_nothing(
+        running: Running) -> None:
+    """No backend had the request (only the answer names its cluster): a record with
+    nothing charged, and nothing left held (the key has a concurrency slot of 1)."""
+    servicer = running.services._ext_proc
+    assert servicer is not None
+    body = json.dumps({**CHAT, "max_tokens": 10}).encode()
+    with pytest.raises(asyncio.CancelledError):
+        await servicer.Process(None, _Undeliverable(req_body(body, "k-metered", "lost-1")))
+    [rec] = await records(running, 1)
+    assert (rec["request_id"], rec["status"], rec["total_tokens"], rec["cost_usd"],
+            rec["estimated"]) == ("lost-1", 499, 0, "0", False)
+    s = Stream(running)  # the slot is free again
+    await admit(s, {**CHAT, "max_tokens": 10}, "k-metered", "next-1")
