@@ -51,6 +51,30 @@ def record_of(gw: Gateway, rid: str, timeout: float = 10) -> dict[str, Any]:
     return rec
 
 
+class Reader:
+    """A stream read to its end in a thread: `first` once a byte came; then `rid`, `data`."""
+
+    def __init__(self, base_url: str, body: dict[str, Any], tpot_ms: int) -> None:
+        self.first = threading.Event()
+        self.rid, self.data = "", b""
+        self._args = (base_url, body, tpot_ms)
+        self._thread = threading.Thread(target=self._read)
+        self._thread.start()
+
+    def _read(self) -> None:
+        base_url, body, tpot_ms = self._args
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", content=json.dumps(body),
+                          timeout=60, headers={**HEADERS, "x-sim-tpot-ms": str(tpot_ms)}) as r:
+            self.rid = r.headers["x-request-id"]
+            for chunk in r.iter_bytes():
+                self.data += chunk
+                self.first.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive()
+
+
 def test_a_route_timeout_is_estimated_not_free(gw: Gateway) -> None:
     body = {"model": "demo", "messages": [{"role": "user", "content": "hello " * 50}],
             "max_tokens": 60}
@@ -67,33 +91,17 @@ def test_a_route_timeout_is_estimated_not_free(gw: Gateway) -> None:
 def test_a_stream_past_the_shutdown_grace_is_charged_its_whole_hold(gw: Gateway) -> None:
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 60, "stream": True}
-    got: dict[str, Any] = {}
-    first = threading.Event()
-
-    def read() -> None:  # ~12 s at 200 ms a token: past the 10 s grace
-        with httpx.stream("POST", f"{gw.base_url}/v1/chat/completions",
-                          content=json.dumps(body), timeout=60,
-                          headers={**HEADERS, "x-sim-tpot-ms": "200"}) as r:
-            got["rid"] = r.headers["x-request-id"]
-            data = b""
-            for chunk in r.iter_bytes():
-                data += chunk
-                first.set()
-            got["data"] = data
-
-    t = threading.Thread(target=read)
-    t.start()
-    assert first.wait(10)
+    reader = Reader(gw.base_url, body, 200)  # ~12 s at 200 ms a token: past the grace
+    assert reader.first.wait(10)
     pid = serve_pid(gw.config_path)
     os.kill(pid, signal.SIGTERM)
-    t.join(30)
-    assert not t.is_alive()
+    reader.join(30)
     poll(lambda: gone(pid), "serve to exit", 20)
     # Envoy served the stream to its end (unmetered past the grace) ...
-    assert got["data"].rstrip().endswith(b"data: [DONE]")
-    assert got["data"].count(b'"content"') >= 60
+    assert reader.data.rstrip().endswith(b"data: [DONE]")
+    assert reader.data.count(b'"content"') >= 60
     # ... and its one record charges the whole hold: nothing timed out, nobody left.
-    rec = record_of(gw, got["rid"], timeout=1)
+    rec = record_of(gw, reader.rid, timeout=1)
     req = parsed(gw, body)
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
             rec["estimated"]) == (200, req.prompt_bound, req.completion_bound, True)
@@ -131,33 +139,17 @@ def test_a_stream_served_while_serve_stood_still_is_charged_its_whole_hold(
     with run_gateway(tmp_path, envoy={"decision_timeout_ms": 500}) as g:
         body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 30, "stream": True}
-        got: dict[str, Any] = {}
-        first = threading.Event()
-
-        def read() -> None:  # ~3 s at 100 ms a token
-            with httpx.stream("POST", f"{g.base_url}/v1/chat/completions",
-                              content=json.dumps(body), timeout=60,
-                              headers={**HEADERS, "x-sim-tpot-ms": "100"}) as r:
-                got["rid"] = r.headers["x-request-id"]
-                data = b""
-                for chunk in r.iter_bytes():
-                    data += chunk
-                    first.set()
-                got["data"] = data
-
-        t = threading.Thread(target=read)
-        t.start()
-        assert first.wait(10)
+        reader = Reader(g.base_url, body, 100)  # ~3 s at 100 ms a token
+        assert reader.first.wait(10)
         pid = serve_pid(g.config_path)
         os.kill(pid, signal.SIGSTOP)
         try:
-            t.join(20)  # the stream ends while serve stands still
+            reader.join(20)  # the stream ends while serve stands still
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert not t.is_alive()
-        assert got["data"].rstrip().endswith(b"data: [DONE]")
-        assert got["data"].count(b'"content"') >= 30
-        rec = record_of(g, got["rid"])
+        assert reader.data.rstrip().endswith(b"data: [DONE]")
+        assert reader.data.count(b'"content"') >= 30
+        rec = record_of(g, reader.rid)
         req = parsed(g, body)
         assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
                 rec["estimated"]) == (200, req.prompt_bound, req.completion_bound, True)

@@ -96,6 +96,16 @@ class Harness:
         return rec
 
 
+async def assert_whole_hold(h: Harness, life: Lifecycle, status: int | str) -> None:
+    """The record and the settlement charge the hold: what the backend could generate."""
+    rec = await h.record(life)
+    req = life.req
+    assert req is not None
+    assert counts(rec) == (status, req.prompt_bound, req.completion_bound, True)
+    tokens, cost, hold = h.holds.settled[0]
+    assert (tokens, cost) == (req.prompt_bound + req.completion_bound, hold)
+
+
 def make_harness(tmp_path: Path, **policy: Any) -> Harness:
     path = write_policy(tmp_path, BACKEND, **policy)
     return Harness(Runtime.from_file(path), Recorded(), Holds())
@@ -166,12 +176,7 @@ async def test_a_json_answer_too_large_to_read_is_charged_its_hold(
     life = await h.admitted(COMPLETION, "/v1/completions")
     life.response_start(200, BACKEND)
     feed(life, completion_answer(10_000, None), 500)
-    rec = await h.record(life)
-    req = life.req
-    assert req is not None
-    assert counts(rec) == (200, req.prompt_bound, req.completion_bound, True)
-    tokens, cost, hold = h.holds.settled[0]
-    assert (tokens, cost) == (req.prompt_bound + req.completion_bound, hold)
+    await assert_whole_hold(h, life, 200)
 
 
 async def test_the_ordinary_json_answer_is_unchanged(h: Harness) -> None:
@@ -277,12 +282,7 @@ async def test_a_stream_left_to_envoy_mid_way_charges_the_whole_hold(h: Harness)
     life.response_chunk(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
                         end=False)
     life.finish(aborted=True, out_of_sight=True)
-    rec = await h.record(life)
-    req = life.req
-    assert req is not None
-    assert counts(rec) == (200, req.prompt_bound, req.completion_bound, True)
-    tokens, cost, hold = h.holds.settled[0]
-    assert (tokens, cost) == (req.prompt_bound + req.completion_bound, hold)
+    await assert_whole_hold(h, life, 200)
 
 
 async def test_left_to_envoy_before_the_backend_answered_is_lost(h: Harness) -> None:
