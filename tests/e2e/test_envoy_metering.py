@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.e2e.conftest import Gateway, free_port, run_gateway
+from tests.e2e.conftest import Gateway, run_gateway
+from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_gateway import (  # noqa: F401  (run here against this gateway)
     records_for,
     test_chat_non_streaming_exact_usage_and_one_record,
@@ -81,40 +81,12 @@ def stream_events() -> list[bytes]:
             b"data: [DONE]\n\n"]
 
 
-class SplitUpstream:
+class SplitUpstream(ThreadedBackend):
     """An upstream that sends the stream above cut at the byte offsets a request's
     `x-split` header names, each piece its own write a few ms apart."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_get("/health", self._health)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._stream)
-        self._runner = runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    @staticmethod
-    async def _health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         body = b"".join(stream_events())

@@ -14,7 +14,6 @@ import asyncio
 import gzip
 import http.client
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +21,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from authz.runtime.procs import free_port
 from tests.e2e.conftest import Gateway, run_gateway
+from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_gateway import records_for
 from tests.helpers import SECRET
 from tests.policy.test_stream_usage_tool_calls import USAGE, responses_tool_call, tool_call_stream
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.e2e
 JSON_USAGE = {"prompt_tokens": 5, "completion_tokens": 40, "total_tokens": 45}
 
 
-class ToolCallUpstream:
+class ToolCallUpstream(ThreadedBackend):
     """A vLLM-shaped backend: /v1/chat/completions streams `tool_call_stream()` (without
     its usage chunk and [DONE], connection dropped, when the request has `x-cut`),
     /v1/responses a function call cut before its end, /v1/completions a JSON answer.
@@ -41,42 +40,17 @@ class ToolCallUpstream:
     x-request-id."""
 
     def __init__(self) -> None:
-        self.port = free_port()
         self.accept_encoding: dict[str, str | None] = {}
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
+        super().__init__()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_get("/health", self._health)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/completions", self._completions)
-        self._runner = runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     def _seen(self, request: web.Request) -> None:
         self.accept_encoding[request.headers.get("x-request-id", "")] = \
             request.headers.get("accept-encoding")
-
-    @staticmethod
-    async def _health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
 
     async def _stream(self, request: web.Request, events: list[bytes],
                       cut: bool) -> web.StreamResponse:
