@@ -56,15 +56,16 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
     def _out_of_sight(self, life: Lifecycle, opened: float) -> bool:
         """Whether a stream that ended early was served on out of the services' sight
         (with on_metering_loss: serve, Envoy serves the rest of a response unmetered):
-        the stopping server cancelled it, or this process stood still past Envoy's
-        message timeout while the response ran (Envoy gave up on it). Else the client or
-        Envoy went away."""
+        the stopping server cancelled it, or it ends as this process wakes from standing
+        still past Envoy's message timeout while the response ran (Envoy gave up on it).
+        Else the client or Envoy went away."""
         envoy = self._rt.snapshot.config.envoy
         if envoy.on_metering_loss != "serve":
             return False
         if self._cut_at is not None and time.monotonic() >= self._cut_at - STOP_TOLERANCE_S:
             return True
-        return life.responded and self.stalls.since(opened, envoy.decision_timeout_ms / 1000)
+        return life.responded and self.stalls.just_woke(opened,
+                                                        envoy.decision_timeout_ms / 1000)
 
     async def Process(
         self,

@@ -1,8 +1,10 @@
 """When this process stopped running: SIGSTOP, a frozen VM or container, an event loop
 blocked. Envoy's ext_proc gives up on a message after its message timeout and, failing
 open (`on_metering_loss: serve`), serves the rest of that response unmetered; a stream
-the services find cut after such a stall was served out of their sight, not left by its
-client. A ticker notes every gap between its ticks."""
+the services find cut on waking from such a stall was served out of their sight, not left
+by its client (one that ends later, after more of its messages were handled, was not: a
+stall with no message of its waiting never reaches Envoy's timeout). A ticker notes
+every gap between its ticks."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from collections.abc import Callable
 TICK_S = 0.1
 # Gaps shorter than this are ordinary scheduling noise, not kept.
 MIN_GAP_S = 0.5
+# How soon after waking a stream must end for the gap to be why: Envoy's reset and the
+# stream's queued messages are all handled right away.
+WAKE_S = 1.0
 
 
 class Stalls:
@@ -50,12 +55,15 @@ class Stalls:
             self._gaps.append((self._last, now))
         self._last = now
 
-    def since(self, t0: float, min_s: float) -> bool:
-        """Whether the process stood still for `min_s` or more at some point after `t0`
-        (a gap still open counts: the ticker may not have run since it woke)."""
+    def just_woke(self, t0: float, min_s: float, within_s: float = WAKE_S) -> bool:
+        """Whether the process has just woken (at most `within_s` ago) from standing
+        still for `min_s` or more after `t0` (a gap still open counts: the ticker may not
+        have run since). A stream that Envoy gave up on in such a gap is found cancelled
+        on waking, with whatever it had queued; one whose client leaves later is not."""
         if self._last is None:
             return False
         now = self._clock()
         if now - self._last - self._tick_s >= min_s:
             return True
-        return any(end > t0 and end - max(start, t0) >= min_s for start, end in self._gaps)
+        return any(end > t0 and end - max(start, t0) >= min_s and now - end <= within_s
+                   for start, end in self._gaps)

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,28 @@ def test_a_stream_served_while_serve_stood_still_is_charged_its_whole_hold(
         req = parsed(g, body)
         assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
                 rec["estimated"]) == (200, req.prompt_bound, req.completion_bound, True)
+
+
+def test_a_client_leaving_well_after_a_stall_is_a_499(tmp_path: Path) -> None:
+    """serve stands still longer than Envoy's message timeout while none of the stream's
+    messages waits (its next token is far off): Envoy never gives up on it, the stream
+    goes on metered, and a client that leaves later is a 499 of what it saw."""
+    with run_gateway(tmp_path, envoy={"decision_timeout_ms": 500}) as g:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 30, "stream": True}
+        pid = serve_pid(g.config_path)
+        with httpx.stream("POST", f"{g.base_url}/v1/chat/completions",
+                          content=json.dumps(body), timeout=60,
+                          headers={**HEADERS, "x-sim-tpot-ms": "1500"}) as r:
+            rid, events = r.headers["x-request-id"], 0
+            for line in r.iter_lines():
+                events += line.startswith("data: ")
+                if events == 3:
+                    os.kill(pid, signal.SIGSTOP)  # just after a token: none waits
+                    time.sleep(0.9)
+                    os.kill(pid, signal.SIGCONT)
+                if events == 6:
+                    break  # the client leaves, ~4 s after the stall
+        rec = record_of(g, rid)
+        assert (rec["status"], rec["estimated"]) == (499, True)
+        assert 4 <= rec["completion_tokens"] <= 6, rec
