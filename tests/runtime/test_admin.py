@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
 from redis.exceptions import RedisError
 
+from authz.runtime import admin_api
 from authz.runtime.admin import make_admin_app
 from authz.runtime.admin_api import AdminContext, Records, load_usage
 from authz.runtime.admin_auth import AdminTokens, FailureLimiter
@@ -28,6 +30,7 @@ from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
 from authz.state.orgs import FileOrgStore, OrgLimitsCache, OrgStore, RedisOrgStore
 from authz.state.usage.records import USAGE_FILE, USAGE_STREAM
+from policy.admin_schema import UsageQuery
 from policy.config import AdminToken, Config, KeyRecord, parse_config
 from policy.keys import fingerprint
 from tests.helpers import policy_dict
@@ -484,3 +487,21 @@ async def test_a_body_too_large_answers_json(api: Api) -> None:
                                  headers={"Authorization": f"Bearer {ADMIN}"})
     assert resp.status == 413 and resp.content_type == "application/json"
     assert orjson.loads(await resp.read())["error"]["code"] == "request_entity_too_large"
+
+
+async def test_a_usage_page_is_computed_off_the_event_loop(
+    ctx: AdminContext, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Validating and summing every record is seconds of CPU for a large file: it runs in
+    a worker thread, so the loop (and every ext_proc answer on it) is not held up."""
+    threads: list[threading.Thread] = []
+    real = admin_api._page
+
+    def page(records: Records, q: UsageQuery) -> Any:
+        threads.append(threading.current_thread())
+        return real(records, q)
+
+    monkeypatch.setattr(admin_api, "_page", page)
+    out = await admin_api.usage(ctx, admin_api.Call(params={}, query=UsageQuery()))
+    assert out.totals.requests == len(RECORDS)  # type: ignore[union-attr]
+    assert threads and threads[0] is not threading.main_thread()
