@@ -70,12 +70,23 @@ _MESSAGES = {
 }
 
 
-def refusal(d: Decision, limits: Limits, now: datetime) -> ApiError:
+def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0) -> ApiError:
     """The OpenAI-shaped 429 for a denied Decision, with its rate-limit headers, and a
     retry-after when waiting helps (a budget: only if its period resets) or
     `x-should-retry: false` when it cannot (a budget that never resets, a request larger
-    than the limit)."""
+    than the limit: its worst-case `cost_nano` past the whole budget, or its tokens past
+    the per-minute limit)."""
     headers = rate_headers(d)
+    if d.reason == "budget" and limits.budget_nano is not None \
+            and cost_nano > limits.budget_nano:
+        headers.append(NO_RETRY)  # more than a whole period's budget: never fits
+        return ApiError(
+            429, "insufficient_quota",
+            "This request's worst-case cost (its prompt and max_tokens at the model's "
+            "prices) is more than this API key's whole budget for a period; lower "
+            "max_tokens or the prompt.",
+            type="insufficient_quota", headers=tuple(headers),
+        )
     if d.reason == "budget":
         reset = period_reset_s(limits.budget_period, now)
         headers.append(("retry-after", retry_after_header(reset)) if reset is not None

@@ -66,6 +66,20 @@ def test_budget_refusal_retries_when_the_period_resets() -> None:
     assert list(e.headers) == [("retry-after", "1")]
 
 
+@pytest.mark.parametrize("period", ["day", "month", "total"])
+def test_a_request_dearer_than_the_whole_budget_is_never_retried(period: str) -> None:
+    """Its worst case is more than a whole period's budget: no reset can help."""
+    limits = Limits(budget_nano=1000, budget_period=period)
+    e = refusal(Decision(False, "budget"), limits, STARTED, cost_nano=1001)
+    assert (e.status, e.code) == (429, "insufficient_quota")
+    assert ("x-should-retry", "false") in e.headers
+    assert not any(k == "retry-after" for k, _ in e.headers)
+    assert "whole budget" in e.message
+    # At the budget exactly it fits a fresh period: waiting for the reset helps.
+    e = refusal(Decision(False, "budget"), limits, STARTED, cost_nano=1000)
+    assert ("x-should-retry", "false") not in e.headers or period == "total"
+
+
 def test_a_total_budget_refusal_says_it_never_resets() -> None:
     e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="total"),
                 STARTED)

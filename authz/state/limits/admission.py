@@ -153,7 +153,7 @@ class Admission:
                 self._local_ids.add(ask.request_id)
         if decision.allowed:
             return decision
-        raise refusal(decision, limits, now)
+        raise refusal(decision, limits, now, ask.cost_nano)
 
     def _release_later(self, limits: Limits, ask: Ask) -> None:
         """An admission the store did not answer may still take effect: queue a
