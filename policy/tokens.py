@@ -71,12 +71,50 @@ def json_len(value: Any) -> int:
 
 
 def json_indent2_len(value: Any) -> int:
-    """Bytes of `value` rendered as JSON with indent 2 (orjson; the stdlib for the values
-    orjson refuses, e.g. integers past 64 bits from a parsed `arguments` string)."""
+    """Bytes of `value` rendered as JSON with indent 2, computed without rendering it:
+    linear in the value's size. (The rendering itself grows with size x depth: a body of
+    deeply nested arrays would take seconds and hundreds of MB to render.) The compact
+    form comes from orjson when it can; values it refuses (past 255 levels, integers past
+    64 bits from a parsed `arguments` string) are measured item by item."""
     try:
-        return len(orjson.dumps(value, option=orjson.OPT_INDENT_2))
+        compact = len(orjson.dumps(value))
     except orjson.JSONEncodeError:
-        return len(json.dumps(value, indent=2, ensure_ascii=False).encode())
+        return _indent2_walk(value, scalars=True)
+    return compact + _indent2_walk(value, scalars=False)
+
+
+def _indent2_walk(value: Any, scalars: bool) -> int:
+    """What indent 2 adds to the compact form: before each item of a non-empty container
+    at depth d a newline and 2(d+1) spaces, before its closer a newline and 2d spaces, a
+    space after each key's colon. With `scalars`, the compact form's own bytes too."""
+    total = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            items = len(v)
+            if items:
+                total += items * (2 * depth + 4) + 2 * depth + 1
+                stack.extend((x, depth + 1) for x in v.values())
+            if scalars:  # braces, commas, colons, keys
+                total += 2 + max(0, items - 1) + items + sum(_scalar_len(str(k)) for k in v)
+        elif isinstance(v, list | tuple):
+            items = len(v)
+            if items:
+                total += items * (2 * depth + 3) + 2 * depth + 1
+                stack.extend((x, depth + 1) for x in v)
+            if scalars:  # brackets, commas
+                total += 2 + max(0, items - 1)
+        elif scalars:
+            total += _scalar_len(v)
+    return total
+
+
+def _scalar_len(v: Any) -> int:
+    try:
+        return len(orjson.dumps(v))
+    except orjson.JSONEncodeError:  # an integer past 64 bits, say
+        return len(json.dumps(v, ensure_ascii=False).encode())
 
 
 def json_factor(indent: int) -> int:
@@ -151,7 +189,7 @@ def message_tally(m: Any, field: str, i: int, model: Model, tally: Tally) -> Non
         if k == "content":
             parts_tally(m[k], f"{field}[{i}].content", model, tally)
         elif k == "tool_calls":
-            _tool_calls(m[k], f"{field}[{i}].tool_calls", tally)
+            _tool_calls(m[k], tally)
         else:
             tally.json += json_indent2_len(m[k])
 
@@ -196,29 +234,26 @@ def _unbounded_part(kind: str, param: str) -> ApiError:
     return invalid_request(why[0].upper() + why[1:], param)
 
 
-def _tool_calls(calls: Any, param: str, tally: Tally) -> None:
+def _tool_calls(calls: Any, tally: Tally) -> None:
     """As sent, plus each string `arguments` parsed (vLLM renders it as an object)."""
     tally.json += json_indent2_len(calls)
     if not isinstance(calls, list):
         return
-    for j, call in enumerate(calls):
+    for call in calls:
         fn = call.get("function") if isinstance(call, dict) else None
         args = fn.get("arguments") if isinstance(fn, dict) else None
         if isinstance(args, str) and args:
-            tally.json += arguments_len(args, f"{param}[{j}].function.arguments")
+            tally.json += arguments_len(args)
 
 
-def arguments_len(args: str, param: str) -> int:
+def arguments_len(args: str) -> int:
     """Indent-2 bytes of a tool call's `arguments` string parsed as vLLM parses it (0 when
     it is not JSON: vLLM renders `{}` in its place)."""
     try:
         parsed = json.loads(args)  # the stdlib, as vLLM: it takes NaN and big integers
     except (ValueError, RecursionError):
         return 0
-    try:
-        return json_indent2_len(parsed)
-    except (ValueError, RecursionError):
-        raise invalid_request("Tool call arguments are nested too deeply.", param) from None
+    return json_indent2_len(parsed)
 
 
 def completion_prompt(body: dict[str, Any], model: Model) -> tuple[int, int, int]:
