@@ -9,6 +9,7 @@ client's key and every spoofed internal header, and sets the trusted
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import grpc
@@ -30,6 +31,11 @@ ORG_HEADER = "x-tokenbooth-org"
 KEY_ID_HEADER = "x-tokenbooth-key-id"
 _SET_BY_US = frozenset({ORG_HEADER, KEY_ID_HEADER})
 _KEY_HEADERS = ("authorization", "x-api-key")
+TRACEPARENT = "traceparent"
+# W3C Trace Context's traceparent, version 00's form (a later version's fields beyond
+# these are not read here). Anything else is removed: ext_proc reads this header as an
+# attribute, and bytes that are not UTF-8 there fail the whole message's decoding.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
@@ -83,6 +89,9 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
         self._metrics.decisions.labels("ext_authz", "allow", "ok").inc()
         remove = [h for h in _KEY_HEADERS if h in headers]
         remove += [h for h in headers if h.startswith(INTERNAL_PREFIX) and h not in _SET_BY_US]
+        trace = headers.get(TRACEPARENT)
+        if trace is not None and not _TRACEPARENT.fullmatch(trace):
+            remove.append(TRACEPARENT)
         return protos.CheckResponse(
             status=protos.OK_STATUS,
             ok_response=protos.external_auth_pb2.OkHttpResponse(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -265,3 +266,37 @@ def test_a_body_at_the_size_limit_is_served(gateway: Gateway) -> None:
         assert r.read().endswith(b"data: [DONE]\n\n")
     sent = json.loads(last_upstream(gateway)["body"])
     assert sent["stream_options"] == {"include_usage": True}  # longer than what was sent
+
+
+def _raw_post(gw: Gateway, path: str, body: bytes, extra: list[tuple[str, bytes]]
+              ) -> tuple[int, bytes]:
+    """A POST with header values as raw bytes (urllib would encode them)."""
+    host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        for name, value in [(b"content-type", b"application/json"),
+                            (b"authorization", f"Bearer {SECRET}".encode()),
+                            (b"content-length", str(len(body)).encode()),
+                            *[(n.encode(), v) for n, v in extra]]:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("trace", [b"\xff\xfe", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-\xff1",
+                                   b"not a trace", b"00-" + b"0" * 31 + b"1-" + b"1" * 16 + b"-01"])
+def test_any_traceparent_is_served_and_a_malformed_one_dropped(gateway: Gateway,
+                                                                trace: bytes) -> None:
+    """ext_proc reads traceparent as an attribute: bytes that are not UTF-8 there failed
+    the message's decoding (a 503 with retry-after for every such request)."""
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
+    status, answer = _raw_post(gateway, "/v1/chat/completions", body, [("traceparent", trace)])
+    assert status == 200, answer
+    sent = last_upstream(gateway)["headers"].get("traceparent")
+    valid = trace.startswith(b"00-0000")
+    assert sent == (trace.decode() if valid else None)
+    assert "DecodeError" not in (gateway.logs / "serve.log").read_text()
