@@ -71,11 +71,12 @@ def json_len(value: Any) -> int:
 
 
 def json_indent2_len(value: Any) -> int:
-    """Bytes of `value` rendered as JSON with indent 2, computed without rendering it:
-    linear in the value's size. (The rendering itself grows with size x depth: a body of
-    deeply nested arrays would take seconds and hundreds of MB to render.) The compact
-    form comes from orjson when it can; values it refuses (past 255 levels, integers past
-    64 bits from a parsed `arguments` string) are measured item by item."""
+    """Bytes of `value` rendered as JSON with indent 2 by Python's encoder (what chat
+    templates' `tojson` uses), computed without rendering it: linear in the value's size.
+    (The rendering itself grows with size x depth: a body of deeply nested arrays would
+    take seconds and hundreds of MB to render.) The compact form comes from orjson when it
+    can; values it refuses (past 255 levels, integers past 64 bits, lone surrogates from a
+    parsed `arguments` string) are measured item by item."""
     try:
         compact = len(orjson.dumps(value))
     except orjson.JSONEncodeError:
@@ -84,9 +85,11 @@ def json_indent2_len(value: Any) -> int:
 
 
 def _indent2_walk(value: Any, scalars: bool) -> int:
-    """What indent 2 adds to the compact form: before each item of a non-empty container
-    at depth d a newline and 2(d+1) spaces, before its closer a newline and 2d spaces, a
-    space after each key's colon. With `scalars`, the compact form's own bytes too."""
+    """What indent 2 adds to orjson's compact form: before each item of a non-empty
+    container at depth d a newline and 2(d+1) spaces, before its closer a newline and 2d
+    spaces, a space after each key's colon, and Python's longer spelling of some floats
+    (`1e-07` for orjson's `1e-7`, `NaN` for `null`). With `scalars`, the compact form's own
+    bytes too."""
     total = 0
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
@@ -107,14 +110,19 @@ def _indent2_walk(value: Any, scalars: bool) -> int:
                 total += 2 + max(0, items - 1)
         elif scalars:
             total += _scalar_len(v)
+        elif isinstance(v, float):
+            total += len(json.dumps(v)) - len(orjson.dumps(v))
     return total
 
 
 def _scalar_len(v: Any) -> int:
+    """Bytes of a scalar's JSON as Python's encoder writes it (ensure_ascii off)."""
+    if isinstance(v, float):
+        return len(json.dumps(v))
     try:
         return len(orjson.dumps(v))
-    except orjson.JSONEncodeError:  # an integer past 64 bits, say
-        return len(json.dumps(v, ensure_ascii=False).encode())
+    except orjson.JSONEncodeError:  # an integer past 64 bits, a lone surrogate
+        return len(json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
 def json_factor(indent: int) -> int:
