@@ -254,7 +254,9 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
     if not reason and limits.budget_nano is not None and ledger is not None:
         ledger.expire(now)
         if not budget_admits(ledger.spent, ledger.reserved, ask.cost_nano, limits.budget_nano):
-            reason = "budget"
+            # "budget_held": it would fit in what is unspent, once requests in flight end.
+            reason = ("budget_held" if budget_admits(ledger.spent, 0, ask.cost_nano,
+                                                     limits.budget_nano) else "budget")
     return Verdict(reason, retry, g, level, after)
 
 

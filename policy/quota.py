@@ -25,6 +25,9 @@ from policy.limits import (
 # Sent when waiting cannot make the same request succeed; the openai SDKs then make no
 # automatic retry (they honour it over their status-based rule).
 NO_RETRY = ("x-should-retry", "false")
+# A budget refusal: "budget", too little unspent; "budget_held", enough unspent but not
+# beside the holds of requests in flight (it fits once they end).
+BUDGET_REASONS = ("budget", "budget_held")
 
 
 # -- org limits -------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0) -> A
     than the limit: its worst-case `cost_nano` past the whole budget, or its tokens past
     the per-minute limit)."""
     headers = rate_headers(d)
-    if d.reason == "budget" and limits.budget_nano is not None \
+    if d.reason in BUDGET_REASONS and limits.budget_nano is not None \
             and cost_nano > limits.budget_nano:
         headers.append(NO_RETRY)  # more than a whole period's budget: never fits
         return ApiError(
@@ -85,6 +88,14 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0) -> A
             "This request's worst-case cost (its prompt and max_tokens at the model's "
             "prices) is more than this API key's whole budget for a period; lower "
             "max_tokens or the prompt.",
+            type="insufficient_quota", headers=tuple(headers),
+        )
+    if d.reason == "budget_held":  # unspent, but held by requests in flight
+        headers.append(("retry-after", "1"))
+        return ApiError(
+            429, "insufficient_quota",
+            "Requests in flight hold the rest of this API key's budget for the period "
+            "(each holds its worst-case cost until it ends); retry when they have ended.",
             type="insufficient_quota", headers=tuple(headers),
         )
     if d.reason == "budget":

@@ -66,9 +66,15 @@ def test_tokens_and_tokens_too_large() -> None:
 def test_budget() -> None:
     key, ledger, lim = KeyState(), Ledger(), Limits(budget_nano=1000)
     assert admit(lim, ask("a", cost=600), key, ledger, T0).allowed
-    assert admit(lim, ask("b", cost=401), key, ledger, T0) == Decision(False, "budget")
+    # Unspent, but held by "a" in flight: it fits once "a" ends.
+    assert admit(lim, ask("b", cost=401), key, ledger, T0) == Decision(False, "budget_held")
     assert admit(lim, ask("c", cost=400), key, ledger, T0).allowed  # exactly full
     assert (ledger.spent, ledger.reserved) == (0, 1000)
+    a = ask("a", cost=600)
+    assert settle(lim, a, 0, 600, key, ledger, T0 + 1) == Settled(True)
+    # Spent: only the period's reset (or a larger budget) makes room.
+    assert admit(lim, ask("d", cost=401), key, ledger, T0 + 1) == Decision(False, "budget")
+    assert admit(lim, ask("e", cost=1), key, ledger, T0 + 1) == Decision(False, "budget_held")
 
 
 def test_duplicate_request_id() -> None:

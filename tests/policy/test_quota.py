@@ -80,6 +80,20 @@ def test_a_request_dearer_than_the_whole_budget_is_never_retried(period: str) ->
     assert ("x-should-retry", "false") not in e.headers or period == "total"
 
 
+@pytest.mark.parametrize("period", ["day", "month", "total"])
+def test_a_budget_held_by_requests_in_flight_is_retried_soon(period: str) -> None:
+    """Unspent but held: the holds end with their requests, not with the period."""
+    e = refusal(Decision(False, "budget_held"), Limits(budget_nano=1000, budget_period=period),
+                STARTED, cost_nano=500)
+    assert (e.status, e.code, e.type) == (429, "insufficient_quota", "insufficient_quota")
+    assert e.headers == (("retry-after", "1"),)
+    assert "in flight" in e.message
+    # Even held, a request dearer than the whole budget never fits.
+    e = refusal(Decision(False, "budget_held"), Limits(budget_nano=1000, budget_period=period),
+                STARTED, cost_nano=1001)
+    assert e.headers == (("x-should-retry", "false"),)
+
+
 def test_a_total_budget_refusal_says_it_never_resets() -> None:
     e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="total"),
                 STARTED)

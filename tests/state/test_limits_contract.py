@@ -182,11 +182,11 @@ async def test_budget_reserve_charge_and_expire(store: Any) -> None:
     assert (await store.admit(lim, a, T0)).allowed
     assert await store.budget("k1", "acme", p, T0) == (0, 600)
     d = await store.admit(lim, ask(cost=401, period=p), T0)
-    assert not d.allowed and d.reason == "budget"
+    assert not d.allowed and d.reason == "budget_held"  # unspent: it fits once `a` ends
     assert (await store.admit(lim, ask(cost=400, period=p, lease_s=10.0), T0)).allowed
     assert await store.budget("k1", "acme", p, T0) == (0, 1000)
     assert (await store.admit(lim, ask(cost=0, period=p), T0)).allowed  # exactly full
-    assert (await store.admit(lim, ask(cost=1, period=p), T0)).reason == "budget"
+    assert (await store.admit(lim, ask(cost=1, period=p), T0)).reason == "budget_held"
     # Settlement charges the real cost and drops the hold.
     assert await store.settle(lim, a, 0, 500, T0 + 1) == Settled(applied=True)
     assert await store.budget("k1", "acme", p, T0 + 1) == (500, 400)

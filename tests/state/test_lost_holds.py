@@ -111,7 +111,7 @@ async def test_the_index_holds_only_requests_in_flight(own_redis: RedisServer) -
     lim = Limits(budget_nano=500)
     assert (await store.admit(lim, ask(1), T0)).allowed
     for i in range(2, 6):
-        assert (await store.admit(lim, ask(i), T0)).reason == "budget"
+        assert (await store.admit(lim, ask(i), T0)).reason == "budget_held"
     await asyncio.sleep(0.05)  # the removals run in the background
     with redis.Redis.from_url(url) as r:
         assert r.zcard(DUE) == 1  # the index holds what is in flight, no more

@@ -129,7 +129,10 @@ end
 if budget and not reason then
   purge(KEYS[5], KEYS[6], KEYS[7], now_s)
   local b = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
-  if cost > budget - tonumber(b[1] or 0) - tonumber(b[2] or 0) then reason = 'budget' end
+  local spent = tonumber(b[1] or 0)
+  if cost > budget - spent - tonumber(b[2] or 0) then
+    if cost > budget - spent then reason = 'budget' else reason = 'budget_held' end
+  end
 end
 -- admission.decision: header material, the state after this decision (a denial took nothing)
 local function reply(ok, lvl)
