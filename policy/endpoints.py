@@ -102,6 +102,16 @@ def path_known(path: str) -> bool:
     return path in _PATHS or _prefixed(path) is not None
 
 
+def allowed_methods(path: str) -> tuple[str, ...]:
+    """The methods served at `path` (a 405's `Allow` header), sorted."""
+    path = strip_query(path)
+    methods = {m for m, p in ENDPOINTS if p == path}
+    e = _prefixed(path)
+    if e is not None:
+        methods.add(e.method)
+    return tuple(sorted(methods))
+
+
 def path_argument(endpoint: Endpoint, path: str) -> str:
     """The part of `path` after a prefix row's prefix, percent-decoded (a model id)."""
     return unquote(strip_query(path)[len(endpoint.path):])

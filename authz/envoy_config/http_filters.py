@@ -160,7 +160,7 @@ def ext_authz(cfg: Config) -> ExtAuthz:
     """Keys, scopes, rate limits, budget admission; fails closed with a 503."""
     allowed = [
         *(StringMatcher(exact=h) for h in ("authorization", "x-api-key", "traceparent",
-                                             "x-request-id")),
+                                             "x-request-id", "content-encoding")),
         # Sent so the service sees (and removes) spoofed internal headers.
         StringMatcher(prefix="x-tokenbooth-"),
     ]

@@ -1,7 +1,7 @@
 """ext_authz: who is calling, and may they call this endpoint?
 
-Envoy sends only the key headers, `x-request-id`, `traceparent` and any
-`x-tokenbooth-*` header (see the rendered bootstrap). The answer removes the
+Envoy sends only the key headers, `x-request-id`, `traceparent`, `content-encoding`
+and any `x-tokenbooth-*` header (see the rendered bootstrap). The answer removes the
 client's key and every spoofed internal header, and sets the trusted
 `x-tokenbooth-org` / `x-tokenbooth-key-id` for ext_proc and the upstream.
 """
@@ -20,7 +20,7 @@ from authz.runtime.tracing import parent_context
 from authz.services import protos
 from authz.services.keyauth import KeyAuthority
 from authz.services.principal_md import principal_metadata
-from policy.endpoints import lookup, path_known
+from policy.endpoints import allowed_methods, lookup, path_known
 from policy.errors import ApiError, not_found
 from policy.keys import extract_secret
 
@@ -79,9 +79,16 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
             if endpoint is None:
                 if path_known(http.path):
                     raise ApiError(405, "method_not_allowed",
-                                   f"{http.method} is not allowed on {http.path}.")
+                                   f"{http.method} is not allowed on {http.path}.",
+                                   headers=(("allow", ", ".join(allowed_methods(http.path))),))
                 raise not_found(http.path)
             principal.require_scope(endpoint.scope)
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if endpoint.method == "POST" and encoding not in ("", "identity"):
+                # The services read, bound and rewrite bodies as they are: plain ones.
+                raise ApiError(415, "unsupported_media_type",
+                               f"Content-Encoding {encoding!r} is not supported: send the "
+                               "request body uncompressed.")
         except ApiError as err:
             self._metrics.decisions.labels("ext_authz", "deny", err.code).inc()
             return protos.authz_denial(err)

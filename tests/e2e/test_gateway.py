@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import time
@@ -300,3 +301,14 @@ def test_any_traceparent_is_served_and_a_malformed_one_dropped(gateway: Gateway,
     valid = trace.startswith(b"00-0000")
     assert sent == (trace.decode() if valid else None)
     assert "DecodeError" not in (gateway.logs / "serve.log").read_text()
+
+
+def test_a_gzipped_body_is_a_415_and_leaves_no_record(gateway: Gateway) -> None:
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
+    before = len(list(read_records(gateway.data_dir / USAGE_FILE)))
+    for sent in (gzip.compress(body), body):  # gzipped, or plain but labelled gzip
+        status, answer = _raw_post(gateway, "/v1/chat/completions", sent,
+                                   [("content-encoding", b"gzip")])
+        assert status == 415, answer
+        assert json.loads(answer)["error"]["code"] == "unsupported_media_type"
+    assert len(list(read_records(gateway.data_dir / USAGE_FILE))) == before

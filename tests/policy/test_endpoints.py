@@ -9,6 +9,7 @@ from policy.endpoints import (
     ROWS,
     Endpoint,
     Kind,
+    allowed_methods,
     lookup,
     path_argument,
     path_known,
@@ -82,6 +83,13 @@ def test_path_known_tells_a_wrong_method_from_an_unknown_path() -> None:
     assert path_known("/tokenize")
     assert not path_known("/v1/embedding")
     assert not path_known("/v1/models/")
+
+
+def test_allowed_methods_for_a_405() -> None:
+    assert allowed_methods("/v1/chat/completions?x=1") == ("POST",)
+    assert allowed_methods("/v1/models") == ("GET",)
+    assert allowed_methods("/v1/models/a/b") == ("GET",)
+    assert allowed_methods("/v1/nope") == ()
 
 
 def test_path_argument_is_the_decoded_rest() -> None:

@@ -104,12 +104,35 @@ async def test_unknown_path_is_404_and_wrong_method_405(running: Running) -> Non
     status, body, _ = denial(
         await check(running, "POST", "/v1/nope", authorization=f"Bearer {SECRET}"))
     assert (status, body["error"]["code"]) == (404, "not_found")
-    status, body, _ = denial(
+    status, body, headers = denial(
         await check(running, "GET", "/v1/chat/completions", authorization=f"Bearer {SECRET}"))
-    assert status == 405
+    assert (status, body["error"]["type"]) == (405, "invalid_request_error")
+    assert headers["allow"] == "POST"  # RFC 9110: a 405 lists what is allowed
+    status, _, headers = denial(
+        await check(running, "DELETE", "/v1/models/demo", authorization=f"Bearer {SECRET}"))
+    assert (status, headers["allow"]) == (405, "GET")
 
 
 async def test_query_string_does_not_change_the_endpoint(running: Running) -> None:
     resp = await check(running, "GET", "/v1/models?x=1",
                        authorization=f"Bearer {LIMITED_SECRET}")
+    assert resp.status.code == 0  # type: ignore[attr-defined]
+
+
+async def test_a_compressed_request_body_is_a_415(running: Running) -> None:
+    """The services read, bound and rewrite plain bodies: a gzipped one is refused, not
+    parsed as garbage (a 400) or, labelled gzip but plain, forwarded still labelled."""
+    for enc in ("gzip", "br", "GZIP"):
+        status, body, _ = denial(await check(running, "POST", "/v1/chat/completions",
+                                             authorization=f"Bearer {SECRET}",
+                                             content_encoding=enc))
+        assert (status, body["error"]["code"]) == (415, "unsupported_media_type")
+        assert body["error"]["type"] == "invalid_request_error"
+    for enc in ("identity", ""):
+        resp = await check(running, "POST", "/v1/chat/completions",
+                           authorization=f"Bearer {SECRET}", content_encoding=enc)
+        assert resp.status.code == 0  # type: ignore[attr-defined]
+    # A GET has no body to read.
+    resp = await check(running, "GET", "/v1/models", authorization=f"Bearer {SECRET}",
+                       content_encoding="gzip")
     assert resp.status.code == 0  # type: ignore[attr-defined]
