@@ -10,6 +10,7 @@ attempts are counted by Envoy (`downstream_rq_completed`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -150,7 +151,16 @@ def litellm() -> Any:
         import litellm as lib
 
         lib.suppress_debug_info = True
-        yield lib
+        # Its sync calls dispatch service hooks on the thread's event loop and make one
+        # (asyncio.get_event_loop) when there is none, never closed: give it one, closed
+        # here, or its socket pair is collected, unclosed, in some later test.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            yield lib
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def litellm_kw(gw: Gateway, key: str) -> dict[str, Any]:
@@ -168,24 +178,34 @@ def test_litellm_chat_stream_and_embeddings(gw: Gateway, litellm: Any) -> None:
     assert len(emb.data) == 2 and emb.data[0]["embedding"]
 
 
-def langchain_chat(gw: Gateway, key: str, **kw: Any) -> Any:
+@contextlib.contextmanager
+def langchain_chat(gw: Gateway, key: str, **kw: Any) -> Iterator[Any]:
+    """LangChain's chat model; the OpenAI client it made is closed after (its sockets,
+    else, are closed by the collector, with a ResourceWarning in some later test)."""
     from langchain_openai import ChatOpenAI
 
-    return ChatOpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, **kw)
+    chat = ChatOpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, **kw)
+    try:
+        yield chat
+    finally:
+        chat.root_client.close()
 
 
 def test_langchain_chat_stream_and_embeddings(gw: Gateway) -> None:
     from langchain_openai import OpenAIEmbeddings
 
-    chat = langchain_chat(gw, SECRET, model="demo", max_tokens=4)
-    msg = chat.invoke("Say hello to the gateway.")
-    assert msg.content and msg.usage_metadata["output_tokens"] == 4
-    assert "".join(str(c.content) for c in chat.stream("Say hello."))
+    with langchain_chat(gw, SECRET, model="demo", max_tokens=4) as chat:
+        msg = chat.invoke("Say hello to the gateway.")
+        assert msg.content and msg.usage_metadata["output_tokens"] == 4
+        assert "".join(str(c.content) for c in chat.stream("Say hello."))
     # Raw strings: its default tokenizes with tiktoken, whose files come from the network.
     emb = OpenAIEmbeddings(model="demo", base_url=f"{gw.base_url}/v1", api_key=SECRET,
                            max_retries=0, check_embedding_ctx_length=False)
-    vectors = emb.embed_documents(["hello", "gateway"])
-    assert len(vectors) == 2 and vectors[0]
+    try:
+        vectors = emb.embed_documents(["hello", "gateway"])
+        assert len(vectors) == 2 and vectors[0]
+    finally:
+        emb.client._client.close()
 
 
 # -- the libraries: every error status tokenbooth returns ---------------------------------
@@ -246,7 +266,8 @@ def test_each_library_raises_its_own_class(gw: Gateway, litellm: Any, case: Case
     assert type(err).__module__ == "litellm.exceptions" and type(err).__name__ == want_litellm
     assert err.status_code == int(status)  # type: ignore[attr-defined]
 
-    err = _raised(lambda: langchain_chat(gw, key, model=alias, max_tokens=max_tokens,
-                                         default_headers=headers).invoke(content))
+    with langchain_chat(gw, key, model=alias, max_tokens=max_tokens,
+                        default_headers=headers) as chat:
+        err = _raised(lambda: chat.invoke(content))
     assert type(err).__name__ == want_langchain and isinstance(err, openai.APIStatusError)
     assert (err.status_code, err.code) == (int(status), code)
