@@ -383,6 +383,7 @@ def lost_record(ask: Ask) -> UsageRecord | None:
         cost_usd=format(nano_to_usd(ask.cost_nano).normalize(), "f"), status=LOST,
         stream=rec.stream, estimated=True, started_at=rec.started_at,
         duration_ms=ask.lease_s * 1000, endpoint=rec.endpoint,
+        key_budget_period=rec.key_budget_period, org_budget_period=rec.org_budget_period,
     )
 
 

@@ -202,12 +202,23 @@ def owner_kinds(budget_periods: Mapping[str, str],
     return kinds
 
 
+# A record's fields naming the ledger each of its owners was charged to.
+LEDGER_FIELDS = ("key_budget_period", "org_budget_period")
+
+
 def group_records(records: Iterable[Record], kinds: Mapping[str, str]
                   ) -> dict[tuple[str, str], list[Record]]:
-    """Records by (owner, period) for every owner with a budget period kind."""
+    """Records by (owner, period): the ledger each record says it was charged to (none
+    where its owner had no budget then, whatever the owner's budget is now); a record
+    that does not say (written before records did) by its owner's budget period kind."""
     out: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for rec in records:
-        for owner in record_owners(rec):
+        for owner, name in zip(record_owners(rec), LEDGER_FIELDS, strict=True):
+            if name in rec:
+                period = rec[name]
+                if isinstance(period, str) and period:
+                    out[(owner, period)].append(rec)
+                continue
             kind = kinds.get(owner)
             if kind is not None:
                 out[(owner, period_id(kind, started_at(rec)))].append(rec)

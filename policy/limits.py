@@ -55,6 +55,9 @@ class HoldRecord:
     completion_tokens: int  # the completion bound (max_tokens x every multiplier)
     started_at: str  # as UsageRecord.started_at (ISO 8601, UTC, "Z")
     key_id: str = ""  # the requesting key, when the hold is its org's ("": Ask.key_id)
+    # The ledgers this request is charged to (UsageRecord's fields of the same names).
+    key_budget_period: str | None = None
+    org_budget_period: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,10 @@ class UsageRecord:
     started_at: str
     duration_ms: float
     endpoint: str
+    # The budget ledgers settlement charged: the key's and the org's period id (e.g.
+    # `month:2026-12`), or None where that owner had no budget when it was admitted.
+    key_budget_period: str | None = None
+    org_budget_period: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies field by field, measurably slow per request.
@@ -101,6 +105,8 @@ def make_record(
     started_at: datetime,
     duration_ms: float,
     endpoint: str,
+    key_budget_period: str | None = None,
+    org_budget_period: str | None = None,
 ) -> UsageRecord:
     return UsageRecord(
         request_id=request_id,
@@ -119,4 +125,6 @@ def make_record(
         started_at=iso_z(started_at),
         duration_ms=round(duration_ms, 3),
         endpoint=endpoint,
+        key_budget_period=key_budget_period,
+        org_budget_period=org_budget_period,
     )

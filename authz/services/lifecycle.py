@@ -273,10 +273,12 @@ class Lifecycle:
         assert route is not None  # parse_request checked the alias
         body = forwarded_body(req, cfg)
         # The hold: every multiplier and prompt-bearing field (policy/request.py).
+        key_period, org_period = self._budget_periods()
         record = HoldRecord(
             model=req.alias, upstream_model=route.upstream_model, endpoint=self.endpoint.name,
             stream=req.stream, prompt_tokens=req.prompt_bound,
-            completion_tokens=req.completion_bound, started_at=iso_z(self._started))
+            completion_tokens=req.completion_bound, started_at=iso_z(self._started),
+            key_budget_period=key_period, org_budget_period=org_period)
         decision = await self._admit(self._make_ask(req.hold_tokens, req.hold_cost_nano(),
                                                     record))
         self.req, self.route = req, route  # admitted: from here a record is owed
@@ -300,6 +302,18 @@ class Lifecycle:
             lease_s=self._snap.config.envoy.hold_lease_s(record is not None and record.stream),
             record=record,
         )
+
+    def _budget_periods(self) -> tuple[str | None, str | None]:
+        """The ledgers this request is charged to: the key's and the org's budget period
+        ids (None for an owner with no budget), as its admission and settlement use."""
+        assert self.principal is not None
+        lim = self.principal.limits
+        key = (period_id(lim.budget_period, self._started)
+               if lim.budget_nano is not None else None)
+        ol = self._org_limits(self._snap.config, self.principal.org)
+        org = (period_id(ol.budget_period, self._started)
+               if ol is not None and ol.budget_usd is not None else None)
+        return key, org
 
     def _org_hold(self, ask: Ask) -> tuple[Limits, Ask] | None:
         """The org's limits and a hold under the pseudo-key `org:<name>`, if configured."""
@@ -450,6 +464,7 @@ class Lifecycle:
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
         usage, estimated = self._usage(req)
+        hold = self._ask.record if self._ask is not None else None
         whole = out_of_sight and estimated and self.status < 400
         if whole:  # what the backend could generate: the hold (as the lost-hold sweep)
             usage = Usage(req.prompt_bound, req.completion_bound)
@@ -483,6 +498,8 @@ class Lifecycle:
                 started_at=self._started,
                 duration_ms=(time.monotonic() - self._t0) * 1000,
                 endpoint=endpoint.name,
+                key_budget_period=hold.key_budget_period if hold else None,
+                org_budget_period=hold.org_budget_period if hold else None,
             )
         )
         if not status:  # out of sight before the backend answered

@@ -48,12 +48,13 @@ def audit(cfg_path: Path, *args: str) -> tuple[int, Any, str]:
 
 
 def record(cfg: Config, rid: str, key: str, usage: Usage, started: datetime,
-           backend: str = "", estimated: bool = False) -> Any:
+           backend: str = "", estimated: bool = False,
+           periods: tuple[str | None, str | None] = (None, None)) -> Any:
     return make_record(
         request_id=rid, key_id=key, org="acme", model="demo", upstream_model="tiny-llama",
         backend=backend, usage=usage, price=cfg.models["demo"].price_per_1k_tokens,
         status=200, stream=False, estimated=estimated, started_at=started, duration_ms=5.0,
-        endpoint="chat")
+        endpoint="chat", key_budget_period=periods[0], org_budget_period=periods[1])
 
 
 class Gateway:
@@ -79,7 +80,11 @@ class Gateway:
     async def request(self, rid: str, key_id: str, usage: Usage, now: datetime,
                       settle: bool = True) -> None:
         holds = await self.admit(rid, key_id, now)
-        self.sink.write(record(self.cfg, rid, key_id, usage, now))
+        # The ledgers charged, as the record says: the org's, and the key's if budgeted.
+        (org_lim, org_ask), *key = holds
+        periods = (key[0][1].period if key and key[0][0].budget_nano is not None else None,
+                   org_ask.period if org_lim.budget_nano is not None else None)
+        self.sink.write(record(self.cfg, rid, key_id, usage, now, periods=periods))
         charge = cost_nano(usage.prompt_tokens, usage.completion_tokens, self.price)
         for lim, ask in holds if settle else []:
             done = await self.store.settle(lim, ask, usage.total_tokens, charge,
@@ -168,7 +173,8 @@ def test_memory_ledgers_are_read_from_the_journaled_state(tmp_path: Path) -> Non
     assert [(r["owner"], r["records"], r["settling"]) for r in out["ledgers"]] == [
         (KEY, 3, 1), ("org:acme", 4, 1)]
     sink = make_sink(cfg)  # a record no ledger charged
-    sink.write(record(cfg, "uncharged", KEY, Usage(1, 0), now))
+    sink.write(record(cfg, "uncharged", KEY, Usage(1, 0), now,
+                      periods=(period_id("day", now), period_id("month", now))))
     sink.close()
     rc, out, _ = audit(path)
     assert rc == 1 and [r["owner"] for r in out["ledgers"] if r["drift"]] == [KEY, "org:acme"]

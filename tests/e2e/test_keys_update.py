@@ -5,6 +5,8 @@ has spent refuses it (429 insufficient_quota), since an update never resets spen
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -66,3 +68,58 @@ def test_a_budget_lowered_below_spend_refuses(backend: str, request: pytest.Fixt
     within_2s(lambda: refused(gw, key, "insufficient_quota"), "the lower budget was not seen")
     tb(gw, "keys", "update", key_id, "--budget", "10")
     within_2s(lambda: not refused(gw, key, "insufficient_quota"), "the budget was not raised")
+
+
+def _charged(gw: Gateway, key_id: str, key: str, period: str | None) -> None:
+    """Requests until one is recorded as charged to the key's `period` ledger (None: to
+    no key ledger): an update is in force within 2 s."""
+    def one() -> bool:
+        raw = gw.client(key).chat.completions.with_raw_response.create(
+            model="demo", messages=MESSAGES, max_tokens=1)
+        rid = raw.headers["x-request-id"]
+        out = json.loads(tb(gw, "usage", "--key", key_id, "--json"))
+        [rec] = [r for r in out["records"] if r["request_id"] == rid] or [None]
+        if rec is None:
+            return False
+        day = rec["started_at"][:10]  # YYYY-MM-DD, UTC
+        want = {None: None, "day": f"day:{day}", "month": f"month:{day[:7]}"}[period]
+        return bool(rec["key_budget_period"] == want)
+    within_2s(one, f"a request charged to the key's {period} ledger")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_audit_balances_across_budget_changes(backend: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    """A key with no budget is given one, its period changed, the budget removed and
+    given back: each record says which ledger its request was charged to, and the audit
+    balances every ledger of the key (it compared every record with the key's present
+    period, and exited 1)."""
+    gw: Gateway = request.getfixturevalue(backend)
+    key_id, key = new_key(gw)
+    _charged(gw, key_id, key, None)
+    tb(gw, "keys", "update", key_id, "--budget", "10", "--budget-period", "day")
+    _charged(gw, key_id, key, "day")
+    tb(gw, "keys", "update", key_id, "--budget-period", "month")
+    _charged(gw, key_id, key, "month")
+    tb(gw, "keys", "update", key_id, "--budget", "none")
+    _charged(gw, key_id, key, None)
+    tb(gw, "keys", "update", key_id, "--budget", "10")
+    _charged(gw, key_id, key, "month")
+    deadline = time.monotonic() + 5
+    while True:  # a settlement may trail its record by a moment
+        ledgers = [x for x in json.loads(_audit(gw))["ledgers"] if x["owner"] == key_id]
+        if not any(x["drift"] or x["settling"] for x in ledgers) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted(x["period"].partition(":")[0] for x in ledgers) == ["day", "month"]
+    assert [x for x in ledgers if x["drift"] or x["settling"]] == []
+    assert sum(x["records"] for x in ledgers) >= 3
+
+
+def _audit(gw: Gateway) -> str:
+    """`tokenbooth audit --json` (exit 1 when another test's key drifts: read the JSON)."""
+    r = subprocess.run([sys.executable, "-m", "authz.cli", "audit", "--json", "--config",
+                        str(gw.config_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode in (0, 1), r.stderr
+    return r.stdout

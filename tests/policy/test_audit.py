@@ -39,6 +39,7 @@ def real_record(rid: str, usage: Usage, price: Price, started: datetime) -> dict
         request_id=rid, key_id="k1", org="acme", model="demo", upstream_model="m",
         backend="http://b:8000", usage=usage, price=price, status=200, stream=False,
         estimated=False, started_at=started, duration_ms=1.0, endpoint="chat",
+        key_budget_period="total",
     ).to_dict()
 
 
@@ -93,6 +94,39 @@ def test_records_group_by_the_owners_period() -> None:
                           NOW, since)
     assert [(a.owner, a.period) for a in later] == [
         ("k1", "day:2026-03-14"), ("k1", "day:2026-03-15"), ("org:acme", "month:2026-03")]
+
+
+def test_records_count_in_the_ledgers_they_say_they_were_charged_to() -> None:
+    """A key's budget added, its period changed, removed and restored: each record says
+    which ledgers its settlement charged (none while the key had no budget), so every
+    ledger balances, whatever the key's budget period is now."""
+    k = {"key_budget_period": None, "org_budget_period": "month:2026-03"}
+    records = [
+        rec("free-1", "0.000000002", **k),  # no key budget yet
+        rec("day-1", "0.000000003", **{**k, "key_budget_period": "day:2026-03-15"}),
+        rec("month-1", "0.000000005", **{**k, "key_budget_period": "month:2026-03"}),
+        rec("free-2", "0.000000007", **k),  # the budget removed for a while
+        rec("month-2", "0.000000011", **{**k, "key_budget_period": "month:2026-03"}),
+        # A record of an older tokenbooth says nothing: grouped by the period kind now.
+        rec("old", "0.000000013", at="2026-03-01T00:00:00Z"),
+    ]
+    ledgers = [LedgerBalance("k1", "day:2026-03-15", 3, 0),
+               LedgerBalance("k1", "month:2026-03", 5 + 11 + 13, 0),
+               LedgerBalance("org:acme", "month:2026-03", 2 + 3 + 5 + 7 + 11 + 13, 0)]
+    out = audit_ledgers(ledgers, valid_records(records),
+                        {"k1": "month", "org:acme": "month"}, NOW)
+    assert {(a.owner, a.period): (a.records, a.problems()) for a in out} == {
+        ("k1", "day:2026-03-15"): (1, []),
+        ("k1", "month:2026-03"): (3, []),
+        ("org:acme", "month:2026-03"): (6, []),
+    }
+    # A record saying it was charged where the ledger shows nothing is drift, as before.
+    extra = rec("lost-charge", "0.000000001", key_budget_period="day:2026-03-15",
+                org_budget_period=None)
+    out = audit_ledgers(ledgers, valid_records([*records, extra]),
+                        {"k1": "month", "org:acme": "month"}, NOW)
+    assert [(a.period, a.problems()) for a in out if a.problems()] == [
+        ("day:2026-03-15", ["spent 3 nano-USD, records 4"])]
 
 
 def test_owners_without_a_budget_are_not_audited_unless_a_ledger_shows_one() -> None:

@@ -29,7 +29,8 @@ class Clock:
 
 def ask(i: int, key: str = "k1", *, cost: int = 300, lease: float = 5.0) -> Ask:
     rec = HoldRecord(model="demo", upstream_model="tiny", endpoint="chat", stream=True,
-                     prompt_tokens=20, completion_tokens=10, started_at="2023-11-14T22:13:20Z")
+                     prompt_tokens=20, completion_tokens=10, started_at="2023-11-14T22:13:20Z",
+                     key_budget_period=P)
     return Ask(f"r{i}", key, "acme", 30, cost, P, lease, rec)
 
 
@@ -40,7 +41,7 @@ def real_record(a: Ask, cost_nano: int) -> dict[str, Any]:
         upstream_model="tiny", backend="http://b", prompt_tokens=20, completion_tokens=5,
         total_tokens=25, cost_usd=format(nano_to_usd(cost_nano).normalize(), "f"),
         status=200, stream=True, estimated=False, started_at="2023-11-14T22:13:20Z",
-        duration_ms=10.0, endpoint="chat").to_dict()
+        duration_ms=10.0, endpoint="chat", key_budget_period=P).to_dict()
 
 
 def ledger_is_the_records(spent: int, records: list[dict[str, Any]], admitted: int) -> None:

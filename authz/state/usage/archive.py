@@ -26,7 +26,7 @@ from policy.usage import LOST, iso_z
 
 log = logging.getLogger("tokenbooth.records")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLE = "usage_records"
 _LOCK_ID = 0x7462_7573  # pg_advisory_xact_lock key of the migration ("tbus")
 
@@ -62,13 +62,22 @@ CREATE TABLE IF NOT EXISTS usage_rejected (
   problem text NOT NULL,
   rejected_at timestamptz NOT NULL DEFAULT now()
 );
+""",
+# The ledgers each request was charged to ('' none: its owner had no budget; NULL: a
+# record of a tokenbooth before this version, which did not say).
+2: f"""
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS key_budget_period text,
+                    ADD COLUMN IF NOT EXISTS org_budget_period text;
 """}
 
 _COLUMNS = ("request_id", "key_id", "org", "model", "upstream_model", "backend",
             "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "status",
-            "stream", "estimated", "started_at", "duration_ms", "endpoint")
+            "stream", "estimated", "started_at", "duration_ms", "endpoint",
+            "key_budget_period", "org_budget_period")
 _TYPES = ("text", "text", "text", "text", "text", "text", "bigint", "bigint", "bigint",
-          "numeric", "text", "boolean", "boolean", "timestamptz", "float8", "text")
+          "numeric", "text", "boolean", "boolean", "timestamptz", "float8", "text",
+          "text", "text")
+_PERIODS = ("key_budget_period", "org_budget_period")
 _SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])
 SELECT_COLUMNS = ", ".join(_COLUMNS)
 # A batch is COPied (binary) into a temporary table, then moved by one INSERT … SELECT:
@@ -120,17 +129,19 @@ class Rejected:
 def row(rec: dict[str, Any]) -> tuple[Any, ...]:
     """A record's column values; ValueError naming what is wrong."""
     try:
+        cost = Decimal(str(rec["cost_usd"]))
         out = (
             _str(rec, "request_id"), _str(rec, "key_id"), _str(rec, "org"),
             _str(rec, "model"), str(rec.get("upstream_model") or ""),
             str(rec.get("backend") or ""), _int(rec, "prompt_tokens"),
             _int(rec, "completion_tokens"), _int(rec, "total_tokens"),
-            Decimal(str(rec["cost_usd"])), str(rec["status"]), bool(rec.get("stream")),
+            cost, str(rec["status"]), bool(rec.get("stream")),
             bool(rec.get("estimated")), _time(rec["started_at"]),
-            float(rec.get("duration_ms") or 0.0), str(rec.get("endpoint") or ""))
+            float(rec.get("duration_ms") or 0.0), str(rec.get("endpoint") or ""),
+            *(_period(rec, name) for name in _PERIODS))
     except (KeyError, TypeError, InvalidOperation) as e:
         raise ValueError(f"bad or missing field {e}") from None
-    if not out[9].is_finite():
+    if not cost.is_finite():
         raise ValueError("cost_usd is not a number")
     return out
 
@@ -188,7 +199,25 @@ def record(r: asyncpg.Record | tuple[Any, ...]) -> dict[str, Any]:
     out["status"] = int(status) if status.isdigit() else status
     out["cost_usd"] = format(out["cost_usd"], "f")
     out["started_at"] = iso_z(out["started_at"].astimezone(UTC))
+    for name in _PERIODS:  # '' none; NULL: not said (an older record), left out
+        if out[name] is None:
+            del out[name]
+        elif not out[name]:
+            out[name] = None
     return out
+
+
+def _period(rec: dict[str, Any], name: str) -> str | None:
+    """A budget period column: the period id, '' for none, NULL when the record does not
+    say (written before records carried it)."""
+    if name not in rec:
+        return None
+    v = rec[name]
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise ValueError(f"bad field {name!r}")
+    return v
 
 
 def loads(raw: bytes) -> dict[str, Any]:

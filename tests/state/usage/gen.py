@@ -17,8 +17,13 @@ ORGS, KEYS, MODELS, DAYS = 7, 50, 3, 5
 
 
 def record(i: int, status: int | str = 200) -> dict[str, Any]:
+    """Record `i`; every third says which ledgers it was charged to (`i % 3 == 0`), or
+    that it was charged to none (`i % 3 == 1`); the rest are an older tokenbooth's."""
     p, c = 100 + i % 900, i % 257
-    return {
+    ledgers: dict[str, Any] = (
+        {"key_budget_period": "month:2026-03", "org_budget_period": "total"} if i % 3 == 0
+        else {"key_budget_period": None, "org_budget_period": None} if i % 3 == 1 else {})
+    return {**ledgers,
         "request_id": f"req-{i:09d}", "key_id": f"key-{i % KEYS:03d}", "org": f"org-{i % ORGS}",
         "model": f"model-{i % MODELS}", "upstream_model": "up", "backend": "http://b:8000",
         "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
