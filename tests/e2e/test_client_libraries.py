@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -161,6 +163,22 @@ def litellm() -> Any:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+            _close_litellm_clients(lib)
+
+
+def _close_litellm_clients(lib: Any) -> None:
+    """Close the SDK clients LiteLLM cached, and collect the ones it made and dropped
+    (on an error answer, say) here, quietly: else their sockets are closed by the
+    collector, with a ResourceWarning, in whichever later test runs then."""
+    cache = lib.in_memory_llm_clients_cache
+    for client in list(cache.cache_dict.values()):
+        close = getattr(client, "close", None)
+        if callable(close) and not asyncio.iscoroutinefunction(close):
+            close()
+    cache.flush_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def litellm_kw(gw: Gateway, key: str) -> dict[str, Any]:
@@ -178,33 +196,27 @@ def test_litellm_chat_stream_and_embeddings(gw: Gateway, litellm: Any) -> None:
     assert len(emb.data) == 2 and emb.data[0]["embedding"]
 
 
-@contextlib.contextmanager
-def langchain_chat(gw: Gateway, key: str, **kw: Any) -> Iterator[Any]:
-    """LangChain's chat model; the OpenAI client it made is closed after (its sockets,
-    else, are closed by the collector, with a ResourceWarning in some later test)."""
+def langchain_chat(gw: Gateway, key: str, **kw: Any) -> Any:
+    # Its HTTP clients are shared between instances (cached): not closed here.
     from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, **kw)
-    try:
-        yield chat
-    finally:
-        chat.root_client.close()
+    return ChatOpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, **kw)
 
 
 def test_langchain_chat_stream_and_embeddings(gw: Gateway) -> None:
     from langchain_openai import OpenAIEmbeddings
 
-    with langchain_chat(gw, SECRET, model="demo", max_tokens=4) as chat:
-        msg = chat.invoke("Say hello to the gateway.")
-        assert msg.content and msg.usage_metadata["output_tokens"] == 4
-        assert "".join(str(c.content) for c in chat.stream("Say hello."))
+    chat = langchain_chat(gw, SECRET, model="demo", max_tokens=4)
+    msg = chat.invoke("Say hello to the gateway.")
+    assert msg.content and msg.usage_metadata["output_tokens"] == 4
+    assert "".join(str(c.content) for c in chat.stream("Say hello."))
     # Raw strings: its default tokenizes with tiktoken, whose files come from the network.
     emb = OpenAIEmbeddings(model="demo", base_url=f"{gw.base_url}/v1", api_key=SECRET,
                            max_retries=0, check_embedding_ctx_length=False)
     try:
         vectors = emb.embed_documents(["hello", "gateway"])
         assert len(vectors) == 2 and vectors[0]
-    finally:
+    finally:  # its own OpenAI client (else its sockets are closed by the collector)
         emb.client._client.close()
 
 
@@ -266,8 +278,7 @@ def test_each_library_raises_its_own_class(gw: Gateway, litellm: Any, case: Case
     assert type(err).__module__ == "litellm.exceptions" and type(err).__name__ == want_litellm
     assert err.status_code == int(status)  # type: ignore[attr-defined]
 
-    with langchain_chat(gw, key, model=alias, max_tokens=max_tokens,
-                        default_headers=headers) as chat:
-        err = _raised(lambda: chat.invoke(content))
+    err = _raised(lambda: langchain_chat(gw, key, model=alias, max_tokens=max_tokens,
+                                         default_headers=headers).invoke(content))
     assert type(err).__name__ == want_langchain and isinstance(err, openai.APIStatusError)
     assert (err.status_code, err.code) == (int(status), code)
