@@ -196,20 +196,29 @@ def test_litellm_chat_stream_and_embeddings(gw: Gateway, litellm: Any) -> None:
     assert len(emb.data) == 2 and emb.data[0]["embedding"]
 
 
-def langchain_chat(gw: Gateway, key: str, **kw: Any) -> Any:
-    # Its HTTP clients are shared between instances (cached): not closed here.
+@contextlib.contextmanager
+def langchain_chat(gw: Gateway, key: str, **kw: Any) -> Iterator[Any]:
+    """LangChain's chat model, its OpenAI client closed after: else its sockets are
+    closed by the collector, with a ResourceWarning, in some later test. LangChain shares
+    HTTP clients between instances (a cache), so the cache is emptied too."""
     from langchain_openai import ChatOpenAI
+    from langchain_openai.chat_models import _client_utils
 
-    return ChatOpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, **kw)
+    chat = ChatOpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0, **kw)
+    try:
+        yield chat
+    finally:
+        chat.root_client.close()
+        _client_utils._cached_sync_httpx_client.cache_clear()
 
 
 def test_langchain_chat_stream_and_embeddings(gw: Gateway) -> None:
     from langchain_openai import OpenAIEmbeddings
 
-    chat = langchain_chat(gw, SECRET, model="demo", max_tokens=4)
-    msg = chat.invoke("Say hello to the gateway.")
-    assert msg.content and msg.usage_metadata["output_tokens"] == 4
-    assert "".join(str(c.content) for c in chat.stream("Say hello."))
+    with langchain_chat(gw, SECRET, model="demo", max_tokens=4) as chat:
+        msg = chat.invoke("Say hello to the gateway.")
+        assert msg.content and msg.usage_metadata["output_tokens"] == 4
+        assert "".join(str(c.content) for c in chat.stream("Say hello."))
     # Raw strings: its default tokenizes with tiktoken, whose files come from the network.
     emb = OpenAIEmbeddings(model="demo", base_url=f"{gw.base_url}/v1", api_key=SECRET,
                            max_retries=0, check_embedding_ctx_length=False)
@@ -278,7 +287,8 @@ def test_each_library_raises_its_own_class(gw: Gateway, litellm: Any, case: Case
     assert type(err).__module__ == "litellm.exceptions" and type(err).__name__ == want_litellm
     assert err.status_code == int(status)  # type: ignore[attr-defined]
 
-    err = _raised(lambda: langchain_chat(gw, key, model=alias, max_tokens=max_tokens,
-                                         default_headers=headers).invoke(content))
+    with langchain_chat(gw, key, model=alias, max_tokens=max_tokens,
+                        default_headers=headers) as chat:
+        err = _raised(lambda: chat.invoke(content))
     assert type(err).__name__ == want_langchain and isinstance(err, openai.APIStatusError)
     assert (err.status_code, err.code) == (int(status), code)
