@@ -16,6 +16,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValue,
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
+    Http1ProtocolOptions,
     SubstitutionFormatString,
 )
 from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as GrpcRetryPolicy
@@ -474,6 +475,9 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         # slip past it.
         normalize_path=True,
         merge_slashes=True,
+        # HTTP/1.0 too: load balancers' health checks (HAProxy's httpchk) still send it.
+        http_protocol_options=Http1ProtocolOptions(accept_http_10=True,
+                                                   default_host_for_http_10="tokenbooth"),
         access_log=[_access_log(),
                     *([meter_access_log()] if cfg.envoy.meters_streams else [])],
         local_reply_config=local_reply_config(cfg),
