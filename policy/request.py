@@ -188,6 +188,10 @@ def _upstream(body: dict[str, Any], model: Model, limit: tuple[str, int] | None 
         out["stream_interval"] = interval
     if stream_usage:
         opts = dict(body.get("stream_options") or {})
+        if opts.get("include_usage") is not True:
+            # vLLM's continuous_usage_stats puts usage in every chunk, but only with
+            # include_usage, which is forced here: not for a client that did not ask.
+            opts.pop("continuous_usage_stats", None)
         opts["include_usage"] = True
         out["stream_options"] = opts
     try:

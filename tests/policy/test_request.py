@@ -94,8 +94,17 @@ def test_upstream_body_rewrites_model_and_forces_usage_in_streams() -> None:
                "temperature": 0})
     out = json.loads(upstream_body(r))  # type: ignore[arg-type]
     assert out["model"] == "tiny-llama" and out["temperature"] == 0
-    assert out["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
+    # Usage in every chunk only for a client that asked for usage at all.
+    assert out["stream_options"] == {"include_usage": True}
     assert r.client_wants_usage is False  # type: ignore[attr-defined]
+    for mine in ({"continuous_usage_stats": True}, {"include_usage": False,
+                                                     "continuous_usage_stats": True}):
+        r = parse({"model": "demo", "messages": MSG, "stream": True, "stream_options": mine})
+        assert json.loads(upstream_body(r))["stream_options"] == {  # type: ignore[arg-type]
+            "include_usage": True}
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    r = parse({"model": "demo", "messages": MSG, "stream": True, "stream_options": both})
+    assert json.loads(upstream_body(r))["stream_options"] == both  # type: ignore[arg-type]
     r = parse({"model": "demo", "messages": MSG})
     assert "stream_options" not in json.loads(upstream_body(r))  # type: ignore[arg-type]
 

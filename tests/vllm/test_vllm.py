@@ -210,6 +210,30 @@ def _read_a_few_chunks_and_leave(gw: Gateway) -> dict[str, Any]:
     return rec
 
 
+def test_continuous_usage_only_for_a_client_that_asked_for_usage(
+        vllm_gateway: Gateway, vllm_server: VllmServer) -> None:
+    """vLLM's continuous_usage_stats puts usage in every chunk, but only beside
+    include_usage, which the gateway forces upstream: a client that did not ask for usage
+    gets none (the option is dropped); one that asked for both gets it in every chunk."""
+    url = f"{vllm_gateway.base_url}/v1/chat/completions"
+    base = {"model": "demo", "messages": MESSAGES, "max_tokens": 6, "stream": True, **EXACT}
+    want = vllm_usage(vllm_server, "/v1/chat/completions", {**base, "model": MODEL})
+    stream, rid = raw_stream(url, {**base, "stream_options": {"continuous_usage_stats": True}},
+                             SECRET)
+    chunks = [json.loads(e) for e in sse_data(stream)[:-1]]
+    assert chunks and all(c.get("usage") is None for c in chunks)
+    [rec] = records_for(vllm_gateway, rid)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (*want, False)
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    stream, rid = raw_stream(url, {**base, "stream_options": both}, SECRET)
+    chunks = [json.loads(e) for e in sse_data(stream)[:-1]]
+    assert all(c.get("usage") for c in chunks)
+    assert (chunks[-1]["usage"]["prompt_tokens"], chunks[-1]["usage"]["completion_tokens"]) \
+        == want
+    [rec] = records_for(vllm_gateway, rid)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (*want, False)
+
+
 def test_client_gone_mid_stream_gives_an_estimated_record(vllm_gateway: Gateway) -> None:
     """vLLM on CPU is quick: now and then it finishes all 480 tokens before Envoy sees the
     client leave, and that record is (rightly) exact. Every record must be one of the two;
