@@ -54,6 +54,9 @@ SERVICE_NAMES = (
     "envoy.service.discovery.v3.AggregatedDiscoveryService",
 )
 RELOAD_INTERVAL_S = 1.0
+# Past the streams' grace: a cut request's prompt count (authz/services/prompt_counter.py,
+# 2 s at most), then its record and settlement.
+PROMPT_COUNT_DRAIN_S = 5.0
 
 
 @dataclass
@@ -239,6 +242,8 @@ class Services:
             await self._server.stop(self.grace_s)
             if self._ext_proc is not None:
                 await self._ext_proc.stalls.close()
+                # Records waiting on a backend's prompt count, and their settlements.
+                await self._ext_proc.drain(PROMPT_COUNT_DRAIN_S)
         if self._side is not None:
             await self._side.cleanup()
         if self._admin is not None:

@@ -62,6 +62,9 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     # Trace allocations in `serve`, dumping what grew on SIGUSR1 (a debugging aid).
     tracemalloc: bool = False
+    # The variables backends' API keys are named by (`api_key_env`): the services read
+    # one to ask a backend to count a cut request's prompt. Out of repr().
+    backend_keys: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -75,6 +78,7 @@ class Settings:
             service_name=env.get(SERVICE_NAME_ENV) or DEFAULT_SERVICE_NAME,
             admin_token=env.get(ADMIN_TOKEN_ENV) or None,
             tracemalloc=env.get(TRACEMALLOC_ENV, "0") not in ("", "0"),
+            backend_keys=dict(env),
             **{name: env.get(var) or None for name, var in PORT_ENV.items()},
         )
 

@@ -19,8 +19,9 @@ from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import parent_context, span_attributes
 from authz.services import protos
 from authz.services.exchange import handle
-from authz.services.lifecycle import Lifecycle, OrgLimitsOf
+from authz.services.lifecycle import Ending, Lifecycle, OrgLimitsOf
 from authz.services.meter_reports import MeterReports
+from authz.services.prompt_counter import PromptCounter, backend_headers
 from authz.services.stalls import Stalls
 from authz.state.limits.admission import Admission
 from policy.errors import ApiError
@@ -44,6 +45,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         self._recorder = recorder
         self._admission = admission
         self._settling: set[asyncio.Future[None]] = set()
+        self._counter = PromptCounter()
         self._metrics = metrics
         self._seconds = metrics.decision_seconds.labels("ext_proc")
         self._cut_at: float | None = None  # when the stopping server cancels its streams
@@ -111,8 +113,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             # Envoy went away mid-request, or the rest is served out of sight (this
             # server stopped, or stood still, with the stream open: charged whole).
             # Either way, exactly one record.
-            if not life.finished:
-                life.finish(aborted=True, out_of_sight=self._out_of_sight(life, opened))
+            if not life.finished and self._end_early(life, opened, span):
+                span = None  # the recount ends it
             # A cancelled stream (client gone) must still settle (normally the loop above
             # has settled already and there is nothing to do).
             if life.settle_pending:
@@ -120,6 +122,51 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                     await self._settle_apart(life)
             if span is not None:
                 _end_span(span, life)
+
+    def _end_early(self, life: Lifecycle, opened: float, span: Span | None) -> bool:
+        """The record of a request that ended before its response did. A prompt left at
+        its byte estimate is counted by the backend first (its /tokenize), in a task of
+        its own that then writes the record and settles: True when that is under way."""
+        ending = life.conclude(aborted=True, out_of_sight=self._out_of_sight(life, opened))
+        if ending is None:
+            return False
+        recount = life.prompt_recount(ending)
+        if recount is None:
+            life.write(ending)
+            return False
+        url, ask = recount
+        if isinstance(ask, int):
+            life.write(ending, ask)  # token ids: counted already
+            return False
+        headers = backend_headers(self._rt.snapshot.config, url,
+                                  self._rt.settings.backend_keys)
+        if headers is None:  # the backend's key cannot be read here
+            life.write(ending)
+            return False
+        self._apart(self._recount(life, ending, url, ask, headers, span))
+        return True
+
+    async def _recount(self, life: Lifecycle, ending: Ending, url: str, body: dict[str, Any],
+                       headers: dict[str, str], span: Span | None) -> None:
+        """The backend's count of a cut request's prompt, then its record and settlement
+        (the estimate when the backend cannot say)."""
+        try:
+            n: int | None = None
+            try:
+                n = await self._counter.count(url, body, headers)
+            finally:  # cancelled too (the server stopping): the record, with what is known
+                life.write(ending, n)
+            await life.settle()
+        finally:
+            if span is not None:
+                _end_span(span, life)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let the records and settlements still under way finish (at most `timeout_s`),
+        then close the backend session."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=timeout_s)
+        await self._counter.close()
 
     async def _settle_apart(self, life: Lifecycle) -> None:
         """Settle as a task of its own: Envoy resets the stream right after the last

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -48,6 +48,7 @@ from policy.errors import (
 from policy.keys import Principal
 from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
 from policy.meter_report import MeterReport, meter_from_report
+from policy.prompt_count import tokenize_request
 from policy.quota import org_hold
 from policy.request import (
     InferenceRequest,
@@ -135,6 +136,17 @@ OrgLimitsOf = Callable[[Config, str], OrgLimits | None]
 
 def config_org_limits(cfg: Config, org: str) -> OrgLimits | None:
     return cfg.orgs.get(org)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ending:
+    """What an admitted request's one record says, decided as it ends."""
+
+    usage: Usage
+    estimated: bool
+    status: int
+    prompt_estimated: bool  # its prompt is the byte estimate: the backend may count it
+    duration_ms: float
 
 
 class Lifecycle:
@@ -456,21 +468,26 @@ class Lifecycle:
         already seen, charged its whole hold, estimated, with the backend's status (LOST
         if it had not answered). `cut_by_gateway`: Envoy said whether its timeouts cut
         the stream (else the timings tell)."""
+        ending = self.conclude(aborted, out_of_sight, cut_by_gateway)
+        if ending is not None:
+            self.write(ending)
+
+    def conclude(self, aborted: bool = False, out_of_sight: bool = False,
+                 cut_by_gateway: bool | None = None) -> Ending | None:
+        """What the one record will say, decided now (the time since the last byte tells
+        a client that left from a timeout); None when no record is owed here (already
+        finished, not admitted, or Envoy meters it). `write` writes it."""
         if self.finished or not self.admitted or self.handed_over:
-            return
+            return None
         self.finished = True
         if self._envoy_meter is not None and self._reports is not None:
             self._reports.forget(self.request_id)
-        req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
-        assert req and route and principal and endpoint
+        req = self.req
+        assert req is not None
         usage, estimated = self._usage(req)
-        hold = self._ask.record if self._ask is not None else None
         whole = out_of_sight and estimated and self.status < 400
         if whole:  # what the backend could generate: the hold (as the lost-hold sweep)
             usage = Usage(req.prompt_bound, req.completion_bound)
-        self._settle = (usage.total_tokens,
-                        cost_nano(usage.prompt_tokens, usage.completion_tokens,
-                                  req.model.price_per_1k_tokens))
         status = self.status or CLIENT_CLOSED
         if not (self.delivered or self.responded or self.status):
             # Envoy gave up on the answer after its message timeout (it answered 503),
@@ -482,6 +499,32 @@ class Lifecycle:
         elif aborted and (self._meter is None or not self._meter.done):
             status = (self._cut_status(req.stream) if cut_by_gateway is None
                       else GATEWAY_TIMEOUT if cut_by_gateway else CLIENT_CLOSED)
+        prompt_estimated = (estimated and not whole and usage.prompt_tokens > 0
+                            and usage.prompt_tokens == req.prompt_estimate)
+        return Ending(usage, estimated, status, prompt_estimated,
+                      (time.monotonic() - self._t0) * 1000)
+
+    def prompt_recount(self, ending: Ending) -> tuple[str, int | dict[str, Any]] | None:
+        """For a record whose prompt is the byte estimate, where its exact count comes
+        from: (the serving backend's URL, the count itself or the /tokenize body)."""
+        if not ending.prompt_estimated or not self._backend or self.req is None \
+                or self.endpoint is None or self.route is None:
+            return None
+        ask = tokenize_request(self.endpoint.kind, self.req.body, self.route.upstream_model)
+        return None if ask is None else (self._backend, ask)
+
+    def write(self, ending: Ending, prompt_tokens: int | None = None) -> None:
+        """Write the record `conclude` decided on, and owe its settlement; with
+        `prompt_tokens`, the backend's count of the prompt (never above its bound)."""
+        req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
+        assert req and route and principal and endpoint
+        usage, estimated, status = ending.usage, ending.estimated, ending.status
+        if prompt_tokens is not None and ending.prompt_estimated:
+            usage = Usage(min(prompt_tokens, req.prompt_bound), usage.completion_tokens)
+        hold = self._ask.record if self._ask is not None else None
+        self._settle = (usage.total_tokens,
+                        cost_nano(usage.prompt_tokens, usage.completion_tokens,
+                                  req.model.price_per_1k_tokens))
         rec = (
             make_record(
                 request_id=self.request_id,
@@ -496,7 +539,7 @@ class Lifecycle:
                 stream=req.stream,
                 estimated=estimated,
                 started_at=self._started,
-                duration_ms=(time.monotonic() - self._t0) * 1000,
+                duration_ms=ending.duration_ms,
                 endpoint=endpoint.name,
                 key_budget_period=hold.key_budget_period if hold else None,
                 org_budget_period=hold.org_budget_period if hold else None,

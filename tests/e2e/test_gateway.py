@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -312,3 +313,36 @@ def test_a_gzipped_body_is_a_415_and_leaves_no_record(gateway: Gateway) -> None:
         assert status == 415, answer
         assert json.loads(answer)["error"]["code"] == "unsupported_media_type"
     assert len(list(read_records(gateway.data_dir / USAGE_FILE))) == before
+
+
+def _leave_after(gw: Gateway, path: str, body: dict[str, Any], chunks: int = 2) -> str:
+    """Stream `body`, read `chunks` content events, leave; the request id."""
+    with httpx.stream("POST", f"{gw.base_url}{path}", json=body, timeout=30,
+                      headers={"authorization": f"Bearer {SECRET}",
+                               "x-sim-tpot-ms": "50"}) as r:
+        rid = r.headers["x-request-id"]
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen += 1
+                if seen > chunks:
+                    break
+    return rid
+
+
+def test_a_cut_stream_is_charged_the_backends_count_of_its_prompt(gateway: Gateway) -> None:
+    """A client that leaves before the usage chunk: the prompt is what the backend counts
+    (its /tokenize), not ~4 bytes a token; text of a token a byte would otherwise be
+    charged a quarter of its prompt."""
+    messages = [{"role": "user", "content": " ".join(["a"] * 400)}]  # 400 tokens, 799 bytes
+    rid = _leave_after(gateway, "/v1/chat/completions",
+                       {"model": "demo", "messages": messages, "max_tokens": 40, "stream": True})
+    [rec] = records_for(gateway, rid)
+    assert rec["estimated"] is True and rec["status"] == 499
+    assert rec["prompt_tokens"] == prompt_tokens_chat(messages) > 400
+    # Token ids: counted as sent, with no call.
+    rid = _leave_after(gateway, "/v1/completions",
+                       {"model": "demo", "prompt": list(range(300)), "max_tokens": 40,
+                        "stream": True})
+    [rec] = records_for(gateway, rid)
+    assert (rec["prompt_tokens"], rec["estimated"]) == (300, True)

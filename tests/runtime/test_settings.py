@@ -37,6 +37,12 @@ def test_empty_values_count_as_unset() -> None:
     assert Settings.from_env(env) == Settings()
 
 
+def test_backends_keys_are_read_by_name_and_kept_out_of_repr() -> None:
+    s = Settings.from_env({"VLLM_KEY": "sk-backend", "PATH": "/usr/bin"})
+    assert s.backend_keys["VLLM_KEY"] == "sk-backend"  # api_key_env names any variable
+    assert "sk-backend" not in repr(s)
+
+
 def test_frozen_and_the_password_is_not_in_repr() -> None:
     s = Settings(redis_password="s3cret")
     assert "s3cret" not in repr(s)
