@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
-from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
+from policy.bounds import MAX_COUNT, BudgetUsd
 from policy.config import OrgLimits
 from policy.keyrecord import BudgetPeriod, KeyRecord
 
@@ -34,7 +33,7 @@ class _Limits(_In):
     rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    budget_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
+    budget_usd: BudgetUsd | None = None
     expires_at: datetime | None = None
 
 

@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
+from policy.bounds import MAX_COUNT, BudgetUsd
 from policy.keyrecord import SCOPES, KeyRecord
 from policy.sse import MAX_EVENT_BYTES
 
@@ -364,7 +364,7 @@ class OrgLimits(_Strict):
     rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    budget_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
+    budget_usd: BudgetUsd | None = None
     budget_period: Literal["day", "month", "total"] = "month"
 
 

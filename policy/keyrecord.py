@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
+from policy.bounds import MAX_COUNT, BudgetUsd
 
 SCOPES = ("inference:read", "inference:write")
 BudgetPeriod = Literal["day", "month", "total"]
@@ -29,7 +28,7 @@ class KeyRecord(BaseModel):
     rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    budget_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
+    budget_usd: BudgetUsd | None = None
     budget_period: BudgetPeriod = "month"
     status: Literal["active", "revoked"] = "active"
     created_at: datetime | None = None

@@ -24,7 +24,7 @@ from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
 from policy.admission import hold_live
 from policy.audit import ORG_PREFIX
-from policy.bounds import MAX_BUDGET_USD, MAX_COUNT
+from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, redacted
 from policy.keyrecord import SCOPES, KeyRecord
 from policy.keys import display_prefix, fingerprint, new_secret
@@ -125,6 +125,9 @@ def _usd(v: str) -> Decimal:
         raise argparse.ArgumentTypeError(f"expected an amount in USD, got {v!r}")
     if d > MAX_BUDGET_USD:
         raise argparse.ArgumentTypeError(f"at most {MAX_BUDGET_USD} USD, got {v!r}")
+    if d != d.quantize(Decimal(1).scaleb(-BUDGET_DECIMALS)):
+        raise argparse.ArgumentTypeError(
+            f"at most {BUDGET_DECIMALS} decimal places (a nano-USD), got {v!r}")
     return d
 
 

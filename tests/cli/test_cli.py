@@ -187,6 +187,7 @@ def test_limits_past_what_the_stores_keep_exact_are_refused_where_written(
     never accepted and then a 500 on every request of the key."""
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     for flag, value in (("--budget", "9007199.254740992"), ("--budget", "1e400"),
+                        ("--budget", "0.0000000015"),  # finer than a nano-USD
                         ("--tpm", "99999999999999999999999"), ("--org", "")):
         args = ("--org", "o") if flag != "--org" else ()
         r = tb("keys", "create", "--config", str(path), *args, flag, value)

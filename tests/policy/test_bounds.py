@@ -42,3 +42,18 @@ def test_every_model_takes_the_bound_and_refuses_past_it(
         with pytest.raises(ValidationError) as e:
             model.model_validate({**base, field: value})
         assert e.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize(("model", "base"), _models())
+def test_budgets_are_whole_nano_usd_written_as_plain_decimals(
+    model: type[BaseModel], base: dict[str, object],
+) -> None:
+    """A finer budget would be rounded (up: the ledger could spend past what was
+    written); one written back out is never in scientific notation."""
+    for fine in ("0.0000000015", "1.5E-9", "0.1234567891"):
+        with pytest.raises(ValidationError):
+            model.model_validate({**base, "budget_usd": fine})
+    for value, shown in (("1E-9", "0.000000001"), ("1e2", "100"), ("0.10", "0.10"),
+                         ("1.0000000000", "1.0000000000")):
+        out = model.model_validate({**base, "budget_usd": value})
+        assert out.model_dump(mode="json")["budget_usd"] == shown

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from pydantic import ValidationError
 
 from policy.config import OrgLimits
 from policy.keyrecord import KeyRecord
@@ -38,8 +39,11 @@ def test_org_hold_defaults() -> None:
 
 def test_limits_from_a_key_record_is_the_keys_limits() -> None:
     rec = KeyRecord(id="k1", org="acme", sha256="0" * 64, rpm=5, tpm=7, max_concurrent=2,
-                    budget_usd=Decimal("0.0000000011"), budget_period="total")
+                    budget_usd=Decimal("0.000000002"), budget_period="total")
     assert limits_from(rec) == limits_of(rec) == Limits(5, 7, 2, 2, "total")
+    # Budgets are whole nano-USD: a finer one would be rounded (up: spend past it).
+    with pytest.raises(ValidationError, match="no more than 9 decimal places"):
+        KeyRecord(id="k1", org="acme", sha256="0" * 64, budget_usd=Decimal("0.0000000011"))
 
 
 # -- the 429 a denial becomes -------------------------------------------------------------

@@ -247,6 +247,7 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     # Past 2**53 nano-USD (or requests): more than the stores keep exact.
     ("PUT", "/v1/orgs/acme", {"budget_usd": "1e400"}, "budget_usd"),
     ("POST", "/v1/keys", {"org": "acme", "budget_usd": "9007199.254740992"}, "budget_usd"),
+    ("POST", "/v1/keys", {"org": "acme", "budget_usd": "0.0000000015"}, "budget_usd"),
     ("POST", "/v1/keys", {"org": "acme", "tpm": 2**53}, "tpm"),
 ])
 async def test_bad_input_names_the_field(api: Api, method: str, path: str, body: Any,
