@@ -122,6 +122,29 @@ def _mapper(match: AccessLogFilter, err: ApiError) -> ResponseMapper:
                           headers_to_add=headers)
 
 
+# Requests Envoy refuses before any filter runs: a path that does not normalize (a
+# `#fragment`, an encoded NUL), an upgrade (a WebSocket) no route takes. Envoy's status
+# stays (400, 403); the body becomes an OpenAI error naming Envoy's reason. (A request
+# its HTTP/1 codec cannot parse, e.g. headers past 60 KiB, gets Envoy's empty answer
+# whatever the mapper says: it closes the connection before any body.)
+_MALFORMED = ("response.code >= 400 && response.code < 500 && "
+              "(response.code_details == 'path_normalization_failed' || "
+              "response.code_details == 'upgrade_failed')")
+
+
+def _malformed() -> ResponseMapper:
+    error = Struct(fields={
+        "message": Value(string_value="The HTTP request is malformed or not supported "
+                                      "(%RESPONSE_CODE_DETAILS%)."),
+        "type": Value(string_value="invalid_request_error"),
+        "param": Value(null_value=NullValue.NULL_VALUE),
+        "code": Value(string_value="invalid_request"),
+    })
+    return ResponseMapper(filter=_cel(_MALFORMED), body_format_override=SubstitutionFormatString(
+        json_format=Struct(fields={"error": Value(struct_value=error)}),
+        content_type="application/json"))
+
+
 def local_reply_config(cfg: Config) -> LocalReplyConfig:
     """First matching mapper wins; denials and ImmediateResponses match none."""
     return LocalReplyConfig(
@@ -149,5 +172,6 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
             ),
             _mapper(_cel("response.code_details == 'failed_to_inject_credential'"),
                     NO_BACKEND_KEY),
+            _malformed(),
         ]
     )

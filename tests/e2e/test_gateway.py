@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -346,3 +347,35 @@ def test_a_cut_stream_is_charged_the_backends_count_of_its_prompt(gateway: Gatew
                         "stream": True})
     [rec] = records_for(gateway, rid)
     assert (rec["prompt_tokens"], rec["estimated"]) == (300, True)
+
+
+def _raw(gw: Gateway, request: bytes) -> bytes:
+    """Send raw bytes; everything Envoy answers until it closes."""
+    host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(("line", "extra", "status", "reason"), [
+    (b"GET /v1/models#frag HTTP/1.1", b"", b"400", b"path_normalization_failed"),
+    (b"GET /v1/mo%00dels HTTP/1.1", b"", b"400", b"path_normalization_failed"),
+    (b"GET /v1/models HTTP/1.1", b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+     b"403", b"upgrade_failed"),
+])
+def test_requests_envoy_refuses_itself_get_openai_errors(gateway: Gateway, line: bytes,
+                                                          extra: bytes, status: bytes,
+                                                          reason: bytes) -> None:
+    answer = _raw(gateway, line + b"\r\nHost: a\r\nAuthorization: Bearer "
+                  + SECRET.encode() + b"\r\n" + extra + b"\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == status and b"content-type: application/json" in head
+    if b"transfer-encoding: chunked" in head:  # one chunk, then the last
+        body = body.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+    err = json.loads(body)["error"]
+    assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_request")
+    assert reason.decode() in err["message"]
