@@ -26,7 +26,7 @@ CHAT_FIELDS: Final = ("tools", "tool_choice", "response_format", "documents",
                       "chat_template_kwargs", "reasoning_effort", "add_generation_prompt",
                       "continue_final_message", "add_special_tokens")
 # Content part types that are text (and nothing else) once rendered.
-_TEXT_PARTS: Final = frozenset({"text", "input_text"})
+_TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
 
 
 def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str
@@ -43,6 +43,8 @@ def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str
         prompt = body.get("prompt")
         if body.get("suffix") is not None:
             return None
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one is that prompt
         if isinstance(prompt, str):
             out = {"model": upstream_model, "prompt": prompt}
             if "add_special_tokens" in body:
@@ -62,6 +64,13 @@ def _text_only(message: Any) -> bool:
         return True
     return isinstance(content, list) and all(
         isinstance(p, dict) and p.get("type") in _TEXT_PARTS for p in content)
+
+
+def truncated(count: int, body: dict[str, Any]) -> int:
+    """What the backend charged of a prompt of `count` tokens: vLLM keeps only the last
+    `truncate_prompt_tokens` of it when the request sets that (a positive number)."""
+    cap = body.get("truncate_prompt_tokens")
+    return min(count, cap) if type(cap) is int and cap > 0 else count
 
 
 def counted(answer: Any) -> int | None:

@@ -32,6 +32,9 @@ BUDGET_REASONS = ("budget", "budget_held")
 
 # -- org limits -------------------------------------------------------------------------
 
+# An org's holds are taken under the pseudo-key `org:<name>`.
+ORG_KEY_PREFIX = "org:"
+
 
 class LimitFields(Protocol):
     """A key record or an org entry of the policy file: the fields limits are built from."""
@@ -57,7 +60,7 @@ def limits_from(src: LimitFields) -> Limits:
 def org_hold(org: OrgLimits, ask: Ask, started: datetime) -> tuple[Limits, Ask]:
     """The org's limits and the hold its key's request takes of them: the same request
     under the pseudo-key `org:<name>`, in the org's own budget period."""
-    org_ask = replace(ask, key_id=f"org:{ask.org}",
+    org_ask = replace(ask, key_id=f"{ORG_KEY_PREFIX}{ask.org}",
                       period=period_id(org.budget_period, started))
     return limits_from(org), org_ask
 
@@ -73,20 +76,22 @@ _MESSAGES = {
 }
 
 
-def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0) -> ApiError:
+def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
+            org: bool = False) -> ApiError:
     """The OpenAI-shaped 429 for a denied Decision, with its rate-limit headers, and a
     retry-after when waiting helps (a budget: only if its period resets) or
     `x-should-retry: false` when it cannot (a budget that never resets, a request larger
     than the limit: its worst-case `cost_nano` past the whole budget, or its tokens past
-    the per-minute limit)."""
+    the per-minute limit). `org`: the limits are the key's org's, not the key's own."""
     headers = rate_headers(d)
+    owner = "organization" if org else "API key"
     if d.reason in BUDGET_REASONS and limits.budget_nano is not None \
             and cost_nano > limits.budget_nano:
         headers.append(NO_RETRY)  # more than a whole period's budget: never fits
         return ApiError(
             429, "insufficient_quota",
             "This request's worst-case cost (its prompt and max_tokens at the model's "
-            "prices) is more than this API key's whole budget for a period; lower "
+            f"prices) is more than this {owner}'s whole budget for a period; lower "
             "max_tokens or the prompt.",
             type="insufficient_quota", headers=tuple(headers),
         )
@@ -94,7 +99,7 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0) -> A
         headers.append(("retry-after", "1"))
         return ApiError(
             429, "insufficient_quota",
-            "Requests in flight hold the rest of this API key's budget for the period "
+            f"Requests in flight hold the rest of this {owner}'s budget for the period "
             "(each holds its worst-case cost until it ends); retry when they have ended.",
             type="insufficient_quota", headers=tuple(headers),
         )
@@ -104,7 +109,7 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0) -> A
                        else NO_RETRY)
         return ApiError(
             429, "insufficient_quota",
-            "This API key's budget for the period is exhausted, or too little is left for "
+            f"This {owner}'s budget for the period is exhausted, or too little is left for "
             "this request's worst-case cost (its prompt and max_tokens at the model's "
             "prices, held until it ends)."
             + ("" if reset is not None else " It does not reset."),

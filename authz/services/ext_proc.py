@@ -151,11 +151,13 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         """The backend's count of a cut request's prompt, then its record and settlement
         (the estimate when the backend cannot say)."""
         try:
-            n: int | None = None
             try:
                 n = await self._counter.count(url, body, headers)
-            finally:  # cancelled too (the server stopping): the record, with what is known
-                life.write(ending, n)
+            except asyncio.CancelledError:  # the server stopping: the estimate, settled
+                life.write(ending)
+                await life.settle()
+                raise
+            life.write(ending, n)
             await life.settle()
         finally:
             if span is not None:

@@ -48,7 +48,7 @@ from policy.errors import (
 from policy.keys import Principal
 from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
 from policy.meter_report import MeterReport, meter_from_report
-from policy.prompt_count import tokenize_request
+from policy.prompt_count import tokenize_request, truncated
 from policy.quota import org_hold
 from policy.request import (
     InferenceRequest,
@@ -507,11 +507,15 @@ class Lifecycle:
     def prompt_recount(self, ending: Ending) -> tuple[str, int | dict[str, Any]] | None:
         """For a record whose prompt is the byte estimate, where its exact count comes
         from: (the serving backend's URL, the count itself or the /tokenize body)."""
-        if not ending.prompt_estimated or not self._backend or self.req is None \
-                or self.endpoint is None or self.route is None:
+        req = self.req
+        if not ending.prompt_estimated or req is None or self.endpoint is None \
+                or self.route is None:
             return None
-        ask = tokenize_request(self.endpoint.kind, self.req.body, self.route.upstream_model)
-        return None if ask is None else (self._backend, ask)
+        # The backend that served it; before its answer began (a client that left while
+        # it generated), Envoy has not said which: any of the model's counts the same.
+        url = self._backend or (req.model.backends[0].url if req.model.backends else "")
+        ask = tokenize_request(self.endpoint.kind, req.body, self.route.upstream_model)
+        return None if ask is None or not url else (url, ask)
 
     def write(self, ending: Ending, prompt_tokens: int | None = None) -> None:
         """Write the record `conclude` decided on, and owe its settlement; with
@@ -520,7 +524,8 @@ class Lifecycle:
         assert req and route and principal and endpoint
         usage, estimated, status = ending.usage, ending.estimated, ending.status
         if prompt_tokens is not None and ending.prompt_estimated:
-            usage = Usage(min(prompt_tokens, req.prompt_bound), usage.completion_tokens)
+            usage = Usage(min(truncated(prompt_tokens, req.body), req.prompt_bound),
+                          usage.completion_tokens)
         hold = self._ask.record if self._ask is not None else None
         self._settle = (usage.total_tokens,
                         cost_nano(usage.prompt_tokens, usage.completion_tokens,

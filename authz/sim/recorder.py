@@ -56,6 +56,12 @@ class RequestLog:
 def _header_dict(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in headers.items():
-        key = name.lower()
+        key, value = _text(name.lower()), _text(value)
         out[key] = f"{out[key]}, {value}" if key in out else value
     return out
+
+
+def _text(s: str) -> str:
+    """A header as text: bytes that are not UTF-8 (aiohttp keeps them as surrogates,
+    which JSON cannot carry) become U+FFFD."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -379,3 +379,23 @@ def test_requests_envoy_refuses_itself_get_openai_errors(gateway: Gateway, line:
     err = json.loads(body)["error"]
     assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_request")
     assert reason.decode() in err["message"]
+
+
+def test_a_request_left_before_its_answer_is_charged_the_backends_count(
+        gateway: Gateway) -> None:
+    """A client's timeout on a non-streaming request: no answer began, so Envoy never said
+    which backend had it; any of the model's counts its prompt the same."""
+    messages = [{"role": "user", "content": " ".join(["b"] * 300)}]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{gateway.base_url}/v1/chat/completions", timeout=1.0,
+                   json={"model": "demo", "messages": messages, "max_tokens": 40},
+                   headers={"authorization": f"Bearer {SECRET}", "x-sim-tpot-ms": "300"})
+    deadline = time.monotonic() + 10
+    while True:
+        recs = [r for r in read_records(gateway.data_dir / USAGE_FILE)
+                if r["prompt_tokens"] == prompt_tokens_chat(messages) and r["status"] == 499]
+        if recs or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    [rec] = recs
+    assert rec["estimated"] is True and rec["stream"] is False and rec["backend"] == ""

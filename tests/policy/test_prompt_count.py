@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from policy.endpoints import Kind
-from policy.prompt_count import counted, tokenize_request
+from policy.prompt_count import counted, tokenize_request, truncated
 
 MSGS: list[Any] = [{"role": "system", "content": "be brief"},
                    {"role": "user", "content": [{"type": "text", "text": "hi"}]},
@@ -25,6 +25,21 @@ def test_chat_sends_the_messages_and_the_fields_a_template_renders() -> None:
         "chat_template_kwargs": {"x": 1}, "add_generation_prompt": False}
 
 
+def test_every_text_part_type_is_text() -> None:
+    parts = [{"type": t, "text": "x"} for t in ("text", "input_text", "output_text",
+                                                 "refusal", "thinking")]
+    assert tokenize_request(Kind.CHAT, {"messages": [{"role": "assistant", "content": parts}]},
+                            "up") is not None
+
+
+def test_a_truncated_prompt_is_charged_what_the_backend_kept() -> None:
+    assert truncated(500, {"truncate_prompt_tokens": 100}) == 100
+    assert truncated(50, {"truncate_prompt_tokens": 100}) == 50
+    for off in ({}, {"truncate_prompt_tokens": -1}, {"truncate_prompt_tokens": None},
+                {"truncate_prompt_tokens": True}):
+        assert truncated(500, off) == 500
+
+
 @pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "x"}},
                                   {"type": "input_audio"}, "text"])
 def test_chat_with_media_or_odd_parts_stays_estimated(part: Any) -> None:
@@ -39,6 +54,11 @@ def test_completions_a_string_is_asked_token_ids_are_counted_here() -> None:
     assert tokenize_request(Kind.COMPLETION, {"prompt": "a", "add_special_tokens": False},
                             "up") == {"model": "up", "prompt": "a", "add_special_tokens": False}
     assert tokenize_request(Kind.COMPLETION, {"prompt": [5, 6, 7]}, "up") == 3
+    # A batch of one is that one prompt.
+    assert tokenize_request(Kind.COMPLETION, {"prompt": ["once"]}, "up") == {
+        "model": "up", "prompt": "once"}
+    assert tokenize_request(Kind.COMPLETION, {"prompt": [[5, 6]]}, "up") == 2
+    assert tokenize_request(Kind.COMPLETION, {"prompt": [5]}, "up") == 1
     # Batches and suffixes: /tokenize counts one prompt, with no suffix.
     for body in ({"prompt": ["a", "b"]}, {"prompt": [[1], [2]]}, {"prompt": "a", "suffix": "b"},
                  {"prompt": []}):

@@ -98,6 +98,15 @@ def test_a_budget_held_by_requests_in_flight_is_retried_soon(period: str) -> Non
     assert e.headers == (("x-should-retry", "false"),)
 
 
+def test_an_orgs_refusal_names_the_organization() -> None:
+    lim = Limits(budget_nano=1000, budget_period="month")
+    for reason, cost in (("budget", 10), ("budget_held", 10), ("budget", 1001)):
+        e = refusal(Decision(False, reason), lim, STARTED, cost_nano=cost, org=True)
+        assert "this organization's" in e.message.lower() and "API key" not in e.message
+        e = refusal(Decision(False, reason), lim, STARTED, cost_nano=cost)
+        assert "this api key's" in e.message.lower()
+
+
 def test_a_total_budget_refusal_says_it_never_resets() -> None:
     e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="total"),
                 STARTED)

@@ -24,7 +24,7 @@ from policy.admission import Settled, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import Ask, Decision, Limits
-from policy.quota import refusal
+from policy.quota import ORG_KEY_PREFIX, refusal
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.limits")
@@ -153,7 +153,8 @@ class Admission:
                 self._local_ids.add(ask.request_id)
         if decision.allowed:
             return decision
-        raise refusal(decision, limits, now, ask.cost_nano)
+        raise refusal(decision, limits, now, ask.cost_nano,
+                      org=ask.key_id.startswith(ORG_KEY_PREFIX))
 
     def _release_later(self, limits: Limits, ask: Ask) -> None:
         """An admission the store did not answer may still take effect: queue a
