@@ -9,6 +9,7 @@ import types
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -93,6 +94,17 @@ def test_request_log_is_bounded() -> None:
     assert [e["path"] for e in entries] == ["/p2", "/p3", "/p4"]
     assert entries[0]["headers"] == {"x-a": "1, 2", "host": "h"}
     assert entries[0]["body"] == "\ufffdbody"
+
+
+def test_request_log_keeps_headers_that_are_not_utf8_as_json() -> None:
+    """aiohttp keeps such header bytes as surrogates, which JSON cannot carry: the log
+    (GET /_sim/requests) failed with a 500 after one such request."""
+    log = RequestLog(size=1)
+    raw = b"\xff\xfe ok".decode("utf-8", "surrogateescape")
+    log.add("GET", "/p", "", CIMultiDictProxy(CIMultiDict([("X-Trace", raw)])), b"")
+    [entry] = log.snapshot()
+    assert entry["headers"] == {"x-trace": "\ufffd\ufffd ok"}
+    orjson.dumps(entry)
 
 
 async def test_request_ring_keeps_last_256(sim: Sim) -> None:
