@@ -14,7 +14,7 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ValidationError
 
-from authz.runtime.admin_auth import AdminTokens, FailureLimiter
+from authz.runtime.admin_auth import AdminTokens, CurrentAdminTokens, FailureLimiter
 from authz.state.keys.base import KeyAdmin, KeyExists, KeyStore
 from authz.state.limits.base import LimitStore
 from authz.state.orgs import OrgLimitsCache
@@ -74,7 +74,7 @@ class AdminContext:
     keys: KeyStore
     limits: LimitStore
     orgs: OrgLimitsCache
-    tokens: AdminTokens
+    tokens: AdminTokens | CurrentAdminTokens
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     usage: Callable[[Config], Awaitable[Records]] = load_usage

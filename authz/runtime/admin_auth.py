@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from policy.admin_schema import Role
-from policy.config import AdminToken
+from policy.config import AdminToken, Config
 from policy.keys import extract_secret, fingerprint
 
 # The name audit lines give the token of $TOKENBOOTH_ADMIN_TOKEN.
@@ -42,6 +42,28 @@ class AdminTokens:
         """Who an `Authorization: Bearer <token>` header is, or None."""
         token = extract_secret(authorization, None)
         return None if token is None else self._by_fp.get(fingerprint(token))
+
+
+class CurrentAdminTokens:
+    """The admin tokens of the config in force: a reload that removes a token (a leaked
+    one, say) revokes it at once, and one that adds a token lets it in."""
+
+    def __init__(self, config: Callable[[], Config], env_token: str | None = None) -> None:
+        self._config, self._env = config, env_token
+        self._seen: Config | None = None
+        self._tokens = AdminTokens((), env_token)
+
+    def _now(self) -> AdminTokens:
+        cfg = self._config()
+        if cfg is not self._seen:
+            self._seen, self._tokens = cfg, AdminTokens(cfg.admin.tokens, self._env)
+        return self._tokens
+
+    def __bool__(self) -> bool:
+        return bool(self._now())
+
+    def caller(self, authorization: str | None) -> Caller | None:
+        return self._now().caller(authorization)
 
 
 class FailureLimiter:

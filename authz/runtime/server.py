@@ -19,7 +19,7 @@ from authz.envoy_config.xds_resources import build_resources
 from authz.runtime import memdebug
 from authz.runtime.admin import start_admin
 from authz.runtime.admin_api import AdminContext
-from authz.runtime.admin_auth import AdminTokens
+from authz.runtime.admin_auth import CurrentAdminTokens
 from authz.runtime.budget_alerts import AlertFeed, AlertingSink, BudgetAlerts, make_marks
 from authz.runtime.metrics import BudgetWatch, Metrics, ObservedKeyStore
 from authz.runtime.recorder import Recorder
@@ -204,8 +204,9 @@ class Services:
         if self.orgs is None:
             self.orgs = OrgLimitsCache(make_org_store(cfg))
         await self.orgs.start()
-        tokens = AdminTokens(cfg.admin.tokens, self.runtime.settings.admin_token)
-        if not tokens:
+        tokens = CurrentAdminTokens(lambda: self.runtime.snapshot.config,
+                                    self.runtime.settings.admin_token)
+        if not tokens:  # none at start: no admin API (admin.listen is read at start only)
             return
         assert self.store is not None and self.limits is not None
         ctx = AdminContext(lambda: self.runtime.snapshot.config, self.store, self.limits,

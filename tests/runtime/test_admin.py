@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
 from redis.exceptions import RedisError
@@ -21,8 +22,9 @@ from redis.exceptions import RedisError
 from authz.runtime import admin_api
 from authz.runtime.admin import make_admin_app
 from authz.runtime.admin_api import AdminContext, Records, load_usage
-from authz.runtime.admin_auth import AdminTokens, FailureLimiter
+from authz.runtime.admin_auth import AdminTokens, Caller, CurrentAdminTokens, FailureLimiter
 from authz.runtime.logs import JsonFormatter
+from authz.runtime.snapshot import Runtime
 from authz.state.keys.keyring import KeyringStore
 from authz.state.keys.redis_store import RedisKeyStore
 from authz.state.limits.base import LimitStore
@@ -33,7 +35,7 @@ from authz.state.usage.records import USAGE_FILE, USAGE_STREAM
 from policy.admin_schema import UsageQuery
 from policy.config import AdminToken, Config, KeyRecord, parse_config
 from policy.keys import fingerprint
-from tests.helpers import policy_dict
+from tests.helpers import policy_dict, write_policy
 from tests.redis_server import RedisServer
 
 ADMIN, READER, ENV = "adm-secret-token-1", "read-secret-token-2", "env-secret-token-3"
@@ -506,3 +508,22 @@ async def test_a_usage_page_is_computed_off_the_event_loop(
     out = await admin_api.usage(ctx, admin_api.Call(params={}, query=UsageQuery()))
     assert out.totals.requests == len(RECORDS)  # type: ignore[union-attr]
     assert threads and threads[0] is not threading.main_thread()
+
+
+def test_the_tokens_in_force_follow_the_config(tmp_path: Path) -> None:
+    """A reload that removes a token (a leaked one) revokes it at once; one that adds a
+    token lets it in. The environment's token stays."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000",
+                        admin={"tokens": [t.model_dump() for t in TOKENS]})
+    rt = Runtime.from_file(path)
+    tokens = CurrentAdminTokens(lambda: rt.snapshot.config, ENV)
+    assert tokens.caller(f"Bearer {ADMIN}") == Caller("ops", "admin")
+    assert tokens.caller(f"Bearer {READER}") == Caller("viewer", "read")
+    data = yaml.safe_load(path.read_text())
+    data["admin"]["tokens"] = [TOKENS[1].model_dump()]
+    path.write_text(yaml.safe_dump(data))
+    rt._mtime = 0.0  # as if the file's mtime had moved on
+    assert rt.reload_if_changed()
+    assert tokens.caller(f"Bearer {ADMIN}") is None
+    assert tokens.caller(f"Bearer {READER}") == Caller("viewer", "read")
+    assert tokens.caller(f"Bearer {ENV}") == Caller("env", "admin")
