@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
 from policy.bounds import MAX_COUNT, BudgetUsd
 from policy.config import OrgLimits
-from policy.keyrecord import BudgetPeriod, KeyRecord
+from policy.keyrecord import BudgetPeriod, KeyRecord, OrgName
 
 Role = Literal["read", "admin"]
 Scope = Literal["inference:read", "inference:write"]
@@ -34,13 +34,13 @@ class _Limits(_In):
     tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     budget_usd: BudgetUsd | None = None
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = None
 
 
 class KeyCreate(_Limits):
     """POST /v1/keys (as `tokenbooth keys create`)."""
 
-    org: str = Field(min_length=1, max_length=128)
+    org: OrgName
     name: str = Field(default="", max_length=256)
     scopes: tuple[Scope, ...] = ALL_SCOPES
     models: tuple[str, ...] = ()  # empty: every alias

@@ -26,8 +26,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from policy.bounds import MAX_COUNT, BudgetUsd
-from policy.keyrecord import SCOPES, KeyRecord
+from policy.keyrecord import SCOPES, KeyRecord, OrgName
 from policy.sse import MAX_EVENT_BYTES
+from policy.yaml_load import DuplicateKey, load_yaml
 
 __all__ = ["REDIS_PASSWORD_ENV", "SCOPES", "Config", "ConfigError", "KeyRecord", "load_config",
            "parse_hostport", "port_clashes"]
@@ -479,7 +480,7 @@ class Config(_Strict):
     keys: list[KeyRecord] = []
     key_store: KeyStoreSettings = KeyStoreSettings()
     limits: LimitSettings = LimitSettings()
-    orgs: dict[str, OrgLimits] = {}
+    orgs: dict[OrgName, OrgLimits] = {}
     metrics: MetricsSettings = MetricsSettings()
     alerts: AlertSettings = AlertSettings()
     admin: AdminSettings = AdminSettings()
@@ -490,6 +491,16 @@ class Config(_Strict):
     def _state(cls, v: str) -> str:
         if v != "memory" and not re.match(r"^rediss?://", v):
             raise ValueError("expected 'memory' or a redis://host:port/db URL")
+        if v != "memory":
+            parts = urlsplit(v)
+            db = parts.path.strip("/")
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ValueError(f"bad port in {redacted(v)!r}") from None
+            if not parts.hostname or (db and not (db.isdigit() and int(db) < 2**31)):
+                raise ValueError(f"expected redis://host:port/db with a database number, "
+                                 f"got {redacted(v)!r}")
         return v
 
     @property
@@ -502,10 +513,15 @@ class Config(_Strict):
         """Checks across sections, once every field is valid; all problems at once."""
         problems: list[str] = []
         seen: set[str] = set()
+        secrets: dict[str, str] = {}
         for i, key in enumerate(self.keys):
             if key.id in seen:
                 problems.append(f"keys[{i}].id: duplicate key id {key.id!r}")
             seen.add(key.id)
+            if key.sha256 in secrets:  # one secret, two identities
+                problems.append(f"keys[{i}].sha256: the same secret as key "
+                                f"{secrets[key.sha256]!r}")
+            secrets.setdefault(key.sha256, key.id)
             unknown = sorted(set(key.models) - set(self.models))
             if unknown:
                 problems.append(f"keys[{i}].models: key {key.id!r} allows unknown model(s) "
@@ -621,7 +637,10 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}: line {e.line}: {e.key!r} is given twice (the second "
+                          "would silently replace the first)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

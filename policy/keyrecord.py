@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.bounds import MAX_COUNT, BudgetUsd
 
 SCOPES = ("inference:read", "inference:write")
+# An org's name travels in a request header (x-tokenbooth-org) and in metric labels: no
+# control characters, which no header value can carry (Envoy refused every request).
+OrgName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 BudgetPeriod = Literal["day", "month", "total"]
 
 
@@ -19,7 +22,7 @@ class KeyRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
-    org: str = Field(min_length=1, max_length=128)
+    org: OrgName
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     prefix: str = ""  # the first characters of the secret, for people to recognise it
     name: str = ""

@@ -36,6 +36,23 @@ def test_valid_file_and_relative_paths(tmp_path: Path) -> None:
         ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
          "keys:\n  - {id: a, org: o, sha256: " + "a" * 64 + ", scopes: [admin]}\n",
          "keys[0].scopes: unknown scope"),
+        # A model given twice: YAML would keep the second without a word.
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "  m:\n    upstream_model: y\n    backends: [{url: 'http://h:2'}]\n",
+         "line 5: 'm' is given twice"),
+        # One secret, two identities.
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "keys:\n  - {id: a, org: o, sha256: " + "a" * 64 + "}\n"
+         "  - {id: b, org: p, sha256: " + "a" * 64 + "}\n",
+         "keys[1].sha256: the same secret as key 'a'"),
+        # An org name no request header can carry.
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "keys:\n  - {id: a, org: \"a\\nb\", sha256: " + "a" * 64 + "}\n",
+         "keys[0].org: String should match pattern"),
+        ("state: redis://r:6379/zz\nmodels:\n  m:\n    upstream_model: x\n"
+         "    backends: [{url: 'http://h:1'}]\n", "with a database number"),
+        ("state: redis://:pw@r:99999/0\nmodels:\n  m:\n    upstream_model: x\n"
+         "    backends: [{url: 'http://h:1'}]\n", "bad port in 'redis://:***@r:99999/0'"),
     ],
 )
 def test_errors_name_file_and_path(tmp_path: Path, text: str, expected: str) -> None:

@@ -251,6 +251,12 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     ("POST", "/v1/keys", {"org": "acme", "budget_usd": "9007199.254740992"}, "budget_usd"),
     ("POST", "/v1/keys", {"org": "acme", "budget_usd": "0.0000000015"}, "budget_usd"),
     ("POST", "/v1/keys", {"org": "acme", "tpm": 2**53}, "tpm"),
+    # A time with no timezone (it was a 503 "retry", from the record made after).
+    ("POST", "/v1/keys", {"org": "acme", "expires_at": "2030-01-01T00:00:00"}, "expires_at"),
+    ("PATCH", "/v1/keys/k-x", {"expires_at": "2030-01-01T00:00:00"}, "expires_at"),
+    # An org name no header can carry: every request of the key would fail.
+    ("POST", "/v1/keys", {"org": "a\nb"}, "org"),
+    ("POST", "/v1/keys", {"org": "a\u0000b"}, "org"),
 ])
 async def test_bad_input_names_the_field(api: Api, method: str, path: str, body: Any,
                                          param: str) -> None:
