@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from authz.state.keys.base import KeyStore, StoreUnavailable
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from policy.audit import ORG_PREFIX
-from policy.config import Config
+from policy.config import Config, OrgLimits
 from policy.keyrecord import KeyRecord
 from policy.limits import Ask, period_id, usd_to_nano
 from policy.usage import LOST, UsageRecord
@@ -344,16 +344,19 @@ class ObservedKeyStore:
 
 @dataclass
 class BudgetWatch:
-    """Every `interval_s`, each configured org budget's spent fraction in its current
-    period into `tokenbooth_budget_spent_ratio{org}` (one read per org; the store is
-    shared, so every replica exports the same value). Orgs leave the gauge when they
-    leave the config; a store that does not answer keeps the last values."""
+    """Every `interval_s`, each org budget in force (the admin API's stored limits over
+    the config's) as its spent fraction in its current period, into
+    `tokenbooth_budget_spent_ratio{org}` (one read per org; the store is shared, so every
+    replica exports the same value). Orgs leave the gauge when their budget goes; a
+    store that does not answer keeps the last values."""
 
     metrics: Metrics
     store: LimitStore
     config: Callable[[], Config]
     clock: Callable[[], datetime]
     interval_s: float = BUDGET_POLL_S
+    # The orgs' limits in force for a config (authz/state/orgs.py); else the config's.
+    orgs: Callable[[Config], Mapping[str, OrgLimits]] | None = None
 
     async def run(self) -> None:
         while True:
@@ -366,7 +369,8 @@ class BudgetWatch:
     async def poll(self) -> None:
         now = self.clock()
         gauge = self.metrics.budget_spent_ratio
-        budgets = _org_budgets(self.config())
+        cfg = self.config()
+        budgets = _org_budgets(cfg.orgs if self.orgs is None else self.orgs(cfg))
         for org, (period, budget) in budgets.items():
             pid = period_id(period, now)
             try:
@@ -380,10 +384,10 @@ class BudgetWatch:
                     gauge.remove(org)
 
 
-def _org_budgets(cfg: Config) -> dict[str, tuple[str, int]]:
+def _org_budgets(orgs: Mapping[str, OrgLimits]) -> dict[str, tuple[str, int]]:
     """org -> (budget period, budget nano-USD), for the orgs with a budget."""
     return {name: (org.budget_period, usd_to_nano(org.budget_usd))
-            for name, org in cfg.orgs.items() if org.budget_usd is not None}
+            for name, org in orgs.items() if org.budget_usd is not None}
 
 
 def _orgs_of(gauge: Gauge) -> list[str]:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -44,7 +45,7 @@ from authz.state.limits.factory import make_limit_store
 from authz.state.orgs import OrgLimitsCache, make_org_store
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
-from policy.config import Config, parse_hostport
+from policy.config import Config, OrgLimits, parse_hostport
 
 log = logging.getLogger("tokenbooth.server")
 
@@ -137,8 +138,12 @@ class Services:
             m.watch_spool("usage", lambda: sink.pending)
         assert self.limits is not None
         watch = BudgetWatch(m, self.limits, lambda: self.runtime.snapshot.config,
-                            self.runtime.clock)
+                            self.runtime.clock, orgs=self._orgs_in_force)
         self._budgets = asyncio.create_task(watch.run(), name="budget-metrics")
+
+    def _orgs_in_force(self, cfg: Config) -> Mapping[str, OrgLimits]:
+        """The admin API's stored org limits over the config's (once the cache runs)."""
+        return cfg.orgs if self.orgs is None else self.orgs.in_force(cfg)
 
     async def start(self) -> None:
         cfg = self.runtime.snapshot.config

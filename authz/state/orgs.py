@@ -148,6 +148,10 @@ class OrgLimitsCache:
         stored = self._stored.get(org)
         return stored if stored is not None else cfg.orgs.get(org)
 
+    def in_force(self, cfg: Config) -> dict[str, OrgLimits]:
+        """Every org's limits in force: the stored ones over the config's."""
+        return {**cfg.orgs, **self._stored}
+
     def stored(self, org: str) -> OrgLimits | None:
         return self._stored.get(org)
 

@@ -533,3 +533,16 @@ def test_the_tokens_in_force_follow_the_config(tmp_path: Path) -> None:
     assert tokens.caller(f"Bearer {ADMIN}") is None
     assert tokens.caller(f"Bearer {READER}") == Caller("viewer", "read")
     assert tokens.caller(f"Bearer {ENV}") == Caller("env", "admin")
+
+
+async def test_the_orgs_in_force_are_the_stored_over_the_configs(tmp_path: Path) -> None:
+    cfg = parse_config(policy_dict("http://127.0.0.1:8000", orgs={
+        "acme": {"budget_usd": "5"}, "beta": {"rpm": 3}}))
+    cache = OrgLimitsCache(FileOrgStore(tmp_path))
+    await cache.put("acme", parse_config(policy_dict(
+        "http://127.0.0.1:8000", orgs={"x": {"budget_usd": "9"}})).orgs["x"])
+    try:
+        got = cache.in_force(cfg)
+        assert (got["acme"].budget_usd, got["beta"].rpm) == (9, 3)
+    finally:
+        await cache.close()

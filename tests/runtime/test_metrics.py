@@ -248,6 +248,14 @@ async def test_budget_watch_exports_each_org_budget_fraction() -> None:
     del orgs["acme"]
     await watch.poll()
     assert value(m, "tokenbooth_budget_spent_ratio", org="acme") is None
+    # The admin API's stored limits are in force too (over the config's): a budget set
+    # there is watched, against its own amount.
+    stored = {"acme": SimpleNamespace(budget_usd=__import__("decimal").Decimal("1"),
+                                      budget_period="month")}
+    watch = BudgetWatch(m, store, lambda: cfg, lambda: now,
+                        orgs=lambda c: {**c.orgs, **stored})
+    await watch.poll()
+    assert value(m, "tokenbooth_budget_spent_ratio", org="acme") == 0.5
 
 
 # -- through the running services ------------------------------------------------------
