@@ -119,14 +119,18 @@ class Backend(_Strict):
     @classmethod
     def _valid_url(cls, v: str) -> str:
         parts = urlsplit(v)
+        shown = redacted(v)  # messages never carry a password
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected http(s)://host[:port], got {v!r}")
+            raise ValueError(f"expected http(s)://host[:port], got {shown!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"a backend URL carries no user or password (name its key "
+                             f"with api_key_env or api_key_file): {shown!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"a backend URL has no path, query or fragment: {v!r}")
+            raise ValueError(f"a backend URL has no path, query or fragment: {shown!r}")
         try:
             parts.port  # noqa: B018 - raises on a bad port
-        except ValueError as e:
-            raise ValueError(f"bad port in {v!r}") from e
+        except ValueError:
+            raise ValueError(f"bad port in {shown!r}") from None
         return v.rstrip("/")
 
     @property

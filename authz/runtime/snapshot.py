@@ -52,7 +52,7 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now
     overrides: Overrides = field(default_factory=Overrides)
     settings: Settings = field(default_factory=Settings)
-    _mtime: float = 0.0
+    _stamp: tuple[int, ...] = ()
 
     @classmethod
     def from_file(cls, path: Path, overrides: Overrides | None = None,
@@ -61,17 +61,17 @@ class Runtime:
         settings = settings or Settings()
         cfg = overrides.apply(settings.load_config(path))
         rt = cls(Snapshot.build(cfg), config_path=path, overrides=overrides, settings=settings)
-        rt._mtime = _mtime(path)
+        rt._stamp = _stamp(path)
         return rt
 
     def reload_if_changed(self) -> bool:
         """Re-read the config file when it changed; keep the last good one on error."""
         if self.config_path is None:
             return False
-        mtime = _mtime(self.config_path)
-        if mtime == self._mtime:
+        stamp = _stamp(self.config_path)
+        if stamp == self._stamp:
             return False
-        self._mtime = mtime
+        self._stamp = stamp
         try:
             cfg = self.overrides.apply(self.settings.load_config(self.config_path))
         except ConfigError as e:
@@ -82,8 +82,12 @@ class Runtime:
         return True
 
 
-def _mtime(path: Path) -> float:
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What tells a changed file: its time in ns, size, inode and ctime (a file written
+    twice within the mtime's tick, or replaced by one with the same mtime, still moves
+    the size, the inode or the ctime)."""
     try:
-        return path.stat().st_mtime
+        st = path.stat()
     except OSError:
-        return 0.0
+        return ()
+    return st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns

@@ -64,6 +64,19 @@ def test_errors_name_file_and_path(tmp_path: Path, text: str, expected: str) -> 
     assert expected in str(e.value)
 
 
+def test_a_backend_url_with_a_password_is_refused_without_showing_it(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  m:\n    upstream_model: x\n"
+                    "    backends: [{url: 'http://vllm:s3cret-pw@h:1'}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "carries no user or password" in str(e.value) and "s3cret-pw" not in str(e.value)
+    path.write_text(path.read_text().replace("h:1", "h:99999"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "s3cret-pw" not in str(e.value)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")

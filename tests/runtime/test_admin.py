@@ -528,7 +528,7 @@ def test_the_tokens_in_force_follow_the_config(tmp_path: Path) -> None:
     data = yaml.safe_load(path.read_text())
     data["admin"]["tokens"] = [TOKENS[1].model_dump()]
     path.write_text(yaml.safe_dump(data))
-    rt._mtime = 0.0  # as if the file's mtime had moved on
+    rt._stamp = ()  # as if the file had moved on
     assert rt.reload_if_changed()
     assert tokens.caller(f"Bearer {ADMIN}") is None
     assert tokens.caller(f"Bearer {READER}") == Caller("viewer", "read")

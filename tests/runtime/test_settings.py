@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,20 @@ def test_the_password_reaches_the_config_and_survives_a_reload(tmp_path: Path) -
     rt = Runtime.from_file(path, settings=settings)
     assert rt.snapshot.config.state == "redis://:p%40ss@redis:6379/0"
     path.write_text(path.read_text().replace("redis:6379/0", "redis:6379/1"))
-    rt._mtime = 0.0  # as if the file's mtime had moved on
+    rt._stamp = ()  # as if the file had moved on
     assert rt.reload_if_changed()
     assert rt.snapshot.config.state == "redis://:p%40ss@redis:6379/1"
+
+
+def test_a_change_that_keeps_the_mtime_is_still_seen(tmp_path: Path) -> None:
+    """A file rewritten within one mtime tick, or replaced by one carrying the old mtime
+    (`touch -r`, a copy that keeps times), changes its size, inode or ctime."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    rt = Runtime.from_file(path)
+    assert not rt.reload_if_changed()
+    before = path.stat()
+    path.write_text(path.read_text().replace("max_tokens", "max_tokens", 1) + "\n# edited\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+    assert rt.reload_if_changed()
+    assert not rt.reload_if_changed()
