@@ -77,9 +77,26 @@ class Runtime:
         except ConfigError as e:
             log.error("config reload refused, keeping the last good config: %s", e)
             return False
-        self.snapshot = Snapshot.build(cfg)
+        old, self.snapshot = self.snapshot.config, Snapshot.build(cfg)
         log.info("config reloaded from %s", self.config_path)
+        if later := restart_only_changes(old, cfg):
+            log.warning("config reloaded, but these changes take effect only when the "
+                        "process (or Envoy) restarts: %s", ", ".join(later))
         return True
+
+
+# Settings read at start only, by Envoy (its bootstrap) or by the services.
+RESTART_ONLY = ("listen", "tls", "envoy", "max_request_body_bytes", "services", "state",
+                "data_dir")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The settings a reload changed that only a restart applies (README, "Live
+    configuration")."""
+    out = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    if old.admin.listen != new.admin.listen:
+        out.append("admin.listen")
+    return out
 
 
 def _stamp(path: Path) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from authz.runtime.settings import Settings
-from authz.runtime.snapshot import Runtime
+from authz.runtime.snapshot import Runtime, restart_only_changes
 from tests.helpers import write_policy
 
 
@@ -76,3 +76,17 @@ def test_a_change_that_keeps_the_mtime_is_still_seen(tmp_path: Path) -> None:
     assert path.stat().st_mtime_ns == before.st_mtime_ns
     assert rt.reload_if_changed()
     assert not rt.reload_if_changed()
+
+
+def test_a_reload_names_the_changes_only_a_restart_applies(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    rt = Runtime.from_file(path)
+    old = rt.snapshot.config
+    text = path.read_text()
+    path.write_text(text.replace(old.listen, "127.0.0.1:1") + "\n# moved\n")
+    with caplog.at_level("WARNING", logger="tokenbooth"):
+        assert rt.reload_if_changed()
+    assert restart_only_changes(old, rt.snapshot.config) == ["listen"]
+    assert "take effect only when the process (or Envoy) restarts: listen" in caplog.text
+    assert restart_only_changes(old, old) == []
