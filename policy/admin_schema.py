@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
-from policy.bounds import MAX_COUNT, BudgetUsd
+from policy.bounds import BudgetUsd, Count
 from policy.config import OrgLimits
 from policy.keyrecord import BudgetPeriod, KeyRecord, OrgName
 
@@ -30,9 +30,9 @@ class _In(BaseModel):
 
 
 class _Limits(_In):
-    rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    rpm: Count | None = None
+    tpm: Count | None = None
+    max_concurrent: Count | None = None
     budget_usd: BudgetUsd | None = None
     expires_at: AwareDatetime | None = None
 

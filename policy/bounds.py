@@ -22,3 +22,5 @@ BudgetUsd = Annotated[
     PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json")]
 # Requests, tokens or streams per limit.
 MAX_COUNT = MAX_EXACT
+# A limit's count as a client writes it: a JSON or YAML integer (not "5", not true).
+Count = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]

@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from policy.bounds import MAX_COUNT, BudgetUsd
+from policy.bounds import BudgetUsd, Count
 from policy.keyrecord import SCOPES, KeyRecord, OrgName
 from policy.sse import MAX_EVENT_BYTES
 from policy.yaml_load import DuplicateKey, load_yaml
@@ -366,9 +366,9 @@ class OnStoreError(_Strict):
 class OrgLimits(_Strict):
     """Limits shared by every key of one org (checked before the key's own)."""
 
-    rpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    tpm: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    rpm: Count | None = None
+    tpm: Count | None = None
+    max_concurrent: Count | None = None
     budget_usd: BudgetUsd | None = None
     budget_period: Literal["day", "month", "total"] = "month"
 

@@ -254,6 +254,10 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     # A time with no timezone (it was a 503 "retry", from the record made after).
     ("POST", "/v1/keys", {"org": "acme", "expires_at": "2030-01-01T00:00:00"}, "expires_at"),
     ("PATCH", "/v1/keys/k-x", {"expires_at": "2030-01-01T00:00:00"}, "expires_at"),
+    # A count is a JSON integer: not a string, not true (it became 1).
+    ("POST", "/v1/keys", {"org": "acme", "rpm": "5"}, "rpm"),
+    ("POST", "/v1/keys", {"org": "acme", "rpm": True}, "rpm"),
+    ("PUT", "/v1/orgs/acme", {"tpm": True}, "tpm"),
     # An org name no header can carry: every request of the key would fail.
     ("POST", "/v1/keys", {"org": "a\nb"}, "org"),
     ("POST", "/v1/keys", {"org": "a\u0000b"}, "org"),
