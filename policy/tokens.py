@@ -31,6 +31,7 @@ The estimates (~4 bytes a token) are the typical counts the TPM reservation uses
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -70,13 +71,35 @@ def json_len(value: Any) -> int:
     return len(orjson.dumps(value))
 
 
+# A small value is rendered by orjson (in C, ~20x the walk's speed): its rendering is
+# at most size x depth, a few MB at this size.
+_RENDER_MAX = 16 << 10
+# A float Python spells otherwise than orjson: in exponent form (1e-07 / 1e-7), and where
+# Python uses an exponent and orjson does not (below 1e-4, from 1e16). A match inside a
+# string only sends the value to the walk.
+_EXPONENT = re.compile(rb"[0-9][eE]|\.0000|[0-9]{16,}\.")
+
+
 def json_indent2_len(value: Any) -> int:
-    """Bytes of `value` rendered as JSON with indent 2 by Python's encoder (what chat
-    templates' `tojson` uses), computed without rendering it: linear in the value's size.
-    (The rendering itself grows with size x depth: a body of deeply nested arrays would
-    take seconds and hundreds of MB to render.) The compact form comes from orjson when it
-    can; values it refuses (past 255 levels, integers past 64 bits, lone surrogates from a
-    parsed `arguments` string) are measured item by item."""
+    """Bytes of `value` (parsed by orjson: no NaN or Infinity) rendered as JSON with
+    indent 2 by Python's encoder, what chat templates' `tojson` uses. A small value
+    without exponent floats is rendered by orjson; any other is measured by
+    `indent2_len`, without rendering it."""
+    try:
+        compact = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return _indent2_walk(value, scalars=True)
+    if len(compact) <= _RENDER_MAX and not _EXPONENT.search(compact):
+        return len(orjson.dumps(value, option=orjson.OPT_INDENT_2))
+    return len(compact) + _indent2_walk(value, scalars=False)
+
+
+def indent2_len(value: Any) -> int:
+    """As `json_indent2_len`, for any value (NaN and Infinity too, from the stdlib's
+    parser), computed without rendering it: linear in the value's size. (The rendering
+    grows with size x depth: a body of deeply nested arrays would take seconds and
+    hundreds of MB.) The compact form comes from orjson when it can; values it refuses
+    (past 255 levels, integers past 64 bits, lone surrogates) are measured item by item."""
     try:
         compact = len(orjson.dumps(value))
     except orjson.JSONEncodeError:
@@ -261,7 +284,7 @@ def arguments_len(args: str) -> int:
         parsed = json.loads(args)  # the stdlib, as vLLM: it takes NaN and big integers
     except (ValueError, RecursionError):
         return 0
-    return json_indent2_len(parsed)
+    return indent2_len(parsed)
 
 
 def completion_prompt(body: dict[str, Any], model: Model) -> tuple[int, int, int]:

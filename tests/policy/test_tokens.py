@@ -20,6 +20,7 @@ from policy.tokens import (
     completion_prompt,
     estimate_bytes,
     field_tally,
+    indent2_len,
     json_factor,
     json_indent2_len,
     json_len,
@@ -105,27 +106,46 @@ def test_deep_arguments_count_their_full_rendering() -> None:
     assert bound > rendered
 
 
-# JSON values as a parsed body or `arguments` string holds them.
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
-                                                                max_size=4),
-    max_leaves=30)
+def _json_values(floats: st.SearchStrategy[float]) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**80), 2**80) | floats
+        | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+            st.text(max_size=4), inner, max_size=4),
+        max_leaves=30)
 
 
-@given(json_values, st.integers(0, 300))
-def test_indent2_length_is_the_rendering_length_at_any_depth(value: Any, depth: int) -> None:
+def _rendered(value: Any) -> int:
+    return len(json.dumps(value, indent=2, ensure_ascii=False).encode())
+
+
+def _nested(value: Any, depth: int) -> Any:
     for _ in range(depth):  # past orjson's 255 levels too
         value = [value] if depth % 2 else {"k": value}
-    assert json_indent2_len(value) == len(json.dumps(value, indent=2, ensure_ascii=False)
-                                          .encode())
+    return value
+
+
+# A parsed body holds no NaN or Infinity (orjson refuses them); an `arguments` string
+# parsed by the stdlib may.
+@given(_json_values(st.floats(allow_nan=False, allow_infinity=False)), st.integers(0, 300))
+def test_a_body_values_length_is_its_rendering_length(value: Any, depth: int) -> None:
+    value = _nested(value, depth)
+    assert json_indent2_len(value) == _rendered(value)
+
+
+@given(_json_values(st.floats()), st.integers(0, 300))
+def test_any_values_length_is_its_rendering_length_at_any_depth(value: Any,
+                                                                 depth: int) -> None:
+    value = _nested(value, depth)
+    assert indent2_len(value) == _rendered(value)
 
 
 def test_floats_and_surrogates_are_measured_as_python_writes_them() -> None:
     # Python writes some floats longer than orjson (1e-07, 1e+16, NaN, Infinity); a lone
     # surrogate (json.loads takes "\\ud800" in an `arguments` string) is 3 bytes.
+    assert json_indent2_len([1e-07, 1e16, 0.1]) == len(json.dumps([1e-07, 1e16, 0.1], indent=2))
     for v in ([1e-07, 1e16, 0.1], {"a": [float("inf"), float("-inf")]}, float("nan")):
-        assert json_indent2_len(v) == len(json.dumps(v, indent=2))
+        assert indent2_len(v) == len(json.dumps(v, indent=2))
     assert json_indent2_len(["\ud800", 2**70]) == len('[\n  "xxx",\n  ' + str(2**70) + "\n]")
     assert arguments_len('{"a": "\\ud800"}') == len('{\n  "a": "xxx"\n}')
 
