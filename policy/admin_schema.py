@@ -93,6 +93,15 @@ class UsageQuery(_In):
         f"{NDJSON}`), written as it is read; the totals last; no paging"))
 
 
+class UnknownCursor(ValueError):
+    """`after` names no record of the selection: an empty page would read as the end."""
+
+    def __init__(self, after: str) -> None:
+        super().__init__(f"after: no usage record with request_id {after!r} in this "
+                         "selection (pass the last_id of the previous page, with the "
+                         "same filters)")
+
+
 class Empty(_In):
     """A request without a body or query parameters."""
 

@@ -388,6 +388,23 @@ class AdminSettings(_Strict):
     listen: HostPort = "127.0.0.1:9092"
     tokens: tuple[AdminToken, ...] = ()
 
+    @field_validator("tokens")
+    @classmethod
+    def _distinct(cls, v: tuple[AdminToken, ...]) -> tuple[AdminToken, ...]:
+        """One secret is one token: two entries with one fingerprint would give it two
+        names (the audit log's) and, with two roles, an ambiguous one."""
+        names: set[str] = set()
+        secrets: dict[str, str] = {}
+        for t in v:
+            if t.name in names:
+                raise ValueError(f"duplicate admin token name {t.name!r}")
+            names.add(t.name)
+            if t.sha256 in secrets:
+                raise ValueError(f"admin token {t.name!r} has the same secret as "
+                                 f"{secrets[t.sha256]!r}")
+            secrets[t.sha256] = t.name
+        return v
+
 
 class LimitSettings(_Strict):
     on_store_error: OnStoreError = OnStoreError()

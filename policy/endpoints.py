@@ -112,6 +112,13 @@ def allowed_methods(path: str) -> tuple[str, ...]:
     return tuple(sorted(methods))
 
 
+def compressed(content_encoding: str) -> bool:
+    """True when a Content-Encoding header names a coding other than identity. A list
+    (RFC 9110 allows one, and Envoy joins repeated headers with commas) counts as
+    identity only when every member is: `identity, identity` is a plain body."""
+    return any(c.strip().lower() not in ("", "identity") for c in content_encoding.split(","))
+
+
 def path_argument(endpoint: Endpoint, path: str) -> str:
     """The part of `path` after a prefix row's prefix, percent-decoded (a model id)."""
     return unquote(strip_query(path)[len(endpoint.path):])

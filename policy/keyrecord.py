@@ -51,3 +51,13 @@ class KeyRecord(BaseModel):
         if v is not None and v.tzinfo is None:
             raise ValueError("a time needs a timezone, e.g. 2027-01-01T00:00:00Z")
         return v
+
+
+def expiry_in_past(expires_at: datetime | None, now: datetime) -> str | None:
+    """Why a new key's expiry is refused: a key created already expired could never be
+    used (a typo in the year, most likely). An update may set a past time: that is how a
+    key is expired at once, beside revoking it."""
+    if expires_at is not None and expires_at <= now:
+        return (f"expires_at {expires_at.isoformat()} is not in the future: a new key "
+                "would be expired already")
+    return None

@@ -26,7 +26,7 @@ from policy.admission import hold_live
 from policy.audit import ORG_PREFIX
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, redacted
-from policy.keyrecord import SCOPES, KeyRecord
+from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import (
     Limits,
@@ -201,6 +201,9 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     else:
         cfg = load(args, settings)
         _check_models(cfg, args.model or ())
+        expired = expiry_in_past(args.expires, datetime.now(UTC))
+        if expired:
+            raise ValueError(expired)
         secret = new_secret()
         record = _new_record(args, secret)
         if any(k.id == record.id for k in cfg.keys):

@@ -29,6 +29,7 @@ from policy.admin_schema import (
     KeyUpdate,
     OrgOut,
     Spend,
+    UnknownCursor,
     UsageGroup,
     UsagePage,
     UsageQuery,
@@ -38,7 +39,7 @@ from policy.admin_schema import (
 )
 from policy.audit import ORG_PREFIX
 from policy.config import Config, OrgLimits
-from policy.keyrecord import BudgetPeriod, KeyRecord
+from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
 from policy.usage_report import OnePerRequest, Totals
@@ -142,6 +143,9 @@ async def create_key(ctx: AdminContext, call: Call) -> KeyCreated:
     store = ctx.writable_keys()
     cfg = ctx.config()
     _check_models(cfg, req.models)
+    expired = expiry_in_past(req.expires_at, ctx.clock())
+    if expired:
+        raise AdminError(400, expired, "invalid_request", param="expires_at")
     secret = new_secret()
     fields = req.model_dump()
     record = KeyRecord(id="key_" + secrets.token_hex(6), sha256=fingerprint(secret),
@@ -357,13 +361,17 @@ async def usage(ctx: AdminContext, call: Call) -> UsagePage | Streamed:
     if q.stream or NDJSON in call.accept:
         _stream_query(q)
         return Streamed(_usage_lines(ctx, q))
-    if archived(cfg := ctx.config()) and ctx.usage is load_usage:
-        from authz.state.usage.page import sql_page
+    cfg = ctx.config()
+    try:
+        if archived(cfg) and ctx.usage is load_usage:
+            from authz.state.usage.page import sql_page
 
-        return await sql_page(cfg, q)  # SQL aggregates and keyset pages
-    # Validating and summing every record is CPU work (seconds for a large file): in a
-    # worker thread, so the event loop, and every ext_proc answer, keeps its pace.
-    return await asyncio.to_thread(_page, await ctx.usage(ctx.config()), q)
+            return await sql_page(cfg, q)  # SQL aggregates and keyset pages
+        # Validating and summing every record is CPU work (seconds for a large file): in
+        # a worker thread, so the event loop, and every ext_proc answer, keeps its pace.
+        return await asyncio.to_thread(_page, await ctx.usage(cfg), q)
+    except UnknownCursor as e:
+        raise AdminError(400, str(e), "invalid_request", param="after") from None
 
 
 def _page(records: list[dict[str, Any]], q: UsageQuery) -> UsagePage:
@@ -371,7 +379,9 @@ def _page(records: list[dict[str, Any]], q: UsageQuery) -> UsagePage:
     start = 0
     if q.after is not None:
         ids = [r.request_id for r in rows]
-        start = ids.index(q.after) + 1 if q.after in ids else len(rows)
+        if q.after not in ids:
+            raise UnknownCursor(q.after)
+        start = ids.index(q.after) + 1
     page = rows[start:start + q.limit]
     return UsagePage(data=page, totals=UsageTotals(**_totals(rows)),
                      groups=_groups(rows, q.group_by) if q.group_by else None,

@@ -20,7 +20,7 @@ from authz.runtime.tracing import parent_context
 from authz.services import protos
 from authz.services.keyauth import KeyAuthority
 from authz.services.principal_md import principal_metadata
-from policy.endpoints import allowed_methods, lookup, path_known
+from policy.endpoints import allowed_methods, compressed, lookup, path_known
 from policy.errors import ApiError, not_found
 from policy.keys import extract_secret
 
@@ -83,11 +83,11 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
                                    headers=(("allow", ", ".join(allowed_methods(http.path))),))
                 raise not_found(http.path)
             principal.require_scope(endpoint.scope)
-            encoding = headers.get("content-encoding", "identity").strip().lower()
-            if endpoint.method == "POST" and encoding not in ("", "identity"):
+            encoding = headers.get("content-encoding", "")
+            if endpoint.method == "POST" and compressed(encoding):
                 # The services read, bound and rewrite bodies as they are: plain ones.
                 raise ApiError(415, "unsupported_media_type",
-                               f"Content-Encoding {encoding!r} is not supported: send the "
+                               f"Content-Encoding {encoding.strip()!r} is not supported: send the "
                                "request body uncompressed.")
         except ApiError as err:
             self._metrics.decisions.labels("ext_authz", "deny", err.code).inc()

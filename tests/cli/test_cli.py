@@ -151,6 +151,11 @@ def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
         r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)
         assert r.returncode == 2, (flag, r.stderr)
         assert r.stderr.count("\n") == 1 and flag in r.stderr and "Traceback" not in r.stderr
+    # A key created already expired could never be used: refused before any store is read.
+    r = tb("keys", "create", "--config", str(path), "--org", "o",
+           "--expires", "2020-01-01T00:00:00Z")
+    assert r.returncode == 2 and "not in the future" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 def test_version() -> None:

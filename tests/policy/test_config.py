@@ -49,6 +49,15 @@ def test_valid_file_and_relative_paths(tmp_path: Path) -> None:
         ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
          "keys:\n  - {id: a, org: \"a\\nb\", sha256: " + "a" * 64 + "}\n",
          "keys[0].org: String should match pattern"),
+        # One admin secret, two tokens (two names, maybe two roles).
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "admin:\n  tokens:\n    - {name: ops, sha256: " + "b" * 64 + ", role: admin}\n"
+         "    - {name: dash, sha256: " + "b" * 64 + "}\n",
+         "admin token 'dash' has the same secret as 'ops'"),
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "admin:\n  tokens:\n    - {name: ops, sha256: " + "b" * 64 + "}\n"
+         "    - {name: ops, sha256: " + "c" * 64 + "}\n",
+         "duplicate admin token name 'ops'"),
         ("state: redis://r:6379/zz\nmodels:\n  m:\n    upstream_model: x\n"
          "    backends: [{url: 'http://h:1'}]\n", "with a database number"),
         ("state: redis://:pw@r:99999/0\nmodels:\n  m:\n    upstream_model: x\n"

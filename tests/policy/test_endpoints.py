@@ -10,6 +10,7 @@ from policy.endpoints import (
     Endpoint,
     Kind,
     allowed_methods,
+    compressed,
     lookup,
     path_argument,
     path_known,
@@ -105,3 +106,10 @@ def test_strip_query() -> None:
     assert strip_query("/a?b=1?c") == "/a"
     assert strip_query("/a") == "/a"
     assert strip_query("?x") == ""
+
+
+def test_compressed_reads_a_list_of_codings() -> None:
+    for plain in ("", "identity", "Identity", "identity, identity", " identity ,identity "):
+        assert not compressed(plain), plain
+    for packed in ("gzip", "br", "identity, gzip", "gzip, identity", "x-gzip", "identity,,br"):
+        assert compressed(packed), packed

@@ -254,6 +254,8 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     # A time with no timezone (it was a 503 "retry", from the record made after).
     ("POST", "/v1/keys", {"org": "acme", "expires_at": "2030-01-01T00:00:00"}, "expires_at"),
     ("PATCH", "/v1/keys/k-x", {"expires_at": "2030-01-01T00:00:00"}, "expires_at"),
+    # A new key already expired could never be used (an update may expire one at once).
+    ("POST", "/v1/keys", {"org": "acme", "expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
     # A count is a JSON integer: not a string, not true (it became 1).
     ("POST", "/v1/keys", {"org": "acme", "rpm": "5"}, "rpm"),
     ("POST", "/v1/keys", {"org": "acme", "rpm": True}, "rpm"),
@@ -348,6 +350,11 @@ async def test_usage_filters_groups_and_pages(api: Api) -> None:
     assert page["has_more"] and page["totals"]["requests"] == 4
     status, page = await api("GET", f"/v1/usage?org=acme&limit=3&after={page['last_id']}")
     assert [r["request_id"] for r in page["data"]] == ["r3"] and not page["has_more"]
+    # A cursor that names no record is an error, not an empty page that reads as the end.
+    status, out = await api("GET", "/v1/usage?org=acme&limit=3&after=r-nope")
+    assert (status, out["error"]["param"]) == (400, "after"), out
+    status, out = await api("GET", "/v1/usage?org=beta&after=r0")  # r0 is acme's
+    assert status == 400, out
     status, page = await api("GET", "/v1/usage?key=k-main&since=2026-01-03T00:00:00Z"
                                     "&group_by=org")
     assert [r["request_id"] for r in page["data"]] == ["r3", "r5"]

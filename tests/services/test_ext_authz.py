@@ -122,13 +122,13 @@ async def test_query_string_does_not_change_the_endpoint(running: Running) -> No
 async def test_a_compressed_request_body_is_a_415(running: Running) -> None:
     """The services read, bound and rewrite plain bodies: a gzipped one is refused, not
     parsed as garbage (a 400) or, labelled gzip but plain, forwarded still labelled."""
-    for enc in ("gzip", "br", "GZIP"):
+    for enc in ("gzip", "br", "GZIP", "identity, gzip"):
         status, body, _ = denial(await check(running, "POST", "/v1/chat/completions",
                                              authorization=f"Bearer {SECRET}",
                                              content_encoding=enc))
         assert (status, body["error"]["code"]) == (415, "unsupported_media_type")
         assert body["error"]["type"] == "invalid_request_error"
-    for enc in ("identity", ""):
+    for enc in ("identity", "", "identity, identity", " IDENTITY "):
         resp = await check(running, "POST", "/v1/chat/completions",
                            authorization=f"Bearer {SECRET}", content_encoding=enc)
         assert resp.status.code == 0  # type: ignore[attr-defined]

@@ -9,7 +9,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from authz.state.usage import archive, query
-from policy.admin_schema import UsageGroup, UsagePage, UsageQuery, UsageRecordOut, UsageTotals
+from policy.admin_schema import (
+    UnknownCursor,
+    UsageGroup,
+    UsagePage,
+    UsageQuery,
+    UsageRecordOut,
+    UsageTotals,
+)
 from policy.config import Config
 from policy.usage_report import Selection, UsageReport
 
@@ -47,7 +54,9 @@ async def _page(conn: Any, q: UsageQuery, sel: Selection, exclude: list[str],
         after_seq = await query.seq_of(conn, q.after)
         if after_seq is None:
             ids = [r["request_id"] for r in tail]
-            tail_start = ids.index(q.after) + 1 if q.after in ids else len(tail)
+            if q.after not in ids:
+                raise UnknownCursor(q.after)
+            tail_start = ids.index(q.after) + 1
     out: list[dict[str, Any]] = []
     want = q.limit + 1
     if after_seq is not None:

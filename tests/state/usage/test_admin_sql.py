@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 import redis.asyncio as aioredis
 
-from authz.runtime.admin_api import AdminContext, Call, usage
+from authz.runtime.admin_api import AdminContext, AdminError, Call, usage
 from authz.state.usage.exporter import Exporter
 from authz.state.usage.trim import EXPORT_GROUP, TrimPolicy
 from policy.admin_schema import UsagePage, UsageQuery
@@ -84,6 +84,21 @@ async def test_sql_pages_match_the_in_memory_path(
     assert got.totals == want.totals
     assert got.groups == want.groups
     assert got.totals.requests == len(want_ids) > 0
+
+
+async def test_an_unknown_cursor_is_a_400_on_both_paths(
+        setup: tuple[Config, list[dict[str, Any]]]) -> None:
+    cfg, records = setup
+
+    async def fixed(_: Config) -> list[dict[str, Any]]:
+        return records
+
+    none: Any = None
+    for ctx in (AdminContext(lambda: cfg, none, none, none, none),
+                AdminContext(lambda: cfg, none, none, none, none, usage=fixed)):
+        with pytest.raises(AdminError) as e:
+            await usage(ctx, Call(params={}, query=UsageQuery(after="req-nope")))
+        assert (e.value.status, e.value.param) == (400, "after")
 
 
 async def test_before_the_exporter_made_its_table_the_stream_is_read(
