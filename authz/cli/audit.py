@@ -109,7 +109,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         report = _collect(cfg, args.vllm, since, args.strict)
     except (OSError, RedisError, StoreUnavailable, LimitStoreUnavailable) as e:
-        raise AuditInputError(str(e) or type(e).__name__) from None
+        raise AuditInputError(f"cannot audit, a store or backend did not answer: "
+                              f"{str(e) or type(e).__name__}") from None
     if args.json:
         sys.stdout.write(orjson.dumps(_as_json(report)).decode() + "\n")
     else:

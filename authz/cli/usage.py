@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import signal
 import sys
 from collections.abc import AsyncGenerator, Iterator
@@ -72,7 +73,7 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
             sql_report(cfg, report)
             recs = iter(())
         else:
-            recs = records(cfg, report.selection)
+            recs = _started(records(cfg, report.selection))
     if args.group_by:
         for rec in recs:
             report.feed(rec)
@@ -86,6 +87,13 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
         print(f"tokenbooth: warning: {report.skipped} record(s) could not be counted "
               "(a field missing or malformed)", file=sys.stderr)
     return 0
+
+
+def _started(recs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The same records, the first read before anything is printed: a store that cannot
+    be read fails the command with its one error line, not after a table header."""
+    first = next(recs, None)
+    return recs if first is None else itertools.chain((first,), recs)
 
 
 # -- export: the stream into the PostgreSQL sink (authz/state/usage/exporter.py) -------

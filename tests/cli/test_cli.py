@@ -19,7 +19,7 @@ import pytest
 from authz.cli import check
 from authz.cli.main import main
 from authz.runtime.settings import Settings
-from tests.helpers import write_policy
+from tests.helpers import free_port, write_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,6 +156,22 @@ def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
            "--expires", "2020-01-01T00:00:00Z")
     assert r.returncode == 2 and "not in the future" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_a_store_that_does_not_answer_is_one_line_and_nothing_on_stdout(
+        tmp_path: Path) -> None:
+    """Redis down: each command says so in one line (it was a log line, then the error;
+    `usage` printed its table header first)."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000",
+                        state=f"redis://127.0.0.1:{free_port()}/0")
+    for command, code in ((("keys", "list"), 1), (("keys", "show", "k-x"), 1),
+                          (("usage",), 1), (("audit",), 2)):
+        r = tb(*command, "--config", str(path))
+        assert r.returncode == code, (command, r.stderr)
+        assert r.stdout == "", (command, r.stdout)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("tokenbooth: error: "), (
+            command, r.stderr)
+        assert "Traceback" not in r.stderr
 
 
 def test_version() -> None:

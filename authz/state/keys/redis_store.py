@@ -204,12 +204,15 @@ class RedisKeyStore:
             result = await awaitable
         except (RedisError, OSError) as e:
             self._mark_down(e)
-            raise StoreUnavailable(f"redis key store unavailable: {type(e).__name__}") from None
+            raise StoreUnavailable(f"redis key store unavailable: {type(e).__name__}: {e}"
+                                   ) from None
         self._mark_up()
         return result
 
     def _mark_down(self, err: Exception) -> None:
-        if self._healthy:
+        # A serving replica (its watch started) logs the outage once; a one-shot caller
+        # (a CLI command) has the raised error, which says the same in one line.
+        if self._healthy and self._watch is not None:
             log.error("redis key store unreachable: %s", err)
         self._healthy = False
 
