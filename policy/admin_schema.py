@@ -161,6 +161,10 @@ class UsageRecordOut(BaseModel):
     started_at: str
     duration_ms: float = 0.0
     endpoint: str = ""
+    # The budget periods the request was held under ("" for no budget; absent, null,
+    # in records written before these fields existed), as in usage.jsonl.
+    key_budget_period: str | None = None
+    org_budget_period: str | None = None
 
 
 class UsageTotals(BaseModel):

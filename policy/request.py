@@ -94,7 +94,10 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         raise request_too_large(cfg.max_request_body_bytes)
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as e:
+        if str(e).startswith("depth limit exceeded"):  # orjson's limit: 1024 levels
+            raise invalid_request("The request body is nested too deeply (over 1024 "
+                                  "levels of arrays and objects).") from None
         raise invalid_request("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
@@ -110,6 +113,12 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         if body.get(name):  # null and empty are as good as absent
             raise invalid_request(
                 f"'{name}' is not accepted here: its prompt tokens cannot be bounded.", name)
+    if body.get("use_beam_search"):
+        # vLLM's beam search runs one generation per beam per token, each reading the
+        # whole prompt again: its usage (and so its price) shows a fraction of the work.
+        raise invalid_request("'use_beam_search' is not accepted here: the backend's work "
+                              "for it is many times what its usage reports.",
+                              "use_beam_search")
     return body, alias, model
 
 

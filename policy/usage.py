@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from policy.config import Price
+from policy.limits import cost_nano, nano_to_usd
 
 _PER_1K = Decimal(1000)
 
@@ -25,6 +26,13 @@ class Usage:
 def cost_usd(usage: Usage, price: Price) -> Decimal:
     """Exact cost in USD: tokens times the price per 1k tokens, in Decimal."""
     return (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / _PER_1K
+
+
+def charged_usd(usage: Usage, price: Price) -> Decimal:
+    """What the ledgers charge for `usage`: its cost rounded up to the nano-dollar, as
+    settlement does (`cost_nano`). Equal to `cost_usd` at any price of nine decimals per
+    token or fewer; above that, a record says what its budget paid, not less."""
+    return nano_to_usd(cost_nano(usage.prompt_tokens, usage.completion_tokens, price))
 
 
 def usage_from_obj(obj: Any) -> Usage | None:
@@ -118,7 +126,7 @@ def make_record(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
-        cost_usd=format(cost_usd(usage, price).normalize(), "f"),
+        cost_usd=format(charged_usd(usage, price).normalize(), "f"),
         status=status,
         stream=stream,
         estimated=estimated,

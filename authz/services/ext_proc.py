@@ -100,6 +100,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 await write(resp)
                 if life.admitted:
                     life.delivered = True
+                if life.recount_owed is not None and self._recount_owed(life, span):
+                    span = None  # the recount ends it
                 if life.settle_pending:
                     await self._settle_apart(life)
                 if resp.HasField("immediate_response") or _last(msg) or life.handed_over:
@@ -124,23 +126,22 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 _end_span(span, life)
 
     def _end_early(self, life: Lifecycle, opened: float, span: Span | None) -> bool:
-        """The record of a request that ended before its response did. A prompt left at
-        its byte estimate is counted by the backend first (its /tokenize), in a task of
-        its own that then writes the record and settles: True when that is under way."""
-        ending = life.conclude(aborted=True, out_of_sight=self._out_of_sight(life, opened))
-        if ending is None:
+        """The record of a request that ended before its response did (see
+        `_recount_owed`): True when a recount is under way."""
+        life.finish(aborted=True, out_of_sight=self._out_of_sight(life, opened))
+        return self._recount_owed(life, span)
+
+    def _recount_owed(self, life: Lifecycle, span: Span | None) -> bool:
+        """A record whose prompt is left at its byte estimate: the backend counts it first
+        (its /tokenize), in a task of its own that then writes the record and settles:
+        True when that is under way (it ends the span)."""
+        owed, life.recount_owed = life.recount_owed, None
+        if owed is None:
             return False
-        recount = life.prompt_recount(ending)
-        if recount is None:
-            life.write(ending)
-            return False
-        url, ask = recount
-        if isinstance(ask, int):
-            life.write(ending, ask)  # token ids: counted already
-            return False
+        ending, url, ask = owed
         headers = backend_headers(self._rt.snapshot.config, url,
                                   self._rt.settings.backend_keys)
-        if headers is None:  # the backend's key cannot be read here
+        if headers is None:  # the backend's key cannot be read here: the bound
             life.write(ending)
             return False
         self._apart(self._recount(life, ending, url, ask, headers, span))
@@ -191,6 +192,9 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 log.error("no meter report for a stream Envoy metered: charged its hold "
                           "in full", extra={"request_id": life.request_id})
             life.take_report(report)
+            if life.recount_owed is not None and self._recount_owed(life, span):
+                span = None  # the recount writes, settles and ends it
+                return
             await life.settle()
         finally:
             if span is not None:

@@ -179,6 +179,7 @@ class Lifecycle:
         "handed_over",
         "principal",
         "record",
+        "recount_owed",
         "req",
         "request_id",
         "responded",
@@ -223,6 +224,9 @@ class Lifecycle:
         self.traceparent: str | None = None
         self.status = 0
         self.finished = False
+        # An ending whose prompt the backend counts before its record is written (its
+        # URL, the /tokenize body): ext_proc asks it (`finish` leaves this, never writes).
+        self.recount_owed: tuple[Ending, str, dict[str, Any]] | None = None
         # The admitted request's answer reached Envoy (the servicer wrote it): only then
         # can it have gone to a backend (only that answer names the cluster).
         self.delivered = False
@@ -469,8 +473,15 @@ class Lifecycle:
         if it had not answered). `cut_by_gateway`: Envoy said whether its timeouts cut
         the stream (else the timings tell)."""
         ending = self.conclude(aborted, out_of_sight, cut_by_gateway)
-        if ending is not None:
+        if ending is None:
+            return
+        recount = self.prompt_recount(ending)
+        if recount is None:
             self.write(ending)
+        elif isinstance(recount[1], int):
+            self.write(ending, recount[1])  # token ids: counted already
+        else:  # the backend counts it first: ext_proc asks, then writes (`recount_owed`)
+            self.recount_owed = (ending, recount[0], recount[1])
 
     def conclude(self, aborted: bool = False, out_of_sight: bool = False,
                  cut_by_gateway: bool | None = None) -> Ending | None:
@@ -519,13 +530,18 @@ class Lifecycle:
 
     def write(self, ending: Ending, prompt_tokens: int | None = None) -> None:
         """Write the record `conclude` decided on, and owe its settlement; with
-        `prompt_tokens`, the backend's count of the prompt (never above its bound)."""
+        `prompt_tokens`, the backend's count of the prompt (never above its bound); a
+        prompt left at its byte estimate without one is charged its bound."""
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
         usage, estimated, status = ending.usage, ending.estimated, ending.status
-        if prompt_tokens is not None and ending.prompt_estimated:
-            usage = Usage(min(truncated(prompt_tokens, req.body), req.prompt_bound),
-                          usage.completion_tokens)
+        if ending.prompt_estimated:
+            # The backend's count when it gave one; else the prompt's bound, not its byte
+            # estimate: text of ~1 token a byte beats ~4 bytes a token four times over,
+            # and a client could cut its streams to pay a quarter of its prompts.
+            counted = (req.prompt_bound if prompt_tokens is None
+                       else min(truncated(prompt_tokens, req.body), req.prompt_bound))
+            usage = Usage(counted, usage.completion_tokens)
         hold = self._ask.record if self._ask is not None else None
         self._settle = (usage.total_tokens,
                         cost_nano(usage.prompt_tokens, usage.completion_tokens,

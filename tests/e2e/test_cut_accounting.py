@@ -39,8 +39,9 @@ def gw(tmp_path: Path) -> Iterator[Gateway]:
         yield g
 
 
-def parsed(gw: Gateway, body: dict[str, Any]) -> InferenceRequest:
-    endpoint = lookup("POST", "/v1/chat/completions")
+def parsed(gw: Gateway, body: dict[str, Any],
+           path: str = "/v1/chat/completions") -> InferenceRequest:
+    endpoint = lookup("POST", path)
     assert endpoint is not None
     return parse_request(json.dumps(body).encode(), endpoint, load_config(gw.config_path))
 
@@ -83,10 +84,40 @@ def test_a_route_timeout_is_estimated_not_free(gw: Gateway) -> None:
                    headers={**HEADERS, "x-sim-tpot-ms": "100"}, timeout=30)  # ~6 s > 2 s
     assert r.status_code == 504, r.text
     rec = record_of(gw, r.headers["x-request-id"])
-    req = parsed(gw, body)
+    # The prompt is the backend's own count (its /tokenize, asked before the record is
+    # written), the same as its usage says for this body answered in full.
+    whole = httpx.post(f"{gw.base_url}/v1/chat/completions", content=json.dumps(body),
+                       headers=HEADERS, timeout=30)
+    prompt = whole.json()["usage"]["prompt_tokens"]
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
-            rec["estimated"]) == (504, req.prompt_estimate, 0, True)
-    assert rec["prompt_tokens"] > 0
+            rec["estimated"]) == (504, prompt, 0, True)
+    assert 0 < prompt != parsed(gw, body).prompt_estimate
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/responses", {"model": "demo", "input": "\U0001F600" * 100,
+                       "max_output_tokens": 50, "stream": True}),
+    ("/v1/completions", {"model": "demo", "prompt": ["\U0001F600" * 50] * 2,
+                         "max_tokens": 50, "stream": True}),
+])
+def test_a_cut_stream_whose_prompt_no_tokenize_counts_is_charged_its_bound(
+        gw: Gateway, path: str, body: dict[str, Any]) -> None:
+    """A client that takes a few deltas and leaves before the usage event: a Responses
+    request or a batch of prompts, which /tokenize cannot count as the backend did. Its
+    prompt is charged at its bound, never the byte estimate (~4 bytes a token: a text of
+    ~1 token a byte, emoji here, would pay a quarter of what the backend read)."""
+    with httpx.stream("POST", f"{gw.base_url}{path}", content=json.dumps(body), timeout=30,
+                      headers={**HEADERS, "x-sim-tpot-ms": "50"}) as r:
+        assert r.status_code == 200
+        rid, events = r.headers["x-request-id"], 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events == 4:
+                break
+    rec = record_of(gw, rid)
+    req = parsed(gw, body, path)
+    assert (rec["status"], rec["estimated"]) == (499, True)
+    assert rec["prompt_tokens"] == req.prompt_bound > 4 * req.prompt_estimate // 2
 
 
 def test_a_stream_past_the_shutdown_grace_is_charged_its_whole_hold(gw: Gateway) -> None:

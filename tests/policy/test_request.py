@@ -217,6 +217,18 @@ def test_image_parts_need_a_model_setting() -> None:
     assert parsed(body, cfg=cfg).prompt_bound > 1500
 
 
+def test_beam_search_is_refused_before_anything_is_held() -> None:
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        body = {"model": "demo", "max_tokens": 5, "n": 2, "use_beam_search": True,
+                "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
+        with pytest.raises(ApiError) as e:
+            parse_request(json.dumps(body).encode(), ep(path), CFG)
+        assert (e.value.status, e.value.param) == (400, "use_beam_search")
+    ok = {"model": "demo", "messages": [{"role": "user", "content": "x"}],
+          "use_beam_search": False}
+    assert parse_request(json.dumps(ok).encode(), CHAT_EP, CFG).prompt_bound > 0
+
+
 def test_a_body_too_deep_to_forward_is_a_400_not_a_crash() -> None:
     raw = b'{"model": "demo", "messages": [{"role": "user", "content": "x"}], "x": ' + (
         b"[" * 600 + b"]" * 600 + b"}")
@@ -224,6 +236,11 @@ def test_a_body_too_deep_to_forward_is_a_400_not_a_crash() -> None:
         parse_request(raw, CHAT_EP, CFG)
     assert (e.value.status, e.value.code) == (400, "invalid_request")
     assert "nested too deeply" in e.value.message
+    # Past the JSON parser's own depth limit: valid JSON still, and said so.
+    raw = raw.replace(b"[" * 600 + b"]" * 600, b"[" * 3000 + b"]" * 3000)
+    with pytest.raises(ApiError) as e:
+        parse_request(raw, CHAT_EP, CFG)
+    assert e.value.status == 400 and "nested too deeply" in e.value.message
 
 
 # -- the other endpoint kinds: one entry point, a parser per kind -----------------------

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policy.config import Price
-from policy.usage import Usage, UsageRecord, cost_usd, make_record, usage_from_obj
+from policy.usage import (
+    Usage,
+    UsageRecord,
+    charged_usd,
+    cost_usd,
+    make_record,
+    usage_from_obj,
+)
 
 PRICE = Price(input=Decimal("0.50"), output=Decimal("1.50"))
 
@@ -25,6 +32,15 @@ def test_cost_is_exact_decimal() -> None:
 def test_cost_is_additive(p: int, c: int) -> None:
     assert cost_usd(Usage(p, c), PRICE) == cost_usd(Usage(p, 0), PRICE) + cost_usd(
         Usage(0, c), PRICE)
+
+
+def test_a_record_costs_what_the_ledger_charges() -> None:
+    """A price finer than a nano-dollar per token: the record says what settlement
+    charged (rounded up per request), so records sum to the ledger."""
+    fine = Price(input=Decimal("0.0000000007"), output=Decimal("0.0000000013"))
+    assert cost_usd(Usage(3, 1), fine) == Decimal("0.0000000000034")
+    assert charged_usd(Usage(3, 1), fine) == Decimal("0.000000001")
+    assert charged_usd(Usage(3, 7), PRICE) == cost_usd(Usage(3, 7), PRICE)
 
 
 def test_usage_from_obj_reads_only_well_formed_blocks() -> None:

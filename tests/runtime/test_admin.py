@@ -48,6 +48,8 @@ RECORDS: Records = [
      "cost_usd": "0.0125", "status": 200, "stream": False, "estimated": False,
      "started_at": f"2026-01-0{i + 1}T00:00:00+00:00", "duration_ms": 3.0,
      "endpoint": "chat"} for i in range(6)]
+for _i, _rec in enumerate(RECORDS[:5]):  # r5: written before the budget-period fields
+    _rec.update(key_budget_period="month" if _i % 2 else "", org_budget_period="")
 # As written: a record may be delivered twice (the readers keep one).
 WRITTEN = [*RECORDS, RECORDS[1]]
 NDJSON = "application/x-ndjson"
@@ -348,6 +350,8 @@ async def test_usage_filters_groups_and_pages(api: Api) -> None:
     status, page = await api("GET", "/v1/usage?org=acme&limit=3")
     assert status == 200 and [r["request_id"] for r in page["data"]] == ["r0", "r1", "r2"]
     assert page["has_more"] and page["totals"]["requests"] == 4
+    assert [r["key_budget_period"] for r in page["data"]] == ["", "month", ""]
+    assert page["data"][0]["org_budget_period"] == ""
     status, page = await api("GET", f"/v1/usage?org=acme&limit=3&after={page['last_id']}")
     assert [r["request_id"] for r in page["data"]] == ["r3"] and not page["has_more"]
     # A cursor that names no record is an error, not an empty page that reads as the end.

@@ -221,10 +221,19 @@ async def test_an_ending_envoy_made_is_estimated(h: Harness, stream: bool,
     life.response_start(status, "")
     life.response_chunk(b'{"error":{"message":"The backend did not answer in time.",'
                         b'"type":"upstream_error"}}', end=True)
-    rec = await h.record(life)
+    # The prompt is left to the backend's count: ext_proc asks its /tokenize first.
+    assert life.recount_owed is not None and not h.recorded.got
+    ending, url, ask = life.recount_owed
+    assert url == BACKEND and ask["messages"] == CHAT["messages"]
     req = life.req
-    assert req is not None and req.prompt_estimate > 0
-    assert counts(rec) == (status, req.prompt_estimate, 0, True)
+    assert req is not None and req.prompt_bound > req.prompt_estimate > 0
+    life.write(ending, 61)
+    assert counts(await h.record(life)) == (status, 61, 0, True)
+    # No count (the backend did not answer /tokenize): the prompt's bound, never its
+    # byte estimate (~4 bytes a token, which text of ~1 token a byte beats).
+    h.recorded.got.clear()
+    life.write(ending)
+    assert counts(await h.record(life)) == (status, req.prompt_bound, 0, True)
 
 
 @pytest.mark.parametrize("details", [
