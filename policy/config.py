@@ -147,11 +147,17 @@ class Backend(_Strict):
         return urlsplit(self.url).scheme == "https"
 
 
+# The most a price may be, USD per 1,000 tokens (a dollar a token, over a thousand times
+# the dearest hosted model's): past it, the worst case of ordinary requests is more
+# nano-USD than the ledgers keep exact (2**53), and every request would be refused.
+MAX_PRICE_PER_1K = Decimal(1000)
+
+
 class Price(_Strict):
     """USD per 1,000 tokens. Decimal: money is never a float here."""
 
-    input: Decimal = Field(default=Decimal(0), ge=0)
-    output: Decimal = Field(default=Decimal(0), ge=0)
+    input: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
+    output: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
 
 
 class Model(_Strict):

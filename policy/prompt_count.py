@@ -6,19 +6,25 @@ a token, which text of ~1 token a byte beats four times over), the services ask 
 backend that served it: vLLM's `POST /tokenize` renders chat messages with the same
 template and options as /v1/chat/completions and counts them (`count`).
 
-`tokenize_request` says what to do for one request: an exact count already known
-(token ids), the /tokenize body to send, or None where /tokenize cannot count what the
-backend counted (media parts, batched or suffixed completions prompts, other kinds):
-those stay estimated. Pure; the request goes out in authz/services/prompt_counter.py.
+`tokenize_request` says what to do for one request (a `Recount`): the counts already
+known (token ids) and the /tokenize bodies to send (one per prompt of a batch), or None
+where /tokenize cannot count what the backend counted (media parts, a suffix, a batch of
+over MAX_ASKS prompts, other kinds): those are charged their prompt bound. Pure; the
+requests go out in authz/services/prompt_counter.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeGuard
 
 from policy.endpoints import Kind
 
 TOKENIZE_PATH: Final = "/tokenize"
+# A batched completions prompt is counted one /tokenize call per prompt, up to this many
+# (past it, the prompt's bound is charged).
+MAX_ASKS: Final = 32
 # Chat request fields a template may render or that change the rendering, sent on as
 # the client sent them (vLLM's /tokenize takes these as its chat completions do, and
 # ignores those it has no use for).
@@ -29,30 +35,60 @@ CHAT_FIELDS: Final = ("tools", "tool_choice", "response_format", "documents",
 _TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
 
 
-def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str
-                     ) -> int | dict[str, Any] | None:
-    """An exact prompt count (int), the /tokenize body that gets one (dict), or None."""
+@dataclass(frozen=True, slots=True)
+class Recount:
+    """How to count a prompt the backend read: the prompts counted already (token ids)
+    and the /tokenize bodies, one per text prompt. `total` sums them, each prompt cut to
+    `truncate_prompt_tokens` as vLLM cuts it."""
+
+    counted: tuple[int, ...]
+    asks: tuple[dict[str, Any], ...]
+    cap: int | None = None
+
+    def total(self, answers: Sequence[int]) -> int:
+        """The prompt tokens the backend charged, given the answers to `asks`."""
+        each = (*self.counted, *answers)
+        return sum(n if self.cap is None else min(n, self.cap) for n in each)
+
+
+def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str) -> Recount | None:
+    """How to count this request's prompt exactly, or None where /tokenize cannot."""
+    cap = body.get("truncate_prompt_tokens")
+    cap = cap if type(cap) is int and cap > 0 else None
     if kind is Kind.CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(_text_only(m) for m in messages):
             return None
         out: dict[str, Any] = {"model": upstream_model, "messages": messages}
         out.update((k, body[k]) for k in CHAT_FIELDS if k in body)
-        return out
+        return Recount((), (out,), cap)
     if kind is Kind.COMPLETION:
-        prompt = body.get("prompt")
         if body.get("suffix") is not None:
             return None
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one is that prompt
-        if isinstance(prompt, str):
-            out = {"model": upstream_model, "prompt": prompt}
-            if "add_special_tokens" in body:
-                out["add_special_tokens"] = body["add_special_tokens"]
-            return out
-        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-            return len(prompt)  # token ids: the backend counts them as they are
+        prompt = body.get("prompt")
+        if _token_ids(prompt):
+            return Recount((len(prompt),), (), cap)  # the backend counts them as they are
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if not prompts or len(prompts) > MAX_ASKS:
+            return None
+        counted: list[int] = []
+        asks: list[dict[str, Any]] = []
+        for p in prompts:
+            if _token_ids(p):
+                counted.append(len(p))
+            elif isinstance(p, str):
+                ask: dict[str, Any] = {"model": upstream_model, "prompt": p}
+                if "add_special_tokens" in body:
+                    ask["add_special_tokens"] = body["add_special_tokens"]
+                asks.append(ask)
+            else:
+                return None
+        return Recount(tuple(counted), tuple(asks), cap)
     return None
+
+
+def _token_ids(prompt: Any) -> TypeGuard[list[int]]:
+    return isinstance(prompt, list) and bool(prompt) and all(type(t) is int for t in prompt)
 
 
 def _text_only(message: Any) -> bool:
@@ -64,13 +100,6 @@ def _text_only(message: Any) -> bool:
         return True
     return isinstance(content, list) and all(
         isinstance(p, dict) and p.get("type") in _TEXT_PARTS for p in content)
-
-
-def truncated(count: int, body: dict[str, Any]) -> int:
-    """What the backend charged of a prompt of `count` tokens: vLLM keeps only the last
-    `truncate_prompt_tokens` of it when the request sets that (a positive number)."""
-    cap = body.get("truncate_prompt_tokens")
-    return min(count, cap) if type(cap) is int and cap > 0 else count
 
 
 def counted(answer: Any) -> int | None:

@@ -18,6 +18,7 @@ from typing import Any, Final
 import orjson
 
 from policy import tokens
+from policy.bounds import MAX_EXACT
 from policy.config import Config, Model
 from policy.endpoints import Endpoint, Kind
 from policy.errors import ApiError, invalid_request, model_not_found, request_too_large
@@ -283,7 +284,16 @@ def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceReque
                 "supported through the gateway.", "file")
         raise invalid_request("This endpoint takes no request body.")
     body, alias, model = _load(raw, cfg)
-    return parse(body, alias, model, endpoint.kind)
+    req = parse(body, alias, model, endpoint.kind)
+    worst = req.prompt_bound + req.completion_bound
+    if worst > MAX_EXACT or req.hold_cost_nano() > MAX_EXACT:
+        # Counts and nano-USD are exact below 2**53 (policy/bounds.py): a worst case past
+        # that (a batch of 50,000 prompts times n times max_tokens, an absurd price) cannot be
+        # held, and no backend would serve it.
+        raise invalid_request(
+            f"This request's worst case ({worst:,} tokens at this model's prices) is more "
+            "than the gateway can hold: lower max_tokens, n or the number of prompts.")
+    return req
 
 
 def upstream_body(req: InferenceRequest) -> bytes:

@@ -25,6 +25,7 @@ from authz.services.prompt_counter import PromptCounter, backend_headers
 from authz.services.stalls import Stalls
 from authz.state.limits.admission import Admission
 from policy.errors import ApiError
+from policy.prompt_count import Recount
 
 log = logging.getLogger("tokenbooth.ext_proc")
 
@@ -138,27 +139,29 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         owed, life.recount_owed = life.recount_owed, None
         if owed is None:
             return False
-        ending, url, ask = owed
+        ending, url, recount = owed
         headers = backend_headers(self._rt.snapshot.config, url,
                                   self._rt.settings.backend_keys)
         if headers is None:  # the backend's key cannot be read here: the bound
             life.write(ending)
             return False
-        self._apart(self._recount(life, ending, url, ask, headers, span))
+        self._apart(self._recount(life, ending, url, recount, headers, span))
         return True
 
-    async def _recount(self, life: Lifecycle, ending: Ending, url: str, body: dict[str, Any],
+    async def _recount(self, life: Lifecycle, ending: Ending, url: str, recount: Recount,
                        headers: dict[str, str], span: Span | None) -> None:
-        """The backend's count of a cut request's prompt, then its record and settlement
-        (the estimate when the backend cannot say)."""
+        """The backend's count of a cut request's prompt (each prompt of a batch at once),
+        then its record and settlement (the prompt's bound when the backend cannot say)."""
         try:
             try:
-                n = await self._counter.count(url, body, headers)
-            except asyncio.CancelledError:  # the server stopping: the estimate, settled
+                answers = await asyncio.gather(
+                    *(self._counter.count(url, ask, headers) for ask in recount.asks))
+            except asyncio.CancelledError:  # the server stopping: the bound, settled
                 life.write(ending)
                 await life.settle()
                 raise
-            life.write(ending, n)
+            counts = [n for n in answers if n is not None]
+            life.write(ending, recount.total(counts) if len(counts) == len(answers) else None)
             await life.settle()
         finally:
             if span is not None:

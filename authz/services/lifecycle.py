@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 
@@ -48,7 +48,7 @@ from policy.errors import (
 from policy.keys import Principal
 from policy.limits import Ask, Decision, HoldRecord, Limits, cost_nano, period_id, rate_headers
 from policy.meter_report import MeterReport, meter_from_report
-from policy.prompt_count import tokenize_request, truncated
+from policy.prompt_count import Recount, tokenize_request
 from policy.quota import org_hold
 from policy.request import (
     InferenceRequest,
@@ -226,7 +226,7 @@ class Lifecycle:
         self.finished = False
         # An ending whose prompt the backend counts before its record is written (its
         # URL, the /tokenize body): ext_proc asks it (`finish` leaves this, never writes).
-        self.recount_owed: tuple[Ending, str, dict[str, Any]] | None = None
+        self.recount_owed: tuple[Ending, str, Recount] | None = None
         # The admitted request's answer reached Envoy (the servicer wrote it): only then
         # can it have gone to a backend (only that answer names the cluster).
         self.delivered = False
@@ -478,10 +478,10 @@ class Lifecycle:
         recount = self.prompt_recount(ending)
         if recount is None:
             self.write(ending)
-        elif isinstance(recount[1], int):
-            self.write(ending, recount[1])  # token ids: counted already
+        elif not recount[1].asks:
+            self.write(ending, recount[1].total(()))  # token ids: counted already
         else:  # the backend counts it first: ext_proc asks, then writes (`recount_owed`)
-            self.recount_owed = (ending, recount[0], recount[1])
+            self.recount_owed = (ending, *recount)
 
     def conclude(self, aborted: bool = False, out_of_sight: bool = False,
                  cut_by_gateway: bool | None = None) -> Ending | None:
@@ -515,9 +515,9 @@ class Lifecycle:
         return Ending(usage, estimated, status, prompt_estimated,
                       (time.monotonic() - self._t0) * 1000)
 
-    def prompt_recount(self, ending: Ending) -> tuple[str, int | dict[str, Any]] | None:
+    def prompt_recount(self, ending: Ending) -> tuple[str, Recount] | None:
         """For a record whose prompt is the byte estimate, where its exact count comes
-        from: (the serving backend's URL, the count itself or the /tokenize body)."""
+        from: (the serving backend's URL, what to ask it and what is known already)."""
         req = self.req
         if not ending.prompt_estimated or req is None or self.endpoint is None \
                 or self.route is None:
@@ -530,7 +530,8 @@ class Lifecycle:
 
     def write(self, ending: Ending, prompt_tokens: int | None = None) -> None:
         """Write the record `conclude` decided on, and owe its settlement; with
-        `prompt_tokens`, the backend's count of the prompt (never above its bound); a
+        `prompt_tokens`, the backend's count of the prompt (`Recount.total`; never above
+        its bound); a
         prompt left at its byte estimate without one is charged its bound."""
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
@@ -540,7 +541,7 @@ class Lifecycle:
             # estimate: text of ~1 token a byte beats ~4 bytes a token four times over,
             # and a client could cut its streams to pay a quarter of its prompts.
             counted = (req.prompt_bound if prompt_tokens is None
-                       else min(truncated(prompt_tokens, req.body), req.prompt_bound))
+                       else min(prompt_tokens, req.prompt_bound))
             usage = Usage(counted, usage.completion_tokens)
         hold = self._ask.record if self._ask is not None else None
         self._settle = (usage.total_tokens,

@@ -1,7 +1,7 @@
 """Asks the backend that served a cut stream how many tokens its prompt was: vLLM's
 `POST /tokenize` (policy/prompt_count.py says what to send). One HTTP session per
 process, a short deadline, and any failure (the backend died, refused, took too long,
-answered something else) is None: the record then keeps its byte estimate."""
+answered something else) is None: the record then charges the prompt's bound."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ class PromptCounter:
                     return None
                 return counted(orjson.loads(raw))
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
-            log.info("the backend did not count a cut stream's prompt (%s): estimated",
+            log.info("the backend did not count a cut stream's prompt (%s): its bound is "
+                     "charged",
                      type(e).__name__, extra={"backend": url})
             return None
 

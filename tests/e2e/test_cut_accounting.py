@@ -94,30 +94,44 @@ def test_a_route_timeout_is_estimated_not_free(gw: Gateway) -> None:
     assert 0 < prompt != parsed(gw, body).prompt_estimate
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/responses", {"model": "demo", "input": "\U0001F600" * 100,
-                       "max_output_tokens": 50, "stream": True}),
-    ("/v1/completions", {"model": "demo", "prompt": ["\U0001F600" * 50] * 2,
-                         "max_tokens": 50, "stream": True}),
-])
-def test_a_cut_stream_whose_prompt_no_tokenize_counts_is_charged_its_bound(
-        gw: Gateway, path: str, body: dict[str, Any]) -> None:
-    """A client that takes a few deltas and leaves before the usage event: a Responses
-    request or a batch of prompts, which /tokenize cannot count as the backend did. Its
-    prompt is charged at its bound, never the byte estimate (~4 bytes a token: a text of
-    ~1 token a byte, emoji here, would pay a quarter of what the backend read)."""
+def cut_after(gw: Gateway, path: str, body: dict[str, Any], events: int) -> str:
+    """Stream `body`, leave after `events` data lines: the request id."""
     with httpx.stream("POST", f"{gw.base_url}{path}", content=json.dumps(body), timeout=30,
                       headers={**HEADERS, "x-sim-tpot-ms": "50"}) as r:
         assert r.status_code == 200
-        rid, events = r.headers["x-request-id"], 0
+        seen = 0
         for line in r.iter_lines():
-            events += line.startswith("data: ")
-            if events == 4:
+            seen += line.startswith("data: ")
+            if seen == events:
                 break
-    rec = record_of(gw, rid)
-    req = parsed(gw, body, path)
+        return r.headers["x-request-id"]
+
+
+def test_a_cut_stream_whose_prompt_no_tokenize_counts_is_charged_its_bound(
+        gw: Gateway) -> None:
+    """A client that takes a few deltas and leaves before the usage event, on a
+    Responses request, which /tokenize cannot count as the backend rendered it. Its
+    prompt is charged at its bound, never the byte estimate (~4 bytes a token: a text of
+    ~1 token a byte, emoji here, would pay a quarter of what the backend read)."""
+    body = {"model": "demo", "input": "\U0001F600" * 100, "max_output_tokens": 50,
+            "stream": True}
+    rec = record_of(gw, cut_after(gw, "/v1/responses", body, 4))
+    req = parsed(gw, body, "/v1/responses")
     assert (rec["status"], rec["estimated"]) == (499, True)
-    assert rec["prompt_tokens"] == req.prompt_bound > 4 * req.prompt_estimate // 2
+    assert rec["prompt_tokens"] == req.prompt_bound > 2 * req.prompt_estimate
+
+
+def test_a_cut_batch_of_prompts_is_counted_prompt_by_prompt(gw: Gateway) -> None:
+    """A batched completions stream cut short: each prompt is counted by the backend's
+    /tokenize, the sum what its usage says in full."""
+    body = {"model": "demo", "prompt": ["\U0001F600" * 50, "hello there"],
+            "max_tokens": 50, "stream": True}
+    rec = record_of(gw, cut_after(gw, "/v1/completions", body, 4))
+    whole = httpx.post(f"{gw.base_url}/v1/completions", headers=HEADERS, timeout=30,
+                       content=json.dumps({**body, "stream": False, "max_tokens": 1}))
+    prompt = whole.json()["usage"]["prompt_tokens"]
+    assert (rec["status"], rec["estimated"], rec["prompt_tokens"]) == (499, True, prompt)
+    assert prompt != parsed(gw, body, "/v1/completions").prompt_estimate
 
 
 def test_a_stream_past_the_shutdown_grace_is_charged_its_whole_hold(gw: Gateway) -> None:

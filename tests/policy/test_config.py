@@ -49,6 +49,10 @@ def test_valid_file_and_relative_paths(tmp_path: Path) -> None:
         ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
          "keys:\n  - {id: a, org: \"a\\nb\", sha256: " + "a" * 64 + "}\n",
          "keys[0].org: String should match pattern"),
+        # A price past which no request's worst case could be held (every one was a 500).
+        ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
+         "    price_per_1k_tokens: {input: 20000000}\n",
+         "models.m.price_per_1k_tokens.input: Input should be less than or equal to 1000"),
         # One admin secret, two tokens (two names, maybe two roles).
         ("models:\n  m:\n    upstream_model: x\n    backends: [{url: 'http://h:1'}]\n"
          "admin:\n  tokens:\n    - {name: ops, sha256: " + "b" * 64 + ", role: admin}\n"

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from policy.endpoints import Kind
-from policy.prompt_count import counted, tokenize_request, truncated
+from policy.prompt_count import MAX_ASKS, Recount, counted, tokenize_request
 
 MSGS: list[Any] = [{"role": "system", "content": "be brief"},
                    {"role": "user", "content": [{"type": "text", "text": "hi"}]},
@@ -20,9 +20,9 @@ def test_chat_sends_the_messages_and_the_fields_a_template_renders() -> None:
     body = {"model": "demo", "messages": MSGS, "tools": [{"type": "function"}],
             "chat_template_kwargs": {"x": 1}, "add_generation_prompt": False,
             "max_tokens": 5, "temperature": 0, "stream": True}
-    assert tokenize_request(Kind.CHAT, body, "up") == {
+    assert tokenize_request(Kind.CHAT, body, "up") == Recount((), ({
         "model": "up", "messages": MSGS, "tools": [{"type": "function"}],
-        "chat_template_kwargs": {"x": 1}, "add_generation_prompt": False}
+        "chat_template_kwargs": {"x": 1}, "add_generation_prompt": False},))
 
 
 def test_every_text_part_type_is_text() -> None:
@@ -33,11 +33,15 @@ def test_every_text_part_type_is_text() -> None:
 
 
 def test_a_truncated_prompt_is_charged_what_the_backend_kept() -> None:
-    assert truncated(500, {"truncate_prompt_tokens": 100}) == 100
-    assert truncated(50, {"truncate_prompt_tokens": 100}) == 50
-    for off in ({}, {"truncate_prompt_tokens": -1}, {"truncate_prompt_tokens": None},
-                {"truncate_prompt_tokens": True}):
-        assert truncated(500, off) == 500
+    """vLLM keeps the last truncate_prompt_tokens of each prompt (of a batch too)."""
+    body = {"prompt": ["a", [1, 2, 3, 4, 5]], "truncate_prompt_tokens": 4}
+    r = tokenize_request(Kind.COMPLETION, body, "up")
+    assert r is not None and r.counted == (5,) and r.total([3]) == 3 + 4
+    one = tokenize_request(Kind.COMPLETION, {**body, "prompt": "a"}, "up")
+    assert one is not None and one.total([9]) == 4
+    for off in (None, -1, True):
+        r = tokenize_request(Kind.COMPLETION, {**body, "truncate_prompt_tokens": off}, "up")
+        assert r is not None and r.total([500]) == 505
 
 
 @pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "x"}},
@@ -49,20 +53,28 @@ def test_chat_with_media_or_odd_parts_stays_estimated(part: Any) -> None:
 
 
 def test_completions_a_string_is_asked_token_ids_are_counted_here() -> None:
-    assert tokenize_request(Kind.COMPLETION, {"prompt": "once", "echo": True}, "up") == {
-        "model": "up", "prompt": "once"}
+    def ask(prompt: str, **extra: Any) -> dict[str, Any]:
+        return {"model": "up", "prompt": prompt, **extra}
+
+    assert tokenize_request(Kind.COMPLETION, {"prompt": "once", "echo": True}, "up") == \
+        Recount((), (ask("once"),))
     assert tokenize_request(Kind.COMPLETION, {"prompt": "a", "add_special_tokens": False},
-                            "up") == {"model": "up", "prompt": "a", "add_special_tokens": False}
-    assert tokenize_request(Kind.COMPLETION, {"prompt": [5, 6, 7]}, "up") == 3
-    # A batch of one is that one prompt.
-    assert tokenize_request(Kind.COMPLETION, {"prompt": ["once"]}, "up") == {
-        "model": "up", "prompt": "once"}
-    assert tokenize_request(Kind.COMPLETION, {"prompt": [[5, 6]]}, "up") == 2
-    assert tokenize_request(Kind.COMPLETION, {"prompt": [5]}, "up") == 1
-    # Batches and suffixes: /tokenize counts one prompt, with no suffix.
-    for body in ({"prompt": ["a", "b"]}, {"prompt": [[1], [2]]}, {"prompt": "a", "suffix": "b"},
-                 {"prompt": []}):
-        assert tokenize_request(Kind.COMPLETION, body, "up") is None
+                            "up") == Recount((), (ask("a", add_special_tokens=False),))
+    assert tokenize_request(Kind.COMPLETION, {"prompt": [5, 6, 7]}, "up") == Recount((3,), ())
+    assert tokenize_request(Kind.COMPLETION, {"prompt": ["once"]}, "up") == \
+        Recount((), (ask("once"),))
+    assert tokenize_request(Kind.COMPLETION, {"prompt": [[5, 6]]}, "up") == Recount((2,), ())
+    assert tokenize_request(Kind.COMPLETION, {"prompt": [5]}, "up") == Recount((1,), ())
+    # A batch: one /tokenize call per text prompt, token ids counted here; summed.
+    r = tokenize_request(Kind.COMPLETION, {"prompt": ["a", [1, 2], "b"]}, "up")
+    assert r == Recount((2,), (ask("a"), ask("b")))
+    assert r.total([3, 4]) == 9
+    assert tokenize_request(Kind.COMPLETION, {"prompt": [[1], [2, 3]]}, "up") == \
+        Recount((1, 2), ())
+    # A suffix (/tokenize has none), an empty or odd prompt, too large a batch: None.
+    for body in ({"prompt": "a", "suffix": "b"}, {"prompt": []}, {"prompt": ["a", 3.5]},
+                 {"prompt": [[]]}, {"prompt": None}, {"prompt": ["x"] * (MAX_ASKS + 1)}):
+        assert tokenize_request(Kind.COMPLETION, body, "up") is None, body
 
 
 @pytest.mark.parametrize("kind", [Kind.RESPONSES, Kind.EMBEDDINGS, Kind.SCORE])

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from policy.config import Config, parse_config
+from policy.config import MAX_PRICE_PER_1K, Config, Price, parse_config
 from policy.endpoints import ENDPOINTS, Endpoint, Kind, lookup
 from policy.errors import ApiError
 from policy.limits import cost_nano
@@ -215,6 +215,22 @@ def test_image_parts_need_a_model_setting() -> None:
     demo = CFG.models["demo"].model_copy(update={"tokens_per_image": 1500})
     cfg = CFG.model_copy(update={"models": {**CFG.models, "demo": demo}})
     assert parsed(body, cfg=cfg).prompt_bound > 1500
+
+
+def test_a_worst_case_past_exact_arithmetic_is_a_400_not_a_crash() -> None:
+    """50,000 prompts, n 16, the model's max_tokens, at the dearest price: more nano-USD
+    than the ledgers keep exact
+    (it was a 500 from the admission's own check)."""
+    dear = CFG.models["demo"].model_copy(update={"price_per_1k_tokens": Price(
+        input=MAX_PRICE_PER_1K, output=MAX_PRICE_PER_1K)})
+    cfg = CFG.model_copy(update={"models": {**CFG.models, "demo": dear}})
+    body = {"model": "demo", "prompt": ["a"] * 50_000, "n": 16}
+    with pytest.raises(ApiError) as e:
+        parse_request(json.dumps(body).encode(), ep("/v1/completions"), cfg)
+    assert (e.value.status, e.value.code) == (400, "invalid_request")
+    assert "worst case" in e.value.message
+    # One prompt at the dearest price a config may set is fine.
+    parse_request(json.dumps({**body, "prompt": "a"}).encode(), ep("/v1/completions"), cfg)
 
 
 def test_beam_search_is_refused_before_anything_is_held() -> None:

@@ -223,8 +223,8 @@ async def test_an_ending_envoy_made_is_estimated(h: Harness, stream: bool,
                         b'"type":"upstream_error"}}', end=True)
     # The prompt is left to the backend's count: ext_proc asks its /tokenize first.
     assert life.recount_owed is not None and not h.recorded.got
-    ending, url, ask = life.recount_owed
-    assert url == BACKEND and ask["messages"] == CHAT["messages"]
+    ending, url, recount = life.recount_owed
+    assert url == BACKEND and recount.asks[0]["messages"] == CHAT["messages"]
     req = life.req
     assert req is not None and req.prompt_bound > req.prompt_estimate > 0
     life.write(ending, 61)

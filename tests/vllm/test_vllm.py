@@ -188,12 +188,13 @@ def test_record_sums_equal_vllm_counter_deltas(vllm_gateway: Gateway,
     assert delta == want
 
 
-def _read_a_few_chunks_and_leave(gw: Gateway) -> dict[str, Any]:
+def _read_a_few_chunks_and_leave(gw: Gateway, path: str = "/v1/chat/completions",
+                                 ask: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start a long stream, read five chunks, close the connection; the request's record."""
-    body = {"model": "long", "messages": MESSAGES, "max_tokens": LONG_TOKENS, "stream": True,
-            **EXACT}
+    body = {"model": "long", "max_tokens": LONG_TOKENS, "stream": True, **EXACT,
+            **(ask or {"messages": MESSAGES})}
     req = urllib.request.Request(
-        f"{gw.base_url}/v1/chat/completions", data=json.dumps(body).encode(),
+        f"{gw.base_url}{path}", data=json.dumps(body).encode(),
         headers={"content-type": "application/json", "authorization": f"Bearer {SECRET}"})
     with urllib.request.urlopen(req, timeout=120) as r:
         rid = r.headers["x-request-id"]
@@ -252,6 +253,22 @@ def test_client_gone_mid_stream_gives_an_estimated_record(vllm_gateway: Gateway,
         # Counted from the content chunks the gateway saw (the first carries only the role).
         assert 4 <= rec["completion_tokens"] < LONG_TOKENS, rec
         return
+    raise AssertionError("five streams in a row outran the client's disconnect")
+
+
+def test_a_cut_batch_of_prompts_is_charged_vllms_own_count(vllm_gateway: Gateway,
+                                                            vllm_server: VllmServer) -> None:
+    """A batched completions stream cut short: each prompt counted by vLLM's /tokenize,
+    the sum what vLLM's usage says for the batch (each prompt once)."""
+    batch = {"prompt": [PROMPT, "\U0001F600 " * 20]}
+    prompt, _ = vllm_usage(vllm_server, "/v1/completions",
+                           {"model": MODEL, **batch, "max_tokens": 1, **EXACT})
+    for _ in range(5):
+        rec = _read_a_few_chunks_and_leave(vllm_gateway, "/v1/completions", batch)
+        assert rec["prompt_tokens"] == prompt, rec
+        if rec["estimated"]:
+            assert rec["status"] == 499, rec
+            return
     raise AssertionError("five streams in a row outran the client's disconnect")
 
 
