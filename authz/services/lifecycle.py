@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import time
 import uuid
@@ -59,7 +60,17 @@ from policy.request import (
 )
 from policy.routing import Route
 from policy.stream_usage import StreamMeter, meter_for
-from policy.usage import LOST, Usage, UsageRecord, iso_z, make_record, usage_from_obj
+from policy.usage import (
+    LOST,
+    Usage,
+    UsageRecord,
+    countable,
+    iso_z,
+    make_record,
+    usage_from_obj,
+)
+
+log = logging.getLogger("tokenbooth.ext_proc")
 
 Headers = tuple[tuple[str, str], ...]
 # A JSON response is kept whole to read its `usage`, up to this size; past it only its
@@ -536,6 +547,15 @@ class Lifecycle:
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
         usage, estimated, status = ending.usage, ending.estimated, ending.status
+        price = req.model.price_per_1k_tokens
+        if not estimated and not countable(usage, price):
+            # A backend's usage past what the ledgers count exactly (10**12 tokens): no
+            # backend generates that, and it cannot be settled. Its hold is charged.
+            log.error("the backend reported usage past all bounds: charged its hold",
+                      extra={"request_id": self.request_id, "prompt_tokens":
+                             usage.prompt_tokens, "completion_tokens": usage.completion_tokens})
+            self._rec.bound_violation(req.alias)
+            usage, estimated = Usage(req.prompt_bound, req.completion_bound), True
         if ending.prompt_estimated:
             # The backend's count when it gave one; else the prompt's bound, not its byte
             # estimate: text of ~1 token a byte beats ~4 bytes a token four times over,
@@ -625,9 +645,10 @@ class Lifecycle:
         if self.status >= 400 and (self._error_body is not None or not self.responded
                                    or self.status not in GATEWAY_CUTS or self._unreached):
             return Usage(), False  # refused (the backend, or Envoy): nothing was generated
-        if self._json_tail and 200 <= self.status < 300:
-            # A whole answer, too large to read, whose end holds no usage: vLLM sends a
-            # JSON answer once generated, so the backend may have counted its hold.
+        if not req.stream and self.responded and 200 <= self.status < 300:
+            # A JSON answer whose usage cannot be read (none, malformed, past the tail
+            # kept, or the answer cut short): vLLM sends it once generated, so the
+            # backend may have counted its whole hold.
             return Usage(req.prompt_bound, req.completion_bound), True
         return Usage(req.prompt_estimate, 0), True
 

@@ -38,6 +38,7 @@ class Recorded:
     """The recorder's part: the records written."""
 
     got: list[UsageRecord] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
 
     def record(self, rec: UsageRecord, ttft_s: float | None = None) -> None:
         self.got.append(rec)
@@ -46,7 +47,7 @@ class Recorded:
         pass
 
     def bound_violation(self, alias: str) -> None:
-        pass
+        self.violations.append(alias)
 
 
 @dataclass
@@ -177,6 +178,47 @@ async def test_a_json_answer_too_large_to_read_is_charged_its_hold(
     life.response_start(200, BACKEND)
     feed(life, completion_answer(10_000, None), 500)
     await assert_whole_hold(h, life, 200)
+
+
+@pytest.mark.parametrize("answer", [
+    completion_answer(100, None),  # no usage at all
+    completion_answer(100, {"prompt_tokens": "2", "completion_tokens": 9}),
+    completion_answer(100, {"prompt_tokens": -2, "completion_tokens": 9}),
+    completion_answer(100, {"prompt_tokens": 2, "completion_tokens": 9})[:60],  # cut
+    b"not json at all",
+])
+@pytest.mark.parametrize("cut", [False, True])
+async def test_a_json_answer_without_readable_usage_is_charged_its_hold(
+        h: Harness, answer: bytes, cut: bool) -> None:
+    """A 2xx JSON answer whose usage cannot be read (absent, malformed, the body cut by
+    the backend or the client): vLLM sent it once generated, so the hold, never zero
+    completion tokens."""
+    life = await h.admitted(COMPLETION, "/v1/completions")
+    life.response_start(200, BACKEND)
+    life.response_chunk(answer, end=not cut)
+    if cut:
+        life.finish(aborted=True)
+    rec = await h.record(life)
+    req = life.req
+    assert req is not None and rec.estimated
+    assert (rec.prompt_tokens, rec.completion_tokens) == (req.prompt_bound,
+                                                         req.completion_bound)
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 10**12, "completion_tokens": 10**12},
+    {"prompt_tokens": 2**60, "completion_tokens": 1},
+])
+async def test_usage_past_all_bounds_is_charged_the_hold_not_a_crash(
+        h: Harness, usage: dict[str, int]) -> None:
+    """A backend that reports more than the ledgers count exactly: settling it raised
+    (a traceback, a concurrency slot held until its lease ended). Its hold is charged,
+    estimated, and counted as a bound violation."""
+    life = await h.admitted(COMPLETION, "/v1/completions")
+    life.response_start(200, BACKEND)
+    life.response_chunk(completion_answer(100, usage), end=True)
+    await assert_whole_hold(h, life, 200)
+    assert h.recorded.violations == ["demo"]
 
 
 async def test_the_ordinary_json_answer_is_unchanged(h: Harness) -> None:
