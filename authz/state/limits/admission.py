@@ -17,7 +17,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from authz.state.limits.base import LimitStore, LimitStoreUnavailable
+from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStoreUnwritable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
 from policy.admission import Settled, lost_record, settled, tracked
@@ -138,7 +138,8 @@ class Admission:
         except LimitStoreUnavailable as e:
             # Unanswered is not undone: a script sent to a stalled store runs when it
             # wakes, and its hold would be charged as lost for a request never served.
-            self._release_later(limits, ask)
+            if not isinstance(e, LimitStoreUnwritable):  # that one changed nothing
+                self._release_later(limits, ask)
             if not self._may_fail_open(limits):
                 log.error("admission failed closed: %s", e,
                           extra={"request_id": ask.request_id})

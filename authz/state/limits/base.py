@@ -13,6 +13,11 @@ class LimitStoreUnavailable(Exception):
     """The store could not answer within its time limit."""
 
 
+class LimitStoreUnwritable(LimitStoreUnavailable):
+    """The store refused before changing anything: what it would hold could not be made
+    durable (the embedded state's journal on a full disk). Nothing to release."""
+
+
 @runtime_checkable
 class LimitStore(Protocol):
     async def start(self) -> None: ...

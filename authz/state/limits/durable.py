@@ -54,8 +54,10 @@ from typing import Any
 
 import orjson
 
+from authz.state.limits.base import LimitStoreUnwritable
 from authz.state.limits.codec import ask_from
 from authz.state.limits.memory import MemoryLimitStore
+from authz.state.lines import TornLine
 from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, usage_files
 from policy.admission import KeyState, Ledger, Settled, lost_record
 from policy.config import Config
@@ -104,6 +106,8 @@ class DurableMemoryLimitStore:
         self._lock_fd: int | None = None
         self._jbytes = 0
         self._broken = False  # a journal write failed: snapshot as soon as possible
+        self._lost_seq = 0  # the last journal line that failed to land
+        self._torn = TornLine()
         self._next_try = 0.0
         self._compacting: asyncio.Future[None] | None = None
 
@@ -139,11 +143,26 @@ class DurableMemoryLimitStore:
             self._lock_fd = None
 
     async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
+        if self._broken:
+            # A journal line was lost (a full disk): nothing new is held until a snapshot
+            # makes the state durable again, or a restart would forget it (and its spend).
+            self._compact_soon()
+            if self._broken:
+                raise LimitStoreUnwritable(f"the limits journal in {self._dir} cannot be "
+                                           "written (is the disk full?)")
         d = await self._mem.admit(limits, ask, now)
         if d.allowed:
             self._seq += 1
-            self._append(orjson.dumps([self._seq, "a", now, _limits_row(limits), ask],
-                                      option=orjson.OPT_APPEND_NEWLINE), now)
+            if not self._append(orjson.dumps([self._seq, "a", now, _limits_row(limits), ask],
+                                             option=orjson.OPT_APPEND_NEWLINE), now,
+                                compact=False):
+                # Not journaled: undone (a hold a restart would forget is never served),
+                # then the snapshot that makes the state durable again, without it.
+                await self._mem.settle(limits, dataclasses.replace(ask, record=None), 0, 0,
+                                       now)
+                self._compact_soon()
+                raise LimitStoreUnwritable(f"the limits journal in {self._dir} cannot be "
+                                           "written (is the disk full?)")
         return d
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
@@ -176,27 +195,33 @@ class DurableMemoryLimitStore:
 
     # -- the journal ---------------------------------------------------------------
 
-    def _append(self, line: bytes, now: float) -> None:
-        """One write() of one whole line; a failure is logged, never raised: the state
-        in memory is right, and the next snapshot makes it durable again."""
+    def _append(self, line: bytes, now: float, compact: bool = True) -> bool:
+        """One write() of one whole line; False if it did not land. A failure is logged,
+        never raised: the state in memory is right, and the next snapshot makes it
+        durable again (until then `admit` refuses). `compact=False`: after a failure the
+        caller changes the state first, then snapshots."""
         self._t = max(self._t, now)
         if self._fd is None:
-            return
+            return True
+        ok = True
         try:
-            if os.write(self._fd, line) != len(line):
-                raise OSError("short write")
+            self._torn.append(self._fd, line)  # a torn line never swallows the next
             self._jbytes += len(line)
         except OSError as e:
             if not self._broken:
                 log.error("limits journal write failed: %s", e,
                           extra={"path": str(self.journal_path)})
             self._broken = True
-        if self._jbytes >= self._compact_bytes or self._broken:
+            self._lost_seq = self._seq  # a snapshot of this seq or later restores it
+            ok = False
+        if (ok or compact) and (self._jbytes >= self._compact_bytes or self._broken):
             self._compact_soon()
+        return ok
 
     def _open_journal(self) -> None:
         self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._jbytes = 0
+        self._torn = TornLine()
 
     def _rotated(self) -> list[Path]:
         """Journals rotated out by a snapshot that may not have completed, oldest first."""
@@ -236,14 +261,16 @@ class DurableMemoryLimitStore:
                 with contextlib.suppress(OSError):
                     self._open_journal()
             return
-        self._broken = False
         self._compacting = loop.run_in_executor(None, self._write_snapshot, data, seq)
-        self._compacting.add_done_callback(self._compacted)
+        self._compacting.add_done_callback(functools.partial(self._compacted, seq))
 
-    def _compacted(self, fut: asyncio.Future[None]) -> None:
+    def _compacted(self, seq: int, fut: asyncio.Future[None]) -> None:
         self._compacting = None
         exc = fut.exception()
-        if exc is not None:
+        if exc is None:
+            if seq >= self._lost_seq:
+                self._broken = False  # durable again: the snapshot holds every line lost
+        else:
             log.error("limits snapshot failed: %s", exc)
             self._broken = True
             self._next_try = asyncio.get_running_loop().time() + RETRY_S
@@ -254,7 +281,9 @@ class DurableMemoryLimitStore:
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a short write (a full disk) must not pass for the whole state
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

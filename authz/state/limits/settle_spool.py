@@ -27,6 +27,7 @@ from pathlib import Path
 import orjson
 
 from authz.state.limits.codec import ask_from, dumps, limits_from
+from authz.state.lines import TornLine
 from policy.limits import Ask, Limits
 
 log = logging.getLogger("tokenbooth.limits")
@@ -81,6 +82,7 @@ class SettleSpool:
         self._lock = lock_exclusive(spool_dir / LOCK_FILE)
         self._fd = os.open(spool_dir / SPOOL_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT,
                            0o600)
+        self._torn = TornLine()
         self._size = os.fstat(self._fd).st_size
         if self._size and os.pread(self._fd, 1, self._size - 1) != b"\n":
             self._write(b"\n")  # a line cut by a crash stays a damaged line of its own
@@ -145,9 +147,8 @@ class SettleSpool:
             self._fd = -1
 
     def _write(self, data: bytes) -> None:
-        try:
-            if os.write(self._fd, data) != len(data):
-                raise OSError("short write")
+        try:  # after a partial line the next starts on its own (authz/state/lines.py)
+            self._torn.append(self._fd, data)
         finally:  # a partial line is skipped as damaged when read
             self._size = os.fstat(self._fd).st_size
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from authz.state.lines import Backlog
 from policy.config import Config, redacted
 from policy.usage import LOST, UsageRecord
 
@@ -51,6 +52,7 @@ class JsonlUsageLog:
         self._check_every = max(1, min(_CHECK_BYTES, max_bytes // 16))
         self._unchecked = 0
         self._file = self._open()
+        self._backlog = Backlog(str(self.path))
 
     def _open(self) -> Any:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -58,9 +60,10 @@ class JsonlUsageLog:
 
     def write(self, record: UsageRecord) -> None:
         # One write() of one whole line: O_APPEND keeps lines intact across processes.
-        # orjson serialises the (flat) dataclass itself, without a dict in between.
+        # orjson serialises the (flat) dataclass itself, without a dict in between. A
+        # full disk: the record waits in memory (authz/state/lines.py).
         line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-        self._file.write(line)
+        self._backlog.append(self._file.fileno(), line)
         self._unchecked += len(line)
         if self._unchecked >= self._check_every:
             self._unchecked = 0
@@ -81,6 +84,10 @@ class JsonlUsageLog:
         self._file = self._open()
 
     def close(self) -> None:
+        if not self._backlog.flush(self._file.fileno()):
+            for line in self._backlog.drop():  # never silently: each in the log
+                log.error("usage record not stored (the disk refused it): %s",
+                          line.decode().rstrip())
         self._file.close()
 
 

@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from authz.state.keys.redis_store import connect
+from authz.state.lines import Backlog
 from authz.state.usage.trim import TrimPolicy, ensure_groups, trim
 from policy.usage import LOST, UsageRecord
 
@@ -140,6 +141,7 @@ class RedisUsageSink:
         self._wseq = max([self._rseq, *seqs]) + 1  # never append after a crash's partial line
         self._wfd = self._open_segment(self._wseq)
         self._wsize = 0
+        self._backlog = Backlog(f"usage spool {spool_dir}")
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()  # aclose(): leave once drained or on the first error
         self._stop = asyncio.Event()  # leave at the next checkpoint
@@ -160,9 +162,9 @@ class RedisUsageSink:
             self._wseq += 1
             self._wfd = self._open_segment(self._wseq)
             self._wsize = 0
-        try:  # one write() of one whole line, as JsonlUsageLog
-            os.write(self._wfd, line)
-        except OSError as e:  # disk full: never silently
+        try:  # one write() of one whole line, as JsonlUsageLog; a full disk: kept in memory
+            self._backlog.append(self._wfd, line)
+        except OSError as e:  # not even that: never silently
             log.error("usage spool write failed (%s), record not stored: %s", e, line.decode())
             return
         self._wsize += len(line)
@@ -175,6 +177,10 @@ class RedisUsageSink:
         self._closing.set()
         self._wake.set()
         if self._wfd >= 0:
+            if not self._backlog.flush(self._wfd):
+                for line in self._backlog.drop():  # never silently: each in the log
+                    log.error("usage spool write failed, record not stored: %s",
+                              line.decode().rstrip())
             with contextlib.suppress(OSError):  # a lagging offset only redelivers
                 self._save_offset()
             os.close(self._wfd)
@@ -211,6 +217,8 @@ class RedisUsageSink:
         backoff = 0.2
         while not self._stop.is_set():
             self._wake.clear()  # before reading, so a write from now on wakes us again
+            if len(self._backlog) and self._wfd >= 0:  # records a full disk refused
+                self._backlog.flush(self._wfd)
             batch, end = self._read_batch()
             if not batch:
                 if end != self._roff:  # only damaged lines
@@ -219,6 +227,10 @@ class RedisUsageSink:
                 if self._closing.is_set():
                     self._save_offset()
                     return
+                if len(self._backlog):  # try the disk again each second
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    continue
                 await self._wake.wait()
                 if not self._closing.is_set():
                     await asyncio.sleep(_LINGER_S)
@@ -263,6 +275,8 @@ class RedisUsageSink:
             if len(out) == _BATCH:
                 break
             pos += len(line) + 1
+            if not line.strip():  # after a torn line (a full disk): see authz/state/lines.py
+                continue
             try:
                 rec = orjson.loads(line)
                 rid, kind = rec.get("request_id"), ("lost" if rec.get("status") == LOST

@@ -1,0 +1,116 @@
+"""A full disk under the embedded state and the usage log, made real with RLIMIT_FSIZE in
+a child process (a write past the limit lands short, or fails with EFBIG, as on a full
+disk): no admission is held that a restart would forget, a torn line never swallows
+the line after it, and a usage record the disk refused is written once it has room."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PRELUDE = textwrap.dedent("""\
+    import asyncio, os, resource, signal, sys
+    from dataclasses import replace
+    from pathlib import Path
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not death, past the limit
+    _, HARD = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def disk(room):  # files may grow to `room` bytes (None: unlimited)
+        resource.setrlimit(resource.RLIMIT_FSIZE,
+                           (HARD if room is None else room, HARD))
+    """)
+
+
+def run_child(tmp_path: Path, body: str) -> str:
+    script = PRELUDE + textwrap.dedent(body)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_a_journal_the_disk_refuses_holds_nothing_a_restart_would_forget(
+        tmp_path: Path) -> None:
+    out = run_child(tmp_path, """
+        from authz.state.limits.base import LimitStoreUnwritable
+        from authz.state.limits.durable import JOURNAL_FILE, DurableMemoryLimitStore
+        from policy.limits import Ask, Limits
+
+        d = Path(sys.argv[1])
+        LIMITS = Limits(max_concurrent=10, budget_nano=10**9, budget_period="total")
+
+        def ask(i):
+            return Ask(request_id=f"r{i}", key_id="k", org="o", tokens=10,
+                       cost_nano=1000, period="total", lease_s=3600.0)
+
+        async def main():
+            s = DurableMemoryLimitStore(d)
+            await s.start()
+            for i in range(3):
+                assert (await s.admit(LIMITS, ask(i), 1.0)).allowed
+            await s.settle(LIMITS, ask(0), 10, 700, 2.0)
+            # The disk fills: the next admission's line lands short.
+            disk(os.path.getsize(d / JOURNAL_FILE) + 7)
+            try:
+                await s.admit(LIMITS, ask(3), 3.0)
+                raise SystemExit("admitted while the journal could not keep it")
+            except LimitStoreUnwritable:
+                pass
+            assert s._mem.state()[0]["k"].holds.keys() == {"r1", "r2"}  # r3 undone
+            # Room again: the snapshot makes the state durable, admissions go on.
+            disk(None)
+            for _ in range(100):
+                if not s._broken:
+                    break
+                s._compact_soon()
+                await asyncio.sleep(0.02)
+            assert (await s.admit(LIMITS, ask(4), 4.0)).allowed
+            await s.settle(LIMITS, ask(1), 10, 900, 5.0)
+            # What a SIGKILL leaves: no snapshot at close.
+            for name in ("_fd", "_lock_fd"):
+                os.close(getattr(s, name))
+                setattr(s, name, None)
+            again = DurableMemoryLimitStore(d)
+            await again.load()
+            spent, reserved = await again.budget("k", "o", "total", 6.0)
+            leases = sorted(again._mem.state()[0]["k"].holds)
+            print(spent, reserved, leases)
+
+        asyncio.run(main())
+        """)
+    # r0 and r1 settled (700 + 900), r2 and r4 held (1000 each), r3 never was.
+    assert out.split() == ["1600", "2000", "['r2',", "'r4']"]
+
+
+def test_usage_records_the_disk_refused_are_written_once_it_has_room(
+        tmp_path: Path) -> None:
+    out = run_child(tmp_path, """
+        from datetime import UTC, datetime
+        from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, read_records
+        from policy.config import Price
+        from policy.usage import Usage, make_record
+
+        d = Path(sys.argv[1])
+
+        def rec(i):
+            return make_record(
+                request_id=f"r{i}", key_id="k", org="o", model="m", upstream_model="u",
+                backend="b", usage=Usage(3, 4), price=Price(), status=200, stream=False,
+                estimated=False, started_at=datetime(2026, 1, 1, tzinfo=UTC),
+                duration_ms=1.0, endpoint="chat")
+
+        log = JsonlUsageLog(d)
+        log.write(rec(0))
+        disk(os.path.getsize(d / USAGE_FILE) + 30)  # r1 lands short, r2 not at all
+        log.write(rec(1))
+        log.write(rec(2))
+        disk(None)
+        log.write(rec(3))  # the kept ones first, in order, then this one
+        log.close()
+        print(" ".join(r["request_id"] for r in read_records(d / USAGE_FILE)))
+        """)
+    assert out.split() == ["r0", "r1", "r2", "r3"]
