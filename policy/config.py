@@ -82,7 +82,9 @@ class Backend(_Strict):
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
-            raise ValueError(f"expected an environment variable's name, got {v!r}")
+            # Not echoed: what is here instead of a name may be the key itself.
+            raise ValueError("expected an environment variable's name (letters, digits "
+                             "and _, not starting with a digit), not its value")
         return v
 
     @field_validator("api_key_file")
@@ -349,7 +351,7 @@ class KeyStoreSettings(_Strict):
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None and urlsplit(v).scheme not in ("http", "https"):
-            raise ValueError(f"expected an http(s):// URL, got {v!r}")
+            raise ValueError(f"expected an http(s):// URL, got {origin(v)!r}")
         return v.rstrip("/") if v else v
 
 
@@ -439,7 +441,7 @@ class AlertSettings(_Strict):
     def _url(cls, v: str | None) -> str | None:
         parts = urlsplit(v) if v is not None else None
         if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
-            raise ValueError(f"expected an http(s):// URL, got {v!r}")
+            raise ValueError(f"expected an http(s):// URL, got {origin(v or '')!r}")
         return v
 
     @field_validator("thresholds")
@@ -642,6 +644,18 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
+def origin(url: str) -> str:
+    """A URL fit for messages when its path or user may be a secret (a webhook's path,
+    a validation service's user:password): scheme, host and port only."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparseable URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}" + ("/…" if parts.path.strip("/")
+                                                              or parts.query else "")
+
+
 def with_redis_password(state: str, password: str) -> str:
     """A Redis `state` URL with its password set; user name, host, port and db kept."""
     parts = urlsplit(state)
@@ -672,7 +686,16 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where}: not valid YAML") from None
-    cfg = parse_config(data, str(path), path.parent.resolve())
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
+    except ValueError as e:  # an integer of thousands of digits (Python's own limit)
+        what = ("a number is too long (over 4,300 digits)"
+                if "integer string conversion" in str(e) else f"a value cannot be read: {e}")
+        raise ConfigError(f"{path}: {what[:300]}") from None
+    try:
+        cfg = parse_config(data, str(path), path.parent.resolve())
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
     password = (env or {}).get(REDIS_PASSWORD_ENV)
     if password and cfg.state_is_redis:
         cfg = cfg.model_copy(update={"state": with_redis_password(cfg.state, password)})

@@ -25,7 +25,7 @@ from authz.state.keys.factory import make_store
 from policy.admission import hold_live
 from policy.audit import ORG_PREFIX
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
-from policy.config import Config, redacted
+from policy.config import Config, origin, redacted
 from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import (
@@ -156,7 +156,8 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
     store = make_store(cfg)
     if not isinstance(store, KeyAdmin):
         raise ReadOnlyStore(
-            f"keys are managed by the validation service at {cfg.key_store.validation_url}"
+            "keys are managed by the validation service at "
+            f"{origin(cfg.key_store.validation_url or '')}"
         )
 
     async def run() -> T:

@@ -38,7 +38,7 @@ from policy.admin_schema import (
     UsageTotals,
 )
 from policy.audit import ORG_PREFIX
-from policy.config import Config, OrgLimits
+from policy.config import Config, OrgLimits, origin
 from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
@@ -84,7 +84,7 @@ class AdminContext:
 
     def writable_keys(self) -> KeyAdmin:
         if not isinstance(self.keys, KeyAdmin):
-            url = self.config().key_store.validation_url
+            url = origin(self.config().key_store.validation_url or "")
             raise AdminError(409, f"keys are managed by the validation service at {url}; "
                              "key writes are refused here", "keys_read_only")
         return self.keys

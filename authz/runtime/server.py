@@ -223,8 +223,12 @@ class Services:
     async def _reload_loop(self) -> None:
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
-            if self.runtime.reload_if_changed() and self._xds is not None:
-                await self._xds.update(self.runtime.snapshot.config)
+            try:
+                if self.runtime.reload_if_changed() and self._xds is not None:
+                    await self._xds.update(self.runtime.snapshot.config)
+            except Exception as e:  # never the end of reloads: the next edit may be good
+                log.error("config reload failed, keeping the last good config: %s: %s",
+                          type(e).__name__, e)
 
     async def stop(self) -> None:
         """Stop taking new streams; let in-flight ones finish within the grace period."""

@@ -90,6 +90,25 @@ def test_a_backend_url_with_a_password_is_refused_without_showing_it(tmp_path: P
     assert "s3cret-pw" not in str(e.value)
 
 
+@pytest.mark.parametrize(("section", "secret"), [
+    ("key_store: {validation_url: 'ftp://svc:S3CRETpw9@auth:1/v'}", "S3CRETpw9"),
+    ("alerts: {webhook_url: 'htps://hooks.example/services/T0/B0/S3CRETtok'}", "S3CRETtok"),
+    ("models:\n  n:\n    upstream_model: x\n    backends: [{url: 'http://h:2', "
+     "api_key_env: 'sk-S3CRETkey-pasted'}]", "S3CRETkey"),
+])
+def test_no_config_message_shows_a_credential(tmp_path: Path, section: str,
+                                               secret: str) -> None:
+    """A validation service's user:password, a webhook's path (Slack's carries its
+    token), a key pasted where its variable's name goes: never echoed."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  m:\n    upstream_model: x\n"
+                    "    backends: [{url: 'http://h:1'}]\n" + section.replace(
+                        "models:\n", "", 1 if section.startswith("models") else 0) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert secret not in str(e.value), e.value
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")

@@ -311,8 +311,13 @@ class _ValidationOnly:
 
 async def test_validation_service_refuses_key_writes(ctx: AdminContext, api: Api) -> None:
     ctx.keys = _ValidationOnly()
+    cfg = ctx.config()
+    ks = cfg.key_store.model_copy(update={"validation_url": "https://svc:S3CRETpw@auth:1/v"})
+    ctx.config = lambda: cfg.model_copy(update={"key_store": ks})
     status, body = await api("POST", "/v1/keys", body={"org": "acme"})
     assert status == 409 and body["error"]["code"] == "keys_read_only"
+    assert "https://auth:1/" in body["error"]["message"]
+    assert "S3CRET" not in body["error"]["message"]  # the service's user:password
     assert (await api("POST", "/v1/keys/k-x/revoke"))[0] == 409
     assert (await api("GET", "/v1/keys"))[0] == 200  # the config's keys
 

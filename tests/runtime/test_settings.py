@@ -90,3 +90,22 @@ def test_a_reload_names_the_changes_only_a_restart_applies(
     assert restart_only_changes(old, rt.snapshot.config) == ["listen"]
     assert "take effect only when the process (or Envoy) restarts: listen" in caplog.text
     assert restart_only_changes(old, old) == []
+
+
+@pytest.mark.parametrize("bad", [
+    "x: " + "[" * 5000 + "]" * 5000 + "\n",  # past the YAML reader's recursion
+    "x: " + "9" * 5000 + "\n",  # past Python's integer digits limit
+])
+def test_a_file_no_reader_can_take_is_refused_and_reloads_go_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str) -> None:
+    """Such a file ended the reload task (a RecursionError or ValueError, not a
+    ConfigError): every later edit, a removed admin token too, was ignored."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    good = path.read_text()
+    rt = Runtime.from_file(path)
+    path.write_text(good + bad)
+    with caplog.at_level("ERROR", logger="tokenbooth"):
+        assert not rt.reload_if_changed()
+    assert "config reload refused" in caplog.text
+    path.write_text(good.replace("max_tokens", "max_tokens", 1) + "\n# fixed\n")
+    assert rt.reload_if_changed()
