@@ -17,7 +17,10 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
     Http1ProtocolOptions,
+    HttpProtocolOptions,
+    HttpProtocolOptionsHeadersWithUnderscoresAction,
     SubstitutionFormatString,
+    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as GrpcRetryPolicy
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -61,6 +64,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
     RequestIdExtension,
 )
+from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
 from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.type.matcher.v3 import (
@@ -109,13 +113,18 @@ PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
 # What the inference routes send backends as Accept-Encoding, in place of the client's.
 ACCEPT_ENCODING = "accept-encoding"
 IDENTITY = "identity"
+# Headers that carry credentials in other clients' conventions, removed upstream.
+MISPLACED_KEY_HEADERS = ("proxy-authorization", "api-key", "x-goog-api-key", "cookie")
+# The gateway's own headers, removed from a backend's response.
+INTERNAL_RESPONSE_HEADERS = ("x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER)
 
 # What the access log records: never the authorization / x-api-key headers.
 _ACCESS_LOG_FIELDS = {
     "start_time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(:PATH)%",
+    # Without the query: a client may put its key there (`?api-key=sk-…`).
+    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
     "protocol": "%PROTOCOL%",
     "status": "%RESPONSE_CODE%",
     "response_code_details": "%RESPONSE_CODE_DETAILS%",
@@ -388,15 +397,22 @@ def _inference_route(cfg: Config, stream: bool) -> Route:
             # Host = the chosen backend's authority (its endpoint hostname), not ours.
             auto_host_rewrite=True,
         ),
-        request_headers_to_remove=[CLUSTER_HEADER],
+        # Where a client may misplace its key (Azure's and Google's SDKs, a proxy's
+        # credentials, a browser's cookies): never forwarded to a backend.
+        request_headers_to_remove=[CLUSTER_HEADER, *MISPLACED_KEY_HEADERS],
         # The answer must come uncompressed, whatever the client accepts: usage is read
         # from its bytes (ext_proc, the stream meter), and a compressed one is unreadable
         # (its record would be an estimate). `identity` rather than no header at all,
         # which by RFC 9110 allows any coding.
+        # The body is the JSON ext_proc wrote, whatever type the client named (vLLM
+        # refuses any but application/json, after the request was admitted).
         request_headers_to_add=[HeaderValueOption(
-            header=HeaderValue(key=ACCEPT_ENCODING, value=IDENTITY),
+            header=HeaderValue(key=k, value=v),
             append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-        )],
+        ) for k, v in ((ACCEPT_ENCODING, IDENTITY), ("content-type", "application/json"))],
+        # A backend's own rate-limit or internal headers never pass for the gateway's
+        # (removed before the admission's are added).
+        response_headers_to_remove=[*RATE_HEADER_NAMES, *INTERNAL_RESPONSE_HEADERS],
         # The admission's rate-limit headers, from ext_proc's metadata; absent ones are
         # left out (keys without limits, and refusals, which carry their own).
         response_headers_to_add=[
@@ -441,7 +457,9 @@ def _unrouted(cfg: Config) -> Route:
 
 def _access_log() -> AccessLog:
     fields = {k: Value(string_value=v) for k, v in _ACCESS_LOG_FIELDS.items()}
-    fmt = SubstitutionFormatString(json_format=Struct(fields=fields))
+    fmt = SubstitutionFormatString(json_format=Struct(fields=fields), formatters=[
+        TypedExtensionConfig(name="envoy.formatter.req_without_query",
+                             typed_config=pack(ReqWithoutQuery()))])
     return AccessLog(
         name="envoy.access_loggers.stdout", typed_config=pack(StdoutAccessLog(log_format=fmt))
     )
@@ -475,6 +493,11 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         # slip past it.
         normalize_path=True,
         merge_slashes=True,
+        # `X_Tokenbooth_Org` is `x-tokenbooth-org` to a CGI/WSGI backend: such headers
+        # are dropped, not stripped as internal ones by their exact names.
+        common_http_protocol_options=HttpProtocolOptions(
+            headers_with_underscores_action=(
+                HttpProtocolOptionsHeadersWithUnderscoresAction.DROP_HEADER)),
         # HTTP/1.0 too: load balancers' health checks (HAProxy's httpchk) still send it.
         http_protocol_options=Http1ProtocolOptions(accept_http_10=True,
                                                    default_host_for_http_10="tokenbooth"),

@@ -164,6 +164,34 @@ def test_upstream_never_sees_the_key_and_internal_headers_are_trusted(gateway: G
     assert json.loads(up["body"])["model"] == "tiny-llama"
 
 
+def test_credentials_in_other_conventions_and_underscored_headers_stay_here(
+        gateway: Gateway) -> None:
+    """A client's key where other SDKs put theirs (Azure's `api-key`, Google's, a proxy's
+    credentials, a cookie) never reaches the backend; `X_Tokenbooth_Org` (which a CGI or
+    WSGI backend reads as `x-tokenbooth-org`) is dropped; the backend gets the JSON the
+    gateway wrote as application/json, whatever the client named; a query (where a
+    client may put its key) never reaches Envoy's access log."""
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
+    status, _ = post(gateway, "/v1/chat/completions?api-key=query-marker-0451", body, {
+        "authorization": f"Bearer {SECRET}",
+        "api-key": SECRET, "x-goog-api-key": SECRET, "cookie": f"key={SECRET}",
+        "proxy-authorization": f"Bearer {SECRET}",
+        "X_Tokenbooth_Org": "spoofed-org", "x_tokenbooth_key_id": "spoofed-key",
+        "content-type": "text/plain",
+    })
+    assert status == 200
+    headers = last_upstream(gateway)["headers"]
+    assert not {"api-key", "x-goog-api-key", "cookie", "proxy-authorization"} & set(headers)
+    assert not [h for h in headers if "_" in h], headers
+    assert headers["x-tokenbooth-org"] == "acme"
+    assert headers["content-type"] == "application/json"
+    time.sleep(0.5)  # Envoy writes its access log line after the response
+    logs = {f.name: f.read_text(errors="replace") for f in gateway.logs.iterdir()}
+    assert any('"path":"/v1/chat/completions"' in text for text in logs.values()), logs.keys()
+    for name, text in logs.items():
+        assert SECRET not in text and "query-marker-0451" not in text, name
+
+
 def test_bad_json_is_a_400_and_leaves_no_record(gateway: Gateway) -> None:
     before = len(list(read_records(gateway.data_dir / USAGE_FILE)))
     status, body = post(gateway, "/v1/chat/completions", b"{nope",

@@ -186,7 +186,16 @@ def test_route() -> None:
     assert unrouted["route"]["cluster"] not in clusters(d)
     assert r["route"]["cluster_header"] == CLUSTER_HEADER
     assert r["route"]["timeout"] == "120s"
-    assert r["request_headers_to_remove"] == [CLUSTER_HEADER]
+    # Credentials in other clients' conventions never reach a backend.
+    assert r["request_headers_to_remove"] == [CLUSTER_HEADER, "proxy-authorization",
+                                              "api-key", "x-goog-api-key", "cookie"]
+    assert {h["header"]["key"]: h["header"]["value"] for h in r["request_headers_to_add"]} \
+        == {"accept-encoding": "identity", "content-type": "application/json"}
+    # A backend's own rate-limit and internal headers never pass for the gateway's.
+    assert set(r["response_headers_to_remove"]) == {
+        *RATE_HEADER_NAMES, "x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER}
+    assert hcm(d)["common_http_protocol_options"] == {
+        "headers_with_underscores_action": "DROP_HEADER"}
     assert "connect-failure" in r["route"]["retry_policy"]["retry_on"]
     # The limit plus room for ext_proc's rewrite (a body at the limit stays retryable).
     assert r["request_body_buffer_limit"] == (1 << 20) + (64 << 10)
