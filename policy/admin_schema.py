@@ -13,7 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from policy.bounds import BudgetUsd, Count
 from policy.config import OrgLimits
-from policy.keyrecord import BudgetPeriod, KeyRecord, OrgName
+from policy.keyrecord import BudgetPeriod, KeyName, KeyRecord, OrgName
 
 Role = Literal["read", "admin"]
 Scope = Literal["inference:read", "inference:write"]
@@ -41,7 +41,7 @@ class KeyCreate(_Limits):
     """POST /v1/keys (as `tokenbooth keys create`)."""
 
     org: OrgName
-    name: str = Field(default="", max_length=256)
+    name: KeyName = ""
     scopes: tuple[Scope, ...] = ALL_SCOPES
     models: tuple[str, ...] = ()  # empty: every alias
     budget_period: BudgetPeriod = "month"
@@ -51,7 +51,7 @@ class KeyUpdate(_Limits):
     """PATCH /v1/keys/{key_id} (as `keys update`): only the fields sent change; null
     removes a limit or the expiry; `models: []` allows every alias."""
 
-    name: str | None = Field(default=None, max_length=256)
+    name: KeyName | None = None
     scopes: tuple[Scope, ...] | None = None
     models: tuple[str, ...] | None = None
     budget_period: BudgetPeriod | None = None

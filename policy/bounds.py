@@ -7,7 +7,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import Field, PlainSerializer
+from pydantic import AfterValidator, Field, PlainSerializer
 
 MAX_EXACT = 2**53 - 1
 # A budget in USD whose nano-USD amount is at most MAX_EXACT (about 9 million USD).
@@ -19,6 +19,7 @@ BUDGET_DECIMALS = 9
 # ("0.000000001", never "1E-9").
 BudgetUsd = Annotated[
     Decimal, Field(ge=0, le=MAX_BUDGET_USD, decimal_places=BUDGET_DECIMALS),
+    AfterValidator(lambda v: abs(v) if v == 0 else v),  # -0.0 is 0.0
     PlainSerializer(lambda v: format(v, "f"), return_type=str, when_used="json")]
 # Requests, tokens or streams per limit.
 MAX_COUNT = MAX_EXACT

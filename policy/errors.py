@@ -74,12 +74,19 @@ def model_not_allowed(model: str) -> ApiError:
     )
 
 
+def _echo(text: str, limit: int = 256) -> str:
+    """A client's string in a message: at most `limit` characters of it (a 1 MB model
+    name is not sent back whole)."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 def model_not_found(model: str) -> ApiError:
-    return ApiError(404, "model_not_found", f"The model {model!r} does not exist.", "model")
+    return ApiError(404, "model_not_found", f"The model {_echo(model)} does not exist.",
+                    "model")
 
 
 def not_found(path: str) -> ApiError:
-    return ApiError(404, "not_found", f"No endpoint {path!r} on this gateway.")
+    return ApiError(404, "not_found", f"No endpoint {_echo(path)} on this gateway.")
 
 
 def request_too_large(limit: int) -> ApiError:

@@ -13,6 +13,9 @@ SCOPES = ("inference:read", "inference:write")
 # An org's name travels in a request header (x-tokenbooth-org) and in metric labels: no
 # control characters, which no header value can carry (Envoy refused every request).
 OrgName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# A key's display name: printed by `keys list` / `keys show`, so no control character
+# (an escape sequence would drive the reader's terminal).
+KeyName = Annotated[str, Field(max_length=256, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
 BudgetPeriod = Literal["day", "month", "total"]
 
 
@@ -61,3 +64,8 @@ def expiry_in_past(expires_at: datetime | None, now: datetime) -> str | None:
         return (f"expires_at {expires_at.isoformat()} is not in the future: a new key "
                 "would be expired already")
     return None
+
+
+def valid_org_name(org: str) -> bool:
+    """Whether `org` is an OrgName (the admin API's path parameter is checked by hand)."""
+    return 1 <= len(org) <= 128 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in org)

@@ -114,6 +114,11 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         if body.get(name):  # null and empty are as good as absent
             raise invalid_request(
                 f"'{name}' is not accepted here: its prompt tokens cannot be bounded.", name)
+    if body.get("priority"):
+        # vLLM's priority scheduling orders requests by it: one tenant's client must not
+        # move ahead of the others'.
+        raise invalid_request("'priority' is not accepted here: the backend's scheduling "
+                              "order is the gateway operator's.", "priority")
     if body.get("use_beam_search"):
         # vLLM's beam search runs one generation per beam per token, each reading the
         # whole prompt again: its usage (and so its price) shows a fraction of the work.

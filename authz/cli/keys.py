@@ -59,7 +59,7 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     c = ksub.add_parser("create", parents=[common], help="create a key; prints its secret once")
     c.add_argument("--org", required=True, type=_org)
-    c.add_argument("--name", default="")
+    c.add_argument("--name", default="", type=_name)
     c.add_argument("--scope", action="append", choices=SCOPES,
                    help="repeatable; default: all scopes")
     c.add_argument("--model", action="append", help="allowed alias (repeatable); default: all")
@@ -90,7 +90,7 @@ def _add_update(ksub: Subparsers, common: argparse.ArgumentParser) -> None:
         "update", parents=[common],
         help="change a key in place (within 2 s everywhere; no new secret, spend is kept)")
     u.add_argument("id")
-    u.add_argument("--name")
+    u.add_argument("--name", type=_name)
     u.add_argument("--scope", action="append", choices=SCOPES,
                    help="replaces the key's scopes (repeatable)")
     u.add_argument("--model", action="append",
@@ -261,7 +261,8 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     fmt = "{:<18} {:<14} {:<16} {:<11} {:<8} {:<7} {}"
     print(fmt.format("id", "org", "name", "prefix", "status", "source", "expires_at"))
     for r in rows:
-        print(fmt.format(r["id"], r["org"][:14], r["name"][:16], r["prefix"] or "-",
+        print(fmt.format(r["id"], printable(r["org"][:14]), printable(r["name"][:16]),
+                         r["prefix"] or "-",
                          r["status"], r["source"], r["expires_at"] or "-"))
     return 0
 
@@ -274,8 +275,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print(orjson.dumps(shown).decode())
         else:
-            for k, v in shown.items():
-                print(f"{k}: {v if v not in (None, '', []) else '-'}")
+            _print_fields(shown)
         return 0
     cfg = load(args, settings)
     found = [r for r in _all_keys(cfg, None) if r["id"] == args.id]
@@ -288,8 +288,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(orjson.dumps({**shown, "state": state}).decode())
         return 0
-    for k, v in shown.items():
-        print(f"{k}: {v if v not in (None, '', []) else '-'}")
+    _print_fields(shown)
     print(f"state at {state['at']} (from {state['source']}):")
     for who in ("key", "org"):
         if state[who] is not None:
@@ -475,6 +474,30 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     print(f"updated key {shown['id']} (org {shown['org']}): "
           + ", ".join(f"{f}={_shown(f, shown[f])}" for f in changes))
     return 0
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: control characters (an escape sequence in a key's name
+    would drive the reader's terminal, a newline forge a line) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _print_fields(fields: dict[str, Any], indent: str = "") -> None:
+    """`field: value` lines, a nested object (the remote spend) indented below."""
+    for k, v in fields.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print_fields(v, indent + "  ")
+        else:
+            shown = v if v not in (None, "", []) else "-"
+            print(f"{indent}{k}: {printable(str(shown))}")
+
+
+def _name(v: str) -> str:
+    """`--name`: as the admin API takes it (256 characters, no control character)."""
+    if len(v) > 256 or not all(c.isprintable() for c in v):
+        raise argparse.ArgumentTypeError("expected at most 256 printable characters")
+    return v
 
 
 def _shown(field: str, value: Any) -> str:

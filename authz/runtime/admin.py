@@ -9,9 +9,11 @@ an unknown path (404 not_found) or method (405 method_not_allowed, with `allow`)
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -73,8 +75,8 @@ async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
         return query, None
     raw = await request.read()
     try:
-        data = orjson.loads(raw or b"null")
-    except orjson.JSONDecodeError:
+        data = json_body(raw)
+    except (ValueError, RecursionError):
         raise AdminError(400, "the body is not JSON", "invalid_request") from None
     if not isinstance(data, dict):
         raise AdminError(400, "the body must be a JSON object", "invalid_request")
@@ -82,6 +84,17 @@ async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
         return query, route.body.model_validate(data)
     except ValidationError as e:
         raise _invalid(e, "body") from None
+
+
+def json_body(raw: bytes) -> Any:
+    """A request body's JSON, its numbers with a fraction or exponent as exact Decimals
+    (a budget of 9007199.254740991 is not rounded through a float); NaN and Infinity
+    refused. ValueError if not JSON."""
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    return json.loads(raw.decode() if raw else "null", parse_float=Decimal,
+                      parse_constant=constant)
 
 
 def _authenticate(ctx: AdminContext, request: web.Request) -> Caller:
@@ -169,6 +182,9 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except web.HTTPNotFound:
         return error_response(AdminError(404, "no such admin endpoint; see /openapi.json",
                                          "not_found"))
+    except web.HTTPRequestEntityTooLarge:  # the gateway's code for the same
+        return error_response(AdminError(413, f"the body is larger than {MAX_BODY} bytes",
+                                         "request_too_large"))
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -39,7 +39,7 @@ from policy.admin_schema import (
 )
 from policy.audit import ORG_PREFIX
 from policy.config import Config, OrgLimits, origin
-from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past
+from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, valid_org_name
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
 from policy.usage_report import OnePerRequest, Totals
@@ -253,8 +253,12 @@ async def get_org(ctx: AdminContext, call: Call) -> OrgOut:
 
 
 async def set_org(ctx: AdminContext, call: Call) -> OrgOut:
-    await ctx.orgs.put(call.params["org"], cast(OrgLimits, call.body))
-    return _org_out(ctx, call.params["org"])
+    org = call.params["org"]
+    if not valid_org_name(org):  # as a key's org: it travels in a request header
+        raise AdminError(400, f"org: expected 1 to 128 characters and no control "
+                         f"character, got {org[:64]!r}", "invalid_request", param="org")
+    await ctx.orgs.put(org, cast(OrgLimits, call.body))
+    return _org_out(ctx, org)
 
 
 async def delete_org(ctx: AdminContext, call: Call) -> OrgOut:

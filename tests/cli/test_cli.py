@@ -147,7 +147,8 @@ def test_an_internal_error_is_one_line_unless_tokenbooth_debug(
 
 def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
-    for flag, value in (("--expires", "soon"), ("--rpm", "0"), ("--budget", "-1")):
+    for flag, value in (("--expires", "soon"), ("--rpm", "0"), ("--budget", "-1"),
+                        ("--name", "a\x1b[2Jb"), ("--name", "n" * 257)):
         r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)
         assert r.returncode == 2, (flag, r.stderr)
         assert r.stderr.count("\n") == 1 and flag in r.stderr and "Traceback" not in r.stderr
@@ -172,6 +173,14 @@ def test_a_store_that_does_not_answer_is_one_line_and_nothing_on_stdout(
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("tokenbooth: error: "), (
             command, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_printed_names_cannot_drive_the_terminal() -> None:
+    from authz.cli.keys import printable
+
+    assert printable("team\x1b[2J\nstatus: active\x07") == \
+        "team\\x1b[2J\\nstatus: active\\x07"
+    assert printable("équipe 42") == "équipe 42"
 
 
 def test_version() -> None:

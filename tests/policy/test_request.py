@@ -233,6 +233,16 @@ def test_a_worst_case_past_exact_arithmetic_is_a_400_not_a_crash() -> None:
     parse_request(json.dumps({**body, "prompt": "a"}).encode(), ep("/v1/completions"), cfg)
 
 
+def test_a_client_cannot_set_its_scheduling_priority() -> None:
+    assert error_of({"model": "demo", "messages": MSG, "priority": -10}).param == "priority"
+    parse({"model": "demo", "messages": MSG, "priority": 0})  # the default: as absent
+
+
+def test_a_long_unknown_model_is_not_echoed_whole() -> None:
+    e = error_of({"model": "m" * 100_000, "messages": MSG})
+    assert e.code == "model_not_found" and len(e.message) < 400
+
+
 def test_beam_search_is_refused_before_anything_is_held() -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
         body = {"model": "demo", "max_tokens": 5, "n": 2, "use_beam_search": True,

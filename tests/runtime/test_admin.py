@@ -265,6 +265,12 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     # An org name no header can carry: every request of the key would fail.
     ("POST", "/v1/keys", {"org": "a\nb"}, "org"),
     ("POST", "/v1/keys", {"org": "a\u0000b"}, "org"),
+    # A name `keys list` prints: no escape sequence to drive the reader's terminal.
+    ("POST", "/v1/keys", {"org": "acme", "name": "a\u001b[2Jb"}, "name"),
+    ("PATCH", "/v1/keys/k-x", {"name": "forged\nstatus: active"}, "name"),
+    # The org of an org's limits is an org name as a key's is (it labels metrics too).
+    ("PUT", "/v1/orgs/a%0Ab", {"rpm": 1}, "org"),
+    ("PUT", "/v1/orgs/" + "o" * 129, {"rpm": 1}, "org"),
 ])
 async def test_bad_input_names_the_field(api: Api, method: str, path: str, body: Any,
                                          param: str) -> None:
@@ -323,6 +329,17 @@ async def test_validation_service_refuses_key_writes(ctx: AdminContext, api: Api
 
 
 # -- orgs, spend, usage -----------------------------------------------------------------
+
+
+async def test_a_budget_as_a_json_number_is_kept_exactly(api: Api) -> None:
+    """A JSON number is read as a decimal, not through a float (which rounded
+    9007199.254740991 to 9007199.25474099); -0.0 is 0; NaN is not a number."""
+    status, org = await api("PUT", "/v1/orgs/acme", raw=b'{"budget_usd": 9007199.254740991}')
+    assert (status, org["limits"]["budget_usd"]) == (200, "9007199.254740991"), org
+    status, org = await api("PUT", "/v1/orgs/acme", raw=b'{"budget_usd": -0.0}')
+    assert (status, org["limits"]["budget_usd"]) == (200, "0.0"), org
+    status, out = await api("PUT", "/v1/orgs/acme", raw=b'{"budget_usd": NaN}')
+    assert status == 400, out
 
 
 async def test_org_limits_are_stored_and_seen_by_every_replica(ctx: AdminContext,
@@ -515,7 +532,7 @@ async def test_a_body_too_large_answers_json(api: Api) -> None:
     resp = await api.client.post("/v1/keys", data=b"x" * (128 << 10),
                                  headers={"Authorization": f"Bearer {ADMIN}"})
     assert resp.status == 413 and resp.content_type == "application/json"
-    assert orjson.loads(await resp.read())["error"]["code"] == "request_entity_too_large"
+    assert orjson.loads(await resp.read())["error"]["code"] == "request_too_large"
 
 
 async def test_a_usage_page_is_computed_off_the_event_loop(
