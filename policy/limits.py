@@ -16,7 +16,7 @@ performs exactly that arithmetic.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 
@@ -223,6 +223,22 @@ def rate_headers(d: Decision) -> list[tuple[str, str]]:
             ("x-ratelimit-reset-tokens", format_reset(d.reset_tokens_s)),
         ]
     return out
+
+
+def tightest(key: Decision, org: Decision) -> Decision:
+    """The rate-limit header material of two admissions (the key's and its org's): for
+    requests and for tokens, the limit with less remaining (a client paces itself by the
+    headers, so they show the limit it will meet first)."""
+    req = org if org.limit_requests is not None and (
+        key.limit_requests is None
+        or (org.remaining_requests or 0) < (key.remaining_requests or 0)) else key
+    tok = org if org.limit_tokens is not None and (
+        key.limit_tokens is None
+        or (org.remaining_tokens or 0) < (key.remaining_tokens or 0)) else key
+    return replace(key, limit_requests=req.limit_requests,
+                   remaining_requests=req.remaining_requests,
+                   reset_requests_s=req.reset_requests_s, limit_tokens=tok.limit_tokens,
+                   remaining_tokens=tok.remaining_tokens, reset_tokens_s=tok.reset_tokens_s)
 
 
 def retry_after_header(seconds: float) -> str:

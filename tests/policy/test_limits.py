@@ -27,6 +27,7 @@ from policy.limits import (
     period_reset_s,
     rate_headers,
     retry_after_header,
+    tightest,
     usd_to_nano,
 )
 
@@ -200,3 +201,16 @@ def test_rate_headers_only_for_the_limits_a_key_has() -> None:
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert [retry_after_header(s) for s in (0, 0.1, 1.0, 1.5, 648_000)] == [
         "1", "1", "1", "2", "648000"]
+
+
+def test_the_headers_show_the_limit_met_first_key_or_org() -> None:
+    key = Decision(True, limit_tokens=1000, remaining_tokens=900, reset_tokens_s=1.0)
+    org = Decision(True, limit_requests=60, remaining_requests=5, reset_requests_s=2.0,
+                   limit_tokens=50_000, remaining_tokens=100, reset_tokens_s=3.0)
+    both = tightest(key, org)
+    # Requests: only the org limits them. Tokens: the org has less left.
+    assert (both.limit_requests, both.remaining_requests, both.reset_requests_s) == (60, 5, 2.0)
+    assert (both.limit_tokens, both.remaining_tokens, both.reset_tokens_s) == (50_000, 100, 3.0)
+    assert tightest(key, Decision(True)) == key  # an org without rate limits
+    roomy = Decision(True, limit_tokens=50_000, remaining_tokens=49_000)
+    assert tightest(key, roomy).remaining_tokens == 900

@@ -182,3 +182,15 @@ def test_readers_prefer_a_real_record_over_a_lost_one() -> None:
     assert list(one_per_request([real, lost, other])) == [real, other]
     assert list(one_per_request([lost, lost | {"cost_usd": "9"}])) == [lost]
     assert list(one_per_request([real, real | {"cost_usd": "9"}])) == [real]
+
+
+async def test_an_org_rate_limit_shows_in_the_admitted_headers() -> None:
+    """A key with no rate limits of its own, in an org with an RPM: the admitted
+    response's headers are the org's (they showed nothing, though a 429 named it)."""
+    clock = Clock()
+    adm = Admission(MemoryLimitStore(), clock=clock)
+    a = ask(1, key="k1")
+    org = (Limits(rpm=60), Ask(a.request_id, "org:acme", "acme", a.tokens, a.cost_nano, P,
+                               a.lease_s, a.record))
+    d = await adm.admit_all(org, Limits(budget_nano=10**6), a, clock.at())
+    assert (d.allowed, d.limit_requests, d.remaining_requests) == (True, 60, 59)

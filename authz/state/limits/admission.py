@@ -23,7 +23,7 @@ from authz.state.limits.settle_spool import SettleSpool, Spooled
 from policy.admission import Settled, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
-from policy.limits import Ask, Decision, Limits
+from policy.limits import Ask, Decision, Limits, tightest
 from policy.quota import ORG_KEY_PREFIX, refusal
 from policy.usage import UsageRecord
 
@@ -114,9 +114,10 @@ class Admission:
                         now: datetime) -> Decision:
         """The org's limits first, then the key's; if the key refuses, the org's hold is
         given back (its request-rate slot stays spent: a request did arrive)."""
+        org_decision = None
         if org is not None:
             org = one_record(org, limits, ask)
-            await self.admit(*org, now)
+            org_decision = await self.admit(*org, now)
         try:
             decision = await self.admit(limits, ask, now)
         except ApiError:
@@ -125,7 +126,8 @@ class Admission:
             raise
         if self._on_hold is not None:
             self._on_hold(ask, True)
-        return decision
+        # The rate-limit headers show the limit the client meets first, key's or org's.
+        return decision if org_decision is None else tightest(decision, org_decision)
 
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""
