@@ -84,6 +84,8 @@ class JsonlUsageLog:
         self._file = self._open()
 
     def close(self) -> None:
+        if self._file.closed:
+            return
         if not self._backlog.flush(self._file.fileno()):
             for line in self._backlog.drop():  # never silently: each in the log
                 log.error("usage record not stored (the disk refused it): %s",
