@@ -273,6 +273,17 @@ def cluster_from_metadata() -> HeaderMutationFilter:
 # success costs one Lua call (measured 10-20 us of Envoy CPU) and no ext_proc message
 # (sending ext_proc the response headers would cost ~100 us of Python per request).
 _UPSTREAM_ERRORS_LUA = f"""\
+function envoy_on_request(h)
+  -- No inference endpoint reads a query, and a client may put its key there: the
+  -- backend gets the path alone (ext_authz has read the whole one already).
+  local headers = h:headers()
+  local path = headers:get(":path")
+  local q = path and string.find(path, "?", 1, true)
+  if q then
+    headers:replace(":path", string.sub(path, 1, q - 1))
+  end
+end
+
 function envoy_on_response(h)
   local headers = h:headers()
   local status = headers:get(":status")

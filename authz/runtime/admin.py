@@ -35,7 +35,7 @@ STORE_ERRORS = (StoreUnavailable, LimitStoreUnavailable, RedisError, OSError, Va
 
 def _unavailable() -> AdminError:
     return AdminError(503, "the state store did not answer; retry", "service_unavailable",
-                      type="server_error")
+                      type="server_error", headers={"retry-after": "1"})
 
 
 def _error_json(err: AdminError) -> bytes:

@@ -500,6 +500,9 @@ async def test_streamed_usage_when_the_store_fails(ctx: AdminContext, api: Api) 
     ctx.usage_stream = _source(RedisError("down"))
     status, out = await api("GET", "/v1/usage?stream=true")  # before the answer: a 503
     assert status == 503 and out["error"]["code"] == "service_unavailable"
+    resp = await api.client.get("/v1/usage?stream=true",
+                                headers={"Authorization": f"Bearer {ADMIN}"})
+    assert (resp.status, resp.headers.get("retry-after")) == (503, "1")  # SDKs wait it
     ctx.usage_stream = _source(RECORDS[0], RedisError("down"))
     _, lines = await api.lines("/v1/usage?stream=true")  # after: the last line says so
     assert lines[0]["request_id"] == "r0"
