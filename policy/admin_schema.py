@@ -165,6 +165,7 @@ class UsageRecordOut(BaseModel):
     # in records written before these fields existed), as in usage.jsonl.
     key_budget_period: str | None = None
     org_budget_period: str | None = None
+    sequences: int | None = None  # per prompt (`n`); null in older records
 
 
 class UsageTotals(BaseModel):

@@ -274,6 +274,12 @@ def audit_ledgers(ledgers: Iterable[LedgerBalance], records: Iterable[Record],
 # -- backends ---------------------------------------------------------------------------
 
 
+def _sequences(rec: Record) -> int:
+    """A record's sequences per prompt (1 for records written before they said)."""
+    n = rec.get("sequences")
+    return n if type(n) is int and n >= 1 else 1
+
+
 def audit_backend(counters: VllmCounters, records: Iterable[Record]) -> BackendAudit:
     """The records this backend served since its process started, against its counters."""
     url = counters.url.rstrip("/")
@@ -284,7 +290,8 @@ def audit_backend(counters: VllmCounters, records: Iterable[Record]) -> BackendA
     guessed = [r for r in mine if r.get("estimated")]
     return BackendAudit(
         counters=counters, records=len(exact),
-        prompt_tokens=sum(int(r["prompt_tokens"]) for r in exact),
+        # vLLM counts a prompt once per sequence (`n`); usage, and so the record, once.
+        prompt_tokens=sum(int(r["prompt_tokens"]) * _sequences(r) for r in exact),
         completion_tokens=sum(int(r["completion_tokens"]) for r in exact),
         estimated_records=len(guessed),
         estimated_prompt=sum(int(r["prompt_tokens"]) for r in guessed),

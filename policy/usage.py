@@ -90,6 +90,9 @@ class UsageRecord:
     # `month:2026-12`), or None where that owner had no budget when it was admitted.
     key_budget_period: str | None = None
     org_budget_period: str | None = None
+    # Sequences generated per prompt (`n`, or `best_of`): vLLM reads the prompt once per
+    # sequence (its prompt-token counter counts it so), where usage counts it once.
+    sequences: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies field by field, measurably slow per request.
@@ -122,6 +125,7 @@ def make_record(
     endpoint: str,
     key_budget_period: str | None = None,
     org_budget_period: str | None = None,
+    sequences: int = 1,
 ) -> UsageRecord:
     return UsageRecord(
         request_id=request_id,
@@ -142,4 +146,5 @@ def make_record(
         endpoint=endpoint,
         key_budget_period=key_budget_period,
         org_budget_period=org_budget_period,
+        sequences=sequences,
     )

@@ -585,6 +585,7 @@ class Lifecycle:
                 endpoint=endpoint.name,
                 key_budget_period=hold.key_budget_period if hold else None,
                 org_budget_period=hold.org_budget_period if hold else None,
+                sequences=req.sequences,
             )
         )
         if not status:  # out of sight before the backend answered

@@ -201,6 +201,18 @@ def test_backend_counters_against_records_since_the_process_started() -> None:
     assert not audit_backend(VllmCounters("http://vllm:8000", 115, 126, None), records).drift
 
 
+def test_vllm_counts_a_prompt_once_per_sequence() -> None:
+    """`n: 3`: the usage (and record) counts the prompt once, vLLM's counter three times
+    (one request per sequence); a record of an older tokenbooth says nothing (1)."""
+    start = datetime(2026, 3, 15, 9, tzinfo=UTC).timestamp()
+    records = valid_records([*_backend_records(), {**rec(
+        "n3", "0", backend="http://vllm:8000", prompt_tokens=4, completion_tokens=9),
+        "sequences": 3}])
+    a = audit_backend(VllmCounters("http://vllm:8000", 15 + 12, 26 + 9, start), records)
+    assert (a.prompt_tokens, a.completion_tokens, a.drift) == (27, 35, False)
+    assert audit_backend(VllmCounters("http://vllm:8000", 15 + 4, 35, start), records).drift
+
+
 def test_estimated_records_are_apart_and_bound_the_counters_from_below_only() -> None:
     records = valid_records([*_backend_records(), rec(
         "cut", "0", backend="http://vllm:8000", prompt_tokens=7, completion_tokens=3,

@@ -72,6 +72,13 @@ def test_audit_finds_no_drift_against_vllm(vllm_gateway: Gateway,
                                             stream=True, extra_body=EXACT))
         client.completions.create(model="other", prompt=f"{PROMPT} {i}", max_tokens=n,
                                   extra_body=EXACT)
+    # Several sequences: vLLM's prompt counter counts the prompt once per sequence.
+    # (Sampled, as vLLM wants for n > 1; ignore_eos keeps every sequence max_tokens long.)
+    sampled = {"ignore_eos": True, "seed": 7}
+    client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=3, n=2,
+                                   extra_body=sampled)
+    client.completions.create(model="other", prompt=[PROMPT, "two"], max_tokens=3, n=3,
+                              extra_body=sampled)
     deadline = time.monotonic() + 15
     while True:  # vLLM counts just after each response; the last settle lands too
         r = subprocess.run([sys.executable, "-m", "authz.cli", "audit", "--json",
@@ -84,11 +91,11 @@ def test_audit_finds_no_drift_against_vllm(vllm_gateway: Gateway,
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout)
     [backend] = report["backends"]
-    assert backend["records"] >= 6 and backend["estimated"]["records"] == 0
+    assert backend["records"] >= 8 and backend["estimated"]["records"] == 0
     assert (backend["vllm_prompt_tokens"], backend["vllm_generation_tokens"]) == (
         backend["prompt_tokens"], backend["completion_tokens"])
     [ledger] = [a for a in report["ledgers"] if a["owner"] == key_id]
-    assert ledger["records"] == 6 and ledger["spent_nano"] == ledger["records_nano"] > 0
+    assert ledger["records"] == 8 and ledger["spent_nano"] == ledger["records_nano"] > 0
 
 
 def test_chat_non_streaming_record_equals_vllm_usage(vllm_gateway: Gateway,

@@ -26,7 +26,7 @@ from policy.usage import LOST, iso_z
 
 log = logging.getLogger("tokenbooth.records")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TABLE = "usage_records"
 _LOCK_ID = 0x7462_7573  # pg_advisory_xact_lock key of the migration ("tbus")
 
@@ -68,15 +68,19 @@ CREATE TABLE IF NOT EXISTS usage_rejected (
 2: f"""
 ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS key_budget_period text,
                     ADD COLUMN IF NOT EXISTS org_budget_period text;
+""",
+# Sequences per prompt (`n`): NULL for a record of a tokenbooth before this version.
+3: f"""
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS sequences integer;
 """}
 
 _COLUMNS = ("request_id", "key_id", "org", "model", "upstream_model", "backend",
             "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "status",
             "stream", "estimated", "started_at", "duration_ms", "endpoint",
-            "key_budget_period", "org_budget_period")
+            "key_budget_period", "org_budget_period", "sequences")
 _TYPES = ("text", "text", "text", "text", "text", "text", "bigint", "bigint", "bigint",
           "numeric", "text", "boolean", "boolean", "timestamptz", "float8", "text",
-          "text", "text")
+          "text", "text", "int4")
 _PERIODS = ("key_budget_period", "org_budget_period")
 _SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])
 SELECT_COLUMNS = ", ".join(_COLUMNS)
@@ -138,12 +142,22 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
             cost, str(rec["status"]), bool(rec.get("stream")),
             bool(rec.get("estimated")), _time(rec["started_at"]),
             float(rec.get("duration_ms") or 0.0), str(rec.get("endpoint") or ""),
-            *(_period(rec, name) for name in _PERIODS))
+            *(_period(rec, name) for name in _PERIODS), _sequences(rec))
     except (KeyError, TypeError, InvalidOperation) as e:
         raise ValueError(f"bad or missing field {e}") from None
     if not cost.is_finite():
         raise ValueError("cost_usd is not a number")
     return out
+
+
+def _sequences(rec: dict[str, Any]) -> int | None:
+    """`sequences`, or None (NULL) for a record that does not say."""
+    v = rec.get("sequences")
+    if v is None:
+        return None
+    if type(v) is not int or not 1 <= v < 2**31:
+        raise TypeError("sequences")
+    return v
 
 
 def _str(rec: dict[str, Any], name: str) -> str:
@@ -204,6 +218,8 @@ def record(r: asyncpg.Record | tuple[Any, ...]) -> dict[str, Any]:
             del out[name]
         elif not out[name]:
             out[name] = None
+    if out["sequences"] is None:  # NULL: an older record, which did not say
+        del out["sequences"]
     return out
 
 

@@ -21,7 +21,8 @@ def record(i: int, status: int | str = 200) -> dict[str, Any]:
     that it was charged to none (`i % 3 == 1`); the rest are an older tokenbooth's."""
     p, c = 100 + i % 900, i % 257
     ledgers: dict[str, Any] = (
-        {"key_budget_period": "month:2026-03", "org_budget_period": "total"} if i % 3 == 0
+        {"key_budget_period": "month:2026-03", "org_budget_period": "total",
+         "sequences": 1 + i % 4} if i % 3 == 0
         else {"key_budget_period": None, "org_budget_period": None} if i % 3 == 1 else {})
     return {**ledgers,
         "request_id": f"req-{i:09d}", "key_id": f"key-{i % KEYS:03d}", "org": f"org-{i % ORGS}",

@@ -104,8 +104,9 @@ async def test_exported_once_real_beats_lost(
 
 
 async def test_a_version_1_table_is_migrated_and_its_rows_say_nothing_new(pg_db: str) -> None:
-    """Version 2 adds the ledgers each record was charged to; rows stored before keep
-    saying nothing about them (not `null`: that would say "no budget")."""
+    """Version 2 adds the ledgers each record was charged to, 3 its sequences per prompt;
+    rows stored before keep saying nothing about them (not `null`: that would say "no
+    budget")."""
     conn = await asyncpg.connect(pg_db)
     try:
         async with conn.transaction():
@@ -118,8 +119,8 @@ async def test_a_version_1_table_is_migrated_and_its_rows_say_nothing_new(pg_db:
                 f"INSERT INTO usage_records ({', '.join(v1)}) VALUES "
                 f"({', '.join(f'${i + 1}' for i in range(len(v1)))})",
                 *archive.row(record(2))[:len(v1)])  # record 2: no ledger fields
-        assert await archive.migrate(conn) == archive.SCHEMA_VERSION == 2
-        assert await archive.migrate(conn) == 2  # idempotent
+        assert await archive.migrate(conn) == archive.SCHEMA_VERSION == 3
+        assert await archive.migrate(conn) == 3  # idempotent
         new = [{**record(3), "org_budget_period": None}, record(4)]  # a period; none
         await archive.store(conn, [archive.row(r) for r in new], [])
         found = await conn.fetch(f"SELECT {archive.SELECT_COLUMNS} FROM usage_records "
