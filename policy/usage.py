@@ -7,7 +7,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from policy.bounds import MAX_EXACT
 from policy.config import Price
 from policy.limits import cost_nano, nano_to_usd
 
@@ -34,12 +33,6 @@ def charged_usd(usage: Usage, price: Price) -> Decimal:
     settlement does (`cost_nano`). Equal to `cost_usd` at any price of nine decimals per
     token or fewer; above that, a record says what its budget paid, not less."""
     return nano_to_usd(cost_nano(usage.prompt_tokens, usage.completion_tokens, price))
-
-
-def countable(usage: Usage, price: Price) -> bool:
-    """Whether `usage` and its cost are within what the ledgers keep exact (2**53)."""
-    return (usage.total_tokens <= MAX_EXACT
-            and cost_nano(usage.prompt_tokens, usage.completion_tokens, price) <= MAX_EXACT)
 
 
 def usage_from_obj(obj: Any) -> Usage | None:

@@ -35,6 +35,7 @@ import orjson
 from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
 from authz.state.limits.admission import Admission
+from policy.bounds import MAX_EXACT
 from policy.config import Config, OrgLimits
 from policy.endpoints import Endpoint, Kind, lookup, path_argument
 from policy.errors import (
@@ -64,7 +65,6 @@ from policy.usage import (
     LOST,
     Usage,
     UsageRecord,
-    countable,
     iso_z,
     make_record,
     usage_from_obj,
@@ -542,20 +542,11 @@ class Lifecycle:
     def write(self, ending: Ending, prompt_tokens: int | None = None) -> None:
         """Write the record `conclude` decided on, and owe its settlement; with
         `prompt_tokens`, the backend's count of the prompt (`Recount.total`; never above
-        its bound); a
-        prompt left at its byte estimate without one is charged its bound."""
+        its bound); a prompt left at its byte estimate without one is charged its bound."""
         req, route, principal, endpoint = self.req, self.route, self.principal, self.endpoint
         assert req and route and principal and endpoint
         usage, estimated, status = ending.usage, ending.estimated, ending.status
         price = req.model.price_per_1k_tokens
-        if not estimated and not countable(usage, price):
-            # A backend's usage past what the ledgers count exactly (10**12 tokens): no
-            # backend generates that, and it cannot be settled. Its hold is charged.
-            log.error("the backend reported usage past all bounds: charged its hold",
-                      extra={"request_id": self.request_id, "prompt_tokens":
-                             usage.prompt_tokens, "completion_tokens": usage.completion_tokens})
-            self._rec.bound_violation(req.alias)
-            usage, estimated = Usage(req.prompt_bound, req.completion_bound), True
         if ending.prompt_estimated:
             # The backend's count when it gave one; else the prompt's bound, not its byte
             # estimate: text of ~1 token a byte beats ~4 bytes a token four times over,
@@ -563,10 +554,18 @@ class Lifecycle:
             counted = (req.prompt_bound if prompt_tokens is None
                        else min(prompt_tokens, req.prompt_bound))
             usage = Usage(counted, usage.completion_tokens)
+        cost = cost_nano(usage.prompt_tokens, usage.completion_tokens, price)
+        if not estimated and max(usage.total_tokens, cost) > MAX_EXACT:
+            # A backend's usage past what the ledgers count exactly (10**12 tokens): no
+            # backend generates that, and it cannot be settled. Its hold is charged.
+            log.error("the backend reported usage past all bounds: charged its hold",
+                      extra={"request_id": self.request_id, "prompt_tokens":
+                             usage.prompt_tokens, "completion_tokens": usage.completion_tokens})
+            self._rec.bound_violation(req.alias)
+            usage, estimated = Usage(req.prompt_bound, req.completion_bound), True
+            cost = cost_nano(usage.prompt_tokens, usage.completion_tokens, price)
         hold = self._ask.record if self._ask is not None else None
-        self._settle = (usage.total_tokens,
-                        cost_nano(usage.prompt_tokens, usage.completion_tokens,
-                                  req.model.price_per_1k_tokens))
+        self._settle = (usage.total_tokens, cost)
         rec = (
             make_record(
                 request_id=self.request_id,
@@ -576,7 +575,7 @@ class Lifecycle:
                 upstream_model=route.upstream_model,
                 backend=self._backend,
                 usage=usage,
-                price=req.model.price_per_1k_tokens,
+                price=price,
                 status=status,
                 stream=req.stream,
                 estimated=estimated,
