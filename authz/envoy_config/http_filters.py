@@ -35,10 +35,11 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteAction,
     RouteConfiguration,
     RouteMatch,
+    RouteMatchConnectMatcher,
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
-from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz, ExtAuthzPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
@@ -56,11 +57,12 @@ from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
 from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
     Mutations as HeaderMutations,
 )
-from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua, LuaPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerUpgradeConfig,
     HttpFilter,
     RequestIdExtension,
 )
@@ -78,7 +80,7 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Struct, Value
 
 from authz.envoy_config.common import SERVICES_CLUSTER, ms, pack, seconds
-from authz.envoy_config.local_replies import PROC_DOWN, local_reply_config
+from authz.envoy_config.local_replies import CONNECT_REFUSED, PROC_DOWN, local_reply_config
 from authz.envoy_config.names import EXT_AUTHZ, EXT_PROC, UPSTREAM_ERRORS, UPSTREAM_STATUS_KEY
 from authz.envoy_config.stream_meter import METER_KEY, meter_access_log, meter_lua
 from policy.config import Config
@@ -338,6 +340,28 @@ def _health_route() -> Route:
                  typed_per_filter_config=off)
 
 
+def _connect_route() -> Route:
+    """CONNECT (a client taking the gateway for a forward proxy) gets a 405 at once. It
+    matches no other route, and its body never ends: the buffer filters would wait for
+    it until the idle timeout, every filter before the router is off here."""
+    off = {EXT_AUTHZ: pack(ExtAuthzPerRoute(disabled=True)),
+           EXT_PROC: pack(ExtProcPerRoute(disabled=True)),
+           BUFFER: pack(BufferPerRoute(disabled=True)),
+           HOLD: pack(BufferPerRoute(disabled=True)),
+           UPSTREAM_ERRORS: pack(LuaPerRoute(disabled=True))}
+    return Route(
+        name="connect",
+        match=RouteMatch(connect_matcher=RouteMatchConnectMatcher()),
+        direct_response=DirectResponseAction(
+            status=CONNECT_REFUSED.status,
+            body=DataSource(inline_string=CONNECT_REFUSED.body().decode())),
+        response_headers_to_add=[HeaderValueOption(
+            header=HeaderValue(key="content-type", value="application/json"),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD)],
+        typed_per_filter_config=off,
+    )
+
+
 def _models_route() -> Route:
     """GET /v1/models and /v1/models/{id} have no body: ext_proc takes their headers here
     and answers at once."""
@@ -450,7 +474,8 @@ def route_config(cfg: Config) -> RouteConfiguration:
         # `_unrouted` names a cluster that must not exist.
         validate_clusters=False,
         virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"], routes=[
-            _health_route(), _models_route(), *inference, _unrouted(cfg)])],
+            _connect_route(), _health_route(), _models_route(), *inference,
+            _unrouted(cfg)])],
     )
 
 
@@ -512,6 +537,9 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         # HTTP/1.0 too: load balancers' health checks (HAProxy's httpchk) still send it.
         http_protocol_options=Http1ProtocolOptions(accept_http_10=True,
                                                    default_host_for_http_10="tokenbooth"),
+        # CONNECT reaches the routes only as an upgrade: without this, Envoy's own 403
+        # (upgrade_failed); with it, `_connect_route`'s 405. Nothing else accepts it.
+        upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="CONNECT")],
         access_log=[_access_log(),
                     *([meter_access_log()] if cfg.envoy.meters_streams else [])],
         local_reply_config=local_reply_config(cfg),

@@ -65,6 +65,10 @@ NO_BACKEND = service_unavailable("No healthy backend is available for this model
 UNSERVED = service_unavailable("This model has no backend configured.", retry=False)
 BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
+# CONNECT: the gateway is no forward proxy (the route answers it; see http_filters.py).
+CONNECT_REFUSED = ApiError(405, "method_not_allowed",
+                           "CONNECT is not allowed: this is an OpenAI-compatible API, not a "
+                           "proxy.")
 NO_BODY = invalid_request("This endpoint needs a JSON request body.")
 # ext_proc named a cluster Envoy does not have: the model was added or removed moments
 # ago and the replica that answered ext_proc saw the change before (or after) the one

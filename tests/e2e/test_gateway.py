@@ -164,6 +164,37 @@ def test_upstream_never_sees_the_key_and_internal_headers_are_trusted(gateway: G
     assert json.loads(up["body"])["model"] == "tiny-llama"
 
 
+def _raw_exchange(gw: Gateway, raw: bytes) -> bytes:
+    """What the listener answers to `raw` within 5 s (the head and the body it sends)."""
+    host, port = gw.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(raw)
+        got = b""
+        while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+@pytest.mark.parametrize("key", [True, False])
+def test_connect_is_refused_at_once(gateway: Gateway, key: bool) -> None:
+    """A client that takes the gateway for a forward proxy gets an OpenAI-shaped 405 at
+    once, key or not (the buffer filters waited for its never-ending body until the idle
+    timeout, 300 s), and nothing reaches a backend."""
+    gateway.clear_upstream()
+    auth = f"Authorization: Bearer {SECRET}\r\n" if key else ""
+    t0 = time.monotonic()
+    got = _raw_exchange(gateway, (f"CONNECT api.openai.com:443 HTTP/1.1\r\n"
+                                  f"Host: api.openai.com:443\r\n{auth}\r\n").encode())
+    assert time.monotonic() - t0 < 4
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), got
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    assert gateway.upstream_requests() == []
+
+
 def test_credentials_in_other_conventions_and_underscored_headers_stay_here(
         gateway: Gateway) -> None:
     """A client's key where other SDKs put theirs (Azure's `api-key`, Google's, a proxy's

@@ -1,5 +1,6 @@
 """`/health` on the public listener: Envoy answers 200 itself, with no key, before any
-other route; ext_authz and ext_proc are off for it."""
+other route but CONNECT's; ext_authz and ext_proc are off for it. CONNECT gets its 405 from
+the first route, every filter off (its body never ends: a buffer would wait for it)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,22 @@ def routes(d: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def test_health_is_the_first_route_and_envoy_answers_it() -> None:
-    first = routes(render_dict(basic()))[0]
+def test_connect_is_answered_first_with_every_filter_off() -> None:
+    d = render_dict(basic())
+    first = routes(d)[0]
+    assert first["match"] == {"connect_matcher": {}}
+    assert first["direct_response"]["status"] == 405
+    assert "method_not_allowed" in first["direct_response"]["body"]["inline_string"]
+    assert {k: v.get("disabled") for k, v in first["typed_per_filter_config"].items()} == {
+        "envoy.filters.http.ext_authz": True, "envoy.filters.http.ext_proc": True,
+        "envoy.filters.http.buffer": True, "tokenbooth.hold_for_routing": True,
+        "tokenbooth.upstream_errors": True}
+    hcm = d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    assert hcm["typed_config"]["upgrade_configs"] == [{"upgrade_type": "CONNECT"}]
+
+
+def test_health_is_the_first_route_after_connect_and_envoy_answers_it() -> None:
+    first = routes(render_dict(basic()))[1]
     assert first == {
         "name": "health",
         "match": {"path": "/health"},
