@@ -244,6 +244,10 @@ HOLD_LEASE_SLACK_S = 30.0
 CUT_TOLERANCE_S = 0.05
 
 
+# A browser origin as it sends it in `Origin`: scheme, host, optional port, nothing else.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
 class EnvoySettings(_Strict):
     admin_listen: HostPort = "127.0.0.1:9901"
     # Where Envoy reaches the services when that is not services.grpc_listen (wildcards
@@ -273,6 +277,18 @@ class EnvoySettings(_Strict):
     # replica (the report must reach the replica that waits for it) and on_metering_loss
     # is `serve`, else ext_proc.
     stream_metering: Literal["auto", "envoy", "ext_proc"] = "ext_proc"
+    # Browser origins that may call the API (CORS): exact `scheme://host[:port]` origins,
+    # or "*" for any. Empty: no CORS (a preflight needs a key, so browsers cannot call).
+    cors_allow_origins: tuple[str, ...] = ()
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in v:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], with "
+                                 "no path (or \"*\" for any)")
+        return v
 
     @model_validator(mode="after")
     def _one_services_form(self) -> EnvoySettings:

@@ -1,4 +1,4 @@
-"""The HTTP connection manager: filters (buffer → ext_authz → ext_proc → upstream errors
+"""The HTTP connection manager: filters ((CORS →) buffer → ext_authz → ext_proc → upstream errors
 (Lua) → buffer → header_mutation → router), the routes, the access log."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz, ExtAuthzPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
@@ -88,6 +89,7 @@ from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_HEADER, CLUSTER_KEY
 
 BUFFER = "envoy.filters.http.buffer"
+CORS = "envoy.filters.http.cors"
 ROUTER = "envoy.filters.http.router"
 HOLD = "tokenbooth.hold_for_routing"  # a second buffer filter (names must be unique)
 SET_CLUSTER = "envoy.filters.http.header_mutation"
@@ -119,6 +121,11 @@ IDENTITY = "identity"
 MISPLACED_KEY_HEADERS = ("proxy-authorization", "api-key", "x-goog-api-key", "cookie")
 # The gateway's own headers, removed from a backend's response.
 INTERNAL_RESPONSE_HEADERS = ("x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER)
+# A backend's own CORS answer (vLLM allows every origin by default): the gateway's
+# envoy.cors_allow_origins decides which browsers may call, not the backend's.
+BACKEND_CORS_HEADERS = ("access-control-allow-origin", "access-control-allow-credentials",
+                        "access-control-expose-headers", "access-control-allow-methods",
+                        "access-control-allow-headers", "access-control-max-age")
 
 # What the access log records: never the authorization / x-api-key headers.
 _ACCESS_LOG_FIELDS = {
@@ -445,9 +452,10 @@ def _inference_route(cfg: Config, stream: bool) -> Route:
             header=HeaderValue(key=k, value=v),
             append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
         ) for k, v in ((ACCEPT_ENCODING, IDENTITY), ("content-type", "application/json"))],
-        # A backend's own rate-limit or internal headers never pass for the gateway's
-        # (removed before the admission's are added).
-        response_headers_to_remove=[*RATE_HEADER_NAMES, *INTERNAL_RESPONSE_HEADERS],
+        # A backend's own rate-limit, internal or CORS headers never pass for the
+        # gateway's (removed before the admission's and the CORS filter's are added).
+        response_headers_to_remove=[*RATE_HEADER_NAMES, *INTERNAL_RESPONSE_HEADERS,
+                                    *BACKEND_CORS_HEADERS],
         # The admission's rate-limit headers, from ext_proc's metadata; absent ones are
         # left out (keys without limits, and refusals, which carry their own).
         response_headers_to_add=[
@@ -473,9 +481,41 @@ def route_config(cfg: Config) -> RouteConfiguration:
         name="tokenbooth",
         # `_unrouted` names a cluster that must not exist.
         validate_clusters=False,
-        virtual_hosts=[VirtualHost(name="tokenbooth", domains=["*"], routes=[
+        virtual_hosts=[VirtualHost(
+            name="tokenbooth", domains=["*"],
+            typed_per_filter_config=({CORS: pack(cors_policy(cfg))}
+                                     if cfg.envoy.cors_allow_origins else {}),
+            routes=[
             _connect_route(), _health_route(), _models_route(), *inference,
             _unrouted(cfg)])],
+    )
+
+
+# What browsers may send and read (CORS). The OpenAI SDKs send their own `x-stainless-*`
+# headers, more with each release: "*" allows any header but `authorization`, which a
+# wildcard never covers, so it is named. Credentials (cookies) are never allowed: keys
+# travel in headers.
+CORS_ALLOW_HEADERS = "authorization, *"
+CORS_EXPOSE_HEADERS = "*"
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_MAX_AGE_S = 600
+
+
+def cors_policy(cfg: Config) -> CorsPolicy:
+    """envoy.cors_allow_origins: Envoy answers a preflight from those origins itself (no
+    key needed, nothing reaches the services), and every answer to them, errors
+    included, carries access-control-allow-origin. Other origins' preflights go on, and
+    get the 401 of a request without a key."""
+    origins = cfg.envoy.cors_allow_origins
+    match = ([StringMatcher(prefix="")] if "*" in origins
+             else [StringMatcher(exact=o) for o in origins])
+    return CorsPolicy(
+        allow_origin_string_match=match,
+        allow_methods=CORS_METHODS,
+        allow_headers=CORS_ALLOW_HEADERS,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        max_age=str(CORS_MAX_AGE_S),
+        allow_credentials=False,
     )
 
 
@@ -503,6 +543,9 @@ def _access_log() -> AccessLog:
 
 def http_connection_manager(cfg: Config) -> HttpConnectionManager:
     filters = [
+        # First: it answers preflights, and its headers reach every answer, denials too.
+        *([HttpFilter(name=CORS, typed_config=pack(Cors()))]
+          if cfg.envoy.cors_allow_origins else []),
         HttpFilter(name=BUFFER, typed_config=pack(body_limit(cfg))),
         HttpFilter(name=EXT_AUTHZ, typed_config=pack(ext_authz(cfg))),
         HttpFilter(name=EXT_PROC, typed_config=pack(ext_proc(cfg))),

@@ -25,6 +25,7 @@ import yaml
 
 from authz.envoy_config.binary import envoy_path
 from authz.envoy_config.bootstrap import render_dict, render_yaml
+from authz.envoy_config.http_filters import BACKEND_CORS_HEADERS
 from authz.runtime.procs import PortAllocator
 from policy.config import Config, ConfigError, Tls, parse_config
 from policy.limits import RATE_HEADER_NAMES
@@ -135,8 +136,11 @@ def test_envoy_validates(name: str, tls_files: Tls, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", CASES)
 def test_filter_order(name: str) -> None:
-    names = [f["name"] for f in hcm(render_dict(load_fixture(name)))["http_filters"]]
+    cfg = load_fixture(name)
+    names = [f["name"] for f in hcm(render_dict(cfg))["http_filters"]]
     assert names == [
+        # With CORS origins: first, it answers preflights and marks every answer.
+        *(["envoy.filters.http.cors"] if cfg.envoy.cors_allow_origins else []),
         "envoy.filters.http.buffer",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.ext_proc",
@@ -193,7 +197,9 @@ def test_route() -> None:
         == {"accept-encoding": "identity", "content-type": "application/json"}
     # A backend's own rate-limit and internal headers never pass for the gateway's.
     assert set(r["response_headers_to_remove"]) == {
-        *RATE_HEADER_NAMES, "x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER}
+        *RATE_HEADER_NAMES, "x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER,
+        *BACKEND_CORS_HEADERS}
+    assert "access-control-allow-origin" in BACKEND_CORS_HEADERS
     assert hcm(d)["common_http_protocol_options"] == {
         "headers_with_underscores_action": "DROP_HEADER"}
     assert "connect-failure" in r["route"]["retry_policy"]["retry_on"]

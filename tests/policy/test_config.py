@@ -193,3 +193,20 @@ def test_auto_stream_metering_is_envoy_for_one_replica_only() -> None:
     assert not EnvoySettings(stream_metering="auto", on_metering_loss="cut").meters_streams
     with pytest.raises(ValueError, match="cut needs"):
         EnvoySettings(stream_metering="envoy", on_metering_loss="cut")
+
+
+@pytest.mark.parametrize("origins", [("*",), ("https://app.example.com",),
+                                     ("http://localhost:3000", "http://[::1]:5173")])
+def test_cors_origins_are_origins(origins: tuple[str, ...]) -> None:
+    from policy.config import EnvoySettings
+
+    assert EnvoySettings(cors_allow_origins=origins).cors_allow_origins == origins
+
+
+@pytest.mark.parametrize("bad", ["https://app.example.com/", "app.example.com",
+                                 "https://app.example.com/chat", "ftp://x", "https://*.x.com"])
+def test_cors_origins_with_a_path_or_no_scheme_are_refused(bad: str) -> None:
+    from policy.config import EnvoySettings
+
+    with pytest.raises(ValueError, match="is not an origin"):
+        EnvoySettings(cors_allow_origins=(bad,))
