@@ -1,12 +1,17 @@
 """Envoy's aggregated discovery service (ADS, state of the world): the model clusters.
 
-Per stream and resource type, the servicer tracks what it last sent (version, nonce)
-and what Envoy last accepted. A request that answers the last nonce is an ACK, or a
-NACK when it carries `error_detail`: the NACK is logged, Envoy keeps the version it
-accepted before, and nothing is re-sent until the config changes. A request with an
+Per stream and resource type, the servicer tracks what it last sent (version, nonces)
+and what Envoy last accepted. A request that answers a nonce of the last sending is an
+ACK, or a NACK when it carries `error_detail`: the NACK is logged, Envoy keeps the version
+it accepted before, and nothing is re-sent until the config changes. A request with an
 older nonce is stale and ignored. A config change pushes to every stream whose version
 differs. Versions come from the resources' content, so every replica serving the same
 config serves the same versions, and Envoy may reconnect to any of them.
+
+Listeners and clusters go whole in one response, as the protocol requires. Every other
+type (here the backend-key secrets) goes one resource per response, as the protocol
+allows: Envoy applies or rejects each response as a whole, so one secret it cannot load
+(a key file missing) must not keep it from the others (a model added beside it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ log = logging.getLogger("tokenbooth.xds")
 
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _CONTROL_PLANE = base_pb2.ControlPlane(identifier="tokenbooth")
+# The types whose every response must hold the whole state of the world.
+WHOLE_TYPES = frozenset({"type.googleapis.com/envoy.config.listener.v3.Listener",
+                         "type.googleapis.com/envoy.config.cluster.v3.Cluster"})
 
 
 class ResourceSet(Protocol):
@@ -61,7 +69,8 @@ class _Watch:
 
     names: frozenset[str]  # empty: every resource of the type (wildcard)
     sent: str = ""  # version last sent
-    nonce: str = ""  # nonce last sent
+    # The nonces of the last sending, each with the resource it carried ("": all of them).
+    nonces: dict[str, str] = field(default_factory=dict)
     acked: str = ""  # version Envoy last accepted
 
 
@@ -82,36 +91,48 @@ class StreamState:
         watch = self.watches.get(req.type_url)
         if watch is None:  # the first request for this type on this stream
             watch = self.watches[req.type_url] = _Watch(names, acked=req.version_info)
-            return [self._response(req.type_url, watch, current)]
-        if req.response_nonce != watch.nonce:
-            return []  # stale: answers a response that a newer one replaced
+            return self._responses(req.type_url, watch, current)
+        if req.response_nonce not in watch.nonces:
+            return []  # stale: answers a response that a newer sending replaced
         watch.acked = req.version_info
         if req.HasField("error_detail"):
-            log.error("xds: Envoy rejected the config, keeping version %r: %s",
-                      watch.acked, req.error_detail.message,
+            resource = watch.nonces[req.response_nonce]
+            log.error("xds: Envoy rejected the config%s, keeping version %r: %s",
+                      f" ({resource})" if resource else "", watch.acked,
+                      req.error_detail.message,
                       extra={"node": self.node, "peer": self.peer, "type_url": req.type_url,
-                             "rejected": watch.sent, "kept": watch.acked})
-            return []
-        log.debug("xds: ACK", extra={"node": self.node, "type_url": req.type_url,
-                                     "version": watch.acked})
-        if names != watch.names:
+                             "rejected": watch.sent, "kept": watch.acked,
+                             "resource": resource})
+        else:
+            log.debug("xds: ACK", extra={"node": self.node, "type_url": req.type_url,
+                                         "version": watch.acked})
+        if names != watch.names:  # Envoy wants other resources now
             watch.names = names
-            return [self._response(req.type_url, watch, current)]
+            return self._responses(req.type_url, watch, current)
         return []
 
     def on_change(self, current: Resources) -> list[Msg]:
-        return [self._response(t, w, current) for t, w in self.watches.items()
-                if _of(current, t).version != w.sent]
+        return [r for t, w in self.watches.items() if _of(current, t).version != w.sent
+                for r in self._responses(t, w, current)]
 
-    def _response(self, type_url: str, watch: _Watch, current: Resources) -> Msg:
+    def _responses(self, type_url: str, watch: _Watch, current: Resources) -> list[Msg]:
+        """The resources `watch` asks for: in one response for a whole-state type, else
+        one response each (one empty response when there are none)."""
         rs = _of(current, type_url)
-        watch.sent, watch.nonce = rs.version, str(next(self._nonces))
-        chosen = [a for n, a in rs.resources.items() if not watch.names or n in watch.names]
+        chosen = {n: a for n, a in rs.resources.items() if not watch.names or n in watch.names}
         log.info("xds: sending version %s (%d resources)", rs.version, len(chosen),
                  extra={"node": self.node, "peer": self.peer, "type_url": type_url})
-        return discovery_pb2.DiscoveryResponse(
-            version_info=rs.version, resources=chosen, type_url=type_url,
-            nonce=watch.nonce, control_plane=_CONTROL_PLANE)
+        groups = ([("", list(chosen.values()))] if type_url in WHOLE_TYPES or not chosen
+                  else [(n, [a]) for n, a in chosen.items()])
+        watch.sent, watch.nonces = rs.version, {}
+        out = []
+        for name, resources in groups:
+            nonce = str(next(self._nonces))
+            watch.nonces[nonce] = name
+            out.append(discovery_pb2.DiscoveryResponse(
+                version_info=rs.version, resources=resources, type_url=type_url,
+                nonce=nonce, control_plane=_CONTROL_PLANE))
+        return out
 
 
 def _of(current: Resources, type_url: str) -> ResourceSet:

@@ -22,6 +22,7 @@ from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from authz.state.usage.records import USAGE_FILE
@@ -150,3 +151,42 @@ def test_the_key_is_written_nowhere(keyed: tuple[Gateway, Path]) -> None:
     assert len(places) > 5
     for where, text in places.items():
         assert BACKEND_KEY not in text, f"the backend key leaked into {where}"
+
+
+def test_a_key_envoy_cannot_load_keeps_no_other_model_from_a_reload(tmp_path: Path) -> None:
+    """A reload adds two keyed models, one whose key file is missing: Envoy rejects that
+    secret alone (each secret travels in an xDS response of its own), and the other model
+    serves at once. A model added by a later reload serves too."""
+    key_file = tmp_path / "vllm.key"
+    key_file.write_text(BACKEND_KEY + "\n")
+    with sim_process(tmp_path / "sim.log", "--api-key", BACKEND_KEY) as url:
+        gw_root = tmp_path / "gw"
+        gw_root.mkdir()
+        models = {"demo": model("tiny-llama", [{"url": url, "api_key_file": str(key_file)}])}
+        with run_gateway(gw_root, upstream=url, models=models) as gw:
+            client = gw.client().with_options(max_retries=0)
+
+            def serves(alias: str) -> bool:
+                try:
+                    client.chat.completions.create(model=alias, messages=MESSAGES,
+                                                   max_tokens=2)
+                except openai.APIStatusError:
+                    return False
+                return True
+
+            assert serves("demo")
+            for n, added in enumerate([("fresh", "missing"), ("later",)]):
+                data = yaml.safe_load(gw.config_path.read_text())
+                for alias in added:
+                    source = tmp_path / ("nowhere.key" if alias == "missing" else f"{alias}.key")
+                    if alias != "missing":
+                        source.write_text(BACKEND_KEY)
+                    data["models"][alias] = model("tiny-llama-2",
+                                                  [{"url": url, "api_key_file": str(source)}])
+                gw.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+                wait_until(lambda a=added[0]: serves(a), f"reload {n}: {added[0]} served",
+                           timeout=15)
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model="missing", messages=MESSAGES, max_tokens=2)
+            assert e.value.status_code == 503
+            assert serves("demo")

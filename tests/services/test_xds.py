@@ -242,3 +242,55 @@ async def test_delta_is_unimplemented() -> None:
             async for _ in call:
                 pass
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_secrets_go_one_per_response_and_each_is_answered_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Envoy applies or rejects a response whole: a key it cannot load (a file missing)
+    must not keep the other secrets from it. Each secret is a response of its own, and
+    an ACK or NACK of any response of the last sending counts; one of an older sending
+    is stale."""
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    from authz.envoy_config.xds_resources import SECRET_TYPE
+
+    def keyed(source: str) -> dict[str, Any]:
+        return {**NEW_MODEL, "backends": [{"url": "http://127.0.0.1:8001",
+                                           "api_key_file": source}]}
+
+    cfg = config(a=keyed("/run/a.key"), b=keyed("/run/b.key"))
+    names = tuple(sorted(build_resources(cfg)[SECRET_TYPE].resources))
+    assert len(names) == 2
+    async with ads_server(cfg) as (svc, channel), ads(channel) as s:
+        s.send(type_url=SECRET_TYPE, names=names)
+        first, second = await s.recv(), await s.recv()
+        for resp, name in zip((first, second), names, strict=True):
+            [res] = resp.resources
+            secret = secret_pb2.Secret()
+            assert res.Unpack(secret) and secret.name == name
+        assert first.nonce != second.nonce
+        assert first.version_info == second.version_info
+        caplog.set_level(logging.ERROR, logger="tokenbooth.xds")
+        s.send(type_url=SECRET_TYPE, names=names, nonce=first.nonce,
+               error="Failed to load /run/a.key")
+        s.send(type_url=SECRET_TYPE, names=names, nonce=second.nonce,
+               version=second.version_info)
+        await s.nothing_within(0.3)
+        [rec] = [r for r in caplog.records if r.name == "tokenbooth.xds"]
+        assert rec.__dict__["resource"] == names[0]
+        assert svc.acked_versions() == [{SECRET_TYPE: second.version_info}]
+        # Envoy asks for one more secret (a model added): all requested are sent again,
+        # and the last sending's nonces replace the older ones.
+        await svc.update(config(a=keyed("/run/a.key"), b=keyed("/run/b.key"),
+                                c=keyed("/run/c.key")))
+        third_names = tuple(sorted(build_resources(
+            config(a=keyed("/run/a.key"), b=keyed("/run/b.key"),
+                   c=keyed("/run/c.key")))[SECRET_TYPE].resources))
+        pushed = [await s.recv() for _ in names]  # the change: what is asked, again
+        s.send(type_url=SECRET_TYPE, names=third_names, nonce=pushed[-1].nonce,
+               version=pushed[-1].version_info)
+        again = [await s.recv() for _ in third_names]
+        assert [len(r.resources) for r in again] == [1, 1, 1]
+        s.send(type_url=SECRET_TYPE, names=(), nonce=pushed[0].nonce, error="stale")
+        await s.nothing_within(0.3)
+        assert len([r for r in caplog.records if r.name == "tokenbooth.xds"]) == 1
