@@ -55,6 +55,9 @@ SERVICE_NAMES = (
     "envoy.service.discovery.v3.AggregatedDiscoveryService",
 )
 RELOAD_INTERVAL_S = 1.0
+# A config file modified less than this long ago waits this long again (it may still be
+# being written in place): see `Runtime.reload_if_changed`.
+RELOAD_SETTLE_S = 0.25
 # Past the streams' grace: a cut request's prompt count (authz/services/prompt_counter.py,
 # 2 s at most), then its record and settlement.
 PROMPT_COUNT_DRAIN_S = 5.0
@@ -222,9 +225,10 @@ class Services:
 
     async def _reload_loop(self) -> None:
         while True:
-            await asyncio.sleep(RELOAD_INTERVAL_S)
+            await asyncio.sleep(RELOAD_SETTLE_S if self.runtime.unsettled
+                                else RELOAD_INTERVAL_S)
             try:
-                if self.runtime.reload_if_changed() and self._xds is not None:
+                if self.runtime.reload_if_changed(RELOAD_SETTLE_S) and self._xds is not None:
                     await self._xds.update(self.runtime.snapshot.config)
             except Exception as e:  # never the end of reloads: the next edit may be good
                 log.error("config reload failed, keeping the last good config: %s: %s",

@@ -53,6 +53,7 @@ class Runtime:
     overrides: Overrides = field(default_factory=Overrides)
     settings: Settings = field(default_factory=Settings)
     _stamp: tuple[int, ...] = ()
+    unsettled: bool = False  # the file changed moments ago: check again soon
 
     @classmethod
     def from_file(cls, path: Path, overrides: Overrides | None = None,
@@ -64,13 +65,24 @@ class Runtime:
         rt._stamp = _stamp(path)
         return rt
 
-    def reload_if_changed(self) -> bool:
-        """Re-read the config file when it changed; keep the last good one on error."""
+    def reload_if_changed(self, settle_s: float = 0.0) -> bool:
+        """Re-read the config file when it changed; keep the last good one on error.
+        `settle_s`: a file modified less than this long ago may still be being written
+        (an editor or `cat >` writing in place: its first half parses as a config with
+        fewer keys or models) and waits (`unsettled`); one moved into place whole (a
+        rename, Kubernetes' ConfigMap swap) keeps its older time and loads at once."""
+        self.unsettled = False
         if self.config_path is None:
             return False
         stamp = _stamp(self.config_path)
         if stamp == self._stamp:
             return False
+        if stamp and settle_s > 0:
+            age_s = self.clock().timestamp() - stamp[0] / 1e9
+            # A time ahead of this clock (another host's clock) cannot be waited out.
+            if -1.0 < age_s < settle_s:
+                self.unsettled = True
+                return False
         self._stamp = stamp
         try:
             cfg = self.overrides.apply(self.settings.load_config(self.config_path))

@@ -109,3 +109,35 @@ def test_a_file_no_reader_can_take_is_refused_and_reloads_go_on(
     assert "config reload refused" in caplog.text
     path.write_text(good.replace("max_tokens", "max_tokens", 1) + "\n# fixed\n")
     assert rt.reload_if_changed()
+
+
+def test_a_file_written_moments_ago_waits_to_settle(tmp_path: Path) -> None:
+    """A config rewritten in place may be read half-written (its first half parses, with
+    fewer keys): one modified less than `settle_s` ago waits; a file moved into place
+    whole keeps its older time and loads at once; one dated ahead of the clock (another
+    host's) cannot be waited out and loads."""
+    from datetime import UTC, datetime
+
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    now = [datetime.now(UTC)]
+    rt = Runtime.from_file(path)
+    rt.clock = lambda: now[0]
+    edited = path.read_text() + "\n# edited\n"
+    path.write_text(edited)
+    mtime = path.stat().st_mtime
+    now[0] = datetime.fromtimestamp(mtime + 0.1, UTC)
+    assert not rt.reload_if_changed(settle_s=0.25)
+    assert rt.unsettled
+    now[0] = datetime.fromtimestamp(mtime + 0.3, UTC)
+    assert rt.reload_if_changed(settle_s=0.25)
+    assert not rt.unsettled
+    # Moved into place with an old time: at once.
+    new = tmp_path / "new.yaml"
+    new.write_text(edited + "# again\n")
+    os.utime(new, (mtime - 60, mtime - 60))
+    new.replace(path)
+    assert rt.reload_if_changed(settle_s=0.25)
+    # Dated 10 s ahead of the clock.
+    path.write_text(edited + "# ahead\n")
+    os.utime(path, (mtime + 10.3, mtime + 10.3))
+    assert rt.reload_if_changed(settle_s=0.25)
