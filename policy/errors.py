@@ -14,6 +14,7 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -22,6 +23,11 @@ _TYPE_BY_STATUS = {
     503: "server_error",
     504: "server_error",
 }
+
+
+def type_for(status: int) -> str:
+    """The OpenAI error `type` of a status."""
+    return _TYPE_BY_STATUS.get(status, "server_error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +46,7 @@ class ApiError(Exception):
 
     @property
     def error_type(self) -> str:
-        return self.type or _TYPE_BY_STATUS.get(self.status, "server_error")
+        return self.type or type_for(self.status)
 
     def body(self) -> bytes:
         """The JSON body OpenAI clients expect."""

@@ -39,6 +39,7 @@ from policy.admin_schema import (
 )
 from policy.audit import ORG_PREFIX
 from policy.config import Config, OrgLimits, origin
+from policy.errors import type_for
 from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, valid_org_name
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
@@ -60,11 +61,12 @@ class AdminError(Exception):
     """An OpenAI-shaped error answer."""
 
     def __init__(self, status: int, message: str, code: str, *, param: str | None = None,
-                 type: str = "invalid_request_error",
+                 type: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.type, self.headers = type, headers or {}
+        # The gateway's type for the status unless named (a 429 is `rate_limit_error`).
+        self.type, self.headers = type or type_for(status), headers or {}
 
 
 @dataclass

@@ -183,7 +183,11 @@ async def test_failed_authentication_is_rate_limited(ctx: AdminContext, api: Api
         assert (await api("GET", "/v1/keys", token="wrong"))[0] == 401
     resp = await api.client.get("/v1/keys", headers={"Authorization": f"Bearer {ADMIN}"})
     assert resp.status == 429 and int(resp.headers["retry-after"]) >= 1
-    api.validate("GET", "/v1/keys", 429, orjson.loads(await resp.read()))
+    body = orjson.loads(await resp.read())
+    api.validate("GET", "/v1/keys", 429, body)
+    # Typed as the gateway types its 429s (the SDKs' RateLimitError).
+    assert (body["error"]["type"], body["error"]["code"]) == (
+        "rate_limit_error", "rate_limit_exceeded")
 
 
 def test_failure_limiter_window() -> None:
