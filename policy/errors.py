@@ -92,7 +92,9 @@ def model_not_found(model: str) -> ApiError:
 
 
 def not_found(path: str) -> ApiError:
-    return ApiError(404, "not_found", f"No endpoint {_echo(path)} on this gateway.")
+    # Never the query: a client may put its key there (`?api-key=…`).
+    return ApiError(404, "not_found",
+                    f"No endpoint {_echo(path.split('?', 1)[0])} on this gateway.")
 
 
 def request_too_large(limit: int) -> ApiError:

@@ -20,7 +20,7 @@ from authz.runtime.tracing import parent_context
 from authz.services import protos
 from authz.services.keyauth import KeyAuthority
 from authz.services.principal_md import principal_metadata
-from policy.endpoints import allowed_methods, compressed, lookup, path_known
+from policy.endpoints import allowed_methods, compressed, lookup, path_known, strip_query
 from policy.errors import ApiError, not_found
 from policy.keys import extract_secret
 
@@ -78,8 +78,9 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
             endpoint = lookup(http.method, http.path)
             if endpoint is None:
                 if path_known(http.path):
+                    # Never the query: a client may put its key there.
                     raise ApiError(405, "method_not_allowed",
-                                   f"{http.method} is not allowed on {http.path}.",
+                                   f"{http.method} is not allowed on {strip_query(http.path)}.",
                                    headers=(("allow", ", ".join(allowed_methods(http.path))),))
                 raise not_found(http.path)
             principal.require_scope(endpoint.scope)

@@ -113,6 +113,18 @@ async def test_unknown_path_is_404_and_wrong_method_405(running: Running) -> Non
     assert (status, headers["allow"]) == (405, "GET")
 
 
+async def test_a_404_or_405_never_echoes_the_query(running: Running) -> None:
+    """A client may put its key in the query (`?api-key=…`): the messages name the path
+    alone (the SDKs put them in exception text, which applications log)."""
+    for method, path, status in (("GET", "/v1/files", 404), ("DELETE", "/v1/models/demo", 405),
+                                 ("PUT", "/v1/chat/completions", 405)):
+        got, body, _ = denial(await check(running, method, f"{path}?api-key={SECRET}&x=1",
+                                          authorization=f"Bearer {SECRET}"))
+        assert got == status
+        assert SECRET not in body["error"]["message"] and "?" not in body["error"]["message"]
+        assert path in body["error"]["message"]
+
+
 async def test_query_string_does_not_change_the_endpoint(running: Running) -> None:
     resp = await check(running, "GET", "/v1/models?x=1",
                        authorization=f"Bearer {LIMITED_SECRET}")
