@@ -36,7 +36,7 @@ from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
 from authz.state.limits.admission import Admission
 from policy.bounds import MAX_EXACT
-from policy.config import Config, OrgLimits
+from policy.config import Config, OrgLimits, Price
 from policy.endpoints import Endpoint, Kind, lookup, path_argument
 from policy.errors import (
     ApiError,
@@ -113,6 +113,8 @@ class MeterReports(Protocol):
     def forget(self, request_id: str) -> None: ...
 
 
+# What a request answered by the gateway costs.
+_FREE = Price()
 # A handed-over stream stops waiting for its report this long before its lease ends.
 REPORT_MARGIN_S = 5.0
 
@@ -286,7 +288,26 @@ class Lifecycle:
         # Counts as a request for the rate limit; reserves no tokens or money.
         decision = await self._admit(self._make_ask(0, 0))
         self._settle = (0, 0)
+        self._record_here(alias if kind is Kind.MODEL else "")
         return body, tuple(rate_headers(decision))
+
+    def _record_here(self, model: str) -> None:
+        """The one record of a request answered here (it counted against the key's
+        limits): no backend, no tokens, no cost; `model` "" for the list."""
+        principal, endpoint = self.principal, self.endpoint
+        assert principal is not None and endpoint is not None
+        route = self._snap.router.route(model) if model else None
+        hold = self._ask.record if self._ask is not None else None
+        self.finished = True
+        self.record = make_record(
+            request_id=self.request_id, key_id=principal.key_id, org=principal.org,
+            model=model, upstream_model=route.upstream_model if route else "", backend="",
+            usage=Usage(), price=_FREE, status=200, stream=False, estimated=False,
+            started_at=self._started, duration_ms=(time.monotonic() - self._t0) * 1000,
+            endpoint=endpoint.name,
+            key_budget_period=hold.key_budget_period if hold else None,
+            org_budget_period=hold.org_budget_period if hold else None)
+        self._rec.record(self.record)
 
     async def request_body(self, raw: bytes) -> Forward:
         """Validate, check the allow-list, build the forwarded body, then admit: every

@@ -57,11 +57,12 @@ def req_body(data: bytes, key_id: str = "k-main", rid: str = "rid-1",
     return msg
 
 
-def models_headers(key_id: str = "k-main") -> Any:
+def models_headers(key_id: str = "k-main", path: str = "/v1/models",
+                   rid: str = "m-1") -> Any:
     """GET /v1/models: its route sends the request headers."""
     hh = ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
         base_pb2.HeaderValue(key=k, raw_value=v.encode())
-        for k, v in {":method": "GET", ":path": "/v1/models", "x-request-id": "m-1"}.items()
+        for k, v in {":method": "GET", ":path": path, "x-request-id": rid}.items()
     ]), end_of_stream=True)
     msg = ep.ProcessingRequest(request_headers=hh)
     _principal(msg, key_id)
@@ -119,11 +120,23 @@ async def admit(s: Stream, body: dict[str, Any], key_id: str = "k-main",
 
 
 async def test_models_answered_from_policy_for_the_key(running: Running) -> None:
+    """Answered here, counted against the key's limits, and so recorded: one record
+    each, no backend, no tokens, no cost."""
     s = Stream(running)
     status, body = immediate(await s.send(models_headers("k-limited")))
     assert status == 200
     assert [m["id"] for m in body["data"]] == ["demo"]
     assert body["object"] == "list"
+    s = Stream(running)
+    status, body = immediate(await s.send(models_headers("k-limited", "/v1/models/demo",
+                                                         "m-2")))
+    assert (status, body["id"]) == (200, "demo")
+    recs = await records(running, 2)
+    assert [(r["request_id"], r["endpoint"], r["model"], r["upstream_model"]) for r in recs] \
+        == [("m-1", "models", "", ""), ("m-2", "model", "demo", "tiny-llama")]
+    for r in recs:
+        assert (r["status"], r["total_tokens"], r["cost_usd"], r["backend"]) == (200, 0, "0", "")
+        assert (r["key_id"], r["org"], r["estimated"]) == ("k-limited", "beta", False)
 
 
 async def test_body_rewrite_routes_by_metadata(running: Running) -> None:
