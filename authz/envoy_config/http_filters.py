@@ -275,6 +275,7 @@ def cluster_from_metadata() -> HeaderMutationFilter:
     ]))
 
 
+_GATEWAY_RATE = ", ".join(f'["{n}"] = true' for n in RATE_HEADER_NAMES)
 # A backend's error answer (never Envoy's own local replies: only upstream responses
 # carry x-envoy-upstream-service-time, so the router must not suppress Envoy's headers):
 # its status goes into this filter's metadata, for ext_proc (sent with its messages),
@@ -293,14 +294,37 @@ function envoy_on_request(h)
   end
 end
 
+-- The gateway's own rate-limit headers (the route added them from ext_proc's metadata).
+local GATEWAY_RATE = {{{_GATEWAY_RATE}}}
+
+-- What only the gateway may say, from a backend's answer: any x-tokenbooth-* header,
+-- rate-limit headers past the gateway's own names, and a retry verdict (the SDKs obey
+-- x-should-retry over the status: a backend's `true` made them resend its 400s).
+function strip_backend(headers)
+  local drop = {{}}
+  for name, _ in pairs(headers) do
+    if string.sub(name, 1, 13) == "x-tokenbooth-" or name == "x-should-retry"
+        or (string.sub(name, 1, 12) == "x-ratelimit-" and not GATEWAY_RATE[name]) then
+      drop[#drop + 1] = name
+    end
+  end
+  for _, name in ipairs(drop) do
+    headers:remove(name)
+  end
+end
+
 function envoy_on_response(h)
   local headers = h:headers()
   local status = headers:get(":status")
+  local upstream = headers:get("x-envoy-upstream-service-time") ~= nil
+  if upstream then
+    strip_backend(headers)
+  end
   if status < "400" then
     METER(h)
     return
   end
-  if headers:get("x-envoy-upstream-service-time") == nil then
+  if not upstream then
     return
   end
   h:streamInfo():dynamicMetadata():set("{UPSTREAM_ERRORS}", "{UPSTREAM_STATUS_KEY}", status)
