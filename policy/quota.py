@@ -67,12 +67,13 @@ def org_hold(org: OrgLimits, ask: Ask, started: datetime) -> tuple[Limits, Ask]:
 
 # -- refusals ---------------------------------------------------------------------------
 
+# {owner}: "API key" or "organization", whose limit refused.
 _MESSAGES = {
-    "requests": "Rate limit reached for requests per minute. Retry after the time given.",
-    "tokens": "Rate limit reached for tokens per minute. Retry after the time given.",
-    "tokens_too_large": "This request reserves more tokens than the per-minute limit allows; "
-                        "lower max_tokens or the prompt.",
-    "concurrency": "Too many requests in flight for this API key.",
+    "requests": "Rate limit reached for requests per minute{of}. Retry after the time given.",
+    "tokens": "Rate limit reached for tokens per minute{of}. Retry after the time given.",
+    "tokens_too_large": "This request reserves more tokens than the per-minute limit{of} "
+                        "allows; lower max_tokens or the prompt.",
+    "concurrency": "Too many requests in flight for this {owner}.",
 }
 
 
@@ -121,6 +122,9 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
         headers.append(("retry-after", retry_after_header(d.retry_after_s)))
     else:  # concurrency, a duplicate id: free again when a request in flight ends
         headers.append(("retry-after", "1"))
-    return ApiError(429, "rate_limit_exceeded", _MESSAGES.get(d.reason, "Rate limit reached."),
+    # The key's own limits read as before; an org's say so.
+    message = _MESSAGES.get(d.reason, "Rate limit reached.").format(
+        owner=owner, of=" of this organization" if org else "")
+    return ApiError(429, "rate_limit_exceeded", message,
                     type=d.reason if d.reason in ("requests", "tokens") else None,
                     headers=tuple(headers))

@@ -107,6 +107,13 @@ def test_an_orgs_refusal_names_the_organization() -> None:
         assert "this api key's" in e.message.lower()
 
 
+@pytest.mark.parametrize("reason", ["requests", "tokens", "tokens_too_large", "concurrency"])
+def test_an_orgs_rate_refusal_names_the_organization(reason: str) -> None:
+    e = refusal(denied(reason, 1.0), Limits(rpm=60, tpm=1000, max_concurrent=1), STARTED,
+                org=True)
+    assert "organization" in e.message and "API key" not in e.message
+
+
 def test_a_total_budget_refusal_says_it_never_resets() -> None:
     e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="total"),
                 STARTED)
