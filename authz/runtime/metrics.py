@@ -206,6 +206,11 @@ class Metrics:
                               ("store",))
         self.store_errors = counter("tokenbooth_store_errors",
                                     "Calls to a store that failed (unavailable)", ("store",))
+        self.store_resets = Counter(
+            "tokenbooth_store_resets",
+            "Times Redis was found to have lost its data (restarted without persistence, "
+            "or flushed): ledgers, holds in flight, stored keys and unexported records",
+            registry=r)
         self.budget_spent_ratio = gauge(
             "tokenbooth_budget_spent_ratio",
             "An org's spend in its current budget period over its budget", ("org",))

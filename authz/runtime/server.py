@@ -111,7 +111,8 @@ class Services:
         feed = AlertFeed()  # records mark the owners whose budget alerts to check
         recorder = Recorder(AlertingSink(self.sink, feed), self.metrics)
         if self.limits is None:
-            self.limits = make_limit_store(cfg, on_lost=recorder.lost)
+            self.limits = make_limit_store(cfg, on_lost=recorder.lost,
+                                           on_reset=self.metrics.store_resets.inc)
         await self.limits.start()
         self._admission = Admission(
             self.limits, cfg.limits.on_store_error, spool_dir=cfg.data_dir / "settle-spool",

@@ -7,6 +7,7 @@ costs, one record per admitted request. The clock is injected; nothing sleeps.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import orjson
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from authz.state.limits.admission import Admission
-from authz.state.limits.base import LimitStore
+from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import CLAIM_S, DUE, RedisLimitStore
 from authz.state.limits.redis_scripts import CLAIM
@@ -196,3 +197,35 @@ async def test_an_org_rate_limit_shows_in_the_admitted_headers() -> None:
                                a.lease_s, a.record))
     d = await adm.admit_all(org, Limits(budget_nano=10**6), a, clock.at())
     assert (d.allowed, d.limit_requests, d.remaining_requests) == (True, 60, 59)
+
+
+async def test_redis_that_lost_its_data_is_noticed(own_redis: RedisServer) -> None:
+    """Redis restarted without persistence (or flushed) has forgotten every ledger and
+    hold: the replicas say so (an error, `on_reset`) once, at their next sweep, for
+    each loss, and carry on with the new data."""
+    resets: list[int] = []
+    stores = [RedisLimitStore(own_redis.url, timeout_s=2.0,
+                              on_reset=lambda i=i: resets.append(i)) for i in range(2)]
+    try:
+        for s in stores:
+            assert await s.check_epoch() and await s.check_epoch()
+        redis.Redis.from_url(own_redis.url).flushall()
+        assert [await s.check_epoch() for s in stores] == [False, False]
+        assert sorted(resets) == [0, 1]
+        assert [await s.check_epoch() for s in stores] == [True, True]
+        own_redis.stop()
+        own_redis.start()  # no persistence: empty again
+        for _ in range(2):  # the first call may find the old connection closed
+            with contextlib.suppress(LimitStoreUnavailable):
+                await stores[0].sweep(T0)
+                break
+        assert sorted(resets) == [0, 0, 1]
+        try:
+            kept = await stores[1].check_epoch()
+        except LimitStoreUnavailable:  # the old connection, closed: once
+            kept = await stores[1].check_epoch()
+        assert not kept
+        assert sorted(resets) == [0, 0, 1, 1]
+    finally:
+        for s in stores:
+            await s.close()

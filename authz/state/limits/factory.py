@@ -13,13 +13,16 @@ from policy.usage import UsageRecord
 
 
 def make_limit_store(cfg: Config,
-                     on_lost: Callable[[UsageRecord], None] | None = None) -> LimitStore:
+                     on_lost: Callable[[UsageRecord], None] | None = None,
+                     on_reset: Callable[[], None] | None = None) -> LimitStore:
     """`on_lost` receives the records of holds found lost when the embedded store starts
-    (in flight when the process died); without it they go straight to the usage log."""
+    (in flight when the process died); without it they go straight to the usage log.
+    `on_reset`: Redis was found to have lost its data."""
     if cfg.state_is_redis:
         from authz.state.limits.redis_limits import RedisLimitStore
 
-        return RedisLimitStore(cfg.state, timeout_s=cfg.key_store.timeout_s)
+        return RedisLimitStore(cfg.state, timeout_s=cfg.key_store.timeout_s,
+                               on_reset=on_reset)
     from authz.state.limits.durable import make_durable_memory_store
 
     if on_lost is None:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -36,6 +37,9 @@ from policy.limits import WINDOW_S, Ask, Decision, Limits
 log = logging.getLogger("tokenbooth.limits")
 
 DUE = "tb:{holds}:due"
+# A mark every replica reads back: gone or changed, Redis lost its data (restarted
+# without persistence, or flushed), and with it every ledger and hold.
+EPOCH = "tb:{holds}:epoch"
 CLAIM_S = 30.0  # a claimed index entry returns to the sweep after this, if not removed
 SWEEP_BATCH = 256  # index entries per claim
 SWEEP_BATCHES = 16  # claims per sweep call, at most
@@ -63,13 +67,15 @@ def _lost_ask(raw: bytes) -> Ask:
 class RedisLimitStore:
     """Limits in Redis shared by every replica; every call bounded by `timeout_s`."""
 
-    def __init__(self, url: str, *, timeout_s: float = 0.25, window_s: float = WINDOW_S
-                 ) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 0.25, window_s: float = WINDOW_S,
+                 on_reset: Callable[[], None] | None = None) -> None:
         # No I/O here or in start(): the first call connects (and loads the scripts).
         # The lean pipelined client: admission and settlement run twice per request.
         self._redis = RespClient(url, timeout_s)
         self._window = window_s
         self._background: set[asyncio.Task[None]] = set()  # index removals in flight
+        self._epoch: bytes | None = None  # the mark this replica last read
+        self._on_reset = on_reset
 
     async def start(self) -> None:
         return None
@@ -179,9 +185,29 @@ class RedisLimitStore:
             [repr(float(now))]))
         return int(spent), int(reserved)
 
+    async def check_epoch(self) -> bool:
+        """Whether Redis still holds what this replica saw: True at first, and as long as
+        the mark is there; False (logged, `on_reset` called) once it is gone or changed,
+        after which the new mark is taken as seen."""
+        mine = uuid.uuid4().hex.encode()
+        _, seen = await self._batch(("SET", EPOCH, mine, "NX"), ("GET", EPOCH), must=(0, 1))
+        before, self._epoch = self._epoch, seen
+        if before is None or seen == before:
+            return True
+        log.error("redis lost its data (restarted without persistence, or flushed): the "
+                  "budget ledgers, the holds of requests in flight (their settlements now "
+                  "charge nothing), keys made with `keys create` and usage records not "
+                  "yet exported are gone; `tokenbooth audit` shows the drift (README: "
+                  "Persistence)")
+        if self._on_reset is not None:
+            self._on_reset()
+        return False
+
     async def sweep(self, now: float) -> list[Ask]:
         """Claim the holds whose lease ended unsettled, from the index: each is charged
-        in full and returned to exactly one caller across every replica."""
+        in full and returned to exactly one caller across every replica. First, whether
+        Redis kept its data (`check_epoch`)."""
+        await self.check_epoch()
         lost: list[Ask] = []
         for _ in range(SWEEP_BATCHES):
             members = await self._call(self._redis.evalsha(
