@@ -80,6 +80,9 @@ def _int_field(body: dict[str, Any], name: str, cap: int) -> int | None:
     v = body.get(name)
     if v is None:
         return None
+    if type(v) is float and v.is_integer() and abs(v) >= 2**63:
+        # Integers past 64 bits reach here as floats (the JSON reader's way): too large.
+        raise invalid_request(f"'{name}' must be at most {cap} for this model.", name)
     if type(v) is not int:
         raise invalid_request(f"'{name}' must be an integer.", name)
     if v < 1:
@@ -99,6 +102,9 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         if str(e).startswith("depth limit exceeded"):  # orjson's limit: 1024 levels
             raise invalid_request("The request body is nested too deeply (over 1024 "
                                   "levels of arrays and objects).") from None
+        if str(e).startswith("number is infinity"):  # valid JSON, past any double
+            raise invalid_request("The request body holds a number too large to "
+                                  "read (past 1.8e308).") from None
         raise invalid_request("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")

@@ -410,3 +410,16 @@ def test_a_bad_stream_interval_is_a_400(bad: object) -> None:
     body = {"model": "demo", "stream": True, "messages": MSG, "stream_interval": bad}
     err = error_of(body)
     assert err.status == 400 and err.param == "stream_interval"
+
+
+def test_numbers_past_what_json_readers_hold_are_named_as_such() -> None:
+    """`1e400` is valid JSON past any double; an integer past 64 bits reads as a float:
+    neither is called invalid JSON or not an integer."""
+    raw = b'{"model": "demo", "messages": [], "max_tokens": 1e400}'
+    with pytest.raises(ApiError, match="number too large") as e:
+        parse_request(raw, CHAT_EP, CFG)
+    assert e.value.status == 400
+    with pytest.raises(ApiError, match="must be at most") as e:
+        parse({"model": "demo", "messages": [{"role": "user", "content": "x"}],
+               "max_tokens": 10**23})
+    assert e.value.param == "max_tokens"
