@@ -229,3 +229,28 @@ async def test_redis_that_lost_its_data_is_noticed(own_redis: RedisServer) -> No
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_a_hold_redis_lost_is_still_charged_once_at_its_settlement(
+        own_redis: RedisServer) -> None:
+    """Requests in flight when Redis lost its data settle against nothing: their cost
+    goes to the (new) ledger all the same, once, however often the settlement repeats;
+    with no loss, a repeated settlement charges nothing more."""
+    lim = Limits(budget_nano=10_000, max_concurrent=5)
+    store = RedisLimitStore(own_redis.url, timeout_s=2.0)
+    try:
+        await store.check_epoch()
+        a, b = ask(1), ask(2)
+        assert (await store.admit(lim, a, T0)).allowed
+        assert (await store.admit(lim, b, T0)).allowed
+        assert (await store.settle(lim, a, 25, 200, T0 + 1)).applied
+        assert not (await store.settle(lim, a, 25, 200, T0 + 1)).applied  # a repeat
+        assert await store.budget("k1", "acme", P, T0 + 1) == (200, 300)
+        redis.Redis.from_url(own_redis.url).flushall()
+        done = await store.settle(lim, b, 25, 250, T0 + 2)
+        assert done.applied
+        assert await store.budget("k1", "acme", P, T0 + 2) == (250, 0)
+        assert not (await store.settle(lim, b, 25, 250, T0 + 2)).applied
+        assert await store.budget("k1", "acme", P, T0 + 2) == (250, 0)
+    finally:
+        await store.close()

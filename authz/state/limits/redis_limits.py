@@ -29,7 +29,15 @@ from redis.exceptions import RedisError
 
 from authz.state.limits.base import LimitStoreUnavailable
 from authz.state.limits.codec import ask_from, dumps
-from authz.state.limits.redis_scripts import ADMIT, BUDGET, CLAIM, CONSUME, SETTLE, SWEEP
+from authz.state.limits.redis_scripts import (
+    ADMIT,
+    BUDGET,
+    CHARGE_LOST_HOLD,
+    CLAIM,
+    CONSUME,
+    SETTLE,
+    SWEEP,
+)
 from authz.state.resp import RespClient
 from policy.admission import Settled, check_ask, check_usage, settled, tracked
 from policy.limits import WINDOW_S, Ask, Decision, Limits
@@ -40,6 +48,9 @@ DUE = "tb:{holds}:due"
 # A mark every replica reads back: gone or changed, Redis lost its data (restarted
 # without persistence, or flushed), and with it every ledger and hold.
 EPOCH = "tb:{holds}:epoch"
+# Budget holds in flight whose mark is kept (beyond: their settlement after a loss of
+# Redis' data charges nothing, as before).
+MAX_HELD_IN = 100_000
 CLAIM_S = 30.0  # a claimed index entry returns to the sweep after this, if not removed
 SWEEP_BATCH = 256  # index entries per claim
 SWEEP_BATCHES = 16  # claims per sweep call, at most
@@ -76,6 +87,10 @@ class RedisLimitStore:
         self._background: set[asyncio.Task[None]] = set()  # index removals in flight
         self._epoch: bytes | None = None  # the mark this replica last read
         self._on_reset = on_reset
+        # The mark under which each budget hold in flight here was admitted ((owner,
+        # request id) → mark): its settlement, finding nothing, tells a hold Redis lost
+        # from a repeat.
+        self._held_in: dict[tuple[str, str], bytes] = {}
 
     async def start(self) -> None:
         return None
@@ -117,6 +132,9 @@ class RedisLimitStore:
                                        must=(0, 1))
             if out[0] != 1 and out[1] != b"duplicate":
                 self._forget(member)
+            if out[0] == 1 and limits.budget_nano is not None and self._epoch is not None \
+                    and len(self._held_in) < MAX_HELD_IN:
+                self._held_in[ask.key_id, ask.request_id] = self._epoch
         ok, reason, retry, rem_r, reset_r, rem_t, reset_t = (
             v.decode() if isinstance(v, bytes) else v for v in out)
         return Decision(
@@ -168,7 +186,23 @@ class RedisLimitStore:
                                         ("ZREM", DUE, _member(ask)), must=(0,))
         else:
             done = await self._call(self._redis.evalsha(SETTLE, keys, args))
+        admitted_in = self._held_in.pop((ask.key_id, ask.request_id), None)
+        if done == 0 and admitted_in is not None and cost_nano > 0 \
+                and await self._lost_since(admitted_in):
+            # Its hold went with Redis' data: the cost is charged all the same, once.
+            done = await self._call(self._redis.evalsha(
+                CHARGE_LOST_HOLD, [budget], [ask.request_id, str(cost_nano)]))
+            if done == 1:
+                log.warning("settled a request whose hold Redis lost: its cost is charged",
+                            extra={"request_id": ask.request_id, "key_id": ask.key_id,
+                                   "cost_nano": cost_nano})
         return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
+
+    async def _lost_since(self, mark: bytes) -> bool:
+        """Whether Redis lost its data since `mark` was read (read it again now)."""
+        with contextlib.suppress(LimitStoreUnavailable):
+            await self.check_epoch()
+        return self._epoch is not None and self._epoch != mark
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
                       now: float) -> None:
@@ -246,7 +280,10 @@ class RedisLimitStore:
                 await self._call(self._redis.execute("ZREM", DUE, *done))
             if early:
                 await self._call(self._redis.execute("ZADD", DUE, *early))
-        return [_lost_ask(r) for r in results if isinstance(r, bytes)]
+        lost = [_lost_ask(r) for r in results if isinstance(r, bytes)]
+        for a in lost:  # charged in full as lost: a late settlement corrects it as usual
+            self._held_in.pop((a.key_id, a.request_id), None)
+        return lost
 
     async def _call(self, awaitable: Any) -> Any:
         # Bounded by the client's socket timeouts, no retries. The caller (Admission) logs

@@ -256,6 +256,16 @@ end
 return 1
 """
 
+# A settlement whose hold Redis lost (it restarted empty, or was flushed, after the
+# admission; authz/state/limits/redis_limits.py tells): its real cost goes to the ledger,
+# once (a mark per request makes a repeat a no-op). KEYS: budget. ARGV: rid, cost.
+# Returns 1 when charged, 0 for a repeat.
+CHARGE_LOST_HOLD = """
+if redis.call('HSETNX', KEYS[1], 'x:' .. ARGV[1], '1') == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+return 1
+"""
+
 # Mirrors Ledger.balance. KEYS: budget, resv, lost. ARGV: now. Returns {spent, reserved}
 # as text.
 BUDGET = LIB + """
