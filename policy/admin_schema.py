@@ -138,6 +138,44 @@ class Spend(BaseModel):
     remaining_usd: str | None
 
 
+class BudgetState(BaseModel):
+    period: str
+    budget_usd: str
+    spent_usd: str
+    reserved_usd: str
+    remaining_usd: str
+    resets_at: str | None  # None: a total budget never resets
+
+
+class RateState(BaseModel):
+    limit: int
+    remaining: int
+    reset_s: float  # until the limit is full again
+
+
+class ConcurrencyState(BaseModel):
+    limit: int
+    in_flight: int
+
+
+class OwnerState(BaseModel):
+    """One owner's limits as they stand (None: no such limit)."""
+
+    budget: BudgetState | None
+    requests: RateState | None
+    tokens: RateState | None
+    concurrency: ConcurrencyState | None
+
+
+class KeyState(BaseModel):
+    """A key's (and its org's) budget and limits now, from the limit store."""
+
+    at: str
+    source: str
+    key: OwnerState
+    org: OwnerState | None
+
+
 class OrgOut(BaseModel):
     org: str
     source: Literal["store", "config", "none"]
@@ -240,6 +278,8 @@ ROUTES: tuple[Route, ...] = (
     Route("revoke_key", "POST", "/v1/keys/{key_id}/revoke", KeyOut, "admin",
           summary="Revoke a key (refused everywhere within 2 s)"),
     Route("key_spend", "GET", "/v1/keys/{key_id}/spend", Spend, summary="A key's spend"),
+    Route("key_state", "GET", "/v1/keys/{key_id}/state", KeyState,
+          summary="A key's and its org's budget and limits now (as `keys show`)"),
     Route("get_org", "GET", "/v1/orgs/{org}", OrgOut,
           summary="An org's limits: stored, else the config's"),
     Route("set_org", "PUT", "/v1/orgs/{org}", OrgOut, "admin", body=OrgLimits,

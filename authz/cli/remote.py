@@ -112,6 +112,12 @@ def key_spend(client: AdminClient, key_id: str) -> dict[str, Any]:
     return spend
 
 
+def key_state(client: AdminClient, key_id: str) -> dict[str, Any]:
+    """`keys show`: the key's and its org's budget and limits now."""
+    state: dict[str, Any] = client.call("GET", f"/v1/keys/{_seg(key_id)}/state")
+    return state
+
+
 def revoke_key(client: AdminClient, key_id: str) -> dict[str, Any]:
     revoked: dict[str, Any] = client.call("POST", f"/v1/keys/{_seg(key_id)}/revoke")
     return revoked

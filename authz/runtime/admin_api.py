@@ -16,7 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from authz.runtime.admin_auth import AdminTokens, CurrentAdminTokens, FailureLimiter
 from authz.state.keys.base import KeyAdmin, KeyExists, KeyStore
-from authz.state.limits.base import LimitStore
+from authz.state.limits.base import LimitStore, LimitStoreUnavailable
+from authz.state.limits.peek import show_state
 from authz.state.orgs import OrgLimitsCache
 from authz.state.usage.reading import Records, archived, load_usage, stream_usage
 from policy.admin_schema import (
@@ -26,6 +27,7 @@ from policy.admin_schema import (
     KeyList,
     KeyOut,
     KeyQuery,
+    KeyState,
     KeyUpdate,
     OrgOut,
     Spend,
@@ -242,6 +244,19 @@ async def key_spend(ctx: AdminContext, call: Call) -> Spend:
     return await _spend(ctx, "key", key.id, key.org, key.budget_period, key.budget_usd)
 
 
+async def key_state(ctx: AdminContext, call: Call) -> KeyState:
+    key = await _find(ctx, call.params["key_id"])
+    call.org = key.org
+    cfg = ctx.config()
+    try:
+        state = await show_state(cfg, key, ctx.clock(), ctx.orgs.org_limits(cfg, key.org),
+                                 live=ctx.limits)
+    except (OSError, LimitStoreUnavailable) as e:
+        raise AdminError(503, f"the limit store did not answer: {e}", "service_unavailable",
+                         headers={"retry-after": "1"}) from None
+    return KeyState.model_validate(state)
+
+
 def _org_out(ctx: AdminContext, org: str) -> OrgOut:
     stored = ctx.orgs.stored(org)
     if stored is not None:
@@ -399,6 +414,7 @@ Endpoint = Callable[[AdminContext, Call], Awaitable[BaseModel | Streamed]]
 ENDPOINTS: dict[str, Endpoint] = {
     "create_key": create_key, "list_keys": list_keys, "get_key": get_key,
     "update_key": update_key, "revoke_key": revoke_key, "key_spend": key_spend,
+    "key_state": key_state,
     "get_org": get_org, "set_org": set_org, "delete_org": delete_org,
     "org_spend": org_spend, "usage": usage,
 }

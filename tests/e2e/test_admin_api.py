@@ -59,6 +59,12 @@ def test_key_over_http_from_creation_to_revocation(admin_gateway: tuple[Gateway,
     within_2s(lambda: refused(gw, key, "rate_limit_exceeded"), "rpm 1 was not enforced")
     status, spend = call(base, "GET", f"/v1/keys/{key_id}/spend")
     assert status == 200 and Decimal(spend["spent_usd"]) > 0, spend
+    # The state, from the live store: rpm 1 spent, the same budget.
+    status, state = call(base, "GET", f"/v1/keys/{key_id}/state")
+    assert status == 200, state
+    assert state["key"]["requests"]["limit"] == 1
+    assert state["key"]["requests"]["remaining"] == 0
+    assert state["key"]["budget"]["spent_usd"] == spend["spent_usd"]
     assert Decimal(spend["remaining_usd"]) == 5 - Decimal(spend["spent_usd"]) - Decimal(
         spend["reserved_usd"])
     status, shown = call(base, "GET", f"/v1/keys/{key_id}")
@@ -123,6 +129,14 @@ def test_the_cli_acts_on_a_remote_gateway_with_admin_url(
     assert tb("keys", "update", key_id, "--rpm", "7", "--json")["rpm"] == 7
     shown = tb("keys", "show", key_id, "--json")
     assert shown["rpm"] == 7 and "spend" in shown
+    # The limits' state, as the local `keys show` prints it, after one more request.
+    assert works(gw, key)
+    shown = tb("keys", "show", key_id, "--json")
+    requests = shown["state"]["key"]["requests"]
+    assert requests["limit"] == 7 and requests["remaining"] < 7, shown["state"]
+    assert shown["state"]["org"] is None and shown["state"]["source"].startswith("memory ")
+    text = tb("keys", "show", key_id)
+    assert "state at " in text and "key requests: " in text and "of 7 per minute left" in text
     within_2s(lambda: tb("usage", "--key", key_id, "--json")["totals"]["requests"] >= 1,
               "the remote usage")
     assert "revoked key" in tb("keys", "revoke", key_id)

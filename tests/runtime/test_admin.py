@@ -221,6 +221,12 @@ async def test_key_lifecycle(ctx: AdminContext, api: Api) -> None:
     await _eventually(lambda: _rpm(ctx, secret), 9)
     status, spend = await api("GET", f"/v1/keys/{key_id}/spend")
     assert status == 200 and spend["spent_usd"] == "0" and spend["remaining_usd"] == "2.5"
+    status, state = await api("GET", f"/v1/keys/{key_id}/state")
+    assert status == 200 and state["key"]["requests"] == {"limit": 9, "remaining": 9,
+                                                          "reset_s": 0.0}
+    assert state["key"]["budget"]["remaining_usd"] == "2.5"
+    assert state["org"]["requests"]["limit"] == 100  # the config's org acme
+    assert (await api("GET", "/v1/keys/nope/state"))[0] == 404
     status, rev = await api("POST", f"/v1/keys/{key_id}/revoke")
     assert status == 200 and rev["status"] == "revoked"
     assert (await api("POST", "/v1/keys/nope/revoke"))[0] == 404
