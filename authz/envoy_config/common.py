@@ -16,6 +16,10 @@ SERVICES_CLUSTER = "tokenbooth_services"
 # Circuit-breaker ceiling: Envoy's defaults (1024) would cap concurrency, since each
 # in-flight request holds one ext_proc stream and one upstream request.
 CIRCUIT_BREAKER_MAX = 100_000
+# How long a client may take to send its request's headers, then its whole request (the
+# HCM's timeouts; past them, a 408).
+REQUEST_HEADERS_TIMEOUT_S = 10
+REQUEST_TIMEOUT_S = 300
 
 
 def pack(message: Message) -> AnyProto:

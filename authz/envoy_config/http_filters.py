@@ -80,7 +80,14 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Struct, Value
 
-from authz.envoy_config.common import SERVICES_CLUSTER, ms, pack, seconds
+from authz.envoy_config.common import (
+    REQUEST_HEADERS_TIMEOUT_S,
+    REQUEST_TIMEOUT_S,
+    SERVICES_CLUSTER,
+    ms,
+    pack,
+    seconds,
+)
 from authz.envoy_config.local_replies import CONNECT_REFUSED, PROC_DOWN, local_reply_config
 from authz.envoy_config.names import EXT_AUTHZ, EXT_PROC, UPSTREAM_ERRORS, UPSTREAM_STATUS_KEY
 from authz.envoy_config.stream_meter import METER_KEY, meter_access_log, meter_lua
@@ -591,7 +598,11 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         always_set_request_id_in_response=True,
         # Until a route is chosen (the upload); the inference routes set their own.
         stream_idle_timeout=seconds(300),
-        request_timeout=seconds(0),
+        # A client that trickles its request (slowloris) holds a connection and a buffer
+        # no longer than this: headers within 10 s, the whole request within 5 minutes
+        # (its upload and the decisions; the response has the routes' own timeouts).
+        request_headers_timeout=seconds(REQUEST_HEADERS_TIMEOUT_S),
+        request_timeout=seconds(REQUEST_TIMEOUT_S),
         # ext_authz decides scopes on the path: /v1/./models and //v1/models must not
         # slip past it.
         normalize_path=True,

@@ -49,7 +49,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.google.protobuf import NullValue, Struct, Value
 
 from authz.envoy_config.clusters import NO_BACKENDS
-from authz.envoy_config.common import pack
+from authz.envoy_config.common import REQUEST_HEADERS_TIMEOUT_S, REQUEST_TIMEOUT_S, pack
 from authz.envoy_config.names import EXT_PROC
 from policy.config import Config
 from policy.errors import ApiError, invalid_request, request_too_large, service_unavailable
@@ -65,6 +65,11 @@ NO_BACKEND = service_unavailable("No healthy backend is available for this model
 UNSERVED = service_unavailable("This model has no backend configured.", retry=False)
 BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
+# A client that took too long to send its request (http_filters: the HCM's timeouts).
+REQUEST_TIMEOUT = ApiError(
+    408, "request_timeout",
+    f"The request was not received in time: its headers must arrive within "
+    f"{REQUEST_HEADERS_TIMEOUT_S} s and the whole request within {REQUEST_TIMEOUT_S} s.")
 # CONNECT: the gateway is no forward proxy (the route answers it; see http_filters.py).
 CONNECT_REFUSED = ApiError(405, "method_not_allowed",
                            "CONNECT is not allowed: this is an OpenAI-compatible API, not a "
@@ -176,6 +181,9 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
             ),
             _mapper(_cel("response.code_details == 'failed_to_inject_credential'"),
                     NO_BACKEND_KEY),
+            _mapper(_cel("response.code_details == 'request_header_timeout' || "
+                         "response.code_details == 'request_overall_timeout'"),
+                    REQUEST_TIMEOUT),
             _malformed(),
         ]
     )

@@ -195,6 +195,26 @@ def test_connect_is_refused_at_once(gateway: Gateway, key: bool) -> None:
     assert gateway.upstream_requests() == []
 
 
+def test_a_client_trickling_its_headers_gets_an_openai_shaped_408(gateway: Gateway) -> None:
+    """A slowloris client holds a connection no longer than the headers' timeout (10 s):
+    then an OpenAI-shaped 408, and nothing was admitted."""
+    from authz.envoy_config.common import REQUEST_HEADERS_TIMEOUT_S
+
+    t0 = time.monotonic()
+    host, port = gateway.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=REQUEST_HEADERS_TIMEOUT_S + 10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never ends
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    waited = time.monotonic() - t0
+    assert REQUEST_HEADERS_TIMEOUT_S - 1 < waited < REQUEST_HEADERS_TIMEOUT_S + 5
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), got
+    chunked = body.split(b"\r\n")[1]  # the one chunk of a chunked body
+    assert json.loads(chunked)["error"]["code"] == "request_timeout"
+
+
 def test_credentials_in_other_conventions_and_underscored_headers_stay_here(
         gateway: Gateway) -> None:
     """A client's key where other SDKs put theirs (Azure's `api-key`, Google's, a proxy's
