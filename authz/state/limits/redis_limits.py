@@ -186,16 +186,19 @@ class RedisLimitStore:
                                         ("ZREM", DUE, _member(ask)), must=(0,))
         else:
             done = await self._call(self._redis.evalsha(SETTLE, keys, args))
-        admitted_in = self._held_in.pop((ask.key_id, ask.request_id), None)
+        held = (ask.key_id, ask.request_id)
+        admitted_in = self._held_in.get(held)
         if done == 0 and admitted_in is not None and cost_nano > 0 \
                 and await self._lost_since(admitted_in):
-            # Its hold went with Redis' data: the cost is charged all the same, once.
+            # Its hold went with Redis' data: the cost is charged all the same, once (a
+            # failure here leaves the mark for the spooled settlement's replay).
             done = await self._call(self._redis.evalsha(
                 CHARGE_LOST_HOLD, [budget], [ask.request_id, str(cost_nano)]))
             if done == 1:
                 log.warning("settled a request whose hold Redis lost: its cost is charged",
                             extra={"request_id": ask.request_id, "key_id": ask.key_id,
                                    "cost_nano": cost_nano})
+        self._held_in.pop(held, None)
         return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
 
     async def _lost_since(self, mark: bytes) -> bool:
