@@ -136,7 +136,7 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
         cost = Decimal(str(rec["cost_usd"]))
         out = (
             _str(rec, "request_id"), _str(rec, "key_id"), _str(rec, "org"),
-            _str(rec, "model"), str(rec.get("upstream_model") or ""),
+            _str(rec, "model", empty=True), str(rec.get("upstream_model") or ""),
             str(rec.get("backend") or ""), _int(rec, "prompt_tokens"),
             _int(rec, "completion_tokens"), _int(rec, "total_tokens"),
             cost, str(rec["status"]), bool(rec.get("stream")),
@@ -160,9 +160,10 @@ def _sequences(rec: dict[str, Any]) -> int | None:
     return v
 
 
-def _str(rec: dict[str, Any], name: str) -> str:
+def _str(rec: dict[str, Any], name: str, empty: bool = False) -> str:
+    """A text field; empty only where `empty` (a GET /v1/models record names no model)."""
     v = rec[name]
-    if not isinstance(v, str) or not v:
+    if not isinstance(v, str) or not (v or empty):
         raise TypeError(name)
     return v
 

@@ -86,6 +86,11 @@ async def test_exported_once_real_beats_lost(
     recs = [record(i) for i in range(2500)]
     recs += [record(5, LOST), record(7)]  # lost after real; a redelivery: both dropped
     recs += [record(3000, LOST), record(3000), record(3001), record(3001, LOST)]
+    # GET /v1/models: a record of no model, no backend, nothing spent.
+    recs += [{**record(4000), "model": "", "upstream_model": "", "backend": "",
+              "endpoint": "models", "prompt_tokens": 0, "completion_tokens": 0,
+              "total_tokens": 0, "cost_usd": "0", "key_budget_period": None,
+              "org_budget_period": None}]
     recs += [{"request_id": "broken", "org": "x"}]  # stored whole in usage_rejected
     await add(client, STREAM, iter(recs), seen_ttl_s=0)  # no seen keys: all in the stream
     ex = exporter(own_redis.url, pg_db, batch=700)
