@@ -25,13 +25,22 @@ log = logging.getLogger("tokenbooth.state")
 BACKLOG_BYTES = 64 << 20
 
 
+def open_appending(path: str | os.PathLike[str]) -> tuple[int, bool]:
+    """An O_APPEND descriptor on `path` (created 0600), and whether the file already ends
+    in a torn line (a crash or a full disk cut a write short, maybe in an earlier process):
+    the first line written must then start with a newline."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    size = os.fstat(fd).st_size
+    return fd, size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
 class TornLine:
     """Appends whole lines to a descriptor, remembering whether the file ends torn."""
 
     __slots__ = ("torn",)
 
-    def __init__(self) -> None:
-        self.torn = False
+    def __init__(self, torn: bool = False) -> None:
+        self.torn = torn
 
     def append(self, fd: int, line: bytes) -> None:
         """Write `line` with one write(); OSError if it did not land whole."""
@@ -54,6 +63,10 @@ class Backlog:
         self._lines: deque[bytes] = deque()
         self._torn = TornLine()
         self.bytes = 0
+
+    def reopened(self, torn: bool) -> None:
+        """The descriptor is a new one, on a file that ends torn or not (`open_appending`)."""
+        self._torn.torn = torn
 
     def __len__(self) -> int:
         return len(self._lines)

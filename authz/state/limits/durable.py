@@ -57,7 +57,7 @@ import orjson
 from authz.state.limits.base import LimitStoreUnwritable
 from authz.state.limits.codec import ask_from
 from authz.state.limits.memory import MemoryLimitStore
-from authz.state.lines import TornLine
+from authz.state.lines import TornLine, open_appending
 from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, usage_files
 from policy.admission import KeyState, Ledger, Settled, lost_record
 from policy.config import Config
@@ -219,9 +219,10 @@ class DurableMemoryLimitStore:
         return ok
 
     def _open_journal(self) -> None:
-        self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # A journal a crash left torn: the next line starts on a line of its own.
+        self._fd, torn = open_appending(self.journal_path)
         self._jbytes = 0
-        self._torn = TornLine()
+        self._torn = TornLine(torn)
 
     def _rotated(self) -> list[Path]:
         """Journals rotated out by a snapshot that may not have completed, oldest first."""

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from authz.state.lines import Backlog
+from authz.state.lines import Backlog, open_appending
 from policy.config import Config, redacted
 from policy.usage import LOST, UsageRecord
 
@@ -51,11 +51,14 @@ class JsonlUsageLog:
         self._max = max_bytes
         self._check_every = max(1, min(_CHECK_BYTES, max_bytes // 16))
         self._unchecked = 0
-        self._file = self._open()
         self._backlog = Backlog(str(self.path))
+        self._file = self._open()
 
     def _open(self) -> Any:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        """Our descriptor on usage.jsonl; a file left ending in a torn line (a crash, a
+        full disk, maybe in an earlier process) gets its next record on a line of its own."""
+        fd, torn = open_appending(self.path)
+        self._backlog.reopened(torn)
         return os.fdopen(fd, "ab", buffering=0)
 
     def write(self, record: UsageRecord) -> None:

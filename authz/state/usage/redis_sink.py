@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from authz.state.keys.redis_store import connect
-from authz.state.lines import Backlog
+from authz.state.lines import Backlog, open_appending
 from authz.state.usage.trim import TrimPolicy, ensure_groups, trim
 from policy.usage import LOST, UsageRecord
 
@@ -139,9 +139,9 @@ class RedisUsageSink:
         # Undelivered bytes, for the bound on the spool.
         self.pending = sum(_segment(spool_dir, s).stat().st_size for s in seqs) - self._roff
         self._wseq = max([self._rseq, *seqs]) + 1  # never append after a crash's partial line
+        self._backlog = Backlog(f"usage spool {spool_dir}")
         self._wfd = self._open_segment(self._wseq)
         self._wsize = 0
-        self._backlog = Backlog(f"usage spool {spool_dir}")
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()  # aclose(): leave once drained or on the first error
         self._stop = asyncio.Event()  # leave at the next checkpoint
@@ -325,8 +325,10 @@ class RedisUsageSink:
     # -- files ----------------------------------------------------------------------
 
     def _open_segment(self, seq: int) -> int:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        return os.open(_segment(self.spool_dir, seq), flags, 0o600)
+        """A spool segment to append to (one a crash left torn: the next line on its own)."""
+        fd, torn = open_appending(_segment(self.spool_dir, seq))
+        self._backlog.reopened(torn)
+        return fd
 
     def _load_offset(self) -> tuple[int, int]:
         try:

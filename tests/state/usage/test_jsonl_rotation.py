@@ -90,3 +90,23 @@ def test_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     for k in range(procs):  # each writer's records in its order
         mine = [r for r in got if k * n <= int(r.removeprefix("req-")) < (k + 1) * n]
         assert mine == sorted(mine)
+
+
+def test_a_torn_last_line_from_an_earlier_process_is_not_glued_to_the_next(
+        tmp_path: Path) -> None:
+    """A record cut short (a full disk, a crash) and then a restart: the new process's
+    first record goes on a line of its own, not onto the torn bytes (readers would skip
+    both: a record lost)."""
+    log = JsonlUsageLog(tmp_path)
+    log.write(usage_record(1))
+    log.close()
+    path = tmp_path / USAGE_FILE
+    whole = path.read_bytes()
+    with path.open("ab") as f:
+        f.write(whole[:40])  # the process died mid-line
+    again = JsonlUsageLog(tmp_path)  # a restart
+    again.write(usage_record(2))
+    again.write(usage_record(3))
+    again.close()
+    assert [r["request_id"] for r in read_records(path)] == [
+        usage_record(i).request_id for i in (1, 2, 3)]
