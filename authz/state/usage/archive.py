@@ -147,6 +147,9 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
         raise ValueError(f"bad or missing field {e}") from None
     if not cost.is_finite():
         raise ValueError("cost_usd is not a number")
+    if any(isinstance(v, str) and "\x00" in v for v in out):
+        # PostgreSQL text cannot hold NUL: the whole batch would fail, again and again.
+        raise ValueError("a text field holds a NUL character")
     return out
 
 

@@ -118,8 +118,9 @@ class Exporter:
             except ValueError as e:
                 log.error("usage export: record %s cannot be stored (%s); kept in "
                           "usage_rejected", raw_id.decode(), e)
-                rejected.append(archive.Rejected(raw_id.decode(), data.decode(errors="replace"),
-                                                 str(e)))
+                # Kept as text PostgreSQL takes: a NUL written as the JSON escape it was.
+                text = data.decode(errors="replace").replace("\x00", "\\u0000")
+                rejected.append(archive.Rejected(raw_id.decode(), text, str(e)))
         assert self._pg is not None
         await archive.store(self._pg, rows, rejected)
         await self._redis.xack(self.stream, self.group, *(i for i, _ in entries))
