@@ -182,21 +182,20 @@ def records(cfg: Config, selection: Selection | None = None) -> Iterator[dict[st
 def jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
     """The objects of a JSON-lines log, its rotated files first, line by line (a damaged
     line is skipped)."""
-    from authz.state.usage.records import usage_files
+    from authz.state.usage.records import LogReader
 
-    for p in usage_files(path):
-        try:
-            f = p.open("rb")
-        except FileNotFoundError:
-            continue
-        with f:
-            for line in f:
+    reader = LogReader(path)  # a rotation while it reads loses nothing
+    try:
+        while lines := reader.next_lines():
+            for line in lines:
                 try:
                     rec = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue
                 if isinstance(rec, dict):
                     yield rec
+    finally:
+        reader.close()
 
 
 def archive_records(cfg: Config, selection: Selection) -> Iterator[dict[str, Any]]:

@@ -16,9 +16,9 @@ import orjson
 from authz.state.usage.records import (
     USAGE_FILE,
     USAGE_STREAM,
+    LogReader,
     one_per_request,
     read_records,
-    usage_files,
 )
 from policy.config import Config
 
@@ -93,18 +93,14 @@ async def stream_usage(cfg: Config) -> AsyncGenerator[dict[str, Any], None]:
             async for found in records:
                 yield found
         return
-    for path in usage_files(cfg.data_dir / USAGE_FILE):
-        try:
-            f = await asyncio.to_thread(path.open, "rb")
-        except FileNotFoundError:
-            continue
-        try:
-            while lines := await asyncio.to_thread(f.readlines, READ_BYTES):
-                for line in lines:
-                    if (rec := _loads(line)) is not None:
-                        yield rec
-        finally:
-            f.close()
+    reader = LogReader(cfg.data_dir / USAGE_FILE, READ_BYTES)  # rotations lose nothing
+    try:
+        while lines := await asyncio.to_thread(reader.next_lines):
+            for line in lines:
+                if (rec := _loads(line)) is not None:
+                    yield rec
+    finally:
+        reader.close()
 
 
 async def _stream_redis(url: str) -> AsyncGenerator[dict[str, Any], None]:

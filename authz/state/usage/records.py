@@ -156,17 +156,9 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
 def log_lines(path: Path) -> Iterator[dict[str, Any]]:
     """The records of the log at `path` and its rotated files, line by line, as written
     (a damaged line is skipped with a warning)."""
-    for p in usage_files(path):
-        yield from _lines(p)
-
-
-def _lines(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:  # none yet, or rotated as we looked
-        return
-    with f:
-        for n, line in enumerate(f, 1):
+    reader = LogReader(path)
+    while lines := reader.next_lines():
+        for line in lines:
             if not line.strip():
                 continue
             try:
@@ -174,9 +166,76 @@ def _lines(path: Path) -> Iterator[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 rec = None
             if not isinstance(rec, dict):
-                log.warning("%s:%d: skipping a damaged usage line", path, n)
+                log.warning("%s: skipping a damaged usage line", reader.current)
                 continue
             yield rec
+
+
+# Passes over the files: the first, then more while a rotation or appends moved them.
+_READ_PASSES = 4
+
+
+class LogReader:
+    """The lines of the log at `path`, its rotated files first, read whole while writers
+    rotate it: the files are listed again at the end, and a file not read yet (the live
+    file, renamed by a rotation after the listing) or grown since (appends that reached
+    it before the writers reopened) is read too, from where it was left. A line may so
+    come twice at most (readers keep one per request_id); none is missed. A last line
+    without its newline is left for the next pass (a write under way)."""
+
+    def __init__(self, path: Path, chunk_bytes: int = 1 << 20) -> None:
+        self.path = path
+        self.current: Path = path
+        self._chunk = chunk_bytes
+        self._read: dict[int, int] = {}  # inode -> bytes read
+        self._todo: list[Path] = usage_files(path)
+        self._passes = 1
+        self._file: Any = None
+        self._inode = 0
+
+    def next_lines(self) -> list[bytes]:
+        """The next whole lines (about `chunk_bytes`); [] at the end."""
+        while True:
+            if self._file is not None:
+                lines: list[bytes] = self._file.readlines(self._chunk)
+                if lines and not lines[-1].endswith(b"\n"):
+                    self._file.seek(-len(lines.pop()), os.SEEK_CUR)  # not whole yet
+                if lines:
+                    return lines
+                self._read[self._inode] = self._file.tell()
+                self._file.close()
+                self._file = None
+            if not self._todo and not self._relist():
+                return []
+            p = self._todo.pop(0)
+            try:
+                f = p.open("rb")
+            except FileNotFoundError:  # rotated as we looked: the next listing has it
+                continue
+            # By what was opened, not what was listed: a rotation may come in between.
+            self._inode = os.fstat(f.fileno()).st_ino
+            f.seek(self._read.get(self._inode, 0))
+            self._file, self.current = f, p
+
+    def _relist(self) -> bool:
+        """Whether another pass found files to read (new ones, or grown)."""
+        if self._passes >= _READ_PASSES:
+            return False
+        self._passes += 1
+        for p in usage_files(self.path):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            done = self._read.get(st.st_ino)
+            if done is None or st.st_size > done:
+                self._todo.append(p)
+        return bool(self._todo)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def make_sink(cfg: Config) -> UsageSink:
