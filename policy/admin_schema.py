@@ -3,12 +3,13 @@ OpenAPI 3.1 document generated from both (the HTTP server reads the same table).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, field_validator
 from pydantic.json_schema import models_json_schema
 
 from policy.bounds import BudgetUsd, Count
@@ -78,6 +79,10 @@ class KeyQuery(_In):
     after: str | None = Field(default=None, description="the last id of the previous page")
 
 
+# An ISO 8601 time whose `+HH:MM` offset lost its `+` to form decoding.
+_SPACED_OFFSET = re.compile(r"T[0-9:.]+ [0-9]{2}:[0-9]{2}$")
+
+
 class UsageQuery(_In):
     """GET /v1/usage query parameters (the filters of `tokenbooth usage`)."""
 
@@ -91,6 +96,15 @@ class UsageQuery(_In):
     stream: bool = Field(default=False, description=(
         f"every selected record, one JSON object a line ({NDJSON}, as with `Accept: "
         f"{NDJSON}`), written as it is read; the totals last; no paging"))
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _plus_offset(cls, v: object) -> object:
+        """`2026-12-04T10:00:00+01:00` typed into a URL unencoded arrives with a space for
+        its `+` (form encoding): the offset it meant, not a 400."""
+        if isinstance(v, str) and _SPACED_OFFSET.search(v):
+            return v[:-6] + "+" + v[-5:]
+        return v
 
 
 class UnknownCursor(ValueError):

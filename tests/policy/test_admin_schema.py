@@ -75,3 +75,15 @@ def test_usage_may_be_streamed_as_ndjson() -> None:
     assert others and all(
         NDJSON not in doc["paths"][r.path][r.method.lower()]["responses"][str(r.status)][
             "content"] for r in others)
+
+
+def test_a_since_whose_plus_became_a_space_is_read_as_the_offset() -> None:
+    """`?since=2026-12-04T10:00:00+01:00` typed unencoded (curl, a browser) arrives with
+    a space for the `+`: the offset meant, not a 400."""
+    from datetime import timedelta
+
+    from policy.admin_schema import UsageQuery
+
+    got = UsageQuery.model_validate({"since": "2026-12-04T10:00:00 01:00"}).since
+    assert got is not None and got.utcoffset() == timedelta(hours=1)
+    assert UsageQuery.model_validate({"since": "2026-12-04T10:00:00+01:00"}).since == got
