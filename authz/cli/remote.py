@@ -7,7 +7,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -38,6 +38,16 @@ class AdminClient:
     def call(self, method: str, path: str, body: Mapping[str, Any] | None = None,
              query: Mapping[str, object] | None = None) -> Any:
         """One call; the decoded answer, or RemoteError / LookupError (404) in one line."""
+        return self._exchange(method, path, body, query, lambda r: orjson.loads(r.read()))
+
+    def lines(self, path: str, query: Mapping[str, object]) -> list[Any]:
+        """A streamed (NDJSON) answer: every line, decoded."""
+        return list(self._exchange("GET", path, None, query,
+                                   lambda r: [orjson.loads(line) for line in r
+                                              if line.strip()]))
+
+    def _exchange(self, method: str, path: str, body: Mapping[str, Any] | None,
+                  query: Mapping[str, object] | None, read: Callable[[Any], Any]) -> Any:
         q = {k: str(v) for k, v in (query or {}).items() if v is not None}
         url = self.base + path + ("?" + urllib.parse.urlencode(q) if q else "")
         req = urllib.request.Request(  # noqa: S310 - http(s) only, checked above
@@ -46,7 +56,9 @@ class AdminClient:
                      "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:  # noqa: S310
-                return orjson.loads(r.read())
+                return read(r)
+        except orjson.JSONDecodeError:
+            raise RemoteError(f"{self.base}: the answer was cut short or is not JSON") from None
         except urllib.error.HTTPError as e:
             message = _message(e.read()) or e.reason
             if e.code == 404:
@@ -125,11 +137,14 @@ def revoke_key(client: AdminClient, key_id: str) -> dict[str, Any]:
 
 def usage(client: AdminClient, org: str | None, key: str | None, since: str | None
           ) -> dict[str, Any]:
-    """`tokenbooth usage`: {"records": [...], "totals": {...}}, every page."""
-    query = {"org": org, "key": key, "since": since}
-    records = client.pages("/v1/usage", query)
-    totals = client.call("GET", "/v1/usage", query={**query, "limit": 1})["totals"]
-    return {"records": records, "totals": totals}
+    """`tokenbooth usage`: {"records": [...], "totals": {...}}, in one streamed answer
+    (one snapshot: pages asked one after another could miss records that exporters
+    commit out of order between them)."""
+    lines = client.lines("/v1/usage", {"org": org, "key": key, "since": since,
+                                       "stream": "true"})
+    if not lines or not isinstance(lines[-1], dict) or lines[-1].get("object") != "usage.totals":
+        raise RemoteError(f"{client.base}: the usage answer ended before its totals")
+    return {"records": lines[:-1], "totals": lines[-1]["totals"]}
 
 
 def _seg(value: str) -> str:
