@@ -44,12 +44,6 @@ class PortAllocator:
         raise OSError("no free port found")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """One free port, for a caller that picks a single one: it remembers nothing, so
-    several picks before binding may repeat; use one `PortAllocator` for those."""
-    return PortAllocator().free_port(host)
-
-
 def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from authz.cli.common import parse_since
-from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from authz.state.limits.base import LimitStore
 from authz.state.limits.durable import DurableMemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
@@ -30,7 +30,7 @@ from policy.config import Config, load_config
 from policy.limits import Ask, Limits, cost_nano, period_id
 from policy.quota import limits_from, org_hold
 from policy.usage import Usage, make_record
-from tests.helpers import write_policy
+from tests.helpers import PORTS, write_policy
 from tests.redis_server import RedisServer
 
 KEY = "k-audit"
@@ -183,7 +183,7 @@ def test_memory_ledgers_are_read_from_the_journaled_state(tmp_path: Path) -> Non
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     for args in (["--since", "last week"], ["--vllm", "ftp://x"],
-                 ["--vllm", f"http://127.0.0.1:{PortAllocator().free_port()}"]):
+                 ["--vllm", f"http://127.0.0.1:{PORTS.free_port()}"]):
         rc, out, err = audit(path, *args)
         assert rc == 2 and out is None and err.count("\n") == 1, (args, err)
         assert "Traceback" not in err
@@ -222,7 +222,7 @@ def _chat(url: str, stream: bool) -> Usage:
 
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[str]:
-    url = f"http://127.0.0.1:{PortAllocator().free_port()}"
+    url = f"http://127.0.0.1:{PORTS.free_port()}"
     with (tmp_path / "sim.log").open("wb") as log:
         proc = spawn([sys.executable, "-m", "authz.cli", "sim", "--listen", url[7:]],
                      stdout=log, stderr=log)

@@ -22,9 +22,9 @@ import yaml
 
 from authz.envoy_config.binary import envoy_path
 from authz.envoy_config.bootstrap import render_yaml
-from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from policy.config import load_config
-from tests.helpers import SECRET, write_policy
+from tests.helpers import SECRET, free_port, write_policy
 from tests.redis_server import RedisServer
 
 
@@ -108,13 +108,17 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
         start("envoy", [str(envoy_path()), "-c", str(root / "envoy.yaml"),
                         "--log-level", "warn", "--use-dynamic-base-id"])
         side = f"http://{cfg.services.http_listen}"
-        wait_until(lambda: http_ok(f"{sim_url}/health"), "sim", alive=procs)
-        wait_until(lambda: http_ok(f"{side}/readyz"), "serve", alive=procs)
-        wait_until(lambda: http_ok(f"http://{cfg.envoy.admin_listen}/ready"), "envoy",
-                   timeout=60, alive=procs)
-        # The backend cluster turns healthy after its first active health check.
-        wait_until(lambda: _backend_healthy(f"http://{cfg.envoy.admin_listen}"),
-                   "backend health", timeout=30, alive=procs)
+        try:
+            wait_until(lambda: http_ok(f"{sim_url}/health"), "sim", alive=procs)
+            wait_until(lambda: http_ok(f"{side}/readyz"), "serve", alive=procs)
+            wait_until(lambda: http_ok(f"http://{cfg.envoy.admin_listen}/ready"), "envoy",
+                       timeout=60, alive=procs)
+            # The backend cluster turns healthy after its first active health check.
+            wait_until(lambda: _backend_healthy(f"http://{cfg.envoy.admin_listen}"),
+                       "backend health", timeout=30, alive=procs)
+        except (RuntimeError, TimeoutError) as e:
+            # A CI log shows only the test's output: say what the processes said.
+            raise RuntimeError(f"{e}\n{log_tails(logs)}") from e
         gw = Gateway(f"http://{listen}", sim_url, side, path, cfg.data_dir, logs)
         try:
             yield gw
@@ -141,6 +145,15 @@ def redis_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]
             yield gw
     finally:
         server.stop()
+
+
+def log_tails(logs: Path, lines: int = 30) -> str:
+    """The last lines of every log under `logs`, each under its file's name."""
+    out = []
+    for f in sorted(logs.glob("*.log")):
+        tail = f.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"--- {f.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(out)
 
 
 def _backend_healthy(admin: str) -> bool:

@@ -9,7 +9,7 @@ import threading
 
 from aiohttp import web
 
-from authz.runtime.procs import free_port
+from tests.helpers import free_port
 
 
 class ThreadedBackend:

@@ -30,7 +30,7 @@ import pytest
 
 from authz.envoy_config.binary import envoy_path
 from authz.envoy_config.bootstrap import render_yaml
-from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from authz.state.limits.durable import DurableMemoryLimitStore
 from authz.state.usage.records import USAGE_FILE, read_records
 from policy.config import load_config
@@ -38,7 +38,7 @@ from policy.keys import fingerprint
 from policy.limits import usd_to_nano
 from policy.usage import LOST
 from tests.e2e.conftest import _backend_healthy
-from tests.helpers import write_policy
+from tests.helpers import PORTS, write_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +79,7 @@ class Rig:
 
 @contextlib.contextmanager
 def rig(root: Path) -> Iterator[Rig]:
-    ports = PortAllocator()
+    ports = PORTS
     logs = root / "logs"
     logs.mkdir()
     sim_port, listen = ports.free_port(), f"127.0.0.1:{ports.free_port()}"

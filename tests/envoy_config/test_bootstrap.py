@@ -26,10 +26,10 @@ import yaml
 from authz.envoy_config.binary import envoy_path
 from authz.envoy_config.bootstrap import render_dict, render_yaml
 from authz.envoy_config.http_filters import BACKEND_CORS_HEADERS
-from authz.runtime.procs import PortAllocator
 from policy.config import Config, ConfigError, Tls, parse_config
 from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_HEADER
+from tests.helpers import PORTS
 from tests.tls import make_test_ca
 
 HERE = Path(__file__).parent
@@ -292,7 +292,7 @@ def test_listen_must_be_an_ip() -> None:
 def running_config(tls: Tls | None) -> Config:
     """Free ports; nothing listens on the gRPC port nor on the backend's."""
     base = load_fixture("basic")
-    ports = PortAllocator()
+    ports = PORTS
     return base.model_copy(update={
         "listen": f"127.0.0.1:{ports.free_port()}",
         "tls": tls,

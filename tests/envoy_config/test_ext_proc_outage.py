@@ -25,12 +25,12 @@ from typing import Any
 import grpc
 import pytest
 
-from authz.runtime.procs import PortAllocator, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from authz.services import protos
 from policy.config import Config, load_config
 from policy.routing import CLUSTER_HEADER, model_cluster_name
 from tests.envoy_config.test_bootstrap import run_envoy
-from tests.helpers import SECRET, write_policy
+from tests.helpers import PORTS, SECRET, write_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +70,7 @@ def no_ext_proc(tmp_path: Path) -> Iterator[Config]:
     protos.add_AuthorizationServicer_to_server(_AllowAll(), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    ports = PortAllocator()
+    ports = PORTS
     path = write_policy(
         tmp_path, f"http://127.0.0.1:{backend.server_address[1]}",
         listen=f"127.0.0.1:{ports.free_port()}",
@@ -124,7 +124,7 @@ def services_and_sim(tmp_path: Path, request: pytest.FixtureRequest
                      ) -> Iterator[tuple[Config, subprocess.Popen[bytes]]]:
     """`tokenbooth sim` and `tokenbooth serve` (its process, to kill) on free ports, with
     `envoy.on_metering_loss` set to the test's parameter."""
-    ports = PortAllocator()
+    ports = PORTS
     sim = f"127.0.0.1:{ports.free_port()}"
     path = write_policy(
         tmp_path, f"http://{sim}", listen=f"127.0.0.1:{ports.free_port()}",

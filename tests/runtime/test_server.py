@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from authz.runtime.procs import PortAllocator, http_ok, wait_until
+from authz.runtime.procs import http_ok, wait_until
 from policy.keys import fingerprint
 from tests.grpc_harness import Running
-from tests.helpers import SECRET, free_port, write_policy
+from tests.helpers import PORTS, SECRET, free_port, write_policy
 from tests.services.test_ext_authz import check, denial
 
 
@@ -73,7 +73,7 @@ async def test_config_reload_applies_good_files_and_refuses_bad_ones(running: Ru
 
 
 def test_serve_process_is_ready_then_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
-    ports = PortAllocator()
+    ports = PORTS
     http = f"127.0.0.1:{ports.free_port()}"
     path = write_policy(tmp_path, "http://127.0.0.1:8000",
                         services={"grpc_listen": f"127.0.0.1:{ports.free_port()}",

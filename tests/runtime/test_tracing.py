@@ -19,12 +19,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from authz.envoy_config.names import EXT_PROC
 from authz.runtime.overrides import Overrides
-from authz.runtime.procs import PortAllocator, http_ok, wait_until
+from authz.runtime.procs import http_ok, wait_until
 from authz.runtime.server import Services
 from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import make_provider
 from tests.grpc_harness import Running
-from tests.helpers import SECRET, write_policy
+from tests.helpers import PORTS, SECRET, write_policy
 from tests.services.test_ext_authz import check
 from tests.services.test_ext_proc import CHAT, Stream, req_body
 
@@ -83,7 +83,7 @@ def test_an_unreachable_collector_blocks_neither_start_nor_stop(tmp_path: Path) 
     blackhole.bind(("127.0.0.1", 0))
     blackhole.listen(16)
     endpoint = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
-    ports = PortAllocator()
+    ports = PORTS
     http = f"127.0.0.1:{ports.free_port()}"
     grpc_listen = f"127.0.0.1:{ports.free_port()}"
     path = write_policy(tmp_path, "http://127.0.0.1:8000",

@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from authz.runtime.procs import free_port
 from authz.services.prompt_counter import PromptCounter, backend_headers
 from policy.config import load_config
-from tests.helpers import write_policy
+from tests.helpers import free_port, write_policy
 
 SEEN: list[dict[str, Any]] = []
 

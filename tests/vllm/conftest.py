@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from authz.runtime.procs import free_port, http_ok, spawn, stop, wait_until
+from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from tests.e2e.conftest import Gateway, run_gateway
-from tests.helpers import policy_dict
+from tests.helpers import free_port, policy_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
