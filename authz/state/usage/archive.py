@@ -3,9 +3,12 @@
 One row per request in `usage_records`, unique by `request_id`. A batch is written by
 one INSERT … ON CONFLICT: a record already there is kept, except that a real record
 replaces a `lost` one (a hold charged in full whose late settlement came after all);
-a `lost` record never replaces a real one. Rows keep the order they were exported in
-(`seq`), which readers page by. Records that cannot be stored (a field missing or of
-the wrong type) go whole to `usage_rejected`, in the same transaction.
+a `lost` record never replaces a real one. Each row keeps the id of the stream entry it
+was exported from (`stream_ms`, `stream_seq`): readers page by that id, the order records
+were written in, whatever order exporters commit them in (`ORDER_KEY`; rows of a version
+before 4 have none and come first, in the order they were exported, `seq`). Records
+that cannot be stored (a field missing or of the wrong type) go whole to
+`usage_rejected`, in the same transaction.
 
 `migrate()` brings the schema to SCHEMA_VERSION on start (idempotent; several
 processes may run it at once: it holds an advisory lock).
@@ -26,7 +29,7 @@ from policy.usage import LOST, iso_z
 
 log = logging.getLogger("tokenbooth.records")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TABLE = "usage_records"
 _LOCK_ID = 0x7462_7573  # pg_advisory_xact_lock key of the migration ("tbus")
 
@@ -72,7 +75,19 @@ ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS key_budget_period text,
 # Sequences per prompt (`n`): NULL for a record of a tokenbooth before this version.
 3: f"""
 ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS sequences integer;
+""",
+# The stream entry a row was exported from: its order (NULL for a row exported before).
+4: f"""
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS stream_ms bigint,
+                    ADD COLUMN IF NOT EXISTS stream_seq bigint;
+CREATE INDEX IF NOT EXISTS {TABLE}_order
+  ON {TABLE} ((coalesce(stream_ms, 0)), (coalesce(stream_seq, seq)));
 """}
+
+# Where a row stands in the order readers page by: its stream entry id, or (0, seq) for a
+# row exported before version 4 (before every entry id; unique either way).
+ORDER_KEY = "coalesce(stream_ms, 0), coalesce(stream_seq, seq)"
+OrderKey = tuple[int, int]
 
 _COLUMNS = ("request_id", "key_id", "org", "model", "upstream_model", "backend",
             "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "status",
@@ -82,19 +97,25 @@ _TYPES = ("text", "text", "text", "text", "text", "text", "bigint", "bigint", "b
           "numeric", "text", "boolean", "boolean", "timestamptz", "float8", "text",
           "text", "text", "int4")
 _PERIODS = ("key_budget_period", "org_budget_period")
-_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])
+# What the exporter writes besides the record: the stream entry's id.
+_WRITTEN = (*_COLUMNS, "stream_ms", "stream_seq")
+_WRITTEN_TYPES = (*_TYPES, "bigint", "bigint")
+_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _WRITTEN[1:])
 SELECT_COLUMNS = ", ".join(_COLUMNS)
 # A batch is COPied (binary) into a temporary table, then moved by one INSERT … SELECT:
 # COPY encodes rows faster than a statement's array parameters. SQL here is built from
 # constants only; values always travel as parameters or COPY data.
 _STAGE = "usage_records_in"
 _CREATE_STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
-                 + ", ".join(f"{c} {t}" for c, t in zip(_COLUMNS, _TYPES, strict=True))
+                 + ", ".join(f"{c} {t}" for c, t in zip(_WRITTEN, _WRITTEN_TYPES,
+                                                        strict=True))
                  + ") ON COMMIT DELETE ROWS")
+_INSERTED = ", ".join(_WRITTEN)
 _INSERT = (
-    f"INSERT INTO {TABLE} ({SELECT_COLUMNS}) SELECT {SELECT_COLUMNS} FROM {_STAGE} "  # noqa: S608
-    # A correction (a real record replacing a `lost` one) takes a new seq: readers that
-    # follow the table by seq (the admin API's `after`) see the changed cost.
+    f"INSERT INTO {TABLE} ({_INSERTED}) SELECT {_INSERTED} FROM {_STAGE} "  # noqa: S608
+    # A correction (a real record replacing a `lost` one) takes the real record's entry
+    # id (and a new seq): readers that follow the order (the admin API's `after`) see the
+    # changed cost.
     f"ON CONFLICT (request_id) DO UPDATE SET {_SET}, "
     f"seq = nextval(pg_get_serial_sequence('{TABLE}', 'seq'))"
     f" WHERE {TABLE}.status = '{LOST}' AND EXCLUDED.status <> '{LOST}'")
@@ -130,8 +151,9 @@ class Rejected:
     problem: str
 
 
-def row(rec: dict[str, Any]) -> tuple[Any, ...]:
-    """A record's column values; ValueError naming what is wrong."""
+def row(rec: dict[str, Any], entry_id: OrderKey | None = None) -> tuple[Any, ...]:
+    """A record's column values, then its stream entry's id (`entry_id`, NULL without
+    one); ValueError naming what is wrong."""
     try:
         cost = Decimal(str(rec["cost_usd"]))
         out = (
@@ -142,7 +164,8 @@ def row(rec: dict[str, Any]) -> tuple[Any, ...]:
             cost, str(rec["status"]), bool(rec.get("stream")),
             bool(rec.get("estimated")), _time(rec["started_at"]),
             float(rec.get("duration_ms") or 0.0), str(rec.get("endpoint") or ""),
-            *(_period(rec, name) for name in _PERIODS), _sequences(rec))
+            *(_period(rec, name) for name in _PERIODS), _sequences(rec),
+            *(entry_id or (None, None)))
     except (KeyError, TypeError, InvalidOperation) as e:
         raise ValueError(f"bad or missing field {e}") from None
     if not cost.is_finite():
@@ -201,7 +224,7 @@ async def store(conn: asyncpg.Connection, rows: list[tuple[Any, ...]],
     async with conn.transaction():
         if rows:
             await conn.execute(_CREATE_STAGE)
-            await conn.copy_records_to_table(_STAGE, records=rows, columns=_COLUMNS)
+            await conn.copy_records_to_table(_STAGE, records=rows, columns=_WRITTEN)
             await conn.execute(_INSERT)
         if rejected:
             await conn.executemany(

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from authz.state.keys.redis_store import connect as redis_connect
 from authz.state.usage import archive
-from authz.state.usage.trim import EXPORT_GROUP, TrimPolicy, ensure_groups, trim
+from authz.state.usage.trim import EXPORT_GROUP, TrimPolicy, ensure_groups, parse_id, trim
 from policy.config import redacted
 
 log = logging.getLogger("tokenbooth.records")
@@ -114,7 +114,7 @@ class Exporter:
             if data is None:
                 continue  # trimmed while pending, or not a record: nothing to store
             try:
-                rows.append(archive.row(archive.loads(data)))
+                rows.append(archive.row(archive.loads(data), parse_id(raw_id)))
             except ValueError as e:
                 log.error("usage export: record %s cannot be stored (%s); kept in "
                           "usage_rejected", raw_id.decode(), e)

@@ -1,9 +1,13 @@
 """GET /v1/usage's page when PostgreSQL is the ledger of record (usage.sink): totals and
 groups by SQL aggregates merged with the stream's tail (query.py), and one page of
-records: the archive's in export order, then the tail's, `after` a request_id."""
+records: the archive's and the tail's merged in stream order (each record's entry id), so
+a client paging with `after` (a request_id) across answers misses none that exporters
+commit meanwhile, in whatever order."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,8 +36,10 @@ async def sql_page(cfg: Config, q: UsageQuery) -> UsagePage:
             for group, totals in await query.aggregate(conn, sel, report.group_by,
                                                        t.exclude):
                 report.merge(group, totals)
-            tail = [r for rec in t.records if (r := report.feed(rec)) is not None]
-            tail += report.finish()
+            counted = [r for rec in t.records if (r := report.feed(rec)) is not None]
+            counted += report.finish()  # the `lost` ones, held back until the end
+            key = {r["request_id"]: k for k, r in zip(t.keys, t.records, strict=True)}
+            tail = sorted(((key[r["request_id"]], r) for r in counted), key=lambda kr: kr[0])
             rows = await _page(conn, q, sel, t.exclude, tail)
     finally:
         await conn.close()
@@ -46,23 +52,25 @@ async def sql_page(cfg: Config, q: UsageQuery) -> UsagePage:
 
 
 async def _page(conn: Any, q: UsageQuery, sel: Selection, exclude: list[str],
-                tail: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Up to limit + 1 records after `q.after`: the archive's, then the tail's."""
-    after_seq: int | None = 0
-    tail_start = 0
+                tail: list[tuple[archive.OrderKey, dict[str, Any]]],
+                ) -> list[dict[str, Any]]:
+    """Up to limit + 1 records after `q.after`, the archive's and the tail's merged in
+    stream order."""
+    after: archive.OrderKey = (-1, -1)
     if q.after is not None:
-        after_seq = await query.seq_of(conn, q.after)
-        if after_seq is None:
-            ids = [r["request_id"] for r in tail]
-            if q.after not in ids:
-                raise UnknownCursor(q.after)
-            tail_start = ids.index(q.after) + 1
-    out: list[dict[str, Any]] = []
+        found = await query.key_of(conn, q.after)
+        if found is None:
+            found = next((k for k, r in tail if r["request_id"] == q.after), None)
+        if found is None:
+            raise UnknownCursor(q.after)
+        after = found
     want = q.limit + 1
-    if after_seq is not None:
-        async for page in query.pages(conn, sel, exclude, after_seq, limit=want):
-            out += [r for _, r in page]
-    return out + tail[tail_start:tail_start + max(0, want - len(out))]
+    stored: list[tuple[archive.OrderKey, dict[str, Any]]] = []
+    async for page in query.pages(conn, sel, exclude, after, limit=want):
+        stored += page
+    merged = heapq.merge(stored, [(k, r) for k, r in tail if k > after],
+                         key=lambda kr: kr[0])
+    return [r for _, r in itertools.islice(merged, want)]
 
 
 def _valid(rec: dict[str, Any]) -> UsageRecordOut | None:

@@ -6,7 +6,9 @@ acknowledged). `tail()` reads the tail and checks its request ids against the ar
 a tail record already stored is dropped, except a real one whose stored row is `lost`
 (it will replace that row): it is kept, and the row excluded from the archive's side.
 Totals and groups are SQL aggregates (GROUP BY) over the archive, merged with the
-tail's in policy/usage_report.py; records are read by keyset pages of `seq`.
+tail's in policy/usage_report.py. Records are read by keyset pages in stream order
+(archive.ORDER_KEY: each record's stream entry id), the tail's records carrying theirs:
+one order across both, whatever order exporters commit in.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import orjson
 from authz.state.keys.redis_store import connect as redis_connect
 from authz.state.usage import archive
 from authz.state.usage.records import USAGE_STREAM, one_per_request
-from authz.state.usage.trim import EXPORT_GROUP, acked_cut
+from authz.state.usage.trim import EXPORT_GROUP, acked_cut, parse_id
 from policy.config import Config
 from policy.usage import LOST
 from policy.usage_report import Selection, Totals
@@ -41,6 +43,7 @@ class Tail:
     """The stream's records the archive does not hold (see the module)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[archive.OrderKey] = field(default_factory=list)  # each record's entry id
     exclude: list[str] = field(default_factory=list)  # archive rows they replace
 
 
@@ -57,13 +60,15 @@ async def tail(cfg: Config, conn: asyncpg.Connection) -> Tail:
     try:
         cut = await acked_cut(client, USAGE_STREAM, (EXPORT_GROUP,))
         entries: list[dict[str, Any]] = []
+        ids: dict[int, archive.OrderKey] = {}  # by id() of the record
         start = f"{cut[0]}-{cut[1]}"
         while page := cast(Any, await client.xrange(USAGE_STREAM, start, "+", count=PAGE)):
-            for _id, fields in page:
+            for entry_id, fields in page:
                 raw = (fields or {}).get(b"data")
                 rec = orjson.loads(raw) if raw else None
                 if isinstance(rec, dict):
                     entries.append(rec)
+                    ids[id(rec)] = parse_id(entry_id)
             if len(page) < PAGE:
                 break
             start = "(" + page[-1][0].decode()
@@ -76,11 +81,11 @@ async def tail(cfg: Config, conn: asyncpg.Connection) -> Tail:
     out = Tail()
     for r in recs:
         was = stored.get(r["request_id"])
-        if was is None:
+        if was is None or (was == LOST and r.get("status") != LOST):
             out.records.append(r)
-        elif was == LOST and r.get("status") != LOST:
-            out.records.append(r)
-            out.exclude.append(r["request_id"])
+            out.keys.append(ids[id(r)])
+            if was is not None:
+                out.exclude.append(r["request_id"])
     return out
 
 
@@ -131,30 +136,35 @@ async def aggregate(conn: asyncpg.Connection, sel: Selection, group_by: tuple[st
 
 
 async def pages(conn: asyncpg.Connection, sel: Selection, exclude: list[str],
-                after_seq: int = 0, limit: int | None = None,
-                ) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
-    """The archive's selected rows in export order, a page at a time: (seq, record)."""
+                after: archive.OrderKey = (-1, -1), limit: int | None = None,
+                ) -> AsyncIterator[list[tuple[archive.OrderKey, dict[str, Any]]]]:
+    """The archive's selected rows after `after` in stream order, a page at a time:
+    (order key, record)."""
     cond, args = where(sel, exclude)
     left = limit
     while left is None or left > 0:
         n = PAGE if left is None else min(PAGE, left)
         found = await _fetch(
-            conn, f"SELECT seq, {archive.SELECT_COLUMNS} FROM {archive.TABLE} WHERE {cond} "  # noqa: S608
-            f"AND seq > ${len(args) + 1} ORDER BY seq LIMIT {n}", *args, after_seq)
+            conn, f"SELECT {archive.ORDER_KEY}, {archive.SELECT_COLUMNS} "  # noqa: S608
+            f"FROM {archive.TABLE} WHERE {cond} AND ({archive.ORDER_KEY}) > "
+            f"(${len(args) + 1}, ${len(args) + 2}) ORDER BY {archive.ORDER_KEY} LIMIT {n}",
+            *args, *after)
         if not found:
             return
-        yield [(r["seq"], archive.record(tuple(r)[1:])) for r in found]
-        after_seq = found[-1]["seq"]
+        yield [((r[0], r[1]), archive.record(tuple(r)[2:])) for r in found]
+        after = (found[-1][0], found[-1][1])
         if left is not None:
             left -= len(found)
         if len(found) < n:
             return
 
 
-async def seq_of(conn: asyncpg.Connection, request_id: str) -> int | None:
-    found = await _fetch(conn, f"SELECT seq FROM {archive.TABLE} WHERE request_id = $1",  # noqa: S608
-                         request_id)
-    return int(found[0]["seq"]) if found else None
+async def key_of(conn: asyncpg.Connection, request_id: str) -> archive.OrderKey | None:
+    """Where an archived record stands in the order (None: not archived)."""
+    found = await _fetch(
+        conn, f"SELECT {archive.ORDER_KEY} FROM {archive.TABLE} WHERE request_id = $1",  # noqa: S608
+        request_id)
+    return (int(found[0][0]), int(found[0][1])) if found else None
 
 
 async def every_record(cfg: Config, sel: Selection | None = None,

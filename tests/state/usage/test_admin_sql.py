@@ -5,16 +5,19 @@ records (one per request_id). Real redis-server and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from authz.runtime.admin_api import AdminContext, AdminError, Call, usage
+from authz.state.usage import archive
 from authz.state.usage.exporter import Exporter
-from authz.state.usage.trim import EXPORT_GROUP, TrimPolicy
+from authz.state.usage.trim import EXPORT_GROUP, TrimPolicy, parse_id
 from policy.admin_schema import UsagePage, UsageQuery
 from policy.config import Config, parse_config
 from policy.usage import LOST
@@ -115,3 +118,88 @@ async def test_before_the_exporter_made_its_table_the_stream_is_read(
 
     got = await load_usage(cfg)
     assert sorted(r["request_id"] for r in got) == [f"req-{i:09d}" for i in range(5)]
+
+
+class _Hand:
+    """An exporter's protocol by hand, one step at a time: XREADGROUP a batch as consumer
+    `name`, later store it (archive.store, with each entry's id) and XACK it. Two of them
+    commit in whatever order the test says."""
+
+    def __init__(self, name: str, client: aioredis.Redis, conn: Any) -> None:
+        self.name, self.client, self.conn = name, client, conn
+        self.held: list[tuple[bytes, dict[bytes, bytes]]] = []
+
+    async def read(self, n: int) -> None:
+        if not self.held:
+            got: Any = await self.client.xreadgroup(EXPORT_GROUP, self.name, {STREAM: ">"},
+                                                    count=n)
+            self.held = list(got[0][1]) if got else []
+
+    async def commit(self) -> None:
+        rows = [archive.row(archive.loads(f[b"data"]), parse_id(i)) for i, f in self.held]
+        await archive.store(self.conn, rows, [])
+        if self.held:
+            await self.client.xack(STREAM, EXPORT_GROUP, *(i for i, _ in self.held))
+        self.held = []
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_paging_misses_nothing_exporters_commit_out_of_order(
+        own_redis: RedisServer, pg_db: str, tmp_path: Path, seed: int) -> None:
+    """A client pages with `after` while records are written and two exporters commit
+    their batches in any order (one holds its batch while the other commits later
+    entries): every record comes exactly once, a `lost` one then its correction at most
+    twice. Pages follow the stream's order, not the table's commit order."""
+    rng = random.Random(seed)
+    client = aioredis.Redis.from_url(own_redis.url)
+    await client.xgroup_create(STREAM, EXPORT_GROUP, id="0", mkstream=True)
+    conn = await asyncpg.connect(pg_db)
+    await archive.migrate(conn)
+    cfg = parse_config({**policy_dict("http://127.0.0.1:1"), "state": own_redis.url,
+                        "usage": {"sink": pg_db}}, base_dir=tmp_path)
+    none: Any = None
+    ctx = AdminContext(lambda: cfg, none, none, none, none)
+    hands = [_Hand("a", client, conn), _Hand("b", client, conn)]
+    written: list[dict[str, Any]] = []
+    seen: list[str] = []
+    after: str | None = None
+    done = False
+
+    async def page() -> bool:
+        """The next page; whether there was more."""
+        nonlocal after
+        q = UsageQuery(limit=rng.randint(1, 4), **({"after": after} if after else {}))
+        got = cast(UsagePage, await usage(ctx, Call(params={}, query=q)))
+        seen.extend(r.request_id for r in got.data)
+        after = got.last_id or after
+        return got.has_more
+
+    try:
+        for _ in range(60):
+            step = rng.random()
+            if step < 0.3:
+                i = len(written)
+                new = [record(i, LOST if rng.random() < 0.15 else 200)]
+                if new[0]["status"] == LOST and rng.random() < 0.5:
+                    new.append(record(i))  # its late settlement's record, a correction
+                written += new
+                await add(client, STREAM, iter(new), seen_ttl_s=0)
+            elif step < 0.5:
+                await rng.choice(hands).read(rng.randint(1, 3))
+            elif step < 0.7:
+                await rng.choice(hands).commit()
+            else:
+                await page()
+        for h in hands:
+            await h.commit()
+        while not done:  # the rest, now that nothing moves
+            done = not await page()
+    finally:
+        await conn.close()
+        await client.aclose()
+    want = reference(written)
+    assert set(seen) == set(want)
+    corrected = {r["request_id"] for r in written if r["status"] == LOST} & {
+        r["request_id"] for r in written if r["status"] != LOST}
+    for rid in set(seen):
+        assert seen.count(rid) <= (2 if rid in corrected else 1), rid

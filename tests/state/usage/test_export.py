@@ -95,11 +95,18 @@ async def test_exported_once_real_beats_lost(
     # Text PostgreSQL cannot hold: rejected alone, not the whole batch failing forever.
     recs += [{**record(4001), "org": "ac\u0000me"}]
     await add(client, STREAM, iter(recs), seen_ttl_s=0)  # no seen keys: all in the stream
+    want = reference([r for r in recs if r["request_id"] != "broken"
+                      and r["org"] != "ac\u0000me"])
+    # Each row must name the entry it was exported from: the first of its request's, or
+    # for a correction the real record's (the order readers page by).
+    ids: dict[str, tuple[int, int]] = {}
+    for entry_id, fields in await client.xrange(STREAM):
+        rec = archive.loads(fields[b"data"])
+        if rec.get("request_id") in want and rec == want[rec["request_id"]]:
+            ids.setdefault(rec["request_id"], parse_id(entry_id))
     ex = exporter(own_redis.url, pg_db, batch=700)
     await ex.run(asyncio.Event(), until_idle=True)
     await ex.aclose()
-    want = reference([r for r in recs if r["request_id"] != "broken"
-                      and r["org"] != "ac\u0000me"])
     got = await rows(pg_db)
     assert got == want
     assert got["req-000003000"]["status"] == 200 and got["req-000003001"]["status"] == 200
@@ -107,6 +114,9 @@ async def test_exported_once_real_beats_lost(
     assert await client.xlen(STREAM) < 200  # trimmed once acknowledged (whole nodes)
     conn = await asyncpg.connect(pg_db)
     assert await conn.fetchval("SELECT count(*) FROM usage_rejected") == 2
+    stored = {r["request_id"]: (r["stream_ms"], r["stream_seq"]) for r in await conn.fetch(
+        "SELECT request_id, stream_ms, stream_seq FROM usage_records")}
+    assert stored == ids
     assert await conn.fetchval("SELECT version FROM tokenbooth_schema") == archive.SCHEMA_VERSION
     await conn.close()
 
@@ -127,13 +137,16 @@ async def test_a_version_1_table_is_migrated_and_its_rows_say_nothing_new(pg_db:
                 f"INSERT INTO usage_records ({', '.join(v1)}) VALUES "
                 f"({', '.join(f'${i + 1}' for i in range(len(v1)))})",
                 *archive.row(record(2))[:len(v1)])  # record 2: no ledger fields
-        assert await archive.migrate(conn) == archive.SCHEMA_VERSION == 3
-        assert await archive.migrate(conn) == 3  # idempotent
+        assert await archive.migrate(conn) == archive.SCHEMA_VERSION == 4
+        assert await archive.migrate(conn) == 4  # idempotent
         new = [{**record(3), "org_budget_period": None}, record(4)]  # a period; none
-        await archive.store(conn, [archive.row(r) for r in new], [])
+        # Exported from entries in the other order: the order readers page by is the
+        # stream's, and the row without an entry id (version 1's) comes first.
+        await archive.store(conn, [archive.row(r, (1_700_000_000_000, 7 - i))
+                                   for i, r in enumerate(new)], [])
         found = await conn.fetch(f"SELECT {archive.SELECT_COLUMNS} FROM usage_records "
-                                 "ORDER BY request_id")
-        assert [archive.record(r) for r in found] == [record(2), *new]
+                                 f"ORDER BY {archive.ORDER_KEY}")
+        assert [archive.record(r) for r in found] == [record(2), new[1], new[0]]
     finally:
         await conn.close()
 
