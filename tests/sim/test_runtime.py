@@ -17,6 +17,7 @@ import authz.sim.app as app_module
 import authz.sim.streaming as streaming_module
 from authz.sim import make_app, run_sim
 from authz.sim.recorder import RequestLog
+from tests.helpers import free_port
 
 from .conftest import Sim, serve
 
@@ -189,15 +190,8 @@ async def test_client_disconnect_mid_stream() -> None:
         await runner.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_run_sim_serves_until_cancelled() -> None:
-    port = _free_port()
+    port = free_port()
     task = asyncio.create_task(run_sim("127.0.0.1", port, []))
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http:

@@ -80,8 +80,9 @@ def rotated(data_dir: Path) -> list[str]:
 
 
 async def snapshots_written(data_dir: Path) -> None:
-    """Wait for the snapshot threads: until no rotated journal is left."""
-    for _ in range(200):
+    """Wait for the snapshot threads: until no rotated journal is left (two fsyncs each,
+    which a shared CI disk can make slow)."""
+    for _ in range(3000):
         if not rotated(data_dir):
             return
         await asyncio.sleep(0.01)

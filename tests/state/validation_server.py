@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.helpers import free_port
+
 PATH = "/v1/auth/validate-api-key"
 
 
@@ -23,7 +25,7 @@ class ValidationServer:
         self.delay_s = 0.0
         self.fail_status: int | None = None
         self.raw: bytes | None = None  # a 200 body sent as is
-        self.port = 0  # 0 until the first start; then kept for restarts
+        self.port = free_port()  # kept for restarts
         self._runner: web.AppRunner | None = None
 
     @property
