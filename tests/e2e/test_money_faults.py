@@ -372,6 +372,7 @@ def two_gateways(tmp: Path, redis_url: str, keys: list[dict[str, Any]],
         yield a, b
 
 
+@pytest.mark.timeout(400)  # two gateways, kills, restarts and a hold's lease
 def test_redis_killed_with_streams_in_flight(tmp_path: Path) -> None:
     budget = Decimal("10.00")  # 20 streams hold ~$8.61 of it
     n = 40 if LONG else 20
@@ -490,6 +491,7 @@ def stream_lease_s(cfg: Config) -> float:
     return float(lease(True)) if lease is not None else cfg.envoy.route_timeout_s + 30
 
 
+@pytest.mark.timeout(400)  # two gateways, kills, restarts and a hold's lease
 def test_replica_sigkilled_mid_stream(tmp_path: Path) -> None:
     budget = Decimal("8.00")  # 10 streams hold ~$4.31 of it
     n = 30 if LONG else 10
