@@ -337,14 +337,18 @@ def _groups_json(report: UsageReport, out: IO[str]) -> None:
                             "totals": report.totals.as_dict()}).decode() + "\n")
 
 
+NO_VALUE = "(none)"  # a group of records with no value there (GET /v1/models: no model)
+
+
 def _groups_table(report: UsageReport, out: IO[str]) -> None:
-    widths = [max([len(name), 5 if i == 0 else 0, *(len(g[i]) for g, _ in report.groups())])
+    groups = [(tuple(v or NO_VALUE for v in g), t) for g, t in report.groups()]
+    widths = [max([len(name), 5 if i == 0 else 0, *(len(g[i]) for g, _ in groups)])
               for i, name in enumerate(report.group_by)]
     head = "  ".join(n.ljust(w) for n, w in zip(report.group_by, widths, strict=True))
     num = "{:>9} {:>12} {:>12} {:>14}"
     out.write(head + "  " + num.format("requests", "prompt", "completion", "cost_usd") + "\n")
     total = ("total", *("" for _ in widths[1:]))
-    rows = [*report.groups(), (total, report.totals)]
+    rows = [*groups, (total, report.totals)]
     for g, t in rows:
         d = t.as_dict()
         out.write("  ".join(v.ljust(w) for v, w in zip(g, widths, strict=True)) + "  "

@@ -81,6 +81,23 @@ def test_usage_totals(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--since" in r.stderr
 
 
+def test_usage_groups_name_a_missing_value(tmp_path: Path) -> None:
+    """GET /v1/models leaves records of no model: their group is shown as `(none)` in
+    the table (a blank cell read as a misaligned row), and stays "" in JSON."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    recs = [{"request_id": rid, "key_id": "k1", "org": "o1", "model": model,
+             "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": "0",
+             "started_at": "2026-11-01T00:00:00Z", "status": 200}
+            for rid, model in (("a", "demo"), ("b", ""))]
+    (tmp_path / "data" / "usage.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    lines = tb("usage", "--config", str(path), "--group-by", "model").stdout.splitlines()
+    assert [line.split()[:2] for line in lines[1:]] == [["(none)", "1"], ["demo", "1"],
+                                                        ["total", "2"]]
+    r = tb("usage", "--config", str(path), "--group-by", "model", "--json")
+    assert [g["model"] for g in json.loads(r.stdout)["groups"]] == ["", "demo"]
+
+
 def test_the_entry_point_and_python_m_reach_the_same_main() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["tokenbooth"].partition(":")
