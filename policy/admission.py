@@ -207,6 +207,14 @@ def bucket_now(key: KeyState, capacity: int, now: float, window_s: float) -> flo
     return bucket_level(key.level, key.ts, now, capacity, window_s)
 
 
+def bucket_save(key: KeyState, level: float, now: float) -> None:
+    """Store the bucket's new content. Its time never goes back: a `now` older than the
+    bucket's (a request admitted at its start after later ones, a replica whose clock is
+    behind, a clock stepped back) was refilled to nothing, and moving the time back would
+    refill the interval since then a second time."""
+    key.level, key.ts = level, max(key.ts, now)
+
+
 # -- admission --------------------------------------------------------------------------
 
 
@@ -292,7 +300,7 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
     if v.gcra is not None:
         key.tat = v.gcra.tat
     if limits.tpm is not None:
-        key.level, key.ts = v.after, now
+        bucket_save(key, v.after, now)
     if limits.max_concurrent is not None:
         key.leased.add(rid)
     if limits.budget_nano is not None and ledger is not None:
@@ -364,7 +372,7 @@ def settle(limits: Limits, ask: Ask, used_tokens: int, cost_nano: int, key: KeyS
     if (key is not None and hold is not None and settle_charges(hold.exp, now)
             and hold.tokens is not None and limits.tpm is not None):
         level = bucket_now(key, limits.tpm, now, w)
-        key.level, key.ts = bucket_refund(level, hold.tokens, used_tokens, limits.tpm), now
+        bucket_save(key, bucket_refund(level, hold.tokens, used_tokens, limits.tpm), now)
     return settled(ask, used_tokens, cost_nano, applied=hold is not None or charged > 0,
                    corrected=charged == 2)
 
@@ -394,4 +402,4 @@ def consume(limits: Limits, key: KeyState, requests: int, tokens: int, now: floa
     if limits.rpm is not None and requests > 0:
         key.tat = max(now if key.tat is None else key.tat, now) + requests * w / limits.rpm
     if limits.tpm is not None and tokens > 0:
-        key.level, key.ts = bucket_now(key, limits.tpm, now, w) - tokens, now
+        bucket_save(key, bucket_now(key, limits.tpm, now, w) - tokens, now)

@@ -31,9 +31,9 @@ from __future__ import annotations
 from policy.admission import LOST_TTL_S
 
 # Shared helpers: exact float text, integer text, Python's float floor division,
-# bucket (admission.bucket_now), save_bucket, and purge (Ledger.expire: charge the budget
-# holds whose lease ended in full, remember them as lost, forget lost charges older than
-# LOST_TTL_S; KEYS budget, resv, lost).
+# bucket (admission.bucket_now), save_bucket (admission.bucket_save), and purge
+# (Ledger.expire: charge the budget holds whose lease ended in full, remember them as
+# lost, forget lost charges older than LOST_TTL_S; KEYS budget, resv, lost).
 LIB = """
 local function f(x) return string.format('%.17g', x) end
 local function int(x) return string.format('%d', x) end
@@ -51,9 +51,14 @@ local function bucket(key, now, cap, w)
   return math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * cap / w)
 end
 local function save_bucket(key, level, now_s, cap, w)
+  -- admission.bucket_save: the bucket's time never goes back
+  local ts, ahead = redis.call('HGET', key, 'ts'), 0
+  if ts and tonumber(ts) > tonumber(now_s) then
+    ahead, now_s = tonumber(ts) - tonumber(now_s), ts
+  end
   redis.call('HSET', key, 'level', f(level), 'ts', now_s)
   local full = math.max(0, (cap - level) * w / cap)
-  redis.call('PEXPIRE', key, int(math.ceil((full + w) * 1000)))
+  redis.call('PEXPIRE', key, int(math.ceil((full + ahead + w) * 1000)))
 end
 local function purge(bkey, vkey, lkey, now_s)
   local gone = redis.call('ZRANGEBYSCORE', vkey, '-inf', now_s, 'WITHSCORES')
