@@ -41,6 +41,44 @@ async def until_answers(store: RedisLimitStore, clock: Clock) -> None:
     raise AssertionError("redis never came back")
 
 
+async def test_a_replica_restarted_across_a_redis_data_loss_still_charges(
+        tmp_path: Path) -> None:
+    """Redis restarts without its data (no persistence) while a replica's settlements
+    wait in its spool, and the replica restarts too before they are applied: each is
+    still charged once, to the new ledger. The spool keeps the data mark each hold was
+    admitted under; a replay finding no hold under a changed mark charges the cost (it
+    charged nothing: the restarted replica had forgotten the mark)."""
+    redis = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    redis.start()
+    spool_dir, clock, records = tmp_path / "settle-spool", Clock(), []
+    try:
+        store = RedisLimitStore(redis.url, timeout_s=0.2)
+        first = Admission(store, spool_dir=spool_dir, clock=clock)
+        await store.check_epoch()  # the first sweep's, at start
+        asks = [ask(i, cost=3_000, lease=150.0) for i in range(2)]
+        for a in asks:
+            assert (await first.admit(LIM, a, clock.at())).allowed
+        redis.stop()  # its data is gone
+        for a, c in zip(asks, (1_000, 1_500), strict=True):
+            records.append(real_record(a, c))
+            assert not (await first.settle(LIM, a, 25, c, clock.at(1))).applied
+        await first.close()
+        await store.close()  # the replica restarts before Redis is back
+        redis.start()
+        store = RedisLimitStore(redis.url, timeout_s=0.2)
+        await until_answers(store, clock)
+        second = Admission(store, spool_dir=spool_dir, clock=clock)
+        assert await second.replay() == 2
+        assert await second.replay() == 0  # nothing left, nothing charged twice
+        await second.close()
+        assert await store.budget("k1", "acme", P, clock()) == (2_500, 0)
+        ledger_is_the_records(2_500, records, 2)
+        await store.close()
+    finally:
+        redis.stop()
+
+
 async def test_settle_in_an_outage_is_spooled_then_applied_once(
     tmp_path: Path, durable_redis: RedisServer, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -227,7 +227,8 @@ class Admission:
             if self._spool is None:
                 # The hold is charged in full when its lease ends (lost).
                 log.error("settlement failed: %s", e, extra=extra)
-            elif self._spool.append(Spooled(limits, ask, used_tokens, cost_nano)):
+            elif self._spool.append(Spooled(limits, ask, used_tokens, cost_nano,
+                                            self._store.admitted_under(ask))):
                 log.warning("settlement spooled until the limit store answers: %s", e,
                             extra=extra)
                 if self._on_spooled is not None:
@@ -246,6 +247,8 @@ class Admission:
             while spool.pending_bytes and (batch := spool.read()):
                 for end, s in batch:
                     if s is not None:
+                        if s.mark is not None:  # spooled by this replica before a restart
+                            self._store.admitted_under_was(s.ask, s.mark)
                         try:
                             done = await self._store.settle(s.limits, s.ask, s.used_tokens,
                                                             s.cost_nano, self._clock())

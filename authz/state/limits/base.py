@@ -59,3 +59,11 @@ class LimitStore(Protocol):
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         """(spent, reserved) nano-USD of a key in a period (expired reservations dropped)."""
+
+    def admitted_under(self, ask: Ask) -> str | None:
+        """What the store must know to settle `ask` in another process (a replica
+        restarted with its settlement spooled): Redis' data mark at its admission, which
+        tells a hold Redis lost from a repeat. None where nothing is needed."""
+
+    def admitted_under_was(self, ask: Ask, mark: str) -> None:
+        """Take back what `admitted_under` gave, before a spooled settlement is applied."""

@@ -175,6 +175,12 @@ class DurableMemoryLimitStore:
                  ask.period, used_tokens, cost_nano], option=orjson.OPT_APPEND_NEWLINE), now)
         return done
 
+    def admitted_under(self, ask: Ask) -> str | None:
+        return None  # the journal keeps its state: nothing can go missing under it
+
+    def admitted_under_was(self, ask: Ask, mark: str) -> None:
+        return None
+
     async def sweep(self, now: float) -> list[Ask]:
         lost = await self._mem.sweep(now)
         if lost:

@@ -70,6 +70,12 @@ class MemoryLimitStore:
         ledger = self._ledgers.get((key_id, period))
         return (0, 0) if ledger is None else ledger.balance(now)
 
+    def admitted_under(self, ask: Ask) -> str | None:
+        return None  # its state is its own: nothing can go missing under it
+
+    def admitted_under_was(self, ask: Ask, mark: str) -> None:
+        return None
+
     async def sweep(self, now: float) -> list[Ask]:
         """Claim the holds whose lease ended unsettled, each once, charging them in full."""
         due: set[str] = set()

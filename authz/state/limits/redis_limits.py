@@ -201,6 +201,14 @@ class RedisLimitStore:
         self._held_in.pop(held, None)
         return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
 
+    def admitted_under(self, ask: Ask) -> str | None:
+        mark = self._held_in.get((ask.key_id, ask.request_id))
+        return None if mark is None else mark.decode()
+
+    def admitted_under_was(self, ask: Ask, mark: str) -> None:
+        if len(self._held_in) < MAX_HELD_IN:
+            self._held_in.setdefault((ask.key_id, ask.request_id), mark.encode())
+
     async def _lost_since(self, mark: bytes) -> bool:
         """Whether Redis lost its data since `mark` was read (read it again now)."""
         with contextlib.suppress(LimitStoreUnavailable):

@@ -8,7 +8,10 @@ is corrected), so a line applied twice, after a crash before its offset was save
 changes nothing the second time.
 
 Layout in `spool_dir` (one live spool per directory):
-  settle.jsonl   one JSON line per settlement: limits, ask, used_tokens, cost_nano
+  settle.jsonl   one JSON line per settlement: limits, ask, used_tokens, cost_nano, and
+                 what the store needs to settle it elsewhere (`mark`: Redis' data mark at
+                 admission, so that a replica restarted before the replay still charges
+                 a hold Redis lost meanwhile)
   settle.offset  the byte offset of the first line not yet applied (temp file + rename)
   settle.lock    flock'ed by the live spool
 Once every line is applied both files are emptied. No fsync: each line is one write()
@@ -47,6 +50,7 @@ class Spooled:
     ask: Ask
     used_tokens: int
     cost_nano: int
+    mark: str | None = None  # LimitStore.admitted_under
 
 
 def _decode(line: bytes) -> Spooled:
@@ -56,7 +60,11 @@ def _decode(line: bytes) -> Spooled:
     used, cost = obj.get("used_tokens"), obj.get("cost_nano")
     if type(used) is not int or type(cost) is not int:
         raise ValueError("used_tokens and cost_nano must be integers")
-    return Spooled(limits_from(obj.get("limits")), ask_from(obj.get("ask")), used, cost)
+    mark = obj.get("mark")
+    if mark is not None and not isinstance(mark, str):
+        raise ValueError("mark must be a string")
+    return Spooled(limits_from(obj.get("limits")), ask_from(obj.get("ask")), used, cost,
+                   mark)
 
 
 def lock_exclusive(path: Path) -> int:
@@ -97,7 +105,8 @@ class SettleSpool:
         """Keep a settlement; False (and an error log with every field) if the spool is
         full or the write fails: never silently."""
         line = dumps({"limits": s.limits, "ask": replace(s.ask, record=None),
-                      "used_tokens": s.used_tokens, "cost_nano": s.cost_nano}) + b"\n"
+                      "used_tokens": s.used_tokens, "cost_nano": s.cost_nano,
+                      **({"mark": s.mark} if s.mark is not None else {})}) + b"\n"
         if self.pending_bytes + len(line) > self._max:
             log.error("settle spool full (%d bytes), settlement not kept: %s",
                       self.pending_bytes, line.decode().rstrip())
