@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from authz.state.limits.base import LimitStore
-from authz.state.limits.memory import MemoryLimitStore
-from authz.state.limits.redis_limits import RedisLimitStore
 from policy.admission import LOST_TTL_S, Settled
 from policy.limits import (
     Ask,
@@ -28,32 +24,8 @@ from policy.limits import (
     bucket_take,
     gcra,
 )
-from tests.redis_server import RedisServer
 
 T0 = 1_700_000_000.25  # an epoch-sized clock, so float rounding is exercised
-
-
-@pytest.fixture(scope="session")
-def limits_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("limits-redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    s: Any
-    if request.param == "memory":
-        s = MemoryLimitStore()
-    else:
-        server: RedisServer = request.getfixturevalue("limits_redis")
-        with redis.Redis.from_url(server.url) as r:
-            r.flushdb()
-        s = RedisLimitStore(server.url, timeout_s=1.0)
-    await s.start()
-    yield s
-    await s.close()
 
 
 _n = 0

@@ -8,7 +8,6 @@ The clock is injected: every call gets its `now`, so nothing here sleeps.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,29 +23,6 @@ from policy.limits import Ask, HoldRecord, Limits, period_id
 from policy.usage import LOST
 from tests.redis_server import RedisServer
 from tests.state.test_limits_durable import kill
-
-
-@pytest.fixture(scope="module")
-def periods_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("periods-redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    s: Any
-    if request.param == "memory":
-        s = MemoryLimitStore()
-    else:
-        server: RedisServer = request.getfixturevalue("periods_redis")
-        with redis.Redis.from_url(server.url) as r:
-            r.flushdb()
-        s = RedisLimitStore(server.url, timeout_s=1.0)
-    await s.start()
-    yield s
-    await s.close()
 
 
 def ts(s: str) -> float:
@@ -208,14 +184,14 @@ async def test_a_restart_after_the_end_charges_the_old_periods(tmp_path: Path) -
 
 
 async def test_memory_and_redis_agree_under_stamps_out_of_order(
-        periods_redis: RedisServer) -> None:
+        limits_redis: RedisServer) -> None:
     """Random admissions and settlements whose times wander back (slow bodies, skewed
     replicas, a step back) across a day's end: both stores decide alike, bit for bit."""
     import random
 
-    with redis.Redis.from_url(periods_redis.url) as r:
+    with redis.Redis.from_url(limits_redis.url) as r:
         r.flushdb()
-    mem, red = MemoryLimitStore(), RedisLimitStore(periods_redis.url, timeout_s=1.0)
+    mem, red = MemoryLimitStore(), RedisLimitStore(limits_redis.url, timeout_s=1.0)
     lim = Limits(rpm=20, tpm=3000, max_concurrent=4, budget_nano=50_000, budget_period="day")
     rng, clock = random.Random(7), ts("2026-03-10T23:58:00")
     held: list[Ask] = []
