@@ -132,13 +132,16 @@ def _mapper(match: AccessLogFilter, err: ApiError) -> ResponseMapper:
 
 
 # Requests Envoy refuses before any filter runs: a path that does not normalize (a
-# `#fragment`, an encoded NUL), an upgrade (a WebSocket) no route takes. Envoy's status
-# stays (400, 403); the body becomes an OpenAI error naming Envoy's reason. (A request
+# `#fragment`, an encoded NUL), an upgrade (a WebSocket) no route takes, an HTTP/1.1
+# request without `Host`, a path that is not one (`OPTIONS *`). Envoy's status stays
+# (400, 403, 404); the body becomes an OpenAI error naming Envoy's reason. (A request
 # its HTTP/1 codec cannot parse, e.g. headers past 60 KiB, gets Envoy's empty answer
 # whatever the mapper says: it closes the connection before any body.)
-_MALFORMED = ("response.code >= 400 && response.code < 500 && "
-              "(response.code_details == 'path_normalization_failed' || "
-              "response.code_details == 'upgrade_failed')")
+_MALFORMED_DETAILS = ("path_normalization_failed", "upgrade_failed", "missing_host_header",
+                      "absolute_path_rejected")
+_MALFORMED = ("response.code >= 400 && response.code < 500 && ("
+              + " || ".join(f"response.code_details == '{d}'" for d in _MALFORMED_DETAILS)
+              + ")")
 
 
 def _malformed() -> ResponseMapper:

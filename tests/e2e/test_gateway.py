@@ -447,17 +447,25 @@ def _raw(gw: Gateway, request: bytes) -> bytes:
     return answer
 
 
+_HOST = b"Host: a\r\n"
+
+
 @pytest.mark.parametrize(("line", "extra", "status", "reason"), [
-    (b"GET /v1/models#frag HTTP/1.1", b"", b"400", b"path_normalization_failed"),
-    (b"GET /v1/mo%00dels HTTP/1.1", b"", b"400", b"path_normalization_failed"),
-    (b"GET /v1/models HTTP/1.1", b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    (b"GET /v1/models#frag HTTP/1.1", _HOST, b"400", b"path_normalization_failed"),
+    (b"GET /v1/mo%00dels HTTP/1.1", _HOST, b"400", b"path_normalization_failed"),
+    (b"GET /v1/models HTTP/1.1", _HOST + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
      b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
      b"403", b"upgrade_failed"),
+    # HTTP/1.1 without Host (a hand-written client; HTTP/1.0 gets a default one).
+    (b"POST /v1/chat/completions HTTP/1.1", b"Content-Length: 0\r\n", b"400",
+     b"missing_host_header"),
+    (b"OPTIONS * HTTP/1.1", _HOST + b"Connection: close\r\n", b"404",
+     b"absolute_path_rejected"),
 ])
 def test_requests_envoy_refuses_itself_get_openai_errors(gateway: Gateway, line: bytes,
                                                           extra: bytes, status: bytes,
                                                           reason: bytes) -> None:
-    answer = _raw(gateway, line + b"\r\nHost: a\r\nAuthorization: Bearer "
+    answer = _raw(gateway, line + b"\r\nAuthorization: Bearer "
                   + SECRET.encode() + b"\r\n" + extra + b"\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b" ", 2)[1] == status and b"content-type: application/json" in head
