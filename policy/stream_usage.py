@@ -33,8 +33,8 @@ ITEM_ADDED = b"response.output_item.added"
 
 
 class StreamMeter:
-    __slots__ = ("_parser", "content_chunks", "done", "oversize_bytes", "strip_usage",
-                 "tokens_per_chunk", "usage")
+    __slots__ = ("_inline_usage", "_parser", "_usage", "content_chunks", "done",
+                 "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
                  tokens_per_chunk: int = 1) -> None:
@@ -42,10 +42,24 @@ class StreamMeter:
         self.strip_usage = strip_usage
         # Generated tokens one content chunk may carry (vLLM's stream_interval).
         self.tokens_per_chunk = tokens_per_chunk
-        self.usage: Usage | None = None
+        self._usage: Usage | None = None  # from the usage-only chunk: the whole request's
+        # From a chunk that also carries choices: vLLM's continuous_usage_stats, which
+        # counts that one choice (one sequence of one prompt) so far, not the request.
+        self._inline_usage: Usage | None = None
         self.content_chunks = 0  # chunks that carried generated text (≈ tokens for vLLM)
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
+
+    @property
+    def usage(self) -> Usage | None:
+        """The request's usage: the usage-only chunk's (`choices: []`, the last one wins).
+        Usage inside a chunk with choices counts only for a stream that ended with
+        `[DONE]` and no usage-only chunk (a backend that puts it on its last chunk): in a
+        vLLM stream it is `continuous_usage_stats`, one choice's count so far, and a
+        stream cut after it (n > 1, a batch) would otherwise be charged that choice's."""
+        if self._usage is not None:
+            return self._usage
+        return self._inline_usage if self.done else None
 
     @property
     def oversize_events(self) -> int:
@@ -110,10 +124,13 @@ class StreamMeter:
                     self.content_chunks += 1
                     break
         usage = usage_from_obj(obj.get("usage"))
-        if usage is not None:
-            self.usage = usage
-            return choices == []
-        return False
+        if usage is None:
+            return False
+        if isinstance(choices, list) and choices:
+            self._inline_usage = usage
+            return False
+        self._usage = usage
+        return choices == []
 
 
 def _has_text(choice: Any) -> bool:
@@ -182,7 +199,7 @@ class ResponsesStreamMeter(StreamMeter):
             obj = obj or _json_object(data)
             response = obj.get("response") if obj is not None else None
             if isinstance(response, dict):
-                self.usage = usage_from_obj(response.get("usage"))
+                self._usage = usage_from_obj(response.get("usage"))
             self.done = True
         return False
 

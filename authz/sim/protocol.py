@@ -71,6 +71,10 @@ class GenRequest:
     prompts: int = 1
     # vLLM's stream_interval: after the first token, one chunk per this many tokens.
     stream_interval: int = 1
+    # stream_options.continuous_usage_stats (honoured only beside include_usage): every
+    # chunk carries its own choice's usage so far (its prompt's tokens, its tokens).
+    continuous_usage: bool = False
+    prompt_counts: tuple[int, ...] = ()  # each prompt's tokens (a batch: one each)
 
     @property
     def choices(self) -> int:
@@ -126,6 +130,7 @@ class _Common:
     n: int
     best_of: int
     stream_interval: int
+    continuous_usage: bool = False
 
 
 def model_of(body: Mapping[str, Any], models: Mapping[str, Any]) -> str:
@@ -145,7 +150,7 @@ def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
     model = model_of(body, models)
     stream = opt_bool(body, "stream")
     options = body.get("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if options is not None:
         if not isinstance(options, dict):
             raise invalid_field(
@@ -154,12 +159,13 @@ def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
         if not stream:
             raise SimError(400, "Stream options can only be defined when `stream=True`.")
         include_usage = opt_bool(options, "include_usage")
+        continuous = include_usage and opt_bool(options, "continuous_usage_stats")
     n, best_of = _n_best_of(body, stream)
     interval = opt_int(body, "stream_interval")
     if interval is not None and interval < 1:
         raise invalid_field("stream_interval", "Input should be greater than or equal to 1",
                             "greater_than_equal", interval)
-    return _Common(model, stream, include_usage, n, best_of, interval or 1)
+    return _Common(model, stream, include_usage, n, best_of, interval or 1, continuous)
 
 
 def _n_best_of(body: Mapping[str, Any], stream: bool) -> tuple[int, int]:
@@ -203,7 +209,7 @@ def _gen(
         )
     return GenRequest(common.model, sum(prompt_counts), value, common.stream,
                       common.include_usage, common.n, common.best_of, len(prompt_counts),
-                      common.stream_interval)
+                      common.stream_interval, common.continuous_usage, tuple(prompt_counts))
 
 
 def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, Final, Literal
 
 import orjson
@@ -93,10 +94,14 @@ class StreamEvents:
     Each chunk carries one choice; ``choices`` templates are cut, one per choice index.
     """
 
-    __slots__ = ("_base", "_heads", "_last_tails", "_mid_tails", "kind", "roles")
+    __slots__ = ("_base", "_heads", "_last_tails", "_mid_tails", "_prompts", "kind", "roles")
 
-    def __init__(self, kind: Kind, model: str, choices: int = 1) -> None:
+    def __init__(self, kind: Kind, model: str, choices: int = 1,
+                 continuous: Sequence[int] | None = None) -> None:
+        """``continuous``: vLLM's continuous_usage_stats, each choice's prompt tokens
+        (every chunk then carries that choice's usage so far); None without it."""
         self.kind = kind
+        self._prompts = continuous
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._base: dict[str, Any] = {
             "id": request_id(kind),
@@ -113,9 +118,8 @@ class StreamEvents:
         self._last_tails: list[bytes] = []
         for c in range(choices):
             if kind == "chat":
-                self.roles.append(
-                    _event(self._chat(c, {"role": "assistant", "content": ""}, None, False))
-                )
+                role = _event(self._chat(c, {"role": "assistant", "content": ""}, None, False))
+                self.roles.append(self._with_usage(role, c, 0))
                 head, mid = _split(self._chat(c, {"content": _SENTINEL}, None, False))
                 _, last = _split(self._chat(c, {"content": _SENTINEL}, "length", True))
             else:
@@ -152,13 +156,24 @@ class StreamEvents:
         """The event carrying generated token ``i`` of ``choice``; ``last`` adds
         finish_reason "length"."""
         tail = self._last_tails[choice] if last else self._mid_tails[choice]
-        return self._heads[choice] + token_json(i) + tail
+        return self._with_usage(self._heads[choice] + token_json(i) + tail, choice, i + 1)
 
     def tokens(self, start: int, end: int, last: bool, choice: int = 0) -> bytes:
         """One event carrying generated tokens [start, end) of ``choice``."""
         tail = self._last_tails[choice] if last else self._mid_tails[choice]
         text = "".join(token_text(i) for i in range(start, end))
-        return self._heads[choice] + orjson.dumps(text) + tail
+        return self._with_usage(self._heads[choice] + orjson.dumps(text) + tail, choice, end)
+
+    def _with_usage(self, event: bytes, choice: int, done: int) -> bytes:
+        """With continuous usage, ``event`` with ``choice``'s usage after ``done`` of its
+        tokens, as vLLM 0.32 adds it: one choice's count (its own prompt's tokens, its
+        own tokens), not the request's; chat chunks add ``completion_tokens_details``."""
+        if self._prompts is None:
+            return event
+        u: dict[str, Any] = usage(self._prompts[choice], done)
+        if self.kind == "chat":
+            u["completion_tokens_details"] = None
+        return event[:-3] + b',"usage":' + orjson.dumps(u) + b"}\n\n"
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """vLLM's final usage-only chunk (``stream_options.include_usage``)."""

@@ -79,7 +79,9 @@ async def stream_generation(request: web.Request, gen: GenRequest, kind: Kind,
     Each step carries one token event per choice (``gen.choices``: ``n`` per prompt), in
     choice order; a chat stream opens with one role chunk per choice.
     """
-    events = StreamEvents(kind, gen.model, gen.choices)
+    per_choice = [c for c in gen.prompt_counts for _ in range(gen.n)]
+    events = StreamEvents(kind, gen.model, gen.choices,
+                          per_choice if gen.continuous_usage else None)
 
     def tail() -> list[bytes]:
         usage = ([events.usage(gen.prompt_tokens, gen.completion_tokens)]

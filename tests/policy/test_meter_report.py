@@ -37,3 +37,13 @@ def test_an_event_that_is_not_a_usage_object_gives_none() -> None:
                 b'data: {"choices":[],"usage":{"prompt_tokens":-1}}\n\n'):
         meter = meter_from_report(Kind.CHAT, MeterReport(usage_event=raw), 1 << 20, 1)
         assert meter.usage is None, raw
+
+
+def test_a_cut_streams_continuous_usage_is_not_its_usage() -> None:
+    """Envoy's meter keeps the last event with a usage object: in a stream cut before
+    vLLM's usage-only chunk, with continuous_usage_stats, that is one choice's count."""
+    one_choice = (b'data: {"choices":[{"index":1,"delta":{"content":"x"}}],'
+                  b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n')
+    meter = meter_from_report(Kind.CHAT, MeterReport(events=4, usage_event=one_choice),
+                              1 << 20, 1)
+    assert meter.usage is None and meter.completion_estimate == 4

@@ -57,6 +57,26 @@ def test_usage_inside_a_chunk_with_choices_is_kept() -> None:
     assert (m.usage, m.content_chunks) == (Usage(1, 1), 1)
 
 
+
+def continuous(index: int, prompt: int, done: int) -> bytes:
+    """A vLLM 0.32 chunk with continuous_usage_stats: its usage is that one choice's."""
+    return chunk(f'{{"choices":[{{"index":{index},"text":"x"}}],"usage":{{"prompt_tokens":'
+                 f'{prompt},"total_tokens":{prompt + done},"completion_tokens":{done}}}}}')
+
+
+def test_continuous_usage_of_one_choice_is_not_the_requests() -> None:
+    """vLLM's continuous_usage_stats counts each choice (each prompt of a batch) apart: a
+    stream of 2 prompts x n=2 cut before its usage-only chunk has no usage (it is
+    estimated), never the last choice's 3 + 2 tokens; a whole one has the request's."""
+    chunks = [continuous(i, 3 if i < 2 else 5, k) for k in (1, 2) for i in range(4)]
+    whole = chunk('{"choices":[],"usage":{"prompt_tokens":8,"completion_tokens":8}}')
+    for strip in (False, True):
+        m, _ = meter(strip, *chunks)
+        assert (m.usage, m.content_chunks, m.done) == (None, 8, False)
+        m, out = meter(strip, *chunks, whole, DONE)
+        assert m.usage == Usage(8, 8) and m.done
+        assert out == (b"".join(chunks) + DONE if strip else None)
+
 def test_split_chunks_hold_back_partial_events_when_stripping() -> None:
     m = StreamMeter(strip_usage=True)
     assert m.feed(TEXT[:5]) == b""  # nothing complete yet

@@ -133,3 +133,33 @@ async def test_no_max_tokens_means_the_context_for_chat_and_16_for_completions()
         assert got["usage"]["completion_tokens"] == 5
         _, got = await post(sim, COMPLETIONS, {"model": "m", "prompt": "x"})
         assert got["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+async def test_continuous_usage_counts_each_choice_apart(sim: Sim, path: str) -> None:
+    """vLLM 0.32's continuous_usage_stats (only beside include_usage): every chunk carries
+    the usage of its own choice so far (its prompt's tokens, its own tokens; chat adds
+    completion_tokens_details), never the request's; the usage-only chunk stays last."""
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    prompt: dict[str, Any] = ({"messages": MESSAGES} if path == CHAT
+                              else {"prompt": ["a b", "c d e"]})
+    body = {"model": "tiny-llama", **prompt, "max_tokens": 2, "n": 2, "stream": True}
+    chunks = parse(await stream_events(sim, path, {**body, "stream_options": both}))
+    prompts = [CHAT_PROMPT_TOKENS] * 2 if path == CHAT else [2, 2, 3, 3]
+    *choice_chunks, last = chunks
+    assert choice_chunks and all(c["choices"] for c in choice_chunks)
+    seen: dict[int, int] = {}
+    for c in choice_chunks:
+        i = c["choices"][0]["index"]
+        done = seen[i] = seen.get(i, -1 if "role" in c["choices"][0].get("delta", {}) else 0) + 1
+        want: dict[str, Any] = {"prompt_tokens": prompts[i], "total_tokens": prompts[i] + done,
+                                "completion_tokens": done}
+        if path == CHAT:
+            want["completion_tokens_details"] = None
+        assert c["usage"] == want
+    assert seen == dict.fromkeys(range(len(prompts)), 2)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 2 * len(prompts)
+    # Without include_usage vLLM ignores it.
+    only = parse(await stream_events(sim, path, {**body, "stream_options": {
+        "continuous_usage_stats": True}}))
+    assert all("usage" not in c for c in only)

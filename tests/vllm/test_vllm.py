@@ -328,3 +328,34 @@ def test_stream_interval_groups_tokens_as_the_simulator_assumes(
     # stream cut after the last one would be charged at least what was generated.
     assert 1 < meter.content_chunks <= len(stream_spans(13, 4)), chunks
     assert meter.completion_estimate >= 13
+
+
+def test_continuous_usage_counts_each_choice_apart_as_the_simulator_assumes(
+        vllm_server: VllmServer) -> None:
+    """With continuous_usage_stats, vLLM's usage in a chunk with choices is that choice's
+    (its prompt's tokens, its own tokens so far), not the request's: the meter takes only
+    the usage-only chunk, so the stream cut just before it is estimated, not charged one
+    choice."""
+    body = {"model": MODEL, "prompt": [PROMPT, "Hello"], "n": 2, "max_tokens": 3,
+            "stream": True, "ignore_eos": True,  # n > 1: not greedy
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    stream, _ = raw_stream(f"{vllm_server.url}/v1/completions", body)
+    chunks = [json.loads(d) for d in sse_data(stream)[:-1]]
+    *choice_chunks, last = chunks
+    assert last["choices"] == []
+    prompts = [vllm_usage(vllm_server, "/v1/completions", {**body, "prompt": p, "n": 1,
+                                                           "stream_options": None})[0]
+               for p in (PROMPT, "Hello")]
+    assert last["usage"]["prompt_tokens"] == sum(prompts)
+    assert last["usage"]["completion_tokens"] == 12
+    seen: dict[int, int] = {}
+    for c in choice_chunks:
+        i = c["choices"][0]["index"]
+        seen[i] = seen.get(i, 0) + 1
+        assert (c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"]) == (
+            prompts[i // 2], seen[i]), c
+    cut = stream[:stream.rindex(b"data: {", 0, stream.rindex(b'"choices":[]'))]
+    meter = StreamMeter(strip_usage=False)
+    meter.feed(cut)
+    meter.finish()
+    assert meter.usage is None and meter.content_chunks == len(choice_chunks) == 12
