@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final, TypeVar
 
 import orjson
+from redis.exceptions import RedisError
 
 from authz.cli import remote
 from authz.cli.common import Parents, Subparsers, admin_url_parser, load, parse_time, positive_int
@@ -20,8 +21,9 @@ from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
 from authz.state.limits.peek import show_state
+from authz.state.orgs import make_org_store
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
-from policy.config import Config, origin
+from policy.config import Config, origin, redacted
 from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past
 from policy.keys import display_prefix, fingerprint, new_secret
 
@@ -269,12 +271,25 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         raise LookupError(f"no key with id {args.id!r}")
     shown = found[0]
     record = KeyRecord.model_validate({k: v for k, v in shown.items() if k != "source"})
-    state = asyncio.run(show_state(cfg, record, datetime.now(UTC)))
+    state = asyncio.run(_state(cfg, record))
     if args.json:
         print(orjson.dumps({**shown, "state": state}).decode())
         return 0
     _print_state(shown, state)
     return 0
+
+
+async def _state(cfg: Config, record: KeyRecord) -> dict[str, Any]:
+    """`show_state` with the org's limits in force, as the gateway and the admin API see
+    them: those stored over the admin API (`PUT /v1/orgs/{org}`), else the config's."""
+    store = make_org_store(cfg)
+    try:
+        stored = (await store.read_all()).get(record.org)
+    except RedisError as e:
+        raise OSError(f"cannot read the org limits from {redacted(cfg.state)}: {e}") from None
+    finally:
+        await store.close()
+    return await show_state(cfg, record, datetime.now(UTC), stored)
 
 
 def _print_state(shown: dict[str, Any], state: dict[str, Any]) -> None:

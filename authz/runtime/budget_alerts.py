@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -46,7 +46,7 @@ import orjson
 from authz.state.keys.base import KeyAdmin, KeyStore, StoreUnavailable
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.usage.records import UsageSink
-from policy.config import Config, redacted
+from policy.config import Config, OrgLimits, redacted
 from policy.limits import nano_to_usd, period_id, usd_to_nano
 from policy.usage import UsageRecord, iso_z
 
@@ -302,6 +302,9 @@ class BudgetAlerts:
     clock: Callable[[], datetime]
     backoff_s: float = BACKOFF_S
     queue_size: int = QUEUE_SIZE
+    # Every org's limits in force (the admin API's stored ones over the config's);
+    # default: the config's `orgs:`.
+    orgs: Callable[[Config], Mapping[str, OrgLimits]] | None = None
 
     def __post_init__(self) -> None:
         self._queue: asyncio.Queue[Alert] = asyncio.Queue(self.queue_size)
@@ -384,7 +387,8 @@ class BudgetAlerts:
 
     async def _owners_of(self, cfg: Config, pairs: set[tuple[str, str]]) -> list[Budgeted]:
         """The budgeted keys and orgs among the pairs a feed marked."""
-        out = {o.owner: o for o in filter(None, (_org(cfg, org) for _, org in pairs))}
+        orgs = self._orgs(cfg)
+        out = {o.owner: o for o in filter(None, (_org(orgs, org) for _, org in pairs))}
         static = {k.id: k for k in cfg.keys}
         for key_id in {k for k, _ in pairs if k}:
             rec = static.get(key_id)
@@ -401,7 +405,11 @@ class BudgetAlerts:
             keys += await self.keys.list_keys(None)
         out = [Budgeted(k.id, k.org, usd_to_nano(k.budget_usd), k.budget_period)
                for k in keys if k.budget_usd is not None and k.status == "active"]
-        return out + list(filter(None, (_org(cfg, org) for org in cfg.orgs)))
+        orgs = self._orgs(cfg)
+        return out + list(filter(None, (_org(orgs, org) for org in orgs)))
+
+    def _orgs(self, cfg: Config) -> Mapping[str, OrgLimits]:
+        return cfg.orgs if self.orgs is None else self.orgs(cfg)
 
     async def _send_loop(self) -> None:
         while True:
@@ -472,8 +480,8 @@ class BudgetAlerts:
             return None, type(e).__name__
 
 
-def _org(cfg: Config, name: str) -> Budgeted | None:
-    org = cfg.orgs.get(name)
+def _org(orgs: Mapping[str, OrgLimits], name: str) -> Budgeted | None:
+    org = orgs.get(name)
     if org is None or org.budget_usd is None:
         return None
     return Budgeted(ORG_PREFIX + name, name, usd_to_nano(org.budget_usd), org.budget_period)

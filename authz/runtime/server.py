@@ -122,7 +122,8 @@ class Services:
         await self._admission.start()
         self._alerts = BudgetAlerts(lambda: self.runtime.snapshot.config, self.limits,
                                     self.store, make_marks(cfg), feed,
-                                    self.runtime.settings.webhook_secret, self.runtime.clock)
+                                    self.runtime.settings.webhook_secret, self.runtime.clock,
+                                    orgs=self._orgs_in_force)
         await self._alerts.start()
         return recorder, self._admission
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import pytest
 from authz.state.limits.base import LimitStore
 from authz.state.limits.durable import DurableMemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
-from policy.config import load_config
+from authz.state.orgs import make_org_store
+from policy.config import OrgLimits, load_config
 from policy.limits import Ask, period_id
 from policy.quota import limits_from, org_hold
 from tests.helpers import free_port, write_policy
@@ -105,6 +107,31 @@ def test_a_key_without_limits_and_without_any_state(tmp_path: Path) -> None:
     assert "key budget: none" in show(config, "k-plain").stdout
     r = show(config, "k-nobody")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no key" in r.stderr
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_show_uses_the_org_limits_stored_over_the_admin_api(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Org limits set with PUT /v1/orgs/{org} are the ones in force: `keys show` prints
+    them, as `keys show --admin-url` does, not the config's (or none)."""
+    config = (request.getfixturevalue("redis_config") if backend == "redis" else
+              write_policy(tmp_path, "http://127.0.0.1:8000", keys=KEYS, orgs=ORGS))
+
+    async def store_limits() -> None:
+        orgs = make_org_store(load_config(config))
+        await orgs.put("beta", OrgLimits(rpm=7, budget_usd=Decimal(3), budget_period="day"))
+        await orgs.put("acme", OrgLimits(budget_usd=Decimal(50), budget_period="total"))
+        await orgs.close()
+
+    asyncio.run(store_limits())
+    for key, budget, period, rpm in (("k-plain", "3", "day", 7), (KEY, "50", "total", None)):
+        r = show(config, key, "--json")
+        assert r.returncode == 0, r.stderr
+        org = json.loads(r.stdout)["state"]["org"]
+        assert org is not None, f"{key}: the stored org limits were not shown"
+        assert org["budget"]["budget_usd"] == budget
+        assert org["budget"]["period"].split(":")[0] == period
+        assert (org["requests"] or {}).get("limit") == rpm
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from authz.runtime.snapshot import Runtime
 from authz.state.limits.base import LimitStore
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
-from policy.config import Config, ConfigError, Price, load_config
+from policy.config import Config, ConfigError, OrgLimits, Price, load_config
 from policy.limits import Ask, Limits, period_id, usd_to_nano
 from policy.usage import Usage, UsageRecord, make_record
 from tests.helpers import free_port, write_policy
@@ -357,6 +357,33 @@ async def test_serve_runs_the_alerts(receiver: Receiver, tmp_path: Path) -> None
     [(headers, body)] = receiver.got
     assert json.loads(body)["owner"] == KEY
     assert headers["X-Tokenbooth-Signature"].startswith("sha256=")
+
+
+async def test_org_budgets_set_over_the_admin_api_are_alerted(receiver: Receiver,
+                                                               tmp_path: Path) -> None:
+    """Org limits stored by the admin API (PUT /v1/orgs/{org}) replace the config's for
+    the alerts too: a stored budget over the config's one, and an org only stored."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000", keys=KEYS, orgs=ORGS,
+                        services={"grpc_listen": f"127.0.0.1:{free_port()}",
+                                  "http_listen": f"127.0.0.1:{free_port()}"},
+                        alerts={"webhook_url": receiver.url, "thresholds": [0.5],
+                                "check_interval_s": 0.05, "rescan_s": 0.05})
+    services = Services(Runtime.from_file(path, Overrides(), Settings(webhook_secret=SECRET)),
+                        grace_s=1.0)
+    await services.start()
+    try:
+        assert services.limits is not None and services.orgs is not None
+        now = services.runtime.clock()
+        await services.orgs.put("acme", OrgLimits(budget_usd=Decimal(10), budget_period="day"))
+        await services.orgs.put("globex", OrgLimits(budget_usd=Decimal(2)))
+        await spend(services.limits, "org:acme", "6", "day", now)  # 6 of the stored 10
+        await spend(services.limits, "org:globex", "1", "month", now)
+        await wait_for(lambda: len(receiver.delivered()) >= 2)
+    finally:
+        await services.stop()
+    got = {b["owner"]: (b["period"], b["budget_usd"]) for b in receiver.bodies()}
+    assert got == {"org:acme": (period_id("day", now), "10"),
+                   "org:globex": (period_id("month", now), "2")}
 
 
 async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:

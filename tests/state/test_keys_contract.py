@@ -135,6 +135,46 @@ async def test_another_replica_sees_create_and_revoke_within_2s(make: Factory) -
         await within(2, b_revoked)
 
 
+async def test_a_new_key_works_on_another_replica_at_once(make: Factory) -> None:
+    """Key rotation: a client switched to a new key as soon as `keys create` returned
+    gets no 401 from a replica that has not polled since (nor after an unknown key)."""
+    async with replicas(make) as (a, b):
+        assert await b.find("0" * 64, "sk-tb-unknown") is None  # b just looked
+        rec, secret = record()
+        await a.create(rec)
+        assert await b.find(rec.sha256, secret) == rec
+
+
+async def test_an_unreadable_keyring_does_not_stop_the_watch(tmp_path: Path) -> None:
+    """`sudo tokenbooth keys ...` can leave keys.json unreadable by the serving user for
+    a while: the server keeps the last good keys and still sees the next good file (a
+    revocation) once it is readable again."""
+    serving, cli = KeyringStore(tmp_path, poll_s=0.05), KeyringStore(tmp_path)
+    rec, secret = record()
+    await cli.create(rec)
+    await serving.start()
+    try:
+        assert await serving.find(rec.sha256, secret) == rec
+        path = tmp_path / "keys.json"
+        saved = path.read_bytes()
+        path.unlink()
+        path.mkdir()  # reading it fails with an OSError, as EACCES would (tests run as root)
+        await asyncio.sleep(0.3)
+        assert await serving.find(rec.sha256, secret) == rec  # the last good keys
+        assert await serving.find("0" * 64, "sk-tb-unknown") is None
+        path.rmdir()
+        path.write_bytes(saved)
+        await cli.revoke(rec.id)
+
+        async def revoked() -> bool:
+            found = await serving.find(rec.sha256, secret)
+            return found is not None and found.status == "revoked"
+
+        await within(2, revoked)
+    finally:
+        await serving.close()
+
+
 async def test_no_secret_is_stored(store: Any, tmp_path: Path) -> None:
     rec, secret = record()
     await store.create(rec)

@@ -3,7 +3,8 @@
 `tokenbooth keys ...` rewrites the file atomically (temp file + rename) under
 an exclusive lock; a running server re-reads it when it changes (polled every
 0.5 s), so a created, updated or revoked key takes effect within a second, with
-no restart. Lookups are dictionary reads: no I/O on the request path.
+no restart. Lookups are dictionary reads; a miss also checks (one stat) whether the
+file changed, so a key just created works at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ log = logging.getLogger("tokenbooth.keys")
 KEYRING_FILE = "keys.json"
 POLL_S = 0.5
 _RECORDS = TypeAdapter(list[KeyRecord])
+# What tells that the file changed: mtime, ctime (a chmod or chown), inode, size.
+Stamp = tuple[int, int, int, int]
 
 
 class KeyringStore:
@@ -35,7 +38,8 @@ class KeyringStore:
         self._lock_path = data_dir / "keys.lock"
         self._poll_s = poll_s
         self._by_fp: dict[str, KeyRecord] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: Stamp | None = None
+        self._damaged: Stamp | None = None  # unreadable: logged once, not read again
         self._watch: asyncio.Task[None] | None = None
 
     # -- KeyStore ---------------------------------------------------------------
@@ -51,7 +55,14 @@ class KeyringStore:
                 await self._watch
 
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
-        return self._by_fp.get(fingerprint)
+        record = self._by_fp.get(fingerprint)
+        if record is None:
+            # A key created a moment ago works at once, not at the next poll (rotation
+            # has no 401 window); a stat while the file is unchanged.
+            with contextlib.suppress(OSError):
+                self._reload()
+            record = self._by_fp.get(fingerprint)
+        return record
 
     # -- KeyAdmin ---------------------------------------------------------------
 
@@ -122,15 +133,16 @@ class KeyringStore:
     def _reload(self) -> None:
         try:
             st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_ino)
+            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
         except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp == self._stamp:
+            stamp = (0, 0, 0, 0)
+        if stamp in (self._stamp, self._damaged):
             return
         try:
             records = self._read()
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # damaged, or unreadable (its owner, mode)
             log.error("keyring not reloaded, keeping the last good one: %s", e)
+            self._damaged = stamp
             return
         self._stamp = stamp
         self._by_fp = {r.sha256: r for r in records}
@@ -138,4 +150,7 @@ class KeyringStore:
     async def _watch_loop(self) -> None:
         while True:
             await asyncio.sleep(self._poll_s)
-            self._reload()
+            try:
+                self._reload()
+            except OSError as e:  # never the end of the watch: revocations must land
+                log.error("keyring not reloaded: %s", e)
