@@ -78,3 +78,36 @@ async def test_redis_down_at_start_does_not_block_start(tmp_path: Path) -> None:
             await store.find("0" * 64, "x")
     finally:
         await store.close()
+
+
+async def test_a_lookup_that_read_an_older_version_does_not_revive_a_revoked_key(
+        own_redis: RedisServer) -> None:
+    """A lookup reads the version, another replica revokes a key, the poll sees the new
+    version, then the lookup ends: the older version it read must not become the
+    replica's again, or the revoked key's cached entry passes as fresh until the next
+    poll."""
+    store = RedisKeyStore(own_redis.url, RemoteOptions(timeout_s=1.0), poll_s=3600)
+    admin = RedisKeyStore(own_redis.url, RemoteOptions(timeout_s=1.0))
+    await store.start()
+    try:
+        revoked, other = new_secret(), new_secret()
+        a = KeyRecord(id="k-a", org="acme", sha256=fingerprint(revoked))
+        b = KeyRecord(id="k-b", org="acme", sha256=fingerprint(other))
+        await admin.create(a)
+        await admin.create(b)
+        assert await store.find(a.sha256, revoked) == a  # cached
+        slow_read = await store._fetch(b.sha256)  # the version as it was, then...
+        await admin.revoke("k-a")  # ...another replica revokes
+        await store._check_version()  # the poll sees it
+        fetch = store._fetch
+
+        async def late(fp: str) -> tuple[bytes | None, bytes | None]:
+            return slow_read if fp == b.sha256 else await fetch(fp)
+
+        store._fetch = late  # type: ignore[method-assign]
+        assert await store.find(b.sha256, other) == b  # the slow lookup ends now
+        found = await store.find(a.sha256, revoked)
+        assert found is not None and found.status == "revoked"
+    finally:
+        await store.close()
+        await admin.close()

@@ -122,7 +122,11 @@ class RedisKeyStore:
                 return entry[1]  # stale, but the best answer while Redis is away
             raise
         record = KeyRecord.model_validate_json(raw) if raw is not None else None
-        self._version = version
+        if _count(version) > _count(self._version):
+            # Only forward: a lookup that read the version before a change and ends after
+            # the poll saw it would put the older one back, and entries cached before the
+            # change (a key since revoked) would pass as fresh until the next poll.
+            self._version = version
         self._cache.put(fingerprint, (version, record))
         return record
 
@@ -237,5 +241,9 @@ class RedisKeyStore:
                 await self._check_version()
 
 
-
-
+def _count(version: bytes | None) -> int:
+    """The version key's count (INCR'd by every write; absent: 0)."""
+    try:
+        return int(version) if version is not None else 0
+    except ValueError:
+        return 0
