@@ -260,3 +260,27 @@ async def test_another_replica_sees_an_update_within_2s(make: Factory) -> None:
         await within(2, b_sees(1))
         await a.update(rec.id, {"rpm": None})
         await within(2, b_sees(None))
+
+
+async def test_a_keyring_write_waiting_on_its_lock_leaves_the_event_loop_free(
+        tmp_path: Path) -> None:
+    """The admin API writes keys on serve's event loop: a write waiting for the file lock
+    (a CLI command holding it, a slow fsync) must not stall the requests beside it."""
+    import fcntl
+    import os
+    import threading
+
+    store = KeyringStore(tmp_path)
+    rec = KeyRecord(id="k-lock", org="acme", sha256=fingerprint(new_secret()))
+    fd = os.open(tmp_path / "keys.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process's `keys` command, say, for 1.5 s
+    release = threading.Timer(1.5, os.close, (fd,))
+    release.start()
+    write = asyncio.create_task(store.create(rec))
+    await asyncio.sleep(0)  # the write starts and waits for the lock
+    t0 = time.monotonic()
+    await asyncio.sleep(0.05)  # a request's turn on the loop
+    assert time.monotonic() - t0 < 1.0 and not write.done()
+    await asyncio.wait_for(write, 5)
+    release.join()
+    assert await store.get("k-lock") == rec

@@ -66,23 +66,32 @@ class KeyringStore:
 
     # -- KeyAdmin ---------------------------------------------------------------
 
+    # File I/O (a lock another process may hold, an fsync) runs in a worker thread: the
+    # admin API calls these on serve's event loop, which every request passes through.
+
     async def create(self, record: KeyRecord) -> None:
+        await asyncio.to_thread(self._create, record)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        records = await asyncio.to_thread(self._read)
+        return next((r for r in records if r.id == key_id), None)
+
+    async def list_keys(self, org: str | None = None) -> list[KeyRecord]:
+        records = await asyncio.to_thread(self._read)
+        return [r for r in records if org is None or r.org == org]
+
+    async def revoke(self, key_id: str) -> KeyRecord | None:
+        return await asyncio.to_thread(
+            self._modify, key_id, lambda r: r.model_copy(update={"status": "revoked"}))
+
+    async def update(self, key_id: str, changes: Mapping[str, object]) -> KeyRecord | None:
+        return await asyncio.to_thread(self._modify, key_id, lambda r: updated(r, changes))
+
+    def _create(self, record: KeyRecord) -> None:
         with self._locked() as records:
             if any(r.id == record.id or r.sha256 == record.sha256 for r in records):
                 raise KeyExists(f"a key with id {record.id!r} already exists")
             records.append(record)
-
-    async def get(self, key_id: str) -> KeyRecord | None:
-        return next((r for r in self._read() if r.id == key_id), None)
-
-    async def list_keys(self, org: str | None = None) -> list[KeyRecord]:
-        return [r for r in self._read() if org is None or r.org == org]
-
-    async def revoke(self, key_id: str) -> KeyRecord | None:
-        return self._modify(key_id, lambda r: r.model_copy(update={"status": "revoked"}))
-
-    async def update(self, key_id: str, changes: Mapping[str, object]) -> KeyRecord | None:
-        return self._modify(key_id, lambda r: updated(r, changes))
 
     def _modify(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]
                 ) -> KeyRecord | None:
