@@ -111,3 +111,26 @@ async def test_a_lookup_that_read_an_older_version_does_not_revive_a_revoked_key
     finally:
         await store.close()
         await admin.close()
+
+
+async def test_listing_many_keys_takes_a_few_round_trips(own_redis: RedisServer) -> None:
+    """Budget alerts list every stored key at each rescan: 2,500 keys come in order, in
+    a few MGETs, not two GETs per key."""
+    import redis
+
+    store = RedisKeyStore(own_redis.url, RemoteOptions(timeout_s=5.0))
+    try:
+        recs = [KeyRecord(id=f"k-{i:05d}", org=f"org-{i % 3}",
+                          sha256=fingerprint(f"sk-tb-list-{i}")) for i in range(2500)]
+        for r in recs:
+            await store.create(r)
+        sync = redis.Redis.from_url(own_redis.url)
+        sync.config_resetstat()
+        assert await store.list_keys() == recs
+        assert await store.list_keys("org-1") == [r for r in recs if r.org == "org-1"]
+        calls = {k.removeprefix("cmdstat_"): v["calls"]
+                 for k, v in sync.info("commandstats").items()}
+        sync.close()
+        assert calls.get("get", 0) == 0 and calls["mget"] <= 12, calls
+    finally:
+        await store.close()
