@@ -131,6 +131,9 @@ class OrgLimitsCache:
         self._stored: dict[str, OrgLimits] = {}
         self._version: object = ()
         self._task: asyncio.Task[None] | None = None
+        # One refresh at a time: a slow poll ending after a put's refresh would put the
+        # older copy back until the next poll.
+        self._refreshing = asyncio.Lock()
 
     async def start(self) -> None:
         await self.refresh()
@@ -161,13 +164,14 @@ class OrgLimitsCache:
 
     async def refresh(self) -> None:
         """Re-read the store if its version moved; a failure keeps the last good copy."""
-        try:
-            version = await self.store.version()
-            if version != self._version:
-                self._stored = await self.store.read_all()
-                self._version = version
-        except Exception as e:  # keep serving the last good limits
-            log.warning("org limits not refreshed: %s", e)
+        async with self._refreshing:
+            try:
+                version = await self.store.version()
+                if version != self._version:
+                    self._stored = await self.store.read_all()
+                    self._version = version
+            except Exception as e:  # keep serving the last good limits
+                log.warning("org limits not refreshed: %s", e)
 
     async def _loop(self) -> None:
         while True:
