@@ -77,9 +77,17 @@ ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS key_budget_period text,
 ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS sequences integer;
 """,
 # The stream entry a row was exported from: its order (NULL for a row exported before).
+# Every row written from now on must have one (NOT VALID: the rows before keep none): an
+# exporter of version 3 still running in a rolling upgrade would store rows without it,
+# ordered before everything, where a client paging with `after` never sees them; its
+# INSERT fails instead, it stops (its migrate() refuses version 4) and a new exporter
+# claims its batch.
 4: f"""
 ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS stream_ms bigint,
-                    ADD COLUMN IF NOT EXISTS stream_seq bigint;
+                    ADD COLUMN IF NOT EXISTS stream_seq bigint,
+                    DROP CONSTRAINT IF EXISTS {TABLE}_stream_id,
+                    ADD CONSTRAINT {TABLE}_stream_id
+                      CHECK (stream_ms IS NOT NULL AND stream_seq IS NOT NULL) NOT VALID;
 CREATE INDEX IF NOT EXISTS {TABLE}_order
   ON {TABLE} ((coalesce(stream_ms, 0)), (coalesce(stream_seq, seq)));
 """}
@@ -87,6 +95,9 @@ CREATE INDEX IF NOT EXISTS {TABLE}_order
 # Where a row stands in the order readers page by: its stream entry id, or (0, seq) for a
 # row exported before version 4 (before every entry id; unique either way).
 ORDER_KEY = "coalesce(stream_ms, 0), coalesce(stream_seq, seq)"
+# The same order on a table still at version 3 (no entry ids yet: in a rolling upgrade,
+# the exporters migrate it, and replicas of the new version may read it first).
+ORDER_KEY_V3 = "0::bigint, seq"
 OrderKey = tuple[int, int]
 
 _COLUMNS = ("request_id", "key_id", "org", "model", "upstream_model", "backend",

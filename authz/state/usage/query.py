@@ -141,13 +141,14 @@ async def pages(conn: asyncpg.Connection, sel: Selection, exclude: list[str],
     """The archive's selected rows after `after` in stream order, a page at a time:
     (order key, record)."""
     cond, args = where(sel, exclude)
+    order = await _order_key(conn)
     left = limit
     while left is None or left > 0:
         n = PAGE if left is None else min(PAGE, left)
         found = await _fetch(
-            conn, f"SELECT {archive.ORDER_KEY}, {archive.SELECT_COLUMNS} "  # noqa: S608
-            f"FROM {archive.TABLE} WHERE {cond} AND ({archive.ORDER_KEY}) > "
-            f"(${len(args) + 1}, ${len(args) + 2}) ORDER BY {archive.ORDER_KEY} LIMIT {n}",
+            conn, f"SELECT {order}, {archive.SELECT_COLUMNS} "  # noqa: S608
+            f"FROM {archive.TABLE} WHERE {cond} AND ({order}) > "
+            f"(${len(args) + 1}, ${len(args) + 2}) ORDER BY {order} LIMIT {n}",
             *args, *after)
         if not found:
             return
@@ -162,9 +163,17 @@ async def pages(conn: asyncpg.Connection, sel: Selection, exclude: list[str],
 async def key_of(conn: asyncpg.Connection, request_id: str) -> archive.OrderKey | None:
     """Where an archived record stands in the order (None: not archived)."""
     found = await _fetch(
-        conn, f"SELECT {archive.ORDER_KEY} FROM {archive.TABLE} WHERE request_id = $1",  # noqa: S608
-        request_id)
+        conn, f"SELECT {await _order_key(conn)} FROM {archive.TABLE} "  # noqa: S608
+        "WHERE request_id = $1", request_id)
     return (int(found[0][0]), int(found[0][1])) if found else None
+
+
+async def _order_key(conn: asyncpg.Connection) -> str:
+    """archive.ORDER_KEY, or its version-3 form while no exporter has migrated the table
+    to version 4 (a rolling upgrade that reaches the replicas first)."""
+    found = await _fetch(conn, "SELECT version FROM tokenbooth_schema "
+                               "WHERE component = 'usage'")
+    return archive.ORDER_KEY if found and found[0][0] >= 4 else archive.ORDER_KEY_V3
 
 
 async def every_record(cfg: Config, sel: Selection | None = None,

@@ -120,6 +120,53 @@ async def test_before_the_exporter_made_its_table_the_stream_is_read(
     assert sorted(r["request_id"] for r in got) == [f"req-{i:09d}" for i in range(5)]
 
 
+async def test_a_table_still_at_version_3_is_read(
+        own_redis: RedisServer, pg_db: str, tmp_path: Path) -> None:
+    """A rolling upgrade that reaches the replicas before the exporter: the table is at
+    version 3 (no entry ids), written by an exporter of that version. Records are listed
+    and paged in its order (seq), then the tail's; the same cursor still holds once the
+    table is migrated."""
+    conn = await asyncpg.connect(pg_db)
+    client = aioredis.Redis.from_url(own_redis.url)
+    try:
+        async with conn.transaction():
+            await conn.execute("CREATE TABLE tokenbooth_schema (component text PRIMARY KEY, "
+                               "version integer NOT NULL)")
+            for version in (1, 2, 3):
+                await conn.execute(archive._MIGRATIONS[version])
+            await conn.execute("INSERT INTO tokenbooth_schema VALUES ('usage', 3)")
+            v3 = archive._COLUMNS  # what version 3 wrote
+            for i in (2, 0, 1):  # exported in this order
+                await conn.execute(
+                    f"INSERT INTO usage_records ({', '.join(v3)}) VALUES "
+                    f"({', '.join(f'${j + 1}' for j in range(len(v3)))})",
+                    *archive.row(record(i))[:len(v3)])
+        await client.xgroup_create(STREAM, EXPORT_GROUP, id="0", mkstream=True)
+        await add(client, STREAM, iter([record(i) for i in range(3, 5)]), seen_ttl_s=0)
+        cfg = parse_config({**policy_dict("http://127.0.0.1:1"), "state": own_redis.url,
+                            "usage": {"sink": pg_db}}, base_dir=tmp_path)
+        none: Any = None
+        ctx = AdminContext(lambda: cfg, none, none, none, none)
+        want = [f"req-{i:09d}" for i in (2, 0, 1, 3, 4)]
+
+        async def after_0() -> list[str]:
+            q = UsageQuery(limit=10, after="req-000000000")
+            return [r.request_id for r in
+                    cast(UsagePage, await usage(ctx, Call(params={}, query=q))).data]
+
+        ids, first = await pages(ctx, limit=2)
+        assert ids == want and first.totals.requests == 5
+        assert await after_0() == want[2:]
+        from authz.state.usage.reading import load_usage
+
+        assert [r["request_id"] for r in await load_usage(cfg)] == want
+        assert await archive.migrate(conn) == 4
+        assert await after_0() == want[2:]
+    finally:
+        await client.aclose()
+        await conn.close()
+
+
 class _Hand:
     """An exporter's protocol by hand, one step at a time: XREADGROUP a batch as consumer
     `name`, later store it (archive.store, with each entry's id) and XACK it. Two of them

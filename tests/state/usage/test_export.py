@@ -151,6 +151,37 @@ async def test_a_version_1_table_is_migrated_and_its_rows_say_nothing_new(pg_db:
         await conn.close()
 
 
+async def test_a_version_3_exporter_cannot_write_once_the_table_is_at_4(pg_db: str) -> None:
+    """A rolling upgrade: an exporter of version 3 still running after a new one migrated
+    the table. Its rows would have no entry id and sort before every other one, so a
+    client paging with `after` would never see them: its INSERT (version 3's columns)
+    fails instead (it then stops, its migrate() refusing version 4, and a new exporter
+    claims its batch). Rows stored before version 4 stay, and a new exporter still
+    corrects a `lost` one of them."""
+    v3 = archive._COLUMNS  # what version 3 wrote: no stream entry id
+    old_insert = (f"INSERT INTO usage_records ({', '.join(v3)}) VALUES "
+                  f"({', '.join(f'${i + 1}' for i in range(len(v3)))})")
+    conn = await asyncpg.connect(pg_db)
+    try:
+        async with conn.transaction():
+            await conn.execute("CREATE TABLE tokenbooth_schema (component text PRIMARY KEY, "
+                               "version integer NOT NULL)")
+            for version in (1, 2, 3):
+                await conn.execute(archive._MIGRATIONS[version])
+            await conn.execute("INSERT INTO tokenbooth_schema VALUES ('usage', 3)")
+            await conn.execute(old_insert, *archive.row(record(1, LOST))[:len(v3)])
+        assert await archive.migrate(conn) == 4
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(old_insert, *archive.row(record(2))[:len(v3)])
+        await archive.store(conn, [archive.row(record(1), (1_700_000_000_000, 0)),
+                                   archive.row(record(3), (1_700_000_000_000, 1))], [])
+        found = await conn.fetch(f"SELECT {archive.SELECT_COLUMNS} FROM usage_records "
+                                 f"ORDER BY {archive.ORDER_KEY}")
+        assert [archive.record(r) for r in found] == [record(1), record(3)]
+    finally:
+        await conn.close()
+
+
 async def test_a_late_real_record_replaces_a_lost_row_under_a_new_seq(
         own_redis: RedisServer, client: aioredis.Redis, pg_db: str) -> None:
     """The correction is a change in cost: it moves to the end of the table's order, so
