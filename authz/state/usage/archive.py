@@ -3,10 +3,11 @@
 One row per request in `usage_records`, unique by `request_id`. A batch is written by
 one INSERT … ON CONFLICT: a record already there is kept, except that a real record
 replaces a `lost` one (a hold charged in full whose late settlement came after all);
-a `lost` record never replaces a real one. Each row keeps the id of the stream entry it
-was exported from (`stream_ms`, `stream_seq`): readers page by that id, the order records
-were written in, whatever order exporters commit them in (`ORDER_KEY`; rows of a version
-before 4 have none and come first, in the order they were exported, `seq`). Records
+a `lost` record never replaces a real one. Each row keeps the id of the first stream
+entry of its request (`stream_ms`, `stream_seq`; the earliest, whatever order exporters
+commit in): readers page by it (`ORDER_KEY`), so a request keeps one place, a `lost` one
+corrected too (rows of a version before 4 have none and come first, in the order they
+were exported, `seq`). Records
 that cannot be stored (a field missing or of the wrong type) go whole to
 `usage_rejected`, in the same transaction.
 
@@ -111,7 +112,18 @@ _PERIODS = ("key_budget_period", "org_budget_period")
 # What the exporter writes besides the record: the stream entry's id.
 _WRITTEN = (*_COLUMNS, "stream_ms", "stream_seq")
 _WRITTEN_TYPES = (*_TYPES, "bigint", "bigint")
-_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in _WRITTEN[1:])
+_T = TABLE
+_CORRECTS = f"({_T}.status = '{LOST}' AND EXCLUDED.status <> '{LOST}')"
+_EARLIER = (f"({_T}.stream_ms IS NULL OR (EXCLUDED.stream_ms, EXCLUDED.stream_seq) < "
+            f"({_T}.stream_ms, {_T}.stream_seq))")
+# A record already stored is kept, except that a real one replaces a `lost` one; the
+# place is the earlier of the two entries' (a row of a version before 4 takes the new
+# one: every row written now has one).
+_SET = ", ".join(
+    [f"{c} = CASE WHEN {_CORRECTS} THEN EXCLUDED.{c} ELSE {_T}.{c} END"
+     for c in _COLUMNS[1:]]
+    + [f"{c} = CASE WHEN {_EARLIER} THEN EXCLUDED.{c} ELSE {_T}.{c} END"
+       for c in ("stream_ms", "stream_seq")])
 SELECT_COLUMNS = ", ".join(_COLUMNS)
 # A batch is COPied (binary) into a temporary table, then moved by one INSERT … SELECT:
 # COPY encodes rows faster than a statement's array parameters. SQL here is built from
@@ -124,12 +136,7 @@ _CREATE_STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
 _INSERTED = ", ".join(_WRITTEN)
 _INSERT = (
     f"INSERT INTO {TABLE} ({_INSERTED}) SELECT {_INSERTED} FROM {_STAGE} "  # noqa: S608
-    # A correction (a real record replacing a `lost` one) takes the real record's entry
-    # id (and a new seq): readers that follow the order (the admin API's `after`) see the
-    # changed cost.
-    f"ON CONFLICT (request_id) DO UPDATE SET {_SET}, "
-    f"seq = nextval(pg_get_serial_sequence('{TABLE}', 'seq'))"
-    f" WHERE {TABLE}.status = '{LOST}' AND EXCLUDED.status <> '{LOST}'")
+    f"ON CONFLICT (request_id) DO UPDATE SET {_SET} WHERE {_CORRECTS} OR {_EARLIER}")
 
 
 async def connect(dsn: str, timeout_s: float = 10.0) -> asyncpg.Connection:
@@ -219,12 +226,17 @@ def _time(v: Any) -> datetime:
 
 def one_per_request(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """One row per request_id in a batch (ON CONFLICT cannot touch a row twice in one
-    statement): the first, except that a real record supersedes a `lost` one."""
+    statement): the first, except that a real record supersedes a `lost` one; at the
+    earliest entry's place."""
     out: dict[str, tuple[Any, ...]] = {}
     for r in rows:
         old = out.get(r[0])
-        if old is None or (old[10] == LOST and r[10] != LOST):
+        if old is None:
             out[r[0]] = r
+            continue
+        kept = r if old[10] == LOST and r[10] != LOST else old
+        place = min(old[-2:], r[-2:]) if None not in (*old[-2:], *r[-2:]) else kept[-2:]
+        out[r[0]] = (*kept[:-2], *place)
     return list(out.values())
 
 

@@ -58,9 +58,11 @@ async def _page(conn: Any, q: UsageQuery, sel: Selection, exclude: list[str],
     stream order."""
     after: archive.OrderKey = (-1, -1)
     if q.after is not None:
-        found = await query.key_of(conn, q.after)
+        # A request has one place (its earliest entry's); the tail's copy of a stored
+        # row says where while the row waits to move there.
+        found = next((k for k, r in tail if r["request_id"] == q.after), None)
         if found is None:
-            found = next((k for k, r in tail if r["request_id"] == q.after), None)
+            found = await query.key_of(conn, q.after)
         if found is None:
             raise UnknownCursor(q.after)
         after = found

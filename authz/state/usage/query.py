@@ -4,11 +4,13 @@ The records are the archive (`usage_records`) and the stream's tail: the entries
 export group has not acknowledged yet (not exported, or exported and not yet
 acknowledged). `tail()` reads the tail and checks its request ids against the archive:
 a tail record already stored is dropped, except a real one whose stored row is `lost`
-(it will replace that row): it is kept, and the row excluded from the archive's side.
-Totals and groups are SQL aggregates (GROUP BY) over the archive, merged with the
-tail's in policy/usage_report.py. Records are read by keyset pages in stream order
-(archive.ORDER_KEY: each record's stream entry id), the tail's records carrying theirs:
-one order across both, whatever order exporters commit in.
+(it will replace that row) or one whose entry came before the stored row's (the row
+will move there): then it is read from the tail, and the row excluded from the
+archive's side. A request's place is its earliest entry's, wherever that is. Totals
+and groups are SQL aggregates (GROUP BY) over the archive, merged with the tail's in
+policy/usage_report.py. Records are read by keyset pages in stream order
+(archive.ORDER_KEY), the tail's records carrying their places: one order across both,
+whatever order exporters commit in.
 """
 
 from __future__ import annotations
@@ -60,32 +62,43 @@ async def tail(cfg: Config, conn: asyncpg.Connection) -> Tail:
     try:
         cut = await acked_cut(client, USAGE_STREAM, (EXPORT_GROUP,))
         entries: list[dict[str, Any]] = []
-        ids: dict[int, archive.OrderKey] = {}  # by id() of the record
+        first: dict[str, archive.OrderKey] = {}  # each request's earliest entry here
         start = f"{cut[0]}-{cut[1]}"
         while page := cast(Any, await client.xrange(USAGE_STREAM, start, "+", count=PAGE)):
             for entry_id, fields in page:
                 raw = (fields or {}).get(b"data")
                 rec = orjson.loads(raw) if raw else None
-                if isinstance(rec, dict):
+                if isinstance(rec, dict) and isinstance(rid := rec.get("request_id"), str):
                     entries.append(rec)
-                    ids[id(rec)] = parse_id(entry_id)
+                    first.setdefault(rid, parse_id(entry_id))
             if len(page) < PAGE:
                 break
             start = "(" + page[-1][0].decode()
     finally:
         await client.aclose()
     recs = list(one_per_request(entries))
-    stored = {r["request_id"]: r["status"] for r in await _fetch(
-        conn, f"SELECT request_id, status FROM {archive.TABLE} WHERE request_id = ANY($1)",  # noqa: S608
-        [r["request_id"] for r in recs])}
+    order = await _order_key(conn)
+    stored = {r["request_id"]: ((int(r[0]), int(r[1])), archive.record(tuple(r)[2:]))
+              for r in await _fetch(
+        conn, f"SELECT {order}, {archive.SELECT_COLUMNS} FROM {archive.TABLE} "  # noqa: S608
+        "WHERE request_id = ANY($1)", [r["request_id"] for r in recs])}
     out = Tail()
     for r in recs:
-        was = stored.get(r["request_id"])
-        if was is None or (was == LOST and r.get("status") != LOST):
-            out.records.append(r)
-            out.keys.append(ids[id(r)])
-            if was is not None:
-                out.exclude.append(r["request_id"])
+        rid = r["request_id"]
+        place, kept = first[rid], r
+        if rid in stored:
+            # Stored already: the row stands, unless this real record corrects its `lost`
+            # one, or an entry here came before the row's (the exporter holding it has
+            # not committed yet): then it is read from here, at the earlier place.
+            at, row = stored[rid]
+            if not (row["status"] == LOST and r.get("status") != LOST):
+                kept = row
+            if kept is row and at <= place:
+                continue
+            place = min(place, at)
+            out.exclude.append(rid)
+        out.records.append(kept)
+        out.keys.append(place)
     return out
 
 
