@@ -33,8 +33,9 @@ ITEM_ADDED = b"response.output_item.added"
 
 
 class StreamMeter:
-    __slots__ = ("_inline_usage", "_parser", "_usage", "content_chunks", "done",
-                 "oversize_bytes", "strip_usage", "tokens_per_chunk")
+    __slots__ = ("_fed", "_inline_usage", "_parser", "_read_event", "_usage",
+                 "content_chunks", "done", "ended", "oversize_bytes", "strip_usage",
+                 "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
                  tokens_per_chunk: int = 1) -> None:
@@ -49,6 +50,9 @@ class StreamMeter:
         self.content_chunks = 0  # chunks that carried generated text (≈ tokens for vLLM)
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
+        self.ended = False  # the body ended (`finish`), not cut
+        self._fed = 0  # bytes fed
+        self._read_event = False  # an event with data (or an oversize one) was seen
 
     @property
     def usage(self) -> Usage | None:
@@ -60,6 +64,12 @@ class StreamMeter:
         if self._usage is not None:
             return self._usage
         return self._inline_usage if self.done else None
+
+    @property
+    def unreadable(self) -> bool:
+        """The body ended with bytes but not one SSE data event: not a stream this meter
+        can read (a compressed body, an HTML page), so nothing tells what was generated."""
+        return self.ended and self._fed > 0 and not self._read_event and self.usage is None
 
     @property
     def oversize_events(self) -> int:
@@ -79,20 +89,31 @@ class StreamMeter:
         self._parser.oversize_events = oversize_events
         self.oversize_bytes = oversize_bytes
         self.done = done
+        self._fed = 0  # Envoy's meter read the stream: never `unreadable` here
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Observe a chunk; return what the client should get instead, or None for 'as is'."""
+        self._fed += len(chunk)
         events = self._parser.feed(chunk)
         return self._after(events, b"")
 
     def finish(self) -> bytes | None:
-        """End of the response body: the bytes still owed to the client (or None)."""
+        """End of the response body: the bytes still owed to the client (or None). A body
+        with no SSE event at all may be a whole JSON answer (a backend that does not
+        stream): its `usage` counts."""
         events, tail = self._parser.finish()
-        return self._after(events, tail)
+        self.ended = True
+        out = self._after(events, tail)
+        if not self._read_event and self._usage is None and tail:
+            obj = _json_object(tail)
+            if obj is not None:
+                self._usage = usage_from_obj(obj.get("usage"))
+        return out
 
     def _after(self, events: list[Event], tail: bytes) -> bytes | None:
         keep: list[bytes] = []
         for ev in events:
+            self._read_event = self._read_event or ev.oversize or ev.data is not None
             if ev.oversize:  # never read, so never stripped
                 self.oversize_bytes += len(ev.raw)
             elif self._observe(ev) and self.strip_usage:

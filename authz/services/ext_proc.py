@@ -118,6 +118,10 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             # Either way, exactly one record.
             if not life.finished and self._end_early(life, opened, span):
                 span = None  # the recount ends it
+            # A record decided with the last answer, whose write was cancelled (Envoy
+            # resets the stream as soon as it has that answer) before its recount began.
+            elif life.recount_owed is not None and self._recount_owed(life, span):
+                span = None
             # A cancelled stream (client gone) must still settle (normally the loop above
             # has settled already and there is nothing to do).
             if life.settle_pending:

@@ -650,6 +650,10 @@ class Lifecycle:
         if self._meter is not None:
             if self._meter.usage is not None:
                 return self._meter.usage, False
+            if self._meter.unreadable and 200 <= self.status < 300:
+                # A whole answer that is not SSE and has no readable usage (compressed,
+                # HTML): like a JSON answer without usage, charged its whole hold.
+                return Usage(req.prompt_bound, req.completion_bound), True
             # No more than the backend can count: an oversize event's bytes are not tokens.
             return Usage(req.prompt_estimate,
                          min(self._meter.completion_estimate, req.completion_bound)), True

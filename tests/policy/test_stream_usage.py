@@ -3,6 +3,8 @@ when asked, strips exactly the usage-only chunk, passing every other byte throug
 
 from __future__ import annotations
 
+import gzip
+
 from policy.endpoints import Kind
 from policy.stream_usage import ResponsesStreamMeter, StreamMeter, meter_for
 from policy.usage import Usage
@@ -171,3 +173,27 @@ def test_a_cut_stream_is_estimated_at_tokens_per_chunk() -> None:
     m.finish()
     assert m.usage is None and m.content_chunks == 3 and m.completion_estimate == 24
     assert meter_for(Kind.CHAT, False).completion_estimate == 0
+
+
+def test_a_stream_answered_as_one_json_object_counts_its_usage() -> None:
+    """A backend that ignores `stream: true` answers with its JSON: its usage is exact."""
+    answer = (b'{"object": "chat.completion", "choices": [{"index": 0, "message": '
+              b'{"content": "Hi"}}], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}')
+    m, out = meter(True, answer[:20], answer[20:])
+    assert out == answer  # passed on whole
+    assert (m.usage, m.unreadable) == (Usage(7, 3), False)
+
+
+def test_a_body_with_no_sse_event_is_unreadable_once_it_ended() -> None:
+    """A gzip-compressed stream (a backend that ignored `accept-encoding: identity`) or an
+    HTML page: nothing tells what was generated."""
+    for body in (gzip.compress(TEXT + USAGE + DONE), b"<html>\n<body>oops</body>\n</html>"):
+        m = StreamMeter(strip_usage=True)
+        m.feed(body)
+        assert not m.unreadable  # not yet: more may come
+        m.finish()
+        assert (m.usage, m.unreadable) == (None, True)
+    m, _ = meter(True, b": ping\n\n", TEXT)  # a readable stream cut before its usage
+    assert not m.unreadable
+    m, _ = meter(True)  # no body at all
+    assert not m.unreadable

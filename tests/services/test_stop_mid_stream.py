@@ -113,3 +113,37 @@ async def test_an_admission_whose_answer_never_reached_envoy_charges_nothing(
             rec["estimated"]) == ("lost-1", 499, 0, "0", False)
     s = Stream(running)  # the slot is free again
     await admit(s, {**CHAT, "max_tokens": 10}, "k-metered", "next-1")
+
+
+class _ResetAfterLast:
+    """Envoy resets the stream the moment it has the last answer: the servicer's write of
+    that answer is cancelled although the answer went out (grpc.aio cancels the handler)."""
+
+    def __init__(self, *msgs: Any) -> None:
+        self._msgs = list(reversed(msgs))
+
+    async def read(self) -> Any:
+        return self._msgs.pop() if self._msgs else grpc.aio.EOF
+
+    async def write(self, _: Any) -> None:
+        if not self._msgs:
+            raise asyncio.CancelledError
+
+
+async def test_a_reset_right_after_the_last_answer_still_records_and_settles(
+        running: Running) -> None:
+    """A stream that ended without usage needs its prompt counted before its record is
+    written: a reset landing as its last answer is written must not lose that record (it
+    was left to the lost-hold sweep, with the key's concurrency slot held until then)."""
+    servicer = running.services._ext_proc
+    assert servicer is not None
+    body = json.dumps({**BODY, "max_tokens": 10}).encode()
+    no_usage = STREAM[:STREAM.index(b'data: {"choices": []')]
+    with pytest.raises(asyncio.CancelledError):
+        await servicer.Process(None, _ResetAfterLast(req_body(body, "k-metered", "reset-1"),
+                                                     resp_body(no_usage)))
+    [rec] = await records(running, 1)
+    assert (rec["request_id"], rec["status"], rec["completion_tokens"],
+            rec["estimated"]) == ("reset-1", 200, 2, True)
+    s = Stream(running)  # the slot is free again
+    await admit(s, {**CHAT, "max_tokens": 10}, "k-metered", "next-2")

@@ -1,0 +1,101 @@
+"""A backend that answers a stream request with something other than a readable SSE
+stream, through the real Envoy (`stream_metering: ext_proc`, the default): a non-vLLM
+server that ignores `stream: true` and sends its JSON, or one that gzips the stream
+although the gateway asked for `accept-encoding: identity`. The client gets the bytes as
+sent; the record is the JSON's exact usage, or the whole hold (estimated) where nothing
+can be read, never a prompt with zero completion tokens. The key's one slot comes back."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from policy.config import load_config
+from policy.endpoints import lookup
+from policy.request import parse_request
+from tests.e2e.conftest import Gateway, run_gateway
+from tests.e2e.fake_backend import ThreadedBackend
+from tests.e2e.test_gateway import records_for
+from tests.helpers import METERED_SECRET
+
+pytestmark = pytest.mark.e2e
+# k-metered: one request in flight, so a slot left held refuses the next request.
+HEADERS = {"authorization": f"Bearer {METERED_SECRET}"}
+CHAT: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 5, "stream": True}
+ANSWER = {"id": "c-1", "object": "chat.completion", "created": 1, "model": "tiny-llama",
+          "choices": [{"index": 0, "finish_reason": "stop",
+                       "message": {"role": "assistant", "content": "hi there"}}],
+          "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}
+
+
+def sse(*objs: Any) -> bytes:
+    return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs) + \
+        b"data: [DONE]\n\n"
+
+
+GZIPPED = gzip.compress(sse(
+    {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+    {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}))
+
+
+class Unstreaming(ThreadedBackend):
+    """Answers every chat stream as the request's `x-answer` says: `json` (no stream at
+    all) or `gzip` (an SSE stream, compressed)."""
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        if request.headers.get("x-answer") == "gzip":
+            return web.Response(body=GZIPPED, headers={
+                "content-type": "text/event-stream", "content-encoding": "gzip"})
+        return web.json_response(ANSWER)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    backend = Unstreaming()
+    try:
+        with run_gateway(tmp_path_factory.mktemp("unstreaming"),
+                         upstream=f"http://127.0.0.1:{backend.port}") as g:
+            yield g
+    finally:
+        backend.stop()
+
+
+def send(gw: Gateway, answer: str) -> tuple[httpx.Response, dict[str, Any]]:
+    r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=CHAT, timeout=30,
+                   headers={**HEADERS, "x-answer": answer, "accept-encoding": "identity"})
+    [rec] = records_for(gw, r.headers["x-request-id"])
+    return r, rec
+
+
+def assert_slot_free(gw: Gateway) -> None:
+    r, rec = send(gw, "json")
+    assert r.status_code == 200 and rec["status"] == 200, r.text
+
+
+def test_a_stream_answered_with_json_is_charged_its_usage(gw: Gateway) -> None:
+    r, rec = send(gw, "json")
+    assert (r.status_code, r.json()) == (200, ANSWER)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (12, 3, False)
+    assert_slot_free(gw)
+
+
+def test_a_gzipped_stream_is_charged_its_whole_hold(gw: Gateway) -> None:
+    r, rec = send(gw, "gzip")
+    assert r.status_code == 200
+    assert r.headers["content-encoding"] == "gzip"  # as the backend sent it
+    endpoint = lookup("POST", "/v1/chat/completions")
+    assert endpoint is not None
+    req = parse_request(json.dumps(CHAT).encode(), endpoint, load_config(gw.config_path))
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+            rec["status"]) == (req.prompt_bound, req.completion_bound, True, 200)
+    assert_slot_free(gw)
