@@ -585,6 +585,17 @@ class Lifecycle:
             self._rec.bound_violation(req.alias)
             usage, estimated = Usage(req.prompt_bound, req.completion_bound), True
             cost = cost_nano(usage.prompt_tokens, usage.completion_tokens, price)
+        elif usage.completion_tokens > req.completion_bound:
+            # More than the max_tokens written upstream let it generate (times every
+            # sequence): a backend's misreport, not tokens. What it could generate is
+            # charged, so a key's spend stays within its budget.
+            log.error("the backend reported more completion tokens than the request "
+                      "allowed: charged what it allowed",
+                      extra={"request_id": self.request_id, "completion_tokens":
+                             usage.completion_tokens, "allowed": req.completion_bound})
+            self._rec.bound_violation(req.alias)
+            usage, estimated = Usage(usage.prompt_tokens, req.completion_bound), True
+            cost = cost_nano(usage.prompt_tokens, usage.completion_tokens, price)
         hold = self._ask.record if self._ask is not None else None
         self._settle = (usage.total_tokens, cost)
         rec = (

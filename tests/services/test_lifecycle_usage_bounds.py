@@ -221,6 +221,24 @@ async def test_usage_past_all_bounds_is_charged_the_hold_not_a_crash(
     assert h.recorded.violations == ["demo"]
 
 
+async def test_completion_past_what_max_tokens_allows_is_charged_what_it_allows(
+        h: Harness) -> None:
+    """max_tokens is written upstream: a backend reporting more completion tokens than it
+    allows (times every sequence) misreports. What it allows is charged, estimated, and
+    counted as a bound violation: a key's spend never passes its budget for it."""
+    life = await h.admitted({**COMPLETION, "n": 2}, "/v1/completions")
+    req = life.req
+    assert req is not None and req.completion_bound == 400
+    life.response_start(200, BACKEND)
+    life.response_chunk(completion_answer(100, {"prompt_tokens": 2,
+                                                "completion_tokens": 100_000}), end=True)
+    rec = await h.record(life)
+    assert counts(rec) == (200, 2, 400, True)
+    assert h.recorded.violations == ["demo"]
+    price = req.model.price_per_1k_tokens
+    assert h.holds.settled[0][:2] == (402, cost_nano(2, 400, price))
+
+
 async def test_the_ordinary_json_answer_is_unchanged(h: Harness) -> None:
     life = await h.admitted(COMPLETION, "/v1/completions")
     life.response_start(200, BACKEND)
