@@ -21,6 +21,7 @@ class MeterReport:
     usage_event: bytes = b""  # the last event with a usage object, raw ("": none)
     done: bool = False  # `data: [DONE]` passed
     ended: bool = False  # the body ended (else the stream was cut)
+    unreadable: bool = False  # not an event stream: passed unread
     cut_by_gateway: bool = False  # Envoy's idle or duration timeout cut it
     ttft_s: float | None = None  # from the request's start to the first generated text
 
@@ -32,5 +33,6 @@ def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,
     if report.usage_event:
         meter.feed(report.usage_event)
         meter.finish()
-    meter.restore(report.events, report.oversize_events, report.oversize_bytes, report.done)
+    meter.restore(report.events, report.oversize_events, report.oversize_bytes, report.done,
+                  unreadable=report.unreadable and report.ended)
     return meter

@@ -83,13 +83,15 @@ class StreamMeter:
         return self.content_chunks * self.tokens_per_chunk + estimate_bytes(self.oversize_bytes)
 
     def restore(self, content_chunks: int, oversize_events: int, oversize_bytes: int,
-                done: bool) -> None:
-        """Take the counts a meter elsewhere (Envoy's, see policy/meter_report.py) made."""
+                done: bool, unreadable: bool = False) -> None:
+        """Take the counts a meter elsewhere (Envoy's, see policy/meter_report.py) made;
+        `unreadable`: it found a whole body that is not an event stream."""
         self.content_chunks = content_chunks
         self._parser.oversize_events = oversize_events
         self.oversize_bytes = oversize_bytes
         self.done = done
-        self._fed = 0  # Envoy's meter read the stream: never `unreadable` here
+        self._fed = 1 if unreadable else 0
+        self.ended = self.ended or unreadable
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Observe a chunk; return what the client should get instead, or None for 'as is'."""

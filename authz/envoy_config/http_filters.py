@@ -349,7 +349,7 @@ _METER_CALL = f"""\
 local proc = h:streamInfo():dynamicMetadata():get("{EXT_PROC}")
     local how = proc and proc["{METER_KEY}"]
     if how then
-      meter(h, how == "strip")
+      meter(h, how == "strip", headers:get("content-type"))
     end"""
 
 

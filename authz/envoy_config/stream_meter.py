@@ -21,6 +21,10 @@ Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
   first_us       when the first content event passed (µs since the epoch)
   done           1 once `data: [DONE]` passed
   ended          1 once the body ended (absent: the stream was cut)
+  unreadable     1 when the answer is not an event stream (a server that ignores
+                 `stream: true`, an HTML error page): it passes untouched and unread, and
+                 the services charge its hold, as for a JSON answer whose usage they
+                 cannot read
 """
 
 from __future__ import annotations
@@ -66,10 +70,11 @@ local function classify(ev, st)
   -- Generated tokens: text, reasoning (vLLM 0.32's `reasoning`, older `reasoning_content`),
   -- or a tool call's name or argument fragment (a plain search for "tool_calls" first, so
   -- other events pay one more find, no pattern).
-  if string.find(ev, '"content":"[^"]') or string.find(ev, '"reasoning":"[^"]')
-      or string.find(ev, '"reasoning_content":"[^"]') or string.find(ev, '"text":"[^"]')
+  -- (`%s*`: a server other than vLLM may write a space after the colon.)
+  if string.find(ev, '"content":%s*"[^"]') or string.find(ev, '"reasoning":%s*"[^"]')
+      or string.find(ev, '"reasoning_content":%s*"[^"]') or string.find(ev, '"text":%s*"[^"]')
       or (string.find(ev, '"tool_calls":', 1, true)
-          and (string.find(ev, '"arguments":"[^"]') or string.find(ev, '"name":"[^"]'))) then
+          and (string.find(ev, '"arguments":%s*"[^"]') or string.find(ev, '"name":%s*"[^"]'))) then
     st.events = st.events + 1
   end
   if has_usage then
@@ -85,9 +90,18 @@ local function set(h, key, value)
   h:streamInfo():dynamicMetadata():set(NS, key, value)
 end
 
-local function meter(h, strip)
+local function meter(h, strip, content_type)
   local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0}}
   set(h, "events", 0)
+  if not string.find(string.lower(content_type or ""), "text/event-stream", 1, true) then
+    -- Not an event stream: held until a blank line that never comes, it would reach
+    -- the client as nothing. It passes as it is.
+    set(h, "unreadable", 1)
+    for _ in h:bodyChunks() do
+    end
+    set(h, "ended", 1)
+    return
+  end
   local parts, size, skipping, tail = {{}}, 0, false, ""
   for chunk in h:bodyChunks() do
     local data = chunk:getBytes(0, chunk:length())

@@ -88,6 +88,7 @@ def report_from_entry(entry: Any) -> MeterReport | None:
         usage_event=f["usage"].string_value.encode() if "usage" in f else b"",
         done=num("done") == 1,
         ended=num("ended") == 1,
+        unreadable=num("unreadable") == 1,
         cut_by_gateway=bool(flags.stream_idle_timeout or flags.duration_timeout
                             or flags.upstream_request_timeout),
         ttft_s=ttft,

@@ -38,11 +38,15 @@ def test_a_cut_stream_with_continuous_usage_is_estimated(metered: Gateway) -> No
         # Slow enough that the client has the headers before the backend dies.
         extra_headers={"x-sim-cut-after": "8", "x-sim-tpot-ms": "50"})
     rid = raw.headers["x-request-id"]
+    received = 0
     with pytest.raises(openai.APIError):
         for chunk in raw.parse():
             # Every chunk says one choice's count so far: at most 2 tokens here.
             assert chunk.usage is not None and chunk.usage.completion_tokens <= 2
+            received += any(c.delta.content for c in chunk.choices)
     [rec] = records_for(gateway, rid)
-    # 8 token chunks of 4 choices were sent: 8 tokens, not the last chunk's 2.
-    assert (rec["completion_tokens"], rec["estimated"]) == (8, True)
+    # 8 token chunks of 4 choices were sent (the last may be lost with the cut): the
+    # chunks counted, not the last chunk's 2.
+    assert rec["estimated"] and max(3, received) <= rec["completion_tokens"] <= 8, (
+        rec["completion_tokens"], received)
     assert rec["prompt_tokens"] == prompt_tokens_chat(MESSAGES)

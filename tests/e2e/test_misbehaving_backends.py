@@ -22,11 +22,11 @@ from policy.request import parse_request
 from tests.e2e.conftest import Gateway, run_gateway
 from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_gateway import records_for
-from tests.helpers import METERED_SECRET
+from tests.helpers import METERED_SECRET, SECRET
 
 pytestmark = pytest.mark.e2e
-# k-metered: one request in flight, so a slot left held refuses the next request.
-HEADERS = {"authorization": f"Bearer {METERED_SECRET}"}
+# k-metered (the default key here): one request in flight, so a slot left held refuses
+# the next request; its tpm (1,000) allows few whole holds.
 CHAT: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                         "max_tokens": 5, "stream": True}
 ANSWER = {"id": "c-1", "object": "chat.completion", "created": 1, "model": "tiny-llama",
@@ -45,14 +45,21 @@ GZIPPED = gzip.compress(sse(
     {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}))
 
 
+# A server other than vLLM: a space after every colon, and no usage chunk (it ignores
+# stream_options): the record is estimated from the content events, 3.
+SPACED = sse(*({"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("a", "b", "c")))
+
+
 class Unstreaming(ThreadedBackend):
     """Answers every chat stream as the request's `x-answer` says: `json` (no stream at
-    all) or `gzip` (an SSE stream, compressed)."""
+    all), `gzip` (an SSE stream, compressed) or `spaced` (SPACED)."""
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
 
     async def _chat(self, request: web.Request) -> web.Response:
+        if request.headers.get("x-answer") == "spaced":
+            return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
         if request.headers.get("x-answer") == "gzip":
             return web.Response(body=GZIPPED, headers={
                 "content-type": "text/event-stream", "content-encoding": "gzip"})
@@ -60,19 +67,43 @@ class Unstreaming(ThreadedBackend):
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    backend = Unstreaming()
+def backend() -> Iterator[Unstreaming]:
+    server = Unstreaming()
     try:
-        with run_gateway(tmp_path_factory.mktemp("unstreaming"),
-                         upstream=f"http://127.0.0.1:{backend.port}") as g:
-            yield g
+        yield server
     finally:
-        backend.stop()
+        server.stop()
 
 
-def send(gw: Gateway, answer: str) -> tuple[httpx.Response, dict[str, Any]]:
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, backend: Unstreaming) -> Iterator[Gateway]:
+    with run_gateway(tmp_path_factory.mktemp("unstreaming"),
+                     upstream=f"http://127.0.0.1:{backend.port}") as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def envoy_gw(tmp_path_factory: pytest.TempPathFactory, backend: Unstreaming,
+             ) -> Iterator[Gateway]:
+    """Streams metered by Envoy's Lua meter (`stream_metering: envoy`)."""
+    with run_gateway(tmp_path_factory.mktemp("unstreaming-envoy"),
+                     upstream=f"http://127.0.0.1:{backend.port}",
+                     envoy={"stream_metering": "envoy"}) as g:
+        yield g
+
+
+def whole_hold(gw: Gateway) -> tuple[int, int]:
+    endpoint = lookup("POST", "/v1/chat/completions")
+    assert endpoint is not None
+    req = parse_request(json.dumps(CHAT).encode(), endpoint, load_config(gw.config_path))
+    return req.prompt_bound, req.completion_bound
+
+
+def send(gw: Gateway, answer: str, key: str = METERED_SECRET,
+         ) -> tuple[httpx.Response, dict[str, Any]]:
     r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=CHAT, timeout=30,
-                   headers={**HEADERS, "x-answer": answer, "accept-encoding": "identity"})
+                   headers={"authorization": f"Bearer {key}", "x-answer": answer,
+                            "accept-encoding": "identity"})
     [rec] = records_for(gw, r.headers["x-request-id"])
     return r, rec
 
@@ -93,9 +124,29 @@ def test_a_gzipped_stream_is_charged_its_whole_hold(gw: Gateway) -> None:
     r, rec = send(gw, "gzip")
     assert r.status_code == 200
     assert r.headers["content-encoding"] == "gzip"  # as the backend sent it
-    endpoint = lookup("POST", "/v1/chat/completions")
-    assert endpoint is not None
-    req = parse_request(json.dumps(CHAT).encode(), endpoint, load_config(gw.config_path))
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
-            rec["status"]) == (req.prompt_bound, req.completion_bound, True, 200)
+            rec["status"]) == (*whole_hold(gw), True, 200)
     assert_slot_free(gw)
+
+
+def test_envoys_meter_passes_a_json_answer_and_charges_its_hold(envoy_gw: Gateway) -> None:
+    """Envoy's Lua meter reads event streams only: a JSON answer held until a blank line
+    that never came reached the client as an empty 200. It passes untouched, and the
+    record is the whole hold (the meter read nothing)."""
+    r, rec = send(envoy_gw, "json")
+    assert (r.status_code, r.json()) == (200, ANSWER)
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+            rec["status"]) == (*whole_hold(envoy_gw), True, 200)
+    r, rec = send(envoy_gw, "json")  # the key's one slot came back
+    assert r.status_code == 200 and rec["status"] == 200
+
+
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_stream_written_with_spaces_is_estimated_from_its_events(
+        meter: str, request: pytest.FixtureRequest) -> None:
+    """Envoy's Lua meter matched `"content":"` only: a server writing `"content": "a"`
+    was counted as generating nothing. Both meters count its three events."""
+    gw: Gateway = request.getfixturevalue(meter)
+    r, rec = send(gw, "spaced", SECRET)
+    assert r.status_code == 200 and r.content == SPACED
+    assert (rec["completion_tokens"], rec["estimated"]) == (3, True)

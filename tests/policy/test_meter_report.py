@@ -47,3 +47,14 @@ def test_a_cut_streams_continuous_usage_is_not_its_usage() -> None:
     meter = meter_from_report(Kind.CHAT, MeterReport(events=4, usage_event=one_choice),
                               1 << 20, 1)
     assert meter.usage is None and meter.completion_estimate == 4
+
+
+def test_an_answer_that_is_not_an_event_stream_is_unreadable() -> None:
+    """Envoy's meter passes a whole answer that is not an event stream unread: the meter
+    says so (its hold is charged); one cut before its end says only that it was cut."""
+    whole = meter_from_report(Kind.CHAT, MeterReport(ended=True, unreadable=True), 1 << 20, 1)
+    assert whole.unreadable and whole.usage is None
+    cut = meter_from_report(Kind.CHAT, MeterReport(unreadable=True), 1 << 20, 1)
+    assert not cut.unreadable
+    read = meter_from_report(Kind.CHAT, MeterReport(ended=True, events=3), 1 << 20, 1)
+    assert not read.unreadable and read.content_chunks == 3
