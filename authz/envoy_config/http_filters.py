@@ -340,6 +340,12 @@ function envoy_on_response(h)
   if status >= "500" then
     headers:replace(":status", "502")
   end
+  if headers:get("content-length") == "0" then
+    -- No body: no body message would reach ext_proc, which writes the error and the
+    -- record (a 499 with the prompt charged, an empty 502). An empty JSON object reads
+    -- as "no message" there.
+    h:body(true):setBytes("{{}}")
+  end
 end
 """
 

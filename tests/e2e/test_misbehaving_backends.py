@@ -58,6 +58,8 @@ class Unstreaming(ThreadedBackend):
         app.router.add_post("/v1/chat/completions", self._chat)
 
     async def _chat(self, request: web.Request) -> web.Response:
+        if request.headers.get("x-answer") == "empty500":
+            return web.Response(status=500, body=b"")
         if request.headers.get("x-answer") == "spaced":
             return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
         if request.headers.get("x-answer") == "gzip":
@@ -150,3 +152,14 @@ def test_a_stream_written_with_spaces_is_estimated_from_its_events(
     r, rec = send(gw, "spaced", SECRET)
     assert r.status_code == 200 and r.content == SPACED
     assert (rec["completion_tokens"], rec["estimated"]) == (3, True)
+
+
+def test_a_backend_error_with_no_body_is_openai_shaped_and_charges_nothing(
+        gw: Gateway) -> None:
+    """A 500 with an empty body: no body message reached ext_proc, so the client got a
+    502 with an empty body and the record said 499 with the prompt charged. It is a 502
+    upstream_error, and the record keeps the backend's 500, with nothing charged."""
+    r, rec = send(gw, "empty500", SECRET)
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_error"
+    assert (rec["status"], rec["total_tokens"], rec["estimated"]) == (500, 0, False)
