@@ -336,16 +336,21 @@ async def test_replicas_sharing_redis_send_each_alert_once(receiver: Receiver,
     assert len(receiver.got) == 5 and set(receiver.delivered()) == expected
 
 
-async def test_serve_runs_the_alerts(receiver: Receiver, tmp_path: Path) -> None:
-    """`tokenbooth serve`'s Services: the checks run in the background, with the
-    settings' secret, and stop with the services."""
+def alerting_services(receiver: Receiver, tmp_path: Path) -> Services:
+    """`tokenbooth serve`'s Services, alerting `receiver` at half of each budget."""
     path = write_policy(tmp_path, "http://127.0.0.1:8000", keys=KEYS, orgs=ORGS,
                         services={"grpc_listen": f"127.0.0.1:{free_port()}",
                                   "http_listen": f"127.0.0.1:{free_port()}"},
                         alerts={"webhook_url": receiver.url, "thresholds": [0.5],
                                 "check_interval_s": 0.05, "rescan_s": 0.05})
-    services = Services(Runtime.from_file(path, Overrides(), Settings(webhook_secret=SECRET)),
-                        grace_s=1.0)
+    return Services(Runtime.from_file(path, Overrides(), Settings(webhook_secret=SECRET)),
+                    grace_s=1.0)
+
+
+async def test_serve_runs_the_alerts(receiver: Receiver, tmp_path: Path) -> None:
+    """`tokenbooth serve`'s Services: the checks run in the background, with the
+    settings' secret, and stop with the services."""
+    services = alerting_services(receiver, tmp_path)
     await services.start()
     try:
         assert services.limits is not None
@@ -363,13 +368,7 @@ async def test_org_budgets_set_over_the_admin_api_are_alerted(receiver: Receiver
                                                                tmp_path: Path) -> None:
     """Org limits stored by the admin API (PUT /v1/orgs/{org}) replace the config's for
     the alerts too: a stored budget over the config's one, and an org only stored."""
-    path = write_policy(tmp_path, "http://127.0.0.1:8000", keys=KEYS, orgs=ORGS,
-                        services={"grpc_listen": f"127.0.0.1:{free_port()}",
-                                  "http_listen": f"127.0.0.1:{free_port()}"},
-                        alerts={"webhook_url": receiver.url, "thresholds": [0.5],
-                                "check_interval_s": 0.05, "rescan_s": 0.05})
-    services = Services(Runtime.from_file(path, Overrides(), Settings(webhook_secret=SECRET)),
-                        grace_s=1.0)
+    services = alerting_services(receiver, tmp_path)
     await services.start()
     try:
         assert services.limits is not None and services.orgs is not None

@@ -67,3 +67,23 @@ def reference(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def total_cost(records: Iterator[dict[str, Any]]) -> Decimal:
     return sum((Decimal(r["cost_usd"]) for r in records), Decimal(0))
+
+
+async def old_schema(conn: Any, version: int, rows: list[dict[str, Any]]) -> str:
+    """The usage tables as a tokenbooth at schema `version` left them, holding `rows`
+    inserted as it wrote them (its columns; no stream entry id before 4); the INSERT it
+    used, to write more that way."""
+    from authz.state.usage import archive
+
+    columns = archive._COLUMNS[:16] if version == 1 else archive._COLUMNS
+    insert = (f"INSERT INTO usage_records ({', '.join(columns)}) VALUES "
+              f"({', '.join(f'${i + 1}' for i in range(len(columns)))})")
+    async with conn.transaction():
+        await conn.execute("CREATE TABLE tokenbooth_schema (component text PRIMARY KEY, "
+                           "version integer NOT NULL)")
+        for v in range(1, version + 1):
+            await conn.execute(archive._MIGRATIONS[v])
+        await conn.execute("INSERT INTO tokenbooth_schema VALUES ('usage', $1)", version)
+        for r in rows:
+            await conn.execute(insert, *archive.row(r)[:len(columns)])
+    return insert

@@ -23,7 +23,7 @@ from policy.config import Config, parse_config
 from policy.usage import LOST
 from tests.helpers import policy_dict
 from tests.redis_server import RedisServer
-from tests.state.usage.gen import add, record, reference
+from tests.state.usage.gen import add, old_schema, record, reference
 
 STREAM = "tb:{usage}"
 N = 3000
@@ -129,18 +129,7 @@ async def test_a_table_still_at_version_3_is_read(
     conn = await asyncpg.connect(pg_db)
     client = aioredis.Redis.from_url(own_redis.url)
     try:
-        async with conn.transaction():
-            await conn.execute("CREATE TABLE tokenbooth_schema (component text PRIMARY KEY, "
-                               "version integer NOT NULL)")
-            for version in (1, 2, 3):
-                await conn.execute(archive._MIGRATIONS[version])
-            await conn.execute("INSERT INTO tokenbooth_schema VALUES ('usage', 3)")
-            v3 = archive._COLUMNS  # what version 3 wrote
-            for i in (2, 0, 1):  # exported in this order
-                await conn.execute(
-                    f"INSERT INTO usage_records ({', '.join(v3)}) VALUES "
-                    f"({', '.join(f'${j + 1}' for j in range(len(v3)))})",
-                    *archive.row(record(i))[:len(v3)])
+        await old_schema(conn, 3, [record(i) for i in (2, 0, 1)])  # exported so
         await client.xgroup_create(STREAM, EXPORT_GROUP, id="0", mkstream=True)
         await add(client, STREAM, iter([record(i) for i in range(3, 5)]), seen_ttl_s=0)
         cfg = parse_config({**policy_dict("http://127.0.0.1:1"), "state": own_redis.url,

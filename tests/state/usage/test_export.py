@@ -25,7 +25,7 @@ from policy.usage import LOST
 from tests.helpers import write_policy
 from tests.postgres_harness import PostgresServer
 from tests.redis_server import RedisServer
-from tests.state.usage.gen import add, record, reference, total_cost
+from tests.state.usage.gen import add, old_schema, record, reference, total_cost
 
 STREAM = "tb:{usage}"
 LONG = os.environ.get("TOKENBOOTH_LONG_USAGE") == "1"
@@ -127,16 +127,7 @@ async def test_a_version_1_table_is_migrated_and_its_rows_say_nothing_new(pg_db:
     budget")."""
     conn = await asyncpg.connect(pg_db)
     try:
-        async with conn.transaction():
-            await conn.execute("CREATE TABLE tokenbooth_schema (component text PRIMARY KEY, "
-                               "version integer NOT NULL)")
-            await conn.execute(archive._MIGRATIONS[1])
-            await conn.execute("INSERT INTO tokenbooth_schema VALUES ('usage', 1)")
-            v1 = archive._COLUMNS[:16]  # the columns of version 1
-            await conn.execute(
-                f"INSERT INTO usage_records ({', '.join(v1)}) VALUES "
-                f"({', '.join(f'${i + 1}' for i in range(len(v1)))})",
-                *archive.row(record(2))[:len(v1)])  # record 2: no ledger fields
+        await old_schema(conn, 1, [record(2)])  # record 2: no ledger fields
         assert await archive.migrate(conn) == archive.SCHEMA_VERSION == 4
         assert await archive.migrate(conn) == 4  # idempotent
         new = [{**record(3), "org_budget_period": None}, record(4)]  # a period; none
@@ -159,17 +150,9 @@ async def test_a_version_3_exporter_cannot_write_once_the_table_is_at_4(pg_db: s
     claims its batch). Rows stored before version 4 stay, and a new exporter still
     corrects a `lost` one of them."""
     v3 = archive._COLUMNS  # what version 3 wrote: no stream entry id
-    old_insert = (f"INSERT INTO usage_records ({', '.join(v3)}) VALUES "
-                  f"({', '.join(f'${i + 1}' for i in range(len(v3)))})")
     conn = await asyncpg.connect(pg_db)
     try:
-        async with conn.transaction():
-            await conn.execute("CREATE TABLE tokenbooth_schema (component text PRIMARY KEY, "
-                               "version integer NOT NULL)")
-            for version in (1, 2, 3):
-                await conn.execute(archive._MIGRATIONS[version])
-            await conn.execute("INSERT INTO tokenbooth_schema VALUES ('usage', 3)")
-            await conn.execute(old_insert, *archive.row(record(1, LOST))[:len(v3)])
+        old_insert = await old_schema(conn, 3, [record(1, LOST)])
         assert await archive.migrate(conn) == 4
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute(old_insert, *archive.row(record(2))[:len(v3)])
