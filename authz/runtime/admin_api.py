@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +21,7 @@ from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.limits.peek import show_state
 from authz.state.orgs import OrgLimitsCache
 from authz.state.usage.reading import Records, archived, load_usage, stream_usage
+from authz.state.usage.records import USAGE_FILE, log_lines
 from policy.admin_schema import (
     NDJSON,
     KeyCreate,
@@ -45,6 +47,7 @@ from policy.errors import type_for
 from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, valid_org_name
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
+from policy.usage_paging import UnknownAfter, UsagePager
 from policy.usage_report import OnePerRequest, Totals
 
 __all__ = ["ENDPOINTS", "AdminContext", "Records", "load_usage", "stream_usage"]
@@ -85,6 +88,8 @@ class AdminContext:
     usage: Callable[[Config], Awaitable[Records]] = load_usage
     # The records as written, one at a time (streamed answers).
     usage_stream: Callable[[Config], AsyncGenerator[dict[str, Any], None]] = stream_usage
+    # Usage pages computed at once (each a pass over every record).
+    pages: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     def writable_keys(self) -> KeyAdmin:
         if not isinstance(self.keys, KeyAdmin):
@@ -309,36 +314,24 @@ def _record(rec: dict[str, Any], q: UsageQuery) -> UsageRecordOut | None:
     if not _selected(rec, q):
         return None
     try:
-        return UsageRecordOut.model_validate(rec)
-    except ValidationError:
+        out = UsageRecordOut.model_validate(rec)
+        if not Decimal(out.cost_usd).is_finite():
+            return None
+    except (ValidationError, ArithmeticError):
         return None  # a damaged record: `tokenbooth audit` reports those
-
-
-def _totals(rows: list[UsageRecordOut]) -> dict[str, Any]:
-    return {"requests": len(rows),
-            "prompt_tokens": sum(r.prompt_tokens for r in rows),
-            "completion_tokens": sum(r.completion_tokens for r in rows),
-            "total_tokens": sum(r.total_tokens for r in rows),
-            "cost_usd": format(sum((Decimal(r.cost_usd) for r in rows), Decimal(0)), "f")}
-
-
-def _groups(rows: list[UsageRecordOut], by: str) -> list[UsageGroup]:
-    attr = {"key": "key_id", "org": "org", "model": "model"}[by]
-    parts: dict[str, list[UsageRecordOut]] = {}
-    for r in rows:
-        parts.setdefault(getattr(r, attr), []).append(r)
-    return [UsageGroup(group=g, **_totals(rs)) for g, rs in sorted(parts.items())]
+    return out
 
 
 @dataclass
 class _Tally:
-    """Totals (and groups) of the records a stream has written."""
+    """Totals (and groups) of the selected records: a page's, or those a stream has
+    written."""
 
     group_by: str | None
     totals: Totals = field(default_factory=Totals)
     groups: dict[str, Totals] = field(default_factory=dict)
 
-    def line(self, rec: UsageRecordOut) -> bytes:
+    def count(self, rec: UsageRecordOut) -> None:
         amounts = (rec.prompt_tokens, rec.completion_tokens, rec.total_tokens,
                    Decimal(rec.cost_usd))
         self.totals.add(*amounts)
@@ -346,6 +339,9 @@ class _Tally:
             group = getattr(rec, {"key": "key_id", "org": "org", "model": "model"}[
                 self.group_by])
             self.groups.setdefault(group, Totals()).add(*amounts)
+
+    def line(self, rec: UsageRecordOut) -> bytes:
+        self.count(rec)
         return rec.model_dump_json().encode() + b"\n"
 
     def end(self) -> bytes:
@@ -388,26 +384,30 @@ async def usage(ctx: AdminContext, call: Call) -> UsagePage | Streamed:
             from authz.state.usage.page import sql_page
 
             return await sql_page(cfg, q)  # SQL aggregates and keyset pages
-        # Validating and summing every record is CPU work (seconds for a large file): in
-        # a worker thread, so the event loop, and every ext_proc answer, keeps its pace.
-        return await asyncio.to_thread(_page, await ctx.usage(cfg), q)
+        # One pass that keeps only the page (policy/usage_paging.py), in a worker
+        # thread: validating and summing every record is seconds of CPU for a large
+        # file, and the event loop, with every ext_proc answer, keeps its pace.
+        async with ctx.pages:
+            if ctx.usage is load_usage and not cfg.state_is_redis:
+                return await asyncio.to_thread(_page, log_lines(cfg.data_dir / USAGE_FILE),
+                                               q)
+            return await asyncio.to_thread(_page, await ctx.usage(cfg), q)
     except UnknownCursor as e:
         raise AdminError(400, str(e), "invalid_request", param="after") from None
 
 
-def _page(records: list[dict[str, Any]], q: UsageQuery) -> UsagePage:
-    rows = [r for rec in records if (r := _record(rec, q)) is not None]
-    start = 0
-    if q.after is not None:
-        ids = [r.request_id for r in rows]
-        if q.after not in ids:
-            raise UnknownCursor(q.after)
-        start = ids.index(q.after) + 1
-    page = rows[start:start + q.limit]
-    return UsagePage(data=page, totals=UsageTotals(**_totals(rows)),
-                     groups=_groups(rows, q.group_by) if q.group_by else None,
-                     has_more=start + q.limit < len(rows),
-                     last_id=page[-1].request_id if page else None)
+def _page(records: Iterable[dict[str, Any]], q: UsageQuery) -> UsagePage:
+    tally = _Tally(q.group_by)
+    pager = UsagePager(partial(_record, q=q), tally.count, q.limit, q.after)
+    try:
+        page = pager.feed_all(records)
+    except UnknownAfter:
+        raise UnknownCursor(q.after or "") from None
+    groups = None if q.group_by is None else [
+        UsageGroup(group=g, **t.as_dict()) for g, t in sorted(tally.groups.items())]
+    return UsagePage(data=page.rows, totals=UsageTotals(**tally.totals.as_dict()),
+                     groups=groups, has_more=page.has_more,
+                     last_id=page.rows[-1].request_id if page.rows else None)
 
 
 Endpoint = Callable[[AdminContext, Call], Awaitable[BaseModel | Streamed]]

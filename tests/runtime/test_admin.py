@@ -8,7 +8,9 @@ import logging
 import re
 import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -596,3 +598,55 @@ async def test_the_orgs_in_force_are_the_stored_over_the_configs(tmp_path: Path)
         assert (got["acme"].budget_usd, got["beta"].rpm) == (9, 3)
     finally:
         await cache.close()
+
+
+async def test_a_usage_page_holds_the_page_not_every_record(ctx: AdminContext) -> None:
+    """The embedded log is read once per page, keeping only the page: a page over
+    50,000 records stays far below what holding them takes (~4 KiB each)."""
+    cfg = ctx.config()
+    if cfg.state_is_redis:
+        pytest.skip("the Redis stream is bounded by its retention")
+    base = RECORDS[0]
+    with (cfg.data_dir / USAGE_FILE).open("ab") as f:
+        for i in range(50_000):
+            f.write(orjson.dumps({**base, "request_id": f"bulk-{i}", "org": "bulk"},
+                                 option=orjson.OPT_APPEND_NEWLINE))
+    tracemalloc.start()
+    try:
+        out = await admin_api.usage(ctx, admin_api.Call(
+            params={}, query=UsageQuery(org="bulk", limit=5, after="bulk-9")))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(out, admin_api.UsagePage)
+    assert [r.request_id for r in out.data] == [f"bulk-{i}" for i in range(10, 15)]
+    assert out.has_more and out.totals.requests == 50_000
+    assert out.totals.cost_usd == str(Decimal(base["cost_usd"]) * 50_000)
+    assert peak < 32 << 20, f"peak {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize("cost", ["abc", "NaN", "Infinity", ""])
+async def test_a_damaged_cost_is_skipped_not_a_500(ctx: AdminContext, api: Api,
+                                                   cost: str) -> None:
+    """A record whose cost_usd is not a number (a hand-edited log) is left out, as any
+    damaged record, in pages and streams alike (it was an unhandled error: a bare 500)."""
+    damaged = {**RECORDS[0], "request_id": "r-damaged", "cost_usd": cost}
+    cfg = ctx.config()
+    with (cfg.data_dir / USAGE_FILE).open("ab") as f:
+        f.write(orjson.dumps(damaged, option=orjson.OPT_APPEND_NEWLINE))
+    if cfg.state_is_redis:
+        ctx.usage = _with(damaged)
+        ctx.usage_stream = _source(*RECORDS, damaged)
+    status, page = await api("GET", "/v1/usage?limit=1000")
+    assert status == 200, page
+    assert "r-damaged" not in {r["request_id"] for r in page["data"]}
+    assert page["totals"]["cost_usd"] == str(Decimal("0.0125") * len(RECORDS))
+    _, lines = await api.lines("/v1/usage?stream=true")
+    assert "r-damaged" not in {x.get("request_id") for x in lines}
+    assert lines[-1]["totals"] == page["totals"]
+
+
+def _with(extra: dict[str, Any]) -> Any:
+    async def usage(_: Config) -> Records:
+        return [*RECORDS, extra]
+    return usage
