@@ -86,8 +86,11 @@ def _prefixed(path: str) -> Endpoint | None:
 
 
 def lookup(method: str, path: str) -> Endpoint | None:
-    """The endpoint for a request line, ignoring any query string."""
+    """The endpoint for a request line, ignoring any query string. HEAD is the GET row
+    (RFC 9110: the GET's status and headers; Envoy sends no body to a HEAD request)."""
     method, path = method.upper(), strip_query(path)
+    if method == "HEAD":
+        method = "GET"
     e = ENDPOINTS.get((method, path))
     if e is None:
         e = _prefixed(path)
@@ -109,6 +112,8 @@ def allowed_methods(path: str) -> tuple[str, ...]:
     e = _prefixed(path)
     if e is not None:
         methods.add(e.method)
+    if "GET" in methods:
+        methods.add("HEAD")
     return tuple(sorted(methods))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import urllib.error
 import urllib.request
@@ -9,6 +11,7 @@ import urllib.request
 import pytest
 
 from tests.e2e.conftest import Gateway
+from tests.helpers import SECRET
 
 pytestmark = pytest.mark.e2e
 
@@ -47,3 +50,39 @@ def test_an_http_1_0_health_check_is_answered(gateway: Gateway) -> None:
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
         assert s.recv(4096).split(b"\r\n", 1)[0].endswith(b" 401 Unauthorized")
+
+
+def test_head_answers_as_get_without_a_body(gateway: Gateway) -> None:
+    """HEAD is the GET's status and headers with no body (RFC 9110; `curl -I`, uptime
+    monitors): on /health with no key, on the models endpoints with the GET's key
+    checks. A path with no GET still answers 405 (`allow` names the methods)."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    try:
+        for path, headers, status in (("/health", {}, 200), ("/v1/models", auth, 200),
+                                      ("/v1/models/demo", auth, 200),
+                                      ("/v1/models/nope", auth, 404), ("/v1/models", {}, 401),
+                                      ("/v1/chat/completions", auth, 405)):
+            conn.request("HEAD", path, headers=headers)
+            resp = conn.getresponse()
+            assert (path, resp.status, resp.read()) == (path, status, b"")
+            if path == "/v1/models" and status == 200:
+                conn.request("GET", path, headers=headers)  # the same connection
+                get = conn.getresponse()
+                body = get.read()
+                assert get.status == 200 and json.loads(body)["object"] == "list"
+                assert resp.headers["content-type"] == get.headers["content-type"]
+                assert resp.headers["content-length"] == str(len(body))
+            if status == 405:
+                assert resp.headers["allow"] == "POST"
+    finally:
+        conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:  # the 405 on a GET names HEAD too
+        conn.request("POST", "/v1/models", headers=auth, body=b"{}")
+        resp = conn.getresponse()
+        resp.read()
+        assert (resp.status, resp.headers["allow"]) == (405, "GET, HEAD")
+    finally:
+        conn.close()

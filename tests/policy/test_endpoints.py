@@ -57,6 +57,8 @@ def test_kinds() -> None:
     ("POST", "/v1/embeddings", "embeddings"),
     ("POST", "/v2/rerank", "rerank"),
     ("POST", "/detokenize", "detokenize"),
+    ("HEAD", "/v1/models", "models"),  # HEAD is the GET without its body
+    ("head", "/v1/models/demo", "model"),
 ])
 def test_lookup_finds_the_row(method: str, path: str, name: str) -> None:
     e = lookup(method, path)
@@ -72,6 +74,7 @@ def test_lookup_finds_the_row(method: str, path: str, name: str) -> None:
     ("POST", "/v1/chat/completions/"),  # other paths match exactly
     ("POST", "/v1/embeddings/x"),
     ("GET", "/"),
+    ("HEAD", "/v1/chat/completions"),  # no GET there
 ])
 def test_lookup_misses(method: str, path: str) -> None:
     assert lookup(method, path) is None
@@ -88,8 +91,8 @@ def test_path_known_tells_a_wrong_method_from_an_unknown_path() -> None:
 
 def test_allowed_methods_for_a_405() -> None:
     assert allowed_methods("/v1/chat/completions?x=1") == ("POST",)
-    assert allowed_methods("/v1/models") == ("GET",)
-    assert allowed_methods("/v1/models/a/b") == ("GET",)
+    assert allowed_methods("/v1/models") == ("GET", "HEAD")
+    assert allowed_methods("/v1/models/a/b") == ("GET", "HEAD")
     assert allowed_methods("/v1/nope") == ()
 
 

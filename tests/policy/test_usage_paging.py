@@ -31,12 +31,12 @@ def pages(records: list[dict[str, Any]], org: str, limit: int
     out: list[list[Any]] = []
     after = None
     while True:
-        total: list[int] = []
-        pager = UsagePager(accept_org(org), lambda row: total.append(row[1]), limit, after)
+        counted: list[Any] = []
+        pager = UsagePager(accept_org(org), counted.append, limit, after)
         page = pager.feed_all(iter(records))
         out.append(page.rows)
         if not page.has_more:
-            return out, sum(total)
+            return out, sum(row[1] for row in counted)
         after = page.rows[-1][0]
 
 
@@ -84,7 +84,6 @@ def test_a_cursor_must_name_a_selected_record() -> None:
 def test_only_the_page_is_kept() -> None:
     """A hundred thousand records after the cursor: the pager holds the page and one
     more row, not the records it has counted."""
-    kept: list[Any] = []
     pager = UsagePager(accept_org("a"), lambda row: None, 10, "r5")
     for i in range(100_000):
         pager.feed(rec(f"r{i}"))

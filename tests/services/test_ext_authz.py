@@ -110,7 +110,7 @@ async def test_unknown_path_is_404_and_wrong_method_405(running: Running) -> Non
     assert headers["allow"] == "POST"  # RFC 9110: a 405 lists what is allowed
     status, _, headers = denial(
         await check(running, "DELETE", "/v1/models/demo", authorization=f"Bearer {SECRET}"))
-    assert (status, headers["allow"]) == (405, "GET")
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
 
 
 async def test_a_404_or_405_never_echoes_the_query(running: Running) -> None:
