@@ -31,6 +31,9 @@ TIME_GROUPS: Final = ("day", "hour")
 GROUPS: Final = (*FIELD_GROUPS, *TIME_GROUPS)
 
 _MASK64 = (1 << 64) - 1
+# No record costs this much (a budget is at most 2^53 nano-USD, ~9 million): a record
+# that says so is damaged, and sums of such amounts could overflow.
+MAX_RECORD_DIGITS: Final = 15  # 10^15 USD
 
 
 class IdSet:
@@ -224,7 +227,7 @@ class UsageReport:
         try:
             t = started_at(rec) if self._timed else None
             amounts = (int(rec["prompt_tokens"]), int(rec["completion_tokens"]),
-                       int(rec["total_tokens"]), Decimal(rec["cost_usd"]))
+                       int(rec["total_tokens"]), record_cost(rec["cost_usd"]))
             group = tuple(_group_value(g, rec, t) for g in self.group_by)
         except (KeyError, ValueError, TypeError, InvalidOperation):
             self.skipped += 1
@@ -238,6 +241,16 @@ class UsageReport:
                 acc = self._groups[group] = Totals()
             acc.add(*amounts)
         return True
+
+
+def record_cost(value: Any) -> Decimal:
+    """A record's `cost_usd`; ValueError (or InvalidOperation) unless a number below
+    10^MAX_RECORD_DIGITS USD. A "NaN" or "Infinity" in a hand-edited log made every
+    total it joined NaN, and "1E+999999999" overflowed the sum (an internal error)."""
+    cost = Decimal(value)
+    if not cost.is_finite() or cost.adjusted() >= MAX_RECORD_DIGITS:
+        raise ValueError(f"cost_usd {str(value)[:40]!r}")
+    return cost
 
 
 def _group_value(group: str, rec: dict[str, Any], t: datetime | None) -> str:

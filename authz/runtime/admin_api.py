@@ -48,7 +48,7 @@ from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, valid_org_
 from policy.keys import display_prefix, fingerprint, new_secret
 from policy.limits import nano_to_usd, period_id, usd_to_nano
 from policy.usage_paging import UnknownAfter, UsagePager
-from policy.usage_report import OnePerRequest, Totals
+from policy.usage_report import OnePerRequest, Totals, record_cost
 
 __all__ = ["ENDPOINTS", "AdminContext", "Records", "load_usage", "stream_usage"]
 
@@ -315,9 +315,8 @@ def _record(rec: dict[str, Any], q: UsageQuery) -> UsageRecordOut | None:
         return None
     try:
         out = UsageRecordOut.model_validate(rec)
-        if not Decimal(out.cost_usd).is_finite():
-            return None
-    except (ValidationError, ArithmeticError):
+        record_cost(out.cost_usd)
+    except (ValidationError, ValueError, ArithmeticError):
         return None  # a damaged record: `tokenbooth audit` reports those
     return out
 

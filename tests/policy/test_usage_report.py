@@ -108,6 +108,16 @@ def test_records_that_cannot_be_counted_are_skipped_and_counted() -> None:
     assert report.skipped == 3 and report.totals.requests == 1
 
 
+@pytest.mark.parametrize("cost", ["NaN", "sNaN", "Infinity", "-Infinity", "-inf",
+                                  "1E+999999999", "1e15"])
+def test_a_cost_that_is_no_number_is_skipped(cost: str) -> None:
+    """Decimal reads "NaN" and "Infinity": counted, they made every total NaN; an
+    absurd amount overflowed the sum (`tokenbooth usage` died with an internal error)."""
+    report = UsageReport(group_by=("org",))
+    assert run(report, [rec("a", cost="0.25"), rec("b", cost=cost)]) == ["a"]
+    assert report.skipped == 1 and report.totals.cost_usd == Decimal("0.25")
+
+
 def test_parse_group_by() -> None:
     assert parse_group_by("org") == ("org",)
     assert parse_group_by("org, model,org") == ("org", "model")
