@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -387,12 +387,42 @@ async def usage(ctx: AdminContext, call: Call) -> UsagePage | Streamed:
         # thread: validating and summing every record is seconds of CPU for a large
         # file, and the event loop, with every ext_proc answer, keeps its pace.
         async with ctx.pages:
-            if ctx.usage is load_usage and not cfg.state_is_redis:
-                return await asyncio.to_thread(_page, log_lines(cfg.data_dir / USAGE_FILE),
-                                               q)
-            return await asyncio.to_thread(_page, await ctx.usage(cfg), q)
+            if ctx.usage is not load_usage:  # a source of its own (tests)
+                return await asyncio.to_thread(_page, await ctx.usage(cfg), q)
+            if cfg.state_is_redis:  # the stream, a batch of entries at a time
+                return await asyncio.to_thread(_stream_page, ctx.usage_stream(cfg), q)
+            return await asyncio.to_thread(_page, log_lines(cfg.data_dir / USAGE_FILE), q)
     except UnknownCursor as e:
         raise AdminError(400, str(e), "invalid_request", param="after") from None
+
+
+def _stream_page(stream: AsyncGenerator[dict[str, Any], None], q: UsageQuery) -> UsagePage:
+    """`_page` over an async source, read on an event loop of this worker thread."""
+    records = _drain(stream)
+    try:
+        return _page(records, q)
+    finally:
+        records.close()
+
+
+def _drain(stream: AsyncGenerator[dict[str, Any], None]) -> Generator[dict[str, Any]]:
+    loop = asyncio.new_event_loop()
+    try:
+        while batch := loop.run_until_complete(_next_batch(stream)):
+            yield from batch
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()
+
+
+async def _next_batch(stream: AsyncGenerator[dict[str, Any], None],
+                      n: int = 1000) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    async for rec in stream:  # a break leaves the generator where it was
+        out.append(rec)
+        if len(out) >= n:
+            break
+    return out
 
 
 def _page(records: Iterable[dict[str, Any]], q: UsageQuery) -> UsagePage:
