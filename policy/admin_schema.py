@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, field_validator
 from pydantic.json_schema import models_json_schema
@@ -19,6 +19,9 @@ from policy.keyrecord import BudgetPeriod, KeyName, KeyRecord, OrgName
 Role = Literal["read", "admin"]
 Scope = Literal["inference:read", "inference:write"]
 ALL_SCOPES: tuple[Scope, ...] = ("inference:read", "inference:write")
+# At least one: a key with none could call nothing (`models: []` means every alias, so
+# `scopes: []` reads as "every scope" too; it is refused rather than guessed).
+Scopes = Annotated[tuple[Scope, ...], Field(min_length=1)]
 REF = "#/components/schemas/{model}"
 MAX_PAGE = 1000
 NDJSON = "application/x-ndjson"
@@ -43,7 +46,7 @@ class KeyCreate(_Limits):
 
     org: OrgName
     name: KeyName = ""
-    scopes: tuple[Scope, ...] = ALL_SCOPES
+    scopes: Scopes = ALL_SCOPES
     models: tuple[str, ...] = ()  # empty: every alias
     budget_period: BudgetPeriod = "month"
 
@@ -53,7 +56,7 @@ class KeyUpdate(_Limits):
     removes a limit or the expiry; `models: []` allows every alias."""
 
     name: KeyName | None = None
-    scopes: tuple[Scope, ...] | None = None
+    scopes: Scopes | None = None
     models: tuple[str, ...] | None = None
     budget_period: BudgetPeriod | None = None
 

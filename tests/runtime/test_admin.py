@@ -247,6 +247,9 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     ("POST", "/v1/keys", {"org": "acme", "colour": "red"}, "colour"),
     ("POST", "/v1/keys", {"org": "acme", "rpm": 0}, "rpm"),
     ("POST", "/v1/keys", {"org": "acme", "scopes": ["root"]}, "scopes.0"),
+    # No scope: a key that could call nothing (`models: []` means every alias).
+    ("POST", "/v1/keys", {"org": "acme", "scopes": []}, "scopes"),
+    ("PATCH", "/v1/keys/k-x", {"scopes": []}, "scopes"),
     ("POST", "/v1/keys", {"org": "acme", "models": ["nope"]}, "models"),
     ("POST", "/v1/keys", {"name": "no org"}, "org"),
     ("PATCH", "/v1/keys/k-x", {"sha256": "0" * 64}, "sha256"),
