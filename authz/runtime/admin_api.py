@@ -406,6 +406,8 @@ def _stream_page(stream: AsyncGenerator[dict[str, Any], None], q: UsageQuery) ->
 
 
 def _drain(stream: AsyncGenerator[dict[str, Any], None]) -> Generator[dict[str, Any]]:
+    """`stream`'s records, pulled a batch at a time on a loop of the calling thread (its
+    Redis client is made, and closed, on that loop)."""
     loop = asyncio.new_event_loop()
     try:
         while batch := loop.run_until_complete(_next_batch(stream)):
