@@ -43,6 +43,26 @@ class _StatusAfterReset(logging.Filter):
                     and "SendStatusFromServerOperation" in str(exc[1]))
 
 
+class _MalformedHttp(logging.Filter):
+    """aiohttp (the admin API, the side port) logs a request it cannot parse (a header
+    past 8 KiB, TLS spoken to a plain port, a scanner) as an error with a traceback and
+    the offending bytes, which may hold a token. It is the client's fault, answered with
+    a 400: one warning line naming the error's kind, without the bytes or the trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info
+        if exc is None or exc[1] is None:
+            return True
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if isinstance(exc[1], HttpProcessingError):
+            record.msg, record.args = "malformed HTTP request refused: %s (%s)", (
+                type(exc[1]).__name__, exc[1].code)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -51,3 +71,4 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("grpc._cython.cygrpc").addFilter(_StatusAfterReset())
+    logging.getLogger("aiohttp.server").addFilter(_MalformedHttp())

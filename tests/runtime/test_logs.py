@@ -3,6 +3,7 @@ noise about a status sent after Envoy reset the stream dropped."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from authz.runtime.logs import JsonFormatter, setup_logging
+from tests.helpers import free_port
 
 
 class ExecuteBatchError(Exception):  # the name grpc's Cython layer raises
@@ -58,3 +60,39 @@ def test_fields_are_kept() -> None:
     rec = logging.makeLogRecord({"msg": "request done", "request_id": "r1",
                                  "levelname": "INFO", "name": "tokenbooth.usage"})
     assert json.loads(JsonFormatter().format(rec))["request_id"] == "r1"
+
+
+async def test_a_malformed_http_request_is_one_warning_without_its_bytes(
+        captured: io.StringIO) -> None:
+    """The side port (and the admin API, the same server) refusing requests it cannot
+    parse: a header past 8 KiB that carries a token, a request smuggling's framing. Each
+    is one warning line, with no traceback and none of the request's bytes (it was an
+    error with the trace and the header's first hundred bytes)."""
+    from aiohttp import web
+
+    from authz.runtime.metrics import Metrics
+    from authz.runtime.side_port import make_side_app
+
+    runner = web.AppRunner(make_side_app(Metrics(), lambda: True), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    secret = "adm-secret-" + "x" * 9000
+    try:
+        for raw in (f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}"
+                    "\r\n\r\n".encode(),
+                    b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            await writer.drain()
+            assert (await reader.read(1 << 16)).startswith(b"HTTP/1.")  # its 400
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        await runner.cleanup()
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
+    assert [(x["level"], x["logger"]) for x in lines] == [("warning", "aiohttp.server")] * 2
+    assert "traceback" not in captured.getvalue().lower()
+    assert "adm-secret" not in captured.getvalue()
+    assert lines[0]["msg"].startswith("malformed HTTP request refused: LineTooLong")
