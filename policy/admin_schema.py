@@ -314,6 +314,7 @@ _ERRORS = {"400": "invalid request (param names the field)", "401": "no or unkno
            "403": "a read token cannot write", "404": "no such key",
            "409": "keys are read-only here (validation service, or a key of the config)",
            "429": "too many failed authentications from this address",
+           "500": "the gateway failed (a bug: its log has the trace)",
            "503": "the state store did not answer"}
 
 
@@ -341,7 +342,8 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
         content[NDJSON] = {"schema": refs[route.stream, "serialization"]}
     responses: dict[str, Any] = {str(route.status): {"description": route.summary,
                                                      "content": content}}
-    codes = ["400", "401", "429", "503"] + (["403", "409"] if route.role == "admin" else [])
+    codes = ["400", "401", "429", "500", "503"] + (["403", "409"] if route.role == "admin"
+                                                   else [])
     if "{key_id}" in route.path:
         codes.append("404")
     for code in sorted(codes):

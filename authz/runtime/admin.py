@@ -33,6 +33,10 @@ MAX_BODY = 64 << 10
 STORE_ERRORS = (StoreUnavailable, LimitStoreUnavailable, RedisError, OSError, ValueError)
 
 
+_INTERNAL = AdminError(500, "The admin API failed to process this request.",
+                      "internal_error", type="server_error")
+
+
 def _unavailable() -> AdminError:
     return AdminError(503, "the state store did not answer; retry", "service_unavailable",
                       type="server_error", headers={"retry-after": "1"})
@@ -128,6 +132,10 @@ async def _stream(request: web.Request, out: Streamed) -> web.StreamResponse:
                     log.warning("admin stream cut short: %s", type(e).__name__)
                     await resp.write(_error_json(_unavailable()) + b"\n")
                     break
+                except Exception:  # a bug: logged with its trace; the last line says so
+                    log.exception("admin stream failed")
+                    await resp.write(_error_json(_INTERNAL) + b"\n")
+                    break
             await resp.write_eof()
         except ConnectionResetError:
             log.info("admin stream: the client left")
@@ -171,7 +179,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own error answers (no such path, method, a body too large) as JSON."""
+    """aiohttp's own error answers (no such path, method, a body too large) and any
+    unexpected failure as JSON."""
     try:
         return await handler(request)
     except web.HTTPMethodNotAllowed as e:
@@ -190,6 +199,9 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
             raise
         code = e.reason.lower().replace(" ", "_").replace("-", "_")
         return error_response(AdminError(e.status, e.reason, code))
+    except Exception:  # a bug: logged with its trace; the caller still gets JSON
+        log.exception("admin call failed", extra={"path": request.path})
+        return error_response(_INTERNAL)
 
 
 def make_admin_app(ctx: AdminContext, version: str = "0") -> web.Application:

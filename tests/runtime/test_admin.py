@@ -657,3 +657,22 @@ def _with(extra: dict[str, Any]) -> Any:
     async def usage(_: Config) -> Records:
         return [*RECORDS, extra]
     return usage
+
+
+async def test_an_unexpected_failure_is_an_openai_shaped_500(
+        ctx: AdminContext, api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    """A failure no endpoint expects (a bug) is a JSON 500 with its trace in the log,
+    not aiohttp's text/plain one; in a streamed answer, its last line says so."""
+    async def broken(_: Config) -> Records:
+        raise RuntimeError("boom")
+
+    ctx.usage = broken
+    status, out = await api("GET", "/v1/usage")
+    assert (status, out["error"]["code"], out["error"]["type"]) == (
+        500, "internal_error", "server_error")
+    assert "boom" not in out["error"]["message"]
+    assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
+    ctx.usage_stream = _source(RECORDS[0], RuntimeError("boom"))
+    _, lines = await api.lines("/v1/usage?stream=true")
+    assert lines[0]["request_id"] == RECORDS[0]["request_id"]
+    assert lines[-1]["error"]["code"] == "internal_error"
