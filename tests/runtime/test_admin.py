@@ -516,6 +516,9 @@ async def test_streamed_usage_when_the_store_fails(ctx: AdminContext, api: Api) 
     _, lines = await api.lines("/v1/usage?stream=true")  # after: the last line says so
     assert lines[0]["request_id"] == "r0"
     assert lines[-1]["error"]["code"] == "service_unavailable" and len(lines) == 2
+    if ctx.config().state_is_redis:  # a page reads the same stream, from a worker thread
+        status, out = await api("GET", "/v1/usage")
+        assert (status, out["error"]["code"]) == (503, "service_unavailable")
 
 
 # -- unknown paths and methods ----------------------------------------------------------
