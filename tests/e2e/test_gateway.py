@@ -215,6 +215,17 @@ def test_a_client_trickling_its_headers_gets_an_openai_shaped_408(gateway: Gatew
     assert json.loads(chunked)["error"]["code"] == "request_timeout"
 
 
+def test_a_clients_vllm_priority_header_never_reaches_the_backend(gateway: Gateway) -> None:
+    """vLLM reads a request's scheduling priority from `X-Vllm-Priority` before the body's
+    `priority` (which the gateway refuses): the header would let one tenant's requests
+    jump the backend's queue ahead of the others'."""
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
+    status, _ = post(gateway, "/v1/chat/completions", body, {
+        "authorization": f"Bearer {SECRET}", "X-Vllm-Priority": "-1000"})
+    assert status == 200
+    assert "x-vllm-priority" not in last_upstream(gateway)["headers"]
+
+
 def test_credentials_in_other_conventions_and_underscored_headers_stay_here(
         gateway: Gateway) -> None:
     """A client's key where other SDKs put theirs (Azure's `api-key`, Google's, a proxy's
