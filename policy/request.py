@@ -32,6 +32,12 @@ from policy.request_responses import responses_prompt
 UNBOUNDED_FIELDS: Final = ("chat_template", "prompt_embeds", "mm_processor_kwargs",
                            "media_io_kwargs")
 
+# vLLM's prefill/decode (and encoder cache) transfer parameters: with a KV connector,
+# `do_remote_decode` makes the backend keep a request's KV cache for a remote decoder
+# (for minutes, after one token), and `remote_host` / `remote_port` make it fetch
+# another's KV cache from where the body says.
+TRANSFER_FIELDS: Final = ("kv_transfer_params", "ec_transfer_params")
+
 
 @dataclass(frozen=True, slots=True)
 class InferenceRequest:
@@ -125,6 +131,12 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         # move ahead of the others'.
         raise invalid_request("'priority' is not accepted here: the backend's scheduling "
                               "order is the gateway operator's.", "priority")
+    for name in TRANSFER_FIELDS:
+        if body.get(name):
+            raise invalid_request(
+                f"'{name}' is not accepted here: disaggregated serving's transfer "
+                "parameters are set by the operator's router; a client's would make the "
+                "backend hold or fetch KV cache its usage does not report.", name)
     if body.get("use_beam_search"):
         # vLLM's beam search runs one generation per beam per token, each reading the
         # whole prompt again: its usage (and so its price) shows a fraction of the work.
@@ -151,10 +163,16 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
         return stream, False
     if not isinstance(opts, dict):
         raise invalid_request("'stream_options' must be an object.", "stream_options")
-    wants_usage = opts.get("include_usage", False)
-    if not isinstance(wants_usage, bool):
+    wants_usage = opts.get("include_usage")
+    if wants_usage is None:  # null is as good as absent (vLLM and OpenAI read it so)
+        wants_usage = False
+    elif not isinstance(wants_usage, bool):
         raise invalid_request("'include_usage' must be a boolean.",
                               "stream_options.include_usage")
+    if opts and not stream:
+        # OpenAI and vLLM refuse it too: without this, vLLM's 400 came after the hold.
+        raise invalid_request("'stream_options' is only allowed when 'stream' is true.",
+                              "stream_options")
     return stream, wants_usage
 
 

@@ -233,6 +233,37 @@ def test_a_worst_case_past_exact_arithmetic_is_a_400_not_a_crash() -> None:
     parse_request(json.dumps({**body, "prompt": "a"}).encode(), ep("/v1/completions"), cfg)
 
 
+def test_stream_options_need_a_stream_and_take_a_null_include_usage() -> None:
+    """vLLM (and OpenAI) refuse `stream_options` on a request that does not stream: the
+    gateway says so before it holds anything. A null `include_usage` is false, as both
+    read it (it was a 400)."""
+    opts = {"include_usage": True}
+    for stream in ({}, {"stream": False}, {"stream": None}):
+        e = error_of({"model": "demo", "messages": MSG, **stream, "stream_options": opts})
+        assert (e.status, e.param) == (400, "stream_options")
+        e = error_of({"model": "demo", "prompt": "hi", **stream, "stream_options": opts},
+                     COMP_EP)
+        assert (e.status, e.param) == (400, "stream_options")
+    parse({"model": "demo", "messages": MSG, "stream_options": {}})  # vLLM takes it too
+    parse({"model": "demo", "messages": MSG, "stream_options": None})
+    r = parse({"model": "demo", "messages": MSG, "stream": True,
+               "stream_options": {"include_usage": None}})
+    assert r.client_wants_usage is False  # type: ignore[attr-defined]
+    out = json.loads(upstream_body(r))  # type: ignore[arg-type]
+    assert out["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("name", ["kv_transfer_params", "ec_transfer_params"])
+@pytest.mark.parametrize("ep", [CHAT_EP, COMP_EP, ENDPOINTS[("POST", "/v1/responses")]])
+def test_a_client_cannot_set_kv_transfer_parameters(name: str, ep: Endpoint) -> None:
+    field = {Kind.CHAT: {"messages": MSG}, Kind.COMPLETION: {"prompt": "hi"},
+             Kind.RESPONSES: {"input": "hi"}}[ep.kind]
+    body = {"model": "demo", **field, name: {"do_remote_decode": True}}
+    e = error_of(body, ep)
+    assert (e.status, e.param) == (400, name)
+    parse({**body, name: None}, ep)  # null: as absent
+
+
 def test_a_client_cannot_set_its_scheduling_priority() -> None:
     assert error_of({"model": "demo", "messages": MSG, "priority": -10}).param == "priority"
     parse({"model": "demo", "messages": MSG, "priority": 0})  # the default: as absent
