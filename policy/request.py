@@ -11,6 +11,7 @@ API), `policy.request_pooling` (embeddings, rerank, score).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -98,12 +99,25 @@ def _int_field(body: dict[str, Any], name: str, cap: int) -> int | None:
     return v
 
 
+def _utf8(raw: bytes) -> bytes:
+    """The body as UTF-8 without a BOM. vLLM reads JSON as Python's `json` does: a UTF-8
+    BOM (PowerShell's UTF8, Windows editors) and UTF-16 / UTF-32 bodies are JSON to it
+    too; the backend gets the body re-encoded as UTF-8 either way."""
+    encoding = json.detect_encoding(raw[:4])
+    if encoding == "utf-8":
+        return raw
+    try:
+        return raw.decode(encoding).encode()
+    except UnicodeError:  # invalid in the encoding it names: not JSON
+        return raw
+
+
 def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
     """The decoded body, its model alias and the model."""
     if len(raw) > cfg.max_request_body_bytes:
         raise request_too_large(cfg.max_request_body_bytes)
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(_utf8(raw))
     except orjson.JSONDecodeError as e:
         if str(e).startswith("depth limit exceeded"):  # orjson's limit: 1024 levels
             raise invalid_request("The request body is nested too deeply (over 1024 "

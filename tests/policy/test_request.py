@@ -264,6 +264,26 @@ def test_a_client_cannot_set_kv_transfer_parameters(name: str, ep: Endpoint) -> 
     parse({**body, name: None}, ep)  # null: as absent
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_a_bom_or_utf16_body_is_read_as_vllm_reads_it(encoding: str) -> None:
+    """vLLM takes a UTF-8 body with a BOM (PowerShell's, Windows editors') and UTF-16 or
+    UTF-32 JSON, as Python's json does; the backend gets plain UTF-8."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "héllo 😀"}],
+            "max_tokens": 3}
+    r = parse_request(json.dumps(body, ensure_ascii=False).encode(encoding), CHAT_EP, CFG)
+    plain = parse(body)
+    assert (r.prompt_bound, r.max_tokens) == (plain.prompt_bound, 3)  # type: ignore[attr-defined]
+    assert upstream_body(r) == upstream_body(plain)  # type: ignore[arg-type]
+    bad = b"\xef\xbb\xbf" + b"\xff{}"  # a BOM, then not UTF-8
+    assert error_of_raw(bad).param is None
+
+
+def error_of_raw(raw: bytes) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        parse_request(raw, CHAT_EP, CFG)
+    return e.value
+
+
 def test_a_client_cannot_set_its_scheduling_priority() -> None:
     assert error_of({"model": "demo", "messages": MSG, "priority": -10}).param == "priority"
     parse({"model": "demo", "messages": MSG, "priority": 0})  # the default: as absent
