@@ -145,12 +145,16 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         # move ahead of the others'.
         raise invalid_request("'priority' is not accepted here: the backend's scheduling "
                               "order is the gateway operator's.", "priority")
+    xargs = body.get("vllm_xargs")
     for name in TRANSFER_FIELDS:
-        if body.get(name):
+        # vLLM merges `vllm_xargs` into the same extra args its engine reads them from.
+        param = (name if body.get(name) else f"vllm_xargs.{name}"
+                 if isinstance(xargs, dict) and name in xargs else None)
+        if param is not None:
             raise invalid_request(
-                f"'{name}' is not accepted here: disaggregated serving's transfer "
+                f"'{param}' is not accepted here: disaggregated serving's transfer "
                 "parameters are set by the operator's router; a client's would make the "
-                "backend hold or fetch KV cache its usage does not report.", name)
+                "backend hold or fetch KV cache its usage does not report.", param)
     if body.get("use_beam_search"):
         # vLLM's beam search runs one generation per beam per token, each reading the
         # whole prompt again: its usage (and so its price) shows a fraction of the work.

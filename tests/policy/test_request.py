@@ -262,6 +262,10 @@ def test_a_client_cannot_set_kv_transfer_parameters(name: str, ep: Endpoint) -> 
     e = error_of(body, ep)
     assert (e.status, e.param) == (400, name)
     parse({**body, name: None}, ep)  # null: as absent
+    # vLLM reads them from vllm_xargs too (merged into the engine's extra args).
+    xargs = {"model": "demo", **field, "vllm_xargs": {name: "x", "other": 1}}
+    assert error_of(xargs, ep).param == f"vllm_xargs.{name}"
+    parse({**xargs, "vllm_xargs": {"other": 1}}, ep)
 
 
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
