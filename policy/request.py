@@ -211,6 +211,14 @@ def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
     return (cap if kind is Kind.CHAT else min(COMPLETIONS_DEFAULT_MAX_TOKENS, cap)), True
 
 
+def _min_tokens(body: dict[str, Any], max_tokens: int) -> None:
+    """vLLM's `min_tokens` must lie in 0…max_tokens (its own check, after the hold)."""
+    v = body.get("min_tokens")
+    if type(v) is int and not 0 <= v <= max_tokens:
+        raise invalid_request(f"'min_tokens' must be between 0 and the request's "
+                              f"max_tokens ({max_tokens}), got {v}.", "min_tokens")
+
+
 def _sequences(body: dict[str, Any], max_n: int) -> int:
     """Sequences generated per prompt: `n`, or `best_of` (at least `n`) when sent."""
     n = _int_field(body, "n", max_n) or 1
@@ -267,6 +275,7 @@ def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
     """/v1/chat/completions and /v1/completions."""
     stream, wants_usage = _stream_flags(body)
     max_tokens, write = _max_tokens(body, kind, model.max_tokens)
+    _min_tokens(body, max_tokens)
     sequences = _sequences(body, model.max_n)
     interval = _stream_interval(body, model, stream)
     upstream = _upstream(body, model, ("max_tokens", max_tokens) if write else None, stream,

@@ -253,6 +253,21 @@ def test_stream_options_need_a_stream_and_take_a_null_include_usage() -> None:
     assert out["stream_options"] == {"include_usage": True}
 
 
+def test_min_tokens_past_max_tokens_is_refused_before_the_hold() -> None:
+    """vLLM refuses min_tokens above the request's max_tokens (the one written upstream
+    when the client sent none) or below 0."""
+    for body, ep in (({"messages": MSG}, CHAT_EP), ({"prompt": "hi"}, COMP_EP)):
+        e = error_of({"model": "demo", **body, "max_tokens": 5, "min_tokens": 6}, ep)
+        assert (e.status, e.param) == (400, "min_tokens")
+        assert error_of({"model": "demo", **body, "min_tokens": -1}, ep).param == "min_tokens"
+        parse({"model": "demo", **body, "max_tokens": 5, "min_tokens": 5}, ep)
+    # Completions' default of 16 is the limit when none is sent.
+    assert error_of({"model": "demo", "prompt": "hi", "min_tokens": 17}, COMP_EP).param \
+        == "min_tokens"
+    parse({"model": "demo", "messages": MSG, "max_completion_tokens": 9, "max_tokens": 2,
+           "min_tokens": 9})
+
+
 @pytest.mark.parametrize("name", ["kv_transfer_params", "ec_transfer_params"])
 @pytest.mark.parametrize("ep", [CHAT_EP, COMP_EP, ENDPOINTS[("POST", "/v1/responses")]])
 def test_a_client_cannot_set_kv_transfer_parameters(name: str, ep: Endpoint) -> None:
