@@ -1,6 +1,7 @@
-"""What vLLM 0.32's own request models make of shapes the hold's bound measures, asked of
-its code in its venv (no server): the tools a chat template renders are no longer than
-the gateway measures them (policy/tokens.py, `rendered_tools`)."""
+"""What vLLM 0.32 makes of request shapes the gateway measures: the tools a chat template
+renders are no longer than the gateway measures them (policy/tokens.py, `rendered_tools`;
+asked of vLLM's request models in its venv), and a cut stream's prompt recount
+(policy/prompt_count.py) counts what vLLM's chat completions render (its server)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from policy.endpoints import Kind
+from policy.prompt_count import counted, tokenize_request
 from policy.tokens import json_indent2_len, rendered_tools
-from tests.vllm.conftest import _require_python
+from tests.vllm.conftest import MODEL, VllmServer, _require_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -59,3 +62,32 @@ def test_tools_render_no_longer_than_the_bound_measures() -> None:
     # What makes the client's own JSON fall short: the defaults vLLM writes in.
     assert chat[0] == [{"type": "function", "function": {
         "name": "f", "description": None, "parameters": None}}]
+
+
+DOCS = [{"title": "Gateways", "text": "Envoy sits in front of vLLM and meters tokens."}]
+
+
+@pytest.mark.parametrize("extra", [
+    {"documents": DOCS},
+    {"reasoning_effort": "high"},
+    {"documents": DOCS, "chat_template_kwargs": {"documents": []}},
+    {"reasoning_effort": "low", "chat_template_kwargs": {"enable_thinking": False}},
+])
+def test_the_prompt_recount_counts_what_chat_completions_render(
+        vllm_server: VllmServer, extra: dict[str, Any]) -> None:
+    """vLLM's chat completions hand `documents` and `reasoning_effort` (with
+    `enable_thinking`) to the template as arguments; its /tokenize reads only
+    `chat_template_kwargs`. The tier's template renders both (tests/vllm/make_model.py)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there."}],
+            "max_tokens": 1, **extra}
+    prompt = json.loads(vllm_server.post("/v1/chat/completions", body))["usage"][
+        "prompt_tokens"]
+    plain = json.loads(vllm_server.post("/v1/chat/completions", {
+        k: v for k, v in body.items() if k not in extra}))["usage"]["prompt_tokens"]
+    assert prompt > plain or extra.get("chat_template_kwargs") == {"enable_thinking": False}
+    recount = tokenize_request(Kind.CHAT, body, MODEL)
+    assert recount is not None
+    answers = [counted(json.loads(vllm_server.post("/tokenize", ask)))
+               for ask in recount.asks]
+    assert all(a is not None for a in answers)
+    assert recount.total([a for a in answers if a is not None]) == prompt
