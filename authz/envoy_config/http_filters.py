@@ -126,9 +126,10 @@ ACCEPT_ENCODING = "accept-encoding"
 IDENTITY = "identity"
 # Headers that carry credentials in other clients' conventions, removed upstream.
 MISPLACED_KEY_HEADERS = ("proxy-authorization", "api-key", "x-goog-api-key", "cookie")
-# vLLM's scheduling priority as a header (read before the body's `priority`, which the
-# gateway refuses): the backend's queue order is the operator's, not a tenant's.
-BACKEND_CONTROL_HEADERS = ("x-vllm-priority",)
+# vLLM's scheduling priority (read before the body's `priority`, which the gateway
+# refuses) and data-parallel rank as headers: the backend's queue order and balancing are
+# the operator's, not a tenant's (a rank out of range is vLLM's 400, after the hold).
+BACKEND_CONTROL_HEADERS = ("x-vllm-priority", "x-data-parallel-rank")
 # The gateway's own headers, removed from a backend's response.
 INTERNAL_RESPONSE_HEADERS = ("x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER)
 # A backend's own CORS answer (vLLM allows every origin by default): the gateway's
