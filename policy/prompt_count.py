@@ -25,12 +25,14 @@ TOKENIZE_PATH: Final = "/tokenize"
 # A batched completions prompt is counted one /tokenize call per prompt, up to this many
 # (past it, the prompt's bound is charged).
 MAX_ASKS: Final = 32
-# Chat request fields a template may render or that change the rendering, sent on as
-# the client sent them (vLLM's /tokenize takes these as its chat completions do, and
-# ignores those it has no use for).
-CHAT_FIELDS: Final = ("tools", "tool_choice", "response_format", "documents",
-                      "chat_template_kwargs", "reasoning_effort", "add_generation_prompt",
-                      "continue_final_message", "add_special_tokens")
+# Chat request fields vLLM's /tokenize takes as its chat completions do, sent on as the
+# client sent them.
+CHAT_FIELDS: Final = ("tools", "add_generation_prompt", "continue_final_message",
+                      "add_special_tokens")
+# Chat request fields vLLM's chat completions hand to the template as keyword arguments
+# (over the client's `chat_template_kwargs`), but its /tokenize reads only from
+# `chat_template_kwargs`: they go there. (A null one is left out, as vLLM does.)
+TEMPLATE_KWARGS: Final = ("documents", "reasoning_effort")
 # Content part types that are text (and nothing else) once rendered.
 _TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text", "refusal", "thinking"})
 
@@ -61,6 +63,9 @@ def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str) -> R
             return None
         out: dict[str, Any] = {"model": upstream_model, "messages": messages}
         out.update((k, body[k]) for k in CHAT_FIELDS if k in body)
+        kwargs = _template_kwargs(body)
+        if kwargs is not None:
+            out["chat_template_kwargs"] = kwargs
         return Recount((), (out,), cap)
     if kind is Kind.COMPLETION:
         if body.get("suffix") is not None:
@@ -85,6 +90,26 @@ def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str) -> R
                 return None
         return Recount(tuple(counted), tuple(asks), cap)
     return None
+
+
+def _template_kwargs(body: dict[str, Any]) -> Any:
+    """The template's keyword arguments as vLLM's chat completions build them: the
+    client's, then `documents` and `reasoning_effort`, and `enable_thinking` from the
+    effort unless the client set it. Without them /tokenize rendered no documents: a
+    RAG request's cut stream was charged its prompt without them."""
+    user = body.get("chat_template_kwargs")
+    if user is None:
+        user = {}
+    elif not isinstance(user, dict):
+        return user  # as the client sent it (vLLM refuses what is not an object)
+    kwargs = dict(user)
+    for name in TEMPLATE_KWARGS:
+        if body.get(name) not in (None, "auto"):
+            kwargs[name] = body[name]
+    effort = body.get("reasoning_effort")
+    if effort is not None and "enable_thinking" not in user:
+        kwargs["enable_thinking"] = effort != "none"
+    return kwargs if kwargs or "chat_template_kwargs" in body else None
 
 
 def _token_ids(prompt: Any) -> TypeGuard[list[int]]:

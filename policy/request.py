@@ -11,6 +11,7 @@ API), `policy.request_pooling` (embeddings, rerank, score).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -31,6 +32,12 @@ from policy.request_responses import responses_prompt
 # options (they change how many tokens one media item becomes).
 UNBOUNDED_FIELDS: Final = ("chat_template", "prompt_embeds", "mm_processor_kwargs",
                            "media_io_kwargs")
+
+# vLLM's prefill/decode (and encoder cache) transfer parameters: with a KV connector,
+# `do_remote_decode` makes the backend keep a request's KV cache for a remote decoder
+# (for minutes, after one token), and `remote_host` / `remote_port` make it fetch
+# another's KV cache from where the body says.
+TRANSFER_FIELDS: Final = ("kv_transfer_params", "ec_transfer_params")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +99,25 @@ def _int_field(body: dict[str, Any], name: str, cap: int) -> int | None:
     return v
 
 
+def _utf8(raw: bytes) -> bytes:
+    """The body as UTF-8 without a BOM. vLLM reads JSON as Python's `json` does: a UTF-8
+    BOM (PowerShell's UTF8, Windows editors) and UTF-16 / UTF-32 bodies are JSON to it
+    too; the backend gets the body re-encoded as UTF-8 either way."""
+    encoding = json.detect_encoding(raw[:4])
+    if encoding == "utf-8":
+        return raw
+    try:
+        return raw.decode(encoding).encode()
+    except UnicodeError:  # invalid in the encoding it names: not JSON
+        return raw
+
+
 def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
     """The decoded body, its model alias and the model."""
     if len(raw) > cfg.max_request_body_bytes:
         raise request_too_large(cfg.max_request_body_bytes)
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(_utf8(raw))
     except orjson.JSONDecodeError as e:
         if str(e).startswith("depth limit exceeded"):  # orjson's limit: 1024 levels
             raise invalid_request("The request body is nested too deeply (over 1024 "
@@ -125,6 +145,16 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         # move ahead of the others'.
         raise invalid_request("'priority' is not accepted here: the backend's scheduling "
                               "order is the gateway operator's.", "priority")
+    xargs = body.get("vllm_xargs")
+    for name in TRANSFER_FIELDS:
+        # vLLM merges `vllm_xargs` into the same extra args its engine reads them from.
+        param = (name if body.get(name) else f"vllm_xargs.{name}"
+                 if isinstance(xargs, dict) and name in xargs else None)
+        if param is not None:
+            raise invalid_request(
+                f"'{param}' is not accepted here: disaggregated serving's transfer "
+                "parameters are set by the operator's router; a client's would make the "
+                "backend hold or fetch KV cache its usage does not report.", param)
     if body.get("use_beam_search"):
         # vLLM's beam search runs one generation per beam per token, each reading the
         # whole prompt again: its usage (and so its price) shows a fraction of the work.
@@ -151,10 +181,16 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
         return stream, False
     if not isinstance(opts, dict):
         raise invalid_request("'stream_options' must be an object.", "stream_options")
-    wants_usage = opts.get("include_usage", False)
-    if not isinstance(wants_usage, bool):
+    wants_usage = opts.get("include_usage")
+    if wants_usage is None:  # null is as good as absent (vLLM and OpenAI read it so)
+        wants_usage = False
+    elif not isinstance(wants_usage, bool):
         raise invalid_request("'include_usage' must be a boolean.",
                               "stream_options.include_usage")
+    if opts and not stream:
+        # OpenAI and vLLM refuse it too: without this, vLLM's 400 came after the hold.
+        raise invalid_request("'stream_options' is only allowed when 'stream' is true.",
+                              "stream_options")
     return stream, wants_usage
 
 
@@ -173,6 +209,14 @@ def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
     # Written upstream, so the backend cannot exceed the hold: chat gets the model's cap;
     # completions keep OpenAI's and vLLM's default of 16.
     return (cap if kind is Kind.CHAT else min(COMPLETIONS_DEFAULT_MAX_TOKENS, cap)), True
+
+
+def _min_tokens(body: dict[str, Any], max_tokens: int) -> None:
+    """vLLM's `min_tokens` must lie in 0…max_tokens (its own check, after the hold)."""
+    v = body.get("min_tokens")
+    if type(v) is int and not 0 <= v <= max_tokens:
+        raise invalid_request(f"'min_tokens' must be between 0 and the request's "
+                              f"max_tokens ({max_tokens}), got {v}.", "min_tokens")
 
 
 def _sequences(body: dict[str, Any], max_n: int) -> int:
@@ -231,6 +275,7 @@ def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
     """/v1/chat/completions and /v1/completions."""
     stream, wants_usage = _stream_flags(body)
     max_tokens, write = _max_tokens(body, kind, model.max_tokens)
+    _min_tokens(body, max_tokens)
     sequences = _sequences(body, model.max_n)
     interval = _stream_interval(body, model, stream)
     upstream = _upstream(body, model, ("max_tokens", max_tokens) if write else None, stream,

@@ -20,7 +20,14 @@ from typing import Any, Final
 
 from policy.config import Model
 from policy.errors import invalid_request
-from policy.tokens import Tally, field_tally, json_indent2_len, json_len, message_tally
+from policy.tokens import (
+    Tally,
+    field_tally,
+    json_indent2_len,
+    json_len,
+    message_tally,
+    rendered_tools,
+)
 
 REFUSED: Final = {
     "previous_response_id": "it continues a conversation stored on the backend, whose "
@@ -114,6 +121,5 @@ def _tools(tools: Any, tally: Tally) -> None:
             raise invalid_request(
                 "Only function tools are accepted here: built-in tools run on the backend "
                 "in a loop of generations whose tokens cannot be bounded.", f"tools[{i}]")
-        fn = {"description": None, "parameters": None}
-        fn.update((k, v) for k, v in tool.items() if k != "type")
-        tally.json += json_indent2_len({"type": "function", "function": fn})
+        fn = {k: v for k, v in tool.items() if k != "type"}
+        tally.json += json_indent2_len(rendered_tools([{"type": "function", "function": fn}])[0])

@@ -47,7 +47,7 @@ class StreamMeter:
         # From a chunk that also carries choices: vLLM's continuous_usage_stats, which
         # counts that one choice (one sequence of one prompt) so far, not the request.
         self._inline_usage: Usage | None = None
-        self.content_chunks = 0  # chunks that carried generated text (≈ tokens for vLLM)
+        self.content_chunks = 0  # chunks that carried generated tokens (vLLM: one per step)
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
         self.ended = False  # the body ended (`finish`), not cut
@@ -157,18 +157,23 @@ class StreamMeter:
 
 
 def _has_text(choice: Any) -> bool:
-    """Whether a choice carries generated tokens: text, reasoning (vLLM 0.32 sends
-    `reasoning`, older releases `reasoning_content`), or a tool call's name or argument
-    fragment (vLLM streams tool calls as `delta.tool_calls[].function`). The
-    Lua meter (authz/envoy_config/stream_meter.py, `classify`) counts the same events."""
+    """Whether a choice carries generated tokens. vLLM sends one chunk per generation
+    step, and a step's text may be empty (a token that ends inside a UTF-8 character,
+    EOS): any chat delta but the opening role chunk counts, and any completions `text`.
+    A role chunk counts only with text, reasoning (vLLM 0.32 sends `reasoning`, older
+    releases `reasoning_content`) or a tool call's name or argument fragment (some
+    servers put the first token there). The Lua meter
+    (authz/envoy_config/stream_meter.py, `classify`) counts the same events."""
     if not isinstance(choice, dict):
         return False
     delta = choice.get("delta")
     if isinstance(delta, dict):
+        if "role" not in delta:
+            return True
         return (bool(delta.get("content")) or bool(delta.get("reasoning"))
                 or bool(delta.get("reasoning_content"))
                 or _has_tool_text(delta.get("tool_calls")))
-    return bool(choice.get("text"))
+    return isinstance(choice.get("text"), str)
 
 
 def _has_tool_text(calls: Any) -> bool:

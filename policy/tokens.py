@@ -190,8 +190,31 @@ def chat_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
     for i, message in enumerate(messages):
         message_tally(message, "messages", i, model, tally)
     for name in CHAT_PROMPT_FIELDS:
-        field_tally(body.get(name), tally)
+        value = body.get(name)
+        field_tally(rendered_tools(value) if name == "tools" else value, tally)
     return tally.estimate(), tally.bound(model)
+
+
+def rendered_tools(tools: Any) -> Any:
+    """Function tools at least as long as vLLM hands them to the template: validated and
+    dumped, so `function.description` and `.parameters` are there as null when the
+    client left them out, and a tool's `defer_loading` is copied into its function
+    (vLLM drops unknown keys and null `strict` / `defer_loading`: never longer). A
+    minimal tool renders about twice its own bytes: a byte bound of the client's JSON
+    alone fell short."""
+    if not isinstance(tools, list):
+        return tools
+    out: list[Any] = []
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict):
+            out.append(tool)
+            continue
+        full = {"description": None, "parameters": None, **fn}
+        if tool.get("defer_loading") is not None and fn.get("defer_loading") is None:
+            full["defer_loading"] = tool["defer_loading"]
+        out.append({**tool, "function": full})
+    return out
 
 
 def field_tally(value: Any, tally: Tally) -> None:

@@ -126,6 +126,10 @@ ACCEPT_ENCODING = "accept-encoding"
 IDENTITY = "identity"
 # Headers that carry credentials in other clients' conventions, removed upstream.
 MISPLACED_KEY_HEADERS = ("proxy-authorization", "api-key", "x-goog-api-key", "cookie")
+# vLLM's scheduling priority (read before the body's `priority`, which the gateway
+# refuses) and data-parallel rank as headers: the backend's queue order and balancing are
+# the operator's, not a tenant's (a rank out of range is vLLM's 400, after the hold).
+BACKEND_CONTROL_HEADERS = ("x-vllm-priority", "x-data-parallel-rank")
 # The gateway's own headers, removed from a backend's response.
 INTERNAL_RESPONSE_HEADERS = ("x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER)
 # A backend's own CORS answer (vLLM allows every origin by default): the gateway's
@@ -478,7 +482,8 @@ def _inference_route(cfg: Config, stream: bool) -> Route:
         ),
         # Where a client may misplace its key (Azure's and Google's SDKs, a proxy's
         # credentials, a browser's cookies): never forwarded to a backend.
-        request_headers_to_remove=[CLUSTER_HEADER, *MISPLACED_KEY_HEADERS],
+        request_headers_to_remove=[CLUSTER_HEADER, *MISPLACED_KEY_HEADERS,
+                                   *BACKEND_CONTROL_HEADERS],
         # The answer must come uncompressed, whatever the client accepts: usage is read
         # from its bytes (ext_proc, the stream meter), and a compressed one is unreadable
         # (its record would be an estimate). `identity` rather than no header at all,

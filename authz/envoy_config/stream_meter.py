@@ -11,8 +11,8 @@ the same predicate the services apply when they hand the response over (see
 authz/services/lifecycle.py, `hand_over`).
 
 Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
-  events         content events seen so far (kept current, so a cut stream has it): text,
-                 reasoning, or a tool call's name or arguments (policy/stream_usage.py's
+  events         content events seen so far (kept current, so a cut stream has it): every
+                 chunk with a choice but a role chunk without text (policy/stream_usage.py's
                  `_has_text` counts the same)
   oversize_bytes bytes of events over envoy.max_event_bytes (passed through unread)
   oversize_events how many such events
@@ -67,15 +67,21 @@ local function classify(ev, st)
     return false
   end
   local has_usage = string.find(ev, '"usage":%s*{{') ~= nil
-  -- Generated tokens: text, reasoning (vLLM 0.32's `reasoning`, older `reasoning_content`),
-  -- or a tool call's name or argument fragment (a plain search for "tool_calls" first, so
-  -- other events pay one more find, no pattern).
+  -- Generated tokens: vLLM sends a chunk per generation step, whose text may be empty
+  -- (a token ending inside a UTF-8 character): any chunk with a choice counts but the
+  -- opening role chunk, which counts only with text, reasoning (vLLM 0.32's `reasoning`,
+  -- older `reasoning_content`) or a tool call's name or arguments.
   -- (`%s*`: a server other than vLLM may write a space after the colon.)
-  if string.find(ev, '"content":%s*"[^"]') or string.find(ev, '"reasoning":%s*"[^"]')
-      or string.find(ev, '"reasoning_content":%s*"[^"]') or string.find(ev, '"text":%s*"[^"]')
-      or (string.find(ev, '"tool_calls":', 1, true)
-          and (string.find(ev, '"arguments":%s*"[^"]') or string.find(ev, '"name":%s*"[^"]'))) then
-    st.events = st.events + 1
+  if string.find(ev, '"choices":%s*%[%s*{{') and (string.find(ev, '"delta":', 1, true)
+      or string.find(ev, '"text":', 1, true)) then
+    if not string.find(ev, '"role":', 1, true)
+        or string.find(ev, '"content":%s*"[^"]') or string.find(ev, '"reasoning":%s*"[^"]')
+        or string.find(ev, '"reasoning_content":%s*"[^"]')
+        or (string.find(ev, '"tool_calls":', 1, true)
+            and (string.find(ev, '"arguments":%s*"[^"]')
+                 or string.find(ev, '"name":%s*"[^"]'))) then
+      st.events = st.events + 1
+    end
   end
   if has_usage then
     st.usage = ev

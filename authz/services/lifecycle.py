@@ -74,7 +74,9 @@ log = logging.getLogger("tokenbooth.ext_proc")
 
 Headers = tuple[tuple[str, str], ...]
 # A JSON response is kept whole to read its `usage`, up to this size; past it only its
-# last JSON_TAIL_BYTES are, where vLLM writes `usage` (the top-level object's end).
+# last JSON_TAIL_BYTES are, where vLLM writes `usage` (the top-level object's end), and
+# the last `usage` in each part trimmed off is remembered: a chat answer's
+# `prompt_logprobs` (and `prompt_token_ids`) follow it, ~1.5 KB a prompt token.
 JSON_KEEP_BYTES = 64 << 20
 JSON_TAIL_BYTES = 64 << 10
 # A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
@@ -172,6 +174,7 @@ class Lifecycle:
         "_json_body",
         "_json_limit",
         "_json_tail",
+        "_json_usage",
         "_last_byte",
         "_meter",
         "_model_id",
@@ -226,6 +229,7 @@ class Lifecycle:
         self._unreached = False  # Envoy answered: the request never reached a backend
         self._json_limit = JSON_KEEP_BYTES  # past it, _json_tail_only() trims the body
         self._json_tail = False  # _json_body holds only the answer's last bytes
+        self._json_usage: Usage | None = None  # the last usage in bytes trimmed off
         self._error_body: bytearray | None = None  # a backend's error answer, being held
         self._model_id = ""  # GET /v1/models/{id}: the id
         self.responded = False  # the response has begun (response_start was called)
@@ -471,7 +475,9 @@ class Lifecycle:
 
     def _json_tail_only(self) -> None:
         """A JSON answer past JSON_KEEP_BYTES: from now on keep only its last bytes (at
-        most twice JSON_TAIL_BYTES between trims), where its top-level `usage` is."""
+        most twice JSON_TAIL_BYTES between trims), where its top-level `usage` is, and the
+        last `usage` found in what is trimmed (a key in the kept tail is found again)."""
+        self._json_usage = tail_usage(self._json_body) or self._json_usage
         self._json_body = bytearray(memoryview(self._json_body)[-JSON_TAIL_BYTES:])
         self._json_limit, self._json_tail = 2 * JSON_TAIL_BYTES, True
 
@@ -670,7 +676,7 @@ class Lifecycle:
                          min(self._meter.completion_estimate, req.completion_bound)), True
         if self._json_body:
             if self._json_tail:
-                usage = tail_usage(self._json_body)
+                usage = tail_usage(self._json_body) or self._json_usage
             else:
                 try:
                     usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))
@@ -689,9 +695,12 @@ class Lifecycle:
         return Usage(req.prompt_estimate, 0), True
 
 
-# A `usage` key (the backslashes before it: an odd count escapes its quote, so the
-# text is inside a key that ends in `"usage`, not that key).
-_USAGE_KEY = re.compile(rb'(\\*)"usage"[ \t\r\n]*:[ \t\r\n]*')
+# A `usage` key, found by a plain search from the end (a regex tried at every byte took a
+# second over 64 MiB, on the event loop); the backslashes before it: an odd count escapes
+# its quote, so the text is inside a key that ends in `"usage`, not that key.
+_USAGE_KEY = b'"usage"'
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+_BACKSLASH = 0x5C
 _DECODER = json.JSONDecoder()
 # A usage object is far shorter than this (its *_details included).
 _USAGE_OBJ_BYTES = 4096
@@ -701,10 +710,17 @@ def tail_usage(tail: bytes | bytearray) -> Usage | None:
     """The top-level `usage` of a JSON answer from its last bytes: the value after the
     last `"usage":` key there (vLLM writes it after `choices`, near the end). A JSON
     string cannot hold `"usage":` unescaped, so that text is always a key."""
-    for m in reversed(list(_USAGE_KEY.finditer(tail))):
-        if len(m.group(1)) % 2:
+    end = len(tail)
+    while (at := tail.rfind(_USAGE_KEY, 0, end)) >= 0:
+        end = at + len(_USAGE_KEY) - 1  # the next search: keys that start before this one
+        slashes = 0
+        while at > slashes and tail[at - slashes - 1] == _BACKSLASH:
+            slashes += 1
+        colon = _COLON.match(tail, at + len(_USAGE_KEY))
+        if slashes % 2 or colon is None:
             continue
-        text = bytes(tail[m.end():m.end() + _USAGE_OBJ_BYTES]).decode("utf-8", "replace")
+        text = bytes(tail[colon.end():colon.end() + _USAGE_OBJ_BYTES]).decode(
+            "utf-8", "replace")
         try:
             obj, _ = _DECODER.raw_decode(text)
         except ValueError:

@@ -156,7 +156,7 @@ def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
             raise invalid_field(
                 "stream_options", "Input should be a valid dictionary", "dict_type", options
             )
-        if not stream:
+        if options and not stream:  # vLLM's test: an empty object passes
             raise SimError(400, "Stream options can only be defined when `stream=True`.")
         include_usage = opt_bool(options, "include_usage")
         continuous = include_usage and opt_bool(options, "continuous_usage_stats")

@@ -215,6 +215,20 @@ def test_a_client_trickling_its_headers_gets_an_openai_shaped_408(gateway: Gatew
     assert json.loads(chunked)["error"]["code"] == "request_timeout"
 
 
+def test_a_clients_vllm_scheduling_headers_never_reach_the_backend(gateway: Gateway) -> None:
+    """vLLM reads a request's scheduling priority from `X-Vllm-Priority` before the body's
+    `priority` (which the gateway refuses), and its data-parallel rank from
+    `X-data-parallel-rank`: one tenant's requests would jump the backend's queue, or
+    pick its rank (one out of range is vLLM's 400 after the hold)."""
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
+    status, _ = post(gateway, "/v1/chat/completions", body, {
+        "authorization": f"Bearer {SECRET}", "X-Vllm-Priority": "-1000",
+        "X-data-parallel-rank": "7"})
+    assert status == 200
+    headers = last_upstream(gateway)["headers"]
+    assert not {"x-vllm-priority", "x-data-parallel-rank"} & set(headers)
+
+
 def test_credentials_in_other_conventions_and_underscored_headers_stay_here(
         gateway: Gateway) -> None:
     """A client's key where other SDKs put theirs (Azure's `api-key`, Google's, a proxy's

@@ -1,8 +1,10 @@
-"""Two ways generated tokens went unmetered, through the whole gateway, with each stream
+"""Three ways generated tokens went unmetered, through the whole gateway, with each stream
 meter (ext_proc's Python meter and Envoy's Lua meter) fed the same events:
 
 - a chat stream whose output is tool calls, cut before its usage chunk, is estimated
   from the tool calls' name and argument events (it was charged 0 completion tokens);
+- a real vLLM stream whose tokens end inside UTF-8 characters (their chunks' text is
+  empty), cut before its usage chunk, counts those chunks too (it was charged half);
 - a backend that compresses what it may (ordinary content negotiation) gets
   `accept-encoding: identity` whatever the client sent, so its answers arrive readable
   and are metered exactly (a gzipped answer's usage was unreadable: an estimate).
@@ -26,15 +28,22 @@ from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_gateway import records_for
 from tests.helpers import SECRET
 from tests.policy.test_stream_usage_tool_calls import USAGE, responses_tool_call, tool_call_stream
+from tests.policy.test_vllm_streams import STREAMS, usage_event
 
 pytestmark = pytest.mark.e2e
+UTF8_STREAM = STREAMS["vllm_completion_utf8_stream"]
+UTF8_USAGE_EVENT, UTF8_USAGE = usage_event(UTF8_STREAM)
+# The recording up to its usage chunk, event by event.
+UTF8_EVENTS = [e + b"\n\n" for e in
+               UTF8_STREAM[:UTF8_STREAM.index(UTF8_USAGE_EVENT)].split(b"\n\n") if e]
 JSON_USAGE = {"prompt_tokens": 5, "completion_tokens": 40, "total_tokens": 45}
 
 
 class ToolCallUpstream(ThreadedBackend):
     """A vLLM-shaped backend: /v1/chat/completions streams `tool_call_stream()` (without
     its usage chunk and [DONE], connection dropped, when the request has `x-cut`),
-    /v1/responses a function call cut before its end, /v1/completions a JSON answer.
+    /v1/responses a function call cut before its end, /v1/completions a JSON answer (with
+    `stream`, the recorded vLLM stream with empty-text tokens, cut before its usage).
     Every answer is compressed when the request's Accept-Encoding allows it (aiohttp's
     negotiation), and the Accept-Encoding each request arrived with is kept by its
     x-request-id."""
@@ -77,7 +86,9 @@ class ToolCallUpstream(ThreadedBackend):
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         return await self._stream(request, responses_tool_call(name=True), cut=True)
 
-    async def _completions(self, request: web.Request) -> web.Response:
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        if (await request.json()).get("stream"):
+            return await self._stream(request, UTF8_EVENTS, cut=True)
         self._seen(request)
         n = JSON_USAGE["completion_tokens"]
         resp = web.json_response({
@@ -148,6 +159,18 @@ def test_a_whole_tool_call_stream_is_exact(gw: Gateway) -> None:
     [rec] = records_for(gw, headers["x-request-id"])
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
         USAGE["prompt_tokens"], USAGE["completion_tokens"], False), rec
+
+
+def test_a_cut_vllm_stream_counts_its_empty_text_tokens(gw: Gateway) -> None:
+    assert sum(b'"text":""' in e for e in UTF8_EVENTS) >= 10  # what this test is about
+    body = {"model": "demo", "prompt": "hi", "max_tokens": 24, "stream": True}
+    status, headers, got = _post(gw, "/v1/completions", body)
+    assert status == 200
+    assert got == b"".join(UTF8_EVENTS)
+    [rec] = records_for(gw, headers["x-request-id"])
+    # One chunk per token: vLLM's count, which the cut stream never sent.
+    assert (rec["completion_tokens"], rec["estimated"]) == (
+        UTF8_USAGE["completion_tokens"], True), rec
 
 
 def test_a_responses_function_call_cut_before_its_end_is_estimated(gw: Gateway) -> None:

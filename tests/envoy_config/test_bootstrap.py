@@ -190,9 +190,11 @@ def test_route() -> None:
     assert unrouted["route"]["cluster"] not in clusters(d)
     assert r["route"]["cluster_header"] == CLUSTER_HEADER
     assert r["route"]["timeout"] == "120s"
-    # Credentials in other clients' conventions never reach a backend.
+    # Credentials in other clients' conventions never reach a backend, nor does a
+    # client's vLLM scheduling priority or data-parallel rank.
     assert r["request_headers_to_remove"] == [CLUSTER_HEADER, "proxy-authorization",
-                                              "api-key", "x-goog-api-key", "cookie"]
+                                              "api-key", "x-goog-api-key", "cookie",
+                                              "x-vllm-priority", "x-data-parallel-rank"]
     assert {h["header"]["key"]: h["header"]["value"] for h in r["request_headers_to_add"]} \
         == {"accept-encoding": "identity", "content-type": "application/json"}
     # A backend's own rate-limit and internal headers never pass for the gateway's.

@@ -25,6 +25,31 @@ def test_chat_sends_the_messages_and_the_fields_a_template_renders() -> None:
         "chat_template_kwargs": {"x": 1}, "add_generation_prompt": False},))
 
 
+def test_documents_and_reasoning_effort_go_to_the_template_kwargs() -> None:
+    """vLLM's chat completions render `documents` and `reasoning_effort` (and
+    `enable_thinking` from it) as template arguments; its /tokenize reads them only in
+    `chat_template_kwargs` (tests/vllm checks the counts agree)."""
+    docs = [{"title": "t", "text": "a long document"}]
+    base = {"model": "demo", "messages": MSGS}
+    [ask] = tokenize_request(Kind.CHAT, {**base, "documents": docs,
+                                         "reasoning_effort": "low"}, "up").asks  # type: ignore[union-attr]
+    assert ask == {"model": "up", "messages": MSGS, "chat_template_kwargs": {
+        "documents": docs, "reasoning_effort": "low", "enable_thinking": True}}
+    # Over the client's own; its enable_thinking kept; null ones left out.
+    [ask] = tokenize_request(Kind.CHAT, {**base, "documents": docs, "reasoning_effort": "none",
+                                         "chat_template_kwargs": {"documents": [], "x": 1}},
+                             "up").asks  # type: ignore[union-attr]
+    assert ask["chat_template_kwargs"] == {"documents": docs, "x": 1,
+                                           "reasoning_effort": "none", "enable_thinking": False}
+    [ask] = tokenize_request(Kind.CHAT, {**base, "reasoning_effort": "high",
+                                         "chat_template_kwargs": {"enable_thinking": False}},
+                             "up").asks  # type: ignore[union-attr]
+    assert ask["chat_template_kwargs"] == {"enable_thinking": False,
+                                           "reasoning_effort": "high"}
+    [ask] = tokenize_request(Kind.CHAT, {**base, "documents": None}, "up").asks  # type: ignore[union-attr]
+    assert "chat_template_kwargs" not in ask
+
+
 def test_every_text_part_type_is_text() -> None:
     parts = [{"type": t, "text": "x"} for t in ("text", "input_text", "output_text",
                                                  "refusal", "thinking")]

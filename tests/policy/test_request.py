@@ -233,6 +233,76 @@ def test_a_worst_case_past_exact_arithmetic_is_a_400_not_a_crash() -> None:
     parse_request(json.dumps({**body, "prompt": "a"}).encode(), ep("/v1/completions"), cfg)
 
 
+def test_stream_options_need_a_stream_and_take_a_null_include_usage() -> None:
+    """vLLM (and OpenAI) refuse `stream_options` on a request that does not stream: the
+    gateway says so before it holds anything. A null `include_usage` is false, as both
+    read it (it was a 400)."""
+    opts = {"include_usage": True}
+    for stream in ({}, {"stream": False}, {"stream": None}):
+        e = error_of({"model": "demo", "messages": MSG, **stream, "stream_options": opts})
+        assert (e.status, e.param) == (400, "stream_options")
+        e = error_of({"model": "demo", "prompt": "hi", **stream, "stream_options": opts},
+                     COMP_EP)
+        assert (e.status, e.param) == (400, "stream_options")
+    parse({"model": "demo", "messages": MSG, "stream_options": {}})  # vLLM takes it too
+    parse({"model": "demo", "messages": MSG, "stream_options": None})
+    r = parse({"model": "demo", "messages": MSG, "stream": True,
+               "stream_options": {"include_usage": None}})
+    assert r.client_wants_usage is False  # type: ignore[attr-defined]
+    out = json.loads(upstream_body(r))  # type: ignore[arg-type]
+    assert out["stream_options"] == {"include_usage": True}
+
+
+def test_min_tokens_past_max_tokens_is_refused_before_the_hold() -> None:
+    """vLLM refuses min_tokens above the request's max_tokens (the one written upstream
+    when the client sent none) or below 0."""
+    for body, ep in (({"messages": MSG}, CHAT_EP), ({"prompt": "hi"}, COMP_EP)):
+        e = error_of({"model": "demo", **body, "max_tokens": 5, "min_tokens": 6}, ep)
+        assert (e.status, e.param) == (400, "min_tokens")
+        assert error_of({"model": "demo", **body, "min_tokens": -1}, ep).param == "min_tokens"
+        parse({"model": "demo", **body, "max_tokens": 5, "min_tokens": 5}, ep)
+    # Completions' default of 16 is the limit when none is sent.
+    assert error_of({"model": "demo", "prompt": "hi", "min_tokens": 17}, COMP_EP).param \
+        == "min_tokens"
+    parse({"model": "demo", "messages": MSG, "max_completion_tokens": 9, "max_tokens": 2,
+           "min_tokens": 9})
+
+
+@pytest.mark.parametrize("name", ["kv_transfer_params", "ec_transfer_params"])
+@pytest.mark.parametrize("ep", [CHAT_EP, COMP_EP, ENDPOINTS[("POST", "/v1/responses")]])
+def test_a_client_cannot_set_kv_transfer_parameters(name: str, ep: Endpoint) -> None:
+    field = {Kind.CHAT: {"messages": MSG}, Kind.COMPLETION: {"prompt": "hi"},
+             Kind.RESPONSES: {"input": "hi"}}[ep.kind]
+    body = {"model": "demo", **field, name: {"do_remote_decode": True}}
+    e = error_of(body, ep)
+    assert (e.status, e.param) == (400, name)
+    parse({**body, name: None}, ep)  # null: as absent
+    # vLLM reads them from vllm_xargs too (merged into the engine's extra args).
+    xargs = {"model": "demo", **field, "vllm_xargs": {name: "x", "other": 1}}
+    assert error_of(xargs, ep).param == f"vllm_xargs.{name}"
+    parse({**xargs, "vllm_xargs": {"other": 1}}, ep)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_a_bom_or_utf16_body_is_read_as_vllm_reads_it(encoding: str) -> None:
+    """vLLM takes a UTF-8 body with a BOM (PowerShell's, Windows editors') and UTF-16 or
+    UTF-32 JSON, as Python's json does; the backend gets plain UTF-8."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "héllo 😀"}],
+            "max_tokens": 3}
+    r = parse_request(json.dumps(body, ensure_ascii=False).encode(encoding), CHAT_EP, CFG)
+    plain = parse(body)
+    assert (r.prompt_bound, r.max_tokens) == (plain.prompt_bound, 3)  # type: ignore[attr-defined]
+    assert upstream_body(r) == upstream_body(plain)  # type: ignore[arg-type]
+    bad = b"\xef\xbb\xbf" + b"\xff{}"  # a BOM, then not UTF-8
+    assert error_of_raw(bad).param is None
+
+
+def error_of_raw(raw: bytes) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        parse_request(raw, CHAT_EP, CFG)
+    return e.value
+
+
 def test_a_client_cannot_set_its_scheduling_priority() -> None:
     assert error_of({"model": "demo", "messages": MSG, "priority": -10}).param == "priority"
     parse({"model": "demo", "messages": MSG, "priority": 0})  # the default: as absent

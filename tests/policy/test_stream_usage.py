@@ -45,6 +45,19 @@ def test_legacy_completions_text_counts() -> None:
     assert (m.content_chunks, m.usage, m.done) == (2, None, True)
 
 
+def test_a_token_whose_text_is_empty_counts() -> None:
+    """vLLM sends a chunk per generated token; one ending inside a UTF-8 character (or
+    EOS) has empty text, and a cut stream charged by its chunks must count it. The role
+    chunk that opens each chat choice carries none."""
+    empty_chat = chunk('{"choices":[{"index":0,"delta":{"content":""}}]}')
+    last = chunk('{"choices":[{"index":1,"delta":{},"finish_reason":"stop"}]}')
+    empty_text = chunk('{"choices":[{"index":0,"text":""}]}')
+    m, _ = meter(False, ROLE, empty_chat, TEXT, empty_chat, last)
+    assert (m.content_chunks, m.usage) == (4, None)
+    m, _ = meter(False, empty_text, COMPLETION, empty_text)
+    assert m.content_chunks == 3
+
+
 def test_strips_only_the_usage_only_chunk() -> None:
     m, out = meter(True, ROLE, TEXT, USAGE, DONE)
     assert out == ROLE + TEXT + DONE

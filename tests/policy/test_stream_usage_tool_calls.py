@@ -12,7 +12,7 @@ from typing import Any
 from policy.stream_usage import ResponsesStreamMeter, StreamMeter
 from policy.usage import Usage
 
-USAGE = {"prompt_tokens": 20, "completion_tokens": 11, "total_tokens": 31}
+USAGE = {"prompt_tokens": 20, "completion_tokens": 14, "total_tokens": 34}
 
 
 def sse(obj: Any) -> bytes:
@@ -34,7 +34,8 @@ def tool_call_stream() -> tuple[list[bytes], list[bytes], int]:
     opened with its id, name and empty arguments, as for a named tool_choice; the second
     with its name alone, as the auto parsers send it), then the finish chunk. Returns the
     events up to the finish chunk, the usage chunk and [DONE], and how many of the first
-    carry generated tokens."""
+    carry generated tokens: all but the role chunk, for vLLM sends a chunk per generation
+    step, also when the parser let no text through (an empty fragment, the EOS)."""
     first = {"id": "chatcmpl-tool-1", "type": "function", "index": 0,
              "function": {"name": "get_weather", "arguments": ""}}
     counted = [
@@ -47,23 +48,23 @@ def tool_call_stream() -> tuple[list[bytes], list[bytes], int]:
                                "function": {"name": "get_time"}}]}),
         chunk(call(1, arguments='"')),                 # an escaped quote is text too
     ]
-    not_counted = [
+    empty = [
         chunk({"role": "assistant", "content": "", "reasoning": None,
-               "reasoning_content": None}),
+               "reasoning_content": None}),                # the role chunk: no token
         chunk(call(0, arguments="")),                  # an empty fragment
         chunk({"tool_calls": [{"index": 1, "function": {"name": None, "arguments": ""}}]}),
         chunk({"content": ""}, finish="tool_calls"),
     ]
-    events = [sse(not_counted[0]), *map(sse, counted[:4]), sse(not_counted[1]),
-              *map(sse, counted[4:]), sse(not_counted[2]), sse(not_counted[3])]
+    events = [sse(empty[0]), *map(sse, counted[:4]), sse(empty[1]),
+              *map(sse, counted[4:]), sse(empty[2]), sse(empty[3])]
     usage = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1,
              "model": "m", "choices": [], "usage": USAGE}
-    return events, [sse(usage), b"data: [DONE]\n\n"], len(counted)
+    return events, [sse(usage), b"data: [DONE]\n\n"], len(counted) + len(empty) - 1
 
 
 def test_a_cut_tool_call_stream_counts_every_name_and_argument_event() -> None:
     events, _, expected = tool_call_stream()
-    assert expected == 11
+    assert expected == 14
     for strip in (False, True):
         m = StreamMeter(strip_usage=strip)
         out = [m.feed(e) for e in events]
@@ -79,7 +80,7 @@ def test_a_whole_tool_call_stream_is_exact_and_its_usage_chunk_stripped() -> Non
     m = StreamMeter(strip_usage=True)
     out = b"".join(m.feed(e) or b"" for e in [*events, *tail]) + (m.finish() or b"")
     assert out == b"".join([*events, tail[1]])
-    assert (m.content_chunks, m.usage, m.done) == (expected, Usage(20, 11), True)
+    assert (m.content_chunks, m.usage, m.done) == (expected, Usage(20, 14), True)
 
 
 def test_tool_calls_of_any_choice_count_once_per_event() -> None:
@@ -91,7 +92,8 @@ def test_tool_calls_of_any_choice_count_once_per_event() -> None:
     m = StreamMeter(strip_usage=False)
     for e in (two, odd, odd_types, numeric):
         m.feed(sse(e))
-    assert m.content_chunks == 1
+    # Each a generation step: once per event, whatever its choices and calls hold.
+    assert m.content_chunks == 4
 
 
 # -- the Responses API ------------------------------------------------------------------

@@ -169,6 +169,28 @@ async def test_past_the_keep_limit_only_the_tail_is_kept(
     assert counts(await h.record(life)) == (200, 2, 7, False)
 
 
+async def test_past_the_keep_limit_a_usage_followed_by_prompt_logprobs_is_read(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's chat answer puts `prompt_logprobs` (~1.5 KB a prompt token at 20 logprobs)
+    and `prompt_token_ids` after `usage`: a long prompt's answer past the keep limit has
+    its usage far from its end. It is still charged its own usage, not its hold."""
+    monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 10)
+    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", 256)
+    # Decoded tokens may spell a usage key too (escaped inside their strings).
+    logprobs = ",".join(json.dumps({str(i): {"logprob": -1.5, "rank": 1,
+                                             "decoded_token": '"usage":{}'}})
+                        for i in range(2000))
+    body = completion_answer(5_000, {"prompt_tokens": 2, "completion_tokens": 7},
+                             f',"prompt_logprobs":[null,{logprobs}],"prompt_token_ids":null')
+    assert len(body) - body.index(b'"usage"') > 50_000
+    for piece in (1, 7, 100, 4096):
+        h.recorded.got.clear()
+        life = await h.admitted(COMPLETION, "/v1/completions")
+        life.response_start(200, BACKEND)
+        feed(life, body, piece)
+        assert counts(await h.record(life)) == (200, 2, 7, False), piece
+
+
 async def test_a_json_answer_too_large_to_read_is_charged_its_hold(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole 2xx answer past the limit whose end holds no usage: the backend generated

@@ -93,6 +93,13 @@ async def test_chat_max_completion_tokens_and_default(sim: Sim) -> None:
     assert body["usage"]["completion_tokens"] == DEFAULT_MAX_MODEL_LEN - CHAT_PROMPT_TOKENS
 
 
+async def test_empty_stream_options_pass_without_a_stream_as_in_vllm(sim: Sim) -> None:
+    """vLLM refuses stream_options without stream only when they are not empty."""
+    status, body = await post(sim, CHAT, {"model": "tiny-llama", "messages": MESSAGES,
+                                          "max_tokens": 2, "stream_options": {}})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
 async def test_completions_non_stream_exact_usage(sim: Sim) -> None:
     status, body = await post(
         sim, COMPLETIONS, {"model": "tiny-llama", "prompt": "Say: a, b.", "max_tokens": 3}

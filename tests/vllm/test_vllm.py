@@ -282,6 +282,8 @@ def test_a_cut_batch_of_prompts_is_charged_vllms_own_count(vllm_gateway: Gateway
 @pytest.mark.parametrize(("name", "path", "body"), [
     ("chat", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 24}),
     ("completion", "/v1/completions", {"prompt": PROMPT, "max_tokens": 24}),
+    # At temperature 0 half its tokens end inside a UTF-8 character: `"text":""` chunks.
+    ("completion_utf8", "/v1/completions", {"prompt": "hi", "max_tokens": 24}),
 ])
 def test_real_streams_meter_exactly_at_every_split(vllm_server: VllmServer, name: str,
                                                    path: str, body: dict[str, Any]) -> None:
@@ -301,6 +303,12 @@ def test_real_streams_meter_exactly_at_every_split(vllm_server: VllmServer, name
         assert meter.usage is not None and meter.done, i
         assert (meter.usage.prompt_tokens, meter.usage.completion_tokens) == (
             usage["prompt_tokens"], usage["completion_tokens"]), i
+    # Without its usage chunk (a stream cut just before it), one content chunk per token,
+    # whatever its text.
+    cut = StreamMeter(strip_usage=False)
+    cut.feed(stream.replace(usage_event, b""))
+    cut.finish()
+    assert cut.usage is None and cut.content_chunks == usage["completion_tokens"]
     fixture = FIXTURES / f"vllm_{name}_stream.sse"
     if RECORD:
         fixture.parent.mkdir(exist_ok=True)

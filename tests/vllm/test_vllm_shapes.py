@@ -1,0 +1,93 @@
+"""What vLLM 0.32 makes of request shapes the gateway measures: the tools a chat template
+renders are no longer than the gateway measures them (policy/tokens.py, `rendered_tools`;
+asked of vLLM's request models in its venv), and a cut stream's prompt recount
+(policy/prompt_count.py) counts what vLLM's chat completions render (its server)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from policy.endpoints import Kind
+from policy.prompt_count import counted, tokenize_request
+from policy.tokens import json_indent2_len, rendered_tools
+from tests.vllm.conftest import MODEL, VllmServer, _require_python
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+CHAT_TOOLS: list[Any] = [
+    {"type": "function", "function": {"name": "f"}},
+    {"type": "function", "function": {"name": "f", "strict": None, "defer_loading": None}},
+    {"type": "function", "defer_loading": True, "function": {"name": "g", "x": 1}, "y": 2},
+    {"type": "function", "function": {"name": "h", "description": "d", "strict": True,
+                                      "parameters": {"type": "object"}}},
+]
+RESPONSES_TOOLS: list[Any] = [
+    {"type": "function", "name": "f"},
+    {"type": "function", "name": "g", "strict": True, "parameters": {"type": "object"},
+     "description": "d"},
+]
+# Prints, as one JSON line, each chat tool as vLLM dumps it for the template, then the
+# Responses tools as its `construct_tool_dicts` converts them.
+_DUMP = """
+import json, sys
+import vllm  # noqa: F401  (vLLM's own import order)
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.openai.responses.utils import construct_tool_dicts
+chat, responses = json.loads(sys.stdin.read())
+msg = [{"role": "user", "content": "hi"}]
+out = [[t.model_dump() for t in ChatCompletionRequest.model_validate(
+           {"messages": msg, "tools": [tool]}).tools] for tool in chat]
+r = ResponsesRequest.model_validate({"input": "hi", "tools": responses})
+print(json.dumps([out, construct_tool_dicts(r.tools, r.tool_choice)]))
+"""
+
+
+def test_tools_render_no_longer_than_the_bound_measures() -> None:
+    python = _require_python()
+    done = subprocess.run([str(python), "-c", _DUMP], input=json.dumps(
+        [CHAT_TOOLS, RESPONSES_TOOLS]), capture_output=True, text=True, timeout=300,
+        check=True)
+    chat, responses = json.loads(done.stdout.strip().splitlines()[-1])
+    for tool, [dump] in zip(CHAT_TOOLS, chat, strict=True):
+        assert json_indent2_len(rendered_tools([tool])[0]) >= json_indent2_len(dump), dump
+    for tool, dump in zip(RESPONSES_TOOLS, responses, strict=True):
+        fn = {k: v for k, v in tool.items() if k != "type"}
+        mine = rendered_tools([{"type": "function", "function": fn}])[0]
+        assert json_indent2_len(mine) >= json_indent2_len(dump), dump
+    # What makes the client's own JSON fall short: the defaults vLLM writes in.
+    assert chat[0] == [{"type": "function", "function": {
+        "name": "f", "description": None, "parameters": None}}]
+
+
+DOCS = [{"title": "Gateways", "text": "Envoy sits in front of vLLM and meters tokens."}]
+
+
+@pytest.mark.parametrize("extra", [
+    {"documents": DOCS},
+    {"reasoning_effort": "high"},
+    {"documents": DOCS, "chat_template_kwargs": {"documents": []}},
+    {"reasoning_effort": "low", "chat_template_kwargs": {"enable_thinking": False}},
+])
+def test_the_prompt_recount_counts_what_chat_completions_render(
+        vllm_server: VllmServer, extra: dict[str, Any]) -> None:
+    """vLLM's chat completions hand `documents` and `reasoning_effort` (with
+    `enable_thinking`) to the template as arguments; its /tokenize reads only
+    `chat_template_kwargs`. The tier's template renders both (tests/vllm/make_model.py)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there."}],
+            "max_tokens": 1, **extra}
+    prompt = json.loads(vllm_server.post("/v1/chat/completions", body))["usage"][
+        "prompt_tokens"]
+    plain = json.loads(vllm_server.post("/v1/chat/completions", {
+        k: v for k, v in body.items() if k not in extra}))["usage"]["prompt_tokens"]
+    assert prompt > plain or extra.get("chat_template_kwargs") == {"enable_thinking": False}
+    recount = tokenize_request(Kind.CHAT, body, MODEL)
+    assert recount is not None
+    answers = [counted(json.loads(vllm_server.post("/tokenize", ask)))
+               for ask in recount.asks]
+    assert all(a is not None for a in answers)
+    assert recount.total([a for a in answers if a is not None]) == prompt
