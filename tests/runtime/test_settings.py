@@ -111,15 +111,15 @@ def test_a_reload_keeps_the_restart_only_settings_the_process_runs_with(
     data["envoy"] = {"route_timeout_s": 1, "max_stream_duration_s": 1,
                      "on_metering_loss": "cut", "decision_timeout_ms": 100}
     data.update(state="redis://other:6379/0", data_dir="elsewhere",
-                max_request_body_bytes=4096)
+                max_request_body_bytes=4096, key_store={"timeout_s": 9})
     data["models"]["demo"]["price_per_1k_tokens"] = {"input": "9", "output": "9"}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     assert rt.reload_if_changed()
     cfg = rt.snapshot.config
     assert cfg.envoy == old.envoy
     assert cfg.envoy.hold_lease_s(True) == old.envoy.hold_lease_s(True) == 630
-    assert (cfg.state, cfg.data_dir, cfg.max_request_body_bytes) == (
-        old.state, old.data_dir, old.max_request_body_bytes)
+    assert (cfg.state, cfg.data_dir, cfg.max_request_body_bytes, cfg.key_store) == (
+        old.state, old.data_dir, old.max_request_body_bytes, old.key_store)
     assert cfg.models["demo"].price_per_1k_tokens.input == 9  # live: changed
 
 

@@ -41,9 +41,11 @@ class Admission:
     receives the usage record of each lost hold this replica claims. `on_hold(ask,
     admitted)`: a request was admitted (True) or is settling (False; once per settle
     call). `on_store(ok)`: whether the store answered the last sweep. `clock`: epoch
-    seconds, for the background work."""
+    seconds, for the background work. `on_error`: the outage policy, or where to read the
+    one in force (the config's, which a reload may change mid-outage)."""
 
-    def __init__(self, store: LimitStore, on_error: OnStoreError | None = None, *,
+    def __init__(self, store: LimitStore,
+                 on_error: OnStoreError | Callable[[], OnStoreError] | None = None, *,
                  spool_dir: Path | None = None,
                  on_lost: Callable[[UsageRecord], None] | None = None,
                  on_spooled: Callable[[], None] | None = None,
@@ -51,7 +53,8 @@ class Admission:
                  on_store: Callable[[bool], None] | None = None,
                  clock: Callable[[], float] = time.time, sweep_s: float = SWEEP_S) -> None:
         self._store = store
-        self._on_error = on_error or OnStoreError()
+        policy = on_error or OnStoreError()
+        self._on_error = policy if callable(policy) else lambda: policy
         self._local = MemoryLimitStore()
         self._local_ids: set[str] = set()  # admitted locally: settle locally too
         # Usage admitted locally, to count into the shared store once it answers again.
@@ -101,7 +104,7 @@ class Admission:
                 await asyncio.wait_for(self._stop.wait(), self._sweep_s)
 
     def _may_fail_open(self, limits: Limits) -> bool:
-        pol = self._on_error
+        pol = self._on_error()
         return limits.budget_nano is None and all(
             policy == "fail_open" for value, policy in (
                 (limits.rpm, pol.requests),
