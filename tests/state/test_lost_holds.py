@@ -254,3 +254,30 @@ async def test_a_hold_redis_lost_is_still_charged_once_at_its_settlement(
         assert await store.budget("k1", "acme", P, T0 + 2) == (250, 0)
     finally:
         await store.close()
+
+
+async def test_a_redis_that_may_evict_keys_is_named_an_error(
+        own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """With a maxmemory and an evicting policy, a full Redis drops ledgers (an idle key's
+    first, under LRU) and its spend is forgotten: the sweep says so, once per policy.
+    noeviction, or no maxmemory, says nothing (a full Redis then refuses writes)."""
+    client = redis.Redis.from_url(own_redis.url)
+    with caplog.at_level("ERROR", logger="tokenbooth.limits"):
+        for policy, maxmemory, logged in (("allkeys-lru", "0", False),
+                                          ("noeviction", "100mb", False),
+                                          ("volatile-lru", "100mb", True),
+                                          ("allkeys-lru", "100mb", True)):
+            client.config_set("maxmemory-policy", policy)
+            client.config_set("maxmemory", maxmemory)
+            caplog.clear()
+            store = RedisLimitStore(own_redis.url, timeout_s=2.0)
+            try:
+                await store.sweep(T0)
+                await store.sweep(T0)  # read once a minute: said once
+            finally:
+                await store.close()
+            said = [r for r in caplog.records if "may evict" in r.getMessage()]
+            assert len(said) == logged, (policy, maxmemory, said)
+            if logged:
+                assert policy in said[0].getMessage()
+    client.close()
