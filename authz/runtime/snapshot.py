@@ -122,6 +122,12 @@ def keep_running(old: Config, new: Config) -> Config:
     what a stream cut by a stop costs, and `state` / `data_dir` are where records go."""
     update: dict[str, object] = {name: getattr(old, name) for name in RESTART_ONLY}
     update["admin"] = new.admin.model_copy(update={"listen": old.admin.listen})
+    # Envoy may be restarted first (the ingress pattern rolls it apart from the services):
+    # a lease must outlast the responses of either config, so the longer limits count.
+    update["envoy"] = old.envoy.model_copy(update={
+        "route_timeout_s": max(old.envoy.route_timeout_s, new.envoy.route_timeout_s),
+        "max_stream_duration_s": max(old.envoy.max_stream_duration_s,
+                                     new.envoy.max_stream_duration_s)})
     return new.model_copy(update=update)
 
 

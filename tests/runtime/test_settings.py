@@ -121,6 +121,13 @@ def test_a_reload_keeps_the_restart_only_settings_the_process_runs_with(
     assert (cfg.state, cfg.data_dir, cfg.max_request_body_bytes, cfg.key_store) == (
         old.state, old.data_dir, old.max_request_body_bytes, old.key_store)
     assert cfg.models["demo"].price_per_1k_tokens.input == 9  # live: changed
+    # Longer limits in the file count at once: Envoy may be restarted with them first.
+    data["envoy"] = {"route_timeout_s": 300, "max_stream_duration_s": 1800}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert rt.reload_if_changed()
+    cfg = rt.snapshot.config
+    assert (cfg.envoy.hold_lease_s(False), cfg.envoy.hold_lease_s(True)) == (330, 1830)
+    assert cfg.envoy.on_metering_loss == "serve"  # the running one
 
 
 @pytest.mark.parametrize("bad", [
