@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -281,3 +282,52 @@ async def test_a_redis_that_may_evict_keys_is_named_an_error(
             if logged:
                 assert policy in said[0].getMessage()
     client.close()
+
+
+async def test_a_key_without_limits_still_leaves_its_lost_record(
+    two_replicas: list[LimitStore],
+) -> None:
+    """A request of a key whose limits hold nothing (none at all, or a request rate only)
+    was never held, so a replica dying with it in flight left no record at all: served,
+    never recorded, never billed. It is held for its record now (an unreachable
+    concurrency limit): the sweep writes its `lost` record, once; its org's hold, if
+    any, writes none."""
+    clock, records = Clock(), []
+    reps = [Admission(s, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
+            for s in two_replicas]
+    org_lim = Limits(budget_nano=5_000)
+    cases = [(Limits(), None), (Limits(rpm=10), None), (Limits(), org_lim)]
+    asks = [ask(i, key=f"k{i}") for i in range(len(cases))]
+    for i, ((lim, olim), a) in enumerate(zip(cases, asks, strict=True)):
+        org = None if olim is None else (olim, Ask(a.request_id, "org:acme", "acme",
+                                                   a.tokens, a.cost_nano, P, a.lease_s,
+                                                   a.record))
+        assert (await reps[i % 2].admit_all(org, lim, a, clock.at())).allowed
+    ended = ask(9, key="k9")  # one that ends leaves its real record only
+    assert (await reps[0].admit_all(None, Limits(), ended, clock.at())).allowed
+    records.append(real_record(ended, 120))
+    assert (await reps[0].settle(Limits(), ended, 25, 120, clock.at(1))).applied
+    clock.t += 5.0  # the replica that had the others died: their leases end
+    assert sum(await asyncio.gather(*(r.sweep() for r in reps))) == 3
+    assert await asyncio.gather(*(r.sweep() for r in reps)) == [0, 0]
+    assert sorted((r["request_id"], r["key_id"], r["status"]) for r in records) == [
+        ("r0", "k0", LOST), ("r1", "k1", LOST), ("r2", "k2", LOST), ("r9", "k9", 200)]
+    assert await two_replicas[0].budget("org:acme", "acme", P, clock()) == (300, 0)
+
+
+async def test_a_key_without_limits_is_admitted_while_the_store_is_away(
+    own_redis: RedisServer, tmp_path: Path,
+) -> None:
+    """Its hold is only for its record: with the store away it is admitted unheld, as
+    before (never a 503 for a key that has no limit to enforce), and nothing of it takes
+    room in the settle spool, which keeps the settlements that hold money."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, spool_dir=tmp_path / "spool")
+    own_redis.stop()
+    try:
+        assert (await adm.admit_all(None, Limits(), ask(1), Clock().at())).allowed
+        assert not (await adm.settle(Limits(), ask(1), 25, 120, Clock().at(1))).applied
+        assert adm.spooled_bytes == 0
+    finally:
+        await adm.close()
+        await store.close()

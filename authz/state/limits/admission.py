@@ -21,6 +21,7 @@ from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStor
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
 from policy.admission import Settled, lost_record, settled, tracked
+from policy.bounds import MAX_EXACT
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import Ask, Decision, Limits, tightest
@@ -57,6 +58,8 @@ class Admission:
         self._on_error = policy if callable(policy) else lambda: policy
         self._local = MemoryLimitStore()
         self._local_ids: set[str] = set()  # admitted locally: settle locally too
+        # Keys without limits admitted unheld while the store was away: nothing to settle.
+        self._unheld: set[str] = set()
         # Usage admitted locally, to count into the shared store once it answers again.
         self._unsynced: list[tuple[Limits, str, int, int]] = []
         self._spool = SettleSpool(spool_dir) if spool_dir is not None else None
@@ -119,7 +122,7 @@ class Admission:
         given back (its request-rate slot stays spent: a request did arrive)."""
         org_decision = None
         if org is not None:
-            org = one_record(org, limits, ask)
+            org = one_record(org, held_limits(limits, ask), ask)
             org_decision = await self.admit(*org, now)
         try:
             decision = await self.admit(limits, ask, now)
@@ -134,17 +137,26 @@ class Admission:
 
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""
-        if not limits.any:
+        held = held_limits(limits, ask)
+        if not held.any:
             return Decision(True)
         try:
-            decision = await self._store.admit(limits, ask, now.timestamp())
+            decision = await self._store.admit(held, ask, now.timestamp())
             if self._unsynced:
                 await self._reconcile(now)
         except LimitStoreUnavailable as e:
+            if not limits.any:
+                # Held only for its record: admitted unheld, as a key without limits
+                # always was, and nothing spooled (a stalled store that runs the
+                # admission later leaves a `lost` record readers put behind the real one;
+                # no money is held). The spool stays for the settlements that hold money.
+                if len(self._unheld) < MAX_UNSYNCED:
+                    self._unheld.add(ask.request_id)
+                return Decision(True)
             # Unanswered is not undone: a script sent to a stalled store runs when it
             # wakes, and its hold would be charged as lost for a request never served.
             if not isinstance(e, LimitStoreUnwritable):  # that one changed nothing
-                self._release_later(limits, ask)
+                self._release_later(held, ask)
             if not self._may_fail_open(limits):
                 log.error("admission failed closed: %s", e,
                           extra={"request_id": ask.request_id})
@@ -154,7 +166,7 @@ class Admission:
                 ) from None
             log.warning("limit store unavailable, admitting under the local limiter: %s", e,
                         extra={"request_id": ask.request_id})
-            decision = await self._local.admit(limits, ask, now.timestamp())
+            decision = await self._local.admit(held, ask, now.timestamp())
             if decision.allowed:
                 self._local_ids.add(ask.request_id)
         if decision.allowed:
@@ -213,6 +225,10 @@ class Admission:
 
     async def _settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                       now: datetime) -> Settled:
+        if ask.request_id in self._unheld:
+            self._unheld.discard(ask.request_id)
+            return settled(ask, used_tokens, cost_nano, applied=False)
+        limits = held_limits(limits, ask)
         if ask.request_id in self._local_ids:
             self._local_ids.discard(ask.request_id)
             done = await self._local.settle(limits, ask, used_tokens, cost_nano,
@@ -289,6 +305,23 @@ class Admission:
                     log.exception("lost record not stored", extra={"record": rec.to_dict()})
         self.lost_records += n
         return n
+
+
+# The concurrency limit of a key's record-only hold (held_limits): never reached.
+RECORD_HOLD_CONCURRENCY = MAX_EXACT
+
+
+def held_limits(limits: Limits, ask: Ask) -> Limits:
+    """The limits a request is held under. A key's request that carries record material
+    (an inference request) is always held, so that a replica dying with it in flight
+    leaves its `lost` record (and a restart of the embedded store, its charge): a key
+    whose limits hold nothing (none, or a request rate only) gets an unreachable
+    concurrency limit, whose lease the sweep watches. An org's pseudo-key never does
+    (its key's hold carries the record)."""
+    if (ask.record is None or tracked(limits)
+            or ask.key_id.startswith(ORG_KEY_PREFIX)):
+        return limits
+    return replace(limits, max_concurrent=RECORD_HOLD_CONCURRENCY)
 
 
 def one_record(org: tuple[Limits, Ask], limits: Limits, ask: Ask) -> tuple[Limits, Ask]:
