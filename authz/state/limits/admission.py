@@ -20,8 +20,7 @@ from pathlib import Path
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStoreUnwritable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
-from policy.admission import Settled, lost_record, settled, tracked
-from policy.bounds import MAX_EXACT
+from policy.admission import Settled, held_limits, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import Ask, Decision, Limits, tightest
@@ -305,23 +304,6 @@ class Admission:
                     log.exception("lost record not stored", extra={"record": rec.to_dict()})
         self.lost_records += n
         return n
-
-
-# The concurrency limit of a key's record-only hold (held_limits): never reached.
-RECORD_HOLD_CONCURRENCY = MAX_EXACT
-
-
-def held_limits(limits: Limits, ask: Ask) -> Limits:
-    """The limits a request is held under. A key's request that carries record material
-    (an inference request) is always held, so that a replica dying with it in flight
-    leaves its `lost` record (and a restart of the embedded store, its charge): a key
-    whose limits hold nothing (none, or a request rate only) gets an unreachable
-    concurrency limit, whose lease the sweep watches. An org's pseudo-key never does
-    (its key's hold carries the record)."""
-    if (ask.record is None or tracked(limits)
-            or ask.key_id.startswith(ORG_KEY_PREFIX)):
-        return limits
-    return replace(limits, max_concurrent=RECORD_HOLD_CONCURRENCY)
 
 
 def one_record(org: tuple[Limits, Ask], limits: Limits, ask: Ask) -> tuple[Limits, Ask]:
