@@ -21,6 +21,7 @@ from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import CLAIM_S, DUE, RedisLimitStore
 from authz.state.limits.redis_scripts import CLAIM
 from authz.state.usage.records import one_per_request
+from policy.errors import ApiError
 from policy.limits import Ask, Limits
 from policy.usage import LOST
 from tests.redis_server import RedisServer
@@ -327,6 +328,12 @@ async def test_a_key_without_limits_is_admitted_while_the_store_is_away(
     try:
         assert (await adm.admit_all(None, Limits(), ask(1), Clock().at())).allowed
         assert not (await adm.settle(Limits(), ask(1), 25, 120, Clock().at(1))).applied
+        # A request rate alone fails closed as before, and its 503s spool nothing either
+        # (a client retrying through an outage must not fill the spool).
+        for i in range(2, 5):
+            with pytest.raises(ApiError) as e:
+                await adm.admit_all(None, Limits(rpm=10), ask(i), Clock().at())
+            assert e.value.status == 503
         assert adm.spooled_bytes == 0
     finally:
         await adm.close()

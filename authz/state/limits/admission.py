@@ -154,8 +154,10 @@ class Admission:
                 return Decision(True)
             # Unanswered is not undone: a script sent to a stalled store runs when it
             # wakes, and its hold would be charged as lost for a request never served.
+            # Only what the key's own limits hold is released (a record-only hold left
+            # behind writes a `lost` record readers put behind the real one, no more).
             if not isinstance(e, LimitStoreUnwritable):  # that one changed nothing
-                self._release_later(held, ask)
+                self._release_later(limits, ask)
             if not self._may_fail_open(limits):
                 log.error("admission failed closed: %s", e,
                           extra={"request_id": ask.request_id})
