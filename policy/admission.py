@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from policy.bounds import MAX_EXACT
@@ -47,6 +47,7 @@ from policy.limits import (
     gcra,
     nano_to_usd,
 )
+from policy.quota import ORG_KEY_PREFIX
 from policy.usage import LOST, UsageRecord
 
 # How long a lost charge stays correctable by a late settlement (after its lease ended).
@@ -72,6 +73,23 @@ def tracked(limits: Limits) -> bool:
     """Whether an admitted request holds something until it settles (only RPM does not)."""
     return (limits.tpm is not None or limits.max_concurrent is not None
             or limits.budget_nano is not None)
+
+
+# The concurrency limit of a key's record-only hold (held_limits): never reached.
+RECORD_HOLD_CONCURRENCY = MAX_EXACT
+
+
+def held_limits(limits: Limits, ask: Ask) -> Limits:
+    """The limits a request is held under. A key's request that carries record material
+    (an inference request) is always held, so that a replica dying with it in flight
+    leaves its `lost` record (and a restart of the embedded store, its charge): a key
+    whose limits hold nothing (none, or a request rate only) gets an unreachable
+    concurrency limit, whose lease the sweep watches. An org's pseudo-key never does
+    (its key's hold carries the record)."""
+    if (ask.record is None or tracked(limits)
+            or ask.key_id.startswith(ORG_KEY_PREFIX)):
+        return limits
+    return replace(limits, max_concurrent=RECORD_HOLD_CONCURRENCY)
 
 
 # -- liveness ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class Recorder:
         first content chunk, for the TTFT and per-output-token histograms."""
         try:
             self._sink.write(rec)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: the log was closed (a late end)
             # Never lose silently: the log line below still carries every field.
             log.error("usage record not stored: %s", e, extra={"record": rec.to_dict()})
         self._m.observe(rec, ttft_s)

@@ -115,7 +115,9 @@ class Services:
                                            on_reset=self.metrics.store_resets.inc)
         await self.limits.start()
         self._admission = Admission(
-            self.limits, cfg.limits.on_store_error, spool_dir=cfg.data_dir / "settle-spool",
+            # The outage policy in force: a reload may change it mid-outage.
+            self.limits, lambda: self.runtime.snapshot.config.limits.on_store_error,
+            spool_dir=cfg.data_dir / "settle-spool",
             on_lost=recorder.lost, on_spooled=recorder.spooled,
             on_hold=self.metrics.holds.update,
             on_store=lambda ok: self.metrics.store_result("limits", ok))

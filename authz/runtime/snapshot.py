@@ -89,9 +89,12 @@ class Runtime:
         except ConfigError as e:
             log.error("config reload refused, keeping the last good config: %s", e)
             return False
-        old, self.snapshot = self.snapshot.config, Snapshot.build(cfg)
-        log.info("config reloaded from %s", self.config_path)
+        old = self.snapshot.config
         if later := restart_only_changes(old, cfg):
+            cfg = keep_running(old, cfg)
+        self.snapshot = Snapshot.build(cfg)
+        log.info("config reloaded from %s", self.config_path)
+        if later:
             log.warning("config reloaded, but these changes take effect only when the "
                         "process (or Envoy) restarts: %s", ", ".join(later))
         return True
@@ -99,7 +102,7 @@ class Runtime:
 
 # Settings read at start only, by Envoy (its bootstrap) or by the services.
 RESTART_ONLY = ("listen", "tls", "envoy", "max_request_body_bytes", "services", "state",
-                "data_dir")
+                "data_dir", "key_store")
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -109,6 +112,23 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     if old.admin.listen != new.admin.listen:
         out.append("admin.listen")
     return out
+
+
+def keep_running(old: Config, new: Config) -> Config:
+    """`new` with the restart-only settings `old` runs with. Until a restart, the services
+    must act on what Envoy and they themselves run with, not on the file: Envoy's timeouts
+    bound a hold's lease (a lease shorter than a stream Envoy still lets run had the sweep
+    charge it as lost mid-stream and free its concurrency slot), `on_metering_loss` says
+    what a stream cut by a stop costs, and `state` / `data_dir` are where records go."""
+    update: dict[str, object] = {name: getattr(old, name) for name in RESTART_ONLY}
+    update["admin"] = new.admin.model_copy(update={"listen": old.admin.listen})
+    # Envoy may be restarted first (the ingress pattern rolls it apart from the services):
+    # a lease must outlast the responses of either config, so the longer limits count.
+    update["envoy"] = old.envoy.model_copy(update={
+        "route_timeout_s": max(old.envoy.route_timeout_s, new.envoy.route_timeout_s),
+        "max_stream_duration_s": max(old.envoy.max_stream_duration_s,
+                                     new.envoy.max_stream_duration_s)})
+    return new.model_copy(update=update)
 
 
 def _stamp(path: Path) -> tuple[int, ...]:

@@ -108,7 +108,12 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop(procs)
+        # Last started, first stopped: Envoy ends its streams before the services stop,
+        # and the services record them (a cut stream's prompt counted by its backend)
+        # while the simulator still answers. All at once, a stream cut by the stop was
+        # charged its prompt's bound (hundreds of tokens for "Hello!").
+        for p in reversed(procs):
+            stop([p])
 
 
 def _ensure_config(opts: UpOptions) -> str | None:

@@ -173,9 +173,11 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
 
     async def drain(self, timeout_s: float) -> None:
         """Let the records and settlements still under way finish (at most `timeout_s`),
-        then close the backend session."""
-        if self._settling:
-            await asyncio.wait(set(self._settling), timeout=timeout_s)
+        those they start meanwhile too (a stream's report brings its prompt count, which
+        then writes the record), then close the backend session."""
+        deadline = time.monotonic() + timeout_s
+        while self._settling and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._settling), timeout=left)
         await self._counter.close()
 
     async def _settle_apart(self, life: Lifecycle) -> None:

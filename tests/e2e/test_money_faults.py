@@ -470,6 +470,55 @@ def redis_command(url: str, *args: str) -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("fault", ["oom", "read-only replica", "sigstop"])
+def test_streams_end_while_redis_refuses_writes(tmp_path: Path, fault: str) -> None:
+    """Redis answers errors instead of dying (full under noeviction; a primary turned
+    read-only replica, as after a failover) or hangs (SIGSTOP) while streams end and new
+    requests come: the new ones get an OpenAI-shaped 503, the settlements wait in the
+    spool and are applied once Redis takes writes again, every record once."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    assert server.proc is not None
+    try:
+        (tmp_path / "a").mkdir()
+        with run_gateway(tmp_path / "a", state=server.url,
+                         keys=[budget_key(KEY_ID, KEY, "100")]) as gw:
+            c = client(gw.base_url, KEY)
+            threads, streams = slow_streams([c], 6, tpot_ms=50, max_tokens=30)
+            if fault == "oom":
+                redis_command(server.url, "CONFIG", "SET", "maxmemory", "1")
+            elif fault == "read-only replica":
+                redis_command(server.url, "REPLICAOF", "127.0.0.1", "1")
+            else:
+                os.kill(server.proc.pid, signal.SIGSTOP)
+            refused = set()
+            for _ in range(3):
+                with pytest.raises(openai.APIStatusError) as e:
+                    c.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=5)
+                assert (e.value.status_code, e.value.code) == (503, "service_unavailable")
+                refused.add(e.value.response.headers.get("x-request-id", ""))
+            join(threads)
+            assert all(s.complete for s in streams), [s.error for s in streams]
+            if fault == "oom":
+                redis_command(server.url, "CONFIG", "SET", "maxmemory", "0")
+            elif fault == "read-only replica":
+                redis_command(server.url, "REPLICAOF", "NO", "ONE")
+            else:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            admitted = {s.rid for s in streams}
+            poll(lambda: {r["request_id"] for r in stream_raw(server.url)} >= admitted,
+                 "records delivered", 20)
+            audit_settled(gw.config_path, KEY_ID, wait=10)
+            assert_money(stream_raw(server.url), KEY_ID, Decimal(100),
+                         redis_ledger(server.url, KEY_ID), admitted, refused)
+            c.close()
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
 # -- 2. A replica SIGKILLed mid-stream -------------------------------------------------
 
 

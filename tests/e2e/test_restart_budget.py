@@ -78,7 +78,8 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(root: Path) -> Iterator[Rig]:
+def rig(root: Path, budget: Decimal | None = BUDGET) -> Iterator[Rig]:
+    """The rig for one key, with a `total` budget (None: a key without limits)."""
     ports = PORTS
     logs = root / "logs"
     logs.mkdir()
@@ -89,7 +90,8 @@ def rig(root: Path) -> Iterator[Rig]:
                   "http_listen": f"127.0.0.1:{ports.free_port()}"},
         envoy={"admin_listen": f"127.0.0.1:{ports.free_port()}"},
         keys=[{"id": KEY_ID, "org": "acme", "sha256": fingerprint(KEY),
-               "budget_usd": str(BUDGET), "budget_period": "total"}],
+               **({} if budget is None else {"budget_usd": str(budget),
+                                             "budget_period": "total"})}],
     )
     cfg = load_config(path)
     (root / "envoy.yaml").write_text(render_yaml(cfg))
@@ -173,3 +175,22 @@ def test_sigkill_loses_no_spend_and_no_record(tmp_path: Path) -> None:
     assert reserved == 0
     assert spent == sum(usd_to_nano(Decimal(x["cost_usd"])) for x in recs)
     assert spent <= usd_to_nano(BUDGET)
+
+
+def test_sigkill_leaves_a_record_for_a_key_without_limits(tmp_path: Path) -> None:
+    """Such a key's requests held nothing, so the streams in flight at the kill (Envoy
+    served them on, unmetered) left no record at all: served and never billed. Each is
+    held for its record now: one `lost` record each at the next start."""
+    with rig(tmp_path, budget=None) as r:
+        threads = streams_in_flight(r, 3)
+        r.kill_serve()
+        r.start_serve()
+        for t in threads:
+            t.join(30)
+        r.chat(max_tokens=5)  # served after the restart: its real record
+        assert r.serve is not None
+        stop([r.serve])
+        r.serve = None
+    recs = [x for x in read_records(r.data_dir / USAGE_FILE) if x["key_id"] == KEY_ID]
+    assert sorted(str(x["status"]) for x in recs) == ["200", LOST, LOST, LOST]
+    assert all(x["estimated"] for x in recs if x["status"] == LOST)

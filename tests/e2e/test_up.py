@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -294,3 +294,51 @@ def test_readiness_answered_by_another_process_is_a_busy_port(
         server.server_close()
     where = "services.http_listen" if child == "services" else "envoy.admin_listen"
     assert str(e.value) == f"{other} ({where}) is already in use"
+
+
+def test_ctrl_c_with_a_stream_in_flight_records_its_counted_prompt(tmp_path: Path) -> None:
+    """Ctrl-C stops Envoy first, then the services, then the simulator: the stream cut by
+    the stop is recorded with its prompt as the simulator counts it. Stopped all at once,
+    the simulator was gone before the services asked, and the record charged the
+    prompt's bound (562 tokens for a one-word prompt)."""
+    path = tmp_path / DEFAULT_CONFIG
+    secret = write_default_config(path)
+    data = yaml.safe_load(path.read_text())
+    listen = f"127.0.0.1:{free_port()}"
+    data["listen"] = listen
+    data["services"] = {"grpc_listen": f"127.0.0.1:{free_port()}",
+                        "http_listen": f"127.0.0.1:{free_port()}"}
+    data["envoy"] = {"admin_listen": f"127.0.0.1:{free_port()}"}
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "TOKENBOOTH_CONFIG"}
+    up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up"], cwd=tmp_path, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = openai.OpenAI(base_url=f"http://{listen}/v1", api_key=secret, max_retries=0)
+    started = threading.Event()
+
+    def stream() -> None:
+        with suppress(openai.APIError, ValueError, OSError):
+            for _ in client.chat.completions.create(
+                    model="demo", messages=[{"role": "user", "content": "Hello!"}],
+                    max_tokens=200, stream=True, extra_headers={"x-sim-tpot-ms": "100"}):
+                started.set()
+
+    try:
+        for _ in range(300):  # up, and the simulator's first health check passed
+            with suppress(openai.APIError):
+                client.chat.completions.create(
+                    model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+                break
+            time.sleep(0.2)
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        assert started.wait(30), "the stream never started"
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+        client.close()
+    cfg = load_config(path)
+    recs = [json.loads(ln) for ln in (cfg.data_dir / "usage.jsonl").read_text().splitlines()]
+    cut = [r for r in recs if r["status"] != 200]
+    assert len(cut) == 1, recs
+    assert cut[0]["prompt_tokens"] < 50, cut[0]  # counted by the simulator, not the bound

@@ -388,6 +388,21 @@ def test_recorder_counts_lost_records(tmp_path: Path) -> None:
     assert len(written) == 1
 
 
+def test_a_record_that_ends_after_its_log_closed_goes_to_the_error_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A request that ends after the services closed the usage log (a late prompt count
+    during the stop): the record goes whole to the error log, and the caller goes on to
+    settle (the closed log's ValueError escaped, and the settlement after it was lost)."""
+    from authz.state.usage.records import JsonlUsageLog
+
+    sink = JsonlUsageLog(tmp_path)
+    sink.close()
+    with caplog.at_level("ERROR", logger="tokenbooth.usage"):
+        Recorder(sink, Metrics()).record(record(request_id="late-1"))
+    [line] = [r for r in caplog.records if "usage record not stored" in r.getMessage()]
+    assert line.record["request_id"] == "late-1"  # type: ignore[attr-defined]
+
+
 async def test_the_genai_metrics_reach_an_otlp_collector(tmp_path: Path) -> None:
     """The real OTLP/gRPC exporter, against a collector of the test's own."""
     from opentelemetry.proto.collector.metrics.v1 import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -10,13 +11,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from authz.envoy_config.names import EXT_AUTHZ
 from authz.runtime.procs import http_ok, wait_until
 from policy.keys import fingerprint
-from tests.grpc_harness import Running
+from tests.grpc_harness import Running, serve_policy
 from tests.helpers import PORTS, SECRET, free_port, write_policy
+from tests.redis_server import RedisServer
 from tests.services.test_ext_authz import check, denial
 
 
@@ -113,3 +117,31 @@ def test_serve_refuses_a_busy_port_in_one_line(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("tokenbooth: error:")
+
+
+async def test_an_outage_policy_changed_by_a_reload_applies_at_once(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """`limits.on_store_error` is read where admission needs it: an operator who turns a
+    limit to fail_open during a Redis outage gets it at the next request (it was read once
+    at start: the reload changed nothing and said nothing)."""
+    from tests.services.test_ext_proc import CHAT, Stream, immediate, req_body
+
+    def request(rid: str) -> Any:
+        msg = req_body(json.dumps(CHAT).encode(), rid=rid)
+        msg.metadata_context.filter_metadata[EXT_AUTHZ].update({"rpm": "5"})
+        return msg
+
+    async with serve_policy(tmp_path, state=own_redis.url) as running:
+        own_redis.stop()
+        status, body = immediate(await Stream(running).send(request("r-closed")))
+        assert (status, body["error"]["code"]) == (503, "service_unavailable")
+        data = yaml.safe_load(running.config_path.read_text())
+        data["limits"] = {"on_store_error": {"requests": "fail_open"}}
+        running.config_path.write_text(yaml.safe_dump(data))
+        rt = running.services.runtime
+        deadline = time.monotonic() + 5
+        while rt.snapshot.config.limits.on_store_error.requests != "fail_open":
+            assert time.monotonic() < deadline, "the reload never came"
+            await asyncio.sleep(0.1)
+        answer = await Stream(running).send(request("r-open"))
+        assert answer.HasField("request_body"), answer  # admitted under the local limiter

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from authz.runtime.settings import Settings
 from authz.runtime.snapshot import Runtime, restart_only_changes
@@ -61,7 +62,8 @@ def test_the_password_reaches_the_config_and_survives_a_reload(tmp_path: Path) -
     path.write_text(path.read_text().replace("redis:6379/0", "redis:6379/1"))
     rt._stamp = ()  # as if the file had moved on
     assert rt.reload_if_changed()
-    assert rt.snapshot.config.state == "redis://:p%40ss@redis:6379/1"
+    # `state` is read at start: the running one stays, password and all, until a restart.
+    assert rt.snapshot.config.state == "redis://:p%40ss@redis:6379/0"
 
 
 def test_a_change_that_keeps_the_mtime_is_still_seen(tmp_path: Path) -> None:
@@ -87,9 +89,45 @@ def test_a_reload_names_the_changes_only_a_restart_applies(
     path.write_text(text.replace(old.listen, "127.0.0.1:1") + "\n# moved\n")
     with caplog.at_level("WARNING", logger="tokenbooth"):
         assert rt.reload_if_changed()
-    assert restart_only_changes(old, rt.snapshot.config) == ["listen"]
     assert "take effect only when the process (or Envoy) restarts: listen" in caplog.text
+    assert rt.snapshot.config.listen == old.listen  # what Envoy listens on until a restart
+    new = rt.settings.load_config(path)
+    assert restart_only_changes(old, new) == ["listen"]
     assert restart_only_changes(old, old) == []
+
+
+def test_a_reload_keeps_the_restart_only_settings_the_process_runs_with(
+        tmp_path: Path) -> None:
+    """Envoy keeps its bootstrap until a restart, so the services keep its settings too:
+    with the file's shorter timeouts a hold's lease ended while Envoy still let the
+    stream run (the sweep charged it as lost mid-stream and freed its concurrency slot),
+    and `on_metering_loss: cut` charged only what was seen of a stream Envoy still served
+    on. The live settings (models, prices, keys) change at once."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000", state="redis://redis:6379/0",
+                        envoy={"route_timeout_s": 120, "max_stream_duration_s": 600})
+    rt = Runtime.from_file(path)
+    old = rt.snapshot.config
+    data = yaml.safe_load(path.read_text())
+    data["envoy"] = {"route_timeout_s": 1, "max_stream_duration_s": 1,
+                     "on_metering_loss": "cut", "decision_timeout_ms": 100}
+    data.update(state="redis://other:6379/0", data_dir="elsewhere",
+                max_request_body_bytes=4096, key_store={"timeout_s": 9})
+    data["models"]["demo"]["price_per_1k_tokens"] = {"input": "9", "output": "9"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert rt.reload_if_changed()
+    cfg = rt.snapshot.config
+    assert cfg.envoy == old.envoy
+    assert cfg.envoy.hold_lease_s(True) == old.envoy.hold_lease_s(True) == 630
+    assert (cfg.state, cfg.data_dir, cfg.max_request_body_bytes, cfg.key_store) == (
+        old.state, old.data_dir, old.max_request_body_bytes, old.key_store)
+    assert cfg.models["demo"].price_per_1k_tokens.input == 9  # live: changed
+    # Longer limits in the file count at once: Envoy may be restarted with them first.
+    data["envoy"] = {"route_timeout_s": 300, "max_stream_duration_s": 1800}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert rt.reload_if_changed()
+    cfg = rt.snapshot.config
+    assert (cfg.envoy.hold_lease_s(False), cfg.envoy.hold_lease_s(True)) == (330, 1830)
+    assert cfg.envoy.on_metering_loss == "serve"  # the running one
 
 
 @pytest.mark.parametrize("bad", [

@@ -147,3 +147,25 @@ async def test_a_reset_right_after_the_last_answer_still_records_and_settles(
             rec["estimated"]) == ("reset-1", 200, 2, True)
     s = Stream(running)  # the slot is free again
     await admit(s, {**CHAT, "max_tokens": 10}, "k-metered", "next-2")
+
+
+async def test_the_drain_waits_for_work_started_while_it_drains(running: Running) -> None:
+    """A stream Envoy metered whose report comes during the drain starts its prompt
+    count then, which writes the record and settles: the drain waits for that too (it
+    waited only for the work under way when it began, and the record was written to a
+    closed log, or never)."""
+    ext = running.services._ext_proc
+    assert ext is not None
+    done: list[str] = []
+
+    async def recount() -> None:
+        await asyncio.sleep(0.3)
+        done.append("recorded and settled")
+
+    async def report() -> None:
+        await asyncio.sleep(0.1)
+        ext._apart(recount())
+
+    ext._apart(report())
+    await ext.drain(5.0)
+    assert done == ["recorded and settled"]

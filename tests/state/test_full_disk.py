@@ -114,3 +114,54 @@ def test_usage_records_the_disk_refused_are_written_once_it_has_room(
         print(" ".join(r["request_id"] for r in read_records(d / USAGE_FILE)))
         """)
     assert out.split() == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_restart_on_a_full_disk_says_where_and_loses_nothing(tmp_path: Path) -> None:
+    """The embedded state restarted while its disk is full cannot write its snapshot: the
+    start fails naming the directory (it said only "No space left on device", or "File
+    too large"), the journal still holds the requests that were in flight, and the next
+    start with room charges them and writes each one's `lost` record once."""
+    out = run_child(tmp_path, """
+        from authz.state.limits.durable import (DurableMemoryLimitStore,
+                                                lost_record_writer)
+        from authz.state.usage.records import USAGE_FILE, log_lines
+        from policy.limits import Ask, HoldRecord, Limits
+
+        d = Path(sys.argv[1])
+        LIMITS = Limits(budget_nano=10**9, budget_period="total")
+        REC = HoldRecord(model="demo", upstream_model="t", endpoint="chat", stream=True,
+                         prompt_tokens=10, completion_tokens=10,
+                         started_at="2026-12-05T00:00:00Z", key_budget_period="total")
+
+        def store():
+            return DurableMemoryLimitStore(d, on_lost=lost_record_writer(d))
+
+        async def main():
+            s = store()
+            await s.start()
+            for i in range(2):
+                a = Ask(f"r{i}", "k", "o", 20, 1000, "total", 30.0, REC)
+                assert (await s.admit(LIMITS, a, 1.0)).allowed
+            for name in ("_fd", "_lock_fd"):  # what a SIGKILL leaves
+                os.close(getattr(s, name))
+                setattr(s, name, None)
+            disk(8)  # the disk is full: no file grows past 8 bytes
+            try:
+                await store().start()
+                raise SystemExit("started without writing its state")
+            except OSError as e:
+                print("refused:", e)
+            disk(None)
+            again = store()
+            await again.start()
+            print(await again.budget("k", "o", "total", 2.0))
+            await again.close()
+            print(sorted(r["request_id"] for r in log_lines(d / USAGE_FILE)))
+
+        asyncio.run(main())
+        """)
+    refused, budget, records = out.strip().splitlines()
+    assert f"{tmp_path}: cannot write the limit state" in refused
+    assert "nothing is lost" in refused
+    assert budget == "(2000, 0)"  # both charged in full, once
+    assert records == "['r0', 'r1']"

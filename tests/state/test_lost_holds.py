@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -20,6 +21,7 @@ from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import CLAIM_S, DUE, RedisLimitStore
 from authz.state.limits.redis_scripts import CLAIM
 from authz.state.usage.records import one_per_request
+from policy.errors import ApiError
 from policy.limits import Ask, Limits
 from policy.usage import LOST
 from tests.redis_server import RedisServer
@@ -253,4 +255,86 @@ async def test_a_hold_redis_lost_is_still_charged_once_at_its_settlement(
         assert not (await store.settle(lim, b, 25, 250, T0 + 2)).applied
         assert await store.budget("k1", "acme", P, T0 + 2) == (250, 0)
     finally:
+        await store.close()
+
+
+async def test_a_redis_that_may_evict_keys_is_named_an_error(
+        own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """With a maxmemory and an evicting policy, a full Redis drops ledgers (an idle key's
+    first, under LRU) and its spend is forgotten: the sweep says so, once per policy.
+    noeviction, or no maxmemory, says nothing (a full Redis then refuses writes)."""
+    client = redis.Redis.from_url(own_redis.url)
+    with caplog.at_level("ERROR", logger="tokenbooth.limits"):
+        for policy, maxmemory, logged in (("allkeys-lru", "0", False),
+                                          ("noeviction", "100mb", False),
+                                          ("volatile-lru", "100mb", True),
+                                          ("allkeys-lru", "100mb", True)):
+            client.config_set("maxmemory-policy", policy)
+            client.config_set("maxmemory", maxmemory)
+            caplog.clear()
+            store = RedisLimitStore(own_redis.url, timeout_s=2.0)
+            try:
+                await store.sweep(T0)
+                await store.sweep(T0)  # read once a minute: said once
+            finally:
+                await store.close()
+            said = [r for r in caplog.records if "may evict" in r.getMessage()]
+            assert len(said) == logged, (policy, maxmemory, said)
+            if logged:
+                assert policy in said[0].getMessage()
+    client.close()
+
+
+async def test_a_key_without_limits_still_leaves_its_lost_record(
+    two_replicas: list[LimitStore],
+) -> None:
+    """A request of a key whose limits hold nothing (none at all, or a request rate only)
+    was never held, so a replica dying with it in flight left no record at all: served,
+    never recorded, never billed. It is held for its record now (an unreachable
+    concurrency limit): the sweep writes its `lost` record, once; its org's hold, if
+    any, writes none."""
+    clock, records = Clock(), []
+    reps = [Admission(s, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
+            for s in two_replicas]
+    org_lim = Limits(budget_nano=5_000)
+    cases = [(Limits(), None), (Limits(rpm=10), None), (Limits(), org_lim)]
+    asks = [ask(i, key=f"k{i}") for i in range(len(cases))]
+    for i, ((lim, olim), a) in enumerate(zip(cases, asks, strict=True)):
+        org = None if olim is None else (olim, Ask(a.request_id, "org:acme", "acme",
+                                                   a.tokens, a.cost_nano, P, a.lease_s,
+                                                   a.record))
+        assert (await reps[i % 2].admit_all(org, lim, a, clock.at())).allowed
+    ended = ask(9, key="k9")  # one that ends leaves its real record only
+    assert (await reps[0].admit_all(None, Limits(), ended, clock.at())).allowed
+    records.append(real_record(ended, 120))
+    assert (await reps[0].settle(Limits(), ended, 25, 120, clock.at(1))).applied
+    clock.t += 5.0  # the replica that had the others died: their leases end
+    assert sum(await asyncio.gather(*(r.sweep() for r in reps))) == 3
+    assert await asyncio.gather(*(r.sweep() for r in reps)) == [0, 0]
+    assert sorted((r["request_id"], r["key_id"], r["status"]) for r in records) == [
+        ("r0", "k0", LOST), ("r1", "k1", LOST), ("r2", "k2", LOST), ("r9", "k9", 200)]
+    assert await two_replicas[0].budget("org:acme", "acme", P, clock()) == (300, 0)
+
+
+async def test_a_key_without_limits_is_admitted_while_the_store_is_away(
+    own_redis: RedisServer, tmp_path: Path,
+) -> None:
+    """Its hold is only for its record: with the store away it is admitted unheld, as
+    before (never a 503 for a key that has no limit to enforce), and nothing of it takes
+    room in the settle spool, which keeps the settlements that hold money."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, spool_dir=tmp_path / "spool")
+    own_redis.stop()
+    try:
+        assert (await adm.admit_all(None, Limits(), ask(1), Clock().at())).allowed
+        assert not (await adm.settle(Limits(), ask(1), 25, 120, Clock().at(1))).applied
+        # A request rate alone fails closed as before, and its 503s spool nothing either
+        # (a client retrying through an outage must not fill the spool).
+        for i in range(2, 5):
+            with pytest.raises(ApiError) as e:
+                await adm.admit_all(None, Limits(rpm=10), ask(i), Clock().at())
+            assert e.value.status == 503
+        assert adm.spooled_bytes == 0
+    finally:
+        await adm.close()
         await store.close()

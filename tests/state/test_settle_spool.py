@@ -163,7 +163,7 @@ def test_the_spool_keeps_order_offsets_and_damage(tmp_path: Path) -> None:
     assert spool.pending_bytes == 0 and spool.read() == []
     for i in range(3):
         assert spool.append(settlement(i))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="each replica needs a data_dir of its own"):
         SettleSpool(tmp_path)  # one live spool per directory
     [(end0, s0), (_, s1), _] = spool.read()
     assert (s0, s1) == (settlement(0), settlement(1))

@@ -237,7 +237,7 @@ async def test_full_spool_logs_the_record(
 
 async def test_one_sink_per_spool(tmp_path: Path, own_redis: RedisServer) -> None:
     first = RedisUsageSink(own_redis.url, tmp_path / "spool")
-    with pytest.raises(RuntimeError, match="in use"):
+    with pytest.raises(RuntimeError, match="each replica needs a data_dir of its own"):
         RedisUsageSink(own_redis.url, tmp_path / "spool")
     await first.aclose()
     second = RedisUsageSink(own_redis.url, tmp_path / "spool")

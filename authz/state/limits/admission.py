@@ -20,7 +20,7 @@ from pathlib import Path
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStoreUnwritable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
-from policy.admission import Settled, lost_record, settled, tracked
+from policy.admission import Settled, held_limits, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import Ask, Decision, Limits, tightest
@@ -41,9 +41,11 @@ class Admission:
     receives the usage record of each lost hold this replica claims. `on_hold(ask,
     admitted)`: a request was admitted (True) or is settling (False; once per settle
     call). `on_store(ok)`: whether the store answered the last sweep. `clock`: epoch
-    seconds, for the background work."""
+    seconds, for the background work. `on_error`: the outage policy, or where to read the
+    one in force (the config's, which a reload may change mid-outage)."""
 
-    def __init__(self, store: LimitStore, on_error: OnStoreError | None = None, *,
+    def __init__(self, store: LimitStore,
+                 on_error: OnStoreError | Callable[[], OnStoreError] | None = None, *,
                  spool_dir: Path | None = None,
                  on_lost: Callable[[UsageRecord], None] | None = None,
                  on_spooled: Callable[[], None] | None = None,
@@ -51,9 +53,12 @@ class Admission:
                  on_store: Callable[[bool], None] | None = None,
                  clock: Callable[[], float] = time.time, sweep_s: float = SWEEP_S) -> None:
         self._store = store
-        self._on_error = on_error or OnStoreError()
+        policy = on_error or OnStoreError()
+        self._on_error = policy if callable(policy) else lambda: policy
         self._local = MemoryLimitStore()
         self._local_ids: set[str] = set()  # admitted locally: settle locally too
+        # Keys without limits admitted unheld while the store was away: nothing to settle.
+        self._unheld: set[str] = set()
         # Usage admitted locally, to count into the shared store once it answers again.
         self._unsynced: list[tuple[Limits, str, int, int]] = []
         self._spool = SettleSpool(spool_dir) if spool_dir is not None else None
@@ -101,7 +106,7 @@ class Admission:
                 await asyncio.wait_for(self._stop.wait(), self._sweep_s)
 
     def _may_fail_open(self, limits: Limits) -> bool:
-        pol = self._on_error
+        pol = self._on_error()
         return limits.budget_nano is None and all(
             policy == "fail_open" for value, policy in (
                 (limits.rpm, pol.requests),
@@ -116,7 +121,7 @@ class Admission:
         given back (its request-rate slot stays spent: a request did arrive)."""
         org_decision = None
         if org is not None:
-            org = one_record(org, limits, ask)
+            org = one_record(org, held_limits(limits, ask), ask)
             org_decision = await self.admit(*org, now)
         try:
             decision = await self.admit(limits, ask, now)
@@ -131,15 +136,26 @@ class Admission:
 
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""
-        if not limits.any:
+        held = held_limits(limits, ask)
+        if not held.any:
             return Decision(True)
         try:
-            decision = await self._store.admit(limits, ask, now.timestamp())
+            decision = await self._store.admit(held, ask, now.timestamp())
             if self._unsynced:
                 await self._reconcile(now)
         except LimitStoreUnavailable as e:
+            if not limits.any:
+                # Held only for its record: admitted unheld, as a key without limits
+                # always was, and nothing spooled (a stalled store that runs the
+                # admission later leaves a `lost` record readers put behind the real one;
+                # no money is held). The spool stays for the settlements that hold money.
+                if len(self._unheld) < MAX_UNSYNCED:
+                    self._unheld.add(ask.request_id)
+                return Decision(True)
             # Unanswered is not undone: a script sent to a stalled store runs when it
             # wakes, and its hold would be charged as lost for a request never served.
+            # Only what the key's own limits hold is released (a record-only hold left
+            # behind writes a `lost` record readers put behind the real one, no more).
             if not isinstance(e, LimitStoreUnwritable):  # that one changed nothing
                 self._release_later(limits, ask)
             if not self._may_fail_open(limits):
@@ -151,7 +167,7 @@ class Admission:
                 ) from None
             log.warning("limit store unavailable, admitting under the local limiter: %s", e,
                         extra={"request_id": ask.request_id})
-            decision = await self._local.admit(limits, ask, now.timestamp())
+            decision = await self._local.admit(held, ask, now.timestamp())
             if decision.allowed:
                 self._local_ids.add(ask.request_id)
         if decision.allowed:
@@ -210,6 +226,10 @@ class Admission:
 
     async def _settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                       now: datetime) -> Settled:
+        if ask.request_id in self._unheld:
+            self._unheld.discard(ask.request_id)
+            return settled(ask, used_tokens, cost_nano, applied=False)
+        limits = held_limits(limits, ask)
         if ask.request_id in self._local_ids:
             self._local_ids.discard(ask.request_id)
             done = await self._local.settle(limits, ask, used_tokens, cost_nano,

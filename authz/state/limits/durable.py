@@ -123,7 +123,12 @@ class DurableMemoryLimitStore:
         try:
             swept = await self.load()
             await self._settle_dead(swept)
-            self._compact_now()
+            try:
+                self._compact_now()
+            except OSError as e:  # a full disk: the journal still holds everything
+                raise OSError(f"{self._dir}: cannot write the limit state ({e.strerror or e}):"
+                              " free space there and start again; nothing is lost (the "
+                              "journal keeps it)") from None
         except BaseException:
             await self.close()
             raise

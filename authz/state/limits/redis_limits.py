@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -52,6 +53,7 @@ EPOCH = "tb:{holds}:epoch"
 # Redis' data charges nothing, as before).
 MAX_HELD_IN = 100_000
 CLAIM_S = 30.0  # a claimed index entry returns to the sweep after this, if not removed
+EVICTION_CHECK_S = 60.0  # how often the sweep reads Redis' eviction policy
 SWEEP_BATCH = 256  # index entries per claim
 SWEEP_BATCHES = 16  # claims per sweep call, at most
 
@@ -91,6 +93,8 @@ class RedisLimitStore:
         # request id) → mark): its settlement, finding nothing, tells a hold Redis lost
         # from a repeat.
         self._held_in: dict[tuple[str, str], bytes] = {}
+        self._eviction_checked = -EVICTION_CHECK_S  # monotonic time of the last check
+        self._evicting = ""  # the evicting policy last logged ("" none)
 
     async def start(self) -> None:
         return None
@@ -248,11 +252,39 @@ class RedisLimitStore:
             self._on_reset()
         return False
 
+    async def _check_eviction(self) -> None:
+        """Log an error (once per policy) when Redis may evict keys: with a `maxmemory`
+        and a policy other than `noeviction`, a full Redis drops budget ledgers and holds
+        without a word (an idle key's ledger first, under an LRU policy: its spend is
+        forgotten and it may spend its budget again). Read every EVICTION_CHECK_S; a
+        Redis that refuses INFO (an ACL) is not checked."""
+        if time.monotonic() - self._eviction_checked < EVICTION_CHECK_S:
+            return
+        self._eviction_checked = time.monotonic()
+        try:
+            info = await self._call(self._redis.execute("INFO", "memory"))
+        except LimitStoreUnavailable:
+            return
+        fields = dict(line.split(":", 1) for line in
+                      (info.decode() if isinstance(info, bytes) else str(info)).splitlines()
+                      if ":" in line)
+        policy = fields.get("maxmemory_policy", "noeviction").strip()
+        evicting = policy if fields.get("maxmemory", "0").strip() not in ("", "0") \
+            and policy != "noeviction" else ""
+        if evicting and evicting != self._evicting:
+            log.error("redis may evict tokenbooth's keys (maxmemory-policy %s with a "
+                      "maxmemory): a full Redis would drop budget ledgers and holds, and "
+                      "spend would be forgotten; set maxmemory-policy noeviction (a full "
+                      "Redis then refuses writes: requests get 503 and settlements wait "
+                      "in the spool)", policy)
+        self._evicting = evicting
+
     async def sweep(self, now: float) -> list[Ask]:
         """Claim the holds whose lease ended unsettled, from the index: each is charged
         in full and returned to exactly one caller across every replica. First, whether
         Redis kept its data (`check_epoch`)."""
         await self.check_epoch()
+        await self._check_eviction()
         lost: list[Ask] = []
         for _ in range(SWEEP_BATCHES):
             members = await self._call(self._redis.evalsha(

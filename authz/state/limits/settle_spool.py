@@ -75,7 +75,8 @@ def lock_exclusive(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeError(f"{path.parent} is in use by another process") from None
+        raise RuntimeError(f"{path.parent} is in use by another tokenbooth process (each "
+                           "replica needs a data_dir of its own)") from None
     return fd
 
 

@@ -117,7 +117,8 @@ class RedisUsageSink:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock)
-            raise RuntimeError(f"usage spool {spool_dir} is in use by another sink") from None
+            raise RuntimeError(f"usage spool {spool_dir} is in use by another tokenbooth "
+                               "process (each replica needs a data_dir of its own)") from None
         self.stream = stream
         self._seen = f"{stream}:seen:"
         self._seen_ttl_s = seen_ttl_s
