@@ -161,3 +161,9 @@ def test_commented_gpu_vllm_service() -> None:
     assert shlex.join(args[-4:]) == f"--host 0.0.0.0 --port {backend.port}"
     assert vllm["volumes"][0].split(":")[0] == "hf-cache"
     assert "# hf-cache: {}" in COMPOSE.read_text()
+
+
+def test_redis_loses_no_acknowledged_write() -> None:
+    cmd = services()["redis"]["command"]
+    opts = dict(zip(cmd[1::2], cmd[2::2], strict=True))
+    assert opts == {"--appendonly": "yes", "--appendfsync": "always"}

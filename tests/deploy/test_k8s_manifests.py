@@ -397,3 +397,15 @@ def test_envoy_runs_from_the_tokenbooth_image(builds: dict[str, Build], name: st
     assert envoy["command"] == ["envoy"]
     assert "command" not in services  # the image's entrypoint: tokenbooth
     assert services["args"][0] == "serve"
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_redis_loses_no_acknowledged_write(builds: dict[str, Build], name: str) -> None:
+    """Budgets are ledgers in Redis: every write fsync'd before Redis answers it (a node
+    crash under everysec loses the last second unseen), and nothing evicted."""
+    redis = builds[name].get("StatefulSet", "redis")
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    opts = dict(zip(args[::2], args[1::2], strict=True))
+    assert opts["--appendonly"] == "yes"
+    assert opts["--appendfsync"] == "always"
+    assert opts["--maxmemory-policy"] == "noeviction"
