@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
+from fractions import Fraction
 
 from policy.config import Price
 
@@ -142,13 +143,19 @@ def bucket_refund(level: float, reserved: int, used: int, capacity: int) -> floa
 
 
 def cost_nano(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
-    """Cost in nano-USD, rounded up to the next nano-dollar (never undercharged)."""
-    usd = (prompt_tokens * price.input + completion_tokens * price.output) / 1000
-    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+    """Cost in nano-USD, rounded up to the next nano-dollar (never undercharged). In
+    exact fractions: Decimal's context keeps 28 digits, and a price with more would lose
+    the last ones before the rounding up."""
+    per_1k = prompt_tokens * Fraction(price.input) + completion_tokens * Fraction(price.output)
+    return math.ceil(per_1k * (NANO_PER_USD // 1000))
 
 
 def usd_to_nano(usd: Decimal) -> int:
-    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+    """USD in nano-USD, rounded up, exactly (whatever the digits). ValueError for a
+    NaN or an infinity (an unreadable amount, as it was)."""
+    if not usd.is_finite():
+        raise ValueError(f"not an amount: {usd}")
+    return math.ceil(Fraction(usd) * NANO_PER_USD)
 
 
 def nano_to_usd(nano: int) -> Decimal:

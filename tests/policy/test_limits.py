@@ -106,6 +106,21 @@ def test_cost_nano_rounds_up_to_the_next_nano_dollar() -> None:
     assert cost_nano(10**6, 10**6, Price()) == 0
 
 
+def test_cost_nano_is_exact_whatever_the_price_s_digits() -> None:
+    # Decimal's default context keeps 28 digits: a price with more (quoted in the policy
+    # file, so exact) lost its last ones in the product, and a cost just above a whole
+    # nano-dollar was rounded down to it, one nano-USD in the user's favour.
+    price = Price(input=Decimal("0.000001" + "0" * 33 + "1"))  # 1e-6 + 1e-40 per 1k
+    assert cost_nano(999_999, 0, price) == 1_000_000  # 999,999 nano and a little more
+    assert cost_nano(0, 999_999, Price(output=price.input)) == 1_000_000
+    exact = Price(input=Decimal("0.000001" + "0" * 40))  # the same digits, none past them
+    assert cost_nano(999_999, 0, exact) == 999_999
+    big = Price(input=Decimal("999.999999999999999999999999999999"),
+                output=Decimal("0.0000000000000000000000000000000007"))
+    assert cost_nano(2**40, 2**40, big) == 2**40 * 10**9  # less than a nano short of it
+    assert usd_to_nano(Decimal("1." + "0" * 40 + "1")) == 10**9 + 1
+
+
 def test_usd_and_nano() -> None:
     assert usd_to_nano(Decimal("0.1")) == 100_000_000
     assert usd_to_nano(Decimal("0.0000000001")) == 1  # a tenth of a nano-dollar rounds up
