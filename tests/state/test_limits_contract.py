@@ -5,14 +5,19 @@ The clock is injected: every call gets its `now`, so nothing here sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from typing import Any
 
 import pytest
+import redis
 
 from authz.state.limits.base import LimitStore
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import RedisLimitStore
 from policy.admission import LOST_TTL_S, Settled
+from policy.bounds import MAX_EXACT
 from policy.limits import (
     Ask,
     Decision,
@@ -24,6 +29,7 @@ from policy.limits import (
     bucket_take,
     gcra,
 )
+from tests.redis_server import RedisServer
 
 T0 = 1_700_000_000.25  # an epoch-sized clock, so float rounding is exercised
 
@@ -389,3 +395,39 @@ async def test_consume_counts_usage_admitted_elsewhere(store: Any) -> None:
     d = await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 30.0)
     assert not d.allowed and d.reason == "tokens"
     assert (await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 31.0)).allowed
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_bucket_in_debt_is_kept_however_far_its_limit_is_lowered(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """A request that used more tokens than it reserved leaves its key's bucket owing
+    them; lowered to a tenth, the limit refills far slower. Redis once expired the bucket
+    when the old limit would have refilled it, and then forgot the debt: a full bucket
+    under the new limit, admitting what the limit did not have. A 0.1 s window makes
+    that expiry (real time) short; the decisions still run on the injected clock."""
+    w = 0.1
+    s: Any
+    if kind == "memory":
+        s = MemoryLimitStore(window_s=w)
+    else:
+        server: RedisServer = request.getfixturevalue("limits_redis")
+        with redis.Redis.from_url(server.url) as r:
+            r.flushdb()
+        s = RedisLimitStore(server.url, timeout_s=1.0, window_s=w)
+    try:
+        a = ask(tokens=100)
+        assert (await s.admit(Limits(tpm=900), a, T0)).allowed
+        assert (await s.settle(Limits(tpm=900), a, 2_900, 0, T0)).overrun_tokens == 2_800
+        # The bucket holds 900 - 2,900: at 900 a window the debt would be repaid, and the
+        # bucket full, in 0.32 s; Redis expired it a window after that.
+        await asyncio.sleep(0.8)
+        lim, now = Limits(tpm=10), T0 + 1.0
+        level = bucket_level(-2_000.0, T0, now, 10, w)  # -1,900: still owing
+        d = await s.admit(lim, ask(tokens=1), now)
+        assert (d.allowed, d.reason, d.remaining_tokens) == (False, "tokens", -1_900)
+        assert d.retry_after_s == pytest.approx((1 - level) * w / 10)
+        # The largest debt there can be still fits an expiry Redis takes.
+        await s.consume(lim, "k-owes", 0, MAX_EXACT, now)
+        assert (await s.admit(lim, ask("k-owes", tokens=1), now)).reason == "tokens"
+    finally:
+        await s.close()

@@ -2,7 +2,7 @@
 
 Layout: all of a key's state shares the hash tag `{k:<key_id>}`, one Cluster slot.
   tb:{k:<id>}:gcra             GCRA TAT (string)                      TTL: until stale + window
-  tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: until full + window
+  tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: full at tpm 1 + window
   tb:{k:<id>}:conc             ZSET request_id -> lease expiry          TTL: longest lease + window
   tb:{k:<id>}:res:<rid>        HASH tokens, cost, period, exp, ask      TTL: lease + LOST_TTL_S
   tb:{k:<id>}:budget:<period>  HASH spent, reserved, r:<rid> -> cost,   no TTL (the ledger)
@@ -29,6 +29,9 @@ TTLs only clean up; liveness is always decided against the caller's `now`
 from __future__ import annotations
 
 from policy.admission import LOST_TTL_S
+
+# The longest a token bucket in debt is kept (ten years: past it, a debt is forgotten).
+MAX_TTL_S = 10 * 365 * 86400.0
 
 # Shared helpers: exact float text, integer text, Python's float floor division,
 # bucket (admission.bucket_now), save_bucket (admission.bucket_save), and purge
@@ -57,7 +60,11 @@ local function save_bucket(key, level, now_s, cap, w)
     ahead, now_s = tonumber(ts) - tonumber(now_s), ts
   end
   redis.call('HSET', key, 'level', f(level), 'ts', now_s)
+  -- Kept until full under any limit, since the key's tpm may be changed meanwhile: at
+  -- or above zero that is a window at most; in debt, as slow as the lowest tpm (1)
+  -- repays it (capped: Redis refuses an expiry past its range).
   local full = math.max(0, (cap - level) * w / cap)
+  if level < 0 then full = math.min((1 - level) * w, MAX_TTL_S) end
   redis.call('PEXPIRE', key, int(math.ceil((full + ahead + w) * 1000)))
 end
 local function purge(bkey, vkey, lkey, now_s)
@@ -79,7 +86,7 @@ local function purge(bkey, vkey, lkey, now_s)
   for _, r in ipairs(old) do redis.call('HDEL', bkey, 'l:' .. r) end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', lkey, '-inf', floor) end
 end
-""".replace("LOST_TTL", repr(LOST_TTL_S))
+""".replace("LOST_TTL", repr(LOST_TTL_S)).replace("MAX_TTL_S", repr(MAX_TTL_S))
 
 # KEYS: gcra, tpm, conc, res, budget, resv, lost.
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
