@@ -313,14 +313,15 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
 
 
 def admit(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: float,
-          w: float = WINDOW_S) -> Decision:
+          w: float = WINDOW_S, take: bool = True) -> Decision:
     """Check every limit and, only if all pass, reserve for all of them. `ledger` is the
-    key's ledger for `ask.period` (None when the key has no budget)."""
+    key's ledger for `ask.period` (None when the key has no budget). `take=False`: the
+    Decision alone, nothing reserved (would the key admit it?)."""
     check_ask(limits, ask)
     expire(key, now)
     v = check(limits, ask, key, ledger, now, w)
     d = decision(limits, v, key.tat, now, w)
-    if d.allowed:
+    if d.allowed and take:
         reserve(limits, ask, key, ledger, v, now)
     return d
 

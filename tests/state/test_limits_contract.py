@@ -320,6 +320,26 @@ async def test_a_denial_changes_nothing(store: Any) -> None:
     assert d.reason == "requests" and d.remaining_tokens == 0
 
 
+async def test_a_look_decides_as_admission_would_and_takes_nothing(store: Any) -> None:
+    """`take=False` (asked of a key before its org takes a slot): the same Decision as
+    an admission at that moment, and no state changed, whatever it decides."""
+    lim = Limits(rpm=2, tpm=100, max_concurrent=2, budget_nano=50)
+    for i in range(3):  # the same look, three times: nothing taken by any of them
+        d = await store.admit(lim, ask(tokens=30, cost=20), T0, take=False)
+        assert d.allowed and d.remaining_requests == 1 and d.remaining_tokens == 70, i
+    assert await store.sweep(T0 + 1_000) == []  # nothing held, nothing indexed
+    assert await store.budget("k1", "acme", "month:2025-01", T0) == (0, 0)
+    held = ask(tokens=30, cost=20, lease_s=100)
+    assert (await store.admit(lim, held, T0)).allowed
+    assert (await store.admit(lim, ask(tokens=30, cost=20), T0)).allowed  # rpm used up
+    for a in (ask(tokens=5), held):  # refused: requests, then a duplicate
+        looked = await store.admit(lim, a, T0, take=False)
+        assert looked == await store.admit(lim, a, T0) and not looked.allowed
+    assert (await store.settle(lim, held, 30, 20, T0 + 10.0)).applied  # still held
+    assert await store.budget("k1", "acme", "month:2025-01", T0 + 10.0) == (20, 20)
+    assert (await store.admit(lim, ask(tokens=5), T0 + 30.0, take=False)).allowed
+
+
 async def test_check_order_requests_before_everything(store: Any) -> None:
     lim = Limits(rpm=1, max_concurrent=1, tpm=10, budget_nano=5)
     assert (await store.admit(lim, ask(tokens=10, cost=5, lease_s=100), T0)).allowed

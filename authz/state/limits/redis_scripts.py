@@ -90,7 +90,8 @@ end
 
 # KEYS: gcra, tpm, conc, res, budget, resv, lost.
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
-#       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record).
+#       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record),
+#       take ('0': decide only, reserve nothing).
 # Returns {allowed, reason, retry_after, remaining_req, reset_req, remaining_tok, reset_tok}
 # as text ('' = none). Mirrors admission.admit: check, decision, then reserve.
 ADMIT = LIB + """
@@ -158,6 +159,7 @@ local function reply(ok, lvl)
   return {ok, reason or '', retry and f(retry) or '', rem_r, reset_r, rem_t, reset_t}
 end
 if reason then return reply(0, level) end
+if ARGV[13] == '0' then return reply(1, after) end
 -- admission.reserve: admitted, take everything
 local exp = now + lease
 local slack = w * 1000
