@@ -126,7 +126,7 @@ class KeyState:
     level: float | None = None  # TPM bucket content at `ts` (None: full)
     ts: float = 0.0
     holds: dict[str, Hold] = field(default_factory=dict)  # request_id -> live hold
-    leased: set[str] = field(default_factory=set)  # holds that take a concurrency slot
+    leased: set[str] = field(default_factory=set)  # live holds: each takes a concurrency slot
     heap: list[tuple[float, str]] = field(default_factory=list)  # (exp, request_id)
     # Holds whose lease ended unsettled: no slot, tokens stay taken; until `sweep`
     # claims them (lost) or a late settlement, the request_id is still held.
@@ -301,8 +301,8 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
         key.tat = v.gcra.tat
     if limits.tpm is not None:
         bucket_save(key, v.after, now)
-    if limits.max_concurrent is not None:
-        key.leased.add(rid)
+    if tracked(limits):  # a lease whatever its limits: a concurrency limit set while it
+        key.leased.add(rid)  # is in flight (keys update) counts it at once
     if limits.budget_nano is not None and ledger is not None:
         ledger.reserved += ask.cost_nano
         ledger.holds[rid] = (ask.cost_nano, exp)

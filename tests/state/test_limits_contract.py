@@ -340,6 +340,30 @@ async def test_a_look_decides_as_admission_would_and_takes_nothing(store: Any) -
     assert (await store.admit(lim, ask(tokens=5), T0 + 30.0, take=False)).allowed
 
 
+async def test_a_concurrency_limit_set_mid_flight_counts_the_requests_in_flight(
+        store: Any) -> None:
+    """`keys update --max-concurrent 1` on a key with 2 requests in flight (held for its
+    tpm and budget): the new limit applies at once. Only requests admitted under a
+    concurrency limit took a lease, so both were invisible to it and a third was
+    admitted: 3 in flight under a limit of 1."""
+    before = Limits(tpm=1_000, budget_nano=100)
+    first, second = ask(tokens=10, cost=1), ask(tokens=10, cost=1)
+    for a in (first, second):
+        assert (await store.admit(before, a, T0)).allowed
+    after = Limits(tpm=1_000, max_concurrent=1, budget_nano=100)
+    assert (await store.admit(after, ask(tokens=10, cost=1), T0 + 1)).reason == "concurrency"
+    await store.settle(before, first, 10, 1, T0 + 2)
+    assert (await store.admit(after, ask(tokens=10, cost=1), T0 + 2)).reason == "concurrency"
+    await store.settle(before, second, 10, 1, T0 + 3)
+    assert (await store.admit(after, ask(tokens=10, cost=1), T0 + 3)).allowed
+    # A lease ends with its hold: one admitted before, never settled, frees it then.
+    lost = ask("k2", tokens=10, lease_s=5.0)
+    assert (await store.admit(Limits(tpm=1_000), lost, T0)).allowed
+    assert (await store.admit(Limits(max_concurrent=1), ask("k2"), T0 + 4.9)).reason \
+        == "concurrency"
+    assert (await store.admit(Limits(max_concurrent=1), ask("k2"), T0 + 5.0)).allowed
+
+
 async def test_check_order_requests_before_everything(store: Any) -> None:
     lim = Limits(rpm=1, max_concurrent=1, tpm=10, budget_nano=5)
     assert (await store.admit(lim, ask(tokens=10, cost=5, lease_s=100), T0)).allowed

@@ -167,7 +167,7 @@ if rpm then
   redis.call('SET', KEYS[1], f(new_tat), 'PX', int(math.ceil((new_tat - now) * 1000 + slack)))
 end
 if tpm then save_bucket(KEYS[2], after, now_s, tpm, w) end
-if maxc then
+if tracked then  -- a lease whatever its limits: a max_concurrent set later counts it
   redis.call('ZADD', KEYS[3], f(exp), rid)
   local ttl = math.ceil(lease * 1000 + slack)
   if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], int(ttl)) end
