@@ -372,10 +372,25 @@ def settle(limits: Limits, ask: Ask, used_tokens: int, cost_nano: int, key: KeyS
     charged = ledger.charge(rid, cost_nano) if ledger is not None else 0
     if (key is not None and hold is not None and settle_charges(hold.exp, now)
             and hold.tokens is not None and limits.tpm is not None):
-        level = bucket_now(key, limits.tpm, now, w)
-        bucket_save(key, bucket_refund(level, hold.tokens, used_tokens, limits.tpm), now)
+        give_back(key, hold.tokens, used_tokens, limits.tpm, now, w)
     return settled(ask, used_tokens, cost_nano, applied=hold is not None or charged > 0,
                    corrected=charged == 2)
+
+
+def give_back(key: KeyState, reserved: int, used: int, capacity: int, now: float,
+              w: float = WINDOW_S) -> None:
+    """A live reservation settles: the tokens it did not use come back, added to the
+    bucket as it was stored, its time unchanged, so the next admission refills it at the
+    tpm then in force. `capacity` is the tpm at admission: reading the bucket through it
+    would clamp it there, undoing a tpm raised meanwhile (keys update). An overrun is
+    taken from the bucket as it is now, refilled and at most full (never from tokens
+    past full that the refill never gave)."""
+    if reserved >= used:
+        if key.level is not None:  # None: full, nothing to give back to
+            key.level += reserved - used
+        return
+    level = bucket_now(key, capacity, now, w)
+    bucket_save(key, bucket_refund(level, reserved, used, capacity), now)
 
 
 def lost_record(ask: Ask) -> UsageRecord | None:

@@ -136,7 +136,7 @@ def bucket_reset_s(level: float, capacity: int, window_s: float = WINDOW_S) -> f
 
 def bucket_refund(level: float, reserved: int, used: int, capacity: int) -> float:
     """Settle a reservation: give back what was not used (or take the overrun)."""
-    return min(float(capacity), level + reserved - used)
+    return min(float(capacity), level + (reserved - used))
 
 
 # -- budgets ------------------------------------------------------------------------

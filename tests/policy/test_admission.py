@@ -14,6 +14,7 @@ from policy.admission import (
     Ledger,
     Settled,
     admit,
+    bucket_now,
     consume,
     expire,
     hold_live,
@@ -140,7 +141,10 @@ def test_settle_charges_the_real_cost_and_refunds_unused_tokens() -> None:
     key, ledger = admitted(a)
     assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 3) == Settled(True, 0, 0)
     assert (ledger.spent, ledger.reserved, ledger.holds) == (1_500, 0, {})
-    assert (key.level, key.ts) == (400.0 + 50.0 + 500.0, T0 + 3)  # refill 50, refund 500
+    # The 500 unused are added to the bucket as stored (its time unchanged: the tpm in
+    # force at the next admission refills it); read now, the 50 refilled are there too.
+    assert (key.level, key.ts) == (400.0 + 500.0, T0)
+    assert bucket_now(key, 1000, T0 + 3, 60.0) == 400.0 + 50.0 + 500.0
     assert (key.holds, key.leased) == ({}, set())
     assert admit(LIM, ask("r2"), key, ledger, T0 + 3).allowed  # the lease is free again
 

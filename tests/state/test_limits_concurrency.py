@@ -252,7 +252,9 @@ class MemoryVsModel(RuleBasedStateMachine):
         p = h.ask.period  # charged in full either way: the real cost replaces a lost charge
         self.spent[p] = self.spent.get(p, 0) + cost
         self.overrun[p] = self.overrun.get(p, 0) + over
-        if live:  # only a live hold gives back its unused tokens
+        if live and used <= h.tokens:  # only a live hold gives back its unused tokens,
+            self.level += h.tokens - used  # added as stored (admission.give_back)
+        elif live:  # an overrun: taken from the bucket as it is now
             level = bucket_level(self.level, self.ts, self.now, 500)
             self.level, self.ts = bucket_refund(level, h.tokens, used, 500), self.now
 

@@ -364,6 +364,25 @@ async def test_a_concurrency_limit_set_mid_flight_counts_the_requests_in_flight(
     assert (await store.admit(Limits(max_concurrent=1), ask("k2"), T0 + 5.0)).allowed
 
 
+async def test_a_tpm_raised_mid_flight_is_not_undone_by_the_old_settlements(
+        store: Any) -> None:
+    """`keys update --tpm 6000` on a key at 60 with a request in flight: that request
+    settles under the limits it was admitted with, and its refund read the bucket
+    through the old capacity, clamping it to 60: the key was refused 300 tokens the new
+    limit had."""
+    old, new = Limits(tpm=60), Limits(tpm=6_000)
+    a = ask(tokens=60)
+    assert (await store.admit(old, a, T0)).allowed  # the bucket is empty
+    assert (await store.admit(new, ask(tokens=50), T0 + 1.0)).allowed  # 100 refilled
+    await store.settle(old, a, 10, 0, T0 + 2.0)  # 50 unused come back
+    level = bucket_level(50.0 + 50, T0 + 1.0, T0 + 2.0, 6_000)  # 50 left, 50 back, 100 refilled
+    assert level == 200.0
+    d = await store.admit(new, ask(tokens=200), T0 + 2.0)
+    assert d.allowed and d.remaining_tokens == 0
+    assert (await store.admit(new, ask(tokens=101), T0 + 3.0)).reason == "tokens"
+    assert (await store.admit(new, ask(tokens=100), T0 + 3.0)).allowed
+
+
 async def test_check_order_requests_before_everything(store: Any) -> None:
     lim = Limits(rpm=1, max_concurrent=1, tpm=10, budget_nano=5)
     assert (await store.admit(lim, ask(tokens=10, cost=5, lease_s=100), T0)).allowed

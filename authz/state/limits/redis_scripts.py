@@ -217,10 +217,16 @@ else
   end
 end
 -- admission.settle_charges: only a live hold gives back its unused tokens
+-- (admission.give_back: added as stored, its time unchanged; an overrun taken from the
+-- bucket as it is now)
 if res[2] and now < tonumber(res[2]) and res[1] and tpm then
-  local level = bucket(KEYS[1], now, tpm, w)
-  save_bucket(KEYS[1], math.min(tpm, level + tonumber(res[1]) - tonumber(ARGV[4])), now_s,
-              tpm, w)
+  local back = tonumber(res[1]) - tonumber(ARGV[4])
+  if back >= 0 then
+    local stored = redis.call('HGET', KEYS[1], 'level')
+    if stored then redis.call('HSET', KEYS[1], 'level', f(tonumber(stored) + back)) end
+  else
+    save_bucket(KEYS[1], math.min(tpm, bucket(KEYS[1], now, tpm, w) + back), now_s, tpm, w)
+  end
 end
 if charged == 2 then return 2 end
 if res[2] or charged == 1 then return 1 end
