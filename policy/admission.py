@@ -187,11 +187,14 @@ def expire(key: KeyState, now: float) -> None:
 
 
 def sweep(key: KeyState, now: float) -> list[Hold]:
-    """Claim the key's holds whose lease ended unsettled: lost. Each is returned once;
-    the store then expires its ledger (which charges it) and writes its record."""
+    """Claim the key's holds whose lease ended unsettled by `now`: lost. Each is returned
+    once; the store then expires its ledger (which charges it) and writes its record. A
+    hold an admission with a later clock saw end waits for a sweep whose `now` is past
+    its lease too (a clock stepped back; Redis decides by the caller's `now` alike)."""
     expire(key, now)
-    lost = list(key.ended.values())
-    key.ended.clear()
+    lost = [h for h in key.ended.values() if not hold_live(h.exp, now)]
+    for h in lost:
+        del key.ended[h.ask.request_id]
     return lost
 
 

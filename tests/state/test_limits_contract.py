@@ -271,6 +271,24 @@ async def test_a_late_settle_before_the_sweep_charges_without_refund(store: Any)
     assert await store.sweep(T0 + 15.0) == []
 
 
+async def test_a_sweep_with_a_clock_stepped_back_claims_only_ended_leases(
+        store: Any) -> None:
+    """Liveness is decided against the caller's `now`. The memory store claimed every
+    hold that an admission with a later clock had seen end, so a sweep whose clock was
+    behind (stepped back) claimed, and recorded as `lost`, a hold still live by its
+    `now`, which Redis claims only once its clock reaches the lease's end."""
+    lim = Limits(max_concurrent=5, budget_nano=1_000)
+    short, longer = ask(cost=100, lease_s=2.0), ask(cost=10, lease_s=10.0)
+    for a in (short, longer):
+        assert (await store.admit(lim, a, T0)).allowed
+    assert (await store.admit(lim, ask(cost=1, lease_s=100.0), T0 + 20.0)).allowed
+    # The clock is back at T0 + 5: `short` ended, `longer` is live.
+    assert [a.request_id for a in await store.sweep(T0 + 5.0)] == [short.request_id]
+    assert [a.request_id for a in await store.sweep(T0 + 10.0)] == [longer.request_id]
+    assert await store.sweep(T0 + 10.0) == []
+    assert await store.budget("k1", "acme", "month:2025-01", T0 + 10.0) == (110, 1)
+
+
 async def test_a_lost_charge_is_forgotten_after_lost_ttl(store: Any) -> None:
     lim, p = Limits(budget_nano=10_000), "total"
     a, b = ask(cost=600, period=p, lease_s=5.0), ask(cost=400, period=p, lease_s=5.0)

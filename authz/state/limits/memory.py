@@ -100,8 +100,9 @@ class MemoryLimitStore:
                 if ledger is not None:
                     ledger.expire(now)
                 lost.append(hold.ask)
-            if key.holds:  # the next lease to end (its heap may hold settled ones: sooner)
-                self._schedule(key_id, min(h.exp for h in key.holds.values()))
+            rest = [*key.holds.values(), *key.ended.values()]
+            if rest:  # the next lease to end (its heap may hold settled ones: sooner)
+                self._schedule(key_id, min(h.exp for h in rest))
         return lost
 
     # -- for the durable store (durable.py): the state itself, to snapshot and restore --
