@@ -122,7 +122,9 @@ class Hold:
 class KeyState:
     """One key's limit state (a store keeps one per key_id)."""
 
-    tat: float | None = None  # GCRA theoretical arrival time (None: never used)
+    # The request-rate bucket (GCRA's bucket form): requests left at `rts` (None: full).
+    requests: float | None = None
+    rts: float = 0.0
     level: float | None = None  # TPM bucket content at `ts` (None: full)
     ts: float = 0.0
     holds: dict[str, Hold] = field(default_factory=dict)  # request_id -> live hold
@@ -210,6 +212,18 @@ def bucket_now(key: KeyState, capacity: int, now: float, window_s: float) -> flo
     return bucket_level(key.level, key.ts, now, capacity, window_s)
 
 
+def requests_now(key: KeyState, rpm: int, now: float, window_s: float) -> float:
+    """The requests the key's rate bucket holds at `now` (a bucket never used is full)."""
+    if key.requests is None:
+        return float(rpm)
+    return bucket_level(key.requests, key.rts, now, rpm, window_s)
+
+
+def requests_save(key: KeyState, level: float, now: float) -> None:
+    """Store the rate bucket's new content; its time never goes back (as bucket_save)."""
+    key.requests, key.rts = level, max(key.rts, now)
+
+
 def bucket_save(key: KeyState, level: float, now: float) -> None:
     """Store the bucket's new content. Its time never goes back: a `now` older than the
     bucket's (a request admitted at its start after later ones, a replica whose clock is
@@ -228,6 +242,7 @@ class Verdict:
     reason: str  # "" when every check passed
     retry_after_s: float | None
     gcra: GcraResult | None  # None without an rpm limit
+    requests: float  # the rate bucket before this request (0 without an rpm limit)
     level: float  # the bucket before this request (0 without a tpm limit)
     after: float  # the bucket if it is admitted
 
@@ -251,9 +266,10 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
     expired holds are dropped, which nothing can observe)."""
     duplicate = tracked(limits) and held(key, ask.request_id)
     reason, retry = ("duplicate" if duplicate else ""), None
-    g = None
+    g, requests = None, 0.0
     if limits.rpm is not None:
-        g = gcra(now if key.tat is None else key.tat, now, limits.rpm, w)
+        requests = requests_now(key, limits.rpm, now, w)
+        g = gcra(requests, limits.rpm, w)
         if not g.allowed and not reason:
             reason, retry = "requests", g.retry_after_s
     if (not reason and limits.max_concurrent is not None
@@ -268,13 +284,11 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
             # "budget_held": it would fit in what is unspent, once requests in flight end.
             reason = ("budget_held" if budget_admits(ledger.spent, 0, ask.cost_nano,
                                                      limits.budget_nano) else "budget")
-    return Verdict(reason, retry, g, level, after)
+    return Verdict(reason, retry, g, requests, level, after)
 
 
-def decision(limits: Limits, v: Verdict, tat: float | None, now: float,
-             w: float = WINDOW_S) -> Decision:
-    """The Decision and its header material: the state after it (a denial took nothing).
-    `tat` is the key's TAT before this request."""
+def decision(limits: Limits, v: Verdict, w: float = WINDOW_S) -> Decision:
+    """The Decision and its header material: the state after it (a denial took nothing)."""
     allowed = not v.reason
     rem_r: int | None = None
     reset_r = 0.0
@@ -285,8 +299,8 @@ def decision(limits: Limits, v: Verdict, tat: float | None, now: float,
         elif allowed:
             rem_r, reset_r = g.remaining, g.reset_s
         else:  # admissible by GCRA but denied by a later check: nothing was taken
-            rem_r = min(g.remaining + 1, limits.rpm)
-            reset_r = max(now if tat is None else tat, now) - now
+            rem_r = min(math.floor(v.requests), limits.rpm)
+            reset_r = max(0.0, (limits.rpm - v.requests) * w / limits.rpm)
     rem_t: int | None = None
     reset_t = 0.0
     if limits.tpm is not None:
@@ -301,7 +315,7 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
     """Take what an admitted request holds, for every limit the key has."""
     exp, rid = now + ask.lease_s, ask.request_id
     if v.gcra is not None:
-        key.tat = v.gcra.tat
+        requests_save(key, v.gcra.level, now)
     if limits.tpm is not None:
         bucket_save(key, v.after, now)
     if tracked(limits):  # a lease whatever its limits: a concurrency limit set while it
@@ -323,7 +337,7 @@ def admit(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
     check_ask(limits, ask)
     expire(key, now)
     v = check(limits, ask, key, ledger, now, w)
-    d = decision(limits, v, key.tat, now, w)
+    d = decision(limits, v, w)
     if d.allowed and take:
         reserve(limits, ask, key, ledger, v, now)
     return d
@@ -419,6 +433,6 @@ def consume(limits: Limits, key: KeyState, requests: int, tokens: int, now: floa
     """Count usage admitted elsewhere: `requests` arrivals against the GCRA and `tokens`
     out of the bucket, which may go below zero (it owes them). Never refuses."""
     if limits.rpm is not None and requests > 0:
-        key.tat = max(now if key.tat is None else key.tat, now) + requests * w / limits.rpm
+        requests_save(key, requests_now(key, limits.rpm, now, w) - requests, now)
     if limits.tpm is not None and tokens > 0:
         bucket_save(key, bucket_now(key, limits.tpm, now, w) - tokens, now)

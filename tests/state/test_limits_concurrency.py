@@ -186,7 +186,7 @@ class MemoryVsModel(RuleBasedStateMachine):
         self.now = T0
         self.period = "p0"
         self.n = 0
-        self.tat = T0
+        self.requests, self.rts = 6.0, T0
         self.level, self.ts = 500.0, T0
         self.held: list[Held] = []  # admitted, unsettled (lost ones linger until settled)
         self.swept: set[str] = set()  # request ids the sweep claimed
@@ -220,7 +220,7 @@ class MemoryVsModel(RuleBasedStateMachine):
         a = Ask(f"r{self.n}", "k", "o", tokens, cost, self.period, lease)
         d = run_sync(self.store.admit(self.LIM, a, self.now))
         # The reference decision, checks in the protocol's order.
-        g = gcra(self.tat, self.now, 6)
+        g = gcra(bucket_level(self.requests, self.rts, self.now, 6), 6)
         level = bucket_level(self.level, self.ts, self.now, 500)
         ok_t, after, _ = bucket_take(level, tokens, 500)
         spent = self.spent_in(self.period)
@@ -234,7 +234,8 @@ class MemoryVsModel(RuleBasedStateMachine):
         assert (d.allowed, d.reason) == (expect == "", expect)
         assert d.remaining_tokens == math.floor(after if d.allowed else level)
         if d.allowed:
-            self.tat, self.level, self.ts = g.tat, after, self.now
+            self.requests, self.rts = g.level, self.now
+            self.level, self.ts = after, self.now
             self.held.append(Held(a, self.now + lease, tokens))
 
     @precondition(lambda self: bool(self.held))

@@ -442,20 +442,19 @@ async def test_bad_asks_are_refused(store: Any, bad: dict[str, Any]) -> None:
 
 
 async def test_header_arithmetic_is_policy_limits_exactly(store: Any) -> None:
-    """Bit-for-bit the pure functions, including Python's float `//` in GCRA (small clock
-    values make `x // i` and `floor(x / i)` differ for many limits)."""
+    """Bit-for-bit the pure functions (GCRA's bucket and the token bucket)."""
     for n in range(1, 40):
-        lim, tat, now = Limits(rpm=n, tpm=7 * n), 12.5, 12.5
-        level, ts = float(7 * n), now
+        lim, now = Limits(rpm=n, tpm=7 * n), 12.5
+        requests, rts, level, ts = float(n), now, float(7 * n), now
         for k in range(n + 1):
             now += (k % 3) / 7.0
             d = await store.admit(lim, ask(f"rpm{n}", tokens=k), now)
-            g = gcra(tat, now, n)
+            g = gcra(bucket_level(requests, rts, now, n), n)
             lvl = bucket_level(level, ts, now, 7 * n)
             ok, after, _ = bucket_take(lvl, k, 7 * n)
             assert d.allowed == (g.allowed and ok)
             if d.allowed:
-                tat, level, ts = g.tat, after, now
+                requests, rts, level, ts = g.level, now, after, now
                 assert (d.remaining_requests, d.reset_requests_s) == (g.remaining, g.reset_s)
                 assert d.remaining_tokens == math.floor(after)
                 assert d.reset_tokens_s == bucket_reset_s(after, 7 * n)
