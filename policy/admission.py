@@ -1,6 +1,6 @@
 """Admission: what a key's limits admit, what they hold, and what settlement charges.
 
-The state is plain data, kept by a store: `KeyState` per key (the GCRA TAT, the TPM
+The state is plain data, kept by a store: `KeyState` per key (the GCRA bucket, the TPM
 bucket, the unsettled holds and concurrency leases) and `Ledger` per key and budget
 period (spent, reserved, the budget holds, the lost charges). The transitions take that
 state, the key's `Limits` and `now` (the clock is always an argument) and do no I/O:

@@ -99,7 +99,7 @@ async def _read_store(store: Any, periods: dict[str, str], now: float) -> dict[s
 
 
 async def _read_redis(url: str, periods: dict[str, str], now: float) -> dict[str, Counters]:
-    """GET / HMGET / ZCOUNT on the keys redis_scripts.py describes, and the store's own
+    """HMGET / ZCOUNT on the keys redis_scripts.py describes, and the store's own
     budget read."""
     from redis.exceptions import RedisError
 
