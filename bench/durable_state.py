@@ -69,7 +69,7 @@ class SqliteStore:
         keys, ledgers = self._mem.state()
         k, led = keys[key_id], ledgers[(key_id, period)]
         self._db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)",
-                         (key_id, k.tat, k.level, k.ts))
+                         (key_id, k.requests, k.level, k.ts))
         self._db.execute("INSERT OR REPLACE INTO ledgers VALUES (?, ?, ?, ?)",
                          (key_id, period, led.spent, led.reserved))
 

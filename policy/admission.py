@@ -1,6 +1,6 @@
 """Admission: what a key's limits admit, what they hold, and what settlement charges.
 
-The state is plain data, kept by a store: `KeyState` per key (the GCRA TAT, the TPM
+The state is plain data, kept by a store: `KeyState` per key (the GCRA bucket, the TPM
 bucket, the unsettled holds and concurrency leases) and `Ledger` per key and budget
 period (spent, reserved, the budget holds, the lost charges). The transitions take that
 state, the key's `Limits` and `now` (the clock is always an argument) and do no I/O:
@@ -140,11 +140,13 @@ class Hold:
 class KeyState:
     """One key's limit state (a store keeps one per key_id)."""
 
-    tat: float | None = None  # GCRA theoretical arrival time (None: never used)
+    # The request-rate bucket (GCRA's bucket form): requests left at `rts` (None: full).
+    requests: float | None = None
+    rts: float = 0.0
     level: float | None = None  # TPM bucket content at `ts` (None: full)
     ts: float = 0.0
     holds: dict[str, Hold] = field(default_factory=dict)  # request_id -> live hold
-    leased: set[str] = field(default_factory=set)  # holds that take a concurrency slot
+    leased: set[str] = field(default_factory=set)  # live holds: each takes a concurrency slot
     heap: list[tuple[float, str]] = field(default_factory=list)  # (exp, request_id)
     # Holds whose lease ended unsettled: no slot, tokens stay taken; until `sweep`
     # claims them (lost) or a late settlement, the request_id is still held.
@@ -205,11 +207,14 @@ def expire(key: KeyState, now: float) -> None:
 
 
 def sweep(key: KeyState, now: float) -> list[Hold]:
-    """Claim the key's holds whose lease ended unsettled: lost. Each is returned once;
-    the store then expires its ledger (which charges it) and writes its record."""
+    """Claim the key's holds whose lease ended unsettled by `now`: lost. Each is returned
+    once; the store then expires its ledger (which charges it) and writes its record. A
+    hold an admission with a later clock saw end waits for a sweep whose `now` is past
+    its lease too (a clock stepped back; Redis decides by the caller's `now` alike)."""
     expire(key, now)
-    lost = list(key.ended.values())
-    key.ended.clear()
+    lost = [h for h in key.ended.values() if not hold_live(h.exp, now)]
+    for h in lost:
+        del key.ended[h.ask.request_id]
     return lost
 
 
@@ -223,6 +228,18 @@ def bucket_now(key: KeyState, capacity: int, now: float, window_s: float) -> flo
     if key.level is None:
         return float(capacity)
     return bucket_level(key.level, key.ts, now, capacity, window_s)
+
+
+def requests_now(key: KeyState, rpm: int, now: float, window_s: float) -> float:
+    """The requests the key's rate bucket holds at `now` (a bucket never used is full)."""
+    if key.requests is None:
+        return float(rpm)
+    return bucket_level(key.requests, key.rts, now, rpm, window_s)
+
+
+def requests_save(key: KeyState, level: float, now: float) -> None:
+    """Store the rate bucket's new content; its time never goes back (as bucket_save)."""
+    key.requests, key.rts = level, max(key.rts, now)
 
 
 def bucket_save(key: KeyState, level: float, now: float) -> None:
@@ -243,6 +260,7 @@ class Verdict:
     reason: str  # "" when every check passed
     retry_after_s: float | None
     gcra: GcraResult | None  # None without an rpm limit
+    requests: float  # the rate bucket before this request (0 without an rpm limit)
     level: float  # the bucket before this request (0 without a tpm limit)
     after: float  # the bucket if it is admitted
 
@@ -266,9 +284,10 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
     expired holds are dropped, which nothing can observe)."""
     duplicate = tracked(limits) and held(key, ask.request_id)
     reason, retry = ("duplicate" if duplicate else ""), None
-    g = None
+    g, requests = None, 0.0
     if limits.rpm is not None:
-        g = gcra(now if key.tat is None else key.tat, now, limits.rpm, w)
+        requests = requests_now(key, limits.rpm, now, w)
+        g = gcra(requests, limits.rpm, w)
         if not g.allowed and not reason:
             reason, retry = "requests", g.retry_after_s
     if (not reason and limits.max_concurrent is not None
@@ -283,13 +302,11 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
             # "budget_held": it would fit in what is unspent, once requests in flight end.
             reason = ("budget_held" if budget_admits(ledger.spent, 0, ask.cost_nano,
                                                      limits.budget_nano) else "budget")
-    return Verdict(reason, retry, g, level, after)
+    return Verdict(reason, retry, g, requests, level, after)
 
 
-def decision(limits: Limits, v: Verdict, tat: float | None, now: float,
-             w: float = WINDOW_S) -> Decision:
-    """The Decision and its header material: the state after it (a denial took nothing).
-    `tat` is the key's TAT before this request."""
+def decision(limits: Limits, v: Verdict, w: float = WINDOW_S) -> Decision:
+    """The Decision and its header material: the state after it (a denial took nothing)."""
     allowed = not v.reason
     rem_r: int | None = None
     reset_r = 0.0
@@ -300,8 +317,8 @@ def decision(limits: Limits, v: Verdict, tat: float | None, now: float,
         elif allowed:
             rem_r, reset_r = g.remaining, g.reset_s
         else:  # admissible by GCRA but denied by a later check: nothing was taken
-            rem_r = min(g.remaining + 1, limits.rpm)
-            reset_r = max(now if tat is None else tat, now) - now
+            rem_r = min(math.floor(v.requests), limits.rpm)
+            reset_r = max(0.0, (limits.rpm - v.requests) * w / limits.rpm)
     rem_t: int | None = None
     reset_t = 0.0
     if limits.tpm is not None:
@@ -316,11 +333,11 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
     """Take what an admitted request holds, for every limit the key has."""
     exp, rid = now + ask.lease_s, ask.request_id
     if v.gcra is not None:
-        key.tat = v.gcra.tat
+        requests_save(key, v.gcra.level, now)
     if limits.tpm is not None:
         bucket_save(key, v.after, now)
-    if limits.max_concurrent is not None:
-        key.leased.add(rid)
+    if tracked(limits):  # a lease whatever its limits: a concurrency limit set while it
+        key.leased.add(rid)  # is in flight (keys update) counts it at once
     if limits.budget_nano is not None and ledger is not None:
         ledger.reserved += ask.cost_nano
         ledger.holds[rid] = (ask.cost_nano, exp)
@@ -331,14 +348,15 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
 
 
 def admit(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: float,
-          w: float = WINDOW_S) -> Decision:
+          w: float = WINDOW_S, take: bool = True) -> Decision:
     """Check every limit and, only if all pass, reserve for all of them. `ledger` is the
-    key's ledger for `ask.period` (None when the key has no budget)."""
+    key's ledger for `ask.period` (None when the key has no budget). `take=False`: the
+    Decision alone, nothing reserved (would the key admit it?)."""
     check_ask(limits, ask)
     expire(key, now)
     v = check(limits, ask, key, ledger, now, w)
-    d = decision(limits, v, key.tat, now, w)
-    if d.allowed:
+    d = decision(limits, v, w)
+    if d.allowed and take:
         reserve(limits, ask, key, ledger, v, now)
     return d
 
@@ -389,10 +407,25 @@ def settle(limits: Limits, ask: Ask, used_tokens: int, cost_nano: int, key: KeyS
     charged = ledger.charge(rid, cost_nano) if ledger is not None else 0
     if (key is not None and hold is not None and settle_charges(hold.exp, now)
             and hold.tokens is not None and limits.tpm is not None):
-        level = bucket_now(key, limits.tpm, now, w)
-        bucket_save(key, bucket_refund(level, hold.tokens, used_tokens, limits.tpm), now)
+        give_back(key, hold.tokens, used_tokens, limits.tpm, now, w)
     return settled(ask, used_tokens, cost_nano, applied=hold is not None or charged > 0,
                    corrected=charged == 2)
+
+
+def give_back(key: KeyState, reserved: int, used: int, capacity: int, now: float,
+              w: float = WINDOW_S) -> None:
+    """A live reservation settles: the tokens it did not use come back, added to the
+    bucket as it was stored, its time unchanged, so the next admission refills it at the
+    tpm then in force. `capacity` is the tpm at admission: reading the bucket through it
+    would clamp it there, undoing a tpm raised meanwhile (keys update). An overrun is
+    taken from the bucket as it is now, refilled and at most full (never from tokens
+    past full that the refill never gave)."""
+    if reserved >= used:
+        if key.level is not None:  # None: full, nothing to give back to
+            key.level += reserved - used
+        return
+    level = bucket_now(key, capacity, now, w)
+    bucket_save(key, bucket_refund(level, reserved, used, capacity), now)
 
 
 def lost_record(ask: Ask) -> UsageRecord | None:
@@ -418,6 +451,6 @@ def consume(limits: Limits, key: KeyState, requests: int, tokens: int, now: floa
     """Count usage admitted elsewhere: `requests` arrivals against the GCRA and `tokens`
     out of the bucket, which may go below zero (it owes them). Never refuses."""
     if limits.rpm is not None and requests > 0:
-        key.tat = max(now if key.tat is None else key.tat, now) + requests * w / limits.rpm
+        requests_save(key, requests_now(key, limits.rpm, now, w) - requests, now)
     if limits.tpm is not None and tokens > 0:
         bucket_save(key, bucket_now(key, limits.tpm, now, w) - tokens, now)

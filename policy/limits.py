@@ -1,7 +1,10 @@
 """Rate limits and budgets as pure arithmetic on an injected clock.
 
-- Requests per minute: GCRA (a burst of N, then continuous refill at N/min; no
-  fixed-window edges that admit 2N).
+- Requests per minute: GCRA in its continuous-state bucket form (a burst of N, then
+  continuous refill at N/min; no fixed-window edges that admit 2N). The bucket keeps
+  its content and time, not an absolute theoretical arrival time: at epoch-sized clocks
+  a double holds an arrival time to ~0.24 us, so adding 60/N s per request drifted
+  (rpm 50,000 admitted 50,001 in a burst, 1,000,000 refused 1,357 it had room for).
 - Tokens per minute: a token bucket of capacity N refilling at N/min. Admission
   takes the request's ceiling (prompt bound + max_tokens); the end of the
   request gives back what it did not use.
@@ -18,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
+from fractions import Fraction
 
 from policy.config import Price
 
@@ -95,21 +99,22 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class GcraResult:
     allowed: bool
-    tat: float  # the new theoretical arrival time (unchanged when denied)
+    level: float  # requests left in the bucket after this (unchanged when denied)
     remaining: int
     reset_s: float  # until the full burst is available again
     retry_after_s: float
 
 
-def gcra(tat: float, now: float, limit: int, window_s: float = WINDOW_S) -> GcraResult:
-    interval = window_s / limit
-    tat = max(tat, now)
-    new_tat = tat + interval
-    allow_at = new_tat - window_s  # a burst of `limit` fits in one window
-    if now < allow_at:
-        return GcraResult(False, tat, 0, tat - now, allow_at - now)
-    remaining = int((now - allow_at) // interval)
-    return GcraResult(True, new_tat, min(remaining, limit - 1), new_tat - now, 0.0)
+def gcra(level: float, limit: int, window_s: float = WINDOW_S) -> GcraResult:
+    """One request against a bucket of `limit` requests refilling at `limit` a window,
+    holding `level` now (bucket_level): the theoretical arrival time is
+    now + (limit - level) x window / limit."""
+    if level < 1:
+        return GcraResult(False, level, 0, (limit - level) * window_s / limit,
+                          (1 - level) * window_s / limit)
+    after = level - 1
+    return GcraResult(True, after, min(math.floor(after), limit - 1),
+                      (limit - after) * window_s / limit, 0.0)
 
 
 # -- tokens: a bucket with reservations --------------------------------------------
@@ -135,20 +140,26 @@ def bucket_reset_s(level: float, capacity: int, window_s: float = WINDOW_S) -> f
 
 def bucket_refund(level: float, reserved: int, used: int, capacity: int) -> float:
     """Settle a reservation: give back what was not used (or take the overrun)."""
-    return min(float(capacity), level + reserved - used)
+    return min(float(capacity), level + (reserved - used))
 
 
 # -- budgets ------------------------------------------------------------------------
 
 
 def cost_nano(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
-    """Cost in nano-USD, rounded up to the next nano-dollar (never undercharged)."""
-    usd = (prompt_tokens * price.input + completion_tokens * price.output) / 1000
-    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+    """Cost in nano-USD, rounded up to the next nano-dollar (never undercharged). In
+    exact fractions: Decimal's context keeps 28 digits, and a price with more would lose
+    the last ones before the rounding up."""
+    per_1k = prompt_tokens * Fraction(price.input) + completion_tokens * Fraction(price.output)
+    return math.ceil(per_1k * (NANO_PER_USD // 1000))
 
 
 def usd_to_nano(usd: Decimal) -> int:
-    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+    """USD in nano-USD, rounded up, exactly (whatever the digits). ValueError for a
+    NaN or an infinity (an unreadable amount, as it was)."""
+    if not usd.is_finite():
+        raise ValueError(f"not an amount: {usd}")
+    return math.ceil(Fraction(usd) * NANO_PER_USD)
 
 
 def nano_to_usd(nano: int) -> Decimal:

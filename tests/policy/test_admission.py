@@ -14,6 +14,7 @@ from policy.admission import (
     Ledger,
     Settled,
     admit,
+    bucket_now,
     consume,
     expire,
     hold_live,
@@ -41,7 +42,23 @@ def test_requests() -> None:
     assert admit(lim, ask("a"), key, None, T0) == Decision(True, "", None, 2, 1, 30.0)
     assert admit(lim, ask("b"), key, None, T0) == Decision(True, "", None, 2, 0, 60.0)
     assert admit(lim, ask("c"), key, None, T0) == Decision(False, "requests", 30.0, 2, 0, 60.0)
-    assert key.tat == T0 + 60.0
+    assert (key.requests, key.rts) == (0.0, T0)
+
+
+def test_a_burst_is_exactly_the_limit_however_large_at_an_epoch_clock() -> None:
+    """The GCRA kept an absolute theoretical arrival time: at an epoch-sized clock a
+    double holds it to ~0.24 us, and adding 60/rpm s per request drifted, one way or
+    the other: a burst at rpm 50,000 admitted 50,001, at 100,000 it admitted 99,983
+    (17 refused with room)."""
+    for rpm in (50_000, 100_000):
+        key, lim, now, n = KeyState(), Limits(rpm=rpm), 1_733_000_000.0, 0
+        while admit(lim, ask(f"r{n}"), key, None, now).allowed:
+            n += 1
+        assert n == rpm
+        later = now + 1.5 * 60.0 / rpm  # one refilled, and half of the next
+        d = admit(lim, ask("one-more"), key, None, later)
+        assert (d.allowed, d.remaining_requests) == (True, 0)
+        assert not admit(lim, ask("and-another"), key, None, later).allowed
 
 
 def test_concurrency() -> None:
@@ -101,7 +118,7 @@ def test_duplicate_request_id() -> None:
 def everything_spent() -> tuple[KeyState, Ledger]:
     """A key over every limit at T0: the RPM slot taken, one lease, an empty bucket, a
     spent budget."""
-    key = KeyState(tat=T0 + 60.0, level=0.0, ts=T0,
+    key = KeyState(requests=0.0, rts=T0, level=0.0, ts=T0,
                    holds={"x": Hold(0, T0 + 100, ask("x", lease=100))}, leased={"x"},
                    heap=[(T0 + 100, "x")])
     return key, Ledger(spent=5)
@@ -140,7 +157,10 @@ def test_settle_charges_the_real_cost_and_refunds_unused_tokens() -> None:
     key, ledger = admitted(a)
     assert settle(LIM, a, 100, 1_500, key, ledger, T0 + 3) == Settled(True, 0, 0)
     assert (ledger.spent, ledger.reserved, ledger.holds) == (1_500, 0, {})
-    assert (key.level, key.ts) == (400.0 + 50.0 + 500.0, T0 + 3)  # refill 50, refund 500
+    # The 500 unused are added to the bucket as stored (its time unchanged: the tpm in
+    # force at the next admission refills it); read now, the 50 refilled are there too.
+    assert (key.level, key.ts) == (400.0 + 500.0, T0)
+    assert bucket_now(key, 1000, T0 + 3, 60.0) == 400.0 + 50.0 + 500.0
     assert (key.holds, key.leased) == ({}, set())
     assert admit(LIM, ask("r2"), key, ledger, T0 + 3).allowed  # the lease is free again
 
@@ -254,8 +274,8 @@ def test_the_lost_record_is_the_full_hold_estimated() -> None:
 def test_consume() -> None:
     key = KeyState()
     consume(Limits(rpm=3, tpm=1000), key, 2, 1_500, T0)
-    assert (key.tat, key.level, key.ts) == (T0 + 40.0, -500.0, T0)
+    assert (key.requests, key.rts, key.level, key.ts) == (1.0, T0, -500.0, T0)
     d = admit(Limits(rpm=3, tpm=1000), ask(tokens=1), key, None, T0)
     assert (d.reason, d.retry_after_s, d.remaining_tokens) == ("tokens", 30.06, -500)
     consume(Limits(), key, 5, 5, T0)  # no limits: nothing to count
-    assert (key.tat, key.level) == (T0 + 40.0, -500.0)
+    assert (key.requests, key.level) == (1.0, -500.0)

@@ -35,35 +35,37 @@ from policy.limits import (
 
 
 def test_gcra_a_burst_of_n_then_refusal() -> None:
-    tat, now, results = 100.0, 100.0, []  # a fresh key: its TAT is `now`
+    level, results = 3.0, []  # a fresh key: its bucket is full
     for _ in range(4):
-        g = gcra(tat, now, 3)
+        g = gcra(level, 3)
         results.append(g)
-        tat = g.tat if g.allowed else tat
+        level = g.level
     assert results == [
-        GcraResult(True, 120.0, 2, 20.0, 0.0),
-        GcraResult(True, 140.0, 1, 40.0, 0.0),
-        GcraResult(True, 160.0, 0, 60.0, 0.0),
-        GcraResult(False, 160.0, 0, 60.0, 20.0),  # a refusal keeps the TAT
+        GcraResult(True, 2.0, 2, 20.0, 0.0),
+        GcraResult(True, 1.0, 1, 40.0, 0.0),
+        GcraResult(True, 0.0, 0, 60.0, 0.0),
+        GcraResult(False, 0.0, 0, 60.0, 20.0),  # a refusal takes nothing
     ]
 
 
 def test_gcra_refills_continuously_at_n_per_minute() -> None:
-    tat = 160.0  # three taken at 100 with a limit of 3: one more every 20 s
-    assert gcra(tat, 119.999, 3).allowed is False
-    g = gcra(tat, 120.0, 3)
-    assert g == GcraResult(True, 180.0, 0, 60.0, 0.0)
-    assert gcra(g.tat, 130.0, 3) == GcraResult(False, 180.0, 0, 50.0, 10.0)
-    assert gcra(g.tat, 140.0, 3).allowed
+    # Three taken at 100 with a limit of 3: one more every 20 s.
+    assert gcra(bucket_level(0.0, 100.0, 119.999, 3), 3).allowed is False
+    g = gcra(bucket_level(0.0, 100.0, 120.0, 3), 3)
+    assert g == GcraResult(True, 0.0, 0, 60.0, 0.0)
+    assert gcra(bucket_level(g.level, 120.0, 130.0, 3), 3) == GcraResult(
+        False, 0.5, 0, 50.0, 10.0)
+    assert gcra(bucket_level(g.level, 120.0, 140.0, 3), 3).allowed
     # Idle for a whole window: the full burst again, never more.
-    assert gcra(g.tat, 240.0, 3) == GcraResult(True, 260.0, 2, 20.0, 0.0)
-    assert gcra(g.tat, 10_000.0, 3).remaining == 2
+    assert gcra(bucket_level(g.level, 120.0, 240.0, 3), 3) == GcraResult(
+        True, 2.0, 2, 20.0, 0.0)
+    assert gcra(bucket_level(g.level, 120.0, 10_000.0, 3), 3).remaining == 2
 
 
 def test_gcra_retry_after_is_when_the_next_one_fits() -> None:
-    g = gcra(200.0, 100.0, 6)  # interval 10: the next fits at 200 + 10 - 60 = 150
+    g = gcra(-4.0, 6)  # 4 owed (usage counted after an outage): 1 more in 50 s
     assert (g.allowed, g.retry_after_s, g.reset_s) == (False, 50.0, 100.0)
-    assert gcra(200.0, 100.0 + g.retry_after_s, 6).allowed
+    assert gcra(bucket_level(-4.0, 100.0, 100.0 + g.retry_after_s, 6), 6).allowed
 
 
 # -- the token bucket ---------------------------------------------------------------------
@@ -104,6 +106,21 @@ def test_cost_nano_rounds_up_to_the_next_nano_dollar() -> None:
     tiny = Price(input=Decimal("0.0000001"))  # 0.1 nano-USD a token
     assert [cost_nano(n, 0, tiny) for n in (0, 1, 3, 10, 11, 20)] == [0, 1, 1, 1, 2, 2]
     assert cost_nano(10**6, 10**6, Price()) == 0
+
+
+def test_cost_nano_is_exact_whatever_the_price_s_digits() -> None:
+    # Decimal's default context keeps 28 digits: a price with more (quoted in the policy
+    # file, so exact) lost its last ones in the product, and a cost just above a whole
+    # nano-dollar was rounded down to it, one nano-USD in the user's favour.
+    price = Price(input=Decimal("0.000001" + "0" * 33 + "1"))  # 1e-6 + 1e-40 per 1k
+    assert cost_nano(999_999, 0, price) == 1_000_000  # 999,999 nano and a little more
+    assert cost_nano(0, 999_999, Price(output=price.input)) == 1_000_000
+    exact = Price(input=Decimal("0.000001" + "0" * 40))  # the same digits, none past them
+    assert cost_nano(999_999, 0, exact) == 999_999
+    big = Price(input=Decimal("999.999999999999999999999999999999"),
+                output=Decimal("0.0000000000000000000000000000000007"))
+    assert cost_nano(2**40, 2**40, big) == 2**40 * 10**9  # less than a nano short of it
+    assert usd_to_nano(Decimal("1." + "0" * 40 + "1")) == 10**9 + 1
 
 
 def test_usd_and_nano() -> None:

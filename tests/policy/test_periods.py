@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policy.admission import KeyState, Ledger, admit, settle, sweep
+from policy.admission import KeyState, Ledger, admit, requests_now, requests_save, settle, sweep
 from policy.audit import LedgerBalance, audit_ledgers, in_window, period_end, period_start
 from policy.config import OrgLimits
 from policy.limits import Ask, Limits, gcra, period_id, period_reset_s
@@ -90,10 +90,10 @@ def test_settled_after_midnight_charges_the_ledger_it_was_admitted_in() -> None:
 @given(st.floats(min_value=0.0, max_value=120.0), st.floats(min_value=0.0, max_value=120.0))
 def test_gcra_out_of_order_stamps_admit_no_more(d1: float, d2: float) -> None:
     """A request admitted with an older stamp than the last never finds more room."""
-    t = 1_700_000_000.0
-    tat = gcra(t, t + d1, 2).tat
-    late = gcra(tat, t + d1 + d2, 2)
-    early = gcra(tat, t + d1 + d2 - min(d2, 30.0), 2)
+    t, key = 1_700_000_000.0, KeyState()
+    requests_save(key, gcra(requests_now(key, 2, t + d1, 60.0), 2).level, t + d1)
+    late = gcra(requests_now(key, 2, t + d1 + d2, 60.0), 2)
+    early = gcra(requests_now(key, 2, t + d1 + d2 - min(d2, 30.0), 60.0), 2)
     assert early.remaining <= late.remaining
 
 

@@ -48,6 +48,24 @@ async def test_org_rpm_counts_every_key(org_running: Running) -> None:
     assert "requests per minute" in body["error"]["message"]
 
 
+async def test_a_key_refusing_a_flood_leaves_its_org_s_request_rate_to_the_others(
+        org_running: Running) -> None:
+    """acme admits 3 requests a minute; k-metered, 1 in flight. Its refusals took a
+    slot of acme's rate each (a hold given back keeps it), so one key retrying against
+    its own limit used up the org's rate, and another key of the org was refused though
+    acme had admitted one request."""
+    assert (await send(org_running, "k-metered", "f1")).HasField("request_body")
+    for rid in ("f2", "f3", "f4"):
+        status, body = immediate(await send(org_running, "k-metered", rid))
+        assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded")
+        assert "in flight for this API key" in body["error"]["message"]
+    assert (await send(org_running, "k-main", "f5")).HasField("request_body")
+    # The org refuses first, as before, when both would: acme's 2 in flight are taken.
+    status, body = immediate(await send(org_running, "k-metered", "f6"))
+    assert (status, body["error"]["code"]) == (429, "rate_limit_exceeded")
+    assert "in flight for this organization" in body["error"]["message"]
+
+
 async def test_org_budget_refuses_with_insufficient_quota(org_running: Running) -> None:
     # beta's budget ($0.001) is below one request's worst case at $1.50/1k output tokens.
     status, body = immediate(await send(org_running, "k-limited", "b2"))

@@ -186,7 +186,7 @@ class MemoryVsModel(RuleBasedStateMachine):
         self.now = T0
         self.period = "p0"
         self.n = 0
-        self.tat = T0
+        self.requests, self.rts = 6.0, T0
         self.level, self.ts = 500.0, T0
         self.held: list[Held] = []  # admitted, unsettled (lost ones linger until settled)
         self.swept: set[str] = set()  # request ids the sweep claimed
@@ -220,7 +220,7 @@ class MemoryVsModel(RuleBasedStateMachine):
         a = Ask(f"r{self.n}", "k", "o", tokens, cost, self.period, lease)
         d = run_sync(self.store.admit(self.LIM, a, self.now))
         # The reference decision, checks in the protocol's order.
-        g = gcra(self.tat, self.now, 6)
+        g = gcra(bucket_level(self.requests, self.rts, self.now, 6), 6)
         level = bucket_level(self.level, self.ts, self.now, 500)
         ok_t, after, _ = bucket_take(level, tokens, 500)
         spent = self.spent_in(self.period)
@@ -234,7 +234,8 @@ class MemoryVsModel(RuleBasedStateMachine):
         assert (d.allowed, d.reason) == (expect == "", expect)
         assert d.remaining_tokens == math.floor(after if d.allowed else level)
         if d.allowed:
-            self.tat, self.level, self.ts = g.tat, after, self.now
+            self.requests, self.rts = g.level, self.now
+            self.level, self.ts = after, self.now
             self.held.append(Held(a, self.now + lease, tokens))
 
     @precondition(lambda self: bool(self.held))
@@ -252,7 +253,9 @@ class MemoryVsModel(RuleBasedStateMachine):
         p = h.ask.period  # charged in full either way: the real cost replaces a lost charge
         self.spent[p] = self.spent.get(p, 0) + cost
         self.overrun[p] = self.overrun.get(p, 0) + over
-        if live:  # only a live hold gives back its unused tokens
+        if live and used <= h.tokens:  # only a live hold gives back its unused tokens,
+            self.level += h.tokens - used  # added as stored (admission.give_back)
+        elif live:  # an overrun: taken from the bucket as it is now
             level = bucket_level(self.level, self.ts, self.now, 500)
             self.level, self.ts = bucket_refund(level, h.tokens, used, 500), self.now
 
@@ -330,6 +333,80 @@ async def test_memory_and_redis_agree(seed: int, shared_redis: RedisServer) -> N
         assert admitted > 100 and lost > 10
     finally:
         await red.close()
+
+
+def _limits(rng: random.Random) -> Limits:
+    return Limits(rpm=rng.choice([None, 1, 3, 7]), tpm=rng.choice([None, 50, 333, 900]),
+                  max_concurrent=rng.choice([None, 1, 2, 4]),
+                  budget_nano=rng.choice([None, 0, 5_000, 25_000]))
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+async def test_every_store_agrees_through_limit_changes_and_restarts(
+        seed: int, shared_redis: RedisServer, tmp_path: Path) -> None:
+    """Memory, Redis and the journaled store, driven by one random history in which
+    keys' limits change between requests (keys update: a request settles under the
+    limits it was admitted with, or, as a check, under the new ones), usage admitted
+    elsewhere is counted, the clock sometimes steps back, and the journaled store
+    restarts when nothing is in flight:
+    the same Decisions, settlements, lost holds and ledgers, step for step."""
+    from authz.state.limits.durable import DurableMemoryLimitStore
+
+    def durable() -> DurableMemoryLimitStore:
+        return DurableMemoryLimitStore(tmp_path / "state", compact_bytes=4_000)
+
+    rng = random.Random(seed)
+    red = RedisLimitStore(fresh_url(shared_redis), timeout_s=2.0)
+    dur = durable()
+    await dur.start()
+    stores: list[Any] = [MemoryLimitStore(), red, dur]
+    keys = {f"k{i}": _limits(rng) for i in range(3)}
+    now, admitted, restarts = T0 + rng.random(), 0, 0
+    open_asks: list[tuple[Limits, Ask]] = []
+    try:
+        for i in range(700):
+            now += rng.choice([0.0, 0.0, 0.013, 0.77, 1.0 / 3.0, 4.9, 17.0, -0.5, -3.0])
+            op = rng.random()
+            if op < 0.04:
+                keys[rng.choice(list(keys))] = _limits(rng)
+            elif op < 0.08:
+                swept = [sorted(a.request_id for a in await s.sweep(now)) for s in stores]
+                assert swept[0] == swept[1] == swept[2], i
+            elif op < 0.1:
+                k = rng.choice(list(keys))
+                n, t = rng.randint(0, 3), rng.randint(0, 300)
+                for s in stores:
+                    await s.consume(keys[k], k, n, t, now)
+            elif op < 0.12 and not open_asks:
+                await dur.close()
+                stores[2] = dur = durable()
+                await dur.start()
+                restarts += 1
+            elif op < 0.65 or not open_asks:
+                k = rng.choice(list(keys))
+                a = Ask(f"r{i}", k, "o", rng.randint(0, 400), rng.randint(0, 7_000),
+                        rng.choice(["day:a", "day:b"]), rng.choice([2.5, 20.0]))
+                look = await stores[0].admit(keys[k], a, now, take=False)
+                ds = [await s.admit(keys[k], a, now) for s in stores]
+                assert ds[0] == ds[1] == ds[2] == look, (i, a)
+                admitted += ds[0].allowed
+                if ds[0].allowed:
+                    open_asks.append((keys[k], a))
+            else:
+                lim, a = open_asks.pop(rng.randrange(len(open_asks)))
+                lim = keys[a.key_id] if rng.random() < 0.3 else lim
+                used, cost = rng.randint(0, a.tokens + 50), rng.randint(0, a.cost_nano + 99)
+                done = [await s.settle(lim, a, used, cost, now) for s in stores]
+                assert done[0] == done[1] == done[2], (i, a)
+            if i % 25 == 0:
+                for k in keys:
+                    for p in ("day:a", "day:b"):
+                        b = [await s.budget(k, "o", p, now) for s in stores]
+                        assert b[0] == b[1] == b[2], (i, k, p)
+        assert admitted > 50 and restarts > 0
+    finally:
+        await red.close()
+        await dur.close()
 
 
 # -- Redis goes away mid-run ------------------------------------------------------------------

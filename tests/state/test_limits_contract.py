@@ -5,14 +5,19 @@ The clock is injected: every call gets its `now`, so nothing here sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from typing import Any
 
 import pytest
+import redis
 
 from authz.state.limits.base import LimitStore
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import RedisLimitStore
 from policy.admission import LOST_TTL_S, Settled
+from policy.bounds import MAX_EXACT
 from policy.limits import (
     Ask,
     Decision,
@@ -24,6 +29,7 @@ from policy.limits import (
     bucket_take,
     gcra,
 )
+from tests.redis_server import RedisServer
 
 T0 = 1_700_000_000.25  # an epoch-sized clock, so float rounding is exercised
 
@@ -265,6 +271,24 @@ async def test_a_late_settle_before_the_sweep_charges_without_refund(store: Any)
     assert await store.sweep(T0 + 15.0) == []
 
 
+async def test_a_sweep_with_a_clock_stepped_back_claims_only_ended_leases(
+        store: Any) -> None:
+    """Liveness is decided against the caller's `now`. The memory store claimed every
+    hold that an admission with a later clock had seen end, so a sweep whose clock was
+    behind (stepped back) claimed, and recorded as `lost`, a hold still live by its
+    `now`, which Redis claims only once its clock reaches the lease's end."""
+    lim = Limits(max_concurrent=5, budget_nano=1_000)
+    short, longer = ask(cost=100, lease_s=2.0), ask(cost=10, lease_s=10.0)
+    for a in (short, longer):
+        assert (await store.admit(lim, a, T0)).allowed
+    assert (await store.admit(lim, ask(cost=1, lease_s=100.0), T0 + 20.0)).allowed
+    # The clock is back at T0 + 5: `short` ended, `longer` is live.
+    assert [a.request_id for a in await store.sweep(T0 + 5.0)] == [short.request_id]
+    assert [a.request_id for a in await store.sweep(T0 + 10.0)] == [longer.request_id]
+    assert await store.sweep(T0 + 10.0) == []
+    assert await store.budget("k1", "acme", "month:2025-01", T0 + 10.0) == (110, 1)
+
+
 async def test_a_lost_charge_is_forgotten_after_lost_ttl(store: Any) -> None:
     lim, p = Limits(budget_nano=10_000), "total"
     a, b = ask(cost=600, period=p, lease_s=5.0), ask(cost=400, period=p, lease_s=5.0)
@@ -314,6 +338,69 @@ async def test_a_denial_changes_nothing(store: Any) -> None:
     assert d.reason == "requests" and d.remaining_tokens == 0
 
 
+async def test_a_look_decides_as_admission_would_and_takes_nothing(store: Any) -> None:
+    """`take=False` (asked of a key before its org takes a slot): the same Decision as
+    an admission at that moment, and no state changed, whatever it decides."""
+    lim = Limits(rpm=2, tpm=100, max_concurrent=2, budget_nano=50)
+    for i in range(3):  # the same look, three times: nothing taken by any of them
+        d = await store.admit(lim, ask(tokens=30, cost=20), T0, take=False)
+        assert d.allowed and d.remaining_requests == 1 and d.remaining_tokens == 70, i
+    assert await store.sweep(T0 + 1_000) == []  # nothing held, nothing indexed
+    assert await store.budget("k1", "acme", "month:2025-01", T0) == (0, 0)
+    held = ask(tokens=30, cost=20, lease_s=100)
+    assert (await store.admit(lim, held, T0)).allowed
+    assert (await store.admit(lim, ask(tokens=30, cost=20), T0)).allowed  # rpm used up
+    for a in (ask(tokens=5), held):  # refused: requests, then a duplicate
+        looked = await store.admit(lim, a, T0, take=False)
+        assert looked == await store.admit(lim, a, T0) and not looked.allowed
+    assert (await store.settle(lim, held, 30, 20, T0 + 10.0)).applied  # still held
+    assert await store.budget("k1", "acme", "month:2025-01", T0 + 10.0) == (20, 20)
+    assert (await store.admit(lim, ask(tokens=5), T0 + 30.0, take=False)).allowed
+
+
+async def test_a_concurrency_limit_set_mid_flight_counts_the_requests_in_flight(
+        store: Any) -> None:
+    """`keys update --max-concurrent 1` on a key with 2 requests in flight (held for its
+    tpm and budget): the new limit applies at once. Only requests admitted under a
+    concurrency limit took a lease, so both were invisible to it and a third was
+    admitted: 3 in flight under a limit of 1."""
+    before = Limits(tpm=1_000, budget_nano=100)
+    first, second = ask(tokens=10, cost=1), ask(tokens=10, cost=1)
+    for a in (first, second):
+        assert (await store.admit(before, a, T0)).allowed
+    after = Limits(tpm=1_000, max_concurrent=1, budget_nano=100)
+    assert (await store.admit(after, ask(tokens=10, cost=1), T0 + 1)).reason == "concurrency"
+    await store.settle(before, first, 10, 1, T0 + 2)
+    assert (await store.admit(after, ask(tokens=10, cost=1), T0 + 2)).reason == "concurrency"
+    await store.settle(before, second, 10, 1, T0 + 3)
+    assert (await store.admit(after, ask(tokens=10, cost=1), T0 + 3)).allowed
+    # A lease ends with its hold: one admitted before, never settled, frees it then.
+    lost = ask("k2", tokens=10, lease_s=5.0)
+    assert (await store.admit(Limits(tpm=1_000), lost, T0)).allowed
+    assert (await store.admit(Limits(max_concurrent=1), ask("k2"), T0 + 4.9)).reason \
+        == "concurrency"
+    assert (await store.admit(Limits(max_concurrent=1), ask("k2"), T0 + 5.0)).allowed
+
+
+async def test_a_tpm_raised_mid_flight_is_not_undone_by_the_old_settlements(
+        store: Any) -> None:
+    """`keys update --tpm 6000` on a key at 60 with a request in flight: that request
+    settles under the limits it was admitted with, and its refund read the bucket
+    through the old capacity, clamping it to 60: the key was refused 300 tokens the new
+    limit had."""
+    old, new = Limits(tpm=60), Limits(tpm=6_000)
+    a = ask(tokens=60)
+    assert (await store.admit(old, a, T0)).allowed  # the bucket is empty
+    assert (await store.admit(new, ask(tokens=50), T0 + 1.0)).allowed  # 100 refilled
+    await store.settle(old, a, 10, 0, T0 + 2.0)  # 50 unused come back
+    level = bucket_level(50.0 + 50, T0 + 1.0, T0 + 2.0, 6_000)  # 50 left, 50 back, 100 refilled
+    assert level == 200.0
+    d = await store.admit(new, ask(tokens=200), T0 + 2.0)
+    assert d.allowed and d.remaining_tokens == 0
+    assert (await store.admit(new, ask(tokens=101), T0 + 3.0)).reason == "tokens"
+    assert (await store.admit(new, ask(tokens=100), T0 + 3.0)).allowed
+
+
 async def test_check_order_requests_before_everything(store: Any) -> None:
     lim = Limits(rpm=1, max_concurrent=1, tpm=10, budget_nano=5)
     assert (await store.admit(lim, ask(tokens=10, cost=5, lease_s=100), T0)).allowed
@@ -355,20 +442,19 @@ async def test_bad_asks_are_refused(store: Any, bad: dict[str, Any]) -> None:
 
 
 async def test_header_arithmetic_is_policy_limits_exactly(store: Any) -> None:
-    """Bit-for-bit the pure functions, including Python's float `//` in GCRA (small clock
-    values make `x // i` and `floor(x / i)` differ for many limits)."""
+    """Bit-for-bit the pure functions (GCRA's bucket and the token bucket)."""
     for n in range(1, 40):
-        lim, tat, now = Limits(rpm=n, tpm=7 * n), 12.5, 12.5
-        level, ts = float(7 * n), now
+        lim, now = Limits(rpm=n, tpm=7 * n), 12.5
+        requests, rts, level, ts = float(n), now, float(7 * n), now
         for k in range(n + 1):
             now += (k % 3) / 7.0
             d = await store.admit(lim, ask(f"rpm{n}", tokens=k), now)
-            g = gcra(tat, now, n)
+            g = gcra(bucket_level(requests, rts, now, n), n)
             lvl = bucket_level(level, ts, now, 7 * n)
             ok, after, _ = bucket_take(lvl, k, 7 * n)
             assert d.allowed == (g.allowed and ok)
             if d.allowed:
-                tat, level, ts = g.tat, after, now
+                requests, rts, level, ts = g.level, now, after, now
                 assert (d.remaining_requests, d.reset_requests_s) == (g.remaining, g.reset_s)
                 assert d.remaining_tokens == math.floor(after)
                 assert d.reset_tokens_s == bucket_reset_s(after, 7 * n)
@@ -389,3 +475,39 @@ async def test_consume_counts_usage_admitted_elsewhere(store: Any) -> None:
     d = await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 30.0)
     assert not d.allowed and d.reason == "tokens"
     assert (await store.admit(Limits(tpm=1000), ask("k2", tokens=1), 1000.0 + 31.0)).allowed
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_bucket_in_debt_is_kept_however_far_its_limit_is_lowered(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """A request that used more tokens than it reserved leaves its key's bucket owing
+    them; lowered to a tenth, the limit refills far slower. Redis once expired the bucket
+    when the old limit would have refilled it, and then forgot the debt: a full bucket
+    under the new limit, admitting what the limit did not have. A 0.1 s window makes
+    that expiry (real time) short; the decisions still run on the injected clock."""
+    w = 0.1
+    s: Any
+    if kind == "memory":
+        s = MemoryLimitStore(window_s=w)
+    else:
+        server: RedisServer = request.getfixturevalue("limits_redis")
+        with redis.Redis.from_url(server.url) as r:
+            r.flushdb()
+        s = RedisLimitStore(server.url, timeout_s=1.0, window_s=w)
+    try:
+        a = ask(tokens=100)
+        assert (await s.admit(Limits(tpm=900), a, T0)).allowed
+        assert (await s.settle(Limits(tpm=900), a, 2_900, 0, T0)).overrun_tokens == 2_800
+        # The bucket holds 900 - 2,900: at 900 a window the debt would be repaid, and the
+        # bucket full, in 0.32 s; Redis expired it a window after that.
+        await asyncio.sleep(0.8)
+        lim, now = Limits(tpm=10), T0 + 1.0
+        level = bucket_level(-2_000.0, T0, now, 10, w)  # -1,900: still owing
+        d = await s.admit(lim, ask(tokens=1), now)
+        assert (d.allowed, d.reason, d.remaining_tokens) == (False, "tokens", -1_900)
+        assert d.retry_after_s == pytest.approx((1 - level) * w / 10)
+        # The largest debt there can be still fits an expiry Redis takes.
+        await s.consume(lim, "k-owes", 0, MAX_EXACT, now)
+        assert (await s.admit(lim, ask("k-owes", tokens=1), now)).reason == "tokens"
+    finally:
+        await s.close()

@@ -66,7 +66,7 @@ def state(store: MemoryLimitStore | DurableMemoryLimitStore) -> Any:
     keys, ledgers = mem.state()
 
     def key(k: KeyState) -> Any:
-        return (k.tat, k.level, k.ts, k.holds, k.leased, k.ended)
+        return (k.requests, k.rts, k.level, k.ts, k.holds, k.leased, k.ended)
 
     def led(x: Ledger) -> Any:
         return (x.spent, x.reserved, x.holds, x.lost)

@@ -192,7 +192,7 @@ async def test_memory_and_redis_agree_under_stamps_out_of_order(
     with redis.Redis.from_url(limits_redis.url) as r:
         r.flushdb()
     mem, red = MemoryLimitStore(), RedisLimitStore(limits_redis.url, timeout_s=1.0)
-    lim = Limits(rpm=20, tpm=3000, max_concurrent=4, budget_nano=50_000, budget_period="day")
+    lim = Limits(rpm=12, tpm=3000, max_concurrent=4, budget_nano=50_000, budget_period="day")
     rng, clock = random.Random(7), ts("2026-03-10T23:58:00")
     held: list[Ask] = []
     reasons: set[str] = set()

@@ -118,10 +118,13 @@ class Admission:
     async def admit_all(self, org: tuple[Limits, Ask] | None, limits: Limits, ask: Ask,
                         now: datetime) -> Decision:
         """The org's limits first, then the key's; if the key refuses, the org's hold is
-        given back (its request-rate slot stays spent: a request did arrive)."""
+        given back. A hold given back keeps its request-rate slot, so where the org has
+        a request rate, the key is asked first whether it would refuse (`_refused`)."""
         org_decision = None
         if org is not None:
             org = one_record(org, held_limits(limits, ask), ask)
+            if org[0].rpm is not None:
+                await self._refused(org, limits, ask, now)
             org_decision = await self.admit(*org, now)
         try:
             decision = await self.admit(limits, ask, now)
@@ -133,6 +136,28 @@ class Admission:
             self._on_hold(ask, True)
         # The rate-limit headers show the limit the client meets first, key's or org's.
         return decision if org_decision is None else tightest(decision, org_decision)
+
+    async def _refused(self, org: tuple[Limits, Ask], limits: Limits, ask: Ask,
+                       now: datetime) -> None:
+        """Refuse, before the org takes anything, a request its key would refuse now (the
+        org's refusal if the org would refuse too: it is checked first): its slot would
+        stay spent, and a key refusing a flood of requests would use up its org's request
+        rate for every other key. Only a request admitted by the key between this look
+        and its admission (another replica's) still spends the org's slot. Nothing is
+        refused here when the store does not answer: the admission decides."""
+        if not limits.any:
+            return
+        try:
+            d = await self._store.admit(limits, ask, now.timestamp(), take=False)
+            if d.allowed:
+                return
+            org_limits, org_ask = org
+            od = await self._store.admit(org_limits, org_ask, now.timestamp(), take=False)
+        except LimitStoreUnavailable:
+            return
+        if not od.allowed:
+            raise refusal(od, org_limits, now, ask.cost_nano, org=True)
+        raise refusal(d, limits, now, ask.cost_nano)
 
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""

@@ -24,7 +24,8 @@ class LimitStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
+    async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
+                    ) -> Decision:
         """`policy.admission.admit` as one atomic step: check every limit of the key and,
         only if all pass, reserve for all of them. Checks in this order, reporting the
         first that fails: a duplicate request_id still held, requests (GCRA,
@@ -33,7 +34,8 @@ class LimitStore(Protocol):
         (spent + reserved + ask.cost_nano <= budget_nano in `ask.period`). A denial
         changes nothing. The Decision always carries the header material
         (limit/remaining/reset for requests and tokens) for the limits that are set.
-        Raises LimitStoreUnavailable."""
+        `take=False`: the Decision only, nothing reserved (what `take=True` would decide
+        now). Raises LimitStoreUnavailable."""
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: float) -> Settled:

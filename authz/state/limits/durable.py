@@ -147,7 +147,10 @@ class DurableMemoryLimitStore:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
 
-    async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
+    async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
+                    ) -> Decision:
+        if not take:  # a look changes nothing: nothing to journal
+            return await self._mem.admit(limits, ask, now, take=False)
         if self._broken:
             # A journal line was lost (a full disk): nothing new is held until a snapshot
             # makes the state durable again, or a restart would forget it (and its spend).

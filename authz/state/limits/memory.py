@@ -35,12 +35,18 @@ class MemoryLimitStore:
     async def close(self) -> None:
         return None
 
-    async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
-        key = self._keys.setdefault(ask.key_id, KeyState())
-        ledger = (self._ledgers.setdefault((ask.key_id, ask.period), Ledger())
-                  if limits.budget_nano is not None else None)
-        d = admission.admit(limits, ask, key, ledger, now, self._window)
-        if d.allowed and admission.tracked(limits):
+    async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
+                    ) -> Decision:
+        if take:
+            key = self._keys.setdefault(ask.key_id, KeyState())
+            ledger = (self._ledgers.setdefault((ask.key_id, ask.period), Ledger())
+                      if limits.budget_nano is not None else None)
+        else:  # a look: a key never seen stays unseen
+            key = self._keys.get(ask.key_id) or KeyState()
+            ledger = (self._ledgers.get((ask.key_id, ask.period)) or Ledger()
+                      if limits.budget_nano is not None else None)
+        d = admission.admit(limits, ask, key, ledger, now, self._window, take)
+        if take and d.allowed and admission.tracked(limits):
             self._schedule(ask.key_id, now + ask.lease_s)
         return d
 
@@ -94,8 +100,9 @@ class MemoryLimitStore:
                 if ledger is not None:
                     ledger.expire(now)
                 lost.append(hold.ask)
-            if key.holds:  # the next lease to end (its heap may hold settled ones: sooner)
-                self._schedule(key_id, min(h.exp for h in key.holds.values()))
+            rest = [*key.holds.values(), *key.ended.values()]
+            if rest:  # the next lease to end (its heap may hold settled ones: sooner)
+                self._schedule(key_id, min(h.exp for h in rest))
         return lost
 
     # -- for the durable store (durable.py): the state itself, to snapshot and restore --

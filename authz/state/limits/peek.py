@@ -20,7 +20,6 @@ from policy.limits import (
     Limits,
     bucket_level,
     bucket_reset_s,
-    gcra,
     nano_to_usd,
     period_id,
     period_reset_s,
@@ -37,7 +36,8 @@ class Counters:
 
     spent: int = 0  # nano-USD in the current period (holds past their lease included)
     reserved: int = 0  # nano-USD held by requests in flight
-    tat: float | None = None  # GCRA theoretical arrival time (None: unused)
+    requests: float | None = None  # GCRA's bucket: requests left at `rts` (None: full)
+    rts: float = 0.0
     level: float | None = None  # TPM bucket at `ts` (None: full)
     ts: float = 0.0
     in_flight: int = 0  # live concurrency leases
@@ -94,12 +94,12 @@ async def _read_store(store: Any, periods: dict[str, str], now: float) -> dict[s
             continue
         live = sum(1 for rid in ks.leased
                    if rid in ks.holds and hold_live(ks.holds[rid].exp, now))
-        out[owner] = Counters(spent, reserved, ks.tat, ks.level, ks.ts, live)
+        out[owner] = Counters(spent, reserved, ks.requests, ks.rts, ks.level, ks.ts, live)
     return out
 
 
 async def _read_redis(url: str, periods: dict[str, str], now: float) -> dict[str, Counters]:
-    """GET / HMGET / ZCOUNT on the keys redis_scripts.py describes, and the store's own
+    """HMGET / ZCOUNT on the keys redis_scripts.py describes, and the store's own
     budget read."""
     from redis.exceptions import RedisError
 
@@ -113,13 +113,14 @@ async def _read_redis(url: str, periods: dict[str, str], now: float) -> dict[str
         for owner, period in periods.items():
             ns = f"tb:{{k:{owner}}}:"
             async with client.pipeline(transaction=False) as pipe:
-                pipe.get(ns + "gcra")
+                pipe.hmget(ns + "rpm", ["level", "ts"])
                 pipe.hmget(ns + "tpm", ["level", "ts"])
                 pipe.zcount(ns + "conc", f"({now!r}", "+inf")
-                tat, (level, ts), conc = await pipe.execute()
+                (requests, rts), (level, ts), conc = await pipe.execute()
             spent, reserved = await store.budget(owner, "", period, now)
-            out[owner] = Counters(spent, reserved, float(tat) if tat else None,
-                                  float(level) if level else None, float(ts or 0), int(conc))
+            out[owner] = Counters(spent, reserved, float(requests) if requests else None,
+                                  float(rts or 0), float(level) if level else None,
+                                  float(ts or 0), int(conc))
     except (RedisError, OSError, LimitStoreUnavailable) as e:
         raise OSError(f"cannot read the limit state from {redacted(url)}: {e}") from None
     finally:
@@ -140,10 +141,10 @@ def owner_view(limits: Limits, c: Counters, period: str, now: datetime) -> dict[
                   "resets_at": None if reset is None else iso_z(now + timedelta(seconds=reset))}
     requests = None
     if limits.rpm is not None:
-        g = gcra(c.tat, t, limits.rpm) if c.tat is not None else None
-        requests = {"limit": limits.rpm,
-                    "remaining": limits.rpm if g is None else g.remaining + int(g.allowed),
-                    "reset_s": 0.0 if c.tat is None else round(max(0.0, c.tat - t), 3)}
+        left = (float(limits.rpm) if c.requests is None
+                else bucket_level(c.requests, c.rts, t, limits.rpm))
+        requests = {"limit": limits.rpm, "remaining": max(0, math.floor(left)),
+                    "reset_s": round(bucket_reset_s(left, limits.rpm), 3)}
     tokens = None
     if limits.tpm is not None:
         level = (float(limits.tpm) if c.level is None

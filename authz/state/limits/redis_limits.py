@@ -113,18 +113,20 @@ class RedisLimitStore:
         return [ns + "conc", ns + "res:" + request_id, ns + "budget:" + period,
                 ns + "resv:" + period, ns + "lost:" + period]
 
-    async def admit(self, limits: Limits, ask: Ask, now: float) -> Decision:
+    async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
+                    ) -> Decision:
         check_ask(limits, ask)
         ns = self._ns(ask.key_id)
         conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
                                                         ask.request_id)
-        keys = [ns + "gcra", ns + "tpm", conc, res, budget, resv, lost]
+        keys = [ns + "rpm", ns + "tpm", conc, res, budget, resv, lost]
         held = tracked(limits)
         args = [repr(float(now)), ask.request_id, _opt(limits.rpm), _opt(limits.tpm),
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
                 str(ask.cost_nano), repr(float(ask.lease_s)), repr(float(self._window)),
-                ask.period, dumps(ask).decode() if held else ""]
-        if not held:  # holds nothing: nothing to index
+                ask.period, dumps(ask).decode() if held and take else "",
+                "1" if take else "0"]
+        if not held or not take:  # holds nothing (or only decides): nothing to index
             out = await self._call(self._redis.evalsha(ADMIT, keys, args))
         else:
             member = _member(ask)
@@ -223,7 +225,7 @@ class RedisLimitStore:
                       now: float) -> None:
         ns = self._ns(key_id)
         await self._call(self._redis.evalsha(
-            CONSUME, [ns + "gcra", ns + "tpm"],
+            CONSUME, [ns + "rpm", ns + "tpm"],
             [repr(float(now)), _opt(limits.rpm), _opt(limits.tpm), str(requests),
              str(tokens), repr(float(self._window))]))
 

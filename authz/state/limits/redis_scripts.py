@@ -1,8 +1,8 @@
 """The Lua scripts of the Redis limit store (redis_limits.py), one per operation.
 
 Layout: all of a key's state shares the hash tag `{k:<key_id>}`, one Cluster slot.
-  tb:{k:<id>}:gcra             GCRA TAT (string)                      TTL: until stale + window
-  tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: until full + window
+  tb:{k:<id>}:rpm              HASH level, ts (the GCRA's bucket)       TTL: as tpm
+  tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: full at tpm 1 + window
   tb:{k:<id>}:conc             ZSET request_id -> lease expiry          TTL: longest lease + window
   tb:{k:<id>}:res:<rid>        HASH tokens, cost, period, exp, ask      TTL: lease + LOST_TTL_S
   tb:{k:<id>}:budget:<period>  HASH spent, reserved, r:<rid> -> cost,   no TTL (the ledger)
@@ -20,7 +20,7 @@ The index of holds, for the sweep: `tb:{holds}:due` (its own slot), see redis_li
 The scripts perform policy/admission.py's transitions (each block names the function
 it mirrors) with policy/limits.py's arithmetic. Exactness: `now` and every float cross
 as 17-significant-digit text (exact for doubles both ways), the Lua does the same IEEE
-operations, in the same order (Python's float `//` is ported as-is), and money is
+operations, in the same order, and money is
 integers (HINCRBY; compared as `cost <= budget - spent - reserved`, exact below 2**53).
 TTLs only clean up; liveness is always decided against the caller's `now`
 (`admission.hold_live`: live while now < exp).
@@ -30,21 +30,16 @@ from __future__ import annotations
 
 from policy.admission import LOST_TTL_S
 
-# Shared helpers: exact float text, integer text, Python's float floor division,
+# The longest a token bucket in debt is kept (ten years: past it, a debt is forgotten).
+MAX_TTL_S = 10 * 365 * 86400.0
+
+# Shared helpers: exact float text, integer text,
 # bucket (admission.bucket_now), save_bucket (admission.bucket_save), and purge
 # (Ledger.expire: charge the budget holds whose lease ended in full, remember them as
 # lost, forget lost charges older than LOST_TTL_S; KEYS budget, resv, lost).
 LIB = """
 local function f(x) return string.format('%.17g', x) end
 local function int(x) return string.format('%d', x) end
-local function floordiv(a, b)
-  local mod = math.fmod(a, b)
-  local div = (a - mod) / b
-  if div == 0 then return 0 end
-  local q = math.floor(div)
-  if div - q > 0.5 then q = q + 1 end
-  return q
-end
 local function bucket(key, now, cap, w)
   local st = redis.call('HMGET', key, 'level', 'ts')
   if not st[1] then return cap end
@@ -57,7 +52,11 @@ local function save_bucket(key, level, now_s, cap, w)
     ahead, now_s = tonumber(ts) - tonumber(now_s), ts
   end
   redis.call('HSET', key, 'level', f(level), 'ts', now_s)
+  -- Kept until full under any limit, since the key's tpm may be changed meanwhile: at
+  -- or above zero that is a window at most; in debt, as slow as the lowest tpm (1)
+  -- repays it (capped: Redis refuses an expiry past its range).
   local full = math.max(0, (cap - level) * w / cap)
+  if level < 0 then full = math.min((1 - level) * w, MAX_TTL_S) end
   redis.call('PEXPIRE', key, int(math.ceil((full + ahead + w) * 1000)))
 end
 local function purge(bkey, vkey, lkey, now_s)
@@ -79,11 +78,12 @@ local function purge(bkey, vkey, lkey, now_s)
   for _, r in ipairs(old) do redis.call('HDEL', bkey, 'l:' .. r) end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', lkey, '-inf', floor) end
 end
-""".replace("LOST_TTL", repr(LOST_TTL_S))
+""".replace("LOST_TTL", repr(LOST_TTL_S)).replace("MAX_TTL_S", repr(MAX_TTL_S))
 
-# KEYS: gcra, tpm, conc, res, budget, resv, lost.
+# KEYS: rpm, tpm, conc, res, budget, resv, lost.
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
-#       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record).
+#       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record),
+#       take ('0': decide only, reserve nothing).
 # Returns {allowed, reason, retry_after, remaining_req, reset_req, remaining_tok, reset_tok}
 # as text ('' = none). Mirrors admission.admit: check, decision, then reserve.
 ADMIT = LIB + """
@@ -98,18 +98,15 @@ local reason, retry = nil, nil
 -- holds, live or ended and not yet claimed)
 local tracked = tpm or maxc or budget
 if tracked and redis.call('EXISTS', KEYS[4]) == 1 then reason = 'duplicate' end
--- admission.check: requests, GCRA (policy.limits.gcra)
-local tat, new_tat, gcra_ok, rem = nil, nil, true, 0
+-- admission.check: requests, GCRA's bucket (policy.limits.gcra)
+local requests, gcra_ok, rem = 0, true, 0
 if rpm then
-  local interval = w / rpm
-  tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now_s), now)
-  new_tat = tat + interval
-  local allow_at = new_tat - w
-  if now < allow_at then
+  requests = bucket(KEYS[1], now, rpm, w)
+  if requests < 1 then
     gcra_ok = false
-    if not reason then reason, retry = 'requests', allow_at - now end
+    if not reason then reason, retry = 'requests', (1 - requests) * w / rpm end
   else
-    rem = math.min(floordiv(now - allow_at, interval), rpm - 1)
+    rem = math.min(math.floor(requests - 1), rpm - 1)
   end
 end
 -- admission.expire (the leases whose expiry passed), then admission.check: concurrency
@@ -143,22 +140,24 @@ end
 local function reply(ok, lvl)
   local rem_r, reset_r, rem_t, reset_t = '', '', '', ''
   if rpm then
-    if not gcra_ok then rem_r, reset_r = f(0), f(tat - now)
-    elseif ok == 1 then rem_r, reset_r = f(rem), f(new_tat - now)
-    else rem_r, reset_r = f(math.min(rem + 1, rpm)), f(tat - now) end
+    if not gcra_ok then rem_r, reset_r = f(0), f((rpm - requests) * w / rpm)
+    elseif ok == 1 then rem_r, reset_r = f(rem), f((rpm - (requests - 1)) * w / rpm)
+    else
+      rem_r = f(math.min(math.floor(requests), rpm))
+      reset_r = f(math.max(0, (rpm - requests) * w / rpm))
+    end
   end
   if tpm then rem_t, reset_t = f(math.floor(lvl)), f(math.max(0, (tpm - lvl) * w / tpm)) end
   return {ok, reason or '', retry and f(retry) or '', rem_r, reset_r, rem_t, reset_t}
 end
 if reason then return reply(0, level) end
+if ARGV[13] == '0' then return reply(1, after) end
 -- admission.reserve: admitted, take everything
 local exp = now + lease
 local slack = w * 1000
-if rpm then
-  redis.call('SET', KEYS[1], f(new_tat), 'PX', int(math.ceil((new_tat - now) * 1000 + slack)))
-end
+if rpm then save_bucket(KEYS[1], requests - 1, now_s, rpm, w) end
 if tpm then save_bucket(KEYS[2], after, now_s, tpm, w) end
-if maxc then
+if tracked then  -- a lease whatever its limits: a max_concurrent set later counts it
   redis.call('ZADD', KEYS[3], f(exp), rid)
   local ttl = math.ceil(lease * 1000 + slack)
   if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], int(ttl)) end
@@ -208,10 +207,16 @@ else
   end
 end
 -- admission.settle_charges: only a live hold gives back its unused tokens
+-- (admission.give_back: added as stored, its time unchanged; an overrun taken from the
+-- bucket as it is now)
 if res[2] and now < tonumber(res[2]) and res[1] and tpm then
-  local level = bucket(KEYS[1], now, tpm, w)
-  save_bucket(KEYS[1], math.min(tpm, level + tonumber(res[1]) - tonumber(ARGV[4])), now_s,
-              tpm, w)
+  local back = tonumber(res[1]) - tonumber(ARGV[4])
+  if back >= 0 then
+    local stored = redis.call('HGET', KEYS[1], 'level')
+    if stored then redis.call('HSET', KEYS[1], 'level', f(tonumber(stored) + back)) end
+  else
+    save_bucket(KEYS[1], math.min(tpm, bucket(KEYS[1], now, tpm, w) + back), now_s, tpm, w)
+  end
 end
 if charged == 2 then return 2 end
 if res[2] or charged == 1 then return 1 end
@@ -246,14 +251,13 @@ return due
 # Mirrors admission.consume: usage admitted elsewhere (a local limiter during an outage),
 # counted on return: `n` arrivals against the GCRA and `t` tokens out of the bucket (it
 # may go negative).
-# KEYS: gcra, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
+# KEYS: rpm, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
 CONSUME = LIB + """
 local now_s = ARGV[1]
 local now, rpm, tpm, w = tonumber(now_s), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 local n, t = tonumber(ARGV[4]), tonumber(ARGV[5])
 if rpm and n > 0 then
-  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now_s), now) + n * w / rpm
-  redis.call('SET', KEYS[1], f(tat), 'PX', int(math.ceil((tat - now) * 1000 + w * 1000)))
+  save_bucket(KEYS[1], bucket(KEYS[1], now, rpm, w) - n, now_s, rpm, w)
 end
 if tpm and t > 0 then
   save_bucket(KEYS[2], bucket(KEYS[2], now, tpm, w) - t, now_s, tpm, w)
