@@ -84,11 +84,12 @@ def port_open(hostport: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the printed line needs curl")
-def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
-    # A first-run config in the default place, moved onto free ports.
+def first_run_on_free_ports(
+        tmp_path: Path) -> tuple[Path, str, dict[str, Any], dict[str, str]]:
+    """A first-run config in the default place, moved onto free ports: its path, the demo
+    key's secret, the config as written, and an environment without TOKENBOOTH_CONFIG."""
     path = tmp_path / DEFAULT_CONFIG
-    write_default_config(path)
+    secret = write_default_config(path)
     data = yaml.safe_load(path.read_text())
     listen = f"127.0.0.1:{free_port()}"
     data["listen"] = listen
@@ -97,6 +98,14 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     data["envoy"] = {"admin_listen": f"127.0.0.1:{free_port()}"}
     path.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if k != "TOKENBOOTH_CONFIG"}
+    return path, secret, data, env
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the printed line needs curl")
+def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    # A first-run config in the default place, moved onto free ports.
+    _, _, data, env = first_run_on_free_ports(tmp_path)
+    listen = data["listen"]
     up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up"], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -301,16 +310,8 @@ def test_ctrl_c_with_a_stream_in_flight_records_its_counted_prompt(tmp_path: Pat
     the stop is recorded with its prompt as the simulator counts it. Stopped all at once,
     the simulator was gone before the services asked, and the record charged the
     prompt's bound (562 tokens for a one-word prompt)."""
-    path = tmp_path / DEFAULT_CONFIG
-    secret = write_default_config(path)
-    data = yaml.safe_load(path.read_text())
-    listen = f"127.0.0.1:{free_port()}"
-    data["listen"] = listen
-    data["services"] = {"grpc_listen": f"127.0.0.1:{free_port()}",
-                        "http_listen": f"127.0.0.1:{free_port()}"}
-    data["envoy"] = {"admin_listen": f"127.0.0.1:{free_port()}"}
-    path.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items() if k != "TOKENBOOTH_CONFIG"}
+    path, secret, data, env = first_run_on_free_ports(tmp_path)
+    listen = data["listen"]
     up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up"], cwd=tmp_path, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = openai.OpenAI(base_url=f"http://{listen}/v1", api_key=secret, max_retries=0)
