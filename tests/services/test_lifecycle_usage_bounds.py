@@ -290,6 +290,28 @@ def test_tail_usage_reads_only_a_usage_key() -> None:
     assert tail_usage(b'"usage": {"prompt_tok') is None  # cut: unreadable
 
 
+def test_tail_usage_decodes_only_a_usage_key_with_an_object(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A completions answer's `top_logprobs` is keyed by token text: each position where
+    the token `usage` is a candidate is a `"usage": <logprob>` key. The first trim past
+    the keep limit searches the whole 64 MiB kept; each such key was decoded from a
+    4 KiB copy (6.6 s on the event loop for a 64 MiB answer of them). Only an object can
+    be the usage: nothing else is decoded."""
+    decoded: list[int] = []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s: str, idx: int = 0) -> tuple[Any, int]:
+            decoded.append(idx)
+            return super().raw_decode(s, idx)
+
+    monkeypatch.setattr(lifecycle, "_DECODER", Counting())
+    usage = b'"usage":{"prompt_tokens":3,"completion_tokens":4}'
+    top = b'{"usage": -0.5, "x": -1.0},' * 20_000
+    body = b'{' + usage + b',"choices":[{"logprobs":{"top_logprobs":[' + top + b'{}]}}]}'
+    assert lifecycle.tail_usage(body) == Usage(3, 4)
+    assert len(decoded) == 1
+
+
 # -- 2. Envoy's own ending after admission --------------------------------------------
 
 
