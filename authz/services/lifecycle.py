@@ -79,6 +79,12 @@ Headers = tuple[tuple[str, str], ...]
 # `prompt_logprobs` (and `prompt_token_ids`) follow it, ~1.5 KB a prompt token.
 JSON_KEEP_BYTES = 64 << 20
 JSON_TAIL_BYTES = 64 << 10
+# Answers whose usage in a trimmed part counts: in vLLM's chat and completions answers
+# only vLLM's own fields follow `usage`. A Responses answer holds objects the client
+# shaped on both sides of it (the `tools` it echoes; `input_messages`, with each tool's
+# parameters, after it): a `usage` key in them cannot be told from the top-level one by
+# a search of the bytes, so there only the tail's counts.
+_TRIMMED_USAGE_KINDS = frozenset({Kind.CHAT, Kind.COMPLETION})
 # A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
 ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
@@ -476,8 +482,10 @@ class Lifecycle:
     def _json_tail_only(self) -> None:
         """A JSON answer past JSON_KEEP_BYTES: from now on keep only its last bytes (at
         most twice JSON_TAIL_BYTES between trims), where its top-level `usage` is, and the
-        last `usage` found in what is trimmed (a key in the kept tail is found again)."""
-        self._json_usage = tail_usage(self._json_body) or self._json_usage
+        last `usage` found in what is trimmed (a key in the kept tail is found again) of a
+        chat or completions answer (see _TRIMMED_USAGE_KINDS)."""
+        if self.endpoint is not None and self.endpoint.kind in _TRIMMED_USAGE_KINDS:
+            self._json_usage = tail_usage(self._json_body) or self._json_usage
         self._json_body = bytearray(memoryview(self._json_body)[-JSON_TAIL_BYTES:])
         self._json_limit, self._json_tail = 2 * JSON_TAIL_BYTES, True
 
