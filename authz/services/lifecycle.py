@@ -79,6 +79,12 @@ Headers = tuple[tuple[str, str], ...]
 # `prompt_logprobs` (and `prompt_token_ids`) follow it, ~1.5 KB a prompt token.
 JSON_KEEP_BYTES = 64 << 20
 JSON_TAIL_BYTES = 64 << 10
+# Answers whose usage in a trimmed part counts: in vLLM's chat and completions answers
+# only vLLM's own fields follow `usage`. A Responses answer holds objects the client
+# shaped on both sides of it (the `tools` it echoes; `input_messages`, with each tool's
+# parameters, after it): a `usage` key in them cannot be told from the top-level one by
+# a search of the bytes, so there only the tail's counts.
+_TRIMMED_USAGE_KINDS = frozenset({Kind.CHAT, Kind.COMPLETION})
 # A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
 ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
@@ -476,8 +482,10 @@ class Lifecycle:
     def _json_tail_only(self) -> None:
         """A JSON answer past JSON_KEEP_BYTES: from now on keep only its last bytes (at
         most twice JSON_TAIL_BYTES between trims), where its top-level `usage` is, and the
-        last `usage` found in what is trimmed (a key in the kept tail is found again)."""
-        self._json_usage = tail_usage(self._json_body) or self._json_usage
+        last `usage` found in what is trimmed (a key in the kept tail is found again) of a
+        chat or completions answer (see _TRIMMED_USAGE_KINDS)."""
+        if self.endpoint is not None and self.endpoint.kind in _TRIMMED_USAGE_KINDS:
+            self._json_usage = tail_usage(self._json_body) or self._json_usage
         self._json_body = bytearray(memoryview(self._json_body)[-JSON_TAIL_BYTES:])
         self._json_limit, self._json_tail = 2 * JSON_TAIL_BYTES, True
 
@@ -695,11 +703,15 @@ class Lifecycle:
         return Usage(req.prompt_estimate, 0), True
 
 
-# A `usage` key, found by a plain search from the end (a regex tried at every byte took a
-# second over 64 MiB, on the event loop); the backslashes before it: an odd count escapes
-# its quote, so the text is inside a key that ends in `"usage`, not that key.
-_USAGE_KEY = b'"usage"'
-_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+# A `usage` key whose value is an object, as the usage is. The pattern opens with its
+# literal, which the regex engine seeks in C (tens of ms over 64 MiB, however many keys
+# or strings spell `usage`); a `usage` key with any other value (a completions answer's
+# `top_logprobs` is keyed by token text) is passed over without a copy or a decode: each
+# was a 4 KiB decode, seconds on the event loop for a 64 MiB answer of them. (The regex
+# this replaced began with the backslashes, so it was tried at every byte.) The
+# backslashes before a match: an odd count escapes its quote, so the text is inside a key
+# that ends in `"usage`, not that key.
+_USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*(?=\{)')
 _BACKSLASH = 0x5C
 _DECODER = json.JSONDecoder()
 # A usage object is far shorter than this (its *_details included).
@@ -710,17 +722,13 @@ def tail_usage(tail: bytes | bytearray) -> Usage | None:
     """The top-level `usage` of a JSON answer from its last bytes: the value after the
     last `"usage":` key there (vLLM writes it after `choices`, near the end). A JSON
     string cannot hold `"usage":` unescaped, so that text is always a key."""
-    end = len(tail)
-    while (at := tail.rfind(_USAGE_KEY, 0, end)) >= 0:
-        end = at + len(_USAGE_KEY) - 1  # the next search: keys that start before this one
-        slashes = 0
+    for m in reversed(list(_USAGE_KEY.finditer(tail))):
+        at, slashes = m.start(), 0
         while at > slashes and tail[at - slashes - 1] == _BACKSLASH:
             slashes += 1
-        colon = _COLON.match(tail, at + len(_USAGE_KEY))
-        if slashes % 2 or colon is None:
+        if slashes % 2:
             continue
-        text = bytes(tail[colon.end():colon.end() + _USAGE_OBJ_BYTES]).decode(
-            "utf-8", "replace")
+        text = bytes(tail[m.end():m.end() + _USAGE_OBJ_BYTES]).decode("utf-8", "replace")
         try:
             obj, _ = _DECODER.raw_decode(text)
         except ValueError:

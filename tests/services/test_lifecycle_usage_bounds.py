@@ -191,6 +191,32 @@ async def test_past_the_keep_limit_a_usage_followed_by_prompt_logprobs_is_read(
         assert counts(await h.record(life)) == (200, 2, 7, False), piece
 
 
+async def test_past_the_keep_limit_a_responses_answer_is_read_for_usage_in_its_tail_only(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's Responses answer holds objects the client shaped on both sides of its usage:
+    the `tools` it echoes before, and with `enable_response_messages` the
+    `input_messages` after (a harmony model's developer message, each tool's parameters
+    in it). A tool parameter named `usage` is no count, and a search of the bytes cannot
+    tell it from the top-level key: past the keep limit, a usage in what was trimmed
+    counts only for chat and completions answers (their `prompt_logprobs` follow their
+    usage); a Responses answer whose tail has none is charged its hold. It was charged
+    the client's object: here 1 token for 150."""
+    monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 10)
+    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", 256)
+    fake = '{"usage":{"input_tokens":1,"output_tokens":0}}'
+    body = ('{"id":"resp_1","object":"response","output":[{"type":"message","content":'
+            '[{"type":"output_text","text":"' + "a" * 5000 + '"}]}],'
+            '"usage":{"input_tokens":2,"output_tokens":150,"total_tokens":152},'
+            '"input_messages":[{"role":"developer","tools":[{"name":"f","parameters":'
+            '{"type":"object","properties":' + fake + '}}]}],'
+            '"output_messages":[{"content":"' + "b" * 5000 + '"}]}').encode()
+    life = await h.admitted({"model": "demo", "input": "hi", "max_output_tokens": 200},
+                            "/v1/responses")
+    life.response_start(200, BACKEND)
+    feed(life, body, 100)
+    await assert_whole_hold(h, life, 200)
+
+
 async def test_a_json_answer_too_large_to_read_is_charged_its_hold(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole 2xx answer past the limit whose end holds no usage: the backend generated
@@ -288,6 +314,28 @@ def test_tail_usage_reads_only_a_usage_key() -> None:
     assert tail_usage(b'"usage": null}') is None
     assert tail_usage(b'"usage": {"prompt_tokens": -1}}') is None
     assert tail_usage(b'"usage": {"prompt_tok') is None  # cut: unreadable
+
+
+def test_tail_usage_decodes_only_a_usage_key_with_an_object(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A completions answer's `top_logprobs` is keyed by token text: each position where
+    the token `usage` is a candidate is a `"usage": <logprob>` key. The first trim past
+    the keep limit searches the whole 64 MiB kept; each such key was decoded from a
+    4 KiB copy (6.6 s on the event loop for a 64 MiB answer of them). Only an object can
+    be the usage: nothing else is decoded."""
+    decoded: list[int] = []
+
+    class Counting(json.JSONDecoder):
+        def raw_decode(self, s: str, idx: int = 0) -> tuple[Any, int]:
+            decoded.append(idx)
+            return super().raw_decode(s, idx)
+
+    monkeypatch.setattr(lifecycle, "_DECODER", Counting())
+    usage = b'"usage":{"prompt_tokens":3,"completion_tokens":4}'
+    top = b'{"usage": -0.5, "x": -1.0},' * 20_000
+    body = b'{' + usage + b',"choices":[{"logprobs":{"top_logprobs":[' + top + b'{}]}}]}'
+    assert lifecycle.tail_usage(body) == Usage(3, 4)
+    assert len(decoded) == 1
 
 
 # -- 2. Envoy's own ending after admission --------------------------------------------
