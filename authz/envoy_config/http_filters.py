@@ -128,10 +128,14 @@ IDENTITY = "identity"
 MISPLACED_KEY_HEADERS = ("proxy-authorization", "api-key", "x-goog-api-key", "cookie")
 # vLLM's scheduling priority (read before the body's `priority`, which the gateway
 # refuses) and data-parallel rank as headers: the backend's queue order and balancing are
-# the operator's, not a tenant's (a rank out of range is vLLM's 400, after the hold).
-BACKEND_CONTROL_HEADERS = ("x-vllm-priority", "x-data-parallel-rank")
-# The gateway's own headers, removed from a backend's response.
-INTERNAL_RESPONSE_HEADERS = ("x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER)
+# the operator's, not a tenant's (a rank out of range is vLLM's 400, after the hold). And
+# its ORCA load report's request: a backend's load is the operator's, not a tenant's.
+BACKEND_CONTROL_HEADERS = ("x-vllm-priority", "x-data-parallel-rank",
+                           "endpoint-load-metrics-format")
+# The gateway's own headers, removed from a backend's response, and a backend's ORCA
+# load report (KV cache use, queue lengths: what other tenants' requests load it with).
+INTERNAL_RESPONSE_HEADERS = ("x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER,
+                             "endpoint-load-metrics")
 # A backend's own CORS answer (vLLM allows every origin by default): the gateway's
 # envoy.cors_allow_origins decides which browsers may call, not the backend's.
 BACKEND_CORS_HEADERS = ("access-control-allow-origin", "access-control-allow-credentials",

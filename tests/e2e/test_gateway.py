@@ -219,14 +219,16 @@ def test_a_clients_vllm_scheduling_headers_never_reach_the_backend(gateway: Gate
     """vLLM reads a request's scheduling priority from `X-Vllm-Priority` before the body's
     `priority` (which the gateway refuses), and its data-parallel rank from
     `X-data-parallel-rank`: one tenant's requests would jump the backend's queue, or
-    pick its rank (one out of range is vLLM's 400 after the hold)."""
+    pick its rank (one out of range is vLLM's 400 after the hold); nor may it ask for the
+    backend's ORCA load report (`endpoint-load-metrics-format`)."""
     body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
     status, _ = post(gateway, "/v1/chat/completions", body, {
         "authorization": f"Bearer {SECRET}", "X-Vllm-Priority": "-1000",
-        "X-data-parallel-rank": "7"})
+        "X-data-parallel-rank": "7", "endpoint-load-metrics-format": "json"})
     assert status == 200
     headers = last_upstream(gateway)["headers"]
-    assert not {"x-vllm-priority", "x-data-parallel-rank"} & set(headers)
+    assert not {"x-vllm-priority", "x-data-parallel-rank",
+                "endpoint-load-metrics-format"} & set(headers)
 
 
 def test_credentials_in_other_conventions_and_underscored_headers_stay_here(

@@ -194,13 +194,14 @@ def test_route() -> None:
     # client's vLLM scheduling priority or data-parallel rank.
     assert r["request_headers_to_remove"] == [CLUSTER_HEADER, "proxy-authorization",
                                               "api-key", "x-goog-api-key", "cookie",
-                                              "x-vllm-priority", "x-data-parallel-rank"]
+                                              "x-vllm-priority", "x-data-parallel-rank",
+                                              "endpoint-load-metrics-format"]
     assert {h["header"]["key"]: h["header"]["value"] for h in r["request_headers_to_add"]} \
         == {"accept-encoding": "identity", "content-type": "application/json"}
     # A backend's own rate-limit and internal headers never pass for the gateway's.
     assert set(r["response_headers_to_remove"]) == {
         *RATE_HEADER_NAMES, "x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER,
-        *BACKEND_CORS_HEADERS}
+        "endpoint-load-metrics", *BACKEND_CORS_HEADERS}
     assert "access-control-allow-origin" in BACKEND_CORS_HEADERS
     assert hcm(d)["common_http_protocol_options"] == {
         "headers_with_underscores_action": "DROP_HEADER"}
