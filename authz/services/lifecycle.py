@@ -83,7 +83,8 @@ JSON_TAIL_BYTES = 64 << 10
 # only vLLM's own fields follow `usage`. A Responses answer holds objects the client
 # shaped on both sides of it (the `tools` it echoes; `input_messages`, with each tool's
 # parameters, after it): a `usage` key in them cannot be told from the top-level one by
-# a search of the bytes, so there only the tail's counts.
+# a search of the bytes, in what was trimmed nor in the kept tail (a tool's parameters
+# there are the client's too): such an answer past the keep limit is charged its hold.
 _TRIMMED_USAGE_KINDS = frozenset({Kind.CHAT, Kind.COMPLETION})
 # A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
 ERROR_KEEP_BYTES = 64 << 10
@@ -684,7 +685,9 @@ class Lifecycle:
                          min(self._meter.completion_estimate, req.completion_bound)), True
         if self._json_body:
             if self._json_tail:
-                usage = tail_usage(self._json_body) or self._json_usage
+                usage = (tail_usage(self._json_body) or self._json_usage
+                         if self.endpoint is not None
+                         and self.endpoint.kind in _TRIMMED_USAGE_KINDS else None)
             else:
                 try:
                     usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))

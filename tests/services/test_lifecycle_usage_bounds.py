@@ -217,6 +217,27 @@ async def test_past_the_keep_limit_a_responses_answer_is_read_for_usage_in_its_t
     await assert_whole_hold(h, life, 200)
 
 
+async def test_past_the_keep_limit_a_responses_answer_s_tail_is_not_read_for_usage(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept tail of a Responses answer may hold the client's own objects after its
+    usage (`input_messages` with a tool parameter named `usage`): past the keep limit it
+    is charged its hold, never the last `usage` the bytes show (here the client's
+    1 token for 150)."""
+    monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 10)
+    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", 1 << 10)
+    fake = '{"usage":{"input_tokens":1,"output_tokens":0}}'
+    body = ('{"id":"resp_1","object":"response","output":[{"type":"message","content":'
+            '[{"type":"output_text","text":"' + "a" * 5000 + '"}]}],'
+            '"usage":{"input_tokens":2,"output_tokens":150,"total_tokens":152},'
+            '"input_messages":[{"role":"developer","tools":[{"name":"f","parameters":'
+            '{"type":"object","properties":' + fake + '}}]}]}').encode()
+    life = await h.admitted({"model": "demo", "input": "hi", "max_output_tokens": 200},
+                            "/v1/responses")
+    life.response_start(200, BACKEND)
+    feed(life, body, 100)
+    await assert_whole_hold(h, life, 200)
+
+
 async def test_a_json_answer_too_large_to_read_is_charged_its_hold(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole 2xx answer past the limit whose end holds no usage: the backend generated
