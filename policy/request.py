@@ -212,9 +212,14 @@ def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
 
 
 def _min_tokens(body: dict[str, Any], max_tokens: int) -> None:
-    """vLLM's `min_tokens` must lie in 0…max_tokens (its own check, after the hold)."""
+    """vLLM's `min_tokens` must lie in 0…max_tokens (its own check, after the hold); an
+    integer, as `max_tokens` must be here (a float or a bool skipped the range check)."""
     v = body.get("min_tokens")
-    if type(v) is int and not 0 <= v <= max_tokens:
+    if v is None:
+        return
+    if type(v) is not int:
+        raise invalid_request("'min_tokens' must be an integer.", "min_tokens")
+    if not 0 <= v <= max_tokens:
         raise invalid_request(f"'min_tokens' must be between 0 and the request's "
                               f"max_tokens ({max_tokens}), got {v}.", "min_tokens")
 

@@ -268,6 +268,15 @@ def test_min_tokens_past_max_tokens_is_refused_before_the_hold() -> None:
            "min_tokens": 9})
 
 
+@pytest.mark.parametrize("value", [6.0, 1e9, True, "6", [6]])
+def test_min_tokens_that_is_not_an_integer_is_refused_before_the_hold(value: object) -> None:
+    """An integer, as max_tokens must be: a float or a bool skipped the range check, and
+    vLLM refused 1e9 after the hold."""
+    e = error_of({"model": "demo", "messages": MSG, "max_tokens": 5, "min_tokens": value},
+                 CHAT_EP)
+    assert (e.status, e.param) == (400, "min_tokens")
+
+
 @pytest.mark.parametrize("name", ["kv_transfer_params", "ec_transfer_params"])
 @pytest.mark.parametrize("ep", [CHAT_EP, COMP_EP, ENDPOINTS[("POST", "/v1/responses")]])
 def test_a_client_cannot_set_kv_transfer_parameters(name: str, ep: Endpoint) -> None:
