@@ -347,6 +347,31 @@ def reserve(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, v: V
         heapq.heappush(key.heap, (exp, rid))
 
 
+def retake(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: float,
+           w: float = WINDOW_S) -> None:
+    """Take what an admission known to have been allowed took (a journal line, replayed),
+    whatever the checks decide now: a release whose checks differ (a lease for every
+    hold, the request rate's form) or a state they see otherwise must not drop it, and
+    its hold with it. The same state as `admit` where that admits; where it would not,
+    the request-rate and token buckets may go below zero (they owe it, as `consume`)."""
+    check_ask(limits, ask)
+    expire(key, now)
+    if tracked(limits) and held(key, ask.request_id):
+        return  # taken already (the line applied twice)
+    v = check(limits, ask, key, ledger, now, w)
+    if v.reason:
+        g = None
+        if limits.rpm is not None:
+            left = requests_now(key, limits.rpm, now, w) - 1
+            g = GcraResult(True, left, 0, 0.0, 0.0)
+        after = (bucket_now(key, limits.tpm, now, w) - ask.tokens
+                 if limits.tpm is not None else 0.0)
+        if ledger is not None:
+            ledger.expire(now)
+        v = Verdict("", None, g, 0.0, 0.0, after)
+    reserve(limits, ask, key, ledger, v, now)
+
+
 def admit(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: float,
           w: float = WINDOW_S, take: bool = True) -> Decision:
     """Check every limit and, only if all pass, reserve for all of them. `ledger` is the

@@ -152,3 +152,29 @@ async def test_an_unanswered_admission_is_released_once_the_store_wakes(
     finally:
         await adm.close()
         await store.close()
+
+
+async def test_an_org_and_its_key_admitted_locally_both_settle_locally(
+    own_redis: RedisServer,
+) -> None:
+    """With the store away and concurrency failing open, a request holds a slot of its
+    key's and of its org's local limiter, under one request id. The key's settlement
+    took the id off the list of local admissions, so the org's went to the store and
+    its local slot was never given back: after max_concurrent requests, each ended, the
+    org refused every request for the rest of the outage."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, OnStoreError(concurrency="fail_open"))
+    await store.start()
+    own_redis.stop()
+    key, org = Limits(max_concurrent=5), Limits(max_concurrent=2)
+    try:
+        for i in range(4):
+            a = ask(i)
+            org_ask = Ask(a.request_id, "org:o", "o", a.tokens, a.cost_nano, a.period,
+                          a.lease_s)
+            assert (await adm.admit_all((org, org_ask), key, a, NOW)).allowed, i
+            await adm.settle(key, a, 0, 0, NOW)  # the key settles first, then its org
+            await adm.settle(org, org_ask, 0, 0, NOW)
+    finally:
+        await adm.close()
+        await store.close()

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from authz.state.limits.durable import (
@@ -317,3 +318,36 @@ async def test_a_damaged_snapshot_stops_the_start(tmp_path: Path) -> None:
     (tmp_path / "limits.snapshot").unlink()  # the lock was let go: another start may try
     again = await opened(tmp_path)
     await again.close()
+
+
+async def test_a_journaled_admission_is_replayed_as_taken_whatever_the_checks_say_now(
+        tmp_path: Path) -> None:
+    """A journal line is an admission that was allowed: replay takes what it took. It
+    re-ran the checks, and a line they refuse now was dropped, with its hold: a journal
+    the last release left at a kill, holding a request it admitted under a concurrency
+    limit set mid-flight (its requests in flight before had no lease there; they have
+    one now), replayed without that request: never charged, its lost record never
+    written, its budget spent twice. Likewise the rpm a release computes differently."""
+    store = await opened(tmp_path)
+    first = ask(1, lease=150.0)
+    before = Limits(tpm=1000, budget_nano=10_000, budget_period="total")
+    assert (await store.admit(before, first, T0)).allowed
+    kill(store)
+    # The last release wrote this line: `keys update --max-concurrent 1` while r1 was in
+    # flight, and r2 admitted (r1 took no lease under a tpm and budget alone).
+    second = ask(2, lease=150.0)
+    line = store.journal_path.read_bytes().splitlines()[-1]
+    row = orjson.loads(line)
+    row[0], row[2] = row[0] + 1, T0 + 1.0
+    row[3] = [None, 1000, 1, 10_000, "total"]
+    row[4]["request_id"] = second.request_id
+    with store.journal_path.open("ab") as f:
+        f.write(orjson.dumps(row) + b"\n")
+    store = await opened(tmp_path)  # both were in flight at the kill: charged as lost
+    try:
+        assert await store.budget("k-1", "acme", "total", T0 + 2.0) == (2_000, 0)
+        lost = sorted(r["request_id"] for r in read_records(tmp_path / USAGE_FILE)
+                      if r["status"] == LOST)
+        assert lost == ["r1", "r2"]
+    finally:
+        await store.close()

@@ -56,9 +56,11 @@ class Admission:
         policy = on_error or OnStoreError()
         self._on_error = policy if callable(policy) else lambda: policy
         self._local = MemoryLimitStore()
-        self._local_ids: set[str] = set()  # admitted locally: settle locally too
+        # Admitted locally: settle locally too. By (key_id, request_id): a request's org
+        # hold shares its request id, and each of the two settles once.
+        self._local_ids: set[tuple[str, str]] = set()
         # Keys without limits admitted unheld while the store was away: nothing to settle.
-        self._unheld: set[str] = set()
+        self._unheld: set[tuple[str, str]] = set()
         # Usage admitted locally, to count into the shared store once it answers again.
         self._unsynced: list[tuple[Limits, str, int, int]] = []
         self._spool = SettleSpool(spool_dir) if spool_dir is not None else None
@@ -175,7 +177,7 @@ class Admission:
                 # admission later leaves a `lost` record readers put behind the real one;
                 # no money is held). The spool stays for the settlements that hold money.
                 if len(self._unheld) < MAX_UNSYNCED:
-                    self._unheld.add(ask.request_id)
+                    self._unheld.add((ask.key_id, ask.request_id))
                 return Decision(True)
             # Unanswered is not undone: a script sent to a stalled store runs when it
             # wakes, and its hold would be charged as lost for a request never served.
@@ -194,7 +196,7 @@ class Admission:
                         extra={"request_id": ask.request_id})
             decision = await self._local.admit(held, ask, now.timestamp())
             if decision.allowed:
-                self._local_ids.add(ask.request_id)
+                self._local_ids.add((ask.key_id, ask.request_id))
         if decision.allowed:
             return decision
         raise refusal(decision, limits, now, ask.cost_nano,
@@ -251,12 +253,12 @@ class Admission:
 
     async def _settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                       now: datetime) -> Settled:
-        if ask.request_id in self._unheld:
-            self._unheld.discard(ask.request_id)
+        if (ask.key_id, ask.request_id) in self._unheld:
+            self._unheld.discard((ask.key_id, ask.request_id))
             return settled(ask, used_tokens, cost_nano, applied=False)
         limits = held_limits(limits, ask)
-        if ask.request_id in self._local_ids:
-            self._local_ids.discard(ask.request_id)
+        if (ask.key_id, ask.request_id) in self._local_ids:
+            self._local_ids.discard((ask.key_id, ask.request_id))
             done = await self._local.settle(limits, ask, used_tokens, cost_nano,
                                             now.timestamp())
             if len(self._unsynced) < MAX_UNSYNCED:

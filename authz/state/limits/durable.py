@@ -15,7 +15,8 @@ number and the snapshot the number of the last line it includes, so replay is
 idempotent.
 
 At start: load the snapshot, replay the journals through the same transitions (a torn
-or damaged line is skipped), so the state is what it was. The requests still held then
+or damaged line is skipped; an admission is taken again without its checks deciding
+anew: it was allowed), so the state is what it was. The requests still held then
 were in flight when the process died; each is settled at the time of the last journal
 line: at its recorded usage if the usage log has its record (it ended, its settlement
 never reached the journal), else at its full hold, with one `lost` record (`on_lost`,
@@ -378,7 +379,8 @@ class DurableMemoryLimitStore:
         if op == "w":
             swept = [(a, now) for a in await self._mem.sweep(now)]
         elif op == "a":
-            await self._mem.admit(Limits(*row[3]), ask_from(row[4]), now)
+            # Allowed when written: taken again whatever the checks say now.
+            await self._mem.retake(Limits(*row[3]), ask_from(row[4]), now)
         elif op == "s":
             await self._mem.settle(Limits(*row[3]), _settle_ask(row[4], row[5], row[6]),
                                    int(row[7]), int(row[8]), now)

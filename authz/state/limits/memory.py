@@ -50,6 +50,16 @@ class MemoryLimitStore:
             self._schedule(ask.key_id, now + ask.lease_s)
         return d
 
+    async def retake(self, limits: Limits, ask: Ask, now: float) -> None:
+        """`admission.retake`: an admission that was allowed, replayed (the durable
+        store's journal)."""
+        key = self._keys.setdefault(ask.key_id, KeyState())
+        ledger = (self._ledgers.setdefault((ask.key_id, ask.period), Ledger())
+                  if limits.budget_nano is not None else None)
+        admission.retake(limits, ask, key, ledger, now, self._window)
+        if admission.tracked(limits) and ask.request_id in key.holds:
+            self._schedule(ask.key_id, now + ask.lease_s)
+
     def _schedule(self, key_id: str, at: float) -> None:
         """Sweep `key_id` at `at` unless it is due sooner already."""
         due = self._next.get(key_id)
