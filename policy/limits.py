@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from fractions import Fraction
+from functools import lru_cache
 
 from policy.config import Price
 
@@ -148,10 +148,12 @@ def bucket_refund(level: float, reserved: int, used: int, capacity: int) -> floa
 
 def cost_nano(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
     """Cost in nano-USD, rounded up to the next nano-dollar (never undercharged). In
-    exact fractions: Decimal's context keeps 28 digits, and a price with more would lose
-    the last ones before the rounding up."""
-    per_1k = prompt_tokens * Fraction(price.input) + completion_tokens * Fraction(price.output)
-    return math.ceil(per_1k * (NANO_PER_USD // 1000))
+    exact integers: Decimal's context keeps 28 digits, and a price with more would lose
+    the last ones before the rounding up (Fraction arithmetic was ~9 µs a call)."""
+    ni, di = _ratio(price.input)
+    no, do = _ratio(price.output)
+    per_1k = (prompt_tokens * ni * do + completion_tokens * no * di) * (NANO_PER_USD // 1000)
+    return -(-per_1k // (di * do))
 
 
 def usd_to_nano(usd: Decimal) -> int:
@@ -159,7 +161,15 @@ def usd_to_nano(usd: Decimal) -> int:
     NaN or an infinity (an unreadable amount, as it was)."""
     if not usd.is_finite():
         raise ValueError(f"not an amount: {usd}")
-    return math.ceil(Fraction(usd) * NANO_PER_USD)
+    n, d = _ratio(usd)
+    return -(-n * NANO_PER_USD // d)
+
+
+@lru_cache(maxsize=4096)
+def _ratio(d: Decimal) -> tuple[int, int]:
+    """A decimal as an exact integer ratio (a model's few prices: cached). ValueError for
+    a NaN or an infinity."""
+    return d.as_integer_ratio()
 
 
 def nano_to_usd(nano: int) -> Decimal:
