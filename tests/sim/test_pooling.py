@@ -59,7 +59,7 @@ async def test_embeddings_are_deterministic_and_encode_as_base64(sim: Sim) -> No
 ])
 async def test_errors(sim: Sim, path: str, body: dict[str, Any], status: int) -> None:
     got, err = await post(sim, path, body)
-    assert got == status and err["object"] == "error"
+    assert got == status and list(err) == ["error"] and err["error"]["code"] == status
 
 
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
@@ -107,4 +107,4 @@ async def test_tokenize_and_detokenize(sim: Sim) -> None:
 async def test_status_hook_applies(sim: Sim) -> None:
     status, err = await post(sim, "/v1/embeddings", {"model": "tiny-llama", "input": "a"},
                              **{"x-sim-status": "503"})
-    assert status == 503 and err["code"] == 503
+    assert status == 503 and err["error"]["code"] == 503
