@@ -12,6 +12,7 @@ Errors have vLLM 0.32's body, ``{"error": {message, type, param, code}}``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -141,22 +142,63 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+_INT_TEXT = re.compile(r"\s*[+-]?\d+\s*")
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
 def opt_int(body: Mapping[str, Any], field: str) -> int | None:
+    """An optional integer, read as vLLM's pydantic models read it (lax mode): a bool, a
+    whole float and a string of digits are integers too."""
     value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid_field(field, "Input should be a valid integer", "int_type", value)
-    return value
+    if value is None or type(value) is int:
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise invalid_field(field, "Input should be a valid integer, got a number with a "
+                            "fractional part", "int_from_float", value)
+    if isinstance(value, str):
+        if _INT_TEXT.fullmatch(value):
+            return int(value)
+        raise invalid_field(field, "Input should be a valid integer, unable to parse string "
+                            "as an integer", "int_parsing", value)
+    raise invalid_field(field, "Input should be a valid integer", "int_type", value)
 
 
 def opt_bool(body: Mapping[str, Any], field: str) -> bool:
+    """An optional boolean (absent or null: False), read in pydantic's lax mode: 0 and 1,
+    and strings such as "true", "yes", "off"."""
     value = body.get(field)
     if value is None:
         return False
-    if not isinstance(value, bool):
-        raise invalid_field(field, "Input should be a valid boolean", "bool_type", value)
-    return value
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    kind, msg = (("bool_parsing", "Input should be a valid boolean, unable to interpret input")
+                 if isinstance(value, str) else ("bool_type", "Input should be a valid boolean"))
+    raise invalid_field(field, msg, kind, value)
+
+
+def opt_float(body: Mapping[str, Any], field: str) -> float | None:
+    """An optional number (lax: a numeric string too)."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise invalid_field(field, "Input should be a valid number, unable to parse "
+                                "string as a number", "float_parsing", value) from None
+    raise invalid_field(field, "Input should be a valid number", "float_type", value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,10 +262,10 @@ def _n(body: Mapping[str, Any]) -> int:
     if n < 1:
         raise SimError(400, f"n must be at least 1, got {n}.")
     opt_int(body, "best_of")
-    temperature = body.get("temperature")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float | None):
-        raise invalid_field("temperature", "Input should be a valid number", "float_type",
-                            temperature)
+    temperature = opt_float(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise param_error(f"temperature must be non-negative, got {temperature}.",
+                          "temperature", temperature)
     if n > 1 and temperature is not None and temperature < SAMPLING_EPS:
         raise SimError(400, f"n must be 1 when using greedy sampling, got {n}.")
     return n
@@ -271,6 +313,9 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],
         raise invalid_field("messages", "Field required", "missing", None)
     if not isinstance(messages, list):
         raise invalid_field("messages", "Input should be a valid list", "list_type", messages)
+    if not messages:
+        raise SimError(400, "Cannot apply chat template to an empty conversation. Provide at "
+                       "least one message.")
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise invalid_field("messages", "Each message needs a string role", "value_error",
@@ -324,6 +369,11 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
     prompt = body.get("prompt")
     if prompt is None:
         raise invalid_field("prompt", "Field required", "missing", None)
+    if prompt == "":
+        raise param_error("Either prompt or prompt_embeds must be provided and non-empty.",
+                          "prompt")
+    if prompt == []:
+        raise SimError(400, "You must pass at least one prompt")
     if not valid_prompt(prompt):
         raise invalid_field(
             "prompt",
@@ -334,6 +384,9 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_field("suffix", "Input should be a valid string", "string_type", suffix)
+    if isinstance(prompt, list) and any(p in ("", []) for p in prompt):
+        # vLLM's input processor: an empty prompt of a batch leaves no token to decode from.
+        raise SimError(400, "The decoder prompt cannot be empty")
     counts = prompt_token_counts(prompt, suffix)
     requested = _at_least_one(opt_int(body, "max_tokens"))
     if requested is None:

@@ -67,8 +67,8 @@ async def test_best_of_is_ignored(sim: Sim, extra: dict[str, Any]) -> None:
     ("extra", "param", "needle"),
     [
         ({"n": 0}, None, "n must be at least 1, got 0."),
-        ({"n": "2"}, "body.n", "valid integer"),
-        ({"best_of": "2"}, "body.best_of", "valid integer"),
+        ({"n": "two"}, "body.n", "valid integer"),
+        ({"best_of": 2.5}, "body.best_of", "valid integer"),
         ({"n": 2, "temperature": 0}, None, "n must be 1 when using greedy sampling, got 2."),
         ({"n": 2, "temperature": 0.0, "stream": True}, None,
          "n must be 1 when using greedy sampling, got 2."),
@@ -268,3 +268,42 @@ async def test_max_tokens_past_the_context_is_clipped(stream: bool) -> None:
 def registry_tokens(sim: Sim) -> float | None:
     return sim.state.metrics.registry.get_sample_value("vllm:generation_tokens_total",
                                                        {"model_name": "m"})
+
+
+@pytest.mark.parametrize(("path", "extra", "param", "message"), [
+    (CHAT, {"messages": []}, None,
+     "Cannot apply chat template to an empty conversation. Provide at least one message."),
+    (COMPLETIONS, {"prompt": ""}, "prompt",
+     "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"),
+    (COMPLETIONS, {"prompt": []}, None, "You must pass at least one prompt"),
+    (COMPLETIONS, {"prompt": [[]]}, None, "The decoder prompt cannot be empty"),
+    (COMPLETIONS, {"prompt": ["a", ""]}, None, "The decoder prompt cannot be empty"),
+    (COMPLETIONS, {"prompt": "a", "temperature": -1}, "temperature",
+     "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)"),
+])
+async def test_empty_input_and_bad_sampling_are_vllms_400s(
+        sim: Sim, path: str, extra: dict[str, Any], param: str | None, message: str) -> None:
+    """vLLM 0.32's answers to nothing to generate from, and to a negative temperature."""
+    status, got = await post(sim, path, {"model": "tiny-llama", **extra})
+    assert status == 400 and got == {"error": {"message": message, "type": "BadRequestError",
+                                               "param": param, "code": 400}}
+
+
+async def test_fields_are_read_in_pydantics_lax_mode(sim: Sim) -> None:
+    """vLLM's request models coerce: "2" and 2.0 are 2, true is 1, "true"/"yes" are True,
+    "0" is a temperature of 0. A fractional count or an unreadable string is a 400."""
+    body = {"model": "tiny-llama", "prompt": "x", "max_tokens": 2.0, "n": "2",
+            "stream": "true", "stream_options": {"include_usage": "yes"}}
+    chunks = parse(await stream_events(sim, COMPLETIONS, body))
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    status, got = await post(sim, COMPLETIONS, {**body, "stream": False, "max_tokens": True,
+                                                "stream_options": None})
+    assert status == 200 and got["usage"]["completion_tokens"] == 2
+    status, got = await post(sim, COMPLETIONS, {**body, "temperature": "0"})
+    assert status == 400 and "greedy sampling" in got["error"]["message"]
+    for field, value, kind in (("max_tokens", 2.5, "int_from_float"),
+                               ("n", "two", "int_parsing"), ("stream", "maybe", "bool_parsing"),
+                               ("temperature", "hot", "float_parsing")):
+        status, got = await post(sim, COMPLETIONS, {**body, field: value})
+        assert status == 400 and got["error"]["param"] == f"body.{field}"
+        assert f"'type': '{kind}'" in got["error"]["message"]

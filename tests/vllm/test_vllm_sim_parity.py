@@ -83,6 +83,17 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": CONTEXT + 1}),
     ("/v1/responses", {"model": MODEL, "input": "hi", "previous_response_id": "resp_x"}),
     ("/tokenize", {"model": "nope", "prompt": "hi"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}),
+    ("/v1/completions", {"model": MODEL, "prompt": []}),
+    ("/v1/completions", {"model": MODEL, "prompt": [[]]}),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", ""]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}),
+    # pydantic's lax mode: all accepted
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.0, "n": "2",
+                         "stream": "true", "stream_options": {"include_usage": "yes"}}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
 ]
 
 
