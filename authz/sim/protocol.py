@@ -211,15 +211,19 @@ class _Common:
     continuous_usage: bool = False
 
 
-def model_of(body: Mapping[str, Any], models: Mapping[str, Any]) -> str:
+def model_of(body: Mapping[str, Any], models: Mapping[str, Any], *,
+             aliases: bool = True) -> str:
     """The body's served model name (the first served one when it names none, as vLLM
-    does), or vLLM's 400 / 404."""
+    does), or vLLM's 400 / 404. vLLM 0.32's pooling endpoints (embeddings, rerank, score)
+    answer the 404 without the aliases and without ``param`` (``aliases=False``)."""
     model = body.get("model")
     if model is None:
         return next(iter(models))
     if not isinstance(model, str):
         raise invalid_field("model", "Input should be a valid string", "string_type", model)
     if model not in models:
+        if not aliases:
+            raise SimError(404, f"The model `{model}` does not exist.", "NotFoundError")
         raise SimError(404, f"The model `{model}` does not exist. Valid aliases: "
                        f"{', '.join(models)}.", "NotFoundError", "model")
     return model

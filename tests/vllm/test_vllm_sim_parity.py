@@ -6,6 +6,7 @@ tokenizer differs, so usage is compared through the rule, not the numbers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from tests.helpers import free_port
-from tests.vllm.conftest import MODEL, VllmServer
+from tests.vllm.conftest import EMBED_MODEL, MODEL, VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -26,12 +27,12 @@ CONTEXT = 512  # the tier's --max-model-len
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def sim_url() -> Iterator[str]:
+@contextlib.contextmanager
+def run_sim(*models: str) -> Iterator[str]:
     port = free_port()
+    served = [arg for m in models for arg in ("--model", m)]
     proc = spawn([sys.executable, "-m", "authz.cli", "sim", "--listen", f"127.0.0.1:{port}",
-                  "--model", MODEL, "--model", "tiny-llama-2",  # as vllm_server serves
-                  "--max-model-len", str(CONTEXT)],
+                  *served, "--max-model-len", str(CONTEXT)],
                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -39,6 +40,18 @@ def sim_url() -> Iterator[str]:
         yield url
     finally:
         stop([proc])
+
+
+@pytest.fixture(scope="module")
+def sim_url() -> Iterator[str]:
+    with run_sim(MODEL, "tiny-llama-2") as url:  # as vllm_server serves
+        yield url
+
+
+@pytest.fixture(scope="module")
+def embed_sim_url() -> Iterator[str]:
+    with run_sim(EMBED_MODEL) as url:
+        yield url
 
 
 def ask(url: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -103,7 +116,30 @@ def test_errors_match(vllm_server: VllmServer, sim_url: str, path: str,
     """Same status; on an error, vLLM 0.32's `{"error": {message, type, param, code}}` with
     the same type and param (and, where it is not a tokenizer's count or pydantic's
     wording, the same message)."""
-    (real_status, real), (sim_status, sim) = (ask(vllm_server.url, path, body),
+    same_answer(vllm_server.url, sim_url, path, body)
+
+
+POOLING_BAD: list[tuple[str, dict[str, Any]]] = [
+    ("/v1/embeddings", {"model": "nope", "input": "a"}),
+    ("/rerank", {"model": "nope", "query": "a", "documents": ["b"]}),
+    ("/score", {"model": "nope", "queries": "a", "documents": ["b"]}),
+    ("/tokenize", {"model": "nope", "prompt": "a"}),
+    ("/v1/embeddings", {"model": EMBED_MODEL, "input": []}),
+    ("/v1/embeddings", {"model": EMBED_MODEL, "input": ""}),
+    ("/v1/embeddings", {"model": EMBED_MODEL, "input": ["a", ""]}),
+    ("/v1/embeddings", {"model": EMBED_MODEL, "input": [[5] * (CONTEXT + 1)]}),
+    ("/score", {"model": EMBED_MODEL, "queries": ["a", "b"], "documents": ["c", "d", "e"]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), POOLING_BAD)
+def test_pooling_errors_match(vllm_embed_server: VllmServer, embed_sim_url: str, path: str,
+                              body: dict[str, Any]) -> None:
+    same_answer(vllm_embed_server.url, embed_sim_url, path, body)
+
+
+def same_answer(real_url: str, sim_url: str, path: str, body: dict[str, Any]) -> None:
+    (real_status, real), (sim_status, sim) = (ask(real_url, path, body),
                                               ask(sim_url, path, body))
     assert sim_status == real_status, (real, sim)
     if real_status == 200:
