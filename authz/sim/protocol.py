@@ -253,6 +253,15 @@ def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
     return _Common(model, stream, include_usage, n, interval or 1, continuous)
 
 
+def sampling_temperature(body: Mapping[str, Any]) -> float | None:
+    """``temperature``, or vLLM's 400 for a negative one."""
+    temperature = opt_float(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise param_error(f"temperature must be non-negative, got {temperature}.",
+                          "temperature", temperature)
+    return temperature
+
+
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy sampling.
 SAMPLING_EPS = 1e-5
 
@@ -266,10 +275,7 @@ def _n(body: Mapping[str, Any]) -> int:
     if n < 1:
         raise SimError(400, f"n must be at least 1, got {n}.")
     opt_int(body, "best_of")
-    temperature = opt_float(body, "temperature")
-    if temperature is not None and temperature < 0:
-        raise param_error(f"temperature must be non-negative, got {temperature}.",
-                          "temperature", temperature)
+    temperature = sampling_temperature(body)
     if n > 1 and temperature is not None and temperature < SAMPLING_EPS:
         raise SimError(400, f"n must be 1 when using greedy sampling, got {n}.")
     return n
@@ -334,11 +340,11 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],
     requested, field = opt_int(body, "max_completion_tokens"), "max_completion_tokens"
     if requested is None:
         requested, field = opt_int(body, "max_tokens"), "max_tokens"
-    return _gen(common, _at_least_one(requested), default_max_tokens,
+    return _gen(common, min_one_token(requested), default_max_tokens,
                 [prompt_tokens], max_model_len, field)
 
 
-def _at_least_one(requested: int | None) -> int | None:
+def min_one_token(requested: int | None) -> int | None:
     """vLLM's SamplingParams check, worded for max_tokens whichever field carried it."""
     if requested is not None and requested < 1:
         raise param_error(f"max_tokens must be at least 1, got {requested}.", "max_tokens",
@@ -392,7 +398,7 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
         # vLLM's input processor: an empty prompt of a batch leaves no token to decode from.
         raise SimError(400, "The decoder prompt cannot be empty")
     counts = prompt_token_counts(prompt, suffix)
-    requested = _at_least_one(opt_int(body, "max_tokens"))
+    requested = min_one_token(opt_int(body, "max_tokens"))
     if requested is None:
         requested = COMPLETIONS_DEFAULT_MAX_TOKENS
     return _gen(common, requested, None, counts, max_model_len)

@@ -25,11 +25,13 @@ from authz.sim.protocol import (
     GenRequest,
     SimError,
     invalid_field,
+    min_one_token,
     model_of,
     opt_bool,
     opt_int,
     param_error,
     prompt_too_long,
+    sampling_temperature,
 )
 from authz.sim.tokens import prompt_tokens_chat, token_text
 
@@ -105,8 +107,13 @@ def parse_responses(body: Mapping[str, Any], models: Mapping[str, Any],
     if body.get("previous_response_id"):
         raise SimError(404, f"Response with id '{body['previous_response_id']}' not found.",
                        "invalid_request_error", "response_id")
-    prompt = prompt_tokens_chat(messages(body), template_fields(body))
-    requested = opt_int(body, "max_output_tokens")
+    rendered = messages(body)
+    if not rendered:
+        raise SimError(400, "Cannot apply chat template to an empty conversation. Provide at "
+                       "least one message.")
+    sampling_temperature(body)
+    prompt = prompt_tokens_chat(rendered, template_fields(body))
+    requested = min_one_token(opt_int(body, "max_output_tokens"))
     if requested is not None and requested > max_model_len:
         raise param_error(f"max_output_tokens={requested} cannot be greater than "
                           f"max_model_len={max_model_len}. Please request fewer output tokens.",

@@ -159,3 +159,25 @@ async def test_openai_sdk_reads_embeddings(sim: Sim) -> None:
         emb = await client.embeddings.create(model="tiny-llama", input=["a b", "c"])
     assert [len(d.embedding) for d in emb.data] == [16, 16]
     assert emb.usage.prompt_tokens == 3 and emb.usage.total_tokens == 3
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ({"input": []}, {"message": "Cannot apply chat template to an empty conversation. "
+                                "Provide at least one message.", "param": None}),
+    ({"input": "x", "temperature": -1},
+     {"message": "temperature must be non-negative, got -1.0. (parameter=temperature, "
+                 "value=-1.0)", "param": "temperature"}),
+    ({"input": "x", "max_output_tokens": 0},
+     {"message": "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+      "param": "max_tokens"}),
+])
+async def test_vllms_400s(sim: Sim, body: dict[str, Any], error: dict[str, Any]) -> None:
+    """vLLM 0.32 refuses an empty conversation, a negative temperature and no output."""
+    got, err = await post(sim, {"model": "tiny-llama", **body})
+    assert (got, err) == (400, {"error": {"message": error["message"],
+                                          "type": "BadRequestError",
+                                          "param": error["param"], "code": 400}})
+    # Instructions alone make a conversation.
+    got, _ = await post(sim, {"model": "tiny-llama", "input": [], "instructions": "Hi.",
+                              "max_output_tokens": 1})
+    assert got == 200

@@ -107,6 +107,11 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.0, "n": "2",
                          "stream": "true", "stream_options": {"include_usage": "yes"}}),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+    ("/v1/responses", {"model": MODEL, "input": []}),
+    ("/v1/responses", {"model": MODEL, "input": [], "instructions": "Hi.",
+                       "max_output_tokens": 1}),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "temperature": -1}),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 0}),
 ]
 
 
