@@ -121,6 +121,10 @@ def parse_responses(body: Mapping[str, Any], models: Mapping[str, Any],
     if prompt > max_model_len:
         raise prompt_too_long(prompt, max_model_len)
     limit = requested if requested is not None else default_max_tokens
+    if prompt == max_model_len:  # vLLM's Responses check (>=), after the renderer's (>)
+        raise SimError(400, f"The engine prompt length {prompt} exceeds the max_model_len "
+                       f"{max_model_len}. Please reduce prompt.", "invalid_request_error",
+                       "input")
     n = max_model_len - prompt if limit is None else min(limit, max_model_len - prompt)
     return GenRequest(model, prompt, n, opt_bool(body, "stream"), False)
 

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from authz.runtime.procs import http_ok, spawn, stop, wait_until
+from authz.sim.responses_api import messages, template_fields
+from authz.sim.tokens import prompt_tokens_chat
 from tests.helpers import free_port
 from tests.vllm.conftest import EMBED_MODEL, MODEL, VllmServer
 
@@ -191,3 +193,40 @@ def test_best_of_is_ignored(vllm_server: VllmServer, sim_url: str, stream: bool)
             status, got = ask(url, "/v1/completions", body)
             assert status == 200, (url, got)
             assert usage_of(got)["completion_tokens"] == 2 * extra["n"], url
+
+
+def _filling(count: Callable[[str], int]) -> str:
+    """An input of `"x " * k` rendering to exactly CONTEXT tokens under `count`."""
+    lo, hi = 1, 2 * CONTEXT
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count("x " * mid) < CONTEXT:
+            lo = mid + 1
+        else:
+            hi = mid
+    assert count("x " * lo) == CONTEXT
+    return "x " * lo
+
+
+def test_a_responses_prompt_filling_the_context(vllm_server: VllmServer,
+                                                sim_url: str) -> None:
+    """A Responses prompt of exactly the context length: the Responses server's own 400
+    (type invalid_request_error, param input), not a clip to zero tokens."""
+    def real_count(text: str) -> int:
+        _, got = ask(vllm_server.url, "/tokenize", {
+            "model": MODEL, "messages": [{"role": "user", "content": text}],
+            "add_generation_prompt": True})
+        return int(got["count"])
+
+    def sim_count(text: str) -> int:
+        body = {"input": text}
+        return prompt_tokens_chat(messages(body), template_fields(body))
+
+    answers = [ask(url, "/v1/responses", {"model": MODEL, "input": _filling(count)})
+               for url, count in ((vllm_server.url, real_count), (sim_url, sim_count))]
+    for status, got in answers:
+        assert status == 400, got
+        assert got["error"] == {
+            "message": f"The engine prompt length {CONTEXT} exceeds the max_model_len "
+                       f"{CONTEXT}. Please reduce prompt.",
+            "type": "invalid_request_error", "param": "input", "code": 400}
