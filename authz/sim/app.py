@@ -189,8 +189,8 @@ class Simulator:
             if kind == "responses":
                 r = responses_api.ResponseBody(payload, gen)
                 return _json(orjson.dumps(r.response(output_text(n))))
-            return _json(response(kind, gen.model, output_text(n), gen.prompt_tokens,
-                                  gen.completion_tokens, gen.choices))
+            return _json(response(kind, gen.model, gen.choice_lengths, gen.prompt_tokens,
+                                  gen.completion_tokens))
         finally:
             metrics.running.dec()
 

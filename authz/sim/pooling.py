@@ -24,7 +24,14 @@ from typing import Any, Final
 
 import orjson
 
-from authz.sim.protocol import SimError, invalid_field, model_of, opt_int, valid_prompt
+from authz.sim.protocol import (
+    SimError,
+    invalid_field,
+    model_of,
+    opt_int,
+    prompt_too_long,
+    valid_prompt,
+)
 from authz.sim.tokens import (
     TOKEN_RE,
     WORDS,
@@ -61,17 +68,20 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 
 
 def _fits(counts: list[int], max_model_len: int) -> None:
-    longest = max(counts, default=0)
-    if longest > max_model_len:
-        raise SimError(400, f"This model's maximum context length is {max_model_len} "
-                            f"tokens. However, your prompt contains {longest} input tokens.")
+    for count in counts:
+        if count > max_model_len:
+            raise prompt_too_long(count, max_model_len)
 
 
 def embeddings(body: Mapping[str, Any], models: Mapping[str, Any],
                max_model_len: int) -> Answer:
     """A /v1/embeddings answer: one vector per input, prompt-only usage."""
-    model = model_of(body, models)
+    model = model_of(body, models, aliases=False)
     inputs = body.get("input")
+    if inputs == []:
+        raise SimError(400, "You must pass at least one prompt")
+    if inputs == "" or (isinstance(inputs, list) and any(x in ("", []) for x in inputs)):
+        raise SimError(400, "The decoder prompt cannot be empty")
     if inputs is None or not valid_prompt(inputs):
         raise invalid_field("input", "Input should be a string, a list of strings or token "
                             "ids", "union_type", inputs)
@@ -126,7 +136,7 @@ def _pairs(queries: list[str], docs: list[str], max_model_len: int
 def rerank(body: Mapping[str, Any], models: Mapping[str, Any], max_model_len: int
            ) -> Answer:
     """A rerank answer: documents by relevance, the `top_n` first (0: all)."""
-    model = model_of(body, models)
+    model = model_of(body, models, aliases=False)
     query = body.get("query")
     if not isinstance(query, str):
         raise invalid_field("query", "Input should be a valid string", "string_type", query)
@@ -144,7 +154,7 @@ def rerank(body: Mapping[str, Any], models: Mapping[str, Any], max_model_len: in
 def score(body: Mapping[str, Any], models: Mapping[str, Any], max_model_len: int
           ) -> Answer:
     """A score answer: one score per pair."""
-    model = model_of(body, models)
+    model = model_of(body, models, aliases=False)
     first, second = next(((a, b) for a, b in SCORE_SIDES if a in body and b in body),
                          SCORE_SIDES[0])
     scores, tokens = _pairs(_side(body.get(first), first), _side(body.get(second), second),

@@ -5,13 +5,14 @@ else a real request may carry (temperature, stop, ...) is accepted and ignored, 
 would accept it. As vLLM does: ``n`` choices per prompt; one prompt per entry of a batched
 completions ``prompt``; no ``max_tokens`` means up to the context length for chat (or the
 server's ``default_max_tokens``, vLLM's generation config) and 16 for completions.
-``best_of`` is honoured as vLLM's V0 engine did (``best_of`` sequences generated, the
-best ``n`` returned, refused when streaming), and all generated tokens are reported in
-usage: the costliest reading of a field that vLLM 0.32 ignores.
+``best_of`` is ignored, as vLLM 0.32 ignores it; ``n > 1`` with ``temperature: 0`` is
+refused; a ``max_tokens`` past what the context leaves a prompt is clipped (see ``_gen``).
+Errors have vLLM 0.32's body, ``{"error": {message, type, param, code}}``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -23,16 +24,18 @@ from authz.sim.tokens import prompt_token_counts, prompt_tokens_chat
 
 
 class SimError(Exception):
-    """An error answered with vLLM's ``ErrorResponse`` body."""
+    """An error answered with vLLM 0.32's ``ErrorResponse`` body (``error_body``)."""
 
-    def __init__(self, status: int, message: str, err_type: str | None = None) -> None:
+    def __init__(self, status: int, message: str, err_type: str | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.err_type = err_type or error_type(status)
+        self.param = param
 
     def body(self) -> bytes:
-        return error_body(self.status, self.message, self.err_type)
+        return error_body(self.status, self.message, self.err_type, self.param)
 
 
 def error_type(status: int) -> str:
@@ -44,17 +47,19 @@ def error_type(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
-def error_body(status: int, message: str, err_type: str | None = None) -> bytes:
-    """vLLM's ``ErrorResponse`` JSON."""
-    return orjson.dumps(
-        {
-            "object": "error",
-            "message": message,
-            "type": err_type or error_type(status),
-            "param": None,
-            "code": status,
-        }
-    )
+def error_body(status: int, message: str, err_type: str | None = None,
+               param: str | None = None) -> bytes:
+    """vLLM 0.32's ``ErrorResponse`` JSON: OpenAI's ``{"error": {message, type, param,
+    code}}`` (older vLLM sent the fields at the top level, beside ``"object": "error"``)."""
+    return orjson.dumps({"error": {"message": message, "type": err_type or error_type(status),
+                                   "param": param, "code": status}})
+
+
+def param_error(message: str, param: str, value: Any = None) -> SimError:
+    """vLLM's ``VLLMValidationError``: a 400 naming the parameter in ``param`` and, as its
+    ``str()`` does, at the end of the message."""
+    tail = f"parameter={param}" if value is None else f"parameter={param}, value={value}"
+    return SimError(400, f"{message} ({tail})", param=param)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +72,6 @@ class GenRequest:
     stream: bool
     include_usage: bool
     n: int = 1  # choices returned per prompt
-    best_of: int = 1  # sequences generated per prompt (at least n)
     prompts: int = 1
     # vLLM's stream_interval: after the first token, one chunk per this many tokens.
     stream_interval: int = 1
@@ -75,51 +79,126 @@ class GenRequest:
     # chunk carries its own choice's usage so far (its prompt's tokens, its tokens).
     continuous_usage: bool = False
     prompt_counts: tuple[int, ...] = ()  # each prompt's tokens (a batch: one each)
+    # Each prompt's tokens per sequence when they differ (vLLM clips each prompt's
+    # max_tokens to what the context leaves it); empty: max_tokens for every prompt.
+    clipped: tuple[int, ...] = ()
 
     @property
     def choices(self) -> int:
         return self.n * self.prompts
 
     @property
+    def lengths(self) -> tuple[int, ...]:
+        """Tokens generated per sequence, prompt by prompt."""
+        return self.clipped or (self.max_tokens,) * self.prompts
+
+    @property
+    def choice_lengths(self) -> list[int]:
+        """Tokens of each returned choice, in vLLM's order (prompt by prompt, n each)."""
+        return [length for length in self.lengths for _ in range(self.n)]
+
+    @property
     def completion_tokens(self) -> int:
         """Tokens generated in all: what usage and the metrics report."""
-        return self.max_tokens * self.best_of * self.prompts
+        return sum(self.lengths) * self.n
+
+
+def prompt_too_long(count: int, max_model_len: int) -> SimError:
+    """vLLM 0.32's renderer refusing a prompt longer than the context."""
+    return param_error(
+        f"This model's maximum context length is {max_model_len} tokens. However, your "
+        f"prompt contains {count} input tokens, which exceeds this limit even without any "
+        "output tokens. Please reduce the length of the input prompt.", "input_tokens", count)
+
+
+def _input_text(value: Any) -> str:
+    """The ``input`` of a validation error as vLLM 0.32 prints it."""
+    if isinstance(value, dict):
+        return f"<dict of {len(value)} items>"
+    if isinstance(value, list):
+        return f"<list of {len(value)} items>"
+    return str(value)
 
 
 def invalid_field(field: str, msg: str, kind: str, value: Any) -> SimError:
-    # Shaped like the str() of FastAPI's RequestValidationError, which vLLM returns as message.
-    detail = {"type": kind, "loc": ("body", field), "msg": msg, "input": value}
-    return SimError(400, str([detail]))
+    """A request validation error as vLLM 0.32 answers FastAPI's: type ``Bad Request``,
+    ``param`` the dotted location (``body.messages``), and the error in the message."""
+    loc = f"body.{field}" if field != "" else "body"
+    detail = {"type": kind, "loc": loc, "msg": msg, "input": _input_text(value)}
+    return SimError(400, f"1 validation error:\n  {detail}", "Bad Request", loc)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     """Decode a JSON object body or raise a 400."""
+    if not raw.strip():
+        raise invalid_field("", "Field required", "missing", None)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        detail = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
-        raise SimError(400, str([detail])) from None
+        raise invalid_field(str(exc.pos), "JSON decode error", "json_invalid", {}) from None
     if not isinstance(body, dict):
-        raise invalid_field("", "Input should be a valid dictionary", "model_attributes_type", body)
+        raise invalid_field("", "Input should be a valid dictionary or object to extract "
+                            "fields from", "model_attributes_type", body)
     return body
 
 
+_INT_TEXT = re.compile(r"\s*[+-]?\d+\s*")
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
 def opt_int(body: Mapping[str, Any], field: str) -> int | None:
+    """An optional integer, read as vLLM's pydantic models read it (lax mode): a bool, a
+    whole float and a string of digits are integers too."""
     value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid_field(field, "Input should be a valid integer", "int_type", value)
-    return value
+    if value is None or type(value) is int:
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise invalid_field(field, "Input should be a valid integer, got a number with a "
+                            "fractional part", "int_from_float", value)
+    if isinstance(value, str):
+        if _INT_TEXT.fullmatch(value):
+            return int(value)
+        raise invalid_field(field, "Input should be a valid integer, unable to parse string "
+                            "as an integer", "int_parsing", value)
+    raise invalid_field(field, "Input should be a valid integer", "int_type", value)
 
 
 def opt_bool(body: Mapping[str, Any], field: str) -> bool:
+    """An optional boolean (absent or null: False), read in pydantic's lax mode: 0 and 1,
+    and strings such as "true", "yes", "off"."""
     value = body.get(field)
     if value is None:
         return False
-    if not isinstance(value, bool):
-        raise invalid_field(field, "Input should be a valid boolean", "bool_type", value)
-    return value
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    kind, msg = (("bool_parsing", "Input should be a valid boolean, unable to interpret input")
+                 if isinstance(value, str) else ("bool_type", "Input should be a valid boolean"))
+    raise invalid_field(field, msg, kind, value)
+
+
+def opt_float(body: Mapping[str, Any], field: str) -> float | None:
+    """An optional number (lax: a numeric string too)."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise invalid_field(field, "Input should be a valid number, unable to parse "
+                                "string as a number", "float_parsing", value) from None
+    raise invalid_field(field, "Input should be a valid number", "float_type", value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,20 +207,25 @@ class _Common:
     stream: bool
     include_usage: bool
     n: int
-    best_of: int
     stream_interval: int
     continuous_usage: bool = False
 
 
-def model_of(body: Mapping[str, Any], models: Mapping[str, Any]) -> str:
-    """The body's served model name, or vLLM's 400 / 404."""
+def model_of(body: Mapping[str, Any], models: Mapping[str, Any], *,
+             aliases: bool = True) -> str:
+    """The body's served model name (the first served one when it names none, as vLLM
+    does), or vLLM's 400 / 404. vLLM 0.32's pooling endpoints (embeddings, rerank, score)
+    answer the 404 without the aliases and without ``param`` (``aliases=False``)."""
     model = body.get("model")
     if model is None:
-        raise invalid_field("model", "Field required", "missing", None)
+        return next(iter(models))
     if not isinstance(model, str):
         raise invalid_field("model", "Input should be a valid string", "string_type", model)
     if model not in models:
-        raise SimError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        if not aliases:
+            raise SimError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        raise SimError(404, f"The model `{model}` does not exist. Valid aliases: "
+                       f"{', '.join(models)}.", "NotFoundError", "model")
     return model
 
 
@@ -157,31 +241,44 @@ def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
                 "stream_options", "Input should be a valid dictionary", "dict_type", options
             )
         if options and not stream:  # vLLM's test: an empty object passes
-            raise SimError(400, "Stream options can only be defined when `stream=True`.")
+            raise param_error("Stream options can only be defined when `stream=True`.",
+                              "stream_options")
         include_usage = opt_bool(options, "include_usage")
         continuous = include_usage and opt_bool(options, "continuous_usage_stats")
-    n, best_of = _n_best_of(body, stream)
+    n = _n(body)
     interval = opt_int(body, "stream_interval")
     if interval is not None and interval < 1:
         raise invalid_field("stream_interval", "Input should be greater than or equal to 1",
                             "greater_than_equal", interval)
-    return _Common(model, stream, include_usage, n, best_of, interval or 1, continuous)
+    return _Common(model, stream, include_usage, n, interval or 1, continuous)
 
 
-def _n_best_of(body: Mapping[str, Any], stream: bool) -> tuple[int, int]:
+def sampling_temperature(body: Mapping[str, Any]) -> float | None:
+    """``temperature``, or vLLM's 400 for a negative one."""
+    temperature = opt_float(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise param_error(f"temperature must be non-negative, got {temperature}.",
+                          "temperature", temperature)
+    return temperature
+
+
+# vLLM's _SAMPLING_EPS: a temperature below it is greedy sampling.
+SAMPLING_EPS = 1e-5
+
+
+def _n(body: Mapping[str, Any]) -> int:
+    """``n``, as vLLM 0.32 checks it. ``best_of`` is type-checked and otherwise ignored,
+    as vLLM 0.32 ignores it (streaming or not, below ``n`` or above): one sequence per
+    choice. ``n > 1`` with greedy sampling (``temperature`` below 1e-5) is a 400."""
     n = opt_int(body, "n")
     n = 1 if n is None else n
     if n < 1:
         raise SimError(400, f"n must be at least 1, got {n}.")
-    best_of = opt_int(body, "best_of")
-    best_of = n if best_of is None else best_of
-    if best_of < n:
-        raise SimError(
-            400, f"best_of must be greater than or equal to n, got n={n} and best_of={best_of}."
-        )
-    if stream and best_of > n:
-        raise SimError(400, "best_of must equal n when streaming.")
-    return n, best_of
+    opt_int(body, "best_of")
+    temperature = sampling_temperature(body)
+    if n > 1 and temperature is not None and temperature < SAMPLING_EPS:
+        raise SimError(400, f"n must be 1 when using greedy sampling, got {n}.")
+    return n
 
 
 def _gen(
@@ -190,26 +287,31 @@ def _gen(
     default: int | None,
     prompt_counts: list[int],
     max_model_len: int,
+    field: str = "max_tokens",
 ) -> GenRequest:
-    """The generation: ``requested`` tokens per sequence, else ``default``, else what the
-    context leaves (vLLM's rule); a 400 when a prompt and its output do not fit."""
-    longest = max(prompt_counts)
-    if requested is not None and requested < 1:
-        raise SimError(400, f"max_tokens must be at least 1, got {requested}.")
+    """The generation, as vLLM 0.32's renderer and ``get_max_tokens`` make it: a
+    ``requested`` (``field``) above the context length is a 400, and so is a prompt
+    longer than the context; each prompt then generates ``requested`` tokens (else
+    ``default``), clipped to what the context leaves it (200, finish_reason "length"); a
+    prompt that fills the context leaves 0, a 400."""
+    if requested is not None and requested > max_model_len:
+        raise param_error(f"{field}={requested} cannot be greater than max_model_len="
+                          f"{max_model_len}. Please request fewer output tokens.",
+                          field, requested)
+    for count in prompt_counts:
+        if count > max_model_len:
+            raise prompt_too_long(count, max_model_len)
     value = requested if requested is not None else default
-    if value is None:
-        value = max(1, max_model_len - longest)
-    if longest + value > max_model_len:
-        raise SimError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {longest + value} tokens ({longest} in the messages, "
-            f"{value} in the completion). Please reduce the length of the messages or "
-            "completion.",
-        )
-    return GenRequest(common.model, sum(prompt_counts), value, common.stream,
-                      common.include_usage, common.n, common.best_of, len(prompt_counts),
-                      common.stream_interval, common.continuous_usage, tuple(prompt_counts))
+    lengths = tuple(max_model_len - count if value is None else min(value, max_model_len - count)
+                    for count in prompt_counts)
+    if min(lengths) < 1:
+        raise param_error(f"max_tokens must be at least 1, got {min(lengths)}.", "max_tokens",
+                          min(lengths))
+    top = max(lengths)
+    return GenRequest(common.model, sum(prompt_counts), top, common.stream,
+                      common.include_usage, common.n, len(prompt_counts),
+                      common.stream_interval, common.continuous_usage, tuple(prompt_counts),
+                      lengths if min(lengths) != top else ())
 
 
 def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],
@@ -221,6 +323,9 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],
         raise invalid_field("messages", "Field required", "missing", None)
     if not isinstance(messages, list):
         raise invalid_field("messages", "Input should be a valid list", "list_type", messages)
+    if not messages:
+        raise SimError(400, "Cannot apply chat template to an empty conversation. Provide at "
+                       "least one message.")
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise invalid_field("messages", "Each message needs a string role", "value_error",
@@ -232,10 +337,19 @@ def parse_chat(body: Mapping[str, Any], models: Mapping[str, Any],
             )
     prompt_tokens = prompt_tokens_chat(messages, body)
     # vLLM prefers max_completion_tokens over the deprecated max_tokens.
-    requested = opt_int(body, "max_completion_tokens")
+    requested, field = opt_int(body, "max_completion_tokens"), "max_completion_tokens"
     if requested is None:
-        requested = opt_int(body, "max_tokens")
-    return _gen(common, requested, default_max_tokens, [prompt_tokens], max_model_len)
+        requested, field = opt_int(body, "max_tokens"), "max_tokens"
+    return _gen(common, min_one_token(requested), default_max_tokens,
+                [prompt_tokens], max_model_len, field)
+
+
+def min_one_token(requested: int | None) -> int | None:
+    """vLLM's SamplingParams check, worded for max_tokens whichever field carried it."""
+    if requested is not None and requested < 1:
+        raise param_error(f"max_tokens must be at least 1, got {requested}.", "max_tokens",
+                          requested)
+    return requested
 
 
 def valid_prompt(prompt: Any) -> bool:
@@ -265,6 +379,11 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
     prompt = body.get("prompt")
     if prompt is None:
         raise invalid_field("prompt", "Field required", "missing", None)
+    if prompt == "":
+        raise param_error("Either prompt or prompt_embeds must be provided and non-empty.",
+                          "prompt")
+    if prompt == []:
+        raise SimError(400, "You must pass at least one prompt")
     if not valid_prompt(prompt):
         raise invalid_field(
             "prompt",
@@ -275,8 +394,11 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_field("suffix", "Input should be a valid string", "string_type", suffix)
+    if isinstance(prompt, list) and any(p in ("", []) for p in prompt):
+        # vLLM's input processor: an empty prompt of a batch leaves no token to decode from.
+        raise SimError(400, "The decoder prompt cannot be empty")
     counts = prompt_token_counts(prompt, suffix)
-    requested = opt_int(body, "max_tokens")
+    requested = min_one_token(opt_int(body, "max_tokens"))
     if requested is None:
         requested = COMPLETIONS_DEFAULT_MAX_TOKENS
     return _gen(common, requested, None, counts, max_model_len)

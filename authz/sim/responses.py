@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from authz.sim.tokens import WORDS, token_text
+from authz.sim.tokens import WORDS, output_text, token_text
 
 Kind = Literal["chat", "completion"]
 
@@ -60,17 +60,16 @@ def _choice(kind: Kind, index: int, text: str) -> dict[str, Any]:
 
 
 def response(
-    kind: Kind, model: str, text: str, prompt_tokens: int, completion_tokens: int,
-    choices: int = 1,
+    kind: Kind, model: str, lengths: Sequence[int], prompt_tokens: int, completion_tokens: int,
 ) -> bytes:
-    """A non-streaming ``chat.completion`` / ``text_completion`` body: ``choices`` equal
-    choices indexed from 0 (vLLM's order: prompt by prompt, ``n`` each)."""
+    """A non-streaming ``chat.completion`` / ``text_completion`` body: one choice of
+    ``lengths[i]`` tokens per index (vLLM's order: prompt by prompt, ``n`` each)."""
     body: dict[str, Any] = {
         "id": request_id(kind),
         "object": _OBJECT[kind],
         "created": int(time.time()),
         "model": model,
-        "choices": [_choice(kind, i, text) for i in range(choices)],
+        "choices": [_choice(kind, i, output_text(n)) for i, n in enumerate(lengths)],
         "usage": usage(prompt_tokens, completion_tokens),
     }
     if kind == "chat":

@@ -21,7 +21,18 @@ from typing import Any, Final
 
 import orjson
 
-from authz.sim.protocol import GenRequest, SimError, invalid_field, model_of, opt_bool, opt_int
+from authz.sim.protocol import (
+    GenRequest,
+    SimError,
+    invalid_field,
+    min_one_token,
+    model_of,
+    opt_bool,
+    opt_int,
+    param_error,
+    prompt_too_long,
+    sampling_temperature,
+)
 from authz.sim.tokens import prompt_tokens_chat, token_text
 
 FUNCTION_TOOL_KEYS: Final = ("name", "description", "parameters")
@@ -95,16 +106,25 @@ def parse_responses(body: Mapping[str, Any], models: Mapping[str, Any],
     model = model_of(body, models)
     if body.get("previous_response_id"):
         raise SimError(404, f"Response with id '{body['previous_response_id']}' not found.",
-                       "invalid_request_error")
-    prompt = prompt_tokens_chat(messages(body), template_fields(body))
-    requested = opt_int(body, "max_output_tokens")
+                       "invalid_request_error", "response_id")
+    rendered = messages(body)
+    if not rendered:
+        raise SimError(400, "Cannot apply chat template to an empty conversation. Provide at "
+                       "least one message.")
+    sampling_temperature(body)
+    prompt = prompt_tokens_chat(rendered, template_fields(body))
+    requested = min_one_token(opt_int(body, "max_output_tokens"))
     if requested is not None and requested > max_model_len:
-        raise SimError(400, f"max_output_tokens={requested} cannot be greater than "
-                            f"max_model_len={max_model_len}.")
+        raise param_error(f"max_output_tokens={requested} cannot be greater than "
+                          f"max_model_len={max_model_len}. Please request fewer output tokens.",
+                          "max_output_tokens", requested)
     if prompt > max_model_len:
-        raise SimError(400, f"Input length ({prompt}) exceeds model's maximum context "
-                            f"length ({max_model_len}).")
+        raise prompt_too_long(prompt, max_model_len)
     limit = requested if requested is not None else default_max_tokens
+    if prompt == max_model_len:  # vLLM's Responses check (>=), after the renderer's (>)
+        raise SimError(400, f"The engine prompt length {prompt} exceeds the max_model_len "
+                       f"{max_model_len}. Please reduce prompt.", "invalid_request_error",
+                       "input")
     n = max_model_len - prompt if limit is None else min(limit, max_model_len - prompt)
     return GenRequest(model, prompt, n, opt_bool(body, "stream"), False)
 

@@ -32,12 +32,13 @@ class Pacing:
 
 async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
                  head: Sequence[bytes], steps: int, per_step: int,
-                 token: Callable[[int, int], bytes],
+                 token: Callable[[int, int], tuple[bytes, int] | None],
                  tail: Callable[[], Sequence[bytes]],
                  weight: Callable[[int], int] = lambda _i: 1) -> web.StreamResponse:
     """Stream `head`, then `steps` steps of `per_step` token events (`token(step,
-    choice)`, each carrying `weight(step)` tokens), then `tail()`. Headers go out at
-    once, `head` with the first step; each later step waits `weight(step)` token times."""
+    choice)`: the event and its tokens, or None once that choice has finished), then
+    `tail()`. Headers go out at once, `head` with the first step; each later step waits
+    `weight(step)` token times."""
     resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
@@ -54,10 +55,15 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
                 break
             if i and pace.tpot_s > 0:
                 await asyncio.sleep(pace.tpot_s * weight(i))
-            for c in range(min(per_step, limit - sent)):
-                await resp.write(token(i, c))
+            for c in range(per_step):
+                if sent >= limit:
+                    break
+                out = token(i, c)
+                if out is None:
+                    continue
+                await resp.write(out[0])
                 sent += 1
-                tokens += weight(i)
+                tokens += out[1]
         if pace.cut_after is not None:
             _drop_connection(request)
             return resp
@@ -74,12 +80,14 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
 
 async def stream_generation(request: web.Request, gen: GenRequest, kind: Kind,
                             metrics: ModelMetrics, pace: Pacing) -> web.StreamResponse:
-    """Stream ``gen.max_tokens`` token steps, then the usage chunk (if asked) and [DONE].
+    """Stream token steps, then the usage chunk (if asked) and [DONE].
 
-    Each step carries one token event per choice (``gen.choices``: ``n`` per prompt), in
-    choice order; a chat stream opens with one role chunk per choice.
+    Each step carries one token event per choice still generating (``gen.choices``:
+    ``n`` per prompt; a clipped prompt's choices finish early), in choice order; a chat
+    stream opens with one role chunk per choice.
     """
     per_choice = [c for c in gen.prompt_counts for _ in range(gen.n)]
+    lengths = gen.choice_lengths
     events = StreamEvents(kind, gen.model, gen.choices,
                           per_choice if gen.continuous_usage else None)
 
@@ -90,13 +98,21 @@ async def stream_generation(request: web.Request, gen: GenRequest, kind: Kind,
 
     if gen.stream_interval > 1:  # vLLM's stream_interval: token 0, then N at a time
         spans = stream_spans(gen.max_tokens, gen.stream_interval)
-        return await _drive(
-            request, metrics, pace, events.roles, len(spans), gen.choices,
-            lambda i, c: events.tokens(*spans[i], spans[i][1] == gen.max_tokens, c), tail,
-            lambda i: spans[i][1] - spans[i][0])
-    last = gen.max_tokens - 1
+
+        def span(i: int, c: int) -> tuple[bytes, int] | None:
+            start, end = spans[i][0], min(spans[i][1], lengths[c])
+            if start >= end:
+                return None
+            return events.tokens(start, end, end == lengths[c], c), end - start
+
+        return await _drive(request, metrics, pace, events.roles, len(spans), gen.choices,
+                            span, tail, lambda i: spans[i][1] - spans[i][0])
+
+    def one(i: int, c: int) -> tuple[bytes, int] | None:
+        return None if i >= lengths[c] else (events.token(i, i == lengths[c] - 1, c), 1)
+
     return await _drive(request, metrics, pace, events.roles, gen.max_tokens, gen.choices,
-                        lambda i, c: events.token(i, i == last, c), tail)
+                        one, tail)
 
 
 def stream_spans(n: int, interval: int) -> list[tuple[int, int]]:
@@ -118,7 +134,7 @@ async def stream_response(request: web.Request, body: Mapping[str, Any], gen: Ge
                 for k, e in enumerate(rapi.stream_tail(r, output_text(n)))]
 
     return await _drive(request, metrics, pace, head, n, 1,
-                        lambda i, _c: rapi.event(rapi.delta(r, i), len(head) + i), tail)
+                        lambda i, _c: (rapi.event(rapi.delta(r, i), len(head) + i), 1), tail)
 
 
 def _drop_connection(request: web.Request) -> None:

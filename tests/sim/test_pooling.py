@@ -59,7 +59,7 @@ async def test_embeddings_are_deterministic_and_encode_as_base64(sim: Sim) -> No
 ])
 async def test_errors(sim: Sim, path: str, body: dict[str, Any], status: int) -> None:
     got, err = await post(sim, path, body)
-    assert got == status and err["object"] == "error"
+    assert got == status and list(err) == ["error"] and err["error"]["code"] == status
 
 
 @pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
@@ -107,4 +107,37 @@ async def test_tokenize_and_detokenize(sim: Sim) -> None:
 async def test_status_hook_applies(sim: Sim) -> None:
     status, err = await post(sim, "/v1/embeddings", {"model": "tiny-llama", "input": "a"},
                              **{"x-sim-status": "503"})
-    assert status == 503 and err["code"] == 503
+    assert status == 503 and err["error"]["code"] == 503
+
+
+@pytest.mark.parametrize(("path", "body", "status", "error"), [
+    ("/v1/embeddings", {"model": "nope", "input": "a"}, 404,
+     {"message": "The model `nope` does not exist.", "type": "NotFoundError", "param": None}),
+    ("/rerank", {"model": "nope", "query": "a", "documents": ["b"]}, 404,
+     {"message": "The model `nope` does not exist.", "type": "NotFoundError", "param": None}),
+    ("/score", {"model": "nope", "queries": "a", "documents": ["b"]}, 404,
+     {"message": "The model `nope` does not exist.", "type": "NotFoundError", "param": None}),
+    ("/tokenize", {"model": "nope", "prompt": "a"}, 404,
+     {"message": "The model `nope` does not exist. Valid aliases: tiny-llama, other-model.",
+      "type": "NotFoundError", "param": "model"}),
+    ("/v1/embeddings", {"model": "tiny-llama", "input": []}, 400,
+     {"message": "You must pass at least one prompt", "type": "BadRequestError",
+      "param": None}),
+    ("/v1/embeddings", {"model": "tiny-llama", "input": ""}, 400,
+     {"message": "The decoder prompt cannot be empty", "type": "BadRequestError",
+      "param": None}),
+    ("/v1/embeddings", {"model": "tiny-llama", "input": ["a", ""]}, 400,
+     {"message": "The decoder prompt cannot be empty", "type": "BadRequestError",
+      "param": None}),
+    ("/v1/embeddings", {"model": "tiny-llama", "input": [[1] * 40000]}, 400,
+     {"message": "This model's maximum context length is 32768 tokens. However, your prompt "
+      "contains 40000 input tokens, which exceeds this limit even without any output tokens. "
+      "Please reduce the length of the input prompt. (parameter=input_tokens, value=40000)",
+      "type": "BadRequestError", "param": "input_tokens"}),
+])
+async def test_pooling_errors_are_vllms(sim: Sim, path: str, body: dict[str, Any],
+                                        status: int, error: dict[str, Any]) -> None:
+    """vLLM 0.32's pooling endpoints name no aliases (and no param) in their 404, unlike
+    its generate and tokenizer endpoints; empty and too long inputs as its renderer."""
+    got, err = await post(sim, path, body)
+    assert (got, err) == (status, {"error": {**error, "code": status}})

@@ -9,10 +9,12 @@ import aiohttp
 import openai
 import pytest
 
+from authz.sim import make_app
+from authz.sim.app import SIMULATOR_KEY
 from authz.sim.responses_api import messages, template_fields
 from authz.sim.tokens import output_text, prompt_tokens_chat
 
-from .conftest import Sim
+from .conftest import Sim, serve
 
 # "Hello, world!" as one user message: 4 tokens + 3 per message + 3 for the reply.
 PROMPT = 10
@@ -132,7 +134,7 @@ async def test_prompt_counts_the_rendered_chat(sim: Sim) -> None:
 ])
 async def test_errors(sim: Sim, body: dict[str, Any], status: int) -> None:
     got, err = await post(sim, body)
-    assert got == status and err["object"] == "error"
+    assert got == status and list(err) == ["error"] and err["error"]["code"] == status
 
 
 async def test_openai_sdk_reads_responses_and_their_streams(sim: Sim) -> None:
@@ -159,3 +161,44 @@ async def test_openai_sdk_reads_embeddings(sim: Sim) -> None:
         emb = await client.embeddings.create(model="tiny-llama", input=["a b", "c"])
     assert [len(d.embedding) for d in emb.data] == [16, 16]
     assert emb.usage.prompt_tokens == 3 and emb.usage.total_tokens == 3
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ({"input": []}, {"message": "Cannot apply chat template to an empty conversation. "
+                                "Provide at least one message.", "param": None}),
+    ({"input": "x", "temperature": -1},
+     {"message": "temperature must be non-negative, got -1.0. (parameter=temperature, "
+                 "value=-1.0)", "param": "temperature"}),
+    ({"input": "x", "max_output_tokens": 0},
+     {"message": "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+      "param": "max_tokens"}),
+])
+async def test_vllms_400s(sim: Sim, body: dict[str, Any], error: dict[str, Any]) -> None:
+    """vLLM 0.32 refuses an empty conversation, a negative temperature and no output."""
+    got, err = await post(sim, {"model": "tiny-llama", **body})
+    assert (got, err) == (400, {"error": {"message": error["message"],
+                                          "type": "BadRequestError",
+                                          "param": error["param"], "code": 400}})
+    # Instructions alone make a conversation.
+    got, _ = await post(sim, {"model": "tiny-llama", "input": [], "instructions": "Hi.",
+                              "max_output_tokens": 1})
+    assert got == 200
+
+
+async def test_a_prompt_filling_the_context_leaves_no_output() -> None:
+    """vLLM 0.32 clips max_output_tokens to what the prompt leaves; a prompt of exactly
+    the context length is its Responses server's own 400 (probed: 512 of 512)."""
+    body = {"model": "m", "input": "x"}
+    context = prompt_tokens_chat(messages(body), template_fields(body))
+    app = make_app(["m"], max_model_len=context)
+    runner, port = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as http:
+            sim = Sim(f"http://127.0.0.1:{port}", port, http, app[SIMULATOR_KEY])
+            got, err = await post(sim, body)
+            assert (got, err) == (400, {"error": {
+                "message": f"The engine prompt length {context} exceeds the max_model_len "
+                           f"{context}. Please reduce prompt.",
+                "type": "invalid_request_error", "param": "input", "code": 400}})
+    finally:
+        await runner.cleanup()

@@ -206,51 +206,75 @@ async def test_stream_without_include_usage_has_no_usage(sim: Sim, path: str) ->
     assert all(c["choices"] for c in chunks)
 
 
+VALIDATION = "Bad Request"  # vLLM 0.32's type for FastAPI's request validation errors
+BAD = "BadRequestError"
+
+
 @pytest.mark.parametrize(
-    ("path", "body", "status", "needle"),
+    ("path", "body", "status", "err_type", "param", "needle"),
     [
-        (CHAT, {"model": "nope", "messages": MESSAGES}, 404, "The model `nope` does not exist."),
-        (CHAT, {"messages": MESSAGES}, 400, "Field required"),
-        (CHAT, {"model": "tiny-llama"}, 400, "messages"),
-        (CHAT, {"model": "tiny-llama", "messages": "hi"}, 400, "valid list"),
-        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 0}, 400,
-         "max_tokens must be at least 1, got 0."),
-        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": "7"}, 400,
-         "valid integer"),
-        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "stream": "yes"}, 400,
-         "valid boolean"),
+        (CHAT, {"model": "nope", "messages": MESSAGES}, 404, "NotFoundError", "model",
+         "The model `nope` does not exist. Valid aliases: tiny-llama, other-model."),
+        (CHAT, {"model": "tiny-llama"}, 400, VALIDATION, "body.messages", "Field required"),
+        (CHAT, {"model": "tiny-llama", "messages": "hi"}, 400, VALIDATION, "body.messages",
+         "valid list"),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 0}, 400, BAD,
+         "max_tokens", "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "max_completion_tokens": 0}, 400,
+         BAD, "max_tokens", "max_tokens must be at least 1, got 0."),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": "seven"}, 400,
+         VALIDATION, "body.max_tokens", "valid integer"),
+        (CHAT, {"model": "tiny-llama", "messages": MESSAGES, "stream": "maybe"}, 400,
+         VALIDATION, "body.stream", "valid boolean"),
         (CHAT, {"model": "tiny-llama", "messages": MESSAGES,
-                "stream_options": {"include_usage": True}}, 400,
-         "Stream options can only be defined when `stream=True`."),
-        (CHAT, [1, 2], 400, "valid dictionary"),
-        (COMPLETIONS, {"model": "tiny-llama"}, 400, "prompt"),
-        (COMPLETIONS, {"model": "tiny-llama", "prompt": 5}, 400, "prompt"),
-        (COMPLETIONS, {"model": "tiny-llama", "prompt": "x", "max_tokens": -1}, 400,
-         "max_tokens must be at least 1, got -1."),
-        (COMPLETIONS, {"model": "tiny-llama", "prompt": "x", "max_tokens": 10**6}, 400,
-         "maximum context length"),
-        (COMPLETIONS, {"model": 3, "prompt": "x"}, 400, "valid string"),
+                "stream_options": {"include_usage": True}}, 400, BAD, "stream_options",
+         "Stream options can only be defined when `stream=True`. (parameter=stream_options)"),
+        (CHAT, [1, 2], 400, VALIDATION, "body", "'input': '<list of 2 items>'"),
+        (COMPLETIONS, {"model": "tiny-llama"}, 400, VALIDATION, "body.prompt", "prompt"),
+        (COMPLETIONS, {"model": "tiny-llama", "prompt": 5}, 400, VALIDATION, "body.prompt",
+         "prompt"),
+        (COMPLETIONS, {"model": "tiny-llama", "prompt": "x", "max_tokens": -1}, 400, BAD,
+         "max_tokens", "max_tokens must be at least 1, got -1."),
+        (COMPLETIONS, {"model": "tiny-llama", "prompt": "x", "max_tokens": 10**6}, 400, BAD,
+         "max_tokens", f"max_tokens=1000000 cannot be greater than max_model_len="
+         f"{DEFAULT_MAX_MODEL_LEN}. Please request fewer output tokens."),
+        (COMPLETIONS, {"model": 3, "prompt": "x"}, 400, VALIDATION, "body.model",
+         "valid string"),
     ],
 )  # fmt: skip
-async def test_request_errors(sim: Sim, path: str, body: Any, status: int, needle: str) -> None:
+async def test_request_errors(sim: Sim, path: str, body: Any, status: int, err_type: str,
+                              param: str, needle: str) -> None:
+    """vLLM 0.32's error body: OpenAI's `{"error": {message, type, param, code}}`, with
+    the parameter named (a validation error's dotted location, `body.messages`)."""
     got_status, got = await post(sim, path, body)
     assert got_status == status
-    assert got["object"] == "error"
-    assert got["code"] == status
-    assert got["param"] is None
-    assert got["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
-    assert needle in got["message"]
+    assert list(got) == ["error"]
+    err = got["error"]
+    assert list(err) == ["message", "type", "param", "code"]
+    assert (err["code"], err["type"], err["param"]) == (status, err_type, param)
+    assert needle in err["message"]
 
 
-async def test_invalid_json(sim: Sim) -> None:
+async def test_a_request_naming_no_model_gets_the_first_served(sim: Sim) -> None:
+    """vLLM 0.32 serves a body without `model` with its (first) served model."""
+    status, got = await post(sim, COMPLETIONS, {"prompt": "x", "max_tokens": 2})
+    assert (status, got["model"]) == (200, "tiny-llama")
+    status, got = await post(sim, CHAT, {"messages": MESSAGES, "max_tokens": 2})
+    assert (status, got["model"]) == (200, "tiny-llama")
+
+
+@pytest.mark.parametrize(("raw", "param", "needle"), [
+    (b'{"model": "tiny-', "body.16", "JSON decode error"),
+    (b"", "body", "Field required"),
+])
+async def test_invalid_json(sim: Sim, raw: bytes, param: str, needle: str) -> None:
     async with sim.http.post(
-        sim.url + CHAT, data=b'{"model": "tiny-', headers={"Content-Type": "application/json"}
+        sim.url + CHAT, data=raw, headers={"Content-Type": "application/json"}
     ) as resp:
         assert resp.status == 400
-        body = await resp.json()
-    assert body["type"] == "BadRequestError"
-    assert body["code"] == 400
-    assert "JSON decode error" in body["message"]
+        body = (await resp.json())["error"]
+    assert (body["type"], body["param"], body["code"]) == (VALIDATION, param, 400)
+    assert needle in body["message"]
 
 
 async def test_unknown_path_and_method(sim: Sim) -> None:
@@ -269,19 +293,18 @@ async def test_sim_status_hook(sim: Sim, status: int, err_type: str) -> None:
     body = {"model": "tiny-llama", "messages": MESSAGES, "stream": True}
     got_status, got = await post(sim, CHAT, body, **{"x-sim-status": str(status)})
     assert got_status == status
-    assert got == {
-        "object": "error",
+    assert got == {"error": {
         "message": f"Simulated error (x-sim-status: {status}).",
         "type": err_type,
         "param": None,
         "code": status,
-    }
+    }}
 
 
 async def test_sim_status_hook_rejects_non_errors(sim: Sim) -> None:
     got_status, got = await post(sim, CHAT, {}, **{"x-sim-status": "200"})
     assert got_status == 400
-    assert "x-sim-status" in got["message"]
+    assert "x-sim-status" in got["error"]["message"]
 
 
 @pytest.mark.parametrize(("path", "role_chunks"), [(CHAT, 1), (COMPLETIONS, 0)])
@@ -380,4 +403,4 @@ async def test_stream_interval_groups_tokens_as_vllm_does(sim: Sim, path: str,
     assert "".join(texts(grouped)) == "".join(texts(one))
     assert grouped[-1]["usage"] == one[-1]["usage"]
     status, body = await post(sim, path, {**base, "stream_interval": 0})
-    assert status == 400 and "stream_interval" in body["message"]
+    assert status == 400 and body["error"]["param"] == "body.stream_interval"
