@@ -191,46 +191,28 @@ async def test_past_the_keep_limit_a_usage_followed_by_prompt_logprobs_is_read(
         assert counts(await h.record(life)) == (200, 2, 7, False), piece
 
 
-async def test_past_the_keep_limit_a_responses_answer_is_read_for_usage_in_its_tail_only(
-        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("tail_bytes", "after"), [
+    (256, ',"output_messages":[{"content":"' + "b" * 5000 + '"}]'),  # the fake is trimmed
+    (1 << 10, ""),  # the fake is in the kept tail
+])
+async def test_past_the_keep_limit_a_responses_answer_is_charged_its_hold(
+        h: Harness, monkeypatch: pytest.MonkeyPatch, tail_bytes: int, after: str) -> None:
     """vLLM's Responses answer holds objects the client shaped on both sides of its usage:
     the `tools` it echoes before, and with `enable_response_messages` the
     `input_messages` after (a harmony model's developer message, each tool's parameters
     in it). A tool parameter named `usage` is no count, and a search of the bytes cannot
-    tell it from the top-level key: past the keep limit, a usage in what was trimmed
-    counts only for chat and completions answers (their `prompt_logprobs` follow their
-    usage); a Responses answer whose tail has none is charged its hold. It was charged
-    the client's object: here 1 token for 150."""
+    tell it from the top-level key, in what was trimmed nor in the kept tail: past the
+    keep limit a Responses answer is charged its hold (chat and completions answers are
+    read, their `prompt_logprobs` follow their usage). It was charged the client's
+    object: here 1 token for 150."""
     monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 10)
-    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", 256)
+    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", tail_bytes)
     fake = '{"usage":{"input_tokens":1,"output_tokens":0}}'
     body = ('{"id":"resp_1","object":"response","output":[{"type":"message","content":'
             '[{"type":"output_text","text":"' + "a" * 5000 + '"}]}],'
             '"usage":{"input_tokens":2,"output_tokens":150,"total_tokens":152},'
             '"input_messages":[{"role":"developer","tools":[{"name":"f","parameters":'
-            '{"type":"object","properties":' + fake + '}}]}],'
-            '"output_messages":[{"content":"' + "b" * 5000 + '"}]}').encode()
-    life = await h.admitted({"model": "demo", "input": "hi", "max_output_tokens": 200},
-                            "/v1/responses")
-    life.response_start(200, BACKEND)
-    feed(life, body, 100)
-    await assert_whole_hold(h, life, 200)
-
-
-async def test_past_the_keep_limit_a_responses_answer_s_tail_is_not_read_for_usage(
-        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kept tail of a Responses answer may hold the client's own objects after its
-    usage (`input_messages` with a tool parameter named `usage`): past the keep limit it
-    is charged its hold, never the last `usage` the bytes show (here the client's
-    1 token for 150)."""
-    monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 10)
-    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", 1 << 10)
-    fake = '{"usage":{"input_tokens":1,"output_tokens":0}}'
-    body = ('{"id":"resp_1","object":"response","output":[{"type":"message","content":'
-            '[{"type":"output_text","text":"' + "a" * 5000 + '"}]}],'
-            '"usage":{"input_tokens":2,"output_tokens":150,"total_tokens":152},'
-            '"input_messages":[{"role":"developer","tools":[{"name":"f","parameters":'
-            '{"type":"object","properties":' + fake + '}}]}]}').encode()
+            '{"type":"object","properties":' + fake + '}}]}]' + after + '}').encode()
     life = await h.admitted({"model": "demo", "input": "hi", "max_output_tokens": 200},
                             "/v1/responses")
     life.response_start(200, BACKEND)
