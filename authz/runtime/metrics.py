@@ -224,10 +224,6 @@ class Metrics:
             "1 when the last reload of the config file succeeded (or none was tried since "
             "start), 0 when it was refused")
         self.config_last_reload_ok.set(1)
-        self.config_last_success = gauge(
-            "tokenbooth_config_last_reload_success_timestamp_seconds",
-            "When the config in force was loaded (start or reload), Unix seconds")
-        self.config_last_success.set_to_current_time()
         self.budget_spent_ratio = gauge(
             "tokenbooth_budget_spent_ratio",
             "An org's spend in its current budget period over its budget", ("org",))
@@ -264,8 +260,6 @@ class Metrics:
         """The outcome of one reload of a changed config file."""
         self.config_reloads.labels("success" if ok else "failure").inc()
         self.config_last_reload_ok.set(1 if ok else 0)
-        if ok:
-            self.config_last_success.set_to_current_time()
 
     def watch_spool(self, spool: str, pending_bytes: Callable[[], float]) -> None:
         """Export a spool's backlog, read at each scrape."""
