@@ -211,6 +211,19 @@ class Metrics:
             "Times Redis was found to have lost its data (restarted without persistence, "
             "or flushed): ledgers, holds in flight, stored keys and unexported records",
             registry=r)
+        # A refused reload leaves the last good config in force: these say so (alert on
+        # `tokenbooth_config_last_reload_successful == 0`), beside the log line.
+        self.config_reloads = counter(
+            "tokenbooth_config_reloads",
+            "Reloads of a changed config file, by result (success, failure: refused, the "
+            "last good config stays in force)", ("result",))
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.config_last_reload_ok = gauge(
+            "tokenbooth_config_last_reload_successful",
+            "1 when the last reload of the config file succeeded (or none was tried since "
+            "start), 0 when it was refused")
+        self.config_last_reload_ok.set(1)
         self.budget_spent_ratio = gauge(
             "tokenbooth_budget_spent_ratio",
             "An org's spend in its current budget period over its budget", ("org",))
@@ -242,6 +255,11 @@ class Metrics:
             self.store_errors.labels(store)
         for service in ("ext_authz", "ext_proc"):
             self.decisions.labels(service, "deny", "service_unavailable")
+
+    def config_reload(self, ok: bool) -> None:
+        """The outcome of one reload of a changed config file."""
+        self.config_reloads.labels("success" if ok else "failure").inc()
+        self.config_last_reload_ok.set(1 if ok else 0)
 
     def watch_spool(self, spool: str, pending_bytes: Callable[[], float]) -> None:
         """Export a spool's backlog, read at each scrape."""

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from aiohttp import web
@@ -48,6 +50,7 @@ from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
 
 log = logging.getLogger("tokenbooth.server")
+T = TypeVar("T")
 
 SERVICE_NAMES = (
     "envoy.service.auth.v3.Authorization",
@@ -140,6 +143,7 @@ class Services:
                                                 settings.service_name)
             self._otlp_metrics.start()
         m.configure(cfg)
+        self.runtime.on_reload = m.config_reload
         m.watch_spool("settlements", lambda: admission.spooled_bytes)
         if isinstance(sink, RedisUsageSink):
             m.watch_spool("usage", lambda: sink.pending)
@@ -232,11 +236,26 @@ class Services:
             await asyncio.sleep(RELOAD_SETTLE_S if self.runtime.unsettled
                                 else RELOAD_INTERVAL_S)
             try:
-                if self.runtime.reload_if_changed(RELOAD_SETTLE_S) and self._xds is not None:
-                    await self._xds.update(self.runtime.snapshot.config)
+                await self._reload_once()
             except Exception as e:  # never the end of reloads: the next edit may be good
+                self.metrics.config_reload(False)
                 log.error("config reload failed, keeping the last good config: %s: %s",
                           type(e).__name__, e)
+
+    async def _reload_once(self) -> None:
+        """Reload a changed file. It is read and validated in a thread of its own: parsing
+        a large file takes a second, during which the event loop would answer no decision
+        (Envoy's decision timeout then fails requests), and a read may block outright (a
+        stalled network mount, a named pipe)."""
+        rt = self.runtime
+        stamp = rt.changed(RELOAD_SETTLE_S)
+        if stamp is None:
+            return
+        read = await in_daemon_thread(rt.read_config)
+        if rt.finish_reload(stamp, read):
+            self.metrics.configure(rt.snapshot.config)  # series of models added
+            if self._xds is not None:
+                await self._xds.update(rt.snapshot.config)
 
     async def stop(self) -> None:
         """Stop taking new streams; let in-flight ones finish within the grace period."""
@@ -283,6 +302,34 @@ class Services:
                      for p in (self.tracer_provider, self._otlp_metrics) if p is not None]
         await asyncio.gather(*shutdowns)
         log.info("tokenbooth services stopped")
+
+
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """`fn()` in a daemon thread of its own (not the default executor's: a thread blocked
+    for good, on a read that never returns, would hold up the process's exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def deliver(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except BaseException as e:  # handed to the awaiting task
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(deliver, result, error)
+
+    threading.Thread(target=run, name="tokenbooth-config-read", daemon=True).start()
+    return await done
 
 
 def _grpc_host(host: str) -> str:

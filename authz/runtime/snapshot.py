@@ -7,6 +7,7 @@ snapshot atomically, so a request never sees half of two configs.
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +55,8 @@ class Runtime:
     settings: Settings = field(default_factory=Settings)
     _stamp: tuple[int, ...] = ()
     unsettled: bool = False  # the file changed moments ago: check again soon
+    # Told the outcome of each reload of a changed file (True: in force; False: refused).
+    on_reload: Callable[[bool], None] = lambda ok: None
 
     @classmethod
     def from_file(cls, path: Path, overrides: Overrides | None = None,
@@ -67,29 +70,58 @@ class Runtime:
 
     def reload_if_changed(self, settle_s: float = 0.0) -> bool:
         """Re-read the config file when it changed; keep the last good one on error.
+        `Services` does the same in steps, reading the file in a worker thread."""
+        stamp = self.changed(settle_s)
+        return stamp is not None and self.finish_reload(stamp, self.read_config())
+
+    def changed(self, settle_s: float = 0.0) -> tuple[int, ...] | None:
+        """The file's stamp when it changed and may be read now, else None.
         `settle_s`: a file modified less than this long ago may still be being written
         (an editor or `cat >` writing in place: its first half parses as a config with
         fewer keys or models) and waits (`unsettled`); one moved into place whole (a
         rename, Kubernetes' ConfigMap swap) keeps its older time and loads at once."""
         self.unsettled = False
         if self.config_path is None:
-            return False
+            return None
         stamp = _stamp(self.config_path)
         if stamp == self._stamp:
-            return False
+            return None
         if stamp and settle_s > 0:
             age_s = self.clock().timestamp() - stamp[0] / 1e9
             # A time ahead of this clock (another host's clock) cannot be waited out.
             if -1.0 < age_s < settle_s:
                 self.unsettled = True
-                return False
-        self._stamp = stamp
+                return None
+        return stamp
+
+    def read_config(self) -> Config | ConfigError:
+        """The file as a config, or why not. Touches no state of this runtime, so it may
+        run in a worker thread (a large file takes a second to parse; a file on a stalled
+        mount, or a named pipe, blocks until it answers)."""
+        assert self.config_path is not None
         try:
-            cfg = self.overrides.apply(self.settings.load_config(self.config_path))
+            return self.overrides.apply(self.settings.load_config(self.config_path))
         except ConfigError as e:
-            log.error("config reload refused, keeping the last good config: %s", e)
+            return e
+
+    def finish_reload(self, stamp: tuple[int, ...], read: Config | ConfigError) -> bool:
+        """Swap in what `read_config` read of the file `changed` saw as `stamp`; or refuse
+        it, once, keeping the last good config. A regular file that moved on while it was
+        read (an editor began rewriting it in place just after the look) may have been
+        read half-written: it is read again once it stands still."""
+        assert self.config_path is not None
+        now = _stamp(self.config_path)
+        if now != stamp:
+            if _regular(self.config_path):
+                self.unsettled = True
+                return False
+            stamp = now  # a named pipe's times move as it is written: what was read is this
+        self._stamp = stamp
+        if isinstance(read, ConfigError):
+            log.error("config reload refused, keeping the last good config: %s", read)
+            self.on_reload(False)
             return False
-        old = self.snapshot.config
+        cfg, old = read, self.snapshot.config
         if later := restart_only_changes(old, cfg):
             cfg = keep_running(old, cfg)
         self.snapshot = Snapshot.build(cfg)
@@ -97,6 +129,7 @@ class Runtime:
         if later:
             log.warning("config reloaded, but these changes take effect only when the "
                         "process (or Envoy) restarts: %s", ", ".join(later))
+        self.on_reload(True)
         return True
 
 
@@ -140,3 +173,11 @@ def _stamp(path: Path) -> tuple[int, ...]:
     except OSError:
         return ()
     return st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns
+
+
+def _regular(path: Path) -> bool:
+    """A regular file (not a named pipe, whose times move as it is written to)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False

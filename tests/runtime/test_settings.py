@@ -179,3 +179,27 @@ def test_a_file_written_moments_ago_waits_to_settle(tmp_path: Path) -> None:
     path.write_text(edited + "# ahead\n")
     os.utime(path, (mtime + 10.3, mtime + 10.3))
     assert rt.reload_if_changed(settle_s=0.25)
+
+
+def test_a_file_rewritten_while_it_was_read_is_read_again(tmp_path: Path) -> None:
+    """An editor that starts rewriting the file in place just after the services looked
+    at it (stat) and before they read it: what was read may be its first half (valid
+    YAML with fewer keys: 401s). It is not swapped in; the file is read again once it
+    stands still."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    good = path.read_text()
+    rt = Runtime.from_file(path)
+    path.write_text(good + "\n# edited\n")
+    stamp = rt.changed()
+    assert stamp is not None
+    with path.open("r+") as f:  # the rewrite has begun: truncated, first half written
+        f.truncate(0)
+        f.write(good[: good.index("keys:")])
+    half = rt.read_config()
+    assert not isinstance(half, Exception) and not half.keys  # it parses, keyless
+    path.write_text(good + "\n# edited, whole\n")  # the rewrite ends
+    assert not rt.finish_reload(stamp, half)
+    assert rt.unsettled
+    assert rt.snapshot.config.keys  # the half file never was in force
+    assert rt.reload_if_changed()
+    assert rt.snapshot.config.keys
