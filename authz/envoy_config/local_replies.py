@@ -52,7 +52,13 @@ from authz.envoy_config.clusters import NO_BACKENDS
 from authz.envoy_config.common import REQUEST_HEADERS_TIMEOUT_S, REQUEST_TIMEOUT_S, pack
 from authz.envoy_config.names import EXT_PROC
 from policy.config import Config
-from policy.errors import ApiError, invalid_request, request_too_large, service_unavailable
+from policy.errors import (
+    NO_RETRY,
+    ApiError,
+    invalid_request,
+    request_too_large,
+    service_unavailable,
+)
 from policy.routing import BACKEND_METADATA
 
 AUTHZ_DOWN = service_unavailable("The authorization service is unavailable; try again.",
@@ -63,7 +69,11 @@ NO_BACKEND = service_unavailable("No healthy backend is available for this model
                                  retry=True)
 # A model with `backends: []` and no default upstream: waiting cannot help.
 UNSERVED = service_unavailable("This model has no backend configured.", retry=False)
-BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
+# The backend had the request and gave no answer within the route timeout (or a stream's
+# idle timeout): the same request would wait as long again, and each attempt is admitted
+# and charged its prompt (lifecycle.GATEWAY_CUTS). The SDKs retry a 504 twice unless told.
+BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.",
+                           headers=(NO_RETRY,))
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
 # A client that took too long to send its request (http_filters: the HCM's timeouts).
 REQUEST_TIMEOUT = ApiError(
