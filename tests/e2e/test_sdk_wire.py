@@ -99,6 +99,8 @@ def test_sdk_makes_one_attempt_at_the_route_timeout(gw: Gateway) -> None:
             model="demo", messages=MESSAGES, max_tokens=25,
             extra_headers={"x-sim-tpot-ms": "200"})
     assert (e.value.status_code, e.value.code) == (504, "upstream_error")
+    # It says which limit and what helps.
+    assert f"within {ROUTE_S} s" in e.value.message and '"stream": true' in e.value.message
     assert e.value.response.headers["x-should-retry"] == "false"
     assert "retry-after" not in e.value.response.headers
     assert n == [1]
