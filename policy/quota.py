@@ -25,6 +25,9 @@ from policy.limits import (
 # Sent when waiting cannot make the same request succeed; the openai SDKs then make no
 # automatic retry (they honour it over their status-based rule).
 NO_RETRY = ("x-should-retry", "false")
+# The longest retry-after the openai SDKs wait for (python: up to 60 s; node: under 60 s);
+# past it they retry after their own backoff (about 0.5 to 8 s), which cannot help.
+SDK_MAX_RETRY_AFTER_S = 60
 # A budget refusal: "budget", too little unspent; "budget_held", enough unspent but not
 # beside the holds of requests in flight (it fits once they end).
 BUDGET_REASONS = ("budget", "budget_held")
@@ -106,8 +109,7 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
         )
     if d.reason == "budget":
         reset = period_reset_s(limits.budget_period, now)
-        headers.append(("retry-after", retry_after_header(reset)) if reset is not None
-                       else NO_RETRY)
+        headers.extend(_wait(reset) if reset is not None else (NO_RETRY,))
         return ApiError(
             429, "insufficient_quota",
             f"This {owner}'s budget for the period is exhausted, or too little is left for "
@@ -119,7 +121,7 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
     if d.reason == "tokens_too_large":
         headers.append(NO_RETRY)  # larger than the limit itself: never fits
     elif d.retry_after_s is not None:
-        headers.append(("retry-after", retry_after_header(d.retry_after_s)))
+        headers.extend(_wait(d.retry_after_s))
     else:  # concurrency, a duplicate id: free again when a request in flight ends
         headers.append(("retry-after", "1"))
     # The key's own limits read as before; an org's say so.
@@ -128,3 +130,12 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
     return ApiError(429, "rate_limit_exceeded", message,
                     type=d.reason if d.reason in ("requests", "tokens") else None,
                     headers=tuple(headers))
+
+
+def _wait(seconds: float) -> tuple[tuple[str, str], ...]:
+    """`retry-after`, and `x-should-retry: false` beside it when the wait is longer than
+    the SDKs honour (a budget's period that resets in hours): their automatic retries
+    would come within seconds and be refused; the header still says when to come back."""
+    after = retry_after_header(seconds)
+    return (("retry-after", after),) if int(after) <= SDK_MAX_RETRY_AFTER_S \
+        else (("retry-after", after), NO_RETRY)

@@ -52,7 +52,13 @@ from authz.envoy_config.clusters import NO_BACKENDS
 from authz.envoy_config.common import REQUEST_HEADERS_TIMEOUT_S, REQUEST_TIMEOUT_S, pack
 from authz.envoy_config.names import EXT_PROC
 from policy.config import Config
-from policy.errors import ApiError, invalid_request, request_too_large, service_unavailable
+from policy.errors import (
+    NO_RETRY,
+    ApiError,
+    invalid_request,
+    request_too_large,
+    service_unavailable,
+)
 from policy.routing import BACKEND_METADATA
 
 AUTHZ_DOWN = service_unavailable("The authorization service is unavailable; try again.",
@@ -63,7 +69,24 @@ NO_BACKEND = service_unavailable("No healthy backend is available for this model
                                  retry=True)
 # A model with `backends: []` and no default upstream: waiting cannot help.
 UNSERVED = service_unavailable("This model has no backend configured.", retry=False)
-BACKEND_TIMEOUT = ApiError(504, "upstream_error", "The backend did not answer in time.")
+# The backend had the request and gave no answer within the route timeout (or a stream's
+# idle timeout): the same request would wait as long again, and each attempt is admitted
+# and charged its prompt (lifecycle.GATEWAY_CUTS). The SDKs retry a 504 twice unless told.
+# The message says what helps (the limits are Envoy's, fixed until it restarts).
+_TIMEOUT_FLAGS = ("UT", "SI")  # upstream request timeout, stream idle timeout
+
+
+def backend_timeout(cfg: Config) -> ApiError:
+    env = cfg.envoy
+    return ApiError(
+        504, "upstream_error",
+        f"The backend did not answer in time: an answer that is not streamed must be whole "
+        f"within {env.route_timeout_s:g} s, and a stream may be silent for at most "
+        f"{env.stream_idle_s:g} s. Retrying the same request would take as long: for a "
+        f"long answer, stream it (\"stream\": true) or lower max_tokens.",
+        headers=(NO_RETRY,))
+
+
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
 # A client that took too long to send its request (http_filters: the HCM's timeouts).
 REQUEST_TIMEOUT = ApiError(
@@ -87,7 +110,6 @@ NO_BACKEND_KEY = service_unavailable(
 
 # Flags of upstream failures that happen before any response byte (else no local reply).
 _NO_BACKEND_FLAGS = ("UH", "NC", "UO")
-_TIMEOUT_FLAGS = ("UT", "SI")  # upstream request timeout, stream idle timeout
 _FAILED_FLAGS = ("UF", "UC", "UR", "URX", "UPE", "DF")
 
 
@@ -176,7 +198,7 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
                          f".filter_metadata['{BACKEND_METADATA}']['{NO_BACKENDS}'] == true"),
                     UNSERVED),
             _mapper(_flags(_NO_BACKEND_FLAGS), NO_BACKEND),
-            _mapper(_flags(_TIMEOUT_FLAGS), BACKEND_TIMEOUT),
+            _mapper(_flags(_TIMEOUT_FLAGS), backend_timeout(cfg)),
             _mapper(_flags(_FAILED_FLAGS), BACKEND_FAILED),
             _mapper(
                 _cel("response.code_details == 'request_payload_too_large'"),

@@ -554,7 +554,10 @@ class Lifecycle:
             status = SERVICE_UNAVAILABLE if late else CLIENT_CLOSED
         elif out_of_sight:
             status = self.status  # nobody left, nothing timed out: the backend's (or LOST)
-        elif aborted and (self._meter is None or not self._meter.done):
+        elif aborted and self._error_body is None and (self._meter is None
+                                                       or not self._meter.done):
+            # (A backend's error answer keeps its status when the client leaves during
+            # its body: the Node SDK drops the body of every answer it will retry.)
             status = (self._cut_status(req.stream) if cut_by_gateway is None
                       else GATEWAY_TIMEOUT if cut_by_gateway else CLIENT_CLOSED)
         prompt_estimated = (estimated and not whole and usage.prompt_tokens > 0

@@ -64,10 +64,19 @@ def test_budget_refusal_retries_when_the_period_resets() -> None:
     assert (e.status, e.code, e.type) == (429, "insufficient_quota", "insufficient_quota")
     assert e.message.startswith("This API key's budget for the period is exhausted, or too")
     assert e.message.endswith("held until it ends).")
-    assert list(e.headers) == [*RATE, ("retry-after", "648000")]  # 7.5 days to December
+    # 7.5 days to December: said, but past what the SDKs wait, so they make no retry
+    # (they would retry within seconds, each refused).
+    assert list(e.headers) == [*RATE, ("retry-after", "648000"), ("x-should-retry", "false")]
     late = datetime(2026, 11, 23, 23, 59, 59, 200_000, UTC)
     e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="day"), late)
     assert list(e.headers) == [("retry-after", "1")]
+    # Up to a minute the SDKs wait and retry: no x-should-retry.
+    at_60 = datetime(2026, 11, 23, 23, 59, 0, tzinfo=UTC)
+    e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="day"), at_60)
+    assert list(e.headers) == [("retry-after", "60")]
+    at_61 = datetime(2026, 11, 23, 23, 58, 59, tzinfo=UTC)
+    e = refusal(Decision(False, "budget"), Limits(budget_nano=1, budget_period="day"), at_61)
+    assert list(e.headers) == [("retry-after", "61"), ("x-should-retry", "false")]
 
 
 @pytest.mark.parametrize("period", ["day", "month", "total"])
@@ -79,9 +88,11 @@ def test_a_request_dearer_than_the_whole_budget_is_never_retried(period: str) ->
     assert ("x-should-retry", "false") in e.headers
     assert not any(k == "retry-after" for k, _ in e.headers)
     assert "whole budget" in e.message
-    # At the budget exactly it fits a fresh period: waiting for the reset helps.
+    # At the budget exactly it fits a fresh period: the reset is said (hours away, so
+    # beyond the SDKs' automatic retries).
     e = refusal(Decision(False, "budget"), limits, STARTED, cost_nano=1000)
-    assert ("x-should-retry", "false") not in e.headers or period == "total"
+    assert any(k == "retry-after" for k, _ in e.headers) == (period != "total")
+    assert "whole budget" not in e.message
 
 
 @pytest.mark.parametrize("period", ["day", "month", "total"])

@@ -67,6 +67,20 @@ async def test_backend_5xx_is_a_502_and_the_record_keeps_its_status(running: Run
     assert (rec["status"], rec["total_tokens"]) == (500, 0)
 
 
+@pytest.mark.parametrize("backend_status", [429, 500])
+async def test_an_error_body_the_client_left_unread_keeps_the_backends_status(
+        running: Running, backend_status: int) -> None:
+    """The Node SDK cancels the body of an answer it will retry: Envoy drops the stream
+    with the body half held. The backend's error still generated nothing: its status,
+    not 499, and no tokens."""
+    s = Stream(running)
+    await admit(s, CHAT)
+    assert mutation(await s.send(marked(VLLM_400[:25], backend_status, end=False))) == b""
+    s.call.cancel()
+    [rec] = await records(running, 1)
+    assert (rec["status"], rec["total_tokens"], rec["estimated"]) == (backend_status, 0, False)
+
+
 async def test_a_huge_error_body_is_cut_not_held_whole(running: Running) -> None:
     s = Stream(running)
     await admit(s, CHAT)
