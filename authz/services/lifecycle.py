@@ -178,6 +178,7 @@ class Lifecycle:
         "_admission",
         "_ask",
         "_backend",
+        "_count",
         "_empty",
         "_envoy_meter",
         "_error_body",
@@ -233,6 +234,9 @@ class Lifecycle:
         self._last_byte = self._t0  # when the response last moved (why it ended early)
         self._t_first = 0.0  # monotonic time of a stream's first content chunk (TTFT)
         self.record: UsageRecord | None = None  # the usage record, once written
+        # The record's metrics, counted once its settlement has said whether the sweep
+        # had charged it as lost meanwhile (then that record was counted: see `settle`).
+        self._count: tuple[UsageRecord, float | None] | None = None
         self._started: datetime = runtime.clock()
         self._meter: StreamMeter | None = None
         self._json_body = bytearray()
@@ -323,6 +327,7 @@ class Lifecycle:
             key_budget_period=hold.key_budget_period if hold else None,
             org_budget_period=hold.org_budget_period if hold else None)
         self._rec.record(self.record)
+        self._rec.count(self.record)  # no usage hold: never swept as lost
 
     async def request_body(self, raw: bytes) -> Forward:
         """Validate, check the allow-list, build the forwarded body, then admit: every
@@ -648,7 +653,8 @@ class Lifecycle:
         if not status:  # out of sight before the backend answered
             rec = dataclasses.replace(rec, status=LOST)
         self.record = rec
-        self._rec.record(rec, self._t_first - self._t0 if self._t_first else None)
+        self._rec.record(rec)
+        self._count = (rec, self._t_first - self._t0 if self._t_first else None)
         if self._meter is not None and self._meter.oversize_events:
             self._rec.oversize_events(req.alias, self._meter.oversize_events)
 
@@ -664,17 +670,28 @@ class Lifecycle:
         return self._settle is not None
 
     async def settle(self) -> None:
-        """Settle what admission holds, once owed (after the record, or at zero)."""
+        """Settle what admission holds, once owed (after the record, or at zero); then
+        count the record in the metrics, unless the settlement corrected a `lost` charge:
+        the sweep's lost record was counted already (requests, tokens, cost), and
+        counters cannot go down, so the request stays counted once, as that lost charge.
+        (A settlement spooled through an outage cannot tell yet: its record is counted.)"""
         pending, self._settle = self._settle, None
-        if pending is None or self._ask is None or self.principal is None:
-            return
-        now = self._rt.clock()
-        done = await self._admission.settle(self.principal.limits, self._ask, pending[0],
-                                            pending[1], now)
-        if done.bound_violated and self.req is not None:
-            self._rec.bound_violation(self.req.alias)
-        if self._org is not None:
-            await self._admission.settle(*self._org, pending[0], pending[1], now)
+        count, self._count = self._count, None
+        corrected = False
+        try:
+            if pending is None or self._ask is None or self.principal is None:
+                return
+            now = self._rt.clock()
+            done = await self._admission.settle(self.principal.limits, self._ask,
+                                                pending[0], pending[1], now)
+            corrected = done.corrected
+            if done.bound_violated and self.req is not None:
+                self._rec.bound_violation(self.req.alias)
+            if self._org is not None:
+                await self._admission.settle(*self._org, pending[0], pending[1], now)
+        finally:
+            if count is not None and not corrected:
+                self._rec.count(*count)
 
     def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
         """The upstream's own count when it gave one; else an estimate from what was seen.

@@ -14,6 +14,8 @@ Each hold's cost sits in the ledger hash (`r:<rid>`), not only in its `res` hash
 purging an expired hold never depends on a TTL that may already have fired. A `res`
 hash lives until its request settles or the sweep claims it: while it exists, the
 request_id is held (a duplicate). Its `ask` (JSON) is the material of a lost record.
+The sweep leaves in its place `lost` (its lease end; TTL LOST_TTL_S), so that a
+late settlement knows it corrected a lost hold whether or not the key has a budget.
 
 The index of holds, for the sweep: `tb:{holds}:due` (its own slot), see redis_limits.py.
 
@@ -97,7 +99,8 @@ local reason, retry = nil, nil
 -- admission.check: a duplicate (admission.tracked, and admission.held: the request_id
 -- holds, live or ended and not yet claimed)
 local tracked = tpm or maxc or budget
-if tracked and redis.call('EXISTS', KEYS[4]) == 1 then reason = 'duplicate' end
+-- (a hold's `exp`: the mark a claimed hold leaves, below, holds nothing)
+if tracked and redis.call('HEXISTS', KEYS[4], 'exp') == 1 then reason = 'duplicate' end
 -- admission.check: requests, GCRA's bucket (policy.limits.gcra)
 local requests, gcra_ok, rem = 0, true, 0
 if rpm then
@@ -187,6 +190,16 @@ if res[2] then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[2], rid)
 end
+-- the sweep's mark (SWEEP): its hold was charged as lost, budget or not; correctable
+-- as a ledger's lost charge is (Ledger.expire: until its lease end + LOST_TTL)
+local claimed = false
+if not res[2] then
+  local mark = redis.call('HGET', KEYS[3], 'lost')
+  if mark then
+    redis.call('DEL', KEYS[3])
+    claimed = tonumber(mark) > now - LOST_TTL
+  end
+end
 -- Ledger.charge: the real cost (past the hold too: an overrun is charged, never
 -- dropped); a hold already charged as lost is corrected to it
 local charged = 0
@@ -218,26 +231,31 @@ if res[2] and now < tonumber(res[2]) and res[1] and tpm then
     save_bucket(KEYS[1], math.min(tpm, bucket(KEYS[1], now, tpm, w) + back), now_s, tpm, w)
   end
 end
-if charged == 2 then return 2 end
+if charged == 2 or claimed then return 2 end
 if res[2] or charged == 1 then return 1 end
 return 0
-"""
+""".replace("LOST_TTL", repr(LOST_TTL_S))
 
 # KEYS: conc, res, budget, resv, lost. ARGV: now, rid.
 # Mirrors admission.sweep for one hold, then Ledger.expire: the hold is claimed as lost
 # if its lease ended unsettled. Returns its Ask (JSON, as admitted) to the one caller
 # that claims it (it writes the record); {exp} if the hold is still live (its index
-# entry was early); 0 if there is none (settled, claimed, or never admitted).
+# entry was early); 0 if there is none (settled, claimed, or never admitted). The hold
+# becomes a mark, kept as long as a lost charge is correctable, by which a late SETTLE
+# says it corrected a lost hold (2) for a key without a budget too (a release before
+# this one deleted the hold: its SETTLE reads no `exp` in the mark, and finds nothing).
 SWEEP = LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
 local res = redis.call('HMGET', KEYS[2], 'exp', 'ask')
 if not res[1] then return 0 end
 if tonumber(res[1]) > tonumber(now_s) then return {res[1]} end
 redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'lost', res[1])
+redis.call('PEXPIRE', KEYS[2], int(LOST_TTL * 1000))
 redis.call('ZREM', KEYS[1], rid)
 purge(KEYS[3], KEYS[4], KEYS[5], now_s)
 return res[2] or ''
-"""
+""".replace("LOST_TTL", repr(LOST_TTL_S))
 
 # KEYS: due. ARGV: now, claimed until, limit. The index entries due by `now` (lease
 # ended), each moved to `claimed until` so no other sweep takes it meanwhile.
