@@ -688,7 +688,9 @@ class Lifecycle:
             if done.bound_violated and self.req is not None:
                 self._rec.bound_violation(self.req.alias)
             if self._org is not None:
-                await self._admission.settle(*self._org, pending[0], pending[1], now)
+                # The org's hold may be the one that carried the record (admit_all).
+                org = await self._admission.settle(*self._org, pending[0], pending[1], now)
+                corrected = corrected or org.corrected
         finally:
             if count is not None and not corrected:
                 self._rec.count(*count)
