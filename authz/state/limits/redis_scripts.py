@@ -1,7 +1,10 @@
 """The Lua scripts of the Redis limit store (redis_limits.py), one per operation.
 
 Layout: all of a key's state shares the hash tag `{k:<key_id>}`, one Cluster slot.
-  tb:{k:<id>}:rpm              HASH level, ts (the GCRA's bucket)       TTL: as tpm
+  tb:{k:<id>}:rpm              HASH level, ts (the GCRA's bucket), g    TTL: as tpm
+  tb:{k:<id>}:gcra             the same rate as the last release kept   TTL: until full + window
+                               it (an arrival time; `g`: the last one
+                               written here), for a roll (`rate`)
   tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: full at tpm 1 + window
   tb:{k:<id>}:conc             ZSET request_id -> lease expiry          TTL: longest lease + window
   tb:{k:<id>}:res:<rid>        HASH tokens, cost, period, exp, ask      TTL: lease + LOST_TTL_S
@@ -60,6 +63,34 @@ local function save_bucket(key, level, now_s, cap, w)
   local full = math.max(0, (cap - level) * w / cap)
   if level < 0 then full = math.min((1 - level) * w, MAX_TTL_S) end
   redis.call('PEXPIRE', key, int(math.ceil((full + ahead + w) * 1000)))
+  return tonumber(now_s)
+end
+-- The request rate as the last release also reads it, for a roll where replicas of both
+-- share one Redis: its GCRA kept an arrival time (`tat`, a string at :gcra). `rate`
+-- reads this release's bucket and, when the last release has written :gcra since this
+-- one did (it differs from the `g` this one wrote), takes its count too (the lower);
+-- `save_rate` writes both, so either version counts the other's requests. Between
+-- replicas of this release alone, `g` matches and the bucket decides, exact.
+local function rate(key, gkey, now, rpm, w)
+  local st = redis.call('HMGET', key, 'level', 'ts', 'g')  -- bucket(), and `g`
+  local left = rpm
+  if st[1] then
+    left = math.min(rpm, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * rpm / w)
+  end
+  local tat = redis.call('GET', gkey)
+  if tat and tat ~= st[3] then
+    left = math.min(left, (now + w - math.max(tonumber(tat), now)) * rpm / w)
+  end
+  return left
+end
+local function save_rate(key, gkey, left, now_s, rpm, w)
+  local ts = save_bucket(key, left, now_s, rpm, w)
+  -- the arrival time that leaves `left` requests at the bucket's time (the last
+  -- release admits while max(tat, now) + w / rpm - w <= now, i.e. while left >= 1)
+  local tat = ts + (rpm - left) * w / rpm
+  local g = f(tat)
+  redis.call('SET', gkey, g, 'PX', int(math.ceil((math.max(0, tat - ts) + w) * 1000)))
+  redis.call('HSET', key, 'g', g)
 end
 local function purge(bkey, vkey, lkey, now_s)
   local gone = redis.call('ZRANGEBYSCORE', vkey, '-inf', now_s, 'WITHSCORES')
@@ -82,7 +113,7 @@ local function purge(bkey, vkey, lkey, now_s)
 end
 """.replace("LOST_TTL", repr(LOST_TTL_S)).replace("MAX_TTL_S", repr(MAX_TTL_S))
 
-# KEYS: rpm, tpm, conc, res, budget, resv, lost.
+# KEYS: rpm, tpm, conc, res, budget, resv, lost, gcra (the last release's rate: `rate`).
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
 #       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record),
 #       take ('0': decide only, reserve nothing).
@@ -104,7 +135,7 @@ if tracked and redis.call('HEXISTS', KEYS[4], 'exp') == 1 then reason = 'duplica
 -- admission.check: requests, GCRA's bucket (policy.limits.gcra)
 local requests, gcra_ok, rem = 0, true, 0
 if rpm then
-  requests = bucket(KEYS[1], now, rpm, w)
+  requests = rate(KEYS[1], KEYS[8], now, rpm, w)
   if requests < 1 then
     gcra_ok = false
     if not reason then reason, retry = 'requests', (1 - requests) * w / rpm end
@@ -158,7 +189,7 @@ if ARGV[13] == '0' then return reply(1, after) end
 -- admission.reserve: admitted, take everything
 local exp = now + lease
 local slack = w * 1000
-if rpm then save_bucket(KEYS[1], requests - 1, now_s, rpm, w) end
+if rpm then save_rate(KEYS[1], KEYS[8], requests - 1, now_s, rpm, w) end
 if tpm then save_bucket(KEYS[2], after, now_s, tpm, w) end
 if tracked then  -- a lease whatever its limits: a max_concurrent set later counts it
   redis.call('ZADD', KEYS[3], f(exp), rid)
@@ -269,13 +300,13 @@ return due
 # Mirrors admission.consume: usage admitted elsewhere (a local limiter during an outage),
 # counted on return: `n` arrivals against the GCRA and `t` tokens out of the bucket (it
 # may go negative).
-# KEYS: rpm, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
+# KEYS: rpm, tpm, gcra. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
 CONSUME = LIB + """
 local now_s = ARGV[1]
 local now, rpm, tpm, w = tonumber(now_s), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 local n, t = tonumber(ARGV[4]), tonumber(ARGV[5])
 if rpm and n > 0 then
-  save_bucket(KEYS[1], bucket(KEYS[1], now, rpm, w) - n, now_s, rpm, w)
+  save_rate(KEYS[1], KEYS[3], rate(KEYS[1], KEYS[3], now, rpm, w) - n, now_s, rpm, w)
 end
 if tpm and t > 0 then
   save_bucket(KEYS[2], bucket(KEYS[2], now, tpm, w) - t, now_s, tpm, w)
