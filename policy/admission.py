@@ -151,6 +151,10 @@ class KeyState:
     # Holds whose lease ended unsettled: no slot, tokens stay taken; until `sweep`
     # claims them (lost) or a late settlement, the request_id is still held.
     ended: dict[str, Hold] = field(default_factory=dict)
+    # Holds the sweep claimed (charged in full, a `lost` record written): request_id ->
+    # lease end, kept LOST_TTL_S so that a late settlement says it corrected one, budget
+    # or not (the metrics then leave its real record uncounted: the lost one was).
+    claimed: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -215,6 +219,10 @@ def sweep(key: KeyState, now: float) -> list[Hold]:
     lost = [h for h in key.ended.values() if not hold_live(h.exp, now)]
     for h in lost:
         del key.ended[h.ask.request_id]
+        key.claimed[h.ask.request_id] = h.exp
+    # Claims past correction are forgotten here (lost holds are rare: a scan is cheap).
+    for rid in [r for r, exp in key.claimed.items() if exp <= now - LOST_TTL_S]:
+        del key.claimed[rid]
     return lost
 
 
@@ -425,16 +433,19 @@ def settle(limits: Limits, ask: Ask, used_tokens: int, cost_nano: int, key: KeyS
     request_id: a second call, or one for an unknown id, changes nothing."""
     check_usage(used_tokens, cost_nano)
     rid = ask.request_id
-    hold = None
+    hold, claimed = None, False
     if key is not None:
         hold = key.holds.pop(rid, None) or key.ended.pop(rid, None)
         key.leased.discard(rid)
+        # A claim is correctable as long as a ledger's lost charge is (Ledger.expire).
+        claimed = key.claimed.pop(rid, now - LOST_TTL_S) > now - LOST_TTL_S
     charged = ledger.charge(rid, cost_nano) if ledger is not None else 0
     if (key is not None and hold is not None and settle_charges(hold.exp, now)
             and hold.tokens is not None and limits.tpm is not None):
         give_back(key, hold.tokens, used_tokens, limits.tpm, now, w)
-    return settled(ask, used_tokens, cost_nano, applied=hold is not None or charged > 0,
-                   corrected=charged == 2)
+    return settled(ask, used_tokens, cost_nano,
+                   applied=hold is not None or charged > 0 or claimed,
+                   corrected=charged == 2 or claimed)
 
 
 def give_back(key: KeyState, reserved: int, used: int, capacity: int, now: float,

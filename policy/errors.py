@@ -140,6 +140,13 @@ def upstream_error(status: int, body: bytes) -> ApiError:
                     type=_TYPE_BY_STATUS.get(status, "invalid_request_error"))
 
 
+def empty_answer(status: int) -> ApiError:
+    """A backend's success with no body at all: no answer an SDK could parse (nor usage
+    to meter), so it is the contract's 502 `upstream_error`, not an empty 200."""
+    return ApiError(502, "upstream_error",
+                    f"The backend sent no answer (HTTP {status} with an empty body).")
+
+
 def _error_fields(body: bytes) -> dict[str, object]:
     """`message`, `code`, `param` from an error body, as far as it has them."""
     try:

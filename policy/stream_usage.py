@@ -67,9 +67,10 @@ class StreamMeter:
 
     @property
     def unreadable(self) -> bool:
-        """The body ended with bytes but not one SSE data event: not a stream this meter
-        can read (a compressed body, an HTML page), so nothing tells what was generated."""
-        return self.ended and self._fed > 0 and not self._read_event and self.usage is None
+        """The body ended without one SSE data event: not a stream this meter can read (a
+        compressed body, an HTML page, or no bytes at all: a chunked empty 200, which
+        reaches the client before its end is seen), so nothing tells what was generated."""
+        return self.ended and not self._read_event and self.usage is None
 
     @property
     def oversize_events(self) -> int:

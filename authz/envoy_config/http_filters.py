@@ -335,7 +335,11 @@ function envoy_on_response(h)
   if upstream then
     strip_backend(headers)
   end
-  if status < "400" then
+  local empty = headers:get("content-length") == "0"
+  -- A success with no body at all: no SDK parses an empty 200, and no usage reaches
+  -- ext_proc. Marked as an error (a marked 2xx is an empty one): a 502 saying so.
+  local empty_success = upstream and empty and status >= "200" and status < "300"
+  if status < "400" and not empty_success then
     METER(h)
     return
   end
@@ -345,10 +349,10 @@ function envoy_on_response(h)
   h:streamInfo():dynamicMetadata():set("{UPSTREAM_ERRORS}", "{UPSTREAM_STATUS_KEY}", status)
   headers:replace("content-type", "application/json")
   headers:remove("content-encoding")
-  if status >= "500" then
+  if status >= "500" or empty_success then
     headers:replace(":status", "502")
   end
-  if headers:get("content-length") == "0" then
+  if empty then
     -- No body: no body message would reach ext_proc, which writes the error and the
     -- record (a 499 with the prompt charged, an empty 502). An empty JSON object reads
     -- as "no message" there.

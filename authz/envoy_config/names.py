@@ -7,5 +7,6 @@ EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
 # The Lua filter that marks a backend's error answers: its metadata holds the backend's
 # own status (ext_proc rewrites such a body OpenAI-shaped; a 5xx reaches clients as 502).
+# A success is marked only when it has no body at all (content-length 0): a 502 too.
 UPSTREAM_ERRORS = "tokenbooth.upstream_errors"
 UPSTREAM_STATUS_KEY = "status"

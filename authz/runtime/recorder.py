@@ -28,20 +28,26 @@ class Recorder:
         """The record of a hold whose replica died, settled at its full hold."""
         self._m.lost_holds.inc()
         self.record(rec)
+        self.count(rec)
 
     def spooled(self) -> None:
         """A settlement went to the disk spool: the limit store did not answer."""
         self._m.settlements_spooled.inc()
 
-    def record(self, rec: UsageRecord, ttft_s: float | None = None) -> None:
-        """Store `rec`, update its metrics, log it. `ttft_s`: a stream's time to its
+    def count(self, rec: UsageRecord, ttft_s: float | None = None) -> None:
+        """Count `rec` in the metrics, once per request: a request's own record after its
+        settlement (one whose settlement corrected a `lost` charge was counted as that
+        lost record already: see Lifecycle.settle). `ttft_s`: a stream's time to its
         first content chunk, for the TTFT and per-output-token histograms."""
+        self._m.observe(rec, ttft_s)
+
+    def record(self, rec: UsageRecord) -> None:
+        """Store `rec` and log it (its metrics: `count`)."""
         try:
             self._sink.write(rec)
         except (OSError, ValueError) as e:  # ValueError: the log was closed (a late end)
             # Never lose silently: the log line below still carries every field.
             log.error("usage record not stored: %s", e, extra={"record": rec.to_dict()})
-        self._m.observe(rec, ttft_s)
         log.info(
             "request done",
             extra={

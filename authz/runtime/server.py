@@ -87,6 +87,8 @@ class Services:
     _health: health.aio.HealthServicer | None = None
     _reload: asyncio.Task[None] | None = None
     _ready: bool = False
+    _hurried: bool = False  # a second stop signal: no more waiting (see `hurry`)
+    _stops: set[asyncio.Future[None]] = field(default_factory=set)
     _admission: Admission | None = None
     _xds: AggregatedDiscoveryService | None = None
     _ext_proc: ExternalProcessorService | None = None
@@ -272,15 +274,22 @@ class Services:
         if self._xds is not None:
             self._xds.close()  # its streams never end on their own
         if self._server is not None:
+            grace = 0.0 if self._hurried else self.grace_s
             if self._ext_proc is not None:
                 # Streams still open when the grace ends are cancelled: their records
                 # charge the whole hold (Envoy serves the rest unmetered).
-                self._ext_proc.stopping(self.grace_s)
-            await self._server.stop(self.grace_s)
+                self._ext_proc.stopping(grace)
+            await self._server.stop(grace)
             if self._ext_proc is not None:
                 await self._ext_proc.stalls.close()
                 # Records waiting on a backend's prompt count, and their settlements.
                 await self._ext_proc.drain(PROMPT_COUNT_DRAIN_S)
+                if self._hurried:
+                    log.warning(
+                        "stop hurried by a second signal: %d request(s) in flight left "
+                        "to the lost-hold sweep (charged in full, a `lost` record each)",
+                        self._ext_proc.left_to_sweep,
+                        extra={"left_to_sweep": self._ext_proc.left_to_sweep})
         if self._side is not None:
             await self._side.cleanup()
         if self._admin is not None:
@@ -302,6 +311,24 @@ class Services:
                      for p in (self.tracer_provider, self._otlp_metrics) if p is not None]
         await asyncio.gather(*shutdowns)
         log.info("tokenbooth services stopped")
+
+    def hurry(self) -> None:
+        """A second SIGTERM/SIGINT during `stop`: stop waiting for the streams in flight
+        (the grace), the prompt counts and the meter reports. Money is not lost: a
+        request without a record keeps its hold in the store (journaled with `state:
+        memory`), which the lost-hold sweep charges in full with its `lost` record (at
+        the next start, or in another replica once its lease ends), as if this process
+        were killed; records and settlements already under way finish."""
+        if self._hurried:
+            return
+        self._hurried = True
+        if self._ext_proc is not None:
+            self._ext_proc.hurry()
+        if self._server is not None:
+            # A second stop with no grace cancels every open stream now (the first
+            # `stop` call, still waiting on its grace, then returns as well).
+            self._stops.add(task := asyncio.ensure_future(self._server.stop(0)))
+            task.add_done_callback(self._stops.discard)
 
 
 async def in_daemon_thread(fn: Callable[[], T]) -> T:
@@ -351,4 +378,7 @@ async def serve_forever(runtime: Runtime) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    # A second signal hurries the stop (users expect a second Ctrl-C to stop at once).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, services.hurry)
     await services.stop()

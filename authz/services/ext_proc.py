@@ -46,6 +46,11 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         self._recorder = recorder
         self._admission = admission
         self._settling: set[asyncio.Future[None]] = set()
+        # Tasks that wait before a record (a stream's meter report, a prompt count): a
+        # hurried stop cancels them and leaves their holds to the lost-hold sweep.
+        self._waiting: set[asyncio.Future[None]] = set()
+        self._hurried = False
+        self._left: set[str] = set()  # the requests a hurried stop left to the sweep
         self._counter = PromptCounter()
         self._metrics = metrics
         self._seconds = metrics.decision_seconds.labels("ext_proc")
@@ -55,6 +60,28 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
     def stopping(self, grace_s: float) -> None:
         """The server stops: the streams still open in `grace_s` it will cancel."""
         self._cut_at = time.monotonic() + grace_s
+
+    def hurry(self) -> None:
+        """A second stop signal: stop waiting. A request with no record yet gets none
+        here: its hold stays in the store (the journal of `state: memory`, or Redis),
+        where the lost-hold sweep charges it in full with its `lost` record (at the next
+        start, or in any replica once its lease ends), as for a replica killed. Nothing
+        that has begun a record or a settlement is cut: those finish (see `drain`)."""
+        self._hurried = True
+        for task in list(self._waiting):
+            task.cancel()
+
+    @property
+    def left_to_sweep(self) -> int:
+        """How many requests a hurried stop left unrecorded (their holds: the sweep's)."""
+        return len(self._left)
+
+    def _leave(self, life: Lifecycle) -> bool:
+        """Whether a hurried stop leaves this admitted, unrecorded request to the sweep."""
+        if not self._hurried or not life.admitted or life.record is not None:
+            return False
+        self._left.add(life.request_id)
+        return True
 
     def _out_of_sight(self, life: Lifecycle, opened: float) -> bool:
         """Whether a stream that ended early was served on out of the services' sight
@@ -108,15 +135,17 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 if resp.HasField("immediate_response") or _last(msg) or life.handed_over:
                     return
         finally:
-            if life.handed_over:
+            if self._leave(life):
+                pass  # a hurried stop: left to the lost-hold sweep
+            elif life.handed_over:
                 # Envoy meters the rest: the record and settlement wait for its report.
-                self._apart(self._after_report(life, span))
+                self._apart(self._after_report(life, span), waits=True)
                 span = None
             # The stream ended: normally after the response, else the client or
             # Envoy went away mid-request, or the rest is served out of sight (this
             # server stopped, or stood still, with the stream open: charged whole).
             # Either way, exactly one record.
-            if not life.finished and self._end_early(life, opened, span):
+            elif not life.finished and self._end_early(life, opened, span):
                 span = None  # the recount ends it
             # A record decided with the last answer, whose write was cancelled (Envoy
             # resets the stream as soon as it has that answer) before its recount began.
@@ -141,7 +170,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         (its /tokenize), in a task of its own that then writes the record and settles:
         True when that is under way (it ends the span)."""
         owed, life.recount_owed = life.recount_owed, None
-        if owed is None:
+        if owed is None or self._leave(life):  # a hurried stop: the sweep's
             return False
         ending, url, recount = owed
         headers = backend_headers(self._rt.snapshot.config, url,
@@ -149,7 +178,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         if headers is None:  # the backend's key cannot be read here: the bound
             life.write(ending)
             return False
-        self._apart(self._recount(life, ending, url, recount, headers, span))
+        self._apart(self._recount(life, ending, url, recount, headers, span), waits=True)
         return True
 
     async def _recount(self, life: Lifecycle, ending: Ending, url: str, recount: Recount,
@@ -161,12 +190,13 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 answers = await asyncio.gather(
                     *(self._counter.count(url, ask, headers) for ask in recount.asks))
             except asyncio.CancelledError:  # the server stopping: the bound, settled
-                life.write(ending)
-                await life.settle()
+                if not self._leave(life):  # (a hurried stop: the sweep's)
+                    life.write(ending)
+                    await self._settle_apart(life)
                 raise
             counts = [n for n in answers if n is not None]
             life.write(ending, recount.total(counts) if len(counts) == len(answers) else None)
-            await life.settle()
+            await self._settle_apart(life)  # once written, never cut by a hurried stop
         finally:
             if span is not None:
                 _end_span(span, life)
@@ -186,17 +216,27 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         reload) would leave its hold to be charged in full when the lease ends."""
         await asyncio.shield(self._apart(life.settle()))
 
-    def _apart(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    def _apart(self, work: Coroutine[Any, Any, None], waits: bool = False,
+               ) -> asyncio.Future[None]:
+        """`work` as a task the stop drains; `waits`: one a hurried stop cancels (it
+        waits before its record: see `hurry`)."""
         task = asyncio.ensure_future(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        if waits:
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
         return task
 
     async def _after_report(self, life: Lifecycle, span: Span | None) -> None:
         """A stream Envoy metered: its report (or none by the time the stream must have
         ended), then the record and the settlement."""
         try:
-            report = await self._reports.wait(life.request_id, life.report_wait_s())
+            try:
+                report = await self._reports.wait(life.request_id, life.report_wait_s())
+            except asyncio.CancelledError:
+                self._leave(life)  # a hurried stop: the sweep's (counted)
+                raise
             if report is None:
                 log.error("no meter report for a stream Envoy metered: charged its hold "
                           "in full", extra={"request_id": life.request_id})
@@ -204,7 +244,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             if life.recount_owed is not None and self._recount_owed(life, span):
                 span = None  # the recount writes, settles and ends it
                 return
-            await life.settle()
+            await self._settle_apart(life)
         finally:
             if span is not None:
                 _end_span(span, life)

@@ -40,6 +40,7 @@ from policy.config import Config, OrgLimits, Price
 from policy.endpoints import Endpoint, Kind, lookup, path_argument
 from policy.errors import (
     ApiError,
+    empty_answer,
     invalid_api_key,
     invalid_request,
     model_not_allowed,
@@ -91,6 +92,7 @@ ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
 GATEWAY_TIMEOUT = 504  # Envoy cut the response (stream idle timeout, or its time limit)
 SERVICE_UNAVAILABLE = 503  # Envoy's answer when ext_proc's came too late
+BAD_GATEWAY = 502  # what the client of a backend that answered a success with no body gets
 # Envoy's own answers (not a backend's: the upstream-errors filter marks those) after the
 # request went to a backend that may have begun on it: the backend failed or reset (502)
 # or Envoy's timeout cut it (504). Estimated like a client that left. Envoy's other
@@ -176,6 +178,8 @@ class Lifecycle:
         "_admission",
         "_ask",
         "_backend",
+        "_count",
+        "_empty",
         "_envoy_meter",
         "_error_body",
         "_json_body",
@@ -230,6 +234,9 @@ class Lifecycle:
         self._last_byte = self._t0  # when the response last moved (why it ended early)
         self._t_first = 0.0  # monotonic time of a stream's first content chunk (TTFT)
         self.record: UsageRecord | None = None  # the usage record, once written
+        # The record's metrics, counted once its settlement has said whether the sweep
+        # had charged it as lost meanwhile (then that record was counted: see `settle`).
+        self._count: tuple[UsageRecord, float | None] | None = None
         self._started: datetime = runtime.clock()
         self._meter: StreamMeter | None = None
         self._json_body = bytearray()
@@ -238,6 +245,7 @@ class Lifecycle:
         self._json_tail = False  # _json_body holds only the answer's last bytes
         self._json_usage: Usage | None = None  # the last usage in bytes trimmed off
         self._error_body: bytearray | None = None  # a backend's error answer, being held
+        self._empty = 0  # the status of a backend's success with no body (a 502, its hold)
         self._model_id = ""  # GET /v1/models/{id}: the id
         self.responded = False  # the response has begun (response_start was called)
         self.endpoint: Endpoint | None = None
@@ -319,6 +327,7 @@ class Lifecycle:
             key_budget_period=hold.key_budget_period if hold else None,
             org_budget_period=hold.org_budget_period if hold else None)
         self._rec.record(self.record)
+        self._rec.count(self.record)  # no usage hold: never swept as lost
 
     async def request_body(self, raw: bytes) -> Forward:
         """Validate, check the allow-list, build the forwarded body, then admit: every
@@ -402,12 +411,15 @@ class Lifecycle:
         """The response's status and serving backend (0 and "" when unknown); an SSE
         meter for a stream the backend accepted (an error answer is JSON).
         `upstream_error`: the backend's own status when it answered with an error (Envoy
-        already sends a 5xx on as 502): the record keeps it, the body is rewritten.
+        already sends a 5xx on as 502): the record keeps it, the body is rewritten. A
+        success marked so had no body: the client gets a 502 and the record says 502.
         `details`: Envoy's response-code details (which of its own errors this is)."""
         self.responded = True
         self._unreached = any(d in details for d in _UNREACHED)
         if upstream_error and self.route is not None:
             status, self._error_body = upstream_error, bytearray()
+            if upstream_error < 400:  # a marked success is one with no body (a 502)
+                status, self._empty = BAD_GATEWAY, upstream_error
         if status:
             self.status = status
         if backend:
@@ -497,7 +509,11 @@ class Lifecycle:
         held = self._error_body
         assert held is not None
         held += chunk[:max(0, ERROR_KEEP_BYTES - len(held))]
-        return upstream_error(self.status, bytes(held)).body() if end else b""
+        if not end:
+            return b""
+        if self._empty:  # the `{}` the upstream-errors filter put in the empty body
+            return empty_answer(self._empty).body()
+        return upstream_error(self.status, bytes(held)).body()
 
     # -- the end --------------------------------------------------------------
 
@@ -640,7 +656,8 @@ class Lifecycle:
         if not status:  # out of sight before the backend answered
             rec = dataclasses.replace(rec, status=LOST)
         self.record = rec
-        self._rec.record(rec, self._t_first - self._t0 if self._t_first else None)
+        self._rec.record(rec)
+        self._count = (rec, self._t_first - self._t0 if self._t_first else None)
         if self._meter is not None and self._meter.oversize_events:
             self._rec.oversize_events(req.alias, self._meter.oversize_events)
 
@@ -656,17 +673,30 @@ class Lifecycle:
         return self._settle is not None
 
     async def settle(self) -> None:
-        """Settle what admission holds, once owed (after the record, or at zero)."""
+        """Settle what admission holds, once owed (after the record, or at zero); then
+        count the record in the metrics, unless the settlement corrected a `lost` charge:
+        the sweep's lost record was counted already (requests, tokens, cost), and
+        counters cannot go down, so the request stays counted once, as that lost charge.
+        (A settlement spooled through an outage cannot tell yet: its record is counted.)"""
         pending, self._settle = self._settle, None
-        if pending is None or self._ask is None or self.principal is None:
-            return
-        now = self._rt.clock()
-        done = await self._admission.settle(self.principal.limits, self._ask, pending[0],
-                                            pending[1], now)
-        if done.bound_violated and self.req is not None:
-            self._rec.bound_violation(self.req.alias)
-        if self._org is not None:
-            await self._admission.settle(*self._org, pending[0], pending[1], now)
+        count, self._count = self._count, None
+        corrected = False
+        try:
+            if pending is None or self._ask is None or self.principal is None:
+                return
+            now = self._rt.clock()
+            done = await self._admission.settle(self.principal.limits, self._ask,
+                                                pending[0], pending[1], now)
+            corrected = done.corrected
+            if done.bound_violated and self.req is not None:
+                self._rec.bound_violation(self.req.alias)
+            if self._org is not None:
+                # The org's hold may be the one that carried the record (admit_all).
+                org = await self._admission.settle(*self._org, pending[0], pending[1], now)
+                corrected = corrected or org.corrected
+        finally:
+            if count is not None and not corrected:
+                self._rec.count(*count)
 
     def _usage(self, req: InferenceRequest) -> tuple[Usage, bool]:
         """The upstream's own count when it gave one; else an estimate from what was seen.
@@ -698,6 +728,10 @@ class Lifecycle:
                     usage = None
             if usage is not None:
                 return usage, False
+        if self._empty:
+            # A success with no body (the client got a 502): like a 2xx answer whose usage
+            # cannot be read, the backend may have generated (and counted) its whole hold.
+            return Usage(req.prompt_bound, req.completion_bound), True
         if self.status >= 400 and (self._error_body is not None or not self.responded
                                    or self.status not in GATEWAY_CUTS or self._unreached):
             return Usage(), False  # refused (the backend, or Envoy): nothing was generated

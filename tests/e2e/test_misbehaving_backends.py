@@ -60,6 +60,14 @@ class Unstreaming(ThreadedBackend):
     async def _chat(self, request: web.Request) -> web.Response:
         if request.headers.get("x-answer") == "empty500":
             return web.Response(status=500, body=b"")
+        if request.headers.get("x-answer") == "empty200":
+            return web.Response(status=200, body=b"")  # content-length: 0
+        if request.headers.get("x-answer") == "chunked200":  # no body, chunked
+            resp = web.StreamResponse(status=200)
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp  # type: ignore[return-value]
         if request.headers.get("x-answer") == "spaced":
             return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
         if request.headers.get("x-answer") == "gzip":
@@ -101,9 +109,10 @@ def whole_hold(gw: Gateway) -> tuple[int, int]:
     return req.prompt_bound, req.completion_bound
 
 
-def send(gw: Gateway, answer: str, key: str = METERED_SECRET,
+def send(gw: Gateway, answer: str, key: str = METERED_SECRET, stream: bool = True,
          ) -> tuple[httpx.Response, dict[str, Any]]:
-    r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=CHAT, timeout=30,
+    r = httpx.post(f"{gw.base_url}/v1/chat/completions", json={**CHAT, "stream": stream},
+                   timeout=30,
                    headers={"authorization": f"Bearer {key}", "x-answer": answer,
                             "accept-encoding": "identity"})
     [rec] = records_for(gw, r.headers["x-request-id"])
@@ -163,3 +172,40 @@ def test_a_backend_error_with_no_body_is_openai_shaped_and_charges_nothing(
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_error"
     assert (rec["status"], rec["total_tokens"], rec["estimated"]) == (500, 0, False)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_an_empty_success_is_a_502_charged_its_whole_hold(
+        meter: str, stream: bool, request: pytest.FixtureRequest) -> None:
+    """A 200 with no body (content-length 0): no body message
+    reached ext_proc, so the client got an empty 200 (no SDK parses it) and the record
+    said 499 with the prompt estimated. The client gets a 502 upstream_error saying the
+    backend sent no answer; the one record says 502 and charges the whole hold,
+    estimated (as a 2xx answer whose usage cannot be read: vLLM answers once it has
+    generated). The key's one slot comes back."""
+    gw: Gateway = request.getfixturevalue(meter)
+    r, rec = send(gw, "empty200", SECRET, stream)  # k-main: k-metered's tpm is too small
+    assert r.status_code == 502, (r.headers, r.content)
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert err["code"] == "upstream_error" and "no answer" in err["message"], err
+    assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+            rec["estimated"], rec["stream"]) == (502, *whole_hold(gw), True, stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_chunked_empty_success_is_charged_its_whole_hold(
+        meter: str, stream: bool, request: pytest.FixtureRequest) -> None:
+    """A 200 with a chunked body that has no chunk: its headers reach the client before
+    its end is seen (holding every answer's headers for that would cost each request an
+    ext_proc message), so the client gets the empty 200 as sent. Its record is a 2xx
+    whose usage cannot be read: the whole hold, estimated. A stream was charged its
+    prompt and 0 completion tokens (no event was read: the meter took "no bytes" for
+    "nothing generated")."""
+    gw: Gateway = request.getfixturevalue(meter)
+    r, rec = send(gw, "chunked200", SECRET, stream)
+    assert (r.status_code, r.content) == (200, b"")
+    assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+            rec["estimated"]) == (200, *whole_hold(gw), True)

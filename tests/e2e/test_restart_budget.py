@@ -194,3 +194,57 @@ def test_sigkill_leaves_a_record_for_a_key_without_limits(tmp_path: Path) -> Non
     recs = [x for x in read_records(r.data_dir / USAGE_FILE) if x["key_id"] == KEY_ID]
     assert sorted(str(x["status"]) for x in recs) == ["200", LOST, LOST, LOST]
     assert all(x["estimated"] for x in recs if x["status"] == LOST)
+
+
+def slow_streams_with_ids(r: Rig, n: int) -> tuple[list[str], list[threading.Thread]]:
+    """`n` streams of ~30 s (past serve's 10 s grace), each admitted and answering before
+    this returns; their request ids."""
+    ids: list[str] = []
+    admitted = threading.Semaphore(0)
+
+    def one() -> None:
+        stream = r.chat(max_tokens=100, stream=True, extra_headers={"x-sim-tpot-ms": "300"})
+        ids.append(stream.response.headers["x-request-id"])
+        with contextlib.suppress(openai.APIError, ValueError):
+            for i, _ in enumerate(stream):
+                if i == 0:
+                    admitted.release()
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for _ in range(n):
+        assert admitted.acquire(timeout=20), "a stream never started"
+    return ids, threads
+
+
+def test_a_second_sigterm_hurries_the_stop_and_loses_no_money(tmp_path: Path) -> None:
+    """The first SIGTERM drains (streams get the 10 s grace); a second one stopped
+    nothing sooner. Now it stops waiting: the three streams in flight get no record from
+    the stopping process (Envoy serves them on, unmetered), their holds stay in the
+    journal, and the next start charges each in full with one `lost` record; one line
+    says so. After the restart: one record and one settlement per admitted request."""
+    with rig(tmp_path) as r:
+        ids, threads = slow_streams_with_ids(r, 3)
+        serve, log = r.serve, r.logs / f"serve-{r.starts}.log"
+        assert serve is not None
+        serve.send_signal(signal.SIGTERM)
+        wait_until(lambda: b"shutting down" in log.read_bytes(), "the first stop signal",
+                   alive=[serve])
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        hurried = [line for line in log.read_bytes().splitlines() if b"hurried" in line]
+        assert len(hurried) == 1 and b"3 request(s) in flight left to the lost-hold sweep" \
+            in hurried[0], log.read_bytes()[-3000:]
+        r.start_serve()  # the journal's holds: each charged in full, a `lost` record each
+        for t in threads:
+            t.join(60)
+        assert r.serve is not None
+        stop([r.serve])
+        r.serve = None
+    recs = [x for x in read_records(r.data_dir / USAGE_FILE) if x["key_id"] == KEY_ID]
+    assert sorted(x["request_id"] for x in recs) == sorted(ids)  # one each
+    assert all(x["status"] == LOST and x["estimated"] for x in recs), recs
+    spent, reserved = ledger(r.data_dir)
+    assert reserved == 0
+    assert spent == sum(usd_to_nano(Decimal(x["cost_usd"])) for x in recs)  # one each

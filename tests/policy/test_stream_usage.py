@@ -208,5 +208,5 @@ def test_a_body_with_no_sse_event_is_unreadable_once_it_ended() -> None:
         assert (m.usage, m.unreadable) == (None, True)
     m, _ = meter(True, b": ping\n\n", TEXT)  # a readable stream cut before its usage
     assert not m.unreadable
-    m, _ = meter(True)  # no body at all
-    assert not m.unreadable
+    m, _ = meter(True)  # a body that ended with no bytes at all (a chunked empty 200)
+    assert (m.usage, m.unreadable) == (None, True)

@@ -40,8 +40,11 @@ class Recorded:
     got: list[UsageRecord] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
-    def record(self, rec: UsageRecord, ttft_s: float | None = None) -> None:
+    def record(self, rec: UsageRecord) -> None:
         self.got.append(rec)
+
+    def count(self, rec: UsageRecord, ttft_s: float | None = None) -> None:
+        pass
 
     def oversize_events(self, alias: str, n: int) -> None:
         pass
@@ -62,7 +65,7 @@ class Holds:
     async def settle(self, _limits: Any, ask: Any, tokens: int, cost: int,
                      _now: Any) -> Any:
         self.settled.append((tokens, cost, ask.cost_nano))
-        return SimpleNamespace(bound_violated=False)
+        return SimpleNamespace(bound_violated=False, corrected=False)
 
 
 class Reports:

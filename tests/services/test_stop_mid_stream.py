@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,38 @@ async def test_the_drain_waits_for_work_started_while_it_drains(running: Running
     ext._apart(report())
     await ext.drain(5.0)
     assert done == ["recorded and settled"]
+
+
+async def test_a_hurried_stop_leaves_what_is_unrecorded_to_the_sweep(
+        tmp_path: Path) -> None:
+    """A second stop signal (`Services.hurry`) while the stop waits on its grace: the
+    stream still open gets no record from the stopping process (it was charged its whole
+    hold as a `200`, after the grace); its hold stays in the journal, and the next start
+    charges it in full with one `lost` record. A request that ended before is recorded
+    and settled as ever: one record each, the ledger their sum, nothing reserved."""
+    async with serve_policy(tmp_path) as running:
+        s = Stream(running)
+        await admit(s, {**CHAT, "max_tokens": 10}, "k-metered", "done-1")
+        await s.send(resp_body(STREAM))  # ended: recorded, settled
+        open_ = Stream(running)
+        await admit(open_, BODY, "k-main", "open-1")
+        await open_.send(resp_body(STREAM[:150], end=False))  # one content chunk seen
+        stop = asyncio.create_task(running.services.stop())
+        # Into its grace (1 s); a hurry before it would cut the grace all the same.
+        await asyncio.wait({stop}, timeout=0.2)
+        running.services.hurry()
+        await stop
+        assert running.services._ext_proc is not None
+        assert running.services._ext_proc.left_to_sweep == 1
+        assert [r["request_id"] for r in read_records(running.data_dir / USAGE_FILE)] \
+            == ["done-1"]
+    async with serve_policy(tmp_path) as again:  # the journal's hold: swept at the start
+        recs = {r["request_id"]: r for r in read_records(again.data_dir / USAGE_FILE)}
+        assert sorted(recs) == ["done-1", "open-1"]
+        prompt, completion = bounds(again)
+        assert (recs["open-1"]["status"], recs["open-1"]["prompt_tokens"],
+                recs["open-1"]["completion_tokens"]) == ("lost", prompt, completion)
+        store = again.services.limits
+        assert store is not None
+        assert await store.budget("k-metered", "acme", "total", time.time()) == (
+            int(Decimal(recs["done-1"]["cost_usd"]) * 10**9), 0)

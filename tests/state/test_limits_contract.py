@@ -16,7 +16,7 @@ import redis
 from authz.state.limits.base import LimitStore
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
-from policy.admission import LOST_TTL_S, Settled
+from policy.admission import LOST_TTL_S, Settled, held_limits
 from policy.bounds import MAX_EXACT
 from policy.limits import (
     Ask,
@@ -250,6 +250,25 @@ async def test_a_lost_hold_is_charged_in_full_swept_once_then_corrected(store: A
     assert await store.budget("k1", "acme", p, T0 + 15.0) == (550, 0)
     assert await store.settle(lim, b, 20, 400, T0 + 16.0) == Settled(True, 100, 10, True)
     assert await store.budget("k1", "acme", p, T0 + 16.0) == (650, 0)
+
+
+@pytest.mark.parametrize("lim", [Limits(tpm=100), Limits(max_concurrent=2), Limits()],
+                         ids=["tpm", "concurrency", "record-only"])
+async def test_a_late_settle_says_it_corrected_a_lost_hold_without_a_budget(
+        store: Any, lim: Limits) -> None:
+    """The sweep claimed the hold and its `lost` record was written (and counted in the
+    metrics): the late settlement must say so for a key without a budget too (only a
+    ledger could say it; the metrics then counted the request twice). Once, and not
+    past LOST_TTL_S, as a ledger's lost charge."""
+    lim = held_limits(lim, ask(record=REC))
+    a, b = (ask(rid=r, tokens=50, lease_s=5.0, record=REC) for r in ("a", "b"))
+    for x in (a, b):
+        assert (await store.admit(lim, x, T0)).allowed
+    assert sorted(await store.sweep(T0 + 5.0), key=lambda x: x.request_id) == [a, b]
+    assert (await store.settle(lim, a, 10, 0, T0 + 7.0)).corrected
+    assert not (await store.settle(lim, a, 10, 0, T0 + 8.0)).corrected  # once
+    assert not (await store.settle(lim, b, 10, 0, T0 + 5.0 + LOST_TTL_S)).corrected
+    assert (await store.admit(lim, ask(rid="a", record=REC), T0 + 9.0)).allowed  # reusable
 
 
 async def test_a_late_settle_before_the_sweep_charges_without_refund(store: Any) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -22,6 +23,7 @@ from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import CLAIM_S, DUE, RedisLimitStore
 from authz.state.limits.redis_scripts import CLAIM
 from authz.state.usage.records import one_per_request
+from policy.config import OnStoreError
 from policy.errors import ApiError
 from policy.limits import Ask, Limits
 from policy.usage import LOST
@@ -343,3 +345,58 @@ async def test_a_key_without_limits_is_admitted_while_the_store_is_away(
     finally:
         await adm.close()
         await store.close()
+
+
+class _RedisStopsAfterTheOrg:
+    """The real Redis store, whose server is stopped right after an org's admission (the
+    fault between an org's admission and its key's: a Redis that goes away)."""
+
+    def __init__(self, store: RedisLimitStore, server: RedisServer) -> None:
+        self._store, self._server = store, server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def admit(self, limits: Limits, a: Ask, now: float, take: bool = True) -> Any:
+        d = await self._store.admit(limits, a, now, take)
+        if take and a.key_id.startswith("org:"):
+            self._server.stop()
+        return d
+
+
+@pytest.mark.parametrize("key_lim", [Limits(), Limits(tpm=1_000)], ids=["unlimited", "tpm"])
+async def test_a_store_failure_between_org_and_key_leaves_one_record(
+        tmp_path: Path, key_lim: Limits) -> None:
+    """Redis goes away between the org's admission and its key's, so the key is admitted
+    without a hold in Redis (a key without limits unheld; one whose limits fail open
+    under the local limiter), and then the replica dies. The org's hold carried no
+    record material (its key's did, but that hold never landed): the sweep charged the
+    org in full and wrote no record. The first hold that lands carries the record: one
+    `lost` record, naming the key, and the org's ledger is the records."""
+    server = RedisServer(tmp_path, persist=True)  # it comes back with its data
+    server.start()
+    clock, records = Clock(), []
+    real = RedisLimitStore(server.url, timeout_s=0.5)
+    dying = Admission(cast(LimitStore, _RedisStopsAfterTheOrg(real, server)),
+                      OnStoreError(tokens="fail_open"), clock=clock)
+    a = ask(1)
+    org = (Limits(budget_nano=5_000), Ask(a.request_id, "org:acme", "acme", a.tokens,
+                                          a.cost_nano, P, a.lease_s, a.record))
+    try:
+        assert (await dying.admit_all(org, key_lim, a, clock.at())).allowed
+        # The replica dies (nothing settles); Redis comes back; its lease ends.
+        server.start()
+        other = RedisLimitStore(server.url, timeout_s=2.0)
+        alive = Admission(other, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
+        clock.t += a.lease_s
+        assert await alive.sweep() == 1
+        assert [(r["request_id"], r["key_id"], r["status"]) for r in records] == [
+            ("r1", "k1", LOST)]
+        spent, reserved = await other.budget("org:acme", "acme", P, clock())
+        assert (spent, reserved) == (a.cost_nano, 0)
+        ledger_is_the_records(spent, records, 1)
+        await other.close()
+    finally:
+        await real.close()
+        server.stop()
+

@@ -121,15 +121,26 @@ class Admission:
                         now: datetime) -> Decision:
         """The org's limits first, then the key's; if the key refuses, the org's hold is
         given back. A hold given back keeps its request-rate slot, so where the org has
-        a request rate, the key is asked first whether it would refuse (`_refused`)."""
+        a request rate, the key is asked first whether it would refuse (`_refused`).
+        The first hold that lands in the store carries the request's record material
+        (`one_record`): a store failing between the two steps left the org's hold in
+        the store without it and the key's out of it, and a replica dying then left the
+        org charged in full with no record."""
         org_decision = None
+        key_ask = ask
         if org is not None:
-            org = one_record(org, held_limits(limits, ask), ask)
+            org = one_record(org, ask)
             if org[0].rpm is not None:
                 await self._refused(org, limits, ask, now)
             org_decision = await self.admit(*org, now)
+            if self._in_store(*org):
+                # The org's hold carries the record: the key's holds only its own limits
+                # (a key without any is not held, and its settlement is a no-op).
+                key_ask = replace(ask, record=None)
+                if not held_limits(limits, key_ask).any and len(self._unheld) < MAX_UNSYNCED:
+                    self._unheld.add((ask.key_id, ask.request_id))
         try:
-            decision = await self.admit(limits, ask, now)
+            decision = await self.admit(limits, key_ask, now)
         except ApiError:
             if org is not None:
                 await self.settle(*org, 0, 0, now)
@@ -138,6 +149,13 @@ class Admission:
             self._on_hold(ask, True)
         # The rate-limit headers show the limit the client meets first, key's or org's.
         return decision if org_decision is None else tightest(decision, org_decision)
+
+    def _in_store(self, limits: Limits, ask: Ask) -> bool:
+        """Whether an admitted request's hold is in the store (not unheld or admitted
+        under the local limiter while it was away)."""
+        rid = (ask.key_id, ask.request_id)
+        return (tracked(held_limits(limits, ask)) and rid not in self._unheld
+                and rid not in self._local_ids)
 
     async def _refused(self, org: tuple[Limits, Ask], limits: Limits, ask: Ask,
                        now: datetime) -> None:
@@ -335,14 +353,14 @@ class Admission:
         return n
 
 
-def one_record(org: tuple[Limits, Ask], limits: Limits, ask: Ask) -> tuple[Limits, Ask]:
-    """A request leaves one lost record: its key's hold carries the material, its org's
-    only when the key holds nothing (and then says which key it was)."""
+def one_record(org: tuple[Limits, Ask], ask: Ask) -> tuple[Limits, Ask]:
+    """A request leaves one lost record, from the first of its holds that lands in the
+    store: its org's, admitted first, carries the material (saying which key it was);
+    its key's only when the org's did not land (`admit_all` takes it off the key's)."""
     org_limits, org_ask = org
     rec = org_ask.record
-    if rec is not None:
-        rec = None if tracked(limits) else replace(rec, key_id=ask.key_id)
-    return org_limits, replace(org_ask, record=rec)
+    return org_limits, replace(org_ask, record=None if rec is None
+                               else replace(rec, key_id=ask.key_id))
 
 
 MAX_UNSYNCED = 100_000  # bounded: an outage must not grow memory without end

@@ -119,7 +119,7 @@ class RedisLimitStore:
         ns = self._ns(ask.key_id)
         conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
                                                         ask.request_id)
-        keys = [ns + "rpm", ns + "tpm", conc, res, budget, resv, lost]
+        keys = [ns + "rpm", ns + "tpm", conc, res, budget, resv, lost, ns + "gcra"]
         held = tracked(limits)
         args = [repr(float(now)), ask.request_id, _opt(limits.rpm), _opt(limits.tpm),
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
@@ -225,7 +225,7 @@ class RedisLimitStore:
                       now: float) -> None:
         ns = self._ns(key_id)
         await self._call(self._redis.evalsha(
-            CONSUME, [ns + "rpm", ns + "tpm"],
+            CONSUME, [ns + "rpm", ns + "tpm", ns + "gcra"],
             [repr(float(now)), _opt(limits.rpm), _opt(limits.tpm), str(requests),
              str(tokens), repr(float(self._window))]))
 

@@ -1,7 +1,10 @@
 """The Lua scripts of the Redis limit store (redis_limits.py), one per operation.
 
 Layout: all of a key's state shares the hash tag `{k:<key_id>}`, one Cluster slot.
-  tb:{k:<id>}:rpm              HASH level, ts (the GCRA's bucket)       TTL: as tpm
+  tb:{k:<id>}:rpm              HASH level, ts (the GCRA's bucket), g    TTL: as tpm
+  tb:{k:<id>}:gcra             the same rate as the last release kept   TTL: until full + window
+                               it (an arrival time; `g`: the last one
+                               written here), for a roll (`rate`)
   tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: full at tpm 1 + window
   tb:{k:<id>}:conc             ZSET request_id -> lease expiry          TTL: longest lease + window
   tb:{k:<id>}:res:<rid>        HASH tokens, cost, period, exp, ask      TTL: lease + LOST_TTL_S
@@ -14,6 +17,8 @@ Each hold's cost sits in the ledger hash (`r:<rid>`), not only in its `res` hash
 purging an expired hold never depends on a TTL that may already have fired. A `res`
 hash lives until its request settles or the sweep claims it: while it exists, the
 request_id is held (a duplicate). Its `ask` (JSON) is the material of a lost record.
+The sweep leaves in its place `lost` (its lease end; TTL LOST_TTL_S), so that a
+late settlement knows it corrected a lost hold whether or not the key has a budget.
 
 The index of holds, for the sweep: `tb:{holds}:due` (its own slot), see redis_limits.py.
 
@@ -58,6 +63,34 @@ local function save_bucket(key, level, now_s, cap, w)
   local full = math.max(0, (cap - level) * w / cap)
   if level < 0 then full = math.min((1 - level) * w, MAX_TTL_S) end
   redis.call('PEXPIRE', key, int(math.ceil((full + ahead + w) * 1000)))
+  return tonumber(now_s)
+end
+-- The request rate as the last release also reads it, for a roll where replicas of both
+-- share one Redis: its GCRA kept an arrival time (`tat`, a string at :gcra). `rate`
+-- reads this release's bucket and, when the last release has written :gcra since this
+-- one did (it differs from the `g` this one wrote), takes its count too (the lower);
+-- `save_rate` writes both, so either version counts the other's requests. Between
+-- replicas of this release alone, `g` matches and the bucket decides, exact.
+local function rate(key, gkey, now, rpm, w)
+  local st = redis.call('HMGET', key, 'level', 'ts', 'g')  -- bucket(), and `g`
+  local left = rpm
+  if st[1] then
+    left = math.min(rpm, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * rpm / w)
+  end
+  local tat = redis.call('GET', gkey)
+  if tat and tat ~= st[3] then
+    left = math.min(left, (now + w - math.max(tonumber(tat), now)) * rpm / w)
+  end
+  return left
+end
+local function save_rate(key, gkey, left, now_s, rpm, w)
+  local ts = save_bucket(key, left, now_s, rpm, w)
+  -- the arrival time that leaves `left` requests at the bucket's time (the last
+  -- release admits while max(tat, now) + w / rpm - w <= now, i.e. while left >= 1)
+  local tat = ts + (rpm - left) * w / rpm
+  local g = f(tat)
+  redis.call('SET', gkey, g, 'PX', int(math.ceil((math.max(0, tat - ts) + w) * 1000)))
+  redis.call('HSET', key, 'g', g)
 end
 local function purge(bkey, vkey, lkey, now_s)
   local gone = redis.call('ZRANGEBYSCORE', vkey, '-inf', now_s, 'WITHSCORES')
@@ -80,7 +113,7 @@ local function purge(bkey, vkey, lkey, now_s)
 end
 """.replace("LOST_TTL", repr(LOST_TTL_S)).replace("MAX_TTL_S", repr(MAX_TTL_S))
 
-# KEYS: rpm, tpm, conc, res, budget, resv, lost.
+# KEYS: rpm, tpm, conc, res, budget, resv, lost, gcra (the last release's rate: `rate`).
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
 #       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record),
 #       take ('0': decide only, reserve nothing).
@@ -97,11 +130,12 @@ local reason, retry = nil, nil
 -- admission.check: a duplicate (admission.tracked, and admission.held: the request_id
 -- holds, live or ended and not yet claimed)
 local tracked = tpm or maxc or budget
-if tracked and redis.call('EXISTS', KEYS[4]) == 1 then reason = 'duplicate' end
+-- (a hold's `exp`: the mark a claimed hold leaves, below, holds nothing)
+if tracked and redis.call('HEXISTS', KEYS[4], 'exp') == 1 then reason = 'duplicate' end
 -- admission.check: requests, GCRA's bucket (policy.limits.gcra)
 local requests, gcra_ok, rem = 0, true, 0
 if rpm then
-  requests = bucket(KEYS[1], now, rpm, w)
+  requests = rate(KEYS[1], KEYS[8], now, rpm, w)
   if requests < 1 then
     gcra_ok = false
     if not reason then reason, retry = 'requests', (1 - requests) * w / rpm end
@@ -155,7 +189,7 @@ if ARGV[13] == '0' then return reply(1, after) end
 -- admission.reserve: admitted, take everything
 local exp = now + lease
 local slack = w * 1000
-if rpm then save_bucket(KEYS[1], requests - 1, now_s, rpm, w) end
+if rpm then save_rate(KEYS[1], KEYS[8], requests - 1, now_s, rpm, w) end
 if tpm then save_bucket(KEYS[2], after, now_s, tpm, w) end
 if tracked then  -- a lease whatever its limits: a max_concurrent set later counts it
   redis.call('ZADD', KEYS[3], f(exp), rid)
@@ -186,6 +220,16 @@ local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp')
 if res[2] then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[2], rid)
+end
+-- the sweep's mark (SWEEP): its hold was charged as lost, budget or not; correctable
+-- as a ledger's lost charge is (Ledger.expire: until its lease end + LOST_TTL)
+local claimed = false
+if not res[2] then
+  local mark = redis.call('HGET', KEYS[3], 'lost')
+  if mark then
+    redis.call('DEL', KEYS[3])
+    claimed = tonumber(mark) > now - LOST_TTL
+  end
 end
 -- Ledger.charge: the real cost (past the hold too: an overrun is charged, never
 -- dropped); a hold already charged as lost is corrected to it
@@ -218,26 +262,31 @@ if res[2] and now < tonumber(res[2]) and res[1] and tpm then
     save_bucket(KEYS[1], math.min(tpm, bucket(KEYS[1], now, tpm, w) + back), now_s, tpm, w)
   end
 end
-if charged == 2 then return 2 end
+if charged == 2 or claimed then return 2 end
 if res[2] or charged == 1 then return 1 end
 return 0
-"""
+""".replace("LOST_TTL", repr(LOST_TTL_S))
 
 # KEYS: conc, res, budget, resv, lost. ARGV: now, rid.
 # Mirrors admission.sweep for one hold, then Ledger.expire: the hold is claimed as lost
 # if its lease ended unsettled. Returns its Ask (JSON, as admitted) to the one caller
 # that claims it (it writes the record); {exp} if the hold is still live (its index
-# entry was early); 0 if there is none (settled, claimed, or never admitted).
+# entry was early); 0 if there is none (settled, claimed, or never admitted). The hold
+# becomes a mark, kept as long as a lost charge is correctable, by which a late SETTLE
+# says it corrected a lost hold (2) for a key without a budget too (a release before
+# this one deleted the hold: its SETTLE reads no `exp` in the mark, and finds nothing).
 SWEEP = LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
 local res = redis.call('HMGET', KEYS[2], 'exp', 'ask')
 if not res[1] then return 0 end
 if tonumber(res[1]) > tonumber(now_s) then return {res[1]} end
 redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'lost', res[1])
+redis.call('PEXPIRE', KEYS[2], int(LOST_TTL * 1000))
 redis.call('ZREM', KEYS[1], rid)
 purge(KEYS[3], KEYS[4], KEYS[5], now_s)
 return res[2] or ''
-"""
+""".replace("LOST_TTL", repr(LOST_TTL_S))
 
 # KEYS: due. ARGV: now, claimed until, limit. The index entries due by `now` (lease
 # ended), each moved to `claimed until` so no other sweep takes it meanwhile.
@@ -251,13 +300,13 @@ return due
 # Mirrors admission.consume: usage admitted elsewhere (a local limiter during an outage),
 # counted on return: `n` arrivals against the GCRA and `t` tokens out of the bucket (it
 # may go negative).
-# KEYS: rpm, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
+# KEYS: rpm, tpm, gcra. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
 CONSUME = LIB + """
 local now_s = ARGV[1]
 local now, rpm, tpm, w = tonumber(now_s), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 local n, t = tonumber(ARGV[4]), tonumber(ARGV[5])
 if rpm and n > 0 then
-  save_bucket(KEYS[1], bucket(KEYS[1], now, rpm, w) - n, now_s, rpm, w)
+  save_rate(KEYS[1], KEYS[3], rate(KEYS[1], KEYS[3], now, rpm, w) - n, now_s, rpm, w)
 end
 if tpm and t > 0 then
   save_bucket(KEYS[2], bucket(KEYS[2], now, tpm, w) - t, now_s, tpm, w)

@@ -1,0 +1,273 @@
+"""The Redis limit scripts of the last release, whose request rate is a GCRA arrival time
+at `tb:{k:<id>}:gcra` (git show c3f2e72^:authz/state/limits/redis_scripts.py, its code
+verbatim below; its docstring left out): tests run them against the Redis this release
+uses, as replicas of both versions do during a roll (tests/state/test_limits_rolling.py).
+"""
+
+from __future__ import annotations
+
+from policy.admission import LOST_TTL_S
+
+# The longest a token bucket in debt is kept (ten years: past it, a debt is forgotten).
+MAX_TTL_S = 10 * 365 * 86400.0
+
+# Shared helpers: exact float text, integer text, Python's float floor division,
+# bucket (admission.bucket_now), save_bucket (admission.bucket_save), and purge
+# (Ledger.expire: charge the budget holds whose lease ended in full, remember them as
+# lost, forget lost charges older than LOST_TTL_S; KEYS budget, resv, lost).
+LIB = """
+local function f(x) return string.format('%.17g', x) end
+local function int(x) return string.format('%d', x) end
+local function floordiv(a, b)
+  local mod = math.fmod(a, b)
+  local div = (a - mod) / b
+  if div == 0 then return 0 end
+  local q = math.floor(div)
+  if div - q > 0.5 then q = q + 1 end
+  return q
+end
+local function bucket(key, now, cap, w)
+  local st = redis.call('HMGET', key, 'level', 'ts')
+  if not st[1] then return cap end
+  return math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * cap / w)
+end
+local function save_bucket(key, level, now_s, cap, w)
+  -- admission.bucket_save: the bucket's time never goes back
+  local ts, ahead = redis.call('HGET', key, 'ts'), 0
+  if ts and tonumber(ts) > tonumber(now_s) then
+    ahead, now_s = tonumber(ts) - tonumber(now_s), ts
+  end
+  redis.call('HSET', key, 'level', f(level), 'ts', now_s)
+  -- Kept until full under any limit, since the key's tpm may be changed meanwhile: at
+  -- or above zero that is a window at most; in debt, as slow as the lowest tpm (1)
+  -- repays it (capped: Redis refuses an expiry past its range).
+  local full = math.max(0, (cap - level) * w / cap)
+  if level < 0 then full = math.min((1 - level) * w, MAX_TTL_S) end
+  redis.call('PEXPIRE', key, int(math.ceil((full + ahead + w) * 1000)))
+end
+local function purge(bkey, vkey, lkey, now_s)
+  local gone = redis.call('ZRANGEBYSCORE', vkey, '-inf', now_s, 'WITHSCORES')
+  for i = 1, #gone, 2 do
+    local r = gone[i]
+    local c = redis.call('HGET', bkey, 'r:' .. r)
+    if c then
+      redis.call('HINCRBY', bkey, 'reserved', int(-tonumber(c)))
+      redis.call('HINCRBY', bkey, 'spent', c)
+      redis.call('HDEL', bkey, 'r:' .. r)
+      redis.call('HSET', bkey, 'l:' .. r, c)
+      redis.call('ZADD', lkey, gone[i + 1], r)
+    end
+  end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', vkey, '-inf', now_s) end
+  local floor = f(tonumber(now_s) - LOST_TTL)
+  local old = redis.call('ZRANGEBYSCORE', lkey, '-inf', floor)
+  for _, r in ipairs(old) do redis.call('HDEL', bkey, 'l:' .. r) end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', lkey, '-inf', floor) end
+end
+""".replace("LOST_TTL", repr(LOST_TTL_S)).replace("MAX_TTL_S", repr(MAX_TTL_S))
+
+# KEYS: gcra, tpm, conc, res, budget, resv, lost.
+# ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
+#       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record),
+#       take ('0': decide only, reserve nothing).
+# Returns {allowed, reason, retry_after, remaining_req, reset_req, remaining_tok, reset_tok}
+# as text ('' = none). Mirrors admission.admit: check, decision, then reserve.
+ADMIT = LIB + """
+local now_s, rid = ARGV[1], ARGV[2]
+local now = tonumber(now_s)
+local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
+local maxc, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+local tokens, cost, lease, w = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
+                               tonumber(ARGV[10])
+local reason, retry = nil, nil
+-- admission.check: a duplicate (admission.tracked, and admission.held: the request_id
+-- holds, live or ended and not yet claimed)
+local tracked = tpm or maxc or budget
+if tracked and redis.call('EXISTS', KEYS[4]) == 1 then reason = 'duplicate' end
+-- admission.check: requests, GCRA (policy.limits.gcra)
+local tat, new_tat, gcra_ok, rem = nil, nil, true, 0
+if rpm then
+  local interval = w / rpm
+  tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now_s), now)
+  new_tat = tat + interval
+  local allow_at = new_tat - w
+  if now < allow_at then
+    gcra_ok = false
+    if not reason then reason, retry = 'requests', allow_at - now end
+  else
+    rem = math.min(floordiv(now - allow_at, interval), rpm - 1)
+  end
+end
+-- admission.expire (the leases whose expiry passed), then admission.check: concurrency
+if maxc then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_s)
+  if not reason and redis.call('ZCARD', KEYS[3]) >= maxc then reason = 'concurrency' end
+end
+-- admission._check_tokens: the bucket must hold the whole reservation (bucket_take)
+local level, after = 0, 0
+if tpm then
+  level = bucket(KEYS[2], now, tpm, w)
+  after = level
+  if tokens > tpm then
+    reason = reason or 'tokens_too_large'
+  elseif tokens <= level then
+    after = level - tokens
+  elseif not reason then
+    reason, retry = 'tokens', (tokens - level) * w / tpm
+  end
+end
+-- admission.check: budget, after Ledger.expire (policy.limits.budget_admits, exact integers)
+if budget and not reason then
+  purge(KEYS[5], KEYS[6], KEYS[7], now_s)
+  local b = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
+  local spent = tonumber(b[1] or 0)
+  if cost > budget - spent - tonumber(b[2] or 0) then
+    if cost > budget - spent then reason = 'budget' else reason = 'budget_held' end
+  end
+end
+-- admission.decision: header material, the state after this decision (a denial took nothing)
+local function reply(ok, lvl)
+  local rem_r, reset_r, rem_t, reset_t = '', '', '', ''
+  if rpm then
+    if not gcra_ok then rem_r, reset_r = f(0), f(tat - now)
+    elseif ok == 1 then rem_r, reset_r = f(rem), f(new_tat - now)
+    else rem_r, reset_r = f(math.min(rem + 1, rpm)), f(tat - now) end
+  end
+  if tpm then rem_t, reset_t = f(math.floor(lvl)), f(math.max(0, (tpm - lvl) * w / tpm)) end
+  return {ok, reason or '', retry and f(retry) or '', rem_r, reset_r, rem_t, reset_t}
+end
+if reason then return reply(0, level) end
+if ARGV[13] == '0' then return reply(1, after) end
+-- admission.reserve: admitted, take everything
+local exp = now + lease
+local slack = w * 1000
+if rpm then
+  redis.call('SET', KEYS[1], f(new_tat), 'PX', int(math.ceil((new_tat - now) * 1000 + slack)))
+end
+if tpm then save_bucket(KEYS[2], after, now_s, tpm, w) end
+if tracked then  -- a lease whatever its limits: a max_concurrent set later counts it
+  redis.call('ZADD', KEYS[3], f(exp), rid)
+  local ttl = math.ceil(lease * 1000 + slack)
+  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], int(ttl)) end
+end
+if budget then
+  redis.call('HINCRBY', KEYS[5], 'reserved', ARGV[8])
+  redis.call('HSET', KEYS[5], 'r:' .. rid, ARGV[8])
+  redis.call('ZADD', KEYS[6], f(exp), rid)
+end
+if tracked then
+  redis.call('HSET', KEYS[4], 'exp', f(exp), 'period', ARGV[11], 'cost', budget and ARGV[8] or '',
+             'ask', ARGV[12])
+  if tpm then redis.call('HSET', KEYS[4], 'tokens', ARGV[7]) end
+  redis.call('PEXPIRE', KEYS[4], int(math.ceil((lease + LOST_TTL) * 1000)))
+end
+return reply(1, after)
+""".replace("LOST_TTL", repr(LOST_TTL_S))
+
+# KEYS: tpm, conc, res, budget, resv, lost. ARGV: now, rid, tpm ('' = none), used, cost,
+# window_s. Mirrors admission.settle. Returns 1 if it settled the request, 2 if that
+# corrected a lost charge, 0 if it found nothing (unknown, or already settled).
+SETTLE = LIB + """
+local now_s, rid = ARGV[1], ARGV[2]
+local now, tpm, w = tonumber(now_s), tonumber(ARGV[3]), tonumber(ARGV[6])
+local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp')
+if res[2] then
+  redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[2], rid)
+end
+-- Ledger.charge: the real cost (past the hold too: an overrun is charged, never
+-- dropped); a hold already charged as lost is corrected to it
+local charged = 0
+local hold = redis.call('HGET', KEYS[4], 'r:' .. rid)
+if hold then
+  redis.call('HDEL', KEYS[4], 'r:' .. rid)
+  redis.call('ZREM', KEYS[5], rid)
+  redis.call('HINCRBY', KEYS[4], 'reserved', int(-tonumber(hold)))
+  redis.call('HINCRBY', KEYS[4], 'spent', ARGV[5])
+  charged = 1
+else
+  local lost = redis.call('HGET', KEYS[4], 'l:' .. rid)
+  if lost then
+    redis.call('HDEL', KEYS[4], 'l:' .. rid)
+    redis.call('ZREM', KEYS[6], rid)
+    redis.call('HINCRBY', KEYS[4], 'spent', int(tonumber(ARGV[5]) - tonumber(lost)))
+    charged = 2
+  end
+end
+-- admission.settle_charges: only a live hold gives back its unused tokens
+-- (admission.give_back: added as stored, its time unchanged; an overrun taken from the
+-- bucket as it is now)
+if res[2] and now < tonumber(res[2]) and res[1] and tpm then
+  local back = tonumber(res[1]) - tonumber(ARGV[4])
+  if back >= 0 then
+    local stored = redis.call('HGET', KEYS[1], 'level')
+    if stored then redis.call('HSET', KEYS[1], 'level', f(tonumber(stored) + back)) end
+  else
+    save_bucket(KEYS[1], math.min(tpm, bucket(KEYS[1], now, tpm, w) + back), now_s, tpm, w)
+  end
+end
+if charged == 2 then return 2 end
+if res[2] or charged == 1 then return 1 end
+return 0
+"""
+
+# KEYS: conc, res, budget, resv, lost. ARGV: now, rid.
+# Mirrors admission.sweep for one hold, then Ledger.expire: the hold is claimed as lost
+# if its lease ended unsettled. Returns its Ask (JSON, as admitted) to the one caller
+# that claims it (it writes the record); {exp} if the hold is still live (its index
+# entry was early); 0 if there is none (settled, claimed, or never admitted).
+SWEEP = LIB + """
+local now_s, rid = ARGV[1], ARGV[2]
+local res = redis.call('HMGET', KEYS[2], 'exp', 'ask')
+if not res[1] then return 0 end
+if tonumber(res[1]) > tonumber(now_s) then return {res[1]} end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], rid)
+purge(KEYS[3], KEYS[4], KEYS[5], now_s)
+return res[2] or ''
+"""
+
+# KEYS: due. ARGV: now, claimed until, limit. The index entries due by `now` (lease
+# ended), each moved to `claimed until` so no other sweep takes it meanwhile.
+CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0,
+                       tonumber(ARGV[3]))
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end
+return due
+"""
+
+# Mirrors admission.consume: usage admitted elsewhere (a local limiter during an outage),
+# counted on return: `n` arrivals against the GCRA and `t` tokens out of the bucket (it
+# may go negative).
+# KEYS: gcra, tpm. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
+CONSUME = LIB + """
+local now_s = ARGV[1]
+local now, rpm, tpm, w = tonumber(now_s), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
+local n, t = tonumber(ARGV[4]), tonumber(ARGV[5])
+if rpm and n > 0 then
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now_s), now) + n * w / rpm
+  redis.call('SET', KEYS[1], f(tat), 'PX', int(math.ceil((tat - now) * 1000 + w * 1000)))
+end
+if tpm and t > 0 then
+  save_bucket(KEYS[2], bucket(KEYS[2], now, tpm, w) - t, now_s, tpm, w)
+end
+return 1
+"""
+
+# A settlement whose hold Redis lost (it restarted empty, or was flushed, after the
+# admission; authz/state/limits/redis_limits.py tells): its real cost goes to the ledger,
+# once (a mark per request makes a repeat a no-op). KEYS: budget. ARGV: rid, cost.
+# Returns 1 when charged, 0 for a repeat.
+CHARGE_LOST_HOLD = """
+if redis.call('HSETNX', KEYS[1], 'x:' .. ARGV[1], '1') == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+return 1
+"""
+
+# Mirrors Ledger.balance. KEYS: budget, resv, lost. ARGV: now. Returns {spent, reserved}
+# as text.
+BUDGET = LIB + """
+purge(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+local b = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
+return {b[1] or '0', b[2] or '0'}
+"""
