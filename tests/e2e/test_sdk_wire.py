@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +22,9 @@ import openai
 import pytest
 from aiohttp import web
 
+from authz.runtime.procs import wait_until
 from authz.state.usage.records import USAGE_FILE, read_records
+from policy.config import load_config
 from tests.e2e.conftest import Gateway, run_gateway
 from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_backend_credentials import model, sim_process
@@ -84,6 +88,15 @@ def gw(tmp_path_factory: pytest.TempPathFactory, backend: HeldError) -> Iterator
             yield g
 
 
+def ext_proc_answers(gw: Gateway) -> int:
+    """ext_proc answers Envoy has received, all requests together."""
+    admin = load_config(gw.config_path).envoy.admin_listen
+    url = f"http://{admin}/stats?filter=^http.ingress.ext_proc.stream_msgs_received$"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        m = re.search(rb": (\d+)", r.read())
+    return int(m.group(1)) if m else 0
+
+
 def records(gw: Gateway) -> list[dict[str, Any]]:
     return list(read_records(gw.data_dir / USAGE_FILE))
 
@@ -118,11 +131,16 @@ def test_an_error_body_left_unread_keeps_the_backends_status(
     mid-answer."""
     backend.release.clear()
     body = {"model": "held", "messages": MESSAGES, "max_tokens": 5}
+    answered = ext_proc_answers(gw)
     with httpx.Client(timeout=30) as client, client.stream(
             "POST", f"{gw.base_url}/v1/chat/completions", content=json.dumps(body),
             headers=HEADERS) as r:
         assert r.status_code == 502  # the backend's 500, as the client sees it
         rid = r.headers["x-request-id"]
+        # The status reaches the client before its first body bytes reach ext_proc: the
+        # client leaves once ext_proc has answered them (the request body, then that
+        # chunk). Leaving earlier is a 499 (ext_proc never saw the answer's status).
+        wait_until(lambda: ext_proc_answers(gw) >= answered + 2, "ext_proc's answers")
     # The connection is closed with the body unread; the backend may finish now.
     backend.release.set()
     [rec] = records_for(gw, rid)
