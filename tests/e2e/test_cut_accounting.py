@@ -110,15 +110,31 @@ def cut_after(gw: Gateway, path: str, body: dict[str, Any], events: int) -> str:
 def test_a_cut_stream_whose_prompt_no_tokenize_counts_is_charged_its_bound(
         gw: Gateway) -> None:
     """A client that takes a few deltas and leaves before the usage event, on a
-    Responses request, which /tokenize cannot count as the backend rendered it. Its
-    prompt is charged at its bound, never the byte estimate (~4 bytes a token: a text of
-    ~1 token a byte, emoji here, would pay a quarter of what the backend read)."""
+    Responses request that /tokenize cannot count as the backend rendered it
+    (`truncation: auto`: vLLM may cut the prompt). Its prompt is charged at its bound,
+    never the byte estimate (~4 bytes a token: a text of ~1 token a byte, emoji here,
+    would pay a quarter of what the backend read)."""
     body = {"model": "demo", "input": "\U0001F600" * 100, "max_output_tokens": 50,
-            "stream": True}
+            "stream": True, "truncation": "auto"}
     rec = record_of(gw, cut_after(gw, "/v1/responses", body, 4))
     req = parsed(gw, body, "/v1/responses")
     assert (rec["status"], rec["estimated"]) == (499, True)
     assert rec["prompt_tokens"] == req.prompt_bound > 2 * req.prompt_estimate
+
+
+def test_a_cut_responses_stream_is_charged_the_backends_count(gw: Gateway) -> None:
+    """The same Responses request without `truncation`: its instructions and input are
+    the chat messages vLLM renders, counted by the backend's /tokenize; the record's
+    prompt is what its usage says in full (it was the bound)."""
+    body = {"model": "demo", "instructions": "Be brief.", "input": "\U0001F600" * 100,
+            "max_output_tokens": 50, "stream": True}
+    rec = record_of(gw, cut_after(gw, "/v1/responses", body, 4))
+    whole = httpx.post(f"{gw.base_url}/v1/responses", headers=HEADERS, timeout=30,
+                       content=json.dumps({**body, "stream": False}))
+    prompt = whole.json()["usage"]["input_tokens"]
+    assert (rec["status"], rec["estimated"], rec["prompt_tokens"]) == (499, True, prompt)
+    req = parsed(gw, body, "/v1/responses")
+    assert req.prompt_estimate != prompt < req.prompt_bound
 
 
 def test_a_cut_batch_of_prompts_is_counted_prompt_by_prompt(gw: Gateway) -> None:

@@ -102,9 +102,157 @@ def test_completions_a_string_is_asked_token_ids_are_counted_here() -> None:
         assert tokenize_request(Kind.COMPLETION, body, "up") is None, body
 
 
-@pytest.mark.parametrize("kind", [Kind.RESPONSES, Kind.EMBEDDINGS, Kind.SCORE])
+@pytest.mark.parametrize("kind", [Kind.EMBEDDINGS, Kind.SCORE, Kind.RERANK])
 def test_other_kinds_stay_estimated(kind: Kind) -> None:
     assert tokenize_request(kind, {"input": "x", "prompt": "x"}, "up") is None
+
+
+def responses_ask(body: dict[str, Any], model: str = "up") -> dict[str, Any] | None:
+    r = tokenize_request(Kind.RESPONSES, {"model": "demo", "stream": True, **body}, model)
+    if r is None:
+        return None
+    assert r.counted == () and len(r.asks) == 1 and r.cap is None
+    return r.asks[0]
+
+
+ASK: dict[str, Any] = {"model": "up", "add_generation_prompt": True,
+                       "continue_final_message": False, "add_special_tokens": True}
+
+
+def test_responses_instructions_and_string_input_are_chat_messages() -> None:
+    """vLLM's Responses endpoint renders `instructions` as a system message and a
+    string input as a user message, and tokenizes with special tokens added (its
+    `build_tok_params` default; /tokenize's is False)."""
+    assert responses_ask({"input": "hi", "instructions": "be brief",
+                          "max_output_tokens": 5}) == {
+        **ASK, "messages": [{"role": "system", "content": "be brief"},
+                            {"role": "user", "content": "hi"}]}
+    # Empty (or null) instructions add no message.
+    for empty in ("", None):
+        assert responses_ask({"input": "", "instructions": empty}) == {
+            **ASK, "messages": [{"role": "user", "content": ""}]}
+
+
+def test_responses_items_become_the_messages_vllm_makes() -> None:
+    """Message items keep their role and text (input_text parts as the `text` parts
+    /tokenize takes); an assistant output message renders its first part alone; a
+    function call's output is a tool message."""
+    items = [
+        {"type": "message", "role": "developer", "content": "dev"},
+        {"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                     {"type": "input_text", "text": "b"}]},
+        {"type": "message", "role": "assistant", "id": "m1", "status": "completed",
+         "content": [{"type": "output_text", "text": "A1", "annotations": []},
+                     {"type": "output_text", "text": "dropped"}]},
+        {"type": "function_call_output", "call_id": "c1", "output": "1", "id": "o",
+         "status": "completed"},
+        {"role": "assistant", "content": "after"},
+        {"role": "system", "content": "sys", "type": "message"},
+    ]
+    assert responses_ask({"input": items}) == {**ASK, "messages": [
+        {"role": "developer", "content": "dev"},
+        {"role": "user", "content": [{"type": "text", "text": "a"},
+                                     {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "A1"},
+        {"role": "tool", "content": "1", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "after"},
+        {"role": "system", "content": "sys"}]}
+
+
+def test_responses_a_partial_last_message_is_continued() -> None:
+    last = {"type": "message", "role": "assistant", "status": "in_progress",
+            "content": [{"type": "output_text", "text": "One,"}]}
+    ask = responses_ask({"input": [{"role": "user", "content": "count"}, last]})
+    assert ask is not None
+    assert (ask["add_generation_prompt"], ask["continue_final_message"]) == (False, True)
+    ask = responses_ask({"input": [last, {"role": "user", "content": "count"}]})
+    assert ask is not None and ask["add_generation_prompt"] is True
+
+
+def test_responses_tools_and_template_arguments() -> None:
+    """Function tools in chat form (null fields left to vLLM's defaults, `strict` only
+    when set); `reasoning.effort` and `enable_thinking` over the client's template
+    arguments, as `build_chat_params` sets them."""
+    tools = [{"type": "function", "name": "f", "description": None, "strict": None},
+             {"type": "function", "name": "g", "description": "d", "strict": True,
+              "parameters": {"type": "object"}}]
+    ask = responses_ask({"input": "hi", "tools": tools, "tool_choice": "required",
+                         "reasoning": {"effort": "low", "summary": "auto"},
+                         "chat_template_kwargs": {"x": 1}})
+    assert ask == {**ASK, "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}},
+        {"type": "function", "function": {"name": "g", "description": "d", "strict": True,
+                                          "parameters": {"type": "object"}}}],
+        "chat_template_kwargs": {"x": 1, "reasoning_effort": "low",
+                                 "enable_thinking": True}}
+    kw = responses_ask({"input": "hi", "reasoning": {"effort": "none"},
+                        "chat_template_kwargs": {"enable_thinking": True}})
+    assert kw is not None and kw["chat_template_kwargs"] == {
+        "enable_thinking": True, "reasoning_effort": "none"}
+    for reasoning in (None, {}, {"effort": None}):
+        kw = responses_ask({"input": "hi", "reasoning": reasoning, "tools": []})
+        assert kw is not None and "chat_template_kwargs" not in kw and "tools" not in kw
+
+
+USER: dict[str, Any] = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("body", [
+    # Stored history, prompt templates, vLLM's own truncation.
+    {"input": "hi", "previous_response_id": "resp_1"},
+    {"input": "hi", "previous_input_messages": []},
+    {"input": "hi", "prompt": {"id": "p"}},
+    {"input": "hi", "truncation": "auto"},
+    # Odd fields.
+    {"input": None}, {"input": []}, {"input": 3}, {"input": "hi", "instructions": 3},
+    {"input": "hi", "chat_template_kwargs": []}, {"input": "hi", "reasoning": "high"},
+    {"input": "hi", "reasoning": {"effort": 3}},
+    # Tools that are not function tools, or unknown keys, or dropped by a server flag.
+    {"input": "hi", "tools": [{"type": "web_search_preview"}]},
+    {"input": "hi", "tools": [{"type": "custom", "name": "c"}]},
+    {"input": "hi", "tools": [{"type": "namespace", "name": "n", "tools": []}]},
+    {"input": "hi", "tools": [{"type": "function", "name": "f", "defer_loading": True}]},
+    {"input": "hi", "tools": [{"type": "function", "name": 3}]},
+    {"input": "hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": "none"},
+    {"input": "hi", "tools": {"type": "function", "name": "f"}},
+    # Media, files, reasoning, references, unknown items and parts.
+    {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+    {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+    {"input": [{"role": "user", "content": [{"type": "input_text", "text": "a", "x": 1}]}]},
+    {"input": [{"role": "user", "content": []}]},
+    {"input": [{"role": "user", "content": "hi", "status": "incomplete"}]},
+    {"input": [{"role": "tool", "content": "hi"}]},
+    {"input": [USER, {"type": "reasoning", "summary": [], "content": []}]},
+    {"input": [USER, {"type": "item_reference", "id": "x"}]},
+    {"input": [USER, {"type": "custom_tool_call", "call_id": "c", "name": "n",
+                      "input": "x"}]},
+    # A function call: /tokenize reorders its keys (tests/vllm shows a count apart).
+    {"input": [USER, {"type": "function_call", "call_id": "c", "name": "n",
+                      "arguments": "{}"}]},
+    {"input": [USER, {"type": "function_call_output", "call_id": "c",
+                      "output": [{"type": "input_text", "text": "x"}]}]},
+    {"input": [USER, {"type": "function_call_output", "call_id": 3, "output": "x"}]},
+    {"input": [USER, {"type": "message", "role": "assistant", "content": []}]},
+    {"input": [USER, {"role": "assistant",
+                      "content": [{"type": "output_text", "text": "x"}]}]},
+    {"input": [USER, {"type": "message", "role": "assistant",
+                      "content": [{"type": "refusal", "refusal": "no"}]}]},
+    {"input": [USER, {"type": "message", "role": "assistant", "status": "odd",
+                      "content": [{"type": "output_text", "text": "x"}]}]},
+    {"input": [USER, {"type": "message", "role": "assistant",
+                      "content": [{"type": "output_text", "text": "x",
+                                   "annotations": [{"type": "url_citation"}]}]}]},
+    {"input": [USER, "text"]},
+])
+def test_responses_shapes_not_proven_are_charged_their_bound(body: dict[str, Any]) -> None:
+    assert responses_ask(body) is None, body
+
+
+def test_responses_of_a_harmony_model_are_charged_their_bound() -> None:
+    """gpt-oss models render Responses in harmony, not through the chat template."""
+    assert responses_ask({"input": "hi"}, "openai/gpt-oss-20b") is None
+    assert responses_ask({"input": "hi"}, "unsloth/GPT-OSS-120b") is None
+    assert responses_ask({"input": "hi"}, "meta-llama/Llama-3.1-8B") is not None
 
 
 def test_counted_reads_count() -> None:

@@ -23,11 +23,15 @@ VOCAB = 4096
 SPECIALS = ["<s>", "</s>", "<unk>"]
 # Roles as plain text between <s> and </s>: the template needs no special tokens beyond these.
 # Documents (RAG templates') and thinking (reasoning models') render as vLLM hands them over,
-# as template arguments; a request without them renders as before.
+# as template arguments; tools, tool calls and tool call ids as JSON / text, so the prompt
+# counts see them; a request without them renders as before.
 CHAT_TEMPLATE = (
     "{% if documents %}{% for d in documents %}<s>document\n{{ d['text'] }}</s>\n"
     "{% endfor %}{% endif %}"
-    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
+    "{% if tools %}<s>tools\n{{ tools | tojson }}</s>\n{% endif %}"
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% if message['tool_calls'] %}{{ message['tool_calls'] | tojson }}{% endif %}"
+    "{% if message['tool_call_id'] %} {{ message['tool_call_id'] }}{% endif %}</s>\n"
     "{% endfor %}{% if add_generation_prompt %}<s>assistant\n"
     "{% if enable_thinking is defined and enable_thinking %}<think>\n{% endif %}{% endif %}"
 )
