@@ -352,6 +352,11 @@ function envoy_on_response(h)
   if status >= "500" or empty_success then
     headers:replace(":status", "502")
   end
+  if empty_success then
+    -- Charged its whole hold (the backend may have generated it all): the SDKs' two
+    -- retries would each be charged as much again.
+    headers:replace("x-should-retry", "false")
+  end
   if empty then
     -- No body: no body message would reach ext_proc, which writes the error and the
     -- record (a 499 with the prompt charged, an empty 502). An empty JSON object reads

@@ -190,6 +190,8 @@ def test_an_empty_success_is_a_502_charged_its_whole_hold(
     assert r.headers["content-type"] == "application/json"
     err = r.json()["error"]
     assert err["code"] == "upstream_error" and "no answer" in err["message"], err
+    # Charged its whole hold: an SDK's retries would each be charged as much again.
+    assert r.headers["x-should-retry"] == "false"
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
             rec["estimated"], rec["stream"]) == (502, *whole_hold(gw), True, stream)
 
