@@ -1,11 +1,23 @@
 """YAML for policy files: the safe loader, refusing a key given twice in one mapping
-(two `demo:` models, say), which plain YAML resolves by keeping the last without a word."""
+(two `demo:` models, say), which plain YAML resolves by keeping the last without a word.
+
+Parsed by libyaml (`yaml.CSafeLoader`, ~10x faster than PyYAML's pure-Python parser: a
+large config is read at every reload) where PyYAML was built with it, else by the pure
+loader; both give the same documents and the same errors (tests/policy/test_yaml_load.py
+compares them), libyaml's nesting limit included (a RecursionError, as the pure loader's)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import yaml
+
+# libyaml's scanner refuses flow collections nested past 1000 levels with this problem.
+_TOO_DEEP = "exceeded maximum nesting depth"
+# Collections nested deeper are refused by both loaders alike: the pure one runs out of
+# Python stack near 490 levels (fewer on a deeper stack), libyaml at 1000; no config
+# needs a tenth of this.
+MAX_DEPTH = 200
 
 
 class DuplicateKey(yaml.YAMLError):
@@ -14,7 +26,17 @@ class DuplicateKey(yaml.YAMLError):
         self.key, self.line = key, line
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class TooDeep(RecursionError):
+    """Nested past what the parser reads (the pure loader runs out of Python stack)."""
+
+
+class _UniqueKeys(yaml.constructor.SafeConstructor):
+    def get_single_node(self) -> yaml.Node | None:
+        node: yaml.Node | None = super().get_single_node()  # type: ignore[misc]
+        if node is not None:
+            _check_depth(node)
+        return node
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
@@ -31,6 +53,43 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(text: str) -> Any:
-    """`yaml.safe_load`, but a key given twice in one mapping is a DuplicateKey."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+def _check_depth(root: yaml.Node) -> None:
+    """TooDeep past MAX_DEPTH levels, counted as written: an alias is not entered again
+    (its anchor, met first in document order, was counted where it stands)."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, int]] = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if id(node) in seen or not isinstance(node, yaml.CollectionNode):
+            continue
+        seen.add(id(node))
+        if depth >= MAX_DEPTH:
+            raise TooDeep(f"nested over {MAX_DEPTH} levels (line {node.start_mark.line + 1})")
+        items = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair]
+        stack.extend((child, depth + 1) for child in reversed(items))
+
+
+class PureLoader(_UniqueKeys, yaml.SafeLoader):
+    """PyYAML's pure-Python SafeLoader, with unique keys."""
+
+
+# libyaml's parser where PyYAML was built with it (yaml.CSafeLoader exists only then).
+LOADER: type[Any] = PureLoader
+if yaml.__with_libyaml__:
+    class CLoader(_UniqueKeys, yaml.CSafeLoader):
+        """libyaml's parser (yaml.CSafeLoader), with unique keys."""
+
+    LOADER = CLoader
+
+
+def load_yaml(text: str, loader: type[Any] = LOADER) -> Any:
+    """`yaml.safe_load`, but a key given twice in one mapping is a DuplicateKey and
+    nesting past the parser's limit a TooDeep (a RecursionError). `loader`: the pure
+    one, say (tests); libyaml's by default where PyYAML has it."""
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except yaml.MarkedYAMLError as e:
+        if e.problem is not None and e.problem.startswith(_TOO_DEEP):
+            raise TooDeep(e.problem) from None
+        raise

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ class Cluster:
     serves: list[subprocess.Popen[bytes]]
     sides: list[str]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    configs: list[Path] = field(default_factory=list)  # each replica's config file
 
 
 def _replica_config(root: Path, base: dict[str, Any], grpc: str, http: str) -> Path:
@@ -58,14 +59,18 @@ def _replica_config(root: Path, base: dict[str, Any], grpc: str, http: str) -> P
 
 
 @contextmanager
-def two_replicas(root: Path, state: str) -> Iterator[Cluster]:
+def two_replicas(root: Path, state: str,
+                 replica: Callable[[int], dict[str, Any]] = lambda i: {}) -> Iterator[Cluster]:
+    """Envoy + two `serve` replicas on `state` + the sim. `replica(i)`: settings of
+    replica i's config file beside the shared ones (its admin API's port, say)."""
     sim_url = f"http://127.0.0.1:{free_port()}"
     grpcs = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     https = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     base = policy_dict(sim_url, listen=listen, state=state,
                        envoy={"admin_listen": admin, "services_addresses": grpcs})
-    paths = [_replica_config(root / f"r{i}", base, grpcs[i], https[i]) for i in range(2)]
+    paths = [_replica_config(root / f"r{i}", {**base, **replica(i)}, grpcs[i], https[i])
+             for i in range(2)]
     (root / "envoy.yaml").write_text(render_yaml(load_config(paths[0])))
     logs = root / "logs"
     logs.mkdir()
@@ -90,7 +95,7 @@ def two_replicas(root: Path, state: str) -> Iterator[Cluster]:
                    _backend_healthy(f"http://{admin}"), "envoy and its clusters",
                    timeout=60, alive=procs)
         yield Cluster(f"http://{listen}", f"http://{admin}", serves,
-                      [f"http://{h}" for h in https], procs)
+                      [f"http://{h}" for h in https], procs, paths)
     finally:
         stop(procs)
 

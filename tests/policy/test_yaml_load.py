@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import pytest
 import yaml
 
+from policy import config, yaml_load
+from policy.config import ConfigError, load_config
 from policy.yaml_load import DuplicateKey, load_yaml
+from tests.helpers import policy_dict
 
 
 def test_a_key_given_twice_is_refused_with_its_line() -> None:
@@ -24,3 +30,60 @@ def test_otherwise_as_safe_load() -> None:
     assert load_yaml("base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")["other"] == {"x": 2}
     with pytest.raises(yaml.constructor.ConstructorError):  # not safe
         load_yaml("!!python/object/apply:os.system ['true']")
+
+
+# -- libyaml and the pure loader read every file alike -------------------------------------
+
+GOOD = yaml.safe_dump(policy_dict("http://127.0.0.1:8000"), sort_keys=False)
+FILES = {
+    "good": GOOD,
+    "anchors and merges": GOOD + "x-base: &b {weight: 2}\nx-other:\n  <<: *b\n  weight: 3\n",
+    "model given twice": GOOD.replace("models:\n", "models:\n  demo: {upstream_model: a}\n"),
+    "key given twice, flow": "a: 1\nb: {x: 1, x: 2}\n",
+    "top-level key given twice": GOOD + "listen: 127.0.0.1:9\n",
+    "unclosed flow": GOOD[: len(GOOD) // 2] + "\n  : [unclosed\n",
+    "bad indentation": "listen: 1\n  models: 2\n",
+    "tab": "models:\n\t- a\n",
+    "control character": "listen: \x07\n",
+    "unclosed quote": "listen: 'x\n",
+    "a list": "- a\n- b\n",
+    "empty": "",
+    "a number too long": "listen: " + "9" * 5000 + "\n",
+    "nested 300 deep": "x: " + "[" * 300 + "]" * 300 + "\n",
+    "nested 250 deep": "x: " + "[" * 250 + "]" * 250 + "\n",
+    "nested 999 deep": "x: " + "[" * 999 + "]" * 999 + "\n",
+    "nested past libyaml's limit": "x: " + "[" * 1001 + "]" * 1001 + "\n",
+    "block nesting": "x:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 400)),
+    "an alias inside its own anchor": "x: &a [1, *a]\n",
+    "unsafe tag": "!!python/object/apply:os.system ['true']\n",
+    "invalid value": GOOD.replace("max_tokens: 256", "max_tokens: -4"),
+    "unhashable key": "? [a]\n: 1\n",
+}
+
+
+def outcome(path: Path) -> object:
+    try:
+        return load_config(path).model_dump()
+    except ConfigError as e:
+        return f"ConfigError: {e}"
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_libyaml_reads_every_file_as_the_pure_loader_does(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config is parsed by libyaml; the pure loader (where PyYAML lacks it) must say
+    the same: the same config, or the same error, line numbers included."""
+    path = tmp_path / "tokenbooth.yaml"
+    path.write_text(FILES[name])
+    assert yaml_load.LOADER is yaml_load.CLoader  # libyaml is here: it is what runs
+    fast = outcome(path)
+    monkeypatch.setattr(config, "load_yaml", functools.partial(load_yaml,
+                                                               loader=yaml_load.PureLoader))
+    assert outcome(path) == fast
+
+
+def test_a_key_given_twice_is_refused_by_both_loaders() -> None:
+    for loader in (yaml_load.PureLoader, yaml_load.CLoader):
+        with pytest.raises(DuplicateKey) as e:
+            load_yaml("models:\n  demo: {a: 1}\n  demo: {a: 2}\n", loader=loader)
+        assert (e.value.key, e.value.line) == ("demo", 3)

@@ -25,4 +25,4 @@ def make_store(cfg: Config) -> KeyStore:
         return RedisKeyStore(cfg.state, RemoteOptions(timeout_s=ks.timeout_s, grace_s=ks.grace_s))
     from authz.state.keys.keyring import KeyringStore
 
-    return KeyringStore(cfg.data_dir)
+    return KeyringStore(cfg.data_dir, wait_s=ks.timeout_s)

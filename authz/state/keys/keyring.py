@@ -1,10 +1,18 @@
 """The embedded key store: `<data_dir>/keys.json`, fingerprints only.
 
-`tokenbooth keys ...` rewrites the file atomically (temp file + rename) under
-an exclusive lock; a running server re-reads it when it changes (polled every
-0.5 s), so a created, updated or revoked key takes effect within a second, with
-no restart. Lookups are dictionary reads; a miss also checks (one stat) whether the
-file changed, so a key just created works at once.
+`tokenbooth keys ...` rewrites the file atomically (temp file + rename) under an
+exclusive lock; a running server looks at it every 0.5 s and re-reads it when it
+changed, so a created, updated or revoked key takes effect within a second, with no
+restart.
+
+The event loop never touches the file: each look (a stat) and each read (orjson and
+pydantic: ~250 ms for 20,000 keys) runs in a daemon thread of its own, and the loop only
+swaps the finished index in. A lookup is a dictionary read. A miss waits for a look that
+began after it arrived, so a key created a moment ago by another process works at once
+(rotation has no 401 window); misses share looks (one in flight, a new one at most every
+`miss_gap_s`), so a flood of unknown keys costs a bounded number of stats and no read of
+an unchanged file, and while a read hangs (a stalled mount) they fail closed after
+`wait_s` (503, retryable) instead of holding Envoy's decision.
 """
 
 from __future__ import annotations
@@ -12,65 +20,127 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import logging
+import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from authz.state.keys.base import KeyExists, updated
+from authz.state.blocking import in_daemon_thread
+from authz.state.keys.base import KeyExists, StoreUnavailable, updated
 from policy.keyrecord import KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
 
 KEYRING_FILE = "keys.json"
 POLL_S = 0.5
+# Misses start a look at most this often: what a flood of unknown keys can cost.
+MISS_GAP_S = 0.05
+# How long a miss waits for its look before failing closed (key_store.timeout_s).
+WAIT_S = 0.5
 _RECORDS = TypeAdapter(list[KeyRecord])
 # What tells that the file changed: mtime, ctime (a chmod or chown), inode, size.
 Stamp = tuple[int, int, int, int]
+ABSENT: Stamp = (0, 0, 0, 0)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """What one look at the file found, numbered in the order the looks began (in any
+    thread): a later one saw the file as new or newer, so an earlier one that ends last
+    is not swapped in over it."""
+
+    seq: int
+    stamp: Stamp | None
+    by_fp: dict[str, KeyRecord] | None = None  # None: unchanged, or not readable
+    error: str | None = None  # why the file could not be read (last good keys stay)
 
 
 class KeyringStore:
-    def __init__(self, data_dir: Path, poll_s: float = POLL_S) -> None:
+    def __init__(self, data_dir: Path, poll_s: float = POLL_S, *, wait_s: float = WAIT_S,
+                 miss_gap_s: float = MISS_GAP_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = data_dir / KEYRING_FILE
         self._lock_path = data_dir / "keys.lock"
         self._poll_s = poll_s
+        self._wait_s = wait_s
+        self._miss_gap_s = miss_gap_s
+        self._clock = clock
         self._by_fp: dict[str, KeyRecord] = {}
         self._stamp: Stamp | None = None
         self._damaged: Stamp | None = None  # unreadable: logged once, not read again
+        # The failure last logged (each is logged once, a damaged file once per version).
+        self._reported: tuple[Stamp | None, str] | None = None
+        self._seq = itertools.count(1)  # next() is atomic: worker threads take numbers too
+        self._applied = 0  # the number of the last look swapped in
+        self._look: asyncio.Task[None] | None = None  # the look in flight
+        self._looks_begun = 0
+        self._looks_done = 0
+        self._last_miss_look = -math.inf
         self._watch: asyncio.Task[None] | None = None
 
     # -- KeyStore ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self._reload()
+        await asyncio.shield(self._begin_look())
         self._watch = asyncio.create_task(self._watch_loop())
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._look):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
         record = self._by_fp.get(fingerprint)
-        if record is None:
-            # A key created a moment ago works at once, not at the next poll (rotation
-            # has no 401 window); a stat while the file is unchanged.
-            with contextlib.suppress(OSError):
-                self._reload()
-            record = self._by_fp.get(fingerprint)
-        return record
+        if record is not None:
+            return record
+        # Not known here: it may have been created a moment ago by another process. Wait
+        # for a look that begins after this miss (not the poll's, begun before it).
+        want = self._looks_begun + 1
+        try:
+            await asyncio.wait_for(self._looked(want), self._wait_s)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"keyring {self.path} not read within {self._wait_s:g}s") from None
+        return self._by_fp.get(fingerprint)
+
+    async def _looked(self, want: int) -> None:
+        """Return once look number `want` has ended; misses begin one at most every
+        `miss_gap_s`, and every miss waiting meanwhile shares it."""
+        while self._looks_done < want:
+            if self._look is None:
+                delay = self._last_miss_look + self._miss_gap_s - self._clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    continue
+                self._last_miss_look = self._clock()
+            await asyncio.shield(self._begin_look())
 
     # -- KeyAdmin ---------------------------------------------------------------
 
     # File I/O (a lock another process may hold, an fsync) runs in a worker thread: the
     # admin API calls these on serve's event loop, which every request passes through.
+    # The keys written are swapped in here at once, on the loop.
 
     async def create(self, record: KeyRecord) -> None:
-        await asyncio.to_thread(self._create, record)
+        def add(records: list[KeyRecord]) -> tuple[None, bool]:
+            if any(r.id == record.id or r.sha256 == record.sha256 for r in records):
+                raise KeyExists(f"a key with id {record.id!r} already exists")
+            records.append(record)
+            return None, True
+
+        await self._rewrite(add)
 
     async def get(self, key_id: str) -> KeyRecord | None:
         records = await asyncio.to_thread(self._read)
@@ -81,49 +151,56 @@ class KeyringStore:
         return [r for r in records if org is None or r.org == org]
 
     async def revoke(self, key_id: str) -> KeyRecord | None:
-        return await asyncio.to_thread(
-            self._modify, key_id, lambda r: r.model_copy(update={"status": "revoked"}))
+        return await self._modify(key_id, lambda r: r.model_copy(update={"status": "revoked"}))
 
     async def update(self, key_id: str, changes: Mapping[str, object]) -> KeyRecord | None:
-        return await asyncio.to_thread(self._modify, key_id, lambda r: updated(r, changes))
+        return await self._modify(key_id, lambda r: updated(r, changes))
 
-    def _create(self, record: KeyRecord) -> None:
-        with self._locked() as records:
-            if any(r.id == record.id or r.sha256 == record.sha256 for r in records):
-                raise KeyExists(f"a key with id {record.id!r} already exists")
-            records.append(record)
-
-    def _modify(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]
-                ) -> KeyRecord | None:
-        """Replace one record under the lock (nothing is written if `change` raises)."""
-        with self._locked() as records:
+    async def _modify(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]
+                      ) -> KeyRecord | None:
+        """Replace one record (nothing is written if there is none, or `change` raises)."""
+        def replace(records: list[KeyRecord]) -> tuple[KeyRecord | None, bool]:
             for i, r in enumerate(records):
                 if r.id == key_id:
                     records[i] = change(r)
-                    return records[i]
-        return None
+                    return records[i], True
+            return None, False
 
-    # -- file handling ------------------------------------------------------------
+        return await self._rewrite(replace)
+
+    async def _rewrite(self, change: Callable[[list[KeyRecord]], tuple[T, bool]]) -> T:
+        result, read = await asyncio.to_thread(self._locked, change)
+        if read is not None:
+            self._apply(read)
+        return result
+
+    # -- file handling (worker threads) ---------------------------------------------
 
     def _read(self) -> list[KeyRecord]:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return []
+        return self._parse(raw)
+
+    def _parse(self, raw: bytes) -> list[KeyRecord]:
         try:
             return _RECORDS.validate_python(orjson.loads(raw).get("keys", []))
         except (orjson.JSONDecodeError, ValidationError, AttributeError) as e:
             raise ValueError(f"{self.path}: damaged keyring: {str(e).splitlines()[0]}") from None
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[list[KeyRecord]]:
-        """Read-modify-write under an exclusive lock; the new file replaces the old at once."""
+    def _locked(self, change: Callable[[list[KeyRecord]], tuple[T, bool]]
+                ) -> tuple[T, _Read | None]:
+        """Read-modify-write under an exclusive lock; the new file replaces the old at
+        once. Returns `change`'s result and, when it wrote, the keys as written."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             records = self._read()
-            yield records
+            result, write = change(records)
+            if not write:
+                return result, None
             data = orjson.dumps(
                 {"keys": [r.model_dump(mode="json") for r in records]},
                 option=orjson.OPT_INDENT_2,
@@ -135,31 +212,78 @@ class KeyringStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            # Still under the lock: no other writer moved the file on since.
+            return result, _Read(next(self._seq), _stamp(self.path.stat()),
+                                 {r.sha256: r for r in records})
         finally:
             os.close(fd)
-        self._reload()
 
-    def _reload(self) -> None:
+    def _scan(self, known: tuple[Stamp | None, Stamp | None]) -> _Read:
+        """Look at the file; read and index it if its stamp is not in `known`."""
+        seq = next(self._seq)
         try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
+            stamp = _stamp(self.path.stat())
         except FileNotFoundError:
-            stamp = (0, 0, 0, 0)
-        if stamp in (self._stamp, self._damaged):
-            return
+            stamp = ABSENT
+        except OSError as e:
+            return _Read(seq, None, error=f"{self.path}: {e.strerror or e}")
+        if stamp in known:
+            return _Read(seq, stamp)
+        if stamp == ABSENT:
+            return _Read(seq, stamp, {})
         try:
-            records = self._read()
+            with self.path.open("rb") as f:  # a named pipe waits here for its writer
+                st = os.fstat(f.fileno())
+                raw = f.read()
+                if not stat.S_ISREG(st.st_mode):  # a pipe's times move as it is written
+                    st = os.fstat(f.fileno())
+            stamp = _stamp(st)
+            records = self._parse(raw)
+        except FileNotFoundError:  # replaced between the stat and the open: look again
+            return _Read(seq, None)
         except (ValueError, OSError) as e:  # damaged, or unreadable (its owner, mode)
-            log.error("keyring not reloaded, keeping the last good one: %s", e)
-            self._damaged = stamp
+            return _Read(seq, stamp, error=str(e))
+        return _Read(seq, stamp, {r.sha256: r for r in records})
+
+    # -- on the event loop -------------------------------------------------------------
+
+    def _begin_look(self) -> asyncio.Task[None]:
+        """The look in flight, or a new one."""
+        if self._look is None:
+            self._looks_begun += 1
+            self._look = asyncio.create_task(self._run_look(self._looks_begun))
+        return self._look
+
+    async def _run_look(self, number: int) -> None:
+        known = (self._stamp, self._damaged)
+        try:
+            self._apply(await in_daemon_thread(lambda: self._scan(known),
+                                               "tokenbooth-keyring-read"))
+        except Exception as e:  # never the end of the watch: revocations must land
+            log.error("keyring not reloaded: %s: %s", type(e).__name__, e)
+        finally:
+            self._looks_done = number
+            self._look = None
+
+    def _apply(self, read: _Read) -> None:
+        """Swap in what a look or a write found, unless a later one is already in."""
+        if read.seq < self._applied:
             return
-        self._stamp = stamp
-        self._by_fp = {r.sha256: r for r in records}
+        self._applied = read.seq
+        if read.error is not None:
+            if (read.stamp, read.error) != self._reported:
+                log.error("keyring not reloaded, keeping the last good one: %s", read.error)
+                self._reported = (read.stamp, read.error)
+            if read.stamp is not None:
+                self._damaged = read.stamp
+        elif read.by_fp is not None and read.stamp is not None:
+            self._stamp, self._by_fp, self._reported = read.stamp, read.by_fp, None
 
     async def _watch_loop(self) -> None:
         while True:
             await asyncio.sleep(self._poll_s)
-            try:
-                self._reload()
-            except OSError as e:  # never the end of the watch: revocations must land
-                log.error("keyring not reloaded: %s", e)
+            await asyncio.shield(self._begin_look())
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)

@@ -1,0 +1,128 @@
+"""The keyring is looked at and read off the event loop: a read that blocks (a stalled
+mount; here a named pipe the test holds) leaves every known key answered and fails
+unknown ones closed in bounded time, and a flood of unknown keys costs a bounded number
+of looks and no read of an unchanged file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from authz.state.keys.base import StoreUnavailable
+from authz.state.keys.keyring import KeyringStore
+from policy.keyrecord import KeyRecord
+from policy.keys import fingerprint, new_secret
+
+
+def record(key_id: str) -> tuple[KeyRecord, str]:
+    secret = new_secret()
+    return KeyRecord(id=key_id, org="acme", sha256=fingerprint(secret), prefix=secret[:10],
+                     created_at=datetime.now(UTC)), secret
+
+
+async def until(check: object, what: str, tries: int = 400) -> None:
+    """Poll `check` (a coroutine function) on the loop; no time is asserted."""
+    for _ in range(tries):
+        if await check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_a_keyring_read_that_blocks_leaves_the_loop_answering(tmp_path: Path) -> None:
+    known, known_secret = record("k-known")
+    await KeyringStore(tmp_path).create(known)  # `tokenbooth keys create`
+    store = KeyringStore(tmp_path, poll_s=0.05, wait_s=0.2)
+    await store.start()
+    pipe_path = tmp_path / "keys.fifo"
+    os.mkfifo(pipe_path)
+    pipe_path.rename(store.path)  # the next look opens it and waits for a writer
+    new, new_secret_ = record("k-new")
+    content = orjson.dumps({"keys": [known.model_dump(mode="json"),
+                                     new.model_dump(mode="json")]})
+    opened, answered = threading.Event(), threading.Event()
+    held: list[bool] = []
+
+    def writer() -> None:
+        with open(store.path, "wb") as pipe:  # returns once the store's read has opened it
+            opened.set()
+            # Were the read on the loop, nothing below would run: let it go after 30 s
+            # and say so (a deadlock breaker, not a timing).
+            if not answered.wait(30):
+                held.append(True)
+            pipe.write(content)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        await until(lambda: asyncio.sleep(0, opened.is_set()), "the store opened the pipe")
+        assert not held, "the read held the event loop"
+        # The read now waits on the pipe. A known key is a dictionary read.
+        assert await store.find(known.sha256, known_secret) == known
+        # An unknown key cannot be settled until the read ends: it fails closed (a 503,
+        # retryable) after wait_s, instead of holding the decision.
+        with pytest.raises(StoreUnavailable):
+            await store.find(new.sha256, new_secret_)
+        # Many of them at once: each bounded, and no look stacked on the hung one.
+        begun = store._looks_begun
+        secrets = [new_secret() for _ in range(200)]
+        results = await asyncio.gather(*(store.find(fingerprint(s), s) for s in secrets),
+                                       return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) for r in results)
+        assert store._looks_begun == begun
+        answered.set()
+        thread.join(30)
+        assert not held, "the loop was held by the read"
+
+        async def new_key_found() -> bool:
+            return await store.find(new.sha256, new_secret_) == new
+
+        await until(new_key_found, "the key read from the pipe")
+    finally:
+        answered.set()
+        await store.close()
+
+
+class CountingStore(KeyringStore):
+    """Counts looks at the file and reads of it."""
+
+    looks = 0
+    reads = 0
+
+    def _scan(self, known: object) -> object:  # type: ignore[override]
+        self.looks += 1
+        return super()._scan(known)  # type: ignore[arg-type]
+
+    def _parse(self, raw: bytes) -> list[KeyRecord]:
+        self.reads += 1
+        return super()._parse(raw)
+
+
+async def test_a_flood_of_unknown_keys_costs_bounded_looks_and_no_read(tmp_path: Path
+                                                                       ) -> None:
+    known, _ = record("k-known")
+    await KeyringStore(tmp_path).create(known)
+    store = CountingStore(tmp_path, poll_s=3600)  # no poll: only misses look
+    await store.start()
+    try:
+        looks, reads = store.looks, store.reads
+        for _ in range(3):
+            secrets = [new_secret() for _ in range(500)]
+            found = await asyncio.gather(*(store.find(fingerprint(s), s) for s in secrets))
+            assert found == [None] * 500
+        # Each burst shares one look (a stat); the unchanged file is not read again.
+        assert store.looks - looks == 3
+        assert store.reads == reads
+        # A key another process creates is found by the next miss, and read once.
+        new, secret = record("k-new")
+        await KeyringStore(tmp_path).create(new)
+        assert await store.find(new.sha256, secret) == new
+        assert store.reads == reads + 1
+    finally:
+        await store.close()
