@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import grpc
 from aiohttp import web
@@ -39,6 +37,7 @@ from authz.services.ext_authz import AuthorizationService
 from authz.services.ext_proc import ExternalProcessorService
 from authz.services.keyauth import KeyAuthority
 from authz.services.xds import AggregatedDiscoveryService, add_to_server
+from authz.state.blocking import in_daemon_thread
 from authz.state.keys.base import KeyStore
 from authz.state.keys.factory import make_store
 from authz.state.limits.admission import Admission
@@ -50,7 +49,6 @@ from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
 
 log = logging.getLogger("tokenbooth.server")
-T = TypeVar("T")
 
 SERVICE_NAMES = (
     "envoy.service.auth.v3.Authorization",
@@ -253,7 +251,7 @@ class Services:
         stamp = rt.changed(RELOAD_SETTLE_S)
         if stamp is None:
             return
-        read = await in_daemon_thread(rt.read_config)
+        read = await in_daemon_thread(rt.read_config, "tokenbooth-config-read")
         if rt.finish_reload(stamp, read):
             self.metrics.configure(rt.snapshot.config)  # series of models added
             if self._xds is not None:
@@ -329,34 +327,6 @@ class Services:
             # `stop` call, still waiting on its grace, then returns as well).
             self._stops.add(task := asyncio.ensure_future(self._server.stop(0)))
             task.add_done_callback(self._stops.discard)
-
-
-async def in_daemon_thread(fn: Callable[[], T]) -> T:
-    """`fn()` in a daemon thread of its own (not the default executor's: a thread blocked
-    for good, on a read that never returns, would hold up the process's exit)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def deliver(result: T | None, error: BaseException | None) -> None:
-        if done.cancelled():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        result: T | None = None
-        error: BaseException | None = None
-        try:
-            result = fn()
-        except BaseException as e:  # handed to the awaiting task
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(deliver, result, error)
-
-    threading.Thread(target=run, name="tokenbooth-config-read", daemon=True).start()
-    return await done
 
 
 def _grpc_host(host: str) -> str:
