@@ -172,13 +172,17 @@ def body_limit(cfg: Config) -> Buffer:
     return Buffer(max_request_bytes=cfg.max_request_body_bytes)
 
 
-def _grpc(retry_on: str, timeout_ms: int | None = None) -> GrpcService:
+def _grpc(retry_on: str, per_try_ms: int, timeout_ms: int | None = None) -> GrpcService:
     """The services cluster, with retries on another replica (see clusters.services_cluster
-    for the health checks and ejection that keep a dead one out)."""
+    for the health checks and ejection that keep a dead one out). Envoy makes the back-off's
+    `max_interval` each try's timeout too (Http::Utility::convertCoreToRouteRetryPolicy):
+    it is the decision timeout, so a slow answer is waited for as configured, not cut at a
+    back-off's length and asked again (a Check slower than 250 ms was retried twice, then
+    answered Envoy's 503; under load, three Checks for one request)."""
     retry = GrpcRetryPolicy(
         retry_on=retry_on,
         num_retries=2,
-        retry_back_off=BackoffStrategy(base_interval=ms(25), max_interval=ms(250)),
+        retry_back_off=BackoffStrategy(base_interval=ms(25), max_interval=ms(per_try_ms)),
         retry_host_predicate=[GrpcRetryHostPredicate(
             name=PREVIOUS_HOSTS, typed_config=pack(PreviousHostsPredicate()))],
         host_selection_retry_max_attempts=3,
@@ -200,7 +204,8 @@ def ext_authz(cfg: Config) -> ExtAuthz:
     ]
     return ExtAuthz(
         # One unary Check per request: its deadline is the decision timeout.
-        grpc_service=_grpc(AUTHZ_RETRY_ON, cfg.envoy.decision_timeout_ms),
+        grpc_service=_grpc(AUTHZ_RETRY_ON, cfg.envoy.decision_timeout_ms,
+                           cfg.envoy.decision_timeout_ms),
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=False,
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
@@ -226,7 +231,7 @@ def ext_proc(cfg: Config) -> ExternalProcessor:
         # to it (its body mode NONE): see authz/envoy_config/stream_meter.py.
         allow_mode_override=envoy_meters,
         # No deadline on the stream itself: it lives as long as the response it meters.
-        grpc_service=_grpc(PROC_RETRY_ON),
+        grpc_service=_grpc(PROC_RETRY_ON, cfg.envoy.decision_timeout_ms),
         # `serve` fails open, yet no request reaches a backend without ext_proc's answer:
         # only that answer names the cluster (`cluster_from_metadata`), and without one
         # the request ends in a 503 (local_replies); a response in flight when the

@@ -29,10 +29,11 @@ BODY = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    # A miss waits for the keyring at most key_store.timeout_s, here below Envoy's 250 ms
-    # per try of a Check (its gRPC retry policy's), so the 503 seen is the services' own.
+    # A miss waits for the keyring at most key_store.timeout_s, within Envoy's decision
+    # timeout (2 s), so the 503 seen is the services' own. Past 250 ms too: Envoy once
+    # gave each try of a Check only its retry back-off's longest interval.
     with run_gateway(tmp_path_factory.mktemp("gw-keyring"),
-                     key_store={"timeout_s": 0.2}) as gw:
+                     key_store={"timeout_s": 0.6}) as gw:
         yield gw
 
 
