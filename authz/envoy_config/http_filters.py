@@ -17,6 +17,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
     Http1ProtocolOptions,
+    Http2ProtocolOptions,
     HttpProtocolOptions,
     HttpProtocolOptionsHeadersWithUnderscoresAction,
     SubstitutionFormatString,
@@ -95,6 +96,11 @@ from policy.config import Config
 from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_HEADER, CLUSTER_KEY
 
+# Downstream HTTP/2: streams per connection and flow-control windows (see
+# `http_connection_manager`).
+H2_MAX_CONCURRENT_STREAMS = 100
+H2_STREAM_WINDOW_BYTES = 64 << 10
+H2_CONNECTION_WINDOW_BYTES = 1 << 20
 BUFFER = "envoy.filters.http.buffer"
 CORS = "envoy.filters.http.cors"
 ROUTER = "envoy.filters.http.router"
@@ -142,13 +148,19 @@ BACKEND_CORS_HEADERS = ("access-control-allow-origin", "access-control-allow-cre
                         "access-control-expose-headers", "access-control-allow-methods",
                         "access-control-allow-headers", "access-control-max-age")
 
+# What the access log keeps of a client's strings (the request id is Envoy's own UUID):
+# without a cap, a client with no key wrote ~60 KiB lines (a path and a user-agent up to
+# Envoy's header limit) at every request.
+LOG_PATH_CHARS = 1024
+LOG_USER_AGENT_CHARS = 256
+LOG_METHOD_CHARS = 32
 # What the access log records: never the authorization / x-api-key headers.
 _ACCESS_LOG_FIELDS = {
     "start_time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
-    "method": "%REQ(:METHOD)%",
+    "method": f"%REQ(:METHOD):{LOG_METHOD_CHARS}%",
     # Without the query: a client may put its key there (`?api-key=sk-…`).
-    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
+    "path": f"%REQ_WITHOUT_QUERY(:PATH):{LOG_PATH_CHARS}%",
     "protocol": "%PROTOCOL%",
     "status": "%RESPONSE_CODE%",
     "response_code_details": "%RESPONSE_CODE_DETAILS%",
@@ -159,7 +171,7 @@ _ACCESS_LOG_FIELDS = {
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "upstream_host": "%UPSTREAM_HOST%",
     "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
-    "user_agent": "%REQ(USER-AGENT)%",
+    "user_agent": f"%REQ(USER-AGENT):{LOG_USER_AGENT_CHARS}%",
 }
 
 
@@ -641,6 +653,14 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         common_http_protocol_options=HttpProtocolOptions(
             headers_with_underscores_action=(
                 HttpProtocolOptionsHeadersWithUnderscoresAction.DROP_HEADER)),
+        # Envoy's defaults take 1024 streams per HTTP/2 connection (measured, 1.40) and
+        # 256 MiB windows: every stream's body is buffered (up to max_request_body_bytes)
+        # before ext_authz can refuse it, so one connection without a key could hold a
+        # gigabyte. These are Envoy's edge-proxy values (its best-practices guide).
+        http2_protocol_options=Http2ProtocolOptions(
+            max_concurrent_streams=H2_MAX_CONCURRENT_STREAMS,
+            initial_stream_window_size=H2_STREAM_WINDOW_BYTES,
+            initial_connection_window_size=H2_CONNECTION_WINDOW_BYTES),
         # HTTP/1.0 too: load balancers' health checks (HAProxy's httpchk) still send it.
         http_protocol_options=Http1ProtocolOptions(accept_http_10=True,
                                                    default_host_for_http_10="tokenbooth"),

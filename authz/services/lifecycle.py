@@ -34,6 +34,7 @@ import orjson
 
 from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
+from authz.services.heavy import sized_work
 from authz.state.limits.admission import Admission
 from policy.bounds import MAX_EXACT
 from policy.config import Config, OrgLimits, Price
@@ -152,6 +153,12 @@ def forwarded_body(req: InferenceRequest, cfg: Config) -> bytes:
             f"bytes; the limit is {limit})."
         )
     return body
+
+
+def _parsed(raw: bytes, endpoint: Endpoint, cfg: Config) -> tuple[InferenceRequest, bytes]:
+    """The request's bounds and the body the backend gets (pure: safe in a thread)."""
+    req = parse_request(raw, endpoint, cfg)
+    return req, forwarded_body(req, cfg)
 
 
 # An org's limits: the admin API's stored ones over the config's (authz/state/orgs.py).
@@ -334,12 +341,13 @@ class Lifecycle:
         refusal comes before anything is held."""
         assert self.endpoint is not None and self.principal is not None
         cfg = self._snap.config
-        req = parse_request(raw, self.endpoint, cfg)
+        endpoint = self.endpoint
+        # Large bodies are bounded and re-encoded off the event loop (authz/services/heavy.py).
+        req, body = await sized_work(len(raw), lambda: _parsed(raw, endpoint, cfg))
         if not self.principal.may_use(req.alias):
             raise model_not_allowed(req.alias)
         route = self._snap.router.route(req.alias)
         assert route is not None  # parse_request checked the alias
-        body = forwarded_body(req, cfg)
         # The hold: every multiplier and prompt-bearing field (policy/request.py).
         key_period, org_period = self._budget_periods()
         record = HoldRecord(

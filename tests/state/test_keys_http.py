@@ -283,9 +283,28 @@ async def test_cache_is_bounded(server: ValidationServer, make_store: MakeStore)
     for _ in range(50):
         await find(store, new_secret())
         assert find_now(store, hot) is not None  # recently used: not evicted
-        assert store.cache_size <= 10
-    assert store.cache_size == 10
+        assert store.cache_size <= 10 + 10  # keys found, and apart those not found
+    assert store.cache_size == 1 + 10
     assert server.calls[hot] == 1
+
+
+async def test_random_keys_never_evict_a_real_one(
+    server: ValidationServer, make_store: MakeStore, clock: Clock
+) -> None:
+    """A spray of random bearer tokens (each a miss) fills only the misses' LRU: a real
+    key not used meanwhile keeps its cached answer, and so keeps working through an
+    outage of the service within the grace period."""
+    store = await make_store(max_entries=10)
+    real = new_secret()
+    server.valid(real)
+    rec = await find(store, real)
+    assert rec is not None
+    for _ in range(100):
+        assert await find(store, new_secret()) is None
+    assert store.cache_size == 1 + 10
+    await server.stop()
+    clock.t += 5  # past 2 x TTL: a refresh is tried, fails, the cached answer serves
+    assert await find(store, real) == rec
 
 
 # --- coalescing and cancellation ---------------------------------------------------------

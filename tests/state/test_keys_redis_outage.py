@@ -67,6 +67,29 @@ async def test_outage_grace_fail_closed_and_recovery(own_redis: RedisServer) -> 
         await store.close()
 
 
+async def test_random_keys_never_evict_a_cached_key(own_redis: RedisServer) -> None:
+    """A spray of random bearer tokens (each a miss, cached as such) evicts only other
+    misses: a real key not used meanwhile keeps its cached answer, so it keeps working
+    through a Redis outage within the grace period."""
+    store = RedisKeyStore(own_redis.url, RemoteOptions(timeout_s=0.3, grace_s=60,
+                                                       max_entries=10), poll_s=0.1)
+    await store.start()
+    try:
+        known = new_secret()
+        rec = KeyRecord(id="k1", org="acme", sha256=fingerprint(known))
+        await store.create(rec)
+        assert await store.find(rec.sha256, known) == rec  # now cached
+        for _ in range(100):
+            spray = new_secret()
+            assert await store.find(fingerprint(spray), spray) is None
+
+        own_redis.stop()
+        await asyncio.sleep(0.3)  # the version poll notices
+        assert await store.find(rec.sha256, known) == rec
+    finally:
+        await store.close()
+
+
 async def test_redis_down_at_start_does_not_block_start(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)  # never started
     store = RedisKeyStore(server.url, RemoteOptions(timeout_s=0.2), poll_s=0.1)

@@ -28,7 +28,7 @@ import orjson
 from yarl import URL
 
 from authz.state.keys.base import StoreUnavailable
-from authz.state.keys.cache import LruCache, RemoteOptions
+from authz.state.keys.cache import AnswerCache, RemoteOptions
 from policy.keyrecord import SCOPES, KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -72,7 +72,8 @@ class HttpValidationStore:
         self._timeout_s = options.timeout_s
         self._grace = options.grace_s
         self._clock = options.clock
-        self._cache: LruCache[_Entry] = LruCache(options.max_entries)
+        # Unknown keys' answers apart: random keys cannot evict real ones.
+        self._cache: AnswerCache[_Entry] = AnswerCache(options.max_entries)
         self._inflight: dict[str, asyncio.Task[KeyRecord | None]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -154,7 +155,7 @@ class HttpValidationStore:
                 return entry.record
             log.warning("key validation via %s failed for key %s…: %s", self.url, fp[:8], exc)
             raise StoreUnavailable(f"key validation service {self.url} failed: {exc}") from None
-        self._cache.put(fp, _Entry(record, self._clock()))
+        self._cache.put(fp, _Entry(record, self._clock()), found=record is not None)
         return record
 
     async def _call(self, fp: str, secret: str) -> KeyRecord | None:

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from authz.state.keys.base import KeyExists, StoreUnavailable, updated
-from authz.state.keys.cache import LruCache, RemoteOptions
+from authz.state.keys.cache import AnswerCache, RemoteOptions
 from policy.keyrecord import KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -81,8 +81,9 @@ class RedisKeyStore:
         self._grace_s = options.grace_s
         self._poll_s = poll_s
         self._clock = options.clock
-        # fingerprint -> (version it was read at, record or None for "no such key")
-        self._cache: LruCache[tuple[bytes | None, KeyRecord | None]] = LruCache(
+        # fingerprint -> (version it was read at, record or None for "no such key"); misses
+        # apart, so random keys cannot evict real ones.
+        self._cache: AnswerCache[tuple[bytes | None, KeyRecord | None]] = AnswerCache(
             options.max_entries)
         self._version: bytes | None = None
         self._last_ok = self._clock()
@@ -128,7 +129,7 @@ class RedisKeyStore:
             # the poll saw it would put the older one back, and entries cached before the
             # change (a key since revoked) would pass as fresh until the next poll.
             self._version = version
-        self._cache.put(fingerprint, (version, record))
+        self._cache.put(fingerprint, (version, record), found=record is not None)
         return record
 
     async def _fetch(self, fingerprint: str) -> tuple[bytes | None, bytes | None]:
