@@ -662,7 +662,10 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
             initial_stream_window_size=H2_STREAM_WINDOW_BYTES,
             initial_connection_window_size=H2_CONNECTION_WINDOW_BYTES),
         # HTTP/1.0 too: load balancers' health checks (HAProxy's httpchk) still send it.
-        http_protocol_options=Http1ProtocolOptions(accept_http_10=True,
+        # A method HTTP does not define (WebDAV's, a typo) reaches the routes, which answer
+        # the path's 405 or 404; the parser refused it with a text/plain 400 whose body
+        # the closed connection cut short. No route forwards it to a backend.
+        http_protocol_options=Http1ProtocolOptions(accept_http_10=True, allow_custom_methods=True,
                                                    default_host_for_http_10="tokenbooth"),
         # CONNECT reaches the routes only as an upgrade: without this, Envoy's own 403
         # (upgrade_failed); with it, `_connect_route`'s 405. Nothing else accepts it.

@@ -195,6 +195,30 @@ def test_connect_is_refused_at_once(gateway: Gateway, key: bool) -> None:
     assert gateway.upstream_requests() == []
 
 
+@pytest.mark.parametrize(("request_line", "status", "code", "allow"), [
+    ("BREW /v1/models", 405, "method_not_allowed", "GET, HEAD"),
+    ("PURGE /v1/chat/completions", 405, "method_not_allowed", "POST"),
+    ("FOO /nope", 404, "not_found", None),
+])
+def test_a_method_http_does_not_name_gets_an_openai_shaped_answer(
+        gateway: Gateway, request_line: str, status: int, code: str, allow: str | None) -> None:
+    """A method HTTP does not define (WebDAV's, a cache's PURGE, a typo) is read like any
+    other: the path's 405 with `Allow`, or its 404. Envoy's HTTP/1 parser refused it
+    before the routes: a text/plain 400 whose chunked body the closed connection cut
+    short (clients read "incomplete chunked read"). Nothing reaches a backend."""
+    gateway.clear_upstream()
+    got = _raw_exchange(gateway, (f"{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                  f"Authorization: Bearer {SECRET}\r\n\r\n").encode())
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), got
+    headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+    assert headers.get("allow") == allow
+    if headers.get("transfer-encoding") == "chunked":
+        body = body.split(b"\r\n")[1]
+    assert json.loads(body)["error"]["code"] == code
+    assert gateway.upstream_requests() == []
+
+
 def test_a_client_trickling_its_headers_gets_an_openai_shaped_408(gateway: Gateway) -> None:
     """A slowloris client holds a connection no longer than the headers' timeout (10 s):
     then an OpenAI-shaped 408, and nothing was admitted."""
