@@ -19,6 +19,7 @@ class MeterReport:
     oversize_events: int = 0  # events over envoy.max_event_bytes, passed through unread
     oversize_bytes: int = 0
     usage_event: bytes = b""  # the last event with a usage object, raw ("": none)
+    error_event: bytes = b""  # the first event that may say generation failed, raw
     done: bool = False  # `data: [DONE]` passed
     ended: bool = False  # the body ended (else the stream was cut)
     unreadable: bool = False  # not an event stream: passed unread
@@ -30,9 +31,10 @@ def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,
                       tokens_per_chunk: int) -> StreamMeter:
     """A meter in the state the services' own would end in, had they read the stream."""
     meter = meter_for(kind, True, max_event_bytes, tokens_per_chunk)
-    if report.usage_event:
-        meter.feed(report.usage_event)
-        meter.finish()
+    for event in (report.usage_event, report.error_event):
+        if event:  # each read as ext_proc's meter reads it (its counts restored below)
+            meter.feed(event)
+            meter.finish()
     meter.restore(report.events, report.oversize_events, report.oversize_bytes, report.done,
                   unreadable=report.unreadable and report.ended)
     return meter

@@ -12,6 +12,11 @@ An event over the parser's size limit (policy/sse.py) is passed through as it ar
 never decoded and so never stripped; the meter counts it and its bytes
 (`oversize_events`, `oversize_bytes`): without a usage chunk, its bytes are estimated
 as generated text.
+
+A chat or completions stream may end in an error event (vLLM's generation failed after
+some chunks: `data: {"error": {"message", "type", "code"}}`, then `[DONE]`; older vLLM
+releases sent `{"object": "error", "message", ..., "code"}`): `error_status` is the status
+its record says (`stream_error_status`), and the stream is charged as a cut one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from policy.tokens import estimate_bytes
 from policy.usage import Usage, usage_from_obj
 
 DONE = b"[DONE]"
+# The status of a stream's error event whose `code` is not an HTTP error status.
+STREAM_ERROR_STATUS = 500
 # Responses API events that end a response; each carries it, usage included.
 RESPONSE_ENDS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 # The Responses API event that opens an output item (a function call's carries its name).
@@ -34,8 +41,8 @@ ITEM_ADDED = b"response.output_item.added"
 
 class StreamMeter:
     __slots__ = ("_fed", "_inline_usage", "_parser", "_read_event", "_usage",
-                 "content_chunks", "done", "ended", "oversize_bytes", "strip_usage",
-                 "tokens_per_chunk")
+                 "content_chunks", "done", "ended", "error_status", "oversize_bytes",
+                 "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
                  tokens_per_chunk: int = 1) -> None:
@@ -51,6 +58,8 @@ class StreamMeter:
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
         self.ended = False  # the body ended (`finish`), not cut
+        # The status of the stream's first error event (0: none): generation failed.
+        self.error_status = 0
         self._fed = 0  # bytes fed
         self._read_event = False  # an event with data (or an oversize one) was seen
 
@@ -60,10 +69,11 @@ class StreamMeter:
         Usage inside a chunk with choices counts only for a stream that ended with
         `[DONE]` and no usage-only chunk (a backend that puts it on its last chunk): in a
         vLLM stream it is `continuous_usage_stats`, one choice's count so far, and a
-        stream cut after it (n > 1, a batch) would otherwise be charged that choice's."""
+        stream cut after it (n > 1, a batch) would otherwise be charged that choice's.
+        A stream that failed (an error event, then vLLM's `[DONE]`) is such a cut one."""
         if self._usage is not None:
             return self._usage
-        return self._inline_usage if self.done else None
+        return self._inline_usage if self.done and not self.error_status else None
 
     @property
     def unreadable(self) -> bool:
@@ -141,6 +151,8 @@ class StreamMeter:
             return False
         if not isinstance(obj, dict):
             return False
+        if not self.error_status:
+            self.error_status = stream_error_status(obj)
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -155,6 +167,29 @@ class StreamMeter:
             return False
         self._usage = usage
         return choices == []
+
+
+def stream_error_status(obj: dict[str, Any]) -> int:
+    """The status of a stream event that says generation failed (0: not one): OpenAI's
+    and vLLM's `{"error": {..., "code": 500}}`, or older vLLM's `{"object": "error", ...,
+    "code": 500}`; its `code` when that is an HTTP error status (vLLM's is: 500, or 503
+    for a retryable failure), else STREAM_ERROR_STATUS (OpenAI's codes are names). An
+    event with `choices` is a chunk, whatever else it holds. The Lua meter
+    (authz/envoy_config/stream_meter.py) hands such events over raw, to be read here."""
+    if "choices" in obj:
+        return 0
+    err = obj.get("error")
+    if isinstance(err, dict):
+        code = err.get("code")
+    elif obj.get("object") == "error":
+        code = obj.get("code")
+    else:
+        return 0
+    if isinstance(code, str) and code.isascii() and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    return STREAM_ERROR_STATUS
 
 
 def _has_text(choice: Any) -> bool:

@@ -18,6 +18,9 @@ Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
   oversize_events how many such events
   usage          the last event whose JSON has a `"usage":{...}` object, raw: the services
                  parse it with the same SSE and JSON code as ext_proc metering
+  error          the first event that may say generation failed (`"error": {...}` or
+                 `"object": "error"`, no `"choices"`), raw, set as it passes: the services
+                 read its status as ext_proc metering does
   first_us       when the first content event passed (µs since the epoch)
   done           1 once `data: [DONE]` passed
   ended          1 once the body ended (absent: the stream was cut)
@@ -61,10 +64,25 @@ _METER_LUA = """\
 local NS = "{ns}"
 local MAX_EVENT = {max_event}
 
+-- The metadata object is fetched anew each time: Envoy's Lua wrappers do not outlive
+-- the step (a chunk) they were fetched in.
+local function set(h, key, value)
+  h:streamInfo():dynamicMetadata():set(NS, key, value)
+end
+
 local function classify(ev, st)
   if #ev < 32 and string.find(ev, "data: ?%[DONE%]") then
     st.done = 1
     return false
+  end
+  -- An event saying generation failed (`{{"error": {{...}}}}`, older vLLM's `"object":
+  -- "error"`), never a chunk: the first goes to the services raw, at once (a client may
+  -- leave before the end), to be read there (policy/stream_usage.py,
+  -- `stream_error_status`).
+  if not st.error and not string.find(ev, '"choices"%s*:')
+      and (string.find(ev, '"error"%s*:%s*{{') or string.find(ev, '"object"%s*:%s*"error"')) then
+    st.error = true
+    set(st.h, "error", ev)
   end
   local has_usage = string.find(ev, '"usage":%s*{{') ~= nil
   -- Generated tokens: vLLM sends a chunk per generation step, whose text may be empty
@@ -90,14 +108,9 @@ local function classify(ev, st)
   return false
 end
 
--- The metadata object is fetched anew each time: Envoy's Lua wrappers do not outlive
--- the step (a chunk) they were fetched in.
-local function set(h, key, value)
-  h:streamInfo():dynamicMetadata():set(NS, key, value)
-end
-
 local function meter(h, strip, content_type)
-  local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0}}
+  local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0,
+               error = false, h = h}}
   set(h, "events", 0)
   if not string.find(string.lower(content_type or ""), "text/event-stream", 1, true) then
     -- Not an event stream: held until a blank line that never comes, it would reach

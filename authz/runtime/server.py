@@ -344,11 +344,22 @@ async def serve_forever(runtime: Runtime) -> None:
     memdebug.install(runtime.settings.tracemalloc, runtime.snapshot.config.data_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     log.info("shutting down")
     # A second signal hurries the stop (users expect a second Ctrl-C to stop at once).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, services.hurry)
+    if signals > 1:
+        # The second came before its handler (`up` sends both at once when hurried
+        # before the services' turn): as if it came now; it was dropped before.
+        loop.call_soon(services.hurry)
     await services.stop()

@@ -4,9 +4,10 @@ Models go to the config's backends; the simulator serves the models that have no
 (`backends: []`, as in the generated default config), or every model with `--sim`;
 `--upstream` sends every model to one URL. Every child runs in its own session and
 dies with the supervisor; Ctrl-C or SIGTERM stops them all, and so does any one of
-them exiting. Readiness counts only when the answering process is `up`'s own child
-(the services' PID on /readyz, a per-run nonce in Envoy's node metadata), so another
-instance on the same ports is reported as a busy port, never as "up".
+them exiting; a second Ctrl-C hurries that stop (`stop_children`). Readiness counts
+only when the answering process is `up`'s own child (the services' PID on /readyz, a
+per-run nonce in Envoy's node metadata), so another instance on the same ports is
+reported as a busy port, never as "up".
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from authz.runtime.procs import (
     http_json,
     http_ok,
     spawn,
-    stop,
     wait_until,
 )
 from authz.runtime.settings import Settings
@@ -52,12 +52,71 @@ RUN_METADATA_KEY = "tokenbooth_up_run"
 Procs = list[subprocess.Popen[bytes]]
 
 
+# After a second Ctrl-C, how long `up` still waits for each child but `serve` (which
+# hurries its own stop on the forwarded signal, and is not cut: its records and
+# settlements under way finish) before it kills it.
+HURRY_KILL_S = 1.0
+# How long a child may take to stop after its SIGTERM before it is killed.
+STOP_S = 10.0
+
+
 class _Stop(Exception):
     pass
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
+class _Signals:
+    """SIGINT/SIGTERM in `up`: the first stops it (raises _Stop where it runs); one during
+    the stop hurries it (`hurried`): see `stop_children`."""
+
+    def __init__(self) -> None:
+        self.stopping = False  # the stop has begun: a signal now hurries it
+        self.hurried = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise _Stop
+        self.hurried = True  # (no print here: a handler may interrupt one)
+
+
+def stop_children(procs: Procs, services: subprocess.Popen[bytes] | None,
+                  signals: _Signals) -> None:
+    """Stop `procs`, the last started first: Envoy ends its streams before the services
+    stop, and the services record them (a cut stream's prompt counted by its backend)
+    while the simulator still answers. All at once, a stream cut by the stop was charged
+    its prompt's bound (hundreds of tokens for "Hello!"). Each gets SIGTERM and up to
+    STOP_S to exit, then SIGKILL. Once `signals.hurried` (a second Ctrl-C): `services`
+    gets a second signal, SIGINT (`serve` then stops waiting for streams, prompt counts
+    and meter reports, losing no money: see Services.hurry), before its turn too, and
+    every other child is killed after HURRY_KILL_S."""
+    told_hurry = False
+    for p in reversed(procs):
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        deadline = time.monotonic() + STOP_S
+        while p.poll() is None and time.monotonic() < deadline:
+            if signals.hurried and not told_hurry:
+                told_hurry = True
+                print("hurrying: the services skip their wait (in-flight requests go to "
+                      "the lost-hold sweep); the rest are killed", flush=True)
+                if services is not None and services.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        if services is not p and procs.index(services) < procs.index(p):
+                            services.terminate()  # not asked to stop yet: the first
+                        # The second as SIGINT: two SIGTERMs sent at once can reach it
+                        # as one (a pending signal is not queued twice).
+                        services.send_signal(signal.SIGINT)
+                if p is not services:
+                    deadline = min(deadline, time.monotonic() + HURRY_KILL_S)
+            time.sleep(0.05)
+        if p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 def _self(*args: str) -> list[str]:
@@ -84,13 +143,14 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
     run_dir = cfg.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    signals = _Signals()
+    signals.install()
     procs: Procs = []
+    services: subprocess.Popen[bytes] | None = None
     try:
         overrides, sim_url = _with_sim(cfg, opts, procs)
         eff = overrides.apply(cfg)
-        _start_services(eff, opts.config_path, overrides, procs)
+        services = _start_services(eff, opts.config_path, overrides, procs)
         _start_envoy(eff, run_dir / "envoy.yaml", procs)
         _start_exporter(eff, opts.config_path, procs)
         if any(p.poll() is not None for p in procs):
@@ -103,17 +163,11 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
               f"{dead.returncode}; stopping the rest", file=sys.stderr)
         return 1
     except _Stop:
-        print("\nstopping…", flush=True)
+        print("\nstopping… (Ctrl-C again to hurry)", flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # Last started, first stopped: Envoy ends its streams before the services stop,
-        # and the services record them (a cut stream's prompt counted by its backend)
-        # while the simulator still answers. All at once, a stream cut by the stop was
-        # charged its prompt's bound (hundreds of tokens for "Hello!").
-        for p in reversed(procs):
-            stop([p])
+        signals.stopping = True  # also when a child exited: a signal now hurries
+        stop_children(procs, services, signals)
 
 
 def _ensure_config(opts: UpOptions) -> str | None:
@@ -200,7 +254,7 @@ def _serve_args(config_path: Path, o: RunOverrides) -> list[str]:
 
 
 def _start_services(eff: Config, config_path: Path, overrides: RunOverrides,
-                    procs: Procs) -> None:
+                    procs: Procs) -> subprocess.Popen[bytes]:
     child = spawn(_self(*_serve_args(config_path, overrides)))
     procs.append(child)
     readyz = f"http://{eff.services.http_listen}/readyz"
@@ -215,6 +269,7 @@ def _start_services(eff: Config, config_path: Path, overrides: RunOverrides,
 
     with _starting(eff, "services"):
         wait_until(ready, "tokenbooth services", alive=procs)
+    return child
 
 
 def _start_exporter(eff: Config, config_path: Path, procs: Procs) -> None:

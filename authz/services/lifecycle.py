@@ -578,6 +578,10 @@ class Lifecycle:
             status = SERVICE_UNAVAILABLE if late else CLIENT_CLOSED
         elif out_of_sight:
             status = self.status  # nobody left, nothing timed out: the backend's (or LOST)
+        elif self._meter is not None and self._meter.error_status:
+            # The stream said generation failed (an error event after a 200): the record
+            # says so, also when the client left after it; charged as a cut stream.
+            status = self._meter.error_status
         elif aborted and self._error_body is None and (self._meter is None
                                                        or not self._meter.done):
             # (A backend's error answer keeps its status when the client leaves during

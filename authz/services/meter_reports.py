@@ -86,6 +86,7 @@ def report_from_entry(entry: Any) -> MeterReport | None:
         oversize_events=num("oversize_events"),
         oversize_bytes=num("oversize_bytes"),
         usage_event=f["usage"].string_value.encode() if "usage" in f else b"",
+        error_event=f["error"].string_value.encode() if "error" in f else b"",
         done=num("done") == 1,
         ended=num("ended") == 1,
         unreadable=num("unreadable") == 1,

@@ -4,8 +4,8 @@ Routes (as vLLM's OpenAI server): ``GET /health``, ``GET /v1/models``,
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, the
 pooling and tokenizer endpoints of ``pooling.ANSWERS`` (embeddings, rerank, score,
 tokenize, detokenize), ``GET /metrics``; plus the test hooks ``GET``/``DELETE
-/_sim/requests`` and the request headers ``x-sim-status`` and ``x-sim-cut-after`` (see
-``Simulator.generate``). With ``api_key`` set, every ``/v1`` path wants
+/_sim/requests`` and the request headers ``x-sim-status``, ``x-sim-cut-after`` and
+``x-sim-error-after`` (see ``Simulator.generate``). With ``api_key`` set, every ``/v1`` path wants
 ``Authorization: Bearer <key>``, else 401 ``{"error": "Unauthorized"}``, as vLLM's
 ``--api-key`` does.
 """
@@ -41,6 +41,7 @@ MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 
 STATUS_HEADER: Final = "x-sim-status"
 CUT_HEADER: Final = "x-sim-cut-after"
+ERROR_HEADER: Final = "x-sim-error-after"  # a chat/completions stream fails after N
 TPOT_HEADER: Final = "x-sim-tpot-ms"  # per-request time per output token
 
 Generation = Literal["chat", "completion", "responses"]
@@ -158,12 +159,15 @@ class Simulator:
 
         ``x-sim-status: NNN`` (400-599) answers that status with a vLLM error body instead;
         ``x-sim-cut-after: N`` drops the connection after N token events of a stream;
+        ``x-sim-error-after: N`` ends a chat or completions stream after N token events
+        with vLLM's mid-stream error event and ``[DONE]`` (generation failed);
         ``x-sim-tpot-ms: N`` sets this request's time per output token.
         """
         body = await self._body(request)
         try:
             _raise_status_hook(request)
             cut_after = _int_hook(request, CUT_HEADER)
+            error_after = _int_hook(request, ERROR_HEADER)
             tpot_ms = _int_hook(request, TPOT_HEADER)
             tpot_s = self.tpot_s if tpot_ms is None else tpot_ms / 1000.0
             payload = parse_body(body)
@@ -175,7 +179,7 @@ class Simulator:
         metrics = self.models[gen.model]
         metrics.prompt_tokens.inc(gen.prompt_tokens)
         metrics.running.inc()
-        pace = Pacing(self.ttft_s, tpot_s, cut_after)
+        pace = Pacing(self.ttft_s, tpot_s, cut_after, error_after)
         try:
             if gen.stream:
                 if kind == "responses":

@@ -17,33 +17,48 @@ from authz.sim.tokens import output_text
 
 # Starlette's StreamingResponse(media_type="text/event-stream"), which vLLM uses, adds charset.
 SSE_CONTENT_TYPE: Final = "text/event-stream; charset=utf-8"
+# What vLLM 0.32's chat and completions streams send when generation fails mid-way (a
+# GenerationError: `create_streaming_error_response`, json.dumps of its ErrorResponse),
+# then `[DONE]`.
+GENERATION_ERROR_EVENT: Final = (
+    b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", '
+    b'"param": null, "code": 500}}\n\n')
 
 
 class Pacing:
     """When events go out: the first token after `ttft_s`, each later one `tpot_s` after
     the previous; with `cut_after` set, the connection is closed right after that many
-    token events, with nothing after them: a backend dying mid-stream."""
+    token events, with nothing after them: a backend dying mid-stream; with `error_after`
+    set, a chat or completions stream sends vLLM's error event and `[DONE]` after that
+    many: generation failing mid-stream."""
 
-    __slots__ = ("cut_after", "tpot_s", "ttft_s")
+    __slots__ = ("cut_after", "error_after", "tpot_s", "ttft_s")
 
-    def __init__(self, ttft_s: float, tpot_s: float, cut_after: int | None) -> None:
+    def __init__(self, ttft_s: float, tpot_s: float, cut_after: int | None,
+                 error_after: int | None = None) -> None:
         self.ttft_s, self.tpot_s, self.cut_after = ttft_s, tpot_s, cut_after
+        self.error_after = error_after
 
 
 async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
                  head: Sequence[bytes], steps: int, per_step: int,
                  token: Callable[[int, int], tuple[bytes, int] | None],
                  tail: Callable[[], Sequence[bytes]],
-                 weight: Callable[[int], int] = lambda _i: 1) -> web.StreamResponse:
+                 weight: Callable[[int], int] = lambda _i: 1,
+                 failure: Sequence[bytes] = ()) -> web.StreamResponse:
     """Stream `head`, then `steps` steps of `per_step` token events (`token(step,
     choice)`: the event and its tokens, or None once that choice has finished), then
     `tail()`. Headers go out at once, `head` with the first step; each later step waits
-    `weight(step)` token times."""
+    `weight(step)` token times. `failure`: what ends the stream instead of `tail()` after
+    `pace.error_after` token events (none: the hook does not apply)."""
     resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
     total = steps * per_step
     limit = total if pace.cut_after is None else min(pace.cut_after, total)
+    failing = bool(failure) and pace.error_after is not None
+    if failure and pace.error_after is not None:
+        limit = min(limit, pace.error_after)
     sent = tokens = 0
     try:
         if pace.ttft_s > 0:
@@ -67,7 +82,7 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
         if pace.cut_after is not None:
             _drop_connection(request)
             return resp
-        for event in tail():
+        for event in failure if failing else tail():
             await resp.write(event)
     except ConnectionError:
         # The client went away; nothing more to send. aiohttp's own write_eof after we
@@ -90,6 +105,7 @@ async def stream_generation(request: web.Request, gen: GenRequest, kind: Kind,
     lengths = gen.choice_lengths
     events = StreamEvents(kind, gen.model, gen.choices,
                           per_choice if gen.continuous_usage else None)
+    failure = (GENERATION_ERROR_EVENT, DONE_EVENT)
 
     def tail() -> list[bytes]:
         usage = ([events.usage(gen.prompt_tokens, gen.completion_tokens)]
@@ -106,13 +122,13 @@ async def stream_generation(request: web.Request, gen: GenRequest, kind: Kind,
             return events.tokens(start, end, end == lengths[c], c), end - start
 
         return await _drive(request, metrics, pace, events.roles, len(spans), gen.choices,
-                            span, tail, lambda i: spans[i][1] - spans[i][0])
+                            span, tail, lambda i: spans[i][1] - spans[i][0], failure)
 
     def one(i: int, c: int) -> tuple[bytes, int] | None:
         return None if i >= lengths[c] else (events.token(i, i == lengths[c] - 1, c), 1)
 
     return await _drive(request, metrics, pace, events.roles, gen.max_tokens, gen.choices,
-                        one, tail)
+                        one, tail, failure=failure)
 
 
 def stream_spans(n: int, interval: int) -> list[tuple[int, int]]:

@@ -21,6 +21,7 @@ from tests.e2e.conftest import Gateway, run_gateway
 from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_gateway import (  # noqa: F401  (run here against this gateway)
     records_for,
+    test_a_stream_that_ends_in_an_error_event_is_recorded_as_failed,
     test_chat_non_streaming_exact_usage_and_one_record,
     test_chat_streaming_hides_the_usage_chunk_it_added,
     test_chat_streaming_with_usage_requested,
@@ -81,15 +82,38 @@ def stream_events() -> list[bytes]:
             b"data: [DONE]\n\n"]
 
 
+# vLLM 0.32's event when generation fails mid-stream (json.dumps: spaces after colons).
+ERROR_EVENT = (b'data: {"error": {"message": "Internal server error", "type": '
+               b'"InternalServerError", "param": null, "code": 503}}\n\n')
+PROMPT_COUNT = 11  # what the upstream's /tokenize says of every prompt
+
+
+def error_stream_events() -> list[bytes]:
+    """A stream whose generation fails: content chunks whose text looks like the error
+    event (escaped, as JSON writes it), the error event, then `[DONE]` (as vLLM)."""
+    first = _chunk("")
+    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    texts = ['{"error": {"code": 400}}', '"object": "error"', "\r\n\r\n", "ok"]
+    return [_event(first), *(_event(_chunk(t)) for t in texts), ERROR_EVENT,
+            b"data: [DONE]\n\n"]
+
+
 class SplitUpstream(ThreadedBackend):
-    """An upstream that sends the stream above cut at the byte offsets a request's
-    `x-split` header names, each piece its own write a few ms apart."""
+    """An upstream that sends the stream above (`error_stream_events` with `x-stream:
+    error`) cut at the byte offsets a request's `x-split` header names, each piece its
+    own write a few ms apart; its /tokenize counts PROMPT_COUNT tokens."""
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._stream)
+        app.router.add_post("/tokenize", self._tokenize)
+
+    async def _tokenize(self, _: web.Request) -> web.Response:
+        return web.json_response({"count": PROMPT_COUNT, "max_model_len": 4096,
+                                  "tokens": list(range(PROMPT_COUNT))})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        body = b"".join(stream_events())
+        failing = request.headers.get("x-stream") == "error"
+        body = b"".join(error_stream_events() if failing else stream_events())
         cuts = [int(c) for c in request.headers.get("x-split", "").split(",") if c]
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
@@ -129,7 +153,17 @@ def _splits() -> list[list[int]]:
     return out
 
 
-def _post(gw: Gateway, split: list[int], wants_usage: bool) -> tuple[bytes, str]:
+def _error_splits() -> list[list[int]]:
+    """Every byte of the error event and around it, then a cut at every event end."""
+    events = error_stream_events()
+    start = sum(len(ev) for ev in events[:-2])
+    end = start + len(events[-2])
+    ends = [sum(len(ev) for ev in events[:i + 1]) for i in range(len(events) - 1)]
+    return [[at] for at in range(start - 2, end + 3)] + [ends]
+
+
+def _post(gw: Gateway, split: list[int], wants_usage: bool,
+          stream: str = "") -> tuple[bytes, str]:
     body: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                             "max_tokens": 64, "stream": True}
     if wants_usage:
@@ -137,7 +171,7 @@ def _post(gw: Gateway, split: list[int], wants_usage: bool) -> tuple[bytes, str]
     req = urllib.request.Request(
         f"{gw.base_url}/v1/chat/completions", data=json.dumps(body).encode(),
         headers={"authorization": f"Bearer {SECRET}", "content-type": "application/json",
-                 "x-split": ",".join(map(str, split))})
+                 "x-split": ",".join(map(str, split)), "x-stream": stream})
     with urllib.request.urlopen(req, timeout=30) as r:
         return r.read(), r.headers["x-request-id"]
 
@@ -153,6 +187,22 @@ def test_every_split_is_metered_exactly_and_passed_byte_for_byte(
         [rec] = records_for(split_gw, rid)
         assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
                 rec["status"]) == (9, 23, False, 200), (split, rec)
+
+
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_every_split_of_a_failed_stream_says_its_status(
+        split_gw: Gateway, wants_usage: bool) -> None:
+    """A stream that ends in vLLM's error event, split at every byte of that event and
+    around it: the client gets it byte for byte, and each record says the event's status
+    (503) with the content events counted (4), estimated, the prompt the backend's
+    /tokenize count, whatever the split (text that looks like an error event is not one)."""
+    expected = b"".join(error_stream_events())
+    for split in _error_splits():
+        got, rid = _post(split_gw, split, wants_usage, "error")
+        assert got == expected, split
+        [rec] = records_for(split_gw, rid)
+        assert (rec["status"], rec["completion_tokens"], rec["estimated"],
+                rec["prompt_tokens"]) == (503, 4, True, PROMPT_COUNT), (split, rec)
 
 
 def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:

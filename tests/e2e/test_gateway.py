@@ -321,6 +321,35 @@ def test_cut_stream_is_recorded_as_estimated(gateway: Gateway) -> None:
     assert rec["prompt_tokens"] > 0
 
 
+def _requests_with_status(gw: Gateway, status: int) -> float:
+    """inference_requests_total of the demo model's chat requests with `status`."""
+    with urllib.request.urlopen(f"{gw.side_url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    want = f'status="{status}"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("inference_requests_total{") and want in line
+               and 'model="demo"' in line and 'endpoint="chat"' in line)
+
+
+def test_a_stream_that_ends_in_an_error_event_is_recorded_as_failed(
+        gateway: Gateway) -> None:
+    """vLLM ends a stream whose generation failed with an error event after its chunks
+    (`{"error": {..., "code": 500}}`, then `[DONE]`): its record said 200, a success. It
+    says the event's status, 500 (so does inference_requests_total), and is charged as a
+    cut stream: the chunks seen, estimated, the prompt by the backend's /tokenize."""
+    before = _requests_with_status(gateway, 500)
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=MESSAGES, max_tokens=50, stream=True,
+        extra_headers={"x-sim-error-after": "3"})
+    rid = raw.headers["x-request-id"]
+    with pytest.raises(openai.APIError, match="Internal server error"):
+        list(raw.parse())  # the client got the event: the SDK raises it
+    [rec] = records_for(gateway, rid)
+    assert (rec["status"], rec["estimated"], rec["prompt_tokens"],
+            rec["completion_tokens"]) == (500, True, prompt_tokens_chat(MESSAGES), 3), rec
+    assert _requests_with_status(gateway, 500) == before + 1
+
+
 def test_secret_never_leaks_anywhere(gateway: Gateway) -> None:
     """Logs, usage records, metrics and what the upstream received: no secret, ever."""
     client = gateway.client()

@@ -7,6 +7,7 @@ can be read, never a prompt with zero completion tokens. The key's one slot come
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import Iterator
@@ -50,6 +51,17 @@ GZIPPED = gzip.compress(sse(
 SPACED = sse(*({"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("a", "b", "c")))
 
 
+# Streams whose generation failed after two content events: older vLLM's error event
+# (no `[DONE]` after it), and OpenAI's shape with a named code.
+_TWO = SPACED[:SPACED.index(b'data: {"choices": [{"index": 0, "delta": {"content": "c"')]
+FAILED = {
+    "old-error": _TWO + b'data: {"object": "error", "message": "boom", "type": '
+                        b'"InternalServerError", "param": null, "code": 503}\n\n',
+    "openai-error": _TWO + b'data: {"error": {"message": "boom", "type": "server_error", '
+                           b'"code": "server_error"}}\n\ndata: [DONE]\n\n',
+}
+
+
 class Unstreaming(ThreadedBackend):
     """Answers every chat stream as the request's `x-answer` says: `json` (no stream at
     all), `gzip` (an SSE stream, compressed) or `spaced` (SPACED)."""
@@ -70,6 +82,19 @@ class Unstreaming(ThreadedBackend):
             return resp  # type: ignore[return-value]
         if request.headers.get("x-answer") == "spaced":
             return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
+        answer = request.headers.get("x-answer", "")
+        if answer in FAILED:
+            return web.Response(body=FAILED[answer],
+                                headers={"content-type": "text/event-stream"})
+        if answer == "error-then-hang":  # the error event, then nothing until the client goes
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(FAILED["openai-error"].removesuffix(b"data: [DONE]\n\n"))
+            for _ in range(1200):  # aiohttp does not cancel a handler whose client left
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(0.05)
+            return resp  # type: ignore[return-value]
         if request.headers.get("x-answer") == "gzip":
             return web.Response(body=GZIPPED, headers={
                 "content-type": "text/event-stream", "content-encoding": "gzip"})
@@ -211,3 +236,37 @@ def test_a_chunked_empty_success_is_charged_its_whole_hold(
     assert (r.status_code, r.content) == (200, b"")
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
             rec["estimated"]) == (200, *whole_hold(gw), True)
+
+
+@pytest.mark.parametrize(("answer", "status"), [("old-error", 503), ("openai-error", 500)])
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_stream_that_ends_in_an_error_event_records_its_status(
+        meter: str, answer: str, status: int, request: pytest.FixtureRequest) -> None:
+    """A stream that fails after two content events (older vLLM's `"object": "error"`
+    with no `[DONE]`; OpenAI's shape, whose code is a name): recorded as 200, a success.
+    Both meters record the event's status (500 for a code that is not one), charged as
+    a cut stream: the two events seen, estimated. The client gets it as sent."""
+    gw: Gateway = request.getfixturevalue(meter)
+    r, rec = send(gw, answer, SECRET)
+    assert (r.status_code, r.content) == (200, FAILED[answer])
+    assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == (status, 2, True)
+
+
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_client_that_leaves_after_the_error_event_keeps_its_status(
+        meter: str, request: pytest.FixtureRequest) -> None:
+    """The client reads the error event and leaves while the backend holds the stream
+    open: the record says the backend's failure (500), not 499 (the client left): the
+    stream had failed before. Envoy's meter reports the event as it passes."""
+    gw: Gateway = request.getfixturevalue(meter)
+    with httpx.stream("POST", f"{gw.base_url}/v1/chat/completions", json=CHAT, timeout=30,
+                      headers={"authorization": f"Bearer {SECRET}",
+                               "x-answer": "error-then-hang"}) as r:
+        seen = b""
+        for part in r.iter_raw():
+            seen += part
+            if b'"error"' in seen and seen.endswith(b"\n\n"):
+                break
+        rid = r.headers["x-request-id"]
+    [rec] = records_for(gw, rid)
+    assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == (500, 2, True)

@@ -343,3 +343,103 @@ def test_ctrl_c_with_a_stream_in_flight_records_its_counted_prompt(tmp_path: Pat
     cut = [r for r in recs if r["status"] != 200]
     assert len(cut) == 1, recs
     assert cut[0]["prompt_tokens"] < 50, cut[0]  # counted by the simulator, not the bound
+
+
+# A child that counts the stop signals it gets (SIGTERM or SIGINT, as `serve` takes
+# them: asyncio's handlers, one call per signal delivered) and exits at the second.
+_SERVE_LIKE = """
+import asyncio, pathlib, signal, sys
+out = pathlib.Path(sys.argv[1])
+async def main():
+    got, done = [], asyncio.Event()
+    def on(sig):
+        got.append(sig.name)
+        out.write_text(",".join(got))
+        if len(got) == 2:
+            done.set()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on, sig)
+    out.write_text("ready")
+    await done.wait()
+asyncio.run(main())
+"""
+# A child stuck in its stop: it notes SIGTERM and goes on (an Envoy or simulator that
+# does not exit).
+_STUCK = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: out.write_text("term"))
+out.write_text("ready")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_second_signal_hurries_ups_stop(tmp_path: Path) -> None:
+    """`up`'s stop (Envoy, then the services, then the simulator, each waited for) ignored
+    a second Ctrl-C. Now, with the last started child stuck in its stop: `serve` gets its
+    stop signal and a second one at once (it hurries its own stop), and the stuck child
+    is killed; the children that still have their turn are stopped as ever."""
+    files = {name: tmp_path / name for name in ("sim", "serve", "stuck")}
+    sim = spawn([sys.executable, "-c", "import time; time.sleep(600)"])
+    serve = spawn([sys.executable, "-c", _SERVE_LIKE, str(files["serve"])])
+    stuck = spawn([sys.executable, "-c", _STUCK, str(files["stuck"])])
+    procs = [sim, serve, stuck]
+    for name in ("serve", "stuck"):
+        wait_until(lambda f=files[name]: f.exists() and f.read_text() == "ready", name,
+                   alive=procs)
+    signals = supervisor._Signals()
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signals.install()
+    signals.stopping = True  # as after the first Ctrl-C
+
+    def second_ctrl_c() -> None:  # once the stop is waiting for the stuck child
+        wait_until(lambda: files["stuck"].read_text() == "term", "stuck", timeout=20)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=second_ctrl_c, daemon=True)
+    helper.start()
+    try:
+        supervisor.stop_children(procs, serve, signals)
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    helper.join(5)
+    assert signals.hurried
+    assert files["serve"].read_text() == "SIGTERM,SIGINT"  # its stop, then the hurry
+    assert (stuck.returncode, serve.returncode, sim.returncode) == (
+        -signal.SIGKILL, 0, -signal.SIGTERM)
+
+
+def test_a_second_ctrl_c_reaches_serve_through_up(tmp_path: Path) -> None:
+    """Through `up` itself: a second Ctrl-C while it stops says it hurries, and `serve`
+    gets it (its own line: the stop hurried); `up` still exits 0 with every port closed."""
+    _, _, data, env = first_run_on_free_ports(tmp_path)
+    up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        read_banner(up)
+        up.send_signal(signal.SIGINT)
+        assert up.stdout is not None
+        while "stopping" not in (line := up.stdout.readline()):
+            assert line, "up ended without stopping"
+        up.send_signal(signal.SIGINT)
+        rc = up.wait(60)
+        rest = up.stdout.read()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        assert up.stdout is not None
+        up.stdout.close()
+    assert rc == 0, rest
+    assert "hurrying" in rest, rest
+    assert "stop hurried by a second signal" in rest, rest
+    for hostport in (data["listen"], data["services"]["grpc_listen"],
+                     data["services"]["http_listen"], data["envoy"]["admin_listen"]):
+        assert not port_open(hostport), f"{hostport} still open after Ctrl-C"

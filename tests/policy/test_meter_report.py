@@ -58,3 +58,29 @@ def test_an_answer_that_is_not_an_event_stream_is_unreadable() -> None:
     assert not cut.unreadable
     read = meter_from_report(Kind.CHAT, MeterReport(ended=True, events=3), 1 << 20, 1)
     assert not read.unreadable and read.content_chunks == 3
+
+
+ERROR_EVENT = (b'data: {"error": {"message": "Internal server error", "type": '
+               b'"InternalServerError", "param": null, "code": 500}}\n\n')
+
+
+def test_an_error_event_gives_its_status_and_no_usage() -> None:
+    """Envoy's meter hands over the first event that may say generation failed: read as
+    the services' meter reads it, it gives the record's status; the stream is estimated
+    from its counts, also with a continuous usage event and `[DONE]`."""
+    one_choice = (b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],'
+                  b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n')
+    meter = meter_from_report(Kind.CHAT, MeterReport(
+        events=2, usage_event=one_choice, error_event=ERROR_EVENT, done=True, ended=True),
+        1 << 20, 1)
+    assert (meter.error_status, meter.usage, meter.completion_estimate) == (500, None, 2)
+    plain = meter_from_report(Kind.CHAT, MeterReport(events=2, done=True, ended=True),
+                              1 << 20, 1)
+    assert plain.error_status == 0
+
+
+def test_an_event_the_lua_meter_took_for_an_error_may_not_be_one() -> None:
+    """The Lua meter matches text; what the event is, is decided here, by its JSON."""
+    for raw in (b'data: {"note": {"error": {"code": 500}}}\n\n', b"data: not json\n\n"):
+        meter = meter_from_report(Kind.CHAT, MeterReport(error_event=raw), 1 << 20, 1)
+        assert meter.error_status == 0, raw

@@ -4,9 +4,10 @@ when asked, strips exactly the usage-only chunk, passing every other byte throug
 from __future__ import annotations
 
 import gzip
+from typing import Any
 
 from policy.endpoints import Kind
-from policy.stream_usage import ResponsesStreamMeter, StreamMeter, meter_for
+from policy.stream_usage import ResponsesStreamMeter, StreamMeter, meter_for, stream_error_status
 from policy.usage import Usage
 
 
@@ -210,3 +211,74 @@ def test_a_body_with_no_sse_event_is_unreadable_once_it_ended() -> None:
     assert not m.unreadable
     m, _ = meter(True)  # a body that ended with no bytes at all (a chunked empty 200)
     assert (m.usage, m.unreadable) == (None, True)
+
+
+# vLLM 0.32's event when generation fails mid-stream (then `[DONE]`), and older vLLM's.
+VLLM_ERROR = chunk('{"error": {"message": "Internal server error", "type": '
+                   '"InternalServerError", "param": null, "code": 500}}')
+OLD_ERROR = chunk('{"object": "error", "message": "boom", "type": "InternalServerError", '
+                  '"param": null, "code": 503}')
+
+
+def test_a_stream_that_ends_in_an_error_event_says_its_status() -> None:
+    """The error event after content chunks: a stream that failed, not a success. It
+    passes through (the client sees it), and the stream is charged as a cut one."""
+    for strip in (False, True):
+        m, out = meter(strip, ROLE, TEXT, TEXT, VLLM_ERROR, DONE)
+        assert (m.error_status, m.usage, m.content_chunks, m.done) == (500, None, 2, True)
+        assert out == (ROLE + TEXT + TEXT + VLLM_ERROR + DONE if strip else None)
+    m, _ = meter(False, COMPLETION, OLD_ERROR)  # no [DONE]: ended all the same
+    assert (m.error_status, m.content_chunks) == (503, 1)
+
+
+def test_a_stream_without_an_error_event_has_no_error_status() -> None:
+    m, _ = meter(True, ROLE, TEXT, USAGE, DONE)
+    assert m.error_status == 0
+
+
+def test_the_first_error_event_decides_whatever_the_split() -> None:
+    body = ROLE + TEXT + OLD_ERROR + VLLM_ERROR + DONE
+    for at in range(1, len(body)):
+        m, _ = meter(False, body[:at], body[at:])
+        assert (m.error_status, m.content_chunks) == (503, 1), at
+
+
+def test_continuous_usage_before_an_error_event_is_not_the_usage() -> None:
+    """vLLM's continuous_usage_stats on a chunk counts one choice so far: after an error
+    event vLLM still sends `[DONE]`, but the stream failed as a cut one, and it is
+    estimated from its chunks."""
+    m, _ = meter(False, continuous(0, 3, 1), continuous(1, 3, 1), VLLM_ERROR, DONE)
+    assert (m.usage, m.error_status, m.completion_estimate) == (None, 500, 2)
+
+
+def test_stream_error_status_reads_the_code_when_it_is_an_error_status() -> None:
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({"error": {"message": "m", "code": 500}}, 500),
+        ({"error": {"message": "m", "code": 503}}, 503),
+        ({"error": {"message": "m", "code": 400}}, 400),
+        ({"error": {"message": "m", "code": "502"}}, 502),
+        ({"error": {"message": "m", "code": "server_error"}}, 500),  # OpenAI's: a name
+        ({"error": {"message": "m", "code": None}}, 500),
+        ({"error": {"message": "m"}}, 500),
+        ({"error": {"code": 200}}, 500),  # not an error status
+        ({"error": {"code": 700}}, 500),
+        ({"error": {"code": True}}, 500),
+        ({"error": {"code": "\uff15\uff10\uff10"}}, 500),  # fullwidth: not ASCII digits
+        ({"object": "error", "message": "m", "code": 503}, 503),
+        ({"object": "error", "message": "m"}, 500),
+        ({"error": "a string"}, 0),  # not the error object
+        ({"object": "chat.completion.chunk"}, 0),
+        ({"choices": [], "error": {"code": 500}}, 0),  # a chunk, whatever else it holds
+        ({}, 0),
+    ]
+    for obj, status in cases:
+        assert stream_error_status(obj) == status, obj
+
+
+def test_a_completions_logprob_keyed_error_is_not_an_error_event() -> None:
+    """Completions `top_logprobs` are keyed by token text: a token `error` is a key in a
+    chunk with choices, never an error event."""
+    logprob = chunk('{"choices":[{"index":0,"text":"error","logprobs":{"top_logprobs":'
+                    '[{"error":-0.1}]}}]}')
+    m, _ = meter(False, logprob, DONE)
+    assert (m.error_status, m.content_chunks) == (0, 1)

@@ -96,6 +96,23 @@ async def test_a_cut_stream_is_estimated_from_the_meters_counts(
     assert (rec["completion_tokens"], rec["estimated"], rec["status"]) == (3, True, status)
 
 
+ERROR_EVENT = (b'data: {"error": {"message": "Internal server error", "type": '
+               b'"InternalServerError", "param": null, "code": 503}}\n\n')
+
+
+@pytest.mark.parametrize("ended", [1, 0])
+async def test_a_reported_error_event_gives_the_records_status(
+        running: Running, ended: int) -> None:
+    """The meter's `error` key (the stream's first error event, raw): the record says its
+    status, also when the stream was then cut (the client left), estimated."""
+    rid = f"r-err-{ended}"
+    await hand_over(running, rid, {})
+    await report(running, rid, events=3, error=ERROR_EVENT.decode(), done=ended,
+                 ended=ended)
+    [rec] = await records(running, 1)
+    assert (rec["completion_tokens"], rec["estimated"], rec["status"]) == (3, True, 503)
+
+
 async def test_no_report_charges_the_hold_whole(running: Running,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """No report before the hold's lease would end (Envoy lost it): the record charges

@@ -332,6 +332,27 @@ async def test_sim_cut_after_breaks_stream(sim: Sim, path: str, role_chunks: int
     assert registry.get_sample_value("vllm:num_requests_running", labels) == 0
 
 
+@pytest.mark.parametrize(("path", "role_chunks"), [(CHAT, 1), (COMPLETIONS, 0)])
+async def test_sim_error_after_ends_the_stream_with_vllms_error_event(
+        sim: Sim, path: str, role_chunks: int) -> None:
+    """As vLLM 0.32 when generation fails mid-stream: the error event, then [DONE]; no
+    usage chunk, although it was asked for."""
+    body: dict[str, Any] = {"model": "tiny-llama", "max_tokens": 10, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    body |= {"messages": MESSAGES} if path == CHAT else {"prompt": "x"}
+    async with sim.http.post(sim.url + path, json=body,
+                             headers={"x-sim-error-after": "3"}) as resp:
+        assert resp.status == 200
+        received = await resp.read()
+    events = [e for e in received.decode().split("\n\n") if e]
+    assert len(events) == role_chunks + 3 + 2
+    assert json.loads(events[-2].removeprefix("data: ")) == {"error": {
+        "message": "Internal server error", "type": "InternalServerError", "param": None,
+        "code": 500}}
+    assert events[-1] == "data: [DONE]"
+    assert b'"usage"' not in received
+
+
 async def test_requests_are_recorded(sim: Sim) -> None:
     async with sim.http.delete(sim.url + "/_sim/requests") as resp:
         assert resp.status == 204
