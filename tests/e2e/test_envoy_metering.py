@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from authz.runtime.procs import wait_until
 from tests.e2e.conftest import Gateway, run_gateway
 from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_gateway import (  # noqa: F401  (run here against this gateway)
@@ -220,6 +221,15 @@ def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:
             return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
                        if line.startswith("gen_ai_server_time_to_first_token_seconds_count"))
 
+    def quiet() -> bool:  # an earlier test's stream may still be settling: wait it out
+        with urllib.request.urlopen(f"{gateway.side_url}/metrics") as r:
+            held = sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                       if line.startswith("tokenbooth_holds_in_flight{"))
+        first = (sent(), ttft_count())
+        time.sleep(0.3)
+        return held == 0 and (sent(), ttft_count()) == first
+
+    wait_until(quiet, "no stream in flight")
     before, ttft_before = sent(), ttft_count()
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=100,
