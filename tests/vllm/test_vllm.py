@@ -200,6 +200,11 @@ def _read_a_few_chunks_and_leave(gw: Gateway, path: str = "/v1/chat/completions"
     """Start a long stream, read five chunks, close the connection; the request's record."""
     body = {"model": "long", "max_tokens": LONG_TOKENS, "stream": True, **EXACT,
             **(ask or {"messages": MESSAGES})}
+    return leave_after_five_events(gw, path, body)
+
+
+def leave_after_five_events(gw: Gateway, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST a stream request, read five data events, close the connection; its record."""
     req = urllib.request.Request(
         f"{gw.base_url}{path}", data=json.dumps(body).encode(),
         headers={"content-type": "application/json", "authorization": f"Bearer {SECRET}"})

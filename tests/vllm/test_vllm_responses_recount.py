@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-import urllib.request
 from typing import Any
 
 import pytest
 
-from authz.state.usage.records import USAGE_FILE, read_records
 from policy.endpoints import Kind
 from policy.prompt_count import Recount, counted, tokenize_request
 from tests.e2e.conftest import Gateway
-from tests.helpers import SECRET
 from tests.vllm.conftest import LONG_TOKENS, MODEL, VllmServer, _require_python
-from tests.vllm.test_vllm import EXACT
+from tests.vllm.test_vllm import EXACT, leave_after_five_events
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -180,24 +176,8 @@ def test_a_function_call_item_is_left_at_the_bound(vllm_server: VllmServer) -> N
 def _cut_responses_stream(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     """Stream a long Responses request through the gateway, read five events, leave: the
     request's record."""
-    req = urllib.request.Request(
-        f"{gw.base_url}/v1/responses",
-        data=json.dumps({"model": "long", **body, "max_output_tokens": LONG_TOKENS,
-                         "stream": True, **EXACT}).encode(),
-        headers={"content-type": "application/json", "authorization": f"Bearer {SECRET}"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        rid = r.headers["x-request-id"]
-        seen = 0
-        while seen < 5:
-            if r.readline().startswith(b"data: {"):
-                seen += 1
-    deadline = time.monotonic() + 30
-    recs: list[dict[str, Any]] = []
-    while not recs and time.monotonic() < deadline:
-        recs = [x for x in read_records(gw.data_dir / USAGE_FILE) if x["request_id"] == rid]
-        time.sleep(0.1)
-    [rec] = recs
-    return rec
+    return leave_after_five_events(gw, "/v1/responses", {
+        "model": "long", **body, "max_output_tokens": LONG_TOKENS, "stream": True, **EXACT})
 
 
 def test_a_cut_responses_stream_is_charged_vllms_own_prompt_count(
