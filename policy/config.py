@@ -244,6 +244,10 @@ HOLD_LEASE_SLACK_S = 30.0
 CUT_TOLERANCE_S = 0.05
 
 
+# The least `envoy.max_heap_bytes` may be: Envoy alone (clusters, listeners, stats)
+# takes tens of MiB of heap before its first request.
+MIN_ENVOY_HEAP_BYTES = 64 << 20
+
 # A browser origin as it sends it in `Origin`: scheme, host, optional port, nothing else.
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
@@ -280,6 +284,23 @@ class EnvoySettings(_Strict):
     # Browser origins that may call the API (CORS): exact `scheme://host[:port]` origins,
     # or "*" for any. Empty: no CORS (a preflight needs a key, so browsers cannot call).
     cors_allow_origins: tuple[str, ...] = ()
+    # A bound on Envoy's heap, in bytes (about 80 % of its container's memory limit):
+    # Envoy's fixed-heap monitor then shrinks the heap at 90 %, resets the streams that
+    # hold the most memory from 95 % and answers new requests 503 at 98 %, rather than
+    # being OOM-killed with every stream in flight (authz/envoy_config/bootstrap.py).
+    # Unset: no memory bound (only connections are capped).
+    max_heap_bytes: int | None = None
+
+    @field_validator("max_heap_bytes")
+    @classmethod
+    def _heap(cls, v: int | None) -> int | None:
+        if v is not None and v < MIN_ENVOY_HEAP_BYTES:
+            raise ValueError(
+                f"{v} is below {MIN_ENVOY_HEAP_BYTES} bytes ({MIN_ENVOY_HEAP_BYTES >> 20} "
+                "MiB): Envoy uses tens of MiB before any request, so with less every "
+                "request would be refused as overload; give ~80 % of the container's memory "
+                "limit")
+        return v
 
     @field_validator("cors_allow_origins")
     @classmethod

@@ -36,10 +36,19 @@ from envoy_data_plane.envoy.config.core.v3 import (
     TransportSocket,
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
+from envoy_data_plane.envoy.config.overload.v3 import (
+    BufferFactoryConfig,
+    OverloadAction,
+    OverloadManager,
+    ResourceMonitor,
+    ScaledTrigger,
+    ThresholdTrigger,
+    Trigger,
+)
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
 )
+from envoy_data_plane.envoy.extensions.resource_monitors.fixed_heap.v3 import FixedHeapConfig
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CommonTlsContext,
     DownstreamTlsContext,
@@ -56,7 +65,7 @@ from authz.envoy_config.common import (
     seconds,
 )
 from authz.envoy_config.http_filters import http_connection_manager
-from policy.config import Config, Tls
+from policy.config import Config, EnvoySettings, Tls
 
 LISTENER_NAME = "tokenbooth_ingress"
 NODE = Node(id="tokenbooth-envoy", cluster="tokenbooth")
@@ -97,16 +106,61 @@ def _listener(cfg: Config) -> Listener:
     )
 
 
-def _overload_manager() -> OverloadManager:
-    """A cap on downstream connections (Envoy warns at start-up without one)."""
+FIXED_HEAP = "envoy.resource_monitors.fixed_heap"
+# Heap pressure (used / envoy.max_heap_bytes) at which each action starts. Envoy's edge
+# guide shrinks at 95 % and refuses requests at 98 %; here the heap is shrunk earlier so
+# that memory freed by ended streams goes back before any stream is reset.
+SHRINK_HEAP_AT = 0.90
+# Streams are reset from 95 % (the largest accounts first, more of them as pressure
+# grows) until 98 %, where every tracked one is.
+RESET_STREAMS_FROM = 0.95
+RESET_STREAMS_ALL_AT = 0.98
+# HTTP/1 connections close after their response, HTTP/2 ones get GOAWAY: idle
+# keep-alive connections stop holding their buffers.
+DISABLE_KEEPALIVE_AT = 0.95
+# New requests get 503 (local_replies.OVERLOADED, with retry-after) instead of memory.
+STOP_REQUESTS_AT = 0.98
+# Streams whose buffers hold at least 2^16 bytes (64 KiB) are tracked, so the ones
+# holding the most (bodies buffered up to max_request_body_bytes) can be reset.
+TRACK_STREAMS_FROM_POWER_OF_TWO = 16
+OVERLOAD_REFRESH_MS = 250
+
+
+def _heap_action(name: str, at: float) -> OverloadAction:
+    return OverloadAction(name=name, triggers=[
+        Trigger(name=FIXED_HEAP, threshold=ThresholdTrigger(value=at))])
+
+
+def _overload_manager(env: EnvoySettings) -> OverloadManager:
+    """A cap on downstream connections (Envoy warns at start-up without one) and, with
+    `envoy.max_heap_bytes`, a bound on the heap (Envoy's fixed-heap monitor): past it a
+    flood of requests (every body is buffered before its key is checked) costs the
+    largest streams and new requests, never the whole process and its streams."""
     cap = DownstreamConnectionsConfig(max_active_downstream_connections=CIRCUIT_BREAKER_MAX)
+    monitors = [ResourceMonitor(
+        name="envoy.resource_monitors.global_downstream_max_connections",
+        typed_config=pack(cap),
+    )]
+    if env.max_heap_bytes is None:
+        return OverloadManager(resource_monitors=monitors)
+    heap = FixedHeapConfig(max_heap_size_bytes=env.max_heap_bytes)
+    reset = OverloadAction(
+        name="envoy.overload_actions.reset_high_memory_stream",
+        triggers=[Trigger(name=FIXED_HEAP, scaled=ScaledTrigger(
+            scaling_threshold=RESET_STREAMS_FROM, saturation_threshold=RESET_STREAMS_ALL_AT))])
     return OverloadManager(
-        resource_monitors=[
-            ResourceMonitor(
-                name="envoy.resource_monitors.global_downstream_max_connections",
-                typed_config=pack(cap),
-            )
-        ]
+        refresh_interval=ms(OVERLOAD_REFRESH_MS),
+        resource_monitors=[*monitors, ResourceMonitor(name=FIXED_HEAP, typed_config=pack(heap))],
+        actions=[
+            _heap_action("envoy.overload_actions.shrink_heap", SHRINK_HEAP_AT),
+            reset,
+            _heap_action("envoy.overload_actions.disable_http_keepalive",
+                         DISABLE_KEEPALIVE_AT),
+            _heap_action("envoy.overload_actions.stop_accepting_requests", STOP_REQUESTS_AT),
+        ],
+        # reset_high_memory_stream resets only the streams whose memory is accounted.
+        buffer_factory_config=BufferFactoryConfig(
+            minimum_account_to_track_power_of_two=TRACK_STREAMS_FROM_POWER_OF_TWO),
     )
 
 
@@ -144,7 +198,7 @@ def build_bootstrap(cfg: Config) -> Bootstrap:
             listeners=[_listener(cfg)], clusters=[services_cluster(cfg)]
         ),
         dynamic_resources=_dynamic_resources(),
-        overload_manager=_overload_manager(),
+        overload_manager=_overload_manager(cfg.envoy),
     )
 
 

@@ -26,6 +26,8 @@ Seen with Envoy 1.40 (the real binary, access log `%RESPONSE_FLAGS%` and
 - body over the limit (buffer filter): 413, no flag, `request_payload_too_large`.
 - a backend's API key not loadable (its environment variable unset, its file missing:
   Envoy rejects the secret): 401, no flag, `failed_to_inject_credential`.
+- heap past `envoy.max_heap_bytes`' stop_accepting_requests threshold: 503, OL,
+  `overload` (before any filter: no key is checked, nothing is admitted).
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ NO_BODY = invalid_request("This endpoint needs a JSON request body.")
 NOT_SERVED = ApiError(404, "model_not_found",
                       "This model is not served here: it was added or removed moments ago. "
                       "GET /v1/models lists the models this key can use now.")
+# Envoy's memory is nearly spent (overload manager, envoy.max_heap_bytes): the request
+# was refused before anything read it, and memory comes back as streams end.
+OVERLOADED = service_unavailable("The gateway is overloaded; try again shortly.", retry=True)
 NO_BACKEND_KEY = service_unavailable(
     "The gateway cannot load this model's backend API key; an operator must fix it.",
     retry=False)
@@ -183,6 +188,7 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
     """First matching mapper wins; denials and ImmediateResponses match none."""
     return LocalReplyConfig(
         mappers=[
+            _mapper(_cel("response.code_details == 'overload'"), OVERLOADED),
             _mapper(_cel("response.code_details == 'ext_authz_error'"), AUTHZ_DOWN),
             # Also turns ext_proc's 504 on a message timeout into a 503.
             _mapper(_cel("response.code_details.startsWith('ext_proc_error')"), PROC_DOWN),

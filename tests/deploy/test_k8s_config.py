@@ -306,3 +306,34 @@ def test_posix_paths() -> None:  # the config's paths are container paths
         assert cfg.tls is not None
         for p in (cfg.tls.cert, cfg.tls.key, cfg.data_dir):
             assert posixpath.isabs(str(p)), p
+
+
+_QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity ("512Mi", "1G", "1048576") in bytes."""
+    for suffix, factor in _QUANTITY.items():
+        if quantity.endswith(suffix) and quantity[:-len(suffix)].isdigit():
+            return int(quantity[:-len(suffix)]) * factor
+    return int(quantity)
+
+
+def test_memory_quantities() -> None:
+    assert [memory_bytes(q) for q in ("512Mi", "1Gi", "1G", "1048576")] == [
+        512 << 20, 1 << 30, 10**9, 1 << 20]
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_envoy_heap_bound_fits_its_container(builds: dict[str, Build],
+                                             configs: dict[str, tuple[Path, Config]],
+                                             name: str) -> None:
+    """envoy.max_heap_bytes is ~80 % of the Envoy container's memory limit: the overload
+    actions (503s, stream resets) act before the kernel's OOM killer, which would end
+    every stream in flight; the rest is memory outside the heap (binary, stacks)."""
+    _, cfg = configs[name]
+    limit = memory_bytes(
+        builds[name].pod_with_container("envoy").container("envoy")["resources"]["limits"]
+        ["memory"])
+    assert cfg.envoy.max_heap_bytes is not None
+    assert 0.7 * limit <= cfg.envoy.max_heap_bytes <= 0.8 * limit, (limit, cfg.envoy)

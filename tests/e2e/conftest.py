@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from authz.envoy_config.binary import envoy_path
-from authz.envoy_config.bootstrap import render_yaml
+from authz.envoy_config.bootstrap import render_dict, render_yaml
 from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from policy.config import load_config
 from tests.helpers import SECRET, free_port, write_policy
@@ -67,12 +67,14 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
                 sim_weight: int = 1, upstream: str | None = None,
                 envoy: dict[str, Any] | None = None,
                 demo: dict[str, Any] | None = None,
+                edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
                 **policy: Any) -> Iterator[Gateway]:
     """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit.
     `extra_backends` join the sim as weighted backends of the `demo` alias; with
     `upstream` (a running vLLM, say) no sim is started and every alias routes there.
     `envoy`: settings of the config's `envoy:` section (route_timeout_s, say) beside
-    the admin port chosen here. `demo`: settings added to the `demo` model."""
+    the admin port chosen here. `demo`: settings added to the `demo` model.
+    `edit_bootstrap`: changes the rendered bootstrap (as data) before Envoy reads it."""
     logs = root / "logs"
     logs.mkdir()
     sim_port = free_port()
@@ -93,7 +95,12 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
         data["models"]["demo"].update(demo or {})
         path.write_text(yaml.safe_dump(data, sort_keys=False))
     cfg = load_config(path)
-    (root / "envoy.yaml").write_text(render_yaml(cfg))
+    if edit_bootstrap is None:
+        (root / "envoy.yaml").write_text(render_yaml(cfg))
+    else:
+        bootstrap = render_dict(cfg)
+        edit_bootstrap(bootstrap)
+        (root / "envoy.yaml").write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     py = [sys.executable, "-m", "authz.cli"]
     procs: list[subprocess.Popen[bytes]] = []
 

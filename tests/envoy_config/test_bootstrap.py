@@ -428,3 +428,36 @@ def test_upstream_errors_filter_marks_only_backend_answers() -> None:
     proc = http_filter(d, "envoy.filters.http.ext_proc")
     assert "tokenbooth.upstream_errors" in proc["metadata_options"][
         "forwarding_namespaces"]["untyped"]
+
+
+def test_without_a_heap_bound_only_connections_are_capped() -> None:
+    om = render_dict(load_fixture("basic"))["overload_manager"]
+    assert [m["name"] for m in om["resource_monitors"]] == [
+        "envoy.resource_monitors.global_downstream_max_connections"]
+    assert "actions" not in om and "buffer_factory_config" not in om
+
+
+def test_a_heap_bound_sheds_load_before_envoy_runs_out_of_memory() -> None:
+    """envoy.max_heap_bytes: the fixed-heap monitor, and actions in order of pressure:
+    shrink the heap, reset the streams holding the most (they must be accounted), stop
+    keep-alive, refuse new requests."""
+    cfg = load_fixture("tls_multi")
+    assert cfg.envoy.max_heap_bytes == 429496729
+    om = render_dict(cfg)["overload_manager"]
+    heap = "envoy.resource_monitors.fixed_heap"
+    monitors = {m["name"]: m["typed_config"] for m in om["resource_monitors"]}
+    assert monitors[heap]["max_heap_size_bytes"] == "429496729"
+    triggers = {}
+    for action in om["actions"]:
+        (trigger,) = action["triggers"]
+        assert trigger["name"] == heap
+        triggers[action["name"].removeprefix("envoy.overload_actions.")] = (
+            trigger.get("threshold") or trigger["scaled"])
+    assert triggers == {
+        "shrink_heap": {"value": 0.9},
+        "reset_high_memory_stream": {"scaling_threshold": 0.95, "saturation_threshold": 0.98},
+        "disable_http_keepalive": {"value": 0.95},
+        "stop_accepting_requests": {"value": 0.98},
+    }
+    assert om["buffer_factory_config"] == {"minimum_account_to_track_power_of_two": 16}
+    assert om["refresh_interval"] == "0.250s"

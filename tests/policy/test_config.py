@@ -210,3 +210,12 @@ def test_cors_origins_with_a_path_or_no_scheme_are_refused(bad: str) -> None:
 
     with pytest.raises(ValueError, match="is not an origin"):
         EnvoySettings(cors_allow_origins=(bad,))
+
+
+def test_envoy_max_heap_bytes_is_unset_or_at_least_64_mib() -> None:
+    from policy.config import MIN_ENVOY_HEAP_BYTES, EnvoySettings
+
+    assert EnvoySettings().max_heap_bytes is None
+    assert EnvoySettings(max_heap_bytes=MIN_ENVOY_HEAP_BYTES).max_heap_bytes == 64 << 20
+    with pytest.raises(ValueError, match="below 67108864 bytes"):
+        EnvoySettings(max_heap_bytes=MIN_ENVOY_HEAP_BYTES - 1)
