@@ -117,12 +117,17 @@ def rig(root: Path, budget: Decimal | None = BUDGET) -> Iterator[Rig]:
         stop([*([r.serve] if r.serve else []), *r.procs])
 
 
-def streams_in_flight(r: Rig, n: int) -> list[threading.Thread]:
-    """`n` slow streams, each admitted (its hold taken) before this returns."""
+def streams_in_flight(r: Rig, n: int, tpot_ms: int = 100,
+                      ids: list[str] | None = None) -> list[threading.Thread]:
+    """`n` slow streams (100 tokens, `tpot_ms` each), each admitted (its hold taken) and
+    answering before this returns; their request ids go into `ids`."""
     admitted = threading.Semaphore(0)
 
     def one() -> None:
-        stream = r.chat(max_tokens=100, stream=True, extra_headers={"x-sim-tpot-ms": "100"})
+        stream = r.chat(max_tokens=100, stream=True,
+                        extra_headers={"x-sim-tpot-ms": str(tpot_ms)})
+        if ids is not None:
+            ids.append(stream.response.headers["x-request-id"])
         with contextlib.suppress(openai.APIError, ValueError):
             for i, _ in enumerate(stream):
                 if i == 0:
@@ -200,22 +205,7 @@ def slow_streams_with_ids(r: Rig, n: int) -> tuple[list[str], list[threading.Thr
     """`n` streams of ~30 s (past serve's 10 s grace), each admitted and answering before
     this returns; their request ids."""
     ids: list[str] = []
-    admitted = threading.Semaphore(0)
-
-    def one() -> None:
-        stream = r.chat(max_tokens=100, stream=True, extra_headers={"x-sim-tpot-ms": "300"})
-        ids.append(stream.response.headers["x-request-id"])
-        with contextlib.suppress(openai.APIError, ValueError):
-            for i, _ in enumerate(stream):
-                if i == 0:
-                    admitted.release()
-
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for _ in range(n):
-        assert admitted.acquire(timeout=20), "a stream never started"
-    return ids, threads
+    return ids, streams_in_flight(r, n, 300, ids)
 
 
 def test_a_second_sigterm_hurries_the_stop_and_loses_no_money(tmp_path: Path) -> None:
