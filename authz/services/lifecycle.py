@@ -697,15 +697,19 @@ class Lifecycle:
             if pending is None or self._ask is None or self.principal is None:
                 return
             now = self._rt.clock()
+            # Only the correction of the hold that carried the record means the sweep
+            # wrote (and counted) a `lost` record: the org's when it landed in the store
+            # (admit_all), else the key's. A key's record-less hold claimed by a sweep
+            # that had not reached the org's yet counted nothing.
+            on_org = self._admission.org_carries_record(self._org)
             done = await self._admission.settle(self.principal.limits, self._ask,
                                                 pending[0], pending[1], now)
-            corrected = done.corrected
+            corrected = done.corrected and not on_org
             if done.bound_violated and self.req is not None:
                 self._rec.bound_violation(self.req.alias)
             if self._org is not None:
-                # The org's hold may be the one that carried the record (admit_all).
                 org = await self._admission.settle(*self._org, pending[0], pending[1], now)
-                corrected = corrected or org.corrected
+                corrected = corrected or (on_org and org.corrected)
         finally:
             if count is not None and not corrected:
                 self._rec.count(*count)

@@ -67,6 +67,9 @@ class Holds:
         self.settled.append((tokens, cost, ask.cost_nano))
         return SimpleNamespace(bound_violated=False, corrected=False)
 
+    def org_carries_record(self, _org: Any) -> bool:
+        return False
+
 
 class Reports:
     """Where Envoy's meter reports would come: every stream is expected."""

@@ -96,3 +96,45 @@ async def test_a_corrected_lost_hold_is_counted_once(
         "inference_requests_total", {"model": "demo", "endpoint": "chat", "status": "200"}) == 1
     assert total(metrics, "tokens_processed") == lost["total_tokens"] + 10
     log.close()
+
+
+async def test_a_key_hold_swept_without_the_orgs_is_still_counted(
+        tmp_path: Path, own_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The org's hold carries the record (admit_all), so the key's own hold has none. A
+    sweep that claims the key's hold but not (yet) the org's (one claim batch ends
+    between them: the two share their lease end, and the key's index entry sorts first)
+    writes no `lost` record and counts nothing; the late settlement corrects the key's
+    hold and settles the org's in time. The request is counted once, as it ended: the
+    correction of a hold that carried no record must not skip the count (it was
+    counted nowhere)."""
+    from authz.state.limits import redis_limits
+    from policy.limits import Limits
+
+    monkeypatch.setattr(redis_limits, "SWEEP_BATCH", 1)
+    monkeypatch.setattr(redis_limits, "SWEEP_BATCHES", 1)
+    runtime = Runtime.from_file(write_policy(tmp_path, BACKEND,
+                                             orgs={"acme": {"budget_usd": "100"}}))
+    metrics, log = Metrics(), JsonlUsageLog(tmp_path / "data")
+    recorder = Recorder(log, metrics)
+    stores = [RedisLimitStore(own_redis.url, timeout_s=2.0) for _ in range(2)]
+    serving = Admission(stores[0], on_lost=recorder.lost)
+    sweeper = Admission(stores[1], on_lost=recorder.lost, clock=lambda: time.time() + 3600)
+    try:
+        life = Lifecycle(runtime, recorder, serving)
+        life.identify("POST", "/v1/chat/completions", "late", None,
+                      Principal("k-main", "acme", frozenset(), frozenset(),
+                                Limits(tpm=100_000)))
+        await life.request_body(json.dumps(CHAT).encode())
+        life.delivered = True
+        life.response_start(200, BACKEND)
+        assert await sweeper.sweep() == 0  # the key's hold: claimed, no record material
+        life.response_chunk(ANSWER, end=True)
+        await life.settle()
+        assert life.record is not None and life.record.total_tokens == 10
+        assert total(metrics, "inference_requests") == 1
+        assert total(metrics, "tokens_processed") == 10
+        assert total(metrics, "tokenbooth_lost_holds") == 0
+    finally:
+        for s in stores:
+            await s.close()
+        log.close()

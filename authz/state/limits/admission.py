@@ -150,6 +150,12 @@ class Admission:
         # The rate-limit headers show the limit the client meets first, key's or org's.
         return decision if org_decision is None else tightest(decision, org_decision)
 
+    def org_carries_record(self, org: tuple[Limits, Ask] | None) -> bool:
+        """Whether the org's hold of an admitted request carries its record material
+        (`admit_all`), so that only its correction says the sweep recorded (and counted)
+        the request; the key's hold then has none. Asked before the org's hold settles."""
+        return org is not None and self._in_store(*org)
+
     def _in_store(self, limits: Limits, ask: Ask) -> bool:
         """Whether an admitted request's hold is in the store (not unheld or admitted
         under the local limiter while it was away)."""
