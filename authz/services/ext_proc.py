@@ -68,6 +68,9 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         start, or in any replica once its lease ends), as for a replica killed. Nothing
         that has begun a record or a settlement is cut: those finish (see `drain`)."""
         self._hurried = True
+        # The streams the stop cancels now are served on out of sight (as past the grace):
+        # one this process records (`_leave`) is charged its whole hold, not what was seen.
+        self._cut_at = time.monotonic()
         for task in list(self._waiting):
             task.cancel()
 
@@ -79,6 +82,10 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
     def _leave(self, life: Lifecycle) -> bool:
         """Whether a hurried stop leaves this admitted, unrecorded request to the sweep."""
         if not self._hurried or not life.admitted or life.record is not None:
+            return False
+        if not life.sweep_records():
+            # Its hold is in no store (admitted while the store was away): no sweep will
+            # ever record it, so this process does, without waiting (see `_recount_owed`).
             return False
         self._left.add(life.request_id)
         return True
@@ -173,6 +180,9 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         if owed is None or self._leave(life):  # a hurried stop: the sweep's
             return False
         ending, url, recount = owed
+        if self._hurried:  # not left to the sweep (`_leave`), and no wait: the bound
+            life.write(ending)
+            return False
         headers = backend_headers(self._rt.snapshot.config, url,
                                   self._rt.settings.backend_keys)
         if headers is None:  # the backend's key cannot be read here: the bound
@@ -235,7 +245,10 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             try:
                 report = await self._reports.wait(life.request_id, life.report_wait_s())
             except asyncio.CancelledError:
-                self._leave(life)  # a hurried stop: the sweep's (counted)
+                if self._hurried and not self._leave(life):  # (left: the sweep's, counted)
+                    # A hurried stop, its hold in no store: recorded here, its whole hold.
+                    life.take_report(None)
+                    self._apart(life.settle())
                 raise
             if report is None:
                 log.error("no meter report for a stream Envoy metered: charged its hold "

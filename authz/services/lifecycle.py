@@ -680,6 +680,13 @@ class Lifecycle:
                                                        now - self._t0)
         return GATEWAY_TIMEOUT if cut else CLIENT_CLOSED
 
+    def sweep_records(self) -> bool:
+        """Whether the lost-hold sweep would write this admitted request's record (its
+        record-carrying hold is in the store: see Admission.sweep_records)."""
+        if self._ask is None or self.principal is None:
+            return False
+        return self._admission.sweep_records(self._org, self.principal.limits, self._ask)
+
     @property
     def settle_pending(self) -> bool:
         return self._settle is not None

@@ -17,10 +17,12 @@ from typing import Any
 import grpc
 import pytest
 
-from authz.state.usage.records import USAGE_FILE, read_records
+from authz.state.usage.records import USAGE_FILE, USAGE_STREAM, read_records
+from authz.state.usage.redis_sink import read_stream
 from policy.endpoints import lookup
 from policy.request import parse_request
 from tests.grpc_harness import Running, serve_policy
+from tests.redis_server import RedisServer
 from tests.services.test_ext_proc import (
     CHAT,
     STREAM,
@@ -205,3 +207,32 @@ async def test_a_hurried_stop_leaves_what_is_unrecorded_to_the_sweep(
         assert store is not None
         assert await store.budget("k-metered", "acme", "total", time.time()) == (
             int(Decimal(recs["done-1"]["cost_usd"]) * 10**9), 0)
+
+
+async def test_a_hurried_stop_records_what_no_store_holds(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """A request admitted while Redis was away holds nothing there (a key without
+    limits is admitted unheld; fail_open limits under the local limiter): no sweep will
+    ever record it. A hurried stop must not leave it to the sweep: it gets its record
+    from the stopping process (its whole hold, as a stream cut by a stop), else it would
+    have none at all."""
+    async with serve_policy(tmp_path, state=own_redis.url) as running:
+        own_redis.stop()
+        open_ = Stream(running)
+        await admit(open_, BODY, "k-main", "away-1")  # no limits: admitted unheld
+        await open_.send(resp_body(STREAM[:150], end=False))  # one content chunk seen
+        stop = asyncio.create_task(running.services.stop())
+        await asyncio.wait({stop}, timeout=0.2)
+        running.services.hurry()
+        await stop
+        assert running.services._ext_proc is not None
+        assert running.services._ext_proc.left_to_sweep == 0
+    own_redis.start()
+    async with serve_policy(tmp_path, state=own_redis.url):  # delivers the spooled records
+        deadline = time.monotonic() + 10
+        while not (recs := await read_stream(own_redis.url, USAGE_STREAM)):
+            assert time.monotonic() < deadline, "no record delivered"
+            await asyncio.sleep(0.1)
+    prompt, completion = bounds(running)
+    assert [(r["request_id"], r["prompt_tokens"], r["completion_tokens"], r["estimated"])
+            for r in recs] == [("away-1", prompt, completion, True)]

@@ -156,6 +156,13 @@ class Admission:
         the request; the key's hold then has none. Asked before the org's hold settles."""
         return org is not None and self._in_store(*org)
 
+    def sweep_records(self, org: tuple[Limits, Ask] | None, limits: Limits, ask: Ask) -> bool:
+        """Whether the lost-hold sweep would write this admitted request's record: the
+        hold carrying its material is in the store (not admitted unheld, or under the
+        local limiter, while the store was away: those only this process can record)."""
+        return self.org_carries_record(org) or (ask.record is not None
+                                                and self._in_store(limits, ask))
+
     def _in_store(self, limits: Limits, ask: Ask) -> bool:
         """Whether an admitted request's hold is in the store (not unheld or admitted
         under the local limiter while it was away)."""
