@@ -136,3 +136,29 @@ async def test_an_error_answer_is_not_handed_over(running: Running) -> None:
                            status=None))
     [rec] = await records(running, 1)
     assert rec["status"] == 400 and rec["completion_tokens"] == 0
+
+
+async def test_a_hurried_stop_records_a_handed_over_stream_no_store_holds(
+        tmp_path: Path, own_redis: Any) -> None:
+    """A stream handed over to Envoy's meter while Redis was away (its key has no limits:
+    admitted unheld, nothing in Redis): a hurried stop cancels the wait for its report,
+    and no sweep will ever record it, so the stopping process does, its whole hold."""
+    from authz.state.usage.records import USAGE_STREAM
+    from authz.state.usage.redis_sink import read_stream
+
+    async with serve_policy(tmp_path, state=own_redis.url,
+                            envoy={"stream_metering": "envoy"}) as running:
+        own_redis.stop()
+        await hand_over(running, "away-r", {})
+        running.services.hurry()
+        await running.services.stop()
+        assert running.services._ext_proc is not None
+        assert running.services._ext_proc.left_to_sweep == 0
+    own_redis.start()
+    async with serve_policy(tmp_path, state=own_redis.url):  # delivers the spooled records
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (recs := await read_stream(own_redis.url, USAGE_STREAM)):
+            assert asyncio.get_running_loop().time() < deadline, "no record delivered"
+            await asyncio.sleep(0.1)
+    assert [(r["request_id"], r["completion_tokens"], r["estimated"]) for r in recs] == [
+        ("away-r", 50, True)]
