@@ -14,6 +14,9 @@ import pytest
 from authz.runtime.overrides import Overrides
 from authz.runtime.server import Services
 from authz.runtime.snapshot import Runtime
+from authz.state.limits.base import LimitStore
+from authz.state.limits.memory import MemoryLimitStore
+from authz.state.limits.redis_limits import RedisLimitStore
 from tests.helpers import write_policy
 from tests.redis_server import RedisServer
 
@@ -56,3 +59,18 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def two_limit_stores(request: pytest.FixtureRequest) -> AsyncIterator[list[LimitStore]]:
+    """Two replicas sharing one limit store (memory: one object, as a single process
+    would; Redis: two clients of the test's own redis-server)."""
+    if request.param == "memory":
+        mem = MemoryLimitStore()
+        yield [mem, mem]
+        return
+    url = request.getfixturevalue("own_redis").url
+    stores: list[LimitStore] = [RedisLimitStore(url, timeout_s=2.0) for _ in range(2)]
+    yield stores
+    for s in stores:
+        await s.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from authz.runtime.snapshot import Runtime
 from authz.services.lifecycle import Lifecycle
 from authz.state.limits.admission import Admission
 from authz.state.limits.base import LimitStore
-from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
 from authz.state.usage.records import JsonlUsageLog, read_records
 from policy.keys import Principal
@@ -35,19 +33,6 @@ ANSWER = json.dumps({"id": "c", "object": "chat.completion", "choices": [],
                      "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def two_stores(request: pytest.FixtureRequest) -> AsyncIterator[list[LimitStore]]:
-    if request.param == "memory":
-        mem = MemoryLimitStore()
-        yield [mem, mem]
-        return
-    url = request.getfixturevalue("own_redis").url
-    stores: list[LimitStore] = [RedisLimitStore(url, timeout_s=2.0) for _ in range(2)]
-    yield stores
-    for s in stores:
-        await s.close()
-
-
 def total(m: Metrics, name: str) -> float:
     """The sum of a counter's samples over every label set."""
     return sum(s.value for f in m.registry.collect() if f.name == name
@@ -55,13 +40,13 @@ def total(m: Metrics, name: str) -> float:
 
 
 async def test_a_corrected_lost_hold_is_counted_once(
-        tmp_path: Path, two_stores: list[LimitStore]) -> None:
+        tmp_path: Path, two_limit_stores: list[LimitStore]) -> None:
     runtime = Runtime.from_file(write_policy(tmp_path, BACKEND))
     metrics, log = Metrics(), JsonlUsageLog(tmp_path / "data")
     recorder = Recorder(log, metrics)
-    serving = Admission(two_stores[0], on_lost=recorder.lost)
+    serving = Admission(two_limit_stores[0], on_lost=recorder.lost)
     # Another replica, its sweep an hour on: the serving replica's lease has ended.
-    sweeper = Admission(two_stores[1], on_lost=recorder.lost,
+    sweeper = Admission(two_limit_stores[1], on_lost=recorder.lost,
                         clock=lambda: time.time() + 3600)
 
     async def request(rid: str) -> Lifecycle:

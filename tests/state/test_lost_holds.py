@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,26 +30,12 @@ from tests.redis_server import RedisServer
 from tests.state.money import T0, Clock, P, ask, ledger_is_the_records, real_record
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def two_replicas(request: pytest.FixtureRequest) -> AsyncIterator[list[LimitStore]]:
-    """Two replicas sharing one store (memory: one object, as a single process would)."""
-    if request.param == "memory":
-        mem = MemoryLimitStore()
-        yield [mem, mem]
-        return
-    url = request.getfixturevalue("own_redis").url
-    stores: list[LimitStore] = [RedisLimitStore(url, timeout_s=2.0) for _ in range(2)]
-    yield stores
-    for s in stores:
-        await s.close()
-
-
 async def test_each_lost_hold_is_claimed_once_with_one_record(
-    two_replicas: list[LimitStore],
+    two_limit_stores: list[LimitStore],
 ) -> None:
     clock, records = Clock(), []  # both replicas write to one usage log
     reps = [Admission(s, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
-            for s in two_replicas]
+            for s in two_limit_stores]
     lim = Limits(budget_nano=10_000, max_concurrent=40)
     asks = [ask(i) for i in range(30)]
     for i, a in enumerate(asks):
@@ -76,7 +61,7 @@ async def test_each_lost_hold_is_claimed_once_with_one_record(
         # A lost record is estimated: the audit against vLLM does not weigh it.
         "sequences": 1}
     assert reps[0].lost_records + reps[1].lost_records == 20
-    spent, reserved = await two_replicas[0].budget("k1", "acme", P, clock())
+    spent, reserved = await two_limit_stores[0].budget("k1", "acme", P, clock())
     assert (spent, reserved) == (10 * 120 + 20 * 300, 0) and spent <= 10_000
     ledger_is_the_records(spent, records, 30)
     # One of them settles after all (a settlement spooled through an outage): the charge
@@ -85,7 +70,7 @@ async def test_each_lost_hold_is_claimed_once_with_one_record(
     records.append(real_record(late, 80))
     done = await reps[1].settle(lim, late, 25, 80, clock.at())
     assert done.applied and done.corrected
-    spent, _ = await two_replicas[1].budget("k1", "acme", P, clock())
+    spent, _ = await two_limit_stores[1].budget("k1", "acme", P, clock())
     assert spent == 10 * 120 + 19 * 300 + 80
     ledger_is_the_records(spent, records, 30)
     assert not (await reps[0].settle(lim, late, 25, 80, clock.at())).applied  # once
@@ -293,7 +278,7 @@ async def test_a_redis_that_may_evict_keys_is_named_an_error(
 
 
 async def test_a_key_without_limits_still_leaves_its_lost_record(
-    two_replicas: list[LimitStore],
+    two_limit_stores: list[LimitStore],
 ) -> None:
     """A request of a key whose limits hold nothing (none at all, or a request rate only)
     was never held, so a replica dying with it in flight left no record at all: served,
@@ -302,7 +287,7 @@ async def test_a_key_without_limits_still_leaves_its_lost_record(
     any, writes none."""
     clock, records = Clock(), []
     reps = [Admission(s, on_lost=lambda r: records.append(r.to_dict()), clock=clock)
-            for s in two_replicas]
+            for s in two_limit_stores]
     org_lim = Limits(budget_nano=5_000)
     cases = [(Limits(), None), (Limits(rpm=10), None), (Limits(), org_lim)]
     asks = [ask(i, key=f"k{i}") for i in range(len(cases))]
@@ -320,7 +305,7 @@ async def test_a_key_without_limits_still_leaves_its_lost_record(
     assert await asyncio.gather(*(r.sweep() for r in reps)) == [0, 0]
     assert sorted((r["request_id"], r["key_id"], r["status"]) for r in records) == [
         ("r0", "k0", LOST), ("r1", "k1", LOST), ("r2", "k2", LOST), ("r9", "k9", 200)]
-    assert await two_replicas[0].budget("org:acme", "acme", P, clock()) == (300, 0)
+    assert await two_limit_stores[0].budget("org:acme", "acme", P, clock()) == (300, 0)
 
 
 async def test_a_key_without_limits_is_admitted_while_the_store_is_away(
