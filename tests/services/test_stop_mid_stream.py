@@ -185,16 +185,7 @@ async def test_a_hurried_stop_leaves_what_is_unrecorded_to_the_sweep(
         s = Stream(running)
         await admit(s, {**CHAT, "max_tokens": 10}, "k-metered", "done-1")
         await s.send(resp_body(STREAM))  # ended: recorded, settled
-        open_ = Stream(running)
-        await admit(open_, BODY, "k-main", "open-1")
-        await open_.send(resp_body(STREAM[:150], end=False))  # one content chunk seen
-        stop = asyncio.create_task(running.services.stop())
-        # Into its grace (1 s); a hurry before it would cut the grace all the same.
-        await asyncio.wait({stop}, timeout=0.2)
-        running.services.hurry()
-        await stop
-        assert running.services._ext_proc is not None
-        assert running.services._ext_proc.left_to_sweep == 1
+        assert await hurried_with_one_open_stream(running, "open-1") == 1
         assert [r["request_id"] for r in read_records(running.data_dir / USAGE_FILE)] \
             == ["done-1"]
     async with serve_policy(tmp_path) as again:  # the journal's hold: swept at the start
@@ -209,6 +200,20 @@ async def test_a_hurried_stop_leaves_what_is_unrecorded_to_the_sweep(
             int(Decimal(recs["done-1"]["cost_usd"]) * 10**9), 0)
 
 
+async def hurried_with_one_open_stream(running: Running, rid: str) -> int:
+    """A stream of k-main admitted as `rid`, one content chunk seen, then the stop and,
+    into its grace (1 s), the hurry; the requests it left to the lost-hold sweep."""
+    open_ = Stream(running)
+    await admit(open_, BODY, "k-main", rid)
+    await open_.send(resp_body(STREAM[:150], end=False))
+    stop = asyncio.create_task(running.services.stop())
+    await asyncio.wait({stop}, timeout=0.2)  # a hurry before it cuts the grace all the same
+    running.services.hurry()
+    await stop
+    assert running.services._ext_proc is not None
+    return running.services._ext_proc.left_to_sweep
+
+
 async def test_a_hurried_stop_records_what_no_store_holds(
         tmp_path: Path, own_redis: RedisServer) -> None:
     """A request admitted while Redis was away holds nothing there (a key without
@@ -218,15 +223,8 @@ async def test_a_hurried_stop_records_what_no_store_holds(
     have none at all."""
     async with serve_policy(tmp_path, state=own_redis.url) as running:
         own_redis.stop()
-        open_ = Stream(running)
-        await admit(open_, BODY, "k-main", "away-1")  # no limits: admitted unheld
-        await open_.send(resp_body(STREAM[:150], end=False))  # one content chunk seen
-        stop = asyncio.create_task(running.services.stop())
-        await asyncio.wait({stop}, timeout=0.2)
-        running.services.hurry()
-        await stop
-        assert running.services._ext_proc is not None
-        assert running.services._ext_proc.left_to_sweep == 0
+        # k-main has no limits: admitted unheld
+        assert await hurried_with_one_open_stream(running, "away-1") == 0
     own_redis.start()
     async with serve_policy(tmp_path, state=own_redis.url):  # delivers the spooled records
         deadline = time.monotonic() + 10
