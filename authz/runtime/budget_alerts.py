@@ -45,6 +45,7 @@ import orjson
 
 from authz.state.keys.base import KeyAdmin, KeyStore, StoreUnavailable
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
+from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import UsageSink
 from policy.config import Config, OrgLimits, redacted
 from policy.limits import nano_to_usd, period_id, usd_to_nano
@@ -322,9 +323,7 @@ class BudgetAlerts:
                        asyncio.create_task(self._send_loop(), name="budget-alerts-send")]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         if self._session is not None:
             await self._session.close()
         await self.marks.close()

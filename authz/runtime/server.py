@@ -4,7 +4,6 @@ side port."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Mapping
@@ -44,6 +43,7 @@ from authz.state.limits.admission import Admission
 from authz.state.limits.base import LimitStore
 from authz.state.limits.factory import make_limit_store
 from authz.state.orgs import OrgLimitsCache, make_org_store
+from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
@@ -262,11 +262,7 @@ class Services:
         self._ready = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        for task in (self._reload, self._budgets):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._reload, self._budgets)  # either may be in a Redis call
         if self._alerts is not None:
             await self._alerts.close()
         if self._xds is not None:

@@ -10,7 +10,6 @@ memory: `<data_dir>/orgs.json` (atomic rename under a lock). Redis: the hash
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -21,6 +20,7 @@ import orjson
 from pydantic import ValidationError
 
 from authz.state.keys.redis_store import connect
+from authz.state.tasks import cancel_and_wait
 from policy.config import Config, OrgLimits
 
 log = logging.getLogger("tokenbooth.orgs")
@@ -140,10 +140,7 @@ class OrgLimitsCache:
         self._task = asyncio.create_task(self._loop(), name="org-limits")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)  # a cancel inside a Redis call can be lost
         await self.store.close()
 
     def org_limits(self, cfg: Config, org: str) -> OrgLimits | None:

@@ -29,6 +29,7 @@ from yarl import URL
 
 from authz.state.keys.base import StoreUnavailable
 from authz.state.keys.cache import AnswerCache, RemoteOptions
+from authz.state.tasks import cancel_and_wait
 from policy.keyrecord import SCOPES, KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -92,10 +93,7 @@ class HttpValidationStore:
             )
 
     async def close(self) -> None:
-        tasks = list(self._inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._inflight.values())
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -18,7 +18,6 @@ an unchanged file, and while a read hangs (a stalled mount) they fail closed aft
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import itertools
 import logging
@@ -36,6 +35,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from authz.state.blocking import in_daemon_thread
 from authz.state.keys.base import KeyExists, StoreUnavailable, updated
+from authz.state.tasks import cancel_and_wait
 from policy.keyrecord import KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -95,11 +95,7 @@ class KeyringStore:
         self._watch = asyncio.create_task(self._watch_loop())
 
     async def close(self) -> None:
-        for task in (self._watch, self._look):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._watch, self._look)
 
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
         record = self._by_fp.get(fingerprint)

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from authz.state.keys.base import KeyExists, StoreUnavailable, updated
 from authz.state.keys.cache import AnswerCache, RemoteOptions
+from authz.state.tasks import cancel_and_wait
 from policy.keyrecord import KeyRecord
 
 log = logging.getLogger("tokenbooth.keys")
@@ -108,7 +109,7 @@ class RedisKeyStore:
             try:
                 await asyncio.wait_for(asyncio.shield(self._watch), 2.0)
             except TimeoutError:
-                self._watch.cancel()
+                await cancel_and_wait(self._watch)
         await self._redis.aclose()
 
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStoreUnwritable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
+from authz.state.tasks import cancel_and_wait
 from policy.admission import Settled, held_limits, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
@@ -91,8 +92,7 @@ class Admission:
         if self._task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._task), 5.0)
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         if self._spool is not None:
             self._spool.close()

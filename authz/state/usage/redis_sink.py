@@ -40,6 +40,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from authz.state.keys.redis_store import connect
 from authz.state.lines import Backlog, open_appending
+from authz.state.tasks import cancel_and_wait
 from authz.state.usage.trim import TrimPolicy, ensure_groups, trim
 from policy.usage import LOST, UsageRecord
 
@@ -208,7 +209,7 @@ class RedisUsageSink:
                 try:
                     await asyncio.wait_for(asyncio.shield(task), 2 * self._timeout_s + 1)
                 except TimeoutError:
-                    task.cancel()
+                    await cancel_and_wait(task)
         self.close()
         await self._redis.aclose()
 
