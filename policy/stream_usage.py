@@ -35,6 +35,8 @@ DONE = b"[DONE]"
 STREAM_ERROR_STATUS = 500
 # Responses API events that end a response; each carries it, usage included.
 RESPONSE_ENDS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+RESPONSE_FAILED = b"response.failed"
+ERROR_EVENT = b"error"  # the Responses API's event for a stream that failed
 # The Responses API event that opens an output item (a function call's carries its name).
 ITEM_ADDED = b"response.output_item.added"
 
@@ -185,10 +187,21 @@ def stream_error_status(obj: dict[str, Any]) -> int:
         code = obj.get("code")
     else:
         return 0
+    return _code_status(code)
+
+
+def _code_status(code: Any) -> int:
+    """An error event's `code` as a status: itself when an HTTP error status (a number or
+    its digits), OpenAI's `rate_limit_exceeded` 429, its `invalid_*` codes (a bad prompt
+    or image) 400, else STREAM_ERROR_STATUS (`server_error` and the rest)."""
     if isinstance(code, str) and code.isascii() and code.isdigit():
         code = int(code)
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
         return code
+    if code == "rate_limit_exceeded":
+        return 429
+    if isinstance(code, str) and code.startswith("invalid_"):
+        return 400
     return STREAM_ERROR_STATUS
 
 
@@ -264,7 +277,19 @@ class ResponsesStreamMeter(StreamMeter):
             response = obj.get("response") if obj is not None else None
             if isinstance(response, dict):
                 self._usage = usage_from_obj(response.get("usage"))
+                if name == RESPONSE_FAILED and not self.error_status:
+                    error = response.get("error")
+                    self.error_status = _code_status(
+                        error.get("code") if isinstance(error, dict) else None)
             self.done = True
+        elif name == ERROR_EVENT or (not name and obj is not None):
+            # OpenAI's `error` event (`code`, `message`: the stream failed, no response
+            # follows), or a chat-style `{"error": {...}}` with no type (vLLM's error
+            # body): the record says its status, the stream is charged as a cut one.
+            obj = obj or _json_object(data)
+            if obj is not None and not self.error_status:
+                self.error_status = (_code_status(obj.get("code")) if name
+                                     else stream_error_status(obj))
         return False
 
 

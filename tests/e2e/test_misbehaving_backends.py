@@ -61,6 +61,20 @@ FAILED = {
                            b'"code": "server_error"}}\n\ndata: [DONE]\n\n',
 }
 
+# A Responses stream that fails after two text deltas: OpenAI's `response.failed` (its
+# error's code a name), or OpenAI's `error` event. (vLLM 0.32 cuts such a stream.)
+def _typed(kind: str, obj: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **obj})}\n\n".encode()
+
+
+_DELTAS = b"".join(_typed("response.output_text.delta", {"delta": w}) for w in "ab")
+RESPONSES_FAILED = {
+    "failed": _DELTAS + _typed("response.failed", {"response": {
+        "status": "failed", "usage": None,
+        "error": {"code": "rate_limit_exceeded", "message": "busy"}}}),
+    "error": _DELTAS + _typed("error", {"code": "server_error", "message": "boom"}),
+}
+
 
 class Unstreaming(ThreadedBackend):
     """Answers every chat stream as the request's `x-answer` says: `json` (no stream at
@@ -68,6 +82,11 @@ class Unstreaming(ThreadedBackend):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
+
+    async def _responses(self, request: web.Request) -> web.Response:
+        return web.Response(body=RESPONSES_FAILED[request.headers["x-answer"]],
+                            headers={"content-type": "text/event-stream"})
 
     async def _chat(self, request: web.Request) -> web.Response:
         if request.headers.get("x-answer") == "empty500":
@@ -249,6 +268,21 @@ def test_a_stream_that_ends_in_an_error_event_records_its_status(
     gw: Gateway = request.getfixturevalue(meter)
     r, rec = send(gw, answer, SECRET)
     assert (r.status_code, r.content) == (200, FAILED[answer])
+    assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == (status, 2, True)
+
+
+@pytest.mark.parametrize(("answer", "status"), [("failed", 429), ("error", 500)])
+def test_a_failed_responses_stream_records_its_status(gw: Gateway, answer: str,
+                                                       status: int) -> None:
+    """A Responses stream that ends in `response.failed` (or an `error` event) was
+    recorded 200, a success: the record says the failure's status (by its code: a
+    `rate_limit_exceeded` 429, `server_error` 500), charged as a cut stream."""
+    r = httpx.post(f"{gw.base_url}/v1/responses", timeout=30,
+                   json={"model": "demo", "input": "hi", "max_output_tokens": 5,
+                         "stream": True},
+                   headers={"authorization": f"Bearer {SECRET}", "x-answer": answer})
+    assert (r.status_code, r.content) == (200, RESPONSES_FAILED[answer])
+    [rec] = records_for(gw, r.headers["x-request-id"])
     assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == (status, 2, True)
 
 

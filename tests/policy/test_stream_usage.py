@@ -150,6 +150,32 @@ def test_responses_usage_comes_from_the_final_event() -> None:
         assert (m.usage, m.content_chunks, m.done) == (Usage(9, 4), 2, True), kind
 
 
+def test_a_failed_responses_stream_records_its_error_status() -> None:
+    """`response.failed` (the response's `error.code`), OpenAI's `error` event (its
+    `code`) and a vLLM-style `{"error": {...}}`: the record's status; a normal end none."""
+    def failed(code: str) -> bytes:
+        return typed("response.failed", '{"type":"response.failed","response":{"status":'
+                     f'"failed","error":{{"code":"{code}","message":"m"}},"usage":null}}}}')
+    cases = {
+        failed("server_error"): 500, failed("rate_limit_exceeded"): 429,
+        failed("invalid_prompt"): 400, failed("503"): 503,
+        typed("error", '{"type":"error","code":"ERR_X","message":"m","param":null,'
+              '"sequence_number":3}'): 500,
+        typed("error", '{"type":"error","code":"rate_limit_exceeded","message":"m"}'): 429,
+        typed("", '{"type":"error","code":null,"message":"m"}', name=False): 500,
+        typed("", '{"error":{"message":"m","type":"InternalServerError","code":503}}',
+              name=False): 503,
+        end("response.incomplete"): 0, end("response.completed"): 0,
+    }
+    for event, status in cases.items():
+        m = responses(DELTA, event)
+        assert m.error_status == status, event
+    # The usage a failed response carries is the backend's count; without it, none.
+    m = responses(DELTA, failed("server_error"))
+    assert (m.usage, m.done, m.error_status) == (None, True, 500)
+    assert responses(DELTA, end("response.failed")).usage == Usage(9, 4)
+
+
 def test_responses_events_without_a_name_are_read_by_their_type() -> None:
     bare = typed("", '{"response":{"usage":{"input_tokens":2,"output_tokens":1}},'
                  '"type":"response.completed"}', name=False)
