@@ -243,16 +243,19 @@ class Services:
                           type(e).__name__, e)
 
     async def _reload_once(self) -> None:
-        """Reload a changed file. It is read and validated in a thread of its own: parsing
-        a large file takes a second, during which the event loop would answer no decision
-        (Envoy's decision timeout then fails requests), and a read may block outright (a
-        stalled network mount, a named pipe)."""
+        """Reload a changed file. It is looked at, read and validated in threads of their
+        own: parsing a large file takes a second, during which the event loop would answer
+        no decision (Envoy's decision timeout then fails requests), and a stat or a read
+        may block outright (a stalled network mount, a named pipe). One look at a time:
+        a look that never returns holds up reloads, not the loop, nor a pile of threads."""
         rt = self.runtime
-        stamp = rt.changed(RELOAD_SETTLE_S)
+        # Even the look (a stat) runs in the thread: on a stalled mount it blocks too.
+        stamp = await in_daemon_thread(lambda: rt.changed(RELOAD_SETTLE_S),
+                                       "tokenbooth-config-look")
         if stamp is None:
             return
-        read = await in_daemon_thread(rt.read_config, "tokenbooth-config-read")
-        if rt.finish_reload(stamp, read):
+        read, now, regular = await in_daemon_thread(rt.read_after, "tokenbooth-config-read")
+        if rt.finish_reload(stamp, read, (now, regular)):
             self.metrics.configure(rt.snapshot.config)  # series of models added
             if self._xds is not None:
                 await self._xds.update(rt.snapshot.config)

@@ -104,15 +104,25 @@ class Runtime:
         except ConfigError as e:
             return e
 
-    def finish_reload(self, stamp: tuple[int, ...], read: Config | ConfigError) -> bool:
+    def read_after(self) -> tuple[Config | ConfigError, tuple[int, ...], bool]:
+        """`read_config`, then the file's stamp and whether it is a regular file: all
+        that touches the file system, for a worker thread (a stat on a stalled network
+        mount blocks as a read does)."""
+        assert self.config_path is not None
+        read = self.read_config()
+        return read, _stamp(self.config_path), _regular(self.config_path)
+
+    def finish_reload(self, stamp: tuple[int, ...], read: Config | ConfigError,
+                      after: tuple[tuple[int, ...], bool] | None = None) -> bool:
         """Swap in what `read_config` read of the file `changed` saw as `stamp`; or refuse
         it, once, keeping the last good config. A regular file that moved on while it was
         read (an editor began rewriting it in place just after the look) may have been
-        read half-written: it is read again once it stands still."""
+        read half-written: it is read again once it stands still. `after`: the file's
+        stamp and regularity looked at after the read (`read_after`), else looked at now."""
         assert self.config_path is not None
-        now = _stamp(self.config_path)
+        now, regular = after or (_stamp(self.config_path), _regular(self.config_path))
         if now != stamp:
-            if _regular(self.config_path):
+            if regular:
                 self.unsettled = True
                 return False
             stamp = now  # a named pipe's times move as it is written: what was read is this

@@ -7,15 +7,18 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from authz.envoy_config.names import EXT_AUTHZ
+from authz.runtime import snapshot
 from authz.runtime.procs import http_ok, wait_until
 from policy.keys import fingerprint
 from tests.grpc_harness import Running, serve_policy
@@ -117,6 +120,38 @@ def test_serve_refuses_a_busy_port_in_one_line(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("tokenbooth: error:")
+
+
+async def test_a_look_at_the_config_that_blocks_holds_up_reloads_not_decisions(
+        running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload's look at the file (a stat, every second) runs in a thread of its own,
+    as its read does: on a stalled network mount a stat blocks, and on the event loop it
+    held every decision (Envoy answers 503 after its decision timeout). The stall is
+    played by the stat itself waiting, until a timer ends it after 3 s."""
+    stalled, looking, real = threading.Event(), threading.Event(), snapshot._stamp
+
+    def stat(path: Path) -> tuple[int, ...]:
+        looking.set()
+        stalled.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(snapshot, "_stamp", stat)
+    timer = threading.Timer(3.0, stalled.set)
+    timer.start()
+    try:
+        assert await asyncio.to_thread(looking.wait, 5), "no look at the config"
+        resp = await check(running, "GET", "/v1/models", authorization=f"Bearer {SECRET}")
+        assert resp.status.code == 0 and not stalled.is_set()  # type: ignore[attr-defined]
+    finally:
+        timer.cancel()
+        stalled.set()
+    # Reloads go on once the file system answers.
+    data = yaml.safe_load(running.config_path.read_text())
+    data["keys"] = [k for k in data["keys"] if k["id"] != "k-main"]
+    running.config_path.write_text(yaml.safe_dump(data))
+    await asyncio.to_thread(wait_until, lambda: running.services.runtime.snapshot
+                            .keys_by_fingerprint.get(fingerprint(SECRET)) is None,
+                            "the reload after the stall")
 
 
 async def test_an_outage_policy_changed_by_a_reload_applies_at_once(
