@@ -19,6 +19,7 @@ from typing import Protocol
 import orjson
 from pydantic import ValidationError
 
+from authz.state.blocking import in_daemon_thread
 from authz.state.keys.redis_store import connect
 from authz.state.tasks import cancel_and_wait
 from policy.config import Config, OrgLimits
@@ -51,17 +52,30 @@ class OrgStore(Protocol):
 
 
 class FileOrgStore:
+    """The file is only touched in a daemon thread (authz/state/blocking.py): a stat, a
+    read or a lock on a stalled mount (or held by a stuck writer) would hold the event
+    loop, and every decision with it; the poll then waits, one look at a time."""
+
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / ORGS_FILE
 
     async def version(self) -> object:
+        return await in_daemon_thread(self._version, "tokenbooth-orgs-look")
+
+    async def read_all(self) -> dict[str, OrgLimits]:
+        return await in_daemon_thread(self._read_all, "tokenbooth-orgs-read")
+
+    async def put(self, org: str, limits: OrgLimits | None) -> None:
+        await in_daemon_thread(lambda: self._put(org, limits), "tokenbooth-orgs-write")
+
+    def _version(self) -> object:
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return None
         return st.st_mtime_ns, st.st_ino
 
-    async def read_all(self) -> dict[str, OrgLimits]:
+    def _read_all(self) -> dict[str, OrgLimits]:
         try:
             return _decode(orjson.loads(self.path.read_bytes()))
         except FileNotFoundError:
@@ -70,12 +84,12 @@ class FileOrgStore:
             raise ValueError(f"{self.path}: damaged org limits: "
                              f"{str(e).splitlines()[0]}") from None
 
-    async def put(self, org: str, limits: OrgLimits | None) -> None:
+    def _put(self, org: str, limits: OrgLimits | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            current = await self.read_all()
+            current = self._read_all()
             if limits is None:
                 current.pop(org, None)
             else:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+from pathlib import Path
 
-from authz.state.orgs import OrgLimitsCache, RedisOrgStore
+from authz.state.orgs import FileOrgStore, OrgLimitsCache, RedisOrgStore
 from policy.config import OrgLimits
 from tests.redis_server import RedisServer
 
@@ -46,3 +49,31 @@ async def test_a_slow_poll_does_not_put_back_limits_older_than_a_put(
     finally:
         await cache.close()
         await other.close()
+
+
+async def test_a_file_read_that_blocks_holds_up_the_poll_not_the_loop(tmp_path: Path) -> None:
+    """`state: memory` keeps org limits in `<data_dir>/orgs.json`, polled every 0.5 s:
+    its stat and read ran on the event loop, where a stalled mount held every decision.
+    A named pipe in its place plays the stall: its read waits for a writer, which a
+    timer brings after 3 s."""
+    store = FileOrgStore(tmp_path)
+    os.mkfifo(store.path)
+    released = threading.Event()
+
+    def writer() -> None:
+        with open(store.path, "wb") as pipe:
+            pipe.write(b'{"acme": {"rpm": 7}}')
+        released.set()
+
+    timer = threading.Timer(3.0, writer)
+    timer.start()
+    cache = OrgLimitsCache(store, poll_s=0.05)
+    try:
+        start = asyncio.create_task(cache.start())  # its first refresh reads the pipe
+        await asyncio.sleep(0.2)
+        assert not start.done() and not released.is_set()  # the loop ran meanwhile
+        await asyncio.wait_for(start, 10)
+        assert released.is_set() and cache.stored("acme") == OrgLimits(rpm=7)
+    finally:
+        timer.cancel()
+        await cache.close()
