@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,9 +66,48 @@ class _MalformedHttp(logging.Filter):
         return True
 
 
+class Repeats(logging.Filter):
+    """At most `burst` lines of one kind (logger and message template) per `window_s`.
+    A fault that fails every request (a store away, a backend down, a client flooding
+    bad keys) wrote one line per request: thousands a second, each costing the event
+    loop its formatting and the log pipeline its volume. The lines past the burst are
+    counted, and the first line of that kind let through afterwards says how many were
+    left out (`repeated`). Errors with a traceback always pass (each may differ)."""
+
+    MAX_KINDS = 1024  # kinds tracked at once (templates are few; f-strings are not)
+
+    def __init__(self, burst: int = 20, window_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.window_s, self._clock = burst, window_s, clock
+        self._kinds: dict[tuple[str, str], list[float]] = {}  # [window start, sent, dropped]
+        self._lock = threading.Lock()  # worker threads log too
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is not None and record.exc_info[0] is not None:
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            kind = self._kinds.get(key)
+            if kind is None or now - kind[0] >= self.window_s:
+                if kind is None and len(self._kinds) >= self.MAX_KINDS:
+                    self._kinds.clear()
+                dropped = 0 if kind is None else int(kind[2])
+                self._kinds[key] = kind = [now, 0, 0]
+                if dropped:
+                    record.repeated = dropped
+            if kind[1] >= self.burst:
+                kind[2] += 1
+                return False
+            kind[1] += 1
+            return True
+
+
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(Repeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

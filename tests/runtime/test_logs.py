@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from authz.runtime.logs import JsonFormatter, setup_logging
+from authz.runtime.logs import JsonFormatter, Repeats, setup_logging
 from tests.helpers import free_port
 
 
@@ -96,3 +96,44 @@ async def test_a_malformed_http_request_is_one_warning_without_its_bytes(
     assert "traceback" not in captured.getvalue().lower()
     assert "adm-secret" not in captured.getvalue()
     assert lines[0]["msg"].startswith("malformed HTTP request refused: LineTooLong")
+
+
+def test_a_flood_of_one_line_is_cut_to_a_burst_and_counted() -> None:
+    """A fault that fails every request logs one line each: past 20 lines of one kind
+    in 10 s the rest are left out, and the next line of that kind says how many."""
+    now = [0.0]
+    repeats = Repeats(burst=3, window_s=10.0, clock=lambda: now[0])
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(repeats)
+    log = logging.getLogger("tokenbooth.test-repeats")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for i in range(100):
+            log.warning("key check failed closed: %s", f"outage {i}")
+        log.warning("another kind")
+        now[0] = 10.0
+        log.warning("key check failed closed: %s", "after")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            for _ in range(5):  # a traceback always passes
+                log.exception("key check failed closed: %s", "with a trace")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [ln["msg"] for ln in lines[:4]] == [
+        "key check failed closed: outage 0", "key check failed closed: outage 1",
+        "key check failed closed: outage 2", "another kind"]
+    assert "repeated" not in lines[3]
+    assert lines[4]["msg"] == "key check failed closed: after" and lines[4]["repeated"] == 97
+    assert len(lines) == 10
+
+
+def test_setup_logging_cuts_floods(captured: io.StringIO) -> None:
+    for _ in range(50):
+        logging.getLogger("tokenbooth.keys").warning("key check failed closed: %s", "x")
+    assert captured.getvalue().count("key check failed closed") == 20
