@@ -67,12 +67,13 @@ class _MalformedHttp(logging.Filter):
 
 
 class Repeats(logging.Filter):
-    """At most `burst` lines of one kind (logger and message template) per `window_s`.
-    A fault that fails every request (a store away, a backend down, a client flooding
-    bad keys) wrote one line per request: thousands a second, each costing the event
-    loop its formatting and the log pipeline its volume. The lines past the burst are
-    counted, and the first line of that kind let through afterwards says how many were
-    left out (`repeated`). Errors with a traceback always pass (each may differ)."""
+    """At most `burst` lines of one kind (logger and message template) per `window_s`,
+    for the lines marked `extra=REPEATS` (authz/state/repeats.py): the ones a fault writes
+    once per request, as a store away fails every request closed. They came thousands a
+    second, each costing the event loop its formatting and the log pipeline its volume.
+    The lines past the burst are counted, and the first line of that kind let through
+    afterwards says how many were left out (`repeated`). Unmarked lines always pass: a
+    line that carries what could not be stored (a record, a settlement) is never dropped."""
 
     MAX_KINDS = 1024  # kinds tracked at once (templates are few; f-strings are not)
 
@@ -84,7 +85,7 @@ class Repeats(logging.Filter):
         self._lock = threading.Lock()  # worker threads log too
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info is not None and record.exc_info[0] is not None:
+        if not getattr(record, "_repeats", False):
             return True
         key = (record.name, str(record.msg))
         now = self._clock()

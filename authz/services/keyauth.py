@@ -7,6 +7,7 @@ import logging
 
 from authz.runtime.snapshot import Runtime
 from authz.state.keys.base import KeyStore, StoreUnavailable
+from authz.state.repeats import REPEATS
 from policy.errors import invalid_api_key, service_unavailable
 from policy.keys import NO_KEY, Principal, check_record, fingerprint
 
@@ -28,7 +29,8 @@ class KeyAuthority:
             try:
                 record = await self._store.find(fp, secret)
             except StoreUnavailable as e:
-                log.warning("key check failed closed: %s", e, extra={"key_fp": fp[:8]})
+                log.warning("key check failed closed: %s", e,
+                            extra={"key_fp": fp[:8], **REPEATS})
                 raise service_unavailable(
                     "The API key store is unavailable; retry shortly.", retry=True
                 ) from None

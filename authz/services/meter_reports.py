@@ -17,6 +17,7 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz.envoy_config.stream_meter import METER_NS
+from authz.state.repeats import REPEATS
 from policy.meter_report import MeterReport
 
 log = logging.getLogger("tokenbooth.meter")
@@ -60,7 +61,8 @@ class MeterReports:
         fut = self._waiting.get(request_id)
         if fut is None or fut.done():
             self.unclaimed += 1
-            log.warning("a stream report nobody waits for", extra={"request_id": request_id})
+            log.warning("a stream report nobody waits for",
+                        extra={"request_id": request_id, **REPEATS})
             return
         fut.set_result(report)
 

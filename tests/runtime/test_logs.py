@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from authz.runtime.logs import JsonFormatter, Repeats, setup_logging
+from authz.state.repeats import REPEATS
 from tests.helpers import free_port
 
 
@@ -99,8 +100,10 @@ async def test_a_malformed_http_request_is_one_warning_without_its_bytes(
 
 
 def test_a_flood_of_one_line_is_cut_to_a_burst_and_counted() -> None:
-    """A fault that fails every request logs one line each: past 20 lines of one kind
-    in 10 s the rest are left out, and the next line of that kind says how many."""
+    """A fault that fails every request logs one line each: past the burst of one kind
+    in the window the rest are left out, and the next line of that kind says how many.
+    Only lines marked REPEATS: others (a record not stored, each request's own line)
+    always pass."""
     now = [0.0]
     repeats = Repeats(burst=3, window_s=10.0, clock=lambda: now[0])
     out = io.StringIO()
@@ -112,15 +115,12 @@ def test_a_flood_of_one_line_is_cut_to_a_burst_and_counted() -> None:
     log.propagate = False
     try:
         for i in range(100):
-            log.warning("key check failed closed: %s", f"outage {i}")
-        log.warning("another kind")
+            log.warning("key check failed closed: %s", f"outage {i}", extra=REPEATS)
+        log.warning("another kind", extra=REPEATS)
+        for _ in range(5):
+            log.error("usage record not stored: %s", "disk full")
         now[0] = 10.0
-        log.warning("key check failed closed: %s", "after")
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            for _ in range(5):  # a traceback always passes
-                log.exception("key check failed closed: %s", "with a trace")
+        log.warning("key check failed closed: %s", "after", extra=REPEATS)
     finally:
         log.removeHandler(handler)
         log.propagate = True
@@ -128,12 +128,16 @@ def test_a_flood_of_one_line_is_cut_to_a_burst_and_counted() -> None:
     assert [ln["msg"] for ln in lines[:4]] == [
         "key check failed closed: outage 0", "key check failed closed: outage 1",
         "key check failed closed: outage 2", "another kind"]
-    assert "repeated" not in lines[3]
-    assert lines[4]["msg"] == "key check failed closed: after" and lines[4]["repeated"] == 97
+    assert all("repeated" not in ln and "_repeats" not in ln for ln in lines[:9])
+    assert [ln["msg"] for ln in lines[4:9]] == ["usage record not stored: disk full"] * 5
+    assert lines[9]["msg"] == "key check failed closed: after" and lines[9]["repeated"] == 97
     assert len(lines) == 10
 
 
 def test_setup_logging_cuts_floods(captured: io.StringIO) -> None:
     for _ in range(50):
-        logging.getLogger("tokenbooth.keys").warning("key check failed closed: %s", "x")
+        logging.getLogger("tokenbooth.keys").warning("key check failed closed: %s", "x",
+                                                     extra=REPEATS)
+        logging.getLogger("tokenbooth.records").info("request done")
     assert captured.getvalue().count("key check failed closed") == 20
+    assert captured.getvalue().count("request done") == 50

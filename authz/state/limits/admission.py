@@ -20,6 +20,7 @@ from pathlib import Path
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStoreUnwritable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
+from authz.state.repeats import REPEATS
 from authz.state.tasks import cancel_and_wait
 from policy.admission import Settled, held_limits, lost_record, settled, tracked
 from policy.config import OnStoreError
@@ -218,13 +219,13 @@ class Admission:
                 self._release_later(limits, ask)
             if not self._may_fail_open(limits):
                 log.error("admission failed closed: %s", e,
-                          extra={"request_id": ask.request_id})
+                          extra={"request_id": ask.request_id, **REPEATS})
                 raise service_unavailable(
                     "The limit store is unavailable, so this request cannot be admitted "
                     "now; retry shortly.", retry=True
                 ) from None
             log.warning("limit store unavailable, admitting under the local limiter: %s", e,
-                        extra={"request_id": ask.request_id})
+                        extra={"request_id": ask.request_id, **REPEATS})
             decision = await self._local.admit(held, ask, now.timestamp())
             if decision.allowed:
                 self._local_ids.add((ask.key_id, ask.request_id))
@@ -244,7 +245,8 @@ class Admission:
                 self._on_spooled()
             return
         log.error("an unanswered admission cannot be released: if the store carries it "
-                  "out, its hold is charged as lost", extra={"request_id": ask.request_id})
+                  "out, its hold is charged as lost",
+                  extra={"request_id": ask.request_id, **REPEATS})
 
     async def _reconcile(self, now: datetime) -> None:
         """The store is back: count what the local limiter admitted meanwhile."""
@@ -308,7 +310,7 @@ class Admission:
             elif self._spool.append(Spooled(limits, ask, used_tokens, cost_nano,
                                             self._store.admitted_under(ask))):
                 log.warning("settlement spooled until the limit store answers: %s", e,
-                            extra=extra)
+                            extra={**extra, **REPEATS})
                 if self._on_spooled is not None:
                     self._on_spooled()
             return settled(ask, used_tokens, cost_nano, applied=False)
