@@ -86,6 +86,7 @@ class Services:
     _reload: asyncio.Task[None] | None = None
     _ready: bool = False
     _hurried: bool = False  # a second stop signal: no more waiting (see `hurry`)
+    _server_grace: float | None = None  # the grace of the gRPC server's stop, once begun
     _stops: set[asyncio.Future[None]] = field(default_factory=set)
     _admission: Admission | None = None
     _xds: AggregatedDiscoveryService | None = None
@@ -276,6 +277,7 @@ class Services:
                 # Streams still open when the grace ends are cancelled: their records
                 # charge the whole hold (Envoy serves the rest unmetered).
                 self._ext_proc.stopping(grace)
+            self._server_grace = grace
             await self._server.stop(grace)
             if self._ext_proc is not None:
                 await self._ext_proc.stalls.close()
@@ -321,9 +323,11 @@ class Services:
         self._hurried = True
         if self._ext_proc is not None:
             self._ext_proc.hurry()
-        if self._server is not None:
+        if self._server is not None and self._server_grace:
             # A second stop with no grace cancels every open stream now (the first
-            # `stop` call, still waiting on its grace, then returns as well).
+            # `stop` call, still waiting on its grace, then returns as well). Only then:
+            # before that stop began it takes no grace (`_hurried`), and two stops begun
+            # at once crash grpc (a segfault in grpc.aio's Server.stop, 1.85).
             self._stops.add(task := asyncio.ensure_future(self._server.stop(0)))
             task.add_done_callback(self._stops.discard)
 
@@ -343,22 +347,20 @@ async def serve_forever(runtime: Runtime) -> None:
     memdebug.install(runtime.settings.tracemalloc, runtime.snapshot.config.data_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = 0
 
     def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        stop.set()
+        # The first stops; any later one hurries the stop (users expect a second Ctrl-C
+        # to stop at once). One handler for both, so that a second signal whose callback
+        # is queued behind the first (`up` sends both at once when hurried before the
+        # services' turn) is never missed: swapping handlers after the first left such a
+        # callback to the first's handler, and the stop was not hurried.
+        if stop.is_set():
+            services.hurry()
+        else:
+            stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     log.info("shutting down")
-    # A second signal hurries the stop (users expect a second Ctrl-C to stop at once).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, services.hurry)
-    if signals > 1:
-        # The second came before its handler (`up` sends both at once when hurried
-        # before the services' turn): as if it came now; it was dropped before.
-        loop.call_soon(services.hurry)
     await services.stop()
