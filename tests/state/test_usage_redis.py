@@ -263,7 +263,10 @@ async def test_the_previous_process_s_last_real_records_are_read_at_start(
 
     spool, t = tmp_path / "spool", 1_800_000_000.0
     first = RedisUsageSink(own_redis.url, spool)
-    for r in (ended("old", t - 100), ended("out", t - 30.5), ended("in", t - 29.5),
+    # (the scan stops at a record twice the horizon old: what comes before it is not
+    # read, whatever its end, so that a start never reads a whole spool)
+    for r in (ended("hidden", t), ended("old", t - 100), ended("out", t - 30.5),
+              ended("in", t - 29.5),
               ended("late", t - 45),  # written after its end (a recount): within 2x
               ended("last", t), ended("swept", t + 500, status=LOST),
               ended("swept-old", t - 500, status=LOST)):
@@ -277,7 +280,7 @@ async def test_the_previous_process_s_last_real_records_are_read_at_start(
         assert got == ["rlast", "rin"]
         assert second.previous_records(30.0, 1) == [ended("last", t).to_dict()]
         assert [r["request_id"] for r in second.previous_records(100.0, 100)] == [
-            "rlast", "rlate", "rin", "rout", "rold"]
+            "rlast", "rlate", "rin", "rout", "rold", "rhidden"]
         await second.start()
         with pytest.raises(RuntimeError):  # its drain retires the previous segments
             second.previous_records(30.0, 100)
