@@ -8,7 +8,6 @@ import logging
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -50,6 +49,7 @@ from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
+from policy.limits import Ask
 
 log = logging.getLogger("tokenbooth.server")
 
@@ -113,12 +113,14 @@ class Services:
         # The sink first: the limit store's start may write the records of lost holds.
         if self.sink is None:
             self.sink = make_sink(cfg)
-        previous: list[dict[str, Any]] = []
+        owed: list[tuple[Ask, int, int]] = []
         if isinstance(self.sink, RedisUsageSink):
-            # Before its start, whose drain retires the segments the last process left.
-            previous = await asyncio.to_thread(self.sink.previous_records,
-                                               resettle.HORIZON_S, resettle.MAX_RECORDS)
-            await self.sink.start()
+            # Before its start, whose drain retires the segments the last process left;
+            # read and parsed in a thread (up to MAX_RECORDS).
+            sink = self.sink
+            owed = await asyncio.to_thread(lambda: resettle.owed(sink.previous_records(
+                resettle.HORIZON_S, resettle.MAX_RECORDS)))
+            await sink.start()
         feed = AlertFeed()  # records mark the owners whose budget alerts to check
         recorder = Recorder(AlertingSink(self.sink, feed), self.metrics)
         if self.limits is None:
@@ -133,11 +135,11 @@ class Services:
             on_hold=self.metrics.holds.update,
             on_store=lambda ok: self.metrics.store_result("limits", ok))
         await self._admission.start()
-        if previous and isinstance(self.limits, RedisLimitStore):
+        if owed and isinstance(self.limits, RedisLimitStore):
             # The settlements the last process may not have made: in the background, as
             # long as Redis takes to answer (resettle.py).
             self._resettling = asyncio.create_task(resettle.resettle(
-                self.limits, previous, lambda: self.runtime.clock().timestamp()),
+                self.limits, owed, lambda: self.runtime.clock().timestamp()),
                 name="resettle")
         self._alerts = BudgetAlerts(lambda: self.runtime.snapshot.config, self.limits,
                                     self.store, make_marks(cfg), feed,

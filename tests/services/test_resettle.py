@@ -67,7 +67,7 @@ class Process:
         self.recorder = Recorder(self.sink, Metrics())
         self.admission = admission(self.store, on_lost=self.recorder.lost,
                                    clock=lambda: time.time() + ahead_s)
-        self.previous: list[dict[str, Any]] = []
+        self.owed: list[tuple[Ask, int, int]] = []
 
     async def request(self, rid: str, principal: Principal = KEY) -> Lifecycle:
         """A request admitted and answered: its record is written, its settlement owed."""
@@ -93,13 +93,13 @@ class Process:
     async def resettle(self) -> tuple[int, int]:
         """What `Services.start` does: the previous process's last records, read before
         the sink starts, then settled again."""
-        self.previous = await asyncio.to_thread(
-            self.sink.previous_records, resettle.HORIZON_S, resettle.MAX_RECORDS)
+        self.owed = await asyncio.to_thread(lambda: resettle.owed(
+            self.sink.previous_records(resettle.HORIZON_S, resettle.MAX_RECORDS)))
         await self.sink.start()
         return await self.resettle_again()
 
     async def resettle_again(self) -> tuple[int, int]:
-        return await resettle.resettle(self.store, self.previous, time.time)
+        return await resettle.resettle(self.store, self.owed, time.time)
 
 
 @pytest.fixture
@@ -335,9 +335,10 @@ async def outage_at_start(own_redis: RedisServer, spool: Path, runtime: Runtime,
     await first.die()
     own_redis.stop()
     second = Process(url, spool, runtime)
-    previous = second.sink.previous_records(resettle.HORIZON_S, resettle.MAX_RECORDS)
+    owed = resettle.owed(second.sink.previous_records(resettle.HORIZON_S,
+                                                      resettle.MAX_RECORDS))
     with caplog.at_level(logging.INFO, "tokenbooth.limits"):
-        task = asyncio.create_task(resettle.resettle(second.store, previous, time.time,
+        task = asyncio.create_task(resettle.resettle(second.store, owed, time.time,
                                                      retry_s=0.1))
         await asyncio.sleep(0.5)
         assert not task.done()
@@ -365,3 +366,20 @@ async def test_the_services_settle_again_at_their_start(
         assert task is not None
         assert await asyncio.wait_for(task, 10.0) == (0, 2)
         assert clean(await audit(url, real("r1")))
+
+
+def test_a_record_names_the_holds_its_admission_took() -> None:
+    """The key's and the org's hold, each in the budget period its record names (an
+    owner without a budget: the default kind, whose ledger holds nothing of it), at
+    the record's exact cost; no org, no org hold; a record that does not say: none."""
+    rec: dict[str, Any] = {
+        "request_id": "r1", "key_id": "k-a", "org": "acme", "total_tokens": 10,
+        "cost_usd": "0.000000007", "started_at": "2026-12-06T23:59:59.5Z",
+        "key_budget_period": None, "org_budget_period": "day:2026-12-06"}
+    assert resettle.settlements(rec) == [
+        (Ask("r1", "k-a", "acme", 0, 0, "month:2026-12", 0.0), 10, 7),
+        (Ask("r1", "org:acme", "acme", 0, 0, "day:2026-12-06", 0.0), 10, 7)]
+    assert [a.key_id for a, _, _ in resettle.settlements(rec | {"org": ""})] == ["k-a"]
+    bad = [rec | {"cost_usd": "x"}, rec | {"total_tokens": -1}, rec | {"started_at": "?"},
+           {k: v for k, v in rec.items() if k != "request_id"}]
+    assert resettle.owed([*bad, rec]) == resettle.settlements(rec)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -91,12 +91,9 @@ def settlements(rec: Mapping[str, Any]) -> list[tuple[Ask, int, int]]:
     return out
 
 
-async def resettle(store: RedisLimitStore, records: Sequence[Mapping[str, Any]],
-                   clock: Callable[[], float], *, retry_s: float = RETRY_S
-                   ) -> tuple[int, int]:
-    """Settle again the holds of `records` (real ones) at their real usage, in batches;
-    while Redis does not answer, tried again every `retry_s` (one warning). Returns
-    (live holds settled, lost charges corrected), and says so in one info line."""
+def owed(records: Iterable[Mapping[str, Any]]) -> list[tuple[Ask, int, int]]:
+    """The `settlements` of real records (an unreadable one skipped, with a warning).
+    Decimal arithmetic for each: run it in a thread for many."""
     items: list[tuple[Ask, int, int]] = []
     unreadable = 0
     for rec in records:
@@ -106,6 +103,15 @@ async def resettle(store: RedisLimitStore, records: Sequence[Mapping[str, Any]],
             unreadable += 1
     if unreadable:
         log.warning("re-settling at start: %d unreadable usage record(s) skipped", unreadable)
+    return items
+
+
+async def resettle(store: RedisLimitStore, items: Sequence[tuple[Ask, int, int]],
+                   clock: Callable[[], float], *, retry_s: float = RETRY_S
+                   ) -> tuple[int, int]:
+    """Settle again each (ask, used tokens, cost nano) of `owed`, in batches; while Redis
+    does not answer, tried again every `retry_s` (one warning). Returns (live holds
+    settled, lost charges corrected), and says so in one info line."""
     done = corrected = 0
     i, warned = 0, False
     while i < len(items):
@@ -125,6 +131,6 @@ async def resettle(store: RedisLimitStore, records: Sequence[Mapping[str, Any]],
         corrected += results.count(2)
         i += BATCH
     log.info("re-settled the requests recorded last before the previous stop",
-             extra={"records": len(records) - unreadable, "settled": done,
-                    "corrected": corrected})
+             extra={"requests": len({ask.request_id for ask, _, _ in items}),
+                    "holds": len(items), "settled": done, "corrected": corrected})
     return done, corrected
