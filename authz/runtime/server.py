@@ -39,14 +39,17 @@ from authz.services.xds import AggregatedDiscoveryService, add_to_server
 from authz.state.blocking import in_daemon_thread
 from authz.state.keys.base import KeyStore
 from authz.state.keys.factory import make_store
+from authz.state.limits import resettle
 from authz.state.limits.admission import Admission
 from authz.state.limits.base import LimitStore
 from authz.state.limits.factory import make_limit_store
+from authz.state.limits.redis_limits import RedisLimitStore
 from authz.state.orgs import OrgLimitsCache, make_org_store
 from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
+from policy.limits import Ask
 
 log = logging.getLogger("tokenbooth.server")
 
@@ -92,6 +95,7 @@ class Services:
     _xds: AggregatedDiscoveryService | None = None
     _ext_proc: ExternalProcessorService | None = None
     _budgets: asyncio.Task[None] | None = None
+    _resettling: asyncio.Task[tuple[int, int]] | None = None
     _alerts: BudgetAlerts | None = None
     _otlp_metrics: RegistryExport | None = None
     # Stored org limits (admin API), polled; the admin API's listener when served.
@@ -110,8 +114,14 @@ class Services:
         # The sink first: the limit store's start may write the records of lost holds.
         if self.sink is None:
             self.sink = make_sink(cfg)
+        owed: list[tuple[Ask, int, int]] = []
         if isinstance(self.sink, RedisUsageSink):
-            await self.sink.start()
+            # Before its start, whose drain retires the segments the last process left;
+            # read and parsed in a thread (up to MAX_RECORDS).
+            sink = self.sink
+            owed = await asyncio.to_thread(lambda: resettle.owed(sink.previous_records(
+                resettle.HORIZON_S, resettle.MAX_RECORDS)))
+            await sink.start()
         feed = AlertFeed()  # records mark the owners whose budget alerts to check
         recorder = Recorder(AlertingSink(self.sink, feed), self.metrics)
         if self.limits is None:
@@ -126,6 +136,12 @@ class Services:
             on_hold=self.metrics.holds.update,
             on_store=lambda ok: self.metrics.store_result("limits", ok))
         await self._admission.start()
+        if owed and isinstance(self.limits, RedisLimitStore):
+            # The settlements the last process may not have made: in the background, as
+            # long as Redis takes to answer (resettle.py).
+            self._resettling = asyncio.create_task(resettle.resettle(
+                self.limits, owed, lambda: self.runtime.clock().timestamp()),
+                name="resettle")
         self._alerts = BudgetAlerts(lambda: self.runtime.snapshot.config, self.limits,
                                     self.store, make_marks(cfg), feed,
                                     self.runtime.settings.webhook_secret, self.runtime.clock,
@@ -266,7 +282,9 @@ class Services:
         self._ready = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        await cancel_and_wait(self._reload, self._budgets)  # either may be in a Redis call
+        # Any may be in a Redis call (a re-settlement left unfinished is repeated by the
+        # next start: the spool keeps the records).
+        await cancel_and_wait(self._reload, self._budgets, self._resettling)
         if self._alerts is not None:
             await self._alerts.close()
         if self._xds is not None:

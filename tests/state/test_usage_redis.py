@@ -242,3 +242,77 @@ async def test_one_sink_per_spool(tmp_path: Path, own_redis: RedisServer) -> Non
     await first.aclose()
     second = RedisUsageSink(own_redis.url, tmp_path / "spool")
     await second.aclose()
+
+
+def ended(i: int | str, end: float, status: int | str = 200) -> UsageRecord:
+    """A record of a request that ended at `end` (epoch seconds), 1 s after its start."""
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    start = datetime.fromtimestamp(end - 1.0, UTC).isoformat()
+    return replace(rec(i), started_at=start, duration_ms=1000.0, status=status)
+
+
+async def test_the_previous_process_s_last_real_records_are_read_at_start(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """What a restart settles again (authz/state/limits/resettle.py): the real records
+    the previous process wrote within the horizon of its last one, newest first; not a
+    `lost` record (whatever its end), not one of this process, nothing once started."""
+    from policy.usage import LOST
+
+    spool, t = tmp_path / "spool", 1_800_000_000.0
+    first = RedisUsageSink(own_redis.url, spool)
+    # (the scan stops at a record twice the horizon old: what comes before it is not
+    # read, whatever its end, so that a start never reads a whole spool)
+    for r in (ended("hidden", t), ended("old", t - 100), ended("out", t - 30.5),
+              ended("in", t - 29.5),
+              ended("late", t - 45),  # written after its end (a recount): within 2x
+              ended("last", t), ended("swept", t + 500, status=LOST),
+              ended("swept-old", t - 500, status=LOST)):
+        first.write(r)
+    first.close()
+    await first._redis.aclose()
+    second = RedisUsageSink(own_redis.url, spool)
+    second.write(ended("mine", t + 1))  # this process's own: not the previous one's
+    try:
+        got = [r["request_id"] for r in second.previous_records(30.0, 100)]
+        assert got == ["rlast", "rin"]
+        assert second.previous_records(30.0, 1) == [ended("last", t).to_dict()]
+        assert [r["request_id"] for r in second.previous_records(100.0, 100)] == [
+            "rlast", "rlate", "rin", "rout", "rold", "rhidden"]
+        await second.start()
+        with pytest.raises(RuntimeError):  # its drain retires the previous segments
+            second.previous_records(30.0, 100)
+    finally:
+        await second.aclose()
+
+
+async def test_a_delivered_segment_is_kept_for_the_next_start(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """A process that rotated its segment just before it stopped: the records before the
+    rotation were delivered, and the segment kept (one, `.sent`), so the next start
+    still reads them."""
+    spool = tmp_path / "spool"
+    first = RedisUsageSink(own_redis.url, spool, segment_bytes=1000)
+    await first.start()
+    for i in range(30):  # several segments
+        first.write(rec(i))
+    assert await wait_for_count(own_redis.url, 30) == [f"r{i}" for i in range(30)]
+    await first.aclose()
+    assert len(list(spool.glob("*.sent"))) == 1  # the last one delivered, no more
+    last = max(spool.glob("*.spool"))
+    in_last = len(last.read_bytes().splitlines())
+    second = RedisUsageSink(own_redis.url, spool, segment_bytes=1000)
+    try:
+        got = [r["request_id"] for r in second.previous_records(30.0, 1000)]
+        assert got == [f"r{i}" for i in range(29, 29 - len(got), -1)]
+        assert len(got) > in_last  # the kept segment's records too
+        await second.start()
+        second.write(rec(30))
+        await wait_for_count(own_redis.url, 31)
+        await asyncio.sleep(0.1)
+        assert len(list(spool.glob("*.sent"))) == 1
+    finally:
+        await second.aclose()

@@ -47,7 +47,7 @@ import logging
 import os
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -59,7 +59,13 @@ from authz.state.limits.base import LimitStoreUnwritable
 from authz.state.limits.codec import ask_from
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.lines import TornLine, open_appending
-from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, usage_files
+from authz.state.usage.records import (
+    USAGE_FILE,
+    JsonlUsageLog,
+    ended_at,
+    records_backwards,
+    usage_files,
+)
 from policy.admission import KeyState, Ledger, Settled, lost_record
 from policy.config import Config
 from policy.limits import WINDOW_S, Ask, Decision, Limits, usd_to_nano
@@ -490,7 +496,7 @@ def recorded(path: Path, rids: set[str], since: float) -> dict[str, tuple[int, i
     through its rotated files newest first, until a record that ended before `since`."""
     found: dict[str, tuple[int, int]] = {}
     lost: set[str] = set()
-    newest_first = (r for p in reversed(usage_files(path)) for r in _records_backwards(p))
+    newest_first = (r for p in reversed(usage_files(path)) for r in records_backwards(p))
     for rec in newest_first:
         rid = rec.get("request_id")
         if rid in rids and (rid not in found or rid in lost):
@@ -503,40 +509,10 @@ def recorded(path: Path, rids: set[str], since: float) -> dict[str, tuple[int, i
                 lost.add(rid)
             else:
                 lost.discard(rid)
-        ended = _ended(rec)
+        ended = ended_at(rec)
         if ended is not None and ended < since:
             break
     return found
-
-
-def _ended(rec: dict[str, Any]) -> float | None:
-    try:
-        started = datetime.fromisoformat(str(rec["started_at"])).timestamp()
-        return started + float(rec.get("duration_ms") or 0) / 1000
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-def _records_backwards(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file, last first (damaged lines skipped)."""
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return
-    with f:
-        pos = f.seek(0, os.SEEK_END)
-        tail = b""
-        while pos > 0:
-            n = min(block, pos)
-            pos -= n
-            f.seek(pos)
-            lines = (f.read(n) + tail).split(b"\n")
-            tail = lines.pop(0) if pos > 0 else b""
-            for line in reversed(lines):
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    rec = orjson.loads(line) if line.strip() else None
-                    if isinstance(rec, dict):
-                        yield rec
 
 
 # -- the snapshot's codec ---------------------------------------------------------------

@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -145,6 +146,38 @@ def one_per_request(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any
         if old is None or (old.get("status") == LOST and rec.get("status") != LOST):
             out[rid] = rec
     yield from out.values()
+
+
+def ended_at(rec: dict[str, Any]) -> float | None:
+    """When a record's request ended (epoch seconds: its start plus its duration), about
+    when it was written; None if the record does not say."""
+    try:
+        started = datetime.fromisoformat(str(rec["started_at"])).timestamp()
+        return started + float(rec.get("duration_ms") or 0) / 1000
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def records_backwards(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, last first (damaged lines skipped)."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        tail = b""
+        while pos > 0:
+            n = min(block, pos)
+            pos -= n
+            f.seek(pos)
+            lines = (f.read(n) + tail).split(b"\n")
+            tail = lines.pop(0) if pos > 0 else b""
+            for line in reversed(lines):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    rec = orjson.loads(line) if line.strip() else None
+                    if isinstance(rec, dict):
+                        yield rec
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:

@@ -10,8 +10,13 @@ Spool layout in `spool_dir` (one live sink per directory):
   usage.offset       "<seq> <byte offset>": the first record not yet delivered,
                      replaced atomically (temp file + rename) after each batch
   usage.lock         flock'ed by the live sink
+  usage-<seq>.sent   the last segment delivered in full (one), kept for the next start
 
-A segment read to its end, other than the one being written, is deleted.
+A segment read to its end, other than the one being written, is retired: renamed
+`.sent`, and the one kept before it deleted. At its start a sink reads the last records
+its spool's previous process wrote (`previous_records`), delivered or not, for the
+settlements that process may not have made (authz/state/limits/resettle.py); the kept
+segment holds them when that process rotated its segment just before it stopped.
 Each batch goes to Redis by one Lua call: per record, the seen key
 `<stream>:seen:<request_id>` (`seen_ttl_s`, the redelivery horizon) and, only when it
 was unset, `XADD <stream> * data <json>`; a real record also passes a seen key that
@@ -31,6 +36,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from authz.state.keys.redis_store import connect
 from authz.state.lines import Backlog, open_appending
 from authz.state.tasks import cancel_and_wait
+from authz.state.usage.records import ended_at, records_backwards
 from authz.state.usage.trim import TrimPolicy, ensure_groups, trim
 from policy.usage import LOST, UsageRecord
 
@@ -87,12 +94,50 @@ def _segment(spool_dir: Path, seq: int) -> Path:
     return spool_dir / f"usage-{seq:012d}.spool"
 
 
-def _segments(spool_dir: Path) -> list[int]:
+def _sent(spool_dir: Path, seq: int) -> Path:
+    return spool_dir / f"usage-{seq:012d}.sent"
+
+
+def _segments(spool_dir: Path, suffix: str = ".spool") -> list[int]:
     seqs = []
-    for p in spool_dir.glob("usage-*.spool"):
+    for p in spool_dir.glob(f"usage-*{suffix}"):
         with contextlib.suppress(ValueError):
             seqs.append(int(p.stem.removeprefix("usage-")))
     return sorted(seqs)
+
+
+def _retire(spool_dir: Path, seq: int) -> None:
+    """A delivered segment becomes the one kept (`.sent`), unless a later one is kept
+    already; the kept one it replaces is deleted."""
+    kept = _segments(spool_dir, ".sent")
+    if kept and kept[-1] > seq:
+        _segment(spool_dir, seq).unlink(missing_ok=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(_segment(spool_dir, seq), _sent(spool_dir, seq))
+    for s in kept:
+        if s != seq:
+            _sent(spool_dir, s).unlink(missing_ok=True)
+
+
+def recent_records(files: Iterable[Path], horizon_s: float, limit: int
+                   ) -> list[dict[str, Any]]:
+    """The real records (status not `lost`) last written to `files` (given newest first):
+    those that ended within `horizon_s` of the latest end among them, `limit` at most,
+    newest first. A record is written when its request ends, so ends go up through a
+    spool but for a record written a little after its end (a prompt recount, a meter
+    report): the scan reads on past the horizon, and stops at twice it."""
+    seen: list[tuple[dict[str, Any], float]] = []
+    latest = float("-inf")
+    for rec in (r for path in files for r in records_backwards(path)):
+        end = ended_at(rec)
+        if rec.get("status") == LOST or end is None:
+            continue  # (a lost record: written by a sweep, whatever its request's end)
+        latest = max(latest, end)
+        if end < latest - 2 * horizon_s or len(seen) >= limit:
+            break
+        seen.append((rec, end))
+    return [rec for rec, end in seen if end >= latest - horizon_s]
 
 
 class RedisUsageSink:
@@ -133,14 +178,15 @@ class RedisUsageSink:
         self._redis: aioredis.Redis = connect(url, timeout_s)
         self._rseq, self._roff = self._load_offset()
         for s in _segments(spool_dir):
-            if s < self._rseq:  # delivered, left by a crash before its unlink
-                _segment(spool_dir, s).unlink(missing_ok=True)
+            if s < self._rseq:  # delivered, left by a crash before it was retired
+                _retire(spool_dir, s)
         seqs = [s for s in _segments(spool_dir) if s >= self._rseq]
         if not seqs or seqs[0] > self._rseq:  # our segment is gone: start at the next one
             self._rseq, self._roff = (seqs[0] if seqs else self._rseq), 0
         # Undelivered bytes, for the bound on the spool.
         self.pending = sum(_segment(spool_dir, s).stat().st_size for s in seqs) - self._roff
         self._wseq = max([self._rseq, *seqs]) + 1  # never append after a crash's partial line
+        self._first_wseq = self._wseq  # segments before it: earlier processes'
         self._backlog = Backlog(f"usage spool {spool_dir}")
         self._wfd = self._open_segment(self._wseq)
         self._wsize = 0
@@ -188,6 +234,18 @@ class RedisUsageSink:
             os.close(self._wfd)
             os.close(self._lock)  # releases the flock
             self._wfd = -1
+
+    def previous_records(self, horizon_s: float, limit: int) -> list[dict[str, Any]]:
+        """The real records the previous process on this spool wrote last, delivered or
+        not (`recent_records` of its segments and the kept one). Before `start`: the
+        drain then retires those segments. Reads files: call it in a thread."""
+        if self._task is not None:
+            raise RuntimeError("previous_records() must be called before start()")
+        files = [_segment(self.spool_dir, s) for s in _segments(self.spool_dir)
+                 if s < self._first_wseq]
+        files += [_sent(self.spool_dir, s) for s in _segments(self.spool_dir, ".sent")]
+        files.sort(key=lambda p: int(p.stem.removeprefix("usage-")), reverse=True)
+        return recent_records(files, horizon_s, limit)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -321,8 +379,8 @@ class RedisUsageSink:
             if s > old:
                 self._rseq = s
                 break
-        self._save_offset()  # before the unlink: a crash in between leaves a stale file only
-        _segment(self.spool_dir, old).unlink(missing_ok=True)
+        self._save_offset()  # before it is retired: a crash in between leaves a stale file
+        _retire(self.spool_dir, old)
 
     # -- files ----------------------------------------------------------------------
 
