@@ -192,13 +192,13 @@ def stream_error_status(obj: dict[str, Any]) -> int:
 
 def _code_status(code: Any) -> int:
     """An error event's `code` as a status: itself when an HTTP error status (a number or
-    its digits), OpenAI's `rate_limit_exceeded` 429, its `invalid_*` codes (a bad prompt
+    its digits), OpenAI's `rate_limit_exceeded` / `too_many_requests` 429, its `invalid_*` codes (a bad prompt
     or image) 400, else STREAM_ERROR_STATUS (`server_error` and the rest)."""
     if isinstance(code, str) and code.isascii() and code.isdigit():
         code = int(code)
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
         return code
-    if code == "rate_limit_exceeded":
+    if code in ("rate_limit_exceeded", "too_many_requests"):
         return 429
     if isinstance(code, str) and code.startswith("invalid_"):
         return 400
@@ -277,10 +277,10 @@ class ResponsesStreamMeter(StreamMeter):
             response = obj.get("response") if obj is not None else None
             if isinstance(response, dict):
                 self._usage = usage_from_obj(response.get("usage"))
-                if name == RESPONSE_FAILED and not self.error_status:
-                    error = response.get("error")
-                    self.error_status = _code_status(
-                        error.get("code") if isinstance(error, dict) else None)
+            if name == RESPONSE_FAILED and not self.error_status:
+                error = response.get("error") if isinstance(response, dict) else None
+                self.error_status = _code_status(
+                    error.get("code") if isinstance(error, dict) else None)
             self.done = True
         elif name == ERROR_EVENT or (not name and obj is not None):
             # OpenAI's `error` event (`code`, `message`: the stream failed, no response
@@ -288,8 +288,13 @@ class ResponsesStreamMeter(StreamMeter):
             # body): the record says its status, the stream is charged as a cut one.
             obj = obj or _json_object(data)
             if obj is not None and not self.error_status:
-                self.error_status = (_code_status(obj.get("code")) if name
-                                     else stream_error_status(obj))
+                # Its code at the top (the API reference's shape) or in a nested
+                # `error` object (what OpenAI's stream has been seen to send).
+                nested = obj.get("error")
+                code = obj.get("code")
+                if code is None and isinstance(nested, dict):
+                    code = nested.get("code")
+                self.error_status = _code_status(code) if name else stream_error_status(obj)
         return False
 
 

@@ -163,6 +163,9 @@ def test_a_failed_responses_stream_records_its_error_status() -> None:
               '"sequence_number":3}'): 500,
         typed("error", '{"type":"error","code":"rate_limit_exceeded","message":"m"}'): 429,
         typed("", '{"type":"error","code":null,"message":"m"}', name=False): 500,
+        typed("error", '{"type":"error","error":{"type":"invalid_request_error",'
+              '"code":"too_many_requests","message":"m"}}'): 429,
+        typed("response.failed", '{"type":"response.failed","response":null}'): 500,
         typed("", '{"error":{"message":"m","type":"InternalServerError","code":503}}',
               name=False): 503,
         end("response.incomplete"): 0, end("response.completed"): 0,
