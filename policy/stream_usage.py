@@ -192,8 +192,9 @@ def stream_error_status(obj: dict[str, Any]) -> int:
 
 def _code_status(code: Any) -> int:
     """An error event's `code` as a status: itself when an HTTP error status (a number or
-    its digits), OpenAI's `rate_limit_exceeded` / `too_many_requests` 429, its `invalid_*` codes (a bad prompt
-    or image) 400, else STREAM_ERROR_STATUS (`server_error` and the rest)."""
+    its digits), OpenAI's `rate_limit_exceeded` / `too_many_requests` 429, its
+    `invalid_*` codes (a bad prompt or image) 400, else STREAM_ERROR_STATUS
+    (`server_error` and the rest)."""
     if isinstance(code, str) and code.isascii() and code.isdigit():
         code = int(code)
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:

@@ -49,7 +49,6 @@ from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
-from policy.limits import Ask
 
 log = logging.getLogger("tokenbooth.server")
 
@@ -114,13 +113,13 @@ class Services:
         # The sink first: the limit store's start may write the records of lost holds.
         if self.sink is None:
             self.sink = make_sink(cfg)
-        owed: list[tuple[Ask, int, int]] = []
+        owed: list[resettle.Owed] = []
         if isinstance(self.sink, RedisUsageSink):
             # Before its start, whose drain retires the segments the last process left;
             # read and parsed in a thread (up to MAX_RECORDS).
             sink = self.sink
             owed = await asyncio.to_thread(lambda: resettle.owed(sink.previous_records(
-                resettle.HORIZON_S, resettle.MAX_RECORDS)))
+                resettle.HORIZON_S, resettle.MAX_RECORDS), cfg.envoy.hold_lease_s))
             await sink.start()
         feed = AlertFeed()  # records mark the owners whose budget alerts to check
         recorder = Recorder(AlertingSink(self.sink, feed), self.metrics)
@@ -282,8 +281,10 @@ class Services:
         self._ready = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        # Any may be in a Redis call (a re-settlement left unfinished is repeated by the
-        # next start: the spool keeps the records).
+        # Any may be in a Redis call. A re-settlement cut here leaves the spool unmarked
+        # (below): the next start looks again, at what the spool still keeps of them.
+        resettled = self._resettling is None or (self._resettling.done()
+                                                 and not self._resettling.cancelled())
         await cancel_and_wait(self._reload, self._budgets, self._resettling)
         if self._alerts is not None:
             await self._alerts.close()
@@ -317,6 +318,8 @@ class Services:
             await self._admission.close()  # after the streams: their settlements are in
         if isinstance(self.sink, RedisUsageSink):
             await self.sink.aclose()  # delivers what it can in ~2 s; the spool keeps the rest
+            if self._admission is not None and resettled:  # settlements made (or spooled)
+                self.sink.mark_stopped()  # the next start re-settles nothing
         elif self.sink is not None:
             self.sink.close()
         if self.store is not None:

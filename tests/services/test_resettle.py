@@ -67,7 +67,7 @@ class Process:
         self.recorder = Recorder(self.sink, Metrics())
         self.admission = admission(self.store, on_lost=self.recorder.lost,
                                    clock=lambda: time.time() + ahead_s)
-        self.owed: list[tuple[Ask, int, int]] = []
+        self.owed: list[resettle.Owed] = []
 
     async def request(self, rid: str, principal: Principal = KEY) -> Lifecycle:
         """A request admitted and answered: its record is written, its settlement owed."""
@@ -366,6 +366,21 @@ async def test_the_services_settle_again_at_their_start(
         assert task is not None
         assert await asyncio.wait_for(task, 10.0) == (0, 2)
         assert clean(await audit(url, real("r1")))
+    # That one stopped whole: the next start has nothing to settle again (a start after
+    # every clean stop sent tens of thousands of settlements to the shared Redis).
+    async with serve_policy(tmp_path, orgs=ORGS, state=url) as running:
+        assert running.services._resettling is None
+        assert running.services.sink is not None
+    # Killed again (no stop): the start after it looks again.
+    crashed = Process(url, runtime.snapshot.config.data_dir / "spool", runtime)
+    assert crashed.sink.previous_records(resettle.HORIZON_S, resettle.MAX_RECORDS) == []
+    await crashed.sink.start()  # it runs: if it dies now, the next start looks
+    await crashed.request("r2")
+    await crashed.die()
+    nxt = Process(url, runtime.snapshot.config.data_dir / "spool", runtime)
+    got = nxt.sink.previous_records(resettle.HORIZON_S, resettle.MAX_RECORDS)
+    assert [r["request_id"] for r in got][:1] == ["r2"]
+    await nxt.stop()
 
 
 def test_a_record_names_the_holds_its_admission_took() -> None:
@@ -376,10 +391,71 @@ def test_a_record_names_the_holds_its_admission_took() -> None:
         "request_id": "r1", "key_id": "k-a", "org": "acme", "total_tokens": 10,
         "cost_usd": "0.000000007", "started_at": "2026-12-06T23:59:59.5Z",
         "key_budget_period": None, "org_budget_period": "day:2026-12-06"}
-    assert resettle.settlements(rec) == [
-        (Ask("r1", "k-a", "acme", 0, 0, "month:2026-12", 0.0), 10, 7),
-        (Ask("r1", "org:acme", "acme", 0, 0, "day:2026-12-06", 0.0), 10, 7)]
-    assert [a.key_id for a, _, _ in resettle.settlements(rec | {"org": ""})] == ["k-a"]
+    end = datetime(2026, 12, 6, 23, 59, 59, 500000, UTC).timestamp() + 1.25
+    latest = end + 90 + resettle.SLACK_S  # its end, plus the lease it was held under
+
+    def lease(stream: bool) -> float:
+        return 90.0 if stream else 30.0
+
+    rec |= {"duration_ms": 1250, "stream": True}
+    assert resettle.settlements(rec, lease) == [
+        (Ask("r1", "k-a", "acme", 0, 0, "month:2026-12", 0.0), 10, 7, latest),
+        (Ask("r1", "org:acme", "acme", 0, 0, "day:2026-12-06", 0.0), 10, 7, latest)]
+    assert [a.key_id for a, *_ in resettle.settlements(rec | {"org": ""})] == ["k-a"]
     bad = [rec | {"cost_usd": "x"}, rec | {"total_tokens": -1}, rec | {"started_at": "?"},
            {k: v for k, v in rec.items() if k != "request_id"}]
-    assert resettle.owed([*bad, rec]) == resettle.settlements(rec)
+    assert resettle.owed([*bad, rec], lease) == resettle.settlements(rec, lease)
+
+
+async def test_a_later_request_under_the_same_id_is_not_settled(
+        tmp_path: Path, own_redis: RedisServer, runtime: Runtime) -> None:
+    """A client reusing its `x-request-id`: the request of the restarted process's record
+    was settled; another, admitted since under the same id in another replica, holds.
+    Its hold was admitted after that record's end, so its lease ends later: the restart
+    leaves it alone (it settled it at the old record's cost: its own real cost was then
+    never charged, and its concurrency slot came back while it ran)."""
+    a = Process(own_redis.url, tmp_path / "a", runtime)
+    await (await a.request("same")).settle()
+    await a.stop()
+    before = {led.owner: led.spent for led in await redis_ledgers(own_redis.url)}
+    b = Process(own_redis.url, tmp_path / "b", runtime)
+    await b.sink.start()
+    later = Lifecycle(b.runtime, b.recorder, b.admission)
+    later.identify("POST", "/v1/chat/completions", "same", None, KEY)
+    await asyncio.sleep(0.05)  # admitted after the first one's end (its settlement)
+    await later.request_body(json.dumps(CHAT).encode())
+    restarted = Process(own_redis.url, tmp_path / "a", runtime)
+    assert await restarted.resettle() == (0, 0)
+    later.delivered = True
+    later.response_start(200, BACKEND)
+    later.response_chunk(ANSWER, end=True)
+    await later.settle()
+    after = {led.owner: led.spent for led in await redis_ledgers(own_redis.url)}
+    assert {o: after[o] - before[o] for o in after} == {"k-a": REAL_NANO,
+                                                       "org:acme": REAL_NANO}
+    await restarted.stop()
+    await b.stop()
+
+
+async def test_a_batch_the_store_refuses_is_passed_over(
+        tmp_path: Path, own_redis: RedisServer, runtime: Runtime,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch Redis answers with an error (here WRONGTYPE: r1's hold key is not a hash)
+    is not waited out: retrying it every 5 s forever left every later batch unsent."""
+    monkeypatch.setattr(resettle, "BATCH", 2)  # one request's key and org holds a batch
+    first = Process(own_redis.url, tmp_path / "spool", runtime)
+    await first.request("r1")
+    await first.request("r2")
+    await first.die()
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(own_redis.url)
+    await r.delete("tb:{k:k-a}:res:r1")
+    await r.set("tb:{k:k-a}:res:r1", "not a hold")
+    await r.aclose()
+    second = Process(own_redis.url, tmp_path / "spool", runtime)
+    with caplog.at_level(logging.ERROR, "tokenbooth.limits"):
+        settled, _ = await asyncio.wait_for(second.resettle(), 10.0)
+    assert settled == 2  # r2's key and org (r1's batch: not counted, whatever it did)
+    assert "answered with an error" in caplog.text and "WRONGTYPE" in caplog.text
+    await second.stop()

@@ -13,6 +13,11 @@ class LimitStoreUnavailable(Exception):
     """The store could not answer within its time limit."""
 
 
+class LimitStoreRefused(LimitStoreUnavailable):
+    """The store answered with an error (a Redis error reply: a script's error, OOM,
+    WRONGTYPE): asking again the same way is no better than waiting for it to answer."""
+
+
 class LimitStoreUnwritable(LimitStoreUnavailable):
     """The store refused before changing anything: what it would hold could not be made
     durable (the embedded state's journal on a full disk). Nothing to release."""

@@ -26,9 +26,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from authz.state.limits.base import LimitStoreUnavailable
+from authz.state.limits.base import LimitStoreRefused, LimitStoreUnavailable
 from authz.state.limits.codec import ask_from, dumps
 from authz.state.limits.redis_scripts import (
     ADMIT,
@@ -207,21 +207,23 @@ class RedisLimitStore:
         self._held_in.pop(held, None)
         return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
 
-    async def settle_again(self, items: Sequence[tuple[Ask, int, int]], now: float
+    async def settle_again(self, items: Sequence[tuple[Ask, int, int, float]], now: float
                            ) -> list[int]:
-        """Settle each (ask, used tokens, cost nano) as `settle` does, all in one round
-        trip, giving back no tokens (the limits they were held under are not known):
-        the holds of requests whose settlement may never have been made (resettle.py).
-        Each one's SETTLE result: 0 nothing held (settled already), 1 a live hold
-        settled, 2 a lost charge corrected. LimitStoreUnavailable if any fails."""
+        """Settle each (ask, used tokens, cost nano, latest lease end) as `settle` does,
+        all in one round trip, giving back no tokens (the limits they were held under are
+        not known): the holds of requests whose settlement may never have been made
+        (resettle.py), only where the hold's lease ends no later than given (a request
+        admitted later under the same id is another's). Each one's SETTLE result: 0
+        nothing held (settled already, or another's), 1 a live hold settled, 2 a lost
+        charge corrected. LimitStoreUnavailable if any fails."""
         calls: list[tuple[str | bytes | int, ...]] = []
-        for ask, used_tokens, cost_nano in items:
+        for ask, used_tokens, cost_nano, latest in items:
             check_usage(used_tokens, cost_nano)
             conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
                                                             ask.request_id)
             keys = [self._ns(ask.key_id) + "tpm", conc, res, budget, resv, lost]
             args = [repr(float(now)), ask.request_id, "", str(used_tokens), str(cost_nano),
-                    repr(float(self._window))]
+                    repr(float(self._window)), repr(float(latest))]
             calls += [self._redis.script_call(SETTLE, keys, args),
                       ("ZREM", DUE, _member(ask))]  # (a failure: the sweep drops it)
         if not calls:
@@ -358,5 +360,6 @@ class RedisLimitStore:
         try:
             return await awaitable
         except (RedisError, OSError) as e:  # TimeoutError is an OSError
-            raise LimitStoreUnavailable(f"redis limit store: {type(e).__name__}: {e}") from None
+            kind = LimitStoreRefused if isinstance(e, ResponseError) else LimitStoreUnavailable
+            raise kind(f"redis limit store: {type(e).__name__}: {e}") from None
 

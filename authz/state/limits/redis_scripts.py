@@ -211,12 +211,20 @@ return reply(1, after)
 """.replace("LOST_TTL", repr(LOST_TTL_S))
 
 # KEYS: tpm, conc, res, budget, resv, lost. ARGV: now, rid, tpm ('' = none), used, cost,
-# window_s. Mirrors admission.settle. Returns 1 if it settled the request, 2 if that
-# corrected a lost charge, 0 if it found nothing (unknown, or already settled).
+# window_s[, latest lease end]. Mirrors admission.settle. Returns 1 if it settled the
+# request, 2 if that corrected a lost charge, 0 if it found nothing (unknown, or already
+# settled). With a latest lease end (a re-settlement from a record, resettle.py): only
+# a hold (or the sweep's mark of one) whose lease ends no later, so admitted no later
+# than that record's request; a later request reusing its id is not touched (0).
 SETTLE = LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
 local now, tpm, w = tonumber(now_s), tonumber(ARGV[3]), tonumber(ARGV[6])
 local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp')
+local latest = tonumber(ARGV[7] or '')
+if latest then
+  local exp = res[2] or redis.call('HGET', KEYS[3], 'lost')
+  if not exp or tonumber(exp) > latest then return 0 end
+end
 if res[2] then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[2], rid)

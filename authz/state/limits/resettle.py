@@ -33,9 +33,10 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from authz.state.limits.base import LimitStoreUnavailable
+from authz.state.limits.base import LimitStoreRefused, LimitStoreUnavailable
 from authz.state.limits.redis_limits import RedisLimitStore
 from policy.admission import check_usage
+from policy.config import EnvoySettings
 from policy.limits import Ask, Limits, period_id, usd_to_nano
 from policy.quota import ORG_KEY_PREFIX
 
@@ -58,13 +59,30 @@ RETRY_S = 5.0  # while Redis does not answer, how often to try again
 # its Ask had is guessed with the default kind (only its entry in the sweep's index is
 # named with it: an entry missed is dropped by the sweep, which finds no hold).
 _NO_BUDGET = Limits().budget_period
+# A hold's lease by default (a stream's or not), as the services compute it from their
+# config (`Services` passes its own): its admission's `now` plus this is its lease end.
+_LEASE_S = EnvoySettings().hold_lease_s
+# A request's own hold was admitted before its record's end (start plus duration, both
+# of the same process's clocks); a later one reusing its id only after its settlement,
+# which follows its record (while its hold lives, an admission under its id is refused
+# as a duplicate). So a hold whose lease ends past `end + lease` is another's. This
+# covers only the rounding of the record's times (to the millisecond): a lease the
+# config has since made shorter leaves the own hold unsettled (the drift stays, as
+# before), never another's settled.
+SLACK_S = 0.002
+# (ask, used tokens, cost nano, latest lease end of the hold to settle)
+Owed = tuple[Ask, int, int, float]
 
 
-def settlements(rec: Mapping[str, Any]) -> list[tuple[Ask, int, int]]:
-    """What the request of a real record owes: (ask, used tokens, cost nano) for its key's
-    hold and, if it has an org, the org's; the Ask names the hold's keys as its
-    admission did (request id, owner, budget period: `RedisLimitStore._hold_keys`).
-    ValueError for a record that does not say."""
+def settlements(rec: Mapping[str, Any], lease_s: Callable[[bool], float] = _LEASE_S
+                ) -> list[Owed]:
+    """What the request of a real record owes: (ask, used tokens, cost nano, latest lease
+    end) for its key's hold and, if it has an org, the org's; the Ask names the hold's
+    keys as its admission did (request id, owner, budget period:
+    `RedisLimitStore._hold_keys`). The latest lease end (its start, plus its lease by
+    `lease_s(stream)`, plus SLACK_S) tells its own hold from a later request's under the
+    same id (a client's `x-request-id` reused): that one was admitted after it ended, so
+    its lease ends later. ValueError for a record that does not say."""
     rid, key_id, org = rec.get("request_id"), rec.get("key_id"), rec.get("org")
     tokens = rec.get("total_tokens")
     if not (isinstance(rid, str) and rid and isinstance(key_id, str) and key_id
@@ -77,13 +95,17 @@ def settlements(rec: Mapping[str, Any]) -> list[tuple[Ask, int, int]]:
         raise ValueError(f"a record without its cost or start: {e}") from None
     check_usage(tokens, cost)
 
-    def hold(owner: str, field: str) -> tuple[Ask, int, int]:
+    # Its own hold was admitted before it ended: its lease ends before `end + lease`.
+    end = started.timestamp() + float(rec.get("duration_ms") or 0) / 1000
+    latest = end + lease_s(rec.get("stream") is True) + SLACK_S
+
+    def hold(owner: str, field: str) -> Owed:
         # The period the lifecycle gave the Ask (`_make_ask`, `org_hold`): the record's
         # budget period id, which `_budget_periods` derived from the same start.
         period = rec.get(field)
         if not isinstance(period, str) or not period:
             period = period_id(_NO_BUDGET, started)
-        return Ask(rid, owner, org, 0, 0, period, 0.0), tokens, cost
+        return Ask(rid, owner, org, 0, 0, period, 0.0), tokens, cost, latest
 
     out = [hold(key_id, "key_budget_period")]
     if org:
@@ -91,14 +113,15 @@ def settlements(rec: Mapping[str, Any]) -> list[tuple[Ask, int, int]]:
     return out
 
 
-def owed(records: Iterable[Mapping[str, Any]]) -> list[tuple[Ask, int, int]]:
+def owed(records: Iterable[Mapping[str, Any]], lease_s: Callable[[bool], float] = _LEASE_S
+         ) -> list[Owed]:
     """The `settlements` of real records (an unreadable one skipped, with a warning).
     Decimal arithmetic for each: run it in a thread for many."""
-    items: list[tuple[Ask, int, int]] = []
+    items: list[Owed] = []
     unreadable = 0
     for rec in records:
         try:
-            items += settlements(rec)
+            items += settlements(rec, lease_s)
         except ValueError:
             unreadable += 1
     if unreadable:
@@ -106,7 +129,7 @@ def owed(records: Iterable[Mapping[str, Any]]) -> list[tuple[Ask, int, int]]:
     return items
 
 
-async def resettle(store: RedisLimitStore, items: Sequence[tuple[Ask, int, int]],
+async def resettle(store: RedisLimitStore, items: Sequence[Owed],
                    clock: Callable[[], float], *, retry_s: float = RETRY_S
                    ) -> tuple[int, int]:
     """Settle again each (ask, used tokens, cost nano) of `owed`, in batches; while Redis
@@ -117,6 +140,12 @@ async def resettle(store: RedisLimitStore, items: Sequence[tuple[Ask, int, int]]
     while i < len(items):
         try:
             results = await store.settle_again(items[i:i + BATCH], clock())
+        except LimitStoreRefused as e:  # not for waiting out: the next batch goes on
+            log.error("re-settling at start: a batch of %d holds answered with an error "
+                      "(any of them not settled is left as it was): %s",
+                      len(items[i:i + BATCH]), e)
+            i += BATCH
+            continue
         except LimitStoreUnavailable as e:
             if not warned:
                 log.warning("re-settling at start: %s; trying again every %gs", e, retry_s)
@@ -131,6 +160,6 @@ async def resettle(store: RedisLimitStore, items: Sequence[tuple[Ask, int, int]]
         corrected += results.count(2)
         i += BATCH
     log.info("re-settled the requests recorded last before the previous stop",
-             extra={"requests": len({ask.request_id for ask, _, _ in items}),
+             extra={"requests": len({owed[0].request_id for owed in items}),
                     "holds": len(items), "settled": done, "corrected": corrected})
     return done, corrected

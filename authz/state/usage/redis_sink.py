@@ -10,6 +10,7 @@ Spool layout in `spool_dir` (one live sink per directory):
   usage.offset       "<seq> <byte offset>": the first record not yet delivered,
                      replaced atomically (temp file + rename) after each batch
   usage.lock         flock'ed by the live sink
+  usage.stopped      the last process on it stopped whole (see `previous_records`)
   usage-<seq>.sent   the last segment delivered in full (one), kept for the next start
 
 A segment read to its end, other than the one being written, is retired: renamed
@@ -57,6 +58,9 @@ log = logging.getLogger("tokenbooth.records")
 # the spool's redelivery horizon. Later duplicates are dropped by readers (request_id).
 SEEN_TTL_S = 600
 OFFSET_FILE = "usage.offset"
+# Present while no process writes to the spool after one stopped whole (its records all
+# settled or their settlements spooled): `previous_records` then has none to give.
+STOPPED_FILE = "usage.stopped"
 LOCK_FILE = "usage.lock"
 _BATCH = 256  # records per pipeline round trip
 _CHUNK = 1 << 20  # bytes read from the spool at a time; a record must be smaller
@@ -241,6 +245,8 @@ class RedisUsageSink:
         drain then retires those segments. Reads files: call it in a thread."""
         if self._task is not None:
             raise RuntimeError("previous_records() must be called before start()")
+        if (self.spool_dir / STOPPED_FILE).exists():
+            return []  # it stopped whole: every record's settlement made (or spooled)
         files = [_segment(self.spool_dir, s) for s in _segments(self.spool_dir)
                  if s < self._first_wseq]
         files += [_sent(self.spool_dir, s) for s in _segments(self.spool_dir, ".sent")]
@@ -250,7 +256,15 @@ class RedisUsageSink:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        # From now on this process writes records: if it dies, the next start looks.
+        (self.spool_dir / STOPPED_FILE).unlink(missing_ok=True)
         self._task = asyncio.create_task(self._drain_loop(), name="usage-drain")
+
+    def mark_stopped(self) -> None:
+        """Say that this process stopped whole (called at the end of its stop, after its
+        settlements): the next start on this spool has no settlement to make again."""
+        with contextlib.suppress(OSError):  # then the next start only looks again
+            (self.spool_dir / STOPPED_FILE).touch()
 
     async def aclose(self) -> None:
         """Drains for at most `drain_s`, then stops; the spool keeps the rest."""
