@@ -318,8 +318,11 @@ class Services:
             await self._admission.close()  # after the streams: their settlements are in
         if isinstance(self.sink, RedisUsageSink):
             await self.sink.aclose()  # delivers what it can in ~2 s; the spool keeps the rest
-            if self._admission is not None and resettled:  # settlements made (or spooled)
-                self.sink.mark_stopped()  # the next start re-settles nothing
+            # Whole: every record's settlement made (or spooled), none cut by the drain's
+            # bound, no re-settlement cut; then the next start re-settles nothing.
+            if self._admission is not None and resettled and (
+                    self._ext_proc is None or not self._ext_proc.unfinished):
+                self.sink.mark_stopped()
         elif self.sink is not None:
             self.sink.close()
         if self.store is not None:

@@ -75,6 +75,11 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             task.cancel()
 
     @property
+    def unfinished(self) -> int:
+        """Records and settlements still under way (after `drain`: those it gave up on)."""
+        return len(self._settling)
+
+    @property
     def left_to_sweep(self) -> int:
         """How many requests a hurried stop left unrecorded (their holds: the sweep's)."""
         return len(self._left)

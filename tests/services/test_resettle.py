@@ -459,3 +459,22 @@ async def test_a_batch_the_store_refuses_is_passed_over(
     assert settled == 2  # r2's key and org (r1's batch: not counted, whatever it did)
     assert "answered with an error" in caplog.text and "WRONGTYPE" in caplog.text
     await second.stop()
+
+
+async def test_a_stop_that_left_settlements_under_way_is_not_whole(
+        tmp_path: Path, own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop whose drain gave up on settlements still under way (its bound passed) does
+    not mark its spool stopped whole: their records are written, their holds maybe not,
+    and the next start must look."""
+    from authz.services.ext_proc import ExternalProcessorService
+    from authz.state.usage.redis_sink import STOPPED_FILE
+
+    url = own_redis.url
+    async with serve_policy(tmp_path, orgs=ORGS, state=url) as running:
+        spool = running.services.runtime.snapshot.config.data_dir / "spool"
+        monkeypatch.setattr(ExternalProcessorService, "unfinished", property(lambda _: 1))
+    assert not (spool / STOPPED_FILE).exists()
+    monkeypatch.undo()
+    async with serve_policy(tmp_path, orgs=ORGS, state=url):
+        pass
+    assert (spool / STOPPED_FILE).exists()
