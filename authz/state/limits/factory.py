@@ -20,9 +20,14 @@ def make_limit_store(cfg: Config,
     `on_reset`: Redis was found to have lost its data."""
     if cfg.state_is_redis:
         from authz.state.limits.redis_limits import RedisLimitStore
+        from authz.state.usage.records import USAGE_STREAM
+        from authz.state.usage.redis_sink import seen_prefix
 
+        # The usage records' seen keys (the sink keeps them unless dedup_ttl_s is 0): the
+        # sweep settles a hold whose request's record is there at its cost.
+        seen = seen_prefix(USAGE_STREAM) if cfg.usage.dedup_ttl_s > 0 else None
         return RedisLimitStore(cfg.state, timeout_s=cfg.key_store.timeout_s,
-                               on_reset=on_reset)
+                               on_reset=on_reset, seen_prefix=seen)
     from authz.state.limits.durable import make_durable_memory_store
 
     if on_lost is None:

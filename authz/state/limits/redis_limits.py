@@ -42,6 +42,7 @@ from authz.state.limits.redis_scripts import (
 from authz.state.resp import RespClient
 from policy.admission import Settled, check_ask, check_usage, settled, tracked
 from policy.limits import WINDOW_S, Ask, Decision, Limits
+from policy.recorded import from_seen_mark
 
 log = logging.getLogger("tokenbooth.limits")
 
@@ -81,7 +82,8 @@ class RedisLimitStore:
     """Limits in Redis shared by every replica; every call bounded by `timeout_s`."""
 
     def __init__(self, url: str, *, timeout_s: float = 0.25, window_s: float = WINDOW_S,
-                 on_reset: Callable[[], None] | None = None) -> None:
+                 on_reset: Callable[[], None] | None = None,
+                 seen_prefix: str | None = None) -> None:
         # No I/O here or in start(): the first call connects (and loads the scripts).
         # The lean pipelined client: admission and settlement run twice per request.
         self._redis = RespClient(url, timeout_s)
@@ -95,6 +97,10 @@ class RedisLimitStore:
         self._held_in: dict[tuple[str, str], bytes] = {}
         self._eviction_checked = -EVICTION_CHECK_S  # monotonic time of the last check
         self._evicting = ""  # the evicting policy last logged ("" none)
+        # The usage records' seen keys (redis_sink.py): the sweep reads what a request
+        # whose record reached Redis owes (None: it does not look).
+        self._seen = seen_prefix
+        self.settled_from_records = 0  # lost holds the sweep settled from their records
 
     async def start(self) -> None:
         return None
@@ -333,6 +339,9 @@ class RedisLimitStore:
             else:
                 log.error("hold index: dropping a damaged entry", extra={"entry": m[:200]})
                 done.append(m)
+        settled = await self._settle_recorded(entries, now)
+        done += [m for i, (m, _) in enumerate(entries) if i in settled]
+        entries = [e for i, e in enumerate(entries) if i not in settled]
         results = await asyncio.gather(*(self._redis.evalsha(
             SWEEP, self._hold_keys(key_id, period, rid), [repr(float(now)), rid])
             for _, (key_id, period, rid) in entries), return_exceptions=True)
@@ -353,6 +362,49 @@ class RedisLimitStore:
         for a in lost:  # charged in full as lost: a late settlement corrects it as usual
             self._held_in.pop((a.key_id, a.request_id), None)
         return lost
+
+    async def _settle_recorded(self, entries: list[tuple[bytes, list[str]]], now: float
+                               ) -> set[int]:
+        """Of claimed entries, those whose request's real usage record reached Redis (its
+        seen key says what the request owes: policy/recorded.py): each hold settled at
+        that cost, as its own settlement would have (its replica died between the record
+        and it), not charged in full with a `lost` record beside the real one. Only a
+        hold whose lease ends by the record's `latest` (a later request reusing the id
+        is another's). Their indexes in `entries`; the rest (no record, another's hold,
+        a failure) go on to SWEEP."""
+        if self._seen is None or not entries:
+            return set()
+        try:
+            marks = await self._call(self._redis.batch(
+                *(("GET", self._seen + ref[2]) for _, ref in entries)))
+        except LimitStoreUnavailable:
+            return set()
+        owing = [(i, o) for i, raw in enumerate(marks) if not isinstance(raw, BaseException)
+                 and (o := from_seen_mark(raw)) is not None]
+        if not owing:
+            return set()
+        calls = []
+        for i, o in owing:
+            key_id, period, rid = entries[i][1]
+            conc, res, budget, resv, lost = self._hold_keys(key_id, period, rid)
+            calls.append(self._redis.script_call(
+                SETTLE, [self._ns(key_id) + "tpm", conc, res, budget, resv, lost],
+                [repr(float(now)), rid, "", str(o.tokens), str(o.cost_nano),
+                 repr(float(self._window)), repr(float(o.latest))]))
+        try:
+            results = await self._call(self._redis.batch(*calls))
+        except LimitStoreUnavailable:
+            return set()
+        settled = {i for (i, _), r in zip(owing, results, strict=True) if r in (1, 2)}
+        for i in settled:
+            key_id, _, rid = entries[i][1]
+            self._held_in.pop((key_id, rid), None)
+        if settled:
+            self.settled_from_records += len(settled)
+            log.info("sweep: holds whose request's record was delivered settled at its "
+                     "cost (their replica stopped before settling them)",
+                     extra={"holds": len(settled)})
+        return settled
 
     async def _call(self, awaitable: Any) -> Any:
         # Bounded by the client's socket timeouts, no retries. The caller (Admission) logs

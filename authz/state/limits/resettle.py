@@ -30,15 +30,15 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from authz.state.limits.base import LimitStoreRefused, LimitStoreUnavailable
 from authz.state.limits.redis_limits import RedisLimitStore
-from policy.admission import check_usage
 from policy.config import EnvoySettings
-from policy.limits import Ask, Limits, period_id, usd_to_nano
+from policy.limits import Ask, Limits, period_id
 from policy.quota import ORG_KEY_PREFIX
+from policy.recorded import SLACK_S as SLACK_S  # (re-exported: tests)
+from policy.recorded import owes
 
 log = logging.getLogger("tokenbooth.limits")
 
@@ -62,14 +62,6 @@ _NO_BUDGET = Limits().budget_period
 # A hold's lease by default (a stream's or not), as the services compute it from their
 # config (`Services` passes its own): its admission's `now` plus this is its lease end.
 _LEASE_S = EnvoySettings().hold_lease_s
-# A request's own hold was admitted before its record's end (start plus duration, both
-# of the same process's clocks); a later one reusing its id only after its settlement,
-# which follows its record (while its hold lives, an admission under its id is refused
-# as a duplicate). So a hold whose lease ends past `end + lease` is another's. This
-# covers only the rounding of the record's times (to the millisecond): a lease the
-# config has since made shorter leaves the own hold unsettled (the drift stays, as
-# before), never another's settled.
-SLACK_S = 0.002
 # (ask, used tokens, cost nano, latest lease end of the hold to settle)
 Owed = tuple[Ask, int, int, float]
 
@@ -84,20 +76,11 @@ def settlements(rec: Mapping[str, Any], lease_s: Callable[[bool], float] = _LEAS
     same id (a client's `x-request-id` reused): that one was admitted after it ended, so
     its lease ends later. ValueError for a record that does not say."""
     rid, key_id, org = rec.get("request_id"), rec.get("key_id"), rec.get("org")
-    tokens = rec.get("total_tokens")
     if not (isinstance(rid, str) and rid and isinstance(key_id, str) and key_id
-            and isinstance(org, str) and type(tokens) is int):
-        raise ValueError("a record without its request id, key id, org or total_tokens")
-    try:
-        cost = usd_to_nano(Decimal(str(rec["cost_usd"])))
-        started = datetime.fromisoformat(str(rec["started_at"]))
-    except (KeyError, InvalidOperation) as e:
-        raise ValueError(f"a record without its cost or start: {e}") from None
-    check_usage(tokens, cost)
-
-    # Its own hold was admitted before it ended: its lease ends before `end + lease`.
-    end = started.timestamp() + float(rec.get("duration_ms") or 0) / 1000
-    latest = end + lease_s(rec.get("stream") is True) + SLACK_S
+            and isinstance(org, str)):
+        raise ValueError("a record without its request id, key id or org")
+    o = owes(rec, lease_s)
+    started = datetime.fromisoformat(str(rec["started_at"]))
 
     def hold(owner: str, field: str) -> Owed:
         # The period the lifecycle gave the Ask (`_make_ask`, `org_hold`): the record's
@@ -105,7 +88,7 @@ def settlements(rec: Mapping[str, Any], lease_s: Callable[[bool], float] = _LEAS
         period = rec.get(field)
         if not isinstance(period, str) or not period:
             period = period_id(_NO_BUDGET, started)
-        return Ask(rid, owner, org, 0, 0, period, 0.0), tokens, cost, latest
+        return Ask(rid, owner, org, 0, 0, period, 0.0), o.tokens, o.cost_nano, o.latest
 
     out = [hold(key_id, "key_budget_period")]
     if org:

@@ -282,7 +282,8 @@ def make_sink(cfg: Config) -> UsageSink:
                               timeout_s=cfg.key_store.timeout_s,
                               seen_ttl_s=int(cfg.usage.dedup_ttl_s),
                               trim=TrimPolicy.from_config(cfg.usage),
-                              trim_every_s=cfg.usage.trim_every_s)
+                              trim_every_s=cfg.usage.trim_every_s,
+                              lease_s=cfg.envoy.hold_lease_s)
     return JsonlUsageLog(cfg.data_dir, max_bytes=cfg.usage.local_max_bytes)
 
 

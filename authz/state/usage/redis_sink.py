@@ -21,8 +21,13 @@ segment holds them when that process rotated its segment just before it stopped.
 Each batch goes to Redis by one Lua call: per record, the seen key
 `<stream>:seen:<request_id>` (`seen_ttl_s`, the redelivery horizon) and, only when it
 was unset, `XADD <stream> * data <json>`; a real record also passes a seen key that
-says `lost`. A batch redelivered after a crash (offset not yet saved) or a retry is
-thereby deduplicated; a duplicate after the seen key expired is dropped by readers.
+says `lost`. A real record's seen key says what its request owes its holds
+(policy/recorded.py) and lives until its holds' leases have ended (at least): a replica
+killed between its record and its settlements leaves the holds to every replica's
+lost-hold sweep, which settles them at the record's cost instead of charging them in
+full (authz/state/limits/redis_limits.py). A batch redelivered after a crash (offset
+not yet saved) or a retry is thereby deduplicated; a duplicate after the seen key
+expired is dropped by readers.
 After deliveries, at most every `trim_every_s`, the stream is trimmed (trim.py).
 For Redis Cluster, give the stream a hash tag (`tb:{usage}`) so that the stream and
 its seen keys share a slot.
@@ -35,9 +40,10 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,7 @@ from authz.state.lines import Backlog, open_appending
 from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import ended_at, records_backwards
 from authz.state.usage.trim import TrimPolicy, ensure_groups, trim
+from policy.recorded import owes, seen_mark
 from policy.usage import LOST, UsageRecord
 
 log = logging.getLogger("tokenbooth.records")
@@ -57,6 +64,9 @@ log = logging.getLogger("tokenbooth.records")
 # A delivered record's seen key lives this long by default (config: usage.dedup_ttl_s):
 # the spool's redelivery horizon. Later duplicates are dropped by readers (request_id).
 SEEN_TTL_S = 600
+# A real record's seen key outlives its holds' leases by this much: a sweep runs every
+# second, and a claimed hold it failed to settle returns to the sweep after 30 s.
+SWEEP_MARGIN_S = 60
 OFFSET_FILE = "usage.offset"
 # Present while no process writes to the spool after one stopped whole (its records all
 # settled or their settlements spooled): `previous_records` then has none to give.
@@ -71,20 +81,21 @@ _LINGER_S = 0.01
 # The read offset is saved at most this often (and on close). One that lags only
 # redelivers records, and those are deduplicated by request_id.
 _OFFSET_EVERY_S = 0.5
-# KEYS: the stream, then one seen key per record. ARGV: the seen keys' ttl in seconds
-# (0: none kept, every record added), then per record its kind ('lost' or '1') and JSON.
+# KEYS: the stream, then one seen key per record. ARGV: whether seen keys are kept ('0':
+# none, every record added), then per record its kind ('lost', or a real one's mark:
+# `policy.recorded.seen_mark`, or '1'), its JSON and its seen key's ttl in seconds.
 # The first record of a request_id is added; a real one is added after a `lost` one too
 # (a hold charged as lost whose late settlement came after all: readers prefer it).
 # One call per batch: a million records go in ~4,000 calls, not a million.
 _DELIVER = """
-local ttl = tonumber(ARGV[1])
+local keep = tonumber(ARGV[1]) > 0
 local added = 0
 for i = 2, #KEYS do
-  local kind, data = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  local kind, data, ttl = ARGV[3 * i - 4], ARGV[3 * i - 3], ARGV[3 * i - 2]
   local seen = false
-  if ttl > 0 then seen = redis.call('GET', KEYS[i]) end
+  if keep then seen = redis.call('GET', KEYS[i]) end
   if seen == false or (seen == 'lost' and kind ~= 'lost') then
-    if ttl > 0 then redis.call('SET', KEYS[i], kind, 'EX', ttl) end
+    if keep then redis.call('SET', KEYS[i], kind, 'EX', ttl) end
     redis.call('XADD', KEYS[1], '*', 'data', data)
     added = added + 1
   end
@@ -92,6 +103,15 @@ end
 return added
 """
 _DELIVER_SHA = hashlib.sha1(_DELIVER.encode()).hexdigest()  # noqa: S324 (Redis' script id)
+
+
+# A record on its way: request_id, seen key value, seen key ttl (s), JSON.
+Delivery = tuple[str, str, int, bytes]
+
+
+def seen_prefix(stream: str) -> str:
+    """The seen keys of a stream's records are this plus the request_id."""
+    return f"{stream}:seen:"
 
 
 def _segment(spool_dir: Path, seq: int) -> Path:
@@ -158,6 +178,7 @@ class RedisUsageSink:
         seen_ttl_s: int = SEEN_TTL_S,
         trim: TrimPolicy | None = None,
         trim_every_s: float = 10.0,
+        lease_s: Callable[[bool], float] | None = None,
     ) -> None:
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.spool_dir = spool_dir
@@ -170,8 +191,10 @@ class RedisUsageSink:
             raise RuntimeError(f"usage spool {spool_dir} is in use by another tokenbooth "
                                "process (each replica needs a data_dir of its own)") from None
         self.stream = stream
-        self._seen = f"{stream}:seen:"
         self._seen_ttl_s = seen_ttl_s
+        # A hold's lease (stream or not), as admission gives it: a real record's seen key
+        # says what its request owes and outlives its holds' leases (None: neither).
+        self._lease_s = lease_s
         self._trim, self._trim_every_s = trim, trim_every_s
         self._trimmed_at = -trim_every_s  # monotonic time of the last trim
         self._groups_made = False
@@ -325,8 +348,8 @@ class RedisUsageSink:
             self._advance(end)
             await self._maybe_trim()
 
-    def _read_batch(self) -> tuple[list[tuple[str, str, bytes]], int]:
-        """Complete lines from the read position: (request_id, JSON) pairs and their end."""
+    def _read_batch(self) -> tuple[list[Delivery], int]:
+        """Complete lines from the read position: their deliveries and their end."""
         while True:
             path = _segment(self.spool_dir, self._rseq)
             try:
@@ -343,8 +366,9 @@ class RedisUsageSink:
                 self._next_segment()
                 continue
             break
-        out: list[tuple[str, str, bytes]] = []
+        out: list[Delivery] = []
         pos = self._roff
+        now = time.time()
         for line in data[:cut].split(b"\n")[:-1]:
             if len(out) == _BATCH:
                 break
@@ -353,17 +377,29 @@ class RedisUsageSink:
                 continue
             try:
                 rec = orjson.loads(line)
-                rid, kind = rec.get("request_id"), ("lost" if rec.get("status") == LOST
-                                                    else "1")
+                rid = rec.get("request_id")
             except (orjson.JSONDecodeError, AttributeError):
-                rid = kind = None
-            if isinstance(rid, str) and rid and kind:
-                out.append((rid, kind, line))
+                rid = None
+            if isinstance(rid, str) and rid:
+                out.append((rid, *self._seen_as(rec, now), line))
             else:
                 log.warning("%s: skipping a damaged usage line at byte %d", path, pos)
         return out, pos
 
-    async def _deliver(self, batch: list[tuple[str, str, bytes]]) -> None:
+    def _seen_as(self, rec: dict[str, Any], now: float) -> tuple[str, int]:
+        """A record's seen key: its value (`lost`, what a real one's request owes, or `1`
+        where that cannot be read) and its ttl (a real one's: past its holds' leases)."""
+        if rec.get("status") == LOST:
+            return "lost", self._seen_ttl_s
+        if self._lease_s is None or self._seen_ttl_s <= 0:
+            return "1", self._seen_ttl_s
+        try:
+            o = owes(rec, self._lease_s)
+        except ValueError:
+            return "1", self._seen_ttl_s
+        return seen_mark(o), max(self._seen_ttl_s, math.ceil(o.latest - now) + SWEEP_MARGIN_S)
+
+    async def _deliver(self, batch: list[Delivery]) -> None:
         await deliver(self._redis, self.stream, batch, self._seen_ttl_s)
 
     async def _maybe_trim(self) -> None:
@@ -420,15 +456,20 @@ class RedisUsageSink:
         self._offset_saved_at = time.monotonic()
 
 
-async def deliver(client: aioredis.Redis, stream: str, batch: list[tuple[str, str, bytes]],
+async def deliver(client: aioredis.Redis, stream: str,
+                  batch: Sequence[Delivery | tuple[str, str, bytes]],
                   seen_ttl_s: int = SEEN_TTL_S) -> int:
-    """Adds a batch of (request_id, kind, JSON) to the stream in one script call, each
-    unless its seen key says it is there already; the number added."""
-    seen = f"{stream}:seen:"
-    keys = [stream, *(seen + rid for rid, _, _ in batch)]
+    """Adds a batch of (request_id, kind, [seen key ttl,] JSON) to the stream in one
+    script call, each unless its seen key says it is there already (a ttl left out:
+    `seen_ttl_s`); the number added."""
+    keys = [stream, *(seen_prefix(stream) + d[0] for d in batch)]
     args: list[str | bytes | int] = [int(seen_ttl_s)]
-    for _, kind, data in batch:
-        args += [kind, data]
+    for d in batch:
+        if len(d) == 4:
+            _, kind, ttl, data = d
+        else:
+            (_, kind, data), ttl = d, seen_ttl_s
+        args += [kind, data, max(1, int(ttl))]
     for attempt in (0, 1):
         try:
             return int(await client.evalsha(_DELIVER_SHA, len(keys), *keys, *args))

@@ -1,0 +1,134 @@
+"""A replica killed between a request's usage record and its settlements, that never
+comes back (`state: redis://…`): the record it delivered in between is the request's
+only word on its cost. The lost-hold sweep of any replica reads it (the record's seen
+key says what the request owes: policy/recorded.py) and settles the holds at that cost,
+instead of charging them in full beside a real record (drift in `tokenbooth audit`).
+
+Real parts throughout, as tests/services/test_resettle.py (whose harness this uses,
+with `marks` on as the services run): a redis-server of the test's own, the Redis limit
+store and usage sink, the lifecycle, the audit. Nothing restarts on the dead spool."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from authz.runtime.snapshot import Runtime
+from authz.state.usage.records import USAGE_STREAM
+from authz.state.usage.redis_sink import SWEEP_MARGIN_S, seen_prefix
+from policy.recorded import from_seen_mark
+from policy.usage import LOST
+from tests.redis_server import RedisServer
+from tests.services.test_resettle import (
+    FREE,
+    LATER,
+    REAL_NANO,
+    Process,
+    audit,
+    clean,
+    real,
+    records,
+    redis_ledgers,
+    runtime,
+)
+
+__all__ = ["runtime"]  # the fixture
+
+
+async def sweep(url: str, tmp_path: Path, runtime: Runtime, ahead_s: float = LATER
+                ) -> tuple[int, int]:
+    """Another replica (as the services run), its clock `ahead_s` on, sweeps: (`lost`
+    records written, holds settled from their records)."""
+    other = Process(url, tmp_path / "sweeper", runtime, ahead_s=ahead_s, marks=True)
+    await other.sink.start()
+    try:
+        lost = await other.admission.sweep()
+        await records(url, lambda recs: sum(r["status"] == LOST for r in recs) >= lost)
+        return lost, other.store.settled_from_records
+    finally:
+        await other.stop()
+
+
+async def test_a_delivered_record_settles_its_holds_when_its_replica_never_returns(
+        tmp_path: Path, own_redis: RedisServer, runtime: Runtime) -> None:
+    """Killed after its records reached Redis, before its settlements; never restarted.
+    The sweep settles the key's and the org's holds at the records' cost, writes no
+    `lost` record, and the audit is clean (it charged the whole holds before)."""
+    url = own_redis.url
+    first = Process(url, tmp_path / "spool", runtime, marks=True)
+    await first.sink.start()
+    await first.request("r1")
+    await first.request("r2", FREE)  # no budget: only its org's ledger holds it
+    await records(url, real("r1", "r2"))
+    await first.die()
+
+    assert await sweep(url, tmp_path, runtime) == (0, 3)  # r1's key and org, r2's org
+    after = await audit(url, real("r1", "r2"))
+    assert clean(after), after
+    assert after["k-a"].spent == REAL_NANO and after["org:acme"].spent == 2 * REAL_NANO
+    assert after["org:acme"].live_holds == after["org:acme"].expired_holds == 0
+    assert await sweep(url, tmp_path, runtime) == (0, 0)  # once
+
+
+async def test_an_undelivered_record_leaves_the_hold_charged_in_full(
+        tmp_path: Path, own_redis: RedisServer, runtime: Runtime) -> None:
+    """Killed before its record left the spool: nothing in Redis says the cost, and
+    the sweep charges the hold in full with its `lost` record, which is then the only
+    record (ledger = records)."""
+    url = own_redis.url
+    first = Process(url, tmp_path / "spool", runtime, marks=True)
+    await first.request("r1")
+    await first.die()
+    assert await sweep(url, tmp_path, runtime) == (1, 0)  # one record for both holds
+    after = await audit(url, lambda recs: len(recs) == 1)
+    assert clean(after), after
+    assert after["k-a"].spent > REAL_NANO
+
+
+async def test_a_live_hold_is_not_settled_and_a_later_request_under_the_id_is_charged(
+        tmp_path: Path, own_redis: RedisServer, runtime: Runtime) -> None:
+    """A client reusing its `x-request-id`: the first request recorded and settled; a
+    second under the same id, admitted after, dies unsettled. Its hold outlives the
+    first record's `latest`: the sweep charges it as lost (in full), never at the first
+    record's cost (it would have been under-charged, its slot freed while it ran)."""
+    url = own_redis.url
+    a = Process(url, tmp_path / "a", runtime, marks=True)
+    await a.sink.start()
+    await (await a.request("same")).settle()
+    await records(url, real("same"))
+    await a.stop()
+    await asyncio.sleep(0.05)  # admitted after the first ended (past its slack)
+    b = Process(url, tmp_path / "b", runtime, marks=True)
+    await b.request("same")  # answered; its record never leaves its spool
+    await b.die()
+
+    assert await sweep(url, tmp_path, runtime, ahead_s=1.0) == (0, 0)  # leases live
+    assert await sweep(url, tmp_path, runtime) == (1, 0)  # the key's and org's, charged
+    ledgers = {led.owner: led for led in await redis_ledgers(url)}
+    assert ledgers["k-a"].spent > 2 * REAL_NANO  # the first's cost and a whole hold
+
+
+async def test_a_real_records_mark_outlives_its_holds_lease(
+        tmp_path: Path, own_redis: RedisServer, runtime: Runtime) -> None:
+    """The seen key of a stream's record lives past the stream's hold lease (longer than
+    the dedup horizon by default), and says what the request owes."""
+    url = own_redis.url
+    first = Process(url, tmp_path / "spool", runtime, marks=True)
+    await first.sink.start()
+    await first.request("r1")
+    await records(url, real("r1"))
+    await first.die()
+    client = aioredis.from_url(url)
+    try:
+        key = seen_prefix(USAGE_STREAM) + "r1"
+        owes = from_seen_mark(await client.get(key))
+        ttl = await client.ttl(key)
+    finally:
+        await client.aclose()
+    lease = runtime.snapshot.config.envoy.hold_lease_s(False)
+    assert owes is not None and owes.cost_nano == REAL_NANO
+    assert time.time() < owes.latest <= time.time() + lease + 1
+    assert ttl >= max(600, lease + SWEEP_MARGIN_S) - 5
