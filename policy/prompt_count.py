@@ -47,6 +47,13 @@ _TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text", "refusal", 
 # message), not through the chat template /tokenize renders. The gateway sees only the
 # served name: one naming gpt-oss is charged its bound.
 HARMONY_NAME: Final = "gpt-oss"
+# Kimi K3 models (vLLM's `kimi_k3` renderer, chosen by the architecture) render the
+# request's `response_format`, and a `tool_choice` other than `auto` when it has tools,
+# into the prompt (`KimiK3Renderer._apply_chat_template`); /tokenize passes the template
+# neither. A request carrying them to a model whose served name names K3 is charged its
+# bound (a client's 50 KB schema would otherwise be a recount of its messages alone).
+# Every other renderer of vLLM 0.32 leaves them out of the prompt.
+K3_NAMES: Final = ("kimi-k3", "kimi_k3", "kimik3")
 # The keys of a Responses function tool vLLM renders (`FunctionTool` fields; others,
 # such as `defer_loading`, would reach the template as extras of their own).
 _FUNCTION_TOOL_KEYS: Final = frozenset({"type", "name", "description", "parameters", "strict"})
@@ -79,6 +86,9 @@ def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str) -> R
     if kind is Kind.CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(_text_only(m) for m in messages):
+            return None
+        if _k3(upstream_model) and (body.get("response_format") is not None
+                                    or _forced_tool_choice(body)):
             return None
         out: dict[str, Any] = {"model": upstream_model, "messages": messages}
         out.update((k, body[k]) for k in CHAT_FIELDS if k in body)
@@ -151,7 +161,7 @@ def _responses(body: dict[str, Any], upstream_model: str) -> dict[str, Any] | No
     else:
         return None
     tools = _response_tools(body.get("tools"), body.get("tool_choice"))
-    if tools is None:
+    if tools is None or (tools and _k3(upstream_model) and _forced_tool_choice(body)):
         return None
     kwargs = _response_template_kwargs(body)
     if kwargs is None:
@@ -246,6 +256,17 @@ def _assistant_text(item: dict[str, Any]) -> str | None:
 def _id_status(item: dict[str, Any]) -> bool:
     return (item.get("id") is None or isinstance(item["id"], str)) and (
         item.get("status") is None or item["status"] in _STATUSES)
+
+
+def _k3(upstream_model: str) -> bool:
+    name = upstream_model.lower()
+    return any(k in name for k in K3_NAMES)
+
+
+def _forced_tool_choice(body: dict[str, Any]) -> bool:
+    """A `tool_choice` other than `auto` beside tools: what vLLM hands a renderer (with
+    no tools, none)."""
+    return bool(body.get("tools")) and body.get("tool_choice") not in (None, "auto")
 
 
 def _response_tools(tools: Any, tool_choice: Any) -> list[dict[str, Any]] | None:

@@ -119,7 +119,9 @@ def _tools(tools: Any, tally: Tally) -> None:
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type") != "function":
             raise invalid_request(
-                "Only function tools are accepted here: built-in tools run on the backend "
-                "in a loop of generations whose tokens cannot be bounded.", f"tools[{i}]")
+                "Only function tools (type 'function') are accepted here: built-in tools "
+                "run on the backend in a loop of generations whose tokens cannot be "
+                "bounded, and other kinds ('namespace', 'custom') are not accepted by "
+                "this gateway; send them as function tools.", f"tools[{i}]")
         fn = {k: v for k, v in tool.items() if k != "type"}
         tally.json += json_indent2_len(rendered_tools([{"type": "function", "function": fn}])[0])

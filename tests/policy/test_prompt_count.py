@@ -255,6 +255,43 @@ def test_responses_of_a_harmony_model_are_charged_their_bound() -> None:
     assert responses_ask({"input": "hi"}, "meta-llama/Llama-3.1-8B") is not None
 
 
+FN_TOOL = {"type": "function", "function": {"name": "f", "parameters": {}}}
+RESP_TOOL = {"type": "function", "name": "f", "parameters": {}}
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {}}}},
+    {"response_format": {"type": "text"}},
+    {"tools": [FN_TOOL], "tool_choice": "required"},
+    {"tools": [FN_TOOL], "tool_choice": "none"},
+    {"tools": [FN_TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+])
+def test_a_kimi_k3_chat_with_fields_its_renderer_adds_is_charged_its_bound(
+        extra: dict[str, Any]) -> None:
+    """vLLM's kimi_k3 renderer renders `response_format`, and a non-auto `tool_choice`
+    beside tools, into the prompt; its /tokenize passes neither (a 50 KB schema was
+    recounted as the messages alone). Other renderers do not: counted as before."""
+    body = {"model": "demo", "messages": MSGS, **extra}
+    for k3 in ("moonshotai/Kimi-K3", "kimi_k3-instruct", "KimiK3"):
+        assert tokenize_request(Kind.CHAT, body, k3) is None, (k3, extra)
+    assert tokenize_request(Kind.CHAT, body, "meta-llama/Llama-3.1-8B") is not None
+
+
+def test_a_kimi_k3_chat_without_them_is_counted() -> None:
+    for extra in ({}, {"tools": [FN_TOOL]}, {"tools": [FN_TOOL], "tool_choice": "auto"},
+                  {"tool_choice": "required"}, {"response_format": None}):
+        body = {"model": "demo", "messages": MSGS, **extra}
+        assert tokenize_request(Kind.CHAT, body, "moonshotai/Kimi-K3") is not None, extra
+
+
+def test_a_kimi_k3_responses_request_with_a_forced_tool_choice_is_charged_its_bound() -> None:
+    body = {"input": "hi", "tools": [RESP_TOOL]}
+    assert responses_ask(body, "moonshotai/Kimi-K3") is not None
+    assert responses_ask({**body, "tool_choice": "auto"}, "moonshotai/Kimi-K3") is not None
+    assert responses_ask({**body, "tool_choice": "required"}, "moonshotai/Kimi-K3") is None
+    assert responses_ask({**body, "tool_choice": "required"}, "Qwen/Qwen3-8B") is not None
+
+
 def test_counted_reads_count() -> None:
     assert counted({"count": 12, "tokens": [1] * 12}) == 12
     for bad in ({"count": -1}, {"count": "12"}, {"count": True}, {}, [], None):
