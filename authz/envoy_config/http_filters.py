@@ -89,8 +89,14 @@ from authz.envoy_config.common import (
     pack,
     seconds,
 )
-from authz.envoy_config.local_replies import CONNECT_REFUSED, PROC_DOWN, local_reply_config
-from authz.envoy_config.names import EXT_AUTHZ, EXT_PROC, UPSTREAM_ERRORS, UPSTREAM_STATUS_KEY
+from authz.envoy_config.local_replies import CONNECT_REFUSED, local_reply_config
+from authz.envoy_config.names import (
+    EXT_AUTHZ,
+    EXT_PROC,
+    MODELS_ROUTE,
+    UPSTREAM_ERRORS,
+    UPSTREAM_STATUS_KEY,
+)
 from authz.envoy_config.stream_meter import METER_KEY, meter_access_log, meter_lua
 from policy.config import Config
 from policy.limits import RATE_HEADER_NAMES
@@ -452,21 +458,18 @@ def _connect_route() -> Route:
 
 def _models_route() -> Route:
     """GET /v1/models and /v1/models/{id} have no body: ext_proc takes their headers here
-    and answers at once."""
+    and answers at once. A route to a cluster that does not exist, not a direct answer:
+    Envoy's CORS filter reads its policy only on a route that forwards (a direct answer's
+    preflight got a 401, its answers no CORS headers). Reached by the router only when
+    ext_proc failed (it fails open): the local replies make that the same 503 as
+    elsewhere (local_replies.py, by this route's name)."""
     headers_only = _mode(request_headers=True, request_body=ProcessingModeBodySendMode.NONE,
                          response_body=ProcessingModeBodySendMode.NONE)
     per_route = ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=headers_only))
     return Route(
-        name="models",
+        name=MODELS_ROUTE,
         match=RouteMatch(path_separated_prefix=MODELS_PATH),
-        # Reached only when ext_proc failed (it fails open): the same 503 as elsewhere.
-        direct_response=DirectResponseAction(
-            status=PROC_DOWN.status,
-            body=DataSource(inline_string=PROC_DOWN.body().decode())),
-        response_headers_to_add=[HeaderValueOption(
-            header=HeaderValue(key=k, value=v),
-            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-        ) for k, v in (("content-type", "application/json"), *PROC_DOWN.headers)],
+        route=RouteAction(cluster=NO_CLUSTER),
         typed_per_filter_config={EXT_PROC: pack(per_route)},
     )
 

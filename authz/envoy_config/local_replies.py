@@ -52,7 +52,7 @@ from envoy_data_plane.google.protobuf import NullValue, Struct, Value
 
 from authz.envoy_config.clusters import NO_BACKENDS
 from authz.envoy_config.common import REQUEST_HEADERS_TIMEOUT_S, REQUEST_TIMEOUT_S, pack
-from authz.envoy_config.names import EXT_PROC
+from authz.envoy_config.names import EXT_PROC, MODELS_ROUTE
 from policy.config import Config
 from policy.errors import (
     NO_RETRY,
@@ -192,6 +192,10 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
             _mapper(_cel("response.code_details == 'ext_authz_error'"), AUTHZ_DOWN),
             # Also turns ext_proc's 504 on a message timeout into a 503.
             _mapper(_cel("response.code_details.startsWith('ext_proc_error')"), PROC_DOWN),
+            # GET /v1/models reaches the router only when ext_proc, which answers it,
+            # failed (http_filters._models_route).
+            _mapper(_cel("response.code_details == 'cluster_not_found' && "
+                         f"xds.route_name == '{MODELS_ROUTE}'"), PROC_DOWN),
             # No cluster: ext_proc never named one. It is sent nothing for a request
             # without a body (the client's 400); else it failed or timed out (it fails
             # open, see http_filters.ext_proc, so this is how its outage shows).

@@ -10,3 +10,6 @@ EXT_PROC = "envoy.filters.http.ext_proc"
 # A success is marked only when it has no body at all (content-length 0): a 502 too.
 UPSTREAM_ERRORS = "tokenbooth.upstream_errors"
 UPSTREAM_STATUS_KEY = "status"
+# The route of GET /v1/models (and /v1/models/{id}), answered by ext_proc: the local
+# replies tell its outage by this name.
+MODELS_ROUTE = "models"

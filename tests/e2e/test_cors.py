@@ -54,9 +54,10 @@ def cors_gateway(tmp_path_factory: pytest.TempPathFactory,
         yield gw
 
 
-def preflight(gw: Gateway, origin: str) -> httpx.Response:
-    return httpx.options(f"{gw.base_url}/v1/chat/completions", headers={
-        "origin": origin, "access-control-request-method": "POST",
+def preflight(gw: Gateway, origin: str, path: str = "/v1/chat/completions",
+              method: str = "POST") -> httpx.Response:
+    return httpx.options(f"{gw.base_url}{path}", headers={
+        "origin": origin, "access-control-request-method": method,
         "access-control-request-headers": "authorization, content-type, x-stainless-os"})
 
 
@@ -97,6 +98,29 @@ def test_answers_and_denials_carry_the_gateways_cors_headers_not_the_backends(
                                 "authorization": f"Bearer {SECRET}"})
     assert other.status_code == 200
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/demo"])
+def test_the_models_endpoints_answer_browsers_too(cors_gateway: Gateway, path: str) -> None:
+    """GET /v1/models (openai-node's models.list() in a browser): its preflight is
+    answered without a key and every answer carries the origin (the route answered by
+    Envoy itself had no CORS policy: a 401 preflight, answers without the header)."""
+    r = preflight(cors_gateway, APP, path, "GET")
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP
+    ok = httpx.get(f"{cors_gateway.base_url}{path}",
+                   headers={"origin": APP, "authorization": f"Bearer {SECRET}"})
+    assert ok.status_code == 200, ok.text
+    assert ok.headers.get_list("access-control-allow-origin") == [APP]
+    assert ok.json()["object"] in ("list", "model")
+    for headers, status in (({}, 401), ({"authorization": f"Bearer {SECRET}x"}, 401)):
+        denied = httpx.get(f"{cors_gateway.base_url}{path}", headers={"origin": APP, **headers})
+        assert denied.status_code == status
+        assert denied.headers["access-control-allow-origin"] == APP
+    missing = httpx.get(f"{cors_gateway.base_url}/v1/models/nope",
+                        headers={"origin": APP, "authorization": f"Bearer {SECRET}"})
+    assert missing.status_code == 404
+    assert missing.headers["access-control-allow-origin"] == APP
+    assert preflight(cors_gateway, "https://evil.example.com", path, "GET").status_code == 401
 
 
 def test_without_the_setting_there_is_no_cors(tmp_path: Path, backend: PermissiveBackend) -> None:

@@ -228,7 +228,12 @@ def test_models_route_sends_ext_proc_its_headers() -> None:
         "processing_mode"]
     assert mode["request_header_mode"] == "SEND"
     assert "request_body_mode" not in mode and "response_body_mode" not in mode  # NONE
-    assert models["direct_response"]["status"] == 503  # only if ext_proc failed open
+    # A route that forwards (to no cluster), so that the CORS filter reads its policy;
+    # the router sees it only if ext_proc failed open: the local replies' 503 by name.
+    assert models["name"] == "models" and models["route"] == {"cluster": "tokenbooth_unrouted"}
+    mappers = hcm(render_dict(load_fixture("basic")))["local_reply_config"]["mappers"]
+    [down] = [m for m in mappers if "xds.route_name == 'models'" in json.dumps(m)]
+    assert down["status_code"] == 503
 
 
 def test_ext_authz_fails_closed_with_503() -> None:
