@@ -17,7 +17,8 @@ Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
   oversize_bytes bytes of events over envoy.max_event_bytes (passed through unread)
   oversize_events how many such events
   usage          the last event whose JSON has a `"usage":{...}` object, raw: the services
-                 parse it with the same SSE and JSON code as ext_proc metering
+                 parse it with the same SSE and JSON code as ext_proc metering (set as it
+                 passes, as `done`: a client may leave before the body's last bytes)
   error          the first event that may say generation failed (`"error": {...}` or
                  `"object": "error"`, no `"choices"`), raw, set as it passes: the services
                  read its status as ext_proc metering does
@@ -70,8 +71,36 @@ local function set(h, key, value)
   h:streamInfo():dynamicMetadata():set(NS, key, value)
 end
 
+-- Where the first event in `s` ends: the last byte of the blank line that ends it (SSE
+-- line ends are CRLF, LF or CR alone), or nil. A CR the bytes end with may be the first
+-- half of a CRLF: inside an event, a line end only once the next byte is known (the
+-- caller keeps the last bytes, `tail`, and searches them again with the next chunk); as
+-- the blank line's end, the event ends there (CR-only streams end every event so) and
+-- an LF that follows in the next chunk is still the event's (`meter`: `lf_owed`).
+local function event_end(s)
+  local i = 1
+  while true do
+    local a = string.find(s, "[\\r\\n]", i)
+    if a == nil then return nil end
+    local b = a
+    if string.byte(s, a) == 13 then
+      local n = string.byte(s, a + 1)
+      if n == nil then return nil end
+      if n == 10 then b = a + 1 end
+    end
+    local c = string.byte(s, b + 1)
+    if c == 10 then return b + 1 end
+    if c == 13 then
+      if string.byte(s, b + 2) == 10 then return b + 2 end
+      return b + 1
+    end
+    if c == nil then return nil end
+    i = b + 1
+  end
+end
+
 local function classify(ev, st)
-  if #ev < 32 and string.find(ev, "data: ?%[DONE%]") then
+  if #ev < 256 and string.find(ev, "data: ?%[DONE%]") then
     st.done = 1
     return false
   end
@@ -84,15 +113,17 @@ local function classify(ev, st)
     st.error = true
     set(st.h, "error", ev)
   end
-  local has_usage = string.find(ev, '"usage":%s*{{') ~= nil
+  local has_usage = string.find(ev, '"usage"%s*:%s*{{') ~= nil
   -- Generated tokens: vLLM sends a chunk per generation step, whose text may be empty
   -- (a token ending inside a UTF-8 character): any chunk with a choice counts but the
   -- opening role chunk, which counts only with text, reasoning (vLLM 0.32's `reasoning`,
   -- older `reasoning_content`) or a tool call's name or arguments.
   -- (`%s*`: a server other than vLLM may write a space after the colon.)
-  if string.find(ev, '"choices":%s*%[%s*{{') and (string.find(ev, '"delta":', 1, true)
+  -- (The role is a chat delta's first key, as vLLM writes it: a completions chunk has
+  -- none, and its logprobs may hold a token `role` as a key.)
+  if string.find(ev, '"choices"%s*:%s*%[%s*{{') and (string.find(ev, '"delta":', 1, true)
       or string.find(ev, '"text":', 1, true)) then
-    if not string.find(ev, '"role":', 1, true)
+    if not string.find(ev, '"delta"%s*:%s*{{%s*"role"%s*:')
         or string.find(ev, '"content":%s*"[^"]') or string.find(ev, '"reasoning":%s*"[^"]')
         or string.find(ev, '"reasoning_content":%s*"[^"]')
         or (string.find(ev, '"tool_calls":', 1, true)
@@ -103,14 +134,15 @@ local function classify(ev, st)
   end
   if has_usage then
     st.usage = ev
-    return string.find(ev, '"choices":%s*%[%s*%]') ~= nil
+    st.usage_new = true
+    return string.find(ev, '"choices"%s*:%s*%[%s*%]') ~= nil
   end
   return false
 end
 
 local function meter(h, strip, content_type)
   local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0,
-               error = false, h = h}}
+               error = false, h = h, usage_new = false, done_set = false}}
   set(h, "events", 0)
   if not string.find(string.lower(content_type or ""), "text/event-stream", 1, true) then
     -- Not an event stream: held until a blank line that never comes, it would reach
@@ -121,7 +153,9 @@ local function meter(h, strip, content_type)
     set(h, "ended", 1)
     return
   end
-  local parts, size, skipping, tail = {{}}, 0, false, ""
+  -- `lf_owed`: the last event ended at a CR that ended the chunk ("keep" or "drop",
+  -- as that event went): an LF the next chunk begins with completes its CRLF.
+  local parts, size, skipping, tail, lf_owed = {{}}, 0, false, "", nil
   for chunk in h:bodyChunks() do
     local data = chunk:getBytes(0, chunk:length())
     -- The chunk is rewritten only when its bytes are not the client's as they are:
@@ -129,11 +163,16 @@ local function meter(h, strip, content_type)
     local out, changed = {{}}, size > 0
     local before = st.events
     local pos = 1
+    if lf_owed ~= nil and string.byte(data, 1) == 10 then
+      if lf_owed == "keep" then out[1] = "\\n" else changed = true end
+      pos = 2
+    end
+    if #data > 0 then lf_owed = nil end
     while pos <= #data do
       -- Where the current event ends: its last bytes before this chunk (`tail`) are
       -- searched with the new ones, as an end may straddle two chunks.
       local hay = tail .. string.sub(data, pos)
-      local _, e = string.find(hay, "\\r?\\n\\r?\\n")
+      local e = event_end(hay)
       if e == nil then
         local rest = string.sub(data, pos)
         if not skipping and size + #rest > MAX_EVENT then
@@ -158,6 +197,7 @@ local function meter(h, strip, content_type)
       end
       local upto = pos + e - #tail - 1  -- the event's last byte, in `data`
       local piece = string.sub(data, pos, upto)
+      local kept = true
       if skipping then
         st.oversize = st.oversize + #piece
         out[#out + 1] = piece
@@ -170,10 +210,13 @@ local function meter(h, strip, content_type)
           st.oversize = st.oversize + #ev
           out[#out + 1] = ev
         elseif classify(ev, st) and strip then
-          changed = true
+          changed, kept = true, false
         else
           out[#out + 1] = ev
         end
+      end
+      if upto == #data and string.byte(data, upto) == 13 then
+        lf_owed = kept and "keep" or "drop"
       end
       parts, size, tail = {{}}, 0, ""
       pos = upto + 1
@@ -197,9 +240,16 @@ local function meter(h, strip, content_type)
       set(h, "oversize_bytes", st.oversize)
       set(h, "oversize_events", st.oversize_events)
     end
-  end
-  if st.usage ~= nil then
-    set(h, "usage", st.usage)
+    -- As they pass, as `events`: a client that leaves at `[DONE]`, before the body's
+    -- last bytes, cuts the stream, and what was read must not go with it.
+    if st.usage_new then
+      set(h, "usage", st.usage)
+      st.usage_new = false
+    end
+    if st.done == 1 and not st.done_set then
+      set(h, "done", 1)
+      st.done_set = true
+    end
   end
   set(h, "done", st.done)
   set(h, "ended", 1)

@@ -7,6 +7,8 @@ from an upstream that cuts it where it is told."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import random
 import time
@@ -99,13 +101,39 @@ def error_stream_events() -> list[bytes]:
             b"data: [DONE]\n\n"]
 
 
+# SSE line ends: LF, CRLF, or CR alone (each legal). Event texts hold no raw line end
+# (JSON escapes them), so an event's end is the only blank line to rewrite.
+EOLS = {"lf": b"\n\n", "crlf": b"\r\n\r\n", "cr": b"\r\r"}
+
+
+def with_eol(events: list[bytes], eol: str) -> list[bytes]:
+    return [ev.replace(b"\n\n", EOLS[eol]) for ev in events]
+
+
+ROLE_CHUNKS = 5  # a completions stream's chunks, each with a logprobs key "role"
+
+
+def role_logprob_events() -> list[bytes]:
+    """A completions stream with logprobs whose top token is literally `role` (vLLM's
+    completions `top_logprobs` maps token text to logprob: a key `"role":`), cut by the
+    backend before its usage chunk."""
+    chunk = {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "text": "role", "logprobs": {
+                 "text_offset": [0], "token_logprobs": [-0.1], "tokens": ["role"],
+                 "top_logprobs": [{"role": -0.1}]}, "finish_reason": None}]}
+    return [_event(chunk)] * ROLE_CHUNKS
+
+
 class SplitUpstream(ThreadedBackend):
     """An upstream that sends the stream above (`error_stream_events` with `x-stream:
     error`) cut at the byte offsets a request's `x-split` header names, each piece its
-    own write a few ms apart; its /tokenize counts PROMPT_COUNT tokens."""
+    own write a few ms apart, its events ended by the line ends `x-eol` names, its body's
+    end `x-linger-ms` after its last event; its /tokenize counts PROMPT_COUNT tokens.
+    Completions: `role_logprob_events`, then the connection closes."""
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._stream)
+        app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/tokenize", self._tokenize)
 
     async def _tokenize(self, _: web.Request) -> web.Response:
@@ -114,7 +142,8 @@ class SplitUpstream(ThreadedBackend):
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         failing = request.headers.get("x-stream") == "error"
-        body = b"".join(error_stream_events() if failing else stream_events())
+        events = error_stream_events() if failing else stream_events()
+        body = b"".join(with_eol(events, request.headers.get("x-eol", "lf")))
         cuts = [int(c) for c in request.headers.get("x-split", "").split(",") if c]
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
@@ -124,7 +153,19 @@ class SplitUpstream(ThreadedBackend):
                 await resp.write(body[start:cut])
                 await asyncio.sleep(0.004)
                 start = cut
-        await resp.write_eof()
+        await asyncio.sleep(int(request.headers.get("x-linger-ms", "0")) / 1000)
+        with contextlib.suppress(ConnectionResetError):  # the client left at [DONE]
+            await resp.write_eof()
+        return resp
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for ev in role_logprob_events():
+            await resp.write(ev)
+            await asyncio.sleep(0.004)
+        assert request.transport is not None
+        request.transport.close()  # cut before the usage chunk
         return resp
 
 
@@ -163,17 +204,22 @@ def _error_splits() -> list[list[int]]:
     return [[at] for at in range(start - 2, end + 3)] + [ends]
 
 
-def _post(gw: Gateway, split: list[int], wants_usage: bool,
-          stream: str = "") -> tuple[bytes, str]:
+def _request(gw: Gateway, split: list[int], wants_usage: bool, stream: str = "",
+             **headers: str) -> urllib.request.Request:
     body: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                             "max_tokens": 64, "stream": True}
     if wants_usage:
         body["stream_options"] = {"include_usage": True}
-    req = urllib.request.Request(
+    return urllib.request.Request(
         f"{gw.base_url}/v1/chat/completions", data=json.dumps(body).encode(),
         headers={"authorization": f"Bearer {SECRET}", "content-type": "application/json",
-                 "x-split": ",".join(map(str, split)), "x-stream": stream})
-    with urllib.request.urlopen(req, timeout=30) as r:
+                 "x-split": ",".join(map(str, split)), "x-stream": stream, **headers})
+
+
+def _post(gw: Gateway, split: list[int], wants_usage: bool,
+          stream: str = "", **headers: str) -> tuple[bytes, str]:
+    with urllib.request.urlopen(_request(gw, split, wants_usage, stream, **headers),
+                                timeout=30) as r:
         return r.read(), r.headers["x-request-id"]
 
 
@@ -204,6 +250,67 @@ def test_every_split_of_a_failed_stream_says_its_status(
         [rec] = records_for(split_gw, rid)
         assert (rec["status"], rec["completion_tokens"], rec["estimated"],
                 rec["prompt_tokens"]) == (503, 4, True, PROMPT_COUNT), (split, rec)
+
+
+def _eol_splits(eol: str) -> list[list[int]]:
+    """Every byte around each event end of the stream with `eol` line ends (alone), and
+    every 41 bytes."""
+    events = with_eol(stream_events(), eol)
+    ends = [sum(len(ev) for ev in events[:i + 1]) for i in range(len(events) - 1)]
+    total = sum(len(ev) for ev in events)
+    return [[e + d] for e in ends for d in (-4, -3, -2, -1, 1)] + [list(range(1, total, 41))]
+
+
+@pytest.mark.parametrize("eol", ["cr", "crlf"])
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_every_line_end_sse_allows_is_metered_and_passed(
+        split_gw: Gateway, wants_usage: bool, eol: str) -> None:
+    """SSE ends a line with CRLF, LF or CR alone. With CR alone the meter found no event
+    end: a client that had not asked for usage got an empty 200 (every byte held), and
+    every record said 0 completion tokens. Now each split around each event end passes
+    byte for byte (the usage chunk the client did not ask for left out) and is exact."""
+    events = with_eol(stream_events(), eol)
+    expected = b"".join(events if wants_usage else [*events[:-2], events[-1]])
+    for split in _eol_splits(eol):
+        got, rid = _post(split_gw, split, wants_usage, **{"x-eol": eol})
+        assert got == expected, split
+        [rec] = records_for(split_gw, rid)
+        assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+                rec["status"]) == (9, 23, False, 200), (split, rec)
+
+
+@pytest.mark.parametrize("wants_usage", [False, True])
+def test_a_client_that_leaves_at_done_leaves_an_exact_record(
+        split_gw: Gateway, wants_usage: bool) -> None:
+    """The client stops reading at `data: [DONE]` and closes, before the body's end (the
+    backend's last bytes come later): the stream is cut, but its usage and its `[DONE]`
+    had passed. The record is exact and 200 (it was 499, estimated, counted by chunks:
+    the meter kept them for the body's end)."""
+    for _ in range(3):
+        with urllib.request.urlopen(_request(split_gw, [], wants_usage,
+                                             **{"x-linger-ms": "400"}), timeout=30) as r:
+            rid = r.headers["x-request-id"]
+            while b"[DONE]" not in r.readline():
+                pass
+        [rec] = records_for(split_gw, rid)
+        assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+                rec["status"]) == (9, 23, False, 200), rec
+
+
+def test_a_completions_token_named_role_is_counted(split_gw: Gateway) -> None:
+    """vLLM's completions logprobs map token text to logprob: a top token `role` writes
+    `"role":` into a chunk, which the meter took for a chat stream's opening role chunk
+    and did not count (a cut stream of such chunks was charged 0 completion tokens)."""
+    body = {"model": "demo", "prompt": "hi", "max_tokens": 64, "stream": True, "logprobs": 1}
+    req = urllib.request.Request(
+        f"{split_gw.base_url}/v1/completions", data=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {SECRET}", "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        rid = r.headers["x-request-id"]
+        with contextlib.suppress(http.client.IncompleteRead):
+            r.read()
+    [rec] = records_for(split_gw, rid)
+    assert (rec["completion_tokens"], rec["estimated"]) == (ROLE_CHUNKS, True), rec
 
 
 def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:
