@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from authz.envoy_config.xds_resources import build_resources
 from authz.runtime import memdebug
-from authz.runtime.admin import start_admin
+from authz.runtime.admin import SERVER_OPTIONS, start_admin
 from authz.runtime.admin_api import AdminContext
 from authz.runtime.admin_auth import CurrentAdminTokens
 from authz.runtime.budget_alerts import AlertFeed, AlertingSink, BudgetAlerts, make_marks
@@ -64,6 +64,21 @@ RELOAD_SETTLE_S = 0.25
 # Past the streams' grace: a cut request's prompt count (authz/services/prompt_counter.py,
 # 2 s at most), then its record and settlement.
 PROMPT_COUNT_DRAIN_S = 5.0
+
+
+# The least the gRPC messages between Envoy and the services may carry (see below).
+MIN_GRPC_MESSAGE_BYTES = 64 << 20
+
+
+def grpc_message_limit(cfg: Config) -> int:
+    """The largest gRPC message either way, above what a request needs: the body (its
+    rewrite is a little larger), one streamed event the services send back whole (up to
+    envoy.max_event_bytes, with what was held before it), and a response's bytes Envoy
+    buffered while it waited for an answer (with stream_metering: envoy, the body that
+    came during the response headers' round trip: a JSON answer of megabytes was one
+    message, refused at 1 MiB, and its record lost). The peer is Envoy alone."""
+    need = 2 * max(cfg.max_request_body_bytes, cfg.envoy.max_event_bytes) + (1 << 20)
+    return max(need, MIN_GRPC_MESSAGE_BYTES)
 
 
 @dataclass
@@ -183,11 +198,12 @@ class Services:
             # Never connects here.
             self.tracer_provider = otlp_provider(settings.otlp_endpoint, settings.service_name)
         tracer = tracer_of(self.tracer_provider)
+        limit = grpc_message_limit(cfg)
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", cfg.max_request_body_bytes + (64 << 10)),
-                ("grpc.max_send_message_length", cfg.max_request_body_bytes + (64 << 10)),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
             ]
         )
         protos.add_AuthorizationServicer_to_server(
@@ -216,7 +232,9 @@ class Services:
         self._server = server
 
         hhost, hport = parse_hostport(cfg.services.http_listen)
-        self._side = web.AppRunner(make_side_app(self.metrics, self.ready), access_log=None)
+        # As the admin API's (a body claiming a coding logged aiohttp's traceback for
+        # each unauthenticated request); nothing here reads a body.
+        self._side = web.AppRunner(make_side_app(self.metrics, self.ready), **SERVER_OPTIONS)
         await self._side.setup()
         site = web.TCPSite(self._side, hhost, hport)
         await site.start()
