@@ -313,6 +313,9 @@ ROUTES: tuple[Route, ...] = (
 _ERRORS = {"400": "invalid request (param names the field)", "401": "no or unknown token",
            "403": "a read token cannot write", "404": "no such key",
            "409": "keys are read-only here (validation service, or a key of the config)",
+           "413": "the body is too large",
+           "415": "a compressed body (Content-Encoding other than identity): send it "
+                  "uncompressed",
            "429": "too many failed authentications from this address",
            "500": "the gateway failed (a bug: its log has the trace)",
            "503": "the state store did not answer"}
@@ -346,6 +349,8 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
                                                    else [])
     if "{key_id}" in route.path:
         codes.append("404")
+    if route.body is not None:
+        codes += ["413", "415"]
     for code in sorted(codes):
         responses[code] = {"description": _ERRORS[code],
                            "content": _json(refs[ErrorBody, "serialization"])}

@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator
 from redis.exceptions import RedisError
 
 from authz.runtime import admin_api
-from authz.runtime.admin import make_admin_app
+from authz.runtime.admin import SERVER_OPTIONS, make_admin_app
 from authz.runtime.admin_api import AdminContext, Records
 from authz.runtime.admin_auth import AdminTokens, Caller, CurrentAdminTokens, FailureLimiter
 from authz.runtime.logs import JsonFormatter
@@ -143,7 +143,9 @@ async def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
 
 @pytest.fixture
 async def api(ctx: AdminContext) -> AsyncIterator[Api]:
-    async with TestClient(TestServer(make_admin_app(ctx))) as client:
+    server = TestServer(make_admin_app(ctx))
+    await server.start_server(**SERVER_OPTIONS)  # as `serve` runs it (the client's does not)
+    async with TestClient(server) as client:
         resp = await client.get("/openapi.json")
         yield Api(client, orjson.loads(await resp.read()))
 
@@ -292,6 +294,27 @@ async def test_body_must_be_a_json_object(api: Api) -> None:
     assert (await api("POST", "/v1/keys", raw=b"{nope"))[0] == 400
     assert (await api("POST", "/v1/keys", raw=b"[1]"))[0] == 400
     assert (await api("PATCH", "/v1/keys/k-x", body={}))[0] == 400
+
+
+async def test_a_compressed_body_is_refused_not_a_traceback(
+        api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    """A body whose Content-Encoding is not `identity` (a real gzip one, or one that only
+    says so) is a 415, as at the gateway; it was decompressed by aiohttp, and a bad one
+    was a 500 with aiohttp's traceback logged (before the token was even checked)."""
+    import gzip
+
+    good = gzip.compress(orjson.dumps({"name": "x", "org": "acme"}))
+    for data, coding in ((good, "gzip"), (b"not gzip", "gzip"), (b"x", "deflate"),
+                         (b"x", "br")):
+        for token in (ADMIN, None):
+            headers = {"content-encoding": coding,
+                       **({"Authorization": f"Bearer {token}"} if token else {})}
+            resp = await api.client.post("/v1/keys", data=data, headers=headers)
+            out = orjson.loads(await resp.read())
+            want = 415 if token else 401
+            assert resp.status == want, (coding, token, out)
+            api.validate("POST", "/v1/keys", resp.status, out)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_list_filters_and_pages(api: Api) -> None:

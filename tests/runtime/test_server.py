@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -45,6 +46,23 @@ async def test_side_port_health_ready_and_metrics(running: Running) -> None:
     assert ('tokenbooth_decisions_total{decision="deny",reason="invalid_api_key",'
             'service="ext_authz"} 1.0') in text
     assert "tokenbooth_decision_seconds_bucket" in text
+
+
+async def test_side_port_ignores_a_body_that_claims_a_coding(
+        running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """/metrics and /healthz read no body: one that says gzip and is not was decoded all
+    the same, and each such request (no key needed) logged aiohttp's traceback."""
+    base = f"http://127.0.0.1:{running.services.http_port}"
+
+    def bad_gzip(path: str) -> int:
+        req = urllib.request.Request(f"{base}{path}", data=b"not gzip" * 100, method="GET",
+                                     headers={"content-encoding": "gzip"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert await asyncio.to_thread(bad_gzip, path) == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_config_reload_applies_good_files_and_refuses_bad_ones(running: Running) -> None:
