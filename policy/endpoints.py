@@ -87,8 +87,10 @@ def _prefixed(path: str) -> Endpoint | None:
 
 def lookup(method: str, path: str) -> Endpoint | None:
     """The endpoint for a request line, ignoring any query string. HEAD is the GET row
-    (RFC 9110: the GET's status and headers; Envoy sends no body to a HEAD request)."""
-    method, path = method.upper(), strip_query(path)
+    (RFC 9110: the GET's status and headers; Envoy sends no body to a HEAD request).
+    Methods are case-sensitive (RFC 9110 9.1): `post` is not POST (a 405 here; vLLM's
+    server and aiohttp refuse it, after the request was admitted and charged)."""
+    path = strip_query(path)
     if method == "HEAD":
         method = "GET"
     e = ENDPOINTS.get((method, path))

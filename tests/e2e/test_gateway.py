@@ -199,6 +199,10 @@ def test_connect_is_refused_at_once(gateway: Gateway, key: bool) -> None:
     ("BREW /v1/models", 405, "method_not_allowed", "GET, HEAD"),
     ("PURGE /v1/chat/completions", 405, "method_not_allowed", "POST"),
     ("FOO /nope", 404, "not_found", None),
+    # Methods are case-sensitive (RFC 9110): `post` was admitted, charged and forwarded
+    # as sent, and vLLM answered its own 400.
+    ("post /v1/chat/completions", 405, "method_not_allowed", "POST"),
+    ("get /v1/models", 405, "method_not_allowed", "GET, HEAD"),
 ])
 def test_a_method_http_does_not_name_gets_an_openai_shaped_answer(
         gateway: Gateway, request_line: str, status: int, code: str, allow: str | None) -> None:

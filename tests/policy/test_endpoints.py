@@ -49,16 +49,15 @@ def test_kinds() -> None:
 
 @pytest.mark.parametrize(("method", "path", "name"), [
     ("POST", "/v1/chat/completions", "chat"),
-    ("post", "/v1/chat/completions", "chat"),  # the method in any case
     ("POST", "/v1/completions?x=1", "completions"),  # the query string is ignored
     ("GET", "/v1/models?", "models"),
     ("GET", "/v1/models/demo", "model"),
-    ("get", "/v1/models/org/name?x", "model"),  # an id may hold a slash
+    ("GET", "/v1/models/org/name?x", "model"),  # an id may hold a slash
     ("POST", "/v1/embeddings", "embeddings"),
     ("POST", "/v2/rerank", "rerank"),
     ("POST", "/detokenize", "detokenize"),
     ("HEAD", "/v1/models", "models"),  # HEAD is the GET without its body
-    ("head", "/v1/models/demo", "model"),
+    ("HEAD", "/v1/models/demo", "model"),
 ])
 def test_lookup_finds_the_row(method: str, path: str, name: str) -> None:
     e = lookup(method, path)
@@ -75,6 +74,10 @@ def test_lookup_finds_the_row(method: str, path: str, name: str) -> None:
     ("POST", "/v1/embeddings/x"),
     ("GET", "/"),
     ("HEAD", "/v1/chat/completions"),  # no GET there
+    ("post", "/v1/chat/completions"),  # methods are case-sensitive (RFC 9110): a 405
+    ("Post", "/v1/completions"),
+    ("get", "/v1/models"),
+    ("head", "/v1/models"),
 ])
 def test_lookup_misses(method: str, path: str) -> None:
     assert lookup(method, path) is None
