@@ -567,6 +567,16 @@ class Config(_Strict):
             if not parts.hostname or (db and not (db.isdigit() and int(db) < 2**31)):
                 raise ValueError(f"expected redis://host:port/db with a database number, "
                                  f"got {redacted(v)!r}")
+            if parts.query or parts.fragment:
+                # Two clients read this URL (the limits' own and redis-py): a `?db=` or
+                # `?password=` only one of them honours split the state across two
+                # databases (ledgers in one, records in the other) or left one unable
+                # to log in.
+                raise ValueError(
+                    f"the Redis URL takes no query string ({redacted(v)!r}): put the "
+                    "database in its path (redis://host:port/3) and a user and password "
+                    "before the host (redis://user:password@host:port/0, or "
+                    "TOKENBOOTH_REDIS_PASSWORD)")
         return v
 
     @property
@@ -672,13 +682,16 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
 
 def redacted(url: str) -> str:
-    """A URL fit for messages and logs: any password replaced by `***`."""
+    """A URL fit for messages and logs: any password replaced by `***` (its user part's,
+    and a query string's, which may carry one: the whole query goes)."""
     parts = urlsplit(url)
+    if parts.query:
+        parts = parts._replace(query="***")
     userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+    if at and ":" in userinfo:
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    return urlunsplit(parts)
 
 
 def origin(url: str) -> str:

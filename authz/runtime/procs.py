@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import http.client
 import json
 import random
 import signal
@@ -116,14 +117,16 @@ def stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> Non
 
 
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, Message, bytes] | None:
-    """Status, headers and body of a GET (error statuses included); None: no answer."""
+    """Status, headers and body of a GET (error statuses included); None: no answer, or
+    one that is not HTTP (a port polled before its server listens may connect to itself
+    and read its own request back: BadStatusLine)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - local URL
             return int(r.status), r.headers, r.read()
     except urllib.error.HTTPError as e:
         e.close()
         return e.code, e.headers, b""
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
         return None
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from authz.runtime.procs import PortAllocator, spawn, stop, wait_until
+from authz.runtime.procs import PortAllocator, http_get, spawn, stop, wait_until
 
 
 def test_an_allocator_never_hands_out_a_port_twice() -> None:
@@ -50,3 +50,24 @@ def test_stop_terminates_and_wait_until_notices_a_dead_child() -> None:
         wait_until(lambda: False, "thing", timeout=5, alive=[p])
     with pytest.raises(TimeoutError, match="thing: not ready after 0s"):
         wait_until(lambda: False, "thing", timeout=0.1)
+
+
+def test_an_answer_that_is_not_http_is_no_answer() -> None:
+    """A port polled before its server listens may connect to itself (an ephemeral
+    port) and read its own request back: `up` died of the BadStatusLine (`internal
+    error`); it is no answer yet, as a refused connection is."""
+    import threading
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+
+        def echo() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                conn.sendall(conn.recv(65536))  # the request, back
+
+        t = threading.Thread(target=echo, daemon=True)
+        t.start()
+        assert http_get(f"http://127.0.0.1:{srv.getsockname()[1]}/readyz", 2.0) is None
+        t.join(5)
