@@ -100,7 +100,9 @@ local function event_end(s)
 end
 
 local function classify(ev, st)
-  if #ev < 256 and string.find(ev, "data: ?%[DONE%]") then
+  -- A line of its own (a content chunk's text may say `data: [DONE]`; JSON escapes
+  -- every line end in it); an `id:` or `event:` line may come before it.
+  if #ev < 256 and string.find("\\n" .. ev, "[\\r\\n]data: ?%[DONE%][\\r\\n]") then
     st.done = 1
     return false
   end
@@ -121,14 +123,14 @@ local function classify(ev, st)
   -- (`%s*`: a server other than vLLM may write a space after the colon.)
   -- (The role is a chat delta's first key, as vLLM writes it: a completions chunk has
   -- none, and its logprobs may hold a token `role` as a key.)
-  if string.find(ev, '"choices"%s*:%s*%[%s*{{') and (string.find(ev, '"delta":', 1, true)
-      or string.find(ev, '"text":', 1, true)) then
+  if string.find(ev, '"choices"%s*:%s*%[%s*{{') and (string.find(ev, '"delta"%s*:')
+      or string.find(ev, '"text"%s*:')) then
     if not string.find(ev, '"delta"%s*:%s*{{%s*"role"%s*:')
-        or string.find(ev, '"content":%s*"[^"]') or string.find(ev, '"reasoning":%s*"[^"]')
-        or string.find(ev, '"reasoning_content":%s*"[^"]')
-        or (string.find(ev, '"tool_calls":', 1, true)
-            and (string.find(ev, '"arguments":%s*"[^"]')
-                 or string.find(ev, '"name":%s*"[^"]'))) then
+        or string.find(ev, '"content"%s*:%s*"[^"]') or string.find(ev, '"reasoning"%s*:%s*"[^"]')
+        or string.find(ev, '"reasoning_content"%s*:%s*"[^"]')
+        or (string.find(ev, '"tool_calls"%s*:')
+            and (string.find(ev, '"arguments"%s*:%s*"[^"]')
+                 or string.find(ev, '"name"%s*:%s*"[^"]'))) then
       st.events = st.events + 1
     end
   end

@@ -141,8 +141,16 @@ class SplitUpstream(ThreadedBackend):
                                   "tokens": list(range(PROMPT_COUNT))})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        failing = request.headers.get("x-stream") == "error"
-        events = error_stream_events() if failing else stream_events()
+        kind = request.headers.get("x-stream")
+        events = error_stream_events() if kind == "error" else stream_events()
+        if kind == "cut":  # the connection closes before the usage chunk
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b"".join(events[:-2]))
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return resp
         body = b"".join(with_eol(events, request.headers.get("x-eol", "lf")))
         cuts = [int(c) for c in request.headers.get("x-split", "").split(",") if c]
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -295,6 +303,21 @@ def test_a_client_that_leaves_at_done_leaves_an_exact_record(
         [rec] = records_for(split_gw, rid)
         assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
                 rec["status"]) == (9, 23, False, 200), rec
+
+
+def test_a_chunk_whose_text_says_done_is_a_chunk(split_gw: Gateway) -> None:
+    """A content chunk whose text is `data: [DONE]` (the stream's own texts include it),
+    in a stream the backend cuts before its usage chunk: the stream is cut, not ended
+    (taken for the end, it was a 200, and a chunk short)."""
+    req = _request(split_gw, [], False, "cut")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        rid = r.headers["x-request-id"]
+        with contextlib.suppress(http.client.IncompleteRead):
+            r.read()
+    [rec] = records_for(split_gw, rid)
+    # (its over-limit event's bytes estimate it: the hold's 64 completion tokens)
+    assert (rec["completion_tokens"], rec["estimated"]) == (64, True), rec
+    assert rec["status"] != 200, rec
 
 
 def test_a_completions_token_named_role_is_counted(split_gw: Gateway) -> None:

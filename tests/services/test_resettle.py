@@ -36,6 +36,7 @@ from policy.admission import Settled
 from policy.audit import LedgerAudit, audit_ledgers
 from policy.keys import Principal
 from policy.limits import Ask, Limits
+from policy.recorded import Owes
 from policy.usage import LOST
 from tests.grpc_harness import serve_policy
 from tests.helpers import write_policy
@@ -404,9 +405,10 @@ def test_a_record_names_the_holds_its_admission_took() -> None:
         return 90.0 if stream else 30.0
 
     rec |= {"duration_ms": 1250, "stream": True}
+    owes = Owes(10, 7, latest, end - 1.25, "k-a", "acme")
     assert resettle.settlements(rec, lease) == [
-        (Ask("r1", "k-a", "acme", 0, 0, "month:2026-12", 0.0), 10, 7, latest),
-        (Ask("r1", "org:acme", "acme", 0, 0, "day:2026-12-06", 0.0), 10, 7, latest)]
+        (Ask("r1", "k-a", "acme", 0, 0, "month:2026-12", 0.0), owes),
+        (Ask("r1", "org:acme", "acme", 0, 0, "day:2026-12-06", 0.0), owes)]
     assert [a.key_id for a, *_ in resettle.settlements(rec | {"org": ""})] == ["k-a"]
     bad = [rec | {"cost_usd": "x"}, rec | {"total_tokens": -1}, rec | {"started_at": "?"},
            {k: v for k, v in rec.items() if k != "request_id"}]

@@ -11,18 +11,28 @@ store and usage sink, the lifecycle, the audit. Nothing restarts on the dead spo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
-from authz.runtime.snapshot import Runtime
+from authz.runtime.snapshot import Runtime, utc_now
+from authz.services.lifecycle import Lifecycle
 from authz.state.usage.records import USAGE_STREAM
 from authz.state.usage.redis_sink import SWEEP_MARGIN_S, seen_prefix
+from policy.keys import Principal
+from policy.limits import Limits
 from policy.recorded import from_seen_mark
 from policy.usage import LOST
+from tests.helpers import write_policy
 from tests.redis_server import RedisServer
 from tests.services.test_resettle import (
+    BACKEND,
+    CHAT,
     FREE,
     LATER,
     REAL_NANO,
@@ -38,15 +48,17 @@ from tests.services.test_resettle import (
 __all__ = ["runtime"]  # the fixture
 
 
-async def sweep(url: str, tmp_path: Path, runtime: Runtime, ahead_s: float = LATER
-                ) -> tuple[int, int]:
+async def sweep(url: str, tmp_path: Path, runtime: Runtime, ahead_s: float = LATER,
+                delivered: bool = True) -> tuple[int, int]:
     """Another replica (as the services run), its clock `ahead_s` on, sweeps: (`lost`
-    records written, holds settled from their records)."""
+    records written, holds settled from their records); waits for the `lost` records
+    to be `delivered`."""
     other = Process(url, tmp_path / "sweeper", runtime, ahead_s=ahead_s, marks=True)
     await other.sink.start()
     try:
         lost = await other.admission.sweep()
-        await records(url, lambda recs: sum(r["status"] == LOST for r in recs) >= lost)
+        if delivered:
+            await records(url, lambda recs: sum(r["status"] == LOST for r in recs) >= lost)
         return lost, other.store.settled_from_records
     finally:
         await other.stop()
@@ -132,3 +144,60 @@ async def test_a_real_records_mark_outlives_its_holds_lease(
     assert owes is not None and owes.cost_nano == REAL_NANO
     assert time.time() < owes.latest <= time.time() + lease + 1
     assert ttl >= max(600, lease + SWEEP_MARGIN_S) - 5
+
+
+ORGS = {"acme": {"budget_usd": "100", "budget_period": "month"},
+        "beta": {"budget_usd": "100", "budget_period": "month"}}
+BETA = Principal("k-b", "beta", frozenset(), frozenset(),
+                 Limits(budget_nano=10 * 10**9, budget_period="day"))
+
+
+async def test_another_keys_record_under_the_same_id_settles_nothing(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    """Two keys of two orgs hold one `x-request-id` at once (the duplicate check is per
+    key; a mesh keeps the client's id). B's replica dies unsettled; A's request is
+    recorded and settled. B's holds are B's: charged in full (they were settled at A's
+    record's cost: $0.000008 for a 256-token hold, and to $0 behind a GET)."""
+    url = own_redis.url
+    rt = Runtime.from_file(write_policy(tmp_path, BACKEND, orgs=ORGS))
+    a = Process(url, tmp_path / "a", rt, marks=True)
+    b = Process(url, tmp_path / "b", rt, marks=True)
+    await a.sink.start()
+    life = Lifecycle(b.runtime, b.recorder, b.admission)
+    life.identify("POST", "/v1/chat/completions", "shared", None, BETA)
+    await life.request_body(json.dumps(dict(CHAT, max_tokens=256)).encode())
+    await b.die()  # admitted; never answered, recorded or settled
+    await (await a.request("shared")).settle()
+    await records(url, real("shared"))
+    await a.stop()
+
+    # B's `lost` record is written, and dropped at delivery behind A's record under the
+    # same id (README, "Use with a service mesh": one id, one record).
+    assert await sweep(url, tmp_path, rt, delivered=False) == (1, 0)
+    ledgers = {led.owner: led.spent for led in await redis_ledgers(url)}
+    assert ledgers["k-b"] == ledgers["org:beta"] > 256 * 1_500  # the whole hold
+    assert ledgers["k-a"] == ledgers["org:acme"] == REAL_NANO
+
+
+@pytest.mark.parametrize("skew_s", [-0.1, 0.1])
+async def test_a_reused_id_on_a_replica_whose_clock_is_off_is_charged_its_own(
+        tmp_path: Path, own_redis: RedisServer, runtime: Runtime, skew_s: float) -> None:
+    """The first request under an id is recorded and settled on one replica; the same
+    key reuses the id 50 ms later on another whose clock is 100 ms off, which dies. The
+    hold is told from the record's by its admission time, exact, not by lease ends on
+    two clocks (behind, the second hold's lease ended before the first record's and it
+    was settled at that record's cost)."""
+    url = own_redis.url
+    a = Process(url, tmp_path / "a", runtime, marks=True)
+    await a.sink.start()
+    await (await a.request("same")).settle()
+    await records(url, real("same"))
+    await a.stop()
+    await asyncio.sleep(0.05)
+    off = dataclasses.replace(runtime, clock=lambda: utc_now() + timedelta(seconds=skew_s))
+    b = Process(url, tmp_path / "b", off, marks=True, ahead_s=skew_s)
+    await b.request("same")
+    await b.die()
+    assert await sweep(url, tmp_path, runtime) == (1, 0)
+    ledgers = {led.owner: led.spent for led in await redis_ledgers(url)}
+    assert ledgers["k-a"] > 2 * REAL_NANO  # the first's cost and a whole hold

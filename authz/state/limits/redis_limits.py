@@ -42,7 +42,8 @@ from authz.state.limits.redis_scripts import (
 from authz.state.resp import RespClient
 from policy.admission import Settled, check_ask, check_usage, settled, tracked
 from policy.limits import WINDOW_S, Ask, Decision, Limits
-from policy.recorded import from_seen_mark
+from policy.quota import ORG_KEY_PREFIX
+from policy.recorded import Owes, from_seen_mark
 
 log = logging.getLogger("tokenbooth.limits")
 
@@ -213,29 +214,33 @@ class RedisLimitStore:
         self._held_in.pop(held, None)
         return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
 
-    async def settle_again(self, items: Sequence[tuple[Ask, int, int, float]], now: float
+    async def settle_again(self, items: Sequence[tuple[Ask, Owes]], now: float
                            ) -> list[int]:
-        """Settle each (ask, used tokens, cost nano, latest lease end) as `settle` does,
+        """Settle each (ask, what its request's record says it owes) as `settle` does,
         all in one round trip, giving back no tokens (the limits they were held under are
         not known): the holds of requests whose settlement may never have been made
-        (resettle.py), only where the hold's lease ends no later than given (a request
-        admitted later under the same id is another's). Each one's SETTLE result: 0
+        (resettle.py), only the record's own (policy/recorded.py: a request admitted at
+        another moment under the same id is another's). Each one's SETTLE result: 0
         nothing held (settled already, or another's), 1 a live hold settled, 2 a lost
         charge corrected. LimitStoreUnavailable if any fails."""
         calls: list[tuple[str | bytes | int, ...]] = []
-        for ask, used_tokens, cost_nano, latest in items:
-            check_usage(used_tokens, cost_nano)
-            conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
-                                                            ask.request_id)
-            keys = [self._ns(ask.key_id) + "tpm", conc, res, budget, resv, lost]
-            args = [repr(float(now)), ask.request_id, "", str(used_tokens), str(cost_nano),
-                    repr(float(self._window)), repr(float(latest))]
-            calls += [self._redis.script_call(SETTLE, keys, args),
+        for ask, o in items:
+            calls += [self._settle_from(ask.key_id, ask.period, ask.request_id, o, now),
                       ("ZREM", DUE, _member(ask))]  # (a failure: the sweep drops it)
         if not calls:
             return []
         out = await self._batch(*calls, must=tuple(range(0, len(calls), 2)))
         return [int(done) for done in out[::2]]
+
+    def _settle_from(self, key_id: str, period: str, rid: str, o: Owes, now: float
+                     ) -> tuple[str | bytes | int, ...]:
+        """The SETTLE of one hold from its request's record (`settle_again`)."""
+        check_usage(o.tokens, o.cost_nano)
+        conc, res, budget, resv, lost = self._hold_keys(key_id, period, rid)
+        return self._redis.script_call(
+            SETTLE, [self._ns(key_id) + "tpm", conc, res, budget, resv, lost],
+            [repr(float(now)), rid, "", str(o.tokens), str(o.cost_nano),
+             repr(float(self._window)), repr(float(o.latest)), repr(float(o.admitted))])
 
     def admitted_under(self, ask: Ask) -> str | None:
         mark = self._held_in.get((ask.key_id, ask.request_id))
@@ -370,8 +375,8 @@ class RedisLimitStore:
         that cost, as its own settlement would have (its replica died between the record
         and it), not charged in full with a `lost` record beside the real one. Only a
         hold whose lease ends by the record's `latest` (a later request reusing the id
-        is another's). Their indexes in `entries`; the rest (no record, another's hold,
-        a failure) go on to SWEEP."""
+        is another's; another key's concurrent one under the same id too). Their indexes
+        in `entries`; the rest (no record, another's hold, a failure) go on to SWEEP."""
         if self._seen is None or not entries:
             return set()
         try:
@@ -379,18 +384,17 @@ class RedisLimitStore:
                 *(("GET", self._seen + ref[2]) for _, ref in entries)))
         except LimitStoreUnavailable:
             return set()
+        # Only a hold of the record's key or org (another key's request may hold the id
+        # at the same time: the duplicate check is per key); SETTLE then checks its time.
         owing = [(i, o) for i, raw in enumerate(marks) if not isinstance(raw, BaseException)
-                 and (o := from_seen_mark(raw)) is not None]
+                 and (o := from_seen_mark(raw)) is not None
+                 and o.owns(entries[i][1][0], ORG_KEY_PREFIX)]
         if not owing:
             return set()
         calls = []
         for i, o in owing:
             key_id, period, rid = entries[i][1]
-            conc, res, budget, resv, lost = self._hold_keys(key_id, period, rid)
-            calls.append(self._redis.script_call(
-                SETTLE, [self._ns(key_id) + "tpm", conc, res, budget, resv, lost],
-                [repr(float(now)), rid, "", str(o.tokens), str(o.cost_nano),
-                 repr(float(self._window)), repr(float(o.latest))]))
+            calls.append(self._settle_from(key_id, period, rid, o, now))
         try:
             results = await self._call(self._redis.batch(*calls))
         except LimitStoreUnavailable:

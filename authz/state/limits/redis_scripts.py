@@ -7,7 +7,8 @@ Layout: all of a key's state shares the hash tag `{k:<key_id>}`, one Cluster slo
                                written here), for a roll (`rate`)
   tb:{k:<id>}:tpm              HASH level, ts (the TPM bucket)          TTL: full at tpm 1 + window
   tb:{k:<id>}:conc             ZSET request_id -> lease expiry          TTL: longest lease + window
-  tb:{k:<id>}:res:<rid>        HASH tokens, cost, period, exp, ask      TTL: lease + LOST_TTL_S
+  tb:{k:<id>}:res:<rid>        HASH tokens, cost, period, exp, ask, at  TTL: lease + LOST_TTL_S
+                               (`at`: the admission's `now`, exact text)
   tb:{k:<id>}:budget:<period>  HASH spent, reserved, r:<rid> -> cost,   no TTL (the ledger)
                                l:<rid> -> a lost hold's charged cost
   tb:{k:<id>}:resv:<period>    ZSET request_id -> lease expiry          no TTL (empties itself)
@@ -203,7 +204,7 @@ if budget then
 end
 if tracked then
   redis.call('HSET', KEYS[4], 'exp', f(exp), 'period', ARGV[11], 'cost', budget and ARGV[8] or '',
-             'ask', ARGV[12])
+             'ask', ARGV[12], 'at', now_s)
   if tpm then redis.call('HSET', KEYS[4], 'tokens', ARGV[7]) end
   redis.call('PEXPIRE', KEYS[4], int(math.ceil((lease + LOST_TTL) * 1000)))
 end
@@ -211,19 +212,31 @@ return reply(1, after)
 """.replace("LOST_TTL", repr(LOST_TTL_S))
 
 # KEYS: tpm, conc, res, budget, resv, lost. ARGV: now, rid, tpm ('' = none), used, cost,
-# window_s[, latest lease end]. Mirrors admission.settle. Returns 1 if it settled the
-# request, 2 if that corrected a lost charge, 0 if it found nothing (unknown, or already
-# settled). With a latest lease end (a re-settlement from a record, resettle.py): only
-# a hold (or the sweep's mark of one) whose lease ends no later, so admitted no later
-# than that record's request; a later request reusing its id is not touched (0).
+# window_s[, latest lease end, admitted at]. Mirrors admission.settle. Returns 1 if it
+# settled the request, 2 if that corrected a lost charge, 0 if it found nothing
+# (unknown, or already settled). With a latest lease end and an admission time (a
+# settlement from a record, policy/recorded.py: resettle.py, the sweep): only the
+# record's own hold (or the sweep's mark of one), admitted at that time (its `at`); one
+# admitted by a release before this one (no `at`) by its lease ending no later. Another
+# request under the same id is not touched (0).
 SETTLE = LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
 local now, tpm, w = tonumber(now_s), tonumber(ARGV[3]), tonumber(ARGV[6])
-local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp')
+local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp', 'at')
 local latest = tonumber(ARGV[7] or '')
 if latest then
-  local exp = res[2] or redis.call('HGET', KEYS[3], 'lost')
-  if not exp or tonumber(exp) > latest then return 0 end
+  local exp, at = res[2], res[3]
+  if not exp then
+    local mark = redis.call('HMGET', KEYS[3], 'lost', 'at')
+    exp, at = mark[1], mark[2]
+  end
+  if not exp then return 0 end
+  local admitted = tonumber(ARGV[8] or '')
+  if at and admitted then
+    if tonumber(at) ~= admitted then return 0 end
+  elseif tonumber(exp) > latest then
+    return 0
+  end
 end
 if res[2] then
   redis.call('DEL', KEYS[3])
@@ -285,11 +298,12 @@ return 0
 # this one deleted the hold: its SETTLE reads no `exp` in the mark, and finds nothing).
 SWEEP = LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
-local res = redis.call('HMGET', KEYS[2], 'exp', 'ask')
+local res = redis.call('HMGET', KEYS[2], 'exp', 'ask', 'at')
 if not res[1] then return 0 end
 if tonumber(res[1]) > tonumber(now_s) then return {res[1]} end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'lost', res[1])
+if res[3] then redis.call('HSET', KEYS[2], 'at', res[3]) end
 redis.call('PEXPIRE', KEYS[2], int(LOST_TTL * 1000))
 redis.call('ZREM', KEYS[1], rid)
 purge(KEYS[3], KEYS[4], KEYS[5], now_s)

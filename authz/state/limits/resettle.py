@@ -38,7 +38,7 @@ from policy.config import EnvoySettings
 from policy.limits import Ask, Limits, period_id
 from policy.quota import ORG_KEY_PREFIX
 from policy.recorded import SLACK_S as SLACK_S  # (re-exported: tests)
-from policy.recorded import owes
+from policy.recorded import Owes, owes
 
 log = logging.getLogger("tokenbooth.limits")
 
@@ -62,24 +62,22 @@ _NO_BUDGET = Limits().budget_period
 # A hold's lease by default (a stream's or not), as the services compute it from their
 # config (`Services` passes its own): its admission's `now` plus this is its lease end.
 _LEASE_S = EnvoySettings().hold_lease_s
-# (ask, used tokens, cost nano, latest lease end of the hold to settle)
-Owed = tuple[Ask, int, int, float]
+# (the hold to settle, what its request's record says it owes)
+Owed = tuple[Ask, Owes]
 
 
 def settlements(rec: Mapping[str, Any], lease_s: Callable[[bool], float] = _LEASE_S
                 ) -> list[Owed]:
-    """What the request of a real record owes: (ask, used tokens, cost nano, latest lease
-    end) for its key's hold and, if it has an org, the org's; the Ask names the hold's
-    keys as its admission did (request id, owner, budget period:
-    `RedisLimitStore._hold_keys`). The latest lease end (its start, plus its lease by
-    `lease_s(stream)`, plus SLACK_S) tells its own hold from a later request's under the
-    same id (a client's `x-request-id` reused): that one was admitted after it ended, so
-    its lease ends later. ValueError for a record that does not say."""
-    rid, key_id, org = rec.get("request_id"), rec.get("key_id"), rec.get("org")
-    if not (isinstance(rid, str) and rid and isinstance(key_id, str) and key_id
-            and isinstance(org, str)):
-        raise ValueError("a record without its request id, key id or org")
+    """What the request of a real record owes (policy/recorded.py: its cost, and what
+    tells its own holds from another request's under the same id) for its key's hold
+    and, if it has an org, the org's; the Ask names the hold's keys as its admission
+    did (request id, owner, budget period: `RedisLimitStore._hold_keys`). ValueError
+    for a record that does not say."""
+    rid = rec.get("request_id")
+    if not (isinstance(rid, str) and rid):
+        raise ValueError("a record without its request id")
     o = owes(rec, lease_s)
+    key_id, org = o.key_id, o.org
     started = datetime.fromisoformat(str(rec["started_at"]))
 
     def hold(owner: str, field: str) -> Owed:
@@ -88,7 +86,7 @@ def settlements(rec: Mapping[str, Any], lease_s: Callable[[bool], float] = _LEAS
         period = rec.get(field)
         if not isinstance(period, str) or not period:
             period = period_id(_NO_BUDGET, started)
-        return Ask(rid, owner, org, 0, 0, period, 0.0), o.tokens, o.cost_nano, o.latest
+        return Ask(rid, owner, org, 0, 0, period, 0.0), o
 
     out = [hold(key_id, "key_budget_period")]
     if org:
