@@ -83,7 +83,7 @@ async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
         raise _invalid(e, "query") from None
     if route.body is None:
         return query, None
-    if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
+    if request.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
         # Read as sent (the server does not decompress): as the gateway answers.
         raise AdminError(415, "a compressed request body is not accepted: send it "
                          "uncompressed", "unsupported_media_type")

@@ -315,6 +315,10 @@ async def test_a_compressed_body_is_refused_not_a_traceback(
             assert resp.status == want, (coding, token, out)
             api.validate("POST", "/v1/keys", resp.status, out)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    for coding in ("", "identity", "Identity "):  # no coding at all
+        resp = await api.client.post("/v1/keys", data=b"[1]", headers={
+            "content-encoding": coding, "Authorization": f"Bearer {ADMIN}"})
+        assert resp.status == 400, coding
 
 
 async def test_list_filters_and_pages(api: Api) -> None:
