@@ -64,6 +64,17 @@ async def sweep(url: str, tmp_path: Path, runtime: Runtime, ahead_s: float = LAT
         await other.stop()
 
 
+async def recorded_and_settled(url: str, tmp_path: Path, runtime: Runtime, rid: str) -> None:
+    """A request under `rid` recorded, delivered and settled by a replica that stops;
+    then 50 ms pass (a later request under the id is admitted after it ended)."""
+    a = Process(url, tmp_path / "a", runtime, marks=True)
+    await a.sink.start()
+    await (await a.request(rid)).settle()
+    await records(url, real(rid))
+    await a.stop()
+    await asyncio.sleep(0.05)
+
+
 async def test_a_delivered_record_settles_its_holds_when_its_replica_never_returns(
         tmp_path: Path, own_redis: RedisServer, runtime: Runtime) -> None:
     """Killed after its records reached Redis, before its settlements; never restarted.
@@ -107,12 +118,7 @@ async def test_a_live_hold_is_not_settled_and_a_later_request_under_the_id_is_ch
     first record's `latest`: the sweep charges it as lost (in full), never at the first
     record's cost (it would have been under-charged, its slot freed while it ran)."""
     url = own_redis.url
-    a = Process(url, tmp_path / "a", runtime, marks=True)
-    await a.sink.start()
-    await (await a.request("same")).settle()
-    await records(url, real("same"))
-    await a.stop()
-    await asyncio.sleep(0.05)  # admitted after the first ended (past its slack)
+    await recorded_and_settled(url, tmp_path, runtime, "same")
     b = Process(url, tmp_path / "b", runtime, marks=True)
     await b.request("same")  # answered; its record never leaves its spool
     await b.die()
@@ -188,12 +194,7 @@ async def test_a_reused_id_on_a_replica_whose_clock_is_off_is_charged_its_own(
     two clocks (behind, the second hold's lease ended before the first record's and it
     was settled at that record's cost)."""
     url = own_redis.url
-    a = Process(url, tmp_path / "a", runtime, marks=True)
-    await a.sink.start()
-    await (await a.request("same")).settle()
-    await records(url, real("same"))
-    await a.stop()
-    await asyncio.sleep(0.05)
+    await recorded_and_settled(url, tmp_path, runtime, "same")
     off = dataclasses.replace(runtime, clock=lambda: utc_now() + timedelta(seconds=skew_s))
     b = Process(url, tmp_path / "b", off, marks=True, ahead_s=skew_s)
     await b.request("same")
