@@ -82,12 +82,15 @@ Headers = tuple[tuple[str, str], ...]
 JSON_KEEP_BYTES = 64 << 20
 JSON_TAIL_BYTES = 64 << 10
 # Answers whose usage in a trimmed part counts: in vLLM's chat and completions answers
-# only vLLM's own fields follow `usage`. A Responses answer holds objects the client
+# only vLLM's own fields follow `usage`; an embeddings or score answer holds nothing
+# but numbers (or base64) before it and nothing after it (an embeddings batch of
+# thousands of wide vectors passes 64 MiB: it was charged its hold). A rerank answer
+# echoes the client's documents after its `usage`. A Responses answer holds objects the client
 # shaped on both sides of it (the `tools` it echoes; `input_messages`, with each tool's
 # parameters, after it): a `usage` key in them cannot be told from the top-level one by
 # a search of the bytes, in what was trimmed nor in the kept tail (a tool's parameters
 # there are the client's too): such an answer past the keep limit is charged its hold.
-_TRIMMED_USAGE_KINDS = frozenset({Kind.CHAT, Kind.COMPLETION})
+_TRIMMED_USAGE_KINDS = frozenset({Kind.CHAT, Kind.COMPLETION, Kind.EMBEDDINGS, Kind.SCORE})
 # A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
 ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
@@ -504,7 +507,7 @@ class Lifecycle:
         """A JSON answer past JSON_KEEP_BYTES: from now on keep only its last bytes (at
         most twice JSON_TAIL_BYTES between trims), where its top-level `usage` is, and the
         last `usage` found in what is trimmed (a key in the kept tail is found again) of a
-        chat or completions answer (see _TRIMMED_USAGE_KINDS)."""
+        chat, completions, embeddings or score answer (see _TRIMMED_USAGE_KINDS)."""
         if self.endpoint is not None and self.endpoint.kind in _TRIMMED_USAGE_KINDS:
             self._json_usage = tail_usage(self._json_body) or self._json_usage
         self._json_body = bytearray(memoryview(self._json_body)[-JSON_TAIL_BYTES:])

@@ -197,6 +197,35 @@ async def test_past_the_keep_limit_a_usage_followed_by_prompt_logprobs_is_read(
         assert counts(await h.record(life)) == (200, 2, 7, False), piece
 
 
+@pytest.mark.parametrize(("path", "body", "answer"), [
+    ("/v1/embeddings", {"model": "demo", "input": ["hello world"] * 200},
+     b'{"id":"embd-1","object":"list","created":1,"model":"m","data":['
+     + b",".join(b'{"index":%d,"object":"embedding","embedding":[%s]}'
+                 % (i, b",".join([b"-0.0123456789"] * 300)) for i in range(200))
+     + b'],"usage":{"prompt_tokens":400,"total_tokens":400,"completion_tokens":0,'
+       b'"prompt_tokens_details":null}}'),
+    ("/v1/score", {"model": "demo", "queries": "q", "documents": ["a b"] * 200},
+     b'{"id":"score-1","object":"list","created":1,"model":"m","data":['
+     + b",".join(b'{"index":%d,"object":"score","score":0.123456789}' % i
+                 for i in range(200) for _ in range(30))
+     + b'],"usage":{"prompt_tokens":400,"total_tokens":400,"completion_tokens":0,'
+       b'"prompt_tokens_details":null}}'),
+])
+async def test_past_the_keep_limit_an_embeddings_or_score_answer_is_read(
+        h: Harness, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any],
+        answer: bytes) -> None:
+    """An embeddings batch of many wide vectors passes the keep limit (2048 inputs of
+    4096 floats: over 100 MB): numbers before its `usage`, nothing after. Read from the
+    tail, as chat's (it was charged its hold: 9.5 times its usage)."""
+    monkeypatch.setattr(lifecycle, "JSON_KEEP_BYTES", 1 << 12)
+    monkeypatch.setattr(lifecycle, "JSON_TAIL_BYTES", 1 << 10)
+    life = await h.admitted(body, path)
+    life.response_start(200, BACKEND)
+    feed(life, answer, 1000)
+    rec = await h.record(life)
+    assert (rec.status, rec.prompt_tokens, rec.estimated) == (200, 400, False)
+
+
 @pytest.mark.parametrize(("tail_bytes", "after"), [
     (256, ',"output_messages":[{"content":"' + "b" * 5000 + '"}]'),  # the fake is trimmed
     (1 << 10, ""),  # the fake is in the kept tail
