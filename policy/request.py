@@ -324,7 +324,12 @@ def _pooling(body: dict[str, Any], alias: str, model: Model, kind: Kind
 
 def _tokenize(body: dict[str, Any], alias: str, model: Model, kind: Kind
               ) -> InferenceRequest:
-    """/tokenize and /detokenize: no tokens are used; counted as requests only."""
+    """/tokenize and /detokenize: no tokens are used; counted as requests only. Chat
+    messages are checked as chat's are: vLLM renders them, fetching and processing their
+    media, and a part chat refuses (a video without tokens_per_video) is refused here
+    too (it reached the backend, which did that work for no record's cost)."""
+    if "messages" in body:
+        tokens.chat_prompt(body, model)
     return InferenceRequest(alias, model, 0, 0, body, _upstream(body, model))
 
 

@@ -51,8 +51,9 @@ def embeddings_input(body: dict[str, Any], model: Model) -> tuple[int, int, int]
     inputs = prompt_list(body.get("input"), "input")
     estimate, bound = batch_bound(inputs, model)
     pad = _padded(body, model)
-    if pad is not None:
-        bound = pad * len(inputs)
+    if pad is not None:  # every input padded to the context: known, not estimated (a
+        # key's TPM took the bytes' estimate and let a request far past it through)
+        estimate = bound = pad * len(inputs)
     return estimate, bound, len(inputs)
 
 
@@ -94,6 +95,7 @@ def scoring_pairs(body: dict[str, Any], model: Model, rerank: bool) -> tuple[int
                 + json_factor(model.chat_template_json_indent) * tally.json)
     estimate, bound = pairs_bound(queries, docs, model, per_pair)
     pad = _padded(body, model)
-    if pad is not None:  # each text of a pair padded to the context: the cap
-        bound = (2 * pad + 1) * len(docs)
+    if pad is not None:  # each text of a pair padded to the context: the cap, and
+        # what a key's TPM takes (as embeddings')
+        estimate = bound = (2 * pad + 1) * len(docs)
     return estimate, bound, len(docs)

@@ -110,7 +110,8 @@ def test_upstream_body_rewrites_model_and_forces_usage_in_streams() -> None:
 
 
 def test_endpoint_table() -> None:
-    assert lookup("post", "/v1/chat/completions?x=1") is CHAT_EP
+    assert lookup("POST", "/v1/chat/completions?x=1") is CHAT_EP
+    assert lookup("post", "/v1/chat/completions") is None  # methods are case-sensitive
     assert lookup("GET", "/v1/models").kind is Kind.MODELS  # type: ignore[union-attr]
     assert lookup("GET", "/v1/chat/completions") is None
     assert {e.scope for e in ENDPOINTS.values()} == {"inference:read", "inference:write"}
@@ -424,6 +425,18 @@ def test_tokenize_holds_nothing_and_is_forwarded() -> None:
         assert json.loads(upstream_body(r))["model"] == "tiny-llama"
     assert error_of({"model": "nope", "prompt": "x"}, TOK).status == 404
     assert error_of({"prompt": "x"}, TOK).param == "model"
+
+
+def test_tokenize_checks_chat_messages_as_chat_does() -> None:
+    """vLLM's /tokenize renders chat messages, fetching and processing their media: a
+    part chat refuses is refused here too (it was forwarded, recorded at no cost)."""
+    video = {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}
+    err = error_of({"model": "demo", "messages": [{"role": "user", "content": [video]}]},
+                   TOK)
+    assert (err.status, err.param) == (400, "messages[0].content[0]")
+    assert error_of({"model": "demo", "messages": []}, TOK).param == "messages"
+    r = parsed({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}, TOK)
+    assert (r.prompt_bound, r.completion_bound, r.hold_tokens) == (0, 0, 0)
 
 
 def test_pooling_endpoints_do_not_stream() -> None:

@@ -44,7 +44,9 @@ def test_embedding_inputs_are_capped_by_the_context_each() -> None:
 
 
 def test_padding_to_max_length_holds_the_context_per_input() -> None:
-    assert embeddings_input({"input": ["a", "b"], "padding": "max_length"}, CTX)[1] == 40
+    """And a key's TPM takes it too: every input is padded, the count is known (the
+    bytes' estimate let 40,960 tokens through a 1,000 TPM key)."""
+    assert embeddings_input({"input": ["a", "b"], "padding": "max_length"}, CTX)[:2] == (40, 40)
     assert embeddings_input({"input": ["a"], "padding": "do_not_pad"}, CTX)[1] == 9
     assert err(embeddings_input, {"input": "a", "padding": "max_length"}, M).param == "padding"
     assert err(embeddings_input, {"input": "a", "padding": "longest"}, CTX).param == "padding"
@@ -104,7 +106,7 @@ def test_pairs_are_capped_at_twice_the_context() -> None:
     big = "x" * 100
     assert scoring_pairs({"query": big, "documents": [big]}, CTX, rerank=True)[1] == 41
     padded = {"query": "a", "documents": ["b", "c"], "padding": "max_length"}
-    assert scoring_pairs(padded, CTX, rerank=True)[1] == 2 * 41
+    assert scoring_pairs(padded, CTX, rerank=True)[:2] == (2 * 41, 2 * 41)
 
 
 @pytest.mark.parametrize(("body", "rerank", "param"), [
