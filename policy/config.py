@@ -203,6 +203,12 @@ class Model(_Strict):
     # gateway's CPU per streamed token falls about N-fold; a stream cut short is charged
     # N tokens a chunk. Leave 1 for backends that are not vLLM (they refuse the field).
     stream_interval: int = Field(default=1, ge=1, le=256)
+    # A request cut before its usage (a stream the client left) has its prompt counted by
+    # the backend's /tokenize, which renders chat as vLLM's chat completions do for the
+    # common renderers. `false`: charge such a prompt its bound instead, for a backend
+    # whose /tokenize counts less than its generation reads (a Kimi K3 served under a
+    # name without `kimi-k3`; a server that is not vLLM).
+    prompt_recount: bool = True
 
     @model_validator(mode="after")
     def _cap_fits_context(self) -> Model:

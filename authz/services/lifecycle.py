@@ -601,7 +601,7 @@ class Lifecycle:
         from: (the serving backend's URL, what to ask it and what is known already)."""
         req = self.req
         if not ending.prompt_estimated or req is None or self.endpoint is None \
-                or self.route is None:
+                or self.route is None or not req.model.prompt_recount:
             return None
         # The backend that served it; before its answer began (a client that left while
         # it generated), Envoy has not said which: any of the model's counts the same.

@@ -404,6 +404,27 @@ async def test_an_ending_envoy_made_is_estimated(h: Harness, stream: bool,
     assert counts(await h.record(life)) == (status, req.prompt_bound, 0, True)
 
 
+async def test_a_model_without_prompt_recount_charges_a_cut_prompt_its_bound(
+        tmp_path: Path) -> None:
+    """`prompt_recount: false` (a backend whose /tokenize counts less than its generation
+    reads): a cut request's prompt is its bound, and no /tokenize is asked."""
+    import yaml
+
+    h = make_harness(tmp_path)
+    cfg = yaml.safe_load(h.runtime.config_path.read_text())
+    cfg["models"]["demo"]["prompt_recount"] = False
+    h.runtime.config_path.write_text(yaml.safe_dump(cfg))
+    h = Harness(Runtime.from_file(h.runtime.config_path), Recorded(), Holds())
+    life = await h.admitted({**CHAT, "stream": True})
+    life.response_start(GATEWAY_TIMEOUT, "")
+    life.response_chunk(b'{"error":{"message":"The backend did not answer in time.",'
+                        b'"type":"upstream_error"}}', end=True)
+    assert life.recount_owed is None
+    req = life.req
+    assert req is not None
+    assert counts(await h.record(life)) == (GATEWAY_TIMEOUT, req.prompt_bound, 0, True)
+
+
 @pytest.mark.parametrize("details", [
     "upstream_reset_before_response_started{connection_failure}",
     "upstream_reset_before_response_started{overflow}",
