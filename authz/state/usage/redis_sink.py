@@ -456,19 +456,13 @@ class RedisUsageSink:
         self._offset_saved_at = time.monotonic()
 
 
-async def deliver(client: aioredis.Redis, stream: str,
-                  batch: Sequence[Delivery | tuple[str, str, bytes]],
+async def deliver(client: aioredis.Redis, stream: str, batch: Sequence[Delivery],
                   seen_ttl_s: int = SEEN_TTL_S) -> int:
-    """Adds a batch of (request_id, kind, [seen key ttl,] JSON) to the stream in one
-    script call, each unless its seen key says it is there already (a ttl left out:
-    `seen_ttl_s`); the number added."""
-    keys = [stream, *(seen_prefix(stream) + d[0] for d in batch)]
+    """Adds a batch of deliveries to the stream in one script call, each unless its seen
+    key says it is there already (`seen_ttl_s` 0: no seen keys); the number added."""
+    keys = [stream, *(seen_prefix(stream) + rid for rid, _, _, _ in batch)]
     args: list[str | bytes | int] = [int(seen_ttl_s)]
-    for d in batch:
-        if len(d) == 4:
-            _, kind, ttl, data = d
-        else:
-            (_, kind, data), ttl = d, seen_ttl_s
+    for _, kind, ttl, data in batch:
         args += [kind, data, max(1, int(ttl))]
     for attempt in (0, 1):
         try:

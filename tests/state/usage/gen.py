@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from authz.state.usage.redis_sink import deliver
+from authz.state.usage.redis_sink import Delivery, deliver
 from policy.usage import LOST
 
 ORGS, KEYS, MODELS, DAYS = 7, 50, 3, 5
@@ -34,11 +34,12 @@ def record(i: int, status: int | str = 200) -> dict[str, Any]:
     }
 
 
-def batches(records: Iterator[dict[str, Any]], size: int = 1000,
-            ) -> Iterator[list[tuple[str, str, bytes]]]:
-    out: list[tuple[str, str, bytes]] = []
+def batches(records: Iterator[dict[str, Any]], size: int = 1000, ttl: int = 600,
+            ) -> Iterator[list[Delivery]]:
+    out: list[Delivery] = []
     for r in records:
-        out.append((r["request_id"], "lost" if r.get("status") == LOST else "1", orjson.dumps(r)))
+        out.append((r["request_id"], "lost" if r.get("status") == LOST else "1", ttl,
+                    orjson.dumps(r)))
         if len(out) == size:
             yield out
             out = []
@@ -50,7 +51,7 @@ async def add(client: aioredis.Redis, stream: str, records: Iterator[dict[str, A
               seen_ttl_s: int = 600) -> int:
     """Delivers records as the sink does, a thousand per script call; the number added."""
     n = 0
-    for b in batches(records):
+    for b in batches(records, ttl=seen_ttl_s):
         n += await deliver(client, stream, b, seen_ttl_s)
     return n
 
