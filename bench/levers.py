@@ -14,6 +14,11 @@ plumbing itself, before any decision is made on it (the issue: measure, not assu
   record per request left to be reported some other way.
 
 Each is F's rendered bootstrap with the ext_proc filter's config changed, nothing else.
+
+For the request section, the "before" of a lever already switched on:
+- F-split / B-split: F and B-memory with a backend's small JSON answer reaching ext_proc as
+  it comes (its bytes, then an empty end: two messages) instead of whole (one message):
+  `envoy.whole_answer_bytes: 0`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ EXT_PROC = "envoy.filters.http.ext_proc"
 OBSERVE = "tokenbooth.ext_proc_observe"
 LUA = "tokenbooth.meter_in_envoy"
 VARIANTS = ("F-duplex", "F-observe", "F-lua")
+SPLIT_VARIANTS = ("F-split", "B-split")
+SPLIT = {"whole_answer_bytes": 0}  # every answer reaches ext_proc as it comes
 # Meters in Envoy: splits the stream into SSE events across any chunk split (a carry of
 # the unfinished event), counts content events and reads the usage event's counts, then
 # leaves them in dynamic metadata. Chunks pass as they come (nothing is buffered).
@@ -108,6 +115,11 @@ def lua(bootstrap: dict[str, Any]) -> dict[str, Any]:
 
 
 def starter(config: str, run_dir: Path, sim_url: str) -> Callable[[], Gateway]:
+    if config == "F-split":
+        return lambda: gateways.start_noop(run_dir, sim_url, config, envoy=SPLIT)
+    if config == "B-split":
+        return lambda: gateways.start_tokenbooth(run_dir, sim_url, "memory", config,
+                                                 envoy=SPLIT)
     if config == "F-duplex":
         return lambda: gateways.start_noop(run_dir, sim_url, config, duplex, ["--duplex"])
     if config == "F-observe":

@@ -92,8 +92,10 @@ def _add_relations(rows: list[dict[str, Any]]) -> None:
         if not r["config"].startswith("B"):
             continue
         r["ratios"] = {}
+        # A "before" variant is compared with the floor of the same pattern.
+        floor = "F-split" if r["config"] == "B-split" else "F"
         for other in ("A", "F", "C"):
-            o = index.get((other, r["mode"], r["connections"]))
+            o = index.get((floor if other == "F" else other, r["mode"], r["connections"]))
             if o is None or not o["rps"] or not r["rps"]:
                 continue
             r["ratios"][other] = {

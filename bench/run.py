@@ -129,7 +129,7 @@ class Bench:
         if config == F_ENVOY:
             return lambda: gateways.start_noop(run, sim, config,
                                                envoy={"stream_metering": "envoy"})
-        if config in levers.VARIANTS:
+        if config in levers.VARIANTS or config in levers.SPLIT_VARIANTS:
             return levers.starter(config, run, sim)
         if config == "B-memory":
             return lambda: gateways.start_tokenbooth(run, sim, "memory", config)
@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = [c for c in args.configs.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    unknown = (set(args.configs) - set(ALL_CONFIGS)) | (
+    unknown = (set(args.configs) - set(ALL_CONFIGS) - set(levers.SPLIT_VARIANTS)) | (
         set(args.paced_configs) - set(ALL_CONFIGS) - set(levers.VARIANTS)
         - {B_INTERVAL, F_ENVOY, B_ENVOY, B_ENVOY_INTERVAL})
     if unknown or set(args.modes) - set(report.MODES):

@@ -253,6 +253,11 @@ CUT_TOLERANCE_S = 0.05
 # The least `envoy.max_heap_bytes` may be: Envoy alone (clusters, listeners, stats)
 # takes tens of MiB of heap before its first request.
 MIN_ENVOY_HEAP_BYTES = 64 << 20
+# A backend's answer that is not a stream, up to this many bytes (known from its
+# content-length), reaches ext_proc whole: one gRPC message where it took two. At most
+# half of Envoy's default buffer limit for a connection (1 MiB), past which it refuses.
+WHOLE_ANSWER_BYTES = 256 << 10
+MAX_WHOLE_ANSWER_BYTES = 512 << 10
 
 # A browser origin as it sends it in `Origin`: scheme, host, optional port, nothing else.
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -287,6 +292,11 @@ class EnvoySettings(_Strict):
     # replica (the report must reach the replica that waits for it) and on_metering_loss
     # is `serve`, else ext_proc.
     stream_metering: Literal["auto", "envoy", "ext_proc"] = "ext_proc"
+    # A backend's answer that is not a stream, of a known length up to this, is held in
+    # Envoy until its end and reaches ext_proc in one message (its bytes and their end),
+    # not two: a gRPC round trip less per JSON request. 0: every answer as it comes.
+    whole_answer_bytes: int = Field(default=WHOLE_ANSWER_BYTES, ge=0,
+                                    le=MAX_WHOLE_ANSWER_BYTES)
     # Browser origins that may call the API (CORS): exact `scheme://host[:port]` origins,
     # or "*" for any. Empty: no CORS (a preflight needs a key, so browsers cannot call).
     cors_allow_origins: tuple[str, ...] = ()

@@ -13,3 +13,6 @@ UPSTREAM_STATUS_KEY = "status"
 # The route of GET /v1/models (and /v1/models/{id}), answered by ext_proc: the local
 # replies tell its outage by this name.
 MODELS_ROUTE = "models"
+# The upstream Lua filter on every backend cluster that holds a small answer that is not
+# a stream until its end (authz/envoy_config/clusters.py, `whole_answers`).
+WHOLE_ANSWERS = "tokenbooth.whole_answers"

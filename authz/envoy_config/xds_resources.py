@@ -46,7 +46,8 @@ class TypedResources:
 
 def model_clusters(cfg: Config, static_secrets: bool = False) -> list[Cluster]:
     """The typed clusters, one per alias, sorted by alias."""
-    return [model_cluster(alias, m, static_secrets) for alias, m in sorted(cfg.models.items())]
+    return [model_cluster(alias, m, static_secrets, cfg.envoy.whole_answer_bytes)
+            for alias, m in sorted(cfg.models.items())]
 
 
 def backend_secrets(cfg: Config) -> list[Secret]:

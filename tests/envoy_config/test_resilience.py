@@ -18,6 +18,7 @@ import yaml
 from authz.envoy_config.bootstrap import render_dict
 from authz.envoy_config.clusters import model_cluster
 from authz.envoy_config.http_filters import STREAM_KEY as ROUTE_STREAM_KEY
+from authz.envoy_config.names import WHOLE_ANSWERS
 from authz.services.exchange import STREAM_KEY
 from policy.config import Config, ConfigError, EnvoySettings, parse_config
 from policy.routing import model_cluster_name
@@ -132,6 +133,30 @@ def test_an_alias_without_backends_renders() -> None:
     m = load_fixture("basic").models["demo"].model_copy(update={"backends": []})
     c = as_dict(model_cluster("demo", m))
     assert c["name"] == model_cluster_name("demo") and c["type"] == "STATIC"
+
+
+def _upstream_filters(cluster: dict[str, Any]) -> list[str]:
+    opts = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    return [f["name"] for f in opts.get("http_filters", [])]
+
+
+def test_small_answers_are_held_whole_up_to_the_setting() -> None:
+    """Every backend cluster holds answers up to `whole_answer_bytes` (its Lua says the
+    bound); 0 renders no upstream filter at all; past half of Envoy's 1 MiB buffer limit
+    per connection the setting is refused."""
+    m = load_fixture("basic").models["demo"]
+    c = as_dict(model_cluster("demo", m, whole_bytes=4096))
+    assert _upstream_filters(c) == [WHOLE_ANSWERS, "envoy.filters.http.upstream_codec"]
+    opts = c["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "length <= 4096" in opts["http_filters"][0]["typed_config"][
+        "default_source_code"]["inline_string"]
+    assert _upstream_filters(as_dict(model_cluster("demo", m, whole_bytes=0))) == []
+    assert EnvoySettings().whole_answer_bytes == 256 << 10
+    for bad in (-1, (512 << 10) + 1):
+        with pytest.raises(ValueError):
+            EnvoySettings(whole_answer_bytes=bad)
 
 
 # --- timeouts ----------------------------------------------------------------------------

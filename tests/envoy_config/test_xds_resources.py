@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401  (Any types)
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import (
     secret_pb2,
     tls_pb2,  # noqa: F401  (Any types)
@@ -22,6 +24,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret as
 from google.protobuf import json_format
 
 from authz.envoy_config.bootstrap import proto_name, render_dict, render_yaml
+from authz.envoy_config.names import WHOLE_ANSWERS
 from authz.envoy_config.xds_resources import (
     CLUSTER_TYPE,
     SECRET_TYPE,
@@ -188,17 +191,20 @@ def test_backend_keys_are_injected_from_secrets_served_by_name(tmp_path: Path) -
     env_keyed = clusters[model_cluster_name("env_keyed")]
     opts = env_keyed["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    injector, codec = opts["http_filters"]
+    whole, injector, codec = opts["http_filters"]
+    assert whole["name"] == WHOLE_ANSWERS
     assert codec["name"] == "envoy.filters.http.upstream_codec"
     generic = injector["typed_config"]["credential"]["typed_config"]
     assert (generic["header"], generic["header_value_prefix"]) == ("Authorization", "Bearer ")
     assert generic["credential"]["sds_config"]["ads"] == {}
     assert generic["credential"]["name"] in secrets
     assert injector["typed_config"]["overwrite"] is True
-    # No key, no filters; no backend, marked (its 503 says not to retry).
+    # No key: answers held whole, then the codec; no backend, marked (its 503 says not
+    # to retry).
     demo = clusters[model_cluster_name("demo")]
-    assert "http_filters" not in demo["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert [f["name"] for f in demo["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]] == [
+            WHOLE_ANSWERS, "envoy.filters.http.upstream_codec"]
     assert clusters[model_cluster_name("unserved")]["metadata"] == {
         "filter_metadata": {"tokenbooth": {"no_backends": True}}}
 
