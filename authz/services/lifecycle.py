@@ -739,6 +739,10 @@ class Lifecycle:
                 # A whole answer that is not SSE and has no readable usage (compressed,
                 # HTML): like a JSON answer without usage, charged its whole hold.
                 return Usage(req.prompt_bound, req.completion_bound), True
+            if req.hides_tokens:
+                # Its chunks do not count what was generated (reasoning or tool calls
+                # vLLM holds back): what it could generate.
+                return Usage(req.prompt_estimate, req.completion_bound), True
             # No more than the backend can count: an oversize event's bytes are not tokens.
             return Usage(req.prompt_estimate,
                          min(self._meter.completion_estimate, req.completion_bound)), True
@@ -765,6 +769,14 @@ class Lifecycle:
             # A JSON answer whose usage cannot be read (none, malformed, past the tail
             # kept, or the answer cut short): vLLM sends it once generated, so the
             # backend may have counted its whole hold.
+            return Usage(req.prompt_bound, req.completion_bound), True
+        if not req.stream or req.hides_tokens:
+            # Delivered, and no answer came that could be read: the client left or
+            # Envoy's timeout cut it before the answer, or the backend's connection reset
+            # after it had the request. vLLM writes a JSON answer only once generated (and
+            # a stream that hides tokens writes none for them), so it may have generated
+            # its whole hold: charged, so a key's budget bounds what is generated (a
+            # client timing out on every request paid its prompts alone).
             return Usage(req.prompt_bound, req.completion_bound), True
         return Usage(req.prompt_estimate, 0), True
 

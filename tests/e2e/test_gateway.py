@@ -18,6 +18,8 @@ import pytest
 from authz.sim.tokens import prompt_tokens_chat, prompt_tokens_completion
 from authz.state.usage.records import USAGE_FILE, read_records
 from policy.config import load_config
+from policy.endpoints import lookup
+from policy.request import parse_request
 from tests.e2e.conftest import Gateway
 from tests.helpers import LIMITED_SECRET, SECRET
 
@@ -549,21 +551,26 @@ def test_requests_envoy_refuses_itself_get_openai_errors(gateway: Gateway, line:
     assert reason.decode() in err["message"]
 
 
-def test_a_request_left_before_its_answer_is_charged_the_backends_count(
-        gateway: Gateway) -> None:
-    """A client's timeout on a non-streaming request: no answer began, so Envoy never said
-    which backend had it; any of the model's counts its prompt the same."""
+def test_a_request_left_before_its_answer_is_charged_its_hold(gateway: Gateway) -> None:
+    """A client's timeout on a non-streaming request: vLLM was generating the answer it
+    writes only once whole (real vLLM had generated half of it at half the time), so the
+    record is the hold, estimated: a client timing out on purpose paid its prompts alone,
+    and its budget bounded nothing. No answer began: Envoy never said which backend."""
     messages = [{"role": "user", "content": " ".join(["b"] * 300)}]
+    body = {"model": "demo", "messages": messages, "max_tokens": 40}
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{gateway.base_url}/v1/chat/completions", timeout=1.0,
-                   json={"model": "demo", "messages": messages, "max_tokens": 40},
+        httpx.post(f"{gateway.base_url}/v1/chat/completions", timeout=1.0, json=body,
                    headers={"authorization": f"Bearer {SECRET}", "x-sim-tpot-ms": "300"})
+    endpoint = lookup("POST", "/v1/chat/completions")
+    assert endpoint is not None
+    req = parse_request(json.dumps(body).encode(), endpoint, load_config(gateway.config_path))
     deadline = time.monotonic() + 10
     while True:
         recs = [r for r in read_records(gateway.data_dir / USAGE_FILE)
-                if r["prompt_tokens"] == prompt_tokens_chat(messages) and r["status"] == 499]
+                if r["prompt_tokens"] == req.prompt_bound and r["status"] == 499]
         if recs or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     [rec] = recs
     assert rec["estimated"] is True and rec["stream"] is False and rec["backend"] == ""
+    assert rec["completion_tokens"] == req.completion_bound == 40

@@ -384,17 +384,24 @@ def test_tail_usage_decodes_only_a_usage_key_with_an_object(
 async def test_an_ending_envoy_made_is_estimated(h: Harness, stream: bool,
                                                  status: int) -> None:
     """Envoy's route timeout (504) or a backend reset (502), with no backend answer:
-    the backend had the request and may have generated, as for a client that left."""
+    the backend had the request and may have generated, as for a client that left. A
+    JSON answer is written only once generated: its whole hold. A stream showed what it
+    generated: its prompt, counted by the backend."""
     life = await h.admitted({**CHAT, "stream": stream})
     life.response_start(status, "")
     life.response_chunk(b'{"error":{"message":"The backend did not answer in time.",'
                         b'"type":"upstream_error"}}', end=True)
+    req = life.req
+    assert req is not None
+    if not stream:
+        assert counts(await h.record(life)) == (status, req.prompt_bound,
+                                                req.completion_bound, True)
+        return
     # The prompt is left to the backend's count: ext_proc asks its /tokenize first.
     assert life.recount_owed is not None and not h.recorded.got
     ending, url, recount = life.recount_owed
     assert url == BACKEND and recount.asks[0]["messages"] == CHAT["messages"]
-    req = life.req
-    assert req is not None and req.prompt_bound > req.prompt_estimate > 0
+    assert req.prompt_bound > req.prompt_estimate > 0
     life.write(ending, 61)
     assert counts(await h.record(life)) == (status, 61, 0, True)
     # No count (the backend did not answer /tokenize): the prompt's bound, never its
@@ -402,6 +409,51 @@ async def test_an_ending_envoy_made_is_estimated(h: Harness, stream: bool,
     h.recorded.got.clear()
     life.write(ending)
     assert counts(await h.record(life)) == (status, req.prompt_bound, 0, True)
+
+
+@pytest.mark.parametrize("extra", [{"include_reasoning": False},
+                                   {"tools": [{"type": "function",
+                                               "function": {"name": "f"}}]},
+                                   {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                    "tool_choice": "required"}])
+async def test_a_cut_stream_that_may_hide_tokens_is_charged_its_completion_bound(
+        h: Harness, extra: dict[str, Any]) -> None:
+    """vLLM sends no chunk for reasoning a client asked not to see, nor for a tool call
+    its parser holds back: a cut stream's chunks do not count what was generated (real
+    vLLM: 1 of 1,024 tokens shown). Charged what it could generate."""
+    life = await h.admitted({**CHAT, "stream": True, **extra})
+    req = life.req
+    assert req is not None and req.hides_tokens
+    life.response_start(200, BACKEND)
+    life.response_chunk(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+                        end=False)
+    life.finish(aborted=True)
+    assert life.recount_owed is not None  # the prompt: the backend's count first
+    life.write(life.recount_owed[0], 9)
+    rec = await h.record(life)
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.estimated) == (
+        9, req.completion_bound, True)
+
+
+async def test_tools_not_called_hide_nothing(h: Harness) -> None:
+    life = await h.admitted({**CHAT, "stream": True, "tool_choice": "none",
+                             "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert life.req is not None and not life.req.hides_tokens
+
+
+async def test_a_client_leaving_before_its_json_answer_is_charged_its_hold(
+        h: Harness) -> None:
+    """A client that times out before its JSON answer: vLLM was generating it (real
+    vLLM: 513 of 1,024 tokens at half the time), and an answer is written only once
+    whole. Charged its hold: with its prompt alone, a client timing out on purpose
+    made a budget bound nothing."""
+    life = await h.admitted(CHAT)
+    req = life.req
+    assert req is not None
+    life.finish(aborted=True)
+    rec = await h.record(life)
+    assert (rec.status, rec.prompt_tokens, rec.completion_tokens, rec.estimated) == (
+        499, req.prompt_bound, req.completion_bound, True)
 
 
 async def test_a_model_without_prompt_recount_charges_a_cut_prompt_its_bound(
