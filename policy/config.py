@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from policy.bounds import BudgetUsd, Count
+from policy.bounds import MAX_EXACT, BudgetUsd, Count
 from policy.keyrecord import SCOPES, KeyRecord, OrgName
 from policy.sse import MAX_EVENT_BYTES
 from policy.yaml_load import DuplicateKey, load_yaml
@@ -177,7 +177,7 @@ class Model(_Strict):
     price_per_1k_tokens: Price = Price()
     # Completion tokens per sequence: the most a client may ask for, and what is written
     # into the upstream body when the client asks for no limit.
-    max_tokens: int = Field(default=1024, ge=1)
+    max_tokens: int = Field(default=1024, ge=1, le=MAX_EXACT)
     # The most sequences one request may ask for (`n`, `best_of`); more is a 400.
     max_n: int = Field(default=16, ge=1, le=128)
     # The backend's context length (vLLM's --max-model-len), when known: vLLM refuses

@@ -145,7 +145,7 @@ class Runtime:
 
 # Settings read at start only, by Envoy (its bootstrap) or by the services.
 RESTART_ONLY = ("listen", "tls", "envoy", "max_request_body_bytes", "services", "state",
-                "data_dir", "key_store")
+                "data_dir", "key_store", "usage")
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:

@@ -229,3 +229,13 @@ def test_envoy_max_heap_bytes_is_unset_or_at_least_64_mib() -> None:
     assert EnvoySettings(max_heap_bytes=MIN_ENVOY_HEAP_BYTES).max_heap_bytes == 64 << 20
     with pytest.raises(ValueError, match="below 67108864 bytes"):
         EnvoySettings(max_heap_bytes=MIN_ENVOY_HEAP_BYTES - 1)
+
+
+def test_a_models_max_tokens_past_exact_counting_is_refused() -> None:
+    """A cap written into every upstream body that had none: one past what the gateway
+    counts exactly was accepted, then every such request was a confusing 400 (its JSON
+    could not be encoded)."""
+    data = policy_dict("http://127.0.0.1:8000")
+    data["models"]["demo"]["max_tokens"] = 10**26
+    with pytest.raises(ConfigError, match="max_tokens"):
+        parse_config(data)

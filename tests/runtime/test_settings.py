@@ -94,6 +94,11 @@ def test_a_reload_names_the_changes_only_a_restart_applies(
     new = rt.settings.load_config(path)
     assert restart_only_changes(old, new) == ["listen"]
     assert restart_only_changes(old, old) == []
+    # The records' sink is made at start: a reload of `usage.*` is named, not ignored
+    # silently (outside test: a new local_max_bytes never rotated the file).
+    sink = old.model_copy(update={"usage": old.usage.model_copy(
+        update={"local_max_bytes": 65536})})
+    assert restart_only_changes(old, sink) == ["usage"]
 
 
 def test_a_reload_keeps_the_restart_only_settings_the_process_runs_with(
