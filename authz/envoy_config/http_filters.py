@@ -351,8 +351,11 @@ local GATEWAY_RATE = {{{_GATEWAY_RATE}}}
 function strip_backend(headers)
   local drop = {{}}
   for name, _ in pairs(headers) do
-    if string.sub(name, 1, 13) == "x-tokenbooth-" or name == "x-should-retry"
-        or (string.sub(name, 1, 12) == "x-ratelimit-" and not GATEWAY_RATE[name]) then
+    -- Spelled with underscores too (`x_tokenbooth_org`): a CGI/WSGI reader takes it for
+    -- the dashed name.
+    local n = (string.gsub(name, "_", "-"))
+    if string.sub(n, 1, 13) == "x-tokenbooth-" or n == "x-should-retry"
+        or (string.sub(n, 1, 12) == "x-ratelimit-" and not GATEWAY_RATE[name]) then
       drop[#drop + 1] = name
     end
   end

@@ -73,7 +73,8 @@ NO_BACKEND = service_unavailable("No healthy backend is available for this model
 UNSERVED = service_unavailable("This model has no backend configured.", retry=False)
 # The backend had the request and gave no answer within the route timeout (or a stream's
 # idle timeout): the same request would wait as long again, and each attempt is admitted
-# and charged its prompt (lifecycle.GATEWAY_CUTS). The SDKs retry a 504 twice unless told.
+# and charged (a JSON answer its hold, a stream its prompt and what it showed: lifecycle
+# GATEWAY_CUTS). The SDKs retry a 504 twice unless told.
 # The message says what helps (the limits are Envoy's, fixed until it restarts).
 _TIMEOUT_FLAGS = ("UT", "SI")  # upstream request timeout, stream idle timeout
 
