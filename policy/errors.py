@@ -147,6 +147,14 @@ def empty_answer(status: int) -> ApiError:
                     f"The backend sent no answer (HTTP {status} with an empty body).")
 
 
+def redirected_answer(status: int) -> ApiError:
+    """A backend's redirect: never an inference answer, and a client that followed it
+    would send its key elsewhere. The contract's 502 `upstream_error`."""
+    return ApiError(502, "upstream_error",
+                    f"The backend redirected the request (HTTP {status}); the gateway "
+                    "does not follow redirects.")
+
+
 def _error_fields(body: bytes) -> dict[str, object]:
     """`message`, `code`, `param` from an error body, as far as it has them."""
     try:

@@ -371,11 +371,16 @@ function envoy_on_response(h)
   if upstream then
     strip_backend(headers)
   end
-  local empty = headers:get("content-length") == "0"
+  -- 204, 205 and 304 have no body whatever their headers say.
+  local empty = headers:get("content-length") == "0" or status == "204"
+    or status == "205" or status == "304"
   -- A success with no body at all: no SDK parses an empty 200, and no usage reaches
   -- ext_proc. Marked as an error (a marked 2xx is an empty one): a 502 saying so.
   local empty_success = upstream and empty and status >= "200" and status < "300"
-  if status < "400" and not empty_success then
+  -- A redirect is never an inference answer (and a client following it would send its
+  -- key elsewhere): marked too, a 502 without its location.
+  local redirect = upstream and status >= "300" and status < "400"
+  if status < "400" and not empty_success and not redirect then
     METER(h)
     return
   end
@@ -385,7 +390,10 @@ function envoy_on_response(h)
   h:streamInfo():dynamicMetadata():set("{UPSTREAM_ERRORS}", "{UPSTREAM_STATUS_KEY}", status)
   headers:replace("content-type", "application/json")
   headers:remove("content-encoding")
-  if status >= "500" or empty_success then
+  if redirect then
+    headers:remove("location")
+  end
+  if status >= "500" or empty_success or redirect then
     headers:replace(":status", "502")
   end
   if empty_success then

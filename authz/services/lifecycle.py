@@ -47,6 +47,7 @@ from policy.errors import (
     model_not_allowed,
     model_not_found,
     not_found,
+    redirected_answer,
     upstream_error,
 )
 from policy.keys import Principal
@@ -202,6 +203,7 @@ class Lifecycle:
         "_org",
         "_org_limits",
         "_rec",
+        "_redirect",
         "_reports",
         "_rt",
         "_settle",
@@ -256,6 +258,7 @@ class Lifecycle:
         self._json_usage: Usage | None = None  # the last usage in bytes trimmed off
         self._error_body: bytearray | None = None  # a backend's error answer, being held
         self._empty = 0  # the status of a backend's success with no body (a 502, its hold)
+        self._redirect = 0  # the status of a backend's redirect (a 502, nothing charged)
         self._model_id = ""  # GET /v1/models/{id}: the id
         self.responded = False  # the response has begun (response_start was called)
         self.endpoint: Endpoint | None = None
@@ -429,8 +432,10 @@ class Lifecycle:
         self._unreached = any(d in details for d in _UNREACHED)
         if upstream_error and self.route is not None:
             status, self._error_body = upstream_error, bytearray()
-            if upstream_error < 400:  # a marked success is one with no body (a 502)
+            if upstream_error < 300:  # a marked success is one with no body (a 502)
                 status, self._empty = BAD_GATEWAY, upstream_error
+            elif upstream_error < 400:  # a redirect: no answer here, nothing generated
+                status, self._redirect = BAD_GATEWAY, upstream_error
         if status:
             self.status = status
         if backend:
@@ -524,6 +529,8 @@ class Lifecycle:
             return b""
         if self._empty:  # the `{}` the upstream-errors filter put in the empty body
             return empty_answer(self._empty).body()
+        if self._redirect:
+            return redirected_answer(self._redirect).body()
         return upstream_error(self.status, bytes(held)).body()
 
     # -- the end --------------------------------------------------------------

@@ -93,6 +93,12 @@ class Unstreaming(ThreadedBackend):
             return web.Response(status=500, body=b"")
         if request.headers.get("x-answer") == "empty200":
             return web.Response(status=200, body=b"")  # content-length: 0
+        if request.headers.get("x-answer") == "204":
+            return web.Response(status=204)
+        if request.headers.get("x-answer") in ("302", "304"):
+            status = int(request.headers["x-answer"])
+            return web.Response(status=status, body=b"moved" if status == 302 else None,
+                                headers={"location": "http://elsewhere.example/v1"})
         if request.headers.get("x-answer") == "chunked200":  # no body, chunked
             resp = web.StreamResponse(status=200)
             resp.enable_chunked_encoding()
@@ -238,6 +244,35 @@ def test_an_empty_success_is_a_502_charged_its_whole_hold(
     assert r.headers["x-should-retry"] == "false"
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
             rec["estimated"], rec["stream"]) == (502, *whole_hold(gw), True, stream)
+
+
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_204_is_an_empty_success(meter: str, request: pytest.FixtureRequest) -> None:
+    """A 204 has no content-length, and no body by definition: it reached the client
+    as a bare 204, recorded as a client that left (499). It is the empty success above."""
+    gw: Gateway = request.getfixturevalue(meter)
+    r, rec = send(gw, "204", SECRET, False)
+    assert r.status_code == 502 and "no answer" in r.json()["error"]["message"]
+    assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+            rec["estimated"]) == (502, *whole_hold(gw), True)
+
+
+@pytest.mark.parametrize("answer", ["302", "304"])
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_redirect_is_a_502_that_charges_nothing(answer: str, meter: str,
+                                                  request: pytest.FixtureRequest) -> None:
+    """A backend's redirect reached the client as sent (an SDK following it sends its
+    key elsewhere; a 304 was recorded as a client that left). It is a 502 naming the
+    redirect, without its location; the record says 502 and charges nothing: no
+    answer was generated here."""
+    gw: Gateway = request.getfixturevalue(meter)
+    for stream in (False, True):
+        r, rec = send(gw, answer, SECRET, stream)
+        assert r.status_code == 502, (r.headers, r.content)
+        assert "location" not in r.headers
+        err = r.json()["error"]
+        assert err["code"] == "upstream_error" and "redirected" in err["message"], err
+        assert (rec["status"], rec["total_tokens"], rec["cost_usd"]) == (502, 0, "0")
 
 
 @pytest.mark.parametrize("stream", [False, True])
