@@ -177,32 +177,32 @@ class Model(_Strict):
     price_per_1k_tokens: Price = Price()
     # Completion tokens per sequence: the most a client may ask for, and what is written
     # into the upstream body when the client asks for no limit.
-    max_tokens: int = Field(default=1024, ge=1, le=MAX_EXACT)
+    max_tokens: int = Field(default=1024, ge=1, le=MAX_EXACT, strict=True)
     # The most sequences one request may ask for (`n`, `best_of`); more is a 400.
-    max_n: int = Field(default=16, ge=1, le=128)
+    max_n: int = Field(default=16, ge=1, le=128, strict=True)
     # The backend's context length (vLLM's --max-model-len), when known: vLLM refuses
     # longer prompts, so it caps each prompt's bound. Never set it below the backend's.
-    max_model_len: int | None = Field(default=None, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1, strict=True)
     # Tokens a chat template adds per message (role header, end of turn) and once per
     # request (BOS, a default system prompt, a tool-use preamble, the generation prompt).
-    chat_template_tokens_per_message: int = Field(default=16, ge=0)
-    chat_template_tokens_per_request: int = Field(default=512, ge=0)
+    chat_template_tokens_per_message: int = Field(default=16, ge=0, strict=True)
+    chat_template_tokens_per_request: int = Field(default=512, ge=0, strict=True)
     # The widest indent the template renders JSON with (`tools | tojson(indent=4)` in
     # Llama 3.1's); JSON-valued fields are bounded by their rendering at that indent.
-    chat_template_json_indent: int = Field(default=4, ge=0, le=16)
+    chat_template_json_indent: int = Field(default=4, ge=0, le=16, strict=True)
     # Special tokens the backend adds to each /v1/completions prompt (BOS, EOS, the
     # fill-in-the-middle markers of `suffix`).
-    special_tokens_per_prompt: int = Field(default=8, ge=0)
+    special_tokens_per_prompt: int = Field(default=8, ge=0, strict=True)
     # Prompt tokens one image / audio clip / video adds, placeholders included. Their
     # bytes do not bound their tokens: a part of a kind with no setting is a 400.
-    tokens_per_image: int | None = Field(default=None, ge=1)
-    tokens_per_audio: int | None = Field(default=None, ge=1)
-    tokens_per_video: int | None = Field(default=None, ge=1)
+    tokens_per_image: int | None = Field(default=None, ge=1, strict=True)
+    tokens_per_audio: int | None = Field(default=None, ge=1, strict=True)
+    tokens_per_video: int | None = Field(default=None, ge=1, strict=True)
     # vLLM's `stream_interval` (tokens per streamed chunk after the first): > 1 is written
     # into chat and completions streams, and a client's own value is capped at it. The
     # gateway's CPU per streamed token falls about N-fold; a stream cut short is charged
     # N tokens a chunk. Leave 1 for backends that are not vLLM (they refuse the field).
-    stream_interval: int = Field(default=1, ge=1, le=256)
+    stream_interval: int = Field(default=1, ge=1, le=256, strict=True)
     # A request cut before its usage (a stream the client left) has its prompt counted by
     # the backend's /tokenize, which renders chat as vLLM's chat completions do for the
     # common renderers. `false`: charge such a prompt its bound instead, for a backend
@@ -296,7 +296,7 @@ class EnvoySettings(_Strict):
     # Envoy until its end and reaches ext_proc in one message (its bytes and their end),
     # not two: a gRPC round trip less per JSON request. 0: every answer as it comes.
     whole_answer_bytes: int = Field(default=WHOLE_ANSWER_BYTES, ge=0,
-                                    le=MAX_WHOLE_ANSWER_BYTES)
+                                    le=MAX_WHOLE_ANSWER_BYTES, strict=True)
     # Browser origins that may call the API (CORS): exact `scheme://host[:port]` origins,
     # or "*" for any. Empty: no CORS (a preflight needs a key, so browsers cannot call).
     cors_allow_origins: tuple[str, ...] = ()
@@ -567,6 +567,17 @@ class Config(_Strict):
     alerts: AlertSettings = AlertSettings()
     admin: AdminSettings = AdminSettings()
     usage: UsageSettings = UsageSettings()
+
+    @field_validator("models")
+    @classmethod
+    def _aliases(cls, v: dict[str, Model]) -> dict[str, Model]:
+        # What clients send as "model", printed in records and tables: "" routed a
+        # request without a model name, and a newline broke `tokenbooth usage`'s table.
+        for alias in v:
+            if not alias.strip() or any(ord(c) < 32 or ord(c) == 127 for c in alias):
+                raise ValueError(f"{alias!r} is not a model alias: it must be non-empty "
+                                 "text without control characters")
+        return v
 
     @field_validator("state")
     @classmethod

@@ -239,3 +239,21 @@ def test_a_models_max_tokens_past_exact_counting_is_refused() -> None:
     data["models"]["demo"]["max_tokens"] = 10**26
     with pytest.raises(ConfigError, match="max_tokens"):
         parse_config(data)
+
+
+@pytest.mark.parametrize("alias", ["", " ", "a\nb", "tab\there"])
+def test_an_alias_clients_cannot_name_is_refused(alias: str) -> None:
+    data = policy_dict("http://127.0.0.1:8000")
+    data["models"][alias] = data["models"]["demo"]
+    with pytest.raises(ConfigError, match="model alias"):
+        parse_config(data)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_tokens", True), ("max_tokens", "5"),
+                                              ("max_n", 2.0), ("stream_interval", True)])
+def test_a_models_counts_are_integers_as_written(field: str, value: object) -> None:
+    """`max_tokens: yes` was taken as 1, `1000.0` as 1000: counts are YAML integers."""
+    data = policy_dict("http://127.0.0.1:8000")
+    data["models"]["demo"][field] = value
+    with pytest.raises(ConfigError, match=field):
+        parse_config(data)
