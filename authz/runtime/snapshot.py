@@ -33,6 +33,7 @@ class Snapshot:
     keys_by_fingerprint: dict[str, KeyRecord]
     router: Router
     aliases: tuple[str, ...]
+    config_key_ids: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, cfg: Config) -> Snapshot:
@@ -41,6 +42,7 @@ class Snapshot:
             keys_by_fingerprint=index_keys(cfg.keys),
             router=Router(cfg),
             aliases=tuple(sorted(cfg.models)),
+            config_key_ids=frozenset(k.id for k in cfg.keys),
         )
 
 

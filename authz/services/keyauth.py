@@ -34,4 +34,14 @@ class KeyAuthority:
                 raise service_unavailable(
                     "The API key store is unavailable; retry shortly.", retry=True
                 ) from None
+            if record is not None and record.id in self._rt.snapshot.config_key_ids:
+                # Ledgers, limits and revocation go by key id: a stored key sharing one
+                # with a config key spent on that key's ledger and could not be revoked
+                # by its id (the CLI and admin API leave config keys to the file).
+                log.error("a stored key has the id of a key in the config file: refused "
+                          "until one of them is renamed",
+                          extra={"key_id": record.id, "key_fp": fp[:8], **REPEATS})
+                raise invalid_api_key(
+                    "This API key's id is also a key's in the gateway's config file; the "
+                    "operator must rename one of them before it can be used.")
         return check_record(record, self._rt.clock())

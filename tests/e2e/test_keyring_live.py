@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import yaml
 
 from authz.runtime.procs import wait_until
 from policy.keyrecord import KeyRecord
@@ -80,3 +81,32 @@ def test_requests_are_answered_while_a_keyring_read_blocks(gw: Gateway) -> None:
     wait_until(lambda: works(gw, secret), "the key read from the pipe")
     assert works(gw, created["key"])
     assert post(gw, "sk-tb-" + "y" * 43).status_code == 401
+
+
+def test_a_stored_key_whose_id_a_config_key_takes_is_refused(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A config key added with a stored key's id shared its ledger (the stored key's
+    spend showed as the config key's) and left the stored key unrevocable by that id
+    (the CLI and admin API leave config keys to the file). The stored key is refused,
+    saying why, until one is renamed; the config key works. (A gateway of its own: the
+    test above leaves keys.json a pipe.)"""
+    with run_gateway(tmp_path_factory.mktemp("gw-key-ids")) as gw:
+        _config_key_takes_a_stored_id(gw)
+
+
+def _config_key_takes_a_stored_id(gw: Gateway) -> None:
+    created = json.loads(tb(gw, "keys", "create", "--org", "kr", "--json"))
+    wait_until(lambda: works(gw, created["key"]), "the created key usable")
+    original = gw.config_path.read_text()
+    data = yaml.safe_load(original)
+    secret = new_secret()
+    data["keys"].append({"id": created["id"], "org": "other", "sha256": fingerprint(secret)})
+    gw.config_path.write_text(yaml.safe_dump(data))
+    try:
+        wait_until(lambda: works(gw, secret), "the config key in force")
+        r = post(gw, created["key"])
+        assert r.status_code == 401, r.text
+        assert "config file" in r.json()["error"]["message"]
+    finally:
+        gw.config_path.write_text(original)
+    wait_until(lambda: works(gw, created["key"]), "the stored key usable again")
