@@ -73,6 +73,10 @@ SERVER_OPTIONS: dict[str, Any] = {"access_log": None, "auto_decompress": False}
 async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
                                                              BaseModel | None]:
     query = None
+    repeated = next((k for k in request.query if len(request.query.getall(k)) > 1), None)
+    if repeated is not None:  # one would win silently: which is the caller's meaning?
+        raise AdminError(400, f"the query parameter {repeated!r} is given more than once",
+                         "invalid_request", param=repeated)
     try:
         if route.query is not None:
             query = route.query.model_validate(dict(request.query))
@@ -90,6 +94,9 @@ async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
     raw = await request.read()
     try:
         data = json_body(raw)
+    except DuplicateMember as e:
+        raise AdminError(400, f"the body names {e.args[0]!r} more than once",
+                         "invalid_request", param=e.args[0]) from None
     except (ValueError, RecursionError):
         raise AdminError(400, "the body is not JSON", "invalid_request") from None
     if not isinstance(data, dict):
@@ -100,15 +107,29 @@ async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
         raise _invalid(e, "body") from None
 
 
+class DuplicateMember(ValueError):
+    """A JSON object names a member twice (`{"org": "x", "org": "y"}`): its meaning is
+    not the caller's to guess, as the config loader refuses duplicate keys."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateMember(k)
+        out[k] = v
+    return out
+
+
 def json_body(raw: bytes) -> Any:
     """A request body's JSON, its numbers with a fraction or exponent as exact Decimals
     (a budget of 9007199.254740991 is not rounded through a float); NaN and Infinity
-    refused. ValueError if not JSON."""
+    refused; a member named twice refused (DuplicateMember). ValueError if not JSON."""
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON number")
 
     return json.loads(raw.decode() if raw else "null", parse_float=Decimal,
-                      parse_constant=constant)
+                      parse_constant=constant, object_pairs_hook=_unique)
 
 
 def _authenticate(ctx: AdminContext, request: web.Request) -> Caller:

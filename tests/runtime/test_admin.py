@@ -296,6 +296,15 @@ async def test_body_must_be_a_json_object(api: Api) -> None:
     assert (await api("PATCH", "/v1/keys/k-x", body={}))[0] == 400
 
 
+async def test_a_member_or_query_parameter_given_twice_is_refused(api: Api) -> None:
+    """`{"org": "x", "org": "y"}` created a key for org y, and `limit=1&limit=2` took
+    one silently: which one the caller meant is not the gateway's to guess."""
+    status, out = await api("POST", "/v1/keys", raw=b'{"org": "x", "org": "y"}')
+    assert status == 400 and out["error"]["param"] == "org", out
+    status, out = await api("GET", "/v1/keys?limit=1&limit=2")
+    assert status == 400 and out["error"]["param"] == "limit", out
+
+
 async def test_a_compressed_body_is_refused_not_a_traceback(
         api: Api, caplog: pytest.LogCaptureFixture) -> None:
     """A body whose Content-Encoding is not `identity` (a real gzip one, or one that only
