@@ -7,6 +7,7 @@ names the file, the path inside it and what is wrong.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -574,7 +575,8 @@ class Config(_Strict):
         # What clients send as "model", printed in records and tables: "" routed a
         # request without a model name, and a newline broke `tokenbooth usage`'s table.
         for alias in v:
-            if not alias.strip() or any(ord(c) < 32 or ord(c) == 127 for c in alias):
+            if not alias.strip() or any(unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                                        for c in alias):
                 raise ValueError(f"{alias!r} is not a model alias: it must be non-empty "
                                  "text without control characters")
         return v
@@ -605,6 +607,13 @@ class Config(_Strict):
                     "before the host (redis://user:password@host:port/0, or "
                     "TOKENBOOTH_REDIS_PASSWORD)")
         return v
+
+    @property
+    def whole_answer_limit(self) -> int:
+        """The largest answer Envoy holds whole (envoy.whole_answer_bytes): below the
+        request body limit too, which Envoy also takes as the stream's buffer limit (a
+        100 KB answer past a 4 KiB body limit's was a plain-text 500, charged nothing)."""
+        return min(self.envoy.whole_answer_bytes, self.max_request_body_bytes)
 
     @property
     def state_is_redis(self) -> bool:

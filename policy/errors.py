@@ -150,6 +150,9 @@ def empty_answer(status: int) -> ApiError:
 def redirected_answer(status: int) -> ApiError:
     """A backend's redirect: never an inference answer, and a client that followed it
     would send its key elsewhere. The contract's 502 `upstream_error`."""
+    if status == 304:
+        return ApiError(502, "upstream_error", "The backend answered HTTP 304 (not "
+                        "modified), which is no answer to an inference request.")
     return ApiError(502, "upstream_error",
                     f"The backend redirected the request (HTTP {status}); the gateway "
                     "does not follow redirects.")

@@ -93,7 +93,11 @@ def may_hide_tokens(body: dict[str, Any]) -> bool:
     chunk shows: reasoning the client asked not to see, or tools it may call (measured on
     vLLM 0.32: a cut stream with `include_reasoning: false` showed 1 of 1,024 generated
     tokens; with `tool_choice: required`, 143 of 580)."""
-    if body.get("include_reasoning") is False:
+    hidden = body.get("include_reasoning")
+    if hidden is not None and not isinstance(hidden, bool):
+        # vLLM reads "false", 0, "no" as false: hidden reasoning this test would miss.
+        raise invalid_request("'include_reasoning' must be a boolean.", "include_reasoning")
+    if hidden is False:
         return True
     tools = body.get("tools")
     return isinstance(tools, list) and bool(tools) and body.get("tool_choice") != "none"

@@ -113,7 +113,7 @@ end
 def clusters(cfg: Config) -> list[Cluster]:
     """The services cluster first, then the backends in first-seen order."""
     return [services_cluster(cfg),
-            *(model_cluster(alias, m, whole_bytes=cfg.envoy.whole_answer_bytes)
+            *(model_cluster(alias, m, whole_bytes=cfg.whole_answer_limit)
               for alias, m in sorted(cfg.models.items()))]
 
 

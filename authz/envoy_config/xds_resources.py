@@ -46,7 +46,7 @@ class TypedResources:
 
 def model_clusters(cfg: Config, static_secrets: bool = False) -> list[Cluster]:
     """The typed clusters, one per alias, sorted by alias."""
-    return [model_cluster(alias, m, static_secrets, cfg.envoy.whole_answer_bytes)
+    return [model_cluster(alias, m, static_secrets, cfg.whole_answer_limit)
             for alias, m in sorted(cfg.models.items())]
 
 

@@ -777,15 +777,17 @@ class Lifecycle:
             # kept, or the answer cut short): vLLM sends it once generated, so the
             # backend may have counted its whole hold.
             return Usage(req.prompt_bound, req.completion_bound), True
-        if not req.stream or req.hides_tokens:
+        if not req.stream:
             # Delivered, and no answer came that could be read: the client left or
             # Envoy's timeout cut it before the answer, or the backend's connection reset
-            # after it had the request. vLLM writes a JSON answer only once generated (and
-            # a stream that hides tokens writes none for them), so it may have generated
-            # its whole hold: charged, so a key's budget bounds what is generated (a
-            # client timing out on every request paid its prompts alone).
+            # after it had the request. vLLM writes a JSON answer only once generated, so
+            # it may have generated its whole hold: charged, so a key's budget bounds
+            # what is generated (a client timing out on every request paid its prompts
+            # alone). Envoy may still have been connecting: it cannot tell.
             return Usage(req.prompt_bound, req.completion_bound), True
-        return Usage(req.prompt_estimate, 0), True
+        # A stream that began no answer: its prompt by the backend's count; what it
+        # generated only if it writes no chunk for some of it.
+        return Usage(req.prompt_estimate, req.completion_bound if req.hides_tokens else 0), True
 
 
 # A `usage` key whose value is an object, as the usage is. The pattern opens with its

@@ -271,7 +271,7 @@ def test_a_redirect_is_a_502_that_charges_nothing(answer: str, meter: str,
         assert r.status_code == 502, (r.headers, r.content)
         assert "location" not in r.headers
         err = r.json()["error"]
-        assert err["code"] == "upstream_error" and "redirected" in err["message"], err
+        assert err["code"] == "upstream_error" and f"HTTP {answer}" in err["message"], err
         assert (rec["status"], rec["total_tokens"], rec["cost_usd"]) == (502, 0, "0")
 
 

@@ -154,6 +154,11 @@ def test_small_answers_are_held_whole_up_to_the_setting() -> None:
         "default_source_code"]["inline_string"]
     assert _upstream_filters(as_dict(model_cluster("demo", m, whole_bytes=0))) == []
     assert EnvoySettings().whole_answer_bytes == 256 << 10
+    # Envoy takes the request body limit as the stream's buffer limit too: an answer held
+    # past it was a plain-text 500 (charged nothing), so the smaller one bounds it.
+    cfg = load_fixture("basic")
+    small = cfg.model_copy(update={"max_request_body_bytes": 4096})
+    assert (cfg.whole_answer_limit, small.whole_answer_limit) == (256 << 10, 4096)
     for bad in (-1, (512 << 10) + 1):
         with pytest.raises(ValueError):
             EnvoySettings(whole_answer_bytes=bad)

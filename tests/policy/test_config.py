@@ -241,7 +241,7 @@ def test_a_models_max_tokens_past_exact_counting_is_refused() -> None:
         parse_config(data)
 
 
-@pytest.mark.parametrize("alias", ["", " ", "a\nb", "tab\there"])
+@pytest.mark.parametrize("alias", ["", " ", "a\nb", "tab\there", "a\u2028b", "a\x85b"])
 def test_an_alias_clients_cannot_name_is_refused(alias: str) -> None:
     data = policy_dict("http://127.0.0.1:8000")
     data["models"][alias] = data["models"]["demo"]

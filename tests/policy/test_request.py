@@ -62,6 +62,11 @@ def test_defaults_and_reservation_ceiling() -> None:
         ({"model": "demo", "messages": MSG, "stream_options": []}, 400, "stream_options"),
         ({"model": "demo", "messages": MSG, "stream_options": {"include_usage": 1}}, 400,
          "stream_options.include_usage"),
+        # vLLM reads these as false: reasoning hidden where the gateway saw none.
+        ({"model": "demo", "messages": MSG, "include_reasoning": "false"}, 400,
+         "include_reasoning"),
+        ({"model": "demo", "messages": MSG, "include_reasoning": 0}, 400,
+         "include_reasoning"),
     ],
 )
 def test_bad_chat_bodies(body: object, status: int, param: str) -> None:

@@ -435,6 +435,22 @@ async def test_a_cut_stream_that_may_hide_tokens_is_charged_its_completion_bound
         9, req.completion_bound, True)
 
 
+async def test_a_stream_that_may_hide_tokens_cut_before_its_answer_is_recounted(
+        h: Harness) -> None:
+    """Cut before its first byte: what it could generate, and its prompt by the
+    backend's count (its bound, with tools rendered at the template's indent, can be
+    many times the real prompt)."""
+    life = await h.admitted({**CHAT, "stream": True, "include_reasoning": False})
+    req = life.req
+    assert req is not None
+    life.finish(aborted=True)
+    assert life.recount_owed is not None
+    life.write(life.recount_owed[0], 9)
+    rec = await h.record(life)
+    assert (rec.prompt_tokens, rec.completion_tokens, rec.estimated) == (
+        9, req.completion_bound, True)
+
+
 async def test_tools_not_called_hide_nothing(h: Harness) -> None:
     life = await h.admitted({**CHAT, "stream": True, "tool_choice": "none",
                              "tools": [{"type": "function", "function": {"name": "f"}}]})
