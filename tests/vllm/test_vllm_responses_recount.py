@@ -194,6 +194,8 @@ def test_a_cut_responses_stream_is_charged_vllms_own_prompt_count(
         rec = _cut_responses_stream(vllm_gateway, body)
         assert rec["prompt_tokens"] == prompt, rec
         if rec["estimated"]:
-            assert rec["status"] == 499 and rec["completion_tokens"] < LONG_TOKENS, rec
+            # Its tools may be called: a tool parser's held-back tokens no event shows,
+            # so a cut is charged what it could generate.
+            assert rec["status"] == 499 and rec["completion_tokens"] == LONG_TOKENS, rec
             return
     raise AssertionError("five streams in a row outran the client's disconnect")
