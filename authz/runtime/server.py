@@ -4,9 +4,10 @@ side port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,6 +23,7 @@ from authz.runtime.admin_api import AdminContext
 from authz.runtime.admin_auth import CurrentAdminTokens
 from authz.runtime.budget_alerts import AlertFeed, AlertingSink, BudgetAlerts, make_marks
 from authz.runtime.metrics import BudgetWatch, Metrics, ObservedKeyStore
+from authz.runtime.procs import bind_problem
 from authz.runtime.recorder import Recorder
 from authz.runtime.side_port import make_side_app
 from authz.runtime.snapshot import Runtime
@@ -224,9 +226,10 @@ class Services:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host, port = parse_hostport(cfg.services.grpc_listen)
-        bound = server.add_insecure_port(f"{_grpc_host(host)}:{port}")
-        if bound == 0:
-            raise OSError(f"cannot listen on {cfg.services.grpc_listen} (gRPC)")
+        with _listening(cfg.services.grpc_listen, "services.grpc_listen, --grpc-listen"):
+            bound = server.add_insecure_port(f"{_grpc_host(host)}:{port}")
+            if bound == 0:
+                raise OSError("gRPC could not bind")
         self.grpc_port = bound
         await server.start()
         self._server = server
@@ -236,8 +239,8 @@ class Services:
         # each unauthenticated request); nothing here reads a body.
         self._side = web.AppRunner(make_side_app(self.metrics, self.ready), **SERVER_OPTIONS)
         await self._side.setup()
-        site = web.TCPSite(self._side, hhost, hport)
-        await site.start()
+        with _listening(cfg.services.http_listen, "services.http_listen, --http-listen"):
+            await web.TCPSite(self._side, hhost, hport).start()
         self.http_port = self._side.addresses[0][1]
 
         for name in ("", *SERVICE_NAMES):
@@ -261,7 +264,9 @@ class Services:
         assert self.store is not None and self.limits is not None
         ctx = AdminContext(lambda: self.runtime.snapshot.config, self.store, self.limits,
                            self.orgs, tokens, clock=self.runtime.clock)
-        self._admin, self.admin_port = await start_admin(ctx, parse_hostport(cfg.admin.listen))
+        with _listening(cfg.admin.listen, "admin.listen, --admin-listen"):
+            self._admin, self.admin_port = await start_admin(
+                ctx, parse_hostport(cfg.admin.listen))
         log.info("admin API ready", extra={"admin_api": cfg.admin.listen,
                                            "admin_port": self.admin_port})
 
@@ -406,3 +411,21 @@ async def serve_forever(runtime: Runtime) -> None:
     await stop.wait()
     log.info("shutting down")
     await services.stop()
+
+
+@contextlib.contextmanager
+def _listening(hostport: str, setting: str) -> Iterator[None]:
+    """Around a bind: an OSError naming the address, the setting and why (a busy port
+    read as `[Errno 98] … ('127.0.0.1', 9090)` or gRPC's "Failed to bind", naming no
+    setting). Checked first too, so that gRPC logs no error line of its own."""
+    host, port = parse_hostport(hostport)
+    problem = bind_problem(host, port) if port else None
+    if problem:
+        raise OSError(f"{hostport} ({setting}) {problem}")
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # grpc: RuntimeError("Failed to bind …")
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else e
+        why = (bind_problem(host, port) if port else None) or (
+            f"cannot be listened on ({detail})")
+        raise OSError(f"{hostport} ({setting}) {why}") from None
