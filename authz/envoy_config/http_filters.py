@@ -39,6 +39,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatchConnectMatcher,
     VirtualHost,
 )
+from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher as RouteHeaderMatcher
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
@@ -75,6 +76,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     ListStringMatcher,
     MetadataMatcher,
     MetadataMatcherPathSegment,
+    RegexMatcher,
     StringMatcher,
     ValueMatcher,
 )
@@ -89,7 +91,7 @@ from authz.envoy_config.common import (
     pack,
     seconds,
 )
-from authz.envoy_config.local_replies import CONNECT_REFUSED, local_reply_config
+from authz.envoy_config.local_replies import CONNECT_REFUSED, HEALTH_METHOD, local_reply_config
 from authz.envoy_config.names import (
     EXT_AUTHZ,
     EXT_PROC,
@@ -99,6 +101,7 @@ from authz.envoy_config.names import (
 )
 from authz.envoy_config.stream_meter import METER_KEY, meter_access_log, meter_lua
 from policy.config import Config
+from policy.errors import ApiError
 from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_HEADER, CLUSTER_KEY
 
@@ -346,8 +349,10 @@ end
 local GATEWAY_RATE = {{{_GATEWAY_RATE}}}
 
 -- What only the gateway may say, from a backend's answer: any x-tokenbooth-* header,
--- rate-limit headers past the gateway's own names, and a retry verdict (the SDKs obey
--- x-should-retry over the status: a backend's `true` made them resend its 400s).
+-- rate-limit headers past the gateway's own names, a retry verdict (the SDKs obey
+-- x-should-retry over the status: a backend's `true` made them resend its 400s), Envoy's
+-- own x-envoy-* (`x-envoy-overloaded` to the Envoys in front; the router's service time
+-- stays) and cookies (the gateway's origin sets none; keys, not cookies, authenticate).
 function strip_backend(headers)
   local drop = {{}}
   for name, _ in pairs(headers) do
@@ -355,7 +360,9 @@ function strip_backend(headers)
     -- the dashed name.
     local n = (string.gsub(name, "_", "-"))
     if string.sub(n, 1, 13) == "x-tokenbooth-" or n == "x-should-retry"
-        or (string.sub(n, 1, 12) == "x-ratelimit-" and not GATEWAY_RATE[name]) then
+        or (string.sub(n, 1, 12) == "x-ratelimit-" and not GATEWAY_RATE[name])
+        or (string.sub(n, 1, 8) == "x-envoy-" and name ~= "x-envoy-upstream-service-time")
+        or n == "set-cookie" or n == "set-cookie2" then
       drop[#drop + 1] = name
     end
   end
@@ -436,33 +443,49 @@ def _proc_metadata(key: str) -> str:
 
 
 def _health_route() -> Route:
-    """`/health`, answered by Envoy itself with 200 and no key (ext_authz and ext_proc
-    off): it says Envoy is up, not that any backend is."""
+    """`GET` / `HEAD /health`, answered by Envoy itself with 200 and no key (ext_authz
+    and ext_proc off): it says Envoy is up, not that any backend is."""
     off = {EXT_AUTHZ: pack(ExtAuthzPerRoute(disabled=True)),
            EXT_PROC: pack(ExtProcPerRoute(disabled=True))}
-    return Route(name="health", match=RouteMatch(path=HEALTH_PATH),
+    get_or_head = RouteHeaderMatcher(
+        name=":method", string_match=StringMatcher(safe_regex=RegexMatcher(regex="GET|HEAD")))
+    return Route(name="health", match=RouteMatch(path=HEALTH_PATH, headers=[get_or_head]),
                  direct_response=DirectResponseAction(status=200),
                  typed_per_filter_config=off)
+
+
+def _health_other_methods_route() -> Route:
+    """Any other method on `/health`: the 405 with `allow` that every path gives, at once
+    (nothing reads its body: no buffer waits for it)."""
+    return _refusal_route("health-method", RouteMatch(path=HEALTH_PATH), HEALTH_METHOD,
+                          (("allow", "GET, HEAD"),))
 
 
 def _connect_route() -> Route:
     """CONNECT (a client taking the gateway for a forward proxy) gets a 405 at once. It
     matches no other route, and its body never ends: the buffer filters would wait for
     it until the idle timeout, every filter before the router is off here."""
+    return _refusal_route(
+        "connect", RouteMatch(connect_matcher=RouteMatchConnectMatcher()), CONNECT_REFUSED)
+
+
+def _refusal_route(name: str, match: RouteMatch, err: ApiError,
+                   headers: tuple[tuple[str, str], ...] = ()) -> Route:
+    """Envoy answers `err` itself, every filter before the router off."""
     off = {EXT_AUTHZ: pack(ExtAuthzPerRoute(disabled=True)),
            EXT_PROC: pack(ExtProcPerRoute(disabled=True)),
            BUFFER: pack(BufferPerRoute(disabled=True)),
            HOLD: pack(BufferPerRoute(disabled=True)),
            UPSTREAM_ERRORS: pack(LuaPerRoute(disabled=True))}
     return Route(
-        name="connect",
-        match=RouteMatch(connect_matcher=RouteMatchConnectMatcher()),
+        name=name,
+        match=match,
         direct_response=DirectResponseAction(
-            status=CONNECT_REFUSED.status,
-            body=DataSource(inline_string=CONNECT_REFUSED.body().decode())),
+            status=err.status, body=DataSource(inline_string=err.body().decode())),
         response_headers_to_add=[HeaderValueOption(
-            header=HeaderValue(key="content-type", value="application/json"),
-            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD)],
+            header=HeaderValue(key=k, value=v),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD)
+            for k, v in (("content-type", "application/json"), *headers)],
         typed_per_filter_config=off,
     )
 
@@ -582,8 +605,8 @@ def route_config(cfg: Config) -> RouteConfiguration:
             typed_per_filter_config=({CORS: pack(cors_policy(cfg))}
                                      if cfg.envoy.cors_allow_origins else {}),
             routes=[
-            _connect_route(), _health_route(), _models_route(), *inference,
-            _unrouted(cfg)])],
+            _connect_route(), _health_route(), _health_other_methods_route(),
+            _models_route(), *inference, _unrouted(cfg)])],
     )
 
 

@@ -1,7 +1,8 @@
 """What a backend's answer may not say for the gateway, through the real Envoy: its own
 `x-tokenbooth-*` headers, rate-limit headers of any name (the gateway's six are its own),
-and a retry verdict (`x-should-retry`, which the OpenAI SDKs obey over the status: a
-backend's `true` made them resend its 400s, each admitted and recorded)."""
+a retry verdict (`x-should-retry`, which the OpenAI SDKs obey over the status: a
+backend's `true` made them resend its 400s, each admitted and recorded), Envoy's own
+`x-envoy-*` and cookies."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ BACKEND_SAYS = {
     "x_tokenbooth_org": "evil", "x_should_retry": "true", "x_ratelimit_limit_tokens": "9",
     # vLLM's ORCA load report: the backend's load, the operator's to see.
     "endpoint-load-metrics": "TEXT named_metrics.kv_cache_utilization=0.4",
+    # Envoy's own headers, for the Envoys in front (`overloaded` makes them back off), and
+    # a cookie for the gateway's origin.
+    "x-envoy-overloaded": "true", "x-envoy-decorator-operation": "evil",
+    "x_envoy_ratelimited": "true", "set-cookie": "session=backend; Path=/",
 }
 
 
@@ -80,6 +85,10 @@ def test_a_success_keeps_only_the_gateways_own(talkative: Gateway) -> None:
     assert "x_ratelimit_limit_tokens" not in h
     assert "endpoint-load-metrics" not in h
     assert "x-ratelimit-remaining-requests-day" not in h
+    assert not [k for k in h if k.replace("_", "-").startswith("x-envoy-")
+                and k != "x-envoy-upstream-service-time"], h
+    assert "x-envoy-upstream-service-time" in h  # the router's own, not the backend's
+    assert "set-cookie" not in h
     # The gateway's own for this key's limit (tokens per minute), never the backend's:
     # it has no request limit, so no request headers at all.
     assert h["x-ratelimit-limit-tokens"] == "1000"
@@ -95,6 +104,8 @@ def test_a_backends_retry_verdict_does_not_make_the_sdk_resend_its_400(
         client.chat.completions.create(model="demo", messages=CHAT["messages"],  # type: ignore[arg-type]
                                        max_tokens=2, extra_headers={"x-answer": "400"})
     assert "x-should-retry" not in e.value.response.headers
+    assert "set-cookie" not in e.value.response.headers
+    assert "x-envoy-overloaded" not in e.value.response.headers
     rid = e.value.response.headers["x-request-id"]
     assert [r["status"] for r in records_for(talkative, rid)] == [400]
     assert backend.refused - before == 1  # one attempt, not three

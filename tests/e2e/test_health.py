@@ -86,3 +86,24 @@ def test_head_answers_as_get_without_a_body(gateway: Gateway) -> None:
         assert (resp.status, resp.headers["allow"]) == (405, "GET, HEAD")
     finally:
         conn.close()
+
+
+def test_other_methods_on_health_are_a_405_naming_get_and_head(gateway: Gateway) -> None:
+    """As on every other path: a 405 with `allow`, OpenAI-shaped, at once (a PUT's body
+    is not read first)."""
+    host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for method, body in (("POST", b"{}"), ("PUT", b"x" * 60_000), ("DELETE", None),
+                             ("OPTIONS", None), ("FOO", None)):
+            conn.request(method, "/health", body=body)
+            resp = conn.getresponse()
+            answer = resp.read()
+            assert (method, resp.status) == (method, 405)
+            assert resp.headers["allow"] == "GET, HEAD"
+            assert json.loads(answer)["error"]["code"] == "method_not_allowed"
+            if resp.will_close:
+                conn.close()
+                conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    finally:
+        conn.close()

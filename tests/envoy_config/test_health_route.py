@@ -46,7 +46,8 @@ def test_health_is_the_first_route_after_connect_and_envoy_answers_it() -> None:
     first = routes(render_dict(basic()))[1]
     assert first == {
         "name": "health",
-        "match": {"path": "/health"},
+        "match": {"path": "/health", "headers": [
+            {"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}]},
         "direct_response": {"status": 200},
         "typed_per_filter_config": {
             "envoy.filters.http.ext_authz": {
@@ -59,6 +60,17 @@ def test_health_is_the_first_route_after_connect_and_envoy_answers_it() -> None:
                 "disabled": True},
         },
     }
+
+
+def test_other_methods_on_health_get_a_405_with_every_filter_off() -> None:
+    second = routes(render_dict(basic()))[2]
+    assert second["name"] == "health-method"
+    assert second["match"] == {"path": "/health"}
+    assert second["direct_response"]["status"] == 405
+    assert {h["header"]["key"]: h["header"]["value"]
+            for h in second["response_headers_to_add"]} == {
+        "content-type": "application/json", "allow": "GET, HEAD"}
+    assert all(v.get("disabled") for v in second["typed_per_filter_config"].values())
 
 
 def test_envoy_validates_the_health_route(tmp_path: Path) -> None:
