@@ -7,6 +7,7 @@ and then index by the digest, so no comparison branches on secret bytes.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -65,6 +66,23 @@ def principal_of(key: KeyRecord) -> Principal:
 def display_prefix(secret: str) -> str:
     """The non-secret part people see in listings: `sk-tb-` and four characters."""
     return secret[: len(KEY_PREFIX) + 4]
+
+
+_SECRETS = re.compile(re.escape(KEY_PREFIX) + r"([A-Za-z0-9_\-]{0,4})[A-Za-z0-9_\-]*")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with every tokenbooth key in it cut to the prefix listings show (for a log
+    line of something a caller typed: a secret given where an id belongs)."""
+    return _SECRETS.sub(lambda m: f"{KEY_PREFIX}{m[1]}…", text)
+
+
+def no_key_message(key_id: str) -> str:
+    """The answer to a key id that names no key; a secret given for an id says so (the
+    secret itself goes back only to whoever typed it)."""
+    hint = (" (that is a key's secret, not its id: `keys list` shows each key's id beside "
+            "its prefix)" if key_id.startswith(KEY_PREFIX) else "")
+    return f"no key with id {key_id!r}{hint}"
 
 
 def extract_secret(authorization: str | None, x_api_key: str | None) -> str | None:

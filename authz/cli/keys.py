@@ -25,7 +25,7 @@ from authz.state.orgs import make_org_store
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, origin, redacted
 from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past
-from policy.keys import display_prefix, fingerprint, new_secret
+from policy.keys import display_prefix, fingerprint, new_secret, no_key_message
 
 T = TypeVar("T")
 # `keys update --rpm none` (and the other limits, --budget, --expires): remove it.
@@ -268,7 +268,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     cfg = load(args, settings)
     found = [r for r in _all_keys(cfg, None) if r["id"] == args.id]
     if not found:
-        raise LookupError(f"no key with id {args.id!r}")
+        raise LookupError(no_key_message(args.id))
     shown = found[0]
     record = KeyRecord.model_validate({k: v for k, v in shown.items() if k != "source"})
     state = asyncio.run(_state(cfg, record))
@@ -350,7 +350,7 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
         _check_models(cfg, changes.get("models", ()))
         new = _with_store(cfg, lambda s: s.update(args.id, changes))
         if new is None:
-            raise LookupError(f"no key with id {args.id!r}")
+            raise LookupError(no_key_message(args.id))
         shown = _public(new)
     if args.json:
         print(orjson.dumps(shown).decode())
@@ -402,7 +402,7 @@ def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
     _not_in_config(cfg, args, "set its status to revoked")
     revoked = _with_store(cfg, lambda s: s.revoke(args.id))
     if revoked is None:
-        raise LookupError(f"no key with id {args.id!r}")
+        raise LookupError(no_key_message(args.id))
     print(f"revoked key {revoked.id} (org {revoked.org})")
     return 0
 

@@ -47,6 +47,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     func: Handler = args.func
     try:
         return func(args, settings)
+    except BrokenPipeError:
+        # The reader left (`tokenbooth usage | head`): stop quietly, as `ls | head` does,
+        # with the status a SIGPIPE gives; nothing more is written to the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _USER_ERRORS as e:
         print(f"tokenbooth: error: {_one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError | ValueError) else 1

@@ -22,11 +22,37 @@ class RemoteError(ValueError):
     """The admin API refused a call or could not be reached: one line."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is refused, never followed: urllib would send the admin token along,
+    to another host or over plain http too."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        where = urllib.parse.urlsplit(newurl)
+        raise RemoteError(
+            f"{_origin(req.full_url)}: answered {code}, a redirect to "
+            f"{where.scheme}://{where.netloc}: not followed (it would carry the admin "
+            "token there); point --admin-url at the gateway's admin.listen")
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class AdminClient:
     def __init__(self, url: str, token: str) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise RemoteError(f"--admin-url: expected http(s)://host:port, got {url!r}")
+        token = token.strip()  # a token file's line break (\r\n) included
+        if not token.isascii() or not token.isprintable() or " " in token:
+            # Never the token itself in the message: it lands in terminals and CI logs.
+            raise RemoteError(f"${ADMIN_TOKEN_ENV}: the token has a space, control or "
+                              "non-ASCII character inside it; set the token alone")
         self.base, self._token = url.rstrip("/"), token
 
     @classmethod
@@ -55,12 +81,16 @@ class AdminClient:
             headers={"Authorization": f"Bearer {self._token}",
                      "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:  # noqa: S310
+            with _OPENER.open(req, timeout=TIMEOUT_S) as r:
                 return read(r)
         except orjson.JSONDecodeError:
             raise RemoteError(f"{self.base}: the answer was cut short or is not JSON") from None
         except urllib.error.HTTPError as e:
-            message = _message(e.read()) or e.reason
+            message = _message(e.read())
+            if not message:  # not an admin API's error: some other server answered
+                raise RemoteError(
+                    f"{self.base}: {e.code} {e.reason}, not an answer of tokenbooth's admin "
+                    "API (is --admin-url the gateway's admin.listen?)") from None
             if e.code == 404:
                 raise LookupError(message) from None
             raise RemoteError(f"{self.base}: {e.code}: {message}") from None

@@ -26,6 +26,7 @@ from authz.runtime.admin_auth import Caller
 from authz.state.keys.base import StoreUnavailable
 from authz.state.limits.base import LimitStoreUnavailable
 from policy.admin_schema import ROUTES, Route, openapi_document
+from policy.keys import redact_secrets
 
 log = logging.getLogger("tokenbooth.admin")
 MAX_BODY = 64 << 10
@@ -231,7 +232,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         code = e.reason.lower().replace(" ", "_").replace("-", "_")
         return error_response(AdminError(e.status, e.reason, code))
     except Exception:  # a bug: logged with its trace; the caller still gets JSON
-        log.exception("admin call failed", extra={"path": request.path})
+        log.exception("admin call failed", extra={"path": redact_secrets(request.path)})
         return error_response(_INTERNAL)
 
 

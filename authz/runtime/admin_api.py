@@ -45,7 +45,13 @@ from policy.audit import ORG_PREFIX
 from policy.config import Config, OrgLimits, origin
 from policy.errors import type_for
 from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, valid_org_name
-from policy.keys import display_prefix, fingerprint, new_secret
+from policy.keys import (
+    display_prefix,
+    fingerprint,
+    new_secret,
+    no_key_message,
+    redact_secrets,
+)
 from policy.limits import nano_to_usd, period_id, usd_to_nano
 from policy.usage_paging import UnknownAfter, UsagePager
 from policy.usage_report import OnePerRequest, Totals, record_cost
@@ -112,9 +118,11 @@ class Call:
     org: str | None = None
 
     def audit(self) -> dict[str, object]:
+        # As the caller typed them, but a key's secret given where an id belongs (a leaked
+        # key revoked by its secret) is cut to its listed prefix.
         key_id = self.key_id or self.params.get("key_id")
         org = self.org or self.params.get("org")
-        return {k: v for k, v in (("key_id", key_id), ("org", org)) if v}
+        return {k: redact_secrets(v) for k, v in (("key_id", key_id), ("org", org)) if v}
 
 
 def _check_models(cfg: Config, models: Iterable[str]) -> None:
@@ -134,8 +142,12 @@ async def _find(ctx: AdminContext, key_id: str) -> KeyOut:
             return _out(k, "config")
     rec = await ctx.keys.get(key_id) if isinstance(ctx.keys, KeyAdmin) else None
     if rec is None:
-        raise AdminError(404, f"no key with id {key_id!r}", "key_not_found")
+        raise _no_key(key_id)
     return _out(rec)
+
+
+def _no_key(key_id: str) -> AdminError:
+    return AdminError(404, no_key_message(key_id), "key_not_found")
 
 
 def _not_in_config(cfg: Config, key_id: str) -> None:
@@ -206,7 +218,7 @@ async def update_key(ctx: AdminContext, call: Call) -> KeyOut:
         param = str(e).partition(":")[0] if ":" in str(e) else None
         raise AdminError(400, str(e), "invalid_request", param=param) from None
     if new is None:
-        raise AdminError(404, f"no key with id {key_id!r}", "key_not_found")
+        raise _no_key(key_id)
     call.org = new.org
     return _out(new)
 
@@ -217,7 +229,7 @@ async def revoke_key(ctx: AdminContext, call: Call) -> KeyOut:
     _not_in_config(ctx.config(), key_id)
     new = await store.revoke(key_id)
     if new is None:
-        raise AdminError(404, f"no key with id {key_id!r}", "key_not_found")
+        raise _no_key(key_id)
     call.org = new.org
     return _out(new)
 

@@ -81,6 +81,27 @@ def test_usage_totals(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--since" in r.stderr
 
 
+def test_a_reader_that_leaves_stops_the_command_quietly(tmp_path: Path) -> None:
+    """`tokenbooth usage | head`: the status a SIGPIPE gives and nothing on stderr (it
+    printed `tokenbooth: error: [Errno 32] Broken pipe`, exit 1)."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    rec = {"key_id": "k1", "org": "o1", "model": "demo", "prompt_tokens": 3,
+           "completion_tokens": 4, "total_tokens": 7, "cost_usd": "0.1",
+           "started_at": "2026-11-01T00:00:00Z", "status": 200}
+    (tmp_path / "data" / "usage.jsonl").write_text("".join(
+        json.dumps({**rec, "request_id": f"r{i}"}) + "\n" for i in range(20_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "authz.cli", "usage", "--config",
+                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"request_id")
+    proc.stdout.close()  # the reader leaves after one line
+    with proc.stderr:
+        err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert err == b""
+
+
 def test_usage_groups_name_a_missing_value(tmp_path: Path) -> None:
     """GET /v1/models leaves records of no model: their group is shown as `(none)` in
     the table (a blank cell read as a misaligned row), and stays "" in JSON."""

@@ -439,11 +439,19 @@ async def test_every_call_is_audited_without_secrets(api: Api,
     _, created = await api("POST", "/v1/keys", body={"org": "acme"})
     await api("GET", "/v1/keys", token="wrong")
     await api("POST", f"/v1/keys/{created['id']}/revoke", token=READER)
+    # A leaked key revoked by its secret, not its id: a 404 saying so, and the audit line
+    # names the secret by its listed prefix only.
+    status, err = await api("POST", f"/v1/keys/{created['key']}/revoke")
+    assert status == 404 and "a key's secret, not its id" in err["error"]["message"]
+    await api("GET", f"/v1/orgs/{created['key']}")
     lines = [orjson.loads(JsonFormatter().format(r)) for r in caplog.records
              if r.name == "tokenbooth.admin"]
-    assert [(x["admin"], x["action"], x.get("key_id"), x["status"]) for x in lines] == [
+    listed = created["key"][:10] + "…"
+    assert [(x["admin"], x["action"], x.get("key_id") or x.get("org"), x["status"])
+            for x in lines] == [
         ("ops", "create_key", created["id"], 201), (None, "list_keys", None, 401),
-        ("viewer", "revoke_key", created["id"], 403)]
+        ("viewer", "revoke_key", created["id"], 403), ("ops", "revoke_key", listed, 404),
+        ("ops", "get_org", listed, 200)]
     text = caplog.text + repr(lines)
     for secret in (created["key"], ADMIN, READER):
         assert secret not in text

@@ -1,0 +1,106 @@
+"""`--admin-url`'s client against servers that are not the admin API: a redirect is
+refused and the token goes nowhere else, a token with a line break is refused without
+being shown, a stranger's 404 says so."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from authz.cli.main import main
+from authz.cli.remote import AdminClient, RemoteError
+
+TOKEN = "adm-remote-test-token-7"
+
+
+class _Server:
+    """A plain HTTP server answering every request as `answer` says; the requests'
+    Authorization headers are kept."""
+
+    def __init__(self, answer: tuple[int, dict[str, str], bytes]) -> None:
+        self.seen: list[str | None] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                outer.seen.append(self.headers.get("authorization"))
+                status, headers, body = answer
+                self.send_response(status)
+                for k, v in {**headers, "content-length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = _any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def catcher() -> Iterator[_Server]:
+    s = _Server((200, {"content-type": "application/json"},
+                 b'{"object":"list","data":[],"has_more":false,"last_id":null}'))
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+def test_a_redirect_is_refused_and_the_token_goes_nowhere_else(
+        catcher: _Server, code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    redirecting = _Server((code, {"location": f"{catcher.url}/stolen"}, b""))
+    try:
+        rc = main(["keys", "list", "--admin-url", redirecting.url],
+                  env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        redirecting.stop()
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert catcher.seen == []  # the token never reached the other host
+    assert err == (f"tokenbooth: error: {redirecting.url}: answered {code}, a redirect to "
+                   f"{catcher.url}: not followed (it would carry the admin token there); "
+                   "point --admin-url at the gateway's admin.listen\n")
+    assert TOKEN not in err
+
+
+@pytest.mark.parametrize("token", [f"{TOKEN}\r", f"{TOKEN}\r\n", f" {TOKEN}\n"])
+def test_a_token_files_line_break_is_dropped(catcher: _Server, token: str) -> None:
+    AdminClient(catcher.url, token).call("GET", "/v1/keys")
+    assert catcher.seen == [f"Bearer {TOKEN}"]
+
+
+@pytest.mark.parametrize("token", ["adm-a\rb", "adm a", "adm-\x00", "adm-é"])
+def test_a_token_with_odd_characters_inside_is_refused_unseen(
+        token: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RemoteError) as e:
+        AdminClient("http://127.0.0.1:1", token)
+    assert token not in str(e.value) and "adm" not in str(e.value)
+    rc = main(["keys", "list", "--admin-url", "http://127.0.0.1:1"],
+              env={"TOKENBOOTH_ADMIN_TOKEN": token})
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "adm" not in err
+
+
+def test_a_stranger_answering_404_is_named_as_such(capsys: pytest.CaptureFixture[str]) -> None:
+    stranger = _Server((404, {"content-type": "text/html"}, b"<h1>Not Found</h1>"))
+    try:
+        rc = main(["keys", "show", "key_x", "--admin-url", stranger.url],
+                  env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        stranger.stop()
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        f"tokenbooth: error: {stranger.url}: 404 Not Found, not an answer of tokenbooth's "
+        "admin API (is --admin-url the gateway's admin.listen?)\n")
