@@ -470,6 +470,10 @@ class AdminSettings(_Strict):
 
 class LimitSettings(_Strict):
     on_store_error: OnStoreError = OnStoreError()
+    # A stream cut after no chunk reached the gateway for this long is charged its
+    # completion bound: vLLM generates on while its reader lags (it merges the steps it
+    # cannot send), so the chunks seen no longer count what it generated.
+    stalled_stream_s: float = Field(default=2.0, gt=0, le=3600)
 
 
 class MetricsSettings(_Strict):

@@ -43,8 +43,8 @@ ITEM_ADDED = b"response.output_item.added"
 
 class StreamMeter:
     __slots__ = ("_fed", "_inline_usage", "_parser", "_read_event", "_usage",
-                 "content_chunks", "done", "ended", "error_status", "oversize_bytes",
-                 "strip_usage", "tokens_per_chunk")
+                 "content_chunks", "done", "ended", "error_status", "merged_tokens",
+                 "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
                  tokens_per_chunk: int = 1) -> None:
@@ -57,6 +57,9 @@ class StreamMeter:
         # counts that one choice (one sequence of one prompt) so far, not the request.
         self._inline_usage: Usage | None = None
         self.content_chunks = 0  # chunks that carried generated tokens (vLLM: one per step)
+        # Tokens past `tokens_per_chunk` that chunks' logprobs showed (vLLM merges the
+        # steps it could not send yet into one chunk).
+        self.merged_tokens = 0
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
         self.ended = False  # the body ended (`finish`), not cut
@@ -92,8 +95,10 @@ class StreamMeter:
     @property
     def completion_estimate(self) -> int:
         """Generated tokens by what was seen, for a stream without a usage chunk: up to
-        `tokens_per_chunk` per content chunk, and ~4 bytes a token of any oversize event."""
-        return self.content_chunks * self.tokens_per_chunk + estimate_bytes(self.oversize_bytes)
+        `tokens_per_chunk` per content chunk (more where its logprobs name more), and ~4
+        bytes a token of any oversize event."""
+        return (self.content_chunks * self.tokens_per_chunk + self.merged_tokens
+                + estimate_bytes(self.oversize_bytes))
 
     def restore(self, content_chunks: int, oversize_events: int, oversize_bytes: int,
                 done: bool, unreadable: bool = False) -> None:
@@ -160,6 +165,9 @@ class StreamMeter:
             for choice in choices:
                 if _has_text(choice):
                     self.content_chunks += 1
+                    # A chunk's logprobs name each token it carries: steps vLLM merged
+                    # while its reader lagged count whole, not as one.
+                    self.merged_tokens += max(0, _logprob_tokens(choice) - self.tokens_per_chunk)
                     break
         usage = usage_from_obj(obj.get("usage"))
         if usage is None:
@@ -224,6 +232,18 @@ def _has_text(choice: Any) -> bool:
                 or bool(delta.get("reasoning_content"))
                 or _has_tool_text(delta.get("tool_calls")))
     return isinstance(choice.get("text"), str)
+
+
+def _logprob_tokens(choice: dict[str, Any]) -> int:
+    """How many tokens a choice's logprobs name (0 without logprobs): one entry each in a
+    chat chunk's `logprobs.content`, a completions chunk's `logprobs.tokens`."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return 0
+    entries = logprobs.get("content")
+    if entries is None:
+        entries = logprobs.get("tokens")
+    return len(entries) if isinstance(entries, list) else 0
 
 
 def _has_tool_text(calls: Any) -> bool:

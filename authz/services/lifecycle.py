@@ -683,6 +683,16 @@ class Lifecycle:
         if self._meter is not None and self._meter.oversize_events:
             self._rec.oversize_events(req.alias, self._meter.oversize_events)
 
+    def _stalled_cut(self, req: InferenceRequest) -> bool:
+        """A stream cut (not ended) after answering, with no chunk for
+        `limits.stalled_stream_s` before the cut."""
+        meter = self._meter
+        if (not req.stream or meter is None or meter.ended or not meter.content_chunks
+                or self._envoy_meter is not None):  # Envoy's report has no chunk times
+            return False
+        idle = time.monotonic() - self._last_byte
+        return idle >= self._snap.config.limits.stalled_stream_s
+
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""
         now = time.monotonic()
@@ -749,6 +759,12 @@ class Lifecycle:
             if req.hides_tokens:
                 # Its chunks do not count what was generated (reasoning or tool calls
                 # vLLM holds back): what it could generate.
+                return Usage(req.prompt_estimate, req.completion_bound), True
+            if self._stalled_cut(req):
+                # Cut after its chunks had stopped: a client that stopped reading (Envoy
+                # then stops reading the backend) while vLLM generated on, unsent; or a
+                # backend that paused. The gateway cannot tell them apart: what it could
+                # generate.
                 return Usage(req.prompt_estimate, req.completion_bound), True
             # No more than the backend can count: an oversize event's bytes are not tokens.
             return Usage(req.prompt_estimate,

@@ -435,6 +435,65 @@ async def test_a_cut_stream_that_may_hide_tokens_is_charged_its_completion_bound
         9, req.completion_bound, True)
 
 
+CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+
+@pytest.mark.parametrize(("idle_s", "charged"), [(0.5, "seen"), (2.5, "bound")])
+async def test_a_stream_cut_after_its_chunks_stopped_is_charged_its_completion_bound(
+        h: Harness, idle_s: float, charged: str) -> None:
+    """vLLM generates on while its reader lags (Envoy stops reading the backend once the
+    client stops reading), merging the steps it cannot send: real vLLM generated 7,168
+    tokens for a stream whose client paused, then left, after 2,169 had reached the
+    gateway. A cut after `limits.stalled_stream_s` (2 s) without a chunk: what it could
+    generate. Cut while chunks flowed: what they counted."""
+    life = await h.admitted({**CHAT, "stream": True})
+    req = life.req
+    assert req is not None and not req.hides_tokens
+    life.response_start(200, BACKEND)
+    for _ in range(3):
+        life.response_chunk(CONTENT, end=False)
+    life._last_byte -= idle_s  # no chunk since
+    life.finish(aborted=True)
+    assert life.recount_owed is not None
+    life.write(life.recount_owed[0], 9)
+    rec = await h.record(life)
+    want = req.completion_bound if charged == "bound" else 3
+    assert (rec.status, rec.prompt_tokens, rec.completion_tokens, rec.estimated) == (
+        499, 9, want, True)
+
+
+async def test_the_stall_that_counts_is_set_by_limits_stalled_stream_s(
+        tmp_path: Path) -> None:
+    h = make_harness(tmp_path, limits={"stalled_stream_s": 30})
+    life = await h.admitted({**CHAT, "stream": True})
+    life.response_start(200, BACKEND)
+    life.response_chunk(CONTENT, end=False)
+    life._last_byte -= 10
+    life.finish(aborted=True)
+    assert life.recount_owed is not None
+    life.write(life.recount_owed[0], 9)
+    assert (await h.record(life)).completion_tokens == 1
+
+
+async def test_chunks_whose_logprobs_name_merged_steps_count_each_token(h: Harness) -> None:
+    """A reader that lagged got chunks vLLM merged from several steps: their logprobs
+    name each token (chat `logprobs.content`, completions `logprobs.tokens`)."""
+    life = await h.admitted({**CHAT, "stream": True, "logprobs": True})
+    life.response_start(200, BACKEND)
+    entry = {"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}
+    for n in (1, 5, 3):
+        chunk = {"choices": [{"index": 0, "delta": {"content": "a" * n},
+                              "logprobs": {"content": [entry] * n}}]}
+        life.response_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n", end=False)
+    completions = {"choices": [{"index": 0, "text": "abcd",
+                                "logprobs": {"tokens": ["a", "b", "c", "d"]}}]}
+    life.response_chunk(b"data: " + json.dumps(completions).encode() + b"\n\n", end=False)
+    life.finish(aborted=True)
+    assert life.recount_owed is not None
+    life.write(life.recount_owed[0], 9)
+    assert (await h.record(life)).completion_tokens == 1 + 5 + 3 + 4
+
+
 async def test_a_stream_that_may_hide_tokens_cut_before_its_answer_is_recounted(
         h: Harness) -> None:
     """Cut before its first byte: what it could generate, and its prompt by the
