@@ -245,15 +245,11 @@ def _min_tokens(body: dict[str, Any], max_tokens: int) -> None:
 
 
 def _sequences(body: dict[str, Any], max_n: int) -> int:
-    """Sequences generated per prompt: `n`, or `best_of` (at least `n`) when sent."""
+    """Sequences generated per prompt: `n`, or `best_of` when sent and larger (vLLM 0.32
+    takes `n` and ignores a smaller `best_of`, in chat too)."""
     n = _int_field(body, "n", max_n) or 1
     best_of = _int_field(body, "best_of", max_n)
-    if best_of is None:
-        return n
-    if best_of < n:
-        raise invalid_request(f"'best_of' must be at least 'n' ({n}), got {best_of}.",
-                              "best_of")
-    return best_of
+    return n if best_of is None else max(n, best_of)
 
 
 def _stream_interval(body: dict[str, Any], model: Model, stream: bool) -> int:

@@ -313,6 +313,10 @@ def arguments_len(args: str) -> int:
 def completion_prompt(body: dict[str, Any], model: Model) -> tuple[int, int, int]:
     """(estimate, bound, number of prompts) of a /v1/completions request."""
     prompts = prompt_list(body.get("prompt"), "prompt")
+    if any(isinstance(p, list) and not p for p in prompts):
+        # vLLM refuses an empty prompt; a text one may not be empty to it (a BOS token).
+        raise invalid_request("'prompt' must not hold an empty array of token ids.",
+                              "prompt")
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_request("'suffix' must be a string.", "suffix")

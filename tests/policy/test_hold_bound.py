@@ -143,7 +143,7 @@ def chat_bodies(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
-token_ids = st.lists(st.integers(0, 200_000), max_size=20)
+token_ids = st.lists(st.integers(0, 200_000), min_size=1, max_size=20)
 prompts = (text | st.lists(text, min_size=1, max_size=4)
            | st.lists(st.integers(0, 200_000), min_size=1, max_size=20)
            | st.lists(token_ids, min_size=1, max_size=4))

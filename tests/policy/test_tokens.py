@@ -245,7 +245,7 @@ def test_completion_prompts_in_every_form() -> None:
     assert completion_prompt({"prompt": "hello"}, M) == (2, 5 + 8, 1)
     assert completion_prompt({"prompt": ["ab", "cdé"]}, M) == (1 + 1, (2 + 8) + (4 + 8), 2)
     assert completion_prompt({"prompt": [5, 6, 7]}, M) == (3, 3, 1)
-    assert completion_prompt({"prompt": [[1], [2, 3], []]}, M) == (3, 3, 3)
+    assert completion_prompt({"prompt": [[1], [2, 3]]}, M) == (3, 3, 2)
     # A suffix joins every prompt, with its fill-in-the-middle markers.
     assert completion_prompt({"prompt": ["a", "b"], "suffix": "xyz"}, M) == (
         2, 2 * ((1 + 8) + (3 + 8)), 2)
@@ -258,6 +258,7 @@ def test_completion_prompts_in_every_form() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [({}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": []}, "prompt"),
+     ({"prompt": [[1], []]}, "prompt"),
      ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [True]}, "prompt"),
      ({"prompt": [[1], ["a"]]}, "prompt"), ({"prompt": "x", "suffix": 3}, "suffix")],
 )
