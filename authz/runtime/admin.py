@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -87,12 +88,31 @@ async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
     except ValidationError as e:
         raise _invalid(e, "query") from None
     if route.body is None:
+        if request.method != "GET":
+            # Nothing to read: a field sent is unknown here, as on every other route.
+            data = await _json_object(request, empty_ok=True)
+            if data:
+                field = next(iter(data))
+                raise AdminError(400, f"unknown body field {field!r}", "invalid_request",
+                                 param=field)
         return query, None
+    data = await _json_object(request)
+    try:
+        return query, route.body.model_validate(data)
+    except ValidationError as e:
+        raise _invalid(e, "body") from None
+
+
+async def _json_object(request: web.Request, empty_ok: bool = False) -> dict[str, Any]:
+    """The body, a JSON object (`empty_ok`: no body at all reads as an empty one, where
+    none is needed); AdminError 400/415 if not."""
     if request.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
         # Read as sent (the server does not decompress): as the gateway answers.
         raise AdminError(415, "a compressed request body is not accepted: send it "
                          "uncompressed", "unsupported_media_type")
     raw = await request.read()
+    if empty_ok and not raw.strip():
+        return {}
     try:
         data = json_body(raw)
     except DuplicateMember as e:
@@ -102,10 +122,7 @@ async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,
         raise AdminError(400, "the body is not JSON", "invalid_request") from None
     if not isinstance(data, dict):
         raise AdminError(400, "the body must be a JSON object", "invalid_request")
-    try:
-        return query, route.body.model_validate(data)
-    except ValidationError as e:
-        raise _invalid(e, "body") from None
+    return data
 
 
 class DuplicateMember(ValueError):
@@ -236,6 +253,12 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(_INTERNAL)
 
 
+def _any_segment(path: str) -> str:
+    """`{org}` as aiohttp reads it matches no brace, and org names may hold them
+    (`a{b}`: its keys worked, its org endpoints were 404s): any character but `/`."""
+    return re.sub(r"\{(\w+)\}", r"{\1:[^/]+}", path)
+
+
 def make_admin_app(ctx: AdminContext, version: str = "0") -> web.Application:
     """The admin API over `ctx`; `/openapi.json` needs no token (it holds no data)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
@@ -246,7 +269,7 @@ def make_admin_app(ctx: AdminContext, version: str = "0") -> web.Application:
 
     app.router.add_get("/openapi.json", openapi)
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, _handler(ctx, route))
+        app.router.add_route(route.method, _any_segment(route.path), _handler(ctx, route))
     return app
 
 

@@ -413,6 +413,33 @@ async def test_org_limits_are_stored_and_seen_by_every_replica(ctx: AdminContext
     await other.store.close()
 
 
+async def test_an_org_name_with_braces_reaches_its_endpoints(api: Api) -> None:
+    """aiohttp's `{org}` matched no brace: `a{b}`'s keys worked, its org endpoints were
+    404s."""
+    status, _ = await api("POST", "/v1/keys", body={"org": "a{b}"})
+    assert status == 201
+    status, org = await api("PUT", "/v1/orgs/a%7Bb%7D", body={"rpm": 5})
+    assert (status, org["org"], org["limits"]["rpm"]) == (200, "a{b}", 5)
+    status, spend = await api("GET", "/v1/orgs/a%7Bb%7D/spend")
+    assert status == 200
+    assert (await api("DELETE", "/v1/orgs/a%7Bb%7D"))[0] == 200
+
+
+async def test_a_route_without_a_body_refuses_fields(api: Api) -> None:
+    """As every route refuses unknown fields: revoke reads none, so any is unknown; no
+    body, or an empty object, is what it takes."""
+    _, created = await api("POST", "/v1/keys", body={"org": "acme"})
+    path = f"/v1/keys/{created['id']}/revoke"
+    status, err = await api("POST", path, body={"reason": "leaked"})
+    assert (status, err["error"]["param"]) == (400, "reason")
+    assert "unknown body field" in err["error"]["message"]
+    assert (await api("POST", path, raw=b"[1]"))[0] == 400
+    assert (await api("GET", f"/v1/keys/{created['id']}"))[1]["status"] == "active"
+    assert (await api("POST", path, body={}))[1]["status"] == "revoked"
+    assert (await api("POST", path))[0] == 200
+    assert (await api("DELETE", "/v1/orgs/acme", raw=b" "))[0] == 200
+
+
 async def test_usage_filters_groups_and_pages(api: Api) -> None:
     status, page = await api("GET", "/v1/usage?org=acme&limit=3")
     assert status == 200 and [r["request_id"] for r in page["data"]] == ["r0", "r1", "r2"]
