@@ -235,7 +235,8 @@ def _public(rec: KeyRecord, source: str = "store") -> dict[str, Any]:
 def _all_keys(cfg: Config, org: str | None) -> list[dict[str, Any]]:
     static = [_public(k, "config") for k in cfg.keys if org is None or k.org == org]
     stored = _with_store(cfg, lambda s: s.list_keys(org))
-    return static + [_public(k) for k in stored]
+    # By id, as the admin API lists them (`--admin-url`): the same output either way.
+    return sorted(static + [_public(k) for k in stored], key=lambda r: str(r["id"]))
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:

@@ -102,6 +102,18 @@ def test_a_reader_that_leaves_stops_the_command_quietly(tmp_path: Path) -> None:
     assert err == b""
 
 
+def test_keys_list_is_by_id_as_the_admin_api_lists_them(tmp_path: Path) -> None:
+    """The same output with or without --admin-url: the config's keys and the stored ones
+    together, by id (it listed the config's first, each in file order)."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    r = tb("keys", "create", "--org", "acme", "--config", str(path), "--json")
+    stored = json.loads(r.stdout)["id"]
+    rows = json.loads(tb("keys", "list", "--config", str(path), "--json").stdout)
+    ids = [row["id"] for row in rows]
+    assert stored in ids and "k-main" in ids and ids == sorted(ids)
+
+
 def test_usage_groups_name_a_missing_value(tmp_path: Path) -> None:
     """GET /v1/models leaves records of no model: their group is shown as `(none)` in
     the table (a blank cell read as a misaligned row), and stays "" in JSON."""
