@@ -175,6 +175,20 @@ async def test_an_unreadable_keyring_does_not_stop_the_watch(tmp_path: Path) -> 
         await serving.close()
 
 
+@pytest.mark.parametrize(("content", "says"), [
+    (b"{not json", "not JSON ("),
+    (b"[]", 'expected a JSON object with "keys", found a list'),
+    (b'{"keys": [{"id": "k1"}]}', "keys[0].org: Field required"),
+    (b'{"keys": 5}', "keys: Input should be a valid"),
+])
+async def test_a_damaged_keyring_is_named_in_words(tmp_path: Path, content: bytes,
+                                                   says: str) -> None:
+    (tmp_path / "keys.json").write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        await KeyringStore(tmp_path).list_keys(None)
+    assert str(e.value).startswith(f"{tmp_path / 'keys.json'}: damaged keyring: {says}")
+
+
 async def test_no_secret_is_stored(store: Any, tmp_path: Path) -> None:
     rec, secret = record()
     await store.create(rec)

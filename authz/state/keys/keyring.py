@@ -180,10 +180,23 @@ class KeyringStore:
         return self._parse(raw)
 
     def _parse(self, raw: bytes) -> list[KeyRecord]:
+        """The file's records; ValueError naming what is wrong, in words (pydantic's
+        "1 validation error for list[KeyRecord]" named nothing)."""
         try:
-            return _RECORDS.validate_python(orjson.loads(raw).get("keys", []))
-        except (orjson.JSONDecodeError, ValidationError, AttributeError) as e:
-            raise ValueError(f"{self.path}: damaged keyring: {str(e).splitlines()[0]}") from None
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise ValueError(f"{self.path}: damaged keyring: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path}: damaged keyring: expected a JSON object with "
+                             f'"keys", found a {type(data).__name__}')
+        try:
+            return _RECORDS.validate_python(data.get("keys", []))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = "keys" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                                     for p in err["loc"])
+            raise ValueError(f"{self.path}: damaged keyring: {where}: "
+                             f"{str(err['msg']).removeprefix('Value error, ')}") from None
 
     def _locked(self, change: Callable[[list[KeyRecord]], tuple[T, bool]]
                 ) -> tuple[T, _Read | None]:
