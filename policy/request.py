@@ -219,11 +219,13 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/compl
 
 def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
     """Completion tokens per sequence, and whether the upstream body must be given them."""
-    max_tokens = _int_field(body, "max_tokens", cap)
     if kind is Kind.CHAT:
         mct = _int_field(body, "max_completion_tokens", cap)
-        if mct is not None:  # vLLM prefers it to the deprecated max_tokens
+        if mct is not None:  # vLLM prefers it to the deprecated max_tokens, then unread
+            if body.get("max_tokens") is not None and type(body["max_tokens"]) is not int:
+                raise invalid_request("'max_tokens' must be an integer.", "max_tokens")
             return mct, False
+    max_tokens = _int_field(body, "max_tokens", cap)
     if max_tokens is not None:
         return max_tokens, False
     # Written upstream, so the backend cannot exceed the hold: chat gets the model's cap;

@@ -43,6 +43,14 @@ def test_defaults_and_reservation_ceiling() -> None:
     assert r.stream is False and r.max_tokens == 256 and r.prompt_estimate > 0  # type: ignore[attr-defined]
     r = parse({"model": "demo", "messages": MSG, "max_completion_tokens": 7, "max_tokens": 9})
     assert r.max_tokens == 7  # type: ignore[attr-defined]
+    # vLLM reads max_completion_tokens alone then: a max_tokens past the model's cap
+    # (256) does not matter (vLLM answered 200 where this was a 400), a non-integer does.
+    r = parse({"model": "demo", "messages": MSG, "max_completion_tokens": 3,
+               "max_tokens": 100_000})
+    assert r.max_tokens == 3  # type: ignore[attr-defined]
+    e = error_of({"model": "demo", "messages": MSG, "max_completion_tokens": 3,
+                  "max_tokens": "9"}, CHAT_EP)
+    assert (e.status, e.param) == (400, "max_tokens")
 
 
 @pytest.mark.parametrize(
