@@ -41,8 +41,13 @@ ERROR_EVENT = b"error"  # the Responses API's event for a stream that failed
 ITEM_ADDED = b"response.output_item.added"
 
 
+# Choice indexes remembered (n and best_of are capped far below; a backend sending more
+# distinct indexes gets no merged count past them).
+_MAX_CHOICES_SEEN = 4096
+
+
 class StreamMeter:
-    __slots__ = ("_fed", "_inline_usage", "_parser", "_read_event", "_usage",
+    __slots__ = ("_choices_seen", "_fed", "_inline_usage", "_parser", "_read_event", "_usage",
                  "content_chunks", "done", "ended", "error_status", "merged_tokens",
                  "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
@@ -60,6 +65,7 @@ class StreamMeter:
         # Tokens past `tokens_per_chunk` that chunks' logprobs showed (vLLM merges the
         # steps it could not send yet into one chunk).
         self.merged_tokens = 0
+        self._choices_seen: set[int] = set()  # choice indexes whose first chunk passed
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
         self.ended = False  # the body ended (`finish`), not cut
@@ -166,8 +172,16 @@ class StreamMeter:
                 if _has_text(choice):
                     self.content_chunks += 1
                     # A chunk's logprobs name each token it carries: steps vLLM merged
-                    # while its reader lagged count whole, not as one.
-                    self.merged_tokens += max(0, _logprob_tokens(choice) - self.tokens_per_chunk)
+                    # while its reader lagged count whole, not as one. Not a choice's
+                    # first chunk: with `echo` its logprobs name the prompt's tokens.
+                    index = choice.get("index")
+                    if type(index) is not int:
+                        pass  # not vLLM's: no merged count
+                    elif index in self._choices_seen:
+                        self.merged_tokens += max(
+                            0, _logprob_tokens(choice) - self.tokens_per_chunk)
+                    elif len(self._choices_seen) < _MAX_CHOICES_SEEN:
+                        self._choices_seen.add(index)
                     break
         usage = usage_from_obj(obj.get("usage"))
         if usage is None:

@@ -477,21 +477,27 @@ async def test_the_stall_that_counts_is_set_by_limits_stalled_stream_s(
 
 async def test_chunks_whose_logprobs_name_merged_steps_count_each_token(h: Harness) -> None:
     """A reader that lagged got chunks vLLM merged from several steps: their logprobs
-    name each token (chat `logprobs.content`, completions `logprobs.tokens`)."""
-    life = await h.admitted({**CHAT, "stream": True, "logprobs": True})
+    name each token (chat `logprobs.content`, completions `logprobs.tokens`). Not a
+    choice's first chunk, whose logprobs name the prompt's tokens too with `echo`."""
+    life = await h.admitted({**CHAT, "stream": True, "logprobs": True, "n": 2})
     life.response_start(200, BACKEND)
     entry = {"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}
-    for n in (1, 5, 3):
-        chunk = {"choices": [{"index": 0, "delta": {"content": "a" * n},
-                              "logprobs": {"content": [entry] * n}}]}
-        life.response_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n", end=False)
-    completions = {"choices": [{"index": 0, "text": "abcd",
+
+    def chunk(index: int, n: int) -> bytes:
+        body = {"choices": [{"index": index, "delta": {"content": "a" * n},
+                             "logprobs": {"content": [entry] * n}}]}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    for index, n in ((0, 7), (1, 1), (0, 5), (1, 3), (0, 1)):
+        life.response_chunk(chunk(index, n), end=False)
+    completions = {"choices": [{"index": 1, "text": "abcd",
                                 "logprobs": {"tokens": ["a", "b", "c", "d"]}}]}
     life.response_chunk(b"data: " + json.dumps(completions).encode() + b"\n\n", end=False)
     life.finish(aborted=True)
     assert life.recount_owed is not None
     life.write(life.recount_owed[0], 9)
-    assert (await h.record(life)).completion_tokens == 1 + 5 + 3 + 4
+    # First chunks count one each (7 is an echoed prompt's, as far as the meter knows).
+    assert (await h.record(life)).completion_tokens == 1 + 1 + 5 + 3 + 1 + 4
 
 
 async def test_a_stream_that_may_hide_tokens_cut_before_its_answer_is_recounted(
