@@ -118,6 +118,7 @@ SET_CLUSTER = "envoy.filters.http.header_mutation"
 MODELS_PATH = "/v1/models"
 # vLLM's liveness path: load balancers, routers and benchmark clients probe it first.
 HEALTH_PATH = "/health"
+HEALTH_METHODS = "GET, HEAD, OPTIONS"
 NO_CLUSTER = "tokenbooth_unrouted"  # never defined
 # What ext_proc's body rewrite may add: a model name (config-bound) and stream_options.
 REWRITE_SLACK = 64 << 10
@@ -443,13 +444,14 @@ def _proc_metadata(key: str) -> str:
 
 
 def _health_route() -> Route:
-    """`GET` / `HEAD /health`, answered by Envoy itself with 200 and no key (ext_authz
-    and ext_proc off): it says Envoy is up, not that any backend is."""
+    """`GET`, `HEAD` and `OPTIONS /health` (HAProxy's `option httpchk` sends OPTIONS
+    unless told otherwise), answered by Envoy itself with 200 and no key (ext_authz and
+    ext_proc off): it says Envoy is up, not that any backend is."""
     off = {EXT_AUTHZ: pack(ExtAuthzPerRoute(disabled=True)),
            EXT_PROC: pack(ExtProcPerRoute(disabled=True))}
-    get_or_head = RouteHeaderMatcher(
-        name=":method", string_match=StringMatcher(safe_regex=RegexMatcher(regex="GET|HEAD")))
-    return Route(name="health", match=RouteMatch(path=HEALTH_PATH, headers=[get_or_head]),
+    probe = RouteHeaderMatcher(name=":method", string_match=StringMatcher(
+        safe_regex=RegexMatcher(regex=HEALTH_METHODS.replace(", ", "|"))))
+    return Route(name="health", match=RouteMatch(path=HEALTH_PATH, headers=[probe]),
                  direct_response=DirectResponseAction(status=200),
                  typed_per_filter_config=off)
 
@@ -458,7 +460,7 @@ def _health_other_methods_route() -> Route:
     """Any other method on `/health`: the 405 with `allow` that every path gives, at once
     (nothing reads its body: no buffer waits for it)."""
     return _refusal_route("health-method", RouteMatch(path=HEALTH_PATH), HEALTH_METHOD,
-                          (("allow", "GET, HEAD"),))
+                          (("allow", HEALTH_METHODS),))
 
 
 def _connect_route() -> Route:

@@ -101,7 +101,7 @@ CONNECT_REFUSED = ApiError(405, "method_not_allowed",
                            "CONNECT is not allowed: this is an OpenAI-compatible API, not a "
                            "proxy.")
 HEALTH_METHOD = ApiError(405, "method_not_allowed",
-                         "Only GET and HEAD are allowed on /health.")
+                         "Only GET, HEAD and OPTIONS are allowed on /health.")
 NO_BODY = invalid_request("This endpoint needs a JSON request body.")
 # ext_proc named a cluster Envoy does not have: the model was added or removed moments
 # ago and the replica that answered ext_proc saw the change before (or after) the one

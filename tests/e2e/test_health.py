@@ -39,7 +39,8 @@ def test_an_http_1_0_health_check_is_answered(gateway: Gateway) -> None:
     with no Host header: Envoy answers them (it refused them with 426)."""
     host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
     for request in (b"GET /health HTTP/1.0\r\n\r\n",
-                    b"GET /health HTTP/1.0\r\nHost: lb\r\n\r\n"):
+                    b"GET /health HTTP/1.0\r\nHost: lb\r\n\r\n",
+                    b"OPTIONS /health HTTP/1.0\r\n\r\n"):  # HAProxy's default check
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(request)
             answer = b""
@@ -88,19 +89,24 @@ def test_head_answers_as_get_without_a_body(gateway: Gateway) -> None:
         conn.close()
 
 
-def test_other_methods_on_health_are_a_405_naming_get_and_head(gateway: Gateway) -> None:
-    """As on every other path: a 405 with `allow`, OpenAI-shaped, at once (a PUT's body
-    is not read first)."""
+def test_other_methods_on_health_are_a_405_naming_those_it_answers(
+        gateway: Gateway) -> None:
+    """OPTIONS is answered (HAProxy's `option httpchk` sends it unless told otherwise);
+    any other method is, as on every other path, a 405 with `allow`, OpenAI-shaped, at
+    once (a PUT's body is not read first)."""
     host, port = gateway.base_url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
+        conn.request("OPTIONS", "/health")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"")
         for method, body in (("POST", b"{}"), ("PUT", b"x" * 60_000), ("DELETE", None),
-                             ("OPTIONS", None), ("FOO", None)):
+                             ("FOO", None)):
             conn.request(method, "/health", body=body)
             resp = conn.getresponse()
             answer = resp.read()
             assert (method, resp.status) == (method, 405)
-            assert resp.headers["allow"] == "GET, HEAD"
+            assert resp.headers["allow"] == "GET, HEAD, OPTIONS"
             assert json.loads(answer)["error"]["code"] == "method_not_allowed"
             if resp.will_close:
                 conn.close()

@@ -47,7 +47,7 @@ def test_health_is_the_first_route_after_connect_and_envoy_answers_it() -> None:
     assert first == {
         "name": "health",
         "match": {"path": "/health", "headers": [
-            {"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}]},
+            {"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD|OPTIONS"}}}]},
         "direct_response": {"status": 200},
         "typed_per_filter_config": {
             "envoy.filters.http.ext_authz": {
@@ -69,7 +69,7 @@ def test_other_methods_on_health_get_a_405_with_every_filter_off() -> None:
     assert second["direct_response"]["status"] == 405
     assert {h["header"]["key"]: h["header"]["value"]
             for h in second["response_headers_to_add"]} == {
-        "content-type": "application/json", "allow": "GET, HEAD"}
+        "content-type": "application/json", "allow": "GET, HEAD, OPTIONS"}
     assert all(v.get("disabled") for v in second["typed_per_filter_config"].values())
 
 
