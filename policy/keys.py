@@ -78,11 +78,11 @@ def redact_secrets(text: str) -> str:
 
 
 def no_key_message(key_id: str) -> str:
-    """The answer to a key id that names no key; a secret given for an id says so (the
-    secret itself goes back only to whoever typed it)."""
+    """The answer to a key id that names no key; a secret given for an id says so, by
+    its listed prefix only (the answer lands in terminals and CI logs)."""
     hint = (" (that is a key's secret, not its id: `keys list` shows each key's id beside "
             "its prefix)" if key_id.startswith(KEY_PREFIX) else "")
-    return f"no key with id {key_id!r}{hint}"
+    return f"no key with id {redact_secrets(key_id)!r}{hint}"
 
 
 def extract_secret(authorization: str | None, x_api_key: str | None) -> str | None:

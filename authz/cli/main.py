@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args = parser().parse_args(argv)
     func: Handler = args.func
     try:
-        return func(args, settings)
+        rc = func(args, settings)
+        sys.stdout.flush()  # here, not at exit: a reader that left is one more case below
+        return rc
     except BrokenPipeError:
         # The reader left (`tokenbooth usage | head`): stop quietly, as `ls | head` does,
         # with the status a SIGPIPE gives; nothing more is written to the closed pipe.

@@ -49,6 +49,8 @@ class AdminClient:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise RemoteError(f"--admin-url: expected http(s)://host:port, got {url!r}")
         token = token.strip()  # a token file's line break (\r\n) included
+        if not token:
+            raise RemoteError(f"--admin-url needs an admin token in ${ADMIN_TOKEN_ENV}")
         if not token.isascii() or not token.isprintable() or " " in token:
             # Never the token itself in the message: it lands in terminals and CI logs.
             raise RemoteError(f"${ADMIN_TOKEN_ENV}: the token has a space, control or "

@@ -100,6 +100,13 @@ def test_a_reader_that_leaves_stops_the_command_quietly(tmp_path: Path) -> None:
         err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141
     assert err == b""
+    # Output still buffered when the command returns (a short listing, stdout buffered):
+    # flushed inside the command, not at exit, where Python printed its own error.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for _ in range(3):
+        r = subprocess.run(f"{sys.executable} -m authz.cli keys list --config {path} | true",
+                           shell=True, capture_output=True, env=env, timeout=60)
+        assert r.stderr == b"", r.stderr
 
 
 def test_keys_list_is_by_id_as_the_admin_api_lists_them(tmp_path: Path) -> None:

@@ -81,6 +81,11 @@ def test_a_token_files_line_break_is_dropped(catcher: _Server, token: str) -> No
     assert catcher.seen == [f"Bearer {TOKEN}"]
 
 
+def test_a_blank_token_is_no_token() -> None:
+    with pytest.raises(RemoteError, match="needs an admin token"):
+        AdminClient("http://127.0.0.1:1", " \r\n")
+
+
 @pytest.mark.parametrize("token", ["adm-a\rb", "adm a", "adm-\x00", "adm-é"])
 def test_a_token_with_odd_characters_inside_is_refused_unseen(
         token: str, capsys: pytest.CaptureFixture[str]) -> None:
