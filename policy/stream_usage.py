@@ -41,6 +41,10 @@ ERROR_EVENT = b"error"  # the Responses API's event for a stream that failed
 ITEM_ADDED = b"response.output_item.added"
 
 
+# Characters one step's token never reaches (a tokenizer's longest tokens, runs of
+# spaces or dashes, are far shorter): a chunk's text past this times the tokens it carries
+# holds merged steps.
+MERGED_TEXT_CHARS = 256
 # Choice indexes remembered (n and best_of are capped far below; a backend sending more
 # distinct indexes gets no merged count past them).
 _MAX_CHOICES_SEEN = 4096
@@ -48,7 +52,7 @@ _MAX_CHOICES_SEEN = 4096
 
 class StreamMeter:
     __slots__ = ("_choices_seen", "_fed", "_inline_usage", "_parser", "_read_event", "_usage",
-                 "content_chunks", "done", "ended", "error_status", "merged_tokens",
+                 "content_chunks", "done", "ended", "error_status", "lagged",
                  "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
@@ -62,9 +66,10 @@ class StreamMeter:
         # counts that one choice (one sequence of one prompt) so far, not the request.
         self._inline_usage: Usage | None = None
         self.content_chunks = 0  # chunks that carried generated tokens (vLLM: one per step)
-        # Tokens past `tokens_per_chunk` that chunks' logprobs showed (vLLM merges the
-        # steps it could not send yet into one chunk).
-        self.merged_tokens = 0
+        # A chunk held more steps than one sends: vLLM merges the steps it could not send
+        # while its reader lagged, and generates on. Its chunks no longer count what it
+        # generated: a cut stream is charged its completion bound.
+        self.lagged = False
         self._choices_seen: set[int] = set()  # choice indexes whose first chunk passed
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
@@ -101,10 +106,8 @@ class StreamMeter:
     @property
     def completion_estimate(self) -> int:
         """Generated tokens by what was seen, for a stream without a usage chunk: up to
-        `tokens_per_chunk` per content chunk (more where its logprobs name more), and ~4
-        bytes a token of any oversize event."""
-        return (self.content_chunks * self.tokens_per_chunk + self.merged_tokens
-                + estimate_bytes(self.oversize_bytes))
+        `tokens_per_chunk` per content chunk, and ~4 bytes a token of any oversize event."""
+        return self.content_chunks * self.tokens_per_chunk + estimate_bytes(self.oversize_bytes)
 
     def restore(self, content_chunks: int, oversize_events: int, oversize_bytes: int,
                 done: bool, unreadable: bool = False) -> None:
@@ -150,6 +153,22 @@ class StreamMeter:
         keep.append(tail)
         return b"".join(keep)
 
+    def _look_for_merged_steps(self, choice: dict[str, Any]) -> None:
+        """Whether this chunk of a choice holds merged steps: its logprobs name more tokens
+        than a chunk carries, or its text is longer than so many tokens' ever is. Not a
+        choice's first chunk: with `echo` it carries the prompt too."""
+        if self.lagged:
+            return
+        index = choice.get("index")
+        if type(index) is not int:
+            return  # not vLLM's
+        if index not in self._choices_seen:
+            if len(self._choices_seen) < _MAX_CHOICES_SEEN:
+                self._choices_seen.add(index)
+            return
+        self.lagged = (_logprob_tokens(choice) > self.tokens_per_chunk
+                       or _text_len(choice) > MERGED_TEXT_CHARS * self.tokens_per_chunk)
+
     def _observe(self, ev: Event) -> bool:
         """Account for one event; True when it is the usage-only chunk."""
         data = ev.data
@@ -171,17 +190,7 @@ class StreamMeter:
             for choice in choices:
                 if _has_text(choice):
                     self.content_chunks += 1
-                    # A chunk's logprobs name each token it carries: steps vLLM merged
-                    # while its reader lagged count whole, not as one. Not a choice's
-                    # first chunk: with `echo` its logprobs name the prompt's tokens.
-                    index = choice.get("index")
-                    if type(index) is not int:
-                        pass  # not vLLM's: no merged count
-                    elif index in self._choices_seen:
-                        self.merged_tokens += max(
-                            0, _logprob_tokens(choice) - self.tokens_per_chunk)
-                    elif len(self._choices_seen) < _MAX_CHOICES_SEEN:
-                        self._choices_seen.add(index)
+                    self._look_for_merged_steps(choice)
                     break
         usage = usage_from_obj(obj.get("usage"))
         if usage is None:
@@ -258,6 +267,20 @@ def _logprob_tokens(choice: dict[str, Any]) -> int:
     if entries is None:
         entries = logprobs.get("tokens")
     return len(entries) if isinstance(entries, list) else 0
+
+
+def _text_len(choice: dict[str, Any]) -> int:
+    """Characters of generated text in a chunk's choice: a chat delta's content,
+    reasoning and tool-call arguments, or a completions `text`."""
+    delta = choice.get("delta")
+    parts: list[Any] = [choice.get("text")]
+    if isinstance(delta, dict):
+        parts += [delta.get("content"), delta.get("reasoning"), delta.get("reasoning_content")]
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            parts += [c.get("function", {}).get("arguments") for c in calls
+                      if isinstance(c, dict) and isinstance(c.get("function"), dict)]
+    return sum(len(p) for p in parts if isinstance(p, str))
 
 
 def _has_tool_text(calls: Any) -> bool:

@@ -208,6 +208,7 @@ class Lifecycle:
         "_rt",
         "_settle",
         "_snap",
+        "_stalled",
         "_started",
         "_t0",
         "_t_first",
@@ -244,6 +245,7 @@ class Lifecycle:
         self._snap: Snapshot = runtime.snapshot
         self._t0 = time.monotonic()
         self._last_byte = self._t0  # when the response last moved (why it ended early)
+        self._stalled = False  # its chunks paused for a stall once its answer began
         self._t_first = 0.0  # monotonic time of a stream's first content chunk (TTFT)
         self.record: UsageRecord | None = None  # the usage record, once written
         # The record's metrics, counted once its settlement has said whether the sweep
@@ -483,7 +485,11 @@ class Lifecycle:
         admitted (a local reply, a refusal): nothing to meter. At the end, the record."""
         if self.route is None:
             return None
-        self._last_byte = time.monotonic()
+        now = time.monotonic()
+        if (self._meter is not None and self._meter.content_chunks
+                and now - self._last_byte >= self._stall_s):
+            self._stalled = True  # a pause mid-answer: see _stalled_cut
+        self._last_byte = now
         out = (self._meter_chunk(chunk, end) if self._error_body is None
                else self._error_chunk(chunk, end))
         if end:
@@ -684,14 +690,24 @@ class Lifecycle:
             self._rec.oversize_events(req.alias, self._meter.oversize_events)
 
     def _stalled_cut(self, req: InferenceRequest) -> bool:
-        """A stream cut (not ended) after answering, with no chunk for
-        `limits.stalled_stream_s` before the cut."""
+        """A stream cut (not ended, no `[DONE]`) after its answer began, where its chunks
+        stopped coming for `limits.stalled_stream_s` (times the tokens a chunk carries) at
+        any point after its first, the cut included, or one held merged steps: its reader
+        lagged while vLLM generated on (or the backend paused)."""
         meter = self._meter
-        if (not req.stream or meter is None or meter.ended or not meter.content_chunks
+        if (not req.stream or meter is None or meter.ended or meter.done
+                or not meter.content_chunks
                 or self._envoy_meter is not None):  # Envoy's report has no chunk times
             return False
-        idle = time.monotonic() - self._last_byte
-        return idle >= self._snap.config.limits.stalled_stream_s
+        return (self._stalled or meter.lagged
+                or time.monotonic() - self._last_byte >= self._stall_s)
+
+    @property
+    def _stall_s(self) -> float:
+        """The pause between chunks that reads as a stall: one chunk carries
+        `stream_interval` steps, so its normal gap is that many steps long."""
+        interval = self.req.stream_interval if self.req is not None else 1
+        return self._snap.config.limits.stalled_stream_s * max(1, interval)
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""

@@ -224,7 +224,7 @@ def test_a_client_leaving_well_after_a_stall_is_a_499(tmp_path: Path) -> None:
         pid = serve_pid(g.config_path)
         with httpx.stream("POST", f"{g.base_url}/v1/chat/completions",
                           content=json.dumps(body), timeout=60,
-                          headers={**HEADERS, "x-sim-tpot-ms": "1500"}) as r:
+                          headers={**HEADERS, "x-sim-tpot-ms": "1200"}) as r:
             rid, events = r.headers["x-request-id"], 0
             for line in r.iter_lines():
                 events += line.startswith("data: ")

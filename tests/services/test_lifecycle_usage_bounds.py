@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
 
 from authz.runtime.snapshot import Runtime
 from authz.services import lifecycle
@@ -475,29 +476,78 @@ async def test_the_stall_that_counts_is_set_by_limits_stalled_stream_s(
     assert (await h.record(life)).completion_tokens == 1
 
 
-async def test_chunks_whose_logprobs_name_merged_steps_count_each_token(h: Harness) -> None:
-    """A reader that lagged got chunks vLLM merged from several steps: their logprobs
-    name each token (chat `logprobs.content`, completions `logprobs.tokens`). Not a
-    choice's first chunk, whose logprobs name the prompt's tokens too with `echo`."""
-    life = await h.admitted({**CHAT, "stream": True, "logprobs": True, "n": 2})
-    life.response_start(200, BACKEND)
+def chunk_of(index: int, tokens: int, text: str = "a", logprobs: bool = True) -> bytes:
+    """One chat chunk of choice `index`, its logprobs naming `tokens` tokens."""
     entry = {"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}
+    choice: dict[str, Any] = {"index": index, "delta": {"content": text}}
+    if logprobs:
+        choice["logprobs"] = {"content": [entry] * tokens}
+    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
 
-    def chunk(index: int, n: int) -> bytes:
-        body = {"choices": [{"index": index, "delta": {"content": "a" * n},
-                             "logprobs": {"content": [entry] * n}}]}
-        return b"data: " + json.dumps(body).encode() + b"\n\n"
 
-    for index, n in ((0, 7), (1, 1), (0, 5), (1, 3), (0, 1)):
-        life.response_chunk(chunk(index, n), end=False)
-    completions = {"choices": [{"index": 1, "text": "abcd",
-                                "logprobs": {"tokens": ["a", "b", "c", "d"]}}]}
-    life.response_chunk(b"data: " + json.dumps(completions).encode() + b"\n\n", end=False)
+async def cut_charge(h: Harness, body: dict[str, Any], chunks: list[bytes],
+                     gaps: dict[int, float] | None = None, idle_s: float = 0) -> int:
+    """The completion a stream is charged when cut after these chunks, `gaps[i]` seconds
+    of silence before chunk i and `idle_s` before the cut."""
+    life = await h.admitted({**CHAT, "stream": True, **body})
+    life.response_start(200, BACKEND)
+    for i, chunk in enumerate(chunks):
+        life._last_byte -= (gaps or {}).get(i, 0)
+        life.response_chunk(chunk, end=False)
+    life._last_byte -= idle_s
     life.finish(aborted=True)
     assert life.recount_owed is not None
     life.write(life.recount_owed[0], 9)
-    # First chunks count one each (7 is an echoed prompt's, as far as the meter knows).
-    assert (await h.record(life)).completion_tokens == 1 + 1 + 5 + 3 + 1 + 4
+    rec = await h.record(life)
+    h.recorded.got.clear()
+    return rec.completion_tokens
+
+
+async def test_a_chunk_holding_merged_steps_charges_a_cut_its_bound(h: Harness) -> None:
+    """vLLM merges the steps it could not send while its reader lagged into one chunk
+    (and generates on): its logprobs name several tokens, or its text is longer than one
+    token's ever is. Not a choice's first chunk, which with `echo` carries the prompt."""
+    bound = 2 * 50
+    body = {"logprobs": True, "n": 2}
+    # First chunks may name many tokens (echo); later ones one each: what they counted.
+    assert await cut_charge(h, body, [chunk_of(0, 7), chunk_of(1, 1), chunk_of(0, 1),
+                                      chunk_of(1, 1)]) == 4
+    assert await cut_charge(h, body, [chunk_of(0, 1), chunk_of(1, 1), chunk_of(0, 5),
+                                      chunk_of(1, 1)]) == bound
+    # Without logprobs: a text no single token makes.
+    plain = {"n": 2}
+    assert await cut_charge(h, plain, [chunk_of(0, 1, "a" * 300, False),
+                                       chunk_of(0, 1, "ab", False)]) == 2
+    assert await cut_charge(h, plain, [chunk_of(0, 1, "ab", False),
+                                       chunk_of(0, 1, "a" * 300, False)]) == bound
+
+
+async def test_a_stall_before_a_brief_resume_still_charges_the_bound(h: Harness) -> None:
+    """A client that paused (vLLM merging meanwhile), then read one chunk and left at
+    once: the pause counts, not only the silence before the cut."""
+    chunks = [chunk_of(0, 1, "a", False)] * 3
+    assert await cut_charge(h, {}, chunks) == 3
+    assert await cut_charge(h, {}, chunks, gaps={2: 2.5}) == 50
+    # The wait for the first chunk is no stall (the prompt's prefill, a queue).
+    assert await cut_charge(h, {}, chunks, gaps={0: 30}) == 3
+
+
+async def test_a_stream_that_said_done_is_not_a_stall(h: Harness) -> None:
+    """Its answer was whole (`[DONE]`), the backend kept the body open: what it counted."""
+    chunks = [chunk_of(0, 1, "a", False), b"data: [DONE]\n\n"]
+    assert await cut_charge(h, {}, chunks, idle_s=5) == 1
+
+
+async def test_the_stall_scales_with_the_tokens_a_chunk_carries(tmp_path: Path) -> None:
+    """A model's stream_interval of 4: a chunk every 4 steps, so a 4x longer pause."""
+    path = write_policy(tmp_path, BACKEND)
+    data = yaml.safe_load(path.read_text())
+    data["models"]["demo"]["stream_interval"] = 4
+    path.write_text(yaml.safe_dump(data))
+    h = Harness(Runtime.from_file(path), Recorded(), Holds())
+    chunks = [chunk_of(0, 4, "abcd", False)] * 2
+    assert await cut_charge(h, {}, chunks, idle_s=5) == 8
+    assert await cut_charge(h, {}, chunks, idle_s=9) == 50
 
 
 async def test_a_stream_that_may_hide_tokens_cut_before_its_answer_is_recounted(
