@@ -217,14 +217,16 @@ def test_a_stream_served_while_serve_stood_still_is_charged_its_whole_hold(
 def test_a_client_leaving_well_after_a_stall_is_a_499(tmp_path: Path) -> None:
     """serve stands still longer than Envoy's message timeout while none of the stream's
     messages waits (its next token is far off): Envoy never gives up on it, the stream
-    goes on metered, and a client that leaves later is a 499 of what it saw."""
-    with run_gateway(tmp_path, envoy={"decision_timeout_ms": 500}) as g:
+    goes on metered, and a client that leaves later is a 499 of what it saw (its 1.5 s
+    steps are no stall here: limits.stalled_stream_s is raised past them)."""
+    with run_gateway(tmp_path, envoy={"decision_timeout_ms": 500},
+                     limits={"stalled_stream_s": 10}) as g:
         body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 30, "stream": True}
         pid = serve_pid(g.config_path)
         with httpx.stream("POST", f"{g.base_url}/v1/chat/completions",
                           content=json.dumps(body), timeout=60,
-                          headers={**HEADERS, "x-sim-tpot-ms": "1200"}) as r:
+                          headers={**HEADERS, "x-sim-tpot-ms": "1500"}) as r:
             rid, events = r.headers["x-request-id"], 0
             for line in r.iter_lines():
                 events += line.startswith("data: ")
