@@ -219,6 +219,11 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/compl
 
 def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
     """Completion tokens per sequence, and whether the upstream body must be given them."""
+    if (kind is Kind.COMPLETION and body.get("echo") is True
+            and type(body.get("max_tokens")) is int and body["max_tokens"] == 0):
+        # Prompt scoring (lm-eval's loglikelihood): vLLM 0.32 echoes the prompt and
+        # generates one token it does not return, but counts.
+        return 1, False
     if kind is Kind.CHAT:
         mct = _int_field(body, "max_completion_tokens", cap)
         if mct is not None:  # vLLM prefers it to the deprecated max_tokens, then unread

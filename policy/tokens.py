@@ -313,9 +313,9 @@ def arguments_len(args: str) -> int:
 def completion_prompt(body: dict[str, Any], model: Model) -> tuple[int, int, int]:
     """(estimate, bound, number of prompts) of a /v1/completions request."""
     prompts = prompt_list(body.get("prompt"), "prompt")
-    if any(isinstance(p, list) and not p for p in prompts):
-        # vLLM refuses an empty prompt; a text one may not be empty to it (a BOS token).
-        raise invalid_request("'prompt' must not hold an empty array of token ids.",
+    if any(not p for p in prompts):
+        # vLLM 0.32 refuses an empty prompt, text or token ids, alone or in a batch.
+        raise invalid_request("'prompt' must not be empty, nor hold an empty prompt.",
                               "prompt")
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):

@@ -398,7 +398,12 @@ def parse_completion(body: Mapping[str, Any], models: Mapping[str, Any],
         # vLLM's input processor: an empty prompt of a batch leaves no token to decode from.
         raise SimError(400, "The decoder prompt cannot be empty")
     counts = prompt_token_counts(prompt, suffix)
-    requested = min_one_token(opt_int(body, "max_tokens"))
+    requested = opt_int(body, "max_tokens")
+    if requested == 0 and opt_bool(body, "echo"):
+        # vLLM 0.32 scores the prompt: it generates one token (counted in its usage, not
+        # returned); the sim does not echo the prompt's text.
+        requested = 1
+    requested = min_one_token(requested)
     if requested is None:
         requested = COMPLETIONS_DEFAULT_MAX_TOKENS
     return _gen(common, requested, None, counts, max_model_len)

@@ -144,7 +144,8 @@ def chat_bodies(draw: st.DrawFn) -> dict[str, Any]:
 
 
 token_ids = st.lists(st.integers(0, 200_000), min_size=1, max_size=20)
-prompts = (text | st.lists(text, min_size=1, max_size=4)
+prompt_text = st.text(min_size=1, max_size=40)  # vLLM refuses an empty prompt
+prompts = (prompt_text | st.lists(prompt_text, min_size=1, max_size=4)
            | st.lists(st.integers(0, 200_000), min_size=1, max_size=20)
            | st.lists(token_ids, min_size=1, max_size=4))
 
@@ -159,6 +160,8 @@ def completion_bodies(draw: st.DrawFn) -> dict[str, Any]:
         body["suffix"] = draw(text)
     if draw(st.booleans()):
         body["echo"] = draw(st.booleans())
+        if body["echo"] and draw(st.booleans()):
+            body["max_tokens"] = 0  # prompt scoring: vLLM generates one token
     return body
 
 

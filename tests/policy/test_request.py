@@ -187,14 +187,26 @@ def test_multipliers_and_unbounded_fields_are_validated(
         assert needle in e.message
 
 
-def test_an_empty_token_id_prompt_is_refused_before_any_hold() -> None:
+def test_an_empty_prompt_is_refused_before_any_hold() -> None:
     """vLLM refuses it (400) after admission: its minute's request was spent."""
-    for prompt in ([[5, 6], []], [[]]):
+    for prompt in ([[5, 6], []], [[]], "", ["a", ""]):
         e = error_of({"model": "demo", "prompt": prompt}, COMP_EP)
         assert (e.status, e.param) == (400, "prompt")
-        assert "empty array of token ids" in e.message
-    # A text prompt may be empty: with a BOS token it is not, to the backend.
-    assert parsed({"model": "demo", "prompt": ""}, COMP_EP).prompt_bound >= 0
+        assert "must not be empty" in e.message
+
+
+def test_an_echo_without_generation_is_held_the_one_token_vllm_counts() -> None:
+    """`echo: true` with `max_tokens: 0` scores a prompt (lm-eval's loglikelihood): vLLM
+    0.32 generates one token, reported in its usage; the body goes as sent."""
+    r = parsed({"model": "demo", "prompt": ["a b", "c"], "echo": True, "logprobs": 1,
+                "max_tokens": 0, "n": 2}, COMP_EP)
+    assert r.completion_bound == 1 * 2 * 2
+    assert json.loads(upstream_body(r))["max_tokens"] == 0
+    # Without echo (vLLM: 400), or in chat, 0 is no limit.
+    for ep, body in ((COMP_EP, {"prompt": "x", "max_tokens": 0}),
+                     (COMP_EP, {"prompt": "x", "max_tokens": 0, "echo": 1}),
+                     (CHAT_EP, {"messages": MSG, "max_tokens": 0, "echo": True})):
+        assert error_of({"model": "demo", **body}, ep).param == "max_tokens"
 
 
 def test_a_best_of_below_n_is_ignored_as_vllm_does() -> None:

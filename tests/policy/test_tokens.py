@@ -258,7 +258,7 @@ def test_completion_prompts_in_every_form() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [({}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": []}, "prompt"),
-     ({"prompt": [[1], []]}, "prompt"),
+     ({"prompt": [[1], []]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"),
      ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [True]}, "prompt"),
      ({"prompt": [[1], ["a"]]}, "prompt"), ({"prompt": "x", "suffix": 3}, "suffix")],
 )

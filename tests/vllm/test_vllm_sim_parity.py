@@ -195,6 +195,24 @@ def test_best_of_is_ignored(vllm_server: VllmServer, sim_url: str, stream: bool)
             assert usage_of(got)["completion_tokens"] == 2 * extra["n"], url
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echo_without_generation_counts_one_token(vllm_server: VllmServer, sim_url: str,
+                                                     stream: bool) -> None:
+    """Prompt scoring (`echo`, `max_tokens: 0`, lm-eval's loglikelihood): vLLM 0.32
+    generates one token per sequence and counts it; the gateway holds that one
+    (policy/request.py). Without echo, 0 is refused."""
+    body: dict[str, Any] = {"model": MODEL, "prompt": ["hi there", "a b c"], "echo": True,
+                            "logprobs": 1, "max_tokens": 0, "n": 2}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    for url in (vllm_server.url, sim_url):
+        status, got = ask(url, "/v1/completions", body)
+        assert status == 200, (url, got)
+        assert usage_of(got)["completion_tokens"] == 1 * 2 * 2, (url, usage_of(got))
+        status, _ = ask(url, "/v1/completions", {**body, "echo": False})
+        assert status == 400, url
+
+
 def _filling(count: Callable[[str], int]) -> str:
     """An input of `"x " * k` rendering to exactly CONTEXT tokens under `count`."""
     lo, hi = 1, 2 * CONTEXT
