@@ -470,9 +470,9 @@ class AdminSettings(_Strict):
 
 class LimitSettings(_Strict):
     on_store_error: OnStoreError = OnStoreError()
-    # A stream cut after no chunk reached the gateway for this long is charged its
-    # completion bound: vLLM generates on while its reader lags (it merges the steps it
-    # cannot send), so the chunks seen no longer count what it generated.
+    # A cut stream is charged what its backend could generate in each pause of this
+    # long or more between its chunks (policy/stream_pace.py): vLLM generates on while
+    # its reader lags, so the chunks seen no longer count what it generated.
     stalled_stream_s: float = Field(default=2.0, gt=0, le=3600)
 
 

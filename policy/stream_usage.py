@@ -41,10 +41,10 @@ ERROR_EVENT = b"error"  # the Responses API's event for a stream that failed
 ITEM_ADDED = b"response.output_item.added"
 
 
-# Characters one step's token never reaches (a tokenizer's longest tokens, runs of
-# spaces or dashes, are far shorter): a chunk's text past this times the tokens it carries
-# holds merged steps.
-MERGED_TEXT_CHARS = 256
+# Characters one step's token hardly ever reaches (a tokenizer's longest tokens are runs
+# of spaces or dashes): a chunk's text past this times the tokens it carries holds merged
+# steps, counted ~4 characters a token.
+MERGED_TEXT_CHARS = 64
 # Choice indexes remembered (n and best_of are capped far below; a backend sending more
 # distinct indexes gets no merged count past them).
 _MAX_CHOICES_SEEN = 4096
@@ -52,8 +52,8 @@ _MAX_CHOICES_SEEN = 4096
 
 class StreamMeter:
     __slots__ = ("_choices_seen", "_fed", "_inline_usage", "_parser", "_read_event", "_usage",
-                 "content_chunks", "done", "ended", "error_status", "lagged",
-                 "oversize_bytes", "strip_usage", "tokens_per_chunk")
+                 "content_chunks", "done", "ended", "error_status", "first_chunks",
+                 "merged_tokens", "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
                  tokens_per_chunk: int = 1) -> None:
@@ -66,10 +66,10 @@ class StreamMeter:
         # counts that one choice (one sequence of one prompt) so far, not the request.
         self._inline_usage: Usage | None = None
         self.content_chunks = 0  # chunks that carried generated tokens (vLLM: one per step)
-        # A chunk held more steps than one sends: vLLM merges the steps it could not send
-        # while its reader lagged, and generates on. Its chunks no longer count what it
-        # generated: a cut stream is charged its completion bound.
-        self.lagged = False
+        # Tokens past `tokens_per_chunk` that chunks held (merged steps), and the chunks
+        # that opened a choice (a batch's next prompt may begin after a long prefill).
+        self.merged_tokens = 0
+        self.first_chunks = 0
         self._choices_seen: set[int] = set()  # choice indexes whose first chunk passed
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
@@ -106,8 +106,14 @@ class StreamMeter:
     @property
     def completion_estimate(self) -> int:
         """Generated tokens by what was seen, for a stream without a usage chunk: up to
-        `tokens_per_chunk` per content chunk, and ~4 bytes a token of any oversize event."""
-        return self.content_chunks * self.tokens_per_chunk + estimate_bytes(self.oversize_bytes)
+        `tokens_per_chunk` per content chunk (more where it held merged steps), and ~4
+        bytes a token of any oversize event."""
+        return self.tokens_seen + estimate_bytes(self.oversize_bytes)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Generated tokens the content chunks carried (at most)."""
+        return self.content_chunks * self.tokens_per_chunk + self.merged_tokens
 
     def restore(self, content_chunks: int, oversize_events: int, oversize_bytes: int,
                 done: bool, unreadable: bool = False) -> None:
@@ -153,21 +159,26 @@ class StreamMeter:
         keep.append(tail)
         return b"".join(keep)
 
-    def _look_for_merged_steps(self, choice: dict[str, Any]) -> None:
-        """Whether this chunk of a choice holds merged steps: its logprobs name more tokens
-        than a chunk carries, or its text is longer than so many tokens' ever is. Not a
-        choice's first chunk: with `echo` it carries the prompt too."""
-        if self.lagged:
-            return
+    def _count_merged_steps(self, choice: dict[str, Any]) -> None:
+        """Tokens past `tokens_per_chunk` in this chunk of a choice: vLLM merges the steps
+        it could not send yet into one chunk (its reader lagged, or its own event loop).
+        Its logprobs name each token; without them, a text longer than so many tokens'
+        ever is counts ~4 characters a token. Not a choice's first chunk, which with
+        `echo` carries the prompt too: it counts one chunk's worth."""
         index = choice.get("index")
         if type(index) is not int:
             return  # not vLLM's
         if index not in self._choices_seen:
             if len(self._choices_seen) < _MAX_CHOICES_SEEN:
                 self._choices_seen.add(index)
+            self.first_chunks += 1
             return
-        self.lagged = (_logprob_tokens(choice) > self.tokens_per_chunk
-                       or _text_len(choice) > MERGED_TEXT_CHARS * self.tokens_per_chunk)
+        tokens = _logprob_tokens(choice)
+        if not tokens:
+            chars = _text_len(choice)
+            if chars > MERGED_TEXT_CHARS * self.tokens_per_chunk:
+                tokens = estimate_bytes(chars)
+        self.merged_tokens += max(0, tokens - self.tokens_per_chunk)
 
     def _observe(self, ev: Event) -> bool:
         """Account for one event; True when it is the usage-only chunk."""
@@ -190,7 +201,7 @@ class StreamMeter:
             for choice in choices:
                 if _has_text(choice):
                     self.content_chunks += 1
-                    self._look_for_merged_steps(choice)
+                    self._count_merged_steps(choice)
                     break
         usage = usage_from_obj(obj.get("usage"))
         if usage is None:

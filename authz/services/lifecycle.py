@@ -63,6 +63,7 @@ from policy.request import (
     upstream_body,
 )
 from policy.routing import Route
+from policy.stream_pace import StreamPace
 from policy.stream_usage import StreamMeter, meter_for
 from policy.usage import (
     LOST,
@@ -202,13 +203,13 @@ class Lifecycle:
         "_model_id",
         "_org",
         "_org_limits",
+        "_pace",
         "_rec",
         "_redirect",
         "_reports",
         "_rt",
         "_settle",
         "_snap",
-        "_stalled",
         "_started",
         "_t0",
         "_t_first",
@@ -245,7 +246,7 @@ class Lifecycle:
         self._snap: Snapshot = runtime.snapshot
         self._t0 = time.monotonic()
         self._last_byte = self._t0  # when the response last moved (why it ended early)
-        self._stalled = False  # its chunks paused for a stall once its answer began
+        self._pace: StreamPace | None = None  # when a metered stream's tokens came
         self._t_first = 0.0  # monotonic time of a stream's first content chunk (TTFT)
         self.record: UsageRecord | None = None  # the usage record, once written
         # The record's metrics, counted once its settlement has said whether the sweep
@@ -447,6 +448,7 @@ class Lifecycle:
             self._meter = meter_for(endpoint.kind, req.client_wants_usage,
                                     self._snap.config.envoy.max_event_bytes,
                                     req.stream_interval)
+            self._pace = StreamPace(self._snap.config.limits.stalled_stream_s)
 
     def hand_over(self) -> bool:
         """Whether Envoy meters this response: a stream it was asked to meter, that the
@@ -485,11 +487,7 @@ class Lifecycle:
         admitted (a local reply, a refusal): nothing to meter. At the end, the record."""
         if self.route is None:
             return None
-        now = time.monotonic()
-        if (self._meter is not None and self._meter.content_chunks
-                and now - self._last_byte >= self._stall_s):
-            self._stalled = True  # a pause mid-answer: see _stalled_cut
-        self._last_byte = now
+        self._last_byte = time.monotonic()
         out = (self._meter_chunk(chunk, end) if self._error_body is None
                else self._error_chunk(chunk, end))
         if end:
@@ -500,11 +498,15 @@ class Lifecycle:
         out: bytes | None = None
         meter = self._meter
         if meter is not None:
+            seen, opened = meter.tokens_seen, meter.first_chunks
             out = meter.feed(chunk)
             if end:
                 tail = meter.finish()
                 if tail is not None:
                     out = (out or b"") + tail
+            if self._pace is not None:  # when its tokens came: see _usage
+                self._pace.chunk(self._last_byte, meter.tokens_seen - seen,
+                                 meter.first_chunks > opened)
             if not self._t_first and meter.content_chunks:
                 self._t_first = time.monotonic()
         else:
@@ -689,25 +691,13 @@ class Lifecycle:
         if self._meter is not None and self._meter.oversize_events:
             self._rec.oversize_events(req.alias, self._meter.oversize_events)
 
-    def _stalled_cut(self, req: InferenceRequest) -> bool:
-        """A stream cut (not ended, no `[DONE]`) after its answer began, where its chunks
-        stopped coming for `limits.stalled_stream_s` (times the tokens a chunk carries) at
-        any point after its first, the cut included, or one held merged steps: its reader
-        lagged while vLLM generated on (or the backend paused)."""
-        meter = self._meter
-        if (not req.stream or meter is None or meter.ended or meter.done
-                or not meter.content_chunks
-                or self._envoy_meter is not None):  # Envoy's report has no chunk times
-            return False
-        return (self._stalled or meter.lagged
-                or time.monotonic() - self._last_byte >= self._stall_s)
-
-    @property
-    def _stall_s(self) -> float:
-        """The pause between chunks that reads as a stall: one chunk carries
-        `stream_interval` steps, so its normal gap is that many steps long."""
-        interval = self.req.stream_interval if self.req is not None else 1
-        return self._snap.config.limits.stalled_stream_s * max(1, interval)
+    def _unseen(self) -> int | None:
+        """Tokens a cut stream's backend could have generated in its pauses (None: it
+        paused, at no pace to measure); 0 for a stream that ended or said `[DONE]`."""
+        meter, pace = self._meter, self._pace
+        if pace is None or meter is None or meter.ended or meter.done:
+            return 0
+        return pace.unseen(time.monotonic(), meter.tokens_seen)
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""
@@ -776,15 +766,13 @@ class Lifecycle:
                 # Its chunks do not count what was generated (reasoning or tool calls
                 # vLLM holds back): what it could generate.
                 return Usage(req.prompt_estimate, req.completion_bound), True
-            if self._stalled_cut(req):
-                # Cut after its chunks had stopped: a client that stopped reading (Envoy
-                # then stops reading the backend) while vLLM generated on, unsent; or a
-                # backend that paused. The gateway cannot tell them apart: what it could
-                # generate.
-                return Usage(req.prompt_estimate, req.completion_bound), True
-            # No more than the backend can count: an oversize event's bytes are not tokens.
-            return Usage(req.prompt_estimate,
-                         min(self._meter.completion_estimate, req.completion_bound)), True
+            # What the chunks carried, and what the backend could generate unseen while
+            # they paused (policy/stream_pace.py); no more than it can count: an oversize
+            # event's bytes are not tokens.
+            unseen = self._unseen()
+            completion = (req.completion_bound if unseen is None
+                          else self._meter.completion_estimate + unseen)
+            return Usage(req.prompt_estimate, min(completion, req.completion_bound)), True
         if self._json_body:
             if self._json_tail:
                 usage = (tail_usage(self._json_body) or self._json_usage

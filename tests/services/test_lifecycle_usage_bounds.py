@@ -12,13 +12,13 @@ through `Lifecycle` directly (no sockets):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import yaml
 
 from authz.runtime.snapshot import Runtime
 from authz.services import lifecycle
@@ -436,48 +436,8 @@ async def test_a_cut_stream_that_may_hide_tokens_is_charged_its_completion_bound
         9, req.completion_bound, True)
 
 
-CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-
-
-@pytest.mark.parametrize(("idle_s", "charged"), [(0.5, "seen"), (2.5, "bound")])
-async def test_a_stream_cut_after_its_chunks_stopped_is_charged_its_completion_bound(
-        h: Harness, idle_s: float, charged: str) -> None:
-    """vLLM generates on while its reader lags (Envoy stops reading the backend once the
-    client stops reading), merging the steps it cannot send: real vLLM generated 7,168
-    tokens for a stream whose client paused, then left, after 2,169 had reached the
-    gateway. A cut after `limits.stalled_stream_s` (2 s) without a chunk: what it could
-    generate. Cut while chunks flowed: what they counted."""
-    life = await h.admitted({**CHAT, "stream": True})
-    req = life.req
-    assert req is not None and not req.hides_tokens
-    life.response_start(200, BACKEND)
-    for _ in range(3):
-        life.response_chunk(CONTENT, end=False)
-    life._last_byte -= idle_s  # no chunk since
-    life.finish(aborted=True)
-    assert life.recount_owed is not None
-    life.write(life.recount_owed[0], 9)
-    rec = await h.record(life)
-    want = req.completion_bound if charged == "bound" else 3
-    assert (rec.status, rec.prompt_tokens, rec.completion_tokens, rec.estimated) == (
-        499, 9, want, True)
-
-
-async def test_the_stall_that_counts_is_set_by_limits_stalled_stream_s(
-        tmp_path: Path) -> None:
-    h = make_harness(tmp_path, limits={"stalled_stream_s": 30})
-    life = await h.admitted({**CHAT, "stream": True})
-    life.response_start(200, BACKEND)
-    life.response_chunk(CONTENT, end=False)
-    life._last_byte -= 10
-    life.finish(aborted=True)
-    assert life.recount_owed is not None
-    life.write(life.recount_owed[0], 9)
-    assert (await h.record(life)).completion_tokens == 1
-
-
-def chunk_of(index: int, tokens: int, text: str = "a", logprobs: bool = True) -> bytes:
-    """One chat chunk of choice `index`, its logprobs naming `tokens` tokens."""
+def chunk_of(index: int, tokens: int = 1, text: str = "a", logprobs: bool = False) -> bytes:
+    """One chat chunk of choice `index`; with `logprobs`, naming `tokens` tokens."""
     entry = {"token": "a", "logprob": -1.0, "bytes": [97], "top_logprobs": []}
     choice: dict[str, Any] = {"index": index, "delta": {"content": text}}
     if logprobs:
@@ -485,69 +445,122 @@ def chunk_of(index: int, tokens: int, text: str = "a", logprobs: bool = True) ->
     return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
 
 
-async def cut_charge(h: Harness, body: dict[str, Any], chunks: list[bytes],
-                     gaps: dict[int, float] | None = None, idle_s: float = 0) -> int:
-    """The completion a stream is charged when cut after these chunks, `gaps[i]` seconds
-    of silence before chunk i and `idle_s` before the cut."""
+class Clock:
+    """lifecycle's `time.monotonic`, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(lifecycle, "time", c)
+    return c
+
+
+async def cut_charge(h: Harness, clock: Clock, body: dict[str, Any],
+                     chunks: list[tuple[float, bytes]], idle_s: float = 0) -> int:
+    """The completion a stream is charged when cut after these (seconds since the last,
+    chunk) and `idle_s` more seconds."""
     life = await h.admitted({**CHAT, "stream": True, **body})
     life.response_start(200, BACKEND)
-    for i, chunk in enumerate(chunks):
-        life._last_byte -= (gaps or {}).get(i, 0)
+    for gap, chunk in chunks:
+        clock.now += gap
         life.response_chunk(chunk, end=False)
-    life._last_byte -= idle_s
+    clock.now += idle_s
     life.finish(aborted=True)
     assert life.recount_owed is not None
     life.write(life.recount_owed[0], 9)
     rec = await h.record(life)
     h.recorded.got.clear()
+    assert (rec.prompt_tokens, rec.estimated) == (9, True)
     return rec.completion_tokens
 
 
-async def test_a_chunk_holding_merged_steps_charges_a_cut_its_bound(h: Harness) -> None:
-    """vLLM merges the steps it could not send while its reader lagged into one chunk
-    (and generates on): its logprobs name several tokens, or its text is longer than one
-    token's ever is. Not a choice's first chunk, which with `echo` carries the prompt."""
-    bound = 2 * 50
-    body = {"logprobs": True, "n": 2}
-    # First chunks may name many tokens (echo); later ones one each: what they counted.
-    assert await cut_charge(h, body, [chunk_of(0, 7), chunk_of(1, 1), chunk_of(0, 1),
-                                      chunk_of(1, 1)]) == 4
-    assert await cut_charge(h, body, [chunk_of(0, 1), chunk_of(1, 1), chunk_of(0, 5),
-                                      chunk_of(1, 1)]) == bound
-    # Without logprobs: a text no single token makes.
-    plain = {"n": 2}
-    assert await cut_charge(h, plain, [chunk_of(0, 1, "a" * 300, False),
-                                       chunk_of(0, 1, "ab", False)]) == 2
-    assert await cut_charge(h, plain, [chunk_of(0, 1, "ab", False),
-                                       chunk_of(0, 1, "a" * 300, False)]) == bound
+def steady(n: int, index: int = 0, step: float = 0.05) -> list[tuple[float, bytes]]:
+    return [(step, chunk_of(index))] * n
 
 
-async def test_a_stall_before_a_brief_resume_still_charges_the_bound(h: Harness) -> None:
-    """A client that paused (vLLM merging meanwhile), then read one chunk and left at
-    once: the pause counts, not only the silence before the cut."""
-    chunks = [chunk_of(0, 1, "a", False)] * 3
-    assert await cut_charge(h, {}, chunks) == 3
-    assert await cut_charge(h, {}, chunks, gaps={2: 2.5}) == 50
-    # The wait for the first chunk is no stall (the prompt's prefill, a queue).
-    assert await cut_charge(h, {}, chunks, gaps={0: 30}) == 3
+async def test_a_stream_cut_while_its_chunks_flowed_is_charged_what_they_carried(
+        h: Harness, clock: Clock) -> None:
+    """A chat UI's stop button: what the chunks counted."""
+    assert await cut_charge(h, clock, {}, steady(20), idle_s=0.3) == 20
 
 
-async def test_a_stream_that_said_done_is_not_a_stall(h: Harness) -> None:
+async def test_a_pause_before_the_cut_is_charged_at_the_streams_pace(
+        h: Harness, clock: Clock) -> None:
+    """vLLM generates on while its reader lags (Envoy stops reading the backend once the
+    client stops reading): real vLLM generated 7,168 tokens for a stream whose client
+    paused, then left, after 2,169 had reached the gateway. 10 chunks at 20 a second,
+    then 1 s more silence than limits.stalled_stream_s (2 s): 3 s at twice that pace."""
+    assert await cut_charge(h, clock, {}, steady(10), idle_s=1.9) == 10  # no pause yet
+    assert await cut_charge(h, clock, {}, steady(10), idle_s=1.0) == 10
+    got = await cut_charge(h, clock, {"max_tokens": 256}, steady(10), idle_s=3.0)
+    assert got == pytest.approx(10 + 3 * 20 * 2, abs=1)  # rounded up
+    # Never past what it could generate.
+    assert await cut_charge(h, clock, {}, steady(10), idle_s=30) == 50
+
+
+async def test_a_pause_before_a_brief_resume_counts_too(h: Harness, clock: Clock) -> None:
+    """A client that paused (vLLM merging meanwhile), read one chunk, and left at once."""
+    chunks = [*steady(10), (3.0, chunk_of(0)), (0.01, chunk_of(0))]
+    got = await cut_charge(h, clock, {"max_tokens": 256}, chunks)
+    rate = 10 / (9 * 0.05 + 0.01)  # the chunks between pauses
+    assert got == 12 + math.ceil(3.0 * rate * 2)
+
+
+async def test_a_pause_after_one_chunk_has_no_pace_so_the_bound(
+        h: Harness, clock: Clock) -> None:
+    assert await cut_charge(h, clock, {}, [(0.5, chunk_of(0))], idle_s=5) == 50
+
+
+async def test_the_stall_that_counts_is_set_by_limits_stalled_stream_s(
+        tmp_path: Path, clock: Clock) -> None:
+    h = make_harness(tmp_path, limits={"stalled_stream_s": 30})
+    assert await cut_charge(h, clock, {}, steady(10), idle_s=10) == 10
+
+
+async def test_a_batchs_next_prompt_after_its_prefill_is_no_pause(
+        h: Harness, clock: Clock) -> None:
+    """Prompt 0 streams, prompt 1 prefills for 3 s, then streams: its first chunk opens a
+    choice, not a pause."""
+    body = {"model": "demo", "prompt": ["hi", "long " * 50], "max_tokens": 16}
+    chunks = [*steady(16, 0), (3.0, chunk_of(1)), *steady(4, 1)]
+    h2 = h
+    life = await h2.admitted({**body, "stream": True}, path="/v1/completions")
+    life.response_start(200, BACKEND)
+    for gap, chunk in chunks:
+        clock.now += gap
+        life.response_chunk(chunk.replace(b'"delta": {"content": "a"}', b'"text": "a"'),
+                            end=False)
+    life.finish(aborted=True)
+    assert life.recount_owed is not None
+    life.write(life.recount_owed[0], 9)
+    assert (await h2.record(life)).completion_tokens == 21
+
+
+async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:
+    """vLLM merges into one chunk the steps it could not send (its reader lagged, or its
+    own event loop): logprobs name each token (speculative decoding's several a step
+    too); without them, a text past 64 characters a token counts ~4 a token. Not a
+    choice's first chunk, which with `echo` carries the prompt."""
+    lp = {"logprobs": True, "n": 2, "max_tokens": 100}
+    chunks = [(0.05, chunk_of(0, 7, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True)),
+              (0.05, chunk_of(0, 3, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True))]
+    assert await cut_charge(h, clock, lp, chunks) == 1 + 1 + 3 + 1
+    plain = [(0.05, chunk_of(0, text="a" * 300)), (0.05, chunk_of(0, text="a" * 300)),
+             (0.05, chunk_of(0, text="ab"))]
+    assert await cut_charge(h, clock, {"max_tokens": 100}, plain) == 1 + 75 + 1
+
+
+async def test_a_stream_that_said_done_is_not_paused(h: Harness, clock: Clock) -> None:
     """Its answer was whole (`[DONE]`), the backend kept the body open: what it counted."""
-    chunks = [chunk_of(0, 1, "a", False), b"data: [DONE]\n\n"]
-    assert await cut_charge(h, {}, chunks, idle_s=5) == 1
-
-
-async def test_the_stall_scales_with_the_tokens_a_chunk_carries(tmp_path: Path) -> None:
-    """A model's stream_interval of 4: a chunk every 4 steps, so a 4x longer pause."""
-    path = write_policy(tmp_path, BACKEND)
-    data = yaml.safe_load(path.read_text())
-    data["models"]["demo"]["stream_interval"] = 4
-    path.write_text(yaml.safe_dump(data))
-    h = Harness(Runtime.from_file(path), Recorded(), Holds())
-    chunks = [chunk_of(0, 4, "abcd", False)] * 2
-    assert await cut_charge(h, {}, chunks, idle_s=5) == 8
-    assert await cut_charge(h, {}, chunks, idle_s=9) == 50
+    chunks = [*steady(3), (0.05, b"data: [DONE]\n\n")]
+    assert await cut_charge(h, clock, {}, chunks, idle_s=5) == 3
 
 
 async def test_a_stream_that_may_hide_tokens_cut_before_its_answer_is_recounted(

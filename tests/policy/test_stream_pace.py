@@ -1,0 +1,72 @@
+"""What a cut stream's backend could generate while no chunk came (policy/stream_pace.py),
+on an injected clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from policy.stream_pace import HEADROOM, StreamPace
+
+
+def paced(*chunks: tuple[float, int, bool], stall_s: float = 2.0) -> StreamPace:
+    pace = StreamPace(stall_s)
+    for at, tokens, opened in chunks:
+        pace.chunk(at, tokens, opened)
+    return pace
+
+
+def steady(n: int, step: float = 0.05, start: float = 0.0) -> list[tuple[float, int, bool]]:
+    return [(start + i * step, 1, i == 0) for i in range(n)]
+
+
+def test_a_stream_read_at_its_pace_has_nothing_unseen() -> None:
+    pace = paced(*steady(40))
+    assert pace.rate(40) == pytest.approx(20.0)
+    assert pace.unseen(40 * 0.05, 40) == 0
+
+
+def test_a_pause_is_charged_at_the_pace_kept_between_pauses() -> None:
+    """Chunks every 50 ms (20 a second), then 3 s without one, one more, the cut: the 3 s
+    at twice that pace."""
+    pace = paced(*steady(20), (0.95 + 3.0, 1, False))
+    assert pace.pauses_s == 3.0
+    assert pace.unseen(0.95 + 3.0 + 0.01, 21) == pytest.approx(3.0 * 20 * HEADROOM, abs=1)
+
+
+def test_the_silence_before_the_cut_counts_too() -> None:
+    pace = paced(*steady(20))
+    assert pace.unseen(0.95 + 1.9, 20) == 0  # shorter than stall_s
+    assert pace.unseen(0.95 + 2.5, 20) == pytest.approx(2.5 * 20 * HEADROOM, abs=1)
+
+
+def test_a_choice_opened_after_a_long_prefill_is_no_pause() -> None:
+    """A batch's next prompt begins after its prefill: its first chunk opens a choice."""
+    pace = paced(*steady(16), (0.75 + 3.0, 1, True), (0.75 + 3.05, 1, False))
+    assert pace.pauses_s == 0
+    assert pace.unseen(0.75 + 3.1, 18) == 0
+
+
+def test_the_wait_for_the_first_chunk_is_no_pause() -> None:
+    pace = paced(*steady(5, start=30.0))
+    assert pace.unseen(30.0 + 0.25, 5) == 0
+
+
+def test_a_pause_with_no_pace_to_measure_is_unknown() -> None:
+    """One chunk, then silence: nothing says how fast the backend goes (the bound)."""
+    assert paced((0.0, 1, True)).unseen(5.0, 1) is None
+    assert paced((0.0, 0, True)).unseen(5.0, 0) == 0  # no tokens yet: not begun
+
+
+def test_chunks_that_all_came_after_long_gaps_use_the_whole_streams_pace() -> None:
+    """A large stream_interval: a chunk of 64 tokens every 2.1 s."""
+    pace = paced(*[(i * 2.1, 64, i == 0) for i in range(5)])
+    rate = 5 * 64 / (4 * 2.1)
+    assert pace.rate(5 * 64) == pytest.approx(rate)
+    assert pace.unseen(4 * 2.1 + 0.5, 5 * 64) == math.ceil(4 * 2.1 * rate * HEADROOM)
+
+
+def test_messages_without_tokens_change_nothing() -> None:
+    pace = paced(*steady(10), (5.0, 0, False))
+    assert pace.last_at == 0.45 and pace.pauses_s == 0
