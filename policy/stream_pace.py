@@ -6,9 +6,11 @@ cannot send, until the stream ends or the connection closes. A stream cut after 
 pause carried fewer tokens than were generated (real vLLM: 2,169 of 7,168 for a client
 that paused, then left). `StreamPace` is fed each message's time and the tokens it
 carried; `unseen` says, at the cut, how many more the backend could have generated in the
-pauses (gaps of `stall_s` or more after a choice's first chunk, the silence before the
-cut included): the pauses' length at `HEADROOM` times the pace the stream kept between
-them. A backend that paused itself is charged so too: the gateway sees the same silence.
+pauses (gaps of `stall_s` or more after the first chunk, the silence before the cut
+included) at `HEADROOM` times the pace the stream kept before them, less what chunks
+carried past that pace after a pause (the steps vLLM merged meanwhile, sent once its
+reader read again). A backend that paused itself is charged so too: the gateway sees the
+same silence.
 Times are the caller's clock (monotonic seconds).
 """
 
@@ -22,14 +24,21 @@ from dataclasses import dataclass
 HEADROOM = 2.0
 
 
+# A choice that opens this soon after a pause (a batch's next prompt, whose prefill held
+# the whole batch): the pause was that prefill, not a lagging reader.
+OPENED_AFTER_PAUSE_S = 1.0
+
+
 @dataclass(slots=True)
 class StreamPace:
     stall_s: float
-    pauses_s: float = 0.0  # gaps of stall_s or more between chunks
-    flow_s: float = 0.0  # the gaps shorter than that: the stream's own pace
+    debt_s: float = 0.0  # pause seconds whose tokens no chunk has carried yet
+    flow_s: float = 0.0  # the gaps shorter than stall_s before any pause: its own pace
     flow_tokens: int = 0  # tokens the chunks after those gaps carried
     first_at: float | None = None  # the first chunk with tokens
     last_at: float | None = None  # the last one
+    _pause: float = 0.0  # the last pause, and when it ended
+    _pause_end: float | None = None
 
     def chunk(self, now: float, tokens: int, opened_choice: bool) -> None:
         """A message carrying `tokens` generated tokens arrived at `now`; `opened_choice`:
@@ -37,21 +46,33 @@ class StreamPace:
         if tokens <= 0:
             return
         if self.last_at is None:
-            self.first_at = now
-        else:
-            gap = now - self.last_at
-            if gap < self.stall_s:
-                self.flow_s += gap
-                self.flow_tokens += tokens
-            elif not opened_choice:
-                self.pauses_s += gap
+            self.first_at = self.last_at = now
+            return
+        gap = now - self.last_at
         self.last_at = now
+        if opened_choice:
+            if self._pause_end is not None and now - self._pause_end < OPENED_AFTER_PAUSE_S:
+                self.debt_s = max(0.0, self.debt_s - self._pause)  # it was the prefill
+                self._pause_end = None
+            return
+        if gap >= self.stall_s:
+            self.debt_s += gap
+            self._pause, self._pause_end = gap, now
+            return
+        rate = self.rate(0)
+        if self.debt_s > 0 and rate:
+            # Past its pace, a chunk carries what was generated in a pause (vLLM sends
+            # the steps it merged meanwhile): that much of the pause is accounted for.
+            self.debt_s = max(0.0, self.debt_s - (tokens - gap * rate) / rate)
+        elif self.debt_s == 0:
+            self.flow_s += gap
+            self.flow_tokens += tokens
 
     def unseen(self, now: float, seen: int) -> int | None:
         """Tokens the backend could have generated that no chunk carried, for a stream cut
         at `now` after chunks carrying `seen`: 0 without a pause; None when it paused but
         showed no pace to measure (charge what it could generate)."""
-        pauses = self.pauses_s
+        pauses = self.debt_s
         if self.last_at is not None and now - self.last_at >= self.stall_s:
             pauses += now - self.last_at
         if pauses <= 0:
@@ -62,8 +83,8 @@ class StreamPace:
         return math.ceil(pauses * rate * HEADROOM)
 
     def rate(self, seen: int) -> float | None:
-        """Tokens a second between pauses; else over the whole stream (its chunks all
-        came after long gaps: a large stream_interval), pauses included."""
+        """Tokens a second before its first pause; else over the whole stream (its chunks
+        all came after long gaps: a large stream_interval), pauses included."""
         if self.flow_s > 0 and self.flow_tokens > 0:
             return self.flow_tokens / self.flow_s
         if self.first_at is not None and self.last_at is not None \

@@ -41,10 +41,9 @@ ERROR_EVENT = b"error"  # the Responses API's event for a stream that failed
 ITEM_ADDED = b"response.output_item.added"
 
 
-# Characters one step's token hardly ever reaches (a tokenizer's longest tokens are runs
-# of spaces or dashes): a chunk's text past this times the tokens it carries holds merged
-# steps, counted ~4 characters a token.
-MERGED_TEXT_CHARS = 64
+# Tokens by `_text_tokens` that one token's text hardly ever reaches (a long word, a run
+# of spaces): a chunk's text past this times the tokens it carries holds merged steps.
+MERGED_TEXT_TOKENS = 4
 # Choice indexes remembered (n and best_of are capped far below; a backend sending more
 # distinct indexes gets no merged count past them).
 _MAX_CHOICES_SEEN = 4096
@@ -162,9 +161,9 @@ class StreamMeter:
     def _count_merged_steps(self, choice: dict[str, Any]) -> None:
         """Tokens past `tokens_per_chunk` in this chunk of a choice: vLLM merges the steps
         it could not send yet into one chunk (its reader lagged, or its own event loop).
-        Its logprobs name each token; without them, a text longer than so many tokens'
-        ever is counts ~4 characters a token. Not a choice's first chunk, which with
-        `echo` carries the prompt too: it counts one chunk's worth."""
+        Its logprobs name each token; without them, its text's tokens as `_text_tokens`
+        reckons them, past what one chunk's may spell. Not a choice's first chunk, which
+        with `echo` carries the prompt too: it counts one chunk's worth."""
         index = choice.get("index")
         if type(index) is not int:
             return  # not vLLM's
@@ -175,9 +174,9 @@ class StreamMeter:
             return
         tokens = _logprob_tokens(choice)
         if not tokens:
-            chars = _text_len(choice)
-            if chars > MERGED_TEXT_CHARS * self.tokens_per_chunk:
-                tokens = estimate_bytes(chars)
+            tokens = _text_tokens(choice)
+            if tokens <= MERGED_TEXT_TOKENS * self.tokens_per_chunk:
+                return  # what one chunk's tokens may spell
         self.merged_tokens += max(0, tokens - self.tokens_per_chunk)
 
     def _observe(self, ev: Event) -> bool:
@@ -280,9 +279,11 @@ def _logprob_tokens(choice: dict[str, Any]) -> int:
     return len(entries) if isinstance(entries, list) else 0
 
 
-def _text_len(choice: dict[str, Any]) -> int:
-    """Characters of generated text in a chunk's choice: a chat delta's content,
-    reasoning and tool-call arguments, or a completions `text`."""
+def _text_tokens(choice: dict[str, Any]) -> int:
+    """Tokens of generated text in a chunk's choice (a chat delta's content, reasoning
+    and tool-call arguments, or a completions `text`), reckoned as BPE tokenizers spell
+    them: ~4 ASCII characters a token, and a token for every other character (CJK text
+    runs about one a character; ~4 bytes a token would charge it a quarter)."""
     delta = choice.get("delta")
     parts: list[Any] = [choice.get("text")]
     if isinstance(delta, dict):
@@ -291,7 +292,12 @@ def _text_len(choice: dict[str, Any]) -> int:
         if isinstance(calls, list):
             parts += [c.get("function", {}).get("arguments") for c in calls
                       if isinstance(c, dict) and isinstance(c.get("function"), dict)]
-    return sum(len(p) for p in parts if isinstance(p, str))
+    tokens = 0
+    for part in parts:
+        if isinstance(part, str):
+            ascii_chars = len(part.encode("ascii", "ignore"))
+            tokens += (ascii_chars + 3) // 4 + len(part) - ascii_chars
+    return tokens
 
 
 def _has_tool_text(calls: Any) -> bool:

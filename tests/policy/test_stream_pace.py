@@ -31,7 +31,7 @@ def test_a_pause_is_charged_at_the_pace_kept_between_pauses() -> None:
     """Chunks every 50 ms (20 a second), then 3 s without one, one more, the cut: the 3 s
     at twice that pace."""
     pace = paced(*steady(20), (0.95 + 3.0, 1, False))
-    assert pace.pauses_s == 3.0
+    assert pace.debt_s == 3.0
     assert pace.unseen(0.95 + 3.0 + 0.01, 21) == pytest.approx(3.0 * 20 * HEADROOM, abs=1)
 
 
@@ -44,7 +44,7 @@ def test_the_silence_before_the_cut_counts_too() -> None:
 def test_a_choice_opened_after_a_long_prefill_is_no_pause() -> None:
     """A batch's next prompt begins after its prefill: its first chunk opens a choice."""
     pace = paced(*steady(16), (0.75 + 3.0, 1, True), (0.75 + 3.05, 1, False))
-    assert pace.pauses_s == 0
+    assert pace.debt_s == 0
     assert pace.unseen(0.75 + 3.1, 18) == 0
 
 
@@ -67,6 +67,28 @@ def test_chunks_that_all_came_after_long_gaps_use_the_whole_streams_pace() -> No
     assert pace.unseen(4 * 2.1 + 0.5, 5 * 64) == math.ceil(4 * 2.1 * rate * HEADROOM)
 
 
+def test_a_pauses_tokens_sent_after_it_are_not_charged_again() -> None:
+    """The client read again: vLLM sends the steps it merged in the pause, past the
+    stream's pace. Those tokens are seen; the pause owes only what none carried."""
+    pace = paced(*steady(20), (0.95 + 3.0, 1, False))  # 3 s pause: 60 tokens at 20/s
+    pace.chunk(0.95 + 3.05, 41, False)  # 40 past the pace: 2 s of it
+    assert pace.debt_s == pytest.approx(1.0)
+    pace.chunk(0.95 + 3.10, 21, False)  # the rest, and more
+    assert pace.debt_s == 0
+    assert pace.unseen(0.95 + 3.15, 83) == 0
+    # The pace stays the one before the pause (catching up is not the backend's pace).
+    assert pace.rate(83) == pytest.approx(20.0)
+
+
+def test_a_batchs_next_prompt_opening_just_after_a_pause_cancels_it() -> None:
+    """vLLM writes each choice's chunk apart: the continuing choice's may come first,
+    after the pause the other's prefill caused, and the new choice's a moment later."""
+    pace = paced(*steady(16), (0.75 + 3.0, 1, False), (0.75 + 3.002, 1, True))
+    assert pace.debt_s == 0
+    pace = paced(*steady(16), (0.75 + 3.0, 1, False), (0.75 + 5.0, 1, True))
+    assert pace.debt_s == 3.0  # too late to be that prefill
+
+
 def test_messages_without_tokens_change_nothing() -> None:
     pace = paced(*steady(10), (5.0, 0, False))
-    assert pace.last_at == 0.45 and pace.pauses_s == 0
+    assert pace.last_at == 0.45 and pace.debt_s == 0

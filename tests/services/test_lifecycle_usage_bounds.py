@@ -509,8 +509,9 @@ async def test_a_pause_before_a_brief_resume_counts_too(h: Harness, clock: Clock
     """A client that paused (vLLM merging meanwhile), read one chunk, and left at once."""
     chunks = [*steady(10), (3.0, chunk_of(0)), (0.01, chunk_of(0))]
     got = await cut_charge(h, clock, {"max_tokens": 256}, chunks)
-    rate = 10 / (9 * 0.05 + 0.01)  # the chunks between pauses
-    assert got == 12 + math.ceil(3.0 * rate * 2)
+    rate = 9 / (9 * 0.05)  # the pace before the pause
+    owed = 3.0 - (1 - 0.01 * rate) / rate  # the last chunk carried a little past it
+    assert got == 12 + math.ceil(owed * rate * 2)
 
 
 async def test_a_pause_after_one_chunk_has_no_pace_so_the_bound(
@@ -546,15 +547,18 @@ async def test_a_batchs_next_prompt_after_its_prefill_is_no_pause(
 async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:
     """vLLM merges into one chunk the steps it could not send (its reader lagged, or its
     own event loop): logprobs name each token (speculative decoding's several a step
-    too); without them, a text past 64 characters a token counts ~4 a token. Not a
+    too); without them, a text spelling more than 4 tokens counts them (~4 ASCII
+    characters a token, one a CJK character). Not a
     choice's first chunk, which with `echo` carries the prompt."""
     lp = {"logprobs": True, "n": 2, "max_tokens": 100}
     chunks = [(0.05, chunk_of(0, 7, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True)),
               (0.05, chunk_of(0, 3, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True))]
     assert await cut_charge(h, clock, lp, chunks) == 1 + 1 + 3 + 1
     plain = [(0.05, chunk_of(0, text="a" * 300)), (0.05, chunk_of(0, text="a" * 300)),
-             (0.05, chunk_of(0, text="ab"))]
-    assert await cut_charge(h, clock, {"max_tokens": 100}, plain) == 1 + 75 + 1
+             (0.05, chunk_of(0, text="ab")), (0.05, chunk_of(0, text="字" * 60)),
+             (0.05, chunk_of(0, text="a long word")), (0.05, chunk_of(0, text="字字"))]
+    # ~4 ASCII characters a token, one a CJK character; one chunk's worth below 4.
+    assert await cut_charge(h, clock, {"max_tokens": 200}, plain) == 1 + 75 + 1 + 60 + 1 + 1
 
 
 async def test_a_stream_that_said_done_is_not_paused(h: Harness, clock: Clock) -> None:
