@@ -61,8 +61,10 @@ class StreamPace:
             return
         rate = self.rate(0)
         if self.debt_s > 0 and rate:
-            # Past its pace, a chunk carries what was generated in a pause (vLLM sends
-            # the steps it merged meanwhile): that much of the pause is accounted for.
+            # Once paused, the stream is held to the pace it kept before: a chunk past it
+            # carries what was generated in the pause (vLLM sends the steps it merged
+            # meanwhile), and that much is accounted for; one behind it (a reader still
+            # lagging, or a backend slower now) adds what it lacks.
             self.debt_s = max(0.0, self.debt_s - (tokens - gap * rate) / rate)
         elif self.debt_s == 0:
             self.flow_s += gap
