@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from policy.bounds import MAX_COUNT, BudgetUsd
 
@@ -69,3 +70,38 @@ def expiry_in_past(expires_at: datetime | None, now: datetime) -> str | None:
 def valid_org_name(org: str) -> bool:
     """Whether `org` is an OrgName (the admin API's path parameter is checked by hand)."""
     return 1 <= len(org) <= 128 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in org)
+
+
+# Characters a new org name may not hold: C1 controls, format characters (zero-width
+# space and joiners, BOM, bidi overrides), line and paragraph separators, surrogates,
+# private-use and unassigned code points: each prints as nothing or as another name, so
+# "acme\u200b" and "acme" would be two orgs with two budgets that read the same.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def new_org_problem(org: str) -> str | None:
+    """Why `org` is refused as the name of a new org (a key created for it, or its
+    limits stored), or None. Stricter than OrgName, which stored keys and configs keep
+    passing (a name written before this check still loads): no surrounding or
+    whitespace-only name, nothing invisible."""
+    if not valid_org_name(org):
+        return "expected 1 to 128 characters and no control character"
+    if org.strip() != org:
+        return ("expected no whitespace at its start or end" if org.strip()
+                else "expected a name, not only whitespace")
+    bad = next((c for c in org if unicodedata.category(c) in _INVISIBLE), None)
+    if bad is not None:
+        return (f"expected printable characters, got U+{ord(bad):04X} "
+                f"({unicodedata.name(bad, 'unnamed')}), which reads as nothing")
+    return None
+
+
+def _new_org(org: str) -> str:
+    problem = new_org_problem(org)
+    if problem is not None:
+        raise ValueError(problem)
+    return org
+
+
+# The org of a key being created: OrgName and new_org_problem's rules.
+NewOrgName = Annotated[OrgName, AfterValidator(_new_org)]

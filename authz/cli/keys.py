@@ -24,7 +24,7 @@ from authz.state.limits.peek import show_state
 from authz.state.orgs import make_org_store
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, origin, redacted
-from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past
+from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past, new_org_problem
 from policy.keys import display_prefix, fingerprint, new_secret, no_key_message
 
 T = TypeVar("T")
@@ -127,8 +127,9 @@ def _count(v: str) -> int:
 
 
 def _org(v: str) -> str:
-    if not 1 <= len(v) <= 128:
-        raise argparse.ArgumentTypeError(f"expected 1 to 128 characters, got {v!r}")
+    problem = new_org_problem(v)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{problem}, got {v!r}")
     return v
 
 

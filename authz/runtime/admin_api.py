@@ -44,7 +44,7 @@ from policy.admin_schema import (
 from policy.audit import ORG_PREFIX
 from policy.config import Config, OrgLimits, origin
 from policy.errors import type_for
-from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, valid_org_name
+from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, new_org_problem
 from policy.keys import (
     display_prefix,
     fingerprint,
@@ -288,9 +288,10 @@ async def get_org(ctx: AdminContext, call: Call) -> OrgOut:
 
 async def set_org(ctx: AdminContext, call: Call) -> OrgOut:
     org = call.params["org"]
-    if not valid_org_name(org):  # as a key's org: it travels in a request header
-        raise AdminError(400, f"org: expected 1 to 128 characters and no control "
-                         f"character, got {org[:64]!r}", "invalid_request", param="org")
+    problem = new_org_problem(org)  # as a key's org: it travels in a request header
+    if problem is not None:
+        raise AdminError(400, f"org: {problem}, got {org[:64]!r}", "invalid_request",
+                         param="org")
     await ctx.orgs.put(org, cast(OrgLimits, call.body))
     return _org_out(ctx, org)
 

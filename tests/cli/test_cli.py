@@ -205,7 +205,8 @@ def test_an_internal_error_is_one_line_unless_tokenbooth_debug(
 def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     for flag, value in (("--expires", "soon"), ("--rpm", "0"), ("--budget", "-1"),
-                        ("--name", "a\x1b[2Jb"), ("--name", "n" * 257)):
+                        ("--name", "a\x1b[2Jb"), ("--name", "n" * 257),
+                        ("--org", "o\u200b"), ("--org", "o ")):
         r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)
         assert r.returncode == 2, (flag, r.stderr)
         assert r.stderr.count("\n") == 1 and flag in r.stderr and "Traceback" not in r.stderr

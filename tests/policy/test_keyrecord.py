@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from policy.keyrecord import SCOPES, KeyRecord
+from policy.admin_schema import KeyCreate
+from policy.keyrecord import SCOPES, KeyRecord, new_org_problem, valid_org_name
 
 FP = "0123456789abcdef" * 4
 
@@ -60,3 +61,30 @@ def test_is_frozen() -> None:
     with pytest.raises(ValidationError):
         rec.org = "other"  # type: ignore[misc]
     assert rec.model_copy(update={"status": "revoked"}).status == "revoked"
+
+
+@pytest.mark.parametrize(("org", "why"), [
+    ("acme\u200b", "U+200B (ZERO WIDTH SPACE)"),
+    ("\u202eemca", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    ("ac\u0085me", "U+0085"),
+    ("acme\ufeff", "U+FEFF"),
+    ("a\u2028b", "U+2028"),
+    ("   ", "not only whitespace"),
+    (" acme", "no whitespace at its start or end"),
+    ("acme\u3000", "no whitespace at its start or end"),
+    ("", "1 to 128 characters"),
+])
+def test_a_new_org_name_that_reads_as_another_is_refused(org: str, why: str) -> None:
+    problem = new_org_problem(org)
+    assert problem is not None and why in problem
+    with pytest.raises(ValidationError, match="org"):
+        KeyCreate.model_validate({"org": org})
+    # A stored key of such an org still loads: the rule is for new names only.
+    if valid_org_name(org):
+        assert KeyRecord(id="k", org=org, sha256=FP).org == org
+
+
+@pytest.mark.parametrize("org", ["acme", "Ünïcödé GmbH", "研究部", "a b", "x" * 128])
+def test_printable_org_names_pass(org: str) -> None:
+    assert new_org_problem(org) is None
+    assert KeyCreate.model_validate({"org": org}).org == org

@@ -424,6 +424,19 @@ async def test_an_org_name_with_braces_reaches_its_endpoints(api: Api) -> None:
     assert (await api("DELETE", "/v1/orgs/a%7Bb%7D"))[0] == 200
 
 
+async def test_a_new_org_that_reads_as_another_is_refused(api: Api) -> None:
+    """A zero-width space or a trailing blank made a second org, with its own budget,
+    that printed as the first: refused for new keys and new org limits, with the
+    character named; the org's other endpoints still reach a name stored before."""
+    status, err = await api("POST", "/v1/keys", body={"org": "acme\u200b"})
+    assert (status, err["error"]["param"]) == (400, "org")
+    assert "U+200B" in err["error"]["message"]
+    status, err = await api("PUT", "/v1/orgs/acme%20", body={"rpm": 5})
+    assert (status, err["error"]["param"]) == (400, "org")
+    assert "whitespace" in err["error"]["message"]
+    assert (await api("GET", "/v1/orgs/acme%20"))[0] == 200
+
+
 async def test_a_route_without_a_body_refuses_fields(api: Api) -> None:
     """As every route refuses unknown fields: revoke reads none, so any is unknown; no
     body, or an empty object, is what it takes."""
