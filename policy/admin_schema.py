@@ -53,19 +53,20 @@ class KeyCreate(_Limits):
 
 class KeyUpdate(_Limits):
     """PATCH /v1/keys/{key_id} (as `keys update`): only the fields sent change; null
-    removes a limit or the expiry; `models: []` allows every alias."""
+    removes a limit, the expiry or the name; `models: []` allows every alias. `scopes`
+    and `budget_period` have no "none": null is refused (it was taken, and changed
+    nothing)."""
 
     name: KeyName | None = None
-    scopes: Scopes | None = None
+    scopes: Scopes = ALL_SCOPES
     models: tuple[str, ...] | None = None
-    budget_period: BudgetPeriod | None = None
+    budget_period: BudgetPeriod = "month"
 
     def changes(self) -> dict[str, Any]:
         """The record fields to set (those sent), in the form `keys update` gives."""
         out = {f: getattr(self, f) for f in sorted(self.model_fields_set)}
-        for f in ("name", "scopes", "budget_period"):
-            if f in out and out[f] is None:
-                out.pop(f)  # not clearable: null leaves them as they are
+        if "name" in out and out["name"] is None:
+            out["name"] = ""
         if "scopes" in out:
             out["scopes"] = tuple(dict.fromkeys(out["scopes"]))
         if "models" in out:

@@ -30,9 +30,18 @@ def test_update_changes_are_the_fields_sent() -> None:
     upd = KeyUpdate.model_validate({"rpm": 5, "tpm": None, "models": [],
                                     "scopes": ["inference:read", "inference:read"],
                                     "name": None})
-    assert upd.changes() == {"rpm": 5, "tpm": None, "models": (),
+    assert upd.changes() == {"rpm": 5, "tpm": None, "models": (), "name": "",
                              "scopes": ("inference:read",)}
     assert KeyUpdate().changes() == {}
+
+
+@pytest.mark.parametrize("field", ["scopes", "budget_period"])
+def test_update_refuses_null_where_there_is_no_none(field: str) -> None:
+    """`{"scopes": null}` was taken and changed nothing: a 200 that did not do what
+    it was sent for."""
+    with pytest.raises(ValidationError) as err:
+        KeyUpdate.model_validate({field: None})
+    assert err.value.errors()[0]["loc"] == (field,)
 
 
 def test_document_covers_every_route_and_its_schemas_are_valid() -> None:
