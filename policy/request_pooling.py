@@ -13,7 +13,15 @@ from typing import Any, Final
 
 from policy.config import Model
 from policy.errors import invalid_request
-from policy.tokens import Tally, batch_bound, field_tally, json_factor, pairs_bound, prompt_list
+from policy.tokens import (
+    Tally,
+    batch_bound,
+    field_tally,
+    json_factor,
+    pairs_bound,
+    prompt_list,
+    refuse_past_context,
+)
 
 ENCODINGS: Final = frozenset({"float", "base64"})
 # Where score requests put their two sides (vLLM takes any one of these pairs).
@@ -49,6 +57,7 @@ def embeddings_input(body: dict[str, Any], model: Model) -> tuple[int, int, int]
     if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
         raise invalid_request("'dimensions' must be a positive integer.", "dimensions")
     inputs = prompt_list(body.get("input"), "input")
+    refuse_past_context(inputs, body, model, "input")
     estimate, bound = batch_bound(inputs, model)
     pad = _padded(body, model)
     if pad is not None:  # every input padded to the context: known, not estimated (a

@@ -40,7 +40,15 @@ def test_embedding_inputs(value: Any, bound: int, n: int) -> None:
 
 def test_embedding_inputs_are_capped_by_the_context_each() -> None:
     assert embeddings_input({"input": ["x" * 100, "y"]}, CTX)[1] == 20 + 9
-    assert embeddings_input({"input": [list(range(50))]}, CTX)[1] == 20
+    assert embeddings_input({"input": [list(range(50))], "truncate_prompt_tokens": 20},
+                            CTX)[1] == 20
+
+
+def test_token_ids_past_the_context_are_refused_before_the_hold() -> None:
+    """vLLM refuses them (the sim's `_fits`): the gateway knew, as their length is exact."""
+    e = err(embeddings_input, {"input": [[1], list(range(21))]}, CTX)
+    assert e.param == "input" and "contains 21 input tokens" in e.message
+    assert embeddings_input({"input": [list(range(20))]}, CTX)[1] == 20
 
 
 def test_padding_to_max_length_holds_the_context_per_input() -> None:

@@ -253,6 +253,14 @@ def test_completion_prompts_in_every_form() -> None:
     # The context length caps each prompt.
     short = model(max_tokens=10, max_model_len=20)
     assert completion_prompt({"prompt": ["a" * 50, "b"]}, short)[1] == 20 + 9
+    # Token ids are counted exactly: past the context, vLLM's 400 before the hold; with
+    # truncate_prompt_tokens vLLM cuts them instead, so they pass (capped).
+    with pytest.raises(ApiError) as e:
+        completion_prompt({"prompt": [[1, 2], list(range(21))]}, short)
+    assert e.value.param == "prompt" and "maximum context length is 20" in e.value.message
+    assert completion_prompt({"prompt": list(range(20))}, short)[1] == 20
+    assert completion_prompt({"prompt": list(range(21)), "truncate_prompt_tokens": 5},
+                             short)[1] == 20
 
 
 @pytest.mark.parametrize(
