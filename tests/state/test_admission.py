@@ -69,13 +69,66 @@ async def test_fail_open_enforces_locally_then_redis_takes_over(
         await adm.admit(Limits(tpm=1000), ask(5, "t"), NOW)
     assert e.value.status == 503
     own_redis.start()  # same port, empty
-    assert (await adm.admit(limits, ask(6), NOW)).allowed
-    # ...and that admission reconciled the 3 requests admitted locally during the outage,
-    # so Redis now counts 4 in this minute: the next one is over the limit of 3.
+    # The 3 requests admitted locally during the outage are counted into Redis before
+    # the next decision (it was counted after it: the first request after an outage
+    # always passed), so this minute is spent.
     with pytest.raises(ApiError) as e:
-        await adm.admit(limits, ask(7), NOW)
+        await adm.admit(limits, ask(6), NOW)
     assert (e.value.status, e.value.code) == (429, "rate_limit_exceeded")
     await store.close()
+
+
+async def test_the_local_limiter_starts_from_what_the_store_counted(
+        own_redis: RedisServer) -> None:
+    """Two requests through Redis, then an outage: the local limiter admits the three
+    the minute has left, not a full burst of five (a tester got 7 of an rpm of 5)."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, OnStoreError(requests="fail_open", tokens="fail_open"))
+    await store.start()
+    limits = Limits(rpm=5, tpm=10_000)
+    for i in range(2):
+        assert (await adm.admit(limits, ask(i), NOW)).allowed
+    own_redis.stop()
+    got = []
+    for i in range(2, 8):
+        try:
+            got.append((await adm.admit(limits, ask(i), NOW)).allowed)
+        except ApiError as e:
+            got.append(e.status != 429)
+    assert got == [True] * 3 + [False] * 3
+    await store.close()
+
+
+async def test_an_idle_replica_counts_its_outage_usage_once_the_store_is_back(
+        own_redis: RedisServer) -> None:
+    """Replica 1 admits a full burst locally during the outage and then gets no more
+    traffic: its background task counts the burst into Redis, and replica 2, asking
+    Redis afterwards, is refused (it got a fresh burst of its own: 11 requests in 24 s
+    of an rpm of 5). A request still in flight is counted as it was admitted, its
+    tokens as it settles."""
+    stores = [RedisLimitStore(own_redis.url, timeout_s=0.2) for _ in range(2)]
+    policy = OnStoreError(requests="fail_open", tokens="fail_open")
+    one, two = (Admission(s, policy) for s in stores)
+    for s in stores:
+        await s.start()
+    limits = Limits(rpm=5, tpm=10**6)
+    own_redis.stop()
+    for i in range(5):
+        assert (await one.admit(limits, ask(i), NOW)).allowed
+    for i in range(4):  # the fifth stays in flight
+        await one.settle(limits, ask(i), 1000, 0, NOW)
+    assert not await one.reconcile(NOW)  # still away: kept for later
+    own_redis.start()
+    assert await one.reconcile(NOW)
+    with pytest.raises(ApiError) as e:
+        await two.admit(limits, ask(10, "k"), NOW)
+    assert (e.value.status, e.value.code) == (429, "rate_limit_exceeded")
+    await one.settle(limits, ask(4), 1000, 0, NOW)
+    assert await one.reconcile(NOW)
+    state = await stores[1].admit(Limits(tpm=10**6), ask(11), NOW.timestamp(), take=False)
+    assert state.remaining_tokens is not None and state.remaining_tokens <= 10**6 - 5000
+    for s in stores:
+        await s.close()
 
 
 def violations(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

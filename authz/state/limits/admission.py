@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStoreUnwritable
@@ -63,8 +63,15 @@ class Admission:
         self._local_ids: set[tuple[str, str]] = set()
         # Keys without limits admitted unheld while the store was away: nothing to settle.
         self._unheld: set[tuple[str, str]] = set()
-        # Usage admitted locally, to count into the shared store once it answers again.
+        # Usage admitted locally, to count into the shared store once it answers again:
+        # a request as it is admitted, its tokens as it settles.
         self._unsynced: list[tuple[Limits, str, int, int]] = []
+        self._reconciling = asyncio.Lock()
+        # What the store last said a key had used of its rates (requests, tokens), for
+        # the local limiter to start from, not from full; and the keys it has started
+        # from that since the store last answered for them.
+        self._store_used: dict[str, tuple[int, int]] = {}
+        self._seeded: set[str] = set()
         self._spool = SettleSpool(spool_dir) if spool_dir is not None else None
         self._on_lost = on_lost
         self._on_spooled = on_spooled
@@ -102,6 +109,7 @@ class Admission:
         while not self._stop.is_set():
             try:
                 await self.replay()
+                await self.reconcile()
                 await self.sweep()
             except Exception:  # the loop must outlive any one failure
                 log.exception("limits maintenance failed")
@@ -199,9 +207,10 @@ class Admission:
         if not held.any:
             return Decision(True)
         try:
-            decision = await self._store.admit(held, ask, now.timestamp())
-            if self._unsynced:
+            if self._unsynced:  # the outage's usage counts before this decision
                 await self._reconcile(now)
+            decision = await self._store.admit(held, ask, now.timestamp())
+            self._remember(held, ask.key_id, decision)
         except LimitStoreUnavailable as e:
             if not limits.any:
                 # Held only for its record: admitted unheld, as a key without limits
@@ -226,9 +235,12 @@ class Admission:
                 ) from None
             log.warning("limit store unavailable, admitting under the local limiter: %s", e,
                         extra={"request_id": ask.request_id, **REPEATS})
+            if ask.key_id not in self._seeded:
+                await self._seed(held, ask.key_id, now)
             decision = await self._local.admit(held, ask, now.timestamp())
             if decision.allowed:
                 self._local_ids.add((ask.key_id, ask.request_id))
+                self._count_later(held, ask.key_id, 1, 0)
         if decision.allowed:
             return decision
         raise refusal(decision, limits, now, ask.cost_nano,
@@ -248,23 +260,69 @@ class Admission:
                   "out, its hold is charged as lost",
                   extra={"request_id": ask.request_id, **REPEATS})
 
+    def _remember(self, limits: Limits, key_id: str, d: Decision) -> None:
+        """Keep what the store says `key_id` has used of its rates (the local limiter
+        starts there in an outage), and take the store's word for it again."""
+        self._seeded.discard(key_id)
+        if (limits.rpm is None or d.remaining_requests is None) and (
+                limits.tpm is None or d.remaining_tokens is None):
+            return
+        used = (0 if limits.rpm is None or d.remaining_requests is None
+                else max(0, limits.rpm - d.remaining_requests),
+                0 if limits.tpm is None or d.remaining_tokens is None
+                else max(0, limits.tpm - d.remaining_tokens))
+        self._store_used.pop(key_id, None)  # to the end: the oldest go first
+        if len(self._store_used) >= MAX_UNSYNCED:
+            del self._store_used[next(iter(self._store_used))]
+        self._store_used[key_id] = used
+
+    async def _seed(self, limits: Limits, key_id: str, now: datetime) -> None:
+        """The first local admission of `key_id` in an outage: the local limiter starts
+        from what the store last said the key had used, not from a full rate (two
+        requests before the outage and a full burst in it made 7 of an rpm of 5)."""
+        self._seeded.add(key_id)
+        requests, tokens = self._store_used.pop(key_id, (0, 0))
+        if requests or tokens:
+            await self._local.consume(limits, key_id, requests, tokens, now.timestamp())
+
+    def _count_later(self, limits: Limits, key_id: str, requests: int, tokens: int) -> None:
+        if len(self._unsynced) < MAX_UNSYNCED:
+            self._unsynced.append((limits, key_id, requests, tokens))
+
+    async def reconcile(self, now: datetime | None = None) -> bool:
+        """Count into the store what the local limiter admitted while it was away; the
+        background task calls it every sweep, so a replica that took an outage's traffic
+        and then none counts it all the same. Whether nothing is left to count."""
+        if not self._unsynced:
+            return True
+        try:
+            await self._reconcile(now or datetime.fromtimestamp(self._clock(), UTC))
+        except LimitStoreUnavailable:
+            return False
+        return True
+
     async def _reconcile(self, now: datetime) -> None:
-        """The store is back: count what the local limiter admitted meanwhile."""
-        pending, self._unsynced = self._unsynced, []
-        merged: dict[tuple[str, Limits], list[int]] = {}
-        for limits, key_id, n, tokens in pending:
-            acc = merged.setdefault((key_id, limits), [0, 0])
-            acc[0] += n
-            acc[1] += tokens
-        for i, ((key_id, limits), (n, tokens)) in enumerate(merged.items()):
-            try:
-                await self._store.consume(limits, key_id, n, tokens, now.timestamp())
-            except LimitStoreUnavailable:
-                rest = list(merged.items())[i:]
-                self._unsynced += [(lim, kid, nn, tt) for (kid, lim), (nn, tt) in rest]
-                return
-        log.info("reconciled usage admitted during the limit store outage",
-                 extra={"keys": len(merged)})
+        """The store is back: count what the local limiter admitted meanwhile (requests
+        as they were admitted, tokens as they settled). Raises LimitStoreUnwritable,
+        keeping what is not counted, when the store does not answer: nothing of the
+        request being admitted was sent, so there is nothing of it to release."""
+        async with self._reconciling:  # admissions waiting here see it counted
+            pending, self._unsynced = self._unsynced, []
+            merged: dict[tuple[str, Limits], list[int]] = {}
+            for limits, key_id, n, tokens in pending:
+                acc = merged.setdefault((key_id, limits), [0, 0])
+                acc[0] += n
+                acc[1] += tokens
+            for i, ((key_id, limits), (n, tokens)) in enumerate(merged.items()):
+                try:
+                    await self._store.consume(limits, key_id, n, tokens, now.timestamp())
+                except LimitStoreUnavailable as e:
+                    rest = list(merged.items())[i:]
+                    self._unsynced += [(lim, kid, nn, tt) for (kid, lim), (nn, tt) in rest]
+                    raise LimitStoreUnwritable(str(e)) from e
+            if merged:
+                log.info("reconciled usage admitted during the limit store outage",
+                         extra={"keys": len(merged)})
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: datetime) -> Settled:
@@ -294,8 +352,7 @@ class Admission:
             self._local_ids.discard((ask.key_id, ask.request_id))
             done = await self._local.settle(limits, ask, used_tokens, cost_nano,
                                             now.timestamp())
-            if len(self._unsynced) < MAX_UNSYNCED:
-                self._unsynced.append((limits, ask.key_id, 1, used_tokens))
+            self._count_later(limits, ask.key_id, 0, used_tokens)
             return done
         if not tracked(limits):  # nothing held in the store: no round trip
             return settled(ask, used_tokens, cost_nano, applied=False)
