@@ -19,6 +19,7 @@ from policy.limits import (
     period_reset_s,
     rate_headers,
     retry_after_header,
+    tightest,
     usd_to_nano,
 )
 
@@ -80,14 +81,30 @@ _MESSAGES = {
 }
 
 
+def untaken(d: Decision, tokens: int) -> Decision:
+    """A look's Decision (`take=False`) as the rates stand, not as they would stand after
+    the request it asked about: an allowed look reports one request and `tokens` fewer
+    left than there are (a key with one of one left showed 0)."""
+    if not d.allowed:
+        return d  # a denial reports the rates unchanged
+    return replace(
+        d,
+        remaining_requests=None if d.remaining_requests is None or d.limit_requests is None
+        else min(d.limit_requests, d.remaining_requests + 1),
+        remaining_tokens=None if d.remaining_tokens is None or d.limit_tokens is None
+        else min(d.limit_tokens, d.remaining_tokens + tokens))
+
+
 def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
-            org: bool = False) -> ApiError:
+            org: bool = False, other: Decision | None = None) -> ApiError:
     """The OpenAI-shaped 429 for a denied Decision, with its rate-limit headers, and a
     retry-after when waiting helps (a budget: only if its period resets) or
     `x-should-retry: false` when it cannot (a budget that never resets, a request larger
     than the limit: its worst-case `cost_nano` past the whole budget, or its tokens past
-    the per-minute limit). `org`: the limits are the key's org's, not the key's own."""
-    headers = rate_headers(d)
+    the per-minute limit). `org`: the limits are the key's org's, not the key's own.
+    `other`: the other party's state (the org's when the key refuses, the key's when
+    the org does), so the headers show both, as on an admitted response."""
+    headers = rate_headers(d if other is None else tightest(d, other))
     owner = "organization" if org else "API key"
     if d.reason in BUDGET_REASONS and limits.budget_nano is not None \
             and cost_nano > limits.budget_nano:

@@ -231,3 +231,38 @@ async def test_an_org_and_its_key_admitted_locally_both_settle_locally(
     finally:
         await adm.close()
         await store.close()
+
+
+def _rate(e: ApiError) -> dict[str, str]:
+    return {k: v for k, v in e.headers if k.startswith("x-ratelimit-")}
+
+
+@pytest.mark.parametrize("org_rpm", [None, 50])
+async def test_a_429_carries_the_rates_of_the_key_and_of_its_org(org_rpm: int | None) -> None:
+    """As an admitted response does: the org's tokens on the key's refusal, the key's
+    requests on the org's (a refusal showed only the party that refused)."""
+    adm = Admission(MemoryLimitStore())
+    org = Limits(rpm=org_rpm, tpm=2000, max_concurrent=2)
+
+    def asks(i: int, key: str) -> tuple[tuple[Limits, Ask], Ask]:
+        a = ask(i, key)
+        return (org, Ask(a.request_id, "org:o", "o", a.tokens, a.cost_nano, a.period,
+                         a.lease_s)), a
+
+    # The key refuses (its one slot is taken): the org's tokens are in the headers.
+    one = Limits(max_concurrent=1)
+    assert (await adm.admit_all(asks(0, "a")[0], one, ask(0, "a"), NOW)).allowed
+    with pytest.raises(ApiError) as e:
+        await adm.admit_all(asks(1, "a")[0], one, ask(1, "a"), NOW)
+    assert e.value.status == 429
+    assert _rate(e.value)["x-ratelimit-limit-tokens"] == "2000"
+    # The org refuses (its two slots are taken): the key's rpm is in the headers.
+    assert (await adm.admit_all(asks(2, "b")[0], Limits(), ask(2, "b"), NOW)).allowed
+    rpm1 = Limits(rpm=1)
+    with pytest.raises(ApiError) as e:
+        await adm.admit_all(asks(3, "r")[0], rpm1, ask(3, "r"), NOW)
+    assert e.value.status == 429 and "organization" in e.value.message
+    rate = _rate(e.value)
+    assert rate["x-ratelimit-limit-tokens"] == "2000"
+    assert rate["x-ratelimit-limit-requests"] == "1" and rate[
+        "x-ratelimit-remaining-requests"] == "1"

@@ -26,7 +26,7 @@ from policy.admission import Settled, held_limits, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import Ask, Decision, Limits, tightest
-from policy.quota import ORG_KEY_PREFIX, refusal
+from policy.quota import ORG_KEY_PREFIX, refusal, untaken
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.limits")
@@ -141,7 +141,10 @@ class Admission:
             org = one_record(org, ask)
             if org[0].rpm is not None:
                 await self._refused(org, limits, ask, now)
-            org_decision = await self.admit(*org, now)
+            org_decision = await self._admit(*org, now)
+            if not org_decision.allowed:  # with the key's rates in its headers too
+                raise refusal(org_decision, org[0], now, ask.cost_nano, org=True,
+                              other=await self._look(limits, ask, now))
             if self._in_store(*org):
                 # The org's hold carries the record: the key's holds only its own limits
                 # (a key without any is not held, and its settlement is a no-op).
@@ -149,7 +152,9 @@ class Admission:
                 if not held_limits(limits, key_ask).any and len(self._unheld) < MAX_UNSYNCED:
                     self._unheld.add((ask.key_id, ask.request_id))
         try:
-            decision = await self.admit(limits, key_ask, now)
+            decision = await self._admit(limits, key_ask, now)
+            if not decision.allowed:  # with the org's rates in its headers too
+                raise refusal(decision, limits, now, ask.cost_nano, other=org_decision)
         except ApiError:
             if org is not None:
                 await self.settle(*org, 0, 0, now)
@@ -198,11 +203,32 @@ class Admission:
         except LimitStoreUnavailable:
             return
         if not od.allowed:
-            raise refusal(od, org_limits, now, ask.cost_nano, org=True)
-        raise refusal(d, limits, now, ask.cost_nano)
+            raise refusal(od, org_limits, now, ask.cost_nano, org=True,
+                          other=untaken(d, ask.tokens))
+        raise refusal(d, limits, now, ask.cost_nano, other=untaken(od, ask.tokens))
+
+    async def _look(self, limits: Limits, ask: Ask, now: datetime) -> Decision | None:
+        """The key's rates now, taking nothing, for the headers of its org's 429 (None
+        when it has none or the store does not answer)."""
+        if limits.rpm is None and limits.tpm is None:
+            return None
+        try:
+            d = await self._store.admit(Limits(rpm=limits.rpm, tpm=limits.tpm), ask,
+                                        now.timestamp(), take=False)
+        except LimitStoreUnavailable:
+            return None
+        return untaken(d, ask.tokens)
 
     async def admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """A Decision that allowed the request, or an ApiError (429, or 503 failing closed)."""
+        decision = await self._admit(limits, ask, now)
+        if decision.allowed:
+            return decision
+        raise refusal(decision, limits, now, ask.cost_nano,
+                      org=ask.key_id.startswith(ORG_KEY_PREFIX))
+
+    async def _admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
+        """`admit`'s Decision, allowed or not; an ApiError only for a 503."""
         held = held_limits(limits, ask)
         if not held.any:
             return Decision(True)
@@ -241,10 +267,7 @@ class Admission:
             if decision.allowed:
                 self._local_ids.add((ask.key_id, ask.request_id))
                 self._count_later(held, ask.key_id, 1, 0)
-        if decision.allowed:
-            return decision
-        raise refusal(decision, limits, now, ask.cost_nano,
-                      org=ask.key_id.startswith(ORG_KEY_PREFIX))
+        return decision
 
     def _release_later(self, limits: Limits, ask: Ask) -> None:
         """An admission the store did not answer may still take effect: queue a
