@@ -4,6 +4,7 @@ Settlement returns what it did and logs a hold whose cost was not the worst case
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -202,6 +203,41 @@ async def test_an_unanswered_admission_is_released_once_the_store_wakes(
         assert await store.budget("k", "o", period, now) == (0, 0)
         # The concurrency slot is free again: the next request is admitted.
         assert (await adm.admit(limits, ask(2), NOW)).allowed
+    finally:
+        await adm.close()
+        await store.close()
+
+
+async def test_an_admission_redis_runs_after_its_caller_gave_up_holds_nothing(
+    own_redis: RedisServer, tmp_path: Path,
+) -> None:
+    """Redis frozen past the admission's time limit and more: when it wakes and runs the
+    script, the script sees its deadline (in Redis' clock) has passed and holds nothing.
+    A tester froze Redis past the lease: the sweep claimed the holds of requests that got
+    a 503 before their spooled releases landed, and billed each with a `lost` record."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, OnStoreError(), spool_dir=tmp_path / "spool")
+    limits = Limits(max_concurrent=1, budget_nano=10_000)
+    assert own_redis.proc is not None
+    try:
+        assert (await adm.admit(limits, ask(0), NOW)).allowed
+        await adm.settle(limits, ask(0), 0, 0, NOW)
+        assert await store.sweep(time.time()) == []  # and it measures Redis' clock
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ApiError) as e:
+                await adm.admit(limits, ask(1), NOW)
+            assert e.value.status == 503
+            await asyncio.sleep(1.5)  # past the time limit (0.2 s) and its slack (1 s)
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        period, now = ask(1).period, NOW.timestamp()
+        # Nothing held, before any release: no slot taken, nothing to be lost.
+        assert await store.budget("k", "o", period, now) == (0, 0)
+        assert await store.sweep(now + 10 * ask(1).lease_s) == []
+        assert (await adm.admit(limits, ask(2), NOW)).allowed
+        await adm.replay()  # the spooled release of request 1 is a no-op
+        assert await store.budget("k", "o", period, now) == (0, ask(2).cost_nano)
     finally:
         await adm.close()
         await store.close()

@@ -58,6 +58,11 @@ CLAIM_S = 30.0  # a claimed index entry returns to the sweep after this, if not 
 EVICTION_CHECK_S = 60.0  # how often the sweep reads Redis' eviction policy
 SWEEP_BATCH = 256  # index entries per claim
 SWEEP_BATCHES = 16  # claims per sweep call, at most
+OFFSET_CHECK_S = 10.0  # how often the sweep reads Redis' clock against this replica's
+# An admission Redis runs later than its caller's time limit plus this is not carried
+# out (ADMIT's deadline): room for the error of the clock offset's measurement.
+STALE_SLACK_S = 1.0
+OFFSET_MAX_RTT_S = 0.05  # a TIME reply slower than this measures nothing
 
 
 def _opt(v: int | None) -> str:
@@ -97,6 +102,10 @@ class RedisLimitStore:
         # from a repeat.
         self._held_in: dict[tuple[str, str], bytes] = {}
         self._eviction_checked = -EVICTION_CHECK_S  # monotonic time of the last check
+        self._timeout = timeout_s
+        # Redis' clock minus this replica's (None until measured), and when measured.
+        self._offset: float | None = None
+        self._offset_checked = -OFFSET_CHECK_S
         self._evicting = ""  # the evicting policy last logged ("" none)
         # The usage records' seen keys (redis_sink.py): the sweep reads what a request
         # whose record reached Redis owes (None: it does not look).
@@ -132,7 +141,7 @@ class RedisLimitStore:
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
                 str(ask.cost_nano), repr(float(ask.lease_s)), repr(float(self._window)),
                 ask.period, dumps(ask).decode() if held and take else "",
-                "1" if take else "0"]
+                "1" if take else "0", self._deadline() if held and take else ""]
         if not held or not take:  # holds nothing (or only decides): nothing to index
             out = await self._call(self._redis.evalsha(ADMIT, keys, args))
         else:
@@ -150,6 +159,9 @@ class RedisLimitStore:
                 self._held_in[ask.key_id, ask.request_id] = self._epoch
         ok, reason, retry, rem_r, reset_r, rem_t, reset_t = (
             v.decode() if isinstance(v, bytes) else v for v in out)
+        if reason == "stale":  # answered after all, past its deadline: nothing was held
+            raise LimitStoreUnavailable("redis limit store: the admission ran after its "
+                                        "time limit, and did nothing")
         return Decision(
             allowed=ok == 1, reason=reason, retry_after_s=float(retry) if retry else None,
             limit_requests=limits.rpm,
@@ -159,6 +171,32 @@ class RedisLimitStore:
             remaining_tokens=int(float(rem_t)) if rem_t else None,
             reset_tokens_s=float(reset_t) if reset_t else 0.0,
         )
+
+    def _deadline(self) -> str:
+        """When, in Redis' clock, an admission sent now is past its caller's time limit
+        (the caller has answered 503 by then): Redis, stalled, runs the scripts sent to it
+        when it wakes, and a hold taken then for a request never served was charged in
+        full as lost (with a `lost` record) when the sweep found its lease ended before
+        the release the caller spooled. '' before the offset is known."""
+        if self._offset is None:
+            return ""
+        return repr(time.time() + self._offset + self._timeout + STALE_SLACK_S)
+
+    async def _measure_offset(self) -> None:
+        """Redis' clock against this replica's, from one TIME round trip (its midpoint;
+        a slow reply measures nothing). Every OFFSET_CHECK_S, from the sweep."""
+        now = time.monotonic()
+        if now - self._offset_checked < OFFSET_CHECK_S:
+            return
+        self._offset_checked = now
+        t0 = time.time()
+        try:
+            sec, usec = await self._call(self._redis.execute("TIME"))
+        except LimitStoreUnavailable:
+            return
+        t1 = time.time()
+        if t1 - t0 <= OFFSET_MAX_RTT_S:
+            self._offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
 
     async def _batch(self, *calls: tuple[str | bytes | int, ...],
                      must: tuple[int, ...]) -> list[Any]:
@@ -322,6 +360,7 @@ class RedisLimitStore:
         Redis kept its data (`check_epoch`)."""
         await self.check_epoch()
         await self._check_eviction()
+        await self._measure_offset()
         lost: list[Ask] = []
         for _ in range(SWEEP_BATCHES):
             members = await self._call(self._redis.evalsha(

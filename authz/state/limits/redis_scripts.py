@@ -117,10 +117,18 @@ end
 # KEYS: rpm, tpm, conc, res, budget, resv, lost, gcra (the last release's rate: `rate`).
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
 #       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record),
-#       take ('0': decide only, reserve nothing).
+#       take ('0': decide only, reserve nothing), deadline (Redis' own clock, '' = none).
 # Returns {allowed, reason, retry_after, remaining_req, reset_req, remaining_tok, reset_tok}
-# as text ('' = none). Mirrors admission.admit: check, decision, then reserve.
+# as text ('' = none). Mirrors admission.admit: check, decision, then reserve. Past its
+# deadline (a Redis that stalled ran it after its caller gave up and answered 503) it
+# does nothing and says 'stale': its hold would be charged as lost once its lease ended.
 ADMIT = LIB + """
+if ARGV[14] and ARGV[14] ~= '' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1000000 > tonumber(ARGV[14]) then
+    return {0, 'stale', '', '', '', '', ''}
+  end
+end
 local now_s, rid = ARGV[1], ARGV[2]
 local now = tonumber(now_s)
 local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
