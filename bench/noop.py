@@ -216,6 +216,8 @@ async def serve(grpc_listen: str, side_listen: str, cluster: str, duplex: bool =
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", (1 << 20) + (64 << 10)),
         ("grpc.max_send_message_length", (1 << 20) + (64 << 10)),
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
     ])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(counts), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(

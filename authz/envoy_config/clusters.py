@@ -25,6 +25,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     HttpProtocolOptions,
+    KeepaliveSettings,
     Metadata,
     TransportSocket,
     TypedExtensionConfig,
@@ -91,6 +92,12 @@ SERVICES_EJECT_AFTER = 2
 SERVICES_MAX_EJECTION_PERCENT = 50
 SERVICES_HC_INTERVAL_S = 1.0
 SERVICES_HC_TIMEOUT_S = 1.0
+# HTTP/2 PINGs on each connection to a replica: one unanswered for this long closes the
+# connection. A frozen replica (SIGSTOP, a hung VM, a half-open connection after a
+# partition) never closes its streams, and Envoy kept its ADS stream there: no config
+# change reached Envoy until it died. Any frame received extends the wait, so a replica
+# that is busy but alive is never cut.
+SERVICES_PING_S = 5.0
 # Backends: outlier detection never takes out more than half of an alias's backends (an
 # alias with one backend is never ejected: only its health checks take it out).
 BACKEND_MAX_EJECTION_PERCENT = 50
@@ -162,7 +169,9 @@ def services_cluster(cfg: Config) -> Cluster:
     kind, family = _discovery(*(h for h, _ in endpoints))
     h2 = UpstreamHttpOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-            http2_protocol_options=Http2ProtocolOptions()
+            http2_protocol_options=Http2ProtocolOptions(
+                connection_keepalive=KeepaliveSettings(
+                    interval=seconds(SERVICES_PING_S), timeout=seconds(SERVICES_PING_S)))
         )
     )
     lb_endpoints = [LbEndpoint(endpoint=Endpoint(address=address(h, p))) for h, p in endpoints]

@@ -206,6 +206,11 @@ class Services:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # Envoy PINGs every connection (clusters.SERVICES_PING_S) to find a frozen
+                # replica; gRPC's default answers pings more often than every 5 minutes
+                # on a quiet connection (an idle ADS stream) with a GOAWAY.
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                ("grpc.http2.max_ping_strikes", 0),
             ]
         )
         protos.add_AuthorizationServicer_to_server(

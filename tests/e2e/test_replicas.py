@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -179,5 +180,53 @@ def test_a_replica_sigkilled_under_load_costs_clients_under_1_percent(tmp_path: 
         assert not failed_before, failed_before[:5]
         assert total >= 50 * WINDOW_S / 4, f"too little load to measure: {total}"
         assert len(failed) < 0.01 * total, (len(failed), total, failed[:10])
+    finally:
+        redis.stop()
+
+
+def _ads_replica(logs: Path) -> int:
+    """Which replica serves Envoy's ADS stream now (the last to send it a version)."""
+    last = {i: (logs / f"serve{i}.log").read_text().rfind("xds: sending version")
+            for i in range(2)}
+    assert max(last.values()) >= 0, "no replica sent Envoy its resources"
+    return max(last, key=lambda i: last[i])
+
+
+def test_a_frozen_ads_replica_does_not_keep_config_changes_from_envoy(
+        tmp_path: Path) -> None:
+    """The replica feeding Envoy's ADS stream is frozen (SIGSTOP: a hung process, a
+    half-open connection): Envoy marked it unhealthy but kept the stream on it, so a model
+    added to the config answered 404 until the replica died. HTTP/2 PINGs now close the
+    connection of a replica that answers none, and the stream reopens on the other."""
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        with two_replicas(tmp_path / "gw", redis.url) as c:
+            frozen = c.serves[_ads_replica(tmp_path / "gw" / "logs")]
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                for path in c.configs:
+                    d = yaml.safe_load(path.read_text())
+                    d["models"]["fresh"] = {**d["models"]["other"], "max_tokens": 8}
+                    tmp = path.with_suffix(".new")
+                    tmp.write_text(yaml.safe_dump(d))
+                    tmp.replace(path)
+                client = openai.OpenAI(base_url=f"{c.base_url}/v1", api_key=SECRET,
+                                       max_retries=0, timeout=5)
+                t0 = time.monotonic()
+                while True:
+                    try:
+                        out = client.chat.completions.create(model="fresh",
+                                                             messages=MESSAGES, max_tokens=2)
+                        break
+                    except (openai.APIStatusError, openai.APIConnectionError):
+                        # PING every 5 s, 5 s to answer: ~10 s, then a new stream.
+                        assert time.monotonic() - t0 < 25, "the new model never answered"
+                        time.sleep(0.2)
+                assert out.model == "tiny-llama-2"
+                client.close()
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
     finally:
         redis.stop()
