@@ -222,6 +222,10 @@ class UsageRecordOut(BaseModel):
     key_budget_period: str | None = None
     org_budget_period: str | None = None
     sequences: int | None = None  # per prompt (`n`); null in older records
+    # The request's hold: prompt tokens the backend can count (per sequence) and tokens
+    # it can generate, at most; null where nothing was held, or in older records.
+    prompt_bound: int | None = None
+    completion_bound: int | None = None
 
 
 class UsageTotals(BaseModel):

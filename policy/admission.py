@@ -479,6 +479,7 @@ def lost_record(ask: Ask) -> UsageRecord | None:
         stream=rec.stream, estimated=True, started_at=rec.started_at,
         duration_ms=ask.lease_s * 1000, endpoint=rec.endpoint,
         key_budget_period=rec.key_budget_period, org_budget_period=rec.org_budget_period,
+        prompt_bound=rec.prompt_tokens, completion_bound=rec.completion_tokens,
     )
 
 

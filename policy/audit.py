@@ -102,16 +102,28 @@ class BackendAudit:
     estimated_records: int  # tokenbooth's estimates: they cannot match exactly
     estimated_prompt: int
     estimated_completion: int
+    # What the estimated requests could have made the backend count at most (their holds'
+    # bounds, prompts weighed by sequences); None when a record does not say (written
+    # before records carried their bounds): then no ceiling is known.
+    estimated_prompt_bound: int | None = None
+    estimated_completion_bound: int | None = None
 
     @property
     def drift(self) -> bool:
-        """Without estimates the counters equal the records' sums; with estimates the
-        counters are at least the exact records' sums."""
+        """Without estimates the counters equal the records' sums; with estimates they
+        are at least the exact records' sums and at most those plus the estimated
+        requests' bounds: tokens served past the gateway show up even beside a client that
+        left mid-stream (with the floor alone, one such record hid any excess)."""
         c = self.counters
         if self.estimated_records == 0:
             return (c.prompt_tokens, c.generation_tokens) != (self.prompt_tokens,
                                                               self.completion_tokens)
-        return c.prompt_tokens < self.prompt_tokens or c.generation_tokens < self.completion_tokens
+        if c.prompt_tokens < self.prompt_tokens or c.generation_tokens < self.completion_tokens:
+            return True
+        return (self.estimated_prompt_bound is not None
+                and c.prompt_tokens > self.prompt_tokens + self.estimated_prompt_bound) or (
+            self.estimated_completion_bound is not None
+            and c.generation_tokens > self.completion_tokens + self.estimated_completion_bound)
 
 
 # -- records --------------------------------------------------------------------------
@@ -296,4 +308,18 @@ def audit_backend(counters: VllmCounters, records: Iterable[Record]) -> BackendA
         estimated_records=len(guessed),
         estimated_prompt=sum(int(r["prompt_tokens"]) for r in guessed),
         estimated_completion=sum(int(r["completion_tokens"]) for r in guessed),
+        estimated_prompt_bound=_bound_sum(guessed, "prompt_bound", weigh=True),
+        estimated_completion_bound=_bound_sum(guessed, "completion_bound"),
     )
+
+
+def _bound_sum(records: list[Record], name: str, weigh: bool = False) -> int | None:
+    """The records' `name` bounds summed (prompts weighed by their sequences), or None
+    when one of them does not say."""
+    total = 0
+    for r in records:
+        v = r.get(name)
+        if type(v) is not int or v < 0:
+            return None
+        total += v * _sequences(r) if weigh else v
+    return total

@@ -86,6 +86,12 @@ class UsageRecord:
     # Sequences generated per prompt (`n`, or `best_of`): vLLM reads the prompt once per
     # sequence (its prompt-token counter counts it so), where usage counts it once.
     sequences: int = 1
+    # The request's hold: the most prompt tokens the backend can count for its body (once
+    # per sequence, as `prompt_tokens`) and the most it can generate. None: nothing was
+    # held for tokens (GET /v1/models), or a record of a version before they were kept.
+    # `audit --vllm` weighs estimated records by them.
+    prompt_bound: int | None = None
+    completion_bound: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies field by field, measurably slow per request.
@@ -119,6 +125,8 @@ def make_record(
     key_budget_period: str | None = None,
     org_budget_period: str | None = None,
     sequences: int = 1,
+    prompt_bound: int | None = None,
+    completion_bound: int | None = None,
 ) -> UsageRecord:
     return UsageRecord(
         request_id=request_id,
@@ -140,4 +148,6 @@ def make_record(
         key_budget_period=key_budget_period,
         org_budget_period=org_budget_period,
         sequences=sequences,
+        prompt_bound=prompt_bound,
+        completion_bound=completion_bound,
     )

@@ -272,7 +272,9 @@ def _backend_json(b: BackendAudit) -> dict[str, Any]:
         "records": b.records, "prompt_tokens": b.prompt_tokens,
         "completion_tokens": b.completion_tokens,
         "estimated": {"records": b.estimated_records, "prompt_tokens": b.estimated_prompt,
-                      "completion_tokens": b.estimated_completion},
+                      "completion_tokens": b.estimated_completion,
+                      "prompt_bound": b.estimated_prompt_bound,
+                      "completion_bound": b.estimated_completion_bound},
         "drift": b.drift,
     }
 
@@ -289,6 +291,15 @@ def _as_json(r: Report) -> dict[str, Any]:
 
 
 _ROW = "{:<24} {:<16} {:>14} {:>14} {:>6} {:>8} {:>12} {:>7}  {}"
+
+
+def _ceiling(b: BackendAudit) -> str:
+    """What the estimated requests could have counted at most, when their records say."""
+    if not b.estimated_records:
+        return ""
+    p, c = b.estimated_prompt_bound, b.estimated_completion_bound
+    return (", at most " + ("?" if p is None else str(p)) + " / "
+            + ("?" if c is None else str(c)))
 
 
 def _print_report(r: Report) -> None:
@@ -310,8 +321,8 @@ def _print_report(r: Report) -> None:
         print(f"backend {c.url}: vLLM {c.prompt_tokens} prompt / {c.generation_tokens} "
               f"generation tokens; records {b.prompt_tokens} / {b.completion_tokens} "
               f"({b.records} requests); estimated {b.estimated_prompt} / "
-              f"{b.estimated_completion} ({b.estimated_records} requests): "
-              f"{'DRIFT' if b.drift else 'ok'}")
+              f"{b.estimated_completion} ({b.estimated_records} requests"
+              f"{_ceiling(b)}): {'DRIFT' if b.drift else 'ok'}")
     bad = sum(1 for a in r.ledgers if r.ledger_problems(a))
     bad_b = sum(1 for b in r.backends if b.drift)
     print(f"drift: {bad} ledger(s), {bad_b} backend(s)" if r.drift else

@@ -681,6 +681,8 @@ class Lifecycle:
                 key_budget_period=hold.key_budget_period if hold else None,
                 org_budget_period=hold.org_budget_period if hold else None,
                 sequences=req.sequences,
+                prompt_bound=req.prompt_bound,
+                completion_bound=req.completion_bound,
             )
         )
         if not status:  # out of sight before the backend answered

@@ -260,7 +260,8 @@ def test_the_lost_record_is_the_full_hold_estimated() -> None:
         request_id="r9", key_id="k1", org="acme", model="demo", upstream_model="tiny",
         backend="", prompt_tokens=120, completion_tokens=380, total_tokens=500,
         cost_usd="0.0015", status=LOST, stream=True, estimated=True,
-        started_at="2026-11-23T12:00:00Z", duration_ms=150_000.0, endpoint="chat")
+        started_at="2026-11-23T12:00:00Z", duration_ms=150_000.0, endpoint="chat",
+        prompt_bound=120, completion_bound=380)
     org_hold_of_k1 = Ask("r9", "org:acme", "acme", 500, 0, "total", 150.0,
                          HoldRecord("demo", "tiny", "chat", False, 1, 2, "", key_id="k1"))
     lost = lost_record(org_hold_of_k1)

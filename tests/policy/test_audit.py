@@ -225,6 +225,25 @@ def test_estimated_records_are_apart_and_bound_the_counters_from_below_only() ->
     assert audit_backend(VllmCounters("http://vllm:8000", 14, 40, start), records).drift
 
 
+def test_estimated_records_with_their_bounds_cap_the_counters_from_above() -> None:
+    """A client that left mid-stream made an estimated record, and from then on tokens
+    served past the gateway went unseen (20,062 generated against 12 recorded, "ok"): the
+    estimated requests' holds now cap what the counters may exceed the records by."""
+    cut = {**rec("cut", "0", backend="http://vllm:8000", prompt_tokens=7, completion_tokens=3,
+                 estimated=True), "prompt_bound": 9, "completion_bound": 50, "sequences": 2}
+    records = valid_records([*_backend_records(), cut])
+    start = datetime(2026, 3, 15, 9, tzinfo=UTC).timestamp()
+    a = audit_backend(VllmCounters("http://vllm:8000", 15 + 18, 26 + 50, start), records)
+    assert (a.estimated_prompt_bound, a.estimated_completion_bound, a.drift) == (18, 50, False)
+    for p, g in ((15 + 19, 26), (15, 26 + 51), (15, 20_062)):
+        assert audit_backend(VllmCounters("http://vllm:8000", p, g, start), records).drift
+    # A record without bounds (an older tokenbooth's) leaves the ceiling unknown.
+    older = {k: v for k, v in cut.items() if not k.endswith("_bound")}
+    b = audit_backend(VllmCounters("http://vllm:8000", 15, 20_062, start),
+                      valid_records([*_backend_records(), cut, {**older, "request_id": "o"}]))
+    assert (b.estimated_completion_bound, b.drift) == (None, False)
+
+
 def test_periods_begun_before_records_were_trimmed_are_not_compared() -> None:
     """usage.retention_s with no usage.sink trims records for good: a ledger whose period
     began before the trim cannot be balanced against what is left, and is not drift for

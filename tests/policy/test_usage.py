@@ -74,7 +74,7 @@ def test_make_record_fills_every_field() -> None:
         stream=True, estimated=False,
         started_at=datetime(2026, 11, 23, 12, 0, 1, 250000, tzinfo=UTC),
         duration_ms=12.34567, endpoint="chat", key_budget_period="month:2026-11",
-        sequences=2,
+        sequences=2, prompt_bound=1200, completion_bound=4000,
     )
     assert rec == UsageRecord(
         request_id="r-1", key_id="k", org="o", model="demo", upstream_model="tiny-llama",
@@ -82,12 +82,13 @@ def test_make_record_fills_every_field() -> None:
         total_tokens=3000, cost_usd="3.5", status=200, stream=True, estimated=False,
         started_at="2026-11-23T12:00:01.250000Z", duration_ms=12.346, endpoint="chat",
         key_budget_period="month:2026-11", org_budget_period=None, sequences=2,
+        prompt_bound=1200, completion_bound=4000,
     )
     assert list(rec.to_dict()) == [
         "request_id", "key_id", "org", "model", "upstream_model", "backend",
         "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "status", "stream",
         "estimated", "started_at", "duration_ms", "endpoint", "key_budget_period",
-        "org_budget_period", "sequences"]
+        "org_budget_period", "sequences", "prompt_bound", "completion_bound"]
     assert rec.to_dict()["cost_usd"] == "3.5"
 
 

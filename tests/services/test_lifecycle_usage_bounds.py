@@ -541,7 +541,11 @@ async def test_a_batchs_next_prompt_after_its_prefill_is_no_pause(
     life.finish(aborted=True)
     assert life.recount_owed is not None
     life.write(life.recount_owed[0], 9)
-    assert (await h2.record(life)).completion_tokens == 21
+    rec = await h2.record(life)
+    assert rec.completion_tokens == 21
+    # The record keeps the hold's bounds (`audit --vllm` caps estimated requests by them).
+    assert life.req is not None and life.req.prompt_bound > 9
+    assert (rec.prompt_bound, rec.completion_bound) == (life.req.prompt_bound, 2 * 16)
 
 
 async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:

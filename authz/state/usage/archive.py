@@ -30,7 +30,7 @@ from policy.usage import LOST, iso_z
 
 log = logging.getLogger("tokenbooth.records")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TABLE = "usage_records"
 _LOCK_ID = 0x7462_7573  # pg_advisory_xact_lock key of the migration ("tbus")
 
@@ -91,6 +91,12 @@ ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS stream_ms bigint,
                       CHECK (stream_ms IS NOT NULL AND stream_seq IS NOT NULL) NOT VALID;
 CREATE INDEX IF NOT EXISTS {TABLE}_order
   ON {TABLE} ((coalesce(stream_ms, 0)), (coalesce(stream_seq, seq)));
+""",
+# The request's hold (prompt and completion bounds): NULL for a record before this
+# version, or one that held no tokens.
+5: f"""
+ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS prompt_bound bigint,
+                    ADD COLUMN IF NOT EXISTS completion_bound bigint;
 """}
 
 # Where a row stands in the order readers page by: its stream entry id, or (0, seq) for a
@@ -104,10 +110,12 @@ OrderKey = tuple[int, int]
 _COLUMNS = ("request_id", "key_id", "org", "model", "upstream_model", "backend",
             "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "status",
             "stream", "estimated", "started_at", "duration_ms", "endpoint",
-            "key_budget_period", "org_budget_period", "sequences")
+            "key_budget_period", "org_budget_period", "sequences", "prompt_bound",
+            "completion_bound")
 _TYPES = ("text", "text", "text", "text", "text", "text", "bigint", "bigint", "bigint",
           "numeric", "text", "boolean", "boolean", "timestamptz", "float8", "text",
-          "text", "text", "int4")
+          "text", "text", "int4", "int8", "int8")
+_BOUNDS = ("prompt_bound", "completion_bound")
 _PERIODS = ("key_budget_period", "org_budget_period")
 # What the exporter writes besides the record: the stream entry's id.
 _WRITTEN = (*_COLUMNS, "stream_ms", "stream_seq")
@@ -125,6 +133,9 @@ _SET = ", ".join(
     + [f"{c} = CASE WHEN {_EARLIER} THEN EXCLUDED.{c} ELSE {_T}.{c} END"
        for c in ("stream_ms", "stream_seq")])
 SELECT_COLUMNS = ", ".join(_COLUMNS)
+# The same on a table still at version 4 (no bounds yet: a rolling upgrade's replicas may
+# read it before an exporter migrates it).
+SELECT_COLUMNS_V4 = ", ".join(f"NULL::int8 AS {c}" if c in _BOUNDS else c for c in _COLUMNS)
 # A batch is COPied (binary) into a temporary table, then moved by one INSERT … SELECT:
 # COPY encodes rows faster than a statement's array parameters. SQL here is built from
 # constants only; values always travel as parameters or COPY data.
@@ -183,6 +194,7 @@ def row(rec: dict[str, Any], entry_id: OrderKey | None = None) -> tuple[Any, ...
             bool(rec.get("estimated")), _time(rec["started_at"]),
             float(rec.get("duration_ms") or 0.0), str(rec.get("endpoint") or ""),
             *(_period(rec, name) for name in _PERIODS), _sequences(rec),
+            *(_bound(rec, name) for name in _BOUNDS),
             *(entry_id or (None, None)))
     except (KeyError, TypeError, InvalidOperation) as e:
         raise ValueError(f"bad or missing field {e}") from None
@@ -201,6 +213,16 @@ def _sequences(rec: dict[str, Any]) -> int | None:
         return None
     if type(v) is not int or not 1 <= v < 2**31:
         raise TypeError("sequences")
+    return v
+
+
+def _bound(rec: dict[str, Any], name: str) -> int | None:
+    """A hold bound, or None (NULL) for a record that does not say."""
+    v = rec.get(name)
+    if v is None:
+        return None
+    if type(v) is not int or not 0 <= v < 2**63:
+        raise TypeError(name)
     return v
 
 
@@ -268,8 +290,9 @@ def record(r: asyncpg.Record | tuple[Any, ...]) -> dict[str, Any]:
             del out[name]
         elif not out[name]:
             out[name] = None
-    if out["sequences"] is None:  # NULL: an older record, which did not say
-        del out["sequences"]
+    for name in ("sequences", *_BOUNDS):  # NULL: a record that did not say
+        if out[name] is None:
+            del out[name]
     return out
 
 

@@ -77,10 +77,10 @@ async def tail(cfg: Config, conn: asyncpg.Connection) -> Tail:
     finally:
         await client.aclose()
     recs = list(one_per_request(entries))
-    order = await _order_key(conn)
+    order, columns = await _schema(conn)
     stored = {r["request_id"]: ((int(r[0]), int(r[1])), archive.record(tuple(r)[2:]))
               for r in await _fetch(
-        conn, f"SELECT {order}, {archive.SELECT_COLUMNS} FROM {archive.TABLE} "  # noqa: S608
+        conn, f"SELECT {order}, {columns} FROM {archive.TABLE} "  # noqa: S608
         "WHERE request_id = ANY($1)", [r["request_id"] for r in recs])}
     out = Tail()
     for r in recs:
@@ -154,12 +154,12 @@ async def pages(conn: asyncpg.Connection, sel: Selection, exclude: list[str],
     """The archive's selected rows after `after` in stream order, a page at a time:
     (order key, record)."""
     cond, args = where(sel, exclude)
-    order = await _order_key(conn)
+    order, columns = await _schema(conn)
     left = limit
     while left is None or left > 0:
         n = PAGE if left is None else min(PAGE, left)
         found = await _fetch(
-            conn, f"SELECT {order}, {archive.SELECT_COLUMNS} "  # noqa: S608
+            conn, f"SELECT {order}, {columns} "  # noqa: S608
             f"FROM {archive.TABLE} WHERE {cond} AND ({order}) > "
             f"(${len(args) + 1}, ${len(args) + 2}) ORDER BY {order} LIMIT {n}",
             *args, *after)
@@ -176,17 +176,20 @@ async def pages(conn: asyncpg.Connection, sel: Selection, exclude: list[str],
 async def key_of(conn: asyncpg.Connection, request_id: str) -> archive.OrderKey | None:
     """Where an archived record stands in the order (None: not archived)."""
     found = await _fetch(
-        conn, f"SELECT {await _order_key(conn)} FROM {archive.TABLE} "  # noqa: S608
+        conn, f"SELECT {(await _schema(conn))[0]} FROM {archive.TABLE} "  # noqa: S608
         "WHERE request_id = $1", request_id)
     return (int(found[0][0]), int(found[0][1])) if found else None
 
 
-async def _order_key(conn: asyncpg.Connection) -> str:
-    """archive.ORDER_KEY, or its version-3 form while no exporter has migrated the table
-    to version 4 (a rolling upgrade that reaches the replicas first)."""
+async def _schema(conn: asyncpg.Connection) -> tuple[str, str]:
+    """(archive.ORDER_KEY, archive.SELECT_COLUMNS), or their forms for the version the
+    table is at while no exporter has migrated it (a rolling upgrade that reaches the
+    replicas first): version 3 has no stream order, version 4 no hold bounds."""
     found = await _fetch(conn, "SELECT version FROM tokenbooth_schema "
                                "WHERE component = 'usage'")
-    return archive.ORDER_KEY if found and found[0][0] >= 4 else archive.ORDER_KEY_V3
+    version = found[0][0] if found else 0
+    return (archive.ORDER_KEY if version >= 4 else archive.ORDER_KEY_V3,
+            archive.SELECT_COLUMNS if version >= 5 else archive.SELECT_COLUMNS_V4)
 
 
 async def every_record(cfg: Config, sel: Selection | None = None,

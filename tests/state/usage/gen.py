@@ -22,7 +22,8 @@ def record(i: int, status: int | str = 200) -> dict[str, Any]:
     p, c = 100 + i % 900, i % 257
     ledgers: dict[str, Any] = (
         {"key_budget_period": "month:2026-03", "org_budget_period": "total",
-         "sequences": 1 + i % 4} if i % 3 == 0
+         "sequences": 1 + i % 4, "prompt_bound": p + 10, "completion_bound": c + 5}
+        if i % 3 == 0
         else {"key_budget_period": None, "org_budget_period": None} if i % 3 == 1 else {})
     return {**ledgers,
         "request_id": f"req-{i:09d}", "key_id": f"key-{i % KEYS:03d}", "org": f"org-{i % ORGS}",
@@ -76,7 +77,8 @@ async def old_schema(conn: Any, version: int, rows: list[dict[str, Any]]) -> str
     used, to write more that way."""
     from authz.state.usage import archive
 
-    columns = archive._COLUMNS[:16] if version == 1 else archive._COLUMNS
+    columns = (archive._COLUMNS[:16] if version == 1 else archive._COLUMNS[:19] if version < 5
+               else archive._COLUMNS)
     insert = (f"INSERT INTO usage_records ({', '.join(columns)}) VALUES "
               f"({', '.join(f'${i + 1}' for i in range(len(columns)))})")
     async with conn.transaction():
