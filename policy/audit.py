@@ -26,6 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from policy.limits import period_id, usd_to_nano
+from policy.usage_report import record_cost
 
 ORG_PREFIX = "org:"
 PERIOD_KINDS = ("day", "month", "total")
@@ -147,7 +148,11 @@ def valid_records(records: Iterable[Record]) -> list[Record]:
     for rec in out:
         try:
             started_at(rec)
-            record_nano(rec)
+            try:
+                record_cost(str(rec["cost_usd"]))
+            except ArithmeticError:  # decimal's InvalidOperation: not a number at all
+                raise ValueError(f"cost_usd {str(rec['cost_usd'])[:40]!r} is not a "
+                                 "decimal number") from None
             for name, kind in (("request_id", str), ("key_id", str), ("org", str),
                                ("prompt_tokens", int), ("completion_tokens", int)):
                 if not isinstance(rec[name], kind):

@@ -144,7 +144,10 @@ class Totals:
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens, "cost_usd": format(self.cost_usd, "f")}
+                "total_tokens": self.total_tokens,
+                # Normalized: a sum in PostgreSQL keeps its numeric scale ("10.9404000000"
+                # where the records' own sum reads "10.9404").
+                "cost_usd": format(self.cost_usd.normalize(), "f")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,11 +247,12 @@ class UsageReport:
 
 
 def record_cost(value: Any) -> Decimal:
-    """A record's `cost_usd`; ValueError (or InvalidOperation) unless a number below
-    10^MAX_RECORD_DIGITS USD. A "NaN" or "Infinity" in a hand-edited log made every
-    total it joined NaN, and "1E+999999999" overflowed the sum (an internal error)."""
+    """A record's `cost_usd`; ValueError (or InvalidOperation) unless a number from 0 to
+    below 10^MAX_RECORD_DIGITS USD. A "NaN" or "Infinity" in a hand-edited log made every
+    total it joined NaN, and "1E+999999999" overflowed the sum (an internal error); no
+    charge is negative (a tampered pair netting to the ledger passed the audit)."""
     cost = Decimal(value)
-    if not cost.is_finite() or cost.adjusted() >= MAX_RECORD_DIGITS:
+    if not cost.is_finite() or cost < 0 or cost.adjusted() >= MAX_RECORD_DIGITS:
         raise ValueError(f"cost_usd {str(value)[:40]!r}")
     return cost
 

@@ -104,7 +104,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from authz.state.limits.base import LimitStoreUnavailable
 
     now = datetime.now(UTC)
-    since = parse_since(args.since, now) if args.since else None
+    since = parse_since(args.since, now) if args.since is not None else None
     cfg = load(args, settings)
     try:
         report = _collect(cfg, args.vllm, since, args.strict)

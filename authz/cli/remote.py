@@ -150,12 +150,6 @@ def update_key(client: AdminClient, key_id: str, changes: Mapping[str, Any]
     return new
 
 
-def key_spend(client: AdminClient, key_id: str) -> dict[str, Any]:
-    """`keys show`: the key's current-period spend, reserved and remaining."""
-    spend: dict[str, Any] = client.call("GET", f"/v1/keys/{_seg(key_id)}/spend")
-    return spend
-
-
 def key_state(client: AdminClient, key_id: str) -> dict[str, Any]:
     """`keys show`: the key's and its org's budget and limits now."""
     state: dict[str, Any] = client.call("GET", f"/v1/keys/{_seg(key_id)}/state")

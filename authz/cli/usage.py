@@ -59,7 +59,7 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     if args.until_idle or args.batch != 2000 or args.claim_idle != 60.0:
         raise ValueError("--batch, --claim-idle and --until-idle are options of "
                          "`tokenbooth usage export`")
-    since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    since = parse_since(args.since, datetime.now(UTC)) if args.since is not None else None
     report = UsageReport(Selection(args.org, args.key, since), args.group_by or ())
     out = sys.stdout
     if args.admin_url:  # a remote gateway's records, through the same report

@@ -44,7 +44,13 @@ from policy.admin_schema import (
 from policy.audit import ORG_PREFIX
 from policy.config import Config, OrgLimits, origin
 from policy.errors import type_for
-from policy.keyrecord import BudgetPeriod, KeyRecord, expiry_in_past, new_org_problem
+from policy.keyrecord import (
+    BudgetPeriod,
+    KeyRecord,
+    expiry_in_past,
+    new_org_problem,
+    valid_org_name,
+)
 from policy.keys import (
     display_prefix,
     fingerprint,
@@ -282,8 +288,18 @@ def _org_out(ctx: AdminContext, org: str) -> OrgOut:
     return OrgOut(org=org, source="none" if default is None else "config", limits=default)
 
 
+def _org_param(call: Call) -> str:
+    """The path's org, if it can be one (a key's org: 1 to 128 characters, no control
+    character); a 400 otherwise, as PUT gives (GET answered 200 for `%00`)."""
+    org = call.params["org"]
+    if not valid_org_name(org):
+        raise AdminError(400, f"org: expected 1 to 128 characters and no control "
+                         f"character, got {org[:64]!r}", "invalid_request", param="org")
+    return org
+
+
 async def get_org(ctx: AdminContext, call: Call) -> OrgOut:
-    return _org_out(ctx, call.params["org"])
+    return _org_out(ctx, _org_param(call))
 
 
 async def set_org(ctx: AdminContext, call: Call) -> OrgOut:
@@ -297,12 +313,13 @@ async def set_org(ctx: AdminContext, call: Call) -> OrgOut:
 
 
 async def delete_org(ctx: AdminContext, call: Call) -> OrgOut:
-    await ctx.orgs.put(call.params["org"], None)
-    return _org_out(ctx, call.params["org"])
+    org = _org_param(call)
+    await ctx.orgs.put(org, None)
+    return _org_out(ctx, org)
 
 
 async def org_spend(ctx: AdminContext, call: Call) -> Spend:
-    org = call.params["org"]
+    org = _org_param(call)
     limits = ctx.orgs.org_limits(ctx.config(), org) or OrgLimits()
     return await _spend(ctx, "org", org, org, limits.budget_period, limits.budget_usd)
 

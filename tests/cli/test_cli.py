@@ -79,6 +79,8 @@ def test_usage_totals(tmp_path: Path) -> None:
     assert "total: 2 request(s)" in r.stdout
     r = tb("usage", "--config", str(path), "--since", "yesterday")
     assert r.returncode == 2 and "--since" in r.stderr
+    r = tb("usage", "--config", str(path), "--since", "")  # was read as no filter
+    assert r.returncode == 2 and "--since" in r.stderr
 
 
 def test_a_reader_that_leaves_stops_the_command_quietly(tmp_path: Path) -> None:

@@ -159,13 +159,21 @@ def test_a_reserved_counter_that_is_not_its_holds_is_drift() -> None:
 
 @pytest.mark.parametrize("bad", [
     {"cost_usd": "abc"}, {"cost_usd": "NaN"}, {"started_at": "yesterday"},
-    {"key_id": None}, {"prompt_tokens": "3"},
+    {"key_id": None}, {"prompt_tokens": "3"}, {"cost_usd": "-0.034"},
 ])
 def test_malformed_records_name_the_request(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="usage record 'r1' is malformed"):
         valid_records([{**rec("r1", "0.1"), **bad}])
     with pytest.raises(ValueError, match="usage record 'r2' is malformed"):
         valid_records([{k: v for k, v in rec("r2", "0.1").items() if k != "org"}])
+
+
+def test_a_cost_that_is_no_number_says_so_in_words() -> None:
+    """It read `InvalidOperation: [<class 'decimal.ConversionSyntax'>]`."""
+    with pytest.raises(ValueError) as e:
+        valid_records([{**rec("r1", "0.1"), "cost_usd": "abc"}])
+    assert str(e.value) == ("usage record 'r1' is malformed (ValueError: cost_usd 'abc' is "
+                            "not a decimal number)")
 
 
 def test_period_ends() -> None:

@@ -43,6 +43,17 @@ def test_totals_are_exact_and_each_request_counts_once() -> None:
                                        "cost_usd": "0.3"}
 
 
+
+def test_a_total_reads_the_same_whatever_scale_its_sum_kept() -> None:
+    """PostgreSQL's sum of a numeric column keeps its scale: the same total read
+    "10.9404000000" from the sink and "10.9404" from the records."""
+    from policy.usage_report import Totals
+
+    assert Totals(Decimal("10.9404000000"), 1).as_dict()["cost_usd"] == "10.9404"
+    assert Totals(Decimal("100.000"), 1).as_dict()["cost_usd"] == "100"
+    assert Totals(Decimal("0E-10"), 1).as_dict()["cost_usd"] == "0"
+
+
 def test_a_real_record_supersedes_a_lost_one_either_way_round() -> None:
     lost = rec("x", status=LOST, cost="9", tokens=(100, 100))
     real = rec("x", cost="1")

@@ -435,6 +435,11 @@ async def test_a_new_org_that_reads_as_another_is_refused(api: Api) -> None:
     assert (status, err["error"]["param"]) == (400, "org")
     assert "whitespace" in err["error"]["message"]
     assert (await api("GET", "/v1/orgs/acme%20"))[0] == 200
+    # A name no key can have is a 400 on every org route, as on PUT (GET said 200).
+    for method, path in (("GET", "/v1/orgs/%00"), ("DELETE", "/v1/orgs/%00"),
+                         ("GET", "/v1/orgs/%00/spend"), ("GET", "/v1/orgs/" + "x" * 129)):
+        status, err = await api(method, path)
+        assert (status, err["error"]["param"]) == (400, "org"), (method, path)
 
 
 async def test_a_route_without_a_body_refuses_fields(api: Api) -> None:
