@@ -243,6 +243,42 @@ async def test_an_admission_redis_runs_after_its_caller_gave_up_holds_nothing(
         await store.close()
 
 
+async def test_the_store_answering_again_replays_the_spool_at_once(
+    own_redis: RedisServer, tmp_path: Path,
+) -> None:
+    """A stalled Redis woke and ran an admission whose caller had answered 503: its slot
+    stayed taken (429 "too many in flight") until the background task's next round
+    applied the release. The first admission the store answers now wakes it."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, OnStoreError(), spool_dir=tmp_path / "spool", sweep_s=30.0)
+    limits = Limits(max_concurrent=1)
+    assert own_redis.proc is not None
+    try:
+        assert (await adm.admit(limits, ask(0), NOW)).allowed
+        await adm.settle(limits, ask(0), 0, 0, NOW)
+        await adm.start()
+        await asyncio.sleep(0.2)  # its first round done: the next is 30 s away
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ApiError) as e:
+                await adm.admit(limits, ask(1), NOW)
+            assert e.value.status == 503
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)  # within its deadline: it runs
+        assert (await adm.admit(Limits(max_concurrent=5), ask(2, "other"), NOW)).allowed
+        t0 = time.monotonic()
+        while True:
+            try:
+                assert (await adm.admit(limits, ask(3), NOW)).allowed
+                break
+            except ApiError as e:
+                assert e.status == 429 and time.monotonic() - t0 < 2, e
+                await asyncio.sleep(0.05)
+    finally:
+        await adm.close()
+        await store.close()
+
+
 async def test_an_org_and_its_key_admitted_locally_both_settle_locally(
     own_redis: RedisServer,
 ) -> None:

@@ -59,7 +59,9 @@ async def test_each_lost_hold_is_claimed_once_with_one_record(
         # The ledgers it was charged to, kept with the hold (in Redis: its JSON).
         "key_budget_period": P, "org_budget_period": None,
         # A lost record is estimated: the audit against vLLM does not weigh it.
-        "sequences": 1}
+        "sequences": 1,
+        # Its hold, which it was charged: what the backend could have counted at most.
+        "prompt_bound": 20, "completion_bound": 10}
     assert reps[0].lost_records + reps[1].lost_records == 20
     spent, reserved = await two_limit_stores[0].budget("k1", "acme", P, clock())
     assert (spent, reserved) == (10 * 120 + 20 * 300, 0) and spent <= 10_000

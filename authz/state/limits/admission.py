@@ -32,6 +32,7 @@ from policy.usage import UsageRecord
 log = logging.getLogger("tokenbooth.limits")
 
 SWEEP_S = 1.0  # how often the background task sweeps and retries the spool
+WAKE_MIN_S = 0.1  # the soonest an admission wakes it again (a spool that cannot drain)
 
 
 class Admission:
@@ -80,6 +81,11 @@ class Admission:
         self._clock = clock
         self._sweep_s = sweep_s
         self._stop = asyncio.Event()
+        # Set when the store answers while settlements wait in the spool: the background
+        # task replays them at once, not at its next sweep (a stalled Redis that woke ran
+        # the admissions it was sent; their slots stayed taken until the releases landed).
+        self._wake = asyncio.Event()
+        self._round_at = 0.0  # monotonic start of the background task's last round
         self._task: asyncio.Task[None] | None = None
         self._replaying = asyncio.Lock()  # one replay at a time: offsets only go forward
         self.lost_records = 0  # lost holds this replica claimed and recorded (a metric)
@@ -107,14 +113,21 @@ class Admission:
 
     async def _maintain(self) -> None:
         while not self._stop.is_set():
+            self._round_at = time.monotonic()
             try:
                 await self.replay()
                 await self.reconcile()
                 await self.sweep()
             except Exception:  # the loop must outlive any one failure
                 log.exception("limits maintenance failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._sweep_s)
+            self._wake.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, self._wake)]
+            try:
+                await asyncio.wait(waits, timeout=self._sweep_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
     def _may_fail_open(self, limits: Limits) -> bool:
         pol = self._on_error()
@@ -237,6 +250,9 @@ class Admission:
                 await self._reconcile(now)
             decision = await self._store.admit(held, ask, now.timestamp())
             self._remember(held, ask.key_id, decision)
+            if self._spool is not None and self._spool.pending_bytes \
+                    and time.monotonic() - self._round_at >= WAKE_MIN_S:
+                self._wake.set()
         except LimitStoreUnavailable as e:
             if not limits.any:
                 # Held only for its record: admitted unheld, as a key without limits
