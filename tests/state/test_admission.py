@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from authz.state.limits.admission import Admission
+from authz.state.limits.base import LimitStoreRefused, LimitStoreUnavailable
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
 from policy.admission import Settled
 from policy.config import OnStoreError
 from policy.errors import ApiError
-from policy.limits import Ask, Limits
+from policy.limits import Ask, Decision, Limits
 from tests.redis_server import RedisServer
 
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
@@ -338,3 +339,37 @@ async def test_a_429_carries_the_rates_of_the_key_and_of_its_org(org_rpm: int | 
     assert rate["x-ratelimit-limit-tokens"] == "2000"
     assert rate["x-ratelimit-limit-requests"] == "1" and rate[
         "x-ratelimit-remaining-requests"] == "1"
+
+
+class _Flaky(MemoryLimitStore):
+    """Away for the first admissions; back, it refuses `consume` with an error reply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.away = True
+
+    async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
+                    ) -> Decision:
+        if self.away:
+            raise LimitStoreUnavailable("away")
+        return await super().admit(limits, ask, now, take)
+
+    async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
+                      now: float) -> None:
+        raise LimitStoreRefused("WRONGTYPE")
+
+
+async def test_usage_the_store_refuses_to_count_does_not_block_admissions(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The outage's usage is counted before each decision; a store that answers that
+    count with an error would have failed every admission after it: it is dropped, said
+    once."""
+    store = _Flaky()
+    adm = Admission(store, OnStoreError(requests="fail_open"))
+    limits = Limits(rpm=100)
+    assert (await adm.admit(limits, ask(0), NOW)).allowed  # locally
+    store.away = False
+    for i in range(1, 4):
+        assert (await adm.admit(limits, ask(i), NOW)).allowed
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "usage admitted during the outage could not be counted: WRONGTYPE"]

@@ -17,7 +17,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from authz.state.limits.base import LimitStore, LimitStoreUnavailable, LimitStoreUnwritable
+from authz.state.limits.base import (
+    LimitStore,
+    LimitStoreRefused,
+    LimitStoreUnavailable,
+    LimitStoreUnwritable,
+)
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.settle_spool import SettleSpool, Spooled
 from authz.state.repeats import REPEATS
@@ -355,6 +360,11 @@ class Admission:
             for i, ((key_id, limits), (n, tokens)) in enumerate(merged.items()):
                 try:
                     await self._store.consume(limits, key_id, n, tokens, now.timestamp())
+                except LimitStoreRefused as e:
+                    # Answered with an error (a damaged key, say): asking again will not
+                    # help, and every admission waits on this. Dropped, said once.
+                    log.error("usage admitted during the outage could not be counted: %s",
+                              e, extra={"key_id": key_id, "requests": n, "tokens": tokens})
                 except LimitStoreUnavailable as e:
                     rest = list(merged.items())[i:]
                     self._unsynced += [(lim, kid, nn, tt) for (kid, lim), (nn, tt) in rest]
