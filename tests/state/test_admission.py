@@ -373,3 +373,24 @@ async def test_usage_the_store_refuses_to_count_does_not_block_admissions(
         assert (await adm.admit(limits, ask(i), NOW)).allowed
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "usage admitted during the outage could not be counted: WRONGTYPE"]
+
+
+async def test_a_clock_offset_gone_wrong_costs_one_refusal(own_redis: RedisServer) -> None:
+    """Redis' clock stepped (or this replica's) after the offset was measured: every
+    deadline would be past, every admission refused until the next measure. The first
+    `stale` answered in time drops the deadlines until then."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.5)
+    adm = Admission(store)
+    limits = Limits(max_concurrent=5)
+    try:
+        assert await store.sweep(NOW.timestamp()) == []  # measures the offset
+        store._offset = -3600.0  # as if Redis' clock had stepped back an hour
+        with pytest.raises(ApiError) as e:
+            await adm.admit(limits, ask(0), NOW)
+        assert e.value.status == 503
+        assert (await adm.admit(limits, ask(1), NOW)).allowed
+        assert await store.sweep(NOW.timestamp()) == []  # measured again: right
+        assert store._offset is not None and abs(store._offset) < 5
+        assert (await adm.admit(limits, ask(2), NOW)).allowed
+    finally:
+        await store.close()

@@ -160,6 +160,9 @@ class RedisLimitStore:
         ok, reason, retry, rem_r, reset_r, rem_t, reset_t = (
             v.decode() if isinstance(v, bytes) else v for v in out)
         if reason == "stale":  # answered after all, past its deadline: nothing was held
+            # Answered in time yet past the deadline: the offset is off (a clock stepped).
+            # No deadlines until the next sweep measures it again.
+            self._offset, self._offset_checked = None, -OFFSET_CHECK_S
             raise LimitStoreUnavailable("redis limit store: the admission ran after its "
                                         "time limit, and did nothing")
         return Decision(
