@@ -89,11 +89,19 @@ def new_org_problem(org: str) -> str | None:
     if org.strip() != org:
         return ("expected no whitespace at its start or end" if org.strip()
                 else "expected a name, not only whitespace")
-    bad = next((c for c in org if unicodedata.category(c) in _INVISIBLE), None)
+    bad = next((c for i, c in enumerate(org) if unicodedata.category(c) in _INVISIBLE
+                and not _joiner_in_word(org, i)), None)
     if bad is not None:
         return (f"expected printable characters, got U+{ord(bad):04X} "
                 f"({unicodedata.name(bad, 'unnamed')}), which reads as nothing")
     return None
+
+
+def _joiner_in_word(text: str, i: int) -> bool:
+    """A zero-width (non-)joiner between two letters: Persian, Indic and emoji spelling
+    needs it, and it cannot start or end a name that reads as another."""
+    return (text[i] in "\u200c\u200d" and 0 < i < len(text) - 1
+            and text[i - 1].isalpha() and text[i + 1].isalpha())
 
 
 def _new_org(org: str) -> str:

@@ -65,6 +65,7 @@ def test_is_frozen() -> None:
 
 @pytest.mark.parametrize(("org", "why"), [
     ("acme\u200b", "U+200B (ZERO WIDTH SPACE)"),
+    ("acme\u200c", "U+200C"),
     ("\u202eemca", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
     ("ac\u0085me", "U+0085"),
     ("acme\ufeff", "U+FEFF"),
@@ -84,7 +85,8 @@ def test_a_new_org_name_that_reads_as_another_is_refused(org: str, why: str) -> 
         assert KeyRecord(id="k", org=org, sha256=FP).org == org
 
 
-@pytest.mark.parametrize("org", ["acme", "Ünïcödé GmbH", "研究部", "a b", "x" * 128])
+@pytest.mark.parametrize("org", ["acme", "Ünïcödé GmbH", "研究部", "a b", "x" * 128,
+                                 "\u0645\u06cc\u200c\u0634\u0648\u062f"])  # Persian ZWNJ
 def test_printable_org_names_pass(org: str) -> None:
     assert new_org_problem(org) is None
     assert KeyCreate.model_validate({"org": org}).org == org

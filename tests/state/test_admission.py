@@ -8,7 +8,7 @@ import asyncio
 import logging
 import signal
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -355,21 +355,21 @@ class _Flaky(MemoryLimitStore):
         return await super().admit(limits, ask, now, take)
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
-                      now: float) -> None:
+                      now: float, batch_id: str = "") -> None:
         raise LimitStoreRefused("WRONGTYPE")
 
 
 async def test_usage_the_store_refuses_to_count_does_not_block_admissions(
         caplog: pytest.LogCaptureFixture) -> None:
     """The outage's usage is counted before each decision; a store that answers that
-    count with an error would have failed every admission after it: it is dropped, said
-    once."""
+    count with an error would have failed every admission after it: they go on, and after
+    MAX_REFUSED errors the count is dropped, said once."""
     store = _Flaky()
     adm = Admission(store, OnStoreError(requests="fail_open"))
     limits = Limits(rpm=100)
     assert (await adm.admit(limits, ask(0), NOW)).allowed  # locally
     store.away = False
-    for i in range(1, 4):
+    for i in range(1, 14):
         assert (await adm.admit(limits, ask(i), NOW)).allowed
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "usage admitted during the outage could not be counted: WRONGTYPE"]
@@ -392,5 +392,90 @@ async def test_a_clock_offset_gone_wrong_costs_one_refusal(own_redis: RedisServe
         assert await store.sweep(NOW.timestamp()) == []  # measured again: right
         assert store._offset is not None and abs(store._offset) < 5
         assert (await adm.admit(limits, ask(2), NOW)).allowed
+    finally:
+        await store.close()
+
+
+class _Away(MemoryLimitStore):
+    """A memory store that is away (admissions time out) until `away` is cleared; what
+    `consume` gets is noted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.away = True
+        self.consumed_calls: list[tuple[int, int, str]] = []
+
+    async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
+                    ) -> Decision:
+        if self.away:
+            raise LimitStoreUnavailable("away")
+        return await super().admit(limits, ask, now, take)
+
+    async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
+                      now: float, batch_id: str = "") -> None:
+        if self.away:
+            raise LimitStoreUnavailable("away")
+        self.consumed_calls.append((requests, tokens, batch_id))
+        await super().consume(limits, key_id, requests, tokens, now, batch_id)
+
+
+async def test_an_outage_counts_at_most_a_window_of_the_key_rates() -> None:
+    """Five minutes at exactly rpm 5 (25 requests admitted locally): counted at once,
+    they blocked the key for as long as the outage had lasted."""
+    store = _Away()
+    adm = Admission(store, OnStoreError(requests="fail_open"))
+    limits = Limits(rpm=5)
+    for i in range(25):
+        assert (await adm.admit(limits, ask(i), NOW + timedelta(seconds=12 * i))).allowed
+    store.away = False
+    later = NOW + timedelta(seconds=300)
+    assert await adm.reconcile(later)
+    assert sum(n for n, _, _ in store.consumed_calls) == 5
+    # The window after the outage is the key's own again once a request's refill is in.
+    assert (await adm.admit(limits, ask(100), later + timedelta(seconds=12))).allowed
+
+
+async def test_the_local_limiter_starts_from_what_has_not_refilled_since() -> None:
+    """The store said 5 of 5 used a minute ago: a new outage starts the key full (it was
+    refused its whole first burst), and a second outage starts from the store's count,
+    not on top of the first's."""
+    store = _Away()
+    store.away = False
+    adm = Admission(store, OnStoreError(requests="fail_open"))
+    limits = Limits(rpm=5)
+    for i in range(5):
+        assert (await adm.admit(limits, ask(i), NOW)).allowed
+    at, used_r, used_t = adm._store_used["k"]
+    assert used_r == 5
+    adm._store_used["k"] = (at - 60.0, used_r, used_t)  # as if a minute had passed
+    store.away = True
+    later = NOW + timedelta(seconds=60)
+    for i in range(5, 10):
+        assert (await adm.admit(limits, ask(i), later)).allowed
+    with pytest.raises(ApiError):
+        await adm.admit(limits, ask(10), later)
+
+
+async def test_a_count_the_stalled_store_runs_late_is_counted_once(
+        own_redis: RedisServer) -> None:
+    """Each try to count the outage's usage that timed out ran when Redis woke (57
+    requests counted for 11): a batch is sent again as it was, with its id, and Redis
+    counts an id once."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, OnStoreError(requests="fail_open"))
+    limits = Limits(rpm=20)
+    assert own_redis.proc is not None
+    try:
+        assert (await adm.admit(limits, ask(0), NOW)).allowed  # connected, scripts loaded
+        assert await store.sweep(NOW.timestamp()) == []  # Redis' clock: late admissions
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(1, 9):  # each probes the store with the same first batch
+                assert (await adm.admit(limits, ask(i), NOW)).allowed
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert await adm.reconcile(NOW)
+        look = await store.admit(limits, ask(99), NOW.timestamp(), take=False)
+        assert look.remaining_requests == 20 - 1 - 8 - 1  # after the look's own request
     finally:
         await store.close()

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,14 +32,29 @@ from authz.state.tasks import cancel_and_wait
 from policy.admission import Settled, held_limits, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
-from policy.limits import Ask, Decision, Limits, tightest
+from policy.limits import WINDOW_S, Ask, Decision, Limits, tightest
 from policy.quota import ORG_KEY_PREFIX, refusal, untaken
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.limits")
 
 SWEEP_S = 1.0  # how often the background task sweeps and retries the spool
-WAKE_MIN_S = 0.1  # the soonest an admission wakes it again (a spool that cannot drain)
+WAKE_MIN_S = 0.25  # the soonest an admission wakes it again (a spool that cannot drain)
+MAX_REFUSED = 10  # error answers to one key's outage count before it is dropped
+
+
+@dataclass(slots=True)
+class _Unsynced:
+    """A key's usage admitted by the local limiter, not yet counted in the store: the
+    batch sent and not confirmed (id, requests, tokens), and what came after it. All its
+    batches together count at most a window of the key's rates."""
+
+    limits: Limits
+    requests: int = 0
+    tokens: int = 0
+    batch: tuple[str, int, int] | None = None
+    refused: int = 0
+    counted: tuple[int, int] = (0, 0)  # what earlier batches counted (at most a window)
 
 
 class Admission:
@@ -69,14 +86,16 @@ class Admission:
         self._local_ids: set[tuple[str, str]] = set()
         # Keys without limits admitted unheld while the store was away: nothing to settle.
         self._unheld: set[tuple[str, str]] = set()
-        # Usage admitted locally, to count into the shared store once it answers again:
-        # a request as it is admitted, its tokens as it settles.
-        self._unsynced: list[tuple[Limits, str, int, int]] = []
-        self._reconciling = asyncio.Lock()
-        # What the store last said a key had used of its rates (requests, tokens), for
-        # the local limiter to start from, not from full; and the keys it has started
-        # from that since the store last answered for them.
-        self._store_used: dict[str, tuple[int, int]] = {}
+        # Usage admitted locally, per key, to count into the shared store once it answers
+        # again: a request as it is admitted, its tokens as it settles (`_Unsynced`).
+        self._unsynced: dict[str, _Unsynced] = {}
+        self._counting: dict[str, asyncio.Lock] = {}  # one count of a key at a time
+        self._store_ok = True  # whether the store answered the last admission
+        self._probing = False  # an admission is counting a key's usage while it did not
+        # What the store last said a key had used of its rates (when, requests, tokens),
+        # for the local limiter to start from, not from full; and the keys it has
+        # started from that since the store last answered for them.
+        self._store_used: dict[str, tuple[float, int, int]] = {}
         self._seeded: set[str] = set()
         self._spool = SettleSpool(spool_dir) if spool_dir is not None else None
         self._on_lost = on_lost
@@ -250,15 +269,31 @@ class Admission:
         held = held_limits(limits, ask)
         if not held.any:
             return Decision(True)
+        # This key's outage usage counts before the store decides: while the store is
+        # known to answer, or as the one probe at a time while it did not (the others
+        # go on without waiting: a stalled store made each wait its turn to time out).
+        probe = (ask.key_id in self._unsynced and not self._probing
+                 and not self._store_ok)
         try:
-            if self._unsynced:  # the outage's usage counts before this decision
-                await self._reconcile(now)
+            if probe or (self._store_ok and ask.key_id in self._unsynced):
+                self._probing |= probe
+                try:
+                    await self._count_key(ask.key_id, now)
+                except LimitStoreRefused:
+                    pass  # answered, with an error: left to the background task
+                except LimitStoreUnavailable as e:  # nothing of this request was sent
+                    raise LimitStoreUnwritable(str(e)) from e
+                finally:
+                    if probe:
+                        self._probing = False
             decision = await self._store.admit(held, ask, now.timestamp())
+            self._store_ok = True
             self._remember(held, ask.key_id, decision)
             if self._spool is not None and self._spool.pending_bytes \
                     and time.monotonic() - self._round_at >= WAKE_MIN_S:
                 self._wake.set()
         except LimitStoreUnavailable as e:
+            self._store_ok = False
             if not limits.any:
                 # Held only for its record: admitted unheld, as a key without limits
                 # always was, and nothing spooled (a stalled store that runs the
@@ -311,7 +346,8 @@ class Admission:
         if (limits.rpm is None or d.remaining_requests is None) and (
                 limits.tpm is None or d.remaining_tokens is None):
             return
-        used = (0 if limits.rpm is None or d.remaining_requests is None
+        used = (time.monotonic(),
+                0 if limits.rpm is None or d.remaining_requests is None
                 else max(0, limits.rpm - d.remaining_requests),
                 0 if limits.tpm is None or d.remaining_tokens is None
                 else max(0, limits.tpm - d.remaining_tokens))
@@ -321,17 +357,33 @@ class Admission:
         self._store_used[key_id] = used
 
     async def _seed(self, limits: Limits, key_id: str, now: datetime) -> None:
-        """The first local admission of `key_id` in an outage: the local limiter starts
-        from what the store last said the key had used, not from a full rate (two
-        requests before the outage and a full burst in it made 7 of an rpm of 5)."""
+        """The first local admission of `key_id` since the store last answered for it:
+        the local limiter starts from what the store last said the key had used, less
+        what has refilled since, plus what was admitted here and is not counted there
+        yet; not from a full rate (two requests before the outage and a full burst in it
+        made 7 of an rpm of 5), nor on top of an earlier outage's local count."""
         self._seeded.add(key_id)
-        requests, tokens = self._store_used.pop(key_id, (0, 0))
+        at, requests, tokens = self._store_used.pop(key_id, (0.0, 0, 0))
+        refill = (time.monotonic() - at) / WINDOW_S
+        requests = max(0, math.ceil(requests - refill * (limits.rpm or 0)))
+        tokens = max(0, math.ceil(tokens - refill * (limits.tpm or 0)))
+        u = self._unsynced.get(key_id)
+        if u is not None:
+            requests += u.requests + (u.batch[1] if u.batch else 0)
+            tokens += u.tokens + (u.batch[2] if u.batch else 0)
+        self._local.reset_rates(key_id)
         if requests or tokens:
             await self._local.consume(limits, key_id, requests, tokens, now.timestamp())
 
     def _count_later(self, limits: Limits, key_id: str, requests: int, tokens: int) -> None:
-        if len(self._unsynced) < MAX_UNSYNCED:
-            self._unsynced.append((limits, key_id, requests, tokens))
+        u = self._unsynced.get(key_id)
+        if u is None:
+            if len(self._unsynced) >= MAX_UNSYNCED:
+                return
+            u = self._unsynced[key_id] = _Unsynced(limits)
+        u.limits = limits
+        u.requests += requests
+        u.tokens += tokens
 
     async def reconcile(self, now: datetime | None = None) -> bool:
         """Count into the store what the local limiter admitted while it was away; the
@@ -339,39 +391,57 @@ class Admission:
         and then none counts it all the same. Whether nothing is left to count."""
         if not self._unsynced:
             return True
-        try:
-            await self._reconcile(now or datetime.fromtimestamp(self._clock(), UTC))
-        except LimitStoreUnavailable:
-            return False
-        return True
+        at = now or datetime.fromtimestamp(self._clock(), UTC)
+        for key_id in list(self._unsynced):
+            try:
+                await self._count_key(key_id, at)
+            except LimitStoreRefused:
+                continue  # this key's count was refused: the others may still go
+            except LimitStoreUnavailable:
+                return False
+        if not self._unsynced:
+            log.info("reconciled usage admitted during the limit store outage")
+            self._counting = {k: v for k, v in self._counting.items() if v.locked()}
+        return not self._unsynced
 
-    async def _reconcile(self, now: datetime) -> None:
-        """The store is back: count what the local limiter admitted meanwhile (requests
-        as they were admitted, tokens as they settled). Raises LimitStoreUnwritable,
-        keeping what is not counted, when the store does not answer: nothing of the
-        request being admitted was sent, so there is nothing of it to release."""
-        async with self._reconciling:  # admissions waiting here see it counted
-            pending, self._unsynced = self._unsynced, []
-            merged: dict[tuple[str, Limits], list[int]] = {}
-            for limits, key_id, n, tokens in pending:
-                acc = merged.setdefault((key_id, limits), [0, 0])
-                acc[0] += n
-                acc[1] += tokens
-            for i, ((key_id, limits), (n, tokens)) in enumerate(merged.items()):
+    async def _count_key(self, key_id: str, now: datetime) -> None:
+        """Count `key_id`'s outage usage into the store, one batch at a time. A batch is
+        sent with an id, and sent again as it was until the store confirms it: a stalled
+        store runs what it was sent when it wakes, and the id makes a repeat a no-op (each
+        try added the whole count again). A batch holds at most a window of the key's
+        rates: an outage's whole usage counted at once blocked the key as long as the
+        outage had lasted. Raises LimitStoreUnavailable (LimitStoreRefused: the store
+        answered with an error; after MAX_REFUSED of those the count is dropped)."""
+        lock = self._counting.setdefault(key_id, asyncio.Lock())
+        async with lock:
+            u = self._unsynced.get(key_id)
+            while u is not None:
+                if u.batch is None:
+                    if not (u.requests or u.tokens):
+                        break
+                    lim = u.limits
+                    u.batch = (uuid.uuid4().hex,
+                               u.requests if lim.rpm is None
+                               else min(u.requests, max(0, lim.rpm - u.counted[0])),
+                               u.tokens if lim.tpm is None
+                               else min(u.tokens, max(0, lim.tpm - u.counted[1])))
+                    u.requests = u.tokens = 0
+                batch_id, n, t = u.batch
                 try:
-                    await self._store.consume(limits, key_id, n, tokens, now.timestamp())
+                    await self._store.consume(u.limits, key_id, n, t, now.timestamp(),
+                                              batch_id)
                 except LimitStoreRefused as e:
-                    # Answered with an error (a damaged key, say): asking again will not
-                    # help, and every admission waits on this. Dropped, said once.
-                    log.error("usage admitted during the outage could not be counted: %s",
-                              e, extra={"key_id": key_id, "requests": n, "tokens": tokens})
-                except LimitStoreUnavailable as e:
-                    rest = list(merged.items())[i:]
-                    self._unsynced += [(lim, kid, nn, tt) for (kid, lim), (nn, tt) in rest]
-                    raise LimitStoreUnwritable(str(e)) from e
-            if merged:
-                log.info("reconciled usage admitted during the limit store outage",
-                         extra={"keys": len(merged)})
+                    u.refused += 1
+                    if u.refused >= MAX_REFUSED:
+                        log.error("usage admitted during the outage could not be "
+                                  "counted: %s", e, extra={"key_id": key_id,
+                                                           "requests": n, "tokens": t})
+                        u.batch, u.requests, u.tokens = None, 0, 0
+                    raise
+                u.counted = (u.counted[0] + n, u.counted[1] + t)
+                u.batch = None
+            if u is not None and u.batch is None and not (u.requests or u.tokens):
+                del self._unsynced[key_id]
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: datetime) -> Settled:

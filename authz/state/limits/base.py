@@ -58,10 +58,11 @@ class LimitStore(Protocol):
         `lost` usage record. Raises LimitStoreUnavailable."""
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
-                      now: float) -> None:
+                      now: float, batch_id: str = "") -> None:
         """`policy.admission.consume`: count usage admitted elsewhere (by a local limiter
         while this store was away): `requests` arrivals against the GCRA and `tokens` out
-        of the bucket, which may go below zero. Never refuses. Raises
+        of the bucket, which may go below zero. Never refuses. A `batch_id` counted once
+        already (a repeat of a try that got no answer) changes nothing. Raises
         LimitStoreUnavailable."""
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:

@@ -205,8 +205,10 @@ class DurableMemoryLimitStore:
         return lost
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
-                      now: float) -> None:
-        await self._mem.consume(limits, key_id, requests, tokens, now)
+                      now: float, batch_id: str = "") -> None:
+        if batch_id and self._mem.consumed(batch_id):
+            return
+        await self._mem.consume(limits, key_id, requests, tokens, now, batch_id)
         self._seq += 1
         self._append(orjson.dumps([self._seq, "c", now, _limits_row(limits), key_id,
                                    requests, tokens], option=orjson.OPT_APPEND_NEWLINE), now)

@@ -18,6 +18,8 @@ from policy import admission
 from policy.admission import KeyState, Ledger, Settled
 from policy.limits import WINDOW_S, Ask, Decision, Limits
 
+MAX_BATCHES = 100_000  # `consume` batch ids remembered (a repeat comes within seconds)
+
 
 class MemoryLimitStore:
     """Limits of one process. State is per key_id; budgets per (key_id, period)."""
@@ -28,6 +30,7 @@ class MemoryLimitStore:
         self._ledgers: dict[tuple[str, str], Ledger] = {}
         self._due: list[tuple[float, str]] = []  # (when to sweep, key_id)
         self._next: dict[str, float] = {}  # key_id -> its live entry in `_due`
+        self._batches: dict[str, None] = {}  # `consume` batch ids counted, oldest first
 
     async def start(self) -> None:
         return None
@@ -78,9 +81,26 @@ class MemoryLimitStore:
                                 self._ledgers.get((ask.key_id, ask.period)), now, self._window)
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
-                      now: float) -> None:
+                      now: float, batch_id: str = "") -> None:
+        if batch_id:
+            if batch_id in self._batches:
+                return
+            self._batches[batch_id] = None
+            if len(self._batches) > MAX_BATCHES:
+                del self._batches[next(iter(self._batches))]
         key = self._keys.setdefault(key_id, KeyState())
         admission.consume(limits, key, requests, tokens, now, self._window)
+
+    def consumed(self, batch_id: str) -> bool:
+        """Whether `consume` counted `batch_id` already."""
+        return batch_id in self._batches
+
+    def reset_rates(self, key_id: str) -> None:
+        """Forget `key_id`'s request and token rates (full again); its holds stay. The
+        local limiter of an outage starts each key from the store's count this way."""
+        key = self._keys.get(key_id)
+        if key is not None:
+            key.requests = key.level = None
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         ledger = self._ledgers.get((key_id, period))

@@ -141,7 +141,7 @@ class RedisLimitStore:
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
                 str(ask.cost_nano), repr(float(ask.lease_s)), repr(float(self._window)),
                 ask.period, dumps(ask).decode() if held and take else "",
-                "1" if take else "0", self._deadline() if held and take else ""]
+                "1" if take else "0", self._deadline() if take else ""]
         if not held or not take:  # holds nothing (or only decides): nothing to index
             out = await self._call(self._redis.evalsha(ADMIT, keys, args))
         else:
@@ -298,12 +298,12 @@ class RedisLimitStore:
         return self._epoch is not None and self._epoch != mark
 
     async def consume(self, limits: Limits, key_id: str, requests: int, tokens: int,
-                      now: float) -> None:
+                      now: float, batch_id: str = "") -> None:
         ns = self._ns(key_id)
         await self._call(self._redis.evalsha(
-            CONSUME, [ns + "rpm", ns + "tpm", ns + "gcra"],
+            CONSUME, [ns + "rpm", ns + "tpm", ns + "gcra", ns + "consumed:" + batch_id],
             [repr(float(now)), _opt(limits.rpm), _opt(limits.tpm), str(requests),
-             str(tokens), repr(float(self._window))]))
+             str(tokens), repr(float(self._window)), batch_id]))
 
     async def budget(self, key_id: str, org: str, period: str, now: float) -> tuple[int, int]:
         ns = self._ns(key_id)

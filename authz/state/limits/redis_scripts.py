@@ -330,8 +330,13 @@ return due
 # Mirrors admission.consume: usage admitted elsewhere (a local limiter during an outage),
 # counted on return: `n` arrivals against the GCRA and `t` tokens out of the bucket (it
 # may go negative).
-# KEYS: rpm, tpm, gcra. ARGV: now, rpm ('' = none), tpm ('' = none), n, t, window_s.
+# KEYS: rpm, tpm, gcra[, the batch's mark]. ARGV: now, rpm ('' = none), tpm ('' = none),
+# n, t, window_s[, batch id]: a batch counted once already (a Redis that stalled runs
+# the try whose caller gave up, then its repeat) changes nothing.
 CONSUME = LIB + """
+if ARGV[7] and ARGV[7] ~= '' then
+  if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', 3600000) then return 0 end
+end
 local now_s = ARGV[1]
 local now, rpm, tpm, w = tonumber(now_s), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 local n, t = tonumber(ARGV[4]), tonumber(ARGV[5])
