@@ -6,8 +6,9 @@ cannot send, until the stream ends or the connection closes. A stream cut after 
 pause carried fewer tokens than were generated (real vLLM: 2,169 of 7,168 for a client
 that paused, then left). `StreamPace` is fed each message's time and the tokens it
 carried; `unseen` says, at the cut, how many more the backend could have generated in the
-pauses (gaps of `stall_s` or more after the first chunk, the silence before the cut
-included) at `HEADROOM` times the pace the stream kept before them, less what chunks
+pauses (gaps of `stall_s` or more after the first chunk, and the silence before the cut
+however short) at `HEADROOM` times the pace the stream kept before them (for every
+sequence it runs, where fewer had opened when that pace was measured), less what chunks
 carried past that pace after a pause (the steps vLLM merged meanwhile, sent once its
 reader read again). A backend that paused itself is charged so too: the gateway sees the
 same silence.
@@ -32,25 +33,34 @@ OPENED_AFTER_PAUSE_S = 1.0
 @dataclass(slots=True)
 class StreamPace:
     stall_s: float
+    # Sequences the request generates (prompts x n): a batch whose prompts start one
+    # after another had fewer running when its pace was measured than in its pauses.
+    sequences: int = 1
     debt_s: float = 0.0  # pause seconds whose tokens no chunk has carried yet
     flow_s: float = 0.0  # the gaps shorter than stall_s before any pause: its own pace
     flow_tokens: int = 0  # tokens the chunks after those gaps carried
     first_at: float | None = None  # the first chunk with tokens
     last_at: float | None = None  # the last one
+    opened: int = 0  # choices opened so far
+    flow_opened: int = 0  # choices open while the pace was measured
     _pause: float = 0.0  # the last pause, and when it ended
     _pause_end: float | None = None
 
-    def chunk(self, now: float, tokens: int, opened_choice: bool) -> None:
+    def chunk(self, now: float, tokens: int, opened_choice: bool,
+              merged: bool = False) -> None:
         """A message carrying `tokens` generated tokens arrived at `now`; `opened_choice`:
-        it opened a choice (a batch's next prompt, after its prefill: no pause)."""
+        it opened a choice (a batch's next prompt, after its prefill: no pause, unless
+        `merged`: its first chunk carried steps vLLM merged, generated in the pause)."""
         if tokens <= 0:
             return
+        self.opened += opened_choice
         if self.last_at is None:
             self.first_at = self.last_at = now
+            self.flow_opened = self.opened
             return
         gap = now - self.last_at
         self.last_at = now
-        if opened_choice:
+        if opened_choice and not merged:
             if self._pause_end is not None and now - self._pause_end < OPENED_AFTER_PAUSE_S:
                 self.debt_s = max(0.0, self.debt_s - self._pause)  # it was the prefill
                 self._pause_end = None
@@ -69,20 +79,33 @@ class StreamPace:
         elif self.debt_s == 0:
             self.flow_s += gap
             self.flow_tokens += tokens
+            self.flow_opened = self.opened
 
     def unseen(self, now: float, seen: int) -> int | None:
         """Tokens the backend could have generated that no chunk carried, for a stream cut
         at `now` after chunks carrying `seen`: 0 without a pause; None when it paused but
         showed no pace to measure (charge what it could generate)."""
-        pauses = self.debt_s
-        if self.last_at is not None and now - self.last_at >= self.stall_s:
-            pauses += now - self.last_at
-        if pauses <= 0:
+        pauses, silence = self.debt_s, 0.0
+        if self.last_at is not None:
+            silence = now - self.last_at
+            if silence >= self.stall_s:
+                pauses, silence = pauses + silence, 0.0
+        if pauses <= 0 and silence <= 0:
             return 0
         rate = self.rate(seen)
-        if rate is None:
-            return None
-        return math.ceil(pauses * rate * HEADROOM)
+        if rate is None:  # no pace to measure: a pause owes the bound, a moment nothing
+            return None if pauses > 0 else 0
+        # The silence before the cut, however short: the reader had stopped, the buffers
+        # filled, and the backend generated on unseen (a client leaving 1.9 s after it
+        # stopped reading paid for none of it).
+        return math.ceil((pauses + silence) * self.pause_rate(rate) * HEADROOM)
+
+    def pause_rate(self, rate: float) -> float:
+        """The pace a pause is charged at: the measured one, for every sequence the
+        request may run, where fewer had opened when it was measured (a batch's prompts
+        scheduled one after another: one ran then, all of them in the pause)."""
+        measured = max(1, self.flow_opened)
+        return rate * max(1.0, self.sequences / measured)
 
     def rate(self, seen: int) -> float | None:
         """Tokens a second before its first pause; else over the whole stream (its chunks

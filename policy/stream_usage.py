@@ -51,7 +51,7 @@ _MAX_CHOICES_SEEN = 4096
 
 class StreamMeter:
     __slots__ = ("_choices_seen", "_fed", "_inline_usage", "_parser", "_read_event", "_usage",
-                 "content_chunks", "done", "ended", "error_status", "first_chunks",
+                 "content_chunks", "done", "echo", "ended", "error_status", "first_chunks",
                  "merged_tokens", "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
@@ -69,6 +69,9 @@ class StreamMeter:
         # that opened a choice (a batch's next prompt may begin after a long prefill).
         self.merged_tokens = 0
         self.first_chunks = 0
+        # The request asked vLLM to echo its prompt: a choice's first chunk holds it, and
+        # counts one chunk's worth (set by the caller).
+        self.echo = False
         self._choices_seen: set[int] = set()  # choice indexes whose first chunk passed
         self.oversize_bytes = 0  # bytes of events over the size limit (not decoded)
         self.done = False
@@ -171,7 +174,10 @@ class StreamMeter:
             if len(self._choices_seen) < _MAX_CHOICES_SEEN:
                 self._choices_seen.add(index)
             self.first_chunks += 1
-            return
+            if self.echo:
+                return
+            # Without echo a first chunk is generated text too: one that opens after the
+            # reader paused carries every step vLLM merged meanwhile.
         tokens = _logprob_tokens(choice)
         if not tokens:
             tokens = _text_tokens(choice)

@@ -448,7 +448,9 @@ class Lifecycle:
             self._meter = meter_for(endpoint.kind, req.client_wants_usage,
                                     self._snap.config.envoy.max_event_bytes,
                                     req.stream_interval)
-            self._pace = StreamPace(self._snap.config.limits.stalled_stream_s)
+            self._meter.echo = bool(req.body.get("echo"))
+            self._pace = StreamPace(self._snap.config.limits.stalled_stream_s,
+                                    max(1, req.sequences * req.prompts))
 
     def hand_over(self) -> bool:
         """Whether Envoy meters this response: a stream it was asked to meter, that the
@@ -498,7 +500,7 @@ class Lifecycle:
         out: bytes | None = None
         meter = self._meter
         if meter is not None:
-            seen, opened = meter.tokens_seen, meter.first_chunks
+            seen, opened, merged = meter.tokens_seen, meter.first_chunks, meter.merged_tokens
             out = meter.feed(chunk)
             if end:
                 tail = meter.finish()
@@ -506,7 +508,7 @@ class Lifecycle:
                     out = (out or b"") + tail
             if self._pace is not None:  # when its tokens came: see _usage
                 self._pace.chunk(self._last_byte, meter.tokens_seen - seen,
-                                 meter.first_chunks > opened)
+                                 meter.first_chunks > opened, meter.merged_tokens > merged)
             if not self._t_first and meter.content_chunks:
                 self._t_first = time.monotonic()
         else:

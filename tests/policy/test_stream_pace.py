@@ -24,7 +24,9 @@ def steady(n: int, step: float = 0.05, start: float = 0.0) -> list[tuple[float, 
 def test_a_stream_read_at_its_pace_has_nothing_unseen() -> None:
     pace = paced(*steady(40))
     assert pace.rate(40) == pytest.approx(20.0)
-    assert pace.unseen(40 * 0.05, 40) == 0
+    # Cut 50 ms after its last chunk: the step vLLM could take before it saw the cut.
+    assert pace.unseen(40 * 0.05, 40) == math.ceil(0.05 * 20 * HEADROOM)
+    assert pace.unseen(39 * 0.05, 40) == 0
 
 
 def test_a_pause_is_charged_at_the_pace_kept_between_pauses() -> None:
@@ -36,21 +38,52 @@ def test_a_pause_is_charged_at_the_pace_kept_between_pauses() -> None:
 
 
 def test_the_silence_before_the_cut_counts_too() -> None:
+    """However short: a client that stopped reading and left 1.9 s later paid for none of
+    what vLLM generated into the buffers meanwhile (stall_s is for pauses it then read
+    past)."""
     pace = paced(*steady(20))
-    assert pace.unseen(0.95 + 1.9, 20) == 0  # shorter than stall_s
+    assert pace.unseen(0.95 + 1.9, 20) == pytest.approx(1.9 * 20 * HEADROOM, abs=1)
     assert pace.unseen(0.95 + 2.5, 20) == pytest.approx(2.5 * 20 * HEADROOM, abs=1)
+    # One chunk and a moment: nothing to measure a pace by, and no pause owes the bound.
+    assert paced((0.0, 1, True)).unseen(0.5, 1) == 0
+
+
+def test_a_batch_pause_is_charged_for_every_sequence_it_may_run() -> None:
+    """Eight prompts scheduled one after another: one ran while the pace was measured,
+    all eight may run in the pause."""
+    pace = StreamPace(2.0, sequences=8)
+    for at, tokens, opened in steady(20):
+        pace.chunk(at, tokens, opened)
+    assert pace.unseen(0.95 + 8.0, 20) == pytest.approx(8.0 * 20 * 8 * HEADROOM, abs=1)
+    # All eight open when it was measured: their pace is the measured one.
+    pace = StreamPace(2.0, sequences=8)
+    for i in range(20):
+        for c in range(8):
+            pace.chunk(i * 0.05 + c * 0.001, 1, i == 0)
+    assert pace.unseen(0.957 + 8.0, 160) == pytest.approx(
+        8.0 * pace.rate(160) * HEADROOM, abs=2)
 
 
 def test_a_choice_opened_after_a_long_prefill_is_no_pause() -> None:
     """A batch's next prompt begins after its prefill: its first chunk opens a choice."""
     pace = paced(*steady(16), (0.75 + 3.0, 1, True), (0.75 + 3.05, 1, False))
     assert pace.debt_s == 0
-    assert pace.unseen(0.75 + 3.1, 18) == 0
+    assert pace.unseen(0.75 + 3.05, 18) == 0
+
+
+def test_a_choice_whose_first_chunk_carries_merged_steps_keeps_the_pause() -> None:
+    """A prompt that began while the reader paused: its first chunk carries what vLLM
+    generated meanwhile (a tester paid 2,009 of 4,661 tokens read): not a prefill."""
+    pace = StreamPace(2.0)
+    for at, tokens, opened in steady(16):
+        pace.chunk(at, tokens, opened)
+    pace.chunk(0.75 + 3.0, 200, True, merged=True)
+    assert pace.debt_s > 0
 
 
 def test_the_wait_for_the_first_chunk_is_no_pause() -> None:
     pace = paced(*steady(5, start=30.0))
-    assert pace.unseen(30.0 + 0.25, 5) == 0
+    assert pace.unseen(30.0 + 0.2, 5) == 0
 
 
 def test_a_pause_with_no_pace_to_measure_is_unknown() -> None:
@@ -64,7 +97,7 @@ def test_chunks_that_all_came_after_long_gaps_use_the_whole_streams_pace() -> No
     pace = paced(*[(i * 2.1, 64, i == 0) for i in range(5)])
     rate = 5 * 64 / (4 * 2.1)
     assert pace.rate(5 * 64) == pytest.approx(rate)
-    assert pace.unseen(4 * 2.1 + 0.5, 5 * 64) == math.ceil(4 * 2.1 * rate * HEADROOM)
+    assert pace.unseen(4 * 2.1, 5 * 64) == math.ceil(4 * 2.1 * rate * HEADROOM)
 
 
 def test_a_pauses_tokens_sent_after_it_are_not_charged_again() -> None:
@@ -75,7 +108,7 @@ def test_a_pauses_tokens_sent_after_it_are_not_charged_again() -> None:
     assert pace.debt_s == pytest.approx(1.0)
     pace.chunk(0.95 + 3.10, 21, False)  # the rest, and more
     assert pace.debt_s == 0
-    assert pace.unseen(0.95 + 3.15, 83) == 0
+    assert pace.unseen(0.95 + 3.10, 83) == 0
     # The pace stays the one before the pause (catching up is not the backend's pace).
     assert pace.rate(83) == pytest.approx(20.0)
 

@@ -487,8 +487,11 @@ def steady(n: int, index: int = 0, step: float = 0.05) -> list[tuple[float, byte
 
 async def test_a_stream_cut_while_its_chunks_flowed_is_charged_what_they_carried(
         h: Harness, clock: Clock) -> None:
-    """A chat UI's stop button: what the chunks counted."""
-    assert await cut_charge(h, clock, {}, steady(20), idle_s=0.3) == 20
+    """A chat UI's stop button: what the chunks counted, and what the backend could
+    generate at its pace in the moment between the last chunk and the cut."""
+    assert await cut_charge(h, clock, {}, steady(20), idle_s=0) == 20
+    got = await cut_charge(h, clock, {}, steady(20), idle_s=0.3)
+    assert got == pytest.approx(20 + 0.3 * 20 * 2, abs=1)
 
 
 async def test_a_pause_before_the_cut_is_charged_at_the_streams_pace(
@@ -497,8 +500,10 @@ async def test_a_pause_before_the_cut_is_charged_at_the_streams_pace(
     client stops reading): real vLLM generated 7,168 tokens for a stream whose client
     paused, then left, after 2,169 had reached the gateway. 10 chunks at 20 a second,
     then 1 s more silence than limits.stalled_stream_s (2 s): 3 s at twice that pace."""
-    assert await cut_charge(h, clock, {}, steady(10), idle_s=1.9) == 10  # no pause yet
-    assert await cut_charge(h, clock, {}, steady(10), idle_s=1.0) == 10
+    # Shorter than a pause still counts: the reader stopped, vLLM generated on (a client
+    # leaving 1.9 s after it stopped reading paid for none of it).
+    got = await cut_charge(h, clock, {"max_tokens": 256}, steady(10), idle_s=1.9)
+    assert got == pytest.approx(10 + 1.9 * 20 * 2, abs=1)
     got = await cut_charge(h, clock, {"max_tokens": 256}, steady(10), idle_s=3.0)
     assert got == pytest.approx(10 + 3 * 20 * 2, abs=1)  # rounded up
     # Never past what it could generate.
@@ -521,8 +526,13 @@ async def test_a_pause_after_one_chunk_has_no_pace_so_the_bound(
 
 async def test_the_stall_that_counts_is_set_by_limits_stalled_stream_s(
         tmp_path: Path, clock: Clock) -> None:
-    h = make_harness(tmp_path, limits={"stalled_stream_s": 30})
-    assert await cut_charge(h, clock, {}, steady(10), idle_s=10) == 10
+    """A 10 s gap between chunks is a pause at 2 s; at 30 s it is the stream's pace."""
+    chunks = [*steady(10), (10.0, chunk_of(0)), *steady(5)]
+    body = {"max_tokens": 256}
+    h30 = make_harness(tmp_path / "30", limits={"stalled_stream_s": 30})
+    assert await cut_charge(h30, clock, body, chunks) == 16
+    h2 = make_harness(tmp_path / "2", limits={"stalled_stream_s": 2})
+    assert await cut_charge(h2, clock, body, chunks) > 16 + 10 * 20
 
 
 async def test_a_batchs_next_prompt_after_its_prefill_is_no_pause(
@@ -552,17 +562,19 @@ async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:
     """vLLM merges into one chunk the steps it could not send (its reader lagged, or its
     own event loop): logprobs name each token (speculative decoding's several a step
     too); without them, a text spelling more than 4 tokens counts them (~4 ASCII
-    characters a token, one a CJK character). Not a
-    choice's first chunk, which with `echo` carries the prompt."""
+    characters a token, one a CJK character). A choice's first chunk too (a prompt that
+    began while its reader paused carries what was generated meanwhile), but with `echo`,
+    which puts the prompt there: one chunk's worth."""
     lp = {"logprobs": True, "n": 2, "max_tokens": 100}
     chunks = [(0.05, chunk_of(0, 7, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True)),
               (0.05, chunk_of(0, 3, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True))]
-    assert await cut_charge(h, clock, lp, chunks) == 1 + 1 + 3 + 1
+    assert await cut_charge(h, clock, lp, chunks) == 7 + 1 + 3 + 1
+    assert await cut_charge(h, clock, {**lp, "echo": True}, chunks) == 1 + 1 + 3 + 1
     plain = [(0.05, chunk_of(0, text="a" * 300)), (0.05, chunk_of(0, text="a" * 300)),
              (0.05, chunk_of(0, text="ab")), (0.05, chunk_of(0, text="字" * 60)),
              (0.05, chunk_of(0, text="a long word")), (0.05, chunk_of(0, text="字字"))]
     # ~4 ASCII characters a token, one a CJK character; one chunk's worth below 4.
-    assert await cut_charge(h, clock, {"max_tokens": 200}, plain) == 1 + 75 + 1 + 60 + 1 + 1
+    assert await cut_charge(h, clock, {"max_tokens": 256}, plain) == 75 + 75 + 1 + 60 + 1 + 1
 
 
 async def test_a_stream_that_said_done_is_not_paused(h: Harness, clock: Clock) -> None:
