@@ -30,6 +30,11 @@ HEADROOM = 2.0
 OPENED_AFTER_PAUSE_S = 1.0
 
 
+# A flow shorter than this many tokens (and than stall_s) measures no pace for the
+# silence before a cut: two chunks 2 ms apart made a stop button cost the whole bound.
+ESTABLISHED_TOKENS = 5
+
+
 @dataclass(slots=True)
 class StreamPace:
     stall_s: float
@@ -39,37 +44,42 @@ class StreamPace:
     debt_s: float = 0.0  # pause seconds whose tokens no chunk has carried yet
     flow_s: float = 0.0  # the gaps shorter than stall_s before any pause: its own pace
     flow_tokens: int = 0  # tokens the chunks after those gaps carried
+    # Those gaps times the choices open during each: tokens over it are one sequence's
+    # pace, however many were running.
+    flow_seq_s: float = 0.0
     first_at: float | None = None  # the first chunk with tokens
     last_at: float | None = None  # the last one
     opened: int = 0  # choices opened so far
-    flow_opened: int = 0  # choices open while the pace was measured
     _pause: float = 0.0  # the last pause, and when it ended
     _pause_end: float | None = None
 
-    def chunk(self, now: float, tokens: int, opened_choice: bool,
+    def chunk(self, now: float, tokens: int, opened: int = 0, steps: int = 1,
               merged: bool = False) -> None:
-        """A message carrying `tokens` generated tokens arrived at `now`; `opened_choice`:
-        it opened a choice (a batch's next prompt, after its prefill: no pause, unless
-        `merged`: its first chunk carried steps vLLM merged, generated in the pause)."""
+        """A read carrying `tokens` generated tokens arrived at `now`, in `steps` content
+        chunks of which `opened` opened a choice; `merged`: some chunk held steps vLLM
+        merged (it generated them while no chunk could go). A read of openings alone (a
+        batch's next prompts, after their prefill) is no pause."""
         if tokens <= 0:
             return
-        self.opened += opened_choice
+        before = max(1, self.opened)  # choices running in the gap before this read
+        self.opened += opened
         if self.last_at is None:
             self.first_at = self.last_at = now
-            self.flow_opened = self.opened
             return
         gap = now - self.last_at
         self.last_at = now
-        if opened_choice and not merged:
+        if opened and steps <= opened and not merged:
             if self._pause_end is not None and now - self._pause_end < OPENED_AFTER_PAUSE_S:
                 self.debt_s = max(0.0, self.debt_s - self._pause)  # it was the prefill
                 self._pause_end = None
             return
+        rate = self.rate(0)
         if gap >= self.stall_s:
             self.debt_s += gap
             self._pause, self._pause_end = gap, now
+            if rate:  # the steps this read carries past one a chunk were the pause's
+                self.debt_s = max(0.0, self.debt_s - max(0, tokens - steps) / rate)
             return
-        rate = self.rate(0)
         if self.debt_s > 0 and rate:
             # Once paused, the stream is held to the pace it kept before: a chunk past it
             # carries what was generated in the pause (vLLM sends the steps it merged
@@ -79,12 +89,15 @@ class StreamPace:
         elif self.debt_s == 0:
             self.flow_s += gap
             self.flow_tokens += tokens
-            self.flow_opened = self.opened
+            self.flow_seq_s += gap * before
 
     def unseen(self, now: float, seen: int) -> int | None:
         """Tokens the backend could have generated that no chunk carried, for a stream cut
         at `now` after chunks carrying `seen`: 0 without a pause; None when it paused but
-        showed no pace to measure (charge what it could generate)."""
+        showed no pace to measure (charge what it could generate). A pause is charged for
+        every sequence the request runs (a batch's later prompts may start in it); the
+        silence before the cut, however short, for the choices opened (the reader had
+        stopped, the buffers filled, vLLM generated on)."""
         pauses, silence = self.debt_s, 0.0
         if self.last_at is not None:
             silence = now - self.last_at
@@ -92,20 +105,17 @@ class StreamPace:
                 pauses, silence = pauses + silence, 0.0
         if pauses <= 0 and silence <= 0:
             return 0
-        rate = self.rate(seen)
-        if rate is None:  # no pace to measure: a pause owes the bound, a moment nothing
+        per_seq = self.sequence_rate(seen)
+        if per_seq is None:  # no pace to measure: a pause owes the bound, a moment nothing
             return None if pauses > 0 else 0
-        # The silence before the cut, however short: the reader had stopped, the buffers
-        # filled, and the backend generated on unseen (a client leaving 1.9 s after it
-        # stopped reading paid for none of it).
-        return math.ceil((pauses + silence) * self.pause_rate(rate) * HEADROOM)
-
-    def pause_rate(self, rate: float) -> float:
-        """The pace a pause is charged at: the measured one, for every sequence the
-        request may run, where fewer had opened when it was measured (a batch's prompts
-        scheduled one after another: one ran then, all of them in the pause)."""
-        measured = max(1, self.flow_opened)
-        return rate * max(1.0, self.sequences / measured)
+        owed = pauses * per_seq * max(self.sequences, self.opened)
+        if silence > 0:
+            if self.flow_tokens < ESTABLISHED_TOKENS and self.flow_s < self.stall_s:
+                # Too little flow to tell a pace: the stream's whole, the silence in it.
+                assert self.first_at is not None
+                per_seq = min(per_seq, seen / (now - self.first_at) / max(1, self.opened))
+            owed += silence * per_seq * max(1, self.opened)
+        return math.ceil(owed * HEADROOM)
 
     def rate(self, seen: int) -> float | None:
         """Tokens a second before its first pause; else over the whole stream (its chunks
@@ -116,3 +126,10 @@ class StreamPace:
                 and self.last_at > self.first_at and seen > 0:
             return seen / (self.last_at - self.first_at)
         return None
+
+    def sequence_rate(self, seen: int) -> float | None:
+        """`rate`, for one sequence: over the choices that were running."""
+        if self.flow_seq_s > 0 and self.flow_tokens > 0:
+            return self.flow_tokens / self.flow_seq_s
+        rate = self.rate(seen)
+        return None if rate is None else rate / max(1, self.opened)

@@ -170,9 +170,10 @@ class StreamMeter:
         index = choice.get("index")
         if type(index) is not int:
             return  # not vLLM's
-        if index not in self._choices_seen:
-            if len(self._choices_seen) < _MAX_CHOICES_SEEN:
-                self._choices_seen.add(index)
+        if index not in self._choices_seen and len(self._choices_seen) < _MAX_CHOICES_SEEN:
+            # (Past that many, a choice counts as opened already: each of its chunks
+            # opening one would excuse every pause.)
+            self._choices_seen.add(index)
             self.first_chunks += 1
             if self.echo:
                 return

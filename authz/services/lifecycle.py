@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -184,6 +184,19 @@ class Ending:
     prompt_estimated: bool  # its prompt is the byte estimate: the backend may count it
     duration_ms: float
 
+
+
+def _echoes(kind: Kind, body: dict[str, Any]) -> bool:
+    """Whether vLLM puts the prompt in each choice's first chunk: completions with
+    `echo: true`; chat only when the last message is the assistant's (it is prepended to
+    the reply of the same role). vLLM reads `"false"` as false: only `true` echoes."""
+    if body.get("echo") is not True:
+        return False
+    if kind is Kind.CHAT:
+        messages = body.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        return isinstance(last, dict) and last.get("role") == "assistant"
+    return True
 
 class Lifecycle:
     __slots__ = (
@@ -448,7 +461,7 @@ class Lifecycle:
             self._meter = meter_for(endpoint.kind, req.client_wants_usage,
                                     self._snap.config.envoy.max_event_bytes,
                                     req.stream_interval)
-            self._meter.echo = bool(req.body.get("echo"))
+            self._meter.echo = _echoes(endpoint.kind, req.body)
             self._pace = StreamPace(self._snap.config.limits.stalled_stream_s,
                                     max(1, req.sequences * req.prompts))
 
@@ -500,7 +513,8 @@ class Lifecycle:
         out: bytes | None = None
         meter = self._meter
         if meter is not None:
-            seen, opened, merged = meter.tokens_seen, meter.first_chunks, meter.merged_tokens
+            seen, opened, merged, steps = (meter.tokens_seen, meter.first_chunks,
+                                           meter.merged_tokens, meter.content_chunks)
             out = meter.feed(chunk)
             if end:
                 tail = meter.finish()
@@ -508,7 +522,8 @@ class Lifecycle:
                     out = (out or b"") + tail
             if self._pace is not None:  # when its tokens came: see _usage
                 self._pace.chunk(self._last_byte, meter.tokens_seen - seen,
-                                 meter.first_chunks > opened, meter.merged_tokens > merged)
+                                 meter.first_chunks - opened, meter.content_chunks - steps,
+                                 meter.merged_tokens > merged)
             if not self._t_first and meter.content_chunks:
                 self._t_first = time.monotonic()
         else:

@@ -77,8 +77,8 @@ def test_a_choice_whose_first_chunk_carries_merged_steps_keeps_the_pause() -> No
     pace = StreamPace(2.0)
     for at, tokens, opened in steady(16):
         pace.chunk(at, tokens, opened)
-    pace.chunk(0.75 + 3.0, 200, True, merged=True)
-    assert pace.debt_s > 0
+    pace.chunk(0.75 + 3.0, 41, opened=1, steps=1, merged=True)
+    assert pace.debt_s == pytest.approx(3.0 - 40 / 20)  # the 40 merged paid 2 s of it
 
 
 def test_the_wait_for_the_first_chunk_is_no_pause() -> None:
@@ -125,3 +125,34 @@ def test_a_batchs_next_prompt_opening_just_after_a_pause_cancels_it() -> None:
 def test_messages_without_tokens_change_nothing() -> None:
     pace = paced(*steady(10), (5.0, 0, False))
     assert pace.last_at == 0.45 and pace.debt_s == 0
+
+
+def test_choices_read_together_count_each() -> None:
+    """n=8: Envoy reads one step of every choice at once. They opened 8 choices (taken as
+    one, every pause and the moment before a cut were charged 8 times over)."""
+    pace = StreamPace(2.0, sequences=8)
+    pace.chunk(0.0, 8, opened=8, steps=8)
+    for i in range(1, 20):
+        pace.chunk(i * 0.05, 8, steps=8)
+    assert pace.opened == 8 and pace.sequence_rate(160) == pytest.approx(20.0)
+    assert pace.unseen(0.95 + 0.3, 160) == pytest.approx(0.3 * 160 * HEADROOM, abs=1)
+
+
+def test_a_backlog_read_holding_an_opening_keeps_the_pause() -> None:
+    """The reader read again after 5 s: the kernel's backlog (ten steps of choice 0,
+    written at pace) and choice 1's first chunk, in one read: not a prefill."""
+    pace = StreamPace(2.0, sequences=2)
+    for at, tokens, opened in steady(20):
+        pace.chunk(at, tokens, opened)
+    pace.chunk(0.95 + 5.0, 11, opened=1, steps=11)
+    assert pace.debt_s == 5.0
+    assert pace.unseen(0.95 + 5.05, 31) >= 5.0 * 20 * 2 * HEADROOM
+
+
+def test_a_stop_right_after_two_quick_chunks_measures_no_pace_from_them() -> None:
+    """Two chunks 2 ms apart, a stop 1 s later: the 2 ms were no pace (the whole bound
+    was charged): the stream's own, silence included."""
+    pace = StreamPace(2.0)
+    pace.chunk(0.0, 1, opened=1)
+    pace.chunk(0.002, 1)
+    assert pace.unseen(1.002, 2) == math.ceil(1.0 * 2 / 1.002 * HEADROOM)

@@ -569,7 +569,12 @@ async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:
     chunks = [(0.05, chunk_of(0, 7, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True)),
               (0.05, chunk_of(0, 3, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True))]
     assert await cut_charge(h, clock, lp, chunks) == 7 + 1 + 3 + 1
-    assert await cut_charge(h, clock, {**lp, "echo": True}, chunks) == 1 + 1 + 3 + 1
+    # Chat echoes only onto an assistant's last message; "false" is false, as vLLM reads it.
+    echoed = {**lp, "echo": True, "messages": [*CHAT["messages"],
+                                               {"role": "assistant", "content": "Sure,"}]}
+    assert await cut_charge(h, clock, echoed, chunks) == 1 + 1 + 3 + 1
+    assert await cut_charge(h, clock, {**lp, "echo": True}, chunks) == 7 + 1 + 3 + 1
+    assert await cut_charge(h, clock, {**echoed, "echo": "false"}, chunks) == 7 + 1 + 3 + 1
     plain = [(0.05, chunk_of(0, text="a" * 300)), (0.05, chunk_of(0, text="a" * 300)),
              (0.05, chunk_of(0, text="ab")), (0.05, chunk_of(0, text="字" * 60)),
              (0.05, chunk_of(0, text="a long word")), (0.05, chunk_of(0, text="字字"))]
