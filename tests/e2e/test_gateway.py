@@ -323,7 +323,9 @@ def test_cut_stream_is_recorded_as_estimated(gateway: Gateway) -> None:
         list(raw.parse())
     [rec] = records_for(gateway, rid)
     assert rec["estimated"] is True
-    assert rec["completion_tokens"] == 3
+    # The chunks seen, and the moment between the last and the cut at the stream's pace
+    # (a step or two: what vLLM could generate before it saw the cut).
+    assert 3 <= rec["completion_tokens"] <= 5
     assert rec["prompt_tokens"] > 0
 
 

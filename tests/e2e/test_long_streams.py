@@ -98,4 +98,6 @@ def test_a_stream_past_its_maximum_duration_is_cut_and_recorded_504(gw: Gateway)
     assert MAX_S <= took < MAX_S + 2 and 0 < chunks < 50
     rec = record(gw, rid)
     assert rec["status"] == GATEWAY_TIMEOUT, rec
-    assert rec["estimated"] is True and rec["completion_tokens"] == chunks
+    # What the chunks carried, and the moment since the last at its pace (~200 ms: a
+    # token or two at twice 5 a second).
+    assert rec["estimated"] is True and chunks <= rec["completion_tokens"] <= chunks + 3

@@ -57,6 +57,6 @@ def test_a_stream_left_early_is_charged_per_chunk_seen(gw: Gateway) -> None:
     [rec] = recs
     assert rec["estimated"] is True and rec["status"] == 499, rec
     # Every chunk the gateway saw counts 8 (Envoy may have read one or two past the
-    # client): never less than what was delivered, never more than the bound.
+    # client), and the moment before the cut at its pace: never less than what was
+    # delivered, never more than the bound.
     assert 3 * INTERVAL <= rec["completion_tokens"] <= 200
-    assert rec["completion_tokens"] % INTERVAL == 0
