@@ -184,8 +184,10 @@ def test_a_responses_function_call_cut_before_its_end_is_estimated(gw: Gateway) 
     assert status == 200
     assert got == b"".join(responses_tool_call(name=True))
     [rec] = records_for(gw, headers["x-request-id"])
-    # The text delta, the call's opening event (its name), three argument deltas.
-    assert (rec["completion_tokens"], rec["estimated"]) == (5, True), rec
+    # The text delta, the call's opening event (its name), three argument deltas; and the
+    # 50 ms before the drop at the stream's pace (too short a flow to measure one: the
+    # whole stream's, silence included, so at most twice what was seen).
+    assert rec["estimated"] and 5 <= rec["completion_tokens"] <= 3 * 5, rec
 
 
 @pytest.mark.parametrize("accept", ["gzip", "deflate", "gzip, deflate, br", "identity"])
