@@ -31,6 +31,24 @@ def ask(i: int, key: str = "k") -> Ask:
                period="day:2026-11-23", lease_s=150)
 
 
+async def _first_request_then_frozen(adm: Admission, limits: Limits, redis: RedisServer,
+                                     frozen_s: float = 0.0) -> None:
+    """Request 0 admitted and settled (the connection live, the scripts loaded), then
+    Redis frozen (SIGSTOP) while request 1 asks: a 503, fail closed; `frozen_s` more
+    seconds frozen before SIGCONT."""
+    assert redis.proc is not None
+    assert (await adm.admit(limits, ask(0), NOW)).allowed
+    await adm.settle(limits, ask(0), 0, 0, NOW)
+    redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(ApiError) as e:
+            await adm.admit(limits, ask(1), NOW)
+        assert e.value.status == 503
+        await asyncio.sleep(frozen_s)
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+
+
 async def test_fail_closed_is_a_fast_503(own_redis: RedisServer) -> None:
     store = RedisLimitStore(own_redis.url, timeout_s=0.2)
     adm = Admission(store)
@@ -219,19 +237,10 @@ async def test_an_admission_redis_runs_after_its_caller_gave_up_holds_nothing(
     store = RedisLimitStore(own_redis.url, timeout_s=0.2)
     adm = Admission(store, OnStoreError(), spool_dir=tmp_path / "spool")
     limits = Limits(max_concurrent=1, budget_nano=10_000)
-    assert own_redis.proc is not None
     try:
-        assert (await adm.admit(limits, ask(0), NOW)).allowed
-        await adm.settle(limits, ask(0), 0, 0, NOW)
-        assert await store.sweep(time.time()) == []  # and it measures Redis' clock
-        own_redis.proc.send_signal(signal.SIGSTOP)
-        try:
-            with pytest.raises(ApiError) as e:
-                await adm.admit(limits, ask(1), NOW)
-            assert e.value.status == 503
-            await asyncio.sleep(1.5)  # past the time limit (0.2 s) and its slack (1 s)
-        finally:
-            own_redis.proc.send_signal(signal.SIGCONT)
+        assert await store.sweep(time.time()) == []  # it measures Redis' clock
+        # Frozen past the time limit (0.2 s) and its slack (1 s).
+        await _first_request_then_frozen(adm, limits, own_redis, frozen_s=1.5)
         period, now = ask(1).period, NOW.timestamp()
         # Nothing held, before any release: no slot taken, nothing to be lost.
         assert await store.budget("k", "o", period, now) == (0, 0)
@@ -253,19 +262,11 @@ async def test_the_store_answering_again_replays_the_spool_at_once(
     store = RedisLimitStore(own_redis.url, timeout_s=0.2)
     adm = Admission(store, OnStoreError(), spool_dir=tmp_path / "spool", sweep_s=30.0)
     limits = Limits(max_concurrent=1)
-    assert own_redis.proc is not None
     try:
-        assert (await adm.admit(limits, ask(0), NOW)).allowed
-        await adm.settle(limits, ask(0), 0, 0, NOW)
         await adm.start()
         await asyncio.sleep(0.2)  # its first round done: the next is 30 s away
-        own_redis.proc.send_signal(signal.SIGSTOP)
-        try:
-            with pytest.raises(ApiError) as e:
-                await adm.admit(limits, ask(1), NOW)
-            assert e.value.status == 503
-        finally:
-            own_redis.proc.send_signal(signal.SIGCONT)  # within its deadline: it runs
+        # Thawed within its deadline: Redis runs the admission it was sent.
+        await _first_request_then_frozen(adm, limits, own_redis)
         assert (await adm.admit(Limits(max_concurrent=5), ask(2, "other"), NOW)).allowed
         t0 = time.monotonic()
         while True:
