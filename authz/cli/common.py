@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -150,14 +151,26 @@ def backend_url(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    """An argparse type: an integer of at least 1, in ASCII digits (Python's int() also
+    takes `1_000`, `+5` and other scripts' digits, which no config or API here does)."""
+    stripped = text.strip()
+    if not (stripped.isascii() and stripped.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    n = int(stripped)
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, at least 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return v
 
 
 def admin_url_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,16 @@ from typing import IO, Any
 import orjson
 
 from authz.cli import remote
-from authz.cli.common import Parents, Subparsers, admin_url_parser, load, parse_since, run_async
+from authz.cli.common import (
+    Parents,
+    Subparsers,
+    admin_url_parser,
+    load,
+    parse_since,
+    positive_int,
+    run_async,
+    seconds,
+)
 from authz.runtime.settings import Settings
 from policy.config import Config, redacted
 from policy.usage_report import GROUPS, Selection, UsageReport, parse_group_by
@@ -101,8 +110,8 @@ def _started(recs: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def _export_arguments(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("usage export")
-    g.add_argument("--batch", type=int, default=2000, help="records per transaction")
-    g.add_argument("--claim-idle", type=float, default=60.0, metavar="SECONDS",
+    g.add_argument("--batch", type=positive_int, default=2000, help="records per transaction")
+    g.add_argument("--claim-idle", type=seconds, default=60.0, metavar="SECONDS",
                    help="take over the records a stopped exporter held this long")
     g.add_argument("--until-idle", action="store_true",
                    help="exit once the stream holds nothing more to export")
@@ -122,8 +131,6 @@ def check_config(cfg: Config) -> str:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from authz.runtime.logs import setup_logging
 
-    if args.batch < 1:
-        raise ValueError("--batch: expected a positive number")
     cfg = load(args, settings)
     sink = check_config(cfg)
     setup_logging(args.log_level)

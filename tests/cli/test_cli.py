@@ -207,6 +207,7 @@ def test_an_internal_error_is_one_line_unless_tokenbooth_debug(
 def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     for flag, value in (("--expires", "soon"), ("--rpm", "0"), ("--budget", "-1"),
+                        ("--rpm", "1_000"), ("--tpm", "\u0661\u0662"), ("--rpm", "+5"),
                         ("--name", "a\x1b[2Jb"), ("--name", "n" * 257),
                         ("--org", "o\u200b"), ("--org", "o ")):
         r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)
@@ -297,6 +298,10 @@ def test_odd_input_is_one_line_naming_what_is_wrong(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     r = tb("usage", "--config", str(path), "--since", "99999999999d")
     assert r.returncode == 2 and "--since" in r.stderr and r.stderr.count("\n") == 1
+    for flag, value in (("--batch", "0"), ("--batch", "1_0"), ("--claim-idle", "inf"),
+                        ("--claim-idle", "nan"), ("--claim-idle", "-1")):
+        r = tb("usage", "export", "--config", str(path), flag, value)
+        assert r.returncode == 2 and flag in r.stderr and r.stderr.count("\n") == 1, r.stderr
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\xff\xfe\x00bad")
     r = tb("check-config", str(binary))
