@@ -14,7 +14,7 @@ from pydantic.json_schema import models_json_schema
 
 from policy.bounds import BudgetUsd, Count
 from policy.config import OrgLimits
-from policy.keyrecord import BudgetPeriod, KeyName, KeyRecord, NewOrgName
+from policy.keyrecord import BudgetPeriod, KeyName, KeyRecord, OrgName
 
 Role = Literal["read", "admin"]
 Scope = Literal["inference:read", "inference:write"]
@@ -44,7 +44,7 @@ class _Limits(_In):
 class KeyCreate(_Limits):
     """POST /v1/keys (as `tokenbooth keys create`)."""
 
-    org: NewOrgName
+    org: OrgName  # and, for an org not known yet, keyrecord.new_org_problem's rules
     name: KeyName = ""
     scopes: Scopes = ALL_SCOPES
     models: tuple[str, ...] = ()  # empty: every alias

@@ -6,7 +6,7 @@ import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.bounds import MAX_COUNT, BudgetUsd
 
@@ -83,7 +83,9 @@ def new_org_problem(org: str) -> str | None:
     """Why `org` is refused as the name of a new org (a key created for it, or its
     limits stored), or None. Stricter than OrgName, which stored keys and configs keep
     passing (a name written before this check still loads): no surrounding or
-    whitespace-only name, nothing invisible."""
+    whitespace-only name, nothing invisible. An org that exists already (a key of it, its
+    limits configured or stored) keeps its name: callers ask `new_org_problem` only of
+    an org they do not know (see authz/runtime/admin_api.py `_org_to_create`)."""
     if not valid_org_name(org):
         return "expected 1 to 128 characters and no control character"
     if org.strip() != org:
@@ -104,12 +106,3 @@ def _joiner_in_word(text: str, i: int) -> bool:
             and text[i - 1].isalpha() and text[i + 1].isalpha())
 
 
-def _new_org(org: str) -> str:
-    problem = new_org_problem(org)
-    if problem is not None:
-        raise ValueError(problem)
-    return org
-
-
-# The org of a key being created: OrgName and new_org_problem's rules.
-NewOrgName = Annotated[OrgName, AfterValidator(_new_org)]

@@ -24,7 +24,7 @@ from authz.state.limits.peek import show_state
 from authz.state.orgs import make_org_store
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, origin, redacted
-from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past, new_org_problem
+from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past, new_org_problem, valid_org_name
 from policy.keys import display_prefix, fingerprint, new_secret, no_key_message
 
 T = TypeVar("T")
@@ -127,10 +127,34 @@ def _count(v: str) -> int:
 
 
 def _org(v: str) -> str:
-    problem = new_org_problem(v)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{problem}, got {v!r}")
+    """A key's org (OrgName); `_org_to_create` adds the rules for an org not known yet."""
+    if not valid_org_name(v):
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to 128 characters and no control character, got {v!r}")
     return v
+
+
+def _org_to_create(cfg: Config, org: str) -> None:
+    """As the admin API: an org name that reads as another is refused unless the org
+    exists already (a key of it, its limits configured or stored)."""
+    problem = new_org_problem(org)
+    if problem is None or org in cfg.orgs or any(k.org == org for k in cfg.keys):
+        return
+    if _with_store(cfg, lambda s: s.list_keys(org)):
+        return
+    if asyncio.run(_stored_org(cfg, org)):
+        return
+    raise ValueError(f"--org: {problem}, got {org!r}")
+
+
+async def _stored_org(cfg: Config, org: str) -> bool:
+    store = make_org_store(cfg)
+    try:
+        return org in await store.read_all()
+    except RedisError as e:
+        raise OSError(f"cannot read the org limits from {redacted(cfg.state)}: {e}") from None
+    finally:
+        await store.close()
 
 
 def _when(v: str) -> datetime:
@@ -189,6 +213,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
         shown = created
     else:
         cfg = load(args, settings)
+        _org_to_create(cfg, args.org)
         _check_models(cfg, args.model or ())
         expired = expiry_in_past(args.expires, datetime.now(UTC))
         if expired:

@@ -169,6 +169,7 @@ async def create_key(ctx: AdminContext, call: Call) -> KeyCreated:
     req = cast(KeyCreate, call.body)
     store = ctx.writable_keys()
     cfg = ctx.config()
+    await _org_to_create(ctx, req.org)
     _check_models(cfg, req.models)
     expired = expiry_in_past(req.expires_at, ctx.clock())
     if expired:
@@ -288,6 +289,24 @@ def _org_out(ctx: AdminContext, org: str) -> OrgOut:
     return OrgOut(org=org, source="none" if default is None else "config", limits=default)
 
 
+async def _org_to_create(ctx: AdminContext, org: str) -> None:
+    """A 400 for an org name that reads as another (`new_org_problem`: it travels in a
+    request header and prints in reports) unless the org exists already: a key of it,
+    its limits in the config or the store, written before the rule (an upgrade must not
+    strand an org that has a trailing blank)."""
+    problem = new_org_problem(org)
+    if problem is None:
+        return
+    cfg = ctx.config()
+    if org in cfg.orgs or any(k.org == org for k in cfg.keys) \
+            or ctx.orgs.stored(org) is not None:
+        return
+    if isinstance(ctx.keys, KeyAdmin) and await ctx.keys.list_keys(org):
+        return
+    raise AdminError(400, f"org: {problem}, got {org[:64]!r}", "invalid_request",
+                     param="org")
+
+
 def _org_param(call: Call) -> str:
     """The path's org, if it can be one (a key's org: 1 to 128 characters, no control
     character); a 400 otherwise, as PUT gives (GET answered 200 for `%00`)."""
@@ -303,11 +322,8 @@ async def get_org(ctx: AdminContext, call: Call) -> OrgOut:
 
 
 async def set_org(ctx: AdminContext, call: Call) -> OrgOut:
-    org = call.params["org"]
-    problem = new_org_problem(org)  # as a key's org: it travels in a request header
-    if problem is not None:
-        raise AdminError(400, f"org: {problem}, got {org[:64]!r}", "invalid_request",
-                         param="org")
+    org = _org_param(call)
+    await _org_to_create(ctx, org)
     await ctx.orgs.put(org, cast(OrgLimits, call.body))
     return _org_out(ctx, org)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
 import importlib
 import importlib.metadata
 import json
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ import pytest
 from authz.cli import check
 from authz.cli.main import main
 from authz.runtime.settings import Settings
+from authz.state.keys.keyring import KeyringStore
+from policy.keyrecord import KeyRecord
 from tests.helpers import free_port, write_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,6 +222,22 @@ def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
            "--expires", "2020-01-01T00:00:00Z")
     assert r.returncode == 2 and "not in the future" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_an_org_that_exists_keeps_a_name_the_rule_now_refuses(tmp_path: Path) -> None:
+    """`keys create --org 'acme '` for an org an earlier release stored (here: a key of
+    it in the keyring) is accepted; a new org of that shape is refused in one line."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    store = KeyringStore(tmp_path / "data")
+    asyncio.run(store.create(KeyRecord(id="key_0ld", org="acme ", sha256="0" * 64,
+                                       prefix="sk-tb-0ld",
+                                       created_at=datetime(2026, 1, 1, tzinfo=UTC))))
+    r = tb("keys", "create", "--config", str(path), "--org", "acme ", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["org"] == "acme "
+    r = tb("keys", "create", "--config", str(path), "--org", "beta ")
+    assert r.returncode == 2 and "--org" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_a_store_that_does_not_answer_is_one_line_and_nothing_on_stdout(

@@ -10,6 +10,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from authz.runtime.admin_api import AdminContext, Records
 from authz.runtime.admin_auth import AdminTokens, Caller, CurrentAdminTokens, FailureLimiter
 from authz.runtime.logs import JsonFormatter
 from authz.runtime.snapshot import Runtime
+from authz.state.keys.base import KeyAdmin
 from authz.state.keys.keyring import KeyringStore
 from authz.state.keys.redis_store import RedisKeyStore
 from authz.state.limits.base import LimitStore
@@ -35,7 +37,7 @@ from authz.state.limits.redis_limits import RedisLimitStore
 from authz.state.orgs import FileOrgStore, OrgLimitsCache, OrgStore, RedisOrgStore
 from authz.state.usage.records import USAGE_FILE, USAGE_STREAM
 from policy.admin_schema import UsageQuery
-from policy.config import AdminToken, Config, KeyRecord, parse_config
+from policy.config import AdminToken, Config, KeyRecord, OrgLimits, parse_config
 from policy.keys import fingerprint
 from tests.helpers import policy_dict, write_policy
 from tests.redis_server import RedisServer
@@ -440,6 +442,27 @@ async def test_a_new_org_that_reads_as_another_is_refused(api: Api) -> None:
                          ("GET", "/v1/orgs/%00/spend"), ("GET", "/v1/orgs/" + "x" * 129)):
         status, err = await api(method, path)
         assert (status, err["error"]["param"]) == (400, "org"), (method, path)
+
+
+async def test_an_org_stored_before_the_name_rule_keeps_working(
+    ctx: AdminContext, api: Api,
+) -> None:
+    """An org whose name the rule now refuses, but which exists (a key of it written by
+    an earlier release, or its limits stored): new keys and limits for it are still
+    accepted, where an org not known yet is refused."""
+    old = KeyRecord(id="key_0ld", org="acme ", sha256="0" * 64, prefix="sk-tb-0ld",
+                    created_at=datetime(2026, 1, 1, tzinfo=UTC))
+    assert isinstance(ctx.keys, KeyAdmin)
+    await ctx.keys.create(old)
+    status, created = await api("POST", "/v1/keys", body={"org": "acme "})
+    assert (status, created["org"]) == (201, "acme ")
+    status, org = await api("PUT", "/v1/orgs/acme%20", body={"rpm": 7})
+    assert (status, org["limits"]["rpm"]) == (200, 7)
+    # Stored limits alone make the org known too.
+    await ctx.orgs.put("beta\u200b", OrgLimits(rpm=3))
+    assert (await api("POST", "/v1/keys", body={"org": "beta\u200b"}))[0] == 201
+    status, err = await api("POST", "/v1/keys", body={"org": "gamma "})
+    assert (status, err["error"]["param"]) == (400, "org")
 
 
 async def test_a_route_without_a_body_refuses_fields(api: Api) -> None:
