@@ -1,28 +1,97 @@
-"""`tokenbooth check-config FILE`: validate a policy file and list every problem."""
+"""`tokenbooth check-config FILE`: validate a policy file and list every problem; then
+what this machine must provide for `up` or `serve` to start with it (its files)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import ssl
 import sys
+import tempfile
 from pathlib import Path
 
 from authz.cli.common import Parents, Subparsers
 from authz.runtime.settings import Settings
-from policy.config import ConfigError
+from policy.config import Config, ConfigError
 
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
     s = sub.add_parser("check-config", parents=[parents.config], help="validate a config file")
     s.add_argument("file")
+    s.add_argument("--here", action="store_true",
+                   help="also fail when this machine could not start the gateway with it "
+                        "(TLS files unreadable or not a pair, data_dir not writable); "
+                        "without it those are warnings")
     s.set_defaults(func=cmd_check)
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 and one `ok` line; else exit 2 and one line per problem on stderr."""
+    """Exit 0 and one `ok` line; else exit 2 and one line per problem on stderr. What this
+    machine lacks to start it is a warning line each (errors with `--here`): a config is
+    often checked where it is written, not where it runs (a Secret mounted in a pod)."""
     try:
         cfg = settings.load_config(Path(args.file))
     except ConfigError as e:
         print("\n".join(e.problems), file=sys.stderr)
         return 2
+    missing = machine_problems(cfg, args.file)
+    if missing and args.here:
+        print("\n".join(missing), file=sys.stderr)
+        return 2
+    for line in missing:
+        print(f"warning: {line} (on this machine: fine if the gateway runs elsewhere)",
+              file=sys.stderr)
     print(f"{args.file}: ok ({len(cfg.models)} model(s), {len(cfg.keys)} key(s))")
     return 0
+
+
+def machine_problems(cfg: Config, source: str) -> list[str]:
+    """What would stop `up` (Envoy and the services) from starting here with `cfg`: the
+    TLS files (Envoy refuses to start without them, or with a key that is not the
+    certificate's) and the data directory (state, records, spools, run files)."""
+    out = []
+    if cfg.tls is not None:
+        unreadable = [f"{source}: tls.{name}: cannot read {path}: {why}"
+                      for name, path in (("cert", cfg.tls.cert), ("key", cfg.tls.key))
+                      if (why := _unreadable(path))]
+        out += unreadable
+        if not unreadable:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    cfg.tls.cert, cfg.tls.key)
+            except ssl.SSLError as e:
+                out.append(f"{source}: tls: {cfg.tls.cert} and {cfg.tls.key} are not a PEM "
+                           f"certificate and its private key ({e.reason or e})")
+            except OSError as e:  # read between the two looks; or a passphrase is asked
+                out.append(f"{source}: tls: cannot load the pair: {e.strerror or e}")
+    why = _not_writable_dir(cfg.data_dir)
+    if why:
+        out.append(f"{source}: data_dir: {cfg.data_dir}: {why}")
+    return out
+
+
+def _unreadable(path: Path) -> str | None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        return str(e.strerror or e).lower()
+    return "a directory, not a file" if path.is_dir() else None
+
+
+def _not_writable_dir(path: Path) -> str | None:
+    """Why the services could not create or write `path` (None: they can). Tried, not
+    asked of the mode bits (root passes every access check, and /proc refuses root): a
+    directory made and removed in `path` or, while it does not exist, in its nearest
+    existing parent."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tokenbooth-check-", dir=probe))
+    except OSError as e:
+        why = str(e.strerror or e).lower()
+        return why if probe == path else f"cannot be created in {probe}: {why}"
+    return None

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.test_cli import tb
+from tests.tls import make_test_ca
 
 KEY = "a" * 64
 
@@ -82,3 +83,35 @@ def test_distinct_hosts_and_port_zero_do_not_clash_and_no_backend_is_valid(
     r = tb("check-config", "policy.yaml", cwd=tmp_path)
     assert (r.returncode, r.stdout, r.stderr) == (
         0, "policy.yaml: ok (1 model(s), 0 key(s))\n", "")
+
+
+def test_what_this_machine_lacks_to_start_it_is_a_warning_or_with_here_an_error(
+    tmp_path: Path,
+) -> None:
+    """`up` failed on a config check-config had passed: TLS files that are not there, or
+    not a certificate and its key, and a data_dir that cannot be created. Warnings (the
+    config may be checked where it is written, its Secret mounted where it runs); errors
+    with --here."""
+    _, cert, key = make_test_ca(tmp_path)
+    (tmp_path / "afile").write_text("")
+    models = "models:\n  demo: {upstream_model: x, backends: []}\n"
+    text = ("tls: {cert: none.crt, key: tls.key}\ndata_dir: afile/data\n" + models)
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    r = tb("check-config", "policy.yaml", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("policy.yaml: ok"), r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: policy.yaml: ") for line in lines)
+    assert "tls.cert: cannot read" in lines[0] and "no such file" in lines[0]
+    assert "data_dir:" in lines[1] and "afile is not a directory" in lines[1]
+    r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert [line.split(": ")[1] for line in r.stderr.splitlines()] == ["tls.cert", "data_dir"]
+    # A key that is not the certificate's (the CA's key): Envoy would refuse the pair.
+    path.write_text(f"tls: {{cert: {cert.name}, key: ca.key}}\n" + models)
+    r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "are not a PEM certificate and its private key" in r.stderr
+    assert r.stderr.count("\n") == 1
+    path.write_text(f"tls: {{cert: {cert.name}, key: {key.name}}}\n" + models)
+    r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
