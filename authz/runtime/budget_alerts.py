@@ -314,10 +314,18 @@ class BudgetAlerts:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._next_rescan = 0.0
+        self._warned: str | None = None  # the webhook URL last warned about as unsigned
+
+    def _warn_unsigned(self, webhook_url: str | None) -> None:
+        """Once per webhook URL (at start, or when a reload sets one): alerts sent
+        without TOKENBOOTH_WEBHOOK_SECRET carry no signature a receiver can check."""
+        if webhook_url is not None and not self.secret and webhook_url != self._warned:
+            log.warning("budget alerts are not signed: TOKENBOOTH_WEBHOOK_SECRET is not set",
+                        extra={"receiver": receiver(webhook_url)})
+        self._warned = webhook_url
 
     async def start(self) -> None:
-        if self.config().alerts.webhook_url is not None and not self.secret:
-            log.warning("budget alerts are not signed: TOKENBOOTH_WEBHOOK_SECRET is not set")
+        self._warn_unsigned(self.config().alerts.webhook_url)
         self._session = aiohttp.ClientSession()
         self._tasks = [asyncio.create_task(self._check_loop(), name="budget-alerts-check"),
                        asyncio.create_task(self._send_loop(), name="budget-alerts-send")]
@@ -345,6 +353,7 @@ class BudgetAlerts:
         `everyone`) and queue the thresholds they reached."""
         cfg = self.config()
         pairs, overflow = self.feed.drain()
+        self._warn_unsigned(cfg.alerts.webhook_url)
         if cfg.alerts.webhook_url is None:
             return
         mono = time.monotonic()

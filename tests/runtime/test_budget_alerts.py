@@ -27,6 +27,7 @@ from authz.runtime.budget_alerts import (
     RedisMarks,
     reached,
 )
+from authz.runtime.budget_alerts import receiver as receiver_of
 from authz.runtime.overrides import Overrides
 from authz.runtime.server import Services
 from authz.runtime.settings import Settings
@@ -34,7 +35,7 @@ from authz.runtime.snapshot import Runtime
 from authz.state.limits.base import LimitStore
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
-from policy.config import Config, ConfigError, OrgLimits, Price, load_config
+from policy.config import AlertSettings, Config, ConfigError, OrgLimits, Price, load_config
 from policy.limits import Ask, Limits, period_id, usd_to_nano
 from policy.usage import Usage, UsageRecord, make_record
 from tests.helpers import free_port, write_policy
@@ -264,6 +265,31 @@ async def test_unsigned_without_a_secret(receiver: Receiver, tmp_path: Path) -> 
         await alerts.close()
     [(headers, _)] = receiver.got
     assert "X-Tokenbooth-Signature" not in headers
+
+
+async def test_a_webhook_a_reload_sets_warns_it_is_unsigned_once(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without TOKENBOOTH_WEBHOOK_SECRET the warning came only at start: a webhook added
+    by a reload sent unsigned alerts silently. Now once per webhook URL, at start or at
+    the first check that sees it."""
+    configs = [policy(tmp_path / "a", receiver.url).model_copy(
+        update={"alerts": AlertSettings()})]
+    alerts = BudgetAlerts(lambda: configs[-1], MemoryLimitStore(), None,
+                          FileMarks(tmp_path / "m.json"), AlertFeed(), None, Clock(DAY1))
+    caplog.set_level(logging.WARNING, "tokenbooth.alerts")
+    await alerts.start()
+    try:
+        await alerts.check()
+        assert "not signed" not in caplog.text
+        configs.append(policy(tmp_path / "b", receiver.url))  # the reload
+        for _ in range(3):
+            await alerts.check()
+        [warning] = [r for r in caplog.records if "not signed" in r.getMessage()]
+        assert getattr(warning, "receiver", None) == receiver_of(receiver.url)
+        assert PATH_TOKEN not in caplog.text  # the URL's path may be a secret
+    finally:
+        await alerts.close()
 
 
 async def test_the_feed_picks_the_owners_to_check(receiver: Receiver, tmp_path: Path) -> None:
