@@ -62,7 +62,10 @@ OFFSET_CHECK_S = 10.0  # how often the sweep reads Redis' clock against this rep
 # An admission Redis runs later than its caller's time limit plus this is not carried
 # out (ADMIT's deadline): room for the error of the clock offset's measurement.
 STALE_SLACK_S = 1.0
-OFFSET_MAX_RTT_S = 0.05  # a TIME reply slower than this measures nothing
+# A TIME reply slower than this replaces an offset already measured only when that one
+# came from a slower reply (under load, or at start, every reply may be slower).
+OFFSET_MAX_RTT_S = 0.05
+OFFSET_KEEP_S = 60.0  # a quick reply's offset is kept over slower ones this long (drift)
 
 
 def _opt(v: int | None) -> str:
@@ -105,6 +108,8 @@ class RedisLimitStore:
         self._timeout = timeout_s
         # Redis' clock minus this replica's (None until measured), and when measured.
         self._offset: float | None = None
+        self._offset_error = 0.0  # at most this far off: half the TIME round trip
+        self._offset_at = 0.0  # when it was measured (monotonic)
         self._offset_checked = -OFFSET_CHECK_S
         self._evicting = ""  # the evicting policy last logged ("" none)
         # The usage records' seen keys (redis_sink.py): the sweep reads what a request
@@ -183,11 +188,16 @@ class RedisLimitStore:
         the release the caller spooled. '' before the offset is known."""
         if self._offset is None:
             return ""
-        return repr(time.time() + self._offset + self._timeout + STALE_SLACK_S)
+        return repr(time.time() + self._offset + self._offset_error + self._timeout
+                    + STALE_SLACK_S)
 
     async def _measure_offset(self) -> None:
-        """Redis' clock against this replica's, from one TIME round trip (its midpoint;
-        a slow reply measures nothing). Every OFFSET_CHECK_S, from the sweep."""
+        """Redis' clock against this replica's, from one TIME round trip: its midpoint,
+        off by at most half the round trip, which the deadline adds (so a deadline is
+        never early). A slow reply does not replace a quicker one's offset, but is used
+        while there is none: under load every reply may be slow, and an admission with
+        no deadline is one a stalled Redis may run after its caller answered 503. Every
+        OFFSET_CHECK_S, from the sweep."""
         now = time.monotonic()
         if now - self._offset_checked < OFFSET_CHECK_S:
             return
@@ -198,8 +208,11 @@ class RedisLimitStore:
         except LimitStoreUnavailable:
             return
         t1 = time.time()
-        if t1 - t0 <= OFFSET_MAX_RTT_S:
+        error = (t1 - t0) / 2
+        if (self._offset is None or error <= max(self._offset_error, OFFSET_MAX_RTT_S / 2)
+                or now - self._offset_at >= OFFSET_KEEP_S):
             self._offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+            self._offset_error, self._offset_at = error, now
 
     async def _batch(self, *calls: tuple[str | bytes | int, ...],
                      must: tuple[int, ...]) -> list[Any]:
