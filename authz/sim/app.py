@@ -43,6 +43,7 @@ STATUS_HEADER: Final = "x-sim-status"
 CUT_HEADER: Final = "x-sim-cut-after"
 ERROR_HEADER: Final = "x-sim-error-after"  # a chat/completions stream fails after N
 TPOT_HEADER: Final = "x-sim-tpot-ms"  # per-request time per output token
+TTFT_HEADER: Final = "x-sim-ttft-ms"  # per-request time to the first token
 
 Generation = Literal["chat", "completion", "responses"]
 _PARSERS: Final = {"chat": parse_chat, "completion": parse_completion,
@@ -170,6 +171,8 @@ class Simulator:
             error_after = _int_hook(request, ERROR_HEADER)
             tpot_ms = _int_hook(request, TPOT_HEADER)
             tpot_s = self.tpot_s if tpot_ms is None else tpot_ms / 1000.0
+            ttft_ms = _int_hook(request, TTFT_HEADER)
+            ttft_s = self.ttft_s if ttft_ms is None else ttft_ms / 1000.0
             payload = parse_body(body)
             gen = _PARSERS[kind](payload, self.models, self.default_max_tokens,
                                  self.max_model_len)
@@ -179,14 +182,14 @@ class Simulator:
         metrics = self.models[gen.model]
         metrics.prompt_tokens.inc(gen.prompt_tokens)
         metrics.running.inc()
-        pace = Pacing(self.ttft_s, tpot_s, cut_after, error_after)
+        pace = Pacing(ttft_s, tpot_s, cut_after, error_after)
         try:
             if gen.stream:
                 if kind == "responses":
                     return await stream_response(request, payload, gen, metrics, pace)
                 return await stream_generation(request, gen, kind, metrics, pace)
             n = gen.max_tokens
-            delay = self.ttft_s + tpot_s * (n - 1)
+            delay = ttft_s + tpot_s * (n - 1)
             if delay > 0:
                 await asyncio.sleep(delay)
             metrics.generation_tokens.inc(gen.completion_tokens)

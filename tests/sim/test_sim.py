@@ -390,6 +390,17 @@ async def test_tpot_header_slows_one_request(sim: Sim) -> None:
         assert r.status == 200
         await r.read()
     assert time.monotonic() - t0 >= 0.18  # 3 gaps of 60 ms
+    t0 = time.monotonic()
+    async with sim.http.post(
+        f"{sim.url}/v1/chat/completions",
+        json={"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}],
+              "max_tokens": 2, "stream": True},
+        headers={"x-sim-ttft-ms": "200"},
+    ) as r:
+        assert r.status == 200
+        await r.content.readuntil(b"\n\n")  # the role chunk comes at once, as vLLM's
+        await r.content.readuntil(b"\n\n")  # the first token after the 200 ms
+        assert time.monotonic() - t0 >= 0.2
     async with sim.http.post(
         f"{sim.url}/v1/completions",
         json={"model": "tiny-llama", "prompt": "x"},
