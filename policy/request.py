@@ -55,11 +55,15 @@ class InferenceRequest:
     # first; responses: max_output_tokens), else the model's cap, which the upstream
     # body then carries. 0: the endpoint generates nothing (embeddings, score, ...).
     max_tokens: int = 0
-    # Sequences generated per prompt (the larger of `n` and `best_of`), and prompts in
-    # the request (a batched /v1/completions prompt has several; embeddings: inputs,
-    # rerank / score: pairs).
+    # Sequences generated per prompt (`n`: vLLM runs, and counts each prompt, that many
+    # times), and prompts in the request (a batched /v1/completions prompt has several;
+    # embeddings: inputs, rerank / score: pairs).
     sequences: int = 1
     prompts: int = 1
+    # A `best_of` larger than `n`: vLLM 0.32 ignores it (it runs `n`; the real-vLLM tier
+    # checks), but the hold bounds it all the same (a backend that honours it generates
+    # that many). 0: none sent.
+    best_of: int = 0
     # Generated tokens per streamed chunk, at most (vLLM's `stream_interval` as sent
     # upstream; the first chunk carries one): a stream cut short is estimated by it.
     stream_interval: int = 1
@@ -72,7 +76,7 @@ class InferenceRequest:
     @property
     def completion_bound(self) -> int:
         """Completion tokens the backend can count, at most."""
-        return self.max_tokens * self.sequences * self.prompts
+        return self.max_tokens * max(self.sequences, self.best_of) * self.prompts
 
     @property
     def hold_tokens(self) -> int:
@@ -251,12 +255,12 @@ def _min_tokens(body: dict[str, Any], max_tokens: int) -> None:
                               f"max_tokens ({max_tokens}), got {v}.", "min_tokens")
 
 
-def _sequences(body: dict[str, Any], max_n: int) -> int:
-    """Sequences generated per prompt: `n`, or `best_of` when sent and larger (vLLM 0.32
-    takes `n` and ignores a smaller `best_of`, in chat too)."""
+def _sequences(body: dict[str, Any], max_n: int) -> tuple[int, int]:
+    """Sequences generated per prompt (`n`), and `best_of` when sent and larger (vLLM
+    0.32 ignores it, in chat too: the hold alone counts it), else 0."""
     n = _int_field(body, "n", max_n) or 1
     best_of = _int_field(body, "best_of", max_n)
-    return n if best_of is None else max(n, best_of)
+    return n, (best_of if best_of is not None and best_of > n else 0)
 
 
 def _stream_interval(body: dict[str, Any], model: Model, stream: bool) -> int:
@@ -304,7 +308,7 @@ def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
     stream, wants_usage = _stream_flags(body)
     max_tokens, write = _max_tokens(body, kind, model.max_tokens)
     _min_tokens(body, max_tokens)
-    sequences = _sequences(body, model.max_n)
+    sequences, best_of = _sequences(body, model.max_n)
     interval = _stream_interval(body, model, stream)
     upstream = _upstream(body, model, ("max_tokens", max_tokens) if write else None, stream,
                          interval)
@@ -316,7 +320,7 @@ def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
     return InferenceRequest(
         alias, model, estimate, bound, body, upstream, stream=stream,
         client_wants_usage=wants_usage, max_tokens=max_tokens, sequences=sequences,
-        prompts=prompts, stream_interval=interval,
+        best_of=best_of, prompts=prompts, stream_interval=interval,
         hides_tokens=kind is Kind.CHAT and may_hide_tokens(body))
 
 

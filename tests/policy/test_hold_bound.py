@@ -229,7 +229,7 @@ def rendered_tokens(body: dict[str, Any]) -> int:
 
 def check(req: InferenceRequest, chat: bool) -> None:
     price = req.model.price_per_1k_tokens
-    assert req.completion_bound == req.max_tokens * req.sequences * req.prompts
+    assert req.completion_bound == req.max_tokens * max(req.sequences, req.best_of) * req.prompts
     assert req.hold_tokens == req.prompt_estimate + req.completion_bound
     assert json.loads(upstream_body(req)).get("max_tokens") is not None or (
         json.loads(upstream_body(req)).get("max_completion_tokens") is not None)
@@ -287,6 +287,7 @@ def test_multipliers_against_the_simulator(n: int, extra: int, batch: int, chat:
     # simulator, generates n of them.
     per_sequence = 64 if chat else 16 * batch
     assert req.completion_bound == per_sequence * best_of
+    assert req.sequences == n  # what vLLM runs, and counts each prompt for (the audit)
     assert usage[1] == per_sequence * n <= req.completion_bound
 
 

@@ -148,7 +148,8 @@ def test_every_multiplier_is_in_the_completion_bound() -> None:
     assert (r.max_tokens, r.sequences, r.prompts, r.completion_bound) == (10, 3, 1, 30)
     r = parsed({"model": "demo", "prompt": ["a", "b", "c"], "max_tokens": 5, "n": 2,
                 "best_of": 4}, COMP_EP)
-    assert (r.sequences, r.prompts, r.completion_bound) == (4, 3, 60)
+    # vLLM runs n (the record's sequences); the hold counts best_of all the same.
+    assert (r.sequences, r.best_of, r.prompts, r.completion_bound) == (2, 4, 3, 60)
     r = parsed({"model": "demo", "prompt": [[1, 2], [3]], "n": None}, COMP_EP)
     assert (r.max_tokens, r.sequences, r.prompts, r.completion_bound) == (16, 1, 2, 32)
 

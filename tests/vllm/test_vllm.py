@@ -79,6 +79,10 @@ def test_audit_finds_no_drift_against_vllm(vllm_gateway: Gateway,
                                    extra_body=sampled)
     client.completions.create(model="other", prompt=[PROMPT, "two"], max_tokens=3, n=3,
                               extra_body=sampled)
+    # best_of, which vLLM 0.32 ignores: n sequences run, and the prompt is counted n
+    # times, not best_of times (the audit read a drift where there was none).
+    client.completions.create(model="other", prompt=PROMPT, max_tokens=3, n=1,
+                              extra_body={**EXACT, "best_of": 3})
     deadline = time.monotonic() + 15
     while True:  # vLLM counts just after each response; the last settle lands too
         r = subprocess.run([sys.executable, "-m", "authz.cli", "audit", "--json",
@@ -91,11 +95,11 @@ def test_audit_finds_no_drift_against_vllm(vllm_gateway: Gateway,
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout)
     [backend] = report["backends"]
-    assert backend["records"] >= 8 and backend["estimated"]["records"] == 0
+    assert backend["records"] >= 9 and backend["estimated"]["records"] == 0
     assert (backend["vllm_prompt_tokens"], backend["vllm_generation_tokens"]) == (
         backend["prompt_tokens"], backend["completion_tokens"])
     [ledger] = [a for a in report["ledgers"] if a["owner"] == key_id]
-    assert ledger["records"] == 8 and ledger["spent_nano"] == ledger["records_nano"] > 0
+    assert ledger["records"] == 9 and ledger["spent_nano"] == ledger["records_nano"] > 0
 
 
 def test_chat_non_streaming_record_equals_vllm_usage(vllm_gateway: Gateway,
