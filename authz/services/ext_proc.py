@@ -219,7 +219,10 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
     async def drain(self, timeout_s: float) -> None:
         """Let the records and settlements still under way finish (at most `timeout_s`),
         those they start meanwhile too (a stream's report brings its prompt count, which
-        then writes the record), then close the backend session."""
+        then writes the record), then close the backend session. Called once the gRPC
+        server has stopped: streams Envoy metered whose report did not come by then get
+        none (`MeterReports.close`) and are recorded now."""
+        self._reports.close()
         deadline = time.monotonic() + timeout_s
         while self._settling and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._settling), timeout=left)
@@ -253,11 +256,16 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 if self._hurried and not self._leave(life):  # (left: the sweep's, counted)
                     # A hurried stop, its hold in no store: recorded here, its whole hold.
                     life.take_report(None)
+                    if life.recount_owed is not None:  # hurried: the prompt's bound, now
+                        self._recount_owed(life, None)
                     self._apart(life.settle())
                 raise
             if report is None:
-                log.error("no meter report for a stream Envoy metered: charged its hold "
-                          "in full", extra={"request_id": life.request_id})
+                why = ("the services stopped before Envoy's report on a stream it metered "
+                       "came" if self._reports.closed
+                       else "no meter report for a stream Envoy metered")
+                log.error("%s: charged what it could generate (its completion bound)", why,
+                          extra={"request_id": life.request_id})
             life.take_report(report)
             if life.recount_owed is not None and self._recount_owed(life, span):
                 span = None  # the recount writes, settles and ends it

@@ -482,7 +482,8 @@ class Lifecycle:
 
     def take_report(self, report: MeterReport | None) -> None:
         """Envoy's report on a stream it metered, or None when none came: then the record
-        charges the hold whole (what the backend could have generated)."""
+        charges what the backend could have generated (the completion bound; the prompt
+        as the backend counts it, else its bound)."""
         req, endpoint = self.req, self.endpoint
         assert req is not None and endpoint is not None and self.handed_over
         self.handed_over = False
@@ -575,9 +576,10 @@ class Lifecycle:
         `out_of_sight`: the response may go on where the services cannot see it (a
         handed-over stream whose report never came; the services stopping with the
         stream open, which Envoy then serves unmetered): unless its exact usage was
-        already seen, charged its whole hold, estimated, with the backend's status (LOST
-        if it had not answered). `cut_by_gateway`: Envoy said whether its timeouts cut
-        the stream (else the timings tell)."""
+        already seen, charged what the backend could generate (its completion bound, its
+        prompt as the backend counts it, else the prompt's bound), estimated, with the
+        backend's status (LOST if it had not answered). `cut_by_gateway`: Envoy said
+        whether its timeouts cut the stream (else the timings tell)."""
         ending = self.conclude(aborted, out_of_sight, cut_by_gateway)
         if ending is None:
             return
@@ -603,8 +605,9 @@ class Lifecycle:
         assert req is not None
         usage, estimated = self._usage(req)
         whole = out_of_sight and estimated and self.status < 400
-        if whole:  # what the backend could generate: the hold (as the lost-hold sweep)
-            usage = Usage(req.prompt_bound, req.completion_bound)
+        if whole:  # what the backend could generate: its completion bound, and the
+            # prompt the backend counts (below: recounted, else its bound)
+            usage = Usage(req.prompt_estimate, req.completion_bound)
         status = self.status or CLIENT_CLOSED
         if not (self.delivered or self.responded or self.status):
             # Envoy gave up on the answer after its message timeout (it answered 503),
@@ -623,7 +626,7 @@ class Lifecycle:
             # its body: the Node SDK drops the body of every answer it will retry.)
             status = (self._cut_status(req.stream) if cut_by_gateway is None
                       else GATEWAY_TIMEOUT if cut_by_gateway else CLIENT_CLOSED)
-        prompt_estimated = (estimated and not whole and usage.prompt_tokens > 0
+        prompt_estimated = (estimated and usage.prompt_tokens > 0
                             and usage.prompt_tokens == req.prompt_estimate)
         return Ending(usage, estimated, status, prompt_estimated,
                       (time.monotonic() - self._t0) * 1000)

@@ -28,13 +28,14 @@ class MeterReports:
     """Lifecycles waiting for their stream's report, by request id."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, asyncio.Future[MeterReport]] = {}
+        self._waiting: dict[str, asyncio.Future[MeterReport | None]] = {}
         self.unclaimed = 0  # reports nobody waited for (a restart, a duplicated id)
+        self.closed = False
 
     def expect(self, request_id: str) -> bool:
         """Wait for this request's report; False if one is already awaited for that id
         (a client reusing x-request-id): that request keeps the services' own meter."""
-        if not request_id or request_id in self._waiting:
+        if not request_id or request_id in self._waiting or self.closed:
             return False
         self._waiting[request_id] = asyncio.get_running_loop().create_future()
         return True
@@ -50,6 +51,16 @@ class MeterReports:
             return None
         finally:
             self._waiting.pop(request_id, None)
+
+    def close(self) -> None:
+        """No report can come any more (the gRPC server stopped, and with it Envoy's
+        access-log stream): every wait ends now with None, so each stream still waiting
+        is recorded at once (charged what it could have generated), not left unrecorded
+        for the next start to charge in full as `lost`."""
+        self.closed = True
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_result(None)
 
     def forget(self, request_id: str) -> None:
         """No report will come (the response was not handed over)."""

@@ -680,37 +680,52 @@ async def test_envoys_503_reached_no_backend(h: Harness) -> None:
 # -- 3, 4. The rest of the response out of the services' sight ----------------------
 
 
-async def test_a_lost_meter_report_charges_the_whole_hold(tmp_path: Path) -> None:
+async def assert_completion_bound(h: Harness, life: Lifecycle, status: int | str,
+                                  counted: int | None) -> None:
+    """Out of sight: the record charges what the backend could generate (its completion
+    bound) and the prompt the backend counts (`counted`; None: it did not answer, the
+    prompt's bound), once ext_proc has asked for that count."""
+    req = life.req
+    assert req is not None and req.prompt_bound > req.prompt_estimate > 0
+    assert life.recount_owed is not None and not h.recorded.got
+    ending, url, recount = life.recount_owed
+    assert url == BACKEND and recount.asks
+    life.write(ending, counted)
+    rec = await h.record(life)
+    prompt = req.prompt_bound if counted is None else counted
+    assert counts(rec) == (status, prompt, req.completion_bound, True)
+    tokens, cost, hold = h.holds.settled[0]
+    assert tokens == prompt + req.completion_bound and cost <= hold
+
+
+async def test_a_lost_meter_report_charges_the_completion_bound(tmp_path: Path) -> None:
+    """A tester stopped `up` (Envoy first) with streams Envoy metered: no report came, and
+    each was charged its prompt's bound (558 for a 7-token prompt) besides its completion
+    bound. The prompt is the backend's count now; the backend's status (nothing timed
+    out)."""
     h = make_harness(tmp_path, envoy={"stream_metering": "envoy"})
     life = await h.admitted({**CHAT, "stream": True}, reports=Reports())
     life.response_start(200, BACKEND)
     assert life.hand_over()
     life.take_report(None)
-    rec = await h.record(life)
-    req = life.req
-    assert req is not None and req.prompt_bound > req.prompt_estimate
-    # The backend's status (nothing timed out), the hold's prompt bound, not its estimate.
-    assert counts(rec) == (200, req.prompt_bound, req.completion_bound, True)
-    tokens, cost, hold = h.holds.settled[0]
-    assert (tokens, cost) == (req.prompt_bound + req.completion_bound, hold)
+    await assert_completion_bound(h, life, 200, 7)
 
 
-async def test_a_stream_left_to_envoy_mid_way_charges_the_whole_hold(h: Harness) -> None:
+async def test_a_stream_left_to_envoy_mid_way_charges_the_completion_bound(
+    h: Harness,
+) -> None:
     life = await h.admitted({**CHAT, "stream": True})
     life.response_start(200, BACKEND)
     life.response_chunk(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
                         end=False)
     life.finish(aborted=True, out_of_sight=True)
-    await assert_whole_hold(h, life, 200)
+    await assert_completion_bound(h, life, 200, None)  # no count: the prompt's bound
 
 
 async def test_left_to_envoy_before_the_backend_answered_is_lost(h: Harness) -> None:
     life = await h.admitted(CHAT)
     life.finish(aborted=True, out_of_sight=True)
-    rec = await h.record(life)
-    req = life.req
-    assert req is not None
-    assert counts(rec) == (LOST, req.prompt_bound, req.completion_bound, True)
+    await assert_completion_bound(h, life, LOST, 9)
 
 
 async def test_left_to_envoy_once_usage_was_seen_charges_the_usage(h: Harness) -> None:

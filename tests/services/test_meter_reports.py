@@ -162,3 +162,20 @@ async def test_a_hurried_stop_records_a_handed_over_stream_no_store_holds(
             await asyncio.sleep(0.1)
     assert [(r["request_id"], r["completion_tokens"], r["estimated"]) for r in recs] == [
         ("away-r", 50, True)]
+
+
+async def test_a_stop_records_the_streams_whose_report_did_not_come(tmp_path: Path) -> None:
+    """`up` stops Envoy first, and Envoy drops the reports of the streams it cuts: the
+    services waited for them, exited with no record, and the next start charged each its
+    whole hold as `lost`. Now the stop records them (their completion bound, the prompt
+    as the backend counts it, else its bound) and settles them: the next start finds
+    nothing left."""
+    async with serve_policy(tmp_path, envoy={"stream_metering": "envoy"}) as running:
+        await hand_over(running, "r-stop", {})
+        await running.services.stop()
+        [rec] = await records(running, 1)
+        assert (rec["request_id"], rec["status"], rec["completion_tokens"],
+                rec["estimated"]) == ("r-stop", 200, 50, True)
+    async with serve_policy(tmp_path, envoy={"stream_metering": "envoy"}) as running:
+        await asyncio.sleep(0.3)
+        assert [r["request_id"] for r in await records(running, 2)] == ["r-stop"]
