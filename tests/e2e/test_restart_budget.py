@@ -78,8 +78,10 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(root: Path, budget: Decimal | None = BUDGET) -> Iterator[Rig]:
-    """The rig for one key, with a `total` budget (None: a key without limits)."""
+def rig(root: Path, budget: Decimal | None = BUDGET,
+        envoy: dict[str, Any] | None = None) -> Iterator[Rig]:
+    """The rig for one key, with a `total` budget (None: a key without limits);
+    `envoy`: more of the config's `envoy` section."""
     ports = PORTS
     logs = root / "logs"
     logs.mkdir()
@@ -88,7 +90,7 @@ def rig(root: Path, budget: Decimal | None = BUDGET) -> Iterator[Rig]:
         root, f"http://127.0.0.1:{sim_port}", listen=listen,
         services={"grpc_listen": f"127.0.0.1:{ports.free_port()}",
                   "http_listen": f"127.0.0.1:{ports.free_port()}"},
-        envoy={"admin_listen": f"127.0.0.1:{ports.free_port()}"},
+        envoy={"admin_listen": f"127.0.0.1:{ports.free_port()}", **(envoy or {})},
         keys=[{"id": KEY_ID, "org": "acme", "sha256": fingerprint(KEY),
                **({} if budget is None else {"budget_usd": str(budget),
                                              "budget_period": "total"})}],
@@ -238,3 +240,35 @@ def test_a_second_sigterm_hurries_the_stop_and_loses_no_money(tmp_path: Path) ->
     spent, reserved = ledger(r.data_dir)
     assert reserved == 0
     assert spent == sum(usd_to_nano(Decimal(x["cost_usd"])) for x in recs)  # one each
+
+
+def test_streams_envoy_meters_are_recorded_when_up_stops_envoy_first(tmp_path: Path) -> None:
+    """`stream_metering: envoy`, stopped as `up` stops (Envoy first, then the services):
+    Envoy drops the reports of the streams it cuts, and the services exited with no
+    record, leaving each hold to the next start, which charged it in full as `lost`
+    (a tester: 558 prompt tokens for a 7-token prompt). Now the stopping services record
+    each at once: its completion bound, its prompt as the backend (still up) counts it;
+    settled, nothing left for the next start."""
+    with rig(tmp_path, envoy={"stream_metering": "envoy"}) as r:
+        ids, threads = slow_streams_with_ids(r, 3)
+        envoy_proc, serve = r.procs[1], r.serve
+        assert serve is not None
+        stop([envoy_proc])
+        stop([serve])
+        r.serve = None
+        for t in threads:
+            t.join(60)
+        recs = [x for x in read_records(r.data_dir / USAGE_FILE) if x["key_id"] == KEY_ID]
+        assert sorted(x["request_id"] for x in recs) == sorted(ids)  # one each, at the stop
+        assert all((x["status"], x["completion_tokens"], x["estimated"]) == (200, 100, True)
+                   for x in recs), recs
+        # The prompt as the simulator counts it (its /tokenize), far below its bound.
+        assert all(x["prompt_tokens"] == recs[0]["prompt_tokens"] < x["prompt_bound"]
+                   for x in recs), recs
+        spent, reserved = ledger(r.data_dir)
+        assert reserved == 0
+        assert spent == sum(usd_to_nano(Decimal(x["cost_usd"])) for x in recs)
+        r.start_serve()  # nothing left in the journal: no `lost` record
+        time.sleep(1.0)
+    recs = [x for x in read_records(r.data_dir / USAGE_FILE) if x["key_id"] == KEY_ID]
+    assert len(recs) == 3 and not any(x["status"] == LOST for x in recs)
