@@ -20,6 +20,7 @@ class MeterReport:
     oversize_bytes: int = 0
     usage_event: bytes = b""  # the last event with a usage object, raw ("": none)
     error_event: bytes = b""  # the first event that may say generation failed, raw
+    error_first: bool = False  # and it was the stream's first event
     done: bool = False  # `data: [DONE]` passed
     ended: bool = False  # the body ended (else the stream was cut)
     unreadable: bool = False  # not an event stream: passed unread
@@ -37,4 +38,5 @@ def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,
             meter.finish()
     meter.restore(report.events, report.oversize_events, report.oversize_bytes, report.done,
                   unreadable=report.unreadable and report.ended)
+    meter.error_first = bool(report.error_event) and report.error_first
     return meter

@@ -50,9 +50,10 @@ _MAX_CHOICES_SEEN = 4096
 
 
 class StreamMeter:
-    __slots__ = ("_choices_seen", "_fed", "_inline_usage", "_parser", "_read_event", "_usage",
-                 "content_chunks", "done", "echo", "ended", "error_status", "first_chunks",
-                 "merged_tokens", "oversize_bytes", "strip_usage", "tokens_per_chunk")
+    __slots__ = ("_choices_seen", "_data_events", "_fed", "_inline_usage", "_parser",
+                 "_read_event", "_usage", "content_chunks", "done", "echo", "ended",
+                 "error_first", "error_status", "first_chunks", "merged_tokens",
+                 "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
                  tokens_per_chunk: int = 1) -> None:
@@ -78,6 +79,10 @@ class StreamMeter:
         self.ended = False  # the body ended (`finish`), not cut
         # The status of the stream's first error event (0: none): generation failed.
         self.error_status = 0
+        # That error event was the stream's first event: vLLM sends its first chunk (a
+        # chat's role chunk too) once the engine has produced output, so nothing ran.
+        self.error_first = False
+        self._data_events = 0  # events read (JSON objects) or passed unread (oversize)
         self._fed = 0  # bytes fed
         self._read_event = False  # an event with data (or an oversize one) was seen
 
@@ -92,6 +97,14 @@ class StreamMeter:
         if self._usage is not None:
             return self._usage
         return self._inline_usage if self.done and not self.error_status else None
+
+    @property
+    def refused(self) -> bool:
+        """The backend refused the request in its stream: a client error (4xx) event came
+        first (vLLM 0.32 answers so a request it validates only once the stream began:
+        a structured-output grammar that does not compile, say), before any chunk. Its
+        counters did not move: nothing was read or generated, as its JSON 400 says."""
+        return self.error_first and 400 <= self.error_status < 500
 
     @property
     def unreadable(self) -> bool:
@@ -153,6 +166,7 @@ class StreamMeter:
             self._read_event = self._read_event or ev.oversize or ev.data is not None
             if ev.oversize:  # never read, so never stripped
                 self.oversize_bytes += len(ev.raw)
+                self._data_events += 1
             elif self._observe(ev) and self.strip_usage:
                 continue
             keep.append(ev.raw)
@@ -200,8 +214,10 @@ class StreamMeter:
             return False
         if not isinstance(obj, dict):
             return False
+        self._data_events += 1
         if not self.error_status:
             self.error_status = stream_error_status(obj)
+            self.error_first = bool(self.error_status) and self._data_events == 1
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:

@@ -110,9 +110,13 @@ local function classify(ev, st)
   -- "error"`), never a chunk: the first goes to the services raw, at once (a client may
   -- leave before the end), to be read there (policy/stream_usage.py,
   -- `stream_error_status`).
+  -- `error_first`: it was the stream's first event (vLLM refused the request in it).
+  local first = not st.seen
+  st.seen = true
   if not st.error and not string.find(ev, '"choices"%s*:')
       and (string.find(ev, '"error"%s*:%s*{{') or string.find(ev, '"object"%s*:%s*"error"')) then
     st.error = true
+    if first then set(st.h, "error_first", 1) end
     set(st.h, "error", ev)
   end
   local has_usage = string.find(ev, '"usage"%s*:%s*{{') ~= nil
@@ -144,7 +148,7 @@ end
 
 local function meter(h, strip, content_type)
   local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0,
-               error = false, h = h, usage_new = false, done_set = false}}
+               error = false, seen = false, h = h, usage_new = false, done_set = false}}
   set(h, "events", 0)
   if not string.find(string.lower(content_type or ""), "text/event-stream", 1, true) then
     -- Not an event stream: held until a blank line that never comes, it would reach
@@ -180,6 +184,7 @@ local function meter(h, strip, content_type)
         if not skipping and size + #rest > MAX_EVENT then
           -- Over the limit: what was held goes out now, the rest as it comes, unread.
           st.oversize_events = st.oversize_events + 1
+          st.seen = true
           for _, p in ipairs(parts) do
             out[#out + 1] = p
             st.oversize = st.oversize + #p
@@ -209,6 +214,7 @@ local function meter(h, strip, content_type)
         local ev = table.concat(parts)
         if #ev > MAX_EVENT then
           st.oversize_events = st.oversize_events + 1
+          st.seen = true
           st.oversize = st.oversize + #ev
           out[#out + 1] = ev
         elseif classify(ev, st) and strip then

@@ -100,6 +100,7 @@ def report_from_entry(entry: Any) -> MeterReport | None:
         oversize_bytes=num("oversize_bytes"),
         usage_event=f["usage"].string_value.encode() if "usage" in f else b"",
         error_event=f["error"].string_value.encode() if "error" in f else b"",
+        error_first=num("error_first") == 1,
         done=num("done") == 1,
         ended=num("ended") == 1,
         unreadable=num("unreadable") == 1,

@@ -29,9 +29,14 @@ from authz.sim.metrics import CONTENT_TYPE_LATEST, ModelMetrics, SimMetrics
 from authz.sim.pooling import ANSWERS
 from authz.sim.protocol import SimError, parse_body, parse_chat, parse_completion
 from authz.sim.recorder import RequestLog
-from authz.sim.responses import response
+from authz.sim.responses import DONE_EVENT, response
 from authz.sim.responses_api import parse_responses
-from authz.sim.streaming import Pacing, stream_generation, stream_response
+from authz.sim.streaming import (
+    SSE_CONTENT_TYPE,
+    Pacing,
+    stream_generation,
+    stream_response,
+)
 from authz.sim.tokens import output_text
 
 DEFAULT_MODEL: Final = "tiny-llama"
@@ -165,6 +170,7 @@ class Simulator:
         ``x-sim-tpot-ms: N`` sets this request's time per output token.
         """
         body = await self._body(request)
+        payload: Any = None
         try:
             _raise_status_hook(request)
             cut_after = _int_hook(request, CUT_HEADER)
@@ -177,6 +183,8 @@ class Simulator:
             gen = _PARSERS[kind](payload, self.models, self.default_max_tokens,
                                  self.max_model_len)
         except SimError as err:
+            if err.in_stream and isinstance(payload, dict) and payload.get("stream") is True:
+                return await _refused_in_stream(request, err)
             return _error_response(err)
 
         metrics = self.models[gen.model]
@@ -237,6 +245,15 @@ class Simulator:
 
 def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
+
+
+async def _refused_in_stream(request: web.Request, err: SimError) -> web.StreamResponse:
+    """vLLM 0.32's answer to a stream it refuses once begun: 200, the error, [DONE]."""
+    resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
+    await resp.prepare(request)
+    await resp.write(b"data: " + err.body() + b"\n\n" + DONE_EVENT)
+    await resp.write_eof()
+    return resp
 
 
 def _error_response(err: SimError) -> web.Response:

@@ -27,12 +27,15 @@ class SimError(Exception):
     """An error answered with vLLM 0.32's ``ErrorResponse`` body (``error_body``)."""
 
     def __init__(self, status: int, message: str, err_type: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, in_stream: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.err_type = err_type or error_type(status)
         self.param = param
+        # vLLM finds it only once a stream has begun: a streamed request gets a 200 whose
+        # first event is this error, then [DONE] (a JSON request, the error itself).
+        self.in_stream = in_stream
 
     def body(self) -> bytes:
         return error_body(self.status, self.message, self.err_type, self.param)
@@ -229,9 +232,23 @@ def model_of(body: Mapping[str, Any], models: Mapping[str, Any], *,
     return model
 
 
+def _grammar(body: Mapping[str, Any]) -> None:
+    """A `structured_outputs.regex` that does not compile: vLLM 0.32's grammar backend
+    refuses it after the stream began (SimError.in_stream); `re` stands in for it."""
+    spec = body.get("structured_outputs")
+    regex = spec.get("regex") if isinstance(spec, dict) else None
+    if not isinstance(regex, str):
+        return
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise SimError(400, f"Grammar error: {e}", in_stream=True) from None
+
+
 def _common(body: Mapping[str, Any], models: Mapping[str, Any]) -> _Common:
     """Validate model, stream, stream_options, n and best_of."""
     model = model_of(body, models)
+    _grammar(body)
     stream = opt_bool(body, "stream")
     options = body.get("stream_options")
     include_usage = continuous = False

@@ -25,6 +25,7 @@ from tests.e2e.fake_backend import ThreadedBackend
 from tests.e2e.test_gateway import (  # noqa: F401  (run here against this gateway)
     records_for,
     test_a_stream_that_ends_in_an_error_event_is_recorded_as_failed,
+    test_a_stream_the_backend_refuses_in_its_first_event_costs_nothing,
     test_chat_non_streaming_exact_usage_and_one_record,
     test_chat_streaming_hides_the_usage_chunk_it_added,
     test_chat_streaming_with_usage_requested,

@@ -358,6 +358,25 @@ def test_a_stream_that_ends_in_an_error_event_is_recorded_as_failed(
     assert _requests_with_status(gateway, 500) == before + 1
 
 
+def test_a_stream_the_backend_refuses_in_its_first_event_costs_nothing(
+        gateway: Gateway) -> None:
+    """vLLM validates a structured-output grammar once the stream began: a 200 whose first
+    event is a 400 error (then [DONE]), nothing read or generated. It was charged its
+    prompt as a cut stream, where the same body without `stream` is a 400 that costs
+    nothing (an outside tester, against real vLLM). Now the same: status 400, no tokens."""
+    body = {"structured_outputs": {"regex": "("}}
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="demo", messages=MESSAGES, max_tokens=50, stream=True, extra_body=body)
+    with pytest.raises(openai.APIError, match="Grammar error"):
+        list(raw.parse())
+    [rec] = records_for(gateway, raw.headers["x-request-id"])
+    assert (rec["status"], rec["estimated"], rec["prompt_tokens"], rec["completion_tokens"],
+            rec["cost_usd"]) == (400, False, 0, 0, "0"), rec
+    with pytest.raises(openai.BadRequestError, match="Grammar error"):
+        gateway.client().chat.completions.create(model="demo", messages=MESSAGES,
+                                                 max_tokens=50, extra_body=body)
+
+
 def test_secret_never_leaks_anywhere(gateway: Gateway) -> None:
     """Logs, usage records, metrics and what the upstream received: no secret, ever."""
     client = gateway.client()

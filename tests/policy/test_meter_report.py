@@ -84,3 +84,15 @@ def test_an_event_the_lua_meter_took_for_an_error_may_not_be_one() -> None:
     for raw in (b'data: {"note": {"error": {"code": 500}}}\n\n', b"data: not json\n\n"):
         meter = meter_from_report(Kind.CHAT, MeterReport(error_event=raw), 1 << 20, 1)
         assert meter.error_status == 0, raw
+
+
+def test_a_4xx_error_event_envoy_saw_first_is_a_refusal() -> None:
+    """The Lua meter says whether the error event was the stream's first (`error_first`):
+    with a 4xx that is the backend refusing the request in its stream (nothing ran)."""
+    grammar = (b'data: {"error": {"message": "Grammar error", "type": "BadRequestError", '
+               b'"param": null, "code": 400}}\n\n')
+    for first, event, refused in ((True, grammar, True), (False, grammar, False),
+                                  (True, ERROR_EVENT, False), (True, b"", False)):
+        meter = meter_from_report(Kind.CHAT, MeterReport(
+            error_event=event, error_first=first, done=True, ended=True), 1 << 20, 1)
+        assert meter.refused is refused, (first, event)

@@ -272,6 +272,25 @@ def test_the_first_error_event_decides_whatever_the_split() -> None:
         assert (m.error_status, m.content_chunks) == (503, 1), at
 
 
+GRAMMAR_ERROR = chunk('{"error": {"message": "Grammar error: unclosed group", "type": '
+                      '"BadRequestError", "param": null, "code": 400}}')
+
+
+def test_a_4xx_error_as_the_first_event_is_a_refusal() -> None:
+    """vLLM refuses some requests only once the stream began (a grammar that does not
+    compile): the 400 is the first event, and nothing ran. Any event before it (a chat's
+    role chunk: the engine had produced output), or a 5xx, is a failure, not a refusal."""
+    for strip in (False, True):
+        m, _ = meter(strip, GRAMMAR_ERROR, DONE)
+        assert (m.error_status, m.refused, m.content_chunks) == (400, True, 0)
+    body = GRAMMAR_ERROR + DONE
+    for at in range(1, len(body)):
+        assert meter(False, body[:at], body[at:])[0].refused, at
+    assert not meter(False, ROLE, GRAMMAR_ERROR, DONE)[0].refused
+    assert not meter(False, VLLM_ERROR, DONE)[0].refused
+    assert not meter(False, DONE)[0].refused
+
+
 def test_continuous_usage_before_an_error_event_is_not_the_usage() -> None:
     """vLLM's continuous_usage_stats on a chunk counts one choice so far: after an error
     event vLLM still sends `[DONE]`, but the stream failed as a cut one, and it is

@@ -248,3 +248,22 @@ def test_a_responses_prompt_filling_the_context(vllm_server: VllmServer,
             "message": f"The engine prompt length {CONTEXT} exceeds the max_model_len "
                        f"{CONTEXT}. Please reduce prompt.",
             "type": "invalid_request_error", "param": "input", "code": 400}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_grammar_that_does_not_compile_is_refused_in_the_stream(
+        vllm_server: VllmServer, sim_url: str, path: str) -> None:
+    """vLLM 0.32 validates a structured-output grammar once a stream has begun: a 200
+    whose first event is the 400 error, then [DONE] (a JSON request: the 400 itself), and
+    its counters do not move. The gateway charges such a stream nothing."""
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 5,
+                            "structured_outputs": {"regex": "("}}
+    body |= ({"messages": HI} if "chat" in path else {"prompt": "hi"})
+    for url in (vllm_server.url, sim_url):
+        status, got = ask(url, path, {**body, "stream": True})
+        assert status == 200, (url, got)
+        [event] = got
+        assert (event["error"]["code"], event["error"]["type"]) == (400, "BadRequestError"), (
+            url, event)
+        status, got = ask(url, path, body)
+        assert (status, got["error"]["code"]) == (400, 400), (url, got)
