@@ -163,6 +163,10 @@ class Price(_Strict):
     output: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
 
 
+# A model's cap on completion tokens per sequence when its config sets none.
+DEFAULT_MAX_TOKENS = 1024
+
+
 class Model(_Strict):
     """An alias that clients send as `model`, and where it goes.
 
@@ -178,7 +182,7 @@ class Model(_Strict):
     price_per_1k_tokens: Price = Price()
     # Completion tokens per sequence: the most a client may ask for, and what is written
     # into the upstream body when the client asks for no limit.
-    max_tokens: int = Field(default=1024, ge=1, le=MAX_EXACT, strict=True)
+    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, ge=1, le=MAX_EXACT, strict=True)
     # The most sequences one request may ask for (`n`, `best_of`); more is a 400.
     max_n: int = Field(default=16, ge=1, le=128, strict=True)
     # The backend's context length (vLLM's --max-model-len), when known: vLLM refuses
@@ -210,6 +214,18 @@ class Model(_Strict):
     # whose /tokenize counts less than its generation reads (a Kimi K3 served under a
     # name without `kimi-k3`; a server that is not vLLM).
     prompt_recount: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_cap_in_context(cls, data: Any) -> Any:
+        """No `max_tokens` and a context under the default cap (an embedding model's 512,
+        say): the cap is what the context leaves a one-token prompt, not a 1024 that the
+        check below would refuse for a field nobody set."""
+        if isinstance(data, dict) and "max_tokens" not in data:
+            ctx = data.get("max_model_len")
+            if type(ctx) is int and 1 < ctx <= DEFAULT_MAX_TOKENS:
+                return {**data, "max_tokens": ctx - 1}
+        return data
 
     @model_validator(mode="after")
     def _cap_fits_context(self) -> Model:

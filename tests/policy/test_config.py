@@ -257,3 +257,18 @@ def test_a_models_counts_are_integers_as_written(field: str, value: object) -> N
     data["models"]["demo"][field] = value
     with pytest.raises(ConfigError, match=field):
         parse_config(data)
+
+
+def test_a_context_under_the_default_cap_sets_the_cap_when_none_is_given() -> None:
+    """An embedding model's `max_model_len: 512` failed ("max_tokens must be below
+    max_model_len") until a meaningless max_tokens was set. Unset, the cap is what the
+    context leaves; set, it is checked as ever."""
+    def model(**fields: object) -> dict[str, object]:
+        return {"models": {"e": {"upstream_model": "e", "backends": [], **fields}}}
+
+    assert parse_config(model(max_model_len=512)).models["e"].max_tokens == 511
+    assert parse_config(model(max_model_len=4096)).models["e"].max_tokens == 1024
+    assert parse_config(model()).models["e"].max_tokens == 1024
+    for fields in ({"max_model_len": 512, "max_tokens": 512}, {"max_model_len": 1}):
+        with pytest.raises(ConfigError, match="max_tokens must be below max_model_len"):
+            parse_config(model(**fields))
