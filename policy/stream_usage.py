@@ -82,7 +82,7 @@ class StreamMeter:
         # That error event was the stream's first event: vLLM sends its first chunk (a
         # chat's role chunk too) once the engine has produced output, so nothing ran.
         self.error_first = False
-        self._data_events = 0  # events read (JSON objects) or passed unread (oversize)
+        self._data_events = 0  # events with data (or passed unread: oversize)
         self._fed = 0  # bytes fed
         self._read_event = False  # an event with data (or an oversize one) was seen
 
@@ -104,7 +104,9 @@ class StreamMeter:
         first (vLLM 0.32 answers so a request it validates only once the stream began:
         a structured-output grammar that does not compile, say), before any chunk. Its
         counters did not move: nothing was read or generated, as its JSON 400 says."""
-        return self.error_first and 400 <= self.error_status < 500
+        return (self.error_first and 400 <= self.error_status < 500
+                and not self.content_chunks and not self.oversize_bytes
+                and self.usage is None and self._usage is None)
 
     @property
     def unreadable(self) -> bool:
@@ -164,9 +166,10 @@ class StreamMeter:
         keep: list[bytes] = []
         for ev in events:
             self._read_event = self._read_event or ev.oversize or ev.data is not None
+            if ev.oversize or ev.data is not None:  # (a comment, `: keep-alive`, is none)
+                self._data_events += 1
             if ev.oversize:  # never read, so never stripped
                 self.oversize_bytes += len(ev.raw)
-                self._data_events += 1
             elif self._observe(ev) and self.strip_usage:
                 continue
             keep.append(ev.raw)
@@ -214,7 +217,6 @@ class StreamMeter:
             return False
         if not isinstance(obj, dict):
             return False
-        self._data_events += 1
         if not self.error_status:
             self.error_status = stream_error_status(obj)
             self.error_first = bool(self.error_status) and self._data_events == 1

@@ -83,8 +83,8 @@ class UsageRecord:
     # `month:2026-12`), or None where that owner had no budget when it was admitted.
     key_budget_period: str | None = None
     org_budget_period: str | None = None
-    # Sequences generated per prompt (`n`, or `best_of`): vLLM reads the prompt once per
-    # sequence (its prompt-token counter counts it so), where usage counts it once.
+    # Sequences generated per prompt (`n`; vLLM ignores `best_of`): vLLM reads the prompt
+    # once per sequence (its prompt-token counter counts it so), where usage counts it once.
     sequences: int = 1
     # The request's hold: the most prompt tokens the backend can count for its body (once
     # per sequence, as `prompt_tokens`) and the most it can generate. None: nothing was

@@ -110,9 +110,10 @@ local function classify(ev, st)
   -- "error"`), never a chunk: the first goes to the services raw, at once (a client may
   -- leave before the end), to be read there (policy/stream_usage.py,
   -- `stream_error_status`).
-  -- `error_first`: it was the stream's first event (vLLM refused the request in it).
+  -- `error_first`: it was the stream's first event with data (vLLM refused the request
+  -- in it); a comment (`: keep-alive`) is none.
   local first = not st.seen
-  st.seen = true
+  if string.find("\\n" .. ev, "[\\r\\n]data:") then st.seen = true end
   if not st.error and not string.find(ev, '"choices"%s*:')
       and (string.find(ev, '"error"%s*:%s*{{') or string.find(ev, '"object"%s*:%s*"error"')) then
     st.error = true

@@ -780,9 +780,11 @@ class Lifecycle:
         if self._meter is not None:
             if self._meter.usage is not None:
                 return self._meter.usage, False
-            if self._meter.refused and not req.hides_tokens:
+            if self._meter.refused and not req.hides_tokens and req.prompts == 1:
                 # A 4xx error event first: the backend refused the request in its stream
                 # and generated nothing, as it would have answered 400 without `stream`.
+                # (Not a batch: vLLM starts each prompt at once, and one refused cancels
+                # the others, which may have been read by then.)
                 return Usage(), False
             if self._meter.unreadable and 200 <= self.status < 300:
                 # A whole answer that is not SSE and has no readable usage (compressed,

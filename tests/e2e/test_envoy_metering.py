@@ -102,6 +102,16 @@ def error_stream_events() -> list[bytes]:
             b"data: [DONE]\n\n"]
 
 
+GRAMMAR_EVENT = (b'data: {"error": {"message": "Grammar error: unclosed group", "type": '
+                 b'"BadRequestError", "param": null, "code": 400}}\n\n')
+
+
+def refused_stream_events() -> list[bytes]:
+    """vLLM refusing a request once its stream began (a grammar that does not compile):
+    the 400 its first event with data, after a keep-alive comment here, then [DONE]."""
+    return [b": keep-alive\n\n", GRAMMAR_EVENT, b"data: [DONE]\n\n"]
+
+
 # SSE line ends: LF, CRLF, or CR alone (each legal). Event texts hold no raw line end
 # (JSON escapes them), so an event's end is the only blank line to rewrite.
 EOLS = {"lf": b"\n\n", "crlf": b"\r\n\r\n", "cr": b"\r\r"}
@@ -143,7 +153,8 @@ class SplitUpstream(ThreadedBackend):
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         kind = request.headers.get("x-stream")
-        events = error_stream_events() if kind == "error" else stream_events()
+        events = (error_stream_events() if kind == "error" else refused_stream_events()
+                  if kind == "refused" else stream_events())
         if kind == "cut":  # the connection closes before the usage chunk
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
@@ -395,3 +406,16 @@ def test_a_concurrency_slot_comes_back_just_after_the_stream(gateway: Gateway) -
         admitted_within(gateway, key, 2.0, "the slot did not come back after the stream")
         [rec] = records_for(gateway, raw.headers["x-request-id"])
         assert (rec["completion_tokens"], rec["estimated"]) == (8, False)
+
+
+def test_every_split_of_a_refused_stream_costs_nothing(split_gw: Gateway) -> None:
+    """A 4xx error as the stream's first event with data (a comment before it is none),
+    split at every byte: the Lua meter says it came first, and the record says the
+    event's status with nothing charged, as a JSON 400 would be."""
+    body = b"".join(refused_stream_events())
+    for split in [[at] for at in range(1, len(body))]:
+        got, rid = _post(split_gw, split, False, "refused")
+        assert got == body, split
+        [rec] = records_for(split_gw, rid)
+        assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
+                rec["estimated"], rec["cost_usd"]) == (400, 0, 0, False, "0"), (split, rec)

@@ -375,6 +375,14 @@ def test_a_stream_the_backend_refuses_in_its_first_event_costs_nothing(
     with pytest.raises(openai.BadRequestError, match="Grammar error"):
         gateway.client().chat.completions.create(model="demo", messages=MESSAGES,
                                                  max_tokens=50, extra_body=body)
+    # A batch is charged as a failed stream: vLLM starts every prompt at once, and the one
+    # it refuses cancels the others, which it may have read by then.
+    raw = gateway.client().completions.with_raw_response.create(
+        model="demo", prompt=["a b c", "d e f"], max_tokens=5, stream=True, extra_body=body)
+    with pytest.raises(openai.APIError, match="Grammar error"):
+        list(raw.parse())
+    [rec] = records_for(gateway, raw.headers["x-request-id"])
+    assert (rec["status"], rec["estimated"]) == (400, True) and rec["prompt_tokens"] > 0, rec
 
 
 def test_secret_never_leaks_anywhere(gateway: Gateway) -> None:

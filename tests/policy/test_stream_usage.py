@@ -289,6 +289,12 @@ def test_a_4xx_error_as_the_first_event_is_a_refusal() -> None:
     assert not meter(False, ROLE, GRAMMAR_ERROR, DONE)[0].refused
     assert not meter(False, VLLM_ERROR, DONE)[0].refused
     assert not meter(False, DONE)[0].refused
+    # A comment (vLLM's --sse-keep-alive-interval) is no event with data: still first.
+    assert meter(False, b": keep-alive\n\n", GRAMMAR_ERROR, DONE)[0].refused
+    assert not meter(False, b"data: hello\n\n", GRAMMAR_ERROR, DONE)[0].refused
+    # A backend that goes on after its refusal (not vLLM): what it sent is charged.
+    assert not meter(False, GRAMMAR_ERROR, TEXT, DONE)[0].refused
+    assert not meter(False, GRAMMAR_ERROR, USAGE, DONE)[0].refused
 
 
 def test_continuous_usage_before_an_error_event_is_not_the_usage() -> None:

@@ -208,7 +208,7 @@ class RedisLimitStore:
         except LimitStoreUnavailable:
             return
         t1 = time.time()
-        error = (t1 - t0) / 2
+        error = max(0.0, (t1 - t0) / 2)  # (a clock stepped back between the reads)
         if (self._offset is None or error <= max(self._offset_error, OFFSET_MAX_RTT_S / 2)
                 or now - self._offset_at >= OFFSET_KEEP_S):
             self._offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
