@@ -163,6 +163,9 @@ class Price(_Strict):
     output: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
 
 
+# The largest config file read (a config of 50,000 keys is ~8 MiB).
+MAX_CONFIG_BYTES = 16 << 20
+
 # A model's cap on completion tokens per sequence when its config sets none.
 DEFAULT_MAX_TOKENS = 1024
 
@@ -778,7 +781,12 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     so the file never holds it. `env` is what the process settings pass on (see
     `authz.runtime.settings`); this module never reads the process environment."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # /dev/zero, a log file by mistake: bounded
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a "
+                              "tokenbooth config (keep many keys in the key store)")
+        text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

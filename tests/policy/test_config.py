@@ -272,3 +272,14 @@ def test_a_context_under_the_default_cap_sets_the_cap_when_none_is_given() -> No
     for fields in ({"max_model_len": 512, "max_tokens": 512}, {"max_model_len": 1}):
         with pytest.raises(ConfigError, match="max_tokens must be below max_model_len"):
             parse_config(model(**fields))
+
+
+def test_a_file_past_the_size_limit_is_one_error_not_all_memory(tmp_path: Path) -> None:
+    """`check-config /dev/zero` (or a log file given by mistake) read without bound: the
+    machine's memory, then an internal error. Past 16 MiB: one line naming the file."""
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (16 << 20) + b"\nmodels: {}\n")
+    for path in (big, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match="larger than 16 MiB") as e:
+            load_config(path)
+        assert str(path) in str(e.value)
