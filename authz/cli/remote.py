@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from authz.runtime.settings import ADMIN_TOKEN_ENV, Settings
+from policy.config import redacted
 
 TIMEOUT_S = 30.0
 PAGE = 1000
@@ -47,7 +48,12 @@ class AdminClient:
     def __init__(self, url: str, token: str) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise RemoteError(f"--admin-url: expected http(s)://host:port, got {url!r}")
+            raise RemoteError(f"--admin-url: expected http(s)://host:port, got "
+                              f"{redacted(url)!r}")
+        if "@" in parts.netloc:  # never echoed: what precedes @ may be a password
+            raise RemoteError(f"--admin-url: no user or password in the URL (the admin "
+                              f"token comes from ${ADMIN_TOKEN_ENV}), got "
+                              f"{redacted(url)!r}")
         token = token.strip()  # a token file's line break (\r\n) included
         if not token:
             raise RemoteError(f"--admin-url needs an admin token in ${ADMIN_TOKEN_ENV}")
@@ -64,9 +70,16 @@ class AdminClient:
         return cls(url, settings.admin_token)
 
     def call(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-             query: Mapping[str, object] | None = None) -> Any:
-        """One call; the decoded answer, or RemoteError / LookupError (404) in one line."""
-        return self._exchange(method, path, body, query, lambda r: orjson.loads(r.read()))
+             query: Mapping[str, object] | None = None, fields: tuple[str, ...] = ("id",),
+             ) -> Any:
+        """One call; the decoded answer, or RemoteError / LookupError (404) in one line.
+        `fields`: what the admin API's answer holds; an object without them came from
+        some other server (a 200 `{}`), said in one line, not as a missing field's name."""
+        answer = self._exchange(method, path, body, query, lambda r: orjson.loads(r.read()))
+        if not isinstance(answer, dict) or any(f not in answer for f in fields):
+            raise RemoteError(f"{self.base}: not an answer of tokenbooth's admin API (is "
+                              "--admin-url the gateway's admin.listen?)")
+        return answer
 
     def lines(self, path: str, query: Mapping[str, object]) -> list[Any]:
         """A streamed (NDJSON) answer: every line, decoded."""
@@ -105,11 +118,14 @@ class AdminClient:
         out: list[dict[str, Any]] = []
         after: str | None = None
         while True:
-            page = self.call("GET", path, query={**query, "limit": PAGE, "after": after})
+            page = self.call("GET", path, query={**query, "limit": PAGE, "after": after},
+                             fields=("data", "has_more"))
+            if not isinstance(page["data"], list):
+                raise RemoteError(f"{self.base}: not an answer of tokenbooth's admin API")
             out += page["data"]
             if not page["has_more"]:
                 return out
-            after = page["last_id"]
+            after = page.get("last_id")
 
 
 def _message(raw: bytes) -> str:
@@ -128,7 +144,8 @@ def _jsonable(changes: Mapping[str, Any]) -> dict[str, Any]:
 
 def create_key(client: AdminClient, fields: Mapping[str, Any]) -> dict[str, Any]:
     """`keys create`: the new key's record with its secret (`key`), shown once."""
-    created: dict[str, Any] = client.call("POST", "/v1/keys", _jsonable(fields))
+    created: dict[str, Any] = client.call("POST", "/v1/keys", _jsonable(fields),
+                                          fields=("id", "key", "org"))
     return created
 
 
@@ -152,7 +169,8 @@ def update_key(client: AdminClient, key_id: str, changes: Mapping[str, Any]
 
 def key_state(client: AdminClient, key_id: str) -> dict[str, Any]:
     """`keys show`: the key's and its org's budget and limits now."""
-    state: dict[str, Any] = client.call("GET", f"/v1/keys/{_seg(key_id)}/state")
+    state: dict[str, Any] = client.call("GET", f"/v1/keys/{_seg(key_id)}/state",
+                                        fields=("at", "source", "key", "org"))
     return state
 
 

@@ -77,7 +77,7 @@ def test_a_redirect_is_refused_and_the_token_goes_nowhere_else(
 
 @pytest.mark.parametrize("token", [f"{TOKEN}\r", f"{TOKEN}\r\n", f" {TOKEN}\n"])
 def test_a_token_files_line_break_is_dropped(catcher: _Server, token: str) -> None:
-    AdminClient(catcher.url, token).call("GET", "/v1/keys")
+    AdminClient(catcher.url, token).call("GET", "/v1/keys", fields=("data",))
     assert catcher.seen == [f"Bearer {TOKEN}"]
 
 
@@ -109,3 +109,30 @@ def test_a_stranger_answering_404_is_named_as_such(capsys: pytest.CaptureFixture
     assert capsys.readouterr().err == (
         f"tokenbooth: error: {stranger.url}: 404 Not Found, not an answer of tokenbooth's "
         "admin API (is --admin-url the gateway's admin.listen?)\n")
+
+
+@pytest.mark.parametrize("body", [b"{}", b"[]", b'{"data": 5, "has_more": false}'])
+@pytest.mark.parametrize("command", [["keys", "list"], ["keys", "revoke", "key_x"],
+                                     ["keys", "show", "key_x"],
+                                     ["keys", "create", "--org", "o"]])
+def test_a_stranger_answering_200_is_named_as_such(
+        capsys: pytest.CaptureFixture[str], body: bytes, command: list[str]) -> None:
+    """A 200 that is not the admin API's answer printed a missing field's name alone
+    (`tokenbooth: error: 'data'`)."""
+    stranger = _Server((200, {"content-type": "application/json"}, body))
+    try:
+        rc = main([*command, "--admin-url", stranger.url],
+                  env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        stranger.stop()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "not an answer of tokenbooth's admin API" in err, err
+
+
+def test_a_password_in_the_admin_url_is_refused_unseen(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["keys", "list", "--admin-url", "http://admin:Passw0rdInUrl@127.0.0.1:1"],
+              env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    err = capsys.readouterr().err
+    assert rc == 2 and "no user or password" in err and "Passw0rdInUrl" not in err, err
