@@ -163,6 +163,11 @@ class Price(_Strict):
     output: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
 
 
+# The fingerprint of no secret at all: what `sha256sum` gives for an unset variable.
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+UNSET_FINGERPRINT = ("the SHA-256 of an empty secret (was the variable holding it unset?): "
+                     "no request can use it")
+
 # The largest config file read (a config of 50,000 keys is ~8 MiB).
 MAX_CONFIG_BYTES = 16 << 20
 
@@ -461,6 +466,13 @@ class AdminToken(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     role: Literal["read", "admin"] = "read"
 
+    @field_validator("sha256")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if v == EMPTY_SHA256:
+            raise ValueError(UNSET_FINGERPRINT)
+        return v
+
 
 class AdminSettings(_Strict):
     """The HTTP admin API (keys, orgs, spend, usage). It is served only when some token
@@ -653,6 +665,8 @@ class Config(_Strict):
             if key.id in seen:
                 problems.append(f"keys[{i}].id: duplicate key id {key.id!r}")
             seen.add(key.id)
+            if key.sha256 == EMPTY_SHA256:
+                problems.append(f"keys[{i}].sha256: {UNSET_FINGERPRINT}")
             if key.sha256 in secrets:  # one secret, two identities
                 problems.append(f"keys[{i}].sha256: the same secret as key "
                                 f"{secrets[key.sha256]!r}")

@@ -283,3 +283,14 @@ def test_a_file_past_the_size_limit_is_one_error_not_all_memory(tmp_path: Path) 
         with pytest.raises(ConfigError, match="larger than 16 MiB") as e:
             load_config(path)
         assert str(path) in str(e.value)
+
+
+def test_the_fingerprint_of_an_empty_secret_is_refused() -> None:
+    """`sha256sum` of an unset variable: a key or admin token no request can use,
+    which check-config passed silently."""
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    for section in ({"keys": [{"id": "k", "org": "o", "sha256": empty}]},
+                    {"admin": {"tokens": [{"name": "ops", "sha256": empty}]}}):
+        with pytest.raises(ConfigError, match="empty secret"):
+            parse_config({"models": {"m": {"upstream_model": "m", "backends": []}},
+                          **section})
