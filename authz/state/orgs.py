@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from authz.state.blocking import in_daemon_thread
 from authz.state.keys.redis_store import connect
+from authz.state.repeats import REPEATS
 from authz.state.tasks import cancel_and_wait
 from policy.config import Config, OrgLimits
 
@@ -182,7 +183,8 @@ class OrgLimitsCache:
                     self._stored = await self.store.read_all()
                     self._version = version
             except Exception as e:  # keep serving the last good limits
-                log.warning("org limits not refreshed: %s", e)
+                # Every poll while the store is away: the repeats are counted, not logged.
+                log.warning("org limits not refreshed: %s", e, extra=REPEATS)
 
     async def _loop(self) -> None:
         while True:
