@@ -39,7 +39,7 @@ from authz.services.ext_proc import ExternalProcessorService
 from authz.services.keyauth import KeyAuthority
 from authz.services.xds import AggregatedDiscoveryService, add_to_server
 from authz.state.blocking import in_daemon_thread
-from authz.state.keys.base import KeyStore
+from authz.state.keys.base import KeyAdmin, KeyStore
 from authz.state.keys.factory import make_store
 from authz.state.limits import resettle
 from authz.state.limits.admission import Admission
@@ -252,6 +252,7 @@ class Services:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reload = asyncio.create_task(self._reload_loop())
         self._ready = True
+        await self._warn_shadowed_keys(cfg)
         log.info(
             "tokenbooth services ready",
             extra={"grpc": f"{host}:{self.grpc_port}", "http": f"{hhost}:{self.http_port}"},
@@ -303,6 +304,26 @@ class Services:
             self.metrics.configure(rt.snapshot.config)  # series of models added
             if self._xds is not None:
                 await self._xds.update(rt.snapshot.config)
+            await self._warn_shadowed_keys(rt.snapshot.config)
+
+    async def _warn_shadowed_keys(self, cfg: Config) -> None:
+        """A key in the config file whose id a stored key has too: the stored one is refused
+        at every use (`keyauth`) and the admin API will not touch it (the config owns the
+        id). Said once, when the config is loaded, not only per refused request."""
+        store = self.store
+        if not isinstance(store, KeyAdmin) or not cfg.keys:
+            return
+        for key in cfg.keys:
+            try:
+                stored = await store.get(key.id)
+            except Exception as e:  # a store away: the requests' own check still refuses
+                log.warning("cannot look for stored keys shadowed by the config: %s", e)
+                return
+            if stored is not None and stored.sha256 != key.sha256:
+                log.error("the config file declares key %r, which is also a stored key's id "
+                          "(org %r): the stored key is refused until one of them is renamed "
+                          "(its requests get 401)", key.id, stored.org,
+                          extra={"key_id": key.id})
 
     async def stop(self) -> None:
         """Stop taking new streams; let in-flight ones finish within the grace period."""

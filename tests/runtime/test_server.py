@@ -97,6 +97,29 @@ async def test_config_reload_applies_good_files_and_refuses_bad_ones(running: Ru
     assert resp.status.code == 0  # type: ignore[attr-defined]
 
 
+async def test_a_config_key_shadowing_a_stored_key_is_said_at_the_reload(
+        running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """A key added to the config with a stored key's id: the stored key is refused at
+    every use, and the reload said only "config reloaded". Now one error line, then."""
+    from authz.state.keys.base import KeyAdmin
+    from policy.keyrecord import KeyRecord
+
+    store = running.services.store
+    assert isinstance(store, KeyAdmin)
+    await store.create(KeyRecord(id="key_shared", org="beta", sha256="1" * 64))
+    caplog.set_level(logging.ERROR, "tokenbooth.server")
+    path = running.config_path
+    data = yaml.safe_load(path.read_text())
+    data["keys"].append({"id": "key_shared", "org": "acme", "sha256": "2" * 64})
+    path.write_text(yaml.safe_dump(data))
+    deadline = time.monotonic() + 5
+    while "also a stored key's id" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        await asyncio.sleep(0.1)
+    [line] = [r.getMessage() for r in caplog.records if "stored key's id" in r.getMessage()]
+    assert "'key_shared'" in line and "'beta'" in line
+
+
 def test_serve_process_is_ready_then_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     ports = PORTS
     http = f"127.0.0.1:{ports.free_port()}"
