@@ -6,7 +6,8 @@ real processes (Envoy, `tokenbooth serve`, the simulator):
   refusal.
 - `serve` gets SIGTERM with a stream longer than its shutdown grace (10 s): the server
   cancels the stream and Envoy serves the rest unmetered (on_metering_loss: serve), so
-  the record charges its whole hold with the backend's status, not a 499 of what was seen.
+  the record charges what the backend could generate (the completion bound, the prompt
+  as its /tokenize counts it) with the backend's status, not a 499 of what was seen.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from authz.sim.tokens import prompt_tokens_chat
 from policy.config import load_config
 from policy.endpoints import lookup
 from policy.request import InferenceRequest, parse_request
@@ -147,7 +149,8 @@ def test_a_cut_batch_of_prompts_is_counted_prompt_by_prompt(gw: Gateway) -> None
     assert prompt != parsed(gw, body, "/v1/completions").prompt_estimate
 
 
-def test_a_stream_past_the_shutdown_grace_is_charged_its_whole_hold(gw: Gateway) -> None:
+def test_a_stream_past_the_shutdown_grace_is_charged_its_completion_bound(
+        gw: Gateway) -> None:
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 60, "stream": True}
     reader = Reader(gw.base_url, body, 200)  # ~12 s at 200 ms a token: past the grace
@@ -159,11 +162,15 @@ def test_a_stream_past_the_shutdown_grace_is_charged_its_whole_hold(gw: Gateway)
     # Envoy served the stream to its end (unmetered past the grace) ...
     assert reader.data.rstrip().endswith(b"data: [DONE]")
     assert reader.data.count(b'"content"') >= 60
-    # ... and its one record charges the whole hold: nothing timed out, nobody left.
+    # ... and its one record charges what the backend could generate (nothing timed out,
+    # nobody left): the completion bound, and the prompt as the backend counts it (its
+    # /tokenize, asked before the services exited), not the prompt's bound.
     rec = record_of(gw, reader.rid, timeout=1)
     req = parsed(gw, body)
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
-            rec["estimated"]) == (200, req.prompt_bound, req.completion_bound, True)
+            rec["estimated"]) == (200, prompt_tokens_chat(body["messages"]),
+                                  req.completion_bound, True)
+    assert rec["prompt_tokens"] < req.prompt_bound
 
 
 def test_a_backend_never_reached_charges_nothing(tmp_path: Path) -> None:
@@ -194,7 +201,8 @@ def test_a_stream_served_while_serve_stood_still_is_charged_its_whole_hold(
     """`serve` frozen (SIGSTOP) mid-stream past Envoy's message timeout: Envoy gives up on
     ext_proc and, failing open, serves the rest unmetered. When serve wakes it finds the
     stream cut; the client did not leave and got every token, so the record charges the
-    whole hold, not a 499 of the tokens seen before the freeze."""
+    completion bound (its prompt as the backend counts it), not a 499 of the tokens seen
+    before the freeze."""
     with run_gateway(tmp_path, envoy={"decision_timeout_ms": 500}) as g:
         body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 30, "stream": True}
@@ -211,7 +219,8 @@ def test_a_stream_served_while_serve_stood_still_is_charged_its_whole_hold(
         rec = record_of(g, reader.rid)
         req = parsed(g, body)
         assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
-                rec["estimated"]) == (200, req.prompt_bound, req.completion_bound, True)
+                rec["estimated"]) == (200, prompt_tokens_chat(body["messages"]),
+                                      req.completion_bound, True)
 
 
 def test_a_client_leaving_well_after_a_stall_is_a_499(tmp_path: Path) -> None:
