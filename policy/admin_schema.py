@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, field_validator
@@ -92,7 +92,8 @@ class UsageQuery(_In):
 
     org: str | None = None
     key: str | None = Field(default=None, description="a key id")
-    since: datetime | None = None
+    since: AwareDatetime | None = Field(default=None, description=(
+        "RFC 3339, its zone written (`Z` or an offset)"))
     group_by: Literal["key", "org", "model"] | None = None
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)
     after: str | None = Field(default=None, description="the last request_id of the "
@@ -108,6 +109,18 @@ class UsageQuery(_In):
         its `+` (form encoding): the offset it meant, not a 400."""
         if isinstance(v, str) and _SPACED_OFFSET.search(v):
             return v[:-6] + "+" + v[-5:]
+        return v
+
+    @field_validator("since")
+    @classmethod
+    def _in_utc_range(cls, v: datetime | None) -> datetime | None:
+        """A time the stores can compare: years 1 to 9999 in UTC (PostgreSQL refused
+        `0001-01-01T00:00:00+01:00` with a 500)."""
+        if v is not None:
+            try:
+                v.astimezone(UTC)
+            except OverflowError:
+                raise ValueError("out of range (years 1 to 9999 in UTC)") from None
         return v
 
 

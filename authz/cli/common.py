@@ -98,12 +98,18 @@ def load(args: argparse.Namespace, settings: Settings) -> Config:
 
 
 def parse_time(value: str) -> datetime:
-    """An ISO 8601 time (`Z` allowed); a naive one is taken as UTC. ValueError if not."""
+    """An ISO 8601 time (`Z` or `z` allowed); a naive one is taken as UTC. ValueError if
+    not, or if it is no time in UTC (years 1 to 9999: `0001-01-01T00:00+01:00` is not)."""
     try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        t = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise ValueError(f"expected an ISO 8601 time, got {value!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    t = t if t.tzinfo else t.replace(tzinfo=UTC)
+    try:
+        t.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{value!r} is out of range (years 1 to 9999 in UTC)") from None
+    return t
 
 
 def parse_since(value: str, now: datetime) -> datetime:
@@ -117,7 +123,9 @@ def parse_since(value: str, now: datetime) -> datetime:
             raise ValueError(f"--since: {value!r} reaches back past the year 1") from None
     try:
         return parse_time(value)
-    except ValueError:
+    except ValueError as e:
+        if "out of range" in str(e):
+            raise ValueError(f"--since: {e}") from None
         raise ValueError(f"--since: expected an ISO 8601 time or an age such as 7d, "
                          f"got {value!r}") from None
 

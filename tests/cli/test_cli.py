@@ -85,6 +85,12 @@ def test_usage_totals(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--since" in r.stderr
     r = tb("usage", "--config", str(path), "--since", "")  # was read as no filter
     assert r.returncode == 2 and "--since" in r.stderr
+    # Out of UTC's years: one line of bad input (with a PostgreSQL sink it was the store's
+    # failure); a lowercase `z` is RFC 3339's too.
+    r = tb("usage", "--config", str(path), "--since", "0001-01-01T00:00:00+01:00")
+    assert r.returncode == 2 and "out of range" in r.stderr and r.stderr.count("\n") == 1
+    r = tb("usage", "--config", str(path), "--since", "2026-11-10T00:00:00z")
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_reader_that_leaves_stops_the_command_quietly(tmp_path: Path) -> None:

@@ -96,3 +96,18 @@ def test_a_since_whose_plus_became_a_space_is_read_as_the_offset() -> None:
     got = UsageQuery.model_validate({"since": "2026-12-04T10:00:00 01:00"}).since
     assert got is not None and got.utcoffset() == timedelta(hours=1)
     assert UsageQuery.model_validate({"since": "2026-12-04T10:00:00+01:00"}).since == got
+
+
+def test_a_since_outside_the_years_utc_can_hold_is_a_400_not_a_500() -> None:
+    """`0001-01-01T00:00:00+01:00` is a valid RFC 3339 time before the year 1 in UTC:
+    PostgreSQL's query failed (a 500). Refused as input, as a time without its zone is
+    (the README: the admin API wants the zone written)."""
+    from pydantic import ValidationError
+
+    from policy.admin_schema import UsageQuery
+
+    for since in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+                  "2026-12-04T10:00:00"):
+        with pytest.raises(ValidationError, match="since"):
+            UsageQuery.model_validate({"since": since})
+    assert UsageQuery.model_validate({"since": "0001-01-01T00:00:00Z"}).since is not None
