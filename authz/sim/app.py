@@ -188,7 +188,9 @@ class Simulator:
             return _error_response(err)
 
         metrics = self.models[gen.model]
-        metrics.prompt_tokens.inc(gen.prompt_tokens)
+        # vLLM runs each of `n` sequences as a request of its own, its prompt read (and
+        # counted) by each, where usage counts it once (tests/vllm: the audit's rule).
+        metrics.prompt_tokens.inc(gen.prompt_tokens * gen.n)
         metrics.running.inc()
         pace = Pacing(ttft_s, tpot_s, cut_after, error_after)
         try:

@@ -41,6 +41,11 @@ async def test_metrics_names_and_values(sim: Sim) -> None:
     stream = {"model": "other-model", "prompt": "a b", "max_tokens": 2, "stream": True}
     async with sim.http.post(sim.url + "/v1/completions", json=stream) as resp:
         await resp.read()
+    # n = 3: vLLM reads (and counts) the prompt once per sequence; usage counts it once.
+    three = {"model": "other-model", "prompt": "a b", "max_tokens": 1, "n": 3,
+             "temperature": 1.0}
+    async with sim.http.post(sim.url + "/v1/completions", json=three) as resp:
+        assert (await resp.json())["usage"]["prompt_tokens"] == 2
     # Rejected requests are not counted.
     async with sim.http.post(sim.url + "/v1/completions", json={"model": "tiny-llama"}) as resp:
         assert resp.status == 400
@@ -56,8 +61,8 @@ async def test_metrics_names_and_values(sim: Sim) -> None:
     samples = _samples(text)
     assert samples['vllm:prompt_tokens_total{model_name="tiny-llama"}'] == 10
     assert samples['vllm:generation_tokens_total{model_name="tiny-llama"}'] == 4
-    assert samples['vllm:prompt_tokens_total{model_name="other-model"}'] == 2
-    assert samples['vllm:generation_tokens_total{model_name="other-model"}'] == 2
+    assert samples['vllm:prompt_tokens_total{model_name="other-model"}'] == 2 + 3 * 2
+    assert samples['vllm:generation_tokens_total{model_name="other-model"}'] == 2 + 3
     for model in ("tiny-llama", "other-model"):
         assert samples[f'vllm:num_requests_running{{model_name="{model}"}}'] == 0
         assert samples[f'vllm:num_requests_waiting{{model_name="{model}"}}'] == 0

@@ -267,3 +267,26 @@ def test_a_grammar_that_does_not_compile_is_refused_in_the_stream(
             url, event)
         status, got = ask(url, path, body)
         assert (status, got["error"]["code"]) == (400, 400), (url, got)
+
+
+def _prompt_counter(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:prompt_tokens_total{")
+               and f'model_name="{MODEL}"' in line)
+
+
+def test_the_prompt_counter_counts_each_sequence(vllm_server: VllmServer,
+                                                 sim_url: str) -> None:
+    """vLLM's `vllm:prompt_tokens_total` reads a prompt once per sequence (n), where usage
+    counts it once; `tokenbooth audit --vllm` weighs records so. The simulator counted it
+    once (an audit against it read a drift for every n > 1)."""
+    body = {"model": MODEL, "prompt": "hi there", "max_tokens": 2, "n": 3,
+            "temperature": 1.0, "ignore_eos": True}
+    for url in (vllm_server.url, sim_url):
+        before = _prompt_counter(url)
+        status, got = ask(url, "/v1/completions", body)
+        assert status == 200, (url, got)
+        prompt = usage_of(got)["prompt_tokens"]
+        assert _prompt_counter(url) - before == 3 * prompt, url
