@@ -91,6 +91,11 @@ def new_org_problem(org: str) -> str | None:
     if org.strip() != org:
         return ("expected no whitespace at its start or end" if org.strip()
                 else "expected a name, not only whitespace")
+    if unicodedata.normalize("NFC", org) != org:
+        # "Ü" as U followed by a combining diaeresis prints as the precomposed "Ü": two
+        # orgs, two budgets, one name on every screen.
+        return ("expected its composed (NFC) form, as keyboards type it: it prints as "
+                f"{unicodedata.normalize('NFC', org)!r}")
     bad = next((c for i, c in enumerate(org) if unicodedata.category(c) in _INVISIBLE
                 and not _joiner_in_word(org, i)), None)
     if bad is not None:

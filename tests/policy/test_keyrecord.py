@@ -74,6 +74,7 @@ def test_is_frozen() -> None:
     (" acme", "no whitespace at its start or end"),
     ("acme\u3000", "no whitespace at its start or end"),
     ("", "1 to 128 characters"),
+    ("U\u0308nico\u0301de", "composed (NFC) form"),  # prints as "Ünicóde"
 ])
 def test_a_new_org_name_that_reads_as_another_is_refused(org: str, why: str) -> None:
     problem = new_org_problem(org)
