@@ -103,6 +103,7 @@ class Services:
     _side: web.AppRunner | None = None
     _health: health.aio.HealthServicer | None = None
     _reload: asyncio.Task[None] | None = None
+    _shadowed: asyncio.Task[None] | None = None  # the look for config keys' ids in the store
     _ready: bool = False
     _hurried: bool = False  # a second stop signal: no more waiting (see `hurry`)
     _server_grace: float | None = None  # the grace of the gRPC server's stop, once begun
@@ -252,7 +253,7 @@ class Services:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reload = asyncio.create_task(self._reload_loop())
         self._ready = True
-        await self._warn_shadowed_keys(cfg)
+        self._look_for_shadowed_keys(cfg)
         log.info(
             "tokenbooth services ready",
             extra={"grpc": f"{host}:{self.grpc_port}", "http": f"{hhost}:{self.http_port}"},
@@ -304,25 +305,35 @@ class Services:
             self.metrics.configure(rt.snapshot.config)  # series of models added
             if self._xds is not None:
                 await self._xds.update(rt.snapshot.config)
-            await self._warn_shadowed_keys(rt.snapshot.config)
+            self._look_for_shadowed_keys(rt.snapshot.config)
 
-    async def _warn_shadowed_keys(self, cfg: Config) -> None:
+    def _look_for_shadowed_keys(self, cfg: Config) -> None:
+        """`_warn_shadowed_keys` in the background: it reads every stored key (one file
+        read, or Redis' batched reads), which neither the start nor a reload waits for.
+        A newer config's look replaces one still under way."""
+        if not isinstance(self.store, KeyAdmin) or not cfg.keys:
+            return
+        if self._shadowed is not None:
+            self._shadowed.cancel()
+        self._shadowed = asyncio.create_task(self._warn_shadowed_keys(self.store, cfg))
+
+    @staticmethod
+    async def _warn_shadowed_keys(store: KeyAdmin, cfg: Config) -> None:
         """A key in the config file whose id a stored key has too: the stored one is refused
         at every use (`keyauth`) and the admin API will not touch it (the config owns the
         id). Said once, when the config is loaded, not only per refused request."""
-        store = self.store
-        if not isinstance(store, KeyAdmin) or not cfg.keys:
+        declared = {key.id: key for key in cfg.keys}
+        try:
+            stored = await store.list_keys()
+        except Exception as e:  # a store away: the requests' own check still refuses
+            log.warning("cannot look for stored keys shadowed by the config: %s", e)
             return
-        for key in cfg.keys:
-            try:
-                stored = await store.get(key.id)
-            except Exception as e:  # a store away: the requests' own check still refuses
-                log.warning("cannot look for stored keys shadowed by the config: %s", e)
-                return
-            if stored is not None and stored.sha256 != key.sha256:
+        for record in stored:
+            key = declared.get(record.id)
+            if key is not None and record.sha256 != key.sha256:
                 log.error("the config file declares key %r, which is also a stored key's id "
                           "(org %r): the stored key is refused until one of them is renamed "
-                          "(its requests get 401)", key.id, stored.org,
+                          "(its requests get 401)", key.id, record.org,
                           extra={"key_id": key.id})
 
     async def stop(self) -> None:
@@ -334,7 +345,7 @@ class Services:
         # (below): the next start looks again, at what the spool still keeps of them.
         resettled = self._resettling is None or (self._resettling.done()
                                                  and not self._resettling.cancelled())
-        await cancel_and_wait(self._reload, self._budgets, self._resettling)
+        await cancel_and_wait(self._reload, self._budgets, self._resettling, self._shadowed)
         if self._alerts is not None:
             await self._alerts.close()
         if self._xds is not None:
