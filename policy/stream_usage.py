@@ -106,7 +106,7 @@ class StreamMeter:
         counters did not move: nothing was read or generated, as its JSON 400 says."""
         return (self.error_first and 400 <= self.error_status < 500
                 and not self.content_chunks and not self.oversize_bytes
-                and self.usage is None and self._usage is None)
+                and self.usage is None)
 
     @property
     def unreadable(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from authz.cli.common import Parents, Subparsers, load, parse_since
+from authz.cli.common import Parents, Subparsers, cell, load, parse_since
 from authz.runtime.settings import Settings
 from policy.audit import (
     ORG_PREFIX,
@@ -290,7 +290,7 @@ def _as_json(r: Report) -> dict[str, Any]:
     }
 
 
-_ROW = "{:<24} {:<16} {:>14} {:>14} {:>6} {:>8} {:>12} {:>7}  {}"
+_ROW = "{} {:<16} {:>14} {:>14} {:>6} {:>8} {:>12} {:>7}  {}"
 
 
 def _ceiling(b: BackendAudit) -> str:
@@ -304,11 +304,11 @@ def _ceiling(b: BackendAudit) -> str:
 
 def _print_report(r: Report) -> None:
     print(f"ledgers: {r.ledger_source}")
-    print(_ROW.format("owner", "period", "spent_usd", "records_usd", "recs", "settling",
+    print(_ROW.format(cell("owner", 24), "period", "spent_usd", "records_usd", "recs", "settling",
                       "reserved_usd", "expired", "status"))
     for a in r.ledgers:
         problems = r.ledger_problems(a)
-        print(_ROW.format(a.owner[:24], a.period, _usd(a.spent), _usd(a.records_nano),
+        print(_ROW.format(cell(a.owner, 24), a.period, _usd(a.spent), _usd(a.records_nano),
                           a.records, a.settling, _usd(a.reserved), a.expired_holds,
                           "DRIFT: " + "; ".join(problems) if problems else
                           "ok (records trimmed)" if a.trimmed else "ok"))

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -188,3 +189,36 @@ def admin_url_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-url", metavar="URL",
                    help="a gateway's admin API (token: $TOKENBOOTH_ADMIN_TOKEN)")
     return p
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal: control characters (an escape sequence in a key's name
+    would drive the reader's terminal, a newline forge a line) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes."""
+    return sum(_columns(c) for c in text)
+
+
+def _columns(c: str) -> int:
+    """Terminal columns one character takes: two for East Asian wide and fullwidth
+    ones, none for a combining mark."""
+    if unicodedata.combining(c):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def cell(text: str, width: int) -> str:
+    """`text` shown printable, cut to `width` terminal columns and padded to them, so
+    that a table's columns stay aligned whatever script a name is written in."""
+    out: list[str] = []
+    used = 0
+    for c in printable(text):
+        w = _columns(c)
+        if used + w > width:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + " " * (width - used)

@@ -16,7 +16,16 @@ import orjson
 from redis.exceptions import RedisError
 
 from authz.cli import remote
-from authz.cli.common import Parents, Subparsers, admin_url_parser, load, parse_time, positive_int
+from authz.cli.common import (
+    Parents,
+    Subparsers,
+    admin_url_parser,
+    cell,
+    load,
+    parse_time,
+    positive_int,
+    printable,
+)
 from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
@@ -272,10 +281,11 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(orjson.dumps(rows).decode())
         return 0
-    fmt = "{:<18} {:<14} {:<16} {:<11} {:<8} {:<7} {}"
-    print(fmt.format("id", "org", "name", "prefix", "status", "source", "expires_at"))
+    fmt = "{:<18} {} {} {:<11} {:<8} {:<7} {}"
+    print(fmt.format("id", cell("org", 14), cell("name", 16), "prefix", "status", "source",
+                     "expires_at"))
     for r in rows:
-        print(fmt.format(r["id"], printable(r["org"][:14]), printable(r["name"][:16]),
+        print(fmt.format(r["id"], cell(r["org"], 14), cell(r["name"], 16),
                          r["prefix"] or "-",
                          r["status"], r["source"], r["expires_at"] or "-"))
     return 0
@@ -384,12 +394,6 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     print(f"updated key {shown['id']} (org {shown['org']}): "
           + ", ".join(f"{f}={_shown(f, shown[f])}" for f in changes))
     return 0
-
-
-def printable(text: str) -> str:
-    """`text` for a terminal: control characters (an escape sequence in a key's name
-    would drive the reader's terminal, a newline forge a line) shown escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _print_fields(fields: dict[str, Any], indent: str = "") -> None:

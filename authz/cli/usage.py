@@ -24,9 +24,12 @@ from authz.cli.common import (
     Parents,
     Subparsers,
     admin_url_parser,
+    cell,
+    display_width,
     load,
     parse_since,
     positive_int,
+    printable,
     run_async,
     seconds,
 )
@@ -300,16 +303,17 @@ def _loads(raw: bytes | None) -> dict[str, Any] | None:
 
 # -- output -----------------------------------------------------------------------------
 
-_ROW = "{:<36} {:<16} {:<12} {:<14} {:>7} {:>7} {:>12} {:>6}"
+_ROW = "{} {} {} {} {:>7} {:>7} {:>12} {:>6}"
+_NAMED = (("request_id", 36), ("key_id", 16), ("org", 12), ("model", 14))
 
 
 def _records_table(report: UsageReport, recs: Iterator[dict[str, Any]], out: IO[str]) -> None:
-    out.write(_ROW.format("request_id", "key_id", "org", "model", "prompt", "compl",
+    out.write(_ROW.format(*(cell(f, w) for f, w in _NAMED), "prompt", "compl",
                           "cost_usd", "status") + "\n")
     for r in _counted(report, recs):
-        out.write(_ROW.format(*(str(r.get(f))[:w] for f, w in (
-            ("request_id", 36), ("key_id", 16), ("org", 12), ("model", 14))),
-            r["prompt_tokens"], r["completion_tokens"], r["cost_usd"], r["status"]) + "\n")
+        out.write(_ROW.format(*(cell(str(r.get(f)), w) for f, w in _NAMED),
+                              r["prompt_tokens"], r["completion_tokens"], r["cost_usd"],
+                              r["status"]) + "\n")
     t = report.totals
     out.write(f"total: {t.requests} request(s), {t.prompt_tokens} prompt + "
               f"{t.completion_tokens} completion tokens, ${t.as_dict()['cost_usd']}\n")
@@ -348,16 +352,16 @@ NO_VALUE = "(none)"  # a group of records with no value there (GET /v1/models: n
 
 
 def _groups_table(report: UsageReport, out: IO[str]) -> None:
-    groups = [(tuple(v or NO_VALUE for v in g), t) for g, t in report.groups()]
-    widths = [max([len(name), 5 if i == 0 else 0, *(len(g[i]) for g, _ in groups)])
+    groups = [(tuple(printable(v or NO_VALUE) for v in g), t) for g, t in report.groups()]
+    widths = [max([len(name), 5 if i == 0 else 0, *(display_width(g[i]) for g, _ in groups)])
               for i, name in enumerate(report.group_by)]
-    head = "  ".join(n.ljust(w) for n, w in zip(report.group_by, widths, strict=True))
+    head = "  ".join(cell(n, w) for n, w in zip(report.group_by, widths, strict=True))
     num = "{:>9} {:>12} {:>12} {:>14}"
     out.write(head + "  " + num.format("requests", "prompt", "completion", "cost_usd") + "\n")
     total = ("total", *("" for _ in widths[1:]))
     rows = [*groups, (total, report.totals)]
     for g, t in rows:
         d = t.as_dict()
-        out.write("  ".join(v.ljust(w) for v, w in zip(g, widths, strict=True)) + "  "
+        out.write("  ".join(cell(v, w) for v, w in zip(g, widths, strict=True)) + "  "
                   + num.format(d["requests"], d["prompt_tokens"], d["completion_tokens"],
                                d["cost_usd"]) + "\n")

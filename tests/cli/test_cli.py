@@ -263,11 +263,43 @@ def test_a_store_that_does_not_answer_is_one_line_and_nothing_on_stdout(
 
 
 def test_printed_names_cannot_drive_the_terminal() -> None:
-    from authz.cli.keys import printable
+    from authz.cli.common import printable
 
     assert printable("team\x1b[2J\nstatus: active\x07") == \
         "team\\x1b[2J\\nstatus: active\\x07"
     assert printable("équipe 42") == "équipe 42"
+
+
+def test_table_cells_keep_columns_for_any_script() -> None:
+    """A cell is cut and padded by terminal columns, not characters: a CJK name takes two
+    columns a character, a combining mark none (the tables misaligned with such names)."""
+    from authz.cli.common import cell, display_width
+
+    assert display_width("研究チーム") == 10 and display_width("e\u0301quipe") == 6
+    fullwidth = "\uff57\uff49\uff44\uff45"
+    for name in ("研究チーム研究チーム", "équipe", "e\u0301quipe", "acme", "x" * 30, fullwidth):
+        shown = cell(name, 12)
+        assert display_width(shown) == 12, name
+        assert name.startswith(shown.rstrip()), name
+    assert cell("研究チーム研究", 9) == "研究チー" + " "  # a wide character never split
+    assert cell("a\x1b[2Jb", 8) == "a\\x1b[2J"  # shown escaped, then cut
+
+
+def test_usage_table_lines_up_wide_org_names(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    recs = [{"request_id": rid, "key_id": "k1", "org": org, "model": "demo",
+             "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "cost_usd": "0",
+             "started_at": "2026-11-01T00:00:00Z", "status": 200}
+            for rid, org in (("a", "研究チーム"), ("b", "acme"))]
+    (tmp_path / "data" / "usage.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    from authz.cli.common import display_width
+
+    for args in ((), ("--group-by", "org")):
+        lines = tb("usage", "--config", str(path), *args).stdout.splitlines()
+        table = [line for line in lines if not line.startswith("total:")]
+        # every row's numbers end in the same terminal column
+        assert len({display_width(line) for line in table}) == 1, lines
 
 
 def test_version() -> None:
