@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import dataclass
 
 import orjson
@@ -127,10 +129,13 @@ def upstream_error(status: int, body: bytes) -> ApiError:
     contract's 502 `upstream_error`, its message naming the backend's status. Bodies read:
     vLLM's `{"object": "error", "message", ...}`, OpenAI's `{"error": {...}}`, vLLM's
     `--api-key` refusal `{"error": "Unauthorized"}`, FastAPI's `{"detail": ...}`, text."""
-    fields = _error_fields(body)
+    readable = _decompressed(body)
+    fields = _error_fields(readable) if readable.strip() or not body.strip() else {}
     message = fields.get("message")
     if not isinstance(message, str) or not message.strip():
-        message = f"The backend answered HTTP {status} with no message."
+        message = (f"The backend answered HTTP {status} with a body that is not text."
+                   if body.strip() and not fields else
+                   f"The backend answered HTTP {status} with no message.")
     message = message.strip()[:UPSTREAM_MESSAGE_CHARS]
     if status >= 500:
         return ApiError(502, "upstream_error", f"The backend failed (HTTP {status}): {message}")
@@ -158,17 +163,42 @@ def redirected_answer(status: int) -> ApiError:
                     "does not follow redirects.")
 
 
+_BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+ERROR_BODY_BYTES = 64 * 1024  # what is decompressed of an error body, at most
+
+
+def _decompressed(body: bytes) -> bytes:
+    """An error body gzipped or deflated (a backend that compresses although asked for
+    identity; the gateway drops its `content-encoding` as it rewrites the answer): its
+    first ERROR_BODY_BYTES decoded, as far as the bytes go (the body may be held up to a
+    size, cut). Anything else as it is."""
+    if body[:2] == b"\x1f\x8b":
+        wbits = 31  # gzip
+    elif len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0:
+        wbits = 15  # zlib, HTTP's `deflate`
+    else:
+        return body
+    try:
+        return zlib.decompressobj(wbits).decompress(body, ERROR_BODY_BYTES)
+    except zlib.error:
+        return body
+
+
 def _error_fields(body: bytes) -> dict[str, object]:
     """`message`, `code`, `param` from an error body, as far as it has them."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         try:
-            return {"message": body.decode()}
+            text = body.decode()
         except UnicodeDecodeError as e:
             # A character cut at the end (the body was held up to a size) is dropped;
             # anything else is not text (compressed, say): no message to keep.
-            return {"message": body[:e.start].decode()} if e.start >= len(body) - 3 else {}
+            if e.start < len(body) - 3:
+                return {}
+            text = body[:e.start].decode()
+        # Control characters other than line ends and tabs: binary, not a message.
+        return {} if _BINARY.search(text) else {"message": text}
     if not isinstance(obj, dict):
         return {}
     inner = obj.get("error")

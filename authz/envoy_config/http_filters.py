@@ -424,7 +424,7 @@ _METER_CALL = f"""\
 local proc = h:streamInfo():dynamicMetadata():get("{EXT_PROC}")
     local how = proc and proc["{METER_KEY}"]
     if how then
-      meter(h, how == "strip", headers:get("content-type"))
+      meter(h, how == "strip", headers:get("content-type"), headers:get("content-encoding"))
     end"""
 
 

@@ -26,9 +26,9 @@ Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
   done           1 once `data: [DONE]` passed
   ended          1 once the body ended (absent: the stream was cut)
   unreadable     1 when the answer is not an event stream (a server that ignores
-                 `stream: true`, an HTML error page): it passes untouched and unread, and
-                 the services charge its hold, as for a JSON answer whose usage they
-                 cannot read
+                 `stream: true`, an HTML error page, a compressed body) or ended without
+                 one ended event: it passes untouched and unread, and the services charge
+                 its hold, as for a JSON answer whose usage they cannot read
 """
 
 from __future__ import annotations
@@ -147,13 +147,22 @@ local function classify(ev, st)
   return false
 end
 
-local function meter(h, strip, content_type)
+-- A `content-encoding` other than identity: bytes no meter can read (a backend, or a
+-- proxy before it, that compresses although asked for `accept-encoding: identity`).
+local function encoded(content_encoding)
+  local rest = string.gsub(string.lower(content_encoding or ""), "identity", "")
+  return string.find(rest, "[^%s,]") ~= nil
+end
+
+local function meter(h, strip, content_type, content_encoding)
   local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0,
                error = false, seen = false, h = h, usage_new = false, done_set = false}}
   set(h, "events", 0)
-  if not string.find(string.lower(content_type or ""), "text/event-stream", 1, true) then
-    -- Not an event stream: held until a blank line that never comes, it would reach
-    -- the client as nothing. It passes as it is.
+  if encoded(content_encoding)
+      or not string.find(string.lower(content_type or ""), "text/event-stream", 1, true) then
+    -- Not an event stream it can read: held until a blank line that never comes, it
+    -- would reach the client as nothing (a gzipped stream has none). It passes as it is
+    -- and the services charge its hold, as ext_proc metering does.
     set(h, "unreadable", 1)
     for _ in h:bodyChunks() do
     end
@@ -163,7 +172,9 @@ local function meter(h, strip, content_type)
   -- `lf_owed`: the last event ended at a CR that ended the chunk ("keep" or "drop",
   -- as that event went): an LF the next chunk begins with completes its CRLF.
   local parts, size, skipping, tail, lf_owed = {{}}, 0, false, "", nil
+  local last = nil
   for chunk in h:bodyChunks() do
+    last = chunk
     local data = chunk:getBytes(0, chunk:length())
     -- The chunk is rewritten only when its bytes are not the client's as they are:
     -- held bytes of an earlier chunk go out in it, or some of its own are held or cut.
@@ -258,6 +269,22 @@ local function meter(h, strip, content_type)
     if st.done == 1 and not st.done_set then
       set(h, "done", 1)
       st.done_set = true
+    end
+  end
+  if size > 0 then
+    -- The body ended inside an event (no blank line after it: `data: [DONE]\\n` alone,
+    -- events a single LF apart). It is no SSE event, so unread, as ext_proc metering
+    -- leaves it; the client still gets its bytes, held until now, in the last chunk
+    -- (its wrapper lives on when the end came with data or an empty end of stream, not
+    -- after trailers).
+    if strip and last ~= nil then
+      pcall(function()
+        last:setBytes(last:getBytes(0, last:length()) .. table.concat(parts))
+      end)
+    end
+    if not st.seen then
+      -- Not one event read: the services charge the hold, as for an unreadable body.
+      set(h, "unreadable", 1)
     end
   end
   set(h, "done", st.done)

@@ -46,6 +46,19 @@ GZIPPED = gzip.compress(sse(
     {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}))
 
 
+# Streams that end inside an event (no blank line after the last bytes), and one whose
+# events are a single LF apart (so one event, never ended): the meters read no event in
+# the unended bytes, and the client still gets every byte.
+_CHUNKS = sse({"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+              {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}})
+UNENDED = {
+    "tail-lf": _CHUNKS.removesuffix(b"\n"),  # `data: [DONE]\n`
+    "tail-none": _CHUNKS.removesuffix(b"\n\n"),  # `data: [DONE]`
+    "single-lf": _CHUNKS.replace(b"\n\n", b"\n"),
+}
+USAGE_EVENT = b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}\n\n'
+
+
 # A server other than vLLM: a space after every colon, and no usage chunk (it ignores
 # stream_options): the record is estimated from the content events, 3.
 SPACED = sse(*({"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("a", "b", "c")))
@@ -105,6 +118,15 @@ class Unstreaming(ThreadedBackend):
             await resp.prepare(request)
             await resp.write_eof()
             return resp  # type: ignore[return-value]
+        if request.headers.get("x-answer") in ("gz400", "gz500"):
+            return web.Response(
+                status=int(request.headers["x-answer"][2:]), headers={
+                    "content-type": "application/json", "content-encoding": "gzip"},
+                body=gzip.compress(b'{"object": "error", "message": "This model\'s '
+                                   b'maximum context length is 2048 tokens."}'))
+        if request.headers.get("x-answer") in UNENDED:
+            return web.Response(body=UNENDED[request.headers["x-answer"]],
+                                headers={"content-type": "text/event-stream"})
         if request.headers.get("x-answer") == "spaced":
             return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
         answer = request.headers.get("x-answer", "")
@@ -160,8 +182,11 @@ def whole_hold(gw: Gateway) -> tuple[int, int]:
 
 
 def send(gw: Gateway, answer: str, key: str = METERED_SECRET, stream: bool = True,
-         ) -> tuple[httpx.Response, dict[str, Any]]:
-    r = httpx.post(f"{gw.base_url}/v1/chat/completions", json={**CHAT, "stream": stream},
+         usage: bool = False) -> tuple[httpx.Response, dict[str, Any]]:
+    body: dict[str, Any] = {**CHAT, "stream": stream}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=body,
                    timeout=30,
                    headers={"authorization": f"Bearer {key}", "x-answer": answer,
                             "accept-encoding": "identity"})
@@ -181,13 +206,46 @@ def test_a_stream_answered_with_json_is_charged_its_usage(gw: Gateway) -> None:
     assert_slot_free(gw)
 
 
-def test_a_gzipped_stream_is_charged_its_whole_hold(gw: Gateway) -> None:
-    r, rec = send(gw, "gzip")
+@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_gzipped_stream_is_charged_its_whole_hold(
+        meter: str, usage: bool, request: pytest.FixtureRequest) -> None:
+    """Envoy's Lua meter held a gzipped stream's bytes for a blank line that never came:
+    the client that did not ask for usage got an empty 200, and either client's record
+    said 0 completion tokens for a stream the client read whole. Both meters pass it as
+    sent and charge the whole hold."""
+    gw: Gateway = request.getfixturevalue(meter)
+    r, rec = send(gw, "gzip", SECRET, usage=usage)
     assert r.status_code == 200
     assert r.headers["content-encoding"] == "gzip"  # as the backend sent it
+    assert r.content == gzip.decompress(GZIPPED)  # (httpx decoded it)
     assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
             rec["status"]) == (*whole_hold(gw), True, 200)
-    assert_slot_free(gw)
+
+
+@pytest.mark.parametrize("answer", sorted(UNENDED))
+@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_stream_that_ends_inside_an_event_reaches_the_client_whole(
+        meter: str, usage: bool, answer: str, request: pytest.FixtureRequest) -> None:
+    """Envoy's Lua meter dropped the bytes after a stream's last blank line (a final
+    `data: [DONE]` with one LF or none), and a stream of events a single LF apart reached
+    the client as nothing, charged 0 completion tokens. The client gets every byte (the
+    usage chunk left out when it did not ask), the usage chunk before the unended tail
+    counts, and a body with no ended event is charged its whole hold, as ext_proc
+    metering does."""
+    gw: Gateway = request.getfixturevalue(meter)
+    r, rec = send(gw, answer, SECRET, usage=usage)
+    sent = UNENDED[answer]
+    assert r.status_code == 200
+    if answer == "single-lf":  # one event, never ended: nothing read, nothing stripped
+        assert r.content == sent
+        assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+                rec["status"]) == (*whole_hold(gw), True, 200)
+        return
+    assert r.content == (sent if usage else sent.replace(USAGE_EVENT, b""))
+    assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"],
+            rec["status"]) == (12, 3, False, 200)
 
 
 def test_envoys_meter_passes_a_json_answer_and_charges_its_hold(envoy_gw: Gateway) -> None:
@@ -339,3 +397,17 @@ def test_a_client_that_leaves_after_the_error_event_keeps_its_status(
         rid = r.headers["x-request-id"]
     [rec] = records_for(gw, rid)
     assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == (500, 2, True)
+
+
+@pytest.mark.parametrize(("answer", "status"), [("gz400", 400), ("gz500", 502)])
+def test_a_gzipped_error_keeps_its_message(answer: str, status: int, gw: Gateway) -> None:
+    """A backend error gzipped although the gateway asked for identity reached the
+    client as "with no message" (the bytes were read compressed). Its message is kept;
+    nothing is charged."""
+    for stream in (False, True):
+        r, rec = send(gw, answer, SECRET, stream)
+        assert r.status_code == status
+        assert "content-encoding" not in r.headers
+        assert "maximum context length is 2048" in r.json()["error"]["message"], r.text
+        assert (rec["total_tokens"], rec["cost_usd"]) == (0, "0")
+

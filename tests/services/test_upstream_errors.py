@@ -8,7 +8,9 @@ backend's status. `upstream_error` (policy/errors.py) reads each body shape.
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -108,9 +110,23 @@ async def test_a_huge_error_body_is_cut_not_held_whole(running: Running) -> None
     (403, b"  forbidden by policy\n", (403, "forbidden by policy", None, "upstream_error")),
     (400, b"", (400, "The backend answered HTTP 400 with no message.", None,
                 "upstream_error")),
-    # not text (a compressed body, say); text cut mid-character where it was held
-    (400, b"\x1f\x8b\x08\x00\xff\xfe", (400, "The backend answered HTTP 400 with no message.",
-                                      None, "upstream_error")),
+    # not text (a gzip header and nothing after it); text cut mid-character where held
+    (400, b"\x1f\x8b\x08\x00\xff\xfe", (
+        400, "The backend answered HTTP 400 with a body that is not text.", None,
+        "upstream_error")),
+    (400, b"\x00\x01\x02\x03\xff", (
+        400, "The backend answered HTTP 400 with a body that is not text.", None,
+        "upstream_error")),
+    # compressed although asked for identity: read decompressed (gzip, zlib's deflate;
+    # cut before its trailer; decoded up to a cap)
+    (400, gzip.compress(VLLM_400), (400, "max_tokens is too large: 9000.", None,
+                                    "upstream_error")),
+    (400, gzip.compress(VLLM_400)[:-8], (400, "max_tokens is too large: 9000.", None,
+                                         "upstream_error")),
+    (500, zlib.compress(b"engine dead"), (502, "The backend failed (HTTP 500): engine dead",
+                                          None, "upstream_error")),
+    (400, gzip.compress(b"x" * 10_000_000), (400, "x" * UPSTREAM_MESSAGE_CHARS, None,
+                                                "upstream_error")),
     (409, "conflit é".encode()[:-1], (409, "conflit", None, "upstream_error")),
     (503, b"<html>upstream overloaded</html>",
      (502, "The backend failed (HTTP 503): <html>upstream overloaded</html>", None,
