@@ -24,6 +24,7 @@ from policy.config import Config, Model
 from policy.endpoints import Endpoint, Kind
 from policy.errors import ApiError, invalid_request, model_not_found, request_too_large
 from policy.limits import cost_nano
+from policy.request_fields import check_field_types
 from policy.request_pooling import embeddings_input, scoring_pairs
 from policy.request_responses import responses_prompt
 
@@ -305,6 +306,7 @@ Parser = Callable[[dict[str, Any], str, Model, Kind], InferenceRequest]
 def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
                 ) -> InferenceRequest:
     """/v1/chat/completions and /v1/completions."""
+    check_field_types(body, kind)
     stream, wants_usage = _stream_flags(body)
     max_tokens, write = _max_tokens(body, kind, model.max_tokens)
     _min_tokens(body, max_tokens)
@@ -328,6 +330,7 @@ def _responses(body: dict[str, Any], alias: str, model: Model, kind: Kind
                ) -> InferenceRequest:
     """/v1/responses: `max_output_tokens` is the limit; the usage is always in the
     response (a stream's `response.completed` event), so nothing is added for it."""
+    check_field_types(body, kind)
     stream = _stream(body)
     limit = _int_field(body, "max_output_tokens", model.max_tokens)
     upstream = _upstream(body, model, None if limit else ("max_output_tokens",

@@ -1,0 +1,133 @@
+"""The types of the sampling fields the gateway passes on unread, checked as vLLM checks
+them, before anything is held: a `temperature: "hot"` was admitted, sent upstream, and
+its 400 came back after it had spent one of the key's requests per minute.
+
+The types are vLLM 0.32's (`ChatCompletionRequest`, `CompletionRequest`,
+`ResponsesRequest`), read by pydantic in its lax mode as vLLM reads them, so nothing vLLM
+accepts is refused here (`"0.5"` is a number to both, `"yes"` a boolean). Fields the
+gateway reads itself (`max_tokens`, `n`, `stream`, ...) keep their own, stricter rules in
+`policy.request`; values in range (a negative temperature) stay the backend's to judge.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+from pydantic import Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
+
+from policy.endpoints import Kind
+from policy.errors import ApiError, invalid_request
+
+_Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Sampling(TypedDict, total=False):
+    """Chat and completions alike."""
+
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    length_penalty: float
+    logit_bias: dict[str, float] | None
+    seed: _Seed | None
+    stop: str | list[str] | None
+    user: str | None
+    stop_token_ids: list[int] | None
+    allowed_token_ids: list[int] | None
+    bad_words: list[str]
+    include_stop_str_in_output: bool
+    ignore_eos: bool
+    skip_special_tokens: bool
+    spaces_between_special_tokens: bool
+    add_special_tokens: bool
+    prompt_logprobs: int | None
+
+
+class _Chat(_Sampling, total=False):
+    logprobs: bool | None
+    top_logprobs: int | None
+    parallel_tool_calls: bool | None
+    echo: bool
+    add_generation_prompt: bool
+    continue_final_message: bool
+
+
+class _Completion(_Sampling, total=False):
+    logprobs: int | None
+    echo: bool | None
+    suffix: str | None
+
+
+class _Responses(TypedDict, total=False):
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    logit_bias: dict[str, float] | None
+    top_logprobs: int | None
+    parallel_tool_calls: bool | None
+    user: str | None
+    instructions: str | None
+    skip_special_tokens: bool
+    include_stop_str_in_output: bool
+    max_tool_calls: int | None
+
+
+_SHAPES: Final[dict[Kind, type[Any]]] = {
+    Kind.CHAT: _Chat, Kind.COMPLETION: _Completion, Kind.RESPONSES: _Responses}
+_ADAPTERS: Final[dict[Kind, TypeAdapter[Any]]] = {
+    kind: TypeAdapter(shape) for kind, shape in _SHAPES.items()}
+
+
+def checked_fields(kind: Kind) -> frozenset[str]:
+    """The fields whose types `check_field_types` checks for `kind`."""
+    shape = _SHAPES.get(kind)
+    return frozenset() if shape is None else frozenset(shape.__optional_keys__)
+
+# What each type is called in the message, by the pydantic error's type.
+_EXPECTED: Final = {
+    "float": "a number", "int": "an integer", "bool": "a boolean", "string": "a string",
+    "list": "an array", "dict": "an object",
+}
+
+
+def check_field_types(body: dict[str, Any], kind: Kind) -> None:
+    """A 400 naming the first field of `body` whose value vLLM would refuse by its type
+    (and `seed` past 64 bits); nothing for a kind without such fields."""
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        return
+    try:
+        adapter.validate_python(body)
+    except ValidationError as e:
+        raise _refusal(e) from None
+
+
+def _refusal(e: ValidationError) -> ApiError:
+    err = e.errors(include_url=False)[0]
+    loc = err["loc"]
+    name = str(loc[0])
+    # The innermost place for an array's or object's member (`stop.1`, `logit_bias.42`);
+    # a union's branch names (`list[str]`) are pydantic's, not the body's.
+    inner = [str(p) for p in loc[1:] if isinstance(p, int) or p not in _BRANCHES]
+    param = ".".join([name, *inner])
+    kind = str(err["type"]).split("_", 1)[0]
+    if kind in ("greater", "less"):
+        return invalid_request(f"'{param}' must be a 64-bit integer.", param)
+    expected = _EXPECTED.get(kind)
+    if name == "stop" and not inner:
+        expected = "a string or an array of strings"
+    if expected is None:
+        return invalid_request(f"'{param}' is not valid: {err['msg']}.", param)
+    return invalid_request(f"'{param}' must be {expected}.", param)
+
+
+_BRANCHES: Final = frozenset(("str", "list[str]", "int", "float", "bool",
+                              "constrained-int", "function-after[...]"))
