@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 
 from authz.cli.common import Parents, Subparsers, positive_int, run_async
 from authz.runtime.settings import Settings
-from policy.config import parse_hostport
+from policy.config import ConfigError, load_config, parse_hostport
 
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
@@ -25,7 +26,35 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     s.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1 paths (401 without "
                         "it), as vLLM's --api-key does")
+    s.add_argument("--models-from", metavar="CONFIG", default=None,
+                   help="also serve every upstream model this tokenbooth config names, "
+                        "read again when a request names a model not served (`up` runs "
+                        "its simulator so: a model a reload adds is served)")
     s.set_defaults(func=cmd_sim)
+
+
+class ConfigModels:
+    """The upstream model names of a tokenbooth config, read again only when the file
+    changed (a client naming unknown models must not make each request parse it). A
+    config that cannot be read (caught mid-edit, say) adds nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[float, int] | None = None
+
+    def __call__(self) -> list[str]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return []
+        if self._seen == (st.st_mtime, st.st_size):
+            return []
+        try:
+            cfg = load_config(self.path)
+        except (ConfigError, OSError, ValueError):
+            return []
+        self._seen = (st.st_mtime, st.st_size)
+        return sorted({m.upstream_model for m in cfg.models.values()})
 
 
 def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,5 +67,7 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
         run_async(run_sim(host, port, models, args.ttft_ms, args.tpot_ms,
                           max_model_len=args.max_model_len or DEFAULT_MAX_MODEL_LEN,
                           default_max_tokens=args.default_max_tokens,
-                          api_key=args.api_key or None))
+                          api_key=args.api_key or None,
+                          models_from=ConfigModels(Path(args.models_from))
+                          if args.models_from else None))
     return 0

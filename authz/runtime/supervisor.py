@@ -226,17 +226,18 @@ def _with_sim(cfg: Config, opts: UpOptions, procs: Procs) -> tuple[RunOverrides,
                           and any(not m.backends for m in cfg.models.values()))
     if not needed:
         return opts.overrides, None
-    url = _start_sim(cfg, PortAllocator(), procs)
+    url = _start_sim(cfg, PortAllocator(), procs, opts.config_path)
     if opts.sim:
         return replace(opts.overrides, upstream=url), url
     return replace(opts.overrides, default_upstream=url), url
 
 
-def _start_sim(cfg: Config, ports: PortAllocator, procs: Procs) -> str:
-    """The simulator serving every upstream model of the config; returns its URL."""
+def _start_sim(cfg: Config, ports: PortAllocator, procs: Procs, config_path: Path) -> str:
+    """The simulator serving every upstream model of the config, and those a reload
+    adds to it (`--models-from`); returns its URL."""
     port = ports.free_port()
     url = f"http://127.0.0.1:{port}"
-    sim_args = ["sim", "--listen", f"127.0.0.1:{port}"]
+    sim_args = ["sim", "--listen", f"127.0.0.1:{port}", "--models-from", str(config_path)]
     for m in sorted({m.upstream_model for m in cfg.models.values()}):
         sim_args += ["--model", m]
     procs.append(spawn(_self(*sim_args)))

@@ -17,7 +17,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
@@ -83,6 +83,7 @@ class Simulator:
         tpot_ms: float,
         default_max_tokens: int | None,
         max_model_len: int,
+        models_from: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         if default_max_tokens is not None and default_max_tokens < 1:
             raise ValueError("default_max_tokens must be at least 1")
@@ -96,6 +97,20 @@ class Simulator:
         self.metrics = SimMetrics(self.model_names)
         self.models: dict[str, ModelMetrics] = self.metrics.by_model
         self.requests = RequestLog()
+        self.models_from = models_from
+
+    def _serve_new_models(self, payload: Any) -> None:
+        """A model name not served yet: look again where the names come from (`up`'s
+        simulator reads the gateway's config, where a reload may have added a model),
+        and serve the new ones."""
+        name = payload.get("model") if isinstance(payload, dict) else None
+        if self.models_from is None or not isinstance(name, str) or name in self.models:
+            return
+        for new in self.models_from():
+            if new not in self.models:
+                self.models[new] = self.metrics.add(new)
+                self.model_names = (*self.model_names, new)
+                log.info("serving %s as well", new)
 
     def _record(self, request: web.Request, body: bytes) -> None:
         self.requests.add(request.method, request.path, request.query_string, request.headers, body)
@@ -180,6 +195,7 @@ class Simulator:
             ttft_ms = _int_hook(request, TTFT_HEADER)
             ttft_s = self.ttft_s if ttft_ms is None else ttft_ms / 1000.0
             payload = parse_body(body)
+            self._serve_new_models(payload)
             gen = _PARSERS[kind](payload, self.models, self.default_max_tokens,
                                  self.max_model_len)
         except SimError as err:
@@ -216,7 +232,9 @@ class Simulator:
         body = await self._body(request)
         try:
             _raise_status_hook(request)
-            out, model, tokens = ANSWERS[request.path](parse_body(body), self.models,
+            payload = parse_body(body)
+            self._serve_new_models(payload)
+            out, model, tokens = ANSWERS[request.path](payload, self.models,
                                                        self.max_model_len)
         except SimError as err:
             return _error_response(err)
@@ -327,6 +345,7 @@ def make_app(
     *,
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
     api_key: str | None = None,
+    models_from: Callable[[], Sequence[str]] | None = None,
 ) -> web.Application:
     """Build the simulator app serving ``models`` (``["tiny-llama"]`` when empty).
 
@@ -335,8 +354,11 @@ def make_app(
     default) or, when None, up to the context length, as vLLM does.
     ``app[SIMULATOR_KEY]`` is the ``Simulator`` (metrics, request log) for in-process tests.
     ``api_key``: required on ``/v1`` paths (see ``require_key``).
+    ``models_from``: where more model names may come from, asked when a request names a
+    model not served (see ``Simulator._serve_new_models``).
     """
-    sim = Simulator(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len)
+    sim = Simulator(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len,
+                    models_from)
     app = web.Application(client_max_size=MAX_BODY_BYTES,
                           middlewares=[require_key(api_key)] if api_key else [])
     app[SIMULATOR_KEY] = sim
@@ -365,10 +387,11 @@ async def run_sim(
     max_model_len: int = DEFAULT_MAX_MODEL_LEN,
     default_max_tokens: int | None = None,
     api_key: str | None = None,
+    models_from: Callable[[], Sequence[str]] | None = None,
 ) -> None:
     """Serve the simulator on ``host:port`` until cancelled, then clean up the runner."""
     app = make_app(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len=max_model_len,
-                   api_key=api_key)
+                   api_key=api_key, models_from=models_from)
     # No access log: the simulator serves benchmark load.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

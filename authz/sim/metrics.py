@@ -45,6 +45,11 @@ class SimMetrics:
         # Creating the children up front also makes every model appear with zero values.
         self.by_model = {model: ModelMetrics(self, model) for model in models}
 
+    def add(self, model: str) -> ModelMetrics:
+        """A model served from now on (its series appear with zero values)."""
+        self.by_model[model] = ModelMetrics(self, model)
+        return self.by_model[model]
+
     def _metric(self, kind: type[_M], name: str, doc: str) -> _M:
         """A metric labelled by ``model_name`` in this app's registry."""
         return kind(name, doc, ["model_name"], registry=self.registry)

@@ -226,6 +226,18 @@ def test_up_sends_models_to_the_configs_backends(tmp_path: Path) -> None:
             # A model without a backend goes to `up`'s simulator, not to the user's vLLM.
             assert chat_until_served(client, "toy").model == "tiny-llama"
             assert len(chats(vllm)) == 1
+            # One a reload adds is served by it too (it answered 404 "The model
+            # `later-7b` does not exist": the simulator knew the models of `up`'s start).
+            data["models"]["later"] = {"upstream_model": "later-7b", "backends": []}
+            (tmp_path / "next.yaml").write_text(yaml.safe_dump(data))
+            (tmp_path / "next.yaml").replace(path)
+            for _ in range(100):
+                with suppress(openai.NotFoundError):  # until the reload
+                    assert chat_until_served(client, "later").model == "later-7b"
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the model the reload added was never served")
         finally:
             client.close()
             up.send_signal(signal.SIGINT)

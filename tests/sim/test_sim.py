@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from authz.sim.app import DEFAULT_MAX_MODEL_LEN
 from authz.sim.tokens import output_text
@@ -436,3 +437,37 @@ async def test_stream_interval_groups_tokens_as_vllm_does(sim: Sim, path: str,
     assert grouped[-1]["usage"] == one[-1]["usage"]
     status, body = await post(sim, path, {**base, "stream_interval": 0})
     assert status == 400 and body["error"]["param"] == "body.stream_interval"
+
+
+async def test_models_from_a_config_grow_with_it(tmp_path: Any) -> None:
+    """`up`'s simulator (`--models-from`) serves the models a reload adds to the
+    gateway's config; a name in no config is still vLLM's 404."""
+    from authz.cli.sim import ConfigModels
+    from authz.sim import make_app
+    from authz.sim.app import SIMULATOR_KEY
+    from tests.helpers import write_policy
+
+    from .conftest import serve
+
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    models = ConfigModels(path)
+    app = make_app(["tiny-llama"], models_from=models)
+    runner, port = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as http:
+            sim = Sim(f"http://127.0.0.1:{port}", port, http, app[SIMULATOR_KEY])
+            body = {"messages": MESSAGES, "max_tokens": 2}
+            status, _ = await post(sim, CHAT, {**body, "model": "added-later"})
+            assert status == 404
+            cfg = yaml.safe_load(path.read_text())
+            cfg["models"]["later"] = {**cfg["models"]["demo"], "upstream_model": "added-later"}
+            path.write_text(yaml.safe_dump(cfg))
+            status, got = await post(sim, CHAT, {**body, "model": "added-later"})
+            assert (status, got["model"]) == (200, "added-later")
+            async with http.get(sim.url + "/v1/models") as r:
+                assert "added-later" in [m["id"] for m in (await r.json())["data"]]
+            path.write_text("models: [broken")  # caught mid-edit: nothing added, no 500
+            status, _ = await post(sim, CHAT, {**body, "model": "other"})
+            assert status == 404
+    finally:
+        await runner.cleanup()
