@@ -152,11 +152,15 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
         eff = overrides.apply(cfg)
         services = _start_services(eff, opts.config_path, overrides, procs)
         _start_envoy(eff, run_dir / "envoy.yaml", procs)
-        _start_exporter(eff, opts.config_path, procs)
+        exporter = _Exporter(eff, opts.config_path, procs)
+        exporter.watch()
         if any(p.poll() is not None for p in procs):
             raise RuntimeError("a child process exited during start-up")
         _banner(eff, opts.config_path, fresh_secret, sim_url)
-        while all(p.poll() is None for p in procs):
+        while True:
+            exporter.watch()
+            if any(p.poll() is not None for p in procs):
+                break
             time.sleep(0.2)
         dead = next(p for p in procs if p.returncode is not None)
         print(f"tokenbooth: error: a child process (pid {dead.pid}) exited with status "
@@ -273,11 +277,42 @@ def _start_services(eff: Config, config_path: Path, overrides: RunOverrides,
     return child
 
 
-def _start_exporter(eff: Config, config_path: Path, procs: Procs) -> None:
-    """`tokenbooth usage export` (Redis stream -> PostgreSQL), only with a usage.sink and a
-    Redis state; nothing new otherwise."""
-    if eff.usage.sink and eff.state_is_redis:
-        procs.append(spawn(_self("usage", "export", "--config", str(config_path))))
+EXPORTER_RESTART_S = 30.0  # how long `up` waits to start an exporter that exited again
+
+
+class _Exporter:
+    """`tokenbooth usage export` (Redis stream -> PostgreSQL), only with a usage.sink and
+    a Redis state. One that exits does not stop the gateway (it stopped every request
+    when a rolled-back exporter met a newer schema): the records wait in the stream, and
+    it is started again every EXPORTER_RESTART_S, as Kubernetes restarts a crashing pod,
+    with an error line each time it exits."""
+
+    def __init__(self, eff: Config, config_path: Path, procs: Procs) -> None:
+        self.args = _self("usage", "export", "--config", str(config_path))
+        self.procs = procs
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restart_at: float | None = None
+        if eff.usage.sink and eff.state_is_redis:
+            self._start()
+
+    def _start(self) -> None:
+        self.proc = spawn(self.args)
+        self.procs.append(self.proc)
+        self.restart_at = None
+
+    def watch(self) -> None:
+        """Take an exited exporter out of the children `up` watches; start it again when
+        its time came."""
+        now = time.monotonic()
+        if self.proc is not None and self.proc.poll() is not None:
+            self.procs.remove(self.proc)
+            print(f"tokenbooth: error: the usage exporter (pid {self.proc.pid}) exited with "
+                  f"status {self.proc.returncode}; requests go on, their records wait in the "
+                  f"Redis stream; starting it again in {EXPORTER_RESTART_S:.0f} s",
+                  file=sys.stderr, flush=True)
+            self.proc, self.restart_at = None, now + EXPORTER_RESTART_S
+        if self.restart_at is not None and now >= self.restart_at:
+            self._start()
 
 
 def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs) -> None:

@@ -6,8 +6,10 @@ usage` answers from PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -99,3 +101,69 @@ def test_requests_land_in_postgres_once_and_redis_empties(
                 stop([exporter])
     finally:
         server.stop()
+
+
+def test_an_exporter_that_exits_leaves_up_serving(postgres: PostgresServer,
+                                                  tmp_path: Path) -> None:
+    """`up` stopped every process, Envoy's included, when its exporter exited (a rolled-
+    back tokenbooth meeting a newer usage schema): the gateway went down for a problem
+    of the archive. The exporter's exit is an error line; requests go on (their records
+    wait in the stream) and `up` starts it again later."""
+    import openai
+    import yaml
+
+    from tests.e2e.test_up import chat_until_served, free_ports_config, read_banner
+    from tests.helpers import SECRET
+
+    dsn = asyncio.run(_new_db(postgres.dsn, "e2e_up_exporter"))
+
+    async def newer_schema() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE tokenbooth_schema (component text PRIMARY KEY, "
+                               "version integer NOT NULL)")
+            await conn.execute("INSERT INTO tokenbooth_schema VALUES ('usage', 99)")
+        finally:
+            await conn.close()
+
+    asyncio.run(newer_schema())
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    data = free_ports_config(toy={"upstream_model": "tiny-llama", "backends": []})
+    data |= {"state": server.url, "usage": {"sink": dsn}}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up", "--config", str(path)],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    client = openai.OpenAI(base_url=f"http://{data['listen']}/v1", api_key=SECRET,
+                           max_retries=0)
+    lines: list[str] = []
+    reader: threading.Thread | None = None
+    try:
+        read_banner(up)
+        assert up.stdout is not None
+        out = up.stdout
+        reader = threading.Thread(target=lambda: lines.extend(out), daemon=True)
+        reader.start()
+        _wait(lambda: any("usage exporter" in ln for ln in lines), "the exporter's exit")
+        [said] = [ln for ln in lines if "usage exporter" in ln]
+        assert said.startswith("tokenbooth: error: the usage exporter") and \
+            "requests go on" in said, said
+        assert chat_until_served(client, "toy").model == "tiny-llama"
+        assert up.poll() is None
+        r = redis.Redis.from_url(server.url)
+        _wait(lambda: r.xlen(USAGE_STREAM) >= 1, "the record")  # waits for an exporter
+        r.close()
+    finally:
+        client.close()
+        up.send_signal(signal.SIGINT)
+        rc = up.wait(30)
+        server.stop()
+        if reader is not None:
+            reader.join(10)
+        assert up.stdout is not None
+        up.stdout.close()
+    assert rc == 0, lines
+    assert not any("Traceback" in ln for ln in lines), lines

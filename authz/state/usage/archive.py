@@ -164,7 +164,10 @@ async def migrate(conn: asyncpg.Connection) -> int:
             "SELECT version FROM tokenbooth_schema WHERE component = 'usage'") or 0
         if found > SCHEMA_VERSION:
             raise RuntimeError(f"usage schema is at version {found}, newer than this "
-                               f"tokenbooth ({SCHEMA_VERSION}): upgrade tokenbooth")
+                               f"tokenbooth ({SCHEMA_VERSION}): upgrade tokenbooth, or to "
+                               "roll back on purpose see the README's Upgrade/rollback "
+                               f"(the way back to schema {SCHEMA_VERSION}); nothing is lost "
+                               "meanwhile, the records wait in the stream")
         for version in range(found + 1, SCHEMA_VERSION + 1):
             await conn.execute(_MIGRATIONS[version])
         await conn.execute(
