@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -222,3 +223,20 @@ def cell(text: str, width: int) -> str:
         out.append(c)
         used += w
     return "".join(out) + " " * (width - used)
+
+
+@contextlib.contextmanager
+def naming_data_dir(data_dir: Path) -> Iterator[None]:
+    """An OSError on a file in `data_dir` (read-only, full, not ours) says which setting
+    it is: a bare `[Errno 30] Read-only file system: '…/usage.jsonl'` named none."""
+    try:
+        yield
+    except OSError as e:
+        name, why = e.filename, e.strerror
+        if not isinstance(name, str) or why is None:
+            raise
+        try:
+            Path(name).resolve().relative_to(data_dir.resolve())
+        except ValueError:
+            raise e from None
+        raise OSError(f"data_dir {data_dir}: {name}: {why.lower()}") from None

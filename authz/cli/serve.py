@@ -9,6 +9,7 @@ from authz.cli.common import (
     Subparsers,
     backend_url,
     config_path,
+    naming_data_dir,
     run_async,
     run_overrides,
 )
@@ -39,7 +40,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     setup_logging(args.log_level)
     path, _ = config_path(args, settings)
     runtime = Runtime.from_file(path, run_overrides(args, settings), settings)
-    run_async(serve_forever(runtime))
+    with naming_data_dir(runtime.snapshot.config.data_dir):
+        run_async(serve_forever(runtime))
     return 0
 
 

@@ -365,3 +365,19 @@ def test_odd_input_is_one_line_naming_what_is_wrong(tmp_path: Path) -> None:
     r = tb("check-config", str(binary))
     assert r.returncode == 2 and str(binary) in r.stderr and "UTF-8" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_a_data_dir_error_names_the_setting(tmp_path: Path) -> None:
+    """serve on a read-only data_dir said only `[Errno 30] Read-only file system: '…'`."""
+    import errno
+
+    from authz.cli.common import naming_data_dir
+
+    data = tmp_path / "data"
+    with pytest.raises(OSError, match=r"^data_dir .*/data: .*/data/usage\.jsonl: "
+                                      r"read-only file system$"), naming_data_dir(data):
+        raise OSError(errno.EROFS, "Read-only file system", str(data / "usage.jsonl"))
+    elsewhere = OSError(errno.EACCES, "Permission denied", "/etc/shadow")
+    with pytest.raises(OSError) as e, naming_data_dir(data):
+        raise elsewhere
+    assert e.value is elsewhere
