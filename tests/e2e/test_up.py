@@ -172,6 +172,20 @@ def read_banner(up: subprocess.Popen[str], timeout: float = 90) -> list[str]:
     raise AssertionError("no banner:\n" + "\n".join(lines))
 
 
+def start_up(tmp_path: Path, data: dict[str, Any]
+             ) -> tuple[Path, subprocess.Popen[str], openai.OpenAI]:
+    """`up` of the config `data` (written to tmp_path), its output piped, and a client
+    of its listener with SECRET."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up", "--config", str(path)],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    client = openai.OpenAI(base_url=f"http://{data['listen']}/v1", api_key=SECRET,
+                           max_retries=0)
+    return path, up, client
+
+
 def chat_until_served(client: openai.OpenAI, model: str) -> Any:
     """The first answer once the backend's first health check has passed."""
     for _ in range(150):
@@ -208,13 +222,7 @@ def test_up_sends_models_to_the_configs_backends(tmp_path: Path) -> None:
         data = free_ports_config(
             mine={"upstream_model": "users-vllm-7b", "backends": [{"url": vllm}]},
             toy={"upstream_model": "tiny-llama", "backends": []})
-        path = tmp_path / "policy.yaml"
-        path.write_text(yaml.safe_dump(data))
-        up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up", "--config", str(path)],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-        client = openai.OpenAI(base_url=f"http://{data['listen']}/v1", api_key=SECRET,
-                               max_retries=0)
+        path, up, client = start_up(tmp_path, data)
         try:
             banner = read_banner(up)
             assert f"    mine -> {vllm}  (model users-vllm-7b)" in banner, banner

@@ -109,11 +109,7 @@ def test_an_exporter_that_exits_leaves_up_serving(postgres: PostgresServer,
     back tokenbooth meeting a newer usage schema): the gateway went down for a problem
     of the archive. The exporter's exit is an error line; requests go on (their records
     wait in the stream) and `up` starts it again later."""
-    import openai
-    import yaml
-
-    from tests.e2e.test_up import chat_until_served, free_ports_config, read_banner
-    from tests.helpers import SECRET
+    from tests.e2e.test_up import chat_until_served, free_ports_config, read_banner, start_up
 
     dsn = asyncio.run(_new_db(postgres.dsn, "e2e_up_exporter"))
 
@@ -132,13 +128,7 @@ def test_an_exporter_that_exits_leaves_up_serving(postgres: PostgresServer,
     server.start()
     data = free_ports_config(toy={"upstream_model": "tiny-llama", "backends": []})
     data |= {"state": server.url, "usage": {"sink": dsn}}
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    up = subprocess.Popen([sys.executable, "-m", "authz.cli", "up", "--config", str(path)],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    client = openai.OpenAI(base_url=f"http://{data['listen']}/v1", api_key=SECRET,
-                           max_retries=0)
+    _, up, client = start_up(tmp_path, data)
     lines: list[str] = []
     reader: threading.Thread | None = None
     try:
