@@ -314,6 +314,7 @@ class BudgetAlerts:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._next_rescan = 0.0
+        self._keys_failing = False  # the keys could not be read: said once until they are
         self._warned: str | None = None  # the webhook URL last warned about as unsigned
 
     def _warn_unsigned(self, webhook_url: str | None) -> None:
@@ -364,9 +365,16 @@ class BudgetAlerts:
             else:
                 owners = await self._owners_of(cfg, pairs)
         except StoreUnavailable as e:
-            log.warning("budget alerts: cannot read the keys: %s", e)
+            # Said when the store goes away and when it is back, not at every check.
+            if not self._keys_failing:
+                self._keys_failing = True
+                log.warning("budget alerts: cannot read the keys: %s (retried; said again "
+                            "once read)", e)
             self._next_rescan = 0.0
             return
+        if self._keys_failing:
+            self._keys_failing = False
+            log.warning("budget alerts: the keys are read again")
         now = self.clock()
         for who in owners:
             if not await self._check_one(cfg, who, now):

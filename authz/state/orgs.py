@@ -149,6 +149,7 @@ class OrgLimitsCache:
         # One refresh at a time: a slow poll ending after a put's refresh would put the
         # older copy back until the next poll.
         self._refreshing = asyncio.Lock()
+        self._failing = False  # the last refresh failed: said once, until one succeeds
 
     async def start(self) -> None:
         await self.refresh()
@@ -183,8 +184,17 @@ class OrgLimitsCache:
                     self._stored = await self.store.read_all()
                     self._version = version
             except Exception as e:  # keep serving the last good limits
-                # Every poll while the store is away: the repeats are counted, not logged.
-                log.warning("org limits not refreshed: %s", e, extra=REPEATS)
+                # Said when the store goes away and when it is back, not at every poll
+                # (twice a second: ~170,000 lines a day of an outage).
+                if not self._failing:
+                    self._failing = True
+                    log.warning("org limits not refreshed: %s (the last ones read stay in "
+                                "force; retried every %g s, said again once read)", e,
+                                self._poll_s, extra=REPEATS)
+                return
+            if self._failing:
+                self._failing = False
+                log.warning("org limits read again")
 
     async def _loop(self) -> None:
         while True:
