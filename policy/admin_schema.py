@@ -14,7 +14,7 @@ from pydantic.json_schema import models_json_schema
 
 from policy.bounds import BudgetUsd, Count
 from policy.config import OrgLimits
-from policy.keyrecord import BudgetPeriod, KeyName, KeyRecord, OrgName
+from policy.keyrecord import BudgetPeriod, KeyName, KeyRecord, OrgName, redact_secrets
 
 Role = Literal["read", "admin"]
 Scope = Literal["inference:read", "inference:write"]
@@ -128,7 +128,8 @@ class UnknownCursor(ValueError):
     """`after` names no record of the selection: an empty page would read as the end."""
 
     def __init__(self, after: str) -> None:
-        super().__init__(f"after: no usage record with request_id {after!r} in this "
+        super().__init__(f"after: no usage record with request_id "
+                         f"{redact_secrets(after)!r} in this "
                          "selection (pass the last_id of the previous page, with the "
                          "same filters)")
 

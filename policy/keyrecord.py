@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
@@ -67,6 +68,17 @@ def expiry_in_past(expires_at: datetime | None, now: datetime) -> str | None:
     return None
 
 
+KEY_PREFIX = "sk-tb-"  # every tokenbooth key's secret begins so (policy/keys.py)
+_SECRETS = re.compile(re.escape(KEY_PREFIX) + r"([A-Za-z0-9_\-]{0,4})[A-Za-z0-9_\-]*")
+_A_SECRET = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_\-]{16,}")
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with every tokenbooth key in it cut to the prefix listings show (for a log
+    line of something a caller typed: a secret given where an id belongs)."""
+    return _SECRETS.sub(lambda m: f"{KEY_PREFIX}{m[1]}…", text)
+
+
 def valid_org_name(org: str) -> bool:
     """Whether `org` is an OrgName (the admin API's path parameter is checked by hand)."""
     return 1 <= len(org) <= 128 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in org)
@@ -88,6 +100,10 @@ def new_org_problem(org: str) -> str | None:
     an org they do not know (see authz/runtime/admin_api.py `_org_to_create`)."""
     if not valid_org_name(org):
         return "expected 1 to 128 characters and no control character"
+    if _A_SECRET.search(org):
+        # A key's secret pasted where its org belongs: an org name goes upstream in a
+        # header, into every record and every listing.
+        return "expected an org's name, got what reads as a key's secret"
     if org.strip() != org:
         return ("expected no whitespace at its start or end" if org.strip()
                 else "expected a name, not only whitespace")

@@ -7,16 +7,14 @@ and then index by the digest, so no comparison branches on secret bytes.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
 from policy.errors import ApiError, insufficient_scope, invalid_api_key
-from policy.keyrecord import KeyRecord
+from policy.keyrecord import KEY_PREFIX, KeyRecord, redact_secrets
 from policy.limits import Limits, usd_to_nano
 
-KEY_PREFIX = "sk-tb-"
 NO_LIMITS = Limits()
 
 
@@ -68,15 +66,6 @@ def display_prefix(secret: str) -> str:
     return secret[: len(KEY_PREFIX) + 4]
 
 
-_SECRETS = re.compile(re.escape(KEY_PREFIX) + r"([A-Za-z0-9_\-]{0,4})[A-Za-z0-9_\-]*")
-
-
-def redact_secrets(text: str) -> str:
-    """`text` with every tokenbooth key in it cut to the prefix listings show (for a log
-    line of something a caller typed: a secret given where an id belongs)."""
-    return _SECRETS.sub(lambda m: f"{KEY_PREFIX}{m[1]}…", text)
-
-
 def no_key_message(key_id: str) -> str:
     """The answer to a key id that names no key; a secret given for an id says so, by
     its listed prefix only (the answer lands in terminals and CI logs)."""
@@ -126,4 +115,5 @@ __all__ = [
     "fingerprint",
     "index_keys",
     "new_secret",
+    "redact_secrets",
 ]

@@ -34,7 +34,13 @@ from authz.state.orgs import make_org_store
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, origin, redacted
 from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past, new_org_problem, valid_org_name
-from policy.keys import display_prefix, fingerprint, new_secret, no_key_message
+from policy.keys import (
+    display_prefix,
+    fingerprint,
+    new_secret,
+    no_key_message,
+    redact_secrets,
+)
 
 T = TypeVar("T")
 # `keys update --rpm none` (and the other limits, --budget, --expires): remove it.
@@ -153,7 +159,7 @@ def _org_to_create(cfg: Config, org: str) -> None:
         return
     if asyncio.run(_stored_org(cfg, org)):
         return
-    raise ValueError(f"--org: {problem}, got {org!r}")
+    raise ValueError(f"--org: {problem}, got {redact_secrets(org)!r}")
 
 
 async def _stored_org(cfg: Config, org: str) -> bool:

@@ -156,9 +156,15 @@ def _authenticate(ctx: AdminContext, request: web.Request) -> Caller:
     if wait is not None:
         raise AdminError(429, "Too many failed authentications; retry later.",
                          "rate_limit_exceeded", headers={"retry-after": str(math.ceil(wait))})
-    caller = ctx.tokens.caller(request.headers.get("Authorization"))
+    authorization = request.headers.get("Authorization")
+    caller = ctx.tokens.caller(authorization)
     if caller is None:
-        ctx.limiter.failed(client)
+        if authorization and authorization.strip():
+            # Only a token tried counts toward the lockout: a request with none is no
+            # guess, and any web page can make a browser send one (a cross-site GET
+            # needs no preflight; an Authorization header does), which locked every
+            # caller at that address out, the operator's CLI included.
+            ctx.limiter.failed(client)
         raise AdminError(401, "Missing or unknown admin token (Authorization: Bearer).",
                          "invalid_api_key", type="authentication_error")
     return caller

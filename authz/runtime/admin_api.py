@@ -303,8 +303,8 @@ async def _org_to_create(ctx: AdminContext, org: str) -> None:
         return
     if isinstance(ctx.keys, KeyAdmin) and await ctx.keys.list_keys(org):
         return
-    raise AdminError(400, f"org: {problem}, got {org[:64]!r}", "invalid_request",
-                     param="org")
+    raise AdminError(400, f"org: {problem}, got {redact_secrets(org[:64])!r}",
+                     "invalid_request", param="org")
 
 
 def _org_param(call: Call) -> str:
@@ -313,7 +313,8 @@ def _org_param(call: Call) -> str:
     org = call.params["org"]
     if not valid_org_name(org):
         raise AdminError(400, f"org: expected 1 to 128 characters and no control "
-                         f"character, got {org[:64]!r}", "invalid_request", param="org")
+                         f"character, got {redact_secrets(org[:64])!r}", "invalid_request",
+                         param="org")
     return org
 
 

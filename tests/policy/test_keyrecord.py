@@ -75,6 +75,8 @@ def test_is_frozen() -> None:
     ("acme\u3000", "no whitespace at its start or end"),
     ("", "1 to 128 characters"),
     ("U\u0308nico\u0301de", "composed (NFC) form"),  # prints as "Ünicóde"
+    ("sk-tb-" + "Ab3_-x" * 7, "a key's secret"),  # pasted where the org belongs
+    ("team sk-tb-" + "Ab3_-x" * 7, "a key's secret"),
 ])
 def test_a_new_org_name_that_reads_as_another_is_refused(org: str, why: str) -> None:
     problem = new_org_problem(org)
@@ -84,7 +86,7 @@ def test_a_new_org_name_that_reads_as_another_is_refused(org: str, why: str) -> 
         assert KeyRecord(id="k", org=org, sha256=FP).org == org
 
 
-@pytest.mark.parametrize("org", ["acme", "Ünïcödé GmbH", "研究部", "a b", "x" * 128,
+@pytest.mark.parametrize("org", ["acme", "sk-tb-team", "Ünïcödé GmbH", "研究部", "a b", "x" * 128,
                                  "\u0645\u06cc\u200c\u0634\u0648\u062f"])  # Persian ZWNJ
 def test_printable_org_names_pass(org: str) -> None:
     assert new_org_problem(org) is None

@@ -38,7 +38,7 @@ from authz.state.orgs import FileOrgStore, OrgLimitsCache, OrgStore, RedisOrgSto
 from authz.state.usage.records import USAGE_FILE, USAGE_STREAM
 from policy.admin_schema import UsageQuery
 from policy.config import AdminToken, Config, KeyRecord, OrgLimits, parse_config
-from policy.keys import fingerprint
+from policy.keys import fingerprint, new_secret
 from tests.helpers import policy_dict, write_policy
 from tests.redis_server import RedisServer
 
@@ -188,6 +188,18 @@ async def test_failed_authentication_is_rate_limited(ctx: AdminContext, api: Api
     # Typed as the gateway types its 429s (the SDKs' RateLimitError).
     assert (body["error"]["type"], body["error"]["code"]) == (
         "rate_limit_error", "rate_limit_exceeded")
+
+
+async def test_a_request_without_a_token_is_no_guess(ctx: AdminContext, api: Api) -> None:
+    """Requests with no credential counted toward the lockout: any web page open in an
+    operator's browser (a cross-site GET needs no preflight) locked the admin API out
+    for every caller at that address, the real token included."""
+    ctx.limiter = FailureLimiter(allowed=3, window_s=60)
+    for headers in ({}, {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+                    {"Authorization": ""}, {"Authorization": "  "}) * 3:
+        resp = await api.client.get("/v1/keys", headers=headers)
+        assert resp.status == 401
+    assert (await api("GET", "/v1/keys", token=ADMIN))[0] == 200
 
 
 def test_failure_limiter_window() -> None:
@@ -442,6 +454,22 @@ async def test_a_new_org_that_reads_as_another_is_refused(api: Api) -> None:
                          ("GET", "/v1/orgs/%00/spend"), ("GET", "/v1/orgs/" + "x" * 129)):
         status, err = await api(method, path)
         assert (status, err["error"]["param"]) == (400, "org"), (method, path)
+
+
+async def test_a_secret_given_as_an_org_is_refused_unechoed(api: Api) -> None:
+    """A key's secret given where an org belongs was stored whole (in orgs.json, and
+    upstream as x-tokenbooth-org with every record of the org's keys) and echoed back;
+    an unknown `after` echoed it too. Refused, and shown by its listed prefix only."""
+    secret = new_secret()
+    for method, path, body in (("PUT", f"/v1/orgs/{secret}", {"rpm": 5}),
+                               ("POST", "/v1/keys", {"org": secret})):
+        status, err = await api(method, path, body=body)
+        assert (status, err["error"]["param"]) == (400, "org"), (method, err)
+        assert "key's secret" in err["error"]["message"]
+        text = orjson.dumps(err).decode()
+        assert secret not in text and secret[:10] + "…" in text
+    status, err = await api("GET", f"/v1/usage?after={secret}")
+    assert status == 400 and secret not in orjson.dumps(err).decode(), err
 
 
 async def test_an_org_stored_before_the_name_rule_keeps_working(
