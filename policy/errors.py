@@ -163,7 +163,8 @@ def redirected_answer(status: int) -> ApiError:
                     "does not follow redirects.")
 
 
-_BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# (ESC is left to text: a backend's message may carry terminal colours.)
+_BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]")
 ERROR_BODY_BYTES = 64 * 1024  # what is decompressed of an error body, at most
 
 
@@ -179,7 +180,9 @@ def _decompressed(body: bytes) -> bytes:
     else:
         return body
     try:
-        return zlib.decompressobj(wbits).decompress(body, ERROR_BODY_BYTES)
+        # Nothing decoded (a short text whose first bytes read as a zlib header, say):
+        # the bytes as they are.
+        return zlib.decompressobj(wbits).decompress(body, ERROR_BODY_BYTES) or body
     except zlib.error:
         return body
 

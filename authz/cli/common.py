@@ -203,10 +203,13 @@ def display_width(text: str) -> int:
     return sum(_columns(c) for c in text)
 
 
+_ZERO_WIDTH = frozenset(("Mn", "Me", "Cf"))  # marks (U+0902, U+FE0F) and format chars
+
+
 def _columns(c: str) -> int:
     """Terminal columns one character takes: two for East Asian wide and fullwidth
-    ones, none for a combining mark."""
-    if unicodedata.combining(c):
+    ones, none for a nonspacing or enclosing mark or a format character."""
+    if unicodedata.category(c) in _ZERO_WIDTH:
         return 0
     return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
 

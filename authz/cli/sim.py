@@ -49,11 +49,11 @@ class ConfigModels:
             return []
         if self._seen == (st.st_mtime, st.st_size):
             return []
+        self._seen = (st.st_mtime, st.st_size)  # a broken one too: read again once changed
         try:
             cfg = load_config(self.path)
         except (ConfigError, OSError, ValueError):
             return []
-        self._seen = (st.st_mtime, st.st_size)
         return sorted({m.upstream_model for m in cfg.models.values()})
 
 

@@ -104,6 +104,7 @@ local function classify(ev, st)
   -- every line end in it); an `id:` or `event:` line may come before it.
   if #ev < 256 and string.find("\\n" .. ev, "[\\r\\n]data: ?%[DONE%][\\r\\n]") then
     st.done = 1
+    st.seen = true
     return false
   end
   -- An event saying generation failed (`{{"error": {{...}}}}`, older vLLM's `"object":
@@ -282,10 +283,11 @@ local function meter(h, strip, content_type, content_encoding)
         last:setBytes(last:getBytes(0, last:length()) .. table.concat(parts))
       end)
     end
-    if not st.seen then
-      -- Not one event read: the services charge the hold, as for an unreadable body.
-      set(h, "unreadable", 1)
-    end
+  end
+  if not st.seen then
+    -- Not one event with data read (no bytes, comments only, or one unended event): the
+    -- services charge the hold, as for an unreadable body (ext_proc metering's rule).
+    set(h, "unreadable", 1)
   end
   set(h, "done", st.done)
   set(h, "ended", 1)

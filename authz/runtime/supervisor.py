@@ -153,16 +153,13 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
         services = _start_services(eff, opts.config_path, overrides, procs)
         _start_envoy(eff, run_dir / "envoy.yaml", procs)
         exporter = _Exporter(eff, opts.config_path, procs)
-        exporter.watch()
-        if any(p.poll() is not None for p in procs):
+        if exporter.others_dead():
             raise RuntimeError("a child process exited during start-up")
         _banner(eff, opts.config_path, fresh_secret, sim_url)
-        while True:
+        while not exporter.others_dead():
             exporter.watch()
-            if any(p.poll() is not None for p in procs):
-                break
             time.sleep(0.2)
-        dead = next(p for p in procs if p.returncode is not None)
+        dead = next(p for p in procs if p.returncode is not None and p is not exporter.proc)
         print(f"tokenbooth: error: a child process (pid {dead.pid}) exited with status "
               f"{dead.returncode}; stopping the rest", file=sys.stderr)
         return 1
@@ -299,6 +296,11 @@ class _Exporter:
         self.proc = spawn(self.args)
         self.procs.append(self.proc)
         self.restart_at = None
+
+    def others_dead(self) -> bool:
+        """Whether a child other than the exporter exited (the exporter is never asked:
+        it may exit between a `watch` and this look)."""
+        return any(p.poll() is not None for p in self.procs if p is not self.proc)
 
     def watch(self) -> None:
         """Take an exited exporter out of the children `up` watches; start it again when

@@ -276,6 +276,8 @@ def test_table_cells_keep_columns_for_any_script() -> None:
     from authz.cli.common import cell, display_width
 
     assert display_width("研究チーム") == 10 and display_width("e\u0301quipe") == 6
+    assert display_width("\u0939\u093f\u0902") == 2  # हिं: a sign, a mark
+    assert display_width("\u2764\ufe0f") == 1 and display_width("a\u200db") == 2
     fullwidth = "\uff57\uff49\uff44\uff45"
     for name in ("研究チーム研究チーム", "équipe", "e\u0301quipe", "acme", "x" * 30, fullwidth):
         shown = cell(name, 12)

@@ -56,6 +56,11 @@ UNENDED = {
     "tail-none": _CHUNKS.removesuffix(b"\n\n"),  # `data: [DONE]`
     "single-lf": _CHUNKS.replace(b"\n\n", b"\n"),
 }
+# Event streams with nothing generated in them: no bytes, a comment alone (no event is
+# read: the whole hold), and `[DONE]` alone with a stray line end after it (read: the
+# prompt, and no completion token).
+NO_CONTENT = {"sse-empty": b"", "sse-comment": b": ping\n\n",
+              "done-extra-lf": b"data: [DONE]\n\n\n"}
 USAGE_EVENT = b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}\n\n'
 
 
@@ -124,6 +129,14 @@ class Unstreaming(ThreadedBackend):
                     "content-type": "application/json", "content-encoding": "gzip"},
                 body=gzip.compress(b'{"object": "error", "message": "This model\'s '
                                    b'maximum context length is 2048 tokens."}'))
+        if request.headers.get("x-answer") in NO_CONTENT:  # chunked, as a stream comes
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            if NO_CONTENT[request.headers["x-answer"]]:
+                await resp.write(NO_CONTENT[request.headers["x-answer"]])
+            await resp.write_eof()
+            return resp  # type: ignore[return-value]
         if request.headers.get("x-answer") in UNENDED:
             return web.Response(body=UNENDED[request.headers["x-answer"]],
                                 headers={"content-type": "text/event-stream"})
@@ -410,4 +423,23 @@ def test_a_gzipped_error_keeps_its_message(answer: str, status: int, gw: Gateway
         assert "content-encoding" not in r.headers
         assert "maximum context length is 2048" in r.json()["error"]["message"], r.text
         assert (rec["total_tokens"], rec["cost_usd"]) == (0, "0")
+
+
+@pytest.mark.parametrize("answer", sorted(NO_CONTENT))
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_a_stream_with_nothing_generated_is_charged_alike_by_both_meters(
+        meter: str, answer: str, request: pytest.FixtureRequest) -> None:
+    """Envoy's meter charged an event stream with no event (empty, or a comment alone)
+    its prompt and 0 completion tokens where ext_proc charged the whole hold, and a
+    `[DONE]` with a stray line end after it the whole hold where ext_proc charged the
+    prompt (a review). Both meters: no event read, the whole hold; `[DONE]` read, no
+    completion token."""
+    gw: Gateway = request.getfixturevalue(meter)
+    for usage in (False, True):
+        r, rec = send(gw, answer, SECRET, usage=usage)
+        assert (r.status_code, r.content) == (200, NO_CONTENT[answer])
+        prompt, completion = whole_hold(gw)
+        want = (prompt, 0) if answer == "done-extra-lf" else (prompt, completion)
+        assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
+            *want, True), (answer, usage)
 

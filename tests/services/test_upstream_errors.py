@@ -125,6 +125,9 @@ async def test_a_huge_error_body_is_cut_not_held_whole(running: Running) -> None
                                          "upstream_error")),
     (500, zlib.compress(b"engine dead"), (502, "The backend failed (HTTP 500): engine dead",
                                           None, "upstream_error")),
+    # short text whose first bytes read as a zlib header; terminal colours are text
+    (400, b"80 is", (400, "80 is", None, "upstream_error")),
+    (400, b"\x1b[31mbad n\x1b[0m", (400, "\x1b[31mbad n\x1b[0m", None, "upstream_error")),
     (400, gzip.compress(b"x" * 10_000_000), (400, "x" * UPSTREAM_MESSAGE_CHARS, None,
                                                 "upstream_error")),
     (409, "conflit é".encode()[:-1], (409, "conflit", None, "upstream_error")),

@@ -1,0 +1,71 @@
+"""`up`'s watch of its usage exporter (authz/runtime/supervisor.py, `_Exporter`): the
+exporter's exit never stops the gateway, it is started again later. With real processes:
+tests/e2e/test_usage_sink.py."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import pytest
+
+from authz.runtime import supervisor
+from authz.runtime.supervisor import _Exporter
+from policy.config import parse_config
+from tests.helpers import policy_dict
+
+
+class _Child:
+    """A child whose poll() answers from a script (its last answer repeated)."""
+
+    def __init__(self, *polls: int | None, pid: int = 4242) -> None:
+        self.polls, self.pid, self.returncode = list(polls), pid, None
+
+    def poll(self) -> int | None:
+        value = self.polls.pop(0) if len(self.polls) > 1 else self.polls[0]
+        self.returncode = value  # type: ignore[assignment]
+        return value
+
+
+def _exporter(procs: list[Any], monkeypatch: pytest.MonkeyPatch) -> tuple[_Exporter, list[Any]]:
+    spawned: list[Any] = []
+
+    def spawn(args: list[str]) -> Any:
+        child = _Child(None, pid=5000 + len(spawned))
+        spawned.append(child)
+        return child
+
+    monkeypatch.setattr(supervisor, "spawn", spawn)
+    cfg = parse_config(policy_dict("http://127.0.0.1:8000", state="redis://127.0.0.1:1/0",
+                                   usage={"sink": "postgresql://u@127.0.0.1:1/db"}))
+    return _Exporter(cfg, supervisor.Path("policy.yaml"), procs), spawned
+
+
+def test_an_exporter_exiting_between_two_looks_stops_nothing(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The loop watched the exporter, then asked every child whether it had exited: an
+    exporter that exited in between stopped the gateway after all (a review)."""
+    envoy = _Child(None)
+    procs: list[Any] = [envoy]
+    exporter, spawned = _exporter(procs, monkeypatch)
+    [first] = spawned
+    assert procs == [envoy, first]
+    first.polls = [None, 1]  # alive at the watch, exited at the next look
+    exporter.watch()
+    assert not exporter.others_dead()
+    monkeypatch.setattr(supervisor, "EXPORTER_RESTART_S", 0.0)
+    exporter.watch()  # takes it out, says so, and starts the next one at once
+    assert "usage exporter (pid 5000) exited with status 1; requests go on" in \
+        capsys.readouterr().err
+    assert procs == [envoy, spawned[1]] and not exporter.others_dead()
+    envoy.polls = [0]
+    assert exporter.others_dead()
+
+
+def test_no_exporter_without_a_sink(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "spawn", lambda args: pytest.fail("spawned"))
+    procs: list[subprocess.Popen[bytes]] = []
+    exporter = _Exporter(parse_config(policy_dict("http://127.0.0.1:8000")),
+                         supervisor.Path("policy.yaml"), procs)
+    exporter.watch()
+    assert procs == [] and exporter.proc is None and not exporter.others_dead()
