@@ -39,6 +39,10 @@ REDIS_PASSWORD_ENV = "TOKENBOOTH_REDIS_PASSWORD"  # noqa: S105 - a variable name
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
 
+# The prefix of tokenbooth's own environment variables (authz/runtime/settings.py).
+OWN_ENV_PREFIX = "TOKENBOOTH_"
+
+
 class ConfigError(ValueError):
     """A config file is unreadable or invalid. `problems`: every error found, each one
     line naming the file and the path inside it; the message is the first (one line)."""
@@ -86,6 +90,11 @@ class Backend(_Strict):
             # Not echoed: what is here instead of a name may be the key itself.
             raise ValueError("expected an environment variable's name (letters, digits "
                              "and _, not starting with a digit), not its value")
+        if v is not None and v.upper().startswith(OWN_ENV_PREFIX):
+            # tokenbooth's own settings (the admin token among them): Envoy is not given
+            # them, and one named here would go to every backend.
+            raise ValueError(f"{v} is one of tokenbooth's own settings ({OWN_ENV_PREFIX}*), "
+                             "not a backend's key: name a variable of its own")
         return v
 
     @field_validator("api_key_file")

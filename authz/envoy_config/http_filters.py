@@ -349,11 +349,21 @@ end
 -- The gateway's own rate-limit headers (the route added them from ext_proc's metadata).
 local GATEWAY_RATE = {{{_GATEWAY_RATE}}}
 
+-- What a backend's answer must not make a client or a cache do for the gateway's
+-- origin: pin or unpin its TLS (HSTS), move it to another host (Alt-Svc, Refresh,
+-- Location), ask for credentials (a browser's login prompt), or keep a completion in a
+-- shared cache (Cache-Control: public).
+local BACKEND_ONLY = {{["strict-transport-security"] = true, ["alt-svc"] = true,
+  ["refresh"] = true, ["location"] = true, ["content-location"] = true,
+  ["www-authenticate"] = true, ["proxy-authenticate"] = true, ["cache-control"] = true,
+  ["expires"] = true, ["clear-site-data"] = true}}
+
 -- What only the gateway may say, from a backend's answer: any x-tokenbooth-* header,
 -- rate-limit headers past the gateway's own names, a retry verdict (the SDKs obey
 -- x-should-retry over the status: a backend's `true` made them resend its 400s), Envoy's
 -- own x-envoy-* (`x-envoy-overloaded` to the Envoys in front; the router's service time
--- stays) and cookies (the gateway's origin sets none; keys, not cookies, authenticate).
+-- stays), cookies (the gateway's origin sets none; keys, not cookies, authenticate) and
+-- BACKEND_ONLY's.
 function strip_backend(headers)
   local drop = {{}}
   for name, _ in pairs(headers) do
@@ -363,7 +373,7 @@ function strip_backend(headers)
     if string.sub(n, 1, 13) == "x-tokenbooth-" or n == "x-should-retry"
         or (string.sub(n, 1, 12) == "x-ratelimit-" and not GATEWAY_RATE[name])
         or (string.sub(n, 1, 8) == "x-envoy-" and name ~= "x-envoy-upstream-service-time")
-        or n == "set-cookie" or n == "set-cookie2" then
+        or n == "set-cookie" or n == "set-cookie2" or BACKEND_ONLY[n] then
       drop[#drop + 1] = name
     end
   end

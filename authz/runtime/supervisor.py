@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -43,7 +44,7 @@ from authz.runtime.procs import (
 )
 from authz.runtime.settings import Settings
 from authz.runtime.side_port import PID_HEADER
-from policy.config import Config, parse_hostport
+from policy.config import OWN_ENV_PREFIX, Config, parse_hostport
 from policy.keys import fingerprint
 
 # Envoy's node metadata key for the run's nonce (shown by the admin's /server_info).
@@ -317,13 +318,19 @@ class _Exporter:
             self._start()
 
 
+def envoy_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Envoy's environment: `up`'s, less tokenbooth's own settings (the admin token, the
+    webhook secret): Envoy reads only the backends' keys (`api_key_env`) from it."""
+    return {k: v for k, v in env.items() if not k.upper().startswith(OWN_ENV_PREFIX)}
+
+
 def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs) -> None:
     envoy_yaml.write_text(render_yaml(eff))
     nonce = secrets.token_hex(8)
     node = json.dumps({"node": {"metadata": {RUN_METADATA_KEY: nonce}}})
     procs.append(
         spawn([str(envoy_path()), "-c", str(envoy_yaml), "--config-yaml", node,
-               "--log-level", "warn", "--use-dynamic-base-id"])
+               "--log-level", "warn", "--use-dynamic-base-id"], env=envoy_env(os.environ))
     )
     admin = f"http://{eff.envoy.admin_listen}"
 

@@ -33,7 +33,17 @@ BACKEND_SAYS = {
     # a cookie for the gateway's origin.
     "x-envoy-overloaded": "true", "x-envoy-decorator-operation": "evil",
     "x_envoy_ratelimited": "true", "set-cookie": "session=backend; Path=/",
+    # What would make a client or a cache act for the gateway's origin: unpin HSTS, move
+    # to another host, prompt for a login, keep a completion in a shared cache.
+    "strict-transport-security": "max-age=0", "alt-svc": 'h3=":443"; ma=86400',
+    "refresh": "0;url=http://evil.example/", "location": "http://evil.example/",
+    "content-location": "http://evil.example/", "www-authenticate": 'Basic realm="x"',
+    "cache-control": "public, max-age=31536000", "expires": "Thu, 01 Dec 2099 16:00:00 GMT",
+    "clear-site-data": '"*"',
 }
+BACKEND_ONLY = ("strict-transport-security", "alt-svc", "refresh", "location",
+                "content-location", "www-authenticate", "cache-control", "expires",
+                "clear-site-data")
 
 
 class Talkative(ThreadedBackend):
@@ -89,6 +99,7 @@ def test_a_success_keeps_only_the_gateways_own(talkative: Gateway) -> None:
                 and k != "x-envoy-upstream-service-time"], h
     assert "x-envoy-upstream-service-time" in h  # the router's own, not the backend's
     assert "set-cookie" not in h
+    assert not set(BACKEND_ONLY) & set(h), h
     # The gateway's own for this key's limit (tokens per minute), never the backend's:
     # it has no request limit, so no request headers at all.
     assert h["x-ratelimit-limit-tokens"] == "1000"
@@ -106,6 +117,7 @@ def test_a_backends_retry_verdict_does_not_make_the_sdk_resend_its_400(
     assert "x-should-retry" not in e.value.response.headers
     assert "set-cookie" not in e.value.response.headers
     assert "x-envoy-overloaded" not in e.value.response.headers
+    assert not set(BACKEND_ONLY) & set(e.value.response.headers)
     rid = e.value.response.headers["x-request-id"]
     assert [r["status"] for r in records_for(talkative, rid)] == [400]
     assert backend.refused - before == 1  # one attempt, not three

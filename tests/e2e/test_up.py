@@ -309,7 +309,8 @@ def test_readiness_answered_by_another_process_is_a_busy_port(
     cfg = ports.apply(cfg)
     # The child never answers: a process that only sleeps.
     monkeypatch.setattr(supervisor, "spawn",
-                        lambda argv: spawn([sys.executable, "-c", "import time; time.sleep(60)"]))
+                        lambda argv, **_: spawn([sys.executable, "-c",
+                                                 "import time; time.sleep(60)"]))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with pytest.raises(OSError) as e:

@@ -117,6 +117,14 @@ def test_no_config_message_shows_a_credential(tmp_path: Path, section: str,
     assert secret not in str(e.value), e.value
 
 
+@pytest.mark.parametrize("name", ["TOKENBOOTH_ADMIN_TOKEN", "tokenbooth_webhook_secret"])
+def test_a_backend_key_is_never_one_of_tokenbooths_own_settings(name: str) -> None:
+    """`api_key_env: TOKENBOOTH_ADMIN_TOKEN` sent the admin token to every backend."""
+    with pytest.raises(ConfigError, match="tokenbooth's own settings"):
+        parse_config({"models": {"m": {"upstream_model": "x", "backends": [
+            {"url": "http://h:1", "api_key_env": name}]}}})
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")

@@ -69,3 +69,11 @@ def test_no_exporter_without_a_sink(monkeypatch: pytest.MonkeyPatch) -> None:
                          supervisor.Path("policy.yaml"), procs)
     exporter.watch()
     assert procs == [] and exporter.proc is None and not exporter.others_dead()
+
+
+def test_envoy_is_not_given_tokenbooths_own_settings() -> None:
+    """Envoy ran with all of `up`'s environment: the admin token, the webhook secret."""
+    assert supervisor.envoy_env({"TOKENBOOTH_ADMIN_TOKEN": "t", "tokenbooth_debug": "1",
+                                 "VLLM_KEY": "k", "PATH": "/bin"}) == {
+        "VLLM_KEY": "k", "PATH": "/bin"}
+
