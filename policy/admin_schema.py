@@ -85,6 +85,7 @@ class KeyQuery(_In):
 
 # An ISO 8601 time whose `+HH:MM` offset lost its `+` to form decoding.
 _SPACED_OFFSET = re.compile(r"T[0-9:.]+ [0-9]{2}:[0-9]{2}$")
+_AGE = re.compile(r"[0-9]+ ?[smhdw]")  # the CLI's `--since 90m`
 
 
 class UsageQuery(_In):
@@ -109,6 +110,9 @@ class UsageQuery(_In):
         its `+` (form encoding): the offset it meant, not a 400."""
         if isinstance(v, str) and _SPACED_OFFSET.search(v):
             return v[:-6] + "+" + v[-5:]
+        if isinstance(v, str) and _AGE.fullmatch(v.strip()):
+            raise ValueError("expected an RFC 3339 time with its zone (ages such as 90m "
+                             "are the CLI's: it sends the time they name)")
         return v
 
     @field_validator("since")

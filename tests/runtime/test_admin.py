@@ -304,6 +304,13 @@ async def test_bad_input_names_the_field(api: Api, method: str, path: str, body:
     assert out["error"]["param"] == param and param in out["error"]["message"]
 
 
+async def test_an_age_for_since_says_the_api_takes_a_time(api: Api) -> None:
+    """`since=1m` said "Input should be a valid datetime or date, input is too short"."""
+    status, out = await api("GET", "/v1/usage?since=90m")
+    assert (status, out["error"]["param"]) == (400, "since")
+    assert "RFC 3339" in out["error"]["message"] and "CLI" in out["error"]["message"]
+
+
 async def test_body_must_be_a_json_object(api: Api) -> None:
     assert (await api("POST", "/v1/keys", raw=b"{nope"))[0] == 400
     assert (await api("POST", "/v1/keys", raw=b"[1]"))[0] == 400
