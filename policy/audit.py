@@ -311,7 +311,9 @@ def audit_backend(counters: VllmCounters, records: Iterable[Record]) -> BackendA
         prompt_tokens=sum(int(r["prompt_tokens"]) * _sequences(r) for r in exact),
         completion_tokens=sum(int(r["completion_tokens"]) for r in exact),
         estimated_records=len(guessed),
-        estimated_prompt=sum(int(r["prompt_tokens"]) for r in guessed),
+        # As vLLM counts them too (its counter rose 56 for a 14-token prompt at n 4, and
+        # the report read 14: 42 tokens that looked served past the gateway).
+        estimated_prompt=sum(int(r["prompt_tokens"]) * _sequences(r) for r in guessed),
         estimated_completion=sum(int(r["completion_tokens"]) for r in guessed),
         estimated_prompt_bound=_bound_sum(guessed, "prompt_bound", weigh=True),
         estimated_completion_bound=_bound_sum(guessed, "completion_bound"),

@@ -30,6 +30,15 @@ HEADROOM = 2.0
 OPENED_AFTER_PAUSE_S = 1.0
 
 
+# From the cut the gateway sees to vLLM's abort (Envoy resets the upstream connection,
+# vLLM's server notices, its engine takes the abort between steps, one ahead of what it
+# streams): it generates on meanwhile. Real vLLM 0.32 counted up to 3 tokens per choice
+# past the chunks a cut stream's gateway had seen (1 more where one chunk came). Charged
+# ABORT_STEPS for each choice running, or ABORT_LAG_S at the stream's pace if more.
+ABORT_STEPS = 3
+ABORT_LAG_S = 0.02
+
+
 # A flow shorter than this many tokens (and than stall_s) measures no pace for the
 # silence before a cut: two chunks 2 ms apart made a stop button cost the whole bound.
 ESTABLISHED_TOKENS = 5
@@ -97,7 +106,8 @@ class StreamPace:
         showed no pace to measure (charge what it could generate). A pause is charged for
         every sequence the request runs (a batch's later prompts may start in it); the
         silence before the cut, however short, for the choices opened (the reader had
-        stopped, the buffers filled, vLLM generated on)."""
+        stopped, the buffers filled, vLLM generated on). What it generates after the cut
+        is `abort_lag`'s."""
         pauses, silence = self.debt_s, 0.0
         if self.last_at is not None:
             silence = now - self.last_at
@@ -116,6 +126,14 @@ class StreamPace:
                 per_seq = min(per_seq, seen / (now - self.first_at) / max(1, self.opened))
             owed += silence * per_seq * max(1, self.opened)
         return math.ceil(owed * HEADROOM)
+
+    def abort_lag(self, seen: int) -> int:
+        """Tokens the backend generates after the cut, before its abort lands: ABORT_STEPS
+        for each choice open, or ABORT_LAG_S at the stream's pace (HEADROOM times)."""
+        running = max(1, self.opened)
+        per_seq = self.sequence_rate(seen)
+        lag = 0 if per_seq is None else math.ceil(ABORT_LAG_S * per_seq * running * HEADROOM)
+        return max(ABORT_STEPS * running, lag)
 
     def rate(self, seen: int) -> float | None:
         """Tokens a second before its first pause; else over the whole stream (its chunks

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -152,7 +151,7 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
         overrides, sim_url = _with_sim(cfg, opts, procs)
         eff = overrides.apply(cfg)
         services = _start_services(eff, opts.config_path, overrides, procs)
-        _start_envoy(eff, run_dir / "envoy.yaml", procs)
+        _start_envoy(eff, run_dir / "envoy.yaml", procs, envoy_env(settings.backend_keys))
         exporter = _Exporter(eff, opts.config_path, procs)
         if exporter.others_dead():
             raise RuntimeError("a child process exited during start-up")
@@ -324,13 +323,15 @@ def envoy_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.upper().startswith(OWN_ENV_PREFIX)}
 
 
-def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs) -> None:
+def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs,
+                 env: Mapping[str, str] | None = None) -> None:
+    """Envoy of `eff`'s bootstrap, with `env` (None: this process's environment)."""
     envoy_yaml.write_text(render_yaml(eff))
     nonce = secrets.token_hex(8)
     node = json.dumps({"node": {"metadata": {RUN_METADATA_KEY: nonce}}})
     procs.append(
         spawn([str(envoy_path()), "-c", str(envoy_yaml), "--config-yaml", node,
-               "--log-level", "warn", "--use-dynamic-base-id"], env=envoy_env(os.environ))
+               "--log-level", "warn", "--use-dynamic-base-id"], env=env)
     )
     admin = f"http://{eff.envoy.admin_listen}"
 

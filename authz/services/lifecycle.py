@@ -714,12 +714,14 @@ class Lifecycle:
             self._rec.oversize_events(req.alias, self._meter.oversize_events)
 
     def _unseen(self) -> int | None:
-        """Tokens a cut stream's backend could have generated in its pauses (None: it
-        paused, at no pace to measure); 0 for a stream that ended or said `[DONE]`."""
+        """Tokens a cut stream's backend could have generated in its pauses and before
+        its abort landed (None: it paused, at no pace to measure); 0 for a stream that
+        ended or said `[DONE]`."""
         meter, pace = self._meter, self._pace
         if pace is None or meter is None or meter.ended or meter.done:
             return 0
-        return pace.unseen(time.monotonic(), meter.tokens_seen)
+        unseen = pace.unseen(time.monotonic(), meter.tokens_seen)
+        return None if unseen is None else unseen + pace.abort_lag(meter.tokens_seen)
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""

@@ -243,6 +243,8 @@ def test_estimated_records_with_their_bounds_cap_the_counters_from_above() -> No
     start = datetime(2026, 3, 15, 9, tzinfo=UTC).timestamp()
     a = audit_backend(VllmCounters("http://vllm:8000", 15 + 18, 26 + 50, start), records)
     assert (a.estimated_prompt_bound, a.estimated_completion_bound, a.drift) == (18, 50, False)
+    # Its prompt as vLLM counts it, once per sequence (the report read 7 for 14).
+    assert a.estimated_prompt == 14
     for p, g in ((15 + 19, 26), (15, 26 + 51), (15, 20_062)):
         assert audit_backend(VllmCounters("http://vllm:8000", p, g, start), records).drift
     # A record without bounds (an older tokenbooth's) leaves the ceiling unknown.

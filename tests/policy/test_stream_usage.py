@@ -179,6 +179,18 @@ def test_a_failed_responses_stream_records_its_error_status() -> None:
     assert responses(DELTA, end("response.failed")).usage == Usage(9, 4)
 
 
+def test_a_responses_delta_with_non_ascii_text_counts_its_silent_tokens() -> None:
+    """vLLM sends no Responses delta for a token ending inside a UTF-8 character, so a
+    cut stream counted by its deltas was charged short (real vLLM: 56-59 deltas for 60
+    tokens). A delta counts one token for each of its non-ASCII bytes past the first."""
+    def delta(text: str) -> bytes:
+        return typed("response.output_text.delta",
+                     '{"delta":"' + text + '","type":"response.output_text.delta"}')
+    m = responses(delta("a"), delta("字"), delta("é"), delta("ab"), delta("字字"))
+    assert (m.content_chunks, m.tokens_seen) == (5, 5 + 2 + 1 + 5)
+    assert m.completion_estimate == m.tokens_seen
+
+
 def test_responses_events_without_a_name_are_read_by_their_type() -> None:
     bare = typed("", '{"response":{"usage":{"input_tokens":2,"output_tokens":1}},'
                  '"type":"response.completed"}', name=False)

@@ -22,6 +22,7 @@ from authz.runtime.server import Services
 from authz.state.usage.records import USAGE_FILE, read_records
 from policy.limits import RATE_HEADER_NAMES
 from policy.routing import CLUSTER_KEY, model_cluster_name
+from policy.stream_pace import ABORT_STEPS
 from tests.grpc_harness import Running
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello there"}]}
@@ -261,7 +262,8 @@ async def test_cut_stream_leaves_one_estimated_record(running: Running) -> None:
     s.call.cancel()  # Envoy drops the stream: the client or the upstream went away
     [rec] = await records(running, 1)
     assert rec["estimated"] is True
-    assert rec["completion_tokens"] == 1  # one content chunk seen before the cut
+    # One content chunk seen before the cut, and the steps vLLM takes before its abort.
+    assert rec["completion_tokens"] == 1 + ABORT_STEPS
     assert rec["status"] == 499
 
 
@@ -349,14 +351,14 @@ async def test_a_killed_stream_settles_every_counter_to_what_was_used(
     await s.send(resp_body(STREAM[:150], end=False))  # one content chunk
     s.call.cancel()
     [rec] = await records(running, 1)
-    assert rec["estimated"] is True and rec["completion_tokens"] == 1
+    assert rec["estimated"] is True and rec["completion_tokens"] == 1 + ABORT_STEPS
     for _ in range(100):  # settlement runs right after the record
         spent, reserved = await store.budget("k-metered", "acme", "total", fixed.timestamp())
         if reserved == 0:
             break
         await asyncio.sleep(0.02)
     price = running.services.runtime.snapshot.config.models["demo"].price_per_1k_tokens
-    assert (spent, reserved) == (cost_nano(rec["prompt_tokens"], 1, price), 0)
+    assert (spent, reserved) == (cost_nano(rec["prompt_tokens"], 1 + ABORT_STEPS, price), 0)
     # The concurrency slot is free and the bucket holds exactly 1000 - used.
     limits = Limits(tpm=1000, max_concurrent=1, budget_nano=10 * 10**9, budget_period="total")
     probe = Ask(request_id="probe", key_id="k-metered", org="acme", tokens=1, cost_nano=0,

@@ -25,6 +25,7 @@ from authz.services import lifecycle
 from authz.services.lifecycle import GATEWAY_TIMEOUT, JSON_KEEP_BYTES, Lifecycle
 from policy.keys import Principal
 from policy.limits import Decision, cost_nano
+from policy.stream_pace import ABORT_LAG_S, ABORT_STEPS
 from policy.usage import LOST, Usage, UsageRecord
 from tests.helpers import write_policy
 
@@ -488,10 +489,11 @@ def steady(n: int, index: int = 0, step: float = 0.05) -> list[tuple[float, byte
 async def test_a_stream_cut_while_its_chunks_flowed_is_charged_what_they_carried(
         h: Harness, clock: Clock) -> None:
     """A chat UI's stop button: what the chunks counted, and what the backend could
-    generate at its pace in the moment between the last chunk and the cut."""
-    assert await cut_charge(h, clock, {}, steady(20), idle_s=0) == 20
+    generate at its pace in the moment between the last chunk and the cut, and the
+    steps it takes before its abort lands (real vLLM: up to 3 past the last chunk)."""
+    assert await cut_charge(h, clock, {}, steady(20), idle_s=0) == 20 + ABORT_STEPS
     got = await cut_charge(h, clock, {}, steady(20), idle_s=0.3)
-    assert got == pytest.approx(20 + 0.3 * 20 * 2, abs=1)
+    assert got == pytest.approx(20 + 0.3 * 20 * 2 + ABORT_STEPS, abs=1)
 
 
 async def test_a_pause_before_the_cut_is_charged_at_the_streams_pace(
@@ -503,9 +505,9 @@ async def test_a_pause_before_the_cut_is_charged_at_the_streams_pace(
     # Shorter than a pause still counts: the reader stopped, vLLM generated on (a client
     # leaving 1.9 s after it stopped reading paid for none of it).
     got = await cut_charge(h, clock, {"max_tokens": 256}, steady(10), idle_s=1.9)
-    assert got == pytest.approx(10 + 1.9 * 20 * 2, abs=1)
+    assert got == pytest.approx(10 + 1.9 * 20 * 2 + ABORT_STEPS, abs=1)
     got = await cut_charge(h, clock, {"max_tokens": 256}, steady(10), idle_s=3.0)
-    assert got == pytest.approx(10 + 3 * 20 * 2, abs=1)  # rounded up
+    assert got == pytest.approx(10 + 3 * 20 * 2 + ABORT_STEPS, abs=1)  # rounded up
     # Never past what it could generate.
     assert await cut_charge(h, clock, {}, steady(10), idle_s=30) == 50
 
@@ -516,7 +518,7 @@ async def test_a_pause_before_a_brief_resume_counts_too(h: Harness, clock: Clock
     got = await cut_charge(h, clock, {"max_tokens": 256}, chunks)
     rate = 9 / (9 * 0.05)  # the pace before the pause
     owed = 3.0 - (1 - 0.01 * rate) / rate  # the last chunk carried a little past it
-    assert got == 12 + math.ceil(owed * rate * 2)
+    assert got == 12 + math.ceil(owed * rate * 2) + ABORT_STEPS
 
 
 async def test_a_pause_after_one_chunk_has_no_pace_so_the_bound(
@@ -530,7 +532,7 @@ async def test_the_stall_that_counts_is_set_by_limits_stalled_stream_s(
     chunks = [*steady(10), (10.0, chunk_of(0)), *steady(5)]
     body = {"max_tokens": 256}
     h30 = make_harness(tmp_path / "30", limits={"stalled_stream_s": 30})
-    assert await cut_charge(h30, clock, body, chunks) == 16
+    assert await cut_charge(h30, clock, body, chunks) == 16 + ABORT_STEPS
     h2 = make_harness(tmp_path / "2", limits={"stalled_stream_s": 2})
     assert await cut_charge(h2, clock, body, chunks) > 16 + 10 * 20
 
@@ -552,7 +554,7 @@ async def test_a_batchs_next_prompt_after_its_prefill_is_no_pause(
     assert life.recount_owed is not None
     life.write(life.recount_owed[0], 9)
     rec = await h2.record(life)
-    assert rec.completion_tokens == 21
+    assert rec.completion_tokens == 21 + 2 * ABORT_STEPS  # both prompts step on
     # The record keeps the hold's bounds (`audit --vllm` caps estimated requests by them).
     assert life.req is not None and life.req.prompt_bound > 9
     assert (rec.prompt_bound, rec.completion_bound) == (life.req.prompt_bound, 2 * 16)
@@ -568,18 +570,23 @@ async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:
     lp = {"logprobs": True, "n": 2, "max_tokens": 100}
     chunks = [(0.05, chunk_of(0, 7, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True)),
               (0.05, chunk_of(0, 3, logprobs=True)), (0.05, chunk_of(1, 1, logprobs=True))]
-    assert await cut_charge(h, clock, lp, chunks) == 7 + 1 + 3 + 1
+    lag = 2 * ABORT_STEPS  # two choices step on until the abort lands
+    assert await cut_charge(h, clock, lp, chunks) == 7 + 1 + 3 + 1 + lag
     # Chat echoes only onto an assistant's last message; "false" is false, as vLLM reads it.
     echoed = {**lp, "echo": True, "messages": [*CHAT["messages"],
                                                {"role": "assistant", "content": "Sure,"}]}
-    assert await cut_charge(h, clock, echoed, chunks) == 1 + 1 + 3 + 1
-    assert await cut_charge(h, clock, {**lp, "echo": True}, chunks) == 7 + 1 + 3 + 1
-    assert await cut_charge(h, clock, {**echoed, "echo": "false"}, chunks) == 7 + 1 + 3 + 1
+    assert await cut_charge(h, clock, echoed, chunks) == 1 + 1 + 3 + 1 + lag
+    assert await cut_charge(h, clock, {**lp, "echo": True}, chunks) == 7 + 1 + 3 + 1 + lag
+    assert await cut_charge(h, clock, {**echoed, "echo": "false"}, chunks) == \
+        7 + 1 + 3 + 1 + lag
     plain = [(0.05, chunk_of(0, text="a" * 300)), (0.05, chunk_of(0, text="a" * 300)),
              (0.05, chunk_of(0, text="ab")), (0.05, chunk_of(0, text="字" * 60)),
              (0.05, chunk_of(0, text="a long word")), (0.05, chunk_of(0, text="字字"))]
     # ~4 ASCII characters a token, one a CJK character; one chunk's worth below 4.
-    assert await cut_charge(h, clock, {"max_tokens": 256}, plain) == 75 + 75 + 1 + 60 + 1 + 1
+    # (Their pace, the 138 tokens after the first chunk in 0.25 s, makes the abort's lag
+    # ABORT_LAG_S at it.)
+    assert await cut_charge(h, clock, {"max_tokens": 256}, plain) == \
+        75 + 75 + 1 + 60 + 1 + 1 + math.ceil(ABORT_LAG_S * 138 / 0.25 * 2)
 
 
 async def test_a_stream_that_said_done_is_not_paused(h: Harness, clock: Clock) -> None:

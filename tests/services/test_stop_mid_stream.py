@@ -21,6 +21,7 @@ from authz.state.usage.records import USAGE_FILE, USAGE_STREAM, read_records
 from authz.state.usage.redis_sink import read_stream
 from policy.endpoints import lookup
 from policy.request import parse_request
+from policy.stream_pace import ABORT_STEPS
 from tests.grpc_harness import Running, serve_policy
 from tests.redis_server import RedisServer
 from tests.services.test_ext_proc import (
@@ -72,7 +73,7 @@ async def test_with_on_metering_loss_cut_the_rest_is_not_served(
     await s.send(resp_body(STREAM[:150], end=False))
     await cut_on_loss.services.stop()
     [rec] = list(read_records(cut_on_loss.data_dir / USAGE_FILE))
-    assert (rec["completion_tokens"], rec["estimated"]) == (1, True)
+    assert (rec["completion_tokens"], rec["estimated"]) == (1 + ABORT_STEPS, True)
 
 
 async def test_a_client_gone_during_the_grace_is_a_499(running: Running) -> None:
@@ -85,7 +86,7 @@ async def test_a_client_gone_during_the_grace_is_a_499(running: Running) -> None
     [rec] = await records(running, 1)
     await stopping
     assert (rec["request_id"], rec["status"], rec["completion_tokens"], rec["estimated"]) == (
-        "gone-1", 499, 1, True)
+        "gone-1", 499, 1 + ABORT_STEPS, True)
 
 
 class _Undeliverable:
