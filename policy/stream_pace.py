@@ -32,11 +32,11 @@ OPENED_AFTER_PAUSE_S = 1.0
 
 # From the cut the gateway sees to vLLM's abort (Envoy resets the upstream connection,
 # vLLM's server notices, its engine takes the abort between steps, one ahead of what it
-# streams): it generates on meanwhile. Real vLLM 0.32 counted up to 3 tokens per choice
-# past the chunks a cut stream's gateway had seen (1 more where one chunk came). Charged
-# ABORT_STEPS for each choice running, or ABORT_LAG_S at the stream's pace if more.
+# streams): it generates on meanwhile, in steps, not time. Real vLLM 0.32 counted up to
+# 3 tokens a choice past the chunks a cut stream's gateway had seen (1 more where one
+# chunk came). (A time at the stream's pace instead charged a fast or bursty stream's
+# measured pace, hundreds of tokens a second, for a lag of a few steps.)
 ABORT_STEPS = 3
-ABORT_LAG_S = 0.02
 
 
 # A flow shorter than this many tokens (and than stall_s) measures no pace for the
@@ -127,13 +127,10 @@ class StreamPace:
             owed += silence * per_seq * max(1, self.opened)
         return math.ceil(owed * HEADROOM)
 
-    def abort_lag(self, seen: int) -> int:
+    def abort_lag(self) -> int:
         """Tokens the backend generates after the cut, before its abort lands: ABORT_STEPS
-        for each choice open, or ABORT_LAG_S at the stream's pace (HEADROOM times)."""
-        running = max(1, self.opened)
-        per_seq = self.sequence_rate(seen)
-        lag = 0 if per_seq is None else math.ceil(ABORT_LAG_S * per_seq * running * HEADROOM)
-        return max(ABORT_STEPS * running, lag)
+        for each choice open (one, before any opened)."""
+        return ABORT_STEPS * max(1, self.opened)
 
     def rate(self, seen: int) -> float | None:
         """Tokens a second before its first pause; else over the whole stream (its chunks

@@ -716,12 +716,14 @@ class Lifecycle:
     def _unseen(self) -> int | None:
         """Tokens a cut stream's backend could have generated in its pauses and before
         its abort landed (None: it paused, at no pace to measure); 0 for a stream that
-        ended or said `[DONE]`."""
+        ended or said `[DONE]`, and no abort's steps after an error event."""
         meter, pace = self._meter, self._pace
         if pace is None or meter is None or meter.ended or meter.done:
             return 0
         unseen = pace.unseen(time.monotonic(), meter.tokens_seen)
-        return None if unseen is None else unseen + pace.abort_lag(meter.tokens_seen)
+        if unseen is None or meter.error_status:  # (generation failed: nothing steps on)
+            return unseen
+        return unseen + pace.abort_lag()
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from authz.sim.tokens import prompt_tokens_chat
+from policy.stream_pace import ABORT_STEPS
 from tests.e2e.conftest import Gateway, run_gateway
 from tests.e2e.test_gateway import records_for
 
@@ -47,7 +48,9 @@ def test_a_cut_stream_with_continuous_usage_is_estimated(metered: Gateway) -> No
     [rec] = records_for(gateway, rid)
     # 8 token chunks of 4 choices were sent (the last may be lost with the cut): the
     # chunks counted, not the last chunk's 2; and the moment before the cut at the pace
-    # of the 4 choices (a step of each, doubled, at most).
-    assert rec["estimated"] and max(3, received) <= rec["completion_tokens"] <= 8 + 2 * 4, (
+    # of the 4 choices (a step of each, doubled, at most), and each choice's steps
+    # before the abort lands.
+    assert rec["estimated"] and max(3, received) <= rec["completion_tokens"] <= \
+        8 + 2 * 4 + 4 * ABORT_STEPS, (
         rec["completion_tokens"], received)
     assert rec["prompt_tokens"] == prompt_tokens_chat(MESSAGES)

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from authz.state.usage.records import USAGE_FILE, read_records
+from policy.stream_pace import ABORT_STEPS
 from tests.e2e.conftest import Gateway, run_gateway
 
 pytestmark = pytest.mark.e2e
@@ -89,7 +90,8 @@ def test_a_stalled_stream_is_cut_by_the_idle_timeout_and_recorded_504(gw: Gatewa
     assert chunks == 1 and IDLE_S <= took < 4
     rec = record(gw, rid)
     assert rec["status"] == GATEWAY_TIMEOUT, rec
-    assert (rec["estimated"], rec["completion_tokens"]) == (True, 1)
+    # The chunk, and the steps before an abort, up to its max_tokens.
+    assert (rec["estimated"], rec["completion_tokens"]) == (True, min(3, 1 + ABORT_STEPS))
 
 
 def test_a_stream_past_its_maximum_duration_is_cut_and_recorded_504(gw: Gateway) -> None:
@@ -100,4 +102,5 @@ def test_a_stream_past_its_maximum_duration_is_cut_and_recorded_504(gw: Gateway)
     assert rec["status"] == GATEWAY_TIMEOUT, rec
     # What the chunks carried, and the moment since the last at its pace (~200 ms: a
     # token or two at twice 5 a second).
-    assert rec["estimated"] is True and chunks <= rec["completion_tokens"] <= chunks + 3
+    assert rec["estimated"] is True and \
+        chunks <= rec["completion_tokens"] <= chunks + 3 + ABORT_STEPS

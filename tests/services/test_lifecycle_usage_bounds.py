@@ -25,7 +25,7 @@ from authz.services import lifecycle
 from authz.services.lifecycle import GATEWAY_TIMEOUT, JSON_KEEP_BYTES, Lifecycle
 from policy.keys import Principal
 from policy.limits import Decision, cost_nano
-from policy.stream_pace import ABORT_LAG_S, ABORT_STEPS
+from policy.stream_pace import ABORT_STEPS
 from policy.usage import LOST, Usage, UsageRecord
 from tests.helpers import write_policy
 
@@ -583,10 +583,8 @@ async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:
              (0.05, chunk_of(0, text="ab")), (0.05, chunk_of(0, text="字" * 60)),
              (0.05, chunk_of(0, text="a long word")), (0.05, chunk_of(0, text="字字"))]
     # ~4 ASCII characters a token, one a CJK character; one chunk's worth below 4.
-    # (Their pace, the 138 tokens after the first chunk in 0.25 s, makes the abort's lag
-    # ABORT_LAG_S at it.)
     assert await cut_charge(h, clock, {"max_tokens": 256}, plain) == \
-        75 + 75 + 1 + 60 + 1 + 1 + math.ceil(ABORT_LAG_S * 138 / 0.25 * 2)
+        75 + 75 + 1 + 60 + 1 + 1 + ABORT_STEPS
 
 
 async def test_a_stream_that_said_done_is_not_paused(h: Harness, clock: Clock) -> None:
