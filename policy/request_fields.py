@@ -11,7 +11,7 @@ gateway reads itself (`max_tokens`, `n`, `stream`, ...) keep their own, stricter
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, get_args, get_origin, get_type_hints
 
 from pydantic import Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
@@ -91,6 +91,7 @@ def checked_fields(kind: Kind) -> frozenset[str]:
     shape = _SHAPES.get(kind)
     return frozenset() if shape is None else frozenset(shape.__optional_keys__)
 
+
 # What each type is called in the message, by the pydantic error's type.
 _EXPECTED: Final = {
     "float": "a number", "int": "an integer", "bool": "a boolean", "string": "a string",
@@ -115,8 +116,12 @@ def _refusal(e: ValidationError) -> ApiError:
     loc = err["loc"]
     name = str(loc[0])
     # The innermost place for an array's or object's member (`stop.1`, `logit_bias.42`);
-    # a union's branch names (`list[str]`) are pydantic's, not the body's.
-    inner = [str(p) for p in loc[1:] if isinstance(p, int) or p not in _BRANCHES]
+    # a union's branch name (`stop`'s `list[str]`) is pydantic's, not the body's, but an
+    # object's key named like one (`logit_bias.int`) is the body's.
+    rest = list(loc[1:])
+    if name in _UNIONS and rest:
+        rest = rest[1:]
+    inner = [str(p) for p in rest]
     param = ".".join([name, *inner])
     kind = str(err["type"]).split("_", 1)[0]
     if kind in ("greater", "less"):
@@ -129,5 +134,16 @@ def _refusal(e: ValidationError) -> ApiError:
     return invalid_request(f"'{param}' must be {expected}.", param)
 
 
-_BRANCHES: Final = frozenset(("str", "list[str]", "int", "float", "bool",
-                              "constrained-int", "function-after[...]"))
+def _union_fields() -> frozenset[str]:
+    """The fields typed as a union of several types besides null: pydantic names the
+    branch it tried right after the field."""
+    names: set[str] = set()
+    for shape in _SHAPES.values():
+        for field, hint in get_type_hints(shape).items():
+            if len([a for a in get_args(hint) if a is not type(None)]) > 1 \
+                    and get_origin(hint) is not Annotated:
+                names.add(field)
+    return frozenset(names)
+
+
+_UNIONS: Final = _union_fields()

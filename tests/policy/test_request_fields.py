@@ -29,6 +29,8 @@ CHAT: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content"
     ("stop", ["a", 1], "stop", "a string or an array of strings"),
     ("logit_bias", [1], "logit_bias", "an object"),
     ("logit_bias", {"42": "x"}, "logit_bias.42", "a number"),
+    ("logit_bias", {"int": "x"}, "logit_bias.int", "a number"),
+    ("logit_bias", {"list[str]": None}, "logit_bias.list[str]", "a number"),
     ("stop_token_ids", [1, "x"], "stop_token_ids.1", "an integer"),
     ("user", 5, "user", "a string"),
     ("logprobs", 3, "logprobs", "a boolean"),  # chat's is a boolean
