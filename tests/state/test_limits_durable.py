@@ -20,7 +20,7 @@ from authz.state.limits.durable import (
     lost_record_writer,
 )
 from authz.state.limits.memory import MemoryLimitStore
-from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, read_records
+from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, log_lines, read_records
 from policy.admission import KeyState, Ledger
 from policy.limits import Ask, HoldRecord, Limits
 from policy.usage import LOST, UsageRecord
@@ -212,6 +212,53 @@ async def test_a_request_recorded_but_not_settled_is_charged_its_record(tmp_path
     kill(store)
     store = await opened(tmp_path)
     assert await store.budget("k-1", "acme", "total", T0 + 1) == (321, 0)
+    assert [r["status"] for r in records(tmp_path)] == [200]
+    await store.close()
+
+
+def real_record(rid: str, key: str, at: float, cost_usd: str) -> UsageRecord:
+    return UsageRecord(
+        request_id=rid, key_id=key, org="acme", model="demo", upstream_model="tiny-llama",
+        backend="b", prompt_tokens=4, completion_tokens=6, total_tokens=10,
+        cost_usd=cost_usd, status=200, stream=False, estimated=False, started_at=iso(at),
+        duration_ms=5.0, endpoint="chat")
+
+
+@pytest.mark.parametrize("second_key", ["k-1", "k-2"])
+async def test_a_reused_request_id_is_not_settled_at_the_earlier_requests_record(
+        tmp_path: Path, second_key: str) -> None:
+    # Review: an earlier request's record under the same id (a sidecar keeps a
+    # workload's reused x-request-id) settled the next one's hold at its cost at restart.
+    store = await opened(tmp_path)
+    first = ask(1, cost=1000, at=T0)
+    await store.admit(NO_RPM, first, T0)
+    sink = JsonlUsageLog(tmp_path)
+    sink.write(real_record("r1", "k-1", T0, "0.000000002"))
+    sink.close()
+    await store.settle(NO_RPM, first, 10, 2, T0 + 1)
+    big = ask(1, key=second_key, cost=5_000, at=T0 + 2)
+    await store.admit(NO_RPM, big, T0 + 2)
+    kill(store)
+    store = await opened(tmp_path)
+    spent = {k: (await store.budget(k, "acme", "total", T0 + 3))[0] for k in ("k-1", "k-2")}
+    assert spent[second_key] == 5_000 + (2 if second_key == "k-1" else 0)
+    # Readers show one record per id (README, "Request ids in the mesh"); the log has both.
+    assert [(r["key_id"], r["status"], r["cost_usd"]) for r in log_lines(
+        tmp_path / USAGE_FILE)] == [("k-1", 200, "0.000000002"), (second_key, LOST, "0.000005")]
+    await store.close()
+
+
+async def test_the_org_hold_is_settled_at_its_requests_record(tmp_path: Path) -> None:
+    store = await opened(tmp_path)
+    await store.admit(ORG, ask(1, key="org:acme", cost=1000, record=False), T0)
+    await store.admit(LIMITS, ask(1, cost=1000), T0)
+    sink = JsonlUsageLog(tmp_path)
+    sink.write(real_record("r1", "k-1", T0, "0.000000321"))
+    sink.close()
+    kill(store)
+    store = await opened(tmp_path)
+    assert await store.budget("k-1", "acme", "total", T0 + 1) == (321, 0)
+    assert await store.budget("org:acme", "acme", "total", T0 + 1) == (321, 0)
     assert [r["status"] for r in records(tmp_path)] == [200]
     await store.close()
 

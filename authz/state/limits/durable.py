@@ -415,11 +415,17 @@ class DurableMemoryLimitStore:
         records = recorded(self._dir / USAGE_FILE,
                            {h.ask.request_id for h in dead} | {a.request_id for a, _ in swept},
                            since)
-        owed = [a for a, _ in swept if a.request_id not in records and a.record is not None]
+        # A record pays only its own request's holds: its key's or its org's, admitted at
+        # its start (another request under the same id, a client's reused `x-request-id`
+        # or another key's, was admitted at another moment), as the Redis SETTLE does.
+        owed = [a for a, _ in swept
+                if a.record is not None and own_record(records, a, None) is None]
         with_record = {h.ask.request_id for h in dead if h.ask.record is not None}
+        settled_from = 0
         for h in dead:
             ask = h.ask
-            usage = records.get(ask.request_id)
+            usage = own_record(records, ask, h.exp - ask.lease_s)
+            settled_from += usage is not None
             if (usage is None and ask.key_id.startswith(ORG_PREFIX)
                     and ask.request_id not in with_record):
                 usage = (0, 0)  # an org's hold whose key's never came: nothing was served
@@ -427,7 +433,7 @@ class DurableMemoryLimitStore:
             if usage is None and ask.record is not None:
                 owed.append(ask)
         log.warning("settled the requests in flight at the last stop", extra={
-            "settled": len(dead), "lost_records": len(owed), "recorded": len(records)})
+            "settled": len(dead), "lost_records": len(owed), "recorded": settled_from})
         for ask in owed:
             if self._on_lost is not None:
                 self._on_lost(ask)
@@ -492,29 +498,69 @@ def _read_state(data_dir: Path, rotated: list[Path]) -> tuple[dict[str, Any] | N
 # -- the usage log ----------------------------------------------------------------------
 
 
-def recorded(path: Path, rids: set[str], since: float) -> dict[str, tuple[int, int]]:
-    """(total_tokens, cost nano-USD) of each of `rids` that has a usage record in the
-    log: its real record, else its `lost` one. Reads backwards from the end of the log,
-    through its rotated files newest first, until a record that ended before `since`."""
-    found: dict[str, tuple[int, int]] = {}
-    lost: set[str] = set()
+@dataclasses.dataclass(frozen=True, slots=True)
+class Found:
+    """One usage record of a request id, as journal recovery reads it."""
+
+    tokens: int  # total_tokens
+    cost_nano: int
+    started: float  # started_at (epoch seconds): its holds' admission time
+    key_id: str
+    org: str
+    lost: bool  # a `lost` record (the sweep's), not the request's real one
+
+
+# How far a hold's admission time, read back as its lease end less its lease, may be
+# from its record's start (float rounding of the two sums; requests under one id are
+# admitted far further apart).
+_ADMITTED_SLACK_S = 1e-4
+
+
+def recorded(path: Path, rids: set[str], since: float) -> dict[str, list[Found]]:
+    """The usage records of each of `rids` in the log, newest first. Reads backwards
+    from the end of the log, through its rotated files newest first, until a record
+    that ended before `since`."""
+    found: dict[str, list[Found]] = {}
     newest_first = (r for p in reversed(usage_files(path)) for r in records_backwards(p))
     for rec in newest_first:
         rid = rec.get("request_id")
-        if rid in rids and (rid not in found or rid in lost):
+        if rid in rids:
             try:
-                found[rid] = (int(rec["total_tokens"]), usd_to_nano(Decimal(rec["cost_usd"])))
+                f = Found(int(rec["total_tokens"]), usd_to_nano(Decimal(rec["cost_usd"])),
+                          datetime.fromisoformat(str(rec["started_at"])).timestamp(),
+                          str(rec["key_id"]), str(rec.get("org") or ""),
+                          rec.get("status") == LOST)
             except (KeyError, ValueError, TypeError, InvalidOperation):
                 log.warning("usage log: unreadable record", extra={"request_id": rid})
-                continue
-            if rec.get("status") == LOST:
-                lost.add(rid)
             else:
-                lost.discard(rid)
+                found.setdefault(rid, []).append(f)
         ended = ended_at(rec)
         if ended is not None and ended < since:
             break
     return found
+
+
+def own_record(records: Mapping[str, list[Found]], ask: Ask, admitted: float | None
+               ) -> tuple[int, int] | None:
+    """(total_tokens, cost nano-USD) of the hold `ask`'s own record: the newest real one,
+    else the newest `lost` one, of its request id that is for its key (or its org's,
+    for an org's hold) and started when it was admitted (its record material's start,
+    else `admitted`); None if there is none."""
+    start = None if ask.record is None else _epoch(ask.record.started_at)
+    if start is None:
+        start = admitted
+    mine = [f for f in records.get(ask.request_id, ())
+            if (f.key_id == ask.key_id or (bool(f.org) and ask.key_id == ORG_PREFIX + f.org))
+            and start is not None and abs(f.started - start) <= _ADMITTED_SLACK_S]
+    best = next((f for f in mine if not f.lost), mine[0] if mine else None)
+    return None if best is None else (best.tokens, best.cost_nano)
+
+
+def _epoch(iso: str) -> float | None:
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
 
 
 # -- the snapshot's codec ---------------------------------------------------------------

@@ -57,11 +57,12 @@ def test_a_real_record_in_a_newer_file_supersedes_a_lost_one(tmp_path: Path) -> 
     assert seven["status"] == 200
     # Journal recovery reads back through the rotated files too.
     rid = record(7)["request_id"]
-    found = recorded(tmp_path / USAGE_FILE, {rid}, since=0.0)
-    assert found == {rid: (record(7)["total_tokens"], usd_to_nano(Decimal(record(7)[
-        "cost_usd"])))}
+    found, lost = recorded(tmp_path / USAGE_FILE, {rid}, since=0.0)[rid]  # newest first
+    assert (found.lost, lost.lost) == (False, True)
+    assert (found.tokens, found.cost_nano) == (record(7)["total_tokens"], usd_to_nano(
+        Decimal(record(7)["cost_usd"])))
     old = recorded(tmp_path / USAGE_FILE, {record(1000)["request_id"]}, since=0.0)
-    assert old[record(1000)["request_id"]][0] == record(1000)["total_tokens"]
+    assert old[record(1000)["request_id"]][0].tokens == record(1000)["total_tokens"]
 
 
 WRITER = """
