@@ -24,7 +24,7 @@ from policy.config import Config, Model
 from policy.endpoints import Endpoint, Kind
 from policy.errors import ApiError, invalid_request, model_not_found, request_too_large
 from policy.limits import cost_nano
-from policy.request_fields import check_field_types
+from policy.request_fields import check_field_types, lax_true
 from policy.request_pooling import embeddings_input, scoring_pairs
 from policy.request_responses import responses_prompt
 
@@ -224,7 +224,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/compl
 
 def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
     """Completion tokens per sequence, and whether the upstream body must be given them."""
-    if (kind is Kind.COMPLETION and body.get("echo") is True
+    if (kind is Kind.COMPLETION and lax_true(body.get("echo"))
             and type(body.get("max_tokens")) is int and body["max_tokens"] == 0):
         # Prompt scoring (lm-eval's loglikelihood): vLLM 0.32 echoes the prompt and
         # generates one token it does not return, but counts.

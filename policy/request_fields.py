@@ -99,6 +99,18 @@ _EXPECTED: Final = {
 }
 
 
+_BOOL: Final = TypeAdapter(bool)
+
+
+def lax_true(value: Any) -> bool:
+    """Whether vLLM reads `value` as true (`true`, `1`, `"true"`, `"yes"`, `"on"`, ...):
+    pydantic's lax boolean, as `check_field_types` admits it."""
+    try:
+        return _BOOL.validate_python(value) is True
+    except ValidationError:
+        return False
+
+
 def check_field_types(body: dict[str, Any], kind: Kind) -> None:
     """A 400 naming the first field of `body` whose value vLLM would refuse by its type
     (and `seed` past 64 bits); nothing for a kind without such fields."""

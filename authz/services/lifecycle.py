@@ -62,6 +62,7 @@ from policy.request import (
     parse_request,
     upstream_body,
 )
+from policy.request_fields import lax_true
 from policy.routing import Route
 from policy.stream_pace import StreamPace
 from policy.stream_usage import StreamMeter, meter_for
@@ -189,8 +190,9 @@ class Ending:
 def _echoes(kind: Kind, body: dict[str, Any]) -> bool:
     """Whether vLLM puts the prompt in each choice's first chunk: completions with
     `echo: true`; chat only when the last message is the assistant's (it is prepended to
-    the reply of the same role). vLLM reads `"false"` as false: only `true` echoes."""
-    if body.get("echo") is not True:
+    the reply of the same role). vLLM reads booleans laxly (`"true"` echoes, `"false"`
+    does not)."""
+    if not lax_true(body.get("echo")):
         return False
     if kind is Kind.CHAT:
         messages = body.get("messages")

@@ -203,9 +203,13 @@ def test_an_echo_without_generation_is_held_the_one_token_vllm_counts() -> None:
                 "max_tokens": 0, "n": 2}, COMP_EP)
     assert r.completion_bound == 1 * 2 * 2
     assert json.loads(upstream_body(r))["max_tokens"] == 0
+    # vLLM reads booleans laxly (review: `"true"` was refused here, served by vLLM).
+    for echo in (1, "true", "yes", "on"):
+        assert parsed({"model": "demo", "prompt": "x", "echo": echo, "max_tokens": 0},
+                      COMP_EP).completion_bound == 1
     # Without echo (vLLM: 400), or in chat, 0 is no limit.
     for ep, body in ((COMP_EP, {"prompt": "x", "max_tokens": 0}),
-                     (COMP_EP, {"prompt": "x", "max_tokens": 0, "echo": 1}),
+                     (COMP_EP, {"prompt": "x", "max_tokens": 0, "echo": "false"}),
                      (CHAT_EP, {"messages": MSG, "max_tokens": 0, "echo": True})):
         assert error_of({"model": "demo", **body}, ep).param == "max_tokens"
 
