@@ -75,19 +75,18 @@ def tracked(limits: Limits) -> bool:
             or limits.budget_nano is not None)
 
 
-# The concurrency limit of a key's record-only hold (held_limits): never reached.
+# The concurrency limit of a hold whose limits hold nothing (held_limits): never reached.
 RECORD_HOLD_CONCURRENCY = MAX_EXACT
 
 
 def held_limits(limits: Limits, ask: Ask) -> Limits:
-    """The limits a request is held under. A key's request that carries record material
-    (an inference request) is always held, so that a replica dying with it in flight
-    leaves its `lost` record (and a restart of the embedded store, its charge): a key
-    whose limits hold nothing (none, or a request rate only) gets an unreachable
-    concurrency limit, whose lease the sweep watches. An org's pseudo-key never does
-    (its key's hold carries the record)."""
-    if (ask.record is None or tracked(limits)
-            or ask.key_id.startswith(ORG_KEY_PREFIX)):
+    """The limits a request is held under. Every admitted request keeps a lease on its
+    key, and on its org where the org has limits, whatever those limits hold: a
+    concurrency limit set while it is in flight counts it at once, and a replica dying
+    with it in flight leaves the lease for the sweep (its `lost` record, and a restart
+    of the embedded store, its charge). Limits that hold nothing (none, or a request
+    rate only) get an unreachable concurrency limit for that lease."""
+    if tracked(limits) or (ask.key_id.startswith(ORG_KEY_PREFIX) and not limits.any):
         return limits
     return replace(limits, max_concurrent=RECORD_HOLD_CONCURRENCY)
 

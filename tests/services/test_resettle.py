@@ -189,7 +189,9 @@ async def test_a_restart_corrects_what_the_sweep_charged_in_full(
     # The restart on the same spool (the records of the process before: in the segment
     # the last one delivered, kept).
     third = Process(url, spool, runtime)
-    assert await third.resettle() == (0, 3)  # r1's key and org, r2's org: corrected
+    # r1's key and org, r2's org and its key's lease (a key without limits keeps one too,
+    # for a concurrency limit set meanwhile): corrected
+    assert await third.resettle() == (0, 4)
     after = await audit(url, real("r1", "r2"))
     assert clean(after), after
     assert after["k-a"].spent == REAL_NANO and after["org:acme"].spent == 2 * REAL_NANO
@@ -213,9 +215,8 @@ async def test_a_restart_before_the_leases_end_settles_the_holds(
     assert held["k-a"].live_holds == 1 and held["org:acme"].live_holds == 2
 
     second = Process(url, spool, runtime)
-    # r1's key and org, r2's org (its key, without limits, is not held: the org's hold
-    # carries its record)
-    assert await second.resettle() == (3, 0)
+    # r1's key and org, r2's org and its key's lease (the org's hold carries its record)
+    assert await second.resettle() == (4, 0)
     await sweep(url, tmp_path, runtime, lost=0)
     after = await audit(url, real("r1", "r2"))
     assert clean(after), after
@@ -312,7 +313,7 @@ async def test_only_recent_real_records_are_settled_again(
     # r-other's real settlement comes late after all (here: its replica's restart): it
     # still corrects the lost charge.
     third = Process(url, tmp_path / "other-spool", runtime)
-    assert await third.resettle() == (0, 1)
+    assert await third.resettle() == (0, 2)  # its org's charge and its key's lease
     audits = await audit(url, real("r-old", "r-new", "r-other"))
     assert audits["org:acme"].drift_nano == hold - REAL_NANO  # r-old's alone
     assert audits["org:acme"].lost_charges == 1

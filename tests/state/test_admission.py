@@ -8,8 +8,10 @@ import asyncio
 import logging
 import signal
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +22,7 @@ from authz.state.limits.redis_limits import RedisLimitStore
 from policy.admission import Settled
 from policy.config import OnStoreError
 from policy.errors import ApiError
-from policy.limits import Ask, Decision, Limits
+from policy.limits import Ask, Decision, HoldRecord, Limits
 from tests.redis_server import RedisServer
 
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
@@ -340,6 +342,57 @@ async def test_a_429_carries_the_rates_of_the_key_and_of_its_org(org_rpm: int | 
     assert rate["x-ratelimit-limit-tokens"] == "2000"
     assert rate["x-ratelimit-limit-requests"] == "1" and rate[
         "x-ratelimit-remaining-requests"] == "1"
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize(("key_before", "org_before"), [
+    (Limits(), Limits(budget_nano=10**9)),  # a key without limits, its org holding money
+    (Limits(rpm=1000), Limits(rpm=1000)),  # rate limits only: nothing held for them
+])
+async def test_a_concurrency_limit_set_mid_flight_counts_requests_under_an_org(
+        tmp_path: Path, backend: str, key_before: Limits, org_before: Limits) -> None:
+    """`keys update --max-concurrent 2` (or the org's) with 3 requests in flight: the
+    new limit counts them at once (limits tester: the key's hold was skipped when its
+    org's carried the record, and an org with a request rate only took no lease, so 4
+    more were admitted under a limit of 2)."""
+    server = None
+    if backend == "redis":
+        server = RedisServer(tmp_path)
+        server.start()
+        store: Any = RedisLimitStore(server.url, timeout_s=2.0)
+    else:
+        store = MemoryLimitStore()
+    await store.start()
+    adm = Admission(store)
+
+    def org_of(a: Ask) -> Ask:
+        return Ask(a.request_id, "org:o", "o", a.tokens, a.cost_nano, a.period, a.lease_s,
+                   record=a.record)
+
+    material = HoldRecord(model="m", upstream_model="m", endpoint="chat", stream=True,
+                          prompt_tokens=1, completion_tokens=9, started_at="2026-11-23T12:00:00Z")
+    try:
+        flying = [replace(ask(i), record=material) for i in range(3)]
+        for a in flying:
+            assert (await adm.admit_all((org_before, org_of(a)), key_before, a, NOW)).allowed
+        for key_after, org_after, who in (
+                (replace(key_before, max_concurrent=2), org_before, "API key"),
+                (key_before, replace(org_before, max_concurrent=2), "organization")):
+            a = replace(ask(9), record=material)
+            with pytest.raises(ApiError) as e:
+                await adm.admit_all((org_after, org_of(a)), key_after, a, NOW)
+            assert e.value.status == 429 and who in e.value.message, e.value.message
+        for a in flying:  # once they settle, the new limits admit again
+            await adm.settle(key_before, a, 10, 1, NOW)
+            await adm.settle(org_before, org_of(a), 10, 1, NOW)
+        a = replace(ask(10), record=material)
+        assert (await adm.admit_all((replace(org_before, max_concurrent=2), org_of(a)),
+                                    replace(key_before, max_concurrent=2), a, NOW)).allowed
+    finally:
+        await adm.close()
+        await store.close()
+        if server is not None:
+            server.stop()
 
 
 class _Flaky(MemoryLimitStore):

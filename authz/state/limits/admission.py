@@ -183,11 +183,9 @@ class Admission:
                 raise refusal(org_decision, org[0], now, ask.cost_nano, org=True,
                               other=await self._look(limits, ask, now))
             if self._in_store(*org):
-                # The org's hold carries the record: the key's holds only its own limits
-                # (a key without any is not held, and its settlement is a no-op).
+                # The org's hold carries the record; the key's keeps its lease (a
+                # `--max-concurrent` set meanwhile counts it), without the material.
                 key_ask = replace(ask, record=None)
-                if not held_limits(limits, key_ask).any and len(self._unheld) < MAX_UNSYNCED:
-                    self._unheld.add((ask.key_id, ask.request_id))
         try:
             decision = await self._admit(limits, key_ask, now)
             if not decision.allowed:  # with the org's rates in its headers too
