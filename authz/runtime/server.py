@@ -48,7 +48,7 @@ from authz.state.limits.factory import make_limit_store
 from authz.state.limits.redis_limits import RedisLimitStore
 from authz.state.orgs import OrgLimitsCache, make_org_store
 from authz.state.tasks import cancel_and_wait
-from authz.state.usage.records import UsageSink, make_sink
+from authz.state.usage.records import JsonlUsageLog, UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
 
@@ -142,8 +142,10 @@ class Services:
         feed = AlertFeed()  # records mark the owners whose budget alerts to check
         recorder = Recorder(AlertingSink(self.sink, feed), self.metrics)
         if self.limits is None:
-            self.limits = make_limit_store(cfg, on_lost=recorder.lost,
-                                           on_reset=self.metrics.store_resets.inc)
+            self.limits = make_limit_store(
+                cfg, on_lost=recorder.lost, on_reset=self.metrics.store_resets.inc,
+                records_waiting=self.sink.waiting if isinstance(self.sink, JsonlUsageLog)
+                else None)
         await self.limits.start()
         self._admission = Admission(
             # The outage policy in force: a reload may change it mid-outage.
@@ -338,7 +340,7 @@ class Services:
 
     async def stop(self) -> None:
         """Stop taking new streams; let in-flight ones finish within the grace period."""
-        self._ready = False
+        was_ready, self._ready = self._ready, False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         # Any may be in a Redis call. A re-settlement cut here leaves the spool unmarked
@@ -393,7 +395,8 @@ class Services:
         shutdowns = [asyncio.to_thread(p.shutdown)
                      for p in (self.tracer_provider, self._otlp_metrics) if p is not None]
         await asyncio.gather(*shutdowns)
-        log.info("tokenbooth services stopped")
+        if was_ready:  # a start that failed says why, not that anything stopped
+            log.info("tokenbooth services stopped")
 
     def hurry(self) -> None:
         """A second SIGTERM/SIGINT during `stop`: stop waiting for the streams in flight

@@ -166,3 +166,84 @@ def test_a_restart_on_a_full_disk_says_where_and_loses_nothing(tmp_path: Path) -
     assert "nothing is lost" in refused
     assert budget == "(2000, 0)"  # both charged in full, once
     assert records == "['r0', 'r1']"
+
+
+def test_a_settlement_waits_for_its_record_to_reach_the_disk(tmp_path: Path) -> None:
+    """Faults tester: requests ended while the disk was full; their records waited in
+    memory, but their settlements reached the journal (its short lines still fit), and a
+    kill then lost the records: the key was charged with no record, none `lost` either.
+    Now a settlement stays out of the journal while records wait: a kill leaves the hold
+    in flight, charged in full with its `lost` record at the restart; once the records
+    are written, the settlements follow them into the journal, and a kill then charges
+    the records' cost."""
+    out = run_child(tmp_path, """
+        from datetime import UTC, datetime
+        from authz.state.limits.durable import (JOURNAL_FILE, DurableMemoryLimitStore,
+                                                lost_record_writer)
+        from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, log_lines
+        from policy.config import Price
+        from policy.limits import Ask, HoldRecord, Limits
+        from policy.usage import Usage, make_record
+
+        d = Path(sys.argv[1])
+        LIMITS = Limits(budget_nano=10**9, budget_period="total")
+        START = datetime(2026, 12, 5, tzinfo=UTC)
+        REC = HoldRecord(model="m", upstream_model="u", endpoint="chat", stream=False,
+                         prompt_tokens=10, completion_tokens=10,
+                         started_at="2026-12-05T00:00:00Z", key_budget_period="total")
+
+        def real(i):  # 7 tokens, $0.007 at $1 a thousand
+            return make_record(
+                request_id=f"r{i}", key_id="k", org="o", model="m", upstream_model="u",
+                backend="b", usage=Usage(3, 4), price=Price(input=1, output=1),
+                status=200, stream=False, estimated=False,
+                started_at=START, duration_ms=1.0, endpoint="chat")
+
+        def ask(i):
+            return Ask(f"r{i}", "k", "o", 20, 50_000, "total", 3600.0, REC)
+
+        def kill(s, log):  # what a SIGKILL leaves: nothing flushed, nothing snapshot
+            for name in ("_fd", "_lock_fd"):
+                os.close(getattr(s, name))
+                setattr(s, name, None)
+            log._backlog.drop()
+            log._file.close()
+
+        async def run(i, room_before_kill):
+            log = JsonlUsageLog(d)
+            s = DurableMemoryLimitStore(d, on_lost=lost_record_writer(d),
+                                        records_waiting=log.waiting)
+            await s.start()
+            for j in range(20):  # the usage log outgrows the journal
+                log.write(real(1000 * i + j))
+            assert (await s.admit(LIMITS, ask(i), START.timestamp())).allowed
+            disk(os.path.getsize(d / USAGE_FILE) + 5)  # the journal still has room
+            log.write(real(i))  # kept in memory
+            assert log.waiting()
+            await s.settle(LIMITS, ask(i), 7, 7_000_000, START.timestamp() + 1)
+            settled = f'"s",{START.timestamp() + 1}'
+            assert settled not in (d / JOURNAL_FILE).read_text()
+            if room_before_kill:
+                disk(None)
+                await s.sweep(START.timestamp() + 2)  # any change journals it now
+                assert not log.waiting()  # written
+                assert settled in (d / JOURNAL_FILE).read_text()
+            kill(s, log)
+            disk(None)
+            again = DurableMemoryLimitStore(d, on_lost=lost_record_writer(d))
+            await again.start()
+            spent = await again.budget("k", "o", "total", START.timestamp() + 3)
+            await again.close()
+            mine = [(r["status"], r["cost_usd"]) for r in log_lines(d / USAGE_FILE)
+                    if r["request_id"] == f"r{i}"]
+            print(i, spent, mine)
+
+        async def main():
+            await run(1, room_before_kill=False)
+            await run(2, room_before_kill=True)
+
+        asyncio.run(main())
+        """)
+    first, second = out.strip().splitlines()
+    assert first == "1 (50000, 0) [('lost', '0.00005')]"  # its hold, its lost record
+    assert second == "2 (7050000, 0) [(200, '0.007')]"  # and now r2's record's cost

@@ -86,6 +86,9 @@ NO_LIMITS = Limits()  # settles a dead request without giving tokens back
 # Called with the Ask of each hold charged as lost at start that carries record
 # material (`Ask.record`); writes its usage record (`policy.admission.lost_record`).
 OnLost = Callable[[Ask], None]
+# A settlement's journal line after its sequence number and op: now, limits, key id,
+# request id, period, used tokens, cost nano-USD.
+_SettleRow = tuple[float, list[Any], str, str, str, int, int]
 
 
 def _limits_row(limits: Limits) -> list[Any]:
@@ -102,9 +105,14 @@ class DurableMemoryLimitStore:
     """The memory store with a journal and snapshots in `data_dir` (see the module)."""
 
     def __init__(self, data_dir: Path, *, on_lost: OnLost | None = None,
-                 window_s: float = WINDOW_S, compact_bytes: int = COMPACT_BYTES) -> None:
+                 window_s: float = WINDOW_S, compact_bytes: int = COMPACT_BYTES,
+                 records_waiting: Callable[[], bool] | None = None) -> None:
         self._dir = data_dir
         self._on_lost = on_lost
+        # Whether the usage log keeps records in memory that the disk refused (it tries
+        # them again first): their settlements stay out of the journal meanwhile.
+        self._records_waiting = records_waiting
+        self._withheld: list[_SettleRow] = []
         self._compact_bytes = compact_bytes
         self._mem = MemoryLimitStore(window_s=window_s)
         self._seq = 0  # the last sequence number given out
@@ -158,6 +166,8 @@ class DurableMemoryLimitStore:
                     ) -> Decision:
         if not take:  # a look changes nothing: nothing to journal
             return await self._mem.admit(limits, ask, now, take=False)
+        if self._withheld:
+            self._withholding()
         if self._broken:
             # A journal line was lost (a full disk): nothing new is held until a snapshot
             # makes the state durable again, or a restart would forget it (and its spend).
@@ -184,11 +194,39 @@ class DurableMemoryLimitStore:
                      now: float) -> Settled:
         done = await self._mem.settle(limits, ask, used_tokens, cost_nano, now)
         if done.applied:
-            self._seq += 1
-            self._append(orjson.dumps(
-                [self._seq, "s", now, _limits_row(limits), ask.key_id, ask.request_id,
-                 ask.period, used_tokens, cost_nano], option=orjson.OPT_APPEND_NEWLINE), now)
+            row: _SettleRow = (now, _limits_row(limits), ask.key_id, ask.request_id,
+                               ask.period, used_tokens, cost_nano)
+            if self._withholding():
+                if not self._withheld:
+                    log.warning("usage records wait for the disk: their settlements stay "
+                                "out of the limits journal until they are written (a kill "
+                                "meanwhile charges each its record, or its hold with a "
+                                "`lost` record)", extra={"path": str(self.journal_path)})
+                self._withheld.append(row)
+            else:
+                self._journal_settle(row)
         return done
+
+    def _journal_settle(self, row: _SettleRow) -> None:
+        self._seq += 1
+        self._append(orjson.dumps([self._seq, "s", *row], option=orjson.OPT_APPEND_NEWLINE),
+                     row[0])
+
+    def _withholding(self) -> bool:
+        """Whether settlements must stay out of the journal and snapshots wait: usage
+        records wait in memory for the disk (a disk-full usage log), and a settlement
+        made durable now would outlive its record at a kill; the restart then charged the
+        request with no record at all. Held back, a kill leaves its hold in flight for
+        the restart, which finds its record if it was written, else charges the hold
+        with a `lost` one. Once the records are written, the settlements held back are
+        journaled, in order."""
+        if self._records_waiting is not None and self._records_waiting():
+            return True
+        if self._withheld:
+            rows, self._withheld = self._withheld, []
+            for row in rows:
+                self._journal_settle(row)
+        return False
 
     def admitted_under(self, ask: Ask) -> str | None:
         return None  # the journal keeps its state: nothing can go missing under it
@@ -197,6 +235,8 @@ class DurableMemoryLimitStore:
         return None
 
     async def sweep(self, now: float) -> list[Ask]:
+        if self._withheld:
+            self._withholding()
         lost = await self._mem.sweep(now)
         if lost:
             self._seq += 1
@@ -208,6 +248,8 @@ class DurableMemoryLimitStore:
                       now: float, batch_id: str = "") -> None:
         if batch_id and self._mem.consumed(batch_id):
             return
+        if self._withheld:
+            self._withholding()
         await self._mem.consume(limits, key_id, requests, tokens, now, batch_id)
         self._seq += 1
         self._append(orjson.dumps([self._seq, "c", now, _limits_row(limits), key_id,
@@ -271,6 +313,8 @@ class DurableMemoryLimitStore:
         loop = asyncio.get_running_loop()
         if self._compacting is not None or loop.time() < self._next_try:
             return
+        if self._withholding() and self._withheld:
+            return  # the snapshot would hold settlements whose records are not written
         data, seq = self._snapshot_bytes(), self._seq
         try:
             if self._fd is not None:
@@ -322,7 +366,12 @@ class DurableMemoryLimitStore:
                 p.unlink(missing_ok=True)
 
     def _compact_now(self) -> None:
-        """Snapshot synchronously and start an empty journal (at start and at close)."""
+        """Snapshot synchronously and start an empty journal (at start and at close);
+        only the journal's descriptor while settlements are held back (`_withholding`)."""
+        if self._withholding() and self._withheld:
+            if self._fd is None:
+                self._open_journal()
+            return
         self._write_snapshot(self._snapshot_bytes(), self._seq)
         if self._fd is not None:
             os.close(self._fd)
@@ -440,11 +489,13 @@ class DurableMemoryLimitStore:
 
 
 def make_durable_memory_store(cfg: Config, on_lost: OnLost | None = None,
+                              records_waiting: Callable[[], bool] | None = None,
                               ) -> DurableMemoryLimitStore:
     """The limit store of `state: memory`, durable in `cfg.data_dir`. Without `on_lost`,
     the lost records of a restart go straight to the usage log there."""
     return DurableMemoryLimitStore(cfg.data_dir,
-                                   on_lost=on_lost or lost_record_writer(cfg.data_dir))
+                                   on_lost=on_lost or lost_record_writer(cfg.data_dir),
+                                   records_waiting=records_waiting)
 
 
 def lost_record_writer(data_dir: Path) -> OnLost:

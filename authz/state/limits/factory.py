@@ -14,10 +14,12 @@ from policy.usage import UsageRecord
 
 def make_limit_store(cfg: Config,
                      on_lost: Callable[[UsageRecord], None] | None = None,
-                     on_reset: Callable[[], None] | None = None) -> LimitStore:
+                     on_reset: Callable[[], None] | None = None,
+                     records_waiting: Callable[[], bool] | None = None) -> LimitStore:
     """`on_lost` receives the records of holds found lost when the embedded store starts
     (in flight when the process died); without it they go straight to the usage log.
-    `on_reset`: Redis was found to have lost its data."""
+    `on_reset`: Redis was found to have lost its data. `records_waiting`: whether the
+    usage log keeps records the disk refused (the embedded store's settlements wait)."""
     if cfg.state_is_redis:
         from authz.state.limits.redis_limits import RedisLimitStore
         from authz.state.usage.records import USAGE_STREAM
@@ -31,7 +33,7 @@ def make_limit_store(cfg: Config,
     from authz.state.limits.durable import make_durable_memory_store
 
     if on_lost is None:
-        return make_durable_memory_store(cfg)
+        return make_durable_memory_store(cfg, records_waiting=records_waiting)
     deliver = on_lost
 
     def record_lost(ask: Ask) -> None:
@@ -39,4 +41,5 @@ def make_limit_store(cfg: Config,
         if rec is not None:
             deliver(rec)
 
-    return make_durable_memory_store(cfg, on_lost=record_lost)
+    return make_durable_memory_store(cfg, on_lost=record_lost,
+                                     records_waiting=records_waiting)

@@ -73,6 +73,12 @@ class JsonlUsageLog:
             self._unchecked = 0
             self._rotate_if_due()
 
+    def waiting(self) -> bool:
+        """Whether records the disk refused still wait in memory, once tried again."""
+        if len(self._backlog) and not self._file.closed:
+            self._backlog.flush(self._file.fileno())
+        return len(self._backlog) > 0
+
     def _rotate_if_due(self) -> None:
         """Rotates a full file (one writer does, under the lock), and reopens ours if it
         was rotated. Lines another writer appends to the old file before it notices land
