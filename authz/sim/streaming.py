@@ -53,7 +53,6 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
     `pace.error_after` token events (none: the hook does not apply)."""
     resp = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
     resp.enable_chunked_encoding()
-    await resp.prepare(request)
     total = steps * per_step
     limit = total if pace.cut_after is None else min(pace.cut_after, total)
     failing = bool(failure) and pace.error_after is not None
@@ -61,6 +60,7 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
         limit = min(limit, pace.error_after)
     sent = tokens = 0
     try:
+        await resp.prepare(request)  # a client gone before the headers: quiet too
         if pace.ttft_s > 0:
             await asyncio.sleep(pace.ttft_s)
         for event in head:

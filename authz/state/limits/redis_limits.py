@@ -335,10 +335,10 @@ class RedisLimitStore:
         if before is None or seen == before:
             return True
         log.error("redis lost its data (restarted without persistence, or flushed): the "
-                  "budget ledgers, the holds of requests in flight (their settlements now "
-                  "charge nothing), keys made with `keys create` and usage records not "
-                  "yet exported are gone; `tokenbooth audit` shows the drift (README: "
-                  "Persistence)")
+                  "budget ledgers (spend before it is forgotten), keys made with `keys "
+                  "create` and usage records not yet exported are gone; requests in flight "
+                  "are still charged their real cost to the new ledgers. Run Redis with "
+                  "AOF (README: Scale out, Persistence)")
         if self._on_reset is not None:
             self._on_reset()
         return False
