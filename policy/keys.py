@@ -77,9 +77,11 @@ def no_key_message(key_id: str) -> str:
 def extract_secret(authorization: str | None, x_api_key: str | None) -> str | None:
     """The key a client sent: `Authorization: Bearer <key>` first, then `X-API-Key`."""
     if authorization:
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        # Any whitespace after the scheme (RFC 9110 says one space; a tab was read as
+        # no key at all, with a 401 saying none was sent).
+        scheme, *token = authorization.split(None, 1)
+        if scheme.lower() == "bearer" and token and token[0].strip():
+            return token[0].strip()
     if x_api_key and x_api_key.strip():
         return x_api_key.strip()
     return None

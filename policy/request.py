@@ -24,7 +24,7 @@ from policy.config import Config, Model
 from policy.endpoints import Endpoint, Kind
 from policy.errors import ApiError, invalid_request, model_not_found, request_too_large
 from policy.limits import cost_nano
-from policy.request_fields import check_field_types, lax_true
+from policy.request_fields import check_field_types, check_vllm_rules, lax_true
 from policy.request_pooling import embeddings_input, scoring_pairs
 from policy.request_responses import responses_prompt
 
@@ -307,6 +307,7 @@ def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
                 ) -> InferenceRequest:
     """/v1/chat/completions and /v1/completions."""
     check_field_types(body, kind)
+    check_vllm_rules(body, kind)
     stream, wants_usage = _stream_flags(body)
     max_tokens, write = _max_tokens(body, kind, model.max_tokens)
     _min_tokens(body, max_tokens)

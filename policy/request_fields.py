@@ -123,6 +123,25 @@ def check_field_types(body: dict[str, Any], kind: Kind) -> None:
         raise _refusal(e) from None
 
 
+def check_vllm_rules(body: dict[str, Any], kind: Kind) -> None:
+    """vLLM 0.32's refusals of a chat body that hold whatever its server's options
+    (`ChatCompletionRequest`'s "before" validators, read as they read the raw body:
+    Python truthiness), so that such a request is refused before anything is held, as
+    `stream_options` without `stream` is (shapes tester: it spent one of the key's
+    requests per minute on vLLM's 400)."""
+    if kind is not Kind.CHAT:
+        return
+    if body.get("continue_final_message") and body.get("add_generation_prompt"):
+        raise invalid_request("Cannot set both `continue_final_message` and "
+                              "`add_generation_prompt` to True.", "continue_final_message")
+    if body.get("logprob_token_ids") and not body.get("logprobs"):
+        raise invalid_request("when using `logprob_token_ids`, `logprobs` must be set to "
+                              "true.", "logprob_token_ids")
+    if body.get("tools") == []:
+        raise invalid_request("`tools` must not be an empty array. Either provide at least "
+                              "one tool or omit the field entirely.", "tools")
+
+
 def _refusal(e: ValidationError) -> ApiError:
     err = e.errors(include_url=False)[0]
     loc = err["loc"]

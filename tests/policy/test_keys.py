@@ -46,6 +46,7 @@ def test_display_prefix_is_the_key_prefix_and_four_characters() -> None:
 def test_extract_secret_prefers_bearer() -> None:
     assert extract_secret("Bearer  abc ", "zzz") == "abc"
     assert extract_secret("bearer abc", None) == "abc"
+    assert extract_secret("Bearer\tabc", None) == "abc"  # a tab after the scheme
     assert extract_secret("Basic abc", "zzz") == "zzz"
     assert extract_secret("Bearer ", " k ") == "k"
     assert extract_secret(None, "  ") is None

@@ -12,7 +12,7 @@ from policy.config import load_config
 from policy.endpoints import Kind, lookup
 from policy.errors import ApiError
 from policy.request import parse_request
-from policy.request_fields import check_field_types
+from policy.request_fields import check_field_types, check_vllm_rules
 from tests.helpers import write_policy
 
 CHAT: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
@@ -80,3 +80,21 @@ def test_parse_request_refuses_before_any_hold(tmp_path: Any, path: str,
     with pytest.raises(ApiError) as e:
         parse_request(json.dumps(body).encode(), endpoint, cfg)
     assert e.value.param == "temperature"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+    ({"logprob_token_ids": [5]}, "logprob_token_ids"),
+    ({"logprob_token_ids": [5], "logprobs": False}, "logprob_token_ids"),
+    ({"tools": []}, "tools"),
+])
+def test_a_chat_body_vllm_always_refuses_is_a_400_before_the_hold(
+        extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as e:
+        check_vllm_rules({**CHAT, **extra}, Kind.CHAT)
+    assert (e.value.status, e.value.param) == (400, param)
+    for fine in ({"continue_final_message": True, "add_generation_prompt": False},
+                 {"continue_final_message": True}, {"logprob_token_ids": [5], "logprobs": True},
+                 {"tools": None}):
+        check_vllm_rules({**CHAT, **fine}, Kind.CHAT)
+    check_vllm_rules({"prompt": "x", "tools": []}, Kind.COMPLETION)  # chat's rules only

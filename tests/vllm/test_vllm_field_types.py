@@ -71,3 +71,56 @@ def test_the_gateway_refuses_what_vllm_refuses_for_each_field() -> None:
     assert [d for d in differ if d[3] == "gateway"] == []
     assert [d for d in differ
             if not isinstance(d[2], int | float) and d[2] != "12"] == [], differ
+
+
+_VLLM_RULES = """
+import json, sys
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+out = []
+for body in json.load(sys.stdin):
+    try:
+        ChatCompletionRequest.model_validate(body)
+        out.append(False)
+    except Exception:
+        out.append(True)
+print(json.dumps(out))
+"""
+
+_ABSENT = object()
+
+
+def _rule_bodies() -> list[dict[str, Any]]:
+    flags: list[Any] = [_ABSENT, True, False, "false", "true", 1, 0, None]
+    groups: list[list[dict[str, Any]]] = [
+        [{"continue_final_message": c, "add_generation_prompt": a}
+         for c in flags for a in flags],
+        [{"logprob_token_ids": t, "logprobs": lp}
+         for t in (_ABSENT, [1], [], None) for lp in flags],
+        [{"tools": t} for t in (_ABSENT, [], None)],
+    ]
+    return [{**BASE[Kind.CHAT], **{k: v for k, v in fields.items() if v is not _ABSENT}}
+            for group in groups for fields in group]
+
+
+def test_the_gateway_refuses_the_chat_bodies_vllm_always_refuses() -> None:
+    """policy.request_fields.check_vllm_rules against vLLM's own validators: the same
+    verdict for every combination of the fields they read."""
+    from policy.request_fields import check_vllm_rules
+
+    python = _require_python()
+    bodies = _rule_bodies()
+    r = subprocess.run([str(python), "-c", _VLLM_RULES], capture_output=True, timeout=300,
+                       input=json.dumps(bodies).encode())
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    vllm = json.loads(r.stdout.decode().strip().splitlines()[-1])
+
+    def ours(body: dict[str, Any]) -> bool:
+        try:
+            check_field_types(body, Kind.CHAT)
+            check_vllm_rules(body, Kind.CHAT)
+        except ApiError:
+            return True
+        return False
+
+    assert [(b, theirs) for b, theirs in zip(bodies, vllm, strict=True)
+            if ours(b) != theirs] == []
