@@ -105,6 +105,7 @@ class Services:
     _reload: asyncio.Task[None] | None = None
     _shadowed: asyncio.Task[None] | None = None  # the look for config keys' ids in the store
     _ready: bool = False
+    _limits_closed: bool = False
     _hurried: bool = False  # a second stop signal: no more waiting (see `hurry`)
     _server_grace: float | None = None  # the grace of the gRPC server's stop, once begun
     _stops: set[asyncio.Future[None]] = field(default_factory=set)
@@ -386,10 +387,17 @@ class Services:
                     self._ext_proc is None or not self._ext_proc.unfinished):
                 self.sink.mark_stopped()
         elif self.sink is not None:
+            # The embedded state first: it snapshots only once every record is on disk
+            # (else the requests whose records the disk refused stay in flight for the
+            # next start, charged with `lost` records), which the sink's close would hide
+            # by moving those records to the error log.
+            if self.limits is not None:
+                await self.limits.close()
+                self._limits_closed = True
             self.sink.close()
         if self.store is not None:
             await self.store.close()
-        if self.limits is not None:
+        if self.limits is not None and not self._limits_closed:
             await self.limits.close()
         # Bounded, side by side: an unreachable collector costs at most one export timeout.
         shutdowns = [asyncio.to_thread(p.shutdown)

@@ -178,6 +178,7 @@ def test_a_settlement_waits_for_its_record_to_reach_the_disk(tmp_path: Path) -> 
     the records' cost."""
     out = run_child(tmp_path, """
         from datetime import UTC, datetime
+        from authz.state.limits.base import LimitStoreUnwritable
         from authz.state.limits.durable import (JOURNAL_FILE, DurableMemoryLimitStore,
                                                 lost_record_writer)
         from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, log_lines
@@ -223,6 +224,17 @@ def test_a_settlement_waits_for_its_record_to_reach_the_disk(tmp_path: Path) -> 
             await s.settle(LIMITS, ask(i), 7, 7_000_000, START.timestamp() + 1)
             settled = f'"s",{START.timestamp() + 1}'
             assert settled not in (d / JOURNAL_FILE).read_text()
+            # Nothing new is admitted meanwhile (review: a reused request id admitted
+            # before the late settlement was replayed out of order), and no snapshot
+            # is taken (it would make the charge durable without its record).
+            try:
+                await s.admit(LIMITS, ask(i + 100), START.timestamp() + 1)
+                raise SystemExit("admitted while records wait for the disk")
+            except LimitStoreUnwritable:
+                pass
+            snapshot = (d / "limits.snapshot").read_bytes()
+            s._compact_now()
+            assert (d / "limits.snapshot").read_bytes() == snapshot
             if room_before_kill:
                 disk(None)
                 await s.sweep(START.timestamp() + 2)  # any change journals it now
@@ -247,3 +259,64 @@ def test_a_settlement_waits_for_its_record_to_reach_the_disk(tmp_path: Path) -> 
     first, second = out.strip().splitlines()
     assert first == "1 (50000, 0) [('lost', '0.00005')]"  # its hold, its lost record
     assert second == "2 (7050000, 0) [(200, '0.007')]"  # and now r2's record's cost
+
+
+def test_a_restart_whose_lost_records_wait_for_the_disk_takes_no_snapshot(
+        tmp_path: Path) -> None:
+    """Review: a restart on a full usage log settled the requests in flight at the kill,
+    sent their `lost` records to memory, and snapshotted: a second kill left the
+    charges with no record. Now the snapshot waits for the records: the second restart
+    charges them again, once, and writes each `lost` record once."""
+    out = run_child(tmp_path, """
+        from authz.state.limits.durable import DurableMemoryLimitStore
+        from authz.state.usage.records import USAGE_FILE, JsonlUsageLog, log_lines
+        from policy.limits import Ask, HoldRecord, Limits
+
+        d = Path(sys.argv[1])
+        LIMITS = Limits(budget_nano=10**9, budget_period="total")
+        REC = HoldRecord(model="m", upstream_model="u", endpoint="chat", stream=False,
+                         prompt_tokens=10, completion_tokens=10,
+                         started_at="2026-12-05T00:00:00Z", key_budget_period="total")
+
+        def kill(s, log):
+            for name in ("_fd", "_lock_fd"):
+                if getattr(s, name) is not None:
+                    os.close(getattr(s, name))
+                    setattr(s, name, None)
+            log._backlog.drop()
+            log._file.close()
+
+        def opened(log):
+            def lost(a):
+                from policy.admission import lost_record
+                log.write(lost_record(a))
+            return DurableMemoryLimitStore(d, on_lost=lost, records_waiting=log.waiting)
+
+        async def main():
+            log = JsonlUsageLog(d)
+            s = opened(log)
+            await s.start()
+            assert (await s.admit(LIMITS, Ask("y", "k", "o", 20, 1000, "total", 3600.0,
+                                              REC), 1.0)).allowed
+            kill(s, log)
+            log = JsonlUsageLog(d)
+            log._file.write(b"x" * 64 + b"\\n")  # the usage log outgrows the journal
+            disk(os.path.getsize(d / USAGE_FILE) + 5)
+            s = opened(log)
+            await s.start()  # y's lost record waits in memory
+            assert log.waiting()
+            kill(s, log)
+            disk(None)
+            log = JsonlUsageLog(d)
+            s = opened(log)
+            await s.start()
+            print(await s.budget("k", "o", "total", 2.0))
+            await s.close()
+            log.close()
+            print([(r["request_id"], r["status"]) for r in log_lines(d / USAGE_FILE)])
+
+        asyncio.run(main())
+        """)
+    budget, recs = out.strip().splitlines()
+    assert budget == "(1000, 0)"
+    assert recs == "[('y', 'lost')]"

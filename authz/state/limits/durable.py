@@ -166,8 +166,11 @@ class DurableMemoryLimitStore:
                     ) -> Decision:
         if not take:  # a look changes nothing: nothing to journal
             return await self._mem.admit(limits, ask, now, take=False)
-        if self._withheld:
-            self._withholding()
+        if self._withholding():
+            # Usage records wait in memory for a full disk: a request admitted now could
+            # end with neither its record nor its charge on disk, so none is (503).
+            raise LimitStoreUnwritable(f"usage records wait for the disk in {self._dir} "
+                                       "(is it full?)")
         if self._broken:
             # A journal line was lost (a full disk): nothing new is held until a snapshot
             # makes the state durable again, or a restart would forget it (and its spend).
@@ -213,13 +216,14 @@ class DurableMemoryLimitStore:
                      row[0])
 
     def _withholding(self) -> bool:
-        """Whether settlements must stay out of the journal and snapshots wait: usage
-        records wait in memory for the disk (a disk-full usage log), and a settlement
-        made durable now would outlive its record at a kill; the restart then charged the
-        request with no record at all. Held back, a kill leaves its hold in flight for
-        the restart, which finds its record if it was written, else charges the hold
-        with a `lost` one. Once the records are written, the settlements held back are
-        journaled, in order."""
+        """Whether usage records wait in memory for the disk (a disk-full usage log):
+        then settlements stay out of the journal, snapshots wait and admissions are
+        refused, since a charge made durable now would outlive its record at a kill (the
+        restart charged the request with no record at all). Held back, a kill leaves the
+        request in flight for the restart, which finds its record if it was written, else
+        charges its hold with a `lost` one. Once the records are written, the settlements
+        held back are journaled, in order (no admission came between: none could reuse
+        a request id whose settlement is held back)."""
         if self._records_waiting is not None and self._records_waiting():
             return True
         if self._withheld:
@@ -313,8 +317,9 @@ class DurableMemoryLimitStore:
         loop = asyncio.get_running_loop()
         if self._compacting is not None or loop.time() < self._next_try:
             return
-        if self._withholding() and self._withheld:
-            return  # the snapshot would hold settlements whose records are not written
+        if self._withholding():
+            return  # a snapshot would hold charges whose records (real or lost) are not
+            # written: the journal keeps those requests in flight until they are
         data, seq = self._snapshot_bytes(), self._seq
         try:
             if self._fd is not None:
@@ -367,8 +372,9 @@ class DurableMemoryLimitStore:
 
     def _compact_now(self) -> None:
         """Snapshot synchronously and start an empty journal (at start and at close);
-        only the journal's descriptor while settlements are held back (`_withholding`)."""
-        if self._withholding() and self._withheld:
+        only the journal's descriptor while usage records wait for the disk
+        (`_withholding`)."""
+        if self._withholding():
             if self._fd is None:
                 self._open_journal()
             return
