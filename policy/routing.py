@@ -20,6 +20,10 @@ CLUSTER_HEADER = "x-tokenbooth-cluster"
 CLUSTER_KEY = "cluster"
 # Endpoint metadata namespace that names each backend's configured URL.
 BACKEND_METADATA = "tokenbooth"
+# Envoy's response-code details of a 502 whose request never reached a backend (a connect
+# failure, after its retries; a full circuit breaker): nothing was generated, nothing is
+# charged, and a retry may help (the lifecycle and Envoy's local replies read them).
+UNREACHED_DETAILS = ("connection_failure", "overflow")
 # How Envoy renders that metadata in the `xds.upstream_host_metadata` attribute (text proto).
 _BACKEND_IN_METADATA = re.compile(r'key: "backend" value \{ string_value: "((?:[^"\\]|\\.)*)" \}')
 _UNSAFE = re.compile(r"[^a-z0-9]+")

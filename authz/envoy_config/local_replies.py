@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLogFilter,
+    AndFilter,
     ExtensionFilter,
     ResponseFlagFilter,
 )
@@ -61,7 +62,7 @@ from policy.errors import (
     request_too_large,
     service_unavailable,
 )
-from policy.routing import BACKEND_METADATA
+from policy.routing import BACKEND_METADATA, UNREACHED_DETAILS
 
 AUTHZ_DOWN = service_unavailable("The authorization service is unavailable; try again.",
                                  retry=True)
@@ -91,6 +92,16 @@ def backend_timeout(cfg: Config) -> ApiError:
 
 
 BACKEND_FAILED = ApiError(502, "upstream_error", "The backend failed before answering.")
+# The same failure after the backend had the request (a reset, a closed connection): it
+# may have generated, so the attempt is charged like a client that left (lifecycle
+# GATEWAY_CUTS: a JSON answer its whole hold), and so would each SDK retry be (clients
+# tester: three attempts, three holds, for one call that delivered nothing). Envoy's
+# connect failures (after its own retries) and full circuit breakers reached no backend
+# and charge nothing: those keep the SDKs' retries.
+BACKEND_RESET = ApiError(502, "upstream_error",
+                         "The backend failed before answering, after it had the request: "
+                         "this attempt is charged (its usage record says what), and a retry "
+                         "would be charged again.", headers=(NO_RETRY,))
 # A client that took too long to send its request (http_filters: the HCM's timeouts).
 REQUEST_TIMEOUT = ApiError(
     408, "request_timeout",
@@ -212,7 +223,11 @@ def local_reply_config(cfg: Config) -> LocalReplyConfig:
                     UNSERVED),
             _mapper(_flags(_NO_BACKEND_FLAGS), NO_BACKEND),
             _mapper(_flags(_TIMEOUT_FLAGS), backend_timeout(cfg)),
-            _mapper(_flags(_FAILED_FLAGS), BACKEND_FAILED),
+            _mapper(AccessLogFilter(and_filter=AndFilter(filters=[
+                _flags(_FAILED_FLAGS), _cel(" || ".join(
+                    f"response.code_details.contains('{d}')" for d in UNREACHED_DETAILS))])),
+                BACKEND_FAILED),
+            _mapper(_flags(_FAILED_FLAGS), BACKEND_RESET),
             _mapper(
                 _cel("response.code_details == 'request_payload_too_large'"),
                 request_too_large(cfg.max_request_body_bytes),

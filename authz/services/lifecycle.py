@@ -63,7 +63,7 @@ from policy.request import (
     upstream_body,
 )
 from policy.request_fields import lax_true
-from policy.routing import Route
+from policy.routing import UNREACHED_DETAILS, Route
 from policy.stream_pace import StreamPace
 from policy.stream_usage import StreamMeter, meter_for
 from policy.usage import (
@@ -106,9 +106,6 @@ BAD_GATEWAY = 502  # what the client of a backend that answered a success with n
 # replies after admission (503: no healthy backend, a backend key not loadable) reach no
 # backend, and a backend's own error answer generated nothing: those record no tokens.
 GATEWAY_CUTS = frozenset({502, GATEWAY_TIMEOUT})
-# Envoy's response-code details of a 502 whose request never reached a backend (connect
-# failure, after its retries; a circuit breaker's overflow): nothing was generated.
-_UNREACHED = ("connection_failure", "overflow")
 # What the rewrite may add to a body: Envoy's hold buffer takes max_request_body_bytes plus
 # this. Equal to REWRITE_SLACK in authz/envoy_config/http_filters.py (a test holds them
 # equal), not imported from there: the servicers stay free of the Envoy config builders.
@@ -447,7 +444,7 @@ class Lifecycle:
         success marked so had no body: the client gets a 502 and the record says 502.
         `details`: Envoy's response-code details (which of its own errors this is)."""
         self.responded = True
-        self._unreached = any(d in details for d in _UNREACHED)
+        self._unreached = any(d in details for d in UNREACHED_DETAILS)
         if upstream_error and self.route is not None:
             status, self._error_body = upstream_error, bytearray()
             if upstream_error < 300:  # a marked success is one with no body (a 502)

@@ -34,6 +34,7 @@ from authz.sim.responses_api import parse_responses
 from authz.sim.streaming import (
     SSE_CONTENT_TYPE,
     Pacing,
+    drop_connection,
     stream_generation,
     stream_response,
 )
@@ -179,7 +180,8 @@ class Simulator:
         """Answer a (chat) completion or Responses API request.
 
         ``x-sim-status: NNN`` (400-599) answers that status with a vLLM error body instead;
-        ``x-sim-cut-after: N`` drops the connection after N token events of a stream;
+        ``x-sim-cut-after: N`` drops the connection after N token events of a stream
+        (and, for an answer that is not streamed, before it, whatever N);
         ``x-sim-error-after: N`` ends a chat or completions stream after N token events
         with vLLM's mid-stream error event and ``[DONE]`` (generation failed);
         ``x-sim-tpot-ms: N`` sets this request's time per output token.
@@ -218,6 +220,9 @@ class Simulator:
             delay = ttft_s + tpot_s * (n - 1)
             if delay > 0:
                 await asyncio.sleep(delay)
+            if cut_after is not None:  # a backend that dies before it answers
+                drop_connection(request)
+                return web.Response()
             metrics.generation_tokens.inc(gen.completion_tokens)
             if kind == "responses":
                 r = responses_api.ResponseBody(payload, gen)

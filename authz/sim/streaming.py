@@ -80,7 +80,7 @@ async def _drive(request: web.Request, metrics: ModelMetrics, pace: Pacing,
                 sent += 1
                 tokens += out[1]
         if pace.cut_after is not None:
-            _drop_connection(request)
+            drop_connection(request)
             return resp
         for event in failure if failing else tail():
             await resp.write(event)
@@ -153,7 +153,7 @@ async def stream_response(request: web.Request, body: Mapping[str, Any], gen: Ge
                         lambda i, _c: (rapi.event(rapi.delta(r, i), len(head) + i), 1), tail)
 
 
-def _drop_connection(request: web.Request) -> None:
+def drop_connection(request: web.Request) -> None:
     """Close the TCP connection after flushing what was written, mid chunked body."""
     transport = request.transport
     if transport is not None:

@@ -147,3 +147,23 @@ def test_an_error_body_left_unread_keeps_the_backends_status(
     [rec] = records_for(gw, rid)
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
             rec["cost_usd"], rec["estimated"]) == (500, 0, 0, "0", False), rec
+
+
+def test_sdk_makes_one_attempt_when_the_backend_fails_after_it_had_the_request(
+        gw: Gateway) -> None:
+    """Clients tester: a backend that closed the connection before answering is charged
+    each attempt's whole hold, and the 502 said nothing, so the SDK made three attempts
+    and paid three holds for one call that delivered nothing. The 502 now says
+    `x-should-retry: false`: one attempt, one record."""
+    before = len(records(gw))
+    client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=SECRET, max_retries=2)
+    with client, counted(gw) as n, pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=5,
+                                       extra_headers={"x-sim-cut-after": "0"})
+    assert (e.value.status_code, e.value.code) == (502, "upstream_error")
+    assert "failed before answering" in e.value.message
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert n == [1]
+    [rec] = records_for(gw, e.value.response.headers["x-request-id"])
+    assert (rec["status"], rec["estimated"], rec["completion_tokens"]) == (502, True, 5)
+    assert len(records(gw)) == before + 1
