@@ -6,7 +6,9 @@ names the file, the path inside it and what is wrong.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import unicodedata
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
@@ -804,7 +806,13 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     so the file never holds it. `env` is what the process settings pass on (see
     `authz.runtime.settings`); this module never reads the process environment."""
     try:
-        with path.open("rb") as f:
+        # Non-blocking: a FIFO (or socket) at the path would block the read for good, and
+        # with it every later reload (ops tester); a regular file reads as ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(f"{path}: not a regular file (a named pipe)")
+        with os.fdopen(fd, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)  # /dev/zero, a log file by mistake: bounded
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a "

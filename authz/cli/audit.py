@@ -40,8 +40,8 @@ or the lost-hold sweep charges it in full. It is drift only with --strict.
 With --vllm URL, the backend's vllm:prompt_tokens_total and
 vllm:generation_tokens_total (every label set summed) must equal the tokens of the
 records it served since its process_start_time_seconds. Records tokenbooth had to
-estimate (a cut stream) are listed apart; with any of them the counters need only be
-at least the exact records' sums.
+estimate (a cut stream) are listed apart; with any of them the counters must lie
+between the exact records' sums and those plus the estimated records' bounds.
 
 Audit a quiet gateway: a request settled while its record is still on its way to the
 store (spooled on a replica during a Redis outage, say), tokens a backend is still
@@ -49,8 +49,8 @@ generating, or requests sent to a backend around the gateway all show as drift.
 
 With state: redis the ledgers are read with SCAN (one node: not Redis Cluster); with
 state: memory, from the limit state the running process journals in data_dir.
-A key whose budget or budget period changed shows drift in the periods around the
-change. Exit status: 0 no drift, 1 drift, 2 bad input or a store that cannot be read."""
+A key whose budget or budget period changed is compared per period, as charged: no
+drift. Exit status: 0 no drift, 1 drift, 2 bad input or a store that cannot be read."""
 
 BUDGET_MATCH = "tb:{k:*}:budget:*"
 TIMEOUT_S = 5.0

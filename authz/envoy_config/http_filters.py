@@ -638,7 +638,8 @@ def cors_policy(cfg: Config) -> CorsPolicy:
     included, carries access-control-allow-origin. Other origins' preflights go on, and
     get the 401 of a request without a key."""
     origins = cfg.envoy.cors_allow_origins
-    match = ([StringMatcher(prefix="")] if "*" in origins
+    # Any origin: a regex (Envoy refuses an empty prefix; ops tester: `"*"` stopped `up`).
+    match = ([StringMatcher(safe_regex=RegexMatcher(regex=".*"))] if "*" in origins
              else [StringMatcher(exact=o) for o in origins])
     return CorsPolicy(
         allow_origin_string_match=match,

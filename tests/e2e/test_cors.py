@@ -130,3 +130,14 @@ def test_without_the_setting_there_is_no_cors(tmp_path: Path, backend: Permissiv
                         headers={"origin": APP, "authorization": f"Bearer {SECRET}"})
         assert ok.status_code == 200
         assert not [k for k in ok.headers if k.startswith("access-control-")]
+
+
+def test_any_origin_is_a_bootstrap_envoy_accepts(tmp_path: Path,
+                                                 backend: PermissiveBackend) -> None:
+    """Ops tester: `cors_allow_origins: ["*"]`, as documented, rendered an empty prefix
+    matcher that Envoy refused, so `up` exited at once."""
+    with run_gateway(tmp_path, upstream=f"http://127.0.0.1:{backend.port}",
+                     envoy={"cors_allow_origins": ["*"]}) as gw:
+        r = preflight(gw, "https://anywhere.example")
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == "https://anywhere.example"

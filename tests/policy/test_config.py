@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,16 @@ def test_a_file_past_the_size_limit_is_one_error_not_all_memory(tmp_path: Path) 
         with pytest.raises(ConfigError, match="larger than 16 MiB") as e:
             load_config(path)
         assert str(path) in str(e.value)
+
+
+def test_a_named_pipe_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    """Ops tester: a FIFO at the config's path blocked the read for good (check-config
+    hung; under `up`, every later reload with it, and nothing was logged)."""
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file") as e:
+        load_config(fifo)
+    assert str(fifo) in str(e.value)
 
 
 def test_the_fingerprint_of_an_empty_secret_is_refused() -> None:
