@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    field_validator,
+)
 from pydantic.json_schema import models_json_schema
 
 from policy.bounds import BudgetUsd, Count
@@ -41,25 +49,38 @@ class _Limits(_In):
     expires_at: AwareDatetime | None = None
 
 
+# `"*"` among a key's models: every alias, as `keys update --model '*'` (ops tester: PATCH
+# refused it as an unknown alias); the same as `[]`.
+EVERY_MODEL = "*"
+
+
+def _every_model(models: tuple[str, ...]) -> tuple[str, ...]:
+    return () if EVERY_MODEL in models else tuple(dict.fromkeys(models))
+
+
+Models = Annotated[tuple[str, ...], AfterValidator(_every_model)]
+
+
 class KeyCreate(_Limits):
     """POST /v1/keys (as `tokenbooth keys create`)."""
 
     org: OrgName  # and, for an org not known yet, keyrecord.new_org_problem's rules
     name: KeyName = ""
     scopes: Scopes = ALL_SCOPES
-    models: tuple[str, ...] = ()  # empty: every alias
+    models: Models = ()  # empty (or "*"): every alias
     budget_period: BudgetPeriod = "month"
 
 
 class KeyUpdate(_Limits):
     """PATCH /v1/keys/{key_id} (as `keys update`): only the fields sent change; null
-    removes a limit, the expiry or the name; `models: []` allows every alias. `scopes`
+    removes a limit, the expiry or the name; `models: []` (or `["*"]`) allows every
+    alias. `scopes`
     and `budget_period` have no "none": null is refused (it was taken, and changed
     nothing)."""
 
     name: KeyName | None = None
     scopes: Scopes = ALL_SCOPES
-    models: tuple[str, ...] | None = None
+    models: Models | None = None
     budget_period: BudgetPeriod = "month"
 
     def changes(self) -> dict[str, Any]:

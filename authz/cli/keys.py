@@ -31,6 +31,7 @@ from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
 from authz.state.limits.peek import show_state
 from authz.state.orgs import make_org_store
+from policy.admin_schema import EVERY_MODEL
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
 from policy.config import Config, origin, redacted
 from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past, new_org_problem, valid_org_name
@@ -45,8 +46,6 @@ from policy.keys import (
 T = TypeVar("T")
 # `keys update --rpm none` (and the other limits, --budget, --expires): remove it.
 CLEAR: Final = "none"
-# `keys update --model '*'`: every alias.
-EVERY_MODEL: Final = "*"
 # keys update's options and the record fields they set.
 _UPDATE_OPTIONS = (("name", "name"), ("scope", "scopes"), ("model", "models"), ("rpm", "rpm"),
                    ("tpm", "tpm"), ("max_concurrent", "max_concurrent"),

@@ -35,6 +35,15 @@ def test_update_changes_are_the_fields_sent() -> None:
     assert KeyUpdate().changes() == {}
 
 
+def test_every_model_is_star_as_in_the_cli() -> None:
+    """Ops tester: PATCH `{"models": ["*"]}` was refused as an unknown alias, where
+    `keys update --model '*'` means every alias."""
+    assert KeyUpdate.model_validate({"models": ["*"]}).changes() == {"models": ()}
+    assert KeyUpdate.model_validate({"models": ["a", "*"]}).changes() == {"models": ()}
+    assert KeyCreate.model_validate({"org": "acme", "models": ["*"]}).models == ()
+    assert KeyUpdate.model_validate({"models": ["a", "a"]}).changes() == {"models": ("a",)}
+
+
 @pytest.mark.parametrize("field", ["scopes", "budget_period"])
 def test_update_refuses_null_where_there_is_no_none(field: str) -> None:
     """`{"scopes": null}` was taken and changed nothing: a 200 that did not do what
