@@ -283,6 +283,35 @@ async def test_the_store_answering_again_replays_the_spool_at_once(
         await store.close()
 
 
+async def test_a_refusal_applies_the_spooled_settlements_first(
+    own_redis: RedisServer, tmp_path: Path,
+) -> None:
+    """Faults tester: as a frozen Redis thawed, requests got "too many in flight" 429s
+    for slots whose settlements still waited in the spool. A refusal that a settlement
+    could lift now applies the spool first, then asks again."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    adm = Admission(store, OnStoreError(), spool_dir=tmp_path / "spool", sweep_s=30.0)
+    limits = Limits(max_concurrent=1)
+    assert own_redis.proc is not None
+    try:
+        await store.start()
+        assert (await adm.admit(limits, ask(0), NOW)).allowed
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            await adm.settle(limits, ask(0), 10, 0, NOW)  # spooled: Redis does not answer
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert adm.spooled_bytes > 0
+        assert (await adm.admit(limits, ask(1), NOW)).allowed  # at once, not a 429
+        assert adm.spooled_bytes == 0
+        with pytest.raises(ApiError) as e:  # a real refusal stays one
+            await adm.admit(limits, ask(2), NOW)
+        assert e.value.status == 429
+    finally:
+        await adm.close()
+        await store.close()
+
+
 async def test_an_org_and_its_key_admitted_locally_both_settle_locally(
     own_redis: RedisServer,
 ) -> None:

@@ -285,6 +285,18 @@ class Admission:
                     if probe:
                         self._probing = False
             decision = await self._store.admit(held, ask, now.timestamp())
+            if (not decision.allowed and decision.reason in _GIVEN_BACK
+                    and self._spool is not None and self._spool.pending_bytes):
+                # Settlements spooled through an outage give slots, tokens and budget
+                # back: apply them before refusing (faults tester: a burst of false
+                # "too many in flight" 429s as Redis came back, before the replay).
+                try:
+                    applied = await self.replay()
+                except Exception:  # the background round retries; this request is refused
+                    log.exception("limits maintenance failed")
+                    applied = 0
+                if applied:
+                    decision = await self._store.admit(held, ask, now.timestamp())
             self._store_ok = True
             self._remember(held, ask.key_id, decision)
             if self._spool is not None and self._spool.pending_bytes \
@@ -552,4 +564,6 @@ def one_record(org: tuple[Limits, Ask], ask: Ask) -> tuple[Limits, Ask]:
                                else replace(rec, key_id=ask.key_id))
 
 
+# Refusals a settlement could lift (not a request rate, which settling never gives back).
+_GIVEN_BACK = frozenset({"concurrency", "tokens", "budget_held"})
 MAX_UNSYNCED = 100_000  # bounded: an outage must not grow memory without end
