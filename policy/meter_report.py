@@ -37,6 +37,6 @@ def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,
             meter.feed(event)
             meter.finish()
     meter.restore(report.events, report.oversize_events, report.oversize_bytes, report.done,
-                  unreadable=report.unreadable and report.ended)
+                  unreadable=report.unreadable and report.ended, ended=report.ended)
     meter.error_first = bool(report.error_event) and report.error_first
     return meter

@@ -133,15 +133,19 @@ class StreamMeter:
         return self.content_chunks * self.tokens_per_chunk + self.merged_tokens
 
     def restore(self, content_chunks: int, oversize_events: int, oversize_bytes: int,
-                done: bool, unreadable: bool = False) -> None:
+                done: bool, unreadable: bool = False, ended: bool = False) -> None:
         """Take the counts a meter elsewhere (Envoy's, see policy/meter_report.py) made;
-        `unreadable`: it found a whole body that is not an event stream."""
+        `unreadable`: it found a whole body that is not an event stream; `ended`: the body
+        ended (no abort's steps are owed for a stream that was not cut)."""
         self.content_chunks = content_chunks
         self._parser.oversize_events = oversize_events
         self.oversize_bytes = oversize_bytes
         self.done = done
         self._fed = 1 if unreadable else 0
-        self.ended = self.ended or unreadable
+        # The other meter decided what it could read: an ended body it read is no
+        # unreadable one here.
+        self._read_event = self._read_event or not unreadable
+        self.ended = self.ended or unreadable or ended
 
     def feed(self, chunk: bytes) -> bytes | None:
         """Observe a chunk; return what the client should get instead, or None for 'as is'."""

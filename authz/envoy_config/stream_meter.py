@@ -77,8 +77,7 @@ end
 -- caller keeps the last bytes, `tail`, and searches them again with the next chunk); as
 -- the blank line's end, the event ends there (CR-only streams end every event so) and
 -- an LF that follows in the next chunk is still the event's (`meter`: `lf_owed`).
-local function event_end(s)
-  local i = 1
+local function event_end(s, i)
   while true do
     local a = string.find(s, "[\\r\\n]", i)
     if a == nil then return nil end
@@ -102,7 +101,7 @@ end
 local function classify(ev, st)
   -- A line of its own (a content chunk's text may say `data: [DONE]`; JSON escapes
   -- every line end in it); an `id:` or `event:` line may come before it.
-  if #ev < 256 and string.find("\\n" .. ev, "[\\r\\n]data: ?%[DONE%][\\r\\n]") then
+  if string.find("\\n" .. ev, "[\\r\\n]data: ?%[DONE%][\\r\\n]") then
     st.done = 1
     st.seen = true
     return false
@@ -121,7 +120,9 @@ local function classify(ev, st)
     if first then set(st.h, "error_first", 1) end
     set(st.h, "error", ev)
   end
-  local has_usage = string.find(ev, '"usage"%s*:%s*{{') ~= nil
+  -- A usage object with token counts (not a `"usage"` key nested elsewhere that holds
+  -- none: its event is no usage chunk, to strip or to read).
+  local has_usage = string.find(ev, '"usage"%s*:%s*{{[^}}]*"[%a_]*tokens"%s*:%s*%d') ~= nil
   -- Generated tokens: vLLM sends a chunk per generation step, whose text may be empty
   -- (a token ending inside a UTF-8 character): any chunk with a choice counts but the
   -- opening role chunk, which counts only with text, reasoning (vLLM 0.32's `reasoning`,
@@ -141,9 +142,16 @@ local function classify(ev, st)
     end
   end
   if has_usage then
-    st.usage = ev
-    st.usage_new = true
-    return string.find(ev, '"choices"%s*:%s*%[%s*%]') ~= nil
+    -- The usage-only chunk (`"choices": []`, the last one wins) is the request's usage;
+    -- a chunk with choices and usage (vLLM's continuous_usage_stats) counts only while
+    -- there is none, as the services' own meter reads them (policy/stream_usage.py).
+    local only = string.find(ev, '"choices"%s*:%s*%[%s*%]') ~= nil
+    if only or not st.usage_only then
+      st.usage = ev
+      st.usage_new = true
+      st.usage_only = st.usage_only or only
+    end
+    return only
   end
   return false
 end
@@ -157,11 +165,14 @@ end
 
 local function meter(h, strip, content_type, content_encoding)
   local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0,
-               error = false, seen = false, h = h, usage_new = false, done_set = false}}
+               error = false, seen = false, h = h, usage_new = false, done_set = false,
+               usage_only = false}}
   set(h, "events", 0)
-  if encoded(content_encoding)
-      or not string.find(string.lower(content_type or ""), "text/event-stream", 1, true) then
-    -- Not an event stream it can read: held until a blank line that never comes, it
+  -- The content type is not asked: a stream is read by its bytes, whatever it says it
+  -- is, as the services' own meter reads it (an SSE stream sent as `text/plain` kept its
+  -- usage chunk and was charged its hold here, exact there).
+  if encoded(content_encoding) then
+    -- Compressed: no meter can read it, and held until a blank line that never comes it
     -- would reach the client as nothing (a gzipped stream has none). It passes as it is
     -- and the services charge its hold, as ext_proc metering does.
     set(h, "unreadable", 1)
@@ -188,11 +199,19 @@ local function meter(h, strip, content_type, content_encoding)
     end
     if #data > 0 then lf_owed = nil end
     while pos <= #data do
-      -- Where the current event ends: its last bytes before this chunk (`tail`) are
-      -- searched with the new ones, as an end may straddle two chunks.
-      local hay = tail .. string.sub(data, pos)
-      local e = event_end(hay)
-      if e == nil then
+      -- Where the current event ends (`upto`, in `data`): an end that straddles two
+      -- chunks begins in `tail` (the event's last bytes before this chunk) and ends
+      -- within this chunk's first bytes; else it is searched in `data` alone, from
+      -- `pos`, never copying the rest of the chunk (a chunk of many events cost the
+      -- square of its size: streams2 tester, a 1 MiB read of short events blocked the
+      -- worker for seconds).
+      local upto = nil
+      if #tail > 0 then
+        local w = event_end(tail .. string.sub(data, pos, pos + 3), 1)
+        if w ~= nil then upto = pos + w - #tail - 1 end
+      end
+      if upto == nil then upto = event_end(data, pos) end
+      if upto == nil then
         local rest = string.sub(data, pos)
         if not skipping and size + #rest > MAX_EVENT then
           -- Over the limit: what was held goes out now, the rest as it comes, unread.
@@ -212,10 +231,9 @@ local function meter(h, strip, content_type, content_encoding)
           size = size + #rest
           changed = true
         end
-        tail = string.sub(hay, math.max(1, #hay - 2))
+        tail = string.sub(tail .. string.sub(data, math.max(pos, #data - 2)), -3)
         break
       end
-      local upto = pos + e - #tail - 1  -- the event's last byte, in `data`
       local piece = string.sub(data, pos, upto)
       local kept = true
       if skipping then

@@ -79,6 +79,37 @@ FAILED = {
                            b'"code": "server_error"}}\n\ndata: [DONE]\n\n',
 }
 
+# Streams both meters must read alike (streams2 tester: Envoy's meter differed on each):
+# name -> (bytes, the usage-only event a client that did not ask for usage must not get,
+# or b"", the record's (prompt, completion)).
+_HI = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+_USAGE_ONLY = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "total_tokens": 15, '
+               b'"completion_tokens": 3}}\n\n')
+_MANY_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "total_tokens": '
+               b'17, "completion_tokens": 5}}\n\n')
+ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
+    # vLLM's continuous_usage_stats after the usage chunk: the usage chunk's counts.
+    "late-inline": (_HI + _USAGE_ONLY + b'data: {"choices": [{"index": 0, "delta": '
+                    b'{"content": "x"}}], "usage": {"prompt_tokens": 12, '
+                    b'"completion_tokens": 1, "total_tokens": 13}}\n\ndata: [DONE]\n\n',
+                    _USAGE_ONLY, (12, 3)),
+    # An SSE stream sent as text/plain (see `_chat`): read by its bytes.
+    "text-plain": (_HI + _USAGE_ONLY + b"data: [DONE]\n\n", _USAGE_ONLY, (12, 3)),
+    # A `"usage"` key nested in another event with no choices: no usage chunk.
+    "nested-usage": (_HI + _USAGE_ONLY + b'data: {"id": "x", "choices": [], "metadata": '
+                     b'{"usage": {"note": 1}}}\n\ndata: [DONE]\n\n', _USAGE_ONLY,
+                     (12, 3)),
+    # The usage on the last content chunk (no usage-only chunk), then `[DONE]` after a
+    # long `id:` line: the inline usage counts once `[DONE]` is read.
+    "long-done": (b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, '
+                  b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 12, '
+                  b'"completion_tokens": 3, "total_tokens": 15}}\n\n'
+                  + b"id: " + b"7" * 300 + b"\ndata: [DONE]\n\n", b"", (12, 3)),
+    # Many short events in one write (Envoy reads them in one chunk), then the usage.
+    "many": (_HI * 4000 + _MANY_USAGE + b"data: [DONE]\n\n", _MANY_USAGE, (12, 5)),
+}
+
+
 # A Responses stream that fails after two text deltas: OpenAI's `response.failed` (its
 # error's code a name), or OpenAI's `error` event. (vLLM 0.32 cuts such a stream.)
 def _typed(kind: str, obj: dict[str, Any]) -> bytes:
@@ -140,6 +171,13 @@ class Unstreaming(ThreadedBackend):
         if request.headers.get("x-answer") in UNENDED:
             return web.Response(body=UNENDED[request.headers["x-answer"]],
                                 headers={"content-type": "text/event-stream"})
+        if request.headers.get("x-answer") == "no-done":  # ended, no usage, no [DONE]
+            return web.Response(body=_HI * 3, headers={"content-type": "text/event-stream"})
+        if request.headers.get("x-answer") in ALIKE:
+            kind = ("text/plain" if request.headers["x-answer"] == "text-plain"
+                    else "text/event-stream")
+            return web.Response(body=ALIKE[request.headers["x-answer"]][0],
+                                headers={"content-type": kind})
         if request.headers.get("x-answer") == "spaced":
             return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
         answer = request.headers.get("x-answer", "")
@@ -443,3 +481,35 @@ def test_a_stream_with_nothing_generated_is_charged_alike_by_both_meters(
         assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
             *want, True), (answer, usage)
 
+
+
+@pytest.mark.parametrize("answer", sorted(ALIKE))
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_both_meters_read_these_streams_alike(meter: str, answer: str,
+                                              request: pytest.FixtureRequest) -> None:
+    """Streams2 tester, Envoy's meter only: a chunk with choices and usage after the
+    usage chunk replaced its counts; a stream sent as text/plain kept its usage chunk and
+    was charged its hold; a nested `"usage"` key was stripped and read as the usage; a
+    `[DONE]` after a long `id:` line was not read; and many events in one read cost the
+    square of its size. Both meters now agree, exactly."""
+    gw: Gateway = request.getfixturevalue(meter)
+    body, usage_event, (prompt, completion) = ALIKE[answer]
+    for usage in (False, True):
+        r, rec = send(gw, answer, SECRET, usage=usage)
+        want = body if usage or not usage_event else body.replace(usage_event, b"", 1)
+        assert (r.status_code, r.content) == (200, want), (answer, usage)
+        assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
+            prompt, completion, False), (answer, usage)
+
+
+def test_a_finished_stream_without_usage_is_estimated_alike_by_both_meters(
+        gw: Gateway, envoy_gw: Gateway) -> None:
+    """Streams2 tester: a body that ended after 3 content events, with no usage and no
+    `[DONE]`, was charged 3 completion tokens by ext_proc's meter and 6 by Envoy's (the
+    report's `ended` never reached the meter, so an abort's steps were added)."""
+    got = []
+    for g in (gw, envoy_gw):
+        r, rec = send(g, "no-done", SECRET)
+        assert (r.status_code, r.content) == (200, _HI * 3)
+        got.append((rec["completion_tokens"], rec["estimated"]))
+    assert got == [(3, True), (3, True)]
