@@ -834,8 +834,9 @@ class Lifecycle:
             # after it had the request. vLLM writes a JSON answer only once generated, so
             # it may have generated its whole hold: charged, so a key's budget bounds
             # what is generated (a client timing out on every request paid its prompts
-            # alone). Envoy may still have been connecting: it cannot tell.
-            return Usage(req.prompt_bound, req.completion_bound), True
+            # alone). Envoy may still have been connecting: it cannot tell. Its prompt
+            # as the backend counts it, as a cut stream's (else its bound: `write`).
+            return Usage(req.prompt_estimate, req.completion_bound), True
         # A stream that began no answer: its prompt by the backend's count; what it
         # generated only if it writes no chunk for some of it.
         return Usage(req.prompt_estimate, req.completion_bound if req.hides_tokens else 0), True

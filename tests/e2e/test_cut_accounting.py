@@ -88,10 +88,14 @@ def test_a_route_timeout_is_estimated_not_free(gw: Gateway) -> None:
     assert r.status_code == 504, r.text
     rec = record_of(gw, r.headers["x-request-id"])
     # vLLM was generating the answer it writes only once whole, and no count of how far
-    # it got reaches the gateway: the hold, estimated.
+    # it got reaches the gateway: its completion bound, estimated, and its prompt as the
+    # backend counts it (its /tokenize, as for a cut stream; it was the prompt's bound).
     req = parsed(gw, body)
+    counted = httpx.post(f"{gw.sim_url}/tokenize", json={
+        "model": "tiny-llama", "messages": body["messages"]}, timeout=10).json()["count"]
+    assert 0 < counted < req.prompt_bound
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
-            rec["estimated"]) == (504, req.prompt_bound, req.completion_bound, True)
+            rec["estimated"]) == (504, counted, req.completion_bound, True)
 
 
 def cut_after(gw: Gateway, path: str, body: dict[str, Any], events: int) -> str:

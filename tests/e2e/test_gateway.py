@@ -594,10 +594,15 @@ def test_a_request_left_before_its_answer_is_charged_its_hold(gateway: Gateway) 
     endpoint = lookup("POST", "/v1/chat/completions")
     assert endpoint is not None
     req = parse_request(json.dumps(body).encode(), endpoint, load_config(gateway.config_path))
+    # Its prompt as the backend counts it (its /tokenize, as a cut stream's).
+    counted = httpx.post(f"{gateway.sim_url}/tokenize", json={
+        "model": "tiny-llama", "messages": messages}, timeout=10).json()["count"]
+    assert 0 < counted < req.prompt_bound
     deadline = time.monotonic() + 10
     while True:
         recs = [r for r in read_records(gateway.data_dir / USAGE_FILE)
-                if r["prompt_tokens"] == req.prompt_bound and r["status"] == 499]
+                if r["prompt_tokens"] == counted and r["status"] == 499
+                and r["completion_tokens"] == 40]
         if recs or time.monotonic() > deadline:
             break
         time.sleep(0.1)

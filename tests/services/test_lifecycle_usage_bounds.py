@@ -106,7 +106,11 @@ class Harness:
 
 
 async def assert_whole_hold(h: Harness, life: Lifecycle, status: int | str) -> None:
-    """The record and the settlement charge the hold: what the backend could generate."""
+    """The record and the settlement charge the hold: what the backend could generate
+    (a non-streaming request's prompt, as a cut stream's, once the backend's count is
+    asked for: here it never comes, so the prompt's bound)."""
+    if life.recount_owed is not None:
+        life.write(life.recount_owed[0])
     rec = await h.record(life)
     req = life.req
     assert req is not None
@@ -387,30 +391,28 @@ async def test_an_ending_envoy_made_is_estimated(h: Harness, stream: bool,
                                                  status: int) -> None:
     """Envoy's route timeout (504) or a backend reset (502), with no backend answer:
     the backend had the request and may have generated, as for a client that left. A
-    JSON answer is written only once generated: its whole hold. A stream showed what it
-    generated: its prompt, counted by the backend."""
+    JSON answer is written only once generated: its completion bound. A stream showed
+    what it generated. Either's prompt is counted by the backend."""
     life = await h.admitted({**CHAT, "stream": stream})
     life.response_start(status, "")
     life.response_chunk(b'{"error":{"message":"The backend did not answer in time.",'
                         b'"type":"upstream_error"}}', end=True)
     req = life.req
     assert req is not None
-    if not stream:
-        assert counts(await h.record(life)) == (status, req.prompt_bound,
-                                                req.completion_bound, True)
-        return
     # The prompt is left to the backend's count: ext_proc asks its /tokenize first.
     assert life.recount_owed is not None and not h.recorded.got
     ending, url, recount = life.recount_owed
     assert url == BACKEND and recount.asks[0]["messages"] == CHAT["messages"]
     assert req.prompt_bound > req.prompt_estimate > 0
     life.write(ending, 61)
-    assert counts(await h.record(life)) == (status, 61, 0, True)
+    assert counts(await h.record(life)) == (
+        status, 61, 0 if stream else req.completion_bound, True)
     # No count (the backend did not answer /tokenize): the prompt's bound, never its
     # byte estimate (~4 bytes a token, which text of ~1 token a byte beats).
     h.recorded.got.clear()
     life.write(ending)
-    assert counts(await h.record(life)) == (status, req.prompt_bound, 0, True)
+    assert counts(await h.record(life)) == (
+        status, req.prompt_bound, 0 if stream else req.completion_bound, True)
 
 
 @pytest.mark.parametrize("extra", [{"include_reasoning": False},
@@ -625,9 +627,13 @@ async def test_a_client_leaving_before_its_json_answer_is_charged_its_hold(
     req = life.req
     assert req is not None
     life.finish(aborted=True)
+    # Its prompt as the backend counts it (clients tester: a 7-token prompt was charged
+    # its 558-token bound); its bound if the backend does not answer.
+    assert life.recount_owed is not None and not h.recorded.got
+    life.write(life.recount_owed[0], 9)
     rec = await h.record(life)
     assert (rec.status, rec.prompt_tokens, rec.completion_tokens, rec.estimated) == (
-        499, req.prompt_bound, req.completion_bound, True)
+        499, 9, req.completion_bound, True)
 
 
 async def test_a_model_without_prompt_recount_charges_a_cut_prompt_its_bound(
