@@ -63,7 +63,8 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     c.add_argument("--name", default="", type=_name)
     c.add_argument("--scope", action="append", choices=SCOPES,
                    help="repeatable; default: all scopes")
-    c.add_argument("--model", action="append", help="allowed alias (repeatable); default: all")
+    c.add_argument("--model", action="append",
+                   help=f"allowed alias (repeatable); default, or {EVERY_MODEL!r}: all")
     c.add_argument("--rpm", type=_count, help="requests per minute")
     c.add_argument("--tpm", type=_count, help="tokens per minute")
     c.add_argument("--max-concurrent", type=_count, help="in-flight requests")
@@ -196,8 +197,14 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+def _every_or(models: Sequence[str] | None) -> tuple[str, ...]:
+    """`--model` values as a key's models: `'*'` among them, every alias (as `()`)."""
+    listed = tuple(dict.fromkeys(models or ()))
+    return () if EVERY_MODEL in listed else listed
+
+
 def _check_models(cfg: Config, models: Sequence[str]) -> None:
-    unknown = sorted(set(models) - set(cfg.models))
+    unknown = sorted(set(_every_or(models)) - set(cfg.models))
     if unknown:
         raise ValueError(f"--model: unknown alias(es) {unknown}; known: {sorted(cfg.models)}")
 
@@ -255,7 +262,7 @@ def _new_record(args: argparse.Namespace, secret: str) -> KeyRecord:
         prefix=display_prefix(secret),
         name=args.name,
         scopes=tuple(args.scope or SCOPES),
-        models=tuple(args.model or ()),
+        models=_every_or(args.model),
         rpm=args.rpm,
         tpm=args.tpm,
         max_concurrent=args.max_concurrent,

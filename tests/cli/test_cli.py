@@ -133,6 +133,17 @@ def test_keys_list_is_by_id_as_the_admin_api_lists_them(tmp_path: Path) -> None:
     assert stored in ids and "k-main" in ids and ids == sorted(ids)
 
 
+def test_keys_create_takes_star_for_every_model(tmp_path: Path) -> None:
+    """Retest tester: `keys create --model '*'` was refused as an unknown alias, where
+    `keys update --model '*'` and the admin API take it for every alias."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    r = tb("keys", "create", "--org", "acme", "--model", "*", "--config", str(path),
+           "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["models"] == []
+
+
 def test_usage_groups_name_a_missing_value(tmp_path: Path) -> None:
     """GET /v1/models leaves records of no model: their group is shown as `(none)` in
     the table (a blank cell read as a misaligned row), and stays "" in JSON."""
