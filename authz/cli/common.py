@@ -49,8 +49,7 @@ class Parents:
     @classmethod
     def build(cls) -> Parents:
         config = Parser(add_help=False)
-        config.add_argument("--config", help="policy file (default: $TOKENBOOTH_CONFIG or "
-                            f"{DEFAULT_CONFIG})")
+        add_config_option(config, default=argparse.SUPPRESS)
         overrides = Parser(add_help=False)
         overrides.add_argument("--listen", type=hostport, metavar="HOST:PORT",
                                help="Envoy's listener, replacing the config's (`up` and "
@@ -65,6 +64,14 @@ class Parents:
                                help=f"{what} (default: $TOKENBOOTH_{flag.upper()}_LISTEN or "
                                     "the config's)")
         return cls(config, overrides, ports)
+
+
+def add_config_option(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """`--config`, taken before or after the command (`tokenbooth --config F up`, `tokenbooth
+    up --config F`): the top-level parser sets the default (None), and a command's own
+    `--config` is SUPPRESSed when absent so that its parse does not reset the top-level one."""
+    parser.add_argument("--config", default=default, metavar="F",
+                        help=f"policy file (default: $TOKENBOOTH_CONFIG or {DEFAULT_CONFIG})")
 
 
 def run_overrides(args: argparse.Namespace, settings: Settings) -> RunOverrides:

@@ -56,7 +56,8 @@ _UPDATE_OPTIONS = (("name", "name"), ("scope", "scopes"), ("model", "models"), (
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
     common = argparse.ArgumentParser(add_help=False,
                                      parents=[parents.config, admin_url_parser()])
-    keys = sub.add_parser("keys", help="create, list, show and revoke API keys")
+    keys = sub.add_parser("keys", parents=[parents.config],
+                          help="create, list, show and revoke API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     c = ksub.add_parser("create", parents=[common], help="create a key; prints its secret once")
     c.add_argument("--org", required=True, type=_org)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import ValidationError
 
 from authz.cli import audit, check, envoy, keys, serve, sim, usage
-from authz.cli.common import Handler, Parents, Parser
+from authz.cli.common import Handler, Parents, Parser, add_config_option
 from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyExists, ReadOnlyStore, StoreUnavailable
 from policy.config import ConfigError
@@ -32,6 +32,7 @@ def version() -> str:
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="tokenbooth", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_config_option(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = Parents.build()
     # One module per command group, in the order `--help` lists them.

@@ -212,6 +212,26 @@ def test_tokenbooth_config_names_the_default_policy(
     assert "none.yaml: cannot read" in capsys.readouterr().err
 
 
+def test_config_is_taken_before_or_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--config` before the command was refused ("unrecognized arguments") though the
+    README says every command takes it; now it works at either place, and at the `keys`
+    group's, and the one nearest the command wins."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    none = str(tmp_path / "none.yaml")
+    assert main(["--config", str(path), "envoy", "render"], env={}) == 0
+    assert "tokenbooth_ingress" in capsys.readouterr().out
+    assert main(["--config", str(path), "keys", "list", "--json"], env={}) == 0
+    assert main(["keys", "--config", str(path), "list", "--json"], env={}) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0] == out[1] and "k-main" in out[0]
+    assert main(["--config", str(path), "envoy", "render", "--config", none], env={}) == 2
+    assert "none.yaml: cannot read" in capsys.readouterr().err
+    assert main(["--config", none, "keys", "--config", str(path), "list"], env={}) == 0
+
+
 def test_an_internal_error_is_one_line_unless_tokenbooth_debug(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
