@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
 from policy.endpoints import Kind
+from policy.request_fields import lax_int
 
 TOKENIZE_PATH: Final = "/tokenize"
 # A batched completions prompt is counted one /tokenize call per prompt, up to this many
@@ -81,8 +82,10 @@ class Recount:
 
 def tokenize_request(kind: Kind, body: dict[str, Any], upstream_model: str) -> Recount | None:
     """How to count this request's prompt exactly, or None where /tokenize cannot."""
-    cap = body.get("truncate_prompt_tokens")
-    cap = cap if type(cap) is int and cap > 0 else None
+    # Read as vLLM reads it (`"5"` is 5: shapes tester, a cut stream's prompt was
+    # recounted whole); -1 cuts to the context, which the prompt is within anyway.
+    cap = lax_int(body.get("truncate_prompt_tokens"))
+    cap = cap if cap is not None and cap > 0 else None
     if kind is Kind.CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(_text_only(m) for m in messages):

@@ -332,6 +332,7 @@ def _responses(body: dict[str, Any], alias: str, model: Model, kind: Kind
     """/v1/responses: `max_output_tokens` is the limit; the usage is always in the
     response (a stream's `response.completed` event), so nothing is added for it."""
     check_field_types(body, kind)
+    check_vllm_rules(body, kind)
     stream = _stream(body)
     limit = _int_field(body, "max_output_tokens", model.max_tokens)
     upstream = _upstream(body, model, None if limit else ("max_output_tokens",
@@ -347,6 +348,8 @@ def _pooling(body: dict[str, Any], alias: str, model: Model, kind: Kind
     """Embeddings, rerank and score: prompt tokens only, never streamed."""
     if body.get("stream"):
         raise invalid_request("This endpoint does not stream.", "stream")
+    check_field_types(body, kind)
+    check_vllm_rules(body, kind)
     upstream = _upstream(body, model)
     if kind is Kind.EMBEDDINGS:
         estimate, bound, n = embeddings_input(body, model)

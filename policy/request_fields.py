@@ -11,7 +11,7 @@ gateway reads itself (`max_tokens`, `n`, `stream`, ...) keep their own, stricter
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 from pydantic import Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
@@ -20,9 +20,31 @@ from policy.endpoints import Kind
 from policy.errors import ApiError, invalid_request
 
 _Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+_Truncate = Annotated[int, Field(ge=-1, le=2**63 - 1)]
+# A field typed by one of vLLM's request models (`response_format`, `reasoning`, ...):
+# checked here as the object it must be; its members are the backend's to judge.
+_Object = dict[str, Any]
+_Side = Literal["left", "right"]
+_Payload = Literal["tensors", "none"]
+_ToolChoice = Literal["none", "auto", "required"]
 
 
-class _Sampling(TypedDict, total=False):
+class _Common(TypedDict, total=False):
+    """Every generation endpoint's (chat, completions, Responses) vLLM extras."""
+
+    request_id: str
+    session_id: str | None
+    cache_salt: str | None
+    mm_payload: _Payload
+    return_mm_kwargs: bool | None
+    structured_outputs: _Object | None
+    watermarking: bool | None
+    vllm_xargs: _Object | None
+    kv_transfer_params: _Object | None
+    ec_transfer_params: _Object | None
+
+
+class _Sampling(_Common, total=False):
     """Chat and completions alike."""
 
     frequency_penalty: float | None
@@ -46,6 +68,16 @@ class _Sampling(TypedDict, total=False):
     spaces_between_special_tokens: bool
     add_special_tokens: bool
     prompt_logprobs: int | None
+    truncate_prompt_tokens: _Truncate | None
+    truncation_side: _Side | None
+    logprob_token_ids: list[int] | None
+    response_format: _Object | None
+    repetition_detection: _Object | None
+    thinking_token_budget: int | None
+    return_tokens_as_token_ids: bool | None
+    return_token_ids: bool | None
+    return_token_offsets: bool | None
+    routed_experts_prompt_start: int
 
 
 class _Chat(_Sampling, total=False):
@@ -55,6 +87,15 @@ class _Chat(_Sampling, total=False):
     echo: bool
     add_generation_prompt: bool
     continue_final_message: bool
+    tool_choice: _ToolChoice | _Object | None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh",
+                              "max"] | None
+    documents: list[dict[str, str]] | None
+    chat_template: str | None
+    chat_template_kwargs: dict[str, Any] | None
+    media_io_kwargs: dict[str, dict[str, Any]] | None
+    mm_processor_kwargs: dict[str, Any] | None
+    return_prompt_text: bool | None
 
 
 class _Completion(_Sampling, total=False):
@@ -63,14 +104,19 @@ class _Completion(_Sampling, total=False):
     suffix: str | None
 
 
-class _Responses(TypedDict, total=False):
+class _Responses(_Common, total=False):
     temperature: float | None
     top_p: float | None
     top_k: int | None
     min_p: float | None
     presence_penalty: float | None
     frequency_penalty: float | None
+    repetition_penalty: float | None
     logit_bias: dict[str, float] | None
+    seed: _Seed | None
+    stop: str | list[str] | None
+    stop_token_ids: list[int] | None
+    ignore_eos: bool
     top_logprobs: int | None
     parallel_tool_calls: bool | None
     user: str | None
@@ -78,10 +124,49 @@ class _Responses(TypedDict, total=False):
     skip_special_tokens: bool
     include_stop_str_in_output: bool
     max_tool_calls: int | None
+    background: bool | None
+    store: bool | None
+    metadata: dict[str, str] | None
+    previous_response_id: str | None
+    prompt_cache_key: str | None
+    prompt: _Object | None
+    reasoning: _Object | None
+    text: _Object | None
+    tool_choice: _ToolChoice | _Object
+    truncation: Literal["auto", "disabled"] | None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"]
+    include: list[Literal["code_interpreter_call.outputs",
+                          "computer_call_output.output.image_url",
+                          "file_search_call.results", "message.input_image.image_url",
+                          "message.output_text.logprobs",
+                          "reasoning.encrypted_content"]] | None
+    enable_response_messages: bool
+    chat_template_kwargs: dict[str, Any] | None
+    media_io_kwargs: dict[str, dict[str, Any]] | None
+    mm_processor_kwargs: dict[str, Any] | None
+
+
+class _Embeddings(TypedDict, total=False):
+    """What vLLM's embedding requests share, whether by `input` or by `messages`."""
+
+    user: str | None
+    dimensions: int | None
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"]
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
+    endianness: Literal["native", "big", "little"]
+    padding: Literal["max_length", "do_not_pad"] | None
+    use_activation: bool | None
+    add_special_tokens: bool
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None
+    truncation_side: _Side | None
+    request_id: str
+    cache_salt: str | None
+    mm_processor_kwargs: dict[str, Any] | None
 
 
 _SHAPES: Final[dict[Kind, type[Any]]] = {
-    Kind.CHAT: _Chat, Kind.COMPLETION: _Completion, Kind.RESPONSES: _Responses}
+    Kind.CHAT: _Chat, Kind.COMPLETION: _Completion, Kind.RESPONSES: _Responses,
+    Kind.EMBEDDINGS: _Embeddings}
 _ADAPTERS: Final[dict[Kind, TypeAdapter[Any]]] = {
     kind: TypeAdapter(shape) for kind, shape in _SHAPES.items()}
 
@@ -92,6 +177,21 @@ def checked_fields(kind: Kind) -> frozenset[str]:
     return frozenset() if shape is None else frozenset(shape.__optional_keys__)
 
 
+def objects_only(kind: Kind) -> frozenset[str]:
+    """The fields of `kind` checked only as objects (`_Object`): vLLM reads their members
+    by its own models, which may refuse an object this check lets through."""
+    shape = _SHAPES.get(kind)
+    if shape is None:
+        return frozenset()
+    return frozenset(name for name, hint in get_type_hints(shape).items()
+                     if _Object in (hint, *get_args(hint)))
+
+
+# What a union field must be, said whole (pydantic names only the branch it tried first).
+_UNION_WORDS: Final = {
+    "stop": "a string or an array of strings",
+    "tool_choice": "\"none\", \"auto\", \"required\" or an object",
+}
 # What each type is called in the message, by the pydantic error's type.
 _EXPECTED: Final = {
     "float": "a number", "int": "an integer", "bool": "a boolean", "string": "a string",
@@ -100,6 +200,7 @@ _EXPECTED: Final = {
 
 
 _BOOL: Final = TypeAdapter(bool)
+_INT: Final = TypeAdapter(int)
 
 
 def lax_true(value: Any) -> bool:
@@ -109,6 +210,15 @@ def lax_true(value: Any) -> bool:
         return _BOOL.validate_python(value) is True
     except ValidationError:
         return False
+
+
+def lax_int(value: Any) -> int | None:
+    """`value` as vLLM reads an integer field (`5`, `"5"`, `5.0`), else None."""
+    try:
+        n: int = _INT.validate_python(value)
+    except ValidationError:
+        return None
+    return n
 
 
 def check_field_types(body: dict[str, Any], kind: Kind) -> None:
@@ -123,12 +233,34 @@ def check_field_types(body: dict[str, Any], kind: Kind) -> None:
         raise _refusal(e) from None
 
 
+_MAX_SALT: Final = 128
+_SALT_FORBIDDEN: Final = frozenset("@/\\\x00")
+
+
+def _check_cache_salt(salt: Any) -> None:
+    """vLLM's `validate_cache_salt`, for every endpoint that takes one."""
+    if salt is None:
+        return
+    if not isinstance(salt, str) or not salt:
+        raise invalid_request("Parameter 'cache_salt' must be a non-empty string if "
+                              "provided.", "cache_salt")
+    if len(salt) > _MAX_SALT or not _SALT_FORBIDDEN.isdisjoint(salt):
+        raise invalid_request("Parameter 'cache_salt' must be at most 128 characters and "
+                              "must not contain '@', '/', '\\', or NUL.", "cache_salt")
+
+
+
 def check_vllm_rules(body: dict[str, Any], kind: Kind) -> None:
-    """vLLM 0.32's refusals of a chat body that hold whatever its server's options
-    (`ChatCompletionRequest`'s "before" validators, read as they read the raw body:
-    Python truthiness), so that such a request is refused before anything is held, as
+    """vLLM 0.32's refusals of a body that hold whatever its server's options
+    (its request models' "before" validators, read as they read the raw body: Python
+    truthiness), so that such a request is refused before anything is held, as
     `stream_options` without `stream` is (shapes tester: it spent one of the key's
     requests per minute on vLLM's 400)."""
+    _check_cache_salt(body.get("cache_salt"))
+    if kind is Kind.COMPLETION and body.get("logprob_token_ids") \
+            and body.get("logprobs") is None:
+        raise invalid_request("when using `logprob_token_ids`, `logprobs` must be set.",
+                              "logprob_token_ids")
     if kind is not Kind.CHAT:
         return
     if body.get("continue_final_message") and body.get("add_generation_prompt"):
@@ -157,9 +289,8 @@ def _refusal(e: ValidationError) -> ApiError:
     kind = str(err["type"]).split("_", 1)[0]
     if kind in ("greater", "less"):
         return invalid_request(f"'{param}' must be a 64-bit integer.", param)
-    expected = _EXPECTED.get(kind)
-    if name == "stop" and not inner:
-        expected = "a string or an array of strings"
+    expected = _UNION_WORDS.get(name) if not inner else None
+    expected = expected or _EXPECTED.get(kind)
     if expected is None:
         return invalid_request(f"'{param}' is not valid: {err['msg']}.", param)
     return invalid_request(f"'{param}' must be {expected}.", param)

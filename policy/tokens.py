@@ -320,27 +320,37 @@ def completion_prompt(body: dict[str, Any], model: Model) -> tuple[int, int, int
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_request("'suffix' must be a string.", "suffix")
-    refuse_past_context(prompts, body, model, "prompt")
+    refuse_past_context(prompts, body, model, "prompt", generates=True)
     estimate, bound = batch_bound(prompts, model, suffix)
     return estimate, bound, len(prompts)
 
 
 def refuse_past_context(prompts: list[str] | list[list[int]], body: dict[str, Any],
-                        model: Model, param: str) -> None:
+                        model: Model, param: str, generates: bool = False) -> None:
     """A 400 before the hold for a token-id prompt longer than the model's context: its
     length is exact, and vLLM refuses it (after the gateway had taken the key's request
-    and held its tokens). Text prompts are counted by the backend's tokenizer, and
-    `truncate_prompt_tokens` has vLLM cut the prompt instead, so neither is judged here."""
+    and held its tokens). A prompt that fills the context exactly is refused too where
+    the request `generates`: vLLM clamps `max_tokens` to the room left and refuses 0
+    ("max_tokens must be at least 1, got 0"). Text prompts are counted by the backend's
+    tokenizer, and `truncate_prompt_tokens` has vLLM cut the prompt instead, so neither
+    is judged here."""
     limit = model.max_model_len
     if limit is None or body.get("truncate_prompt_tokens") is not None:
         return
     for p in prompts:
-        if not isinstance(p, str) and len(p) > limit:
+        if isinstance(p, str):
+            continue
+        if len(p) > limit:
             raise invalid_request(
                 f"This model's maximum context length is {limit} tokens. However, your "
                 f"prompt contains {len(p)} input tokens, which exceeds this limit even "
                 "without any output tokens. Please reduce the length of the input prompt.",
                 param)
+        if generates and len(p) == limit:
+            raise invalid_request(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"prompt contains {len(p)} input tokens, which leaves no room for output "
+                "tokens. Please reduce the length of the input prompt.", param)
 
 
 def batch_bound(prompts: list[str] | list[list[int]], model: Model,

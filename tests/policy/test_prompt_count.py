@@ -64,9 +64,17 @@ def test_a_truncated_prompt_is_charged_what_the_backend_kept() -> None:
     assert r is not None and r.counted == (5,) and r.total([3]) == 3 + 4
     one = tokenize_request(Kind.COMPLETION, {**body, "prompt": "a"}, "up")
     assert one is not None and one.total([9]) == 4
-    for off in (None, -1, True):
+    for off in (None, -1):
         r = tokenize_request(Kind.COMPLETION, {**body, "truncate_prompt_tokens": off}, "up")
         assert r is not None and r.total([500]) == 505
+    # Read as vLLM reads the integer (shapes tester: `"5"` was recounted whole, a cut
+    # stream charged 301 prompt tokens where vLLM had kept 5).
+    for off, cap in (("4", 4), (4.0, 4), (" 4 ", 4), (True, 1)):
+        r = tokenize_request(Kind.COMPLETION, {**body, "truncate_prompt_tokens": off}, "up")
+        assert r is not None and r.total([500]) == 2 * cap
+    chat = tokenize_request(Kind.CHAT, {"messages": [{"role": "user", "content": "x"}],
+                                        "truncate_prompt_tokens": "5"}, "up")
+    assert chat is not None and chat.total([312]) == 5
 
 
 @pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "x"}},

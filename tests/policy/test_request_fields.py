@@ -35,6 +35,20 @@ CHAT: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content"
     ("user", 5, "user", "a string"),
     ("logprobs", 3, "logprobs", "a boolean"),  # chat's is a boolean
     ("ignore_eos", None, "ignore_eos", "a boolean"),  # vLLM's has no null
+    # Fields the gateway reads for the hold, or vLLM fails on after it (shapes tester:
+    # each reached vLLM and spent one of the key's requests per minute on its 400, and
+    # `structured_outputs: 5` on its 500, which the SDK retried twice more).
+    ("response_format", "json", "response_format", "an object"),
+    ("structured_outputs", 5, "structured_outputs", "an object"),
+    ("documents", "d", "documents", "an array"),
+    ("documents", [{"title": 1}], "documents.0.title", "a string"),
+    ("chat_template_kwargs", [1], "chat_template_kwargs", "an object"),
+    ("vllm_xargs", 5, "vllm_xargs", "an object"),
+    ("request_id", 5, "request_id", "a string"),
+    ("return_token_ids", "x", "return_token_ids", "a boolean"),
+    ("thinking_token_budget", "x", "thinking_token_budget", "an integer"),
+    ("truncate_prompt_tokens", "x", "truncate_prompt_tokens", "an integer"),
+    ("tool_choice", 5, "tool_choice", '"none", "auto", "required" or an object'),
 ])
 def test_a_wrong_type_is_a_400_naming_the_field(field: str, value: Any, param: str,
                                                 says: str) -> None:
@@ -57,29 +71,55 @@ def test_what_vllm_accepts_passes(field: str, value: Any) -> None:
     check_field_types({**CHAT, field: value}, Kind.CHAT)
 
 
+@pytest.mark.parametrize(("kind", "body", "param"), [
+    (Kind.CHAT, {"reasoning_effort": 5}, "reasoning_effort"),
+    (Kind.CHAT, {"truncation_side": 5}, "truncation_side"),
+    (Kind.RESPONSES, {"text": "x"}, "text"),
+    (Kind.RESPONSES, {"reasoning": "high"}, "reasoning"),
+    (Kind.RESPONSES, {"metadata": 5}, "metadata"),
+    (Kind.RESPONSES, {"truncation": 5}, "truncation"),
+    (Kind.RESPONSES, {"include": "x"}, "include"),
+    (Kind.RESPONSES, {"store": "x"}, "store"),
+    (Kind.RESPONSES, {"service_tier": 5}, "service_tier"),
+    (Kind.EMBEDDINGS, {"truncate_prompt_tokens": "x"}, "truncate_prompt_tokens"),
+    (Kind.EMBEDDINGS, {"user": 5}, "user"),
+    (Kind.EMBEDDINGS, {"add_special_tokens": "x"}, "add_special_tokens"),
+    (Kind.EMBEDDINGS, {"encoding_format": "hex"}, "encoding_format"),
+])
+def test_every_kind_refuses_what_vllm_refuses_by_type(kind: Kind, body: dict[str, Any],
+                                                      param: str) -> None:
+    with pytest.raises(ApiError) as e:
+        check_field_types(body, kind)
+    assert (e.value.status, e.value.param) == (400, param)
+    assert e.value.message.startswith(f"'{param}' ")
+
+
 def test_each_kind_has_its_own_types() -> None:
     check_field_types({"prompt": "x", "logprobs": 3}, Kind.COMPLETION)  # an integer there
     with pytest.raises(ApiError):
         check_field_types({"prompt": "x", "logprobs": "many"}, Kind.COMPLETION)
     with pytest.raises(ApiError):
         check_field_types({"input": "x", "instructions": 5}, Kind.RESPONSES)
-    check_field_types({"input": [1, 2], "temperature": "hot"}, Kind.EMBEDDINGS)  # none
+    check_field_types({"input": [1, 2], "temperature": "hot"}, Kind.EMBEDDINGS)  # not its
+    check_field_types({"input": "x", "truncate_prompt_tokens": "7"}, Kind.EMBEDDINGS)
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/chat/completions", {**CHAT, "temperature": "hot"}),
-    ("/v1/completions", {"model": "demo", "prompt": "x", "temperature": "hot"}),
-    ("/v1/responses", {"model": "demo", "input": "x", "temperature": "hot"}),
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"model": "demo", "prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/responses", {"model": "demo", "input": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/embeddings", {"model": "demo", "input": "x", "user": 5}, "user"),
+    ("/v1/responses", {"model": "demo", "input": "x", "cache_salt": ""}, "cache_salt"),
 ])
 def test_parse_request_refuses_before_any_hold(tmp_path: Any, path: str,
-                                               body: dict[str, Any]) -> None:
+                                               body: dict[str, Any], param: str) -> None:
     """parse_request is what runs before admission: the refusal comes from it."""
     cfg = load_config(write_policy(tmp_path, "http://127.0.0.1:8000"))
     endpoint = lookup("POST", path)
     assert endpoint is not None
     with pytest.raises(ApiError) as e:
         parse_request(json.dumps(body).encode(), endpoint, cfg)
-    assert e.value.param == "temperature"
+    assert e.value.param == param
 
 
 @pytest.mark.parametrize(("extra", "param"), [
@@ -98,3 +138,22 @@ def test_a_chat_body_vllm_always_refuses_is_a_400_before_the_hold(
                  {"tools": None}):
         check_vllm_rules({**CHAT, **fine}, Kind.CHAT)
     check_vllm_rules({"prompt": "x", "tools": []}, Kind.COMPLETION)  # chat's rules only
+
+
+@pytest.mark.parametrize("kind", [Kind.CHAT, Kind.COMPLETION, Kind.RESPONSES,
+                                  Kind.EMBEDDINGS])
+def test_a_cache_salt_vllm_refuses_is_a_400_before_the_hold(kind: Kind) -> None:
+    for salt in ("", 5, "a/b", "x" * 129, "a\x00"):
+        with pytest.raises(ApiError) as e:
+            check_vllm_rules({"cache_salt": salt}, kind)
+        assert e.value.param == "cache_salt"
+    check_vllm_rules({"cache_salt": "tenant-7"}, kind)
+    check_vllm_rules({"cache_salt": None}, kind)
+
+
+def test_completions_logprob_token_ids_want_logprobs() -> None:
+    with pytest.raises(ApiError) as e:
+        check_vllm_rules({"prompt": "x", "logprob_token_ids": [3]}, Kind.COMPLETION)
+    assert e.value.param == "logprob_token_ids"
+    check_vllm_rules({"prompt": "x", "logprob_token_ids": [3], "logprobs": 0},
+                     Kind.COMPLETION)

@@ -258,7 +258,12 @@ def test_completion_prompts_in_every_form() -> None:
     with pytest.raises(ApiError) as e:
         completion_prompt({"prompt": [[1, 2], list(range(21))]}, short)
     assert e.value.param == "prompt" and "maximum context length is 20" in e.value.message
-    assert completion_prompt({"prompt": list(range(20))}, short)[1] == 20
+    assert completion_prompt({"prompt": list(range(19))}, short)[1] == 19
+    # One that fills the context leaves vLLM nothing to generate: its 400 ("max_tokens
+    # must be at least 1, got 0"), before the hold here (shapes tester).
+    with pytest.raises(ApiError) as e:
+        completion_prompt({"prompt": list(range(20))}, short)
+    assert e.value.param == "prompt" and "no room for output" in e.value.message
     assert completion_prompt({"prompt": list(range(21)), "truncate_prompt_tokens": 5},
                              short)[1] == 20
 

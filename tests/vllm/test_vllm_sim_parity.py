@@ -180,6 +180,20 @@ def test_max_tokens_past_what_the_context_leaves_is_clipped(
         assert finish == "length"
 
 
+def test_a_token_id_prompt_filling_the_context_is_refused(vllm_server: VllmServer,
+                                                          sim_url: str) -> None:
+    """What the gateway's 400 before the hold (policy/tokens.py, refuse_past_context)
+    stands for: vLLM 0.32 clips max_tokens to the room the prompt leaves, and refuses 0."""
+    for max_tokens in (None, 5):
+        body: dict[str, Any] = {"model": MODEL, "prompt": [5] * CONTEXT}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        for url in (vllm_server.url, sim_url):
+            status, got = ask(url, "/v1/completions", body)
+            assert status == 400, (url, got)
+            assert "max_tokens must be at least 1, got 0" in got["error"]["message"], url
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_best_of_is_ignored(vllm_server: VllmServer, sim_url: str, stream: bool) -> None:
     """vLLM 0.32 generates (and counts) n sequences whatever best_of says, and takes
