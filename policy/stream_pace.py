@@ -127,10 +127,13 @@ class StreamPace:
             owed += silence * per_seq * max(1, self.opened)
         return math.ceil(owed * HEADROOM)
 
-    def abort_lag(self) -> int:
+    def abort_lag(self, choices_unseen: bool = False) -> int:
         """Tokens the backend generates after the cut, before its abort lands: ABORT_STEPS
-        for each choice open (one, before any opened)."""
-        return ABORT_STEPS * max(1, self.opened)
+        for each choice open (one, before any opened). `choices_unseen`: chunks came that
+        were counted elsewhere, not read here (Envoy's meter counts events, not the
+        choices they open): every sequence the request runs may be stepping on."""
+        running = self.sequences if choices_unseen else max(1, self.opened)
+        return ABORT_STEPS * running
 
     def rate(self, seen: int) -> float | None:
         """Tokens a second before its first pause; else over the whole stream (its chunks

@@ -218,6 +218,7 @@ class Lifecycle:
         "_pace",
         "_rec",
         "_redirect",
+        "_reported",
         "_reports",
         "_rt",
         "_settle",
@@ -248,6 +249,7 @@ class Lifecycle:
         self._reports = reports
         self._envoy_meter: str | None = None  # Envoy may meter this stream: strip / keep
         self.handed_over = False  # Envoy meters the response: its report ends the request
+        self._reported = False  # the meter is Envoy's report: counts, not what was read
         self._rec = recorder
         self._admission = admission
         self._org_limits = org_limits or config_org_limits
@@ -490,6 +492,7 @@ class Lifecycle:
             self._meter = None
             self.finish(aborted=True, out_of_sight=True)
             return
+        self._reported = True
         self._meter = meter_from_report(endpoint.kind, report,
                                         self._snap.config.envoy.max_event_bytes,
                                         req.stream_interval)
@@ -722,7 +725,9 @@ class Lifecycle:
         unseen = pace.unseen(time.monotonic(), meter.tokens_seen)
         if unseen is None or meter.error_status:  # (generation failed: nothing steps on)
             return unseen
-        return unseen + pace.abort_lag()
+        # A stream Envoy metered reports its events, not which choices they opened
+        # (clients tester: a cut n=3 stream owed 3 steps, not 9): each may be running.
+        return unseen + pace.abort_lag(self._reported and meter.content_chunks > 0)
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""

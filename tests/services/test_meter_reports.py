@@ -99,6 +99,23 @@ async def test_a_cut_stream_is_estimated_from_the_meters_counts(
         3 + ABORT_STEPS, True, status)
 
 
+@pytest.mark.parametrize(("body", "events", "lag"), [
+    ({"n": 3}, 15, 3 * ABORT_STEPS),
+    ({"n": 3}, 0, ABORT_STEPS),  # cut before any event: none had opened
+    ({"n": 1}, 10, ABORT_STEPS),
+])
+async def test_a_cut_stream_of_several_choices_owes_each_its_abort_steps(
+        running: Running, body: dict[str, Any], events: int, lag: int) -> None:
+    """Clients tester: Envoy's meter counts events, not the choices they open, and a cut
+    `n: 3` stream was charged 3 abort steps in all where ext_proc's meter charges 3 for
+    each choice running. Each may be: each is charged."""
+    rid = f"r-n-{body['n']}-{events}"
+    await hand_over(running, rid, body)
+    await report(running, rid, events=events)
+    [rec] = await records(running, 1)
+    assert (rec["completion_tokens"], rec["estimated"]) == (events + lag, True)
+
+
 ERROR_EVENT = (b'data: {"error": {"message": "Internal server error", "type": '
                b'"InternalServerError", "param": null, "code": 503}}\n\n')
 
