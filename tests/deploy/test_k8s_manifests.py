@@ -409,3 +409,17 @@ def test_redis_loses_no_acknowledged_write(builds: dict[str, Build], name: str) 
     assert opts["--appendonly"] == "yes"
     assert opts["--appendfsync"] == "always"
     assert opts["--maxmemory-policy"] == "noeviction"
+
+
+@pytest.mark.parametrize("readme", ["README.md", "deploy/README.md"])
+def test_each_readme_creates_every_secret_the_pods_read(readme: str) -> None:
+    """Ops tester: the top-level README's Kubernetes steps created two of the three
+    Secrets; without `tokenbooth-admin` the tokenbooth pods never start. Each README's
+    steps create every Secret the manifests read, with the keys they read."""
+    text = (DEPLOY.parent / readme).read_text()
+    for name, keys in USER_SECRETS.items():
+        made = re.search(rf"create secret (tls|generic) {name}\b(?P<rest>(?:[^\n\\]|\\\n)*)",
+                         text)
+        assert made is not None, (readme, name)
+        if made.group(1) == "generic":
+            assert set(re.findall(r"--from-literal=([\w.-]+)=", made.group("rest"))) == keys
