@@ -138,6 +138,11 @@ class Runtime:
             cfg = keep_running(old, cfg)
         self.snapshot = Snapshot.build(cfg)
         log.info("config reloaded from %s", self.config_path)
+        if unserved := sorted(a for a, m in cfg.models.items() if not m.backends):
+            # (`up` fills them with its simulator: these are `serve`'s without one)
+            log.warning("config reloaded, but these models have no backend and this "
+                        "process no --default-upstream: they answer 503 until one is "
+                        "given: %s", ", ".join(unserved))
         if later:
             log.warning("config reloaded, but these changes take effect only when the "
                         "process (or Envoy) restarts: %s", ", ".join(later))

@@ -1,9 +1,9 @@
-"""`tokenbooth up`: Envoy + tokenbooth services + (where a model needs it) the simulator.
+"""`tokenbooth up`: Envoy + tokenbooth services + the simulator (not with `--upstream`).
 
 Models go to the config's backends; the simulator serves the models that have none
-(`backends: []`, as in the generated default config), or every model with `--sim`;
-`--upstream` sends every model to one URL. Every child runs in its own session and
-dies with the supervisor; Ctrl-C or SIGTERM stops them all, and so does any one of
+(`backends: []`, as in the generated default config, or added by a reload), or every
+model with `--sim`; `--upstream` sends every model to one URL. Every child runs in its
+own session and dies with the supervisor; Ctrl-C or SIGTERM stops them all, and so does any one of
 them exiting; a second Ctrl-C hurries that stop (`stop_children`). Readiness counts
 only when the answering process is `up`'s own child (the services' PID on /readyz, a
 per-run nonce in Envoy's node metadata), so another instance on the same ports is
@@ -135,7 +135,7 @@ class UpOptions:
 
 
 def run_up(opts: UpOptions, settings: Settings) -> int:
-    """Start the simulator (if a model needs it), the services and Envoy; run until a
+    """Start the simulator (unless `--upstream`), the services and Envoy; run until a
     signal or until one of them exits. Children inherit this process's environment."""
     fresh_secret = _ensure_config(opts)
     cfg = settings.load_config(opts.config_path)
@@ -221,11 +221,11 @@ def _starting(cfg: Config, child: str) -> Iterator[None]:
 
 
 def _with_sim(cfg: Config, opts: UpOptions, procs: Procs) -> tuple[RunOverrides, str | None]:
-    """The overrides with the simulator in them, when `--sim` or a model without a
-    backend needs it (and no `--upstream`); its URL, or None when none was started."""
-    needed = opts.sim or (not opts.overrides.upstream
-                          and any(not m.backends for m in cfg.models.values()))
-    if not needed:
+    """The overrides with the simulator in them, unless `--upstream` sends every model
+    elsewhere; its URL, or None when none was started. It runs also when every model has
+    a backend: a model a reload adds with `backends: []` is served by it at once (ops
+    tester: started without one, such a model answered 503 until `up` restarted)."""
+    if opts.overrides.upstream and not opts.sim:
         return opts.overrides, None
     url = _start_sim(cfg, PortAllocator(), procs, opts.config_path)
     if opts.sim:
@@ -370,6 +370,9 @@ def _banner(cfg: Config, config_path: Path, secret: str | None, sim_url: str | N
     print(f"\ntokenbooth is up on {base}", flush=True)
     print("  models (alias -> backend):")
     print("\n".join(_backend_lines(cfg, sim_url)))
+    if sim_url is not None and all([b.url for b in m.backends] != [sim_url]
+                                   for m in cfg.models.values()):
+        print(f"  simulator at {sim_url}: for models a reload adds with `backends: []`")
     if secret and fingerprint(secret) in known:
         print(f"  demo API key: {secret}")
         print("  try:")

@@ -255,6 +255,40 @@ def test_up_sends_models_to_the_configs_backends(tmp_path: Path) -> None:
         assert rc == 0
 
 
+def test_up_without_a_simulated_model_serves_one_a_reload_adds(tmp_path: Path) -> None:
+    """Ops tester: started with a backend for every model, `up` ran no simulator, and a
+    model a reload added with `backends: []` answered 503 until `up` restarted. Its
+    simulator runs anyway (the banner says what for) and serves such a model at once."""
+    with users_vllm("users-vllm-7b") as vllm:
+        data = free_ports_config(
+            mine={"upstream_model": "users-vllm-7b", "backends": [{"url": vllm}]})
+        path, up, client = start_up(tmp_path, data)
+        try:
+            banner = read_banner(up)
+            assert any(re.fullmatch(r"  simulator at http://127\.0\.0\.1:\d+: for models a "
+                                    r"reload adds with `backends: \[\]`", ln)
+                       for ln in banner), banner
+            assert chat_until_served(client, "mine").model == "users-vllm-7b"
+            data["models"]["later"] = {"upstream_model": "later-7b", "backends": []}
+            (tmp_path / "next.yaml").write_text(yaml.safe_dump(data))
+            (tmp_path / "next.yaml").replace(path)
+            for _ in range(100):
+                with suppress(openai.NotFoundError):  # until the reload
+                    assert chat_until_served(client, "later").model == "later-7b"
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the model the reload added was never served")
+            assert len(chats(vllm)) == 1
+        finally:
+            client.close()
+            up.send_signal(signal.SIGINT)
+            rc = up.wait(30)
+            assert up.stdout is not None
+            up.stdout.close()
+        assert rc == 0
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_up_with_its_listen_port_taken_exits_with_one_line(tmp_path: Path, how: str) -> None:
     path = tmp_path / "policy.yaml"

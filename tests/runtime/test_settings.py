@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from authz.runtime.defaults import RunOverrides
 from authz.runtime.settings import Settings
 from authz.runtime.snapshot import Runtime, restart_only_changes
 from tests.helpers import write_policy
@@ -78,6 +79,27 @@ def test_a_change_that_keeps_the_mtime_is_still_seen(tmp_path: Path) -> None:
     assert path.stat().st_mtime_ns == before.st_mtime_ns
     assert rt.reload_if_changed()
     assert not rt.reload_if_changed()
+
+
+def test_a_reload_names_the_models_it_leaves_without_a_backend(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Ops tester: a model added with `backends: []` answered 503 and the reload said only
+    "config reloaded". Without a default upstream the warning names it; with one (`up`'s
+    simulator) it is served and nothing is said."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    data = yaml.safe_load(path.read_text())
+    data["models"]["later"] = {"upstream_model": "later-7b", "backends": []}
+    for overrides, warned in ((None, True),
+                              (RunOverrides(default_upstream="http://127.0.0.1:9"), False)):
+        rt = Runtime.from_file(path, overrides=overrides)
+        path.write_text(yaml.safe_dump(data))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tokenbooth"):
+            assert rt.reload_if_changed()
+        assert ("no backend and this process no --default-upstream: they answer 503 "
+                "until one is given: later" in caplog.text) is warned
+        path.write_text(yaml.safe_dump({**data, "models": {
+            k: v for k, v in data["models"].items() if k != "later"}}))
 
 
 def test_a_reload_names_the_changes_only_a_restart_applies(
