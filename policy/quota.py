@@ -144,9 +144,14 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
     # The key's own limits read as before; an org's say so.
     message = _MESSAGES.get(d.reason, "Rate limit reached.").format(
         owner=owner, of=" of this organization" if org else "")
-    return ApiError(429, "rate_limit_exceeded", message,
-                    type=d.reason if d.reason in ("requests", "tokens") else None,
+    return ApiError(429, "rate_limit_exceeded", message, type=_TYPES.get(d.reason),
                     headers=tuple(headers))
+
+
+# OpenAI's `type` for a rate limit names the one reached; a request too large for the
+# tokens per minute is on that one too (as OpenAI's "Request too large ... on tokens per
+# min"), not the generic `rate_limit_error`. Concurrency has no OpenAI counterpart.
+_TYPES = {"requests": "requests", "tokens": "tokens", "tokens_too_large": "tokens"}
 
 
 def _wait(seconds: float) -> tuple[tuple[str, str], ...]:

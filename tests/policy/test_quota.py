@@ -137,7 +137,9 @@ def test_a_total_budget_refusal_says_it_never_resets() -> None:
      "Rate limit reached for requests per minute. Retry after the time given.", "13"),
     ("tokens", 0.2, "tokens",
      "Rate limit reached for tokens per minute. Retry after the time given.", "1"),
-    ("tokens_too_large", None, None,
+    # OpenAI's type for "Request too large ... on tokens per min" (limits tester: it was
+    # the generic rate_limit_error, where every other tokens refusal says "tokens").
+    ("tokens_too_large", None, "tokens",
      "This request reserves more tokens than the per-minute limit allows; "
      "lower max_tokens or the prompt.", None),
     ("concurrency", None, None, "Too many requests in flight for this API key.", "1"),
