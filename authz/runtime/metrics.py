@@ -22,7 +22,7 @@ from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from authz.state.keys.base import KeyStore, StoreUnavailable
+from authz.state.keys.base import KeyStore, ReportsHealth, StoreUnavailable
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from policy.audit import ORG_PREFIX
 from policy.config import Config, OrgLimits
@@ -341,13 +341,19 @@ class HoldsInFlight:
 
 class ObservedKeyStore:
     """The key store as the key check sees it, reporting the store's health: each lookup
-    that answers sets `tokenbooth_store_up{store="keys"}` to 1, each unavailable to 0."""
+    that answers sets `tokenbooth_store_up{store="keys"}` to 1, each unavailable to 0. A
+    store that reads in the background (Redis: its version polls) reports every call
+    itself (`on_health`), so an outage shows while cached keys are still served
+    (observability tester: the gauge stayed 1 until an unknown key came)."""
 
     def __init__(self, store: KeyStore, metrics: Metrics) -> None:
         self._store = store
         self._up = metrics.store_up.labels("keys")
-        self._up.set(1)  # until a lookup fails
+        self._up.set(1)  # until a call fails
         self._metrics = metrics
+        self._self_reporting = isinstance(store, ReportsHealth)
+        if isinstance(store, ReportsHealth):
+            store.on_health = lambda ok: metrics.store_result("keys", ok)
 
     async def start(self) -> None:
         await self._store.start()
@@ -356,6 +362,8 @@ class ObservedKeyStore:
         await self._store.close()
 
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
+        if self._self_reporting:
+            return await self._store.find(fingerprint, secret)
         try:
             record = await self._store.find(fingerprint, secret)
         except StoreUnavailable:

@@ -42,6 +42,7 @@ from authz.state.limits.admission import Admission
 from authz.state.limits.base import LimitStoreUnavailable
 from authz.state.limits.memory import MemoryLimitStore
 from policy.config import Config, parse_config
+from policy.errors import ApiError
 from policy.keyrecord import KeyRecord
 from policy.limits import Ask, Limits
 from policy.usage import UsageRecord
@@ -225,6 +226,51 @@ async def test_store_health_follows_the_last_call() -> None:
         adm = Admission(store, on_store=lambda ok: m.store_result("limits", ok))
         await adm.sweep()
         assert value(m, "tokenbooth_store_up", store="limits") == up
+
+
+async def test_each_admission_and_settlement_the_store_failed_is_counted() -> None:
+    """Observability tester: only the sweep (every second) reported the limit store, so
+    the gauge lagged an outage and the counter measured its length, not its failures."""
+    m = Metrics()
+
+    class Flaky(MemoryLimitStore):
+        down = False
+
+        async def admit(self, limits: Limits, ask: Ask, now: float,
+                        take: bool = True) -> Any:
+            if self.down:
+                raise LimitStoreUnavailable("down")
+            return await super().admit(limits, ask, now, take)
+
+        async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
+                         now: float) -> Any:
+            if self.down:
+                raise LimitStoreUnavailable("down")
+            return await super().settle(limits, ask, used_tokens, cost_nano, now)
+
+    store = Flaky()
+    adm = Admission(store, on_store=lambda ok: m.store_result("limits", ok))
+    limits = Limits(rpm=100)
+    now = datetime(2026, 3, 5, tzinfo=UTC)
+
+    def ask(i: int) -> Ask:
+        return Ask(request_id=f"r{i}", key_id="k", org="acme", tokens=1, cost_nano=0,
+                   period="total", lease_s=60)
+
+    await adm.admit(limits, ask(0), now)
+    store.down = True
+    for i in (1, 2, 3):
+        with pytest.raises(ApiError) as e:
+            await adm.admit(limits, ask(i), now)
+        assert e.value.status == 503  # failing closed
+    assert value(m, "tokenbooth_store_up", store="limits") == 0
+    assert value(m, "tokenbooth_store_errors_total", store="limits") == 3
+    await adm.settle(limits, ask(0), 1, 0, now)  # spooled or logged: a failed call
+    assert value(m, "tokenbooth_store_errors_total", store="limits") == 4
+    store.down = False
+    await adm.admit(limits, ask(4), now)
+    assert value(m, "tokenbooth_store_up", store="limits") == 1
+    assert value(m, "tokenbooth_store_errors_total", store="limits") == 4
 
 
 async def test_budget_watch_exports_each_org_budget_fraction() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from authz.runtime.metrics import Metrics, ObservedKeyStore
 from authz.state.keys.base import StoreUnavailable
 from authz.state.keys.cache import RemoteOptions
 from authz.state.keys.redis_store import RedisKeyStore
@@ -65,6 +66,41 @@ async def test_outage_grace_fail_closed_and_recovery(own_redis: RedisServer) -> 
         assert await store.find(rec.sha256, known) == rec
     finally:
         await store.close()
+
+
+async def test_the_store_says_an_outage_while_cached_keys_are_served(
+        own_redis: RedisServer) -> None:
+    """Observability tester: `tokenbooth_store_up{store="keys"}` stayed 1 through a whole
+    Redis outage while cached keys were served, since only lookups reported. The store's
+    own version polls now say each failed call, and the first that answers after."""
+    m = Metrics()
+    store = RedisKeyStore(own_redis.url, RemoteOptions(timeout_s=0.3, grace_s=60), poll_s=0.1)
+    keys = ObservedKeyStore(store, m)
+    await keys.start()
+    try:
+        secret = new_secret()
+        rec = KeyRecord(id="k1", org="acme", sha256=fingerprint(secret))
+        await store.create(rec)
+        assert await keys.find(rec.sha256, secret) == rec
+        own_redis.stop()
+        for _ in range(100):
+            if m.registry.get_sample_value("tokenbooth_store_up", {"store": "keys"}) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await keys.find(rec.sha256, secret) == rec  # cached: still served
+        assert m.registry.get_sample_value("tokenbooth_store_up", {"store": "keys"}) == 0
+        errors = m.registry.get_sample_value("tokenbooth_store_errors_total",
+                                             {"store": "keys"})
+        assert errors is not None and errors >= 1
+        own_redis.start()
+        for _ in range(100):
+            if m.registry.get_sample_value("tokenbooth_store_up", {"store": "keys"}) == 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the store's return was never said")
+    finally:
+        await keys.close()
 
 
 async def test_random_keys_never_evict_a_cached_key(own_redis: RedisServer) -> None:

@@ -7,7 +7,7 @@ uses the secret (its service hashes it); the others look up the fingerprint.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from pydantic import ValidationError
@@ -41,6 +41,15 @@ class KeyStore(Protocol):
 
     async def find(self, fingerprint: str, secret: str) -> KeyRecord | None:
         """The key with this fingerprint, or None. Raises StoreUnavailable."""
+
+
+@runtime_checkable
+class ReportsHealth(Protocol):
+    """A store that calls the store at times of its own (background polls) and says how
+    each call went: False for each that failed as unavailable, True for the first that
+    answered after."""
+
+    on_health: Callable[[bool], None] | None
 
 
 @runtime_checkable

@@ -89,6 +89,10 @@ class RedisKeyStore:
         self._version: bytes | None = None
         self._last_ok = self._clock()
         self._healthy = True
+        # Told of each call that failed as unavailable (False) and of the first that
+        # answered after (True): the background polls too, not only lookups, so the
+        # store's health shows while cached keys are served (`ObservedKeyStore`).
+        self.on_health: Callable[[bool], None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._create = self._redis.register_script(_CREATE)
@@ -230,12 +234,16 @@ class RedisKeyStore:
         if self._healthy and self._watch is not None:
             log.error("redis key store unreachable: %s", err)
         self._healthy = False
+        if self.on_health is not None:
+            self.on_health(False)
 
     def _mark_up(self) -> None:
         if not self._healthy:
             log.info("redis key store reachable again")
             # Redis may have lost data and restarted its version count: trust no stamp.
             self._cache.clear()
+            if self.on_health is not None:
+                self.on_health(True)
         self._healthy = True
         self._last_ok = self._clock()
 

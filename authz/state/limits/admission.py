@@ -65,7 +65,9 @@ class Admission:
     logged, and their holds are charged in full when the lease ends). `on_lost`:
     receives the usage record of each lost hold this replica claims. `on_hold(ask,
     admitted)`: a request was admitted (True) or is settling (False; once per settle
-    call). `on_store(ok)`: whether the store answered the last sweep. `clock`: epoch
+    call). `on_store(ok)`: a call to the store failed as unavailable (False: each
+    admission, settlement and sweep that did), or answered after one had (True; the
+    sweep's every second). `clock`: epoch
     seconds, for the background work. `on_error`: the outage policy, or where to read the
     one in force (the config's, which a reload may change mid-outage)."""
 
@@ -297,6 +299,8 @@ class Admission:
                     applied = 0
                 if applied:
                     decision = await self._store.admit(held, ask, now.timestamp())
+            if not self._store_ok and self._on_store is not None:
+                self._on_store(True)
             self._store_ok = True
             self._remember(held, ask.key_id, decision)
             if self._spool is not None and self._spool.pending_bytes \
@@ -304,6 +308,8 @@ class Admission:
                 self._wake.set()
         except LimitStoreUnavailable as e:
             self._store_ok = False
+            if self._on_store is not None:  # (observability tester: only the sweep said)
+                self._on_store(False)
             if not limits.any:
                 # Held only for its record: admitted unheld, as a key without limits
                 # always was, and nothing spooled (a stalled store that runs the
@@ -489,6 +495,8 @@ class Admission:
             return await self._store.settle(limits, ask, used_tokens, cost_nano,
                                             now.timestamp())
         except LimitStoreUnavailable as e:
+            if self._on_store is not None:
+                self._on_store(False)
             extra = {"request_id": ask.request_id, "key_id": ask.key_id}
             if self._spool is None:
                 # The hold is charged in full when its lease ends (lost).
