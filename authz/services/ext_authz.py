@@ -59,11 +59,17 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
             ) as span:
                 resp = await self._check(request)
                 allowed = resp.status.code == 0
+                # Joined to the request's other spans and records by its id; a refusal
+                # says its status (observability tester: neither was on the span).
+                span.set_attribute("tokenbooth.request_id", request.attributes.request.http.id)
                 span.set_attribute("tokenbooth.decision", "allow" if allowed else "deny")
                 if allowed:
                     md = resp.dynamic_metadata.fields
                     span.set_attribute("tokenbooth.key_id", md["key_id"].string_value)
                     span.set_attribute("tokenbooth.org", md["org"].string_value)
+                else:
+                    span.set_attribute("http.response.status_code",
+                                       resp.denied_response.status.code)
                 return resp
         finally:
             self._seconds.observe(time.perf_counter() - t0)

@@ -131,7 +131,10 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 except Exception as e:  # every error ends in one answer
                     resp = self._error_answer(life, e)
                 self._seconds.observe(time.perf_counter() - t0)
-                if span is None and self._tracer is not None:
+                # A stream the request never reached (a local reply, such as ext_authz's
+                # refusal, passing through the response phase) is no span of its own:
+                # unidentified, it began a trace of its own (observability tester).
+                if span is None and self._tracer is not None and life.request_id:
                     span = self._tracer.start_span(
                         "ext_proc", kind=SpanKind.SERVER, start_time=start_ns,
                         context=parent_context(

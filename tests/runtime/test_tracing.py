@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -25,8 +26,8 @@ from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import make_provider
 from tests.grpc_harness import Running
 from tests.helpers import PORTS, SECRET, write_policy
-from tests.services.test_ext_authz import check
-from tests.services.test_ext_proc import CHAT, Stream, req_body
+from tests.services.test_ext_authz import check, check_request
+from tests.services.test_ext_proc import CHAT, Stream, req_body, resp_body
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -77,6 +78,30 @@ async def test_spans_are_children_of_the_request_trace(
     assert SECRET not in repr([dict(sp.attributes or {}) for sp in spans.values()])
 
 
+async def test_a_refused_check_is_one_span_with_its_request_id_and_status(
+    traced: tuple[Running, InMemorySpanExporter],
+) -> None:
+    """Observability tester: a request ext_authz refused left an `ext_proc` span outside
+    the client's trace with an empty request id (its local reply passed ext_proc's
+    response phase), and the Check's span said neither the request id nor the status."""
+    running, exporter = traced
+    req = check_request("POST", "/v1/chat/completions", {
+        "authorization": "Bearer sk-not-a-key", "traceparent": TRACEPARENT})
+    req.attributes.request.http.id = "t-401"  # type: ignore[attr-defined]
+    stub = external_auth_pb2_grpc.AuthorizationStub(running.channel)
+    await stub.Check(req)
+    s = Stream(running)  # the 401 Envoy sends passes ext_proc's response phase
+    await s.send(resp_body(b'{"error": {"code": "invalid_api_key"}}', status=401))
+    await s.close()
+    await asyncio.sleep(0.2)
+    spans = exporter.get_finished_spans()
+    assert [sp.name for sp in spans] == ["ext_authz.check"]
+    attrs = spans[0].attributes or {}
+    assert (attrs["tokenbooth.request_id"], attrs["tokenbooth.decision"],
+            attrs["http.response.status_code"]) == ("t-401", "deny", 401)
+    assert format(spans[0].context.trace_id, "032x") == TRACE_ID
+
+
 def test_an_unreachable_collector_blocks_neither_start_nor_stop(tmp_path: Path) -> None:
     # A collector that accepts connections and never answers: the worst kind.
     blackhole = socket.socket()
@@ -102,10 +127,6 @@ def test_an_unreachable_collector_blocks_neither_start_nor_stop(tmp_path: Path) 
             raise AssertionError(proc.communicate()[1]) from None
         assert time.monotonic() - t0 < 10
         # Requests make spans; their export goes nowhere, and requests do not wait for it.
-        from envoy.service.auth.v3 import external_auth_pb2_grpc
-
-        from tests.services.test_ext_authz import check_request
-
         with grpc.insecure_channel(grpc_listen) as ch:
             stub = external_auth_pb2_grpc.AuthorizationStub(ch)
             for _ in range(20):
