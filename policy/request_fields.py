@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, StrictInt, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from policy.endpoints import Kind
@@ -73,7 +73,8 @@ class _Sampling(_Common, total=False):
     logprob_token_ids: list[int] | None
     response_format: _Object | None
     repetition_detection: _Object | None
-    thinking_token_budget: int | None
+    # vLLM's own validator: an integer proper (not `"1"`, `2.0`, `true`), -1 or more
+    thinking_token_budget: Annotated[StrictInt, Field(ge=-1)] | None
     return_tokens_as_token_ids: bool | None
     return_token_ids: bool | None
     return_token_offsets: bool | None
@@ -261,8 +262,15 @@ def check_vllm_rules(body: dict[str, Any], kind: Kind) -> None:
             and body.get("logprobs") is None:
         raise invalid_request("when using `logprob_token_ids`, `logprobs` must be set.",
                               "logprob_token_ids")
+    if kind is Kind.EMBEDDINGS:
+        _check_pooling_removed(body)
+    if kind is Kind.RESPONSES:
+        _check_responses_tools(body)
     if kind is not Kind.CHAT:
         return
+    choice = body.get("tool_choice")
+    if choice is not None and choice != "none" and body.get("tools") is None:
+        raise invalid_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
     if body.get("continue_final_message") and body.get("add_generation_prompt"):
         raise invalid_request("Cannot set both `continue_final_message` and "
                               "`add_generation_prompt` to True.", "continue_final_message")
@@ -272,6 +280,35 @@ def check_vllm_rules(body: dict[str, Any], kind: Kind) -> None:
     if body.get("tools") == []:
         raise invalid_request("`tools` must not be an empty array. Either provide at least "
                               "one tool or omit the field entirely.", "tools")
+
+
+def _check_responses_tools(body: dict[str, Any]) -> None:
+    """vLLM's ResponsesRequest.check_tool_usage: a tool required, or named, with none."""
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
+    if tools is not None and not (isinstance(tools, list | dict | str) and not tools):
+        return
+    if choice == "required":
+        raise invalid_request("Tool choice 'required' must be specified with 'tools' "
+                              "parameter.", "tool_choice")
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
+        raise invalid_request("Tool choice 'function' not found in 'tools' parameter.",
+                              "tool_choice")
+
+
+# vLLM's `reject_removed_pooling_parameters`: pooling parameters it no longer takes.
+_REMOVED_TASKS: Final = {
+    "score": "`score` task was removed; use `classify` instead.",
+    "encode": "`encode` task was removed; use `token_embed` or `token_classify` instead.",
+}
+
+
+def _check_pooling_removed(body: dict[str, Any]) -> None:
+    if "normalize" in body:  # present at all, null included, as vLLM reads it
+        raise invalid_request("Parameter `normalize` was removed; use `use_activation` "
+                              "instead.", "normalize")
+    task = body.get("task")
+    if isinstance(task, str) and task in _REMOVED_TASKS:
+        raise invalid_request(_REMOVED_TASKS[task], "task")
 
 
 def _refusal(e: ValidationError) -> ApiError:
@@ -288,7 +325,14 @@ def _refusal(e: ValidationError) -> ApiError:
     param = ".".join([name, *inner])
     kind = str(err["type"]).split("_", 1)[0]
     if kind in ("greater", "less"):
-        return invalid_request(f"'{param}' must be a 64-bit integer.", param)
+        bound = (err.get("ctx") or {})
+        if any(abs(v) >= 2**63 - 1 for v in bound.values() if isinstance(v, int)):
+            return invalid_request(f"'{param}' must be a 64-bit integer.", param)
+        if "ge" in bound:
+            return invalid_request(f"'{param}' must be at least {bound['ge']}.", param)
+        if "le" in bound:
+            return invalid_request(f"'{param}' must be at most {bound['le']}.", param)
+        return invalid_request(f"'{param}' is not valid: {err['msg']}.", param)
     expected = _UNION_WORDS.get(name) if not inner else None
     expected = expected or _EXPECTED.get(kind)
     if expected is None:

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from policy.config import Model
 from policy.errors import invalid_request
+from policy.request_fields import lax_int
 from policy.tokens import (
     Tally,
     batch_bound,
@@ -53,8 +54,9 @@ def embeddings_input(body: dict[str, Any], model: Model) -> tuple[int, int, int]
     if encoding is not None and (not isinstance(encoding, str) or encoding not in ENCODINGS):
         raise invalid_request("'encoding_format' must be 'float' or 'base64'.",
                               "encoding_format")
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
+    raw = body.get("dimensions")
+    dimensions = lax_int(raw)  # as vLLM reads it: "256" is 256 (review)
+    if raw is not None and (dimensions is None or dimensions < 1):
         raise invalid_request("'dimensions' must be a positive integer.", "dimensions")
     inputs = prompt_list(body.get("input"), "input")
     refuse_past_context(inputs, body, model, "input")

@@ -10,7 +10,7 @@ from authz.runtime.settings import Settings
 
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
-    s = sub.add_parser("envoy", help="Envoy helpers")
+    s = sub.add_parser("envoy", parents=[parents.config], help="Envoy helpers")
     esub = s.add_subparsers(dest="envoy_command", required=True, metavar="COMMAND")
     r = esub.add_parser("render", parents=[parents.config, parents.overrides, parents.ports],
                         help="print the Envoy bootstrap (the model clusters are not in it: "

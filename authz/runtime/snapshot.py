@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from authz.runtime.defaults import RunOverrides
 from authz.runtime.overrides import Overrides
 from authz.runtime.settings import Settings
 from policy.config import Config, ConfigError
@@ -138,6 +139,11 @@ class Runtime:
             cfg = keep_running(old, cfg)
         self.snapshot = Snapshot.build(cfg)
         log.info("config reloaded from %s", self.config_path)
+        if filled := _newly_defaulted(old, cfg, self.overrides):
+            # A typo'd `backends: []` under `up` is served (and billed) by its simulator:
+            # said, not silent (review).
+            log.warning("config reloaded: these models have no backend of their own and "
+                        "go to the default upstream (`up`'s simulator): %s", ", ".join(filled))
         if unserved := sorted(a for a, m in cfg.models.items() if not m.backends):
             # (`up` fills them with its simulator: these are `serve`'s without one)
             log.warning("config reloaded, but these models have no backend and this "
@@ -148,6 +154,19 @@ class Runtime:
                         "process (or Envoy) restarts: %s", ", ".join(later))
         self.on_reload(True)
         return True
+
+
+def _newly_defaulted(old: Config, new: Config, overrides: Overrides) -> list[str]:
+    """The models a reload sends to the default upstream that did not go there before."""
+    default = overrides.default_upstream if isinstance(overrides, RunOverrides) else None
+    if not default:
+        return []
+
+    def defaulted(cfg: Config, alias: str) -> bool:
+        m = cfg.models.get(alias)
+        return m is not None and [b.url for b in m.backends] == [default]
+
+    return sorted(a for a in new.models if defaulted(new, a) and not defaulted(old, a))
 
 
 # Settings read at start only, by Envoy (its bootstrap) or by the services.

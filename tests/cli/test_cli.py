@@ -230,6 +230,7 @@ def test_config_is_taken_before_or_after_the_command(
     assert main(["--config", str(path), "envoy", "render", "--config", none], env={}) == 2
     assert "none.yaml: cannot read" in capsys.readouterr().err
     assert main(["--config", none, "keys", "--config", str(path), "list"], env={}) == 0
+    assert main(["envoy", "--config", str(path), "render"], env={}) == 0  # (review)
 
 
 def test_an_internal_error_is_one_line_unless_tokenbooth_debug(

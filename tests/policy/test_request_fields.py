@@ -151,6 +151,50 @@ def test_a_cache_salt_vllm_refuses_is_a_400_before_the_hold(kind: Kind) -> None:
     check_vllm_rules({"cache_salt": None}, kind)
 
 
+@pytest.mark.parametrize(("kind", "body", "param"), [
+    # vLLM's check_tool_usage, chat's and Responses' (review)
+    (Kind.CHAT, {"tool_choice": "auto"}, "tool_choice"),
+    (Kind.CHAT, {"tool_choice": "required"}, "tool_choice"),
+    (Kind.CHAT, {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+     "tool_choice"),
+    (Kind.RESPONSES, {"tool_choice": "required"}, "tool_choice"),
+    (Kind.RESPONSES, {"tool_choice": "required", "tools": []}, "tool_choice"),
+    (Kind.RESPONSES, {"tool_choice": {"type": "function", "name": "f"}}, "tool_choice"),
+    # vLLM's reject_removed_pooling_parameters
+    (Kind.EMBEDDINGS, {"input": "x", "normalize": True}, "normalize"),
+    (Kind.EMBEDDINGS, {"input": "x", "normalize": None}, "normalize"),
+    (Kind.EMBEDDINGS, {"input": "x", "task": "encode"}, "task"),
+])
+def test_tool_and_pooling_rules_vllm_always_applies(kind: Kind, body: dict[str, Any],
+                                                    param: str) -> None:
+    with pytest.raises(ApiError) as e:
+        check_vllm_rules(body, kind)
+    assert e.value.param == param
+
+
+@pytest.mark.parametrize(("kind", "body"), [
+    (Kind.CHAT, {"tool_choice": "none"}),
+    (Kind.CHAT, {"tool_choice": None}),
+    (Kind.CHAT, {"tool_choice": "auto", "tools": [{"type": "function"}]}),
+    (Kind.RESPONSES, {"tool_choice": "auto"}),
+    (Kind.RESPONSES, {"tool_choice": "none", "tools": []}),
+    (Kind.RESPONSES, {"tool_choice": "required", "tools": [{"type": "function"}]}),
+    (Kind.EMBEDDINGS, {"input": "x", "task": "embed"}),
+])
+def test_what_those_rules_let_through(kind: Kind, body: dict[str, Any]) -> None:
+    check_vllm_rules(body, kind)
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("1", "an integer"), (2.0, "an integer"), (True, "an integer"), (-2, "at least -1")])
+def test_thinking_token_budget_is_an_integer_proper(value: Any, says: str) -> None:
+    """vLLM's own validator refuses what pydantic's lax integer would take (review)."""
+    with pytest.raises(ApiError) as e:
+        check_field_types({**CHAT, "thinking_token_budget": value}, Kind.CHAT)
+    assert e.value.message == f"'thinking_token_budget' must be {says}."
+    check_field_types({**CHAT, "thinking_token_budget": -1}, Kind.CHAT)
+
+
 def test_completions_logprob_token_ids_want_logprobs() -> None:
     with pytest.raises(ApiError) as e:
         check_vllm_rules({"prompt": "x", "logprob_token_ids": [3]}, Kind.COMPLETION)

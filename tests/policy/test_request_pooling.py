@@ -67,7 +67,7 @@ def test_padding_to_max_length_holds_the_context_per_input() -> None:
     ({"input": {"text": "a"}}, "input"),
     ({"input": "a", "encoding_format": "bytes"}, "encoding_format"),
     ({"input": "a", "dimensions": 0}, "dimensions"),
-    ({"input": "a", "dimensions": "8"}, "dimensions"),
+    ({"input": "a", "dimensions": "eight"}, "dimensions"),
     ({"messages": [{"role": "user", "content": "a"}]}, "messages"),
 ])
 def test_bad_embedding_bodies(body: dict[str, Any], param: str) -> None:
@@ -78,6 +78,8 @@ def test_bad_embedding_bodies(body: dict[str, Any], param: str) -> None:
 def test_embedding_options_pass() -> None:
     for fmt in ("float", "base64", None):
         embeddings_input({"input": "a", "encoding_format": fmt, "dimensions": 4}, M)
+    for dims in ("256", 256.0):  # vLLM reads them as 256 (review: they were refused)
+        embeddings_input({"input": "a", "dimensions": dims}, M)
 
 
 TEXT = 5 + 8  # "hello" / "world": 5 bytes + 8 special tokens

@@ -98,6 +98,10 @@ def test_a_reload_names_the_models_it_leaves_without_a_backend(
             assert rt.reload_if_changed()
         assert ("no backend and this process no --default-upstream: they answer 503 "
                 "until one is given: later" in caplog.text) is warned
+        # Under `up` the simulator serves it: said too, as a typo'd `backends: []` would
+        # otherwise answer (and bill) simulated text silently.
+        assert ("no backend of their own and go to the default upstream (`up`'s "
+                "simulator): later" in caplog.text) is not warned
         path.write_text(yaml.safe_dump({**data, "models": {
             k: v for k, v in data["models"].items() if k != "later"}}))
 
