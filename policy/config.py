@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from policy.bounds import MAX_EXACT, BudgetUsd, Count
 from policy.keyrecord import SCOPES, KeyRecord, OrgName
 from policy.sse import MAX_EVENT_BYTES
+from policy.stream_pace import ABORT_STEPS
 from policy.yaml_load import DuplicateKey, load_yaml
 
 __all__ = ["REDIS_PASSWORD_ENV", "SCOPES", "Config", "ConfigError", "KeyRecord", "load_config",
@@ -516,6 +517,10 @@ class LimitSettings(_Strict):
     # long or more between its chunks (policy/stream_pace.py): vLLM generates on while
     # its reader lags, so the chunks seen no longer count what it generated.
     stalled_stream_s: float = Field(default=2.0, gt=0, le=3600)
+    # And what its backend generates from the cut to its abort, in steps (tokens) for each
+    # choice running, plus a chunk's steps past one with a `stream_interval`
+    # (policy/stream_pace.py, ABORT_STEPS).
+    abort_lag_steps: int = Field(default=ABORT_STEPS, ge=0, le=1_000_000)
 
 
 class MetricsSettings(_Strict):

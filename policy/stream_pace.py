@@ -31,12 +31,14 @@ OPENED_AFTER_PAUSE_S = 1.0
 
 
 # From the cut the gateway sees to vLLM's abort (Envoy resets the upstream connection,
-# vLLM's server notices, its engine takes the abort between steps, one ahead of what it
-# streams): it generates on meanwhile, in steps, not time. Real vLLM 0.32 counted up to
-# 3 tokens a choice past the chunks a cut stream's gateway had seen (1 more where one
-# chunk came). (A time at the stream's pace instead charged a fast or bursty stream's
-# measured pace, hundreds of tokens a second, for a lag of a few steps.)
-ABORT_STEPS = 3
+# vLLM's server notices at its next send, its engine takes the abort between steps): it
+# generates on meanwhile, in steps, not time. An idle real vLLM 0.32 counted up to 3
+# tokens a choice past the chunks a cut stream's gateway had seen; one whose API server
+# lagged its engine (2 busy cores: the engine ran ahead while the server that streams and
+# notices the cut waited for the CPU) up to 15 (real-vLLM tester). The default covers
+# that; `limits.abort_lag_steps` sets it. (A time at the stream's pace instead charged a
+# fast or bursty stream's measured pace, hundreds of tokens a second, for a lag of steps.)
+ABORT_STEPS = 16
 
 
 # A flow shorter than this many tokens (and than stall_s) measures no pace for the
@@ -50,6 +52,10 @@ class StreamPace:
     # Sequences the request generates (prompts x n): a batch whose prompts start one
     # after another had fewer running when its pace was measured than in its pauses.
     sequences: int = 1
+    # Steps vLLM takes from a cut to its abort (ABORT_STEPS), and the steps a chunk holds
+    # (`stream_interval`): the cut is noticed at the next send, that many steps on.
+    abort_steps: int = ABORT_STEPS
+    interval: int = 1
     debt_s: float = 0.0  # pause seconds whose tokens no chunk has carried yet
     flow_s: float = 0.0  # the gaps shorter than stall_s before any pause: its own pace
     flow_tokens: int = 0  # tokens the chunks after those gaps carried
@@ -128,12 +134,14 @@ class StreamPace:
         return math.ceil(owed * HEADROOM)
 
     def abort_lag(self, choices_unseen: bool = False) -> int:
-        """Tokens the backend generates after the cut, before its abort lands: ABORT_STEPS
-        for each choice open (one, before any opened). `choices_unseen`: chunks came that
-        were counted elsewhere, not read here (Envoy's meter counts events, not the
-        choices they open): every sequence the request runs may be stepping on."""
+        """Tokens the backend generates after the cut, before its abort lands:
+        `abort_steps` for each choice open (one, before any opened), and a chunk's steps
+        past one (vLLM notices the cut when it sends the next chunk, `interval` steps
+        after the last). `choices_unseen`: the stream was read elsewhere (Envoy's meter
+        counts events, not the choices they open, nor role chunks): every sequence the
+        request runs may be stepping on."""
         running = self.sequences if choices_unseen else max(1, self.opened)
-        return ABORT_STEPS * running
+        return (self.abort_steps + max(0, self.interval - 1)) * running
 
     def rate(self, seen: int) -> float | None:
         """Tokens a second before its first pause; else over the whole stream (its chunks

@@ -463,8 +463,11 @@ class Lifecycle:
                                     self._snap.config.envoy.max_event_bytes,
                                     req.stream_interval)
             self._meter.echo = _echoes(endpoint.kind, req.body)
-            self._pace = StreamPace(self._snap.config.limits.stalled_stream_s,
-                                    max(1, req.sequences * req.prompts))
+            limits = self._snap.config.limits
+            self._pace = StreamPace(limits.stalled_stream_s,
+                                    max(1, req.sequences * req.prompts),
+                                    abort_steps=limits.abort_lag_steps,
+                                    interval=req.stream_interval)
 
     def hand_over(self) -> bool:
         """Whether Envoy meters this response: a stream it was asked to meter, that the
@@ -725,9 +728,10 @@ class Lifecycle:
         unseen = pace.unseen(time.monotonic(), meter.tokens_seen)
         if unseen is None or meter.error_status:  # (generation failed: nothing steps on)
             return unseen
-        # A stream Envoy metered reports its events, not which choices they opened
-        # (clients tester: a cut n=3 stream owed 3 steps, not 9): each may be running.
-        return unseen + pace.abort_lag(self._reported and meter.content_chunks > 0)
+        # A stream Envoy metered reports its events, not which choices they opened, nor
+        # its role chunks (clients tester: a cut n=3 stream owed 3 steps, not 9; review:
+        # no event is no proof none had opened): each may be running.
+        return unseen + pace.abort_lag(self._reported)
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from policy.config import ConfigError, load_config, parse_config, parse_hostport, redacted
+from policy.stream_pace import ABORT_STEPS
 from tests.helpers import policy_dict, write_policy
 
 
@@ -313,3 +314,12 @@ def test_the_fingerprint_of_an_empty_secret_is_refused() -> None:
         with pytest.raises(ConfigError, match="empty secret"):
             parse_config({"models": {"m": {"upstream_model": "m", "backends": []}},
                           **section})
+
+
+def test_the_abort_lag_is_a_limits_setting() -> None:
+    assert parse_config(policy_dict("http://127.0.0.1:8000")).limits.abort_lag_steps == (
+        ABORT_STEPS)
+    cfg = parse_config(policy_dict("http://127.0.0.1:8000", limits={"abort_lag_steps": 40}))
+    assert cfg.limits.abort_lag_steps == 40
+    with pytest.raises(ConfigError, match=r"limits\.abort_lag_steps"):
+        parse_config(policy_dict("http://127.0.0.1:8000", limits={"abort_lag_steps": -1}))

@@ -171,3 +171,17 @@ def test_what_vllm_generates_before_its_abort_lands_is_charged() -> None:
     for i in range(40):
         four.chunk(i * 0.05, 4, opened=4 if i == 0 else 0, steps=4)
     assert four.abort_lag() == 4 * ABORT_STEPS
+
+
+def test_the_abort_lag_counts_a_chunks_steps_and_the_setting() -> None:
+    """Real-vLLM tester: with `stream_interval: 4` vLLM notices a cut at its next send,
+    up to 4 steps after the last chunk, and then takes the abort's steps (a stream cut
+    before any chunk was charged 7 where vLLM generated 14); one whose API server lagged
+    its engine generated up to 15 tokens a choice past what the gateway saw, so the
+    steps are a setting (`limits.abort_lag_steps`), by default ABORT_STEPS."""
+    assert ABORT_STEPS >= 15
+    assert StreamPace(2.0, interval=4).abort_lag() == ABORT_STEPS + 3
+    assert StreamPace(2.0, abort_steps=5).abort_lag() == 5
+    assert StreamPace(2.0, sequences=3, abort_steps=5, interval=2).abort_lag(
+        choices_unseen=True) == 3 * 6
+    assert StreamPace(2.0, abort_steps=0).abort_lag() == 0

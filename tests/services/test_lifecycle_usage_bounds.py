@@ -543,7 +543,7 @@ async def test_a_batchs_next_prompt_after_its_prefill_is_no_pause(
         h: Harness, clock: Clock) -> None:
     """Prompt 0 streams, prompt 1 prefills for 3 s, then streams: its first chunk opens a
     choice, not a pause."""
-    body = {"model": "demo", "prompt": ["hi", "long " * 50], "max_tokens": 16}
+    body = {"model": "demo", "prompt": ["hi", "long " * 50], "max_tokens": 64}
     chunks = [*steady(16, 0), (3.0, chunk_of(1)), *steady(4, 1)]
     h2 = h
     life = await h2.admitted({**body, "stream": True}, path="/v1/completions")
@@ -559,7 +559,7 @@ async def test_a_batchs_next_prompt_after_its_prefill_is_no_pause(
     assert rec.completion_tokens == 21 + 2 * ABORT_STEPS  # both prompts step on
     # The record keeps the hold's bounds (`audit --vllm` caps estimated requests by them).
     assert life.req is not None and life.req.prompt_bound > 9
-    assert (rec.prompt_bound, rec.completion_bound) == (life.req.prompt_bound, 2 * 16)
+    assert (rec.prompt_bound, rec.completion_bound) == (life.req.prompt_bound, 2 * 64)
 
 
 async def test_merged_steps_count_each_token(h: Harness, clock: Clock) -> None:
