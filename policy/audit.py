@@ -149,7 +149,7 @@ def valid_records(records: Iterable[Record]) -> list[Record]:
         try:
             started_at(rec)
             try:
-                record_cost(str(rec["cost_usd"]))
+                record_cost(rec["cost_usd"])
             except ArithmeticError:  # decimal's InvalidOperation: not a number at all
                 raise ValueError(f"cost_usd {str(rec['cost_usd'])[:40]!r} is not a "
                                  "decimal number") from None

@@ -250,7 +250,11 @@ def record_cost(value: Any) -> Decimal:
     """A record's `cost_usd`; ValueError (or InvalidOperation) unless a number from 0 to
     below 10^MAX_RECORD_DIGITS USD. A "NaN" or "Infinity" in a hand-edited log made every
     total it joined NaN, and "1E+999999999" overflowed the sum (an internal error); no
-    charge is negative (a tampered pair netting to the ledger passed the audit)."""
+    charge is negative (a tampered pair netting to the ledger passed the audit). A string,
+    as records write it: a JSON number reads as a float, inexact (records tester: `usage`
+    summed 0.33 as 0.33000000000000001554, where the admin API left it out)."""
+    if not isinstance(value, str):
+        raise ValueError(f"cost_usd {str(value)[:40]!r} is not a string")
     cost = Decimal(value)
     if not cost.is_finite() or cost < 0 or cost.adjusted() >= MAX_RECORD_DIGITS:
         raise ValueError(f"cost_usd {str(value)[:40]!r}")

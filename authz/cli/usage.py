@@ -47,8 +47,8 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     s.add_argument("action", nargs="?", choices=["export"],
                    help="export: move records from the Redis stream into the PostgreSQL "
                         "sink, until stopped (README: Usage records at volume)")
-    s.add_argument("--org")
-    s.add_argument("--key", help="key id")
+    s.add_argument("--org", type=_text)
+    s.add_argument("--key", type=_text, help="key id")
     s.add_argument("--since", help="ISO 8601 time, or an age such as 90m, 24h, 7d")
     s.add_argument("--group-by", type=_group_by, metavar="G[,G]",
                    help=f"totals per group instead of the records: {', '.join(GROUPS)} "
@@ -56,6 +56,17 @@ def add_parsers(sub: Subparsers, parents: Parents) -> None:
     s.add_argument("--json", action="store_true")
     _export_arguments(s)
     s.set_defaults(func=cmd_usage)
+
+
+def _text(value: str) -> str:
+    """An argument as text: bytes that are not UTF-8 (`$'\\xff'`) reach Python as lone
+    surrogates, which no store can be asked for (records tester: PostgreSQL's driver
+    failed on one, reported as the store being unreadable, exit 1)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{value!a} is not UTF-8 text") from None
+    return value
 
 
 def _group_by(text: str) -> tuple[str, ...]:

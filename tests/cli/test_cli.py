@@ -233,6 +233,19 @@ def test_config_is_taken_before_or_after_the_command(
     assert main(["envoy", "--config", str(path), "render"], env={}) == 0  # (review)
 
 
+def test_usage_filters_that_are_not_utf8_are_bad_input(tmp_path: Path) -> None:
+    """Records tester: `usage --org $'\\xff'` with a PostgreSQL sink failed as an
+    unreadable store (exit 1); it is bad input, refused before any store is asked."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    for flag in ("--org", "--key"):
+        r = subprocess.run([sys.executable, "-m", "authz.cli", "usage", "--config",
+                            str(path), flag, b"\xff".decode("utf-8", "surrogateescape")],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert f"argument {flag}: '\\udcff' is not UTF-8 text" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
 def test_an_internal_error_is_one_line_unless_tokenbooth_debug(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -159,7 +159,7 @@ def test_a_reserved_counter_that_is_not_its_holds_is_drift() -> None:
 
 @pytest.mark.parametrize("bad", [
     {"cost_usd": "abc"}, {"cost_usd": "NaN"}, {"started_at": "yesterday"},
-    {"key_id": None}, {"prompt_tokens": "3"}, {"cost_usd": "-0.034"},
+    {"key_id": None}, {"prompt_tokens": "3"}, {"cost_usd": "-0.034"}, {"cost_usd": 0.33},
 ])
 def test_malformed_records_name_the_request(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="usage record 'r1' is malformed"):
