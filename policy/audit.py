@@ -110,6 +110,18 @@ class BackendAudit:
     estimated_completion_bound: int | None = None
 
     @property
+    def charged_short(self) -> tuple[int, int]:
+        """Prompt and generation tokens vLLM counted past what the records charged, the
+        estimated ones included (0, 0 when none): a cut stream's estimate fell short of
+        what its backend generated (real-vLLM tester: a backend whose API server lagged
+        its engine), within the bounds `drift` allows. On a quiet backend, that is money
+        not charged; `limits.abort_lag_steps` raises the estimates."""
+        c = self.counters
+        return (max(0, c.prompt_tokens - self.prompt_tokens - self.estimated_prompt),
+                max(0, c.generation_tokens - self.completion_tokens
+                    - self.estimated_completion))
+
+    @property
     def drift(self) -> bool:
         """Without estimates the counters equal the records' sums; with estimates they
         are at least the exact records' sums and at most those plus the estimated

@@ -93,7 +93,8 @@ class Report:
     @property
     def drift(self) -> bool:
         return (any(self.ledger_problems(a) for a in self.ledgers)
-                or any(b.drift for b in self.backends))
+                or any(b.drift or (self.strict and any(b.charged_short))
+                       for b in self.backends))
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
@@ -275,6 +276,8 @@ def _backend_json(b: BackendAudit) -> dict[str, Any]:
                       "completion_tokens": b.estimated_completion,
                       "prompt_bound": b.estimated_prompt_bound,
                       "completion_bound": b.estimated_completion_bound},
+        "charged_short": {"prompt_tokens": b.charged_short[0],
+                          "generation_tokens": b.charged_short[1]},
         "drift": b.drift,
     }
 
@@ -323,8 +326,13 @@ def _print_report(r: Report) -> None:
               f"({b.records} requests); estimated {b.estimated_prompt} / "
               f"{b.estimated_completion} ({b.estimated_records} requests"
               f"{_ceiling(b)}): {'DRIFT' if b.drift else 'ok'}")
+        short_p, short_g = b.charged_short
+        if short_p or short_g:
+            print(f"  vLLM counted {short_p} prompt / {short_g} generation tokens more than "
+                  "the records charged: cut streams' estimates fell short (raise "
+                  f"limits.abort_lag_steps){' (--strict: drift)' if r.strict else ''}")
     bad = sum(1 for a in r.ledgers if r.ledger_problems(a))
-    bad_b = sum(1 for b in r.backends if b.drift)
+    bad_b = sum(1 for b in r.backends if b.drift or (r.strict and any(b.charged_short)))
     print(f"drift: {bad} ledger(s), {bad_b} backend(s)" if r.drift else
           f"no drift ({len(r.ledgers)} ledger(s), {len(r.backends)} backend(s))")
 

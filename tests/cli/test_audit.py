@@ -321,3 +321,26 @@ def test_a_recorded_vllm_page_counts_records_since_its_process_start(
     [b] = out["backends"]
     assert (b["vllm_prompt_tokens"], b["vllm_generation_tokens"], b["records"]) == (42, 42, 2)
     assert b["process_start"] == "2026-03-15T10:00:00+00:00"
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_backend_that_counted_past_the_charges_is_said(
+        strict: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """Real-vLLM tester: cut streams' estimates fell short of what vLLM generated, and
+    `audit --vllm` said "ok" (within the bounds). The shortfall is now said, and with
+    --strict it is drift."""
+    from authz.cli.audit import Report, _print_report
+    from policy.audit import BackendAudit, VllmCounters
+
+    b = BackendAudit(VllmCounters("http://vllm:8000", 30, 45, None), records=2,
+                     prompt_tokens=15, completion_tokens=26, estimated_records=1,
+                     estimated_prompt=7, estimated_completion=3,
+                     estimated_prompt_bound=583, estimated_completion_bound=150)
+    report = Report([], [b], "memory", strict, None)
+    assert not b.drift and b.charged_short == (8, 16)
+    assert report.drift is strict
+    _print_report(report)
+    out = capsys.readouterr().out
+    assert ("vLLM counted 8 prompt / 16 generation tokens more than the records charged"
+            in out)
+    assert ("drift: 0 ledger(s), 1 backend(s)" in out) is strict

@@ -230,6 +230,10 @@ def test_estimated_records_are_apart_and_bound_the_counters_from_below_only() ->
     assert (a.records, a.estimated_records, a.estimated_prompt, a.estimated_completion) == (
         2, 1, 7, 3)
     assert not a.drift
+    # Within the bounds, but past what the records charged: said (real-vLLM tester).
+    assert a.charged_short == (30 - 15 - 7, 40 - 26 - 3)
+    assert audit_backend(VllmCounters("http://vllm:8000", 22, 29, start),
+                         records).charged_short == (0, 0)
     assert audit_backend(VllmCounters("http://vllm:8000", 14, 40, start), records).drift
 
 
