@@ -217,6 +217,31 @@ def chats(sim_url: str) -> list[dict[str, Any]]:
             if r["path"] == "/v1/chat/completions"]
 
 
+def add_a_simulated_model_and_chat(tmp_path: Path, path: Path, data: dict[str, Any],
+                                   client: openai.OpenAI) -> None:
+    """Reload the config with a `later` model that has no backend; it must be served (by
+    `up`'s simulator) within seconds."""
+    data["models"]["later"] = {"upstream_model": "later-7b", "backends": []}
+    (tmp_path / "next.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "next.yaml").replace(path)
+    for _ in range(100):
+        with suppress(openai.NotFoundError):  # until the reload
+            assert chat_until_served(client, "later").model == "later-7b"
+            return
+        time.sleep(0.1)
+    raise AssertionError("the model the reload added was never served")
+
+
+def stop_up(up: subprocess.Popen[str], client: openai.OpenAI) -> int:
+    """Close the client, Ctrl-C `up`; its exit status."""
+    client.close()
+    up.send_signal(signal.SIGINT)
+    rc = up.wait(30)
+    assert up.stdout is not None
+    up.stdout.close()
+    return rc
+
+
 def test_up_sends_models_to_the_configs_backends(tmp_path: Path) -> None:
     with users_vllm("users-vllm-7b") as vllm:
         data = free_ports_config(
@@ -236,22 +261,9 @@ def test_up_sends_models_to_the_configs_backends(tmp_path: Path) -> None:
             assert len(chats(vllm)) == 1
             # One a reload adds is served by it too (it answered 404 "The model
             # `later-7b` does not exist": the simulator knew the models of `up`'s start).
-            data["models"]["later"] = {"upstream_model": "later-7b", "backends": []}
-            (tmp_path / "next.yaml").write_text(yaml.safe_dump(data))
-            (tmp_path / "next.yaml").replace(path)
-            for _ in range(100):
-                with suppress(openai.NotFoundError):  # until the reload
-                    assert chat_until_served(client, "later").model == "later-7b"
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError("the model the reload added was never served")
+            add_a_simulated_model_and_chat(tmp_path, path, data, client)
         finally:
-            client.close()
-            up.send_signal(signal.SIGINT)
-            rc = up.wait(30)
-            assert up.stdout is not None
-            up.stdout.close()
+            rc = stop_up(up, client)
         assert rc == 0
 
 
@@ -269,23 +281,10 @@ def test_up_without_a_simulated_model_serves_one_a_reload_adds(tmp_path: Path) -
                                     r"reload adds with `backends: \[\]`", ln)
                        for ln in banner), banner
             assert chat_until_served(client, "mine").model == "users-vllm-7b"
-            data["models"]["later"] = {"upstream_model": "later-7b", "backends": []}
-            (tmp_path / "next.yaml").write_text(yaml.safe_dump(data))
-            (tmp_path / "next.yaml").replace(path)
-            for _ in range(100):
-                with suppress(openai.NotFoundError):  # until the reload
-                    assert chat_until_served(client, "later").model == "later-7b"
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError("the model the reload added was never served")
+            add_a_simulated_model_and_chat(tmp_path, path, data, client)
             assert len(chats(vllm)) == 1
         finally:
-            client.close()
-            up.send_signal(signal.SIGINT)
-            rc = up.wait(30)
-            assert up.stdout is not None
-            up.stdout.close()
+            rc = stop_up(up, client)
         assert rc == 0
 
 
