@@ -152,7 +152,6 @@ class _Embeddings(TypedDict, total=False):
 
     user: str | None
     dimensions: int | None
-    encoding_format: Literal["float", "base64", "bytes", "bytes_only"]
     embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
     endianness: Literal["native", "big", "little"]
     padding: Literal["max_length", "do_not_pad"] | None
@@ -324,6 +323,10 @@ def _refusal(e: ValidationError) -> ApiError:
     inner = [str(p) for p in rest]
     param = ".".join([name, *inner])
     kind = str(err["type"]).split("_", 1)[0]
+    value = err.get("input")
+    if type(value) is float and value.is_integer() and abs(value) >= 2**63:
+        # An integer past 64 bits reaches here as a float (the JSON reader's way).
+        return invalid_request(f"'{param}' must be a 64-bit integer.", param)
     if kind in ("greater", "less"):
         bound = (err.get("ctx") or {})
         if any(abs(v) >= 2**63 - 1 for v in bound.values() if isinstance(v, int)):

@@ -51,7 +51,9 @@ def embeddings_input(body: dict[str, Any], model: Model) -> tuple[int, int, int]
         raise invalid_request("Chat-style embeddings are not accepted here: send the text "
                               "as 'input'.", "messages")
     encoding = body.get("encoding_format")
-    if encoding is not None and (not isinstance(encoding, str) or encoding not in ENCODINGS):
+    # (present and null too: vLLM's has a default, no null)
+    if "encoding_format" in body and (not isinstance(encoding, str)
+                                      or encoding not in ENCODINGS):
         raise invalid_request("'encoding_format' must be 'float' or 'base64'.",
                               "encoding_format")
     raw = body.get("dimensions")

@@ -330,7 +330,9 @@ def _print_report(r: Report) -> None:
         if short_p or short_g:
             print(f"  vLLM counted {short_p} prompt / {short_g} generation tokens more than "
                   "the records charged: cut streams' estimates fell short (raise "
-                  f"limits.abort_lag_steps){' (--strict: drift)' if r.strict else ''}")
+                  "limits.abort_lag_steps), or requests whose records name no backend (a "
+                  "client gone before its answer began) were served"
+                  f"{' (--strict: drift)' if r.strict else ''}")
     bad = sum(1 for a in r.ledgers if r.ledger_problems(a))
     bad_b = sum(1 for b in r.backends if b.drift or (r.strict and any(b.charged_short)))
     print(f"drift: {bad} ledger(s), {bad_b} backend(s)" if r.drift else

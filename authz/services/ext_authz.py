@@ -61,7 +61,10 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
                 allowed = resp.status.code == 0
                 # Joined to the request's other spans and records by its id; a refusal
                 # says its status (observability tester: neither was on the span).
-                span.set_attribute("tokenbooth.request_id", request.attributes.request.http.id)
+                # (`x-request-id`, as records and the client have it: the request's `id`
+                # attribute is Envoy's own stream number; retest tester)
+                span.set_attribute("tokenbooth.request_id",
+                                   headers.get("x-request-id", ""))
                 span.set_attribute("tokenbooth.decision", "allow" if allowed else "deny")
                 if allowed:
                     md = resp.dynamic_metadata.fields

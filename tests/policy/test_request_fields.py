@@ -84,7 +84,7 @@ def test_what_vllm_accepts_passes(field: str, value: Any) -> None:
     (Kind.EMBEDDINGS, {"truncate_prompt_tokens": "x"}, "truncate_prompt_tokens"),
     (Kind.EMBEDDINGS, {"user": 5}, "user"),
     (Kind.EMBEDDINGS, {"add_special_tokens": "x"}, "add_special_tokens"),
-    (Kind.EMBEDDINGS, {"encoding_format": "hex"}, "encoding_format"),
+    (Kind.EMBEDDINGS, {"dimensions": "x"}, "dimensions"),
 ])
 def test_every_kind_refuses_what_vllm_refuses_by_type(kind: Kind, body: dict[str, Any],
                                                       param: str) -> None:
@@ -183,6 +183,13 @@ def test_tool_and_pooling_rules_vllm_always_applies(kind: Kind, body: dict[str, 
 ])
 def test_what_those_rules_let_through(kind: Kind, body: dict[str, Any]) -> None:
     check_vllm_rules(body, kind)
+
+
+def test_an_integer_past_64_bits_is_said_so() -> None:
+    """The JSON reader gives it as a float: it read "must be an integer" (retest tester)."""
+    with pytest.raises(ApiError) as e:
+        check_field_types({**CHAT, "top_k": float(10**20)}, Kind.CHAT)
+    assert e.value.message == "'top_k' must be a 64-bit integer."
 
 
 @pytest.mark.parametrize(("value", "says"), [

@@ -86,8 +86,10 @@ async def test_a_refused_check_is_one_span_with_its_request_id_and_status(
     response phase), and the Check's span said neither the request id nor the status."""
     running, exporter = traced
     req = check_request("POST", "/v1/chat/completions", {
-        "authorization": "Bearer sk-not-a-key", "traceparent": TRACEPARENT})
-    req.attributes.request.http.id = "t-401"  # type: ignore[attr-defined]
+        "authorization": "Bearer sk-not-a-key", "traceparent": TRACEPARENT,
+        "x-request-id": "t-401"})
+    # Envoy's own stream number, not the request id the client and the records have.
+    req.attributes.request.http.id = "5569409462642433364"  # type: ignore[attr-defined]
     stub = external_auth_pb2_grpc.AuthorizationStub(running.channel)
     await stub.Check(req)
     s = Stream(running)  # the 401 Envoy sends passes ext_proc's response phase
