@@ -1,12 +1,16 @@
-"""The types of the sampling fields the gateway passes on unread, checked as vLLM checks
-them, before anything is held: a `temperature: "hot"` was admitted, sent upstream, and
-its 400 came back after it had spent one of the key's requests per minute.
+"""The types of the fields the gateway passes on unread, checked as vLLM checks them,
+before anything is held: a `temperature: "hot"` was admitted, sent upstream, and its 400
+came back after it had spent one of the key's requests per minute. And vLLM's rules that
+hold whatever its server's options (`check_vllm_rules`).
 
 The types are vLLM 0.32's (`ChatCompletionRequest`, `CompletionRequest`,
-`ResponsesRequest`), read by pydantic in its lax mode as vLLM reads them, so nothing vLLM
-accepts is refused here (`"0.5"` is a number to both, `"yes"` a boolean). Fields the
-gateway reads itself (`max_tokens`, `n`, `stream`, ...) keep their own, stricter rules in
-`policy.request`; values in range (a negative temperature) stay the backend's to judge.
+`ResponsesRequest`, `EmbeddingCompletionRequest`), read by pydantic in its lax mode as
+vLLM reads them, so nothing vLLM accepts is refused here (`"0.5"` is a number to both,
+`"yes"` a boolean); a field vLLM reads by a model of its own is checked as the object it
+must be (`_Object`). Fields the gateway reads itself (`max_tokens`, `n`, `stream`,
+`encoding_format`, ...) keep their own, stricter rules in `policy.request`; values in
+range (a negative temperature) stay the backend's to judge. The parity test against
+vLLM's own models: tests/vllm/test_vllm_field_types.py.
 """
 
 from __future__ import annotations
