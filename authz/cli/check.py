@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import ssl
 import sys
 import tempfile
 from pathlib import Path
 
 from authz.cli.common import Parents, Subparsers
 from authz.runtime.settings import Settings
+from authz.runtime.tls_files import tls_problems
 from policy.config import Config, ConfigError
 
 
@@ -51,32 +51,11 @@ def machine_problems(cfg: Config, source: str) -> list[str]:
     certificate's) and the data directory (state, records, spools, run files)."""
     out = []
     if cfg.tls is not None:
-        unreadable = [f"{source}: tls.{name}: cannot read {path}: {why}"
-                      for name, path in (("cert", cfg.tls.cert), ("key", cfg.tls.key))
-                      if (why := _unreadable(path))]
-        out += unreadable
-        if not unreadable:
-            try:
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                    cfg.tls.cert, cfg.tls.key)
-            except ssl.SSLError as e:
-                out.append(f"{source}: tls: {cfg.tls.cert} and {cfg.tls.key} are not a PEM "
-                           f"certificate and its private key ({e.reason or e})")
-            except OSError as e:  # read between the two looks; or a passphrase is asked
-                out.append(f"{source}: tls: cannot load the pair: {e.strerror or e}")
+        out += [f"{source}: {line}" for line in tls_problems(cfg.tls.cert, cfg.tls.key)]
     why = _not_writable_dir(cfg.data_dir)
     if why:
         out.append(f"{source}: data_dir: {cfg.data_dir}: {why}")
     return out
-
-
-def _unreadable(path: Path) -> str | None:
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as e:
-        return str(e.strerror or e).lower()
-    return "a directory, not a file" if path.is_dir() else None
 
 
 def _not_writable_dir(path: Path) -> str | None:

@@ -43,7 +43,8 @@ from authz.runtime.procs import (
 )
 from authz.runtime.settings import Settings
 from authz.runtime.side_port import PID_HEADER
-from policy.config import OWN_ENV_PREFIX, Config, parse_hostport
+from authz.runtime.tls_files import tls_problems
+from policy.config import OWN_ENV_PREFIX, Config, ConfigError, parse_hostport
 from policy.keys import fingerprint
 
 # Envoy's node metadata key for the run's nonce (shown by the admin's /server_info).
@@ -140,6 +141,10 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
     fresh_secret = _ensure_config(opts)
     cfg = settings.load_config(opts.config_path)
     _check_ports_free(opts.overrides.apply(cfg), _LISTENERS)
+    if cfg.tls is not None and (bad := tls_problems(cfg.tls.cert, cfg.tls.key)):
+        # Before anything starts: Envoy refused the pair after the services and the
+        # simulator had started, and `up` said only "envoy: a process exited" (TLS tester).
+        raise ConfigError([f"{opts.config_path}: {line}" for line in bad])
     run_dir = cfg.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
 

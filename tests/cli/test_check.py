@@ -110,7 +110,8 @@ def test_what_this_machine_lacks_to_start_it_is_a_warning_or_with_here_an_error(
     # A key that is not the certificate's (the CA's key): Envoy would refuse the pair.
     path.write_text(f"tls: {{cert: {cert.name}, key: ca.key}}\n" + models)
     r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
-    assert r.returncode == 2 and "are not a PEM certificate and its private key" in r.stderr
+    assert r.returncode == 2 and "tls.key:" in r.stderr and "is not the private key of" \
+        in r.stderr
     assert r.stderr.count("\n") == 1
     path.write_text(f"tls: {{cert: {cert.name}, key: {key.name}}}\n" + models)
     r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)

@@ -34,6 +34,7 @@ from authz.runtime.procs import http_json, http_ok, spawn, stop, wait_until
 from policy.config import Config, load_config
 from policy.keys import fingerprint
 from tests.helpers import SECRET, free_port
+from tests.tls import make_test_ca
 
 pytestmark = pytest.mark.e2e
 
@@ -286,6 +287,21 @@ def test_up_without_a_simulated_model_serves_one_a_reload_adds(tmp_path: Path) -
         finally:
             rc = stop_up(up, client)
         assert rc == 0
+
+
+def test_up_refuses_a_bad_pair_before_it_starts_anything(tmp_path: Path) -> None:
+    """TLS tester: `up` started the services and the simulator, then Envoy refused the
+    pair and `up` said "envoy: a process exited with status 1"."""
+    _, cert, _ = make_test_ca(tmp_path)
+    data = free_ports_config(demo={"upstream_model": "tiny-llama", "backends": []})
+    data["tls"] = {"cert": cert.name, "key": "ca.key"}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    r = subprocess.run([sys.executable, "-m", "authz.cli", "up", "--config", str(path)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr == (f"tokenbooth: error: {path}: tls.key: {tmp_path / 'ca.key'} is not "
+                        f"the private key of {cert}\n")
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
