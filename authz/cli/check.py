@@ -11,7 +11,7 @@ from pathlib import Path
 
 from authz.cli.common import Parents, Subparsers
 from authz.runtime.settings import Settings
-from authz.runtime.tls_files import tls_problems
+from authz.runtime.tls_files import tls_problems, tls_warnings
 from policy.config import Config, ConfigError
 
 
@@ -41,6 +41,9 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     for line in missing:
         print(f"warning: {line} (on this machine: fine if the gateway runs elsewhere)",
               file=sys.stderr)
+    if cfg.tls is not None:  # Envoy serves such a certificate: a warning, never an error
+        for line in tls_warnings(cfg.tls.cert):
+            print(f"warning: {args.file}: {line}", file=sys.stderr)
     print(f"{args.file}: ok ({len(cfg.models)} model(s), {len(cfg.keys)} key(s))")
     return 0
 

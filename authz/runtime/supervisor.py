@@ -43,7 +43,7 @@ from authz.runtime.procs import (
 )
 from authz.runtime.settings import Settings
 from authz.runtime.side_port import PID_HEADER
-from authz.runtime.tls_files import tls_problems
+from authz.runtime.tls_files import tls_problems, tls_warnings
 from policy.config import OWN_ENV_PREFIX, Config, ConfigError, parse_hostport
 from policy.keys import fingerprint
 
@@ -140,11 +140,14 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
     signal or until one of them exits. Children inherit this process's environment."""
     fresh_secret = _ensure_config(opts)
     cfg = settings.load_config(opts.config_path)
-    _check_ports_free(opts.overrides.apply(cfg), _LISTENERS)
     if cfg.tls is not None and (bad := tls_problems(cfg.tls.cert, cfg.tls.key)):
         # Before anything starts: Envoy refused the pair after the services and the
         # simulator had started, and `up` said only "envoy: a process exited" (TLS tester).
         raise ConfigError([f"{opts.config_path}: {line}" for line in bad])
+    # A certificate Envoy serves but clients refuse (expired, say): said, not refused.
+    for line in tls_warnings(cfg.tls.cert) if cfg.tls is not None else []:
+        print(f"tokenbooth: warning: {opts.config_path}: {line}", file=sys.stderr, flush=True)
+    _check_ports_free(opts.overrides.apply(cfg), _LISTENERS)
     run_dir = cfg.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -6,7 +6,13 @@ services and the simulator had started, and `up` said "envoy: a process exited".
 from __future__ import annotations
 
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+# A certificate this close to its end is named, so that it is renewed before clients
+# start refusing it.
+EXPIRY_NOTICE_S = 14 * 86_400
 
 
 class _Encrypted(Exception):
@@ -53,4 +59,32 @@ def tls_problems(cert: Path, key: Path) -> list[str]:
         return [f"tls.key: {key} is not a PEM private key ({e.reason or 'unreadable'})"]
     except OSError as e:
         return [f"tls.key: cannot read {key}: {str(e.strerror or e).lower()}"]
+    return []
+
+
+def tls_warnings(cert: Path, clock: Callable[[], float] = time.time) -> list[str]:
+    """What Envoy loads but clients will refuse, one line: the leaf certificate (the
+    file's first) expired, not valid yet, or ending within `EXPIRY_NOTICE_S`. [] when
+    the file cannot be decoded (`tls_problems` names that)."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:  # CPython's decoder of a PEM file; absent elsewhere
+        return []
+    try:
+        info = decode(str(cert))
+        start = ssl.cert_time_to_seconds(info["notBefore"])
+        end = ssl.cert_time_to_seconds(info["notAfter"])
+    except (ssl.SSLError, OSError, ValueError, KeyError, TypeError):
+        return []
+    now = clock()
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(end))
+    if now >= end:
+        return [f"tls.cert: {cert} expired on {until}: clients will refuse it "
+                "(Envoy serves it all the same)"]
+    if now < start:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start))
+        return [f"tls.cert: {cert} is not valid until {since}: clients will refuse it "
+                "until then (check this machine's clock)"]
+    if end - now < EXPIRY_NOTICE_S:
+        days = (end - now) / 86_400
+        return [f"tls.cert: {cert} expires on {until} (in {days:.1f} days): renew it"]
     return []

@@ -116,3 +116,12 @@ def test_what_this_machine_lacks_to_start_it_is_a_warning_or_with_here_an_error(
     path.write_text(f"tls: {{cert: {cert.name}, key: {key.name}}}\n" + models)
     r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    # A certificate a day from its end: Envoy serves it, so a warning even with --here.
+    short = tmp_path / "short"
+    short.mkdir()
+    _, cert, key = make_test_ca(short, days=1)
+    path.write_text(f"tls: {{cert: {cert}, key: {key}}}\n" + models)
+    r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("policy.yaml: ok"), r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"warning: policy.yaml: tls.cert: {cert} expires on ")

@@ -304,6 +304,27 @@ def test_up_refuses_a_bad_pair_before_it_starts_anything(tmp_path: Path) -> None
                         f"the private key of {cert}\n")
 
 
+def test_up_says_when_its_certificate_is_near_its_end(tmp_path: Path) -> None:
+    """TLS tester: an expired certificate was served without a word (Envoy loads it;
+    clients refuse it). `up` says so first; here it then stops on a port in use."""
+    _, cert, key = make_test_ca(tmp_path, days=1)
+    port = free_port()
+    data = free_ports_config(demo={"upstream_model": "tiny-llama", "backends": []})
+    data["tls"] = {"cert": cert.name, "key": key.name}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        r = subprocess.run([sys.executable, "-m", "authz.cli", "up", "--config", str(path),
+                            "--listen", f"127.0.0.1:{port}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    warning, error = r.stderr.splitlines()
+    assert warning.startswith(f"tokenbooth: warning: {path}: tls.cert: {cert} expires on ")
+    assert error == f"tokenbooth: error: 127.0.0.1:{port} (listen) is already in use"
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_up_with_its_listen_port_taken_exits_with_one_line(tmp_path: Path, how: str) -> None:
     path = tmp_path / "policy.yaml"

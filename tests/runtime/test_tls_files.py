@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from authz.runtime.tls_files import tls_problems
+from authz.runtime.tls_files import EXPIRY_NOTICE_S, tls_problems, tls_warnings
 from tests.tls import make_test_ca
 
 
@@ -39,3 +39,20 @@ def test_an_encrypted_key_is_said_at_once_never_prompted_for(tmp_path: Path) -> 
     [line] = tls_problems(cert, tmp_path / "enc.key")
     assert time.monotonic() - t0 < 10
     assert line.startswith(f"tls.key: {tmp_path / 'enc.key'} is encrypted")
+
+
+def test_a_certificate_clients_will_refuse_is_named(tmp_path: Path) -> None:
+    """TLS tester: an expired listener certificate was served without a word; Envoy
+    loads it, and every client then fails its handshake."""
+    _, cert, _ = make_test_ca(tmp_path, days=30)
+    now = time.time()
+    assert tls_warnings(cert, lambda: now) == []
+    [soon] = tls_warnings(cert, lambda: now + 30 * 86_400 - EXPIRY_NOTICE_S + 3_600)
+    assert soon.startswith(f"tls.cert: {cert} expires on ") and "renew it" in soon
+    [expired] = tls_warnings(cert, lambda: now + 31 * 86_400)
+    assert expired.startswith(f"tls.cert: {cert} expired on ")
+    [early] = tls_warnings(cert, lambda: now - 86_400)
+    assert early.startswith(f"tls.cert: {cert} is not valid until ")
+    # What tls_problems names is no warning here.
+    (tmp_path / "garbage").write_text("garbage\n")
+    assert tls_warnings(tmp_path / "garbage") == tls_warnings(tmp_path / "none") == []
