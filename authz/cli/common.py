@@ -223,16 +223,20 @@ def _columns(c: str) -> int:
 
 def cell(text: str, width: int) -> str:
     """`text` shown printable, cut to `width` terminal columns and padded to them, so
-    that a table's columns stay aligned whatever script a name is written in."""
+    that a table's columns stay aligned whatever script a name is written in. A cut
+    name ends in "…", so that it is not read as a whole, shorter name."""
+    shown = printable(text)
+    if display_width(shown) <= width:
+        return shown + " " * (width - display_width(shown))
     out: list[str] = []
     used = 0
-    for c in printable(text):
+    for c in shown:
         w = _columns(c)
-        if used + w > width:
+        if used + w > width - 1:
             break
         out.append(c)
         used += w
-    return "".join(out) + " " * (width - used)
+    return "".join(out) + "…" + " " * (width - 1 - used)
 
 
 @contextlib.contextmanager
