@@ -20,9 +20,10 @@ from authz.runtime.tracing import parent_context
 from authz.services import protos
 from authz.services.keyauth import KeyAuthority
 from authz.services.principal_md import principal_metadata
+from authz.services.refusals import log_refusal
 from policy.endpoints import allowed_methods, compressed, lookup, path_known, strip_query
 from policy.errors import ApiError, not_found
-from policy.keys import extract_secret
+from policy.keys import Principal, extract_secret
 
 log = logging.getLogger("tokenbooth.ext_authz")
 
@@ -80,6 +81,7 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
     async def _check(self, request: protos.Msg) -> protos.Msg:
         http = request.attributes.request.http
         headers = http.headers
+        principal: Principal | None = None
         try:
             principal = await self._keys.authenticate(
                 extract_secret(headers.get("authorization"), headers.get("x-api-key"))
@@ -101,6 +103,7 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
                                "request body uncompressed.")
         except ApiError as err:
             self._metrics.decisions.labels("ext_authz", "deny", err.code).inc()
+            log_refusal(log, err, headers.get("x-request-id", ""), principal)
             return protos.authz_denial(err)
 
         self._metrics.decisions.labels("ext_authz", "allow", "ok").inc()

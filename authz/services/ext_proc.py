@@ -22,6 +22,7 @@ from authz.services.exchange import handle
 from authz.services.lifecycle import Ending, Lifecycle, OrgLimitsOf
 from authz.services.meter_reports import MeterReports
 from authz.services.prompt_counter import PromptCounter, backend_headers
+from authz.services.refusals import log_refusal
 from authz.services.stalls import Stalls
 from authz.state.limits.admission import Admission
 from policy.errors import ApiError
@@ -283,6 +284,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         ImmediateResponse (a refusal as it is; anything else as a 500)."""
         if isinstance(e, ApiError):
             self._metrics.decisions.labels("ext_proc", "deny", e.code).inc()
+            log_refusal(log, e, life.request_id, life.principal,
+                        life.req.alias if life.req is not None else "")
             err = e
         else:
             log.exception("ext_proc failed", extra={"request_id": life.request_id})

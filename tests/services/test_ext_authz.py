@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tests.grpc_harness import Running
@@ -148,3 +150,27 @@ async def test_a_compressed_request_body_is_a_415(running: Running) -> None:
     resp = await check(running, "GET", "/v1/models", authorization=f"Bearer {SECRET}",
                        content_encoding="gzip")
     assert resp.status.code == 0  # type: ignore[attr-defined]
+
+
+async def test_each_refusal_writes_a_log_line_without_the_secret(
+        running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """Refused requests wrote no tokenbooth log line (only Envoy's access log had them):
+    one line each, with the request id, who asked (when known) and the status and code;
+    never the key, nor the message (it can quote what the client sent)."""
+    caplog.set_level(logging.INFO, logger="tokenbooth.ext_authz")
+    await check(running, "POST", "/v1/chat/completions", authorization="Bearer sk-tb-nope",
+                x_request_id="r-unknown")
+    await check(running, "POST", "/v1/chat/completions",
+                authorization=f"Bearer {READ_ONLY_SECRET}", x_request_id="r-scope")
+    await check(running, "POST", "/v1/chat/completions", authorization=f"Bearer {SECRET}",
+                x_request_id="r-allowed")
+    lines = [r for r in caplog.records if r.name == "tokenbooth.ext_authz"]
+    assert [(r.getMessage(), r.request_id, r.status, r.code)  # type: ignore[attr-defined]
+            for r in lines] == [
+        ("request refused: 401 invalid_api_key", "r-unknown", 401, "invalid_api_key"),
+        ("request refused: 403 insufficient_scope", "r-scope", 403, "insufficient_scope")]
+    unknown, scope = lines
+    assert (unknown.org, unknown.key_id) == ("", "")  # type: ignore[attr-defined]
+    assert scope.key_id != ""  # type: ignore[attr-defined]
+    text = caplog.text + "".join(str(vars(r)) for r in lines)
+    assert "sk-tb-nope" not in text and READ_ONLY_SECRET not in text

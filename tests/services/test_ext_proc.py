@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import grpc
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -287,6 +289,18 @@ async def test_validation_errors_are_openai_shaped_and_leave_no_record(
         assert (got_status, body["error"]["code"], body["error"]["param"]) == (
             status, code, param), raw
     assert await records(running, 0) == []
+
+
+async def test_a_refused_body_writes_a_log_line(running: Running,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """One line a refusal, naming who asked and the refusal's code, not its message."""
+    caplog.set_level(logging.INFO, logger="tokenbooth.ext_proc")
+    s = Stream(running)
+    immediate(await s.send(req_body(json.dumps({**CHAT, "max_tokens": 0}).encode())))
+    [line] = [r for r in caplog.records if r.getMessage().startswith("request refused")]
+    assert line.getMessage() == "request refused: 400 invalid_request"
+    assert (line.org, line.key_id, line.param) == (  # type: ignore[attr-defined]
+        "acme", "k-main", "max_tokens")
 
 
 async def test_model_allow_list(running: Running) -> None:
