@@ -95,6 +95,15 @@ def untaken(d: Decision, tokens: int) -> Decision:
         else min(d.limit_tokens, d.remaining_tokens + tokens))
 
 
+def exhausted(d: Decision, limits: Limits, cost_nano: int) -> bool:
+    """Whether a refusal says the budget is spent, for the alerts: too little is left
+    for this request's worst case. Not a request larger than the whole budget, nor one
+    waiting for holds in flight: neither says much is spent. (Spend alone never reaches
+    the budget: a request is refused once what is left is below its worst case.)"""
+    return d.reason == "budget" and not (
+        limits.budget_nano is not None and cost_nano > limits.budget_nano)
+
+
 def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
             org: bool = False, other: Decision | None = None) -> ApiError:
     """The OpenAI-shaped 429 for a denied Decision, with its rate-limit headers, and a

@@ -85,11 +85,13 @@ class Budgeted:
         return None if self.owner.startswith(ORG_PREFIX) else self.owner
 
 
-def reached(spent: int, budget: int, thresholds: Sequence[Decimal]) -> list[Decimal]:
-    """The thresholds `spent` has reached, in order (any spend reaches a budget of 0)."""
+def reached(spent: int, budget: int, thresholds: Sequence[Decimal],
+            exhausted: bool = False) -> list[Decimal]:
+    """The thresholds `spent` has reached, in order (any spend reaches a budget of 0).
+    `exhausted`: the budget refused a request for what is left, which reaches 1."""
     if budget <= 0:
-        return list(thresholds) if spent > 0 else []
-    return [t for t in thresholds if spent >= t * budget]
+        return list(thresholds) if spent > 0 or exhausted else []
+    return [t for t in thresholds if spent >= t * budget or (exhausted and t == 1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,8 @@ class Alert:
     threshold: Decimal
     spent: int  # nano-USD when the check read it
     at: datetime
+    # 1 reached by a refusal (too little left for a request), not by spend itself.
+    refused: bool = False
 
     @property
     def marker(self) -> tuple[str, str, str]:
@@ -118,7 +122,8 @@ class Alert:
             "kind": "org" if self.who.key_id is None else "key",
             "org": self.who.org, "key_id": self.who.key_id, "period": self.period,
             "threshold": self.marker[2], "spent_usd": _usd(self.spent),
-            "budget_usd": _usd(budget), "ratio": ratio, "at": iso_z(self.at)})
+            "budget_usd": _usd(budget), "ratio": ratio, "refused": self.refused,
+            "at": iso_z(self.at)})
 
 
 def _usd(nano: int) -> str:
@@ -147,12 +152,29 @@ class AlertFeed:
         self._size = size
         self._pairs: set[tuple[str, str]] = set()
         self.overflow = False
+        # Owners a budget refused for what is left (`exhausted`): their top threshold,
+        # 1, is reached. Since the checker's last look; bounded as the pairs are.
+        self._exhausted: set[str] = set()
 
     def notify(self, rec: UsageRecord) -> None:
+        self._mark(rec.key_id, rec.org)
+
+    def exhausted(self, owner: str, org: str) -> None:
+        """A budget refused `owner`'s request (a key id or `org:<name>`): too little is
+        left for its worst case, so spend will not reach the budget itself."""
+        self._mark("" if owner.startswith(ORG_PREFIX) else owner, org)
+        if len(self._exhausted) < self._size:
+            self._exhausted.add(owner)
+
+    def _mark(self, key_id: str, org: str) -> None:
         if len(self._pairs) < self._size:
-            self._pairs.add((rec.key_id, rec.org))
+            self._pairs.add((key_id, org))
         else:
             self.overflow = True
+
+    def drain_exhausted(self) -> set[str]:
+        out, self._exhausted = self._exhausted, set()
+        return out
 
     def drain(self) -> tuple[set[tuple[str, str]], bool]:
         pairs, overflow = self._pairs, self.overflow
@@ -310,6 +332,7 @@ class BudgetAlerts:
     def __post_init__(self) -> None:
         self._queue: asyncio.Queue[Alert] = asyncio.Queue(self.queue_size)
         self._pending: set[tuple[str, str, str]] = set()  # queued or being sent
+        self._exhausted: set[str] = set()  # refused for what is left, not checked yet
         self._known: dict[tuple[str, str, str], float] = {}  # marker -> trusted until
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -354,9 +377,12 @@ class BudgetAlerts:
         `everyone`) and queue the thresholds they reached."""
         cfg = self.config()
         pairs, overflow = self.feed.drain()
+        exhausted = self.feed.drain_exhausted()
         self._warn_unsigned(cfg.alerts.webhook_url)
         if cfg.alerts.webhook_url is None:
             return
+        # Kept until a check reads them all (their owners are among the pairs too).
+        self._exhausted |= exhausted
         mono = time.monotonic()
         try:
             if everyone or overflow or mono >= self._next_rescan:
@@ -380,6 +406,7 @@ class BudgetAlerts:
             if not await self._check_one(cfg, who, now):
                 self._next_rescan = 0.0  # the store or the queue failed: look again soon
                 return
+        self._exhausted.clear()
 
     async def _check_one(self, cfg: Config, who: Budgeted, now: datetime) -> bool:
         period = period_id(who.period_kind, now)
@@ -388,8 +415,10 @@ class BudgetAlerts:
         except LimitStoreUnavailable as e:
             log.warning("budget alerts: cannot read the ledgers: %s", e)
             return False
-        for t in reached(spent, who.budget_nano, cfg.alerts.thresholds):
-            alert = Alert(who, period, t, spent, now)
+        refused = who.owner in self._exhausted
+        for t in reached(spent, who.budget_nano, cfg.alerts.thresholds, refused):
+            by_spend = spent >= t * who.budget_nano if who.budget_nano > 0 else spent > 0
+            alert = Alert(who, period, t, spent, now, refused=not by_spend)
             m = alert.marker
             if m in self._pending or self._known.get(m, 0.0) > time.monotonic():
                 continue

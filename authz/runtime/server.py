@@ -154,7 +154,8 @@ class Services:
             spool_dir=cfg.data_dir / "settle-spool",
             on_lost=recorder.lost, on_spooled=recorder.spooled,
             on_hold=self.metrics.holds.update,
-            on_store=lambda ok: self.metrics.store_result("limits", ok))
+            on_store=lambda ok: self.metrics.store_result("limits", ok),
+            on_exhausted=feed.exhausted)
         await self._admission.start()
         if owed and isinstance(self.limits, RedisLimitStore):
             # The settlements the last process may not have made: in the background, as

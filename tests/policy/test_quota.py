@@ -14,7 +14,7 @@ from policy.config import OrgLimits
 from policy.keyrecord import KeyRecord
 from policy.keys import limits_of
 from policy.limits import Ask, Decision, Limits
-from policy.quota import limits_from, org_hold, refusal
+from policy.quota import exhausted, limits_from, org_hold, refusal
 
 # -- org limits ---------------------------------------------------------------------------
 
@@ -107,6 +107,19 @@ def test_a_budget_held_by_requests_in_flight_is_retried_soon(period: str) -> Non
     e = refusal(Decision(False, "budget_held"), Limits(budget_nano=1000, budget_period=period),
                 STARTED, cost_nano=1001)
     assert e.headers == (("x-should-retry", "false"),)
+
+
+def test_only_too_little_left_says_a_budget_is_spent() -> None:
+    """The alerts' threshold 1: spend never reaches the budget (a request is refused
+    once what is left is below its worst case), so that refusal is what reaches it.
+    Neither a request dearer than the whole budget nor holds in flight says it."""
+    limits = Limits(budget_nano=1000, budget_period="day")
+    assert exhausted(Decision(False, "budget"), limits, 300)
+    assert exhausted(Decision(False, "budget"), limits, 1000)
+    assert not exhausted(Decision(False, "budget"), limits, 1001)
+    assert not exhausted(Decision(False, "budget_held"), limits, 300)
+    for reason in ("requests", "tokens", "tokens_too_large", "concurrency"):
+        assert not exhausted(Decision(False, reason), limits, 300)
 
 
 def test_an_orgs_refusal_names_the_organization() -> None:

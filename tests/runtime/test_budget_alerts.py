@@ -36,6 +36,7 @@ from authz.state.limits.base import LimitStore
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
 from policy.config import AlertSettings, Config, ConfigError, OrgLimits, Price, load_config
+from policy.errors import ApiError
 from policy.limits import Ask, Limits, period_id, usd_to_nano
 from policy.usage import Usage, UsageRecord, make_record
 from tests.helpers import free_port, write_policy
@@ -172,7 +173,8 @@ async def test_thresholds_in_order_once_each_per_period(receiver: Receiver,
         assert first | {"id": None, "at": None} == {
             "id": None, "type": "budget.threshold_reached", "owner": KEY, "kind": "key",
             "org": "acme", "key_id": KEY, "period": day1, "threshold": "0.5",
-            "spent_usd": "9", "budget_usd": "10", "ratio": "0.9000", "at": None}
+            "spent_usd": "9", "budget_usd": "10", "ratio": "0.9000", "refused": False,
+            "at": None}
         # The next day is a new period: its own spend, its own alerts.
         clock.now = DAY1 + timedelta(days=1)
         await checked(alerts)
@@ -327,6 +329,69 @@ async def test_the_feed_picks_the_owners_to_check(receiver: Receiver, tmp_path: 
         await alerts.close()
 
 
+async def test_a_refusal_for_too_little_left_reaches_the_top_threshold(
+        receiver: Receiver, tmp_path: Path) -> None:
+    """Newcomer tester: with thresholds 0.5, 0.8 and 1.0 a key was refused at 75 % of
+    its budget (what was left could not cover the next request's worst case), and 1.0
+    never came: spend alone never reaches the budget. That refusal reaches 1 (`refused`
+    says so), once a period, never a lower threshold."""
+    cfg = policy(tmp_path, receiver.url)
+    store, clock, feed = MemoryLimitStore(), Clock(DAY1), AlertFeed()
+    alerts = make_alerts(cfg, store, FileMarks(tmp_path / "m.json"), clock, feed)
+    await alerts.start()
+    day1 = period_id("day", DAY1)
+    try:
+        await checked(alerts, False)  # the first check reads every owner: nothing yet
+        await spend(store, KEY, "7.5", "day", DAY1)
+        feed.exhausted(KEY, "acme")
+        feed.exhausted("org:acme", "acme")  # the org (nothing charged to it here)
+        await checked(alerts, False)
+        # Each owner's in order (the owners in any order).
+        assert [(b["threshold"], b["refused"], b["ratio"])
+                for b in receiver.bodies() if b["owner"] == KEY] == [
+            ("0.5", False, "0.7500"), ("1", True, "0.7500")]
+        assert [(b["period"], b["threshold"], b["refused"], b["ratio"])
+                for b in receiver.bodies() if b["owner"] == "org:acme"] == [
+            ("month:2026-03", "1", True, "0.0000")]
+        assert {b["period"] for b in receiver.bodies() if b["owner"] == KEY} == {day1}
+        # Refused again, and spend passing 0.8 later: 0.8 by spend, 1 not again.
+        feed.exhausted(KEY, "acme")
+        await spend(store, KEY, "1", "day", DAY1)
+        sink = AlertingSink(type("Null", (), {"write": lambda self, r: None,
+                                              "close": lambda self: None})(), feed)
+        sink.write(record(KEY))
+        await checked(alerts, False)
+        assert receiver.delivered()[3:] == [(KEY, day1, "0.8")]
+        assert len(receiver.got) == 4
+    finally:
+        await alerts.close()
+
+
+async def test_serve_alerts_a_budget_admission_refused(receiver: Receiver,
+                                                       tmp_path: Path) -> None:
+    """Through `serve`'s own admission: a request whose worst case does not fit what is
+    left of its key's budget is refused, and the alert at 1 says so."""
+    services = alerting_services(receiver, tmp_path, thresholds=[1.0])
+    await services.start()
+    try:
+        assert services.limits is not None and services._admission is not None
+        now = services.runtime.clock()
+        await spend(services.limits, KEY, "9", "day", now)
+        limits = Limits(budget_nano=usd_to_nano(Decimal(10)), budget_period="day")
+        ask = Ask("r-big", KEY, "acme", 10, usd_to_nano(Decimal(2)), period_id("day", now),
+                  60.0)
+        with pytest.raises(ApiError, match="insufficient_quota"):
+            await services._admission.admit(limits, ask, now)
+        await wait_for(lambda: len(receiver.got) >= 1)
+    finally:
+        await services.stop()
+    [(_, body)] = receiver.got
+    assert json.loads(body) | {"id": None, "at": None, "period": None} == {
+        "id": None, "type": "budget.threshold_reached", "owner": KEY, "kind": "key",
+        "org": "acme", "key_id": KEY, "period": None, "threshold": "1", "spent_usd": "9",
+        "budget_usd": "10", "ratio": "0.9000", "refused": True, "at": None}
+
+
 def record(key: str, rid: str = "r1") -> UsageRecord:
     return make_record(request_id=rid, key_id=key, org="acme", model="demo",
                        upstream_model="tiny-llama", backend="", usage=Usage(1, 1),
@@ -362,12 +427,14 @@ async def test_replicas_sharing_redis_send_each_alert_once(receiver: Receiver,
     assert len(receiver.got) == 5 and set(receiver.delivered()) == expected
 
 
-def alerting_services(receiver: Receiver, tmp_path: Path) -> Services:
+def alerting_services(receiver: Receiver, tmp_path: Path,
+                      thresholds: list[float] | None = None) -> Services:
     """`tokenbooth serve`'s Services, alerting `receiver` at half of each budget."""
     path = write_policy(tmp_path, "http://127.0.0.1:8000", keys=KEYS, orgs=ORGS,
                         services={"grpc_listen": f"127.0.0.1:{free_port()}",
                                   "http_listen": f"127.0.0.1:{free_port()}"},
-                        alerts={"webhook_url": receiver.url, "thresholds": [0.5],
+                        alerts={"webhook_url": receiver.url,
+                                "thresholds": thresholds or [0.5],
                                 "check_interval_s": 0.05, "rescan_s": 0.05})
     return Services(Runtime.from_file(path, Overrides(), Settings(webhook_secret=SECRET)),
                     grace_s=1.0)

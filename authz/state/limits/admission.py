@@ -33,7 +33,7 @@ from policy.admission import Settled, held_limits, lost_record, settled, tracked
 from policy.config import OnStoreError
 from policy.errors import ApiError, service_unavailable
 from policy.limits import WINDOW_S, Ask, Decision, Limits, tightest
-from policy.quota import ORG_KEY_PREFIX, refusal, untaken
+from policy.quota import ORG_KEY_PREFIX, exhausted, refusal, untaken
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.limits")
@@ -78,6 +78,7 @@ class Admission:
                  on_spooled: Callable[[], None] | None = None,
                  on_hold: Callable[[Ask, bool], None] | None = None,
                  on_store: Callable[[bool], None] | None = None,
+                 on_exhausted: Callable[[str, str], None] | None = None,
                  clock: Callable[[], float] = time.time, sweep_s: float = SWEEP_S) -> None:
         self._store = store
         policy = on_error or OnStoreError()
@@ -104,6 +105,7 @@ class Admission:
         self._on_spooled = on_spooled
         self._on_hold = on_hold
         self._on_store = on_store
+        self._on_exhausted = on_exhausted
         self._clock = clock
         self._sweep_s = sweep_s
         self._stop = asyncio.Event()
@@ -182,8 +184,8 @@ class Admission:
                 await self._refused(org, limits, ask, now)
             org_decision = await self._admit(*org, now)
             if not org_decision.allowed:  # with the key's rates in its headers too
-                raise refusal(org_decision, org[0], now, ask.cost_nano, org=True,
-                              other=await self._look(limits, ask, now))
+                raise self._refusal(org_decision, org[0], org[1], now, org=True,
+                                    other=await self._look(limits, ask, now))
             if self._in_store(*org):
                 # The org's hold carries the record; the key's keeps its lease (a
                 # `--max-concurrent` set meanwhile counts it), without the material.
@@ -191,7 +193,7 @@ class Admission:
         try:
             decision = await self._admit(limits, key_ask, now)
             if not decision.allowed:  # with the org's rates in its headers too
-                raise refusal(decision, limits, now, ask.cost_nano, other=org_decision)
+                raise self._refusal(decision, limits, ask, now, other=org_decision)
         except ApiError:
             if org is not None:
                 await self.settle(*org, 0, 0, now)
@@ -240,9 +242,16 @@ class Admission:
         except LimitStoreUnavailable:
             return
         if not od.allowed:
-            raise refusal(od, org_limits, now, ask.cost_nano, org=True,
-                          other=untaken(d, ask.tokens))
-        raise refusal(d, limits, now, ask.cost_nano, other=untaken(od, ask.tokens))
+            raise self._refusal(od, org_limits, org_ask, now, org=True,
+                                other=untaken(d, ask.tokens))
+        raise self._refusal(d, limits, ask, now, other=untaken(od, ask.tokens))
+
+    def _refusal(self, d: Decision, limits: Limits, ask: Ask, now: datetime, *,
+                 org: bool = False, other: Decision | None = None) -> ApiError:
+        """The 429 for `d`; a budget it says is spent is told to the alerts."""
+        if self._on_exhausted is not None and exhausted(d, limits, ask.cost_nano):
+            self._on_exhausted(ask.key_id, ask.org)
+        return refusal(d, limits, now, ask.cost_nano, org=org, other=other)
 
     async def _look(self, limits: Limits, ask: Ask, now: datetime) -> Decision | None:
         """The key's rates now, taking nothing, for the headers of its org's 429 (None
@@ -261,8 +270,8 @@ class Admission:
         decision = await self._admit(limits, ask, now)
         if decision.allowed:
             return decision
-        raise refusal(decision, limits, now, ask.cost_nano,
-                      org=ask.key_id.startswith(ORG_KEY_PREFIX))
+        raise self._refusal(decision, limits, ask, now,
+                            org=ask.key_id.startswith(ORG_KEY_PREFIX))
 
     async def _admit(self, limits: Limits, ask: Ask, now: datetime) -> Decision:
         """`admit`'s Decision, allowed or not; an ApiError only for a 503."""
