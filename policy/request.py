@@ -24,7 +24,13 @@ from policy.config import Config, Model
 from policy.endpoints import Endpoint, Kind
 from policy.errors import ApiError, invalid_request, model_not_found, request_too_large
 from policy.limits import cost_nano
-from policy.request_fields import check_field_types, check_vllm_rules, lax_true
+from policy.request_fields import (
+    check_field_types,
+    check_vllm_rules,
+    lax_bool,
+    lax_int,
+    lax_true,
+)
 from policy.request_pooling import embeddings_input, scoring_pairs
 from policy.request_responses import responses_prompt
 
@@ -109,19 +115,49 @@ def may_hide_tokens(body: dict[str, Any]) -> bool:
 
 
 def _int_field(body: dict[str, Any], name: str, cap: int) -> int | None:
-    v = body.get(name)
+    """A count the gateway reads itself, read as vLLM reads it (`5`, `"5"`, `5.0`) and
+    written back as the integer it is, so that the backend gets what was held; a null
+    is left out (vLLM's default: completions refuse `n: null` and `min_tokens: null`)."""
+    v = _lax_int_field(body, name)
     if v is None:
         return None
-    if type(v) is float and v.is_integer() and abs(v) >= 2**63:
-        # Integers past 64 bits reach here as floats (the JSON reader's way): too large.
-        raise invalid_request(f"'{name}' must be at most {cap} for this model.", name)
-    if type(v) is not int:
-        raise invalid_request(f"'{name}' must be an integer.", name)
     if v < 1:
         raise invalid_request(f"'{name}' must be at least 1, got {v}.", name)
     if v > cap:
         raise invalid_request(f"'{name}' must be at most {cap} for this model, got {v}.", name)
     return v
+
+
+def _lax_int_field(body: dict[str, Any], name: str) -> int | None:
+    """`body[name]` as vLLM reads an integer, written back canonical; a null removed."""
+    if name not in body:
+        return None
+    v = body[name]
+    if v is None:
+        del body[name]
+        return None
+    if type(v) in (int, float) and abs(v) >= 2**63 and float(v).is_integer():
+        # Past 64 bits (a float, as the JSON reader gives it): too large, not "not an
+        # integer"; the caller's range check says so.
+        return int(v)
+    n = lax_int(v)
+    if n is None:
+        raise invalid_request(f"'{name}' must be an integer.", name)
+    body[name] = n
+    return n
+
+
+def _lax_bool_field(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
+    """`body[name]` as vLLM reads a boolean (`true`, `"true"`, `1`, `"yes"`), written
+    back canonical; None when absent or null."""
+    v = body.get(name)
+    if v is None:
+        return None
+    b = lax_bool(v)
+    if b is None:
+        raise invalid_request(f"'{name}' must be a boolean.", param or name)
+    body[name] = b
+    return b
 
 
 def _utf8(raw: bytes) -> bytes:
@@ -190,12 +226,7 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
 
 
 def _stream(body: dict[str, Any]) -> bool:
-    stream = body.get("stream", False)
-    if stream is None:
-        return False
-    if not isinstance(stream, bool):
-        raise invalid_request("'stream' must be a boolean.", "stream")
-    return stream
+    return _lax_bool_field(body, "stream") or False
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -206,12 +237,9 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
         return stream, False
     if not isinstance(opts, dict):
         raise invalid_request("'stream_options' must be an object.", "stream_options")
-    wants_usage = opts.get("include_usage")
-    if wants_usage is None:  # null is as good as absent (vLLM and OpenAI read it so)
-        wants_usage = False
-    elif not isinstance(wants_usage, bool):
-        raise invalid_request("'include_usage' must be a boolean.",
-                              "stream_options.include_usage")
+    # null is as good as absent (vLLM and OpenAI read it so)
+    wants_usage = _lax_bool_field(opts, "include_usage", "stream_options.include_usage") \
+        or False
     if opts and not stream:
         # OpenAI and vLLM refuse it too: without this, vLLM's 400 came after the hold.
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.",
@@ -225,15 +253,15 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/compl
 def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
     """Completion tokens per sequence, and whether the upstream body must be given them."""
     if (kind is Kind.COMPLETION and lax_true(body.get("echo"))
-            and type(body.get("max_tokens")) is int and body["max_tokens"] == 0):
+            and body.get("max_tokens") is not None and lax_int(body["max_tokens"]) == 0):
         # Prompt scoring (lm-eval's loglikelihood): vLLM 0.32 echoes the prompt and
         # generates one token it does not return, but counts.
+        body["max_tokens"] = 0
         return 1, False
     if kind is Kind.CHAT:
         mct = _int_field(body, "max_completion_tokens", cap)
         if mct is not None:  # vLLM prefers it to the deprecated max_tokens, then unread
-            if body.get("max_tokens") is not None and type(body["max_tokens"]) is not int:
-                raise invalid_request("'max_tokens' must be an integer.", "max_tokens")
+            _lax_int_field(body, "max_tokens")
             return mct, False
     max_tokens = _int_field(body, "max_tokens", cap)
     if max_tokens is not None:
@@ -246,11 +274,9 @@ def _max_tokens(body: dict[str, Any], kind: Kind, cap: int) -> tuple[int, bool]:
 def _min_tokens(body: dict[str, Any], max_tokens: int) -> None:
     """vLLM's `min_tokens` must lie in 0…max_tokens (its own check, after the hold); an
     integer, as `max_tokens` must be here (a float or a bool skipped the range check)."""
-    v = body.get("min_tokens")
+    v = _lax_int_field(body, "min_tokens")
     if v is None:
         return
-    if type(v) is not int:
-        raise invalid_request("'min_tokens' must be an integer.", "min_tokens")
     if not 0 <= v <= max_tokens:
         raise invalid_request(f"'min_tokens' must be between 0 and the request's "
                               f"max_tokens ({max_tokens}), got {v}.", "min_tokens")
@@ -306,9 +332,9 @@ Parser = Callable[[dict[str, Any], str, Model, Kind], InferenceRequest]
 def _generation(body: dict[str, Any], alias: str, model: Model, kind: Kind
                 ) -> InferenceRequest:
     """/v1/chat/completions and /v1/completions."""
+    stream, wants_usage = _stream_flags(body)  # first: vLLM's rules read `stream`
     check_field_types(body, kind)
     check_vllm_rules(body, kind)
-    stream, wants_usage = _stream_flags(body)
     max_tokens, write = _max_tokens(body, kind, model.max_tokens)
     _min_tokens(body, max_tokens)
     sequences, best_of = _sequences(body, model.max_n)
@@ -331,9 +357,9 @@ def _responses(body: dict[str, Any], alias: str, model: Model, kind: Kind
                ) -> InferenceRequest:
     """/v1/responses: `max_output_tokens` is the limit; the usage is always in the
     response (a stream's `response.completed` event), so nothing is added for it."""
+    stream = _stream(body)
     check_field_types(body, kind)
     check_vllm_rules(body, kind)
-    stream = _stream(body)
     limit = _int_field(body, "max_output_tokens", model.max_tokens)
     upstream = _upstream(body, model, None if limit else ("max_output_tokens",
                                                           model.max_tokens))

@@ -216,6 +216,15 @@ def lax_true(value: Any) -> bool:
         return False
 
 
+def lax_bool(value: Any) -> bool | None:
+    """`value` as vLLM reads a boolean field (`true`, `"true"`, `1`, `"no"`), else None."""
+    try:
+        b: bool = _BOOL.validate_python(value)
+    except ValidationError:
+        return None
+    return b
+
+
 def lax_int(value: Any) -> int | None:
     """`value` as vLLM reads an integer field (`5`, `"5"`, `5.0`), else None."""
     try:
@@ -261,6 +270,7 @@ def check_vllm_rules(body: dict[str, Any], kind: Kind) -> None:
     `stream_options` without `stream` is (shapes tester: it spent one of the key's
     requests per minute on vLLM's 400)."""
     _check_cache_salt(body.get("cache_salt"))
+    _check_logprobs(body, kind)
     if kind is Kind.COMPLETION and body.get("logprob_token_ids") \
             and body.get("logprobs") is None:
         raise invalid_request("when using `logprob_token_ids`, `logprobs` must be set.",
@@ -283,6 +293,42 @@ def check_vllm_rules(body: dict[str, Any], kind: Kind) -> None:
     if body.get("tools") == []:
         raise invalid_request("`tools` must not be an empty array. Either provide at least "
                               "one tool or omit the field entirely.", "tools")
+
+
+# The fields vLLM's `check_logprobs` compares as numbers, by kind: the prompt's, then
+# the completion's (chat's `top_logprobs`, completions' `logprobs`).
+_LOGPROBS: Final = {Kind.CHAT: ("prompt_logprobs", "top_logprobs"),
+                    Kind.COMPLETION: ("prompt_logprobs", "logprobs")}
+
+
+def _check_logprobs(body: dict[str, Any], kind: Kind) -> None:
+    """vLLM's `check_logprobs` (chat and completions), read as it reads the raw body
+    (real-vLLM tester: `top_logprobs: "3"` and `prompt_logprobs` on a stream were
+    admitted, and vLLM's 400 spent an rpm slot)."""
+    names = _LOGPROBS.get(kind)
+    if names is None:
+        return
+    for name in names:
+        v = body.get(name)
+        if v is not None and not isinstance(v, int | float):
+            raise invalid_request(f"`{name}` must be an integer.", name)
+    prompt = body.get("prompt_logprobs")
+    if prompt is not None:
+        if body.get("stream") and (prompt > 0 or prompt == -1):
+            raise invalid_request("`prompt_logprobs` are not available when `stream=True`.",
+                                  "prompt_logprobs")
+        if prompt < 0 and prompt != -1:
+            raise invalid_request("`prompt_logprobs` must be a positive value or -1.",
+                                  "prompt_logprobs")
+    name = names[1]
+    top = body.get(name)
+    if top is None:
+        return
+    if top < 0 and top != -1:
+        raise invalid_request(f"`{name}` must be a positive value or -1.", name)
+    if kind is Kind.CHAT and (top == -1 or top > 0) and not body.get("logprobs"):
+        raise invalid_request("when using `top_logprobs`, `logprobs` must be set to true.",
+                              name)
 
 
 def _check_responses_tools(body: dict[str, Any]) -> None:

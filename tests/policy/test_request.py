@@ -23,6 +23,7 @@ from tests.helpers import policy_dict
 CFG = parse_config(policy_dict("http://127.0.0.1:8000"))
 CHAT_EP = ENDPOINTS[("POST", "/v1/chat/completions")]
 COMP_EP = ENDPOINTS[("POST", "/v1/completions")]
+RESP_EP = ENDPOINTS[("POST", "/v1/responses")]
 
 
 def parse(body: object, ep: object = CHAT_EP) -> object:
@@ -49,7 +50,7 @@ def test_defaults_and_reservation_ceiling() -> None:
                "max_tokens": 100_000})
     assert r.max_tokens == 3  # type: ignore[attr-defined]
     e = error_of({"model": "demo", "messages": MSG, "max_completion_tokens": 3,
-                  "max_tokens": "9"}, CHAT_EP)
+                  "max_tokens": "nine"}, CHAT_EP)
     assert (e.status, e.param) == (400, "max_tokens")
 
 
@@ -63,12 +64,14 @@ def test_defaults_and_reservation_ceiling() -> None:
         ({"model": "demo", "messages": [{"content": "x"}]}, 400, "messages[0]"),
         ({"model": "demo", "messages": [{"role": "user", "content": 5}]}, 400,
          "messages[0].content"),
-        ({"model": "demo", "messages": MSG, "max_tokens": "5"}, 400, "max_tokens"),
-        ({"model": "demo", "messages": MSG, "max_tokens": True}, 400, "max_tokens"),
+        ({"model": "demo", "messages": MSG, "max_tokens": "five"}, 400, "max_tokens"),
+        ({"model": "demo", "messages": MSG, "max_tokens": 5.5}, 400, "max_tokens"),
+        ({"model": "demo", "messages": MSG, "n": "2.5"}, 400, "n"),
+        ({"model": "demo", "messages": MSG, "stream": "maybe"}, 400, "stream"),
         ({"model": "demo", "messages": MSG, "max_completion_tokens": 0}, 400,
          "max_completion_tokens"),
         ({"model": "demo", "messages": MSG, "stream_options": []}, 400, "stream_options"),
-        ({"model": "demo", "messages": MSG, "stream_options": {"include_usage": 1}}, 400,
+        ({"model": "demo", "messages": MSG, "stream_options": {"include_usage": 2}}, 400,
          "stream_options.include_usage"),
         # vLLM reads these as false: reasoning hidden where the gateway saw none.
         ({"model": "demo", "messages": MSG, "include_reasoning": "false"}, 400,
@@ -81,6 +84,36 @@ def test_bad_chat_bodies(body: object, status: int, param: str) -> None:
     e = error_of(body)
     assert (e.status, e.param) == (status, param)
     assert json.loads(e.body())["error"]["param"] == param
+
+
+def test_counts_and_flags_are_read_as_vllm_reads_them_and_sent_as_read() -> None:
+    """Real-vLLM tester: `max_tokens: 5.0` (a Python client's division), `"5"`, `n: "2"`,
+    `stream: "true"` were 400s here and 200s at vLLM. They are read as vLLM reads them,
+    and the backend gets the integers and booleans that were held; a null vLLM would
+    refuse (`n`, `min_tokens` in completions) is left out, as good as absent."""
+    r = parse({"model": "demo", "messages": MSG, "max_tokens": 5.0, "n": "2",
+               "best_of": "3", "min_tokens": "1", "stream": "true",
+               "stream_options": {"include_usage": "yes"}, "stream_interval": "1"})
+    assert (r.max_tokens, r.sequences, r.best_of, r.stream,  # type: ignore[attr-defined]
+            r.client_wants_usage) == (5, 2, 3, True, True)  # type: ignore[attr-defined]
+    out = json.loads(upstream_body(r))  # type: ignore[arg-type]
+    assert (out["max_tokens"], out["n"], out["best_of"], out["min_tokens"], out["stream"],
+            out["stream_options"]["include_usage"], out["stream_interval"]) == (
+        5, 2, 3, 1, True, True, 1)
+    assert type(out["max_tokens"]) is int and type(out["n"]) is int
+    r = parse({"model": "demo", "messages": MSG, "max_completion_tokens": "7",
+               "max_tokens": "9", "stream": "false"})
+    out = json.loads(upstream_body(r))  # type: ignore[arg-type]
+    assert (r.max_tokens, out["max_completion_tokens"], out["max_tokens"],  # type: ignore[attr-defined]
+            out["stream"]) == (7, 7, 9, False)
+    r = parse({"model": "demo", "prompt": "hi", "n": None, "min_tokens": None,
+               "max_tokens": None}, COMP_EP)
+    out = json.loads(upstream_body(r))  # type: ignore[arg-type]
+    assert "n" not in out and "min_tokens" not in out and out["max_tokens"] == 16
+    r = parse({"model": "demo", "prompt": "hi", "echo": True, "max_tokens": "0"}, COMP_EP)
+    assert json.loads(upstream_body(r))["max_tokens"] == 0  # type: ignore[arg-type]
+    r = parse({"model": "demo", "input": "hi", "max_output_tokens": "10"}, RESP_EP)
+    assert json.loads(upstream_body(r))["max_output_tokens"] == 10  # type: ignore[arg-type]
 
 
 def test_completion_prompt_shapes() -> None:
@@ -169,7 +202,7 @@ def test_hold_tokens_and_cost() -> None:
         ({"n": 0}, "n", "at least 1"),
         ({"n": 1.5}, "n", "integer"),
         ({"n": 17}, "n", "at most 16"),
-        ({"best_of": True}, "best_of", "integer"),
+        ({"best_of": "x"}, "best_of", "integer"),
         ({"best_of": 99}, "best_of", "at most 16"),
         ({"chat_template": "{% for i in range(9**9) %}x{% endfor %}"}, "chat_template",
          "cannot be bounded"),
@@ -317,10 +350,10 @@ def test_min_tokens_past_max_tokens_is_refused_before_the_hold() -> None:
            "min_tokens": 9})
 
 
-@pytest.mark.parametrize("value", [6.0, 1e9, True, "6", [6]])
+@pytest.mark.parametrize("value", [6.5, 1e9, "6.5", "six", [6]])
 def test_min_tokens_that_is_not_an_integer_is_refused_before_the_hold(value: object) -> None:
-    """An integer, as max_tokens must be: a float or a bool skipped the range check, and
-    vLLM refused 1e9 after the hold."""
+    """An integer as vLLM reads one (`6.0` and `"6"` are 6), in range: a float skipped
+    the range check, and vLLM refused 1e9 after the hold."""
     e = error_of({"model": "demo", "messages": MSG, "max_tokens": 5, "min_tokens": value},
                  CHAT_EP)
     assert (e.status, e.param) == (400, "min_tokens")
@@ -446,7 +479,7 @@ def test_responses_limit_is_max_output_tokens() -> None:
     ({"input": "hi", "max_output_tokens": 257}, "max_output_tokens"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "hi", "background": True}, "background"),
-    ({"input": "hi", "stream": "yes"}, "stream"),
+    ({"input": "hi", "stream": "maybe"}, "stream"),
     ({"input": 5}, "input"),
 ])
 def test_bad_responses_bodies(body: dict[str, Any], param: str) -> None:
@@ -545,7 +578,7 @@ def test_without_a_setting_nothing_is_written_and_a_clients_interval_is_capped_t
     assert interval_of({**body, "stream_interval": 50}, CFG) == (1, 1)
 
 
-@pytest.mark.parametrize("bad", [0, -1, "4", 2.5, True, [4]])
+@pytest.mark.parametrize("bad", [0, -1, "four", 2.5, "0", [4]])
 def test_a_bad_stream_interval_is_a_400(bad: object) -> None:
     body = {"model": "demo", "stream": True, "messages": MSG, "stream_interval": bad}
     err = error_of(body)

@@ -279,7 +279,7 @@ async def test_validation_errors_are_openai_shaped_and_leave_no_record(
         (b'{"model": "nope", "messages": [{"role": "user"}]}', 404, "model_not_found", "model"),
         (json.dumps({**CHAT, "max_tokens": 0}).encode(), 400, "invalid_request", "max_tokens"),
         (json.dumps({**CHAT, "max_tokens": 257}).encode(), 400, "invalid_request", "max_tokens"),
-        (json.dumps({**CHAT, "stream": "yes"}).encode(), 400, "invalid_request", "stream"),
+        (json.dumps({**CHAT, "stream": "maybe"}).encode(), 400, "invalid_request", "stream"),
         (json.dumps({"model": "demo", "messages": "hi"}).encode(), 400, "invalid_request",
          "messages"),
     ]

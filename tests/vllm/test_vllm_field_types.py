@@ -93,10 +93,12 @@ def test_the_gateway_refuses_what_vllm_refuses_for_each_field() -> None:
 _VLLM_RULES = """
 import json, sys
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+models = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
 out = []
-for body in json.load(sys.stdin):
+for kind, body in json.load(sys.stdin):
     try:
-        ChatCompletionRequest.model_validate(body)
+        models[kind].model_validate(body)
         out.append(False)
     except Exception:
         out.append(True)
@@ -106,36 +108,48 @@ print(json.dumps(out))
 _ABSENT = object()
 
 
-def _rule_bodies() -> list[dict[str, Any]]:
+def _rule_bodies() -> list[tuple[Kind, dict[str, Any]]]:
     flags: list[Any] = [_ABSENT, True, False, "false", "true", 1, 0, None]
-    groups: list[list[dict[str, Any]]] = [
-        [{"continue_final_message": c, "add_generation_prompt": a}
-         for c in flags for a in flags],
-        [{"logprob_token_ids": t, "logprobs": lp}
-         for t in (_ABSENT, [1], [], None) for lp in flags],
-        [{"tools": t} for t in (_ABSENT, [], None)],
+    counts: list[Any] = [_ABSENT, None, 0, 3, -1, -2, "3", 2.0, True]
+    streams: list[Any] = [_ABSENT, True, False]
+    chat: list[dict[str, Any]] = [
+        *({"continue_final_message": c, "add_generation_prompt": a}
+          for c in flags for a in flags),
+        *({"logprob_token_ids": t, "logprobs": lp}
+          for t in (_ABSENT, [1], [], None) for lp in flags),
+        *({"tools": t} for t in (_ABSENT, [], None)),
+        # vLLM's check_logprobs (real-vLLM tester)
+        *({"top_logprobs": t, "logprobs": lp} for t in counts
+          for lp in (_ABSENT, True, False, "false", None)),
+        *({"prompt_logprobs": p, "stream": st} for p in counts for st in streams),
     ]
-    return [{**BASE[Kind.CHAT], **{k: v for k, v in fields.items() if v is not _ABSENT}}
-            for group in groups for fields in group]
+    completion: list[dict[str, Any]] = [
+        *({"logprobs": lp, "prompt_logprobs": p} for lp in counts
+          for p in (_ABSENT, None, 2, -3, "2")),
+        *({"prompt_logprobs": p, "stream": st} for p in counts for st in streams),
+    ]
+    return [(kind, {**BASE[kind], **{k: v for k, v in fields.items() if v is not _ABSENT}})
+            for kind, group in ((Kind.CHAT, chat), (Kind.COMPLETION, completion))
+            for fields in group]
 
 
-def test_the_gateway_refuses_the_chat_bodies_vllm_always_refuses() -> None:
-    """policy.request_fields.check_vllm_rules against vLLM's own validators: the same
-    verdict for every combination of the fields they read."""
+def test_the_gateway_refuses_the_bodies_vllm_always_refuses() -> None:
+    """policy.request_fields.check_vllm_rules against vLLM's own validators (chat and
+    completions): the same verdict for every combination of the fields they read."""
     python = _require_python()
     bodies = _rule_bodies()
     r = subprocess.run([str(python), "-c", _VLLM_RULES], capture_output=True, timeout=300,
-                       input=json.dumps(bodies).encode())
+                       input=json.dumps([(k.value, b) for k, b in bodies]).encode())
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     vllm = json.loads(r.stdout.decode().strip().splitlines()[-1])
 
-    def ours(body: dict[str, Any]) -> bool:
+    def ours(kind: Kind, body: dict[str, Any]) -> bool:
         try:
-            check_field_types(body, Kind.CHAT)
-            check_vllm_rules(body, Kind.CHAT)
+            check_field_types(body, kind)
+            check_vllm_rules(body, kind)
         except ApiError:
             return True
         return False
 
-    assert [(b, theirs) for b, theirs in zip(bodies, vllm, strict=True)
-            if ours(b) != theirs] == []
+    assert [(k, b, theirs) for (k, b), theirs in zip(bodies, vllm, strict=True)
+            if ours(k, b) != theirs] == []
