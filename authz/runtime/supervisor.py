@@ -147,7 +147,9 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
     # A certificate Envoy serves but clients refuse (expired, say): said, not refused.
     for line in tls_warnings(cfg.tls.cert) if cfg.tls is not None else []:
         print(f"tokenbooth: warning: {opts.config_path}: {line}", file=sys.stderr, flush=True)
-    _check_ports_free(opts.overrides.apply(cfg), _LISTENERS)
+    admin_api = bool(cfg.admin.tokens or settings.admin_token)  # served only then
+    _check_ports_free(opts.overrides.apply(cfg),
+                      _LISTENERS + ((_ADMIN_API,) if admin_api else ()))
     run_dir = cfg.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -163,7 +165,7 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
         exporter = _Exporter(eff, opts.config_path, procs)
         if exporter.others_dead():
             raise RuntimeError("a child process exited during start-up")
-        _banner(eff, opts.config_path, fresh_secret, sim_url)
+        _banner(eff, opts.config_path, fresh_secret, sim_url, admin_api)
         while not exporter.others_dead():
             exporter.watch()
             time.sleep(0.2)
@@ -196,6 +198,9 @@ def _ensure_config(opts: UpOptions) -> str | None:
 # The four listeners: where each is in the config, and which child binds it.
 _LISTENERS = (("listen", "envoy"), ("services.grpc_listen", "services"),
               ("services.http_listen", "services"), ("envoy.admin_listen", "envoy"))
+# The services' admin API, checked too where some admin token turns it on (newcomer
+# tester: `up` started everything, then said the services exited).
+_ADMIN_API = ("admin.listen", "services")
 
 
 def _hostport(cfg: Config, path: str) -> str:
@@ -369,7 +374,8 @@ def _backend_lines(cfg: Config, sim_url: str | None) -> list[str]:
     return lines
 
 
-def _banner(cfg: Config, config_path: Path, secret: str | None, sim_url: str | None) -> None:
+def _banner(cfg: Config, config_path: Path, secret: str | None, sim_url: str | None,
+            admin_api: bool = False) -> None:
     scheme = "https" if cfg.tls else "http"
     base = f"{scheme}://{cfg.listen}"
     secret = secret or read_demo_key(config_path)
@@ -393,4 +399,7 @@ def _banner(cfg: Config, config_path: Path, secret: str | None, sim_url: str | N
     else:
         print(f"  (no demo key: add a key to {config_path})")
     print(f"  config: {config_path}   metrics: http://{cfg.services.http_listen}/metrics")
+    if admin_api:
+        print(f"  admin API: http://{cfg.admin.listen}/v1/keys (its token: "
+              "$TOKENBOOTH_ADMIN_TOKEN or admin.tokens)")
     print("  Ctrl-C stops everything.", flush=True)

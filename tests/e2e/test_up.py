@@ -304,6 +304,25 @@ def test_up_refuses_a_bad_pair_before_it_starts_anything(tmp_path: Path) -> None
                         f"the private key of {cert}\n")
 
 
+def test_up_checks_the_admin_apis_port_before_it_starts_anything(tmp_path: Path) -> None:
+    """Newcomer tester: with an admin token and `admin.listen` taken, `up` started every
+    process, then said the services exited. Now one line, as for its other ports."""
+    port = free_port()
+    data = free_ports_config(demo={"upstream_model": "tiny-llama", "backends": []})
+    data["admin"] = {"listen": f"127.0.0.1:{port}"}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        r = subprocess.run([sys.executable, "-m", "authz.cli", "up", "--config", str(path)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           env={**env, "TOKENBOOTH_ADMIN_TOKEN": "t0ken-for-the-test"})
+    assert (r.returncode, r.stdout) == (1, ""), r.stderr
+    assert r.stderr == f"tokenbooth: error: 127.0.0.1:{port} (admin.listen) is already in use\n"
+
+
 def test_up_says_when_its_certificate_is_near_its_end(tmp_path: Path) -> None:
     """TLS tester: an expired certificate was served without a word (Envoy loads it;
     clients refuse it). `up` says so first; here it then stops on a port in use."""
