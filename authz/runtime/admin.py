@@ -69,7 +69,13 @@ def _invalid(e: ValidationError, where: str) -> AdminError:
 # How the admin API's server runs (the tests' too). auto_decompress off: a body that
 # claimed a coding it did not have failed in aiohttp's reader (a 500, its traceback in
 # the log, before the token was checked); a coded body is refused (`_parse`: 415).
-SERVER_OPTIONS: dict[str, Any] = {"access_log": None, "auto_decompress": False}
+# How long the admin API and the side port keep a connection that has not sent a whole
+# request, or sits idle between requests (aiohttp's default is an hour: a few thousand
+# silent or trickling connections used up serve's open files, and /readyz, /metrics and
+# new gRPC connections went unanswered; security tester). Envoy's listener has its own.
+IDLE_S = 10.0
+SERVER_OPTIONS: dict[str, Any] = {"access_log": None, "auto_decompress": False,
+                                  "keepalive_timeout": IDLE_S}
 
 
 async def _parse(route: Route, request: web.Request) -> tuple[BaseModel | None,

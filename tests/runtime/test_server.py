@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import yaml
 
 from authz.envoy_config.names import EXT_AUTHZ
 from authz.runtime import snapshot
+from authz.runtime.admin import IDLE_S
 from authz.runtime.procs import http_ok, wait_until
 from policy.keys import fingerprint
 from tests.grpc_harness import Running, serve_policy
@@ -46,6 +48,20 @@ async def test_side_port_health_ready_and_metrics(running: Running) -> None:
     assert ('tokenbooth_decisions_total{decision="deny",reason="invalid_api_key",'
             'service="ext_authz"} 1.0') in text
     assert "tokenbooth_decision_seconds_bucket" in text
+
+
+async def test_side_port_closes_a_connection_that_never_finishes_its_request(
+        running: Running) -> None:
+    """Security tester: a connection that sent half its headers stayed open for good (an
+    hour, aiohttp's default); thousands of them used up serve's open files, and /readyz
+    (the pods' probe), /metrics and new gRPC connections went unanswered."""
+    def silent() -> bytes:
+        with socket.create_connection(("127.0.0.1", running.services.http_port)) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            s.settimeout(IDLE_S + 20)  # a deadlock breaker, not a timing
+            return s.recv(1024)
+
+    assert await asyncio.to_thread(silent) == b""  # closed by the server
 
 
 async def test_side_port_ignores_a_body_that_claims_a_coding(
