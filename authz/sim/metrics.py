@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+)
 from prometheus_client.exposition import generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "ModelMetrics", "SimMetrics"]
@@ -34,6 +40,10 @@ class SimMetrics:
 
     def __init__(self, models: Sequence[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_start_time_seconds among them, as vLLM exports it: `audit --vllm` counts
+        # only the records of this process's life (replicas tester: a restarted simulator
+        # was compared with every record it ever served, and drifted).
+        ProcessCollector(registry=self.registry)
         self.running = self._metric(Gauge, "vllm:num_requests_running",
                                     "Number of requests currently running.")
         self.waiting = self._metric(Gauge, "vllm:num_requests_waiting",

@@ -66,6 +66,9 @@ async def test_metrics_names_and_values(sim: Sim) -> None:
     for model in ("tiny-llama", "other-model"):
         assert samples[f'vllm:num_requests_running{{model_name="{model}"}}'] == 0
         assert samples[f'vllm:num_requests_waiting{{model_name="{model}"}}'] == 0
+    # As vLLM's: `audit --vllm` counts the records of this process's life only (a
+    # restarted simulator was compared with every record it had served; replicas tester).
+    assert 0 < time.time() - samples["process_start_time_seconds"] < 24 * 3600
 
 
 async def test_running_gauge_during_request() -> None:
