@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
@@ -712,13 +712,41 @@ def _hosts_overlap(a: str, b: str) -> bool:
     return "localhost" in (a, b) and {a, b} <= _LOOPBACK_HOSTS
 
 
+_LISTENERS: Final = ("listen", "services.grpc_listen", "services.http_listen",
+                     "envoy.admin_listen", "admin.listen")
+_SECTIONS: Final[dict[str, type[BaseModel]]] = {
+    "services": Services, "envoy": EnvoySettings, "admin": AdminSettings}
+
+
 def port_clashes(cfg: Config) -> list[str]:
     """`path: message` for each of the five listeners that takes a port an earlier one
     has on an overlapping host (port 0, any free port, never clashes)."""
-    named = [("listen", cfg.listen), ("services.grpc_listen", cfg.services.grpc_listen),
-             ("services.http_listen", cfg.services.http_listen),
-             ("envoy.admin_listen", cfg.envoy.admin_listen),
-             ("admin.listen", cfg.admin.listen)]
+    named = [(path, getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
+              if "." in path else getattr(cfg, path)) for path in _LISTENERS]
+    return _clashes(named)
+
+
+def _raw_port_clashes(data: dict[str, Any]) -> list[str]:
+    """`port_clashes` of a config that did not validate, from its raw listeners (each
+    valid one, or its default): the clashes are said with the other errors, not after
+    they are fixed (newcomer tester). Listeners that are themselves errors are left out."""
+    named = []
+    for path in _LISTENERS:
+        section, _, name = path.rpartition(".")
+        model: type[BaseModel] = _SECTIONS[section] if section else Config
+        raw = data.get(section) if section else data
+        value = raw.get(name) if isinstance(raw, dict) else None
+        if value is None:
+            value = model.model_fields[name].default
+        try:
+            parse_hostport(value)
+        except (ValueError, TypeError):
+            continue
+        named.append((path, value))
+    return _clashes(named)
+
+
+def _clashes(named: list[tuple[str, str]]) -> list[str]:
     problems = []
     for i, (path, value) in enumerate(named):
         host, port = parse_hostport(value)
@@ -757,7 +785,10 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_problems(e, source)) from None
+        problems = _problems(e, source)
+        if not any(err["type"] == "cross_check" for err in e.errors()):
+            problems += [f"{source}: {line}" for line in _raw_port_clashes(data)]
+        raise ConfigError(problems) from None
     if base_dir is not None:
         cfg = _resolve_paths(cfg, base_dir)
     return cfg

@@ -71,6 +71,25 @@ def test_port_clashes(tmp_path: Path, ports: str, expected: list[str]) -> None:
     assert lines == [f"policy.yaml: {e}" for e in expected]
 
 
+def test_port_clashes_are_listed_with_the_other_errors(tmp_path: Path) -> None:
+    """Newcomer tester: a field error hid the port clashes until it was fixed ("lists
+    every error"). A listener that is itself an error is not compared."""
+    rc, lines = check(tmp_path, (
+        "listen: 127.0.0.1:23201\n"
+        "services: {grpc_listen: 127.0.0.1:23201, http_listen: 127.0.0.1:23203}\n"
+        "envoy: {admin_listen: nonsense}\n"
+        "admin: {listen: 127.0.0.1:23203}\n"
+        "models:\n  demo: {upstream_model: x, backends: [], max_tokens: 0}\n"))
+    assert rc == 2
+    assert lines[0].startswith("policy.yaml: envoy.admin_listen: ")
+    assert lines[1].startswith("policy.yaml: models.demo.max_tokens: ")
+    assert lines[2:] == [
+        "policy.yaml: services.grpc_listen: 127.0.0.1:23201 clashes with listen "
+        "(127.0.0.1:23201)",
+        "policy.yaml: admin.listen: 127.0.0.1:23203 clashes with services.http_listen "
+        "(127.0.0.1:23203)"]
+
+
 def test_distinct_hosts_and_port_zero_do_not_clash_and_no_backend_is_valid(
     tmp_path: Path,
 ) -> None:
