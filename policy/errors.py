@@ -139,6 +139,13 @@ def upstream_error(status: int, body: bytes) -> ApiError:
     message = message.strip()[:UPSTREAM_MESSAGE_CHARS]
     if status >= 500:
         return ApiError(502, "upstream_error", f"The backend failed (HTTP {status}): {message}")
+    if status == 401:
+        # The backend refused the gateway's own credential (a backend key not set, or
+        # wrong): the client's key was accepted, and an SDK's AuthenticationError alone
+        # would have its user suspect it (newcomer tester). The status stays the backend's.
+        message = (f"The backend refused the gateway's credentials (HTTP 401: {message}); "
+                   "your API key was accepted: the gateway's key for this backend is "
+                   "missing or wrong (its operator sets it).")
     code, param = fields.get("code"), fields.get("param")
     return ApiError(status, code if isinstance(code, str) and code else "upstream_error",
                     message, param if isinstance(param, str) else None,

@@ -112,12 +112,16 @@ def test_envoy_sends_the_backend_key(keyed: tuple[Gateway, Path], alias: str) ->
 
 def test_without_a_key_the_backend_refuses_and_the_client_sees_why(
         keyed: tuple[Gateway, Path]) -> None:
-    """The backend's 401 is kept, OpenAI-shaped, with its message."""
+    """The backend's 401 is kept, OpenAI-shaped, with its message, said to be the
+    gateway's credential, not the client's key."""
     gw, _ = keyed
     with pytest.raises(openai.AuthenticationError) as e:
         gw.client().chat.completions.create(model="unkeyed", messages=MESSAGES, max_tokens=3)
     assert e.value.status_code == 401
-    assert isinstance(e.value.body, dict) and e.value.body["message"] == "Unauthorized"
+    assert isinstance(e.value.body, dict)
+    assert e.value.body["message"].startswith(
+        "The backend refused the gateway's credentials (HTTP 401: Unauthorized); your API "
+        "key was accepted")
 
 
 def test_a_key_envoy_cannot_load_is_a_503_not_worth_retrying(

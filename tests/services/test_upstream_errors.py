@@ -100,8 +100,12 @@ async def test_a_huge_error_body_is_cut_not_held_whole(running: Running) -> None
     # OpenAI's shape (vLLM's newer one): param and a string code are kept
     (422, b'{"error": {"message": "bad n", "type": "BadRequestError", "param": "n", '
           b'"code": "invalid_value"}}', (422, "bad n", "n", "invalid_value")),
-    # vLLM --api-key refusing the gateway's key
-    (401, b'{"error": "Unauthorized"}', (401, "Unauthorized", None, "upstream_error")),
+    # vLLM --api-key refusing the gateway's key: said to be the gateway's, not the
+    # client's (its SDK raises AuthenticationError; newcomer tester)
+    (401, b'{"error": "Unauthorized"}', (
+        401, "The backend refused the gateway's credentials (HTTP 401: Unauthorized); your "
+        "API key was accepted: the gateway's key for this backend is missing or wrong (its "
+        "operator sets it).", None, "upstream_error")),
     # FastAPI: a path vLLM does not serve, a validation error
     (404, b'{"detail": "Not Found"}', (404, "Not Found", None, "upstream_error")),
     (422, b'{"detail": [{"loc": ["body", "n"], "msg": "bad"}]}',
