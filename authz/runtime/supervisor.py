@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
-from authz.envoy_config.binary import envoy_path
+from authz.envoy_config.binary import LOG_FORMAT, envoy_path
 from authz.envoy_config.bootstrap import render_yaml
 from authz.runtime.defaults import (
     RunOverrides,
@@ -344,7 +344,8 @@ def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs,
     node = json.dumps({"node": {"metadata": {RUN_METADATA_KEY: nonce}}})
     procs.append(
         spawn([str(envoy_path()), "-c", str(envoy_yaml), "--config-yaml", node,
-               "--log-level", "warn", "--use-dynamic-base-id"], env=env)
+               "--log-level", "warn", "--log-format", LOG_FORMAT, "--use-dynamic-base-id"],
+              env=env)
     )
     admin = f"http://{eff.envoy.admin_listen}"
 

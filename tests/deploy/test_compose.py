@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from authz.cli.main import main as tokenbooth
+from authz.envoy_config.binary import LOG_FORMAT
 from policy.config import Config, load_config, parse_hostport
 from tests.deploy.tools import DEPLOY, ROOT
 
@@ -167,3 +168,8 @@ def test_redis_loses_no_acknowledged_write() -> None:
     cmd = services()["redis"]["command"]
     opts = dict(zip(cmd[1::2], cmd[2::2], strict=True))
     assert opts == {"--appendonly": "yes", "--appendfsync": "always"}
+
+
+def test_envoy_logs_json_lines_as_the_services_do() -> None:
+    """Envoy's own lines were plain text among the services' JSON (newcomer tester)."""
+    assert flag(services()["envoy"]["command"], "--log-format") == LOG_FORMAT

@@ -4,6 +4,7 @@ Envoy), and the config's addresses, ports, paths and timeouts agree with the man
 
 from __future__ import annotations
 
+import json
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from authz.cli.main import main as tokenbooth
+from authz.envoy_config.binary import LOG_FORMAT
 from authz.envoy_config.bootstrap import render_dict
 from authz.envoy_config.xds_resources import model_cluster_dicts
 from authz.runtime.settings import ADMIN_TOKEN_ENV
@@ -337,3 +339,14 @@ def test_envoy_heap_bound_fits_its_container(builds: dict[str, Build],
         ["memory"])
     assert cfg.envoy.max_heap_bytes is not None
     assert 0.7 * limit <= cfg.envoy.max_heap_bytes <= 0.8 * limit, (limit, cfg.envoy)
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_envoy_logs_json_lines_as_the_services_do(builds: dict[str, Build], name: str) -> None:
+    """Envoy's own lines were plain text among the services' JSON (newcomer tester)."""
+    args = builds[name].pod_with_container("envoy").container("envoy")["args"]
+    assert args[args.index("--log-format") + 1] == LOG_FORMAT
+    # The format is Envoy's: each line it writes is a JSON object.
+    line = LOG_FORMAT.replace("%Y-%m-%dT%T.%e%z", "2026-12-07T03:59:25.536+0000").replace(
+        "%l", "warning").replace("%n", "misc").replace("%j", 'a \\"quoted\\" word')
+    assert json.loads(line)["msg"] == 'a "quoted" word'
