@@ -398,7 +398,9 @@ def _banner(cfg: Config, config_path: Path, secret: str | None, sim_url: str | N
             "\"content\":\"Hello!\"}]}'"
         )
     else:
-        print(f"  (no demo key: add a key to {config_path})")
+        # (The config may still list the demo key: only its secret, in demo.key, is gone.)
+        print(f"  (no demo key to show: create one with `tokenbooth keys create --org ORG "
+              f"--config {config_path}`)")
     print(f"  config: {config_path}   metrics: http://{cfg.services.http_listen}/metrics")
     if admin_api:
         print(f"  admin API: http://{cfg.admin.listen}/v1/keys (its token: "
