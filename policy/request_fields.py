@@ -168,6 +168,27 @@ class _Embeddings(TypedDict, total=False):
     mm_processor_kwargs: dict[str, Any] | None
 
 
+class _ChatEmbeddings(_Embeddings, total=False):
+    """What vLLM's chat-style embedding requests add (read only for those: vLLM lets an
+    unknown field of an `input` request through)."""
+
+    add_generation_prompt: bool
+    continue_final_message: bool
+    chat_template_kwargs: dict[str, Any] | None
+    media_io_kwargs: dict[str, dict[str, Any]] | None
+
+
+_CHAT_EMBEDDINGS: Final = TypeAdapter(_ChatEmbeddings)
+
+
+def check_chat_embeddings_types(body: dict[str, Any]) -> None:
+    """`check_field_types` for a chat-style embeddings request's own fields."""
+    try:
+        _CHAT_EMBEDDINGS.validate_python(body)
+    except ValidationError as e:
+        raise _refusal(e) from None
+
+
 _SHAPES: Final[dict[Kind, type[Any]]] = {
     Kind.CHAT: _Chat, Kind.COMPLETION: _Completion, Kind.RESPONSES: _Responses,
     Kind.EMBEDDINGS: _Embeddings}

@@ -3,20 +3,24 @@ tokens only (no completion), and they are bounded input by input, or pair by pai
 `policy.tokens` describes.
 
 `padding: "max_length"` pads every input to the context length, so it needs the model's
-`max_model_len`; chat-style embeddings (`messages`) and multimodal score inputs are
-refused (send text), as are the binary encodings (their usage is not in a JSON body).
+`max_model_len`. Chat-style embeddings (a conversation, or a batch of them, in
+`messages` or in `input`, as vLLM 0.32 takes them) are bounded as chat prompts are,
+conversation by conversation. Multimodal score inputs are refused (send text), as are
+the binary encodings (their usage is not in a JSON body).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Final
 
 from policy.config import Model
-from policy.errors import invalid_request
-from policy.request_fields import lax_int
+from policy.errors import ApiError, invalid_request
+from policy.request_fields import check_chat_embeddings_types, lax_int
 from policy.tokens import (
     Tally,
     batch_bound,
+    chat_prompt,
     field_tally,
     json_factor,
     pairs_bound,
@@ -45,11 +49,50 @@ def _padded(body: dict[str, Any], model: Model) -> int | None:
     return model.max_model_len
 
 
+def _is_conversation(value: Any) -> bool:
+    """vLLM's `_is_chat_messages`: a non-empty array of objects with a string role."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
+
+
+def conversations(body: dict[str, Any]) -> list[Any] | None:
+    """The conversations of a chat-style embeddings request, or None for one of texts or
+    token ids: `messages` (one conversation, or a batch of them), else an `input` that is
+    one or a batch (vLLM reads `messages` first). Each is checked by `chat_prompt`."""
+    messages = body.get("messages")
+    value = body.get("input") if messages is None else messages
+    if messages is None and not (_is_conversation(value) or (
+            isinstance(value, list) and bool(value) and all(map(_is_conversation, value)))):
+        return None
+    if isinstance(value, list) and value and all(isinstance(c, list) for c in value):
+        return value  # a batch
+    return [value]
+
+
+def _chat_embeddings(body: dict[str, Any], model: Model, convs: list[Any]
+                     ) -> tuple[int, int]:
+    """(estimate, bound) of chat-style embeddings: each conversation as a chat prompt
+    (the template's own fields counted with each)."""
+    check_chat_embeddings_types(body)
+    if body.get("continue_final_message") and body.get("add_generation_prompt"):
+        raise invalid_request("Cannot set both `continue_final_message` and "
+                              "`add_generation_prompt` to True.", "continue_final_message")
+    param = "messages" if body.get("messages") is not None else "input"
+    estimate = bound = 0
+    for i, conv in enumerate(convs):
+        try:
+            e, b = chat_prompt({**body, "messages": conv}, model)
+        except ApiError as err:  # name where it is: `input[1]`, not `messages`
+            where = param if len(convs) == 1 else f"{param}[{i}]"
+            if err.param is not None and err.param.startswith("messages"):
+                err = replace(err, param=where + err.param.removeprefix("messages"))
+            raise err from None
+        estimate, bound = estimate + e, bound + b
+    return estimate, bound
+
+
 def embeddings_input(body: dict[str, Any], model: Model) -> tuple[int, int, int]:
     """(estimate, bound, inputs) of a /v1/embeddings request."""
-    if body.get("messages") is not None:
-        raise invalid_request("Chat-style embeddings are not accepted here: send the text "
-                              "as 'input'.", "messages")
     encoding = body.get("encoding_format")
     # (present and null too: vLLM's has a default, no null)
     if "encoding_format" in body and (not isinstance(encoding, str)
@@ -60,14 +103,20 @@ def embeddings_input(body: dict[str, Any], model: Model) -> tuple[int, int, int]
     dimensions = lax_int(raw)  # as vLLM reads it: "256" is 256 (review)
     if raw is not None and (dimensions is None or dimensions < 1):
         raise invalid_request("'dimensions' must be a positive integer.", "dimensions")
-    inputs = prompt_list(body.get("input"), "input")
-    refuse_past_context(inputs, body, model, "input")
-    estimate, bound = batch_bound(inputs, model)
+    convs = conversations(body)
+    if convs is not None:
+        estimate, bound = _chat_embeddings(body, model, convs)
+        count = len(convs)
+    else:
+        inputs = prompt_list(body.get("input"), "input")
+        refuse_past_context(inputs, body, model, "input")
+        estimate, bound = batch_bound(inputs, model)
+        count = len(inputs)
     pad = _padded(body, model)
     if pad is not None:  # every input padded to the context: known, not estimated (a
         # key's TPM took the bytes' estimate and let a request far past it through)
-        estimate = bound = pad * len(inputs)
-    return estimate, bound, len(inputs)
+        estimate = bound = pad * count
+    return estimate, bound, count
 
 
 def _texts(value: Any, param: str) -> list[str]:

@@ -77,6 +77,11 @@ def embeddings(body: Mapping[str, Any], models: Mapping[str, Any],
                max_model_len: int) -> Answer:
     """A /v1/embeddings answer: one vector per input, prompt-only usage."""
     model = model_of(body, models, aliases=False)
+    convs = _conversations(body)
+    if convs is not None:  # chat-style, as vLLM 0.32 takes it: one vector a conversation
+        counts = [prompt_tokens_chat(c, body) for c in convs]
+        return _embedded(body, model, [orjson.dumps(c) for c in convs], counts,
+                         max_model_len)
     inputs = body.get("input")
     if inputs == []:
         raise SimError(400, "You must pass at least one prompt")
@@ -85,18 +90,48 @@ def embeddings(body: Mapping[str, Any], models: Mapping[str, Any],
     if inputs is None or not valid_prompt(inputs):
         raise invalid_field("input", "Input should be a string, a list of strings or token "
                             "ids", "union_type", inputs)
+    if isinstance(inputs, str) or isinstance(inputs[0], int):
+        inputs = [inputs]
+    return _embedded(body, model, [orjson.dumps(x) for x in inputs],
+                     prompt_token_counts(inputs), max_model_len)
+
+
+def _conversations(body: Mapping[str, Any]) -> list[Any] | None:
+    """vLLM's chat-style embeddings: a conversation or a batch of them, in `messages` or
+    in `input` (`messages` first); None for texts or token ids."""
+    def conversation(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in v)
+
+    value = body.get("messages")
+    if value is None:
+        value = body.get("input")
+        if not (conversation(value) or (isinstance(value, list) and bool(value)
+                                        and all(map(conversation, value)))):
+            return None
+    if not isinstance(value, list) or not value:
+        raise invalid_field("messages", "Input should be a non-empty list", "list_type",
+                            value)
+    if all(isinstance(c, list) for c in value):
+        return value
+    if not all(isinstance(m, dict) for m in value):
+        raise invalid_field("messages", "Input should be a valid dictionary", "dict_type",
+                            value)
+    return [value]
+
+
+def _embedded(body: Mapping[str, Any], model: str, seeds: list[bytes], counts: list[int],
+              max_model_len: int) -> Answer:
+    """The answer: one vector per input (from its seed), prompt-only usage."""
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise SimError(400, f"encoding_format {encoding!r} is not supported by the simulator.")
     dims = opt_int(body, "dimensions") or EMBED_DIM
     if not 1 <= dims <= 65536:
         raise SimError(400, f"dimensions must be from 1 to 65536, got {dims}.")
-    if isinstance(inputs, str) or isinstance(inputs[0], int):
-        inputs = [inputs]
     data = [{"index": i, "object": "embedding",
-             "embedding": _encode(_vector(orjson.dumps(x), dims), encoding)}
-            for i, x in enumerate(inputs)]
-    counts = prompt_token_counts(inputs)
+             "embedding": _encode(_vector(seed, dims), encoding)}
+            for i, seed in enumerate(seeds)]
     _fits(counts, max_model_len)
     tokens = sum(counts)
     return orjson.dumps({

@@ -366,6 +366,29 @@ def test_embeddings_usage_never_exceeds_the_hold(model: str, inputs: Any, fmt: s
     assert sum(worst if cap is None else [min(w, cap) for w in worst]) <= req.prompt_bound
 
 
+conversations = st.lists(messages(), min_size=1, max_size=4)
+
+
+@PROPERTY
+@given(models, st.lists(conversations, min_size=1, max_size=3), st.booleans(),
+       st.booleans(), st.none() | st.dictionaries(text, json_values, max_size=2))
+def test_chat_style_embeddings_usage_never_exceeds_the_hold(
+        model: str, convs: list[Any], batch: bool, in_input: bool,
+        kwargs: dict[str, Any] | None) -> None:
+    """A conversation (or a batch of them) in `messages` or in `input`, as vLLM 0.32
+    takes them: each conversation within its chat prompt's bound."""
+    value = convs if batch else convs[0]
+    body: dict[str, Any] = {"model": model, "input" if in_input else "messages": value}
+    if kwargs is not None:
+        body["chat_template_kwargs"] = kwargs
+    req = parse_request(orjson.dumps(body), EMB_EP, CFG)
+    assert req.prompts == (len(convs) if batch else 1)
+    check_prompt_only(req, sim_answer(pooling.embeddings, req))
+    if req.model.max_model_len is None:
+        assert sum(rendered_tokens({**body, "messages": c})
+                   for c in (convs if batch else convs[:1])) <= req.prompt_bound
+
+
 texts = st.lists(text, min_size=1, max_size=5)
 
 

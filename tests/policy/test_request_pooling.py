@@ -9,6 +9,7 @@ import pytest
 from policy.config import Model
 from policy.errors import ApiError
 from policy.request_pooling import embeddings_input, scoring_pairs
+from policy.tokens import chat_prompt
 
 
 def model(**extra: Any) -> Model:
@@ -69,11 +70,40 @@ def test_padding_to_max_length_holds_the_context_per_input() -> None:
     ({"input": "a", "encoding_format": None}, "encoding_format"),  # vLLM's has no null
     ({"input": "a", "dimensions": 0}, "dimensions"),
     ({"input": "a", "dimensions": "eight"}, "dimensions"),
-    ({"messages": [{"role": "user", "content": "a"}]}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "a"}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [[{"role": "user", "content": "a"}], [{"content": "a"}]]}, "messages[1][0]"),
+    ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+    ({"messages": [{"role": "user", "content": "a"}], "add_generation_prompt": "perhaps"},
+     "add_generation_prompt"),
+    ({"messages": [{"role": "user", "content": "a"}], "add_generation_prompt": True,
+      "continue_final_message": True}, "continue_final_message"),
 ])
 def test_bad_embedding_bodies(body: dict[str, Any], param: str) -> None:
     e = err(embeddings_input, body, M)
     assert (e.status, e.param) == (400, param)
+
+
+CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]
+
+
+def test_chat_style_embeddings_are_bounded_as_chat_prompts() -> None:
+    """Real-vLLM tester: `messages` was refused, which vLLM 0.32 serves, as it serves a
+    conversation in `input` and batches of either: each bounded as a chat prompt."""
+    one = chat_prompt({"messages": CONV}, M)
+    for body in ({"messages": CONV}, {"input": CONV}):
+        assert embeddings_input(body, M) == (*one, 1)
+    two = chat_prompt({"messages": CONV[1:]}, M)
+    for body in ({"messages": [CONV, CONV[1:]]}, {"input": [CONV, CONV[1:]]}):
+        assert embeddings_input(body, M) == (one[0] + two[0], one[1] + two[1], 2)
+    # The template's own fields count with each conversation.
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+    assert embeddings_input({"messages": CONV, **kwargs}, M)[1] == chat_prompt(
+        {"messages": CONV, **kwargs}, M)[1] > one[1]
+    # Padded: the context per conversation.
+    assert embeddings_input({"messages": [CONV, CONV], "padding": "max_length"}, CTX)[:2] \
+        == (40, 40)
 
 
 def test_embedding_options_pass() -> None:

@@ -123,6 +123,31 @@ def test_embeddings_record_equals_vllm_usage(vllm_embed_gateway: Gateway,
     assert ids.usage.prompt_tokens == 3
 
 
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello, wörld!"}]
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": CONVERSATION},
+    {"input": CONVERSATION},
+    {"messages": [CONVERSATION, CONVERSATION[1:]]},
+])
+def test_chat_style_embeddings_record_equals_vllm_usage(
+        vllm_embed_gateway: Gateway, vllm_embed_server: VllmServer,
+        body: dict[str, Any]) -> None:
+    """Real-vLLM tester: `messages` was refused here and served by vLLM. Each form vLLM
+    0.32 takes (a conversation or a batch, in `messages` or in `input`) is served, its
+    record vLLM's usage, within its hold."""
+    status, got, headers = post(vllm_embed_gateway, "/v1/embeddings", {"model": "demo", **body})
+    assert status == 200, got
+    direct = json.loads(vllm_embed_server.post("/v1/embeddings", {"model": EMBED_MODEL,
+                                                                  **body}))
+    want = direct["usage"]["prompt_tokens"]
+    assert (got["usage"]["prompt_tokens"], len(got["data"])) == (want, len(direct["data"]))
+    assert record_usage(vllm_embed_gateway, headers["x-request-id"], "embeddings") == (want, 0)
+    assert want <= hold(vllm_embed_gateway, "/v1/embeddings", {"model": "demo", **body})[0]
+
+
 @pytest.mark.parametrize(("path", "body"), [
     ("/rerank", {"query": "blue sky", "documents": ["the sky is blue", "cats", "sky"]}),
     ("/v1/rerank", {"query": "q", "documents": ["a b c"], "top_n": 1}),
