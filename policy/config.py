@@ -540,6 +540,9 @@ class AlertSettings(_Strict):
     rescan_s: float = Field(default=60.0, gt=0, le=86400)  # every owner with a budget
     timeout_s: float = Field(default=5.0, gt=0, le=60)  # one delivery attempt
     max_attempts: int = Field(default=8, ge=1, le=100)  # with backoff 1 s, 2 s, … 60 s
+    # Also a budget's first refusal of a request in a period, for what is left
+    # (`budget.request_refused`): spend alone seldom reaches the whole budget.
+    on_refusal: bool = True
 
     @field_validator("webhook_url")
     @classmethod

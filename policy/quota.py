@@ -96,10 +96,11 @@ def untaken(d: Decision, tokens: int) -> Decision:
 
 
 def exhausted(d: Decision, limits: Limits, cost_nano: int) -> bool:
-    """Whether a refusal says the budget is spent, for the alerts: too little is left
-    for this request's worst case. Not a request larger than the whole budget, nor one
-    waiting for holds in flight: neither says much is spent. (Spend alone never reaches
-    the budget: a request is refused once what is left is below its worst case.)"""
+    """Whether a refusal is the budget's own, for the alerts (`budget.request_refused`):
+    too little is left for this request's worst case. Not a request larger than the
+    whole budget, nor one waiting for holds in flight: neither says much is spent.
+    (Spend alone seldom reaches the budget: a request is refused once what is left is
+    below its worst case.)"""
     return d.reason == "budget" and not (
         limits.budget_nano is not None and cost_nano > limits.budget_nano)
 

@@ -216,7 +216,7 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
                 f"'{param}' is not accepted here: disaggregated serving's transfer "
                 "parameters are set by the operator's router; a client's would make the "
                 "backend hold or fetch KV cache its usage does not report.", param)
-    if body.get("use_beam_search"):
+    if lax_true(body.get("use_beam_search")):  # as vLLM reads it: "false" is false
         # vLLM's beam search runs one generation per beam per token, each reading the
         # whole prompt again: its usage (and so its price) shows a fraction of the work.
         raise invalid_request("'use_beam_search' is not accepted here: the backend's work "
@@ -372,7 +372,7 @@ def _responses(body: dict[str, Any], alias: str, model: Model, kind: Kind
 def _pooling(body: dict[str, Any], alias: str, model: Model, kind: Kind
              ) -> InferenceRequest:
     """Embeddings, rerank and score: prompt tokens only, never streamed."""
-    if body.get("stream"):
+    if lax_true(body.get("stream")):  # as vLLM reads it: "false" is false (review)
         raise invalid_request("This endpoint does not stream.", "stream")
     check_field_types(body, kind)
     check_vllm_rules(body, kind)

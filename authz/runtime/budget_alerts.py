@@ -55,6 +55,9 @@ log = logging.getLogger("tokenbooth.alerts")
 
 ORG_PREFIX = "org:"
 EVENT = "budget.threshold_reached"
+# A budget's first refusal of a request in a period for what is left (spend alone seldom
+# reaches the budget: a request is refused once its worst case does not fit).
+REFUSED_EVENT = "budget.request_refused"
 MARKS_FILE = "alerts-sent.json"
 BACKOFF_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -85,28 +88,29 @@ class Budgeted:
         return None if self.owner.startswith(ORG_PREFIX) else self.owner
 
 
-def reached(spent: int, budget: int, thresholds: Sequence[Decimal],
-            exhausted: bool = False) -> list[Decimal]:
-    """The thresholds `spent` has reached, in order (any spend reaches a budget of 0).
-    `exhausted`: the budget refused a request for what is left, which reaches 1."""
+def reached(spent: int, budget: int, thresholds: Sequence[Decimal]) -> list[Decimal]:
+    """The thresholds `spent` has reached, in order (any spend reaches a budget of 0)."""
     if budget <= 0:
-        return list(thresholds) if spent > 0 or exhausted else []
-    return [t for t in thresholds if spent >= t * budget or (exhausted and t == 1)]
+        return list(thresholds) if spent > 0 else []
+    return [t for t in thresholds if spent >= t * budget]
 
 
 @dataclass(frozen=True, slots=True)
 class Alert:
     who: Budgeted
     period: str  # the period id (policy.limits.period_id)
-    threshold: Decimal
+    threshold: Decimal | None  # None: `REFUSED_EVENT`, the period's first refusal
     spent: int  # nano-USD when the check read it
     at: datetime
-    # 1 reached by a refusal (too little left for a request), not by spend itself.
-    refused: bool = False
+
+    @property
+    def event(self) -> str:
+        return EVENT if self.threshold is not None else REFUSED_EVENT
 
     @property
     def marker(self) -> tuple[str, str, str]:
-        return self.who.owner, self.period, format(self.threshold.normalize(), "f")
+        return self.who.owner, self.period, (
+            "refused" if self.threshold is None else format(self.threshold.normalize(), "f"))
 
     @property
     def id(self) -> str:
@@ -118,11 +122,11 @@ class Alert:
         ratio = (format((Decimal(self.spent) / budget).quantize(Decimal("0.0001")), "f")
                  if budget else None)
         return orjson.dumps({
-            "id": self.id, "type": EVENT, "owner": self.who.owner,
+            "id": self.id, "type": self.event, "owner": self.who.owner,
             "kind": "org" if self.who.key_id is None else "key",
             "org": self.who.org, "key_id": self.who.key_id, "period": self.period,
-            "threshold": self.marker[2], "spent_usd": _usd(self.spent),
-            "budget_usd": _usd(budget), "ratio": ratio, "refused": self.refused,
+            "threshold": None if self.threshold is None else self.marker[2],
+            "spent_usd": _usd(self.spent), "budget_usd": _usd(budget), "ratio": ratio,
             "at": iso_z(self.at)})
 
 
@@ -152,19 +156,19 @@ class AlertFeed:
         self._size = size
         self._pairs: set[tuple[str, str]] = set()
         self.overflow = False
-        # Owners a budget refused for what is left (`exhausted`): their top threshold,
-        # 1, is reached. Since the checker's last look; bounded as the pairs are.
-        self._exhausted: set[str] = set()
+        # (owner, period) of the budgets that refused a request for what is left
+        # (`exhausted`), since the checker's last look; bounded as the pairs are.
+        self._exhausted: set[tuple[str, str]] = set()
 
     def notify(self, rec: UsageRecord) -> None:
         self._mark(rec.key_id, rec.org)
 
-    def exhausted(self, owner: str, org: str) -> None:
-        """A budget refused `owner`'s request (a key id or `org:<name>`): too little is
-        left for its worst case, so spend will not reach the budget itself."""
+    def exhausted(self, owner: str, org: str, period: str) -> None:
+        """`owner`'s budget (a key id or `org:<name>`) refused a request in `period` (its
+        id): too little was left for the request's worst case."""
         self._mark("" if owner.startswith(ORG_PREFIX) else owner, org)
         if len(self._exhausted) < self._size:
-            self._exhausted.add(owner)
+            self._exhausted.add((owner, period))
 
     def _mark(self, key_id: str, org: str) -> None:
         if len(self._pairs) < self._size:
@@ -172,7 +176,7 @@ class AlertFeed:
         else:
             self.overflow = True
 
-    def drain_exhausted(self) -> set[str]:
+    def drain_exhausted(self) -> set[tuple[str, str]]:
         out, self._exhausted = self._exhausted, set()
         return out
 
@@ -332,7 +336,8 @@ class BudgetAlerts:
     def __post_init__(self) -> None:
         self._queue: asyncio.Queue[Alert] = asyncio.Queue(self.queue_size)
         self._pending: set[tuple[str, str, str]] = set()  # queued or being sent
-        self._exhausted: set[str] = set()  # refused for what is left, not checked yet
+        # (owner, period) refused for what is left, not checked yet
+        self._exhausted: set[tuple[str, str]] = set()
         self._known: dict[tuple[str, str, str], float] = {}  # marker -> trusted until
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -415,10 +420,20 @@ class BudgetAlerts:
         except LimitStoreUnavailable as e:
             log.warning("budget alerts: cannot read the ledgers: %s", e)
             return False
-        refused = who.owner in self._exhausted
-        for t in reached(spent, who.budget_nano, cfg.alerts.thresholds, refused):
-            by_spend = spent >= t * who.budget_nano if who.budget_nano > 0 else spent > 0
-            alert = Alert(who, period, t, spent, now, refused=not by_spend)
+        alerts = [Alert(who, period, t, spent, now)
+                  for t in reached(spent, who.budget_nano, cfg.alerts.thresholds)]
+        refusals = self._exhausted if cfg.alerts.on_refusal else set()
+        for refused_in in sorted(p for o, p in refusals if o == who.owner):
+            if refused_in != period:  # refused before the period turned: that one's
+                try:
+                    spent_then, _ = await self.limits.budget(who.owner, who.org, refused_in,
+                                                             now.timestamp())
+                except LimitStoreUnavailable as e:
+                    log.warning("budget alerts: cannot read the ledgers: %s", e)
+                    return False
+            alerts.append(Alert(who, refused_in, None,
+                                spent if refused_in == period else spent_then, now))
+        for alert in alerts:
             m = alert.marker
             if m in self._pending or self._known.get(m, 0.0) > time.monotonic():
                 continue
@@ -492,7 +507,7 @@ class BudgetAlerts:
             return False
         body = alert.body()
         headers = {"Content-Type": "application/json", "User-Agent": "tokenbooth",
-                   "X-Tokenbooth-Event": EVENT, "X-Tokenbooth-Delivery": alert.id}
+                   "X-Tokenbooth-Event": alert.event, "X-Tokenbooth-Delivery": alert.id}
         if self.secret:
             headers["X-Tokenbooth-Signature"] = signature(self.secret, body)
         where = {"receiver": receiver(a.webhook_url), "owner": alert.who.owner,

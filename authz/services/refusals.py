@@ -21,6 +21,14 @@ def log_refusal(log: logging.Logger, err: ApiError, request_id: str,
         "model": model,
         "status": err.status,
         "code": err.code,
-        "param": err.param,
+        "param": _field(err.param),
         **REPEATS,
     })
+
+
+def _field(param: str | None) -> str | None:
+    """The top-level field a refusal names: what follows it can be the client's own text
+    (an object's keys: `logit_bias.<anything>`; review)."""
+    if param is None:
+        return None
+    return param.split(".", 1)[0].split("[", 1)[0][:64]

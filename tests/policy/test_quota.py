@@ -110,9 +110,9 @@ def test_a_budget_held_by_requests_in_flight_is_retried_soon(period: str) -> Non
 
 
 def test_only_too_little_left_says_a_budget_is_spent() -> None:
-    """The alerts' threshold 1: spend never reaches the budget (a request is refused
-    once what is left is below its worst case), so that refusal is what reaches it.
-    Neither a request dearer than the whole budget nor holds in flight says it."""
+    """The alerts' `budget.request_refused`: spend seldom reaches the budget (a request
+    is refused once what is left is below its worst case), so that refusal is said.
+    Neither a request dearer than the whole budget nor holds in flight is the budget's."""
     limits = Limits(budget_nano=1000, budget_period="day")
     assert exhausted(Decision(False, "budget"), limits, 300)
     assert exhausted(Decision(False, "budget"), limits, 1000)

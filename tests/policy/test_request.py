@@ -411,9 +411,26 @@ def test_beam_search_is_refused_before_anything_is_held() -> None:
         with pytest.raises(ApiError) as e:
             parse_request(json.dumps(body).encode(), ep(path), CFG)
         assert (e.value.status, e.value.param) == (400, "use_beam_search")
-    ok = {"model": "demo", "messages": [{"role": "user", "content": "x"}],
-          "use_beam_search": False}
-    assert parse_request(json.dumps(ok).encode(), CHAT_EP, CFG).prompt_bound > 0
+    for off in (False, "false", 0, "no"):  # read as vLLM reads it (review)
+        ok = {"model": "demo", "messages": [{"role": "user", "content": "x"}],
+              "use_beam_search": off}
+        assert parse_request(json.dumps(ok).encode(), CHAT_EP, CFG).prompt_bound > 0
+    for on in ("true", 1, "yes"):
+        body = {"model": "demo", "messages": [{"role": "user", "content": "x"}],
+                "use_beam_search": on}
+        with pytest.raises(ApiError):
+            parse_request(json.dumps(body).encode(), CHAT_EP, CFG)
+
+
+def test_a_pooling_request_that_says_it_does_not_stream_is_served() -> None:
+    emb = ep("/v1/embeddings")
+    for off in (False, "false", None, 0):
+        body = {"model": "demo", "input": "x", "stream": off}
+        assert parse_request(json.dumps(body).encode(), emb, CFG).prompt_bound > 0
+    with pytest.raises(ApiError) as e:
+        parse_request(json.dumps({"model": "demo", "input": "x", "stream": "true"}).encode(),
+                      emb, CFG)
+    assert e.value.param == "stream"
 
 
 def test_a_body_too_deep_to_forward_is_a_400_not_a_crash() -> None:

@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +39,7 @@ from authz.state.limits.redis_limits import RedisLimitStore
 from policy.config import AlertSettings, Config, ConfigError, OrgLimits, Price, load_config
 from policy.errors import ApiError
 from policy.limits import Ask, Limits, period_id, usd_to_nano
+from policy.quota import org_hold
 from policy.usage import Usage, UsageRecord, make_record
 from tests.helpers import free_port, write_policy
 from tests.redis_server import RedisServer
@@ -173,8 +175,7 @@ async def test_thresholds_in_order_once_each_per_period(receiver: Receiver,
         assert first | {"id": None, "at": None} == {
             "id": None, "type": "budget.threshold_reached", "owner": KEY, "kind": "key",
             "org": "acme", "key_id": KEY, "period": day1, "threshold": "0.5",
-            "spent_usd": "9", "budget_usd": "10", "ratio": "0.9000", "refused": False,
-            "at": None}
+            "spent_usd": "9", "budget_usd": "10", "ratio": "0.9000", "at": None}
         # The next day is a new period: its own spend, its own alerts.
         clock.now = DAY1 + timedelta(days=1)
         await checked(alerts)
@@ -329,48 +330,80 @@ async def test_the_feed_picks_the_owners_to_check(receiver: Receiver, tmp_path: 
         await alerts.close()
 
 
-async def test_a_refusal_for_too_little_left_reaches_the_top_threshold(
+async def test_a_budgets_first_refusal_in_a_period_is_alerted_once(
         receiver: Receiver, tmp_path: Path) -> None:
     """Newcomer tester: with thresholds 0.5, 0.8 and 1.0 a key was refused at 75 % of
-    its budget (what was left could not cover the next request's worst case), and 1.0
-    never came: spend alone never reaches the budget. That refusal reaches 1 (`refused`
-    says so), once a period, never a lower threshold."""
+    its budget (what was left could not cover the next request's worst case), and no
+    alert said so: spend alone never reached 1.0. The first refusal of each period is
+    its own event, `budget.request_refused`, of the period it happened in (review: one
+    just before midnight was sent for the next day, and took that day's marker)."""
     cfg = policy(tmp_path, receiver.url)
     store, clock, feed = MemoryLimitStore(), Clock(DAY1), AlertFeed()
     alerts = make_alerts(cfg, store, FileMarks(tmp_path / "m.json"), clock, feed)
     await alerts.start()
-    day1 = period_id("day", DAY1)
+    day1, day2 = period_id("day", DAY1), period_id("day", DAY1 + timedelta(days=1))
     try:
         await checked(alerts, False)  # the first check reads every owner: nothing yet
         await spend(store, KEY, "7.5", "day", DAY1)
-        feed.exhausted(KEY, "acme")
-        feed.exhausted("org:acme", "acme")  # the org (nothing charged to it here)
+        feed.exhausted(KEY, "acme", day1)
+        feed.exhausted("org:acme", "acme", "month:2026-03")
         await checked(alerts, False)
-        # Each owner's in order (the owners in any order).
-        assert [(b["threshold"], b["refused"], b["ratio"])
-                for b in receiver.bodies() if b["owner"] == KEY] == [
-            ("0.5", False, "0.7500"), ("1", True, "0.7500")]
-        assert [(b["period"], b["threshold"], b["refused"], b["ratio"])
-                for b in receiver.bodies() if b["owner"] == "org:acme"] == [
-            ("month:2026-03", "1", True, "0.0000")]
-        assert {b["period"] for b in receiver.bodies() if b["owner"] == KEY} == {day1}
-        # Refused again, and spend passing 0.8 later: 0.8 by spend, 1 not again.
-        feed.exhausted(KEY, "acme")
+        mine = [b for b in receiver.bodies() if b["owner"] == KEY]
+        assert [(b["type"], b["period"], b["threshold"], b["ratio"]) for b in mine] == [
+            ("budget.threshold_reached", day1, "0.5", "0.7500"),
+            ("budget.request_refused", day1, None, "0.7500")]
+        [org] = [b for b in receiver.bodies() if b["owner"] == "org:acme"]
+        assert (org["type"], org["kind"], org["threshold"]) == (
+            "budget.request_refused", "org", None)
+        refused = [h for h, b in receiver.got if json.loads(b)["owner"] == KEY][1]
+        assert refused["X-Tokenbooth-Event"] == "budget.request_refused"
+        # Refused again in that period: not again. Spend past 0.8: its threshold.
+        feed.exhausted(KEY, "acme", day1)
         await spend(store, KEY, "1", "day", DAY1)
-        sink = AlertingSink(type("Null", (), {"write": lambda self, r: None,
-                                              "close": lambda self: None})(), feed)
-        sink.write(record(KEY))
+        feed.notify(record(KEY))
         await checked(alerts, False)
         assert receiver.delivered()[3:] == [(KEY, day1, "0.8")]
+        # A refusal just before midnight, checked after it: that day's (already sent),
+        # and the next day's first refusal is still said.
+        feed.exhausted(KEY, "acme", day1)
+        clock.now = DAY1 + timedelta(days=1, seconds=5)
+        await checked(alerts, False)
         assert len(receiver.got) == 4
+        feed.exhausted(KEY, "acme", day2)
+        await checked(alerts, False)
+        assert receiver.bodies()[-1] | {"id": None, "at": None} == {
+            "id": None, "type": "budget.request_refused", "owner": KEY, "kind": "key",
+            "org": "acme", "key_id": KEY, "period": day2, "threshold": None,
+            "spent_usd": "0", "budget_usd": "10", "ratio": "0.0000", "at": None}
+        # A refusal before the period turned, checked after: the ledger of its period.
+        feed.exhausted("org:acme", "acme", "month:2026-02")
+        await spend(store, "org:acme", "99", "month", DAY1 - timedelta(days=30))
+        await checked(alerts, False)
+        last = receiver.bodies()[-1]
+        assert (last["owner"], last["period"], last["spent_usd"]) == (
+            "org:acme", "month:2026-02", "99")
     finally:
         await alerts.close()
+
+
+async def test_refusals_are_not_alerted_when_turned_off(receiver: Receiver,
+                                                        tmp_path: Path) -> None:
+    cfg = policy(tmp_path, receiver.url, on_refusal=False)
+    store, clock, feed = MemoryLimitStore(), Clock(DAY1), AlertFeed()
+    alerts = make_alerts(cfg, store, FileMarks(tmp_path / "m.json"), clock, feed)
+    await alerts.start()
+    try:
+        feed.exhausted(KEY, "acme", period_id("day", DAY1))
+        await checked(alerts, False)
+    finally:
+        await alerts.close()
+    assert receiver.got == []
 
 
 async def test_serve_alerts_a_budget_admission_refused(receiver: Receiver,
                                                        tmp_path: Path) -> None:
     """Through `serve`'s own admission: a request whose worst case does not fit what is
-    left of its key's budget is refused, and the alert at 1 says so."""
+    left of its key's budget is refused, and the alert says so; its org's too."""
     services = alerting_services(receiver, tmp_path, thresholds=[1.0])
     await services.start()
     try:
@@ -382,14 +415,20 @@ async def test_serve_alerts_a_budget_admission_refused(receiver: Receiver,
                   60.0)
         with pytest.raises(ApiError, match="insufficient_quota"):
             await services._admission.admit(limits, ask, now)
-        await wait_for(lambda: len(receiver.got) >= 1)
+        # The org's: $1 a month, $0.60 of it spent, a request whose worst case is $0.50.
+        small = replace(ask, request_id="r2", cost_nano=usd_to_nano(Decimal("0.5")))
+        org = org_hold(OrgLimits(budget_usd=Decimal(1), budget_period="month"), small, now)
+        await spend(services.limits, "org:acme", "0.6", "month", now)
+        with pytest.raises(ApiError, match="insufficient_quota"):
+            await services._admission.admit_all(org, Limits(), small, now)
+        await wait_for(lambda: len(receiver.got) >= 2)
     finally:
         await services.stop()
-    [(_, body)] = receiver.got
-    assert json.loads(body) | {"id": None, "at": None, "period": None} == {
-        "id": None, "type": "budget.threshold_reached", "owner": KEY, "kind": "key",
-        "org": "acme", "key_id": KEY, "period": None, "threshold": "1", "spent_usd": "9",
-        "budget_usd": "10", "ratio": "0.9000", "refused": True, "at": None}
+    bodies = sorted((json.loads(b) for _, b in receiver.got), key=lambda b: b["owner"])
+    assert [(b["owner"], b["type"], b["threshold"]) for b in bodies] == [
+        (KEY, "budget.request_refused", None),
+        ("org:acme", "budget.request_refused", None)]
+    assert (bodies[0]["spent_usd"], bodies[0]["ratio"]) == ("9", "0.9000")
 
 
 def record(key: str, rid: str = "r1") -> UsageRecord:

@@ -301,6 +301,13 @@ async def test_a_refused_body_writes_a_log_line(running: Running,
     assert line.getMessage() == "request refused: 400 invalid_request"
     assert (line.org, line.key_id, line.param) == (  # type: ignore[attr-defined]
         "acme", "k-main", "max_tokens")
+    # A param past the field names the client's own text (an object's key): left out.
+    secret_text = "my SSN is 123-45-6789 " * 1000
+    immediate(await Stream(running).send(req_body(json.dumps(
+        {**CHAT, "logit_bias": {secret_text: "x"}}).encode())))
+    last = [r for r in caplog.records if r.getMessage().startswith("request refused")][-1]
+    assert last.param == "logit_bias"  # type: ignore[attr-defined]
+    assert "SSN" not in str(vars(last)) and "SSN" not in caplog.text
 
 
 async def test_model_allow_list(running: Running) -> None:

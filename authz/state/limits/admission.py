@@ -67,7 +67,9 @@ class Admission:
     admitted)`: a request was admitted (True) or is settling (False; once per settle
     call). `on_store(ok)`: a call to the store failed as unavailable (False: each
     admission, settlement and sweep that did), or answered after one had (True; the
-    sweep's every second). `clock`: epoch
+    sweep's every second). `on_exhausted(owner, org, period)`: a budget refused a
+    request because too little is left (`quota.exhausted`; the owner a key id or
+    `org:<name>`, the period's id), for the budget alerts. `clock`: epoch
     seconds, for the background work. `on_error`: the outage policy, or where to read the
     one in force (the config's, which a reload may change mid-outage)."""
 
@@ -78,7 +80,7 @@ class Admission:
                  on_spooled: Callable[[], None] | None = None,
                  on_hold: Callable[[Ask, bool], None] | None = None,
                  on_store: Callable[[bool], None] | None = None,
-                 on_exhausted: Callable[[str, str], None] | None = None,
+                 on_exhausted: Callable[[str, str, str], None] | None = None,
                  clock: Callable[[], float] = time.time, sweep_s: float = SWEEP_S) -> None:
         self._store = store
         policy = on_error or OnStoreError()
@@ -250,7 +252,7 @@ class Admission:
                  org: bool = False, other: Decision | None = None) -> ApiError:
         """The 429 for `d`; a budget it says is spent is told to the alerts."""
         if self._on_exhausted is not None and exhausted(d, limits, ask.cost_nano):
-            self._on_exhausted(ask.key_id, ask.org)
+            self._on_exhausted(ask.key_id, ask.org, ask.period)
         return refusal(d, limits, now, ask.cost_nano, org=org, other=other)
 
     async def _look(self, limits: Limits, ask: Ask, now: datetime) -> Decision | None:
