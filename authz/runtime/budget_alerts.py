@@ -99,9 +99,14 @@ def reached(spent: int, budget: int, thresholds: Sequence[Decimal]) -> list[Deci
 class Alert:
     who: Budgeted
     period: str  # the period id (policy.limits.period_id)
-    threshold: Decimal | None  # None: `REFUSED_EVENT`, the period's first refusal
+    threshold: Decimal | None  # None: `REFUSED_EVENT` (see `left_tier`)
     spent: int  # nano-USD when the check read it
     at: datetime
+
+    @property
+    def left(self) -> int:
+        """What is left of the budget, nano-USD (0 at or past it)."""
+        return max(self.who.budget_nano - self.spent, 0)
 
     @property
     def event(self) -> str:
@@ -109,8 +114,10 @@ class Alert:
 
     @property
     def marker(self) -> tuple[str, str, str]:
-        return self.who.owner, self.period, (
-            "refused" if self.threshold is None else format(self.threshold.normalize(), "f"))
+        if self.threshold is None:
+            tier = left_tier(self.left, self.who.budget_nano)
+            return self.who.owner, self.period, f"refused:{tier}"
+        return self.who.owner, self.period, format(self.threshold.normalize(), "f")
 
     @property
     def id(self) -> str:
@@ -126,8 +133,24 @@ class Alert:
             "kind": "org" if self.who.key_id is None else "key",
             "org": self.who.org, "key_id": self.who.key_id, "period": self.period,
             "threshold": None if self.threshold is None else self.marker[2],
-            "spent_usd": _usd(self.spent), "budget_usd": _usd(budget), "ratio": ratio,
-            "at": iso_z(self.at)})
+            "spent_usd": _usd(self.spent), "budget_usd": _usd(budget),
+            "left_usd": _usd(self.left), "ratio": ratio, "at": iso_z(self.at)})
+
+
+MAX_TIER = 10  # a refusal with 1/1024 of the budget left or less: the last one said
+
+
+def left_tier(left: int, budget: int) -> int:
+    """Which halving of the budget `left` is in: 0 for more than half left, 1 for a
+    quarter to a half, ... `MAX_TIER` for (nearly) nothing. A refusal is said once per
+    tier and period: the first one (perhaps of one large request, with most of the
+    budget left) does not silence the later ones as the budget runs out (retest tester)."""
+    if budget <= 0 or left <= 0:
+        return MAX_TIER
+    tier = 0
+    while tier < MAX_TIER and left * 2 ** (tier + 1) <= budget:
+        tier += 1
+    return tier
 
 
 def _usd(nano: int) -> str:

@@ -20,12 +20,14 @@ import pytest
 from aiohttp import web
 
 from authz.runtime.budget_alerts import (
+    MAX_TIER,
     AlertFeed,
     AlertingSink,
     BudgetAlerts,
     FileMarks,
     Marks,
     RedisMarks,
+    left_tier,
     reached,
 )
 from authz.runtime.budget_alerts import receiver as receiver_of
@@ -175,7 +177,8 @@ async def test_thresholds_in_order_once_each_per_period(receiver: Receiver,
         assert first | {"id": None, "at": None} == {
             "id": None, "type": "budget.threshold_reached", "owner": KEY, "kind": "key",
             "org": "acme", "key_id": KEY, "period": day1, "threshold": "0.5",
-            "spent_usd": "9", "budget_usd": "10", "ratio": "0.9000", "at": None}
+            "spent_usd": "9", "budget_usd": "10", "left_usd": "1", "ratio": "0.9000",
+            "at": None}
         # The next day is a new period: its own spend, its own alerts.
         clock.now = DAY1 + timedelta(days=1)
         await checked(alerts)
@@ -334,9 +337,10 @@ async def test_a_budgets_first_refusal_in_a_period_is_alerted_once(
         receiver: Receiver, tmp_path: Path) -> None:
     """Newcomer tester: with thresholds 0.5, 0.8 and 1.0 a key was refused at 75 % of
     its budget (what was left could not cover the next request's worst case), and no
-    alert said so: spend alone never reached 1.0. The first refusal of each period is
-    its own event, `budget.request_refused`, of the period it happened in (review: one
-    just before midnight was sent for the next day, and took that day's marker)."""
+    alert said so: spend alone never reached 1.0. A refusal is its own event,
+    `budget.request_refused`, of the period it happened in (review: one just before
+    midnight was sent for the next day, and took that day's marker), once per halving
+    of what is left."""
     cfg = policy(tmp_path, receiver.url)
     store, clock, feed = MemoryLimitStore(), Clock(DAY1), AlertFeed()
     alerts = make_alerts(cfg, store, FileMarks(tmp_path / "m.json"), clock, feed)
@@ -357,24 +361,33 @@ async def test_a_budgets_first_refusal_in_a_period_is_alerted_once(
             "budget.request_refused", "org", None)
         refused = [h for h, b in receiver.got if json.loads(b)["owner"] == KEY][1]
         assert refused["X-Tokenbooth-Event"] == "budget.request_refused"
-        # Refused again in that period: not again. Spend past 0.8: its threshold.
+        # Refused again with as much left (2.5 of 10: an eighth to a quarter): not again.
         feed.exhausted(KEY, "acme", day1)
-        await spend(store, KEY, "1", "day", DAY1)
-        feed.notify(record(KEY))
         await checked(alerts, False)
-        assert receiver.delivered()[3:] == [(KEY, day1, "0.8")]
+        assert len(receiver.got) == 3
+        # Spend past 0.8: its threshold; refused with 1 of 10 left (a sixteenth to an
+        # eighth): said again, as the budget runs out (retest tester: the first
+        # refusal, of one large request with most of the budget left, silenced these).
+        await spend(store, KEY, "1.5", "day", DAY1)
+        feed.notify(record(KEY))
+        feed.exhausted(KEY, "acme", day1)
+        await checked(alerts, False)
+        assert [(b["type"], b["threshold"], b["left_usd"]) for b in receiver.bodies()[3:]] \
+            == [("budget.threshold_reached", "0.8", "1"),
+                ("budget.request_refused", None, "1")]
         # A refusal just before midnight, checked after it: that day's (already sent),
         # and the next day's first refusal is still said.
         feed.exhausted(KEY, "acme", day1)
         clock.now = DAY1 + timedelta(days=1, seconds=5)
         await checked(alerts, False)
-        assert len(receiver.got) == 4
+        assert len(receiver.got) == 5
         feed.exhausted(KEY, "acme", day2)
         await checked(alerts, False)
         assert receiver.bodies()[-1] | {"id": None, "at": None} == {
             "id": None, "type": "budget.request_refused", "owner": KEY, "kind": "key",
             "org": "acme", "key_id": KEY, "period": day2, "threshold": None,
-            "spent_usd": "0", "budget_usd": "10", "ratio": "0.0000", "at": None}
+            "spent_usd": "0", "budget_usd": "10", "left_usd": "10", "ratio": "0.0000",
+            "at": None}
         # A refusal before the period turned, checked after: the ledger of its period.
         feed.exhausted("org:acme", "acme", "month:2026-02")
         await spend(store, "org:acme", "99", "month", DAY1 - timedelta(days=30))
@@ -522,3 +535,9 @@ async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not cond():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+def test_left_tiers_halve_the_budget() -> None:
+    assert [left_tier(left, 1000) for left in (1000, 501, 500, 251, 250, 126, 125, 1, 0,
+                                               -5)] == [0, 0, 1, 1, 2, 2, 3, 9, 10, 10]
+    assert left_tier(5, 0) == MAX_TIER
