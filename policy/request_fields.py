@@ -15,7 +15,7 @@ vLLM's own models: tests/vllm/test_vllm_field_types.py.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from pydantic import Field, StrictInt, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
@@ -226,33 +226,31 @@ _EXPECTED: Final = {
 
 _BOOL: Final = TypeAdapter(bool)
 _INT: Final = TypeAdapter(int)
+T = TypeVar("T")
+
+
+def _lax(adapter: TypeAdapter[T], value: Any) -> T | None:
+    """`value` as pydantic's lax mode reads it, as vLLM reads its fields; else None."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        return None
 
 
 def lax_true(value: Any) -> bool:
     """Whether vLLM reads `value` as true (`true`, `1`, `"true"`, `"yes"`, `"on"`, ...):
     pydantic's lax boolean, as `check_field_types` admits it."""
-    try:
-        return _BOOL.validate_python(value) is True
-    except ValidationError:
-        return False
+    return _lax(_BOOL, value) is True
 
 
 def lax_bool(value: Any) -> bool | None:
     """`value` as vLLM reads a boolean field (`true`, `"true"`, `1`, `"no"`), else None."""
-    try:
-        b: bool = _BOOL.validate_python(value)
-    except ValidationError:
-        return None
-    return b
+    return _lax(_BOOL, value)
 
 
 def lax_int(value: Any) -> int | None:
     """`value` as vLLM reads an integer field (`5`, `"5"`, `5.0`), else None."""
-    try:
-        n: int = _INT.validate_python(value)
-    except ValidationError:
-        return None
-    return n
+    return _lax(_INT, value)
 
 
 def check_field_types(body: dict[str, Any], kind: Kind) -> None:
