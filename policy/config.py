@@ -749,6 +749,29 @@ def _raw_port_clashes(data: dict[str, Any]) -> list[str]:
     return _clashes(named)
 
 
+def _raw_key_clashes(data: dict[str, Any]) -> list[str]:
+    """The cross checks' duplicate key ids and secrets, from the raw `keys:` list."""
+    keys = data.get("keys")
+    if not isinstance(keys, list):
+        return []
+    problems: list[str] = []
+    ids: set[str] = set()
+    secrets: dict[str, str] = {}
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict):
+            continue
+        key_id, sha = key.get("id"), key.get("sha256")
+        if isinstance(key_id, str):
+            if key_id in ids:
+                problems.append(f"keys[{i}].id: duplicate key id {key_id!r}")
+            ids.add(key_id)
+        if isinstance(sha, str) and isinstance(key_id, str):
+            if sha in secrets:
+                problems.append(f"keys[{i}].sha256: the same secret as key {secrets[sha]!r}")
+            secrets.setdefault(sha, key_id)
+    return problems
+
+
 def _clashes(named: list[tuple[str, str]]) -> list[str]:
     problems = []
     for i, (path, value) in enumerate(named):
@@ -790,7 +813,10 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     except ValidationError as e:
         problems = _problems(e, source)
         if not any(err["type"] == "cross_check" for err in e.errors()):
-            problems += [f"{source}: {line}" for line in _raw_port_clashes(data)]
+            # The checks across sections run once every field is valid: those that can be
+            # read from the raw file are said now (newcomer, operators testers).
+            problems += [f"{source}: {line}"
+                         for line in _raw_key_clashes(data) + _raw_port_clashes(data)]
         raise ConfigError(problems) from None
     if base_dir is not None:
         cfg = _resolve_paths(cfg, base_dir)

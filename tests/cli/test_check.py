@@ -90,6 +90,22 @@ def test_port_clashes_are_listed_with_the_other_errors(tmp_path: Path) -> None:
         "(127.0.0.1:23203)"]
 
 
+def test_duplicate_keys_are_listed_with_the_other_errors(tmp_path: Path) -> None:
+    """Operators tester: duplicate key ids and secrets went unsaid while a field had an
+    error elsewhere; said only after it was fixed."""
+    rc, lines = check(tmp_path, (
+        "models:\n  demo: {upstream_model: x, backends: [], max_tokens: 0}\n"
+        "keys:\n"
+        f"  - {{id: k1, org: o, sha256: '{KEY}'}}\n"
+        f"  - {{id: k1, org: o, sha256: '{'b' * 64}'}}\n"
+        f"  - {{id: k2, org: o, sha256: '{KEY}', rpm: lots}}\n"))
+    assert rc == 2
+    assert [line.split(": ")[1] for line in lines] == [
+        "models.demo.max_tokens", "keys[2].rpm", "keys[1].id", "keys[2].sha256"]
+    assert lines[2:] == ["policy.yaml: keys[1].id: duplicate key id 'k1'",
+                         "policy.yaml: keys[2].sha256: the same secret as key 'k1'"]
+
+
 def test_distinct_hosts_and_port_zero_do_not_clash_and_no_backend_is_valid(
     tmp_path: Path,
 ) -> None:
