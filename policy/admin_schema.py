@@ -356,6 +356,7 @@ ROUTES: tuple[Route, ...] = (
 # status -> (description, error code) shared by every route
 _ERRORS = {"400": "invalid request (param names the field)", "401": "no or unknown token",
            "403": "a read token cannot write", "404": "no such key",
+           "408": "the body did not arrive within 10 s",
            "409": "keys are read-only here (validation service, or a key of the config)",
            "413": "the body is too large",
            "415": "a compressed body (Content-Encoding other than identity): send it "
@@ -394,7 +395,7 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
     if "{key_id}" in route.path:
         codes.append("404")
     if route.body is not None:
-        codes += ["413", "415"]
+        codes += ["408", "413", "415"]
     for code in sorted(codes):
         responses[code] = {"description": _ERRORS[code],
                            "content": _json(refs[ErrorBody, "serialization"])}

@@ -8,6 +8,7 @@ an unknown path (404 not_found) or method (405 method_not_allowed, with `allow`)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -116,7 +117,13 @@ async def _json_object(request: web.Request, empty_ok: bool = False) -> dict[str
         # Read as sent (the server does not decompress): as the gateway answers.
         raise AdminError(415, "a compressed request body is not accepted: send it "
                          "uncompressed", "unsupported_media_type")
-    raw = await request.read()
+    try:
+        # Whole within IDLE_S, as the headers must be: a body trickled a byte a second
+        # held the connection for as long as the caller liked (retest tester).
+        raw = await asyncio.wait_for(request.read(), IDLE_S)
+    except TimeoutError:
+        raise AdminError(408, f"the request body did not arrive within {IDLE_S:g} s",
+                         "request_timeout", headers={"connection": "close"}) from None
     if empty_ok and not raw.strip():
         return {}
     try:

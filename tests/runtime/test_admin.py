@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
 from redis.exceptions import RedisError
 
+from authz.runtime import admin as admin_module
 from authz.runtime import admin_api
 from authz.runtime.admin import SERVER_OPTIONS, make_admin_app
 from authz.runtime.admin_api import AdminContext, Records
@@ -324,6 +325,24 @@ async def test_a_member_or_query_parameter_given_twice_is_refused(api: Api) -> N
     assert status == 400 and out["error"]["param"] == "org", out
     status, out = await api("GET", "/v1/keys?limit=1&limit=2")
     assert status == 400 and out["error"]["param"] == "limit", out
+
+
+async def test_a_body_that_trickles_is_cut_off(api: Api, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    """Retest tester: with a valid token, a body sent a byte a second held its connection
+    for as long as it took (the 10 s close covered only the headers): a 408 now."""
+    monkeypatch.setattr(admin_module, "IDLE_S", 0.3)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"org": '
+        await asyncio.sleep(5)
+        yield b'"acme"}'
+
+    resp = await api.client.post("/v1/keys", data=trickle(),
+                                 headers={"Authorization": f"Bearer {ADMIN}"})
+    body = orjson.loads(await resp.read())
+    assert (resp.status, body["error"]["code"]) == (408, "request_timeout")
+    api.validate("POST", "/v1/keys", 408, body)
 
 
 async def test_a_compressed_body_is_refused_not_a_traceback(
