@@ -231,6 +231,7 @@ def _stream(body: dict[str, Any]) -> bool:
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     """(stream, the client wants the usage chunk)."""
+    raw = body.get("stream")
     stream = _stream(body)
     opts = body.get("stream_options")
     if opts is None:
@@ -241,6 +242,10 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     wants_usage = _lax_bool_field(opts, "include_usage", "stream_options.include_usage") \
         or False
     if opts and not stream:
+        if raw:  # `"false"`: vLLM's own check reads the raw value, true, and lets the
+            # options through, unread (retest tester); sent `false`, they would be refused
+            del body["stream_options"]
+            return False, False
         # OpenAI and vLLM refuse it too: without this, vLLM's 400 came after the hold.
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.",
                               "stream_options")

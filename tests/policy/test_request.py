@@ -106,6 +106,14 @@ def test_counts_and_flags_are_read_as_vllm_reads_them_and_sent_as_read() -> None
     out = json.loads(upstream_body(r))  # type: ignore[arg-type]
     assert (r.max_tokens, out["max_completion_tokens"], out["max_tokens"],  # type: ignore[attr-defined]
             out["stream"]) == (7, 7, 9, False)
+    # vLLM's check of stream_options reads the raw `"false"` as true, and serves it
+    # without streaming: so here, the options left out (sent `false`, vLLM refuses them).
+    r = parse({"model": "demo", "messages": MSG, "stream": "false",
+               "stream_options": {"include_usage": True}})
+    out = json.loads(upstream_body(r))  # type: ignore[arg-type]
+    assert (r.stream, out["stream"], "stream_options" in out) == (False, False, False)  # type: ignore[attr-defined]
+    assert error_of({"model": "demo", "messages": MSG, "stream": False,
+                     "stream_options": {"include_usage": True}}).param == "stream_options"
     r = parse({"model": "demo", "prompt": "hi", "n": None, "min_tokens": None,
                "max_tokens": None}, COMP_EP)
     out = json.loads(upstream_body(r))  # type: ignore[arg-type]
