@@ -291,8 +291,14 @@ def _sequences(body: dict[str, Any], max_n: int) -> tuple[int, int]:
     """Sequences generated per prompt (`n`), and `best_of` when sent and larger (vLLM
     0.32 ignores it, in chat too: the hold alone counts it), else 0."""
     n = _int_field(body, "n", max_n) or 1
-    best_of = _int_field(body, "best_of", max_n)
-    return n, (best_of if best_of is not None and best_of > n else 0)
+    raw = body.get("best_of")
+    best_of = None if raw is None else lax_int(raw)
+    if best_of is None or best_of < 1:
+        # vLLM 0.32 never reads it: `0`, `"x"` are served as if absent (retest tester),
+        # and a backend that honours it would refuse them itself.
+        return n, 0
+    _int_field(body, "best_of", max_n)  # its range, and written back as an integer
+    return n, best_of if best_of > n else 0
 
 
 def _stream_interval(body: dict[str, Any], model: Model, stream: bool) -> int:
