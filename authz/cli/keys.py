@@ -180,6 +180,9 @@ def _when(v: str) -> datetime:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+STORE_START_S = 10.0  # how long `keys` waits for the key store's first read
+
+
 def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
     store = make_store(cfg)
     if not isinstance(store, KeyAdmin):
@@ -189,7 +192,13 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
         )
 
     async def run() -> T:
-        await store.start()
+        try:
+            # A keyring that is a named pipe, or on a stalled mount, held `keys` for good.
+            await asyncio.wait_for(store.start(), STORE_START_S)
+        except TimeoutError:
+            await store.close()
+            raise OSError(f"the key store did not answer within {STORE_START_S:g} s "
+                          "(a stalled mount, or a keys.json that is not a file?)") from None
         try:
             return await action(store)
         finally:

@@ -433,3 +433,25 @@ def test_a_data_dir_error_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(OSError) as e, naming_data_dir(data):
         raise elsewhere
     assert e.value is elsewhere
+
+
+def test_keys_on_a_keyring_that_never_answers_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A named pipe at keys.json (a stalled mount plays the same) held `keys` for good."""
+    from authz.cli import keys as keys_cli
+    from authz.state.keys import keyring
+
+    monkeypatch.setattr(keys_cli, "STORE_START_S", 0.3)
+    monkeypatch.setattr(keyring, "CLOSE_WAIT_S", 0.1)
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    fifo = tmp_path / "data" / "keys.json"
+    os.mkfifo(fifo)
+    try:
+        assert main(["keys", "list", "--config", str(path)]) == 1
+    finally:  # let the read that waits on the pipe end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    err = capsys.readouterr().err
+    assert err.startswith("tokenbooth: error: the key store did not answer within 0.3 s")
+    assert err.count("\n") == 1

@@ -188,3 +188,13 @@ async def test_writes_and_lists_cost_what_changed(tmp_path: Path) -> None:
     assert keys["k-7"].status == "revoked" and keys["k-3"].rpm == 7 and len(keys) == 55
     # What is written reads back the same, whoever reads it.
     assert {k.id: k for k in await KeyringStore(tmp_path).list_keys()} == keys
+
+
+async def test_key_admin_refuses_a_keyring_that_is_not_a_file(tmp_path: Path) -> None:
+    """A named pipe at keys.json held key admin (list, create) for good: refused now."""
+    store = KeyringStore(tmp_path)
+    os.mkfifo(store.path)
+    with pytest.raises(ValueError, match="not a regular file"):
+        await asyncio.wait_for(store.list_keys(), 10)
+    with pytest.raises(ValueError, match="not a regular file"):
+        await asyncio.wait_for(store.create(record("k-new")[0]), 10)

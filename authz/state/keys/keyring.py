@@ -217,11 +217,16 @@ class KeyringStore:
         if known is not None and known.stamp == stamp:
             return known
         try:
-            with self.path.open("rb") as f:
-                st = os.fstat(f.fileno())
-                raw = f.read()
+            # Not blocking on a named pipe (key admin waited on one for good): only a
+            # regular file is a keyring.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{self.path}: not a regular file")
+            raw = f.read()
         return self._learn(_stamp(st), raw)
 
     def _learn(self, stamp: Stamp, raw: bytes) -> _Known:
