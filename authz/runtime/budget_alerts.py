@@ -55,8 +55,9 @@ log = logging.getLogger("tokenbooth.alerts")
 
 ORG_PREFIX = "org:"
 EVENT = "budget.threshold_reached"
-# A budget's first refusal of a request in a period for what is left (spend alone seldom
-# reaches the budget: a request is refused once its worst case does not fit).
+# A budget's refusal of a request for what is left, once per halving of what is left and
+# period (spend alone seldom reaches the budget: a request is refused once its worst case
+# does not fit).
 REFUSED_EVENT = "budget.request_refused"
 MARKS_FILE = "alerts-sent.json"
 BACKOFF_S = 1.0
@@ -430,13 +431,17 @@ class BudgetAlerts:
             self._keys_failing = False
             log.warning("budget alerts: the keys are read again")
         now = self.clock()
+        refused: dict[str, list[str]] = {}  # owner -> the periods it was refused in
+        for owner, refused_in in (self._exhausted if cfg.alerts.on_refusal else ()):
+            refused.setdefault(owner, []).append(refused_in)
         for who in owners:
-            if not await self._check_one(cfg, who, now):
+            if not await self._check_one(cfg, who, now, sorted(refused.get(who.owner, ()))):
                 self._next_rescan = 0.0  # the store or the queue failed: look again soon
                 return
         self._exhausted.clear()
 
-    async def _check_one(self, cfg: Config, who: Budgeted, now: datetime) -> bool:
+    async def _check_one(self, cfg: Config, who: Budgeted, now: datetime,
+                         refused: list[str]) -> bool:
         period = period_id(who.period_kind, now)
         try:
             spent, _ = await self.limits.budget(who.owner, who.org, period, now.timestamp())
@@ -445,8 +450,7 @@ class BudgetAlerts:
             return False
         alerts = [Alert(who, period, t, spent, now)
                   for t in reached(spent, who.budget_nano, cfg.alerts.thresholds)]
-        refusals = self._exhausted if cfg.alerts.on_refusal else set()
-        for refused_in in sorted(p for o, p in refusals if o == who.owner):
+        for refused_in in refused:
             if refused_in != period:  # refused before the period turned: that one's
                 try:
                     spent_then, _ = await self.limits.budget(who.owner, who.org, refused_in,
