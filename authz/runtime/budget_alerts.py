@@ -183,9 +183,17 @@ class AlertFeed:
         # (owner, period) of the budgets that refused a request for what is left
         # (`exhausted`), since the checker's last look; bounded as the pairs are.
         self._exhausted: set[tuple[str, str]] = set()
+        # (owner, period) of the ledgers records were charged to: a request admitted
+        # before a period turned settles into the old one, which the check reads as well
+        # as the current one (time tester: an old day's threshold was never said).
+        self._charged: set[tuple[str, str]] = set()
 
     def notify(self, rec: UsageRecord) -> None:
         self._mark(rec.key_id, rec.org)
+        for owner, period in ((rec.key_id, rec.key_budget_period),
+                              (ORG_PREFIX + rec.org, rec.org_budget_period)):
+            if owner and period and len(self._charged) < self._size:
+                self._charged.add((owner, period))
 
     def exhausted(self, owner: str, org: str, period: str) -> None:
         """`owner`'s budget (a key id or `org:<name>`) refused a request in `period` (its
@@ -202,6 +210,10 @@ class AlertFeed:
 
     def drain_exhausted(self) -> set[tuple[str, str]]:
         out, self._exhausted = self._exhausted, set()
+        return out
+
+    def drain_charged(self) -> set[tuple[str, str]]:
+        out, self._charged = self._charged, set()
         return out
 
     def drain(self) -> tuple[set[tuple[str, str]], bool]:
@@ -362,6 +374,8 @@ class BudgetAlerts:
         self._pending: set[tuple[str, str, str]] = set()  # queued or being sent
         # (owner, period) refused for what is left, not checked yet
         self._exhausted: set[tuple[str, str]] = set()
+        # (owner, period) of the ledgers records were charged to, not checked yet
+        self._charged: set[tuple[str, str]] = set()
         self._known: dict[tuple[str, str, str], float] = {}  # marker -> trusted until
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -407,11 +421,13 @@ class BudgetAlerts:
         cfg = self.config()
         pairs, overflow = self.feed.drain()
         exhausted = self.feed.drain_exhausted()
+        charged = self.feed.drain_charged()
         self._warn_unsigned(cfg.alerts.webhook_url)
         if cfg.alerts.webhook_url is None:
             return
         # Kept until a check reads them all (their owners are among the pairs too).
         self._exhausted |= exhausted
+        self._charged |= charged
         mono = time.monotonic()
         try:
             if everyone or overflow or mono >= self._next_rescan:
@@ -434,32 +450,36 @@ class BudgetAlerts:
         refused: dict[str, list[str]] = {}  # owner -> the periods it was refused in
         for owner, refused_in in (self._exhausted if cfg.alerts.on_refusal else ()):
             refused.setdefault(owner, []).append(refused_in)
+        charged_in: dict[str, set[str]] = {}  # owner -> the periods records were charged to
+        for owner, period in self._charged:
+            charged_in.setdefault(owner, set()).add(period)
         for who in owners:
-            if not await self._check_one(cfg, who, now, sorted(refused.get(who.owner, ()))):
+            if not await self._check_one(cfg, who, now, sorted(refused.get(who.owner, ())),
+                                         charged_in.get(who.owner, set())):
                 self._next_rescan = 0.0  # the store or the queue failed: look again soon
                 return
         self._exhausted.clear()
+        self._charged.clear()
 
     async def _check_one(self, cfg: Config, who: Budgeted, now: datetime,
-                         refused: list[str]) -> bool:
+                         refused: list[str], charged_in: set[str]) -> bool:
         period = period_id(who.period_kind, now)
+        # The current period, and an earlier one of the same kind that a late settlement
+        # charged (a request admitted before the period turned).
+        periods = {period} | {p for p in charged_in
+                              if p.partition(":")[0] == who.period_kind}
+        spent_in: dict[str, int] = {}
         try:
-            spent, _ = await self.limits.budget(who.owner, who.org, period, now.timestamp())
+            for p in sorted(periods | set(refused)):
+                spent_in[p], _ = await self.limits.budget(who.owner, who.org, p,
+                                                          now.timestamp())
         except LimitStoreUnavailable as e:
             log.warning("budget alerts: cannot read the ledgers: %s", e)
             return False
-        alerts = [Alert(who, period, t, spent, now)
-                  for t in reached(spent, who.budget_nano, cfg.alerts.thresholds)]
-        for refused_in in refused:
-            if refused_in != period:  # refused before the period turned: that one's
-                try:
-                    spent_then, _ = await self.limits.budget(who.owner, who.org, refused_in,
-                                                             now.timestamp())
-                except LimitStoreUnavailable as e:
-                    log.warning("budget alerts: cannot read the ledgers: %s", e)
-                    return False
-            alerts.append(Alert(who, refused_in, None,
-                                spent if refused_in == period else spent_then, now))
+        alerts = [Alert(who, p, t, spent_in[p], now) for p in sorted(periods)
+                  for t in reached(spent_in[p], who.budget_nano, cfg.alerts.thresholds)]
+        # Refused before the period turned: that period's spend.
+        alerts += [Alert(who, p, None, spent_in[p], now) for p in refused]
         for alert in alerts:
             m = alert.marker
             if m in self._pending or self._known.get(m, 0.0) > time.monotonic():

@@ -399,6 +399,41 @@ async def test_a_budgets_first_refusal_in_a_period_is_alerted_once(
         await alerts.close()
 
 
+async def test_a_late_settlement_into_the_last_period_is_alerted(
+        receiver: Receiver, tmp_path: Path) -> None:
+    """Time tester: a stream admitted at 23:59:56 settled after midnight into the old
+    day's ledger (15.7 % of its budget), and only the new day was ever checked: the old
+    day's threshold was never said. A record names the period it was charged to, and
+    the check reads that ledger as well as the current one."""
+    cfg = policy(tmp_path, receiver.url, thresholds=[0.1, 0.5])
+    store, clock, feed = MemoryLimitStore(), Clock(DAY1), AlertFeed()
+    alerts = make_alerts(cfg, store, FileMarks(tmp_path / "m.json"), clock, feed)
+    await alerts.start()
+    day1 = period_id("day", DAY1)
+    try:
+        await checked(alerts, False)  # the first check reads every owner: nothing yet
+        clock.now = DAY1 + timedelta(days=1)
+        await spend(store, KEY, "1.57", "day", DAY1)  # charged to the day it began in
+        late = replace(record(KEY), key_budget_period=day1,
+                       org_budget_period="month:2026-03")
+        feed.notify(late)
+        await checked(alerts, False)
+        assert receiver.delivered() == [(KEY, day1, "0.1")]
+        # Said once: the same record's period read again sends nothing more.
+        feed.notify(late)
+        await checked(alerts, False)
+        assert len(receiver.got) == 1
+        # A record of another period kind (the key's budget was monthly once) is not
+        # read as this budget's.
+        other = replace(record(KEY, "r2"), key_budget_period="month:2026-03")
+        await spend(store, KEY, "9", "month", DAY1)
+        feed.notify(other)
+        await checked(alerts, False)
+        assert len(receiver.got) == 1
+    finally:
+        await alerts.close()
+
+
 async def test_refusals_are_not_alerted_when_turned_off(receiver: Receiver,
                                                         tmp_path: Path) -> None:
     cfg = policy(tmp_path, receiver.url, on_refusal=False)
