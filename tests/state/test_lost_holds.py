@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -76,6 +77,47 @@ async def test_each_lost_hold_is_claimed_once_with_one_record(
     assert spent == 10 * 120 + 19 * 300 + 80
     ledger_is_the_records(spent, records, 30)
     assert not (await reps[0].settle(lim, late, 25, 80, clock.at())).applied  # once
+
+
+async def test_replicas_whose_clocks_disagree_agree_on_leases(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Time tester: a replica whose clock ran 5 minutes ahead of another's (both sharing
+    one Redis) took the other's running request for ended: it freed its concurrency
+    slot (max_concurrent 1 admitted three) and charged it in full as lost while it ran.
+    Leases run on Redis' clock, read through each replica's measured offset."""
+    url = own_redis.url
+    on_time, ahead = RedisLimitStore(url, timeout_s=2.0), RedisLimitStore(url, timeout_s=2.0)
+    real_time, skew, shift = time.time, 300.0, [0.0]
+    monkeypatch.setattr(time, "time", lambda: real_time() + shift[0])
+
+    async def as_ahead(call: Any) -> Any:  # a call made on the replica whose clock is ahead
+        shift[0] = skew
+        try:
+            return await call
+        finally:
+            shift[0] = 0.0
+
+    try:
+        assert await on_time.sweep(real_time()) == []  # each measures its offset
+        assert await as_ahead(ahead.sweep(real_time() + skew)) == []
+        lim, t = Limits(max_concurrent=1, budget_nano=10_000), real_time()
+        running = ask(1, lease=60.0)
+        assert (await on_time.admit(lim, running, t)).allowed
+        # 10 s later by either clock: the first request still runs.
+        later = t + 10 + skew
+        decision = await as_ahead(ahead.admit(lim, ask(2), later))
+        assert (decision.allowed, decision.reason) == (False, "concurrency")
+        assert await as_ahead(ahead.sweep(later)) == []  # not lost
+        assert await as_ahead(ahead.budget("k1", "acme", P, later)) == (0, 300)
+        # Its lease ends 60 s after it began, by Redis' clock, whichever replica looks.
+        assert await as_ahead(ahead.sweep(t + 59 + skew)) == []
+        assert await as_ahead(ahead.sweep(t + 60.5 + skew)) == [running]
+        assert await on_time.budget("k1", "acme", P, t + 61) == (300, 0)
+        assert (await on_time.admit(lim, ask(3), t + 61)).allowed
+    finally:
+        for s in (on_time, ahead):
+            await s.close()
 
 
 async def test_a_claim_left_by_a_dead_sweeper_returns(own_redis: RedisServer) -> None:

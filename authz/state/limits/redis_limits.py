@@ -66,6 +66,11 @@ STALE_SLACK_S = 1.0
 # came from a slower reply (under load, or at start, every reply may be slower).
 OFFSET_MAX_RTT_S = 0.05
 OFFSET_KEEP_S = 60.0  # a quick reply's offset is kept over slower ones this long (drift)
+# An offset from Redis' clock this large or larger moves this replica's leases onto Redis'
+# clock (in whole seconds): replicas minutes apart would otherwise end each other's leases
+# early (a concurrency slot freed, a live stream charged as lost; time tester). Smaller
+# ones are NTP's business and change no lease by anything that matters.
+LEASE_SKEW_S = 1.0
 
 
 def _opt(v: int | None) -> str:
@@ -111,6 +116,9 @@ class RedisLimitStore:
         self._offset_error = 0.0  # at most this far off: half the TIME round trip
         self._offset_at = 0.0  # when it was measured (monotonic)
         self._offset_checked = -OFFSET_CHECK_S
+        # What this replica adds to its `now` for the lease clock (whole seconds, 0 for an
+        # offset below LEASE_SKEW_S): see redis_scripts.py.
+        self._lease_shift = 0.0
         self._evicting = ""  # the evicting policy last logged ("" none)
         # The usage records' seen keys (redis_sink.py): the sweep reads what a request
         # whose record reached Redis owes (None: it does not look).
@@ -134,10 +142,17 @@ class RedisLimitStore:
         return [ns + "conc", ns + "res:" + request_id, ns + "budget:" + period,
                 ns + "resv:" + period, ns + "lost:" + period]
 
+    def _lease_now(self, now: float) -> float:
+        """`now` on the lease clock: Redis' clock, read through this replica's."""
+        return float(now) + self._lease_shift
+
     async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
                     ) -> Decision:
         check_ask(limits, ask)
+        if self._offset is None:  # before the first sweep: leases need the clock offset
+            await self._measure_offset()
         ns = self._ns(ask.key_id)
+        lnow = self._lease_now(now)
         conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
                                                         ask.request_id)
         keys = [ns + "rpm", ns + "tpm", conc, res, budget, resv, lost, ns + "gcra"]
@@ -146,12 +161,12 @@ class RedisLimitStore:
                 _opt(limits.max_concurrent), _opt(limits.budget_nano), str(ask.tokens),
                 str(ask.cost_nano), repr(float(ask.lease_s)), repr(float(self._window)),
                 ask.period, dumps(ask).decode() if held and take else "",
-                "1" if take else "0", self._deadline() if take else ""]
+                "1" if take else "0", self._deadline() if take else "", repr(lnow)]
         if not held or not take:  # holds nothing (or only decides): nothing to index
             out = await self._call(self._redis.evalsha(ADMIT, keys, args))
         else:
             member = _member(ask)
-            exp = repr(float(now) + float(ask.lease_s))  # the script's exp, bit for bit
+            exp = repr(lnow + float(ask.lease_s))  # the script's exp, bit for bit
             # NX: a duplicate leaves the entry of the request it duplicates as it was.
             # Indexed first, in the same write: a hold is never unknown to the sweep.
             _, out = await self._batch(("ZADD", DUE, "NX", exp, member),
@@ -213,6 +228,13 @@ class RedisLimitStore:
                 or now - self._offset_at >= OFFSET_KEEP_S):
             self._offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
             self._offset_error, self._offset_at = error, now
+            shift = float(round(self._offset)) if abs(self._offset) >= LEASE_SKEW_S else 0.0
+            if shift != self._lease_shift:
+                log.warning("this replica's clock is %.1f s %s Redis' clock: leases run on "
+                            "Redis' clock; rates and budget periods on this one (sync the "
+                            "clocks: NTP)", abs(self._offset),
+                            "behind" if self._offset > 0 else "ahead of")
+            self._lease_shift = shift
 
     async def _batch(self, *calls: tuple[str | bytes | int, ...],
                      must: tuple[int, ...]) -> list[Any]:
@@ -247,7 +269,8 @@ class RedisLimitStore:
                                                         ask.request_id)
         keys = [self._ns(ask.key_id) + "tpm", conc, res, budget, resv, lost]
         args = [repr(float(now)), ask.request_id, _opt(limits.tpm), str(used_tokens),
-                str(cost_nano), repr(float(self._window))]
+                str(cost_nano), repr(float(self._window)), "", "",
+                repr(self._lease_now(now))]
         if tracked(limits):  # and its index entry goes too (a failure: the sweep drops it)
             done, _ = await self._batch(self._redis.script_call(SETTLE, keys, args),
                                         ("ZREM", DUE, _member(ask)), must=(0,))
@@ -294,7 +317,8 @@ class RedisLimitStore:
         return self._redis.script_call(
             SETTLE, [self._ns(key_id) + "tpm", conc, res, budget, resv, lost],
             [repr(float(now)), rid, "", str(o.tokens), str(o.cost_nano),
-             repr(float(self._window)), repr(float(o.latest)), repr(float(o.admitted))])
+             repr(float(self._window)), repr(self._lease_now(o.latest)),
+             repr(float(o.admitted)), repr(self._lease_now(now))])
 
     def admitted_under(self, ask: Ask) -> str | None:
         mark = self._held_in.get((ask.key_id, ask.request_id))
@@ -322,7 +346,7 @@ class RedisLimitStore:
         ns = self._ns(key_id)
         spent, reserved = await self._call(self._redis.evalsha(
             BUDGET, [ns + "budget:" + period, ns + "resv:" + period, ns + "lost:" + period],
-            [repr(float(now))]))
+            [repr(self._lease_now(now))]))
         return int(spent), int(reserved)
 
     async def check_epoch(self) -> bool:
@@ -378,10 +402,10 @@ class RedisLimitStore:
         await self._check_eviction()
         await self._measure_offset()
         lost: list[Ask] = []
+        lnow = self._lease_now(now)
         for _ in range(SWEEP_BATCHES):
             members = await self._call(self._redis.evalsha(
-                CLAIM, [DUE], [repr(float(now)), repr(float(now) + CLAIM_S),
-                                str(SWEEP_BATCH)]))
+                CLAIM, [DUE], [repr(lnow), repr(lnow + CLAIM_S), str(SWEEP_BATCH)]))
             lost += await self._sweep_batch(members, now)
             if len(members) < SWEEP_BATCH:
                 break
@@ -403,7 +427,7 @@ class RedisLimitStore:
         done += [m for i, (m, _) in enumerate(entries) if i in settled]
         entries = [e for i, e in enumerate(entries) if i not in settled]
         results = await asyncio.gather(*(self._redis.evalsha(
-            SWEEP, self._hold_keys(key_id, period, rid), [repr(float(now)), rid])
+            SWEEP, self._hold_keys(key_id, period, rid), [repr(self._lease_now(now)), rid])
             for _, (key_id, period, rid) in entries), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:

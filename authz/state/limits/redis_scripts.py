@@ -29,7 +29,10 @@ as 17-significant-digit text (exact for doubles both ways), the Lua does the sam
 operations, in the same order, and money is
 integers (HINCRBY; compared as `cost <= budget - spent - reserved`, exact below 2**53).
 TTLs only clean up; liveness is always decided against the caller's `now`
-(`admission.hold_live`: live while now < exp).
+(`admission.hold_live`: live while now < exp), on the lease clock: the caller's `now`
+shifted by its clock's offset from Redis' (`lnow`, redis_limits.py), so that replicas
+whose clocks disagree by minutes agree on when a lease ends. Rates, buckets and the
+admission time `at` keep the caller's own `now`.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ end
 # KEYS: rpm, tpm, conc, res, budget, resv, lost, gcra (the last release's rate: `rate`).
 # ARGV: now, rid, rpm, tpm, max_concurrent, budget ('' = unlimited), tokens, cost,
 #       lease_s, window_s, period, the Ask as JSON (kept for the sweep's lost record),
-#       take ('0': decide only, reserve nothing), deadline (Redis' own clock, '' = none).
+#       take ('0': decide only, reserve nothing), deadline (Redis' own clock, '' = none),
+#       the lease clock's now ('' or absent: `now`).
 # Returns {allowed, reason, retry_after, remaining_req, reset_req, remaining_tok, reset_tok}
 # as text ('' = none). Mirrors admission.admit: check, decision, then reserve. Past its
 # deadline (a Redis that stalled ran it after its caller gave up and answered 503) it
@@ -131,6 +135,7 @@ if ARGV[14] and ARGV[14] ~= '' then
 end
 local now_s, rid = ARGV[1], ARGV[2]
 local now = tonumber(now_s)
+local lnow_s = (ARGV[15] and ARGV[15] ~= '') and ARGV[15] or now_s
 local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxc, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local tokens, cost, lease, w = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]),
@@ -154,7 +159,7 @@ if rpm then
 end
 -- admission.expire (the leases whose expiry passed), then admission.check: concurrency
 if maxc then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_s)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', lnow_s)
   if not reason and redis.call('ZCARD', KEYS[3]) >= maxc then reason = 'concurrency' end
 end
 -- admission._check_tokens: the bucket must hold the whole reservation (bucket_take)
@@ -172,7 +177,7 @@ if tpm then
 end
 -- admission.check: budget, after Ledger.expire (policy.limits.budget_admits, exact integers)
 if budget and not reason then
-  purge(KEYS[5], KEYS[6], KEYS[7], now_s)
+  purge(KEYS[5], KEYS[6], KEYS[7], lnow_s)
   local b = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
   local spent = tonumber(b[1] or 0)
   if cost > budget - spent - tonumber(b[2] or 0) then
@@ -196,7 +201,7 @@ end
 if reason then return reply(0, level) end
 if ARGV[13] == '0' then return reply(1, after) end
 -- admission.reserve: admitted, take everything
-local exp = now + lease
+local exp = tonumber(lnow_s) + lease
 local slack = w * 1000
 if rpm then save_rate(KEYS[1], KEYS[8], requests - 1, now_s, rpm, w) end
 if tpm then save_bucket(KEYS[2], after, now_s, tpm, w) end
@@ -220,16 +225,17 @@ return reply(1, after)
 """.replace("LOST_TTL", repr(LOST_TTL_S))
 
 # KEYS: tpm, conc, res, budget, resv, lost. ARGV: now, rid, tpm ('' = none), used, cost,
-# window_s[, latest lease end, admitted at]. Mirrors admission.settle. Returns 1 if it
-# settled the request, 2 if that corrected a lost charge, 0 if it found nothing
-# (unknown, or already settled). With a latest lease end and an admission time (a
-# settlement from a record, policy/recorded.py: resettle.py, the sweep): only the
-# record's own hold (or the sweep's mark of one), admitted at that time (its `at`); one
-# admitted by a release before this one (no `at`) by its lease ending no later. Another
-# request under the same id is not touched (0).
+# window_s[, latest lease end, admitted at ('' = none), the lease clock's now]. Mirrors
+# admission.settle. Returns 1 if it settled the request, 2 if that corrected a lost
+# charge, 0 if it found nothing (unknown, or already settled). With a latest lease end
+# and an admission time (a settlement from a record, policy/recorded.py: resettle.py,
+# the sweep): only the record's own hold (or the sweep's mark of one), admitted at that
+# time (its `at`); one admitted by a release before this one (no `at`) by its lease
+# ending no later. Another request under the same id is not touched (0).
 SETTLE = LIB + """
 local now_s, rid = ARGV[1], ARGV[2]
 local now, tpm, w = tonumber(now_s), tonumber(ARGV[3]), tonumber(ARGV[6])
+local lnow = tonumber(ARGV[9] or '') or now
 local res = redis.call('HMGET', KEYS[3], 'tokens', 'exp', 'at')
 local latest = tonumber(ARGV[7] or '')
 if latest then
@@ -257,7 +263,7 @@ if not res[2] then
   local mark = redis.call('HGET', KEYS[3], 'lost')
   if mark then
     redis.call('DEL', KEYS[3])
-    claimed = tonumber(mark) > now - LOST_TTL
+    claimed = tonumber(mark) > lnow - LOST_TTL
   end
 end
 -- Ledger.charge: the real cost (past the hold too: an overrun is charged, never
@@ -282,7 +288,7 @@ end
 -- admission.settle_charges: only a live hold gives back its unused tokens
 -- (admission.give_back: added as stored, its time unchanged; an overrun taken from the
 -- bucket as it is now)
-if res[2] and now < tonumber(res[2]) and res[1] and tpm then
+if res[2] and lnow < tonumber(res[2]) and res[1] and tpm then
   local back = tonumber(res[1]) - tonumber(ARGV[4])
   if back >= 0 then
     local stored = redis.call('HGET', KEYS[1], 'level')
@@ -296,7 +302,7 @@ if res[2] or charged == 1 then return 1 end
 return 0
 """.replace("LOST_TTL", repr(LOST_TTL_S))
 
-# KEYS: conc, res, budget, resv, lost. ARGV: now, rid.
+# KEYS: conc, res, budget, resv, lost. ARGV: now (the lease clock's), rid.
 # Mirrors admission.sweep for one hold, then Ledger.expire: the hold is claimed as lost
 # if its lease ended unsettled. Returns its Ask (JSON, as admitted) to the one caller
 # that claims it (it writes the record); {exp} if the hold is still live (its index
@@ -318,8 +324,8 @@ purge(KEYS[3], KEYS[4], KEYS[5], now_s)
 return res[2] or ''
 """.replace("LOST_TTL", repr(LOST_TTL_S))
 
-# KEYS: due. ARGV: now, claimed until, limit. The index entries due by `now` (lease
-# ended), each moved to `claimed until` so no other sweep takes it meanwhile.
+# KEYS: due. ARGV: now (the lease clock's), claimed until, limit. The index entries due
+# by `now` (lease ended), each moved to `claimed until` so no other sweep takes it meanwhile.
 CLAIM = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0,
                        tonumber(ARGV[3]))
@@ -359,8 +365,8 @@ redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
 return 1
 """
 
-# Mirrors Ledger.balance. KEYS: budget, resv, lost. ARGV: now. Returns {spent, reserved}
-# as text.
+# Mirrors Ledger.balance. KEYS: budget, resv, lost. ARGV: now (the lease clock's).
+# Returns {spent, reserved} as text.
 BUDGET = LIB + """
 purge(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
 local b = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
