@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from policy.bounds import MAX_COUNT, BudgetUsd
+from policy.names import lookalike_problem
 
 SCOPES = ("inference:read", "inference:write")
 # An org's name travels in a request header (x-tokenbooth-org) and in metric labels: no
@@ -84,46 +84,18 @@ def valid_org_name(org: str) -> bool:
     return 1 <= len(org) <= 128 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in org)
 
 
-# Characters a new org name may not hold: C1 controls, format characters (zero-width
-# space and joiners, BOM, bidi overrides), line and paragraph separators, surrogates,
-# private-use and unassigned code points: each prints as nothing or as another name, so
-# "acme\u200b" and "acme" would be two orgs with two budgets that read the same.
-_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
-
-
 def new_org_problem(org: str) -> str | None:
     """Why `org` is refused as the name of a new org (a key created for it, or its
     limits stored), or None. Stricter than OrgName, which stored keys and configs keep
     passing (a name written before this check still loads): no surrounding or
-    whitespace-only name, nothing invisible. An org that exists already (a key of it, its
-    limits configured or stored) keeps its name: callers ask `new_org_problem` only of
-    an org they do not know (see authz/runtime/admin_api.py `_org_to_create`)."""
+    whitespace-only name, nothing invisible (`policy.names.lookalike_problem`). An org
+    that exists already (a key of it, its limits configured or stored) keeps its name:
+    callers ask `new_org_problem` only of an org they do not know (see
+    authz/runtime/admin_api.py `_org_to_create`)."""
     if not valid_org_name(org):
         return "expected 1 to 128 characters and no control character"
     if _A_SECRET.search(org):
         # A key's secret pasted where its org belongs: an org name goes upstream in a
         # header, into every record and every listing.
         return "expected an org's name, got what reads as a key's secret"
-    if org.strip() != org:
-        return ("expected no whitespace at its start or end" if org.strip()
-                else "expected a name, not only whitespace")
-    if unicodedata.normalize("NFC", org) != org:
-        # "Ü" as U followed by a combining diaeresis prints as the precomposed "Ü": two
-        # orgs, two budgets, one name on every screen.
-        return ("expected its composed (NFC) form, as keyboards type it: it prints as "
-                f"{unicodedata.normalize('NFC', org)!r}")
-    bad = next((c for i, c in enumerate(org) if unicodedata.category(c) in _INVISIBLE
-                and not _joiner_in_word(org, i)), None)
-    if bad is not None:
-        return (f"expected printable characters, got U+{ord(bad):04X} "
-                f"({unicodedata.name(bad, 'unnamed')}), which reads as nothing")
-    return None
-
-
-def _joiner_in_word(text: str, i: int) -> bool:
-    """A zero-width (non-)joiner between two letters: Persian, Indic and emoji spelling
-    needs it, and it cannot start or end a name that reads as another."""
-    return (text[i] in "\u200c\u200d" and 0 < i < len(text) - 1
-            and text[i - 1].isalpha() and text[i + 1].isalpha())
-
-
+    return lookalike_problem(org)

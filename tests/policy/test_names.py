@@ -1,0 +1,34 @@
+"""policy/names.py: a name that reads as another (or as none) is refused, one rule for
+org names (tests/policy/test_keyrecord.py) and model aliases (tests/policy/test_config.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from policy.names import lookalike_problem
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("", "expected a name"),
+    ("  ", "not only whitespace"),
+    ("llama ", "no whitespace at its start or end"),
+    ("\u3000llama", "no whitespace at its start or end"),
+    ("cafe\u0301", "composed (NFC) form, as keyboards type it: it prints as 'caf\u00e9'"),
+    ("lla\u200bma", "U+200B (ZERO WIDTH SPACE), which reads as nothing"),
+    ("\u202ellama", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    ("\u200dllama", "U+200D"),  # a joiner, but not between two letters
+    ("llama\ufeff", "U+FEFF"),
+    ("a\x85b", "U+0085"),
+    ("a\ue000b", "U+E000"),  # private use
+])
+def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
+    problem = lookalike_problem(name)
+    assert problem is not None and why in problem
+
+
+@pytest.mark.parametrize("name", [
+    "llama", "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5:7b", "caf\u00e9", "研究部", "a b",
+    "\u0645\u06cc\u200c\u0634\u0648\u062f",  # Persian, a ZWNJ between two letters
+])
+def test_names_people_write_pass(name: str) -> None:
+    assert lookalike_problem(name) is None
