@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 
-from authz.cli.common import Parents, Subparsers, cell, load, parse_since
+from authz.cli.common import Parents, Subparsers, load, parse_since
+from authz.runtime.cells import cell
 from authz.runtime.settings import Settings
 from policy.audit import (
     ORG_PREFIX,

@@ -20,12 +20,11 @@ from authz.cli.common import (
     Parents,
     Subparsers,
     admin_url_parser,
-    cell,
     load,
     parse_time,
     positive_int,
-    printable,
 )
+from authz.runtime.cells import cell, printable
 from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store

@@ -24,15 +24,13 @@ from authz.cli.common import (
     Parents,
     Subparsers,
     admin_url_parser,
-    cell,
-    display_width,
     load,
     parse_since,
     positive_int,
-    printable,
     run_async,
     seconds,
 )
+from authz.runtime.cells import cell, display_width, printable
 from authz.runtime.settings import Settings
 from policy.config import Config, redacted
 from policy.usage_report import GROUPS, Selection, UsageReport, parse_group_by

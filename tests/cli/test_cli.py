@@ -308,7 +308,7 @@ def test_a_store_that_does_not_answer_is_one_line_and_nothing_on_stdout(
 
 
 def test_printed_names_cannot_drive_the_terminal() -> None:
-    from authz.cli.common import printable
+    from authz.runtime.cells import printable
 
     assert printable("team\x1b[2J\nstatus: active\x07") == \
         "team\\x1b[2J\\nstatus: active\\x07"
@@ -318,7 +318,7 @@ def test_printed_names_cannot_drive_the_terminal() -> None:
 def test_table_cells_keep_columns_for_any_script() -> None:
     """A cell is cut and padded by terminal columns, not characters: a CJK name takes two
     columns a character, a combining mark none (the tables misaligned with such names)."""
-    from authz.cli.common import cell, display_width
+    from authz.runtime.cells import cell, display_width
 
     assert display_width("研究チーム") == 10 and display_width("e\u0301quipe") == 6
     assert display_width("\u0939\u093f\u0902") == 2  # हिं: a sign, a mark
@@ -345,7 +345,7 @@ def test_usage_table_lines_up_wide_org_names(tmp_path: Path) -> None:
              "started_at": "2026-11-01T00:00:00Z", "status": 200}
             for rid, org in (("a", "研究チーム"), ("b", "acme"))]
     (tmp_path / "data" / "usage.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    from authz.cli.common import display_width
+    from authz.runtime.cells import display_width
 
     for args in ((), ("--group-by", "org")):
         lines = tb("usage", "--config", str(path), *args).stdout.splitlines()
