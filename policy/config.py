@@ -6,11 +6,12 @@ names the file, the path inside it and what is wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
-import unicodedata
 from collections.abc import Mapping, Sequence
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -23,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -30,12 +32,13 @@ from pydantic_core import PydanticCustomError
 
 from policy.bounds import MAX_EXACT, BudgetUsd, Count
 from policy.keyrecord import SCOPES, KeyRecord, OrgName
+from policy.names import lookalike_problem
 from policy.sse import MAX_EVENT_BYTES
 from policy.stream_pace import ABORT_STEPS
-from policy.yaml_load import DuplicateKey, load_yaml
+from policy.yaml_load import DuplicateKey, key_texts, load_yaml
 
 __all__ = ["REDIS_PASSWORD_ENV", "SCOPES", "Config", "ConfigError", "KeyRecord", "load_config",
-           "parse_hostport", "port_clashes"]
+           "parse_hostport", "port_clashes", "price_warnings"]
 
 # The Redis password, kept out of the file (a Kubernetes Secret as an env var).
 REDIS_PASSWORD_ENV = "TOKENBOOTH_REDIS_PASSWORD"  # noqa: S105 - a variable name
@@ -133,19 +136,29 @@ class Backend(_Strict):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        shown = redacted(v)  # messages never carry a password
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected http(s)://host[:port], got {shown!r}")
+        shown = backend_shown(v)  # messages never carry a user, path, query or fragment
+        try:
+            parts = urlsplit(v)
+        except ValueError:  # a bracketed host that is no IP address
+            raise ValueError(f"{_host_problem(v) or 'not a URL'}, in {shown}") from None
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"expected http(s)://host[:port], got {shown}")
         if parts.username is not None or parts.password is not None:
             raise ValueError(f"a backend URL carries no user or password (name its key "
-                             f"with api_key_env or api_key_file): {shown!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"a backend URL has no path, query or fragment: {shown!r}")
+                             f"with api_key_env or api_key_file): {shown}")
+        # Any `?` or `#`, even with nothing after it: an empty one passed urlsplit and
+        # became part of the Host header Envoy sent.
+        if parts.path not in ("", "/") or "?" in v or "#" in v:
+            raise ValueError(f"a backend URL has no path, query or fragment: {shown}")
+        problem = _host_problem(v)
+        if problem:
+            raise ValueError(f"{problem}, in {shown}")
         try:
-            parts.port  # noqa: B018 - raises on a bad port
+            port = parts.port
         except ValueError:
-            raise ValueError(f"bad port in {shown!r}") from None
+            raise ValueError(f"bad port in {shown}: expected 1 to 65535") from None
+        if port == 0:  # urlsplit reads it as no port at all: Envoy would use 80 or 443
+            raise ValueError(f"port 0 in {shown}: expected the backend's port, 1 to 65535")
         return v.rstrip("/")
 
     @property
@@ -160,6 +173,92 @@ class Backend(_Strict):
     @property
     def tls(self) -> bool:
         return urlsplit(self.url).scheme == "https"
+
+    @property
+    def endpoint(self) -> tuple[str, str, int]:
+        """(scheme, host, port) as Envoy reaches it: the host lowercased (an IPv6 address
+        in its short form), the port said or implied. Two backends alike here are one."""
+        host = self.host
+        if ":" in host:
+            host = str(ipaddress.IPv6Address(host))
+        return urlsplit(self.url).scheme, host, self.port
+
+
+# A DNS name as Envoy resolves it for a backend's cluster (STRICT_DNS; `localhost`,
+# a Kubernetes Service, a Docker Compose service, whose names may hold `_`): ASCII
+# labels of letters, digits, `-` and `_`, each 1 to 63 characters, 253 in all.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
+def _netloc(url: str) -> tuple[str, str, bool, str]:
+    """(scheme, host[:port], whether a user part precedes it, what follows it) as
+    written in `url`, whatever else it holds."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    _, at, hostport = netloc.rpartition("@")
+    return scheme, hostport, bool(at), rest[len(netloc):]
+
+
+def backend_shown(url: str) -> str:
+    """A backend URL fit for messages: its scheme://host:port as written, quoted, and a
+    note of what was left out. Never its user part, path, query or fragment: a
+    gateway's path or fragment may carry a token."""
+    scheme, hostport, user, tail = _netloc(url)
+    left_out = [what for what, there in (("user", user),
+                                          ("path, query or fragment", tail not in ("", "/")))
+                if there]
+    if len(hostport) > 100:
+        hostport = hostport[:99] + "…"
+    shown = repr(f"{scheme}://{hostport}" if scheme else hostport)
+    return shown + (f" ({' and '.join(left_out)} not shown)" if left_out else "")
+
+
+def _host_problem(url: str) -> str | None:
+    """What Envoy cannot use as the host of `url` (as written), or None: an IPv4 or
+    IPv6 address (no zone id) or a DNS name of ASCII labels (`_DNS_LABEL`)."""
+    hostport = _netloc(url)[1]
+    if hostport.startswith("["):
+        host = hostport[1:].partition("]")[0]
+        if "%" in host:
+            return (f"the IPv6 address {host!r} has a zone id ({host[host.index('%'):]!r}), "
+                    "which Envoy cannot use: give an address without one, or a DNS name")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"expected an IPv6 address in brackets, got {hostport[:64]!r}"
+        return None
+    host = hostport.rpartition(":")[0] if ":" in hostport else hostport
+    if not host:
+        return "no host"
+    if "$" in host:
+        return (f"the host {host!r} names an environment variable: the config does not "
+                "expand them; write the host itself (a template tool such as envsubst "
+                "can write it into the file before it is loaded)")
+    if not host.isascii():
+        try:
+            idna = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            idna = None
+        return (f"the host {host!r} is not ASCII: Envoy resolves a name in its IDNA "
+                "(punycode) form" + (f", here {idna!r}" if idna else ""))
+    name = host.removesuffix(".")  # a fully qualified name may end in a dot
+    labels = name.split(".")
+    if not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        if all(re.fullmatch(r"[A-Za-z0-9_-]+", label) for label in labels):
+            return (f"the host {host[:64]!r} has a label of over 63 characters (a DNS "
+                    "name's most)")
+        return (f"expected an IP address or a DNS name (ASCII letters, digits, '-', '_', "
+                f"between dots; nothing escaped), got the host {host[:64]!r}")
+    if len(name) > 253:
+        return f"the host is {len(name)} characters long: a DNS name has at most 253"
+    if labels[-1].isdigit():  # no top-level domain is all digits: an IPv4 address
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"expected an IPv4 address (four numbers 0 to 255), got {host!r}"
+    return None
 
 
 # The most a price may be, USD per 1,000 tokens (a dollar a token, over a thousand times
@@ -259,9 +358,14 @@ class Model(_Strict):
         # The backends form one Envoy cluster: TLS or not, for all of them.
         if len({b.tls for b in v}) > 1:
             raise ValueError("all backends of a model use http://, or all use https://")
-        urls = [b.url for b in v]
-        if len(set(urls)) != len(urls):
-            raise ValueError("a backend is listed twice; use its weight instead")
+        seen: dict[tuple[str, str, int], str] = {}
+        for b in v:  # `http://h:80` and `http://H` are one endpoint
+            if b.endpoint in seen:
+                first = seen[b.endpoint]
+                twice = (f"{backend_shown(b.url)} is listed twice" if first == b.url else
+                         f"{backend_shown(first)} and {backend_shown(b.url)} are one backend")
+                raise ValueError(f"{twice}: list it once, with a weight")
+            seen[b.endpoint] = b.url
         # Envoy injects the key per cluster (one per model): one key source for all.
         if len({b.credential for b in v}) > 1:
             raise ValueError("all backends of a model use the same api_key_env / "
@@ -605,6 +709,19 @@ class UsageSettings(_Strict):
         return self
 
 
+def _yaml_kind(value: object) -> str:
+    """What YAML made of a scalar that is not a string, in YAML's words."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if value is None:
+        return "null"
+    if isinstance(value, date):
+        return f"the date {value.isoformat()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return f"a {type(value).__name__}"
+
+
 class Config(_Strict):
     listen: HostPort = "127.0.0.1:8080"
     tls: Tls | None = None
@@ -623,16 +740,38 @@ class Config(_Strict):
     admin: AdminSettings = AdminSettings()
     usage: UsageSettings = UsageSettings()
 
+    @field_validator("models", "orgs", mode="before")
+    @classmethod
+    def _names_are_text(cls, v: Any, info: ValidationInfo) -> Any:
+        """An unquoted `yes:`, `null:` or `2024-01-01:` is a boolean, None or a date to
+        YAML: said as the name it was meant to be, not as pydantic's `models.None`."""
+        if not isinstance(v, dict) or all(isinstance(k, str) for k in v):
+            return v
+        section = info.field_name or ""
+        texts = ((info.context or {}).get("key_texts") or {}).get(section) or {}
+        what = "alias" if section == "models" else "org name"
+        problems = []
+        for key in v:
+            if isinstance(key, str):
+                continue
+            text, line = texts.get(key, (None, None))
+            written = (f"the {what} {text!r} (line {line})" if text
+                       else f"an empty {what}" if text == "" else f"an {what}")
+            problems.append(f"{section}: {written} reads in YAML as {_yaml_kind(key)}, not "
+                            "as a name: quote it" + (f" ('{text}':)" if text else ""))
+        raise PydanticCustomError("key_type", "{summary}",
+                                  {"summary": "; ".join(problems), "problems": problems})
+
     @field_validator("models")
     @classmethod
     def _aliases(cls, v: dict[str, Model]) -> dict[str, Model]:
         # What clients send as "model", printed in records and tables: "" routed a
-        # request without a model name, and a newline broke `tokenbooth usage`'s table.
+        # request without a model name, a newline broke `tokenbooth usage`'s table, and
+        # "llama " or an NFD "café" were a second model that reads as the first.
         for alias in v:
-            if not alias.strip() or any(unicodedata.category(c) in ("Cc", "Zl", "Zp")
-                                        for c in alias):
-                raise ValueError(f"{alias!r} is not a model alias: it must be non-empty "
-                                 "text without control characters")
+            problem = lookalike_problem(alias)
+            if problem:
+                raise ValueError(f"{alias!a} is not a model alias: {problem}")
         return v
 
     @field_validator("state")
@@ -702,6 +841,22 @@ class Config(_Strict):
             raise PydanticCustomError("cross_check", "{summary}",
                                       {"summary": "; ".join(problems), "problems": problems})
         return self
+
+
+def price_warnings(cfg: Config) -> list[str]:
+    """One line per model whose price leaves input or output tokens unset: they cost $0,
+    valid for a free model, but more often a price forgotten. An explicit 0 is said."""
+    out = []
+    for alias, model in cfg.models.items():
+        price = model.price_per_1k_tokens
+        unset = [side for side in ("input", "output")
+                 if "price_per_1k_tokens" not in model.model_fields_set
+                 or side not in price.model_fields_set]
+        if unset:
+            where = "" if len(unset) == 2 else f".{unset[0]}"
+            out.append(f"models.{alias}.price_per_1k_tokens{where}: not set, so its "
+                       f"{' and '.join(unset)} tokens cost $0 (write 0 for a free model)")
+    return out
 
 
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
@@ -796,7 +951,7 @@ def _problems(e: ValidationError, source: str) -> list[str]:
     out = []
     for err in e.errors():
         ctx = err.get("ctx") or {}
-        if err["type"] == "cross_check":
+        if "problems" in ctx:  # the cross checks, the names YAML read as no string
             out += [f"{source}: {p}" for p in ctx["problems"]]
             continue
         msg = str(err["msg"]).removeprefix("Value error, ")
@@ -804,12 +959,16 @@ def _problems(e: ValidationError, source: str) -> list[str]:
     return out
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate already-parsed YAML; relative paths resolve against `base_dir`."""
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None,
+                 key_texts: Mapping[str, Mapping[Any, tuple[str, int]]] | None = None,
+                 ) -> Config:
+    """Validate already-parsed YAML; relative paths resolve against `base_dir`.
+    `key_texts`: by section, the YAML text and line of keys read as no string
+    (`yaml_load.key_texts`), for the messages that refuse them."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, context={"key_texts": key_texts or {}})
     except ValidationError as e:
         problems = _problems(e, source)
         if not any(err["type"] == "cross_check" for err in e.errors()):
@@ -832,10 +991,14 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
 def redacted(url: str) -> str:
     """A URL fit for messages and logs: any password replaced by `***` (its user part's,
-    and a query string's, which may carry one: the whole query goes)."""
+    and a query string's or fragment's, which may carry one: the whole of each goes).
+    Its path stays (a Redis or PostgreSQL database); a URL whose path may be a secret is
+    shown by `origin`, a backend's by `backend_shown`."""
     parts = urlsplit(url)
     if parts.query:
         parts = parts._replace(query="***")
+    if parts.fragment:
+        parts = parts._replace(fragment="***")
     userinfo, at, hostport = parts.netloc.rpartition("@")
     if at and ":" in userinfo:
         user = userinfo.partition(":")[0]
@@ -862,6 +1025,21 @@ def with_redis_password(state: str, password: str) -> str:
     user = userinfo.partition(":")[0]
     netloc = f"{user}:{quote(password, safe='')}@{hostport}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _yaml_error(e: yaml.YAMLError, text: str) -> str:
+    """Where the file stops being YAML. A tab in a line's indentation is said as such
+    (both parsers say only that a character cannot start a token)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return "not valid YAML"
+    lines = text.split("\n")
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    tab = line.find("\t", 0, len(line) - len(line.lstrip(" \t")))  # in the indentation
+    if tab >= 0:
+        return (f"line {mark.line + 1}, column {tab + 1}: a tab cannot indent YAML: "
+                "indent with spaces")
+    return f"line {mark.line + 1}: not valid YAML"
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
@@ -893,17 +1071,18 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: line {e.line}: {e.key!r} is given twice (the second "
                           "would silently replace the first)") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML") from None
+        raise ConfigError(f"{path}: {_yaml_error(e, text)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to read") from None
     except ValueError as e:  # an integer of thousands of digits (Python's own limit)
         what = ("a number is too long (over 4,300 digits)"
                 if "integer string conversion" in str(e) else f"a value cannot be read: {e}")
         raise ConfigError(f"{path}: {what[:300]}") from None
+    texts = {section: key_texts(text, section) for section in ("models", "orgs")
+             if isinstance(data, dict) and isinstance(data.get(section), dict)
+             and not all(isinstance(k, str) for k in data[section])}
     try:
-        cfg = parse_config(data, str(path), path.parent.resolve())
+        cfg = parse_config(data, str(path), path.parent.resolve(), texts)
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to read") from None
     password = (env or {}).get(REDIS_PASSWORD_ENV)

@@ -93,3 +93,22 @@ def load_yaml(text: str, loader: type[Any] = LOADER) -> Any:
         if e.problem is not None and e.problem.startswith(_TOO_DEEP):
             raise TooDeep(e.problem) from None
         raise
+
+
+def key_texts(text: str, section: str) -> dict[Any, tuple[str, int]]:
+    """The keys of the top-level mapping `section` that YAML reads as something other
+    than a string (`yes` a boolean, `null` None, `2024-01-01` a date), each with its text
+    as written and its line: messages show what the file says, not what YAML made of it.
+    Only asked of a file that loaded (it is parsed again)."""
+    root = yaml.compose(text, Loader=LOADER)
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    out: dict[Any, tuple[str, int]] = {}
+    constructor = yaml.SafeLoader("")
+    for name, value in root.value:
+        if name.value != section or not isinstance(value, yaml.MappingNode):
+            continue
+        for key, _ in value.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:str":
+                out[constructor.construct_object(key)] = (key.value, key.start_mark.line + 1)
+    return out

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from policy.config import ConfigError, load_config, parse_config, parse_hostport, redacted
+from policy.config import (
+    ConfigError,
+    load_config,
+    parse_config,
+    parse_hostport,
+    price_warnings,
+    redacted,
+)
 from policy.stream_pace import ABORT_STEPS
 from tests.helpers import policy_dict, write_policy
 
@@ -184,6 +191,7 @@ def test_state_is_redis(state: str, is_redis: bool) -> None:
     ("redis://app@redis", "redis://app@redis"),
     ("redis://r:6379/0?password=pw&db=2", "redis://r:6379/0?***"),
     ("redis://:a@r/0?x=1", "redis://:***@r/0?***"),
+    ("redis://r:6379/0#pw", "redis://r:6379/0#***"),
 ])
 def test_redacted_urls_never_show_a_password(url: str, shown: str) -> None:
     assert redacted(url) == shown
@@ -251,12 +259,142 @@ def test_a_models_max_tokens_past_exact_counting_is_refused() -> None:
         parse_config(data)
 
 
-@pytest.mark.parametrize("alias", ["", " ", "a\nb", "tab\there", "a\u2028b", "a\x85b"])
-def test_an_alias_clients_cannot_name_is_refused(alias: str) -> None:
+@pytest.mark.parametrize(("alias", "why"), [
+    ("", "expected a name"), (" ", "not only whitespace"), ("a\nb", "U+000A"),
+    ("tab\there", "U+0009"), ("a\u2028b", "U+2028"), ("a\x85b", "U+0085"),
+    # Look-alikes (tester): each was a second model that reads as another.
+    ("cafe\u0301", "composed (NFC) form"), ("llama ", "no whitespace at its start or end"),
+    ("lla\u200bma", "U+200B (ZERO WIDTH SPACE)"), ("\u202ellama", "U+202E"),
+])
+def test_an_alias_clients_cannot_name_is_refused(alias: str, why: str) -> None:
     data = policy_dict("http://127.0.0.1:8000")
     data["models"][alias] = data["models"]["demo"]
-    with pytest.raises(ConfigError, match="model alias"):
+    with pytest.raises(ConfigError, match="model alias") as e:
         parse_config(data)
+    assert why in str(e.value) and ascii(alias) in str(e.value)
+
+
+@pytest.mark.parametrize("alias", [
+    "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5:7b", "GPT-4o", "通义千问", "caf\u00e9",
+    "\u0645\u06cc\u200c\u0634\u0648\u062f", "a b"])
+def test_aliases_people_write_pass(alias: str) -> None:
+    data = policy_dict("http://127.0.0.1:8000")
+    data["models"][alias] = data["models"]["demo"]
+    assert alias in parse_config(data).models
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("yes", "models: the alias 'yes' (line 2) reads in YAML as the boolean true, not as a "
+            "name: quote it ('yes':)"),
+    ("no", "the alias 'no' (line 2) reads in YAML as the boolean false"),
+    ("null", "the alias 'null' (line 2) reads in YAML as null"),
+    ("2024-01-01", "the alias '2024-01-01' (line 2) reads in YAML as the date 2024-01-01"),
+    ("3", "the alias '3' (line 2) reads in YAML as the number 3"),
+])
+def test_an_alias_yaml_reads_as_no_string_is_said_as_written(
+        tmp_path: Path, key: str, expected: str) -> None:
+    """Tester: `yes:` was `models[1].[key]: Input should be a valid string`, `null:`
+    was `models.None`, `2024-01-01:` was `models.datetime.date(2024, 1, 1)`."""
+    path = tmp_path / "p.yaml"
+    path.write_text(f"models:\n  {key}: {{upstream_model: x, backends: []}}\n"
+                    "  ok: {upstream_model: y, backends: []}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(f"{path}: models: ")
+    assert expected in e.value.problems[0]
+    # Quoted, it is the alias it was meant to be.
+    path.write_text(path.read_text().replace(f"{key}:", f"'{key}':"))
+    assert key in load_config(path).models
+    # Without the file (parse_config alone) the message still names what YAML read.
+    with pytest.raises(ConfigError, match="an org name reads in YAML as the boolean true"):
+        parse_config({"models": {"m": {"upstream_model": "x", "backends": []}},
+                      "orgs": {True: {"rpm": 1}}})
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://[fe80::1%25lo]:32511", "has a zone id ('%25lo'), which Envoy cannot use"),
+    ("http://${VLLM_HOST}:8000", "the config does not expand them"),
+    ("http://$VLLM_HOST2:8000", "the host '$VLLM_HOST2' names an environment variable"),
+    ("http://a b:8000", "expected an IP address or a DNS name"),
+    ("http://a%20b:8000", "got the host 'a%20b'"),
+    ("http://" + "a" * 70 + ".example:8000", "a label of over 63 characters"),
+    ("http://" + "a" * 60 + ("." + "a" * 60) * 4 + ":8000", "a DNS name has at most 253"),
+    ("http://\u00e4.example:8000", "IDNA (punycode) form, here 'xn--4ca.example'"),
+    ("http://a..b:8000", "got the host 'a..b'"),
+    ("http://:8000", "no host"),
+    ("http://999.1.1.1:8000", "expected an IPv4 address"),
+    ("http://[127.0.0.1]:8000", "expected an IPv6 address in brackets"),
+    ("http://[v1.x]:8000", "expected an IPv6 address in brackets"),
+    # An empty query or fragment passed urlsplit, and `127.0.0.1:32511?` became the Host.
+    ("http://127.0.0.1:32511?", "no path, query or fragment"),
+    ("http://127.0.0.1:32511#", "no path, query or fragment"),
+    ("http://127.0.0.1:32511/?", "no path, query or fragment"),
+    ("http://127.0.0.1:0", "port 0 in 'http://127.0.0.1:0'"),  # was silently port 80
+    ("http://h:abc", "bad port in 'http://h:abc'"),
+])
+def test_a_backend_host_envoy_cannot_use_is_refused(url: str, why: str) -> None:
+    """Each passed check-config, then its alias answered 404/503 for good (tester)."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(policy_dict(url))
+    assert why in str(e.value), e.value
+
+
+@pytest.mark.parametrize("url", [
+    "http://vllm-0.vllm.ns.svc.cluster.local:8000", "http://vllm_backend:8000",
+    "http://localhost:8000", "http://LocalHost.:8000", "http://10.0.0.1",
+    "https://[2001:db8::1]:443", "http://[::1]:8000/", "http://xn--4ca.example:8000"])
+def test_backend_hosts_envoy_resolves_pass(url: str) -> None:
+    assert parse_config(policy_dict(url)).models["demo"].backends[0].url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("urls", [
+    ("http://h:1", "http://h:1/"), ("http://h", "http://H:80"), ("https://h", "https://h:443"),
+    ("http://[::1]:1", "http://[0::1]:1"),
+])
+def test_one_backend_written_two_ways_is_listed_twice(urls: tuple[str, str]) -> None:
+    data = policy_dict("http://x:1")
+    data["models"]["demo"]["backends"] = [{"url": u} for u in urls]
+    with pytest.raises(ConfigError, match=r"listed twice|are one backend"):
+        parse_config(data)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://127.0.0.1:32511/#access_token=FRAGSECRET", "'http://127.0.0.1:32511' (path"),
+    ("https://gw.example.com/k/PATHSECRET123/v1", "'https://gw.example.com' (path"),
+    ("https://gw.example.com/v1?key=QUERYSECRET", "'https://gw.example.com' (path"),
+    ("ftp://gw.example.com/k/PATHSECRET", "got 'ftp://gw.example.com' (path"),
+    ("gw.example.com/k/PATHSECRET", "got 'gw.example.com' (path"),
+    ("http://USERSECRET@h:1", "'http://h:1' (user not shown)"),
+    ("http://[fe80::1%25lo]:1/PATHSECRET", "'http://[fe80::1%25lo]:1' (path"),
+    ("http://h:1:2/PATHSECRET", "'http://h:1:2' (path"),
+])
+def test_a_backend_url_is_shown_as_its_origin_only(tmp_path: Path, url: str,
+                                                   shown: str) -> None:
+    """check-config echoed a fragment's or a path's token (tester): messages about a
+    backend URL show scheme://host:port, and say that the rest was left out."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"models:\n  m:\n    upstream_model: x\n    backends: [{{url: '{url}'}}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert shown in str(e.value) and "SECRET" not in str(e.value), e.value
+
+
+def test_a_missing_price_is_a_warning_and_an_explicit_zero_is_not() -> None:
+    """A price left out made a model's tokens free without a word (tester)."""
+    def warnings(price: dict[str, object] | None) -> list[str]:
+        model = {"upstream_model": "x", "backends": []}
+        if price is not None:
+            model["price_per_1k_tokens"] = price
+        return price_warnings(parse_config({"models": {"m": model}}))
+
+    assert warnings(None) == ["models.m.price_per_1k_tokens: not set, so its input and "
+                              "output tokens cost $0 (write 0 for a free model)"]
+    assert warnings({"input": 0.5}) == ["models.m.price_per_1k_tokens.output: not set, so "
+                                        "its output tokens cost $0 (write 0 for a free model)"]
+    assert warnings({"output": 1}) == ["models.m.price_per_1k_tokens.input: not set, so "
+                                       "its input tokens cost $0 (write 0 for a free model)"]
+    assert warnings({"input": 0, "output": 0}) == []
+    assert warnings({}) == [warnings(None)[0]]
 
 
 @pytest.mark.parametrize(("field", "value"), [("max_tokens", True), ("max_tokens", "5"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 
 from policy import config, yaml_load
 from policy.config import ConfigError, load_config
-from policy.yaml_load import DuplicateKey, load_yaml
+from policy.yaml_load import DuplicateKey, key_texts, load_yaml
 from tests.helpers import policy_dict
 
 
@@ -32,6 +33,42 @@ def test_otherwise_as_safe_load() -> None:
         load_yaml("!!python/object/apply:os.system ['true']")
 
 
+@pytest.mark.parametrize(("text", "where"), [
+    ("models:\n  demo:\n\tupstream_model: x\n", "line 3, column 1"),
+    ("models:\n  demo:\n    upstream_model: x\n    backends: []\n  \tmax_tokens: 4\n",
+     "line 5, column 3"),
+    ("a:\n  b: 1\n\tc: 2\n", "line 3, column 1"),  # libyaml's "violates indentation"
+])
+@pytest.mark.parametrize("loader", ["CLoader", "PureLoader"])
+def test_a_tab_in_the_indentation_is_said_with_its_line_and_column(
+        text: str, where: str, loader: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tester: a tab that indents gave only `line 6: not valid YAML`."""
+    monkeypatch.setattr(config, "load_yaml", functools.partial(
+        load_yaml, loader=getattr(yaml_load, loader)))
+    path = tmp_path / "tokenbooth.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {where}: a tab cannot indent YAML: indent with spaces"
+
+
+def test_other_yaml_errors_keep_their_line() -> None:
+    with pytest.raises(yaml.YAMLError) as e:
+        load_yaml("listen: 'x\n")
+    assert config._yaml_error(e.value, "listen: 'x\n") == "line 2: not valid YAML"
+    assert config._yaml_error(yaml.YAMLError("x"), "") == "not valid YAML"
+
+
+def test_the_text_of_keys_read_as_no_string() -> None:
+    text = "models:\n  yes: 1\n  ok: 2\n  null: 3\n  2024-01-01: 4\n  '5': 5\norgs: {no: 1}\n"
+    assert key_texts(text, "models") == {True: ("yes", 2), None: ("null", 4),
+                                         date(2024, 1, 1): ("2024-01-01", 5)}
+    assert key_texts(text, "orgs") == {False: ("no", 7)}
+    assert key_texts("- a\n", "models") == {}
+    assert key_texts("models: [a]\n", "models") == {}
+
+
 # -- libyaml and the pure loader read every file alike -------------------------------------
 
 GOOD = yaml.safe_dump(policy_dict("http://127.0.0.1:8000"), sort_keys=False)
@@ -44,6 +81,9 @@ FILES = {
     "unclosed flow": GOOD[: len(GOOD) // 2] + "\n  : [unclosed\n",
     "bad indentation": "listen: 1\n  models: 2\n",
     "tab": "models:\n\t- a\n",
+    "tab after spaces": "models:\n  demo:\n  \tupstream_model: x\n",
+    "aliases read as no string": "models:\n  yes: {upstream_model: x, backends: []}\n"
+                                 "  2024-01-01: {upstream_model: x, backends: []}\n",
     "control character": "listen: \x07\n",
     "unclosed quote": "listen: 'x\n",
     "a list": "- a\n- b\n",
