@@ -12,7 +12,7 @@ from pathlib import Path
 from authz.cli.common import Parents, Subparsers
 from authz.runtime.settings import Settings
 from authz.runtime.tls_files import tls_problems, tls_warnings
-from policy.config import Config, ConfigError
+from policy.config import Config, ConfigError, price_warnings
 
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
@@ -41,9 +41,10 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     for line in missing:
         print(f"warning: {line} (on this machine: fine if the gateway runs elsewhere)",
               file=sys.stderr)
-    if cfg.tls is not None:  # Envoy serves such a certificate: a warning, never an error
-        for line in tls_warnings(cfg.tls.cert):
-            print(f"warning: {args.file}: {line}", file=sys.stderr)
+    # Envoy serves such a certificate, and a model may be free: warnings, never errors.
+    for line in (tls_warnings(cfg.tls.cert) if cfg.tls is not None else []) + \
+            price_warnings(cfg):
+        print(f"warning: {args.file}: {line}", file=sys.stderr)
     print(f"{args.file}: ok ({len(cfg.models)} model(s), {len(cfg.keys)} key(s))")
     return 0
 

@@ -26,6 +26,7 @@ from types import FrameType
 
 from authz.envoy_config.binary import LOG_FORMAT, envoy_path
 from authz.envoy_config.bootstrap import render_yaml
+from authz.runtime.cells import cell, display_width, printable
 from authz.runtime.defaults import (
     RunOverrides,
     migrate_default_config,
@@ -44,7 +45,7 @@ from authz.runtime.procs import (
 from authz.runtime.settings import Settings
 from authz.runtime.side_port import PID_HEADER
 from authz.runtime.tls_files import tls_problems, tls_warnings
-from policy.config import OWN_ENV_PREFIX, Config, ConfigError, parse_hostport
+from policy.config import OWN_ENV_PREFIX, Config, ConfigError, parse_hostport, price_warnings
 from policy.keys import fingerprint
 
 # Envoy's node metadata key for the run's nonce (shown by the admin's /server_info).
@@ -144,8 +145,10 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
         # Before anything starts: Envoy refused the pair after the services and the
         # simulator had started, and `up` said only "envoy: a process exited" (TLS tester).
         raise ConfigError([f"{opts.config_path}: {line}" for line in bad])
-    # A certificate Envoy serves but clients refuse (expired, say): said, not refused.
-    for line in tls_warnings(cfg.tls.cert) if cfg.tls is not None else []:
+    # A certificate Envoy serves but clients refuse (expired, say), a model whose tokens
+    # cost nothing for want of a price: said, not refused.
+    for line in (tls_warnings(cfg.tls.cert) if cfg.tls is not None else []) + \
+            price_warnings(cfg):
         print(f"tokenbooth: warning: {opts.config_path}: {line}", file=sys.stderr, flush=True)
     admin_api = bool(cfg.admin.tokens or settings.admin_token)  # served only then
     _check_ports_free(opts.overrides.apply(cfg),
@@ -361,9 +364,15 @@ def _start_envoy(eff: Config, envoy_yaml: Path, procs: Procs,
         wait_until(ready, "envoy", timeout=60, alive=procs)
 
 
+# The widest the banner's alias column grows.
+ALIAS_COLUMNS = 40
+
+
 def _backend_lines(cfg: Config, sim_url: str | None) -> list[str]:
-    """One line per alias: where its requests go."""
-    width = max(len(a) for a in cfg.models)
+    """One line per alias: where its requests go. The alias column is as wide as the
+    widest alias up to `ALIAS_COLUMNS` (a longer one is cut, ending in "…"), so that one
+    long alias does not push every row off the screen."""
+    width = min(max(display_width(printable(a)) for a in cfg.models), ALIAS_COLUMNS)
     lines = []
     for alias, m in sorted(cfg.models.items()):
         urls = [b.url + (f" (weight {b.weight})" if len(m.backends) > 1 else "")
@@ -371,7 +380,7 @@ def _backend_lines(cfg: Config, sim_url: str | None) -> list[str]:
         where = ", ".join(urls)
         if sim_url is not None and [b.url for b in m.backends] == [sim_url]:
             where = f"simulator at {sim_url}"
-        lines.append(f"    {alias:<{width}} -> {where}  (model {m.upstream_model})")
+        lines.append(f"    {cell(alias, width)} -> {where}  (model {m.upstream_model})")
     return lines
 
 

@@ -114,10 +114,29 @@ def test_distinct_hosts_and_port_zero_do_not_clash_and_no_backend_is_valid(
         "listen: 127.0.0.2:9001\n"
         "services: {grpc_listen: 127.0.0.1:9001, http_listen: 127.0.0.1:0}\n"
         "envoy: {admin_listen: 127.0.0.1:0}\n"
-        "models:\n  demo: {upstream_model: x, backends: []}\n")
+        "models:\n  demo: {upstream_model: x, backends: [], price_per_1k_tokens: "
+        "{input: 0, output: 0}}\n")
     r = tb("check-config", "policy.yaml", cwd=tmp_path)
     assert (r.returncode, r.stdout, r.stderr) == (
         0, "policy.yaml: ok (1 model(s), 0 key(s))\n", "")
+
+
+def test_a_price_left_out_is_a_warning(tmp_path: Path) -> None:
+    """A model's tokens were free without a word when its price was left out (tester);
+    an explicit 0 is a free model, said on purpose."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "models:\n"
+        "  free: {upstream_model: x, backends: [], price_per_1k_tokens: {input: 0, output: 0}}\n"
+        "  half: {upstream_model: x, backends: [], price_per_1k_tokens: {input: 0.5}}\n"
+        "  none: {upstream_model: x, backends: []}\n")
+    r = tb("check-config", "policy.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "policy.yaml: ok (3 model(s), 0 key(s))\n")
+    assert r.stderr.splitlines() == [
+        "warning: policy.yaml: models.half.price_per_1k_tokens.output: not set, so its "
+        "output tokens cost $0 (write 0 for a free model)",
+        "warning: policy.yaml: models.none.price_per_1k_tokens: not set, so its input and "
+        "output tokens cost $0 (write 0 for a free model)"]
 
 
 def test_what_this_machine_lacks_to_start_it_is_a_warning_or_with_here_an_error(
@@ -129,7 +148,8 @@ def test_what_this_machine_lacks_to_start_it_is_a_warning_or_with_here_an_error(
     with --here."""
     _, cert, key = make_test_ca(tmp_path)
     (tmp_path / "afile").write_text("")
-    models = "models:\n  demo: {upstream_model: x, backends: []}\n"
+    models = ("models:\n  demo: {upstream_model: x, backends: [], "
+              "price_per_1k_tokens: {input: 0, output: 0}}\n")
     text = ("tls: {cert: none.crt, key: tls.key}\ndata_dir: afile/data\n" + models)
     path = tmp_path / "policy.yaml"
     path.write_text(text)

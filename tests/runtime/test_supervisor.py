@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from authz.runtime import supervisor
+from authz.runtime.settings import Settings
 from authz.runtime.supervisor import _Exporter
 from policy.config import parse_config
-from tests.helpers import policy_dict
+from tests.helpers import policy_dict, write_policy
 
 
 class _Child:
@@ -77,3 +78,35 @@ def test_envoy_is_not_given_tokenbooths_own_settings() -> None:
                                  "VLLM_KEY": "k", "PATH": "/bin"}) == {
         "VLLM_KEY": "k", "PATH": "/bin"}
 
+
+
+def test_up_warns_of_a_price_left_out_before_it_starts_anything(
+        tmp_path: supervisor.Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A model without a price served its tokens at $0 without a word (tester)."""
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(supervisor, "_check_ports_free", stop)
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")  # "other" has no price
+    with pytest.raises(Stop):
+        supervisor.run_up(supervisor.UpOptions(config_path=path), Settings())
+    assert capsys.readouterr().err == (
+        f"tokenbooth: warning: {path}: models.other.price_per_1k_tokens: not set, so its "
+        "input and output tokens cost $0 (write 0 for a free model)\n")
+
+
+def test_one_long_alias_does_not_widen_every_row_of_the_banner() -> None:
+    """A 300-character alias padded every row to ~310 columns (tester)."""
+    data = policy_dict("http://127.0.0.1:8000")
+    data["models"]["m" * 300] = data["models"]["demo"]
+    lines = supervisor._backend_lines(parse_config(data), None)
+    assert [line.index(" -> ") for line in lines] == [4 + supervisor.ALIAS_COLUMNS] * 3
+    assert lines[0].startswith("    demo" + " " * (supervisor.ALIAS_COLUMNS - 4) + " -> ")
+    assert lines[1].startswith("    " + "m" * (supervisor.ALIAS_COLUMNS - 1) + "… -> ")
+    # Short aliases keep a column as wide as the widest of them.
+    assert supervisor._backend_lines(parse_config(policy_dict("http://h:1")), None)[0] == (
+        "    demo  -> http://h:1  (model tiny-llama)")
