@@ -8,6 +8,11 @@ Rotation: once `usage.jsonl` reaches `max_bytes` (config: usage.local_max_bytes)
 writer that notices renames it to `usage-<seq>.jsonl` (seq counting up, under a lock
 file) and every writer reopens `usage.jsonl`. Rotated files stay in the data dir until
 the operator moves them; every reader reads them, oldest first, then `usage.jsonl`.
+
+A `usage.jsonl` moved or deleted by another program (logrotate's `create`) is noticed
+at the next record's write: the writer opens a new one and writes that record again
+there (it may have gone to the moved file, which readers do not read; readers keep one
+record per request), so no record written after the move is only in the moved file.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Protocol
 import orjson
 
 from authz.state.lines import Backlog, open_appending
+from authz.state.repeats import REPEATS
 from policy.config import Config, redacted
 from policy.usage import LOST, UsageRecord
 
@@ -53,6 +59,7 @@ class JsonlUsageLog:
         self._check_every = max(1, min(_CHECK_BYTES, max_bytes // 16))
         self._unchecked = 0
         self._backlog = Backlog(str(self.path))
+        self._ino: int | None = None  # the inode of the file we write
         self._file = self._open()
 
     def _open(self) -> Any:
@@ -60,6 +67,7 @@ class JsonlUsageLog:
         full disk, maybe in an earlier process) gets its next record on a line of its own."""
         fd, torn = open_appending(self.path)
         self._backlog.reopened(torn)
+        self._ino = os.fstat(fd).st_ino
         return os.fdopen(fd, "ab", buffering=0)
 
     def write(self, record: UsageRecord) -> None:
@@ -68,10 +76,36 @@ class JsonlUsageLog:
         # full disk: the record waits in memory (authz/state/lines.py).
         line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         self._backlog.append(self._file.fileno(), line)
+        if _inode(self.path) != self._ino:  # (one stat a record)
+            self._moved(line)
         self._unchecked += len(line)
         if self._unchecked >= self._check_every:
             self._unchecked = 0
             self._rotate_if_due()
+
+    def _moved(self, line: bytes) -> None:
+        """usage.jsonl is no longer the file we write: reopen. Moved by another program
+        (not a writer's rotation into `usage-<seq>.jsonl`, which readers read), the
+        record just written may be in the moved file only: it is written again."""
+        ours = self._ino
+        rotated = any(_inode(p) == ours for p in rotated_files(self.dir))
+        old = self._file
+        try:
+            self._file = self._open()
+        except OSError as e:  # (the data dir itself gone): on with the file we have
+            log.error("cannot open a new %s (%s): records go on to the file it was",
+                      self.path, e, extra=REPEATS)
+            return
+        old.close()
+        if rotated:
+            return
+        self._backlog.append(self._file.fileno(), line)
+        log.error("%s was moved or deleted by another program (logrotate's `create`, "
+                  "say): a new one was opened, and records before the move are in the "
+                  "moved file, which tokenbooth usage and audit do not read. Let "
+                  "tokenbooth rotate it (usage.local_max_bytes) and archive its "
+                  "usage-<seq>.jsonl files, or rotate with copytruncate", self.path,
+                  extra=REPEATS)
 
     def waiting(self) -> bool:
         """Whether records the disk refused still wait in memory, once tried again."""

@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import orjson
+import pytest
 
 from authz.cli.usage import jsonl_records
 from authz.state.limits.durable import recorded
@@ -137,3 +138,41 @@ def test_a_read_that_overlaps_rotations_misses_no_record(tmp_path: Path) -> None
     assert before <= set(ids)
     assert len(ids) == len(set(ids))  # each line once
     assert len(rotated_files(tmp_path)) >= 3
+
+
+def test_a_file_moved_or_deleted_by_another_program_loses_no_later_record(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Storage tester: logrotate's `create` renamed usage.jsonl away, and every record
+    went on into the renamed file (checked only each 64 KiB), which readers do not read;
+    with `compress`, it was deleted, and the records with it. The next write notices the
+    move: it opens a new usage.jsonl and writes that record again there."""
+    log = JsonlUsageLog(tmp_path, max_bytes=SMALL)
+    path = tmp_path / USAGE_FILE
+    log.write(usage_record(1))
+    path.rename(tmp_path / "usage.jsonl.1")  # logrotate `create`: rename, then create
+    path.touch(mode=0o600)
+    log.write(usage_record(2))  # written to the moved file, then again to the new one
+    log.write(usage_record(3))
+    (tmp_path / "usage.jsonl.1").unlink()  # `compress`: the moved file goes
+    path.unlink()  # and the live one deleted outright
+    log.write(usage_record(4))
+    log.close()
+    ids = [r["request_id"] for r in read_records(path)]
+    assert ids == [record(i)["request_id"] for i in (4,)]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "moved or deleted by another program" in errors[0]
+
+
+def test_records_after_a_move_are_all_in_files_readers_read(tmp_path: Path) -> None:
+    log = JsonlUsageLog(tmp_path, max_bytes=SMALL)
+    path = tmp_path / USAGE_FILE
+    log.write(usage_record(1))
+    path.rename(tmp_path / "usage.jsonl.1")
+    for i in range(2, 6):
+        log.write(usage_record(i))
+    log.close()
+    assert [r["request_id"] for r in read_records(path)] == [
+        record(i)["request_id"] for i in range(2, 6)]
+    moved = [orjson.loads(x)["request_id"]
+             for x in (tmp_path / "usage.jsonl.1").read_bytes().splitlines()]
+    assert moved == [record(i)["request_id"] for i in (1, 2)]  # 2: written there, then here
