@@ -112,6 +112,37 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
     await again.close()
 
 
+@pytest.mark.parametrize("gone", ["journal", "snapshot", "both"])
+async def test_a_journal_or_snapshot_deleted_while_running_is_written_again(
+        tmp_path: Path, gone: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Storage tester: `rm limits.journal` while serve ran; it went on writing to the
+    deleted file, and a restart forgot the spend the journal held. The next sweep finds
+    the file gone and writes the state again from memory."""
+    ref, store = MemoryLimitStore(), await opened(tmp_path)
+    for i in range(3):
+        for s in (ref, store):
+            await s.admit(NO_RPM, ask(i), T0 + i)
+            await s.settle(NO_RPM, ask(i), 30, 300 + i, T0 + i + 0.5)
+    for s in (ref, store):
+        await s.admit(NO_RPM, ask(9), T0 + 4)  # one still in flight
+    if gone in ("journal", "both"):
+        (tmp_path / JOURNAL_FILE).unlink()
+    if gone in ("snapshot", "both"):
+        (tmp_path / "limits.snapshot").unlink()
+    assert await store.sweep(T0 + 5) == []
+    await snapshots_written(tmp_path)
+    assert "while the services ran" in caplog.text
+    for s in (ref, store):  # and what comes after lands in the new journal
+        await s.admit(NO_RPM, ask(10), T0 + 6)
+        await s.settle(NO_RPM, ask(10), 30, 310, T0 + 6.5)
+    kill(store)
+    again = await opened(tmp_path)
+    # r9, in flight at the kill, charged its hold (1000) as lost, as ever
+    assert await again.budget("k-1", "acme", "total", T0 + 7) == (
+        300 + 301 + 302 + 310 + 1000, 0)
+    await again.close()
+
+
 async def test_an_exhausted_total_budget_stays_exhausted(tmp_path: Path) -> None:
     limits = Limits(budget_nano=3000, budget_period="total")
     store = await opened(tmp_path)

@@ -239,6 +239,7 @@ class DurableMemoryLimitStore:
         return None
 
     async def sweep(self, now: float) -> list[Ask]:
+        self._check_files()
         if self._withheld:
             self._withholding()
         lost = await self._mem.sweep(now)
@@ -286,6 +287,34 @@ class DurableMemoryLimitStore:
         if (ok or compact) and (self._jbytes >= self._compact_bytes or self._broken):
             self._compact_soon()
         return ok
+
+    def _check_files(self) -> None:
+        """The journal or the snapshot deleted or moved while we run (by hand, a cleanup
+        job): a restart would forget what they held (storage tester: $1.96 of spend gone
+        after `rm limits.journal`). The state in memory is whole: a new journal, and a
+        snapshot at once; until it lands nothing new is held (as after a lost line).
+        Every sweep (a second): two stats."""
+        if self._fd is None or self._compacting is not None or self._broken:
+            return
+        try:
+            ours = os.stat(self.journal_path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            ours = False
+        snapshot = (self._dir / SNAPSHOT_FILE).exists()
+        if ours and snapshot:
+            return
+        log.error("%s was deleted or moved while the services ran: the limit state (budgets "
+                  "spent, holds in flight) is written again from memory",
+                  self.journal_path if not ours else self._dir / SNAPSHOT_FILE)
+        if not ours:
+            try:
+                os.close(self._fd)
+                self._fd = None
+                self._open_journal()
+            except OSError as e:
+                log.error("limits journal: cannot open a new one: %s", e)
+        self._broken, self._lost_seq = True, self._seq
+        self._compact_soon()
 
     def _open_journal(self) -> None:
         # A journal a crash left torn: the next line starts on a line of its own.
