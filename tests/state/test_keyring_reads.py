@@ -198,3 +198,29 @@ async def test_key_admin_refuses_a_keyring_that_is_not_a_file(tmp_path: Path) ->
         await asyncio.wait_for(store.list_keys(), 10)
     with pytest.raises(ValueError, match="not a regular file"):
         await asyncio.wait_for(store.create(record("k-new")[0]), 10)
+
+
+async def test_a_deleted_keyring_keeps_the_last_good_keys(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Storage tester: `rm keys.json` while serve ran made every stored key a 401 within
+    2 s, without a word; the README promises that a keyring that cannot be read keeps
+    the last good keys, with an error. A keyring that was there and is gone is one that
+    cannot be read; one written again is read as ever."""
+    known, secret = record("k-known")
+    await KeyringStore(tmp_path).create(known)
+    store = KeyringStore(tmp_path, poll_s=0.01)
+    await store.start()
+    try:
+        assert await store.find(known.sha256, secret) is not None
+        (tmp_path / "keys.json").unlink()
+        await until(lambda: asyncio.sleep(0, "gone" in caplog.text), "the error line")
+        assert await store.find(known.sha256, secret) is not None
+        assert caplog.text.count("keeping the last good one") == 1  # said once
+        other, other_secret = record("k-new")  # a new keyring is the keyring
+        await KeyringStore(tmp_path).create(other)
+        await until(lambda: asyncio.sleep(0, store._by_fp.get(other.sha256) is not None),
+                    "the new keyring read")
+        assert await store.find(known.sha256, secret) is None
+        assert await store.find(other.sha256, other_secret) is not None
+    finally:
+        await store.close()

@@ -325,6 +325,11 @@ class KeyringStore:
         if stamp in known:
             return _Read(seq, stamp)
         if stamp == ABSENT:
+            if self._by_fp:  # it was there: deleted or moved, not a keyring with no keys
+                return _Read(seq, stamp, error=(
+                    f"{self.path}: gone (deleted or moved); put it back, or write a new "
+                    "one with `tokenbooth keys create` (an empty keyring: "
+                    '{"keys": []})'))
             return _Read(seq, stamp, {})
         last = self._known
         if last is not None and last.stamp == stamp:  # read or written here since
