@@ -168,6 +168,16 @@ async def migrate(conn: asyncpg.Connection) -> int:
                                "roll back on purpose see the README's Upgrade/rollback "
                                f"(the way back to schema {SCHEMA_VERSION}); nothing is lost "
                                "meanwhile, the records wait in the stream")
+        if found and await conn.fetchval(
+                "SELECT to_regclass($1) IS NULL OR to_regclass('usage_rejected') IS NULL",
+                TABLE):
+            # Dropped by hand (tokenbooth_schema still names a version): every batch
+            # failed, for good, until the table was made again (storage tester).
+            log.error("usage schema: the table %s or usage_rejected is gone although "
+                      "tokenbooth_schema says version %d (dropped?): made again; the rows "
+                      "it held are gone with it (restore them from a backup; `tokenbooth "
+                      "audit` shows them missing)", TABLE, found)
+            found = 0
         for version in range(found + 1, SCHEMA_VERSION + 1):
             await conn.execute(_MIGRATIONS[version])
         await conn.execute(

@@ -87,8 +87,12 @@ class Exporter:
                 await self.open()
                 n = await self.step()
             except _ERRORS as e:
-                log.warning("usage export: %s unavailable (%s: %s), retrying in %.1fs",
-                            _which(e), type(e).__name__, e, backoff)
+                if _refused(e):  # not an outage: a dropped table, a revoked grant
+                    log.error("usage export: PostgreSQL refused the records (%s: %s), "
+                              "retrying in %.1fs", type(e).__name__, e, backoff)
+                else:
+                    log.warning("usage export: %s unavailable (%s: %s), retrying in %.1fs",
+                                _which(e), type(e).__name__, e, backoff)
                 await self._drop_pg()
                 self._own_pending = True
                 with contextlib.suppress(TimeoutError):
@@ -177,6 +181,16 @@ class Exporter:
         if self._pg is not None:
             self._pg.terminate()
             self._pg = None
+
+
+# SQLSTATE classes of a statement PostgreSQL refuses as it stands (a missing table or
+# column, a privilege, a constraint): an operator's change, not an outage.
+_REFUSED_CLASSES = frozenset({"42", "23", "22", "28"})
+
+
+def _refused(e: BaseException) -> bool:
+    return isinstance(e, asyncpg.PostgresError) and str(
+        getattr(e, "sqlstate", "") or "")[:2] in _REFUSED_CLASSES
 
 
 def _which(e: BaseException) -> str:

@@ -324,3 +324,31 @@ async def test_exactly_once_through_a_redis_restart(pg_db: str, tmp_path: Path) 
         assert await count(pg_db) == n
     finally:
         server.stop()
+
+
+async def test_a_dropped_table_is_made_again_and_the_records_waiting_exported(
+        own_redis: RedisServer, client: aioredis.Redis, pg_db: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Storage tester: `DROP TABLE usage_records` under traffic, and the exporter said
+    "PostgreSQL unavailable" every 5 s for good; a restart did not help either, as the
+    schema's version was trusted. The table is made again, and what waits is exported."""
+    recs = [record(i) for i in range(50)]
+    await add(client, STREAM, iter(recs[:20]), seen_ttl_s=0)
+    ex = exporter(own_redis.url, pg_db)
+    await ex.run(asyncio.Event(), until_idle=True)
+    conn = await asyncpg.connect(pg_db)
+    await conn.execute("DROP TABLE usage_records")
+    await conn.close()
+    await add(client, STREAM, iter(recs[20:]), seen_ttl_s=0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(ex.run(stop))
+    try:
+        await until(lambda: _more_than(pg_db, 29))
+        await until(lambda: drained(client))
+    finally:
+        stop.set()
+        await running
+        await ex.aclose()
+    assert set(await rows(pg_db)) == {r["request_id"] for r in recs[20:]}
+    assert "refused the records" in caplog.text
+    assert "is gone although tokenbooth_schema says version" in caplog.text
