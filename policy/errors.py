@@ -123,12 +123,16 @@ def service_unavailable(message: str, retry: bool | None = None) -> ApiError:
 UPSTREAM_MESSAGE_CHARS = 2000  # what a rewritten error keeps of the backend's message
 
 
-def upstream_error(status: int, body: bytes) -> ApiError:
+def upstream_error(status: int, body: bytes, alias: str = "",
+                   upstream_model: str = "") -> ApiError:
     """A backend's error answer, OpenAI-shaped. A 4xx keeps its status and the backend's
     message, `param` and string `code` (else `upstream_error`); a 5xx becomes the
     contract's 502 `upstream_error`, its message naming the backend's status. Bodies read:
     vLLM's `{"object": "error", "message", ...}`, OpenAI's `{"error": {...}}`, vLLM's
-    `--api-key` refusal `{"error": "Unauthorized"}`, FastAPI's `{"detail": ...}`, text."""
+    `--api-key` refusal `{"error": "Unauthorized"}`, FastAPI's `{"detail": ...}`, text.
+    A 404 for the model the gateway sent (`upstream_model`, the route of `alias`) is the
+    gateway's configuration, not the client's request: said so, without the backend's
+    message (it names the upstream model and the backend's own, operators' names)."""
     readable = _decompressed(body)
     fields = _error_fields(readable) if readable.strip() or not body.strip() else {}
     message = fields.get("message")
@@ -137,6 +141,12 @@ def upstream_error(status: int, body: bytes) -> ApiError:
                    if body.strip() and not fields else
                    f"The backend answered HTTP {status} with no message.")
     message = message.strip()[:UPSTREAM_MESSAGE_CHARS]
+    if status == 404 and upstream_model and is_unserved_model(fields, upstream_model):
+        return ApiError(404, "upstream_error",
+                        f"The backend of model {_echo(alias)} does not serve the model name "
+                        "the gateway sends it: the gateway's configuration must name a "
+                        "model that backend serves (its operator fixes it; your request "
+                        "was not the cause).")
     if status >= 500:
         return ApiError(502, "upstream_error", f"The backend failed (HTTP {status}): {message}")
     if status == 401:
@@ -150,6 +160,14 @@ def upstream_error(status: int, body: bytes) -> ApiError:
     return ApiError(status, code if isinstance(code, str) and code else "upstream_error",
                     message, param if isinstance(param, str) else None,
                     type=_TYPE_BY_STATUS.get(status, "invalid_request_error"))
+
+
+def is_unserved_model(fields: dict[str, object], upstream_model: str) -> bool:
+    """Whether a backend's 404 fields refuse the model it was sent (vLLM: "The model `X`
+    does not exist.", `param` "model") rather than the path."""
+    message = fields.get("message")
+    return fields.get("param") == "model" or (
+        isinstance(message, str) and f"`{upstream_model}`" in message)
 
 
 def empty_answer(status: int) -> ApiError:

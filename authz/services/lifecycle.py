@@ -36,6 +36,7 @@ from authz.runtime.recorder import Recorder
 from authz.runtime.snapshot import Runtime, Snapshot
 from authz.services.heavy import sized_work
 from authz.state.limits.admission import Admission
+from authz.state.repeats import REPEATS
 from policy.bounds import MAX_EXACT
 from policy.config import Config, OrgLimits, Price
 from policy.endpoints import Endpoint, Kind, lookup, path_argument
@@ -562,7 +563,16 @@ class Lifecycle:
             return empty_answer(self._empty).body()
         if self._redirect:
             return redirected_answer(self._redirect).body()
-        return upstream_error(self.status, bytes(held)).body()
+        route = self.route
+        err = upstream_error(self.status, bytes(held), route.alias if route else "",
+                             route.upstream_model if route else "")
+        if route is not None and err.code == "upstream_error" and err.status == 404:
+            log.error("a backend does not serve the model the gateway sends it: set the "
+                      "alias's upstream_model to a name it serves (vLLM: "
+                      "--served-model-name)", extra={"model": route.alias,
+                                                     "upstream_model": route.upstream_model,
+                                                     **REPEATS})
+        return err.body()
 
     # -- the end --------------------------------------------------------------
 

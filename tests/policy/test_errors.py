@@ -16,6 +16,7 @@ from policy.errors import (
     not_found,
     request_too_large,
     service_unavailable,
+    upstream_error,
 )
 
 
@@ -79,3 +80,22 @@ def test_is_an_exception_and_immutable() -> None:
         raise err
     with pytest.raises(AttributeError):
         err.status = 500  # type: ignore[misc]
+
+
+def test_a_backend_that_does_not_serve_the_upstream_model_is_the_configs_fault() -> None:
+    """Real-configs tester: an alias whose `upstream_model` its backend does not serve
+    answered 404 `param: model`, "The model `${MODEL_NAME}` does not exist. Valid
+    aliases: keyed2.": the client's mistake, by its look, and the operators' names
+    shown. The status stays (the contract keeps a backend's 4xx); the message says whose
+    it is, and names neither."""
+    vllm = (b'{"object":"error","message":"The model `${MODEL_NAME}` does not exist. Valid '
+            b'aliases: keyed2.","type":"NotFoundError","param":"model","code":404}')
+    err = upstream_error(404, vllm, "chat", "${MODEL_NAME}")
+    assert (err.status, err.code, err.param) == (404, "upstream_error", None)
+    assert "configuration" in err.message and "'chat'" in err.message
+    assert "keyed2" not in err.message and "MODEL_NAME" not in err.message
+    # vLLM's other wording (no param), and its 404 for a path it lacks: the latter kept.
+    bare = b'{"message":"The model `tiny` does not exist.","type":"NotFoundError"}'
+    assert upstream_error(404, bare, "chat", "tiny").code == "upstream_error"
+    path = upstream_error(404, b'{"detail":"Not Found"}', "chat", "tiny")
+    assert (path.status, path.message) == (404, "Not Found")

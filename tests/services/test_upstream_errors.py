@@ -55,6 +55,31 @@ async def test_backend_4xx_keeps_status_and_message(running: Running) -> None:
     assert (rec["status"], rec["total_tokens"], rec["estimated"]) == (400, 0, False)
 
 
+async def test_a_backend_not_serving_the_upstream_model_is_the_configs_fault(
+        running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """Real-configs tester: an alias whose backend does not serve its `upstream_model`
+    answered 404 `param: model` with vLLM's "The model `${MODEL_NAME}` does not exist.
+    Valid aliases: …": the client's mistake, by its look, and the operators' names
+    shown. Its status stays; the message says whose fault it is; an error line tells
+    the operator which name."""
+    s = Stream(running)
+    await admit(s, CHAT)
+    body = (b'{"object": "error", "message": "The model `tiny-llama` does not exist. Valid '
+            b'aliases: other.", "type": "NotFoundError", "param": "model", "code": 404}')
+    out = mutation(await s.send(marked(body, 404)))
+    assert out is not None
+    assert json.loads(out) == {"error": {
+        "message": "The backend of model 'demo' does not serve the model name the gateway "
+        "sends it: the gateway's configuration must name a model that backend serves (its "
+        "operator fixes it; your request was not the cause).",
+        "type": "invalid_request_error", "param": None, "code": "upstream_error"}}
+    await s.close()
+    [rec] = await records(running, 1)
+    assert (rec["status"], rec["total_tokens"]) == (404, 0)
+    [line] = [r for r in caplog.records if "does not serve the model" in r.getMessage()]
+    assert (line.levelname, getattr(line, "upstream_model", None)) == ("ERROR", "tiny-llama")
+
+
 async def test_backend_5xx_is_a_502_and_the_record_keeps_its_status(running: Running) -> None:
     s = Stream(running)
     await admit(s, CHAT)
