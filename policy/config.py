@@ -298,6 +298,10 @@ class Model(_Strict):
     # `[]`: no backend. `tokenbooth up` serves such a model from its simulator; anywhere
     # else (no `--default-upstream`) its requests get 503 service_unavailable.
     backends: list[Backend]
+    # The PEM file of the CAs that sign its https backends' certificates, as Envoy reads
+    # it (default: the system bundle, SYSTEM_CA_BUNDLE): a private CA's, or a self-signed
+    # backend's own certificate.
+    backend_ca_file: Path | None = None
     price_per_1k_tokens: Price = Price()
     # Completion tokens per sequence: the most a client may ask for, and what is written
     # into the upstream body when the client asks for no limit.
@@ -350,6 +354,17 @@ class Model(_Strict):
     def _cap_fits_context(self) -> Model:
         if self.max_model_len is not None and self.max_tokens >= self.max_model_len:
             raise ValueError("max_tokens must be below max_model_len")
+        return self
+
+    @model_validator(mode="after")
+    def _ca_for_https(self) -> Model:
+        if self.backend_ca_file is None:
+            return self
+        if not self.backend_ca_file.is_absolute():
+            raise ValueError("backend_ca_file must be an absolute path (Envoy reads it "
+                             f"from its own working directory): {self.backend_ca_file}")
+        if not any(b.tls for b in self.backends):
+            raise ValueError("backend_ca_file is for https:// backends; this model has none")
         return self
 
     @field_validator("backends")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from authz.cli.common import Parents, Subparsers
 from authz.runtime.settings import Settings
-from authz.runtime.tls_files import tls_problems, tls_warnings
+from authz.runtime.tls_files import backend_ca_problems, tls_problems, tls_warnings
 from policy.config import Config, ConfigError, price_warnings
 
 
@@ -56,6 +56,7 @@ def machine_problems(cfg: Config, source: str) -> list[str]:
     out = []
     if cfg.tls is not None:
         out += [f"{source}: {line}" for line in tls_problems(cfg.tls.cert, cfg.tls.key)]
+    out += [f"{source}: {line}" for line in backend_ca_problems(cfg.models)]
     why = _not_writable_dir(cfg.data_dir)
     if why:
         out.append(f"{source}: data_dir: {cfg.data_dir}: {why}")

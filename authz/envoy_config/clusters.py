@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
@@ -234,10 +235,12 @@ def _local_origin_outliers(failures: int, interval_s: float, ejection_s: float,
     )
 
 
-def _upstream_tls() -> TransportSocket:
+def _upstream_tls(ca_file: Path | None) -> TransportSocket:
     """TLS to https backends: SNI from each endpoint's hostname (auto_sni, set with the
-    protocol options), certificate checked against the system CAs and that name."""
-    validation = CertificateValidationContext(trusted_ca=DataSource(filename=SYSTEM_CA_BUNDLE))
+    protocol options), certificate checked against that name and the model's
+    `backend_ca_file`, else the system CAs."""
+    validation = CertificateValidationContext(
+        trusted_ca=DataSource(filename=str(ca_file or SYSTEM_CA_BUNDLE)))
     ctx = UpstreamTlsContext(common_tls_context=CommonTlsContext(validation_context=validation))
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
@@ -358,7 +361,7 @@ def model_cluster(alias: str, model: Model, static_secrets: bool = False,
         # default 50 % would, turning "no healthy backend" 503s into slow connect failures).
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0)),
         typed_extension_protocol_options={_HTTP_OPTIONS: pack(h1)},
-        transport_socket=_upstream_tls() if tls else None,
+        transport_socket=_upstream_tls(model.backend_ca_file) if tls else None,
         metadata=None if model.backends else Metadata(filter_metadata={
             BACKEND_METADATA: Struct(fields={NO_BACKENDS: Value(bool_value=True)})}),
     )

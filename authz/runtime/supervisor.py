@@ -44,7 +44,7 @@ from authz.runtime.procs import (
 )
 from authz.runtime.settings import Settings
 from authz.runtime.side_port import PID_HEADER
-from authz.runtime.tls_files import tls_problems, tls_warnings
+from authz.runtime.tls_files import backend_ca_problems, tls_problems, tls_warnings
 from policy.config import OWN_ENV_PREFIX, Config, ConfigError, parse_hostport, price_warnings
 from policy.keys import fingerprint
 
@@ -141,7 +141,9 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
     signal or until one of them exits. Children inherit this process's environment."""
     fresh_secret = _ensure_config(opts)
     cfg = settings.load_config(opts.config_path)
-    if cfg.tls is not None and (bad := tls_problems(cfg.tls.cert, cfg.tls.key)):
+    bad = (tls_problems(cfg.tls.cert, cfg.tls.key) if cfg.tls is not None else []) + \
+        backend_ca_problems(cfg.models)
+    if bad:
         # Before anything starts: Envoy refused the pair after the services and the
         # simulator had started, and `up` said only "envoy: a process exited" (TLS tester).
         raise ConfigError([f"{opts.config_path}: {line}" for line in bad])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from policy.config import Model
 
 # A certificate this close to its end is named, so that it is renewed before clients
 # start refusing it.
@@ -31,6 +33,27 @@ def unreadable(path: Path) -> str | None:
     except OSError as e:
         return str(e.strerror or e).lower()
     return "a directory, not a file" if path.is_dir() else None
+
+
+def ca_problems(setting: str, path: Path) -> list[str]:
+    """What stops Envoy from checking certificates against the PEM CAs in `path` (a
+    cluster that names it is refused, and its model answers nothing): one line naming
+    `setting`; [] when it can."""
+    if why := unreadable(path):
+        return [f"{setting}: cannot read {path}: {why}"]
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError:
+        return [f"{setting}: {path} holds no PEM certificate"]
+    except OSError as e:  # (changed between the looks)
+        return [f"{setting}: cannot read {path}: {str(e.strerror or e).lower()}"]
+    return []
+
+
+def backend_ca_problems(models: Mapping[str, Model]) -> list[str]:
+    """`ca_problems` of every model's `backend_ca_file`."""
+    return [line for alias, m in models.items() if m.backend_ca_file is not None
+            for line in ca_problems(f"models.{alias}.backend_ca_file", m.backend_ca_file)]
 
 
 def tls_problems(cert: Path, key: Path) -> list[str]:

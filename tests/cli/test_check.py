@@ -180,3 +180,31 @@ def test_what_this_machine_lacks_to_start_it_is_a_warning_or_with_here_an_error(
     assert r.returncode == 0 and r.stdout.startswith("policy.yaml: ok"), r.stderr
     [line] = r.stderr.splitlines()
     assert line.startswith(f"warning: policy.yaml: tls.cert: {cert} expires on ")
+
+
+def test_a_backend_ca_file(tmp_path: Path) -> None:
+    """An https backend signed by a private CA needs `backend_ca_file` (real-configs
+    tester: none could be named). Absolute, for https backends only; one Envoy cannot
+    read, or that holds no certificate, is what this machine lacks (an error with
+    --here: Envoy would refuse the model's cluster)."""
+    ca, _, _ = make_test_ca(tmp_path)
+    (tmp_path / "notpem").write_text("hello\n")
+
+    def model(url: str, ca_file: str) -> str:
+        return ("models:\n  m: {upstream_model: x, backends: [{url: '" + url + "'}], "
+                "backend_ca_file: '" + ca_file + "', "
+                "price_per_1k_tokens: {input: 0, output: 0}}\n")
+
+    rc, lines = check(tmp_path, model("http://h:1", str(ca)))
+    assert (rc, lines) == (2, ["policy.yaml: models.m: backend_ca_file is for https:// "
+                               "backends; this model has none"])
+    rc, lines = check(tmp_path, model("https://h", "ca.crt"))
+    assert rc == 2 and "backend_ca_file must be an absolute path" in lines[0]
+    assert check(tmp_path, model("https://h", str(ca))) == (0, [])
+    for bad, why in ((tmp_path / "none.crt", "cannot read"),
+                     (tmp_path / "notpem", "holds no PEM certificate")):
+        rc, lines = check(tmp_path, model("https://h", str(bad)))
+        assert rc == 0 and len(lines) == 1 and lines[0].startswith(
+            "warning: policy.yaml: models.m.backend_ca_file: ") and why in lines[0]
+        r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
+        assert r.returncode == 2 and "models.m.backend_ca_file" in r.stderr

@@ -68,13 +68,15 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
                 envoy: dict[str, Any] | None = None,
                 demo: dict[str, Any] | None = None,
                 edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
+                more_models: dict[str, Any] | None = None,
                 **policy: Any) -> Iterator[Gateway]:
     """Envoy + `tokenbooth serve` + `tokenbooth sim` on free ports, stopped on exit.
     `extra_backends` join the sim as weighted backends of the `demo` alias; with
     `upstream` (a running vLLM, say) no sim is started and every alias routes there.
     `envoy`: settings of the config's `envoy:` section (route_timeout_s, say) beside
     the admin port chosen here. `demo`: settings added to the `demo` model.
-    `edit_bootstrap`: changes the rendered bootstrap (as data) before Envoy reads it."""
+    `edit_bootstrap`: changes the rendered bootstrap (as data) before Envoy reads it.
+    `more_models`: aliases added beside `demo` and `other`."""
     logs = root / "logs"
     logs.mkdir()
     sim_port = free_port()
@@ -87,8 +89,9 @@ def run_gateway(root: Path, extra_backends: list[dict[str, Any]] | None = None,
         envoy={**(envoy or {}), "admin_listen": f"127.0.0.1:{free_port()}"},
         **policy,
     )
-    if extra_backends or demo:
+    if extra_backends or demo or more_models:
         data = yaml.safe_load(path.read_text())
+        data["models"].update(more_models or {})
         if extra_backends:
             data["models"]["demo"]["backends"] = [{"url": sim_url, "weight": sim_weight},
                                                   *extra_backends]

@@ -1,0 +1,106 @@
+"""https backends through real Envoy: a backend whose certificate a private CA signed is
+reached with the model's `backend_ca_file`, and refused (503) against the system CAs
+without it (real-configs tester: no way to trust a private CA, and nothing said why)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from authz.runtime.procs import http_ok, spawn, stop, wait_until
+from tests.e2e.conftest import run_gateway
+from tests.helpers import SECRET, free_port
+from tests.tls import make_test_ca
+
+pytestmark = pytest.mark.e2e
+
+
+@contextlib.contextmanager
+def tls_proxy(cert: Path, key: Path, target_port: int) -> Iterator[int]:
+    """A TLS terminator on a free port in front of 127.0.0.1:`target_port` (the sim
+    speaks plain HTTP), on an event loop in a thread of its own."""
+    port, loop = free_port(), asyncio.new_event_loop()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", target_port)
+        writers.update((w, uw))
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    async def shutdown() -> None:
+        server.close()
+        for w in writers:
+            w.close()
+        await asyncio.sleep(0.1)  # the transports close
+
+    server = loop.run_until_complete(asyncio.start_server(serve, "127.0.0.1", port, ssl=ctx))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def test_an_https_backend_signed_by_a_private_ca(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    ca, cert, key = make_test_ca(tmp_path_factory.mktemp("backend-ca"))
+    sim_port = free_port()
+    sim = spawn([sys.executable, "-m", "authz.cli", "sim", "--listen",
+                 f"127.0.0.1:{sim_port}", "--model", "tiny-llama"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{sim_port}/health"), "sim",
+                   alive=[sim])
+        with tls_proxy(cert, key, sim_port) as port:
+            backend = [{"url": f"https://localhost:{port}"}]
+            models = {"private": {"upstream_model": "tiny-llama", "backends": backend,
+                                  "backend_ca_file": str(ca)},
+                      "system": {"upstream_model": "tiny-llama", "backends": backend}}
+            with run_gateway(tmp_path_factory.mktemp("gw-backend-tls"),
+                             more_models=models) as gw:
+                client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=SECRET,
+                                       max_retries=0)
+
+                def ask(model: str) -> openai.types.chat.ChatCompletion:
+                    return client.chat.completions.create(
+                        model=model, messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=3)
+
+                # Health checks over TLS make the cluster healthy; then it serves.
+                wait_until(lambda: _answers(ask), "the private-CA backend", timeout=30)
+                assert ask("private").usage.completion_tokens == 3  # type: ignore[union-attr]
+                with pytest.raises(openai.InternalServerError) as refused:
+                    ask("system")  # the system CAs do not know the private one
+                assert refused.value.status_code == 503
+    finally:
+        stop([sim])
+
+
+def _answers(ask: object) -> bool:
+    try:
+        ask("private")  # type: ignore[operator]
+    except openai.APIError:
+        return False
+    return True
