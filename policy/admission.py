@@ -270,6 +270,17 @@ class Verdict:
     requests: float  # the rate bucket before this request (0 without an rpm limit)
     level: float  # the bucket before this request (0 without a tpm limit)
     after: float  # the bucket if it is admitted
+    # How far each bucket's time is ahead of `now` (`ahead`): waits and resets start there.
+    ahead_r: float = 0.0
+    ahead_t: float = 0.0
+
+
+def ahead(ts: float, now: float) -> float:
+    """How far a bucket's time is ahead of `now` (a clock stepped back, a replica whose
+    clock is behind, a request admitted at its start after later ones): the bucket
+    refills nothing until `now` reaches it, so a wait, and a reset, starts there (time
+    tester: a clock set back an hour kept a key refused, its 429s saying retry in 20 s)."""
+    return max(0.0, ts - now)
 
 
 def _check_tokens(limits: Limits, ask: Ask, key: KeyState, now: float,
@@ -282,7 +293,7 @@ def _check_tokens(limits: Limits, ask: Ask, key: KeyState, now: float,
     if ask.tokens > cap:
         return level, level, "tokens_too_large", None
     ok, after, wait = bucket_take(level, ask.tokens, cap, w)
-    return level, after, "" if ok else "tokens", None if ok else wait
+    return level, after, "" if ok else "tokens", None if ok else wait + ahead(key.ts, now)
 
 
 def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: float,
@@ -296,7 +307,7 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
         requests = requests_now(key, limits.rpm, now, w)
         g = gcra(requests, limits.rpm, w)
         if not g.allowed and not reason:
-            reason, retry = "requests", g.retry_after_s
+            reason, retry = "requests", g.retry_after_s + ahead(key.rts, now)
     if (not reason and limits.max_concurrent is not None
             and len(key.leased) >= limits.max_concurrent):
         reason = "concurrency"
@@ -309,7 +320,8 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
             # "budget_held": it would fit in what is unspent, once requests in flight end.
             reason = ("budget_held" if budget_admits(ledger.spent, 0, ask.cost_nano,
                                                      limits.budget_nano) else "budget")
-    return Verdict(reason, retry, g, requests, level, after)
+    return Verdict(reason, retry, g, requests, level, after, ahead(key.rts, now),
+                   ahead(key.ts, now))
 
 
 def decision(limits: Limits, v: Verdict, w: float = WINDOW_S) -> Decision:
@@ -320,17 +332,17 @@ def decision(limits: Limits, v: Verdict, w: float = WINDOW_S) -> Decision:
     g = v.gcra
     if limits.rpm is not None and g is not None:
         if not g.allowed:
-            rem_r, reset_r = 0, g.reset_s
+            rem_r, reset_r = 0, g.reset_s + v.ahead_r
         elif allowed:
-            rem_r, reset_r = g.remaining, g.reset_s
+            rem_r, reset_r = g.remaining, g.reset_s + v.ahead_r
         else:  # admissible by GCRA but denied by a later check: nothing was taken
             rem_r = min(math.floor(v.requests), limits.rpm)
-            reset_r = max(0.0, (limits.rpm - v.requests) * w / limits.rpm)
+            reset_r = max(0.0, (limits.rpm - v.requests) * w / limits.rpm) + v.ahead_r
     rem_t: int | None = None
     reset_t = 0.0
     if limits.tpm is not None:
         level = v.after if allowed else v.level
-        rem_t, reset_t = math.floor(level), bucket_reset_s(level, limits.tpm, w)
+        rem_t, reset_t = math.floor(level), bucket_reset_s(level, limits.tpm, w) + v.ahead_t
     return Decision(allowed, v.reason, v.retry_after_s, limits.rpm, rem_r, reset_r,
                     limits.tpm, rem_t, reset_t)
 

@@ -530,3 +530,24 @@ async def test_a_bucket_in_debt_is_kept_however_far_its_limit_is_lowered(
         assert (await s.admit(lim, ask("k-owes", tokens=1), now)).reason == "tokens"
     finally:
         await s.close()
+
+
+async def test_a_wait_starts_where_a_buckets_time_is(store: Any) -> None:
+    """Time tester: serve restarted with its clock an hour back held the key refused
+    (the buckets' time never goes back, so they refill nothing for that hour), and every
+    429 said `retry-after: 20`. A wait, and a reset, start at the bucket's time."""
+    lim = Limits(rpm=3, tpm=100)
+    for _ in range(3):
+        assert (await store.admit(lim, ask(tokens=30), T0)).allowed
+    back = T0 - 3600.0  # the clock stepped back an hour
+    d = await store.admit(lim, ask(tokens=30), back)
+    assert (d.allowed, d.reason) == (False, "requests")
+    assert d.retry_after_s == 20.0 + 3600.0 and d.reset_requests_s == 60.0 + 3600.0
+    assert d.reset_tokens_s == 54.0 + 3600.0  # 90 of 100 tokens taken: 54 s to refill
+    tokens = Limits(tpm=100)
+    assert (await store.admit(tokens, ask("k2", tokens=100), T0)).allowed
+    d = await store.admit(tokens, ask("k2", tokens=50), back)
+    assert (d.reason, d.retry_after_s) == ("tokens", 30.0 + 3600.0)
+    # With the clocks in step again, nothing changes: the same waits as ever.
+    d = await store.admit(lim, ask(tokens=30), T0)
+    assert (d.reason, d.retry_after_s, d.reset_requests_s) == ("requests", 20.0, 60.0)

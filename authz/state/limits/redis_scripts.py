@@ -54,6 +54,12 @@ local function bucket(key, now, cap, w)
   if not st[1] then return cap end
   return math.min(cap, tonumber(st[1]) + math.max(0, now - tonumber(st[2])) * cap / w)
 end
+-- admission.ahead: how far a bucket's time is ahead of `now` (waits start there)
+local function ahead_of(key, now)
+  local ts = redis.call('HGET', key, 'ts')
+  if not ts then return 0 end
+  return math.max(0, tonumber(ts) - now)
+end
 local function save_bucket(key, level, now_s, cap, w)
   -- admission.bucket_save: the bucket's time never goes back
   local ts, ahead = redis.call('HGET', key, 'ts'), 0
@@ -147,12 +153,13 @@ local tracked = tpm or maxc or budget
 -- (a hold's `exp`: the mark a claimed hold leaves, below, holds nothing)
 if tracked and redis.call('HEXISTS', KEYS[4], 'exp') == 1 then reason = 'duplicate' end
 -- admission.check: requests, GCRA's bucket (policy.limits.gcra)
-local requests, gcra_ok, rem = 0, true, 0
+local requests, gcra_ok, rem, ahead_r, ahead_t = 0, true, 0, 0, 0
 if rpm then
   requests = rate(KEYS[1], KEYS[8], now, rpm, w)
+  ahead_r = ahead_of(KEYS[1], now)
   if requests < 1 then
     gcra_ok = false
-    if not reason then reason, retry = 'requests', (1 - requests) * w / rpm end
+    if not reason then reason, retry = 'requests', (1 - requests) * w / rpm + ahead_r end
   else
     rem = math.min(math.floor(requests - 1), rpm - 1)
   end
@@ -166,13 +173,14 @@ end
 local level, after = 0, 0
 if tpm then
   level = bucket(KEYS[2], now, tpm, w)
+  ahead_t = ahead_of(KEYS[2], now)
   after = level
   if tokens > tpm then
     reason = reason or 'tokens_too_large'
   elseif tokens <= level then
     after = level - tokens
   elseif not reason then
-    reason, retry = 'tokens', (tokens - level) * w / tpm
+    reason, retry = 'tokens', (tokens - level) * w / tpm + ahead_t
   end
 end
 -- admission.check: budget, after Ledger.expire (policy.limits.budget_admits, exact integers)
@@ -188,14 +196,17 @@ end
 local function reply(ok, lvl)
   local rem_r, reset_r, rem_t, reset_t = '', '', '', ''
   if rpm then
-    if not gcra_ok then rem_r, reset_r = f(0), f((rpm - requests) * w / rpm)
-    elseif ok == 1 then rem_r, reset_r = f(rem), f((rpm - (requests - 1)) * w / rpm)
+    if not gcra_ok then rem_r, reset_r = f(0), f((rpm - requests) * w / rpm + ahead_r)
+    elseif ok == 1 then
+      rem_r, reset_r = f(rem), f((rpm - (requests - 1)) * w / rpm + ahead_r)
     else
       rem_r = f(math.min(math.floor(requests), rpm))
-      reset_r = f(math.max(0, (rpm - requests) * w / rpm))
+      reset_r = f(math.max(0, (rpm - requests) * w / rpm) + ahead_r)
     end
   end
-  if tpm then rem_t, reset_t = f(math.floor(lvl)), f(math.max(0, (tpm - lvl) * w / tpm)) end
+  if tpm then
+    rem_t, reset_t = f(math.floor(lvl)), f(math.max(0, (tpm - lvl) * w / tpm) + ahead_t)
+  end
   return {ok, reason or '', retry and f(retry) or '', rem_r, reset_r, rem_t, reset_t}
 end
 if reason then return reply(0, level) end
