@@ -205,6 +205,7 @@ class Lifecycle:
         "_backend",
         "_count",
         "_empty",
+        "_ended_at",
         "_envoy_meter",
         "_error_body",
         "_json_body",
@@ -263,6 +264,7 @@ class Lifecycle:
         self._last_byte = self._t0  # when the response last moved (why it ended early)
         self._pace: StreamPace | None = None  # when a metered stream's tokens came
         self._t_first = 0.0  # monotonic time of a stream's first content chunk (TTFT)
+        self._ended_at = 0.0  # a stream Envoy metered: when it ended (0: not known)
         self.record: UsageRecord | None = None  # the usage record, once written
         # The record's metrics, counted once its settlement has said whether the sweep
         # had charged it as lost meanwhile (then that record was counted: see `settle`).
@@ -464,11 +466,12 @@ class Lifecycle:
                                     self._snap.config.envoy.max_event_bytes,
                                     req.stream_interval)
             self._meter.echo = _echoes(endpoint.kind, req.body)
-            limits = self._snap.config.limits
-            self._pace = StreamPace(limits.stalled_stream_s,
-                                    max(1, req.sequences * req.prompts),
-                                    abort_steps=limits.abort_lag_steps,
-                                    interval=req.stream_interval)
+            self._pace = self._new_pace(req)
+
+    def _new_pace(self, req: InferenceRequest) -> StreamPace:
+        limits = self._snap.config.limits
+        return StreamPace(limits.stalled_stream_s, max(1, req.sequences * req.prompts),
+                          abort_steps=limits.abort_lag_steps, interval=req.stream_interval)
 
     def hand_over(self) -> bool:
         """Whether Envoy meters this response: a stream it was asked to meter, that the
@@ -502,7 +505,25 @@ class Lifecycle:
                                         req.stream_interval)
         if report.ttft_s is not None:
             self._t_first = self._t0 + report.ttft_s
+        self._replay_pace(report)
         self.finish(aborted=not report.ended, cut_by_gateway=report.cut_by_gateway)
+
+    def _replay_pace(self, report: MeterReport) -> None:
+        """A cut stream Envoy metered, as its pace would have seen it: its first and last
+        generated text (Envoy reports no other times) and when it ended, so the silence
+        before the cut is charged at the stream's pace, as ext_proc's meter charges it
+        (streams tester: a client that stopped reading, its stream then cut by Envoy's
+        idle timeout, paid a quarter of what the backend generated)."""
+        pace, meter = self._pace, self._meter
+        if pace is None or meter is None or report.ended or report.ttft_s is None:
+            return
+        seen = meter.tokens_seen
+        pace.chunk(self._t0 + report.ttft_s, min(seen, 1))
+        if report.last_s is not None and report.events > 1:
+            pace.chunk(self._t0 + max(report.last_s, report.ttft_s), seen - 1,
+                       steps=report.events - 1)
+        if report.end_s is not None:
+            self._ended_at = self._t0 + report.end_s
 
     def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
         """Meter one chunk; the bytes the client gets instead, or None for as is. Not
@@ -735,7 +756,7 @@ class Lifecycle:
         meter, pace = self._meter, self._pace
         if pace is None or meter is None or meter.ended or meter.done:
             return 0
-        unseen = pace.unseen(time.monotonic(), meter.tokens_seen)
+        unseen = pace.unseen(self._ended_at or time.monotonic(), meter.tokens_seen)
         if unseen is None or meter.error_status:  # (generation failed: nothing steps on)
             return unseen
         # A stream Envoy metered reports its events, not which choices they opened, nor
@@ -856,9 +877,16 @@ class Lifecycle:
             # alone). Envoy may still have been connecting: it cannot tell. Its prompt
             # as the backend counts it, as a cut stream's (else its bound: `write`).
             return Usage(req.prompt_estimate, req.completion_bound), True
-        # A stream that began no answer: its prompt by the backend's count; what it
-        # generated only if it writes no chunk for some of it.
-        return Usage(req.prompt_estimate, req.completion_bound if req.hides_tokens else 0), True
+        # A stream that began no answer: its prompt by the backend's count; all it could
+        # generate if it writes no chunk for some of it. Cut before any of it reached
+        # ext_proc (the client left: the backend's headers may have reached it, and
+        # generation begun), what every sequence may generate before the abort lands
+        # (streams tester: 0 charged where the backend had generated; real vLLM counted
+        # 27 for a stream cut right after its headers). Envoy's own ending (a 504 or 502
+        # with no byte from the backend) generated nothing to see.
+        completion = (req.completion_bound if req.hides_tokens else 0 if self.responded
+                      else min(req.completion_bound, self._new_pace(req).abort_lag(True)))
+        return Usage(req.prompt_estimate, completion), True
 
 
 # A `usage` key whose value is an object, as the usage is. The pattern opens with its

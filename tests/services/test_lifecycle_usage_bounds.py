@@ -25,7 +25,8 @@ from authz.services import lifecycle
 from authz.services.lifecycle import GATEWAY_TIMEOUT, JSON_KEEP_BYTES, Lifecycle
 from policy.keys import Principal
 from policy.limits import Decision, cost_nano
-from policy.stream_pace import ABORT_STEPS
+from policy.meter_report import MeterReport
+from policy.stream_pace import ABORT_STEPS, HEADROOM
 from policy.usage import LOST, Usage, UsageRecord
 from tests.helpers import write_policy
 
@@ -769,3 +770,61 @@ async def test_an_admission_whose_answer_never_reached_envoy_charges_nothing(
     life.finish(aborted=True)
     rec = await h.record(life)
     assert counts(rec) == (499, 0, 0, False)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_a_stream_whose_client_left_before_its_first_chunk_owes_the_abort(
+        h: Harness, n: int) -> None:
+    """Streams tester: a client that closed once the 200's headers came, before any
+    chunk reached ext_proc, was charged its prompt alone (0 completion tokens) where the
+    backend had generated (1 token at no delay; real vLLM counted 27). Every sequence may
+    step on until the abort lands: `abort_lag_steps` each, as Envoy's meter charges."""
+    life = await h.admitted({**CHAT, "stream": True, "n": n, "max_tokens": 200})
+    life.finish(aborted=True)
+    if life.recount_owed is not None:
+        life.write(life.recount_owed[0], 9)
+    rec = await h.record(life)
+    assert (rec.status, rec.completion_tokens, rec.estimated) == (499, ABORT_STEPS * n, True)
+    # Never past what it could generate.
+    h.recorded.got.clear()
+    life = await h.admitted({**CHAT, "stream": True, "max_tokens": 5})
+    life.finish(aborted=True)
+    if life.recount_owed is not None:
+        life.write(life.recount_owed[0], 9)
+    assert (await h.record(life)).completion_tokens == 5
+
+
+async def test_a_cut_stream_envoy_metered_owes_its_silence_at_its_pace(
+        tmp_path: Path) -> None:
+    """Streams tester: a client that stopped reading (Envoy's buffers full, the backend
+    generating on) until Envoy's idle timeout cut the stream paid a quarter of what was
+    generated: Envoy's report had no times but the first text's, so the silence before
+    the cut went uncharged. Its last text's time and the stream's end now come too, and
+    the silence is charged at the pace the stream kept, as ext_proc's meter charges it."""
+    h = make_harness(tmp_path, envoy={"stream_metering": "envoy"})
+    body = {**CHAT, "stream": True, "max_tokens": 256}
+
+    async def charged(report: MeterReport) -> int:
+        h.recorded.got.clear()
+        life = await h.admitted(body, reports=Reports())
+        life.response_start(200, BACKEND)
+        assert life.hand_over()
+        life.take_report(report)
+        if life.recount_owed is not None:
+            life.write(life.recount_owed[0], 9)
+        return (await h.record(life)).completion_tokens
+
+    # 11 chunks in 1 s (10 tokens a second), then 5 s of silence before the cut.
+    silent = MeterReport(events=11, ttft_s=0.1, last_s=1.1, end_s=6.1,
+                         cut_by_gateway=True)
+    assert await charged(silent) == 11 + math.ceil(5 * 10 * HEADROOM) + ABORT_STEPS
+    # Longer: what it could generate at most.
+    assert await charged(MeterReport(events=11, ttft_s=0.1, last_s=1.1, end_s=60.0)) == 256
+    # Cut at once after its last text: the chunks and the abort's steps, as before.
+    prompt = MeterReport(events=11, ttft_s=0.1, last_s=1.1, end_s=1.1)
+    assert await charged(prompt) == 11 + ABORT_STEPS
+    # A stream that ended is charged its usage, whatever its times.
+    usage = (b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":11,'
+             b'"total_tokens":20}}\n\n')
+    assert await charged(MeterReport(events=11, usage_event=usage, done=True, ended=True,
+                                     ttft_s=0.1, last_s=1.1, end_s=30.0)) == 11
