@@ -26,6 +26,8 @@ class MeterReport:
     unreadable: bool = False  # not an event stream: passed unread
     cut_by_gateway: bool = False  # Envoy's idle or duration timeout cut it
     ttft_s: float | None = None  # from the request's start to the first generated text
+    last_s: float | None = None  # ... to the last generated text
+    end_s: float | None = None  # ... to the stream's end (cut or not)
 
 
 def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,

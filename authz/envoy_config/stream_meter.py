@@ -23,6 +23,7 @@ Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
                  `"object": "error"`, no `"choices"`), raw, set as it passes: the services
                  read its status as ext_proc metering does
   first_us       when the first content event passed (µs since the epoch)
+  last_us        when the last one passed (kept current)
   done           1 once `data: [DONE]` passed
   ended          1 once the body ended (absent: the stream was cut)
   unreadable     1 when the answer is not an event stream (a server that ignores
@@ -69,6 +70,11 @@ local MAX_EVENT = {max_event}
 -- the step (a chunk) they were fetched in.
 local function set(h, key, value)
   h:streamInfo():dynamicMetadata():set(NS, key, value)
+end
+
+-- Now, in µs since the epoch, as text (pcall'd: an Envoy without it meters all the same).
+local function stamp(h)
+  return h:timestampString(EnvoyTimestampResolution.MICROSECOND)
 end
 
 -- Where the first event in `s` ends: the last byte of the blank line that ends it (SSE
@@ -264,14 +270,16 @@ local function meter(h, strip, content_type, content_encoding)
       chunk:setBytes(table.concat(out))
     end
     if st.events ~= before then
-      if before == 0 then
-        -- When the first generated text passed: time to first token, in µs since epoch.
-        local ok, now = pcall(function()
-          return h:timestampString(EnvoyTimestampResolution.MICROSECOND)
-        end)
-        if ok then
-          set(h, "first_us", tonumber(now))
+      -- When generated text passed, in µs since epoch: the first (time to first token)
+      -- and the last (where the silence before a cut began: the services charge it at
+      -- the stream's pace, as ext_proc's meter does).
+      local ok, now = pcall(stamp, h)
+      if ok then
+        now = tonumber(now)
+        if before == 0 then
+          set(h, "first_us", now)
         end
+        set(h, "last_us", now)
       end
       set(h, "events", st.events)
     end

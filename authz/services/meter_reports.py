@@ -90,10 +90,15 @@ def report_from_entry(entry: Any) -> MeterReport | None:
 
     common = entry.common_properties
     flags = common.response_flags
-    ttft = None
-    if "first_us" in f and common.HasField("start_time"):
+    ttft = last = None
+    if common.HasField("start_time"):
         start_us = common.start_time.seconds * 1_000_000 + common.start_time.nanos // 1000
-        ttft = max(0.0, (f["first_us"].number_value - start_us) / 1e6)
+        if "first_us" in f:
+            ttft = max(0.0, (f["first_us"].number_value - start_us) / 1e6)
+        if "last_us" in f:
+            last = max(0.0, (f["last_us"].number_value - start_us) / 1e6)
+    end = common.duration.ToTimedelta().total_seconds() if common.HasField("duration") \
+        else None
     return MeterReport(
         events=num("events"),
         oversize_events=num("oversize_events"),
@@ -107,6 +112,8 @@ def report_from_entry(entry: Any) -> MeterReport | None:
         cut_by_gateway=bool(flags.stream_idle_timeout or flags.duration_timeout
                             or flags.upstream_request_timeout),
         ttft_s=ttft,
+        last_s=last,
+        end_s=end,
     )
 
 

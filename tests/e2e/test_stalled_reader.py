@@ -155,3 +155,26 @@ def test_a_reader_that_reads_until_it_leaves_is_charged_what_it_read(
     assert tokens // 2 <= rec["completion_tokens"] <= \
         backend.generated["steady"] + ABORT_STEPS
     assert backend.generated["steady"] < MAX_TOKENS
+
+
+@pytest.fixture(scope="module")
+def gw_envoy(tmp_path_factory: pytest.TempPathFactory, backend: Eager) -> Iterator[Gateway]:
+    with run_gateway(tmp_path_factory.mktemp("stalled-envoy"),
+                     upstream=f"http://127.0.0.1:{backend.port}",
+                     demo={"max_tokens": MAX_TOKENS},
+                     envoy={"stream_metering": "envoy"}) as g:
+        yield g
+
+
+def test_metered_in_envoy_a_reader_that_pauses_then_leaves_is_charged_what_was_made(
+        gw_envoy: Gateway, backend: Eager) -> None:
+    """Streams tester: with `stream_metering: envoy` the same client paid a fraction of
+    what was generated: Envoy's report carried no time but the first text's, so the
+    silence before the cut went uncharged. Its last text's time and the stream's end
+    come in the report now, and the silence is charged at the stream's pace."""
+    rid, got = stream_and_leave(gw_envoy, "stall-envoy", read_bytes=50_000, pause_s=3.5)
+    rec = record(gw_envoy, rid)
+    made = backend.generated["stall-envoy"]
+    assert made > 20 * got // len(json.dumps(ENTRY))
+    assert (rec["status"], rec["estimated"]) == (499, True)
+    assert made <= rec["completion_tokens"] <= MAX_TOKENS
