@@ -312,7 +312,11 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
             and len(key.leased) >= limits.max_concurrent):
         reason = "concurrency"
     level, after, why, wait = _check_tokens(limits, ask, key, now, w)
-    if why and not reason:
+    if why == "tokens_too_large" and reason != "duplicate":
+        # Never admissible: said first, so a client is not told to retry (after the
+        # request rate's wait, say) a request it must change (streams tester).
+        reason, retry = why, None
+    elif why and not reason:
         reason, retry = why, wait
     if not reason and limits.budget_nano is not None and ledger is not None:
         ledger.expire(now)

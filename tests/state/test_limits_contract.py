@@ -551,3 +551,15 @@ async def test_a_wait_starts_where_a_buckets_time_is(store: Any) -> None:
     # With the clocks in step again, nothing changes: the same waits as ever.
     d = await store.admit(lim, ask(tokens=30), T0)
     assert (d.reason, d.retry_after_s, d.reset_requests_s) == ("requests", 20.0, 60.0)
+
+
+async def test_a_request_that_can_never_fit_is_told_so_first(store: Any) -> None:
+    """Streams tester: with the request rate spent, a request holding more tokens than
+    the key's tpm got a retryable 429 (`requests`, retry in 5 s); the SDK waited, retried,
+    and only then heard it could never fit. That is said first (no retry-after)."""
+    lim = Limits(rpm=1, tpm=100)
+    assert (await store.admit(lim, ask(tokens=10), T0)).allowed
+    d = await store.admit(lim, ask(tokens=101), T0)
+    assert (d.allowed, d.reason, d.retry_after_s) == (False, "tokens_too_large", None)
+    d = await store.admit(lim, ask(tokens=10), T0)
+    assert (d.reason, d.retry_after_s) == ("requests", 60.0)

@@ -176,7 +176,7 @@ if tpm then
   ahead_t = ahead_of(KEYS[2], now)
   after = level
   if tokens > tpm then
-    reason = reason or 'tokens_too_large'
+    if reason ~= 'duplicate' then reason, retry = 'tokens_too_large', nil end  -- said first
   elseif tokens <= level then
     after = level - tokens
   elseif not reason then
