@@ -64,12 +64,8 @@ def tls_problems(cert: Path, key: Path) -> list[str]:
            for name, path in (("cert", cert), ("key", key)) if (why := unreadable(path))]
     if out:
         return out
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(cert))
-    except ssl.SSLError:
-        return [f"tls.cert: {cert} holds no PEM certificate"]
-    except OSError as e:  # (changed between the looks)
-        return [f"tls.cert: cannot read {cert}: {str(e.strerror or e).lower()}"]
+    if out := ca_problems("tls.cert", cert):  # a PEM certificate at all
+        return out
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
             cert, key, password=_no_passphrase)
