@@ -346,9 +346,9 @@ def test_a_completions_token_named_role_is_counted(split_gw: Gateway) -> None:
         with contextlib.suppress(http.client.IncompleteRead):
             r.read()
     [rec] = records_for(split_gw, rid)
-    # The chunks, and the steps vLLM takes before its abort lands.
-    assert (rec["completion_tokens"], rec["estimated"]) == (ROLE_CHUNKS + ABORT_STEPS,
-                                                            True), rec
+    # The chunks, and the steps vLLM takes before its abort lands (and the moment
+    # between the last chunk and the cut, at the stream's pace).
+    assert rec["estimated"] and ROLE_CHUNKS + ABORT_STEPS <= rec["completion_tokens"] <= 64
 
 
 def test_no_chunk_message_reaches_the_services(gateway: Gateway) -> None:
