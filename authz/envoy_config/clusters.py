@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from pathlib import Path
 
 from envoy_data_plane.envoy.config.cluster.v3 import (
@@ -13,6 +14,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
     ClusterLbPolicy,
+    ClusterTransportSocketMatch,
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -30,7 +32,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Metadata,
     TransportSocket,
     TypedExtensionConfig,
-    UpstreamHttpProtocolOptions,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
@@ -54,6 +55,8 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     GenericSecret,
     SdsSecretConfig,
     Secret,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -62,6 +65,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Struct, Value
 
@@ -235,14 +239,39 @@ def _local_origin_outliers(failures: int, interval_s: float, ejection_s: float,
     )
 
 
-def _upstream_tls(ca_file: Path | None) -> TransportSocket:
-    """TLS to https backends: SNI from each endpoint's hostname (auto_sni, set with the
-    protocol options), certificate checked against that name and the model's
-    `backend_ca_file`, else the system CAs."""
+# Endpoint metadata that picks a cluster's transport socket (Envoy's key).
+_SOCKET_MATCH = "envoy.transport_socket_match"
+
+
+def _upstream_tls(ca_file: Path | None, host: str) -> TransportSocket:
+    """TLS to an https backend `host` (its URL's): SNI that name (none for an address),
+    its certificate checked against the model's `backend_ca_file`, else the system CAs,
+    and against that name. Not Envoy's auto_sni and auto_san_validation: those take the
+    name from the Host header the client sent, so a certificate had to name the
+    gateway's own host, and a client chose the name checked (retest tester)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    san = SubjectAltNameMatcher(
+        san_type=SubjectAltNameMatcherSanType.DNS if ip is None
+        else SubjectAltNameMatcherSanType.IP_ADDRESS,
+        matcher=StringMatcher(exact=host if ip is None else str(ip)))
     validation = CertificateValidationContext(
-        trusted_ca=DataSource(filename=str(ca_file or SYSTEM_CA_BUNDLE)))
-    ctx = UpstreamTlsContext(common_tls_context=CommonTlsContext(validation_context=validation))
+        trusted_ca=DataSource(filename=str(ca_file or SYSTEM_CA_BUNDLE)),
+        match_typed_subject_alt_names=[san])
+    ctx = UpstreamTlsContext(common_tls_context=CommonTlsContext(validation_context=validation),
+                             sni=host if ip is None else "")
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
+
+
+def _tls_matches(model: Model) -> list[ClusterTransportSocketMatch]:
+    """One TLS socket per backend host of an https model, picked by each endpoint's
+    `_SOCKET_MATCH` metadata (`_endpoints`)."""
+    hosts = dict.fromkeys(b.host.lower() for b in model.backends if b.tls)
+    return [ClusterTransportSocketMatch(
+        name=f"tls-{i}", match=Struct(fields={"tls_host": Value(string_value=h)}),
+        transport_socket=_upstream_tls(model.backend_ca_file, h)) for i, h in enumerate(hosts)]
 
 
 def _endpoints(name: str, model: Model) -> ClusterLoadAssignment:
@@ -259,7 +288,9 @@ def _endpoints(name: str, model: Model) -> ClusterLoadAssignment:
             ),
             load_balancing_weight=b.weight,
             metadata=Metadata(filter_metadata={
-                BACKEND_METADATA: Struct(fields={"backend": Value(string_value=b.url)})}),
+                BACKEND_METADATA: Struct(fields={"backend": Value(string_value=b.url)}),
+                **({_SOCKET_MATCH: Struct(fields={
+                    "tls_host": Value(string_value=b.host.lower())})} if b.tls else {})}),
         )
         for b in model.backends
     ]
@@ -328,7 +359,7 @@ def model_cluster(alias: str, model: Model, static_secrets: bool = False,
     ejects among them, so a failing backend is taken out while others serve. A model
     with no backend is marked in the cluster's metadata: its 503 is not worth a retry."""
     name = model_cluster_name(alias)
-    tls = any(b.tls for b in model.backends)
+    matches = _tls_matches(model)
     kind, family = _discovery(*(b.host for b in model.backends))
     # vLLM serves HTTP/1.1.
     h1 = UpstreamHttpOptions(
@@ -337,10 +368,6 @@ def model_cluster(alias: str, model: Model, static_secrets: bool = False,
         ),
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http_protocol_options=Http1ProtocolOptions()
-        ),
-        upstream_http_protocol_options=(
-            UpstreamHttpProtocolOptions(auto_sni=True, auto_san_validation=True)
-            if tls else None
         ),
         http_filters=_upstream_filters(model, static_secrets, whole_bytes),
     )
@@ -361,7 +388,9 @@ def model_cluster(alias: str, model: Model, static_secrets: bool = False,
         # default 50 % would, turning "no healthy backend" 503s into slow connect failures).
         common_lb_config=ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0)),
         typed_extension_protocol_options={_HTTP_OPTIONS: pack(h1)},
-        transport_socket=_upstream_tls(model.backend_ca_file) if tls else None,
+        # Each endpoint's own (its host's name); the first host's for one unmatched.
+        transport_socket=matches[0].transport_socket if matches else None,
+        transport_socket_matches=matches,
         metadata=None if model.backends else Metadata(filter_metadata={
             BACKEND_METADATA: Struct(fields={NO_BACKENDS: Value(bool_value=True)})}),
     )

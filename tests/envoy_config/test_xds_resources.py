@@ -4,6 +4,7 @@ validation, and the bootstrap that points Envoy at them."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,20 @@ def test_one_cluster_per_alias_with_weighted_endpoints() -> None:
     assert "transport_socket" not in small
     large = got[model_cluster_name("llama-large")]
     assert large["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    # One TLS socket per backend host, picked by the endpoint: SNI and the certificate's
+    # name are the URL's host, never the Host a client sent (Envoy's auto_sni and
+    # auto_san_validation read that; retest tester).
+    assert "upstream_http_protocol_options" not in json.dumps(large)
+    sockets = {m["match"]["tls_host"]: m["transport_socket"]["typed_config"]
+               for m in large["transport_socket_matches"]}
+    assert sorted(sockets) == ["vllm-large-2.example.com", "vllm-large.example.com"]
+    for host, ctx in sockets.items():
+        assert ctx["sni"] == host
+        assert ctx["common_tls_context"]["validation_context"][
+            "match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": host}}]
+    picked = [e["metadata"]["filter_metadata"]["envoy.transport_socket_match"]["tls_host"]
+              for e in large["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert sorted(picked) == sorted(sockets)
 
 
 @pytest.mark.parametrize("name", ["basic", "tls_multi"])
