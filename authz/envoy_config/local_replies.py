@@ -116,10 +116,13 @@ HEALTH_METHOD = ApiError(405, "method_not_allowed",
 NO_BODY = invalid_request("This endpoint needs a JSON request body.")
 # ext_proc named a cluster Envoy does not have: the model was added or removed moments
 # ago and the replica that answered ext_proc saw the change before (or after) the one
-# feeding Envoy's xDS, or Envoy is still warming the new cluster.
+# feeding Envoy's xDS, or Envoy is still warming the new cluster; or Envoy refused the
+# cluster (a CA file it cannot load: the services log "xds: Envoy rejected the config"),
+# which it cannot tell from those (retest tester: "moments ago" for good).
 NOT_SERVED = ApiError(404, "model_not_found",
-                      "This model is not served here: it was added or removed moments ago. "
-                      "GET /v1/models lists the models this key can use now.")
+                      "This model is not served here: it was added or removed moments ago, "
+                      "or the gateway could not load its configuration (its operator's log "
+                      "says why). GET /v1/models lists the models this key can use now.")
 # Envoy's memory is nearly spent (overload manager, envoy.max_heap_bytes): the request
 # was refused before anything read it, and memory comes back as streams end.
 OVERLOADED = service_unavailable("The gateway is overloaded; try again shortly.", retry=True)
