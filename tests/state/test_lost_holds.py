@@ -120,6 +120,31 @@ async def test_replicas_whose_clocks_disagree_agree_on_leases(
             await s.close()
 
 
+async def test_a_replica_whose_clock_steps_while_running_measures_it_at_once(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retest tester: a replica whose wall clock stepped 5 minutes ahead while it ran
+    (NTP, a VM resumed) freed the other's slots and charged its streams as lost within a
+    second: the offset was measured again only at the next sweep's 10 s. A step is seen
+    at the next call, and the offset measured then."""
+    url = own_redis.url
+    steady, stepped = RedisLimitStore(url, timeout_s=2.0), RedisLimitStore(url, timeout_s=2.0)
+    real_time, shift = time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: real_time() + shift[0])
+    try:
+        assert await steady.sweep(real_time()) == []
+        assert await stepped.sweep(real_time()) == []  # both measured in step
+        lim, t = Limits(max_concurrent=1), real_time()
+        assert (await steady.admit(lim, ask(1, lease=60.0), t)).allowed
+        shift[0] = 300.0  # the stepped replica's clock jumps; its next call sees it
+        decision = await stepped.admit(lim, ask(2), t + 5 + 300)
+        assert (decision.allowed, decision.reason) == (False, "concurrency")
+        assert await stepped.sweep(t + 5 + 300) == []
+    finally:
+        for s in (steady, stepped):
+            await s.close()
+
+
 async def test_a_claim_left_by_a_dead_sweeper_returns(own_redis: RedisServer) -> None:
     """A replica that claimed index entries and died before settling them: the entries
     come back to the sweep after CLAIM_S, and are still claimed once."""

@@ -119,6 +119,9 @@ class RedisLimitStore:
         # What this replica adds to its `now` for the lease clock (whole seconds, 0 for an
         # offset below LEASE_SKEW_S): see redis_scripts.py.
         self._lease_shift = 0.0
+        # This replica's wall clock less its monotonic one when the offset was measured:
+        # a change means the wall clock stepped (NTP, a VM resumed) since.
+        self._wall_less_mono = 0.0
         self._evicting = ""  # the evicting policy last logged ("" none)
         # The usage records' seen keys (redis_sink.py): the sweep reads what a request
         # whose record reached Redis owes (None: it does not look).
@@ -149,8 +152,7 @@ class RedisLimitStore:
     async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
                     ) -> Decision:
         check_ask(limits, ask)
-        if self._offset is None:  # before the first sweep: leases need the clock offset
-            await self._measure_offset()
+        await self._clock_checked()
         ns = self._ns(ask.key_id)
         lnow = self._lease_now(now)
         conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
@@ -206,6 +208,18 @@ class RedisLimitStore:
         return repr(time.time() + self._offset + self._offset_error + self._timeout
                     + STALE_SLACK_S)
 
+    async def _clock_checked(self) -> None:
+        """The offset before the lease clock is read: measured first when it never was
+        (before the first sweep), and again at once when this replica's wall clock
+        stepped since (the sweep's 10 s let a replica stepped 5 minutes ahead free other
+        replicas' concurrency slots and charge their streams as lost; retest tester)."""
+        if self._offset is not None and abs(time.time() - time.monotonic()
+                                            - self._wall_less_mono) >= LEASE_SKEW_S / 2:
+            # Stepped: a new offset now, however slow its reply.
+            self._offset, self._offset_checked = None, -OFFSET_CHECK_S
+        if self._offset is None:  # (at most one try per OFFSET_CHECK_S otherwise)
+            await self._measure_offset()
+
     async def _measure_offset(self) -> None:
         """Redis' clock against this replica's, from one TIME round trip: its midpoint,
         off by at most half the round trip, which the deadline adds (so a deadline is
@@ -228,6 +242,7 @@ class RedisLimitStore:
                 or now - self._offset_at >= OFFSET_KEEP_S):
             self._offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
             self._offset_error, self._offset_at = error, now
+            self._wall_less_mono = t1 - time.monotonic()
             shift = float(round(self._offset)) if abs(self._offset) >= LEASE_SKEW_S else 0.0
             if shift != self._lease_shift:
                 log.warning("this replica's clock is %.1f s %s Redis' clock: leases run on "
@@ -265,6 +280,7 @@ class RedisLimitStore:
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: float) -> Settled:
         check_usage(used_tokens, cost_nano)
+        await self._clock_checked()
         conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
                                                         ask.request_id)
         keys = [self._ns(ask.key_id) + "tpm", conc, res, budget, resv, lost]
@@ -401,6 +417,7 @@ class RedisLimitStore:
         await self.check_epoch()
         await self._check_eviction()
         await self._measure_offset()
+        await self._clock_checked()
         lost: list[Ask] = []
         lnow = self._lease_now(now)
         for _ in range(SWEEP_BATCHES):
