@@ -487,33 +487,33 @@ async def test_slow_clock_reads_still_give_admissions_a_deadline(
     503). A slow reply measures the offset when there is none, its error (half the round
     trip) added to the deadline; it does not replace a quicker reply's offset."""
     store = RedisLimitStore(own_redis.url, timeout_s=0.5)
-    real_time = time.time
-    lag = [0.3]
+    execute = store._redis.execute
+    slow = [True]
 
-    def slow_clock() -> float:  # every other read 0.3 s late: a round trip of 0.3 s
-        lag.append(-lag[-1])
-        return real_time() + max(lag[-1], 0.0)
+    async def slow_time(*args: Any) -> Any:  # TIME's round trip 0.3 s: a loaded machine
+        if args == ("TIME",) and slow[0]:
+            await asyncio.sleep(0.3)
+        return await execute(*args)
 
+    monkeypatch.setattr(store._redis, "execute", slow_time)
     try:
-        monkeypatch.setattr(time, "time", slow_clock)
         assert await store.sweep(NOW.timestamp()) == []
-        monkeypatch.setattr(time, "time", real_time)
         assert store._offset is not None and abs(store._offset) < 1
         slow_error = store._offset_error
         assert slow_error >= 0.1
         # Never early: Redis runs on this machine (a true offset of ~0), and the reply's
         # error covers the midpoint's.
-        assert float(store._deadline()) >= real_time() + 0.5 + 1.0 - 0.01
+        assert float(store._deadline()) >= time.time() + 0.5 + 1.0 - 0.01
+        slow[0] = False
         store._offset_checked = -1e9  # measure again now: a quick reply replaces it
         assert await store.sweep(NOW.timestamp()) == []
         assert store._offset_error < slow_error
         quick = store._offset
-        monkeypatch.setattr(time, "time", slow_clock)
+        slow[0] = True
         store._offset_checked = -1e9  # a slow one does not replace the quick one
         assert await store.sweep(NOW.timestamp()) == []
         assert store._offset == quick
     finally:
-        monkeypatch.setattr(time, "time", real_time)
         await store.close()
 
 
