@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -28,6 +29,7 @@ from authz.runtime.cells import cell, printable
 from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyAdmin, ReadOnlyStore
 from authz.state.keys.factory import make_store
+from authz.state.keys.keyring import KeyringStore
 from authz.state.limits.peek import show_state
 from authz.state.orgs import make_org_store
 from policy.admin_schema import EVERY_MODEL
@@ -182,6 +184,22 @@ def _when(v: str) -> datetime:
 STORE_START_S = 10.0  # how long `keys` waits for the key store's first read
 
 
+# What a data_dir the services have run in holds: one without keys.json is a keyring
+# deleted or moved, not a new one.
+_USED_DATA = ("limits.snapshot", "limits.journal", "usage.jsonl")
+
+
+def _warn_if_keyring_gone(store: KeyringStore) -> None:
+    """keys.json missing from a data_dir that has been used (the services keep the keys
+    they had, and say so): one written now holds only the keys created now, and every
+    other key gets 401 (retest tester: doing as the services' error line said)."""
+    if not store.path.exists() and any((store.path.parent / n).exists() for n in _USED_DATA):
+        print(f"tokenbooth: warning: {store.path} does not exist, though this data_dir has "
+              "been used: deleted or moved? A keyring written now holds only the keys "
+              "created now, and every other key is refused; put the old one back first "
+              "(from a backup)", file=sys.stderr)
+
+
 def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
     store = make_store(cfg)
     if not isinstance(store, KeyAdmin):
@@ -189,6 +207,8 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
             "keys are managed by the validation service at "
             f"{origin(cfg.key_store.validation_url or '')}"
         )
+    if isinstance(store, KeyringStore):
+        _warn_if_keyring_gone(store)
 
     async def run() -> T:
         try:

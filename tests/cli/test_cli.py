@@ -133,6 +133,22 @@ def test_keys_list_is_by_id_as_the_admin_api_lists_them(tmp_path: Path) -> None:
     assert stored in ids and "k-main" in ids and ids == sorted(ids)
 
 
+def test_keys_warns_of_a_keyring_gone_from_a_used_data_dir(tmp_path: Path) -> None:
+    """Retest tester: with keys.json deleted (the services keep their keys, and say so),
+    `keys create` wrote a keyring of the new key alone, and every earlier key got 401,
+    without a word. A data_dir the services ran in, with no keys.json, is warned of."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    r = tb("keys", "create", "--org", "acme", "--config", str(path))
+    assert r.returncode == 0 and "warning" not in r.stderr  # a new data_dir: no warning
+    (tmp_path / "data" / "keys.json").unlink()
+    (tmp_path / "data" / "limits.snapshot").write_text("{}")  # the services ran here
+    for args in (("list",), ("create", "--org", "acme")):
+        r = tb("keys", *args, "--config", str(path))
+        assert r.returncode == 0 and "keys.json does not exist, though this data_dir " \
+            "has been used" in r.stderr, r.stderr
+
+
 def test_keys_create_takes_star_for_every_model(tmp_path: Path) -> None:
     """Retest tester: `keys create --model '*'` was refused as an unknown alias, where
     `keys update --model '*'` and the admin API take it for every alias."""

@@ -327,9 +327,9 @@ class KeyringStore:
         if stamp == ABSENT:
             if self._by_fp:  # it was there: deleted or moved, not a keyring with no keys
                 return _Read(seq, stamp, error=(
-                    f"{self.path}: gone (deleted or moved); put it back, or write a new "
-                    "one with `tokenbooth keys create` (an empty keyring: "
-                    '{"keys": []})'))
+                    f"{self.path}: gone (deleted or moved); put it back (from a backup): "
+                    "a keyring written anew (`tokenbooth keys create`) holds only the keys "
+                    "created then, and every other key is refused"))
             return _Read(seq, stamp, {})
         last = self._known
         if last is not None and last.stamp == stamp:  # read or written here since
