@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 
@@ -189,6 +189,22 @@ def period_id(period: str, now: datetime) -> str:
     if period == "month":
         return f"month:{now:%Y-%m}"
     return "total"
+
+
+def period_start(period: str, now: datetime) -> datetime | None:
+    """When the period `now` falls in began (None for `total`)."""
+    now = now.astimezone(UTC)
+    if period == "day":
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "month":
+        return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return None
+
+
+def previous_period_id(period: str, now: datetime) -> str | None:
+    """The id of the period before the one `now` falls in (None for `total`)."""
+    start = period_start(period, now)
+    return None if start is None else period_id(period, start - timedelta(seconds=1))
 
 
 def period_reset_s(period: str, now: datetime) -> float | None:

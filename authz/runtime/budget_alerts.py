@@ -48,7 +48,7 @@ from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import UsageSink
 from policy.config import Config, OrgLimits, redacted
-from policy.limits import nano_to_usd, period_id, usd_to_nano
+from policy.limits import nano_to_usd, period_id, period_start, previous_period_id, usd_to_nano
 from policy.usage import UsageRecord, iso_z
 
 log = logging.getLogger("tokenbooth.alerts")
@@ -70,6 +70,11 @@ KNOWN_SENT_S = 86400.0
 KNOWN_CLAIMED_S = 300.0
 # Sent markers: how long they are kept (`total` budgets: for good).
 SENT_TTL_S = {"day": 3 * 86400, "month": 40 * 86400}
+# How long after a period turns a rescan also reads the period before (a request
+# admitted before the turn settles into it up to its lease later, or from the spool
+# after an outage); and the first rescan after a start always does (a restart's
+# recovery settles the requests of the last run).
+LATE_WINDOW_S = 3600.0
 
 
 # -- what is checked and what is sent ---------------------------------------------------
@@ -380,6 +385,7 @@ class BudgetAlerts:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._next_rescan = 0.0
+        self._rescanned = False  # a rescan has read every owner since the start
         self._keys_failing = False  # the keys could not be read: said once until they are
         self._warned: str | None = None  # the webhook URL last warned about as unsigned
 
@@ -429,8 +435,9 @@ class BudgetAlerts:
         self._exhausted |= exhausted
         self._charged |= charged
         mono = time.monotonic()
+        rescan = everyone or overflow or mono >= self._next_rescan
         try:
-            if everyone or overflow or mono >= self._next_rescan:
+            if rescan:
                 self._next_rescan = mono + cfg.alerts.rescan_s
                 owners = await self._everyone(cfg)
             else:
@@ -453,6 +460,10 @@ class BudgetAlerts:
         charged_in: dict[str, set[str]] = {}  # owner -> the periods records were charged to
         for owner, period in self._charged:
             charged_in.setdefault(owner, set()).add(period)
+        if rescan:  # and the period before, where a late settlement may have gone
+            for who in owners:
+                if (late := self._late_period(who.period_kind, now)) is not None:
+                    charged_in.setdefault(who.owner, set()).add(late)
         for who in owners:
             if not await self._check_one(cfg, who, now, sorted(refused.get(who.owner, ())),
                                          charged_in.get(who.owner, set())):
@@ -460,6 +471,18 @@ class BudgetAlerts:
                 return
         self._exhausted.clear()
         self._charged.clear()
+        self._rescanned = self._rescanned or rescan
+
+    def _late_period(self, kind: str, now: datetime) -> str | None:
+        """The period before `now`'s, when a rescan reads it: at its first since the start
+        (retest tester: serve killed just after midnight never alerted the day before,
+        charged by the settlement it had just made), and within LATE_WINDOW_S of the
+        turn."""
+        start = period_start(kind, now)
+        if start is None or (self._rescanned
+                             and (now - start).total_seconds() >= LATE_WINDOW_S):
+            return None
+        return previous_period_id(kind, now)
 
     async def _check_one(self, cfg: Config, who: Budgeted, now: datetime,
                          refused: list[str], charged_in: set[str]) -> bool:

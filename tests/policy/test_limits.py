@@ -25,6 +25,8 @@ from policy.limits import (
     nano_to_usd,
     period_id,
     period_reset_s,
+    period_start,
+    previous_period_id,
     rate_headers,
     retry_after_header,
     tightest,
@@ -165,6 +167,21 @@ def test_limits_any() -> None:
 def test_period_id_and_reset(now: datetime, period: str, pid: str, reset: float) -> None:
     assert period_id(period, now) == pid
     assert period_reset_s(period, now) == reset
+
+
+@pytest.mark.parametrize(("now", "period", "before"), [
+    (datetime(2026, 1, 1, tzinfo=UTC), "day", "day:2025-12-31"),
+    (datetime(2026, 1, 1, tzinfo=UTC), "month", "month:2025-12"),
+    (datetime(2024, 3, 1, 0, 30, tzinfo=UTC), "day", "day:2024-02-29"),
+    (datetime(2024, 3, 31, 23, 59, tzinfo=UTC), "month", "month:2024-02"),
+    (datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=2))), "day", "day:2025-12-30"),
+    (datetime(2026, 5, 5, tzinfo=UTC), "total", None),
+])
+def test_the_period_before(now: datetime, period: str, before: str | None) -> None:
+    assert previous_period_id(period, now) == before
+    start = period_start(period, now)
+    assert start is None or (start <= now and period_id(period, start) == period_id(
+        period, now))
 
 
 def test_total_never_resets() -> None:

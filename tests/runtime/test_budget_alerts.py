@@ -434,6 +434,38 @@ async def test_a_late_settlement_into_the_last_period_is_alerted(
         await alerts.close()
 
 
+async def test_a_rescan_reads_the_period_before_at_start_and_after_the_turn(
+        receiver: Receiver, tmp_path: Path) -> None:
+    """Retest tester: serve killed just after midnight, when the settlement of a stream
+    admitted before it had charged the day before (15 % of its budget): the record's
+    mark was gone with the process, and rescans read only the current period, so that
+    day's thresholds were never said. The first rescan after a start reads the period
+    before too, as do rescans within an hour of the turn."""
+    cfg = policy(tmp_path, receiver.url, thresholds=[0.1, 0.5])
+    store = MemoryLimitStore()
+    day1 = period_id("day", DAY1)
+    await spend(store, KEY, "1.57", "day", DAY1)  # what the last run settled, then died
+    clock = Clock(DAY1.replace(hour=0) + timedelta(days=1, hours=5))  # far past the turn
+    alerts = make_alerts(cfg, store, FileMarks(tmp_path / "m.json"), clock)
+    await alerts.start()
+    try:
+        await checked(alerts)  # the first rescan since the start
+        assert receiver.delivered() == [(KEY, day1, "0.1")]
+        # The next day, within the hour after its turn: a late settlement into day 2.
+        clock.now = DAY1.replace(hour=0) + timedelta(days=2, minutes=10)
+        await spend(store, KEY, "6", "day", DAY1 + timedelta(days=1))
+        await checked(alerts)
+        assert receiver.delivered()[1:] == [
+            (KEY, period_id("day", DAY1 + timedelta(days=1)), "0.1"),
+            (KEY, period_id("day", DAY1 + timedelta(days=1)), "0.5")]
+        # Past the hour, a rescan reads the current period alone (nothing more to say).
+        clock.now = DAY1.replace(hour=0) + timedelta(days=2, hours=2)
+        await checked(alerts)
+        assert len(receiver.delivered()) == 3
+    finally:
+        await alerts.close()
+
+
 async def test_refusals_are_not_alerted_when_turned_off(receiver: Receiver,
                                                         tmp_path: Path) -> None:
     cfg = policy(tmp_path, receiver.url, on_refusal=False)
