@@ -137,6 +137,8 @@ class Backend(_Strict):
     @classmethod
     def _valid_url(cls, v: str) -> str:
         shown = backend_shown(v)  # messages never carry a user, path, query or fragment
+        if v != v.strip():
+            raise ValueError(f"a backend URL has spaces around it: {shown}")
         try:
             parts = urlsplit(v)
         except ValueError:  # a bracketed host that is no IP address
@@ -176,11 +178,13 @@ class Backend(_Strict):
 
     @property
     def endpoint(self) -> tuple[str, str, int]:
-        """(scheme, host, port) as Envoy reaches it: the host lowercased (an IPv6 address
-        in its short form), the port said or implied. Two backends alike here are one."""
-        host = self.host
+        """(scheme, host, port) as Envoy reaches it: the host lowercased, without a DNS
+        name's final dot (an IPv6 address in its short form, an IPv4-mapped one as that
+        IPv4 address), the port said or implied. Two backends alike here are one."""
+        host = self.host.rstrip(".")
         if ":" in host:
-            host = str(ipaddress.IPv6Address(host))
+            v6 = ipaddress.IPv6Address(host)
+            host = str(v6.ipv4_mapped or v6)
         return urlsplit(self.url).scheme, host, self.port
 
 

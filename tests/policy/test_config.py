@@ -350,6 +350,8 @@ def test_backend_hosts_envoy_resolves_pass(url: str) -> None:
 @pytest.mark.parametrize("urls", [
     ("http://h:1", "http://h:1/"), ("http://h", "http://H:80"), ("https://h", "https://h:443"),
     ("http://[::1]:1", "http://[0::1]:1"),
+    # Retest tester: a DNS name's final dot; an IPv4-mapped IPv6 address.
+    ("http://h:80", "http://h."), ("http://127.0.0.1", "http://[::ffff:127.0.0.1]"),
 ])
 def test_one_backend_written_two_ways_is_listed_twice(urls: tuple[str, str]) -> None:
     data = policy_dict("http://x:1")
@@ -461,3 +463,10 @@ def test_the_abort_lag_is_a_limits_setting() -> None:
     assert cfg.limits.abort_lag_steps == 40
     with pytest.raises(ConfigError, match=r"limits\.abort_lag_steps"):
         parse_config(policy_dict("http://127.0.0.1:8000", limits={"abort_lag_steps": -1}))
+
+
+def test_a_backend_url_with_spaces_around_it_is_refused() -> None:
+    """Retest tester: `' http://h:80'` was taken, and kept with its space."""
+    for url in (" http://h:80", "http://h:80 ", "http://h:80\n"):
+        with pytest.raises(ConfigError, match="spaces around it"):
+            parse_config(policy_dict(url))
