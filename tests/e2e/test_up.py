@@ -145,6 +145,12 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         assert not port_open(hostport), f"{hostport} still open after Ctrl-C"
 
 
+# A model `up` serves from its simulator, free by an explicit zero price (a price left
+# out is a warning on `up`'s stderr).
+NO_BACKEND = {"upstream_model": "tiny-llama", "backends": [],
+              "price_per_1k_tokens": {"input": 0, "output": 0}}
+
+
 def free_ports_config(**models: dict[str, Any]) -> dict[str, Any]:
     """A policy on free ports with `models` and one key (SECRET)."""
     return {
@@ -293,7 +299,7 @@ def test_up_refuses_a_bad_pair_before_it_starts_anything(tmp_path: Path) -> None
     """TLS tester: `up` started the services and the simulator, then Envoy refused the
     pair and `up` said "envoy: a process exited with status 1"."""
     _, cert, _ = make_test_ca(tmp_path)
-    data = free_ports_config(demo={"upstream_model": "tiny-llama", "backends": []})
+    data = free_ports_config(demo=NO_BACKEND)
     data["tls"] = {"cert": cert.name, "key": "ca.key"}
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -308,7 +314,7 @@ def test_up_checks_the_admin_apis_port_before_it_starts_anything(tmp_path: Path)
     """Newcomer tester: with an admin token and `admin.listen` taken, `up` started every
     process, then said the services exited. Now one line, as for its other ports."""
     port = free_port()
-    data = free_ports_config(demo={"upstream_model": "tiny-llama", "backends": []})
+    data = free_ports_config(demo=NO_BACKEND)
     data["admin"] = {"listen": f"127.0.0.1:{port}"}
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -328,7 +334,7 @@ def test_up_says_when_its_certificate_is_near_its_end(tmp_path: Path) -> None:
     clients refuse it). `up` says so first; here it then stops on a port in use."""
     _, cert, key = make_test_ca(tmp_path, days=1)
     port = free_port()
-    data = free_ports_config(demo={"upstream_model": "tiny-llama", "backends": []})
+    data = free_ports_config(demo=NO_BACKEND)
     data["tls"] = {"cert": cert.name, "key": key.name}
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -348,7 +354,7 @@ def test_up_says_when_its_certificate_is_near_its_end(tmp_path: Path) -> None:
 def test_up_with_its_listen_port_taken_exits_with_one_line(tmp_path: Path, how: str) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(free_ports_config(
-        demo={"upstream_model": "tiny-llama", "backends": []})))
+        demo=NO_BACKEND)))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}
     args = [sys.executable, "-m", "authz.cli", "up", "--config", str(path)]

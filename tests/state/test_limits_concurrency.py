@@ -224,9 +224,9 @@ class MemoryVsModel(RuleBasedStateMachine):
         level = bucket_level(self.level, self.ts, self.now, 500)
         ok_t, after, _ = bucket_take(level, tokens, 500)
         spent = self.spent_in(self.period)
-        expect = ("requests" if not g.allowed
+        expect = ("tokens_too_large" if tokens > 500  # never admissible: said first
+                  else "requests" if not g.allowed
                   else "concurrency" if len(self.live()) >= 3
-                  else "tokens_too_large" if tokens > 500
                   else "tokens" if not ok_t
                   else "budget" if spent + cost > 10_000
                   else "budget_held" if spent + self.reserved(self.period) + cost > 10_000
