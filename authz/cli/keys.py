@@ -184,18 +184,18 @@ def _when(v: str) -> datetime:
 STORE_START_S = 10.0  # how long `keys` waits for the key store's first read
 
 
-# What a data_dir the services have run in holds: one without keys.json is a keyring
-# deleted or moved, not a new one.
-_USED_DATA = ("limits.snapshot", "limits.journal", "usage.jsonl")
+# Written beside keys.json by every write of it (keyring.py): with no keys.json, the
+# keyring was deleted or moved, not never made (keys in the config file alone make none).
+_KEYRING_WRITTEN = "keys.lock"
 
 
 def _warn_if_keyring_gone(store: KeyringStore) -> None:
-    """keys.json missing from a data_dir that has been used (the services keep the keys
+    """keys.json gone from a data_dir where one was written (the services keep the keys
     they had, and say so): one written now holds only the keys created now, and every
     other key gets 401 (retest tester: doing as the services' error line said)."""
-    if not store.path.exists() and any((store.path.parent / n).exists() for n in _USED_DATA):
-        print(f"tokenbooth: warning: {store.path} does not exist, though this data_dir has "
-              "been used: deleted or moved? A keyring written now holds only the keys "
+    if not store.path.exists() and (store.path.parent / _KEYRING_WRITTEN).exists():
+        print(f"tokenbooth: warning: {store.path} does not exist, though a keyring was "
+              "written here: deleted or moved? A keyring written now holds only the keys "
               "created now, and every other key is refused; put the old one back first "
               "(from a backup)", file=sys.stderr)
 

@@ -136,17 +136,24 @@ def test_keys_list_is_by_id_as_the_admin_api_lists_them(tmp_path: Path) -> None:
 def test_keys_warns_of_a_keyring_gone_from_a_used_data_dir(tmp_path: Path) -> None:
     """Retest tester: with keys.json deleted (the services keep their keys, and say so),
     `keys create` wrote a keyring of the new key alone, and every earlier key got 401,
-    without a word. A data_dir the services ran in, with no keys.json, is warned of."""
+    without a word. A data_dir where a keyring was written, with no keys.json, is warned
+    of."""
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     (tmp_path / "data").mkdir()
     r = tb("keys", "create", "--org", "acme", "--config", str(path))
     assert r.returncode == 0 and "warning" not in r.stderr  # a new data_dir: no warning
     (tmp_path / "data" / "keys.json").unlink()
-    (tmp_path / "data" / "limits.snapshot").write_text("{}")  # the services ran here
     for args in (("list",), ("create", "--org", "acme")):
         r = tb("keys", *args, "--config", str(path))
-        assert r.returncode == 0 and "keys.json does not exist, though this data_dir " \
-            "has been used" in r.stderr, r.stderr
+        assert r.returncode == 0 and "keys.json does not exist, though a keyring was " \
+            "written here" in r.stderr, r.stderr
+    # Keys in the config file alone, records written: no keyring ever, no warning.
+    other = tmp_path / "other"
+    path = write_policy(other, "http://127.0.0.1:8000")
+    (other / "data").mkdir()
+    (other / "data" / "usage.jsonl").write_text("")
+    r = tb("keys", "list", "--config", str(path))
+    assert (r.returncode, r.stderr) == (0, "")
 
 
 def test_keys_create_takes_star_for_every_model(tmp_path: Path) -> None:
