@@ -20,6 +20,23 @@ def test_check_path_bench_runs() -> None:
     assert r.stdout.count("|") > 20
 
 
+def test_decision_path_bench_records_every_request() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.decision_path", "--n", "40"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "40 requests:" in r.stdout
+    assert "44 records" in r.stdout  # 40 measured + 4 warm-up, one record each
+
+
+def test_grpc_path_bench_records_every_request() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.grpc_path", "--concurrency", "2",
+                        "--duration", "0.5", "--reps", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| 2 |" in r.stdout
+    assert "B recorded" in r.stdout
+
+
 def test_limit_path_bench_runs() -> None:
     r = subprocess.run([sys.executable, "-m", "bench.limit_path", "--n", "30"],
                        capture_output=True, text=True, timeout=120)
