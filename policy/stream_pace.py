@@ -106,6 +106,21 @@ class StreamPace:
             self.flow_tokens += tokens
             self.flow_seq_s += gap * before
 
+    def flowed(self, now: float, tokens: int) -> None:
+        """Chunks carrying `tokens`, the last at `now`, whose own times are unknown (a
+        stream Envoy's meter read reports only its first and last text): flow at the pace
+        they average since the last chunk, never a pause (none can be told apart)."""
+        if tokens <= 0:
+            return
+        if self.last_at is None:
+            self.chunk(now, tokens)
+            return
+        gap = max(0.0, now - self.last_at)
+        self.last_at = max(self.last_at, now)
+        self.flow_s += gap
+        self.flow_tokens += tokens
+        self.flow_seq_s += gap * max(1, self.opened)
+
     def unseen(self, now: float, seen: int) -> int | None:
         """Tokens the backend could have generated that no chunk carried, for a stream cut
         at `now` after chunks carrying `seen`: 0 without a pause; None when it paused but

@@ -520,8 +520,9 @@ class Lifecycle:
         seen = meter.tokens_seen
         pace.chunk(self._t0 + report.ttft_s, min(seen, 1))
         if report.last_s is not None and report.events > 1:
-            pace.chunk(self._t0 + max(report.last_s, report.ttft_s), seen - 1,
-                       steps=report.events - 1)
+            # Flow, not one read after a pause: a steady stream longer than stall_s was
+            # charged its whole span again as a pause (review: ~3x what it carried).
+            pace.flowed(self._t0 + max(report.last_s, report.ttft_s), seen - 1)
         if report.end_s is not None:
             self._ended_at = self._t0 + report.end_s
 

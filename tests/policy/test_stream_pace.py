@@ -185,3 +185,19 @@ def test_the_abort_lag_counts_a_chunks_steps_and_the_setting() -> None:
     assert StreamPace(2.0, sequences=3, abort_steps=5, interval=2).abort_lag(
         choices_unseen=True) == 3 * 6
     assert StreamPace(2.0, abort_steps=0).abort_lag() == 0
+
+
+@pytest.mark.parametrize("span_s", [0.5, 2.0, 6.0, 60.0])
+def test_chunks_with_only_their_first_and_last_times_are_flow(span_s: float) -> None:
+    """A stream Envoy's meter read (its first and last text's times alone), however long:
+    the same as read chunk by chunk at an even pace, never one pause (review: a 6 s
+    steady stream was charged its span again as a pause, ~3x what it carried)."""
+    pace = StreamPace(2.0)
+    pace.chunk(0.0, 1)
+    pace.flowed(span_s, 60)
+    even = paced(*steady(61, step=span_s / 60))
+    assert pace.debt_s == even.debt_s == 0.0
+    assert pace.rate(61) == pytest.approx(even.rate(61) or 0.0)
+    for silence in (0.0, 0.5, 1.9):  # cut at once, or after a short silence
+        assert pace.unseen(span_s + silence, 61) == even.unseen(span_s + silence, 61)
+    assert pace.unseen(span_s + 5.0, 61) == even.unseen(span_s + 5.0, 61) > 0

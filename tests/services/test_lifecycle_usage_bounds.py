@@ -823,6 +823,15 @@ async def test_a_cut_stream_envoy_metered_owes_its_silence_at_its_pace(
     # Cut at once after its last text: the chunks and the abort's steps, as before.
     prompt = MeterReport(events=11, ttft_s=0.1, last_s=1.1, end_s=1.1)
     assert await charged(prompt) == 11 + ABORT_STEPS
+    # A steady stream longer than stalled_stream_s, cut at once after its last text (the
+    # user pressed stop): its chunks and the abort's steps. Review: the span between its
+    # first and last text was replayed as one pause and charged ~3x what it carried.
+    for span_s in (3.0, 6.0, 30.0):
+        steady = MeterReport(events=61, ttft_s=0.1, last_s=0.1 + span_s, end_s=0.1 + span_s)
+        assert await charged(steady) == 61 + ABORT_STEPS
+    # ...and 1 s of silence after it, at the pace of its 6 s of flow (10 tokens a second).
+    quiet = MeterReport(events=61, ttft_s=0.1, last_s=6.1, end_s=7.1)
+    assert await charged(quiet) == 61 + math.ceil(1 * 10 * HEADROOM) + ABORT_STEPS
     # A stream that ended is charged its usage, whatever its times.
     usage = (b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":11,'
              b'"total_tokens":20}}\n\n')
