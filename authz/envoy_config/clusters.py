@@ -268,7 +268,7 @@ def _upstream_tls(ca_file: Path | None, host: str) -> TransportSocket:
 def _tls_matches(model: Model) -> list[ClusterTransportSocketMatch]:
     """One TLS socket per backend host of an https model, picked by each endpoint's
     `_SOCKET_MATCH` metadata (`_endpoints`)."""
-    hosts = dict.fromkeys(b.host.lower() for b in model.backends if b.tls)
+    hosts = dict.fromkeys(b.endpoint[1] for b in model.backends if b.tls)
     return [ClusterTransportSocketMatch(
         name=f"tls-{i}", match=Struct(fields={"tls_host": Value(string_value=h)}),
         transport_socket=_upstream_tls(model.backend_ca_file, h)) for i, h in enumerate(hosts)]
@@ -290,7 +290,7 @@ def _endpoints(name: str, model: Model) -> ClusterLoadAssignment:
             metadata=Metadata(filter_metadata={
                 BACKEND_METADATA: Struct(fields={"backend": Value(string_value=b.url)}),
                 **({_SOCKET_MATCH: Struct(fields={
-                    "tls_host": Value(string_value=b.host.lower())})} if b.tls else {})}),
+                    "tls_host": Value(string_value=b.endpoint[1])})} if b.tls else {})}),
         )
         for b in model.backends
     ]

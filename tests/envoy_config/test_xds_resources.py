@@ -90,6 +90,29 @@ def test_one_cluster_per_alias_with_weighted_endpoints() -> None:
     assert sorted(picked) == sorted(sockets)
 
 
+@pytest.mark.parametrize(("url", "sni", "san"), [
+    ("https://Vllm.Example.com.:8443", "vllm.example.com", ("DNS", "vllm.example.com")),
+    ("https://[::ffff:10.0.0.1]:8443", "", ("IP_ADDRESS", "10.0.0.1")),
+    ("https://[2001:DB8::1]", "", ("IP_ADDRESS", "2001:db8::1")),
+])
+def test_tls_names_the_backend_as_its_certificate_does(url: str, sni: str,
+                                                       san: tuple[str, str]) -> None:
+    """A DNS name's final dot and an IPv4-mapped address are the same backend as without
+    (config), and so for TLS too: the dot is no SNI (RFC 6066) and no certificate names
+    it; an IPv4-mapped address's certificate names the IPv4 one (review)."""
+    cfg = Config.model_validate({
+        "models": {"m": {"upstream_model": "u", "backends": [{"url": url}]}}, "keys": []})
+    cluster = by_name(cfg)[model_cluster_name("m")]
+    (match,) = cluster["transport_socket_matches"]
+    ctx = match["transport_socket"]["typed_config"]
+    assert ctx.get("sni", "") == sni
+    assert ctx["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] \
+        == [{"san_type": san[0], "matcher": {"exact": san[1]}}]
+    (ep,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert ep["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == \
+        match["match"] == {"tls_host": san[1] if not sni else sni}
+
+
 @pytest.mark.parametrize("name", ["basic", "tls_multi"])
 def test_the_wire_form_is_the_typed_form(name: str) -> None:
     """Each packed resource, parsed by the official protobuf, says what the typed
