@@ -162,6 +162,16 @@ def upstream_error(status: int, body: bytes, alias: str = "",
                     type=_TYPE_BY_STATUS.get(status, "invalid_request_error"))
 
 
+def unserved_model_answer(status: int, body: bytes, upstream_model: str) -> bool:
+    """Whether a backend's error answer refuses the model the gateway sent it (the
+    gateway's configuration at fault), not the path or the request."""
+    if status != 404 or not upstream_model:
+        return False
+    readable = _decompressed(body)
+    return is_unserved_model(_error_fields(readable) if readable.strip() else {},
+                             upstream_model)
+
+
 def is_unserved_model(fields: dict[str, object], upstream_model: str) -> bool:
     """Whether a backend's 404 fields refuse the model it was sent (vLLM: "The model `X`
     does not exist.", `param` "model") rather than the path."""

@@ -49,6 +49,7 @@ from policy.errors import (
     model_not_found,
     not_found,
     redirected_answer,
+    unserved_model_answer,
     upstream_error,
 )
 from policy.keys import Principal
@@ -588,7 +589,10 @@ class Lifecycle:
         route = self.route
         err = upstream_error(self.status, bytes(held), route.alias if route else "",
                              route.upstream_model if route else "")
-        if route is not None and err.code == "upstream_error" and err.status == 404:
+        # Only a 404 for the model sent (not one for the path: a backend without the
+        # endpoint, which no upstream_model fixes; review).
+        if route is not None and unserved_model_answer(self.status, bytes(held),
+                                                       route.upstream_model):
             log.error("a backend does not serve the model the gateway sends it: set the "
                       "alias's upstream_model to a name it serves (vLLM: "
                       "--served-model-name)", extra={"model": route.alias,

@@ -110,7 +110,7 @@ def test_tls_names_the_backend_as_its_certificate_does(url: str, sni: str,
         == [{"san_type": san[0], "matcher": {"exact": san[1]}}]
     (ep,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert ep["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == \
-        match["match"] == {"tls_host": san[1] if not sni else sni}
+        match["match"] == {"tls_host": sni or san[1]}
 
 
 @pytest.mark.parametrize("name", ["basic", "tls_multi"])

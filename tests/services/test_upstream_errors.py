@@ -80,6 +80,22 @@ async def test_a_backend_not_serving_the_upstream_model_is_the_configs_fault(
     assert (line.levelname, getattr(line, "upstream_model", None)) == ("ERROR", "tiny-llama")
 
 
+async def test_a_backend_404_for_its_path_blames_no_upstream_model(
+        running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """A backend without the endpoint (FastAPI's 404 for a path) is no upstream_model to
+    fix: its 404 goes to the client as it is, and no error line sends the operator after
+    the model name (review)."""
+    s = Stream(running)
+    await admit(s, CHAT)
+    out = mutation(await s.send(marked(b'{"detail": "Not Found"}', 404)))
+    assert out is not None
+    assert json.loads(out)["error"]["message"] == "Not Found"
+    await s.close()
+    [rec] = await records(running, 1)
+    assert rec["status"] == 404
+    assert not [r for r in caplog.records if "does not serve the model" in r.getMessage()]
+
+
 async def test_backend_5xx_is_a_502_and_the_record_keeps_its_status(running: Running) -> None:
     s = Stream(running)
     await admit(s, CHAT)
