@@ -201,6 +201,12 @@ def _netloc(url: str) -> tuple[str, str, bool, str]:
     if not sep:
         scheme, rest = "", url
     netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in rest[len(netloc):]:
+        # A user part holding '/', '?' or '#' unescaped (a password): all before the last
+        # '@' is taken as it, so that no message shows the password's start as a host.
+        after = rest.rpartition("@")[2]
+        hostport = re.split(r"[/?#]", after, maxsplit=1)[0]
+        return scheme, hostport, True, after[len(hostport):]
     _, at, hostport = netloc.rpartition("@")
     return scheme, hostport, bool(at), rest[len(netloc):]
 
