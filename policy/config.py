@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import date
 from decimal import Decimal
@@ -793,10 +794,17 @@ class Config(_Strict):
         # What clients send as "model", printed in records and tables: "" routed a
         # request without a model name, a newline broke `tokenbooth usage`'s table, and
         # "llama " or an NFD "café" were a second model that reads as the first.
+        seen: dict[str, str] = {}
         for alias in v:
             problem = lookalike_problem(alias)
             if problem:
                 raise ValueError(f"{alias!a} is not a model alias: {problem}")
+            # Full-width or other compatibility forms (U+FF4C... for "llama", the "fi"
+            # ligature) print as the plain letters: two aliases alike would be two models.
+            other = seen.setdefault(unicodedata.normalize("NFKC", alias), alias)
+            if other != alias:
+                raise ValueError(f"{alias!a} reads as the alias {other!a} (the same letters "
+                                 "in another Unicode form): give each model a name of its own")
         return v
 
     @field_validator("state")

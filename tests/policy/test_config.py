@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -474,3 +475,17 @@ def test_a_backend_url_with_spaces_around_it_is_refused() -> None:
     for url in (" http://h:80", "http://h:80 ", "http://h:80\n"):
         with pytest.raises(ConfigError, match="spaces around it"):
             parse_config(policy_dict(url))
+
+
+@pytest.mark.parametrize("twin", ["\uff4c\uff4c\uff41\uff4d\uff41", "\ufb01ne", "l\uff4cama"])
+def test_an_alias_in_another_unicode_form_of_another_is_refused(twin: str) -> None:
+    """Full-width letters or a ligature print as the plain alias beside it: two models
+    that read as one (an earlier leftover: only the NFC form was checked)."""
+    plain = unicodedata.normalize("NFKC", twin)
+    data = policy_dict("http://x:1")
+    demo = data["models"]["demo"]
+    data["models"] = {"demo": demo, plain: dict(demo), twin: dict(demo)}
+    with pytest.raises(ConfigError, match="reads as the alias"):
+        parse_config(data)
+    data["models"] = {"demo": demo, twin: dict(demo)}  # alone, it is a name of its own
+    assert list(parse_config(data).models) == ["demo", twin]
