@@ -373,6 +373,33 @@ async def test_a_429_carries_the_rates_of_the_key_and_of_its_org(org_rpm: int | 
         "x-ratelimit-remaining-requests"] == "1"
 
 
+@pytest.mark.parametrize("org_limits", [Limits(rpm=1), Limits(budget_nano=1500)])
+async def test_a_request_its_key_can_never_admit_is_told_so_before_its_orgs_429(
+        org_limits: Limits) -> None:
+    """An org's request rate spent, or its budget held by a request in flight, is a
+    retryable 429; a request larger than its key's tokens per minute never fits: said
+    first (x-should-retry: false), or the client retries what it must change (a
+    leftover). Nothing is taken from the org for it."""
+    adm = Admission(MemoryLimitStore())
+
+    def org_of(a: Ask) -> tuple[Limits, Ask]:
+        return org_limits, Ask(a.request_id, "org:o", "o", a.tokens, a.cost_nano, a.period,
+                               a.lease_s)
+
+    first = ask(0)
+    assert (await adm.admit_all(org_of(first), Limits(), first, NOW)).allowed
+    small = Limits(tpm=5)  # ask() takes 10 tokens
+    with pytest.raises(ApiError) as e:
+        await adm.admit_all(org_of(ask(1)), small, ask(1), NOW)
+    assert e.value.status == 429 and "organization" not in e.value.message
+    assert ("x-should-retry", "false") in e.value.headers
+    # Fitting its key, the same request meets the org's retryable refusal.
+    with pytest.raises(ApiError) as e:
+        await adm.admit_all(org_of(ask(2)), Limits(tpm=50), ask(2), NOW)
+    assert "organization" in e.value.message
+    assert ("x-should-retry", "false") not in e.value.headers
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize(("key_before", "org_before"), [
     (Limits(), Limits(budget_nano=10**9)),  # a key without limits, its org holding money

@@ -182,6 +182,7 @@ class Admission:
         key_ask = ask
         if org is not None:
             org = one_record(org, ask)
+            await self._never_fits(limits, ask, now)
             if org[0].rpm is not None:
                 await self._refused(org, limits, ask, now)
             org_decision = await self._admit(*org, now)
@@ -224,6 +225,20 @@ class Admission:
         rid = (ask.key_id, ask.request_id)
         return (tracked(held_limits(limits, ask)) and rid not in self._unheld
                 and rid not in self._local_ids)
+
+    async def _never_fits(self, limits: Limits, ask: Ask, now: datetime) -> None:
+        """Refuse a request larger than its key's tokens per minute before its org is
+        asked: it can never be admitted, and an org's retryable 429 (its request rate
+        spent, its budget held) would have the client retry what it must change. Nothing
+        is refused here when the store does not answer: the admission decides."""
+        if limits.tpm is None or ask.tokens <= limits.tpm:
+            return
+        try:
+            d = await self._store.admit(limits, ask, now.timestamp(), take=False)
+        except LimitStoreUnavailable:
+            return
+        if d.reason == "tokens_too_large":
+            raise self._refusal(d, limits, ask, now)
 
     async def _refused(self, org: tuple[Limits, Ask], limits: Limits, ask: Ask,
                        now: datetime) -> None:
