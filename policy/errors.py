@@ -43,6 +43,9 @@ class ApiError(Exception):
     param: str | None = None
     type: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    # The configured alias the refused request named, where it was read (for the log
+    # line; never in the body).
+    model: str = ""
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"

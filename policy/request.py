@@ -11,6 +11,7 @@ API), `policy.request_pooling` (embeddings, rerank, score).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -423,15 +424,19 @@ def parse_request(raw: bytes, endpoint: Endpoint, cfg: Config) -> InferenceReque
                 "supported through the gateway.", "file")
         raise invalid_request("This endpoint takes no request body.")
     body, alias, model = _load(raw, cfg)
-    req = parse(body, alias, model, endpoint.kind)
-    worst = req.prompt_bound + req.completion_bound
-    if worst > MAX_EXACT or req.hold_cost_nano() > MAX_EXACT:
-        # Counts and nano-USD are exact below 2**53 (policy/bounds.py): a worst case past
-        # that (a batch of 50,000 prompts times n times max_tokens, an absurd price) cannot be
-        # held, and no backend would serve it.
-        raise invalid_request(
-            f"This request's worst case ({worst:,} tokens at this model's prices) is more "
-            "than the gateway can hold: lower max_tokens, n or the number of prompts.")
+    try:
+        req = parse(body, alias, model, endpoint.kind)
+        worst = req.prompt_bound + req.completion_bound
+        if worst > MAX_EXACT or req.hold_cost_nano() > MAX_EXACT:
+            # Counts and nano-USD are exact below 2**53 (policy/bounds.py): a worst case
+            # past that (a batch of 50,000 prompts times n times max_tokens, an absurd
+            # price) cannot be held, and no backend would serve it.
+            raise invalid_request(
+                f"This request's worst case ({worst:,} tokens at this model's prices) is "
+                "more than the gateway can hold: lower max_tokens, n or the number of "
+                "prompts.")
+    except ApiError as e:  # its alias is known: the refusal's log line names it
+        raise dataclasses.replace(e, model=alias) from None
     return req
 
 

@@ -284,8 +284,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         ImmediateResponse (a refusal as it is; anything else as a 500)."""
         if isinstance(e, ApiError):
             self._metrics.decisions.labels("ext_proc", "deny", e.code).inc()
-            log_refusal(log, e, life.request_id, life.principal,
-                        life.req.alias if life.req is not None else "")
+            log_refusal(log, e, life.request_id, life.principal, life.alias)
             err = e
         else:
             log.exception("ext_proc failed", extra={"request_id": life.request_id})

@@ -230,6 +230,7 @@ class Lifecycle:
         "_t0",
         "_t_first",
         "_unreached",
+        "alias",
         "delivered",
         "endpoint",
         "finished",
@@ -286,6 +287,7 @@ class Lifecycle:
         self.principal: Principal | None = None
         self.req: InferenceRequest | None = None
         self.route: Route | None = None  # set once admitted: a record is owed
+        self.alias = ""  # the configured alias the request named, once read (logs)
         self.request_id = ""
         self.traceparent: str | None = None
         self.status = 0
@@ -370,7 +372,12 @@ class Lifecycle:
         cfg = self._snap.config
         endpoint = self.endpoint
         # Large bodies are bounded and re-encoded off the event loop (authz/services/heavy.py).
-        req, body = await sized_work(len(raw), lambda: _parsed(raw, endpoint, cfg))
+        try:
+            req, body = await sized_work(len(raw), lambda: _parsed(raw, endpoint, cfg))
+        except ApiError as e:
+            self.alias = e.model  # the refusal's log line names it where it was read
+            raise
+        self.alias = req.alias
         if not self.principal.may_use(req.alias):
             raise model_not_allowed(req.alias)
         route = self._snap.router.route(req.alias)

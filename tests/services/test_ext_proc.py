@@ -301,6 +301,18 @@ async def test_a_refused_body_writes_a_log_line(running: Running,
     assert line.getMessage() == "request refused: 400 invalid_request"
     assert (line.org, line.key_id, line.param) == (  # type: ignore[attr-defined]
         "acme", "k-main", "max_tokens")
+    # The model where it was read (t1 tester: every refusal logged "model": ""): a field
+    # refused, the model not allowed to the key; never an alias the config does not have.
+    assert line.model == "demo"  # type: ignore[attr-defined]
+    immediate(await Stream(running).send(req_body(json.dumps(
+        {**CHAT, "model": "other"}).encode(), "k-limited")))
+    immediate(await Stream(running).send(req_body(json.dumps(
+        {**CHAT, "model": "no-such-model"}).encode())))
+    *_, allowed, unknown = [r for r in caplog.records
+                            if r.getMessage().startswith("request refused")]
+    assert (allowed.code, allowed.model) == (  # type: ignore[attr-defined]
+        "model_not_allowed", "other")
+    assert (unknown.code, unknown.model) == ("model_not_found", "")  # type: ignore[attr-defined]
     # A param past the field names the client's own text (an object's key): left out.
     secret_text = "my SSN is 123-45-6789 " * 1000
     immediate(await Stream(running).send(req_body(json.dumps(
