@@ -234,3 +234,33 @@ def test_a_file_rewritten_while_it_was_read_is_read_again(tmp_path: Path) -> Non
     assert rt.snapshot.config.keys  # the half file never was in force
     assert rt.reload_if_changed()
     assert rt.snapshot.config.keys
+
+
+def test_a_file_rewritten_over_and_over_loads_within_the_settle_cap(tmp_path: Path) -> None:
+    """A tool rewriting the file every 0.2 s (each write restarting the settle wait) held
+    every change back, a revocation included, until the writes stopped (t1 tester: 8 s
+    of a revoked key admitted). After MAX_SETTLE_S of changes it is read all the same."""
+    from datetime import UTC, datetime
+
+    from authz.runtime.snapshot import MAX_SETTLE_S
+
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    base = path.read_text()
+    rt = Runtime.from_file(path)
+    now, mono = [datetime.now(UTC)], [100.0]
+    rt.clock, rt.monotonic = (lambda: now[0]), (lambda: mono[0])
+    loaded_at = None
+    for i in range(40):  # a write every 0.2 s, each looked at 0.1 s after it
+        path.write_text(base + f"\n# write {i}\n")
+        now[0] = datetime.fromtimestamp(path.stat().st_mtime + 0.1, UTC)
+        if rt.reload_if_changed(settle_s=0.25):
+            loaded_at = i * 0.2
+            break
+        assert rt.unsettled
+        mono[0] += 0.2
+    assert loaded_at is not None and loaded_at <= MAX_SETTLE_S + 0.2
+    assert rt.snapshot.config is not None
+    # Once loaded, the next change waits its settle time again.
+    path.write_text(base + "\n# after\n")
+    now[0] = datetime.fromtimestamp(path.stat().st_mtime + 0.1, UTC)
+    assert not rt.reload_if_changed(settle_s=0.25)
