@@ -97,8 +97,11 @@ class StreamState:
         watch.acked = req.version_info
         if req.HasField("error_detail"):
             resource = watch.nonces[req.response_nonce]
-            log.error("xds: Envoy rejected the config%s, keeping version %r: %s",
-                      f" ({resource})" if resource else "", watch.acked,
+            # Envoy takes the clusters it can and refuses the others, which keep their
+            # last accepted form (or stay absent): not all or nothing (t1 tester).
+            log.error("xds: Envoy rejected the config%s: %s (it applies the clusters it "
+                      "accepted; those it refused keep their last accepted version, or "
+                      "none)", f" ({resource})" if resource else "",
                       req.error_detail.message,
                       extra={"node": self.node, "peer": self.peer, "type_url": req.type_url,
                              "rejected": watch.sent, "kept": watch.acked,
