@@ -207,8 +207,11 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
             "keys are managed by the validation service at "
             f"{origin(cfg.key_store.validation_url or '')}"
         )
+    fresh = None
     if isinstance(store, KeyringStore):
         _warn_if_keyring_gone(store)
+        if not store.path.parent.exists():
+            fresh = store.path.parent
 
     async def run() -> T:
         try:
@@ -223,7 +226,15 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    done = asyncio.run(run())
+    if fresh is not None and fresh.exists():
+        # A data_dir changed in the file: a running gateway reads the one it started
+        # with until it restarts (t1 tester: a key created, then 401 without a word).
+        print(f"tokenbooth: warning: data_dir {fresh} did not exist and was created now: "
+              "a gateway already running reads its keys from the data_dir it started "
+              "with (a data_dir changed in the config takes effect when it restarts)",
+              file=sys.stderr)
+    return done
 
 
 def _every_or(models: Sequence[str] | None) -> tuple[str, ...]:

@@ -478,3 +478,18 @@ def test_keys_on_a_keyring_that_never_answers_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("tokenbooth: error: the key store did not answer within 0.3 s")
     assert err.count("\n") == 1
+
+
+def test_keys_and_usage_warn_of_a_data_dir_no_gateway_wrote(tmp_path: Path) -> None:
+    """t1 tester: `data_dir` changed in the file while a gateway ran (it keeps the one it
+    started with until a restart): `keys create` made the new directory and a key no
+    gateway read (401), and `usage` showed nothing, neither with a word why."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    r = tb("usage", "--config", str(path))
+    assert r.returncode == 0 and "data_dir" in r.stderr and "does not exist" in r.stderr
+    r = tb("keys", "create", "--org", "acme", "--config", str(path))
+    assert r.returncode == 0 and "did not exist and was created now" in r.stderr
+    # Once there, neither says a word.
+    for args in (("keys", "create", "--org", "acme"), ("usage",)):
+        r = tb(*args, "--config", str(path))
+        assert (r.returncode, "warning" in r.stderr) == (0, False), r.stderr
