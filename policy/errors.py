@@ -68,6 +68,24 @@ class ApiError(Exception):
         )
 
 
+# An exception's own attributes, which `raise` and `with` set as it travels: a frozen
+# dataclass refused them, so an ApiError raised through a generator-based context manager
+# (contextlib's `__exit__` sets `__traceback__`) became a TypeError, and a refusal a 500.
+_RAISE_ATTRS = frozenset({"__traceback__", "__cause__", "__context__",
+                          "__suppress_context__", "__notes__"})
+_frozen_setattr = ApiError.__setattr__
+
+
+def _setattr(self: ApiError, name: str, value: object) -> None:
+    if name in _RAISE_ATTRS:
+        BaseException.__setattr__(self, name, value)
+    else:
+        _frozen_setattr(self, name, value)
+
+
+setattr(ApiError, "__setattr__", _setattr)  # noqa: B010 - past the dataclass's check
+
+
 def invalid_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, "invalid_request", message, param)
 

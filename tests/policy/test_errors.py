@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -99,3 +100,20 @@ def test_a_backend_that_does_not_serve_the_upstream_model_is_the_configs_fault()
     assert upstream_error(404, bare, "chat", "tiny").code == "upstream_error"
     path = upstream_error(404, b'{"detail":"Not Found"}', "chat", "tiny")
     assert (path.status, path.message) == (404, "Not Found")
+
+
+def test_a_refusal_passes_through_a_generator_context_manager() -> None:
+    """contextlib's `__exit__` sets the exception's `__traceback__`: the frozen dataclass
+    refused it, and the refusal became a TypeError (a 500) wherever it crossed one."""
+    import contextlib
+    import dataclasses
+
+    @contextlib.contextmanager
+    def passing() -> Iterator[None]:
+        yield
+
+    with pytest.raises(ApiError) as e, passing():
+        raise invalid_request("bad", "n")
+    assert e.value.__traceback__ is not None and e.value.param == "n"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.value.status = 500  # type: ignore[misc]
