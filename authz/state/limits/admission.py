@@ -198,8 +198,8 @@ class Admission:
             if not decision.allowed:  # with the org's rates in its headers too
                 raise self._refusal(decision, limits, ask, now, other=org_decision)
         except ApiError:
-            if org is not None:
-                await self.settle(*org, 0, 0, now)
+            if org is not None:  # only the org hold just made (a retry's stays its own)
+                await self.settle(*org, 0, 0, now, admitted=now.timestamp())
             raise
         if self._on_hold is not None:
             self._on_hold(ask, True)
@@ -349,7 +349,7 @@ class Admission:
             # Only what the key's own limits hold is released (a record-only hold left
             # behind writes a `lost` record readers put behind the real one, no more).
             if not isinstance(e, LimitStoreUnwritable):  # that one changed nothing
-                self._release_later(limits, ask)
+                self._release_later(limits, ask, now.timestamp())
             if not self._may_fail_open(limits):
                 log.error("admission failed closed: %s", e,
                           extra={"request_id": ask.request_id, **REPEATS})
@@ -367,13 +367,16 @@ class Admission:
                 self._count_later(held, ask.key_id, 1, 0)
         return decision
 
-    def _release_later(self, limits: Limits, ask: Ask) -> None:
-        """An admission the store did not answer may still take effect: queue a
-        settlement at zero behind it (in the spool, applied in order once the store
-        answers; settling what the store does not hold is a no-op)."""
+    def _release_later(self, limits: Limits, ask: Ask, admitted: float) -> None:
+        """An admission the store did not answer may still take effect: queue its release
+        behind it (in the spool, applied in order once the store answers): a settlement
+        at zero of the hold admitted at `admitted` alone, if any. A plain settlement
+        took the hold of the client's retry under the same id, admitted since, which
+        then went unbilled (review)."""
         if not tracked(limits):
             return
-        if self._spool is not None and self._spool.append(Spooled(limits, ask, 0, 0)):
+        if self._spool is not None and self._spool.append(
+                Spooled(limits, ask, 0, 0, admitted=admitted)):
             if self._on_spooled is not None:
                 self._on_spooled()
             return
@@ -486,13 +489,14 @@ class Admission:
                 del self._unsynced[key_id]
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
-                     now: datetime) -> Settled:
+                     now: datetime, admitted: float | None = None) -> Settled:
         """Settle `ask` with its real usage. The result says whether a live hold was
         charged and by how much the usage passed the hold; a cost overrun (the hold was
-        not the worst case) is logged as a bound violation."""
+        not the worst case) is logged as a bound violation. `admitted`: a release at
+        zero of the hold admitted then alone (`LimitStore.release`)."""
         if self._on_hold is not None:
             self._on_hold(ask, False)
-        result = await self._settle(limits, ask, used_tokens, cost_nano, now)
+        result = await self._settle(limits, ask, used_tokens, cost_nano, now, admitted)
         if result.corrected:
             log.info("late settlement corrected a lost hold", extra={
                 "request_id": ask.request_id, "key_id": ask.key_id, "cost_nano": cost_nano})
@@ -504,7 +508,7 @@ class Admission:
         return result
 
     async def _settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
-                      now: datetime) -> Settled:
+                      now: datetime, admitted: float | None = None) -> Settled:
         if (ask.key_id, ask.request_id) in self._unheld:
             self._unheld.discard((ask.key_id, ask.request_id))
             return settled(ask, used_tokens, cost_nano, applied=False)
@@ -518,6 +522,8 @@ class Admission:
         if not tracked(limits):  # nothing held in the store: no round trip
             return settled(ask, used_tokens, cost_nano, applied=False)
         try:
+            if admitted is not None:
+                return await self._store.release(limits, ask, admitted, now.timestamp())
             return await self._store.settle(limits, ask, used_tokens, cost_nano,
                                             now.timestamp())
         except LimitStoreUnavailable as e:
@@ -528,7 +534,7 @@ class Admission:
                 # The hold is charged in full when its lease ends (lost).
                 log.error("settlement failed: %s", e, extra=extra)
             elif self._spool.append(Spooled(limits, ask, used_tokens, cost_nano,
-                                            self._store.admitted_under(ask))):
+                                            self._store.admitted_under(ask), admitted)):
                 log.warning("settlement spooled until the limit store answers: %s", e,
                             extra={**extra, **REPEATS})
                 if self._on_spooled is not None:
@@ -550,8 +556,12 @@ class Admission:
                         if s.mark is not None:  # spooled by this replica before a restart
                             self._store.admitted_under_was(s.ask, s.mark)
                         try:
-                            done = await self._store.settle(s.limits, s.ask, s.used_tokens,
-                                                            s.cost_nano, self._clock())
+                            done = await (
+                                self._store.release(s.limits, s.ask, s.admitted,
+                                                    self._clock())
+                                if s.admitted is not None else
+                                self._store.settle(s.limits, s.ask, s.used_tokens,
+                                                   s.cost_nano, self._clock()))
                         except LimitStoreUnavailable:
                             return n
                         n += done.applied

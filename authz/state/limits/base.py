@@ -51,6 +51,13 @@ class LimitStore(Protocol):
         ask.request_id (a second call, or one for a request never held, is a no-op).
         Raises LimitStoreUnavailable."""
 
+    async def release(self, limits: Limits, ask: Ask, admitted: float, now: float
+                      ) -> Settled:
+        """Undo an admission sent at `admitted` whose answer never came (it may or may
+        not have held): settle at zero the hold that admission made, if it made one, and
+        never another under the same request id (the client's retry after its 503,
+        admitted since: it would go unbilled). Raises LimitStoreUnavailable."""
+
     async def sweep(self, now: float) -> list[Ask]:
         """`policy.admission.sweep` for every key: claim the holds whose lease ended by
         `now` unsettled (lost), charging each in full (`Ledger.expire`). Each is returned

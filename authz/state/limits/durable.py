@@ -66,7 +66,7 @@ from authz.state.usage.records import (
     records_backwards,
     usage_files,
 )
-from policy.admission import KeyState, Ledger, Settled, lost_record
+from policy.admission import KeyState, Ledger, Settled, lost_record, settled
 from policy.config import Config
 from policy.limits import WINDOW_S, Ask, Decision, Limits, usd_to_nano
 from policy.usage import LOST
@@ -192,6 +192,12 @@ class DurableMemoryLimitStore:
                 raise LimitStoreUnwritable(f"the limits journal in {self._dir} cannot be "
                                            "written (is the disk full?)")
         return d
+
+    async def release(self, limits: Limits, ask: Ask, admitted: float, now: float
+                      ) -> Settled:
+        if self._mem.held_since_other(ask, admitted):  # a retry's: it stays
+            return settled(ask, 0, 0, applied=False)
+        return await self.settle(limits, ask, 0, 0, now)  # journaled
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: float) -> Settled:

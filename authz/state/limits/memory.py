@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 
 from policy import admission
-from policy.admission import KeyState, Ledger, Settled
+from policy.admission import KeyState, Ledger, Settled, settled
 from policy.limits import WINDOW_S, Ask, Decision, Limits
 
 MAX_BATCHES = 100_000  # `consume` batch ids remembered (a repeat comes within seconds)
@@ -73,6 +73,26 @@ class MemoryLimitStore:
         if len(self._due) > 2 * len(self._next) + 64:  # superseded entries: compact
             self._due = [(t, k) for k, t in self._next.items()]
             heapq.heapify(self._due)
+
+    async def release(self, limits: Limits, ask: Ask, admitted: float, now: float
+                      ) -> Settled:
+        if self.held_since_other(ask, admitted):
+            return settled(ask, 0, 0, applied=False)
+        return await self.settle(limits, ask, 0, 0, now)
+
+    def held_since_other(self, ask: Ask, admitted: float) -> bool:
+        """Whether the hold under `ask`'s id (live, or charged as lost) is another
+        request's than the one admitted at `admitted`: its lease ends at another time."""
+        exp, rid = admitted + ask.lease_s, ask.request_id
+        key = self._keys.get(ask.key_id)
+        hold = key.holds.get(rid) if key is not None else None
+        if hold is not None:
+            return hold.exp != exp
+        ledger = self._ledgers.get((ask.key_id, ask.period))
+        if ledger is None:
+            return False
+        held = ledger.holds.get(rid) or ledger.lost.get(rid)
+        return held is not None and held[1] != exp
 
     async def settle(self, limits: Limits, ask: Ask, used_tokens: int, cost_nano: int,
                      now: float) -> Settled:

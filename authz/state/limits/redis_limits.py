@@ -307,6 +307,25 @@ class RedisLimitStore:
         self._held_in.pop(held, None)
         return settled(ask, used_tokens, cost_nano, applied=done in (1, 2), corrected=done == 2)
 
+    async def release(self, limits: Limits, ask: Ask, admitted: float, now: float
+                      ) -> Settled:
+        """SETTLE at zero of the hold admitted at `admitted` alone (its `at`), or of a
+        sweep's mark of it; a hold under the id admitted since (a retry after the 503)
+        is not touched, nor its index entry (review: the retry went unbilled)."""
+        await self._clock_checked()
+        conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
+                                                        ask.request_id)
+        latest = self._lease_now(admitted) + float(ask.lease_s)
+        done = await self._call(self._redis.evalsha(
+            SETTLE, [self._ns(ask.key_id) + "tpm", conc, res, budget, resv, lost],
+            [repr(float(now)), ask.request_id, _opt(limits.tpm), "0", "0",
+             repr(float(self._window)), repr(latest), repr(float(admitted)),
+             repr(self._lease_now(now))]))
+        if done and tracked(limits):  # its index entry too (left: the sweep drops it)
+            self._forget(_member(ask))
+        self._held_in.pop((ask.key_id, ask.request_id), None)
+        return settled(ask, 0, 0, applied=done in (1, 2), corrected=done == 2)
+
     async def settle_again(self, items: Sequence[tuple[Ask, Owes]], now: float
                            ) -> list[int]:
         """Settle each (ask, what its request's record says it owes) as `settle` does,

@@ -51,6 +51,8 @@ class Spooled:
     used_tokens: int
     cost_nano: int
     mark: str | None = None  # LimitStore.admitted_under
+    # An admission's release (`LimitStore.release`): when it was sent, else a settlement.
+    admitted: float | None = None
 
 
 def _decode(line: bytes) -> Spooled:
@@ -63,8 +65,11 @@ def _decode(line: bytes) -> Spooled:
     mark = obj.get("mark")
     if mark is not None and not isinstance(mark, str):
         raise ValueError("mark must be a string")
+    admitted = obj.get("admitted")
+    if admitted is not None and type(admitted) not in (int, float):
+        raise ValueError("admitted must be a number")
     return Spooled(limits_from(obj.get("limits")), ask_from(obj.get("ask")), used, cost,
-                   mark)
+                   mark, None if admitted is None else float(admitted))
 
 
 def lock_exclusive(path: Path) -> int:
@@ -107,7 +112,8 @@ class SettleSpool:
         full or the write fails: never silently."""
         line = dumps({"limits": s.limits, "ask": replace(s.ask, record=None),
                       "used_tokens": s.used_tokens, "cost_nano": s.cost_nano,
-                      **({"mark": s.mark} if s.mark is not None else {})}) + b"\n"
+                      **({"mark": s.mark} if s.mark is not None else {}),
+                      **({"admitted": s.admitted} if s.admitted is not None else {})}) + b"\n"
         if self.pending_bytes + len(line) > self._max:
             log.error("settle spool full (%d bytes), settlement not kept: %s",
                       self.pending_bytes, line.decode().rstrip())
