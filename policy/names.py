@@ -10,6 +10,16 @@ import unicodedata
 # and unassigned code points: each prints as nothing or as another name, so "acme\u200b"
 # and "acme" would be two names that read the same.
 _INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+# Characters of other categories that print as nothing as well (admin tester: orgs
+# "acme\u3164", "ac\u034fme" and "acme\ufe0f" each read as "acme", with budgets of
+# their own): Hangul fillers, the combining grapheme joiner, variation selectors,
+# Mongolian free variation selectors, Khmer's inherent vowels, the braille blank.
+_BLANK = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x034F, 0x17B4, 0x17B5, 0x2800,
+                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0),
+                    *range(0x180B, 0x1810)})
+# Scripts whose spelling never takes a zero-width (non-)joiner: between their letters
+# it only hides a second name ("a\u200dcme" read as "acme").
+_NO_JOINERS = ("LATIN ", "GREEK ", "CYRILLIC ", "ARMENIAN ", "GEORGIAN ")
 
 
 def lookalike_problem(name: str) -> str | None:
@@ -24,7 +34,8 @@ def lookalike_problem(name: str) -> str | None:
         # names, one on every screen.
         return ("expected its composed (NFC) form, as keyboards type it: it prints as "
                 f"{unicodedata.normalize('NFC', name)!r}")
-    bad = next((c for i, c in enumerate(name) if unicodedata.category(c) in _INVISIBLE
+    bad = next((c for i, c in enumerate(name)
+                if (unicodedata.category(c) in _INVISIBLE or ord(c) in _BLANK)
                 and not _joiner_in_word(name, i)), None)
     if bad is not None:
         return (f"expected printable characters, got U+{ord(bad):04X} "
@@ -33,7 +44,16 @@ def lookalike_problem(name: str) -> str | None:
 
 
 def _joiner_in_word(text: str, i: int) -> bool:
-    """A zero-width (non-)joiner between two letters: Persian, Indic and emoji spelling
-    needs it, and it cannot start or end a name that reads as another."""
-    return (text[i] in "\u200c\u200d" and 0 < i < len(text) - 1
-            and text[i - 1].isalpha() and text[i + 1].isalpha())
+    """A zero-width (non-)joiner between two letters of a script that spells with it
+    (Persian, Indic): it cannot start or end a name, nor sit in a Latin one, where it
+    would read as another."""
+    if text[i] not in "\u200c\u200d" or not 0 < i < len(text) - 1:
+        return False
+    before = i - 1  # the letter a virama or vowel sign before the joiner sits on
+    while before > 0 and unicodedata.category(text[before]) in ("Mn", "Mc"):
+        before -= 1
+    return _joined_letter(text[before]) and _joined_letter(text[i + 1])
+
+
+def _joined_letter(c: str) -> bool:
+    return c.isalpha() and not unicodedata.name(c, "").startswith(_NO_JOINERS)

@@ -20,6 +20,15 @@ from policy.names import lookalike_problem
     ("llama\ufeff", "U+FEFF"),
     ("a\x85b", "U+0085"),
     ("a\ue000b", "U+E000"),  # private use
+    # letters and marks that print as nothing (admin tester: each read as "acme")
+    ("acme\u3164", "U+3164 (HANGUL FILLER)"),
+    ("acme\u115f", "U+115F"),
+    ("ac\u034fme", "U+034F (COMBINING GRAPHEME JOINER)"),
+    ("acme\ufe0f", "U+FE0F"),
+    ("acme\U000e0100", "U+E0100"),
+    ("ac\u2800me", "U+2800"),
+    ("a\u200dcme", "U+200D"),  # between Latin letters a joiner only hides a name
+    ("a\u0332\u200dcme", "U+200D"),  # after a mark on a Latin letter too
 ])
 def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
     problem = lookalike_problem(name)
@@ -29,6 +38,8 @@ def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
 @pytest.mark.parametrize("name", [
     "llama", "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5:7b", "caf\u00e9", "研究部", "a b",
     "\u0645\u06cc\u200c\u0634\u0648\u062f",  # Persian, a ZWNJ between two letters
+    "\u0915\u094d\u200d\u0937",  # Devanagari: a ZWJ after a virama (a half form)
+    "\ud55c\uad6d\uc5b4",  # Hangul syllables (not fillers)
 ])
 def test_names_people_write_pass(name: str) -> None:
     assert lookalike_problem(name) is None
