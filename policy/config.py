@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -31,7 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from policy.bounds import MAX_EXACT, BudgetUsd, Count
+from policy.bounds import MAX_EXACT, BudgetUsd, Count, plain_amount
 from policy.keyrecord import SCOPES, KeyRecord, OrgName
 from policy.names import lookalike_problem
 from policy.sse import MAX_EVENT_BYTES
@@ -281,8 +282,10 @@ MAX_PRICE_PER_1K = Decimal(1000)
 class Price(_Strict):
     """USD per 1,000 tokens. Decimal: money is never a float here."""
 
-    input: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
-    output: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
+    input: Annotated[Decimal, BeforeValidator(plain_amount)] = Field(
+        default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
+    output: Annotated[Decimal, BeforeValidator(plain_amount)] = Field(
+        default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
 
 
 # The fingerprint of no secret at all: what `sha256sum` gives for an unset variable.

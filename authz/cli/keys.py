@@ -33,7 +33,7 @@ from authz.state.keys.keyring import KeyringStore
 from authz.state.limits.peek import show_state
 from authz.state.orgs import make_org_store
 from policy.admin_schema import EVERY_MODEL
-from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT
+from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT, PLAIN_AMOUNT
 from policy.config import Config, origin, redacted
 from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past, new_org_problem, valid_org_name
 from policy.keys import (
@@ -121,6 +121,9 @@ def _or_clear(parse: Callable[[str], T]) -> Callable[[str], T | str]:
 
 
 def _usd(v: str) -> Decimal:
+    if not PLAIN_AMOUNT.fullmatch(v):  # Decimal reads "1_00" as 100 (admin tester)
+        raise argparse.ArgumentTypeError(f"expected an amount in USD (digits and one "
+                                         f"'.'), got {v!r}")
     try:
         d = Decimal(v)
     except InvalidOperation:

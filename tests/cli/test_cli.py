@@ -286,6 +286,8 @@ def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     for flag, value in (("--expires", "soon"), ("--rpm", "0"), ("--budget", "-1"),
                         ("--rpm", "1_000"), ("--tpm", "\u0661\u0662"), ("--rpm", "+5"),
+                        ("--budget", "1_00"), ("--budget", "\u0661\u0662"),
+                        ("--budget", " 2 "),
                         ("--name", "a\x1b[2Jb"), ("--name", "n" * 257),
                         ("--org", "o\u200b"), ("--org", "o ")):
         r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)

@@ -53,6 +53,11 @@ def test_budgets_are_whole_nano_usd_written_as_plain_decimals(
     for fine in ("0.0000000015", "1.5E-9", "0.1234567891"):
         with pytest.raises(ValidationError):
             model.model_validate({**base, "budget_usd": fine})
+    # Decimal reads these too: "1_00" as 100 (a typo for "1.00"), other scripts' digits,
+    # spaces around it (admin tester)
+    for odd in ("1_00", "\u0661\u0662", " 2 ", "2\n", "+2", "-0", "NaN", "Infinity"):
+        with pytest.raises(ValidationError):
+            model.model_validate({**base, "budget_usd": odd})
     for value, shown in (("1E-9", "0.000000001"), ("1e2", "100"), ("0.10", "0.10"),
                          ("1.0000000000", "1.0000000000")):
         out = model.model_validate({**base, "budget_usd": value})

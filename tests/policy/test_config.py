@@ -489,3 +489,13 @@ def test_an_alias_in_another_unicode_form_of_another_is_refused(twin: str) -> No
         parse_config(data)
     data["models"] = {"demo": demo, twin: dict(demo)}  # alone, it is a name of its own
     assert list(parse_config(data).models) == ["demo", twin]
+
+
+@pytest.mark.parametrize("price", ["1_0", "\u0661", " 0.5", "0.5 ", "-0"])
+def test_a_price_written_as_decimal_reads_only_plain_digits(price: str) -> None:
+    """Decimal reads "1_0" as 10 and other scripts' digits: a price, like a budget, is
+    ASCII digits and one point (admin tester)."""
+    data = policy_dict("http://x:1")
+    data["models"]["demo"]["price_per_1k_tokens"] = {"input": price, "output": "1"}
+    with pytest.raises(ConfigError, match="ASCII digits"):
+        parse_config(data)
