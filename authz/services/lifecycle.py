@@ -526,6 +526,9 @@ class Lifecycle:
         if pace is None or meter is None or report.ended or report.ttft_s is None:
             return
         seen = meter.tokens_seen
+        # Envoy counts events, not the choices they open: the pace it gives is every
+        # sequence's together (review: n=4 paid its silence 4 times over).
+        pace.opened = max(pace.opened, pace.sequences)
         pace.chunk(self._t0 + report.ttft_s, min(seen, 1))
         if report.last_s is not None and report.events > 1:
             # Flow, not one read after a pause: a steady stream longer than stall_s was

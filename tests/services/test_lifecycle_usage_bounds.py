@@ -832,6 +832,12 @@ async def test_a_cut_stream_envoy_metered_owes_its_silence_at_its_pace(
     # ...and 1 s of silence after it, at the pace of its 6 s of flow (10 tokens a second).
     quiet = MeterReport(events=61, ttft_s=0.1, last_s=6.1, end_s=7.1)
     assert await charged(quiet) == 61 + math.ceil(1 * 10 * HEADROOM) + ABORT_STEPS
+    # n=4: 200 events in 5 s (40 a second, all four choices), 2 s of silence, cut by
+    # Envoy: the silence at the stream's pace, once (review: four times over), and the
+    # abort's steps for every choice.
+    body = {**CHAT, "stream": True, "max_tokens": 256, "n": 4}
+    idle = MeterReport(events=200, ttft_s=0.1, last_s=5.1, end_s=7.1, cut_by_gateway=True)
+    assert await charged(idle) == 200 + math.ceil(2 * 40 * HEADROOM) + 4 * ABORT_STEPS
     # A stream that ended is charged its usage, whatever its times.
     usage = (b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":11,'
              b'"total_tokens":20}}\n\n')
