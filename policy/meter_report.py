@@ -16,6 +16,7 @@ from policy.stream_usage import StreamMeter, meter_for
 @dataclass(frozen=True, slots=True)
 class MeterReport:
     events: int = 0  # content events the client was sent
+    merged_tokens: int = 0  # tokens past one chunk's in events holding merged steps
     oversize_events: int = 0  # events over envoy.max_event_bytes, passed through unread
     oversize_bytes: int = 0
     usage_event: bytes = b""  # the last event with a usage object, raw ("": none)
@@ -39,6 +40,7 @@ def meter_from_report(kind: Kind, report: MeterReport, max_event_bytes: int,
             meter.feed(event)
             meter.finish()
     meter.restore(report.events, report.oversize_events, report.oversize_bytes, report.done,
-                  unreadable=report.unreadable and report.ended, ended=report.ended)
+                  unreadable=report.unreadable and report.ended, ended=report.ended,
+                  merged_tokens=report.merged_tokens)
     meter.error_first = bool(report.error_event) and report.error_first
     return meter

@@ -133,11 +133,13 @@ class StreamMeter:
         return self.content_chunks * self.tokens_per_chunk + self.merged_tokens
 
     def restore(self, content_chunks: int, oversize_events: int, oversize_bytes: int,
-                done: bool, unreadable: bool = False, ended: bool = False) -> None:
+                done: bool, unreadable: bool = False, ended: bool = False,
+                merged_tokens: int = 0) -> None:
         """Take the counts a meter elsewhere (Envoy's, see policy/meter_report.py) made;
         `unreadable`: it found a whole body that is not an event stream; `ended`: the body
         ended (no abort's steps are owed for a stream that was not cut)."""
         self.content_chunks = content_chunks
+        self.merged_tokens = merged_tokens  # (the services' count of the same, by text)
         self._parser.oversize_events = oversize_events
         self.oversize_bytes = oversize_bytes
         self.done = done

@@ -99,7 +99,12 @@ from authz.envoy_config.names import (
     UPSTREAM_ERRORS,
     UPSTREAM_STATUS_KEY,
 )
-from authz.envoy_config.stream_meter import METER_KEY, meter_access_log, meter_lua
+from authz.envoy_config.stream_meter import (
+    METER_KEY,
+    METER_STEPS_KEY,
+    meter_access_log,
+    meter_lua,
+)
 from policy.config import Config
 from policy.errors import ApiError
 from policy.limits import RATE_HEADER_NAMES
@@ -434,7 +439,8 @@ _METER_CALL = f"""\
 local proc = h:streamInfo():dynamicMetadata():get("{EXT_PROC}")
     local how = proc and proc["{METER_KEY}"]
     if how then
-      meter(h, how == "strip", headers:get("content-type"), headers:get("content-encoding"))
+      meter(h, how == "strip", headers:get("content-type"), headers:get("content-encoding"),
+            proc["{METER_STEPS_KEY}"])
     end"""
 
 

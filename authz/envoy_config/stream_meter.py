@@ -22,6 +22,8 @@ Metadata it leaves under METER_NS (read by authz/services/meter_reports.py):
   error          the first event that may say generation failed (`"error": {...}` or
                  `"object": "error"`, no `"choices"`), raw, set as it passes: the services
                  read its status as ext_proc metering does
+  merged         tokens past one chunk's in content events that held steps vLLM merged
+                 while the reader paused (their text, as the services' meter counts it)
   first_us       when the first content event passed (µs since the epoch)
   last_us        when the last one passed (kept current)
   done           1 once `data: [DONE]` passed
@@ -51,6 +53,7 @@ from policy.config import Config
 
 METER_NS = "tokenbooth.meter"
 METER_KEY = "meter"  # in ext_proc's metadata: "strip" or "keep"
+METER_STEPS_KEY = "meter_steps"  # ... and the tokens a chunk carries (stream_interval)
 ALS_NAME = "envoy.access_loggers.http_grpc"
 LOG_NAME = "tokenbooth.meter"
 # Envoy sends its buffered access-log entries this often (or when 16 KiB are waiting):
@@ -104,6 +107,51 @@ local function event_end(s, i)
   end
 end
 
+-- Tokens of an event's generated text, as the services reckon a chunk's text
+-- (policy/stream_usage.py, `_text_tokens`): ~4 ASCII characters a token and one for
+-- any other character, in the string values of its text fields (a JSON escape counts
+-- its characters: a little more, never less).
+local TEXT_KEYS = {{'"content"%s*:%s*"', '"reasoning"%s*:%s*"', '"reasoning_content"%s*:%s*"',
+                   '"text"%s*:%s*"', '"arguments"%s*:%s*"'}}
+local function text_tokens(ev)
+  local tokens = 0
+  for _, key in ipairs(TEXT_KEYS) do
+    local init = 1
+    while true do
+      local _, open = string.find(ev, key, init)
+      if open == nil then break end
+      -- The string's end: the next quote no backslash escapes.
+      local i, close = open + 1, #ev + 1
+      while true do
+        local q = string.find(ev, '["\\\\]', i)
+        if q == nil then break end
+        if string.byte(ev, q) == 92 then i = q + 2 else close = q; break end
+      end
+      local s = string.sub(ev, open + 1, close - 1)
+      local _, high = string.gsub(s, "[\\128-\\255]", "")
+      local _, lead = string.gsub(s, "[\\192-\\255]", "")
+      tokens = tokens + math.floor((#s - high + 3) / 4) + lead
+      init = close + 1
+    end
+  end
+  return tokens
+end
+
+-- A content event that holds the steps vLLM merged while its reader paused (its text
+-- past what one chunk of `steps` tokens may spell, as the services' own meter counts
+-- them, `_count_merged_steps`): the tokens past one chunk's. Read only where the event
+-- is longer than the smallest content event by what such text takes (two bytes a
+-- token at the least), so a stream of ordinary chunks costs one length compare each.
+local function merged_steps(ev, st)
+  local small = st.small
+  if small == nil or #ev < small then st.small = #ev end
+  if small == nil or #ev + 32 <= small + 8 * st.steps then return end
+  -- A choice with an index, as vLLM writes it (the services' meter reads no other).
+  if not string.find(ev, '"index"%s*:%s*%d') then return end
+  local t = text_tokens(ev)
+  if t > 4 * st.steps then st.merged = st.merged + t - st.steps end
+end
+
 local function classify(ev, st)
   -- A line of its own (a content chunk's text may say `data: [DONE]`; JSON escapes
   -- every line end in it); an `id:` or `event:` line may come before it.
@@ -145,6 +193,7 @@ local function classify(ev, st)
             and (string.find(ev, '"arguments"%s*:%s*"[^"]')
                  or string.find(ev, '"name"%s*:%s*"[^"]'))) then
       st.events = st.events + 1
+      merged_steps(ev, st)
     end
   end
   if has_usage then
@@ -169,10 +218,11 @@ local function encoded(content_encoding)
   return string.find(rest, "[^%s,]") ~= nil
 end
 
-local function meter(h, strip, content_type, content_encoding)
+local function meter(h, strip, content_type, content_encoding, steps)
   local st = {{events = 0, oversize = 0, oversize_events = 0, usage = nil, done = 0,
                error = false, seen = false, h = h, usage_new = false, done_set = false,
-               usage_only = false}}
+               usage_only = false, steps = math.max(1, tonumber(steps) or 1), merged = 0,
+               small = nil}}
   set(h, "events", 0)
   -- The content type is not asked: a stream is read by its bytes, whatever it says it
   -- is, as the services' own meter reads it (an SSE stream sent as `text/plain` kept its
@@ -282,6 +332,7 @@ local function meter(h, strip, content_type, content_encoding)
         set(h, "last_us", now)
       end
       set(h, "events", st.events)
+      if st.merged > 0 then set(h, "merged", st.merged) end
     end
     if st.oversize > 0 then
       set(h, "oversize_bytes", st.oversize)

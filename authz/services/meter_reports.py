@@ -101,6 +101,7 @@ def report_from_entry(entry: Any) -> MeterReport | None:
         else None
     return MeterReport(
         events=num("events"),
+        merged_tokens=num("merged"),
         oversize_events=num("oversize_events"),
         oversize_bytes=num("oversize_bytes"),
         usage_event=f["usage"].string_value.encode() if "usage" in f else b"",

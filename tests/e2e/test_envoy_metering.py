@@ -262,15 +262,19 @@ def test_every_split_of_a_failed_stream_says_its_status(
         split_gw: Gateway, wants_usage: bool) -> None:
     """A stream that ends in vLLM's error event, split at every byte of that event and
     around it: the client gets it byte for byte, and each record says the event's status
-    (503) with the content events counted (4), estimated, the prompt the backend's
-    /tokenize count, whatever the split (text that looks like an error event is not one)."""
+    (503) with the content events counted (4, and their text's merged steps), estimated,
+    the prompt the backend's /tokenize count, whatever the split (text that looks like an
+    error event is not one)."""
     expected = b"".join(error_stream_events())
     for split in _error_splits():
         got, rid = _post(split_gw, split, wants_usage, "error")
         assert got == expected, split
         [rec] = records_for(split_gw, rid)
-        assert (rec["status"], rec["completion_tokens"], rec["estimated"],
-                rec["prompt_tokens"]) == (503, 4, True, PROMPT_COUNT), (split, rec)
+        assert (rec["status"], rec["estimated"], rec["prompt_tokens"]) == (
+            503, True, PROMPT_COUNT), (split, rec)
+        # The 4 content events, and what their text may hold past one token each (its
+        # length: merged steps), at most as the services' own meter reckons it (13).
+        assert 4 <= rec["completion_tokens"] <= 13, (split, rec)
 
 
 def _eol_splits(eol: str) -> list[list[int]]:
