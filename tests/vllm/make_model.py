@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import string
-import sys
 import textwrap
 from pathlib import Path
 
@@ -76,6 +75,7 @@ def make(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: make_model.py OUT_DIR")
-    make(Path(sys.argv[1]))
+    # (`--help` made a folder of that name: a tester's first try)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", type=Path, help="the model folder to write")
+    make(ap.parse_args().out_dir)
