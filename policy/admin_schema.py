@@ -22,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 
 from policy.bounds import BudgetUsd, Count
 from policy.config import OrgLimits
-from policy.keyrecord import BudgetPeriod, KeyName, KeyRecord, OrgName, redact_secrets
+from policy.keyrecord import KEY_PREFIX, BudgetPeriod, KeyName, KeyRecord, OrgName, redact_secrets
 
 Role = Literal["read", "admin"]
 Scope = Literal["inference:read", "inference:write"]
@@ -124,6 +124,16 @@ class UsageQuery(_In):
         f"every selected record, one JSON object a line ({NDJSON}, as with `Accept: "
         f"{NDJSON}`), written as it is read; the totals last; no paging"))
 
+    @field_validator("key")
+    @classmethod
+    def _key_id(cls, v: str | None) -> str | None:
+        # A secret matches no record, and the answer said 0 requests (admin tester);
+        # never echoed past its listed prefix.
+        if v is not None and v.startswith(KEY_PREFIX):
+            raise ValueError("that is a key's secret, not its id: `keys list` shows each "
+                             "key's id beside its prefix")
+        return v
+
     @field_validator("since", mode="before")
     @classmethod
     def _plus_offset(cls, v: object) -> object:
@@ -188,10 +198,11 @@ class Spend(BaseModel):
     org: str
     budget_period: BudgetPeriod
     period: str
-    # Exact decimal strings, as usage records' cost_usd.
+    # Exact decimal strings, as usage records' cost_usd; null without a budget (no
+    # ledger is kept: the owner's spend is in GET /v1/usage).
     budget_usd: str | None
-    spent_usd: str
-    reserved_usd: str
+    spent_usd: str | None
+    reserved_usd: str | None
     remaining_usd: str | None
 
 
