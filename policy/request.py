@@ -115,6 +115,17 @@ def may_hide_tokens(body: dict[str, Any]) -> bool:
     return isinstance(tools, list) and bool(tools) and body.get("tool_choice") != "none"
 
 
+def withholds_text(body: dict[str, Any]) -> bool:
+    """Whether vLLM's Responses stream may go without an event while it generates: it
+    sends one only for text, so tokens it holds back (text that may yet match a `stop`
+    string) or that have none (special tokens a `logit_bias` or `allowed_token_ids` can
+    force, or those past an ignored end of sequence) pass unseen (real-vLLM tester: 5
+    deltas for 64 tokens with a long stop string, none for 169 with a bias to `<s>`).
+    Chat and completions streams send a chunk for each step, text or not."""
+    return bool(body.get("stop")) or bool(body.get("logit_bias")) \
+        or bool(body.get("allowed_token_ids")) or lax_true(body.get("ignore_eos"))
+
+
 def _int_field(body: dict[str, Any], name: str, cap: int) -> int | None:
     """A count the gateway reads itself, read as vLLM reads it (`5`, `"5"`, `5.0`) and
     written back as the integer it is, so that the backend gets what was held; a null
@@ -378,7 +389,7 @@ def _responses(body: dict[str, Any], alias: str, model: Model, kind: Kind
     estimate, bound = responses_prompt(body, model)
     return InferenceRequest(alias, model, estimate, bound, body, upstream, stream=stream,
                             max_tokens=limit or model.max_tokens,
-                            hides_tokens=may_hide_tokens(body))
+                            hides_tokens=may_hide_tokens(body) or withholds_text(body))
 
 
 def _pooling(body: dict[str, Any], alias: str, model: Model, kind: Kind
