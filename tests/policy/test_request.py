@@ -629,3 +629,14 @@ def test_numbers_past_what_json_readers_hold_are_named_as_such() -> None:
         parse({"model": "demo", "messages": [{"role": "user", "content": "x"}],
                "max_tokens": 10**23})
     assert e.value.param == "max_tokens"
+
+
+def test_a_count_past_2_53_is_not_misquoted() -> None:
+    """10**27 arrives as a float (orjson): its message quoted 1000000000000000013287555072
+    (real-vLLM tester); now it names no digits it was not sent."""
+    body = b'{"model":"demo","messages":[{"role":"user","content":"hi"}],' \
+           b'"max_tokens":1000000000000000000000000000}'
+    with pytest.raises(ApiError) as e:
+        parse_request(body, CHAT_EP, CFG)
+    assert e.value.message == ("'max_tokens' must be at most 256 for this model, got a "
+                               "number past 2**53.")
