@@ -20,7 +20,7 @@ from authz.state.limits import redis_limits
 from authz.state.limits.admission import Admission
 from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.limits.memory import MemoryLimitStore
-from authz.state.limits.redis_limits import CLAIM_S, DUE, RedisLimitStore
+from authz.state.limits.redis_limits import CLAIM_S, DUE, EPOCH, RedisLimitStore
 from authz.state.limits.redis_scripts import CLAIM
 from authz.state.usage.records import one_per_request
 from policy.config import OnStoreError
@@ -309,6 +309,31 @@ async def test_a_hold_redis_lost_is_still_charged_once_at_its_settlement(
         done = await store.settle(lim, b, 25, 250, T0 + 2)
         assert done.applied
         assert await store.budget("k1", "acme", P, T0 + 2) == (250, 0)
+        assert not (await store.settle(lim, b, 25, 250, T0 + 2)).applied
+        assert await store.budget("k1", "acme", P, T0 + 2) == (250, 0)
+    finally:
+        await store.close()
+
+
+async def test_a_hold_admitted_just_after_redis_lost_its_data_is_charged_once(
+        own_redis: RedisServer) -> None:
+    """Review: admitted in the second after a flush, before the sweep read the new data
+    mark, a hold was tagged with the old one; its settlement, replayed from the spool
+    after the first had landed (a late reply), read as a hold Redis lost and charged its
+    cost again. The mark is read with the admission now."""
+    lim = Limits(budget_nano=10_000, max_concurrent=5)
+    store = RedisLimitStore(own_redis.url, timeout_s=2.0)
+    try:
+        await store.check_epoch()
+        client = redis.Redis.from_url(own_redis.url)
+        old = client.get(EPOCH)
+        client.flushall()
+        b = ask(2)
+        assert (await store.admit(lim, b, T0)).allowed  # no sweep since the flush
+        mark = store.admitted_under(b)
+        assert mark is not None and mark.encode() == client.get(EPOCH) != old
+        assert (await store.settle(lim, b, 25, 250, T0 + 1)).applied
+        store.admitted_under_was(b, mark)  # the spooled copy, replayed
         assert not (await store.settle(lim, b, 25, 250, T0 + 2)).applied
         assert await store.budget("k1", "acme", P, T0 + 2) == (250, 0)
     finally:

@@ -171,14 +171,24 @@ class RedisLimitStore:
             exp = repr(lnow + float(ask.lease_s))  # the script's exp, bit for bit
             # NX: a duplicate leaves the entry of the request it duplicates as it was.
             # Indexed first, in the same write: a hold is never unknown to the sweep.
-            _, out = await self._batch(("ZADD", DUE, "NX", exp, member),
-                                       self._redis.script_call(ADMIT, keys, args),
-                                       must=(0, 1))
+            calls = [("ZADD", DUE, "NX", exp, member),
+                     self._redis.script_call(ADMIT, keys, args)]
+            budget_held = limits.budget_nano is not None
+            if budget_held:
+                # The data mark the hold lands under, read with it: the one the sweep
+                # last read may be a second old, and a hold admitted just after Redis
+                # lost its data, tagged with the old one, was charged twice when its
+                # settlement was replayed (review).
+                calls += [("SET", EPOCH, uuid.uuid4().hex.encode(), "NX"), ("GET", EPOCH)]
+            replies = await self._batch(*calls, must=(0, 1))
+            out = replies[1]
             if out[0] != 1 and out[1] != b"duplicate":
                 self._forget(member)
-            if out[0] == 1 and limits.budget_nano is not None and self._epoch is not None \
-                    and len(self._held_in) < MAX_HELD_IN:
-                self._held_in[ask.key_id, ask.request_id] = self._epoch
+            mark = replies[3] if budget_held and isinstance(replies[3], bytes) else None
+            if mark is not None:
+                self._saw_mark(mark)
+            if out[0] == 1 and mark is not None and len(self._held_in) < MAX_HELD_IN:
+                self._held_in[ask.key_id, ask.request_id] = mark
         ok, reason, retry, rem_r, reset_r, rem_t, reset_t = (
             v.decode() if isinstance(v, bytes) else v for v in out)
         if reason == "stale":  # answered after all, past its deadline: nothing was held
@@ -390,6 +400,10 @@ class RedisLimitStore:
         after which the new mark is taken as seen."""
         mine = uuid.uuid4().hex.encode()
         _, seen = await self._batch(("SET", EPOCH, mine, "NX"), ("GET", EPOCH), must=(0, 1))
+        return self._saw_mark(seen)
+
+    def _saw_mark(self, seen: bytes) -> bool:
+        """`check_epoch`'s reading of the data mark `seen`, wherever it was read."""
         before, self._epoch = self._epoch, seen
         if before is None or seen == before:
             return True
