@@ -224,3 +224,26 @@ async def test_a_deleted_keyring_keeps_the_last_good_keys(
         assert await store.find(other.sha256, other_secret) is not None
     finally:
         await store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to another user: needs root")
+async def test_a_keyring_written_by_root_stays_the_services_to_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Security review: `sudo tokenbooth keys revoke` wrote keys.json as root, mode 0600:
+    the services (another user) could not read it and kept the keys they had, the
+    revoked one working on. Root keeps the owner the keyring had (a first one: the
+    data_dir's); another user than its owner is refused, saying why."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 1000, 1000)
+    store = KeyringStore(data)
+    rec = KeyRecord(id="k1", org="acme", sha256=fingerprint(new_secret()),
+                    created_at=datetime(2026, 1, 1, tzinfo=UTC))
+    await store.create(rec)  # a first keyring: the data_dir's owner
+    assert (store.path.stat().st_uid, store.path.stat().st_gid) == (1000, 1000)
+    await store.revoke("k1")
+    assert store.path.stat().st_uid == 1000
+    monkeypatch.setattr(os, "geteuid", lambda: 1001)  # another user than its owner
+    with pytest.raises(PermissionError, match="run `keys` as that user"):
+        await store.create(KeyRecord(id="k2", org="acme", sha256=fingerprint(new_secret()),
+                                     created_at=datetime(2026, 1, 1, tzinfo=UTC)))

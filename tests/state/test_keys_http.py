@@ -464,3 +464,44 @@ async def test_secret_never_logged_or_raised(
             assert s not in str(exc) and s not in repr(exc)
             assert exc.__cause__ is None and s not in str(exc.__context__)
         assert s not in repr(store) and s not in repr(store._cache)
+
+
+async def test_a_redirect_is_not_followed_with_the_clients_key() -> None:
+    """Security review: aiohttp follows a 307/308 and sends the body again, the client's
+    key in it, wherever the redirect points (plain http, another host). Not followed:
+    the store fails as unavailable, saying why."""
+    from aiohttp import web
+
+    from tests.helpers import free_port
+
+    got: list[bytes] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.json_response({"valid": False})
+
+    other_port, port = free_port(), free_port()
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{other_port}/steal")
+
+    runners = []
+    for handler, p in ((elsewhere, other_port), (redirect, port)):
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", p).start()
+        runners.append(runner)
+    store = HttpValidationStore(f"http://127.0.0.1:{port}/validate",
+                                RemoteOptions(timeout_s=2.0))
+    await store.start()
+    try:
+        secret = new_secret()
+        with pytest.raises(StoreUnavailable, match="redirect: not followed"):
+            await store.find(fingerprint(secret), secret)
+        assert got == []
+    finally:
+        await store.close()
+        for runner in runners:
+            await runner.cleanup()

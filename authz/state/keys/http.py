@@ -163,9 +163,14 @@ class HttpValidationStore:
             async with asyncio.timeout(self._timeout_s):
                 for attempt in (1, 2):
                     try:
-                        async with self._session.post(self._url, data=body, headers=_HEADERS) as r:
+                        # No redirects: a 307/308 resends the body, the client's key,
+                        # wherever it points (security review).
+                        async with self._session.post(self._url, data=body, headers=_HEADERS,
+                                                      allow_redirects=False) as r:
                             if r.status != 200:
-                                raise _Failure(f"HTTP {r.status}")
+                                raise _Failure(f"HTTP {r.status}" + (
+                                    " (a redirect: not followed; set validation_url to "
+                                    "where it points)" if 300 <= r.status < 400 else ""))
                             raw = await _read_capped(r)
                         break
                     except aiohttp.ServerDisconnectedError:

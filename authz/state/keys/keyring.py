@@ -300,7 +300,10 @@ class KeyringStore:
             written = [as_written.get(id(r)) or r.model_dump(mode="json") for r in records]
             data = orjson.dumps({"keys": written}, option=orjson.OPT_INDENT_2)
             tmp = self.path.with_suffix(".tmp")
+            owner = self._owner()
             tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            if owner is not None:
+                os.fchown(tfd, *owner)
             with os.fdopen(tfd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -312,6 +315,28 @@ class KeyringStore:
             return result, _Read(next(self._seq), stamp, {r.sha256: r for r in records})
         finally:
             os.close(fd)
+
+    def _owner(self) -> tuple[int, int] | None:
+        """The owner the new keyring must have for the services to read it (mode 0600):
+        the old one's (root gives the file to it; None: ours already). A user other than
+        its owner cannot, and is refused: its keyring would go unread, the services
+        keeping the keys they had (security review: a `sudo keys revoke` said revoked,
+        and the key worked on). A first keyring goes to the data_dir's owner when root
+        writes it (a volume's owner may be root: then nobody's in particular)."""
+        me = os.geteuid()
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            st = self.path.parent.stat()
+            return (st.st_uid, st.st_gid) if me == 0 and st.st_uid != 0 else None
+        if st.st_uid == me:
+            return None
+        if me == 0:
+            return st.st_uid, st.st_gid
+        raise PermissionError(
+            f"{self.path} belongs to user id {st.st_uid}, the user the services run as: "
+            f"run `keys` as that user (a keyring written as user id {os.geteuid()} would "
+            "go unread)")
 
     def _scan(self, known: tuple[Stamp | None, Stamp | None]) -> _Read:
         """Look at the file; read and index it if its stamp is not in `known`."""
