@@ -96,7 +96,12 @@ class StreamMeter:
         A stream that failed (an error event, then vLLM's `[DONE]`) is such a cut one."""
         if self._usage is not None:
             return self._usage
-        return self._inline_usage if self.done and not self.error_status else None
+        inline = self._inline_usage
+        if inline is None or not self.done or self.error_status:
+            return None
+        # Fewer tokens than the chunks carried (each at least one): one choice's count of
+        # several (n > 1), not the request's; estimated instead (review).
+        return inline if inline.completion_tokens >= self.content_chunks else None
 
     @property
     def refused(self) -> bool:
