@@ -263,8 +263,15 @@ local function meter(h, strip, content_type, content_encoding, steps)
       -- worker for seconds).
       local upto = nil
       if #tail > 0 then
-        local w = event_end(tail .. string.sub(data, pos, pos + 3), 1)
-        if w ~= nil then upto = pos + w - #tail - 1 end
+        local s = tail .. string.sub(data, pos, pos + 3)
+        local w = event_end(s, 1)
+        -- A blank line's CR at the end of these few bytes may be a CRLF's first half
+        -- (the chunk goes on): that end lies in `data` alone, and is searched there
+        -- (review: a chunk beginning with an event's last byte, then CR LF CR LF, gave the
+        -- next event that last LF).
+        if w ~= nil and not (w == #s and string.byte(s, w) == 13 and pos + 3 < #data) then
+          upto = pos + w - #tail - 1
+        end
       end
       if upto == nil then upto = event_end(data, pos) end
       if upto == nil then

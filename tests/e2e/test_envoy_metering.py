@@ -283,7 +283,8 @@ def _eol_splits(eol: str) -> list[list[int]]:
     events = with_eol(stream_events(), eol)
     ends = [sum(len(ev) for ev in events[:i + 1]) for i in range(len(events) - 1)]
     total = sum(len(ev) for ev in events)
-    return [[e + d] for e in ends for d in (-4, -3, -2, -1, 1)] + [list(range(1, total, 41))]
+    return [[e + d] for e in ends for d in (-6, -5, -4, -3, -2, -1, 1)] + [
+        list(range(1, total, 41))]
 
 
 @pytest.mark.parametrize("eol", ["cr", "crlf"])
