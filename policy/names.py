@@ -4,6 +4,7 @@ another name, so that two names that print alike are never two things."""
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
 
 # Characters a name may not hold: controls, format characters (zero-width space and
 # joiners, BOM, bidi overrides), line and paragraph separators, surrogates, private-use
@@ -41,6 +42,19 @@ def lookalike_problem(name: str) -> str | None:
         return (f"expected printable characters, got U+{ord(bad):04X} "
                 f"({unicodedata.name(bad, 'unnamed')}), which reads as nothing")
     return None
+
+
+def twin_problem(name: str, names: Iterable[str], what: str) -> str | None:
+    """Why a new `name` reads as one of `names` (the same letters in another Unicode
+    form: full-width letters beside the plain ones, a ligature; NFKC), or None. Only a name not
+    in that form is looked at: the plain one came first."""
+    plain = unicodedata.normalize("NFKC", name)
+    if plain == name:
+        return None
+    twin = next((n for n in names
+                 if n != name and unicodedata.normalize("NFKC", n) == plain), None)
+    return None if twin is None else (
+        f"it reads as the {what} {twin!a} (the same letters in another Unicode form)")
 
 
 def _joiner_in_word(text: str, i: int) -> bool:

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import secrets
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -43,6 +44,7 @@ from policy.keys import (
     no_key_message,
     redact_secrets,
 )
+from policy.names import twin_problem
 
 T = TypeVar("T")
 # `keys update --rpm none` (and the other limits, --budget, --expires): remove it.
@@ -158,19 +160,24 @@ def _org_to_create(cfg: Config, org: str) -> None:
     """As the admin API: an org name that reads as another is refused unless the org
     exists already (a key of it, its limits configured or stored)."""
     problem = new_org_problem(org)
+    if problem is None and unicodedata.normalize("NFKC", org) != org:
+        known = {*cfg.orgs, *(k.org for k in cfg.keys),
+                 *(k.org for k in _with_store(cfg, lambda s: s.list_keys())),
+                 *asyncio.run(_stored_orgs(cfg))}
+        problem = twin_problem(org, known, "org")
     if problem is None or org in cfg.orgs or any(k.org == org for k in cfg.keys):
         return
     if _with_store(cfg, lambda s: s.list_keys(org)):
         return
-    if asyncio.run(_stored_org(cfg, org)):
+    if org in asyncio.run(_stored_orgs(cfg)):
         return
     raise ValueError(f"--org: {problem}, got {redact_secrets(org)!r}")
 
 
-async def _stored_org(cfg: Config, org: str) -> bool:
+async def _stored_orgs(cfg: Config) -> set[str]:
     store = make_org_store(cfg)
     try:
-        return org in await store.read_all()
+        return set(await store.read_all())
     except RedisError as e:
         raise OSError(f"cannot read the org limits from {redacted(cfg.state)}: {e}") from None
     finally:

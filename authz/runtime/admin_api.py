@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import unicodedata
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ from policy.keys import (
     redact_secrets,
 )
 from policy.limits import nano_to_usd, period_id, usd_to_nano
+from policy.names import twin_problem
 from policy.usage_paging import UnknownAfter, UsagePager
 from policy.usage_report import OnePerRequest, Totals, record_cost
 
@@ -299,6 +301,12 @@ async def _org_to_create(ctx: AdminContext, org: str) -> None:
     its limits in the config or the store, written before the rule (an upgrade must not
     strand an org that has a trailing blank)."""
     problem = new_org_problem(org)
+    if problem is None and unicodedata.normalize("NFKC", org) != org:
+        cfg = ctx.config()
+        known = {*cfg.orgs, *(k.org for k in cfg.keys), *ctx.orgs.in_force(cfg)}
+        if isinstance(ctx.keys, KeyAdmin):
+            known.update(k.org for k in await ctx.keys.list_keys())
+        problem = twin_problem(org, known, "org")
     if problem is None or await _org_exists(ctx, org):
         return
     raise AdminError(400, f"org: {problem}, got {redact_secrets(org[:64])!r}",

@@ -495,3 +495,13 @@ def test_keys_and_usage_warn_of_a_data_dir_no_gateway_wrote(tmp_path: Path) -> N
     for args in (("keys", "create", "--org", "acme"), ("usage",)):
         r = tb(*args, "--config", str(path))
         assert (r.returncode, "warning" in r.stderr) == (0, False), r.stderr
+
+
+def test_keys_create_refuses_an_org_in_another_unicode_form_of_a_known_one(
+        tmp_path: Path) -> None:
+    """Full-width `acme` beside the config's acme: two orgs that print alike."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    r = tb("keys", "create", "--config", str(path), "--org", "\uff41\uff43\uff4d\uff45")
+    assert r.returncode == 2 and "reads as the org 'acme'" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1

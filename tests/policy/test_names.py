@@ -43,3 +43,14 @@ def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
 ])
 def test_names_people_write_pass(name: str) -> None:
     assert lookalike_problem(name) is None
+
+
+def test_a_name_in_another_unicode_form_of_a_known_one_is_its_twin() -> None:
+    from policy.names import twin_problem
+
+    full_width = "\uff41\uff43\uff4d\uff45"  # "acme" in full-width letters
+    assert twin_problem(full_width, ["beta", "acme"], "org") == (
+        "it reads as the org 'acme' (the same letters in another Unicode form)")
+    assert twin_problem(full_width, ["beta"], "org") is None  # no twin known
+    assert twin_problem("acme", [full_width], "org") is None  # the plain one: first
+    assert twin_problem("\ufb01ne", ["fine"], "org") is not None  # a ligature

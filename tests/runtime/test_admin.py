@@ -475,6 +475,11 @@ async def test_a_new_org_that_reads_as_another_is_refused(api: Api) -> None:
     assert (status, err["error"]["param"]) == (400, "org")
     assert "whitespace" in err["error"]["message"]
     assert (await api("GET", "/v1/orgs/acme%20"))[0] == 200
+    # Full-width letters beside an org that exists (the config's acme): its twin.
+    status, err = await api("POST", "/v1/keys", body={"org": "\uff41\uff43\uff4d\uff45"})
+    assert (status, err["error"]["param"]) == (400, "org")
+    assert "reads as the org 'acme'" in err["error"]["message"]
+    assert (await api("POST", "/v1/keys", body={"org": "\uff5a\uff5a"}))[0] == 201  # no twin
     # A name no key can have is a 400 on every org route, as on PUT (GET said 200).
     for method, path in (("GET", "/v1/orgs/%00"), ("DELETE", "/v1/orgs/%00"),
                          ("GET", "/v1/orgs/%00/spend"), ("GET", "/v1/orgs/" + "x" * 129)):
