@@ -991,6 +991,11 @@ def _problems(e: ValidationError, source: str) -> list[str]:
             out += [f"{source}: {p}" for p in ctx["problems"]]
             continue
         msg = str(err["msg"]).removeprefix("Value error, ")
+        given = err.get("input")
+        if err["type"] in ("int_type", "float_type", "int_parsing", "float_parsing") \
+                and isinstance(given, str):
+            # A number as YAML 1.1 also writes it (`1_000`, `0x1A`, `1:30`) is text here.
+            msg += f", got {given[:40]!r} (write plain digits)"
         out.append(f"{source}: {_location(err['loc'])}: {msg}")
     return out
 

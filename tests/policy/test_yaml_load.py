@@ -127,3 +127,30 @@ def test_a_key_given_twice_is_refused_by_both_loaders() -> None:
         with pytest.raises(DuplicateKey) as e:
             load_yaml("models:\n  demo: {a: 1}\n  demo: {a: 2}\n", loader=loader)
         assert (e.value.key, e.value.line) == ("demo", 3)
+
+
+@pytest.mark.parametrize("loader", ["CLoader", "PureLoader"])
+def test_numbers_are_read_as_yaml_1_2_writes_them(loader: str) -> None:
+    """YAML 1.1 (PyYAML's) read an unquoted `budget_usd: 1_00`, a typo for 1.00, as 100,
+    `0x1A` as 26, `1:30` as 90, `0b11` as 3 and `010` as 8 (retest tester): they stay
+    text as written, which the settings refuse by name; plain numbers are numbers."""
+    if not hasattr(yaml_load, loader):
+        pytest.skip("PyYAML built without libyaml")
+    got = yaml.load("a: 1_00\nb: 0x1A\nc: 1:30\nd: 0b11\ne: 10_000.5\nf: 010\n"
+                    "g: 100\nh: -5\ni: +3\nj: 1.5\nk: .5\nl: 6.8523015e+5\nm: .inf\n",
+                    Loader=getattr(yaml_load, loader))
+    assert got == {"a": "1_00", "b": "0x1A", "c": "1:30", "d": "0b11", "e": "10_000.5",
+                   "f": 10, "g": 100, "h": -5, "i": 3, "j": 1.5, "k": 0.5,
+                   "l": 685230.15, "m": float("inf")}
+
+
+def test_an_unquoted_amount_yaml_1_1_misreads_is_refused(tmp_path: Path) -> None:
+    data = policy_dict("http://127.0.0.1:8000")
+    text = yaml.safe_dump(data).replace("max_tokens: 256", "max_tokens: 2_56")
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "orgs:\n  acme:\n    budget_usd: 1_00\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    problems = "\n".join(e.value.problems)
+    assert "got '2_56' (write plain digits)" in problems
+    assert "budget_usd: expected an amount in ASCII digits" in problems
