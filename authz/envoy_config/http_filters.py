@@ -100,6 +100,7 @@ from authz.envoy_config.names import (
     UPSTREAM_STATUS_KEY,
 )
 from authz.envoy_config.stream_meter import (
+    METER_ECHO_KEY,
     METER_KEY,
     METER_STEPS_KEY,
     meter_access_log,
@@ -440,7 +441,7 @@ local proc = h:streamInfo():dynamicMetadata():get("{EXT_PROC}")
     local how = proc and proc["{METER_KEY}"]
     if how then
       meter(h, how == "strip", headers:get("content-type"), headers:get("content-encoding"),
-            proc["{METER_STEPS_KEY}"])
+            proc["{METER_STEPS_KEY}"], proc["{METER_ECHO_KEY}"])
     end"""
 
 

@@ -22,7 +22,7 @@ Errors are not turned into answers here: the servicer (ext_proc.py) does that.
 from __future__ import annotations
 
 from authz.envoy_config.names import EXT_PROC, UPSTREAM_ERRORS, UPSTREAM_STATUS_KEY
-from authz.envoy_config.stream_meter import METER_KEY, METER_STEPS_KEY
+from authz.envoy_config.stream_meter import METER_ECHO_KEY, METER_KEY, METER_STEPS_KEY
 from authz.services import protos
 from authz.services.lifecycle import Lifecycle
 from authz.services.principal_md import METADATA_NAMESPACE, principal_from_metadata
@@ -107,6 +107,8 @@ async def _request_body(life: Lifecycle, msg: protos.Msg) -> protos.Msg:
     if fwd.envoy_meter is not None and life.req is not None:
         md[METER_KEY].string_value = fwd.envoy_meter
         md[METER_STEPS_KEY].number_value = life.req.stream_interval
+        if fwd.echoes:
+            md[METER_ECHO_KEY].number_value = 1
     for name, value in fwd.rate_headers:
         md[name].string_value = value
     return resp

@@ -122,6 +122,7 @@ class Forward(NamedTuple):
     cluster: str
     rate_headers: list[tuple[str, str]]
     envoy_meter: str | None = None
+    echoes: bool = False  # its stream's first chunk echoes the prompt (Envoy's meter)
 
 class MeterReports(Protocol):
     """Where a stream Envoy meters will report (authz/services/meter_reports.py)."""
@@ -396,7 +397,8 @@ class Lifecycle:
                 and self.endpoint.kind in _ENVOY_METERED and self._reports is not None
                 and self._reports.expect(self.request_id)):
             self._envoy_meter = "keep" if req.client_wants_usage else "strip"
-        return Forward(body, route.cluster, rate_headers(decision), self._envoy_meter)
+        return Forward(body, route.cluster, rate_headers(decision), self._envoy_meter,
+                       self._envoy_meter is not None and _echoes(self.endpoint.kind, req.body))
 
     def _make_ask(self, tokens: int, cost: int, record: HoldRecord | None = None) -> Ask:
         """What admission holds; `record` is what a lost hold's usage record says."""

@@ -45,10 +45,13 @@ class Merging(ThreadedBackend):
                                   "logprobs": None, "finish_reason": None}]}
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
-        for _ in range(10):
-            await send(WORD)
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+        if request.headers.get("x-first-merged"):  # the first chunk holds the steps
+            await asyncio.sleep(0.5)
+        else:
+            for _ in range(10):
+                await send(WORD)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
         await send(WORD * MERGED_WORDS)
         await send("end")
         try:  # generating on, unread: the client leaves meanwhile (the write then fails)
@@ -85,8 +88,8 @@ def gw_envoy(tmp_path_factory: pytest.TempPathFactory, backend: Merging) -> Iter
         yield g
 
 
-def read_then_leave(gw: Gateway) -> str:
-    """Read the stream until its twelfth event, then close at once; the request id."""
+def read_then_leave(gw: Gateway, events: int = 12, first_merged: bool = False) -> str:
+    """Read the stream until its `events`-th event, then close at once; the request id."""
     host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
     body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}],
                        "max_tokens": 1000, "stream": True}).encode()
@@ -94,9 +97,10 @@ def read_then_leave(gw: Gateway) -> str:
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
               b"Authorization: Bearer " + SECRET.encode() + b"\r\n"
               b"Content-Type: application/json\r\n"
-              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+              + (b"x-first-merged: 1\r\n" if first_merged else b"")
+              + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     got, deadline = b"", time.monotonic() + 20
-    while got.count(b'"content"') < 12 or not got.rstrip().endswith(b"}"):
+    while got.count(b'"content"') < events or not got.rstrip().endswith(b"}"):
         assert time.monotonic() < deadline, got[-300:]
         piece = s.recv(65536)
         assert piece, got[-300:]
@@ -124,3 +128,18 @@ def test_a_merged_chunk_the_client_received_is_charged(
         # (and the few milliseconds between the last text and the cut, at its pace)
         least = 12 + (MERGED_WORDS * len(WORD) // 4 - 1) + ABORT_STEPS
         assert least <= rec["completion_tokens"] <= least + 8
+
+
+@pytest.mark.parametrize("meter", ["ext_proc", "envoy"])
+def test_a_first_chunk_holding_merged_steps_is_charged(
+        request: pytest.FixtureRequest, meter: str) -> None:
+    """Retest tester: Envoy's meter read a stream's first chunk only to measure the
+    others by: one holding 125 tokens' text, the client leaving after it, paid 17."""
+    gw: Gateway = request.getfixturevalue(f"gw_{meter}")
+    rid = read_then_leave(gw, events=2, first_merged=True)
+    deadline = time.monotonic() + 15
+    while not (recs := records_for(gw, rid)) and time.monotonic() < deadline:
+        pass
+    [rec] = recs
+    assert rec["status"] == 499
+    assert MERGED_WORDS * len(WORD) // 4 + 1 <= rec["completion_tokens"] <= 1000

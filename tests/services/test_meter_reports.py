@@ -199,3 +199,20 @@ async def test_a_stop_records_the_streams_whose_report_did_not_come(tmp_path: Pa
     async with serve_policy(tmp_path, envoy={"stream_metering": "envoy"}) as running:
         await asyncio.sleep(0.3)
         assert [r["request_id"] for r in await records(running, 2)] == ["r-stop"]
+
+
+async def test_envoys_meter_is_told_each_chunks_steps_and_an_echo(running: Running) -> None:
+    """The Lua meter counts a chunk's merged steps past what one chunk of its
+    stream_interval holds, and reads a first chunk unless it echoes the prompt."""
+    from authz.envoy_config.stream_meter import METER_ECHO_KEY, METER_STEPS_KEY
+
+    for rid, body, echo in (
+            ("e-1", {}, False),
+            ("e-2", {"messages": [{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": "Once"}],
+                     "echo": True}, True)):
+        s = Stream(running)
+        r = await admit(s, {**CHAT, "stream": True, "max_tokens": 50, **body}, rid=rid)
+        md = r.dynamic_metadata.fields[EXT_PROC].struct_value.fields
+        assert md[METER_STEPS_KEY].number_value == 1
+        assert (METER_ECHO_KEY in md) is echo
