@@ -479,3 +479,44 @@ async def test_a_store_failure_between_org_and_key_leaves_one_record(
         await real.close()
         server.stop()
 
+
+
+async def test_a_sweep_that_fails_mid_way_still_records_what_it_claimed(
+        own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: the lost holds of a sweep's first batches were charged in Redis and their
+    Asks dropped when a later batch's CLAIM failed: 256 charges with no record. Now
+    they come back; and a SWEEP whose reply never came (a timeout, after Redis charged
+    the hold) returns the Ask again when its entry comes back, so its record is written."""
+    monkeypatch.setattr(redis_limits, "SWEEP_BATCH", 2)
+    lim = Limits(budget_nano=10**6, max_concurrent=10)
+    store = RedisLimitStore(own_redis.url, timeout_s=2.0)
+    try:
+        await store.check_epoch()
+        for i in range(5):
+            assert (await store.admit(lim, ask(i, lease=1.0), T0)).allowed
+        real = store._redis.evalsha  # a CLAIM that fails: the second
+        claims = [0]
+
+        async def flaky(script: str, keys: list[str], args: list[str]) -> Any:
+            if script == CLAIM:
+                claims[0] += 1
+                if claims[0] == 2:
+                    raise ConnectionError("redis went away")
+            return await real(script, keys, args)
+
+        monkeypatch.setattr(store._redis, "evalsha", flaky)
+        first = await store.sweep(T0 + 100)
+        assert sorted(a.request_id for a in first) == ["r0", "r1"]
+        monkeypatch.setattr(store._redis, "evalsha", real)
+        rest = await store.sweep(T0 + 100)
+        assert sorted(a.request_id for a in rest) == ["r2", "r3", "r4"]
+        assert await store.budget("k1", "acme", P, T0 + 100) == (5 * 300, 0)
+        # A SWEEP Redis ran whose reply was lost: its entry back in the index, claimed
+        # again, gives the Ask again (the record's writer drops a second one).
+        client = redis.Redis.from_url(own_redis.url)
+        client.zadd(DUE, {orjson.dumps(["k1", P, "r1"]).decode(): 0})
+        again = await store.sweep(T0 + 200)
+        assert [a.request_id for a in again] == ["r1"]
+        assert await store.budget("k1", "acme", P, T0 + 200) == (5 * 300, 0)  # once
+    finally:
+        await store.close()
