@@ -39,8 +39,8 @@ def lookalike_problem(name: str) -> str | None:
                 if (unicodedata.category(c) in _INVISIBLE or ord(c) in _BLANK)
                 and not _joiner_in_word(name, i)), None)
     if bad is not None:
-        return (f"expected printable characters, got U+{ord(bad):04X} "
-                f"({unicodedata.name(bad, 'unnamed')}), which reads as nothing")
+        return (f"expected printable characters: U+{ord(bad):04X} "
+                f"({unicodedata.name(bad, 'unnamed')}) reads as nothing")
     return None
 
 

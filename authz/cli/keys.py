@@ -162,12 +162,12 @@ def _org_to_create(cfg: Config, org: str) -> None:
     problem = new_org_problem(org)
     if problem is None and unicodedata.normalize("NFKC", org) != org:
         known = {*cfg.orgs, *(k.org for k in cfg.keys),
-                 *(k.org for k in _with_store(cfg, lambda s: s.list_keys())),
+                 *(k.org for k in _with_store(cfg, lambda s: s.list_keys(), quiet=True)),
                  *asyncio.run(_stored_orgs(cfg))}
         problem = twin_problem(org, known, "org")
     if problem is None or org in cfg.orgs or any(k.org == org for k in cfg.keys):
         return
-    if _with_store(cfg, lambda s: s.list_keys(org)):
+    if _with_store(cfg, lambda s: s.list_keys(org), quiet=True):
         return
     if org in asyncio.run(_stored_orgs(cfg)):
         return
@@ -210,7 +210,10 @@ def _warn_if_keyring_gone(store: KeyringStore) -> None:
               "(from a backup)", file=sys.stderr)
 
 
-def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
+def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]],
+                quiet: bool = False) -> T:
+    """`action` on the key store; `quiet`: a look on the way to another action (its
+    warnings are that action's to give)."""
     store = make_store(cfg)
     if not isinstance(store, KeyAdmin):
         raise ReadOnlyStore(
@@ -218,7 +221,7 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
             f"{origin(cfg.key_store.validation_url or '')}"
         )
     fresh = None
-    if isinstance(store, KeyringStore):
+    if isinstance(store, KeyringStore) and not quiet:
         _warn_if_keyring_gone(store)
         if not store.path.parent.exists():
             fresh = store.path.parent
@@ -237,13 +240,15 @@ def _with_store(cfg: Config, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
             await store.close()
 
     done = asyncio.run(run())
-    if fresh is not None and fresh.exists():
+    if fresh is not None:
         # A data_dir changed in the file: a running gateway reads the one it started
-        # with until it restarts (t1 tester: a key created, then 401 without a word).
-        print(f"tokenbooth: warning: data_dir {fresh} did not exist and was created now: "
-              "a gateway already running reads its keys from the data_dir it started "
-              "with (a data_dir changed in the config takes effect when it restarts)",
-              file=sys.stderr)
+        # with until it restarts (t1 tester: a key created, then 401 without a word;
+        # retest: `keys list` showed the config's keys alone, without one).
+        what = ("did not exist and was created now" if fresh.exists() else
+                "does not exist: no key is stored there")
+        print(f"tokenbooth: warning: data_dir {fresh} {what}: a gateway already running "
+              "reads its keys from the data_dir it started with (a data_dir changed in "
+              "the config takes effect when it restarts)", file=sys.stderr)
     return done
 
 

@@ -489,6 +489,9 @@ def test_keys_and_usage_warn_of_a_data_dir_no_gateway_wrote(tmp_path: Path) -> N
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     r = tb("usage", "--config", str(path))
     assert r.returncode == 0 and "data_dir" in r.stderr and "does not exist" in r.stderr
+    for args in (("keys", "list"), ("keys", "show", "k-main")):
+        r = tb(*args, "--config", str(path))
+        assert "does not exist: no key is stored there" in r.stderr, (args, r.stderr)
     r = tb("keys", "create", "--org", "acme", "--config", str(path))
     assert r.returncode == 0 and "did not exist and was created now" in r.stderr
     # Once there, neither says a word.

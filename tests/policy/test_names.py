@@ -14,7 +14,7 @@ from policy.names import lookalike_problem
     ("llama ", "no whitespace at its start or end"),
     ("\u3000llama", "no whitespace at its start or end"),
     ("cafe\u0301", "composed (NFC) form, as keyboards type it: it prints as 'caf\u00e9'"),
-    ("lla\u200bma", "U+200B (ZERO WIDTH SPACE), which reads as nothing"),
+    ("lla\u200bma", "printable characters: U+200B (ZERO WIDTH SPACE) reads as nothing"),
     ("\u202ellama", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
     ("\u200dllama", "U+200D"),  # a joiner, but not between two letters
     ("llama\ufeff", "U+FEFF"),
