@@ -27,7 +27,7 @@ log = logging.getLogger("tokenbooth.config")
 # The longest a file that keeps changing waits to be read (each change restarts the
 # settle wait): a change, a revocation, is live within about 2 s however often the file
 # is rewritten.
-MAX_SETTLE_S = 1.5
+MAX_SETTLE_S = 1.0
 
 
 def utc_now() -> datetime:
