@@ -96,19 +96,25 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         self._left.add(life.request_id)
         return True
 
-    def _out_of_sight(self, life: Lifecycle, opened: float) -> bool:
+    def _out_of_sight(self, life: Lifecycle, opened: float,
+                      forwarded: float | None = None) -> bool:
         """Whether a stream that ended early was served on out of the services' sight
         (with on_metering_loss: serve, Envoy serves the rest of a response unmetered):
         the stopping server cancelled it, or it ends as this process wakes from standing
-        still past Envoy's message timeout while the response ran (Envoy gave up on it).
-        Else the client or Envoy went away."""
+        still past Envoy's message timeout while the response ran (Envoy gave up on it),
+        or after the request went to the backend (`forwarded`: when its body's answer
+        was written) and before its answer came (a JSON answer, served whole by Envoy:
+        overload tester). Else the client or Envoy went away."""
         envoy = self._rt.snapshot.config.envoy
         if envoy.on_metering_loss != "serve":
             return False
         if self._cut_at is not None and time.monotonic() >= self._cut_at - STOP_TOLERANCE_S:
             return True
-        return life.responded and self.stalls.just_woke(opened,
-                                                        envoy.decision_timeout_ms / 1000)
+        timeout = envoy.decision_timeout_ms / 1000
+        if life.responded:
+            return self.stalls.just_woke(opened, timeout)
+        # (A gap before the request was forwarded is one Envoy gave up on it in: a 503.)
+        return forwarded is not None and self.stalls.just_woke(forwarded, timeout)
 
     async def Process(
         self,
@@ -122,6 +128,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
         self.stalls.start()
         opened = time.monotonic()
         span: Span | None = None
+        forwarded: float | None = None  # when the request went on to the backend
         start_ns = time.time_ns()
         read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
@@ -142,8 +149,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                             {"traceparent": life.traceparent} if life.traceparent else {}),
                     )
                 await write(resp)
-                if life.admitted:
-                    life.delivered = True
+                if life.admitted and not life.delivered:
+                    life.delivered, forwarded = True, time.monotonic()
                 if life.recount_owed is not None and self._recount_owed(life, span):
                     span = None  # the recount ends it
                 if life.settle_pending:
@@ -161,7 +168,7 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             # Envoy went away mid-request, or the rest is served out of sight (this
             # server stopped, or stood still, with the stream open: charged whole).
             # Either way, exactly one record.
-            elif not life.finished and self._end_early(life, opened, span):
+            elif not life.finished and self._end_early(life, opened, span, forwarded):
                 span = None  # the recount ends it
             # A record decided with the last answer, whose write was cancelled (Envoy
             # resets the stream as soon as it has that answer) before its recount began.
@@ -175,10 +182,11 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             if span is not None:
                 _end_span(span, life)
 
-    def _end_early(self, life: Lifecycle, opened: float, span: Span | None) -> bool:
+    def _end_early(self, life: Lifecycle, opened: float, span: Span | None,
+                   forwarded: float | None = None) -> bool:
         """The record of a request that ended before its response did (see
         `_recount_owed`): True when a recount is under way."""
-        life.finish(aborted=True, out_of_sight=self._out_of_sight(life, opened))
+        life.finish(aborted=True, out_of_sight=self._out_of_sight(life, opened, forwarded))
         return self._recount_owed(life, span)
 
     def _recount_owed(self, life: Lifecycle, span: Span | None) -> bool:

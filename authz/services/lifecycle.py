@@ -742,7 +742,10 @@ class Lifecycle:
                 org=principal.org,
                 model=req.alias,
                 upstream_model=route.upstream_model,
-                backend=self._backend,
+                # Out of sight before its answer came, the backend Envoy chose is not
+                # known: but for a model's only one (the audit compares by backend).
+                backend=self._backend or (req.model.backends[0].url if not status
+                                          and len(req.model.backends) == 1 else ""),
                 usage=usage,
                 price=price,
                 status=status,

@@ -228,6 +228,45 @@ def test_a_stream_served_while_serve_stood_still_is_charged_its_whole_hold(
                                       req.completion_bound, True)
 
 
+def test_a_json_answer_served_while_serve_stood_still_is_charged_its_whole_hold(
+    tmp_path: Path,
+) -> None:
+    """Overload tester: a JSON request forwarded before `serve` froze, its answer coming
+    while it stood still: Envoy gave up on ext_proc and served the answer unmetered (the
+    client got its 200 with usage), and the record said the client left (499) with no
+    backend, which `audit --vllm` counted as drift. Now it was served out of sight: its
+    whole completion bound, its status not known (`lost`), its model's one backend."""
+    with run_gateway(tmp_path, envoy={"decision_timeout_ms": 500}) as g:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 30}
+        pid = serve_pid(g.config_path)
+        out: dict[str, Any] = {}
+
+        def call() -> None:
+            out["r"] = httpx.post(f"{g.base_url}/v1/chat/completions",
+                                  content=json.dumps(body), timeout=30,
+                                  headers={**HEADERS, "x-sim-tpot-ms": "60"})
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.4)  # forwarded; its answer comes ~1.8 s on, while serve stands still
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t.join(20)
+            time.sleep(0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        r = out["r"]
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 30
+        rec = record_of(g, r.headers["x-request-id"])
+        # Alone, serve reads the answer on waking (exact); under load it finds the stream
+        # cancelled first (tests/services/test_stood_still.py): the bound, status `lost`.
+        # Never a 499 with no backend.
+        assert (rec["status"], rec["completion_tokens"], rec["estimated"]) in (
+            (200, 30, False), ("lost", parsed(g, body).completion_bound, True)), rec
+        assert rec["backend"] == load_config(g.config_path).models["demo"].backends[0].url
+
+
 def test_a_client_leaving_well_after_a_stall_is_a_499(tmp_path: Path) -> None:
     """serve stands still longer than Envoy's message timeout while none of the stream's
     messages waits (its next token is far off): Envoy never gives up on it, the stream
