@@ -98,6 +98,7 @@ def test_show_reads_the_memory_state(tmp_path: Path) -> None:
 
 def test_a_key_without_limits_and_without_any_state(tmp_path: Path) -> None:
     config = write_policy(tmp_path, "http://127.0.0.1:8000", keys=KEYS, orgs=ORGS)
+    (tmp_path / "data").mkdir()  # a gateway's (one missing is warned of: test_cli.py)
     r = show(config, "k-plain", "--json")
     assert r.returncode == 0, r.stderr
     state = json.loads(r.stdout)["state"]

@@ -273,8 +273,9 @@ def test_every_split_of_a_failed_stream_says_its_status(
         assert (rec["status"], rec["estimated"], rec["prompt_tokens"]) == (
             503, True, PROMPT_COUNT), (split, rec)
         # The 4 content events, and what their text may hold past one token each (its
-        # length: merged steps), at most as the services' own meter reckons it (13).
-        assert 4 <= rec["completion_tokens"] <= 13, (split, rec)
+        # length: merged steps): the services' own meter reckons 13; Envoy's counts a
+        # JSON escape's characters too (a little more, never less).
+        assert 4 <= rec["completion_tokens"] <= 17, (split, rec)
 
 
 def _eol_splits(eol: str) -> list[list[int]]:
