@@ -10,7 +10,6 @@ import ipaddress
 import os
 import re
 import stat
-import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import date
 from decimal import Decimal
@@ -34,7 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from policy.bounds import MAX_EXACT, BudgetUsd, Count, plain_amount
 from policy.keyrecord import SCOPES, KeyRecord, OrgName
-from policy.names import lookalike_problem
+from policy.names import lookalike_problem, twin_problem
 from policy.sse import MAX_EVENT_BYTES
 from policy.stream_pace import ABORT_STEPS
 from policy.yaml_load import DuplicateKey, key_texts, load_yaml
@@ -797,17 +796,12 @@ class Config(_Strict):
         # What clients send as "model", printed in records and tables: "" routed a
         # request without a model name, a newline broke `tokenbooth usage`'s table, and
         # "llama " or an NFD "café" were a second model that reads as the first.
-        seen: dict[str, str] = {}
         for alias in v:
-            problem = lookalike_problem(alias)
+            # (and full-width or other compatibility forms of another alias: they print
+            # as its plain letters, two models alike)
+            problem = lookalike_problem(alias) or twin_problem(alias, v, "alias")
             if problem:
                 raise ValueError(f"{alias!a} is not a model alias: {problem}")
-            # Full-width or other compatibility forms (U+FF4C... for "llama", the "fi"
-            # ligature) print as the plain letters: two aliases alike would be two models.
-            other = seen.setdefault(unicodedata.normalize("NFKC", alias), alias)
-            if other != alias:
-                raise ValueError(f"{alias!a} reads as the alias {other!a} (the same letters "
-                                 "in another Unicode form): give each model a name of its own")
         return v
 
     @field_validator("state")
