@@ -44,7 +44,8 @@ from policy.errors import ApiError, invalid_request
 TEXT_PARTS: Final = frozenset(
     {"text", "input_text", "output_text", "refusal", "thinking", "tool_reference"}
 )
-# A part is media when its type or one of its keys names a media kind (vLLM reads both).
+# A part is media when its type or one of its keys names a media kind (vLLM reads both:
+# the keys where a part has a `uuid`); a text part is held as its text as well.
 MEDIA_KINDS: Final = {
     "image_url": "image", "input_image": "image", "image_pil": "image",
     "audio_url": "audio", "input_audio": "audio", "video_url": "video",
@@ -259,9 +260,11 @@ def parts_tally(parts: list[Any], param: str, model: Model, tally: Tally) -> Non
             kinds.add(MEDIA_KINDS[part["type"]])
         if kinds:
             tally.exact += _media_tokens(kinds, model, f"{param}[{j}]")
-        elif part["type"] in TEXT_PARTS:
+        # A text part is text even with a media key beside it: vLLM reads a part by its
+        # type (by its keys only where it has a `uuid`), so such a part is held as both.
+        if part["type"] in TEXT_PARTS:
             tally.text += json_len(part)
-        else:
+        elif not kinds:
             raise invalid_request(f"Unsupported content part type {part['type']!r}.",
                                   f"{param}[{j}]")
 

@@ -203,8 +203,14 @@ def test_media_parts_are_bounded_by_the_model_or_refused() -> None:
     video = {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}
     assert chat(parts_msg(audio, video), with_image)[1] == framing + 50 + 900
     # A media key in a part of another type counts as that media, at the worst kind.
-    sneaky = {"type": "text", "text": "", "video_url": {"url": "http://x"}}
+    sneaky = {"type": "image_url", "image_url": {"url": "x"}, "video_url": {"url": "x"}}
     assert chat(parts_msg(sneaky), with_image)[1] == framing + 900
+    # A text part with a media key beside it is text to vLLM (read by its type; by its
+    # keys only with a `uuid`): held as both, its text whatever its size (hold-bound
+    # review: 110 words held at one image's 64 tokens, billed 451).
+    for uuid in ({}, {"uuid": "u1"}):
+        texty = {"type": "text", "text": "zq7 " * 110, "image_url": {"url": "x"}, **uuid}
+        assert chat(parts_msg(texty), with_image)[1] == framing + json_len(texty) + 300
     assert chat(parts_msg(TEXT, IMAGE), with_image)[0] == (
         estimate_bytes(len(b'{"role":"user"}') + json_len(TEXT)) + 300 + 3)
 

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from policy.config import Model
 from policy.endpoints import Kind
 from policy.prompt_count import counted, tokenize_request
-from policy.tokens import json_indent2_len, rendered_tools
+from policy.request_responses import responses_prompt
+from policy.tokens import chat_prompt, json_indent2_len, rendered_tools
 from tests.vllm.conftest import MODEL, VllmServer, _require_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -91,3 +93,27 @@ def test_the_prompt_recount_counts_what_chat_completions_render(
                for ask in recount.asks]
     assert all(a is not None for a in answers)
     assert recount.total([a for a in answers if a is not None]) == prompt
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_text_part_with_a_media_key_is_held_as_its_text(vllm_server: VllmServer,
+                                                          api: str) -> None:
+    """vLLM reads a content part by its type: a text part with an `image_url` beside it
+    is text, all of it (hold-bound review: held at one image's tokens, billed 4 times that)."""
+    model = Model.model_validate({
+        "upstream_model": MODEL, "backends": [{"url": vllm_server.url}],
+        "tokens_per_image": 64, "chat_template_tokens_per_request": 16,
+        "chat_template_tokens_per_message": 8})
+    part = {"type": "text", "text": "zq7 " * 110, "image_url": {"url": "http://127.0.0.1:1/x"}}
+    chat = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": [part]}]}
+    if api == "chat":
+        prompt = json.loads(vllm_server.post("/v1/chat/completions", chat))["usage"][
+            "prompt_tokens"]
+        held = chat_prompt(chat, model)[1]
+    else:
+        item = {"role": "user", "content": [{**part, "type": "input_text"}]}
+        body = {"model": MODEL, "max_output_tokens": 1, "input": [item]}
+        prompt = json.loads(vllm_server.post("/v1/responses", body))["usage"]["input_tokens"]
+        held = responses_prompt(body, model)[1]
+    assert prompt > 64 + 16 + 8  # its text, not an image
+    assert held >= prompt
