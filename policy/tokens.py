@@ -375,6 +375,12 @@ def batch_bound(prompts: list[str] | list[list[int]], model: Model,
     return estimate, bound
 
 
+def is_token_id(t: Any) -> bool:
+    """A token id as vLLM's request models read one (lax): an integer, a boolean, or a
+    float with no fraction (`1.0` is 1; its range is the backend's to check)."""
+    return type(t) in (int, bool) or (type(t) is float and t.is_integer())
+
+
 def prompt_list(prompt: Any, param: str) -> list[str] | list[list[int]]:
     """The prompts of a completions `prompt` (or embeddings `input`): a string, strings,
     token ids, or lists of ids."""
@@ -384,10 +390,10 @@ def prompt_list(prompt: Any, param: str) -> list[str] | list[list[int]]:
         first = prompt[0]
         if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
             return prompt
-        if type(first) is int and all(type(t) is int for t in prompt):
+        if is_token_id(first) and all(is_token_id(t) for t in prompt):
             return [prompt]
         if isinstance(first, list) and all(
-            isinstance(p, list) and all(type(t) is int for t in p) for p in prompt
+            isinstance(p, list) and all(is_token_id(t) for t in p) for p in prompt
         ):
             return prompt
     raise invalid_request(

@@ -252,6 +252,10 @@ def test_completion_prompts_in_every_form() -> None:
     assert completion_prompt({"prompt": ["ab", "cdé"]}, M) == (1 + 1, (2 + 8) + (4 + 8), 2)
     assert completion_prompt({"prompt": [5, 6, 7]}, M) == (3, 3, 1)
     assert completion_prompt({"prompt": [[1], [2, 3]]}, M) == (3, 3, 2)
+    # As vLLM's request models read ids (lax): a boolean or a float with no fraction is
+    # one (endpoints tester: a 400 here, a 200 from vLLM).
+    assert completion_prompt({"prompt": [1.0, True, 7]}, M) == (3, 3, 1)
+    assert completion_prompt({"prompt": [[2.0], [False, 3]]}, M) == (3, 3, 2)
     # A suffix joins every prompt, with its fill-in-the-middle markers.
     assert completion_prompt({"prompt": ["a", "b"], "suffix": "xyz"}, M) == (
         2, 2 * ((1 + 8) + (3 + 8)), 2)
@@ -278,7 +282,7 @@ def test_completion_prompts_in_every_form() -> None:
     ("body", "param"),
     [({}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": []}, "prompt"),
      ({"prompt": [[1], []]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"),
-     ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [True]}, "prompt"),
+     ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [1.5]}, "prompt"),
      ({"prompt": [[1], ["a"]]}, "prompt"), ({"prompt": "x", "suffix": 3}, "suffix")],
 )
 def test_bad_completion_prompts(body: dict[str, Any], param: str) -> None:

@@ -179,6 +179,27 @@ async def test_a_torn_last_line_is_skipped_and_later_lines_are_kept(tmp_path: Pa
     await store.close()
 
 
+async def test_a_journal_a_newer_release_wrote_keeps_its_holds(tmp_path: Path) -> None:
+    """A hold's record with a field this release does not know (a rollback after an
+    upgrade added one) is restored, not skipped as damaged with its spend (review)."""
+    store = await opened(tmp_path)
+    await store.admit(LIMITS, ask(1, cost=4000), T0)  # in flight at the kill
+    await store.admit(LIMITS, ask(2, cost=3000), T0)
+    await store.settle(LIMITS, ask(2), 10, 2500, T0 + 1)
+    kill(store)
+    journal = tmp_path / JOURNAL_FILE
+    rows = [orjson.loads(line) for line in journal.read_bytes().splitlines()]
+    for row in rows:
+        if row[1] == "a":
+            row[4]["record"]["cache_read_tokens"] = 0
+            row[4]["priority_class"] = "x"
+    journal.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    store = await opened(tmp_path)
+    assert await store.budget("k-1", "acme", "total", T0 + 2) == (4000 + 2500, 0)
+    assert [(r["request_id"], r["status"]) for r in records(tmp_path)] == [("r1", LOST)]
+    await store.close()
+
+
 async def test_in_flight_holds_become_lost_charges_with_one_record_each(
         tmp_path: Path) -> None:
     store = await opened(tmp_path)
@@ -396,6 +417,23 @@ async def test_a_damaged_snapshot_stops_the_start(tmp_path: Path) -> None:
     (tmp_path / "limits.snapshot").unlink()  # the lock was let go: another start may try
     again = await opened(tmp_path)
     await again.close()
+
+
+async def test_a_snapshot_this_release_cannot_read_stops_the_start_naming_it(
+        tmp_path: Path) -> None:
+    """Valid JSON of another layout (a hold without a field this release needs) is a
+    clear refusal naming the file, not an internal TypeError (review)."""
+    store = await opened(tmp_path)
+    await store.admit(LIMITS, ask(1), T0)
+    await store.close()
+    await snapshots_written(tmp_path)
+    snap = tmp_path / "limits.snapshot"
+    doc = orjson.loads(snap.read_bytes())
+    text = orjson.dumps(doc).replace(b'"lease_s"', b'"lease_x"')
+    assert text != orjson.dumps(doc)
+    snap.write_bytes(text)
+    with pytest.raises(OSError, match="limits.snapshot: limit state this release cannot read"):
+        await opened(tmp_path)
 
 
 async def test_a_journaled_admission_is_replayed_as_taken_whatever_the_checks_say_now(

@@ -18,6 +18,7 @@ from policy.request_fields import (
     checked_fields,
     objects_only,
 )
+from policy.tokens import prompt_list
 from tests.vllm.conftest import _require_python
 
 VALUES: list[Any] = ["hot", "0.5", "12", "yes", "", 1.5, 2.0, 3, 0, 1, -1, True, False, None,
@@ -153,3 +154,33 @@ def test_the_gateway_refuses_the_bodies_vllm_always_refuses() -> None:
 
     assert [(k, b, theirs) for (k, b), theirs in zip(bodies, vllm, strict=True)
             if ours(k, b) != theirs] == []
+
+
+PROMPTS: list[Any] = [[1, 2], [True, 2], [1.0, 2], [[1.0], [False]], [1.5], [1, "a"],
+                      [[1], ["a"]], ["a", "b"], "a", [2.0**70], [None], [[]], [{}]]
+
+
+def test_the_gateway_reads_token_ids_as_vllm_does() -> None:
+    """A completions `prompt` / embeddings `input` of ids (policy.tokens.prompt_list):
+    never refused where vLLM's request models take it (a boolean, `1.0`: ids to vLLM,
+    endpoints tester)."""
+    python = _require_python()
+    cases = [(kind, field, {**BASE[kind], field: p})
+             for kind, field in ((Kind.COMPLETION, "prompt"), (Kind.EMBEDDINGS, "input"))
+             for p in PROMPTS]
+    r = subprocess.run([str(python), "-c", _VLLM], capture_output=True, timeout=300,
+                       input=json.dumps([(k.value, f, b) for k, f, b in cases]).encode())
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    vllm = json.loads(r.stdout.decode().strip().splitlines()[-1])
+
+    def ours(field: str, body: dict[str, Any]) -> bool:
+        try:
+            prompt_list(body[field], field)
+        except ApiError:
+            return True
+        return False
+
+    stricter = [(k.value, b[f]) for (k, f, b), theirs in zip(cases, vllm, strict=True)
+                if ours(f, b) and not theirs]
+    assert stricter == []
+    assert not ours("prompt", {"prompt": [True, 1.0]})

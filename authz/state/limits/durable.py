@@ -445,7 +445,13 @@ class DurableMemoryLimitStore:
                 break
             await asyncio.sleep(0.05)
         if snap is not None:
-            self._restore(snap)
+            try:
+                self._restore(snap)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                raise OSError(
+                    f"{self._dir / SNAPSHOT_FILE}: limit state this release cannot read "
+                    f"({type(e).__name__}: {e}); starting without it would forget every "
+                    "budget's spend") from None
         swept: list[tuple[Ask, float]] = []
         for row in rows:
             try:
