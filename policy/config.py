@@ -276,15 +276,34 @@ def _host_problem(url: str) -> str | None:
 # the dearest hosted model's): past it, the worst case of ordinary requests is more
 # nano-USD than the ledgers keep exact (2**53), and every request would be refused.
 MAX_PRICE_PER_1K = Decimal(1000)
+# The most decimal places a price may have (exact, past Decimal's 28 digits). Past a
+# bound, a price's exact ratio grows with its digits (`1e-3000000` took 0.8 s a request
+# to price: review).
+PRICE_DECIMALS = 40
+
+
+def _trimmed(v: Decimal) -> Decimal:
+    """A price without the trailing zeros of its fraction (`1.50…0` priced slowly by
+    its digits), as written otherwise (100 stays 100)."""
+    sign, digits, exp = v.as_tuple()
+    if not isinstance(exp, int) or exp >= 0:
+        return v
+    text = "".join(map(str, digits))
+    drop = min(len(text) - len(text.rstrip("0")), -exp, len(text) - 1)
+    # Exactly (not Decimal.normalize, which rounds to 28 digits).
+    return Decimal((sign, tuple(digits[:len(digits) - drop]), exp + drop))
+
+
+PriceUsd = Annotated[Decimal, BeforeValidator(plain_amount), AfterValidator(_trimmed)]
 
 
 class Price(_Strict):
     """USD per 1,000 tokens. Decimal: money is never a float here."""
 
-    input: Annotated[Decimal, BeforeValidator(plain_amount)] = Field(
-        default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
-    output: Annotated[Decimal, BeforeValidator(plain_amount)] = Field(
-        default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K)
+    input: PriceUsd = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K,
+                            decimal_places=PRICE_DECIMALS)
+    output: PriceUsd = Field(default=Decimal(0), ge=0, le=MAX_PRICE_PER_1K,
+                             decimal_places=PRICE_DECIMALS)
 
 
 # The fingerprint of no secret at all: what `sha256sum` gives for an unset variable.

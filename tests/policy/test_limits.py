@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from pydantic import ValidationError
 
 from policy.config import Price
 from policy.limits import (
@@ -248,3 +249,14 @@ def test_the_headers_show_the_limit_met_first_key_or_org() -> None:
     assert tightest(key, Decision(True)) == key  # an org without rate limits
     roomy = Decision(True, limit_tokens=50_000, remaining_tokens=49_000)
     assert tightest(key, roomy).remaining_tokens == 900
+
+
+def test_a_price_is_priced_quickly_whatever_it_is_written_as() -> None:
+    """A price's digits are bounded (review: `1e-3000000` took 0.8 s a request to
+    price, on the event loop): too fine a price is refused, trailing zeros dropped."""
+    with pytest.raises(ValidationError, match="no more than 40 decimal places"):
+        Price(input="1e-3000000")
+    zeros = Price(input="1.5" + "0" * 300_000, output="2.50")
+    assert (zeros.input, zeros.output) == (Decimal("1.5"), Decimal("2.5"))
+    assert str(zeros.input) == "1.5" and str(Price(input="100").input) == "100"
+    assert cost_nano(1000, 1000, zeros) == 4_000_000_000
