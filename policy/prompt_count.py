@@ -28,7 +28,7 @@ from typing import Any, Final, TypeGuard
 
 from policy.endpoints import Kind
 from policy.request_fields import lax_int
-from policy.tokens import is_token_id
+from policy.tokens import token_ids
 
 TOKENIZE_PATH: Final = "/tokenize"
 # A batched completions prompt is counted one /tokenize call per prompt, up to this many
@@ -337,7 +337,7 @@ def _template_kwargs(body: dict[str, Any]) -> Any:
 
 
 def _token_ids(prompt: Any) -> TypeGuard[list[int]]:
-    return isinstance(prompt, list) and bool(prompt) and all(is_token_id(t) for t in prompt)
+    return token_ids(prompt)
 
 
 def _text_only(message: Any) -> bool:

@@ -261,8 +261,11 @@ def parts_tally(parts: list[Any], param: str, model: Model, tally: Tally) -> Non
         if kinds:
             tally.exact += _media_tokens(kinds, model, f"{param}[{j}]")
         # A text part is text even with a media key beside it: vLLM reads a part by its
-        # type (by its keys only where it has a `uuid`), so such a part is held as both.
-        if part["type"] in TEXT_PARTS:
+        # type (by its keys only where it has a `uuid`), so such a part is held as both;
+        # and so is one with a `uuid` and a `tool_reference` key, text to vLLM whatever its
+        # type (its `name`: retest).
+        if part["type"] in TEXT_PARTS or (
+                part.get("uuid") is not None and "tool_reference" in part):
             tally.text += json_len(part)
         elif not kinds:
             raise invalid_request(f"Unsupported content part type {part['type']!r}.",
@@ -375,10 +378,23 @@ def batch_bound(prompts: list[str] | list[list[int]], model: Model,
     return estimate, bound
 
 
+# A string vLLM's request models read as an integer (pydantic, lax): " 7", "+5", "1_000",
+# "1.00"; not "1e3", "0x10", "1.".
+_ID_TEXT: Final = re.compile(r"\s*[+-]?[0-9](?:_?[0-9])*(?:\.0+)?\s*", re.ASCII)
+
+
 def is_token_id(t: Any) -> bool:
-    """A token id as vLLM's request models read one (lax): an integer, a boolean, or a
-    float with no fraction (`1.0` is 1; its range is the backend's to check)."""
-    return type(t) in (int, bool) or (type(t) is float and t.is_integer())
+    """A token id as vLLM's request models read one in a list of ids (lax): an integer, a
+    boolean, a float with no fraction, or a string of one (`1.0` and `"1"` are 1; its
+    range is the backend's to check). A list of strings alone is text prompts."""
+    return (type(t) in (int, bool) or (type(t) is float and t.is_integer())
+            or (type(t) is str and _ID_TEXT.fullmatch(t) is not None))
+
+
+def token_ids(prompt: Any) -> bool:
+    """Whether a completions `prompt` (an embeddings `input`) entry is one list of ids."""
+    return (isinstance(prompt, list) and bool(prompt) and all(is_token_id(t) for t in prompt)
+            and not all(isinstance(t, str) for t in prompt))
 
 
 def prompt_list(prompt: Any, param: str) -> list[str] | list[list[int]]:
@@ -390,7 +406,7 @@ def prompt_list(prompt: Any, param: str) -> list[str] | list[list[int]]:
         first = prompt[0]
         if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
             return prompt
-        if is_token_id(first) and all(is_token_id(t) for t in prompt):
+        if token_ids(prompt):
             return [prompt]
         if isinstance(first, list) and all(
             isinstance(p, list) and all(is_token_id(t) for t in p) for p in prompt

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from authz.sim.tokens import prompt_token_counts, prompt_tokens_chat
+from policy.tokens import is_token_id, token_ids
 
 
 class SimError(Exception):
@@ -374,14 +375,10 @@ def valid_prompt(prompt: Any) -> bool:
         return True
     if not isinstance(prompt, list) or not prompt:
         return False
-    if all(isinstance(p, str) for p in prompt):
+    if all(isinstance(p, str) for p in prompt) or token_ids(prompt):
         return True
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        return True
-    return all(
-        isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-        for p in prompt
-    )
+    # Lists of ids, read as vLLM's request models read them (`1.0`, `true`, `"1"`).
+    return all(isinstance(p, list) and all(is_token_id(t) for t in p) for p in prompt)
 
 
 # vLLM's CompletionRequest default for max_tokens (OpenAI's too).

@@ -145,7 +145,7 @@ def prompt_token_counts(prompt: str | Sequence[Any], suffix: str | None = None) 
     """Prompt tokens of each prompt of a completions request (see the module docstring)."""
     if isinstance(prompt, str):
         counts = [count_tokens(prompt)]
-    elif prompt and isinstance(prompt[0], str):
+    elif prompt and all(isinstance(p, str) for p in prompt):
         counts = [count_tokens(p) for p in prompt]
     elif prompt and isinstance(prompt[0], list):
         counts = [len(p) for p in prompt]

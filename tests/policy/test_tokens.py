@@ -211,6 +211,11 @@ def test_media_parts_are_bounded_by_the_model_or_refused() -> None:
     for uuid in ({}, {"uuid": "u1"}):
         texty = {"type": "text", "text": "zq7 " * 110, "image_url": {"url": "x"}, **uuid}
         assert chat(parts_msg(texty), with_image)[1] == framing + json_len(texty) + 300
+    # With a `uuid`, vLLM reads a part by its keys: a `tool_reference` one is its `name`,
+    # text, whatever the type says (retest: held at one image, billed 451 tokens).
+    named = {"type": "image_url", "uuid": "u", "tool_reference": {}, "name": "zq7 " * 110}
+    assert chat(parts_msg(named), with_image)[1] == framing + json_len(named) + 300
+    assert chat(parts_msg({**named, "uuid": None}), with_image)[1] == framing + 300
     assert chat(parts_msg(TEXT, IMAGE), with_image)[0] == (
         estimate_bytes(len(b'{"role":"user"}') + json_len(TEXT)) + 300 + 3)
 
@@ -256,6 +261,11 @@ def test_completion_prompts_in_every_form() -> None:
     # one (endpoints tester: a 400 here, a 200 from vLLM).
     assert completion_prompt({"prompt": [1.0, True, 7]}, M) == (3, 3, 1)
     assert completion_prompt({"prompt": [[2.0], [False, 3]]}, M) == (3, 3, 2)
+    # A string of an integer among them is one too ("1", " 7", "1_000", "1.00"); strings
+    # alone are text prompts.
+    assert completion_prompt({"prompt": ["1", 2, " 7", "1_000", "+1.00"]}, M) == (5, 5, 1)
+    assert completion_prompt({"prompt": [["1"], ["2", 3]]}, M) == (3, 3, 2)
+    assert completion_prompt({"prompt": ["1", "2"]}, M)[2] == 2
     # A suffix joins every prompt, with its fill-in-the-middle markers.
     assert completion_prompt({"prompt": ["a", "b"], "suffix": "xyz"}, M) == (
         2, 2 * ((1 + 8) + (3 + 8)), 2)
@@ -283,6 +293,7 @@ def test_completion_prompts_in_every_form() -> None:
     [({}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": []}, "prompt"),
      ({"prompt": [[1], []]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"),
      ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [1.5]}, "prompt"),
+     ({"prompt": [1, "1e3"]}, "prompt"), ({"prompt": [1, "1."]}, "prompt"),
      ({"prompt": [[1], ["a"]]}, "prompt"), ({"prompt": "x", "suffix": 3}, "suffix")],
 )
 def test_bad_completion_prompts(body: dict[str, Any], param: str) -> None:

@@ -190,6 +190,8 @@ async def test_a_journal_a_newer_release_wrote_keeps_its_holds(tmp_path: Path) -
     journal = tmp_path / JOURNAL_FILE
     rows = [orjson.loads(line) for line in journal.read_bytes().splitlines()]
     for row in rows:
+        if row[1] in ("a", "s"):
+            row[3].append(None)  # a limit a newer release added (retest)
         if row[1] == "a":
             row[4]["record"]["cache_read_tokens"] = 0
             row[4]["priority_class"] = "x"
@@ -432,7 +434,7 @@ async def test_a_snapshot_this_release_cannot_read_stops_the_start_naming_it(
     text = orjson.dumps(doc).replace(b'"lease_s"', b'"lease_x"')
     assert text != orjson.dumps(doc)
     snap.write_bytes(text)
-    with pytest.raises(OSError, match="limits.snapshot: limit state this release cannot read"):
+    with pytest.raises(OSError, match=r"limits\.snapshot: limit state this release cannot read"):
         await opened(tmp_path)
 
 

@@ -157,7 +157,9 @@ def test_the_gateway_refuses_the_bodies_vllm_always_refuses() -> None:
 
 
 PROMPTS: list[Any] = [[1, 2], [True, 2], [1.0, 2], [[1.0], [False]], [1.5], [1, "a"],
-                      [[1], ["a"]], ["a", "b"], "a", [2.0**70], [None], [[]], [{}]]
+                      [[1], ["a"]], ["a", "b"], "a", [2.0**70], [None], [[]], [{}],
+                      ["1", 2], [1, " 7"], [["1"], ["2"]], ["1_000", 2], ["1.00", 2],
+                      ["+5", 2], ["1e3", 2], ["0x10", 2], ["1.", 2], ["", 2]]
 
 
 def test_the_gateway_reads_token_ids_as_vllm_does() -> None:
@@ -184,3 +186,4 @@ def test_the_gateway_reads_token_ids_as_vllm_does() -> None:
                 if ours(f, b) and not theirs]
     assert stricter == []
     assert not ours("prompt", {"prompt": [True, 1.0]})
+    assert not ours("prompt", {"prompt": ["1", 2]})

@@ -304,3 +304,20 @@ def test_the_prompt_counter_counts_each_sequence(vllm_server: VllmServer,
         assert status == 200, (url, got)
         prompt = usage_of(got)["prompt_tokens"]
         assert _prompt_counter(url) - before == 3 * prompt, url
+
+
+@pytest.mark.parametrize("prompt", [[1.0, True, "7", " 8"], [["1"], [2.0, "3"]], ["1", "2"]])
+def test_token_ids_in_other_forms_count_as_vllm_counts_them(
+        vllm_server: VllmServer, sim_url: str, prompt: Any) -> None:
+    """Ids written as floats, booleans or strings of integers among them are ids to vLLM
+    0.32 (a list of strings alone is text prompts, one sequence each); the simulator
+    counts them alike (the text's tokens are its own)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "ignore_eos": True}
+    usages = []
+    for url in (vllm_server.url, sim_url):
+        status, got = ask(url, "/v1/completions", body)
+        assert status == 200, (url, got)
+        usages.append(usage_of(got))
+    texts = all(isinstance(p, str) for p in prompt)
+    for name in ("completion_tokens",) if texts else ("completion_tokens", "prompt_tokens"):
+        assert usages[0][name] == usages[1][name], name

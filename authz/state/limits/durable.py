@@ -484,12 +484,12 @@ class DurableMemoryLimitStore:
             swept = [(a, now) for a in await self._mem.sweep(now)]
         elif op == "a":
             # Allowed when written: taken again whatever the checks say now.
-            await self._mem.retake(Limits(*row[3]), ask_from(row[4]), now)
+            await self._mem.retake(_limits(row[3]), ask_from(row[4]), now)
         elif op == "s":
-            await self._mem.settle(Limits(*row[3]), _settle_ask(row[4], row[5], row[6]),
+            await self._mem.settle(_limits(row[3]), _settle_ask(row[4], row[5], row[6]),
                                    int(row[7]), int(row[8]), now)
         elif op == "c":
-            await self._mem.consume(Limits(*row[3]), row[4], int(row[5]), int(row[6]), now)
+            await self._mem.consume(_limits(row[3]), row[4], int(row[5]), int(row[6]), now)
         else:
             raise ValueError(f"unknown journal op {op!r}")
         self._seq, self._t = seq, max(self._t, now)
@@ -673,6 +673,15 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, set | frozenset):
         return list(obj)
     raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+_LIMITS_ARITY = len(dataclasses.fields(Limits))
+
+
+def _limits(values: list[Any]) -> Limits:
+    """A journal line's positional Limits; values another release appended are passed
+    over (a rollback), as the hold's own fields are (codec)."""
+    return Limits(*values[:_LIMITS_ARITY])
 
 
 @functools.cache
