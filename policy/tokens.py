@@ -53,6 +53,12 @@ MEDIA_KINDS: Final = {
     "video_embeds": "embeddings", "prompt_embeds": "embeddings",
     "file": "file", "input_file": "file",
 }  # fmt: skip
+# A content part's keys vLLM 0.32 knows (`_KNOWN_CONTENT_PART_FIELDS`): the others of a
+# media part go to the chat template with it.
+PART_FIELDS: Final = frozenset({
+    "audio_embeds", "audio_url", "closed", "data", "file", "image_embeds", "image_pil",
+    "image_url", "input_audio", "name", "prompt_cache_breakpoint", "refusal", "text",
+    "thinking", "type", "uuid", "video_embeds", "video_url"})
 # Top-level chat fields vLLM hands to the chat template (`functions` too, to be safe).
 CHAT_PROMPT_FIELDS: Final = (
     "tools", "functions", "tool_choice", "response_format", "documents",
@@ -260,6 +266,11 @@ def parts_tally(parts: list[Any], param: str, model: Model, tally: Tally) -> Non
             kinds.add(MEDIA_KINDS[part["type"]])
         if kinds:
             tally.exact += _media_tokens(kinds, model, f"{param}[{j}]")
+            # vLLM hands a media part's keys it does not know to the template beside it,
+            # which may render them (`tojson`): held as text (retest's review note).
+            extra = {k: v for k, v in part.items() if k not in PART_FIELDS}
+            if extra:
+                tally.text += json_len(extra)
         # A text part is text even with a media key beside it: vLLM reads a part by its
         # type (by its keys only where it has a `uuid`), so such a part is held as both;
         # and so is one with a `uuid` and a `tool_reference` key, text to vLLM whatever its

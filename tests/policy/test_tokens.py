@@ -214,8 +214,15 @@ def test_media_parts_are_bounded_by_the_model_or_refused() -> None:
     # With a `uuid`, vLLM reads a part by its keys: a `tool_reference` one is its `name`,
     # text, whatever the type says (retest: held at one image, billed 451 tokens).
     named = {"type": "image_url", "uuid": "u", "tool_reference": {}, "name": "zq7 " * 110}
-    assert chat(parts_msg(named), with_image)[1] == framing + json_len(named) + 300
-    assert chat(parts_msg({**named, "uuid": None}), with_image)[1] == framing + 300
+    named_extra = json_len({"tool_reference": {}})  # an unknown key beside the media
+    assert chat(parts_msg(named), with_image)[1] == (
+        framing + json_len(named) + 300 + named_extra)
+    assert chat(parts_msg({**named, "uuid": None}), with_image)[1] == (
+        framing + 300 + named_extra)
+    # Keys vLLM does not know go to the template with a media part: held as text.
+    odd = {**IMAGE, "caption": "zq7 " * 50, "detail": "auto"}
+    assert chat(parts_msg(odd), with_image)[1] == framing + 300 + json_len(
+        {"caption": "zq7 " * 50, "detail": "auto"})
     assert chat(parts_msg(TEXT, IMAGE), with_image)[0] == (
         estimate_bytes(len(b'{"role":"user"}') + json_len(TEXT)) + 300 + 3)
 

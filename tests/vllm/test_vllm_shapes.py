@@ -15,7 +15,7 @@ from policy.config import Model
 from policy.endpoints import Kind
 from policy.prompt_count import counted, tokenize_request
 from policy.request_responses import responses_prompt
-from policy.tokens import chat_prompt, json_indent2_len, rendered_tools
+from policy.tokens import PART_FIELDS, chat_prompt, json_indent2_len, rendered_tools
 from tests.vllm.conftest import MODEL, VllmServer, _require_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -117,3 +117,14 @@ def test_a_text_part_with_a_media_key_is_held_as_its_text(vllm_server: VllmServe
         held = responses_prompt(body, model)[1]
     assert prompt > 64 + 16 + 8  # its text, not an image
     assert held >= prompt
+
+
+def test_the_part_keys_vllm_knows_are_the_gateways() -> None:
+    """policy.tokens.PART_FIELDS: the keys of a media part vLLM does not hand to the
+    template beside it; the others are held as text."""
+    done = subprocess.run([str(_require_python()), "-c", (
+        "import json, vllm\n"
+        "from vllm.renderers.chat_utils import _KNOWN_CONTENT_PART_FIELDS as k\n"
+        "print(json.dumps(sorted(k)))")], capture_output=True, text=True, timeout=300,
+        check=True)
+    assert set(json.loads(done.stdout.strip().splitlines()[-1])) == PART_FIELDS
