@@ -1,8 +1,13 @@
 """Prompt-token bounds and estimates from bytes, for when no tokenizer is at hand.
 
-A byte-level BPE never emits more tokens than the UTF-8 bytes it encodes, so a prompt
-has at most as many tokens as the bytes of everything the backend renders into it, plus
-the tokens the chat template adds itself. A chat request's `Tally` adds up:
+A byte-level BPE never emits more tokens than the UTF-8 bytes it encodes, nor does a
+SentencePiece or WordPiece tokenizer (a character, or its bytes with byte fallback, per
+token), so a prompt has at most as many tokens as the bytes of everything the backend
+renders into it, plus the tokens the chat template adds itself. Bytes *after* the
+tokenizer's Unicode normalizer: NFC (Qwen's) or NFKC (XLM-R's, T5's: U+FDFA is 3 bytes
+and 33 once normalized) may lengthen a text, so every byte measure here is of the
+longest of the text as sent, its NFC and its NFKC (`widest_len`; ASCII is all three).
+A chat request's `Tally` adds up:
 
 * `text`: bytes rendered as they are (message strings). A string's compact JSON is never
   shorter than its UTF-8, so one `orjson.dumps` of a message measures all its strings.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -68,14 +74,35 @@ CHAT_PROMPT_FIELDS: Final = (
 CHAT_ESTIMATE_OVERHEAD: Final = 3
 
 
+# The Unicode normalizations tokenizers apply before they split a text.
+_FORMS: Final = ("NFC", "NFKC")
+
+
+def widest_len(text: str) -> int:
+    """UTF-8 bytes of `text`, or of its NFC or NFKC form where that is longer."""
+    n = len(text.encode("utf-8", "surrogatepass"))
+    for form in _FORMS:
+        if not unicodedata.is_normalized(form, text):
+            n = max(n, len(unicodedata.normalize(form, text).encode("utf-8", "surrogatepass")))
+    return n
+
+
+def _excess(dumped: bytes) -> int:
+    """What normalizing the UTF-8 `dumped` may add to its length (0 for ASCII)."""
+    return 0 if dumped.isascii() else widest_len(dumped.decode("utf-8", "surrogatepass")) - len(
+        dumped)
+
+
 def utf8_len(text: str) -> int:
-    """UTF-8 bytes of `text` (no copy for ASCII)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    """UTF-8 bytes of `text`, at its widest normalization (no copy for ASCII)."""
+    return len(text) if text.isascii() else widest_len(text)
 
 
 def json_len(value: Any) -> int:
-    """Bytes of `value`'s compact JSON: at least the UTF-8 bytes of every string in it."""
-    return len(orjson.dumps(value))
+    """Bytes of `value`'s compact JSON: at least the UTF-8 bytes of every string in it
+    (at their widest normalization)."""
+    dumped = orjson.dumps(value)
+    return len(dumped) + _excess(dumped)
 
 
 # A small value is rendered by orjson (in C, ~20x the walk's speed): its rendering is
@@ -97,8 +124,8 @@ def json_indent2_len(value: Any) -> int:
     except orjson.JSONEncodeError:
         return _indent2_walk(value, scalars=True)
     if len(compact) <= _RENDER_MAX and not _EXPONENT.search(compact):
-        return len(orjson.dumps(value, option=orjson.OPT_INDENT_2))
-    return len(compact) + _indent2_walk(value, scalars=False)
+        return len(orjson.dumps(value, option=orjson.OPT_INDENT_2)) + _excess(compact)
+    return len(compact) + _excess(compact) + _indent2_walk(value, scalars=False)
 
 
 def indent2_len(value: Any) -> int:
@@ -108,7 +135,7 @@ def indent2_len(value: Any) -> int:
     hundreds of MB.) The compact form comes from orjson when it can; values it refuses
     (past 255 levels, integers past 64 bits, lone surrogates) are measured item by item."""
     try:
-        compact = len(orjson.dumps(value))
+        compact = json_len(value)
     except orjson.JSONEncodeError:
         return _indent2_walk(value, scalars=True)
     return compact + _indent2_walk(value, scalars=False)
@@ -150,9 +177,9 @@ def _scalar_len(v: Any) -> int:
     if isinstance(v, float):
         return len(json.dumps(v))
     try:
-        return len(orjson.dumps(v))
+        return json_len(v)
     except orjson.JSONEncodeError:  # an integer past 64 bits, a lone surrogate
-        return len(json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        return widest_len(json.dumps(v, ensure_ascii=False))
 
 
 def json_factor(indent: int) -> int:

@@ -15,7 +15,7 @@ from policy.config import Model
 from policy.endpoints import Kind
 from policy.prompt_count import counted, tokenize_request
 from policy.request_responses import responses_prompt
-from policy.tokens import PART_FIELDS, chat_prompt, json_indent2_len, rendered_tools
+from policy.tokens import PART_FIELDS, chat_prompt, json_indent2_len, rendered_tools, utf8_len
 from tests.vllm.conftest import MODEL, VllmServer, _require_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -128,3 +128,37 @@ def test_the_part_keys_vllm_knows_are_the_gateways() -> None:
         "print(json.dumps(sorted(k)))")], capture_output=True, text=True, timeout=300,
         check=True)
     assert set(json.loads(done.stdout.strip().splitlines()[-1])) == PART_FIELDS
+
+
+# A byte-level BPE with no merges: one token per byte of the normalized text, the most
+# any merges leave (and what a character tokenizer's byte fallback comes to).
+_NORMALIZED = """
+import json, sys
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+texts = json.loads(sys.stdin.read())
+alphabet = pre_tokenizers.ByteLevel.alphabet()
+out = {}
+for form in ("NFC", "NFKC"):
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))},
+                               merges=[]))
+    tok.normalizer = getattr(normalizers, form)()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    out[form] = [len(tok.encode(t).ids) for t in texts]
+print(json.dumps(out))
+"""
+NORMALIZING = ["\ufdfa" * 50, "\u0958\u0959" * 40, "\u337f\u2474\ufb03" * 30,
+               "\uff4c\uff4c\uff41\uff4d\uff41" * 9, "e\u0301" * 30, "\u1100\u1161" * 20,
+               "plain ascii", "日本語のテキスト"]
+
+
+def test_text_is_bounded_after_a_tokenizers_normalizer() -> None:
+    """Tokenizers that normalize first (NFC: Qwen; NFKC: XLM-R, T5) split a longer text
+    than was sent: the byte measure is of its widest form (policy.tokens.widest_len)."""
+    done = subprocess.run([str(_require_python()), "-c", _NORMALIZED],
+                          input=json.dumps(NORMALIZING), capture_output=True, text=True,
+                          timeout=300, check=True)
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    for form, tokens in counts.items():
+        for text, n in zip(NORMALIZING, tokens, strict=True):
+            assert utf8_len(text) >= n, (form, text)
+    assert counts["NFKC"][0] == 33 * 50 > len("\ufdfa".encode()) * 50  # not the raw bytes
