@@ -311,6 +311,17 @@ EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 UNSET_FINGERPRINT = ("the SHA-256 of an empty secret (was the variable holding it unset?): "
                      "no request can use it")
 
+# Envoy's timeouts: a millisecond at the least (a shorter one rendered as 0s, which is
+# no limit at all: review), a year at the most (past it Envoy refuses the duration).
+MIN_TIMEOUT_S = 0.001
+MAX_TIMEOUT_S = 365 * 86400.0
+# The shortest wait for an ext_authz / ext_proc answer (authz/services/stalls.py notes
+# stalls as short as it).
+MIN_DECISION_TIMEOUT_MS = 10
+# The largest request body or streamed event: the services' gRPC message limit is twice
+# it and a MiB more, under gRPC's 2 GiB.
+MAX_BODY_BYTES = 1023 << 20
+
 # The largest config file read (a config of 50,000 keys is ~8 MiB).
 MAX_CONFIG_BYTES = 16 << 20
 
@@ -459,19 +470,21 @@ class EnvoySettings(_Strict):
     # Or several replicas by address, one endpoint each (not both forms).
     services_addresses: tuple[HostPort, ...] = ()
     # A non-streaming response: the whole response, from the end of the request.
-    route_timeout_s: float = Field(default=120.0, gt=0)
+    route_timeout_s: float = Field(default=120.0, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)
     # A stream: cut after this long with no byte either way (default: route_timeout_s)...
-    stream_idle_timeout_s: float | None = Field(default=None, gt=0)
+    stream_idle_timeout_s: float | None = Field(default=None, ge=MIN_TIMEOUT_S,
+                                                le=MAX_TIMEOUT_S)
     # ...or this long in all. Every hold's lease outlasts it, so it is always bounded.
-    max_stream_duration_s: float = Field(default=600.0, gt=0)
+    max_stream_duration_s: float = Field(default=600.0, ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S)
     # How long Envoy waits for one ext_authz / ext_proc answer.
-    decision_timeout_ms: int = Field(default=2000, ge=10)
+    decision_timeout_ms: int = Field(default=2000, ge=MIN_DECISION_TIMEOUT_MS,
+                                     le=int(MAX_TIMEOUT_S * 1000))
     # When ext_proc (the metering) goes away mid-response: `serve` the rest unmetered, or
     # `cut` the stream. Either way the lost-hold sweep writes the request's record.
     on_metering_loss: Literal["serve", "cut"] = "serve"
     # A streamed event larger than this is passed through as it arrives, unread: counted
     # (its bytes estimate the usage if the stream has no usage chunk), never buffered.
-    max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=4096)
+    max_event_bytes: int = Field(default=MAX_EVENT_BYTES, ge=4096, le=MAX_BODY_BYTES)
     # Who reads a chat or completions stream: `ext_proc` (every chunk a message to the
     # services, which settle before the client sees the stream end), `envoy` (a Lua meter
     # in Envoy reads the chunks and strips the usage chunk; the services get one report
@@ -774,7 +787,7 @@ class Config(_Strict):
     tls: Tls | None = None
     state: str = "memory"
     data_dir: Path = Path(".tokenbooth")
-    max_request_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_request_body_bytes: int = Field(default=1 << 20, ge=1024, le=MAX_BODY_BYTES)
     services: Services = Services()
     envoy: EnvoySettings = EnvoySettings()
     models: dict[str, Model] = Field(min_length=1)

@@ -220,7 +220,9 @@ def _grpc(retry_on: str, per_try_ms: int, timeout_ms: int | None = None) -> Grpc
     retry = GrpcRetryPolicy(
         retry_on=retry_on,
         num_retries=2,
-        retry_back_off=BackoffStrategy(base_interval=ms(25), max_interval=ms(per_try_ms)),
+        # (A base above the max is an Envoy bug report: decision timeouts under 25 ms.)
+        retry_back_off=BackoffStrategy(base_interval=ms(min(25, per_try_ms)),
+                                       max_interval=ms(per_try_ms)),
         retry_host_predicate=[GrpcRetryHostPredicate(
             name=PREVIOUS_HOSTS, typed_config=pack(PreviousHostsPredicate()))],
         host_selection_retry_max_attempts=3,

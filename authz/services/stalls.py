@@ -14,9 +14,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from policy.config import MIN_DECISION_TIMEOUT_MS
+
 TICK_S = 0.1
-# Gaps shorter than this are ordinary scheduling noise, not kept.
-MIN_GAP_S = 0.5
+# Gaps shorter than the shortest decision timeout are not kept (a longer one lets Envoy
+# give up on a message: one of 0.3 s at a 20 ms timeout was read as the client leaving,
+# review); `just_woke` asks for gaps of at least the timeout in force.
+MIN_GAP_S = MIN_DECISION_TIMEOUT_MS / 1000
 # How soon after waking a stream must end for the gap to be why: Envoy's reset and the
 # stream's queued messages are all handled right away.
 WAKE_S = 1.0

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from authz.envoy_config.bootstrap import render_dict
 from authz.envoy_config.clusters import model_cluster
@@ -29,6 +30,7 @@ from tests.envoy_config.test_bootstrap import (
     load_fixture,
     route,
 )
+from tests.helpers import policy_dict
 
 SERVICES = "tokenbooth_services"
 
@@ -232,3 +234,29 @@ def test_envoy_validates(addresses: list[str], tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     r = envoy_validate(path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_stream_duration_s", 1e-7),  # rendered 0s: no limit, and a live stream swept
+    ("route_timeout_s", 1e-7), ("stream_idle_timeout_s", 0.0001),
+    ("max_stream_duration_s", float("inf")), ("max_stream_duration_s", 1e15),
+    ("stream_idle_timeout_s", float("inf")), ("decision_timeout_ms", 400_000_000_000_000),
+    ("max_request_body_bytes", 1_100_000_000), ("max_event_bytes", 3_000_000_000),
+])
+def test_timeouts_and_sizes_envoy_and_grpc_cannot_take_are_refused(field: str,
+                                                                   value: float) -> None:
+    """Each was `ok` to check-config, then no limit at all, an internal error in `envoy
+    render` or `serve`, or a bootstrap Envoy refused (review)."""
+    where = ({"max_request_body_bytes": value} if field == "max_request_body_bytes"
+             else {"envoy": {field: value}})
+    with pytest.raises(ValidationError, match=field):
+        Config.model_validate(policy_dict("http://127.0.0.1:1", **where))
+
+
+def test_a_decision_timeout_under_the_retry_base_keeps_envoys_back_off_valid() -> None:
+    """Envoy reports a back-off base above its max as a bug of its own (review)."""
+    d = render_dict(with_envoy(decision_timeout_ms=20))
+    for name in ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc"):
+        grpc = http_filter(d, name)["grpc_service"]
+        assert grpc["retry_policy"]["retry_back_off"] == {
+            "base_interval": "0.020s", "max_interval": "0.020s"}

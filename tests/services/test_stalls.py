@@ -60,3 +60,18 @@ async def test_the_ticker_runs_on_the_loop() -> None:
     await asyncio.sleep(0.05)
     assert not s.just_woke(0.0, 0.5)
     await s.close()
+
+
+async def test_a_gap_past_a_short_decision_timeout_counts() -> None:
+    """With a 20 ms decision timeout, a 0.3 s stall lets Envoy give up on a message: it
+    is kept (it was not, under half a second, and the cut read as the client's: review)."""
+    clock = Clock()
+    s = Stalls(tick_s=0.1, clock=clock)
+    s.start()
+    try:
+        clock.t += 0.1 + 0.3
+        s.tick()
+        assert s.just_woke(clock.t - 1.0, 0.02)
+        assert not s.just_woke(clock.t - 1.0, 0.5)
+    finally:
+        await s.close()
