@@ -82,6 +82,16 @@ class InferenceRequest:
     hides_tokens: bool = False
 
     @property
+    def prompt_ceiling(self) -> int | None:
+        """Prompt tokens no backend can count for this request, and more: the model's
+        context for each prompt (twice it and one for a rerank / score pair; a prompt
+        past it is refused or cut), never below the bound. None: no `max_model_len`."""
+        cap = self.model.max_model_len
+        if cap is None:
+            return None
+        return max(self.prompt_bound, self.prompts * (2 * cap + 1))
+
+    @property
     def completion_bound(self) -> int:
         """Completion tokens the backend can count, at most."""
         return self.max_tokens * max(self.sequences, self.best_of) * self.prompts

@@ -722,6 +722,18 @@ class Lifecycle:
             self._rec.bound_violation(req.alias)
             usage, estimated = Usage(req.prompt_bound, req.completion_bound), True
             cost = cost_nano(usage.prompt_tokens, usage.completion_tokens, price)
+        elif (req.prompt_ceiling is not None and usage.prompt_tokens > req.prompt_ceiling):
+            # More prompt tokens than the model's context holds, prompt by prompt (a pair
+            # for rerank / score): a misreport, not tokens (hostile-backend tester: 10**6
+            # for a short prompt took a $0.40 budget to $500). Its hold is charged.
+            log.error("the backend reported more prompt tokens than the model's context "
+                      "holds: charged the prompt's bound",
+                      extra={"request_id": self.request_id, "prompt_tokens":
+                             usage.prompt_tokens, "allowed": req.prompt_ceiling})
+            self._rec.bound_violation(req.alias)
+            usage = Usage(req.prompt_bound, min(usage.completion_tokens, req.completion_bound))
+            estimated = True
+            cost = cost_nano(usage.prompt_tokens, usage.completion_tokens, price)
         elif usage.completion_tokens > req.completion_bound:
             # More than the max_tokens written upstream let it generate (times every
             # sequence): a backend's misreport, not tokens. What it could generate is

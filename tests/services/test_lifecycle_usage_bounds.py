@@ -28,7 +28,7 @@ from policy.limits import Decision, cost_nano
 from policy.meter_report import MeterReport
 from policy.stream_pace import ABORT_STEPS, HEADROOM
 from policy.usage import LOST, Usage, UsageRecord
-from tests.helpers import write_policy
+from tests.helpers import policy_dict, write_policy
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello there " * 20}],
         "max_tokens": 50}
@@ -330,6 +330,32 @@ async def test_completion_past_what_max_tokens_allows_is_charged_what_it_allows(
     assert h.recorded.violations == ["demo"]
     price = req.model.price_per_1k_tokens
     assert h.holds.settled[0][:2] == (402, cost_nano(2, 400, price))
+
+
+async def test_a_prompt_past_the_models_context_is_charged_its_bound(tmp_path: Path) -> None:
+    """With `max_model_len`, no backend counts more prompt tokens than the context holds
+    for each prompt: a report past it (10**6 for a short prompt took a $0.40 budget to
+    $500: hostile-backend tester) is charged the prompt's bound, estimated, a violation.
+    One within the context but above the bound is charged as reported (a template
+    longer than configured: README)."""
+    policy = policy_dict(BACKEND)
+    policy["models"]["demo"]["max_model_len"] = 512  # type: ignore[index]
+    h = make_harness(tmp_path, models=policy["models"])
+    for reported, expected in ((1_000_000, None), (2 * 1025 + 1, None), (2 * 1025, 2050)):
+        h.recorded.got.clear()
+        h.holds.settled.clear()
+        life = await h.admitted({**COMPLETION, "prompt": ["hi", "yo"]}, "/v1/completions")
+        req = life.req
+        assert req is not None and req.prompt_ceiling == 2 * 1025
+        life.response_start(200, BACKEND)
+        life.response_chunk(completion_answer(10, {"prompt_tokens": reported,
+                                                   "completion_tokens": 7}), end=True)
+        rec = await h.record(life)
+        if expected is None:
+            assert counts(rec) == (200, req.prompt_bound, 7, True)
+        else:
+            assert counts(rec) == (200, expected, 7, False)
+    assert h.recorded.violations == ["demo", "demo"]
 
 
 async def test_the_ordinary_json_answer_is_unchanged(h: Harness) -> None:
