@@ -28,7 +28,7 @@ import orjson
 from policy.endpoints import Kind
 from policy.sse import MAX_EVENT_BYTES, Event, SSEParser
 from policy.tokens import estimate_bytes
-from policy.usage import Usage, usage_from_obj
+from policy.usage import Usage, loads_lenient, usage_from_obj
 
 DONE = b"[DONE]"
 # The status of a stream's error event whose `code` is not an HTTP error status.
@@ -223,7 +223,7 @@ class StreamMeter:
             self.done = True
             return False
         try:
-            obj: Any = orjson.loads(data)
+            obj: Any = loads_lenient(data)
         except orjson.JSONDecodeError:
             return False
         if not isinstance(obj, dict):
@@ -421,7 +421,7 @@ class ResponsesStreamMeter(StreamMeter):
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
-        obj = orjson.loads(data)
+        obj = loads_lenient(data)
     except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None

@@ -7,6 +7,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from policy.config import Price
 from policy.limits import cost_nano, nano_to_usd
 
@@ -33,6 +35,19 @@ def charged_usd(usage: Usage, price: Price) -> Decimal:
     settlement does (`cost_nano`). Equal to `cost_usd` at any price of nine decimals per
     token or fewer; above that, a record says what its budget paid, not less."""
     return nano_to_usd(cost_nano(usage.prompt_tokens, usage.completion_tokens, price))
+
+
+def loads_lenient(data: bytes | bytearray) -> Any:
+    """JSON from a backend's bytes, bytes that are no UTF-8 read as U+FFFD (orjson refuses
+    them outright: a usage chunk with one went unread, its usage estimated, and reached
+    a client that had not asked for it: hostile-backend tester). JSONDecodeError still
+    for what is no JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        if data.isascii():
+            raise
+        return orjson.loads(bytes(data).decode("utf-8", "replace"))
 
 
 def usage_from_obj(obj: Any) -> Usage | None:

@@ -76,6 +76,50 @@ local function set(h, key, value)
   h:streamInfo():dynamicMetadata():set(NS, key, value)
 end
 
+-- A raw event as protobuf takes a string: each byte not of valid UTF-8 as `?`. (The
+-- access log message with one is refused whole by the services' gRPC decoder: every
+-- stream's report batched in it was lost. JSON keeps its shape: such bytes are only
+-- inside strings.)
+local function utf8_clean(s)
+  if not string.find(s, "[\\128-\\255]") then return s end
+  local out, i, n, from = {{}}, 1, #s, 1
+  local byte = string.byte
+  while i <= n do
+    local c = byte(s, i)
+    local len = 1
+    if c >= 0x80 then
+      len = 0
+      local lo, hi = 0x80, 0xBF
+      if c >= 0xC2 and c <= 0xDF then len = 2
+      elseif c >= 0xE0 and c <= 0xEF then
+        len = 3
+        if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+      elseif c >= 0xF0 and c <= 0xF4 then
+        len = 4
+        if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+      end
+      if len > 0 and i + len - 1 <= n then
+        local c2 = byte(s, i + 1)
+        if c2 < lo or c2 > hi then len = 0 end
+        for k = 2, len - 1 do
+          local ck = byte(s, i + k)
+          if ck < 0x80 or ck > 0xBF then len = 0 end
+        end
+      else
+        len = 0
+      end
+      if len == 0 then
+        out[#out + 1] = string.sub(s, from, i - 1)
+        out[#out + 1] = "?"
+        len, from = 1, i + 1
+      end
+    end
+    i = i + len
+  end
+  out[#out + 1] = string.sub(s, from, n)
+  return table.concat(out)
+end
+
 -- Now, in µs since the epoch, as text (pcall'd: an Envoy without it meters all the same).
 local function stamp(h)
   return h:timestampString(EnvoyTimestampResolution.MICROSECOND)
@@ -177,7 +221,7 @@ local function classify(ev, st)
       and (string.find(ev, '"error"%s*:%s*{{') or string.find(ev, '"object"%s*:%s*"error"')) then
     st.error = true
     if first then set(st.h, "error_first", 1) end
-    set(st.h, "error", ev)
+    set(st.h, "error", utf8_clean(ev))
   end
   -- A usage object with token counts (not a `"usage"` key nested elsewhere that holds
   -- none: its event is no usage chunk, to strip or to read).
@@ -353,7 +397,7 @@ local function meter(h, strip, content_type, content_encoding, steps, echo)
     -- As they pass, as `events`: a client that leaves at `[DONE]`, before the body's
     -- last bytes, cuts the stream, and what was read must not go with it.
     if st.usage_new then
-      set(h, "usage", st.usage)
+      set(h, "usage", utf8_clean(st.usage))
       st.usage_new = false
     end
     if st.done == 1 and not st.done_set then

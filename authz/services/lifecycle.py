@@ -73,6 +73,7 @@ from policy.usage import (
     Usage,
     UsageRecord,
     iso_z,
+    loads_lenient,
     make_record,
     usage_from_obj,
 )
@@ -883,7 +884,7 @@ class Lifecycle:
                          and self.endpoint.kind in _TRIMMED_USAGE_KINDS else None)
             else:
                 try:
-                    usage = usage_from_obj(orjson.loads(self._json_body).get("usage"))
+                    usage = usage_from_obj(loads_lenient(self._json_body).get("usage"))
                 except (orjson.JSONDecodeError, AttributeError):
                     usage = None
             if usage is not None:

@@ -87,6 +87,8 @@ _USAGE_ONLY = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "total_tok
                b'"completion_tokens": 3}}\n\n')
 _MANY_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "total_tokens": '
                b'17, "completion_tokens": 5}}\n\n')
+_BAD_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": '
+              b'3}, "x": "\xff\xfe caf\xc3\xa9 \xed\xa0\x80"}\n\n')
 ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
     # vLLM's continuous_usage_stats after the usage chunk: the usage chunk's counts.
     "late-inline": (_HI + _USAGE_ONLY + b'data: {"choices": [{"index": 0, "delta": '
@@ -107,6 +109,10 @@ ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
                   + b"id: " + b"7" * 300 + b"\ndata: [DONE]\n\n", b"", (12, 3)),
     # Many short events in one write (Envoy reads them in one chunk), then the usage.
     "many": (_HI * 4000 + _MANY_USAGE + b"data: [DONE]\n\n", _MANY_USAGE, (12, 5)),
+    # Bytes that are no UTF-8 in the usage chunk (hostile-backend tester: Envoy's meter
+    # put them in its report, which the services' gRPC decoder refused with every other
+    # stream's report batched in it).
+    "bad-utf8-usage": (_HI + _BAD_USAGE + b"data: [DONE]\n\n", _BAD_USAGE, (12, 3)),
 }
 
 
