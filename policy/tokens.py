@@ -5,8 +5,9 @@ SentencePiece or WordPiece tokenizer (a character, or its bytes with byte fallba
 token), so a prompt has at most as many tokens as the bytes of everything the backend
 renders into it, plus the tokens the chat template adds itself. Bytes *after* the
 tokenizer's Unicode normalizer: NFC (Qwen's) or NFKC (XLM-R's, T5's: U+FDFA is 3 bytes
-and 33 once normalized) may lengthen a text, so every byte measure here is of the
-longest of the text as sent, its NFC and its NFKC (`widest_len`; ASCII is all three).
+and 33 once normalized), or lower case (`do_lower_case`), may lengthen a text, so every
+byte measure here is of the longest of the text as sent, its NFC, its NFKC and each
+lowercased (`widest_len`; ASCII is all of them).
 A chat request's `Tally` adds up:
 
 * `text`: bytes rendered as they are (message strings). A string's compact JSON is never
@@ -79,12 +80,15 @@ _FORMS: Final = ("NFC", "NFKC")
 
 
 def widest_len(text: str) -> int:
-    """UTF-8 bytes of `text`, or of its NFC or NFKC form where that is longer."""
-    n = len(text.encode("utf-8", "surrogatepass"))
-    for form in _FORMS:
-        if not unicodedata.is_normalized(form, text):
-            n = max(n, len(unicodedata.normalize(form, text).encode("utf-8", "surrogatepass")))
-    return n
+    """UTF-8 bytes of `text`, or of its NFC or NFKC form, or of any of them lowercased,
+    where that is longer (vLLM lowercases a pooling model's input with its
+    sentence-transformers `do_lower_case`, a tokenizer may: `Ⱥ` is 2 bytes and 3 in
+    lower case; pooling tester)."""
+    forms = [text]
+    forms += [unicodedata.normalize(f, text) for f in _FORMS
+              if not unicodedata.is_normalized(f, text)]
+    forms += [lower for f in forms if (lower := f.lower()) != f]
+    return max(len(f.encode("utf-8", "surrogatepass")) for f in forms)
 
 
 def _excess(dumped: bytes) -> int:

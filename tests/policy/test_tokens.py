@@ -149,6 +149,7 @@ def _is_measured(measured: int, value: Any) -> bool:
     longest as sent, in NFC or in NFKC (measured piece by piece: possibly more)."""
     text = json.dumps(value, indent=2, ensure_ascii=False)
     forms = [unicodedata.normalize(f, text) for f in ("NFC", "NFKC")]
+    forms += [f.lower() for f in (text, *forms)]
     if all(f == text for f in forms):
         return measured == _rendered(value)
     return measured >= max(len(t.encode("utf-8", "surrogatepass")) for t in (text, *forms))
@@ -177,8 +178,12 @@ def test_any_values_length_is_its_rendering_length_at_any_depth(value: Any,
 
 def test_text_is_measured_at_its_widest_normalization() -> None:
     """A tokenizer normalizes before it splits: U+FDFA is 3 bytes and 33 in NFKC (XLM-R,
-    T5), U+0958 3 and 6 in NFC (Qwen); full-width letters are shorter in NFKC."""
+    T5), U+0958 3 and 6 in NFC (Qwen); full-width letters are shorter in NFKC.
+    A pooling model's input may be lowercased first (pooling tester)."""
     assert utf8_len("\ufdfa") == 33 and utf8_len("\u0958") == 6
+    # ... and lowercases (vLLM's `do_lower_case` for pooling models): U+023A is 2 bytes,
+    # its lower case 3.
+    assert utf8_len("\u023a" * 150) == 450 and utf8_len("\u0130") == 3
     assert utf8_len("\uff4c\uff4c\uff41\uff4d\uff41") == 15 and utf8_len("hé") == 3
     assert json_len({"content": "\ufdfa" * 10}) == len(b'{"content":""}') + 330
     assert json_indent2_len(["\ufdfa"]) == len('[\n  ""\n]') + 33

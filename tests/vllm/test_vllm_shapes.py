@@ -138,7 +138,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 texts = json.loads(sys.stdin.read())
 alphabet = pre_tokenizers.ByteLevel.alphabet()
 out = {}
-for form in ("NFC", "NFKC"):
+for form in ("NFC", "NFKC", "Lowercase"):
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))},
                                merges=[]))
     tok.normalizer = getattr(normalizers, form)()
@@ -148,12 +148,13 @@ print(json.dumps(out))
 """
 NORMALIZING = ["\ufdfa" * 50, "\u0958\u0959" * 40, "\u337f\u2474\ufb03" * 30,
                "\uff4c\uff4c\uff41\uff4d\uff41" * 9, "e\u0301" * 30, "\u1100\u1161" * 20,
-               "plain ascii", "日本語のテキスト"]
+               "plain ascii", "日本語のテキスト", "\u023a\u023e\u0130" * 30]
 
 
 def test_text_is_bounded_after_a_tokenizers_normalizer() -> None:
-    """Tokenizers that normalize first (NFC: Qwen; NFKC: XLM-R, T5) split a longer text
-    than was sent: the byte measure is of its widest form (policy.tokens.widest_len)."""
+    """Tokenizers that normalize first (NFC: Qwen; NFKC: XLM-R, T5; lower case: CLIP, a
+    pooling model's `do_lower_case`) split a longer text than was sent: the byte measure
+    is of its widest form (policy.tokens.widest_len)."""
     done = subprocess.run([str(_require_python()), "-c", _NORMALIZED],
                           input=json.dumps(NORMALIZING), capture_output=True, text=True,
                           timeout=300, check=True)
