@@ -116,6 +116,15 @@ def embeddings_input(body: dict[str, Any], model: Model) -> tuple[int, int, int]
     if pad is not None:  # every input padded to the context: known, not estimated (a
         # key's TPM took the bytes' estimate and let a request far past it through)
         estimate = bound = pad * count
+    if body.get("messages") is not None and body.get("input") is not None:
+        # vLLM's request types are a union: `messages` that fail its own checks (a
+        # `name` of 5) leave it the `input`, which it embeds instead (pooling tester: 512
+        # held, 32,768 billed). Both are held, the larger.
+        try:
+            alt = embeddings_input({k: v for k, v in body.items() if k != "messages"}, model)
+        except ApiError:
+            return estimate, bound, count  # no `input` vLLM could embed either
+        return max(estimate, alt[0]), max(bound, alt[1]), max(count, alt[2])
     return estimate, bound, count
 
 

@@ -106,6 +106,22 @@ def test_chat_style_embeddings_are_bounded_as_chat_prompts() -> None:
         == (40, 40)
 
 
+def test_messages_beside_an_input_hold_the_larger_of_the_two() -> None:
+    """vLLM's embeddings request types are a union: `messages` its own checks refuse (a
+    `name` of 5) leave it the `input`, embedded instead (pooling tester: 512 held, 32,768
+    billed). With both, the larger is held; an `input` vLLM cannot embed adds nothing."""
+    ids = [[7] * 30] * 64
+    odd = [{"role": "user", "content": "hi", "name": 5}]
+    assert embeddings_input({"messages": odd, "input": ids}, M) == (30 * 64, 30 * 64, 64)
+    assert embeddings_input({"messages": odd, "input": [[7] * 15] * 64}, CTX)[1] == 15 * 64
+    # Ids past the context are refused by vLLM too: the messages' bound alone.
+    assert embeddings_input({"messages": odd, "input": ids}, CTX)[1] == 20
+    one = chat_prompt({"messages": CONV}, M)
+    assert embeddings_input({"messages": CONV, "input": "x"}, M) == (*one, 1)
+    assert embeddings_input({"messages": CONV, "input": {"not": "embeddable"}}, M) == (
+        *one, 1)
+
+
 def test_embedding_options_pass() -> None:
     for fmt in ("float", "base64"):
         embeddings_input({"input": "a", "encoding_format": fmt, "dimensions": 4}, M)

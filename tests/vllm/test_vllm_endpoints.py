@@ -131,6 +131,9 @@ CONVERSATION = [{"role": "system", "content": "Be brief."},
     {"messages": CONVERSATION},
     {"input": CONVERSATION},
     {"messages": [CONVERSATION, CONVERSATION[1:]]},
+    # Messages vLLM's checks refuse (a `name` of 5): it embeds the `input` beside them
+    # instead (pooling tester: held at the messages' bound, billed 64 times it).
+    {"messages": [{"role": "user", "content": "hi", "name": 5}], "input": [[7] * 40] * 16},
 ])
 def test_chat_style_embeddings_record_equals_vllm_usage(
         vllm_embed_gateway: Gateway, vllm_embed_server: VllmServer,
