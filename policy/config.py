@@ -714,6 +714,12 @@ class AlertSettings(_Strict):
         parts = urlsplit(v) if v is not None else None
         if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise ValueError(f"expected an http(s):// URL, got {origin(v or '')!r}")
+        if parts is not None:
+            try:
+                parts.port  # noqa: B018 - read to be checked (`:abc`, `:99999`)
+            except ValueError:
+                raise ValueError("expected an http(s):// URL whose port is a number from "
+                                 "1 to 65535") from None
         return v
 
     @field_validator("thresholds")
@@ -895,6 +901,11 @@ class Config(_Strict):
             if unknown:
                 problems.append(f"keys[{i}].models: key {key.id!r} allows unknown model(s) "
                                 f"{unknown}")
+        for j, token in enumerate(self.admin.tokens):
+            if token.sha256 in secrets:  # a client's key would be an admin's token too
+                problems.append(f"admin.tokens[{j}].sha256: the secret of API key "
+                                f"{secrets[token.sha256]!r}: an admin token must be a "
+                                "secret of its own")
         problems += port_clashes(self)
         if self.usage.sink and not self.state_is_redis:
             problems.append("usage.sink: the exporter reads the Redis usage stream; it needs "

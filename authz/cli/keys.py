@@ -352,9 +352,10 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     print(fmt.format("id", cell("org", 14), cell("name", 16), "prefix", "status", "source",
                      "expires_at"))
     for r in rows:
-        print(fmt.format(r["id"], cell(r["org"], 14), cell(r["name"], 16),
-                         r["prefix"] or "-",
-                         r["status"], r["source"], r["expires_at"] or "-"))
+        # Every field printable: a remote admin API's answer is another server's text.
+        print(fmt.format(printable(str(r["id"])), cell(r["org"], 14), cell(r["name"], 16),
+                         printable(str(r["prefix"] or "-")), printable(str(r["status"])),
+                         printable(str(r["source"])), printable(str(r["expires_at"] or "-"))))
     return 0
 
 

@@ -4,6 +4,9 @@ command prints (the same dictionaries), so the output is the same."""
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -12,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from authz.runtime.cells import printable
 from authz.runtime.settings import ADMIN_TOKEN_ENV, Settings
 from policy.config import redacted
 
@@ -36,7 +40,11 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
             "token there); point --admin-url at the gateway's admin.listen")
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+# No proxy from the environment either (`http_proxy` covers loopback unless `no_proxy`
+# names it): the admin token would go to the proxy in clear (admin review).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
+# What a server's error message may take of a terminal line.
+_MESSAGE_CHARS = 500
 
 
 def _origin(url: str) -> str:
@@ -54,6 +62,18 @@ class AdminClient:
             raise RemoteError(f"--admin-url: no user or password in the URL (the admin "
                               f"token comes from ${ADMIN_TOKEN_ENV}), got "
                               f"{redacted(url)!r}")
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            # (never echoed either: a `?token=` would be)
+            raise RemoteError(f"--admin-url: no query or fragment in the URL (the admin "
+                              f"token comes from ${ADMIN_TOKEN_ENV})")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port == -1 or not parts.hostname:
+            raise RemoteError(f"--admin-url: expected http(s)://host[:port], the port a "
+                              f"number from 1 to 65535 (host "
+                              f"{printable(parts.hostname or '')!r})")
         token = token.strip()  # a token file's line break (\r\n) included
         if not token:
             raise RemoteError(f"--admin-url needs an admin token in ${ADMIN_TOKEN_ENV}")
@@ -62,6 +82,10 @@ class AdminClient:
             raise RemoteError(f"${ADMIN_TOKEN_ENV}: the token has a space, control or "
                               "non-ASCII character inside it; set the token alone")
         self.base, self._token = url.rstrip("/"), token
+        if parts.scheme == "http" and not _loopback(parts.hostname):
+            print(f"tokenbooth: warning: --admin-url {self.base} is plain http to another "
+                  "host: the admin token crosses the network in clear (use https, or "
+                  "kubectl port-forward to 127.0.0.1)", file=sys.stderr)
 
     @classmethod
     def from_settings(cls, url: str, settings: Settings) -> AdminClient:
@@ -109,9 +133,9 @@ class AdminClient:
             if e.code == 404:
                 raise LookupError(message) from None
             raise RemoteError(f"{self.base}: {e.code}: {message}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise RemoteError(f"{self.base}: cannot reach the admin API: "
-                              f"{getattr(e, 'reason', e)}") from None
+                              f"{printable(str(getattr(e, 'reason', e)))}") from None
 
     def pages(self, path: str, query: Mapping[str, object]) -> list[dict[str, Any]]:
         """Every item of a paged list, page by page."""
@@ -125,14 +149,34 @@ class AdminClient:
             out += page["data"]
             if not page["has_more"]:
                 return out
-            after = page.get("last_id")
+            last = page.get("last_id")
+            if not isinstance(last, str) or not last or last == after:
+                # (a page that says more without moving on: asked again forever)
+                raise RemoteError(f"{self.base}: a page that does not move on; not an "
+                                  "answer of tokenbooth's admin API")
+            after = last
 
 
 def _message(raw: bytes) -> str:
+    """The admin API's error message, shown printable (a server's escape sequences would
+    drive the reader's terminal, a newline forge a line), and cut short."""
     try:
-        return str(orjson.loads(raw)["error"]["message"])
+        text = str(orjson.loads(raw)["error"]["message"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return ""
+    shown = printable(text)
+    return shown if len(shown) <= _MESSAGE_CHARS else shown[:_MESSAGE_CHARS] + "…"
+
+
+def _loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _jsonable(changes: Mapping[str, Any]) -> dict[str, Any]:

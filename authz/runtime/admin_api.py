@@ -67,6 +67,10 @@ from policy.usage_report import OnePerRequest, Totals, record_cost
 __all__ = ["ENDPOINTS", "AdminContext", "Records", "load_usage", "stream_usage"]
 
 
+# Records a streamed usage answer reads between two turns of the event loop.
+STREAM_BATCH = 200
+
+
 @dataclass(frozen=True)
 class Streamed:
     """An answer written as it is produced: `lines`, each one JSON document and a
@@ -419,11 +423,18 @@ async def _usage_lines(ctx: AdminContext, q: UsageQuery) -> AsyncGenerator[bytes
     """One line per selected record, deduplicated as they come (policy/usage_report.py:
     a `lost` record waits for the end, in case a real one replaces it); totals last."""
     dedup, tally = OnePerRequest(), _Tally(q.group_by)
-    async with contextlib.aclosing(ctx.usage_stream(ctx.config())) as records:
+    # As pages are: a few at a time, and the event loop's other work (every ext_authz and
+    # ext_proc answer) between batches of records (six streams at once held the loop
+    # half a second at a time: admin review).
+    async with ctx.pages, contextlib.aclosing(ctx.usage_stream(ctx.config())) as records:
+        n = 0
         async for raw in records:
             rec = dedup.feed(raw)
             if rec is not None and (out := _record(rec, q)) is not None:
                 yield tally.line(out)
+            n += 1
+            if n % STREAM_BATCH == 0:
+                await asyncio.sleep(0)
     for rec in dedup.finish():
         if (out := _record(rec, q)) is not None:
             yield tally.line(out)

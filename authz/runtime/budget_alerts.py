@@ -587,10 +587,15 @@ class BudgetAlerts:
             if status is not None and 200 <= status < 300:
                 log.info("budget alert delivered", extra={**where, "attempt": attempt})
                 return True
-            if status is not None and status < 500 and status not in RETRY_STATUSES:
+            if status is not None and 400 <= status < 500 and status not in RETRY_STATUSES:
                 log.error("budget alert refused by the receiver",
                           extra={**where, "status": status})
                 return True
+            if status is not None and 300 <= status < 400:
+                # Not followed (it could carry the signature elsewhere), nor taken for
+                # delivery: tried again, and said (an http->https redirect lost every
+                # alert: admin review).
+                why = "a redirect, not followed: point webhook_url at where it leads"
             log.warning("budget alert not delivered", extra={**where, "attempt": attempt,
                                                              "status": status, "error": why})
             if attempt < a.max_attempts:

@@ -25,6 +25,7 @@ from authz.runtime.budget_alerts import AlertFeed, AlertingSink, BudgetAlerts, m
 from authz.runtime.metrics import BudgetWatch, Metrics, ObservedKeyStore
 from authz.runtime.procs import bind_problem
 from authz.runtime.recorder import Recorder
+from authz.runtime.settings import ADMIN_TOKEN_ENV
 from authz.runtime.side_port import make_side_app
 from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import (
@@ -51,6 +52,8 @@ from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import JsonlUsageLog, UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, OrgLimits, parse_hostport
+from policy.keyrecord import KEY_PREFIX
+from policy.keys import fingerprint
 
 log = logging.getLogger("tokenbooth.server")
 
@@ -268,8 +271,13 @@ class Services:
         if self.orgs is None:
             self.orgs = OrgLimitsCache(make_org_store(cfg))
         await self.orgs.start()
-        tokens = CurrentAdminTokens(lambda: self.runtime.snapshot.config,
-                                    self.runtime.settings.admin_token)
+        env_token = self.runtime.settings.admin_token
+        if env_token is not None and (env_token.startswith(KEY_PREFIX) or fingerprint(
+                env_token) in {k.sha256 for k in cfg.keys}):
+            # A client's key would be an admin's token too (admin review).
+            raise ValueError(f"${ADMIN_TOKEN_ENV} is an API key's secret: an admin token "
+                             "must be a secret of its own")
+        tokens = CurrentAdminTokens(lambda: self.runtime.snapshot.config, env_token)
         if not tokens:  # none at start: no admin API (admin.listen is read at start only)
             return
         assert self.store is not None and self.limits is not None

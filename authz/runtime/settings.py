@@ -76,7 +76,9 @@ class Settings:
             webhook_secret=env.get(WEBHOOK_SECRET_ENV) or None,
             otlp_endpoint=env.get(OTLP_ENDPOINT_ENV) or None,
             service_name=env.get(SERVICE_NAME_ENV) or DEFAULT_SERVICE_NAME,
-            admin_token=env.get(ADMIN_TOKEN_ENV) or None,
+            # As the CLI reads it: a Secret made `--from-file` ends in a line break, and
+            # a token no client could send locked every caller out (admin review).
+            admin_token=(env.get(ADMIN_TOKEN_ENV) or "").strip() or None,
             tracemalloc=env.get(TRACEMALLOC_ENV, "0") not in ("", "0"),
             backend_keys=dict(env),
             **{name: env.get(var) or None for name, var in PORT_ENV.items()},

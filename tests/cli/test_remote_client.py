@@ -136,3 +136,64 @@ def test_a_password_in_the_admin_url_is_refused_unseen(
               env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
     err = capsys.readouterr().err
     assert rc == 2 and "no user or password" in err and "Passw0rdInUrl" not in err, err
+
+
+def test_no_proxy_sees_the_token(catcher: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`http_proxy` covers loopback unless `no_proxy` names it: the token went to the
+    proxy in clear (admin review). The admin API is called directly, whatever it says."""
+    proxy = _Server((502, {}, b""))
+    try:
+        for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(var, proxy.url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        AdminClient(catcher.url, TOKEN).call("GET", "/v1/keys", fields=("data",))
+    finally:
+        proxy.stop()
+    assert proxy.seen == [] and catcher.seen == [f"Bearer {TOKEN}"]
+
+
+def test_plain_http_to_another_host_is_warned_of(capsys: pytest.CaptureFixture[str]) -> None:
+    AdminClient("http://192.0.2.2:9092", TOKEN)
+    err = capsys.readouterr().err
+    assert "plain http to another host" in err and TOKEN not in err
+    for quiet in ("http://127.0.0.1:9092", "http://localhost:9092", "http://[::1]:9092",
+                  "https://admin.example.com"):
+        AdminClient(quiet, TOKEN)
+        assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9092/?token=SECRETQ",
+                                 "http://127.0.0.1:9092#SECRETQ",
+                                 "http://127.0.0.1:27184;SECRETQ",
+                                 "http://127.0.0.1:99999"])
+def test_an_admin_url_with_a_query_or_a_bad_port_is_refused_unseen(url: str) -> None:
+    with pytest.raises(RemoteError) as e:
+        AdminClient(url, TOKEN)
+    assert "SECRETQ" not in str(e.value) and "--admin-url" in str(e.value)
+
+
+def test_a_server_that_pages_without_moving_on_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each answer said more and the same `last_id`: asked again forever (admin review)."""
+    looping = _Server((200, {"content-type": "application/json"},
+                       b'{"object":"list","data":[],"has_more":true,"last_id":"k-1"}'))
+    try:
+        with pytest.raises(RemoteError, match="does not move on"):
+            AdminClient(looping.url, TOKEN).pages("/v1/keys", {})
+    finally:
+        looping.stop()
+    assert len(looping.seen) == 2
+
+
+def test_a_servers_message_is_shown_printable(capsys: pytest.CaptureFixture[str]) -> None:
+    evil = _Server((400, {"content-type": "application/json"},
+                    b'{"error":{"message":"bad\\u001b]0;pwned\\u0007\\u001b[2J\\nforged"}}'))
+    try:
+        rc = main(["keys", "list", "--admin-url", evil.url],
+                  env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        evil.stop()
+    err = capsys.readouterr().err
+    assert rc == 2 and "\x1b" not in err and "\x07" not in err
+    assert err.count("\n") == 1 and "\\x1b]0;pwned" in err

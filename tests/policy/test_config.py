@@ -7,8 +7,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from policy.config import (
+    Config,
     ConfigError,
     load_config,
     parse_config,
@@ -16,8 +18,9 @@ from policy.config import (
     price_warnings,
     redacted,
 )
+from policy.keys import fingerprint
 from policy.stream_pace import ABORT_STEPS
-from tests.helpers import policy_dict, write_policy
+from tests.helpers import SECRET, policy_dict, write_policy
 
 
 def test_valid_file_and_relative_paths(tmp_path: Path) -> None:
@@ -111,6 +114,9 @@ def test_a_backend_url_with_a_password_is_refused_without_showing_it(tmp_path: P
 @pytest.mark.parametrize(("section", "secret"), [
     ("key_store: {validation_url: 'ftp://svc:S3CRETpw9@auth:1/v'}", "S3CRETpw9"),
     ("alerts: {webhook_url: 'htps://hooks.example/services/T0/B0/S3CRETtok'}", "S3CRETtok"),
+    # A port that is no number passed check-config, then stopped `serve` (admin review).
+    ("alerts: {webhook_url: 'http://u:pw@127.0.0.1:abc/S3CRETpath'}", "S3CRETpath"),
+    ("alerts: {webhook_url: 'https://hooks.example:99999/S3CRETpath'}", "S3CRETpath"),
     ("models:\n  n:\n    upstream_model: x\n    backends: [{url: 'http://h:2', "
      "api_key_env: 'sk-S3CRETkey-pasted'}]", "S3CRETkey"),
 ])
@@ -499,3 +505,12 @@ def test_a_price_written_as_decimal_reads_only_plain_digits(price: str) -> None:
     data["models"]["demo"]["price_per_1k_tokens"] = {"input": price, "output": "1"}
     with pytest.raises(ConfigError, match="ASCII digits"):
         parse_config(data)
+
+
+def test_an_api_keys_secret_is_no_admin_token() -> None:
+    """An admin token with a key's fingerprint made that key an admin (admin review)."""
+    d = policy_dict("http://127.0.0.1:1")
+    d["admin"] = {"tokens": [{"name": "billing", "sha256": fingerprint(SECRET),
+                              "role": "admin"}]}
+    with pytest.raises(ValidationError, match=r"admin\.tokens\[0\]\.sha256: the secret of"):
+        Config.model_validate(d)

@@ -650,6 +650,21 @@ def _source(*parts: Any) -> Any:
     return records
 
 
+async def test_streamed_usage_waits_its_turn_as_pages_do(ctx: AdminContext, api: Api) -> None:
+    """Six streams at once held the event loop (ext_authz's and ext_proc's answers
+    with it) half a second at a time: a stream takes one of the pages' places, and turns
+    the loop between batches of records (admin review)."""
+    ctx.usage_stream = _source(*[{**RECORDS[0], "request_id": f"r{i}"} for i in range(450)])
+    taken = [await ctx.pages.acquire() for _ in range(2)]
+    task = asyncio.create_task(api.lines("/v1/usage?stream=true"))
+    await asyncio.sleep(0.3)
+    assert not task.done()  # waiting for a place
+    for _ in taken:
+        ctx.pages.release()
+    _, lines = await asyncio.wait_for(task, 10)
+    assert len(lines) == 451
+
+
 async def test_streamed_usage_deduplicates_as_it_goes(ctx: AdminContext, api: Api) -> None:
     lost = {**RECORDS[2], "request_id": "r9", "status": "lost", "cost_usd": "1"}
     late = {**RECORDS[2], "request_id": "r9"}

@@ -232,6 +232,28 @@ async def test_retries_after_a_500_then_gives_up_then_a_later_check_sends_it(
         await alerts.close()
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_no_delivery_and_is_tried_again(
+        receiver: Receiver, tmp_path: Path, status: int,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A 3xx was taken as the receiver refusing the alert for good: an http -> https
+    redirect lost every alert (admin review). Not followed; tried again."""
+    cfg = policy(tmp_path, receiver.url, thresholds=[0.5])
+    store, clock = MemoryLimitStore(), Clock(DAY1)
+    alerts = make_alerts(cfg, store, FileMarks(tmp_path / "m.json"), clock)
+    await alerts.start()
+    try:
+        await spend(store, KEY, "6", "day", DAY1)
+        receiver.statuses = [status]  # then 200
+        await checked(alerts)
+        assert len(receiver.got) == 2
+        assert receiver.delivered() == [(KEY, period_id("day", DAY1), "0.5")]
+        assert any("a redirect, not followed" in str(getattr(r, "error", ""))
+                   for r in caplog.records)
+    finally:
+        await alerts.close()
+
+
 async def test_the_signature_verifies_and_no_log_carries_the_secret(
         receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)

@@ -197,6 +197,24 @@ def test_serve_refuses_a_busy_port_in_one_line_naming_the_setting(
     assert "add_port" not in r.stderr
 
 
+@pytest.mark.parametrize("token", [SECRET, "sk-tb-not-a-key-of-the-config-00000000"])
+def test_serve_refuses_an_api_keys_secret_as_its_admin_token(tmp_path: Path,
+                                                             token: str) -> None:
+    """$TOKENBOOTH_ADMIN_TOKEN set to a client's key made that key an admin (admin
+    review): refused at start, in one line, the token unshown."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000",
+                        services={"grpc_listen": f"127.0.0.1:{free_port()}",
+                                  "http_listen": f"127.0.0.1:{free_port()}"},
+                        admin={"listen": f"127.0.0.1:{free_port()}"})
+    r = subprocess.run([sys.executable, "-m", "authz.cli", "serve", "--config", str(path)],
+                       capture_output=True, text=True, timeout=30,
+                       env={"PATH": "/usr/bin:/bin", "TOKENBOOTH_ADMIN_TOKEN": token})
+    assert r.returncode != 0 and "Traceback" not in r.stderr and token not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "tokenbooth: error: $TOKENBOOTH_ADMIN_TOKEN is an API key's secret: an admin "
+        "token must be a secret of its own")
+
+
 async def test_a_look_at_the_config_that_blocks_holds_up_reloads_not_decisions(
         running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reload's look at the file (a stat, every second) runs in a thread of its own,

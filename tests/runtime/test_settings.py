@@ -264,3 +264,10 @@ def test_a_file_rewritten_over_and_over_loads_within_the_settle_cap(tmp_path: Pa
     path.write_text(base + "\n# after\n")
     now[0] = datetime.fromtimestamp(path.stat().st_mtime + 0.1, UTC)
     assert not rt.reload_if_changed(settle_s=0.25)
+
+
+def test_the_admin_token_is_read_as_the_cli_reads_it() -> None:
+    """A Secret made `--from-file` ends in a line break: the services hashed it with the
+    line break, the CLI without, and no client could ever match (admin review)."""
+    assert Settings.from_env({"TOKENBOOTH_ADMIN_TOKEN": "env-tok-1\n"}).admin_token == "env-tok-1"
+    assert Settings.from_env({"TOKENBOOTH_ADMIN_TOKEN": " \r\n"}).admin_token is None
