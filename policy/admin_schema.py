@@ -13,6 +13,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     RootModel,
@@ -41,12 +42,27 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _written_time(v: Any) -> Any:
+    """A time as ISO 8601 text: a number was read as Unix seconds, or as milliseconds past
+    2e10 (99999999999, the year 5138 meant, expired a key in 1973: admin review)."""
+    if v is not None and not isinstance(v, str | datetime):
+        raise ValueError("expected an ISO 8601 time with a timezone, e.g. "
+                         "2027-01-01T00:00:00Z (not a number)")
+    if isinstance(v, str) and v.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError("expected an ISO 8601 time with a timezone, e.g. "
+                         "2027-01-01T00:00:00Z (not a number)")
+    return v
+
+
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_written_time)]
+
+
 class _Limits(_In):
     rpm: Count | None = None
     tpm: Count | None = None
     max_concurrent: Count | None = None
     budget_usd: BudgetUsd | None = None
-    expires_at: AwareDatetime | None = None
+    expires_at: IsoTime | None = None
 
 
 # `"*"` among a key's models: every alias, as `keys update --model '*'` (ops tester: PATCH

@@ -3,6 +3,7 @@ another name, so that two names that print alike are never two things."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable
 
@@ -21,6 +22,10 @@ _BLANK = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x034F, 0x17B4, 0x17B5, 0x28
 # Scripts whose spelling never takes a zero-width (non-)joiner: between their letters
 # it only hides a second name ("a\u200dcme" read as "acme").
 _NO_JOINERS = ("LATIN ", "GREEK ", "CYRILLIC ", "ARMENIAN ", "GEORGIAN ")
+# Scripts with letters that print alike (Latin a, Cyrillic U+0430, Greek U+03B1): one word may not
+# mix them, as browsers refuse such domain names.
+_LOOKALIKE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})
+_WORD_BREAK = re.compile(r"[\W_]+")
 
 
 def lookalike_problem(name: str) -> str | None:
@@ -41,6 +46,15 @@ def lookalike_problem(name: str) -> str | None:
     if bad is not None:
         return (f"expected printable characters: U+{ord(bad):04X} "
                 f"({unicodedata.name(bad, 'unnamed')}) reads as nothing")
+    for word in _WORD_BREAK.split(name):
+        scripts = sorted({script for c in word if c.isalpha()
+                          and (script := unicodedata.name(c, "").split(" ")[0])
+                          in _LOOKALIKE_SCRIPTS})
+        if len(scripts) > 1:
+            # "d\u0435mo-org", a Cyrillic U+0435, prints as "demo-org" (admin review).
+            return (f"expected each word's letters in one script: {word!a} mixes "
+                    f"{' and '.join(s.title() for s in scripts)} letters, and prints as a "
+                    "word of one")
     return None
 
 

@@ -29,6 +29,9 @@ from policy.names import lookalike_problem
     ("ac\u2800me", "U+2800"),
     ("a\u200dcme", "U+200D"),  # between Latin letters a joiner only hides a name
     ("a\u0332\u200dcme", "U+200D"),  # after a mark on a Latin letter too
+    # a word mixing scripts whose letters print alike (admin review: Cyrillic U+0435)
+    ("d\u0435mo-org", "'d\\u0435mo' mixes Cyrillic and Latin letters"),
+    ("team_\u03b1lpha", "mixes Greek and Latin"),
 ])
 def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
     problem = lookalike_problem(name)
@@ -40,6 +43,8 @@ def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
     "\u0645\u06cc\u200c\u0634\u0648\u062f",  # Persian, a ZWNJ between two letters
     "\u0915\u094d\u200d\u0937",  # Devanagari: a ZWJ after a virama (a half form)
     "\ud55c\uad6d\uc5b4",  # Hangul syllables (not fillers)
+    "acme-\u0420\u043e\u0441\u0441\u0438\u044f", "team \u03b1",  # scripts word by word
+    "llama-\u7814\u7a76",  # other scripts beside Latin
 ])
 def test_names_people_write_pass(name: str) -> None:
     assert lookalike_problem(name) is None

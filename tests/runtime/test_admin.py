@@ -282,6 +282,12 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     # A time with no timezone (it was a 503 "retry", from the record made after).
     ("POST", "/v1/keys", {"org": "acme", "expires_at": "2030-01-01T00:00:00"}, "expires_at"),
     ("PATCH", "/v1/keys/k-x", {"expires_at": "2030-01-01T00:00:00"}, "expires_at"),
+    # A number was read as Unix time, past 2e10 as milliseconds: the year 5138 meant,
+    # 1973 set, the key expired at once (admin review).
+    ("PATCH", "/v1/keys/k-x", {"expires_at": 99999999999}, "expires_at"),
+    ("PATCH", "/v1/keys/k-x", {"expires_at": "0"}, "expires_at"),
+    # An org that prints as another: a Cyrillic U+0435 in "demo" (admin review).
+    ("POST", "/v1/keys", {"org": "d\u0435mo-org"}, "org"),
     # A new key already expired could never be used (an update may expire one at once).
     ("POST", "/v1/keys", {"org": "acme", "expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
     # A count is a JSON integer: not a string, not true (it became 1).
