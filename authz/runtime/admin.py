@@ -163,7 +163,17 @@ def json_body(raw: bytes) -> Any:
                       parse_constant=constant, object_pairs_hook=_unique)
 
 
+# Headers every browser adds to the requests a page makes (and curl, the CLI, SDKs do
+# not): the admin API is no browser's to call (it answers no CORS).
+_BROWSER_HEADERS = ("Origin", "Sec-Fetch-Mode", "Sec-Fetch-Site", "Sec-Fetch-Dest")
+
+
 def _authenticate(ctx: AdminContext, request: web.Request) -> Caller:
+    if any(h in request.headers for h in _BROWSER_HEADERS):
+        # Before the lockout's count: a page on a name rebound to this address (DNS
+        # rebinding) sent junk tokens and locked the operator out (admin review).
+        raise AdminError(403, "The admin API is not for browsers: call it from the CLI or "
+                         "a server.", "browser_refused", type="authentication_error")
     client = request.remote or "?"
     wait = ctx.limiter.retry_after(client)
     if wait is not None:

@@ -196,10 +196,28 @@ async def test_a_request_without_a_token_is_no_guess(ctx: AdminContext, api: Api
     operator's browser (a cross-site GET needs no preflight) locked the admin API out
     for every caller at that address, the real token included."""
     ctx.limiter = FailureLimiter(allowed=3, window_s=60)
-    for headers in ({}, {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
-                    {"Authorization": ""}, {"Authorization": "  "}) * 3:
+    for headers in ({}, {"Authorization": ""}, {"Authorization": "  "}) * 3:
         resp = await api.client.get("/v1/keys", headers=headers)
         assert resp.status == 401
+    assert (await api("GET", "/v1/keys", token=ADMIN))[0] == 200
+
+
+async def test_a_browsers_request_is_refused_before_it_counts(ctx: AdminContext,
+                                                              api: Api) -> None:
+    """A page on a name rebound to the admin API's address (DNS rebinding) is same-origin
+    there: its junk tokens locked the operator out for the minute (admin review). What a
+    browser sends is refused before authentication, and counts toward nothing."""
+    ctx.limiter = FailureLimiter(allowed=3, window_s=60)
+    for headers in ({"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors",
+                     "Host": "rebind.attacker.example"}) * 5:
+        resp = await api.client.get("/v1/keys", headers={
+            **headers, "Authorization": "Bearer junk"})
+        body = orjson.loads(await resp.read())
+        assert resp.status == 403 and body["error"]["code"] == "browser_refused"
+        resp = await api.client.get("/v1/keys", headers={
+            **headers, "Authorization": f"Bearer {ADMIN}"})
+        assert resp.status == 403
     assert (await api("GET", "/v1/keys", token=ADMIN))[0] == 200
 
 
