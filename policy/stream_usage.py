@@ -88,14 +88,18 @@ class StreamMeter:
 
     @property
     def usage(self) -> Usage | None:
-        """The request's usage: the usage-only chunk's (`choices: []`, the last one wins).
+        """The request's usage: the usage-only chunk's (`choices: []`, the last one wins),
+        when it counts at least a token a content chunk.
         Usage inside a chunk with choices counts only for a stream that ended with
         `[DONE]` and no usage-only chunk (a backend that puts it on its last chunk): in a
         vLLM stream it is `continuous_usage_stats`, one choice's count so far, and a
         stream cut after it (n > 1, a batch) would otherwise be charged that choice's.
         A stream that failed (an error event, then vLLM's `[DONE]`) is such a cut one."""
         if self._usage is not None:
-            return self._usage
+            # Fewer completion tokens than the chunks carried (each at least one, vLLM
+            # sending a chunk per step at most): no count of this stream; estimated from
+            # its chunks instead (hostile-backend tester: 0 for five chunks, exact).
+            return self._usage if self._usage.completion_tokens >= self.content_chunks else None
         inline = self._inline_usage
         if inline is None or not self.done or self.error_status:
             return None

@@ -176,7 +176,7 @@ def test_every_single_split_of_oversize_events_with_every_line_ending() -> None:
 
 
 TEXT = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
-USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n'
+USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":9}}\n\n'
 
 
 @settings(max_examples=200, deadline=None)

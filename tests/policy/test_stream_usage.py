@@ -128,6 +128,22 @@ def test_the_last_usage_chunk_wins() -> None:
     assert out == DONE and m.usage == Usage(7, 5)
 
 
+def test_a_usage_counting_fewer_tokens_than_the_chunks_is_no_count() -> None:
+    """Each content chunk is a generation step's, a token at least: a usage chunk saying
+    fewer (0, or a second, lower one) was charged as exact (hostile-backend tester). It
+    is no count; the stream is estimated from its chunks. The chunk is stripped still."""
+    low = chunk('{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1}}')
+    m, out = meter(True, ROLE, TEXT, TEXT, TEXT, low, DONE)
+    assert out == ROLE + TEXT * 3 + DONE and m.content_chunks == 3 and m.usage is None
+    m, _ = meter(True, TEXT, TEXT, USAGE, low, DONE)  # the last one wins: too low
+    assert m.usage is None
+    m, _ = meter(True, TEXT, TEXT, TEXT, USAGE, DONE)  # as many as the chunks: a count
+    assert m.usage == Usage(7, 3)
+    r = responses(DELTA, DELTA, end("response.completed",
+                                    '{"input_tokens":9,"output_tokens":1}'))
+    assert r.usage is None
+
+
 # -- the Responses API ------------------------------------------------------------------
 
 def typed(kind: str, body: str, name: bool = True) -> bytes:
