@@ -192,6 +192,11 @@ def services_cluster(cfg: Config) -> Cluster:
         # replica's graceful shutdown, so Envoy opens no new streams to it.
         health_checks=[_health_check(SERVICES_HC_INTERVAL_S, SERVICES_HC_TIMEOUT_S,
                                      HealthCheckGrpcHealthCheck(service_name=""))],
+        # A replica gone from DNS (a pod terminating: out of the headless Service's
+        # endpoints from its preStop on) takes no new streams although its health check
+        # still passes; its open ones drain. Else it took new streams for the whole
+        # preStop, and those open at its stop were charged whole (deploy review).
+        ignore_health_on_host_removal=True,
         outlier_detection=_local_origin_outliers(
             failures=SERVICES_EJECT_AFTER, interval_s=1, ejection_s=5,
             max_percent=SERVICES_MAX_EJECTION_PERCENT),
