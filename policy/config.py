@@ -364,6 +364,12 @@ class Model(_Strict):
     # Special tokens the backend adds to each /v1/completions prompt (BOS, EOS, the
     # fill-in-the-middle markers of `suffix`).
     special_tokens_per_prompt: int = Field(default=8, ge=0, strict=True)
+    # Prompt tokens a byte of text may become, at most: 1 for the tokenizers of common
+    # models (a byte-level BPE, or a character tokenizer with byte fallback, after an NFC
+    # or NFKC normalizer or lower case: measured at the widest). 3 for one that
+    # decomposes first (NFD / NFKD: a Hangul syllable's 3 bytes become 9); 2 for one
+    # whose pre-tokenizer prefixes every split (Digits then Metaspace / ByteLevel).
+    prompt_tokens_per_byte: int = Field(default=1, ge=1, le=8, strict=True)
     # Prompt tokens one image / audio clip / video adds, placeholders included. Their
     # bytes do not bound their tokens: a part of a kind with no setting is a 400.
     tokens_per_image: int | None = Field(default=None, ge=1, strict=True)

@@ -162,8 +162,8 @@ def scoring_pairs(body: dict[str, Any], model: Model, rerank: bool) -> tuple[int
     tally = Tally()
     for name in PAIR_TEMPLATE_FIELDS:
         field_tally(body.get(name), tally)
-    per_pair = (model.chat_template_tokens_per_request + tally.text
-                + json_factor(model.chat_template_json_indent) * tally.json)
+    per_pair = (model.chat_template_tokens_per_request + model.prompt_tokens_per_byte
+                * (tally.text + json_factor(model.chat_template_json_indent) * tally.json))
     estimate, bound = pairs_bound(queries, docs, model, per_pair)
     pad = _padded(body, model)
     if pad is not None:  # each text of a pair padded to the context: the cap, and

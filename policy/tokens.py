@@ -18,9 +18,11 @@ A chat request's `Tally` adds up:
   than the indent-2 form; with indent k, at most ceil(k/2) times it.
 * `exact`: media items, at the model's `tokens_per_image` / `_audio` / `_video`.
 
-    chat bound = min(max_model_len, text + ceil(indent/2)·json + exact
+    chat bound = min(max_model_len, k·(text + ceil(indent/2)·json) + exact
                      + chat_template_tokens_per_message·messages
                      + chat_template_tokens_per_request)
+        k = prompt_tokens_per_byte (1; more for tokenizers that decompose, or prefix
+        every split: every UTF-8 byte count below is times k)
 
     /v1/completions, per prompt: min(max_model_len, prompt + suffix)
         prompt = UTF-8 bytes + special_tokens_per_prompt, or the count of token ids
@@ -210,7 +212,8 @@ class Tally:
     messages: int = 0
 
     def bound(self, model: Model) -> int:
-        n = (self.text + json_factor(model.chat_template_json_indent) * self.json
+        n = (model.prompt_tokens_per_byte
+             * (self.text + json_factor(model.chat_template_json_indent) * self.json)
              + self.exact + model.chat_template_tokens_per_message * self.messages
              + model.chat_template_tokens_per_request)
         return capped(n, model.max_model_len)
@@ -405,14 +408,15 @@ def batch_bound(prompts: list[str] | list[list[int]], model: Model,
                 suffix: str | None = None) -> tuple[int, int]:
     """(estimate, bound) of a batch of prompts, each bounded on its own (see the module
     docstring); /v1/embeddings inputs are bounded as completions prompts without suffix."""
+    per_byte = model.prompt_tokens_per_byte
     suffix_bytes = utf8_len(suffix) if suffix else 0
-    suffix_bound = suffix_bytes + model.special_tokens_per_prompt if suffix else 0
+    suffix_bound = per_byte * suffix_bytes + model.special_tokens_per_prompt if suffix else 0
     estimate = bound = 0
     for p in prompts:
         if isinstance(p, str):
             n = utf8_len(p)
             estimate += estimate_bytes(n + suffix_bytes)
-            n += model.special_tokens_per_prompt
+            n = per_byte * n + model.special_tokens_per_prompt
         else:
             n = len(p)
             estimate += n + estimate_bytes(suffix_bytes)
@@ -461,7 +465,8 @@ def prompt_list(prompt: Any, param: str) -> list[str] | list[list[int]]:
 
 def text_bound(text: str, model: Model) -> int:
     """Tokens one text input may become: its UTF-8 bytes plus the special tokens, capped."""
-    return capped(utf8_len(text) + model.special_tokens_per_prompt, model.max_model_len)
+    return capped(model.prompt_tokens_per_byte * utf8_len(text)
+                  + model.special_tokens_per_prompt, model.max_model_len)
 
 
 def pairs_bound(queries: list[str], docs: list[str], model: Model,

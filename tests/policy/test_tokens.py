@@ -191,6 +191,22 @@ def test_text_is_measured_at_its_widest_normalization() -> None:
         len(b'{"role":"user"}') + len(b'{"type":"text","text":""}') + 3300 + FRAME)
 
 
+def test_prompt_tokens_per_byte_scales_every_byte_bound() -> None:
+    """A tokenizer that decomposes (NFD: a Hangul syllable's 3 bytes become 9) or
+    prefixes every split: the model says how many tokens a byte may become (retest)."""
+    k3 = model(prompt_tokens_per_byte=3)
+    text = "\ud7a3" * 10
+    assert completion_prompt({"prompt": text}, k3)[1] == 3 * 30 + 8
+    assert completion_prompt({"prompt": [text, text], "suffix": "ab"}, k3)[1] == 2 * (
+        (3 * 30 + 8) + (3 * 2 + 8))
+    assert completion_prompt({"prompt": [[1, 2, 3]]}, k3)[1] == 3  # ids are exact
+    one, three = chat(parts_msg({"type": "text", "text": text})), chat(
+        parts_msg({"type": "text", "text": text}), k3)
+    assert three[1] - one[1] == 2 * (len(b'{"role":"user"}')
+                                      + len(b'{"type":"text","text":""}') + 30)
+    assert text_bound(text, k3) == 3 * 30 + 8
+
+
 def test_floats_and_surrogates_are_measured_as_python_writes_them() -> None:
     # Python writes some floats longer than orjson (1e-07, 1e+16, NaN, Infinity); a lone
     # surrogate (json.loads takes "\\ud800" in an `arguments` string) is 3 bytes.
