@@ -53,7 +53,7 @@ WORKDIR /var/lib/tokenbooth
 RUN chown tokenbooth:tokenbooth /var/lib/tokenbooth
 USER 10001:10001
 # 8443: Envoy's listener; 9001: ext_authz + ext_proc + gRPC health; 9090: /healthz,
-# /readyz, /metrics.
-EXPOSE 8443 9001 9090
+# /readyz, /metrics; 9092: the admin API (when a token is configured).
+EXPOSE 8443 9001 9090 9092
 ENTRYPOINT ["tokenbooth"]
 CMD ["serve", "--config", "/etc/tokenbooth/config.yaml"]
