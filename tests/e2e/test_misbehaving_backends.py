@@ -86,7 +86,7 @@ _HI = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
 _USAGE_ONLY = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "total_tokens": 15, '
                b'"completion_tokens": 3}}\n\n')
 _MANY_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "total_tokens": '
-               b'17, "completion_tokens": 5}}\n\n')
+               b'4012, "completion_tokens": 4000}}\n\n')
 _BAD_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": '
               b'3}, "x": "\xff\xfe caf\xc3\xa9 \xed\xa0\x80"}\n\n')
 ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
@@ -108,7 +108,7 @@ ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
                   b'"completion_tokens": 3, "total_tokens": 15}}\n\n'
                   + b"id: " + b"7" * 300 + b"\ndata: [DONE]\n\n", b"", (12, 3)),
     # Many short events in one write (Envoy reads them in one chunk), then the usage.
-    "many": (_HI * 4000 + _MANY_USAGE + b"data: [DONE]\n\n", _MANY_USAGE, (12, 5)),
+    "many": (_HI * 4000 + _MANY_USAGE + b"data: [DONE]\n\n", _MANY_USAGE, (12, 4000)),
     # Bytes that are no UTF-8 in the usage chunk (hostile-backend tester: Envoy's meter
     # put them in its report, which the services' gRPC decoder refused with every other
     # stream's report batched in it).
@@ -217,7 +217,7 @@ def backend() -> Iterator[Unstreaming]:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, backend: Unstreaming) -> Iterator[Gateway]:
     with run_gateway(tmp_path_factory.mktemp("unstreaming"),
-                     upstream=f"http://127.0.0.1:{backend.port}") as g:
+                     upstream=f"http://127.0.0.1:{backend.port}", demo=ROOM) as g:
         yield g
 
 
@@ -226,9 +226,14 @@ def envoy_gw(tmp_path_factory: pytest.TempPathFactory, backend: Unstreaming,
              ) -> Iterator[Gateway]:
     """Streams metered by Envoy's Lua meter (`stream_metering: envoy`)."""
     with run_gateway(tmp_path_factory.mktemp("unstreaming-envoy"),
-                     upstream=f"http://127.0.0.1:{backend.port}",
+                     upstream=f"http://127.0.0.1:{backend.port}", demo=ROOM,
                      envoy={"stream_metering": "envoy"}) as g:
         yield g
+
+
+# Room for every chunk of `many` (4,000): a usage past what max_tokens allows is a
+# misreport, and one below the chunks no count.
+ROOM = {"max_tokens": 4096}
 
 
 def whole_hold(gw: Gateway) -> tuple[int, int]:
@@ -239,8 +244,8 @@ def whole_hold(gw: Gateway) -> tuple[int, int]:
 
 
 def send(gw: Gateway, answer: str, key: str = METERED_SECRET, stream: bool = True,
-         usage: bool = False) -> tuple[httpx.Response, dict[str, Any]]:
-    body: dict[str, Any] = {**CHAT, "stream": stream}
+         usage: bool = False, max_tokens: int = 5) -> tuple[httpx.Response, dict[str, Any]]:
+    body: dict[str, Any] = {**CHAT, "stream": stream, "max_tokens": max_tokens}
     if usage:
         body["stream_options"] = {"include_usage": True}
     r = httpx.post(f"{gw.base_url}/v1/chat/completions", json=body,
@@ -501,7 +506,8 @@ def test_both_meters_read_these_streams_alike(meter: str, answer: str,
     gw: Gateway = request.getfixturevalue(meter)
     body, usage_event, (prompt, completion) = ALIKE[answer]
     for usage in (False, True):
-        r, rec = send(gw, answer, SECRET, usage=usage)
+        # (room for every chunk of `many`: a usage past max_tokens is a misreport)
+        r, rec = send(gw, answer, SECRET, usage=usage, max_tokens=4096)
         want = body if usage or not usage_event else body.replace(usage_event, b"", 1)
         assert (r.status_code, r.content) == (200, want), (answer, usage)
         assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
