@@ -18,6 +18,7 @@ import orjson
 from authz.runtime.cells import printable
 from authz.runtime.settings import ADMIN_TOKEN_ENV, Settings
 from policy.config import redacted
+from policy.keyrecord import KEY_PREFIX
 
 TIMEOUT_S = 30.0
 PAGE = 1000
@@ -70,7 +71,7 @@ class AdminClient:
             port = parts.port
         except ValueError:
             port = -1
-        if port == -1 or not parts.hostname:
+        if port in (-1, 0) or not parts.hostname:
             raise RemoteError(f"--admin-url: expected http(s)://host[:port], the port a "
                               f"number from 1 to 65535 (host "
                               f"{printable(parts.hostname or '')!r})")
@@ -121,15 +122,18 @@ class AdminClient:
                      "Content-Type": "application/json"})
         try:
             with _OPENER.open(req, timeout=TIMEOUT_S) as r:
-                return read(r)
+                # Another server's text, shown in a terminal by every command: printable
+                # (an escape sequence in a field drove it, a newline forged a line).
+                return _printable(read(r))
         except orjson.JSONDecodeError:
             raise RemoteError(f"{self.base}: the answer was cut short or is not JSON") from None
         except urllib.error.HTTPError as e:
             message = _message(e.read())
             if not message:  # not an admin API's error: some other server answered
                 raise RemoteError(
-                    f"{self.base}: {e.code} {e.reason}, not an answer of tokenbooth's admin "
-                    "API (is --admin-url the gateway's admin.listen?)") from None
+                    f"{self.base}: {e.code} {printable(str(e.reason))[:200]}, not an answer "
+                    "of tokenbooth's admin API (is --admin-url the gateway's admin.listen?)"
+                ) from None
             if e.code == 404:
                 raise LookupError(message) from None
             raise RemoteError(f"{self.base}: {e.code}: {message}") from None
@@ -141,6 +145,7 @@ class AdminClient:
         """Every item of a paged list, page by page."""
         out: list[dict[str, Any]] = []
         after: str | None = None
+        seen: set[str] = set()
         while True:
             page = self.call("GET", path, query={**query, "limit": PAGE, "after": after},
                              fields=("data", "has_more"))
@@ -150,11 +155,23 @@ class AdminClient:
             if not page["has_more"]:
                 return out
             last = page.get("last_id")
-            if not isinstance(last, str) or not last or last == after:
-                # (a page that says more without moving on: asked again forever)
+            if not isinstance(last, str) or not last or last in seen:
+                # (a page that says more without moving on, or back: asked forever)
                 raise RemoteError(f"{self.base}: a page that does not move on; not an "
                                   "answer of tokenbooth's admin API")
+            seen.add(last)
             after = last
+
+
+def _printable(value: Any) -> Any:
+    """`value` with every string in it (keys too) printable."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    if isinstance(value, dict):
+        return {printable(str(k)): _printable(v) for k, v in value.items()}
+    return value
 
 
 def _message(raw: bytes) -> str:
@@ -174,9 +191,12 @@ def _loopback(host: str | None) -> bool:
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified  # (0.0.0.0 reaches this host)
 
 
 def _jsonable(changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -236,4 +256,9 @@ def usage(client: AdminClient, org: str | None, key: str | None, since: str | No
 
 
 def _seg(value: str) -> str:
+    if value.startswith(KEY_PREFIX):
+        # A key's secret where its id belongs: never sent (it would be in the URL, and in
+        # every proxy's and server's access log on the way).
+        raise RemoteError("that is a key's secret, not its id: give the id (`keys list` "
+                          "shows each key's id and the prefix of its secret)")
     return urllib.parse.quote(value, safe="")

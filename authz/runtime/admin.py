@@ -168,6 +168,10 @@ def json_body(raw: bytes) -> Any:
 _BROWSER_HEADERS = ("Origin", "Sec-Fetch-Mode", "Sec-Fetch-Site", "Sec-Fetch-Dest")
 
 
+# How long one line of a streamed answer may wait for its reader.
+STREAM_WRITE_S = 30.0
+
+
 def _authenticate(ctx: AdminContext, request: web.Request) -> Caller:
     if any(h in request.headers for h in _BROWSER_HEADERS):
         # Before the lockout's count: a page on a name rebound to this address (DNS
@@ -203,7 +207,8 @@ async def _stream(request: web.Request, out: Streamed) -> web.StreamResponse:
         try:
             await resp.prepare(request)
             while line is not None:
-                await resp.write(line)
+                # A reader that stops reading is let go (its stream's place with it).
+                await asyncio.wait_for(resp.write(line), STREAM_WRITE_S)
                 try:
                     line = await anext(lines, None)
                 except STORE_ERRORS as e:
@@ -217,6 +222,10 @@ async def _stream(request: web.Request, out: Streamed) -> web.StreamResponse:
             await resp.write_eof()
         except ConnectionResetError:
             log.info("admin stream: the client left")
+        except TimeoutError:
+            log.info("admin stream: the client stopped reading; let go")
+            if request.transport is not None:
+                request.transport.close()
     return resp
 
 

@@ -108,6 +108,9 @@ class AdminContext:
     usage_stream: Callable[[Config], AsyncGenerator[dict[str, Any], None]] = stream_usage
     # Usage pages computed at once (each a pass over every record).
     pages: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    # Streamed usage answers at once: places of their own (a reader that stops reading
+    # holds its place until the write timeout; it must not hold the pages').
+    streams: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     def writable_keys(self) -> KeyAdmin:
         if not isinstance(self.keys, KeyAdmin):
@@ -423,10 +426,10 @@ async def _usage_lines(ctx: AdminContext, q: UsageQuery) -> AsyncGenerator[bytes
     """One line per selected record, deduplicated as they come (policy/usage_report.py:
     a `lost` record waits for the end, in case a real one replaces it); totals last."""
     dedup, tally = OnePerRequest(), _Tally(q.group_by)
-    # As pages are: a few at a time, and the event loop's other work (every ext_authz and
-    # ext_proc answer) between batches of records (six streams at once held the loop
-    # half a second at a time: admin review).
-    async with ctx.pages, contextlib.aclosing(ctx.usage_stream(ctx.config())) as records:
+    # A few at a time (places of their own), and the event loop's other work (every
+    # ext_authz and ext_proc answer) between batches of records (six streams at once held
+    # the loop half a second at a time: admin review).
+    async with ctx.streams, contextlib.aclosing(ctx.usage_stream(ctx.config())) as records:
         n = 0
         async for raw in records:
             rec = dedup.feed(raw)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import orjson
 import pytest
 
 from authz.cli.main import main
@@ -158,7 +159,8 @@ def test_plain_http_to_another_host_is_warned_of(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "plain http to another host" in err and TOKEN not in err
     for quiet in ("http://127.0.0.1:9092", "http://localhost:9092", "http://[::1]:9092",
-                  "https://admin.example.com"):
+                  "https://admin.example.com", "http://[::ffff:127.0.0.1]:9092",
+                  "http://0.0.0.0:9092"):
         AdminClient(quiet, TOKEN)
         assert capsys.readouterr().err == ""
 
@@ -166,7 +168,7 @@ def test_plain_http_to_another_host_is_warned_of(capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9092/?token=SECRETQ",
                                  "http://127.0.0.1:9092#SECRETQ",
                                  "http://127.0.0.1:27184;SECRETQ",
-                                 "http://127.0.0.1:99999"])
+                                 "http://127.0.0.1:99999", "http://127.0.0.1:0"])
 def test_an_admin_url_with_a_query_or_a_bad_port_is_refused_unseen(url: str) -> None:
     with pytest.raises(RemoteError) as e:
         AdminClient(url, TOKEN)
@@ -197,3 +199,54 @@ def test_a_servers_message_is_shown_printable(capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert rc == 2 and "\x1b" not in err and "\x07" not in err
     assert err.count("\n") == 1 and "\\x1b]0;pwned" in err
+
+
+def test_a_page_cycle_is_refused() -> None:
+    """`last_id` alternating between two ids: asked forever (retest)."""
+    n = {"i": 0}
+    bodies = [b'{"object":"list","data":[],"has_more":true,"last_id":"k-a"}',
+              b'{"object":"list","data":[],"has_more":true,"last_id":"k-b"}']
+    servers = [_Server((200, {"content-type": "application/json"}, b)) for b in bodies]
+    try:
+        client = AdminClient(servers[0].url, TOKEN)
+        real = client.call
+
+        def alternate(*a: Any, **kw: Any) -> Any:
+            n["i"] += 1
+            client.base = servers[n["i"] % 2].url
+            return real(*a, **kw)
+
+        client.call = alternate  # type: ignore[method-assign]
+        with pytest.raises(RemoteError, match="does not move on"):
+            client.pages("/v1/keys", {})
+    finally:
+        for s in servers:
+            s.stop()
+    assert n["i"] == 3
+
+
+def test_a_keys_secret_given_as_an_id_is_never_sent(catcher: _Server,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "sk-tb-" + "x" * 40
+    for cmd in (["keys", "show", secret], ["keys", "revoke", secret],
+                ["keys", "update", secret, "--rpm", "5"]):
+        rc = main([*cmd, "--admin-url", catcher.url], env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+        err = capsys.readouterr().err
+        assert rc == 2 and "a key's secret, not its id" in err and secret not in err
+    assert catcher.seen == []
+
+
+def test_every_field_of_an_answer_is_shown_printable(capsys: pytest.CaptureFixture[str]) -> None:
+    """A remote answer's fields reached the terminal raw (retest: `keys list`'s id and
+    status, `keys show`'s field names and state lines, `usage`'s columns)."""
+    row = {"id": "k-1\x1b]0;pwned\x07", "org": "acme", "name": "", "prefix": "sk-tb-ab",
+           "status": "active\n\x1b[2Jforged", "source": "store", "expires_at": None}
+    evil = _Server((200, {"content-type": "application/json"}, orjson.dumps(
+        {"object": "list", "data": [row], "has_more": False, "last_id": "k-1"})))
+    try:
+        rc = main(["keys", "list", "--admin-url", evil.url],
+                  env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        evil.stop()
+    out = capsys.readouterr().out
+    assert rc == 0 and "\x1b" not in out and "\x07" not in out and out.count("\n") == 2
