@@ -80,6 +80,8 @@ class InferenceRequest:
     # parser the tool calls it is parsing. Such a stream cut short is charged its
     # completion bound, not the chunks seen (see `may_hide_tokens`).
     hides_tokens: bool = False
+    # Each prompt a (query, document) pair (rerank / score): twice the context, and one.
+    pairs: bool = False
 
     @property
     def prompt_ceiling(self) -> int | None:
@@ -89,7 +91,7 @@ class InferenceRequest:
         cap = self.model.max_model_len
         if cap is None:
             return None
-        return max(self.prompt_bound, self.prompts * (2 * cap + 1))
+        return max(self.prompt_bound, self.prompts * (2 * cap + 1 if self.pairs else cap))
 
     @property
     def completion_bound(self) -> int:
@@ -418,7 +420,8 @@ def _pooling(body: dict[str, Any], alias: str, model: Model, kind: Kind
         estimate, bound, n = embeddings_input(body, model)
     else:
         estimate, bound, n = scoring_pairs(body, model, rerank=kind is Kind.RERANK)
-    return InferenceRequest(alias, model, estimate, bound, body, upstream, prompts=n)
+    return InferenceRequest(alias, model, estimate, bound, body, upstream, prompts=n,
+                            pairs=kind is not Kind.EMBEDDINGS)
 
 
 def _tokenize(body: dict[str, Any], alias: str, model: Model, kind: Kind

@@ -174,7 +174,7 @@ class StreamMeter:
         if not self._read_event and self._usage is None and tail:
             obj = _json_object(tail)
             if obj is not None:
-                self._usage = usage_from_obj(obj.get("usage"))
+                self._usage = usage_from_obj(obj.get("usage"), generates=True)
         return out
 
     def _after(self, events: list[Event], tail: bytes) -> bytes | None:
@@ -242,7 +242,7 @@ class StreamMeter:
                     self.content_chunks += 1
                     self._count_merged_steps(choice)
                     break
-        usage = usage_from_obj(obj.get("usage"))
+        usage = usage_from_obj(obj.get("usage"), generates=True)
         if usage is None:
             return False
         if isinstance(choices, list) and choices:
@@ -401,7 +401,7 @@ class ResponsesStreamMeter(StreamMeter):
             obj = obj or _json_object(data)
             response = obj.get("response") if obj is not None else None
             if isinstance(response, dict):
-                self._usage = usage_from_obj(response.get("usage"))
+                self._usage = usage_from_obj(response.get("usage"), generates=True)
             if name == RESPONSE_FAILED and not self.error_status:
                 error = response.get("error") if isinstance(response, dict) else None
                 self.error_status = _code_status(

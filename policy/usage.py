@@ -50,10 +50,31 @@ def loads_lenient(data: bytes | bytearray) -> Any:
         return orjson.loads(bytes(data).decode("utf-8", "replace"))
 
 
-def usage_from_obj(obj: Any) -> Usage | None:
+def answered_choices(obj: Any) -> int:
+    """Choices of a chat or completions JSON answer that carry generated text (its
+    content, reasoning, tool calls; a completion's text): a token each, at least."""
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list):
+        return 0
+    n = 0
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict):
+            if any(message.get(k) for k in ("content", "reasoning", "reasoning_content",
+                                            "tool_calls")):
+                n += 1
+        elif choice.get("text"):
+            n += 1
+    return n
+
+
+def usage_from_obj(obj: Any, generates: bool = False) -> Usage | None:
     """Read a `usage` block; None when absent or malformed. Chat, completions and the
     pooling endpoints count `prompt_tokens` / `completion_tokens` (absent or null for
-    prompt-only ones); the Responses API `input_tokens` / `output_tokens`."""
+    prompt-only ones: not for an endpoint that `generates`, where it is no count);
+    the Responses API `input_tokens` / `output_tokens`."""
     if not isinstance(obj, dict):
         return None
     p = obj.get("prompt_tokens")
@@ -62,6 +83,8 @@ def usage_from_obj(obj: Any) -> Usage | None:
     else:
         c = obj.get("completion_tokens")
     if c is None:
+        if generates:  # (hostile-backend retest: charged 0 completion tokens, exact)
+            return None
         c = 0
     if type(p) is not int or type(c) is not int or p < 0 or c < 0:
         return None

@@ -72,6 +72,7 @@ from policy.usage import (
     LOST,
     Usage,
     UsageRecord,
+    answered_choices,
     iso_z,
     loads_lenient,
     make_record,
@@ -97,6 +98,8 @@ JSON_TAIL_BYTES = 64 << 10
 # a search of the bytes, in what was trimmed nor in the kept tail (a tool's parameters
 # there are the client's too): such an answer past the keep limit is charged its hold.
 _TRIMMED_USAGE_KINDS = frozenset({Kind.CHAT, Kind.COMPLETION, Kind.EMBEDDINGS, Kind.SCORE})
+# Endpoints whose answer counts completion tokens (a usage without them is no count).
+_GENERATES = frozenset({Kind.CHAT, Kind.COMPLETION, Kind.RESPONSES})
 # A backend's error body is held whole to be rewritten, up to this size (the rest dropped).
 ERROR_KEEP_BYTES = 64 << 10
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the response ended
@@ -723,12 +726,15 @@ class Lifecycle:
             self._rec.bound_violation(req.alias)
             usage, estimated = Usage(req.prompt_bound, req.completion_bound), True
             cost = cost_nano(usage.prompt_tokens, usage.completion_tokens, price)
-        elif (req.prompt_ceiling is not None and usage.prompt_tokens > req.prompt_ceiling):
+        elif not estimated and 200 <= status < 300 and (
+                (req.prompt_ceiling is not None and usage.prompt_tokens > req.prompt_ceiling)
+                or (req.prompt_bound > 0 and usage.prompt_tokens < req.prompts)):
             # More prompt tokens than the model's context holds, prompt by prompt (a pair
-            # for rerank / score): a misreport, not tokens (hostile-backend tester: 10**6
-            # for a short prompt took a $0.40 budget to $500). Its hold is charged.
-            log.error("the backend reported more prompt tokens than the model's context "
-                      "holds: charged the prompt's bound",
+            # for rerank / score), or none for a prompt: a misreport, not tokens
+            # (hostile-backend tester: 10**6 for a short prompt took a $0.40 budget to
+            # $500; 0 charged exact). Its hold is charged.
+            log.error("the backend reported a prompt count the request cannot have: "
+                      "charged the prompt's bound",
                       extra={"request_id": self.request_id, "prompt_tokens":
                              usage.prompt_tokens, "allowed": req.prompt_ceiling})
             self._rec.bound_violation(req.alias)
@@ -883,10 +889,18 @@ class Lifecycle:
                          if self.endpoint is not None
                          and self.endpoint.kind in _TRIMMED_USAGE_KINDS else None)
             else:
+                generates = self.endpoint is not None and self.endpoint.kind in _GENERATES
                 try:
-                    usage = usage_from_obj(loads_lenient(self._json_body).get("usage"))
+                    obj = loads_lenient(self._json_body)
+                    usage = usage_from_obj(obj.get("usage"), generates)
                 except (orjson.JSONDecodeError, AttributeError):
                     usage = None
+                else:
+                    if usage is not None and generates and (
+                            usage.completion_tokens < answered_choices(obj)):
+                        # Text in the answer, fewer tokens counted: no count (a backend
+                        # said 0 for 200 words: hostile-backend retest); the hold.
+                        usage = None
             if usage is not None:
                 return usage, False
         if self._empty:

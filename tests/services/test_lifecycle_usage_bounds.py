@@ -341,12 +341,12 @@ async def test_a_prompt_past_the_models_context_is_charged_its_bound(tmp_path: P
     policy = policy_dict(BACKEND)
     policy["models"]["demo"]["max_model_len"] = 512  # type: ignore[index]
     h = make_harness(tmp_path, models=policy["models"])
-    for reported, expected in ((1_000_000, None), (2 * 1025 + 1, None), (2 * 1025, 2050)):
+    for reported, expected in ((1_000_000, None), (2 * 512 + 1, None), (2 * 512, 1024)):
         h.recorded.got.clear()
         h.holds.settled.clear()
         life = await h.admitted({**COMPLETION, "prompt": ["hi", "yo"]}, "/v1/completions")
         req = life.req
-        assert req is not None and req.prompt_ceiling == 2 * 1025
+        assert req is not None and req.prompt_ceiling == 2 * 512
         life.response_start(200, BACKEND)
         life.response_chunk(completion_answer(10, {"prompt_tokens": reported,
                                                    "completion_tokens": 7}), end=True)
@@ -356,6 +356,27 @@ async def test_a_prompt_past_the_models_context_is_charged_its_bound(tmp_path: P
         else:
             assert counts(rec) == (200, expected, 7, False)
     assert h.recorded.violations == ["demo", "demo"]
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 2, "completion_tokens": 0},  # text in the answer, no token counted
+    {"prompt_tokens": 2},  # no completion count at all
+    {"prompt_tokens": 0, "completion_tokens": 9},  # no prompt token for a prompt
+])
+async def test_a_json_usage_the_answer_contradicts_is_no_count(
+        h: Harness, usage: dict[str, int]) -> None:
+    """Hostile-backend retest: each was charged as exact. A generating endpoint's usage
+    without completion tokens, fewer than the choices with text, or no prompt token for
+    a prompt, is no count: the hold (the prompt's bound), estimated."""
+    life = await h.admitted(COMPLETION, "/v1/completions")
+    req = life.req
+    assert req is not None
+    life.response_start(200, BACKEND)
+    life.response_chunk(completion_answer(100, usage), end=True)
+    rec = await h.record(life)
+    assert rec.estimated and rec.prompt_tokens == req.prompt_bound
+    if "completion_tokens" not in usage or usage["completion_tokens"] == 0:
+        assert rec.completion_tokens == req.completion_bound
 
 
 async def test_the_ordinary_json_answer_is_unchanged(h: Harness) -> None:
