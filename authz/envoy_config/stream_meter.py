@@ -201,6 +201,28 @@ local function merged_steps(ev, st)
   if t > 4 * st.steps then st.merged = st.merged + t - st.steps end
 end
 
+-- A usage or error event past RAW_MAX goes to the services as what they read of it
+-- alone: its usage object, or its error's code. (Reports of events of megabytes, batched,
+-- overflowed the access log's stream: Envoy dropped them, other streams' with them.)
+local RAW_MAX = 4096
+
+local function compact_usage(ev, at, only)
+  if #ev <= RAW_MAX then return ev end
+  local obj = string.match(ev, '^"usage"%s*:%s*(%b{{}})', at)
+  if obj == nil or #obj > RAW_MAX then return nil end
+  return 'data: {{"choices":' .. (only and '[]' or '[{{"index":0}}]') .. ',"usage":' .. obj
+    .. '}}\\n\\n'
+end
+
+local function compact_error(ev)
+  if #ev <= RAW_MAX then return ev end
+  local code = string.match(ev, '"code"%s*:%s*(%-?%d+)')
+    or string.match(ev, '"code"%s*:%s*("[^"]-")') or "null"
+  if #code > 256 then code = "null" end
+  return 'data: {{"error":{{"message":"(an error event of ' .. #ev .. ' bytes)","code":'
+    .. code .. '}}}}\\n\\n'
+end
+
 local function classify(ev, st)
   -- A line of its own (a content chunk's text may say `data: [DONE]`; JSON escapes
   -- every line end in it); an `id:` or `event:` line may come before it.
@@ -221,11 +243,12 @@ local function classify(ev, st)
       and (string.find(ev, '"error"%s*:%s*{{') or string.find(ev, '"object"%s*:%s*"error"')) then
     st.error = true
     if first then set(st.h, "error_first", 1) end
-    set(st.h, "error", utf8_clean(ev))
+    set(st.h, "error", utf8_clean(compact_error(ev)))
   end
   -- A usage object with token counts (not a `"usage"` key nested elsewhere that holds
   -- none: its event is no usage chunk, to strip or to read).
-  local has_usage = string.find(ev, '"usage"%s*:%s*{{[^}}]*"[%a_]*tokens"%s*:%s*%d') ~= nil
+  local usage_at = string.find(ev, '"usage"%s*:%s*{{[^}}]*"[%a_]*tokens"%s*:%s*%d')
+  local has_usage = usage_at ~= nil
   -- Generated tokens: vLLM sends a chunk per generation step, whose text may be empty
   -- (a token ending inside a UTF-8 character): any chunk with a choice counts but the
   -- opening role chunk, which counts only with text, reasoning (vLLM 0.32's `reasoning`,
@@ -251,8 +274,11 @@ local function classify(ev, st)
     -- there is none, as the services' own meter reads them (policy/stream_usage.py).
     local only = string.find(ev, '"choices"%s*:%s*%[%s*%]') ~= nil
     if only or not st.usage_only then
-      st.usage = ev
-      st.usage_new = true
+      local kept = compact_usage(ev, usage_at, only)
+      if kept ~= nil then
+        st.usage = kept
+        st.usage_new = true
+      end
       st.usage_only = st.usage_only or only
     end
     return only

@@ -77,6 +77,9 @@ FAILED = {
                         b'"InternalServerError", "param": null, "code": 503}\n\n',
     "openai-error": _TWO + b'data: {"error": {"message": "boom", "type": "server_error", '
                            b'"code": "server_error"}}\n\ndata: [DONE]\n\n',
+    # An error event of 64 KiB: Envoy's meter reports its code alone.
+    "big-error": _TWO + b'data: {"error": {"message": "' + b"b" * (64 << 10)
+                 + b'", "type": "server_error", "code": 503}}\n\ndata: [DONE]\n\n',
 }
 
 # Streams both meters must read alike (streams2 tester: Envoy's meter differed on each):
@@ -89,6 +92,9 @@ _MANY_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "total_tok
                b'4012, "completion_tokens": 4000}}\n\n')
 _BAD_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": '
               b'3}, "x": "\xff\xfe caf\xc3\xa9 \xed\xa0\x80"}\n\n')
+_BIG_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": '
+              b'3, "prompt_tokens_details": {"cached_tokens": 0}}, "x": "' + b"a" * (1 << 20)
+              + b'"}\n\n')
 ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
     # vLLM's continuous_usage_stats after the usage chunk: the usage chunk's counts.
     "late-inline": (_HI + _USAGE_ONLY + b'data: {"choices": [{"index": 0, "delta": '
@@ -113,6 +119,9 @@ ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
     # put them in its report, which the services' gRPC decoder refused with every other
     # stream's report batched in it).
     "bad-utf8-usage": (_HI + _BAD_USAGE + b"data: [DONE]\n\n", _BAD_USAGE, (12, 3)),
+    # A usage chunk of a megabyte (hostile-backend retest: Envoy's reports of such
+    # events, batched, overflowed the access log's stream and were dropped).
+    "big-usage": (_HI + _BIG_USAGE + b"data: [DONE]\n\n", _BIG_USAGE, (12, 3)),
 }
 
 
@@ -412,7 +421,8 @@ def test_a_chunked_empty_success_is_charged_its_whole_hold(
             rec["estimated"]) == (200, *whole_hold(gw), True)
 
 
-@pytest.mark.parametrize(("answer", "status"), [("old-error", 503), ("openai-error", 500)])
+@pytest.mark.parametrize(("answer", "status"), [("old-error", 503), ("openai-error", 500),
+                                               ("big-error", 503)])
 @pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
 def test_a_stream_that_ends_in_an_error_event_records_its_status(
         meter: str, answer: str, status: int, request: pytest.FixtureRequest) -> None:
@@ -525,3 +535,17 @@ def test_a_finished_stream_without_usage_is_estimated_alike_by_both_meters(
         assert (r.status_code, r.content) == (200, _HI * 3)
         got.append((rec["completion_tokens"], rec["estimated"]))
     assert got == [(3, True), (3, True)]
+
+
+def test_envoys_reports_of_big_usage_events_all_arrive(envoy_gw: Gateway) -> None:
+    """Twenty streams at once, each ending in a usage chunk of a megabyte: Envoy dropped
+    most of their reports (its access log's stream overflowed), and each waited for its
+    hold's lease, its key's slot held (hostile-backend retest). Each is recorded, exact."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(20) as pool:
+        done = list(pool.map(lambda _: send(envoy_gw, "big-usage", SECRET, max_tokens=64),
+                             range(20)))
+    for r, rec in done:
+        assert r.status_code == 200 and b'"x": "aaa' not in r.content
+        assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
+            12, 3, False)
