@@ -23,7 +23,15 @@ from pydantic.json_schema import models_json_schema
 
 from policy.bounds import BudgetUsd, Count
 from policy.config import OrgLimits
-from policy.keyrecord import KEY_PREFIX, BudgetPeriod, KeyName, KeyRecord, OrgName, redact_secrets
+from policy.keyrecord import (
+    KEY_PREFIX,
+    BudgetPeriod,
+    KeyName,
+    KeyRecord,
+    OrgName,
+    redact_secrets,
+    written_time,
+)
 
 Role = Literal["read", "admin"]
 Scope = Literal["inference:read", "inference:write"]
@@ -42,19 +50,7 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _written_time(v: Any) -> Any:
-    """A time as ISO 8601 text: a number was read as Unix seconds, or as milliseconds past
-    2e10 (99999999999, the year 5138 meant, expired a key in 1973: admin review)."""
-    if v is not None and not isinstance(v, str | datetime):
-        raise ValueError("expected an ISO 8601 time with a timezone, e.g. "
-                         "2027-01-01T00:00:00Z (not a number)")
-    if isinstance(v, str) and v.strip().lstrip("+-").replace(".", "", 1).isdigit():
-        raise ValueError("expected an ISO 8601 time with a timezone, e.g. "
-                         "2027-01-01T00:00:00Z (not a number)")
-    return v
-
-
-IsoTime = Annotated[AwareDatetime, BeforeValidator(_written_time)]
+IsoTime = Annotated[AwareDatetime, BeforeValidator(written_time)]
 
 
 class _Limits(_In):

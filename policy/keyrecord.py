@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -50,12 +50,32 @@ class KeyRecord(BaseModel):
             raise ValueError(f"unknown scope(s) {unknown}; known: {list(SCOPES)}")
         return v
 
+    @field_validator("expires_at", "created_at", mode="before")
+    @classmethod
+    def _written(cls, v: Any) -> Any:
+        return written_time(v)
+
     @field_validator("expires_at", "created_at")
     @classmethod
     def _aware(cls, v: datetime | None) -> datetime | None:
         if v is not None and v.tzinfo is None:
             raise ValueError("a time needs a timezone, e.g. 2027-01-01T00:00:00Z")
         return v
+
+
+def written_time(v: Any) -> Any:
+    """A time as ISO 8601 text (or a datetime): a number, or text that reads as one
+    (`99999999999`, `"1.0e11"`), was taken as Unix seconds, or milliseconds past 2e10,
+    and the year 5138 meant expired a key in 1973 (admin review)."""
+    if isinstance(v, str):
+        try:
+            float(v)
+        except ValueError:
+            return v
+    elif not isinstance(v, int | float):  # (bool too) else pydantic says what it is
+        return v
+    raise ValueError("expected an ISO 8601 time with a timezone, e.g. "
+                     "2027-01-01T00:00:00Z (not a number)")
 
 
 def expiry_in_past(expires_at: datetime | None, now: datetime) -> str | None:

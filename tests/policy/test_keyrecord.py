@@ -91,3 +91,12 @@ def test_a_new_org_name_that_reads_as_another_is_refused(org: str, why: str) -> 
 def test_printable_org_names_pass(org: str) -> None:
     assert new_org_problem(org) is None
     assert KeyCreate.model_validate({"org": org}).org == org
+
+
+@pytest.mark.parametrize("when", [99999999999, 1.5e10, "1.0e11", "0", True])
+def test_an_expiry_written_as_a_number_is_refused(when: object) -> None:
+    """A number was read as Unix seconds (milliseconds past 2e10): the year 5138 meant,
+    a key expired in 1973, from the config file as from the admin API (admin retest)."""
+    with pytest.raises(ValueError, match="not a number"):
+        KeyRecord.model_validate({"id": "k-1", "org": "acme", "sha256": "0" * 64,
+                                  "expires_at": when})

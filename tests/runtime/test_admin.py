@@ -304,6 +304,7 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     # 1973 set, the key expired at once (admin review).
     ("PATCH", "/v1/keys/k-x", {"expires_at": 99999999999}, "expires_at"),
     ("PATCH", "/v1/keys/k-x", {"expires_at": "0"}, "expires_at"),
+    ("PATCH", "/v1/keys/k-x", {"expires_at": "1.0e11"}, "expires_at"),
     # An org that prints as another: a Cyrillic U+0435 in "demo" (admin review).
     ("POST", "/v1/keys", {"org": "d\u0435mo-org"}, "org"),
     # A new key already expired could never be used (an update may expire one at once).
