@@ -3,6 +3,7 @@ role, and a per-address limit on failed attempts."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -10,7 +11,10 @@ from dataclasses import dataclass
 
 from policy.admin_schema import Role
 from policy.config import AdminToken, Config
+from policy.keyrecord import KEY_PREFIX
 from policy.keys import extract_secret, fingerprint
+
+log = logging.getLogger("tokenbooth.admin")
 
 # The name audit lines give the token of $TOKENBOOTH_ADMIN_TOKEN.
 ENV_TOKEN_NAME = "env"  # noqa: S105 - a name, not a token
@@ -28,12 +32,20 @@ class Caller:
 
 
 class AdminTokens:
-    """fingerprint -> the caller it authenticates; the secrets are never kept."""
+    """fingerprint -> the caller it authenticates; the secrets are never kept. A client's
+    key is never an admin's token (admin retest): no `sk-tb-` secret authenticates, and
+    the environment's token neither does when it is a config key's secret (`keys`), nor
+    raises a config token of the same secret to `admin`."""
 
-    def __init__(self, tokens: Iterable[AdminToken], env_token: str | None = None) -> None:
+    def __init__(self, tokens: Iterable[AdminToken], env_token: str | None = None,
+                 keys: Iterable[str] = ()) -> None:
         self._by_fp = {t.sha256: Caller(t.name, t.role) for t in tokens}
+        self.env_refused = False
         if env_token:
-            self._by_fp[fingerprint(env_token)] = Caller(ENV_TOKEN_NAME, "admin")
+            fp = fingerprint(env_token)
+            self.env_refused = fp in set(keys) or fp in self._by_fp
+            if not self.env_refused:
+                self._by_fp[fp] = Caller(ENV_TOKEN_NAME, "admin")
 
     def __bool__(self) -> bool:
         return bool(self._by_fp)
@@ -41,7 +53,9 @@ class AdminTokens:
     def caller(self, authorization: str | None) -> Caller | None:
         """Who an `Authorization: Bearer <token>` header is, or None."""
         token = extract_secret(authorization, None)
-        return None if token is None else self._by_fp.get(fingerprint(token))
+        if token is None or token.startswith(KEY_PREFIX):
+            return None
+        return self._by_fp.get(fingerprint(token))
 
 
 class CurrentAdminTokens:
@@ -56,7 +70,12 @@ class CurrentAdminTokens:
     def _now(self) -> AdminTokens:
         cfg = self._config()
         if cfg is not self._seen:
-            self._seen, self._tokens = cfg, AdminTokens(cfg.admin.tokens, self._env)
+            self._seen, self._tokens = cfg, AdminTokens(cfg.admin.tokens, self._env,
+                                                        (k.sha256 for k in cfg.keys))
+            if self._tokens.env_refused:
+                log.error("the admin token of $TOKENBOOTH_ADMIN_TOKEN is the secret of a key "
+                          "or of an admin token in the config: not accepted as an admin "
+                          "token until they differ")
         return self._tokens
 
     def __bool__(self) -> bool:

@@ -277,6 +277,11 @@ class Services:
             # A client's key would be an admin's token too (admin review).
             raise ValueError(f"${ADMIN_TOKEN_ENV} is an API key's secret: an admin token "
                              "must be a secret of its own")
+        if env_token is not None and fingerprint(env_token) in {
+                t.sha256 for t in cfg.admin.tokens}:
+            # (a `read` token of the same secret would be raised to `admin`: retest)
+            raise ValueError(f"${ADMIN_TOKEN_ENV} is the secret of an admin token in the "
+                             "config: give each token a secret of its own")
         tokens = CurrentAdminTokens(lambda: self.runtime.snapshot.config, env_token)
         if not tokens:  # none at start: no admin API (admin.listen is read at start only)
             return

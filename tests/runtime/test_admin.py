@@ -801,6 +801,31 @@ def test_the_tokens_in_force_follow_the_config(tmp_path: Path) -> None:
     assert tokens.caller(f"Bearer {ENV}") == Caller("env", "admin")
 
 
+def test_a_clients_key_is_never_an_admins_token(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Admin retest: a keyring key's secret configured as an admin token (only config
+    keys were compared), a reload adding a config key whose secret is the environment's
+    token, and the environment's token raising a config `read` token of the same secret
+    to `admin`: each authenticated as an admin."""
+    stored_key = "sk-tb-" + "k" * 43  # what `keys create` makes
+    path = write_policy(tmp_path, "http://127.0.0.1:8000", admin={"tokens": [
+        *[t.model_dump() for t in TOKENS],
+        {"name": "portal", "sha256": fingerprint(stored_key), "role": "admin"}]})
+    rt = Runtime.from_file(path)
+    tokens = CurrentAdminTokens(lambda: rt.snapshot.config, ENV)
+    assert tokens.caller(f"Bearer {stored_key}") is None
+    assert tokens.caller(f"Bearer {ENV}") == Caller("env", "admin")
+    data = yaml.safe_load(path.read_text())
+    data["keys"].append({"id": "k-env", "org": "acme", "sha256": fingerprint(ENV)})
+    path.write_text(yaml.safe_dump(data))
+    rt._stamp = ()
+    assert rt.reload_if_changed()
+    assert tokens.caller(f"Bearer {ENV}") is None
+    assert "not accepted as an admin token" in caplog.text
+    same = AdminTokens(TOKENS, READER)  # the env token is the viewer's secret
+    assert same.caller(f"Bearer {READER}") == Caller("viewer", "read") and same.env_refused
+
+
 async def test_the_orgs_in_force_are_the_stored_over_the_configs(tmp_path: Path) -> None:
     cfg = parse_config(policy_dict("http://127.0.0.1:8000", orgs={
         "acme": {"budget_usd": "5"}, "beta": {"rpm": 3}}))
