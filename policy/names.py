@@ -3,7 +3,6 @@ another name, so that two names that print alike are never two things."""
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Iterable
 
@@ -25,7 +24,6 @@ _NO_JOINERS = ("LATIN ", "GREEK ", "CYRILLIC ", "ARMENIAN ", "GEORGIAN ")
 # Scripts with letters that print alike (Latin a, Cyrillic U+0430, Greek U+03B1): one word may not
 # mix them, as browsers refuse such domain names.
 _LOOKALIKE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK"})
-_WORD_BREAK = re.compile(r"[\W_]+")
 
 
 def lookalike_problem(name: str) -> str | None:
@@ -46,7 +44,7 @@ def lookalike_problem(name: str) -> str | None:
     if bad is not None:
         return (f"expected printable characters: U+{ord(bad):04X} "
                 f"({unicodedata.name(bad, 'unnamed')}) reads as nothing")
-    for word in _WORD_BREAK.split(name):
+    for word in _words(name):
         scripts = sorted({script for c in word if c.isalpha()
                           and (script := unicodedata.name(c, "").split(" ")[0])
                           in _LOOKALIKE_SCRIPTS})
@@ -56,6 +54,21 @@ def lookalike_problem(name: str) -> str | None:
                     f"{' and '.join(s.title() for s in scripts)} letters, and prints as a "
                     "word of one")
     return None
+
+
+def _words(name: str) -> list[str]:
+    """Runs of letters, marks and digits (a combining mark joins its word: "acm" with a
+    macron below and a Cyrillic U+0435 is one word, and mixes scripts: retest)."""
+    words, word = [], []
+    for c in name:
+        if unicodedata.category(c)[0] in "LMN":
+            word.append(c)
+        elif word:
+            words.append("".join(word))
+            word = []
+    if word:
+        words.append("".join(word))
+    return words
 
 
 def twin_problem(name: str, names: Iterable[str], what: str) -> str | None:

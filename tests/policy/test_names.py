@@ -32,6 +32,7 @@ from policy.names import lookalike_problem
     # a word mixing scripts whose letters print alike (admin review: Cyrillic U+0435)
     ("d\u0435mo-org", "'d\\u0435mo' mixes Cyrillic and Latin letters"),
     ("team_\u03b1lpha", "mixes Greek and Latin"),
+    ("acm\u0331\u0435", "mixes Cyrillic and Latin"),  # a mark does not split a word
 ])
 def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
     problem = lookalike_problem(name)
