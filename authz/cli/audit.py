@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from typing import Any
 import orjson
 
 from authz.cli.common import Parents, Subparsers, load, parse_since
-from authz.runtime.cells import cell
+from authz.runtime.cells import cell, printable
 from authz.runtime.settings import Settings
 from policy.audit import (
     ORG_PREFIX,
@@ -215,18 +216,25 @@ async def memory_ledgers(cfg: Config) -> list[LedgerBalance]:
 
 def scrape_vllm(url: str) -> VllmCounters:
     """A backend's token counters (every label set summed) and process start."""
+    import urllib.parse
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     base = url.rstrip("/").removesuffix("/metrics")
+    shown = printable(redacted(base))  # never a password in the URL (admin retest)
     if not base.startswith(("http://", "https://")):
-        raise ValueError(f"--vllm: expected an http(s):// URL, got {url!r}")
+        raise ValueError(f"--vllm: expected an http(s):// URL, got {shown!r}")
     try:
         with urllib.request.urlopen(base + "/metrics", timeout=TIMEOUT_S) as r:  # noqa: S310
             text = r.read().decode()
-    except OSError as e:
-        raise AuditInputError(f"--vllm {base}: cannot read /metrics: {e}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # (InvalidURL too)
+        why = str(e)
+        secret = urllib.parse.urlsplit(base).password
+        if secret:
+            why = why.replace(secret, "***")
+        raise AuditInputError(f"--vllm {shown}: cannot read /metrics: "
+                              f"{printable(why)}") from None
     sums: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from authz.cli import audit, check, envoy, keys, serve, sim, usage
 from authz.cli.common import Handler, Parents, Parser, add_config_option
+from authz.runtime.cells import printable
 from authz.runtime.settings import Settings
 from authz.state.keys.base import KeyExists, ReadOnlyStore, StoreUnavailable
 from policy.config import ConfigError
@@ -73,6 +74,10 @@ def _one_line(e: BaseException) -> str:
         return "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'value'}: "
             f"{str(err['msg']).removeprefix('Value error, ')}" for err in e.errors())
+    if type(e) is KeyError:  # a record or an answer without a field: its name alone said
+        # nothing ("'status'": admin retest)
+        return (f"a record or answer without its {printable(str(e))} field (damaged, "
+                "or not tokenbooth's)")
     return str(e)
 
 

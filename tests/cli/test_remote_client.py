@@ -250,3 +250,19 @@ def test_every_field_of_an_answer_is_shown_printable(capsys: pytest.CaptureFixtu
         evil.stop()
     out = capsys.readouterr().out
     assert rc == 0 and "\x1b" not in out and "\x07" not in out and out.count("\n") == 2
+
+
+def test_an_answer_without_a_field_is_said_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """`keys list` of an answer whose rows lack `prefix` ended `tokenbooth: error:
+    'prefix'` (admin retest)."""
+    row = {"id": "k-1", "org": "acme", "name": "", "status": "active", "source": "store",
+           "expires_at": None}
+    odd = _Server((200, {"content-type": "application/json"}, orjson.dumps(
+        {"object": "list", "data": [row], "has_more": False, "last_id": "k-1"})))
+    try:
+        rc = main(["keys", "list", "--admin-url", odd.url],
+                  env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        odd.stop()
+    err = capsys.readouterr().err
+    assert rc == 1 and "without its 'prefix' field" in err
