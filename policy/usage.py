@@ -52,7 +52,11 @@ def loads_lenient(data: bytes | bytearray) -> Any:
 
 def answered_choices(obj: Any) -> int:
     """Choices of a chat or completions JSON answer that carry generated text (its
-    content, reasoning, tool calls; a completion's text): a token each, at least."""
+    content, reasoning, tool calls; a completion's text), or a Responses answer's
+    output items that do (a message's text, a function call, reasoning): a token each,
+    at least."""
+    if isinstance(obj, dict) and isinstance(obj.get("output"), list):
+        return sum(1 for item in obj["output"] if _item_has_text(item))
     choices = obj.get("choices") if isinstance(obj, dict) else None
     if not isinstance(choices, list):
         return 0
@@ -68,6 +72,19 @@ def answered_choices(obj: Any) -> int:
         elif choice.get("text"):
             n += 1
     return n
+
+
+def _item_has_text(item: Any) -> bool:
+    if not isinstance(item, dict):
+        return False
+    if item.get("type") == "function_call":
+        return bool(item.get("name"))
+    parts: list[Any] = []
+    for key in ("content", "summary"):  # a message's text; a reasoning item's too
+        got = item.get(key)
+        if isinstance(got, list):
+            parts += got
+    return any(isinstance(p, dict) and p.get("text") for p in parts)
 
 
 def usage_from_obj(obj: Any, generates: bool = False) -> Usage | None:

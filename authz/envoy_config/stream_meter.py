@@ -206,18 +206,41 @@ end
 -- overflowed the access log's stream: Envoy dropped them, other streams' with them.)
 local RAW_MAX = 4096
 
-local function compact_usage(ev, at, only)
+-- The event's usage object: the last `"usage": {{...}}` that holds a token count (JSON
+-- reads a key given twice so; a `"usage"` nested elsewhere holding none is none; one
+-- that opens with a nested object counts: retest). At most USAGE_TRIES are looked at.
+local USAGE_TRIES = 64
+
+local function usage_object(ev)
+  local found, from = nil, 1
+  for _ = 1, USAGE_TRIES do
+    local _, brace = string.find(ev, '"usage"%s*:%s*{{', from)
+    if brace == nil then break end
+    local obj = string.match(ev, '^(%b{{}})', brace)
+    if obj ~= nil and string.find(obj, '"[%a_]*tokens"%s*:%s*%d') then found = obj end
+    from = brace + 1
+  end
+  return found
+end
+
+local function compact_usage(ev, obj, only)
   if #ev <= RAW_MAX then return ev end
-  local obj = string.match(ev, '^"usage"%s*:%s*(%b{{}})', at)
-  if obj == nil or #obj > RAW_MAX then return nil end
+  if #obj > RAW_MAX then return nil end
   return 'data: {{"choices":' .. (only and '[]' or '[{{"index":0}}]') .. ',"usage":' .. obj
     .. '}}\\n\\n'
 end
 
 local function compact_error(ev)
   if #ev <= RAW_MAX then return ev end
-  local code = string.match(ev, '"code"%s*:%s*(%-?%d+)')
-    or string.match(ev, '"code"%s*:%s*("[^"]-")') or "null"
+  -- The error object's own `code` (not one nested in it), as the services read it: a
+  -- number, or a name of word characters (another string reads as no code: 500).
+  local obj = string.match(ev, '"error"%s*:%s*(%b{{}})') or string.match(ev, 'data:%s*(%b{{}})')
+  local code = "null"
+  if obj ~= nil then
+    local flat = string.gsub(string.sub(obj, 2, -2), "%b{{}}", "")
+    code = string.match(flat, '"code"%s*:%s*(%-?%d+)')
+      or string.match(flat, '"code"%s*:%s*("[%w_%-]*")') or "null"
+  end
   if #code > 256 then code = "null" end
   return 'data: {{"error":{{"message":"(an error event of ' .. #ev .. ' bytes)","code":'
     .. code .. '}}}}\\n\\n'
@@ -247,8 +270,8 @@ local function classify(ev, st)
   end
   -- A usage object with token counts (not a `"usage"` key nested elsewhere that holds
   -- none: its event is no usage chunk, to strip or to read).
-  local usage_at = string.find(ev, '"usage"%s*:%s*{{[^}}]*"[%a_]*tokens"%s*:%s*%d')
-  local has_usage = usage_at ~= nil
+  local usage_obj = string.find(ev, '"usage"', 1, true) and usage_object(ev) or nil
+  local has_usage = usage_obj ~= nil
   -- Generated tokens: vLLM sends a chunk per generation step, whose text may be empty
   -- (a token ending inside a UTF-8 character): any chunk with a choice counts but the
   -- opening role chunk, which counts only with text, reasoning (vLLM 0.32's `reasoning`,
@@ -274,7 +297,7 @@ local function classify(ev, st)
     -- there is none, as the services' own meter reads them (policy/stream_usage.py).
     local only = string.find(ev, '"choices"%s*:%s*%[%s*%]') ~= nil
     if only or not st.usage_only then
-      local kept = compact_usage(ev, usage_at, only)
+      local kept = compact_usage(ev, usage_obj, only)
       if kept ~= nil then
         st.usage = kept
         st.usage_new = true

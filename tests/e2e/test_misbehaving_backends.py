@@ -77,9 +77,15 @@ FAILED = {
                         b'"InternalServerError", "param": null, "code": 503}\n\n',
     "openai-error": _TWO + b'data: {"error": {"message": "boom", "type": "server_error", '
                            b'"code": "server_error"}}\n\ndata: [DONE]\n\n',
-    # An error event of 64 KiB: Envoy's meter reports its code alone.
+    # An error event of 64 KiB: Envoy's meter reports its code alone: the error's own,
+    # not one nested in it (retest), nor a string it cannot copy whole.
     "big-error": _TWO + b'data: {"error": {"message": "' + b"b" * (64 << 10)
                  + b'", "type": "server_error", "code": 503}}\n\ndata: [DONE]\n\n',
+    "big-error-nested": _TWO + b'data: {"error": {"message": "' + b"b" * 6000
+                        + b'", "param": {"code": 404}, "code": "server_error"}}\n\n'
+                        + b"data: [DONE]\n\n",
+    "big-error-escaped": _TWO + b'data: {"error": {"message": "' + b"b" * 6000
+                         + b'", "code": "a\\"b"}}\n\ndata: [DONE]\n\n',
 }
 
 # Streams both meters must read alike (streams2 tester: Envoy's meter differed on each):
@@ -94,6 +100,11 @@ _BAD_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion
               b'3}, "x": "\xff\xfe caf\xc3\xa9 \xed\xa0\x80"}\n\n')
 _BIG_USAGE = (b'data: {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": '
               b'3, "prompt_tokens_details": {"cached_tokens": 0}}, "x": "' + b"a" * (1 << 20)
+              + b'"}\n\n')
+_NESTED_FIRST = (b'data: {"choices":[],"usage":{"prompt_tokens_details":{},"prompt_tokens":12,'
+                 b'"completion_tokens":3,"total_tokens":15}}\n\n')
+_TWO_USAGE = (b'data: {"choices":[],"meta":{"usage":{"prompt_tokens":12,"completion_tokens":'
+              b'9}},"usage":{"prompt_tokens":12,"completion_tokens":3},"x":"' + b"p" * 6000
               + b'"}\n\n')
 ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
     # vLLM's continuous_usage_stats after the usage chunk: the usage chunk's counts.
@@ -122,6 +133,11 @@ ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
     # A usage chunk of a megabyte (hostile-backend retest: Envoy's reports of such
     # events, batched, overflowed the access log's stream and were dropped).
     "big-usage": (_HI + _BIG_USAGE + b"data: [DONE]\n\n", _BIG_USAGE, (12, 3)),
+    # A usage object that opens with a nested object without a count; one past 4 KiB
+    # whose first `"usage"` is nested elsewhere (Envoy's meter missed the first, and
+    # read the second's nested one: retest).
+    "nested-first": (_HI + _NESTED_FIRST + b"data: [DONE]\n\n", _NESTED_FIRST, (12, 3)),
+    "big-two-usage": (_HI + _TWO_USAGE + b"data: [DONE]\n\n", _TWO_USAGE, (12, 3)),
 }
 
 
@@ -422,7 +438,8 @@ def test_a_chunked_empty_success_is_charged_its_whole_hold(
 
 
 @pytest.mark.parametrize(("answer", "status"), [("old-error", 503), ("openai-error", 500),
-                                               ("big-error", 503)])
+                                               ("big-error", 503), ("big-error-nested", 500),
+                                               ("big-error-escaped", 500)])
 @pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
 def test_a_stream_that_ends_in_an_error_event_records_its_status(
         meter: str, answer: str, status: int, request: pytest.FixtureRequest) -> None:

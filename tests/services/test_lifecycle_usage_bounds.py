@@ -379,6 +379,19 @@ async def test_a_json_usage_the_answer_contradicts_is_no_count(
         assert rec.completion_tokens == req.completion_bound
 
 
+async def test_a_responses_answer_with_text_and_no_output_token_is_no_count(
+        h: Harness) -> None:
+    """Its output text, `output_tokens: 0`: charged as exact (retest); the hold now."""
+    body = (b'{"object":"response","status":"completed","output":[{"type":"message",'
+            b'"role":"assistant","content":[{"type":"output_text","text":"hello there"}]}],'
+            b'"usage":{"input_tokens":12,"output_tokens":0,"total_tokens":12}}')
+    life = await h.admitted({"model": "demo", "input": "hi", "max_output_tokens": 50},
+                            "/v1/responses")
+    life.response_start(200, BACKEND)
+    life.response_chunk(body, end=True)
+    await assert_whole_hold(h, life, 200)
+
+
 async def test_the_ordinary_json_answer_is_unchanged(h: Harness) -> None:
     life = await h.admitted(COMPLETION, "/v1/completions")
     life.response_start(200, BACKEND)
