@@ -156,7 +156,8 @@ class UsageQuery(_In):
         if isinstance(v, str) and _AGE.fullmatch(v.strip()):
             raise ValueError("expected an RFC 3339 time with its zone (ages such as 90m "
                              "are the CLI's: it sends the time they name)")
-        return v
+        # (a number was Unix time: `20261207` read as 1970-08-23: admin retest)
+        return written_time(v)
 
     @field_validator("since")
     @classmethod

@@ -16,7 +16,7 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 # their own): Hangul fillers, the combining grapheme joiner, variation selectors,
 # Mongolian free variation selectors, Khmer's inherent vowels, the braille blank.
 _BLANK = frozenset({0x115F, 0x1160, 0x3164, 0xFFA0, 0x034F, 0x17B4, 0x17B5, 0x2800,
-                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0),
+                    *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), 0x1D159,
                     *range(0x180B, 0x1810)})
 # Scripts whose spelling never takes a zero-width (non-)joiner: between their letters
 # it only hides a second name ("a\u200dcme" read as "acme").
@@ -44,7 +44,8 @@ def lookalike_problem(name: str) -> str | None:
     if bad is not None:
         return (f"expected printable characters: U+{ord(bad):04X} "
                 f"({unicodedata.name(bad, 'unnamed')}) reads as nothing")
-    for word in _words(name):
+    # In NFKC: the Roman numeral U+217E and the mathematical letters read as their letters.
+    for word in _words(unicodedata.normalize("NFKC", name)):
         scripts = sorted({script for c in word if c.isalpha()
                           and (script := unicodedata.name(c, "").split(" ")[0])
                           in _LOOKALIKE_SCRIPTS})

@@ -222,9 +222,17 @@ def scrape_vllm(url: str) -> VllmCounters:
     from prometheus_client.parser import text_string_to_metric_families
 
     base = url.rstrip("/").removesuffix("/metrics")
-    shown = printable(redacted(base))  # never a password in the URL (admin retest)
+    try:
+        shown = printable(redacted(base))  # never a password in the URL (admin retest)
+        parts = urllib.parse.urlsplit(base)
+    except ValueError:
+        raise ValueError("--vllm: expected an http(s):// URL") from None
     if not base.startswith(("http://", "https://")):
         raise ValueError(f"--vllm: expected an http(s):// URL, got {shown!r}")
+    if parts.query or parts.fragment or "?" in base or "#" in base:
+        # (a `?token=` was printed, and /metrics asked for under it)
+        raise ValueError("--vllm: expected a backend's http(s)://host:port, no query or "
+                         "fragment")
     try:
         with urllib.request.urlopen(base + "/metrics", timeout=TIMEOUT_S) as r:  # noqa: S310
             text = r.read().decode()

@@ -78,6 +78,9 @@ class AdminClient:
         token = token.strip()  # a token file's line break (\r\n) included
         if not token:
             raise RemoteError(f"--admin-url needs an admin token in ${ADMIN_TOKEN_ENV}")
+        if token.startswith(KEY_PREFIX):  # never sent: no key is an admin token
+            raise RemoteError(f"${ADMIN_TOKEN_ENV} holds an API key's secret, not an admin "
+                              "token")
         if not token.isascii() or not token.isprintable() or " " in token:
             # Never the token itself in the message: it lands in terminals and CI logs.
             raise RemoteError(f"${ADMIN_TOKEN_ENV}: the token has a space, control or "
@@ -256,7 +259,7 @@ def usage(client: AdminClient, org: str | None, key: str | None, since: str | No
 
 
 def _seg(value: str) -> str:
-    if value.startswith(KEY_PREFIX):
+    if value.strip().startswith(KEY_PREFIX):
         # A key's secret where its id belongs: never sent (it would be in the URL, and in
         # every proxy's and server's access log on the way).
         raise RemoteError("that is a key's secret, not its id: give the id (`keys list` "

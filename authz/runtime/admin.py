@@ -213,13 +213,15 @@ async def _stream(request: web.Request, out: Streamed) -> web.StreamResponse:
                     line = await anext(lines, None)
                 except STORE_ERRORS as e:
                     log.warning("admin stream cut short: %s", type(e).__name__)
-                    await resp.write(_error_json(_unavailable()) + b"\n")
+                    await asyncio.wait_for(resp.write(_error_json(_unavailable()) + b"\n"),
+                                           STREAM_WRITE_S)
                     break
                 except Exception:  # a bug: logged with its trace; the last line says so
                     log.exception("admin stream failed")
-                    await resp.write(_error_json(_INTERNAL) + b"\n")
+                    await asyncio.wait_for(resp.write(_error_json(_INTERNAL) + b"\n"),
+                                           STREAM_WRITE_S)
                     break
-            await resp.write_eof()
+            await asyncio.wait_for(resp.write_eof(), STREAM_WRITE_S)
         except ConnectionResetError:
             log.info("admin stream: the client left")
         except TimeoutError:

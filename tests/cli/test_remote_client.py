@@ -229,6 +229,7 @@ def test_a_keys_secret_given_as_an_id_is_never_sent(catcher: _Server,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     secret = "sk-tb-" + "x" * 40
     for cmd in (["keys", "show", secret], ["keys", "revoke", secret],
+                ["keys", "show", f" \t{secret}"],
                 ["keys", "update", secret, "--rpm", "5"]):
         rc = main([*cmd, "--admin-url", catcher.url], env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
         err = capsys.readouterr().err

@@ -33,6 +33,9 @@ from policy.names import lookalike_problem
     ("d\u0435mo-org", "'d\\u0435mo' mixes Cyrillic and Latin letters"),
     ("team_\u03b1lpha", "mixes Greek and Latin"),
     ("acm\u0331\u0435", "mixes Cyrillic and Latin"),  # a mark does not split a word
+    ("\u217e\u0435\u217f\u043e-org", "mixes Cyrillic and Latin"),  # Roman numerals
+    ("\U0001d5bd\u0435\U0001d5c6\u043e-org", "mixes Cyrillic and Latin"),  # math letters
+    ("demo-org\U0001d159", "U+1D159"),  # a notehead that draws nothing
 ])
 def test_a_name_that_reads_as_another_is_refused(name: str, why: str) -> None:
     problem = lookalike_problem(name)

@@ -291,6 +291,8 @@ async def _eventually(probe: Any, want: object, within_s: float = 2.0) -> None:
     ("GET", "/v1/keys?limit=5000", None, "limit"),
     ("GET", "/v1/keys?colour=red", None, "colour"),
     ("GET", "/v1/usage?since=yesterday", None, "since"),
+    # A number was read as Unix time: 20261207 as 1970-08-23 (admin retest).
+    ("GET", "/v1/usage?since=20261207", None, "since"),
     ("PUT", "/v1/orgs/acme", {"rpm": -1}, "rpm"),
     # Past 2**53 nano-USD (or requests): more than the stores keep exact.
     ("PUT", "/v1/orgs/acme", {"budget_usd": "1e400"}, "budget_usd"),
