@@ -51,8 +51,8 @@ _MAX_CHOICES_SEEN = 4096
 
 class StreamMeter:
     __slots__ = ("_choices_seen", "_data_events", "_fed", "_inline_usage", "_parser",
-                 "_read_event", "_usage", "content_chunks", "done", "echo", "ended",
-                 "error_first", "error_status", "first_chunks", "merged_tokens",
+                 "_read_event", "_usage", "_usage_only", "content_chunks", "done", "echo",
+                 "ended", "error_first", "error_status", "first_chunks", "merged_tokens",
                  "oversize_bytes", "strip_usage", "tokens_per_chunk")
 
     def __init__(self, strip_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES,
@@ -62,6 +62,7 @@ class StreamMeter:
         # Generated tokens one content chunk may carry (vLLM's stream_interval).
         self.tokens_per_chunk = tokens_per_chunk
         self._usage: Usage | None = None  # from the usage-only chunk: the whole request's
+        self._usage_only = False  # a usage-only chunk came (its usage read or malformed)
         # From a chunk that also carries choices: vLLM's continuous_usage_stats, which
         # counts that one choice (one sequence of one prompt) so far, not the request.
         self._inline_usage: Usage | None = None
@@ -95,6 +96,8 @@ class StreamMeter:
         vLLM stream it is `continuous_usage_stats`, one choice's count so far, and a
         stream cut after it (n > 1, a batch) would otherwise be charged that choice's.
         A stream that failed (an error event, then vLLM's `[DONE]`) is such a cut one."""
+        if self._usage_only and self._usage is None:
+            return None  # the last usage-only chunk said no count (malformed)
         if self._usage is not None:
             # Fewer completion tokens than the chunks carried (each at least one, vLLM
             # sending a chunk per step at most): no count of this stream; estimated from
@@ -242,14 +245,18 @@ class StreamMeter:
                     self.content_chunks += 1
                     self._count_merged_steps(choice)
                     break
+        # The usage-only chunk: a `usage` key and no choice (`"choices": []`, vLLM's; or
+        # none at all). Stripped whatever its usage says (a malformed one, null or
+        # negative counts, is no count: the stream is estimated), as Envoy's meter does
+        # (authz/envoy_config/stream_meter.py): the client did not ask for it.
+        only = ("usage" in obj and "error" not in obj and obj.get("object") != "error"
+                and (choices is None or (isinstance(choices, list) and not choices)))
         usage = usage_from_obj(obj.get("usage"), generates=True)
-        if usage is None:
-            return False
-        if isinstance(choices, list) and choices:
+        if only:
+            self._usage, self._usage_only = usage, True  # the last one wins
+        elif usage is not None and isinstance(choices, list) and choices:
             self._inline_usage = usage
-            return False
-        self._usage = usage
-        return choices == []
+        return only
 
 
 def stream_error_status(obj: dict[str, Any]) -> int:

@@ -246,6 +246,14 @@ local function compact_error(ev)
     .. code .. '}}}}\\n\\n'
 end
 
+-- The event's JSON object with each object nested in it emptied: its own keys, to be
+-- found as the services' meter finds them (a `"usage"` nested elsewhere is none).
+local function top_level(ev)
+  local obj = string.match(ev, 'data:%s*(%b{{}})')
+  if obj == nil then return "" end
+  return (string.gsub(string.sub(obj, 2, -2), "%b{{}}", "{{}}"))
+end
+
 local function classify(ev, st)
   -- A line of its own (a content chunk's text may say `data: [DONE]`; JSON escapes
   -- every line end in it); an `id:` or `event:` line may come before it.
@@ -291,22 +299,36 @@ local function classify(ev, st)
       merged_steps(ev, st)
     end
   end
-  if has_usage then
-    -- The usage-only chunk (`"choices": []`, the last one wins) is the request's usage;
-    -- a chunk with choices and usage (vLLM's continuous_usage_stats) counts only while
-    -- there is none, as the services' own meter reads them (policy/stream_usage.py).
-    local only = string.find(ev, '"choices"%s*:%s*%[%s*%]') ~= nil
-    if only or not st.usage_only then
-      local kept = compact_usage(ev, usage_obj, only)
-      if kept ~= nil then
-        st.usage = kept
-        st.usage_new = true
-      end
-      st.usage_only = st.usage_only or only
-    end
-    return only
+  -- The usage-only chunk: a `"usage"` key, no choice (`"choices": []`, or no `"choices"`
+  -- at all) and no error: stripped whatever its usage says, and the last one is the
+  -- request's usage (one with no count, null or negative, is reported so: the services
+  -- read it as none). A chunk with choices and usage (vLLM's continuous_usage_stats)
+  -- counts only while there is none, as the services' own meter reads them
+  -- (policy/stream_usage.py).
+  local only = false
+  if string.find(ev, '"usage"%s*:') then
+    local top = top_level(ev)
+    only = string.find(top, '"usage"%s*:') ~= nil and not string.find(top, '"error"%s*:')
+      and not string.find(top, '"object"%s*:%s*"error"')
+      and (string.find(top, '"choices"%s*:%s*%[%s*%]') ~= nil
+           or not string.find(top, '"choices"%s*:'))
   end
-  return false
+  if only then
+    local kept = has_usage and compact_usage(ev, usage_obj, true) or nil
+    if kept == nil then
+      kept = #ev <= RAW_MAX and ev or 'data: {{"choices":[],"usage":null}}\\n\\n'
+    end
+    st.usage = kept
+    st.usage_new = true
+    st.usage_only = true
+  elseif has_usage and not st.usage_only then
+    local kept = compact_usage(ev, usage_obj, false)
+    if kept ~= nil then
+      st.usage = kept
+      st.usage_new = true
+    end
+  end
+  return only
 end
 
 -- A `content-encoding` other than identity: bytes no meter can read (a backend, or a

@@ -140,6 +140,22 @@ ALIKE: dict[str, tuple[bytes, bytes, tuple[int, int]]] = {
     "big-two-usage": (_HI + _TWO_USAGE + b"data: [DONE]\n\n", _TWO_USAGE, (12, 3)),
 }
 
+# Usage-only chunks with no count (null, negative, strings, a count missing, or no
+# `choices` key at all; one past Envoy's 4 KiB report size; a good one, then a bad one:
+# the last wins), after three content events (hostile-backend tester: neither or one meter
+# stripped them). Both meters strip them and estimate the stream.
+MALFORMED_USAGE = {
+    "usage-null": b'data: {"choices": [], "usage": null}\n\n',
+    "usage-negative": (b'data: {"choices": [], "usage": {"prompt_tokens": -12, '
+                       b'"completion_tokens": 3}}\n\n'),
+    "usage-strings": (b'data: {"choices": [], "usage": {"prompt_tokens": "12", '
+                      b'"completion_tokens": "3"}}\n\n'),
+    "usage-no-completion": b'data: {"choices": [], "usage": {"prompt_tokens": 12}}\n\n',
+    "usage-no-choices-key": (b'data: {"usage": {"prompt_tokens": 12, "completion_tokens": '
+                             b'"3"}}\n\n'),
+    "usage-big-null": b'data: {"choices": [], "usage": null, "x": "' + b"a" * 6000 + b'"}\n\n',
+    "usage-good-then-null": _USAGE_ONLY + b'data: {"choices": [], "usage": null}\n\n',
+}
 
 # A Responses stream that fails after two text deltas: OpenAI's `response.failed` (its
 # error's code a name), or OpenAI's `error` event. (vLLM 0.32 cuts such a stream.)
@@ -209,6 +225,9 @@ class Unstreaming(ThreadedBackend):
                     else "text/event-stream")
             return web.Response(body=ALIKE[request.headers["x-answer"]][0],
                                 headers={"content-type": kind})
+        if request.headers.get("x-answer") in MALFORMED_USAGE:
+            body = _HI * 3 + MALFORMED_USAGE[request.headers["x-answer"]] + b"data: [DONE]\n\n"
+            return web.Response(body=body, headers={"content-type": "text/event-stream"})
         if request.headers.get("x-answer") == "spaced":
             return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
         answer = request.headers.get("x-answer", "")
@@ -539,6 +558,22 @@ def test_both_meters_read_these_streams_alike(meter: str, answer: str,
         assert (r.status_code, r.content) == (200, want), (answer, usage)
         assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
             prompt, completion, False), (answer, usage)
+
+
+@pytest.mark.parametrize("answer", sorted(MALFORMED_USAGE))
+def test_a_usage_chunk_with_no_count_is_stripped_and_estimated_by_both_meters(
+        answer: str, gw: Gateway, envoy_gw: Gateway) -> None:
+    """Hostile-backend tester: a usage-only chunk whose usage is no count reached a
+    client that had not asked for usage (through neither meter, or one). Both strip it
+    and estimate the stream alike: its prompt's bound and the three content events."""
+    body = _HI * 3 + MALFORMED_USAGE[answer] + b"data: [DONE]\n\n"
+    for g in (gw, envoy_gw):
+        for usage in (False, True):
+            r, rec = send(g, answer, SECRET, usage=usage)
+            want = body if usage else _HI * 3 + b"data: [DONE]\n\n"
+            assert (r.status_code, r.content) == (200, want), (answer, usage)
+            assert (rec["prompt_tokens"], rec["completion_tokens"], rec["estimated"]) == (
+                whole_hold(g)[0], 3, True), (answer, usage, g is envoy_gw)
 
 
 def test_a_finished_stream_without_usage_is_estimated_alike_by_both_meters(

@@ -116,10 +116,40 @@ def test_a_cut_stream_keeps_its_tail_and_has_no_usage() -> None:
 def test_junk_is_passed_through_and_not_counted() -> None:
     junk = [b": keep-alive\n\n", chunk("not json"), chunk("[1,2]"), chunk('"s"'),
             chunk('{"choices":"x"}'), chunk('{"choices":[1]}'),
-            chunk('{"choices":[],"usage":{"prompt_tokens":-1}}'), b"event: ping\n\n"]
+            chunk('{"choices":[]}'), chunk('{"choices":[],"x":{"usage":1}}'),
+            b"event: ping\n\n"]
     m, out = meter(True, *junk)
     assert out == b"".join(junk)
     assert (m.usage, m.content_chunks, m.done) == (None, 0, False)
+
+
+def test_a_malformed_usage_only_chunk_is_stripped_and_no_count() -> None:
+    """A usage-only chunk (a `usage` key and no choice) whose usage is no count (null,
+    negative, strings, a count missing) or that has no `choices` key at all is still the
+    chunk the client did not ask for: stripped, by Envoy's meter too (it reached the
+    client before: hostile-backend tester). The last one wins, so the stream is estimated
+    (an inline usage is not the request's either)."""
+    inline = chunk('{"choices":[{"index":0,"delta":{"content":"x"}}],'
+                   '"usage":{"prompt_tokens":1,"completion_tokens":9}}')
+    for bad in ('{"choices":[],"usage":null}', '{"choices":[ ],"usage":{"prompt_tokens":-1,'
+                '"completion_tokens":3}}', '{"choices":[],"usage":{"prompt_tokens":"7",'
+                '"completion_tokens":"3"}}', '{"choices":[],"usage":{"prompt_tokens":7}}',
+                '{"usage":{"prompt_tokens":7,"completion_tokens":"x"}}'):
+        m, out = meter(True, ROLE, TEXT, USAGE, chunk(bad), DONE)
+        assert out == ROLE + TEXT + DONE, bad
+        assert m.usage is None and m.content_chunks == 1
+        m, out = meter(True, inline, chunk(bad), DONE)
+        assert out == inline + DONE and m.usage is None
+        m, out = meter(False, TEXT, chunk(bad), DONE)
+        assert out is None and m.usage is None
+    # No `choices` key but a count: the usage chunk too (stripped, read).
+    m, out = meter(True, TEXT, chunk('{"usage":{"prompt_tokens":7,"completion_tokens":3}}'),
+                   DONE)
+    assert out == TEXT + DONE and m.usage == Usage(7, 3)
+    # An error event with a usage key is the error: passed, read as the failure.
+    err = chunk('{"error":{"message":"boom","code":500},"usage":null}')
+    m, out = meter(True, TEXT, err, DONE)
+    assert out == TEXT + err + DONE and m.error_status == 500
 
 
 def test_the_last_usage_chunk_wins() -> None:
