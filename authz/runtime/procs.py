@@ -90,7 +90,9 @@ def spawn(
     stderr: int | IO[bytes] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a child in its own session (Ctrl-C reaches only the supervisor). `env` is the
-    child's whole environment; None: it inherits this process's."""
+    child's whole environment; None: it inherits this process's. The child gets SIGTERM
+    when the thread that started it ends (Linux's PR_SET_PDEATHSIG follows the thread, not
+    the process): start children from a thread that outlives them, as `up` does."""
     return subprocess.Popen(
         list(argv),
         env=dict(env) if env is not None else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tests.soak.cluster import Cluster
@@ -51,12 +52,17 @@ def planned(duration_s: float, interval_s: float) -> int:
 
 
 async def run_chaos(cluster: Cluster, start: float, duration_s: float, interval_s: float,
-                    log: list[Event]) -> None:
-    """The schedule from `start` (monotonic); each event runs in a thread so that the
-    clients go on meanwhile."""
+                    log: list[Event], worker: ThreadPoolExecutor) -> None:
+    """The schedule from `start` (monotonic); each event runs in `worker`'s thread so that
+    the clients go on meanwhile. That thread must outlive the processes it starts again:
+    they die with it (`spawn`'s PR_SET_PDEATHSIG follows the thread that forked, and
+    `asyncio.to_thread`'s threads end with the event loop: a replica restarted by the
+    chaos was stopped when the load ended, its holds never swept)."""
+    loop = asyncio.get_running_loop()
     for i in range(planned(duration_s, interval_s)):
         await asyncio.sleep(max(0.0, start + (i + 1) * interval_s - time.monotonic()))
         what = EVENTS[i % len(EVENTS)]
         t0 = time.monotonic()
-        name = await asyncio.to_thread(_run_event, cluster, what, i // len(EVENTS))
+        name = await loop.run_in_executor(worker, _run_event, cluster, what,
+                                          i // len(EVENTS))
         log.append(Event(name, t0 - start, time.monotonic() - t0))
