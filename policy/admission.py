@@ -318,6 +318,10 @@ def check(limits: Limits, ask: Ask, key: KeyState, ledger: Ledger | None, now: f
         reason, retry = why, None
     elif why and not reason:
         reason, retry = why, wait
+    elif why and reason == "requests" and retry is not None and wait is not None:
+        # Both rates spent: the request rate is the reason, and the wait the longer one
+        # (a client retrying after the request rate's alone was refused again: tester).
+        retry = max(retry, wait)
     if not reason and limits.budget_nano is not None and ledger is not None:
         ledger.expire(now)
         if not budget_admits(ledger.spent, ledger.reserved, ask.cost_nano, limits.budget_nano):

@@ -470,15 +470,16 @@ async def test_header_arithmetic_is_policy_limits_exactly(store: Any) -> None:
             d = await store.admit(lim, ask(f"rpm{n}", tokens=k), now)
             g = gcra(bucket_level(requests, rts, now, n), n)
             lvl = bucket_level(level, ts, now, 7 * n)
-            ok, after, _ = bucket_take(lvl, k, 7 * n)
+            ok, after, wait = bucket_take(lvl, k, 7 * n)
             assert d.allowed == (g.allowed and ok)
             if d.allowed:
                 requests, rts, level, ts = g.level, now, after, now
                 assert (d.remaining_requests, d.reset_requests_s) == (g.remaining, g.reset_s)
                 assert d.remaining_tokens == math.floor(after)
                 assert d.reset_tokens_s == bucket_reset_s(after, 7 * n)
-            elif not g.allowed:
-                assert (d.remaining_requests, d.retry_after_s) == (0, g.retry_after_s)
+            elif not g.allowed:  # the longer wait when the tokens are short too
+                retry = g.retry_after_s if ok else max(g.retry_after_s, wait)
+                assert (d.remaining_requests, d.retry_after_s) == (0, retry)
 
 
 async def test_consume_counts_usage_admitted_elsewhere(store: Any) -> None:
@@ -563,3 +564,18 @@ async def test_a_request_that_can_never_fit_is_told_so_first(store: Any) -> None
     assert (d.allowed, d.reason, d.retry_after_s) == (False, "tokens_too_large", None)
     d = await store.admit(lim, ask(tokens=10), T0)
     assert (d.reason, d.retry_after_s) == ("requests", 60.0)
+
+
+async def test_both_rates_spent_say_the_longer_wait(store: Any) -> None:
+    """Limits tester: with the request rate and the token rate both spent, the 429 said
+    the request rate's wait alone (26 s); a client that waited that long was refused
+    again by the tokens. The reason is the request rate, the wait the longer of the two."""
+    lim = Limits(rpm=2, tpm=300)
+    for _ in range(2):
+        assert (await store.admit(lim, ask(tokens=100), T0)).allowed
+    d = await store.admit(lim, ask(tokens=280), T0)  # 180 tokens short at 5 a second
+    assert (d.reason, d.retry_after_s) == ("requests", pytest.approx(36.0))
+    d = await store.admit(lim, ask(tokens=50), T0)  # the tokens fit: the request rate's
+    assert (d.reason, d.retry_after_s) == ("requests", pytest.approx(30.0))
+    assert not (await store.admit(lim, ask(tokens=280), T0 + 35.9)).allowed
+    assert (await store.admit(lim, ask(tokens=280), T0 + 36.0)).allowed

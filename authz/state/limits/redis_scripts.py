@@ -181,6 +181,8 @@ if tpm then
     after = level - tokens
   elseif not reason then
     reason, retry = 'tokens', (tokens - level) * w / tpm + ahead_t
+  elseif reason == 'requests' then  -- both rates spent: the longer wait (admission.check)
+    retry = math.max(retry, (tokens - level) * w / tpm + ahead_t)
   end
 end
 -- admission.check: budget, after Ledger.expire (policy.limits.budget_admits, exact integers)
