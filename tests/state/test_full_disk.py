@@ -320,3 +320,71 @@ def test_a_restart_whose_lost_records_wait_for_the_disk_takes_no_snapshot(
     budget, recs = out.strip().splitlines()
     assert budget == "(1000, 0)"
     assert recs == "[('y', 'lost')]"
+
+
+def test_a_full_disk_admits_no_request_of_any_key(tmp_path: Path) -> None:
+    """Faults tester: with the embedded state on a full disk, a key without limits (and
+    one whose outage policy fails open) was still admitted, unheld, as in a Redis outage:
+    its records waited in memory and a kill lost them, with no hold for the restart to
+    charge (22 of its 200s had no record). While records wait for the disk, or the
+    journal cannot be written, every request is refused (503), with limits or without."""
+    out = run_child(tmp_path, """
+        from datetime import UTC, datetime
+        from authz.state.limits.admission import Admission
+        from authz.state.limits.durable import JOURNAL_FILE, DurableMemoryLimitStore
+        from authz.state.usage.records import USAGE_FILE, JsonlUsageLog
+        from policy.config import OnStoreError, Price
+        from policy.errors import ApiError
+        from policy.limits import Ask, HoldRecord, Limits
+        from policy.usage import Usage, make_record
+
+        d = Path(sys.argv[1])
+        NOW = datetime(2026, 12, 7, tzinfo=UTC)
+        REC = HoldRecord(model="m", upstream_model="u", endpoint="chat", stream=False,
+                         prompt_tokens=10, completion_tokens=10,
+                         started_at="2026-12-07T00:00:00Z", key_budget_period="total")
+        OPEN = OnStoreError(requests="fail_open", tokens="fail_open",
+                            concurrency="fail_open")
+
+        def ask(i):
+            return Ask(f"r{i}", "k", "o", 20, 50_000, "total", 3600.0, REC)
+
+        def real(i):
+            return make_record(
+                request_id=f"x{i}", key_id="k", org="o", model="m", upstream_model="u",
+                backend="b", usage=Usage(3, 4), price=Price(input=1, output=1),
+                status=200, stream=False, estimated=False,
+                started_at=NOW, duration_ms=1.0, endpoint="chat")
+
+        async def outcome(adm, limits, i):
+            try:
+                await adm.admit_all(None, limits, ask(i), NOW)
+                return "admitted"
+            except ApiError as e:
+                return str(e.status)
+
+        async def main():
+            log = JsonlUsageLog(d)
+            s = DurableMemoryLimitStore(d, records_waiting=log.waiting)
+            await s.start()
+            adm = Admission(s, OPEN)
+            for j in range(20):
+                log.write(real(j))
+            print(await outcome(adm, Limits(), 0), await outcome(adm, Limits(rpm=100), 1))
+            # Records wait for a full disk.
+            disk(os.path.getsize(d / USAGE_FILE) + 5)
+            log.write(real(99))
+            assert log.waiting()
+            print(await outcome(adm, Limits(), 2), await outcome(adm, Limits(rpm=100), 3))
+            # Room for the records again, but not for the journal's next line.
+            disk(None)
+            await s.sweep(NOW.timestamp())
+            assert not log.waiting()
+            disk(os.path.getsize(d / JOURNAL_FILE) + 5)
+            print(await outcome(adm, Limits(), 4), await outcome(adm, Limits(rpm=100), 5))
+            disk(None)
+            await s.close()
+
+        asyncio.run(main())
+        """)
+    assert out.split() == ["admitted", "admitted", "503", "503", "503", "503"]

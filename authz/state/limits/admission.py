@@ -21,6 +21,7 @@ from pathlib import Path
 
 from authz.state.limits.base import (
     LimitStore,
+    LimitStoreNotDurable,
     LimitStoreRefused,
     LimitStoreUnavailable,
     LimitStoreUnwritable,
@@ -336,7 +337,7 @@ class Admission:
             self._store_ok = False
             if self._on_store is not None:  # (observability tester: only the sweep said)
                 self._on_store(False)
-            if not limits.any:
+            if not limits.any and not isinstance(e, LimitStoreNotDurable):
                 # Held only for its record: admitted unheld, as a key without limits
                 # always was, and nothing spooled (a stalled store that runs the
                 # admission later leaves a `lost` record readers put behind the real one;
@@ -350,7 +351,8 @@ class Admission:
             # behind writes a `lost` record readers put behind the real one, no more).
             if not isinstance(e, LimitStoreUnwritable):  # that one changed nothing
                 self._release_later(limits, ask, now.timestamp())
-            if not self._may_fail_open(limits):
+            if not self._may_fail_open(limits) or isinstance(e, LimitStoreNotDurable):
+                # (A full disk under the embedded state: no record would be durable.)
                 log.error("admission failed closed: %s", e,
                           extra={"request_id": ask.request_id, **REPEATS})
                 raise service_unavailable(

@@ -23,6 +23,12 @@ class LimitStoreUnwritable(LimitStoreUnavailable):
     durable (the embedded state's journal on a full disk). Nothing to release."""
 
 
+class LimitStoreNotDurable(LimitStoreUnwritable):
+    """The embedded state cannot make anything durable (its disk is full: the journal, or
+    usage records waiting in memory): no request is admitted, with limits or without (one
+    admitted unheld could end, or its process die, with no record on disk)."""
+
+
 @runtime_checkable
 class LimitStore(Protocol):
     async def start(self) -> None: ...

@@ -55,7 +55,7 @@ from typing import Any
 
 import orjson
 
-from authz.state.limits.base import LimitStoreUnwritable
+from authz.state.limits.base import LimitStoreNotDurable
 from authz.state.limits.codec import ask_from
 from authz.state.limits.memory import MemoryLimitStore
 from authz.state.lines import TornLine, open_appending
@@ -169,14 +169,14 @@ class DurableMemoryLimitStore:
         if self._withholding():
             # Usage records wait in memory for a full disk: a request admitted now could
             # end with neither its record nor its charge on disk, so none is (503).
-            raise LimitStoreUnwritable(f"usage records wait for the disk in {self._dir} "
+            raise LimitStoreNotDurable(f"usage records wait for the disk in {self._dir} "
                                        "(is it full?)")
         if self._broken:
             # A journal line was lost (a full disk): nothing new is held until a snapshot
             # makes the state durable again, or a restart would forget it (and its spend).
             self._compact_soon()
             if self._broken:
-                raise LimitStoreUnwritable(f"the limits journal in {self._dir} cannot be "
+                raise LimitStoreNotDurable(f"the limits journal in {self._dir} cannot be "
                                            "written (is the disk full?)")
         d = await self._mem.admit(limits, ask, now)
         if d.allowed:
@@ -189,7 +189,7 @@ class DurableMemoryLimitStore:
                 await self._mem.settle(limits, dataclasses.replace(ask, record=None), 0, 0,
                                        now)
                 self._compact_soon()
-                raise LimitStoreUnwritable(f"the limits journal in {self._dir} cannot be "
+                raise LimitStoreNotDurable(f"the limits journal in {self._dir} cannot be "
                                            "written (is the disk full?)")
         return d
 
