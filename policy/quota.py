@@ -148,7 +148,12 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
     if d.reason == "tokens_too_large":
         headers.append(NO_RETRY)  # larger than the limit itself: never fits
     elif d.retry_after_s is not None:
-        headers.extend(_wait(d.retry_after_s))
+        # The other party's rate spent too (the key's, when its org refuses): the longer
+        # wait, so a client waiting it out is not refused again by the other.
+        wait = d.retry_after_s
+        if other is not None and other.reason in _TYPES and other.retry_after_s is not None:
+            wait = max(wait, other.retry_after_s)
+        headers.extend(_wait(wait))
     else:  # concurrency, a duplicate id: free again when a request in flight ends
         headers.append(("retry-after", "1"))
     # The key's own limits read as before; an org's say so.

@@ -171,3 +171,16 @@ def test_rate_refusals(reason: str, retry: float | None, type_: str | None, mess
 def test_a_too_large_request_gets_no_retry_after_even_behind_the_rate_limit() -> None:
     d = Decision(False, "tokens_too_large", 5.0)
     assert refusal(d, Limits(tpm=10), STARTED).headers == (("x-should-retry", "false"),)
+
+
+@pytest.mark.parametrize(("other", "want"), [
+    (("tokens", 40.0), "40"), (("requests", 7.0), "12"), (("concurrency", None), "12"),
+    (("tokens_too_large", None), "12"), (None, "12")])
+def test_a_refusal_waits_for_the_other_partys_rate_too(
+        other: tuple[str, float | None] | None, want: str) -> None:
+    """Limits tester (one key's two rates; the same with its org's): a client waiting out
+    one rate's retry-after was refused again by the other. The key's rate spent beside
+    its org's (or the org's beside the key's): the longer wait."""
+    o = None if other is None else denied(*other)
+    e = refusal(denied("requests", 12.0), Limits(rpm=60), STARTED, org=True, other=o)
+    assert dict(e.headers)["retry-after"] == want
