@@ -26,6 +26,7 @@ from policy.tokens import (
     pairs_bound,
     prompt_list,
     refuse_past_context,
+    template_kwargs_tally,
 )
 
 ENCODINGS: Final = frozenset({"float", "base64"})
@@ -159,9 +160,12 @@ def scoring_pairs(body: dict[str, Any], model: Model, rerank: bool) -> tuple[int
     if len(queries) not in (1, len(docs)):
         raise invalid_request(f"'{first}' must hold one item or as many as '{second}'.",
                               first)
-    tally = Tally()
+    tally = Tally(messages=2)  # a pair renders as a query and a document
     for name in PAIR_TEMPLATE_FIELDS:
-        field_tally(body.get(name), tally)
+        if name == "chat_template_kwargs":
+            template_kwargs_tally(body.get(name), tally)
+        else:
+            field_tally(body.get(name), tally)
     per_pair = (model.chat_template_tokens_per_request + model.prompt_tokens_per_byte
                 * (tally.text + json_factor(model.chat_template_json_indent) * tally.json))
     estimate, bound = pairs_bound(queries, docs, model, per_pair)

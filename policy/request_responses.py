@@ -27,6 +27,7 @@ from policy.tokens import (
     json_len,
     message_tally,
     rendered_tools,
+    template_kwargs_tally,
 )
 
 REFUSED: Final = {
@@ -71,7 +72,10 @@ def responses_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
                               "input")
     _tools(body.get("tools"), tally)
     for name in TEMPLATE_FIELDS:
-        field_tally(body.get(name), tally)
+        if name == "chat_template_kwargs":
+            template_kwargs_tally(body.get(name), tally)
+        else:
+            field_tally(body.get(name), tally)
     return tally.estimate(), tally.bound(model)
 
 

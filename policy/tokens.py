@@ -73,6 +73,17 @@ CHAT_PROMPT_FIELDS: Final = (
     "tools", "functions", "tool_choice", "response_format", "documents",
     "chat_template_kwargs", "reasoning_effort",
 )  # fmt: skip
+# `chat_template_kwargs` keys no byte count bounds: vLLM hands the kwargs to the
+# tokenizer's `apply_chat_template`, so its own parameters there pad the prompt to a
+# length, replace the conversation or the template, or tokenize differently (hold bound
+# tester: `padding: max_length` billed 4,000 on a 660 hold). Names of the tokenizer's
+# special tokens (keys ending in `_token` / `_tokens`) replace them in the template's
+# variables: a template that writes `eos_token` after every message repeated the client's
+# string there (3,813 billed on 1,970).
+TEMPLATE_CALL_KWARGS: Final = frozenset({
+    "chat_template", "conversation", "documents", "max_length", "messages", "padding",
+    "return_assistant_tokens_mask", "return_dict", "return_tensors", "special_tokens_map",
+    "tokenize", "tokenizer_kwargs", "tools", "truncation"})
 # Typical template tokens per chat request (the estimate, not the bound).
 CHAT_ESTIMATE_OVERHEAD: Final = 3
 
@@ -232,8 +243,31 @@ def chat_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
         message_tally(message, "messages", i, model, tally)
     for name in CHAT_PROMPT_FIELDS:
         value = body.get(name)
-        field_tally(rendered_tools(value) if name == "tools" else value, tally)
+        if name == "chat_template_kwargs":
+            template_kwargs_tally(value, tally)
+        else:
+            field_tally(rendered_tools(value) if name == "tools" else value, tally)
     return tally.estimate(), tally.bound(model)
+
+
+def template_kwargs_tally(value: Any, tally: Tally) -> None:
+    """`chat_template_kwargs`, after the messages are tallied: a 400 for a key no byte
+    count bounds (`TEMPLATE_CALL_KWARGS`, special tokens), else the kwargs as JSON, once
+    for each message and once more: a template may write a variable of its own in every
+    message (one that writes it more often than that is the operator's to know)."""
+    if isinstance(value, dict):
+        for key in value:
+            if key in TEMPLATE_CALL_KWARGS or key.endswith(("_token", "_tokens")):
+                raise invalid_request(
+                    f"'chat_template_kwargs.{key}' is not accepted here: it changes how the "
+                    "backend renders or tokenizes the prompt (a tokenizer parameter, a "
+                    "template input or a special token), which no count of the request "
+                    "bounds.", f"chat_template_kwargs.{key}")
+    once = Tally()
+    field_tally(value, once)
+    times = tally.messages + 1
+    tally.text += once.text * times
+    tally.json += once.json * times
 
 
 def rendered_tools(tools: Any) -> Any:

@@ -155,9 +155,11 @@ def test_score_takes_every_side_name(sides: dict[str, Any], pairs: int) -> None:
 def test_template_fields_count_per_pair() -> None:
     body = {"query": "hello", "documents": ["world", "world"], "instruction": "judge",
             "chat_template_kwargs": {"k": [1]}}
-    # "judge" as text (7 JSON bytes); the kwargs at the template's JSON indent (2x).
+    # "judge" as text (7 JSON bytes); the kwargs at the template's JSON indent (2x),
+    # once for each of a pair's two texts and once more (a template may write them in
+    # each message it renders).
     kwargs = len('{\n  "k": [\n    1\n  ]\n}')
-    assert scoring_pairs(body, M, rerank=True)[1] == 2 * (PAIR + 7 + 2 * kwargs)
+    assert scoring_pairs(body, M, rerank=True)[1] == 2 * (PAIR + 7 + 3 * 2 * kwargs)
 
 
 def test_pairs_are_capped_at_twice_the_context() -> None:

@@ -88,8 +88,9 @@ def test_tools_count_in_vllm_chat_form_and_template_fields_too() -> None:
     assert bound({"input": "hi", "tools": [tool]}) == base + 2 * json_indent2_len(chat)
     extra = {"tool_choice": "auto", "reasoning": {"effort": "low"}, "text": {"format": {
         "type": "json_object"}}, "chat_template_kwargs": {"a": 1}}
+    # (the kwargs once for the one message and once more: template_kwargs_tally)
     expected = base + len(b'"auto"') + 2 * sum(
-        json_indent2_len(v) for v in list(extra.values())[1:])
+        json_indent2_len(v) for v in list(extra.values())[1:]) + 2 * json_indent2_len({"a": 1})
     assert bound({"input": "hi", **extra}) == expected
     # Fields the template never sees cost nothing.
     assert bound({"input": "hi", "temperature": 0, "store": True, "metadata": {"a": "b"},

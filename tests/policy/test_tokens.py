@@ -104,8 +104,37 @@ def test_chat_json_fields_count_at_the_template_indent() -> None:
     extra = {"tool_choice": "auto", "reasoning_effort": "low", "temperature": 1}
     assert chat({"messages": [msg], **extra})[1] == base + len(b'"auto""low"')
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    for name in ("response_format", "functions", "documents", "chat_template_kwargs"):
+    for name in ("response_format", "functions", "documents"):
         assert chat({"messages": [msg], name: fmt})[1] == base + 2 * json_indent2_len(fmt)
+    # The kwargs once for the message and once more (template_kwargs_tally).
+    assert chat({"messages": [msg], "chat_template_kwargs": fmt})[1] == (
+        base + 2 * 2 * json_indent2_len(fmt))
+
+
+@pytest.mark.parametrize("key", ["eos_token", "bos_token", "pad_token", "image_token",
+                                 "additional_special_tokens", "chat_template", "padding",
+                                 "max_length", "truncation", "tokenizer_kwargs", "tokenize",
+                                 "conversation", "messages", "tools", "documents",
+                                 "return_dict", "special_tokens_map"])
+def test_template_kwargs_that_no_count_bounds_are_refused(key: str) -> None:
+    """Hold bound tester, against real vLLM 0.32: kwargs reach the tokenizer's
+    `apply_chat_template`, where its own parameters padded the prompt to 4,000 tokens on
+    a 660 hold, a `chat_template` there was the request's template (3,000 on 686), and a
+    special token overrode the one a template writes after each message (3,813 on
+    1,970). Each is a 400 naming it, before anything is held."""
+    msg = {"role": "user", "content": "hi"}
+    with pytest.raises(ApiError) as e:
+        chat({"messages": [msg], "chat_template_kwargs": {"enable_thinking": False, key: 1}})
+    assert e.value.param == f"chat_template_kwargs.{key}"
+
+
+def test_template_kwargs_count_once_a_message_and_once_more() -> None:
+    """A template may write a variable of its own in each message it renders."""
+    msgs = [{"role": "user", "content": "hi"}] * 5
+    kwargs = {"enable_thinking": False, "persona": "x" * 100}
+    once = json_indent2_len(kwargs)
+    assert chat({"messages": msgs, "chat_template_kwargs": kwargs})[1] == (
+        chat({"messages": msgs})[1] + 6 * 2 * once)
 
 
 def test_tool_calls_count_as_sent_and_with_their_arguments_parsed() -> None:

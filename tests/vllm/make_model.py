@@ -30,7 +30,10 @@ CHAT_TEMPLATE = (
     "{% if tools %}<s>tools\n{{ tools | tojson }}</s>\n{% endif %}"
     "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}"
     "{% if message['tool_calls'] %}{{ message['tool_calls'] | tojson }}{% endif %}"
-    "{% if message['tool_call_id'] %} {{ message['tool_call_id'] }}{% endif %}</s>\n"
+    "{% if message['tool_call_id'] %} {{ message['tool_call_id'] }}{% endif %}"
+    # A variable of the template's own in every message (a client's chat_template_kwargs
+    # set it), and the end token after each, as Zephyr's and Llama 2's templates write it.
+    "{% if sep is defined %}{{ sep }}{% endif %}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<s>assistant\n"
     "{% if enable_thinking is defined and enable_thinking %}<think>\n{% endif %}{% endif %}"
 )
