@@ -734,8 +734,13 @@ def http_connection_manager(cfg: Config) -> HttpConnectionManager:
         # A method HTTP does not define (WebDAV's, a typo) reaches the routes, which answer
         # the path's 405 or 404; the parser refused it with a text/plain 400 whose body
         # the closed connection cut short. No route forwards it to a backend.
-        http_protocol_options=Http1ProtocolOptions(accept_http_10=True, allow_custom_methods=True,
-                                                   default_host_for_http_10="tokenbooth"),
+        # A 400 of the gateway's own (a bad body, answered by ext_proc) keeps the
+        # connection: Envoy closed it after every local 400 on HTTP/1, so a client sending
+        # bad requests reconnected each time (client-libraries tester). A request the
+        # parser cannot read still closes it (Envoy closes on every codec error).
+        http_protocol_options=Http1ProtocolOptions(
+            accept_http_10=True, allow_custom_methods=True, default_host_for_http_10="tokenbooth",
+            override_stream_error_on_invalid_http_message=True),
         # CONNECT reaches the routes only as an upgrade: without this, Envoy's own 403
         # (upgrade_failed); with it, `_connect_route`'s 405. Nothing else accepts it.
         upgrade_configs=[HttpConnectionManagerUpgradeConfig(upgrade_type="CONNECT")],
