@@ -29,6 +29,7 @@ from policy.keyrecord import (
     KeyName,
     KeyRecord,
     OrgName,
+    key_name_problem,
     redact_secrets,
     written_time,
 )
@@ -73,11 +74,22 @@ def _every_model(models: tuple[str, ...]) -> tuple[str, ...]:
 Models = Annotated[tuple[str, ...], AfterValidator(_every_model)]
 
 
+def _not_a_secret(name: str) -> str:
+    problem = key_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
+# A new or changed key name (`keyrecord.key_name_problem`: no secret kept in clear).
+NewKeyName = Annotated[KeyName, AfterValidator(_not_a_secret)]
+
+
 class KeyCreate(_Limits):
     """POST /v1/keys (as `tokenbooth keys create`)."""
 
     org: OrgName  # and, for an org not known yet, keyrecord.new_org_problem's rules
-    name: KeyName = ""
+    name: NewKeyName = ""
     scopes: Scopes = ALL_SCOPES
     models: Models = ()  # empty (or "*"): every alias
     budget_period: BudgetPeriod = "month"
@@ -90,7 +102,7 @@ class KeyUpdate(_Limits):
     and `budget_period` have no "none": null is refused (it was taken, and changed
     nothing)."""
 
-    name: KeyName | None = None
+    name: NewKeyName | None = None
     scopes: Scopes = ALL_SCOPES
     models: Models | None = None
     budget_period: BudgetPeriod = "month"

@@ -99,6 +99,21 @@ def redact_secrets(text: str) -> str:
     return _SECRETS.sub(lambda m: f"{KEY_PREFIX}{m[1]}…", text)
 
 
+def reads_as_secret(text: str) -> bool:
+    """Whether `text` holds what reads as a tokenbooth key's secret (one pasted where a
+    name or an id belongs)."""
+    return _A_SECRET.search(text) is not None
+
+
+def key_name_problem(name: str) -> str | None:
+    """Why `name` is refused as a key's display name (new or changed), or None: a name is
+    stored as it is and printed by every listing, so a secret pasted there would be
+    kept in clear (security tester). A name stored before this check keeps loading."""
+    if reads_as_secret(name):
+        return "expected a key's name, got what reads as a key's secret"
+    return None
+
+
 def valid_org_name(org: str) -> bool:
     """Whether `org` is an OrgName (the admin API's path parameter is checked by hand)."""
     return 1 <= len(org) <= 128 and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in org)
@@ -114,7 +129,7 @@ def new_org_problem(org: str) -> str | None:
     authz/runtime/admin_api.py `_org_to_create`)."""
     if not valid_org_name(org):
         return "expected 1 to 128 characters and no control character"
-    if _A_SECRET.search(org):
+    if reads_as_secret(org):
         # A key's secret pasted where its org belongs: an org name goes upstream in a
         # header, into every record and every listing.
         return "expected an org's name, got what reads as a key's secret"

@@ -36,7 +36,14 @@ from authz.state.orgs import make_org_store
 from policy.admin_schema import EVERY_MODEL
 from policy.bounds import BUDGET_DECIMALS, MAX_BUDGET_USD, MAX_COUNT, PLAIN_AMOUNT
 from policy.config import Config, origin, redacted
-from policy.keyrecord import SCOPES, KeyRecord, expiry_in_past, new_org_problem, valid_org_name
+from policy.keyrecord import (
+    SCOPES,
+    KeyRecord,
+    expiry_in_past,
+    key_name_problem,
+    new_org_problem,
+    valid_org_name,
+)
 from policy.keys import (
     display_prefix,
     fingerprint,
@@ -479,6 +486,9 @@ def _name(v: str) -> str:
     """`--name`: as the admin API takes it (256 characters, no control character)."""
     if len(v) > 256 or not all(c.isprintable() for c in v):
         raise argparse.ArgumentTypeError("expected at most 256 printable characters")
+    problem = key_name_problem(v)
+    if problem is not None:  # (never echoed: it would print the secret)
+        raise argparse.ArgumentTypeError(problem)
     return v
 
 

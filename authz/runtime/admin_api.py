@@ -50,6 +50,7 @@ from policy.keyrecord import (
     KeyRecord,
     expiry_in_past,
     new_org_problem,
+    reads_as_secret,
     valid_org_name,
 )
 from policy.keys import (
@@ -327,6 +328,10 @@ def _org_param(call: Call) -> str:
     if not valid_org_name(org):
         raise AdminError(400, f"org: expected 1 to 128 characters and no control "
                          f"character, got {redact_secrets(org[:64])!r}", "invalid_request",
+                         param="org")
+    if reads_as_secret(org):  # (GET echoed it whole in its answer: security tester)
+        raise AdminError(400, "org: expected an org's name, got what reads as a key's "
+                         f"secret, {redact_secrets(org[:64])!r}", "invalid_request",
                          param="org")
     return org
 

@@ -289,10 +289,14 @@ def test_keys_flags_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
                         ("--budget", "1_00"), ("--budget", "\u0661\u0662"),
                         ("--budget", " 2 "),
                         ("--name", "a\x1b[2Jb"), ("--name", "n" * 257),
+                        # A secret pasted as the name: kept in clear and listed (security
+                        # tester); never echoed in the refusal.
+                        ("--name", "sk-tb-BQk9NFV1_MpXaFVYOZmV0vFaZK9iOSBqmhTmmAPjPic"),
                         ("--org", "o\u200b"), ("--org", "o ")):
         r = tb("keys", "create", "--config", str(path), "--org", "o", flag, value)
         assert r.returncode == 2, (flag, r.stderr)
         assert r.stderr.count("\n") == 1 and flag in r.stderr and "Traceback" not in r.stderr
+        assert "BQk9NFV1_Mp" not in r.stderr
     # A key created already expired could never be used: refused before any store is read.
     r = tb("keys", "create", "--config", str(path), "--org", "o",
            "--expires", "2020-01-01T00:00:00Z")

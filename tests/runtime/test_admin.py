@@ -528,6 +528,21 @@ async def test_a_secret_given_as_an_org_is_refused_unechoed(api: Api) -> None:
         assert secret not in text and secret[:10] + "…" in text
     status, err = await api("GET", f"/v1/usage?after={secret}")
     assert status == 400 and secret not in orjson.dumps(err).decode(), err
+    # Security tester: GET of such an org answered 200 echoing it whole; and a key's
+    # name took a secret, kept in clear and listed.
+    for method, path in (("GET", f"/v1/orgs/{secret}"), ("GET", f"/v1/orgs/{secret}/spend"),
+                         ("DELETE", f"/v1/orgs/{secret}")):
+        status, err = await api(method, path)
+        assert (status, err["error"]["param"]) == (400, "org"), (method, path, err)
+        assert secret not in orjson.dumps(err).decode()
+    status, created = await api("POST", "/v1/keys", body={"org": "acme"})
+    assert status == 201
+    for method, path, body in (("POST", "/v1/keys", {"org": "acme", "name": f"ci {secret}"}),
+                               ("PATCH", f"/v1/keys/{created['id']}", {"name": secret})):
+        status, err = await api(method, path, body=body)
+        assert (status, err["error"]["param"]) == (400, "name"), (method, err)
+        assert "key's secret" in err["error"]["message"]
+        assert secret not in orjson.dumps(err).decode()
 
 
 async def test_an_org_stored_before_the_name_rule_keeps_working(
