@@ -26,6 +26,9 @@ class MeterReport:
     ended: bool = False  # the body ended (else the stream was cut)
     unreadable: bool = False  # not an event stream: passed unread
     cut_by_gateway: bool = False  # Envoy's idle or duration timeout cut it
+    # The status Envoy sent the client (0: unknown): its own 5xx where the backend failed
+    # before the answer reached the client, whatever the backend's headers said.
+    client_status: int = 0
     ttft_s: float | None = None  # from the request's start to the first generated text
     last_s: float | None = None  # ... to the last generated text
     end_s: float | None = None  # ... to the stream's end (cut or not)

@@ -520,7 +520,12 @@ class Lifecycle:
         if report.ttft_s is not None:
             self._t_first = self._t0 + report.ttft_s
         self._replay_pace(report)
-        self.finish(aborted=not report.ended, cut_by_gateway=report.cut_by_gateway)
+        # Envoy answered the client a 5xx of its own (the backend failed before the
+        # answer reached it, after its 200's headers): the record says what the client
+        # got (client-libraries tester: a 502 recorded as 499).
+        own = report.client_status if 500 <= report.client_status != self.status else 0
+        self.finish(aborted=not report.ended, cut_by_gateway=report.cut_by_gateway,
+                    client_status=own)
 
     def _replay_pace(self, report: MeterReport) -> None:
         """A cut stream Envoy metered, as its pace would have seen it: its first and last
@@ -627,7 +632,7 @@ class Lifecycle:
         self.finish(aborted=self.responded)
 
     def finish(self, aborted: bool = False, out_of_sight: bool = False,
-               cut_by_gateway: bool | None = None) -> None:
+               cut_by_gateway: bool | None = None, client_status: int = 0) -> None:
         """Write the one usage record of an admitted request (idempotent). A stream handed
         over to Envoy's meter finishes with its report (`take_report`), not before.
         `out_of_sight`: the response may go on where the services cannot see it (a
@@ -636,8 +641,9 @@ class Lifecycle:
         already seen, charged what the backend could generate (its completion bound, its
         prompt as the backend counts it, else the prompt's bound), estimated, with the
         backend's status (LOST if it had not answered). `cut_by_gateway`: Envoy said
-        whether its timeouts cut the stream (else the timings tell)."""
-        ending = self.conclude(aborted, out_of_sight, cut_by_gateway)
+        whether its timeouts cut the stream (else the timings tell). `client_status`:
+        Envoy's own 5xx to the client for a cut stream (0: none)."""
+        ending = self.conclude(aborted, out_of_sight, cut_by_gateway, client_status)
         if ending is None:
             return
         recount = self.prompt_recount(ending)
@@ -649,7 +655,8 @@ class Lifecycle:
             self.recount_owed = (ending, *recount)
 
     def conclude(self, aborted: bool = False, out_of_sight: bool = False,
-                 cut_by_gateway: bool | None = None) -> Ending | None:
+                 cut_by_gateway: bool | None = None, client_status: int = 0
+                 ) -> Ending | None:
         """What the one record will say, decided now (the time since the last byte tells
         a client that left from a timeout); None when no record is owed here (already
         finished, not admitted, or Envoy meters it). `write` writes it."""
@@ -681,8 +688,13 @@ class Lifecycle:
                                                        or not self._meter.done):
             # (A backend's error answer keeps its status when the client leaves during
             # its body: the Node SDK drops the body of every answer it will retry.)
-            status = (self._cut_status(req.stream) if cut_by_gateway is None
-                      else GATEWAY_TIMEOUT if cut_by_gateway else CLIENT_CLOSED)
+            if cut_by_gateway:
+                status = GATEWAY_TIMEOUT
+            elif client_status:  # Envoy's own 5xx, what the client got
+                status = client_status
+            else:
+                status = (self._cut_status(req.stream) if cut_by_gateway is None
+                          else CLIENT_CLOSED)
         prompt_estimated = (estimated and usage.prompt_tokens > 0
                             and usage.prompt_tokens == req.prompt_estimate)
         return Ending(usage, estimated, status, prompt_estimated,

@@ -112,6 +112,9 @@ def report_from_entry(entry: Any) -> MeterReport | None:
         unreadable=num("unreadable") == 1,
         cut_by_gateway=bool(flags.stream_idle_timeout or flags.duration_timeout
                             or flags.upstream_request_timeout),
+        client_status=(entry.response.response_code.value
+                       if entry.HasField("response")
+                       and entry.response.HasField("response_code") else 0),
         ttft_s=ttft,
         last_s=last,
         end_s=end,

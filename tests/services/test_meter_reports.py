@@ -51,10 +51,13 @@ def resp_headers(status: int = 200) -> Any:
 
 
 async def report(running: Running, rid: str, flags: dict[str, bool] | None = None,
-                 **meter: Any) -> None:
-    """One access-log entry, as Envoy's gRPC access logger sends it."""
+                 client_status: int = 0, **meter: Any) -> None:
+    """One access-log entry, as Envoy's gRPC access logger sends it (`client_status`: the
+    status Envoy sent the client, when set)."""
     entry = accesslog_pb2.HTTPAccessLogEntry()
     entry.request.request_id = rid
+    if client_status:
+        entry.response.response_code.value = client_status
     entry.common_properties.metadata.filter_metadata[METER_NS].update(meter)
     for name, on in (flags or {}).items():
         setattr(entry.common_properties.response_flags, name, on)
@@ -97,6 +100,22 @@ async def test_a_cut_stream_is_estimated_from_the_meters_counts(
     # The events counted, and the steps vLLM takes before its abort lands.
     assert (rec["completion_tokens"], rec["estimated"], rec["status"]) == (
         3 + ABORT_STEPS, True, status)
+
+
+@pytest.mark.parametrize(("client_status", "flags", "status"), [
+    (502, {"upstream_protocol_error": True}, 502), (200, {}, 499),
+    (504, {"upstream_request_timeout": True}, 504)])
+async def test_a_cut_stream_envoy_answered_itself_records_what_the_client_got(
+        running: Running, client_status: int, flags: dict[str, bool], status: int) -> None:
+    """Client-libraries tester: a backend that reset its stream before Envoy had passed
+    its 200 on left the client a 502 of Envoy's own, and the record said 499 (the
+    client went away). The record says the status the client got."""
+    rid = f"r-own-{client_status}"
+    await hand_over(running, rid, {})
+    await report(running, rid, flags, client_status=client_status, events=4)
+    [rec] = await records(running, 1)
+    assert (rec["completion_tokens"], rec["estimated"], rec["status"]) == (
+        4 + ABORT_STEPS, True, status)
 
 
 @pytest.mark.parametrize(("body", "events", "lag"), [
