@@ -26,6 +26,7 @@ from policy.tokens import (
     json_indent2_len,
     json_len,
     message_tally,
+    properties_len,
     rendered_tools,
     template_kwargs_tally,
 )
@@ -128,4 +129,6 @@ def _tools(tools: Any, tally: Tally) -> None:
                 "bounded, and other kinds ('namespace', 'custom') are not accepted by "
                 "this gateway; send them as function tools.", f"tools[{i}]")
         fn = {k: v for k, v in tool.items() if k != "type"}
-        tally.json += json_indent2_len(rendered_tools([{"type": "function", "function": fn}])[0])
+        chat_tool = rendered_tools([{"type": "function", "function": fn}])[0]
+        tally.json += json_indent2_len(chat_tool)
+        tally.text += properties_len(chat_tool)

@@ -4,9 +4,10 @@ A byte-level BPE never emits more tokens than the UTF-8 bytes it encodes, nor do
 SentencePiece or WordPiece tokenizer (a character, or its bytes with byte fallback, per
 token), so a prompt has at most as many tokens as the bytes of everything the backend
 renders into it, plus the tokens the chat template adds itself. Bytes *after* the
-tokenizer's Unicode normalizer: NFC (Qwen's) or NFKC (XLM-R's, T5's: U+FDFA is 3 bytes
-and 33 once normalized), or lower case (`do_lower_case`), may lengthen a text, so every
-byte measure here is of the longest of the text as sent, its NFC, its NFKC and each
+template's case filters (`upper`, `title`) and the tokenizer's Unicode normalizer: NFC
+(Qwen's) or NFKC (XLM-R's, T5's: U+FDFA is 3 bytes and 33 once normalized), or lower
+case (`do_lower_case`), may lengthen a text, so every byte measure here is of the
+longest of the text as sent, upper- and title-cased, in NFC and NFKC, and each
 lowercased (`widest_len`; ASCII is all of them).
 A chat request's `Tally` adds up:
 
@@ -93,15 +94,18 @@ _FORMS: Final = ("NFC", "NFKC")
 
 
 def widest_len(text: str) -> int:
-    """UTF-8 bytes of `text`, or of its NFC or NFKC form, or of any of them lowercased,
-    where that is longer (vLLM lowercases a pooling model's input with its
-    sentence-transformers `do_lower_case`, a tokenizer may: `Ⱥ` is 2 bytes and 3 in
-    lower case; pooling tester)."""
-    forms = [text]
-    forms += [unicodedata.normalize(f, text) for f in _FORMS
-              if not unicodedata.is_normalized(f, text)]
-    forms += [lower for f in forms if (lower := f.lower()) != f]
-    return max(len(f.encode("utf-8", "surrogatepass")) for f in forms)
+    """UTF-8 bytes of `text` at its longest as a template and a tokenizer may make it:
+    as sent, upper-cased or title-cased (Jinja's `upper` and `title`: real templates
+    case a role or a tool's types, and `ΐ` is 2 bytes and 6 in upper case: hold bound
+    retest, 3,608 billed on a 1,754 hold), each in its NFC or NFKC form, and any of them
+    lowercased (vLLM lowercases a pooling model's input with its sentence-transformers
+    `do_lower_case`, a tokenizer may: `Ⱥ` is 2 bytes and 3 in lower case; pooling
+    tester)."""
+    forms = {text, text.upper(), text.title()}
+    forms.update([unicodedata.normalize(f, t) for t in forms for f in _FORMS
+                  if not unicodedata.is_normalized(f, t)])
+    forms.update([t.lower() for t in forms])
+    return max(len(t.encode("utf-8", "surrogatepass")) for t in forms)
 
 
 def _excess(dumped: bytes) -> int:
@@ -245,8 +249,12 @@ def chat_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
         value = body.get(name)
         if name == "chat_template_kwargs":
             template_kwargs_tally(value, tally)
+        elif name == "tools" and isinstance(value, list):
+            rendered = rendered_tools(value)
+            field_tally(rendered, tally)
+            tally.text += sum(properties_len(tool) for tool in rendered)
         else:
-            field_tally(rendered_tools(value) if name == "tools" else value, tally)
+            field_tally(value, tally)
     return tally.estimate(), tally.bound(model)
 
 
@@ -256,8 +264,10 @@ def template_kwargs_tally(value: Any, tally: Tally) -> None:
     for each message and once more: a template may write a variable of its own in every
     message (one that writes it more often than that is the operator's to know)."""
     if isinstance(value, dict):
-        for key in value:
-            if key in TEMPLATE_CALL_KWARGS or key.endswith(("_token", "_tokens")):
+        for key, v in value.items():
+            if key in TEMPLATE_CALL_KWARGS or key.endswith("_token") or (
+                    # (a count such as `max_thinking_tokens` is no token list)
+                    key.endswith("_tokens") and not _is_count(v)):
                 raise invalid_request(
                     f"'chat_template_kwargs.{key}' is not accepted here: it changes how the "
                     "backend renders or tokenizes the prompt (a tokenizer parameter, a "
@@ -268,6 +278,21 @@ def template_kwargs_tally(value: Any, tally: Tally) -> None:
     times = tally.messages + 1
     tally.text += once.text * times
     tally.json += once.json * times
+
+
+def _is_count(value: Any) -> bool:
+    return value is None or isinstance(value, int | float)
+
+
+def properties_len(tool: Any) -> int:
+    """A tool's `function.parameters.properties` (in the chat form vLLM renders) once more,
+    as text, beyond the tool's JSON: a template may write each parameter's name, type and
+    description in a signature and a docstring beside the schema (vLLM's Hermes tool
+    template: each name three times; hold bound retest, 3,960 billed on a 3,386 hold)."""
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    params = fn.get("parameters") if isinstance(fn, dict) else None
+    props = params.get("properties") if isinstance(params, dict) else None
+    return 0 if props is None else json_len(props)
 
 
 def rendered_tools(tools: Any) -> Any:

@@ -28,6 +28,7 @@ from policy.config import parse_config
 from policy.endpoints import ENDPOINTS
 from policy.limits import cost_nano
 from policy.request import InferenceRequest, parse_request, upstream_body
+from policy.tokens import TEMPLATE_CALL_KWARGS
 
 CHAT_EP = ENDPOINTS[("POST", "/v1/chat/completions")]
 COMP_EP = ENDPOINTS[("POST", "/v1/completions")]
@@ -102,6 +103,10 @@ tools = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function":
 response_formats = st.sampled_from([{"type": "json_object"}, {"type": "text"}]) | st.builds(
     lambda s: {"type": "json_schema", "json_schema": {"name": "out", "schema": s}},
     json_values)
+# Template kwargs the gateway takes (`policy.tokens.template_kwargs_tally` refuses the
+# tokenizer's parameters and special tokens with a 400).
+kwarg_keys = text.filter(lambda k: k not in TEMPLATE_CALL_KWARGS
+                         and not k.endswith(("_token", "_tokens")))
 CHAT_OPTIONAL = {
     "tools": tools,
     "functions": st.lists(json_values, max_size=2),
@@ -110,7 +115,7 @@ CHAT_OPTIONAL = {
     "response_format": response_formats,
     "documents": st.lists(st.dictionaries(st.sampled_from(["title", "text"]), text),
                           max_size=2),
-    "chat_template_kwargs": st.dictionaries(text, json_values, max_size=3),
+    "chat_template_kwargs": st.dictionaries(kwarg_keys, json_values, max_size=3),
     "reasoning_effort": st.sampled_from(["low", "medium", "high"]),
     "max_tokens": st.integers(1, 64),
     "max_completion_tokens": st.integers(1, 64),
@@ -206,7 +211,9 @@ def rendered_tokens(body: dict[str, Any]) -> int:
                  "chat_template_kwargs", "reasoning_effort"):
         if body.get(name) is not None:
             value = body[name]
-            out.append(value if isinstance(value, str) else tojson(value))
+            # (the kwargs as a template may write them: in every message, and once more)
+            times = len(body["messages"]) + 1 if name == "chat_template_kwargs" else 1
+            out.append((value if isinstance(value, str) else tojson(value)) * times)
     media = 0
     for m in body["messages"]:
         specials += 3  # start header, end header, end of turn
@@ -371,7 +378,7 @@ conversations = st.lists(messages(), min_size=1, max_size=4)
 
 @PROPERTY
 @given(models, st.lists(conversations, min_size=1, max_size=3), st.booleans(),
-       st.booleans(), st.none() | st.dictionaries(text, json_values, max_size=2))
+       st.booleans(), st.none() | st.dictionaries(kwarg_keys, json_values, max_size=2))
 def test_chat_style_embeddings_usage_never_exceeds_the_hold(
         model: str, convs: list[Any], batch: bool, in_input: bool,
         kwargs: dict[str, Any] | None) -> None:
@@ -434,7 +441,7 @@ RESPONSES_OPTIONAL = {
     "tools": response_tools,
     "tool_choice": st.sampled_from(["auto", "none", "required"]),
     "reasoning": st.builds(lambda e: {"effort": e}, st.sampled_from(["low", "high"])),
-    "chat_template_kwargs": st.dictionaries(text, json_values, max_size=3),
+    "chat_template_kwargs": st.dictionaries(kwarg_keys, json_values, max_size=3),
     "max_output_tokens": st.integers(1, 64),
     "stream": st.booleans(),
     "store": st.booleans(),

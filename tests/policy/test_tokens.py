@@ -31,6 +31,7 @@ from policy.tokens import (
     rendered_tools,
     text_bound,
     utf8_len,
+    widest_len,
 )
 
 
@@ -124,8 +125,19 @@ def test_template_kwargs_that_no_count_bounds_are_refused(key: str) -> None:
     1,970). Each is a 400 naming it, before anything is held."""
     msg = {"role": "user", "content": "hi"}
     with pytest.raises(ApiError) as e:
-        chat({"messages": [msg], "chat_template_kwargs": {"enable_thinking": False, key: 1}})
+        chat({"messages": [msg], "chat_template_kwargs": {"enable_thinking": False,
+                                                           key: ["x"]}})
     assert e.value.param == f"chat_template_kwargs.{key}"
+
+
+def test_template_kwargs_users_send_are_taken() -> None:
+    """What real templates read (retest): a count named `*_tokens` is no token list."""
+    msg = {"role": "user", "content": "hi"}
+    for kwargs in ({"enable_thinking": False}, {"thinking": True}, {"reasoning_effort": "high"},
+                   {"builtin_tools": ["code_interpreter"], "date_string": "7 Dec 2026"},
+                   {"max_thinking_tokens": 1000, "thinking_tokens": None},
+                   {"add_generation_prompt": True, "continue_final_message": False}):
+        chat({"messages": [msg], "chat_template_kwargs": kwargs})
 
 
 def test_template_kwargs_count_once_a_message_and_once_more() -> None:
@@ -413,3 +425,28 @@ def test_chat_pieces_name_the_caller_field() -> None:
     assert tally.json == json_indent2_len({"a": 1})
     assert arguments_len('{"a": 1}') == json_indent2_len({"a": 1})
     assert arguments_len("{oops") == 0
+
+
+def test_text_is_held_at_its_upper_and_title_case_too() -> None:
+    """Hold bound retest against real vLLM 0.32: templates case what the client sends
+    (llava-1.5's `role.upper()`, OpenChat's `role | title`, Gemma 4's `type | upper`), and
+    `ΐ` is 2 bytes and 6 in upper case (3,608 billed on a 1,754 hold)."""
+    for text in ("ΐ" * 600, ("ΐ " * 300), "ǆ" * 50, "ﬀ" * 40):
+        for cased in (text.upper(), text.title()):
+            assert widest_len(text) >= len(cased.encode())
+    role = "ΐ" * 600
+    bound = chat({"messages": [{"role": role, "content": "hi"}]},
+                 model(chat_template_tokens_per_request=0, chat_template_tokens_per_message=0))[1]
+    assert bound >= len(role.upper().encode())
+
+
+def test_tool_parameters_are_held_for_a_signature_and_a_docstring_too() -> None:
+    """Hold bound retest: vLLM's Hermes tool template writes each parameter's name in the
+    function's signature, in its `Args:` docstring and in the schema's JSON: three times
+    where the tool's JSON at the template's indent held two (3,960 billed on 3,386)."""
+    name = "\u007f" * 1200 + "0"
+    msg = {"role": "user", "content": "hi"}
+    tools = [{"type": "function", "function": {"name": "f", "description": "", "parameters": {
+        "type": "object", "properties": {name: {"type": "string", "description": "d" * 50}}}}}]
+    grown = chat({"messages": [msg], "tools": tools})[1] - chat({"messages": [msg]})[1]
+    assert grown >= 3 * (len(name.encode()) + 50)
