@@ -7,7 +7,8 @@ replies in order with hiredis' parser, and bounds every call with a timer, not a
 
 Errors: a Redis error reply raises `redis.exceptions.ResponseError`; a timeout, a refused
 or a lost connection raises an `OSError` (and fails every call in flight on that
-connection, whose replies can no longer be matched); the next call reconnects.
+connection, whose replies can no longer be matched); the next call reconnects. A call
+no connection could be made for raises `NotSent`: it never reached Redis.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ import hiredis
 from redis.exceptions import NoScriptError, ResponseError
 
 _Args = tuple[str | bytes | int, ...]
+
+
+class NotSent(ConnectionError):
+    """No connection to Redis could be made: the call was never sent, so nothing it
+    would change did (a refused connection, a connect timeout)."""
 
 
 def _encode(args: _Args) -> bytes:
@@ -100,10 +106,17 @@ class RespClient:
         self._scripts: dict[str, str] = {}  # sha -> script
 
     async def execute(self, *args: str | bytes | int) -> Any:
+        return await self._send(await self._connected(), args)
+
+    async def _connected(self) -> _Protocol:
+        """The live connection, or a new one; NotSent when none can be made."""
         proto = self._proto
         if proto is None or proto.lost:
-            proto = await self._connect()
-        return await self._send(proto, args)
+            try:
+                proto = await self._connect()
+            except OSError as e:
+                raise NotSent(f"redis: cannot connect ({type(e).__name__}: {e})") from e
+        return proto
 
     def script_call(self, script: str, keys: list[str], args: list[str]) -> _Args:
         """The EVALSHA command for `script`, for `evalsha` or `batch`."""
@@ -124,9 +137,7 @@ class RespClient:
     async def batch(self, *calls: _Args) -> list[Any]:
         """Several commands in one write, one round trip: each one's reply, or the
         exception it raised, in order. A NOSCRIPT is run again alone after loading."""
-        proto = self._proto
-        if proto is None or proto.lost:
-            proto = await self._connect()
+        proto = await self._connected()
         out = list(await asyncio.gather(*self._send_many(proto, calls),
                                         return_exceptions=True))
         for i, reply in enumerate(out):

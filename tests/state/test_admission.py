@@ -627,3 +627,36 @@ async def test_a_count_the_stalled_store_runs_late_is_counted_once(
         assert look.remaining_requests == 20 - 1 - 8 - 1  # after the look's own request
     finally:
         await store.close()
+
+
+async def test_a_refusal_redis_never_heard_spools_nothing(own_redis: RedisServer,
+                                                          tmp_path: Path) -> None:
+    """Observability tester: with Redis down, every refused admission spooled a release
+    (348 bytes each; "2,839 settlements spooled" with none admitted, the spool alert
+    firing on an outage with no traffic let through). An admission no connection
+    could be made for never reached Redis: nothing to release. One sent to a frozen
+    Redis may still run: its release is spooled, as before."""
+    store = RedisLimitStore(own_redis.url, timeout_s=0.2)
+    spooled: list[int] = []
+    adm = Admission(store, OnStoreError(), spool_dir=tmp_path / "spool",
+                    on_spooled=lambda: spooled.append(1))
+    await store.start()
+    limits = Limits(max_concurrent=5)
+    assert (await adm.admit(limits, ask(0), NOW)).allowed
+    await adm.settle(limits, ask(0), 0, 0, NOW)
+    own_redis.stop()
+    # The first finds the connection lost as it writes (Redis may have read it: its
+    # release is spooled); the next ones cannot connect at all.
+    with pytest.raises(ApiError):
+        await adm.admit(limits, ask(1), NOW)
+    spooled.clear()
+    held = adm.spooled_bytes
+    for i in range(2, 7):
+        with pytest.raises(ApiError) as e:
+            await adm.admit(limits, ask(i), NOW)
+        assert e.value.status == 503
+    assert spooled == [] and adm.spooled_bytes == held
+    own_redis.start()
+    await _first_request_then_frozen(adm, limits, own_redis)  # sent, unanswered
+    assert spooled == [1]
+    await store.close()

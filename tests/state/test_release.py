@@ -9,6 +9,7 @@ the request went unbilled (its concurrency slot freed early too). Real redis-ser
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,16 @@ async def test_a_retry_after_a_503_keeps_its_hold_and_is_billed(tmp_path: Path) 
     adm = Admission(store, spool_dir=tmp_path / "spool", clock=clock)
     a = ask(1, cost=3_000, lease=150.0)
     try:
-        with pytest.raises(ApiError) as e:  # Redis away: fails closed, its release spooled
-            await adm.admit(LIM, a, clock.at())
-        assert e.value.status == 503 and adm.spooled_bytes > 0
         redis.start()
+        await store.check_epoch()  # (the connection open)
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)  # Redis stalls with the admission sent
+        try:
+            with pytest.raises(ApiError) as e:  # fails closed, its release spooled
+                await adm.admit(LIM, a, clock.at())
+            assert e.value.status == 503 and adm.spooled_bytes > 0
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
         await store.check_epoch()
         assert (await adm.admit(LIM, a, clock.at(0.5))).allowed  # the retry, same id
         await adm.replay()

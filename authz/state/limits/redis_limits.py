@@ -28,7 +28,11 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError, ResponseError
 
-from authz.state.limits.base import LimitStoreRefused, LimitStoreUnavailable
+from authz.state.limits.base import (
+    LimitStoreRefused,
+    LimitStoreUnavailable,
+    LimitStoreUnwritable,
+)
 from authz.state.limits.codec import ask_from, dumps
 from authz.state.limits.redis_scripts import (
     ADMIT,
@@ -39,7 +43,7 @@ from authz.state.limits.redis_scripts import (
     SETTLE,
     SWEEP,
 )
-from authz.state.resp import RespClient
+from authz.state.resp import NotSent, RespClient
 from policy.admission import Settled, check_ask, check_usage, settled, tracked
 from policy.limits import WINDOW_S, Ask, Decision, Limits
 from policy.quota import ORG_KEY_PREFIX
@@ -152,7 +156,10 @@ class RedisLimitStore:
     async def admit(self, limits: Limits, ask: Ask, now: float, take: bool = True
                     ) -> Decision:
         check_ask(limits, ask)
-        await self._clock_checked()
+        try:
+            await self._clock_checked()
+        except LimitStoreUnavailable as e:  # (nothing of this admission was sent yet)
+            raise LimitStoreUnwritable(str(e)) from None
         ns = self._ns(ask.key_id)
         lnow = self._lease_now(now)
         conc, res, budget, resv, lost = self._hold_keys(ask.key_id, ask.period,
@@ -554,6 +561,9 @@ class RedisLimitStore:
         try:
             return await awaitable
         except (RedisError, OSError) as e:  # TimeoutError is an OSError
-            kind = LimitStoreRefused if isinstance(e, ResponseError) else LimitStoreUnavailable
+            # NotSent: never reached Redis, so nothing to undo (an outage's refusals
+            # spooled a zero release each: observability tester).
+            kind = (LimitStoreRefused if isinstance(e, ResponseError) else
+                    LimitStoreUnwritable if isinstance(e, NotSent) else LimitStoreUnavailable)
             raise kind(f"redis limit store: {type(e).__name__}: {e}") from None
 
