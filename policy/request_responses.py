@@ -29,6 +29,7 @@ from policy.tokens import (
     properties_len,
     rendered_tools,
     template_kwargs_tally,
+    tool_repeats,
 )
 
 REFUSED: Final = {
@@ -71,7 +72,7 @@ def responses_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
     else:
         raise invalid_request("'input' must be a string or an array of input items.",
                               "input")
-    _tools(body.get("tools"), tally)
+    _tools(body.get("tools"), tool_repeats(items if isinstance(items, list) else []), tally)
     for name in TEMPLATE_FIELDS:
         if name == "chat_template_kwargs":
             template_kwargs_tally(body.get(name), tally)
@@ -115,8 +116,9 @@ def _call_message(item: dict[str, Any], kind: str) -> dict[str, Any]:
     return {"role": "assistant", "tool_calls": [call]}
 
 
-def _tools(tools: Any, tally: Tally) -> None:
-    """Function tools, measured in the chat form vLLM renders them in."""
+def _tools(tools: Any, times: int, tally: Tally) -> None:
+    """Function tools, measured in the chat form vLLM renders them in, `times` over
+    (`tokens.tool_repeats`)."""
     if tools is None:
         return
     if not isinstance(tools, list):
@@ -130,5 +132,5 @@ def _tools(tools: Any, tally: Tally) -> None:
                 "this gateway; send them as function tools.", f"tools[{i}]")
         fn = {k: v for k, v in tool.items() if k != "type"}
         chat_tool = rendered_tools([{"type": "function", "function": fn}])[0]
-        tally.json += json_indent2_len(chat_tool)
-        tally.text += properties_len(chat_tool)
+        tally.json += json_indent2_len(chat_tool) * times
+        tally.text += properties_len(chat_tool) * times

@@ -250,9 +250,7 @@ def chat_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
         if name == "chat_template_kwargs":
             template_kwargs_tally(value, tally)
         elif name == "tools" and isinstance(value, list):
-            rendered = rendered_tools(value)
-            field_tally(rendered, tally)
-            tally.text += sum(properties_len(tool) for tool in rendered)
+            tools_tally(rendered_tools(value), tool_repeats(messages), tally)
         else:
             field_tally(value, tally)
     return tally.estimate(), tally.bound(model)
@@ -278,6 +276,36 @@ def template_kwargs_tally(value: Any, tally: Tally) -> None:
     times = tally.messages + 1
     tally.text += once.text * times
     tally.json += once.json * times
+
+
+def tools_tally(rendered: list[Any], times: int, tally: Tally) -> None:
+    """Tools in the chat form vLLM renders (`rendered_tools`): their JSON at the
+    template's indent and their parameters once more (`properties_len`), `times` over
+    (`tool_repeats`)."""
+    once = Tally()
+    field_tally(rendered, once)
+    once.text += sum(properties_len(tool) for tool in rendered)
+    tally.text += once.text * times
+    tally.json += once.json * times
+
+
+def tool_repeats(messages: list[Any]) -> int:
+    """How many times a template may write the tool list: once, or before every user
+    message equal to the last one, as Mistral's HF templates do (`message ==
+    user_messages[-1]`: a user who said "yes" ten times had the tools written ten times;
+    hold bound retest, 15,719 billed on a 4,674 hold). Messages compare by their text
+    (parts joined as vLLM joins them), which finds every pair the template's comparison
+    finds, and maybe more."""
+    users = [_compared(m) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return max(1, users.count(users[-1])) if users else 1
+
+
+def _compared(message: dict[str, Any]) -> Any:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content
 
 
 def _is_count(value: Any) -> bool:

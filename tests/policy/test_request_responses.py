@@ -139,3 +139,13 @@ def test_bad_bodies_name_the_field(body: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as e:
         responses_prompt(body, M)
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_tools_are_held_before_every_user_item_equal_to_the_last() -> None:
+    """As chat's (tokens.tool_repeats): Mistral's template writes the tools before every
+    user message equal to the last one."""
+    tools = [{"type": "function", "name": "f", "description": "d" * 300}]
+    items = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 3
+    items = items[:-1]  # ... ending with the user's "x": three of them
+    once = bound({"input": "x", "tools": tools}) - bound({"input": "x"})
+    assert bound({"input": items, "tools": tools}) - bound({"input": items}) == 3 * once

@@ -450,3 +450,23 @@ def test_tool_parameters_are_held_for_a_signature_and_a_docstring_too() -> None:
         "type": "object", "properties": {name: {"type": "string", "description": "d" * 50}}}}}]
     grown = chat({"messages": [msg], "tools": tools})[1] - chat({"messages": [msg]})[1]
     assert grown >= 3 * (len(name.encode()) + 50)
+
+
+def test_tools_are_held_before_every_user_message_equal_to_the_last() -> None:
+    """Hold bound retest against real vLLM 0.32: Mistral-7B-Instruct-v0.3's HF template
+    writes the whole tool list before every user message equal to the last one (`message
+    == user_messages[-1]`): ten "x" turns had it written ten times (15,719 billed on a
+    4,674 hold). Tools are held once for each such message."""
+    tools = [{"type": "function", "function": {"name": "f", "description": "漢" * 500}}]
+
+    def grown(messages: list[dict[str, Any]]) -> int:
+        return (chat({"messages": messages, "tools": tools})[1]
+                - chat({"messages": messages})[1])
+
+    turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    once = grown(turn[:1])
+    assert grown(turn * 9 + turn[:1]) == 10 * once
+    # Parts compare by their text, as vLLM joins them; distinct turns hold it once.
+    parts = {"role": "user", "content": [{"type": "text", "text": "x"}]}
+    assert grown([parts, turn[1], turn[0]]) == 2 * once
+    assert grown([{"role": "user", "content": "a"}, turn[1], turn[0]]) == once
