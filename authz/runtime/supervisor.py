@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from authz.envoy_config.binary import LOG_FORMAT, envoy_path
 from authz.envoy_config.bootstrap import render_yaml
@@ -125,6 +126,26 @@ def _self(*args: str) -> list[str]:
     return [sys.executable, "-m", "authz.cli", *args]
 
 
+def child_name(argv: Any) -> str:
+    """What a child of `up` is, for a line naming it (README: `up` names the one that
+    exited)."""
+    args = [str(a) for a in argv] if isinstance(argv, list | tuple) else [str(argv)]
+    if args[1:3] == ["-m", "authz.cli"] and len(args) > 3:
+        return {"serve": "the services (tokenbooth serve)", "sim": "the simulator",
+                "usage": "the usage exporter"}.get(args[3], f"tokenbooth {args[3]}")
+    return "Envoy" if args and Path(args[0]).name.startswith("envoy") else "a child process"
+
+
+def how_it_ended(returncode: int) -> str:
+    """`exited with status N`, or `was killed by SIGKILL` for a signal's death."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
 @dataclass(frozen=True)
 class UpOptions:
     """What the command line says: the config (and whether `up` may create it), the
@@ -175,8 +196,8 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
             exporter.watch()
             time.sleep(0.2)
         dead = next(p for p in procs if p.returncode is not None and p is not exporter.proc)
-        print(f"tokenbooth: error: a child process (pid {dead.pid}) exited with status "
-              f"{dead.returncode}; stopping the rest", file=sys.stderr)
+        print(f"tokenbooth: error: {child_name(dead.args)} (pid {dead.pid}) "
+              f"{how_it_ended(dead.returncode)}; stopping the rest", file=sys.stderr)
         return 1
     except _Stop:
         print("\nstopping… (Ctrl-C again to hurry)", flush=True)

@@ -110,3 +110,17 @@ def test_one_long_alias_does_not_widen_every_row_of_the_banner() -> None:
     # Short aliases keep a column as wide as the widest of them.
     assert supervisor._backend_lines(parse_config(policy_dict("http://h:1")), None)[0] == (
         "    demo  -> http://h:1  (model tiny-llama)")
+
+
+def test_the_line_for_a_child_that_died_names_it() -> None:
+    """New-user tester: `up` said "a child process (pid N) exited with status -9", where
+    the README promises a line naming it."""
+    py = ["/usr/bin/python3", "-m", "authz.cli"]
+    assert supervisor.child_name([*py, "serve", "--config", "x"]) == (
+        "the services (tokenbooth serve)")
+    assert supervisor.child_name([*py, "sim", "--listen", "x"]) == "the simulator"
+    assert supervisor.child_name([*py, "usage", "export"]) == "the usage exporter"
+    assert supervisor.child_name(["/opt/bin/envoy", "-c", "x.yaml"]) == "Envoy"
+    assert supervisor.how_it_ended(-9) == "was killed by SIGKILL"
+    assert supervisor.how_it_ended(-15) == "was killed by SIGTERM"
+    assert supervisor.how_it_ended(1) == "exited with status 1"
