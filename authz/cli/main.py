@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 141
     except _USER_ERRORS as e:
         print(f"tokenbooth: error: {_one_line(e)}", file=sys.stderr)
+        code = getattr(e, "exit_code", None)  # (the admin API's client says which)
+        if isinstance(code, int):
+            return code
         return 2 if isinstance(e, ConfigError | ValueError) else 1
     except KeyboardInterrupt:
         return 130

@@ -25,7 +25,18 @@ PAGE = 1000
 
 
 class RemoteError(ValueError):
-    """The admin API refused a call or could not be reached: one line."""
+    """The admin API refused a call or could not be reached: one line. `exit_code`: 2
+    for what was asked (a bad flag or field, a refused token), 1 for a failure (no
+    answer, a server error, a lock-out: the README's exit codes)."""
+
+    exit_code = 2
+
+
+class RemoteFailure(RemoteError):
+    """The call was not answered as asked: unreachable, cut short, a 5xx or a 429
+    lock-out (another server answering is the URL's fault: a RemoteError)."""
+
+    exit_code = 1
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -129,7 +140,7 @@ class AdminClient:
                 # (an escape sequence in a field drove it, a newline forged a line).
                 return _printable(read(r))
         except orjson.JSONDecodeError:
-            raise RemoteError(f"{self.base}: the answer was cut short or is not JSON") from None
+            raise RemoteFailure(f"{self.base}: the answer was cut short or is not JSON") from None
         except urllib.error.HTTPError as e:
             message = _message(e.read())
             if not message:  # not an admin API's error: some other server answered
@@ -139,9 +150,10 @@ class AdminClient:
                 ) from None
             if e.code == 404:
                 raise LookupError(message) from None
-            raise RemoteError(f"{self.base}: {e.code}: {message}") from None
+            kind = RemoteFailure if e.code == 429 or e.code >= 500 else RemoteError
+            raise kind(f"{self.base}: {e.code}: {message}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise RemoteError(f"{self.base}: cannot reach the admin API: "
+            raise RemoteFailure(f"{self.base}: cannot reach the admin API: "
                               f"{printable(str(getattr(e, 'reason', e)))}") from None
 
     def pages(self, path: str, query: Mapping[str, object]) -> list[dict[str, Any]]:
@@ -160,7 +172,7 @@ class AdminClient:
             last = page.get("last_id")
             if not isinstance(last, str) or not last or last in seen:
                 # (a page that says more without moving on, or back: asked forever)
-                raise RemoteError(f"{self.base}: a page that does not move on; not an "
+                raise RemoteFailure(f"{self.base}: a page that does not move on; not an "
                                   "answer of tokenbooth's admin API")
             seen.add(last)
             after = last
@@ -254,7 +266,7 @@ def usage(client: AdminClient, org: str | None, key: str | None, since: str | No
     lines = client.lines("/v1/usage", {"org": org, "key": key, "since": since,
                                        "stream": "true"})
     if not lines or not isinstance(lines[-1], dict) or lines[-1].get("object") != "usage.totals":
-        raise RemoteError(f"{client.base}: the usage answer ended before its totals")
+        raise RemoteFailure(f"{client.base}: the usage answer ended before its totals")
     return {"records": lines[:-1], "totals": lines[-1]["totals"]}
 
 

@@ -267,3 +267,28 @@ def test_an_answer_without_a_field_is_said_so(capsys: pytest.CaptureFixture[str]
         odd.stop()
     err = capsys.readouterr().err
     assert rc == 1 and "without its 'prefix' field" in err
+
+
+@pytest.mark.parametrize(("answer", "rc"), [
+    ((429, {"content-type": "application/json"},
+      b'{"error": {"message": "too many failed tokens", "code": "rate_limit_exceeded"}}'), 1),
+    ((503, {"content-type": "application/json"},
+      b'{"error": {"message": "busy", "code": "service_unavailable"}}'), 1),
+    ((400, {"content-type": "application/json"},
+      b'{"error": {"message": "bad field", "code": "invalid_request"}}'), 2)])
+def test_a_failure_exits_1_a_refusal_of_what_was_asked_2(
+        answer: tuple[int, dict[str, str], bytes], rc: int,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """New-user tester: an admin API that could not be reached, or its lock-out, exited 2
+    (bad input, by the README's exit codes), where a failure is 1."""
+    server = _Server(answer)
+    try:
+        got = main(["keys", "list", "--admin-url", server.url],
+                   env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        server.stop()
+    assert got == rc and capsys.readouterr().err.count("\n") == 1
+    closed = _Server(answer)
+    closed.stop()  # nothing listens there now
+    assert main(["keys", "list", "--admin-url", closed.url],
+                env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN}) == 1
