@@ -184,3 +184,14 @@ def test_a_refusal_waits_for_the_other_partys_rate_too(
     o = None if other is None else denied(*other)
     e = refusal(denied("requests", 12.0), Limits(rpm=60), STARTED, org=True, other=o)
     assert dict(e.headers)["retry-after"] == want
+
+
+def test_a_request_past_the_whole_budget_says_both_costs() -> None:
+    """New-user tester: a $0.05 key refused an 8-token prompt with max_tokens 5 ("lower
+    max_tokens or the prompt"), its hold mostly the chat template's allowance: the
+    message says the worst case and the budget, and what the worst case holds."""
+    e = refusal(Decision(False, "budget"), Limits(budget_nano=50_000_000,
+                                                  budget_period="month"),
+                STARTED, cost_nano=286_500_000)
+    assert "($0.2865: its prompt's bound, with the chat template's own tokens" in e.message
+    assert "whole budget for a period ($0.05)" in e.message
