@@ -1027,20 +1027,23 @@ def _location(loc: tuple[int | str, ...]) -> str:
 
 def _problems(e: ValidationError, source: str) -> list[str]:
     """One `source: path: message` line per error (cross checks carry several)."""
-    out = []
-    for err in e.errors():
-        ctx = err.get("ctx") or {}
-        if "problems" in ctx:  # the cross checks, the names YAML read as no string
-            out += [f"{source}: {p}" for p in ctx["problems"]]
-            continue
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        given = err.get("input")
-        if err["type"] in ("int_type", "float_type", "int_parsing", "float_parsing") \
-                and isinstance(given, str):
-            # A number as YAML 1.1 also writes it (`1_000`, `0x1A`, `1:30`) is text here.
-            msg += f", got {given[:40]!r} (write plain digits)"
-        out.append(f"{source}: {_location(err['loc'])}: {msg}")
-    return out
+    return [line for err in e.errors() for line in _error_lines(err, source)]
+
+
+def _error_lines(err: Any, source: str) -> list[str]:
+    ctx = err.get("ctx") or {}
+    if "problems" in ctx:  # the cross checks, the names YAML read as no string
+        return [f"{source}: {p}" for p in ctx["problems"]]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    given = err.get("input")
+    if err["type"] in ("int_type", "float_type", "int_parsing", "float_parsing") \
+            and isinstance(given, str):
+        # A number as YAML 1.1 also writes it (`1_000`, `0x1A`, `1:30`) is text here.
+        msg += f", got {given[:40]!r} (write plain digits)"
+    elif err["type"] == "string_type" and isinstance(given, int | float):
+        # `sha256: 1234`, `id: 007`: YAML read a number where text belongs.
+        msg += f", got the number {given!r} (YAML reads unquoted digits so: quote it)"
+    return [f"{source}: {_location(err['loc'])}: {msg}"]
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None,
@@ -1055,6 +1058,12 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         cfg = Config.model_validate(data, context={"key_texts": key_texts or {}})
     except ValidationError as e:
         problems = _problems(e, source)
+        if any(err["type"] == "key_type" for err in e.errors()):
+            # A section refused for a key YAML read as no string: its entries checked too,
+            # under the names they were meant to have, so that every error is said at
+            # once (new-user tester: five more came once the key was quoted).
+            problems += [p for p in _named_section_problems(data, key_texts or {}, source)
+                         if p not in problems]
         if not any(err["type"] == "cross_check" for err in e.errors()):
             # The checks across sections run once every field is valid: those that can be
             # read from the raw file are said now (newcomer, operators testers).
@@ -1064,6 +1073,27 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if base_dir is not None:
         cfg = _resolve_paths(cfg, base_dir)
     return cfg
+
+
+def _named_section_problems(data: dict[str, Any],
+                            texts: Mapping[str, Mapping[Any, tuple[str, int]]],
+                            source: str) -> list[str]:
+    """The errors of `models` and `orgs` with every key read as the text it was written
+    as (none of the cross-section checks: those wait until every field is valid)."""
+    fixed = dict(data)
+    for section in ("models", "orgs"):
+        value = data.get(section)
+        if isinstance(value, dict):
+            named = texts.get(section) or {}
+            fixed[section] = {(k if isinstance(k, str) else
+                               (named.get(k) or (str(k), 0))[0]): v for k, v in value.items()}
+    try:
+        Config.model_validate(fixed, context={"key_texts": {}})
+    except ValidationError as e:
+        return [line for err in e.errors()
+                if err["loc"] and err["loc"][0] in ("models", "orgs")
+                and err["type"] != "cross_check" for line in _error_lines(err, source)]
+    return []
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:

@@ -514,3 +514,24 @@ def test_an_api_keys_secret_is_no_admin_token() -> None:
                               "role": "admin"}]}
     with pytest.raises(ValidationError, match=r"admin\.tokens\[0\]\.sha256: the secret of"):
         Config.model_validate(d)
+
+
+def test_every_error_is_said_beside_an_alias_yaml_reads_as_no_string(tmp_path: Path) -> None:
+    """New-user tester: with `yes:` unquoted, the model's own errors (a backend URL with a
+    path, a price written `1_000`, `max_tokens: 0`, an unknown field) came only once it
+    was quoted; and `sha256: 1234` said pydantic's bare "Input should be a valid string"."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "models:\n  yes:\n    upstream_model: x\n"
+        "    backends: [{url: 'http://127.0.0.1:8000/v1'}]\n"
+        "    price_per_1k_tokens: {input: 1_000, output: 1}\n    max_tokens: 0\n"
+        "    bogus: 1\n"
+        "keys:\n  - {id: k1, org: acme, sha256: 1234}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    where = [p.removeprefix(f"{path}: ").split(":")[0] for p in e.value.problems]
+    assert where == ["models", "keys[0].sha256", "models.yes.backends[0].url",
+                     "models.yes.price_per_1k_tokens.input", "models.yes.max_tokens",
+                     "models.yes.bogus"], e.value.problems
+    assert "got the number 1234 (YAML reads unquoted digits so: quote it)" in (
+        e.value.problems[1])
