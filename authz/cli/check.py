@@ -7,11 +7,17 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from authz.cli.common import Parents, Subparsers
 from authz.runtime.settings import Settings
-from authz.runtime.tls_files import backend_ca_problems, tls_problems, tls_warnings
+from authz.runtime.tls_files import (
+    backend_ca_problems,
+    backend_key_problems,
+    tls_problems,
+    tls_warnings,
+)
 from policy.config import Config, ConfigError, price_warnings
 
 
@@ -34,7 +40,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as e:
         print("\n".join(e.problems), file=sys.stderr)
         return 2
-    missing = machine_problems(cfg, args.file)
+    missing = machine_problems(cfg, args.file, settings.backend_keys)
     if missing and args.here:
         print("\n".join(missing), file=sys.stderr)
         return 2
@@ -49,14 +55,16 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def machine_problems(cfg: Config, source: str) -> list[str]:
-    """What would stop `up` (Envoy and the services) from starting here with `cfg`: the
-    TLS files (Envoy refuses to start without them, or with a key that is not the
-    certificate's) and the data directory (state, records, spools, run files)."""
+def machine_problems(cfg: Config, source: str, env: Mapping[str, str]) -> list[str]:
+    """What would stop `up` (Envoy and the services) from starting or serving here with
+    `cfg`: the TLS files (Envoy refuses to start without them, or with a key that is not
+    the certificate's), backends' CA files and API keys (from `env`), and the data
+    directory (state, records, spools, run files)."""
     out = []
     if cfg.tls is not None:
         out += [f"{source}: {line}" for line in tls_problems(cfg.tls.cert, cfg.tls.key)]
-    out += [f"{source}: {line}" for line in backend_ca_problems(cfg.models)]
+    out += [f"{source}: {line}" for line in backend_ca_problems(cfg.models)
+            + backend_key_problems(cfg.models, env)]
     why = _not_writable_dir(cfg.data_dir)
     if why:
         out.append(f"{source}: data_dir: {cfg.data_dir}: {why}")

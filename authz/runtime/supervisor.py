@@ -45,7 +45,12 @@ from authz.runtime.procs import (
 )
 from authz.runtime.settings import Settings
 from authz.runtime.side_port import PID_HEADER
-from authz.runtime.tls_files import backend_ca_problems, tls_problems, tls_warnings
+from authz.runtime.tls_files import (
+    backend_ca_problems,
+    backend_key_problems,
+    tls_problems,
+    tls_warnings,
+)
 from policy.config import OWN_ENV_PREFIX, Config, ConfigError, parse_hostport, price_warnings
 from policy.keys import fingerprint
 
@@ -169,9 +174,11 @@ def run_up(opts: UpOptions, settings: Settings) -> int:
         # simulator had started, and `up` said only "envoy: a process exited" (TLS tester).
         raise ConfigError([f"{opts.config_path}: {line}" for line in bad])
     # A certificate Envoy serves but clients refuse (expired, say), a model whose tokens
-    # cost nothing for want of a price: said, not refused.
+    # cost nothing for want of a price, a backend key Envoy cannot load (its model's
+    # requests get 503; not under --sim, whose simulator needs none): said, not refused.
     for line in (tls_warnings(cfg.tls.cert) if cfg.tls is not None else []) + \
-            price_warnings(cfg):
+            price_warnings(cfg) + \
+            ([] if opts.sim else backend_key_problems(cfg.models, settings.backend_keys)):
         print(f"tokenbooth: warning: {opts.config_path}: {line}", file=sys.stderr, flush=True)
     admin_api = bool(cfg.admin.tokens or settings.admin_token)  # served only then
     _check_ports_free(opts.overrides.apply(cfg),

@@ -35,6 +35,25 @@ def unreadable(path: Path) -> str | None:
     return "a directory, not a file" if path.is_dir() else None
 
 
+def backend_key_problems(models: Mapping[str, Model], env: Mapping[str, str]) -> list[str]:
+    """A backend API key Envoy could not load where `up` runs (new-user tester: `up`
+    started, and each request got 503 "cannot load this model's backend API key"): a
+    variable `api_key_env` names that is unset or empty in `env`, or an `api_key_file`
+    that cannot be read. One line per model."""
+    out = []
+    for alias, m in models.items():
+        where = next((b.credential for b in m.backends if b.credential), None)
+        if where is None:
+            continue
+        kind, name = where
+        if kind == "env" and not env.get(name):
+            out.append(f"models.{alias}: its backend API key variable {name} is not set: "
+                       "its requests would get 503")
+        elif kind == "file" and (why := unreadable(Path(name))):
+            out.append(f"models.{alias}: cannot read its backend API key file {name}: {why}")
+    return out
+
+
 def ca_problems(setting: str, path: Path) -> list[str]:
     """What stops Envoy from checking certificates against the PEM CAs in `path` (a
     cluster that names it is refused, and its model answers nothing): one line naming

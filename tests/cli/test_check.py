@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from authz.cli.main import main
 from tests.cli.test_cli import tb
 from tests.tls import make_test_ca
 
@@ -208,3 +209,29 @@ def test_a_backend_ca_file(tmp_path: Path) -> None:
             "warning: policy.yaml: models.m.backend_ca_file: ") and why in lines[0]
         r = tb("check-config", "--here", "policy.yaml", cwd=tmp_path)
         assert r.returncode == 2 and "models.m.backend_ca_file" in r.stderr
+
+
+def test_a_backend_key_envoy_cannot_load_here_is_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """New-user tester: a backend's `api_key_env` unset where `up` ran passed
+    `check-config --here` and `up`; each request then got 503. Said, as what this
+    machine lacks (an error with --here), for a key file that cannot be read too."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "models:\n"
+        "  a: {upstream_model: x, price_per_1k_tokens: {input: 0, output: 0}, backends: "
+        "[{url: 'http://127.0.0.1:8000', api_key_env: VLLM_KEY_A}]}\n"
+        "  b: {upstream_model: y, price_per_1k_tokens: {input: 0, output: 0}, backends: "
+        "[{url: 'http://127.0.0.1:8001', api_key_file: /nonexistent/key}]}\n")
+    assert main(["check-config", str(path)], env={}) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: ") for line in err)
+    assert "models.a: its backend API key variable VLLM_KEY_A is not set" in err[0]
+    assert "models.b: cannot read its backend API key file /nonexistent/key" in err[1]
+    assert main(["check-config", "--here", str(path)], env={}) == 2
+    capsys.readouterr()
+    key = tmp_path / "key"
+    key.write_text("k")
+    path.write_text(path.read_text().replace("/nonexistent/key", str(key)))
+    assert main(["check-config", "--here", str(path)], env={"VLLM_KEY_A": "k"}) == 0
+    assert capsys.readouterr().err == ""
