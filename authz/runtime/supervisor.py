@@ -433,8 +433,8 @@ def _banner(cfg: Config, config_path: Path, secret: str | None, sim_url: str | N
         print(
             f"    curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {secret}' "
             "-H 'Content-Type: application/json' "
-            f"-d '{{\"model\":\"{alias}\",\"messages\":[{{\"role\":\"user\","
-            "\"content\":\"Hello!\"}]}'"
+            f"-d '{{\"model\":\"{alias}\",\"max_tokens\":32,\"messages\":[{{\"role\":"
+            "\"user\",\"content\":\"Hello!\"}]}'"
         )
     else:
         # (The config may still list the demo key: only its secret, in demo.key, is gone.)
