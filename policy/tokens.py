@@ -300,12 +300,32 @@ def tool_repeats(messages: list[Any]) -> int:
     return max(1, users.count(users[-1])) if users else 1
 
 
+# A chat part's text as vLLM 0.32 reads it (`MM_PARSER_MAP`, `TEXT_PART_TYPES`), by type.
+_TEXT_OF: Final = {"text": "text", "input_text": "text", "output_text": "text",
+                   "thinking": "thinking", "refusal": "refusal"}
+
+
 def _compared(message: dict[str, Any]) -> Any:
+    """A user message's content as the template compares it: a list of parts becomes the
+    text vLLM makes of it (each text, thinking or refusal part's text, the empty ones
+    dropped, joined by line ends; media left out: two messages equal here may differ in
+    their media, which only counts the tools more often; hold bound retest 3: refusal
+    parts and empty text parts were missed)."""
     content = message.get("content")
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content
-                         if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return content
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        text: Any = part
+        if isinstance(part, dict):
+            kind = part.get("type")
+            key = _TEXT_OF.get(kind) if isinstance(kind, str) else None
+            if key is None or part.get("uuid") is not None:
+                continue
+            text = part.get(key)
+        if isinstance(text, str) and text:
+            texts.append(text)
+    return "\n".join(texts)
 
 
 def _is_count(value: Any) -> bool:

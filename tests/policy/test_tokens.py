@@ -469,4 +469,13 @@ def test_tools_are_held_before_every_user_message_equal_to_the_last() -> None:
     # Parts compare by their text, as vLLM joins them; distinct turns hold it once.
     parts = {"role": "user", "content": [{"type": "text", "text": "x"}]}
     assert grown([parts, turn[1], turn[0]]) == 2 * once
+    # As vLLM reads them (retest 3): a refusal or thinking part's text, by its type (not a
+    # `text` key beside it); empty parts dropped.
+    for content in ([{"type": "refusal", "refusal": "x"}],
+                    [{"type": "thinking", "thinking": "x"}],
+                    [{"type": "refusal", "text": "no", "refusal": "x"}],
+                    [{"type": "text", "text": "x"}, {"type": "text", "text": ""}],
+                    [{"type": "text", "text": ""}, {"type": "text", "text": "x"}]):
+        assert grown([{"role": "user", "content": content}, turn[1], turn[0]]) == 2 * once, (
+            content)
     assert grown([{"role": "user", "content": "a"}, turn[1], turn[0]]) == once
