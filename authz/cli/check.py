@@ -19,6 +19,7 @@ from authz.runtime.tls_files import (
     tls_warnings,
 )
 from policy.config import Config, ConfigError, price_warnings
+from policy.keyrecord import reads_as_secret, redact_secrets
 
 
 def add_parsers(sub: Subparsers, parents: Parents) -> None:
@@ -49,10 +50,26 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
               file=sys.stderr)
     # Envoy serves such a certificate, and a model may be free: warnings, never errors.
     for line in (tls_warnings(cfg.tls.cert) if cfg.tls is not None else []) + \
-            price_warnings(cfg):
+            price_warnings(cfg) + secret_name_warnings(cfg):
         print(f"warning: {args.file}: {line}", file=sys.stderr)
     print(f"{args.file}: ok ({len(cfg.models)} model(s), {len(cfg.keys)} key(s))")
     return 0
+
+
+def secret_name_warnings(cfg: Config) -> list[str]:
+    """Names and ids in the config that read as a key's secret (one pasted there by
+    mistake: listed in clear by every command). Said, not refused: a config written
+    before the rule keeps loading. The secret is shown by its prefix only."""
+    out = []
+    for org in cfg.orgs:
+        if reads_as_secret(org):
+            out.append(f"orgs: {redact_secrets(org)!r} reads as a key's secret, not a name")
+    for i, key in enumerate(cfg.keys):
+        for field, value in (("id", key.id), ("org", key.org), ("name", key.name)):
+            if reads_as_secret(value):
+                out.append(f"keys[{i}].{field}: {redact_secrets(value)!r} reads as a key's "
+                           "secret, not a name")
+    return out
 
 
 def machine_problems(cfg: Config, source: str, env: Mapping[str, str]) -> list[str]:

@@ -235,3 +235,22 @@ def test_a_backend_key_envoy_cannot_load_here_is_said(
     path.write_text(path.read_text().replace("/nonexistent/key", str(key)))
     assert main(["check-config", "--here", str(path)], env={"VLLM_KEY_A": "k"}) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_secret_pasted_as_a_name_in_the_config_is_warned_of(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Retest: a config with an org, a key's org, name or id reading as a key's secret
+    passed without a word (the admin API and CLI refuse such names; a config written
+    before that rule keeps loading, so a warning)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "models:\n  demo: {upstream_model: x, backends: [], "
+        "price_per_1k_tokens: {input: 0, output: 0}}\n"
+        "orgs: {sk-tb-AAAAAAAAAAAAAAAAAAAA: {rpm: 2}}\n"
+        "keys:\n  - {id: sk-tb-DDDDDDDDDDDDDDDDDDDD, org: sk-tb-BBBBBBBBBBBBBBBBBBBB, "
+        f"name: sk-tb-CCCCCCCCCCCCCCCCCCCC, sha256: '{'a' * 64}'}}\n")
+    assert main(["check-config", str(path)], env={}) == 0
+    err = capsys.readouterr().err
+    assert err.count("reads as a key's secret") == 4, err
+    for letter in "ABCD":
+        assert letter * 20 not in err
