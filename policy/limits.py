@@ -176,6 +176,11 @@ def nano_to_usd(nano: int) -> Decimal:
     return Decimal(nano) / NANO_PER_USD
 
 
+def usd_text(nano: int) -> str:
+    """`nano` in dollars as plain decimal text, exact, with no trailing zeros ("0.05")."""
+    return format(nano_to_usd(nano).normalize() if nano else Decimal(0), "f")
+
+
 def budget_admits(spent: int, reserved: int, ask: int, budget: int) -> bool:
     """Whether the worst case fits beside what is spent and held (never once spent > budget)."""
     return spent + reserved + ask <= budget

@@ -15,12 +15,12 @@ from policy.limits import (
     Ask,
     Decision,
     Limits,
-    nano_to_usd,
     period_id,
     period_reset_s,
     rate_headers,
     retry_after_header,
     tightest,
+    usd_text,
     usd_to_nano,
 )
 
@@ -122,10 +122,10 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
         headers.append(NO_RETRY)  # more than a whole period's budget: never fits
         return ApiError(
             429, "insufficient_quota",
-            f"This request's worst-case cost (${_usd(cost_nano)}: its prompt's bound, with "
+            f"This request's worst-case cost (${usd_text(cost_nano)}: its prompt's bound, with "
             "the chat template's own tokens the gateway allows for, and max_tokens, at the "
             f"model's prices) is more than this {owner}'s whole budget for a period "
-            f"(${_usd(limits.budget_nano)}); lower max_tokens or the prompt.",
+            f"(${usd_text(limits.budget_nano)}); lower max_tokens or the prompt.",
             type="insufficient_quota", headers=tuple(headers),
         )
     if d.reason == "budget_held":  # unspent, but held by requests in flight
@@ -169,12 +169,6 @@ def refusal(d: Decision, limits: Limits, now: datetime, cost_nano: int = 0,
 # tokens per minute is on that one too (as OpenAI's "Request too large ... on tokens per
 # min"), not the generic `rate_limit_error`. Concurrency has no OpenAI counterpart.
 _TYPES = {"requests": "requests", "tokens": "tokens", "tokens_too_large": "tokens"}
-
-
-def _usd(nano: int) -> str:
-    """A cost in the message, in dollars, exact (trailing zeros dropped)."""
-    text = format(nano_to_usd(nano), "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _wait(seconds: float) -> tuple[tuple[str, str], ...]:

@@ -9,7 +9,6 @@ import http.client
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -28,7 +27,7 @@ from policy.audit import (
     valid_records,
 )
 from policy.config import Config, redacted
-from policy.limits import nano_to_usd
+from policy.limits import usd_text
 
 EPILOG = """\
 For each key and org with a budget, and each budget period, the ledger's spent is
@@ -261,16 +260,12 @@ def scrape_vllm(url: str) -> VllmCounters:
 # -- output -----------------------------------------------------------------------------
 
 
-def _usd(nano: int) -> str:
-    return format(nano_to_usd(nano).normalize() if nano else Decimal(0), "f")
-
-
 def _ledger_json(a: LedgerAudit, problems: list[str]) -> dict[str, Any]:
     return {
         "owner": a.owner, "period": a.period, "ledger_found": a.ledger_found,
-        "spent_nano": a.spent, "spent_usd": _usd(a.spent),
+        "spent_nano": a.spent, "spent_usd": usd_text(a.spent),
         "records": a.records, "records_nano": a.records_nano,
-        "records_usd": _usd(a.records_nano), "drift_nano": a.drift_nano,
+        "records_usd": usd_text(a.records_nano), "drift_nano": a.drift_nano,
         "settling": a.settling, "reserved_nano": a.reserved,
         "live_holds": a.live_holds, "live_nano": a.live_nano,
         "expired_holds": a.expired_holds, "expired_nano": a.expired_nano,
@@ -328,8 +323,8 @@ def _print_report(r: Report) -> None:
                       "reserved_usd", "expired", "status"))
     for a in r.ledgers:
         problems = r.ledger_problems(a)
-        print(_ROW.format(cell(a.owner, 24), a.period, _usd(a.spent), _usd(a.records_nano),
-                          a.records, a.settling, _usd(a.reserved), a.expired_holds,
+        print(_ROW.format(cell(a.owner, 24), a.period, usd_text(a.spent), usd_text(a.records_nano),
+                          a.records, a.settling, usd_text(a.reserved), a.expired_holds,
                           "DRIFT: " + "; ".join(problems) if problems else
                           "ok (records trimmed)" if a.trimmed else "ok"))
     if r.trimmed_before is not None:

@@ -48,7 +48,13 @@ from authz.state.limits.base import LimitStore, LimitStoreUnavailable
 from authz.state.tasks import cancel_and_wait
 from authz.state.usage.records import UsageSink
 from policy.config import Config, OrgLimits, redacted
-from policy.limits import nano_to_usd, period_id, period_start, previous_period_id, usd_to_nano
+from policy.limits import (
+    period_id,
+    period_start,
+    previous_period_id,
+    usd_text,
+    usd_to_nano,
+)
 from policy.usage import UsageRecord, iso_z
 
 log = logging.getLogger("tokenbooth.alerts")
@@ -139,8 +145,8 @@ class Alert:
             "kind": "org" if self.who.key_id is None else "key",
             "org": self.who.org, "key_id": self.who.key_id, "period": self.period,
             "threshold": None if self.threshold is None else self.marker[2],
-            "spent_usd": _usd(self.spent), "budget_usd": _usd(budget),
-            "left_usd": _usd(self.left), "ratio": ratio, "at": iso_z(self.at)})
+            "spent_usd": usd_text(self.spent), "budget_usd": usd_text(budget),
+            "left_usd": usd_text(self.left), "ratio": ratio, "at": iso_z(self.at)})
 
 
 MAX_TIER = 10  # a refusal with 1/1024 of the budget left or less: the last one said
@@ -157,10 +163,6 @@ def left_tier(left: int, budget: int) -> int:
     while tier < MAX_TIER and left * 2 ** (tier + 1) <= budget:
         tier += 1
     return tier
-
-
-def _usd(nano: int) -> str:
-    return format(nano_to_usd(nano).normalize() if nano else Decimal(0), "f")
 
 
 def signature(secret: str, body: bytes) -> str:
