@@ -19,13 +19,14 @@ from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import parent_context, span_attributes
 from authz.services import protos
 from authz.services.exchange import handle
-from authz.services.lifecycle import Ending, Lifecycle, OrgLimitsOf
+from authz.services.lifecycle import EARLY_REPORT_S, Ending, Lifecycle, OrgLimitsOf
 from authz.services.meter_reports import MeterReports
 from authz.services.prompt_counter import PromptCounter, backend_headers
 from authz.services.refusals import log_refusal
 from authz.services.stalls import Stalls
 from authz.state.limits.admission import Admission
 from policy.errors import ApiError
+from policy.meter_report import MeterReport
 from policy.prompt_count import Recount
 
 log = logging.getLogger("tokenbooth.ext_proc")
@@ -164,6 +165,12 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                 # Envoy meters the rest: the record and settlement wait for its report.
                 self._apart(self._after_report(life, span), waits=True)
                 span = None
+            elif life.stream_ended_early():
+                # Ended before its response headers came: Envoy's meter may have seen
+                # the answer begin, and its report says what the client got.
+                oos = self._out_of_sight(life, opened, forwarded)
+                self._apart(self._after_report(life, span, oos), waits=True)
+                span = None
             # The stream ended: normally after the response, else the client or
             # Envoy went away mid-request, or the rest is served out of sight (this
             # server stopped, or stood still, with the stream open: charged whole).
@@ -258,27 +265,40 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
             task.add_done_callback(self._waiting.discard)
         return task
 
-    async def _after_report(self, life: Lifecycle, span: Span | None) -> None:
+    async def _after_report(self, life: Lifecycle, span: Span | None,
+                            early: bool | None = None) -> None:
         """A stream Envoy metered: its report (or none by the time the stream must have
-        ended), then the record and the settlement."""
+        ended), then the record and the settlement. `early`: its ext_proc stream ended
+        before the response headers came (`Lifecycle.stream_ended_early`), and whether
+        it goes on out of sight: a report then comes at once if at all, or at its end."""
+        wait = life.report_wait_s()
+        if early is False:
+            wait = min(wait, EARLY_REPORT_S)
+
+        def take(report: MeterReport | None) -> None:
+            if early is None:
+                life.take_report(report)
+            else:
+                life.take_early_report(report, early)
+
         try:
             try:
-                report = await self._reports.wait(life.request_id, life.report_wait_s())
+                report = await self._reports.wait(life.request_id, wait)
             except asyncio.CancelledError:
                 if self._hurried and not self._leave(life):  # (left: the sweep's, counted)
                     # A hurried stop, its hold in no store: recorded here, its whole hold.
-                    life.take_report(None)
+                    take(None)
                     if life.recount_owed is not None:  # hurried: the prompt's bound, now
                         self._recount_owed(life, None)
                     self._apart(life.settle())
                 raise
-            if report is None:
+            if report is None and early is None:
                 why = ("the services stopped before Envoy's report on a stream it metered "
                        "came" if self._reports.closed
                        else "no meter report for a stream Envoy metered")
                 log.error("%s: charged what it could generate (its completion bound)", why,
                           extra={"request_id": life.request_id})
-            life.take_report(report)
+            take(report)
             if life.recount_owed is not None and self._recount_owed(life, span):
                 span = None  # the recount writes, settles and ends it
                 return

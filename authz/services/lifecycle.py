@@ -139,6 +139,10 @@ class MeterReports(Protocol):
 _FREE = Price()
 # A handed-over stream stops waiting for its report this long before its lease ends.
 REPORT_MARGIN_S = 5.0
+# How long a metered stream whose ext_proc stream ended before its response headers
+# waits for Envoy's report (Envoy sends it within its flush, FLUSH_MS; none comes when
+# its meter never saw the answer begin: the client left before the backend answered).
+EARLY_REPORT_S = 1.0
 
 # Streams Envoy can meter: their usage is in a chunk of their own (the Responses API's
 # final event echoes the request, so only the services read it).
@@ -527,6 +531,35 @@ class Lifecycle:
         self.finish(aborted=not report.ended, cut_by_gateway=report.cut_by_gateway,
                     client_status=own)
 
+    def stream_ended_early(self) -> bool:
+        """Its ext_proc stream ended: whether before its response headers came here, on
+        a stream Envoy was asked to meter and not yet recorded (then notes when: Envoy
+        may yet report on it, if its meter saw the backend's answer begin)."""
+        if (self._envoy_meter is None or not self.admitted or self.finished
+                or self.responded or self.handed_over):
+            return False
+        self._ended_at = time.monotonic()  # what the record judges by, if none comes
+        return True
+
+    def take_early_report(self, report: MeterReport | None, out_of_sight: bool) -> None:
+        """The record of a request `stream_ended_early` was true of: with Envoy's
+        report, as a stream handed over (its meter reports only a stream whose answer
+        began below 400: what passed, how it ended, what the client got: the backend cut
+        it as Envoy passed its 200 on, and the client got Envoy's 502, not a 499: final
+        retest); without one, as any request that ended early."""
+        if report is not None:
+            code = report.client_status
+            self.response_start(code if 0 < code < 400 else 200, "")
+            if self.hand_over():
+                self.take_report(report)
+                return
+        self.finish(aborted=True, out_of_sight=out_of_sight)
+
+    def _end(self) -> float:
+        """When the request ended, where known (it may be recorded later: after Envoy's
+        report, or the wait for one), else now."""
+        return self._ended_at or time.monotonic()
+
     def _replay_pace(self, report: MeterReport) -> None:
         """A cut stream Envoy metered, as its pace would have seen it: its first and last
         generated text (Envoy reports no other times) and when it ended, so the silence
@@ -676,7 +709,7 @@ class Lifecycle:
         if not (self.delivered or self.responded or self.status):
             # Envoy gave up on the answer after its message timeout (it answered 503),
             # or the client left first.
-            late = time.monotonic() - self._t0 >= self._snap.config.envoy.decision_timeout_ms / 1000
+            late = self._end() - self._t0 >= self._snap.config.envoy.decision_timeout_ms / 1000
             status = SERVICE_UNAVAILABLE if late else CLIENT_CLOSED
         elif out_of_sight:
             status = self.status  # nobody left, nothing timed out: the backend's (or LOST)
@@ -698,7 +731,7 @@ class Lifecycle:
         prompt_estimated = (estimated and usage.prompt_tokens > 0
                             and usage.prompt_tokens == req.prompt_estimate)
         return Ending(usage, estimated, status, prompt_estimated,
-                      (time.monotonic() - self._t0) * 1000)
+                      (self._end() - self._t0) * 1000)
 
     def prompt_recount(self, ending: Ending) -> tuple[str, Recount] | None:
         """For a record whose prompt is the byte estimate, where its exact count comes
@@ -807,7 +840,7 @@ class Lifecycle:
         meter, pace = self._meter, self._pace
         if pace is None or meter is None or meter.ended or meter.done:
             return 0
-        unseen = pace.unseen(self._ended_at or time.monotonic(), meter.tokens_seen)
+        unseen = pace.unseen(self._end(), meter.tokens_seen)
         if unseen is None or meter.error_status:  # (generation failed: nothing steps on)
             return unseen
         # A stream Envoy metered reports its events, not which choices they opened, nor
@@ -817,7 +850,7 @@ class Lifecycle:
 
     def _cut_status(self, stream: bool) -> int:
         """A response that ended early: 504 if Envoy's timeouts cut it, else 499."""
-        now = time.monotonic()
+        now = self._end()
         cut = self._snap.config.envoy.ended_by_gateway(stream, now - self._last_byte,
                                                        now - self._t0)
         return GATEWAY_TIMEOUT if cut else CLIENT_CLOSED

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
+import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -228,6 +231,16 @@ class Unstreaming(ThreadedBackend):
         if request.headers.get("x-answer") in MALFORMED_USAGE:
             body = _HI * 3 + MALFORMED_USAGE[request.headers["x-answer"]] + b"data: [DONE]\n\n"
             return web.Response(body=body, headers={"content-type": "text/event-stream"})
+        if request.headers.get("x-answer") == "reset":  # a 200, a chunk, then a reset
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(_HI)
+            transport = request.transport
+            assert transport is not None
+            transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+            return resp  # type: ignore[return-value]
         if request.headers.get("x-answer") == "spaced":
             return web.Response(body=SPACED, headers={"content-type": "text/event-stream"})
         answer = request.headers.get("x-answer", "")
@@ -408,6 +421,34 @@ def test_an_empty_success_is_a_502_charged_its_whole_hold(
     assert r.headers["x-should-retry"] == "false"
     assert (rec["status"], rec["prompt_tokens"], rec["completion_tokens"],
             rec["estimated"], rec["stream"]) == (502, *whole_hold(gw), True, stream)
+
+
+@pytest.mark.parametrize("meter", ["gw", "envoy_gw"])
+def test_streams_the_backend_resets_at_once_are_recorded_as_the_client_got_them(
+        meter: str, request: pytest.FixtureRequest) -> None:
+    """Final retest: streams reset by their backend right after its 200, many at once,
+    with Envoy metering: some were cut as Envoy passed the 200 on, before ext_proc had
+    the response headers, and their clients got Envoy's 502 while the record said 499.
+    Each request's one record says the status its client got."""
+    gw: Gateway = request.getfixturevalue(meter)
+
+    def one(_: int) -> tuple[int, dict[str, Any]]:
+        with httpx.Client(timeout=30) as c:
+            try:
+                with c.stream("POST", f"{gw.base_url}/v1/chat/completions", json=CHAT,
+                              headers={"authorization": f"Bearer {SECRET}",
+                                       "x-answer": "reset"}) as r:
+                    for _ in r.iter_bytes():
+                        pass
+            except httpx.HTTPError:
+                pass  # the stream cut after its 200: what the client got is that 200
+            [rec] = records_for(gw, r.headers["x-request-id"])
+            return r.status_code, rec
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(24)))
+    assert [(status, rec["status"] == status if status >= 500 else rec["status"] == 499)
+            for status, rec in got] == [(status, True) for status, _ in got]
 
 
 @pytest.mark.parametrize("meter", ["gw", "envoy_gw"])

@@ -118,6 +118,51 @@ async def test_a_cut_stream_envoy_answered_itself_records_what_the_client_got(
         4 + ABORT_STEPS, True, status)
 
 
+async def cut_early(running: Running, rid: str) -> None:
+    """A metered stream admitted, its ext_proc stream then reset by Envoy before the
+    response headers came to the services."""
+    s = Stream(running)
+    await admit(s, {**CHAT, "stream": True, "max_tokens": 50}, rid=rid)
+    s.call.cancel()
+
+
+@pytest.mark.parametrize(("client_status", "meter", "want"), [
+    (502, {"events": 3}, (502, 3 + ABORT_STEPS, True)),
+    (0, {"events": 2}, (499, 2 + ABORT_STEPS, True)),
+    (200, {"events": 2, "usage": USAGE_EVENT.decode(), "done": 1, "ended": 1},
+     (200, 2, False)),
+])
+async def test_a_stream_cut_before_its_headers_came_here_takes_envoys_report(
+        running: Running, client_status: int, meter: dict[str, Any],
+        want: tuple[int, int, bool]) -> None:
+    """Final retest: several metered streams cut at once as Envoy passed the backend's
+    200 on, before ext_proc had the response headers: the ext_proc stream ended first,
+    the record said 499 (the client left), and Envoy's report (its 502 to the client,
+    the events that passed) found nobody waiting. The services now wait briefly for it:
+    the record says what the client got, and charges what passed and the abort's steps;
+    a stream Envoy served whole out of the services' sight is exact."""
+    rid = f"r-early-{client_status}"
+    await cut_early(running, rid)
+    await asyncio.sleep(0.2)
+    assert await records(running, 0) == []  # waiting for Envoy's report
+    await report(running, rid, client_status=client_status, **meter)
+    [rec] = await records(running, 1)
+    assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == want
+
+
+async def test_a_stream_cut_before_its_headers_with_no_report_ends_as_before(
+        running: Running) -> None:
+    """No report comes (the client left before the backend answered: Envoy's meter
+    never began): after the short wait, recorded as a stream that began no answer."""
+    await cut_early(running, "r-early-none")
+    [rec] = await records(running, 1)
+    assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == (
+        499, ABORT_STEPS, True)
+    await report(running, "r-early-none", client_status=502, events=3)  # too late
+    await asyncio.sleep(0.1)
+    assert len(await records(running, 1)) == 1
+
+
 @pytest.mark.parametrize(("body", "events", "lag"), [
     ({"n": 3}, 15, 3 * ABORT_STEPS),
     ({"n": 3}, 0, 3 * ABORT_STEPS),  # no event counted: role chunks are not, so each
