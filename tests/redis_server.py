@@ -21,6 +21,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.args: list[str] = []  # more of redis-server's options (e.g. --requirepass)
 
     @property
     def url(self) -> str:
@@ -30,7 +31,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10

@@ -28,8 +28,33 @@ _Args = tuple[str | bytes | int, ...]
 
 
 class NotSent(ConnectionError):
-    """No connection to Redis could be made: the call was never sent, so nothing it
-    would change did (a refused connection, a connect timeout)."""
+    """The call never reached Redis: no connection could be made (refused, a connect
+    timeout, a refused AUTH), or Redis had stopped reading it (a protocol error before
+    it); so nothing it would change did."""
+
+
+class NotRun(ResponseError):
+    """Redis refused the command before running it, so nothing it would change did: it
+    needs AUTH (restarted with a password), is loading its data, busy with a script, a
+    read-only replica, or refuses writes (a failed save, its primary down)."""
+
+
+# The error codes Redis answers a command it did not run with (a script's own error,
+# OOM or WRONGTYPE may come after some of its writes: not these).
+_NOT_RUN = (b"NOAUTH", b"WRONGPASS", b"LOADING", b"BUSY", b"READONLY", b"MISCONF",
+            b"MASTERDOWN")
+
+
+# Redis closes the connection after this error and reads nothing more from it (an
+# unauthenticated client's command of more than 10 arguments gets it).
+_PROTOCOL_ERROR = "ERR Protocol error"
+
+
+def _reply_error(msg: str) -> ResponseError:
+    code = msg.split(" ", 1)[0].encode()
+    return (NoScriptError(msg) if code == b"NOSCRIPT" else
+            NotRun(msg) if code in _NOT_RUN or msg.startswith(_PROTOCOL_ERROR)
+            else ResponseError(msg))
 
 
 def _encode(args: _Args) -> bytes:
@@ -46,6 +71,7 @@ class _Protocol(asyncio.Protocol):
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.reader = hiredis.Reader()
         self.lost = False
+        self.unread = False  # Redis said it reads nothing more (a protocol error)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they behave as one.
@@ -61,15 +87,17 @@ class _Protocol(asyncio.Protocol):
             if fut.done():  # timed out meanwhile (the connection is closing)
                 continue
             if isinstance(reply, hiredis.ReplyError):
-                msg = str(reply)
-                fut.set_exception(NoScriptError(msg) if msg.startswith("NOSCRIPT")
-                                  else ResponseError(msg))
+                self.unread |= str(reply).startswith(_PROTOCOL_ERROR)
+                fut.set_exception(_reply_error(str(reply)))
             else:
                 fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self._fail_pending(ConnectionError(f"redis: connection lost ({exc or 'closed'})"))
+        self._fail_pending(
+            NotSent("redis: closed after a protocol error (the calls after it not run)")
+            if self.unread else
+            ConnectionError(f"redis: connection lost ({exc or 'closed'})"))
 
     def fail(self, exc: OSError) -> None:
         """Give up on this connection: its replies can no longer be matched to calls."""
@@ -114,6 +142,8 @@ class RespClient:
         if proto is None or proto.lost:
             try:
                 proto = await self._connect()
+            except NotSent:
+                raise
             except OSError as e:
                 raise NotSent(f"redis: cannot connect ({type(e).__name__}: {e})") from e
         return proto
@@ -186,16 +216,25 @@ class RespClient:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         ctx = ssl.create_default_context() if self._tls else None
-        _transport, proto = await asyncio.wait_for(
+        transport, proto = await asyncio.wait_for(
             loop.create_connection(_Protocol, self._host, self._port, ssl=ctx,
                                    server_hostname=self._host if ctx else None),
             self._timeout)
-        if self._password is not None:
-            auth: _Args = (("AUTH", self._user, self._password) if self._user
-                           else ("AUTH", self._password))
-            await self._send(proto, auth)
-        if self._db:
-            await self._send(proto, ("SELECT", self._db))
+        try:
+            if self._password is not None:
+                auth: _Args = (("AUTH", self._user, self._password) if self._user
+                               else ("AUTH", self._password))
+                await self._send(proto, auth)
+            if self._db:
+                await self._send(proto, ("SELECT", self._db))
+        except ResponseError as e:
+            # Refused (a wrong password, no such db): closed, not left open per call
+            # (each call made a connection of its own, and Redis ran out of clients).
+            transport.close()
+            raise NotSent(f"redis: {e}") from None
+        except BaseException:
+            transport.close()
+            raise
         self._proto = proto
         return proto
 

@@ -5,6 +5,7 @@ Settlement returns what it did and logs a hold whose cost was not the worst case
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -626,6 +627,41 @@ async def test_a_count_the_stalled_store_runs_late_is_counted_once(
         look = await store.admit(limits, ask(99), NOW.timestamp(), take=False)
         assert look.remaining_requests == 20 - 1 - 8 - 1  # after the look's own request
     finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("password", [None, "wrong"])
+async def test_a_refusal_redis_never_ran_spools_nothing(
+        own_redis: RedisServer, tmp_path: Path, password: str | None) -> None:
+    """Last round's note: Redis restarted with a password answers NOAUTH to every call
+    (or WRONGPASS to the AUTH of a stale one): each refused admission spooled a release
+    for a script Redis never ran, moving the spool's counter and alert; and each call
+    with a refused AUTH left its connection open (Redis ran out of clients). Nothing is
+    spooled, and the connections close."""
+    from redis.asyncio import Redis
+    url = own_redis.url if password is None else \
+        own_redis.url.replace("redis://", f"redis://:{password}@")
+    store = RedisLimitStore(url, timeout_s=0.5)
+    spooled: list[int] = []
+    adm = Admission(store, OnStoreError(), spool_dir=tmp_path / "spool",
+                    on_spooled=lambda: spooled.append(1))
+    own_redis.stop()
+    own_redis.args = ["--requirepass", "s3cret-pw"]
+    own_redis.start()
+    limits = Limits(max_concurrent=5)
+    with contextlib.suppress(Exception):
+        await store.start()  # (where Redis refuses it, the calls below connect)
+    for i in range(12):
+        with pytest.raises(ApiError) as e:
+            await adm.admit(limits, ask(i), NOW)
+        assert e.value.status == 503
+    assert spooled == [] and adm.spooled_bytes == 0
+    admin = Redis.from_url(own_redis.url.replace("redis://", "redis://:s3cret-pw@"))
+    try:
+        clients = len(await admin.client_list())
+        assert clients <= 2, clients  # this one, and at most the store's own
+    finally:
+        await admin.aclose()
         await store.close()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ResponseError
 
-from authz.state.resp import RespClient
+from authz.state.resp import NotSent, RespClient
 from tests.helpers import free_port
 from tests.redis_server import RedisServer
 
@@ -94,7 +94,7 @@ async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
         assert b" db=3 " in await good.execute("CLIENT", "INFO")
         await good.aclose()
         bad = RespClient(f"redis://:wrong@127.0.0.1:{port}/0", timeout_s=2)
-        with pytest.raises(ResponseError):
+        with pytest.raises(NotSent, match="WRONGPASS"):  # refused: nothing it sends runs
             await bad.execute("PING")
         await bad.aclose()
     finally:

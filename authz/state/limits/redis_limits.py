@@ -43,7 +43,7 @@ from authz.state.limits.redis_scripts import (
     SETTLE,
     SWEEP,
 )
-from authz.state.resp import NotSent, RespClient
+from authz.state.resp import NotRun, NotSent, RespClient
 from policy.admission import Settled, check_ask, check_usage, settled, tracked
 from policy.limits import WINDOW_S, Ask, Decision, Limits
 from policy.quota import ORG_KEY_PREFIX
@@ -561,9 +561,11 @@ class RedisLimitStore:
         try:
             return await awaitable
         except (RedisError, OSError) as e:  # TimeoutError is an OSError
-            # NotSent: never reached Redis, so nothing to undo (an outage's refusals
-            # spooled a zero release each: observability tester).
-            kind = (LimitStoreRefused if isinstance(e, ResponseError) else
-                    LimitStoreUnwritable if isinstance(e, NotSent) else LimitStoreUnavailable)
+            # NotSent, NotRun: never run in Redis, so nothing to undo (an outage's
+            # refusals spooled a zero release each: observability tester; so did a
+            # Redis restarted with a password, answering NOAUTH: last round's note).
+            kind = (LimitStoreUnwritable if isinstance(e, NotSent | NotRun) else
+                    LimitStoreRefused if isinstance(e, ResponseError) else
+                    LimitStoreUnavailable)
             raise kind(f"redis limit store: {type(e).__name__}: {e}") from None
 
