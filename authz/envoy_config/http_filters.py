@@ -625,6 +625,7 @@ def route_config(cfg: Config) -> RouteConfiguration:
             name="tokenbooth", domains=["*"],
             typed_per_filter_config=({CORS: pack(cors_policy(cfg))}
                                      if cfg.envoy.cors_allow_origins else {}),
+            response_headers_to_add=_vary_origin() if cfg.envoy.cors_allow_origins else [],
             routes=[
             _connect_route(), _health_route(), _health_other_methods_route(),
             _models_route(), *inference, _unrouted(cfg)])],
@@ -639,6 +640,18 @@ CORS_ALLOW_HEADERS = "authorization, *"
 CORS_EXPOSE_HEADERS = "*"
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_MAX_AGE_S = 600
+
+
+def _vary_origin() -> list[HeaderValueOption]:
+    """`vary: Origin` on every answer where CORS is on: access-control-allow-origin
+    depends on the request's Origin, and a cache (a browser's, a CDN's) that reused an
+    answer across origins, or with and without CORS, failed the browser's check
+    (security tester; the Fetch standard asks for it). Added to a backend's own `vary`.
+    (Not on the preflights Envoy answers itself: no HTTP cache stores an OPTIONS answer,
+    and browsers key their preflight cache by origin.)"""
+    return [HeaderValueOption(
+        header=HeaderValue(key="vary", value="Origin"),
+        append_action=HeaderValueOptionHeaderAppendAction.APPEND_IF_EXISTS_OR_ADD)]
 
 
 def cors_policy(cfg: Config) -> CorsPolicy:

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from authz.runtime.admin_api import ENDPOINTS, AdminContext, AdminError, Call, Streamed
 from authz.runtime.admin_auth import Caller
+from authz.runtime.quiet_http import QuietAppRunner
 from authz.state.keys.base import StoreUnavailable
 from authz.state.limits.base import LimitStoreUnavailable
 from policy.admin_schema import ROUTES, Route, openapi_document
@@ -316,7 +317,7 @@ def make_admin_app(ctx: AdminContext, version: str = "0") -> web.Application:
 async def start_admin(ctx: AdminContext, listen: tuple[str, int], version: str = "0"
                       ) -> tuple[web.AppRunner, int]:
     """Serve the admin API; the runner (to clean up) and the bound port."""
-    runner = web.AppRunner(make_admin_app(ctx, version), **SERVER_OPTIONS)
+    runner = QuietAppRunner(make_admin_app(ctx, version), **SERVER_OPTIONS)
     await runner.setup()
     await web.TCPSite(runner, *listen).start()
     return runner, int(runner.addresses[0][1])

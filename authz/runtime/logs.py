@@ -46,7 +46,7 @@ class _StatusAfterReset(logging.Filter):
                     and "SendStatusFromServerOperation" in str(exc[1]))
 
 
-class _MalformedHttp(logging.Filter):
+class MalformedHttp(logging.Filter):
     """aiohttp (the admin API, the side port) logs a request it cannot parse (a header
     past 8 KiB, TLS spoken to a plain port, a scanner) as an error with a traceback and
     the offending bytes, which may hold a token. It is the client's fault, answered with
@@ -114,4 +114,4 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("grpc._cython.cygrpc").addFilter(_StatusAfterReset())
-    logging.getLogger("aiohttp.server").addFilter(_MalformedHttp())
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttp())

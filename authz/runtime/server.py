@@ -24,6 +24,7 @@ from authz.runtime.admin_auth import CurrentAdminTokens
 from authz.runtime.budget_alerts import AlertFeed, AlertingSink, BudgetAlerts, make_marks
 from authz.runtime.metrics import BudgetWatch, Metrics, ObservedKeyStore
 from authz.runtime.procs import bind_problem
+from authz.runtime.quiet_http import QuietAppRunner
 from authz.runtime.recorder import Recorder
 from authz.runtime.settings import ADMIN_TOKEN_ENV
 from authz.runtime.side_port import make_side_app
@@ -250,7 +251,7 @@ class Services:
         hhost, hport = parse_hostport(cfg.services.http_listen)
         # As the admin API's (a body claiming a coding logged aiohttp's traceback for
         # each unauthenticated request); nothing here reads a body.
-        self._side = web.AppRunner(make_side_app(self.metrics, self.ready), **SERVER_OPTIONS)
+        self._side = QuietAppRunner(make_side_app(self.metrics, self.ready), **SERVER_OPTIONS)
         await self._side.setup()
         with _listening(cfg.services.http_listen, "services.http_listen, --http-listen"):
             await web.TCPSite(self._side, hhost, hport).start()

@@ -24,6 +24,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from authz.runtime.logs import MalformedHttp
+from authz.runtime.quiet_http import QuietAppRunner
 from authz.sim import responses_api
 from authz.sim.metrics import CONTENT_TYPE_LATEST, ModelMetrics, SimMetrics
 from authz.sim.pooling import ANSWERS
@@ -44,6 +46,7 @@ DEFAULT_MODEL: Final = "tiny-llama"
 DEFAULT_MAX_MODEL_LEN: Final = 32768
 # vLLM accepts large prompts; aiohttp's default limit is 1 MiB.
 MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+HEADER_BYTES: Final = 64 * 1024  # above the 60 KiB Envoy lets through
 
 STATUS_HEADER: Final = "x-sim-status"
 CUT_HEADER: Final = "x-sim-cut-after"
@@ -397,8 +400,12 @@ async def run_sim(
     """Serve the simulator on ``host:port`` until cancelled, then clean up the runner."""
     app = make_app(models, ttft_ms, tpot_ms, default_max_tokens, max_model_len=max_model_len,
                    api_key=api_key, models_from=models_from)
-    # No access log: the simulator serves benchmark load.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # No access log: the simulator serves benchmark load. Header lines as long as Envoy
+    # passes on (60 KiB): aiohttp's 8 KiB refused a client's long header with a 400 and
+    # a traceback in `up`'s log (security tester).
+    runner = QuietAppRunner(app, access_log=None, handle_signals=False,
+                            max_line_size=HEADER_BYTES, max_field_size=HEADER_BYTES)
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttp())  # one line, no bytes
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)

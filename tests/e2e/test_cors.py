@@ -87,10 +87,13 @@ def test_answers_and_denials_carry_the_gateways_cors_headers_not_the_backends(
     assert ok.headers.get_list("access-control-allow-origin") == [APP]
     assert "access-control-allow-credentials" not in ok.headers
     assert ok.headers["access-control-expose-headers"] == "*"  # x-request-id, rate limits
+    # It depends on the request's Origin: caches must not reuse it across origins.
+    assert "Origin" in ok.headers.get_list("vary"), ok.headers
     denied = httpx.post(f"{cors_gateway.base_url}/v1/chat/completions", json=CHAT,
                         headers={"origin": APP})
     assert denied.status_code == 401
     assert denied.headers["access-control-allow-origin"] == APP
+    assert "Origin" in denied.headers.get_list("vary"), denied.headers
     assert json.loads(denied.content)["error"]["code"] == "invalid_api_key"
     # Another origin: the backend's `*` does not reach it either.
     other = httpx.post(f"{cors_gateway.base_url}/v1/chat/completions", json=CHAT,

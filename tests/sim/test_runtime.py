@@ -211,6 +211,10 @@ async def test_run_sim_serves_until_cancelled() -> None:
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.01)
         assert [m["id"] for m in models["data"]] == ["tiny-llama"]  # the default model
+        # A header as long as Envoy passes on (60 KiB): served (security tester: past
+        # aiohttp's 8 KiB, a 400 quoting it and a traceback in `up`'s log).
+        async with http.get(url + "/v1/models", headers={"x-note": "a" * 50_000}) as resp:
+            assert resp.status == 200
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
