@@ -41,6 +41,9 @@ from policy.request_responses import responses_prompt
 UNBOUNDED_FIELDS: Final = ("chat_template", "prompt_embeds", "mm_processor_kwargs",
                            "media_io_kwargs")
 
+# Of those, the ones vLLM reads whenever they are not null.
+PRESENT_FIELDS: Final = frozenset({"prompt_embeds"})
+
 # vLLM's prefill/decode (and encoder cache) transfer parameters: with a KV connector,
 # `do_remote_decode` makes the backend keep a request's KV cache for a remote decoder
 # (for minutes, after one token), and `remote_host` / `remote_port` make it fetch
@@ -226,7 +229,9 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
     if model is None:
         raise model_not_found(alias)
     for name in UNBOUNDED_FIELDS:
-        if body.get(name):  # null and empty are as good as absent
+        # null and empty are as good as absent; `prompt_embeds` set at all is not (vLLM
+        # refuses `0` or `""` whatever its options: tester, refused after admission).
+        if body.get(name) or (name in PRESENT_FIELDS and body.get(name) is not None):
             raise invalid_request(
                 f"'{name}' is not accepted here: its prompt tokens cannot be bounded.", name)
     if body.get("priority"):

@@ -42,6 +42,9 @@ REFUSED: Final = {
                   "be metered.",
     "prompt": "a stored prompt template cannot be bounded from this body.",
 }  # fmt: skip
+# Of those, the ones vLLM reads whenever they are not null (`""` and `{}` too: tester,
+# its 404 and 400 came after admission); `background: false` is as good as absent.
+_PRESENT: Final = frozenset({"previous_response_id", "prompt"})
 # Fields the backend may hand to the chat template (or its structured-output grammar).
 TEMPLATE_FIELDS: Final = ("tool_choice", "reasoning", "text", "chat_template_kwargs")
 _CALLS: Final = frozenset({"function_call", "custom_tool_call"})
@@ -52,7 +55,7 @@ def responses_prompt(body: dict[str, Any], model: Model) -> tuple[int, int]:
     """(estimate, bound) of a Responses request's prompt tokens; a 400 names a field the
     gateway refuses or cannot read."""
     for name, why in REFUSED.items():
-        if body.get(name):  # null, false and empty are as good as absent
+        if body.get(name) or (name in _PRESENT and body.get(name) is not None):
             raise invalid_request(f"'{name}' is not accepted here: {why}", name)
     tally = Tally()
     instructions = body.get("instructions")

@@ -544,6 +544,16 @@ def is_token_id(t: Any) -> bool:
             or (type(t) is str and _ID_TEXT.fullmatch(t) is not None))
 
 
+def _non_negative(prompts: list[list[Any]], param: str) -> list[list[int]]:
+    """Lists of token ids, none negative: vLLM's request models refuse one (`ge=0`), after
+    admission (tester: `[-1, 5]` held, then vLLM's 400 of six validation errors)."""
+    for ids in prompts:
+        for t in ids:
+            if (int(float(t.replace("_", ""))) if type(t) is str else t) < 0:
+                raise invalid_request(f"'{param}' holds a negative token id: {t!r}.", param)
+    return prompts
+
+
 def token_ids(prompt: Any) -> bool:
     """Whether a completions `prompt` (an embeddings `input`) entry is one list of ids."""
     return (isinstance(prompt, list) and bool(prompt) and all(is_token_id(t) for t in prompt)
@@ -560,11 +570,11 @@ def prompt_list(prompt: Any, param: str) -> list[str] | list[list[int]]:
         if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
             return prompt
         if token_ids(prompt):
-            return [prompt]
+            return _non_negative([prompt], param)
         if isinstance(first, list) and all(
             isinstance(p, list) and all(is_token_id(t) for t in p) for p in prompt
         ):
-            return prompt
+            return _non_negative(prompt, param)
     raise invalid_request(
         f"'{param}' must be a string, an array of strings, an array of token ids, or an "
         "array of arrays of token ids.", param)

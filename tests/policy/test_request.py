@@ -223,6 +223,9 @@ def test_hold_tokens_and_cost() -> None:
         ({"chat_template": "{% for i in range(9**9) %}x{% endfor %}"}, "chat_template",
          "cannot be bounded"),
         ({"prompt_embeds": "AAAA"}, "prompt_embeds", "cannot be bounded"),
+        # vLLM reads it whenever it is not null, and refuses these (tester: after the hold).
+        ({"prompt_embeds": ""}, "prompt_embeds", "cannot be bounded"),
+        ({"prompt_embeds": 0}, "prompt_embeds", "cannot be bounded"),
         ({"mm_processor_kwargs": {"max_pixels": 10**9}}, "mm_processor_kwargs", "bounded"),
         ({"media_io_kwargs": {"video": {"num_frames": 10**6}}}, "media_io_kwargs", "bounded"),
     ],
@@ -235,6 +238,16 @@ def test_multipliers_and_unbounded_fields_are_validated(
         e = error_of({**body, **extra}, ep)
         assert (e.status, e.code, e.param) == (400, "invalid_request", param)
         assert needle in e.message
+
+
+@pytest.mark.parametrize("prompt", [[-1, 5], [[5], [6, "-2"]], [" -3 ", 4.0]])
+def test_a_negative_token_id_is_refused_before_any_hold(prompt: Any) -> None:
+    """vLLM's request models refuse a negative id (`ge=0`); it was held first (tester:
+    `[-1, 5]` admitted, then vLLM's 400 of six validation errors)."""
+    for ep, field in ((COMP_EP, "prompt"), (EMB, "input")):
+        e = error_of({"model": "demo", field: prompt}, ep)
+        assert (e.status, e.param) == (400, field) and "negative token id" in e.message
+    assert parsed({"model": "demo", "prompt": [0, "-0", 5]}, COMP_EP).prompts == 1
 
 
 def test_an_empty_prompt_is_refused_before_any_hold() -> None:
@@ -511,6 +524,9 @@ def test_responses_limit_is_max_output_tokens() -> None:
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "hi", "max_output_tokens": 257}, "max_output_tokens"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    # Read by vLLM whenever not null (its 404 and 400 came after the hold: tester).
+    ({"input": "hi", "previous_response_id": ""}, "previous_response_id"),
+    ({"input": "hi", "prompt": {}}, "prompt"),
     ({"input": "hi", "background": True}, "background"),
     ({"input": "hi", "stream": "maybe"}, "stream"),
     ({"input": 5}, "input"),
