@@ -1153,7 +1153,29 @@ def _yaml_error(e: yaml.YAMLError, text: str) -> str:
     if tab >= 0:
         return (f"line {mark.line + 1}, column {tab + 1}: a tab cannot indent YAML: "
                 "indent with spaces")
-    return f"line {mark.line + 1}: not valid YAML"
+    # What went wrong and where it began (operators tester: "line 5: not valid YAML" for
+    # a quote left open on line 3), in words both parsers give alike (their own differ:
+    # libyaml's and PyYAML's must say the same), never the file's text.
+    said = f"line {mark.line + 1}: not valid YAML"
+    problem = str(getattr(e, "problem", "") or "")
+    for phrase, words in _YAML_PROBLEMS:
+        if phrase in problem:
+            said += f": {words}"
+            break
+    context, start = str(getattr(e, "context", "") or ""), getattr(e, "context_mark", None)
+    if start is not None and context.startswith("while scanning a quoted scalar"):
+        said += f" (a quote opened on line {start.line + 1} is not closed)"
+    elif start is not None and start.line != mark.line and (
+            m := re.fullmatch(r"while parsing an? ([a-z ]+)", context)):
+        said += f" (in the {m.group(1)} that began on line {start.line + 1})"
+    return said
+
+
+# The parsers' problems that have one meaning, in the gateway's words.
+_YAML_PROBLEMS = (
+    ("mapping values are not allowed", "': ' inside a plain value (quote the value)"),
+    ("undefined alias", "a value that begins with '*' reads as an alias (quote it)"),
+)
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:

@@ -53,10 +53,22 @@ def test_a_tab_in_the_indentation_is_said_with_its_line_and_column(
     assert str(e.value) == f"{path}: {where}: a tab cannot indent YAML: indent with spaces"
 
 
-def test_other_yaml_errors_keep_their_line() -> None:
+@pytest.mark.parametrize(("text", "said"), [
+    # Operators tester: a quote left open said only the file's last line.
+    ("listen: 'x\n", "line 2: not valid YAML (a quote opened on line 1 is not closed)"),
+    ("a:\n  b: x: y\n", "line 2: not valid YAML: ': ' inside a plain value (quote the "
+                       "value)"),
+    ("a: *foo\n", "line 1: not valid YAML: a value that begins with '*' reads as an alias "
+                  "(quote it)"),
+    ("a:\n  b: 1\n  - c\n", "line 3: not valid YAML (in the block mapping that began on "
+                           "line 2)"),
+])
+@pytest.mark.parametrize("loader", ["CLoader", "PureLoader"])
+def test_other_yaml_errors_say_their_line_and_the_parsers_words(
+        text: str, said: str, loader: str) -> None:
     with pytest.raises(yaml.YAMLError) as e:
-        load_yaml("listen: 'x\n")
-    assert config._yaml_error(e.value, "listen: 'x\n") == "line 2: not valid YAML"
+        load_yaml(text, loader=getattr(yaml_load, loader))
+    assert config._yaml_error(e.value, text) == said
     assert config._yaml_error(yaml.YAMLError("x"), "") == "not valid YAML"
 
 
