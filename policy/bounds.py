@@ -26,8 +26,8 @@ def plain_amount(v: Any) -> Any:
     """A string amount as `PLAIN_AMOUNT` allows (an exponent too: "1e2"), else a
     ValueError (other types pass)."""
     if isinstance(v, str) and not PLAIN_AMOUNT.fullmatch(v):
-        raise ValueError(f"expected an amount in ASCII digits with at most one '.', "
-                         f"got {v[:40]!r}")
+        raise ValueError(f"expected an amount in ASCII digits with at most one '.' (and "
+                         f"an exponent, as in '1e3'), got {v[:40]!r}")
     return v
 
 

@@ -131,8 +131,8 @@ def _or_clear(parse: Callable[[str], T]) -> Callable[[str], T | str]:
 
 def _usd(v: str) -> Decimal:
     if not PLAIN_AMOUNT.fullmatch(v):  # Decimal reads "1_00" as 100 (admin tester)
-        raise argparse.ArgumentTypeError(f"expected an amount in USD (digits and one "
-                                         f"'.'), got {v!r}")
+        raise argparse.ArgumentTypeError(f"expected an amount in USD (digits, one '.' "
+                                         f"and an exponent, as in '1e3'), got {v!r}")
     try:
         d = Decimal(v)
     except InvalidOperation:

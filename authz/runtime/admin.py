@@ -63,9 +63,21 @@ def _invalid(e: ValidationError, where: str) -> AdminError:
     if err["type"] == "extra_forbidden":
         msg = f"unknown {where} field {param!r}"
     else:
-        msg = f"{param}: {str(err['msg']).removeprefix('Value error, ')}" if param else \
-            str(err["msg"])
+        said = _JSON_WORDS.get(str(err["type"])) or str(err["msg"])
+        if str(err["type"]).startswith(("datetime_", "date_")):  # pydantic's own words
+            why = str(err["msg"]).partition(", ")[2]  # (month value is outside ...)
+            said = f"expected an RFC 3339 time with its zone, as in {_TIME_EXAMPLE}" + (
+                f" ({why})" if why else "")
+        said = said.removeprefix("Value error, ")
+        msg = f"{param}: {said}" if param else said
     return AdminError(400, msg, "invalid_request", param=param)
+
+
+# pydantic's words for a JSON body or query (operators tester: "Input should be a valid
+# tuple", "a valid datetime or date, input is too short"): JSON's names for them.
+_JSON_WORDS = {"tuple_type": "expected an array", "list_type": "expected an array",
+               "set_type": "expected an array", "frozen_set_type": "expected an array"}
+_TIME_EXAMPLE = "2026-12-01T00:00:00Z"
 
 
 # How the admin API's server runs (the tests' too). auto_decompress off: a body that

@@ -222,7 +222,7 @@ def _ensure_config(opts: UpOptions) -> str | None:
                   flush=True)
         return None
     if not opts.create:
-        raise FileNotFoundError(f"{opts.config_path}: no such config file")
+        raise ConfigError(f"{opts.config_path}: no such config file")  # bad input: exit 2
     secret = write_default_config(opts.config_path)
     print(f"wrote a default config to {opts.config_path}", flush=True)
     return secret

@@ -339,6 +339,23 @@ async def test_an_age_for_since_says_the_api_takes_a_time(api: Api) -> None:
     assert "RFC 3339" in out["error"]["message"] and "CLI" in out["error"]["message"]
 
 
+@pytest.mark.parametrize(("method", "path", "body", "said"), [
+    ("GET", "/v1/usage?since=garbage", None,
+     "since: expected an RFC 3339 time with its zone, as in 2026-12-01T00:00:00Z (input "
+     "is too short)"),
+    ("GET", "/v1/usage?since=2026-13-01T00:00:00Z", None,
+     "since: expected an RFC 3339 time with its zone, as in 2026-12-01T00:00:00Z (month "
+     "value is outside expected range of 1-12)"),
+    ("POST", "/v1/keys", {"org": "acme", "scopes": "inference"}, "scopes: expected an array"),
+])
+async def test_pydantics_words_are_said_in_jsons(api: Api, method: str, path: str,
+                                                 body: Any, said: str) -> None:
+    """Operators tester: "scopes: Input should be a valid tuple" (JSON has no tuples),
+    "since: Input should be a valid datetime or date, input is too short"."""
+    status, out = await api(method, path, body=body)
+    assert (status, out["error"]["message"]) == (400, said)
+
+
 async def test_body_must_be_a_json_object(api: Api) -> None:
     assert (await api("POST", "/v1/keys", raw=b"{nope"))[0] == 400
     assert (await api("POST", "/v1/keys", raw=b"[1]"))[0] == 400
