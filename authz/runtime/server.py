@@ -26,7 +26,7 @@ from authz.runtime.metrics import BudgetWatch, Metrics, ObservedKeyStore
 from authz.runtime.procs import bind_problem
 from authz.runtime.quiet_http import QuietAppRunner
 from authz.runtime.recorder import Recorder
-from authz.runtime.settings import ADMIN_TOKEN_ENV
+from authz.runtime.settings import ADMIN_TOKEN_ENV, where_set
 from authz.runtime.side_port import make_side_app
 from authz.runtime.snapshot import Runtime
 from authz.runtime.tracing import (
@@ -240,7 +240,7 @@ class Services:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host, port = parse_hostport(cfg.services.grpc_listen)
-        with _listening(cfg.services.grpc_listen, "services.grpc_listen, --grpc-listen"):
+        with _listening(cfg.services.grpc_listen, where_set("services.grpc_listen")):
             bound = server.add_insecure_port(f"{_grpc_host(host)}:{port}")
             if bound == 0:
                 raise OSError("gRPC could not bind")
@@ -253,7 +253,7 @@ class Services:
         # each unauthenticated request); nothing here reads a body.
         self._side = QuietAppRunner(make_side_app(self.metrics, self.ready), **SERVER_OPTIONS)
         await self._side.setup()
-        with _listening(cfg.services.http_listen, "services.http_listen, --http-listen"):
+        with _listening(cfg.services.http_listen, where_set("services.http_listen")):
             await web.TCPSite(self._side, hhost, hport).start()
         self.http_port = self._side.addresses[0][1]
 
@@ -289,7 +289,7 @@ class Services:
         assert self.store is not None and self.limits is not None
         ctx = AdminContext(lambda: self.runtime.snapshot.config, self.store, self.limits,
                            self.orgs, tokens, clock=self.runtime.clock)
-        with _listening(cfg.admin.listen, "admin.listen in the config"):
+        with _listening(cfg.admin.listen, where_set("admin.listen") + " in the config"):
             self._admin, self.admin_port = await start_admin(
                 ctx, parse_hostport(cfg.admin.listen))
         log.info("admin API ready", extra={"admin_api": cfg.admin.listen,

@@ -38,6 +38,14 @@ PORT_ENV = {"listen": LISTEN_ENV, "grpc_listen": GRPC_LISTEN_ENV,
             "http_listen": HTTP_LISTEN_ENV, "admin_listen": ADMIN_LISTEN_ENV}
 
 
+def where_set(path: str) -> str:
+    """Every setting that may have put a listener where it is: the config's, the flag's
+    and the variable's (operators tester: a port moved by TOKENBOOTH_HTTP_LISTEN was
+    blamed on the config and a flag not given)."""
+    name = path.rpartition(".")[2]
+    env = PORT_ENV.get(name) if path != "admin.listen" else None
+    return ", ".join((path, *((f"--{name.replace('_', '-')}", env) if env else ())))
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything tokenbooth takes from its environment; the defaults are an empty one."""

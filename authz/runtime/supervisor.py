@@ -43,7 +43,7 @@ from authz.runtime.procs import (
     spawn,
     wait_until,
 )
-from authz.runtime.settings import Settings
+from authz.runtime.settings import Settings, where_set
 from authz.runtime.side_port import PID_HEADER
 from authz.runtime.tls_files import (
     backend_ca_problems,
@@ -249,11 +249,12 @@ def _check_ports_free(cfg: Config, listeners: tuple[tuple[str, str], ...]) -> No
         host, port = parse_hostport(hostport)
         problem = bind_problem(host, port) if port else None
         if problem:
-            raise OSError(f"{hostport} ({path}) {problem}")
+            raise OSError(f"{hostport} ({where_set(path)}) {problem}")
 
 
 def _busy(cfg: Config, path: str) -> OSError:
-    return OSError(f"{_hostport(cfg, path)} ({path}) is already in use")
+    return OSError(f"{_hostport(cfg, path)} ({where_set(path)}) is already in use")
+
 
 
 @contextlib.contextmanager

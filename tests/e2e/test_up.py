@@ -347,7 +347,8 @@ def test_up_says_when_its_certificate_is_near_its_end(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stderr
     warning, error = r.stderr.splitlines()
     assert warning.startswith(f"tokenbooth: warning: {path}: tls.cert: {cert} expires on ")
-    assert error == f"tokenbooth: error: 127.0.0.1:{port} (listen) is already in use"
+    assert error == (f"tokenbooth: error: 127.0.0.1:{port} (listen, --listen, "
+                     "TOKENBOOTH_LISTEN) is already in use")
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
@@ -369,7 +370,8 @@ def test_up_with_its_listen_port_taken_exits_with_one_line(tmp_path: Path, how: 
                            timeout=60)
     assert r.returncode == 1
     assert "is up" not in r.stdout
-    assert r.stderr == f"tokenbooth: error: 127.0.0.1:{port} (listen) is already in use\n"
+    assert r.stderr == (f"tokenbooth: error: 127.0.0.1:{port} (listen, --listen, "
+                        "TOKENBOOTH_LISTEN) is already in use\n")
 
 
 class _OtherInstance(BaseHTTPRequestHandler):
@@ -417,7 +419,8 @@ def test_readiness_answered_by_another_process_is_a_busy_port(
         stop(procs)
         server.shutdown()
         server.server_close()
-    where = "services.http_listen" if child == "services" else "envoy.admin_listen"
+    where = ("services.http_listen, --http-listen, TOKENBOOTH_HTTP_LISTEN" if child == "services"
+             else "envoy.admin_listen, --admin-listen, TOKENBOOTH_ADMIN_LISTEN")
     assert str(e.value) == f"{other} ({where}) is already in use"
 
 

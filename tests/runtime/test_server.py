@@ -188,8 +188,12 @@ def test_serve_refuses_a_busy_port_in_one_line_naming_the_setting(
     assert "Traceback" not in r.stderr
     # The admin API's port has no flag (`--admin-listen` is Envoy's admin port: ops
     # tester, the hint named it and following it changed nothing).
-    where = {"services.grpc_listen": "services.grpc_listen, --grpc-listen",
-             "services.http_listen": "services.http_listen, --http-listen",
+    # Each says every setting that may have put it there (operators tester: the
+    # variable's was not named).
+    where = {"services.grpc_listen": "services.grpc_listen, --grpc-listen, "
+                                     "TOKENBOOTH_GRPC_LISTEN",
+             "services.http_listen": "services.http_listen, --http-listen, "
+                                     "TOKENBOOTH_HTTP_LISTEN",
              "admin.listen": "admin.listen in the config"}[setting]
     assert r.stderr.strip().splitlines()[-1] == (
         f"tokenbooth: error: {busy} ({where}) is already in use")
