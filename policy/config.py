@@ -1165,15 +1165,38 @@ def _yaml_error(e: yaml.YAMLError, text: str) -> str:
     context, start = str(getattr(e, "context", "") or ""), getattr(e, "context_mark", None)
     if start is not None and context.startswith("while scanning a quoted scalar"):
         said += f" (a quote opened on line {start.line + 1} is not closed)"
+        return said
+    # A value's quote left open runs on to the next quote of its kind, often lines later
+    # (retest: an open `"redis://…` on line 3 was reported on line 11): the first line
+    # up to the error whose value opens a quote it does not close.
+    opened = next((i for i, ln in enumerate(lines[:mark.line + 1]) if _open_quote(ln)), None)
+    if opened is not None and opened < mark.line:
+        said += f" (a quote opened on line {opened + 1} is not closed)"
     elif start is not None and start.line != mark.line and (
             m := re.fullmatch(r"while parsing an? ([a-z ]+)", context)):
         said += f" (in the {m.group(1)} that began on line {start.line + 1})"
     return said
 
 
+# A key's (or a list item's) value that begins with a quote, and the rest of its line.
+_QUOTED_VALUE = re.compile(r"""\s*(?:- +)?(?:[^\s#'"][^#]*?:\s+|- +)(["'])(.*)""")
+
+
+def _open_quote(line: str) -> bool:
+    """Whether a line's value opens a quote it does not close (on this line)."""
+    m = _QUOTED_VALUE.match(line)
+    if m is None:
+        return False
+    quote, rest = m.groups()
+    if quote == "'":  # '' is a quote inside
+        return "'" not in rest.replace("''", "")
+    return re.search(r'(?<!\\)"', re.sub(r"\\\\", "", rest)) is None
+
+
 # The parsers' problems that have one meaning, in the gateway's words.
 _YAML_PROBLEMS = (
-    ("mapping values are not allowed", "': ' inside a plain value (quote the value)"),
+    ("mapping values are not allowed", "': ' inside a plain value (quote the value, or "
+                                       "check the indentation of the line it continues)"),
     ("undefined alias", "a value that begins with '*' reads as an alias (quote it)"),
 )
 

@@ -544,13 +544,20 @@ def is_token_id(t: Any) -> bool:
             or (type(t) is str and _ID_TEXT.fullmatch(t) is not None))
 
 
+_ZERO: Final = re.compile(r"[0_]+(?:\.0+)?")  # "-0", "-0_0", "-0.00": not negative
+
+
 def _non_negative(prompts: list[list[Any]], param: str) -> list[list[int]]:
     """Lists of token ids, none negative: vLLM's request models refuse one (`ge=0`), after
     admission (tester: `[-1, 5]` held, then vLLM's 400 of six validation errors)."""
     for ids in prompts:
         for t in ids:
-            if (int(float(t.replace("_", ""))) if type(t) is str else t) < 0:
-                raise invalid_request(f"'{param}' holds a negative token id: {t!r}.", param)
+            # (As text, its sign and digits: a float of 400 digits is inf, and int(inf) a
+            # 500: retest.)
+            if (t.lstrip().startswith("-") and not _ZERO.fullmatch(t.strip()[1:])
+                    if type(t) is str else t < 0):
+                raise invalid_request(
+                    f"'{param}' holds a negative token id: {str(t)[:40]!r}.", param)
     return prompts
 
 

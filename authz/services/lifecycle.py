@@ -141,8 +141,10 @@ _FREE = Price()
 REPORT_MARGIN_S = 5.0
 # How long a metered stream whose ext_proc stream ended before its response headers
 # waits for Envoy's report (Envoy sends it within its flush, FLUSH_MS; none comes when
-# its meter never saw the answer begin: the client left before the backend answered).
-EARLY_REPORT_S = 1.0
+# its meter never saw the answer begin: the client left before the backend answered,
+# and the wait keeps its hold and concurrency slot: retest, a 429 for a client that
+# pressed Stop during the time to first token and asked again at once).
+EARLY_REPORT_S = 0.5
 
 # Streams Envoy can meter: their usage is in a chunk of their own (the Responses API's
 # final event echoes the request, so only the services read it).

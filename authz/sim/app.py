@@ -403,8 +403,11 @@ async def run_sim(
     # No access log: the simulator serves benchmark load. Header lines as long as Envoy
     # passes on (60 KiB): aiohttp's 8 KiB refused a client's long header with a 400 and
     # a traceback in `up`'s log (security tester).
+    # Bodies as sent, as vLLM reads them (a gzip body that did not inflate was a 500
+    # with a traceback: retest).
     runner = QuietAppRunner(app, access_log=None, handle_signals=False,
-                            max_line_size=HEADER_BYTES, max_field_size=HEADER_BYTES)
+                            max_line_size=HEADER_BYTES, max_field_size=HEADER_BYTES,
+                            auto_decompress=False)
     logging.getLogger("aiohttp.server").addFilter(MalformedHttp())  # one line, no bytes
     await runner.setup()
     try:

@@ -240,14 +240,18 @@ def test_multipliers_and_unbounded_fields_are_validated(
         assert needle in e.message
 
 
-@pytest.mark.parametrize("prompt", [[-1, 5], [[5], [6, "-2"]], [" -3 ", 4.0]])
+@pytest.mark.parametrize("prompt", [[-1, 5], [[5], [6, "-2"]], [" -3 ", 4.0],
+                                    [1, "-" + "9" * 400]])  # (a float of it is -inf)
 def test_a_negative_token_id_is_refused_before_any_hold(prompt: Any) -> None:
     """vLLM's request models refuse a negative id (`ge=0`); it was held first (tester:
     `[-1, 5]` admitted, then vLLM's 400 of six validation errors)."""
     for ep, field in ((COMP_EP, "prompt"), (EMB, "input")):
         e = error_of({"model": "demo", field: prompt}, ep)
         assert (e.status, e.param) == (400, field) and "negative token id" in e.message
-    assert parsed({"model": "demo", "prompt": [0, "-0", 5]}, COMP_EP).prompts == 1
+    assert parsed({"model": "demo", "prompt": [0, "-0", "-0_0", " -0.00 ", 5]},
+                  COMP_EP).prompts == 1
+    # Retest: 400 digits made float() inf, and int(inf) a 500 with a traceback.
+    assert parsed({"model": "demo", "prompt": [1, "9" * 400]}, COMP_EP).prompts == 1
 
 
 def test_an_empty_prompt_is_refused_before_any_hold() -> None:

@@ -57,7 +57,12 @@ def test_a_tab_in_the_indentation_is_said_with_its_line_and_column(
     # Operators tester: a quote left open said only the file's last line.
     ("listen: 'x\n", "line 2: not valid YAML (a quote opened on line 1 is not closed)"),
     ("a:\n  b: x: y\n", "line 2: not valid YAML: ': ' inside a plain value (quote the "
-                       "value)"),
+                       "value, or check the indentation of the line it continues)"),
+    # Retest: a quote left open runs on to the next one, lines later.
+    ('state: "redis://h:1/0\nmodels:\n  demo:\n    upstream_model: "tiny"\n',
+     "line 4: not valid YAML (a quote opened on line 1 is not closed)"),
+    ("a:\n  b: 'it''s\n  c: 1\nd: 'x'\n",
+     "line 4: not valid YAML (a quote opened on line 2 is not closed)"),
     ("a: *foo\n", "line 1: not valid YAML: a value that begins with '*' reads as an alias "
                   "(quote it)"),
     ("a:\n  b: 1\n  - c\n", "line 3: not valid YAML (in the block mapping that began on "

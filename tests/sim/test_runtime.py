@@ -215,6 +215,10 @@ async def test_run_sim_serves_until_cancelled() -> None:
         # aiohttp's 8 KiB, a 400 quoting it and a traceback in `up`'s log).
         async with http.get(url + "/v1/models", headers={"x-note": "a" * 50_000}) as resp:
             assert resp.status == 200
+        # A body as sent, as vLLM reads it: a "gzip" one that is not is a 400, not a 500.
+        async with http.post(url + "/v1/completions", data=b"abcd",
+                             headers={"content-encoding": "gzip"}) as resp:
+            assert resp.status == 400
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
