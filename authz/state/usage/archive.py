@@ -209,10 +209,16 @@ def row(rec: dict[str, Any], entry_id: OrderKey | None = None) -> tuple[Any, ...
             *(_period(rec, name) for name in _PERIODS), _sequences(rec),
             *(_bound(rec, name) for name in _BOUNDS),
             *(entry_id or (None, None)))
-    except (KeyError, TypeError, InvalidOperation) as e:
+    except (KeyError, TypeError, InvalidOperation, OverflowError) as e:
         raise ValueError(f"bad or missing field {e}") from None
     if not cost.is_finite():
         raise ValueError("cost_usd is not a number")
+    # What PostgreSQL's numeric holds, as asyncpg writes it (pipeline tester: 1e-20000
+    # stopped every export behind it; 1e200000 was stored as 0).
+    exponent = cost.as_tuple().exponent
+    if cost < 0 or (isinstance(exponent, int) and exponent < -_NUMERIC_SCALE) or (
+            cost and cost.adjusted() >= _NUMERIC_DIGITS):
+        raise ValueError("cost_usd is out of range")
     if any(isinstance(v, str) and "\x00" in v for v in out):
         # PostgreSQL text cannot hold NUL: the whole batch would fail, again and again.
         raise ValueError("a text field holds a NUL character")
@@ -248,15 +254,23 @@ def _str(rec: dict[str, Any], name: str, empty: bool = False) -> str:
 
 
 def _int(rec: dict[str, Any], name: str) -> int:
+    """A count, as a bigint holds it (one past it stopped every export behind it)."""
     v = rec[name]
-    if type(v) is not int:
+    if type(v) is not int or not 0 <= v < 2**63:
         raise TypeError(name)
     return v
 
 
 def _time(v: Any) -> datetime:
+    """In UTC, as PostgreSQL stores it (year 1 at +14:00 is year 0 there: asyncpg's
+    OverflowError stopped every export behind it)."""
     t = datetime.fromisoformat(str(v))
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+# PostgreSQL numeric: up to 131072 digits before the point, 16383 after.
+_NUMERIC_DIGITS = 131072
+_NUMERIC_SCALE = 16383
 
 
 def one_per_request(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

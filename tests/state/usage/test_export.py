@@ -94,8 +94,17 @@ async def test_exported_once_real_beats_lost(
     recs += [{"request_id": "broken", "org": "x"}]  # stored whole in usage_rejected
     # Text PostgreSQL cannot hold: rejected alone, not the whole batch failing forever.
     recs += [{**record(4001), "org": "ac\u0000me"}]
+    # Nor can it hold these (pipeline tester: the first three stopped every export
+    # behind them, the last was stored as $0).
+    unheld = [{**record(4100), "prompt_tokens": 2**63},
+              {**record(4101), "started_at": "0001-01-01T00:00:00+14:00"},
+              {**record(4102), "cost_usd": "1e-20000"},
+              {**record(4103), "cost_usd": "1e200000"},
+              {**record(4104), "cost_usd": "-1"}]
+    recs += unheld
     await add(client, STREAM, iter(recs), seen_ttl_s=0)  # no seen keys: all in the stream
-    want = reference([r for r in recs if r["request_id"] != "broken"
+    bad = {"broken", *(r["request_id"] for r in unheld)}
+    want = reference([r for r in recs if r["request_id"] not in bad
                       and r["org"] != "ac\u0000me"])
     # Each row must name its request's first entry, a corrected `lost` one's too (the
     # place readers page by).
@@ -113,7 +122,7 @@ async def test_exported_once_real_beats_lost(
     assert await drained(client)
     assert await client.xlen(STREAM) < 200  # trimmed once acknowledged (whole nodes)
     conn = await asyncpg.connect(pg_db)
-    assert await conn.fetchval("SELECT count(*) FROM usage_rejected") == 2
+    assert await conn.fetchval("SELECT count(*) FROM usage_rejected") == 2 + len(unheld)
     stored = {r["request_id"]: (r["stream_ms"], r["stream_seq"]) for r in await conn.fetch(
         "SELECT request_id, stream_ms, stream_seq FROM usage_records")}
     assert stored == ids
