@@ -230,8 +230,9 @@ def _load(raw: bytes, cfg: Config) -> tuple[dict[str, Any], str, Model]:
         raise model_not_found(alias)
     for name in UNBOUNDED_FIELDS:
         # null and empty are as good as absent; `prompt_embeds` set at all is not (vLLM
-        # refuses `0` or `""` whatever its options: tester, refused after admission).
-        if body.get(name) or (name in PRESENT_FIELDS and body.get(name) is not None):
+        # refuses `0` or `""` whatever its options: tester, refused after admission),
+        # but for an empty list, which vLLM reads as none (retest).
+        if body.get(name) or (name in PRESENT_FIELDS and body.get(name) not in (None, [])):
             raise invalid_request(
                 f"'{name}' is not accepted here: its prompt tokens cannot be bounded.", name)
     if body.get("priority"):

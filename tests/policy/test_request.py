@@ -240,6 +240,10 @@ def test_multipliers_and_unbounded_fields_are_validated(
         assert needle in e.message
 
 
+def test_empty_prompt_embeds_are_none_as_vllm_reads_them() -> None:
+    assert parsed({"model": "demo", "prompt": "x", "prompt_embeds": []}, COMP_EP).prompts == 1
+
+
 @pytest.mark.parametrize("prompt", [[-1, 5], [[5], [6, "-2"]], [" -3 ", 4.0],
                                     [1, "-" + "9" * 400]])  # (a float of it is -inf)
 def test_a_negative_token_id_is_refused_before_any_hold(prompt: Any) -> None:
