@@ -1169,8 +1169,8 @@ def _yaml_error(e: yaml.YAMLError, text: str) -> str:
     # A value's quote left open runs on to the next quote of its kind, often lines later
     # (retest: an open `"redis://…` on line 3 was reported on line 11): the first line
     # up to the error whose value opens a quote it does not close.
-    opened = next((i for i, ln in enumerate(lines[:mark.line + 1]) if _open_quote(ln)), None)
-    if opened is not None and opened < mark.line:
+    opened = _unclosed_quote(lines, mark.line)
+    if opened is not None:
         said += f" (a quote opened on line {opened + 1} is not closed)"
     elif start is not None and start.line != mark.line and (
             m := re.fullmatch(r"while parsing an? ([a-z ]+)", context)):
@@ -1179,18 +1179,44 @@ def _yaml_error(e: yaml.YAMLError, text: str) -> str:
 
 
 # A key's (or a list item's) value that begins with a quote, and the rest of its line.
-_QUOTED_VALUE = re.compile(r"""\s*(?:- +)?(?:[^\s#'"][^#]*?:\s+|- +)(["'])(.*)""")
+_QUOTED_VALUE = re.compile(r"""( *)(?:- +)?(?:[^\s#'"][^#]*?:\s+|- +)(["'])(.*)""")
+# A key at the start of a line (its indentation), and a block scalar's indicator.
+_KEY_LINE = re.compile(r"""( *)(?:- +)?[^\s#'"-][^#'"]*?:(?:\s|$)""")
+_BLOCK_SCALAR = re.compile(r""".*?:\s+[|>][-+0-9]*\s*(?:#.*)?$""")
 
 
-def _open_quote(line: str) -> bool:
-    """Whether a line's value opens a quote it does not close (on this line)."""
-    m = _QUOTED_VALUE.match(line)
-    if m is None:
-        return False
-    quote, rest = m.groups()
+def _closes(quote: str, text: str) -> int:
+    """Where `text` closes a quoted scalar of `quote` (-1: it does not)."""
     if quote == "'":  # '' is a quote inside
-        return "'" not in rest.replace("''", "")
-    return re.search(r'(?<!\\)"', re.sub(r"\\\\", "", rest)) is None
+        m = re.search(r"'(?!')", text.replace("''", "\0\0"))
+    else:
+        m = re.search(r'"', re.sub(r"\\.", "\0\0", text))
+    return -1 if m is None else m.start()
+
+
+def _unclosed_quote(lines: list[str], upto: int) -> int | None:
+    """The first line before `upto` whose value opens a quote that runs on past a line
+    that begins a key no deeper than its own (a quoted value may go on over lines, more
+    indented: that one closes where it should). Lines of block scalars (`|`, `>`) are
+    text, not values."""
+    block: int | None = None  # a block scalar's key indentation, while in one
+    for i, line in enumerate(lines[:upto]):
+        indent = len(line) - len(line.lstrip(" "))
+        if block is not None and (not line.strip() or indent > block):
+            continue
+        block = indent if _BLOCK_SCALAR.match(line) else None
+        m = _QUOTED_VALUE.match(line)
+        if m is None or _closes(m.group(2), m.group(3)) >= 0:
+            continue
+        own, quote = len(m.group(1)), m.group(2)
+        for later in lines[i + 1:upto + 1]:
+            k = _KEY_LINE.match(later)
+            end = _closes(quote, later)
+            if k is not None and len(k.group(1)) <= own and (end < 0 or end > k.end()):
+                return i  # a key began while the quote was open: it was left open
+            if end >= 0:
+                break
+    return None
 
 
 # The parsers' problems that have one meaning, in the gateway's words.

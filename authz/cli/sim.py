@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 from authz.cli.common import Parents, Subparsers, positive_int, run_async
+from authz.runtime.procs import bind_problem
 from authz.runtime.settings import Settings
 from policy.config import ConfigError, load_config, parse_hostport
 
@@ -62,6 +63,9 @@ def cmd_sim(args: argparse.Namespace, settings: Settings) -> int:
     from authz.sim.app import DEFAULT_MAX_MODEL_LEN
 
     host, port = parse_hostport(args.listen)
+    problem = bind_problem(host, port) if port else None
+    if problem:  # in the words `serve` and `up` use (retest: Errno 98 and a tuple)
+        raise OSError(f"{args.listen} (--listen) {problem}")
     models = args.model or ["tiny-llama"]
     with contextlib.suppress(KeyboardInterrupt):
         run_async(run_sim(host, port, models, args.ttft_ms, args.tpot_ms,

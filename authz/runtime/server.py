@@ -289,7 +289,7 @@ class Services:
         assert self.store is not None and self.limits is not None
         ctx = AdminContext(lambda: self.runtime.snapshot.config, self.store, self.limits,
                            self.orgs, tokens, clock=self.runtime.clock)
-        with _listening(cfg.admin.listen, where_set("admin.listen") + " in the config"):
+        with _listening(cfg.admin.listen, where_set("admin.listen")):
             self._admin, self.admin_port = await start_admin(
                 ctx, parse_hostport(cfg.admin.listen))
         log.info("admin API ready", extra={"admin_api": cfg.admin.listen,

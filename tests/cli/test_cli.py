@@ -58,6 +58,20 @@ def test_missing_config_and_bad_flags_are_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, (args, r.stderr)
 
 
+def test_the_simulator_on_a_busy_port_says_so_as_serve_does() -> None:
+    """Retest: `sim` said `[Errno 98] error while attempting to bind on address
+    ('127.0.0.1', P)`; `serve` and `up` name the address and the setting."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = tb("sim", "--listen", f"127.0.0.1:{port}")
+    assert (r.returncode, r.stderr) == (
+        1, f"tokenbooth: error: 127.0.0.1:{port} (--listen) is already in use\n")
+
+
 def test_usage_totals(tmp_path: Path) -> None:
     path = write_policy(tmp_path, "http://127.0.0.1:8000")
     data = tmp_path / "data"

@@ -63,6 +63,14 @@ def test_a_tab_in_the_indentation_is_said_with_its_line_and_column(
      "line 4: not valid YAML (a quote opened on line 1 is not closed)"),
     ("a:\n  b: 'it''s\n  c: 1\nd: 'x'\n",
      "line 4: not valid YAML (a quote opened on line 2 is not closed)"),
+    # Retest: a quoted value that goes on over lines, and a block scalar's text, close
+    # where they should: the error is elsewhere, and the one left open is named.
+    ('m:\n  d:\n    u: "tiny\n      llama"\n    b: [{url: "h"}\n    t: 10\n',
+     "line 6: not valid YAML (in the flow sequence that began on line 5)"),
+    ('m:\n  d:\n    u: "tiny\n      llama"\n    b: []\n  o:\n    u: "oops\n    b: []\n'
+     '    t: "5"\n', "line 9: not valid YAML (a quote opened on line 7 is not closed)"),
+    ('tpl: |\n  say: "hi\nb: [1\nc: 2\n',
+     "line 4: not valid YAML (in the flow sequence that began on line 3)"),
     ("a: *foo\n", "line 1: not valid YAML: a value that begins with '*' reads as an alias "
                   "(quote it)"),
     ("a:\n  b: 1\n  - c\n", "line 3: not valid YAML (in the block mapping that began on "

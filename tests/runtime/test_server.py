@@ -194,7 +194,7 @@ def test_serve_refuses_a_busy_port_in_one_line_naming_the_setting(
                                      "TOKENBOOTH_GRPC_LISTEN",
              "services.http_listen": "services.http_listen, --http-listen, "
                                      "TOKENBOOTH_HTTP_LISTEN",
-             "admin.listen": "admin.listen in the config"}[setting]
+             "admin.listen": "admin.listen"}[setting]
     assert r.stderr.strip().splitlines()[-1] == (
         f"tokenbooth: error: {busy} ({where}) is already in use")
     # gRPC's own error line (add_port.cc) is not printed: the port is checked first.
