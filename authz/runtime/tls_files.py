@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from authz.runtime.cert_key import key_problem
 from policy.config import Model
 
 # A certificate this close to its end is named, so that it is renewed before clients
@@ -86,13 +87,20 @@ def tls_problems(cert: Path, key: Path) -> list[str]:
     if out := ca_problems("tls.cert", cert):  # a PEM certificate at all
         return out
     try:
+        why = key_problem(cert.read_bytes())
+    except OSError as e:  # (changed between the looks)
+        return [f"tls.cert: cannot read {cert}: {str(e.strerror or e).lower()}"]
+    if why is not None:
+        return [f"tls.cert: {cert} {why}"]
+    try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
             cert, key, password=_no_passphrase)
     except _Encrypted:
         return [f"tls.key: {key} is encrypted: Envoy loads a key without a passphrase "
                 "(keep it decrypted, readable only by the gateway, as a Secret's file)"]
     except ssl.SSLError as e:
-        if e.reason == "KEY_VALUES_MISMATCH":
+        # (A key of another type than the certificate's: NO_CERTIFICATE_ASSIGNED.)
+        if e.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             return [f"tls.key: {key} is not the private key of {cert}"]
         return [f"tls.key: {key} is not a PEM private key ({e.reason or 'unreadable'})"]
     except OSError as e:

@@ -6,6 +6,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from authz.envoy_config.binary import envoy_path
 from authz.runtime.tls_files import EXPIRY_NOTICE_S, tls_problems, tls_warnings
 from tests.tls import make_test_ca
 
@@ -56,3 +59,59 @@ def test_a_certificate_clients_will_refuse_is_named(tmp_path: Path) -> None:
     # What tls_problems names is no warning here.
     (tmp_path / "garbage").write_text("garbage\n")
     assert tls_warnings(tmp_path / "garbage") == tls_warnings(tmp_path / "none") == []
+
+
+# A listener with the pair, for `envoy --mode validate` (it loads the files).
+_VALIDATE = """\
+static_resources:
+  listeners:
+  - name: l
+    address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.\\
+            DownstreamTlsContext"
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {filename: %s}
+              private_key: {filename: %s}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+  clusters:
+  - name: c
+    load_assignment: {cluster_name: c, endpoints: []}
+"""
+
+
+@pytest.mark.parametrize(("newkey", "loads"), [
+    (["rsa:2048"], True), (["rsa:1024"], False),
+    (["ec", "-pkeyopt", "ec_paramgen_curve:P-256"], True),
+    (["ec", "-pkeyopt", "ec_paramgen_curve:P-521"], True),
+    (["ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"], False),
+    (["ec", "-pkeyopt", "ec_paramgen_curve:brainpoolP256r1"], False),
+    (["ed25519"], True), (["ed448"], False)])
+def test_a_key_type_envoy_refuses_is_said_as_envoy_would(
+        tmp_path: Path, newkey: list[str], loads: bool) -> None:
+    """TLS tester: secp256k1, brainpool, DSA, Ed448 (and small RSA) keys passed
+    `check-config --here` and `up`'s check; Envoy then refused them at start. The check
+    says what real Envoy does with each."""
+    cert, key = tmp_path / "c.crt", tmp_path / "c.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", *newkey, "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "20", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True, timeout=60)
+    conf = tmp_path / "v.yaml"
+    conf.write_text(_VALIDATE % (cert, key))
+    envoy = subprocess.run([str(envoy_path()), "--mode", "validate", "-c", str(conf)],
+                           capture_output=True, timeout=60)
+    assert (envoy.returncode == 0) is loads, envoy.stdout[-2000:]
+    said = tls_problems(cert, key)
+    assert (said == []) is loads, said
+    if not loads:
+        [line] = said
+        assert line.startswith(f"tls.cert: {cert} holds ") and "Envoy" in line
