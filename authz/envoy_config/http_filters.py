@@ -154,6 +154,10 @@ MISPLACED_KEY_HEADERS = ("proxy-authorization", "api-key", "x-goog-api-key", "co
 # its ORCA load report's request: a backend's load is the operator's, not a tenant's.
 BACKEND_CONTROL_HEADERS = ("x-vllm-priority", "x-data-parallel-rank",
                            "endpoint-load-metrics-format")
+# Where a client may claim another address: Envoy is the edge (`use_remote_address`), so
+# the backend gets the peer in x-forwarded-for (appended last, where proxies read it),
+# and these, which nothing here sets, are dropped (security and TLS testers).
+SPOOFABLE_HEADERS = ("x-real-ip", "forwarded", "x-client-ip", "true-client-ip")
 # The gateway's own headers, removed from a backend's response, and a backend's ORCA
 # load report (KV cache use, queue lengths: what other tenants' requests load it with).
 INTERNAL_RESPONSE_HEADERS = ("x-tokenbooth-org", "x-tokenbooth-key-id", CLUSTER_HEADER,
@@ -581,7 +585,7 @@ def _inference_route(cfg: Config, stream: bool) -> Route:
         # Where a client may misplace its key (Azure's and Google's SDKs, a proxy's
         # credentials, a browser's cookies): never forwarded to a backend.
         request_headers_to_remove=[CLUSTER_HEADER, *MISPLACED_KEY_HEADERS,
-                                   *BACKEND_CONTROL_HEADERS],
+                                   *BACKEND_CONTROL_HEADERS, *SPOOFABLE_HEADERS],
         # The answer must come uncompressed, whatever the client accepts: usage is read
         # from its bytes (ext_proc, the stream meter), and a compressed one is unreadable
         # (its record would be an estimate). `identity` rather than no header at all,

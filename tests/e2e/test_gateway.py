@@ -262,6 +262,23 @@ def test_a_clients_vllm_scheduling_headers_never_reach_the_backend(gateway: Gate
                 "endpoint-load-metrics-format"} & set(headers)
 
 
+def test_a_client_cannot_name_another_address_to_the_backend(gateway: Gateway) -> None:
+    """Security and TLS testers: `x-real-ip` and `forwarded` reached the backend as the
+    client wrote them. They are dropped; x-forwarded-for ends with the real peer, which
+    Envoy (the edge) appends, where a proxy-aware backend reads it."""
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 2}).encode()
+    status, _ = post(gateway, "/v1/chat/completions", body, {
+        "authorization": f"Bearer {SECRET}", "x-real-ip": "6.6.6.6",
+        "forwarded": "for=6.6.6.6", "x-client-ip": "6.6.6.6", "true-client-ip": "6.6.6.6",
+        "x-forwarded-for": "6.6.6.6"})
+    assert status == 200
+    headers = last_upstream(gateway)["headers"]
+    assert not {"x-real-ip", "forwarded", "x-client-ip", "true-client-ip"} & set(headers)
+    # Envoy appends the peer (for a loopback one, as here, this machine's own address).
+    xff = [a.strip() for a in headers["x-forwarded-for"].split(",")]
+    assert len(xff) == 2 and xff[0] == "6.6.6.6" and xff[-1] != "6.6.6.6", headers
+
+
 def test_credentials_in_other_conventions_and_underscored_headers_stay_here(
         gateway: Gateway) -> None:
     """A client's key where other SDKs put theirs (Azure's `api-key`, Google's, a proxy's

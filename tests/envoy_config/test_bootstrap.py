@@ -191,11 +191,13 @@ def test_route() -> None:
     assert r["route"]["cluster_header"] == CLUSTER_HEADER
     assert r["route"]["timeout"] == "120s"
     # Credentials in other clients' conventions never reach a backend, nor does a
-    # client's vLLM scheduling priority or data-parallel rank.
+    # client's vLLM scheduling priority or data-parallel rank, nor another address.
     assert r["request_headers_to_remove"] == [CLUSTER_HEADER, "proxy-authorization",
                                               "api-key", "x-goog-api-key", "cookie",
                                               "x-vllm-priority", "x-data-parallel-rank",
-                                              "endpoint-load-metrics-format"]
+                                              "endpoint-load-metrics-format",
+                                              "x-real-ip", "forwarded", "x-client-ip",
+                                              "true-client-ip"]
     assert {h["header"]["key"]: h["header"]["value"] for h in r["request_headers_to_add"]} \
         == {"accept-encoding": "identity", "content-type": "application/json"}
     # A backend's own rate-limit and internal headers never pass for the gateway's.
