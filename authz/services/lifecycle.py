@@ -550,6 +550,9 @@ class Lifecycle:
         it as Envoy passed its 200 on, and the client got Envoy's 502, not a 499: final
         retest); without one, as any request that ended early."""
         if report is not None:
+            # Its end is the stream's, which Envoy reports (review: a stream served on
+            # whole out of sight was recorded as lasting until ext_proc's end).
+            self._ended_at = 0.0 if report.end_s is None else self._t0 + report.end_s
             code = report.client_status
             self.response_start(code if 0 < code < 400 else 200, "")
             if self.hand_over():

@@ -71,6 +71,11 @@ def test_a_tab_in_the_indentation_is_said_with_its_line_and_column(
      '    t: "5"\n', "line 9: not valid YAML (a quote opened on line 7 is not closed)"),
     ('tpl: |\n  say: "hi\nb: [1\nc: 2\n',
      "line 4: not valid YAML (in the flow sequence that began on line 3)"),
+    # Review: a quoted value going on over a line that looks like a key; a block scalar
+    # under a list item, or with an anchor: none of them is the error.
+    ('a:\n  key: "abc\n  def: ghi"\n  x: 1\nb: [\n', "line 6: not valid YAML"),
+    ('a:\n  - |\n    note: "unclosed\n  - b\nc: [\n', "line 6: not valid YAML"),
+    ('a: &x |\n  note: "unclosed\nb: 1\nc: [\n', "line 5: not valid YAML"),
     ("a: *foo\n", "line 1: not valid YAML: a value that begins with '*' reads as an alias "
                   "(quote it)"),
     ("a:\n  b: 1\n  - c\n", "line 3: not valid YAML (in the block mapping that began on "

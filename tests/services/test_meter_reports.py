@@ -148,6 +148,8 @@ async def test_a_stream_cut_before_its_headers_came_here_takes_envoys_report(
     await report(running, rid, client_status=client_status, **meter)
     [rec] = await records(running, 1)
     assert (rec["status"], rec["completion_tokens"], rec["estimated"]) == want
+    if meter.get("ended"):  # served on to its end: it lasted past ext_proc's (review)
+        assert rec["duration_ms"] >= 150, rec
 
 
 async def test_a_stream_cut_before_its_headers_with_no_report_ends_as_before(

@@ -665,6 +665,27 @@ async def test_a_refusal_redis_never_ran_spools_nothing(
         await store.close()
 
 
+async def test_a_batch_is_not_run_only_when_none_of_its_needed_calls_ran() -> None:
+    """Review: "not run" is one command's. A refused ZADD beside an ADMIT that ran made
+    the whole batch "not run": no release spooled for a hold the sweep cannot find."""
+    from authz.state.limits.base import LimitStoreUnwritable
+    from authz.state.resp import NotRun
+
+    store = RedisLimitStore("redis://127.0.0.1:1/0", timeout_s=0.2)
+    replies: list[Any] = []
+
+    async def batch(*_calls: Any) -> list[Any]:
+        return replies
+
+    store._redis.batch = batch  # type: ignore[method-assign]
+    replies[:] = [NotRun("BUSY Redis is busy"), NotRun("BUSY Redis is busy")]
+    with pytest.raises(LimitStoreUnwritable):
+        await store._batch(("ZADD",), ("EVALSHA",), must=(0, 1))
+    replies[:] = [NotRun("BUSY Redis is busy"), [1, 0]]
+    with pytest.raises(LimitStoreRefused):
+        await store._batch(("ZADD",), ("EVALSHA",), must=(0, 1))
+
+
 async def test_a_refusal_redis_never_heard_spools_nothing(own_redis: RedisServer,
                                                           tmp_path: Path) -> None:
     """Observability tester: with Redis down, every refused admission spooled a release

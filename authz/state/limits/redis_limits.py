@@ -274,10 +274,16 @@ class RedisLimitStore:
         the whole (the others' failures are left to the sweep)."""
         async def run() -> list[Any]:
             out = await self._redis.batch(*calls)
-            for i in must:
-                if isinstance(out[i], BaseException):
-                    raise out[i]
-            return out
+            failed = [out[i] for i in must if isinstance(out[i], BaseException)]
+            if not failed:
+                return out
+            # "Not run" is one command's: the batch changed nothing only when none of
+            # `must` ran (review: a refused ZADD beside an ADMIT that ran would have
+            # left an unindexed hold with no release spooled).
+            e = next((f for f in failed if not isinstance(f, NotRun | NotSent)), failed[0])
+            if len(failed) < len(must) and isinstance(e, NotRun | NotSent):
+                raise ResponseError(f"part of the batch ran: {e}")
+            raise e
 
         replies: list[Any] = await self._call(run())
         return replies
