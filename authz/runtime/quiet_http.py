@@ -29,9 +29,13 @@ def error_body(status: int) -> bytes:
         phrase = "Error"
     message = ("the request could not be parsed as HTTP" if status == 400
                else f"{status} {phrase}")
+    code = _CODES.get(status) or phrase.lower().replace(" ", "_")
     return orjson.dumps({"error": {"message": message, "type": type_for(status),
-                                   "param": None,
-                                   "code": phrase.lower().replace(" ", "_")}})
+                                   "param": None, "code": code}})
+
+
+# The contract's codes where it names one (interface.md's error table).
+_CODES = {400: "invalid_request", 413: "request_too_large"}
 
 
 class _QuietHandler(RequestHandler):

@@ -97,7 +97,7 @@ async def test_a_malformed_http_request_is_one_warning_without_its_bytes(
             assert head.split(b" ")[1] == b"400" and b"adm-secret" not in answer, answer
             assert b"application/json" in head
             err = json.loads(body)["error"]
-            assert (err["type"], err["code"]) == ("invalid_request_error", "bad_request")
+            assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_request")
             writer.close()
             await writer.wait_closed()
     finally:
