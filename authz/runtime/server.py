@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 from aiohttp import web
@@ -159,7 +160,7 @@ class Services:
             on_lost=recorder.lost, on_spooled=recorder.spooled,
             on_hold=self.metrics.holds.update,
             on_store=lambda ok: self.metrics.store_result("limits", ok),
-            on_exhausted=feed.exhausted)
+            on_exhausted=partial(_budget_refused, feed, self.metrics))
         await self._admission.start()
         if owed and isinstance(self.limits, RedisLimitStore):
             # The settlements the last process may not have made: in the background, as
@@ -492,3 +493,11 @@ def _listening(hostport: str, setting: str) -> Iterator[None]:
         why = (bind_problem(host, port) if port else None) or (
             f"cannot be listened on ({detail})")
         raise OSError(f"{hostport} ({setting}) {why}") from None
+
+
+def _budget_refused(feed: AlertFeed, metrics: Metrics, owner: str, org: str,
+                    period: str) -> None:
+    """A budget refused a request for want of what was left: the webhook's alerts and the
+    metric's count."""
+    feed.exhausted(owner, org, period)
+    metrics.budget_refused(owner, org, period)

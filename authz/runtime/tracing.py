@@ -41,6 +41,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from authz.runtime.metrics import GENAI_METRICS, PROVIDER, Metrics, error_type, operation_name
 from authz.runtime.settings import DEFAULT_SERVICE_NAME
+from policy.config import redacted
 from policy.usage import UsageRecord
 
 log = logging.getLogger("tokenbooth.tracing")
@@ -58,7 +59,7 @@ def otlp_provider(endpoint: str | None, service_name: str) -> TracerProvider | N
     exporter = OTLPSpanExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_MS / 1000)
     processor = BatchSpanProcessor(exporter, export_timeout_millis=EXPORT_TIMEOUT_MS,
                                    schedule_delay_millis=1000)
-    log.info("exporting traces by OTLP", extra={"endpoint": endpoint})
+    log.info("exporting traces by OTLP", extra={"endpoint": redacted(endpoint)})
     return make_provider(processor, service_name)
 
 
@@ -80,7 +81,7 @@ def otlp_metric_exporter(endpoint: str | None) -> MetricExporter | None:
         return None
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-    log.info("exporting metrics by OTLP", extra={"endpoint": endpoint})
+    log.info("exporting metrics by OTLP", extra={"endpoint": redacted(endpoint)})
     return OTLPMetricExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_MS / 1000)
 
 

@@ -524,6 +524,11 @@ async def test_serve_alerts_a_budget_admission_refused(receiver: Receiver,
         with pytest.raises(ApiError, match="insufficient_quota"):
             await services._admission.admit_all(org, Limits(), small, now)
         await wait_for(lambda: len(receiver.got) >= 2)
+        # Counted for the shipped alert too, by whose budget refused (observability
+        # tester: an org blocked at 39% spent set off nothing).
+        count = services.metrics.registry.get_sample_value
+        assert [count("tokenbooth_budget_refusals_total", {"org": "acme", "budget": b})
+                for b in ("key", "org")] == [1.0, 1.0]
     finally:
         await services.stop()
     bodies = sorted((json.loads(b) for _, b in receiver.got), key=lambda b: b["owner"])

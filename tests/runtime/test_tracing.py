@@ -23,7 +23,7 @@ from authz.runtime.overrides import Overrides
 from authz.runtime.procs import http_ok, wait_until
 from authz.runtime.server import Services
 from authz.runtime.snapshot import Runtime
-from authz.runtime.tracing import make_provider
+from authz.runtime.tracing import make_provider, otlp_metric_exporter, otlp_provider
 from tests.grpc_harness import Running
 from tests.helpers import PORTS, SECRET, write_policy
 from tests.services.test_ext_authz import check, check_request
@@ -148,3 +148,18 @@ def test_an_unreachable_collector_blocks_neither_start_nor_stop(tmp_path: Path) 
             proc.kill()
         proc.communicate()
         blackhole.close()
+
+
+def test_the_collectors_password_is_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Observability tester: `exporting traces by OTLP` logged the endpoint whole, its
+    user:password included."""
+    endpoint = "http://otuser:OTELPW@127.0.0.1:4317"
+    with caplog.at_level("INFO", logger="tokenbooth.tracing"):
+        provider = otlp_provider(endpoint, "tokenbooth")
+        exporter = otlp_metric_exporter(endpoint)
+    assert provider is not None and exporter is not None
+    provider.shutdown()
+    exporter.shutdown(timeout_millis=100)
+    shown = [r.__dict__["endpoint"] for r in caplog.records]
+    assert shown == ["http://otuser:***@127.0.0.1:4317"] * 2
+    assert "OTELPW" not in caplog.text
