@@ -14,11 +14,14 @@ collector there is no tracer, no metrics export and no per-request cost.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 from opentelemetry import context as otel_context
@@ -35,8 +38,18 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    Tracer,
+    set_span_in_context,
+    use_span,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from authz.runtime.metrics import GENAI_METRICS, PROVIDER, Metrics, error_type, operation_name
@@ -66,7 +79,8 @@ def otlp_provider(endpoint: str | None, service_name: str) -> TracerProvider | N
 def make_provider(processor: SpanProcessor,
                   service_name: str = DEFAULT_SERVICE_NAME) -> TracerProvider:
     """A provider handing every span to `processor` (tests pass an in-memory one)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
+                              id_generator=RequestIdGenerator())
     provider.add_span_processor(processor)
     return provider
 
@@ -187,7 +201,60 @@ def span_attributes(rec: UsageRecord) -> dict[str, str | int]:
     return attrs
 
 
-def parent_context(headers: Mapping[str, str]) -> otel_context.Context:
-    """The request's trace context from its `traceparent` (empty when absent)."""
+def parent_context(headers: Mapping[str, str], request_id: str = "") -> otel_context.Context:
+    """The request's trace context from its `traceparent`; without one, the request's own
+    trace (`request_ids`): its Check's span, the parent of its ext_proc span. (Without a
+    `traceparent` the two spans of one request began two traces, joined by nothing but
+    an attribute: observability tester.)"""
     tp = headers.get("traceparent")
-    return _PROPAGATOR.extract({"traceparent": tp}) if tp else otel_context.Context()
+    if tp:
+        return _PROPAGATOR.extract({"traceparent": tp})
+    if not request_id:
+        return otel_context.Context()
+    trace_id, span_id = request_ids(request_id)
+    root = SpanContext(trace_id, span_id, is_remote=True,
+                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return set_span_in_context(NonRecordingSpan(root))
+
+
+def request_ids(request_id: str) -> tuple[int, int]:
+    """The trace id and root span id of a request that came without a `traceparent`,
+    from its request id (Envoy's `x-request-id`), so both services name the same ones."""
+    digest = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:16], "big") or 1, int.from_bytes(digest[16:24], "big") or 1
+
+
+@contextlib.contextmanager
+def request_root(tracer: Tracer, name: str, headers: Mapping[str, str],
+                 request_id: str) -> Iterator[Span]:
+    """A request's first span (its Check): the child of its `traceparent`; without one,
+    the root of the request's own trace, with the ids `request_ids` gives."""
+    if headers.get("traceparent") or not request_id:
+        with tracer.start_as_current_span(name, context=parent_context(headers),
+                                          kind=SpanKind.SERVER) as span:
+            yield span
+        return
+    token = _ROOT_IDS.set(request_ids(request_id))
+    try:
+        span = tracer.start_span(name, context=otel_context.Context(), kind=SpanKind.SERVER)
+    finally:
+        _ROOT_IDS.reset(token)
+    with use_span(span, end_on_exit=True):
+        yield span
+
+
+# The ids `RequestIdGenerator` gives the span being started now (`request_root`).
+_ROOT_IDS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "tokenbooth_root_ids", default=None)
+
+
+class RequestIdGenerator(RandomIdGenerator):
+    """Random ids, but a request root's from `request_root`."""
+
+    def generate_trace_id(self) -> int:
+        ids = _ROOT_IDS.get()
+        return ids[0] if ids is not None else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids = _ROOT_IDS.get()
+        return ids[1] if ids is not None else super().generate_span_id()

@@ -13,10 +13,10 @@ import re
 import time
 
 import grpc
-from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.trace import Tracer
 
 from authz.runtime.metrics import Metrics
-from authz.runtime.tracing import parent_context
+from authz.runtime.tracing import request_root
 from authz.services import protos
 from authz.services.keyauth import KeyAuthority
 from authz.services.principal_md import principal_metadata
@@ -55,9 +55,8 @@ class AuthorizationService(protos.AuthorizationServicer):  # type: ignore[misc]
             if self._tracer is None:
                 return await self._check(request)
             headers = request.attributes.request.http.headers
-            with self._tracer.start_as_current_span(
-                "ext_authz.check", context=parent_context(headers), kind=SpanKind.SERVER
-            ) as span:
+            with request_root(self._tracer, "ext_authz.check", headers,
+                              headers.get("x-request-id", "")) as span:
                 resp = await self._check(request)
                 allowed = resp.status.code == 0
                 # Joined to the request's other spans and records by its id; a refusal

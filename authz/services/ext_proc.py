@@ -147,7 +147,8 @@ class ExternalProcessorService(protos.ExternalProcessorServicer):  # type: ignor
                     span = self._tracer.start_span(
                         "ext_proc", kind=SpanKind.SERVER, start_time=start_ns,
                         context=parent_context(
-                            {"traceparent": life.traceparent} if life.traceparent else {}),
+                            {"traceparent": life.traceparent} if life.traceparent else {},
+                            life.request_id),
                     )
                 await write(resp)
                 if life.admitted and not life.delivered:

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -76,6 +77,42 @@ async def test_spans_are_children_of_the_request_trace(
     assert spans["ext_proc"].attributes["tokenbooth.request_id"] == "t-1"
     # The secret is in no span.
     assert SECRET not in repr([dict(sp.attributes or {}) for sp in spans.values()])
+
+
+async def test_without_a_traceparent_a_requests_spans_are_one_trace(
+    traced: tuple[Running, InMemorySpanExporter],
+) -> None:
+    """Observability tester: without a client `traceparent` the Check's span and the
+    ext_proc span of one request began two traces. Now the Check's is the root of the
+    request's own trace (ids from its request id) and the ext_proc span its child; another
+    request is another trace."""
+    running, exporter = traced
+    for rid in ("t-a", "t-b"):
+        req = check_request("POST", "/v1/chat/completions", {
+            "authorization": f"Bearer {SECRET}", "x-request-id": rid})
+        stub = external_auth_pb2_grpc.AuthorizationStub(running.channel)
+        await stub.Check(req)
+        s = Stream(running)
+        assert (await s.send(req_body(json.dumps(CHAT).encode(), rid=rid))).HasField(
+            "request_body")
+        await s.close()
+    for _ in range(100):
+        if len(exporter.get_finished_spans()) >= 4:
+            break
+        await asyncio.sleep(0.02)
+    spans = exporter.get_finished_spans()
+    by_trace: dict[int, dict[str, ReadableSpan]] = {}
+    for sp in spans:
+        by_trace.setdefault(sp.context.trace_id, {})[sp.name] = sp
+    assert len(by_trace) == 2
+    for trace in by_trace.values():
+        check_span, proc_span = trace["ext_authz.check"], trace["ext_proc"]
+        assert check_span.parent is None
+        assert proc_span.parent is not None
+        assert proc_span.parent.span_id == check_span.context.span_id
+        assert check_span.attributes is not None and proc_span.attributes is not None
+        assert check_span.attributes["tokenbooth.request_id"] == \
+            proc_span.attributes["tokenbooth.request_id"]
 
 
 async def test_a_refused_check_is_one_span_with_its_request_id_and_status(
