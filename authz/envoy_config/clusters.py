@@ -52,6 +52,7 @@ from envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3 impo
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
+    CommonTlsContextCombinedCertificateValidationContext,
     GenericSecret,
     SdsSecretConfig,
     Secret,
@@ -248,12 +249,18 @@ def _local_origin_outliers(failures: int, interval_s: float, ejection_s: float,
 _SOCKET_MATCH = "envoy.transport_socket_match"
 
 
-def _upstream_tls(ca_file: Path | None, host: str) -> TransportSocket:
+def _upstream_tls(ca_file: Path | None, host: str, static_secrets: bool) -> TransportSocket:
     """TLS to an https backend `host` (its URL's): SNI that name (none for an address),
     its certificate checked against the model's `backend_ca_file`, else the system CAs,
     and against that name. Not Envoy's auto_sni and auto_san_validation: those take the
     name from the Host header the client sent, so a certificate had to name the
-    gateway's own host, and a client chose the name checked (retest tester)."""
+    gateway's own host, and a client chose the name checked (retest tester).
+
+    The CAs come as a secret (`ca_secret`), over ADS or from the bootstrap with
+    `static_secrets`: Envoy watches the files of the secrets it is sent, so a CA file
+    rotated in place (a ConfigMap's `..data` swap) is read again. Inline in the cluster
+    it was read once: a rotated CA left the model at 503 until Envoy restarted (reload
+    tester)."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -262,21 +269,43 @@ def _upstream_tls(ca_file: Path | None, host: str) -> TransportSocket:
         san_type=SubjectAltNameMatcherSanType.DNS if ip is None
         else SubjectAltNameMatcherSanType.IP_ADDRESS,
         matcher=StringMatcher(exact=host if ip is None else str(ip)))
-    validation = CertificateValidationContext(
-        trusted_ca=DataSource(filename=str(ca_file or SYSTEM_CA_BUNDLE)),
-        match_typed_subject_alt_names=[san])
-    ctx = UpstreamTlsContext(common_tls_context=CommonTlsContext(validation_context=validation),
-                             sni=host if ip is None else "")
+    cas = SdsSecretConfig(name=ca_secret_name(ca_file), sds_config=_sds_source(static_secrets))
+    validation = CommonTlsContextCombinedCertificateValidationContext(
+        default_validation_context=CertificateValidationContext(
+            match_typed_subject_alt_names=[san]),
+        validation_context_sds_secret_config=cas)
+    ctx = UpstreamTlsContext(
+        common_tls_context=CommonTlsContext(combined_validation_context=validation),
+        sni=host if ip is None else "")
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def _tls_matches(model: Model) -> list[ClusterTransportSocketMatch]:
+def ca_secret_name(ca_file: Path | None) -> str:
+    """The secret of a CA file (the system CAs' without one): named after its path."""
+    digest = hashlib.sha256(str(ca_file or SYSTEM_CA_BUNDLE).encode()).hexdigest()[:12]
+    return f"backend_ca_{digest}"
+
+
+def ca_secret(ca_file: Path | None) -> Secret:
+    """The CAs https backends are checked against, as Envoy loads them: from its disk."""
+    return Secret(name=ca_secret_name(ca_file), validation_context=CertificateValidationContext(
+        trusted_ca=DataSource(filename=str(ca_file or SYSTEM_CA_BUNDLE))))
+
+
+def _sds_source(static_secrets: bool) -> ConfigSource | None:
+    """Where a cluster's secrets come from: ADS, or (None) the bootstrap's own."""
+    return None if static_secrets else ConfigSource(ads=AggregatedConfigSource(),
+                                                    resource_api_version=ApiVersion.V3)
+
+
+def _tls_matches(model: Model, static_secrets: bool) -> list[ClusterTransportSocketMatch]:
     """One TLS socket per backend host of an https model, picked by each endpoint's
     `_SOCKET_MATCH` metadata (`_endpoints`)."""
     hosts = dict.fromkeys(b.endpoint[1] for b in model.backends if b.tls)
     return [ClusterTransportSocketMatch(
         name=f"tls-{i}", match=Struct(fields={"tls_host": Value(string_value=h)}),
-        transport_socket=_upstream_tls(model.backend_ca_file, h)) for i, h in enumerate(hosts)]
+        transport_socket=_upstream_tls(model.backend_ca_file, h, static_secrets))
+        for i, h in enumerate(hosts)]
 
 
 def _endpoints(name: str, model: Model) -> ClusterLoadAssignment:
@@ -348,8 +377,7 @@ def _upstream_filters(model: Model, static_secrets: bool, whole_bytes: int,
     name = credential_secret_name(model.backends[0]) if model.backends else None
     if name is None:
         return [*whole, codec] if whole else []
-    sds = SdsSecretConfig(name=name, sds_config=None if static_secrets else ConfigSource(
-        ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3))
+    sds = SdsSecretConfig(name=name, sds_config=_sds_source(static_secrets))
     generic = Generic(credential=sds, header="Authorization", header_value_prefix="Bearer ")
     injector = CredentialInjector(overwrite=True, credential=TypedExtensionConfig(
         name="envoy.http.injected_credentials.generic", typed_config=pack(generic)))
@@ -364,7 +392,7 @@ def model_cluster(alias: str, model: Model, static_secrets: bool = False,
     ejects among them, so a failing backend is taken out while others serve. A model
     with no backend is marked in the cluster's metadata: its 503 is not worth a retry."""
     name = model_cluster_name(alias)
-    matches = _tls_matches(model)
+    matches = _tls_matches(model, static_secrets)
     kind, family = _discovery(*(b.host for b in model.backends))
     # vLLM serves HTTP/1.1.
     h1 = UpstreamHttpOptions(

@@ -1,6 +1,6 @@
 """What `tokenbooth serve` hands Envoy over ADS: one cluster per model alias (CDS), and
-the secrets of backends with an API key (SDS), each naming where Envoy reads the key (its
-environment, a file), never the key.
+the secrets of backends with an API key and the CAs of https backends (SDS), each naming
+where Envoy reads the key or the CAs (its environment, a file), never the key.
 
 Each cluster carries its endpoints inline (`load_assignment`), as the static bootstrap
 did, rather than over EDS: backends may be DNS names (STRICT_DNS clusters resolve them
@@ -25,7 +25,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from google.protobuf import any_pb2
 
 from authz.envoy_config.bootstrap import proto_name
-from authz.envoy_config.clusters import credential_secret, model_cluster
+from authz.envoy_config.clusters import ca_secret, credential_secret, model_cluster
 from authz.envoy_config.common import pack
 from policy.config import Config
 
@@ -51,9 +51,12 @@ def model_clusters(cfg: Config, static_secrets: bool = False) -> list[Cluster]:
 
 
 def backend_secrets(cfg: Config) -> list[Secret]:
-    """One secret per distinct key source of the backends, sorted by name."""
+    """One secret per distinct key source of the backends, and one per CA file https
+    backends are checked against, sorted by name."""
     found = {s.name: s for m in cfg.models.values() for b in m.backends
              if (s := credential_secret(b)) is not None}
+    found.update((s.name, s) for m in cfg.models.values()
+                 if any(b.tls for b in m.backends) and (s := ca_secret(m.backend_ca_file)))
     return [found[n] for n in sorted(found)]
 
 

@@ -25,10 +25,10 @@ pytestmark = pytest.mark.e2e
 
 
 @contextlib.contextmanager
-def tls_proxy(cert: Path, key: Path, target_port: int) -> Iterator[int]:
-    """A TLS terminator on a free port in front of 127.0.0.1:`target_port` (the sim
-    speaks plain HTTP), on an event loop in a thread of its own."""
-    port, loop = free_port(), asyncio.new_event_loop()
+def tls_proxy(cert: Path, key: Path, target_port: int, port: int = 0) -> Iterator[int]:
+    """A TLS terminator on `port` (else a free one) in front of 127.0.0.1:`target_port`
+    (the sim speaks plain HTTP), on an event loop in a thread of its own."""
+    port, loop = port or free_port(), asyncio.new_event_loop()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     writers: set[asyncio.StreamWriter] = set()
@@ -108,6 +108,54 @@ def test_an_https_backend_signed_by_a_private_ca(
                     with pytest.raises(openai.APIStatusError) as refused:
                         ask(model, host)  # not the system CAs'; not the URL's name
                     assert refused.value.status_code in (502, 503), model
+    finally:
+        stop([sim])
+
+
+def test_a_ca_file_rotated_in_place_is_read_again(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Reload tester: a `backend_ca_file` in a mounted ConfigMap, rotated by its `..data`
+    swap as the backend's certificate changed to another CA's, left the model at 503
+    until Envoy restarted (the CA was read once, inline in the cluster). Now it is a
+    secret, whose file Envoy watches: no config change is needed."""
+    old_ca, old_cert, old_key = make_test_ca(tmp_path_factory.mktemp("ca-old"),
+                                             san="DNS:localhost")
+    new_ca, new_cert, new_key = make_test_ca(tmp_path_factory.mktemp("ca-new"),
+                                             san="DNS:localhost")
+    mount = tmp_path_factory.mktemp("configmap")
+
+    def publish(version: str, ca: Path) -> None:
+        (mount / version).mkdir()
+        (mount / version / "ca.crt").write_bytes(ca.read_bytes())
+        (mount / "..data_tmp").symlink_to(version)
+        (mount / "..data_tmp").rename(mount / "..data")
+
+    publish("..v1", old_ca)
+    (mount / "ca.crt").symlink_to(mount / "..data" / "ca.crt")
+    sim_port, port = free_port(), free_port()
+    sim = spawn([sys.executable, "-m", "authz.cli", "sim", "--listen",
+                 f"127.0.0.1:{sim_port}", "--model", "tiny-llama"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{sim_port}/health"), "sim",
+                   alive=[sim])
+        models = {"private": {"upstream_model": "tiny-llama",
+                              "backends": [{"url": f"https://localhost:{port}"}],
+                              "backend_ca_file": str(mount / "ca.crt")}}
+        with run_gateway(tmp_path_factory.mktemp("gw-ca-rotation"), more_models=models) as gw:
+            client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=SECRET,
+                                   max_retries=0)
+
+            def ask(model: str) -> object:
+                return client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+
+            with tls_proxy(old_cert, old_key, sim_port, port):
+                wait_until(lambda: _answers(ask), "the backend, old CA", timeout=30)
+            with tls_proxy(new_cert, new_key, sim_port, port):
+                assert not _answers(ask)  # the new certificate, the old CA in force
+                publish("..v2", new_ca)
+                wait_until(lambda: _answers(ask), "the backend, rotated CA", timeout=30)
     finally:
         stop([sim])
 

@@ -26,11 +26,14 @@ from google.protobuf import json_format
 
 from authz.envoy_config.bootstrap import proto_name, render_dict, render_yaml
 from authz.envoy_config.names import WHOLE_ANSWERS
+from authz.envoy_config.clusters import SYSTEM_CA_BUNDLE
 from authz.envoy_config.xds_resources import (
     CLUSTER_TYPE,
     SECRET_TYPE,
+    backend_secrets,
     build_resources,
     model_cluster_dicts,
+    model_clusters,
     with_static_models,
 )
 from policy.config import Config, ConfigError, parse_config
@@ -83,8 +86,13 @@ def test_one_cluster_per_alias_with_weighted_endpoints() -> None:
     assert sorted(sockets) == ["vllm-large-2.example.com", "vllm-large.example.com"]
     for host, ctx in sockets.items():
         assert ctx["sni"] == host
-        assert ctx["common_tls_context"]["validation_context"][
-            "match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": host}}]
+        combined = ctx["common_tls_context"]["combined_validation_context"]
+        assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
+            {"san_type": "DNS", "matcher": {"exact": host}}]
+        # The CAs are a secret, whose file Envoy watches (a rotated CA is read again).
+        ca_name = combined["validation_context_sds_secret_config"]["name"]
+        (secret,) = [s for s in backend_secrets(cfg) if s.name == ca_name]
+        assert secret.validation_context.trusted_ca.filename == SYSTEM_CA_BUNDLE
     picked = [e["metadata"]["filter_metadata"]["envoy.transport_socket_match"]["tls_host"]
               for e in large["load_assignment"]["endpoints"][0]["lb_endpoints"]]
     assert sorted(picked) == sorted(sockets)
@@ -106,7 +114,8 @@ def test_tls_names_the_backend_as_its_certificate_does(url: str, sni: str,
     (match,) = cluster["transport_socket_matches"]
     ctx = match["transport_socket"]["typed_config"]
     assert ctx.get("sni", "") == sni
-    assert ctx["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] \
+    assert ctx["common_tls_context"]["combined_validation_context"][
+        "default_validation_context"]["match_typed_subject_alt_names"] \
         == [{"san_type": san[0], "matcher": {"exact": san[1]}}]
     (ep,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert ep["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == \
@@ -119,7 +128,8 @@ def test_the_wire_form_is_the_typed_form(name: str) -> None:
     dataclasses (the same ones the bootstrap renders) say."""
     cfg = load_fixture(name)
     packed = build_resources(cfg)[CLUSTER_TYPE].resources
-    typed = by_name(cfg)
+    # Served over ADS: the secrets they name come over ADS too.
+    typed = {c.name: c.to_dict(casing=proto_name) for c in model_clusters(cfg)}
     for cluster_name, any_msg in packed.items():
         assert any_msg.type_url == CLUSTER_TYPE
         cluster = cluster_pb2.Cluster()
