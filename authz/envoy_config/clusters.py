@@ -245,6 +245,13 @@ def _local_origin_outliers(failures: int, interval_s: float, ejection_s: float,
     )
 
 
+# A backend's /health, every 5 s; two failures in a row mark it down. A refused
+# connection or an error status fails at once; an answer gets 3 s: a backend slowed by
+# one tenant's load (its /health queued behind large prompts) was marked down at 1 s,
+# and with it the alias, for every org (resource tester).
+BACKEND_HC_INTERVAL_S = 5
+BACKEND_HC_TIMEOUT_S = 3
+
 # Endpoint metadata that picks a cluster's transport socket (Envoy's key).
 _SOCKET_MATCH = "envoy.transport_socket_match"
 
@@ -411,7 +418,8 @@ def model_cluster(alias: str, model: Model, static_secrets: bool = False,
         connect_timeout=seconds(2),
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
         load_assignment=_endpoints(name, model),
-        health_checks=[_health_check(5, 1, HealthCheckHttpHealthCheck(path="/health"))],
+        health_checks=[_health_check(BACKEND_HC_INTERVAL_S, BACKEND_HC_TIMEOUT_S,
+                                     HealthCheckHttpHealthCheck(path="/health"))],
         # Connection failures, resets and timeouts eject, never a tenant's error answers;
         # at most half of the backends at once, so ejection alone never darkens an alias.
         outlier_detection=_local_origin_outliers(

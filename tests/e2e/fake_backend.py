@@ -13,6 +13,9 @@ from tests.helpers import free_port
 
 
 class ThreadedBackend:
+    # How long its /health takes to answer (a backend slowed by load).
+    health_delay_s = 0.0
+
     def __init__(self) -> None:
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
@@ -28,7 +31,7 @@ class ThreadedBackend:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
-        app.router.add_get("/health", _health)
+        app.router.add_get("/health", self._health)
         self.routes(app)
         self._runner = runner = web.AppRunner(app)
         self._loop.run_until_complete(runner.setup())
@@ -43,6 +46,7 @@ class ThreadedBackend:
         self._thread.join(10)
         self._loop.close()
 
-
-async def _health(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
+    async def _health(self, _: web.Request) -> web.Response:
+        if self.health_delay_s:
+            await asyncio.sleep(self.health_delay_s)
+        return web.Response(text="ok")

@@ -25,8 +25,8 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret as
 from google.protobuf import json_format
 
 from authz.envoy_config.bootstrap import proto_name, render_dict, render_yaml
-from authz.envoy_config.names import WHOLE_ANSWERS
 from authz.envoy_config.clusters import SYSTEM_CA_BUNDLE
+from authz.envoy_config.names import WHOLE_ANSWERS
 from authz.envoy_config.xds_resources import (
     CLUSTER_TYPE,
     SECRET_TYPE,
