@@ -1239,6 +1239,11 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     `TOKENBOOTH_REDIS_PASSWORD` in `env`, when set, is the password of a Redis `state`,
     so the file never holds it. `env` is what the process settings pass on (see
     `authz.runtime.settings`); this module never reads the process environment."""
+    return config_from_text(read_config_text(path), path, env)
+
+
+def read_config_text(path: Path) -> str:
+    """A policy file's text (ConfigError when it cannot be read as one)."""
     try:
         # Non-blocking: a FIFO (or socket) at the path would block the read for good, and
         # with it every later reload (ops tester); a regular file reads as ever.
@@ -1256,6 +1261,12 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return text
+
+
+def config_from_text(text: str, path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """`text`, read from the file at `path` (relative paths in it are from its folder),
+    validated: `load_config`."""
     try:
         data = load_yaml(text)
     except DuplicateKey as e:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from authz.cli.common import Parents, Subparsers, load, parse_since
+from authz.cli.common import Parents, Subparsers, load_for_state, parse_since
 from authz.runtime.cells import cell, printable
 from authz.runtime.settings import Settings
 from policy.audit import (
@@ -107,7 +107,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     now = datetime.now(UTC)
     since = parse_since(args.since, now) if args.since is not None else None
-    cfg = load(args, settings)
+    cfg = load_for_state(args, settings)
     try:
         report = _collect(cfg, args.vllm, since, args.strict)
     except (OSError, RedisError, StoreUnavailable, LimitStoreUnavailable) as e:

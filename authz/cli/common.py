@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import math
 import re
+import sys
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 
 from authz.runtime.defaults import DEFAULT_CONFIG, RunOverrides
 from authz.runtime.settings import PORT_ENV, Settings
-from policy.config import Backend, Config, parse_hostport
+from policy.config import Backend, Config, ConfigError, parse_hostport
 
 # A command: its parsed arguments and the process settings in, an exit status out.
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -103,6 +104,41 @@ def config_path(args: argparse.Namespace, settings: Settings) -> tuple[Path, boo
 def load(args: argparse.Namespace, settings: Settings) -> Config:
     """The policy file the command names (or the default one), validated."""
     return settings.load_config(config_path(args, settings)[0])
+
+
+def load_for_state(args: argparse.Namespace, settings: Settings) -> Config:
+    """`load`, for the commands that act on the running services' state (`keys`, `usage`,
+    `audit`): while a `serve` started with this file runs, what it acts on — its last
+    good config when the file is refused, the `state`, `data_dir`, `key_store` and
+    `usage` it started with when the file changed them (they apply at its restart);
+    each said in a warning. Otherwise the file, as `load`."""
+    from authz.runtime import in_force
+    from authz.runtime.snapshot import restart_only_changes
+
+    path = config_path(args, settings)[0]
+    try:
+        cfg = settings.load_config(path)
+    except ConfigError as err:
+        serving = in_force.running(in_force.data_dir_of(path), path, settings)
+        if serving is None:
+            raise
+        first = str(err).splitlines()[0]
+        _warn(f"{first}; the services running with it (pid {serving.pid}) keep their last "
+              "good config: this command uses it too")
+        return serving.config
+    serving = in_force.running(cfg.data_dir, path, settings)
+    if serving is None:
+        return cfg
+    later = [n for n in restart_only_changes(serving.config, cfg) if n in in_force.STATE_SETTINGS]
+    if not later:
+        return cfg
+    _warn(f"{path}: {', '.join(later)} changed since the services running with it (pid "
+          f"{serving.pid}) started, and apply when they restart: this command uses theirs")
+    return serving.config
+
+
+def _warn(line: str) -> None:
+    print(f"tokenbooth: warning: {line}", file=sys.stderr, flush=True)
 
 
 def parse_time(value: str) -> datetime:

@@ -22,7 +22,7 @@ from authz.cli.common import (
     Parents,
     Subparsers,
     admin_url_parser,
-    load,
+    load_for_state,
     parse_time,
     positive_int,
 )
@@ -295,7 +295,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
         record_id, org, secret = created["id"], created["org"], created["key"]
         shown = created
     else:
-        cfg = load(args, settings)
+        cfg = load_for_state(args, settings)
         _org_to_create(cfg, args.org)
         _check_models(cfg, args.model or ())
         expired = expiry_in_past(args.expires, datetime.now(UTC))
@@ -351,7 +351,7 @@ def _all_keys(cfg: Config, org: str | None) -> list[dict[str, Any]]:
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     client = _client(args, settings)
     rows = (remote.list_keys(client, args.org) if client is not None
-            else _all_keys(load(args, settings), args.org))
+            else _all_keys(load_for_state(args, settings), args.org))
     if args.json:
         print(orjson.dumps(rows).decode())
         return 0
@@ -376,7 +376,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         _print_state(got, state)
         return 0
-    cfg = load(args, settings)
+    cfg = load_for_state(args, settings)
     found = [r for r in _all_keys(cfg, None) if r["id"] == args.id]
     if not found:
         raise LookupError(no_key_message(args.id))
@@ -456,7 +456,7 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
         sent = {k: (list(v) if isinstance(v, tuple) else v) for k, v in changes.items()}
         shown = remote.update_key(client, args.id, sent)
     else:
-        cfg = load(args, settings)
+        cfg = load_for_state(args, settings)
         _not_in_config(cfg, args, "change it")
         _check_models(cfg, changes.get("models", ()))
         new = _with_store(cfg, lambda s: s.update(args.id, changes))
@@ -506,7 +506,7 @@ def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
         done = remote.revoke_key(client, args.id)
         print(f"revoked key {done['id']} (org {done['org']})")
         return 0
-    cfg = load(args, settings)
+    cfg = load_for_state(args, settings)
     _not_in_config(cfg, args, "set its status to revoked")
     revoked = _with_store(cfg, lambda s: s.revoke(args.id))
     if revoked is None:

@@ -24,7 +24,7 @@ from authz.cli.common import (
     Parents,
     Subparsers,
     admin_url_parser,
-    load,
+    load_for_state,
     parse_since,
     positive_int,
     run_async,
@@ -101,7 +101,7 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
                              since.isoformat() if since else None)["records"]
         recs: Iterator[dict[str, Any]] = iter(found)
     else:
-        cfg = load(args, settings)
+        cfg = load_for_state(args, settings)
         if args.group_by and archived(cfg):  # SQL aggregates, then the stream's tail
             sql_report(cfg, report)
             recs = iter(())
@@ -155,7 +155,7 @@ def check_config(cfg: Config) -> str:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from authz.runtime.logs import setup_logging
 
-    cfg = load(args, settings)
+    cfg = load_for_state(args, settings)
     sink = check_config(cfg)
     setup_logging(args.log_level)
     run_async(_export(cfg, sink, args))

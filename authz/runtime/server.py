@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter
 from opentelemetry.sdk.trace import TracerProvider
 
 from authz.envoy_config.xds_resources import build_resources
-from authz.runtime import memdebug
+from authz.runtime import in_force, memdebug
 from authz.runtime.admin import SERVER_OPTIONS, start_admin
 from authz.runtime.admin_api import AdminContext
 from authz.runtime.admin_auth import CurrentAdminTokens
@@ -262,6 +262,7 @@ class Services:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reload = asyncio.create_task(self._reload_loop())
         self._ready = True
+        self._record_in_force()
         self._look_for_shadowed_keys(cfg)
         log.info(
             "tokenbooth services ready",
@@ -325,6 +326,18 @@ class Services:
             if self._xds is not None:
                 await self._xds.update(rt.snapshot.config)
             self._look_for_shadowed_keys(rt.snapshot.config)
+            self._record_in_force()
+
+    def _record_in_force(self) -> None:
+        """What this process acts on, for the CLI's state commands (`in_force.py`)."""
+        rt = self.runtime
+        if rt.config_path is None:
+            return
+        try:
+            in_force.write(rt.snapshot.config.data_dir, rt.config_path, rt.start_text, rt.text)
+        except OSError as e:  # the CLI then reads the file alone, as before
+            log.warning("cannot record the config in force for the CLI: %s",
+                        e.strerror or e)
 
     def _look_for_shadowed_keys(self, cfg: Config) -> None:
         """`_warn_shadowed_keys` in the background: it reads every stored key (one file
@@ -358,6 +371,8 @@ class Services:
     async def stop(self) -> None:
         """Stop taking new streams; let in-flight ones finish within the grace period."""
         was_ready, self._ready = self._ready, False
+        if was_ready and self.runtime.config_path is not None:
+            in_force.remove(self.runtime.snapshot.config.data_dir)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         # Any may be in a Redis call. A re-settlement cut here leaves the spool unmarked

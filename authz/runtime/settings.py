@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policy.config import REDIS_PASSWORD_ENV, Config, load_config
+from policy.config import REDIS_PASSWORD_ENV, Config, config_from_text, read_config_text
 
 CONFIG_ENV = "TOKENBOOTH_CONFIG"
 DEBUG_ENV = "TOKENBOOTH_DEBUG"
@@ -94,5 +94,9 @@ class Settings:
 
     def load_config(self, path: Path) -> Config:
         """The policy file at `path`, with these settings' Redis password applied."""
+        return self.config_from_text(read_config_text(path), path)
+
+    def config_from_text(self, text: str, path: Path) -> Config:
+        """`load_config` of `text`, read from the file at `path`."""
         env = {REDIS_PASSWORD_ENV: self.redis_password} if self.redis_password else {}
-        return load_config(path, env=env)
+        return config_from_text(text, path, env=env)

@@ -17,12 +17,14 @@ from pathlib import Path
 from authz.runtime.defaults import RunOverrides
 from authz.runtime.overrides import Overrides
 from authz.runtime.settings import Settings
-from policy.config import Config, ConfigError
+from policy.config import Config, ConfigError, read_config_text
 from policy.keyrecord import KeyRecord
 from policy.keys import index_keys
 from policy.routing import Router
 
 log = logging.getLogger("tokenbooth.config")
+# A read of the config file: the config and the text it was read from, or why not.
+Read = tuple[Config, str] | ConfigError
 
 # The longest a file that keeps changing waits to be read (each change restarts the
 # settle wait): a change, a revocation, is live within about 2 s however often the file
@@ -68,14 +70,21 @@ class Runtime:
     _unsettled_since: float | None = None  # monotonic: since when it keeps changing
     # Told the outcome of each reload of a changed file (True: in force; False: refused).
     on_reload: Callable[[bool], None] = lambda ok: None
+    # The file's text as it was at start (its restart-only settings are in force) and as
+    # it was at the last reload in force: what the CLI's state commands act on while
+    # this process runs (`authz/runtime/in_force.py`).
+    start_text: str = ""
+    text: str = ""
 
     @classmethod
     def from_file(cls, path: Path, overrides: Overrides | None = None,
                   settings: Settings | None = None) -> Runtime:
         overrides = overrides or Overrides()
         settings = settings or Settings()
-        cfg = overrides.apply(settings.load_config(path))
-        rt = cls(Snapshot.build(cfg), config_path=path, overrides=overrides, settings=settings)
+        text = read_config_text(path)
+        cfg = overrides.apply(settings.config_from_text(text, path))
+        rt = cls(Snapshot.build(cfg), config_path=path, overrides=overrides, settings=settings,
+                 start_text=text, text=text)
         rt._stamp = _stamp(path)
         return rt
 
@@ -113,17 +122,19 @@ class Runtime:
         self._unsettled_since = None
         return stamp
 
-    def read_config(self) -> Config | ConfigError:
-        """The file as a config, or why not. Touches no state of this runtime, so it may
-        run in a worker thread (a large file takes a second to parse; a file on a stalled
-        mount, or a named pipe, blocks until it answers)."""
+    def read_config(self) -> Read:
+        """The file as a config and its text, or why not. Touches no state of this
+        runtime, so it may run in a worker thread (a large file takes a second to parse; a
+        file on a stalled mount, or a named pipe, blocks until it answers)."""
         assert self.config_path is not None
         try:
-            return self.overrides.apply(self.settings.load_config(self.config_path))
+            text = read_config_text(self.config_path)
+            return self.overrides.apply(self.settings.config_from_text(
+                text, self.config_path)), text
         except ConfigError as e:
             return e
 
-    def read_after(self) -> tuple[Config | ConfigError, tuple[int, ...], bool]:
+    def read_after(self) -> tuple[Read, tuple[int, ...], bool]:
         """`read_config`, then the file's stamp and whether it is a regular file: all
         that touches the file system, for a worker thread (a stat on a stalled network
         mount blocks as a read does)."""
@@ -131,7 +142,7 @@ class Runtime:
         read = self.read_config()
         return read, _stamp(self.config_path), _regular(self.config_path)
 
-    def finish_reload(self, stamp: tuple[int, ...], read: Config | ConfigError,
+    def finish_reload(self, stamp: tuple[int, ...], read: Read,
                       after: tuple[tuple[int, ...], bool] | None = None) -> bool:
         """Swap in what `read_config` read of the file `changed` saw as `stamp`; or refuse
         it, once, keeping the last good config. A regular file that moved on while it was
@@ -150,10 +161,11 @@ class Runtime:
             log.error("config reload refused, keeping the last good config: %s", read)
             self.on_reload(False)
             return False
-        cfg, old = read, self.snapshot.config
+        (cfg, text), old = read, self.snapshot.config
         if later := restart_only_changes(old, cfg):
             cfg = keep_running(old, cfg)
         self.snapshot = Snapshot.build(cfg)
+        self.text = text
         log.info("config reloaded from %s", self.config_path)
         if filled := _newly_defaulted(old, cfg, self.overrides):
             # A typo'd `backends: []` under `up` is served (and billed) by its simulator:
