@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
 import unicodedata
@@ -308,11 +309,23 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
         _with_store(cfg, lambda s: s.create(record))
         record_id, org = record.id, record.org
         shown = {**_public(record), "key": secret}
-    if args.json:
-        print(orjson.dumps(shown).decode())
-    else:
-        print(f"created key {record_id} for org {org}")
-        print(f"  secret (shown once, store it now): {secret}")
+    try:
+        if args.json:
+            print(orjson.dumps(shown).decode())
+        else:
+            print(f"created key {record_id} for org {org}")
+            print(f"  secret (shown once, store it now): {secret}")
+        sys.stdout.flush()
+    except OSError as e:
+        # Its secret reached no one (a full disk, a reader that left): a key nobody can
+        # use stayed active, one per retry of a script (CLI tester). Revoked instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if client is not None:
+            remote.revoke_key(client, record_id)
+        else:
+            _with_store(cfg, lambda s: s.revoke(record_id))
+        raise OSError(f"the new key's secret could not be written ({e.strerror or e}): key "
+                      f"{record_id} is revoked again; run the command again") from None
     return 0
 
 

@@ -527,3 +527,20 @@ def test_keys_create_refuses_an_org_in_another_unicode_form_of_a_known_one(
     r = tb("keys", "create", "--config", str(path), "--org", "\uff41\uff43\uff4d\uff45")
     assert r.returncode == 2 and "reads as the org 'acme'" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_a_secret_that_cannot_be_printed_leaves_no_active_key(tmp_path: Path) -> None:
+    """CLI tester: `keys create > /dev/full` stored an active key whose secret nobody
+    got (one more per retry of a script), and said nothing of it."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "authz.cli", "keys", "create", "--org",
+                            "acme", "--json", "--config", str(path)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "could not be written (No space left on device)" in r.stderr
+    listed = json.loads(tb("keys", "list", "--json", "--config", str(path)).stdout)
+    made = [k for k in listed if k["source"] == "store"]
+    assert len(made) == 1 and made[0]["status"] == "revoked"
+    assert made[0]["id"] in r.stderr
