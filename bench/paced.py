@@ -145,14 +145,15 @@ def measure(gw: Gateway, config: str, cell: Cell, min_s: float, idle: dict[str, 
 
 
 def run_config(start: Callable[[], Gateway], config: str, plan: Sequence[Cell], min_s: float,
-               shared: dict[str, list[int]], progress: Callable[[str], None]
-               ) -> list[dict[str, Any]]:
-    """Start one gateway, prime it, measure its idle rate, then every cell."""
+               shared: dict[str, list[int]], progress: Callable[[str], None],
+               idle_s: float = IDLE_S) -> list[dict[str, Any]]:
+    """Start one gateway, prime it, measure its idle rate (for `idle_s`), then every
+    cell."""
     gw = start()
     out = []
     try:
         asyncio.run(drive(gw, Cell(0, 8, 2), 0.0))  # lazy start-up work, not measured
-        idle = idle_rate(gw)
+        idle = idle_rate(gw, idle_s)
         for cell in plan:
             m = measure(gw, config, cell, min_s, idle, shared) | {"idle_cores": idle}
             out.append(m)

@@ -236,7 +236,7 @@ class Bench:
                 self.progress(f"paced streams: starting {config}")
                 self.paced += paced.run_config(self.starter(config), config, self.paced_plan,
                                                self.args.paced_min_s, self.shared,
-                                               self.progress)
+                                               self.progress, self.args.paced_idle_s)
         finally:
             if self.redis is not None:
                 self.redis.stop()
@@ -278,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--paced-streams", default="1,64", help="streams at once")
     ap.add_argument("--paced-min-s", type=float, default=3.0,
                     help="seconds each paced cell streams for (at least one stream each)")
+    ap.add_argument("--paced-idle-s", type=float, default=paced.IDLE_S,
+                    help="seconds each paced gateway's idle CPU is measured for")
     ap.add_argument("--paced-only", action="store_true", help="only the paced section")
     ap.add_argument("--no-paced", action="store_true", help="skip the paced section")
     args = ap.parse_args(argv)
@@ -285,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.configs, args.concurrency, args.reps = "A,F,B-memory,C", "4", 1
         args.duration, args.warmup = 0.5, 0.3
         args.paced_tpot, args.paced_tokens, args.paced_streams = "2", "16", "1,4"
-        args.paced_min_s = 0.2
+        args.paced_min_s, args.paced_idle_s = 0.2, 0.5
     if args.paced_only:
         args.configs = ""
     if args.no_paced:

@@ -73,7 +73,8 @@ def test_lever_variants_stream_through_real_envoy(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "bench.run", "--paced-only", "--paced-configs",
          ",".join(levers.VARIANTS), "--paced-tpot", "1", "--paced-tokens", "16",
-         "--paced-streams", "2", "--paced-min-s", "0.2", "--out", str(tmp_path)],
+         "--paced-streams", "2", "--paced-min-s", "0.2", "--paced-idle-s", "0.5",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     got = json.loads((tmp_path / "latest.json").read_text())["paced"]
