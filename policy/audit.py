@@ -156,23 +156,43 @@ def record_nano(rec: Record) -> int:
 def valid_records(records: Iterable[Record]) -> list[Record]:
     """The records, each checked for what the audit reads; ValueError naming the first
     malformed one's request."""
-    out = list(records)
-    for rec in out:
+    good, bad = sort_records(records)
+    if bad:
+        raise ValueError(bad[0])
+    return good
+
+
+def sort_records(records: Iterable[Record]) -> tuple[list[Record], list[str]]:
+    """The records the audit can read, and what is wrong with each other one (naming its
+    request): a damaged record is drift to report beside the rest, not a reason to
+    compare nothing (CLI tester)."""
+    good, bad = [], []
+    for rec in records:
+        problem = _record_problem(rec)
+        if problem is None:
+            good.append(rec)
+        else:
+            bad.append(problem)
+    return good, bad
+
+
+def _record_problem(rec: Record) -> str | None:
+    """What makes a record one the audit cannot read, or None."""
+    try:
+        started_at(rec)
         try:
-            started_at(rec)
-            try:
-                record_cost(rec["cost_usd"])
-            except ArithmeticError:  # decimal's InvalidOperation: not a number at all
-                raise ValueError(f"cost_usd {str(rec['cost_usd'])[:40]!r} is not a "
-                                 "decimal number") from None
-            for name, kind in (("request_id", str), ("key_id", str), ("org", str),
-                               ("prompt_tokens", int), ("completion_tokens", int)):
-                if not isinstance(rec[name], kind):
-                    raise TypeError(f"{name} is not {kind.__name__}")
-        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
-            raise ValueError(f"usage record {rec.get('request_id')!r} is malformed "
-                             f"({type(e).__name__}: {e})") from None
-    return out
+            record_cost(rec["cost_usd"])
+        except ArithmeticError:  # decimal's InvalidOperation: not a number at all
+            raise ValueError(f"cost_usd {str(rec['cost_usd'])[:40]!r} is not a "
+                             "decimal number") from None
+        for name, kind in (("request_id", str), ("key_id", str), ("org", str),
+                           ("prompt_tokens", int), ("completion_tokens", int)):
+            if not isinstance(rec[name], kind):
+                raise TypeError(f"{name} is not {kind.__name__}")
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        rid = rec.get("request_id") if isinstance(rec, dict) else None
+        return f"usage record {rid!r} is malformed ({type(e).__name__}: {e})"
+    return None
 
 
 def record_owners(rec: Record) -> tuple[str, str]:

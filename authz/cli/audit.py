@@ -24,7 +24,7 @@ from policy.audit import (
     VllmCounters,
     audit_backend,
     audit_ledgers,
-    valid_records,
+    sort_records,
 )
 from policy.config import Config, redacted
 from policy.limits import usd_text
@@ -87,13 +87,16 @@ class Report:
     since: datetime | None
     # Records before this were trimmed with no archive (see policy.audit.audit_ledger).
     trimmed_before: datetime | None = None
+    # Records the audit could not read (what is wrong with each): drift, never left out
+    # quietly; the rest are audited all the same.
+    malformed: tuple[str, ...] = ()
 
     def ledger_problems(self, a: LedgerAudit) -> list[str]:
         return a.problems(self.strict)
 
     @property
     def drift(self) -> bool:
-        return (any(self.ledger_problems(a) for a in self.ledgers)
+        return (bool(self.malformed) or any(self.ledger_problems(a) for a in self.ledgers)
                 or any(b.drift or (self.strict and any(b.charged_short))
                        for b in self.backends))
 
@@ -127,11 +130,11 @@ def _collect(cfg: Config, urls: list[str], since: datetime | None, strict: bool)
 
     ledgers, source, budget_periods = asyncio.run(_ledgers_and_keys(cfg))
     read_at = datetime.now(UTC)
-    records = valid_records(load_records(cfg))
+    records, malformed = sort_records(load_records(cfg))
     horizon = asyncio.run(trimmed_before(cfg))
     audits = audit_ledgers(ledgers, records, budget_periods, read_at, since, horizon)
     backends = [audit_backend(scrape_vllm(url), records) for url in urls]
-    return Report(audits, backends, source, strict, since, horizon)
+    return Report(audits, backends, source, strict, since, horizon, tuple(malformed))
 
 
 # -- reading the state ------------------------------------------------------------------
@@ -302,10 +305,12 @@ def _as_json(r: Report) -> dict[str, Any]:
         "records_trimmed_before": r.trimmed_before.isoformat() if r.trimmed_before else None,
         "ledgers": [_ledger_json(a, r.ledger_problems(a)) for a in r.ledgers],
         "backends": [_backend_json(b) for b in r.backends],
+        "malformed_records": list(r.malformed),
     }
 
 
 _ROW = "{} {:<16} {:>14} {:>14} {:>6} {:>8} {:>12} {:>7}  {}"
+_MALFORMED_SHOWN = 20
 
 
 def _ceiling(b: BackendAudit) -> str:
@@ -345,9 +350,14 @@ def _print_report(r: Report) -> None:
                   "limits.abort_lag_steps), or requests whose records name no backend (a "
                   "client gone before its answer began) were served"
                   f"{' (--strict: drift)' if r.strict else ''}")
+    for problem in r.malformed[:_MALFORMED_SHOWN]:
+        print(f"DRIFT: {problem}: its cost is in no total")
+    if len(r.malformed) > _MALFORMED_SHOWN:
+        print(f"DRIFT: {len(r.malformed) - _MALFORMED_SHOWN} more malformed record(s)")
     bad = sum(1 for a in r.ledgers if r.ledger_problems(a))
     bad_b = sum(1 for b in r.backends if b.drift or (r.strict and any(b.charged_short)))
-    print(f"drift: {bad} ledger(s), {bad_b} backend(s)" if r.drift else
+    print(f"drift: {bad} ledger(s), {bad_b} backend(s)"
+          + (f", {len(r.malformed)} malformed record(s)" if r.malformed else "") if r.drift else
           f"no drift ({len(r.ledgers)} ledger(s), {len(r.backends)} backend(s))")
 
 

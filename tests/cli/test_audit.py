@@ -24,7 +24,7 @@ from authz.runtime.procs import http_ok, spawn, stop, wait_until
 from authz.state.limits.base import LimitStore
 from authz.state.limits.durable import DurableMemoryLimitStore
 from authz.state.limits.redis_limits import RedisLimitStore
-from authz.state.usage.records import UsageSink, make_sink
+from authz.state.usage.records import USAGE_FILE, UsageSink, make_sink
 from authz.state.usage.redis_sink import RedisUsageSink
 from policy.config import Config, load_config
 from policy.limits import Ask, Limits, cost_nano, period_id
@@ -178,6 +178,23 @@ def test_memory_ledgers_are_read_from_the_journaled_state(tmp_path: Path) -> Non
     sink.close()
     rc, out, _ = audit(path)
     assert rc == 1 and [r["owner"] for r in out["ledgers"] if r["drift"]] == [KEY, "org:acme"]
+    # A damaged record is drift named beside the ledgers, which are audited all the same
+    # (CLI tester: one stopped the audit with a "bad input" error, exit 2).
+    damaged = json.loads((cfg.data_dir / USAGE_FILE).read_text().splitlines()[0])
+    damaged |= {"request_id": "damaged", "cost_usd": "abc"}
+    with (cfg.data_dir / USAGE_FILE).open("a") as f:
+        f.write(json.dumps(damaged) + "\n")
+    rc, out, err = audit(path)
+    assert (rc, err) == (1, "")
+    assert out["malformed_records"] == [
+        "usage record 'damaged' is malformed (ValueError: cost_usd 'abc' is not a decimal "
+        "number)"]
+    assert [r["owner"] for r in out["ledgers"]] == [KEY, "org:acme"]
+    text = subprocess.run([sys.executable, "-m", "authz.cli", "audit", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 1
+    assert "DRIFT: usage record 'damaged' is malformed" in text.stdout
+    assert "1 malformed record(s)" in text.stdout
 
 
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path) -> None:
