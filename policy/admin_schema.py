@@ -43,6 +43,9 @@ Scopes = Annotated[tuple[Scope, ...], Field(min_length=1)]
 REF = "#/components/schemas/{model}"
 MAX_PAGE = 1000
 NDJSON = "application/x-ndjson"
+# On every answer of the admin API: `--admin-url` tells it from another server's (the
+# gateway's own listener answers OpenAI-shaped errors too).
+ADMIN_API_HEADER = "X-Tokenbooth-Admin-Api"
 
 
 class _In(BaseModel):

@@ -17,6 +17,7 @@ import orjson
 
 from authz.runtime.cells import printable
 from authz.runtime.settings import ADMIN_TOKEN_ENV, Settings
+from policy.admin_schema import ADMIN_API_HEADER
 from policy.config import redacted
 from policy.keyrecord import KEY_PREFIX
 
@@ -143,7 +144,9 @@ class AdminClient:
             raise RemoteFailure(f"{self.base}: the answer was cut short or is not JSON") from None
         except urllib.error.HTTPError as e:
             message = _message(e.read())
-            if not message:  # not an admin API's error: some other server answered
+            if not message or e.headers.get(ADMIN_API_HEADER) is None:
+                # Not an admin API's error: some other server answered (the gateway's own
+                # listener answers OpenAI-shaped errors: its 401 read as a wrong token).
                 raise RemoteError(
                     f"{self.base}: {e.code} {printable(str(e.reason))[:200]}, not an answer "
                     "of tokenbooth's admin API (is --admin-url the gateway's admin.listen?)"

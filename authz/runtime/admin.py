@@ -28,7 +28,7 @@ from authz.runtime.admin_auth import Caller
 from authz.runtime.quiet_http import QuietAppRunner
 from authz.state.keys.base import StoreUnavailable
 from authz.state.limits.base import LimitStoreUnavailable
-from policy.admin_schema import ROUTES, Route, openapi_document
+from policy.admin_schema import ADMIN_API_HEADER, ROUTES, Route, openapi_document
 from policy.keys import redact_secrets
 
 log = logging.getLogger("tokenbooth.admin")
@@ -306,6 +306,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(_INTERNAL)
 
 
+async def _mark(_: web.Request, response: web.StreamResponse) -> None:
+    """Every answer says it is the admin API's: `--admin-url` pointed at the gateway's
+    own listener took its OpenAI-shaped 401 for the admin API's and told the operator
+    the token was wrong (CLI tester)."""
+    response.headers[ADMIN_API_HEADER] = "1"
+
+
 def _any_segment(path: str) -> str:
     """`{org}` as aiohttp reads it matches no brace, and org names may hold them
     (`a{b}`: its keys worked, its org endpoints were 404s): any character but `/`."""
@@ -315,6 +322,7 @@ def _any_segment(path: str) -> str:
 def make_admin_app(ctx: AdminContext, version: str = "0") -> web.Application:
     """The admin API over `ctx`; `/openapi.json` needs no token (it holds no data)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
+    app.on_response_prepare.append(_mark)
     doc = orjson.dumps(openapi_document(version))
 
     async def openapi(_: web.Request) -> web.Response:

@@ -14,8 +14,11 @@ import pytest
 
 from authz.cli.main import main
 from authz.cli.remote import AdminClient, RemoteError
+from policy.admin_schema import ADMIN_API_HEADER
 
 TOKEN = "adm-remote-test-token-7"
+# The headers of the admin API's JSON answers.
+ADMIN_JSON = {"content-type": "application/json", ADMIN_API_HEADER: "1"}
 
 
 class _Server:
@@ -112,6 +115,25 @@ def test_a_stranger_answering_404_is_named_as_such(capsys: pytest.CaptureFixture
         "admin API (is --admin-url the gateway's admin.listen?)\n")
 
 
+def test_the_gateways_own_listener_is_named_as_such(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI tester: `--admin-url` at the gateway's public port got its OpenAI-shaped 401,
+    read as the admin API's refusal: "Incorrect API key provided" (exit 2), as if the
+    admin token were wrong."""
+    gateway = _Server((401, {"content-type": "application/json"},
+                       b'{"error": {"message": "Incorrect API key provided.", '
+                       b'"type": "invalid_request_error", "code": "invalid_api_key"}}'))
+    try:
+        rc = main(["keys", "list", "--admin-url", gateway.url],
+                  env={"TOKENBOOTH_ADMIN_TOKEN": TOKEN})
+    finally:
+        gateway.stop()
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        f"tokenbooth: error: {gateway.url}: 401 Unauthorized, not an answer of tokenbooth's "
+        "admin API (is --admin-url the gateway's admin.listen?)\n")
+
+
 @pytest.mark.parametrize("body", [b"{}", b"[]", b'{"data": 5, "has_more": false}'])
 @pytest.mark.parametrize("command", [["keys", "list"], ["keys", "revoke", "key_x"],
                                      ["keys", "show", "key_x"],
@@ -189,7 +211,7 @@ def test_a_server_that_pages_without_moving_on_is_refused(
 
 
 def test_a_servers_message_is_shown_printable(capsys: pytest.CaptureFixture[str]) -> None:
-    evil = _Server((400, {"content-type": "application/json"},
+    evil = _Server((400, ADMIN_JSON,
                     b'{"error":{"message":"bad\\u001b]0;pwned\\u0007\\u001b[2J\\nforged"}}'))
     try:
         rc = main(["keys", "list", "--admin-url", evil.url],
@@ -270,12 +292,10 @@ def test_an_answer_without_a_field_is_said_so(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize(("answer", "rc"), [
-    ((429, {"content-type": "application/json"},
+    ((429, ADMIN_JSON,
       b'{"error": {"message": "too many failed tokens", "code": "rate_limit_exceeded"}}'), 1),
-    ((503, {"content-type": "application/json"},
-      b'{"error": {"message": "busy", "code": "service_unavailable"}}'), 1),
-    ((400, {"content-type": "application/json"},
-      b'{"error": {"message": "bad field", "code": "invalid_request"}}'), 2)])
+    ((503, ADMIN_JSON, b'{"error": {"message": "busy", "code": "service_unavailable"}}'), 1),
+    ((400, ADMIN_JSON, b'{"error": {"message": "bad field", "code": "invalid_request"}}'), 2)])
 def test_a_failure_exits_1_a_refusal_of_what_was_asked_2(
         answer: tuple[int, dict[str, str], bytes], rc: int,
         capsys: pytest.CaptureFixture[str]) -> None:
