@@ -13,11 +13,12 @@ tokenize, detokenize), ``GET /metrics``; plus the test hooks ``GET``/``DELETE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final, Literal
 
 import orjson
@@ -53,6 +54,8 @@ CUT_HEADER: Final = "x-sim-cut-after"
 ERROR_HEADER: Final = "x-sim-error-after"  # a chat/completions stream fails after N
 TPOT_HEADER: Final = "x-sim-tpot-ms"  # per-request time per output token
 TTFT_HEADER: Final = "x-sim-ttft-ms"  # per-request time to the first token
+# How often `up`'s simulator looks at the gateway's config for models (`--models-from`).
+MODELS_LOOK_S = 1.0
 
 Generation = Literal["chat", "completion", "responses"]
 _PARSERS: Final = {"chat": parse_chat, "completion": parse_completion,
@@ -109,6 +112,12 @@ class Simulator:
         and serve the new ones."""
         name = payload.get("model") if isinstance(payload, dict) else None
         if self.models_from is None or not isinstance(name, str) or name in self.models:
+            return
+        self.look_for_models()
+
+    def look_for_models(self) -> None:
+        """Serve the names `models_from` gives that are not served yet."""
+        if self.models_from is None:
             return
         for new in self.models_from():
             if new not in self.models:
@@ -370,6 +379,8 @@ def make_app(
     app = web.Application(client_max_size=MAX_BODY_BYTES,
                           middlewares=[require_key(api_key)] if api_key else [])
     app[SIMULATOR_KEY] = sim
+    if models_from is not None:
+        app.cleanup_ctx.append(_watching_models)
     router = app.router
     router.add_get("/health", sim.health)
     router.add_get("/v1/models", sim.list_models)
@@ -383,6 +394,25 @@ def make_app(
     router.add_delete("/_sim/requests", sim.delete_requests)
     router.add_route("*", "/{tail:.*}", sim.fallback)
     return app
+
+
+async def _watching_models(app: web.Application) -> AsyncIterator[None]:
+    """Look where model names come from every `MODELS_LOOK_S`, as the gateway's services
+    look at their config: a model a reload added is served while the file is valid.
+    Looked at only when a request named it, it was not served if the file had been
+    broken since (the services keep their last good config: reload tester)."""
+    sim = app[SIMULATOR_KEY]
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(MODELS_LOOK_S)
+            sim.look_for_models()
+
+    task = asyncio.create_task(watch())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def run_sim(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -469,5 +470,40 @@ async def test_models_from_a_config_grow_with_it(tmp_path: Any) -> None:
             path.write_text("models: [broken")  # caught mid-edit: nothing added, no 500
             status, _ = await post(sim, CHAT, {**body, "model": "other"})
             assert status == 404
+    finally:
+        await runner.cleanup()
+
+
+async def test_models_a_valid_config_added_are_served_after_it_broke(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reload tester: a model added (the services loaded it), then the file broken (they
+    keep it, their last good config): the simulator read the file only when a request
+    named the model, found it broken, and answered 404. It looks as the services do."""
+    from authz.cli.sim import ConfigModels
+    from authz.sim import app as sim_app
+    from authz.sim import make_app
+    from authz.sim.app import SIMULATOR_KEY
+    from tests.helpers import write_policy
+
+    from .conftest import serve
+
+    monkeypatch.setattr(sim_app, "MODELS_LOOK_S", 0.05)
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    app = make_app(["tiny-llama"], models_from=ConfigModels(path))
+    runner, port = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as http:
+            sim = Sim(f"http://127.0.0.1:{port}", port, http, app[SIMULATOR_KEY])
+            cfg = yaml.safe_load(path.read_text())
+            cfg["models"]["later"] = {**cfg["models"]["demo"], "upstream_model": "added-later"}
+            path.write_text(yaml.safe_dump(cfg))
+            for _ in range(100):
+                if "added-later" in sim.state.models:
+                    break
+                await asyncio.sleep(0.02)
+            path.write_text("models:\n\tbroken: [")
+            status, _ = await post(sim, CHAT, {"messages": MESSAGES, "max_tokens": 2,
+                                               "model": "added-later"})
+            assert status == 200
     finally:
         await runner.cleanup()
