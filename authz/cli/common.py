@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from authz.runtime.defaults import DEFAULT_CONFIG, RunOverrides
 from authz.runtime.settings import PORT_ENV, Settings
-from policy.config import Backend, Config, ConfigError, parse_hostport
+from policy.config import Backend, Config, ConfigError, parse_hostport, read_config_text
 
 # A command: its parsed arguments and the process settings in, an exit status out.
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -116,8 +116,10 @@ def load_for_state(args: argparse.Namespace, settings: Settings) -> Config:
     from authz.runtime.snapshot import restart_only_changes
 
     path = config_path(args, settings)[0]
+    text = None
     try:
-        cfg = settings.load_config(path)
+        text = read_config_text(path)
+        cfg = settings.config_from_text(text, path)
     except ConfigError as err:
         serving = in_force.running(in_force.data_dir_of(path), path, settings)
         if serving is None:
@@ -126,7 +128,7 @@ def load_for_state(args: argparse.Namespace, settings: Settings) -> Config:
         _warn(f"{first}; the services running with it (pid {serving.pid}) keep their last "
               "good config: this command uses it too")
         return serving.config
-    serving = in_force.running(cfg.data_dir, path, settings)
+    serving = in_force.running(cfg.data_dir, path, settings, text)
     if serving is None:
         return cfg
     later = [n for n in restart_only_changes(serving.config, cfg) if n in in_force.STATE_SETTINGS]

@@ -62,10 +62,12 @@ def remove(data_dir: Path) -> None:
             target.unlink()
 
 
-def running(data_dir: Path, config_path: Path, settings: Settings) -> InForce | None:
+def running(data_dir: Path, config_path: Path, settings: Settings,
+            file_text: str | None = None) -> InForce | None:
     """What the `serve` recorded in `data_dir` acts on, when it runs still and was started
     with the file at `config_path`; None otherwise (none, gone, another file, a record
-    that cannot be read or whose config no longer validates)."""
+    that cannot be read or whose config no longer validates, or one that acts on the
+    file's own `file_text` as it is: nothing to parse again)."""
     try:
         rec = orjson.loads((data_dir / RECORD).read_bytes())
         pid, started = int(rec["pid"]), rec["started"]
@@ -74,7 +76,7 @@ def running(data_dir: Path, config_path: Path, settings: Settings) -> InForce | 
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if path != config_path.absolute() or pid == os.getpid() or _started(pid) != started \
-            or not _alive(pid):
+            or not _alive(pid) or start_text == text == file_text:
         return None
     try:
         at_start = settings.config_from_text(start_text, path)
