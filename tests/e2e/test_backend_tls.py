@@ -63,6 +63,21 @@ def tls_proxy(cert: Path, key: Path, target_port: int, port: int = 0) -> Iterato
         loop.close()
 
 
+@contextlib.contextmanager
+def plain_sim() -> Iterator[int]:
+    """`tokenbooth sim` on a free port (plain HTTP: the TLS proxies go in front)."""
+    sim_port = free_port()
+    sim = spawn([sys.executable, "-m", "authz.cli", "sim", "--listen",
+                 f"127.0.0.1:{sim_port}", "--model", "tiny-llama"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{sim_port}/health"), "sim",
+                   alive=[sim])
+        yield sim_port
+    finally:
+        stop([sim])
+
+
 def test_an_https_backend_signed_by_a_private_ca(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """The certificate names the URL's host alone (not 127.0.0.1, the gateway's own
@@ -72,44 +87,35 @@ def test_an_https_backend_signed_by_a_private_ca(
     ca, cert, key = make_test_ca(tmp_path_factory.mktemp("backend-ca"), san="DNS:localhost")
     wrong = tmp_path_factory.mktemp("wrong-name")
     _, wrong_cert, wrong_key = make_test_ca(wrong, san="DNS:wrong.example")
-    sim_port = free_port()
-    sim = spawn([sys.executable, "-m", "authz.cli", "sim", "--listen",
-                 f"127.0.0.1:{sim_port}", "--model", "tiny-llama"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{sim_port}/health"), "sim",
-                   alive=[sim])
-        with tls_proxy(cert, key, sim_port) as port, \
+    with plain_sim() as sim_port, tls_proxy(cert, key, sim_port) as port, \
                 tls_proxy(wrong_cert, wrong_key, sim_port) as wrong_port:
-            backend = [{"url": f"https://localhost:{port}"}]
-            models = {"private": {"upstream_model": "tiny-llama", "backends": backend,
-                                  "backend_ca_file": str(ca)},
-                      "system": {"upstream_model": "tiny-llama", "backends": backend},
-                      "misnamed": {"upstream_model": "tiny-llama",
-                                   "backends": [{"url": f"https://localhost:{wrong_port}"}],
-                                   "backend_ca_file": str(wrong / "ca.crt")}}
-            with run_gateway(tmp_path_factory.mktemp("gw-backend-tls"),
-                             more_models=models) as gw:
-                client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=SECRET,
-                                       max_retries=0)
+        backend = [{"url": f"https://localhost:{port}"}]
+        models = {"private": {"upstream_model": "tiny-llama", "backends": backend,
+                              "backend_ca_file": str(ca)},
+                  "system": {"upstream_model": "tiny-llama", "backends": backend},
+                  "misnamed": {"upstream_model": "tiny-llama",
+                               "backends": [{"url": f"https://localhost:{wrong_port}"}],
+                               "backend_ca_file": str(wrong / "ca.crt")}}
+        with run_gateway(tmp_path_factory.mktemp("gw-backend-tls"),
+                         more_models=models) as gw:
+            client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=SECRET,
+                                   max_retries=0)
 
-                def ask(model: str, host: str | None = None
-                        ) -> openai.types.chat.ChatCompletion:
-                    return client.chat.completions.create(
-                        model=model, messages=[{"role": "user", "content": "hi"}],
-                        max_tokens=3, extra_headers={"host": host} if host else None)
+            def ask(model: str, host: str | None = None
+                    ) -> openai.types.chat.ChatCompletion:
+                return client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=3, extra_headers={"host": host} if host else None)
 
-                # Health checks over TLS make the cluster healthy; then it serves.
-                wait_until(lambda: _answers(ask), "the private-CA backend", timeout=30)
-                assert ask("private").usage.completion_tokens == 3  # type: ignore[union-attr]
-                assert ask("private", "api.example.com").usage is not None
-                for model, host in (("system", None), ("misnamed", None),
-                                    ("misnamed", "wrong.example")):
-                    with pytest.raises(openai.APIStatusError) as refused:
-                        ask(model, host)  # not the system CAs'; not the URL's name
-                    assert refused.value.status_code in (502, 503), model
-    finally:
-        stop([sim])
+            # Health checks over TLS make the cluster healthy; then it serves.
+            wait_until(lambda: _answers(ask), "the private-CA backend", timeout=30)
+            assert ask("private").usage.completion_tokens == 3  # type: ignore[union-attr]
+            assert ask("private", "api.example.com").usage is not None
+            for model, host in (("system", None), ("misnamed", None),
+                                ("misnamed", "wrong.example")):
+                with pytest.raises(openai.APIStatusError) as refused:
+                    ask(model, host)  # not the system CAs'; not the URL's name
+                assert refused.value.status_code in (502, 503), model
 
 
 def test_a_ca_file_rotated_in_place_is_read_again(
@@ -132,13 +138,8 @@ def test_a_ca_file_rotated_in_place_is_read_again(
 
     publish("..v1", old_ca)
     (mount / "ca.crt").symlink_to(mount / "..data" / "ca.crt")
-    sim_port, port = free_port(), free_port()
-    sim = spawn([sys.executable, "-m", "authz.cli", "sim", "--listen",
-                 f"127.0.0.1:{sim_port}", "--model", "tiny-llama"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{sim_port}/health"), "sim",
-                   alive=[sim])
+    port = free_port()
+    with plain_sim() as sim_port:
         models = {"private": {"upstream_model": "tiny-llama",
                               "backends": [{"url": f"https://localhost:{port}"}],
                               "backend_ca_file": str(mount / "ca.crt")}}
@@ -156,8 +157,6 @@ def test_a_ca_file_rotated_in_place_is_read_again(
                 assert not _answers(ask)  # the new certificate, the old CA in force
                 publish("..v2", new_ca)
                 wait_until(lambda: _answers(ask), "the backend, rotated CA", timeout=30)
-    finally:
-        stop([sim])
 
 
 def _answers(ask: object) -> bool:
