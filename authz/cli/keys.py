@@ -371,12 +371,26 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     fmt = "{:<18} {} {} {:<11} {:<8} {:<7} {}"
     print(fmt.format("id", cell("org", 14), cell("name", 16), "prefix", "status", "source",
                      "expires_at"))
+    now = datetime.now(UTC)
     for r in rows:
         # Every field printable: a remote admin API's answer is another server's text.
         print(fmt.format(printable(str(r["id"])), cell(r["org"], 14), cell(r["name"], 16),
-                         printable(str(r["prefix"] or "-")), printable(str(r["status"])),
+                         printable(str(r["prefix"] or "-")),
+                         printable(_shown_status(r, now)),
                          printable(str(r["source"])), printable(str(r["expires_at"] or "-"))))
     return 0
+
+
+def _shown_status(row: dict[str, Any], now: datetime) -> str:
+    """The stored status, or `expired` for an active key past its expiry (refused since,
+    but listed as active: CLI tester). `--json` keeps the stored one beside expires_at."""
+    status = str(row["status"])
+    try:
+        expires = parse_time(str(row["expires_at"])) if row.get("expires_at") else None
+    except ValueError:
+        return status
+    return "expired" if status == "active" and expires is not None and expires <= now \
+        else status
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:

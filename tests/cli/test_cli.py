@@ -12,8 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -544,3 +545,20 @@ def test_a_secret_that_cannot_be_printed_leaves_no_active_key(tmp_path: Path) ->
     made = [k for k in listed if k["source"] == "store"]
     assert len(made) == 1 and made[0]["status"] == "revoked"
     assert made[0]["id"] in r.stderr
+
+
+def test_a_key_past_its_expiry_is_listed_as_expired(tmp_path: Path) -> None:
+    """CLI tester: an expired key (refused with 401 since) was listed as `active`."""
+    path = write_policy(tmp_path, "http://127.0.0.1:8000")
+    (tmp_path / "data").mkdir()
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    made = tb("keys", "create", "--org", "acme", "--expires", soon, "--json", "--config",
+              str(path))
+    assert made.returncode == 0, made.stderr
+    key_id = json.loads(made.stdout)["id"]
+    time.sleep(2.2)
+    text = tb("keys", "list", "--config", str(path)).stdout
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(key_id)]
+    assert " expired " in line
+    listed = json.loads(tb("keys", "list", "--json", "--config", str(path)).stdout)
+    assert [k["status"] for k in listed if k["id"] == key_id] == ["active"]  # as stored
