@@ -438,6 +438,8 @@ class BudgetWatch:
         cfg = self.config()
         budgets = _org_budgets(cfg.orgs if self.orgs is None else self.orgs(cfg))
         for org, (period, budget) in budgets.items():
+            # Its refusals' series, at 0 until one: the alert watches a series that exists.
+            self.metrics.budget_refusals.labels(org, "org")
             pid = period_id(period, now)
             try:
                 spent, _ = await self.store.budget(ORG_PREFIX + org, org, pid, now.timestamp())

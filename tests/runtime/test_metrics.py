@@ -297,6 +297,9 @@ async def test_budget_watch_exports_each_org_budget_fraction() -> None:
     await watch.poll()
     assert value(m, "tokenbooth_budget_spent_ratio", org="acme") == 0.25
     assert value(m, "tokenbooth_budget_spent_ratio", org="free") is None
+    # The refusals' series of an org with a budget exists at 0: its alert has a series.
+    assert value(m, "tokenbooth_budget_refusals_total", org="acme", budget="org") == 0
+    assert value(m, "tokenbooth_budget_refusals_total", org="free", budget="org") is None
     del orgs["acme"]
     await watch.poll()
     assert value(m, "tokenbooth_budget_spent_ratio", org="acme") is None
