@@ -7,7 +7,6 @@ points elsewhere). Without it these tests are skipped, unless TOKENBOOTH_REQUIRE
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -72,9 +71,26 @@ def _require_python() -> Path:
     return python
 
 
-@contextlib.contextmanager
-def serve_vllm(root: Path, served: list[str], *flags: str) -> Iterator[VllmServer]:
-    """A vLLM server of the tiny model made in `root`, serving it as `served`."""
+@dataclass
+class Booting:
+    """A vLLM server spawned and not yet known to answer."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def ready(self) -> VllmServer:
+        try:
+            wait_until(lambda: http_ok(f"{self.url}/health"), "vLLM", timeout=420,
+                       alive=[self.proc])
+        except Exception:
+            print(self.log.read_text(errors="replace")[-4000:])
+            raise
+        return VllmServer(self.url, self.log)
+
+
+def spawn_vllm(root: Path, served: list[str], *flags: str) -> Booting:
+    """A vLLM server of the tiny model made in `root`, serving it as `served`, started."""
     python = _require_python()
     model = root / "model"
     subprocess.run([str(python), str(Path(__file__).with_name("make_model.py")), str(model)],
@@ -90,32 +106,34 @@ def serve_vllm(root: Path, served: list[str], *flags: str) -> Iterator[VllmServe
                       "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", "8",
                       "--host", "127.0.0.1", "--port", str(port)],
                      env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    return Booting(proc, f"http://127.0.0.1:{port}", log)
+
+
+@pytest.fixture(scope="session")
+def vllm_boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Booting]]:
+    """Both servers of the tier spawned at once, the first time a test needs either:
+    each start is about a minute, much of it one thread (imports, the dummy load), so
+    on two cores they overlap (CI time: they started one after the other)."""
+    booting = {"generate": spawn_vllm(tmp_path_factory.mktemp("vllm"),
+                                      [MODEL, "tiny-llama-2"])}
     try:
-        try:
-            wait_until(lambda: http_ok(f"{url}/health"), "vLLM", timeout=420, alive=[proc])
-        except Exception:
-            print(log.read_text(errors="replace")[-4000:])
-            raise
-        yield VllmServer(url, log)
+        # The same tiny Llama as an embedding model (vLLM 0.32's pooling runner,
+        # last-token pooling): embeddings, and score / rerank as a bi-encoder.
+        booting["embed"] = spawn_vllm(tmp_path_factory.mktemp("vllm-embed"), [EMBED_MODEL],
+                                      "--runner", "pooling", "--convert", "embed")
+        yield booting
     finally:
-        stop([proc])
+        stop([b.proc for b in booting.values()])
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    with serve_vllm(tmp_path_factory.mktemp("vllm"), [MODEL, "tiny-llama-2"]) as server:
-        yield server
+def vllm_server(vllm_boot: dict[str, Booting]) -> VllmServer:
+    return vllm_boot["generate"].ready()
 
 
 @pytest.fixture(scope="session")
-def vllm_embed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """The same tiny Llama as an embedding model (vLLM 0.32's pooling runner, last-token
-    pooling): embeddings, and score / rerank as a bi-encoder. Started only for the tests
-    that use it."""
-    with serve_vllm(tmp_path_factory.mktemp("vllm-embed"), [EMBED_MODEL],
-                    "--runner", "pooling", "--convert", "embed") as server:
-        yield server
+def vllm_embed_server(vllm_boot: dict[str, Booting]) -> VllmServer:
+    return vllm_boot["embed"].ready()
 
 
 @pytest.fixture(scope="session")
