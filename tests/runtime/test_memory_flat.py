@@ -146,6 +146,7 @@ async def budgeted(tmp_path: Path) -> AsyncIterator[Running]:
         yield r
 
 
+@pytest.mark.timeout(300)  # four batches under tracemalloc: ~2 min on a 2-core CI machine
 async def test_per_request_state_returns_to_baseline(budgeted: Running) -> None:
     running = budgeted
     await batch(running, BATCH)  # warm-up: caches, metric series, code paths
