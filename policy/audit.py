@@ -12,7 +12,7 @@ sweep charges it in full; it is drift only when the audit is strict. Read the le
 before the records: a request that ends in between is then held in the one and
 recorded in the other, and is left out, as it should be.
 
-Pure: records are the dicts the usage store returns (checked by `valid_records`),
+Pure: records are the dicts the usage store returns (checked by `sort_records`),
 ledgers and counters are read by the caller, the clock is an argument.
 """
 
